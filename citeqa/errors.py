@@ -1,0 +1,59 @@
+"""The one exception tree of citeqa. Messages say what went wrong and what to do.
+
+    CiteqaError
+    ├── ConfigError          bad setting or preset
+    ├── SourceError          a document source could not be read (missing, binary, empty)
+    │   └── FetchError       a URL could not be fetched
+    │       └── BlockedURLError   the URL is not allowed (scheme, private address, ...)
+    ├── IndexError_          an index directory is missing, corrupt or mismatched
+    ├── EmptyCorpusError     nothing to index
+    ├── ModelError           a model could not be found or loaded
+    ├── OutputFormatError    a generator's output does not follow the cited-answer format
+    └── InvalidRequestError  a user's request is invalid (API maps it to 4xx)
+"""
+
+from __future__ import annotations
+
+
+class CiteqaError(Exception):
+    """Base class for all errors citeqa raises on purpose."""
+
+
+class ConfigError(CiteqaError):
+    """A setting or preset is invalid."""
+
+
+class SourceError(CiteqaError):
+    """A document source could not be read."""
+
+
+class FetchError(SourceError):
+    """A URL could not be fetched."""
+
+
+class BlockedURLError(FetchError):
+    """A URL is not allowed: wrong scheme or an address that is not public."""
+
+
+class IndexError_(CiteqaError):  # noqa: N801 - trailing underscore avoids the builtin
+    """An index directory is missing, corrupt, or was built with other settings."""
+
+
+class EmptyCorpusError(CiteqaError):
+    """The sources produced no documents to index."""
+
+
+class ModelError(CiteqaError):
+    """A model could not be found or loaded."""
+
+
+class OutputFormatError(CiteqaError):
+    """A generator's output does not follow the cited-answer format (see generation/format.py)."""
+
+
+class InvalidRequestError(CiteqaError):
+    """A request is invalid; ``status`` is the HTTP status the API returns for it."""
+
+    def __init__(self, message: str, *, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status

