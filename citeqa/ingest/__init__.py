@@ -1,1 +1,23 @@
-"""citeqa.ingest"""
+"""Document ingestion: files, folders and URLs -> Documents (``load_sources``), and the
+SSRF-safe URL fetcher (``Fetcher``) they use.
+
+Modules: ``sources`` (formats, folders, skipping), ``html`` (HTML -> visible text),
+``fetch`` (URL and address rules, redirects, size/time caps).
+"""
+
+from citeqa.ingest.fetch import FetchedPage, Fetcher, FetchPolicy, check_ip
+from citeqa.ingest.html import HtmlText, extract_html
+from citeqa.ingest.sources import LoadResult, Skipped, doc_id_for, load_sources
+
+__all__ = [
+    "FetchPolicy",
+    "FetchedPage",
+    "Fetcher",
+    "HtmlText",
+    "LoadResult",
+    "Skipped",
+    "check_ip",
+    "doc_id_for",
+    "extract_html",
+    "load_sources",
+]

@@ -1,0 +1,420 @@
+"""The SSRF-safe URL fetcher: a web page's text, never a private or metadata address.
+
+A URL is a security boundary: whoever supplies it must not be able to make the service talk to
+its own network (loopback, intranet, cloud metadata). The rules, applied to the URL and again
+to every redirect hop:
+
+1. Only ``http``/``https``; no ``user:password@``; a host is required.
+2. The host is resolved ONCE; every address it resolves to is checked with :func:`check_ip`
+   and the fetch is refused if any is blocked. IP literals in any form (``[::ffff:127.0.0.1]``,
+   ``2130706433``, ``0x7f.1``, ``127.1``) are checked as the address they denote.
+3. The connection goes to the checked address itself (the URL's host is rewritten to the IP,
+   the original name is sent as the ``Host`` header and, for https, as the TLS SNI / certificate
+   name), so a second DNS answer (DNS rebinding) cannot swap the address.
+4. Redirects are followed by hand (at most ``max_redirects``), body size is capped while
+   streaming, one deadline covers the whole fetch, and only text content types are accepted.
+
+Environment proxies are ignored (``trust_env=False``): a proxy would connect by name.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+
+from citeqa.errors import BlockedURLError, FetchError
+from citeqa.ingest.html import extract_html, title_from_text
+
+logger = logging.getLogger(__name__)
+
+Resolver = Callable[[str, int], list[str]]  # (hostname, port) -> IP address strings
+
+ACCEPTED_TYPES = ("text/html", "text/plain", "text/markdown", "application/xhtml+xml")
+_HTML_TYPES = ("text/html", "application/xhtml+xml")
+_REDIRECTS = (301, 302, 303, 307, 308)
+_USER_AGENT = "citeqa/0.1 (document fetcher)"
+
+# Cloud instance-metadata endpoints: blocked even with allow_private (they hand out credentials).
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a)
+    for a in (
+        "169.254.169.254",  # AWS, GCP, Azure, OpenStack, Oracle, DigitalOcean
+        "169.254.170.2",  # AWS ECS task metadata
+        "169.254.169.253",  # AWS DNS resolver
+        "fd00:ec2::254",  # AWS IMDS over IPv6
+        "fd00:ec2::253",  # AWS DNS over IPv6
+        "100.100.100.200",  # Alibaba Cloud
+        "168.63.129.16",  # Azure wireserver
+    )
+)
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")  # RFC 6598 shared address space
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")  # "this host on this network"
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052 well-known prefix, embeds an IPv4
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215 local-use NAT64
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """What the fetcher may do. The defaults are safe for a public service."""
+
+    allow_private: bool = False  # allow loopback/private/link-local/CGNAT (explicit opt-in)
+    max_bytes: int = 5_000_000  # largest (decompressed) body read; larger -> FetchError
+    timeout_s: float = 20.0  # total time for the whole fetch, DNS and redirects included
+    max_redirects: int = 5  # redirect hops followed before giving up
+
+
+@dataclass(frozen=True)
+class FetchedPage:
+    """A fetched page with its extracted text."""
+
+    url: str  # as requested
+    final_url: str  # after redirects
+    content_type: str  # media type without parameters, e.g. "text/html"
+    text: str  # extracted text (HTML -> visible text; plain text unchanged)
+    title: str  # <title>, first line of plain text, or the URL
+
+
+# --------------------------------------------------------------------------- address rules
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses carried inside an IPv6 address (mapped, compatible, 6to4, Teredo, NAT64)."""
+    n = int(ip)
+    out: list[ipaddress.IPv4Address] = []
+    if ip.ipv4_mapped is not None:  # ::ffff:a.b.c.d
+        out.append(ip.ipv4_mapped)
+    if n >> 32 == 0 and n > 1:  # ::a.b.c.d (deprecated IPv4-compatible)
+        out.append(ipaddress.IPv4Address(n & 0xFFFFFFFF))
+    if n >> 32 == 0xFFFF0000:  # ::ffff:0:a.b.c.d (SIIT IPv4-translated)
+        out.append(ipaddress.IPv4Address(n & 0xFFFFFFFF))
+    if ip in _NAT64:
+        out.append(ipaddress.IPv4Address(n & 0xFFFFFFFF))
+    if ip.sixtofour is not None:  # 2002:aabb:ccdd::/48
+        out.append(ip.sixtofour)
+    if ip.teredo is not None:  # 2001:0::/32 -> (server, client)
+        out.extend(ip.teredo)
+    return out
+
+
+def _block_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allow_private: bool) -> str:
+    """Why ``ip`` is blocked under the policy, or "" when it is allowed."""
+    # Never allowed, whatever the policy.
+    if ip in METADATA_ADDRESSES:
+        return "a cloud metadata address"
+    if ip.is_unspecified:
+        return "the unspecified address"
+    if ip.is_multicast:
+        return "a multicast address"
+    if isinstance(ip, ipaddress.IPv4Address):
+        if ip == ipaddress.IPv4Address("255.255.255.255"):
+            return "the broadcast address"
+        if ip in _THIS_NETWORK:
+            return "a 'this network' (0.0.0.0/8) address"
+        if ip.is_reserved:
+            return "a reserved address"
+    else:
+        if ip in _NAT64_LOCAL:
+            return "a local-use NAT64 address"
+        for inner in _embedded_ipv4(ip):
+            reason = _block_reason(inner, allow_private)
+            if reason:
+                return f"an IPv6 address embedding {inner} ({reason})"
+    # Allowed only with allow_private.
+    if allow_private:
+        return ""
+    if ip.is_loopback:
+        return "a loopback address"
+    if ip.is_link_local:
+        return "a link-local address"
+    if ip in _CGNAT:
+        return "a carrier-grade NAT (100.64.0.0/10) address"
+    if ip.is_private:
+        return "a private address"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+        return "a site-local address"
+    if not ip.is_global:
+        return "a non-public address"
+    return ""
+
+
+def check_ip(ip: str, *, allow_private: bool = False) -> None:
+    """Raise :class:`BlockedURLError` unless ``ip`` may be fetched from.
+
+    Blocked: loopback, private (RFC 1918, fc00::/7), link-local, CGNAT, multicast, unspecified,
+    reserved/broadcast, cloud metadata, and IPv6 forms embedding such an IPv4 address.
+    ``allow_private`` lets loopback/private/link-local/CGNAT through, but never metadata,
+    unspecified, multicast or reserved addresses.
+    """
+    text = ip.strip().strip("[]").split("%", 1)[0]  # brackets and IPv6 zone ids are not part
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        raise BlockedURLError(f"{ip!r} is not an IP address; refusing to connect to it") from None
+    reason = _block_reason(addr, allow_private)
+    if reason:
+        opt_in = not allow_private and not _block_reason(addr, True)
+        hint = " (to fetch from your own network, opt in with allow_private)" if opt_in else ""
+        raise BlockedURLError(f"refusing to fetch from {addr}: it is {reason}{hint}")
+
+
+def _numeric_ipv4(host: str) -> str | None:
+    """The IPv4 address an ``inet_aton``-style host denotes (``2130706433``, ``0x7f.1``,
+    ``017700000001``, ``127.1``), or None when ``host`` is a name.
+
+    Raises BlockedURLError for all-numeric hosts that denote no address (``1.2.3.4.5``).
+    """
+    parts = host.rstrip(".").split(".")
+
+    def number(part: str) -> int | None:
+        p = part.lower()
+        try:
+            if p.startswith("0x"):
+                return int(p[2:] or "0", 16)
+            if len(p) > 1 and p.startswith("0"):
+                return int(p[1:], 8)
+            return int(p, 10) if p.isdigit() else None
+        except ValueError:
+            return None
+
+    nums = [number(p) for p in parts]
+    if not parts or any(n is None for n in nums):
+        # a name, unless its last label is numeric (WHATWG treats that as a broken IPv4)
+        if parts and parts[-1] and number(parts[-1]) is not None:
+            raise BlockedURLError(f"host {host!r} is neither a name nor a valid IPv4 address")
+        return None
+    values = [n for n in nums if n is not None]
+    if len(values) > 4 or any(v > 255 for v in values[:-1]):
+        raise BlockedURLError(f"host {host!r} is not a valid IPv4 address")
+    last_bytes = 5 - len(values)  # the last part fills the remaining bytes
+    if values[-1] >= 256**last_bytes:
+        raise BlockedURLError(f"host {host!r} is not a valid IPv4 address")
+    n = 0
+    for v in values[:-1]:
+        n = (n << 8) | v
+    n = (n << (8 * last_bytes)) | values[-1]
+    return str(ipaddress.IPv4Address(n))
+
+
+def _default_resolver(host: str, port: int) -> list[str]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+# --------------------------------------------------------------------------- the fetcher
+
+
+@dataclass(frozen=True)
+class _Target:
+    """A validated hop: where to connect and what to tell the server."""
+
+    url: httpx.URL  # the URL as given (for messages, redirects and Host)
+    connect_url: httpx.URL  # the same URL with the host replaced by the checked IP
+    host_header: str  # original host[:port]
+    sni: str | None  # hostname for TLS SNI and certificate checks (https only)
+
+
+class Fetcher:
+    """Fetches http(s) pages under a :class:`FetchPolicy` (see the module docstring).
+
+    ``transport`` replaces the network (tests pass ``httpx.MockTransport``); ``resolver``
+    replaces DNS: ``resolver(host, port)`` returns the host's IP addresses.
+    """
+
+    def __init__(
+        self,
+        policy: FetchPolicy = FetchPolicy(),  # noqa: B008 - frozen, safe as a default
+        *,
+        transport: httpx.BaseTransport | None = None,
+        resolver: Resolver | None = None,
+    ) -> None:
+        self.policy = policy
+        self._transport = transport
+        self._resolver = resolver or _default_resolver
+
+    def fetch(self, url: str) -> FetchedPage:
+        """Fetch ``url`` and extract its text.
+
+        Raises:
+            BlockedURLError: the URL, or a redirect, points somewhere not allowed.
+            FetchError: network error, bad status, too large, too slow, refused content type.
+        """
+        deadline = time.monotonic() + self.policy.timeout_s
+        try:
+            current = httpx.URL(url.strip())
+        except (httpx.InvalidURL, TypeError, ValueError) as e:
+            raise BlockedURLError(f"{url!r} is not a valid URL: {e}") from None
+        with httpx.Client(
+            transport=self._transport,
+            follow_redirects=False,
+            trust_env=False,
+            headers={"User-Agent": _USER_AGENT, "Accept": ", ".join(ACCEPTED_TYPES)},
+        ) as client:
+            for hop in range(self.policy.max_redirects + 1):
+                target = self._validate(current, deadline)
+                location, page = self._get(client, target, url, deadline)
+                if page is not None:
+                    return page
+                assert location is not None, "a hop returns either a page or a redirect"
+                try:
+                    current = target.url.join(location)
+                except httpx.InvalidURL as e:
+                    raise FetchError(f"{url}: bad redirect Location {location!r}: {e}") from None
+                logger.debug("redirect %d: %s -> %s", hop + 1, target.url, current)
+        raise FetchError(
+            f"{url}: more than {self.policy.max_redirects} redirects; use the final URL directly"
+        )
+
+    def _validate(self, url: httpx.URL, deadline: float) -> _Target:
+        """Check scheme, userinfo and host of one hop; resolve and check its addresses."""
+        if url.scheme not in ("http", "https"):
+            raise BlockedURLError(
+                f"{url}: scheme {url.scheme or '(none)'!r} is not allowed; use http or https"
+            )
+        if url.userinfo:
+            raise BlockedURLError(f"{url}: credentials in URLs are not allowed; remove 'user@'")
+        host = url.raw_host.decode("ascii").lower()
+        if not host:
+            raise BlockedURLError(f"{url}: the URL has no host")
+        port = url.port or (443 if url.scheme == "https" else 80)
+        allow = self.policy.allow_private
+        if ":" in host:  # an IPv6 literal (httpx strips the brackets)
+            addresses = [host.split("%", 1)[0]]
+        elif (ipv4 := _numeric_ipv4(host)) is not None:
+            addresses = [ipv4]
+        else:
+            name = host.rstrip(".")
+            if not allow and (name == "localhost" or name.endswith(".localhost")):
+                raise BlockedURLError(
+                    f"{url}: {name!r} is this machine (to fetch from your own network, opt in "
+                    "with allow_private)"
+                )
+            addresses = self._resolve(name, port, deadline)
+        for address in addresses:
+            try:
+                check_ip(address, allow_private=allow)
+            except BlockedURLError as e:
+                raise BlockedURLError(f"{url}: {host} resolves to {address}; {e}") from None
+        ip = ipaddress.ip_address(addresses[0].split("%", 1)[0])
+        return _Target(
+            url=url,
+            connect_url=url.copy_with(host=str(ip)),
+            host_header=url.netloc.decode("ascii"),
+            sni=host.rstrip(".") if url.scheme == "https" else None,
+        )
+
+    def _resolve(self, host: str, port: int, deadline: float) -> list[str]:
+        """All addresses of ``host``; DNS runs in a thread so the deadline bounds it."""
+        result: list[list[str]] = []
+        error: list[Exception] = []
+
+        def run() -> None:
+            try:
+                result.append(list(self._resolver(host, port)))
+            except Exception as e:  # re-raised in the caller's thread
+                error.append(e)
+
+        thread = threading.Thread(target=run, name=f"resolve {host}", daemon=True)
+        thread.start()
+        thread.join(max(deadline - time.monotonic(), 0.0))
+        if thread.is_alive():
+            raise FetchError(f"resolving {host!r} took longer than {self.policy.timeout_s}s")
+        if error:
+            raise FetchError(f"could not resolve {host!r}: {error[0]}; check the URL") from None
+        addresses = sorted(set(result[0]), key=result[0].index)
+        if not addresses:
+            raise FetchError(f"{host!r} resolved to no address; check the URL")
+        return addresses
+
+    def _get(
+        self, client: httpx.Client, target: _Target, requested: str, deadline: float
+    ) -> tuple[str | None, FetchedPage | None]:
+        """One GET: (redirect location, None) or (None, page)."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise FetchError(f"{requested}: took longer than {self.policy.timeout_s}s")
+        request = client.build_request(
+            "GET",
+            target.connect_url,
+            headers={"Host": target.host_header},
+            timeout=httpx.Timeout(remaining),
+            extensions={"sni_hostname": target.sni} if target.sni else None,
+        )
+        try:
+            response = client.send(request, stream=True)
+        except httpx.TimeoutException:
+            raise FetchError(f"{requested}: timed out after {self.policy.timeout_s}s") from None
+        except httpx.HTTPError as e:
+            raise FetchError(f"{requested}: could not connect to {target.url.host}: {e}") from None
+        try:
+            if response.status_code in _REDIRECTS:
+                location = response.headers.get("Location")
+                if not location:
+                    raise FetchError(f"{requested}: redirect without a Location header")
+                return location, None
+            if response.status_code != 200:
+                raise FetchError(
+                    f"{requested}: the server answered HTTP {response.status_code} "
+                    f"for {target.url}"
+                )
+            media = response.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+            if media not in ACCEPTED_TYPES:
+                raise FetchError(
+                    f"{requested}: content type {media or '(none)'!r} refused; only "
+                    f"{', '.join(ACCEPTED_TYPES)} pages can be indexed"
+                )
+            body = self._read(response, requested, deadline)
+        finally:
+            response.close()
+        text = body.decode(_charset(response.charset_encoding), errors="replace")
+        final = str(target.url)
+        if media in _HTML_TYPES:
+            extracted = extract_html(text)
+            return None, FetchedPage(
+                url=requested,
+                final_url=final,
+                content_type=media,
+                text=extracted.text,
+                title=extracted.title or final,
+            )
+        title = title_from_text(text, final, markdown=media == "text/markdown")
+        return None, FetchedPage(requested, final, media, text, title)
+
+    def _read(self, response: httpx.Response, requested: str, deadline: float) -> bytes:
+        """The (decompressed) body, refusing more than max_bytes or reading past the deadline."""
+        limit = self.policy.max_bytes
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise FetchError(f"{requested}: body of {declared} bytes is over the {limit}-byte cap")
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > limit:
+                    raise FetchError(f"{requested}: body is over the {limit}-byte cap")
+                if time.monotonic() > deadline:
+                    raise FetchError(f"{requested}: took longer than {self.policy.timeout_s}s")
+                chunks.append(chunk)
+        except httpx.TimeoutException:
+            raise FetchError(f"{requested}: timed out after {self.policy.timeout_s}s") from None
+        except httpx.HTTPError as e:
+            raise FetchError(f"{requested}: error while reading the body: {e}") from None
+        return b"".join(chunks)
+
+
+def _charset(name: str | None) -> str:
+    """A codec name Python knows for the response charset, else utf-8."""
+    if name:
+        try:
+            return codecs.lookup(name).name
+        except LookupError:
+            pass
+    return "utf-8"

@@ -1,0 +1,136 @@
+"""Visible text and a title from an HTML page (stdlib ``html.parser``), and a title from plain text.
+
+HTML is turned into readable text: script/style/head contents and other non-visible parts are
+dropped, entities are unescaped, runs of whitespace collapse to one space, block elements
+(paragraphs, headings, list items, table rows...) become paragraph breaks (a blank line) and
+``<br>`` a line break. Indentation inside ``<pre>`` is not kept (lines are stripped).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from html.parser import HTMLParser
+
+TITLE_MAX_CHARS = 120  # titles longer than this are cut (with an ellipsis)
+
+# Elements whose whole content is not visible text.
+_SKIP = frozenset(
+    {"script", "style", "head", "noscript", "template", "svg", "math", "iframe", "object", "canvas"}
+)
+# Elements that end a paragraph of text before and after them.
+_BLOCK = frozenset(
+    {
+        "address", "article", "aside", "blockquote", "body", "caption", "dd", "details", "div",
+        "dl", "dt", "fieldset", "figcaption", "figure", "footer", "form", "h1", "h2", "h3", "h4",
+        "h5", "h6", "header", "hr", "html", "legend", "li", "main", "nav", "ol", "p", "pre",
+        "section", "summary", "table", "tbody", "td", "tfoot", "th", "thead", "tr", "ul",
+    }
+)  # fmt: skip
+_VOID = frozenset(
+    {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
+)
+_SPACE_RE = re.compile(r"\s+")
+_BREAKS_RE = re.compile(r"\n{3,}")
+_HEADING_RE = re.compile(r"^ {0,3}#{1,6}[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class HtmlText:
+    """The result of :func:`extract_html`."""
+
+    text: str  # visible text, paragraphs separated by a blank line
+    title: str  # the <title> (whitespace collapsed), "" when the page has none
+
+
+class _Extractor(HTMLParser):
+    """Collects visible text pieces and the <title>; driven by :func:`extract_html`."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)  # entities arrive unescaped in handle_data
+        self.pieces: list[str] = []
+        self.title_parts: list[str] = []
+        self._skip_stack: list[str] = []  # open non-visible elements, innermost last
+        self._in_title = False
+        self._pre = 0  # depth of open <pre> elements
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "title":  # only the page's first <title>, not an <svg><title>
+            self._in_title = not self.title_parts and all(t == "head" for t in self._skip_stack)
+            return
+        if tag == "body":  # a missing </head> must not hide the whole page
+            self._skip_stack = [t for t in self._skip_stack if t != "head"]
+        if self._skip_stack:
+            if tag in _SKIP:
+                self._skip_stack.append(tag)
+            return
+        if tag in _SKIP or any(name == "hidden" for name, _ in attrs):
+            if tag not in _VOID:
+                self._skip_stack.append(tag)
+            return
+        if tag == "br":
+            self.pieces.append("\n")
+        elif tag in _BLOCK:
+            self.pieces.append("\n\n")
+            if tag == "pre":
+                self._pre += 1
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        # <br/>, <img/>...: a self-closed element never opens a skip region.
+        if not self._skip_stack and tag == "br":
+            self.pieces.append("\n")
+        elif not self._skip_stack and tag in _BLOCK:
+            self.pieces.append("\n\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "title":
+            self._in_title = False
+            return
+        if self._skip_stack:
+            if tag in self._skip_stack:
+                # close it and anything left open inside it
+                last = len(self._skip_stack) - 1 - self._skip_stack[::-1].index(tag)
+                del self._skip_stack[last:]
+            return
+        if tag in _BLOCK:
+            self.pieces.append("\n\n")
+            if tag == "pre" and self._pre:
+                self._pre -= 1
+
+    def handle_data(self, data: str) -> None:
+        if self._in_title:
+            self.title_parts.append(data)
+        elif not self._skip_stack:
+            self.pieces.append(data if self._pre else _SPACE_RE.sub(" ", data))
+
+
+def extract_html(html: str) -> HtmlText:
+    """Visible text and title of an HTML document (tolerates malformed markup)."""
+    parser = _Extractor()
+    parser.feed(html)
+    parser.close()
+    raw = "".join(parser.pieces).replace("\r\n", "\n").replace("\r", "\n")
+    lines = [line.strip() for line in raw.split("\n")]
+    text = _BREAKS_RE.sub("\n\n", "\n".join(lines)).strip()
+    title = _SPACE_RE.sub(" ", "".join(parser.title_parts)).strip()
+    return HtmlText(text=text, title=cap_title(title))
+
+
+def cap_title(title: str, max_chars: int = TITLE_MAX_CHARS) -> str:
+    """``title`` cut to ``max_chars`` characters (ending in an ellipsis when cut)."""
+    return title if len(title) <= max_chars else title[: max_chars - 1].rstrip() + "…"
+
+
+def title_from_text(text: str, fallback: str, *, markdown: bool = False) -> str:
+    """A title for plain text: the first markdown heading (when ``markdown``), else the first
+    non-empty line (a leading ``#`` heading marker removed), else ``fallback``."""
+    if markdown:
+        m = _HEADING_RE.search(text)
+        if m:
+            return cap_title(m.group(1).strip())
+    for line in text.splitlines():
+        line = line.strip()
+        if line:
+            m = _HEADING_RE.match(line)
+            return cap_title(_SPACE_RE.sub(" ", m.group(1) if m else line).strip())
+    return fallback

@@ -1,0 +1,329 @@
+"""Document sources -> :class:`~citeqa.types.Document` list: files, folders and URLs.
+
+``load_sources`` never lets one bad source abort the rest: a missing path, a binary file, a
+bad JSON line, a blocked URL... each becomes a :class:`Skipped` entry with a reason that says
+what to do. It does not raise on an empty result either: a caller that needs documents checks
+``result.documents`` and raises :class:`~citeqa.errors.EmptyCorpusError` itself.
+
+Formats (by extension):
+- ``.txt`` / ``.md``: the file's bytes decoded as UTF-8, otherwise UNCHANGED (no newline
+  translation), so character offsets into ``Document.text`` are offsets into the file.
+- ``.html`` / ``.htm``: visible text and <title> (see :mod:`citeqa.ingest.html`).
+- ``.json`` / ``.jsonl``: SQuAD v1/v2 (one document per paragraph, ``text == context``,
+  ``source == f"{path}#{article_title}/{paragraph_index}"``), else one document per JSON-lines
+  line / array element with a ``text`` field (optional ``title``, ``id``/``doc_id``,
+  ``source``/``url``).
+A file named explicitly with another extension is read as plain text; inside a folder, such
+files are skipped (hidden files and folders silently).
+
+``doc_id``: a record's own ``id``/``doc_id`` when it is made of ``[A-Za-z0-9._:-]``, else the
+first 16 hex digits of sha256 of the source string (plus ``#position`` for multi-document
+files). The first document with a given id wins; later ones are skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from citeqa.errors import FetchError
+from citeqa.ingest.fetch import Fetcher, FetchPolicy
+from citeqa.ingest.html import extract_html, title_from_text
+from citeqa.types import Document
+
+logger = logging.getLogger(__name__)
+
+TEXT_EXTENSIONS = frozenset({".txt", ".md", ".markdown"})
+HTML_EXTENSIONS = frozenset({".html", ".htm"})
+JSON_EXTENSIONS = frozenset({".json", ".jsonl"})
+SUPPORTED_EXTENSIONS = TEXT_EXTENSIONS | HTML_EXTENSIONS | JSON_EXTENSIONS
+_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,200}")
+_META_CHARSET_RE = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?([A-Za-z0-9._:-]+)""", re.I)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A source (or part of one) that produced no document, and why."""
+
+    source: str  # path or URL
+    reason: str  # human-readable, tells what to do
+
+
+@dataclass
+class LoadResult:
+    """Documents loaded from the sources, in source order, and what was skipped."""
+
+    documents: list[Document] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+class _SkipError(Exception):
+    """A whole file yields no document; the message is the Skipped reason."""
+
+
+def doc_id_for(source: str) -> str:
+    """The stable id of a document from ``source`` (first 16 hex chars of its sha256)."""
+    return hashlib.sha256(source.encode("utf-8")).hexdigest()[:16]
+
+
+def is_url(source: str) -> bool:
+    """Whether ``source`` is meant as a URL (``scheme://...``) rather than a path."""
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", source) is not None
+
+
+def load_sources(
+    sources: Sequence[str], *, fetcher: Fetcher | None = None, progress: bool = True
+) -> LoadResult:
+    """Load documents from files, folders (recursive) and http(s) URLs.
+
+    Args:
+        sources: paths (file or folder) and http(s):// URLs, in the order to load them.
+        fetcher: fetches URLs; None -> ``Fetcher(FetchPolicy())`` (public addresses only).
+        progress: show a tqdm progress bar over files/URLs on stderr.
+
+    Returns:
+        The documents (possibly none: the caller raises EmptyCorpusError) and the skipped
+        sources with reasons. Never raises for a bad source.
+    """
+    result = LoadResult()
+    items: list[str | Path] = []  # URLs as str, files as Path
+    for source in sources:
+        items.extend(_expand(source, result.skipped))
+    fetcher = fetcher or Fetcher(FetchPolicy())
+    first_seen: dict[str, str] = {}  # doc_id -> source of the document that kept it
+    bar = tqdm(items, desc="loading sources", unit="src", disable=not progress, file=sys.stderr)
+    for item in bar:
+        for entry in _load_item(item, fetcher):
+            if isinstance(entry, Skipped):
+                result.skipped.append(entry)
+            elif entry.doc_id in first_seen:
+                first = first_seen[entry.doc_id]
+                reason = (
+                    f"duplicate doc_id {entry.doc_id!r} (first from {first}); "
+                    "give it a unique id or remove the duplicate source"
+                )
+                result.skipped.append(Skipped(entry.source, reason))
+            else:
+                first_seen[entry.doc_id] = entry.source
+                result.documents.append(entry)
+    for s in result.skipped:
+        logger.warning("skipped %s: %s", s.source, s.reason)
+    logger.info("loaded %d documents, skipped %d", len(result.documents), len(result.skipped))
+    return result
+
+
+def _expand(source: str, skipped: list[Skipped]) -> list[str | Path]:
+    """One source -> the URLs/files to load (folders walked, sorted, hidden entries left out)."""
+    if is_url(source):
+        if source.split(":", 1)[0].lower() in ("http", "https"):
+            return [source]
+        skipped.append(Skipped(source, "only http:// and https:// URLs can be fetched"))
+        return []
+    path = Path(source)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(_walk(path), key=lambda p: p.relative_to(path).parts)
+        out: list[str | Path] = []
+        for f in files:
+            if f.suffix.lower() in SUPPORTED_EXTENSIONS:
+                out.append(f)
+            else:
+                skipped.append(
+                    Skipped(
+                        str(f),
+                        f"unsupported file type {f.suffix or '(no extension)'!r} in a folder; "
+                        f"supported: {', '.join(sorted(SUPPORTED_EXTENSIONS))} "
+                        "(name the file explicitly to read it as plain text)",
+                    )
+                )
+        if not out:
+            skipped.append(Skipped(source, "folder has no supported files"))
+        return out
+    if path.exists():
+        skipped.append(Skipped(source, "not a regular file or folder; give a file or folder"))
+    else:
+        skipped.append(Skipped(source, "no such file or folder; check the path"))
+    return []
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    """Files under ``root``, not following symlinked folders, hidden names left out."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def _load_item(item: str | Path, fetcher: Fetcher) -> Iterator[Document | Skipped]:
+    if isinstance(item, str):
+        yield _load_url(item, fetcher)
+        return
+    try:
+        yield from _load_file(item)
+    except _SkipError as e:
+        yield Skipped(str(item), str(e))
+    except OSError as e:
+        yield Skipped(str(item), f"could not read the file ({e.strerror or e}); check permissions")
+
+
+def _load_url(url: str, fetcher: Fetcher) -> Document | Skipped:
+    try:
+        page = fetcher.fetch(url)
+    except FetchError as e:  # BlockedURLError included
+        return Skipped(url, str(e))
+    if not page.text.strip():
+        return Skipped(url, "the page has no text")
+    return Document(doc_id=doc_id_for(url), title=page.title, source=page.final_url, text=page.text)
+
+
+def _load_file(path: Path) -> Iterator[Document | Skipped]:
+    """Documents from one file; raises _SkipError when the whole file yields none."""
+    data = path.read_bytes()
+    suffix = path.suffix.lower()
+    source = str(path)
+    if suffix in HTML_EXTENSIONS:
+        page = extract_html(_decode_html(data))
+        yield _single(source, page.title or path.name, page.text)
+    elif suffix in JSON_EXTENSIONS:
+        yield from _load_json(path, _decode_text(data))
+    else:  # .txt, .md, or a file named explicitly
+        text = _decode_text(data)
+        markdown = suffix in (".md", ".markdown")
+        yield _single(source, title_from_text(text, path.name, markdown=markdown), text)
+
+
+def _single(source: str, title: str, text: str) -> Document:
+    if not text.strip():
+        raise _SkipError("the file has no text")
+    return Document(doc_id=doc_id_for(source), title=title, source=source, text=text)
+
+
+def _decode_text(data: bytes) -> str:
+    """UTF-8 text exactly as stored (no newline translation), or _SkipError for binary data."""
+    if b"\x00" in data:
+        raise _SkipError("binary file (contains NUL bytes); give text, Markdown, HTML or JSON")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _SkipError(
+            f"not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8 "
+            "(e.g. iconv -t UTF-8)"
+        ) from None
+
+
+def _decode_html(data: bytes) -> str:
+    """HTML bytes as text: UTF-8, else the charset its <meta> declares."""
+    try:
+        return _decode_text(data)
+    except _SkipError:
+        m = _META_CHARSET_RE.search(data[:4096])
+        if m is None or b"\x00" in data:
+            raise
+        try:
+            return data.decode(m.group(1).decode("ascii"))
+        except (LookupError, UnicodeDecodeError):
+            raise _SkipError(
+                f"could not decode as UTF-8 or its declared charset {m.group(1).decode()!r}"
+            ) from None
+
+
+# --------------------------------------------------------------------------- JSON formats
+
+
+def _load_json(path: Path, text: str) -> Iterator[Document | Skipped]:
+    source = str(path)
+    if path.suffix.lower() == ".json":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # "Extra data": several values, i.e. JSON lines
+                raise _SkipError(
+                    f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}; fix the file"
+                ) from None
+        else:
+            if _is_squad(obj):
+                yield from _squad_documents(source, obj)
+            elif isinstance(obj, list):
+                for i, element in enumerate(obj):
+                    yield _record_document(source, element, i, f"element {i}")
+            elif isinstance(obj, dict) and "text" in obj:
+                yield _record_document(source, obj, 0, "the object")
+            else:
+                raise _SkipError(
+                    "JSON is neither SQuAD ({'data': [{'title', 'paragraphs': [{'context'}]}]}) "
+                    "nor a list of {'text': ...} records"
+                )
+            return
+    n_lines = 0
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        n_lines += 1
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield Skipped(source, f"line {lineno}: invalid JSON ({e.msg}); fix or remove the line")
+            continue
+        yield _record_document(source, record, lineno, f"line {lineno}")
+    if n_lines == 0:
+        raise _SkipError("the file has no records")
+
+
+def _record_document(source: str, record: Any, position: int, where: str) -> Document | Skipped:
+    """One ``{"text": ..., "title"?, "id"/"doc_id"?, "source"/"url"?}`` record."""
+    if not isinstance(record, dict):
+        return Skipped(source, f"{where}: expected a JSON object with a 'text' field")
+    text = record.get("text")
+    if not isinstance(text, str) or not text.strip():
+        return Skipped(source, f"{where}: no non-empty string 'text' field; add one")
+    own_id = record.get("doc_id", record.get("id"))
+    if isinstance(own_id, bool) or not isinstance(own_id, str | int):
+        own_id = None
+    doc_id = str(own_id) if own_id is not None else ""
+    if not _ID_RE.fullmatch(doc_id):
+        doc_id = doc_id_for(f"{source}#{position}")
+    doc_source = record.get("source") or record.get("url")
+    if not isinstance(doc_source, str):
+        doc_source = f"{source}#{position}"
+    title = record.get("title")
+    if not isinstance(title, str) or not title.strip():
+        title = title_from_text(text, f"{Path(source).name} #{position}")
+    return Document(doc_id=doc_id, title=title.strip(), source=doc_source, text=text)
+
+
+def _is_squad(obj: Any) -> bool:
+    return (
+        isinstance(obj, dict)
+        and isinstance(obj.get("data"), list)
+        and all(isinstance(a, dict) and isinstance(a.get("paragraphs"), list) for a in obj["data"])
+    )
+
+
+def _squad_documents(source: str, obj: dict[str, Any]) -> Iterator[Document | Skipped]:
+    """One document per SQuAD paragraph: text == context, titled by its article."""
+    for a, article in enumerate(obj["data"]):
+        raw_title = article.get("title")
+        if not isinstance(raw_title, str) or not raw_title.strip():
+            raw_title = f"article-{a}"
+        title = raw_title.replace("_", " ")
+        for p, paragraph in enumerate(article["paragraphs"]):
+            doc_source = f"{source}#{raw_title}/{p}"
+            context = paragraph.get("context") if isinstance(paragraph, dict) else None
+            if not isinstance(context, str) or not context.strip():
+                yield Skipped(doc_source, "SQuAD paragraph has no 'context' text")
+                continue
+            yield Document(
+                doc_id=doc_id_for(doc_source), title=title, source=doc_source, text=context
+            )

@@ -1,0 +1,502 @@
+"""Tests for citeqa.ingest.fetch: every SSRF rule, redirects, caps, and one real local server.
+
+The network is ``httpx.MockTransport`` and DNS an injected resolver, except for one test that
+fetches from a real ``http.server`` on 127.0.0.1 (never the internet).
+"""
+
+from __future__ import annotations
+
+import http.server
+import ipaddress
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from citeqa.errors import BlockedURLError, FetchError
+from citeqa.ingest import FetchedPage, Fetcher, FetchPolicy, check_ip
+
+PUBLIC = "93.184.216.34"
+PUBLIC6 = "2606:2800:220:1:248:1893:25c8:1946"
+HTML = "<html><head><title>Example</title></head><body><p>Hello web</p></body></html>"
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def html_response(text: str = HTML, **headers: str) -> httpx.Response:
+    return httpx.Response(200, headers={"Content-Type": "text/html; charset=utf-8", **headers},
+                          text=text)  # fmt: skip
+
+
+class Recorder:
+    """A MockTransport handler that records requests and answers from a table by (host, path)."""
+
+    def __init__(self, routes: dict[str, Callable[[], httpx.Response]] | None = None) -> None:
+        self.requests: list[httpx.Request] = []
+        self.routes = routes or {}
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        key = f"{request.headers['Host']}{request.url.path}"
+        if key in self.routes:
+            return self.routes[key]()
+        return html_response()
+
+
+class Dns:
+    """An injectable resolver from a table; counts lookups."""
+
+    def __init__(self, table: dict[str, list[str]]) -> None:
+        self.table = table
+        self.calls: list[str] = []
+
+    def __call__(self, host: str, port: int) -> list[str]:
+        self.calls.append(host)
+        if host not in self.table:
+            raise OSError(f"Name or service not known: {host}")
+        return self.table[host]
+
+
+def no_dns(host: str, port: int) -> list[str]:
+    raise AssertionError(f"resolver must not be called for {host!r}")
+
+
+def fetcher(
+    handler: Handler | None = None,
+    dns: Callable[[str, int], list[str]] = no_dns,
+    **policy: object,
+) -> Fetcher:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise AssertionError(f"no connection expected, got {request.url}")
+
+    return Fetcher(
+        FetchPolicy(**policy),  # type: ignore[arg-type]
+        transport=httpx.MockTransport(handler or refuse),
+        resolver=dns,
+    )
+
+
+# --------------------------------------------------------------------------- check_ip
+
+ALWAYS_BLOCKED = [
+    "169.254.169.254",  # cloud metadata
+    "fd00:ec2::254",
+    "100.100.100.200",
+    "::ffff:169.254.169.254",  # metadata, IPv4-mapped
+    "0.0.0.0",
+    "0.1.2.3",
+    "::",
+    "224.0.0.1",
+    "ff02::1",
+    "255.255.255.255",
+    "240.0.0.1",
+]
+PRIVATE = [
+    "127.0.0.1",
+    "127.255.0.9",
+    "::1",
+    "10.0.0.1",
+    "172.16.5.4",
+    "192.168.1.1",
+    "fc00::1",
+    "fd12:3456::1",
+    "169.254.1.1",
+    "fe80::1",
+    "fe80::1%eth0",
+    "100.64.0.1",
+    "100.127.255.254",
+    "::ffff:127.0.0.1",  # IPv4-mapped
+    "::ffff:10.0.0.1",
+    "::127.0.0.1",  # IPv4-compatible
+    "::ffff:0:10.0.0.1",  # IPv4-translated
+    "2002:7f00:1::1",  # 6to4 of 127.0.0.1
+    "2002:c0a8:101::",  # 6to4 of 192.168.1.1
+    "64:ff9b::10.0.0.1",  # NAT64 of 10.0.0.1
+    "192.0.2.10",  # documentation (not global)
+]
+PUBLIC_IPS = [PUBLIC, "8.8.8.8", "1.1.1.1", PUBLIC6, "2002:808:808::1", "64:ff9b::8.8.8.8"]
+
+
+@pytest.mark.parametrize("ip", ALWAYS_BLOCKED)
+def test_check_ip_always_blocked(ip: str) -> None:
+    with pytest.raises(BlockedURLError):
+        check_ip(ip)
+    with pytest.raises(BlockedURLError):
+        check_ip(ip, allow_private=True)
+
+
+@pytest.mark.parametrize("ip", PRIVATE)
+def test_check_ip_private_needs_opt_in(ip: str) -> None:
+    with pytest.raises(BlockedURLError, match="allow_private"):
+        check_ip(ip)
+    check_ip(ip, allow_private=True)
+
+
+@pytest.mark.parametrize("ip", PUBLIC_IPS)
+def test_check_ip_public_allowed(ip: str) -> None:
+    check_ip(ip)
+    check_ip(ip, allow_private=True)
+
+
+def test_check_ip_rejects_non_addresses() -> None:
+    with pytest.raises(BlockedURLError, match="not an IP address"):
+        check_ip("example.com")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    net=st.sampled_from(["127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                         "169.254.0.0/16", "100.64.0.0/10"]),  # fmt: skip
+    offset=st.integers(min_value=0, max_value=2**24 - 1),
+    form=st.sampled_from(["dotted", "int", "hex", "octal", "mapped", "short"]),
+)
+def test_private_ipv4_blocked_in_every_url_form(net: str, offset: int, form: str) -> None:
+    network = ipaddress.ip_network(net)
+    ip = network[offset % network.num_addresses]
+    n = int(ip)
+    a, b, c, d = ip.packed
+    host = {
+        "dotted": str(ip),
+        "int": str(n),
+        "hex": hex(n),
+        "octal": "0" + oct(n)[2:],
+        "mapped": f"[::ffff:{ip}]",
+        "short": f"{a}.{(b << 16) | (c << 8) | d}",
+    }[form]
+    with pytest.raises(BlockedURLError):
+        fetcher().fetch(f"http://{host}/")
+
+
+# --------------------------------------------------------------------------- URL rules
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://example.com/file.txt",
+        "file:///etc/passwd",
+        "gopher://example.com/",
+        "javascript:alert(1)",
+        "http://user:secret@example.com/",
+        "http://user@example.com/",
+        "http:///no-host",
+        "http://localhost/",
+        "http://LOCALHOST./admin",
+        "http://api.localhost:8080/",
+        "http://127.0.0.1/",
+        "http://127.1/",
+        "http://2130706433/",
+        "http://0x7f.1/",
+        "http://0x7f000001/",
+        "http://017700000001/",
+        "http://0/",
+        "http://[::1]/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://[::ffff:7f00:1]/",
+        "http://[fe80::1%25eth0]/",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[fd00:ec2::254]/",
+        "http://1.2.3.4.5/",
+        "http://example.123/",
+        "not a url",
+    ],
+)
+def test_blocked_urls_never_connect(url: str) -> None:
+    with pytest.raises(BlockedURLError):
+        fetcher().fetch(url)
+
+
+def test_metadata_blocked_even_with_allow_private() -> None:
+    with pytest.raises(BlockedURLError, match="metadata"):
+        fetcher(allow_private=True).fetch("http://169.254.169.254/latest/meta-data/")
+    dns = Dns({"metadata.google.internal": ["169.254.169.254"]})
+    with pytest.raises(BlockedURLError, match="metadata"):
+        fetcher(dns=dns, allow_private=True).fetch("http://metadata.google.internal/")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [["10.0.0.7"], ["127.0.0.1"], ["::ffff:10.0.0.7"], ["169.254.169.254"], ["100.64.3.3"],
+     ["fd00::5"], [PUBLIC, "10.0.0.7"], ["10.0.0.7", PUBLIC], [PUBLIC6, "::1"]],  # fmt: skip
+)
+def test_dns_answers_with_any_blocked_address_are_refused(answer: list[str]) -> None:
+    dns = Dns({"evil.example": answer})
+    with pytest.raises(BlockedURLError, match="evil.example resolves to"):
+        fetcher(dns=dns).fetch("https://evil.example/")
+    assert dns.calls == ["evil.example"]
+
+
+def test_unresolvable_host_is_a_fetch_error() -> None:
+    with pytest.raises(FetchError, match="could not resolve") as info:
+        fetcher(dns=Dns({})).fetch("http://nowhere.invalid/")
+    assert not isinstance(info.value, BlockedURLError)
+
+
+def test_public_http_connects_to_checked_ip_with_host_header() -> None:
+    rec = Recorder()
+    dns = Dns({"example.com": [PUBLIC]})
+    page = fetcher(rec, dns).fetch("http://Example.com:8080/a/b?q=1")
+    assert page == FetchedPage(
+        url="http://Example.com:8080/a/b?q=1",
+        final_url="http://example.com:8080/a/b?q=1",
+        content_type="text/html",
+        text="Hello web",
+        title="Example",
+    )
+    (req,) = rec.requests
+    assert req.url.host == PUBLIC and req.url.port == 8080 and req.url.path == "/a/b"
+    assert req.headers["Host"] == "example.com:8080"
+    assert "sni_hostname" not in req.extensions
+    assert dns.calls == ["example.com"]
+
+
+def test_https_sends_original_name_as_sni() -> None:
+    rec = Recorder()
+    fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("https://example.com/")
+    (req,) = rec.requests
+    assert req.url.scheme == "https" and req.url.host == PUBLIC
+    assert req.headers["Host"] == "example.com"
+    assert req.extensions["sni_hostname"] == "example.com"
+
+
+def test_ipv6_literal_public_is_fetched() -> None:
+    rec = Recorder()
+    page = fetcher(rec).fetch(f"http://[{PUBLIC6}]/")
+    assert page.text == "Hello web"
+    assert rec.requests[0].url.host == PUBLIC6
+    assert rec.requests[0].headers["Host"] == f"[{PUBLIC6}]"
+
+
+def test_dns_rebinding_cannot_swap_address() -> None:
+    """The host is resolved once; the connection goes to that checked address."""
+    answers = iter([[PUBLIC], ["127.0.0.1"], ["127.0.0.1"]])
+    calls: list[str] = []
+
+    def rebinding(host: str, port: int) -> list[str]:
+        calls.append(host)
+        return next(answers)
+
+    rec = Recorder()
+    fetcher(rec, rebinding).fetch("http://rebind.example/")
+    assert calls == ["rebind.example"]
+    assert rec.requests[0].url.host == PUBLIC
+
+
+# --------------------------------------------------------------------------- redirects
+
+
+def redirect(location: str, status: int = 302) -> Callable[[], httpx.Response]:
+    return lambda: httpx.Response(status, headers={"Location": location})
+
+
+@pytest.mark.parametrize(
+    "location",
+    ["http://intranet.corp/secret", "http://127.0.0.1/", "http://[::ffff:10.0.0.1]/",
+     "http://169.254.169.254/latest/meta-data/", "file:///etc/passwd", "ftp://example.com/",
+     "http://user:pw@example.com/", "http://2130706433/"],  # fmt: skip
+)
+def test_redirect_to_blocked_target_is_refused(location: str) -> None:
+    rec = Recorder({"example.com/start": redirect(location)})
+    dns = Dns({"example.com": [PUBLIC], "intranet.corp": ["10.0.0.9"]})
+    with pytest.raises(BlockedURLError):
+        fetcher(rec, dns).fetch("http://example.com/start")
+    assert len(rec.requests) == 1  # the blocked hop is never requested
+
+
+def test_redirects_are_followed_and_each_hop_revalidated() -> None:
+    rec = Recorder(
+        {
+            "example.com/a": redirect("/b", 301),  # relative: same host
+            "example.com/b": redirect("https://other.org/c", 308),
+        }
+    )
+    dns = Dns({"example.com": [PUBLIC], "other.org": ["8.8.4.4"]})
+    page = fetcher(rec, dns).fetch("http://example.com/a")
+    assert page.url == "http://example.com/a"
+    assert page.final_url == "https://other.org/c"
+    hosts = [(r.url.host, r.headers["Host"], r.url.path) for r in rec.requests]
+    assert hosts == [(PUBLIC, "example.com", "/a"), (PUBLIC, "example.com", "/b"),
+                     ("8.8.4.4", "other.org", "/c")]  # fmt: skip
+    assert rec.requests[2].extensions["sni_hostname"] == "other.org"
+    assert dns.calls == ["example.com", "example.com", "other.org"]
+
+
+def test_too_many_redirects() -> None:
+    rec = Recorder({f"example.com/{i}": redirect(f"/{i + 1}") for i in range(10)})
+    dns = Dns({"example.com": [PUBLIC]})
+    with pytest.raises(FetchError, match="more than 2 redirects"):
+        fetcher(rec, dns, max_redirects=2).fetch("http://example.com/0")
+    assert len(rec.requests) == 3
+    # exactly max_redirects hops is fine
+    assert fetcher(rec, dns, max_redirects=9).fetch("http://example.com/1").final_url.endswith(
+        "/10"
+    )
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def test_body_over_cap_stops_reading_while_streaming() -> None:
+    produced: list[int] = []
+
+    def body() -> Iterator[bytes]:
+        for i in range(1000):
+            produced.append(i)
+            yield b"x" * 1000
+
+    rec = Recorder({"example.com/big": lambda: httpx.Response(
+        200, headers={"Content-Type": "text/plain"}, content=body())})  # fmt: skip
+    with pytest.raises(FetchError, match="over the 5000-byte cap"):
+        fetcher(rec, Dns({"example.com": [PUBLIC]}), max_bytes=5000).fetch(
+            "http://example.com/big"
+        )
+    assert len(produced) < 10  # stopped early, not after reading everything
+
+
+def test_declared_length_over_cap_is_refused() -> None:
+    rec = Recorder({"example.com/big": lambda: httpx.Response(
+        200, headers={"Content-Type": "text/plain", "Content-Length": "99999"},
+        content=b"x" * 99999)})  # fmt: skip
+    with pytest.raises(FetchError, match="99999 bytes"):
+        fetcher(rec, Dns({"example.com": [PUBLIC]}), max_bytes=1000).fetch(
+            "http://example.com/big"
+        )
+
+
+@pytest.mark.parametrize("ctype", ["application/pdf", "image/png", "application/json", ""])
+def test_refused_content_types(ctype: str) -> None:
+    rec = Recorder({"example.com/x": lambda: httpx.Response(
+        200, headers={"Content-Type": ctype} if ctype else {}, content=b"data")})  # fmt: skip
+    with pytest.raises(FetchError, match="content type") as info:
+        fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/x")
+    assert (ctype or "(none)") in str(info.value)
+
+
+def test_plain_text_charset_and_title() -> None:
+    body = "Première ligne\nsecond line\n".encode("iso-8859-1")
+    headers = {"Content-Type": "text/plain; charset=ISO-8859-1"}
+    rec = Recorder({"example.com/t": lambda: httpx.Response(200, headers=headers, content=body)})
+    page = fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/t")
+    assert page.text == "Première ligne\nsecond line\n"
+    assert page.title == "Première ligne"
+    assert page.content_type == "text/plain"
+
+
+def test_html_without_title_uses_url_and_xhtml_accepted() -> None:
+    rec = Recorder({"example.com/x": lambda: httpx.Response(
+        200, headers={"Content-Type": "application/xhtml+xml"}, text="<p>body</p>")})  # fmt: skip
+    page = fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/x")
+    assert (page.text, page.title) == ("body", "http://example.com/x")
+
+
+@pytest.mark.parametrize("status", [404, 500, 204])
+def test_error_status_is_a_fetch_error(status: int) -> None:
+    rec = Recorder({"example.com/x": lambda: httpx.Response(status)})
+    with pytest.raises(FetchError, match=f"HTTP {status}"):
+        fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/x")
+
+
+def test_connection_error_is_a_fetch_error() -> None:
+    def fail(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    with pytest.raises(FetchError, match="could not connect"):
+        fetcher(fail, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/")
+
+
+def test_deadline_covers_all_hops() -> None:
+    def slow_redirect() -> httpx.Response:
+        time.sleep(0.15)
+        return httpx.Response(302, headers={"Location": "/next"})
+
+    rec = Recorder({"example.com/": slow_redirect, "example.com/next": slow_redirect})
+    start = time.monotonic()
+    with pytest.raises(FetchError, match="longer than 0.2s"):
+        fetcher(rec, Dns({"example.com": [PUBLIC]}), timeout_s=0.2).fetch("http://example.com/")
+    assert time.monotonic() - start < 1.0
+
+
+def test_deadline_while_streaming_body() -> None:
+    def drip() -> Iterator[bytes]:
+        for _ in range(50):
+            time.sleep(0.05)
+            yield b"x"
+
+    rec = Recorder({"example.com/": lambda: httpx.Response(
+        200, headers={"Content-Type": "text/plain"}, content=drip())})  # fmt: skip
+    start = time.monotonic()
+    with pytest.raises(FetchError, match="longer than"):
+        fetcher(rec, Dns({"example.com": [PUBLIC]}), timeout_s=0.3).fetch("http://example.com/")
+    assert time.monotonic() - start < 1.5
+
+
+def test_slow_dns_is_bounded_by_the_deadline() -> None:
+    def slow(host: str, port: int) -> list[str]:
+        time.sleep(2)
+        return [PUBLIC]
+
+    start = time.monotonic()
+    with pytest.raises(FetchError, match="resolving"):
+        fetcher(dns=slow, timeout_s=0.2).fetch("http://example.com/")
+    assert time.monotonic() - start < 1.0
+
+
+# --------------------------------------------------------------------------- a real server
+
+
+hosts_seen: list[str] = []  # Host headers the local server received
+
+
+@pytest.fixture
+def local_server() -> Iterator[str]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if self.path == "/hop":
+                self.send_response(302)
+                self.send_header("Location", "/page")
+                self.end_headers()
+                return
+            hosts_seen.append(self.headers["Host"])
+            body = b"<title>Local</title><p>served by a real server</p>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_real_local_server_needs_allow_private(local_server: str) -> None:
+    page = Fetcher(FetchPolicy(allow_private=True, timeout_s=5)).fetch(f"{local_server}/hop")
+    assert page.title == "Local"
+    assert page.text == "served by a real server"
+    assert page.final_url == f"{local_server}/page"
+    with pytest.raises(BlockedURLError, match="loopback"):
+        Fetcher(FetchPolicy(timeout_s=5)).fetch(f"{local_server}/page")
+
+
+def test_real_local_server_by_name_sends_original_host(local_server: str) -> None:
+    port = local_server.rsplit(":", 1)[1]
+    dns = Dns({"docs.internal": ["127.0.0.1"]})
+    policy = FetchPolicy(allow_private=True, timeout_s=5)
+    hosts_seen.clear()
+    page = Fetcher(policy, resolver=dns).fetch(f"http://docs.internal:{port}/page")
+    assert page.text == "served by a real server"
+    assert hosts_seen == [f"docs.internal:{port}"]
+    with pytest.raises(BlockedURLError, match="docs.internal resolves to 127.0.0.1"):
+        Fetcher(FetchPolicy(timeout_s=5), resolver=dns).fetch(f"http://docs.internal:{port}/")

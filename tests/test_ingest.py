@@ -1,0 +1,340 @@
+"""Tests for citeqa.ingest.sources and citeqa.ingest.html: formats, folders, skipping, ids."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from citeqa.errors import EmptyCorpusError
+from citeqa.ingest import (
+    Fetcher,
+    FetchPolicy,
+    LoadResult,
+    Skipped,
+    doc_id_for,
+    extract_html,
+    load_sources,
+)
+
+SQUAD_DIR = Path("/work/shared/data/squad2")
+
+
+def load(*sources: str | Path, **kw) -> LoadResult:
+    return load_sources([str(s) for s in sources], progress=False, **kw)
+
+
+def reasons(result: LoadResult) -> str:
+    return "\n".join(f"{s.source}: {s.reason}" for s in result.skipped)
+
+
+# --------------------------------------------------------------------------- plain text
+
+
+def test_txt_text_is_file_content_unchanged_crlf_and_unicode(tmp_path: Path) -> None:
+    raw = "Title line\r\nCafé — naïve 🙂 text\r\n\r\n  Second paragraph\tend\r\n".encode()
+    f = tmp_path / "doc.txt"
+    f.write_bytes(raw)
+    (doc,) = load(f).documents
+    assert doc.text == raw.decode("utf-8")
+    assert "\r\n" in doc.text  # no newline translation
+    assert doc.title == "Title line"
+    assert doc.source == str(f)
+    # offsets into the document are offsets into the decoded file
+    start = doc.text.index("naïve")
+    assert raw.decode("utf-8")[start : start + 5] == "naïve"
+    assert doc.doc_id == doc_id_for(str(f))
+    assert len(doc.doc_id) == 16 and int(doc.doc_id, 16) >= 0
+
+
+def test_md_title_is_first_heading(tmp_path: Path) -> None:
+    f = tmp_path / "notes.md"
+    f.write_text("some preface\n\n## The Real Title ##\n\nbody\n", encoding="utf-8")
+    (doc,) = load(f).documents
+    assert doc.title == "The Real Title"
+    assert doc.text == f.read_bytes().decode()
+
+
+def test_txt_title_strips_heading_marker_and_is_capped(tmp_path: Path) -> None:
+    f = tmp_path / "a.txt"
+    f.write_text("\n\n# " + "x" * 300 + "\nbody", encoding="utf-8")
+    (doc,) = load(f).documents
+    assert doc.title.startswith("xxx") and len(doc.title) <= 120
+
+
+def test_explicit_file_with_other_extension_is_read_as_text(tmp_path: Path) -> None:
+    f = tmp_path / "README"
+    f.write_text("hello world\n", encoding="utf-8")
+    (doc,) = load(f).documents
+    assert doc.text == "hello world\n"
+
+
+def test_ids_are_stable_and_distinct(tmp_path: Path) -> None:
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text(f"text of {name}", encoding="utf-8")
+    first = [d.doc_id for d in load(tmp_path).documents]
+    second = [d.doc_id for d in load(tmp_path).documents]
+    assert first == second and len(set(first)) == 2
+
+
+# --------------------------------------------------------------------------- skipping
+
+
+def test_binary_non_utf8_and_empty_files_are_skipped(tmp_path: Path) -> None:
+    (tmp_path / "nul.txt").write_bytes(b"abc\x00def")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (tmp_path / "empty.txt").write_bytes(b"  \n\t\n")
+    (tmp_path / "good.txt").write_text("fine", encoding="utf-8")
+    result = load(tmp_path / "nul.txt", tmp_path / "latin1.txt", tmp_path / "empty.txt",
+                  tmp_path / "good.txt")  # fmt: skip
+    assert [d.text for d in result.documents] == ["fine"]
+    by_name = {Path(s.source).name: s.reason for s in result.skipped}
+    assert "binary" in by_name["nul.txt"]
+    assert "UTF-8" in by_name["latin1.txt"]
+    assert "no text" in by_name["empty.txt"]
+
+
+def test_missing_path_is_skipped_and_does_not_abort(tmp_path: Path) -> None:
+    good = tmp_path / "good.txt"
+    good.write_text("still loaded", encoding="utf-8")
+    result = load(tmp_path / "missing.txt", good)
+    assert [d.text for d in result.documents] == ["still loaded"]
+    assert result.skipped == [Skipped(str(tmp_path / "missing.txt"),
+                                      "no such file or folder; check the path")]  # fmt: skip
+
+
+def test_unsupported_url_scheme_is_skipped() -> None:
+    result = load("ftp://example.com/x.txt")
+    assert not result.documents
+    assert "http" in result.skipped[0].reason
+
+
+def test_empty_corpus_returns_no_documents_caller_raises(tmp_path: Path) -> None:
+    # load_sources never raises for an empty corpus; the caller (index build) raises
+    # EmptyCorpusError when result.documents is empty.
+    assert load().documents == [] and load().skipped == []
+    (tmp_path / "only.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00")
+    result = load(tmp_path)
+    assert result.documents == []
+    assert any("no supported files" in s.reason for s in result.skipped)
+    with pytest.raises(EmptyCorpusError):
+        if not result.documents:
+            raise EmptyCorpusError("no documents; check the sources")
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def test_folder_recursion_sorted_hidden_and_unsupported(tmp_path: Path) -> None:
+    root = tmp_path / "corpus"
+    files = {
+        "b.txt": "bee",
+        "a/z.md": "# Zed\nzed",
+        "a/c/d.txt": "dee",
+        "a/aa.txt": "aa",
+        "page.html": "<title>Page</title><p>html body</p>",
+        ".hidden.txt": "hidden",
+        ".git/config.txt": "hidden too",
+        "notes.rst": "unsupported",
+    }
+    for rel, text in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text, encoding="utf-8")
+    result = load(root)
+    rels = [str(Path(d.source).relative_to(root)) for d in result.documents]
+    assert rels == ["a/aa.txt", "a/c/d.txt", "a/z.md", "b.txt", "page.html"]
+    assert [d.text for d in result.documents][:2] == ["aa", "dee"]
+    assert result.documents[2].title == "Zed"
+    assert result.documents[4].title == "Page" and result.documents[4].text == "html body"
+    assert len(result.skipped) == 1
+    assert result.skipped[0].source.endswith("notes.rst")
+    assert "unsupported" in result.skipped[0].reason
+    assert not any("hidden" in d.text for d in result.documents)
+
+
+def test_same_file_twice_is_a_duplicate(tmp_path: Path) -> None:
+    f = tmp_path / "a.txt"
+    f.write_text("once", encoding="utf-8")
+    result = load(f, f)
+    assert len(result.documents) == 1
+    assert "duplicate doc_id" in result.skipped[0].reason
+
+
+# --------------------------------------------------------------------------- JSON / SQuAD
+
+
+def _squad(version: str) -> dict:
+    v2 = version == "v2.0"
+    qa = {"id": "q1", "question": "Who?", "answers": [{"text": "Rollo", "answer_start": 0}]}
+    if v2:
+        qa["is_impossible"] = False
+    return {
+        "version": version,
+        "data": [
+            {
+                "title": "The_Normans",
+                "paragraphs": [
+                    {"context": "Rollo was a Viking.\nHe led the Normans.", "qas": [qa]},
+                    {"context": "  Leading spaces  and trailing \r\n", "qas": []},
+                ],
+            },
+            {"title": "Steam_engine", "paragraphs": [{"context": "Watt improved it."}]},
+        ],
+    }
+
+
+@pytest.mark.parametrize("version", ["1.1", "v2.0"])
+def test_squad_paragraphs_become_documents(tmp_path: Path, version: str) -> None:
+    f = tmp_path / "squad.json"
+    data = _squad(version)
+    f.write_text(json.dumps(data), encoding="utf-8")
+    result = load(f)
+    contexts = [p["context"] for a in data["data"] for p in a["paragraphs"]]
+    assert [d.text for d in result.documents] == contexts  # exactly, whitespace included
+    assert [d.title for d in result.documents] == ["The Normans", "The Normans", "Steam engine"]
+    assert [d.source for d in result.documents] == [
+        f"{f}#The_Normans/0",
+        f"{f}#The_Normans/1",
+        f"{f}#Steam_engine/0",
+    ]
+    assert len({d.doc_id for d in result.documents}) == 3
+    assert result.skipped == []
+
+
+def test_squad_paragraph_without_context_is_skipped(tmp_path: Path) -> None:
+    f = tmp_path / "squad.json"
+    paragraphs = [{"qas": []}, {"context": "ok"}]
+    f.write_text(json.dumps({"data": [{"title": "T", "paragraphs": paragraphs}]}))
+    result = load(f)
+    assert [d.text for d in result.documents] == ["ok"]
+    assert result.skipped[0].source == f"{f}#T/0"
+
+
+@pytest.mark.skipif(not (SQUAD_DIR / "qa.json").exists(), reason="needs /work/shared/data/squad2")
+def test_real_squad_data_texts_equal_contexts() -> None:
+    result = load(SQUAD_DIR / "qa.json", SQUAD_DIR / "distractors.json")
+    contexts = []
+    for name in ("qa.json", "distractors.json"):
+        data = json.loads((SQUAD_DIR / name).read_text(encoding="utf-8"))
+        contexts += [p["context"] for a in data["data"] for p in a["paragraphs"]]
+    assert [d.text for d in result.documents] == contexts
+    assert result.skipped == []
+    assert len({d.doc_id for d in result.documents}) == len(contexts)
+
+
+URL_A = "https://x.org/a"
+
+
+def test_jsonl_with_bad_lines(tmp_path: Path) -> None:
+    f = tmp_path / "docs.jsonl"
+    lines = [
+        json.dumps({"id": "doc-1", "title": "First", "text": "alpha text", "url": URL_A}),
+        '{"text": "broken',
+        json.dumps({"text": "beta text"}),
+        "",
+        json.dumps({"title": "no text"}),
+        json.dumps(["not", "an", "object"]),
+        json.dumps({"doc_id": "has space", "text": "gamma"}),
+        json.dumps({"id": 7, "text": "delta"}),
+        json.dumps({"id": "doc-1", "text": "duplicate id"}),
+    ]
+    f.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = load(f)
+    docs = {d.text: d for d in result.documents}
+    assert list(docs) == ["alpha text", "beta text", "gamma", "delta"]
+    assert docs["alpha text"].doc_id == "doc-1"
+    assert docs["alpha text"].title == "First"
+    assert docs["alpha text"].source == URL_A
+    assert docs["beta text"].doc_id == doc_id_for(f"{f}#3")
+    assert docs["beta text"].source == f"{f}#3"
+    assert docs["beta text"].title == "beta text"
+    assert docs["gamma"].doc_id == doc_id_for(f"{f}#7")  # invalid id chars -> hashed
+    assert docs["delta"].doc_id == "7"
+    text = reasons(result)
+    assert "line 2: invalid JSON" in text
+    assert "line 5:" in text and "'text'" in text
+    assert "line 6:" in text
+    assert "duplicate doc_id 'doc-1'" in text
+    assert len(result.skipped) == 4
+
+
+def test_json_array_and_invalid_json(tmp_path: Path) -> None:
+    arr = tmp_path / "arr.json"
+    arr.write_text(json.dumps([{"text": "one"}, {"text": ""}, {"text": "two", "title": "T"}]))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"data": [', encoding="utf-8")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"rows": []}), encoding="utf-8")
+    result = load(arr, bad, other)
+    assert [(d.text, d.title) for d in result.documents] == [("one", "one"), ("two", "T")]
+    text = reasons(result)
+    assert "element 1" in text
+    assert "invalid JSON at line 1" in text
+    assert "neither SQuAD" in text
+
+
+# --------------------------------------------------------------------------- HTML
+
+
+def test_extract_html_drops_noise_and_keeps_paragraphs() -> None:
+    page = extract_html(
+        "<!DOCTYPE html><html><head><title> Fish &amp; Chips </title>"
+        "<style>p { color: red }</style><script>var s = '<p>not text</p>';</script>"
+        '<meta name="x" content="meta noise"></head><body>'
+        "<h1>Heading</h1><p>First   para\n  with &eacute; &#x41; &lt;tag&gt;</p>"
+        "<p>Line<br>break</p><ul><li>one</li><li>two</li></ul>"
+        "<div hidden>secret</div><noscript>enable js</noscript><p>Last</p></body></html>"
+    )
+    assert page.title == "Fish & Chips"
+    assert page.text == "Heading\n\nFirst para with é A <tag>\n\nLine\nbreak\n\none\n\ntwo\n\nLast"
+
+
+def test_extract_html_tolerates_malformed_markup() -> None:
+    page = extract_html("<html><head><title>T</title><body><p>unclosed <b>bold<p>next")
+    assert page.title == "T"
+    assert page.text == "unclosed bold\n\nnext"
+    assert extract_html("plain words only").text == "plain words only"
+    assert extract_html("<p>no title</p>").title == ""
+
+
+def test_html_file_title_fallback_and_meta_charset(tmp_path: Path) -> None:
+    f = tmp_path / "page.htm"
+    f.write_bytes('<meta charset="iso-8859-1"><p>café</p>'.encode("latin-1"))
+    (doc,) = load(f).documents
+    assert doc.text == "café"
+    assert doc.title == "page.htm"
+
+
+# --------------------------------------------------------------------------- URLs and progress
+
+
+def test_urls_via_injected_fetcher_blocked_becomes_skipped(tmp_path: Path) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.host == "93.184.216.34"
+        return httpx.Response(200, headers={"Content-Type": "text/html"},
+                              text="<title>Ex</title><p>Example page</p>")  # fmt: skip
+
+    def resolver(host: str, port: int) -> list[str]:
+        return {"example.com": ["93.184.216.34"], "intranet.corp": ["10.1.2.3"]}[host]
+
+    fetcher = Fetcher(FetchPolicy(), transport=httpx.MockTransport(handler), resolver=resolver)
+    good = tmp_path / "g.txt"
+    good.write_text("local", encoding="utf-8")
+    result = load("http://intranet.corp/", "https://example.com/a", good, fetcher=fetcher)
+    assert [d.text for d in result.documents] == ["Example page", "local"]
+    web = result.documents[0]
+    assert (web.title, web.source, web.doc_id) == (
+        "Ex", "https://example.com/a", doc_id_for("https://example.com/a"))  # fmt: skip
+    assert result.skipped[0].source == "http://intranet.corp/"
+    assert "private" in result.skipped[0].reason
+
+
+def test_progress_bar_goes_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a.txt").write_text("a", encoding="utf-8")
+    load_sources([str(tmp_path)], progress=True)
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "loading sources" in err
