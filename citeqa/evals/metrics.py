@@ -1,0 +1,282 @@
+"""Evaluation metrics as pure functions: SQuAD answer scoring, selective prediction, calibration,
+retrieval recall and latency percentiles.
+
+Answer scoring follows the official SQuAD v2.0 evaluation script (``evaluate-v2.0.py``) exactly:
+the same normalization, exact match, token F1 with ``Counter`` overlap, the maximum over gold
+answers, and its no-answer convention (golds that normalize to nothing are dropped; a question
+left with no gold answer is scored against ``""``, so only an empty prediction scores 1).
+
+Selective-prediction metrics take per-question ``scores`` (higher = more confident) and
+``correct`` (whether the answer would be right if it were given). The system answers the
+top-scored questions first; questions with equal scores are answered or declined together as one
+block (a threshold cannot split a tie), so every curve has one point per distinct score.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCTUATION = frozenset(string.punctuation)  # ASCII only: "–", "—", "’" are kept
+
+
+# --- SQuAD answer scoring ----------------------------------------------------------------
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, drop ASCII punctuation, drop the words a/an/the, collapse whitespace.
+
+    The order (lower -> punctuation -> articles -> whitespace) is the official script's.
+    """
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def _tokens(text: str) -> list[str]:
+    return normalize_answer(text).split() if text else []
+
+
+def _exact_one(pred: str, gold: str) -> float:
+    return float(normalize_answer(gold) == normalize_answer(pred))
+
+
+def _f1_one(pred: str, gold: str) -> float:
+    gold_toks, pred_toks = _tokens(gold), _tokens(pred)
+    if not gold_toks or not pred_toks:
+        # No-answer on either side: 1 if both are empty, else 0 (official convention).
+        return float(gold_toks == pred_toks)
+    num_same = sum((Counter(gold_toks) & Counter(pred_toks)).values())
+    if num_same == 0:
+        return 0.0
+    precision = num_same / len(pred_toks)
+    recall = num_same / len(gold_toks)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _scorable_golds(golds: Sequence[str]) -> list[str]:
+    # The official script drops golds that normalize to "" and falls back to [""].
+    kept = [g for g in golds if normalize_answer(g)]
+    return kept or [""]
+
+
+def exact_match(pred: str | None, golds: Sequence[str]) -> float:
+    """1.0 if ``pred`` equals some gold after normalization, else 0.0 (None means declined)."""
+    pred = pred or ""
+    return max(_exact_one(pred, g) for g in _scorable_golds(golds))
+
+
+def f1(pred: str | None, golds: Sequence[str]) -> float:
+    """The best token F1 of ``pred`` against the golds (None means declined)."""
+    pred = pred or ""
+    return max(_f1_one(pred, g) for g in _scorable_golds(golds))
+
+
+def is_correct(
+    answer: str | None,
+    golds: Sequence[str],
+    *,
+    quote_valid: bool,
+    f1_threshold: float = 0.5,
+) -> bool:
+    """The project's correctness rule for one question.
+
+    Answerable (some gold normalizes to a non-empty string): correct iff an answer was given,
+    its F1 against the golds is at least ``f1_threshold`` and its quote is verbatim.
+    Unanswerable (no such gold): only a decline (``answer is None``) is correct.
+    """
+    answerable = any(normalize_answer(g) for g in golds)
+    if not answerable:
+        return answer is None
+    if answer is None or not quote_valid:
+        return False
+    return f1(answer, golds) >= f1_threshold
+
+
+# --- selective prediction -----------------------------------------------------------------
+
+
+def _as_scores_correct(scores: ArrayLike, correct: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scores, dtype=float).reshape(-1)
+    c = np.asarray(correct, dtype=bool).reshape(-1)
+    if s.shape != c.shape:
+        raise ValueError(f"scores and correct differ in length: {s.size} vs {c.size}")
+    if s.size == 0:
+        raise ValueError("no questions: scores and correct are empty")
+    if np.isnan(s).any():
+        raise ValueError("scores contain NaN; give every question a finite or infinite score")
+    return s, c
+
+
+def risk_coverage_curve(
+    scores: ArrayLike, correct: ArrayLike
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Coverage and answered accuracy for every threshold "answer iff score >= t".
+
+    Returns ``(coverage, accuracy, thresholds)``, one entry per distinct score, thresholds in
+    decreasing order (so coverage strictly increases and ends at 1.0). Tied scores form one
+    block: they are answered together, so the curve has no point inside a tie.
+    """
+    s, c = _as_scores_correct(scores, correct)
+    order = np.argsort(-s, kind="stable")
+    s_sorted, c_sorted = s[order], c[order]
+    cum_correct = np.cumsum(c_sorted)
+    # The last index of each tie block: where the next score differs (or the end).
+    block_end = np.flatnonzero(np.append(s_sorted[1:] != s_sorted[:-1], True))
+    answered = block_end + 1
+    coverage = answered / s.size
+    accuracy = cum_correct[block_end] / answered
+    return coverage, accuracy, s_sorted[block_end]
+
+
+def aurc(scores: ArrayLike, correct: ArrayLike) -> float:
+    """Area under the risk–coverage curve (risk = 1 - answered accuracy); lower is better.
+
+    The curve is a right-continuous step function: each tie block contributes its share of
+    coverage times the risk after answering it. Without ties this is the usual mean of the
+    selective risk over the n coverages 1/n, 2/n, ..., 1 (Geifman et al. 2019).
+    """
+    coverage, accuracy, _ = risk_coverage_curve(scores, correct)
+    widths = np.diff(coverage, prepend=0.0)
+    return float(np.sum(widths * (1.0 - accuracy)))
+
+
+def accuracy_at_coverage(scores: ArrayLike, correct: ArrayLike, coverage: float) -> float:
+    """Answered accuracy at the smallest curve point whose coverage is at least ``coverage``.
+
+    Ties are not split, so the answered fraction can exceed ``coverage`` by one tie block.
+    """
+    if not 0.0 < coverage <= 1.0:
+        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+    cov, acc, _ = risk_coverage_curve(scores, correct)
+    idx = int(np.searchsorted(cov, coverage - 1e-12, side="left"))
+    return float(acc[min(idx, acc.size - 1)])
+
+
+def coverage_at_accuracy(scores: ArrayLike, correct: ArrayLike, target: float) -> float:
+    """The largest coverage whose answered accuracy is at least ``target`` (0.0 if none)."""
+    cov, acc, _ = risk_coverage_curve(scores, correct)
+    ok = acc >= target
+    return float(cov[ok].max()) if ok.any() else 0.0
+
+
+def answered_accuracy_and_coverage(
+    scores: ArrayLike, correct: ArrayLike, threshold: float
+) -> tuple[float, float]:
+    """``(accuracy, coverage)`` when answering iff ``score >= threshold``.
+
+    Accuracy is NaN when nothing is answered (coverage 0.0).
+    """
+    s, c = _as_scores_correct(scores, correct)
+    answered = s >= threshold
+    n_answered = int(answered.sum())
+    accuracy = float(c[answered].mean()) if n_answered else float("nan")
+    return accuracy, n_answered / s.size
+
+
+# --- calibration ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReliabilityBin:
+    """One equal-width confidence bin of a reliability diagram."""
+
+    lo: float  # lower edge, inclusive
+    hi: float  # upper edge, exclusive (inclusive for the last bin, so 1.0 is counted)
+    mean_confidence: float  # mean predicted probability in the bin; NaN when empty
+    accuracy: float  # fraction correct in the bin; NaN when empty
+    count: int
+
+
+def _bin_index(probs: np.ndarray, n_bins: int) -> np.ndarray:
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return np.searchsorted(edges[1:-1], probs, side="right")  # [N] in 0..n_bins-1
+
+
+def _as_probs_correct(
+    probs: ArrayLike, correct: ArrayLike, n_bins: int
+) -> tuple[np.ndarray, np.ndarray]:
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be at least 1, got {n_bins}")
+    p, c = _as_scores_correct(probs, correct)
+    if (p < 0).any() or (p > 1).any():
+        raise ValueError("probs must lie in [0, 1]; pass probabilities, not raw scores or logits")
+    return p, c
+
+
+def reliability_bins(
+    probs: ArrayLike, correct: ArrayLike, n_bins: int = 10
+) -> list[ReliabilityBin]:
+    """Per-bin mean confidence, accuracy and count over ``n_bins`` equal-width bins of [0, 1]."""
+    p, c = _as_probs_correct(probs, correct, n_bins)
+    idx = _bin_index(p, n_bins)
+    out = []
+    for b in range(n_bins):
+        in_bin = idx == b
+        count = int(in_bin.sum())
+        out.append(
+            ReliabilityBin(
+                lo=b / n_bins,
+                hi=(b + 1) / n_bins,
+                mean_confidence=float(p[in_bin].mean()) if count else float("nan"),
+                accuracy=float(c[in_bin].mean()) if count else float("nan"),
+                count=count,
+            )
+        )
+    return out
+
+
+def expected_calibration_error(probs: ArrayLike, correct: ArrayLike, n_bins: int = 10) -> float:
+    """ECE: the bin-size-weighted mean of |accuracy - mean confidence| over equal-width bins."""
+    bins = reliability_bins(probs, correct, n_bins)
+    total = sum(b.count for b in bins)
+    return float(
+        sum(b.count / total * abs(b.accuracy - b.mean_confidence) for b in bins if b.count)
+    )
+
+
+# --- retrieval and latency -----------------------------------------------------------------
+
+
+def recall_at_k(
+    ranked_ids_per_query: Sequence[Sequence[object]],
+    gold_ids_per_query: Sequence[Sequence[object]],
+    k: int,
+) -> float:
+    """Mean over queries of the fraction of gold ids found in the top ``k`` ranked ids.
+
+    Queries with no gold id are skipped. With one gold id per query (SQuAD: the question's
+    paragraph) this is the hit rate: the fraction of queries whose gold is in the top k.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if len(ranked_ids_per_query) != len(gold_ids_per_query):
+        raise ValueError(
+            f"{len(ranked_ids_per_query)} rankings but {len(gold_ids_per_query)} gold lists"
+        )
+    recalls = []
+    for ranked, golds in zip(ranked_ids_per_query, gold_ids_per_query, strict=True):
+        gold_set = set(golds)
+        if gold_set:
+            recalls.append(len(gold_set.intersection(ranked[:k])) / len(gold_set))
+    if not recalls:
+        raise ValueError("no query has a gold id; recall is undefined")
+    return float(np.mean(recalls))
+
+
+def percentile(values: ArrayLike, q: float) -> float:
+    """The ``q``-th percentile (0..100, linear interpolation), e.g. ``q=95`` for p95 latency."""
+    v = np.asarray(values, dtype=float).reshape(-1)
+    if v.size == 0:
+        raise ValueError("no values to take a percentile of")
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"q must be in [0, 100], got {q}")
+    return float(np.percentile(v, q))

@@ -1,0 +1,214 @@
+"""Evaluation questions: loading SQuAD v1/v2 and JSONL question files, and the fixed article split.
+
+The project splits SQuAD by article, never by question (paragraphs of one article share
+vocabulary and facts): reward-model training, threshold calibration and evaluation each get
+their own articles. An unanswerable question has ``answers == ()``; for it, declining is right.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from citeqa.errors import ConfigError, SourceError
+
+TRAIN_ARTICLES: tuple[str, ...] = (
+    "Normans",
+    "Computational_complexity_theory",
+    "Huguenot",
+    "Steam_engine",
+    "1973_oil_crisis",
+)
+CALIBRATION_ARTICLES: tuple[str, ...] = ("European_Union_law", "Packet_switching")
+EVAL_ARTICLES: tuple[str, ...] = (
+    "Harvard_University",
+    "Scottish_Parliament",
+    "Imperialism",
+    "French_and_Indian_War",
+)
+SPLITS: dict[str, tuple[str, ...]] = {
+    "train": TRAIN_ARTICLES,
+    "calibration": CALIBRATION_ARTICLES,
+    "eval": EVAL_ARTICLES,
+}
+
+
+@dataclass(frozen=True)
+class QAItem:
+    """One question with its gold answers (empty when the question is unanswerable)."""
+
+    id: str
+    question: str
+    answers: tuple[str, ...]  # distinct gold answer texts in file order; () = declining is right
+    article: str  # SQuAD article title; "" when the file does not say
+    context: str  # the paragraph the question was written for; "" when the file does not say
+
+    @property
+    def answerable(self) -> bool:
+        return bool(self.answers)
+
+
+def articles_for_split(split: str) -> tuple[str, ...]:
+    """The articles of a named split ("train", "calibration" or "eval")."""
+    try:
+        return SPLITS[split]
+    except KeyError:
+        raise ConfigError(f"unknown split {split!r}; choose one of {sorted(SPLITS)}") from None
+
+
+def split_of_article(article: str) -> str | None:
+    """The split an article belongs to, or None for an article outside the fixed split."""
+    return next((name for name, arts in SPLITS.items() if article in arts), None)
+
+
+def _dedupe(texts: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(texts))
+
+
+def _check_unique_ids(items: list[QAItem], path: Path) -> None:
+    seen: set[str] = set()
+    for item in items:
+        if item.id in seen:
+            raise SourceError(f"{path}: question id {item.id!r} occurs twice; ids must be unique")
+        seen.add(item.id)
+
+
+def _parse_squad(
+    obj: dict[str, Any], path: Path, articles: Collection[str] | None
+) -> list[QAItem]:
+    data = obj.get("data")
+    if not isinstance(data, list):
+        raise SourceError(f"{path}: not a SQuAD file (no 'data' list at the top level)")
+    wanted = None if articles is None else set(articles)
+    items: list[QAItem] = []
+    seen_titles: set[str] = set()
+    try:
+        for article in data:
+            title = str(article.get("title", ""))
+            seen_titles.add(title)
+            if wanted is not None and title not in wanted:
+                continue
+            for paragraph in article["paragraphs"]:
+                context = paragraph.get("context", "")
+                for qa in paragraph["qas"]:
+                    answers: tuple[str, ...] = ()
+                    if not qa.get("is_impossible", False):
+                        answers = _dedupe(a["text"] for a in qa.get("answers", []))
+                    items.append(
+                        QAItem(
+                            id=str(qa["id"]),
+                            question=qa["question"],
+                            answers=answers,
+                            article=title,
+                            context=context,
+                        )
+                    )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise SourceError(
+            f"{path}: malformed SQuAD file ({type(exc).__name__}: {exc}); expected "
+            "data[].paragraphs[].qas[] with 'id', 'question' and 'answers'"
+        ) from exc
+    if wanted is not None and (missing := sorted(wanted - seen_titles)):
+        raise SourceError(f"{path}: articles not in the file: {missing}; check the split names")
+    return items
+
+
+def _parse_jsonl(text: str, path: Path) -> list[QAItem]:
+    items: list[QAItem] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            answers = row.get("answers", [])
+            if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+                raise TypeError("'answers' must be a list of strings")
+            items.append(
+                QAItem(
+                    id=str(row["id"]),
+                    question=str(row["question"]),
+                    answers=_dedupe(answers),
+                    article=str(row.get("article", "")),
+                    context=str(row.get("context", "")),
+                )
+            )
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise SourceError(
+                f"{path}:{lineno}: bad question line ({type(exc).__name__}: {exc}); each line must "
+                'be a JSON object like {"id": "q1", "question": "...", "answers": ["..."]}'
+            ) from exc
+    return items
+
+
+def _read(path: Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SourceError(
+            f"question file not found: {path}; pass a SQuAD JSON or JSONL question file"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SourceError(f"cannot read question file {path}: {exc}") from exc
+
+
+def load_squad_questions(path: Path, articles: Collection[str] | None = None) -> list[QAItem]:
+    """Questions of a SQuAD v1.1/v2.0 JSON file, optionally only those of ``articles``.
+
+    Unanswerable (v2 ``is_impossible``) questions get ``answers == ()``; repeated gold answer
+    texts are kept once, in file order. Raises SourceError on a bad file or unknown article.
+    """
+    path = Path(path)
+    try:
+        obj = json.loads(_read(path))
+    except json.JSONDecodeError as exc:
+        raise SourceError(f"{path}: not valid JSON ({exc}); expected a SQuAD file") from exc
+    if not isinstance(obj, dict):
+        raise SourceError(f"{path}: not a SQuAD file (top level is not an object)")
+    items = _parse_squad(obj, path, articles)
+    _check_unique_ids(items, path)
+    return items
+
+
+def load_jsonl_questions(path: Path) -> list[QAItem]:
+    """Questions of a JSONL file, one ``{"id", "question", "answers": [...]}`` object a line.
+
+    ``answers: []`` marks an unanswerable question; optional ``article`` and ``context`` keys
+    are kept. Blank lines are skipped. Raises SourceError naming the bad line.
+    """
+    path = Path(path)
+    items = _parse_jsonl(_read(path), path)
+    if not items:
+        raise SourceError(f"{path}: no questions in the file")
+    _check_unique_ids(items, path)
+    return items
+
+
+def load_questions(path: Path, articles: Collection[str] | None = None) -> list[QAItem]:
+    """Load a SQuAD JSON or a JSONL question file, telling them apart by content.
+
+    ``articles`` filters SQuAD files by article title and JSONL files by their ``article`` key.
+    """
+    path = Path(path)
+    text = _read(path)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        obj = None  # several lines of JSON: JSONL
+    if isinstance(obj, dict) and "data" in obj:
+        items = _parse_squad(obj, path, articles)
+    elif obj is None or isinstance(obj, dict):
+        items = _parse_jsonl(text, path)
+        if articles is not None:
+            wanted = set(articles)
+            items = [item for item in items if item.article in wanted]
+    else:
+        raise SourceError(
+            f"{path}: neither a SQuAD file nor JSONL questions; see citeqa/evals/squad.py"
+        )
+    if not items:
+        raise SourceError(f"{path}: no questions found (check the file and the article filter)")
+    _check_unique_ids(items, path)
+    return items

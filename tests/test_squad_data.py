@@ -1,0 +1,191 @@
+"""Tests for citeqa.evals.squad: loaders on small inline files, the fixed split, and the shared
+SQuAD 2.0 subset when /work/shared/data is present."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from citeqa.errors import CiteqaError, ConfigError, InvalidRequestError, SourceError
+from citeqa.evals.squad import (
+    CALIBRATION_ARTICLES,
+    EVAL_ARTICLES,
+    TRAIN_ARTICLES,
+    QAItem,
+    articles_for_split,
+    load_jsonl_questions,
+    load_questions,
+    load_squad_questions,
+    split_of_article,
+)
+
+SHARED_QA = Path("/work/shared/data/squad2/qa.json")
+
+SQUAD = {
+    "version": "v2.0",
+    "data": [
+        {
+            "title": "Normans",
+            "paragraphs": [
+                {
+                    "context": "The Normans were in Normandy in the 10th and 11th centuries.",
+                    "qas": [
+                        {
+                            "id": "q1",
+                            "question": "When were the Normans in Normandy?",
+                            "answers": [
+                                {"text": "10th and 11th centuries", "answer_start": 34},
+                                {"text": "in the 10th and 11th centuries", "answer_start": 27},
+                                {"text": "10th and 11th centuries", "answer_start": 34},
+                            ],
+                            "is_impossible": False,
+                        },
+                        {
+                            "id": "q2",
+                            "question": "Who gave Normandy its name?",
+                            "answers": [],
+                            "plausible_answers": [{"text": "Normans", "answer_start": 4}],
+                            "is_impossible": True,
+                        },
+                    ],
+                }
+            ],
+        },
+        {
+            "title": "Packet_switching",
+            "paragraphs": [
+                {
+                    "context": "Packets are routed.",
+                    "qas": [  # SQuAD v1 style: no is_impossible key
+                        {
+                            "id": "q3",
+                            "question": "What is routed?",
+                            "answers": [{"text": "Packets", "answer_start": 0}],
+                        }
+                    ],
+                }
+            ],
+        },
+    ],
+}
+
+
+@pytest.fixture
+def squad_file(tmp_path: Path) -> Path:
+    path = tmp_path / "qa.json"
+    path.write_text(json.dumps(SQUAD), encoding="utf-8")
+    return path
+
+
+def test_load_squad(squad_file: Path) -> None:
+    items = load_squad_questions(squad_file)
+    assert [i.id for i in items] == ["q1", "q2", "q3"]
+    q1, q2, q3 = items
+    # Duplicated gold texts kept once, in file order.
+    assert q1.answers == ("10th and 11th centuries", "in the 10th and 11th centuries")
+    assert q1.article == "Normans" and q1.context.startswith("The Normans")
+    assert q1.answerable
+    # Unanswerable: no answers (plausible_answers are not golds).
+    assert q2.answers == () and not q2.answerable
+    assert q3 == QAItem(
+        "q3", "What is routed?", ("Packets",), "Packet_switching", "Packets are routed."
+    )
+
+
+def test_load_squad_article_filter(squad_file: Path) -> None:
+    assert [i.id for i in load_squad_questions(squad_file, ["Packet_switching"])] == ["q3"]
+    with pytest.raises(SourceError, match="Atlantis"):
+        load_squad_questions(squad_file, ["Atlantis"])
+
+
+def test_load_jsonl(tmp_path: Path) -> None:
+    path = tmp_path / "q.jsonl"
+    path.write_text(
+        '{"id": "a", "question": "Q1?", "answers": ["x", "y", "x"]}\n'
+        "\n"
+        '{"id": "b", "question": "Q2?", "answers": [], "article": "Normans"}\n',
+        encoding="utf-8",
+    )
+    items = load_jsonl_questions(path)
+    assert items == [
+        QAItem("a", "Q1?", ("x", "y"), "", ""),
+        QAItem("b", "Q2?", (), "Normans", ""),
+    ]
+    assert load_questions(path) == items
+    assert [i.id for i in load_questions(path, ["Normans"])] == ["b"]
+
+
+def test_load_questions_dispatches_on_content(squad_file: Path, tmp_path: Path) -> None:
+    assert [i.id for i in load_questions(squad_file)] == ["q1", "q2", "q3"]
+    one_line = tmp_path / "one.txt"  # a single JSONL line is also valid JSON: still JSONL
+    one_line.write_text('{"id": "a", "question": "Q?", "answers": ["x"]}', encoding="utf-8")
+    assert load_questions(one_line) == [QAItem("a", "Q?", ("x",), "", "")]
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("", "no questions"),
+        ("not json at all", ":1: bad question line"),
+        ('{"id": "a", "question": "Q?", "answers": ["x"]}\n{"question": "no id"}\n', ":2:"),
+        ('{"id": "a", "question": "Q?", "answers": "x"}\n', "list of strings"),
+        ("[1, 2, 3]", "neither a SQuAD file"),
+        ('{"data": [{"title": "T", "paragraphs": [{"qas": [{"id": "1"}]}]}]}', "malformed"),
+        (
+            '{"id": "a", "question": "Q?", "answers": []}\n'
+            '{"id": "a", "question": "Q?", "answers": []}\n',
+            "twice",
+        ),
+    ],
+)
+def test_bad_files_raise_source_error(tmp_path: Path, content: str, match: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(SourceError, match=match) as info:
+        load_questions(path)
+    assert isinstance(info.value, CiteqaError)
+    assert not isinstance(info.value, InvalidRequestError)
+
+
+def test_missing_and_binary_files(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="not found"):
+        load_questions(tmp_path / "nope.json")
+    binary = tmp_path / "b.bin"
+    binary.write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(SourceError):
+        load_questions(binary)
+    with pytest.raises(SourceError, match="not a SQuAD file"):
+        (tmp_path / "list.json").write_text("[]", encoding="utf-8")
+        load_squad_questions(tmp_path / "list.json")
+
+
+def test_fixed_split() -> None:
+    all_articles = TRAIN_ARTICLES + CALIBRATION_ARTICLES + EVAL_ARTICLES
+    assert len(all_articles) == len(set(all_articles)) == 11
+    assert articles_for_split("calibration") == ("European_Union_law", "Packet_switching")
+    assert split_of_article("Imperialism") == "eval"
+    assert split_of_article("Normans") == "train"
+    assert split_of_article("Atlantis") is None
+    with pytest.raises(ConfigError, match="choose one of"):
+        articles_for_split("test")
+
+
+@pytest.mark.skipif(not SHARED_QA.exists(), reason=f"shared SQuAD data absent: {SHARED_QA}")
+def test_shared_squad_subset() -> None:
+    items = load_questions(SHARED_QA)
+    assert len(items) == 3928
+    assert sum(i.answerable for i in items) == 1826
+    assert {i.article for i in items} == set(TRAIN_ARTICLES + CALIBRATION_ARTICLES + EVAL_ARTICLES)
+    split_items = {
+        name: load_squad_questions(SHARED_QA, articles_for_split(name))
+        for name in ("train", "calibration", "eval")
+    }
+    assert sum(len(v) for v in split_items.values()) == 3928
+    ids = [i.id for v in split_items.values() for i in v]
+    assert len(set(ids)) == 3928
+    for name, v in split_items.items():
+        assert {split_of_article(i.article) for i in v} == {name}
+    # Every gold answer of an answerable question occurs in its paragraph.
+    assert all(a in i.context for i in items for a in i.answers)
