@@ -69,15 +69,26 @@ def resolve_model_dir(name: str, cache_dir: Path) -> Path:
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantise ``gguf`` into a safetensors model dir at ``target`` (atomic rename)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("converting %s to %s (once; takes a minute)", gguf.name, target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the renamed cache should read like any dir
     try:
         kw: dict[str, Any] = {"gguf_file": gguf.name, "local_files_only": True}
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, **kw)
+        # Unpack every Q4_1 block into a plain float32 model, then drop the GGUF quantizer so
+        # that save_pretrained writes an ordinary (serialisable) safetensors checkpoint.
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent,
+            quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True),
+            dtype=torch.float32,
+            **kw,
+        )
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps({"source": gguf.name, "model_id": SMOLLM2_ID}))
@@ -114,10 +125,11 @@ def load_model(name: str, cache_dir: Path, *, device: str | None = None) -> tupl
 
     bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU. Never downloads.
     """
+    path = resolve_model_dir(name, cache_dir)  # before the heavy imports: fail fast
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_dir(name, cache_dir)
     device = pick_device(device)
     if device.startswith("cuda"):
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -1,0 +1,196 @@
+"""The quote constraint: a grammar that only admits a cited answer whose quote is verbatim.
+
+``output_grammar(passages)`` builds an llguidance Lark grammar for exactly::
+
+    Answer: <one line, 1..max_answer_chars characters>
+    Quote [<k>]: <a contiguous, word-aligned span of passage k>
+
+Decisions (see GopherCite, Menick et al. 2022, sec. 2.3 "constrained sampling"):
+
+- The quote is **word-aligned**: llguidance's ``substring_words`` lexeme splits a passage into
+  words, punctuation marks and whitespace runs, and admits any contiguous run of those chunks.
+  A quote therefore never starts or stops in the middle of a word ("ris" from "Paris"), and the
+  automaton stays small. We also intersect it with ``\\S(.*\\S)?`` so the quote is non-empty and
+  neither starts nor ends with whitespace. A quote may contain a newline when the passage does.
+- The quote must come from passage ``k`` itself: every passage has its own lexeme, reached only
+  through its own ``Quote [k]: `` prefix, so a span from another passage (or one crossing two
+  passages) cannot be emitted after that prefix.
+- Passages are untrusted: each passage is embedded only as a JSON string inside
+  ``%regex {...}`` (``json.dumps``), which escapes quotes, backslashes, newlines and control
+  characters, so no passage text can end the lexeme or add grammar rules.
+
+``OutputConstraint`` wraps an ``llguidance.LLMatcher`` (one per decoded row) with the few calls
+the decoding loop needs; ``ll_tokenizer_for`` builds (once per tokenizer) the llguidance view of
+a Hugging Face tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import llguidance
+import numpy as np
+
+from citeqa.errors import InvalidRequestError
+from citeqa.generation.format import ANSWER_PREFIX, QUOTE_PREFIX, QUOTE_SEPARATOR
+
+# A quote is non-empty and trimmed: it starts and ends with a non-whitespace character.
+_TRIMMED = r"/\S(?s:.*\S)?/"
+
+
+def _lark_string(s: str) -> str:
+    """A Lark string literal for ``s`` (JSON string syntax is a subset Lark reads)."""
+    return json.dumps(s, ensure_ascii=True)
+
+
+def output_grammar(
+    passages: Sequence[str],
+    *,
+    max_answer_chars: int = 200,
+    min_quote_chars: int | None = None,
+    max_quote_chars: int | None = None,
+) -> str:
+    """Return the llguidance Lark grammar of a cited answer quoting one of ``passages``.
+
+    ``passages[k-1]`` is shown to the model as passage ``k``. Passages with no word to quote
+    (empty or whitespace) get no ``Quote [k]`` alternative. Optional ``min_quote_chars`` /
+    ``max_quote_chars`` bound the quote length in characters (an extra regex intersection:
+    it makes masks a little slower, so it is off by default and the verifier checks length).
+    Raises InvalidRequestError when no passage can be quoted.
+    """
+    if max_answer_chars < 1:
+        raise InvalidRequestError(f"max_answer_chars must be >= 1, got {max_answer_chars}")
+    quotable = [(k, p) for k, p in enumerate(passages, start=1) if p.strip()]
+    if not quotable:
+        raise InvalidRequestError("no passage has text to quote; retrieve passages first")
+    bound = ""
+    if min_quote_chars is not None or max_quote_chars is not None:
+        lo = max(min_quote_chars or 1, 1)
+        hi = "" if max_quote_chars is None else str(max(max_quote_chars, lo))
+        bound = f" & /(?s:.{{{lo},{hi}}})/"
+    lines = [
+        f"start: {_lark_string(ANSWER_PREFIX)} ANSWER {_lark_string(chr(10))} quote",
+        "quote: " + " | ".join(f"quote_{k}" for k, _ in quotable),
+        f"ANSWER: /[^\\n]{{1,{int(max_answer_chars)}}}/",
+    ]
+    for k, passage in quotable:
+        prefix = _lark_string(f"{QUOTE_PREFIX}{k}{QUOTE_SEPARATOR}")
+        lines.append(f"quote_{k}: {prefix} QUOTE_{k}")
+        spec = json.dumps({"substring_words": passage}, ensure_ascii=True)
+        lines.append(f"QUOTE_{k}: %regex {spec} & {_TRIMMED}{bound}")
+    return "\n".join(lines) + "\n"
+
+
+_LL_TOKENIZERS: weakref.WeakKeyDictionary[Any, llguidance.LLTokenizer] = (
+    weakref.WeakKeyDictionary()
+)
+_LL_LOCK = threading.Lock()
+
+
+def ll_tokenizer_for(hf_tokenizer: Any) -> llguidance.LLTokenizer:
+    """The llguidance tokenizer for a fast Hugging Face tokenizer (built once, ~1 s, cached).
+
+    Stop tokens are the tokenizer's EOS (``<|im_end|>`` for chat models) plus ``<|endoftext|>``
+    where it exists, so either ends a row once the grammar accepts.
+    """
+    with _LL_LOCK:
+        cached = _LL_TOKENIZERS.get(hf_tokenizer)
+        if cached is not None:
+            return cached
+        backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise InvalidRequestError(
+                "constrained decoding needs a fast (Rust) Hugging Face tokenizer; "
+                "save the model with a tokenizer.json"
+            )
+        eos = _stop_token_ids(hf_tokenizer)
+        raw = json.loads(backend.to_str())
+        raw["padding"] = None  # llguidance tokenises single strings; padding would leak in
+        raw["truncation"] = None
+        ll_tok = llguidance.LLTokenizer(
+            json.dumps(raw), n_vocab=len(hf_tokenizer), eos_token=eos
+        )
+        _LL_TOKENIZERS[hf_tokenizer] = ll_tok
+        return ll_tok
+
+
+def _stop_token_ids(hf_tokenizer: Any) -> list[int]:
+    ids: list[int] = []
+    if hf_tokenizer.eos_token_id is not None:
+        ids.append(int(hf_tokenizer.eos_token_id))
+    for tok in ("<|endoftext|>", "<|im_end|>"):
+        tid = hf_tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != hf_tokenizer.unk_token_id and tid not in ids:
+            ids.append(tid)
+    if not ids:
+        raise InvalidRequestError("the tokenizer has no EOS token; set tokenizer.eos_token")
+    return ids
+
+
+class OutputConstraint:
+    """One row's grammar state: which tokens may come next, and what the grammar forces."""
+
+    def __init__(self, grammar: str, ll_tokenizer: llguidance.LLTokenizer) -> None:
+        self._tokenizer = ll_tokenizer
+        self._matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
+        if self._matcher.is_error():
+            raise InvalidRequestError(f"invalid output grammar: {self._matcher.get_error()}")
+        self.vocab_size: int = ll_tokenizer.vocab_size
+        self.stop_tokens: tuple[int, ...] = tuple(ll_tokenizer.eos_tokens)
+
+    def copy(self) -> OutputConstraint:
+        """An independent matcher in the same state (cheaper than recompiling the grammar)."""
+        twin = object.__new__(OutputConstraint)
+        twin._tokenizer = self._tokenizer
+        twin._matcher = self._matcher.deep_copy()
+        twin.vocab_size = self.vocab_size
+        twin.stop_tokens = self.stop_tokens
+        return twin
+
+    def allowed_mask(self) -> np.ndarray:
+        """Boolean mask over the tokenizer's vocabulary: True where the token may come next."""
+        bias = self._matcher.compute_logit_bias()  # one byte per token: 0 or 200
+        return np.frombuffer(bias, dtype=np.uint8) != 0
+
+    def fill_bitmask(self, bitmask: np.ndarray) -> None:
+        """Write the next-token mask as packed bits (int32 words, llguidance's layout)."""
+        assert bitmask.dtype == np.int32 and bitmask.flags.c_contiguous, bitmask.dtype
+        self._matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data, bitmask.nbytes)
+
+    def consume(self, token_id: int) -> bool:
+        """Advance by one token; False (and an error state) when the grammar forbids it."""
+        return self._matcher.consume_token(int(token_id))
+
+    def consume_many(self, token_ids: Sequence[int]) -> bool:
+        return self._matcher.consume_tokens([int(t) for t in token_ids])
+
+    def valid_prefix(self, token_ids: Sequence[int]) -> int:
+        """How many leading tokens of ``token_ids`` the grammar would accept (state unchanged)."""
+        return self._matcher.validate_tokens([int(t) for t in token_ids])
+
+    def rollback(self, n: int) -> None:
+        if n and not self._matcher.rollback(n):
+            raise AssertionError(f"llguidance could not roll back {n} tokens")
+
+    def forced_tokens(self) -> list[int]:
+        """Tokens the grammar forces from here (jump-forward), possibly none."""
+        return list(self._matcher.compute_ff_tokens())
+
+    def is_accepting(self) -> bool:
+        """The output so far is complete (EOS would be allowed now)."""
+        return self._matcher.is_accepting()
+
+    def is_stopped(self) -> bool:
+        """No further token except EOS can be added (complete, or in an error state)."""
+        return self._matcher.is_stopped()
+
+    def is_error(self) -> bool:
+        return self._matcher.is_error()
+
+    @property
+    def error(self) -> str:
+        return self._matcher.get_error()

@@ -1,0 +1,209 @@
+"""The quote grammar, checked token by token with the real SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from citeqa.errors import InvalidRequestError
+from citeqa.generation.constraint import OutputConstraint, ll_tokenizer_for, output_grammar
+from citeqa.generation.format import ANSWER_PREFIX, QUOTE_PREFIX, QUOTE_SEPARATOR
+
+FIXTURE_HC = HealthCheck.function_scoped_fixture  # fixtures are module-scoped, reuse is safe
+CACHE = Path.home() / ".cache" / "citeqa"
+pytestmark = pytest.mark.slow  # loads the real SmolLM2 tokenizer (and converts it once)
+
+
+@pytest.fixture(scope="module")
+def hf_tok():
+    from transformers import AutoTokenizer
+
+    from citeqa.generation.models import MARKER, SMOLLM2_DIR, resolve_model_dir
+
+    path = CACHE / SMOLLM2_DIR
+    if not (path / MARKER).is_file():
+        path = resolve_model_dir("smollm2", CACHE)  # one-time conversion (~30 s)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def ll_tok(hf_tok):
+    return ll_tokenizer_for(hf_tok)
+
+
+def output(answer: str, k: int, quote: str) -> str:
+    return f"{ANSWER_PREFIX}{answer}\n{QUOTE_PREFIX}{k}{QUOTE_SEPARATOR}{quote}"
+
+
+def accepts(grammar: str, text: str, hf_tok, ll_tok) -> bool:
+    """Feed ``text`` as the model would emit it (its BPE tokens), checking every mask."""
+    c = OutputConstraint(grammar, ll_tok)
+    for t in hf_tok.encode(text, add_special_tokens=False):
+        if not c.allowed_mask()[t] or not c.consume(t):
+            return False
+    return c.is_accepting()
+
+
+WORDS = st.lists(
+    st.sampled_from(
+        "the a of Normans France river king 1066 war peace tower Paris , . ; ( ) - "
+        "city north south people gave name".split()
+    ),
+    min_size=3,
+    max_size=25,
+).map(lambda ws: " ".join(ws))
+
+# Chunks the way llguidance's substring_words splits: words, punctuation marks, whitespace.
+_CHUNK = re.compile(r"\w+|\s+|[^\w\s]")
+
+
+def word_spans(text: str) -> list[str]:
+    chunks = _CHUNK.findall(text)
+    spans = []
+    for i in range(len(chunks)):
+        for j in range(i + 1, len(chunks) + 1):
+            span = "".join(chunks[i:j])
+            if span == span.strip() and span:
+                spans.append(span)
+    return spans
+
+
+def test_grammar_embeds_the_format_constants():
+    g = output_grammar(["one two"])
+    assert '"Answer: "' in g and '"Quote [1]: "' in g
+
+
+def test_no_quotable_passage_is_an_error():
+    with pytest.raises(InvalidRequestError):
+        output_grammar(["", "  \n "])
+
+
+def test_blank_passage_gets_no_alternative_but_keeps_numbering(hf_tok, ll_tok):
+    g = output_grammar(["", "real text here"])
+    assert accepts(g, output("x", 2, "real text"), hf_tok, ll_tok)
+    assert not accepts(g, output("x", 1, "real text"), hf_tok, ll_tok)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[FIXTURE_HC])
+@given(passages=st.lists(WORDS, min_size=1, max_size=3), data=st.data())
+def test_every_word_aligned_span_is_accepted(passages, data, hf_tok, ll_tok):
+    g = output_grammar(passages)
+    k = data.draw(st.integers(1, len(passages)))
+    span = data.draw(st.sampled_from(word_spans(passages[k - 1])))
+    assert accepts(g, output("Normandy", k, span), hf_tok, ll_tok), (passages, k, span)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[FIXTURE_HC])
+@given(passages=st.lists(WORDS, min_size=2, max_size=3), data=st.data())
+def test_spans_not_in_passage_k_are_rejected(passages, data, hf_tok, ll_tok):
+    g = output_grammar(passages)
+    k = data.draw(st.integers(1, len(passages)))
+    other = data.draw(st.sampled_from([i for i in range(1, len(passages) + 1) if i != k]))
+    own = passages[k - 1]
+
+    # a span of another passage (unless it also happens to occur in passage k)
+    span = data.draw(st.sampled_from(word_spans(passages[other - 1])))
+    if span not in own:
+        assert not accepts(g, output("x", k, span), hf_tok, ll_tok)
+
+    # a span with one word altered
+    words = own.split()
+    i = data.draw(st.integers(0, len(words) - 1))
+    altered = " ".join(words[:i] + ["zebra"] + words[i + 1 :])
+    assert not accepts(g, output("x", k, altered), hf_tok, ll_tok)
+
+    # a span crossing from the end of passage k into the next passage
+    crossing = own + " " + passages[other - 1].split()[0]
+    assume(crossing not in own)
+    assert not accepts(g, output("x", k, crossing), hf_tok, ll_tok)
+
+
+NASTY = [
+    'He said "hi" and left',
+    "back\\slash \\n \\\\ end",
+    'close "} brace { "substring_words": "x" } here',
+    "line one\nline two\r\nline three",
+    "unicode: naïve café 東京 😀 done",
+    "regex .*+?[](){}|^$ metachars",
+    "%ignore /./\nstart: \"pwned\"",
+    '\\"} ] %regex {"substring_chars": "a"}',
+    "tab\there\x00nul\x7fdel",
+]
+
+
+@pytest.mark.parametrize("nasty", NASTY)
+def test_nasty_passages_cannot_break_or_inject(nasty, hf_tok, ll_tok):
+    passages = [nasty, "plain second passage"]
+    g = output_grammar(passages)
+    c = OutputConstraint(g, ll_tok)
+    assert not c.is_error()
+    # the whole passage (trimmed) is quotable verbatim from passage 1 ...
+    assert accepts(g, output("x", 1, nasty.strip()), hf_tok, ll_tok)
+    # ... and none of its syntax leaked into rules: text that is not a span stays rejected
+    assert not accepts(g, output("x", 1, "zebra"), hf_tok, ll_tok)
+    assert not accepts(g, "pwned", hf_tok, ll_tok)  # an injected start rule would allow this
+    assert not accepts(g, output("x", 1, nasty.strip() + " zebra"), hf_tok, ll_tok)
+    assert accepts(g, output("x", 2, "second passage"), hf_tok, ll_tok)
+
+
+def test_answer_line_rules(hf_tok, ll_tok):
+    g = output_grammar(["alpha beta gamma"], max_answer_chars=10)
+    assert accepts(g, output("0123456789", 1, "beta"), hf_tok, ll_tok)
+    assert not accepts(g, output("0123456789X", 1, "beta"), hf_tok, ll_tok)
+    assert not accepts(g, output("", 1, "beta"), hf_tok, ll_tok)
+    assert not accepts(g, "Answer: two\nlines\n" + "Quote [1]: beta", hf_tok, ll_tok)
+
+
+def test_quote_must_be_trimmed_and_non_empty(hf_tok, ll_tok):
+    g = output_grammar(["alpha beta gamma"])
+    assert not accepts(g, output("x", 1, ""), hf_tok, ll_tok)
+    assert not accepts(g, output("x", 1, "beta "), hf_tok, ll_tok)
+    assert not accepts(g, output("x", 1, "alp"), hf_tok, ll_tok)  # not word-aligned
+
+
+def test_quote_length_bounds(hf_tok, ll_tok):
+    g = output_grammar(["alpha beta gamma delta"], min_quote_chars=10, max_quote_chars=16)
+    assert accepts(g, output("x", 1, "beta gamma"), hf_tok, ll_tok)
+    assert not accepts(g, output("x", 1, "beta"), hf_tok, ll_tok)
+    assert not accepts(g, output("x", 1, "alpha beta gamma delta"), hf_tok, ll_tok)
+
+
+def test_forced_tokens_and_stop(hf_tok, ll_tok):
+    g = output_grammar(["alpha beta gamma"])
+    c = OutputConstraint(g, ll_tok)
+    assert hf_tok.decode(c.forced_tokens()) == "Answer:"
+    text = output("x", 1, "beta gamma")
+    assert c.consume_many(hf_tok.encode(text, add_special_tokens=False))
+    assert c.is_accepting() and c.is_stopped()  # end of passage: nothing can follow
+    mask = c.allowed_mask()
+    assert mask[hf_tok.eos_token_id] and mask.sum() == 1
+
+
+def test_copy_is_independent(hf_tok, ll_tok):
+    c = OutputConstraint(output_grammar(["alpha beta"]), ll_tok)
+    twin = c.copy()
+    assert c.consume_many(hf_tok.encode("Answer: x", add_special_tokens=False))
+    assert twin.valid_prefix(hf_tok.encode("Answer: y", add_special_tokens=False)) >= 3
+
+
+def test_mask_time_per_token(hf_tok, ll_tok):
+    """Mask cost per token on a realistic grammar (3 passages of ~600 chars); reported, and
+    bounded loosely so that a pathological regression fails."""
+    passage = ("The Normans were the people who in the 10th and 11th centuries gave their "
+               "name to Normandy, a region in France. ") * 5
+    g = output_grammar([passage, passage.upper(), passage[::-1]])
+    text = output("Normandy, a region in France", 1, passage[:300].strip())
+    c = OutputConstraint(g, ll_tok)
+    ids = hf_tok.encode(text, add_special_tokens=False)
+    t0 = time.perf_counter()
+    for t in ids:
+        assert c.allowed_mask()[t]
+        assert c.consume(t)
+    per_token_ms = (time.perf_counter() - t0) * 1000 / len(ids)
+    print(f"mask+consume: {per_token_ms:.3f} ms/token over {len(ids)} tokens")
+    assert per_token_ms < 20

@@ -1,0 +1,104 @@
+"""HFBackend on the real SmolLM2 (slow: loads ~0.5 GB of weights once per module)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from citeqa.errors import ModelError
+from citeqa.generation.backend import GenerationRequest
+from citeqa.generation.constraint import output_grammar
+from citeqa.generation.models import load_model, resolve_model_dir
+
+CACHE = Path.home() / ".cache" / "citeqa"
+PASSAGES = [
+    "The Normans gave their name to Normandy, a region in northern France.",
+    "Rollo was a Viking leader who swore fealty to King Charles III of West Francia.",
+]
+MESSAGES = (
+    {"role": "system", "content": "Reply as:\nAnswer: <short answer>\nQuote [k]: <exact words "
+                                  "from passage k>"},
+    {"role": "user", "content": "Passages:\n[1] " + PASSAGES[0] + "\n[2] " + PASSAGES[1]
+                                + "\n\nQuestion: Who was Rollo?"},
+)
+FORMAT = re.compile(r"Answer: ([^\n]+)\nQuote \[(\d+)\]: (.+)", re.S)
+
+
+@pytest.fixture(scope="module")
+def backend():
+    import torch
+
+    from citeqa.generation.hf import HFBackend
+
+    torch.manual_seed(0)
+    return HFBackend.load("smollm2", CACHE, device="cpu", threads=1)
+
+
+def grammar_request(**kw) -> GenerationRequest:
+    g = output_grammar(PASSAGES, max_answer_chars=40)
+    return GenerationRequest(messages=MESSAGES, grammar=g, max_tokens=64, **kw)
+
+
+def assert_cited(text: str) -> None:
+    m = FORMAT.fullmatch(text)
+    assert m, text
+    k, quote = int(m.group(2)), m.group(3)
+    assert 1 <= k <= len(PASSAGES) and quote in PASSAGES[k - 1], text
+    assert len(m.group(1)) <= 40
+
+
+def test_missing_model_dir_is_a_model_error(tmp_path):
+    with pytest.raises(ModelError, match="config.json"):
+        resolve_model_dir(str(tmp_path / "nowhere"), tmp_path)
+    with pytest.raises(ModelError, match="config.json"):
+        load_model(str(tmp_path), tmp_path)
+
+
+@pytest.mark.slow
+def test_greedy_constrained_output_is_cited_and_speculation_changes_nothing(backend):
+    outs = {}
+    for spec in (0, 8):
+        backend.speculative_tokens = spec
+        [[c]] = backend.generate([grammar_request()])
+        outs[spec] = c
+    backend.speculative_tokens = 8
+    off, on = outs[0], outs[8]
+    assert_cited(on.text)
+    assert on.text == off.text and on.n_tokens == off.n_tokens
+    assert on.logprob == pytest.approx(off.logprob, abs=1e-3)
+    assert on.logprob < 0
+    assert on.timings_ms["forward_passes"] < off.timings_ms["forward_passes"]
+    assert off.timings_ms["forward_passes"] < off.n_tokens  # jump-forward skips forced tokens
+
+
+@pytest.mark.slow
+def test_sampling_n_rows_share_one_prefill(backend, monkeypatch):
+    shapes = []
+    real = backend._forward
+
+    def spy(ids, cache, *, keep, stats):
+        shapes.append(tuple(ids.shape) if hasattr(ids, "shape") else (1, len(ids)))
+        return real(ids, cache, keep=keep, stats=stats)
+
+    monkeypatch.setattr(backend, "_forward", spy)
+    comps = backend.generate([grammar_request(n=3, temperature=0.8, seed=1)])[0]
+    assert len(comps) == 3
+    for c in comps:
+        assert_cited(c.text)
+    prefills = [s for s in shapes if s[1] > 1]
+    assert len(prefills) == 1 and prefills[0][0] == 1  # one prompt pass, then [rows, 1] steps
+    assert all(s[0] <= 3 for s in shapes[1:])
+    assert len({c.timings_ms["prefill_ms"] for c in comps}) == 1
+    again = backend.generate([grammar_request(n=3, temperature=0.8, seed=1)])[0]
+    assert [c.text for c in again] == [c.text for c in comps]  # seeded
+
+
+@pytest.mark.slow
+def test_unconstrained_and_several_requests(backend):
+    free = GenerationRequest(messages=({"role": "user", "content": "Say hi."},), max_tokens=5)
+    res = backend.generate([free, grammar_request()])
+    assert len(res) == 2 and len(res[0]) == 1
+    assert 1 <= res[0][0].n_tokens <= 5
+    assert_cited(res[1][0].text)
