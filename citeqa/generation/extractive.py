@@ -1,0 +1,107 @@
+"""A weightless, deterministic stand-in model for the ``tiny`` preset and tests.
+
+``extractive_responder`` reads the passages and question back out of the prompt built by
+``prompt.py``, picks the sentence sharing most (rare) question terms, and replies in the exact
+output format: a few words of that sentence not already in the question as the answer, and the
+sentence (extended to the minimum quote length when short) as the quote. Use it as
+``FakeBackend(extractive_responder)``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from citeqa.generation.backend import GenerationRequest
+from citeqa.generation.format import ANSWER_PREFIX, QUOTE_PREFIX, QUOTE_SEPARATOR
+from citeqa.generation.prompt import (
+    content_terms,
+    parse_user_message,
+    relevance,
+    sentence_spans,
+    term,
+)
+from citeqa.generation.verify import STOP_WORDS
+
+ANSWER_WORDS = 5  # at most this many words in an answer
+MIN_QUOTE_CHARS = 20  # extend a short sentence with the next ones (on the same line) to this
+MAX_QUOTE_CHARS = 250  # cut a longer sentence at a word boundary
+
+_WORD = re.compile(r"\S+")
+_PUNCT = ".,;:!?\"'()[]"
+
+
+def _runs(sentence: str, question_terms: set[str]) -> list[list[str]]:
+    """Maximal runs of words not in the question, without stop words at their ends."""
+    runs: list[list[str]] = [[]]
+    for w in _WORD.findall(sentence):
+        core = w.strip(_PUNCT)
+        if core and core.lower() not in STOP_WORDS and term(core) in question_terms:
+            runs.append([])
+        else:
+            runs[-1].append(w)
+    out = []
+    for run in runs:
+        while run and run[0].strip(_PUNCT).lower() in STOP_WORDS | {""}:
+            run.pop(0)
+        del run[ANSWER_WORDS:]
+        while run and run[-1].strip(_PUNCT).lower() in STOP_WORDS | {""}:
+            run.pop()
+        if run:
+            out.append(run)
+    return out
+
+
+def _answer(sentence: str, question_terms: set[str]) -> str:
+    """The first run of new words holding a name or number (else the first run, else the
+    sentence's first words): the kind of span SQuAD answers are."""
+    runs = _runs(sentence, question_terms)
+    first = sentence.split(maxsplit=1)[0] if sentence.strip() else ""
+
+    def entity(run: list[str]) -> bool:
+        return any(any(ch.isdigit() for ch in w) or (w[:1].isupper() and w != first) for w in run)
+
+    chosen = next((r for r in runs if entity(r)), runs[0] if runs else sentence.split()[:3])
+    return " ".join(chosen).strip(_PUNCT + " ") or sentence[:40]
+
+
+def _quote(text: str, spans: list[tuple[int, int]], i: int) -> str:
+    start, end = spans[i]
+    j = i
+    while end - start < MIN_QUOTE_CHARS and j + 1 < len(spans):
+        if "\n" in text[end : spans[j + 1][0]]:
+            break  # a quote is one line
+        j += 1
+        end = spans[j][1]
+    if end - start > MAX_QUOTE_CHARS:
+        cut = text.rfind(" ", start, start + MAX_QUOTE_CHARS)
+        end = cut if cut > start else start + MAX_QUOTE_CHARS
+    return text[start:end].strip()
+
+
+def respond(user_message: str) -> str:
+    """The reply to one prompt's user message ("" when it shows no passage)."""
+    passages, question = parse_user_message(user_message)
+    terms = content_terms(question)
+    # Every sentence of every passage, in prompt order: (passage number, text, spans, index).
+    sentences = [
+        (number, text, spans, i)
+        for number, text in passages
+        for spans in [sentence_spans(text)]
+        for i in range(len(spans))
+    ]
+    if not sentences:
+        return ""
+    scores = relevance([t[s[i][0] : s[i][1]] for _, t, s, i in sentences], question)
+    best = max(range(len(sentences)), key=lambda j: (scores[j], -j))  # earliest on ties
+    number, text, spans, i = sentences[best]
+    s, e = spans[i]
+    answer = _answer(text[s:e], terms)
+    quote = _quote(text, spans, i)
+    return f"{ANSWER_PREFIX}{answer}\n{QUOTE_PREFIX}{number}{QUOTE_SEPARATOR}{quote}"
+
+
+def extractive_responder(request: GenerationRequest) -> list[str]:
+    """``request.n`` identical replies to the request's last user message."""
+    users = [m["content"] for m in request.messages if m.get("role") == "user"]
+    reply = respond(users[-1]) if users else ""
+    return [reply] * request.n

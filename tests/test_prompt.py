@@ -1,0 +1,139 @@
+"""Prompt construction: sentence windows, exact offsets, the message layout."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from citeqa.config import GenerationConfig
+from citeqa.generation.prompt import (
+    SYSTEM,
+    build_messages,
+    parse_user_message,
+    select_window,
+    sentence_spans,
+)
+from citeqa.types import Hit, Passage
+
+PASSAGE = (
+    "The Normans were a people from Normandy. They descended from Norse raiders. "
+    "Their leader Rollo swore fealty to King Charles III. "
+    "The Norman dynasty had a major impact on medieval Europe. "
+    "Norman castles still stand across England."
+)
+
+
+def test_sentence_spans():
+    spans = sentence_spans(PASSAGE)
+    assert [PASSAGE[s:e] for s, e in spans] == [
+        "The Normans were a people from Normandy.",
+        "They descended from Norse raiders.",
+        "Their leader Rollo swore fealty to King Charles III.",
+        "The Norman dynasty had a major impact on medieval Europe.",
+        "Norman castles still stand across England.",
+    ]
+
+
+def test_sentence_spans_breaks_lines_and_keeps_closing_quotes():
+    text = 'He said "Stop." Then left!\nNew line here?  "Yes."'
+    assert [text[s:e] for s, e in sentence_spans(text)] == [
+        'He said "Stop."',
+        "Then left!",
+        "New line here?",
+        '"Yes."',
+    ]
+
+
+def test_short_passage_is_shown_whole():
+    assert select_window(PASSAGE, "anything", 10_000) == (0, len(PASSAGE))
+
+
+def test_window_centres_on_the_relevant_sentence():
+    s, e = select_window(PASSAGE, "Who was the leader Rollo?", 60)
+    assert PASSAGE[s:e] == "Their leader Rollo swore fealty to King Charles III."
+    s, e = select_window(PASSAGE, "Who was the leader Rollo?", 130)
+    window = PASSAGE[s:e]
+    assert "Rollo" in window and len(window) <= 130
+    assert window == (  # whole sentences; ties between neighbours go to the earlier one
+        "The Normans were a people from Normandy. They descended from Norse raiders. "
+        "Their leader Rollo swore fealty to King Charles III."
+    )
+
+
+def test_window_prefers_the_more_relevant_neighbour():
+    s, e = select_window(PASSAGE, "Rollo castles in England", 100)
+    assert PASSAGE[s:e].endswith("Norman castles still stand across England.")
+    assert "Rollo" not in PASSAGE[s:e]  # 'castles' + 'england' beat 'rollo'
+    s, e = select_window(PASSAGE, "leader Rollo and the medieval dynasty", 115)
+    assert PASSAGE[s:e] == (
+        "Their leader Rollo swore fealty to King Charles III. "
+        "The Norman dynasty had a major impact on medieval Europe."
+    )
+
+
+def test_no_overlap_starts_at_the_beginning():
+    s, e = select_window(PASSAGE, "quantum chromodynamics", 80)
+    assert s == 0 and PASSAGE[s:e] == (
+        "The Normans were a people from Normandy. They descended from Norse raiders."
+    )
+
+
+def test_overlong_sentence_is_cut_at_a_word_boundary():
+    text = "word " * 100 + "Rollo."
+    s, e = select_window(text, "word", 42)
+    assert e - s <= 42 and text[s:e].endswith("word") and s == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(alphabet=st.sampled_from(list("ab cd.!?\n\"')")), max_size=300),
+    question=st.text(alphabet=st.sampled_from(list("ab cd")), max_size=20),
+    max_chars=st.integers(1, 200),
+)
+def test_window_is_within_bounds(text, question, max_chars):
+    s, e = select_window(text, question, max_chars)
+    assert 0 <= s <= e <= len(text)
+    assert e - s <= max_chars
+
+
+def _hit(pid: int, doc: str, start: int, text: str, title: str = "T") -> Hit:
+    passage = Passage(passage_id=pid, doc_id=doc, start=start, end=start + len(text), text=text)
+    return Hit(passage=passage, title=title, source=f"{doc}.txt", score=1.0 / (pid + 1))
+
+
+def test_build_messages_layout_and_offsets():
+    doc_text = "Intro text here. " + PASSAGE
+    start = len("Intro text here. ")
+    hits = [_hit(0, "d", start, PASSAGE, "Nor\nmans"), _hit(1, "e", 0, "Paris is in France.")]
+    cfg = GenerationConfig(top_k_passages=1, passage_chars=60)
+    messages, shown = build_messages("Who was   Rollo?", hits, cfg)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[0]["content"] == SYSTEM
+    assert "untrusted" in SYSTEM and "instructions" in SYSTEM
+    assert len(shown) == 1 and shown[0].number == 1
+    p = shown[0]
+    assert doc_text[p.doc_start : p.doc_start + len(p.text)] == p.text
+    assert "Rollo" in p.text
+    user = messages[-1]["content"]
+    assert user == f"<passage 1> Nor mans\n{p.text}\n</passage 1>\nQuestion: Who was Rollo?"
+    assert parse_user_message(user) == ([(1, p.text)], "Who was Rollo?")
+    # top_k overrides the config
+    _, shown = build_messages("Rollo", hits, cfg, top_k=5)
+    assert [s.number for s in shown] == [1, 2]
+    assert shown[1].text == "Paris is in France." and shown[1].doc_start == 0
+
+
+def test_example_turns_follow_the_format():
+    from citeqa.generation.parse import parse_output
+
+    messages, _ = build_messages("q", [], GenerationConfig())
+    passages, question = parse_user_message(messages[1]["content"])
+    out = parse_output(messages[2]["content"], len(passages))
+    assert out.quote in passages[0][1] and question
+
+
+def test_prompt_is_short():
+    hits = [_hit(i, f"d{i}", 0, PASSAGE * 10) for i in range(3)]
+    messages, _ = build_messages("Who was Rollo?", hits, GenerationConfig())
+    total = sum(len(m["content"]) for m in messages)
+    assert total < 3 * 600 + 700  # the fixed text costs under ~700 characters

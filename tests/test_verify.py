@@ -1,0 +1,199 @@
+"""Quote verification: exact offsets, provable repairs only, ambiguity refused."""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from citeqa.config import GenerationConfig
+from citeqa.generation.prompt import ShownPassage
+from citeqa.generation.verify import STOP_WORDS, is_contentful, locate, verify_quote
+from citeqa.types import Document, Hit, Passage
+
+CFG = GenerationConfig(min_quote_chars=10, max_quote_chars=120)
+TEXT = (
+    "The Normans were the people who gave their name to Normandy.\n"
+    "Their leader  Rollo swore fealty to King Charles III.\n\n"
+    "The Norman dynasty had a major political impact on medieval Europe."
+)
+DOC = Document(doc_id="d1", title="Normans", source="normans.txt", text=TEXT)
+
+
+def shown_for(doc: Document, start: int, end: int) -> ShownPassage:
+    passage = Passage(
+        passage_id=0, doc_id=doc.doc_id, start=start, end=end, text=doc.text[start:end]
+    )
+    hit = Hit(passage=passage, title=doc.title, source=doc.source, score=1.0)
+    return ShownPassage(number=1, hit=hit, text=passage.text, doc_start=start)
+
+
+WHOLE = shown_for(DOC, 0, len(TEXT))
+
+
+def check(quote, shown=WHOLE, doc=DOC, cfg=CFG):
+    q = verify_quote(quote, shown, doc, cfg)
+    if q is not None:
+        assert doc.text[q.start : q.end] == q.text
+        assert (q.doc_id, q.title, q.source) == (doc.doc_id, doc.title, doc.source)
+    return q
+
+
+def test_exact_quote():
+    q = check("gave their name to Normandy")
+    assert q.text == "gave their name to Normandy"
+    assert q.start == TEXT.index("gave")
+
+
+def test_surrounding_whitespace_and_quotes_are_trimmed():
+    for raw in [
+        "  gave their name to Normandy ",
+        '"gave their name to Normandy"',
+        "\u201cgave their name to Normandy\u201d",
+        "...gave their name to Normandy...",
+    ]:
+        q = check(raw)
+        assert q is not None and q.text == "gave their name to Normandy", raw
+
+
+def test_trailing_punctuation_kept_when_in_document():
+    q = check("gave their name to Normandy.")
+    assert q.text == "gave their name to Normandy."
+
+
+def test_whitespace_runs_map_to_the_documents_text():
+    q = check("Their leader Rollo swore fealty")  # the document has two spaces
+    assert q.text == "Their leader  Rollo swore fealty"
+    q = check("Charles III. The Norman dynasty")  # the document has a blank line
+    assert q.text == "Charles III.\n\nThe Norman dynasty"
+
+
+def test_altered_text_is_rejected():
+    assert check("gave their names to Normandy") is None
+    assert check("gave their name to normandy") is None  # case is not repaired
+    assert check("gave theirname to Normandy") is None  # whitespace removed is not repaired
+    assert check("Rollo swore fealty to King Charles IV") is None
+
+
+def test_length_limits():
+    assert check("Normandy.") is None  # shorter than min_quote_chars
+    assert check(TEXT) is None  # longer than max_quote_chars
+    cfg = GenerationConfig(min_quote_chars=1, max_quote_chars=10_000)
+    assert check(TEXT, cfg=cfg).text == TEXT
+
+
+def test_stop_words_only_is_rejected():
+    doc = Document("d2", "t", "s", "It was in the one of them, and it was to the end of it.")
+    cfg = GenerationConfig(min_quote_chars=5, max_quote_chars=100)
+    assert check("and it was to the", shown_for(doc, 0, len(doc.text)), doc, cfg) is None
+    assert check("in the one of them", shown_for(doc, 0, len(doc.text)), doc, cfg) is not None
+    assert not is_contentful("of the, and; to")
+    assert is_contentful("the 1889")
+
+
+def test_prefers_the_span_inside_the_shown_window():
+    text = "Rollo swore fealty to the king. Later, Rollo swore fealty to the king."
+    doc = Document("d3", "t", "s", text)
+    second = text.index("Later")
+    q = check("Rollo swore fealty to the king", shown_for(doc, second, len(text)), doc)
+    assert q.start == text.index("Rollo", second)
+    q = check("Rollo swore fealty to the king", shown_for(doc, 0, second), doc)
+    assert q.start == 0
+
+
+def test_outside_window_same_text_takes_nearest_occurrence():
+    text = "Rollo swore fealty to the king. Filler words here. Rollo swore fealty to the king."
+    doc = Document("d4", "t", "s", text)
+    mid = text.index("Filler")
+    shown = shown_for(doc, mid, mid + len("Filler words here."))
+    q = check("Rollo swore fealty to the king", shown, doc)
+    assert q is not None and q.text == "Rollo swore fealty to the king"
+
+
+def test_ambiguous_different_texts_outside_window_rejected():
+    text = "Rollo swore  fealty to the king. Filler words here. Rollo swore fealty\nto the king."
+    doc = Document("d5", "t", "s", text)
+    mid = text.index("Filler")
+    shown = shown_for(doc, mid, mid + len("Filler words here."))
+    # Whitespace-insensitive: two document spans with different texts, neither shown.
+    assert check("Rollo swore fealty to the king", shown, doc) is None
+    # Inside the window it resolves to the shown one.
+    q = check("Rollo swore fealty to the king", shown_for(doc, 0, mid), doc)
+    assert q is not None and q.start == 0 and q.text == "Rollo swore  fealty to the king"
+
+
+def test_found_outside_the_window_in_the_document():
+    shown = shown_for(DOC, 0, TEXT.index("\n"))
+    q = check("The Norman dynasty had a major political impact", shown)
+    assert q is not None and q.start == TEXT.index("The Norman dynasty")
+
+
+def test_locate_reference_agrees_with_str_find_for_exact_unique_spans():
+    for needle in ["Normans were", "King Charles III.", "medieval Europe."]:
+        assert locate(needle, TEXT, (0, len(TEXT))) == (
+            TEXT.find(needle),
+            TEXT.find(needle) + len(needle),
+        )
+
+
+def test_stop_word_list_is_lowercase_words():
+    assert all(re.fullmatch(r"[a-z]+", w) for w in STOP_WORDS)
+    assert {"the", "of", "and"} <= STOP_WORDS and "normandy" not in STOP_WORDS
+
+
+# --- properties --------------------------------------------------------------------------
+
+_alphabet = st.sampled_from(list("abcdeABC xyz.,;!\n\t'\"") + ["\u00e9", "\u00a0", "1"])
+_doc_text = st.text(alphabet=_alphabet, min_size=1, max_size=300)
+LOOSE = GenerationConfig(min_quote_chars=1, max_quote_chars=1000)
+
+
+def _norm(s: str) -> str:
+    return " ".join(s.split())
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=_doc_text, data=st.data())
+def test_random_spans_verify_to_their_own_text(text, data):
+    doc = Document("r", "t", "s", text)
+    a = data.draw(st.integers(0, len(text) - 1))
+    b = data.draw(st.integers(a + 1, len(text)))
+    ws = data.draw(st.integers(0, a))
+    we = data.draw(st.integers(b, len(text)))
+    span = text[a:b]
+    assume(is_contentful(span))
+    q = check(span, shown_for(doc, ws, we), doc, LOOSE)
+    assert q is not None  # a true span of the shown window is always found
+    # What came back is the span itself, possibly with ends trimmed; found inside the window
+    # when the trimmed span is a window substring.
+    assert q.text in span or _norm(q.text) == _norm(span.strip())
+    assert ws <= q.start and q.end <= we or text[ws:we].find(q.text) == -1
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=_doc_text, quote=st.text(alphabet=_alphabet, min_size=1, max_size=60), data=st.data())
+def test_any_string_never_yields_a_misplaced_quote(text, quote, data):
+    doc = Document("r", "t", "s", text)
+    ws = data.draw(st.integers(0, len(text)))
+    we = data.draw(st.integers(ws, len(text)))
+    q = check(quote, shown_for(doc, ws, we), doc, LOOSE)
+    if q is not None:
+        # Provably the same text: equal up to whitespace runs and trimmed ends.
+        assert _norm(q.text) in _norm(quote)
+        assert q.text.strip() == q.text
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=_doc_text, data=st.data())
+def test_altering_one_character_never_verifies_to_other_text(text, data):
+    doc = Document("r", "t", "s", text)
+    a = data.draw(st.integers(0, len(text) - 1))
+    b = data.draw(st.integers(a + 1, len(text)))
+    span = text[a:b]
+    i = data.draw(st.integers(0, len(span) - 1))
+    new = data.draw(st.sampled_from("QZ#"))  # never in the document's alphabet
+    altered = span[:i] + new + span[i + 1 :]
+    q = check(altered, shown_for(doc, 0, len(text)), doc, LOOSE)
+    if q is not None:  # only possible when the altered char was trimmed off an end
+        assert new not in q.text
