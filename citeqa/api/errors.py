@@ -1,0 +1,208 @@
+"""One uniform JSON error body for every 4xx/5xx, and the handlers that produce it.
+
+Every error the API returns has the body
+``{"error": {"code": str, "message": str, "details": ...}}`` (``details`` is null unless said
+otherwise). The handlers below cover the service's own
+``ApiError``, citeqa's ``CiteqaError`` tree, FastAPI's request validation (422), Starlette's HTTP
+errors (unknown route 404, 405, 413 ...) and any other exception (500, logged, no traceback in
+the body).
+
+How ``CiteqaError`` maps to HTTP (the one table; first match wins, subclasses first):
+
+    =====================  ======  ======================  =========================================
+    exception              status  code                    why
+    =====================  ======  ======================  =========================================
+    InvalidRequestError    .status invalid_request         the user's request; its own status
+    BlockedURLError        400     blocked_url             the user named a URL that is not allowed
+    FetchError             502     fetch_failed            an upstream site failed
+    SourceError            422     bad_source              the user's source could not be read
+    IndexError_            503     index_unavailable       the served index is missing or corrupt
+    EmptyCorpusError       503     index_unavailable       the served index is empty
+    ModelError             503     model_unavailable       a model could not be loaded
+    OutputFormatError      500     generation_failed       the generator broke its output format
+    ConfigError            500     config_error            the server is misconfigured
+    CiteqaError (other)    500     internal_error
+    =====================  ======  ======================  =========================================
+
+CiteqaError messages are written for users (they say what to do), so they are returned as is.
+Messages of unexpected exceptions are never returned: they are logged with their traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from citeqa.errors import (
+    BlockedURLError,
+    CiteqaError,
+    ConfigError,
+    EmptyCorpusError,
+    FetchError,
+    IndexError_,
+    InvalidRequestError,
+    ModelError,
+    OutputFormatError,
+    SourceError,
+)
+
+logger = logging.getLogger(__name__)
+
+# (exception type, status, code); checked in order, so subclasses come before their bases.
+CITEQA_ERROR_TABLE: tuple[tuple[type[CiteqaError], int, str], ...] = (
+    (BlockedURLError, 400, "blocked_url"),
+    (FetchError, 502, "fetch_failed"),
+    (SourceError, 422, "bad_source"),
+    (IndexError_, 503, "index_unavailable"),
+    (EmptyCorpusError, 503, "index_unavailable"),
+    (ModelError, 503, "model_unavailable"),
+    (OutputFormatError, 500, "generation_failed"),
+    (ConfigError, 500, "config_error"),
+)
+
+# Codes for Starlette's HTTPException by status; others fall back to the reason phrase.
+HTTP_CODES: dict[int, str] = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "unavailable",
+    504: "timeout",
+}
+
+
+class ApiError(Exception):
+    """An error the API returns on purpose, with its status, code and optional headers."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        details: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+        self.headers = headers or {}
+
+
+class BodyTooLargeError(StarletteHTTPException):
+    """Raised while reading a request body that exceeds the limit (-> 413).
+
+    A Starlette HTTPException so that FastAPI's body reader re-raises it instead of turning it
+    into a 400.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than {limit} bytes; send less")
+        self.limit = limit
+
+
+def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "details": details}}
+
+
+def error_response(
+    status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(code, message, details), status_code=status, headers=headers)
+
+
+def map_citeqa_error(exc: CiteqaError) -> tuple[int, str]:
+    """The (status, code) for a CiteqaError, following the table in the module docstring."""
+    if isinstance(exc, InvalidRequestError):
+        return exc.status, "invalid_request"
+    for cls, status, code in CITEQA_ERROR_TABLE:
+        if isinstance(exc, cls):
+            return status, code
+    return 500, "internal_error"
+
+
+def validation_details(errors: Any) -> list[dict[str, Any]]:
+    """Pydantic's error list, reduced to JSON-safe fields (no echo of the input, no ctx objects)."""
+    out = []
+    for e in errors:
+        loc = [x if isinstance(x, int | str) else str(x) for x in e.get("loc", ())]
+        out.append({"loc": loc, "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))})
+    return out
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "error"
+
+
+def _http_code(status: int) -> str:
+    if status in HTTP_CODES:
+        return HTTP_CODES[status]
+    return _phrase(status).lower().replace(" ", "_").replace("-", "_")
+
+
+async def _api_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError), exc
+    return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+
+
+async def _citeqa_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, CiteqaError), exc
+    status, code = map_citeqa_error(exc)
+    if status >= 500:
+        logger.error("pipeline error (%s): %s", type(exc).__name__, exc)
+    return error_response(status, code, str(exc))
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError), exc
+    details = validation_details(exc.errors())
+    first = details[0] if details else {"loc": [], "msg": "invalid request"}
+    loc = first["loc"][1:] if first["loc"][:1] == ["body"] else first["loc"]
+    where = ".".join(str(x) for x in loc) or "body"
+    message = f"{where}: {first['msg']}"
+    return error_response(422, "invalid_request", message, details)
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException), exc
+    status = exc.status_code
+    if isinstance(exc.detail, str) and exc.detail != _phrase(status):
+        message = exc.detail
+    elif status == 404:
+        message = "no such endpoint; see /openapi.json for the API"
+    elif status == 405:
+        message = "method not allowed on this endpoint; see /openapi.json"
+    else:
+        message = _phrase(status)
+    return error_response(status, _http_code(status), message, None, dict(exc.headers or {}))
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal_error", "internal server error; see the server log")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register every handler above on ``app``."""
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(CiteqaError, _citeqa_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

@@ -1,0 +1,193 @@
+"""A small typed client for the citeqa REST service (sync, over httpx).
+
+    with CiteqaClient("http://127.0.0.1:8000", api_key="...") as client:
+        answer = client.answer("Who founded the Normans?")
+
+Responses come back as ``citeqa.types`` objects. Every failure raises ``CiteqaAPIError``:
+an error response carries the service's uniform ``{"error": {code, message, details}}``; a
+response that is not JSON, or no response at all (status 0), gets a code of its own.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from citeqa.errors import CiteqaError
+from citeqa.types import Answer, Candidate, Document, Hit, Passage, Quote
+
+
+class CiteqaAPIError(CiteqaError):
+    """The service answered with an error (or could not be reached: ``status == 0``)."""
+
+    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+def _quote_from_json(d: dict[str, Any] | None) -> Quote | None:
+    if d is None:
+        return None
+    return Quote(d["text"], d["doc_id"], d["title"], d["source"], int(d["start"]), int(d["end"]))
+
+
+def _n_tokens(c: dict[str, Any]) -> int:
+    """to_json sends logprob and mean_logprob, not n_tokens: recover it (0 when unknowable)."""
+    mean, total = c.get("mean_logprob") or 0.0, c.get("logprob") or 0.0
+    return round(total / mean) if mean else 0
+
+
+def answer_from_json(d: dict[str, Any]) -> Answer:
+    """Inverse of ``Answer.to_json`` (a candidate's ``raw`` is not sent, so it comes back empty)."""
+    candidates = [
+        Candidate(
+            answer=c["answer"],
+            quote=_quote_from_json(c.get("quote")),
+            logprob=c.get("logprob", 0.0),
+            n_tokens=_n_tokens(c),
+            retrieval_score=c.get("retrieval_score", 0.0),
+            score=c.get("score"),
+            uncertainty=c.get("uncertainty"),
+        )
+        for c in d.get("candidates", [])
+    ]
+    return Answer(
+        question=d["question"],
+        declined=d["declined"],
+        answer=d.get("answer"),
+        quote=_quote_from_json(d.get("quote")),
+        score=d.get("score"),
+        uncertainty=d.get("uncertainty"),
+        reason=d.get("reason"),
+        candidates=candidates,
+        timings_ms=d.get("timings_ms", {}),
+    )
+
+
+def hit_from_json(d: dict[str, Any]) -> Hit:
+    """Inverse of ``Hit.to_json``."""
+    passage = Passage(d["passage_id"], d["doc_id"], d["start"], d["end"], d["text"])
+    return Hit(passage, d["title"], d["source"], d["score"], d.get("bm25"), d.get("dense"))
+
+
+class CiteqaClient:
+    """Talks to one citeqa service.
+
+    base_url: where the service is, e.g. ``http://127.0.0.1:8000``.
+    api_key: sent as ``Authorization: Bearer <key>`` when given.
+    transport: an httpx transport (``httpx.MockTransport`` in tests); default: the network.
+    timeout: seconds per request; answers on CPU can take a while.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+        timeout: float = 120.0,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(
+            base_url=base_url, headers=headers, transport=transport, timeout=timeout
+        )
+
+    def __enter__(self) -> CiteqaClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- endpoints ---------------------------------------------------------------------------
+
+    def answer(
+        self,
+        question: str,
+        *,
+        top_k: int | None = None,
+        n_candidates: int | None = None,
+        min_score: float | None = None,
+        target_accuracy: float | None = None,
+    ) -> Answer:
+        """Ask a question; the answer may be a decline (``answer.declined``)."""
+        body: dict[str, Any] = {"question": question}
+        for name, value in (
+            ("top_k", top_k),
+            ("n_candidates", n_candidates),
+            ("min_score", min_score),
+            ("target_accuracy", target_accuracy),
+        ):
+            if value is not None:
+                body[name] = value
+        return answer_from_json(self._json("POST", "/v1/answer", json=body))
+
+    def search(self, query: str, k: int = 10) -> list[Hit]:
+        data = self._json("POST", "/v1/search", json={"query": query, "k": k})
+        return [hit_from_json(h) for h in data["hits"]]
+
+    def document(self, doc_id: str) -> Document:
+        d = self._json("GET", "/v1/documents/" + quote(doc_id, safe=""))
+        return Document(d["doc_id"], d["title"], d["source"], d["text"])
+
+    def health(self) -> bool:
+        """True when the process answers /healthz."""
+        return self._status("/healthz")
+
+    def ready(self) -> bool:
+        """True when models are loaded (/readyz is 200); False while loading or shutting down."""
+        return self._status("/readyz")
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise CiteqaAPIError(0, "timeout", f"no response in time: {exc}") from exc
+        except httpx.TransportError as exc:
+            raise CiteqaAPIError(0, "connection_error", f"cannot reach the service: {exc}") from exc
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        resp = self._send(method, path, **kwargs)
+        if resp.is_success:
+            try:
+                data = resp.json()
+            except ValueError:
+                raise CiteqaAPIError(resp.status_code, "bad_response", "not JSON") from None
+            if not isinstance(data, dict):
+                raise CiteqaAPIError(resp.status_code, "bad_response", "not a JSON object")
+            return data
+        raise self._error(resp)
+
+    def _status(self, path: str) -> bool:
+        resp = self._send("GET", path)
+        if resp.is_success:
+            return True
+        if resp.status_code == 503:
+            return False
+        raise self._error(resp)
+
+    @staticmethod
+    def _error(resp: httpx.Response) -> CiteqaAPIError:
+        try:
+            err = resp.json()["error"]
+            return CiteqaAPIError(
+                resp.status_code, str(err["code"]), str(err["message"]), err.get("details")
+            )
+        except (ValueError, KeyError, TypeError):
+            text = resp.text[:200].strip() or resp.reason_phrase
+            return CiteqaAPIError(resp.status_code, "http_error", text)

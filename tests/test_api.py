@@ -1,0 +1,682 @@
+"""The REST service driven end to end (TestClient) with a fake pipeline: no models, no index."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from citeqa.api.app import STATIC_DIR, create_app, make_run_batch, page_csp
+from citeqa.api.deps import ApiLimits, AskArgs, key_matches, parse_api_keys
+from citeqa.api.errors import map_citeqa_error
+from citeqa.api.metrics import Histogram, Metrics, escape_label
+from citeqa.config import Settings
+from citeqa.errors import (
+    BlockedURLError,
+    CiteqaError,
+    ConfigError,
+    EmptyCorpusError,
+    FetchError,
+    IndexError_,
+    InvalidRequestError,
+    ModelError,
+    OutputFormatError,
+    SourceError,
+)
+from citeqa.types import Answer, Candidate, Document, Hit, Passage, Quote
+
+DOC = Document("d1", "Normans", "https://en.wikipedia.org/wiki/Normans",
+               "The Normans were the people who in the 10th and 11th centuries gave their name "
+               "to Normandy, a region in France.")
+QUOTE_AT = DOC.text.index("gave their name")
+QUOTE = Quote("gave their name to Normandy", "d1", DOC.title, DOC.source, QUOTE_AT,
+              QUOTE_AT + len("gave their name to Normandy"))
+assert DOC.text[QUOTE.start:QUOTE.end] == QUOTE.text
+
+
+class FakePipeline:
+    """Canned answers; ``gate`` holds every ask until set; ``fail`` makes ask raise it."""
+
+    def __init__(self, *, gate: threading.Event | None = None, fail: Exception | None = None,
+                 delay_s: float = 0.0) -> None:
+        self.gate = gate
+        self.fail = fail
+        self.delay_s = delay_s
+        self.asked: list[AskArgs] = []
+        self.started = threading.Event()
+
+    def _answer(self, a: AskArgs) -> Answer:
+        self.asked.append(a)
+        self.started.set()
+        if self.gate is not None:
+            assert self.gate.wait(10), "test gate never opened"
+        time.sleep(self.delay_s)
+        if self.fail is not None:
+            raise self.fail
+        if a.question.startswith("decline"):
+            return Answer(a.question, True, None, None, 0.1, reason="score 0.10 below 0.50")
+        cand = Candidate("the Normans", QUOTE, logprob=-3.0, n_tokens=6, score=0.9)
+        return Answer(a.question, False, "the Normans", QUOTE, 0.9, uncertainty=0.05,
+                      candidates=[cand], timings_ms={"retrieve": 1.0, "generate": 2.0})
+
+    def ask(self, question: str, *, top_k: int | None = None, n_candidates: int | None = None,
+            min_score: float | None = None) -> Answer:
+        return self._answer(AskArgs(question, top_k, n_candidates, min_score))
+
+    def search(self, query: str, k: int = 10) -> list[Hit]:
+        p = Passage(0, "d1", 0, 40, DOC.text[:40])
+        return [Hit(p, DOC.title, DOC.source, score=0.5, bm25=1.2, dense=None)][:k]
+
+    def document(self, doc_id: str) -> Document:
+        if doc_id != DOC.doc_id:
+            raise KeyError(doc_id)
+        return DOC
+
+
+class BatchingFakePipeline(FakePipeline):
+    """Has ask_many: records the size of every batch it is given."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.batch_sizes: list[int] = []
+
+    def ask_many(self, items: list[AskArgs]) -> list[Answer]:
+        self.batch_sizes.append(len(items))
+        return [self._answer(a) for a in items]
+
+
+class CalibratedFakePipeline(FakePipeline):
+    def threshold_for(self, target: float) -> float:
+        return round(target / 2, 3)
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
+
+
+@contextmanager
+def serve(pipeline: Any = None, *, limits: ApiLimits | None = None, api_keys: str = "",
+          factory: Callable[[Settings], Any] | None = None, wait_ready: bool = True
+          ) -> Iterator[TestClient]:
+    pipeline = pipeline if pipeline is not None else FakePipeline()
+    app = create_app(Settings(api_keys=api_keys), factory or (lambda s: pipeline),
+                     limits=limits or ApiLimits(window_ms=1))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        if wait_ready:
+            wait_until(lambda: app.state.citeqa.phase != "loading")
+        yield client
+
+
+def assert_uniform_error(resp: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"code", "message", "details"}, body
+    assert isinstance(body["error"]["code"], str) and isinstance(body["error"]["message"], str)
+    assert body["error"]["message"], body
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    assert "Traceback" not in resp.text
+    return body["error"]
+
+
+# -- lifecycle --------------------------------------------------------------------------------
+
+
+def test_healthz_answers_while_loading_and_readyz_waits() -> None:
+    loaded = threading.Event()
+
+    def slow_factory(_: Settings) -> FakePipeline:
+        assert loaded.wait(10)
+        return FakePipeline()
+
+    with serve(factory=slow_factory, wait_ready=False) as c:
+        assert c.get("/healthz").json()["status"] == "ok"
+        r = c.get("/readyz")
+        assert_uniform_error(r, 503, "not_ready")
+        assert r.headers["retry-after"]
+        assert_uniform_error(c.post("/v1/answer", json={"question": "q"}), 503, "not_ready")
+        assert_uniform_error(c.get("/v1/documents/d1"), 503, "not_ready")
+        loaded.set()
+        wait_until(lambda: c.get("/readyz").status_code == 200)
+        assert c.post("/v1/answer", json={"question": "q"}).status_code == 200
+
+
+def test_a_failed_load_is_reported_by_readyz() -> None:
+    def broken(_: Settings) -> FakePipeline:
+        raise ModelError("no model at /x; run `citeqa download`")
+
+    with serve(factory=broken) as c:
+        err = assert_uniform_error(c.get("/readyz"), 503, "load_failed")
+        assert "citeqa download" in err["message"]
+        assert c.get("/healthz").status_code == 200
+
+
+def test_shutdown_marks_not_ready_then_lets_the_running_batch_finish() -> None:
+    gate = threading.Event()
+    pipe = FakePipeline(gate=gate)
+    app = create_app(Settings(), lambda s: pipe, limits=ApiLimits(window_ms=1))
+    client = TestClient(app, raise_server_exceptions=False)
+    client.__enter__()
+    state = app.state.citeqa
+    wait_until(lambda: state.phase == "ready")
+    result: dict[str, Any] = {}
+    asker = threading.Thread(
+        target=lambda: result.update(r=client.post("/v1/answer", json={"question": "q"}))
+    )
+    asker.start()
+    assert pipe.started.wait(5)
+    closer = threading.Thread(target=client.__exit__, args=(None, None, None))
+    closer.start()
+    wait_until(lambda: state.phase == "shutting_down")
+    assert state.not_ready_error().code == "shutting_down"
+    assert closer.is_alive()  # waiting for the batch
+    gate.set()
+    asker.join(5)
+    closer.join(5)
+    assert not closer.is_alive()
+    assert result["r"].status_code == 200
+    assert not state.batcher._thread.is_alive()
+
+
+# -- the endpoints ----------------------------------------------------------------------------
+
+
+def test_answer_returns_the_pipeline_answer_as_json() -> None:
+    pipe = FakePipeline()
+    with serve(pipe) as c:
+        r = c.post("/v1/answer", json={"question": "Who?", "top_k": 3, "n_candidates": 2,
+                                       "min_score": 0.4})
+    assert r.status_code == 200
+    expected = pipe._answer(AskArgs("Who?")).to_json()
+    assert r.json() == expected
+    assert pipe.asked[0] == AskArgs("Who?", top_k=3, n_candidates=2, min_score=0.4)
+
+
+def test_a_decline_is_a_200_with_its_reason() -> None:
+    with serve() as c:
+        body = c.post("/v1/answer", json={"question": "decline please"}).json()
+    assert body["declined"] is True and body["answer"] is None and body["quote"] is None
+    assert body["reason"]
+
+
+def test_target_accuracy_needs_a_calibrated_pipeline() -> None:
+    with serve() as c:
+        assert_uniform_error(
+            c.post("/v1/answer", json={"question": "q", "target_accuracy": 0.9}),
+            422, "needs_calibration")
+    pipe = CalibratedFakePipeline()
+    with serve(pipe) as c:
+        assert c.post("/v1/answer", json={"question": "q", "target_accuracy": 0.9}).is_success
+    assert pipe.asked[0].min_score == 0.45
+
+
+def test_search_returns_hits_with_offsets() -> None:
+    with serve() as c:
+        hits = c.post("/v1/search", json={"query": "Normans", "k": 5}).json()["hits"]
+    assert len(hits) == 1
+    h = hits[0]
+    assert DOC.text[h["start"]:h["end"]] == h["text"]
+    assert {"doc_id", "title", "source", "passage_id", "score", "bm25", "dense"} <= set(h)
+
+
+def test_documents_found_and_not_found() -> None:
+    with serve() as c:
+        assert c.get("/v1/documents/d1").json() == {
+            "doc_id": "d1", "title": DOC.title, "source": DOC.source, "text": DOC.text}
+        assert_uniform_error(c.get("/v1/documents/nope"), 404, "document_not_found")
+        assert_uniform_error(c.get("/v1/documents/a%2Fb"), 404, "document_not_found")
+
+
+def test_openapi_lists_the_versioned_routes() -> None:
+    with serve() as c:
+        spec = c.get("/openapi.json").json()
+    assert {"/v1/answer", "/v1/search", "/v1/documents/{doc_id}"} <= set(spec["paths"])
+    assert "ErrorOut" in spec["components"]["schemas"]
+
+
+# -- validation: bad input is a 4xx with the uniform body, never a 500 --------------------------
+
+BAD_ANSWER_BODIES: list[Any] = [
+    {},
+    {"question": ""},
+    {"question": "   \n\t "},
+    {"question": "x" * 1001},
+    {"question": 5},
+    {"question": None},
+    {"question": ["a"]},
+    {"question": {"a": 1}},
+    {"question": "a\x00b"},
+    {"question": "q", "top_k": 0},
+    {"question": "q", "top_k": 51},
+    {"question": "q", "top_k": "5"},
+    {"question": "q", "top_k": 2.5},
+    {"question": "q", "top_k": True},
+    {"question": "q", "top_k": 10**30},
+    {"question": "q", "n_candidates": 0},
+    {"question": "q", "n_candidates": 17},
+    {"question": "q", "min_score": -0.01},
+    {"question": "q", "min_score": 1.01},
+    {"question": "q", "min_score": "high"},
+    {"question": "q", "target_accuracy": 2},
+    {"question": "q", "min_score": 0.5, "target_accuracy": 0.9},
+    {"question": "q", "unknown": 1},
+    ["question", "q"],
+    "question",
+    None,
+    12,
+]
+
+BAD_RAW_BODIES: list[bytes] = [
+    b"",
+    b"{",
+    b"not json",
+    b'{"question": "q", "min_score": NaN}',
+    b'{"question": "q", "min_score": Infinity}',
+    b"\xff\xfe\x00garbage",
+    b"[" * 5000 + b"]" * 5000,
+    b'{"question": "q"}{"question": "q"}',
+]
+
+
+@pytest.mark.parametrize("body", BAD_ANSWER_BODIES, ids=lambda b: repr(b)[:40])
+def test_bad_answer_bodies_are_422(body: Any) -> None:
+    with serve() as c:
+        assert_uniform_error(c.post("/v1/answer", json=body), 422, "invalid_request")
+
+
+@pytest.mark.parametrize("raw", BAD_RAW_BODIES, ids=lambda b: repr(b)[:30])
+def test_malformed_bodies_are_4xx(raw: bytes) -> None:
+    with serve() as c:
+        r = c.post("/v1/answer", content=raw, headers={"content-type": "application/json"})
+        assert 400 <= r.status_code < 500
+        assert_uniform_error(r, r.status_code)
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", None])
+def test_non_json_bodies_are_422(content_type: str | None) -> None:
+    headers = {"content-type": content_type} if content_type else {}
+    with serve() as c:
+        r = c.post("/v1/answer", content=b'{"question": "q"}', headers=headers)
+    assert assert_uniform_error(r, 422, "invalid_request")["message"].startswith("body:")
+
+
+@pytest.mark.parametrize("body", [{}, {"query": " "}, {"query": "q", "k": 0},
+                                  {"query": "q", "k": 51}, {"query": "q", "extra": 1}])
+def test_bad_search_bodies_are_422(body: Any) -> None:
+    with serve() as c:
+        assert_uniform_error(c.post("/v1/search", json=body), 422, "invalid_request")
+
+
+def test_validation_error_names_the_field() -> None:
+    with serve() as c:
+        err = assert_uniform_error(c.post("/v1/answer", json={"question": "q", "top_k": 99}), 422)
+    assert err["message"].startswith("top_k:")
+    assert err["details"][0]["loc"] == ["body", "top_k"]
+
+
+def test_unknown_routes_methods_and_long_ids_get_uniform_errors() -> None:
+    with serve() as c:
+        assert_uniform_error(c.get("/nope"), 404, "not_found")
+        assert_uniform_error(c.get("/v2/answer"), 404, "not_found")
+        assert_uniform_error(c.get("/v1/answer"), 405, "method_not_allowed")
+        assert_uniform_error(c.put("/v1/documents/d1"), 405, "method_not_allowed")
+        assert_uniform_error(c.get("/v1/documents/" + "x" * 300), 422, "invalid_request")
+
+
+def test_body_limit_from_content_length_and_while_reading_a_chunked_body() -> None:
+    limits = ApiLimits(window_ms=1, max_body_bytes=1024)
+    pipe = FakePipeline()
+    with serve(pipe, limits=limits) as c:
+        big = json.dumps({"question": "q" * 2000}).encode()
+        assert_uniform_error(c.post("/v1/answer", content=big,
+                                    headers={"content-type": "application/json"}),
+                             413, "payload_too_large")
+        # A generator body goes out chunked, without Content-Length.
+        chunks = iter([big[:600], big[600:1200], big[1200:]])
+        r = c.post("/v1/answer", content=chunks, headers={"content-type": "application/json"})
+        assert "content-length" not in r.request.headers
+        assert_uniform_error(r, 413, "payload_too_large")
+        # Under the limit, chunked or not, is fine.
+        ok = json.dumps({"question": "small"}).encode()
+        assert c.post("/v1/answer", content=iter([ok[:5], ok[5:]]),
+                      headers={"content-type": "application/json"}).status_code == 200
+    assert [a.question for a in pipe.asked] == ["small"]
+
+
+# -- error mapping ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "code"),
+    [
+        (InvalidRequestError("question too vague", status=400), 400, "invalid_request"),
+        (InvalidRequestError("bad"), 422, "invalid_request"),
+        (BlockedURLError("private address"), 400, "blocked_url"),
+        (FetchError("upstream 500"), 502, "fetch_failed"),
+        (SourceError("binary file"), 422, "bad_source"),
+        (IndexError_("index missing; run citeqa index"), 503, "index_unavailable"),
+        (EmptyCorpusError("empty"), 503, "index_unavailable"),
+        (ModelError("no weights"), 503, "model_unavailable"),
+        (OutputFormatError("no QUOTE line"), 500, "generation_failed"),
+        (ConfigError("bad preset"), 500, "config_error"),
+        (CiteqaError("other"), 500, "internal_error"),
+    ],
+)
+def test_pipeline_errors_map_to_http(exc: CiteqaError, status: int, code: str) -> None:
+    assert map_citeqa_error(exc) == (status, code)
+    with serve(FakePipeline(fail=exc)) as c:
+        err = assert_uniform_error(c.post("/v1/answer", json={"question": "q"}), status, code)
+    assert err["message"] == str(exc)
+
+
+def test_unexpected_errors_are_500_without_leaking_details(caplog: pytest.LogCaptureFixture
+                                                            ) -> None:
+    secret = RuntimeError("secret at /home/me/.cache/weights")
+    with serve(FakePipeline(fail=secret)) as c:
+        r = c.post("/v1/answer", json={"question": "q"})
+    assert_uniform_error(r, 500, "internal_error")
+    assert "secret" not in r.text and "RuntimeError" not in r.text
+
+
+def test_one_failing_request_in_an_ask_many_batch_does_not_fail_the_others() -> None:
+    class Picky(BatchingFakePipeline):
+        def ask_many(self, items: list[AskArgs]) -> list[Answer]:
+            if any(a.question == "bad" for a in items):
+                raise InvalidRequestError("bad question")
+            return super().ask_many(items)
+
+        def ask(self, question: str, **kw: Any) -> Answer:
+            if question == "bad":
+                raise InvalidRequestError("bad question")
+            return super().ask(question, **kw)
+
+    outcomes = make_run_batch(Picky())([AskArgs("good"), AskArgs("bad")])
+    assert isinstance(outcomes[0], Answer) and isinstance(outcomes[1], InvalidRequestError)
+
+
+# -- batching, backpressure, timeouts, cancellation -------------------------------------------
+
+
+def test_concurrent_requests_are_batched_through_ask_many() -> None:
+    gate = threading.Event()
+    pipe = BatchingFakePipeline(gate=gate)
+    limits = ApiLimits(max_batch=4, window_ms=20, max_queue=16)
+    with serve(pipe, limits=limits) as c:
+        results: dict[int, httpx.Response] = {}
+
+        def ask(i: int) -> None:
+            results[i] = c.post("/v1/answer", json={"question": f"q{i}"})
+
+        first = threading.Thread(target=ask, args=(0,))
+        first.start()
+        assert pipe.started.wait(5)
+        others = [threading.Thread(target=ask, args=(i,)) for i in range(1, 9)]
+        for t in others:
+            t.start()
+        state = c.app.state.citeqa
+        wait_until(lambda: state.batcher.depth == 8)
+        gate.set()
+        for t in [first, *others]:
+            t.join(10)
+        metrics = c.get("/metrics").text
+    assert all(results[i].json()["question"] == f"q{i}" for i in range(9))
+    assert pipe.batch_sizes == [1, 4, 4]
+    assert 'citeqa_batch_size_bucket{le="4"} 3' in metrics
+
+
+def test_full_queue_is_503_with_retry_after() -> None:
+    gate = threading.Event()
+    pipe = FakePipeline(gate=gate)
+    limits = ApiLimits(max_batch=1, window_ms=0, max_queue=1, retry_after_s=7)
+    with serve(pipe, limits=limits) as c:
+        state = c.app.state.citeqa
+        threads = [threading.Thread(target=c.post, args=("/v1/answer",),
+                                    kwargs={"json": {"question": f"q{i}"}}) for i in range(2)]
+        threads[0].start()
+        assert pipe.started.wait(5)
+        threads[1].start()
+        wait_until(lambda: state.batcher.depth == 1)
+        r = c.post("/v1/answer", json={"question": "one too many"})
+        gate.set()
+        for t in threads:
+            t.join(10)
+    assert_uniform_error(r, 503, "overloaded")
+    assert r.headers["retry-after"] == "7"
+    assert "one too many" not in [a.question for a in pipe.asked]
+
+
+def test_timeout_is_504_and_the_queued_request_never_runs() -> None:
+    gate = threading.Event()
+    pipe = FakePipeline(gate=gate)
+    limits = ApiLimits(max_batch=1, window_ms=0, request_timeout_s=0.2)
+    with serve(pipe, limits=limits) as c:
+        r1 = c.post("/v1/answer", json={"question": "first"})  # runs, then times out
+        r2 = c.post("/v1/answer", json={"question": "second"})  # queued, times out, cancelled
+        gate.set()
+        wait_until(lambda: not c.app.state.citeqa.batcher.busy)
+        time.sleep(0.05)
+        metrics = c.get("/metrics").text
+    assert_uniform_error(r1, 504, "timeout")
+    assert_uniform_error(r2, 504, "timeout")
+    assert [a.question for a in pipe.asked] == ["first"]
+    assert "citeqa_cancelled_total 1" in metrics
+
+
+def test_a_client_that_disconnects_has_its_queued_work_cancelled() -> None:
+    """Raw ASGI call whose receive() reports http.disconnect while the request is queued."""
+    gate = threading.Event()
+    pipe = FakePipeline(gate=gate)
+    limits = ApiLimits(max_batch=1, window_ms=0, disconnect_poll_s=0.01)
+    with serve(pipe, limits=limits) as c:
+        app, state = c.app, c.app.state.citeqa
+        blocker = threading.Thread(target=c.post, args=("/v1/answer",),
+                                   kwargs={"json": {"question": "blocker"}})
+        blocker.start()
+        assert pipe.started.wait(5)
+        sent: list[dict] = []
+
+        async def leaving_client() -> None:
+            body = json.dumps({"question": "gone"}).encode()
+            messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+            async def receive() -> dict:
+                if messages:
+                    return messages.pop(0)
+                while state.batcher.depth == 0:  # leave once the request is queued
+                    await asyncio.sleep(0.005)
+                return {"type": "http.disconnect"}
+
+            async def send(message: dict) -> None:
+                sent.append(message)
+
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                     "method": "POST", "scheme": "http", "path": "/v1/answer", "raw_path":
+                     b"/v1/answer", "query_string": b"", "root_path": "",
+                     "headers": [(b"content-type", b"application/json"),
+                                 (b"content-length", str(len(body)).encode())],
+                     "client": ("127.0.0.1", 1), "server": ("testserver", 80),
+                     "state": {}}
+            await app(scope, receive, send)
+
+        c.portal.call(leaving_client)
+        gate.set()
+        blocker.join(10)
+        wait_until(lambda: not state.batcher.busy and state.batcher.depth == 0)
+    assert sent[0]["status"] == 499
+    assert [a.question for a in pipe.asked] == ["blocker"]
+
+
+# -- authentication ---------------------------------------------------------------------------
+
+
+def test_api_keys_guard_v1_only() -> None:
+    with serve(api_keys="k1, k2") as c:
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"X-API-Key": "k3"},
+                        {"Authorization": "Basic k1"}, {"Authorization": "Bearer "},
+                        {"Authorization": "Bearer k1k2"},
+                        {"X-API-Key": "\xe9k1".encode("latin-1")}):
+            r = c.post("/v1/answer", json={"question": "q"}, headers=headers)
+            assert_uniform_error(r, 401, "unauthorized")
+            assert r.headers["www-authenticate"] == "Bearer"
+        assert_uniform_error(c.get("/v1/documents/d1"), 401, "unauthorized")
+        # Unauthenticated requests learn nothing about validation either.
+        assert_uniform_error(c.post("/v1/answer", json={"bad": 1}), 401, "unauthorized")
+        ok = {"json": {"question": "q"}}
+        assert c.post("/v1/answer", headers={"Authorization": "Bearer k2"}, **ok).is_success
+        assert c.post("/v1/answer", headers={"authorization": "bearer k1"}, **ok).is_success
+        assert c.post("/v1/answer", headers={"X-API-Key": "k1"}, **ok).is_success
+        for path in ("/", "/healthz", "/readyz", "/openapi.json", "/metrics"):
+            assert c.get(path).status_code == 200, path
+
+
+def test_key_helpers() -> None:
+    keys = parse_api_keys(" a , ,bc,")
+    assert keys == (b"a", b"bc")
+    assert key_matches("bc", keys) and key_matches("a", keys)
+    assert not key_matches("b", keys) and not key_matches("", keys)
+    assert parse_api_keys("") == ()
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+SAMPLE = re.compile(r'^[a-z_]+(\{([a-z_]+="([^"\\]|\\.)*",?)*\})? -?[0-9.e+-]+$')
+
+
+def test_metrics_count_requests_by_route_template_and_declines() -> None:
+    with serve() as c:
+        c.post("/v1/answer", json={"question": "fine"})
+        c.post("/v1/answer", json={"question": "decline this"})
+        c.post("/v1/answer", json={"question": ""})
+        c.get("/v1/documents/d1")
+        c.get("/v1/documents/zzz")
+        c.get("/no/such/route")
+        text = c.get("/metrics").text
+        r = c.get("/metrics")
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert 'citeqa_requests_total{route="/v1/answer",method="POST",status="200"} 2' in text
+    assert 'citeqa_requests_total{route="/v1/answer",method="POST",status="422"} 1' in text
+    assert ('citeqa_requests_total{route="/v1/documents/{doc_id:path}",method="GET",status="404"}'
+            ' 1') in text
+    assert 'route="unmatched",method="GET",status="404"} 1' in text
+    assert "citeqa_declines_total 1" in text and "citeqa_answers_total 2" in text
+    assert "citeqa_queue_depth 0" in text
+    for line in text.splitlines():
+        assert line.startswith("# ") or SAMPLE.match(line), line
+
+
+def test_histogram_and_label_escaping() -> None:
+    h = Histogram((1.0, 2.0))
+    for v in (0.5, 1.0, 1.5, 3.0):
+        h.observe(v)
+    assert h.lines("x", []) == ['x_bucket{le="1"} 2', 'x_bucket{le="2"} 3',
+                                'x_bucket{le="+Inf"} 4', "x_sum 6", "x_count 4"]
+    assert escape_label('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+    m = Metrics()
+    m.observe_request("/x", "GET", 200, 0.01)
+    assert 'citeqa_requests_total{route="/x",method="GET",status="200"} 1' in m.render()
+
+
+# -- the page and its headers -----------------------------------------------------------------
+
+
+def test_index_page_is_self_contained_and_has_a_strict_csp() -> None:
+    with serve() as c:
+        r = c.get("/")
+        api = c.get("/healthz")
+    page = r.text
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert r.headers["content-security-policy"] == page_csp(page)
+    assert "'unsafe-inline'" not in r.headers["content-security-policy"]
+    assert re.search(r"script-src 'sha256-[A-Za-z0-9+/=]+'", r.headers["content-security-policy"])
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # no CDN, no fonts
+    assert "@import" not in page and "url(" not in page
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
+        assert sink not in page, sink
+    assert "<mark>" not in page and '"mark"' in page  # the quote is marked via DOM nodes
+    assert api.headers["content-security-policy"] == "default-src 'none'; frame-ancestors 'none'"
+    assert api.headers["x-content-type-options"] == "nosniff"
+
+
+def test_page_csp_hashes_each_inline_block() -> None:
+    csp = page_csp("<style>a{}</style><script>1</script><script>2</script>")
+    assert csp.count("'sha256-") == 3
+    assert "script-src 'none'" in page_csp("<p>no scripts</p>")
+
+
+PAGE_HARNESS = r"""
+const fs = require("fs"), vm = require("vm");
+const html = fs.readFileSync(process.argv[2], "utf8");
+const script = html.match(/<script>([\s\S]*?)<\/script>/)[1];
+function node(tag) {  // the few DOM methods the page uses; no HTML parser at all
+  return {tag, children: [], textContent: "", className: "",
+          append(...xs) { this.children.push(...xs); },
+          replaceChildren(...xs) { this.children = xs; }, addEventListener() {}, value: ""};
+}
+const ctx = {document: {createElement: node, getElementById: () => node("div")}, URL};
+vm.createContext(ctx);
+vm.runInContext(script + "\nthis.passage = passage; this.safeUrl = safeUrl;", ctx);
+const text = "x".repeat(400) + "<b>before</b> QUOTE <script>alert(1)</script>" + "y".repeat(400);
+const start = text.indexOf("QUOTE");
+const box = ctx.passage({text}, {start, end: start + 5});
+const show = c => typeof c === "string" ? c : {tag: c.tag, text: c.textContent};
+console.log(JSON.stringify({box: box.children.map(show),
+  urls: ["javascript:alert(1)", "data:text/html,x", "/rel", "https://a.org/x"].map(ctx.safeUrl)}));
+"""
+
+
+def test_page_marks_the_quote_with_dom_nodes_and_only_links_http_sources(tmp_path: Path) -> None:
+    """Runs the page's own script under node with a stub DOM (skipped without node)."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed; the page's script is not executed")
+    harness = tmp_path / "harness.js"
+    harness.write_text(PAGE_HARNESS)
+    page = STATIC_DIR / "index.html"
+    out = subprocess.run([node, str(harness), str(page)], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    result = json.loads(out)
+    before, mark, after = result["box"]
+    assert mark == {"tag": "mark", "text": "QUOTE"}
+    assert before.startswith("\u2026") and before.endswith("<b>before</b> ")  # kept as text
+    assert after.startswith(" <script>alert(1)</script>") and after.endswith("\u2026")
+    assert len(before) == 1 + 300 and len(after) == 300 + 1  # CONTEXT_CHARS either side
+    assert result["urls"] == [None, None, None, "https://a.org/x"]
+
+
+def test_default_factory_imports_the_pipeline_lazily(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = types.ModuleType("citeqa.pipeline")
+    built: list[Settings] = []
+
+    class Pipeline(FakePipeline):
+        @classmethod
+        def from_settings(cls, settings: Settings) -> Pipeline:
+            built.append(settings)
+            return cls()
+
+    module.Pipeline = Pipeline  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "citeqa.pipeline", module)
+    app = create_app(Settings())
+    assert built == []  # nothing loads at create_app time
+    with TestClient(app) as c:
+        wait_until(lambda: app.state.citeqa.phase != "loading")
+        assert c.get("/readyz").status_code == 200
+    assert len(built) == 1

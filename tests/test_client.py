@@ -1,0 +1,176 @@
+"""CiteqaClient: against the real app served by uvicorn on 127.0.0.1, and against MockTransport."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from citeqa.api.app import create_app
+from citeqa.api.deps import ApiLimits
+from citeqa.client import CiteqaAPIError, CiteqaClient, answer_from_json, hit_from_json
+from citeqa.config import Settings
+from citeqa.types import Answer, Candidate, Document, Hit, Passage, Quote
+
+DOC = Document("doc/1", "T", "https://example.org/t", "Alpha beta gamma delta epsilon zeta.")
+QUOTE = Quote("gamma delta", "doc/1", "T", DOC.source, 11, 22)
+assert DOC.text[QUOTE.start:QUOTE.end] == QUOTE.text
+
+
+class TinyPipeline:
+    """Canned answers; ``hold`` keeps the pipeline 'loading' until set."""
+
+    def ask(self, question: str, *, top_k: int | None = None, n_candidates: int | None = None,
+            min_score: float | None = None) -> Answer:
+        cand = Candidate("gamma", QUOTE, logprob=-2.0, n_tokens=4, score=0.8)
+        return Answer(question, False, "gamma", QUOTE, 0.8, 0.1, None, [cand], {"total": 3.0})
+
+    def search(self, query: str, k: int = 10) -> list[Hit]:
+        return [Hit(Passage(7, DOC.doc_id, 0, 10, DOC.text[:10]), "T", DOC.source, 0.3, 1.0, 0.2)]
+
+    def document(self, doc_id: str) -> Document:
+        if doc_id != DOC.doc_id:
+            raise KeyError(doc_id)
+        return DOC
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    """The real app on a real socket (uvicorn in a thread); yields its base URL."""
+    app = create_app(Settings(api_keys="sekret"), lambda s: TinyPipeline(),
+                     limits=ApiLimits(window_ms=1, max_body_bytes=2048))
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                            lifespan="on")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            if httpx.get(url + "/readyz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server did not become ready"
+        time.sleep(0.02)
+    yield url
+    srv.should_exit = True
+    thread.join(10)
+
+
+def test_answer_round_trips_into_types(server: str) -> None:
+    with CiteqaClient(server, api_key="sekret") as client:
+        ans = client.answer("what?", top_k=2, min_score=0.3)
+    assert ans == TinyPipeline().ask("what?")
+
+
+def test_search_and_document(server: str) -> None:
+    with CiteqaClient(server, api_key="sekret") as client:
+        assert client.search("alpha", k=3) == TinyPipeline().search("alpha")
+        assert client.document("doc/1") == DOC  # a slash in the id is escaped
+        with pytest.raises(CiteqaAPIError) as err:
+            client.document("missing")
+    assert err.value.status == 404 and err.value.code == "document_not_found"
+
+
+def test_health_ready_and_auth(server: str) -> None:
+    with CiteqaClient(server) as anonymous:
+        assert anonymous.health() and anonymous.ready()
+        with pytest.raises(CiteqaAPIError) as err:
+            anonymous.answer("q")
+    assert err.value.status == 401 and err.value.code == "unauthorized"
+
+
+def test_validation_errors_surface_as_api_errors(server: str) -> None:
+    with CiteqaClient(server, api_key="sekret") as client:
+        with pytest.raises(CiteqaAPIError) as err:
+            client.answer("q", top_k=500)
+    assert err.value.status == 422 and err.value.details[0]["loc"] == ["body", "top_k"]
+
+
+def test_chunked_oversized_body_is_413_over_a_real_socket(server: str) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"question": "'
+        for _ in range(10):
+            yield b"x" * 500
+        yield b'"}'
+
+    r = httpx.post(server + "/v1/answer", content=chunks(),
+                   headers={"X-API-Key": "sekret", "content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_unreachable_service_is_status_0() -> None:
+    with CiteqaClient(f"http://127.0.0.1:{free_port()}", timeout=2) as client:
+        with pytest.raises(CiteqaAPIError) as err:
+            client.health()
+    assert err.value.status == 0 and err.value.code == "connection_error"
+
+
+# -- MockTransport: what goes out and how odd responses are read --------------------------------
+
+
+def test_requests_carry_the_key_and_only_given_options() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=TinyPipeline().ask("q").to_json())
+
+    client = CiteqaClient("http://svc", api_key="k", transport=httpx.MockTransport(handler))
+    client.answer("q", n_candidates=3)
+    assert seen[0].headers["authorization"] == "Bearer k"
+    assert seen[0].url.path == "/v1/answer"
+    assert json.loads(seen[0].content) == {"question": "q", "n_candidates": 3}
+
+
+@pytest.mark.parametrize(
+    ("response", "status", "code"),
+    [
+        (httpx.Response(502, text="<html>bad gateway</html>"), 502, "http_error"),
+        (httpx.Response(503, json={"error": {"code": "overloaded", "message": "m"}}), 503,
+         "overloaded"),
+        (httpx.Response(500, json=["not", "an", "error"]), 500, "http_error"),
+        (httpx.Response(200, text="not json"), 200, "bad_response"),
+        (httpx.Response(200, json=[1, 2]), 200, "bad_response"),
+    ],
+)
+def test_odd_responses_become_api_errors(response: httpx.Response, status: int,
+                                         code: str) -> None:
+    client = CiteqaClient("http://svc", transport=httpx.MockTransport(lambda r: response))
+    with pytest.raises(CiteqaAPIError) as err:
+        client.search("q")
+    assert (err.value.status, err.value.code) == (status, code)
+
+
+def test_ready_is_false_on_503_and_raises_on_other_errors() -> None:
+    responses = iter([httpx.Response(503, json={"error": {"code": "not_ready", "message": "m"}}),
+                      httpx.Response(404, json={"error": {"code": "not_found", "message": "m"}})])
+    client = CiteqaClient("http://svc", transport=httpx.MockTransport(lambda r: next(responses)))
+    assert client.ready() is False
+    with pytest.raises(CiteqaAPIError):
+        client.ready()
+
+
+def test_json_decoders_invert_to_json() -> None:
+    ans = TinyPipeline().ask("q")
+    assert answer_from_json(ans.to_json()) == ans
+    declined = Answer("q", True, None, None, None, reason="no support")
+    assert answer_from_json(declined.to_json(with_candidates=False)) == declined
+    hit: Any = TinyPipeline().search("q")[0]
+    assert hit_from_json(hit.to_json()) == hit
