@@ -1,0 +1,162 @@
+"""Building an index: sources -> documents -> passages -> BM25 + dense -> an index directory.
+
+The directory is written beside ``out`` and swapped in atomically (see store.py), so a failed
+or killed build leaves the previous index in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from citeqa.config import RetrievalConfig
+from citeqa.errors import EmptyCorpusError
+from citeqa.retrieval.bm25 import BM25Index
+from citeqa.retrieval.chunk import chunk_document
+from citeqa.retrieval.dense import DenseIndex
+from citeqa.retrieval.embed import Embedder, load_embedder
+from citeqa.retrieval.store import prepare, publish, test_pause, write_index
+from citeqa.retrieval.tokenize import tokenize
+from citeqa.types import Document
+
+if TYPE_CHECKING:
+    from citeqa.ingest import Skipped
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildSummary:
+    documents: int  # documents indexed (after dropping duplicate doc ids)
+    passages: int
+    skipped: list[Skipped] = field(default_factory=list)  # sources that produced no document
+    seconds: float = 0.0  # wall time of the whole build
+    out: Path = Path()
+
+
+def indexed_text(title: str, passage: str) -> str:
+    """What BM25 and the embedder see for a passage: its document title, then its text."""
+    return f"{title}\n{passage}" if title else passage
+
+
+def build_index(
+    sources: Sequence[str],
+    out: Path,
+    cfg: RetrievalConfig,
+    *,
+    allow_private_urls: bool = False,
+    progress: bool = True,
+) -> BuildSummary:
+    """Load ``sources`` (files, folders, URLs) and build an index at ``out``.
+
+    Sources that cannot be read are skipped and listed in the summary; EmptyCorpusError when
+    none yields a document.
+    """
+    from citeqa.ingest import Fetcher, FetchPolicy, load_sources
+
+    t0 = time.perf_counter()
+    fetcher = Fetcher(FetchPolicy(allow_private=allow_private_urls))
+    loaded = load_sources(sources, fetcher=fetcher, progress=progress)
+    if not loaded.documents:
+        reasons = "; ".join(f"{s.source}: {s.reason}" for s in loaded.skipped[:5])
+        raise EmptyCorpusError(
+            f"none of the {len(sources)} sources produced a document"
+            + (f" ({reasons})" if reasons else "")
+            + "; pass text, markdown, HTML or PDF files, folders holding them, or http(s) URLs"
+        )
+    summary = build_index_from_documents(
+        loaded.documents, out, cfg, skipped=loaded.skipped, progress=progress
+    )
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def build_index_from_documents(
+    documents: Sequence[Document],
+    out: Path,
+    cfg: RetrievalConfig,
+    *,
+    skipped: Sequence[Skipped] = (),
+    progress: bool = True,
+    embedder: Embedder | None = None,
+) -> BuildSummary:
+    """Chunk, index and atomically write ``documents`` to ``out``.
+
+    ``embedder`` overrides ``cfg.embedder`` (tests pass fakes); it is unused when
+    ``cfg.dense`` is False.
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    docs = _unique(documents)
+    if not docs:
+        raise EmptyCorpusError(
+            "no documents to index; pass text, markdown, HTML or PDF files, folders holding "
+            "them, or http(s) URLs"
+        )
+    spans, passage_doc = [], []
+    for row, doc in enumerate(docs):
+        for span in chunk_document(doc.text, cfg.chunk):
+            spans.append(span)
+            passage_doc.append(row)
+    if not spans:
+        raise EmptyCorpusError(
+            f"the {len(docs)} documents hold no text to index; check that the sources are not "
+            "empty (scanned PDFs without a text layer yield no text)"
+        )
+    texts = [
+        indexed_text(docs[row].title, docs[row].text[s:e])
+        for (s, e), row in zip(spans, passage_doc, strict=True)
+    ]
+    log.info("indexing %d documents as %d passages", len(docs), len(spans))
+    bm25 = BM25Index.build(
+        [tokenize(t) for t in texts], k1=cfg.bm25_k1, b=cfg.bm25_b, epsilon=cfg.bm25_epsilon
+    )
+    dense, embedding = None, None
+    if cfg.dense:
+        embedder = embedder or load_embedder(cfg.embedder)
+        vectors = embedder.embed(texts, batch_size=cfg.embed_batch_size, progress=progress)
+        dense = DenseIndex.build(vectors, kind=cfg.faiss_index, hnsw_m=cfg.hnsw_m)
+        embedding = {"model_id": embedder.model_id, "dim": embedder.dim, "name": cfg.embedder}
+    tmp = prepare(out)
+    try:
+        write_index(
+            tmp,
+            documents=docs,
+            spans=np.asarray(spans, dtype=np.int64),
+            passage_doc=np.asarray(passage_doc, dtype=np.int64),
+            bm25=bm25,
+            dense=dense,
+            embedding=embedding,
+            cfg=cfg,
+        )
+        test_pause("before_swap")
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return BuildSummary(
+        documents=len(docs),
+        passages=len(spans),
+        skipped=list(skipped),
+        seconds=time.perf_counter() - t0,
+        out=out,
+    )
+
+
+def _unique(documents: Sequence[Document]) -> list[Document]:
+    seen: set[str] = set()
+    out = []
+    for d in documents:
+        if d.doc_id in seen:
+            log.warning("skipping a second document with id %s (%s)", d.doc_id, d.source)
+            continue
+        seen.add(d.doc_id)
+        out.append(d)
+    return out

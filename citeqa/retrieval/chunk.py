@@ -1,0 +1,105 @@
+"""Chunking: split a document's text into passages given as ``(start, end)`` character spans.
+
+Passages are packed greedily from sentences (a paragraph break ends a passage once it holds at
+least a quarter of ``max_chars``), so each is at most ``cfg.max_chars`` characters long; a
+sentence longer than that is hard-split at whitespace (or mid-word when it has none). Every span
+is trimmed of surrounding whitespace, so ``text[start:end]`` is exactly the passage text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from citeqa.config import ChunkConfig
+
+# A boundary is a paragraph break (a whitespace run holding two newlines) or the whitespace after
+# sentence-final punctuation, optionally followed by closing quotes/brackets. The paragraph
+# alternative comes first so that ". \n\n" is recognised as a paragraph break.
+_BOUNDARY = re.compile(r"\s*\n[^\S\n]*\n\s*|(?:(?<=[.!?])|(?<=[.!?][\"'\u201d\u2019)\]]))\s+")
+
+
+class _Unit(NamedTuple):
+    """A sentence (or a piece of an over-long one): a trimmed, non-empty span."""
+
+    start: int
+    end: int
+    paragraph_start: bool  # a paragraph break precedes it
+
+
+def _sentences(text: str) -> Iterator[tuple[int, int, bool]]:
+    """Trimmed non-empty sentence spans, with whether a paragraph break precedes each."""
+    pos, para = 0, False
+    for m in _BOUNDARY.finditer(text):
+        yield from _trimmed(text, pos, m.start(), para)
+        pos, para = m.end(), m.group().count("\n") >= 2
+    yield from _trimmed(text, pos, len(text), para)
+
+
+def _trimmed(text: str, start: int, end: int, para: bool) -> Iterator[tuple[int, int, bool]]:
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    if start < end:
+        yield start, end, para
+
+
+def _hard_split(text: str, start: int, end: int, max_chars: int) -> Iterator[tuple[int, int]]:
+    """Pieces of at most ``max_chars`` of the trimmed span [start, end), cut at whitespace."""
+    while end - start > max_chars:
+        cut = start + max_chars  # < end, so text[cut] exists; a cut there keeps the piece full
+        while cut > start and not text[cut].isspace():
+            cut -= 1
+        if cut == start:  # no whitespace in the window: cut mid-word
+            cut = start + max_chars
+            yield start, cut
+        else:
+            piece_end = cut
+            while text[piece_end - 1].isspace():
+                piece_end -= 1
+            yield start, piece_end
+        start = cut
+        while text[start].isspace():  # the span is trimmed, so this stops before ``end``
+            start += 1
+    yield start, end
+
+
+def _units(text: str, max_chars: int) -> list[_Unit]:
+    units: list[_Unit] = []
+    for start, end, para in _sentences(text):
+        for i, (s, e) in enumerate(_hard_split(text, start, end, max_chars)):
+            units.append(_Unit(s, e, para and i == 0))
+    return units
+
+
+def chunk_document(text: str, cfg: ChunkConfig) -> list[tuple[int, int]]:
+    """Passage spans ``(start, end)`` covering ``text`` in order (see the module docstring).
+
+    With ``cfg.overlap_sentences > 0`` each passage starts with up to that many sentences of the
+    previous one (fewer when they would not fit with the next new sentence).
+    """
+    if cfg.max_chars < 1:
+        raise ValueError(f"max_chars must be >= 1, got {cfg.max_chars}")
+    units = _units(text, cfg.max_chars)
+    min_chars = cfg.max_chars // 4  # a paragraph break ends a passage at least this long
+    spans: list[tuple[int, int]] = []
+    i = fresh = 0  # units[i:] are next; units[fresh] is the first not yet in any passage
+    while i < len(units):
+        start = units[i].start
+        j = i + 1
+        while j < len(units) and units[j].end - start <= cfg.max_chars:
+            # a paragraph break may end the passage only once it holds a fresh sentence
+            if j > fresh and units[j].paragraph_start and units[j - 1].end - start >= min_chars:
+                break
+            j += 1
+        spans.append((start, units[j - 1].end))
+        if j >= len(units):
+            break
+        fresh = j
+        nxt = max(j - cfg.overlap_sentences, i + 1)
+        while nxt < j and units[j].end - units[nxt].start > cfg.max_chars:
+            nxt += 1  # drop overlap that would leave no room for the next new sentence
+        i = nxt
+    return spans

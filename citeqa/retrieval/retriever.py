@@ -1,0 +1,142 @@
+"""Hybrid retrieval over a loaded index: BM25 and dense rankings fused by reciprocal rank.
+
+Implements the ``Retriever`` protocol of citeqa/retrieval/base.py. Each retriever contributes
+its best ``cfg.candidates_per_retriever`` passages to the fusion; a passage no query term
+matches is never a BM25 hit.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+
+from citeqa.config import ChunkConfig, RetrievalConfig
+from citeqa.errors import ConfigError, IndexError_, InvalidRequestError
+from citeqa.retrieval.bm25 import top_k_of
+from citeqa.retrieval.embed import Embedder, load_embedder
+from citeqa.retrieval.fusion import rrf
+from citeqa.retrieval.store import Index
+from citeqa.retrieval.tokenize import tokenize
+from citeqa.types import Document, Hit
+
+log = logging.getLogger(__name__)
+
+MODES = ("hybrid", "bm25", "dense")
+_FUSION_MODE = {"rrf": "hybrid", "bm25": "bm25", "dense": "dense"}
+
+
+def config_from_manifest(settings: dict[str, Any]) -> RetrievalConfig:
+    """The RetrievalConfig recorded in a manifest (unknown keys from newer versions dropped)."""
+    known = {f.name for f in fields(RetrievalConfig)}
+    values = {k: v for k, v in settings.items() if k in known}
+    chunk_known = {f.name for f in fields(ChunkConfig)}
+    values["chunk"] = ChunkConfig(
+        **{k: v for k, v in values.get("chunk", {}).items() if k in chunk_known}
+    )
+    return RetrievalConfig(**values)
+
+
+class HybridRetriever:
+    """BM25 + dense retrieval with reciprocal-rank fusion over one index."""
+
+    def __init__(
+        self, index: Index, cfg: RetrievalConfig, embedder: Embedder | None = None
+    ) -> None:
+        self.index = index
+        self.cfg = cfg
+        self._embedder = embedder
+        emb = index.manifest.get("embedding")
+        if embedder is not None and index.dense is not None and emb is not None:
+            _check_embedder(embedder, emb)
+
+    @classmethod
+    def open(cls, directory: Path, cfg: RetrievalConfig | None = None) -> HybridRetriever:
+        """Load the index at ``directory``; ``cfg`` None means the settings it was built with."""
+        index = Index.load(Path(directory))
+        built = config_from_manifest(index.manifest["settings"])
+        if cfg is not None and index.dense is not None and cfg.embedder != built.embedder:
+            raise IndexError_(
+                f"index {directory} was built with the {built.embedder!r} embedder but the "
+                f"settings ask for {cfg.embedder!r}; rebuild the index or use matching settings"
+            )
+        return cls(index, cfg or built)
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            emb = self.index.manifest.get("embedding") or {}
+            embedder = load_embedder(emb.get("name", self.cfg.embedder))
+            _check_embedder(embedder, emb)
+            self._embedder = embedder
+        return self._embedder
+
+    def search(self, query: str, k: int = 10, *, mode: str | None = None) -> list[Hit]:
+        """Best-first hits for ``query``: ``mode`` "hybrid" | "bm25" | "dense".
+
+        ``mode`` None follows ``cfg.fusion`` ("rrf" is hybrid). An index without a dense part
+        serves hybrid requests from BM25 alone.
+        """
+        mode = mode or _FUSION_MODE[self.cfg.fusion]
+        if mode not in MODES:
+            raise InvalidRequestError(f"unknown search mode {mode!r}; use one of {list(MODES)}")
+        if k < 1:
+            raise InvalidRequestError(f"k must be at least 1, got {k}")
+        has_dense = self.index.dense is not None and self.cfg.dense
+        if mode == "dense" and not has_dense:
+            raise ConfigError(
+                "this index has no dense part (built with dense=False or disabled in the "
+                "settings); search with mode 'bm25' or rebuild without --bm25-only"
+            )
+        if mode == "hybrid" and not has_dense:
+            mode = "bm25"
+        depth = k if mode != "hybrid" else max(k, self.cfg.candidates_per_retriever)
+        bm25 = self._bm25(query, depth) if mode in ("bm25", "hybrid") else {}
+        dense = self._dense(query, depth) if mode in ("dense", "hybrid") else {}
+        if mode == "bm25":
+            ranked = list(bm25.items())
+        elif mode == "dense":
+            ranked = list(dense.items())
+        else:
+            ranked = rrf([list(bm25), list(dense)], k=self.cfg.rrf_k)
+        return [self._hit(pid, score, bm25.get(pid), dense.get(pid)) for pid, score in ranked[:k]]
+
+    def document(self, doc_id: str) -> Document:
+        """The full document ``doc_id``; KeyError when the index does not hold it."""
+        return self.index.documents[doc_id]
+
+    def _bm25(self, query: str, depth: int) -> dict[int, float]:
+        """passage id -> BM25 score, best first; only passages some query term matches."""
+        ids, scores = top_k_of(self.index.bm25.scores(tokenize(query)), depth)
+        keep = scores != 0.0
+        return dict(zip(ids[keep].tolist(), scores[keep].tolist(), strict=True))
+
+    def _dense(self, query: str, depth: int) -> dict[int, float]:
+        """passage id -> cosine similarity, best first."""
+        assert self.index.dense is not None
+        vector = self.embedder.embed([query])  # [1, dim]
+        ids, scores = self.index.dense.search(vector, depth)
+        return {i: s for i, s in zip(ids[0].tolist(), scores[0].tolist(), strict=True) if i >= 0}
+
+    def _hit(self, pid: int, score: float, bm25: float | None, dense: float | None) -> Hit:
+        passage = self.index.passages[pid]
+        doc = self.index.documents[passage.doc_id]
+        return Hit(
+            passage=passage,
+            title=doc.title,
+            source=doc.source,
+            score=float(score),
+            bm25=bm25,
+            dense=dense,
+        )
+
+
+def _check_embedder(embedder: Embedder, emb: dict[str, Any]) -> None:
+    if (embedder.model_id, embedder.dim) != (emb.get("model_id"), emb.get("dim")):
+        raise IndexError_(
+            f"the index was embedded with {emb.get('model_id')} (dim {emb.get('dim')}) but the "
+            f"query embedder is {embedder.model_id} (dim {embedder.dim}); rebuild the index or "
+            "use the same embedder"
+        )

@@ -1,0 +1,137 @@
+"""BM25Index against the reference rank_bm25.BM25Okapi, plus save/load round trips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rank_bm25 import BM25Okapi
+
+from citeqa.errors import IndexError_
+from citeqa.retrieval import BM25Index, tokenize
+
+CORPUS_TEXTS = [
+    "the cat sat on the mat",
+    "the dog sat on the log",
+    "the cat chased the dog around the garden",
+    "a quick brown fox jumps over the lazy dog",
+    "the the the the",
+    "normans conquered england in 1066",
+    "steam engines power the industrial revolution",
+]
+CORPUS = [tokenize(t) for t in CORPUS_TEXTS]  # "the" is in > half the docs: negative idf
+QUERIES = [
+    ["cat"],
+    ["the"],  # only the epsilon-floored idf
+    ["the", "cat", "the"],  # repeated terms count repeatedly
+    ["cat", "cat", "cat"],
+    ["unknown", "zzz"],  # unknown terms score 0
+    ["dog", "unknown", "sat"],
+    [],  # empty query
+    ["normans", "1066", "england", "steam"],
+]
+
+
+def assert_parity(corpus: list[list[str]], query: list[str], **params: float) -> None:
+    ours = BM25Index.build(corpus, **params)
+    ref = BM25Okapi(corpus, **params)
+    expected = ref.get_scores(query)
+    got = ours.scores(query)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
+    k = min(3, len(corpus))
+    ids, scores = ours.top_k(query, k)
+    np.testing.assert_allclose(scores, np.sort(expected)[::-1][:k], rtol=1e-6, atol=1e-9)
+    # ids agree wherever the reference's order is not a tie
+    ref_order = np.argsort(-expected, kind="stable")[:k]
+    for i, (a, b) in enumerate(zip(ids, ref_order, strict=True)):
+        if np.isclose(expected, expected[b]).sum() == 1:
+            assert a == b, (i, ids, ref_order, expected)
+
+
+@pytest.mark.parametrize("query", QUERIES, ids=lambda q: "+".join(q) or "empty")
+def test_parity_inline_corpus(query: list[str]) -> None:
+    assert_parity(CORPUS, query)
+
+
+def test_negative_idf_is_floored_to_epsilon_times_mean() -> None:
+    ref = BM25Okapi(CORPUS)
+    ours = BM25Index.build(CORPUS)
+    the = ours.term_ids["the"]
+    assert ours.idf[the] == pytest.approx(ref.idf["the"])
+    assert ours.idf[the] == pytest.approx(0.25 * ref.average_idf)
+    assert ours.scores(["the"])[4] > 0  # doc 4 is all "the"
+
+
+@pytest.mark.parametrize("params", [{"k1": 1.2, "b": 0.5, "epsilon": 0.1}, {"k1": 2.0, "b": 1.0}])
+def test_parity_other_parameters(params: dict[str, float]) -> None:
+    for query in QUERIES:
+        assert_parity(CORPUS, query, **params)
+
+
+def test_negative_mean_idf_gives_negative_floor() -> None:
+    # every term occurs in most documents: the mean idf is negative, and so is the floor
+    corpus = [["a", "b"], ["a", "b"], ["a", "c"], ["a", "b", "c"]]
+    for query in (["a"], ["b"], ["c", "a"], ["b", "b"]):
+        assert_parity(corpus, query)
+
+
+def test_scores_touch_only_matching_postings() -> None:
+    ours = BM25Index.build(CORPUS)
+    assert ours.scores(["normans"]).nonzero()[0].tolist() == [5]
+
+
+def test_top_k_clamps_and_breaks_ties_by_id() -> None:
+    ours = BM25Index.build([["x"], ["y"], ["x"], ["z"], ["w"]])
+    ids, scores = ours.top_k(["x"], 10)
+    assert ids.tolist() == [0, 2, 1, 3, 4]
+    assert scores[0] == scores[1] > 0
+    assert scores[-1] == 0.0
+    assert ours.top_k(["x"], 0)[0].size == 0
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_save_load_round_trip(tmp_path: Path, mmap: bool) -> None:
+    ours = BM25Index.build(CORPUS)
+    ours.save(tmp_path / "bm25")
+    assert sorted(p.name for p in (tmp_path / "bm25").iterdir()) == [
+        "doc_ids.npy", "doc_len.npy", "idf.npy", "indptr.npy", "params.json", "tf.npy", "vocab.json"
+    ]
+    loaded = BM25Index.load(tmp_path / "bm25", mmap=mmap)
+    assert isinstance(loaded.tf, np.memmap) == mmap
+    for q in QUERIES:
+        np.testing.assert_array_equal(loaded.scores(q), ours.scores(q))
+
+
+def test_load_missing_directory_says_rebuild(tmp_path: Path) -> None:
+    with pytest.raises(IndexError_, match="rebuild"):
+        BM25Index.load(tmp_path / "nope")
+
+
+_TOKENS = st.sampled_from(["a", "b", "c", "d", "e", "f", "g", "h"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    corpus=st.lists(st.lists(_TOKENS, min_size=0, max_size=12), min_size=1, max_size=25).filter(
+        lambda c: any(c)  # rank_bm25 divides by zero on a corpus without any token
+    ),
+    query=st.lists(st.sampled_from(["a", "b", "c", "d", "e", "f", "g", "h", "zz"]), max_size=6),
+    k1=st.floats(0.5, 2.5),
+    b=st.floats(0.0, 1.0),
+    epsilon=st.floats(0.0, 0.5),
+)
+def test_parity_random_corpora(
+    corpus: list[list[str]], query: list[str], k1: float, b: float, epsilon: float
+) -> None:
+    ours = BM25Index.build(corpus, k1=k1, b=b, epsilon=epsilon)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        expected = BM25Okapi(corpus, k1=k1, b=b, epsilon=epsilon).get_scores(query)
+    # rank_bm25 computes 0/0 = nan for an empty passage when b == 1 (its tf is 0): that term
+    # contributes nothing, which is what we return
+    expected = np.nan_to_num(expected, nan=0.0)
+    np.testing.assert_allclose(ours.scores(query), expected, rtol=1e-6, atol=1e-9)
+    ids, scores = ours.top_k(query, 5)
+    np.testing.assert_allclose(scores, np.sort(expected)[::-1][:5], rtol=1e-6, atol=1e-9)

@@ -1,0 +1,114 @@
+"""chunk_document: spans are trimmed, bounded, ordered, cover every non-space character."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from citeqa.config import ChunkConfig
+from citeqa.retrieval import chunk_document, tokenize
+
+
+def check_invariants(text: str, spans: list[tuple[int, int]], cfg: ChunkConfig) -> None:
+    covered = [False] * len(text)
+    prev_start, prev_end = -1, 0
+    for start, end in spans:
+        piece = text[start:end]
+        assert 0 <= start < end <= len(text), (start, end)
+        assert end - start <= cfg.max_chars, (start, end, cfg.max_chars)
+        assert piece == piece.strip() and piece, repr(piece)
+        assert start > prev_start, (prev_start, start)  # in order, no repeats
+        if cfg.overlap_sentences == 0:
+            assert start >= prev_end, (prev_end, start)  # disjoint
+        prev_start, prev_end = start, end
+        for i in range(start, end):
+            covered[i] = True
+    missed = [i for i, c in enumerate(text) if not c.isspace() and not covered[i]]
+    assert not missed, (missed[:5], text)
+
+
+def test_sentences_packed_up_to_max_chars() -> None:
+    text = "One two. Three four five. Six! Seven eight nine ten?"
+    spans = chunk_document(text, ChunkConfig(max_chars=26))
+    assert [text[s:e] for s, e in spans] == [
+        "One two. Three four five.",
+        "Six! Seven eight nine ten?",
+    ]
+
+
+def test_short_text_is_one_trimmed_passage() -> None:
+    text = "  \n A single short sentence. Another.\n\n"
+    assert [text[s:e] for s, e in chunk_document(text, ChunkConfig())] == [
+        "A single short sentence. Another."
+    ]
+
+
+def test_paragraph_break_ends_a_substantial_passage() -> None:
+    text = "First paragraph has some words.\n\nSecond paragraph here."
+    pieces = [text[s:e] for s, e in chunk_document(text, ChunkConfig(max_chars=100))]
+    assert pieces == ["First paragraph has some words.", "Second paragraph here."]
+    # a tiny heading stays with the paragraph that follows
+    text = "Intro\n\nThe body of the section follows the heading."
+    pieces = [text[s:e] for s, e in chunk_document(text, ChunkConfig(max_chars=100))]
+    assert pieces == [text]
+
+
+def test_long_sentence_hard_split_at_whitespace() -> None:
+    text = "alpha beta gamma delta epsilon zeta eta theta"
+    pieces = [text[s:e] for s, e in chunk_document(text, ChunkConfig(max_chars=12))]
+    assert pieces == ["alpha beta", "gamma delta", "epsilon zeta", "eta theta"]
+    assert " ".join(pieces) == text
+
+
+def test_word_longer_than_max_is_cut_mid_word() -> None:
+    text = "abcdefghij xy"
+    pieces = [text[s:e] for s, e in chunk_document(text, ChunkConfig(max_chars=4))]
+    assert pieces == ["abcd", "efgh", "ij", "xy"]
+
+
+def test_overlap_repeats_previous_sentences() -> None:
+    text = "S one. S two. S three. S four."
+    cfg = ChunkConfig(max_chars=16, overlap_sentences=1)
+    pieces = [text[s:e] for s, e in chunk_document(text, cfg)]
+    assert pieces == ["S one. S two.", "S two. S three.", "S three. S four."]
+    # overlap that would not fit beside the next new sentence is dropped
+    cfg = ChunkConfig(max_chars=14, overlap_sentences=1)
+    pieces = [text[s:e] for s, e in chunk_document(text, cfg)]
+    assert pieces == ["S one. S two.", "S three.", "S four."]
+
+
+def test_empty_and_whitespace_text_give_no_passages() -> None:
+    assert chunk_document("", ChunkConfig()) == []
+    assert chunk_document(" \n\t ", ChunkConfig()) == []
+
+
+def test_invalid_max_chars() -> None:
+    with pytest.raises(ValueError, match="max_chars"):
+        chunk_document("text", ChunkConfig(max_chars=0))
+
+
+_ALPHABET = st.sampled_from(list("ab c.!?\n\t\"')xé") + ["  ", "\n\n", ". ", "é"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.lists(_ALPHABET, max_size=200).map("".join),
+    max_chars=st.integers(1, 60),
+    overlap=st.integers(0, 3),
+)
+def test_invariants_on_random_text(text: str, max_chars: int, overlap: int) -> None:
+    cfg = ChunkConfig(max_chars=max_chars, overlap_sentences=overlap)
+    check_invariants(text, chunk_document(text, cfg), cfg)
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(max_size=300), max_chars=st.integers(1, 80))
+def test_invariants_on_arbitrary_unicode(text: str, max_chars: int) -> None:
+    cfg = ChunkConfig(max_chars=max_chars)
+    spans = chunk_document(text, cfg)
+    check_invariants(text, spans, cfg)
+    # no word is lost: the passages' tokens, in order, are the text's (words may be cut only
+    # when longer than max_chars, so compare at max_chars large enough)
+    if max_chars >= max((len(w) for w in text.split()), default=0):
+        assert [t for s, e in spans for t in tokenize(text[s:e])] == tokenize(text)

@@ -1,0 +1,58 @@
+"""Reciprocal rank fusion against a direct transcription of its definition."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from citeqa.retrieval import rrf
+
+
+def test_known_values() -> None:
+    fused = rrf([[1, 2, 3], [3, 1, 5]], k=60)
+    assert [d for d, _ in fused] == [1, 3, 2, 5]
+    assert fused[0][1] == pytest.approx(1 / 61 + 1 / 62)
+    assert fused[1][1] == pytest.approx(1 / 63 + 1 / 61)
+    assert fused[3][1] == pytest.approx(1 / 63)
+
+
+def test_ties_break_by_best_rank_then_id() -> None:
+    # 7 and 4 both rank first once: equal scores and best rank, so the lower id wins
+    assert [d for d, _ in rrf([[7, 9], [4, 8]])] == [4, 7, 8, 9]
+    # equal score, different best rank cannot happen with two lists of one item each; check
+    # that the order does not depend on the order of the lists
+    assert rrf([[7, 9], [4, 8]]) == rrf([[4, 8], [7, 9]])
+
+
+def test_duplicates_within_a_list_count_once() -> None:
+    assert rrf([[1, 1, 2]]) == rrf([[1, 2]])[:1] + [(2, pytest.approx(1 / 63))]
+
+
+def test_empty_inputs() -> None:
+    assert rrf([]) == []
+    assert rrf([[], []]) == []
+
+
+def test_negative_k_rejected() -> None:
+    with pytest.raises(ValueError):
+        rrf([[1]], k=-1)
+
+
+@given(
+    rankings=st.lists(
+        st.lists(st.integers(0, 30), unique=True, max_size=15), min_size=1, max_size=4
+    ),
+    k=st.integers(0, 100),
+)
+def test_matches_definition(rankings: list[list[int]], k: int) -> None:
+    expected: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, d in enumerate(ranking):
+            expected[d] = expected.get(d, 0.0) + 1.0 / (k + rank + 1)
+    fused = rrf(rankings, k=k)
+    assert {d for d, _ in fused} == set(expected)
+    for d, s in fused:
+        assert s == pytest.approx(expected[d])
+    scores = [s for _, s in fused]
+    assert scores == sorted(scores, reverse=True)

