@@ -100,6 +100,13 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "citeqa")
     allow_private_urls: bool = False  # let the fetcher reach private/intranet addresses
     api_keys: str = ""  # comma-separated; empty = no authentication
+    max_batch: int = Field(4, ge=1, le=64)  # requests generated together in one batch
+    window_ms: float = Field(10.0, ge=0)  # wait after a batch's first request for more
+    max_queue: int = Field(32, ge=1)  # waiting requests; more -> 503 with Retry-After
+    request_timeout_s: float = Field(120.0, gt=0)  # longer waits -> 504
+    max_body_bytes: int = Field(65536, ge=1024)  # larger request bodies -> 413
+    retry_after_s: int = Field(2, ge=0)  # Retry-After sent with 503s
+    shutdown_grace_s: float = Field(30.0, ge=0)  # time to finish queued work at shutdown
 
     @field_validator("generator")
     @classmethod

@@ -20,7 +20,7 @@ from citeqa.config import Config, Settings
 from citeqa.errors import InvalidRequestError
 from citeqa.generation.cited import CitedGenerator
 from citeqa.retrieval.base import Retriever
-from citeqa.types import Answer, Candidate
+from citeqa.types import Answer, Candidate, Document, Hit
 
 MAX_QUESTION_CHARS = 1000  # longer questions are refused (prompt budget of a small model)
 MAX_TOP_K = 20  # most passages a request may ask to show
@@ -165,6 +165,16 @@ class Pipeline:
             candidates=candidates,
             timings_ms=timings,
         )
+
+    def search(self, query: str, k: int = 10) -> list[Hit]:
+        """Retrieved passages for ``query``, best first (no generation)."""
+        if not isinstance(query, str) or not query.strip():
+            raise InvalidRequestError("the query is empty; search for some words")
+        return self.retriever.search(query, k=k)
+
+    def document(self, doc_id: str) -> Document:
+        """The full source document (``KeyError`` when unknown), so clients can check quotes."""
+        return self.retriever.document(doc_id)
 
     def _threshold(self, min_score: float | None) -> float | None:
         if min_score is not None:
