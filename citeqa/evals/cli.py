@@ -1,0 +1,136 @@
+"""The ``citeqa eval`` command group: run an evaluation, or compare two runs.
+
+    citeqa eval --dataset FILE --index DIR --out DIR [--limit N] [--split eval] ...
+    citeqa eval compare RUN_A RUN_B [--out FILE]
+
+Register it on the main app with ``app.add_typer(eval_app, name="eval")``. Every user mistake
+ends in a one-line message on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from citeqa.errors import CiteqaError
+
+eval_app = typer.Typer(
+    help="Evaluate answer/decline accuracy on a question set, or compare two runs.",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=2)
+
+
+@eval_app.callback(invoke_without_command=True)
+def run(
+    ctx: typer.Context,
+    dataset: Annotated[
+        Path | None,
+        typer.Option("--dataset", "-d", help="SQuAD v1/v2 JSON or JSONL {id, question, answers}."),
+    ] = None,
+    index: Annotated[
+        Path | None, typer.Option("--index", "-i", help="Index directory to search.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Run directory (created; resumed).")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Only the first N questions.")
+    ] = None,
+    split: Annotated[
+        str | None,
+        typer.Option("--split", help="Only the articles of a split: eval | train | calibration."),
+    ] = None,
+    preset_name: Annotated[
+        str, typer.Option("--preset", help="Settings preset: default | tiny (fakes).")
+    ] = "default",
+    min_score: Annotated[
+        float | None,
+        typer.Option("--min-score", min=0.0, max=1.0, help="Decline below this score."),
+    ] = None,
+    n_candidates: Annotated[
+        int | None, typer.Option("--n-candidates", min=1, max=32, help="Samples per question.")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Discard a previous run in --out and start over.")
+    ] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Ask every question, write predictions.jsonl, metrics.json, report.md and figures."""
+    if ctx.invoked_subcommand is not None:
+        return
+    missing = [
+        flag
+        for flag, v in (("--dataset", dataset), ("--index", index), ("--out", out))
+        if v is None
+    ]
+    if missing:
+        typer.echo(ctx.get_help(), err=True)
+        raise _fail(f"missing {', '.join(missing)}")
+    from citeqa.evals.runner import RunSpec, run_eval
+
+    assert dataset is not None and index is not None and out is not None
+    spec = RunSpec(
+        dataset=dataset,
+        index=index,
+        preset=preset_name,
+        split=split,
+        min_score=min_score,
+        n_candidates=n_candidates,
+    )
+    try:
+        result = run_eval(spec, out, limit=limit, force=force, progress=progress)
+    except CiteqaError as e:
+        raise _fail(str(e)) from None
+    except ValueError as e:  # pydantic validation of settings
+        raise _fail(str(e)) from None
+    m = result.metrics
+    acc = m["at_threshold"]["answered_accuracy"]
+    typer.echo(
+        f"{result.questions} questions ({result.resumed} resumed, {result.answered_now} asked): "
+        f"SQuAD F1 {100 * m['squad']['f1']:.1f}, answered accuracy "
+        f"{'n/a' if acc is None else f'{100 * acc:.1f} %'} at coverage "
+        f"{100 * m['at_threshold']['coverage']:.1f} %, AURC {m['selective']['rm']['aurc']:.3f}"
+    )
+    typer.echo(f"report: {result.out / 'report.md'}")
+
+
+@eval_app.command("compare")
+def compare(
+    run_a: Annotated[Path, typer.Argument(help="Baseline run directory (A).")],
+    run_b: Annotated[Path, typer.Argument(help="Run directory to compare with it (B).")],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Overlay PNG of both accuracy–coverage curves."),
+    ] = Path("compare.png"),
+) -> None:
+    """Print key metrics of two runs side by side (B - A deltas) and overlay their curves."""
+    from citeqa.evals.compare import compare_runs
+
+    try:
+        table = compare_runs(run_a, run_b, out)
+    except CiteqaError as e:
+        raise _fail(str(e)) from None
+    typer.echo(table)
+    typer.echo(f"overlay: {out}")
+
+
+def main() -> None:
+    """Run the group on its own (``python -m citeqa.evals.cli``), before it is registered."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    eval_app(prog_name="citeqa eval")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Comparing two evaluation runs: a side-by-side table of key metrics with deltas, and an
+overlay of their accuracy–coverage curves.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from citeqa.errors import ConfigError
+from citeqa.evals.runner import METRICS, RUN_JSON
+
+# (label, path into metrics.json, "pct" | "num" | "ms", higher is better)
+KEY_METRICS: tuple[tuple[str, tuple[str, ...], str, bool], ...] = (
+    ("questions", ("questions",), "int", True),
+    ("SQuAD EM", ("squad", "exact"), "pct", True),
+    ("SQuAD F1", ("squad", "f1"), "pct", True),
+    ("accuracy (all)", ("accuracy",), "pct", True),
+    ("answered accuracy @ threshold", ("at_threshold", "answered_accuracy"), "pct", True),
+    ("coverage @ threshold", ("at_threshold", "coverage"), "pct", True),
+    ("unanswerable declined", ("unanswerable_declined",), "pct", True),
+    ("AURC (RM score)", ("selective", "rm", "aurc"), "num", False),
+    ("acc @ 50% cov (RM)", ("selective", "rm", "accuracy_at_coverage", "50%"), "pct", True),
+    ("cov @ 80% acc (RM)", ("selective", "rm", "coverage_at_accuracy", "80%"), "pct", True),
+    ("cov @ 90% acc (RM)", ("selective", "rm", "coverage_at_accuracy", "90%"), "pct", True),
+    ("quote validity", ("quotes", "valid"), "pct", True),
+    ("quote contains gold", ("quotes", "contains_gold"), "pct", True),
+    ("ECE", ("calibration", "ece"), "num", False),
+    ("recall@5", ("retrieval", "recall@5"), "pct", True),
+    ("latency p50", ("latency_ms", "p50"), "ms", False),
+    ("latency p95", ("latency_ms", "p95"), "ms", False),
+)
+
+
+def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(metrics, run_info)`` of a finished run directory; ConfigError when it is not one."""
+    run_dir = Path(run_dir)
+    try:
+        metrics = json.loads((run_dir / METRICS).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{run_dir} has no {METRICS}; pass a directory written by `citeqa eval --out`"
+        ) from None
+    except ValueError as e:
+        raise ConfigError(f"{run_dir / METRICS} is not valid JSON ({e}); rerun the eval") from e
+    try:
+        run = json.loads((run_dir / RUN_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        run = {}
+    return metrics, run
+
+
+def _get(m: dict[str, Any], path: tuple[str, ...]) -> float | None:
+    for key in path:
+        if not isinstance(m, dict) or key not in m:
+            return None
+        m = m[key]
+    return None if m is None else float(m)  # type: ignore[arg-type]
+
+
+def _fmt(x: float | None, kind: str) -> str:
+    if x is None:
+        return "n/a"
+    if kind == "pct":
+        return f"{100 * x:.1f}%"
+    if kind == "ms":
+        return f"{x:.0f} ms"
+    if kind == "int":
+        return f"{x:.0f}"
+    return f"{x:.3f}"
+
+
+def _delta(a: float | None, b: float | None, kind: str, higher_better: bool) -> str:
+    if a is None or b is None:
+        return ""
+    d = b - a
+    text = {"pct": f"{100 * d:+.1f} pt", "ms": f"{d:+.0f} ms", "int": f"{d:+.0f}"}.get(
+        kind, f"{d:+.3f}"
+    )
+    if kind == "int" or abs(d) < 1e-12:
+        return text
+    return text + (" (better)" if (d > 0) == higher_better else " (worse)")
+
+
+def compare_table(a: dict[str, Any], b: dict[str, Any], name_a: str, name_b: str) -> str:
+    """A plain-text table: metric, run A, run B, B - A (with better/worse)."""
+    rows = [("metric", name_a, name_b, "delta (B - A)")]
+    for label, path, kind, higher in KEY_METRICS:
+        va, vb = _get(a, path), _get(b, path)
+        rows.append((label, _fmt(va, kind), _fmt(vb, kind), _delta(va, vb, kind, higher)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = []
+    for i, r in enumerate(rows):
+        lines.append(
+            "  ".join(
+                c.ljust(w) if j == 0 else c.rjust(w)
+                for j, (c, w) in enumerate(zip(r, widths, strict=True))
+            ).rstrip()
+        )
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def compare_runs(run_a: Path, run_b: Path, png: Path) -> str:
+    """The comparison table of two run directories; writes the curve overlay to ``png``."""
+    from citeqa.evals import plots
+
+    ma, _ = load_run(run_a)
+    mb, _ = load_run(run_b)
+    name_a, name_b = Path(run_a).name or str(run_a), Path(run_b).name or str(run_b)
+    if name_a == name_b:
+        name_a, name_b = f"A: {run_a}", f"B: {run_b}"
+    curves = {}
+    for name, m in ((name_a, ma), (name_b, mb)):
+        curve = (m.get("selective", {}).get("rm") or {}).get("curve")
+        if curve:
+            curves[f"{name} (RM score)"] = curve
+    plots.accuracy_coverage(curves, None, png, title="Accuracy–coverage: RM score, two runs")
+    return compare_table(ma, mb, name_a, name_b)

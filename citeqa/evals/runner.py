@@ -1,0 +1,369 @@
+"""The evaluation run: ask every question of a dataset, append predictions, resume after a crash.
+
+An output directory holds::
+
+    run.json           what the run is: settings, dataset sha256, index manifest, models, git rev
+    predictions.jsonl  one line per question, appended (flushed and fsynced) as it is answered
+    metrics.json       the aggregated metrics (citeqa/evals/report.py)
+    report.md          the report, with the figures below
+    *.png              accuracy–coverage, reliability diagram, retrieval recall@k
+
+A run restarted on the same ``--out`` skips the questions already in predictions.jsonl (a
+truncated last line is dropped and redone). It refuses to resume into a directory made with
+other settings or another dataset: ``force=True`` starts over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from citeqa.errors import CiteqaError, ConfigError
+from citeqa.evals.squad import QAItem, articles_for_split, load_questions
+from citeqa.pipeline import MAX_TOP_K, STAND_IN_NOTE, Pipeline
+from citeqa.retrieval.store import MANIFEST, sha256_file
+from citeqa.types import Answer, Document, Hit
+
+log = logging.getLogger(__name__)
+
+RUN_JSON = "run.json"
+PREDICTIONS = "predictions.jsonl"
+METRICS = "metrics.json"
+REPORT = "report.md"
+RETRIEVAL_DEPTH = MAX_TOP_K  # passages searched per question for the gold-paragraph rank
+STAND_IN_SCORER = "generator confidence (stand-in)"
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What defines a run: resuming is allowed only into a directory with the same spec."""
+
+    dataset: Path  # SQuAD v1/v2 JSON or JSONL questions
+    index: Path  # index directory the pipeline searches
+    preset: str = "default"  # named settings preset (citeqa/config.py)
+    split: str | None = None  # restrict to the articles of a project split; None = all
+    min_score: float | None = None  # decline threshold; None = the pipeline's configured one
+    n_candidates: int | None = None  # samples per question; None = the preset's
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one invocation did."""
+
+    out: Path
+    questions: int  # questions selected (after --split and --limit)
+    answered_now: int  # questions asked in this invocation
+    resumed: int  # questions found already done in predictions.jsonl
+    metrics: dict[str, Any]
+
+
+# --- run.json ---------------------------------------------------------------------------------
+
+
+def identity(spec: RunSpec, dataset_sha256: str, manifest_sha256: str) -> dict[str, Any]:
+    """The part of run.json that must match to resume (``--limit`` is deliberately not in it)."""
+    return {
+        "dataset_sha256": dataset_sha256,
+        "index_manifest_sha256": manifest_sha256,
+        "preset": spec.preset,
+        "split": spec.split,
+        "min_score": spec.min_score,
+        "n_candidates": spec.n_candidates,
+    }
+
+
+def check_resumable(out: Path, ident: dict[str, Any]) -> None:
+    """Raise ConfigError when ``out`` holds a run made with another identity."""
+    path = Path(out) / RUN_JSON
+    if not path.is_file():
+        if (Path(out) / PREDICTIONS).is_file():
+            raise ConfigError(
+                f"{out} has {PREDICTIONS} but no {RUN_JSON}, so it cannot be resumed safely; "
+                "pass --force to start over or choose another --out"
+            )
+        return
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))["identity"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"{path} is unreadable ({e}); pass --force to start over or choose another --out"
+        ) from e
+    diff = {k: (stored.get(k), v) for k, v in ident.items() if stored.get(k) != v}
+    if diff:
+        what = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise ConfigError(
+            f"{out} holds a run made with other settings or data ({what}); pass --force to "
+            "start over there, or choose another --out"
+        )
+
+
+def git_revision(root: Path = _ROOT) -> str:
+    """``git rev-parse HEAD`` of the source tree, or "unknown"."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    rev = done.stdout.strip()
+    return rev if done.returncode == 0 and rev else "unknown"
+
+
+def scorer_name(pipeline: Pipeline) -> str:
+    """Which scorer produced ``Answer.score``."""
+    if pipeline.scorer is None:
+        return STAND_IN_SCORER
+    return str(getattr(pipeline.scorer, "name", None) or type(pipeline.scorer).__name__)
+
+
+def describe_pipeline(pipeline: Pipeline, min_score: float | None) -> dict[str, Any]:
+    """Models, scorer and threshold of a pipeline, for run.json and the report."""
+    backend = getattr(pipeline.generator, "backend", None)
+    scorer = scorer_name(pipeline)
+    return {
+        "generator_model_id": str(getattr(backend, "model_id", "unknown")),
+        "scorer": scorer,
+        "scorer_note": STAND_IN_NOTE if pipeline.scorer is None else None,
+        "threshold": pipeline._threshold(min_score),  # the pipeline's own rule, not a copy
+        "config": asdict(pipeline.cfg),
+    }
+
+
+def manifest_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The index manifest without its file checksums."""
+    return {k: v for k, v in manifest.items() if k != "files"}
+
+
+# --- predictions.jsonl ------------------------------------------------------------------------
+
+
+def read_predictions(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The complete records of a predictions file and the byte length they span.
+
+    A last line cut short by a crash (no newline, or not a JSON record) is not counted, so the
+    caller can truncate the file to the returned length and redo that question. A bad line
+    before the last raises ConfigError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return [], 0
+    *lines, tail = path.read_bytes().split(b"\n")  # tail: bytes after the last newline
+    records: list[dict[str, Any]] = []
+    good = 0
+    for i, raw in enumerate(lines):
+        if raw.strip():
+            try:
+                row = json.loads(raw)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict) or "id" not in row:
+                if i == len(lines) - 1 and not tail.strip():
+                    log.warning("%s: dropping a damaged last line; that question is redone", path)
+                    return records, good
+                raise ConfigError(
+                    f"{path}:{i + 1} is not a prediction record and is not the last line; "
+                    "pass --force to start over"
+                )
+            records.append(row)
+        good += len(raw) + 1
+    if tail.strip():
+        log.warning("%s: dropping a truncated last line; that question is redone", path)
+    return records, good
+
+
+def append_line(f: Any, row: dict[str, Any]) -> None:
+    """Append one JSON line and make it durable before moving on."""
+    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+# --- one question -------------------------------------------------------------------------------
+
+
+def passage_matches_context(hit: Hit, document: Document | None, context: str) -> bool:
+    """Whether a retrieved passage is (part of) the gold paragraph ``context``.
+
+    True when the passage's whole document is the context, or the passage text lies inside the
+    context, or the context lies inside the passage (all after stripping outer whitespace).
+    """
+    ctx = context.strip()
+    text = hit.passage.text.strip()
+    if not ctx or not text:
+        return False
+    if document is not None and document.text.strip() == ctx:
+        return True
+    return text in ctx or ctx in text
+
+
+def gold_rank(hits: Sequence[Hit], context: str, document: Callable[[str], Document]) -> int | None:
+    """1-based rank of the first hit from the gold paragraph, None if none (or no context)."""
+    if not context.strip():
+        return None
+    for rank, hit in enumerate(hits, 1):
+        try:
+            doc = document(hit.passage.doc_id)
+        except KeyError:
+            doc = None
+        if passage_matches_context(hit, doc, context):
+            return rank
+    return None
+
+
+def prediction_record(item: QAItem, answer: Answer, rank: int | None) -> dict[str, Any]:
+    """One predictions.jsonl line: the dataset's id and golds, then ``Answer.to_json()``."""
+    return {
+        "id": item.id,
+        "gold_answers": list(item.answers),
+        "answerable": item.answerable,
+        "article": item.article,
+        **answer.to_json(with_candidates=True),
+        "gold_rank": rank,
+        "has_context": bool(item.context.strip()),
+    }
+
+
+def ask_one(pipeline: Pipeline, item: QAItem, n_candidates: int | None, min_score: float | None):
+    """Ask one question; a question the pipeline refuses becomes a recorded decline."""
+    try:
+        answer = pipeline.ask(item.question, n_candidates=n_candidates, min_score=min_score)
+    except CiteqaError as e:  # e.g. an over-long question: record it, keep going
+        answer = Answer(
+            question=item.question,
+            declined=True,
+            answer=None,
+            quote=None,
+            score=None,
+            reason=f"refused: {e}",
+        )
+    rank = None
+    if item.context.strip():
+        hits = pipeline.search(item.question, k=RETRIEVAL_DEPTH) if item.question.strip() else []
+        rank = gold_rank(hits, item.context, pipeline.document)
+    return prediction_record(item, answer, rank)
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+def load_items(spec: RunSpec) -> list[QAItem]:
+    """The dataset's questions, restricted to ``spec.split`` when given."""
+    articles = articles_for_split(spec.split) if spec.split else None
+    return load_questions(Path(spec.dataset), articles)
+
+
+def prepare_out(out: Path, ident: dict[str, Any], *, force: bool) -> None:
+    """Create ``out``, wiping a previous run when ``force``, else checking it is resumable."""
+    out = Path(out)
+    if force:
+        for name in (RUN_JSON, PREDICTIONS, METRICS, REPORT):
+            (out / name).unlink(missing_ok=True)
+        for png in out.glob("*.png") if out.is_dir() else []:
+            png.unlink()
+    else:
+        check_resumable(out, ident)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run_eval(
+    spec: RunSpec,
+    out: Path,
+    *,
+    limit: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+    pipeline: Pipeline | None = None,
+) -> RunResult:
+    """Evaluate ``spec`` into ``out`` (resuming what is there) and write metrics, report, plots.
+
+    ``limit``: only the first N questions (after the split). ``pipeline``: use this one instead
+    of loading ``Pipeline.from_settings`` (tests). Raises CiteqaError subclasses on bad input.
+    """
+    from citeqa.evals.report import write_outputs
+
+    out = Path(out)
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {limit}")
+    items = load_items(spec)
+    if limit is not None:
+        items = items[:limit]
+    manifest_path = Path(spec.index) / MANIFEST
+    if not manifest_path.is_file():
+        raise ConfigError(
+            f"{spec.index} is not an index directory (no {MANIFEST}); build one with "
+            f"`citeqa index build SOURCES --out {spec.index}`"
+        )
+    ident = identity(spec, sha256_file(spec.dataset), sha256_file(manifest_path))
+    prepare_out(out, ident, force=force)
+
+    if pipeline is None:
+        from citeqa.config import Settings
+
+        settings = Settings(preset=spec.preset, index=spec.index)  # type: ignore[arg-type,call-arg]
+        pipeline = Pipeline.from_settings(settings)
+    index_manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    run_info = {
+        "identity": ident,
+        "dataset": str(spec.dataset),
+        "index": str(spec.index),
+        "index_manifest": manifest_summary(index_manifest),
+        "pipeline": describe_pipeline(pipeline, spec.min_score),
+        "git_revision": git_revision(),
+        "started": _now(),
+    }
+    run_path = out / RUN_JSON
+    if run_path.is_file():
+        previous = json.loads(run_path.read_text(encoding="utf-8"))
+        run_info["started"] = previous.get("started", run_info["started"])
+    run_info["updated"] = _now()
+    _write_json(run_path, run_info)
+
+    pred_path = out / PREDICTIONS
+    records, good = read_predictions(pred_path)
+    if pred_path.is_file() and good < pred_path.stat().st_size:
+        with pred_path.open("r+b") as f:
+            f.truncate(good)
+    done = {r["id"] for r in records}
+    todo = [item for item in items if item.id not in done]
+    resumed = len(items) - len(todo)
+    if resumed:
+        log.info("resuming: %d of %d questions already in %s", resumed, len(items), pred_path)
+    with pred_path.open("a", encoding="utf-8") as f:
+        bar = tqdm(
+            total=len(items), initial=resumed, desc="questions", unit="q", disable=not progress
+        )
+        for item in todo:
+            row = ask_one(pipeline, item, spec.n_candidates, spec.min_score)
+            append_line(f, row)
+            records.append(row)
+            bar.update(1)
+        bar.close()
+
+    wanted = {item.id for item in items}
+    selected = [r for r in records if r["id"] in wanted]
+    order = {item.id: i for i, item in enumerate(items)}
+    selected.sort(key=lambda r: order[r["id"]])
+    metrics = write_outputs(out, selected, run_info, pipeline.document)
+    return RunResult(
+        out=out, questions=len(items), answered_now=len(todo), resumed=resumed, metrics=metrics
+    )
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,128 @@
+"""``citeqa eval`` and ``citeqa eval compare`` through Typer, registered as the main CLI will
+(``app.add_typer(eval_app, name="eval")``), with the tiny preset and an index in tmp_path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from citeqa.config import preset
+from citeqa.evals.cli import eval_app
+from citeqa.retrieval import build_index_from_documents
+from citeqa.types import Document
+
+app = typer.Typer()
+
+
+@app.callback()
+def _root() -> None:
+    """A stand-in for citeqa's main app."""
+
+
+app.add_typer(eval_app, name="eval")
+runner = CliRunner()
+
+DOCS = [
+    Document(
+        "h",
+        "Harvard",
+        "h.txt",
+        "Harvard University was founded in 1636 in Cambridge, Massachusetts.",
+    ),
+    Document(
+        "e",
+        "Eiffel",
+        "e.txt",
+        "The Eiffel Tower is a wrought-iron lattice tower in Paris. It opened in 1889.",
+    ),
+]
+QUESTIONS = [
+    {"id": "a", "question": "When was Harvard founded?", "answers": ["1636"]},
+    {"id": "b", "question": "When did the Eiffel Tower open?", "answers": ["1889"]},
+    {"id": "c", "question": "Who painted the Moon?", "answers": []},
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("evalcli")
+    build_index_from_documents(DOCS, root / "index", preset("tiny").retrieval, progress=False)
+    data = root / "q.jsonl"
+    data.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    return root / "index", data
+
+
+def _eval(index: Path, data: Path, out: Path, *extra: str):
+    return runner.invoke(
+        app,
+        [
+            "eval",
+            "--dataset",
+            str(data),
+            "--index",
+            str(index),
+            "--out",
+            str(out),
+            "--preset",
+            "tiny",
+            "--no-progress",
+            *extra,
+        ],
+    )
+
+
+def test_run_then_compare(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    index, data = setup
+    a = _eval(index, data, tmp_path / "A", "--limit", "2")
+    assert a.exit_code == 0, a.output
+    assert "2 questions (0 resumed, 2 asked)" in a.stdout
+    b = _eval(index, data, tmp_path / "B", "--min-score", "0.99")
+    assert b.exit_code == 0, b.output
+    rows = (tmp_path / "B" / "predictions.jsonl").read_text().splitlines()
+    assert len(rows) == 3 and all(json.loads(r)["declined"] for r in rows)
+    # resuming A without --limit asks only the last question
+    again = _eval(index, data, tmp_path / "A")
+    assert again.exit_code == 0, again.output
+    assert "3 questions (2 resumed, 1 asked)" in again.stdout
+
+    png = tmp_path / "cmp.png"
+    c = runner.invoke(
+        app, ["eval", "compare", str(tmp_path / "A"), str(tmp_path / "B"), "--out", str(png)]
+    )
+    assert c.exit_code == 0, c.output
+    lines = c.stdout.splitlines()
+    assert lines[0].split()[:3] == ["metric", "A", "B"]
+    cov = next(line for line in lines if line.startswith("coverage @ threshold"))
+    assert "100.0%" in cov and "0.0%" in cov and "-100.0 pt (worse)" in cov
+    assert any(line.startswith("SQuAD F1") for line in lines)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mismatch_refused_with_exit_2(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    index, data = setup
+    assert _eval(index, data, tmp_path / "R", "--limit", "1").exit_code == 0
+    r = _eval(index, data, tmp_path / "R", "--n-candidates", "2")
+    assert r.exit_code == 2
+    assert "n_candidates" in r.stderr and "--force" in r.stderr
+    assert _eval(index, data, tmp_path / "R", "--n-candidates", "2", "--force").exit_code == 0
+
+
+def test_bad_input_exits_2(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    index, data = setup
+    r = _eval(index, tmp_path / "missing.jsonl", tmp_path / "o1")
+    assert r.exit_code == 2 and "not found" in r.stderr and "Traceback" not in r.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(QUESTIONS[0]) + "\n" + '{"id": "x"}\n')
+    r = _eval(index, bad, tmp_path / "o2")
+    assert r.exit_code == 2 and "bad.jsonl:2" in r.stderr
+    r = runner.invoke(app, ["eval", "--dataset", str(data)])
+    assert r.exit_code == 2 and "missing --index, --out" in r.stderr
+    r = _eval(index, data, tmp_path / "o3", "--split", "test")
+    assert r.exit_code == 2 and "unknown split" in r.stderr
+    r = runner.invoke(app, ["eval", "compare", str(tmp_path), str(tmp_path)])
+    assert r.exit_code == 2 and "metrics.json" in r.stderr

@@ -1,0 +1,302 @@
+"""The evaluation runner: predictions file format, resumption, run.json refusal, bad input.
+
+Runs the real pipeline with the ``tiny`` preset (hash embedder + weightless extractive
+generator) over an index built in tmp_path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from citeqa.config import Settings, preset
+from citeqa.errors import ConfigError, SourceError
+from citeqa.evals.runner import (
+    PREDICTIONS,
+    RUN_JSON,
+    RunSpec,
+    gold_rank,
+    passage_matches_context,
+    read_predictions,
+    run_eval,
+)
+from citeqa.evals.squad import EVAL_ARTICLES
+from citeqa.pipeline import Pipeline
+from citeqa.retrieval import build_index_from_documents
+from citeqa.types import Document, Hit, Passage
+
+DOCS = [
+    Document(
+        "n",
+        "Normans",
+        "normans.txt",
+        "The Normans gave their name to Normandy, a region in France. "
+        "Their leader Rollo swore fealty to King Charles III of West Francia.",
+    ),
+    Document(
+        "e",
+        "Eiffel Tower",
+        "eiffel.txt",
+        "The Eiffel Tower is a wrought-iron lattice tower in Paris. "
+        "It opened in 1889 as the entrance to the World's Fair.",
+    ),
+    Document(
+        "h",
+        "Harvard",
+        "harvard.txt",
+        "Harvard University was founded in 1636 in Cambridge, Massachusetts.",
+    ),
+]
+QUESTIONS = [
+    {
+        "id": "q1",
+        "question": "When was Harvard University founded?",
+        "answers": ["1636"],
+        "context": DOCS[2].text,
+    },
+    {
+        "id": "q2",
+        "question": "Who was the leader of the Normans?",
+        "answers": ["Rollo"],
+        "context": DOCS[0].text,
+    },
+    {"id": "q3", "question": "What is the capital city of Mars?", "answers": []},
+    {
+        "id": "q4",
+        "question": "When did the Eiffel Tower open?",
+        "answers": ["1889", "in 1889"],
+        "context": DOCS[1].text,
+    },
+    {
+        "id": "q5",
+        "question": "Which king did Rollo swear fealty to?",
+        "answers": ["Charles III"],
+        "context": DOCS[0].text,
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("eval") / "index"
+    build_index_from_documents(DOCS, out, preset("tiny").retrieval, progress=False)
+    return out
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    return path
+
+
+def _spec(dataset: Path, index: Path, **kw: object) -> RunSpec:
+    return RunSpec(dataset=dataset, index=index, preset="tiny", **kw)  # type: ignore[arg-type]
+
+
+def _lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / PREDICTIONS).read_text().splitlines()]
+
+
+def test_predictions_file_format(dataset: Path, index_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = run_eval(_spec(dataset, index_dir), out, progress=False)
+    assert (result.questions, result.answered_now, result.resumed) == (5, 5, 0)
+    rows = _lines(out)
+    assert [r["id"] for r in rows] == [q["id"] for q in QUESTIONS]
+    for row, q in zip(rows, QUESTIONS, strict=True):
+        assert row["gold_answers"] == q["answers"]
+        assert row["question"] == q["question"]
+        assert isinstance(row["declined"], bool)
+        assert row["declined"] == (row["answer"] is None)
+        cands = row["candidates"]
+        assert cands, row
+        for c in cands:
+            assert {"answer", "quote", "score", "mean_logprob", "retrieval_score"} <= set(c)
+        # best first: verified quotes first, then by score, as the pipeline ranks them
+        keys = [(c["quote"] is None, -c["score"]) for c in cands]
+        assert keys == sorted(keys)
+        assert "total_ms" in row["timings_ms"]
+    # the same answers as asking the pipeline directly
+    pipe = Pipeline.from_settings(Settings(preset="tiny", index=index_dir))
+    for row, q in zip(rows, QUESTIONS, strict=True):
+        direct = pipe.ask(q["question"]).to_json()
+        assert row["answer"] == direct["answer"]
+        assert row["quote"] == direct["quote"]
+        assert row["score"] == pytest.approx(direct["score"])
+    # gold paragraph ranks: known for questions with a context, None without
+    assert rows[2]["gold_rank"] is None and not rows[2]["has_context"]
+    assert all(isinstance(r["gold_rank"], int) for i, r in enumerate(rows) if i != 2)
+    for name in ("metrics.json", "report.md", RUN_JSON):
+        assert (out / name).is_file()
+    run = json.loads((out / RUN_JSON).read_text())
+    assert run["pipeline"]["generator_model_id"] == "extractive"
+    assert run["identity"]["preset"] == "tiny"
+
+
+def test_resume_after_limit(dataset: Path, index_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = run_eval(_spec(dataset, index_dir), out, limit=2, progress=False)
+    assert (first.questions, first.answered_now) == (2, 2)
+    assert first.metrics["questions"] == 2
+    assert [r["id"] for r in _lines(out)] == ["q1", "q2"]
+    again = run_eval(_spec(dataset, index_dir), out, limit=2, progress=False)
+    assert (again.answered_now, again.resumed) == (0, 2)
+    full = run_eval(_spec(dataset, index_dir), out, progress=False)
+    assert (full.questions, full.answered_now, full.resumed) == (5, 3, 2)
+    assert [r["id"] for r in _lines(out)] == [q["id"] for q in QUESTIONS]
+    assert full.metrics["questions"] == 5
+
+
+def test_truncated_last_line_is_redone(dataset: Path, index_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_eval(_spec(dataset, index_dir), out, progress=False)
+    path = out / PREDICTIONS
+    complete = path.read_text()
+    last_start = complete.rstrip("\n").rfind("\n") + 1
+    path.write_text(complete[: last_start + 40])  # a crash in the middle of the last write
+    records, good = read_predictions(path)
+    assert [r["id"] for r in records] == ["q1", "q2", "q3", "q4"]
+    assert good == len(complete[:last_start].encode())
+    result = run_eval(_spec(dataset, index_dir), out, progress=False)
+    assert (result.answered_now, result.resumed) == (1, 4)
+    rows = _lines(out)  # every line parses again
+    assert [r["id"] for r in rows] == [q["id"] for q in QUESTIONS]
+    before = [json.loads(line) for line in complete.splitlines()]
+    for row in (*rows, *before):
+        row.pop("timings_ms")
+    assert rows == before  # deterministic pipeline: the same last line again
+
+
+def test_damaged_middle_line_refuses(dataset: Path, index_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_eval(_spec(dataset, index_dir), out, limit=3, progress=False)
+    path = out / PREDICTIONS
+    lines = path.read_text().splitlines(keepends=True)
+    lines[1] = '{"id": "q2", "broken\n'
+    path.write_text("".join(lines))
+    with pytest.raises(ConfigError, match=r"predictions.jsonl:2.*--force"):
+        run_eval(_spec(dataset, index_dir), out, progress=False)
+    assert run_eval(_spec(dataset, index_dir), out, force=True, progress=False).resumed == 0
+
+
+def test_refuses_to_resume_with_other_settings(
+    dataset: Path, index_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    run_eval(_spec(dataset, index_dir), out, limit=1, progress=False)
+    with pytest.raises(ConfigError, match=r"min_score.*--force"):
+        run_eval(_spec(dataset, index_dir, min_score=0.9), out, progress=False)
+    with pytest.raises(ConfigError, match="n_candidates"):
+        run_eval(_spec(dataset, index_dir, n_candidates=2), out, progress=False)
+    other = tmp_path / "other.jsonl"
+    other.write_text(dataset.read_text().replace("Mars", "Venus"))
+    with pytest.raises(ConfigError, match="dataset_sha256"):
+        run_eval(_spec(other, index_dir), out, progress=False)
+    # nothing was written by the refused runs
+    assert [r["id"] for r in _lines(out)] == ["q1"]
+    forced = run_eval(_spec(dataset, index_dir, min_score=0.9), out, force=True, progress=False)
+    assert (forced.resumed, forced.answered_now) == (0, 5)
+    rows = _lines(out)
+    assert all(r["declined"] or r["score"] >= 0.9 for r in rows)
+    assert json.loads((out / RUN_JSON).read_text())["identity"]["min_score"] == 0.9
+
+
+def test_predictions_without_run_json_refuse(
+    dataset: Path, index_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / PREDICTIONS).write_text('{"id": "q1"}\n')
+    with pytest.raises(ConfigError, match="--force"):
+        run_eval(_spec(dataset, index_dir), out, progress=False)
+
+
+def test_bad_input(dataset: Path, index_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="not found"):
+        run_eval(_spec(tmp_path / "nope.jsonl", index_dir), tmp_path / "a", progress=False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(QUESTIONS[0]) + "\n{not json\n")
+    with pytest.raises(SourceError, match=r"bad.jsonl:2"):
+        run_eval(_spec(bad, index_dir), tmp_path / "b", progress=False)
+    with pytest.raises(ConfigError, match="index build"):
+        run_eval(_spec(dataset, tmp_path / "no-index"), tmp_path / "c", progress=False)
+    with pytest.raises(ConfigError, match="--limit"):
+        run_eval(_spec(dataset, index_dir), tmp_path / "d", limit=0, progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_refused_question_is_recorded_as_decline(index_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "long.jsonl"
+    rows = [{"id": "long", "question": "why " * 400, "answers": ["x"]}, QUESTIONS[0]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_eval(_spec(path, index_dir), tmp_path / "run", progress=False)
+    first = _lines(tmp_path / "run")[0]
+    assert first["declined"] and first["reason"].startswith("refused:")
+    assert first["candidates"] == []
+    assert result.metrics["questions"] == 2
+
+
+def test_split_restricts_squad_articles(index_dir: Path, tmp_path: Path) -> None:
+    def article(title: str, qid: str) -> dict:
+        return {
+            "title": title,
+            "paragraphs": [
+                {
+                    "context": DOCS[2].text,
+                    "qas": [
+                        {
+                            "id": qid,
+                            "question": "When was Harvard University founded?",
+                            "answers": [{"text": "1636", "answer_start": 34}],
+                            "is_impossible": False,
+                        }
+                    ],
+                }
+            ],
+        }
+
+    squad = tmp_path / "squad.json"
+    titles = [*EVAL_ARTICLES, "Normans"]
+    squad.write_text(
+        json.dumps(
+            {"version": "v2.0", "data": [article(title, f"q{i}") for i, title in enumerate(titles)]}
+        )
+    )
+    out = tmp_path / "run"
+    result = run_eval(_spec(squad, index_dir, split="eval"), out, progress=False)
+    assert result.questions == len(EVAL_ARTICLES)
+    rows = _lines(out)
+    assert [r["id"] for r in rows] == [f"q{i}" for i in range(len(EVAL_ARTICLES))]
+    assert [r["article"] for r in rows] == list(EVAL_ARTICLES)
+    assert all(r["gold_rank"] == 1 for r in rows)
+    with pytest.raises(SourceError, match="articles not in the file"):
+        run_eval(_spec(squad, index_dir, split="train"), tmp_path / "run2", progress=False)
+
+
+def _hit(text: str, doc_id: str = "d", start: int = 0) -> Hit:
+    return Hit(Passage(0, doc_id, start, start + len(text), text), "t", "s", 1.0)
+
+
+def test_passage_matches_context() -> None:
+    ctx = "Alpha beta gamma. Delta epsilon zeta."
+    doc = Document("d", "t", "s", ctx)
+    assert passage_matches_context(_hit("Delta epsilon zeta."), None, ctx)  # inside
+    assert passage_matches_context(_hit("Intro. " + ctx + " Outro."), None, ctx)  # contains
+    assert passage_matches_context(_hit("something else"), doc, "  " + ctx + "\n")  # whole doc
+    assert not passage_matches_context(_hit("Omega."), Document("x", "t", "s", "Omega."), ctx)
+    assert not passage_matches_context(_hit("Delta"), None, "")
+
+
+def test_gold_rank() -> None:
+    ctx = "Alpha beta gamma."
+    docs = {"a": Document("a", "t", "s", "Other text."), "b": Document("b", "t", "s", ctx)}
+    hits = [_hit("Other text.", "a"), _hit("Alpha beta gamma.", "b"), _hit(ctx, "b")]
+    assert gold_rank(hits, ctx, docs.__getitem__) == 2
+    assert gold_rank(hits[:1], ctx, docs.__getitem__) is None
+    assert gold_rank(hits, "", docs.__getitem__) is None
+    unknown = [replace(hits[1], passage=replace(hits[1].passage, doc_id="zzz"))]
+    assert gold_rank(unknown, ctx, docs.__getitem__) == 1  # text still inside the context
