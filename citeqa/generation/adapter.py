@@ -1,0 +1,209 @@
+"""A trained LoRA adapter on disk, and merging it into a loaded generator's weights.
+
+Layout of an adapter directory (plain data, never pickle)::
+
+    adapter/
+      adapter.safetensors   float32 ``<module>.lora_A`` [r, in] and ``<module>.lora_B`` [out, r]
+      adapter.json          format, r, alpha, target modules, base model id, base fingerprint,
+                            prompt fingerprint (see ``AdapterConfig``)
+
+``apply_adapter`` adds ``alpha / r * B @ A`` to each target ``nn.Linear``'s weight in place, so a
+fine-tuned generator decodes exactly as fast as the base one. It first checks the base weights'
+fingerprint: deltas trained on other weights would silently produce nonsense.
+
+The fingerprint hashes a few whole base tensors rounded to bfloat16, so the same base model
+loaded in float32 (CPU) or bfloat16 (CUDA) matches; a float16 load may not, and is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from citeqa.config import GenerationConfig
+from citeqa.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "citeqa-lora"
+VERSION = 1
+WEIGHTS = "adapter.safetensors"
+CONFIG = "adapter.json"
+PROBE_QUESTION = "Which probe question renders the prompt?"  # fixed input of prompt_fingerprint
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """What ``adapter.json`` records about a LoRA adapter."""
+
+    r: int  # rank of each A/B pair
+    alpha: float  # the delta is scaled by alpha / r
+    target_modules: tuple[str, ...]  # full module names (model.named_modules) of adapted Linears
+    base_model_id: str  # the generator's model_id when trained (informational)
+    base_fingerprint: str  # sha256 of the fingerprint_params, rounded to bfloat16
+    fingerprint_params: tuple[str, ...]  # parameter names hashed into base_fingerprint
+    prompt_fingerprint: str = ""  # prompt_fingerprint() at training time; "" = unknown
+    extra: dict[str, Any] = field(default_factory=dict)  # training settings, for the record
+    format: str = FORMAT
+    version: int = VERSION
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["target_modules"] = list(self.target_modules)
+        out["fingerprint_params"] = list(self.fingerprint_params)
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> AdapterConfig:
+        return cls(
+            r=int(obj["r"]),
+            alpha=float(obj["alpha"]),
+            target_modules=tuple(obj["target_modules"]),
+            base_model_id=str(obj["base_model_id"]),
+            base_fingerprint=str(obj["base_fingerprint"]),
+            fingerprint_params=tuple(obj["fingerprint_params"]),
+            prompt_fingerprint=str(obj.get("prompt_fingerprint", "")),
+            extra=dict(obj.get("extra", {})),
+            format=str(obj["format"]),
+            version=int(obj["version"]),
+        )
+
+
+def base_fingerprint(model: nn.Module, param_names: Sequence[str]) -> str:
+    """sha256 over ``param_names`` (name, shape, bfloat16 bytes) of ``model``'s parameters."""
+    params = dict(model.named_parameters())
+    h = hashlib.sha256()
+    for name in param_names:
+        if name not in params:
+            raise ModelError(
+                f"the generator has no parameter {name!r}; the adapter was trained on another "
+                "architecture: use its base model or retrain the adapter"
+            )
+        t = params[name].detach().to("cpu", torch.bfloat16).contiguous()
+        h.update(name.encode())
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+def prompt_fingerprint(cfg: GenerationConfig | None = None) -> str:
+    """sha256 of the chat messages the current prompt code builds for a fixed probe.
+
+    Recorded at training time; a different value at load time means ``prompt.py`` changed
+    since, and the adapter was trained on prompts the generator no longer sees.
+    """
+    from citeqa.generation.prompt import build_messages  # prompt -> verify; keep import light
+    from citeqa.types import Hit, Passage
+
+    text = "The probe passage has two sentences. It exists only to render the prompt."
+    hit = Hit(Passage(0, "probe", 0, len(text), text), "Probe", "probe", 1.0)
+    messages, _ = build_messages(PROBE_QUESTION, [hit, hit], cfg or GenerationConfig())
+    return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
+
+
+def save_adapter(directory: Path, tensors: Mapping[str, torch.Tensor], cfg: AdapterConfig) -> None:
+    """Write ``tensors`` (``<module>.lora_A`` / ``.lora_B``) and ``cfg`` into ``directory``."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    expected = {f"{m}.lora_{ab}" for m in cfg.target_modules for ab in "AB"}
+    assert set(tensors) == expected, f"adapter tensors {sorted(set(tensors) ^ expected)} mismatch"
+    cpu = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    save_file(cpu, str(directory / WEIGHTS), metadata={"format": FORMAT})
+    (directory / CONFIG).write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+
+
+def load_adapter(directory: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """Read an adapter directory; ModelError saying what to do when it is missing or broken."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
+        raise ModelError(
+            f"{directory} is not a generator adapter (needs {CONFIG} and {WEIGHTS}); "
+            "train one with `citeqa train generator --data FILE --out DIR`"
+        )
+    try:
+        cfg = AdapterConfig.from_json(json.loads((directory / CONFIG).read_text()))
+        tensors = load_file(str(directory / WEIGHTS))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"cannot read the adapter in {directory}: {e}; retrain it") from e
+    if cfg.format != FORMAT or cfg.version != VERSION:
+        raise ModelError(
+            f"{directory} holds a {cfg.format!r} v{cfg.version} adapter; this citeqa reads "
+            f"{FORMAT!r} v{VERSION}: retrain it with this version"
+        )
+    return cfg, tensors
+
+
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """The weight update of one LoRA pair: ``scale * B @ A`` [out, in], in float32."""
+    return scale * (b.float() @ a.float())
+
+
+@torch.no_grad()
+def merge_adapter(
+    model: nn.Module, cfg: AdapterConfig, tensors: Mapping[str, torch.Tensor]
+) -> None:
+    """Add each LoRA delta to its ``nn.Linear`` weight in place (no fingerprint check)."""
+    modules = dict(model.named_modules())
+    for name in cfg.target_modules:
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            raise ModelError(
+                f"the adapter targets {name!r}, which is not a Linear layer of this generator; "
+                "use the adapter's base model or retrain the adapter"
+            )
+        try:
+            a, b = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
+        except KeyError as e:
+            raise ModelError(f"the adapter lacks {e.args[0]}; retrain it") from None
+        w = module.weight  # [out, in]
+        if (b.shape[0], a.shape[1]) != tuple(w.shape) or a.shape[0] != b.shape[1]:
+            raise ModelError(
+                f"adapter shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit {name} "
+                f"{tuple(w.shape)}; use the adapter's base model or retrain the adapter"
+            )
+        delta = lora_delta(a.to(w.device), b.to(w.device), cfg.scale)
+        w.copy_((w.float() + delta).to(w.dtype))
+
+
+def apply_adapter(model: nn.Module, adapter_dir: Path) -> None:
+    """Merge the LoRA adapter in ``adapter_dir`` into ``model``'s weights, in place.
+
+    Raises ModelError when the adapter is missing or broken, or when ``model`` is not the base
+    model it was trained on (fingerprint mismatch; also when it was already applied once).
+    """
+    cfg, tensors = load_adapter(adapter_dir)
+    found = base_fingerprint(model, cfg.fingerprint_params)
+    if found != cfg.base_fingerprint:
+        raise ModelError(
+            f"the adapter in {adapter_dir} was trained on {cfg.base_model_id!r} (weights "
+            f"fingerprint {cfg.base_fingerprint[:12]}) but the loaded generator's weights differ "
+            f"({found[:12]}); load that base model (an adapter is applied once, to unmodified "
+            "weights) or retrain the adapter on this one"
+        )
+    if cfg.prompt_fingerprint and cfg.prompt_fingerprint != prompt_fingerprint():
+        logger.warning(
+            "the prompt code changed since the adapter in %s was trained; it may do worse "
+            "than measured: retrain it with `citeqa train generator`",
+            adapter_dir,
+        )
+    merge_adapter(model, cfg, tensors)
+    logger.info(
+        "applied adapter %s (r=%d, %d modules) to %s",
+        adapter_dir, cfg.r, len(cfg.target_modules), cfg.base_model_id,
+    )

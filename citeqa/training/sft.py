@@ -1,0 +1,392 @@
+"""Supervised fine-tuning of the generator on demonstrations: render, mask, train LoRA, save.
+
+An example is the serving prompt (``prompt.build_messages`` -> chat template with the
+assistant opening, token for token what ``HFBackend.prompt_ids`` feeds the model) followed by
+the target reply (``demos.render_target``) and the end-of-turn token. Only the target tokens
+carry labels; the prompt's are -100, so the model learns to answer and quote, not to write
+prompts.
+
+Training: AdamW on the LoRA parameters only, constant learning rate, ``batch_size`` examples
+per optimizer step processed ``micro_batch_size`` at a time (gradient accumulation). The loss
+is the mean cross-entropy over the batch's target tokens; logits are computed for those
+positions only (the 49k-row LM head is a fifth of SmolLM2's compute per token). Seeded:
+the same data, settings and device give the same adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from citeqa.config import GenerationConfig
+from citeqa.generation.adapter import AdapterConfig, base_fingerprint, prompt_fingerprint
+from citeqa.generation.adapter import save_adapter as _save_adapter
+from citeqa.training.demos import Demo, render_target
+from citeqa.training.lora import LoRAConfig, LoRALinear, inject_lora, lora_parameters, lora_tensors
+
+logger = logging.getLogger(__name__)
+
+IGNORE = -100  # label of positions that carry no loss (torch cross_entropy's ignore_index)
+LOG_FILE = "training_log.json"
+CARD_FILE = "MODEL_CARD.md"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 1  # passes over the examples
+    lr: float = 2e-4  # AdamW learning rate (constant)
+    weight_decay: float = 0.0  # AdamW weight decay on A and B
+    batch_size: int = 8  # examples per optimizer step
+    micro_batch_size: int = 1  # examples per forward/backward (gradient accumulation)
+    max_steps: int | None = None  # stop after this many optimizer steps (None = all epochs)
+    max_tokens: int = 1536  # examples longer than this (prompt + target) are dropped
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    seed: int = 0  # LoRA init and example order
+
+
+@dataclass(frozen=True)
+class Example:
+    """Token ids of one prompt + target, and labels (-100 on the prompt)."""
+
+    input_ids: tuple[int, ...]  # [S]
+    labels: tuple[int, ...]  # [S]: input_ids on the target tokens, IGNORE elsewhere
+
+    @property
+    def target_tokens(self) -> int:
+        return sum(label != IGNORE for label in self.labels)
+
+
+@dataclass
+class TrainLog:
+    steps: list[dict[str, float]] = field(default_factory=list)  # step, loss, tokens, seconds
+    seconds: float = 0.0
+    examples: int = 0
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / max(len(self.steps), 1)
+
+
+# -- rendering ---------------------------------------------------------------------------------
+
+
+def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of the chat prompt ending with the assistant opening (as HFBackend builds it)."""
+    if getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, return_dict=True
+        )
+        return [int(i) for i in out["input_ids"]]
+    text = "\n\n".join(m["content"] for m in messages) + "\n\n"
+    return [int(i) for i in tokenizer(text, add_special_tokens=True)["input_ids"]]
+
+
+def end_token_id(tokenizer: Any) -> int:
+    """The token that ends the assistant's turn (``<|im_end|>`` for ChatML models)."""
+    tid = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+        return tid
+    assert tokenizer.eos_token_id is not None, "the tokenizer has no end-of-sequence token"
+    return int(tokenizer.eos_token_id)
+
+
+def encode_example(tokenizer: Any, messages: Sequence[dict[str, str]], target: str) -> Example:
+    """Prompt tokens (labels -100), then the target's tokens and the end token (labelled)."""
+    prompt = prompt_ids(tokenizer, messages)
+    reply = [int(i) for i in tokenizer(target, add_special_tokens=False)["input_ids"]]
+    reply.append(end_token_id(tokenizer))
+    return Example(tuple(prompt + reply), tuple([IGNORE] * len(prompt) + reply))
+
+
+def render_examples(
+    demos: Sequence[Demo], tokenizer: Any, cfg: GenerationConfig, *, max_tokens: int
+) -> tuple[list[Example], dict[str, int]]:
+    """Examples for ``demos`` and the counts of those dropped, by reason."""
+    examples: list[Example] = []
+    dropped: dict[str, int] = {}
+    for demo in demos:
+        rendered = render_target(demo, cfg)
+        if rendered is None:
+            dropped["quote outside the prompt's window"] = (
+                dropped.get("quote outside the prompt's window", 0) + 1
+            )
+            continue
+        ex = encode_example(tokenizer, *rendered)
+        if len(ex.input_ids) > max_tokens:
+            dropped[f"longer than {max_tokens} tokens"] = (
+                dropped.get(f"longer than {max_tokens} tokens", 0) + 1
+            )
+            continue
+        examples.append(ex)
+    return examples, dropped
+
+
+def collate(
+    examples: Sequence[Example], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels``, each [B, S]."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(e.labels)
+    return ids, mask, labels
+
+
+# -- loss and training ---------------------------------------------------------------------------
+
+
+def target_loss(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over labelled positions, and how many there are."""
+    device = next(model.parameters()).device
+    hidden = model.get_decoder()(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
+    ).last_hidden_state  # [B, S, H]
+    targets = labels[:, 1:].to(device)  # position t predicts token t + 1
+    keep = targets != IGNORE  # [B, S-1]
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # [T, V]
+    loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return loss, int(keep.sum())
+
+
+def train_lora(
+    model: Any,
+    examples: Sequence[Example],
+    pad_id: int,
+    cfg: TrainConfig,
+    lora: LoRAConfig,
+    *,
+    progress: bool = True,
+) -> tuple[dict[str, LoRALinear], TrainLog]:
+    """Wrap ``model``'s target layers with LoRA (in place) and train them on ``examples``."""
+    if not examples:
+        raise ValueError("no training examples")
+    torch.manual_seed(cfg.seed)
+    wrapped = inject_lora(model, lora)
+    params = lora_parameters(wrapped)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    model.train()
+    log = TrainLog(examples=len(examples))
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, desc="training", disable=not progress)
+    step = 0
+    rng = random.Random(cfg.seed)
+    while step < total:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for b in range(0, len(order), cfg.batch_size):
+            if step >= total:
+                break
+            batch = [examples[i] for i in order[b : b + cfg.batch_size]]
+            n_tokens = sum(e.target_tokens for e in batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for m in range(0, len(batch), cfg.micro_batch_size):
+                ids, mask, labels = collate(batch[m : m + cfg.micro_batch_size], pad_id)
+                loss, _ = target_loss(model, ids, mask, labels)
+                (loss / n_tokens).backward()  # the batch's token mean, accumulated
+                loss_sum += float(loss.detach())
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            mean = loss_sum / n_tokens
+            log.steps.append(
+                {"step": step, "loss": mean, "tokens": n_tokens,
+                 "seconds": time.perf_counter() - t0}
+            )
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean:.3f}")
+    bar.close()
+    model.eval()
+    log.seconds = time.perf_counter() - t0
+    return wrapped, log
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (ru_maxrss: KiB on Linux)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+# -- outputs -------------------------------------------------------------------------------------
+
+
+def fingerprint_params(targets: Sequence[str]) -> list[str]:
+    """Parameters hashed into the base fingerprint: the first and last target layers' weights."""
+    first, last = targets[0], targets[-1]
+    return [f"{first}.weight"] + ([f"{last}.weight"] if last != first else [])
+
+
+def save_adapter(
+    out: Path,
+    wrapped: dict[str, LoRALinear],
+    lora: LoRAConfig,
+    *,
+    base_model_id: str,
+    fingerprint: str,
+    params: Sequence[str],
+    extra: dict[str, Any],
+) -> AdapterConfig:
+    """Write the trained A/B tensors and ``adapter.json`` into ``out``."""
+    cfg = AdapterConfig(
+        r=lora.r,
+        alpha=lora.alpha,
+        target_modules=tuple(wrapped),
+        base_model_id=base_model_id,
+        base_fingerprint=fingerprint,
+        fingerprint_params=tuple(params),
+        prompt_fingerprint=prompt_fingerprint(),
+        extra=extra,
+    )
+    _save_adapter(out, lora_tensors(wrapped), cfg)
+    return cfg
+
+
+def write_log(out: Path, log: TrainLog, meta: dict[str, Any]) -> dict[str, Any]:
+    """Write ``training_log.json``: per-step losses, timings, peak memory, settings."""
+    record = {
+        **meta,
+        "steps": len(log.steps),
+        "examples": log.examples,
+        "seconds": round(log.seconds, 3),
+        "seconds_per_step": round(log.seconds_per_step, 3),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "first_loss": round(log.steps[0]["loss"], 4) if log.steps else None,
+        "last_loss": round(log.steps[-1]["loss"], 4) if log.steps else None,
+        "history": log.steps,
+    }
+    if torch.cuda.is_available():
+        record["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / LOG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def write_model_card(out: Path, record: dict[str, Any]) -> None:
+    """Write ``MODEL_CARD.md``: what is known now, with placeholders for evaluation results."""
+    train = record.get("train", {})
+    lora = record.get("lora", {})
+    text = f"""# citeqa generator adapter (LoRA on {record.get("base_model_id", "?")})
+
+A LoRA adapter teaching the base generator to answer in citeqa's cited format
+(`Answer: ...` / `Quote [k]: ...`, a verbatim quote of a shown passage). Load it with
+`GenerationConfig(adapter="{out}")`; it is merged into the weights at load time (no extra
+decoding cost) and refuses any other base model (weights fingerprint).
+
+## Training
+- Data: `{record.get("data", "?")}` ({record.get("examples", "?")} examples rendered,
+  dropped: {json.dumps(record.get("dropped", {}))}); split: {{SPLIT (e.g. SQuAD 2.0 train
+  articles: Normans, Computational_complexity_theory, Huguenot, Steam_engine, 1973_oil_crisis)}}
+- Unanswerable questions were excluded on purpose (declining is the reward model's job).
+- Command: `{record.get("command", "?")}`
+- LoRA: r={lora.get("r")}, alpha={lora.get("alpha")}, targets={lora.get("targets")}
+- Optimiser: AdamW lr={train.get("lr")}, batch {train.get("batch_size")}, epochs
+  {train.get("epochs")}, max steps {train.get("max_steps")}, seed {train.get("seed")}
+- Steps: {record.get("steps")}, loss {record.get("first_loss")} -> {record.get("last_loss")}
+- Time: {record.get("seconds")} s ({record.get("seconds_per_step")} s/step) on
+  {record.get("device")}, peak RSS {record.get("peak_rss_mb")} MiB
+
+## Evaluation
+{{EVAL_METRICS: base vs fine-tuned on the SQuAD 2.0 eval articles (Harvard_University,
+Scottish_Parliament, Imperialism, French_and_Indian_War): answer EM/F1, quote verified rate,
+supported rate, with the command that produced them}}
+
+## Limitations
+{{LIMITATIONS: e.g. trained on 11 Wikipedia articles' style of question; English only}}
+
+## Data licence
+Trained on questions and paragraphs of the SQuAD 2.0 development set (Rajpurkar, Jia, Liang
+2018; Rajpurkar et al. 2016), CC BY-SA 4.0.
+"""
+    (Path(out) / CARD_FILE).write_text(text)
+
+
+def settings_record(train: TrainConfig, lora: LoRAConfig, gen: GenerationConfig) -> dict[str, Any]:
+    """The settings that made an adapter, as JSON-ready dicts."""
+    return {
+        "train": asdict(train),
+        "lora": {**asdict(lora), "targets": list(lora.targets)},
+        "prompt": {
+            k: getattr(gen, k)
+            for k in ("top_k_passages", "passage_chars", "min_quote_chars", "max_quote_chars")
+        },
+    }
+
+
+def run_sft(
+    model: Any,
+    tokenizer: Any,
+    base_model_id: str,
+    demos: Sequence[Demo],
+    out: Path,
+    gen: GenerationConfig,
+    train: TrainConfig,
+    lora: LoRAConfig,
+    *,
+    meta: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Render ``demos``, train a LoRA adapter on ``model`` and write adapter, log and card.
+
+    Returns the training log record. ``model`` is left wrapped with the trained LoRA layers.
+    """
+    from citeqa.training.lora import target_names
+
+    examples, dropped = render_examples(demos, tokenizer, gen, max_tokens=train.max_tokens)
+    if dropped:
+        logger.warning("dropped %s of %d demonstrations", dropped, len(demos))
+    if not examples:
+        raise ValueError(f"none of the {len(demos)} demonstrations could be rendered: {dropped}")
+    targets = target_names(model, lora.targets)
+    if not targets:
+        raise ValueError(f"the model has no Linear layer named like {list(lora.targets)}")
+    params = fingerprint_params(targets)
+    fingerprint = base_fingerprint(model, params)  # before training touches anything
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_token_id(
+        tokenizer
+    )
+    wrapped, log = train_lora(model, examples, pad_id, train, lora, progress=progress)
+    settings = settings_record(train, lora, gen)
+    save_adapter(
+        out, wrapped, lora, base_model_id=base_model_id, fingerprint=fingerprint,
+        params=params, extra=settings,
+    )
+    device = str(next(model.parameters()).device)
+    record = write_log(
+        out,
+        log,
+        {
+            **(meta or {}),
+            **settings,
+            "base_model_id": base_model_id,
+            "device": device,
+            "torch_threads": torch.get_num_threads(),
+            "dropped": dropped,
+            "target_tokens": sum(e.target_tokens for e in examples),
+        },
+    )
+    write_model_card(out, record)
+    return record

@@ -1,0 +1,135 @@
+"""LoRA adapters: merged weights reproduce the trained model; wrong base models are refused."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from citeqa.errors import ModelError
+from citeqa.generation.adapter import (
+    CONFIG,
+    apply_adapter,
+    base_fingerprint,
+    lora_delta,
+    prompt_fingerprint,
+)
+from citeqa.training.lora import ATTENTION, MLP, LoRAConfig, LoRALinear, inject_lora, target_names
+from citeqa.training.sft import (
+    Example,
+    TrainConfig,
+    fingerprint_params,
+    save_adapter,
+    train_lora,
+)
+
+VOCAB = 128
+
+
+def tiny_model(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _examples() -> list[Example]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(4):
+        ids = torch.randint(3, VOCAB, (24,), generator=g).tolist()
+        out.append(Example(tuple(ids), tuple([-100] * 16 + ids[16:])))
+    return out
+
+
+def _trained(tmp_path: Path, lora: LoRAConfig) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
+    """(pristine copy of the base, base trained with LoRA and saved to tmp_path)."""
+    model = tiny_model()
+    base = copy.deepcopy(model)
+    params = fingerprint_params(target_names(model, lora.targets))
+    fp = base_fingerprint(model, params)
+    cfg = TrainConfig(lr=5e-2, batch_size=2, max_steps=6)
+    wrapped, _ = train_lora(model, _examples(), 0, cfg, lora, progress=False)
+    save_adapter(tmp_path, wrapped, lora, base_model_id="tiny", fingerprint=fp, params=params,
+                 extra={})
+    return base, model
+
+
+@pytest.mark.parametrize("targets", [ATTENTION, ATTENTION + MLP])
+def test_apply_adapter_reproduces_the_trained_model(tmp_path: Path, targets) -> None:
+    base, trained = _trained(tmp_path, LoRAConfig(r=4, alpha=8, targets=targets))
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = base(ids).logits
+        want = trained(ids).logits
+        assert not torch.allclose(before, want, atol=1e-3)  # training changed something
+        apply_adapter(base, tmp_path)
+        got = base(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(m, LoRALinear) for m in base.modules())  # plain Linears: no cost
+    size = (tmp_path / "adapter.safetensors").stat().st_size
+    assert size < 200_000  # only A and B are saved
+
+
+def test_wrong_base_is_refused(tmp_path: Path) -> None:
+    _trained(tmp_path, LoRAConfig(r=4))
+    other = tiny_model(seed=1)
+    with pytest.raises(ModelError, match="fingerprint"):
+        apply_adapter(other, tmp_path)
+
+
+def test_applying_twice_is_refused(tmp_path: Path) -> None:
+    base, _ = _trained(tmp_path, LoRAConfig(r=4))
+    apply_adapter(base, tmp_path)
+    with pytest.raises(ModelError, match="applied once"):
+        apply_adapter(base, tmp_path)
+
+
+def test_missing_or_broken_adapter(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="citeqa train generator"):
+        apply_adapter(tiny_model(), tmp_path / "nowhere")
+    _trained(tmp_path, LoRAConfig(r=4))
+    cfg = json.loads((tmp_path / CONFIG).read_text())
+    cfg["version"] = 99
+    (tmp_path / CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="retrain"):
+        apply_adapter(tiny_model(), tmp_path)
+
+
+def test_fingerprint_matches_across_float32_and_bfloat16() -> None:
+    model = tiny_model()
+    names = fingerprint_params(target_names(model, ATTENTION))
+    fp32 = base_fingerprint(model, names)
+    assert base_fingerprint(copy.deepcopy(model).to(torch.bfloat16), names) == fp32
+    assert base_fingerprint(tiny_model(seed=2), names) != fp32
+    with pytest.raises(ModelError, match="no parameter"):
+        base_fingerprint(model, ["model.nothing.weight"])
+
+
+def test_merged_linear_equals_lora_linear() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(12, 7, bias=True)
+    wrapper = LoRALinear(copy.deepcopy(linear), r=3, alpha=6)
+    with torch.no_grad():
+        wrapper.lora_B.normal_()
+        merged = copy.deepcopy(linear)
+        merged.weight += lora_delta(wrapper.lora_A, wrapper.lora_B, wrapper.scale)
+        x = torch.randn(5, 12)
+        torch.testing.assert_close(merged(x), wrapper(x), rtol=1e-5, atol=1e-5)
+
+
+def test_inject_lora_rejects_unknown_targets() -> None:
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        inject_lora(tiny_model(), LoRAConfig(targets=("nope",)))
+
+
+def test_prompt_fingerprint_is_stable() -> None:
+    assert prompt_fingerprint() == prompt_fingerprint()
+    assert len(prompt_fingerprint()) == 64

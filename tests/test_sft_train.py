@@ -1,0 +1,193 @@
+"""Supervised fine-tuning: loss only on the target, the serving prompt, a tiny run that learns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from citeqa.config import GenerationConfig
+from citeqa.generation.hf import HFBackend
+from citeqa.generation.models import resolve_model_dir
+from citeqa.training.demos import Demo, DemoPassage, render_target
+from citeqa.training.lora import LoRAConfig, inject_lora
+from citeqa.training.sft import (
+    IGNORE,
+    TrainConfig,
+    collate,
+    encode_example,
+    render_examples,
+    run_sft,
+    target_loss,
+    train_lora,
+)
+
+GEN = GenerationConfig()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The real SmolLM2 tokenizer (converted once from the packaged GGUF)."""
+    path = resolve_model_dir("smollm2", Path.home() / ".cache" / "citeqa")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def tiny_model(vocab: int, seed: int = 0) -> LlamaForCausalLM:
+    """A randomly initialised 2-layer Llama (hidden 32): SmolLM2's shape, minus the size."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        # Wide enough embeddings that a unit-RMS hidden state can reach confident logits.
+        initializer_range=0.3,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _demo(i: int) -> Demo:
+    facts = [
+        ("Lyon", "silk", "The city of Lyon was famous for silk weaving in the 1800s."),
+        ("Bergen", "fish", "Bergen grew rich on the dried fish trade with the Hanseatic League."),
+        ("Porto", "wine", "Porto gave its name to the fortified wine shipped from its quays."),
+        ("Ghent", "cloth", "Ghent was a centre of the medieval cloth industry of Flanders."),
+    ]
+    city, answer, sentence = facts[i]
+    other = "Rivers carry boats. Markets sell bread and cheese on Saturdays."
+    text = f"{city} lies on a river. {sentence} It has a large old town."
+    return Demo(
+        id=f"d{i}",
+        question=f"What was {city} known for?",
+        passages=(DemoPassage("Other", other, "o", 0), DemoPassage(city, text, city, 10)),
+        gold=1,
+        answer=answer,
+        quote=sentence,
+    )
+
+
+DEMOS = [_demo(i) for i in range(4)]
+
+
+def test_only_target_tokens_carry_labels(tokenizer) -> None:
+    messages, target = render_target(DEMOS[0], GEN)
+    ex = encode_example(tokenizer, messages, target)
+    labelled = [i for i, label in enumerate(ex.labels) if label != IGNORE]
+    start = labelled[0]
+    assert labelled == list(range(start, len(ex.input_ids)))  # one contiguous tail
+    reply = tokenizer(target, add_special_tokens=False)["input_ids"] + [
+        tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ]
+    assert list(ex.labels[start:]) == reply == list(ex.input_ids[start:])
+    assert tokenizer.decode(ex.input_ids[start:]) == target + "<|im_end|>"
+    assert target == "Answer: silk\nQuote [2]: " + DEMOS[0].quote
+    # Everything before the target is exactly the prompt the serving backend feeds the model.
+    backend = HFBackend(tiny_model(len(tokenizer)), tokenizer, "tiny")
+    assert list(ex.input_ids[:start]) == backend.prompt_ids(messages)
+    assert tokenizer.decode(ex.input_ids[:start]).endswith("<|im_start|>assistant\n")
+
+
+def test_collate_pads_without_labels() -> None:
+    from citeqa.training.sft import Example
+
+    a = Example((5, 6, 7), (IGNORE, 6, 7))
+    b = Example((5,), (5,))
+    ids, mask, labels = collate([a, b], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [5, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert labels.tolist() == [[IGNORE, 6, 7], [5, IGNORE, IGNORE]]
+
+
+def test_target_loss_matches_transformers_loss(tokenizer) -> None:
+    model = tiny_model(len(tokenizer))
+    examples, _ = render_examples(DEMOS[:2], tokenizer, GEN, max_tokens=4096)
+    for ex in examples:
+        ids, mask, labels = collate([ex], pad_id=2)
+        with torch.no_grad():
+            total, n = target_loss(model, ids, mask, labels)
+            reference = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        assert n == ex.target_tokens  # every target token is predicted once
+        torch.testing.assert_close(total / n, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_does_not_change_the_loss(tokenizer) -> None:
+    model = tiny_model(len(tokenizer))
+    examples, _ = render_examples(DEMOS[:2], tokenizer, GEN, max_tokens=4096)
+    with torch.no_grad():
+        alone = sum(target_loss(model, *collate([ex], 2))[0] for ex in examples)
+        together, _ = target_loss(model, *collate(examples, 2))
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_fresh_lora_is_the_base_model(tokenizer) -> None:
+    model = tiny_model(len(tokenizer))
+    ids = torch.arange(1, 40).unsqueeze(0)
+    with torch.no_grad():
+        before = model(ids).logits
+        inject_lora(model, LoRAConfig(r=4))
+        after = model(ids).logits
+    torch.testing.assert_close(after, before)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_tiny_training_lowers_the_loss(tokenizer) -> None:
+    torch.set_num_threads(1)
+    model = tiny_model(len(tokenizer))
+    examples, dropped = render_examples(DEMOS, tokenizer, GEN, max_tokens=4096)
+    assert len(examples) == 4 and not dropped
+    cfg = TrainConfig(lr=2e-2, batch_size=4, micro_batch_size=2, max_steps=20, epochs=100)
+    _, log = train_lora(model, examples, 2, cfg, LoRAConfig(r=8, alpha=16), progress=False)
+    losses = [s["loss"] for s in log.steps]
+    assert len(losses) == 20
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_run_sft_writes_adapter_log_and_card(tokenizer, tmp_path: Path) -> None:
+    model = tiny_model(len(tokenizer))
+    cfg = TrainConfig(lr=1e-2, batch_size=2, max_steps=2)
+    record = run_sft(model, tokenizer, "tiny", DEMOS, tmp_path, GEN, cfg, LoRAConfig(r=4),
+                     meta={"data": "inline"}, progress=False)
+    assert record["steps"] == 2 and record["peak_rss_mb"] > 0
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"adapter.safetensors", "adapter.json", "training_log.json", "MODEL_CARD.md"} <= files
+    log = json.loads((tmp_path / "training_log.json").read_text())
+    assert len(log["history"]) == 2 and log["prompt"]["passage_chars"] == GEN.passage_chars
+    assert "EVAL_METRICS" in (tmp_path / "MODEL_CARD.md").read_text()
+    assert not any(p.suffix in {".pt", ".pkl", ".bin"} for p in tmp_path.iterdir())
+
+
+def test_cli_trains_a_local_model_whose_adapter_loads(tokenizer, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from citeqa.generation.adapter import apply_adapter
+    from citeqa.generation.models import load_model
+    from citeqa.training.cli import app
+    from citeqa.training.demos import write_demos
+
+    base_dir = tmp_path / "base"
+    tiny_model(len(tokenizer)).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    write_demos(tmp_path / "demos.jsonl", DEMOS)
+    result = CliRunner().invoke(app, [
+        "generator", "--data", str(tmp_path / "demos.jsonl"), "--out", str(tmp_path / "ad"),
+        "--model", str(base_dir), "--device", "cpu", "--max-steps", "3", "--epochs", "5",
+        "--batch-size", "2", "--lr", "0.02", "--threads", "1", "--no-progress",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "trained 3 steps" in result.output
+    model, _, model_id = load_model(str(base_dir), tmp_path, device="cpu")
+    ids = torch.arange(5, 30).unsqueeze(0)
+    with torch.no_grad():
+        before = model(ids).logits
+        apply_adapter(model, tmp_path / "ad")
+        after = model(ids).logits
+    assert not torch.allclose(before, after, atol=1e-4)
+    card = (tmp_path / "ad" / "MODEL_CARD.md").read_text()
+    assert model_id in card and "max steps 3" in card
+
+    missing = CliRunner().invoke(app, ["generator", "--data", str(tmp_path / "none.jsonl"),
+                                       "--out", str(tmp_path / "x"), "--model", str(base_dir)])
+    assert missing.exit_code == 2 and "generator-data" in missing.output
