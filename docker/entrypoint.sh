@@ -1,8 +1,22 @@
 #!/bin/sh
-# Container entrypoint: build the embedded default index if missing, then exec the server as PID 1.
+# Container entrypoint.
+#   citeqa-entrypoint [EXTRA SERVE ARGS...]  build the default index if missing, then exec
+#                                            `citeqa serve` so that it is PID 1 (gets SIGTERM)
+#   citeqa-entrypoint healthcheck            exit 0 when /readyz answers 200 (HEALTHCHECK)
+# Settings (environment): CITEQA_INDEX, CITEQA_CORPUS, CITEQA_HOST, CITEQA_PORT, CITEQA_PRESET.
 set -eu
 INDEX="${CITEQA_INDEX:-/app/index/default}"
-if [ ! -f "$INDEX/manifest.json" ]; then
-    citeqa index build /app/index/corpus --out "$INDEX"
+CORPUS="${CITEQA_CORPUS:-/app/index/corpus}"
+HOST="${CITEQA_HOST:-0.0.0.0}"
+PORT="${CITEQA_PORT:-8000}"
+PRESET="${CITEQA_PRESET:-default}"
+
+if [ "${1:-}" = "healthcheck" ]; then
+    exec curl -fsS --max-time 4 -o /dev/null "http://127.0.0.1:${PORT}/readyz"
 fi
-exec citeqa serve --index "$INDEX" --host "${CITEQA_HOST:-0.0.0.0}" --port "${CITEQA_PORT:-8000}"
+
+if [ ! -f "$INDEX/manifest.json" ]; then
+    echo "citeqa-entrypoint: no index at $INDEX; building it from $CORPUS" >&2
+    citeqa index build "$CORPUS" --out "$INDEX" --preset "$PRESET"
+fi
+exec citeqa serve --index "$INDEX" --host "$HOST" --port "$PORT" --preset "$PRESET" "$@"

@@ -174,3 +174,31 @@ def test_json_decoders_invert_to_json() -> None:
     assert answer_from_json(declined.to_json(with_candidates=False)) == declined
     hit: Any = TinyPipeline().search("q")[0]
     assert hit_from_json(hit.to_json()) == hit
+
+
+def test_add_and_delete_documents_over_mock_transport() -> None:
+    seen: list[tuple[str, str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else None
+        seen.append((request.method, request.url.raw_path.decode(), body))
+        if request.method == "POST":
+            return httpx.Response(201, json={"doc_id": "a/b", "title": "T", "source": "",
+                                             "passages": 2})
+        if request.url.raw_path.endswith(b"missing"):
+            return httpx.Response(404, json={"error": {"code": "document_not_found",
+                                                       "message": "no", "details": None}})
+        return httpx.Response(204)
+
+    with CiteqaClient("http://svc", transport=httpx.MockTransport(handler)) as c:
+        assert c.add_document("Some text.", doc_id="a/b")["passages"] == 2
+        c.add_document(url="https://example.org/x")
+        c.delete_document("a/b")
+        with pytest.raises(CiteqaAPIError) as info:
+            c.delete_document("missing")
+        assert info.value.status == 404 and info.value.code == "document_not_found"
+        with pytest.raises(ValueError):
+            c.add_document("t", url="https://example.org/")
+    assert seen[:3] == [("POST", "/v1/documents", {"text": "Some text.", "doc_id": "a/b"}),
+                        ("POST", "/v1/documents", {"url": "https://example.org/x"}),
+                        ("DELETE", "/v1/documents/a%2Fb", None)]

@@ -244,3 +244,95 @@ def test_from_settings_tiny_preset_end_to_end(tmp_path):
     assert not ans.declined, ans.reason
     assert ans.quote.doc_id == "n" and "King" in ans.answer
     assert DOCS[0].text[ans.quote.start : ans.quote.end] == ans.quote.text
+
+
+# -- ask_many ---------------------------------------------------------------------------------
+
+QUESTIONS = [
+    "Who was the leader Rollo swore fealty to?",
+    "When did the Eiffel Tower open?",
+    "When was Harvard University founded?",
+]
+
+
+class CountingGenerator(CitedGenerator):
+    """The real CitedGenerator, counting its generate and generate_many calls."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches: list[tuple[int, int | None]] = []  # (items, top_k) per generate_many
+        self.singles = 0
+
+    def generate(self, *args, **kwargs):
+        self.singles += 1
+        return super().generate(*args, **kwargs)
+
+    def generate_many(self, items, **kwargs):
+        self.batches.append((len(items), kwargs.get("top_k")))
+        return super().generate_many(items, **kwargs)
+
+
+class SingleGenerator:
+    """Only ``generate`` (a generator from before ``generate_many`` existed)."""
+
+    def __init__(self, inner: CitedGenerator) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    def generate(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner.generate(*args, **kwargs)
+
+
+def _strip_timings(a):
+    return replace(a, timings_ms={})
+
+
+def test_ask_many_without_generate_many_equals_ask_one_by_one():
+    from citeqa.pipeline import AskArgs
+
+    gen = SingleGenerator(CitedGenerator(Backend(extractive_responder), CFG.generation))
+    p = Pipeline(MemoryRetriever(DOCS), gen, CFG)
+    many = p.ask_many([AskArgs(q) for q in QUESTIONS] + [AskArgs(QUESTIONS[0], min_score=0.999)])
+    assert gen.calls == 4
+    single = [p.ask(q) for q in QUESTIONS] + [p.ask(QUESTIONS[0], min_score=0.999)]
+    assert [_strip_timings(a) for a in many] == [_strip_timings(a) for a in single]
+    assert [a.declined for a in many] == [False, False, False, True]
+
+
+def test_ask_many_uses_generate_many_in_one_call_and_matches_ask():
+    from citeqa.pipeline import AskArgs
+
+    gen = CountingGenerator(Backend(extractive_responder), CFG.generation)
+    p = Pipeline(MemoryRetriever(DOCS), gen, CFG)
+    items = [AskArgs(q) for q in QUESTIONS] + [AskArgs(QUESTIONS[1], min_score=0.999)]
+    many = p.ask_many(items)
+    assert gen.batches == [(4, CFG.generation.top_k_passages)] and gen.singles == 0
+    reference = Pipeline(MemoryRetriever(DOCS), SingleGenerator(gen), CFG)
+    expected = [reference.ask(a.question, min_score=a.min_score) for a in items]
+    assert [_strip_timings(a) for a in many] == [_strip_timings(a) for a in expected]
+    assert [a.declined for a in many] == [False, False, False, True]
+    assert DOCS[0].text[many[0].quote.start : many[0].quote.end] == many[0].quote.text
+
+
+def test_ask_many_groups_items_by_top_k():
+    from citeqa.pipeline import AskArgs
+
+    gen = CountingGenerator(Backend(extractive_responder), CFG.generation)
+    p = Pipeline(MemoryRetriever(DOCS), gen, CFG)
+    default = CFG.generation.top_k_passages
+    out = p.ask_many([AskArgs(QUESTIONS[0]), AskArgs(QUESTIONS[1], top_k=default + 2),
+                      AskArgs(QUESTIONS[2], top_k=default)])
+    assert sorted(gen.batches) == [(1, default + 2), (2, default)] and gen.singles == 0
+    assert [a.question for a in out] == QUESTIONS
+    assert not any(a.declined for a in out)
+
+
+def test_ask_many_raises_on_an_invalid_item():
+    from citeqa.pipeline import AskArgs
+
+    gen = CountingGenerator(Backend(extractive_responder), CFG.generation)
+    p = Pipeline(MemoryRetriever(DOCS), gen, CFG)
+    with pytest.raises(InvalidRequestError):
+        p.ask_many([AskArgs(QUESTIONS[0]), AskArgs("   ")])
+    assert gen.batches == []

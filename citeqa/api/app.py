@@ -20,12 +20,13 @@ import logging
 import re
 import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path as FsPath
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Request
-from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -47,15 +48,21 @@ from citeqa.api.metrics import CONTENT_TYPE, MetricsMiddleware
 from citeqa.api.schemas import (
     AnswerOut,
     AnswerRequest,
+    DocumentAddedOut,
+    DocumentIn,
     DocumentOut,
     ErrorOut,
     SearchOut,
     SearchRequest,
     StatusOut,
+    TextDocumentIn,
+    UrlDocumentIn,
 )
 from citeqa.config import Settings
-from citeqa.errors import CiteqaError
-from citeqa.types import Answer
+from citeqa.errors import CiteqaError, InvalidRequestError
+from citeqa.ingest import Fetcher, FetchPolicy, doc_id_for
+from citeqa.ingest.html import title_from_text
+from citeqa.types import Answer, Document
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +70,9 @@ PipelineFactory = Callable[[Settings], PipelineLike]
 STATIC_DIR = FsPath(__file__).parent / "static"
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorOut} for s in (401, 404, 413, 422, 500, 503, 504)
+}
+DOCUMENT_ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorOut} for s in (400, 409, 501, 502)
 }
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
 
@@ -130,6 +140,30 @@ def make_run_batch(pipeline: PipelineLike) -> Callable[[list[AskArgs]], list[Ans
             return ask_each(items)
 
     return run
+
+
+def text_document(body: TextDocumentIn) -> Document:
+    """The Document for a posted text; doc_id and title default to a hash and the first line."""
+    source = body.source or ""
+    doc_id = body.doc_id or doc_id_for(f"{source}\n{body.title or ''}\n{body.text}")
+    title = body.title if body.title is not None else title_from_text(body.text, doc_id)
+    return Document(doc_id=doc_id, title=title, source=source, text=body.text)
+
+
+def url_document(body: UrlDocumentIn, fetcher: Fetcher) -> Document:
+    """Fetch ``body.url`` under the fetcher's address rules (SSRF-safe) into a Document."""
+    page = fetcher.fetch(body.url)
+    if not page.text.strip():
+        raise InvalidRequestError(f"{body.url} has no text to index; send its text instead")
+    return Document(doc_id=body.doc_id or doc_id_for(body.url), title=page.title,
+                    source=page.final_url, text=page.text)
+
+
+def _update_error(exc: InvalidRequestError) -> ApiError | InvalidRequestError:
+    codes = {404: "document_not_found", 409: "conflict"}
+    if exc.status in codes:
+        return ApiError(exc.status, codes[exc.status], str(exc))
+    return exc
 
 
 # -- middleware -------------------------------------------------------------------------------
@@ -253,13 +287,38 @@ def _load(state: ServiceState, factory: PipelineFactory) -> None:
 
 
 def _shutdown(state: ServiceState) -> None:
-    """Mark not-ready first, then let queued and running batches finish, then stop the worker."""
+    """Mark not-ready first, then let queued and running batches finish, then stop the workers
+    (a document update in progress is finished: it is never abandoned half-way)."""
     with state.lock:
         state.phase = "shutting_down"
-        batcher = state.batcher
+        batcher, updater = state.batcher, state.updater
     if batcher is not None:
         batcher.close(timeout=state.limits.shutdown_grace_s)
+    if updater is not None:
+        updater.shutdown(wait=True, cancel_futures=True)
     logger.info("service stopped")
+
+
+async def run_update(state: ServiceState, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` on the single update thread (off the event loop, one at a time)."""
+    updater = state.updater
+    if updater is None:
+        raise state.not_ready_error()
+    try:
+        fut = updater.submit(fn, *args)
+    except RuntimeError:  # shut down
+        raise state.not_ready_error() from None
+    try:
+        return await asyncio.wrap_future(fut)
+    except InvalidRequestError as exc:
+        raise _update_error(exc) from None
+
+
+def _updates(pipeline: PipelineLike, name: str) -> Callable[..., Any]:
+    fn = getattr(pipeline, name, None)
+    if fn is None:
+        raise ApiError(501, "not_supported", "this service cannot change its documents")
+    return fn  # type: ignore[no-any-return]
 
 
 async def await_answer(request: Request, state: ServiceState, batcher: Batcher[AskArgs, Answer],
@@ -305,12 +364,15 @@ def create_app(
     pipeline_factory: PipelineFactory | None = None,
     *,
     limits: ApiLimits | None = None,
+    fetcher: Fetcher | None = None,
 ) -> FastAPI:
     """The citeqa REST service.
 
-    settings: service settings (index, preset, api_keys, ...).
+    settings: service settings (index, preset, api_keys, allow_private_urls, ...).
     pipeline_factory: builds the pipeline at startup; default ``Pipeline.from_settings``.
     limits: batching, queue, timeout and body limits; default read from ``settings``.
+    fetcher: fetches URLs posted to /v1/documents; default a ``Fetcher`` allowing private
+        addresses only when ``settings.allow_private_urls`` (tests pass one with a mock network).
     """
     state = ServiceState(
         settings=settings,
@@ -318,11 +380,13 @@ def create_app(
         api_keys=parse_api_keys(settings.api_keys),
     )
     factory = pipeline_factory or default_pipeline_factory
+    fetcher = fetcher or Fetcher(FetchPolicy(allow_private=settings.allow_private_urls))
     page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
     csp = page_csp(page)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.updater = ThreadPoolExecutor(max_workers=1, thread_name_prefix="citeqa-updates")
         loader = threading.Thread(target=_load, args=(state, factory), name="citeqa-loader",
                                   daemon=True)
         loader.start()
@@ -384,6 +448,31 @@ def create_app(
             raise ApiError(404, "document_not_found", f"no document with id {doc_id!r}") from None
         return {"doc_id": doc.doc_id, "title": doc.title, "source": doc.source, "text": doc.text}
 
+    @v1.post("/documents", response_model=DocumentAddedOut, status_code=201,
+             responses=DOCUMENT_ERRORS)
+    async def add_document(body: DocumentIn, state: StateDep,
+                           pipeline: PipelineDep) -> dict[str, Any]:
+        """Index a document (its text, or a public http(s) URL to fetch): searchable on return,
+        persisted atomically. 409 when its doc_id is already indexed."""
+        add = _updates(pipeline, "add_documents")
+        if isinstance(body, UrlDocumentIn):
+            doc = await run_in_threadpool(url_document, body, fetcher)
+        else:
+            doc = text_document(body)
+        counts = await run_update(state, add, [doc])
+        return {"doc_id": doc.doc_id, "title": doc.title, "source": doc.source,
+                "passages": counts[doc.doc_id]}
+
+    @v1.delete("/documents/{doc_id:path}", status_code=204, response_class=Response,
+               responses=DOCUMENT_ERRORS)
+    async def delete_document(
+        doc_id: Annotated[str, Path(min_length=1, max_length=256)], state: StateDep,
+        pipeline: PipelineDep,
+    ) -> Response:
+        """Remove a document from the index (at once, persisted atomically)."""
+        await run_update(state, _updates(pipeline, "delete_document"), doc_id)
+        return Response(status_code=204)
+
     app.include_router(v1)
 
     @app.get("/healthz", response_model=StatusOut)
@@ -403,6 +492,11 @@ def create_app(
     async def metrics(state: StateDep) -> PlainTextResponse:
         """Prometheus metrics."""
         return PlainTextResponse(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        """No icon (browsers ask for one; a 404 would be logged as a page error)."""
+        return Response(status_code=204, headers={"Cache-Control": "max-age=86400"})
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hmac
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
@@ -15,17 +16,8 @@ from citeqa.api.batching import Batcher
 from citeqa.api.errors import ApiError
 from citeqa.api.metrics import Metrics
 from citeqa.config import Settings
+from citeqa.pipeline import AskArgs
 from citeqa.types import Answer, Document, Hit
-
-
-@dataclass(frozen=True)
-class AskArgs:
-    """One question with its per-request options, as queued for generation (and ask_many)."""
-
-    question: str
-    top_k: int | None = None  # None = the preset's default
-    n_candidates: int | None = None
-    min_score: float | None = None  # None = the pipeline's (calibrated) threshold
 
 
 @runtime_checkable
@@ -33,7 +25,9 @@ class PipelineLike(Protocol):
     """What the service needs from ``citeqa.pipeline.Pipeline``.
 
     Optional extras, found with getattr: ``ask_many(list[AskArgs]) -> list[Answer]`` (batched
-    generation) and ``threshold_for(target_accuracy) -> float`` (calibrated reward model).
+    generation), ``threshold_for(target_accuracy) -> float`` (calibrated reward model), and
+    ``add_documents(list[Document]) -> dict[str, int]`` / ``delete_document(doc_id)`` (live
+    index updates; they raise InvalidRequestError with status 404 or 409).
     """
 
     def ask(
@@ -96,6 +90,7 @@ class ServiceState:
     api_keys: tuple[bytes, ...] = ()
     pipeline: PipelineLike | None = None
     batcher: Batcher[AskArgs, Answer] | None = None
+    updater: ThreadPoolExecutor | None = None  # runs document updates one at a time
     phase: Phase = "loading"
     load_error: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -148,3 +143,16 @@ def get_batcher(state: StateDep) -> Batcher[AskArgs, Answer]:
 
 PipelineDep = Annotated[PipelineLike, Depends(get_pipeline)]
 BatcherDep = Annotated[Batcher[AskArgs, Answer], Depends(get_batcher)]
+
+__all__ = [
+    "ApiLimits",
+    "AskArgs",
+    "BatcherDep",
+    "PipelineDep",
+    "PipelineLike",
+    "ServiceState",
+    "StateDep",
+    "key_matches",
+    "parse_api_keys",
+    "require_api_key",
+]

@@ -9,31 +9,80 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from citeqa.pipeline import MAX_TOP_K as PIPELINE_MAX_TOP_K
 
 MAX_QUESTION_CHARS = 1000  # longer questions are rejected (422)
-MAX_TOP_K = 50  # passages shown to the generator / search hits per request
+MAX_TOP_K = 50  # search hits per request
+MAX_PASSAGES = PIPELINE_MAX_TOP_K  # passages shown to the generator per question
 MAX_CANDIDATES = 16  # samples per question
+MAX_DOCUMENT_CHARS = 2_000_000  # a posted document's text (the body limit usually bites first)
+MAX_TITLE_CHARS = 500
+MAX_SOURCE_CHARS = 2000  # a posted document's source (path or URL) and a URL to fetch
+# doc ids a client may choose: they appear in URLs (/v1/documents/{doc_id}), so no spaces etc.
+DOC_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}$"
 
+# Some character that is neither whitespace nor NUL, and no NUL anywhere (checked again below).
+NOT_BLANK = r"^[^\x00]*[^\s\x00][^\x00]*$"
 Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+
+
+def _json_integer(v: Any) -> Any:
+    """JSON Schema's "integer" includes ``3.0``; strings and booleans stay refused (strict)."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+# Integers in a range as JSON Schema means them: 3 or 3.0, never "3" or true.
+TopK = Annotated[int, Field(ge=1, le=MAX_TOP_K, strict=True), BeforeValidator(_json_integer)]
+Passages = Annotated[
+    int, Field(ge=1, le=MAX_PASSAGES, strict=True), BeforeValidator(_json_integer)
+]
+Candidates = Annotated[
+    int, Field(ge=1, le=MAX_CANDIDATES, strict=True), BeforeValidator(_json_integer)
+]
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def check_text(v: str, what: str) -> str:
+    """Refuse NUL characters and lone surrogates (they cannot be stored or sent as UTF-8)."""
+    if "\x00" in v:
+        raise ValueError(f"the {what} contains a NUL character")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"the {what} is not valid Unicode (lone surrogate)") from None
+    return v
+
+
 class AnswerRequest(_Request):
     """POST /v1/answer. ``min_score`` and ``target_accuracy`` are mutually exclusive."""
 
+    model_config = ConfigDict(
+        extra="forbid",
+        # min_score and target_accuracy are mutually exclusive (both null is fine)
+        json_schema_extra={"not": {
+            "required": ["min_score", "target_accuracy"],
+            "properties": {"min_score": {"type": "number"}, "target_accuracy": {"type": "number"}},
+        }},
+    )
+
     question: str = Field(
-        min_length=1, max_length=MAX_QUESTION_CHARS, description="the question to answer"
+        min_length=1, max_length=MAX_QUESTION_CHARS, pattern=NOT_BLANK,
+        description="the question to answer",
     )
-    top_k: int | None = Field(
-        default=None, ge=1, le=MAX_TOP_K, strict=True, description="passages given to the model"
-    )
-    n_candidates: int | None = Field(
-        default=None, ge=1, le=MAX_CANDIDATES, strict=True, description="samples per question"
-    )
+    top_k: Passages | None = Field(default=None, description="passages given to the model")
+    n_candidates: Candidates | None = Field(default=None, description="samples per question")
     min_score: Probability | None = Field(
         default=None, description="decline when the best score is below this"
     )
@@ -48,9 +97,7 @@ class AnswerRequest(_Request):
     def _not_blank(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("the question is blank; ask something")
-        if "\x00" in v:
-            raise ValueError("the question contains a NUL character")
-        return v
+        return check_text(v, "question")
 
     @model_validator(mode="after")
     def _one_threshold(self) -> AnswerRequest:
@@ -62,15 +109,61 @@ class AnswerRequest(_Request):
 class SearchRequest(_Request):
     """POST /v1/search."""
 
-    query: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
-    k: int = Field(default=10, ge=1, le=MAX_TOP_K, strict=True)
+    query: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS, pattern=NOT_BLANK)
+    k: TopK = Field(default=10, description="hits to return")
 
     @field_validator("query")
     @classmethod
     def _not_blank(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("the query is blank; search for something")
-        return v
+        return check_text(v, "query")
+
+
+class TextDocumentIn(_Request):
+    """POST /v1/documents with the document's text."""
+
+    text: str = Field(min_length=1, max_length=MAX_DOCUMENT_CHARS, pattern=NOT_BLANK,
+                      description="full text")
+    title: str | None = Field(default=None, max_length=MAX_TITLE_CHARS,
+                              description="default: the text's first line")
+    doc_id: str | None = Field(default=None, pattern=DOC_ID_PATTERN,
+                               description="default: a hash of source, title and text")
+    source: str | None = Field(default=None, max_length=MAX_SOURCE_CHARS,
+                               description="where the text came from (shown with quotes)")
+
+    @field_validator("text")
+    @classmethod
+    def _text_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("the text is blank; send the document's text")
+        return check_text(v, "text")
+
+    @field_validator("title", "source")
+    @classmethod
+    def _clean(cls, v: str | None) -> str | None:
+        return None if v is None else check_text(v, "title or source")
+
+
+class UrlDocumentIn(_Request):
+    """POST /v1/documents with an http(s) URL for the service to fetch."""
+
+    url: str = Field(
+        min_length=1,
+        max_length=MAX_SOURCE_CHARS,
+        pattern=r"^[Hh][Tt][Tt][Pp][Ss]?://[!-~]+$",  # printable ASCII (IDNs as punycode)
+        description="an http(s) URL of a public page (HTML or text)",
+    )
+    doc_id: str | None = Field(default=None, pattern=DOC_ID_PATTERN,
+                               description="default: a hash of the URL")
+
+    @field_validator("url")
+    @classmethod
+    def _clean_url(cls, v: str) -> str:
+        return check_text(v, "url")
+
+
+DocumentIn = TextDocumentIn | UrlDocumentIn
 
 
 class QuoteOut(BaseModel):
@@ -126,6 +219,13 @@ class DocumentOut(BaseModel):
     title: str
     source: str
     text: str
+
+
+class DocumentAddedOut(BaseModel):
+    doc_id: str
+    title: str
+    source: str
+    passages: int  # passages the document was split into (all searchable now)
 
 
 class StatusOut(BaseModel):

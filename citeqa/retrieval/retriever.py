@@ -12,7 +12,6 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-
 from citeqa.config import ChunkConfig, RetrievalConfig
 from citeqa.errors import ConfigError, IndexError_, InvalidRequestError
 from citeqa.retrieval.bm25 import top_k_of
@@ -63,6 +62,11 @@ class HybridRetriever:
                 f"settings ask for {cfg.embedder!r}; rebuild the index or use matching settings"
             )
         return cls(index, cfg or built)
+
+    def with_index(self, index: Index) -> HybridRetriever:
+        """A retriever over ``index`` (an updated copy of this one's) with the same settings and
+        the same, already loaded, query embedder."""
+        return HybridRetriever(index, self.cfg, self._embedder)
 
     @property
     def embedder(self) -> Embedder:

@@ -1,0 +1,217 @@
+"""Load test of the real server: `citeqa serve` in a subprocess, 1, 4 and 16 concurrent clients.
+
+    python benchmarks/load_test.py                       # default preset, index/default, 60 s/level
+    python benchmarks/load_test.py --seconds 10 --levels 1 4 16 --index /tmp/idx
+
+Starts the server on 127.0.0.1 (the `default` preset: SmolLM2 + MiniLM, unless --preset), waits
+for /readyz, then for each concurrency level runs that many client threads (httpx), each asking
+questions back to back for --seconds. Prints, per level: answers/s, p50/p95 latency of
+successful answers, errors by status (503s, the deliberate overload answer, apart), and the
+server's RSS; then peak RSS (VmHWM), RSS at start vs end, and throughput(max)/throughput(1)
+(the batching target is >= 2). The index is built from index/corpus first when missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTIONS = [
+    "What does citeqa return with an answer?",
+    "When does citeqa decline to answer?",
+    "How are passages retrieved?",
+    "Which models does citeqa use?",
+    "How is a quote checked against its source?",
+    "What is reciprocal rank fusion?",
+    "How are documents split into passages?",
+    "What does the reward model score?",
+]
+
+
+@dataclass
+class LevelResult:
+    clients: int
+    seconds: float
+    latencies: list[float] = field(default_factory=list)  # successful answers only
+    statuses: Counter[str] = field(default_factory=Counter)  # "200", "503", "timeout", ...
+    declines: int = 0
+    rss_kb: int = 0
+
+    @property
+    def answers(self) -> int:
+        return self.statuses["200"]
+
+    @property
+    def throughput(self) -> float:
+        return self.answers / self.seconds if self.seconds else 0.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]); NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def proc_memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of ``pid`` from /proc, in kB (psutil is not needed)."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ensure_index(index: Path, preset: str) -> None:
+    if (index / "manifest.json").is_file():
+        return
+    print(f"building {index} from index/corpus ({preset} preset) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "citeqa.cli", "index", "build",
+                    str(ROOT / "index" / "corpus"), "--out", str(index), "--preset", preset],
+                   check=True)
+
+
+def start_server(index: Path, preset: str, port: int, env: dict[str, str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "citeqa.cli", "serve", "--index", str(index), "--host",
+           "127.0.0.1", "--port", str(port), "--preset", preset]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}:\n"
+                             f"{proc.stderr.read() if proc.stderr else ''}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return time.monotonic() - t0
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"the server was not ready within {timeout:.0f} s")
+
+
+def run_level(url: str, clients: int, seconds: float, pid: int) -> LevelResult:
+    result = LevelResult(clients, seconds)
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+
+    def client(i: int) -> None:
+        with httpx.Client(base_url=url, timeout=300) as http:
+            n = i
+            while time.monotonic() < stop_at:
+                question = QUESTIONS[n % len(QUESTIONS)]
+                n += clients
+                t0 = time.perf_counter()
+                try:
+                    r = http.post("/v1/answer", json={"question": question})
+                    status = str(r.status_code)
+                    declined = r.status_code == 200 and bool(r.json().get("declined"))
+                except httpx.TimeoutException:
+                    status, declined = "timeout", False
+                except httpx.TransportError as e:
+                    status, declined = type(e).__name__, False
+                dt = time.perf_counter() - t0
+                with lock:
+                    result.statuses[status] += 1
+                    if status == "200":
+                        result.latencies.append(dt)
+                        result.declines += int(declined)
+                if status == "503":
+                    time.sleep(0.2)  # honour the overload answer a little, as a client should
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    result.seconds = time.monotonic() - t0  # includes the last in-flight requests
+    result.rss_kb = proc_memory_kb(pid)["VmRSS"]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--index", type=Path, default=ROOT / "index" / "default")
+    ap.add_argument("--preset", default="default", help="default (real models) or tiny")
+    ap.add_argument("--seconds", type=float, default=60.0, help="per concurrency level")
+    ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--ready-timeout", type=float, default=600.0)
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args(argv)
+
+    ensure_index(args.index, args.preset)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    # Enough queue for the biggest level, so 503s mean real overload, not a small default.
+    env = {**os.environ, "CITEQA_MAX_QUEUE": str(max(32, 2 * max(args.levels)))}
+    proc = start_server(args.index, args.preset, port, env)
+    try:
+        ready_s = wait_ready(url, proc, args.ready_timeout)
+        start_mem = proc_memory_kb(proc.pid)
+        print(f"server pid {proc.pid} ready in {ready_s:.1f} s; RSS {start_mem['VmRSS'] / 1024:.0f}"
+              f" MiB", flush=True)
+        httpx.post(url + "/v1/answer", json={"question": QUESTIONS[0]}, timeout=300)  # warm-up
+        results = []
+        for clients in args.levels:
+            r = run_level(url, clients, args.seconds, proc.pid)
+            results.append(r)
+            errors = {k: v for k, v in r.statuses.items() if k not in ("200", "503")}
+            print(f"{clients:>3} clients: {r.throughput:6.2f} answers/s  "
+                  f"p50 {percentile(r.latencies, 50):6.2f} s  "
+                  f"p95 {percentile(r.latencies, 95):6.2f} s  answers {r.answers} "
+                  f"(declined {r.declines})  503 {r.statuses['503']}  errors {errors or 0}  "
+                  f"RSS {r.rss_kb / 1024:.0f} MiB", flush=True)
+        end_mem = proc_memory_kb(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    base = next((r.throughput for r in results if r.clients == 1), float("nan"))
+    top = results[-1]
+    ratio = top.throughput / base if base else float("nan")
+    print(f"RSS start {start_mem['VmRSS'] / 1024:.0f} MiB, end {end_mem['VmRSS'] / 1024:.0f} MiB, "
+          f"peak (VmHWM) {end_mem['VmHWM'] / 1024:.0f} MiB")
+    print(f"throughput({top.clients}) / throughput(1) = {ratio:.2f} (target >= 2)")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "levels": [{"clients": r.clients, "seconds": r.seconds,
+                        "answers_per_s": r.throughput, "p50_s": percentile(r.latencies, 50),
+                        "p95_s": percentile(r.latencies, 95), "statuses": dict(r.statuses),
+                        "declines": r.declines, "rss_kb": r.rss_kb} for r in results],
+            "rss_start_kb": start_mem["VmRSS"], "rss_end_kb": end_mem["VmRSS"],
+            "rss_peak_kb": end_mem["VmHWM"], "ratio": ratio, "ready_s": ready_s,
+        }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

