@@ -26,6 +26,20 @@ app = typer.Typer(
 )
 index_app = typer.Typer(help="Build document indexes.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
+train_app = typer.Typer(help="Train models and build their training data.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+
+def _register_subcommands() -> None:
+    """Commands that live beside the code they drive (evaluation, training)."""
+    from citeqa.evals.cli import eval_app
+    from citeqa.training.cli import app as generator_train_app
+
+    app.add_typer(eval_app, name="eval")
+    train_app.registered_commands.extend(generator_train_app.registered_commands)
+
+
+_register_subcommands()
 
 log = logging.getLogger("citeqa")
 

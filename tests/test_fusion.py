@@ -56,3 +56,16 @@ def test_matches_definition(rankings: list[list[int]], k: int) -> None:
         assert s == pytest.approx(expected[d])
     scores = [s for _, s in fused]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_weighted_rrf_matches_definition_and_can_reorder() -> None:
+    fused = dict(rrf([[1, 2], [2, 1]], k=10, weights=[2.0, 1.0]))
+    assert fused[1] == pytest.approx(2 / 11 + 1 / 12)
+    assert fused[2] == pytest.approx(2 / 12 + 1 / 11)
+    assert [d for d, _ in rrf([[1, 2], [2, 1]], k=10, weights=[2.0, 1.0])] == [1, 2]
+    assert [d for d, _ in rrf([[1, 2], [2, 1]], k=10, weights=[1.0, 2.0])] == [2, 1]
+
+
+def test_weighted_rrf_needs_one_weight_per_list() -> None:
+    with pytest.raises(ValueError, match="weights"):
+        rrf([[1], [2]], weights=[1.0])

@@ -90,7 +90,7 @@ def test_hybrid_is_rrf_of_both_rankings(retriever: HybridRetriever) -> None:
     depth = retriever.cfg.candidates_per_retriever
     bm25 = [h.passage.passage_id for h in retriever.search(query, depth, mode="bm25")]
     dense = [h.passage.passage_id for h in retriever.search(query, depth, mode="dense")]
-    expected = rrf([bm25, dense], k=retriever.cfg.rrf_k)
+    expected = rrf([bm25, dense], k=retriever.cfg.rrf_k, weights=[retriever.cfg.rrf_bm25_weight, 1])
     hits = retriever.search(query, 10)  # default mode: cfg.fusion == "rrf"
     assert [(h.passage.passage_id, pytest.approx(h.score)) for h in hits] == expected[:10]
     top = hits[0]

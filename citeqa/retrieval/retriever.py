@@ -104,7 +104,9 @@ class HybridRetriever:
         elif mode == "dense":
             ranked = list(dense.items())
         else:
-            ranked = rrf([list(bm25), list(dense)], k=self.cfg.rrf_k)
+            ranked = rrf(
+                [list(bm25), list(dense)], k=self.cfg.rrf_k, weights=[self.cfg.rrf_bm25_weight, 1.0]
+            )
         return [self._hit(pid, score, bm25.get(pid), dense.get(pid)) for pid, score in ranked[:k]]
 
     def document(self, doc_id: str) -> Document:
