@@ -159,6 +159,21 @@ def test_answer_line_rules(hf_tok, ll_tok):
     assert not accepts(g, "Answer: two\nlines\n" + "Quote [1]: beta", hf_tok, ll_tok)
 
 
+def test_extractive_answer_is_a_span_of_some_passage(hf_tok, ll_tok):
+    passages = ["Rollo swore fealty in 911.", "It opened in 1889.\nParis is the capital."]
+    g = output_grammar(passages, max_answer_chars=14, answer_from_passages=True)
+    assert accepts(g, output("911", 1, "Rollo swore fealty"), hf_tok, ll_tok)
+    assert accepts(g, output("opened in 1889", 1, "Rollo swore fealty"), hf_tok, ll_tok)
+    assert accepts(g, output("Paris", 2, "Paris is the capital."), hf_tok, ll_tok)
+    assert not accepts(g, output("1066", 1, "Rollo"), hf_tok, ll_tok)  # in no passage
+    assert not accepts(g, output("911. It", 1, "Rollo"), hf_tok, ll_tok)  # spans two passages
+    assert not accepts(g, output("1889. Paris", 2, "Paris"), hf_tok, ll_tok)  # a line break
+    assert not accepts(g, output("Rollo swore fealty", 1, "Rollo"), hf_tok, ll_tok)  # > 14
+    assert not accepts(g, output("swor", 1, "Rollo"), hf_tok, ll_tok)  # not word-aligned
+    free = output_grammar(passages)
+    assert accepts(free, output("1066", 1, "Rollo swore fealty"), hf_tok, ll_tok)
+
+
 def test_quote_must_be_trimmed_and_non_empty(hf_tok, ll_tok):
     g = output_grammar(["alpha beta gamma"])
     assert not accepts(g, output("x", 1, ""), hf_tok, ll_tok)

@@ -78,18 +78,18 @@ def test_sampling_n_rows_share_one_prefill(backend, monkeypatch):
     shapes = []
     real = backend._forward
 
-    def spy(ids, cache, *, keep, stats):
-        shapes.append(tuple(ids.shape) if hasattr(ids, "shape") else (1, len(ids)))
-        return real(ids, cache, keep=keep, stats=stats)
+    def spy(ids, cache, mask, positions, *, keep, stats):
+        shapes.append(tuple(ids.shape))
+        return real(ids, cache, mask, positions, keep=keep, stats=stats)
 
     monkeypatch.setattr(backend, "_forward", spy)
     comps = backend.generate([grammar_request(n=3, temperature=0.8, seed=1)])[0]
     assert len(comps) == 3
     for c in comps:
         assert_cited(c.text)
-    prefills = [s for s in shapes if s[1] > 1]
-    assert len(prefills) == 1 and prefills[0][0] == 1  # one prompt pass, then [rows, 1] steps
-    assert all(s[0] <= 3 for s in shapes[1:])
+    assert shapes[0][0] == 1 and shapes[0][1] > 20  # one prompt pass for the three samples
+    assert all(s[0] <= 3 for s in shapes[1:])  # then [rows, feed] steps, rows dropping out
+    assert any(s[0] == 3 for s in shapes[1:])
     assert len({c.timings_ms["prefill_ms"] for c in comps}) == 1
     again = backend.generate([grammar_request(n=3, temperature=0.8, seed=1)])[0]
     assert [c.text for c in again] == [c.text for c in comps]  # seeded
@@ -102,3 +102,38 @@ def test_unconstrained_and_several_requests(backend):
     assert len(res) == 2 and len(res[0]) == 1
     assert 1 <= res[0][0].n_tokens <= 5
     assert_cited(res[1][0].text)
+
+
+OTHER_PASSAGES = ["Harvard was founded in 1636 and named after its first benefactor, John Harvard."]
+OTHER = (
+    MESSAGES[0],
+    {"role": "user", "content": "Passages:\n[1] " + OTHER_PASSAGES[0]
+                                + "\n\nQuestion: When was Harvard founded?"},
+)
+
+
+@pytest.mark.slow
+def test_one_batch_of_requests_equals_each_request_alone(backend, monkeypatch):
+    """Cross-request batching (left padding, masks, holes) changes no greedy output, and
+    seeded samples do not depend on what else is in the batch."""
+    other = GenerationRequest(messages=OTHER, grammar=output_grammar(OTHER_PASSAGES),
+                              max_tokens=48)
+    sampled = grammar_request(n=2, temperature=0.8, seed=3)
+    requests = [grammar_request(), other, sampled]
+    alone = [backend.generate([r])[0] for r in requests]
+    calls = []
+    real = backend._forward
+
+    def spy(ids, cache, mask, positions, *, keep, stats):
+        calls.append(tuple(ids.shape))
+        return real(ids, cache, mask, positions, keep=keep, stats=stats)
+
+    monkeypatch.setattr(backend, "_forward", spy)
+    together = backend.generate(requests)
+    assert calls[0][0] == len(requests)  # one prefill row per request, not per sample
+    assert [[c.text for c in cs] for cs in together] == [[c.text for c in cs] for cs in alone]
+    for cs, ref in zip(together, alone, strict=True):
+        for c, r in zip(cs, ref, strict=True):
+            assert c.logprob == pytest.approx(r.logprob, abs=1e-3)
+            assert c.timings_ms["batch_rows"] == 4
+    assert_cited(together[0][0].text)

@@ -1,6 +1,7 @@
 """The cited generator: prompt -> backend (optionally grammar-constrained) -> parse -> verify.
 
-One call turns a question and its hits into ``n`` candidates. All samples go to the backend in
+One call turns a question and its hits into ``n`` candidates; ``generate_many`` does several
+questions with ONE backend call (cross-request batching). All samples go to the backend in
 one ``generate`` call: one request with ``n`` completions (the prompt is prefilled once), or,
 with ``round_robin`` (GopherCite), one request per passage where sample ``i`` sees only passage
 ``i mod k`` (candidates then come grouped by passage). A quote cut short by ``max_tokens`` is
@@ -32,6 +33,10 @@ CHARS_PER_TOKEN = 4  # rough budget conversion between answer characters and tok
 QUOTE_CHARS_PER_TOKEN = 3  # quotes copy names and numbers, which split into shorter tokens
 PER_COMPLETION = frozenset({"tokens"})  # backend timing keys counted per completion
 FORMAT_TOKENS = 16  # tokens of the fixed parts of the output ("Answer: ", "Quote [k]: ", ...)
+
+
+# One question for ``generate_many``: (question, hits, doc_id -> Document, n or None).
+GenerationItem = tuple[str, Sequence[Hit], Callable[[str], Document], int | None]
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ class CitedGenerator:
                 max_answer_chars=max_answer_chars,
                 min_quote_chars=self.cfg.min_quote_chars,
                 max_quote_chars=self.cfg.max_quote_chars,
+                answer_from_passages=self.cfg.extractive_answer,
             )
         max_tokens = (
             self.cfg.max_answer_tokens
@@ -89,6 +95,30 @@ class CitedGenerator:
         return GenerationRequest(
             messages=messages, grammar=grammar, n=n, temperature=temperature, max_tokens=max_tokens
         )
+
+    def _plan(
+        self, question: str, hits: Sequence[Hit], n: int, constrain: bool, top_k: int | None
+    ) -> list[tuple[GenerationRequest, list[ShownPassage]]]:
+        """The requests for one question, each with the windows its passage numbers refer to
+        (none when no passage has text to show)."""
+        cfg = self.cfg
+        if n < 1:
+            raise ValueError(f"n must be at least 1, got {n}")
+        temperature = 0.0 if n == 1 else cfg.temperature
+        messages, shown = build_messages(question, hits, cfg, top_k=top_k)
+        if not shown:
+            return []
+        if not (cfg.round_robin and n > 1 and len(shown) > 1):
+            return [(self._request(messages, shown, n, temperature, constrain), shown)]
+        plan = []
+        k = len(shown)
+        for j, passage in enumerate(shown):
+            count = len(range(j, n, k))  # samples i with i mod k == j
+            if count:
+                sub_messages, sub_shown = build_messages(question, [passage.hit], cfg)
+                request = self._request(sub_messages, sub_shown, count, temperature, constrain)
+                plan.append((request, sub_shown))
+        return plan
 
     def generate(
         self,
@@ -106,45 +136,56 @@ class CitedGenerator:
         ``constrain`` overrides ``cfg.constrain_quote``; ``top_k`` overrides
         ``cfg.top_k_passages``. Greedy when ``n == 1``, ``cfg.temperature`` otherwise.
         """
-        cfg = self.cfg
-        n = cfg.n_candidates if n is None else n
-        if n < 1:
-            raise ValueError(f"n must be at least 1, got {n}")
-        constrain = cfg.constrain_quote if constrain is None else constrain
-        temperature = 0.0 if n == 1 else cfg.temperature
-        messages, shown = build_messages(question, hits, cfg, top_k=top_k)
-        if not shown:
-            return Generation(candidates=[], timings_ms={})
+        [generation] = self.generate_many(
+            [(question, hits, documents, n)], constrain=constrain, top_k=top_k
+        )
+        return generation
 
-        # Each entry: the request and the windows its passage numbers refer to.
-        plan: list[tuple[GenerationRequest, list[ShownPassage]]] = []
-        if cfg.round_robin and n > 1 and len(shown) > 1:
-            k = len(shown)
-            for j, passage in enumerate(shown):
-                count = len(range(j, n, k))  # samples i with i mod k == j
-                if count:
-                    sub_messages, sub_shown = build_messages(question, [passage.hit], cfg)
-                    request = self._request(sub_messages, sub_shown, count, temperature, constrain)
-                    plan.append((request, sub_shown))
-        else:
-            plan.append((self._request(messages, shown, n, temperature, constrain), shown))
+    def generate_many(
+        self,
+        items: Sequence[GenerationItem],
+        *,
+        constrain: bool | None = None,
+        top_k: int | None = None,
+    ) -> list[Generation]:
+        """``generate`` for several questions at once: every request of every item goes to the
+        backend in ONE ``generate`` call (the local backend decodes them as one batch).
 
-        t0 = time.perf_counter()
-        results = self.backend.generate([request for request, _ in plan])
-        backend_ms = (time.perf_counter() - t0) * 1000
-        assert len(results) == len(plan), f"backend answered {len(results)} of {len(plan)} requests"
-
-        t1 = time.perf_counter()
-        candidates = [
-            # Under the grammar a quote may span the passage's own line breaks.
-            self._candidate(c, windows, documents, multiline_quote=constrain)
-            for (_, windows), completions in zip(plan, results, strict=True)
-            for c in completions
+        Each item is ``(question, hits, documents, n)`` (``n`` None = ``cfg.n_candidates``);
+        result ``i`` is item ``i``'s Generation. Timings: ``backend_ms`` is the whole batch's
+        wall time, shared by every item; ``batch_items`` says how many items shared it.
+        """
+        constrain = self.cfg.constrain_quote if constrain is None else constrain
+        plans = [
+            self._plan(question, hits, self.cfg.n_candidates if n is None else n, constrain, top_k)
+            for question, hits, _, n in items
         ]
-        timings = _merge_timings(results)
-        timings["backend_ms"] = backend_ms
-        timings["verify_ms"] = (time.perf_counter() - t1) * 1000
-        return Generation(candidates=candidates, timings_ms=timings)
+        requests = [request for plan in plans for request, _ in plan]
+        t0 = time.perf_counter()
+        results = self.backend.generate(requests) if requests else []
+        backend_ms = (time.perf_counter() - t0) * 1000
+        assert len(results) == len(requests), f"backend answered {len(results)} of {len(requests)}"
+
+        out = []
+        at = 0
+        for (_, _, documents, _), plan in zip(items, plans, strict=True):
+            mine, at = results[at : at + len(plan)], at + len(plan)
+            if not plan:
+                out.append(Generation(candidates=[], timings_ms={}))
+                continue
+            t1 = time.perf_counter()
+            candidates = [
+                # Under the grammar a quote may span the passage's own line breaks.
+                self._candidate(c, windows, documents, multiline_quote=constrain)
+                for (_, windows), completions in zip(plan, mine, strict=True)
+                for c in completions
+            ]
+            timings = _merge_timings(mine)
+            timings["backend_ms"] = backend_ms
+            timings["batch_items"] = float(len(items))
+            timings["verify_ms"] = (time.perf_counter() - t1) * 1000
+            out.append(Generation(candidates=candidates, timings_ms=timings))
+        return out
 
     def _candidate(
         self,

@@ -53,6 +53,7 @@ def output_grammar(
     max_answer_chars: int = 200,
     min_quote_chars: int | None = None,
     max_quote_chars: int | None = None,
+    answer_from_passages: bool = False,
 ) -> str:
     """Return the llguidance Lark grammar of a cited answer quoting one of ``passages``.
 
@@ -60,6 +61,9 @@ def output_grammar(
     (empty or whitespace) get no ``Quote [k]`` alternative. Optional ``min_quote_chars`` /
     ``max_quote_chars`` bound the quote length in characters (an extra regex intersection:
     it makes masks a little slower, so it is off by default and the verifier checks length).
+    ``answer_from_passages`` makes the answer itself a word-aligned span of one of the passages
+    (extractive, as SQuAD answers are): a small model then cannot answer with a number or name
+    that is in no passage, nor copy a format placeholder.
     Raises InvalidRequestError when no passage can be quoted.
     """
     if max_answer_chars < 1:
@@ -77,6 +81,11 @@ def output_grammar(
         "quote: " + " | ".join(f"quote_{k}" for k, _ in quotable),
         f"ANSWER: /[^\\n]{{1,{int(max_answer_chars)}}}/",
     ]
+    if answer_from_passages:
+        spec = json.dumps({"substring_words": "\n".join(p for _, p in quotable)}, ensure_ascii=True)
+        lines[2] = (
+            f"ANSWER: %regex {spec} & {_TRIMMED} & /[^\\n]{{1,{int(max_answer_chars)}}}/"
+        )
     for k, passage in quotable:
         prefix = _lark_string(f"{QUOTE_PREFIX}{k}{QUOTE_SEPARATOR}")
         lines.append(f"quote_{k}: {prefix} QUOTE_{k}")

@@ -1,26 +1,33 @@
-"""The local generator: a transformers causal LM decoded under the quote grammar.
+"""The local generator: a transformers causal LM decoded under the quote grammar, in batches.
 
-One prefill per request; the ``n`` samples of a request share it (the KV cache is repeated to
-``n`` rows and the rows are decoded as one batch). Requests in one ``generate`` call are run one
-after another (no cross-request padding yet).
+``generate(requests)`` runs all requests as ONE batch: the prompts are left-padded to a common
+length and prefilled together (attention mask + explicit position ids), the KV cache rows are
+then repeated so each request's ``n`` samples share its prefill, and every output row (all
+requests x their samples) is decoded in lockstep with its own grammar matcher. A finished row
+drops out of the batch (its cache row is removed), so a long answer never holds short ones back
+beyond the step they finish in.
 
-Constrained decoding: every step the row's ``OutputConstraint`` masks the logits to the tokens
-the grammar allows. Two shortcuts make a quote cost little more than the prompt's prefill:
+Constrained decoding: every step a row's ``OutputConstraint`` masks its logits to the tokens the
+grammar allows. Two shortcuts make a quote cost little more than the prompt's prefill:
 
 - jump-forward: tokens the grammar forces (``Answer:``, ``Quote [``, ``]:``) are appended in the
   same forward pass as the token before them, without a decoding step each;
 - prompt-lookup speculation (greedy rows only): a quote copies prompt text, so when the last
   generated tokens occur in the prompt, the prompt tokens after them are drafted, cut to the
-  prefix the grammar allows, checked in one forward pass, and kept while the greedy choice
-  agrees; the KV cache is cropped back over the rest. Outputs are therefore the same as plain
-  greedy decoding (up to float ties between batched and single-token matmuls).
+  prefix the grammar allows, checked in the same forward pass, and kept while the greedy choice
+  agrees. Outputs are therefore those of plain greedy decoding (up to float ties between
+  batched and single-token matmuls). Sampled rows skip speculation (the greedy acceptance test
+  would not preserve the sampling distribution).
 
-Sampled rows (n > 1) skip speculation (the greedy acceptance test would not preserve the
-sampling distribution) and decode in lockstep, one token per row per step.
+Rows feed different numbers of tokens per step (a sampled token, forced tokens, a draft), so a
+step's input is right-padded to its longest row, and padded or rejected positions stay in the KV
+cache as holes, masked out by the attention mask; position ids count only each row's real
+tokens. Columns that are holes in every row (e.g. a single row's rejected draft) are cropped.
 
 ``Completion.logprob`` sums, over the tokens the model chose, the log-probability at temperature 1
 renormalised over the grammar-allowed tokens (the unmasked distribution when there is no grammar).
 Tokens forced by the grammar (jump-forward) count 0: they were the only continuation.
+Timings (``prefill_ms``, ``decode_ms``, ``forward_passes``) are those of the whole batch.
 """
 
 from __future__ import annotations
@@ -48,12 +55,27 @@ MAX_NGRAM = 3  # longest suffix of the output looked up in the prompt for a draf
 
 @dataclass
 class _Row:
-    """Decoding state of one output row."""
+    """Decoding state of one output row (one sample of one request)."""
 
     constraint: OutputConstraint | None
+    prompt: np.ndarray  # the request's prompt token ids, for prompt-lookup drafts
+    max_tokens: int
+    temperature: float = 0.0
+    generator: torch.Generator | None = None
     tokens: list[int] = field(default_factory=list)
     logprob: float = 0.0
     done: bool = False
+    length: int = 0  # real (unmasked) tokens of this row in the KV cache = next position id
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def finished(self) -> bool:
+        c = self.constraint
+        return self.done or len(self.tokens) >= self.max_tokens or (
+            c is not None and c.is_stopped()
+        )
 
 
 @dataclass
@@ -95,6 +117,8 @@ class HFBackend:
         self._head_bias = getattr(head, "bias", None)
         self.vocab_size = int(self._head_weight.shape[0])
         self._stop = self._stop_tokens()
+        pad = tokenizer.pad_token_id
+        self._pad = int(pad if pad is not None else min(self._stop, default=0))
 
     @classmethod
     def load(
@@ -107,8 +131,11 @@ class HFBackend:
     # -- public ---------------------------------------------------------------------------
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
+        """Complete every request, all in one batch; result[i] holds request i's completions."""
+        if not requests:
+            return []
         with torch.inference_mode():
-            return [self._generate_one(r) for r in requests]
+            return self._generate_batch(list(requests))
 
     # -- prompt -----------------------------------------------------------------------------
 
@@ -134,9 +161,10 @@ class HFBackend:
                 ids.add(tid)
         return frozenset(int(i) for i in ids)
 
-    # -- one request ---------------------------------------------------------------------------
+    # -- one batch -------------------------------------------------------------------------------
 
-    def _generate_one(self, req: GenerationRequest) -> list[Completion]:
+    def _rows(self, req: GenerationRequest, prompt: list[int]) -> list[_Row]:
+        """The ``n`` rows of one request, with the tokens the grammar forces first consumed."""
         if req.n < 1:
             raise InvalidRequestError(f"n must be >= 1, got {req.n}")
         temperature = req.temperature
@@ -144,50 +172,71 @@ class HFBackend:
             logger.warning("n=%d at temperature 0 would repeat one output; sampling at 1", req.n)
             temperature = 1.0
         generator = None
-        if temperature > 0:
+        if temperature > 0:  # one generator per request: its samples do not depend on the batch
             generator = torch.Generator(device=self.device)
             generator.manual_seed(req.seed if req.seed is not None else int(time.time_ns() % 2**31))
-
         first = self._new_constraint(req.grammar)
-        rows = [_Row(first)] + [
-            _Row(first.copy() if first else None) for _ in range(req.n - 1)
+        prompt_arr = np.asarray(prompt, dtype=np.int64)
+        rows = [
+            _Row(first if i == 0 or first is None else first.copy(), prompt_arr, req.max_tokens,
+                 temperature, generator)
+            for i in range(req.n)
         ]
-        prompt = self.prompt_ids(req.messages)
-        forced = self._jump_forward(rows[0], req.max_tokens)
+        forced = self._jump_forward(rows[0])
         for row in rows[1:]:
             if row.constraint is not None:
                 row.constraint.consume_many(forced)
             row.tokens = list(forced)
+        return rows
+
+    def _generate_batch(self, requests: list[GenerationRequest]) -> list[list[Completion]]:
+        prompts = [self.prompt_ids(r.messages) for r in requests]
+        per_request = [self._rows(r, p) for r, p in zip(requests, prompts, strict=True)]
 
         stats = _Stats()
         t0 = time.perf_counter()
         cache = DynamicCache(config=self.model.config)
-        hidden = self._forward(prompt + forced, cache, keep=1, stats=stats)  # [1, 1, H]
+        seqs = [p + rows[0].tokens for p, rows in zip(prompts, per_request, strict=True)]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self._pad, dtype=torch.long)  # [R, L] left-padded
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)  # [R, L] 1 = real token
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [R, L]
+        hidden = self._forward(ids, cache, mask, positions, keep=1, stats=stats)[:, -1, :]  # [R, H]
         stats.prefill_ms = (time.perf_counter() - t0) * 1000
-        next_hidden = hidden[:, -1, :]  # [1, H]
+
+        # One cache row per output row: request i's prefill repeated n_i times.
+        rows = [row for rs in per_request for row in rs]
+        owner = [i for i, rs in enumerate(per_request) for _ in rs]
+        for row, i in zip(rows, owner, strict=True):
+            row.length = len(seqs[i])
+        if owner != list(range(len(requests))):
+            index = torch.tensor(owner, device=self.device)
+            cache.batch_select_indices(index)
+            mask, hidden = mask[owner], hidden[index]
 
         t1 = time.perf_counter()
-        if req.n == 1:
-            self._decode_single(rows[0], next_hidden[0], cache, prompt, req, temperature,
-                                generator, stats)
-        else:
-            cache.batch_repeat_interleave(req.n)
-            self._decode_batch(rows, next_hidden.expand(req.n, -1), cache, req, temperature,
-                               generator, stats)
+        self._decode(rows, hidden, cache, mask, stats)
         decode_ms = (time.perf_counter() - t1) * 1000
 
-        completions = []
-        for row in rows:
-            timings = {
-                "prefill_ms": stats.prefill_ms,
-                "decode_ms": decode_ms,
-                "forward_passes": float(stats.forward_passes),
-                "tokens": float(len(row.tokens)),
-                "prompt_tokens": float(len(prompt)),
-            }
-            text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-            completions.append(Completion(text, row.logprob, len(row.tokens), timings))
-        return completions
+        out: list[list[Completion]] = []
+        for rs, prompt in zip(per_request, prompts, strict=True):
+            completions = []
+            for row in rs:
+                timings = {
+                    "prefill_ms": stats.prefill_ms,
+                    "decode_ms": decode_ms,
+                    "forward_passes": float(stats.forward_passes),
+                    "tokens": float(len(row.tokens)),
+                    "prompt_tokens": float(len(prompt)),
+                    "batch_rows": float(len(rows)),
+                }
+                text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+                completions.append(Completion(text, row.logprob, len(row.tokens), timings))
+            out.append(completions)
+        return out
 
     def _new_constraint(self, grammar: str | None) -> OutputConstraint | None:
         if grammar is None:
@@ -196,13 +245,19 @@ class HFBackend:
 
     # -- model calls -----------------------------------------------------------------------------
 
-    def _forward(self, ids: list[int] | torch.Tensor, cache: DynamicCache, *, keep: int,
-                 stats: _Stats) -> torch.Tensor:
-        """Run ``ids`` ([B, S] or one row) through the decoder; return the last ``keep`` final
-        hidden states [B, keep, H]. Logits are computed later, only for tokens that matter."""
-        if not isinstance(ids, torch.Tensor):
-            ids = torch.tensor([ids], dtype=torch.long)
-        out = self._decoder(input_ids=ids.to(self.device), past_key_values=cache, use_cache=True)
+    def _forward(self, ids: torch.Tensor, cache: DynamicCache, mask: torch.Tensor,
+                 positions: torch.Tensor, *, keep: int, stats: _Stats) -> torch.Tensor:
+        """Run ``ids`` [B, S] through the decoder; return the last ``keep`` final hidden states
+        [B, keep, H]. ``mask`` [B, cache + S] marks real tokens, ``positions`` [B, S] their
+        position ids. Logits are computed later, only for the tokens that matter."""
+        attention = None if bool(mask.all()) else mask.to(self.device)  # None: the fast path
+        out = self._decoder(
+            input_ids=ids.to(self.device),
+            attention_mask=attention,
+            position_ids=positions.to(self.device),
+            past_key_values=cache,
+            use_cache=True,
+        )
         stats.forward_passes += 1
         return out.last_hidden_state[:, -keep:, :]
 
@@ -252,18 +307,18 @@ class HFBackend:
             j = int(torch.multinomial(probs, 1, generator=generator))
         return (j if ids is None else int(ids[j])), float(logp[j])
 
-    def _jump_forward(self, row: _Row, max_tokens: int) -> list[int]:
+    def _jump_forward(self, row: _Row) -> list[int]:
         """Consume the tokens the grammar forces now; return them (also appended to the row)."""
         c = row.constraint
         if c is None or c.is_stopped():
             return []
-        forced = c.forced_tokens()[: max(max_tokens - len(row.tokens), 0)]
+        forced = c.forced_tokens()[: max(row.max_tokens - len(row.tokens), 0)]
         if forced and not c.consume_many(forced):
             raise AssertionError(f"grammar rejected its own forced tokens {forced}: {c.error}")
         row.tokens.extend(forced)
         return forced
 
-    def _accept(self, row: _Row, tok: int, lp: float, max_tokens: int) -> None:
+    def _accept(self, row: _Row, tok: int, lp: float) -> None:
         """Append a chosen token to a row and mark the row done when it ends."""
         if tok in self._stop:
             row.done = True
@@ -276,50 +331,98 @@ class HFBackend:
                 raise AssertionError(f"grammar rejected allowed token {tok}: {c.error}")
             if c.is_stopped():
                 row.done = True
-        if len(row.tokens) >= max_tokens:
+        if len(row.tokens) >= row.max_tokens:
             row.done = True
 
-    # -- decoding loops ---------------------------------------------------------------------------
+    # -- the decoding loop ------------------------------------------------------------------------
 
-    def _decode_single(self, row: _Row, next_hidden: torch.Tensor, cache: DynamicCache,
-                       prompt: list[int], req: GenerationRequest, temperature: float,
-                       generator: torch.Generator | None, stats: _Stats) -> None:
-        """One row: jump-forward always, prompt-lookup speculation when greedy."""
-        greedy = temperature <= 0
-        prompt_arr = np.asarray(prompt, dtype=np.int64)
-        while not row.done and len(row.tokens) < req.max_tokens:
-            if row.constraint is not None and row.constraint.is_stopped():
-                break
-            scores = self._scores(next_hidden, row.constraint)
-            tok, lp = self._choose(scores, temperature, generator)
-            self._accept(row, tok, lp, req.max_tokens)
-            if row.done:
-                break
-            feed = [tok] + self._jump_forward(row, req.max_tokens)
-            if len(row.tokens) >= req.max_tokens or (
-                row.constraint is not None and row.constraint.is_stopped()
-            ):
-                break
-            room = req.max_tokens - len(row.tokens)
-            draft: list[int] = []
-            if greedy and self.speculative_tokens and room > 0:
-                draft = self._draft(prompt_arr, row.tokens, min(self.speculative_tokens, room))
-                if draft and row.constraint is not None:
-                    draft = draft[: row.constraint.valid_prefix(draft)]
-            hidden = self._forward(feed + draft, cache, keep=len(draft) + 1, stats=stats)[0]
-            # hidden[i] predicts the token after feed + draft[:i]  # [len(draft)+1, H]
-            accepted = 0
-            for i, d in enumerate(draft):
-                tok, lp = self._choose(self._scores(hidden[i], row.constraint), 0.0, None)
-                if tok != d:
-                    break
-                self._accept(row, d, lp, req.max_tokens)
-                accepted += 1
-                if row.done:
-                    break
-            if len(draft) > accepted:
-                cache.crop(-(len(draft) - accepted))
-            next_hidden = hidden[accepted]
+    def _step_input(self, row: _Row, hidden: torch.Tensor) -> list[int] | None:
+        """Choose a row's next token from ``hidden`` [H]; return what to feed the model next
+        (the token and the tokens the grammar forces after it), or None when the row is done."""
+        tok, lp = self._choose(self._scores(hidden, row.constraint), row.temperature,
+                               row.generator)
+        self._accept(row, tok, lp)
+        if row.done:
+            return None
+        feed = [tok] + self._jump_forward(row)
+        if row.finished():
+            row.done = True
+            return None
+        return feed
+
+    def _draft_for(self, row: _Row) -> list[int]:
+        """A prompt-lookup draft for a greedy row, cut to what its grammar allows."""
+        room = row.max_tokens - len(row.tokens)
+        if not (row.greedy and self.speculative_tokens and room > 0):
+            return []
+        draft = self._draft(row.prompt, row.tokens, min(self.speculative_tokens, room))
+        if draft and row.constraint is not None:
+            draft = draft[: row.constraint.valid_prefix(draft)]
+        return draft
+
+    def _decode(self, rows: list[_Row], next_hidden: torch.Tensor, cache: DynamicCache,
+                mask: torch.Tensor, stats: _Stats) -> None:
+        """Decode all rows in lockstep until each is done; ``next_hidden`` [B, H] holds each
+        row's last hidden state, ``mask`` [B, T] the real tokens of its cache row."""
+        live = list(range(len(rows)))  # row index of each cache row
+        for r in rows:
+            r.done = r.finished()
+        while True:
+            # 1. every live row picks its token (and forced tokens, and a draft)
+            steps: list[tuple[int, list[int], list[int]]] = []  # (cache row, feed, draft)
+            for pos, ri in enumerate(live):
+                row = rows[ri]
+                feed = None if row.done else self._step_input(row, next_hidden[pos])
+                if feed is not None:
+                    steps.append((pos, feed, self._draft_for(row)))
+            if not steps:
+                return
+            # 2. drop finished rows from the batch
+            if len(steps) < len(live):
+                keep = [pos for pos, _, _ in steps]
+                cache.batch_select_indices(torch.tensor(keep, device=self.device))
+                mask = mask[keep]
+                live = [live[p] for p in keep]
+            # 3. one forward pass over every row's feed + draft, right-padded to the longest
+            width = max(len(f) + len(d) for _, f, d in steps)
+            ids = torch.full((len(steps), width), self._pad, dtype=torch.long)  # [B, S]
+            new = torch.zeros((len(steps), width), dtype=torch.long)  # [B, S]
+            offsets = torch.tensor([rows[ri].length for ri in live])[:, None]  # [B, 1]
+            positions = offsets + torch.arange(width)[None, :]  # [B, S]
+            for b, (_, feed, draft) in enumerate(steps):
+                seq = feed + draft
+                ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+                new[b, : len(seq)] = 1
+            start = mask.shape[1]
+            mask = torch.cat([mask, new], dim=1)
+            hidden = self._forward(ids, cache, mask, positions, keep=width, stats=stats)
+            # hidden[b, len(feed) - 1 + i] predicts the token after feed + draft[:i]
+            # 4. keep each draft's agreeing prefix; the rest become holes
+            picks = []
+            for b, (_, feed, draft) in enumerate(steps):
+                row = rows[live[b]]
+                base = len(feed) - 1
+                accepted = 0
+                for i, d in enumerate(draft):
+                    tok, lp = self._choose(self._scores(hidden[b, base + i], row.constraint),
+                                           0.0, None)
+                    if tok != d:
+                        break
+                    self._accept(row, d, lp)
+                    accepted += 1
+                    if row.done:
+                        break
+                real = len(feed) + accepted
+                mask[b, start + real:] = 0
+                row.length += real
+                picks.append(base + accepted)
+            next_hidden = hidden[torch.arange(len(steps)), torch.tensor(picks)]  # [B, H]
+            # 5. crop columns that are holes in every row (a lone row's rejected draft)
+            used = mask[:, start:].any(dim=0).nonzero()
+            holes = width - (int(used.max()) + 1 if used.numel() else 0)
+            if holes:
+                cache.crop(-holes)
+                mask = mask[:, :-holes]
 
     def _draft(self, prompt: np.ndarray, generated: list[int], k: int) -> list[int]:
         """Prompt lookup: the ``k`` prompt tokens after the latest occurrence of the longest
@@ -338,31 +441,3 @@ class HFBackend:
                         return draft[:j]
                 return draft
         return []
-
-    def _decode_batch(self, rows: list[_Row], next_hidden: torch.Tensor, cache: DynamicCache,
-                      req: GenerationRequest, temperature: float,
-                      generator: torch.Generator | None, stats: _Stats) -> None:
-        """n sampled rows in lockstep: one token per live row per forward pass."""
-        live = list(range(len(rows)))  # row index of each cache row
-        for r in rows:
-            if len(r.tokens) >= req.max_tokens or (r.constraint and r.constraint.is_stopped()):
-                r.done = True
-        while True:
-            step = []
-            for pos, ri in enumerate(live):
-                row = rows[ri]
-                if row.done:
-                    continue
-                tok, lp = self._choose(self._scores(next_hidden[pos], row.constraint),
-                                       temperature, generator)
-                self._accept(row, tok, lp, req.max_tokens)
-                step.append((pos, ri, tok))
-            keep = [(pos, ri, tok) for pos, ri, tok in step if not rows[ri].done]
-            if not keep:
-                return
-            if len(keep) < len(live):  # drop finished rows from the cache
-                cache.batch_select_indices(torch.tensor([p for p, _, _ in keep],
-                                                        device=self.device))
-            live = [ri for _, ri, _ in keep]
-            ids = torch.tensor([[tok] for _, _, tok in keep], dtype=torch.long)  # [B, 1]
-            next_hidden = self._forward(ids, cache, keep=1, stats=stats)[:, -1, :]

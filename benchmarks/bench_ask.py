@@ -1,0 +1,174 @@
+"""End-to-end latency of one question (retrieve -> prefill -> decode -> verify) with the default
+model, against the prefill time of the question's own prompt; and batch throughput.
+
+    python benchmarks/bench_ask.py [--threads 2] [--questions 50] [--concurrency 1,4,8]
+
+Questions: a fixed seeded sample of answerable questions of the EVAL articles, asked one at a
+time through ``Pipeline.ask`` after ``--warmup`` warm-up questions. For each question the prompt
+it was shown is then prefilled alone (no decoding) to time ``prefill_own``; the target is a
+median ``total / prefill_own`` <= 1.5. Throughput: the same questions generated ``c`` at a time
+with ``CitedGenerator.generate_many`` (one backend batch), in generated tokens per second.
+Writes evals/results/bench_ask.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from citeqa.config import Config  # noqa: E402
+from citeqa.evals.metrics import percentile  # noqa: E402
+from citeqa.generation.cited import CitedGenerator  # noqa: E402
+from citeqa.generation.prompt import build_messages  # noqa: E402
+from evals.generation_quality import DATA, INDEX, sample_questions  # noqa: E402
+
+OUT = ROOT / "evals" / "results" / "bench_ask.json"
+
+
+def prefill_only_ms(backend, messages, repeats: int = 1) -> float:
+    """Best-of-``repeats`` wall time of one prefill pass over the chat prompt of ``messages``."""
+    import torch
+    from transformers import DynamicCache
+
+    ids = torch.tensor([backend.prompt_ids(messages)], dtype=torch.long)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            cache = DynamicCache(config=backend.model.config)
+            t0 = time.perf_counter()
+            backend._decoder(input_ids=ids, past_key_values=cache, use_cache=True)
+            best = min(best, (time.perf_counter() - t0) * 1000)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2, help="torch/faiss threads (pinned)")
+    ap.add_argument("--questions", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--concurrency", default="1,4,8", help="batch sizes for throughput ('' = skip)")
+    ap.add_argument("--throughput-questions", type=int, default=8)
+    ap.add_argument("--index", type=Path, default=INDEX)
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+
+    import faiss
+    import torch
+
+    from citeqa.generation.hf import HFBackend
+    from citeqa.pipeline import Pipeline
+    from citeqa.retrieval import HybridRetriever
+
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    cfg = Config()
+    gen_cfg = cfg.generation
+    retriever = HybridRetriever.open(args.index, cfg.retrieval)
+    backend = HFBackend.load(gen_cfg.model, Path.home() / ".cache" / "citeqa",
+                             speculative_tokens=gen_cfg.speculative_quote_tokens,
+                             threads=args.threads)
+    generator = CitedGenerator(backend, gen_cfg)
+    pipeline = Pipeline(retriever, generator, cfg)
+    items = sample_questions(DATA / "qa.json", "eval", args.questions + args.warmup)
+    for q in items[: args.warmup]:
+        pipeline.ask(q.question)
+
+    rows = []
+    for q in tqdm(items[args.warmup :], desc="ask"):
+        answer = pipeline.ask(q.question)
+        t = answer.timings_ms
+        hits = retriever.search(q.question, k=gen_cfg.top_k_passages)
+        messages, _ = build_messages(q.question, hits, gen_cfg)
+        own = prefill_only_ms(backend, messages)
+        tokens = t.get("tokens", 0.0)
+        rows.append({
+            "question": q.question,
+            "total_ms": t["total_ms"],
+            "retrieve_ms": t["retrieve_ms"],
+            "prefill_ms": t.get("prefill_ms", 0.0),
+            "decode_ms": t.get("decode_ms", 0.0),
+            "prefill_own_ms": own,
+            "ratio": t["total_ms"] / own,
+            "prompt_tokens": t.get("prompt_tokens", 0.0),
+            "tokens": tokens,
+            "forward_passes": t.get("forward_passes", 0.0),
+            "passes_per_token": t.get("forward_passes", 0.0) / max(tokens, 1.0),
+            "decode_passes_per_token": (t.get("forward_passes", 1.0) - 1) / max(tokens, 1.0),
+            "answer": answer.answer,
+            "declined": answer.declined,
+        })
+
+    total = sum(r["total_ms"] for r in rows)
+    shares = {k: sum(r[f"{k}_ms"] for r in rows) / total for k in ("retrieve", "prefill", "decode")}
+    shares["other"] = 1 - sum(shares.values())
+    totals = [r["total_ms"] for r in rows]
+    summary = {
+        "questions": len(rows),
+        "p50_total_ms": percentile(totals, 50),
+        "p95_total_ms": percentile(totals, 95),
+        "share": shares,
+        "median_prefill_own_ms": statistics.median(r["prefill_own_ms"] for r in rows),
+        "median_ratio_total_over_prefill": statistics.median(r["ratio"] for r in rows),
+        "median_prompt_tokens": statistics.median(r["prompt_tokens"] for r in rows),
+        "median_generated_tokens": statistics.median(r["tokens"] for r in rows),
+        "forward_passes_per_generated_token": sum(r["forward_passes"] for r in rows)
+        / max(sum(r["tokens"] for r in rows), 1.0),
+        "decode_passes_per_generated_token": sum(r["forward_passes"] - 1 for r in rows)
+        / max(sum(r["tokens"] for r in rows), 1.0),
+    }
+
+    throughput = {}
+    levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    pool = items[args.warmup : args.warmup + args.throughput_questions]
+    hits_of = {q.id: retriever.search(q.question, k=gen_cfg.top_k_passages) for q in pool}
+    for c in levels:
+        t0 = time.perf_counter()
+        tokens = 0.0
+        for at in range(0, len(pool), c):
+            gens = generator.generate_many(
+                [(q.question, hits_of[q.id], retriever.document, 1) for q in pool[at : at + c]]
+            )
+            tokens += sum(cand.n_tokens for g in gens for cand in g.candidates)
+        wall = time.perf_counter() - t0
+        throughput[str(c)] = {"questions": len(pool), "wall_s": wall,
+                              "tokens_per_s": tokens / wall, "questions_per_s": len(pool) / wall}
+
+    report = {
+        "task": "end-to-end one-question latency (Pipeline.ask, greedy, default config)",
+        "sample": f"fixed seeded sample of {len(rows)} answerable eval-article questions "
+                  f"after {args.warmup} warm-up questions",
+        "model": backend.model_id,
+        "threads": args.threads,
+        "machine": platform.platform(),
+        "generation_config": asdict(gen_cfg),
+        "summary": summary,
+        "throughput_by_concurrency": throughput,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    s = summary
+    print(f"p50 total {s['p50_total_ms']:.0f} ms, p95 {s['p95_total_ms']:.0f} ms; median own "  # noqa: T201
+          f"prefill {s['median_prefill_own_ms']:.0f} ms; median total/prefill "
+          f"{s['median_ratio_total_over_prefill']:.2f} (target <= 1.5)")
+    print("shares " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))  # noqa: T201
+    print(f"forward passes per generated token {s['forward_passes_per_generated_token']:.2f}")  # noqa: T201
+    for c, tp in throughput.items():
+        print(f"concurrency {c}: {tp['tokens_per_s']:.1f} tokens/s, "  # noqa: T201
+              f"{tp['questions_per_s']:.2f} questions/s")
+    print(f"wrote {args.out}")  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()

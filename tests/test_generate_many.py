@@ -1,0 +1,79 @@
+"""CitedGenerator.generate_many: several questions, one backend call, same answers as alone."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from citeqa.config import GenerationConfig
+from citeqa.generation.cited import CitedGenerator
+from citeqa.generation.extractive import extractive_responder
+from citeqa.generation.fake import FakeBackend
+from citeqa.types import Document, Hit, Passage
+
+DOCS = {
+    "n": Document("n", "Normans", "normans.txt",
+                  "The Normans gave their name to Normandy, a region in France. "
+                  "Their leader Rollo swore fealty to King Charles III of West Francia."),
+    "h": Document("h", "Harvard", "harvard.txt",
+                  "Harvard was founded in 1636. It is named after John Harvard, a clergyman."),
+}
+
+
+def hits(*doc_ids: str) -> list[Hit]:
+    return [
+        Hit(Passage(i, d, 0, len(DOCS[d].text), DOCS[d].text), DOCS[d].title, "", 1.0 - i / 10)
+        for i, d in enumerate(doc_ids)
+    ]
+
+
+class CountingBackend(FakeBackend):
+    def __init__(self) -> None:
+        super().__init__(extractive_responder)
+        self.calls: list[int] = []  # requests per generate() call
+
+    def generate(self, requests):
+        self.calls.append(len(requests))
+        return super().generate(requests)
+
+
+ITEMS = [
+    ("Who was the leader of the Normans?", hits("n", "h"), DOCS.__getitem__, None),
+    ("When was Harvard founded?", hits("h", "n"), DOCS.__getitem__, 3),
+    ("Nothing to show", [], DOCS.__getitem__, None),
+]
+
+
+@pytest.mark.parametrize("constrain", [True, False])
+def test_one_backend_call_and_same_candidates_as_one_by_one(constrain):
+    backend = CountingBackend()
+    gen = CitedGenerator(backend, GenerationConfig(model="fake"))
+    many = gen.generate_many(ITEMS, constrain=constrain)
+    assert backend.calls == [2]  # two questions with passages, one call
+    assert [len(g.candidates) for g in many] == [1, 3, 0]
+    for item, g in zip(ITEMS, many, strict=True):
+        question, item_hits, documents, n = item
+        alone = gen.generate(question, item_hits, documents, n=n, constrain=constrain)
+        assert g.candidates == alone.candidates
+    assert many[0].candidates[0].quote is not None
+    assert many[1].timings_ms["batch_items"] == 3
+    assert (backend.requests[0].grammar is not None) == constrain
+    assert backend.requests[1].n == 3 and backend.requests[1].temperature > 0
+
+
+def test_round_robin_items_are_split_back_to_their_questions():
+    backend = CountingBackend()
+    gen = CitedGenerator(backend, replace(GenerationConfig(model="fake"), round_robin=True))
+    many = gen.generate_many([ITEMS[0], ITEMS[1]])
+    assert backend.calls == [3]  # item 0: one greedy request; item 1: one request per passage
+    assert [len(g.candidates) for g in many] == [1, 3]
+    assert {c.quote.doc_id for c in many[1].candidates if c.quote} == {"h", "n"}
+
+
+def test_no_items_and_bad_n():
+    backend = CountingBackend()
+    gen = CitedGenerator(backend, GenerationConfig(model="fake"))
+    assert gen.generate_many([]) == [] and backend.calls == []
+    with pytest.raises(ValueError, match="n must be at least 1"):
+        gen.generate_many([(ITEMS[0][0], ITEMS[0][1], DOCS.__getitem__, 0)])
