@@ -108,6 +108,7 @@ class Settings(BaseSettings):
     preset: PresetName = "default"  # named algorithm preset
     index: Path = Path("index/default")  # index directory served
     generator: str | None = None  # overrides the preset's generator (a local HF model dir)
+    adapter: str | None = None  # a LoRA adapter dir (citeqa train generator) merged at load
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "citeqa")
     allow_private_urls: bool = False  # let the fetcher reach private/intranet addresses
     api_keys: str = ""  # comma-separated; empty = no authentication
@@ -130,4 +131,6 @@ class Settings(BaseSettings):
         cfg = preset(self.preset)
         if self.generator:
             cfg = replace(cfg, generation=replace(cfg.generation, model=self.generator))
+        if self.adapter:
+            cfg = replace(cfg, generation=replace(cfg.generation, adapter=self.adapter))
         return cfg

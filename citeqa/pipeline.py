@@ -113,6 +113,7 @@ class Pipeline:
             backend = HFBackend.load(
                 gen.model,
                 settings.cache_dir,
+                adapter=gen.adapter,
                 speculative_tokens=gen.speculative_quote_tokens,
                 threads=gen.threads,
             )

@@ -188,6 +188,13 @@ def test_cli_trains_a_local_model_whose_adapter_loads(tokenizer, tmp_path: Path)
     card = (tmp_path / "ad" / "MODEL_CARD.md").read_text()
     assert model_id in card and "max steps 3" in card
 
+    from citeqa.generation.hf import HFBackend
+
+    served = HFBackend.load(str(base_dir), tmp_path, device="cpu", adapter=tmp_path / "ad")
+    assert served.model_id == f"{model_id}+ad"
+    with torch.no_grad():
+        assert torch.allclose(served.model(ids).logits, after, atol=1e-5)
+
     missing = CliRunner().invoke(app, ["generator", "--data", str(tmp_path / "none.jsonl"),
                                        "--out", str(tmp_path / "x"), "--model", str(base_dir)])
     assert missing.exit_code == 2 and "generator-data" in missing.output

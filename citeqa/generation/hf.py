@@ -122,10 +122,25 @@ class HFBackend:
 
     @classmethod
     def load(
-        cls, name: str, cache_dir: Path, *, device: str | None = None, **kw: Any
+        cls,
+        name: str,
+        cache_dir: Path,
+        *,
+        device: str | None = None,
+        adapter: str | Path | None = None,
+        **kw: Any,
     ) -> HFBackend:
-        """Load ``name`` ("smollm2" or a local HF dir) and wrap it; ``kw`` go to ``__init__``."""
+        """Load ``name`` ("smollm2" or a local HF dir) and wrap it; ``kw`` go to ``__init__``.
+
+        ``adapter``: a LoRA adapter dir (``citeqa train generator``), merged into the weights so
+        decoding costs nothing extra; the model id then names it.
+        """
         model, tokenizer, model_id = load_model(name, cache_dir, device=device)
+        if adapter is not None:
+            from citeqa.generation.adapter import apply_adapter
+
+            apply_adapter(model, Path(adapter))
+            model_id = f"{model_id}+{Path(adapter).name}"
         return cls(model, tokenizer, model_id, **kw)
 
     # -- public ---------------------------------------------------------------------------
