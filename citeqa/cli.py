@@ -10,7 +10,7 @@ import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -80,7 +80,7 @@ def index_build(
         bool, typer.Option("--hnsw", help="HNSW dense index (large corpora) instead of flat.")
     ] = False,
     max_chars: Annotated[
-        Optional[int], typer.Option("--max-chars", help="Maximum passage length in characters.")
+        int | None, typer.Option("--max-chars", help="Maximum passage length in characters.")
     ] = None,
     allow_private_urls: Annotated[
         bool,
@@ -152,17 +152,17 @@ def ask(
     index: IndexDir = Path("index/default"),
     preset_name: PresetOpt = "default",
     generator: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--generator", help="smollm2 | fake | a local Hugging Face model dir."),
     ] = None,
     top_k: Annotated[
-        Optional[int], typer.Option("--top-k", min=1, max=50, help="Passages retrieved.")
+        int | None, typer.Option("--top-k", min=1, max=50, help="Passages retrieved.")
     ] = None,
     n_candidates: Annotated[
-        Optional[int], typer.Option("-n", "--candidates", min=1, max=16, help="Samples.")
+        int | None, typer.Option("-n", "--candidates", min=1, max=16, help="Samples.")
     ] = None,
     min_score: Annotated[
-        Optional[float],
+        float | None,
         typer.Option("--min-score", min=0.0, max=1.0, help="Decline below this score."),
     ] = None,
     as_json: JsonOpt = False,

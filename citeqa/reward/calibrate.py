@@ -136,8 +136,9 @@ def calibrate_threshold(
     statement is about the population answered accuracy at the returned threshold, not the
     accuracy on any finite test set, which fluctuates around it. Each p-value conditions on the
     number answered, and the candidate thresholds are the calibration scores themselves (the
-    usual practice for selective classification; the Monte-Carlo tests check the guarantee). When no threshold passes, the threshold is
-    ``inf`` (decline everything), which trivially keeps the guarantee.
+    usual practice for selective classification; the Monte-Carlo tests check the guarantee).
+    When no threshold passes, the threshold is ``inf`` (decline everything), which trivially
+    keeps the guarantee.
 
     Args:
         scores: per calibration question, the reward score of the answer it would give
