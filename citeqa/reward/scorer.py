@@ -1,0 +1,226 @@
+"""The reward scorer the pipeline uses: a trained ensemble + its embedder + its calibrated
+decline threshold, and ``load_scorer`` which resolves a reward-model name to one.
+
+``RewardScorer.score`` fills ``Candidate.score`` (mean member probability, or that minus
+``uncertainty_penalty`` times the spread when the model's config sets one) and
+``Candidate.uncertainty`` (the spread). ``threshold`` is the Learn-then-Test threshold stored in
+``calibration.json``; ``threshold_for(target)`` recalibrates from the per-question (score,
+correct) pairs kept there, so a request may ask for its own target accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from citeqa.errors import ModelError
+from citeqa.retrieval.embed import Embedder, load_embedder
+from citeqa.reward.calibrate import METHOD, Calibration, calibrate_threshold
+from citeqa.reward.features import RewardInput, featurize
+from citeqa.reward.model import load_model
+from citeqa.types import Candidate
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION = "calibration.json"
+DEFAULT_DIR = Path(__file__).resolve().parent / "weights"  # the shipped reward model
+TARGET_GRID = 0.01  # threshold_for is made monotone over targets on this grid
+
+
+class RewardScorer:
+    """Scores candidates with a reward-model directory (see model.py for its layout)."""
+
+    def __init__(self, directory: Path, embedder: Embedder | None = None) -> None:
+        self.directory = Path(directory)
+        self.model, self.spec, self.config = load_model(self.directory)
+        self.uncertainty_penalty = float(self.config.get("uncertainty_penalty", 0.0))
+        self._embedder = embedder
+        self._lock = threading.Lock()
+        self.calibration = read_calibration(self.directory)
+
+    @property
+    def embedder(self) -> Embedder | None:
+        if self.spec.embeddings and self._embedder is None:
+            self._embedder = load_embedder(self.spec.embedder)
+        return self._embedder
+
+    def predict(self, inputs: Sequence[RewardInput]) -> tuple[np.ndarray, np.ndarray]:
+        """(score [N], uncertainty [N]) for raw inputs; scores in [0, 1]."""
+        if not inputs:
+            return np.zeros(0), np.zeros(0)
+        x = torch.from_numpy(featurize(inputs, self.spec, self.embedder))
+        with self._lock:  # torch modules are not promised to be thread-safe
+            mean, std = self.model.predict(x)
+        score = (mean - self.uncertainty_penalty * std).clamp(0.0, 1.0)
+        return score.numpy().astype(float), std.numpy().astype(float)
+
+    def score(self, question: str, candidates: Sequence[Candidate]) -> list[Candidate]:
+        """The candidates in order with ``score`` and ``uncertainty`` filled in."""
+        inputs = [RewardInput.from_candidate(question, c) for c in candidates]
+        scores, spread = self.predict(inputs)
+        return [
+            replace(c, score=float(s), uncertainty=float(u))
+            for c, s, u in zip(candidates, scores, spread, strict=True)
+        ]
+
+    @property
+    def threshold(self) -> float | None:
+        """The calibrated decline threshold (None when the model was never calibrated)."""
+        if self.calibration is None:
+            return None
+        return self.calibration["calibration"].threshold
+
+    def threshold_for(self, target_accuracy: float) -> float:
+        """The decline threshold guaranteeing ``target_accuracy`` (with the stored delta).
+
+        Raises ModelError when the model was never calibrated. Monotone: the threshold for a
+        target is the highest Learn-then-Test threshold over the targets up to it on a 0.01
+        grid, so asking for more accuracy never answers more questions.
+        """
+        if self.calibration is None:
+            raise ModelError(
+                f"{self.directory} has no {CALIBRATION}; run `citeqa calibrate --reward "
+                f"{self.directory} --data FILE` first"
+            )
+        cal = self.calibration
+        return _monotone_threshold(
+            tuple(cal["scores"]), tuple(cal["correct"]), float(target_accuracy),
+            cal["calibration"].delta, cal["min_answered"],
+        )
+
+
+@lru_cache(maxsize=256)
+def _monotone_threshold(
+    scores: tuple[float, ...],
+    correct: tuple[bool, ...],
+    target: float,
+    delta: float,
+    min_answered: int,
+) -> float:
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"target accuracy must be in (0, 1), got {target}")
+    grid = [t for t in np.arange(0.5, target, TARGET_GRID) if t < target - 1e-9] + [target]
+    return max(
+        calibrate_threshold(
+            scores, correct, target_accuracy=t, delta=delta, min_answered=min_answered
+        ).threshold
+        for t in grid
+    )
+
+
+# --- calibration.json ---------------------------------------------------------------------
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def write_calibration(
+    directory: Path,
+    scores: Sequence[float],
+    correct: Sequence[bool],
+    calibration: Calibration,
+    *,
+    min_answered: int,
+    extra: dict[str, Any],
+) -> Path:
+    """Write calibration.json: the result plus every per-question (score, correct) pair.
+
+    A question whose best candidate had no verified quote is always declined; its score is
+    stored as null (minus infinity).
+    """
+    body = {
+        "format": 1,
+        "method": METHOD,
+        **{k: _finite_or_none(v) if isinstance(v, float) else v
+           for k, v in asdict(calibration).items()},
+        "min_answered": min_answered,
+        **extra,
+        "scores": [_finite_or_none(float(s)) for s in scores],
+        "correct": [bool(c) for c in correct],
+    }
+    path = Path(directory) / CALIBRATION
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(body, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_calibration(directory: Path) -> dict[str, Any] | None:
+    """The parsed calibration.json of a reward-model directory (None when there is none)."""
+    path = Path(directory) / CALIBRATION
+    if not path.is_file():
+        logger.warning("%s has no %s: no decline threshold; run `citeqa calibrate`", directory,
+                       CALIBRATION)
+        return None
+    try:
+        body = json.loads(path.read_text())
+        scores = [-math.inf if s is None else float(s) for s in body["scores"]]
+        correct = [bool(c) for c in body["correct"]]
+        threshold = body["threshold"]
+        calibration = Calibration(
+            threshold=math.inf if threshold is None else float(threshold),
+            target_accuracy=float(body["target_accuracy"]),
+            delta=float(body["delta"]),
+            coverage=float(body["coverage"]),
+            accuracy=math.nan if body["accuracy"] is None else float(body["accuracy"]),
+            n=int(body["n"]),
+            n_answered=int(body["n_answered"]),
+        )
+        min_answered = int(body["min_answered"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelError(
+            f"{path} is corrupt ({e!r}); rerun `citeqa calibrate --reward {directory} --data FILE`"
+        ) from None
+    if len(scores) != len(correct):
+        raise ModelError(f"{path} is corrupt: {len(scores)} scores but {len(correct)} labels")
+    return {"calibration": calibration, "scores": scores, "correct": correct,
+            "min_answered": min_answered, "body": body}
+
+
+def load_scorer(name: str | None, cache_dir: Path | None = None) -> RewardScorer | None:
+    """The scorer called ``name``: "default" (the shipped weights in citeqa/reward/weights),
+    a reward-model directory, or None (no reward model). ``cache_dir`` is accepted for symmetry
+    with the generator loader; nothing is ever downloaded."""
+    del cache_dir
+    if name is None:
+        return None
+    directory = DEFAULT_DIR if name == "default" else Path(name)
+    if name == "default" and not (directory / "config.json").is_file():
+        raise ModelError(
+            f"the default reward model is missing from {directory}; reinstall citeqa, or set "
+            "the reward model to a directory from `citeqa train reward` (or none)"
+        )
+    return RewardScorer(directory)
+
+
+def best_per_question(
+    groups: Sequence[Sequence[tuple[float, bool, bool]]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per question, the (score, correct) of the candidate the pipeline would answer with.
+
+    Each group holds one question's candidates as ``(score, quote_valid, correct)``. The
+    pipeline answers with the best-scored verified candidate; with none verified it always
+    declines, so that question's score is minus infinity (never answered).
+    """
+    scores, correct = [], []
+    for group in groups:
+        valid = [(s, c) for s, v, c in group if v]
+        if valid:
+            s, c = max(valid, key=lambda sc: sc[0])
+            scores.append(s)
+            correct.append(c)
+        else:
+            scores.append(-math.inf)
+            correct.append(False)
+    return np.array(scores, dtype=float), np.array(correct, dtype=bool)
