@@ -29,6 +29,7 @@ serve: index
 	exec $(BIN)/citeqa serve --index index/default --host $(HOST) --port $(PORT)
 
 test: install
+	$(BIN)/python -m ruff check citeqa tests benchmarks evals
 	$(BIN)/python -m pytest -q
 
 lint: install

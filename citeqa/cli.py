@@ -33,10 +33,14 @@ app.add_typer(train_app, name="train")
 def _register_subcommands() -> None:
     """Commands that live beside the code they drive (evaluation, training)."""
     from citeqa.evals.cli import eval_app
+    from citeqa.reward.cli import calibrate
+    from citeqa.reward.cli import train_app as reward_train_app
     from citeqa.training.cli import app as generator_train_app
 
     app.add_typer(eval_app, name="eval")
     train_app.registered_commands.extend(generator_train_app.registered_commands)
+    train_app.registered_commands.extend(reward_train_app.registered_commands)
+    app.command("calibrate")(calibrate)
 
 
 _register_subcommands()
@@ -156,7 +160,7 @@ def ask(
         typer.Option("--generator", help="smollm2 | fake | a local Hugging Face model dir."),
     ] = None,
     top_k: Annotated[
-        int | None, typer.Option("--top-k", min=1, max=50, help="Passages retrieved.")
+        int | None, typer.Option("--top-k", min=1, max=20, help="Passages shown to the generator.")
     ] = None,
     n_candidates: Annotated[
         int | None, typer.Option("-n", "--candidates", min=1, max=16, help="Samples.")
@@ -165,14 +169,27 @@ def ask(
         float | None,
         typer.Option("--min-score", min=0.0, max=1.0, help="Decline below this score."),
     ] = None,
+    target_accuracy: Annotated[
+        float | None,
+        typer.Option(
+            "--target-accuracy",
+            min=0.0,
+            max=1.0,
+            help="Decline below the calibrated threshold for this answered accuracy.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Answer QUESTION with a verbatim quote from the index (or decline)."""
+    if min_score is not None and target_accuracy is not None:
+        raise _fail("give --min-score or --target-accuracy, not both")
     from citeqa.pipeline import Pipeline
 
     try:
         settings = Settings(preset=preset_name, index=index, generator=generator)  # type: ignore[arg-type]
         pipeline = Pipeline.from_settings(settings)
+        if target_accuracy is not None:
+            min_score = pipeline.threshold_for(target_accuracy)
         answer = pipeline.ask(
             question, top_k=top_k, n_candidates=n_candidates, min_score=min_score
         )

@@ -73,6 +73,11 @@ class GenerationConfig:
 class RewardConfig:
     model: str | None = "default"  # "default" (shipped weights), a dir, or None (no reward model)
     threshold: float | None = None  # decline below this score; None = the calibrated threshold
+    # When the reward model's calibration certified no accuracy target at all (its threshold is
+    # inf, as for the shipped model judging SmolLM2-135M), True declines every question and
+    # False answers without a score threshold; a per-request min_score/target_accuracy still
+    # applies either way.
+    decline_uncertified: bool = False
 
 
 @dataclass(frozen=True)

@@ -117,7 +117,22 @@ class Pipeline:
                 speculative_tokens=gen.speculative_quote_tokens,
                 threads=gen.threads,
             )
-        return cls(retriever, CitedGenerator(backend, gen), cfg, index_dir=Path(settings.index))
+        from citeqa.reward.scorer import load_scorer
+
+        scorer = load_scorer(cfg.reward.model, settings.cache_dir)
+        threshold = getattr(scorer, "threshold", None)
+        if threshold is not None and math.isinf(threshold) and not cfg.reward.decline_uncertified:
+            logger.warning(
+                "the reward model's calibration certified no accuracy target; answering without "
+                "a score threshold (pass min_score or target_accuracy per request to decline)"
+            )
+        return cls(
+            retriever,
+            CitedGenerator(backend, gen),
+            cfg,
+            scorer,
+            index_dir=Path(settings.index),
+        )
 
     # -- questions ---------------------------------------------------------------------------
 
@@ -296,12 +311,27 @@ class Pipeline:
                     list(update.remove))
         return result.added_passages
 
+    def threshold_for(self, target_accuracy: float) -> float:
+        """The calibrated decline threshold that guarantees ``target_accuracy`` (reward model)."""
+        threshold_for = getattr(self.scorer, "threshold_for", None)
+        if threshold_for is None:
+            raise InvalidRequestError(
+                "target_accuracy needs a calibrated reward model, and none is loaded; "
+                "pass min_score instead",
+                status=422,
+            )
+        return float(threshold_for(target_accuracy))
+
     def _threshold(self, min_score: float | None) -> float | None:
         if min_score is not None:
             return min_score
         if self.cfg.reward.threshold is not None:
             return self.cfg.reward.threshold
-        return getattr(self.scorer, "threshold", None)
+        calibrated = getattr(self.scorer, "threshold", None)
+        if calibrated is not None and math.isinf(calibrated):
+            # The stored calibration certified no accuracy target (threshold inf).
+            return calibrated if self.cfg.reward.decline_uncertified else None
+        return calibrated
 
 
 def _validate(question: str, top_k: int | None, n_candidates: int | None) -> str:

@@ -336,3 +336,29 @@ def test_ask_many_raises_on_an_invalid_item():
     with pytest.raises(InvalidRequestError):
         p.ask_many([AskArgs(QUESTIONS[0]), AskArgs("   ")])
     assert gen.batches == []
+
+
+class UncertifiedScorer(ReverseScorer):
+    """A reward model whose calibration certified no accuracy target (threshold inf)."""
+
+    threshold = math.inf
+
+    def threshold_for(self, target_accuracy: float) -> float:
+        return 0.9 if target_accuracy <= 0.5 else math.inf
+
+
+def test_an_uncertified_calibration_answers_unless_told_to_decline():
+    question = "When did it open as the entrance to the World's Fair?"
+    ans = pipeline(scorer=UncertifiedScorer()).ask(question)
+    assert not ans.declined and ans.score == 1.0
+    strict = replace(CFG, reward=replace(CFG.reward, decline_uncertified=True))
+    ans = pipeline(cfg=strict, scorer=UncertifiedScorer()).ask(question)
+    assert ans.declined and "inf" in ans.reason
+
+
+def test_threshold_for_asks_the_reward_model_and_needs_one():
+    p = pipeline(scorer=UncertifiedScorer())
+    assert p.threshold_for(0.5) == 0.9 and p.threshold_for(0.8) == math.inf
+    assert p.ask("When did the Eiffel Tower open?", min_score=p.threshold_for(0.8)).declined
+    with pytest.raises(InvalidRequestError, match="calibrated reward model"):
+        pipeline().threshold_for(0.8)
