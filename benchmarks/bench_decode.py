@@ -104,8 +104,13 @@ def main() -> None:
             stats = _Stats()
             mask_ms = 0.0
             t0 = time.perf_counter()
+            n_past = len(prompt)
             for tok in target:
-                hidden = backend._forward([tok], cache, keep=1, stats=stats)[0, -1]
+                ids = torch.tensor([[tok]])  # [B=1, S=1]
+                mask = torch.ones(1, n_past + 1, dtype=torch.long)  # [B, cache + S]
+                positions = torch.tensor([[n_past]])  # [B, S]
+                hidden = backend._forward(ids, cache, mask, positions, keep=1, stats=stats)[0, -1]
+                n_past += 1
                 if c is not None:
                     m0 = time.perf_counter()
                     c.allowed_mask()  # the grammar's own cost, measured apart

@@ -52,8 +52,10 @@ class OutputFormatError(CiteqaError):
 
 
 class InvalidRequestError(CiteqaError):
-    """A request is invalid; ``status`` is the HTTP status the API returns for it."""
+    """A request is invalid; ``status`` and ``code`` are the HTTP status and error code the API
+    returns for it."""
 
-    def __init__(self, message: str, *, status: int = 422) -> None:
+    def __init__(self, message: str, *, status: int = 422, code: str = "invalid_request") -> None:
         super().__init__(message)
         self.status = status
+        self.code = code

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 from citeqa.config import Config, Settings
-from citeqa.errors import ConfigError, InvalidRequestError
+from citeqa.errors import ConfigError, InvalidRequestError, ModelError
 from citeqa.generation.backend import Backend
 from citeqa.generation.cited import CitedGenerator, Generation
 from citeqa.retrieval.base import Retriever
@@ -319,8 +319,12 @@ class Pipeline:
                 "target_accuracy needs a calibrated reward model, and none is loaded; "
                 "pass min_score instead",
                 status=422,
+                code="needs_calibration",
             )
-        return float(threshold_for(target_accuracy))
+        try:
+            return float(threshold_for(target_accuracy))
+        except ModelError as exc:  # a reward model that was never calibrated
+            raise InvalidRequestError(str(exc), status=422, code="needs_calibration") from exc
 
     def _threshold(self, min_score: float | None) -> float | None:
         if min_score is not None:

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from citeqa.config import Config, GenerationConfig, RewardConfig, Settings, preset
-from citeqa.errors import InvalidRequestError
+from citeqa.errors import InvalidRequestError, ModelError
 from citeqa.generation.backend import Completion, GenerationRequest
 from citeqa.generation.cited import CitedGenerator
 from citeqa.generation.extractive import extractive_responder
@@ -360,5 +360,17 @@ def test_threshold_for_asks_the_reward_model_and_needs_one():
     p = pipeline(scorer=UncertifiedScorer())
     assert p.threshold_for(0.5) == 0.9 and p.threshold_for(0.8) == math.inf
     assert p.ask("When did the Eiffel Tower open?", min_score=p.threshold_for(0.8)).declined
-    with pytest.raises(InvalidRequestError, match="calibrated reward model"):
+    with pytest.raises(InvalidRequestError, match="calibrated reward model") as info:
         pipeline().threshold_for(0.8)
+    assert info.value.code == "needs_calibration" and info.value.status == 422
+
+
+class NeverCalibratedScorer(ReverseScorer):
+    def threshold_for(self, target_accuracy: float) -> float:
+        raise ModelError("rm/ has no calibration.json; run `citeqa calibrate` first")
+
+
+def test_an_uncalibrated_reward_model_is_a_request_error_not_a_server_error():
+    with pytest.raises(InvalidRequestError, match="citeqa calibrate") as info:
+        pipeline(scorer=NeverCalibratedScorer()).threshold_for(0.8)
+    assert info.value.code == "needs_calibration"

@@ -12,7 +12,8 @@ How ``CiteqaError`` maps to HTTP (the one table; first match wins, subclasses fi
     =====================  ======  ======================  =========================================
     exception              status  code                    why
     =====================  ======  ======================  =========================================
-    InvalidRequestError    .status invalid_request         the user's request; its own status
+    InvalidRequestError    .status .code                   the user's request; its own status and
+                                                           code (default invalid_request)
     BlockedURLError        400     blocked_url             the user named a URL that is not allowed
     FetchError             502     fetch_failed            an upstream site failed
     SourceError            422     bad_source              the user's source could not be read
@@ -128,7 +129,7 @@ def error_response(
 def map_citeqa_error(exc: CiteqaError) -> tuple[int, str]:
     """The (status, code) for a CiteqaError, following the table in the module docstring."""
     if isinstance(exc, InvalidRequestError):
-        return exc.status, "invalid_request"
+        return exc.status, exc.code
     for cls, status, code in CITEQA_ERROR_TABLE:
         if isinstance(exc, cls):
             return status, code

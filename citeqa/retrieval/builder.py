@@ -26,6 +26,9 @@ from citeqa.retrieval.store import prepare, publish, test_pause, write_index
 from citeqa.retrieval.tokenize import tokenize
 from citeqa.types import Document
 
+# What index build reads, for error messages (see citeqa/ingest/sources.py).
+SUPPORTED = "text, markdown, HTML, JSON/JSONL or SQuAD JSON"
+
 if TYPE_CHECKING:
     from citeqa.ingest import Skipped
 
@@ -67,9 +70,9 @@ def build_index(
     if not loaded.documents:
         reasons = "; ".join(f"{s.source}: {s.reason}" for s in loaded.skipped[:5])
         raise EmptyCorpusError(
-            f"none of the {len(sources)} sources produced a document"
+            f"no documents: none of the {len(sources)} sources produced one"
             + (f" ({reasons})" if reasons else "")
-            + "; pass text, markdown, HTML or PDF files, folders holding them, or http(s) URLs"
+            + f"; pass {SUPPORTED} files, folders holding them, or http(s) URLs"
         )
     summary = build_index_from_documents(
         loaded.documents, out, cfg, skipped=loaded.skipped, progress=progress
@@ -97,8 +100,7 @@ def build_index_from_documents(
     docs = _unique(documents)
     if not docs:
         raise EmptyCorpusError(
-            "no documents to index; pass text, markdown, HTML or PDF files, folders holding "
-            "them, or http(s) URLs"
+            f"no documents to index; pass {SUPPORTED} files, folders holding them, or http(s) URLs"
         )
     spans, passage_doc = [], []
     for row, doc in enumerate(docs):
@@ -108,7 +110,7 @@ def build_index_from_documents(
     if not spans:
         raise EmptyCorpusError(
             f"the {len(docs)} documents hold no text to index; check that the sources are not "
-            "empty (scanned PDFs without a text layer yield no text)"
+            "empty or whitespace only"
         )
     texts = [
         indexed_text(docs[row].title, docs[row].text[s:e])

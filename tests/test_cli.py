@@ -1,0 +1,132 @@
+"""The ``citeqa`` command line end to end: index build, search, ask, serve's argument checks.
+
+User mistakes must end in exit status 2 with one ``error:`` line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from citeqa.cli import app
+
+EIFFEL = (
+    "The Eiffel Tower is a wrought-iron lattice tower in Paris, France.\r\n"
+    "It opened in 1889 as the entrance arch to the World's Fair.\n"
+    "Gustave Eiffel's company designed and built the tower.\n"
+)
+SEINE = ("The Seine is a river in northern France. "
+         "It flows through Paris into the English Channel.\n")
+# A third document: with two, rank-bm25's IDF of a word found in one of them is log(1) = 0.
+LOUVRE = "The Louvre is the world's most-visited art museum, on the Right Bank in Paris.\n"
+
+
+@pytest.fixture()
+def corpus(tmp_path: Path) -> Path:
+    d = tmp_path / "docs"
+    (d / "sub").mkdir(parents=True)
+    (d / "eiffel.txt").write_bytes(EIFFEL.encode())
+    (d / "sub" / "seine.md").write_text(SEINE, encoding="utf-8")
+    (d / "louvre.txt").write_text(LOUVRE, encoding="utf-8")
+    (d / "blob.bin").write_bytes(b"\x00\x01\x02binary")
+    return d
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def build(corpus: Path, out: Path, preset: str = "tiny"):
+    return run("index", "build", str(corpus), "--out", str(out), "--preset", preset,
+               "--no-progress")
+
+
+def test_build_search_and_offsets_point_into_the_files(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "index"
+    result = build(corpus, out)
+    assert result.exit_code == 0, result.output
+    assert "indexed 3 documents" in result.output
+    assert "blob.bin" in result.output  # skipped, with its reason
+
+    result = run("search", "When did the tower open?", "--index", str(out), "--json", "-k", "3")
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.stdout)
+    assert hits and {"text", "doc_id", "title", "source", "start", "end", "score"} <= set(hits[0])
+    for hit in hits:  # offsets index the file's own text, byte-for-byte decoded
+        text = Path(hit["source"]).read_bytes().decode("utf-8")
+        assert text[hit["start"] : hit["end"]] == hit["text"]
+    assert "1889" in hits[0]["text"]
+
+    text_out = run("search", "Seine river", "--index", str(out), "--mode", "bm25")
+    assert text_out.exit_code == 0 and "1." in text_out.output and "seine.md" in text_out.output
+
+
+def test_ask_with_the_tiny_preset_returns_a_verified_quote(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "index"
+    assert build(corpus, out).exit_code == 0
+    result = run("ask", "When did the Eiffel Tower open?", "--index", str(out),
+                 "--preset", "tiny", "--json")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    assert answer["declined"] is False
+    q = answer["quote"]
+    text = Path(q["source"]).read_bytes().decode("utf-8")
+    assert text[q["start"] : q["end"]] == q["text"]
+    assert {"question", "answer", "score", "timings_ms", "candidates"} <= set(answer)
+
+    plain = run("ask", "When did the Eiffel Tower open?", "--index", str(out), "--preset", "tiny")
+    assert plain.exit_code == 0 and "quote:" in plain.output and "source:" in plain.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("search", "tower", "--index", "{missing}"), "index"),
+        (("search", "   ", "--index", "{index}"), "empty"),
+        (("search", "tower", "--index", "{index}", "--mode", "fuzzy"), "--mode"),
+        (("ask", "", "--index", "{index}", "--preset", "tiny"), "empty"),
+        (("ask", "tower?", "--index", "{index}", "--preset", "nope"), "preset"),
+        (("ask", "tower?", "--index", "{index}", "--preset", "tiny", "--min-score", "0.5",
+          "--target-accuracy", "0.8"), "not both"),
+        (("ask", "tower?", "--index", "{index}", "--preset", "tiny", "--target-accuracy", "0.8"),
+         "reward model"),
+        (("serve", "--index", "{missing}"), "not an index"),
+        (("index", "build", "{missing}", "--out", "{new}", "--no-progress"), "no documents"),
+    ],
+)
+def test_user_mistakes_exit_2_with_a_message(corpus, tmp_path, args, message) -> None:
+    index = tmp_path / "index"
+    assert build(corpus, index).exit_code == 0
+    paths = {"missing": str(tmp_path / "nowhere"), "index": str(index), "new": str(tmp_path / "n")}
+    result = run(*(a.format(**paths) for a in args))
+    assert result.exit_code == 2, result.output
+    assert message.lower() in result.output.lower()
+    assert "Traceback" not in result.output
+
+
+def test_a_failed_build_keeps_the_previous_index(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "index"
+    assert build(corpus, out).exit_code == 0
+    before = (out / "manifest.json").read_text()
+    assert run("index", "build", str(tmp_path / "nowhere"), "--out", str(out)).exit_code == 2
+    assert (out / "manifest.json").read_text() == before
+    assert run("search", "tower", "--index", str(out)).exit_code == 0
+
+
+@pytest.mark.slow
+def test_ask_with_the_default_models(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "index"
+    assert build(corpus, out, preset="default").exit_code == 0
+    result = run("ask", "When did the Eiffel Tower open?", "--index", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    assert answer["candidates"], answer
+    if not answer["declined"]:
+        q = answer["quote"]
+        text = Path(q["source"]).read_bytes().decode("utf-8")
+        assert text[q["start"] : q["end"]] == q["text"] and 0.0 <= answer["score"] <= 1.0
+    for key in ("retrieve_ms", "prefill_ms", "decode_ms", "total_ms"):
+        assert answer["timings_ms"][key] >= 0
