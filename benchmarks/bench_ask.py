@@ -66,6 +66,7 @@ def main() -> None:
     import faiss
     import torch
 
+    from citeqa.generation.adapter import resolve_adapter
     from citeqa.generation.hf import HFBackend
     from citeqa.pipeline import Pipeline
     from citeqa.retrieval import HybridRetriever
@@ -76,6 +77,7 @@ def main() -> None:
     gen_cfg = cfg.generation
     retriever = HybridRetriever.open(args.index, cfg.retrieval)
     backend = HFBackend.load(gen_cfg.model, Path.home() / ".cache" / "citeqa",
+                             adapter=resolve_adapter(gen_cfg.adapter, gen_cfg.model),
                              speculative_tokens=gen_cfg.speculative_quote_tokens,
                              threads=args.threads)
     generator = CitedGenerator(backend, gen_cfg)

@@ -50,7 +50,9 @@ class GenerationConfig:
     # Defaults tuned on 20 answerable CALIBRATION-article questions (never the eval articles)
     # with SmolLM2-135M, constrained greedy; see evals/generation_quality.py for the metrics.
     model: str = "smollm2"  # "smollm2" (packaged default), "fake", or a local HF model dir
-    adapter: str | None = None  # trained weights applied on top of the base model
+    # Trained weights merged into the base model at load: "packaged" = the project's SFT adapter
+    # (citeqa/generation/weights, SmolLM2 only), "none" = the plain base model, or a directory.
+    adapter: str | None = "packaged"
     top_k_passages: int = 3  # passages shown (hybrid recall@1 is ~0.74, @5 ~0.94 on SQuAD)
     passage_chars: int = 600  # each passage is cut to this many characters around its best part
     n_candidates: int = 1  # samples per question; greedy when 1
@@ -113,7 +115,7 @@ class Settings(BaseSettings):
     preset: PresetName = "default"  # named algorithm preset
     index: Path = Path("index/default")  # index directory served
     generator: str | None = None  # overrides the preset's generator (a local HF model dir)
-    adapter: str | None = None  # a LoRA adapter dir (citeqa train generator) merged at load
+    adapter: str | None = None  # a LoRA adapter dir (citeqa train generator); "none" = base
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "citeqa")
     allow_private_urls: bool = False  # let the fetcher reach private/intranet addresses
     api_keys: str = ""  # comma-separated; empty = no authentication

@@ -108,12 +108,13 @@ class Pipeline:
 
             backend = FakeBackend(extractive_responder, model_id="extractive")
         else:
+            from citeqa.generation.adapter import resolve_adapter
             from citeqa.generation.hf import HFBackend
 
             backend = HFBackend.load(
                 gen.model,
                 settings.cache_dir,
-                adapter=gen.adapter,
+                adapter=resolve_adapter(gen.adapter, gen.model),
                 speculative_tokens=gen.speculative_quote_tokens,
                 threads=gen.threads,
             )

@@ -165,11 +165,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="questions generated per batch")
     ap.add_argument("--modes", default="constrained,unconstrained")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--adapter", default="packaged",
+                    help="generator adapter: packaged (the shipped one), none (base), or a dir")
     args = ap.parse_args()
 
     import faiss
     import torch
 
+    from citeqa.generation.adapter import resolve_adapter
     from citeqa.generation.hf import HFBackend
     from citeqa.retrieval import HybridRetriever
 
@@ -181,9 +184,10 @@ def main() -> None:
     if not (args.index / "manifest.json").is_file() and not args.index.is_dir():
         sys.exit(f"no index at {args.index}; build it with: citeqa index build {qa_path} "
                  f"{args.data / 'distractors.json'} --out {args.index}")
-    cfg = GenerationConfig()
+    cfg = GenerationConfig(adapter=args.adapter)
     retriever = HybridRetriever.open(args.index, RetrievalConfig())
     backend = HFBackend.load(cfg.model, Path.home() / ".cache" / "citeqa",
+                             adapter=resolve_adapter(cfg.adapter, cfg.model),
                              speculative_tokens=cfg.speculative_quote_tokens, threads=args.threads)
     questions = sample_questions(qa_path, args.split, args.limit, args.seed)
     sample_note = (f"fixed seeded sample (seed {args.seed}) of {len(questions)} answerable "

@@ -14,11 +14,17 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from citeqa.errors import ModelError
 from citeqa.generation.adapter import (
     CONFIG,
+    PACKAGED,
+    PACKAGED_DIR,
+    adapter_id,
     apply_adapter,
     base_fingerprint,
+    load_adapter,
     lora_delta,
     prompt_fingerprint,
+    resolve_adapter,
 )
+from citeqa.generation.adapter import save_adapter as write_adapter
 from citeqa.training.lora import ATTENTION, MLP, LoRAConfig, LoRALinear, inject_lora, target_names
 from citeqa.training.sft import (
     Example,
@@ -133,3 +139,38 @@ def test_inject_lora_rejects_unknown_targets() -> None:
 def test_prompt_fingerprint_is_stable() -> None:
     assert prompt_fingerprint() == prompt_fingerprint()
     assert len(prompt_fingerprint()) == 64
+
+
+def test_resolve_adapter_names() -> None:
+    for off in (None, "", "none", " None "):
+        assert resolve_adapter(off, "smollm2") is None
+    assert resolve_adapter("/x/my-adapter", "/models/qwen") == Path("/x/my-adapter")
+    assert resolve_adapter(PACKAGED, "/models/qwen") is None  # trained on SmolLM2 only
+
+
+def test_the_packaged_adapter_is_the_default_and_loads() -> None:
+    from citeqa.config import GenerationConfig
+
+    assert GenerationConfig().adapter == PACKAGED
+    found = resolve_adapter(PACKAGED, "smollm2")
+    if found is None:
+        pytest.skip(f"no adapter shipped in {PACKAGED_DIR}")
+    cfg, tensors = load_adapter(found)
+    assert set(tensors) == {f"{m}.lora_{ab}" for m in cfg.target_modules for ab in "AB"}
+    assert cfg.prompt_fingerprint == prompt_fingerprint()  # trained on today's prompt
+    assert (found / "MODEL_CARD.md").is_file()
+
+
+def test_bfloat16_copy_merges_like_the_float32_original(tmp_path: Path) -> None:
+    base, _ = _trained(tmp_path / "f32", LoRAConfig(r=4, alpha=8, targets=ATTENTION))
+    cfg, tensors = load_adapter(tmp_path / "f32")
+    write_adapter(tmp_path / "bf16", tensors, cfg, dtype=torch.bfloat16)
+    half = (tmp_path / "bf16" / "adapter.safetensors").stat().st_size
+    assert half < 0.6 * (tmp_path / "f32" / "adapter.safetensors").stat().st_size
+    assert adapter_id(tmp_path / "bf16") != adapter_id(tmp_path / "f32")
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    apply_adapter(a, tmp_path / "f32")
+    apply_adapter(b, tmp_path / "bf16")
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=0.02, atol=0.02)

@@ -22,8 +22,9 @@ from citeqa.evals.runner import (
     passage_matches_context,
     read_predictions,
     run_eval,
+    select_items,
 )
-from citeqa.evals.squad import EVAL_ARTICLES
+from citeqa.evals.squad import EVAL_ARTICLES, QAItem
 from citeqa.pipeline import Pipeline
 from citeqa.retrieval import build_index_from_documents
 from citeqa.types import Document, Hit, Passage
@@ -227,6 +228,31 @@ def test_bad_input(dataset: Path, index_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--limit"):
         run_eval(_spec(dataset, index_dir), tmp_path / "d", limit=0, progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_samples_are_seeded_spread_and_nested() -> None:
+    items = [QAItem(f"q{i}", f"question {i}?", (), "", "") for i in range(200)]
+    small = select_items(items, sample=20, seed=3)
+    assert len(small) == 20 and small == select_items(items, sample=20, seed=3)
+    assert [it.id for it in small] == sorted((it.id for it in small), key=lambda i: int(i[1:]))
+    assert {it.id for it in small} <= {it.id for it in select_items(items, sample=50, seed=3)}
+    assert small != select_items(items, sample=20, seed=4)
+    assert int(small[-1].id[1:]) > 100  # spread over the dataset, not its first questions
+    assert select_items(items, sample=500) == items
+    assert select_items(items, limit=3) == items[:3]
+    with pytest.raises(ConfigError, match="not both"):
+        select_items(items, limit=3, sample=3)
+    with pytest.raises(ConfigError, match="--sample"):
+        select_items(items, sample=0)
+
+
+def test_resume_after_growing_a_sample(dataset: Path, index_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = run_eval(_spec(dataset, index_dir), out, sample=2, seed=1, progress=False)
+    assert (first.questions, first.answered_now) == (2, 2)
+    grown = run_eval(_spec(dataset, index_dir), out, sample=4, seed=1, progress=False)
+    assert (grown.questions, grown.answered_now, grown.resumed) == (4, 2, 2)
+    assert grown.metrics["questions"] == 4
 
 
 def test_refused_question_is_recorded_as_decline(index_dir: Path, tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """The ``citeqa eval`` command group: run an evaluation, or compare two runs.
 
-    citeqa eval --dataset FILE --index DIR --out DIR [--limit N] [--split eval] ...
+    citeqa eval --dataset FILE --index DIR --out DIR [--limit N | --sample N] [--split eval] ...
     citeqa eval compare RUN_A RUN_B [--out FILE]
 
 Register it on the main app with ``app.add_typer(eval_app, name="eval")``. Every user mistake
@@ -46,6 +46,12 @@ def run(
     limit: Annotated[
         int | None, typer.Option("--limit", min=1, help="Only the first N questions.")
     ] = None,
+    sample: Annotated[
+        int | None,
+        typer.Option("--sample", min=1,
+                     help="A seeded random sample of N questions spread over the dataset."),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of --sample.")] = 0,
     split: Annotated[
         str | None,
         typer.Option("--split", help="Only the articles of a split: eval | train | calibration."),
@@ -88,7 +94,8 @@ def run(
         n_candidates=n_candidates,
     )
     try:
-        result = run_eval(spec, out, limit=limit, force=force, progress=progress)
+        result = run_eval(spec, out, limit=limit, sample=sample, seed=seed, force=force,
+                          progress=progress)
     except CiteqaError as e:
         raise _fail(str(e)) from None
     except ValueError as e:  # pydantic validation of settings

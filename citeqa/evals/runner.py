@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -61,7 +62,7 @@ class RunResult:
     """What one invocation did."""
 
     out: Path
-    questions: int  # questions selected (after --split and --limit)
+    questions: int  # questions selected (after --split and --limit / --sample)
     answered_now: int  # questions asked in this invocation
     resumed: int  # questions found already done in predictions.jsonl
     metrics: dict[str, Any]
@@ -71,7 +72,7 @@ class RunResult:
 
 
 def identity(spec: RunSpec, dataset_sha256: str, manifest_sha256: str) -> dict[str, Any]:
-    """The part of run.json that must match to resume (``--limit`` is deliberately not in it)."""
+    """The part of run.json that must match to resume (``--limit``/``--sample`` are not)."""
     return {
         "dataset_sha256": dataset_sha256,
         "index_manifest_sha256": manifest_sha256,
@@ -275,28 +276,48 @@ def prepare_out(out: Path, ident: dict[str, Any], *, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def select_items(
+    items: Sequence[QAItem], *, limit: int | None = None, sample: int | None = None, seed: int = 0
+) -> list[QAItem]:
+    """The questions a run asks: the first ``limit``, or a seeded random ``sample`` spread over
+    the whole dataset (kept in dataset order). Samples nest: with the same seed, a larger sample
+    holds every question of a smaller one, so a run resumes after growing it."""
+    if limit is not None and sample is not None:
+        raise ConfigError("pass --limit or --sample, not both")
+    for flag, n in (("--limit", limit), ("--sample", sample)):
+        if n is not None and n < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {n}")
+    if limit is not None:
+        return list(items[:limit])
+    if sample is None:
+        return list(items)
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    return [items[i] for i in sorted(order[:sample])]
+
+
 def run_eval(
     spec: RunSpec,
     out: Path,
     *,
     limit: int | None = None,
+    sample: int | None = None,
+    seed: int = 0,
     force: bool = False,
     progress: bool = True,
     pipeline: Pipeline | None = None,
 ) -> RunResult:
     """Evaluate ``spec`` into ``out`` (resuming what is there) and write metrics, report, plots.
 
-    ``limit``: only the first N questions (after the split). ``pipeline``: use this one instead
-    of loading ``Pipeline.from_settings`` (tests). Raises CiteqaError subclasses on bad input.
+    ``limit`` / ``sample`` / ``seed``: which questions (after the split; see ``select_items``).
+    ``pipeline``: use this one instead of loading ``Pipeline.from_settings`` (tests). Raises
+    CiteqaError subclasses on bad input.
     """
     from citeqa.evals.report import write_outputs
 
     out = Path(out)
-    if limit is not None and limit < 1:
-        raise ConfigError(f"--limit must be at least 1, got {limit}")
-    items = load_items(spec)
-    if limit is not None:
-        items = items[:limit]
+    select_items([], limit=limit, sample=sample)  # check the flags before loading anything
+    items = select_items(load_items(spec), limit=limit, sample=sample, seed=seed)
     manifest_path = Path(spec.index) / MANIFEST
     if not manifest_path.is_file():
         raise ConfigError(

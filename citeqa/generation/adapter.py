@@ -3,7 +3,8 @@
 Layout of an adapter directory (plain data, never pickle)::
 
     adapter/
-      adapter.safetensors   float32 ``<module>.lora_A`` [r, in] and ``<module>.lora_B`` [out, r]
+      adapter.safetensors   ``<module>.lora_A`` [r, in] and ``<module>.lora_B`` [out, r]
+                            (float32 as trained; bfloat16 in the shipped copy)
       adapter.json          format, r, alpha, target modules, base model id, base fingerprint,
                             prompt fingerprint (see ``AdapterConfig``)
 
@@ -38,6 +39,8 @@ VERSION = 1
 WEIGHTS = "adapter.safetensors"
 CONFIG = "adapter.json"
 PROBE_QUESTION = "Which probe question renders the prompt?"  # fixed input of prompt_fingerprint
+PACKAGED = "packaged"  # GenerationConfig.adapter naming the project's trained adapter
+PACKAGED_DIR = Path(__file__).parent / "weights"  # ... for the default generator, "smollm2"
 
 
 @dataclass(frozen=True)
@@ -113,15 +116,50 @@ def prompt_fingerprint(cfg: GenerationConfig | None = None) -> str:
     return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
 
 
-def save_adapter(directory: Path, tensors: Mapping[str, torch.Tensor], cfg: AdapterConfig) -> None:
-    """Write ``tensors`` (``<module>.lora_A`` / ``.lora_B``) and ``cfg`` into ``directory``."""
+def resolve_adapter(adapter: str | None, model: str) -> Path | None:
+    """The adapter directory that ``GenerationConfig(adapter=..., model=...)`` means, or None.
+
+    ``"packaged"`` (the default) is the project's trained adapter for the default generator: it
+    applies to ``model == "smollm2"`` only, and is skipped with a warning when not installed.
+    ``None``, ``""`` and ``"none"`` mean the plain base model; anything else is a directory.
+    """
+    if adapter is None or adapter.strip().lower() in ("", "none"):
+        return None
+    if adapter != PACKAGED:
+        return Path(adapter)
+    if model != "smollm2":
+        return None  # trained on SmolLM2's weights; another generator has its own
+    if not (PACKAGED_DIR / CONFIG).is_file():
+        logger.warning("no packaged generator adapter in %s; using the base model", PACKAGED_DIR)
+        return None
+    return PACKAGED_DIR
+
+
+def adapter_id(directory: Path) -> str:
+    """A short content id of an adapter (sha256 of its weights file), for model ids in reports."""
+    h = hashlib.sha256()
+    with open(Path(directory) / WEIGHTS, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return f"lora-{h.hexdigest()[:10]}"
+
+
+def save_adapter(
+    directory: Path,
+    tensors: Mapping[str, torch.Tensor],
+    cfg: AdapterConfig,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """Write ``tensors`` (``<module>.lora_A`` / ``.lora_B``) as ``dtype`` and ``cfg`` into
+    ``directory`` (bfloat16 halves a shipped adapter; merging computes in float32 anyway)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     expected = {f"{m}.lora_{ab}" for m in cfg.target_modules for ab in "AB"}
     assert set(tensors) == expected, f"adapter tensors {sorted(set(tensors) ^ expected)} mismatch"
-    cpu = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    cpu = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
     save_file(cpu, str(directory / WEIGHTS), metadata={"format": FORMAT})
     (directory / CONFIG).write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
 

@@ -137,10 +137,10 @@ class HFBackend:
         """
         model, tokenizer, model_id = load_model(name, cache_dir, device=device)
         if adapter is not None:
-            from citeqa.generation.adapter import apply_adapter
+            from citeqa.generation.adapter import adapter_id, apply_adapter
 
             apply_adapter(model, Path(adapter))
-            model_id = f"{model_id}+{Path(adapter).name}"
+            model_id = f"{model_id}+{adapter_id(Path(adapter))}"
         return cls(model, tokenizer, model_id, **kw)
 
     # -- public ---------------------------------------------------------------------------
