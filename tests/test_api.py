@@ -24,6 +24,7 @@ from citeqa.api.app import STATIC_DIR, create_app, make_run_batch, page_csp
 from citeqa.api.deps import ApiLimits, AskArgs, key_matches, parse_api_keys
 from citeqa.api.errors import map_citeqa_error
 from citeqa.api.metrics import Histogram, Metrics, escape_label
+from citeqa.api.schemas import BLANK_CHARS, NOT_BLANK
 from citeqa.config import Settings
 from citeqa.errors import (
     BlockedURLError,
@@ -324,6 +325,20 @@ def test_non_json_bodies_are_422(content_type: str | None) -> None:
 def test_bad_search_bodies_are_422(body: Any) -> None:
     with serve() as c:
         assert_uniform_error(c.post("/v1/search", json=body), 422, "invalid_request")
+
+
+def test_published_blank_pattern_and_the_server_agree_on_every_whitespace_character() -> None:
+    """JSON Schema's \\s and Python's str.isspace() differ (\\x1d, \\x85, \\ufeff): a string the
+    published pattern calls non-blank must be accepted, and a blank one refused, by both."""
+    whitespace = {chr(c) for c in range(0x3001) if chr(c).isspace()} | {"\ufeff"}
+    assert whitespace == set(BLANK_CHARS)
+    with serve() as c:
+        for ch in sorted(whitespace):
+            assert re.fullmatch(NOT_BLANK, ch * 3) is None
+            assert_uniform_error(c.post("/v1/search", json={"query": ch * 3}), 422,
+                                 "invalid_request")
+            assert re.fullmatch(NOT_BLANK, f"{ch}q{ch}")
+            assert c.post("/v1/search", json={"query": f"{ch}q{ch}"}).status_code == 200
 
 
 def test_validation_error_names_the_field() -> None:

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from citeqa.config import GenerationConfig
+from citeqa.generation.adapter import adapter_id
 from citeqa.generation.hf import HFBackend
 from citeqa.generation.models import resolve_model_dir
 from citeqa.training.demos import Demo, DemoPassage, render_target
@@ -188,10 +189,9 @@ def test_cli_trains_a_local_model_whose_adapter_loads(tokenizer, tmp_path: Path)
     card = (tmp_path / "ad" / "MODEL_CARD.md").read_text()
     assert model_id in card and "max steps 3" in card
 
-    from citeqa.generation.hf import HFBackend
-
     served = HFBackend.load(str(base_dir), tmp_path, device="cpu", adapter=tmp_path / "ad")
-    assert served.model_id == f"{model_id}+ad"
+    assert served.model_id == f"{model_id}+{adapter_id(tmp_path / 'ad')}"
+    assert adapter_id(tmp_path / "ad").startswith("lora-")
     with torch.no_grad():
         assert torch.allclose(served.model(ids).logits, after, atol=1e-5)
 

@@ -30,8 +30,22 @@ MAX_SOURCE_CHARS = 2000  # a posted document's source (path or URL) and a URL to
 # doc ids a client may choose: they appear in URLs (/v1/documents/{doc_id}), so no spaces etc.
 DOC_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}$"
 
-# Some character that is neither whitespace nor NUL, and no NUL anywhere (checked again below).
-NOT_BLANK = r"^[^\x00]*[^\s\x00][^\x00]*$"
+# Blank = only these characters: the union of what Python's str.isspace() and JSON Schema's
+# (ECMA-262) \s call whitespace, spelled out because the two disagree (\x1c-\x1f, \x85, \ufeff),
+# so the published pattern and the server accept exactly the same strings.
+BLANK_CHARS = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004"
+               "\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000\ufeff")
+_BLANK_CLASS = (r"\t\n\x0b\x0c\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a"
+                r"\u2028\u2029\u202f\u205f\u3000\ufeff")
+# Some character that is neither blank nor NUL, and no NUL anywhere (checked again below).
+NOT_BLANK = rf"^[^\x00]*[^\x00{_BLANK_CLASS}][^\x00]*$"
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` holds only whitespace (in the sense of ``BLANK_CHARS``)."""
+    return all(c in BLANK_CHARS for c in text)
+
+
 Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
 
@@ -95,7 +109,7 @@ class AnswerRequest(_Request):
     @field_validator("question")
     @classmethod
     def _not_blank(cls, v: str) -> str:
-        if not v.strip():
+        if is_blank(v):
             raise ValueError("the question is blank; ask something")
         return check_text(v, "question")
 
@@ -115,7 +129,7 @@ class SearchRequest(_Request):
     @field_validator("query")
     @classmethod
     def _not_blank(cls, v: str) -> str:
-        if not v.strip():
+        if is_blank(v):
             raise ValueError("the query is blank; search for something")
         return check_text(v, "query")
 
@@ -135,7 +149,7 @@ class TextDocumentIn(_Request):
     @field_validator("text")
     @classmethod
     def _text_not_blank(cls, v: str) -> str:
-        if not v.strip():
+        if is_blank(v):
             raise ValueError("the text is blank; send the document's text")
         return check_text(v, "text")
 
