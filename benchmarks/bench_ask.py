@@ -19,7 +19,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -61,6 +61,9 @@ def main() -> None:
     ap.add_argument("--throughput-questions", type=int, default=8)
     ap.add_argument("--index", type=Path, default=INDEX)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--speculative", type=int, default=None,
+                    help="prompt-lookup draft tokens (default: GenerationConfig's)")
+    ap.add_argument("--adapter", default=None, help="packaged | none | a dir (default: config's)")
     args = ap.parse_args()
 
     import faiss
@@ -74,6 +77,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     cfg = Config()
+    if args.speculative is not None:
+        cfg = replace(cfg, generation=replace(cfg.generation,
+                                              speculative_quote_tokens=args.speculative))
+    if args.adapter is not None:
+        cfg = replace(cfg, generation=replace(cfg.generation, adapter=args.adapter))
     gen_cfg = cfg.generation
     retriever = HybridRetriever.open(args.index, cfg.retrieval)
     backend = HFBackend.load(gen_cfg.model, Path.home() / ".cache" / "citeqa",

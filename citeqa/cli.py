@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from citeqa.cli_errors import fail
 from citeqa.config import Settings, preset
 from citeqa.errors import CiteqaError
 
@@ -54,11 +55,6 @@ PresetOpt = Annotated[
     str, typer.Option("--preset", help="Named settings preset: default | tiny (fakes, no weights).")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code=2)
 
 
 @app.callback()
@@ -103,13 +99,13 @@ def index_build(
             cfg = replace(cfg, faiss_index="hnsw")
         if max_chars is not None:
             if max_chars < 50:
-                raise _fail("--max-chars must be at least 50")
+                raise fail("--max-chars must be at least 50")
             cfg = replace(cfg, chunk=replace(cfg.chunk, max_chars=max_chars))
         summary = build_index(
             sources, out, cfg, allow_private_urls=allow_private_urls, progress=progress
         )
     except CiteqaError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     for s in summary.skipped:
         typer.echo(f"skipped {s.source}: {s.reason}", err=True)
     typer.echo(
@@ -132,13 +128,13 @@ def search(
     from citeqa.retrieval import HybridRetriever
 
     if mode not in ("hybrid", "bm25", "dense"):
-        raise _fail(f"--mode must be hybrid, bm25 or dense, not {mode!r}")
+        raise fail(f"--mode must be hybrid, bm25 or dense, not {mode!r}")
     if not query.strip():
-        raise _fail("the query is empty")
+        raise fail("the query is empty")
     try:
         hits = HybridRetriever.open(index).search(query, k, mode=mode)
     except CiteqaError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     if as_json:
         typer.echo(json.dumps([h.to_json() for h in hits], ensure_ascii=False, indent=2))
         return
@@ -182,7 +178,7 @@ def ask(
 ) -> None:
     """Answer QUESTION with a verbatim quote from the index (or decline)."""
     if min_score is not None and target_accuracy is not None:
-        raise _fail("give --min-score or --target-accuracy, not both")
+        raise fail("give --min-score or --target-accuracy, not both")
     from citeqa.pipeline import Pipeline
 
     try:
@@ -194,9 +190,9 @@ def ask(
             question, top_k=top_k, n_candidates=n_candidates, min_score=min_score
         )
     except CiteqaError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     except ValueError as e:  # pydantic validation of settings
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     if as_json:
         typer.echo(json.dumps(answer.to_json(), ensure_ascii=False, indent=2))
         return
@@ -227,9 +223,9 @@ def serve(
     try:
         settings = Settings(preset=preset_name, index=index)  # type: ignore[arg-type]
     except ValueError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     if not (index / "manifest.json").is_file():
-        raise _fail(f"{index} is not an index directory; build one with `citeqa index build`")
+        raise fail(f"{index} is not an index directory; build one with `citeqa index build`")
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
 
 

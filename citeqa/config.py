@@ -116,6 +116,7 @@ class Settings(BaseSettings):
     index: Path = Path("index/default")  # index directory served
     generator: str | None = None  # overrides the preset's generator (a local HF model dir)
     adapter: str | None = None  # a LoRA adapter dir (citeqa train generator); "none" = base
+    reward: str | None = None  # a reward-model dir (citeqa train reward); "none" = no RM
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "citeqa")
     allow_private_urls: bool = False  # let the fetcher reach private/intranet addresses
     api_keys: str = ""  # comma-separated; empty = no authentication
@@ -126,6 +127,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(65536, ge=1024)  # larger request bodies -> 413
     retry_after_s: int = Field(2, ge=0)  # Retry-After sent with 503s
     shutdown_grace_s: float = Field(30.0, ge=0)  # time to finish queued work at shutdown
+
+    @field_validator("reward")
+    @classmethod
+    def _reward_exists(cls, v: str | None) -> str | None:
+        if v and v.strip().lower() not in ("none", "default") and not Path(v).is_dir():
+            raise ValueError(f"CITEQA_REWARD={v!r} is not a reward-model directory (or none)")
+        return v
 
     @field_validator("generator")
     @classmethod
@@ -140,4 +148,7 @@ class Settings(BaseSettings):
             cfg = replace(cfg, generation=replace(cfg.generation, model=self.generator))
         if self.adapter:
             cfg = replace(cfg, generation=replace(cfg.generation, adapter=self.adapter))
+        if self.reward:
+            model = None if self.reward.strip().lower() == "none" else self.reward
+            cfg = replace(cfg, reward=replace(cfg.reward, model=model))
         return cfg

@@ -374,3 +374,17 @@ def test_an_uncalibrated_reward_model_is_a_request_error_not_a_server_error():
     with pytest.raises(InvalidRequestError, match="citeqa calibrate") as info:
         pipeline(scorer=NeverCalibratedScorer()).threshold_for(0.8)
     assert info.value.code == "needs_calibration"
+
+
+def test_settings_choose_adapter_and_reward_model(tmp_path, monkeypatch):
+    assert Settings().config().generation.adapter == "packaged"
+    assert Settings().config().reward.model == "default"
+    monkeypatch.setenv("CITEQA_ADAPTER", "none")
+    monkeypatch.setenv("CITEQA_REWARD", "none")
+    cfg = Settings().config()
+    assert cfg.generation.adapter == "none" and cfg.reward.model is None
+    monkeypatch.setenv("CITEQA_REWARD", str(tmp_path))
+    assert Settings().config().reward.model == str(tmp_path)
+    monkeypatch.setenv("CITEQA_REWARD", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="CITEQA_REWARD"):
+        Settings()

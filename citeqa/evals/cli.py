@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from citeqa.cli_errors import fail
 from citeqa.errors import CiteqaError
 
 eval_app = typer.Typer(
@@ -23,11 +24,6 @@ eval_app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code=2)
 
 
 @eval_app.callback(invoke_without_command=True)
@@ -81,7 +77,7 @@ def run(
     ]
     if missing:
         typer.echo(ctx.get_help(), err=True)
-        raise _fail(f"missing {', '.join(missing)}")
+        raise fail(f"missing {', '.join(missing)}")
     from citeqa.evals.runner import RunSpec, run_eval
 
     assert dataset is not None and index is not None and out is not None
@@ -97,9 +93,9 @@ def run(
         result = run_eval(spec, out, limit=limit, sample=sample, seed=seed, force=force,
                           progress=progress)
     except CiteqaError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     except ValueError as e:  # pydantic validation of settings
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     m = result.metrics
     acc = m["at_threshold"]["answered_accuracy"]
     typer.echo(
@@ -126,7 +122,7 @@ def compare(
     try:
         table = compare_runs(run_a, run_b, out)
     except CiteqaError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     typer.echo(table)
     typer.echo(f"overlay: {out}")
 

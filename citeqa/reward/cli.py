@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from citeqa.cli_errors import fail
 from citeqa.errors import CiteqaError
 
 if TYPE_CHECKING:
@@ -24,11 +25,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 train_app = typer.Typer(help="Train models (the reward model and its data).", no_args_is_help=True)
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code=2)
 
 
 @train_app.command("reward-data")
@@ -72,9 +68,9 @@ def reward_data(
             pipeline, items, out, n=n_candidates, greedy=greedy, progress=progress
         )
     except CiteqaError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     except ValueError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     typer.echo(
         f"{stats.questions} questions ({stats.skipped} already done): {stats.candidates} "
         f"candidates, {stats.correct} correct, {stats.pairs} pairs in {stats.seconds:.0f} s "
@@ -113,7 +109,7 @@ def reward(
             uncertainty_penalty=uncertainty_penalty,
         )
     except CiteqaError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     typer.echo(json.dumps(metrics, indent=2))
     typer.echo(f"wrote {out}")
 
@@ -167,7 +163,7 @@ def calibrate(
     try:
         summary = calibrate_dir(data, reward_dir, target=target, delta=delta, n=n)
     except CiteqaError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     typer.echo(json.dumps(summary, indent=2))
 
 

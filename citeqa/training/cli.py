@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from citeqa.cli_errors import fail
 from citeqa.config import Settings, preset
 from citeqa.errors import CiteqaError
 
@@ -27,11 +28,6 @@ PresetOpt = Annotated[
 # --targets shorthands (Llama-architecture layer names, as in citeqa/training/lora.py).
 TARGETS: dict[str, tuple[str, ...]] = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj")}
 TARGETS["all"] = (*TARGETS["attention"], "gate_proj", "up_proj", "down_proj")
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code=2)
 
 
 @app.command("generator-data")
@@ -73,9 +69,9 @@ def generator_data(
             limit=limit, progress=progress,
         )
     except CiteqaError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     if not demos:
-        raise _fail(f"no demonstrations could be built: {stats.skipped}")
+        raise fail(f"no demonstrations could be built: {stats.skipped}")
     write_demos(out, demos)
     summary = {
         "out": str(out),
@@ -142,7 +138,7 @@ def generator(
         if model:
             gen = replace(gen, model=model)
         if gen.model == "fake":
-            raise _fail("the fake generator has no weights to train; pass --model")
+            raise fail("the fake generator has no weights to train; pass --model")
         demos = read_demos(data)
         if cache_dir is None:
             cache_dir = Settings().cache_dir  # type: ignore[call-arg]
@@ -153,7 +149,7 @@ def generator(
             progress=progress,
         )
     except (CiteqaError, ValueError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     typer.echo(
         f"trained {record['steps']} steps on {record['examples']} examples in "
         f"{record['seconds']:.1f} s ({record['seconds_per_step']:.2f} s/step, peak RSS "
