@@ -131,7 +131,7 @@ Imperialism, French_and_Indian_War. A candidate is correct when
 quote; every answer to an unanswerable question is wrong).
 
 - train: {train_l} labelled candidates ({train_pos:.1%} correct; one greedy answer per
-  question and prompt version, the same questions may appear under both), {train_p} pairs
+  question), {train_p} pairs
 - calibration: {cal_q} questions; eval: {eval_q} questions
 
 ## Metrics (eval split, best candidate per question; lower AURC is better)
@@ -152,7 +152,7 @@ citeqa index build ../shared/data/squad2/qa.json ../shared/data/squad2/distracto
     --out .cache/squad-eval-index
 Q="--dataset ../shared/data/squad2/qa.json --index .cache/squad-eval-index -n 1"
 citeqa train reward-data $Q --split train --limit 300 --out train.jsonl
-citeqa train reward-data $Q --split calibration --limit 150 --out cal.jsonl
+citeqa train reward-data $Q --split calibration --limit 250 --out cal.jsonl
 citeqa train reward-data $Q --split eval --limit 150 --out eval.jsonl
 citeqa train reward-data $Q --split eval --limit 40 -n 4 --greedy --out eval_n4.jsonl
 python evals/reward_eval.py --train train.jsonl --cal cal.jsonl --eval eval.jsonl \\

@@ -5,15 +5,11 @@ see .ci/run)."""
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
-import uvicorn
+from helpers import running_server
 
 from citeqa.api.app import create_app
 from citeqa.api.deps import ApiLimits
@@ -44,36 +40,14 @@ if not Path(CHROMIUM).is_file():
                 allow_module_level=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("browser")
     build_index_from_documents(DOCS, tmp / "idx", preset("tiny").retrieval, progress=False)
     settings = Settings(preset="tiny", index=tmp / "idx", cache_dir=tmp / "cache")
     app = create_app(settings, limits=ApiLimits(window_ms=1))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if httpx.get(url + "/readyz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the server did not become ready"
-        time.sleep(0.05)
-    yield url
-    server.should_exit = True
-    thread.join(10)
+    with running_server(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

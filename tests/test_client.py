@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
+from helpers import free_port, running_server
 
 from citeqa.api.app import create_app
 from citeqa.api.deps import ApiLimits
@@ -41,36 +38,13 @@ class TinyPipeline:
         return DOC
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
     """The real app on a real socket (uvicorn in a thread); yields its base URL."""
     app = create_app(Settings(api_keys="sekret"), lambda s: TinyPipeline(),
                      limits=ApiLimits(window_ms=1, max_body_bytes=2048))
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                            lifespan="on")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            if httpx.get(url + "/readyz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "server did not become ready"
-        time.sleep(0.02)
-    yield url
-    srv.should_exit = True
-    thread.join(10)
+    with running_server(app) as url:
+        yield url
 
 
 def test_answer_round_trips_into_types(server: str) -> None:

@@ -231,14 +231,14 @@ def test_searches_during_updates_see_a_whole_index(client: TestClient) -> None:
 
 def test_a_failed_update_changes_nothing(client: TestClient, index_dir: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    import citeqa.retrieval.updates as updates
+    import citeqa.retrieval.store as store
 
     manifest_before = (index_dir / "manifest.json").read_text()
 
     def broken_publish(tmp: Path, out: Path) -> None:
         raise OSError("disk full (injected)")
 
-    monkeypatch.setattr(updates, "publish", broken_publish)
+    monkeypatch.setattr(store, "publish", broken_publish)
     r = client.post("/v1/documents", json={"text": NEW_TEXT, "doc_id": "z"})
     assert r.status_code == 500 and "disk full" not in r.text
     assert (index_dir / "manifest.json").read_text() == manifest_before

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from helpers import THREE_DOCS
 
 from citeqa.config import Settings, preset
 from citeqa.errors import ConfigError, SourceError
@@ -29,28 +30,7 @@ from citeqa.pipeline import Pipeline
 from citeqa.retrieval import build_index_from_documents
 from citeqa.types import Document, Hit, Passage
 
-DOCS = [
-    Document(
-        "n",
-        "Normans",
-        "normans.txt",
-        "The Normans gave their name to Normandy, a region in France. "
-        "Their leader Rollo swore fealty to King Charles III of West Francia.",
-    ),
-    Document(
-        "e",
-        "Eiffel Tower",
-        "eiffel.txt",
-        "The Eiffel Tower is a wrought-iron lattice tower in Paris. "
-        "It opened in 1889 as the entrance to the World's Fair.",
-    ),
-    Document(
-        "h",
-        "Harvard",
-        "harvard.txt",
-        "Harvard University was founded in 1636 in Cambridge, Massachusetts.",
-    ),
-]
+DOCS = THREE_DOCS
 QUESTIONS = [
     {
         "id": "q1",

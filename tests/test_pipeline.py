@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import pytest
+from helpers import THREE_DOCS
 
 from citeqa.config import Config, GenerationConfig, RewardConfig, Settings, preset
 from citeqa.errors import InvalidRequestError, ModelError
@@ -16,28 +17,7 @@ from citeqa.generation.extractive import extractive_responder
 from citeqa.pipeline import Pipeline, confidence, rank
 from citeqa.types import Candidate, Document, Hit, Passage, Quote
 
-DOCS = [
-    Document(
-        "n",
-        "Normans",
-        "normans.txt",
-        "The Normans gave their name to Normandy, a region in France. "
-        "Their leader Rollo swore fealty to King Charles III of West Francia.",
-    ),
-    Document(
-        "e",
-        "Eiffel Tower",
-        "eiffel.txt",
-        "The Eiffel Tower is a wrought-iron lattice tower in Paris. "
-        "It opened in 1889 as the entrance to the World's Fair.",
-    ),
-    Document(
-        "h",
-        "Harvard",
-        "harvard.txt",
-        "Harvard University was founded in 1636 in Cambridge, Massachusetts.",
-    ),
-]
+DOCS = THREE_DOCS
 
 
 def _words(text: str) -> set[str]:

@@ -7,7 +7,6 @@ or killed build leaves the previous index in place.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from citeqa.retrieval.bm25 import BM25Index
 from citeqa.retrieval.chunk import chunk_document
 from citeqa.retrieval.dense import DenseIndex
 from citeqa.retrieval.embed import Embedder, load_embedder
-from citeqa.retrieval.store import prepare, publish, test_pause, write_index
+from citeqa.retrieval.store import save_index
 from citeqa.retrieval.tokenize import tokenize
 from citeqa.types import Document
 
@@ -126,23 +125,16 @@ def build_index_from_documents(
         vectors = embedder.embed(texts, batch_size=cfg.embed_batch_size, progress=progress)
         dense = DenseIndex.build(vectors, kind=cfg.faiss_index, hnsw_m=cfg.hnsw_m)
         embedding = {"model_id": embedder.model_id, "dim": embedder.dim, "name": cfg.embedder}
-    tmp = prepare(out)
-    try:
-        write_index(
-            tmp,
-            documents=docs,
-            spans=np.asarray(spans, dtype=np.int64),
-            passage_doc=np.asarray(passage_doc, dtype=np.int64),
-            bm25=bm25,
-            dense=dense,
-            embedding=embedding,
-            cfg=cfg,
-        )
-        test_pause("before_swap")
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    save_index(
+        out,
+        documents=docs,
+        spans=np.asarray(spans, dtype=np.int64),
+        passage_doc=np.asarray(passage_doc, dtype=np.int64),
+        bm25=bm25,
+        dense=dense,
+        embedding=embedding,
+        cfg=cfg,
+    )
     return BuildSummary(
         documents=len(docs),
         passages=len(spans),

@@ -195,6 +195,23 @@ def publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
+def save_index(out: Path, **parts: Any) -> dict[str, Any]:
+    """Write an index (``write_index``'s keyword arguments) beside ``out`` and swap it in.
+
+    Whatever happens before the swap (an error, Ctrl-C), the index at ``out`` stays the previous
+    one and the temporary directory is removed. Returns the manifest.
+    """
+    tmp = prepare(out)
+    try:
+        manifest = write_index(tmp, **parts)
+        test_pause("before_swap")
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
 # --- reading ---------------------------------------------------------------------------------
 
 

@@ -15,7 +15,6 @@ runs them on one thread).
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from citeqa.retrieval.chunk import chunk_document
 from citeqa.retrieval.dense import DenseIndex
 from citeqa.retrieval.embed import Embedder
 from citeqa.retrieval.retriever import config_from_manifest
-from citeqa.retrieval.store import Index, prepare, publish, test_pause, write_index
+from citeqa.retrieval.store import Index, save_index
 from citeqa.retrieval.tokenize import tokenize
 from citeqa.types import Document, Passage
 
@@ -152,23 +151,16 @@ def apply_update(
     spans_arr = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
     passage_doc_arr = np.asarray(passage_doc, dtype=np.int64)
     out = Path(out)
-    tmp = prepare(out)
-    try:
-        manifest = write_index(
-            tmp,
-            documents=docs,
-            spans=spans_arr,
-            passage_doc=passage_doc_arr,
-            bm25=bm25,
-            dense=dense,
-            embedding=embedding if dense is not None else None,
-            cfg=cfg,
-        )
-        test_pause("before_swap")
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    manifest = save_index(
+        out,
+        documents=docs,
+        spans=spans_arr,
+        passage_doc=passage_doc_arr,
+        bm25=bm25,
+        dense=dense,
+        embedding=embedding if dense is not None else None,
+        cfg=cfg,
+    )
     log.info("index %s updated: +%d -%d documents, %d passages", out, len(update.add),
              len(removed), len(spans))
     passages = [

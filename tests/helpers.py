@@ -1,0 +1,71 @@
+"""Helpers shared by several test modules: a three-document corpus and the real app on a real
+loopback socket (uvicorn in a thread)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import uvicorn
+
+from citeqa.types import Document
+
+# Three documents, not two: with two, rank-bm25's IDF of a term found in one of them is 0.
+THREE_DOCS = [
+    Document(
+        "n",
+        "Normans",
+        "normans.txt",
+        "The Normans gave their name to Normandy, a region in France. "
+        "Their leader Rollo swore fealty to King Charles III of West Francia.",
+    ),
+    Document(
+        "e",
+        "Eiffel Tower",
+        "eiffel.txt",
+        "The Eiffel Tower is a wrought-iron lattice tower in Paris. "
+        "It opened in 1889 as the entrance to the World's Fair.",
+    ),
+    Document(
+        "h",
+        "Harvard",
+        "harvard.txt",
+        "Harvard University was founded in 1636 in Cambridge, Massachusetts.",
+    ),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running_server(app: Any, *, ready_within_s: float = 20) -> Iterator[str]:
+    """Serve ``app`` on a free loopback port until the block ends; yields its base URL once
+    ``/readyz`` answers 200."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(),
+                                           log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.config.port}"
+    deadline = time.monotonic() + ready_within_s
+    try:
+        while True:
+            try:
+                if httpx.get(url + "/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.02)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(10)
