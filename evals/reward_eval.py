@@ -36,6 +36,7 @@ from citeqa.evals.metrics import (  # noqa: E402
     answered_accuracy_and_coverage,
     aurc,
     expected_calibration_error,
+    paired_bootstrap_aurc,
 )
 from citeqa.retrieval.embed import load_embedder  # noqa: E402
 from citeqa.reward.calibrate import calibrate_threshold  # noqa: E402
@@ -53,6 +54,7 @@ VARIANTS = {  # name -> (embeddings, hidden units, soft F1 labels)
     "rm_logistic_emb_f1": (True, 0, True),
     "rm_logistic_scalars_f1": (False, 0, True),
 }
+BASELINES = ("generator_mean_logprob", "generator_total_logprob", "retrieval_rank")
 TARGETS = tuple(round(0.9 - 0.05 * i, 2) for i in range(17))  # 0.9, 0.85, ..., 0.1
 
 
@@ -139,7 +141,8 @@ quote; every answer to an unanswerable question is wrong).
 | --- | --- | --- | --- | --- | --- |
 {table}
 
-Calibrated threshold (Learn-then-Test, target accuracy {target}, delta {delta}): {threshold}.
+Calibrated threshold (Learn-then-Test, target accuracy {target}, delta {delta}; target
+{target_chosen}): {threshold}.
 On calibration it answers {cal_cov} of questions at accuracy {cal_acc}; on eval it answers
 {ev_cov} at accuracy {ev_acc}, declines {unans} of unanswerable questions and answers
 {ans_ok} of answerable questions correctly.
@@ -175,18 +178,23 @@ python evals/reward_eval.py --train train.jsonl --cal cal.jsonl --eval eval.json
 
 
 def verdict(results: dict) -> str:
-    """One honest sentence: does the shipped model beat the baselines on eval AURC?"""
+    """Honest sentences: does the shipped model beat each baseline on eval AURC, beyond noise?"""
     sc = results["scorers"]
     chosen = results["chosen"]["variant"]
     mine = sc[chosen]["eval_split"]["aurc"]
-    base = {n: sc[n]["eval_split"]["aurc"] for n in ("generator_mean_logprob", "retrieval_rank")}
-    beats = [n for n, v in base.items() if mine < v]
-    loses = [n for n, v in base.items() if mine >= v]
+    parts = []
+    for name, d in results["aurc_vs_baselines"].items():
+        lo, hi = d["ci95"]
+        word = ("beats" if hi < 0 else "loses to" if lo > 0
+                else "is better than" if d["diff"] < 0 else "is not better than")
+        sure = "" if hi < 0 or lo > 0 else " (not significant: the interval includes 0)"
+        parts.append(f"it {word} {name} ({sc[name]['eval_split']['aurc']:.3f}; difference "
+                     f"{d['diff']:+.3f}, 95% bootstrap interval [{lo:+.3f}, {hi:+.3f}], RM lower "
+                     f"in {d['share_rm_lower']:.0%} of resamples){sure}")
     acc = results["chosen"]["eval"]["accuracy_at_full_coverage"]
-    return (f"eval AURC {mine:.3f}; it beats {', '.join(beats) or 'neither baseline'}"
-            + (f" and does not beat {', '.join(loses)}" if loses else "")
-            + f". With {acc:.1%} of eval questions answered correctly at full coverage, every "
-            "scorer is close to chance (AURC about 1 - accuracy), so these differences are noise.")
+    return (f"eval AURC {mine:.3f}; " + "; ".join(parts)
+            + f". At full coverage {acc:.1%} of eval questions are answered correctly, so the "
+            "AURC of a signal that ranks at random is about {:.3f}.".format(1 - acc))
 
 
 def best_of_n_text(results: dict) -> str:
@@ -229,6 +237,7 @@ def model_card(results: dict, extra: dict, members: int, spec: FeatureSpec) -> s
         train_pos=d["train"]["positive_rate"], train_p=d["train"]["pairs"],
         cal_q=d["calibration"]["questions"], eval_q=d["eval"]["questions"],
         table="\n".join(rows), target=ch["target_accuracy"], delta=ch["delta"],
+        target_chosen=ch["target_chosen"],
         threshold="none (declines everything)" if ch["threshold"] is None
         else f"{ch['threshold']:.4f}",
         cal_cov=pct(ch["calibration"]["coverage"]), cal_acc=pct(ch["calibration"]["accuracy"]),
@@ -250,7 +259,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=300)
     ap.add_argument("--delta", type=float, default=0.1)
     ap.add_argument("--target", default="auto", help="target accuracy, or auto: the highest "
-                    "of a fixed list that certifies a non-empty threshold on calibration")
+                    "of a fixed list whose certified threshold answers at least --min-coverage "
+                    "of the calibration questions")
+    ap.add_argument("--min-coverage", type=float, default=0.25,
+                    help="with --target auto: a default that declines nearly everything is "
+                    "certified but useless; require answering at least this share")
     ap.add_argument("--ship", action="store_true", help="write the chosen model to --out")
     ap.add_argument("--out", type=Path, default=ROOT / "citeqa" / "reward" / "weights")
     ap.add_argument("--results", type=Path,
@@ -296,7 +309,7 @@ def main() -> None:
     scores_cal: dict[str, list[float]] = {}
     scores_ev: dict[str, list[float]] = {}
     spreads_ev: dict[str, list[float]] = {}
-    for name in ("generator_mean_logprob", "generator_total_logprob", "retrieval_rank"):
+    for name in BASELINES:
         scores_cal[name] = baseline(cal_groups, name)
         scores_ev[name] = baseline(ev_groups, name)
 
@@ -332,12 +345,12 @@ def main() -> None:
     c_best, c_correct, c_answerable = per_question(cal_groups, scores_cal[chosen])
     min_answered = max(1, math.ceil(0.05 * len(cal_groups)))
     if args.target == "auto":
-        target = next(
-            (t for t in TARGETS if math.isfinite(calibrate_threshold(
-                c_best, c_correct, target_accuracy=t, delta=args.delta,
-                min_answered=min_answered).threshold)),
-            TARGETS[-1],
-        )
+        def useful(t: float) -> bool:
+            r = calibrate_threshold(c_best, c_correct, target_accuracy=t, delta=args.delta,
+                                    min_answered=min_answered)
+            return math.isfinite(r.threshold) and r.coverage >= args.min_coverage
+
+        target = next((t for t in TARGETS if useful(t)), TARGETS[-1])
     else:
         target = float(args.target)
     cal_result = calibrate_threshold(
@@ -346,6 +359,15 @@ def main() -> None:
     threshold = cal_result.threshold
 
     e_best, e_correct, e_answerable = per_question(ev_groups, scores_ev[chosen])
+    # Is the chosen model's AURC lead over each baseline more than resampling noise?
+    results["aurc_vs_baselines"] = {}
+    for name in BASELINES:
+        b_best, _, _ = per_question(ev_groups, scores_ev[name])
+        d = paired_bootstrap_aurc(np.where(np.isfinite(e_best), e_best, -1e9),
+                                  np.where(np.isfinite(b_best), b_best, -1e9), e_correct)
+        results["aurc_vs_baselines"][name] = {
+            "diff": d.diff, "ci95": [d.low, d.high], "share_rm_lower": d.share_a_lower,
+            "questions": len(ev_groups), "resamples": 2000}
     acc, cov = answered_accuracy_and_coverage(e_best, e_correct, threshold)
     answered = e_best >= threshold
     finite_probs = np.clip(np.where(np.isfinite(e_best), e_best, 0.0), 0, 1)
@@ -353,8 +375,9 @@ def main() -> None:
         "variant": chosen,
         "chosen_by": "lowest AURC on the calibration split",
         "target_accuracy": target,
-        "target_chosen": "auto: highest of a fixed list certifying a non-empty threshold on "
-                         "calibration" if args.target == "auto" else "given",
+        "target_chosen": "auto: highest of a fixed list whose certified threshold answers at "
+                         f"least {args.min_coverage:.0%} of calibration questions"
+                         if args.target == "auto" else "given",
         "delta": args.delta,
         "threshold": threshold if math.isfinite(threshold) else None,
         "calibration": {"coverage": cal_result.coverage, "accuracy": cal_result.accuracy,

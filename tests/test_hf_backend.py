@@ -74,6 +74,28 @@ def test_greedy_constrained_output_is_cited_and_speculation_changes_nothing(back
 
 
 @pytest.mark.slow
+def test_batched_greedy_rows_share_the_draft_budget(backend, monkeypatch):
+    """One row may draft all ``speculative_tokens``; four live rows get a quarter each, so a
+    decode step feeds at most 1 token + forced tokens + budget // rows drafts per row."""
+    drafts: list[tuple[int, int]] = []  # (live rows, draft length)
+    real = backend._draft_for
+
+    def spy(row, budget):
+        d = real(row, budget)
+        drafts.append((budget, len(d)))
+        return d
+
+    monkeypatch.setattr(backend, "_draft_for", spy)
+    backend.speculative_tokens = 8
+    single = backend.generate([grammar_request()])[0][0]
+    assert {b for b, _ in drafts} == {8} and max(n for _, n in drafts) > 2
+    drafts.clear()
+    batch = backend.generate([grammar_request() for _ in range(4)])
+    assert all(c.text == single.text for [c] in batch)  # still plain greedy
+    assert max(b for b, _ in drafts) == 2 and all(n <= b for b, n in drafts)
+
+
+@pytest.mark.slow
 def test_sampling_n_rows_share_one_prefill(backend, monkeypatch):
     shapes = []
     real = backend._forward

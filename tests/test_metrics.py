@@ -23,6 +23,7 @@ from citeqa.evals.metrics import (
     f1,
     is_correct,
     normalize_answer,
+    paired_bootstrap_aurc,
     percentile,
     recall_at_k,
     reliability_bins,
@@ -322,3 +323,19 @@ def test_percentile() -> None:
         percentile([], 50)
     with pytest.raises(ValueError):
         percentile([1.0], 101)
+
+
+def test_paired_bootstrap_aurc_sees_a_real_difference_and_none_between_equals() -> None:
+    rng = np.random.default_rng(1)
+    correct = rng.random(200) < 0.4
+    noise = rng.random(200)
+    informed = correct + 0.8 * rng.random(200)  # mostly ranks correct answers first
+    same = paired_bootstrap_aurc(noise, noise, correct, n=200)
+    assert same.diff == 0.0 and same.low == 0.0 and same.high == 0.0 and same.share_a_lower == 0
+    better = paired_bootstrap_aurc(informed, noise, correct, n=200)
+    assert better.diff < 0 and better.low < better.diff < better.high < 0
+    assert better.share_a_lower == 1.0
+    worse = paired_bootstrap_aurc(noise, informed, correct, n=200)
+    assert worse.diff == pytest.approx(-better.diff) and worse.low > 0
+    with pytest.raises(ValueError):
+        paired_bootstrap_aurc([0.1, 0.2], [0.1], [True, False])

@@ -96,8 +96,8 @@ def test_default_reward_model_declines_a_clearly_unanswerable_question(tmp_path)
     build_index_from_documents(DOCS, index, preset("default").retrieval, progress=False)
     pipeline = Pipeline.from_settings(Settings(preset="default", index=index))
     assert pipeline.scorer is not None  # the default preset loads the shipped reward model
-    # The shipped calibration certifies no target for SmolLM2-135M (its threshold is inf), so
-    # by default the pipeline answers; asking for a target accuracy declines.
+    # 80 % answered accuracy is far above what the shipped calibration can certify for a 135M
+    # generator (see its model card), so threshold_for(0.8) is inf and every answer is declined.
     answer = pipeline.ask(
         "What is the recommended daily dose of vitamin K for infant goats?",
         min_score=pipeline.threshold_for(0.8),

@@ -149,6 +149,39 @@ def aurc(scores: ArrayLike, correct: ArrayLike) -> float:
     return float(np.sum(widths * (1.0 - accuracy)))
 
 
+@dataclass(frozen=True)
+class PairedDifference:
+    """``a - b`` of a metric on the same questions, with a bootstrap interval."""
+
+    diff: float  # on the full sample
+    low: float  # 2.5th percentile of the resampled differences
+    high: float  # 97.5th percentile
+    share_a_lower: float  # share of resamples in which a's value is below b's
+
+
+def paired_bootstrap_aurc(
+    scores_a: ArrayLike, scores_b: ArrayLike, correct: ArrayLike, *, n: int = 2000, seed: int = 0
+) -> PairedDifference:
+    """AURC(a) - AURC(b) of two decline signals on the same questions (negative: a is better),
+    with a 95 % percentile interval from ``n`` resamples of the questions (paired: both signals
+    see the same resample)."""
+    a, ok = _as_scores_correct(scores_a, correct)
+    b, _ = _as_scores_correct(scores_b, correct)
+    if a.shape != b.shape:
+        raise ValueError(f"scores_a {a.shape} and scores_b {b.shape} differ")
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(n)
+    for i in range(n):
+        idx = rng.integers(0, a.size, a.size)
+        diffs[i] = aurc(a[idx], ok[idx]) - aurc(b[idx], ok[idx])
+    return PairedDifference(
+        diff=aurc(a, ok) - aurc(b, ok),
+        low=float(np.percentile(diffs, 2.5)),
+        high=float(np.percentile(diffs, 97.5)),
+        share_a_lower=float(np.mean(diffs < 0)),
+    )
+
+
 def accuracy_at_coverage(scores: ArrayLike, correct: ArrayLike, coverage: float) -> float:
     """Answered accuracy at the smallest curve point whose coverage is at least ``coverage``.
 

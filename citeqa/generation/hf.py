@@ -17,7 +17,8 @@ grammar allows. Two shortcuts make a quote cost little more than the prompt's pr
   prefix the grammar allows, checked in the same forward pass, and kept while the greedy choice
   agrees. Outputs are therefore those of plain greedy decoding (up to float ties between
   batched and single-token matmuls). Sampled rows skip speculation (the greedy acceptance test
-  would not preserve the sampling distribution).
+  would not preserve the sampling distribution). The live rows of a batch share a budget of
+  ``speculative_tokens`` drafted tokens per pass (one row: all of it; 16 rows: one each).
 
 Rows feed different numbers of tokens per step (a sampled token, forced tokens, a draft), so a
 step's input is right-padded to its longest row, and padded or rejected positions stay in the KV
@@ -365,12 +366,13 @@ class HFBackend:
             return None
         return feed
 
-    def _draft_for(self, row: _Row) -> list[int]:
-        """A prompt-lookup draft for a greedy row, cut to what its grammar allows."""
-        room = row.max_tokens - len(row.tokens)
-        if not (row.greedy and self.speculative_tokens and room > 0):
+    def _draft_for(self, row: _Row, budget: int) -> list[int]:
+        """A prompt-lookup draft of at most ``budget`` tokens for a greedy row, cut to what its
+        grammar allows."""
+        room = min(row.max_tokens - len(row.tokens), budget)
+        if not (row.greedy and room > 0):
             return []
-        draft = self._draft(row.prompt, row.tokens, min(self.speculative_tokens, room))
+        draft = self._draft(row.prompt, row.tokens, room)
         if draft and row.constraint is not None:
             draft = draft[: row.constraint.valid_prefix(draft)]
         return draft
@@ -385,11 +387,15 @@ class HFBackend:
         while True:
             # 1. every live row picks its token (and forced tokens, and a draft)
             steps: list[tuple[int, list[int], list[int]]] = []  # (cache row, feed, draft)
+            # The rows share one draft budget per pass: a lone row's pass is memory-bound (it
+            # streams every weight for one token or seventeen alike), a full batch's is
+            # compute-bound, where drafts that get rejected cost real time.
+            budget = self.speculative_tokens // max(sum(not rows[ri].done for ri in live), 1)
             for pos, ri in enumerate(live):
                 row = rows[ri]
                 feed = None if row.done else self._step_input(row, next_hidden[pos])
                 if feed is not None:
-                    steps.append((pos, feed, self._draft_for(row)))
+                    steps.append((pos, feed, self._draft_for(row, budget)))
             if not steps:
                 return
             # 2. drop finished rows from the batch
