@@ -341,6 +341,14 @@ def test_published_blank_pattern_and_the_server_agree_on_every_whitespace_charac
             assert c.post("/v1/search", json={"query": f"{ch}q{ch}"}).status_code == 200
 
 
+def test_pattern_errors_say_what_is_wrong_not_the_regex() -> None:
+    with serve() as c:
+        for body in ({"question": "a\x00b"}, {"question": "\ufeff "}):
+            msg = assert_uniform_error(c.post("/v1/answer", json=body), 422)["message"]
+            assert msg == "question: must contain something other than whitespace, and no NUL " \
+                          "character", msg
+
+
 def test_validation_error_names_the_field() -> None:
     with serve() as c:
         err = assert_uniform_error(c.post("/v1/answer", json={"question": "q", "top_k": 99}), 422)

@@ -19,8 +19,6 @@ from citeqa.ingest import (
     load_sources,
 )
 
-SQUAD_DIR = Path("/work/shared/data/squad2")
-
 
 def load(*sources: str | Path, **kw) -> LoadResult:
     return load_sources([str(s) for s in sources], progress=False, **kw)
@@ -213,12 +211,11 @@ def test_squad_paragraph_without_context_is_skipped(tmp_path: Path) -> None:
     assert result.skipped[0].source == f"{f}#T/0"
 
 
-@pytest.mark.skipif(not (SQUAD_DIR / "qa.json").exists(), reason="needs /work/shared/data/squad2")
-def test_real_squad_data_texts_equal_contexts() -> None:
-    result = load(SQUAD_DIR / "qa.json", SQUAD_DIR / "distractors.json")
+def test_real_squad_data_texts_equal_contexts(squad_dir: Path) -> None:
+    result = load(squad_dir / "qa.json", squad_dir / "distractors.json")
     contexts = []
     for name in ("qa.json", "distractors.json"):
-        data = json.loads((SQUAD_DIR / name).read_text(encoding="utf-8"))
+        data = json.loads((squad_dir / name).read_text(encoding="utf-8"))
         contexts += [p["context"] for a in data["data"] for p in a["paragraphs"]]
     assert [d.text for d in result.documents] == contexts
     assert result.skipped == []

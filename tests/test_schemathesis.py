@@ -4,6 +4,9 @@ over the REAL app with the tiny preset: no 5xx, and every response conforms to t
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import pkgutil
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +27,28 @@ schemathesis = pytest.importorskip(
 )
 from schemathesis.checks import positive_data_acceptance  # noqa: E402
 from schemathesis.python.asgi import shutdown_lifespans  # noqa: E402
+
+
+def _import_lazy_modules() -> None:
+    """Import now, at collection, what Schemathesis would import lazily inside the test.
+
+    CPython 3.11.7 (this project's machines) can fail to parse a module with "SystemError: AST
+    constructor recursion depth mismatch" late in a long run (gh-106905, fixed in 3.11.8), and
+    pytest parses every module of a pytest plugin (Schemathesis, Hypothesis) when it is first
+    imported (assertion rewriting). Imported here, they are parsed while parsing is safe.
+    """
+    packages = ["schemathesis.specs.openapi", "schemathesis.generation",
+                "schemathesis.transport", "schemathesis.openapi", "schemathesis.wfc",
+                "schemathesis.core", "schemathesis.engine",
+                "hypothesis.strategies._internal", "hypothesis.internal.conjecture"]
+    for name in packages:
+        package = importlib.import_module(name)
+        for info in pkgutil.walk_packages(package.__path__, name + "."):
+            with contextlib.suppress(ImportError):
+                importlib.import_module(info.name)
+
+
+_import_lazy_modules()
 
 # Schema-valid requests the service refuses on purpose: target_accuracy without a calibrated
 # reward model (the tiny preset has none), and URLs the fetcher will not fetch (unparsable, or

@@ -1,5 +1,5 @@
 """Tests for citeqa.evals.squad: loaders on small inline files, the fixed split, and the shared
-SQuAD 2.0 subset when /work/shared/data is present."""
+SQuAD 2.0 subset when ../shared/data is present."""
 
 from __future__ import annotations
 
@@ -20,8 +20,6 @@ from citeqa.evals.squad import (
     load_squad_questions,
     split_of_article,
 )
-
-SHARED_QA = Path("/work/shared/data/squad2/qa.json")
 
 SQUAD = {
     "version": "v2.0",
@@ -172,14 +170,14 @@ def test_fixed_split() -> None:
         articles_for_split("test")
 
 
-@pytest.mark.skipif(not SHARED_QA.exists(), reason=f"shared SQuAD data absent: {SHARED_QA}")
-def test_shared_squad_subset() -> None:
-    items = load_questions(SHARED_QA)
+def test_shared_squad_subset(squad_dir: Path) -> None:
+    shared_qa = squad_dir / "qa.json"
+    items = load_questions(shared_qa)
     assert len(items) == 3928
     assert sum(i.answerable for i in items) == 1826
     assert {i.article for i in items} == set(TRAIN_ARTICLES + CALIBRATION_ARTICLES + EVAL_ARTICLES)
     split_items = {
-        name: load_squad_questions(SHARED_QA, articles_for_split(name))
+        name: load_squad_questions(shared_qa, articles_for_split(name))
         for name in ("train", "calibration", "eval")
     }
     assert sum(len(v) for v in split_items.values()) == 3928

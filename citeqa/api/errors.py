@@ -138,10 +138,15 @@ def map_citeqa_error(exc: CiteqaError) -> tuple[int, str]:
 
 def validation_details(errors: Any) -> list[dict[str, Any]]:
     """Pydantic's error list, reduced to JSON-safe fields (no echo of the input, no ctx objects)."""
+    from citeqa.api.schemas import PATTERN_HELP
+
     out = []
     for e in errors:
         loc = [x if isinstance(x, int | str) else str(x) for x in e.get("loc", ())]
-        out.append({"loc": loc, "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))})
+        msg = str(e.get("msg", ""))
+        if e.get("type") == "string_pattern_mismatch":
+            msg = PATTERN_HELP.get(str((e.get("ctx") or {}).get("pattern")), msg)
+        out.append({"loc": loc, "msg": msg, "type": str(e.get("type", ""))})
     return out
 
 

@@ -39,6 +39,16 @@ _BLANK_CLASS = (r"\t\n\x0b\x0c\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a"
                 r"\u2028\u2029\u202f\u205f\u3000\ufeff")
 # Some character that is neither blank nor NUL, and no NUL anywhere (checked again below).
 NOT_BLANK = rf"^[^\x00]*[^\x00{_BLANK_CLASS}][^\x00]*$"
+NO_NUL = r"^[^\x00]*$"  # optional free text: anything but NUL (checked again below)
+
+
+# What each pattern means, for error messages (pydantic would print the regex itself).
+PATTERN_HELP = {
+    NOT_BLANK: "must contain something other than whitespace, and no NUL character",
+    NO_NUL: "must not contain a NUL character",
+    DOC_ID_PATTERN: "must be 1-200 characters: letters, digits and . _ : / -, starting with a "
+                    "letter or digit",
+}
 
 
 def is_blank(text: str) -> bool:
@@ -139,11 +149,11 @@ class TextDocumentIn(_Request):
 
     text: str = Field(min_length=1, max_length=MAX_DOCUMENT_CHARS, pattern=NOT_BLANK,
                       description="full text")
-    title: str | None = Field(default=None, max_length=MAX_TITLE_CHARS,
+    title: str | None = Field(default=None, max_length=MAX_TITLE_CHARS, pattern=NO_NUL,
                               description="default: the text's first line")
     doc_id: str | None = Field(default=None, pattern=DOC_ID_PATTERN,
                                description="default: a hash of source, title and text")
-    source: str | None = Field(default=None, max_length=MAX_SOURCE_CHARS,
+    source: str | None = Field(default=None, max_length=MAX_SOURCE_CHARS, pattern=NO_NUL,
                                description="where the text came from (shown with quotes)")
 
     @field_validator("text")
