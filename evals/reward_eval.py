@@ -54,6 +54,7 @@ VARIANTS = {  # name -> (embeddings, hidden units, soft F1 labels)
     "rm_logistic_emb_f1": (True, 0, True),
     "rm_logistic_scalars_f1": (False, 0, True),
 }
+RESAMPLES = 2000  # bootstrap resamples for the AURC differences
 BASELINES = ("generator_mean_logprob", "generator_total_logprob", "retrieval_rank")
 TARGETS = tuple(round(0.9 - 0.05 * i, 2) for i in range(17))  # 0.9, 0.85, ..., 0.1
 
@@ -67,8 +68,13 @@ def per_question(groups: list[list[Labelled]], scores: list[float]) -> tuple[np.
     return best, correct, answerable
 
 
+def ranked(best: np.ndarray) -> np.ndarray:
+    """Best scores with never-answered questions (-inf) ranked last."""
+    return np.where(np.isfinite(best), best, -1e9)
+
+
 def curve(best: np.ndarray, correct: np.ndarray) -> dict[str, float]:
-    finite = np.where(np.isfinite(best), best, -1e9)  # never-answered questions rank last
+    finite = ranked(best)
     out = {"aurc": aurc(finite, correct)}
     for c in COVERAGES:
         out[f"acc@{c:.1f}"] = accuracy_at_coverage(finite, correct, c)
@@ -363,11 +369,10 @@ def main() -> None:
     results["aurc_vs_baselines"] = {}
     for name in BASELINES:
         b_best, _, _ = per_question(ev_groups, scores_ev[name])
-        d = paired_bootstrap_aurc(np.where(np.isfinite(e_best), e_best, -1e9),
-                                  np.where(np.isfinite(b_best), b_best, -1e9), e_correct)
+        d = paired_bootstrap_aurc(ranked(e_best), ranked(b_best), e_correct, n=RESAMPLES)
         results["aurc_vs_baselines"][name] = {
             "diff": d.diff, "ci95": [d.low, d.high], "share_rm_lower": d.share_a_lower,
-            "questions": len(ev_groups), "resamples": 2000}
+            "questions": len(ev_groups), "resamples": RESAMPLES}
     acc, cov = answered_accuracy_and_coverage(e_best, e_correct, threshold)
     answered = e_best >= threshold
     finite_probs = np.clip(np.where(np.isfinite(e_best), e_best, 0.0), 0, 1)
