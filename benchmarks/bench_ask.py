@@ -64,6 +64,10 @@ def main() -> None:
     ap.add_argument("--speculative", type=int, default=None,
                     help="prompt-lookup draft tokens (default: GenerationConfig's)")
     ap.add_argument("--adapter", default=None, help="packaged | none | a dir (default: config's)")
+    ap.add_argument("--cpu-weights", default=None, choices=["fp16", "fp32"],
+                    help="decoder Linear weights on a CPU (default: config's)")
+    ap.add_argument("--no-prefix-cache", action="store_true",
+                    help="prefill the system turn for every prompt instead of reusing its cache")
     args = ap.parse_args()
 
     import faiss
@@ -82,12 +86,15 @@ def main() -> None:
                                               speculative_quote_tokens=args.speculative))
     if args.adapter is not None:
         cfg = replace(cfg, generation=replace(cfg.generation, adapter=args.adapter))
+    if args.cpu_weights is not None:
+        cfg = replace(cfg, generation=replace(cfg.generation, cpu_weights=args.cpu_weights))
     gen_cfg = cfg.generation
     retriever = HybridRetriever.open(args.index, cfg.retrieval)
     backend = HFBackend.load(gen_cfg.model, Path.home() / ".cache" / "citeqa",
                              adapter=resolve_adapter(gen_cfg.adapter, gen_cfg.model),
+                             cpu_weights=gen_cfg.cpu_weights,
                              speculative_tokens=gen_cfg.speculative_quote_tokens,
-                             threads=args.threads)
+                             threads=args.threads, reuse_prefix=not args.no_prefix_cache)
     generator = CitedGenerator(backend, gen_cfg)
     pipeline = Pipeline(retriever, generator, cfg)
     items = sample_questions(DATA / "qa.json", "eval", args.questions + args.warmup)
@@ -162,6 +169,7 @@ def main() -> None:
         "threads": args.threads,
         "machine": platform.platform(),
         "generation_config": asdict(gen_cfg),
+        "prefix_cache": not args.no_prefix_cache,
         "summary": summary,
         "throughput_by_concurrency": throughput,
         "rows": rows,

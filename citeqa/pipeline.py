@@ -115,6 +115,7 @@ class Pipeline:
                 gen.model,
                 settings.cache_dir,
                 adapter=resolve_adapter(gen.adapter, gen.model),
+                cpu_weights=gen.cpu_weights,
                 speculative_tokens=gen.speculative_quote_tokens,
                 threads=gen.threads,
             )

@@ -165,6 +165,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="questions generated per batch")
     ap.add_argument("--modes", default="constrained,unconstrained")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--cpu-weights", default=GenerationConfig.cpu_weights,
+                    choices=["fp16", "fp32"], help="decoder Linear weights on a CPU")
     ap.add_argument("--adapter", default="packaged",
                     help="generator adapter: packaged (the shipped one), none (base), or a dir")
     args = ap.parse_args()
@@ -184,10 +186,11 @@ def main() -> None:
     if not (args.index / "manifest.json").is_file() and not args.index.is_dir():
         sys.exit(f"no index at {args.index}; build it with: citeqa index build {qa_path} "
                  f"{args.data / 'distractors.json'} --out {args.index}")
-    cfg = GenerationConfig(adapter=args.adapter)
+    cfg = GenerationConfig(adapter=args.adapter, cpu_weights=args.cpu_weights)
     retriever = HybridRetriever.open(args.index, RetrievalConfig())
     backend = HFBackend.load(cfg.model, Path.home() / ".cache" / "citeqa",
                              adapter=resolve_adapter(cfg.adapter, cfg.model),
+                             cpu_weights=cfg.cpu_weights,
                              speculative_tokens=cfg.speculative_quote_tokens, threads=args.threads)
     questions = sample_questions(qa_path, args.split, args.limit, args.seed)
     sample_note = (f"fixed seeded sample (seed {args.seed}) of {len(questions)} answerable "

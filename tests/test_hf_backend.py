@@ -56,6 +56,34 @@ def test_missing_model_dir_is_a_model_error(tmp_path):
         load_model(str(tmp_path), tmp_path)
 
 
+def test_unknown_cpu_weights_fail_before_loading(tmp_path):
+    from citeqa.errors import InvalidRequestError
+    from citeqa.generation.hf import HFBackend
+
+    with pytest.raises(InvalidRequestError, match="cpu_weights"):
+        HFBackend.load(str(tmp_path / "nowhere"), tmp_path, cpu_weights="int4")
+
+
+def test_fp16_linear_weights_compute_in_fp32_close_to_the_original():
+    import torch
+
+    from citeqa.generation.models import store_linear_weights_fp16
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    x = torch.randn(5, 16)
+    with torch.inference_mode():
+        before = net(x)
+        assert store_linear_weights_fp16(net) == 2
+        after = net(x)
+    assert not any(isinstance(m, torch.nn.Linear) for m in net.modules())
+    assert after.dtype == torch.float32
+    assert torch.allclose(after, before, atol=1e-2) and not torch.equal(after, before)
+    with torch.inference_mode():  # activations are not quantized: no row's result depends on
+        other = torch.cat([x[:1], 100 * torch.randn(4, 16)])  # the values of the other rows
+        assert torch.equal(net(other)[0], after[0])
+
+
 @pytest.mark.slow
 def test_greedy_constrained_output_is_cited_and_speculation_changes_nothing(backend):
     outs = {}
@@ -159,3 +187,80 @@ def test_one_batch_of_requests_equals_each_request_alone(backend, monkeypatch):
             assert c.logprob == pytest.approx(r.logprob, abs=1e-3)
             assert c.timings_ms["batch_rows"] == 4
     assert_cited(together[0][0].text)
+
+
+@pytest.mark.slow
+def test_fp16_linear_weights_give_the_fp32_output(backend):
+    from citeqa.generation.hf import HFBackend
+
+    assert backend.model_id.endswith("+fp16-linear")  # the default on a CPU
+    fp32 = HFBackend.load("smollm2", CACHE, device="cpu", threads=1, cpu_weights="fp32")
+    assert "fp16" not in fp32.model_id
+    [[a]] = backend.generate([grammar_request()])
+    [[b]] = fp32.generate([grammar_request()])
+    assert a.text == b.text and a.logprob == pytest.approx(b.logprob, abs=1e-2)
+
+
+@pytest.mark.slow
+def test_system_turn_cache_changes_nothing_and_is_computed_once(backend, monkeypatch):
+    from citeqa.generation.hf import MIN_PREFIX
+
+    widths = []
+    real = backend._forward
+
+    def spy(ids, cache, mask, positions, *, keep, stats):
+        widths.append(ids.shape[1])
+        return real(ids, cache, mask, positions, keep=keep, stats=stats)
+
+    monkeypatch.setattr(backend, "_forward", spy)
+    backend.reuse_prefix = False
+    [[off]] = backend.generate([grammar_request()])
+    full = widths[0]  # the prompt and the forced "Answer:" tokens
+    prompt = backend.prompt_ids(MESSAGES)
+    assert full > len(prompt)
+
+    backend.reuse_prefix = True
+    backend._prefix = None
+    widths.clear()
+    [[on]] = backend.generate([grammar_request()])
+    assert on.text == off.text and on.logprob == pytest.approx(off.logprob, abs=1e-3)
+    text, (tokens, keys, _) = backend._prefix
+    assert text == MESSAGES[0]["content"] and len(tokens) >= MIN_PREFIX
+    assert prompt[: len(tokens)] == tokens and keys[0].shape[2] == len(tokens)
+    assert widths[0] == full - len(tokens)  # only the rest of the prompt is prefilled
+
+    kept = backend._prefix
+    widths.clear()
+    [[again], _] = backend.generate([grammar_request(), grammar_request()])
+    assert backend._prefix is kept  # computed once per system text
+    assert again.text == off.text and widths[0] == full - len(tokens)
+
+    widths.clear()  # no system turn: nothing to reuse, the whole prompt is prefilled
+    free = GenerationRequest(messages=(MESSAGES[1],), max_tokens=3)
+    backend.generate([free])
+    assert widths[0] == len(backend.prompt_ids((MESSAGES[1],)))
+
+
+@pytest.mark.slow
+def test_drafts_also_come_from_the_last_output(backend, monkeypatch):
+    """No prompt holds "Quote [1]:", the last output does: after a quote's forced "Quote [" the
+    draft proposes the passage number and "]:" from it (verified like any draft)."""
+    other = GenerationRequest(messages=OTHER, grammar=output_grammar(OTHER_PASSAGES),
+                              max_tokens=48)
+    [[first]] = backend.generate([other])
+    tok = backend.tokenizer
+    assert tok.decode(backend._recent.tolist()) == first.text
+    drafts = []
+    real = backend._draft_for
+
+    def spy(row, budget):
+        d = real(row, budget)
+        drafts.append((tok.decode(row.tokens), tok.decode(d)))
+        return d
+
+    monkeypatch.setattr(backend, "_draft_for", spy)
+    backend.speculative_tokens = 8
+    [[c]] = backend.generate([grammar_request()])
+    assert_cited(c.text)
+    after_bracket = [d for before, d in drafts if before.endswith("Quote [")]
+    assert after_bracket and after_bracket[0].startswith("1]:")

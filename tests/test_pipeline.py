@@ -368,3 +368,12 @@ def test_settings_choose_adapter_and_reward_model(tmp_path, monkeypatch):
     monkeypatch.setenv("CITEQA_REWARD", str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="CITEQA_REWARD"):
         Settings()
+
+
+def test_settings_choose_cpu_weights(monkeypatch):
+    assert Settings().config().generation.cpu_weights == "fp16"
+    monkeypatch.setenv("CITEQA_CPU_WEIGHTS", "fp32")
+    assert Settings().config().generation.cpu_weights == "fp32"
+    monkeypatch.setenv("CITEQA_CPU_WEIGHTS", "int4")
+    with pytest.raises(ValueError, match="cpu_weights"):
+        Settings()

@@ -1,6 +1,7 @@
 """The local generator: a transformers causal LM decoded under the quote grammar, in batches.
 
-``generate(requests)`` runs all requests as ONE batch: the prompts are left-padded to a common
+``generate(requests)`` runs all requests as ONE batch: the prompts (after the system turn they
+share, see below) are left-padded to a common
 length and prefilled together (attention mask + explicit position ids), the KV cache rows are
 then repeated so each request's ``n`` samples share its prefill, and every output row (all
 requests x their samples) is decoded in lockstep with its own grammar matcher. A finished row
@@ -13,12 +14,19 @@ grammar allows. Two shortcuts make a quote cost little more than the prompt's pr
 - jump-forward: tokens the grammar forces (``Answer:``, ``Quote [``, ``]:``) are appended in the
   same forward pass as the token before them, without a decoding step each;
 - prompt-lookup speculation (greedy rows only): a quote copies prompt text, so when the last
-  generated tokens occur in the prompt, the prompt tokens after them are drafted, cut to the
-  prefix the grammar allows, checked in the same forward pass, and kept while the greedy choice
-  agrees. Outputs are therefore those of plain greedy decoding (up to float ties between
-  batched and single-token matmuls). Sampled rows skip speculation (the greedy acceptance test
-  would not preserve the sampling distribution). The live rows of a batch share a budget of
-  ``speculative_tokens`` drafted tokens per pass (one row: all of it; 16 rows: one each).
+  generated tokens occur in the prompt, the prompt tokens after them are drafted (of up to
+  MAX_DRAFTS occurrences, the one whose continuation the grammar accepts furthest; then the
+  same lookup in the last greedy output, which holds ``Quote [1]:`` when no prompt does), cut
+  to the prefix the grammar allows, checked in the same forward pass, and kept while the
+  greedy choice agrees. Outputs are therefore those of plain greedy decoding (up to float ties
+  between batched and single-token matmuls). Sampled rows skip speculation (the greedy
+  acceptance test would not preserve the sampling distribution). The live rows of a batch
+  share a budget of ``speculative_tokens`` drafted tokens per pass (one row: all of it; 16
+  rows: one each).
+
+The system turn is the same in every prompt, and keys and values at a position depend only on
+the tokens up to it: they are computed once per distinct system text and copied into each
+batch's cache, so a prefill covers only the rest of the prompt (``_prefix_cache``).
 
 Rows feed different numbers of tokens per step (a sampled token, forced tokens, a draft), so a
 step's input is right-padded to its longest row, and padded or rejected positions stay in the KV
@@ -33,9 +41,10 @@ Timings (``prefill_ms``, ``decode_ms``, ``forward_passes``) are those of the who
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,15 +52,18 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from citeqa.errors import InvalidRequestError
 from citeqa.generation.backend import Completion, GenerationRequest
 from citeqa.generation.constraint import OutputConstraint, ll_tokenizer_for
-from citeqa.generation.models import load_model
+from citeqa.generation.models import CPU_WEIGHTS, load_model, store_linear_weights_fp16
 
 logger = logging.getLogger(__name__)
 
 MAX_NGRAM = 3  # longest suffix of the output looked up in the prompt for a draft
+MAX_DRAFTS = 8  # prompt-lookup candidates checked against the grammar per draft
+MIN_PREFIX = 8  # shortest shared prompt prefix worth copying from the system-turn cache
 
 
 @dataclass
@@ -96,15 +108,24 @@ class HFBackend:
         *,
         speculative_tokens: int = 8,
         threads: int | None = None,
+        reuse_prefix: bool = True,
     ) -> None:
         """``speculative_tokens``: prompt-lookup draft length (0 = off); ``threads``: torch CPU
-        threads (None = torch's default)."""
+        threads (None = torch's default); ``reuse_prefix``: copy the system turn's keys and
+        values from a cache instead of prefilling them for every prompt."""
         if threads is not None:
             torch.set_num_threads(threads)
         self.model = model
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.speculative_tokens = max(int(speculative_tokens), 0)
+        self.reuse_prefix = reuse_prefix
+        # (system text, (tokens, keys, values)) of the last system turn seen; see _system_prefix
+        self._prefix: tuple[str, tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] | None
+        self._prefix = None
+        # Tokens of the last greedy output: a second source of drafts, for the text every
+        # output repeats that no prompt contains (``Quote [1]:`` after a quote's ``Quote [``).
+        self._recent = np.zeros(0, dtype=np.int64)
         self.device = next(model.parameters()).device
         # The decoder stack and the LM head are used apart, so that logits are only computed
         # for the tokens the grammar allows (see _scores). Plain linear heads only: models with
@@ -129,19 +150,27 @@ class HFBackend:
         *,
         device: str | None = None,
         adapter: str | Path | None = None,
+        cpu_weights: str = "fp16",
         **kw: Any,
     ) -> HFBackend:
         """Load ``name`` ("smollm2" or a local HF dir) and wrap it; ``kw`` go to ``__init__``.
 
         ``adapter``: a LoRA adapter dir (``citeqa train generator``), merged into the weights so
-        decoding costs nothing extra; the model id then names it.
+        decoding costs nothing extra; the model id then names it. ``cpu_weights``: "fp16" stores
+        a CPU model's decoder Linear weights in fp16 (see ``store_linear_weights_fp16``; the
+        model id then ends in ``+fp16-linear``), "fp32" keeps them as loaded.
         """
+        if cpu_weights not in CPU_WEIGHTS:
+            raise InvalidRequestError(f"cpu_weights must be one of {CPU_WEIGHTS}: {cpu_weights!r}")
         model, tokenizer, model_id = load_model(name, cache_dir, device=device)
         if adapter is not None:
             from citeqa.generation.adapter import adapter_id, apply_adapter
 
             apply_adapter(model, Path(adapter))
             model_id = f"{model_id}+{adapter_id(Path(adapter))}"
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        if on_cpu and cpu_weights == "fp16" and store_linear_weights_fp16(model.get_decoder()):
+            model_id = f"{model_id}+fp16-linear"  # outputs differ (slightly): reports say so
         return cls(model, tokenizer, model_id, **kw)
 
     # -- public ---------------------------------------------------------------------------
@@ -211,15 +240,17 @@ class HFBackend:
 
         stats = _Stats()
         t0 = time.perf_counter()
-        cache = DynamicCache(config=self.model.config)
         seqs = [p + rows[0].tokens for p, rows in zip(prompts, per_request, strict=True)]
-        width = max(len(s) for s in seqs)
+        cache, shared = self._prefix_cache(requests, seqs)  # shared: tokens already in cache
+        rests = [s[shared:] for s in seqs]
+        width = max(len(s) for s in rests)
         ids = torch.full((len(seqs), width), self._pad, dtype=torch.long)  # [R, L] left-padded
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)  # [R, L] 1 = real token
-        for i, s in enumerate(seqs):
+        mask = torch.zeros((len(seqs), shared + width), dtype=torch.long)  # [R, T] 1 = real
+        mask[:, :shared] = 1
+        for i, s in enumerate(rests):
             ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [R, L]
+            mask[i, shared + width - len(s):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]  # [R, L]
         hidden = self._forward(ids, cache, mask, positions, keep=1, stats=stats)[:, -1, :]  # [R, H]
         stats.prefill_ms = (time.perf_counter() - t0) * 1000
 
@@ -236,6 +267,9 @@ class HFBackend:
         t1 = time.perf_counter()
         self._decode(rows, hidden, cache, mask, stats)
         decode_ms = (time.perf_counter() - t1) * 1000
+        greedy = [row for row in rows if row.greedy and row.tokens]
+        if greedy:
+            self._recent = np.asarray(greedy[-1].tokens, dtype=np.int64)
 
         out: list[list[Completion]] = []
         for rs, prompt in zip(per_request, prompts, strict=True):
@@ -253,6 +287,68 @@ class HFBackend:
                 completions.append(Completion(text, row.logprob, len(row.tokens), timings))
             out.append(completions)
         return out
+
+    # -- the system turn's KV cache, computed once and reused --------------------------------
+
+    def _prefix_cache(self, requests: Sequence[GenerationRequest], seqs: list[list[int]],
+                      ) -> tuple[DynamicCache, int]:
+        """A fresh cache for a batch whose rows are ``seqs``, holding the keys and values of their
+        common system turn when that can be reused; returns it with how many tokens it holds.
+
+        Keys and values at a position depend only on the tokens up to it, so those of a token
+        prefix shared by every row are the same in every prompt: they are computed once per
+        distinct system text (the first time it is seen) and copied into each batch.
+        """
+        cache = DynamicCache(config=self.model.config)
+        prefix = self._system_prefix(requests[0].messages, cache)
+        if prefix is None:
+            return cache, 0
+        tokens, keys, values = prefix
+        shared = min(min(common_prefix_length(tokens, s), len(s) - 1) for s in seqs)
+        if shared < MIN_PREFIX:  # e.g. another system text; every row prefills >= 1 token
+            return cache, 0
+        rows = len(seqs)
+        for layer, k, v in zip(cache.layers, keys, values, strict=True):
+            layer.update(k[:, :, :shared].expand(rows, -1, -1, -1),
+                         v[:, :, :shared].expand(rows, -1, -1, -1))
+        return cache, shared
+
+    def _system_prefix(self, messages: Sequence[dict[str, str]], cache: DynamicCache,
+                       ) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]] | None:
+        """``(tokens, keys, values)`` of the system turn of ``messages`` alone (keys and values
+        per layer, [1, heads, tokens, head_dim]), or None when there is none to reuse."""
+        if not (self.reuse_prefix and messages and messages[0].get("role") == "system"):
+            return None
+        if not all(type(layer) is DynamicLayer for layer in cache.layers):
+            return None  # sliding-window layers drop old keys: nothing stable to copy
+        text = messages[0]["content"]
+        cached = self._prefix
+        if cached is not None and cached[0] == text:
+            return cached[1]
+        tokens = self._turn_ids(messages[0])
+        if tokens is None or len(tokens) < MIN_PREFIX:
+            return None
+        fresh = DynamicCache(config=self.model.config)
+        self._decoder(input_ids=torch.tensor([tokens], device=self.device),
+                      past_key_values=fresh, use_cache=True)
+        prefix = (tokens, [layer.keys for layer in fresh.layers],
+                  [layer.values for layer in fresh.layers])
+        self._prefix = (text, prefix)
+        return prefix
+
+    def _turn_ids(self, message: dict[str, str]) -> list[int] | None:
+        """Token ids of one message rendered alone, as it begins a prompt (None: the chat
+        template does not render it alone)."""
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            return [int(i) for i in tok(message["content"], add_special_tokens=True)["input_ids"]]
+        try:
+            out = tok.apply_chat_template([message], add_generation_prompt=False,
+                                          return_dict=True)
+        except Exception:  # noqa: BLE001 - some templates refuse a lone system turn
+            logger.debug("chat template does not render a lone system turn", exc_info=True)
+            return None
+        return [int(i) for i in out["input_ids"]]
 
     def _new_constraint(self, grammar: str | None) -> OutputConstraint | None:
         if grammar is None:
@@ -367,15 +463,17 @@ class HFBackend:
         return feed
 
     def _draft_for(self, row: _Row, budget: int) -> list[int]:
-        """A prompt-lookup draft of at most ``budget`` tokens for a greedy row, cut to what its
-        grammar allows."""
+        """A draft of at most ``budget`` tokens for a greedy row, looked up in its prompt and in
+        the last greedy output, cut to what its grammar allows (see ``best_draft``)."""
         room = min(row.max_tokens - len(row.tokens), budget)
         if not (row.greedy and room > 0):
             return []
-        draft = self._draft(row.prompt, row.tokens, room)
-        if draft and row.constraint is not None:
-            draft = draft[: row.constraint.valid_prefix(draft)]
-        return draft
+        candidates = itertools.chain(  # the prompt first, then the last output
+            prompt_lookup_drafts(row.prompt, row.tokens, room, self._stop),
+            prompt_lookup_drafts(self._recent, row.tokens, room, self._stop),
+        )
+        c = row.constraint
+        return best_draft(candidates, room, None if c is None else c.valid_prefix)
 
     def _decode(self, rows: list[_Row], next_hidden: torch.Tensor, cache: DynamicCache,
                 mask: torch.Tensor, stats: _Stats) -> None:
@@ -445,20 +543,59 @@ class HFBackend:
                 cache.crop(-holes)
                 mask = mask[:, :-holes]
 
-    def _draft(self, prompt: np.ndarray, generated: list[int], k: int) -> list[int]:
-        """Prompt lookup: the ``k`` prompt tokens after the latest occurrence of the longest
-        suffix (<= MAX_NGRAM tokens) of ``generated``; stops before any stop token."""
-        for n in range(min(MAX_NGRAM, len(generated)), 0, -1):
-            if len(prompt) <= n:
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def prompt_lookup_drafts(prompt: np.ndarray, generated: Sequence[int], k: int,
+                         stop: frozenset[int] = frozenset()) -> Iterator[list[int]]:
+    """Prompt-lookup draft candidates, best first: the ``k`` prompt tokens after each
+    occurrence of a suffix of ``generated``, longest suffix (<= MAX_NGRAM tokens) first and
+    latest occurrence first; at most MAX_DRAFTS of them (one per prompt position), each cut
+    before any ``stop`` token."""
+    seen: set[int] = set()  # draft start positions already yielded
+    for n in range(min(MAX_NGRAM, len(generated)), 0, -1):
+        if len(prompt) <= n:
+            continue
+        suffix = np.asarray(generated[-n:], dtype=np.int64)
+        windows = np.lib.stride_tricks.sliding_window_view(prompt[:-1], n)
+        for hit in np.flatnonzero((windows == suffix).all(axis=1))[::-1]:
+            start = int(hit) + n
+            if start in seen:  # a longer suffix matched here already
                 continue
-            suffix = np.asarray(generated[-n:], dtype=np.int64)
-            windows = np.lib.stride_tricks.sliding_window_view(prompt[:-1], n)
-            hits = np.flatnonzero((windows == suffix).all(axis=1))
-            if hits.size:
-                start = int(hits[-1]) + n
-                draft = [int(t) for t in prompt[start : start + k]]
-                for j, t in enumerate(draft):
-                    if t in self._stop:
-                        return draft[:j]
-                return draft
-        return []
+            seen.add(start)
+            draft = [int(t) for t in prompt[start : start + k]]
+            for j, t in enumerate(draft):
+                if t in stop:
+                    draft = draft[:j]
+                    break
+            yield draft
+            if len(seen) == MAX_DRAFTS:
+                return
+
+
+def best_draft(candidates: Iterable[list[int]], room: int,
+               valid_prefix: Callable[[list[int]], int] | None) -> list[int]:
+    """The first of ``candidates`` with the longest prefix that ``valid_prefix`` (the grammar)
+    accepts, cut to that prefix; stops looking once one fills ``room``.
+
+    Without a grammar the first candidate wins, as in plain prompt lookup; in a free-text part
+    of a grammar, so does the first that fills ``room``. Inside a quote the grammar allows only
+    continuations of the quoted passage, which rules out lookalike occurrences of the last
+    tokens elsewhere in the prompt (a name that is also in the question, say)."""
+    if valid_prefix is None:
+        return next(iter(candidates), [])
+    best: list[int] = []
+    for draft in candidates:
+        draft = draft[: valid_prefix(draft)]
+        if len(draft) > len(best):
+            best = draft
+        if len(best) >= room:
+            break
+    return best
