@@ -68,8 +68,8 @@ class GenerationConfig:
     extractive_answer: bool = True
     round_robin: bool = False  # condition sample i on passage i (GopherCite)
     # Prompt-lookup draft length while copying a quote; 0 = off. Lossless for greedy rows. On 2
-    # CPU cores (benchmarks/bench_ask.py, 50 eval questions) 16 beat 8: p50 2.28 s vs 2.52 s,
-    # 0.14 vs 0.18 decode passes per generated token (a decode pass costs ~150 ms either way).
+    # CPU cores (benchmarks/bench_ask.py, 50 eval questions) 16 beat 8 (p50 2.28 s vs 2.52 s,
+    # fp32 weights); 32 gave the same total/prefill ratio as 16 (1.42, fp16 weights).
     speculative_quote_tokens: int = 16
     threads: int | None = None  # torch CPU threads; None = leave torch's default
     # On a CPU, the decoder's Linear weights in "fp16" (computed in fp32) or "fp32". fp16 halves

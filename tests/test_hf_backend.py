@@ -70,11 +70,16 @@ def test_fp16_linear_weights_compute_in_fp32_close_to_the_original():
     from citeqa.generation.models import store_linear_weights_fp16
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    net = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4),
+                              torch.nn.LayerNorm(4))
+    net.get_decoder = lambda: net
+    norm = net[3].weight.data_ptr()
     x = torch.randn(5, 16)
     with torch.inference_mode():
         before = net(x)
-        assert store_linear_weights_fp16(net) == 2
+    assert store_linear_weights_fp16(net) == 2
+    assert net[3].weight.data_ptr() != norm  # the rest copied out of any mapped checkpoint
+    with torch.inference_mode():
         after = net(x)
     assert not any(isinstance(m, torch.nn.Linear) for m in net.modules())
     assert after.dtype == torch.float32
@@ -163,14 +168,17 @@ OTHER = (
 
 
 @pytest.mark.slow
-def test_one_batch_of_requests_equals_each_request_alone(backend, monkeypatch):
+@pytest.mark.parametrize("batch_prefill", [False, True], ids=["stacked", "batched"])
+def test_one_batch_of_requests_equals_each_request_alone(backend, monkeypatch, batch_prefill):
     """Cross-request batching (left padding, masks, holes) changes no greedy output, and
-    seeded samples do not depend on what else is in the batch."""
+    seeded samples do not depend on what else is in the batch, whether the prompts are
+    prefilled together (a GPU's default) or one by one and stacked (a CPU's)."""
     other = GenerationRequest(messages=OTHER, grammar=output_grammar(OTHER_PASSAGES),
                               max_tokens=48)
     sampled = grammar_request(n=2, temperature=0.8, seed=3)
     requests = [grammar_request(), other, sampled]
     alone = [backend.generate([r])[0] for r in requests]
+    monkeypatch.setattr(backend, "batch_prefill", batch_prefill)
     calls = []
     real = backend._forward
 
@@ -180,7 +188,11 @@ def test_one_batch_of_requests_equals_each_request_alone(backend, monkeypatch):
 
     monkeypatch.setattr(backend, "_forward", spy)
     together = backend.generate(requests)
-    assert calls[0][0] == len(requests)  # one prefill row per request, not per sample
+    if batch_prefill:
+        assert calls[0][0] == len(requests)  # one prefill row per request, not per sample
+    else:
+        assert [c[0] for c in calls[: len(requests)]] == [1] * len(requests)
+        assert calls[len(requests)][0] == 4  # then every output row decodes together
     assert [[c.text for c in cs] for cs in together] == [[c.text for c in cs] for cs in alone]
     for cs, ref in zip(together, alone, strict=True):
         for c, r in zip(cs, ref, strict=True):

@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -109,24 +110,33 @@ class HFBackend:
         speculative_tokens: int = 8,
         threads: int | None = None,
         reuse_prefix: bool = True,
+        batch_prefill: bool | None = None,
     ) -> None:
         """``speculative_tokens``: prompt-lookup draft length (0 = off); ``threads``: torch CPU
         threads (None = torch's default); ``reuse_prefix``: copy the system turn's keys and
-        values from a cache instead of prefilling them for every prompt."""
+        values from a cache instead of prefilling them for every prompt; ``batch_prefill``:
+        prefill a batch's prompts together, left-padded (None: on a GPU only). A CPU prefill is
+        compute-bound, so padding costs real time there and batching saves none: its prompts
+        are prefilled one by one and then stacked for decoding together."""
         if threads is not None:
             torch.set_num_threads(threads)
         self.model = model
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.speculative_tokens = max(int(speculative_tokens), 0)
+        self.device = next(model.parameters()).device
         self.reuse_prefix = reuse_prefix
+        self.batch_prefill = (self.device.type != "cpu") if batch_prefill is None else batch_prefill
+        # Only plain growing caches can be copied and stacked (sliding-window layers drop keys).
+        self._plain_cache = all(
+            type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers
+        )
         # (system text, (tokens, keys, values)) of the last system turn seen; see _system_prefix
         self._prefix: tuple[str, tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] | None
         self._prefix = None
         # Tokens of the last greedy output: a second source of drafts, for the text every
         # output repeats that no prompt contains (``Quote [1]:`` after a quote's ``Quote [``).
         self._recent = np.zeros(0, dtype=np.int64)
-        self.device = next(model.parameters()).device
         # The decoder stack and the LM head are used apart, so that logits are only computed
         # for the tokens the grammar allows (see _scores). Plain linear heads only: models with
         # logit soft-capping or scaling would need those applied here too.
@@ -169,7 +179,7 @@ class HFBackend:
             apply_adapter(model, Path(adapter))
             model_id = f"{model_id}+{adapter_id(Path(adapter))}"
         on_cpu = next(model.parameters()).device.type == "cpu"
-        if on_cpu and cpu_weights == "fp16" and store_linear_weights_fp16(model.get_decoder()):
+        if on_cpu and cpu_weights == "fp16" and store_linear_weights_fp16(model):
             model_id = f"{model_id}+fp16-linear"  # outputs differ (slightly): reports say so
         return cls(model, tokenizer, model_id, **kw)
 
@@ -241,17 +251,14 @@ class HFBackend:
         stats = _Stats()
         t0 = time.perf_counter()
         seqs = [p + rows[0].tokens for p, rows in zip(prompts, per_request, strict=True)]
-        cache, shared = self._prefix_cache(requests, seqs)  # shared: tokens already in cache
-        rests = [s[shared:] for s in seqs]
-        width = max(len(s) for s in rests)
-        ids = torch.full((len(seqs), width), self._pad, dtype=torch.long)  # [R, L] left-padded
-        mask = torch.zeros((len(seqs), shared + width), dtype=torch.long)  # [R, T] 1 = real
-        mask[:, :shared] = 1
-        for i, s in enumerate(rests):
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, shared + width - len(s):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]  # [R, L]
-        hidden = self._forward(ids, cache, mask, positions, keep=1, stats=stats)[:, -1, :]  # [R, H]
+        if self.batch_prefill or len(seqs) == 1 or not self._plain_cache:
+            cache, mask, hidden = self._prefill(requests, seqs, stats)
+        else:  # one prompt at a time: no compute spent on padding (see __init__)
+            cache, mask, hidden = stack_prefills(
+                [self._prefill(requests[i : i + 1], seqs[i : i + 1], stats)
+                 for i in range(len(seqs))],
+                self.model.config,
+            )
         stats.prefill_ms = (time.perf_counter() - t0) * 1000
 
         # One cache row per output row: request i's prefill repeated n_i times.
@@ -300,7 +307,7 @@ class HFBackend:
         distinct system text (the first time it is seen) and copied into each batch.
         """
         cache = DynamicCache(config=self.model.config)
-        prefix = self._system_prefix(requests[0].messages, cache)
+        prefix = self._system_prefix(requests[0].messages)
         if prefix is None:
             return cache, 0
         tokens, keys, values = prefix
@@ -313,13 +320,13 @@ class HFBackend:
                          v[:, :, :shared].expand(rows, -1, -1, -1))
         return cache, shared
 
-    def _system_prefix(self, messages: Sequence[dict[str, str]], cache: DynamicCache,
+    def _system_prefix(self, messages: Sequence[dict[str, str]],
                        ) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]] | None:
         """``(tokens, keys, values)`` of the system turn of ``messages`` alone (keys and values
         per layer, [1, heads, tokens, head_dim]), or None when there is none to reuse."""
         if not (self.reuse_prefix and messages and messages[0].get("role") == "system"):
             return None
-        if not all(type(layer) is DynamicLayer for layer in cache.layers):
+        if not self._plain_cache:
             return None  # sliding-window layers drop old keys: nothing stable to copy
         text = messages[0]["content"]
         cached = self._prefix
@@ -349,6 +356,24 @@ class HFBackend:
             logger.debug("chat template does not render a lone system turn", exc_info=True)
             return None
         return [int(i) for i in out["input_ids"]]
+
+    def _prefill(self, requests: Sequence[GenerationRequest], seqs: list[list[int]],
+                 stats: _Stats) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """Prefill ``seqs`` (one per request) as one batch, left-padded after their shared
+        system turn; return the cache, its mask [R, T] (1 = real token) and each row's last
+        hidden state [R, H]."""
+        cache, shared = self._prefix_cache(requests, seqs)  # shared: tokens already in cache
+        rests = [s[shared:] for s in seqs]
+        width = max(len(s) for s in rests)
+        ids = torch.full((len(seqs), width), self._pad, dtype=torch.long)  # [R, L] left-padded
+        mask = torch.zeros((len(seqs), shared + width), dtype=torch.long)  # [R, T] 1 = real
+        mask[:, :shared] = 1
+        for i, s in enumerate(rests):
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, shared + width - len(s):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]  # [R, L]
+        hidden = self._forward(ids, cache, mask, positions, keep=1, stats=stats)[:, -1, :]
+        return cache, mask, hidden
 
     def _new_constraint(self, grammar: str | None) -> OutputConstraint | None:
         if grammar is None:
@@ -599,3 +624,21 @@ def best_draft(candidates: Iterable[list[int]], room: int,
         if len(best) >= room:
             break
     return best
+
+
+def stack_prefills(parts: Sequence[tuple[DynamicCache, torch.Tensor, torch.Tensor]],
+                   config: Any) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+    """One batch from prefills of one or more rows each ``(cache, mask [r, T_i], hidden
+    [r, H])``: keys, values and masks are left-padded to the longest (the padding is masked
+    out, as left padding in a batched prefill would be) and stacked row after row."""
+    width = max(mask.shape[1] for _, mask, _ in parts)
+    stacked = DynamicCache(config=config)
+    pads = [(0, 0, width - mask.shape[1], 0) for _, mask, _ in parts]  # [.., T, D]: pad T left
+    caches = [c for c, _, _ in parts]
+    for i, layer in enumerate(stacked.layers):
+        layer.update(
+            torch.cat([F.pad(c.layers[i].keys, p) for c, p in zip(caches, pads, strict=True)]),
+            torch.cat([F.pad(c.layers[i].values, p) for c, p in zip(caches, pads, strict=True)]),
+        )
+    mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for _, m, _ in parts])
+    return stacked, mask, torch.cat([h for _, _, h in parts])
