@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from citeqa.config import Config  # noqa: E402
 from citeqa.evals.metrics import percentile  # noqa: E402
 from citeqa.generation.cited import CitedGenerator  # noqa: E402
+from citeqa.generation.models import CPU_WEIGHTS  # noqa: E402
 from citeqa.generation.prompt import build_messages  # noqa: E402
 from evals.generation_quality import DATA, INDEX, sample_questions  # noqa: E402
 
@@ -64,7 +65,7 @@ def main() -> None:
     ap.add_argument("--speculative", type=int, default=None,
                     help="prompt-lookup draft tokens (default: GenerationConfig's)")
     ap.add_argument("--adapter", default=None, help="packaged | none | a dir (default: config's)")
-    ap.add_argument("--cpu-weights", default=None, choices=["fp16", "fp32"],
+    ap.add_argument("--cpu-weights", default=None, choices=CPU_WEIGHTS,
                     help="decoder Linear weights on a CPU (default: config's)")
     ap.add_argument("--no-prefix-cache", action="store_true",
                     help="prefill the system turn for every prompt instead of reusing its cache")

@@ -41,6 +41,7 @@ from citeqa.errors import OutputFormatError  # noqa: E402
 from citeqa.evals.metrics import exact_match, f1, normalize_answer  # noqa: E402
 from citeqa.evals.squad import QAItem, articles_for_split, load_squad_questions  # noqa: E402
 from citeqa.generation.cited import CitedGenerator  # noqa: E402
+from citeqa.generation.models import CPU_WEIGHTS  # noqa: E402
 from citeqa.generation.parse import parse_output  # noqa: E402
 from citeqa.generation.prompt import build_messages  # noqa: E402
 
@@ -166,7 +167,7 @@ def main() -> None:
     ap.add_argument("--modes", default="constrained,unconstrained")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--cpu-weights", default=GenerationConfig.cpu_weights,
-                    choices=["fp16", "fp32"], help="decoder Linear weights on a CPU")
+                    choices=CPU_WEIGHTS, help="decoder Linear weights on a CPU")
     ap.add_argument("--adapter", default="packaged",
                     help="generator adapter: packaged (the shipped one), none (base), or a dir")
     args = ap.parse_args()

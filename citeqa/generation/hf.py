@@ -1,10 +1,11 @@
 """The local generator: a transformers causal LM decoded under the quote grammar, in batches.
 
 ``generate(requests)`` runs all requests as ONE batch: the prompts (after the system turn they
-share, see below) are left-padded to a common
-length and prefilled together (attention mask + explicit position ids), the KV cache rows are
-then repeated so each request's ``n`` samples share its prefill, and every output row (all
-requests x their samples) is decoded in lockstep with its own grammar matcher. A finished row
+share, see below) are left-padded to a common length and prefilled together (attention mask +
+explicit position ids; on a CPU each prompt alone, the caches then stacked with the same left
+padding), the KV cache rows are then repeated so each request's ``n`` samples share its
+prefill, and every output row (all requests x their samples) is decoded in lockstep with its
+own grammar matcher. A finished row
 drops out of the batch (its cache row is removed), so a long answer never holds short ones back
 beyond the step they finish in.
 
