@@ -20,6 +20,7 @@ from transformers import DynamicCache
 from citeqa.generation.backend import GenerationRequest
 from citeqa.generation.constraint import output_grammar
 from citeqa.generation.hf import HFBackend, _Stats
+from citeqa.generation.lm_head import choose
 
 PASSAGES = [
     "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, "
@@ -115,7 +116,7 @@ def main() -> None:
                     m0 = time.perf_counter()
                     c.allowed_mask()  # the grammar's own cost, measured apart
                     mask_ms += (time.perf_counter() - m0) * 1000
-                backend._choose(backend._scores(hidden, c), 0.0, None)
+                choose(backend.head.scores(hidden, c), 0.0, None)
                 if c is not None:
                     c.consume(tok)
             total = (time.perf_counter() - t0) * 1000

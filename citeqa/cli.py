@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from citeqa.cli_errors import fail
-from citeqa.config import Settings, preset
+from citeqa.config import MAX_CANDIDATES, MAX_PASSAGES, MAX_SEARCH_K, Settings, preset
 from citeqa.errors import CiteqaError
 
 app = typer.Typer(
@@ -118,7 +118,7 @@ def index_build(
 def search(
     query: Annotated[str, typer.Argument(help="What to look for.")],
     index: IndexDir = Path("index/default"),
-    k: Annotated[int, typer.Option("-k", min=1, max=1000, help="How many hits.")] = 5,
+    k: Annotated[int, typer.Option("-k", min=1, max=MAX_SEARCH_K, help="How many hits.")] = 5,
     mode: Annotated[
         str, typer.Option("--mode", help="hybrid | bm25 | dense (hybrid = reciprocal-rank fusion).")
     ] = "hybrid",
@@ -156,10 +156,12 @@ def ask(
         typer.Option("--generator", help="smollm2 | fake | a local Hugging Face model dir."),
     ] = None,
     top_k: Annotated[
-        int | None, typer.Option("--top-k", min=1, max=20, help="Passages shown to the generator.")
+        int | None,
+        typer.Option("--top-k", min=1, max=MAX_PASSAGES, help="Passages shown to the generator."),
     ] = None,
     n_candidates: Annotated[
-        int | None, typer.Option("-n", "--candidates", min=1, max=16, help="Samples.")
+        int | None,
+        typer.Option("-n", "--candidates", min=1, max=MAX_CANDIDATES, help="Candidates."),
     ] = None,
     min_score: Annotated[
         float | None,
@@ -184,11 +186,8 @@ def ask(
     try:
         settings = Settings(preset=preset_name, index=index, generator=generator)  # type: ignore[arg-type]
         pipeline = Pipeline.from_settings(settings)
-        if target_accuracy is not None:
-            min_score = pipeline.threshold_for(target_accuracy)
-        answer = pipeline.ask(
-            question, top_k=top_k, n_candidates=n_candidates, min_score=min_score
-        )
+        answer = pipeline.ask(question, top_k=top_k, n_candidates=n_candidates,
+                              min_score=min_score, target_accuracy=target_accuracy)
     except CiteqaError as e:
         raise fail(str(e)) from None
     except ValueError as e:  # pydantic validation of settings

@@ -3,13 +3,16 @@
     with CiteqaClient("http://127.0.0.1:8000", api_key="...") as client:
         answer = client.answer("Who founded the Normans?")
 
-Responses come back as ``citeqa.types`` objects. Every failure raises ``CiteqaAPIError``:
+Responses come back as ``citeqa.types`` objects. A call the service turns away for now (503
+overloaded or still loading, 429) or that cannot connect is retried with backoff, honouring
+``Retry-After`` (``citeqa.retry``). Every failure raises ``CiteqaAPIError``:
 an error response carries the service's uniform ``{"error": {code, message, details}}``; a
 response that is not JSON, or no response at all (status 0), gets a code of its own.
 """
 
 from __future__ import annotations
 
+import time
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
@@ -17,6 +20,7 @@ from urllib.parse import quote
 import httpx
 
 from citeqa.errors import CiteqaError
+from citeqa.retry import RETRY_STATUSES, Backoff
 from citeqa.types import Answer, Candidate, Document, Hit, Passage, Quote
 
 
@@ -83,6 +87,7 @@ class CiteqaClient:
     api_key: sent as ``Authorization: Bearer <key>`` when given.
     transport: an httpx transport (``httpx.MockTransport`` in tests); default: the network.
     timeout: seconds per request; answers on CPU can take a while.
+    backoff: how often and how long to wait before retrying a call turned away for now.
     """
 
     def __init__(
@@ -92,7 +97,10 @@ class CiteqaClient:
         api_key: str | None = None,
         transport: httpx.BaseTransport | None = None,
         timeout: float = 120.0,
+        backoff: Backoff | None = None,
     ) -> None:
+        self.backoff = backoff or Backoff()
+        self.timeout = timeout
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(
             base_url=base_url, headers=headers, transport=transport, timeout=timeout
@@ -178,13 +186,31 @@ class CiteqaClient:
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            return self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException as exc:
-            raise CiteqaAPIError(0, "timeout", f"no response in time: {exc}") from exc
-        except httpx.TransportError as exc:
-            raise CiteqaAPIError(0, "connection_error", f"cannot reach the service: {exc}") from exc
+    def _send(self, method: str, path: str, *, retry_statuses: frozenset[int] = RETRY_STATUSES,
+              **kwargs: Any) -> httpx.Response:
+        """One call, retried (``self.backoff``) while it cannot connect or the answer's status
+        is in ``retry_statuses``, within ``self.timeout`` in all."""
+        deadline = time.monotonic() + self.timeout
+        attempt = 0
+        while True:
+            try:
+                resp = self._http.request(method, path, **kwargs)
+            except httpx.ConnectError as exc:  # nothing was sent: safe to send again
+                if self.backoff.wait(attempt, None, deadline):
+                    attempt += 1
+                    continue
+                raise CiteqaAPIError(0, "connection_error",
+                                     f"cannot reach the service: {exc}") from exc
+            except httpx.TimeoutException as exc:
+                raise CiteqaAPIError(0, "timeout", f"no response in time: {exc}") from exc
+            except httpx.TransportError as exc:
+                raise CiteqaAPIError(0, "connection_error",
+                                     f"cannot reach the service: {exc}") from exc
+            if resp.status_code not in retry_statuses or not self.backoff.wait(
+                attempt, resp.headers.get("retry-after"), deadline
+            ):
+                return resp
+            attempt += 1
 
     def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         resp = self._send(method, path, **kwargs)
@@ -199,7 +225,7 @@ class CiteqaClient:
         raise self._error(resp)
 
     def _status(self, path: str) -> bool:
-        resp = self._send("GET", path)
+        resp = self._send("GET", path, retry_statuses=frozenset())  # 503 is the answer here
         if resp.is_success:
             return True
         if resp.status_code == 503:

@@ -18,6 +18,15 @@ from citeqa.errors import ConfigError
 
 PresetName = Literal["default", "tiny"]
 
+# -- request limits: the one definition the pipeline, the API schema and the CLI all read ------
+MAX_QUESTION_CHARS = 1000  # longer questions are refused (the prompt budget of a small model)
+MAX_PASSAGES = 20  # passages a question may show the generator (top_k)
+MAX_SEARCH_K = 50  # hits a search may ask for (the fusion's depth per retriever)
+MAX_CANDIDATES = 16  # candidates a question may ask for
+MAX_DOCUMENT_CHARS = 2_000_000  # a posted document's text (the body limit usually bites first)
+MAX_TITLE_CHARS = 500  # a posted document's title
+MAX_SOURCE_CHARS = 2000  # a posted document's source (path or URL), and a URL to fetch
+
 
 @dataclass(frozen=True)
 class ChunkConfig:
@@ -135,6 +144,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(65536, ge=1024)  # larger request bodies -> 413
     retry_after_s: int = Field(2, ge=0)  # Retry-After sent with 503s
     shutdown_grace_s: float = Field(30.0, ge=0)  # time to finish queued work at shutdown
+    disconnect_poll_s: float = Field(0.05, gt=0)  # how often a waiting request checks its client
 
     @field_validator("reward")
     @classmethod

@@ -1,10 +1,11 @@
 """The question pipeline: retrieve -> generate cited candidates -> score -> answer or decline.
 
-``Pipeline.ask`` is what the CLI calls; the API calls ``Pipeline.ask_many`` with a batch of
-``AskArgs`` (one backend call for the whole batch when the generator has ``generate_many``).
-Candidates with a verified quote rank first, by score. The pipeline declines
-(``declined=True``, no answer, no quote) when no candidate has a verified quote or the best
-score is below the threshold.
+There is one way through: ``ask_many`` takes a batch of ``AskArgs`` (the API's batcher, the
+eval runner, the reward-data builder) and ``ask`` is ``ask_many`` of one question. ``check``
+validates a request and turns a ``target_accuracy`` into a score threshold; the API calls it
+before queueing, so bad input fails at once. Candidates with a verified quote rank first, by
+score. The pipeline declines (``declined=True``, no answer, no quote) when no candidate has a
+verified quote or the best score is below the threshold.
 
 Scores come from a ``Scorer`` (the reward model). Without one, a candidate's score is the
 generator's own confidence, ``exp(mean token log-probability)``: a stand-in, not calibrated.
@@ -22,24 +23,27 @@ import math
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
-from citeqa.config import Config, Settings
+from citeqa.config import (
+    MAX_CANDIDATES,
+    MAX_PASSAGES,
+    MAX_QUESTION_CHARS,
+    MAX_SEARCH_K,
+    Config,
+    Settings,
+)
 from citeqa.errors import ConfigError, InvalidRequestError, ModelError
-from citeqa.generation.backend import Backend
 from citeqa.generation.cited import CitedGenerator, Generation
+from citeqa.generation.factory import build_backend
 from citeqa.retrieval.base import Retriever
 from citeqa.retrieval.retriever import HybridRetriever
 from citeqa.retrieval.updates import IndexUpdate, apply_update
-from citeqa.types import Answer, Candidate, Document, Hit
+from citeqa.types import Answer, AskArgs, Candidate, Document, Hit
 
 logger = logging.getLogger(__name__)
-
-MAX_QUESTION_CHARS = 1000  # longer questions are refused (prompt budget of a small model)
-MAX_TOP_K = 20  # most passages a request may ask to show
-MAX_CANDIDATES = 32  # most samples a request may ask for
 
 STAND_IN_NOTE = (
     "scores are the generator's own confidence exp(mean token logprob), "
@@ -47,19 +51,22 @@ STAND_IN_NOTE = (
 )
 
 
-@dataclass(frozen=True)
-class AskArgs:
-    """One question with its per-request options, as queued for generation (and ask_many)."""
-
-    question: str
-    top_k: int | None = None  # None = the preset's default
-    n_candidates: int | None = None
-    min_score: float | None = None  # None = the pipeline's (calibrated) threshold
-
-
 class Scorer(Protocol):
+    """The reward model as the pipeline uses it."""
+
     def score(self, question: str, candidates: Sequence[Candidate]) -> list[Candidate]:
         """The candidates in the same order with ``score`` (and ``uncertainty``) filled in."""
+        ...
+
+    @property
+    def threshold(self) -> float | None:
+        """The calibrated decline threshold; None when uncalibrated, inf when the calibration
+        certified no accuracy target."""
+        ...
+
+    def threshold_for(self, target_accuracy: float) -> float:
+        """The decline threshold that guarantees ``target_accuracy`` (ModelError when the
+        model was never calibrated, ValueError for a target outside (0, 1))."""
         ...
 
 
@@ -97,32 +104,14 @@ class Pipeline:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Pipeline:
-        """Open the index and load the generator named by ``settings`` (never downloads)."""
+        """Open the index and load the models named by ``settings`` (never downloads)."""
         cfg = settings.config()
         retriever = HybridRetriever.open(settings.index, cfg.retrieval)
-        gen = cfg.generation
-        backend: Backend
-        if gen.model == "fake":
-            from citeqa.generation.extractive import extractive_responder
-            from citeqa.generation.fake import FakeBackend
-
-            backend = FakeBackend(extractive_responder, model_id="extractive")
-        else:
-            from citeqa.generation.adapter import resolve_adapter
-            from citeqa.generation.hf import HFBackend
-
-            backend = HFBackend.load(
-                gen.model,
-                settings.cache_dir,
-                adapter=resolve_adapter(gen.adapter, gen.model),
-                cpu_weights=gen.cpu_weights,
-                speculative_tokens=gen.speculative_quote_tokens,
-                threads=gen.threads,
-            )
+        backend = build_backend(cfg.generation, settings.cache_dir)
         from citeqa.reward.scorer import load_scorer
 
-        scorer = load_scorer(cfg.reward.model, settings.cache_dir)
-        threshold = getattr(scorer, "threshold", None)
+        scorer = load_scorer(cfg.reward.model)
+        threshold = scorer.threshold if scorer is not None else None
         if threshold is not None and math.isinf(threshold) and not cfg.reward.decline_uncertified:
             logger.warning(
                 "the reward model's calibration certified no accuracy target; answering without "
@@ -130,13 +119,37 @@ class Pipeline:
             )
         return cls(
             retriever,
-            CitedGenerator(backend, gen),
+            CitedGenerator(backend, cfg.generation),
             cfg,
             scorer,
             index_dir=Path(settings.index),
         )
 
     # -- questions ---------------------------------------------------------------------------
+
+    def check(self, args: AskArgs) -> AskArgs:
+        """``args`` validated, its question's whitespace collapsed and a ``target_accuracy``
+        turned into ``min_score``; InvalidRequestError (422 ``needs_calibration`` for a target
+        without a calibrated reward model) when it cannot be asked."""
+        question = args.question
+        if not isinstance(question, str) or not question.strip():
+            raise InvalidRequestError("the question is empty; ask a question in words")
+        question = " ".join(question.split())
+        if len(question) > MAX_QUESTION_CHARS:
+            raise InvalidRequestError(
+                f"the question is {len(question)} characters; keep it under {MAX_QUESTION_CHARS}"
+            )
+        for name, value, most in (("top_k", args.top_k, MAX_PASSAGES),
+                                  ("n_candidates", args.n_candidates, MAX_CANDIDATES),
+                                  ("search_k", args.search_k, MAX_SEARCH_K)):
+            if value is not None and not 1 <= value <= most:
+                raise InvalidRequestError(f"{name} must be between 1 and {most}, got {value}")
+        min_score = args.min_score
+        if args.target_accuracy is not None:
+            if min_score is not None:
+                raise InvalidRequestError("pass min_score or target_accuracy, not both")
+            min_score = self.threshold_for(args.target_accuracy)
+        return replace(args, question=question, min_score=min_score, target_accuracy=None)
 
     def ask(
         self,
@@ -145,61 +158,39 @@ class Pipeline:
         top_k: int | None = None,
         n_candidates: int | None = None,
         min_score: float | None = None,
+        target_accuracy: float | None = None,
+        search_k: int | None = None,
     ) -> Answer:
-        """Answer ``question`` or decline.
-
-        ``top_k``: passages shown to the generator (default ``cfg.generation.top_k_passages``);
-        ``n_candidates``: samples (default ``cfg.generation.n_candidates``); ``min_score``:
-        decline below this score (default ``cfg.reward.threshold``, else the scorer's own
-        ``threshold`` attribute if it has one, else no score threshold).
-        """
-        args = AskArgs(question, top_k, n_candidates, min_score)
-        question = _validate(question, top_k, n_candidates)
-        retriever = self.retriever  # one snapshot for the whole request
-        t0 = time.perf_counter()
-        k = top_k or self.cfg.generation.top_k_passages
-        hits = retriever.search(question, k=k)
-        t1 = time.perf_counter()
-        generation = self.generator.generate(
-            question, hits, retriever.document, n=n_candidates, top_k=k
+        """Answer ``question`` or decline (``ask_many`` of one; options as in ``AskArgs``)."""
+        [answer] = self.ask_many(
+            [AskArgs(question, top_k, n_candidates, min_score, target_accuracy, search_k)]
         )
-        t2 = time.perf_counter()
-        return self._finish(replace(args, question=question), hits, generation,
-                            {"retrieve_ms": (t1 - t0) * 1000, "generate_ms": (t2 - t1) * 1000},
-                            t0)
+        return answer
 
     def ask_many(self, items: Sequence[AskArgs]) -> list[Answer]:
         """Answers for several questions, in order; raises if any request is invalid.
 
-        With ``generator.generate_many`` the batch goes to the backend in one call per distinct
-        ``top_k`` (usually one); without it, each item goes through ``ask``.
+        The batch goes to the backend in one call per distinct ``top_k`` (usually one), so the
+        local backend decodes the questions together.
         """
-        generate_many = getattr(self.generator, "generate_many", None)
-        if generate_many is None or len(items) <= 1:
-            return [
-                self.ask(a.question, top_k=a.top_k, n_candidates=a.n_candidates,
-                         min_score=a.min_score)
-                for a in items
-            ]
+        checked = [self.check(a) for a in items]
         retriever = self.retriever  # one snapshot for the whole batch
         t0 = time.perf_counter()
-        prepared: list[tuple[AskArgs, int, list[Hit], float]] = []
-        for a in items:
-            question = _validate(a.question, a.top_k, a.n_candidates)
+        searched: list[tuple[int, list[Hit], float]] = []  # (top_k, hits, retrieve ms)
+        for a in checked:
             k = a.top_k or self.cfg.generation.top_k_passages
             t = time.perf_counter()
-            hits = retriever.search(question, k=k)
-            prepared.append((replace(a, question=question), k, hits,
-                             (time.perf_counter() - t) * 1000))
+            hits = retriever.search(a.question, k=max(k, a.search_k or 0))
+            searched.append((k, hits, (time.perf_counter() - t) * 1000))
         groups: dict[int, list[int]] = {}  # top_k -> item positions
-        for i, (_, k, _, _) in enumerate(prepared):
+        for i, (k, _, _) in enumerate(searched):
             groups.setdefault(k, []).append(i)
         generations: dict[int, tuple[Generation, float]] = {}
         for k, members in groups.items():
             t = time.perf_counter()
-            outs = generate_many(
-                [(prepared[i][0].question, prepared[i][2], retriever.document,
-                  prepared[i][0].n_candidates) for i in members],
+            outs = self.generator.generate_many(
+                [(checked[i].question, searched[i][1][:k], retriever.document,
+                  checked[i].n_candidates) for i in members],
                 top_k=k,
             )
             ms = (time.perf_counter() - t) * 1000  # the whole group's wall time
@@ -208,7 +199,7 @@ class Pipeline:
         return [
             self._finish(a, hits, generations[i][0],
                          {"retrieve_ms": retrieve_ms, "generate_ms": generations[i][1]}, t0)
-            for i, (a, _, hits, retrieve_ms) in enumerate(prepared)
+            for i, (a, (_, hits, retrieve_ms)) in enumerate(zip(checked, searched, strict=True))
         ]
 
     def _finish(
@@ -236,7 +227,7 @@ class Pipeline:
             "total_ms": (t3 - t0) * 1000,
         }
         best = candidates[0] if candidates else None
-        threshold = self._threshold(args.min_score)
+        threshold = self.decline_threshold(args.min_score)
         reason = None
         if not hits:
             reason = "no passages were retrieved; add documents to the index or rephrase"
@@ -249,27 +240,18 @@ class Pipeline:
             reason = f"best score {best.score or 0.0:.3f} is below the threshold {threshold:.3f}"
             if self.scorer is None:
                 reason += f" ({STAND_IN_NOTE})"
-        if reason is not None:
-            return Answer(
-                question=question,
-                declined=True,
-                answer=None,
-                quote=None,
-                score=best.score if best else None,
-                uncertainty=best.uncertainty if best else None,
-                reason=reason,
-                candidates=candidates,
-                timings_ms=timings,
-            )
-        assert best is not None and best.quote is not None, best
+        given = best if reason is None else None
+        assert given is None or given.quote is not None, given
         return Answer(
             question=question,
-            declined=False,
-            answer=best.answer,
-            quote=best.quote,
-            score=best.score,
-            uncertainty=best.uncertainty,
+            declined=given is None,
+            answer=given.answer if given else None,
+            quote=given.quote if given else None,
+            score=best.score if best else None,
+            uncertainty=best.uncertainty if best else None,
+            reason=reason,
             candidates=candidates,
+            passages=list(hits),
             timings_ms=timings,
         )
 
@@ -277,6 +259,8 @@ class Pipeline:
         """Retrieved passages for ``query``, best first (no generation)."""
         if not isinstance(query, str) or not query.strip():
             raise InvalidRequestError("the query is empty; search for some words")
+        if not 1 <= k <= MAX_SEARCH_K:
+            raise InvalidRequestError(f"k must be between 1 and {MAX_SEARCH_K}, got {k}")
         return self.retriever.search(query, k=k)
 
     def document(self, doc_id: str) -> Document:
@@ -313,10 +297,12 @@ class Pipeline:
                     list(update.remove))
         return result.added_passages
 
+    # -- declining ---------------------------------------------------------------------------
+
     def threshold_for(self, target_accuracy: float) -> float:
-        """The calibrated decline threshold that guarantees ``target_accuracy`` (reward model)."""
-        threshold_for = getattr(self.scorer, "threshold_for", None)
-        if threshold_for is None:
+        """The calibrated decline threshold that guarantees ``target_accuracy`` (reward model);
+        InvalidRequestError 422 ``needs_calibration`` when there is no calibrated one."""
+        if self.scorer is None:
             raise InvalidRequestError(
                 "target_accuracy needs a calibrated reward model, and none is loaded; "
                 "pass min_score instead",
@@ -324,34 +310,21 @@ class Pipeline:
                 code="needs_calibration",
             )
         try:
-            return float(threshold_for(target_accuracy))
+            return float(self.scorer.threshold_for(target_accuracy))
         except ModelError as exc:  # a reward model that was never calibrated
             raise InvalidRequestError(str(exc), status=422, code="needs_calibration") from exc
+        except ValueError as exc:  # a target outside (0, 1)
+            raise InvalidRequestError(str(exc)) from exc
 
-    def _threshold(self, min_score: float | None) -> float | None:
+    def decline_threshold(self, min_score: float | None = None) -> float | None:
+        """The score below which a question is declined: ``min_score`` when given, else the
+        configured or calibrated threshold (None: no threshold)."""
         if min_score is not None:
             return min_score
         if self.cfg.reward.threshold is not None:
             return self.cfg.reward.threshold
-        calibrated = getattr(self.scorer, "threshold", None)
+        calibrated = self.scorer.threshold if self.scorer is not None else None
         if calibrated is not None and math.isinf(calibrated):
             # The stored calibration certified no accuracy target (threshold inf).
             return calibrated if self.cfg.reward.decline_uncertified else None
         return calibrated
-
-
-def _validate(question: str, top_k: int | None, n_candidates: int | None) -> str:
-    if not isinstance(question, str) or not question.strip():
-        raise InvalidRequestError("the question is empty; ask a question in words")
-    question = " ".join(question.split())
-    if len(question) > MAX_QUESTION_CHARS:
-        raise InvalidRequestError(
-            f"the question is {len(question)} characters; keep it under {MAX_QUESTION_CHARS}"
-        )
-    if top_k is not None and not 1 <= top_k <= MAX_TOP_K:
-        raise InvalidRequestError(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
-    if n_candidates is not None and not 1 <= n_candidates <= MAX_CANDIDATES:
-        raise InvalidRequestError(
-            f"n_candidates must be between 1 and {MAX_CANDIDATES}, got {n_candidates}"
-        )
-    return question

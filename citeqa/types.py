@@ -1,4 +1,5 @@
-"""The shared vocabulary of citeqa: documents -> passages -> hits -> candidates -> answers.
+"""The shared vocabulary of citeqa: documents -> passages -> hits -> candidates -> answers,
+and the question as asked (``AskArgs``).
 
 Data flows one way through these types. Every span carries character offsets into its
 document's ``text`` so that ``document.text[start:end]`` reproduces it exactly.
@@ -115,8 +116,10 @@ class Answer:
     reason: str | None = None  # why it declined, when it did
     candidates: list[Candidate] = field(default_factory=list)  # best first
     timings_ms: dict[str, float] = field(default_factory=dict)
+    passages: list[Hit] = field(default_factory=list)  # what retrieval found, best first
 
-    def to_json(self, *, with_candidates: bool = True) -> dict[str, Any]:
+    def to_json(self, *, with_candidates: bool = True,
+                with_passages: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
             "question": self.question,
             "declined": self.declined,
@@ -129,4 +132,18 @@ class Answer:
         }
         if with_candidates:
             out["candidates"] = [c.to_json() for c in self.candidates]
+        if with_passages:
+            out["passages"] = [h.to_json() for h in self.passages]
         return out
+
+
+@dataclass(frozen=True)
+class AskArgs:
+    """One question with its per-request options (None = the configured default)."""
+
+    question: str
+    top_k: int | None = None  # passages shown to the generator
+    n_candidates: int | None = None  # candidates generated
+    min_score: float | None = None  # decline below this score
+    target_accuracy: float | None = None  # decline below the threshold calibrated for this
+    search_k: int | None = None  # passages retrieved and returned on the Answer (>= top_k)

@@ -38,12 +38,13 @@ sys.path.insert(0, str(ROOT))
 
 from citeqa.config import GenerationConfig, RetrievalConfig  # noqa: E402
 from citeqa.errors import OutputFormatError  # noqa: E402
-from citeqa.evals.metrics import exact_match, f1, normalize_answer  # noqa: E402
+from citeqa.evals.metrics import exact_match, f1  # noqa: E402
 from citeqa.evals.squad import QAItem, articles_for_split, load_squad_questions  # noqa: E402
 from citeqa.generation.cited import CitedGenerator  # noqa: E402
 from citeqa.generation.models import CPU_WEIGHTS  # noqa: E402
 from citeqa.generation.parse import parse_output  # noqa: E402
 from citeqa.generation.prompt import build_messages  # noqa: E402
+from citeqa.text import normalize_answer  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "squad2"
 INDEX = ROOT / ".cache" / "squad-eval-index"

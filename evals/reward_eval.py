@@ -336,7 +336,7 @@ def main() -> None:
             if store is scores_ev:
                 spreads_ev[name] = std.tolist()
         results["scorers"].setdefault(name, {})["train"] = {**metrics, "seconds": train_s}
-        print(f"trained {name} in {train_s:.1f} s: {metrics.get('train_aurc')}")
+        print(f"trained {name} in {train_s:.1f} s: loss {metrics.get('loss_last')}")
 
     for name in scores_ev:
         c_best, c_correct, _ = per_question(cal_groups, scores_cal[name])

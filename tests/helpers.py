@@ -1,4 +1,4 @@
-"""Helpers shared by several test modules: a three-document corpus and the real app on a real
+"""Helpers shared by several test modules: the one small test corpus, and the real app on a real
 loopback socket (uvicorn in a thread)."""
 
 from __future__ import annotations
@@ -6,38 +6,67 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import uvicorn
 
-from citeqa.types import Document
+from citeqa.errors import ConfigError, InvalidRequestError
+from citeqa.types import Answer, AskArgs, Document
 
 # Three documents, not two: with two, rank-bm25's IDF of a term found in one of them is 0.
 THREE_DOCS = [
     Document(
-        "n",
+        "normans",
         "Normans",
-        "normans.txt",
+        "https://en.wikipedia.org/wiki/Normans",
         "The Normans gave their name to Normandy, a region in France. "
         "Their leader Rollo swore fealty to King Charles III of West Francia.",
     ),
     Document(
-        "e",
+        "eiffel",
         "Eiffel Tower",
         "eiffel.txt",
         "The Eiffel Tower is a wrought-iron lattice tower in Paris. "
         "It opened in 1889 as the entrance to the World's Fair.",
     ),
     Document(
-        "h",
+        "harvard",
         "Harvard",
         "harvard.txt",
         "Harvard University was founded in 1636 in Cambridge, Massachusetts.",
     ),
 ]
+
+
+class CannedPipeline:
+    """The service's view of a pipeline (``citeqa.api.deps.PipelineLike``) over canned answers:
+    a subclass gives ``answer(args)``, ``search`` and ``document``. Without a calibrated reward
+    model, a ``target_accuracy`` is refused as the real pipeline refuses it."""
+
+    def check(self, args: AskArgs) -> AskArgs:
+        if args.target_accuracy is not None:
+            raise InvalidRequestError("no calibrated reward model", status=422,
+                                      code="needs_calibration")
+        return args
+
+    def ask_many(self, items: Sequence[AskArgs]) -> list[Answer]:
+        return [self.answer(a) for a in items]
+
+    def ask(self, question: str, **options: Any) -> Answer:
+        [answer] = self.ask_many([AskArgs(question, **options)])
+        return answer
+
+    def answer(self, args: AskArgs) -> Answer:
+        raise NotImplementedError
+
+    def add_documents(self, documents: Sequence[Document]) -> dict[str, int]:
+        raise ConfigError("this fake cannot change its documents")
+
+    def delete_document(self, doc_id: str) -> None:
+        raise ConfigError("this fake cannot change its documents")
 
 
 def free_port() -> int:

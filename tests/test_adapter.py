@@ -21,10 +21,10 @@ from citeqa.generation.adapter import (
     base_fingerprint,
     load_adapter,
     lora_delta,
-    prompt_fingerprint,
     resolve_adapter,
 )
 from citeqa.generation.adapter import save_adapter as write_adapter
+from citeqa.generation.prompt import prompt_fingerprint
 from citeqa.training.lora import ATTENTION, MLP, LoRAConfig, LoRALinear, inject_lora, target_names
 from citeqa.training.sft import (
     Example,

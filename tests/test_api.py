@@ -8,22 +8,27 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from helpers import CannedPipeline
 
-from citeqa.api.app import STATIC_DIR, create_app, make_run_batch, page_csp
-from citeqa.api.deps import ApiLimits, AskArgs, key_matches, parse_api_keys
+from citeqa.api.app import STATIC_DIR, create_app
+from citeqa.api.deps import key_matches, parse_api_keys
 from citeqa.api.errors import map_citeqa_error
-from citeqa.api.metrics import Histogram, Metrics, escape_label
+from citeqa.api.metrics import Metrics
+from citeqa.api.middleware import page_csp
+from citeqa.api.routes import make_run_batch
 from citeqa.api.schemas import BLANK_CHARS, NOT_BLANK
 from citeqa.config import Settings
 from citeqa.errors import (
@@ -38,7 +43,7 @@ from citeqa.errors import (
     OutputFormatError,
     SourceError,
 )
-from citeqa.types import Answer, Candidate, Document, Hit, Passage, Quote
+from citeqa.types import Answer, AskArgs, Candidate, Document, Hit, Passage, Quote
 
 DOC = Document("d1", "Normans", "https://en.wikipedia.org/wiki/Normans",
                "The Normans were the people who in the 10th and 11th centuries gave their name "
@@ -49,8 +54,9 @@ QUOTE = Quote("gave their name to Normandy", "d1", DOC.title, DOC.source, QUOTE_
 assert DOC.text[QUOTE.start:QUOTE.end] == QUOTE.text
 
 
-class FakePipeline:
-    """Canned answers; ``gate`` holds every ask until set; ``fail`` makes ask raise it."""
+class FakePipeline(CannedPipeline):
+    """Canned answers; ``gate`` holds every batch until set; ``fail`` makes asking raise it;
+    ``batch_sizes`` records the size of every batch it is given."""
 
     def __init__(self, *, gate: threading.Event | None = None, fail: Exception | None = None,
                  delay_s: float = 0.0) -> None:
@@ -58,9 +64,14 @@ class FakePipeline:
         self.fail = fail
         self.delay_s = delay_s
         self.asked: list[AskArgs] = []
+        self.batch_sizes: list[int] = []
         self.started = threading.Event()
 
-    def _answer(self, a: AskArgs) -> Answer:
+    def ask_many(self, items: Sequence[AskArgs]) -> list[Answer]:
+        self.batch_sizes.append(len(items))
+        return super().ask_many(items)
+
+    def answer(self, a: AskArgs) -> Answer:
         self.asked.append(a)
         self.started.set()
         if self.gate is not None:
@@ -74,10 +85,6 @@ class FakePipeline:
         return Answer(a.question, False, "the Normans", QUOTE, 0.9, uncertainty=0.05,
                       candidates=[cand], timings_ms={"retrieve": 1.0, "generate": 2.0})
 
-    def ask(self, question: str, *, top_k: int | None = None, n_candidates: int | None = None,
-            min_score: float | None = None) -> Answer:
-        return self._answer(AskArgs(question, top_k, n_candidates, min_score))
-
     def search(self, query: str, k: int = 10) -> list[Hit]:
         p = Passage(0, "d1", 0, 40, DOC.text[:40])
         return [Hit(p, DOC.title, DOC.source, score=0.5, bm25=1.2, dense=None)][:k]
@@ -88,21 +95,11 @@ class FakePipeline:
         return DOC
 
 
-class BatchingFakePipeline(FakePipeline):
-    """Has ask_many: records the size of every batch it is given."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.batch_sizes: list[int] = []
-
-    def ask_many(self, items: list[AskArgs]) -> list[Answer]:
-        self.batch_sizes.append(len(items))
-        return [self._answer(a) for a in items]
-
-
 class CalibratedFakePipeline(FakePipeline):
-    def threshold_for(self, target: float) -> float:
-        return round(target / 2, 3)
+    def check(self, args: AskArgs) -> AskArgs:
+        if args.target_accuracy is None:
+            return args
+        return replace(args, min_score=round(args.target_accuracy / 2, 3), target_accuracy=None)
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -113,12 +110,11 @@ def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 @contextmanager
-def serve(pipeline: Any = None, *, limits: ApiLimits | None = None, api_keys: str = "",
-          factory: Callable[[Settings], Any] | None = None, wait_ready: bool = True
-          ) -> Iterator[TestClient]:
+def serve(pipeline: Any = None, *, factory: Callable[[Settings], Any] | None = None,
+          wait_ready: bool = True, **settings: Any) -> Iterator[TestClient]:
+    """The app with ``pipeline`` (default a FakePipeline) and ``Settings(**settings)``."""
     pipeline = pipeline if pipeline is not None else FakePipeline()
-    app = create_app(Settings(api_keys=api_keys), factory or (lambda s: pipeline),
-                     limits=limits or ApiLimits(window_ms=1))
+    app = create_app(Settings(**{"window_ms": 1, **settings}), factory or (lambda s: pipeline))
     with TestClient(app, raise_server_exceptions=False) as client:
         if wait_ready:
             wait_until(lambda: app.state.citeqa.phase != "loading")
@@ -173,7 +169,7 @@ def test_a_failed_load_is_reported_by_readyz() -> None:
 def test_shutdown_marks_not_ready_then_lets_the_running_batch_finish() -> None:
     gate = threading.Event()
     pipe = FakePipeline(gate=gate)
-    app = create_app(Settings(), lambda s: pipe, limits=ApiLimits(window_ms=1))
+    app = create_app(Settings(window_ms=1), lambda s: pipe)
     client = TestClient(app, raise_server_exceptions=False)
     client.__enter__()
     state = app.state.citeqa
@@ -206,7 +202,7 @@ def test_answer_returns_the_pipeline_answer_as_json() -> None:
         r = c.post("/v1/answer", json={"question": "Who?", "top_k": 3, "n_candidates": 2,
                                        "min_score": 0.4})
     assert r.status_code == 200
-    expected = pipe._answer(AskArgs("Who?")).to_json()
+    expected = pipe.answer(AskArgs("Who?")).to_json()
     assert r.json() == expected
     assert pipe.asked[0] == AskArgs("Who?", top_k=3, n_candidates=2, min_score=0.4)
 
@@ -366,9 +362,8 @@ def test_unknown_routes_methods_and_long_ids_get_uniform_errors() -> None:
 
 
 def test_body_limit_from_content_length_and_while_reading_a_chunked_body() -> None:
-    limits = ApiLimits(window_ms=1, max_body_bytes=1024)
     pipe = FakePipeline()
-    with serve(pipe, limits=limits) as c:
+    with serve(pipe, max_body_bytes=1024) as c:
         big = json.dumps({"question": "q" * 2000}).encode()
         assert_uniform_error(c.post("/v1/answer", content=big,
                                     headers={"content-type": "application/json"}),
@@ -421,16 +416,11 @@ def test_unexpected_errors_are_500_without_leaking_details(caplog: pytest.LogCap
 
 
 def test_one_failing_request_in_an_ask_many_batch_does_not_fail_the_others() -> None:
-    class Picky(BatchingFakePipeline):
-        def ask_many(self, items: list[AskArgs]) -> list[Answer]:
+    class Picky(FakePipeline):
+        def ask_many(self, items: Sequence[AskArgs]) -> list[Answer]:
             if any(a.question == "bad" for a in items):
                 raise InvalidRequestError("bad question")
             return super().ask_many(items)
-
-        def ask(self, question: str, **kw: Any) -> Answer:
-            if question == "bad":
-                raise InvalidRequestError("bad question")
-            return super().ask(question, **kw)
 
     outcomes = make_run_batch(Picky())([AskArgs("good"), AskArgs("bad")])
     assert isinstance(outcomes[0], Answer) and isinstance(outcomes[1], InvalidRequestError)
@@ -441,9 +431,8 @@ def test_one_failing_request_in_an_ask_many_batch_does_not_fail_the_others() -> 
 
 def test_concurrent_requests_are_batched_through_ask_many() -> None:
     gate = threading.Event()
-    pipe = BatchingFakePipeline(gate=gate)
-    limits = ApiLimits(max_batch=4, window_ms=20, max_queue=16)
-    with serve(pipe, limits=limits) as c:
+    pipe = FakePipeline(gate=gate)
+    with serve(pipe, max_batch=4, window_ms=20, max_queue=16) as c:
         results: dict[int, httpx.Response] = {}
 
         def ask(i: int) -> None:
@@ -463,14 +452,13 @@ def test_concurrent_requests_are_batched_through_ask_many() -> None:
         metrics = c.get("/metrics").text
     assert all(results[i].json()["question"] == f"q{i}" for i in range(9))
     assert pipe.batch_sizes == [1, 4, 4]
-    assert 'citeqa_batch_size_bucket{le="4"} 3' in metrics
+    assert samples(metrics)[("citeqa_batch_size_bucket", frozenset({("le", "4.0")}))] == 3
 
 
 def test_full_queue_is_503_with_retry_after() -> None:
     gate = threading.Event()
     pipe = FakePipeline(gate=gate)
-    limits = ApiLimits(max_batch=1, window_ms=0, max_queue=1, retry_after_s=7)
-    with serve(pipe, limits=limits) as c:
+    with serve(pipe, max_batch=1, window_ms=0, max_queue=1, retry_after_s=7) as c:
         state = c.app.state.citeqa
         threads = [threading.Thread(target=c.post, args=("/v1/answer",),
                                     kwargs={"json": {"question": f"q{i}"}}) for i in range(2)]
@@ -490,8 +478,7 @@ def test_full_queue_is_503_with_retry_after() -> None:
 def test_timeout_is_504_and_the_queued_request_never_runs() -> None:
     gate = threading.Event()
     pipe = FakePipeline(gate=gate)
-    limits = ApiLimits(max_batch=1, window_ms=0, request_timeout_s=0.2)
-    with serve(pipe, limits=limits) as c:
+    with serve(pipe, max_batch=1, window_ms=0, request_timeout_s=0.2) as c:
         r1 = c.post("/v1/answer", json={"question": "first"})  # runs, then times out
         r2 = c.post("/v1/answer", json={"question": "second"})  # queued, times out, cancelled
         gate.set()
@@ -501,15 +488,14 @@ def test_timeout_is_504_and_the_queued_request_never_runs() -> None:
     assert_uniform_error(r1, 504, "timeout")
     assert_uniform_error(r2, 504, "timeout")
     assert [a.question for a in pipe.asked] == ["first"]
-    assert "citeqa_cancelled_total 1" in metrics
+    assert samples(metrics)[("citeqa_cancelled_total", frozenset())] == 1
 
 
 def test_a_client_that_disconnects_has_its_queued_work_cancelled() -> None:
     """Raw ASGI call whose receive() reports http.disconnect while the request is queued."""
     gate = threading.Event()
     pipe = FakePipeline(gate=gate)
-    limits = ApiLimits(max_batch=1, window_ms=0, disconnect_poll_s=0.01)
-    with serve(pipe, limits=limits) as c:
+    with serve(pipe, max_batch=1, window_ms=0, disconnect_poll_s=0.01) as c:
         app, state = c.app, c.app.state.citeqa
         blocker = threading.Thread(target=c.post, args=("/v1/answer",),
                                    kwargs={"json": {"question": "blocker"}})
@@ -581,7 +567,13 @@ def test_key_helpers() -> None:
 
 # -- metrics ----------------------------------------------------------------------------------
 
-SAMPLE = re.compile(r'^[a-z_]+(\{([a-z_]+="([^"\\]|\\.)*",?)*\})? -?[0-9.e+-]+$')
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a Prometheus text exposition, parsed by prometheus_client's own parser
+    (so the text must be valid): (name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(smp.name, frozenset(smp.labels.items())): smp.value
+            for family in text_string_to_metric_families(text) for smp in family.samples}
 
 
 def test_metrics_count_requests_by_route_template_and_declines() -> None:
@@ -595,27 +587,38 @@ def test_metrics_count_requests_by_route_template_and_declines() -> None:
         text = c.get("/metrics").text
         r = c.get("/metrics")
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
-    assert 'citeqa_requests_total{route="/v1/answer",method="POST",status="200"} 2' in text
-    assert 'citeqa_requests_total{route="/v1/answer",method="POST",status="422"} 1' in text
-    assert ('citeqa_requests_total{route="/v1/documents/{doc_id:path}",method="GET",status="404"}'
-            ' 1') in text
-    assert 'route="unmatched",method="GET",status="404"} 1' in text
-    assert "citeqa_declines_total 1" in text and "citeqa_answers_total 2" in text
-    assert "citeqa_queue_depth 0" in text
-    for line in text.splitlines():
-        assert line.startswith("# ") or SAMPLE.match(line), line
+    got = samples(text)
+
+    def requests(route: str, status: str) -> float:
+        key = frozenset({("route", route), ("method", "POST" if "answer" in route else "GET"),
+                         ("status", status)})
+        return got[("citeqa_requests_total", key)]
+
+    assert requests("/v1/answer", "200") == 2 and requests("/v1/answer", "422") == 1
+    assert requests("/v1/documents/{doc_id:path}", "404") == 1
+    assert requests("unmatched", "404") == 1
+    assert got[("citeqa_declines_total", frozenset())] == 1
+    assert got[("citeqa_answers_total", frozenset())] == 2
+    assert got[("citeqa_queue_depth", frozenset())] == 0
+    latency = got[("citeqa_request_duration_seconds_count", frozenset({("route", "/v1/answer")}))]
+    assert latency == 3
+    assert not any(name.endswith("_created") for name, _ in got)
 
 
-def test_histogram_and_label_escaping() -> None:
-    h = Histogram((1.0, 2.0))
-    for v in (0.5, 1.0, 1.5, 3.0):
-        h.observe(v)
-    assert h.lines("x", []) == ['x_bucket{le="1"} 2', 'x_bucket{le="2"} 3',
-                                'x_bucket{le="+Inf"} 4', "x_sum 6", "x_count 4"]
-    assert escape_label('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+def test_metrics_histogram_buckets_and_label_values_are_exposed_escaped() -> None:
     m = Metrics()
-    m.observe_request("/x", "GET", 200, 0.01)
-    assert 'citeqa_requests_total{route="/x",method="GET",status="200"} 1' in m.render()
+    for size in (1, 3, 3, 40):
+        m.observe_batch(size, skipped=0)
+    m.observe_batch(0, skipped=2)
+    m.observe_request('/x"\\y', "GET", 200, 0.01)
+    got = samples(m.render())
+    bucket = {dict(k)["le"]: v for (name, k), v in got.items()
+              if name == "citeqa_batch_size_bucket"}
+    assert (bucket["1.0"], bucket["2.0"], bucket["4.0"], bucket["+Inf"]) == (1, 1, 3, 4)
+    assert got[("citeqa_batch_size_sum", frozenset())] == 47
+    assert got[("citeqa_cancelled_total", frozenset())] == 2
+    key = frozenset({("route", '/x"\\y'), ("method", "GET"), ("status", "200")})
+    assert got[("citeqa_requests_total", key)] == 1  # quote and backslash survive the round trip
 
 
 # -- the page and its headers -----------------------------------------------------------------
@@ -683,6 +686,22 @@ def test_page_marks_the_quote_with_dom_nodes_and_only_links_http_sources(tmp_pat
     assert after.startswith(" <script>alert(1)</script>") and after.endswith("\u2026")
     assert len(before) == 1 + 300 and len(after) == 300 + 1  # CONTEXT_CHARS either side
     assert result["urls"] == [None, None, None, "https://a.org/x"]
+
+
+def test_building_the_app_imports_no_model_code() -> None:
+    """A fresh interpreter: ``create_app`` pulls in neither the pipeline nor torch, faiss or
+    transformers (they load in the lifespan, off the event loop)."""
+    code = textwrap.dedent("""
+        import sys
+        from citeqa.api import create_app
+        from citeqa.config import Settings
+        create_app(Settings())
+        heavy = {"citeqa.pipeline", "torch", "transformers", "faiss", "llguidance"}
+        print(sorted(heavy & set(sys.modules)))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_default_factory_imports_the_pipeline_lazily(monkeypatch: pytest.MonkeyPatch) -> None:

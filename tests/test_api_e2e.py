@@ -10,23 +10,14 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from helpers import THREE_DOCS
 
 from citeqa.api.app import create_app
-from citeqa.api.deps import ApiLimits
 from citeqa.config import Settings, preset
 from citeqa.retrieval import build_index_from_documents
 from citeqa.types import Document
 
-DOCS = [
-    Document("normans", "Normans", "https://en.wikipedia.org/wiki/Normans",
-             "The Normans gave their name to Normandy, a region in France. "
-             "Their leader Rollo swore fealty to King Charles III of West Francia."),
-    Document("eiffel", "Eiffel Tower", "eiffel.txt",
-             "The Eiffel Tower is a wrought-iron lattice tower in Paris. "
-             "It opened in 1889 as the entrance to the World's Fair."),
-    Document("harvard", "Harvard", "harvard.txt",
-             "Harvard University was founded in 1636 in Cambridge, Massachusetts."),
-]
+DOCS = THREE_DOCS
 
 
 def build_tiny_index(directory: Path, docs: list[Document] = DOCS) -> Path:
@@ -37,8 +28,9 @@ def build_tiny_index(directory: Path, docs: list[Document] = DOCS) -> Path:
 @pytest.fixture()
 def client(tmp_path: Path) -> Iterator[TestClient]:
     index = build_tiny_index(tmp_path / "idx")
-    settings = Settings(preset="tiny", index=index, cache_dir=tmp_path / "cache")
-    app = create_app(settings, limits=ApiLimits(window_ms=50, max_batch=8))
+    settings = Settings(preset="tiny", index=index, cache_dir=tmp_path / "cache",
+                        window_ms=50, max_batch=8)
+    app = create_app(settings)
     with TestClient(app) as c:
         for _ in range(500):
             if c.get("/readyz").status_code == 200:

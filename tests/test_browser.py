@@ -12,7 +12,6 @@ import pytest
 from helpers import running_server
 
 from citeqa.api.app import create_app
-from citeqa.api.deps import ApiLimits
 from citeqa.config import Settings, preset
 from citeqa.retrieval import build_index_from_documents
 from citeqa.types import Document
@@ -44,8 +43,8 @@ if not Path(CHROMIUM).is_file():
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("browser")
     build_index_from_documents(DOCS, tmp / "idx", preset("tiny").retrieval, progress=False)
-    settings = Settings(preset="tiny", index=tmp / "idx", cache_dir=tmp / "cache")
-    app = create_app(settings, limits=ApiLimits(window_ms=1))
+    settings = Settings(preset="tiny", index=tmp / "idx", cache_dir=tmp / "cache", window_ms=1)
+    app = create_app(settings)
     with running_server(app) as url:
         yield url
 

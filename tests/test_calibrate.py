@@ -53,6 +53,20 @@ def test_binomial_cdf_far_tails_are_accurate() -> None:
     assert float(binomial_cdf(20, 400, 0.1)) == pytest.approx(float(exact), rel=1e-9)
 
 
+def test_binomial_cdf_matches_scipy_over_calibration_sizes() -> None:
+    """Against a library CDF (scipy's), on the n, k and alpha that Learn-then-Test meets."""
+    stats = pytest.importorskip("scipy.stats", reason="scipy is a test dependency")
+    rng = np.random.default_rng(1)
+    n = rng.integers(1, 3000, size=400)
+    k = (n * rng.uniform(0, 0.6, size=400)).astype(int)
+    for alpha in (0.05, 0.2, 0.5, 0.75):
+        expected = stats.binom.cdf(k, n, alpha)
+        got = binomial_cdf(k, n, alpha)
+        tiny = expected < 1e-250  # scipy and we both underflow differently below that
+        np.testing.assert_allclose(got[~tiny], expected[~tiny], rtol=1e-8, atol=1e-300)
+        assert (got[tiny] < 1e-240).all()
+
+
 def test_binomial_cdf_vectorized_and_chunked(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(0)
     n = rng.integers(0, 60, size=200)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import llguidance
 import pytest
 
 from citeqa.config import GenerationConfig
-from citeqa.generation.backend import Completion, GenerationRequest
+from citeqa.generation.backend import GenerationRequest
 from citeqa.generation.cited import CitedGenerator
 from citeqa.generation.extractive import extractive_responder
+from citeqa.generation.fake import FakeBackend
 from citeqa.generation.parse import parse_output
 from citeqa.generation.prompt import build_messages, parse_user_message
 from citeqa.types import Document, Hit, Passage
@@ -42,24 +43,10 @@ def hit(doc_id: str, score: float, pid: int = 0) -> Hit:
 HITS = [hit("n", 0.9, 0), hit("e", 0.5, 1)]
 
 
-class ScriptedBackend:
-    """Backend stand-in: replies from a function, records requests, fixed log-probs."""
-
-    model_id = "scripted"
-
-    def __init__(self, responder: Callable[[GenerationRequest], list[str]]) -> None:
-        self.responder = responder
-        self.calls: list[list[GenerationRequest]] = []
-
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
-        self.calls.append(list(requests))
-        return [
-            [
-                Completion(t, logprob=-0.5 * (i + 1), n_tokens=5, timings_ms={"prefill_ms": 3.0})
-                for i, t in enumerate(self.responder(r))
-            ]
-            for r in requests
-        ]
+def scripted_backend(responder: Callable[[GenerationRequest], list[str]]) -> FakeBackend:
+    """Replies from ``responder``; completion i has log-prob -0.5 (i + 1) over 5 tokens."""
+    return FakeBackend(responder, "scripted", scores=lambda text, i: (-0.5 * (i + 1), 5),
+                       timings_ms={"prefill_ms": 3.0})
 
 
 def const(*texts: str) -> Callable[[GenerationRequest], list[str]]:
@@ -67,7 +54,7 @@ def const(*texts: str) -> Callable[[GenerationRequest], list[str]]:
 
 
 def generate(texts, cfg=None, **kw):
-    backend = ScriptedBackend(const(*texts))
+    backend = scripted_backend(const(*texts))
     gen = CitedGenerator(backend, cfg or GenerationConfig(constrain_quote=False))
     return gen.generate("Who was the leader of the Normans?", HITS, DOCS.__getitem__, **kw), backend
 
@@ -112,7 +99,7 @@ def test_n_samples_share_one_request():
 
 def test_round_robin_conditions_each_request_on_one_passage():
     cfg = GenerationConfig(constrain_quote=False, round_robin=True)
-    backend = ScriptedBackend(extractive_responder)
+    backend = scripted_backend(extractive_responder)
     gen = CitedGenerator(backend, cfg)
     out = gen.generate("When did the Eiffel Tower open?", HITS, DOCS.__getitem__, n=5)
     [requests] = backend.calls  # one backend call
@@ -148,12 +135,12 @@ def test_constrained_quote_may_span_the_passages_line_break():
 
 
 def test_no_hits_no_candidates():
-    gen = CitedGenerator(ScriptedBackend(const("x")), GenerationConfig())
+    gen = CitedGenerator(scripted_backend(const("x")), GenerationConfig())
     assert gen.generate("q", [], DOCS.__getitem__).candidates == []
 
 
 def test_missing_document_gives_no_quote():
-    backend = ScriptedBackend(const("Answer: Rollo\nQuote [1]: Their leader Rollo swore fealty"))
+    backend = scripted_backend(const("Answer: Rollo\nQuote [1]: Their leader Rollo swore fealty"))
     gen = CitedGenerator(backend, GenerationConfig(constrain_quote=False))
 
     def documents(doc_id: str) -> Document:
@@ -164,7 +151,7 @@ def test_missing_document_gives_no_quote():
 
 
 def test_n_must_be_positive():
-    gen = CitedGenerator(ScriptedBackend(const("x")), GenerationConfig())
+    gen = CitedGenerator(scripted_backend(const("x")), GenerationConfig())
     with pytest.raises(ValueError):
         gen.generate("q", HITS, DOCS.__getitem__, n=0)
 
@@ -213,7 +200,7 @@ def grammar_accepts(grammar: str, text: str) -> bool:
     ["When did the Eiffel Tower open?", "Who was the leader of the Normans?", "What is Paris?"],
 )
 def test_extractive_output_satisfies_the_request_grammar(question):
-    backend = ScriptedBackend(extractive_responder)
+    backend = scripted_backend(extractive_responder)
     out = CitedGenerator(backend, GenerationConfig()).generate(question, HITS, DOCS.__getitem__)
     grammar = backend.calls[0][0].grammar
     assert grammar_accepts(grammar, out.candidates[0].raw)

@@ -8,26 +8,26 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import free_port, running_server
+from helpers import CannedPipeline, free_port, running_server
 
 from citeqa.api.app import create_app
-from citeqa.api.deps import ApiLimits
 from citeqa.client import CiteqaAPIError, CiteqaClient, answer_from_json, hit_from_json
 from citeqa.config import Settings
-from citeqa.types import Answer, Candidate, Document, Hit, Passage, Quote
+from citeqa.retry import Backoff
+from citeqa.types import Answer, AskArgs, Candidate, Document, Hit, Passage, Quote
 
 DOC = Document("doc/1", "T", "https://example.org/t", "Alpha beta gamma delta epsilon zeta.")
 QUOTE = Quote("gamma delta", "doc/1", "T", DOC.source, 11, 22)
 assert DOC.text[QUOTE.start:QUOTE.end] == QUOTE.text
 
 
-class TinyPipeline:
-    """Canned answers; ``hold`` keeps the pipeline 'loading' until set."""
+class TinyPipeline(CannedPipeline):
+    """One canned answer, hit and document."""
 
-    def ask(self, question: str, *, top_k: int | None = None, n_candidates: int | None = None,
-            min_score: float | None = None) -> Answer:
+    def answer(self, args: AskArgs) -> Answer:
         cand = Candidate("gamma", QUOTE, logprob=-2.0, n_tokens=4, score=0.8)
-        return Answer(question, False, "gamma", QUOTE, 0.8, 0.1, None, [cand], {"total": 3.0})
+        return Answer(args.question, False, "gamma", QUOTE, 0.8, 0.1, None, [cand],
+                      {"total": 3.0})
 
     def search(self, query: str, k: int = 10) -> list[Hit]:
         return [Hit(Passage(7, DOC.doc_id, 0, 10, DOC.text[:10]), "T", DOC.source, 0.3, 1.0, 0.2)]
@@ -41,8 +41,8 @@ class TinyPipeline:
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
     """The real app on a real socket (uvicorn in a thread); yields its base URL."""
-    app = create_app(Settings(api_keys="sekret"), lambda s: TinyPipeline(),
-                     limits=ApiLimits(window_ms=1, max_body_bytes=2048))
+    app = create_app(Settings(api_keys="sekret", window_ms=1, max_body_bytes=2048),
+                     lambda s: TinyPipeline())
     with running_server(app) as url:
         yield url
 
@@ -126,10 +126,54 @@ def test_requests_carry_the_key_and_only_given_options() -> None:
 )
 def test_odd_responses_become_api_errors(response: httpx.Response, status: int,
                                          code: str) -> None:
-    client = CiteqaClient("http://svc", transport=httpx.MockTransport(lambda r: response))
+    client = CiteqaClient("http://svc", transport=httpx.MockTransport(lambda r: response),
+                          backoff=Backoff(retries=0))
     with pytest.raises(CiteqaAPIError) as err:
         client.search("q")
     assert (err.value.status, err.value.code) == (status, code)
+
+
+def test_a_call_turned_away_for_now_is_retried_honouring_retry_after(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr("citeqa.retry.time.sleep", slept.append)
+    busy = {"error": {"code": "overloaded", "message": "m"}}
+    responses = iter([httpx.Response(503, json=busy, headers={"Retry-After": "3"}),
+                      httpx.Response(429, json=busy),
+                      httpx.Response(200, json={"hits": []})])
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return next(responses)
+
+    client = CiteqaClient("http://svc", transport=httpx.MockTransport(handler),
+                          backoff=Backoff(retries=3, base_s=0.25))
+    assert client.search("q") == []
+    assert len(seen) == 3 and slept[0] == 3.0 and 0 <= slept[1] <= 0.5
+
+
+def test_retries_stop_after_the_budget_and_at_the_deadline(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("citeqa.retry.time.sleep", lambda s: None)
+    calls: list[int] = []
+
+    def busy(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(503, json={"error": {"code": "overloaded", "message": "m"}},
+                              headers={"Retry-After": "1"})
+
+    client = CiteqaClient("http://svc", transport=httpx.MockTransport(busy),
+                          backoff=Backoff(retries=2))
+    with pytest.raises(CiteqaAPIError) as err:
+        client.search("q")
+    assert err.value.code == "overloaded" and len(calls) == 3
+    calls.clear()
+    late = CiteqaClient("http://svc", transport=httpx.MockTransport(busy), timeout=0.5,
+                        backoff=Backoff(retries=5))
+    with pytest.raises(CiteqaAPIError):
+        late.search("q")
+    assert len(calls) == 1  # a 1 s Retry-After does not fit in a 0.5 s budget
 
 
 def test_ready_is_false_on_503_and_raises_on_other_errors() -> None:

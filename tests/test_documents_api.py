@@ -18,9 +18,9 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from helpers import THREE_DOCS
 
 from citeqa.api.app import create_app
-from citeqa.api.deps import ApiLimits
 from citeqa.config import Settings, preset
 from citeqa.errors import InvalidRequestError
 from citeqa.ingest import Fetcher, FetchPolicy
@@ -29,14 +29,7 @@ from citeqa.retrieval.updates import IndexUpdate, apply_update
 from citeqa.types import Document
 
 CFG = preset("tiny").retrieval
-DOCS = [
-    Document("normans", "Normans", "normans.txt",
-             "The Normans gave their name to Normandy, a region in France. "
-             "Their leader Rollo swore fealty to King Charles III of West Francia."),
-    Document("eiffel", "Eiffel Tower", "eiffel.txt",
-             "The Eiffel Tower is a wrought-iron lattice tower in Paris. "
-             "It opened in 1889 as the entrance to the World's Fair."),
-]
+DOCS = THREE_DOCS[:2]
 NEW_TEXT = ("The Zorblax telescope was installed on Mount Quillon in 1921. "
             "Its mirror was ground by Hedda Vantrum over eleven winters.")
 PAGE_HTML = ("<html><head><title>Glimmer moths</title></head><body><p>Glimmer moths migrate "
@@ -69,9 +62,8 @@ def client(index_dir: Path, tmp_path: Path) -> Iterator[TestClient]:
 def serve(index_dir: Path, tmp_path: Path, *, fetcher: Fetcher | None = None,
           allow_private_urls: bool = False) -> TestClient:
     settings = Settings(preset="tiny", index=index_dir, cache_dir=tmp_path / "cache",
-                        allow_private_urls=allow_private_urls)
-    app = create_app(settings, limits=ApiLimits(window_ms=1),
-                     fetcher=fetcher or mock_fetcher())
+                        allow_private_urls=allow_private_urls, window_ms=1)
+    app = create_app(settings, fetcher=fetcher or mock_fetcher())
     client = TestClient(app, raise_server_exceptions=False)
 
     class Ready:

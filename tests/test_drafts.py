@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from citeqa.generation.hf import (
+from citeqa.generation.drafts import (
     MAX_DRAFTS,
     best_draft,
     common_prefix_length,

@@ -31,10 +31,10 @@ def hits(*doc_ids: str) -> list[Hit]:
 class CountingBackend(FakeBackend):
     def __init__(self) -> None:
         super().__init__(extractive_responder)
-        self.calls: list[int] = []  # requests per generate() call
+        self.sizes: list[int] = []  # requests per generate() call
 
     def generate(self, requests):
-        self.calls.append(len(requests))
+        self.sizes.append(len(requests))
         return super().generate(requests)
 
 
@@ -50,7 +50,7 @@ def test_one_backend_call_and_same_candidates_as_one_by_one(constrain):
     backend = CountingBackend()
     gen = CitedGenerator(backend, GenerationConfig(model="fake"))
     many = gen.generate_many(ITEMS, constrain=constrain)
-    assert backend.calls == [2]  # two questions with passages, one call
+    assert backend.sizes == [2]  # two questions with passages, one call
     assert [len(g.candidates) for g in many] == [1, 3, 0]
     for item, g in zip(ITEMS, many, strict=True):
         question, item_hits, documents, n = item
@@ -66,7 +66,7 @@ def test_round_robin_items_are_split_back_to_their_questions():
     backend = CountingBackend()
     gen = CitedGenerator(backend, replace(GenerationConfig(model="fake"), round_robin=True))
     many = gen.generate_many([ITEMS[0], ITEMS[1]])
-    assert backend.calls == [3]  # item 0: one greedy request; item 1: one request per passage
+    assert backend.sizes == [3]  # item 0: one greedy request; item 1: one request per passage
     assert [len(g.candidates) for g in many] == [1, 3]
     assert {c.quote.doc_id for c in many[1].candidates if c.quote} == {"h", "n"}
 
@@ -74,6 +74,6 @@ def test_round_robin_items_are_split_back_to_their_questions():
 def test_no_items_and_bad_n():
     backend = CountingBackend()
     gen = CitedGenerator(backend, GenerationConfig(model="fake"))
-    assert gen.generate_many([]) == [] and backend.calls == []
+    assert gen.generate_many([]) == [] and backend.sizes == []
     with pytest.raises(ValueError, match="n must be at least 1"):
         gen.generate_many([(ITEMS[0][0], ITEMS[0][1], DOCS.__getitem__, 0)])

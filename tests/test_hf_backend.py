@@ -215,7 +215,7 @@ def test_fp16_linear_weights_give_the_fp32_output(backend):
 
 @pytest.mark.slow
 def test_system_turn_cache_changes_nothing_and_is_computed_once(backend, monkeypatch):
-    from citeqa.generation.hf import MIN_PREFIX
+    from citeqa.generation.kv import MIN_PREFIX
 
     widths = []
     real = backend._forward
@@ -225,26 +225,27 @@ def test_system_turn_cache_changes_nothing_and_is_computed_once(backend, monkeyp
         return real(ids, cache, mask, positions, keep=keep, stats=stats)
 
     monkeypatch.setattr(backend, "_forward", spy)
-    backend.reuse_prefix = False
+    backend.prefix_cache.enabled = False
     [[off]] = backend.generate([grammar_request()])
     full = widths[0]  # the prompt and the forced "Answer:" tokens
     prompt = backend.prompt_ids(MESSAGES)
     assert full > len(prompt)
 
-    backend.reuse_prefix = True
-    backend._prefix = None
+    backend.prefix_cache.enabled = True
+    backend.prefix_cache.last = None
     widths.clear()
     [[on]] = backend.generate([grammar_request()])
     assert on.text == off.text and on.logprob == pytest.approx(off.logprob, abs=1e-3)
-    text, (tokens, keys, _) = backend._prefix
+    text, prefix = backend.prefix_cache.last
+    tokens, keys = prefix.tokens, prefix.keys
     assert text == MESSAGES[0]["content"] and len(tokens) >= MIN_PREFIX
     assert prompt[: len(tokens)] == tokens and keys[0].shape[2] == len(tokens)
     assert widths[0] == full - len(tokens)  # only the rest of the prompt is prefilled
 
-    kept = backend._prefix
+    kept = backend.prefix_cache.last
     widths.clear()
     [[again], _] = backend.generate([grammar_request(), grammar_request()])
-    assert backend._prefix is kept  # computed once per system text
+    assert backend.prefix_cache.last is kept  # computed once per system text
     assert again.text == off.text and widths[0] == full - len(tokens)
 
     widths.clear()  # no system turn: nothing to reuse, the whole prompt is prefilled

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, LlamaConfig
 
-from citeqa.generation.hf import stack_prefills
+from citeqa.generation.kv import stack_prefills
 
 CONFIG = LlamaConfig(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                      hidden_size=8, intermediate_size=16, vocab_size=32)

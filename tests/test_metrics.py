@@ -22,13 +22,13 @@ from citeqa.evals.metrics import (
     expected_calibration_error,
     f1,
     is_correct,
-    normalize_answer,
     paired_bootstrap_aurc,
     percentile,
     recall_at_k,
     reliability_bins,
     risk_coverage_curve,
 )
+from citeqa.text import normalize_answer
 
 # --- reference: the official SQuAD v2.0 evaluation script, copied verbatim ------------------
 

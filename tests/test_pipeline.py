@@ -9,13 +9,22 @@ from dataclasses import replace
 import pytest
 from helpers import THREE_DOCS
 
-from citeqa.config import Config, GenerationConfig, RewardConfig, Settings, preset
+from citeqa.config import (
+    MAX_CANDIDATES,
+    MAX_QUESTION_CHARS,
+    Config,
+    GenerationConfig,
+    RewardConfig,
+    Settings,
+    preset,
+)
 from citeqa.errors import InvalidRequestError, ModelError
-from citeqa.generation.backend import Completion, GenerationRequest
+from citeqa.generation.backend import GenerationRequest
 from citeqa.generation.cited import CitedGenerator
 from citeqa.generation.extractive import extractive_responder
+from citeqa.generation.fake import FakeBackend
 from citeqa.pipeline import Pipeline, confidence, rank
-from citeqa.types import Candidate, Document, Hit, Passage, Quote
+from citeqa.types import AskArgs, Candidate, Document, Hit, Passage, Quote
 
 DOCS = THREE_DOCS
 
@@ -47,23 +56,11 @@ class MemoryRetriever:
         return self.docs[doc_id]
 
 
-class Backend:
-    """Backend stand-in: texts from a responder, a fixed mean log-prob per completion."""
-
-    model_id = "test"
-
-    def __init__(self, responder: Callable[[GenerationRequest], list[str]], mean_lp: float = -0.1):
-        self.responder = responder
-        self.mean_lp = mean_lp
-
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
-        return [
-            [
-                Completion(t, self.mean_lp * 10, 10, {"prefill_ms": 1.0, "decode_ms": 2.0})
-                for t in self.responder(r)
-            ]
-            for r in requests
-        ]
+def fake_backend(responder: Callable[[GenerationRequest], list[str]],
+                 mean_lp: float = -0.1) -> FakeBackend:
+    """Texts from ``responder``, each of 10 tokens at mean log-probability ``mean_lp``."""
+    return FakeBackend(responder, "test", scores=lambda text, i: (mean_lp * 10, 10),
+                       timings_ms={"prefill_ms": 1.0, "decode_ms": 2.0})
 
 
 CFG = Config(
@@ -73,7 +70,7 @@ CFG = Config(
 
 
 def pipeline(responder=extractive_responder, mean_lp=-0.1, cfg=CFG, scorer=None) -> Pipeline:
-    gen = CitedGenerator(Backend(responder, mean_lp), cfg.generation)
+    gen = CitedGenerator(fake_backend(responder, mean_lp), cfg.generation)
     return Pipeline(MemoryRetriever(DOCS), gen, cfg, scorer)
 
 
@@ -82,21 +79,20 @@ def test_answers_with_a_verified_quote():
     assert not ans.declined and ans.reason is None
     assert "1889" in ans.answer
     q = ans.quote
-    assert q.doc_id == "e" and DOCS[1].text[q.start : q.end] == q.text
+    assert q.doc_id == "eiffel" and DOCS[1].text[q.start : q.end] == q.text
     assert ans.score == pytest.approx(math.exp(-0.1))
     assert ans.candidates[0].quote == q
     for key in ("retrieve_ms", "generate_ms", "prefill_ms", "decode_ms", "score_ms", "total_ms"):
         assert key in ans.timings_ms and ans.timings_ms[key] >= 0
     assert ans.timings_ms["total_ms"] >= ans.timings_ms["generate_ms"]
-    assert ans.to_json()["quote"]["doc_id"] == "e"
+    assert ans.to_json()["quote"]["doc_id"] == "eiffel"
 
 
 def test_uses_the_real_fake_backend_too():
-    from citeqa.generation.fake import FakeBackend
 
     gen = CitedGenerator(FakeBackend(extractive_responder), CFG.generation)
     ans = Pipeline(MemoryRetriever(DOCS), gen, CFG).ask("Who was the leader Rollo swore fealty to?")
-    assert not ans.declined and "King" in ans.answer and ans.quote.doc_id == "n"
+    assert not ans.declined and "King" in ans.answer and ans.quote.doc_id == "normans"
 
 
 @pytest.mark.parametrize("question", ["", "   ", "\n\t"])
@@ -222,7 +218,7 @@ def test_from_settings_tiny_preset_end_to_end(tmp_path):
     )
     ans = p.ask("Who was the leader Rollo swore fealty to?")
     assert not ans.declined, ans.reason
-    assert ans.quote.doc_id == "n" and "King" in ans.answer
+    assert ans.quote.doc_id == "normans" and "King" in ans.answer
     assert DOCS[0].text[ans.quote.start : ans.quote.end] == ans.quote.text
 
 
@@ -252,53 +248,25 @@ class CountingGenerator(CitedGenerator):
         return super().generate_many(items, **kwargs)
 
 
-class SingleGenerator:
-    """Only ``generate`` (a generator from before ``generate_many`` existed)."""
-
-    def __init__(self, inner: CitedGenerator) -> None:
-        self.inner = inner
-        self.calls = 0
-
-    def generate(self, *args, **kwargs):
-        self.calls += 1
-        return self.inner.generate(*args, **kwargs)
-
-
 def _strip_timings(a):
     return replace(a, timings_ms={})
 
 
-def test_ask_many_without_generate_many_equals_ask_one_by_one():
-    from citeqa.pipeline import AskArgs
-
-    gen = SingleGenerator(CitedGenerator(Backend(extractive_responder), CFG.generation))
-    p = Pipeline(MemoryRetriever(DOCS), gen, CFG)
-    many = p.ask_many([AskArgs(q) for q in QUESTIONS] + [AskArgs(QUESTIONS[0], min_score=0.999)])
-    assert gen.calls == 4
-    single = [p.ask(q) for q in QUESTIONS] + [p.ask(QUESTIONS[0], min_score=0.999)]
-    assert [_strip_timings(a) for a in many] == [_strip_timings(a) for a in single]
-    assert [a.declined for a in many] == [False, False, False, True]
-
-
 def test_ask_many_uses_generate_many_in_one_call_and_matches_ask():
-    from citeqa.pipeline import AskArgs
-
-    gen = CountingGenerator(Backend(extractive_responder), CFG.generation)
+    gen = CountingGenerator(fake_backend(extractive_responder), CFG.generation)
     p = Pipeline(MemoryRetriever(DOCS), gen, CFG)
     items = [AskArgs(q) for q in QUESTIONS] + [AskArgs(QUESTIONS[1], min_score=0.999)]
     many = p.ask_many(items)
     assert gen.batches == [(4, CFG.generation.top_k_passages)] and gen.singles == 0
-    reference = Pipeline(MemoryRetriever(DOCS), SingleGenerator(gen), CFG)
-    expected = [reference.ask(a.question, min_score=a.min_score) for a in items]
+    expected = [p.ask(a.question, min_score=a.min_score) for a in items]  # batches of one
+    assert gen.batches[1:] == [(1, CFG.generation.top_k_passages)] * 4
     assert [_strip_timings(a) for a in many] == [_strip_timings(a) for a in expected]
     assert [a.declined for a in many] == [False, False, False, True]
     assert DOCS[0].text[many[0].quote.start : many[0].quote.end] == many[0].quote.text
 
 
 def test_ask_many_groups_items_by_top_k():
-    from citeqa.pipeline import AskArgs
-
-    gen = CountingGenerator(Backend(extractive_responder), CFG.generation)
+    gen = CountingGenerator(fake_backend(extractive_responder), CFG.generation)
     p = Pipeline(MemoryRetriever(DOCS), gen, CFG)
     default = CFG.generation.top_k_passages
     out = p.ask_many([AskArgs(QUESTIONS[0]), AskArgs(QUESTIONS[1], top_k=default + 2),
@@ -309,9 +277,7 @@ def test_ask_many_groups_items_by_top_k():
 
 
 def test_ask_many_raises_on_an_invalid_item():
-    from citeqa.pipeline import AskArgs
-
-    gen = CountingGenerator(Backend(extractive_responder), CFG.generation)
+    gen = CountingGenerator(fake_backend(extractive_responder), CFG.generation)
     p = Pipeline(MemoryRetriever(DOCS), gen, CFG)
     with pytest.raises(InvalidRequestError):
         p.ask_many([AskArgs(QUESTIONS[0]), AskArgs("   ")])
@@ -334,6 +300,32 @@ def test_an_uncertified_calibration_answers_unless_told_to_decline():
     strict = replace(CFG, reward=replace(CFG.reward, decline_uncertified=True))
     ans = pipeline(cfg=strict, scorer=UncertifiedScorer()).ask(question)
     assert ans.declined and "inf" in ans.reason
+
+
+def test_check_resolves_a_target_accuracy_and_refuses_bad_requests():
+    p = pipeline(scorer=UncertifiedScorer())
+    args = p.check(AskArgs("  When   did it open? ", target_accuracy=0.5))
+    assert args == AskArgs("When did it open?", min_score=0.9)
+    assert p.ask("When did the Eiffel Tower open?", target_accuracy=0.8).declined
+    for bad in (AskArgs("q", min_score=0.5, target_accuracy=0.5), AskArgs("q", top_k=0),
+                AskArgs("q", n_candidates=MAX_CANDIDATES + 1), AskArgs("q", search_k=99),
+                AskArgs("x" * (MAX_QUESTION_CHARS + 1))):
+        with pytest.raises(InvalidRequestError):
+            p.check(bad)
+    with pytest.raises(InvalidRequestError, match="calibrated reward model"):
+        pipeline().check(AskArgs("q", target_accuracy=0.8))
+
+
+def test_an_answer_carries_the_passages_retrieval_found():
+    p = pipeline()
+    one = p.ask("When did the Eiffel Tower open in Paris?", top_k=1)
+    deep = p.ask("When did the Eiffel Tower open in Paris?", top_k=1, search_k=3)
+    assert len(one.passages) == 1 and len(deep.passages) == 3  # all three share a word
+    assert deep.passages[0] == one.passages[0]
+    # the generator saw the same passage: the rest of the answer is the same
+    assert _strip_timings(replace(deep, passages=[])) == _strip_timings(replace(one, passages=[]))
+    assert "passages" not in one.to_json()
+    assert len(deep.to_json(with_passages=True)["passages"]) == 3
 
 
 def test_threshold_for_asks_the_reward_model_and_needs_one():

@@ -6,14 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from citeqa.config import GenerationConfig
-from citeqa.generation.prompt import (
-    EXAMPLE,
-    SYSTEM,
-    build_messages,
-    parse_user_message,
-    select_window,
-    sentence_spans,
-)
+from citeqa.generation.prompt import SYSTEM, build_messages, parse_user_message, select_window
+from citeqa.text import sentence_spans
 from citeqa.types import Hit, Passage
 
 PASSAGE = (
@@ -108,7 +102,7 @@ def test_build_messages_layout_and_offsets():
     hits = [_hit(0, "d", start, PASSAGE, "Nor\nmans"), _hit(1, "e", 0, "Paris is in France.")]
     cfg = GenerationConfig(top_k_passages=1, passage_chars=60)
     messages, shown = build_messages("Who was   Rollo?", hits, cfg)
-    assert [m["role"] for m in messages] == ["system", *(m["role"] for m in EXAMPLE), "user"]
+    assert [m["role"] for m in messages] == ["system", "user"]
     assert messages[0]["content"] == SYSTEM
     assert "untrusted" in SYSTEM and "instructions" in SYSTEM
     assert len(shown) == 1 and shown[0].number == 1
@@ -124,17 +118,12 @@ def test_build_messages_layout_and_offsets():
     assert shown[1].text == "Paris is in France." and shown[1].doc_start == 0
 
 
-def test_example_turns_follow_the_format_and_cannot_leak():
-    from citeqa.generation.parse import parse_output
-
-    messages, _ = build_messages("q", [], GenerationConfig())
-    # No worked example: one with an answer (the Eiffel Tower's "1889") leaked into answers
-    # and biased the model to quote passage [2]. Any example added back must parse.
-    assert len(messages) == 2 + len(EXAMPLE)
-    for user, reply in zip(EXAMPLE[::2], EXAMPLE[1::2], strict=True):
-        passages, question = parse_user_message(user["content"])
-        out = parse_output(reply["content"], len(passages))
-        assert out.quote in passages[out.passage_number - 1][1] and question
+def test_no_worked_example_is_shown():
+    # One with an answer (the Eiffel Tower's "1889") leaked into answers and biased the model
+    # to quote passage [2]: the prompt is the system turn and the question's turn, nothing else.
+    messages, _ = build_messages("q", [_hit(0, "d", 0, PASSAGE)], GenerationConfig())
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert "1889" not in messages[0]["content"] + messages[1]["content"]
 
 
 def test_prompt_is_short():

@@ -14,8 +14,9 @@ from citeqa.evals.metrics import is_correct
 from citeqa.evals.squad import QAItem
 from citeqa.pipeline import Pipeline
 from citeqa.retrieval import build_index_from_documents
-from citeqa.reward.data import build_reward_data, load_reward_data
+from citeqa.reward.data import load_reward_data
 from citeqa.reward.scorer import DEFAULT_DIR, load_scorer
+from citeqa.training.reward_data import build_reward_data
 from citeqa.types import Document
 
 DOCS = [
@@ -110,15 +111,11 @@ def test_default_reward_model_declines_a_clearly_unanswerable_question(tmp_path)
 
 
 def test_cli_builds_trains_and_calibrates(tmp_path):
-    import typer
     from typer.testing import CliRunner
 
-    from citeqa.reward.cli import calibrate, train_app
+    from citeqa.cli import app
     from citeqa.reward.scorer import RewardScorer
 
-    app = typer.Typer()
-    app.add_typer(train_app, name="train")
-    app.command("calibrate")(calibrate)
     index = tmp_path / "index"
     build_index_from_documents(DOCS, index, preset("tiny").retrieval, progress=False)
     questions = tmp_path / "q.jsonl"

@@ -16,7 +16,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from citeqa.api.app import create_app
-from citeqa.api.deps import ApiLimits
 from citeqa.config import Settings, preset
 from citeqa.ingest import Fetcher, FetchPolicy
 from citeqa.retrieval import build_index_from_documents
@@ -80,8 +79,8 @@ def offline_fetcher() -> Fetcher:
 def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     tmp = tmp_path_factory.mktemp("fuzz")
     build_index_from_documents(DOCS, tmp / "idx", preset("tiny").retrieval, progress=False)
-    app = create_app(Settings(preset="tiny", index=tmp / "idx", cache_dir=tmp / "cache"),
-                     limits=ApiLimits(window_ms=0), fetcher=offline_fetcher())
+    app = create_app(Settings(preset="tiny", index=tmp / "idx", cache_dir=tmp / "cache",
+                              window_ms=0), fetcher=offline_fetcher())
     # Schemathesis runs the app's lifespan itself (once, kept alive) when it loads the schema.
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     state = app.state.citeqa

@@ -266,8 +266,8 @@ def test_target_parses_and_its_quote_verifies(corpus: tuple[Path, Path]) -> None
         assert parsed.answer == d.answer and parsed.quote == d.quote
         passage = shown[parsed.passage_number - 1]
         assert passage.hit == d.hits()[d.gold]
-        quote = verify_quote(parsed.quote, passage, retriever.document(passage.hit.passage.doc_id),
-                             GEN)
+        document = retriever.document(passage.hit.passage.doc_id)
+        quote = verify_quote(parsed.quote, passage.window, document, GEN)
         assert quote is not None and quote.text == d.quote
 
 

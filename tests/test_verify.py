@@ -8,9 +8,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from citeqa.config import GenerationConfig
-from citeqa.generation.prompt import ShownPassage
-from citeqa.generation.verify import STOP_WORDS, is_contentful, locate, verify_quote
-from citeqa.types import Document, Hit, Passage
+from citeqa.generation.verify import locate, verify_quote
+from citeqa.text import STOP_WORDS, is_contentful
+from citeqa.types import Document
 
 CFG = GenerationConfig(min_quote_chars=10, max_quote_chars=120)
 TEXT = (
@@ -21,12 +21,10 @@ TEXT = (
 DOC = Document(doc_id="d1", title="Normans", source="normans.txt", text=TEXT)
 
 
-def shown_for(doc: Document, start: int, end: int) -> ShownPassage:
-    passage = Passage(
-        passage_id=0, doc_id=doc.doc_id, start=start, end=end, text=doc.text[start:end]
-    )
-    hit = Hit(passage=passage, title=doc.title, source=doc.source, score=1.0)
-    return ShownPassage(number=1, hit=hit, text=passage.text, doc_start=start)
+def shown_for(doc: Document, start: int, end: int) -> tuple[int, int]:
+    """The window ``(start, end)`` of a passage shown from ``doc`` (checked to be in range)."""
+    assert 0 <= start <= end <= len(doc.text), (start, end)
+    return start, end
 
 
 WHOLE = shown_for(DOC, 0, len(TEXT))

@@ -2,10 +2,10 @@
 
 from citeqa.api.app import create_app, default_pipeline_factory
 from citeqa.api.batching import Batcher, BatcherClosedError, QueueFullError
-from citeqa.api.deps import ApiLimits, AskArgs, PipelineLike
+from citeqa.api.deps import PipelineLike
+from citeqa.types import AskArgs
 
 __all__ = [
-    "ApiLimits",
     "AskArgs",
     "Batcher",
     "BatcherClosedError",

@@ -1,4 +1,4 @@
-"""What the route handlers depend on: the pipeline interface, the service's limits and state, and
+"""What the route handlers depend on: the pipeline interface, the service's state, and
 the ``Annotated`` dependency aliases (readiness and API-key checks) used in the routes.
 """
 
@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import hmac
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
-from typing import Annotated, Any, Literal, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Annotated, Literal, Protocol
 
 from fastapi import Depends, Request
 
@@ -16,51 +17,32 @@ from citeqa.api.batching import Batcher
 from citeqa.api.errors import ApiError
 from citeqa.api.metrics import Metrics
 from citeqa.config import Settings
-from citeqa.pipeline import AskArgs
-from citeqa.types import Answer, Document, Hit
+from citeqa.ingest.fetch import Fetcher
+from citeqa.types import Answer, AskArgs, Document, Hit
 
 
-@runtime_checkable
 class PipelineLike(Protocol):
-    """What the service needs from ``citeqa.pipeline.Pipeline``.
+    """What the service needs from ``citeqa.pipeline.Pipeline`` (tests pass fakes of it)."""
 
-    Optional extras, found with getattr: ``ask_many(list[AskArgs]) -> list[Answer]`` (batched
-    generation), ``threshold_for(target_accuracy) -> float`` (calibrated reward model), and
-    ``add_documents(list[Document]) -> dict[str, int]`` / ``delete_document(doc_id)`` (live
-    index updates; they raise InvalidRequestError with status 404 or 409).
-    """
+    def check(self, args: AskArgs) -> AskArgs:
+        """``args`` validated and resolved (InvalidRequestError when it cannot be asked)."""
+        ...
 
-    def ask(
-        self,
-        question: str,
-        *,
-        top_k: int | None = None,
-        n_candidates: int | None = None,
-        min_score: float | None = None,
-    ) -> Answer: ...
+    def ask_many(self, items: Sequence[AskArgs]) -> list[Answer]:
+        """Answers for a batch of checked requests, in order."""
+        ...
 
     def search(self, query: str, k: int = 10) -> list[Hit]: ...
 
     def document(self, doc_id: str) -> Document: ...  # KeyError when unknown
 
+    def add_documents(self, documents: Sequence[Document]) -> dict[str, int]:
+        """Passages indexed per doc_id (InvalidRequestError 409 for a doc_id already there)."""
+        ...
 
-@dataclass(frozen=True)
-class ApiLimits:
-    """Service limits; read from ``Settings`` attributes of the same name when it has them."""
-
-    max_batch: int = 4  # requests generated together in one batch
-    window_ms: float = 10.0  # how long the worker waits to fill a batch after its first request
-    max_queue: int = 32  # requests waiting for the worker; more -> 503 with Retry-After
-    request_timeout_s: float = 120.0  # a request waiting longer than this -> 504
-    max_body_bytes: int = 64 * 1024  # larger request bodies -> 413
-    retry_after_s: int = 2  # Retry-After sent with 503s
-    shutdown_grace_s: float = 30.0  # how long shutdown lets queued/running batches finish
-    disconnect_poll_s: float = 0.05  # how often a waiting request checks its client is still there
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> ApiLimits:
-        names = [f.name for f in fields(cls) if hasattr(settings, f.name)]
-        return cls(**{name: getattr(settings, name) for name in names})
+    def delete_document(self, doc_id: str) -> None:
+        """InvalidRequestError 404 for an unknown doc_id."""
+        ...
 
 
 def parse_api_keys(raw: str) -> tuple[bytes, ...]:
@@ -85,18 +67,18 @@ class ServiceState:
     """The running service: its pipeline and batcher once loaded, and where it is in its life."""
 
     settings: Settings
-    limits: ApiLimits
     metrics: Metrics = field(default_factory=Metrics)
     api_keys: tuple[bytes, ...] = ()
     pipeline: PipelineLike | None = None
     batcher: Batcher[AskArgs, Answer] | None = None
     updater: ThreadPoolExecutor | None = None  # runs document updates one at a time
+    fetcher: Fetcher | None = None  # fetches URLs posted to /v1/documents
     phase: Phase = "loading"
     load_error: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def not_ready_error(self) -> ApiError:
-        headers = {"Retry-After": str(self.limits.retry_after_s)}
+        headers = {"Retry-After": str(self.settings.retry_after_s)}
         if self.phase == "failed":
             return ApiError(503, "load_failed", f"the service failed to load: {self.load_error}")
         if self.phase == "shutting_down":
@@ -145,7 +127,6 @@ PipelineDep = Annotated[PipelineLike, Depends(get_pipeline)]
 BatcherDep = Annotated[Batcher[AskArgs, Answer], Depends(get_batcher)]
 
 __all__ = [
-    "ApiLimits",
     "AskArgs",
     "BatcherDep",
     "PipelineDep",

@@ -18,15 +18,16 @@ from pydantic import (
     model_validator,
 )
 
-from citeqa.pipeline import MAX_TOP_K as PIPELINE_MAX_TOP_K
+from citeqa.config import (
+    MAX_CANDIDATES,
+    MAX_DOCUMENT_CHARS,
+    MAX_PASSAGES,
+    MAX_QUESTION_CHARS,
+    MAX_SEARCH_K,
+    MAX_SOURCE_CHARS,
+    MAX_TITLE_CHARS,
+)
 
-MAX_QUESTION_CHARS = 1000  # longer questions are rejected (422)
-MAX_TOP_K = 50  # search hits per request
-MAX_PASSAGES = PIPELINE_MAX_TOP_K  # passages shown to the generator per question
-MAX_CANDIDATES = 16  # samples per question
-MAX_DOCUMENT_CHARS = 2_000_000  # a posted document's text (the body limit usually bites first)
-MAX_TITLE_CHARS = 500
-MAX_SOURCE_CHARS = 2000  # a posted document's source (path or URL) and a URL to fetch
 # doc ids a client may choose: they appear in URLs (/v1/documents/{doc_id}), so no spaces etc.
 DOC_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}$"
 
@@ -64,7 +65,7 @@ def _json_integer(v: Any) -> Any:
 
 
 # Integers in a range as JSON Schema means them: 3 or 3.0, never "3" or true.
-TopK = Annotated[int, Field(ge=1, le=MAX_TOP_K, strict=True), BeforeValidator(_json_integer)]
+TopK = Annotated[int, Field(ge=1, le=MAX_SEARCH_K, strict=True), BeforeValidator(_json_integer)]
 Passages = Annotated[
     int, Field(ge=1, le=MAX_PASSAGES, strict=True), BeforeValidator(_json_integer)
 ]

@@ -1,10 +1,11 @@
 """Evaluation metrics as pure functions: SQuAD answer scoring, selective prediction, calibration,
 retrieval recall and latency percentiles.
 
-Answer scoring follows the official SQuAD v2.0 evaluation script (``evaluate-v2.0.py``) exactly:
-the same normalization, exact match, token F1 with ``Counter`` overlap, the maximum over gold
-answers, and its no-answer convention (golds that normalize to nothing are dropped; a question
-left with no gold answer is scored against ``""``, so only an empty prediction scores 1).
+Answer scoring follows the official SQuAD v2.0 evaluation script (``evaluate-v2.0.py``) exactly: the
+same normalization (``citeqa.text.normalize_answer``), exact match, token F1 with ``Counter``
+overlap, the maximum over gold answers, and its no-answer convention (golds that normalize to
+nothing are dropped; a question left with no gold answer is scored against ``""``, so only an empty
+prediction scores 1).
 
 Selective-prediction metrics take per-question ``scores`` (higher = more confident) and
 ``correct`` (whether the answer would be right if it were given). The system answers the
@@ -14,52 +15,19 @@ block (a threshold cannot split a tie), so every curve has one point per distinc
 
 from __future__ import annotations
 
-import re
-import string
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
-_PUNCTUATION = frozenset(string.punctuation)  # ASCII only: "–", "—", "’" are kept
-
+from citeqa.text import answer_f1, normalize_answer
 
 # --- SQuAD answer scoring ----------------------------------------------------------------
 
 
-def normalize_answer(text: str) -> str:
-    """Lowercase, drop ASCII punctuation, drop the words a/an/the, collapse whitespace.
-
-    The order (lower -> punctuation -> articles -> whitespace) is the official script's.
-    """
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
-
-
-def _tokens(text: str) -> list[str]:
-    return normalize_answer(text).split() if text else []
-
-
 def _exact_one(pred: str, gold: str) -> float:
     return float(normalize_answer(gold) == normalize_answer(pred))
-
-
-def _f1_one(pred: str, gold: str) -> float:
-    gold_toks, pred_toks = _tokens(gold), _tokens(pred)
-    if not gold_toks or not pred_toks:
-        # No-answer on either side: 1 if both are empty, else 0 (official convention).
-        return float(gold_toks == pred_toks)
-    num_same = sum((Counter(gold_toks) & Counter(pred_toks)).values())
-    if num_same == 0:
-        return 0.0
-    precision = num_same / len(pred_toks)
-    recall = num_same / len(gold_toks)
-    return 2 * precision * recall / (precision + recall)
 
 
 def _scorable_golds(golds: Sequence[str]) -> list[str]:
@@ -77,7 +45,7 @@ def exact_match(pred: str | None, golds: Sequence[str]) -> float:
 def f1(pred: str | None, golds: Sequence[str]) -> float:
     """The best token F1 of ``pred`` against the golds (None means declined)."""
     pred = pred or ""
-    return max(_f1_one(pred, g) for g in _scorable_golds(golds))
+    return max(answer_f1(pred, g) for g in _scorable_golds(golds))
 
 
 def is_correct(

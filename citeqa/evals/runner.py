@@ -28,9 +28,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from citeqa.config import MAX_PASSAGES
 from citeqa.errors import CiteqaError, ConfigError
 from citeqa.evals.squad import QAItem, articles_for_split, load_questions
-from citeqa.pipeline import MAX_TOP_K, STAND_IN_NOTE, Pipeline
+from citeqa.pipeline import STAND_IN_NOTE, Pipeline
 from citeqa.retrieval.store import MANIFEST, sha256_file
 from citeqa.types import Answer, Document, Hit
 
@@ -40,7 +41,7 @@ RUN_JSON = "run.json"
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
 REPORT = "report.md"
-RETRIEVAL_DEPTH = MAX_TOP_K  # passages searched per question for the gold-paragraph rank
+RETRIEVAL_DEPTH = MAX_PASSAGES  # passages retrieved per question for the gold-paragraph rank
 STAND_IN_SCORER = "generator confidence (stand-in)"
 _ROOT = Path(__file__).resolve().parents[2]
 
@@ -129,13 +130,12 @@ def scorer_name(pipeline: Pipeline) -> str:
 
 def describe_pipeline(pipeline: Pipeline, min_score: float | None) -> dict[str, Any]:
     """Models, scorer and threshold of a pipeline, for run.json and the report."""
-    backend = getattr(pipeline.generator, "backend", None)
     scorer = scorer_name(pipeline)
     return {
-        "generator_model_id": str(getattr(backend, "model_id", "unknown")),
+        "generator_model_id": pipeline.generator.backend.model_id,
         "scorer": scorer,
         "scorer_note": STAND_IN_NOTE if pipeline.scorer is None else None,
-        "threshold": pipeline._threshold(min_score),  # the pipeline's own rule, not a copy
+        "threshold": pipeline.decline_threshold(min_score),  # the pipeline's own rule, not a copy
         "config": asdict(pipeline.cfg),
     }
 
@@ -237,7 +237,8 @@ def prediction_record(item: QAItem, answer: Answer, rank: int | None) -> dict[st
 def ask_one(pipeline: Pipeline, item: QAItem, n_candidates: int | None, min_score: float | None):
     """Ask one question; a question the pipeline refuses becomes a recorded decline."""
     try:
-        answer = pipeline.ask(item.question, n_candidates=n_candidates, min_score=min_score)
+        answer = pipeline.ask(item.question, n_candidates=n_candidates, min_score=min_score,
+                              search_k=RETRIEVAL_DEPTH)
     except CiteqaError as e:  # e.g. an over-long question: record it, keep going
         answer = Answer(
             question=item.question,
@@ -247,10 +248,7 @@ def ask_one(pipeline: Pipeline, item: QAItem, n_candidates: int | None, min_scor
             score=None,
             reason=f"refused: {e}",
         )
-    rank = None
-    if item.context.strip():
-        hits = pipeline.search(item.question, k=RETRIEVAL_DEPTH) if item.question.strip() else []
-        rank = gold_rank(hits, item.context, pipeline.document)
+    rank = gold_rank(answer.passages, item.context, pipeline.document)
     return prediction_record(item, answer, rank)
 
 

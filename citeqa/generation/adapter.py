@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from citeqa.config import GenerationConfig
 from citeqa.errors import ModelError
+from citeqa.generation.prompt import prompt_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ FORMAT = "citeqa-lora"
 VERSION = 1
 WEIGHTS = "adapter.safetensors"
 CONFIG = "adapter.json"
-PROBE_QUESTION = "Which probe question renders the prompt?"  # fixed input of prompt_fingerprint
 PACKAGED = "packaged"  # GenerationConfig.adapter naming the project's trained adapter
 PACKAGED_DIR = Path(__file__).parent / "weights"  # ... for the default generator, "smollm2"
 
@@ -99,21 +98,6 @@ def base_fingerprint(model: nn.Module, param_names: Sequence[str]) -> str:
         h.update(repr(tuple(t.shape)).encode())
         h.update(t.view(torch.int16).numpy().tobytes())
     return h.hexdigest()
-
-
-def prompt_fingerprint(cfg: GenerationConfig | None = None) -> str:
-    """sha256 of the chat messages the current prompt code builds for a fixed probe.
-
-    Recorded at training time; a different value at load time means ``prompt.py`` changed
-    since, and the adapter was trained on prompts the generator no longer sees.
-    """
-    from citeqa.generation.prompt import build_messages  # prompt -> verify; keep import light
-    from citeqa.types import Hit, Passage
-
-    text = "The probe passage has two sentences. It exists only to render the prompt."
-    hit = Hit(Passage(0, "probe", 0, len(text), text), "Probe", "probe", 1.0)
-    messages, _ = build_messages(PROBE_QUESTION, [hit, hit], cfg or GenerationConfig())
-    return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
 
 
 def resolve_adapter(adapter: str | None, model: str) -> Path | None:

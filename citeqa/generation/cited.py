@@ -213,7 +213,7 @@ class CitedGenerator:
             logger.warning("document %s of a hit is missing", passage.hit.passage.doc_id)
             quote = None
         else:
-            quote = verify_quote(parsed.quote, passage, document, self.cfg)
+            quote = verify_quote(parsed.quote, passage.window, document, self.cfg)
         return Candidate(
             answer=parsed.answer,
             quote=quote,

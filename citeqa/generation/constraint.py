@@ -36,6 +36,7 @@ import llguidance
 import numpy as np
 
 from citeqa.errors import InvalidRequestError
+from citeqa.generation.chat import stop_token_ids
 from citeqa.generation.format import ANSWER_PREFIX, QUOTE_PREFIX, QUOTE_SEPARATOR
 
 # A quote is non-empty and trimmed: it starts and ends with a non-whitespace character.
@@ -103,8 +104,8 @@ _LL_LOCK = threading.Lock()
 def ll_tokenizer_for(hf_tokenizer: Any) -> llguidance.LLTokenizer:
     """The llguidance tokenizer for a fast Hugging Face tokenizer (built once, ~1 s, cached).
 
-    Stop tokens are the tokenizer's EOS (``<|im_end|>`` for chat models) plus ``<|endoftext|>``
-    where it exists, so either ends a row once the grammar accepts.
+    Stop tokens are ``chat.stop_token_ids``, so any of them ends a row once the grammar
+    accepts.
     """
     with _LL_LOCK:
         cached = _LL_TOKENIZERS.get(hf_tokenizer)
@@ -116,7 +117,7 @@ def ll_tokenizer_for(hf_tokenizer: Any) -> llguidance.LLTokenizer:
                 "constrained decoding needs a fast (Rust) Hugging Face tokenizer; "
                 "save the model with a tokenizer.json"
             )
-        eos = _stop_token_ids(hf_tokenizer)
+        eos = stop_token_ids(hf_tokenizer)
         raw = json.loads(backend.to_str())
         raw["padding"] = None  # llguidance tokenises single strings; padding would leak in
         raw["truncation"] = None
@@ -125,19 +126,6 @@ def ll_tokenizer_for(hf_tokenizer: Any) -> llguidance.LLTokenizer:
         )
         _LL_TOKENIZERS[hf_tokenizer] = ll_tok
         return ll_tok
-
-
-def _stop_token_ids(hf_tokenizer: Any) -> list[int]:
-    ids: list[int] = []
-    if hf_tokenizer.eos_token_id is not None:
-        ids.append(int(hf_tokenizer.eos_token_id))
-    for tok in ("<|endoftext|>", "<|im_end|>"):
-        tid = hf_tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != hf_tokenizer.unk_token_id and tid not in ids:
-            ids.append(tid)
-    if not ids:
-        raise InvalidRequestError("the tokenizer has no EOS token; set tokenizer.eos_token")
-    return ids
 
 
 class OutputConstraint:
@@ -165,11 +153,6 @@ class OutputConstraint:
         bias = self._matcher.compute_logit_bias()  # one byte per token: 0 or 200
         return np.frombuffer(bias, dtype=np.uint8) != 0
 
-    def fill_bitmask(self, bitmask: np.ndarray) -> None:
-        """Write the next-token mask as packed bits (int32 words, llguidance's layout)."""
-        assert bitmask.dtype == np.int32 and bitmask.flags.c_contiguous, bitmask.dtype
-        self._matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data, bitmask.nbytes)
-
     def consume(self, token_id: int) -> bool:
         """Advance by one token; False (and an error state) when the grammar forbids it."""
         return self._matcher.consume_token(int(token_id))
@@ -180,10 +163,6 @@ class OutputConstraint:
     def valid_prefix(self, token_ids: Sequence[int]) -> int:
         """How many leading tokens of ``token_ids`` the grammar would accept (state unchanged)."""
         return self._matcher.validate_tokens([int(t) for t in token_ids])
-
-    def rollback(self, n: int) -> None:
-        if n and not self._matcher.rollback(n):
-            raise AssertionError(f"llguidance could not roll back {n} tokens")
 
     def forced_tokens(self) -> list[int]:
         """Tokens the grammar forces from here (jump-forward), possibly none."""

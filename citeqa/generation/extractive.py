@@ -13,14 +13,8 @@ import re
 
 from citeqa.generation.backend import GenerationRequest
 from citeqa.generation.format import ANSWER_PREFIX, QUOTE_PREFIX, QUOTE_SEPARATOR
-from citeqa.generation.prompt import (
-    content_terms,
-    parse_user_message,
-    relevance,
-    sentence_spans,
-    term,
-)
-from citeqa.generation.verify import STOP_WORDS
+from citeqa.generation.prompt import parse_user_message
+from citeqa.text import STOP_WORDS, content_terms, relevance, sentence_spans, term
 
 ANSWER_WORDS = 5  # at most this many words in an answer
 MIN_QUOTE_CHARS = 20  # extend a short sentence with the next ones (on the same line) to this

@@ -27,7 +27,7 @@ grammar allows. Two shortcuts make a quote cost little more than the prompt's pr
 
 The system turn is the same in every prompt, and keys and values at a position depend only on
 the tokens up to it: they are computed once per distinct system text and copied into each
-batch's cache, so a prefill covers only the rest of the prompt (``_prefix_cache``).
+batch's cache, so a prefill covers only the rest of the prompt (``kv.SystemPrefixCache``).
 
 Rows feed different numbers of tokens per step (a sampled token, forced tokens, a draft), so a
 step's input is right-padded to its longest row, and padded or rejected positions stay in the KV
@@ -45,27 +45,26 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from citeqa.errors import InvalidRequestError
 from citeqa.generation.backend import Completion, GenerationRequest
+from citeqa.generation.chat import prompt_ids, stop_token_ids, turn_ids
 from citeqa.generation.constraint import OutputConstraint, ll_tokenizer_for
+from citeqa.generation.drafts import best_draft, prompt_lookup_drafts
+from citeqa.generation.kv import SystemPrefixCache, plain_cache, stack_prefills
+from citeqa.generation.lm_head import LMHead, choose
 from citeqa.generation.models import CPU_WEIGHTS, load_model, store_linear_weights_fp16
 
 logger = logging.getLogger(__name__)
 
-MAX_NGRAM = 3  # longest suffix of the output looked up in the prompt for a draft
-MAX_DRAFTS = 8  # prompt-lookup candidates checked against the grammar per draft
-MIN_PREFIX = 8  # shortest shared prompt prefix worth copying from the system-turn cache
 
 
 @dataclass
@@ -126,30 +125,19 @@ class HFBackend:
         self.model_id = model_id
         self.speculative_tokens = max(int(speculative_tokens), 0)
         self.device = next(model.parameters()).device
-        self.reuse_prefix = reuse_prefix
         self.batch_prefill = (self.device.type != "cpu") if batch_prefill is None else batch_prefill
-        # Only plain growing caches can be copied and stacked (sliding-window layers drop keys).
-        self._plain_cache = all(
-            type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers
+        # The decoder stack and the LM head are used apart, so that logits are only computed
+        # for the tokens the grammar allows (see lm_head.py).
+        self._decoder = model.get_decoder()
+        self.head = LMHead(model)
+        self.prefix_cache = SystemPrefixCache(
+            self._decoder, model.config, self.device,
+            lambda message: turn_ids(tokenizer, message), enabled=reuse_prefix,
         )
-        # (system text, (tokens, keys, values)) of the last system turn seen; see _system_prefix
-        self._prefix: tuple[str, tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] | None
-        self._prefix = None
         # Tokens of the last greedy output: a second source of drafts, for the text every
         # output repeats that no prompt contains (``Quote [1]:`` after a quote's ``Quote [``).
         self._recent = np.zeros(0, dtype=np.int64)
-        # The decoder stack and the LM head are used apart, so that logits are only computed
-        # for the tokens the grammar allows (see _scores). Plain linear heads only: models with
-        # logit soft-capping or scaling would need those applied here too.
-        self._decoder = model.get_decoder()
-        head = model.get_output_embeddings()
-        for attr in ("final_logit_softcapping", "logit_scale"):
-            if getattr(model.config, attr, None):
-                raise InvalidRequestError(f"{attr} models are not supported by HFBackend yet")
-        self._head_weight = head.weight  # [V, H]
-        self._head_bias = getattr(head, "bias", None)
-        self.vocab_size = int(self._head_weight.shape[0])
-        self._stop = self._stop_tokens()
+        self._stop = frozenset(stop_token_ids(tokenizer))
         pad = tokenizer.pad_token_id
         self._pad = int(pad if pad is not None else min(self._stop, default=0))
 
@@ -193,29 +181,9 @@ class HFBackend:
         with torch.inference_mode():
             return self._generate_batch(list(requests))
 
-    # -- prompt -----------------------------------------------------------------------------
-
     def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of the chat prompt, ending with the assistant turn's opening."""
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            out = tok.apply_chat_template(
-                list(messages), add_generation_prompt=True, return_dict=True
-            )
-            ids = out["input_ids"]
-        else:  # a base model: plain text turns
-            text = "\n\n".join(m["content"] for m in messages) + "\n\n"
-            ids = tok(text, add_special_tokens=True)["input_ids"]
-        return [int(i) for i in ids]
-
-    def _stop_tokens(self) -> frozenset[int]:
-        tok = self.tokenizer
-        ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-        for name in ("<|im_end|>", "<|endoftext|>"):
-            tid = tok.convert_tokens_to_ids(name)
-            if isinstance(tid, int) and tid != tok.unk_token_id:
-                ids.add(tid)
-        return frozenset(int(i) for i in ids)
+        return prompt_ids(self.tokenizer, messages)
 
     # -- one batch -------------------------------------------------------------------------------
 
@@ -252,7 +220,7 @@ class HFBackend:
         stats = _Stats()
         t0 = time.perf_counter()
         seqs = [p + rows[0].tokens for p, rows in zip(prompts, per_request, strict=True)]
-        if self.batch_prefill or len(seqs) == 1 or not self._plain_cache:
+        if self.batch_prefill or len(seqs) == 1 or not plain_cache(self.model.config):
             cache, mask, hidden = self._prefill(requests, seqs, stats)
         else:  # one prompt at a time: no compute spent on padding (see __init__)
             cache, mask, hidden = stack_prefills(
@@ -296,74 +264,13 @@ class HFBackend:
             out.append(completions)
         return out
 
-    # -- the system turn's KV cache, computed once and reused --------------------------------
-
-    def _prefix_cache(self, requests: Sequence[GenerationRequest], seqs: list[list[int]],
-                      ) -> tuple[DynamicCache, int]:
-        """A fresh cache for a batch whose rows are ``seqs``, holding the keys and values of their
-        common system turn when that can be reused; returns it with how many tokens it holds.
-
-        Keys and values at a position depend only on the tokens up to it, so those of a token
-        prefix shared by every row are the same in every prompt: they are computed once per
-        distinct system text (the first time it is seen) and copied into each batch.
-        """
-        cache = DynamicCache(config=self.model.config)
-        prefix = self._system_prefix(requests[0].messages)
-        if prefix is None:
-            return cache, 0
-        tokens, keys, values = prefix
-        shared = min(min(common_prefix_length(tokens, s), len(s) - 1) for s in seqs)
-        if shared < MIN_PREFIX:  # e.g. another system text; every row prefills >= 1 token
-            return cache, 0
-        rows = len(seqs)
-        for layer, k, v in zip(cache.layers, keys, values, strict=True):
-            layer.update(k[:, :, :shared].expand(rows, -1, -1, -1),
-                         v[:, :, :shared].expand(rows, -1, -1, -1))
-        return cache, shared
-
-    def _system_prefix(self, messages: Sequence[dict[str, str]],
-                       ) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]] | None:
-        """``(tokens, keys, values)`` of the system turn of ``messages`` alone (keys and values
-        per layer, [1, heads, tokens, head_dim]), or None when there is none to reuse."""
-        if not (self.reuse_prefix and messages and messages[0].get("role") == "system"):
-            return None
-        if not self._plain_cache:
-            return None  # sliding-window layers drop old keys: nothing stable to copy
-        text = messages[0]["content"]
-        cached = self._prefix
-        if cached is not None and cached[0] == text:
-            return cached[1]
-        tokens = self._turn_ids(messages[0])
-        if tokens is None or len(tokens) < MIN_PREFIX:
-            return None
-        fresh = DynamicCache(config=self.model.config)
-        self._decoder(input_ids=torch.tensor([tokens], device=self.device),
-                      past_key_values=fresh, use_cache=True)
-        prefix = (tokens, [layer.keys for layer in fresh.layers],
-                  [layer.values for layer in fresh.layers])
-        self._prefix = (text, prefix)
-        return prefix
-
-    def _turn_ids(self, message: dict[str, str]) -> list[int] | None:
-        """Token ids of one message rendered alone, as it begins a prompt (None: the chat
-        template does not render it alone)."""
-        tok = self.tokenizer
-        if not getattr(tok, "chat_template", None):
-            return [int(i) for i in tok(message["content"], add_special_tokens=True)["input_ids"]]
-        try:
-            out = tok.apply_chat_template([message], add_generation_prompt=False,
-                                          return_dict=True)
-        except Exception:  # noqa: BLE001 - some templates refuse a lone system turn
-            logger.debug("chat template does not render a lone system turn", exc_info=True)
-            return None
-        return [int(i) for i in out["input_ids"]]
-
     def _prefill(self, requests: Sequence[GenerationRequest], seqs: list[list[int]],
                  stats: _Stats) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
         """Prefill ``seqs`` (one per request) as one batch, left-padded after their shared
         system turn; return the cache, its mask [R, T] (1 = real token) and each row's last
         hidden state [R, H]."""
-        cache, shared = self._prefix_cache(requests, seqs)  # shared: tokens already in cache
+        # shared: tokens of the system turn already in the cache
+        cache, shared = self.prefix_cache.fresh_cache(requests[0].messages, seqs)
         rests = [s[shared:] for s in seqs]
         width = max(len(s) for s in rests)
         ids = torch.full((len(seqs), width), self._pad, dtype=torch.long)  # [R, L] left-padded
@@ -401,50 +308,6 @@ class HFBackend:
 
     # -- choosing tokens --------------------------------------------------------------------------
 
-    def _scores(self, hidden: torch.Tensor,
-                constraint: OutputConstraint | None) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Logits at one position (``hidden`` [H]) for the tokens the grammar allows.
-
-        Returns ``(ids, logits)``: ``ids`` [A] and their logits [A] when few tokens are allowed
-        (only those rows of the LM head are multiplied: inside a quote that is a handful, which
-        makes the 49k-row head nearly free), else ``(None, logits [V])`` with disallowed tokens
-        at -inf. Softmax over either is the distribution renormalised over allowed tokens.
-        """
-        if constraint is None:
-            return None, self._head(hidden)
-        allowed = constraint.allowed_mask()[: self.vocab_size]
-        ids = np.flatnonzero(allowed)
-        if len(ids) <= self.vocab_size // 8:
-            idx = torch.from_numpy(ids).to(self.device)
-            w = self._head_weight.index_select(0, idx)  # [A, H]
-            logits = w @ hidden
-            if self._head_bias is not None:
-                logits = logits + self._head_bias.index_select(0, idx)
-            return idx, logits.float()
-        logits = self._head(hidden)
-        full = torch.zeros(logits.shape[-1], dtype=torch.bool)
-        full[: len(allowed)] = torch.from_numpy(allowed)
-        return None, logits.masked_fill(~full.to(logits.device), float("-inf"))
-
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Full-vocabulary logits [V] (float32) for one hidden state [H]."""
-        logits = hidden @ self._head_weight.T
-        if self._head_bias is not None:
-            logits = logits + self._head_bias
-        return logits.float()
-
-    def _choose(self, scores: tuple[torch.Tensor | None, torch.Tensor], temperature: float,
-                generator: torch.Generator | None) -> tuple[int, float]:
-        """Pick a token from ``_scores`` output; return it with its temperature-1 logprob."""
-        ids, logits = scores
-        logp = torch.log_softmax(logits, dim=-1)
-        if temperature <= 0:
-            j = int(torch.argmax(logits))
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            j = int(torch.multinomial(probs, 1, generator=generator))
-        return (j if ids is None else int(ids[j])), float(logp[j])
-
     def _jump_forward(self, row: _Row) -> list[int]:
         """Consume the tokens the grammar forces now; return them (also appended to the row)."""
         c = row.constraint
@@ -477,8 +340,8 @@ class HFBackend:
     def _step_input(self, row: _Row, hidden: torch.Tensor) -> list[int] | None:
         """Choose a row's next token from ``hidden`` [H]; return what to feed the model next
         (the token and the tokens the grammar forces after it), or None when the row is done."""
-        tok, lp = self._choose(self._scores(hidden, row.constraint), row.temperature,
-                               row.generator)
+        tok, lp = choose(self.head.scores(hidden, row.constraint), row.temperature,
+                         row.generator)
         self._accept(row, tok, lp)
         if row.done:
             return None
@@ -549,8 +412,8 @@ class HFBackend:
                 base = len(feed) - 1
                 accepted = 0
                 for i, d in enumerate(draft):
-                    tok, lp = self._choose(self._scores(hidden[b, base + i], row.constraint),
-                                           0.0, None)
+                    tok, lp = choose(self.head.scores(hidden[b, base + i], row.constraint),
+                                     0.0, None)
                     if tok != d:
                         break
                     self._accept(row, d, lp)
@@ -568,78 +431,3 @@ class HFBackend:
             if holes:
                 cache.crop(-holes)
                 mask = mask[:, :-holes]
-
-
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token sequences."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-def prompt_lookup_drafts(prompt: np.ndarray, generated: Sequence[int], k: int,
-                         stop: frozenset[int] = frozenset()) -> Iterator[list[int]]:
-    """Prompt-lookup draft candidates, best first: the ``k`` prompt tokens after each
-    occurrence of a suffix of ``generated``, longest suffix (<= MAX_NGRAM tokens) first and
-    latest occurrence first; at most MAX_DRAFTS of them (one per prompt position), each cut
-    before any ``stop`` token."""
-    seen: set[int] = set()  # draft start positions already yielded
-    for n in range(min(MAX_NGRAM, len(generated)), 0, -1):
-        if len(prompt) <= n:
-            continue
-        suffix = np.asarray(generated[-n:], dtype=np.int64)
-        windows = np.lib.stride_tricks.sliding_window_view(prompt[:-1], n)
-        for hit in np.flatnonzero((windows == suffix).all(axis=1))[::-1]:
-            start = int(hit) + n
-            if start in seen:  # a longer suffix matched here already
-                continue
-            seen.add(start)
-            draft = [int(t) for t in prompt[start : start + k]]
-            for j, t in enumerate(draft):
-                if t in stop:
-                    draft = draft[:j]
-                    break
-            yield draft
-            if len(seen) == MAX_DRAFTS:
-                return
-
-
-def best_draft(candidates: Iterable[list[int]], room: int,
-               valid_prefix: Callable[[list[int]], int] | None) -> list[int]:
-    """The first of ``candidates`` with the longest prefix that ``valid_prefix`` (the grammar)
-    accepts, cut to that prefix; stops looking once one fills ``room``.
-
-    Without a grammar the first candidate wins, as in plain prompt lookup; in a free-text part
-    of a grammar, so does the first that fills ``room``. Inside a quote the grammar allows only
-    continuations of the quoted passage, which rules out lookalike occurrences of the last
-    tokens elsewhere in the prompt (a name that is also in the question, say)."""
-    if valid_prefix is None:
-        return next(iter(candidates), [])
-    best: list[int] = []
-    for draft in candidates:
-        draft = draft[: valid_prefix(draft)]
-        if len(draft) > len(best):
-            best = draft
-        if len(best) >= room:
-            break
-    return best
-
-
-def stack_prefills(parts: Sequence[tuple[DynamicCache, torch.Tensor, torch.Tensor]],
-                   config: Any) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
-    """One batch from prefills of one or more rows each ``(cache, mask [r, T_i], hidden
-    [r, H])``: keys, values and masks are left-padded to the longest (the padding is masked
-    out, as left padding in a batched prefill would be) and stacked row after row."""
-    width = max(mask.shape[1] for _, mask, _ in parts)
-    stacked = DynamicCache(config=config)
-    pads = [(0, 0, width - mask.shape[1], 0) for _, mask, _ in parts]  # [.., T, D]: pad T left
-    caches = [c for c, _, _ in parts]
-    for i, layer in enumerate(stacked.layers):
-        layer.update(
-            torch.cat([F.pad(c.layers[i].keys, p) for c, p in zip(caches, pads, strict=True)]),
-            torch.cat([F.pad(c.layers[i].values, p) for c, p in zip(caches, pads, strict=True)]),
-        )
-    mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for _, m, _ in parts])
-    return stacked, mask, torch.cat([h for _, _, h in parts])

@@ -12,28 +12,11 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from citeqa.config import GenerationConfig
+from citeqa.text import is_contentful
 from citeqa.types import Document, Quote
 
-if TYPE_CHECKING:  # only the window offsets are used; avoids an import cycle with prompt.py
-    from citeqa.generation.prompt import ShownPassage
-
-# A small English stop-word list: a quote made only of these (and punctuation) supports nothing.
-STOP_WORDS: frozenset[str] = frozenset(
-    """
-    a about above after again against all also am an and any are as at be because been before
-    being below between both but by can could did do does doing down during each few for from
-    further had has have having he her here hers herself him himself his how i if in into is it
-    its itself just me more most my myself no nor not now of off on once only or other our ours
-    ourselves out over own same she should so some such than that the their theirs them
-    themselves then there these they this those through to too under until up very was we were
-    what when where which while who whom why will with would you your yours yourself yourselves
-    """.split()
-)
-
-_WORD = re.compile(r"\w+")
 # Characters trimmed from a quote's ends when the untrimmed quote is not found: whitespace,
 # ASCII punctuation and typographic quotes/dashes/ellipsis a model may wrap a quote in.
 _TRIM = (
@@ -41,11 +24,6 @@ _TRIM = (
     + string.punctuation
     + "\u201c\u201d\u2018\u2019\u2026\u2013\u2014\u00ab\u00bb"
 )
-
-
-def is_contentful(text: str) -> bool:
-    """True when ``text`` has at least one word that is not a stop word."""
-    return any(w not in STOP_WORDS for w in _WORD.findall(text.lower()))
 
 
 def _exact_spans(needle: str, haystack: str) -> Iterator[tuple[int, int]]:
@@ -101,15 +79,15 @@ def locate(quote: str, document_text: str, window: tuple[int, int]) -> tuple[int
 
 
 def verify_quote(
-    quote: str, shown: ShownPassage, document: Document, cfg: GenerationConfig
+    quote: str, window: tuple[int, int], document: Document, cfg: GenerationConfig
 ) -> Quote | None:
-    """Return the verified Quote for ``quote`` (cited from ``shown``) or None.
+    """Return the verified Quote for ``quote`` (cited from the passage window shown to the model,
+    ``window`` = its ``(start, end)`` in the document) or None.
 
     None when the quote is not found verbatim (up to the repairs in ``locate``), is ambiguous,
     is shorter than ``cfg.min_quote_chars`` or longer than ``cfg.max_quote_chars``, or is made
     only of stop words and punctuation.
     """
-    window = (shown.doc_start, shown.doc_start + len(shown.text))
     span = locate(quote, document.text, window)
     if span is None:
         return None

@@ -12,7 +12,7 @@ from citeqa.retrieval.embed import Embedder, HashEmbedder, MiniLMEmbedder, load_
 from citeqa.retrieval.fusion import rrf
 from citeqa.retrieval.retriever import HybridRetriever
 from citeqa.retrieval.store import Index
-from citeqa.retrieval.tokenize import tokenize
+from citeqa.text import tokenize
 
 __all__ = [
     "BM25Index",

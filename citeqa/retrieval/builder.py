@@ -22,7 +22,7 @@ from citeqa.retrieval.chunk import chunk_document
 from citeqa.retrieval.dense import DenseIndex
 from citeqa.retrieval.embed import Embedder, load_embedder
 from citeqa.retrieval.store import save_index
-from citeqa.retrieval.tokenize import tokenize
+from citeqa.text import tokenize
 from citeqa.types import Document
 
 # What index build reads, for error messages (see citeqa/ingest/sources.py).

@@ -1,23 +1,19 @@
 """Chunking: split a document's text into passages given as ``(start, end)`` character spans.
 
-Passages are packed greedily from sentences (a paragraph break ends a passage once it holds at
-least a quarter of ``max_chars``), so each is at most ``cfg.max_chars`` characters long; a
-sentence longer than that is hard-split at whitespace (or mid-word when it has none). Every span
-is trimmed of surrounding whitespace, so ``text[start:end]`` is exactly the passage text.
+Passages are packed greedily from sentences (``citeqa.text.sentences``; a paragraph break ends a
+passage once it holds at least a quarter of ``max_chars``), so each is at most ``cfg.max_chars``
+characters long; a sentence longer than that is hard-split at whitespace (or mid-word when it has
+none). Every span is trimmed of surrounding whitespace, so ``text[start:end]`` is exactly the
+passage text.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from typing import NamedTuple
 
 from citeqa.config import ChunkConfig
-
-# A boundary is a paragraph break (a whitespace run holding two newlines) or the whitespace after
-# sentence-final punctuation, optionally followed by closing quotes/brackets. The paragraph
-# alternative comes first so that ". \n\n" is recognised as a paragraph break.
-_BOUNDARY = re.compile(r"\s*\n[^\S\n]*\n\s*|(?:(?<=[.!?])|(?<=[.!?][\"'\u201d\u2019)\]]))\s+")
+from citeqa.text import sentences
 
 
 class _Unit(NamedTuple):
@@ -26,24 +22,6 @@ class _Unit(NamedTuple):
     start: int
     end: int
     paragraph_start: bool  # a paragraph break precedes it
-
-
-def _sentences(text: str) -> Iterator[tuple[int, int, bool]]:
-    """Trimmed non-empty sentence spans, with whether a paragraph break precedes each."""
-    pos, para = 0, False
-    for m in _BOUNDARY.finditer(text):
-        yield from _trimmed(text, pos, m.start(), para)
-        pos, para = m.end(), m.group().count("\n") >= 2
-    yield from _trimmed(text, pos, len(text), para)
-
-
-def _trimmed(text: str, start: int, end: int, para: bool) -> Iterator[tuple[int, int, bool]]:
-    while start < end and text[start].isspace():
-        start += 1
-    while end > start and text[end - 1].isspace():
-        end -= 1
-    if start < end:
-        yield start, end, para
 
 
 def _hard_split(text: str, start: int, end: int, max_chars: int) -> Iterator[tuple[int, int]]:
@@ -68,7 +46,7 @@ def _hard_split(text: str, start: int, end: int, max_chars: int) -> Iterator[tup
 
 def _units(text: str, max_chars: int) -> list[_Unit]:
     units: list[_Unit] = []
-    for start, end, para in _sentences(text):
+    for start, end, para in sentences(text):
         for i, (s, e) in enumerate(_hard_split(text, start, end, max_chars)):
             units.append(_Unit(s, e, para and i == 0))
     return units

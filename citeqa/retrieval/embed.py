@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from citeqa.errors import ConfigError, ModelError
-from citeqa.retrieval.tokenize import tokenize
+from citeqa.text import tokenize
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from citeqa.retrieval.bm25 import top_k_of
 from citeqa.retrieval.embed import Embedder, load_embedder
 from citeqa.retrieval.fusion import rrf
 from citeqa.retrieval.store import Index
-from citeqa.retrieval.tokenize import tokenize
+from citeqa.text import tokenize
 from citeqa.types import Document, Hit
 
 log = logging.getLogger(__name__)

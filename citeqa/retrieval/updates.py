@@ -30,7 +30,7 @@ from citeqa.retrieval.dense import DenseIndex
 from citeqa.retrieval.embed import Embedder
 from citeqa.retrieval.retriever import config_from_manifest
 from citeqa.retrieval.store import Index, save_index
-from citeqa.retrieval.tokenize import tokenize
+from citeqa.text import tokenize
 from citeqa.types import Document, Passage
 
 log = logging.getLogger(__name__)

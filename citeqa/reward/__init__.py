@@ -6,7 +6,7 @@ declines below a calibrated threshold.
 """
 
 from citeqa.reward.calibrate import Calibration, calibrate_threshold
-from citeqa.reward.data import Labelled, Pair, RewardData, build_reward_data, load_reward_data
+from citeqa.reward.data import Labelled, Pair, RewardData, load_reward_data
 from citeqa.reward.features import FeatureSpec, RewardInput, featurize
 from citeqa.reward.model import RewardEnsemble, load_model, save_model
 from citeqa.reward.scorer import RewardScorer, load_scorer
@@ -22,7 +22,6 @@ __all__ = [
     "RewardInput",
     "RewardScorer",
     "TrainConfig",
-    "build_reward_data",
     "calibrate_threshold",
     "featurize",
     "load_model",

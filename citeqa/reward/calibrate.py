@@ -144,7 +144,7 @@ def calibrate_threshold(
         scores: per calibration question, the reward score of the answer it would give
             (higher = more confident).
         correct: per calibration question, whether that answer is correct
-            (see ``citeqa.evals.metrics.is_correct``).
+            (by the evaluation's correctness rule).
         target_accuracy: the answered accuracy to guarantee, in (0, 1).
         delta: the allowed probability that the guarantee fails, in (0, 1).
         min_answered: start testing only at thresholds answering at least this many questions

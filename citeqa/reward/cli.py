@@ -1,8 +1,9 @@
-"""Reward-model commands: build labelled data, train, calibrate.
+"""Reward-model commands: train, calibrate (``citeqa train reward-data`` lives with the other
+training-data builders in citeqa/training/cli.py).
 
 The main CLI registers them (see citeqa/cli.py):
 
-    app.add_typer(train_app, name="train")        # citeqa train reward-data | reward
+    app.add_typer(train_app, name="train")        # citeqa train reward
     app.command("calibrate")(calibrate)           # citeqa calibrate
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -25,57 +25,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 train_app = typer.Typer(help="Train models (the reward model and its data).", no_args_is_help=True)
-
-
-@train_app.command("reward-data")
-def reward_data(
-    dataset: Annotated[Path, typer.Option("--dataset", help="SQuAD JSON or JSONL questions.")],
-    index: Annotated[Path, typer.Option("--index", "-i", help="Index over the dataset's text.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="JSONL to append to (resumable).")],
-    split: Annotated[
-        str | None, typer.Option("--split", help="train | calibration | eval articles.")
-    ] = "train",
-    limit: Annotated[
-        int | None, typer.Option("--limit", min=1, help="At most this many questions.")
-    ] = None,
-    n_candidates: Annotated[int, typer.Option("--n-candidates", "-n", min=1, max=32)] = 4,
-    greedy: Annotated[
-        bool, typer.Option("--greedy", help="Also one greedy (n=1) generation per question.")
-    ] = False,
-    preset_name: Annotated[str, typer.Option("--preset", help="default | tiny.")] = "default",
-    threads: Annotated[int | None, typer.Option("--threads", min=1)] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Order of the sampled questions.")] = 0,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-) -> None:
-    """Generate candidates for the dataset's questions and label them against the golds."""
-    from citeqa.config import Settings
-    from citeqa.evals.squad import articles_for_split, load_questions
-    from citeqa.pipeline import Pipeline
-    from citeqa.reward.data import build_reward_data
-
-    try:
-        articles = articles_for_split(split) if split else None
-        items = load_questions(dataset, articles)
-        random.Random(seed).shuffle(items)  # a limit then samples every article
-        items = items[:limit] if limit else items
-        settings = Settings(preset=preset_name, index=index)  # type: ignore[arg-type]
-        pipeline = Pipeline.from_settings(settings)
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
-        stats = build_reward_data(
-            pipeline, items, out, n=n_candidates, greedy=greedy, progress=progress
-        )
-    except CiteqaError as e:
-        raise fail(str(e)) from None
-    except ValueError as e:
-        raise fail(str(e)) from None
-    typer.echo(
-        f"{stats.questions} questions ({stats.skipped} already done): {stats.candidates} "
-        f"candidates, {stats.correct} correct, {stats.pairs} pairs in {stats.seconds:.0f} s "
-        f"-> {out}"
-    )
 
 
 @train_app.command("reward")

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from citeqa.evals.metrics import normalize_answer
-from citeqa.generation.prompt import content_terms
 from citeqa.retrieval.embed import Embedder
+from citeqa.text import normalize_answer, term_share
 from citeqa.types import Candidate
 
 # Names of the scalar features, in column order (see ``scalar_row``).
@@ -91,22 +90,17 @@ def effective_rank(score: float, rrf_k: int) -> float:
     return float(min(max(2.0 / score - rrf_k, 1.0), MAX_RANK))
 
 
-def _share(part: set[str], whole: set[str]) -> float:
-    return len(part & whole) / len(part) if part else 0.0
-
-
 def scalar_row(x: RewardInput, spec: FeatureSpec) -> np.ndarray:
     """The scalar features of one input, in ``spec.scalars`` order."""
     norm_answer, norm_quote = normalize_answer(x.answer), normalize_answer(x.quote)
-    q_terms = content_terms(x.question)
     values = {
         "mean_logprob": min(max(x.logprob / max(x.n_tokens, 1), -10.0), 0.0),
         "logprob": min(max(x.logprob / 10.0, -10.0), 0.0),
         "log_n_tokens": math.log1p(max(x.n_tokens, 0)),
         "log_retrieval_rank": math.log1p(effective_rank(x.retrieval_score, spec.rrf_k)),
         "answer_in_quote": float(bool(norm_answer) and norm_answer in norm_quote),
-        "question_quote_overlap": _share(q_terms, content_terms(x.quote)),
-        "answer_question_overlap": _share(content_terms(x.answer), q_terms),
+        "question_quote_overlap": term_share(x.question, x.quote),
+        "answer_question_overlap": term_share(x.answer, x.question),
         "log_answer_words": math.log1p(len(x.answer.split())),
         "log_quote_chars": math.log1p(len(x.quote)),
         "quote_valid": float(x.quote_valid),

@@ -15,7 +15,7 @@ import logging
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -78,7 +78,7 @@ class RewardScorer:
         """The calibrated decline threshold (None when the model was never calibrated)."""
         if self.calibration is None:
             return None
-        return self.calibration["calibration"].threshold
+        return self.calibration.calibration.threshold
 
     def threshold_for(self, target_accuracy: float) -> float:
         """The decline threshold guaranteeing ``target_accuracy`` (with the stored delta).
@@ -94,8 +94,8 @@ class RewardScorer:
             )
         cal = self.calibration
         return _monotone_threshold(
-            tuple(cal["scores"]), tuple(cal["correct"]), float(target_accuracy),
-            cal["calibration"].delta, cal["min_answered"],
+            cal.scores, cal.correct, float(target_accuracy), cal.calibration.delta,
+            cal.min_answered,
         )
 
 
@@ -156,7 +156,18 @@ def write_calibration(
     return path
 
 
-def read_calibration(directory: Path) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class CalibrationRecord:
+    """A reward model's calibration.json, parsed."""
+
+    calibration: Calibration  # the stored Learn-then-Test result
+    scores: tuple[float, ...]  # per calibration question: the best candidate's score
+    correct: tuple[bool, ...]  # per calibration question: was that answer correct
+    min_answered: int  # the smallest answered set a threshold may certify
+    body: dict[str, Any]  # the whole file, for reports
+
+
+def read_calibration(directory: Path) -> CalibrationRecord | None:
     """The parsed calibration.json of a reward-model directory (None when there is none)."""
     path = Path(directory) / CALIBRATION
     if not path.is_file():
@@ -184,8 +195,7 @@ def read_calibration(directory: Path) -> dict[str, Any] | None:
         ) from None
     if len(scores) != len(correct):
         raise ModelError(f"{path} is corrupt: {len(scores)} scores but {len(correct)} labels")
-    return {"calibration": calibration, "scores": scores, "correct": correct,
-            "min_answered": min_answered, "body": body}
+    return CalibrationRecord(calibration, tuple(scores), tuple(correct), min_answered, body)
 
 
 def load_scorer(name: str | None, cache_dir: Path | None = None) -> RewardScorer | None:

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from citeqa.evals.metrics import aurc
 from citeqa.retrieval.embed import Embedder
 from citeqa.reward.data import RewardData
 from citeqa.reward.features import FeatureSpec, featurize
@@ -137,9 +136,6 @@ def train_reward(
         "loss_last": history[-1],
         "train": asdict(cfg),
     }
-    if n and 0 < hard.sum() < n:
-        mean, _ = model.predict(torch.from_numpy(x))
-        metrics["train_aurc"] = aurc(mean.numpy(), hard)
     if p:
         mean_a, _ = model.predict(torch.from_numpy(x_a))
         mean_b, _ = model.predict(torch.from_numpy(x_b))

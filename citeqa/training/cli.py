@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import shlex
 import sys
 from dataclasses import replace
@@ -16,10 +17,11 @@ from typing import Annotated
 import typer
 
 from citeqa.cli_errors import fail
-from citeqa.config import Settings, preset
+from citeqa.config import MAX_CANDIDATES, Settings, preset
 from citeqa.errors import CiteqaError
 
-app = typer.Typer(help="Train models: the generator's LoRA adapter.", no_args_is_help=True)
+app = typer.Typer(help="Train models: the generator's LoRA adapter, and training data.",
+                  no_args_is_help=True)
 log = logging.getLogger(__name__)
 
 PresetOpt = Annotated[
@@ -163,3 +165,56 @@ if __name__ == "__main__":  # python -m citeqa.training.cli ... (before `citeqa 
         level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     app()
+
+
+@app.command("reward-data")
+def reward_data(
+    dataset: Annotated[Path, typer.Option("--dataset", help="SQuAD JSON or JSONL questions.")],
+    index: Annotated[Path, typer.Option("--index", "-i", help="Index over the dataset's text.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSONL to append to (resumable).")],
+    split: Annotated[
+        str | None, typer.Option("--split", help="train | calibration | eval articles.")
+    ] = "train",
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="At most this many questions.")
+    ] = None,
+    n_candidates: Annotated[
+        int, typer.Option("--n-candidates", "-n", min=1, max=MAX_CANDIDATES)
+    ] = 4,
+    greedy: Annotated[
+        bool, typer.Option("--greedy", help="Also one greedy (n=1) generation per question.")
+    ] = False,
+    preset_name: Annotated[str, typer.Option("--preset", help="default | tiny.")] = "default",
+    threads: Annotated[int | None, typer.Option("--threads", min=1)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Order of the sampled questions.")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Generate candidates for the dataset's questions and label them against the golds."""
+    from citeqa.config import Settings
+    from citeqa.evals.squad import articles_for_split, load_questions
+    from citeqa.pipeline import Pipeline
+    from citeqa.training.reward_data import build_reward_data
+
+    try:
+        articles = articles_for_split(split) if split else None
+        items = load_questions(dataset, articles)
+        random.Random(seed).shuffle(items)  # a limit then samples every article
+        items = items[:limit] if limit else items
+        settings = Settings(preset=preset_name, index=index)  # type: ignore[arg-type]
+        pipeline = Pipeline.from_settings(settings)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        stats = build_reward_data(
+            pipeline, items, out, n=n_candidates, greedy=greedy, progress=progress
+        )
+    except CiteqaError as e:
+        raise fail(str(e)) from None
+    except ValueError as e:
+        raise fail(str(e)) from None
+    typer.echo(
+        f"{stats.questions} questions ({stats.skipped} already done): {stats.candidates} "
+        f"candidates, {stats.correct} correct, {stats.pairs} pairs in {stats.seconds:.0f} s "
+        f"-> {out}"
+    )

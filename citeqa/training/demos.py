@@ -40,9 +40,9 @@ from citeqa.errors import SourceError
 from citeqa.evals.squad import QAItem
 from citeqa.generation.cited import CHARS_PER_TOKEN
 from citeqa.generation.format import ANSWER_PREFIX, QUOTE_PREFIX, QUOTE_SEPARATOR
-from citeqa.generation.prompt import build_messages, sentence_spans
-from citeqa.generation.verify import is_contentful
+from citeqa.generation.prompt import build_messages
 from citeqa.retrieval.base import Retriever
+from citeqa.text import is_contentful, sentence_spans
 from citeqa.types import Document, Hit, Passage
 
 logger = logging.getLogger(__name__)

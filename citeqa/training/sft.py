@@ -1,7 +1,7 @@
 """Supervised fine-tuning of the generator on demonstrations: render, mask, train LoRA, save.
 
-An example is the serving prompt (``prompt.build_messages`` -> chat template with the
-assistant opening, token for token what ``HFBackend.prompt_ids`` feeds the model) followed by
+An example is the serving prompt (``prompt.build_messages`` -> ``chat.prompt_ids``, the same
+function that builds what the local backend feeds the model) followed by
 the target reply (``demos.render_target``) and the end-of-turn token. Only the target tokens
 carry labels; the prompt's are -100, so the model learns to answer and quote, not to write
 prompts.
@@ -31,8 +31,10 @@ import torch
 from tqdm.auto import tqdm
 
 from citeqa.config import GenerationConfig
-from citeqa.generation.adapter import AdapterConfig, base_fingerprint, prompt_fingerprint
+from citeqa.generation.adapter import AdapterConfig, base_fingerprint
 from citeqa.generation.adapter import save_adapter as _save_adapter
+from citeqa.generation.chat import end_token_id, prompt_ids
+from citeqa.generation.prompt import prompt_fingerprint
 from citeqa.training.demos import Demo, render_target
 from citeqa.training.lora import LoRAConfig, LoRALinear, inject_lora, lora_parameters, lora_tensors
 
@@ -80,26 +82,6 @@ class TrainLog:
 
 
 # -- rendering ---------------------------------------------------------------------------------
-
-
-def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
-    """Token ids of the chat prompt ending with the assistant opening (as HFBackend builds it)."""
-    if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, return_dict=True
-        )
-        return [int(i) for i in out["input_ids"]]
-    text = "\n\n".join(m["content"] for m in messages) + "\n\n"
-    return [int(i) for i in tokenizer(text, add_special_tokens=True)["input_ids"]]
-
-
-def end_token_id(tokenizer: Any) -> int:
-    """The token that ends the assistant's turn (``<|im_end|>`` for ChatML models)."""
-    tid = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-        return tid
-    assert tokenizer.eos_token_id is not None, "the tokenizer has no end-of-sequence token"
-    return int(tokenizer.eos_token_id)
 
 
 def encode_example(tokenizer: Any, messages: Sequence[dict[str, str]], target: str) -> Example:

@@ -1,0 +1,234 @@
+"""The routes: ``/v1`` (answers, search, documents) and the operational ones (health, readiness,
+metrics, the page). Handlers only validate, call the pipeline (off the event loop) and return a
+schema; questions go through the batcher, document changes through the single update thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Request
+from fastapi.responses import HTMLResponse, PlainTextResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from citeqa.api.batching import Batcher, BatcherClosedError, QueueFullError
+from citeqa.api.deps import BatcherDep, PipelineDep, PipelineLike, ServiceState, StateDep
+from citeqa.api.errors import ApiError
+from citeqa.api.metrics import CONTENT_TYPE
+from citeqa.api.schemas import (
+    AnswerOut,
+    AnswerRequest,
+    DocumentAddedOut,
+    DocumentIn,
+    DocumentOut,
+    ErrorOut,
+    SearchOut,
+    SearchRequest,
+    StatusOut,
+    TextDocumentIn,
+    UrlDocumentIn,
+)
+from citeqa.errors import InvalidRequestError
+from citeqa.ingest import Fetcher, doc_id_for
+from citeqa.ingest.html import title_from_text
+from citeqa.types import Answer, AskArgs, Document
+
+logger = logging.getLogger(__name__)
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorOut} for s in (401, 404, 413, 422, 500, 503, 504)
+}
+DOCUMENT_ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorOut} for s in (400, 409, 501, 502)
+}
+DocId = Annotated[str, Path(min_length=1, max_length=256)]
+
+
+def make_run_batch(pipeline: PipelineLike) -> Callable[[list[AskArgs]], list[Answer | Exception]]:
+    """The worker's batch function: ``ask_many`` over the batch; if that fails on a batch of
+    several, each item is retried alone so that one bad request does not fail the others."""
+
+    def run(items: list[AskArgs]) -> list[Answer | Exception]:
+        try:
+            return list(pipeline.ask_many(items))
+        except Exception:
+            if len(items) == 1:
+                raise
+        logger.warning("ask_many failed on a batch of %d; retrying one by one", len(items))
+        out: list[Answer | Exception] = []
+        for a in items:
+            try:
+                out.extend(pipeline.ask_many([a]))
+            except Exception as exc:  # noqa: BLE001 - delivered to that request's caller
+                out.append(exc)
+        return out
+
+    return run
+
+
+def text_document(body: TextDocumentIn) -> Document:
+    """The Document for a posted text; doc_id and title default to a hash and the first line."""
+    source = body.source or ""
+    doc_id = body.doc_id or doc_id_for(f"{source}\n{body.title or ''}\n{body.text}")
+    title = body.title if body.title is not None else title_from_text(body.text, doc_id)
+    return Document(doc_id=doc_id, title=title, source=source, text=body.text)
+
+
+def url_document(body: UrlDocumentIn, fetcher: Fetcher) -> Document:
+    """Fetch ``body.url`` under the fetcher's address rules (SSRF-safe) into a Document."""
+    page = fetcher.fetch(body.url)
+    if not page.text.strip():
+        raise InvalidRequestError(f"{body.url} has no text to index; send its text instead")
+    return Document(doc_id=body.doc_id or doc_id_for(body.url), title=page.title,
+                    source=page.final_url, text=page.text)
+
+
+def _update_error(exc: InvalidRequestError) -> ApiError | InvalidRequestError:
+    codes = {404: "document_not_found", 409: "conflict"}
+    if exc.status in codes:
+        return ApiError(exc.status, codes[exc.status], str(exc))
+    return exc
+
+
+async def run_update(state: ServiceState, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` on the single update thread (off the event loop, one at a time)."""
+    updater = state.updater
+    if updater is None:
+        raise state.not_ready_error()
+    try:
+        fut = updater.submit(fn, *args)
+    except RuntimeError:  # shut down
+        raise state.not_ready_error() from None
+    try:
+        return await asyncio.wrap_future(fut)
+    except InvalidRequestError as exc:
+        raise _update_error(exc) from None
+
+
+async def await_answer(request: Request, state: ServiceState, batcher: Batcher[AskArgs, Answer],
+                       args: AskArgs) -> Answer:
+    """Queue ``args`` for the worker and wait for its answer, giving up (and cancelling the
+    queued work) on timeout or when the client disconnects."""
+    settings = state.settings
+    try:
+        cfut = batcher.submit(args)
+    except QueueFullError as exc:
+        raise ApiError(503, "overloaded", str(exc),
+                       headers={"Retry-After": str(settings.retry_after_s)}) from None
+    except BatcherClosedError:
+        raise state.not_ready_error() from None
+    afut = asyncio.wrap_future(cfut)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.request_timeout_s
+    try:
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise ApiError(504, "timeout", f"no answer within {settings.request_timeout_s:g} "
+                               "s; try again later or ask with fewer candidates")
+            done, _ = await asyncio.wait({afut},
+                                         timeout=min(settings.disconnect_poll_s, remaining))
+            if done:
+                if afut.cancelled():  # shutdown gave up on queued work
+                    raise state.not_ready_error()
+                return afut.result()
+            if await request.is_disconnected():
+                logger.info("client disconnected; cancelling its queued request")
+                raise ApiError(499, "client_closed_request", "the client closed the connection")
+    finally:
+        if not afut.done():
+            cfut.cancel()  # skipped by the worker if it has not started it
+            afut.cancel()
+
+
+def v1_router(require_key: Callable[..., None]) -> APIRouter:
+    """Everything under ``/v1`` (behind ``require_key``)."""
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)
+
+    @v1.post("/answer", response_model=AnswerOut)
+    async def answer(body: AnswerRequest, request: Request, state: StateDep,
+                     pipeline: PipelineDep, batcher: BatcherDep) -> dict[str, Any]:
+        """Answer a question with a verified quote, or decline."""
+        args = AskArgs(body.question, top_k=body.top_k, n_candidates=body.n_candidates,
+                       min_score=body.min_score, target_accuracy=body.target_accuracy)
+        args = await run_in_threadpool(pipeline.check, args)  # bad input fails before queueing
+        result = await await_answer(request, state, batcher, args)
+        state.metrics.observe_answer(result.declined)
+        return result.to_json()
+
+    @v1.post("/search", response_model=SearchOut)
+    async def search(body: SearchRequest, pipeline: PipelineDep) -> dict[str, Any]:
+        """Retrieve passages (with character offsets into their documents)."""
+        hits = await run_in_threadpool(pipeline.search, body.query, body.k)
+        return {"hits": [h.to_json() for h in hits]}
+
+    @v1.get("/documents/{doc_id:path}", response_model=DocumentOut)
+    async def document(doc_id: DocId, pipeline: PipelineDep) -> dict[str, Any]:
+        """A source document's full text (quotes' offsets index into it)."""
+        try:
+            doc = await run_in_threadpool(pipeline.document, doc_id)
+        except KeyError:
+            raise ApiError(404, "document_not_found", f"no document with id {doc_id!r}") from None
+        return {"doc_id": doc.doc_id, "title": doc.title, "source": doc.source, "text": doc.text}
+
+    @v1.post("/documents", response_model=DocumentAddedOut, status_code=201,
+             responses=DOCUMENT_ERRORS)
+    async def add_document(body: DocumentIn, state: StateDep,
+                           pipeline: PipelineDep) -> dict[str, Any]:
+        """Index a document (its text, or a public http(s) URL to fetch): searchable on return,
+        persisted atomically. 409 when its doc_id is already indexed."""
+        if isinstance(body, UrlDocumentIn):
+            assert state.fetcher is not None, "create_app sets the fetcher"
+            doc = await run_in_threadpool(url_document, body, state.fetcher)
+        else:
+            doc = text_document(body)
+        counts = await run_update(state, pipeline.add_documents, [doc])
+        return {"doc_id": doc.doc_id, "title": doc.title, "source": doc.source,
+                "passages": counts[doc.doc_id]}
+
+    @v1.delete("/documents/{doc_id:path}", status_code=204, response_class=Response,
+               responses=DOCUMENT_ERRORS)
+    async def delete_document(doc_id: DocId, state: StateDep, pipeline: PipelineDep) -> Response:
+        """Remove a document from the index (at once, persisted atomically)."""
+        await run_update(state, pipeline.delete_document, doc_id)
+        return Response(status_code=204)
+
+    return v1
+
+
+def ops_router(page: str, csp: str) -> APIRouter:
+    """Health, readiness, metrics and the page (``page`` served with its ``csp``)."""
+    ops = APIRouter()
+
+    @ops.get("/healthz", response_model=StatusOut)
+    async def healthz() -> dict[str, Any]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @ops.get("/readyz", response_model=StatusOut, responses={503: {"model": ErrorOut}})
+    async def readyz(state: StateDep) -> dict[str, Any]:
+        """Readiness: 200 once models are loaded; 503 while loading, after a failed load, and
+        while shutting down."""
+        if state.phase != "ready":
+            raise state.not_ready_error()
+        return {"status": "ready"}
+
+    @ops.get("/metrics", response_class=PlainTextResponse)
+    async def metrics(state: StateDep) -> PlainTextResponse:
+        """Prometheus metrics."""
+        return PlainTextResponse(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @ops.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        """No icon (browsers ask for one; a 404 would be logged as a page error)."""
+        return Response(status_code=204, headers={"Cache-Control": "max-age=86400"})
+
+    @ops.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Content-Security-Policy": csp,
+                                           "Cache-Control": "no-cache"})
+
+    return ops

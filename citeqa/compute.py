@@ -1,0 +1,99 @@
+"""Which number format a CPU computes in: bf16 where its matrix units make it pay, by measurement.
+
+Recent x86 server CPUs (AVX-512 BF16, AMX) multiply bf16 matrices several times faster than
+fp32; older ones emulate bf16 and are slower at it. ``cpu_dtype("auto")`` times a small matmul
+in both formats (once per process, ~0.2 s) and takes bf16 only where it is at least
+``BF16_MIN_SPEEDUP`` times faster. Settings (``CITEQA_CPU_DTYPE``):
+
+- ``bf16``: weights and activations in bfloat16 (prefill, embedding, training via autocast);
+  log-probabilities and scores are still computed in fp32;
+- ``fp16w``: a generator's Linear weights stored in fp16 and computed in fp32 (halves the bytes
+  a decoding step streams; for everything else, the same as fp32);
+- ``fp32``: as loaded;
+- ``auto``: ``bf16`` where the probe says it pays, else ``fp16w`` for the generator and
+  ``fp32`` for the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+logger = logging.getLogger(__name__)
+
+CpuDtype = Literal["auto", "bf16", "fp16w", "fp32"]
+CPU_DTYPES: tuple[str, ...] = ("auto", "bf16", "fp16w", "fp32")
+BF16_MIN_SPEEDUP = 1.5  # bf16 must beat fp32 by this factor on the probe to be chosen
+PROBE_SHAPE = (256, 576, 1536)  # M x K x N: a slice of a small model's prefill
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    fp32_gflops: float
+    bf16_gflops: float
+
+    @property
+    def bf16_speedup(self) -> float:
+        return self.bf16_gflops / max(self.fp32_gflops, 1e-9)
+
+
+def probe_matmul(repeats: int = 5) -> ProbeResult:
+    """GFLOP/s of a ``PROBE_SHAPE`` matmul in fp32 and in bf16 (best of ``repeats``)."""
+    import torch
+
+    m, k, n = PROBE_SHAPE
+    flops = 2.0 * m * k * n
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(m, k).to(dtype)
+        b = torch.randn(k, n).to(dtype)
+        a @ b  # warm-up: kernel selection, packing
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        out[dtype] = flops / best / 1e9
+    return ProbeResult(out[torch.float32], out[torch.bfloat16])
+
+
+_probed: ProbeResult | None = None
+_probe_lock = threading.Lock()
+
+
+def _cached_probe() -> ProbeResult:
+    global _probed
+    with _probe_lock:
+        if _probed is None:
+            _probed = probe_matmul()
+            logger.info("matmul probe: fp32 %.0f GFLOP/s, bf16 %.0f GFLOP/s (%.1fx)",
+                        _probed.fp32_gflops, _probed.bf16_gflops, _probed.bf16_speedup)
+        return _probed
+
+
+def cpu_dtype(requested: str, *, for_generator: bool = False,
+              probe: Callable[[], ProbeResult] = _cached_probe) -> str:
+    """The format to compute in on this CPU: "bf16", "fp16w" or "fp32".
+
+    ``requested`` is a ``CPU_DTYPES`` value; "auto" asks ``probe``. ``fp16w`` only means
+    something for a generator's decoding; elsewhere it computes as fp32.
+    """
+    if requested not in CPU_DTYPES:
+        raise ValueError(f"cpu dtype must be one of {CPU_DTYPES}, got {requested!r}")
+    if requested == "auto":
+        result = probe()
+        requested = "bf16" if result.bf16_speedup >= BF16_MIN_SPEEDUP else "fp16w"
+    if requested == "fp16w" and not for_generator:
+        return "fp32"
+    return requested
+
+
+def torch_dtype(resolved: str):  # -> torch.dtype
+    """The torch dtype of weights and activations for a resolved format."""
+    import torch
+
+    return torch.bfloat16 if resolved == "bf16" else torch.float32

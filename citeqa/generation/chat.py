@@ -1,0 +1,77 @@
+"""Chat messages as token ids, for serving and training alike: the prompt, a turn, the stops.
+
+The local backend decodes from ``prompt_ids(messages)`` and supervised fine-tuning trains on
+``prompt_ids(messages) + reply + [end_token_id]``, so the two can never drift apart: what the
+model learned to continue is token for token what it is asked to continue.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from citeqa.errors import InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+# End-of-turn / end-of-text tokens of common chat templates, beside the tokenizer's own EOS.
+END_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of the chat prompt, ending with the assistant turn's opening.
+
+    A tokenizer without a chat template (a base model) gets the turns as plain text, separated
+    by blank lines.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, return_dict=True
+        )
+        return [int(i) for i in out["input_ids"]]
+    text = "\n\n".join(m["content"] for m in messages) + "\n\n"
+    return [int(i) for i in tokenizer(text, add_special_tokens=True)["input_ids"]]
+
+
+def turn_ids(tokenizer: Any, message: dict[str, str]) -> list[int] | None:
+    """Token ids of one message rendered alone, as it begins a prompt (None: the chat template
+    does not render it alone)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return [int(i) for i in tokenizer(message["content"], add_special_tokens=True)["input_ids"]]
+    try:
+        out = tokenizer.apply_chat_template([message], add_generation_prompt=False,
+                                            return_dict=True)
+    except Exception:  # noqa: BLE001 - some templates refuse a lone system turn
+        logger.debug("chat template does not render a lone system turn", exc_info=True)
+        return None
+    return [int(i) for i in out["input_ids"]]
+
+
+def _token_id(tokenizer: Any, token: str) -> int | None:
+    tid = tokenizer.convert_tokens_to_ids(token)
+    return tid if isinstance(tid, int) and tid != tokenizer.unk_token_id else None
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """Tokens that end a reply: the tokenizer's EOS first, then ``END_TOKENS`` that exist.
+
+    Raises InvalidRequestError when there is none (decoding could never stop).
+    """
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    for token in END_TOKENS:
+        tid = _token_id(tokenizer, token)
+        if tid is not None and tid not in ids:
+            ids.append(tid)
+    if not ids:
+        raise InvalidRequestError("the tokenizer has no EOS token; set tokenizer.eos_token")
+    return ids
+
+
+def end_token_id(tokenizer: Any) -> int:
+    """The token a trained reply ends with: the end of the assistant's turn (``<|im_end|>`` for
+    ChatML models), else EOS."""
+    tid = _token_id(tokenizer, END_TOKENS[0])
+    return tid if tid is not None else stop_token_ids(tokenizer)[0]

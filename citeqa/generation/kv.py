@@ -1,0 +1,109 @@
+"""KV-cache surgery for the local backend: the system turn's keys and values computed once and
+copied into each batch, and separately prefilled prompts stacked into one batch.
+
+Keys and values at a position depend only on the tokens up to it, so those of a token prefix
+shared by every prompt (the system turn) are the same in every prompt. Only plain growing
+caches (``DynamicLayer``) can be copied and stacked: sliding-window layers drop old keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from citeqa.generation.drafts import common_prefix_length
+
+MIN_PREFIX = 8  # shortest shared prompt prefix worth copying from the system-turn cache
+
+
+def plain_cache(config: Any) -> bool:
+    """True when every layer of ``config``'s cache is a plain growing one (copyable)."""
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """A system turn's tokens and its keys and values per layer, [1, heads, tokens, head_dim]."""
+
+    tokens: list[int]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+class SystemPrefixCache:
+    """The keys and values of the last system turn seen, and fresh caches that start with them.
+
+    ``decoder(input_ids=..., past_key_values=..., use_cache=True)`` runs the decoder stack;
+    ``turn_ids(message)`` renders one message alone (None when the chat template cannot).
+    """
+
+    def __init__(self, decoder: Callable[..., Any], config: Any, device: torch.device,
+                 turn_ids: Callable[[dict[str, str]], list[int] | None], *,
+                 enabled: bool = True) -> None:
+        self.decoder = decoder
+        self.config = config
+        self.device = device
+        self.turn_ids = turn_ids
+        self.enabled = enabled and plain_cache(config)
+        self.last: tuple[str, Prefix] | None = None  # (system text, its prefix)
+
+    def prefix(self, messages: Sequence[dict[str, str]]) -> Prefix | None:
+        """The prefix of the system turn of ``messages`` (computed the first time that system
+        text is seen), or None when there is none to reuse."""
+        if not (self.enabled and messages and messages[0].get("role") == "system"):
+            return None
+        text = messages[0]["content"]
+        if self.last is not None and self.last[0] == text:
+            return self.last[1]
+        tokens = self.turn_ids(messages[0])
+        if tokens is None or len(tokens) < MIN_PREFIX:
+            return None
+        fresh = DynamicCache(config=self.config)
+        self.decoder(input_ids=torch.tensor([tokens], device=self.device),
+                     past_key_values=fresh, use_cache=True)
+        prefix = Prefix(tokens, [layer.keys for layer in fresh.layers],
+                        [layer.values for layer in fresh.layers])
+        self.last = (text, prefix)
+        return prefix
+
+    def fresh_cache(self, messages: Sequence[dict[str, str]], seqs: Sequence[Sequence[int]],
+                    ) -> tuple[DynamicCache, int]:
+        """A fresh cache for a batch whose rows are ``seqs`` (all with the system turn of
+        ``messages``), holding the keys and values of their common prefix when that can be
+        reused; returns it with how many tokens it holds (every row keeps >= 1 to prefill)."""
+        cache = DynamicCache(config=self.config)
+        prefix = self.prefix(messages)
+        if prefix is None:
+            return cache, 0
+        shared = min(min(common_prefix_length(prefix.tokens, s), len(s) - 1) for s in seqs)
+        if shared < MIN_PREFIX:  # e.g. another system text
+            return cache, 0
+        rows = len(seqs)
+        for layer, k, v in zip(cache.layers, prefix.keys, prefix.values, strict=True):
+            layer.update(k[:, :, :shared].expand(rows, -1, -1, -1),
+                         v[:, :, :shared].expand(rows, -1, -1, -1))
+        return cache, shared
+
+
+def stack_prefills(parts: Sequence[tuple[DynamicCache, torch.Tensor, torch.Tensor]],
+                   config: Any) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+    """One batch from prefills of one or more rows each ``(cache, mask [r, T_i], hidden
+    [r, H])``: keys, values and masks are left-padded to the longest (the padding is masked
+    out, as left padding in a batched prefill would be) and stacked row after row."""
+    width = max(mask.shape[1] for _, mask, _ in parts)
+    stacked = DynamicCache(config=config)
+    pads = [(0, 0, width - mask.shape[1], 0) for _, mask, _ in parts]  # [.., T, D]: pad T left
+    caches = [c for c, _, _ in parts]
+    for i, layer in enumerate(stacked.layers):
+        layer.update(
+            torch.cat([F.pad(c.layers[i].keys, p) for c, p in zip(caches, pads, strict=True)]),
+            torch.cat([F.pad(c.layers[i].values, p) for c, p in zip(caches, pads, strict=True)]),
+        )
+    mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for _, m, _ in parts])
+    return stacked, mask, torch.cat([h for _, _, h in parts])

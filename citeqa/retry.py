@@ -1,0 +1,61 @@
+"""When to try an HTTP call again and how long to wait: one policy for every client citeqa has
+(``CiteqaClient`` against the service, the remote generator against its engine).
+
+A call is retried on a connection that could not be made, and on 429 and 503 answers, which
+say "not now" and may carry ``Retry-After`` (seconds or an HTTP date, RFC 9110 sec. 10.2.3).
+The wait is that header when given, else exponential backoff with full jitter, never past the
+caller's deadline.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+
+RETRY_STATUSES = frozenset({429, 503})
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (delta-seconds or an HTTP date); None when
+    absent or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(when.timestamp() - (time.time() if now is None else now), 0.0)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    retries: int = 3  # tries after the first; 0 = never retry
+    base_s: float = 0.5  # the first backoff's upper bound; doubles each try
+    max_s: float = 30.0  # no single wait is longer than this
+
+    def delay(self, attempt: int, retry_after: str | None = None,
+              rng: random.Random | None = None) -> float:
+        """Seconds to wait before try ``attempt + 1`` (``attempt`` counts from 0)."""
+        told = parse_retry_after(retry_after)
+        if told is not None:
+            return min(told, self.max_s)
+        bound = min(self.base_s * 2**attempt, self.max_s)
+        return (rng or random).uniform(0.0, bound)
+
+    def wait(self, attempt: int, retry_after: str | None, deadline: float | None) -> bool:
+        """Sleep before the next try and return True, or return False when no try is left or
+        the wait would end past ``deadline`` (a ``time.monotonic()`` value)."""
+        if attempt >= self.retries:
+            return False
+        pause = self.delay(attempt, retry_after)
+        if deadline is not None and time.monotonic() + pause > deadline:
+            return False
+        time.sleep(pause)
+        return True

@@ -1,0 +1,166 @@
+"""Text heuristics, in one place: words, answer normalisation, stop words, terms, sentences.
+
+Everything that reads text by rule imports it from here: BM25 (``tokenize``), chunking and
+prompt windows (``sentences``), quote verification (``is_contentful``), the extractive stand-in
+model, the reward model's inputs and the SQuAD metrics (``normalize_answer``). A change here
+changes all of them together, so each function says what depends on it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+from typing import NamedTuple
+
+WORD = re.compile(r"\w+")  # a word: a run of unicode word characters
+
+# A small English stop-word list: a quote made only of these (and punctuation) supports nothing,
+# and they never count as question terms.
+STOP_WORDS: frozenset[str] = frozenset(
+    """
+    a about above after again against all also am an and any are as at be because been before
+    being below between both but by can could did do does doing down during each few for from
+    further had has have having he her here hers herself him himself his how i if in into is it
+    its itself just me more most my myself no nor not now of off on once only or other our ours
+    ourselves out over own same she should so some such than that the their theirs them
+    themselves then there these they this those through to too under until up very was we were
+    what when where which while who whom why will with would you your yours yourself yourselves
+    """.split()
+)
+
+# Closing quotes and brackets that stay with the sentence they end.
+_CLOSERS = "\"')]\u201d\u2019"
+# A sentence ends after . ! or ? (plus closing quotes/brackets) followed by whitespace, or at a
+# line break; the whitespace between sentences belongs to neither. Two line breaks in that
+# whitespace make a paragraph break.
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])[\"')\]\u201d\u2019]*\s+|\s*\n\s*")
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCTUATION = frozenset(string.punctuation)  # ASCII only: "–", "—", "’" are kept
+
+
+def tokenize(text: str) -> list[str]:
+    """Lowercase word tokens of ``text``, in order: the one BM25 tokenizer.
+
+    BM25 indexes and queries with it, so a change here changes every index: bump the index
+    format version (citeqa/retrieval/store.py) if you change it.
+    """
+    return WORD.findall(text.lower())
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation: lowercase, drop ASCII punctuation, drop a/an/the, collapse
+    whitespace (in the official script's order). Metrics and the reward model use it."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def answer_f1(pred: str, gold: str) -> float:
+    """SQuAD's token F1 of two answers after ``normalize_answer`` (bag-of-words overlap); 1 when
+    both are empty, 0 when only one is (the official no-answer convention)."""
+    gold_toks, pred_toks = normalize_answer(gold).split(), normalize_answer(pred).split()
+    if not gold_toks or not pred_toks:
+        return float(gold_toks == pred_toks)
+    num_same = sum((Counter(gold_toks) & Counter(pred_toks)).values())
+    if num_same == 0:
+        return 0.0
+    precision = num_same / len(pred_toks)
+    recall = num_same / len(gold_toks)
+    return 2 * precision * recall / (precision + recall)
+
+
+def is_contentful(text: str) -> bool:
+    """True when ``text`` has at least one word that is not a stop word."""
+    return any(w not in STOP_WORDS for w in tokenize(text))
+
+
+def term(word: str) -> str:
+    """A word as a matching term: lower-cased, with a plural/tense suffix cut (opened -> open)."""
+    word = word.lower()
+    for suffix in ("ing", "ed", "es", "s"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            return word[: -len(suffix)]
+    return word
+
+
+def content_terms(text: str) -> set[str]:
+    """Matching terms of the words of ``text`` that are not stop words."""
+    return {term(w) for w in tokenize(text) if w not in STOP_WORDS}
+
+
+def term_share(part: str, whole: str) -> float:
+    """The share of ``part``'s content terms that ``whole`` also has (0 when it has none)."""
+    mine = content_terms(part)
+    return len(mine & content_terms(whole)) / len(mine) if mine else 0.0
+
+
+def relevance(sentences: Sequence[str], question: str) -> list[float]:
+    """Score each sentence by the question terms it shares, rarer terms (within these
+    sentences) weighing more: ``sum(log(1 + N / df(t)))`` over shared terms ``t``."""
+    terms = content_terms(question)
+    bags = [content_terms(s) & terms for s in sentences]
+    df = Counter(t for bag in bags for t in bag)
+    n = len(sentences)
+    return [sum(math.log1p(n / df[t]) for t in bag) for bag in bags]
+
+
+class Sentence(NamedTuple):
+    """A sentence of a text: ``text[start:end]``, trimmed and non-empty."""
+
+    start: int
+    end: int
+    paragraph_start: bool  # a paragraph break (two line breaks) comes before it
+
+
+def sentences(text: str) -> list[Sentence]:
+    """The sentences of ``text`` in order (see ``_SENTENCE_BREAK``); chunking packs them into
+    passages and the prompt picks windows of them."""
+    raw: list[tuple[int, int, bool]] = []
+    pos, para = 0, False
+    for m in _SENTENCE_BREAK.finditer(text):
+        if m.start() > pos:
+            raw.append((pos, m.start(), para))
+        if m.end() > pos:
+            para = m.group().count("\n") >= 2
+        pos = max(pos, m.end())
+    if pos < len(text):
+        raw.append((pos, len(text), para))
+    out = []
+    for s, e, p in raw:
+        # A break match may start with the closing quote/bracket it consumed: give it back.
+        while e < len(text) and text[e] in _CLOSERS:
+            e += 1
+        while s < e and text[s].isspace():
+            s += 1
+        while e > s and text[e - 1].isspace():
+            e -= 1
+        if e > s:
+            out.append(Sentence(s, e, p))
+    return out
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """``(start, end)`` of each sentence of ``text``, without surrounding whitespace."""
+    return [(s.start, s.end) for s in sentences(text)]
+
+
+__all__ = [
+    "STOP_WORDS",
+    "WORD",
+    "Sentence",
+    "answer_f1",
+    "content_terms",
+    "is_contentful",
+    "normalize_answer",
+    "relevance",
+    "sentence_spans",
+    "sentences",
+    "term",
+    "term_share",
+    "tokenize",
+]

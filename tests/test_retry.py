@@ -1,0 +1,39 @@
+"""The retry policy: Retry-After in both forms, exponential backoff with jitter, the deadline."""
+
+from __future__ import annotations
+
+import random
+import time
+from email.utils import formatdate
+
+import pytest
+
+from citeqa.retry import Backoff, parse_retry_after
+
+
+def test_retry_after_in_seconds_and_as_an_http_date() -> None:
+    assert parse_retry_after("7") == 7.0
+    now = time.time()
+    assert parse_retry_after(formatdate(now + 30, usegmt=True), now=now) == pytest.approx(30, abs=1)
+    assert parse_retry_after(formatdate(now - 30, usegmt=True), now=now) == 0.0  # already past
+    for bad in (None, "", "soon", "-3", "1.5e9"):
+        assert parse_retry_after(bad) is None
+
+
+def test_backoff_doubles_its_bound_and_caps_every_wait() -> None:
+    b = Backoff(retries=5, base_s=1.0, max_s=5.0)
+    rng = random.Random(0)
+    for attempt, bound in enumerate([1, 2, 4, 5, 5]):
+        waits = [b.delay(attempt, None, rng) for _ in range(200)]
+        assert 0 <= min(waits) and max(waits) <= bound and max(waits) > 0.8 * bound
+    assert b.delay(0, "60") == 5.0  # a long Retry-After is capped too
+    assert b.delay(3, "2") == 2.0
+
+
+def test_wait_gives_up_when_tries_or_time_run_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr("citeqa.retry.time.sleep", slept.append)
+    b = Backoff(retries=2)
+    assert b.wait(0, "1", None) and b.wait(1, "1", None) and not b.wait(2, "1", None)
+    assert slept == [1.0, 1.0]
+    assert not b.wait(0, "10", time.monotonic() + 5)  # would end past the deadline
