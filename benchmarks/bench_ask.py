@@ -5,8 +5,9 @@ model, against the prefill time of the question's own prompt; and batch throughp
 
 Questions: a fixed seeded sample of answerable questions of the EVAL articles, asked one at a
 time through ``Pipeline.ask`` after ``--warmup`` warm-up questions. For each question the prompt
-it was shown is then prefilled alone (no decoding) to time ``prefill_own``; the target is a
-median ``total / prefill_own`` <= 1.5. Throughput: the same questions generated ``c`` at a time
+it was shown is then prefilled alone (no decoding) by the served model (``prefill_own``) and by
+a plain fp32 transformers model (``prefill_plain_fp32``); the target is a p50 total <= 0.8 x
+the plain fp32 prefill. Throughput: the same questions generated ``c`` at a time
 with ``CitedGenerator.generate_many`` (one backend batch), in generated tokens per second.
 Writes evals/results/bench_ask.json.
 """
@@ -27,28 +28,28 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from citeqa.compute import CPU_DTYPES  # noqa: E402
 from citeqa.config import Config  # noqa: E402
 from citeqa.evals.metrics import percentile  # noqa: E402
-from citeqa.generation.cited import CitedGenerator  # noqa: E402
-from citeqa.generation.models import CPU_WEIGHTS  # noqa: E402
+from citeqa.generation.cited import CitedGenerator, GenerationItem  # noqa: E402
 from citeqa.generation.prompt import build_messages  # noqa: E402
 from evals.generation_quality import DATA, INDEX, sample_questions  # noqa: E402
 
 OUT = ROOT / "evals" / "results" / "bench_ask.json"
 
 
-def prefill_only_ms(backend, messages, repeats: int = 1) -> float:
-    """Best-of-``repeats`` wall time of one prefill pass over the chat prompt of ``messages``."""
+def prefill_only_ms(model, ids: list[int], repeats: int = 1) -> float:
+    """Best-of-``repeats`` wall time of one pass of ``model``'s decoder stack over ``ids``."""
     import torch
     from transformers import DynamicCache
 
-    ids = torch.tensor([backend.prompt_ids(messages)], dtype=torch.long)
+    batch = torch.tensor([ids], dtype=torch.long)
     best = float("inf")
     with torch.inference_mode():
         for _ in range(repeats):
-            cache = DynamicCache(config=backend.model.config)
+            cache = DynamicCache(config=model.config)
             t0 = time.perf_counter()
-            backend._decoder(input_ids=ids, past_key_values=cache, use_cache=True)
+            model.get_decoder()(input_ids=batch, past_key_values=cache, use_cache=True)
             best = min(best, (time.perf_counter() - t0) * 1000)
     return best
 
@@ -65,8 +66,8 @@ def main() -> None:
     ap.add_argument("--speculative", type=int, default=None,
                     help="prompt-lookup draft tokens (default: GenerationConfig's)")
     ap.add_argument("--adapter", default=None, help="packaged | none | a dir (default: config's)")
-    ap.add_argument("--cpu-weights", default=None, choices=CPU_WEIGHTS,
-                    help="decoder Linear weights on a CPU (default: config's)")
+    ap.add_argument("--cpu-dtype", default=None, choices=CPU_DTYPES,
+                    help="CPU compute format (default: config's, auto)")
     ap.add_argument("--no-prefix-cache", action="store_true",
                     help="prefill the system turn for every prompt instead of reusing its cache")
     args = ap.parse_args()
@@ -74,8 +75,7 @@ def main() -> None:
     import faiss
     import torch
 
-    from citeqa.generation.adapter import resolve_adapter
-    from citeqa.generation.hf import HFBackend
+    from citeqa.generation.factory import build_backend
     from citeqa.pipeline import Pipeline
     from citeqa.retrieval import HybridRetriever
 
@@ -87,16 +87,18 @@ def main() -> None:
                                               speculative_quote_tokens=args.speculative))
     if args.adapter is not None:
         cfg = replace(cfg, generation=replace(cfg.generation, adapter=args.adapter))
-    if args.cpu_weights is not None:
-        cfg = replace(cfg, generation=replace(cfg.generation, cpu_weights=args.cpu_weights))
+    if args.cpu_dtype is not None:
+        cfg = replace(cfg, generation=replace(cfg.generation, cpu_dtype=args.cpu_dtype),
+                      retrieval=replace(cfg.retrieval, cpu_dtype=args.cpu_dtype))
     gen_cfg = cfg.generation
     retriever = HybridRetriever.open(args.index, cfg.retrieval)
-    backend = HFBackend.load(gen_cfg.model, Path.home() / ".cache" / "citeqa",
-                             adapter=resolve_adapter(gen_cfg.adapter, gen_cfg.model),
-                             cpu_weights=gen_cfg.cpu_weights,
-                             speculative_tokens=gen_cfg.speculative_quote_tokens,
-                             threads=args.threads, reuse_prefix=not args.no_prefix_cache)
+    backend = build_backend(replace(gen_cfg, threads=args.threads),
+                            Path.home() / ".cache" / "citeqa",
+                            reuse_prefix=not args.no_prefix_cache)
     generator = CitedGenerator(backend, gen_cfg)
+    from citeqa.generation.models import load_model
+
+    plain_fp32, _, _ = load_model(gen_cfg.model, Path.home() / ".cache" / "citeqa", device="cpu")
     pipeline = Pipeline(retriever, generator, cfg)
     items = sample_questions(DATA / "qa.json", "eval", args.questions + args.warmup)
     for q in items[: args.warmup]:
@@ -108,7 +110,9 @@ def main() -> None:
         t = answer.timings_ms
         hits = retriever.search(q.question, k=gen_cfg.top_k_passages)
         messages, _ = build_messages(q.question, hits, gen_cfg)
-        own = prefill_only_ms(backend, messages)
+        ids = backend.prompt_ids(messages)
+        own = prefill_only_ms(backend.model, ids)
+        plain = prefill_only_ms(plain_fp32, ids)
         tokens = t.get("tokens", 0.0)
         rows.append({
             "question": q.question,
@@ -118,6 +122,8 @@ def main() -> None:
             "decode_ms": t.get("decode_ms", 0.0),
             "prefill_own_ms": own,
             "ratio": t["total_ms"] / own,
+            "prefill_plain_fp32_ms": plain,
+            "ratio_over_plain_fp32": t["total_ms"] / plain,
             "prompt_tokens": t.get("prompt_tokens", 0.0),
             "tokens": tokens,
             "forward_passes": t.get("forward_passes", 0.0),
@@ -138,6 +144,9 @@ def main() -> None:
         "share": shares,
         "median_prefill_own_ms": statistics.median(r["prefill_own_ms"] for r in rows),
         "median_ratio_total_over_prefill": statistics.median(r["ratio"] for r in rows),
+        "median_prefill_plain_fp32_ms": statistics.median(r["prefill_plain_fp32_ms"] for r in rows),
+        "median_ratio_total_over_plain_fp32_prefill": statistics.median(
+            r["ratio_over_plain_fp32"] for r in rows),
         "median_prompt_tokens": statistics.median(r["prompt_tokens"] for r in rows),
         "median_generated_tokens": statistics.median(r["tokens"] for r in rows),
         "forward_passes_per_generated_token": sum(r["forward_passes"] for r in rows)
@@ -155,7 +164,8 @@ def main() -> None:
         tokens = 0.0
         for at in range(0, len(pool), c):
             gens = generator.generate_many(
-                [(q.question, hits_of[q.id], retriever.document, 1) for q in pool[at : at + c]]
+                [GenerationItem(q.question, hits_of[q.id], retriever.document, 1)
+                 for q in pool[at : at + c]]
             )
             tokens += sum(cand.n_tokens for g in gens for cand in g.candidates)
         wall = time.perf_counter() - t0
@@ -180,7 +190,11 @@ def main() -> None:
     s = summary
     print(f"p50 total {s['p50_total_ms']:.0f} ms, p95 {s['p95_total_ms']:.0f} ms; median own "  # noqa: T201
           f"prefill {s['median_prefill_own_ms']:.0f} ms; median total/prefill "
-          f"{s['median_ratio_total_over_prefill']:.2f} (target <= 1.5)")
+          f"{s['median_ratio_total_over_prefill']:.2f}")
+    print(f"plain fp32 prefill of the same prompts: median "  # noqa: T201
+          f"{s['median_prefill_plain_fp32_ms']:.0f} ms; p50 total / that = "
+          f"{s['p50_total_ms'] / s['median_prefill_plain_fp32_ms']:.2f}, median per question "
+          f"{s['median_ratio_total_over_plain_fp32_prefill']:.2f} (target <= 0.8)")
     print("shares " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))  # noqa: T201
     print(f"forward passes per generated token {s['forward_passes_per_generated_token']:.2f}")  # noqa: T201
     for c, tp in throughput.items():

@@ -176,6 +176,10 @@ def ask(
             help="Decline below the calibrated threshold for this answered accuracy.",
         ),
     ] = None,
+    answer_mode: Annotated[
+        str | None,
+        typer.Option("--answer-mode", help="span (the answer is words of its quote) | free."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Answer QUESTION with a verbatim quote from the index (or decline)."""
@@ -187,7 +191,8 @@ def ask(
         settings = Settings(preset=preset_name, index=index, generator=generator)  # type: ignore[arg-type]
         pipeline = Pipeline.from_settings(settings)
         answer = pipeline.ask(question, top_k=top_k, n_candidates=n_candidates,
-                              min_score=min_score, target_accuracy=target_accuracy)
+                              min_score=min_score, target_accuracy=target_accuracy,
+                              answer_mode=answer_mode)
     except CiteqaError as e:
         raise fail(str(e)) from None
     except ValueError as e:  # pydantic validation of settings

@@ -58,6 +58,8 @@ def answer_from_json(d: dict[str, Any]) -> Answer:
             retrieval_score=c.get("retrieval_score", 0.0),
             score=c.get("score"),
             uncertainty=c.get("uncertainty"),
+            answer_start=c.get("answer_start"),
+            answer_end=c.get("answer_end"),
         )
         for c in d.get("candidates", [])
     ]
@@ -71,6 +73,8 @@ def answer_from_json(d: dict[str, Any]) -> Answer:
         reason=d.get("reason"),
         candidates=candidates,
         timings_ms=d.get("timings_ms", {}),
+        answer_start=d.get("answer_start"),
+        answer_end=d.get("answer_end"),
     )
 
 
@@ -130,6 +134,7 @@ class CiteqaClient:
         n_candidates: int | None = None,
         min_score: float | None = None,
         target_accuracy: float | None = None,
+        answer_mode: str | None = None,
     ) -> Answer:
         """Ask a question; the answer may be a decline (``answer.declined``)."""
         body: dict[str, Any] = {"question": question}
@@ -138,6 +143,7 @@ class CiteqaClient:
             ("n_candidates", n_candidates),
             ("min_score", min_score),
             ("target_accuracy", target_accuracy),
+            ("answer_mode", answer_mode),
         ):
             if value is not None:
                 body[name] = value

@@ -97,3 +97,18 @@ def torch_dtype(resolved: str):  # -> torch.dtype
     import torch
 
     return torch.bfloat16 if resolved == "bf16" else torch.float32
+
+
+def training_autocast(device_type: str, requested: str):  # -> a context manager
+    """Mixed precision for a training step: bf16 autocast on a CPU whose format resolves to
+    bf16 (weights, optimizer state and the loss stay fp32), and on a CUDA device with bf16;
+    otherwise a context that changes nothing."""
+    import contextlib
+
+    import torch
+
+    if device_type == "cpu" and cpu_dtype(requested) == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    if device_type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

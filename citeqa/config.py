@@ -52,6 +52,7 @@ class RetrievalConfig:
     rrf_bm25_weight: float = 1.5
     candidates_per_retriever: int = 50  # depth each retriever contributes to the fusion
     embed_batch_size: int = 32
+    cpu_dtype: str = "auto"  # the embedder's CPU compute format: auto | bf16 | fp32 (compute.py)
 
 
 @dataclass(frozen=True)
@@ -75,16 +76,19 @@ class GenerationConfig:
     # (constrained only) the answer must be a word-aligned span of a shown passage: stops
     # answers copied from nowhere ("1889", "<short answer>"); raised quote-has-answer 0.35->0.40.
     extractive_answer: bool = True
-    round_robin: bool = False  # condition sample i on passage i (GopherCite)
+    # "span": the quote first, then an answer made of words of that quote (enforced while
+    # decoding: every answer stands in its quote); "free": a free-text answer, then the quote
+    # (large generators that write sentences; the reward model then judges support).
+    answer_mode: str = "span"
     # Prompt-lookup draft length while copying a quote; 0 = off. Lossless for greedy rows. On 2
     # CPU cores (benchmarks/bench_ask.py, 50 eval questions) 16 beat 8 (p50 2.28 s vs 2.52 s,
     # fp32 weights); 32 gave the same total/prefill ratio as 16 (1.42, fp16 weights).
     speculative_quote_tokens: int = 16
     threads: int | None = None  # torch CPU threads; None = leave torch's default
-    # On a CPU, the decoder's Linear weights in "fp16" (computed in fp32) or "fp32". fp16 halves
-    # the bytes a decoding pass streams: on 2 cores a one-token pass ~90 -> ~50 ms, a prefill
-    # unchanged. On CUDA the model is bf16/fp16 anyway.
-    cpu_weights: str = "fp16"
+    # How a CPU computes (citeqa/compute.py): "auto" measures whether bf16 pays (AVX-512 BF16 /
+    # AMX) and takes "bf16" (bf16 prefill, int8 decoding weights) if so, else "fp16w" (fp16
+    # weights computed in fp32); or force "bf16", "fp16w", "fp32". On CUDA the model is bf16.
+    cpu_dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,9 @@ class Settings(BaseSettings):
     generator: str | None = None  # overrides the preset's generator (a local HF model dir)
     adapter: str | None = None  # a LoRA adapter dir (citeqa train generator); "none" = base
     reward: str | None = None  # a reward-model dir (citeqa train reward); "none" = no RM
-    cpu_weights: Literal["fp16", "fp32"] | None = None  # overrides the preset's (CPU only)
+    answer_mode: Literal["span", "free"] | None = None  # overrides the preset's answer mode
+    # overrides the presets' CPU compute format (generator, embedder, training; see compute.py)
+    cpu_dtype: Literal["auto", "bf16", "fp16w", "fp32"] | None = None
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "citeqa")
     allow_private_urls: bool = False  # let the fetcher reach private/intranet addresses
     api_keys: str = ""  # comma-separated; empty = no authentication
@@ -166,8 +172,11 @@ class Settings(BaseSettings):
             cfg = replace(cfg, generation=replace(cfg.generation, model=self.generator))
         if self.adapter:
             cfg = replace(cfg, generation=replace(cfg.generation, adapter=self.adapter))
-        if self.cpu_weights:
-            cfg = replace(cfg, generation=replace(cfg.generation, cpu_weights=self.cpu_weights))
+        if self.answer_mode:
+            cfg = replace(cfg, generation=replace(cfg.generation, answer_mode=self.answer_mode))
+        if self.cpu_dtype:
+            cfg = replace(cfg, generation=replace(cfg.generation, cpu_dtype=self.cpu_dtype),
+                          retrieval=replace(cfg.retrieval, cpu_dtype=self.cpu_dtype))
         if self.reward:
             model = None if self.reward.strip().lower() == "none" else self.reward
             cfg = replace(cfg, reward=replace(cfg.reward, model=model))

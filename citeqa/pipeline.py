@@ -36,8 +36,9 @@ from citeqa.config import (
     Settings,
 )
 from citeqa.errors import ConfigError, InvalidRequestError, ModelError
-from citeqa.generation.cited import CitedGenerator, Generation
+from citeqa.generation.cited import CitedGenerator, Generation, GenerationItem
 from citeqa.generation.factory import build_backend
+from citeqa.generation.format import ANSWER_MODES
 from citeqa.retrieval.base import Retriever
 from citeqa.retrieval.retriever import HybridRetriever
 from citeqa.retrieval.updates import IndexUpdate, apply_update
@@ -144,6 +145,9 @@ class Pipeline:
                                   ("search_k", args.search_k, MAX_SEARCH_K)):
             if value is not None and not 1 <= value <= most:
                 raise InvalidRequestError(f"{name} must be between 1 and {most}, got {value}")
+        if args.answer_mode is not None and args.answer_mode not in ANSWER_MODES:
+            raise InvalidRequestError(
+                f"answer_mode must be one of {list(ANSWER_MODES)}, got {args.answer_mode!r}")
         min_score = args.min_score
         if args.target_accuracy is not None:
             if min_score is not None:
@@ -160,10 +164,12 @@ class Pipeline:
         min_score: float | None = None,
         target_accuracy: float | None = None,
         search_k: int | None = None,
+        answer_mode: str | None = None,
     ) -> Answer:
         """Answer ``question`` or decline (``ask_many`` of one; options as in ``AskArgs``)."""
         [answer] = self.ask_many(
-            [AskArgs(question, top_k, n_candidates, min_score, target_accuracy, search_k)]
+            [AskArgs(question, top_k, n_candidates, min_score, target_accuracy, search_k,
+                     answer_mode)]
         )
         return answer
 
@@ -189,8 +195,9 @@ class Pipeline:
         for k, members in groups.items():
             t = time.perf_counter()
             outs = self.generator.generate_many(
-                [(checked[i].question, searched[i][1][:k], retriever.document,
-                  checked[i].n_candidates) for i in members],
+                [GenerationItem(checked[i].question, searched[i][1][:k], retriever.document,
+                                checked[i].n_candidates, checked[i].answer_mode)
+                 for i in members],
                 top_k=k,
             )
             ms = (time.perf_counter() - t) * 1000  # the whole group's wall time
@@ -253,6 +260,8 @@ class Pipeline:
             candidates=candidates,
             passages=list(hits),
             timings_ms=timings,
+            answer_start=given.answer_start if given else None,
+            answer_end=given.answer_end if given else None,
         )
 
     def search(self, query: str, k: int = 10) -> list[Hit]:

@@ -86,6 +86,15 @@ class Candidate:
     score: float | None = None  # reward-model probability of correct-and-supported
     uncertainty: float | None = None  # ensemble spread of the reward score
     raw: str = ""  # the generator's raw output, for debugging and evaluation
+    # Where the answer stands in the quote's document (inside the quote), when it stands there
+    # verbatim: always in span mode, by construction; sometimes in free mode.
+    answer_start: int | None = None
+    answer_end: int | None = None
+
+    @property
+    def supported(self) -> bool:
+        """The answer stands verbatim in its verified quote."""
+        return self.quote is not None and self.answer_start is not None
 
     @property
     def mean_logprob(self) -> float:
@@ -100,6 +109,9 @@ class Candidate:
             "logprob": self.logprob,
             "mean_logprob": self.mean_logprob,
             "retrieval_score": self.retrieval_score,
+            "answer_start": self.answer_start,
+            "answer_end": self.answer_end,
+            "supported": self.supported,
         }
 
 
@@ -117,6 +129,10 @@ class Answer:
     candidates: list[Candidate] = field(default_factory=list)  # best first
     timings_ms: dict[str, float] = field(default_factory=dict)
     passages: list[Hit] = field(default_factory=list)  # what retrieval found, best first
+    # The answer's offsets in the quote's document (inside the quote); None on a decline, or
+    # in free mode when the answer's words are not verbatim in the quote
+    answer_start: int | None = None
+    answer_end: int | None = None
 
     def to_json(self, *, with_candidates: bool = True,
                 with_passages: bool = False) -> dict[str, Any]:
@@ -125,6 +141,8 @@ class Answer:
             "declined": self.declined,
             "answer": self.answer,
             "quote": self.quote.to_json() if self.quote else None,
+            "answer_start": self.answer_start,
+            "answer_end": self.answer_end,
             "score": self.score,
             "uncertainty": self.uncertainty,
             "reason": self.reason,
@@ -147,3 +165,4 @@ class AskArgs:
     min_score: float | None = None  # decline below this score
     target_accuracy: float | None = None  # decline below the threshold calibrated for this
     search_k: int | None = None  # passages retrieved and returned on the Answer (>= top_k)
+    answer_mode: str | None = None  # "span" | "free"; None = the configured one

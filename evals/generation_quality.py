@@ -36,12 +36,12 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from citeqa.compute import CPU_DTYPES  # noqa: E402
 from citeqa.config import GenerationConfig, RetrievalConfig  # noqa: E402
 from citeqa.errors import OutputFormatError  # noqa: E402
 from citeqa.evals.metrics import exact_match, f1  # noqa: E402
 from citeqa.evals.squad import QAItem, articles_for_split, load_squad_questions  # noqa: E402
-from citeqa.generation.cited import CitedGenerator  # noqa: E402
-from citeqa.generation.models import CPU_WEIGHTS  # noqa: E402
+from citeqa.generation.cited import CitedGenerator, GenerationItem  # noqa: E402
 from citeqa.generation.parse import parse_output  # noqa: E402
 from citeqa.generation.prompt import build_messages  # noqa: E402
 from citeqa.text import normalize_answer  # noqa: E402
@@ -110,7 +110,8 @@ def evaluate(
         hits = [retriever.search(q.question, k=cfg.top_k_passages) for q in chunk]
         t0 = time.perf_counter()
         gens = generator.generate_many(
-            [(q.question, h, retriever.document, 1) for q, h in zip(chunk, hits, strict=True)],
+            [GenerationItem(q.question, h, retriever.document, 1)
+             for q, h in zip(chunk, hits, strict=True)],
             constrain=constrain,
         )
         share = (time.perf_counter() - t0) * 1000 / len(chunk)
@@ -167,8 +168,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="questions generated per batch")
     ap.add_argument("--modes", default="constrained,unconstrained")
     ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--cpu-weights", default=GenerationConfig.cpu_weights,
-                    choices=CPU_WEIGHTS, help="decoder Linear weights on a CPU")
+    ap.add_argument("--cpu-dtype", default=GenerationConfig.cpu_dtype,
+                    choices=CPU_DTYPES, help="CPU compute format")
     ap.add_argument("--adapter", default="packaged",
                     help="generator adapter: packaged (the shipped one), none (base), or a dir")
     args = ap.parse_args()
@@ -176,8 +177,7 @@ def main() -> None:
     import faiss
     import torch
 
-    from citeqa.generation.adapter import resolve_adapter
-    from citeqa.generation.hf import HFBackend
+    from citeqa.generation.factory import build_backend
     from citeqa.retrieval import HybridRetriever
 
     torch.set_num_threads(args.threads)
@@ -188,12 +188,9 @@ def main() -> None:
     if not (args.index / "manifest.json").is_file() and not args.index.is_dir():
         sys.exit(f"no index at {args.index}; build it with: citeqa index build {qa_path} "
                  f"{args.data / 'distractors.json'} --out {args.index}")
-    cfg = GenerationConfig(adapter=args.adapter, cpu_weights=args.cpu_weights)
+    cfg = GenerationConfig(adapter=args.adapter, cpu_dtype=args.cpu_dtype, threads=args.threads)
     retriever = HybridRetriever.open(args.index, RetrievalConfig())
-    backend = HFBackend.load(cfg.model, Path.home() / ".cache" / "citeqa",
-                             adapter=resolve_adapter(cfg.adapter, cfg.model),
-                             cpu_weights=cfg.cpu_weights,
-                             speculative_tokens=cfg.speculative_quote_tokens, threads=args.threads)
+    backend = build_backend(cfg, Path.home() / ".cache" / "citeqa")
     questions = sample_questions(qa_path, args.split, args.limit, args.seed)
     sample_note = (f"fixed seeded sample (seed {args.seed}) of {len(questions)} answerable "
                    f"questions of the {args.split} articles {list(articles_for_split(args.split))}")

@@ -69,6 +69,41 @@ class CannedPipeline:
         raise ConfigError("this fake cannot change its documents")
 
 
+class _ByteTokenizer:
+    """A byte-level tokenizer, so llguidance can match plain strings against a grammar."""
+
+    eos_token_id = 256
+    bos_token_id = None
+    tokens = [bytes([i]) for i in range(256)] + [b"<eos>"]
+
+    def __call__(self, s: bytes) -> list[int]:
+        return list(s)
+
+
+def grammar_accepts(grammar: str, text: str) -> bool:
+    """Whether the llguidance ``grammar`` accepts exactly ``text`` (byte by byte)."""
+    import llguidance
+
+    tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteTokenizer()))
+    matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+    ok = matcher.consume_tokens(list(text.encode()))
+    return ok and not matcher.is_error() and matcher.is_accepting()
+
+
+def request_accepts(request: Any, text: str) -> bool:
+    """Whether a request's grammar(s) accept ``text`` as a whole output: in span mode the first
+    grammar the quote part, and the answer grammar built from that quote the rest."""
+    from citeqa.generation.constraint import answer_grammar, quote_of_first_part
+    from citeqa.generation.format import ANSWER_LINE_START
+
+    if request.answer_in_quote is None:
+        return grammar_accepts(request.grammar, text)
+    first, sep, rest = text.partition(ANSWER_LINE_START)
+    quote = quote_of_first_part(first + sep)
+    return bool(sep) and quote is not None and grammar_accepts(request.grammar, first + sep) and (
+        grammar_accepts(answer_grammar(quote, max_answer_chars=request.answer_in_quote), rest))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import llguidance
 import pytest
+from helpers import grammar_accepts, request_accepts
 
 from citeqa.config import GenerationConfig
 from citeqa.generation.backend import GenerationRequest
 from citeqa.generation.cited import CitedGenerator
 from citeqa.generation.extractive import extractive_responder
 from citeqa.generation.fake import FakeBackend
+from citeqa.generation.format import ANSWER_MODES
 from citeqa.generation.parse import parse_output
-from citeqa.generation.prompt import build_messages, parse_user_message
+from citeqa.generation.prompt import build_messages
 from citeqa.types import Document, Hit, Passage
 
 DOCS = {
@@ -53,9 +54,13 @@ def const(*texts: str) -> Callable[[GenerationRequest], list[str]]:
     return lambda r: list(texts)[: r.n] if len(texts) >= r.n else [texts[0]] * r.n
 
 
+FREE = GenerationConfig(constrain_quote=False, answer_mode="free")
+
+
 def generate(texts, cfg=None, **kw):
+    """Candidates from scripted ``texts`` (free mode, unconstrained unless ``cfg`` says)."""
     backend = scripted_backend(const(*texts))
-    gen = CitedGenerator(backend, cfg or GenerationConfig(constrain_quote=False))
+    gen = CitedGenerator(backend, cfg or FREE)
     return gen.generate("Who was the leader of the Normans?", HITS, DOCS.__getitem__, **kw), backend
 
 
@@ -97,24 +102,10 @@ def test_n_samples_share_one_request():
     assert out.candidates[1].quote.doc_id == "e"
 
 
-def test_round_robin_conditions_each_request_on_one_passage():
-    cfg = GenerationConfig(constrain_quote=False, round_robin=True)
-    backend = scripted_backend(extractive_responder)
-    gen = CitedGenerator(backend, cfg)
-    out = gen.generate("When did the Eiffel Tower open?", HITS, DOCS.__getitem__, n=5)
-    [requests] = backend.calls  # one backend call
-    assert [r.n for r in requests] == [3, 2]  # samples 0,2,4 -> passage 1; 1,3 -> passage 2
-    for r, doc in zip(requests, ["n", "e"], strict=True):
-        passages, _ = parse_user_message(r.messages[-1]["content"])
-        assert len(passages) == 1 and passages[0][1] in DOCS[doc].text
-    assert len(out.candidates) == 5
-    assert {c.quote.doc_id for c in out.candidates if c.quote} == {"n", "e"}
-
-
 def test_constrained_request_carries_a_valid_grammar():
     out, backend = generate(
         ["Answer: Rollo\nQuote [1]: Their leader Rollo swore fealty"],
-        cfg=GenerationConfig(constrain_quote=True),
+        cfg=GenerationConfig(constrain_quote=True, answer_mode="free"),
     )
     [[request]] = backend.calls
     assert request.grammar is not None
@@ -128,7 +119,7 @@ def test_constrained_request_carries_a_valid_grammar():
 
 def test_constrained_quote_may_span_the_passages_line_break():
     text = "Answer: Paris\nQuote [2]: lattice tower in Paris.\nIt opened in 1889"
-    out, _ = generate([text], cfg=GenerationConfig(constrain_quote=True))
+    out, _ = generate([text], cfg=GenerationConfig(constrain_quote=True, answer_mode="free"))
     assert out.candidates[0].quote.text == "lattice tower in Paris.\nIt opened in 1889"
     out, _ = generate([text], constrain=False)  # strict two lines when unconstrained
     assert out.candidates[0].quote is None and out.candidates[0].answer == ""
@@ -141,7 +132,7 @@ def test_no_hits_no_candidates():
 
 def test_missing_document_gives_no_quote():
     backend = scripted_backend(const("Answer: Rollo\nQuote [1]: Their leader Rollo swore fealty"))
-    gen = CitedGenerator(backend, GenerationConfig(constrain_quote=False))
+    gen = CitedGenerator(backend, FREE)
 
     def documents(doc_id: str) -> Document:
         raise KeyError(doc_id)
@@ -168,31 +159,16 @@ def test_n_must_be_positive():
     ],
 )
 def test_extractive_responder_answers_in_format(question, answer_word, doc):
-    messages, shown = build_messages(question, HITS, GenerationConfig())
-    replies = extractive_responder(GenerationRequest(messages=messages, n=2))
-    assert len(replies) == 2 and replies[0] == replies[1]
-    out = parse_output(replies[0], len(shown))
-    assert answer_word in out.answer, replies[0]
-    assert out.quote in shown[out.passage_number - 1].text
-    assert shown[out.passage_number - 1].hit.passage.doc_id == doc
-
-
-class _ByteTokenizer:
-    """A byte-level tokenizer, so llguidance can match plain strings against a grammar."""
-
-    eos_token_id = 256
-    bos_token_id = None
-    tokens = [bytes([i]) for i in range(256)] + [b"<eos>"]
-
-    def __call__(self, s: bytes) -> list[int]:
-        return list(s)
-
-
-def grammar_accepts(grammar: str, text: str) -> bool:
-    tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteTokenizer()))
-    matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
-    ok = matcher.consume_tokens(list(text.encode()))
-    return ok and not matcher.is_error() and matcher.is_accepting()
+    for mode in ANSWER_MODES:
+        messages, shown = build_messages(question, HITS, GenerationConfig(answer_mode=mode))
+        replies = extractive_responder(GenerationRequest(messages=messages, n=2))
+        assert len(replies) == 2 and replies[0] == replies[1]
+        out = parse_output(replies[0], len(shown), mode=mode)
+        assert answer_word in out.answer, replies[0]
+        assert out.quote in shown[out.passage_number - 1].text
+        assert shown[out.passage_number - 1].hit.passage.doc_id == doc
+        if mode == "span":
+            assert out.answer in out.quote
 
 
 @pytest.mark.parametrize(
@@ -200,11 +176,14 @@ def grammar_accepts(grammar: str, text: str) -> bool:
     ["When did the Eiffel Tower open?", "Who was the leader of the Normans?", "What is Paris?"],
 )
 def test_extractive_output_satisfies_the_request_grammar(question):
-    backend = scripted_backend(extractive_responder)
-    out = CitedGenerator(backend, GenerationConfig()).generate(question, HITS, DOCS.__getitem__)
-    grammar = backend.calls[0][0].grammar
-    assert grammar_accepts(grammar, out.candidates[0].raw)
-    assert not grammar_accepts(grammar, out.candidates[0].raw + " extra")
+    for mode in ANSWER_MODES:
+        backend = scripted_backend(extractive_responder)
+        out = CitedGenerator(backend, GenerationConfig(answer_mode=mode)).generate(
+            question, HITS, DOCS.__getitem__)
+        [[request]] = backend.calls
+        raw = out.candidates[0].raw
+        assert request_accepts(request, raw), (mode, raw)
+        assert not request_accepts(request, raw + " extra")
     assert out.candidates[0].quote is not None
 
 

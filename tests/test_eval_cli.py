@@ -101,6 +101,9 @@ def test_run_then_compare(setup: tuple[Path, Path], tmp_path: Path) -> None:
     assert "100.0%" in cov and "0.0%" in cov and "-100.0 pt (worse)" in cov
     assert any(line.startswith("SQuAD F1") for line in lines)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # B declined all three, A answered all three (no threshold): every answer changed
+    assert lines[-2] == ("of 3 questions in both: given answer changed 3, decline changed 3, "
+                         "best candidate changed 0")
 
 
 def test_mismatch_refused_with_exit_2(setup: tuple[Path, Path], tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from citeqa.config import GenerationConfig
-from citeqa.generation.cited import CitedGenerator
+from citeqa.generation.cited import CitedGenerator, GenerationItem
 from citeqa.generation.extractive import extractive_responder
 from citeqa.generation.fake import FakeBackend
 from citeqa.types import Document, Hit, Passage
@@ -39,9 +39,10 @@ class CountingBackend(FakeBackend):
 
 
 ITEMS = [
-    ("Who was the leader of the Normans?", hits("n", "h"), DOCS.__getitem__, None),
-    ("When was Harvard founded?", hits("h", "n"), DOCS.__getitem__, 3),
-    ("Nothing to show", [], DOCS.__getitem__, None),
+    GenerationItem("Who was the leader of the Normans?", hits("n", "h"), DOCS.__getitem__),
+    GenerationItem("When was Harvard founded?", hits("h", "n"), DOCS.__getitem__, 3),
+    GenerationItem("Nothing to show", [], DOCS.__getitem__),
+    GenerationItem("Who was the leader of the Normans?", hits("n"), DOCS.__getitem__, 1, "free"),
 ]
 
 
@@ -50,25 +51,27 @@ def test_one_backend_call_and_same_candidates_as_one_by_one(constrain):
     backend = CountingBackend()
     gen = CitedGenerator(backend, GenerationConfig(model="fake"))
     many = gen.generate_many(ITEMS, constrain=constrain)
-    assert backend.sizes == [2]  # two questions with passages, one call
-    assert [len(g.candidates) for g in many] == [1, 3, 0]
+    # one call: item 0 one request; item 1 one per passage then one sampled when constrained,
+    # else one sampled request; item 2 none; item 3 (free mode) one
+    assert backend.sizes == [5 if constrain else 3]
+    assert [len(g.candidates) for g in many] == [1, 3, 0, 1]
     for item, g in zip(ITEMS, many, strict=True):
-        question, item_hits, documents, n = item
-        alone = gen.generate(question, item_hits, documents, n=n, constrain=constrain)
+        alone = gen.generate(item.question, item.hits, item.documents, n=item.n, mode=item.mode,
+                             constrain=constrain)
         assert g.candidates == alone.candidates
     assert many[0].candidates[0].quote is not None
-    assert many[1].timings_ms["batch_items"] == 3
+    assert many[1].timings_ms["batch_items"] == 4
     assert (backend.requests[0].grammar is not None) == constrain
-    assert backend.requests[1].n == 3 and backend.requests[1].temperature > 0
+    assert many[3].candidates[0].raw.startswith("Answer: ")  # the free-mode item
 
 
-def test_round_robin_items_are_split_back_to_their_questions():
+def test_covering_candidates_go_back_to_their_question():
     backend = CountingBackend()
-    gen = CitedGenerator(backend, replace(GenerationConfig(model="fake"), round_robin=True))
+    gen = CitedGenerator(backend, GenerationConfig(model="fake"))
     many = gen.generate_many([ITEMS[0], ITEMS[1]])
-    assert backend.sizes == [3]  # item 0: one greedy request; item 1: one request per passage
+    assert backend.sizes == [4]  # item 0: one request; item 1: one per passage, one sampled
     assert [len(g.candidates) for g in many] == [1, 3]
-    assert {c.quote.doc_id for c in many[1].candidates if c.quote} == {"h", "n"}
+    assert [c.quote.doc_id for c in many[1].candidates[:2]] == ["h", "n"]
 
 
 def test_no_items_and_bad_n():
@@ -76,4 +79,4 @@ def test_no_items_and_bad_n():
     gen = CitedGenerator(backend, GenerationConfig(model="fake"))
     assert gen.generate_many([]) == [] and backend.sizes == []
     with pytest.raises(ValueError, match="n must be at least 1"):
-        gen.generate_many([(ITEMS[0][0], ITEMS[0][1], DOCS.__getitem__, 0)])
+        gen.generate_many([replace(ITEMS[0], n=0)])

@@ -63,10 +63,11 @@ def fake_backend(responder: Callable[[GenerationRequest], list[str]],
                        timings_ms={"prefill_ms": 1.0, "decode_ms": 2.0})
 
 
-CFG = Config(
-    generation=GenerationConfig(model="fake", constrain_quote=True),
+CFG = Config(  # free mode: the scripted replies below put the answer first
+    generation=GenerationConfig(model="fake", constrain_quote=True, answer_mode="free"),
     reward=RewardConfig(model=None),
 )
+UNCONSTRAINED = replace(CFG, generation=replace(CFG.generation, constrain_quote=False))
 
 
 def pipeline(responder=extractive_responder, mean_lp=-0.1, cfg=CFG, scorer=None) -> Pipeline:
@@ -161,7 +162,8 @@ def test_top_k_and_n_candidates_reach_retriever_and_generator():
     p = pipeline(responder)
     ans = p.ask("When did the Eiffel Tower in Paris open?", top_k=1, n_candidates=3)
     assert p.retriever.queries[-1][1] == 1
-    assert seen[-1].n == 3 and seen[-1].temperature > 0
+    # one passage shown: one greedy candidate quoting it, then two samples
+    assert [(r.n, r.temperature > 0) for r in seen] == [(1, False), (2, True)]
     assert seen[-1].messages[-1]["content"].count("<passage ") == 1
     assert len(ans.candidates) == 3
 
@@ -181,7 +183,7 @@ def test_scorer_orders_candidates_and_its_threshold_applies():
         "Answer: Paris\nQuote [1]: The Eiffel Tower is a wrought-iron lattice tower in Paris.",
         "Answer: 1889\nQuote [1]: It opened in 1889 as the entrance to the World's Fair.",
     ]
-    p = pipeline(lambda r: texts[: r.n], scorer=ReverseScorer())
+    p = pipeline(lambda r: texts[: r.n], cfg=UNCONSTRAINED, scorer=ReverseScorer())
     ans = p.ask("When did the Eiffel Tower open?", n_candidates=2)
     assert ans.answer == "1889" and ans.score == 1.0 and ans.uncertainty == 0.01
     assert [c.answer for c in ans.candidates] == ["1889", "Paris"]
@@ -362,10 +364,12 @@ def test_settings_choose_adapter_and_reward_model(tmp_path, monkeypatch):
         Settings()
 
 
-def test_settings_choose_cpu_weights(monkeypatch):
-    assert Settings().config().generation.cpu_weights == "fp16"
-    monkeypatch.setenv("CITEQA_CPU_WEIGHTS", "fp32")
-    assert Settings().config().generation.cpu_weights == "fp32"
-    monkeypatch.setenv("CITEQA_CPU_WEIGHTS", "int4")
-    with pytest.raises(ValueError, match="cpu_weights"):
+def test_settings_choose_the_cpu_dtype(monkeypatch):
+    cfg = Settings().config()
+    assert cfg.generation.cpu_dtype == "auto" and cfg.retrieval.cpu_dtype == "auto"
+    monkeypatch.setenv("CITEQA_CPU_DTYPE", "fp32")
+    cfg = Settings().config()
+    assert cfg.generation.cpu_dtype == "fp32" and cfg.retrieval.cpu_dtype == "fp32"
+    monkeypatch.setenv("CITEQA_CPU_DTYPE", "int4")
+    with pytest.raises(ValueError, match="cpu_dtype"):
         Settings()

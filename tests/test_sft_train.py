@@ -190,7 +190,7 @@ def test_cli_trains_a_local_model_whose_adapter_loads(tokenizer, tmp_path: Path)
     assert model_id in card and "max steps 3" in card
 
     served = HFBackend.load(str(base_dir), tmp_path, device="cpu", adapter=tmp_path / "ad",
-                            cpu_weights="fp32")  # exactly the merged weights
+                            cpu_dtype="fp32")  # exactly the merged weights
     assert served.model_id == f"{model_id}+{adapter_id(tmp_path / 'ad')}"
     assert adapter_id(tmp_path / "ad").startswith("lora-")
     with torch.no_grad():

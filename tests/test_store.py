@@ -41,7 +41,8 @@ def test_layout_and_manifest(built: Path) -> None:
     )
     m = json.loads((built / "manifest.json").read_text())
     assert m["format_version"] == FORMAT_VERSION
-    assert m["embedding"] == {"model_id": "hash-bow-256", "dim": 256, "name": "hash"}
+    assert m["embedding"] == {"model_id": "hash-bow-256", "dim": 256, "name": "hash",
+                              "dtype": "fp32"}
     assert m["counts"]["documents"] == 3
     assert m["settings"]["chunk"] == {"max_chars": 80, "overlap_sentences": 0}
     assert set(m["files"]) == set(names) - {"manifest.json"}

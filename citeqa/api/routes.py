@@ -153,7 +153,8 @@ def v1_router(require_key: Callable[..., None]) -> APIRouter:
                      pipeline: PipelineDep, batcher: BatcherDep) -> dict[str, Any]:
         """Answer a question with a verified quote, or decline."""
         args = AskArgs(body.question, top_k=body.top_k, n_candidates=body.n_candidates,
-                       min_score=body.min_score, target_accuracy=body.target_accuracy)
+                       min_score=body.min_score, target_accuracy=body.target_accuracy,
+                       answer_mode=body.answer_mode)
         args = await run_in_threadpool(pipeline.check, args)  # bad input fails before queueing
         result = await await_answer(request, state, batcher, args)
         state.metrics.observe_answer(result.declined)

@@ -7,7 +7,7 @@ becomes a 422 before any handler runs. Responses mirror ``citeqa.types`` (``Answ
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -115,6 +115,11 @@ class AnswerRequest(_Request):
         description="decline so that answered questions are right this often "
         "(needs a calibrated reward model)",
     )
+    answer_mode: Literal["span", "free"] | None = Field(
+        default=None,
+        description="span: the answer is words of its quote, enforced while decoding (the "
+        "default); free: a free-text answer, whose support the reward model judges",
+    )
 
     @field_validator("question")
     @classmethod
@@ -207,6 +212,9 @@ class CandidateOut(BaseModel):
     logprob: float
     mean_logprob: float
     retrieval_score: float
+    answer_start: int | None = None  # the answer's offsets in the quote's document, inside it
+    answer_end: int | None = None
+    supported: bool = False  # the answer stands verbatim in its verified quote
 
 
 class AnswerOut(BaseModel):
@@ -214,6 +222,10 @@ class AnswerOut(BaseModel):
     declined: bool
     answer: str | None
     quote: QuoteOut | None
+    answer_start: int | None = Field(
+        default=None, description="the answer's start in the quote's document (inside the "
+        "quote); null on a decline, and in free mode when the answer is not in the quote")
+    answer_end: int | None = Field(default=None, description="the answer's end (exclusive)")
     score: float | None
     uncertainty: float | None = None
     reason: str | None = None

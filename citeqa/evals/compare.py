@@ -1,5 +1,6 @@
-"""Comparing two evaluation runs: a side-by-side table of key metrics with deltas, and an
-overlay of their accuracy–coverage curves.
+"""Comparing two evaluation runs: a side-by-side table of key metrics with deltas, how many of
+the questions both asked changed their given answer, decline or best candidate, and an overlay
+of their accuracy–coverage curves.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from citeqa.errors import ConfigError
-from citeqa.evals.runner import METRICS, RUN_JSON
+from citeqa.evals.runner import METRICS, PREDICTIONS, RUN_JSON, read_predictions
 
 # (label, path into metrics.json, "pct" | "num" | "ms", higher is better)
 KEY_METRICS: tuple[tuple[str, tuple[str, ...], str, bool], ...] = (
@@ -103,6 +104,39 @@ def compare_table(a: dict[str, Any], b: dict[str, Any], name_a: str, name_b: str
     return "\n".join(lines)
 
 
+def _predictions(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """A run's prediction records by question id: predictions.jsonl, or the .gz copy that
+    evals/regenerate.sh commits (empty when it has neither)."""
+    path = Path(run_dir) / PREDICTIONS
+    if path.is_file():
+        records, _ = read_predictions(path)
+    elif path.with_suffix(".jsonl.gz").is_file():
+        import gzip
+
+        with gzip.open(path.with_suffix(".jsonl.gz"), "rt", encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    else:
+        return {}
+    return {str(r["id"]): r for r in records}
+
+
+def prediction_changes(run_a: Path, run_b: Path) -> dict[str, int]:
+    """Over the questions both runs asked: how many changed their given answer, their decline
+    and their best candidate's answer."""
+    a, b = _predictions(run_a), _predictions(run_b)
+    common = sorted(set(a) & set(b))
+
+    def best(r: dict[str, Any]) -> str | None:
+        return r["candidates"][0]["answer"] if r.get("candidates") else None
+
+    return {
+        "questions_in_both": len(common),
+        "given_answer_changed": sum(a[k]["answer"] != b[k]["answer"] for k in common),
+        "decline_changed": sum(a[k]["declined"] != b[k]["declined"] for k in common),
+        "best_candidate_changed": sum(best(a[k]) != best(b[k]) for k in common),
+    }
+
+
 def compare_runs(run_a: Path, run_b: Path, png: Path) -> str:
     """The comparison table of two run directories; writes the curve overlay to ``png``."""
     from citeqa.evals import plots
@@ -118,4 +152,12 @@ def compare_runs(run_a: Path, run_b: Path, png: Path) -> str:
         if curve:
             curves[f"{name} (RM score)"] = curve
     plots.accuracy_coverage(curves, None, png, title="Accuracy–coverage: RM score, two runs")
-    return compare_table(ma, mb, name_a, name_b)
+    changes = prediction_changes(run_a, run_b)
+    lines = [compare_table(ma, mb, name_a, name_b)]
+    if changes["questions_in_both"]:
+        lines.append(
+            f"\nof {changes['questions_in_both']} questions in both: given answer changed "
+            f"{changes['given_answer_changed']}, decline changed {changes['decline_changed']}, "
+            f"best candidate changed {changes['best_candidate_changed']}"
+        )
+    return "\n".join(lines)

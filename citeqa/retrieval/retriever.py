@@ -72,7 +72,8 @@ class HybridRetriever:
     def embedder(self) -> Embedder:
         if self._embedder is None:
             emb = self.index.manifest.get("embedding") or {}
-            embedder = load_embedder(emb.get("name", self.cfg.embedder))
+            embedder = load_embedder(emb.get("name", self.cfg.embedder),
+                                     cpu_dtype=self.cfg.cpu_dtype)
             _check_embedder(embedder, emb)
             self._embedder = embedder
         return self._embedder

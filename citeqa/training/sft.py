@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from citeqa.compute import training_autocast
 from citeqa.config import GenerationConfig
 from citeqa.generation.adapter import AdapterConfig, base_fingerprint
 from citeqa.generation.adapter import save_adapter as _save_adapter
@@ -56,6 +57,7 @@ class TrainConfig:
     max_tokens: int = 1536  # examples longer than this (prompt + target) are dropped
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     seed: int = 0  # LoRA init and example order
+    cpu_dtype: str = "auto"  # compute format on a CPU: bf16 autocast where it pays (compute.py)
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,7 @@ def train_lora(
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     model.train()
+    device_type = next(model.parameters()).device.type
     log = TrainLog(examples=len(examples))
     t0 = time.perf_counter()
     bar = tqdm(total=total, desc="training", disable=not progress)
@@ -187,7 +190,8 @@ def train_lora(
             loss_sum = 0.0
             for m in range(0, len(batch), cfg.micro_batch_size):
                 ids, mask, labels = collate(batch[m : m + cfg.micro_batch_size], pad_id)
-                loss, _ = target_loss(model, ids, mask, labels)
+                with training_autocast(device_type, cfg.cpu_dtype):
+                    loss, _ = target_loss(model, ids, mask, labels)
                 (loss / n_tokens).backward()  # the batch's token mean, accumulated
                 loss_sum += float(loss.detach())
             if cfg.grad_clip > 0:
@@ -231,8 +235,11 @@ def save_adapter(
     fingerprint: str,
     params: Sequence[str],
     extra: dict[str, Any],
+    gen: GenerationConfig | None = None,
 ) -> AdapterConfig:
-    """Write the trained A/B tensors and ``adapter.json`` into ``out``."""
+    """Write the trained A/B tensors and ``adapter.json`` into ``out`` (``gen``: the
+    generation settings whose prompt it was trained on)."""
+    gen = gen or GenerationConfig()
     cfg = AdapterConfig(
         r=lora.r,
         alpha=lora.alpha,
@@ -240,8 +247,9 @@ def save_adapter(
         base_model_id=base_model_id,
         base_fingerprint=fingerprint,
         fingerprint_params=tuple(params),
-        prompt_fingerprint=prompt_fingerprint(),
+        prompt_fingerprint=prompt_fingerprint(gen),
         extra=extra,
+        answer_mode=gen.answer_mode,
     )
     _save_adapter(out, lora_tensors(wrapped), cfg)
     return cfg
@@ -354,7 +362,7 @@ def run_sft(
     settings = settings_record(train, lora, gen)
     save_adapter(
         out, wrapped, lora, base_model_id=base_model_id, fingerprint=fingerprint,
-        params=params, extra=settings,
+        params=params, extra=settings, gen=gen,
     )
     device = str(next(model.parameters()).device)
     record = write_log(

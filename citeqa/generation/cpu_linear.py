@@ -1,0 +1,100 @@
+"""Linear layers for bf16 inference on a CPU: bf16 matrix multiplies, and int8 weights for the
+one to four rows of a decoding step.
+
+Measured on 2 cores of an AVX-512/AMX Xeon, one 576 x 1536 projection of SmolLM2-135M
+(microseconds, median of 3; ``python benchmarks/bench_dtype.py`` has the whole-model figures):
+
+    rows          1     2     4     8    17    32    68
+    int8 weights  39    51    71   167   308   540  1236   (torch._weight_int8pack_mm)
+    bf16          100   82    88    99   133   176   291   (a 2-D GEMM)
+    fp32          51    48    89   161   328   450   712
+
+One row streams every weight once and does little arithmetic with it, so the bytes decide:
+int8 weights (one scale per output channel; activations stay bf16: weight-only quantization)
+are fastest. From ~8 rows on the matrix units decide, and bf16 wins by far. ``CpuLinear`` picks
+by the number of rows (``INT8_ROWS``). A row's result depends only on itself within either
+kernel (checked in tests), but a row computed in a 1-row step and in a 17-row step goes
+through different kernels and may round differently: in bf16, speculative drafts and batching
+can change a near-tie greedy token (``bench_dtype.py`` measures how often). ``nn.Linear`` on
+a 3-D bf16 input takes a slower path than on 2-D rows, hence the reshape.
+
+``install_cpu_linears(module)`` swaps every ``nn.Linear`` below ``module`` for a ``CpuLinear``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT8_ROWS = 4  # at most this many rows read the int8 weights; more use the bf16 GEMM
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 weights [out, in] and one fp32 scale per output channel [out]:
+    ``weight ~= q * scale[:, None]`` with |q| <= 127."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale
+
+
+class CpuLinear(nn.Module):
+    """``nn.Linear`` for CPU inference in bf16: a bf16 GEMM, or int8 weights for at most
+    ``INT8_ROWS`` rows (see the module docstring). Output is bf16."""
+
+    def __init__(self, linear: nn.Linear, *, int8_decode: bool = True) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach().to(torch.bfloat16).contiguous(),
+                                   requires_grad=False)
+        bias = linear.bias
+        self.bias = None if bias is None else nn.Parameter(
+            bias.detach().to(torch.bfloat16), requires_grad=False)
+        q, scale = quantize_per_channel(linear.weight) if int8_decode else (None, None)
+        self.register_buffer("qweight", q, persistent=False)  # [out, in] int8, or None
+        self.register_buffer("scales", None if scale is None else scale.to(torch.bfloat16),
+                             persistent=False)  # [out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [M, in]
+        if self.qweight is not None and rows.shape[0] <= INT8_ROWS:
+            assert self.scales is not None
+            y = torch._weight_int8pack_mm(rows, self.qweight, self.scales)  # [M, out]
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            y = F.linear(rows, self.weight, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int8_decode={self.qweight is not None}")
+
+
+def parameters_to_bf16(module: nn.Module) -> None:
+    """Cast ``module``'s parameters (not its buffers) to bf16, in place.
+
+    ``module.to(torch.bfloat16)`` would also round the float buffers, among them a rotary
+    embedding's ``inv_freq``: its frequencies would be off by up to 0.4 %, which at position
+    400 turns the fastest ones by whole radians. Models loaded in bf16 keep it in fp32 too.
+    """
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.is_floating_point():
+                param.data = param.data.to(torch.bfloat16)
+
+
+def install_cpu_linears(module: nn.Module, *, int8_decode: bool = True) -> int:
+    """Replace every ``nn.Linear`` under ``module`` by a ``CpuLinear`` (with int8 weights for
+    few rows when ``int8_decode``); return how many were replaced. Other parameters should
+    already be bf16."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(module, name, CpuLinear(child, int8_decode=int8_decode))
+            count += 1
+        else:
+            count += install_cpu_linears(child, int8_decode=int8_decode)
+    return count

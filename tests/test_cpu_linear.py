@@ -1,0 +1,79 @@
+"""CpuLinear: a bf16 GEMM for many rows, int8 weights for the few rows of a decoding step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from citeqa.generation.cpu_linear import (
+    INT8_ROWS,
+    CpuLinear,
+    install_cpu_linears,
+    parameters_to_bf16,
+    quantize_per_channel,
+)
+
+
+def layer(bias: bool = True) -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(64, 96, bias=bias)
+
+
+def test_quantize_per_channel_bounds_the_error_by_half_a_step() -> None:
+    w = layer().weight
+    q, scale = quantize_per_channel(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127 and scale.shape == (96,)
+    err = (q.float() * scale[:, None] - w).abs()
+    assert (err <= scale[:, None] / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_both_kernels_approximate_the_fp32_layer(bias: bool) -> None:
+    lin = layer(bias)
+    fast = CpuLinear(lin)
+    few = torch.randn(1, INT8_ROWS, 64)  # [B, S, in]: any leading shape
+    many = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        for x in (few, many):
+            ref, got = lin(x), fast(x)
+            assert got.shape == ref.shape and got.dtype == torch.bfloat16
+            assert (got.float() - ref).abs().max() < 0.03 * ref.abs().max()
+        # the same rows through the two kernels: they really are two kernels
+        rows = many.reshape(-1, 64)
+        assert not torch.equal(fast(rows[:INT8_ROWS]), fast(rows)[:INT8_ROWS])
+
+
+def test_within_a_kernel_a_row_does_not_depend_on_the_other_rows() -> None:
+    fast = CpuLinear(layer())
+    x = torch.randn(INT8_ROWS, 64)
+    with torch.no_grad():
+        together = fast(x)
+        for i in range(len(x)):
+            assert torch.equal(together[i], fast(x[i : i + 1])[0]), i
+
+
+def test_install_replaces_every_linear() -> None:
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 4)))
+    assert install_cpu_linears(net) == 2
+    assert sum(isinstance(m, CpuLinear) for m in net.modules()) == 2
+    assert not any(type(m) is nn.Linear for m in net.modules())
+    plain = nn.Sequential(nn.Linear(8, 8))
+    install_cpu_linears(plain, int8_decode=False)
+    assert plain[0].qweight is None
+    with torch.no_grad():  # no int8 weights: one row uses the bf16 GEMM
+        assert plain(torch.randn(1, 8)).dtype == torch.bfloat16
+
+
+def test_parameters_go_to_bf16_and_float_buffers_stay_fp32() -> None:
+    class Rotary(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, 8, 2) / 8)))
+
+    m = Rotary()
+    exact = m.inv_freq.clone()
+    parameters_to_bf16(m)
+    assert m.proj.weight.dtype == torch.bfloat16 and m.proj.bias.dtype == torch.bfloat16
+    assert m.inv_freq.dtype == torch.float32 and torch.equal(m.inv_freq, exact)
