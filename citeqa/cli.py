@@ -34,6 +34,7 @@ app.add_typer(train_app, name="train")
 def _register_subcommands() -> None:
     """Commands that live beside the code they drive (evaluation, training)."""
     from citeqa.evals.cli import eval_app
+    from citeqa.redteam.cli import redteam
     from citeqa.reward.cli import calibrate
     from citeqa.reward.cli import train_app as reward_train_app
     from citeqa.training.cli import app as generator_train_app
@@ -42,6 +43,7 @@ def _register_subcommands() -> None:
     train_app.registered_commands.extend(generator_train_app.registered_commands)
     train_app.registered_commands.extend(reward_train_app.registered_commands)
     app.command("calibrate")(calibrate)
+    app.command("redteam")(redteam)
 
 
 _register_subcommands()

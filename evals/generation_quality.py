@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from citeqa.compute import CPU_DTYPES  # noqa: E402
 from citeqa.config import GenerationConfig, RetrievalConfig  # noqa: E402
 from citeqa.errors import OutputFormatError  # noqa: E402
-from citeqa.evals.metrics import exact_match, f1  # noqa: E402
+from citeqa.evals.metrics import exact_match, f1, is_correct  # noqa: E402
 from citeqa.evals.squad import QAItem, articles_for_split, load_squad_questions  # noqa: E402
 from citeqa.generation.cited import CitedGenerator, GenerationItem  # noqa: E402
 from citeqa.generation.parse import parse_output  # noqa: E402
@@ -69,6 +69,8 @@ class Record:
     quote_has_answer: bool
     raw_verbatim: bool | None  # parsed raw quote is inside its cited window (None: unparsed)
     latency_ms: float  # this question's share of its batch's wall time
+    supported: bool = False  # the answer stands verbatim in its verified quote
+    right: bool = False  # the correctness rule: F1 >= 0.5 with a gold answer, verified quote
 
 
 def sample_questions(path: Path, split: str, limit: int, seed: int = SEED) -> list[QAItem]:
@@ -84,9 +86,9 @@ def contains_answer(text: str, golds: Sequence[str]) -> bool:
     return any(g.strip() and f" {normalize_answer(g)} " in norm for g in golds)
 
 
-def _raw_verbatim(raw: str, windows: list[str], multiline: bool) -> bool | None:
+def _raw_verbatim(raw: str, windows: list[str], multiline: bool, mode: str) -> bool | None:
     try:
-        parsed = parse_output(raw, len(windows), multiline_quote=multiline)
+        parsed = parse_output(raw, len(windows), multiline_quote=multiline, mode=mode)
     except OutputFormatError:
         return None
     return parsed.quote.strip() in windows[parsed.passage_number - 1]
@@ -118,6 +120,8 @@ def evaluate(
         for q, h, g in zip(chunk, hits, gens, strict=True):
             windows = [p.text for p in build_messages(q.question, h, cfg)[1]]
             c = g.candidates[0] if g.candidates else None
+            right = c is not None and is_correct(c.answer, q.answers,
+                                                 quote_valid=c.quote is not None)
             answer = c.answer if c else ""
             quote = c.quote if c else None
             valid = None
@@ -129,7 +133,9 @@ def evaluate(
                 f1=f1(answer, q.answers), format_ok=bool(answer), verified=quote is not None,
                 quote_valid=valid,
                 quote_has_answer=quote is not None and contains_answer(quote.text, q.answers),
-                raw_verbatim=_raw_verbatim(c.raw, windows, constrain) if c else None,
+                raw_verbatim=(_raw_verbatim(c.raw, windows, constrain, cfg.answer_mode)
+                              if c else None),
+                supported=bool(c) and c.supported, right=right,
                 latency_ms=share,
             ))
         bar.update(len(chunk))
@@ -146,6 +152,8 @@ def summarize(records: Sequence[Record]) -> dict[str, float]:
         "em": sum(r.em for r in records) / n,
         "f1": sum(r.f1 for r in records) / n,
         "quote_has_answer": sum(r.quote_has_answer for r in records) / n,
+        "supported": sum(r.supported for r in records) / n,
+        "right": sum(r.right for r in records) / n,
         "verified": sum(r.verified for r in records) / n,
         "quote_valid": sum(bool(r.quote_valid) for r in quotes) / len(quotes) if quotes else 1.0,
         "format_ok": sum(r.format_ok for r in records) / n,
@@ -170,6 +178,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--cpu-dtype", default=GenerationConfig.cpu_dtype,
                     choices=CPU_DTYPES, help="CPU compute format")
+    ap.add_argument("--answer-mode", default=GenerationConfig.answer_mode,
+                    choices=("span", "free"), help="output format (span: answer from its quote)")
     ap.add_argument("--adapter", default="packaged",
                     help="generator adapter: packaged (the shipped one), none (base), or a dir")
     args = ap.parse_args()
@@ -188,7 +198,8 @@ def main() -> None:
     if not (args.index / "manifest.json").is_file() and not args.index.is_dir():
         sys.exit(f"no index at {args.index}; build it with: citeqa index build {qa_path} "
                  f"{args.data / 'distractors.json'} --out {args.index}")
-    cfg = GenerationConfig(adapter=args.adapter, cpu_dtype=args.cpu_dtype, threads=args.threads)
+    cfg = GenerationConfig(adapter=args.adapter, cpu_dtype=args.cpu_dtype, threads=args.threads,
+                           answer_mode=args.answer_mode)
     retriever = HybridRetriever.open(args.index, RetrievalConfig())
     backend = build_backend(cfg, Path.home() / ".cache" / "citeqa")
     questions = sample_questions(qa_path, args.split, args.limit, args.seed)
@@ -216,8 +227,8 @@ def main() -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    keys = ["em", "f1", "quote_has_answer", "verified", "quote_valid", "format_ok",
-            "raw_not_verbatim", "median_ms_per_question"]
+    keys = ["em", "f1", "right", "quote_has_answer", "supported", "verified", "quote_valid",
+            "format_ok", "raw_not_verbatim", "median_ms_per_question"]
     print(f"{'mode':<14}" + "".join(f"{k:>24}" for k in keys))  # noqa: T201
     for mode, res in report["modes"].items():
         s = res["summary"]

@@ -1,57 +1,68 @@
 #!/usr/bin/env bash
-# Fine-tune the generator to cite (LoRA), then compare base vs fine-tuned on the EVAL articles.
+# Fine-tune the generator to cite in span mode (LoRA), then compare it with the base model and
+# the previous adapter on the EVAL articles.
 #
 #   evals/train_generator.sh            # data, train, publish, eval
 #   STAGES="data train" evals/train_generator.sh
 #
-# 1. data:    demonstrations from answerable questions of the TRAIN articles of SQuAD 2.0
-#             (retrieved passages + gold paragraph, first gold answer, verbatim quote sentence);
-# 2. train:   LoRA (r=16 on attention + MLP) on SmolLM2-135M-Instruct, one epoch of 480
-#             examples in 60 steps of 8; CUDA bf16 when available, else CPU fp32 (about 22 s a
-#             step on 2 CPU threads: 22 minutes);
+# 1. data:    demonstrations from the SQuAD 1.1 training set (../shared/data/squad1-train: 442
+#             articles, none of them an evaluation article), over an index of its 18,896
+#             paragraphs: 1-5 retrieved passages (the gold paragraph put among them when
+#             retrieval missed it), the first gold answer, the sentence holding it as the
+#             quote, verified verbatim;
+# 2. train:   LoRA (r=32 on attention + MLP of blocks 18-29, the top 12 of 30: a backward pass
+#             stops at block 18, which halves a step) on SmolLM2-135M-Instruct, one epoch of $N
+#             examples in steps of 8, in bf16 autocast where the CPU's matrix units make it pay
+#             (~1 s an example of ~510 tokens on 2 cores: about 90 minutes);
 # 3. publish: a bfloat16 copy into citeqa/generation/weights, the default generator's adapter
 #             (GenerationConfig.adapter = "packaged"); its MODEL_CARD.md is written by hand;
-# 4. eval:    evals/generation_quality.py on the EVAL articles, base (--adapter none) then
-#             fine-tuned (--adapter packaged).
+# 4. eval:    evals/generation_quality.py on the EVAL articles: the base model, the adapter it
+#             replaces (kept in $OUT/previous, free mode, the format it was trained on) and the
+#             new one (span mode).
 # Outputs under $OUT (default .cache/generator-sft).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-DATA="${CITEQA_SHARED_DATA:-$ROOT/../shared/data}/squad2"
-INDEX="${INDEX:-$ROOT/.cache/squad-eval-index}"
+SHARED="${CITEQA_SHARED_DATA:-$ROOT/../shared/data}"
+SQUAD1="$SHARED/squad1-train/train-v1.1.json.gz"
+EVAL_INDEX="${EVAL_INDEX:-$ROOT/.cache/squad-eval-index}"
+TRAIN_JSON="${TRAIN_JSON:-$ROOT/.cache/squad1-train.json}"
+TRAIN_INDEX="${TRAIN_INDEX:-$ROOT/.cache/squad1-index}"
 OUT="${OUT:-$ROOT/.cache/generator-sft}"
 PY="${PYTHON:-python}"
-N="${N:-480}"                 # demonstrations
+N="${N:-5000}"                # demonstrations
 THREADS="${THREADS:-2}"
 EVAL_LIMIT="${EVAL_LIMIT:-200}"
 STAGES="${STAGES:-data train publish eval}"
 cd "$ROOT"
 
-if [ ! -f "$DATA/qa.json" ]; then
-  echo "error: SQuAD data not found in $DATA (set CITEQA_SHARED_DATA)" >&2
+if [ ! -f "$SQUAD1" ]; then
+  echo "error: SQuAD 1.1 training data not found at $SQUAD1 (set CITEQA_SHARED_DATA)" >&2
   exit 2
 fi
-if [ ! -f "$INDEX/manifest.json" ]; then
-  "$PY" -c 'from citeqa.cli import main; main()' index build \
-    "$DATA/qa.json" "$DATA/distractors.json" --out "$INDEX" --preset default
-fi
+CITEQA=("$PY" -c 'from citeqa.cli import main; main()')
 mkdir -p "$OUT"
 
-TRAIN=("$PY" -m citeqa.training.cli)  # = `citeqa train`
-
 if [[ " $STAGES " == *" data "* ]]; then
-  "${TRAIN[@]}" generator-data --dataset "$DATA/qa.json" --index "$INDEX" --split train \
+  if [ ! -f "$TRAIN_JSON" ]; then
+    "$PY" -c 'import gzip, shutil, sys; shutil.copyfileobj(gzip.open(sys.argv[1], "rb"), open(sys.argv[2], "wb"))' \
+      "$SQUAD1" "$TRAIN_JSON"
+  fi
+  if [ ! -f "$TRAIN_INDEX/manifest.json" ]; then
+    "${CITEQA[@]}" index build "$TRAIN_JSON" --out "$TRAIN_INDEX" --preset default
+  fi
+  "${CITEQA[@]}" train generator-data --dataset "$TRAIN_JSON" --index "$TRAIN_INDEX" --split all \
     --limit "$N" --seed 0 --out "$OUT/demos-train.jsonl"
 fi
 
 if [[ " $STAGES " == *" train "* ]]; then
-  "${TRAIN[@]}" generator --data "$OUT/demos-train.jsonl" --out "$OUT/adapter" \
-    --epochs 1 --batch-size 8 --micro-batch-size 4 --lr 5e-4 --rank 16 --alpha 32 --targets all \
-    --threads "$THREADS" --seed 0
+  "${CITEQA[@]}" train generator --data "$OUT/demos-train.jsonl" --out "$OUT/adapter" \
+    --epochs 1 --batch-size 8 --micro-batch-size 1 --lr 3e-4 --rank 32 --alpha 64 \
+    --targets all --first-layer 18 --threads "$THREADS" --seed 0
 fi
 
 if [[ " $STAGES " == *" publish "* ]]; then
-  "$PY" - "$OUT/adapter" "$ROOT/citeqa/generation/weights" <<'PY'
+  "$PY" - "$OUT/adapter" "$ROOT/citeqa/generation/weights" "$OUT/previous" <<'PY'
 import shutil, sys
 from pathlib import Path
 
@@ -59,19 +70,22 @@ import torch
 
 from citeqa.generation.adapter import load_adapter, save_adapter
 
-src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+src, dst, previous = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+if not previous.exists():
+    shutil.copytree(dst, previous)  # the adapter being replaced, for the comparison below
 cfg, tensors = load_adapter(src)
 save_adapter(dst, tensors, cfg, dtype=torch.bfloat16)
 shutil.copy(src / "training_log.json", dst / "training_log.json")
-print(f"published {src} -> {dst} (bfloat16)")
+print(f"published {src} -> {dst} (bfloat16); the previous adapter is in {previous}")
 PY
 fi
 
 if [[ " $STAGES " == *" eval "* ]]; then
-  for adapter in none packaged; do
-    "$PY" evals/generation_quality.py --split eval --limit "$EVAL_LIMIT" --threads "$THREADS" \
-      --modes constrained --adapter "$adapter" --out "$OUT/quality-$adapter.json"
-  done
-  echo "compare $OUT/quality-none.json with $OUT/quality-packaged.json, then update" \
-    "citeqa/generation/weights/MODEL_CARD.md"
+  QUALITY=("$PY" evals/generation_quality.py --split eval --limit "$EVAL_LIMIT"
+           --threads "$THREADS" --modes constrained --index "$EVAL_INDEX")
+  "${QUALITY[@]}" --adapter none --answer-mode span --out "$OUT/quality-base-span.json"
+  "${QUALITY[@]}" --adapter none --answer-mode free --out "$OUT/quality-base-free.json"
+  "${QUALITY[@]}" --adapter "$OUT/previous" --answer-mode free --out "$OUT/quality-previous.json"
+  "${QUALITY[@]}" --adapter packaged --answer-mode span --out "$OUT/quality-new.json"
+  echo "compare $OUT/quality-*.json, then update citeqa/generation/weights/MODEL_CARD.md"
 fi

@@ -20,8 +20,10 @@ from citeqa.generation.verify import verify_quote
 from citeqa.retrieval import HybridRetriever, build_index_from_documents
 from citeqa.training.cli import app
 from citeqa.training.demos import (
+    MAX_PASSAGES,
     Demo,
     build_demos,
+    passage_count,
     passages_by_context,
     quote_span,
     read_demos,
@@ -216,7 +218,7 @@ def test_demos_hold_gold_passage_and_verbatim_quote(corpus: tuple[Path, Path]) -
         doc = retriever.document(gold.doc_id)
         assert doc.text[gold.start : gold.start + len(gold.text)] == gold.text
         assert d.quote in gold.text and d.answer in d.quote
-        assert len(d.passages) <= GEN.top_k_passages
+        assert 1 <= len(d.passages) <= MAX_PASSAGES
     q2 = next(d for d in demos if d.id == "q2")
     assert q2.answer == "nearly $12"
     assert q2.quote.startswith("By the end of the embargo") and q2.quote.endswith("globally.")
@@ -236,17 +238,24 @@ class _MissingGold:
         return self.real.document(doc_id)
 
 
-def test_missed_gold_replaces_the_last_passage(corpus: tuple[Path, Path]) -> None:
+def test_missed_gold_takes_the_place_of_a_retrieved_passage(corpus: tuple[Path, Path]) -> None:
     path, index = corpus
     real = HybridRetriever.open(index)
-    (demos, stats), _ = _build(corpus, retriever=_MissingGold(real))
+    (demos, stats), _ = _build(corpus, retriever=_MissingGold(real), top_k=3)
     assert demos and stats.gold_retrieved == 0
     for d in demos:
-        assert d.gold == len(d.passages) - 1 == GEN.top_k_passages - 1
-        assert [p.text for p in d.passages[:-1]] == [
-            h.passage.text for h in _MissingGold(real).search(d.question, GEN.top_k_passages)
-        ][:-1]
-        assert d.passages[-1].text in {P_OIL, P_STEAM, P_NORMANS}
+        assert len(d.passages) == 3 and 0 <= d.gold < 3
+        found = [h.passage.text for h in _MissingGold(real).search(d.question, 3)]
+        assert [p.text for i, p in enumerate(d.passages) if i != d.gold] == [
+            t for i, t in enumerate(found) if i != d.gold]
+        assert d.passages[d.gold].text in {P_OIL, P_STEAM, P_NORMANS}
+
+
+def test_passage_counts_vary_by_question_and_are_seeded() -> None:
+    counts = [passage_count(f"q{i}") for i in range(400)]
+    assert counts == [passage_count(f"q{i}") for i in range(400)]
+    assert set(counts) == set(range(1, MAX_PASSAGES + 1))
+    assert counts.count(3) > counts.count(1) and passage_count("q1", top_k=4) == 4
 
 
 def test_limit(corpus: tuple[Path, Path]) -> None:
@@ -260,9 +269,11 @@ def test_target_parses_and_its_quote_verifies(corpus: tuple[Path, Path]) -> None
         rendered = render_target(d, GEN)
         assert rendered is not None
         messages, target = rendered
-        assert messages == build_messages(d.question, d.hits(), GEN)[0]  # the serving prompt
-        _, shown = build_messages(d.question, d.hits(), GEN)
-        parsed = parse_output(target, len(shown))
+        k = len(d.hits())
+        assert messages == build_messages(d.question, d.hits(), GEN, top_k=k)[0]  # serving
+        _, shown = build_messages(d.question, d.hits(), GEN, top_k=k)
+        parsed = parse_output(target, len(shown), mode=GEN.answer_mode)
+        assert target.startswith("Quote [") and parsed.answer in parsed.quote  # span mode
         assert parsed.answer == d.answer and parsed.quote == d.quote
         passage = shown[parsed.passage_number - 1]
         assert passage.hit == d.hits()[d.gold]

@@ -138,3 +138,28 @@ def recall_at_k(recall: Mapping[int, float | None], path: Path, *, title: str) -
     ax.set_title(title)
     ax.grid(alpha=0.3)
     _save(fig, path)
+
+
+def rate_vs_threshold(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: Path,
+    *,
+    title: str,
+    ylabel: str,
+    marker: float | None = None,
+) -> None:
+    """One line per name: ``(thresholds, rates)``, e.g. the share of unanswerable questions
+    still answered at each decline threshold; ``marker`` draws the served threshold."""
+    fig, ax = plt.subplots(figsize=SIZE)
+    for name, (xs, ys) in curves.items():
+        ax.plot(list(xs), list(ys), label=name, linewidth=1.4)
+    if marker is not None:
+        ax.axvline(marker, color="grey", linestyle=":", linewidth=1, label="served threshold")
+    ax.set_xlabel("decline threshold (answer when score >= threshold)")
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title(title, fontsize=10)
+    _save(fig, path)

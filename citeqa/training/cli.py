@@ -113,9 +113,16 @@ def generator(
     targets: Annotated[
         str, typer.Option("--targets", help="attention | all | comma-separated layer names.")
     ] = "attention",
+    first_layer: Annotated[
+        int, typer.Option("--first-layer", min=0,
+                          help="Adapt only blocks from this one up (faster: backward stops there).")
+    ] = 0,
     max_steps: Annotated[int | None, typer.Option("--max-steps", min=1)] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1)] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    cpu_dtype: Annotated[
+        str, typer.Option("--cpu-dtype", help="auto | bf16 | fp32: bf16 autocast on a CPU.")
+    ] = "auto",
     preset_name: PresetOpt = "default",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
@@ -133,8 +140,9 @@ def generator(
     train = TrainConfig(
         epochs=epochs, lr=lr, batch_size=batch_size,
         micro_batch_size=min(micro_batch_size, batch_size), max_steps=max_steps, seed=seed,
+        cpu_dtype=cpu_dtype,
     )
-    lora = LoRAConfig(r=rank, alpha=alpha, targets=target_layers)
+    lora = LoRAConfig(r=rank, alpha=alpha, targets=target_layers, first_layer=first_layer)
     try:
         gen = preset(preset_name).generation
         if model:
@@ -159,12 +167,6 @@ def generator(
         f"{record['last_loss']:.3f}; adapter in {out}"
     )
 
-
-if __name__ == "__main__":  # python -m citeqa.training.cli ... (before `citeqa train` exists)
-    logging.basicConfig(
-        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    app()
 
 
 @app.command("reward-data")
@@ -218,3 +220,10 @@ def reward_data(
         f"candidates, {stats.correct} correct, {stats.pairs} pairs in {stats.seconds:.0f} s "
         f"-> {out}"
     )
+
+
+if __name__ == "__main__":  # python -m citeqa.training.cli ... (before `citeqa train` exists)
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    app()

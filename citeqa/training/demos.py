@@ -5,11 +5,12 @@ One demonstration per ANSWERABLE SQuAD question, JSON lines::
     {"id", "question", "passages": [{"title", "text", "doc_id", "start"}], "gold", "answer",
      "quote"}
 
-``passages`` are what the retriever returns for the question (top ``cfg.top_k_passages``), with
-the gold paragraph's passage put in place of the last one when retrieval missed it; ``gold`` is
-its index. ``answer`` is the first gold answer; ``quote`` the sentence(s) of the gold passage
-holding the answer (at SQuAD's ``answer_start``), cut to ``cfg.max_quote_chars`` around the
-answer at word boundaries and verified verbatim.
+``passages`` are what the retriever returns for the question, between one and ``MAX_PASSAGES``
+of them (the count drawn per question, seeded by its id, so the model meets every prompt size a
+request may ask for), with the gold paragraph's passage put in place of a random one of them
+when retrieval missed it; ``gold`` is its index. ``answer`` is the first gold answer; ``quote``
+the sentence(s) of the gold passage holding the answer (at SQuAD's ``answer_start``), cut to
+``cfg.max_quote_chars`` around the answer at word boundaries and verified verbatim.
 
 Unanswerable questions are skipped on purpose. Declining is the reward model's job: it scores
 the generator's best attempt and declines when the attempt is unsupported. A generator taught
@@ -18,9 +19,10 @@ signal (a confident answer with a weak quote) it learns to reject; the grammar a
 refusal form.
 
 The target text is rendered at training time (``render_target``) from the passages through the
-serving prompt code (``prompt.build_messages``), so a change of prompt never needs new data; a
-demonstration whose quote falls outside the window the prompt shows is dropped, since the model
-could not have copied it.
+serving prompt code (``prompt.build_messages``), in the answer mode trained for (``span``:
+``Quote [k]: ...`` then ``Answer: ...``, the answer being words of the quote; ``free``: the
+other way round), so a change of prompt never needs new data; a demonstration whose quote falls
+outside the window the prompt shows is dropped, since the model could not have copied it.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ from citeqa.text import is_contentful, sentence_spans
 from citeqa.types import Document, Hit, Passage
 
 logger = logging.getLogger(__name__)
+
+MAX_PASSAGES = 5  # a demonstration shows 1..MAX_PASSAGES passages
+# How often each count is drawn: most like the served default (3), every size represented.
+PASSAGE_COUNT_WEIGHTS = (0.1, 0.2, 0.4, 0.2, 0.1)
 
 
 @dataclass(frozen=True)
@@ -166,11 +172,12 @@ def render_target(
 ) -> tuple[tuple[dict[str, str], ...], str] | None:
     """The serving prompt's messages for ``demo`` and the exact reply to train on.
 
-    The reply is ``Answer: ...`` / ``Quote [k]: ...`` with ``k`` the number the prompt gives the
-    gold passage. None when the prompt's window of the gold passage does not show the quote.
+    The reply is ``Quote [k]: ...`` / ``Answer: ...`` (``cfg.answer_mode`` span) or the other
+    way round (free), with ``k`` the number the prompt gives the gold passage. None when the
+    prompt's window of the gold passage does not show the quote.
     """
     hits = demo.hits()
-    messages, shown = build_messages(demo.question, hits, cfg)
+    messages, shown = build_messages(demo.question, hits, cfg, top_k=len(hits))
     gold = hits[demo.gold]
     number = next(
         (p.number for p in shown if p.hit == gold and demo.quote in p.text), None
@@ -178,8 +185,19 @@ def render_target(
     if number is None:
         return None
     answer = " ".join(demo.answer.split())
-    target = f"{ANSWER_PREFIX}{answer}\n{QUOTE_PREFIX}{number}{QUOTE_SEPARATOR}{demo.quote}"
-    return messages, target
+    quote_line = f"{QUOTE_PREFIX}{number}{QUOTE_SEPARATOR}{demo.quote}"
+    if cfg.answer_mode == "span":
+        return messages, f"{quote_line}\n{ANSWER_PREFIX}{answer}"
+    return messages, f"{ANSWER_PREFIX}{answer}\n{quote_line}"
+
+
+def passage_count(question_id: str, top_k: int | None = None) -> int:
+    """How many passages a question's demonstration shows: ``top_k`` when given, else a count
+    drawn by ``PASSAGE_COUNT_WEIGHTS``, seeded by the question's id."""
+    if top_k is not None:
+        return top_k
+    rng = random.Random(f"passages:{question_id}")
+    return rng.choices(range(1, MAX_PASSAGES + 1), weights=PASSAGE_COUNT_WEIGHTS)[0]
 
 
 def make_demo(
@@ -188,8 +206,11 @@ def make_demo(
     hits: Sequence[Hit],
     gold_passage: Hit,
     cfg: GenerationConfig,
+    *,
+    top_k: int | None = None,
 ) -> tuple[Demo | None, str]:
-    """One demonstration from a question, its retrieved hits and its gold passage hit.
+    """One demonstration from a question, its retrieved hits and its gold passage hit, showing
+    ``passage_count(item.id, top_k)`` passages.
 
     Returns ``(demo, "")`` or ``(None, reason)`` when the question cannot make one.
     """
@@ -209,13 +230,13 @@ def make_demo(
     assert answer in quote and quote in p.text, (answer, quote)
 
     key = (p.doc_id, p.start)
-    chosen = list(hits[: cfg.top_k_passages])
+    chosen = list(hits[: passage_count(item.id, top_k)])
     keys = [(h.passage.doc_id, h.passage.start) for h in chosen]
     if key in keys:
         gold = keys.index(key)
-    elif chosen:
-        chosen[-1] = gold_passage
-        gold = len(chosen) - 1
+    elif chosen:  # retrieval missed it: the gold passage takes a random place among the shown
+        gold = random.Random(f"gold:{item.id}").randrange(len(chosen))
+        chosen[gold] = gold_passage
     else:
         chosen, gold = [gold_passage], 0
     demo = Demo(
@@ -264,9 +285,11 @@ def build_demos(
     cfg: GenerationConfig,
     *,
     limit: int | None = None,
+    top_k: int | None = None,
     progress: bool = True,
 ) -> tuple[list[Demo], BuildStats]:
-    """Demonstrations for the answerable ``items`` (at most ``limit``), with build statistics.
+    """Demonstrations for the answerable ``items`` (at most ``limit``), with build statistics;
+    each shows ``top_k`` passages, or a varied count (``passage_count``) when None.
 
     ``passages_by_context`` maps a paragraph's text to the index passages of its document (as
     hits); ``answer_starts`` comes from ``squad_answer_starts`` (the answer's first occurrence
@@ -296,15 +319,15 @@ def build_demos(
         if not gold:
             stats.skip("gold paragraph not in the index (or answer split across passages)")
             continue
-        hits = retriever.search(item.question, cfg.top_k_passages)
-        demo, reason = make_demo(item, start, hits, gold[0], cfg)
+        hits = retriever.search(item.question, MAX_PASSAGES if top_k is None else top_k)
+        demo, reason = make_demo(item, start, hits, gold[0], cfg, top_k=top_k)
         if demo is None:
             stats.skip(reason)
             continue
         g = gold[0].passage
         stats.gold_retrieved += any(
             (h.passage.doc_id, h.passage.start) == (g.doc_id, g.start)
-            for h in hits[: cfg.top_k_passages]
+            for h in hits[: len(demo.passages)]
         )
         demos.append(demo)
         bar.set_postfix(written=len(demos))

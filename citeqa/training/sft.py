@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from citeqa.compute import training_autocast
+from citeqa.compute import cpu_dtype, training_autocast
 from citeqa.config import GenerationConfig
 from citeqa.generation.adapter import AdapterConfig, base_fingerprint
 from citeqa.generation.adapter import save_adapter as _save_adapter
@@ -321,7 +321,8 @@ def settings_record(train: TrainConfig, lora: LoRAConfig, gen: GenerationConfig)
         "lora": {**asdict(lora), "targets": list(lora.targets)},
         "prompt": {
             k: getattr(gen, k)
-            for k in ("top_k_passages", "passage_chars", "min_quote_chars", "max_quote_chars")
+            for k in ("top_k_passages", "passage_chars", "min_quote_chars", "max_quote_chars",
+                      "answer_mode")
         },
     }
 
@@ -350,7 +351,7 @@ def run_sft(
         logger.warning("dropped %s of %d demonstrations", dropped, len(demos))
     if not examples:
         raise ValueError(f"none of the {len(demos)} demonstrations could be rendered: {dropped}")
-    targets = target_names(model, lora.targets)
+    targets = target_names(model, lora.targets, lora.first_layer)
     if not targets:
         raise ValueError(f"the model has no Linear layer named like {list(lora.targets)}")
     params = fingerprint_params(targets)
@@ -373,6 +374,7 @@ def run_sft(
             **settings,
             "base_model_id": base_model_id,
             "device": device,
+            "compute": cpu_dtype(train.cpu_dtype) if device == "cpu" else "cuda autocast",
             "torch_threads": torch.get_num_threads(),
             "dropped": dropped,
             "target_tokens": sum(e.target_tokens for e in examples),

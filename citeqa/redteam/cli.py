@@ -1,0 +1,105 @@
+"""``citeqa redteam``: how often does citeqa answer questions its corpus cannot answer?
+
+    citeqa redteam --index DIR --out DIR [--questions FILE [--split eval]] [--n N]
+                   [--url http://host:port [--api-key KEY]]
+
+Registered on the main app by citeqa/cli.py. Every user mistake ends in a one-line message on
+stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from citeqa.cli_errors import fail
+from citeqa.errors import CiteqaError
+
+
+def redteam(
+    index: Annotated[Path, typer.Option("--index", "-i", help="The index to probe.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (created; resumed).")],
+    questions: Annotated[
+        Path | None,
+        typer.Option("--questions", help="Answerable seed questions with their passages: SQuAD "
+                     "JSON, or JSONL {id, question, answers, context}. Default: template "
+                     "questions written from the indexed passages."),
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option("--split", help="With a SQuAD file: only these articles "
+                                 "(train | calibration | eval).")
+    ] = None,
+    n: Annotated[
+        int | None, typer.Option("--n", min=1, help="At most this many seeds (a seeded sample).")
+    ] = None,
+    per_passage: Annotated[
+        int, typer.Option("--per-passage", min=1, help="Template questions per passage.")
+    ] = 2,
+    url: Annotated[
+        str | None, typer.Option("--url", help="Ask a running server instead of in process.")
+    ] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", help="With --url.")] = None,
+    preset_name: Annotated[str, typer.Option("--preset", help="default | tiny.")] = "default",
+    seed: Annotated[int, typer.Option("--seed", help="Sampling and variant choices.")] = 0,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Questions asked at once.")] = 4,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Make unanswerable variants of answerable questions and report how often citeqa answers
+    them anyway (per kind), with answerable controls; writes report.md, results.jsonl,
+    summary.json and a plot into --out."""
+    from citeqa.redteam.corpus import Corpus
+    from citeqa.redteam.maker import Seed, make_variants
+    from citeqa.redteam.run import ask_all, probes, sample_seeds, summarize, write_report
+    from citeqa.redteam.writer import write_questions
+    from citeqa.retrieval.store import Index
+
+    try:
+        idx = Index.load(index)
+        texts = [p.text for p in idx.passages]
+        if questions is not None:
+            from citeqa.evals.squad import articles_for_split, load_questions
+
+            items = load_questions(questions, articles_for_split(split) if split else None)
+            seeds = [Seed(q.question, q.context, q.answers[0], q.id) for q in items
+                     if q.answerable and q.context.strip()]
+            seeds_from = f"{questions} ({split or 'all'} articles)"
+        else:
+            seeds = write_questions(((str(p.passage_id), p.text) for p in idx.passages),
+                                    per_passage=per_passage, seed=seed)
+            seeds_from = f"template questions from {len(idx.passages)} passages"
+        if not seeds:
+            raise fail("no answerable seed questions: pass --questions with contexts, or an "
+                       "index whose passages hold names, numbers or years")
+        seeds = sample_seeds(seeds, n, seed)
+        corpus = Corpus.build(texts)
+        variants = make_variants(seeds, corpus, seed=seed)
+        asks = probes(seeds, variants)
+        if url:
+            from citeqa.client import CiteqaClient
+
+            client = CiteqaClient(url, api_key=api_key)
+
+            def ask(items):  # one request each: the server batches concurrent ones itself
+                return [client.answer(a.question) for a in items]
+
+            threshold, service = None, url
+        else:
+            from citeqa.config import Settings
+            from citeqa.pipeline import Pipeline
+
+            pipeline = Pipeline.from_settings(Settings(preset=preset_name, index=index))  # type: ignore[arg-type]
+            ask, threshold = pipeline.ask_many, pipeline.decline_threshold()
+            service = f"in process ({pipeline.generator.backend.model_id})"
+        records = ask_all(asks, ask, out, batch=batch, progress=progress)
+        summary = summarize(records, threshold)
+        setup = {"index": str(index), "seeds_from": seeds_from, "seeds": len(seeds),
+                 "service": service, "seed": seed, "made": len(variants)}
+        write_report(out, summary, setup)
+    except CiteqaError as e:
+        raise fail(str(e)) from None
+    typer.echo(json.dumps({k: summary[k] for k in ("questions", "unanswerable", "controls",
+                                                    "false_answer_rate", "control_accuracy")}))
+    typer.echo(f"report: {out / 'report.md'}")

@@ -1,0 +1,152 @@
+"""The red-team question maker (each kind on fixed examples, the corpus check, determinism), the
+template question writer, and `citeqa redteam` end to end on the tiny preset."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from citeqa.redteam.corpus import Corpus, names_in
+from citeqa.redteam.maker import (
+    KINDS,
+    UNANSWERABLE_KINDS,
+    Seed,
+    absent_subject,
+    antonym,
+    date_swap,
+    entity_swap,
+    impossible_condition,
+    make_variants,
+    negation,
+    number_swap,
+    paraphrase,
+)
+from citeqa.redteam.writer import write_questions
+
+PASSAGES = [
+    "The Normans gave their name to Normandy, a region in France. Their leader Rollo swore "
+    "fealty to King Charles III of West Francia in 911. The castle of Rouen was built by the "
+    "duke in 1066, and the largest army of the region marched from it.",
+    "Harvard University was founded in 1636 in Cambridge. The library of Harvard University "
+    "holds 18 million volumes, and the first president of the college was Henry Dunster.",
+    "The Eiffel Tower in Paris opened in 1889 as the entrance to the fair. The tower of Paris "
+    "was built by the company of Gustave Eiffel, and the height of the tower is 330 metres.",
+    "Stanford University was founded in 1885 in California. Leland Stanford gave the land. "
+    "The campus of Stanford University covers 8,180 acres; the first president was David Jordan.",
+    "Yale University moved to New Haven in 1716. The library of Yale University holds 15 "
+    "million volumes; the second library was built in 1931 by James Rogers.",
+]
+CORPUS = Corpus.build(PASSAGES)
+SEED = Seed("Who swore fealty to King Charles III in 911?", PASSAGES[0], "Rollo", "q1")
+
+
+def rng() -> random.Random:
+    return random.Random(0)
+
+
+def test_names_skip_sentence_initial_words_and_leading_function_words() -> None:
+    text = "Their leader Rollo met King Charles III. In September the University of Chicago met."
+    assert [n for _, _, n in names_in(text)] == ["Rollo", "King Charles", "University of Chicago"]
+
+
+def test_the_corpus_check_finds_co_occurrence() -> None:
+    q = "When was Harvard University founded?"
+    assert CORPUS.could_answer("Harvard University", q)  # it says so: 1636
+    assert not CORPUS.could_answer("Yale University", q)  # "founded" never near Yale
+    assert not CORPUS.could_answer("Stanford", "How many volumes does the library hold?")
+
+
+def test_entity_swap_uses_a_corpus_name_that_never_meets_the_question() -> None:
+    seed = Seed("When was Harvard University founded?", PASSAGES[1], "1636")
+    v = entity_swap(seed, CORPUS, rng())
+    assert v is not None and not v.answerable and v.kind == "entity_swap"
+    new = v.change.split(" -> ")[1]
+    assert new in CORPUS.names and new not in PASSAGES[1]
+    assert not CORPUS.could_answer(new, v.question) and new in v.question
+
+
+def test_number_and_date_swaps_change_the_value_and_keep_the_form() -> None:
+    v = number_swap(Seed("How many million volumes does the library hold, 18?", PASSAGES[1]),
+                    CORPUS, rng())
+    assert v is not None and "18" not in v.question.split("hold, ")[1]
+    d = date_swap(Seed("Who built the castle of Rouen in 1066?", PASSAGES[0]), CORPUS, rng())
+    assert d is not None and "1066" not in d.question
+    year = d.change.split(" -> ")[1]
+    assert year.isdigit() and year not in PASSAGES[0]
+    month = date_swap(Seed("What happened in March?", PASSAGES[2]), CORPUS, rng())
+    assert month is not None and "March" not in month.question
+
+
+def test_negation_antonym_absent_subject_and_impossible_condition() -> None:
+    n = negation(SEED, CORPUS, rng())
+    assert n is None  # "Who swore": no auxiliary to negate
+    n = negation(Seed("Who did the duke build the castle for?", PASSAGES[0]), CORPUS, rng())
+    assert n is not None and n.question == "Who didn't the duke build the castle for?"
+    a = antonym(Seed("Who was the first president of the college?", PASSAGES[1]), CORPUS, rng())
+    assert a is not None and "last president" in a.question
+    s = absent_subject(Seed("Who built the castle of Rouen?", PASSAGES[0]), CORPUS, rng())
+    assert s is not None and "castle" not in s.question
+    assert s.change.split(" -> ")[1] not in PASSAGES[0]
+    c = impossible_condition(Seed("Who built the castle of Rouen?", PASSAGES[0]), CORPUS, rng())
+    assert c is not None and c.question.startswith("Who built the castle of Rouen ")
+    year = int(c.question.rstrip("?").split()[-1])
+    assert all(abs(year - y) > 30 for y in (911, 1066))
+    assert impossible_condition(SEED, CORPUS, rng()) is None  # it already asks about a year
+
+
+def test_paraphrase_is_an_answerable_control() -> None:
+    p = paraphrase(Seed("Who built the castle of Rouen?", PASSAGES[0], "the duke"), CORPUS, rng())
+    assert p is not None and p.answerable and p.answer == "the duke"
+    assert p.question == "Who constructed the castle of Rouen?"
+
+
+def test_variants_are_deterministic_and_none_is_answerable_by_the_makers_check() -> None:
+    seeds = [SEED, Seed("When was Harvard University founded?", PASSAGES[1], "1636"),
+             Seed("Who built the tower of Paris?", PASSAGES[2], "the company of Gustave Eiffel")]
+    first = make_variants(seeds, CORPUS, seed=7)
+    assert first == make_variants(seeds, CORPUS, seed=7)
+    assert {v.kind for v in first} <= set(KINDS) and len(first) >= 6
+    for v in first:
+        assert v.question != v.original
+        if v.kind in ("entity_swap", "number_swap", "date_swap", "absent_subject"):
+            assert not CORPUS.could_answer(v.change.split(" -> ")[1], v.question)
+    with pytest.raises(ValueError, match="unknown"):
+        make_variants(seeds, CORPUS, kinds=["typo"])
+    assert set(UNANSWERABLE_KINDS) < set(KINDS)
+
+
+def test_template_questions_hold_their_answer() -> None:
+    seeds = write_questions([("p0", PASSAGES[0]), ("p3", PASSAGES[3])], per_passage=3)
+    assert seeds == write_questions([("p0", PASSAGES[0]), ("p3", PASSAGES[3])], per_passage=3)
+    assert 2 <= len(seeds) <= 6
+    for s in seeds:
+        assert s.question.endswith("?") and s.answer in s.passage
+        assert any(w in s.question for w in ("what year", "how many", "what"))
+
+
+def test_redteam_command_on_the_tiny_preset(tmp_path: Path) -> None:
+    from citeqa.cli import app
+    from citeqa.config import preset
+    from citeqa.retrieval import build_index_from_documents
+    from citeqa.types import Document
+
+    docs = [Document(f"d{i}", f"T{i}", f"s{i}", p) for i, p in enumerate(PASSAGES)]
+    build_index_from_documents(docs, tmp_path / "idx", preset("tiny").retrieval, progress=False)
+    args = ["redteam", "--index", str(tmp_path / "idx"), "--out", str(tmp_path / "rt"),
+            "--preset", "tiny", "--no-progress", "--per-passage", "3"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "rt" / "summary.json").read_text())
+    assert summary["unanswerable"] > 0 and summary["controls"] > 0
+    assert 0 <= summary["false_answer_rate"] <= 1
+    lines = (tmp_path / "rt" / "results.jsonl").read_text().splitlines()
+    assert len(lines) == summary["questions"]
+    assert (tmp_path / "rt" / "false_answers_vs_threshold.png").read_bytes()[:4] == b"\x89PNG"
+    assert "false-answer rate" in (tmp_path / "rt" / "report.md").read_text()
+    again = CliRunner().invoke(app, args)  # resumed: nothing is asked twice
+    assert again.exit_code == 0
+    assert len((tmp_path / "rt" / "results.jsonl").read_text().splitlines()) == len(lines)
