@@ -10,9 +10,10 @@ import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
 from citeqa.cli_errors import fail
 from citeqa.config import MAX_CANDIDATES, MAX_PASSAGES, MAX_SEARCH_K, Settings, preset
@@ -50,13 +51,49 @@ _register_subcommands()
 
 log = logging.getLogger("citeqa")
 
+# Options that are also service settings default to None: an explicit flag beats the CITEQA_*
+# environment, which beats the Settings default (see _settings).
 IndexDir = Annotated[
-    Path, typer.Option("--index", "-i", help="Index directory (built by `citeqa index build`).")
+    Path | None,
+    typer.Option("--index", "-i", help="Index directory (built by `citeqa index build`); "
+                 "default $CITEQA_INDEX, else index/default."),
 ]
 PresetOpt = Annotated[
     str, typer.Option("--preset", help="Named settings preset: default | tiny (fakes, no weights).")
 ]
+SettingsPresetOpt = Annotated[
+    str | None,
+    typer.Option("--preset", help="Named settings preset: default | tiny (fakes, no weights); "
+                 "default $CITEQA_PRESET, else default."),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+def _settings(**options: Any) -> Settings:
+    """Settings from the options given (None = not given) over the CITEQA_* environment over the
+    defaults; an invalid value ends the command (status 2) with a line naming the setting."""
+    try:
+        return Settings(**{k: v for k, v in options.items() if v is not None})
+    except ValidationError as e:
+        raise fail(_settings_error(e)) from None
+
+
+def _settings_error(e: ValidationError) -> str:
+    """One line for the first invalid setting: its name and what is wrong with it."""
+    first = e.errors()[0]
+    name = ".".join(str(x) for x in first["loc"]) or "settings"
+    return f"invalid {name}: {str(first['msg']).removeprefix('Value error, ')}"
+
+
+def _open_index(index: Path) -> Path:
+    """The index directory, recovered if a rebuild crashed mid-swap (store.recover_index, as
+    ``Index.load`` does for search and ask); fails the command when there is no index."""
+    from citeqa.retrieval.store import recover_index
+
+    try:
+        return recover_index(index)
+    except CiteqaError as e:
+        raise fail(f"not an index directory: {e}") from None
 
 
 @app.callback()
@@ -119,7 +156,7 @@ def index_build(
 @app.command()
 def search(
     query: Annotated[str, typer.Argument(help="What to look for.")],
-    index: IndexDir = Path("index/default"),
+    index: IndexDir = None,
     k: Annotated[int, typer.Option("-k", min=1, max=MAX_SEARCH_K, help="How many hits.")] = 5,
     mode: Annotated[
         str, typer.Option("--mode", help="hybrid | bm25 | dense (hybrid = reciprocal-rank fusion).")
@@ -133,8 +170,9 @@ def search(
         raise fail(f"--mode must be hybrid, bm25 or dense, not {mode!r}")
     if not query.strip():
         raise fail("the query is empty")
+    directory = _settings(index=index).index
     try:
-        hits = HybridRetriever.open(index).search(query, k, mode=mode)
+        hits = HybridRetriever.open(directory).search(query, k, mode=mode)
     except CiteqaError as e:
         raise fail(str(e)) from None
     if as_json:
@@ -151,8 +189,8 @@ def search(
 @app.command()
 def ask(
     question: Annotated[str, typer.Argument(help="The question to answer.")],
-    index: IndexDir = Path("index/default"),
-    preset_name: PresetOpt = "default",
+    index: IndexDir = None,
+    preset_name: SettingsPresetOpt = None,
     generator: Annotated[
         str | None,
         typer.Option("--generator", help="smollm2 | fake | a local Hugging Face model dir."),
@@ -189,15 +227,15 @@ def ask(
         raise fail("give --min-score or --target-accuracy, not both")
     from citeqa.pipeline import Pipeline
 
+    settings = _settings(preset=preset_name, index=index, generator=generator)
     try:
-        settings = Settings(preset=preset_name, index=index, generator=generator)  # type: ignore[arg-type]
         pipeline = Pipeline.from_settings(settings)
         answer = pipeline.ask(question, top_k=top_k, n_candidates=n_candidates,
                               min_score=min_score, target_accuracy=target_accuracy,
                               answer_mode=answer_mode)
     except CiteqaError as e:
         raise fail(str(e)) from None
-    except ValueError as e:  # pydantic validation of settings
+    except ValueError as e:  # an option value the pipeline refuses
         raise fail(str(e)) from None
     if as_json:
         typer.echo(json.dumps(answer.to_json(), ensure_ascii=False, indent=2))
@@ -216,22 +254,18 @@ def ask(
 
 @app.command()
 def serve(
-    index: IndexDir = Path("index/default"),
+    index: IndexDir = None,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8000,
-    preset_name: PresetOpt = "default",
+    preset_name: SettingsPresetOpt = None,
 ) -> None:
     """Serve the REST API (and the page at /) over an index."""
     import uvicorn
 
     from citeqa.api import create_app
 
-    try:
-        settings = Settings(preset=preset_name, index=index)  # type: ignore[arg-type]
-    except ValueError as e:
-        raise fail(str(e)) from None
-    if not (index / "manifest.json").is_file():
-        raise fail(f"{index} is not an index directory; build one with `citeqa index build`")
+    settings = _settings(preset=preset_name, index=index)
+    _open_index(settings.index)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
 
 

@@ -127,6 +127,11 @@ def preset(name: str) -> Config:
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
 
 
+def parse_api_keys(raw: str) -> tuple[bytes, ...]:
+    """``"k1, k2"`` -> ``(b"k1", b"k2")``; empty entries are ignored."""
+    return tuple(k.strip().encode() for k in raw.split(",") if k.strip())
+
+
 class Settings(BaseSettings):
     """Service settings, read from ``CITEQA_*`` environment variables (unknown keys rejected)."""
 
@@ -164,6 +169,17 @@ class Settings(BaseSettings):
     def _generator_exists(cls, v: str | None) -> str | None:
         if v and v not in ("smollm2", "fake") and not Path(v).is_dir():
             raise ValueError(f"CITEQA_GENERATOR={v!r} is not a directory with a Hugging Face model")
+        return v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_listed(cls, v: str) -> str:
+        # "," or " " would otherwise mean "no authentication": an open server by a typo
+        if v and not parse_api_keys(v):
+            raise ValueError(
+                f"CITEQA_API_KEYS={v!r} lists no key; give comma-separated keys, or leave it "
+                "empty to serve without authentication"
+            )
         return v
 
     def config(self) -> Config:

@@ -4,6 +4,7 @@
     ├── ConfigError          bad setting or preset
     ├── SourceError          a document source could not be read (missing, binary, empty)
     │   └── FetchError       a URL could not be fetched
+    │       ├── BadURLError       the URL is malformed or its host does not exist
     │       └── BlockedURLError   the URL is not allowed (scheme, private address, ...)
     ├── IndexError_          an index directory is missing, corrupt or mismatched
     ├── EmptyCorpusError     nothing to index
@@ -29,6 +30,10 @@ class SourceError(CiteqaError):
 
 class FetchError(SourceError):
     """A URL could not be fetched."""
+
+
+class BadURLError(FetchError):
+    """A URL is the caller's mistake: malformed, or naming a host that does not exist."""
 
 
 class BlockedURLError(FetchError):

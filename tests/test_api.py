@@ -722,3 +722,48 @@ def test_default_factory_imports_the_pipeline_lazily(monkeypatch: pytest.MonkeyP
         wait_until(lambda: app.state.citeqa.phase != "loading")
         assert c.get("/readyz").status_code == 200
     assert len(built) == 1
+
+
+# -- numbers are numbers; the schema declares every error the server sends (issue #16) ----------
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/answer", {"question": "q", "min_score": True}),
+    ("/v1/answer", {"question": "q", "min_score": False}),
+    ("/v1/answer", {"question": "q", "target_accuracy": True}),
+    ("/v1/answer", {"question": "q", "top_k": True}),
+    ("/v1/answer", {"question": "q", "n_candidates": False}),
+    ("/v1/search", {"query": "q", "k": True}),
+])
+def test_booleans_are_not_numbers(path: str, body: dict[str, Any]) -> None:
+    field = next(k for k in body if k not in ("question", "query"))
+    with serve(CalibratedFakePipeline()) as c:
+        err = assert_uniform_error(c.post(path, json=body), 422, "invalid_request")
+    assert err["message"] == f"{field}: must be a number, not true or false", err
+
+
+def test_numbers_in_strings_are_not_numbers() -> None:
+    with serve() as c:
+        for body in ({"question": "q", "min_score": "0.5"}, {"question": "q", "top_k": "3"}):
+            assert_uniform_error(c.post("/v1/answer", json=body), 422, "invalid_request")
+        assert c.post("/v1/answer", json={"question": "q", "min_score": 1}).status_code == 200
+        assert c.post("/v1/answer", json={"question": "q", "top_k": 3.0}).status_code == 200
+
+
+def test_openapi_declares_the_400s_of_unparsable_bodies() -> None:
+    with serve() as c:
+        spec = c.get("/openapi.json").json()
+        for path in ("/v1/answer", "/v1/search"):
+            assert "400" in spec["paths"][path]["post"]["responses"], path
+            r = c.post(path, content=b'{"q": "\xff"}', headers={"content-type": "application/json"})
+            assert_uniform_error(r, 400, "bad_request")
+
+
+def test_405_allows_every_method_of_the_path() -> None:
+    with serve() as c:
+        for method in ("OPTIONS", "PUT", "PATCH"):
+            r = c.request(method, "/v1/documents/d1")
+            assert_uniform_error(r, 405, "method_not_allowed")
+            assert r.headers["allow"] == "DELETE, GET", r.headers
+        r = c.request("OPTIONS", "/v1/answer")
+        assert r.status_code == 405 and r.headers["allow"] == "POST"

@@ -130,3 +130,82 @@ def test_ask_with_the_default_models(corpus: Path, tmp_path: Path) -> None:
         assert text[q["start"] : q["end"]] == q["text"] and 0.0 <= answer["score"] <= 1.0
     for key in ("retrieve_ms", "prefill_ms", "decode_ms", "total_ms"):
         assert answer["timings_ms"][key] >= 0
+
+
+# -- settings: flag > environment > default; no open server by mistake; recovery (issue #16) ----
+
+
+@pytest.fixture()
+def served(monkeypatch: pytest.MonkeyPatch) -> list:
+    """``citeqa serve`` builds its app, but uvicorn does not run: the apps are collected here."""
+    import uvicorn
+
+    apps: list = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    for name in ("CITEQA_PRESET", "CITEQA_INDEX", "CITEQA_API_KEYS"):
+        monkeypatch.delenv(name, raising=False)
+    return apps
+
+
+def test_serve_takes_preset_and_index_from_the_environment(corpus, tmp_path, served) -> None:
+    index, other = tmp_path / "index", tmp_path / "other"
+    assert build(corpus, index).exit_code == 0 and build(corpus, other).exit_code == 0
+    env = {"CITEQA_PRESET": "tiny", "CITEQA_INDEX": str(index)}
+    cases = [
+        ([], env, ("tiny", index)),  # the environment beats the defaults
+        (["--preset", "default", "--index", str(other)], env, ("default", other)),  # flags win
+        (["--index", str(index)], {}, ("default", index)),  # the default preset
+    ]
+    for flags, environ, (preset_name, path) in cases:
+        result = CliRunner().invoke(app, ["serve", *flags], env=environ)
+        assert result.exit_code == 0, result.output
+        settings = served.pop().state.citeqa.settings
+        assert (settings.preset, settings.index) == (preset_name, path), flags
+
+
+def test_ask_and_search_take_preset_and_index_from_the_environment(
+        corpus, tmp_path, monkeypatch) -> None:
+    import sys
+    import types
+
+    index = tmp_path / "index"
+    assert build(corpus, index).exit_code == 0
+    env = {"CITEQA_PRESET": "tiny", "CITEQA_INDEX": str(index)}
+    result = CliRunner().invoke(app, ["search", "Seine river", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "seine.md" in result.output
+
+    seen: list = []
+
+    class Pipeline:  # stands in for citeqa.pipeline.Pipeline: no model is loaded
+        @classmethod
+        def from_settings(cls, settings):  # type: ignore[no-untyped-def]
+            seen.append((settings.preset, settings.index))
+            raise SystemExit(0)
+
+    module = types.ModuleType("citeqa.pipeline")
+    module.Pipeline = Pipeline  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "citeqa.pipeline", module)
+    CliRunner().invoke(app, ["ask", "Where is the Seine?"], env=env)
+    CliRunner().invoke(app, ["ask", "Where?", "--preset", "default", "--index", "x"], env=env)
+    assert seen == [("tiny", index), ("default", Path("x"))]
+
+
+def test_serve_refuses_api_keys_that_list_no_key(corpus, tmp_path, served) -> None:
+    index = tmp_path / "index"
+    assert build(corpus, index).exit_code == 0
+    result = CliRunner().invoke(app, ["serve", "--preset", "tiny", "--index", str(index)],
+                                env={"CITEQA_API_KEYS": ","})
+    assert result.exit_code == 2 and served == []
+    assert "CITEQA_API_KEYS" in result.output and "lists no key" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_serve_recovers_an_index_left_mid_swap(corpus, tmp_path, served) -> None:
+    index = tmp_path / "index"
+    assert build(corpus, index).exit_code == 0
+    index.rename(tmp_path / f".index.old-{2**30}")  # a rebuild killed between its renames
+    result = CliRunner().invoke(app, ["serve", "--preset", "tiny", "--index", str(index)])
+    assert result.exit_code == 0, result.output
+    assert (index / "manifest.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "docs", "index"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -334,3 +335,53 @@ def test_sigkill_mid_update_keeps_the_old_index(index_dir: Path, stage: str) -> 
     assert set(res.index.documents) == {"normans"}
     assert set(Index.load(index_dir).documents) == {"normans"}
     assert not [p for p in index_dir.parent.iterdir() if p.name.startswith(".idx.")]
+
+
+# -- URL errors say what is wrong with the URL (issue #16) -------------------------------------
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    ({"url": "ftp://x.org/a"}, "url: must be an http(s) URL"),
+    ({"url": "https://bücher.example/moths"}, "punycode"),
+    ({"url": "https://x.org/ a"}, "url: must be an http(s) URL"),
+    ({"url": 5}, "url: Input should be a valid string"),
+    ({"url": "https://moths.example/moths", "text": "a"}, "text or a url, not both"),
+    ({}, "text: Field required"),
+])
+def test_bad_document_bodies_say_what_is_wrong(client: TestClient, body: dict, says: str) -> None:
+    r = client.post("/v1/documents", json=body)
+    assert r.status_code == 422, r.text
+    message = r.json()["error"]["message"]
+    assert says in message and "DocumentIn" not in message, message
+
+
+def _gaierror(errno: int, text: str) -> Fetcher:
+    def resolver(host: str, port: int) -> list[str]:
+        raise socket.gaierror(errno, text)
+
+    return Fetcher(FetchPolicy(), resolver=resolver,
+                   transport=httpx.MockTransport(lambda r: httpx.Response(500)))
+
+
+@pytest.mark.parametrize("url", ["https://a..b/moths", "https://exa%20mple.org/",
+                                 "https://" + "x" * 64 + ".org/", "https://-/", "http:///x",
+                                 "https://1.2.3.4.5/"])
+def test_a_malformed_host_is_422_bad_url(index_dir: Path, tmp_path: Path, url: str) -> None:
+    with serve(index_dir, tmp_path) as c:
+        r = c.post("/v1/documents", json={"url": url})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "bad_url", r.text
+
+
+def test_an_unresolvable_host_is_422_but_a_failing_resolver_is_502(index_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    body = {"url": "https://nowhere.example/moths"}
+    fetcher = _gaierror(socket.EAI_NONAME, "Name or service not known")
+    with serve(index_dir, tmp_path, fetcher=fetcher) as c:
+        r = c.post("/v1/documents", json=body)
+    err = r.json()["error"]
+    assert r.status_code == 422 and err["code"] == "bad_url", r.text
+    assert "does not exist" in err["message"] and "nowhere.example" in err["message"]
+    # DNS that cannot answer now is not the caller's mistake
+    with serve(index_dir, tmp_path, fetcher=_gaierror(socket.EAI_AGAIN, "try again")) as c:
+        r = c.post("/v1/documents", json=body)
+    assert r.status_code == 502 and r.json()["error"]["code"] == "fetch_failed", r.text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.server
 import ipaddress
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from citeqa.errors import BlockedURLError, FetchError
+from citeqa.errors import BadURLError, BlockedURLError, FetchError
 from citeqa.ingest import FetchedPage, Fetcher, FetchPolicy, check_ip
 
 PUBLIC = "93.184.216.34"
@@ -183,7 +184,6 @@ def test_private_ipv4_blocked_in_every_url_form(net: str, offset: int, form: str
         "javascript:alert(1)",
         "http://user:secret@example.com/",
         "http://user@example.com/",
-        "http:///no-host",
         "http://localhost/",
         "http://LOCALHOST./admin",
         "http://api.localhost:8080/",
@@ -200,14 +200,63 @@ def test_private_ipv4_blocked_in_every_url_form(net: str, offset: int, form: str
         "http://[fe80::1%25eth0]/",
         "http://169.254.169.254/latest/meta-data/",
         "http://[fd00:ec2::254]/",
-        "http://1.2.3.4.5/",
-        "http://example.123/",
         "not a url",
     ],
 )
 def test_blocked_urls_never_connect(url: str) -> None:
     with pytest.raises(BlockedURLError):
         fetcher().fetch(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http:///no-host",
+        "http://1.2.3.4.5/",
+        "http://example.123/",
+        "https://a..b/",
+        "https://.example.com/",
+        "https://exa%20mple.org/",
+        "https://exa$mple.org/",
+        "https://" + "x" * 64 + ".org/",
+        "https://" + "x." * 127 + "org/",  # 257 characters
+        "https://-/",
+        "http://[::1/",
+    ],
+)
+def test_malformed_urls_are_bad_urls_and_never_connect(url: str) -> None:
+    """The caller's mistake (the API answers 422), found before any DNS lookup or connection."""
+    with pytest.raises(BadURLError) as info:
+        fetcher().fetch(url)
+    assert not isinstance(info.value, BlockedURLError)
+
+
+def test_a_host_that_does_not_exist_is_a_bad_url() -> None:
+    def nxdomain(host: str, port: int) -> list[str]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    with pytest.raises(BadURLError, match="'nowhere.example' does not exist"):
+        fetcher(dns=nxdomain).fetch("http://nowhere.example/")
+    with pytest.raises(BadURLError, match="no address"):
+        fetcher(dns=lambda host, port: []).fetch("http://nowhere.example/")
+
+
+def test_dns_that_fails_for_now_is_not_the_callers_mistake() -> None:
+    def again(host: str, port: int) -> list[str]:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    with pytest.raises(FetchError, match="could not resolve") as info:
+        fetcher(dns=again).fetch("http://example.com/")
+    assert not isinstance(info.value, BadURLError)
+
+
+def test_ordinary_host_names_pass_the_syntax_check() -> None:
+    names = ["example.com", "EXAMPLE.com.", "x_y.example.com", "r3---sn-abc.example.com",
+             "xn--bcher-kva.example", "a" * 63 + ".org", "localhost.example"]
+    dns = Dns({n.lower().rstrip("."): [PUBLIC] for n in names})
+    rec = Recorder()
+    for name in names:
+        assert fetcher(rec, dns).fetch(f"https://{name}/").text == "Hello web"
 
 
 def test_metadata_blocked_even_with_allow_private() -> None:
@@ -500,3 +549,11 @@ def test_real_local_server_by_name_sends_original_host(local_server: str) -> Non
     assert hosts_seen == [f"docs.internal:{port}"]
     with pytest.raises(BlockedURLError, match="docs.internal resolves to 127.0.0.1"):
         Fetcher(FetchPolicy(timeout_s=5), resolver=dns).fetch(f"http://docs.internal:{port}/")
+
+
+def test_a_redirect_to_a_malformed_host_is_the_sites_fault() -> None:
+    rec = Recorder({"example.com/": lambda: httpx.Response(302, headers={"Location":
+                                                                         "http://a..b/"})})
+    with pytest.raises(FetchError, match="redirected to a bad URL") as info:
+        fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/")
+    assert not isinstance(info.value, BadURLError)

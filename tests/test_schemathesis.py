@@ -50,9 +50,9 @@ def _import_lazy_modules() -> None:
 _import_lazy_modules()
 
 # Schema-valid requests the service refuses on purpose: target_accuracy without a calibrated
-# reward model (the tiny preset has none), and URLs the fetcher will not fetch (unparsable, or
+# reward model (the tiny preset has none), and URLs the fetcher will not fetch (malformed, or
 # an address that is not public).
-REFUSED_ON_PURPOSE = frozenset({"needs_calibration", "blocked_url"})
+REFUSED_ON_PURPOSE = frozenset({"needs_calibration", "bad_url", "blocked_url"})
 MAX_EXAMPLES = 40  # per operation; the whole file stays well under a minute
 DOCS = [
     Document("normans", "Normans", "https://en.wikipedia.org/wiki/Normans",

@@ -145,3 +145,65 @@ def test_passage_invariant_random_texts(texts: list[str], max_chars: int) -> Non
                 if p.doc_id == d.doc_id:
                     covered[p.start : p.end] = True
             assert all(covered[i] or c.isspace() for i, c in enumerate(d.text))
+
+
+# -- recovering after a crash in the swap window (see store.recover_index) --------------------
+
+DEAD_PID = 2**30  # above any pid_max: no such process
+
+
+def _crash_mid_swap(out: Path, pid: int = DEAD_PID) -> Path:
+    """The state a writer killed between the two renames of a swap leaves behind."""
+    old = out.parent / f".{out.name}.old-{pid}"
+    out.rename(old)
+    return old
+
+
+def test_recover_restores_a_backup_left_by_a_dead_writer(built: Path) -> None:
+    from citeqa.retrieval.store import recover_index
+
+    _crash_mid_swap(built)
+    (built.parent / f".{built.name}.tmp-{DEAD_PID}").mkdir()  # its unfinished new index
+    assert recover_index(built) == built
+    assert (built / "manifest.json").is_file()
+    assert sorted(p.name for p in built.parent.iterdir()) == ["idx"]  # debris removed
+    assert Index.load(built).directory == built
+
+
+def test_recover_restores_over_an_empty_directory(built: Path) -> None:
+    from citeqa.retrieval.store import recover_index
+
+    _crash_mid_swap(built)
+    built.mkdir()
+    assert recover_index(built) == built and (built / "manifest.json").is_file()
+
+
+def test_recover_leaves_a_live_writers_swap_alone(built: Path) -> None:
+    """A writer that is alive is between its renames right now: read its backup, touch nothing."""
+    import os
+
+    from citeqa.retrieval.store import recover_index
+
+    old = _crash_mid_swap(built, pid=os.getpid())
+    assert recover_index(built) == old
+    assert not built.exists() and old.is_dir()
+    assert Index.load(built).directory == old
+
+
+def test_loading_recovers_too(built: Path) -> None:
+    _crash_mid_swap(built)
+    assert Index.load(built).directory == built
+    assert sorted(p.name for p in built.parent.iterdir()) == ["idx"]
+
+
+def test_recover_refuses_what_is_not_an_index(tmp_path: Path) -> None:
+    from citeqa.retrieval.store import recover_index
+
+    with pytest.raises(IndexError_, match="does not exist; build one"):
+        recover_index(tmp_path / "nowhere")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    with pytest.raises(IndexError_, match="has no manifest.json"):
+        recover_index(mine)
+    assert (mine / "notes.txt").read_text() == "precious"

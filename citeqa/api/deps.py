@@ -16,7 +16,7 @@ from fastapi import Depends, Request
 from citeqa.api.batching import Batcher
 from citeqa.api.errors import ApiError
 from citeqa.api.metrics import Metrics
-from citeqa.config import Settings
+from citeqa.config import Settings, parse_api_keys
 from citeqa.ingest.fetch import Fetcher
 from citeqa.types import Answer, AskArgs, Document, Hit
 
@@ -43,11 +43,6 @@ class PipelineLike(Protocol):
     def delete_document(self, doc_id: str) -> None:
         """InvalidRequestError 404 for an unknown doc_id."""
         ...
-
-
-def parse_api_keys(raw: str) -> tuple[bytes, ...]:
-    """``"k1, k2"`` -> ``(b"k1", b"k2")``; empty entries are ignored."""
-    return tuple(k.strip().encode() for k in raw.split(",") if k.strip())
 
 
 def key_matches(candidate: str, keys: tuple[bytes, ...]) -> bool:

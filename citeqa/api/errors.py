@@ -14,8 +14,10 @@ How ``CiteqaError`` maps to HTTP (the one table; first match wins, subclasses fi
     =====================  ======  ======================  =========================================
     InvalidRequestError    .status .code                   the user's request; its own status and
                                                            code (default invalid_request)
+    BadURLError            422     bad_url                 the user's URL is malformed, or its host
+                                                           does not exist
     BlockedURLError        400     blocked_url             the user named a URL that is not allowed
-    FetchError             502     fetch_failed            an upstream site failed
+    FetchError             502     fetch_failed            an upstream site (or DNS) failed
     SourceError            422     bad_source              the user's source could not be read
     IndexError_            503     index_unavailable       the served index is missing or corrupt
     EmptyCorpusError       503     index_unavailable       the served index is empty
@@ -39,8 +41,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from citeqa.errors import (
+    BadURLError,
     BlockedURLError,
     CiteqaError,
     ConfigError,
@@ -57,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 # (exception type, status, code); checked in order, so subclasses come before their bases.
 CITEQA_ERROR_TABLE: tuple[tuple[type[CiteqaError], int, str], ...] = (
+    (BadURLError, 422, "bad_url"),
     (BlockedURLError, 400, "blocked_url"),
     (FetchError, 502, "fetch_failed"),
     (SourceError, 422, "bad_source"),
@@ -66,6 +71,8 @@ CITEQA_ERROR_TABLE: tuple[tuple[type[CiteqaError], int, str], ...] = (
     (OutputFormatError, 500, "generation_failed"),
     (ConfigError, 500, "config_error"),
 )
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")  # what a 405's Allow may list
 
 # Codes for Starlette's HTTPException by status; others fall back to the reason phrase.
 HTTP_CODES: dict[int, str] = {
@@ -137,12 +144,14 @@ def map_citeqa_error(exc: CiteqaError) -> tuple[int, str]:
 
 
 def validation_details(errors: Any) -> list[dict[str, Any]]:
-    """Pydantic's error list, reduced to JSON-safe fields (no echo of the input, no ctx objects)."""
-    from citeqa.api.schemas import PATTERN_HELP
+    """Pydantic's error list, reduced to JSON-safe fields (no echo of the input, no ctx objects),
+    with union tags dropped from locations (they name no field of the body)."""
+    from citeqa.api.schemas import PATTERN_HELP, UNION_TAGS
 
     out = []
     for e in errors:
-        loc = [x if isinstance(x, int | str) else str(x) for x in e.get("loc", ())]
+        loc = [x if isinstance(x, int | str) else str(x) for x in e.get("loc", ())
+               if x not in UNION_TAGS]
         msg = str(e.get("msg", ""))
         if e.get("type") == "string_pattern_mismatch":
             msg = PATTERN_HELP.get(str((e.get("ctx") or {}).get("pattern")), msg)
@@ -186,9 +195,21 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "invalid_request", message, details)
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app accepts at the request's path, found by asking the
+    routes (Starlette's own 405 names only the methods of the first route matching the path)."""
+    routes = request.app.router.routes
+    return sorted(m for m in HTTP_METHODS
+                  if any(r.matches({**request.scope, "method": m})[0] is Match.FULL
+                         for r in routes))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException), exc
     status = exc.status_code
+    headers = dict(exc.headers or {})
+    if status == 405 and (methods := allowed_methods(request)):
+        headers["Allow"] = ", ".join(methods)
     if isinstance(exc.detail, str) and exc.detail != _phrase(status):
         message = exc.detail
     elif status == 404:
@@ -197,7 +218,7 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
         message = "method not allowed on this endpoint; see /openapi.json"
     else:
         message = _phrase(status)
-    return error_response(status, _http_code(status), message, None, dict(exc.headers or {}))
+    return error_response(status, _http_code(status), message, None, headers)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:

@@ -6,6 +6,7 @@ routes never produce (a 413 sent before the body was read).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import re
@@ -15,6 +16,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from citeqa.api.errors import BodyTooLargeError, error_response
 
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
+# A refused body is still read (and dropped) up to these bounds before the 413 goes out: a client
+# that sends its whole body before reading (urllib, requests) would otherwise see the server
+# close on unread data as a connection reset instead of the 413. Past them the server closes.
+DRAIN_MAX_BYTES = 16 * 1024 * 1024
+DRAIN_MAX_S = 5.0
 
 
 def _sha256_source(text: str) -> str:
@@ -36,9 +42,29 @@ def page_csp(html: str) -> str:
     )
 
 
+async def drain(receive: Receive, *, max_bytes: int = DRAIN_MAX_BYTES,
+                max_s: float = DRAIN_MAX_S) -> bool:
+    """Read and discard the rest of a request body, at most ``max_bytes`` within ``max_s``
+    seconds; True when the body ended (the connection can then answer cleanly)."""
+    read = 0
+    try:
+        async with asyncio.timeout(max_s):
+            while read <= max_bytes:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return False  # the client went away
+                read += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return True
+    except TimeoutError:
+        pass
+    return False
+
+
 class BodyLimitMiddleware:
     """413 for bodies over ``max_bytes``: from Content-Length, and counted while reading (chunked
-    bodies have no Content-Length)."""
+    bodies have no Content-Length). The refused body is drained (bounded, see ``drain``) before
+    the 413 is sent, so that clients which write their whole body first read the 413."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -48,7 +74,8 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
         if declared is not None:
             if not declared.isdigit():
                 await error_response(400, "bad_request", "invalid Content-Length header")(
@@ -56,23 +83,31 @@ class BodyLimitMiddleware:
                 )
                 return
             if int(declared) > self.max_bytes:
+                # A client waiting for "100 Continue" has not sent its body: refuse it unread.
+                waiting = headers.get(b"expect", b"").lower() == b"100-continue"
+                if not waiting and int(declared) <= DRAIN_MAX_BYTES:
+                    await drain(receive)
                 await self._too_large(scope, receive, send)
                 return
         seen = 0
-        started = False
+        started = over = False
 
         async def counting_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, over
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
+                    over = True
                     raise BodyTooLargeError(self.max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start" and not started:
+                started = True
+                if over:  # the app answers the refused body (its 413): read the rest first
+                    await drain(receive, max_bytes=DRAIN_MAX_BYTES - seen)
             await send(message)
 
         try:
@@ -80,6 +115,7 @@ class BodyLimitMiddleware:
         except BodyTooLargeError:
             if started:
                 raise
+            await drain(receive, max_bytes=DRAIN_MAX_BYTES - seen)
             await self._too_large(scope, receive, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:

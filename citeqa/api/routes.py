@@ -38,8 +38,9 @@ from citeqa.types import Answer, AskArgs, Document
 
 logger = logging.getLogger(__name__)
 
+# 400: a body that is not UTF-8 JSON, or nested too deep to parse; 413: over the body limit.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorOut} for s in (401, 404, 413, 422, 500, 503, 504)
+    s: {"model": ErrorOut} for s in (400, 401, 404, 413, 422, 500, 503, 504)
 }
 DOCUMENT_ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorOut} for s in (400, 409, 501, 502)

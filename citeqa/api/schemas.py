@@ -13,10 +13,13 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from citeqa.config import (
     MAX_CANDIDATES,
@@ -42,8 +45,13 @@ NOT_BLANK = rf"^[^\x00]*[^\x00{_BLANK_CLASS}][^\x00]*$"
 NO_NUL = r"^[^\x00]*$"  # optional free text: anything but NUL (checked again below)
 
 
+# A URL to fetch: http(s), then printable ASCII only (IDNs as punycode, other characters %XX).
+URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[!-~]+$"
+
 # What each pattern means, for error messages (pydantic would print the regex itself).
 PATTERN_HELP = {
+    URL_PATTERN: "must be an http(s) URL in printable ASCII without spaces: write an "
+                 "international host name in punycode (xn--...) and other characters as %XX",
     NOT_BLANK: "must contain something other than whitespace, and no NUL character",
     NO_NUL: "must not contain a NUL character",
     DOC_ID_PATTERN: "must be 1-200 characters: letters, digits and . _ : / -, starting with a "
@@ -56,12 +64,24 @@ def is_blank(text: str) -> bool:
     return all(c in BLANK_CHARS for c in text)
 
 
-Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+def _json_number(v: Any) -> Any:
+    """JSON's true/false are not numbers, though Python's bool is an int: refuse them by name
+    (strings such as "0.5" are refused by ``strict``, as JSON Schema's "number" refuses them)."""
+    if isinstance(v, bool):
+        raise PydanticCustomError("number_type", "must be a number, not true or false")
+    return v
 
 
 def _json_integer(v: Any) -> Any:
-    """JSON Schema's "integer" includes ``3.0``; strings and booleans stay refused (strict)."""
+    """JSON Schema's "integer" includes ``3.0``; strings and booleans stay refused."""
+    v = _json_number(v)
     return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+# A number in [0, 1] as JSON Schema means it: 0.5 or 1, never "0.5" or true.
+Probability = Annotated[
+    float, Field(ge=0.0, le=1.0, allow_inf_nan=False, strict=True), BeforeValidator(_json_number)
+]
 
 
 # Integers in a range as JSON Schema means them: 3 or 3.0, never "3" or true.
@@ -180,11 +200,18 @@ class UrlDocumentIn(_Request):
     url: str = Field(
         min_length=1,
         max_length=MAX_SOURCE_CHARS,
-        pattern=r"^[Hh][Tt][Tt][Pp][Ss]?://[!-~]+$",  # printable ASCII (IDNs as punycode)
+        pattern=URL_PATTERN,
         description="an http(s) URL of a public page (HTML or text)",
     )
     doc_id: str | None = Field(default=None, pattern=DOC_ID_PATTERN,
                                description="default: a hash of the URL")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_both(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "text" in data:
+            raise ValueError("send the document's text or a url, not both")
+        return data
 
     @field_validator("url")
     @classmethod
@@ -192,7 +219,20 @@ class UrlDocumentIn(_Request):
         return check_text(v, "url")
 
 
-DocumentIn = TextDocumentIn | UrlDocumentIn
+# The union's tags name no field: error locations drop them (api/errors.validation_details).
+UNION_TAGS = frozenset({"text document", "url document"})
+
+
+def _document_kind(body: Any) -> str:
+    """A body with a "url" key is a URL to fetch, any other a text: errors then say what is
+    wrong with that kind (not that the other kind's field is missing)."""
+    return "url document" if isinstance(body, dict) and "url" in body else "text document"
+
+
+DocumentIn = Annotated[
+    Annotated[TextDocumentIn, Tag("text document")] | Annotated[UrlDocumentIn, Tag("url document")],
+    Discriminator(_document_kind),
+]
 
 
 class QuoteOut(BaseModel):

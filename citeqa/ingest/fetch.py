@@ -4,7 +4,10 @@ A URL is a security boundary: whoever supplies it must not be able to make the s
 its own network (loopback, intranet, cloud metadata). The rules, applied to the URL and again
 to every redirect hop:
 
-1. Only ``http``/``https``; no ``user:password@``; a host is required.
+1. Only ``http``/``https``; no ``user:password@``; a well-formed host is required. A malformed
+   URL or a host that does not exist is the caller's mistake (``BadURLError``, an API 422);
+   a URL that is not allowed is ``BlockedURLError`` (400); a site or DNS that fails is a plain
+   ``FetchError`` (502).
 2. The host is resolved ONCE; every address it resolves to is checked with :func:`check_ip`
    and the fetch is refused if any is blocked. IP literals in any form (``[::ffff:127.0.0.1]``,
    ``2130706433``, ``0x7f.1``, ``127.1``) are checked as the address they denote.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import codecs
 import ipaddress
 import logging
+import re
 import socket
 import threading
 import time
@@ -30,7 +34,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from citeqa.errors import BlockedURLError, FetchError
+from citeqa.errors import BadURLError, BlockedURLError, FetchError
 from citeqa.ingest.html import extract_html, title_from_text
 
 logger = logging.getLogger(__name__)
@@ -59,6 +63,9 @@ _CGNAT = ipaddress.ip_network("100.64.0.0/10")  # RFC 6598 shared address space
 _THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")  # "this host on this network"
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052 well-known prefix, embeds an IPv4
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215 local-use NAT64
+_LABEL = re.compile(r"[a-z0-9_-]{1,63}")  # one label of a (lower-case, IDNA-encoded) host name
+# getaddrinfo's answers for a name that has no address: the URL's mistake, not the network's
+_NO_SUCH_HOST = frozenset({socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)})
 
 
 @dataclass(frozen=True)
@@ -169,7 +176,7 @@ def _numeric_ipv4(host: str) -> str | None:
     """The IPv4 address an ``inet_aton``-style host denotes (``2130706433``, ``0x7f.1``,
     ``017700000001``, ``127.1``), or None when ``host`` is a name.
 
-    Raises BlockedURLError for all-numeric hosts that denote no address (``1.2.3.4.5``).
+    Raises BadURLError for all-numeric hosts that denote no address (``1.2.3.4.5``).
     """
     parts = host.rstrip(".").split(".")
 
@@ -188,19 +195,38 @@ def _numeric_ipv4(host: str) -> str | None:
     if not parts or any(n is None for n in nums):
         # a name, unless its last label is numeric (WHATWG treats that as a broken IPv4)
         if parts and parts[-1] and number(parts[-1]) is not None:
-            raise BlockedURLError(f"host {host!r} is neither a name nor a valid IPv4 address")
+            raise BadURLError(f"host {host!r} is neither a name nor a valid IPv4 address")
         return None
     values = [n for n in nums if n is not None]
     if len(values) > 4 or any(v > 255 for v in values[:-1]):
-        raise BlockedURLError(f"host {host!r} is not a valid IPv4 address")
+        raise BadURLError(f"host {host!r} is not a valid IPv4 address")
     last_bytes = 5 - len(values)  # the last part fills the remaining bytes
     if values[-1] >= 256**last_bytes:
-        raise BlockedURLError(f"host {host!r} is not a valid IPv4 address")
+        raise BadURLError(f"host {host!r} is not a valid IPv4 address")
     n = 0
     for v in values[:-1]:
         n = (n << 8) | v
     n = (n << (8 * last_bytes)) | values[-1]
     return str(ipaddress.IPv4Address(n))
+
+
+def _host_name_error(name: str) -> str:
+    """Why ``name`` (lower case, IDNA-encoded, no trailing dot) is not a host name, or "".
+
+    Labels of 1-63 letters, digits, "-" and "_" (underscores occur in real names), at least one
+    a letter or digit, 253 characters in all (RFC 1035). Checked before DNS, so that a typo is
+    the caller's mistake rather than a resolver failure.
+    """
+    if len(name) > 253:
+        return "is longer than 253 characters"
+    for label in name.split("."):
+        if not label:
+            return "has an empty label (two dots in a row, or a leading dot)"
+        if len(label) > 63:
+            return f"has a label of {len(label)} characters (at most 63)"
+        if not _LABEL.fullmatch(label) or not any(c.isalnum() for c in label):
+            return f"has a label {label!r} that is not letters, digits, '-' and '_'"
+    return ""
 
 
 def _default_resolver(host: str, port: int) -> list[str]:
@@ -243,6 +269,7 @@ class Fetcher:
         """Fetch ``url`` and extract its text.
 
         Raises:
+            BadURLError: the URL is malformed or its host does not exist.
             BlockedURLError: the URL, or a redirect, points somewhere not allowed.
             FetchError: network error, bad status, too large, too slow, refused content type.
         """
@@ -250,7 +277,7 @@ class Fetcher:
         try:
             current = httpx.URL(url.strip())
         except (httpx.InvalidURL, TypeError, ValueError) as e:
-            raise BlockedURLError(f"{url!r} is not a valid URL: {e}") from None
+            raise BadURLError(f"{url!r} is not a valid URL: {e}") from None
         with httpx.Client(
             transport=self._transport,
             follow_redirects=False,
@@ -258,7 +285,13 @@ class Fetcher:
             headers={"User-Agent": _USER_AGENT, "Accept": ", ".join(ACCEPTED_TYPES)},
         ) as client:
             for hop in range(self.policy.max_redirects + 1):
-                target = self._validate(current, deadline)
+                try:
+                    target = self._validate(current, deadline)
+                except BadURLError as e:
+                    if hop == 0:
+                        raise
+                    # a redirect to a bad URL is the site's mistake, not the caller's
+                    raise FetchError(f"{url}: redirected to a bad URL: {e}") from None
                 location, page = self._get(client, target, url, deadline)
                 if page is not None:
                     return page
@@ -282,7 +315,7 @@ class Fetcher:
             raise BlockedURLError(f"{url}: credentials in URLs are not allowed; remove 'user@'")
         host = url.raw_host.decode("ascii").lower()
         if not host:
-            raise BlockedURLError(f"{url}: the URL has no host")
+            raise BadURLError(f"{url}: the URL has no host")
         port = url.port or (443 if url.scheme == "https" else 80)
         allow = self.policy.allow_private
         if ":" in host:  # an IPv6 literal (httpx strips the brackets)
@@ -291,6 +324,8 @@ class Fetcher:
             addresses = [ipv4]
         else:
             name = host.rstrip(".")
+            if reason := _host_name_error(name):
+                raise BadURLError(f"{url}: the host {reason}; check the URL")
             if not allow and (name == "localhost" or name.endswith(".localhost")):
                 raise BlockedURLError(
                     f"{url}: {name!r} is this machine (to fetch from your own network, opt in "
@@ -327,10 +362,10 @@ class Fetcher:
         if thread.is_alive():
             raise FetchError(f"resolving {host!r} took longer than {self.policy.timeout_s}s")
         if error:
-            raise FetchError(f"could not resolve {host!r}: {error[0]}; check the URL") from None
+            raise _resolve_error(host, error[0])
         addresses = sorted(set(result[0]), key=result[0].index)
         if not addresses:
-            raise FetchError(f"{host!r} resolved to no address; check the URL")
+            raise BadURLError(f"host {host!r} resolved to no address; check the URL")
         return addresses
 
     def _get(
@@ -408,6 +443,16 @@ class Fetcher:
         except httpx.HTTPError as e:
             raise FetchError(f"{requested}: error while reading the body: {e}") from None
         return b"".join(chunks)
+
+
+def _resolve_error(host: str, e: Exception) -> FetchError:
+    """A failed lookup: BadURLError when the name does not exist (or cannot be a name), else a
+    FetchError (DNS unreachable or failing: not the caller's mistake)."""
+    if isinstance(e, UnicodeError):  # the idna codec refused the name
+        return BadURLError(f"host {host!r} is not a valid host name ({e}); check the URL")
+    if isinstance(e, socket.gaierror) and e.errno in _NO_SUCH_HOST:
+        return BadURLError(f"host {host!r} does not exist ({e.strerror}); check the URL")
+    return FetchError(f"could not resolve {host!r}: {e}; try again later or check the URL")
 
 
 def _charset(name: str | None) -> str:

@@ -15,12 +15,14 @@ Layout (plain data only, never pickle)::
 Atomic rebuild: everything is written to ``.<name>.tmp-<pid>`` beside ``out`` and fsynced; then
 ``out`` (if any) is renamed to ``.<name>.old-<pid>``, the temporary directory to ``out``, and the
 old one deleted. At every instant a complete index sits at ``out`` or, between the two renames,
-at the ``.old`` sibling: ``Index.load`` falls back to it, and the next build restores it and
-removes stale temporary directories.
+at the ``.old`` sibling. After a crash, ``recover_index`` (run by ``Index.load``, so by every
+command that opens an index, and by ``prepare`` before a build) renames that sibling back to
+``out`` once its writer is dead and removes the debris of dead writers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -52,9 +54,10 @@ PASSAGE_DOC = "passage_doc.npy"
 BM25_DIR = "bm25"
 DENSE = "dense.faiss"
 
-# Test-only hook: when CITEQA_TEST_PAUSE_AT names a stage ("before_swap" or "mid_swap"), the
-# build writes "citeqa-test-pause <stage>" to stderr and sleeps CITEQA_TEST_PAUSE_S seconds there,
-# so a test can SIGKILL it at that exact point.
+# Test-only hook: when CITEQA_TEST_PAUSE_AT names a stage ("before_swap", "mid_swap" or
+# "after_swap": the three states a swap passes through), the build writes
+# "citeqa-test-pause <stage>" to stderr and sleeps CITEQA_TEST_PAUSE_S seconds there, so a test
+# can SIGKILL it at that exact point.
 _PAUSE_ENV, _PAUSE_S_ENV = "CITEQA_TEST_PAUSE_AT", "CITEQA_TEST_PAUSE_S"
 
 
@@ -150,7 +153,68 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    except OverflowError:  # not a pid at all
+        return False
     return True
+
+
+def _writer_alive(sibling: Path, *, writing: bool) -> bool:
+    """Whether the process that made a ``.tmp-<pid>``/``.old-<pid>`` sibling still runs (then it
+    may be between its renames right now, and its siblings must be left alone). A writer about to
+    write (``writing``) calls its own siblings dead: they are left from a failed earlier attempt,
+    as updates to one index never run concurrently in one process."""
+    pid = sibling.name.rsplit("-", 1)[-1]
+    if not pid.isdigit():
+        return False
+    return not writing if int(pid) == os.getpid() else _pid_alive(int(pid))
+
+
+def _remove_stale_siblings(out: Path, *, writing: bool) -> None:
+    """Delete the temporary and backup directories of writers that died."""
+    for stale in [*_siblings(out, "tmp"), *_siblings(out, "old")]:
+        if _writer_alive(stale, writing=writing):
+            continue  # another writer is using it right now
+        log.info("removing stale %s", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def recover_index(out: Path, *, writing: bool = False) -> Path:
+    """Bring the index at ``out`` back after a crash in the swap window; return where to read it.
+
+    ``out`` with a manifest is the index: ``out`` is returned (and dead writers' debris removed).
+    When ``out`` is missing or an empty directory and a complete ``.old`` backup sits beside it,
+    a writer stopped between its two renames: if that writer is dead, the backup is renamed back
+    to ``out``; if it still runs (it is swapping right now), the backup is returned untouched, to
+    be read. Raises IndexError_ (saying how to build one) when there is no index to recover.
+    ``writing``: the caller is about to rewrite ``out`` (``prepare``; see ``_writer_alive``).
+    Every command that opens an index goes through here (``Index.load``), so ``serve``,
+    ``search``, ``ask`` and a rebuild all see the same index after a crash.
+    """
+    out = Path(out)
+    if not (out / MANIFEST).is_file():
+        old = _backup(out) if not out.exists() or _is_empty_dir(out) else None
+        if old is None:
+            what = "has no manifest.json" if out.exists() else "does not exist"
+            raise IndexError_(
+                f"index {out} {what}; build one with `citeqa index build SOURCES --out {out}`"
+            )
+        if _writer_alive(old, writing=writing):
+            log.warning("index %s is being swapped by another process; reading %s", out, old)
+            return old
+        log.warning("restoring %s from %s (a rebuild was interrupted mid-swap)", out, old)
+        try:
+            if out.exists():
+                out.rmdir()
+            old.rename(out)
+            _fsync_path(out.parent)
+        except OSError as e:
+            if (out / MANIFEST).is_file():  # another process restored it first
+                return out
+            # e.g. a read-only file system: read the backup where it is
+            log.warning("could not restore %s (%s); reading %s", out, e, old)
+            return old
+    _remove_stale_siblings(out, writing=writing)
+    return out
 
 
 def prepare(out: Path) -> Path:
@@ -159,20 +223,15 @@ def prepare(out: Path) -> Path:
     Refuses to go on when ``out`` exists but is not an index (it would be replaced).
     """
     out.parent.mkdir(parents=True, exist_ok=True)
-    if not out.exists() and (old := _backup(out)) is not None:
-        log.warning("restoring %s from %s (an earlier rebuild was interrupted)", out, old)
-        old.rename(out)
+    if not out.exists() or _is_empty_dir(out):
+        with contextlib.suppress(IndexError_):  # nothing to restore: a first build
+            recover_index(out, writing=True)
     if out.exists() and not (out.is_dir() and (out / MANIFEST).is_file() or _is_empty_dir(out)):
         raise IndexError_(
             f"refusing to replace {out}: it exists and is not a citeqa index directory; "
             "choose another output path or remove it"
         )
-    for stale in [*_siblings(out, "tmp"), *_siblings(out, "old")]:
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
-            continue  # another build is writing it right now
-        log.info("removing stale %s", stale)
-        shutil.rmtree(stale, ignore_errors=True)
+    _remove_stale_siblings(out, writing=True)
     tmp = tmp_dir_for(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -191,6 +250,7 @@ def publish(tmp: Path, out: Path) -> None:
         test_pause("mid_swap")
     tmp.rename(out)
     _fsync_path(out.parent)
+    test_pause("after_swap")
     if old.exists():
         shutil.rmtree(old)
 
@@ -230,20 +290,10 @@ class Index:
     def load(cls, directory: Path, *, verify: bool = True) -> Index:
         """Load and check an index directory (format version, checksums, counts).
 
-        Raises IndexError_ saying what is wrong and to rebuild. When ``directory`` is missing
-        because a rebuild was interrupted mid-swap, the previous index is loaded instead.
+        Raises IndexError_ saying what is wrong and to rebuild. A rebuild that was interrupted
+        mid-swap is recovered first (``recover_index``).
         """
-        directory = Path(directory)
-        if not (directory / MANIFEST).is_file():
-            old = _backup(directory) if not directory.exists() else None
-            if old is None:
-                what = "has no manifest.json" if directory.exists() else "does not exist"
-                raise IndexError_(
-                    f"index {directory} {what}; build one with `citeqa index build SOURCES "
-                    f"--out {directory}`"
-                )
-            log.warning("index %s is mid-rebuild; loading the previous one from %s", directory, old)
-            directory = old
+        directory = recover_index(Path(directory))
         manifest = _read_manifest(directory)
         if verify:
             _verify_files(directory, manifest)

@@ -1,0 +1,123 @@
+"""Reliability findings (issue #16): oversized bodies over a real socket, bounded memory over
+many requests, and settings that must not start an open server."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from helpers import THREE_DOCS, CannedPipeline, running_server
+from pydantic import ValidationError
+
+from citeqa.api.app import create_app
+from citeqa.config import Settings, preset
+from citeqa.generation.fake import KEEP_CALLS
+from citeqa.retrieval import build_index_from_documents
+from citeqa.types import Answer, AskArgs
+
+TEN_MB = 10 * 1024 * 1024
+
+
+class NeverAsked(CannedPipeline):
+    """A ready pipeline that must never be reached (the body limit answers first)."""
+
+    def answer(self, args: AskArgs) -> Answer:
+        raise AssertionError(f"an oversized request reached the pipeline: {args.question[:20]}")
+
+
+@pytest.fixture(scope="module")
+def server_url() -> Iterator[str]:
+    app = create_app(Settings(window_ms=1), lambda s: NeverAsked())
+    with running_server(app) as url:
+        yield url
+
+
+def _post(url: str, data: object, headers: dict[str, str]) -> urllib.error.HTTPError:
+    request = urllib.request.Request(url + "/v1/answer", data=data,  # type: ignore[arg-type]
+                                     headers=headers, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=60)
+    return info.value
+
+
+def test_a_10_mb_body_is_a_413_not_a_connection_reset(server_url: str) -> None:
+    """urllib sends the whole body before it reads anything: the server must read (and drop) it
+    rather than close on it, or the client sees ECONNRESET instead of the 413."""
+    body = b'{"question": "' + b"q" * TEN_MB + b'"}'
+    for _ in range(3):  # a reset is timing-dependent: try more than once
+        err = _post(server_url, body, {"Content-Type": "application/json"})
+        assert err.code == 413
+        assert json.loads(err.read())["error"]["code"] == "payload_too_large"
+
+
+def test_a_chunked_10_mb_body_is_a_413_not_a_connection_reset(server_url: str) -> None:
+    chunks = [b'{"question": "'] + [b"q" * (1 << 20)] * 10 + [b'"}']
+    err = _post(server_url, iter(chunks), {"Content-Type": "application/json",
+                                           "Transfer-Encoding": "chunked"})
+    assert err.code == 413
+    assert json.loads(err.read())["error"]["code"] == "payload_too_large"
+
+
+def test_the_fake_backend_remembers_a_bounded_number_of_calls(tmp_path: Path) -> None:
+    """The tiny preset's FakeBackend serves a long-running server: its record of calls must not
+    grow with the number of requests."""
+    build_index_from_documents(THREE_DOCS, tmp_path / "idx", preset("tiny").retrieval,
+                               progress=False)
+    app = create_app(Settings(preset="tiny", index=tmp_path / "idx", cache_dir=tmp_path / "c",
+                              window_ms=0))
+    with TestClient(app) as client:
+        deadline = time.monotonic() + 20
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, client.get("/readyz").json()
+            time.sleep(0.01)
+        backend = app.state.citeqa.pipeline.generator.backend
+        for i in range(3000):
+            r = client.post("/v1/answer", json={"question": f"Who founded Harvard? ({i})"})
+            assert r.status_code == 200, r.text
+    assert 0 < len(backend.calls) <= KEEP_CALLS == 64
+
+
+@pytest.mark.parametrize("raw", [",", " , ,", " "])
+def test_api_keys_that_list_no_key_are_refused(raw: str) -> None:
+    """A non-empty CITEQA_API_KEYS that parses to no key would silently open the server."""
+    with pytest.raises(ValidationError, match="lists no key"):
+        Settings(api_keys=raw)
+    assert Settings(api_keys="").api_keys == ""
+    assert Settings(api_keys=" k1 ,").api_keys == " k1 ,"
+
+
+def test_a_client_waiting_for_100_continue_gets_the_413_without_sending_its_body(
+        server_url: str) -> None:
+    import socket
+
+    host, port = server_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(b"POST /v1/answer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % TEN_MB)
+        head = conn.recv(65536)
+    assert head.startswith(b"HTTP/1.1 413 "), head[:100]
+
+
+def test_the_soak_memory_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/soak.py's verdict: flat unless RSS grows over 10 % past the warm-up."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
+    spec = importlib.util.spec_from_file_location("soak", path)
+    assert spec is not None and spec.loader is not None
+    soak = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "soak", soak)  # its dataclasses look their module up
+    monkeypatch.setattr(sys, "path", list(sys.path))  # it puts the repository on the path
+    spec.loader.exec_module(soak)
+    warm = [(0.0, 100), (60.0, 500), (120.0, 520), (180.0, 549)]
+    assert soak.memory_verdict(warm, 60.0)[:2] == (True, pytest.approx(0.098))
+    flat, growth, sentence = soak.memory_verdict([*warm, (240.0, 551)], 60.0)
+    assert (flat, growth) == (False, pytest.approx(0.102)) and "GROWING" in sentence
+    assert soak.memory_verdict([(0.0, 100), (60.0, 500)], 60.0)[:2] == (None, None)
