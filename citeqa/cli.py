@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,6 +20,7 @@ from pydantic import ValidationError
 from citeqa.cli_errors import fail
 from citeqa.config import MAX_CANDIDATES, MAX_PASSAGES, MAX_SEARCH_K, Settings, preset
 from citeqa.errors import CiteqaError
+from citeqa.types import Answer, Candidate, Document
 
 app = typer.Typer(
     name="citeqa",
@@ -240,16 +243,94 @@ def ask(
     if as_json:
         typer.echo(json.dumps(answer.to_json(), ensure_ascii=False, indent=2))
         return
-    if answer.declined:
-        typer.echo(f"declined: {answer.reason}")
-        return
-    q = answer.quote
-    assert q is not None, answer
-    score = "n/a" if answer.score is None else f"{answer.score:.3f}"
-    typer.echo(f"answer: {answer.answer}")
-    typer.echo(f'quote:  "{q.text}"')
-    typer.echo(f"source: {q.title} ({q.source}, characters {q.start}-{q.end})")
-    typer.echo(f"score:  {score}")
+    # Bold and underlined on a terminal; typer.echo drops the styling when piped.
+    typer.echo(format_answer(answer, pipeline.document,
+                             mark=lambda s: typer.style(s, bold=True, underline=True)))
+
+
+# -- ask's text output ------------------------------------------------------------------------
+
+CONTEXT_CHARS = 80  # characters of the document shown either side of a quote
+PASSAGES_SHOWN = 3  # passages listed under a decline
+PASSAGE_CHARS = 160  # characters of each listed passage
+
+
+def _squash(text: str) -> str:
+    """``text`` on one line, with control characters shown as U+FFFD: documents are untrusted,
+    and an escape sequence in one must not drive the reader's terminal."""
+    return re.sub(r"[\x00-\x1f\x7f-\x9f]", "\ufffd", re.sub(r"\s+", " ", text))
+
+
+def quote_in_context(text: str | None, candidate: Candidate, *, chars: int = CONTEXT_CHARS,
+                     mark: Callable[[str], str] = str) -> str:
+    """The candidate's quote in curly quotes, with its answer passed through ``mark`` and up to
+    ``chars`` characters of the document either side (whole words, whitespace collapsed), so
+    that a reader sees where it stands. ``text`` None (document unknown): the quote alone."""
+    q = candidate.quote
+    assert q is not None, candidate
+    a, b = candidate.answer_start, candidate.answer_end
+    quote = q.text
+    if a is not None and b is not None and q.start <= a <= b <= q.end:
+        a, b = a - q.start, b - q.start
+        quote = _squash(quote[:a]) + mark(_squash(quote[a:b])) + _squash(quote[b:])
+    else:
+        quote = _squash(quote)
+    if text is None:
+        return f"\u201c{quote.strip()}\u201d"
+    before, after = text[max(0, q.start - chars):q.start], text[q.end:q.end + chars]
+    if q.start > chars:  # cut inside the document: drop the broken word, show the cut
+        before = "\u2026" + re.sub(r"^\S*\s+", "", before)
+    if q.end + chars < len(text):
+        after = re.sub(r"\s+\S*$", "", after) + "\u2026"
+    return f"{_squash(before).lstrip()}\u201c{quote}\u201d{_squash(after).rstrip()}"
+
+
+def _cited_lines(candidate: Candidate, text: str | None, indent: str,
+                 mark: Callable[[str], str]) -> list[str]:
+    q = candidate.quote
+    assert q is not None, candidate
+    score = "n/a" if candidate.score is None else f"{candidate.score:.3f}"
+    return [f"{indent}answer: {_squash(candidate.answer)}",
+            f"{indent}quote:  {quote_in_context(text, candidate, mark=mark)}",
+            f"{indent}source: {_squash(q.title)} ({_squash(q.source)}, characters "
+            f"{q.start}-{q.end})",
+            f"{indent}score:  {score}"]
+
+
+def format_answer(answer: Answer, document: Callable[[str], Document], *,
+                  mark: Callable[[str], str] = str) -> str:
+    """``citeqa ask``'s text: the answer with its quote in context, source and score; or, on a
+    decline, why, the best guess (marked as not confident) and the passages retrieval found,
+    so the reader can judge for themselves. ``document`` looks up a quote's document."""
+
+    def text_of(doc_id: str) -> str | None:
+        try:
+            return document(doc_id).text
+        except KeyError:
+            return None
+
+    if not answer.declined:
+        assert answer.quote is not None, answer
+        given = Candidate(answer.answer or "", answer.quote, score=answer.score,
+                          answer_start=answer.answer_start, answer_end=answer.answer_end)
+        return "\n".join(_cited_lines(given, text_of(answer.quote.doc_id), "", mark))
+    lines = [f"declined: {_squash(answer.reason or 'no reason given')}"]
+    best = next((c for c in answer.candidates if c.quote is not None), None)
+    if best is not None:
+        assert best.quote is not None
+        lines += ["best guess (not confident enough to answer):",
+                  *_cited_lines(best, text_of(best.quote.doc_id), "  ", mark)]
+    if answer.passages:
+        lines.append("passages retrieval found:")
+    for i, hit in enumerate(answer.passages[:PASSAGES_SHOWN], 1):
+        p = hit.passage
+        snippet = _squash(p.text).strip()
+        if len(snippet) > PASSAGE_CHARS:
+            snippet = snippet[:PASSAGE_CHARS].rsplit(" ", 1)[0] + "\u2026"
+        lines += [f"  {i}. {_squash(hit.title)} ({_squash(hit.source)}, characters "
+                  f"{p.start}-{p.end})  "
+                  f"score {hit.score:.3f}", f"     {snippet}"]
+    return "\n".join(lines)
 
 
 @app.command()

@@ -13,6 +13,7 @@ response that is not JSON, or no response at all (status 0), gets a code of its 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
@@ -33,6 +34,26 @@ class CiteqaAPIError(CiteqaError):
         self.code = code
         self.message = message
         self.details = details
+
+
+@dataclass(frozen=True)
+class DocumentInfo:
+    """One row of the document list: a document without its text."""
+
+    doc_id: str
+    title: str
+    source: str
+    length: int  # characters of text
+
+
+@dataclass(frozen=True)
+class DocumentList:
+    """One page of ``GET /v1/documents``."""
+
+    documents: list[DocumentInfo]
+    total: int  # documents in the index
+    offset: int
+    limit: int
 
 
 def _quote_from_json(d: dict[str, Any] | None) -> Quote | None:
@@ -73,9 +94,17 @@ def answer_from_json(d: dict[str, Any]) -> Answer:
         reason=d.get("reason"),
         candidates=candidates,
         timings_ms=d.get("timings_ms", {}),
+        passages=[hit_from_json(h) for h in d.get("passages") or []],
         answer_start=d.get("answer_start"),
         answer_end=d.get("answer_end"),
     )
+
+
+def document_list_from_json(d: dict[str, Any]) -> DocumentList:
+    """The body of ``GET /v1/documents`` as a ``DocumentList``."""
+    docs = [DocumentInfo(x["doc_id"], x["title"], x["source"], int(x["length"]))
+            for x in d["documents"]]
+    return DocumentList(docs, int(d["total"]), int(d["offset"]), int(d["limit"]))
 
 
 def hit_from_json(d: dict[str, Any]) -> Hit:
@@ -135,9 +164,13 @@ class CiteqaClient:
         min_score: float | None = None,
         target_accuracy: float | None = None,
         answer_mode: str | None = None,
+        with_passages: bool = False,
     ) -> Answer:
-        """Ask a question; the answer may be a decline (``answer.declined``)."""
+        """Ask a question; the answer may be a decline (``answer.declined``). With
+        ``with_passages``, ``answer.passages`` holds what retrieval found (else it is empty)."""
         body: dict[str, Any] = {"question": question}
+        if with_passages:
+            body["with_passages"] = True
         for name, value in (
             ("top_k", top_k),
             ("n_candidates", n_candidates),
@@ -156,6 +189,11 @@ class CiteqaClient:
     def document(self, doc_id: str) -> Document:
         d = self._json("GET", "/v1/documents/" + quote(doc_id, safe=""))
         return Document(d["doc_id"], d["title"], d["source"], d["text"])
+
+    def list_documents(self, offset: int = 0, limit: int = 20) -> DocumentList:
+        """One page of the indexed documents (index order); ``limit`` at most 100."""
+        data = self._json("GET", "/v1/documents", params={"offset": offset, "limit": limit})
+        return document_list_from_json(data)
 
     def add_document(
         self,

@@ -278,6 +278,18 @@ class Pipeline:
 
     # -- documents ---------------------------------------------------------------------------
 
+    def list_documents(self, offset: int = 0, limit: int = 20) -> tuple[list[Document], int]:
+        """Up to ``limit`` indexed documents from position ``offset`` (in index order), and
+        how many there are in all, so that people can see what answers can come from."""
+        if offset < 0 or limit < 1:
+            raise InvalidRequestError(
+                f"offset must be at least 0 and limit at least 1, got {offset} and {limit}")
+        retriever = self.retriever  # one snapshot, as for questions
+        if not isinstance(retriever, HybridRetriever):
+            raise ConfigError(f"a {type(retriever).__name__} cannot list its documents; serve "
+                              "an index directory (citeqa serve --index DIR)")
+        return retriever.list_documents(offset, limit)
+
     def add_documents(self, documents: Sequence[Document]) -> dict[str, int]:
         """Index ``documents`` now (searchable on return, persisted atomically); returns the
         passage count of each. InvalidRequestError 409 when a doc_id is already indexed."""

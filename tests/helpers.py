@@ -43,8 +43,11 @@ THREE_DOCS = [
 
 class CannedPipeline:
     """The service's view of a pipeline (``citeqa.api.deps.PipelineLike``) over canned answers:
-    a subclass gives ``answer(args)``, ``search`` and ``document``. Without a calibrated reward
-    model, a ``target_accuracy`` is refused as the real pipeline refuses it."""
+    a subclass gives ``answer(args)``, ``search`` and ``document``, and ``corpus`` (what
+    ``list_documents`` pages through). Without a calibrated reward model, a
+    ``target_accuracy`` is refused as the real pipeline refuses it."""
+
+    corpus: Sequence[Document] = ()
 
     def check(self, args: AskArgs) -> AskArgs:
         if args.target_accuracy is not None:
@@ -61,6 +64,9 @@ class CannedPipeline:
 
     def answer(self, args: AskArgs) -> Answer:
         raise NotImplementedError
+
+    def list_documents(self, offset: int, limit: int) -> tuple[list[Document], int]:
+        return list(self.corpus[offset:offset + limit]), len(self.corpus)
 
     def add_documents(self, documents: Sequence[Document]) -> dict[str, int]:
         raise ConfigError("this fake cannot change its documents")

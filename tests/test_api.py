@@ -58,6 +58,8 @@ class FakePipeline(CannedPipeline):
     """Canned answers; ``gate`` holds every batch until set; ``fail`` makes asking raise it;
     ``batch_sizes`` records the size of every batch it is given."""
 
+    corpus = [DOC]
+
     def __init__(self, *, gate: threading.Event | None = None, fail: Exception | None = None,
                  delay_s: float = 0.0) -> None:
         self.gate = gate
@@ -80,10 +82,12 @@ class FakePipeline(CannedPipeline):
         if self.fail is not None:
             raise self.fail
         if a.question.startswith("decline"):
-            return Answer(a.question, True, None, None, 0.1, reason="score 0.10 below 0.50")
+            return Answer(a.question, True, None, None, 0.1, reason="score 0.10 below 0.50",
+                          passages=self.search(a.question))
         cand = Candidate("the Normans", QUOTE, logprob=-3.0, n_tokens=6, score=0.9)
         return Answer(a.question, False, "the Normans", QUOTE, 0.9, uncertainty=0.05,
-                      candidates=[cand], timings_ms={"retrieve": 1.0, "generate": 2.0})
+                      candidates=[cand], timings_ms={"retrieve": 1.0, "generate": 2.0},
+                      passages=self.search(a.question))
 
     def search(self, query: str, k: int = 10) -> list[Hit]:
         p = Passage(0, "d1", 0, 40, DOC.text[:40])
@@ -242,11 +246,71 @@ def test_documents_found_and_not_found() -> None:
         assert_uniform_error(c.get("/v1/documents/a%2Fb"), 404, "document_not_found")
 
 
+def test_passages_come_back_only_when_asked_for() -> None:
+    pipe = FakePipeline()
+    with serve(pipe) as c:
+        plain = c.post("/v1/answer", json={"question": "Who?"}).json()
+        asked = c.post("/v1/answer", json={"question": "decline", "with_passages": True}).json()
+        off = c.post("/v1/answer", json={"question": "Who?", "with_passages": False}).json()
+        for bad in (1, "true", None):
+            r = c.post("/v1/answer", json={"question": "q", "with_passages": bad})
+            assert_uniform_error(r, 422, "invalid_request")
+    assert "passages" not in plain and "passages" not in off  # no bandwidth unless asked
+    assert asked["declined"] and asked["reason"]
+    assert asked["passages"] == [h.to_json() for h in pipe.search("decline")]
+    assert DOC.text[asked["passages"][0]["start"]:asked["passages"][0]["end"]] == (
+        asked["passages"][0]["text"])
+
+
+class ManyDocsPipeline(FakePipeline):
+    corpus = [Document(f"doc-{i}", f"Title {i}", f"src/{i}.txt", "x" * (i + 1))
+              for i in range(7)]
+
+
+def test_documents_are_listed_a_page_at_a_time() -> None:
+    with serve(ManyDocsPipeline()) as c:
+        first = c.get("/v1/documents", params={"limit": 3}).json()
+        last = c.get("/v1/documents", params={"offset": 6, "limit": 3}).json()
+        past = c.get("/v1/documents", params={"offset": 10**30}).json()
+        default = c.get("/v1/documents").json()
+    assert first == {"documents": [{"doc_id": f"doc-{i}", "title": f"Title {i}",
+                                    "source": f"src/{i}.txt", "length": i + 1}
+                                   for i in range(3)],
+                     "total": 7, "offset": 0, "limit": 3}
+    assert [d["doc_id"] for d in last["documents"]] == ["doc-6"] and last["total"] == 7
+    assert past["documents"] == [] and past["total"] == 7
+    assert len(default["documents"]) == 7 and default["limit"] == 20
+
+
+@pytest.mark.parametrize("query", [
+    {"offset": -1}, {"limit": 0}, {"limit": 101}, {"limit": "ten"}, {"offset": "1.5"},
+    {"limit": ""},
+])
+def test_bad_document_pages_are_422(query: dict[str, Any]) -> None:
+    with serve(ManyDocsPipeline()) as c:
+        err = assert_uniform_error(c.get("/v1/documents", params=query), 422, "invalid_request")
+    assert err["message"].startswith("query." + next(iter(query))), err
+
+
 def test_openapi_lists_the_versioned_routes() -> None:
     with serve() as c:
         spec = c.get("/openapi.json").json()
-    assert {"/v1/answer", "/v1/search", "/v1/documents/{doc_id}"} <= set(spec["paths"])
+    assert {"/v1/answer", "/v1/search", "/v1/documents", "/v1/documents/{doc_id}"} <= set(
+        spec["paths"])
     assert "ErrorOut" in spec["components"]["schemas"]
+    schemas = spec["components"]["schemas"]
+    listing = spec["paths"]["/v1/documents"]["get"]
+    params = {p["name"]: p["schema"] for p in listing["parameters"]}
+    assert params["offset"]["minimum"] == 0 and params["limit"]["maximum"] == 100
+    assert listing["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/DocumentListOut")
+    assert set(schemas["DocumentSummaryOut"]["properties"]) == {"doc_id", "title", "source",
+                                                                 "length"}
+    assert schemas["AnswerRequest"]["properties"]["with_passages"]["type"] == "boolean"
+    assert "passages" in schemas["AnswerOut"]["properties"]
+    assert "passages" not in schemas["AnswerOut"].get("required", [])
+    # the page's views are pages, not API
+    assert not {"/", "/documents", "/document"} & set(spec["paths"])
 
 
 # -- validation: bad input is a 4xx with the uniform body, never a 500 --------------------------
@@ -547,13 +611,15 @@ def test_api_keys_guard_v1_only() -> None:
             assert_uniform_error(r, 401, "unauthorized")
             assert r.headers["www-authenticate"] == "Bearer"
         assert_uniform_error(c.get("/v1/documents/d1"), 401, "unauthorized")
+        assert_uniform_error(c.get("/v1/documents"), 401, "unauthorized")
         # Unauthenticated requests learn nothing about validation either.
         assert_uniform_error(c.post("/v1/answer", json={"bad": 1}), 401, "unauthorized")
         ok = {"json": {"question": "q"}}
         assert c.post("/v1/answer", headers={"Authorization": "Bearer k2"}, **ok).is_success
         assert c.post("/v1/answer", headers={"authorization": "bearer k1"}, **ok).is_success
         assert c.post("/v1/answer", headers={"X-API-Key": "k1"}, **ok).is_success
-        for path in ("/", "/healthz", "/readyz", "/openapi.json", "/metrics"):
+        for path in ("/", "/documents", "/document?id=d1", "/healthz", "/readyz",
+                     "/openapi.json", "/metrics"):
             assert c.get(path).status_code == 200, path
 
 
@@ -642,6 +708,14 @@ def test_index_page_is_self_contained_and_has_a_strict_csp() -> None:
     assert api.headers["x-content-type-options"] == "nosniff"
 
 
+def test_every_view_of_the_page_is_the_same_page_with_the_same_csp() -> None:
+    with serve() as c:
+        pages = [c.get(path) for path in ("/", "/documents", "/document?id=d1&start=0&end=3")]
+    assert len({r.text for r in pages}) == 1
+    assert len({r.headers["content-security-policy"] for r in pages}) == 1
+    assert all(r.status_code == 200 and r.headers["cache-control"] == "no-cache" for r in pages)
+
+
 def test_page_csp_hashes_each_inline_block() -> None:
     csp = page_csp("<style>a{}</style><script>1</script><script>2</script>")
     assert csp.count("'sha256-") == 3
@@ -653,23 +727,38 @@ const fs = require("fs"), vm = require("vm");
 const html = fs.readFileSync(process.argv[2], "utf8");
 const script = html.match(/<script>([\s\S]*?)<\/script>/)[1];
 function node(tag) {  // the few DOM methods the page uses; no HTML parser at all
-  return {tag, children: [], textContent: "", className: "",
+  return {tag, children: [], textContent: "", className: "", dataset: {}, hidden: false,
           append(...xs) { this.children.push(...xs); },
-          replaceChildren(...xs) { this.children = xs; }, addEventListener() {}, value: ""};
+          replaceChildren(...xs) { this.children = xs; }, addEventListener() {},
+          setAttribute() {}, removeAttribute() {}, focus() {}, value: ""};
 }
-const ctx = {document: {createElement: node, getElementById: () => node("div")}, URL};
+const ctx = {document: {createElement: node, getElementById: () => node("div"),
+                        querySelectorAll: () => [], addEventListener() {}},
+             window: {addEventListener() {}}, location: {pathname: "/", search: ""},
+             history: {}, URL, URLSearchParams};
 vm.createContext(ctx);
-vm.runInContext(script + "\nthis.passage = passage; this.safeUrl = safeUrl;", ctx);
-const text = "x".repeat(400) + "<b>before</b> QUOTE <script>alert(1)</script>" + "y".repeat(400);
-const start = text.indexOf("QUOTE");
-const box = ctx.passage({text}, {start, end: start + 5});
-const show = c => typeof c === "string" ? c : {tag: c.tag, text: c.textContent};
-console.log(JSON.stringify({box: box.children.map(show),
-  urls: ["javascript:alert(1)", "data:text/html,x", "/rel", "https://a.org/x"].map(ctx.safeUrl)}));
+vm.runInContext(script + "\nthis.passage = passage; this.safeUrl = safeUrl; " +
+                "this.citation = citation; this.docHref = docHref;", ctx);
+const show = c => typeof c === "string" ? c : {tag: c.tag, cls: c.className,
+  text: c.children.length ? null : c.textContent, children: c.children.map(show)};
+const text = "x".repeat(400) + "<b>before</b> QUOTE <i>A</i> <script>alert(1)</script>" +
+             "y".repeat(400);
+const start = text.indexOf("QUOTE"), end = text.indexOf(" <script>");
+const quote = {text: text.slice(start, end), doc_id: "d/1", title: "<T>", source: "s",
+               start, end};
+const a = text.indexOf("<i>");
+console.log(JSON.stringify({
+  box: ctx.passage({text}, quote, a, a + 8).children.map(show),
+  plain: ctx.passage({text}, quote, null, null).children.map(show)[1],
+  outside: ctx.passage({text}, quote, 0, 5).children.map(show)[1],
+  urls: ["javascript:alert(1)", "data:text/html,x", "/rel", "https://a.org/x"].map(ctx.safeUrl),
+  href: ctx.docHref("d/1 &x", {start: 3, end: 9, answer_start: 4, answer_end: 6}),
+  citation: ctx.citation("A", quote)}));
 """
 
 
-def test_page_marks_the_quote_with_dom_nodes_and_only_links_http_sources(tmp_path: Path) -> None:
+def test_page_marks_the_quote_and_answer_with_dom_nodes_and_only_links_http_sources(
+        tmp_path: Path) -> None:
     """Runs the page's own script under node with a stub DOM (skipped without node)."""
     node = shutil.which("node")
     if node is None:
@@ -681,11 +770,21 @@ def test_page_marks_the_quote_with_dom_nodes_and_only_links_http_sources(tmp_pat
                          timeout=30, check=True).stdout
     result = json.loads(out)
     before, mark, after = result["box"]
-    assert mark == {"tag": "mark", "text": "QUOTE"}
+    assert mark == {"tag": "mark", "cls": "", "text": None, "children": [
+        "QUOTE ", {"tag": "span", "cls": "ans", "text": "<i>A</i>", "children": []}, ""]}
     assert before.startswith("\u2026") and before.endswith("<b>before</b> ")  # kept as text
     assert after.startswith(" <script>alert(1)</script>") and after.endswith("\u2026")
     assert len(before) == 1 + 300 and len(after) == 300 + 1  # CONTEXT_CHARS either side
+    # without an answer, or with one outside the quote (free mode), only the quote is marked
+    assert result["plain"]["children"] == ["QUOTE <i>A</i>"]
+    assert result["outside"]["children"] == ["QUOTE <i>A</i>"]
     assert result["urls"] == [None, None, None, "https://a.org/x"]
+    assert result["href"] == ("/document?id=d%2F1+%26x&start=3&end=9&answer_start=4"
+                              "&answer_end=6")
+    start = 400 + len("<b>before</b> ")
+    assert result["citation"].splitlines() == [
+        "\u201cA\u201d", "Quote: \u201cQUOTE <i>A</i>\u201d",
+        f"Source: <T>, s, characters {start}-{start + len('QUOTE <i>A</i>')} (document d/1)"]
 
 
 def test_building_the_app_imports_no_model_code() -> None:

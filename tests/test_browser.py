@@ -1,25 +1,48 @@
 """The page at / in a real headless Chromium (Playwright) against the REAL app (tiny preset)
-served by uvicorn on 127.0.0.1. Skips when Chromium or Playwright is missing (CI installs both:
-see .ci/run)."""
+served by uvicorn on 127.0.0.1, with an API key set. Each state a person sees is driven and
+photographed: answered, declined, error, document view, document list, add, delete, and a
+narrow viewport. Skips when Chromium or Playwright is missing (CI installs both: see .ci/run).
+
+Screenshots go to a temporary directory, or to ``$CITEQA_SCREENSHOTS`` when it is set
+(``CITEQA_SCREENSHOTS=docs/screenshots`` refreshes the ones in docs/).
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from helpers import running_server
 
 from citeqa.api.app import create_app
 from citeqa.config import Settings, preset
+from citeqa.ingest import Fetcher, FetchPolicy
 from citeqa.retrieval import build_index_from_documents
 from citeqa.types import Document
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-SCREENSHOT = Path("/tmp/citeqa-page.png")
+KEY = "sekret-key"
+VIEWPORT = {"width": 960, "height": 660}
+# A document is untrusted input: every view must show this one's markup as text.
+EVIL_TITLE = "<img src=x onerror=\"window.__pwned='title'\"> Grimwald <b>notes</b>"
+EVIL_TEXT = ("Castle Grimwald stands on a rock. <script>window.__pwned = 'script'</script> "
+             "The moat of Castle Grimwald is filled with <b>silver eels</b> and "
+             "<img src=x onerror=\"window.__pwned='img'\"> pike. "
+             "<a href=\"javascript:window.__pwned='link'\">Visit</a> the gatehouse.")
+# Long enough that the page must scroll to show the quote near its end.
+HARBOUR_TEXT = "".join(
+    f"Entry {i} of the harbour log records calm weather and routine traffic.\n\n"
+    for i in range(1, 60)
+) + "The harbour lighthouse was first lit in 1783 by keeper Amos Trelawny.\n"
 DOCS = [
     Document("normans", "Normans", "https://en.wikipedia.org/wiki/Normans",
              "The Normans were the people who in the 10th and 11th centuries gave their name to "
@@ -29,7 +52,16 @@ DOCS = [
     Document("eiffel", "Eiffel Tower", "eiffel.txt",
              "The Eiffel Tower is a wrought-iron lattice tower in Paris. "
              "It opened in 1889 as the entrance to the World's Fair."),
+    Document("harbour", "Harbour log", "https://example.org/harbour-log", HARBOUR_TEXT),
+    Document("evil", EVIL_TITLE, "javascript:window.__pwned='source'", EVIL_TEXT),
+    # enough small documents that the list has a second page (the page shows 20 at a time)
+    *(Document(f"note-{i:02d}", f"Catalogue note {i}", f"notes/{i:02d}.txt",
+               f"Catalogue note {i}: shelf {i} holds ledgers bound in blue cloth.")
+      for i in range(1, 19)),
 ]
+PAGE_HTML = ("<html><head><title>Glimmer moths</title><script>window.__pwned='fetched'</script>"
+             "</head><body><p>Glimmer moths migrate across the Vessik plateau every spring, "
+             "guided by &lt;polarised&gt; moonlight.</p></body></html>")
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
@@ -38,74 +70,414 @@ if not Path(CHROMIUM).is_file():
     pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install -y chromium)",
                 allow_module_level=True)
 
+Page = Any  # playwright.sync_api.Page (imported lazily above, so no annotation from it)
+
+
+def offline_fetcher() -> Fetcher:
+    """https://example.org/moths is PAGE_HTML; every other URL is a 404 (no network)."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/moths":
+            return httpx.Response(200, headers={"Content-Type": "text/html"}, text=PAGE_HTML)
+        return httpx.Response(404, text="not here")
+
+    return Fetcher(FetchPolicy(), transport=httpx.MockTransport(handler),
+                   resolver=lambda host, port: ["93.184.216.34"])
+
 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("browser")
     build_index_from_documents(DOCS, tmp / "idx", preset("tiny").retrieval, progress=False)
-    settings = Settings(preset="tiny", index=tmp / "idx", cache_dir=tmp / "cache", window_ms=1)
-    app = create_app(settings)
-    with running_server(app) as url:
+    settings = Settings(preset="tiny", index=tmp / "idx", cache_dir=tmp / "cache", window_ms=1,
+                        api_keys=KEY)
+    with running_server(create_app(settings, fetcher=offline_fetcher())) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
-def page(base_url: str) -> Iterator[object]:
+def browser() -> Iterator[Any]:
     with sync_api.sync_playwright() as pw:
         try:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         except sync_api.Error as e:
             pytest.skip(f"Chromium at {CHROMIUM} did not start: {e}")
-        page = browser.new_page(viewport={"width": 1000, "height": 700})
-        errors: list[str] = []
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(base_url + "/")
-        yield page
+        yield browser
         browser.close()
-        assert errors == [], errors  # no CSP violations, no script errors
 
 
-def ask(page: object, question: str) -> None:
-    page.fill("#q", question)  # type: ignore[attr-defined]
-    page.click("button[type=submit]")  # type: ignore[attr-defined]
-    page.wait_for_selector("#out p.answer", timeout=15_000)  # type: ignore[attr-defined]
+def open_page(browser: Any, base_url: str, viewport: dict[str, int], path: str = "/",
+              ) -> tuple[Page, list[str]]:
+    """A fresh page at ``path`` with the API key typed in; also the list its script errors and
+    console errors (CSP violations included) are collected into."""
+    context = browser.new_context(viewport=viewport)
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=base_url)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(base_url + path)
+    page.fill("#key", KEY)
+    return page, errors
 
 
-def test_an_answer_shows_its_score_and_the_quote_marked_in_the_source(page: object) -> None:
+@pytest.fixture(scope="module")
+def page(browser: Any, base_url: str) -> Iterator[Page]:
+    page, errors = open_page(browser, base_url, VIEWPORT)
+    yield page
+    pwned = page.evaluate("window.__pwned")
+    page.context.close()
+    assert pwned is None, pwned
+    # no script errors and no CSP violations; the only failed loads are the errors the tests
+    # provoke (401 without the key, 404 for an unknown document, 409 for a duplicate)
+    expected = re.compile(r"^Failed to load resource: .* status of (401|404|409) ")
+    assert [e for e in errors if not expected.match(e)] == [], errors
+
+
+@pytest.fixture(scope="module")
+def shoot(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``shoot(page, name)``: a PNG of the page (of the viewport with ``full_page=False``)."""
+    folder = Path(os.environ.get("CITEQA_SCREENSHOTS") or tmp_path_factory.mktemp("shots"))
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def shoot(page: Page, name: str, *, full_page: bool = True) -> Path:
+        path = folder / f"{name}.png"
+        page.screenshot(path=str(path), full_page=full_page, animations="disabled")
+        shrink(path)
+        return path
+
+    return shoot
+
+
+def shrink(path: Path) -> None:
+    """Rewrite a screenshot as a 64-colour palette PNG (a third of the size, and the text reads
+    the same) when Pillow is installed, so the ones kept in docs/ stay small."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return
+    with Image.open(path) as im:
+        small = im.convert("RGB").quantize(64, method=Image.Quantize.MEDIANCUT,
+                                           dither=Image.Dither.NONE)
+    small.save(path, optimize=True)
+
+
+def ask(page: Page, question: str) -> None:
+    """Ask from the ask view, submitting with Enter, and wait for the result."""
+    if not page.is_visible("#ask-view"):
+        page.click("nav >> text=Ask")
+    page.fill("#q", question)
+    page.press("#q", "Enter")  # the page swaps the last result for a spinner at once
+    page.wait_for_selector("#out .spinner", state="detached", timeout=15_000)
+    page.wait_for_selector("#out article")
+
+
+def declining(page: Page) -> Callable[[], None]:
+    """Make the page's next questions carry min_score 1.0 (so the real pipeline declines);
+    returns the undo. The page itself never sends a threshold."""
+
+    def add_min_score(route: Any) -> None:
+        body = json.loads(route.request.post_data)
+        route.continue_(post_data=json.dumps({**body, "min_score": 1.0}))
+
+    page.route("**/v1/answer", add_min_score)
+    return lambda: page.unroute("**/v1/answer")
+
+
+def markup_elements(page: Page) -> int:
+    """Elements in <main> that only a document's markup could have made."""
+    return int(page.evaluate(
+        "document.querySelectorAll('main script, main img, main b, main iframe, "
+        "main a[href^=\"javascript\"]').length"))
+
+
+# -- answered ---------------------------------------------------------------------------------
+
+
+def test_an_answer_shows_its_quote_in_context_with_the_answer_marked(page: Page,
+                                                                     shoot: Callable) -> None:
     ask(page, "Who did Rollo swear fealty to?")
-    out = page.locator("#out")  # type: ignore[attr-defined]
+    out = page.locator("#out")
     answer = out.locator("p.answer").inner_text()
-    assert "Charles" in answer and "Declined" not in answer
-    assert out.locator("text=/^score \\d\\.\\d{3}$/").count() == 1
-    box = out.locator("blockquote")
-    mark = box.locator("mark")
+    assert "Charles" in answer and not out.locator(".declined").count()
+    mark = out.locator("blockquote mark")
     assert mark.count() == 1
     quote = mark.inner_text()
     assert len(quote) >= 20 and quote in DOCS[0].text
-    # the mark sits inside the source passage, with the document's text around it
-    assert box.inner_text().replace("\u2026", "") in DOCS[0].text
-    link = out.locator("a")
-    assert link.inner_text() == "Normans" and link.get_attribute("href") == DOCS[0].source
-    page.screenshot(path=str(SCREENSHOT), full_page=True)  # type: ignore[attr-defined]
+    assert out.locator("blockquote mark .ans").inner_text() == answer  # the answer, in its quote
+    # the quote sits inside the source passage, with the document's text around it
+    assert out.locator("blockquote").inner_text().replace("\u2026", "") in DOCS[0].text
+    assert re.fullmatch(r"score \d\.\d{3}", out.locator(".score").inner_text())
+    assert re.fullmatch(r"took \d+ ms \(retrieval \d+ ms, generation \d+ ms, scoring \d+ ms\)",
+                        out.locator(".timing").inner_text())
+    external = out.locator("a[target=_blank]")
+    assert external.get_attribute("href") == DOCS[0].source
+    assert out.locator("a[data-internal]").first.inner_text() == "Normans"
+    assert out.locator("details summary").inner_text().startswith("Passages retrieval found")
+    shoot(page, "answered")
+
+    out.locator("text=Copy citation").click()
+    page.wait_for_selector("#out button:has-text('Copied')")
+    copied = page.evaluate("navigator.clipboard.readText()")
+    lines = copied.splitlines()
+    assert lines[0] == f"\u201c{answer}\u201d" and lines[1] == f"Quote: \u201c{quote}\u201d"
+    assert re.fullmatch(r"Source: Normans, https://en\.wikipedia\.org/wiki/Normans, characters "
+                        r"\d+-\d+ \(document normans\)", lines[2])
 
 
-def test_a_decline_is_shown_as_such(page: object, base_url: str) -> None:
-    # The page sends no min_score; ask the same question the way the page does, with a route
-    # that adds one, so the decline comes from the real pipeline.
-    def add_min_score(route: object) -> None:
-        import json
+def test_the_page_is_usable_from_the_keyboard(page: Page, base_url: str) -> None:
+    assert page.get_by_label("Question", exact=True).get_attribute("id") == "q"
+    assert page.get_by_label("API key", exact=True).get_attribute("id") == "key"
+    page.goto(base_url + "/documents")
+    page.fill("#key", KEY)
+    assert page.get_by_label("Web page address", exact=True).count() == 1
+    assert page.get_by_label("Text", exact=True).count() == 1
+    page.click("nav >> text=Ask")
+    assert page.evaluate("document.activeElement.id") == "q"
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "ask-button"
+    # a spinner while waiting, with the button disabled
+    held: list[Any] = []
+    page.route("**/v1/answer", lambda route: held.append(route))
+    try:
+        page.fill("#q", "When did the Eiffel Tower open?")
+        page.press("#q", "Enter")
+        page.wait_for_selector("#out .spinner")
+        assert page.is_disabled("#ask-button")
+        assert page.get_attribute("#out", "aria-busy") == "true"
+        for _ in range(100):
+            if held:
+                break
+            page.wait_for_timeout(50)
+        assert held, "the question never left the page"
+        held[0].continue_()
+        page.wait_for_selector("#out article")
+    finally:
+        page.unroute("**/v1/answer")
+    assert page.is_enabled("#ask-button") and page.get_attribute("#out", "aria-busy") is None
 
-        body = json.loads(route.request.post_data)  # type: ignore[attr-defined]
-        route.continue_(post_data=json.dumps({**body, "min_score": 1.0}))  # type: ignore[attr-defined]
 
-    page.route("**/v1/answer", add_min_score)  # type: ignore[attr-defined]
+# -- declined ---------------------------------------------------------------------------------
+
+
+def test_a_decline_says_why_and_shows_the_best_guess_and_the_passages(page: Page,
+                                                                      shoot: Callable) -> None:
+    undo = declining(page)
     try:
         ask(page, "When did the Eiffel Tower open?")
     finally:
-        page.unroute("**/v1/answer")  # type: ignore[attr-defined]
-    out = page.locator("#out")  # type: ignore[attr-defined]
-    assert out.locator("p.answer.declined").inner_text() == "Declined to answer."
-    assert "threshold" in out.inner_text()
-    assert out.locator("mark").count() == 0 and out.locator("blockquote").count() == 0
-    page.screenshot(path="/tmp/citeqa-page-declined.png", full_page=True)  # type: ignore[attr-defined]
+        undo()
+    out = page.locator("#out")
+    assert out.locator("p.answer.declined").inner_text() == "Declined to answer"
+    assert "not confident" in out.locator(".headline").inner_text()
+    why = out.locator(".why").inner_text()
+    assert why.startswith("Why: best score") and "below the threshold 1.000" in why
+    guess = out.locator(".guess")
+    assert "not confident" in guess.locator("h3").inner_text()
+    assert guess.locator("p.answer").inner_text()
+    assert guess.locator("blockquote mark").inner_text() in DOCS[1].text
+    assert re.fullmatch(r"score \d\.\d{3}", guess.locator(".score").inner_text())
+    hits = out.locator("details[open] ol.hits li")
+    assert hits.count() >= 1 and "Eiffel" in out.locator("details").inner_text()
+    assert out.locator("text=Copy citation").count() == 0  # a guess is not a citation
+    shoot(page, "declined")
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def test_an_error_is_shown_in_words(page: Page, shoot: Callable) -> None:
+    page.fill("#key", "")
+    try:
+        page.click("nav >> text=Ask")
+        page.fill("#q", "Who did Rollo swear fealty to?")
+        page.press("#q", "Enter")
+        error = page.wait_for_selector("#out .error[role=alert]")
+        text = error.inner_text()
+        assert text.startswith("Could not answer: This service needs an API key")
+        assert "missing or wrong API key" in text  # the API's own message
+        shoot(page, "error")
+    finally:
+        page.fill("#key", KEY)
+
+
+# -- the document view ------------------------------------------------------------------------
+
+
+def test_a_quote_opens_its_document_highlighted_and_scrolled_into_view(
+        page: Page, base_url: str, shoot: Callable) -> None:
+    ask(page, "Who first lit the harbour lighthouse?")
+    out = page.locator("#out")
+    assert "Trelawny" in out.locator("blockquote mark").inner_text()
+    answer = out.locator("p.answer").inner_text()
+    out.locator("a[data-internal]", has_text="Harbour log").first.click()
+    page.wait_for_selector("#doc-body .doctext mark")
+    assert page.url.startswith(base_url + "/document?id=harbour&start=")
+    assert page.locator("#doc-title").inner_text() == "Harbour log"
+    assert page.evaluate("document.activeElement.id") == "doc-title"
+    text = page.locator("#doc-body .doctext").inner_text()
+    assert text == HARBOUR_TEXT.rstrip("\n") or text == HARBOUR_TEXT
+    mark = page.locator("#doc-body mark")
+    assert "first lit in 1783" in mark.inner_text()
+    assert mark.locator(".ans").inner_text() == answer
+    # the text box scrolled to the quote (the title stays in view above it)
+    assert page.locator("#doc-body .doctext").evaluate("e => e.scrollTop") > 0
+    box, frame = mark.bounding_box(), page.locator("#doc-body .doctext").bounding_box()
+    assert box is not None and frame is not None
+    assert frame["y"] <= box["y"] and box["y"] + box["height"] <= frame["y"] + frame["height"]
+    assert box["y"] + box["height"] <= VIEWPORT["height"]
+    assert "Highlighted: the quote" in page.locator("#doc-meta").inner_text()
+    shoot(page, "document", full_page=False)
+    page.go_back()  # the answer is still there
+    page.wait_for_selector("#ask-view:not([hidden])")
+    assert page.locator("#out p.answer").inner_text() == answer
+
+
+def test_an_unknown_document_is_a_message_not_a_blank_page(page: Page, base_url: str) -> None:
+    page.goto(base_url + "/document?id=no-such-doc")
+    page.fill("#key", KEY)
+    page.click("#doc-body button:has-text('Try again')")
+    page.wait_for_selector("#doc-body .error >> text=no document with id", timeout=5000)
+    assert page.locator("#doc-body .error").inner_text() == "no document with id 'no-such-doc'"
+    assert page.locator("#doc-title").inner_text() == "Document not shown"
+
+
+# -- the document list, add, delete -----------------------------------------------------------
+
+
+def test_the_document_list_pages_through_the_index(page: Page, shoot: Callable) -> None:
+    page.click("nav >> text=Documents")
+    page.wait_for_selector("#docs-list li.doc a")
+    assert page.locator("nav a[aria-current=page]").inner_text() == "Documents"
+    assert page.locator("#docs-range").inner_text() == f"Showing 1\u201320 of {len(DOCS)}"
+    rows = page.locator("#docs-list li.doc")
+    assert rows.count() == 20
+    first = rows.nth(0).inner_text()
+    assert "Normans" in first and f"{len(DOCS[0].text)} characters" in first
+    assert "https://en.wikipedia.org/wiki/Normans" in first
+    assert page.is_disabled("#docs-prev") and page.is_enabled("#docs-next")
+    shoot(page, "documents", full_page=False)
+    page.click("#docs-next")
+    page.wait_for_selector(f"#docs-range >> text=Showing 21\u2013{len(DOCS)} of {len(DOCS)}")
+    assert rows.count() == len(DOCS) - 20 and page.is_disabled("#docs-next")
+    page.click("#docs-prev")
+    page.wait_for_selector("#docs-range >> text=Showing 1\u201320")
+
+
+def test_adding_documents_by_text_and_by_url(page: Page, shoot: Callable) -> None:
+    page.click("nav >> text=Documents")
+    page.fill("#add-title", "Quokka facts")
+    page.fill("#add-source", "notes/quokka.txt")
+    page.fill("#add-body", "Quokkas live on Rottnest Island and eat the leaves of shrubs.")
+    page.click("#add-text button[type=submit]")
+    status = page.wait_for_selector("#add-status .ok")
+    assert status.inner_text().startswith("Added \u201cQuokka facts\u201d (1 passage)")
+    assert page.input_value("#add-body") == ""  # the form is cleared for the next one
+    page.wait_for_selector(f"#docs-range >> text=of {len(DOCS) + 1}")
+    shoot(page, "added", full_page=False)
+
+    # the same text again is the same document: the API's 409, in words
+    page.fill("#add-title", "Quokka facts")
+    page.fill("#add-source", "notes/quokka.txt")
+    page.fill("#add-body", "Quokkas live on Rottnest Island and eat the leaves of shrubs.")
+    page.click("#add-text button[type=submit]")
+    error = page.wait_for_selector("#add-status .error")
+    assert "already exists; delete it first" in error.inner_text()
+
+    page.fill("#url", "https://example.org/moths")
+    page.click("#add-url button[type=submit]")
+    status = page.wait_for_selector("#add-status .ok")
+    assert "Glimmer moths" in status.inner_text()
+    page.click("#add-status >> text=Open it")
+    page.wait_for_selector("#doc-body .doctext")
+    assert "<polarised> moonlight" in page.locator("#doc-body").inner_text()
+    ask(page, "Where do quokkas live?")
+    assert page.locator("#out a[data-internal]").first.inner_text() == "Quokka facts"
+
+
+def test_deleting_a_document_asks_first(page: Page, shoot: Callable) -> None:
+    page.click("nav >> text=Documents")
+    page.wait_for_selector("#docs-list li.doc a")
+    page.click("#docs-next")
+    page.wait_for_selector("#docs-range >> text=Showing 21")
+    row = page.locator("#docs-list li.doc", has_text="Quokka facts")
+    row.locator("button", has_text="Delete").click()
+    confirm = row.locator(".confirm")
+    assert confirm.inner_text().startswith("Delete \u201cQuokka facts\u201d from the index?")
+    assert page.evaluate("document.activeElement.textContent") == "Delete it"
+    shoot(page, "delete", full_page=False)
+    confirm.locator("text=Cancel").click()
+    assert row.locator(".confirm").count() == 0
+    row.locator("button", has_text="Delete").click()
+    row.locator("text=Delete it").click()
+    page.wait_for_selector("#docs-status >> text=Deleted \u201cQuokka facts\u201d from the index.")
+    assert page.locator("#docs-list li.doc", has_text="Quokka facts").count() == 0
+    page.click("nav >> text=Ask")
+    ask(page, "Where do quokkas live?")
+    assert "Quokka" not in page.locator("#out").inner_text()
+
+
+# -- untrusted documents ----------------------------------------------------------------------
+
+
+def test_a_documents_markup_is_text_in_every_view(page: Page, shoot: Callable) -> None:
+    """The evil document's title, source and text (script, img with onerror, javascript: link)
+    go through the answer, the decline, the document, the list, add and delete: shown as
+    text, never run (the page fixture checks window.__pwned and the console at the end)."""
+    ask(page, "What is the moat of Castle Grimwald filled with?")
+    out = page.locator("#out")
+    assert "<b>silver eels</b>" in out.locator("blockquote").inner_text()
+    assert EVIL_TITLE in out.inner_text()
+    assert "javascript:window.__pwned='source'" in out.inner_text()  # as text, not a link
+    undo = declining(page)
+    try:
+        ask(page, "What is the moat of Castle Grimwald filled with?")
+    finally:
+        undo()
+    assert "<b>silver eels</b>" in out.locator(".guess").inner_text()
+    assert "<script>" in out.locator("details").inner_text()
+    assert markup_elements(page) == 0
+    out.locator(".guess a[data-internal]").first.click()
+    page.wait_for_selector("#doc-body mark")
+    assert page.locator("#doc-title").inner_text() == EVIL_TITLE
+    assert page.locator("#doc-body .doctext").inner_text() == EVIL_TEXT
+    assert markup_elements(page) == 0
+    shoot(page, "untrusted", full_page=False)
+
+    page.click("nav >> text=Documents")
+    page.wait_for_selector("#docs-list li.doc a")
+    assert EVIL_TITLE in page.locator("#docs-list").inner_text()
+    page.fill("#add-title", EVIL_TITLE + " copy")
+    page.fill("#add-body", EVIL_TEXT)
+    page.click("#add-text button[type=submit]")
+    assert EVIL_TITLE in page.wait_for_selector("#add-status .ok").inner_text()
+    page.click("#docs-next")
+    page.wait_for_selector("#docs-range >> text=Showing 21")
+    row = page.locator("#docs-list li.doc", has_text=EVIL_TITLE + " copy")
+    row.locator("button", has_text="Delete").click()
+    assert EVIL_TITLE in row.locator(".confirm").inner_text()
+    row.locator("text=Delete it").click()
+    page.wait_for_selector("#docs-status .ok")
+    assert markup_elements(page) == 0
+    assert page.evaluate("window.__pwned") is None
+
+
+# -- a narrow screen --------------------------------------------------------------------------
+
+
+def test_a_narrow_screen_stacks_the_layout_without_sideways_scrolling(
+        browser: Any, base_url: str, shoot: Callable) -> None:
+    page, errors = open_page(browser, base_url, {"width": 380, "height": 760})
+    try:
+        ask(page, "Who did Rollo swear fealty to?")
+        q, button = page.locator("#q").bounding_box(), page.locator("#ask-button").bounding_box()
+        assert q is not None and button is not None
+        assert button["y"] >= q["y"] + q["height"]  # the button goes under the input
+        assert page.evaluate("document.documentElement.scrollWidth") <= 380
+        shoot(page, "narrow")
+        page.click("nav >> text=Documents")
+        page.wait_for_selector("#docs-list li.doc a")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 380
+        assert errors == []
+    finally:
+        page.context.close()

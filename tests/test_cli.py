@@ -6,12 +6,15 @@ User mistakes must end in exit status 2 with one ``error:`` line, never a traceb
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from citeqa.cli import app
+from citeqa.cli import app, format_answer, quote_in_context
+from citeqa.types import Answer, Candidate, Document, Hit, Passage, Quote
 
 EIFFEL = (
     "The Eiffel Tower is a wrought-iron lattice tower in Paris, France.\r\n"
@@ -79,6 +82,89 @@ def test_ask_with_the_tiny_preset_returns_a_verified_quote(corpus: Path, tmp_pat
 
     plain = run("ask", "When did the Eiffel Tower open?", "--index", str(out), "--preset", "tiny")
     assert plain.exit_code == 0 and "quote:" in plain.output and "source:" in plain.output
+
+
+def test_ask_explains_a_decline_with_the_best_guess_and_the_passages(corpus: Path,
+                                                                     tmp_path: Path) -> None:
+    out = tmp_path / "index"
+    assert build(corpus, out).exit_code == 0
+    result = run("ask", "When did the Eiffel Tower open?", "--index", str(out), "--preset", "tiny",
+                 "--min-score", "1.0")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert re.fullmatch(r"declined: best score \d\.\d{3} is below the threshold 1\.000 .*",
+                        lines[0])
+    assert lines[1] == "best guess (not confident enough to answer):"
+    assert lines[2].startswith("  answer: ") and lines[3].startswith("  quote:  ")
+    assert "eiffel.txt, characters" in lines[4] and re.fullmatch(r"  score:  \d\.\d{3}", lines[5])
+    assert lines[6] == "passages retrieval found:"
+    assert re.fullmatch(r"  1\. \S.* \(.*, characters \d+-\d+\)  score \d\.\d{3}", lines[7])
+    assert "\x1b" not in result.output  # no styling when not on a terminal
+
+
+Q_TEXT = "Alpha beta. The tower opened in 1889 as an arch. Gamma delta epsilon zeta eta theta."
+Q_START = Q_TEXT.index("The tower")
+Q_END = Q_TEXT.index(" Gamma")
+QUOTE = Quote(Q_TEXT[Q_START:Q_END], "d", "Tower", "t.txt", Q_START, Q_END)
+AT = Q_TEXT.index("1889")
+DOC = Document("d", "Tower", "t.txt", Q_TEXT)
+
+
+def documents(doc_id: str) -> Document:
+    if doc_id != "d":
+        raise KeyError(doc_id)
+    return DOC
+
+
+def test_an_answer_reads_with_its_quote_in_context_and_the_answer_marked() -> None:
+    answer = Answer("When?", False, "1889", QUOTE, 0.8766, answer_start=AT, answer_end=AT + 4)
+    text = format_answer(answer, documents, mark=lambda s: f"[{s}]")
+    assert text.splitlines() == [
+        "answer: 1889",
+        "quote:  Alpha beta. \u201cThe tower opened in [1889] as an arch.\u201d Gamma delta "
+        "epsilon zeta eta theta.",
+        f"source: Tower (t.txt, characters {Q_START}-{Q_END})",
+        "score:  0.877"]
+
+
+def test_context_is_cut_at_words_and_whitespace_is_collapsed() -> None:
+    text = "one two three\n\nfour five " + QUOTE.text + "  six\nseven eight nine"
+    start = text.index(QUOTE.text)
+    quote = Quote(QUOTE.text, "d", "T", "s", start, start + len(QUOTE.text))
+    cand = Candidate("x", quote)  # no answer offsets (free mode): nothing marked
+    assert quote_in_context(text, cand, chars=12) == (
+        "\u2026four five \u201cThe tower opened in 1889 as an arch.\u201d six seven\u2026")
+    assert quote_in_context(None, cand) == "\u201cThe tower opened in 1889 as an arch.\u201d"
+    outside = replace(cand, answer_start=0, answer_end=3)  # not inside the quote: not marked
+    assert "[" not in quote_in_context(text, outside, mark=lambda s: f"[{s}]")
+    # a document's escape sequences never reach the terminal
+    hostile = replace(cand, quote=replace(quote, title="T\x1b[2J", source="s\x07"))
+    shown = format_answer(Answer("q", False, "x", hostile.quote, 0.5), lambda d: Document(
+        "d", "T", "s", text.replace("one", "\x1b]0;pwn\x07")))
+    assert "\x1b" not in shown and "\x07" not in shown and "T\ufffd[2J" in shown
+
+
+def test_a_decline_reads_with_its_reason_best_guess_and_passages() -> None:
+    guess = Candidate("1889", QUOTE, score=0.3, answer_start=AT, answer_end=AT + 4)
+    unquoted = Candidate("nothing", None, score=0.9)
+    hits = [Hit(Passage(i, "d", 0, len(Q_TEXT), Q_TEXT), "Tower", "t.txt", 0.5 - i / 10)
+            for i in range(4)]
+    answer = Answer("When?", True, None, None, 0.3, reason="best score 0.300 is below 0.500",
+                    candidates=[unquoted, guess], passages=hits)
+    lines = format_answer(answer, documents).splitlines()
+    assert lines[:2] == ["declined: best score 0.300 is below 0.500",
+                         "best guess (not confident enough to answer):"]
+    assert lines[2:6] == ["  answer: 1889",
+                          "  quote:  Alpha beta. \u201cThe tower opened in 1889 as an arch.\u201d "
+                          "Gamma delta epsilon zeta eta theta.",
+                          f"  source: Tower (t.txt, characters {Q_START}-{Q_END})",
+                          "  score:  0.300"]
+    assert lines[6] == "passages retrieval found:"
+    assert lines[7] == f"  1. Tower (t.txt, characters 0-{len(Q_TEXT)})  score 0.500"
+    assert lines[8] == "     " + Q_TEXT
+    assert len(lines) == 7 + 2 * 3  # three passages shown
+    bare = Answer("q", True, None, None, None, reason="no passages were retrieved")
+    assert format_answer(bare, documents) == "declined: no passages were retrieved"
 
 
 @pytest.mark.parametrize(

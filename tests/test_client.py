@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -11,7 +12,14 @@ import pytest
 from helpers import CannedPipeline, free_port, running_server
 
 from citeqa.api.app import create_app
-from citeqa.client import CiteqaAPIError, CiteqaClient, answer_from_json, hit_from_json
+from citeqa.client import (
+    CiteqaAPIError,
+    CiteqaClient,
+    DocumentInfo,
+    DocumentList,
+    answer_from_json,
+    hit_from_json,
+)
 from citeqa.config import Settings
 from citeqa.retry import Backoff
 from citeqa.types import Answer, AskArgs, Candidate, Document, Hit, Passage, Quote
@@ -24,10 +32,14 @@ assert DOC.text[QUOTE.start:QUOTE.end] == QUOTE.text
 class TinyPipeline(CannedPipeline):
     """One canned answer, hit and document."""
 
+    corpus = [DOC]
+
     def answer(self, args: AskArgs) -> Answer:
-        cand = Candidate("gamma", QUOTE, logprob=-2.0, n_tokens=4, score=0.8)
+        cand = Candidate("gamma", QUOTE, logprob=-2.0, n_tokens=4, score=0.8,
+                         answer_start=11, answer_end=16)
         return Answer(args.question, False, "gamma", QUOTE, 0.8, 0.1, None, [cand],
-                      {"total": 3.0})
+                      {"total": 3.0}, passages=self.search(args.question),
+                      answer_start=11, answer_end=16)
 
     def search(self, query: str, k: int = 10) -> list[Hit]:
         return [Hit(Passage(7, DOC.doc_id, 0, 10, DOC.text[:10]), "T", DOC.source, 0.3, 1.0, 0.2)]
@@ -50,7 +62,21 @@ def server() -> Iterator[str]:
 def test_answer_round_trips_into_types(server: str) -> None:
     with CiteqaClient(server, api_key="sekret") as client:
         ans = client.answer("what?", top_k=2, min_score=0.3)
-    assert ans == TinyPipeline().ask("what?")
+        with_passages = client.answer("what?", with_passages=True)
+    expected = TinyPipeline().ask("what?")
+    assert ans == replace(expected, passages=[])  # passages only when asked for
+    assert with_passages == expected and with_passages.passages
+    assert DOC.text[ans.answer_start:ans.answer_end] == ans.answer
+
+
+def test_list_documents(server: str) -> None:
+    with CiteqaClient(server, api_key="sekret") as client:
+        assert client.list_documents() == DocumentList(
+            [DocumentInfo("doc/1", "T", DOC.source, len(DOC.text))], total=1, offset=0, limit=20)
+        assert client.list_documents(offset=1, limit=5) == DocumentList([], 1, 1, 5)
+        with pytest.raises(CiteqaAPIError) as err:
+            client.list_documents(limit=101)
+    assert err.value.status == 422 and err.value.details[0]["loc"] == ["query", "limit"]
 
 
 def test_search_and_document(server: str) -> None:
@@ -187,7 +213,8 @@ def test_ready_is_false_on_503_and_raises_on_other_errors() -> None:
 
 def test_json_decoders_invert_to_json() -> None:
     ans = TinyPipeline().ask("q")
-    assert answer_from_json(ans.to_json()) == ans
+    assert answer_from_json(ans.to_json(with_passages=True)) == ans
+    assert answer_from_json(ans.to_json()) == replace(ans, passages=[])
     declined = Answer("q", True, None, None, None, reason="no support")
     assert answer_from_json(declined.to_json(with_candidates=False)) == declined
     hit: Any = TinyPipeline().search("q")[0]

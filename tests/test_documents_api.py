@@ -140,6 +140,59 @@ def test_delete_is_204_then_404_and_persisted(client: TestClient, index_dir: Pat
     assert set(Index.load(index_dir).documents) == {"normans"}
 
 
+def listed(client: TestClient, **page: int) -> dict:
+    r = client.get("/v1/documents", params=page)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_the_list_follows_adds_and_deletes_in_index_order(client: TestClient) -> None:
+    before = listed(client)
+    assert before == {"documents": [{"doc_id": d.doc_id, "title": d.title, "source": d.source,
+                                     "length": len(d.text)} for d in DOCS],
+                      "total": 2, "offset": 0, "limit": 20}
+    client.post("/v1/documents", json={"text": NEW_TEXT, "title": "Zorblax", "doc_id": "z"})
+    assert [d["doc_id"] for d in listed(client)["documents"]] == ["normans", "eiffel", "z"]
+    assert listed(client, offset=2, limit=1)["documents"] == [
+        {"doc_id": "z", "title": "Zorblax", "source": "", "length": len(NEW_TEXT)}]
+    assert client.delete("/v1/documents/normans").status_code == 204
+    after = listed(client, limit=1)
+    assert [d["doc_id"] for d in after["documents"]] == ["eiffel"] and after["total"] == 2
+
+
+def test_index_pages_are_slices_of_the_documents_in_order(index_dir: Path) -> None:
+    index = Index.load(index_dir)
+    ids = list(index.documents)
+    for offset in range(4):
+        for limit in range(4):
+            page, total = index.list_documents(offset, limit)
+            assert [d.doc_id for d in page] == ids[offset:offset + limit] and total == len(ids)
+    assert index.list_documents(2**70, 5) == ([], len(ids))
+
+
+def test_the_pipeline_lists_documents_of_an_index_only(index_dir: Path, tmp_path: Path) -> None:
+    from citeqa.errors import ConfigError
+    from citeqa.pipeline import Pipeline
+
+    pipeline = Pipeline.from_settings(Settings(preset="tiny", index=index_dir,
+                                               cache_dir=tmp_path / "cache"))
+    assert pipeline.list_documents(1, 5) == ([DOCS[1]], 2)
+    for offset, limit in ((-1, 5), (0, 0)):
+        with pytest.raises(InvalidRequestError, match="offset must be at least 0"):
+            pipeline.list_documents(offset, limit)
+
+    class ListlessRetriever:  # a Retriever with search and document only
+        def search(self, query: str, k: int = 10) -> list:
+            return []
+
+        def document(self, doc_id: str) -> Document:
+            raise KeyError(doc_id)
+
+    bare = Pipeline(ListlessRetriever(), pipeline.generator, pipeline.cfg)
+    with pytest.raises(ConfigError, match="cannot list its documents"):
+        bare.list_documents()
+
+
 def test_changes_survive_a_restart(index_dir: Path, tmp_path: Path) -> None:
     with serve(index_dir, tmp_path) as c:
         assert c.post("/v1/documents", json={"text": NEW_TEXT, "doc_id": "z"}).status_code == 201

@@ -36,6 +36,10 @@ class PipelineLike(Protocol):
 
     def document(self, doc_id: str) -> Document: ...  # KeyError when unknown
 
+    def list_documents(self, offset: int, limit: int) -> tuple[list[Document], int]:
+        """Up to ``limit`` documents from position ``offset`` in index order, and the total."""
+        ...
+
     def add_documents(self, documents: Sequence[Document]) -> dict[str, int]:
         """Passages indexed per doc_id (InvalidRequestError 409 for a doc_id already there)."""
         ...

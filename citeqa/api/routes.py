@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -19,10 +19,12 @@ from citeqa.api.deps import BatcherDep, PipelineDep, PipelineLike, ServiceState,
 from citeqa.api.errors import ApiError
 from citeqa.api.metrics import CONTENT_TYPE
 from citeqa.api.schemas import (
+    MAX_DOCUMENTS_PAGE,
     AnswerOut,
     AnswerRequest,
     DocumentAddedOut,
     DocumentIn,
+    DocumentListOut,
     DocumentOut,
     ErrorOut,
     SearchOut,
@@ -46,6 +48,10 @@ DOCUMENT_ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorOut} for s in (400, 409, 501, 502)
 }
 DocId = Annotated[str, Path(min_length=1, max_length=256)]
+Offset = Annotated[int, Query(ge=0, description="documents to skip (index order)")]
+Limit = Annotated[int, Query(ge=1, le=MAX_DOCUMENTS_PAGE, description="documents to return")]
+# The pages that the one static page file serves (its script picks the view by path).
+PAGE_PATHS = ("/", "/documents", "/document")
 
 
 def make_run_batch(pipeline: PipelineLike) -> Callable[[list[AskArgs]], list[Answer | Exception]]:
@@ -149,7 +155,8 @@ def v1_router(require_key: Callable[..., None]) -> APIRouter:
     """Everything under ``/v1`` (behind ``require_key``)."""
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)
 
-    @v1.post("/answer", response_model=AnswerOut)
+    # exclude_unset: ``passages`` is left out of the body unless the request asked for it.
+    @v1.post("/answer", response_model=AnswerOut, response_model_exclude_unset=True)
     async def answer(body: AnswerRequest, request: Request, state: StateDep,
                      pipeline: PipelineDep, batcher: BatcherDep) -> dict[str, Any]:
         """Answer a question with a verified quote, or decline."""
@@ -159,13 +166,22 @@ def v1_router(require_key: Callable[..., None]) -> APIRouter:
         args = await run_in_threadpool(pipeline.check, args)  # bad input fails before queueing
         result = await await_answer(request, state, batcher, args)
         state.metrics.observe_answer(result.declined)
-        return result.to_json()
+        return result.to_json(with_passages=body.with_passages)
 
     @v1.post("/search", response_model=SearchOut)
     async def search(body: SearchRequest, pipeline: PipelineDep) -> dict[str, Any]:
         """Retrieve passages (with character offsets into their documents)."""
         hits = await run_in_threadpool(pipeline.search, body.query, body.k)
         return {"hits": [h.to_json() for h in hits]}
+
+    @v1.get("/documents", response_model=DocumentListOut)
+    async def documents(pipeline: PipelineDep, offset: Offset = 0,
+                        limit: Limit = 20) -> dict[str, Any]:
+        """The indexed documents, a page at a time, in index order (title, source, length)."""
+        docs, total = await run_in_threadpool(pipeline.list_documents, offset, limit)
+        return {"documents": [{"doc_id": d.doc_id, "title": d.title, "source": d.source,
+                               "length": len(d.text)} for d in docs],
+                "total": total, "offset": offset, "limit": limit}
 
     @v1.get("/documents/{doc_id:path}", response_model=DocumentOut)
     async def document(doc_id: DocId, pipeline: PipelineDep) -> dict[str, Any]:
@@ -228,9 +244,15 @@ def ops_router(page: str, csp: str) -> APIRouter:
         """No icon (browsers ask for one; a 404 would be logged as a page error)."""
         return Response(status_code=204, headers={"Cache-Control": "max-age=86400"})
 
-    @ops.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
+        """The page: ask (``/``), the document list (``/documents``) and one document with a
+        quote highlighted (``/document?id=...&start=...&end=...``); it holds no corpus content,
+        which it fetches from /v1 with the key typed into it."""
         return HTMLResponse(page, headers={"Content-Security-Policy": csp,
                                            "Cache-Control": "no-cache"})
+
+    for path in PAGE_PATHS:
+        ops.add_api_route(path, index, methods=["GET"], response_class=HTMLResponse,
+                          include_in_schema=False)
 
     return ops

@@ -31,6 +31,9 @@ from citeqa.config import (
     MAX_TITLE_CHARS,
 )
 
+# GET /v1/documents pages: at most this many documents per request.
+MAX_DOCUMENTS_PAGE = 100
+
 # doc ids a client may choose: they appear in URLs (/v1/documents/{doc_id}), so no spaces etc.
 DOC_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}$"
 
@@ -139,6 +142,12 @@ class AnswerRequest(_Request):
         default=None,
         description="span: the answer is words of its quote, enforced while decoding (the "
         "default); free: a free-text answer, whose support the reward model judges",
+    )
+    with_passages: bool = Field(
+        default=False, strict=True,
+        description="also return the passages retrieval found (the ones given to the model, "
+        "best first, with their text): what a decline was based on. Off by default: they "
+        "are most of the response's size",
     )
 
     @field_validator("question")
@@ -252,25 +261,12 @@ class CandidateOut(BaseModel):
     logprob: float
     mean_logprob: float
     retrieval_score: float
-    answer_start: int | None = None  # the answer's offsets in the quote's document, inside it
-    answer_end: int | None = None
-    supported: bool = False  # the answer stands verbatim in its verified quote
-
-
-class AnswerOut(BaseModel):
-    question: str
-    declined: bool
-    answer: str | None
-    quote: QuoteOut | None
     answer_start: int | None = Field(
         default=None, description="the answer's start in the quote's document (inside the "
-        "quote); null on a decline, and in free mode when the answer is not in the quote")
+        "quote); null when the answer is not in the quote (free mode) or there is no quote")
     answer_end: int | None = Field(default=None, description="the answer's end (exclusive)")
-    score: float | None
-    uncertainty: float | None = None
-    reason: str | None = None
-    candidates: list[CandidateOut] = Field(default_factory=list)
-    timings_ms: dict[str, float] = Field(default_factory=dict)
+    supported: bool = Field(default=False,
+                            description="the answer stands verbatim in its verified quote")
 
 
 class HitOut(BaseModel):
@@ -286,6 +282,27 @@ class HitOut(BaseModel):
     dense: float | None = None
 
 
+class AnswerOut(BaseModel):
+    question: str
+    declined: bool
+    answer: str | None
+    quote: QuoteOut | None
+    answer_start: int | None = Field(
+        default=None, description="the answer's start in the quote's document (inside the "
+        "quote); null on a decline, and in free mode when the answer is not in the quote")
+    answer_end: int | None = Field(default=None, description="the answer's end (exclusive)")
+    score: float | None
+    uncertainty: float | None = None
+    reason: str | None = None
+    candidates: list[CandidateOut] = Field(
+        default_factory=list, description="every candidate, best first: on a decline, the "
+        "first one with a quote is the best guess the service was not confident in")
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+    passages: list[HitOut] | None = Field(
+        default=None, description="the passages retrieval found, best first; present only "
+        "when the request set with_passages")
+
+
 class SearchOut(BaseModel):
     hits: list[HitOut]
 
@@ -295,6 +312,22 @@ class DocumentOut(BaseModel):
     title: str
     source: str
     text: str
+
+
+class DocumentSummaryOut(BaseModel):
+    doc_id: str
+    title: str
+    source: str
+    length: int = Field(description="characters of text")
+
+
+class DocumentListOut(BaseModel):
+    """GET /v1/documents: one page of the indexed documents, in index order."""
+
+    documents: list[DocumentSummaryOut]
+    total: int = Field(description="documents in the index")
+    offset: int
+    limit: int
 
 
 class DocumentAddedOut(BaseModel):

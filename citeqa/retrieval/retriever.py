@@ -114,6 +114,10 @@ class HybridRetriever:
         """The full document ``doc_id``; KeyError when the index does not hold it."""
         return self.index.documents[doc_id]
 
+    def list_documents(self, offset: int, limit: int) -> tuple[list[Document], int]:
+        """A page of the indexed documents and their total count (``Index.list_documents``)."""
+        return self.index.list_documents(offset, limit)
+
     def _bm25(self, query: str, depth: int) -> dict[int, float]:
         """passage id -> BM25 score, best first; only passages some query term matches."""
         ids, scores = top_k_of(self.index.bm25.scores(tokenize(query)), depth)

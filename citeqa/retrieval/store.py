@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -348,6 +349,15 @@ class Index:
             dense=dense,
             directory=directory,
         )
+
+    def list_documents(self, offset: int, limit: int) -> tuple[list[Document], int]:
+        """Up to ``limit`` documents from position ``offset`` in index order (the order they
+        were indexed: added documents come last), and how many there are in all, for paging."""
+        assert offset >= 0 and limit >= 0, (offset, limit)
+        total = len(self.documents)
+        start = min(offset, total)  # islice refuses offsets past sys.maxsize
+        page = itertools.islice(self.documents.values(), start, min(start + limit, total))
+        return list(page), total
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
