@@ -2,6 +2,7 @@
 
     python benchmarks/load_test.py                       # default preset, index/default, 60 s/level
     python benchmarks/load_test.py --seconds 10 --levels 1 4 16 --index /tmp/idx
+    python benchmarks/load_test.py --generator-url http://127.0.0.1:8100 --burst 8  # via vLLM
 
 Starts the server on 127.0.0.1 (the `default` preset: SmolLM2 + MiniLM, unless --preset), waits
 for /readyz, then for each concurrency level runs that many client threads (httpx), each asking
@@ -9,6 +10,11 @@ questions back to back for --seconds. Prints, per level: answers/s, p50/p95 late
 successful answers, errors by status (503s, the deliberate overload answer, apart), and the
 server's RSS; then peak RSS (VmHWM), RSS at start vs end, and throughput(max)/throughput(1)
 (the batching target is >= 2). The index is built from index/corpus first when missing.
+
+``--generator-url`` serves through a remote engine (scripts/vllm_cpu.sh serve DIR; the
+server's CITEQA_GENERATOR_URL); ``--burst N`` first times N requests sent one after another
+against the same N sent at once (target with an engine: concurrent <= 0.5x sequential). The
+server's log goes to --server-log (default: a temporary file), never to an unread pipe.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,19 +102,20 @@ def ensure_index(index: Path, preset: str) -> None:
                    check=True)
 
 
-def start_server(index: Path, preset: str, port: int, env: dict[str, str]) -> subprocess.Popen:
+def start_server(index: Path, preset: str, port: int, env: dict[str, str], log: Path,
+                 ) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "citeqa.cli", "serve", "--index", str(index), "--host",
            "127.0.0.1", "--port", str(port), "--preset", preset]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    with log.open("ab") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> float:
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if proc.poll() is not None:
             raise SystemExit(f"the server exited with {proc.returncode}:\n"
-                             f"{proc.stderr.read() if proc.stderr else ''}")
+                             f"{log.read_text(errors='replace')[-4000:]}")
         try:
             if httpx.get(url + "/readyz", timeout=2).status_code == 200:
                 return time.monotonic() - t0
@@ -114,6 +123,27 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> float:
             pass
         time.sleep(0.2)
     raise SystemExit(f"the server was not ready within {timeout:.0f} s")
+
+
+def burst(url: str, n: int) -> tuple[float, float, list[int]]:
+    """(seconds for ``n`` questions one after another, seconds for the same ``n`` at once,
+    the statuses of both)."""
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(n)]
+    with httpx.Client(base_url=url, timeout=600) as http:
+        t0 = time.perf_counter()
+        statuses = [http.post("/v1/answer", json={"question": q}).status_code
+                    for q in questions]
+        sequential = time.perf_counter() - t0
+
+    def one(q: str) -> int:
+        with httpx.Client(base_url=url, timeout=600) as http:
+            return http.post("/v1/answer", json={"question": q}).status_code
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(n) as pool:
+        threads_out = list(pool.map(one, questions))
+    concurrent = time.perf_counter() - t0
+    return sequential, concurrent, statuses + threads_out
 
 
 def run_level(url: str, clients: int, seconds: float, pid: int) -> LevelResult:
@@ -164,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--ready-timeout", type=float, default=600.0)
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--generator-url", help="serve through this remote engine (vLLM)")
+    ap.add_argument("--burst", type=int, default=0,
+                    help="first time N requests sequential vs concurrent (0 = skip)")
+    ap.add_argument("--server-log", type=Path, help="the server's log (default: a temp file)")
     args = ap.parse_args(argv)
 
     ensure_index(args.index, args.preset)
@@ -171,13 +205,24 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://127.0.0.1:{port}"
     # Enough queue for the biggest level, so 503s mean real overload, not a small default.
     env = {**os.environ, "CITEQA_MAX_QUEUE": str(max(32, 2 * max(args.levels)))}
-    proc = start_server(args.index, args.preset, port, env)
+    if args.generator_url:
+        env["CITEQA_GENERATOR_URL"] = args.generator_url
+    log = args.server_log or Path(tempfile.mkstemp(prefix="citeqa-load-", suffix=".log")[1])
+    print(f"server log: {log}", flush=True)
+    proc = start_server(args.index, args.preset, port, env, log)
+    bursts = None
     try:
-        ready_s = wait_ready(url, proc, args.ready_timeout)
+        ready_s = wait_ready(url, proc, args.ready_timeout, log)
         start_mem = proc_memory_kb(proc.pid)
         print(f"server pid {proc.pid} ready in {ready_s:.1f} s; RSS {start_mem['VmRSS'] / 1024:.0f}"
               f" MiB", flush=True)
         httpx.post(url + "/v1/answer", json={"question": QUESTIONS[0]}, timeout=300)  # warm-up
+        if args.burst:
+            seq, conc, statuses = burst(url, args.burst)
+            bursts = {"n": args.burst, "sequential_s": seq, "concurrent_s": conc,
+                      "ratio": conc / seq, "statuses": dict(Counter(map(str, statuses)))}
+            print(f"{args.burst} requests: one after another {seq:.1f} s, at once {conc:.1f} s "
+                  f"-> {conc / seq:.2f}x (statuses {bursts['statuses']})", flush=True)
         results = []
         for clients in args.levels:
             r = run_level(url, clients, args.seconds, proc.pid)
@@ -209,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                         "declines": r.declines, "rss_kb": r.rss_kb} for r in results],
             "rss_start_kb": start_mem["VmRSS"], "rss_end_kb": end_mem["VmRSS"],
             "rss_peak_kb": end_mem["VmHWM"], "ratio": ratio, "ready_s": ready_s,
+            "burst": bursts, "generator_url": args.generator_url,
         }, indent=2))
     return 0
 

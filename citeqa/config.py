@@ -7,6 +7,7 @@ for driving the whole app end to end without models).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -89,6 +90,12 @@ class GenerationConfig:
     # AMX) and takes "bf16" (bf16 prefill, int8 decoding weights) if so, else "fp16w" (fp16
     # weights computed in fp32); or force "bf16", "fp16w", "fp32". On CUDA the model is bf16.
     cpu_dtype: str = "auto"
+    # A remote engine instead of a local model: the root URL of an OpenAI-compatible server
+    # (vLLM with llguidance; scripts/vllm_cpu.sh), the model name it serves (None: the only one
+    # its /v1/models lists) and how many requests go to it at once (remote.py).
+    url: str | None = None
+    served_model: str | None = None
+    concurrency: int = 8
 
 
 @dataclass(frozen=True)
@@ -145,10 +152,18 @@ class Settings(BaseSettings):
     answer_mode: Literal["span", "free"] | None = None  # overrides the preset's answer mode
     # overrides the presets' CPU compute format (generator, embedder, training; see compute.py)
     cpu_dtype: Literal["auto", "bf16", "fp16w", "fp32"] | None = None
+    # a remote generator (an OpenAI-compatible engine such as vLLM) instead of a local model
+    generator_url: str | None = None  # its root URL, e.g. http://127.0.0.1:8100
+    generator_model: str | None = None  # the served model name; None = the only one it lists
+    generator_api_key: str = ""  # sent as a bearer token; empty = none
+    generator_concurrency: int = Field(8, ge=1, le=256)  # requests in flight to it at once
+    generator_wait_s: float = Field(600.0, ge=0)  # at start-up, wait this long for it to answer
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "citeqa")
     allow_private_urls: bool = False  # let the fetcher reach private/intranet addresses
     api_keys: str = ""  # comma-separated; empty = no authentication
-    max_batch: int = Field(4, ge=1, le=64)  # requests generated together in one batch
+    # requests generated together in one batch; None = 4 with a local generator (more only adds
+    # padding on a CPU), generator_concurrency with a remote one (the engine batches them)
+    max_batch: int | None = Field(None, ge=1, le=256)
     window_ms: float = Field(10.0, ge=0)  # wait after a batch's first request for more
     max_queue: int = Field(32, ge=1)  # waiting requests; more -> 503 with Retry-After
     request_timeout_s: float = Field(120.0, gt=0)  # longer waits -> 504
@@ -171,6 +186,23 @@ class Settings(BaseSettings):
             raise ValueError(f"CITEQA_GENERATOR={v!r} is not a directory with a Hugging Face model")
         return v
 
+    @field_validator("generator_url")
+    @classmethod
+    def _url_is_http(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            return None
+        if v is not None and not re.match(r"^https?://[^/\s]+", v.strip()):
+            raise ValueError(f"CITEQA_GENERATOR_URL={v!r} is not an http(s) URL (e.g. "
+                             "http://127.0.0.1:8100)")
+        return v.strip() if v else v
+
+    @property
+    def batch_size(self) -> int:
+        """Requests the service's batcher runs together (see ``max_batch``)."""
+        if self.max_batch is not None:
+            return self.max_batch
+        return self.generator_concurrency if self.generator_url else 4
+
     @field_validator("api_keys")
     @classmethod
     def _keys_listed(cls, v: str) -> str:
@@ -190,6 +222,10 @@ class Settings(BaseSettings):
             cfg = replace(cfg, generation=replace(cfg.generation, adapter=self.adapter))
         if self.answer_mode:
             cfg = replace(cfg, generation=replace(cfg.generation, answer_mode=self.answer_mode))
+        if self.generator_url:
+            cfg = replace(cfg, generation=replace(
+                cfg.generation, url=self.generator_url, served_model=self.generator_model,
+                concurrency=self.generator_concurrency))
         if self.cpu_dtype:
             cfg = replace(cfg, generation=replace(cfg.generation, cpu_dtype=self.cpu_dtype),
                           retrieval=replace(cfg.retrieval, cpu_dtype=self.cpu_dtype))

@@ -9,6 +9,8 @@
     ├── IndexError_          an index directory is missing, corrupt or mismatched
     ├── EmptyCorpusError     nothing to index
     ├── ModelError           a model could not be found or loaded
+    ├── EngineError          a remote generation engine answered with an error
+    │   └── EngineUnavailableError  it could not be reached, or is busy or starting
     ├── OutputFormatError    a generator's output does not follow the cited-answer format
     └── InvalidRequestError  a user's request is invalid (API maps it to 4xx)
 """
@@ -50,6 +52,14 @@ class EmptyCorpusError(CiteqaError):
 
 class ModelError(CiteqaError):
     """A model could not be found or loaded."""
+
+
+class EngineError(CiteqaError):
+    """A remote generation engine (vLLM, SGLang) answered a request with an error."""
+
+
+class EngineUnavailableError(EngineError):
+    """A remote generation engine could not be reached, timed out, or is busy or starting."""
 
 
 class OutputFormatError(CiteqaError):

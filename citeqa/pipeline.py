@@ -108,7 +108,13 @@ class Pipeline:
         """Open the index and load the models named by ``settings`` (never downloads)."""
         cfg = settings.config()
         retriever = HybridRetriever.open(settings.index, cfg.retrieval)
-        backend = build_backend(cfg.generation, settings.cache_dir)
+        backend = build_backend(cfg.generation, settings.cache_dir,
+                                api_key=settings.generator_api_key or None)
+        if cfg.generation.url:  # a remote engine: not ready until it answers
+            from citeqa.generation.remote import RemoteBackend
+
+            assert isinstance(backend, RemoteBackend)
+            backend.wait_ready(settings.generator_wait_s)
         from citeqa.reward.scorer import load_scorer
 
         scorer = load_scorer(cfg.reward.model)

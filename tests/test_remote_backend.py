@@ -1,44 +1,55 @@
-"""RemoteBackend against a mocked OpenAI-compatible server (httpx.MockTransport, no network)."""
+"""RemoteBackend against a mocked OpenAI-compatible server (httpx.MockTransport, no network):
+the payload, concurrency, retries, cut choices, span mode's two calls, the served model, and the
+errors (tests/test_vllm.py drives a real vLLM)."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import httpx
 import pytest
 
-from citeqa.errors import ModelError
+from citeqa.config import Settings
+from citeqa.errors import EngineError, EngineUnavailableError
 from citeqa.generation.backend import GenerationRequest
+from citeqa.generation.constraint import answer_grammar
+from citeqa.generation.factory import build_backend
 from citeqa.generation.remote import RemoteBackend
+from citeqa.retry import Backoff
 
 MSGS = ({"role": "user", "content": "q?"},)
+FAST = Backoff(retries=3, base_s=0.01, max_s=0.05)
 
 
 def server(handler):
     seen: list[httpx.Request] = []
+    lock = threading.Lock()
 
     def wrapped(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
+        with lock:
+            seen.append(request)
         return handler(request)
 
     return httpx.Client(transport=httpx.MockTransport(wrapped)), seen
 
 
-def choice(i: int, text: str, lps: list[float] | None) -> dict:
+def choice(i: int, text: str, lps: list[float] | None, finish: str = "stop") -> dict:
     out: dict = {"index": i, "message": {"role": "assistant", "content": text},
-                 "finish_reason": "stop"}
+                 "finish_reason": finish}
     out["logprobs"] = None if lps is None else {
         "content": [{"token": "t", "logprob": lp} for lp in lps]}
     return out
 
 
+def ok(*choices: dict) -> httpx.Response:
+    return httpx.Response(200, json={"choices": list(choices)})
+
+
 def test_payload_and_parsing():
     def handler(request):
-        body = json.loads(request.content)
-        return httpx.Response(200, json={"choices": [
-            choice(1, "Answer: b", [-0.5, -0.25]),
-            choice(0, "Answer: a", [-1.0]),
-        ][: body["n"]]})
+        return ok(choice(1, "Answer: b", [-0.5, -0.25]), choice(0, "Answer: a", [-1.0]))
 
     client, seen = server(handler)
     b = RemoteBackend("http://gen:8000/v1/", "smol", api_key="k", client=client)
@@ -53,14 +64,16 @@ def test_payload_and_parsing():
     body = json.loads(request.content)
     assert body["messages"] == [{"role": "user", "content": "q?"}]
     assert (body["n"], body["temperature"], body["max_tokens"], body["seed"]) == (2, 0.7, 32, 3)
-    assert body["logprobs"] is True
+    assert body["logprobs"] is True and body["model"] == "smol"
     assert body["structured_outputs"] == {"grammar": 'start: "x"'}
-    assert body["guided_grammar"] == 'start: "x"'
+    assert "guided_grammar" not in body  # vLLM ignores it; older engines only on request
+    legacy = RemoteBackend("http://gen", "smol", client=client, legacy_grammar_key=True)
+    assert legacy.payload(req)["guided_grammar"] == 'start: "x"'
 
 
 def test_no_grammar_no_logprobs():
-    client, seen = server(lambda r: httpx.Response(200, json={"choices": [choice(0, "hi", None)]}))
-    b = RemoteBackend("http://gen", "smol", client=client, legacy_grammar_key=False)
+    client, seen = server(lambda r: ok(choice(0, "hi", None)))
+    b = RemoteBackend("http://gen", "smol", client=client)
     [[c]] = b.generate([GenerationRequest(messages=MSGS)])
     assert (c.text, c.logprob, c.n_tokens) == ("hi", 0.0, 0)
     body = json.loads(seen[0].content)
@@ -68,32 +81,179 @@ def test_no_grammar_no_logprobs():
     assert "authorization" not in seen[0].headers
 
 
-@pytest.mark.parametrize(
-    "response, needle",
-    [
-        (httpx.Response(400, json={"error": {"message": "bad grammar"}}), "bad grammar"),
-        (httpx.Response(422, json={"detail": "bad field"}), "bad field"),
-        (httpx.Response(500, text="boom"), "boom"),
-        (httpx.Response(200, json={"nope": 1}), "unexpected response"),
-        (httpx.Response(200, text="not json"), "unexpected response"),
-    ],
-)
-def test_server_errors_become_model_errors(response, needle):
-    client, _ = server(lambda r: response)
-    b = RemoteBackend("http://gen", "smol", client=client)
-    with pytest.raises(ModelError, match=needle):
-        b.generate([GenerationRequest(messages=MSGS)])
+def test_the_requests_of_a_batch_go_out_together_within_the_bound():
+    """Eight requests with concurrency 4: four are in flight at once, never five."""
+    state = {"now": 0, "peak": 0}
+    lock = threading.Lock()
+    four = threading.Barrier(4, timeout=5)
+
+    def handler(request):
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+        try:
+            four.wait()  # only returns once four requests are in flight together
+        except threading.BrokenBarrierError:
+            pass
+        time.sleep(0.02)
+        with lock:
+            state["now"] -= 1
+        return ok(choice(0, json.loads(request.content)["messages"][0]["content"], []))
+
+    client, _ = server(handler)
+    b = RemoteBackend("http://gen", "m", client=client, concurrency=4)
+    reqs = [GenerationRequest(messages=({"role": "user", "content": f"q{i}"},)) for i in range(8)]
+    out = b.generate(reqs)
+    assert [c[0].text for c in out] == [f"q{i}" for i in range(8)]  # each its own, in order
+    assert state["peak"] == 4 and not four.broken
 
 
-def test_wrong_choice_count_and_unreachable():
-    client, _ = server(lambda r: httpx.Response(200, json={"choices": [choice(0, "x", [])]}))
-    with pytest.raises(ModelError, match="1 choices"):
-        RemoteBackend("http://gen", "m", client=client).generate(
-            [GenerationRequest(messages=MSGS, n=2, temperature=1.0)])
+def test_busy_and_unreachable_engines_are_retried_honouring_retry_after():
+    calls = {"n": 0}
 
+    def handler(request):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise httpx.ConnectError("refused", request=request)
+        if calls["n"] == 2:
+            return httpx.Response(503, headers={"Retry-After": "0"}, json={"error": "loading"})
+        if calls["n"] == 3:
+            return httpx.Response(429, json={"error": {"message": "slow down"}})
+        return ok(choice(0, "fine", [-0.1]))
+
+    client, _ = server(handler)
+    [[c]] = RemoteBackend("http://gen", "m", client=client, backoff=FAST).generate(
+        [GenerationRequest(messages=MSGS)])
+    assert c.text == "fine" and calls["n"] == 4
+
+
+def test_an_engine_that_stays_down_is_unavailable_with_its_url():
     def refuse(request):
         raise httpx.ConnectError("connection refused", request=request)
 
-    client, _ = server(refuse)
-    with pytest.raises(ModelError, match="unreachable"):
-        RemoteBackend("http://gen", "m", client=client).generate([GenerationRequest(messages=MSGS)])
+    client, seen = server(refuse)
+    b = RemoteBackend("http://gen:9", "m", client=client, backoff=FAST)
+    with pytest.raises(EngineUnavailableError, match=r"http://gen:9 cannot be reached"):
+        b.generate([GenerationRequest(messages=MSGS)])
+    assert len(seen) == 4  # the first try and three retries
+    client, _ = server(lambda r: httpx.Response(503, json={"error": {"message": "overloaded"}}))
+    with pytest.raises(EngineUnavailableError, match="busy.*overloaded"):
+        RemoteBackend("http://gen", "m", client=client, backoff=FAST).generate(
+            [GenerationRequest(messages=MSGS)])
+
+
+@pytest.mark.parametrize(
+    "response, needle",
+    [
+        (httpx.Response(400, json={"error": {"message": "bad grammar"}}), "400: bad grammar"),
+        (httpx.Response(422, json={"detail": "bad field"}), "bad field"),
+        (httpx.Response(500, text="boom"), "boom"),
+        (httpx.Response(200, json={"nope": 1}), "unexpected response"),
+        (httpx.Response(200, json=[1, 2]), "unexpected response"),
+        (httpx.Response(200, text="not json"), "no JSON"),
+    ],
+)
+def test_engine_errors_are_not_retried_and_say_what_the_engine_said(response, needle):
+    client, seen = server(lambda r: response)
+    b = RemoteBackend("http://gen", "smol", client=client, backoff=FAST)
+    with pytest.raises(EngineError, match=needle) as info:
+        b.generate([GenerationRequest(messages=MSGS)])
+    assert not isinstance(info.value, EngineUnavailableError) and len(seen) == 1
+
+
+def test_wrong_choice_count():
+    client, _ = server(lambda r: ok(choice(0, "x", [])))
+    with pytest.raises(EngineError, match="1 choices"):
+        RemoteBackend("http://gen", "m", client=client).generate(
+            [GenerationRequest(messages=MSGS, n=2, temperature=1.0)])
+
+
+def test_a_choice_cut_by_max_tokens_is_a_failed_candidate_not_a_cut_quote():
+    client, _ = server(lambda r: ok(choice(0, "Answer: x\nQuote [1]: The Nor", [-1.0] * 9,
+                                           finish="length"),
+                                    choice(1, "Answer: y\nQuote [1]: Normans.", [-1.0] * 7)))
+    [[cut, whole]] = RemoteBackend("http://gen", "m", client=client).generate(
+        [GenerationRequest(messages=MSGS, n=2, temperature=1.0)])
+    assert cut.text == "" and cut.timings_ms["cut"] == 1.0 and cut.n_tokens == 9
+    assert whole.text.endswith("Normans.") and whole.timings_ms["cut"] == 0.0
+
+
+def test_span_mode_continues_each_quote_with_its_own_answer_grammar():
+    first = "Quote [1]: Rollo led the Normans.\nAnswer:"
+
+    def handler(request):
+        body = json.loads(request.content)
+        if not body.get("continue_final_message"):
+            return ok(choice(0, first, [-0.5] * 5), choice(1, "Quote [1]: short", [-1.0] * 3,
+                                                             finish="length"))
+        return ok(choice(0, " Rollo", [-0.25]))
+
+    client, seen = server(handler)
+    req = GenerationRequest(messages=MSGS, grammar="start: q", n=2, temperature=1.0,
+                            max_tokens=40, answer_in_quote=24)
+    [[c, failed]] = RemoteBackend("http://gen", "m", client=client).generate([req])
+    assert c.text == first + " Rollo" and c.logprob == pytest.approx(-2.75) and c.n_tokens == 6
+    assert failed.text == ""  # cut in its quote: no second call for it
+    [second] = [json.loads(r.content) for r in seen if b"continue_final_message" in r.content]
+    assert second["messages"][-1] == {"role": "assistant", "content": first}
+    assert second["add_generation_prompt"] is False and second["n"] == 1
+    assert second["structured_outputs"]["grammar"] == answer_grammar(
+        "Rollo led the Normans.", max_answer_chars=24)
+    assert second["max_tokens"] == 35  # what the quote left of the budget
+    assert len(seen) == 2
+
+
+def test_the_served_model_is_asked_once_and_must_be_unique():
+    models = {"data": [{"id": "smol", "object": "model"}]}
+
+    def handler(request):
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json=models)
+        return ok(choice(0, json.loads(request.content)["model"], []))
+
+    client, seen = server(handler)
+    b = RemoteBackend("http://gen", client=client)
+    b.wait_ready(timeout_s=1)
+    assert b.model_id == "remote:smol"
+    assert [c[0].text for c in b.generate([GenerationRequest(messages=MSGS)] * 2)] == ["smol"] * 2
+    assert [r.url.path for r in seen].count("/v1/models") == 1
+    models["data"].append({"id": "other"})
+    with pytest.raises(EngineError, match="CITEQA_GENERATOR_MODEL"):
+        RemoteBackend("http://gen", client=client).wait_ready(timeout_s=1)
+
+
+def test_waiting_for_an_engine_that_starts_late_and_one_that_never_does():
+    up_at = time.monotonic() + 0.3
+
+    def handler(request):
+        if time.monotonic() < up_at:
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200, json={"data": [{"id": "late"}]})
+
+    client, _ = server(handler)
+    b = RemoteBackend("http://gen", client=client, backoff=Backoff(retries=0, base_s=0.01))
+    b.wait_ready(timeout_s=5, poll_s=0.05)
+    assert b.model == "late"
+    client, _ = server(lambda r: httpx.Response(503, text="loading"))
+    never = RemoteBackend("http://gen", client=client, backoff=Backoff(retries=0, base_s=0.01))
+    with pytest.raises(EngineUnavailableError, match="waited"):
+        never.wait_ready(timeout_s=0.2, poll_s=0.05)
+
+
+def test_settings_select_a_remote_generator(monkeypatch, tmp_path):
+    monkeypatch.setenv("CITEQA_GENERATOR_URL", "http://127.0.0.1:8100")
+    monkeypatch.setenv("CITEQA_GENERATOR_MODEL", "smol")
+    monkeypatch.setenv("CITEQA_GENERATOR_CONCURRENCY", "12")
+    settings = Settings()
+    gen = settings.config().generation
+    assert (gen.url, gen.served_model, gen.concurrency) == ("http://127.0.0.1:8100", "smol", 12)
+    assert settings.batch_size == 12  # the batcher hands the engine what it can batch
+    assert Settings(max_batch=3).batch_size == 3
+    backend = build_backend(gen, tmp_path, api_key="sk")
+    assert isinstance(backend, RemoteBackend) and backend.model_id == "remote:smol"
+    assert backend.concurrency == 12 and backend.payload(
+        GenerationRequest(messages=MSGS))["model"] == "smol"
+    monkeypatch.delenv("CITEQA_GENERATOR_URL")
+    assert Settings().batch_size == 4 and Settings().config().generation.url is None
+    with pytest.raises(ValueError, match="not an http"):
+        Settings(generator_url="gen:8000")

@@ -6,9 +6,10 @@ runs on one worker thread behind a bounded queue (``batching.Batcher``); the eve
 awaits futures.
 
 Authentication: when ``settings.api_keys`` is set, every ``/v1/*`` route needs
-``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. ``/``, ``/healthz``, ``/readyz``,
-``/metrics`` and ``/openapi.json`` stay open (they reveal no corpus content). The Swagger and
-ReDoc pages are off: they load scripts from a CDN, which the page's CSP forbids.
+``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. The page (``/``, ``/documents``,
+``/document``), ``/healthz``, ``/readyz``, ``/metrics`` and ``/openapi.json`` stay open (they
+reveal no corpus content: the page fetches it from ``/v1`` with the key typed into it). The
+Swagger and ReDoc pages are off: they load scripts from a CDN, which the page's CSP forbids.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _load(state: ServiceState, factory: PipelineFactory) -> None:
 
         batcher: Batcher[AskArgs, Answer] = Batcher(
             make_run_batch(pipeline),
-            max_batch=settings.max_batch,
+            max_batch=settings.batch_size,
             window_ms=settings.window_ms,
             max_queue=settings.max_queue,
             on_batch=on_batch,

@@ -22,6 +22,8 @@ How ``CiteqaError`` maps to HTTP (the one table; first match wins, subclasses fi
     IndexError_            503     index_unavailable       the served index is missing or corrupt
     EmptyCorpusError       503     index_unavailable       the served index is empty
     ModelError             503     model_unavailable       a model could not be loaded
+    EngineUnavailableError 503     engine_unavailable      the remote generator is down or busy
+    EngineError            502     engine_error            the remote generator answered an error
     OutputFormatError      500     generation_failed       the generator broke its output format
     ConfigError            500     config_error            the server is misconfigured
     CiteqaError (other)    500     internal_error
@@ -49,6 +51,8 @@ from citeqa.errors import (
     CiteqaError,
     ConfigError,
     EmptyCorpusError,
+    EngineError,
+    EngineUnavailableError,
     FetchError,
     IndexError_,
     InvalidRequestError,
@@ -68,6 +72,8 @@ CITEQA_ERROR_TABLE: tuple[tuple[type[CiteqaError], int, str], ...] = (
     (IndexError_, 503, "index_unavailable"),
     (EmptyCorpusError, 503, "index_unavailable"),
     (ModelError, 503, "model_unavailable"),
+    (EngineUnavailableError, 503, "engine_unavailable"),
+    (EngineError, 502, "engine_error"),
     (OutputFormatError, 500, "generation_failed"),
     (ConfigError, 500, "config_error"),
 )

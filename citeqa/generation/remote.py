@@ -1,107 +1,259 @@
 """A generator served elsewhere: an OpenAI-compatible chat endpoint (vLLM, SGLang) over httpx.
 
 The quote grammar travels as vLLM structured output (``"structured_outputs": {"grammar": ...}``,
-vLLM >= 0.10) and under the older ``"guided_grammar"`` key (vLLM < 0.12); our grammars use
-llguidance's Lark dialect (``%regex {"substring_words": ...}``), so start vLLM with the guidance
-backend: ``vllm serve MODEL --structured-outputs-config.backend guidance``.
-Errors of any kind surface as ``ModelError`` carrying the server's message.
+vLLM >= 0.10); our grammars use llguidance's Lark dialect (``%regex {"substring_words": ...}``),
+so start vLLM with the guidance backend (``--structured-outputs-config.backend guidance``; see
+scripts/vllm_cpu.sh). vLLM ignores the older ``guided_grammar`` key, which is not sent unless
+asked for (``legacy_grammar_key``).
+
+Span mode takes two calls per candidate, as the local backend takes two grammars: the quote
+(its grammar ends at the answer line's start), then the answer, continuing that assistant
+message (``continue_final_message``) under ``answer_grammar(quote)``.
+
+The requests of a batch go out together, at most ``concurrency`` at a time, so the engine can
+batch what the service's batcher collected. A call that cannot connect, or that the engine
+turns away for now (429, 503), is retried with backoff honouring ``Retry-After`` within
+``timeout_s``; a choice cut short by ``max_tokens`` (``finish_reason: "length"``) becomes a
+failed candidate, never a cut quote. Errors surface as ``EngineError`` (the engine answered
+with an error) or ``EngineUnavailableError`` (it could not be reached), with its message.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 
-from citeqa.errors import ModelError
+from citeqa.errors import EngineError, EngineUnavailableError
 from citeqa.generation.backend import Completion, GenerationRequest
+from citeqa.generation.constraint import answer_grammar, quote_of_first_part
+from citeqa.retry import RETRY_STATUSES, Backoff
 
 logger = logging.getLogger(__name__)
 
+CUT = "length"  # the finish_reason of a choice stopped by max_tokens
+
 
 class RemoteBackend:
-    """Backend that POSTs each request to ``{base_url}/v1/chat/completions``."""
+    """Backend that POSTs requests to ``{base_url}/v1/chat/completions``, concurrently."""
 
     def __init__(
         self,
         base_url: str,
-        model: str,
+        model: str | None = None,
         *,
         api_key: str | None = None,
-        timeout_s: float = 60,
+        timeout_s: float = 120,
+        concurrency: int = 8,
         client: httpx.Client | None = None,
-        legacy_grammar_key: bool = True,
+        backoff: Backoff | None = None,
+        legacy_grammar_key: bool = False,
     ) -> None:
-        """``base_url``: server root (without ``/v1``); ``model``: the served model name;
-        ``client``: an httpx client to use (tests pass one with a ``MockTransport``);
-        ``legacy_grammar_key``: also send ``guided_grammar`` for vLLM < 0.12."""
+        """``base_url``: server root (``/v1`` is added); ``model``: the served model name (None:
+        the only one ``/v1/models`` lists, asked on first use); ``concurrency``: requests in
+        flight at once; ``client``: an httpx client (tests pass a ``MockTransport``);
+        ``legacy_grammar_key``: also send ``guided_grammar``, for vLLM < 0.12."""
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
-        self.model = model
-        self.model_id = f"remote:{model}"
+        self._model = model
         self.legacy_grammar_key = legacy_grammar_key
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = client or httpx.Client(timeout=timeout_s)
-        self._headers = headers
+        self.concurrency = max(1, int(concurrency))
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = client or httpx.Client(
+            timeout=timeout_s, limits=httpx.Limits(max_connections=self.concurrency * 2))
         self._timeout_s = timeout_s
+        self._backoff = backoff or Backoff(retries=4, base_s=0.5, max_s=10.0)
+        # requests, and (span mode) the answer continuations of their choices: two pools, so
+        # that a request waiting for its continuations never holds the threads they need; the
+        # semaphore bounds the calls in flight
+        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="citeqa-remote")
+        self._continue = ThreadPoolExecutor(self.concurrency, thread_name_prefix="citeqa-answer")
+        self._in_flight = threading.BoundedSemaphore(self.concurrency)
+
+    # -- the engine ---------------------------------------------------------------------------
+
+    @property
+    def model(self) -> str:
+        """The served model's name (asked of the engine once when not configured)."""
+        if self._model is None:
+            self._model = self.served_model()
+        return self._model
+
+    @property
+    def model_id(self) -> str:
+        return f"remote:{self.model}"
+
+    def served_model(self) -> str:
+        """The only model the engine serves (``GET /v1/models``); EngineError when it serves
+        several (name one) or none."""
+        data = self._call("GET", "/v1/models", None, deadline=time.monotonic() + self._timeout_s)
+        names = [str(m.get("id")) for m in data.get("data", []) if isinstance(m, dict)]
+        if len(names) != 1:
+            raise EngineError(f"the generator at {self.base_url} serves {names or 'no model'}; "
+                              "name the one to use (CITEQA_GENERATOR_MODEL)")
+        return names[0]
+
+    def wait_ready(self, timeout_s: float = 600.0, poll_s: float = 2.0) -> None:
+        """Block until the engine lists its model (a server starting up), at most
+        ``timeout_s``; EngineUnavailableError when it never does."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                _ = self.model
+                return
+            except EngineUnavailableError as e:
+                if time.monotonic() + poll_s > deadline:
+                    raise EngineUnavailableError(f"{e} (waited {timeout_s:.0f} s)") from e
+                logger.info("waiting for the generator at %s: %s", self.base_url, e)
+                time.sleep(poll_s)
+
+    # -- generation ---------------------------------------------------------------------------
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
-        return [self._generate_one(r) for r in requests]
+        """Every request, at most ``concurrency`` in flight; result[i] is request i's."""
+        if not requests:
+            return []
+        futures = [self._pool.submit(self._generate_one, r) for r in requests]
+        return [f.result() for f in futures]
 
-    def payload(self, req: GenerationRequest) -> dict[str, Any]:
-        """The JSON body sent for ``req``."""
+    def payload(self, req: GenerationRequest, *, grammar: str | None = None,
+                continue_with: str | None = None, n: int | None = None) -> dict[str, Any]:
+        """The JSON body for ``req`` (``grammar`` overrides its grammar; ``continue_with``
+        continues an assistant message that starts so)."""
+        messages = [dict(m) for m in req.messages]
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": [dict(m) for m in req.messages],
-            "n": req.n,
+            "messages": messages,
+            "n": req.n if n is None else n,
             "temperature": req.temperature,
             "max_tokens": req.max_tokens,
             "logprobs": True,
         }
+        if continue_with is not None:
+            messages.append({"role": "assistant", "content": continue_with})
+            body["continue_final_message"] = True
+            body["add_generation_prompt"] = False
         if req.seed is not None:
             body["seed"] = req.seed
-        if req.grammar is not None:
-            body["structured_outputs"] = {"grammar": req.grammar}
+        grammar = req.grammar if grammar is None else grammar
+        if grammar is not None:
+            body["structured_outputs"] = {"grammar": grammar}
             if self.legacy_grammar_key:
-                body["guided_grammar"] = req.grammar
+                body["guided_grammar"] = grammar
         return body
 
     def _generate_one(self, req: GenerationRequest) -> list[Completion]:
-        url = f"{self.base_url}/v1/chat/completions"
+        deadline = time.monotonic() + self._timeout_s
         t0 = time.perf_counter()
+        first = self._choices(self.payload(req), req.n, deadline)
+        if req.answer_in_quote is None:
+            elapsed = (time.perf_counter() - t0) * 1000
+            return [_completion(c, elapsed) for c in first]
+        futures = [self._continue.submit(self._answer, req, choice, deadline, t0)
+                   for choice in first]  # span mode: each candidate's answer, from its quote
+        return [f.result() for f in futures]
+
+    def _answer(self, req: GenerationRequest, choice: dict[str, Any], deadline: float,
+                t0: float) -> Completion:
+        """Span mode's second call: the answer, constrained to words of the choice's quote."""
+        assert req.answer_in_quote is not None
+        text = (choice.get("message") or {}).get("content") or ""
+        quote = quote_of_first_part(text)
+        if choice.get("finish_reason") == CUT or quote is None or not quote.strip():
+            return _completion(choice, (time.perf_counter() - t0) * 1000)
+        grammar = answer_grammar(quote, max_answer_chars=req.answer_in_quote)
+        body = self.payload(req, grammar=grammar, continue_with=text, n=1)
+        body["max_tokens"] = max(req.max_tokens - _tokens(choice), 8)
+        [second] = self._choices(body, 1, deadline)
+        return _joined(choice, second, (time.perf_counter() - t0) * 1000)
+
+    def _choices(self, body: dict[str, Any], n: int, deadline: float) -> list[dict[str, Any]]:
+        data = self._call("POST", "/v1/chat/completions", body, deadline=deadline)
         try:
-            resp = self._client.post(
-                url, json=self.payload(req), headers=self._headers, timeout=self._timeout_s
-            )
-        except httpx.HTTPError as e:
-            raise ModelError(f"generator server {url} unreachable: {e}; is it running?") from e
-        elapsed_ms = (time.perf_counter() - t0) * 1000
-        if resp.status_code >= 400:
-            raise ModelError(
-                f"generator server {url} answered {resp.status_code}: {_server_message(resp)}"
-            )
-        try:
-            data = resp.json()
             choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
-            completions = [_completion(c, elapsed_ms) for c in choices]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ModelError(
-                f"generator server {url} sent an unexpected response ({e}): {resp.text[:200]}"
-            ) from e
-        if len(completions) != req.n:
-            raise ModelError(f"generator server returned {len(completions)} choices, not {req.n}")
-        return completions
+            _ = [c["message"] for c in choices]
+        except (KeyError, TypeError) as e:
+            raise EngineError(f"the generator sent an unexpected response ({e!r})") from e
+        if len(choices) != n:
+            raise EngineError(f"the generator returned {len(choices)} choices, not {n}")
+        return choices
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None, *,
+              deadline: float) -> dict[str, Any]:
+        """One call, retried while the engine cannot be reached or turns it away for now."""
+        url = f"{self.base_url}{path}"
+        attempt = 0
+        while True:
+            try:
+                with self._in_flight:
+                    resp = self._client.request(method, url, json=body, headers=self._headers,
+                                                timeout=max(deadline - time.monotonic(), 1.0))
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as e:
+                if self._backoff.wait(attempt, None, deadline):
+                    attempt += 1
+                    continue
+                raise EngineUnavailableError(
+                    f"the generator at {self.base_url} cannot be reached ({e}); is it running?"
+                ) from e
+            except httpx.TimeoutException as e:
+                raise EngineUnavailableError(
+                    f"the generator at {self.base_url} did not answer in time ({e})") from e
+            if resp.status_code in RETRY_STATUSES and self._backoff.wait(
+                    attempt, resp.headers.get("retry-after"), deadline):
+                attempt += 1
+                continue
+            if resp.status_code in RETRY_STATUSES:
+                raise EngineUnavailableError(f"the generator at {self.base_url} is busy "
+                                             f"({resp.status_code}: {_server_message(resp)})")
+            if resp.status_code >= 400:
+                raise EngineError(f"the generator at {self.base_url} answered "
+                                  f"{resp.status_code}: {_server_message(resp)}")
+            try:
+                data = resp.json()
+            except ValueError as e:
+                raise EngineError(f"the generator sent no JSON: {resp.text[:200]!r}") from e
+            if not isinstance(data, dict):
+                raise EngineError("the generator sent an unexpected response (not an object)")
+            return data
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._continue.shutdown(wait=False, cancel_futures=True)
+        self._client.close()
+
+
+def _logprobs(choice: dict[str, Any]) -> list[float]:
+    items = ((choice.get("logprobs") or {}).get("content")) or []
+    return [float(item["logprob"]) for item in items]
+
+
+def _tokens(choice: dict[str, Any]) -> int:
+    return len(_logprobs(choice))
 
 
 def _completion(choice: dict[str, Any], elapsed_ms: float) -> Completion:
-    text = choice["message"]["content"] or ""
-    items = ((choice.get("logprobs") or {}).get("content")) or []
-    logprob = float(sum(item["logprob"] for item in items))
-    n_tokens = len(items)
-    timings = {"request_ms": elapsed_ms, "tokens": float(n_tokens)}
-    return Completion(text, logprob, n_tokens, timings)
+    """A choice as a Completion; one cut short by max_tokens has no text (a failed candidate:
+    a cut quote could still be verbatim, but it was not the quote the model meant)."""
+    cut = choice.get("finish_reason") == CUT
+    text = "" if cut else ((choice.get("message") or {}).get("content") or "")
+    lps = _logprobs(choice)
+    timings = {"request_ms": elapsed_ms, "tokens": float(len(lps)), "cut": float(cut)}
+    return Completion(text, float(sum(lps)), len(lps), timings)
+
+
+def _joined(first: dict[str, Any], second: dict[str, Any], elapsed_ms: float) -> Completion:
+    """A span-mode candidate from its two calls: the quote part, then the answer part."""
+    if second.get("finish_reason") == CUT:
+        return _completion(second, elapsed_ms)
+    text = ((first.get("message") or {}).get("content") or "") + (
+        (second.get("message") or {}).get("content") or "")
+    lps = _logprobs(first) + _logprobs(second)
+    timings = {"request_ms": elapsed_ms, "tokens": float(len(lps)), "cut": 0.0}
+    return Completion(text, float(sum(lps)), len(lps), timings)
 
 
 def _server_message(resp: httpx.Response) -> str:

@@ -169,6 +169,45 @@ def generator(
 
 
 
+@app.command("export-generator")
+def export_generator_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write.")],
+    model: Annotated[
+        str | None, typer.Option("--model", help="Base generator (default: the preset's).")
+    ] = None,
+    adapter: Annotated[
+        str | None, typer.Option("--adapter", help="packaged | none | an adapter directory "
+                                 "(default: the preset's).")
+    ] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="bfloat16 | float16 | float32.")
+                     ] = "bfloat16",
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option("--cache-dir", help="Converted base model cache (default: CITEQA_CACHE_DIR)."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    preset_name: PresetOpt = "default",
+) -> None:
+    """Write the generator, its adapter merged, as a model directory a serving engine loads
+    (scripts/vllm_cpu.sh serve DIR; CITEQA_GENERATOR_URL then points citeqa at it)."""
+    from citeqa.generation.export import export_generator
+
+    try:
+        gen = preset(preset_name).generation
+        if model:
+            gen = replace(gen, model=model)
+        if adapter is not None:
+            gen = replace(gen, adapter=adapter)
+        if cache_dir is None:
+            cache_dir = Settings().cache_dir  # type: ignore[call-arg]
+        record = export_generator(gen, cache_dir, out, dtype=dtype, overwrite=overwrite)
+    except CiteqaError as e:
+        raise fail(str(e)) from None
+    typer.echo(f"wrote {out} ({json.dumps(record)}); serve it with "
+               f"`scripts/vllm_cpu.sh serve {out}` and answer in "
+               f"CITEQA_ANSWER_MODE={record['answer_mode']}")
+
+
 @app.command("reward-data")
 def reward_data(
     dataset: Annotated[Path, typer.Option("--dataset", help="SQuAD JSON or JSONL questions.")],
