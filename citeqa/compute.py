@@ -2,7 +2,7 @@
 
 Recent x86 server CPUs (AVX-512 BF16, AMX) multiply bf16 matrices several times faster than
 fp32; older ones emulate bf16 and are slower at it. ``cpu_dtype("auto")`` times a small matmul
-in both formats (once per process, ~0.2 s) and takes bf16 only where it is at least
+in both formats (once per process, well under a second on a quiet machine) and takes bf16 only where it is at least
 ``BF16_MIN_SPEEDUP`` times faster. Settings (``CITEQA_CPU_DTYPE``):
 
 - ``bf16``: weights and activations in bfloat16 (prefill, embedding, training via autocast);
@@ -41,24 +41,28 @@ class ProbeResult:
         return self.bf16_gflops / max(self.fp32_gflops, 1e-9)
 
 
-def probe_matmul(repeats: int = 5) -> ProbeResult:
-    """GFLOP/s of a ``PROBE_SHAPE`` matmul in fp32 and in bf16 (best of ``repeats``)."""
+def probe_matmul(rounds: int = 30, budget_s: float = 2.0) -> ProbeResult:
+    """GFLOP/s of a ``PROBE_SHAPE`` matmul in fp32 and in bf16: the best of up to ``rounds``
+    alternating pairs within ``budget_s``. Alternating and keeping the best make the ratio
+    robust to other processes competing for the cores: one quiet moment for each suffices."""
     import torch
 
     m, k, n = PROBE_SHAPE
     flops = 2.0 * m * k * n
-    out = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a = torch.randn(m, k).to(dtype)
-        b = torch.randn(k, n).to(dtype)
+    pairs = {dt: (torch.randn(m, k).to(dt), torch.randn(k, n).to(dt))
+             for dt in (torch.float32, torch.bfloat16)}
+    for a, b in pairs.values():
         a @ b  # warm-up: kernel selection, packing
-        best = float("inf")
-        for _ in range(repeats):
+    best = dict.fromkeys(pairs, float("inf"))
+    stop = time.perf_counter() + budget_s
+    for _ in range(rounds):
+        for dt, (a, b) in pairs.items():
             t0 = time.perf_counter()
             a @ b
-            best = min(best, time.perf_counter() - t0)
-        out[dtype] = flops / best / 1e9
-    return ProbeResult(out[torch.float32], out[torch.bfloat16])
+            best[dt] = min(best[dt], time.perf_counter() - t0)
+        if time.perf_counter() > stop:
+            break
+    return ProbeResult(flops / best[torch.float32] / 1e9, flops / best[torch.bfloat16] / 1e9)
 
 
 _probed: ProbeResult | None = None

@@ -37,5 +37,5 @@ def test_an_explicit_format_is_taken_without_probing() -> None:
 
 
 def test_the_real_probe_measures_both_formats() -> None:
-    result = probe_matmul(repeats=1)
+    result = probe_matmul(rounds=1)
     assert result.fp32_gflops > 0 and result.bf16_gflops > 0

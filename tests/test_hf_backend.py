@@ -284,7 +284,8 @@ def test_system_turn_cache_changes_nothing_and_is_computed_once(backend, monkeyp
     widths.clear()
     [[again], _] = backend.generate([grammar_request(), grammar_request()])
     assert backend.prefix_cache.last is kept  # computed once per system text
-    assert again.text == off.text and widths[0] == full - len(tokens)
+    # two requests with one prompt share all of it but its last token (kv.batch_prefix)
+    assert again.text == off.text and widths[0] == 1
 
     widths.clear()  # no system turn: nothing to reuse, the whole prompt is prefilled
     free = GenerationRequest(messages=(MESSAGES[1],), max_tokens=3)
@@ -339,3 +340,37 @@ def test_span_mode_decodes_the_answer_from_its_own_quote(cpu_dtype):
         assert len(out.answer) <= 40 and c.logprob < 0
         assert answer_grammar(out.quote)  # the quote compiles into the second grammar
     assert all(parse_output(c.text, 2, mode="span").passage_number == 2 for c in samples)
+
+
+@pytest.mark.slow
+def test_requests_with_one_prompt_share_its_prefill(backend, monkeypatch):
+    """Candidates held to different passages share one prompt: it is prefilled once, each
+    row then prefills only what differs, and every output equals its request's alone."""
+    requests = [GenerationRequest(messages=MESSAGES, max_tokens=48,
+                                  grammar=output_grammar(PASSAGES, only_passage=k))
+                for k in (1, 2)]
+    alone = [backend.generate([r])[0][0] for r in requests]
+    widths = []
+    real = backend._forward
+
+    def spy(ids, cache, mask, positions, *, keep, stats):
+        widths.append(ids.shape[1])
+        return real(ids, cache, mask, positions, keep=keep, stats=stats)
+
+    calls = []
+    real_prefix = backend.prefix_cache.batch_prefix
+
+    def spy_prefix(messages, seqs):
+        out = real_prefix(messages, seqs)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(backend, "_forward", spy)
+    monkeypatch.setattr(backend.prefix_cache, "batch_prefix", spy_prefix)
+    together = [cs[0] for cs in backend.generate(requests)]
+    [prefix] = calls
+    assert prefix is not None and len(prefix.tokens) > 20  # the whole shared prompt
+    assert widths[0] < 10 and widths[1] < 10  # each row prefills only its forced tokens
+    assert [c.text for c in together] == [c.text for c in alone]
+    for c, a in zip(together, alone, strict=True):
+        assert c.logprob == pytest.approx(a.logprob, abs=1e-3)

@@ -1,10 +1,11 @@
 """A weightless, deterministic stand-in model for the ``tiny`` preset and tests.
 
 ``extractive_responder`` reads the passages and question back out of the prompt built by
-``prompt.py``, picks the sentence sharing most (rare) question terms, and replies in the exact
-output format: a few words of that sentence not already in the question as the answer, and the
-sentence (extended to the minimum quote length when short) as the quote. Use it as
-``FakeBackend(extractive_responder)``.
+``prompt.py``, picks the sentence sharing most (rare) question terms among the passages the
+request's grammar lets it quote, and replies in the exact output format of the answer mode the
+prompt asks for: a few words of that sentence not already in the question as the answer, and
+the sentence (extended to the minimum quote length when short) as the quote; in span mode the
+quote comes first and the answer is words of it. Use it as ``FakeBackend(extractive_responder)``.
 """
 
 from __future__ import annotations

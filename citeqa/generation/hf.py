@@ -5,9 +5,15 @@ share, see below) are left-padded to a common length and prefilled together (att
 explicit position ids; on a CPU each prompt alone, the caches then stacked with the same left
 padding), the KV cache rows are then repeated so each request's ``n`` samples share its
 prefill, and every output row (all requests x their samples) is decoded in lockstep with its
-own grammar matcher. A finished row
-drops out of the batch (its cache row is removed), so a long answer never holds short ones back
-beyond the step they finish in.
+own grammar matcher. A finished row drops out of the batch (its cache row is removed), so a
+long answer never holds short ones back beyond the step they finish in. In span mode a row
+switches grammar once its quote is written (``_next_stage``): the answer's grammar is built from
+that quote.
+
+(Longer than our ~450-line guide on purpose: the decoding loop, its drafts, holes and stage
+switches share one set of invariants about the KV cache and each row's position, and read best
+in one place; drafting, KV surgery and token choice are already in drafts.py, kv.py and
+lm_head.py.)
 
 Constrained decoding: every step a row's ``OutputConstraint`` masks its logits to the tokens the
 grammar allows. Two shortcuts make a quote cost little more than the prompt's prefill:
@@ -43,6 +49,7 @@ Timings (``prefill_ms``, ``decode_ms``, ``forward_passes``) are those of the who
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -67,7 +74,7 @@ from citeqa.generation.constraint import (
 )
 from citeqa.generation.cpu_linear import install_cpu_linears, parameters_to_bf16
 from citeqa.generation.drafts import best_draft, prompt_lookup_drafts
-from citeqa.generation.kv import SystemPrefixCache, plain_cache, stack_prefills
+from citeqa.generation.kv import Prefix, SystemPrefixCache, plain_cache, stack_prefills
 from citeqa.generation.lm_head import LMHead, choose
 from citeqa.generation.models import load_model, store_linear_weights_fp16
 
@@ -243,8 +250,17 @@ class HFBackend:
         if self.batch_prefill or len(seqs) == 1 or not plain_cache(self.model.config):
             cache, mask, hidden = self._prefill(requests, seqs, stats)
         else:  # one prompt at a time: no compute spent on padding (see __init__)
+            # requests with one prompt (candidates held to different passages) share its prefill
+            same: dict[str, list[int]] = {}
+            for i, r in enumerate(requests):
+                same.setdefault(json.dumps(r.messages), []).append(i)
+            shared: dict[int, Prefix | None] = {}
+            for members in same.values():
+                prefix = self.prefix_cache.batch_prefix(requests[members[0]].messages,
+                                                        [seqs[i] for i in members])
+                shared.update((i, prefix) for i in members)
             cache, mask, hidden = stack_prefills(
-                [self._prefill(requests[i : i + 1], seqs[i : i + 1], stats)
+                [self._prefill(requests[i : i + 1], seqs[i : i + 1], stats, shared[i])
                  for i in range(len(seqs))],
                 self.model.config,
             )
@@ -285,12 +301,13 @@ class HFBackend:
         return out
 
     def _prefill(self, requests: Sequence[GenerationRequest], seqs: list[list[int]],
-                 stats: _Stats) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+                 stats: _Stats, prefix: Prefix | None = None,
+                 ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
         """Prefill ``seqs`` (one per request) as one batch, left-padded after their shared
-        system turn; return the cache, its mask [R, T] (1 = real token) and each row's last
-        hidden state [R, H]."""
-        # shared: tokens of the system turn already in the cache
-        cache, shared = self.prefix_cache.fresh_cache(requests[0].messages, seqs)
+        prefix (``prefix``, else the system turn); return the cache, its mask [R, T] (1 = real
+        token) and each row's last hidden state [R, H]."""
+        # shared: tokens already in the cache (the system turn, or the whole shared prompt)
+        cache, shared = self.prefix_cache.fresh_cache(requests[0].messages, seqs, prefix)
         rests = [s[shared:] for s in seqs]
         width = max(len(s) for s in rests)
         ids = torch.full((len(seqs), width), self._pad, dtype=torch.long)  # [R, L] left-padded

@@ -72,13 +72,37 @@ class SystemPrefixCache:
         self.last = (text, prefix)
         return prefix
 
+    def batch_prefix(self, messages: Sequence[dict[str, str]], seqs: Sequence[Sequence[int]],
+                     ) -> Prefix | None:
+        """The keys and values of the longest token prefix common to every row of a batch
+        (candidates that share one prompt and differ only in the passage they must quote),
+        computed once from the system turn's; None when it is no longer than that turn."""
+        if len(seqs) < 2 or not self.enabled:
+            return None
+        common = min(min(common_prefix_length(seqs[0], s) for s in seqs[1:]),
+                     min(len(s) for s in seqs) - 1)
+        system = self.prefix(messages)
+        start = min(common_prefix_length(system.tokens, seqs[0]), common) if system else 0
+        if common - start < MIN_PREFIX:
+            return None
+        cache = DynamicCache(config=self.config)
+        if system is not None and start:
+            for layer, k, v in zip(cache.layers, system.keys, system.values, strict=True):
+                layer.update(k[:, :, :start], v[:, :, :start])
+        self.decoder(input_ids=torch.tensor([list(seqs[0][start:common])], device=self.device),
+                     position_ids=torch.arange(start, common, device=self.device)[None],
+                     past_key_values=cache, use_cache=True)
+        return Prefix(list(seqs[0][:common]), [layer.keys for layer in cache.layers],
+                      [layer.values for layer in cache.layers])
+
     def fresh_cache(self, messages: Sequence[dict[str, str]], seqs: Sequence[Sequence[int]],
-                    ) -> tuple[DynamicCache, int]:
+                    prefix: Prefix | None = None) -> tuple[DynamicCache, int]:
         """A fresh cache for a batch whose rows are ``seqs`` (all with the system turn of
         ``messages``), holding the keys and values of their common prefix when that can be
-        reused; returns it with how many tokens it holds (every row keeps >= 1 to prefill)."""
+        reused (``prefix``, else the system turn's); returns it with how many tokens it holds
+        (every row keeps >= 1 to prefill)."""
         cache = DynamicCache(config=self.config)
-        prefix = self.prefix(messages)
+        prefix = prefix or self.prefix(messages)
         if prefix is None:
             return cache, 0
         shared = min(min(common_prefix_length(prefix.tokens, s), len(s) - 1) for s in seqs)
