@@ -119,8 +119,42 @@ def index_build(
     preset_name: PresetOpt = "default",
     bm25_only: Annotated[bool, typer.Option("--bm25-only", help="Skip the dense index.")] = False,
     hnsw: Annotated[
-        bool, typer.Option("--hnsw", help="HNSW dense index (large corpora) instead of flat.")
+        bool, typer.Option("--hnsw", help="Same as --dense-index hnsw.")
     ] = False,
+    dense_index: Annotated[
+        str,
+        typer.Option("--dense-index", help="flat (exact) | hnsw (approximate, for millions of "
+                     "passages) | ivf (approximate, quicker to build, slower to search) | auto "
+                     "(flat below 100k passages, else hnsw)."),
+    ] = "auto",
+    nprobe: Annotated[
+        int | None,
+        typer.Option("--nprobe", min=1, help="IVF: cells searched per query (recall vs speed)."),
+    ] = None,
+    nlist: Annotated[
+        int | None,
+        typer.Option("--nlist", min=1, help="IVF: cells; default about sqrt(passages)."),
+    ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option("--ray", help="Build on Ray: 'local' (this machine) or a cluster address "
+                     "(HEAD:6379, ray://HEAD:10001, auto); resumable. Needs citeqa[ray]."),
+    ] = None,
+    work_dir: Annotated[
+        Path | None,
+        typer.Option("--work-dir", help="--ray: where shards wait for the merge (default "
+                     ".OUT.build beside OUT); on a cluster, storage every node mounts."),
+    ] = None,
+    embedders: Annotated[
+        int | None,
+        typer.Option("--embedders", min=1, help="--ray: embedding actors (default: one per "
+                     "GPU, else one per CPU)."),
+    ] = None,
+    shard_chars: Annotated[
+        int | None,
+        typer.Option("--shard-chars", min=1, help="--ray: characters of documents per shard "
+                     "(the unit of work and of resuming)."),
+    ] = None,
     max_chars: Annotated[
         int | None, typer.Option("--max-chars", help="Maximum passage length in characters.")
     ] = None,
@@ -132,7 +166,14 @@ def index_build(
 ) -> None:
     """Build (or atomically rebuild) an index from SOURCES into --out."""
     from citeqa.retrieval import build_index
+    from citeqa.retrieval.dense import KINDS, DenseSpec
 
+    if hnsw and dense_index not in ("auto", "hnsw"):
+        raise fail(f"--hnsw contradicts --dense-index {dense_index}; give one of them")
+    if dense_index not in KINDS:
+        raise fail(f"--dense-index must be one of {', '.join(KINDS)}, not {dense_index!r}")
+    if ray is None and (work_dir or embedders or shard_chars):
+        raise fail("--work-dir, --embedders and --shard-chars only apply with --ray")
     try:
         cfg = preset(preset_name).retrieval
         if bm25_only:
@@ -143,16 +184,31 @@ def index_build(
             if max_chars < 50:
                 raise fail("--max-chars must be at least 50")
             cfg = replace(cfg, chunk=replace(cfg.chunk, max_chars=max_chars))
-        summary = build_index(
-            sources, out, cfg, allow_private_urls=allow_private_urls, progress=progress
-        )
+        spec = DenseSpec(kind="hnsw" if hnsw else dense_index,  # type: ignore[arg-type]
+                         hnsw_m=cfg.hnsw_m, nlist=nlist,
+                         **({"nprobe": nprobe} if nprobe is not None else {}))
+        if ray is not None:
+            from citeqa.distributed import RayExecutor, RayOptions, build_index_sharded
+            from citeqa.retrieval.shards import SHARD_CHARS
+
+            summary = build_index_sharded(
+                sources, out, cfg, executor=RayExecutor(RayOptions(ray, embedders=embedders)),
+                work_dir=work_dir, shard_chars=shard_chars or SHARD_CHARS, dense_spec=spec,
+                allow_private_urls=allow_private_urls, progress=progress,
+            )
+        else:
+            summary = build_index(sources, out, cfg, allow_private_urls=allow_private_urls,
+                                  progress=progress, dense_spec=spec)
     except CiteqaError as e:
         raise fail(str(e)) from None
     for s in summary.skipped:
         typer.echo(f"skipped {s.source}: {s.reason}", err=True)
+    shards = (f"; {summary.shards} shards, {summary.shards_reused} reused from an interrupted "
+              "run" if ray is not None else "")
     typer.echo(
         f"indexed {summary.documents} documents as {summary.passages} passages into "
-        f"{summary.out} in {summary.seconds:.1f} s ({len(summary.skipped)} sources skipped)"
+        f"{summary.out} in {summary.seconds:.1f} s ({len(summary.skipped)} sources skipped"
+        f"{shards})"
     )
 
 

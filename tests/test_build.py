@@ -156,3 +156,247 @@ def test_build_index_from_sources(tmp_path: Path) -> None:
     assert "Beta decay emits electrons." in texts
     with pytest.raises(EmptyCorpusError, match="none of the 1 sources"):
         build_index([str(tmp_path / "missing.txt")], tmp_path / "idx2", CFG, progress=False)
+
+
+# -- sharded builds (citeqa.distributed) in this process: equal to the local build, resumable --
+
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from citeqa.distributed import InProcessExecutor, build_index_sharded  # noqa: E402
+from citeqa.retrieval.bm25 import BM25Index, concat_counts, count_terms  # noqa: E402
+
+SHARD_CHARS = 1500  # a few documents per shard: every file makes several
+TOPICS = {
+    "stars": "star galaxy telescope orbit planet comet nebula light year gravity",
+    "bread": "flour yeast oven dough crust bake knead loaf salt water",
+    "ships": "hull sail harbour anchor mast captain tide voyage deck crew",
+    "music": "chord melody rhythm violin piano tempo score choir note scale",
+    "rocks": "granite basalt quartz mineral crystal magma erosion fossil layer sediment",
+}
+
+
+def write_corpus(directory: Path, seed: int = 0) -> list[str]:
+    """A small mixed corpus and the sources naming it: JSONL files of topical documents (a
+    duplicate id and a bad line among them), a text file, Markdown, and an unsupported file."""
+    rng = np.random.default_rng(seed)
+    common = "the a of and with from near under over while".split()
+    directory.mkdir(parents=True)
+    for f, name in enumerate(["a.jsonl", "b.jsonl", "c.jsonl"]):
+        lines = []
+        for d in range(25):
+            topic = list(TOPICS)[(f * 25 + d) % len(TOPICS)]
+            words = TOPICS[topic].split() + common
+            sentences = [" ".join(rng.choice(words, 9)).capitalize() + "." for _ in range(5)]
+            doc_id = "shared-id" if d == 7 else f"{name[0]}{d}"
+            lines.append(json.dumps({"id": doc_id, "title": f"{topic} {d}",
+                                     "text": " ".join(sentences)}))
+        lines.insert(3, "{not json")
+        (directory / name).write_text("\n".join(lines) + "\n")
+    (directory / "notes.txt").write_text("Telescope notes.\n\nThe comet passed the planet. " * 4)
+    (directory / "guide.md").write_text("# Baking\n\nKnead the dough, then bake the loaf.\n")
+    (directory / "image.bin").write_bytes(b"\x00\x01")
+    return [str(directory), str(directory / "missing.txt")]
+
+
+def queries_for(index: Index, n: int = 40) -> list[str]:
+    """Queries drawn from the indexed passages (a few of their words each)."""
+    rng = np.random.default_rng(1)
+    passages = index.passages
+    return [" ".join(rng.choice(passages[i].text.split(), 4))
+            for i in rng.integers(0, len(passages), n)]
+
+
+def assert_same_index(local: Path, other: Path, *, atol: float = 1e-6) -> None:
+    """Same documents, passages and BM25 statistics; vectors equal up to ``atol``."""
+    a, b = Index.load(local), Index.load(other)
+    assert list(a.documents.values()) == list(b.documents.values())
+    assert a.passages == b.passages
+    assert a.bm25.vocab == b.bm25.vocab and a.bm25.params == b.bm25.params
+    for name in ("indptr", "doc_ids", "tf", "idf", "doc_len"):
+        np.testing.assert_array_equal(getattr(a.bm25, name), getattr(b.bm25, name), name)
+    for key in ("counts", "embedding", "settings", "dense_index"):
+        assert a.manifest[key] == b.manifest[key], key
+    assert a.dense is not None and b.dense is not None
+    np.testing.assert_allclose(b.dense.vectors(), a.dense.vectors(), atol=atol)
+
+
+def test_sharded_build_equals_local_build(tmp_path: Path) -> None:
+    sources = write_corpus(tmp_path / "src")
+    local = build_index(sources, tmp_path / "local", CFG, progress=False)
+    sharded = build_index_sharded(sources, tmp_path / "sharded", CFG, progress=False,
+                                  executor=InProcessExecutor(), shard_chars=SHARD_CHARS)
+    assert sharded.shards > 5 and sharded.shards_reused == 0
+    assert (sharded.documents, sharded.passages) == (local.documents, local.passages)
+    assert {(s.source, s.reason) for s in sharded.skipped} == {
+        (s.source, s.reason) for s in local.skipped}
+    assert any("duplicate doc_id" in s.reason for s in sharded.skipped)
+    assert_same_index(tmp_path / "local", tmp_path / "sharded")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local", "sharded", "src"]  # no work
+
+
+def test_sharded_build_leaves_other_things_in_a_given_work_dir(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("precious")
+    build_index_sharded(write_corpus(tmp_path / "src"), tmp_path / "idx", CFG, progress=False,
+                        executor=InProcessExecutor(), work_dir=work)
+    assert sorted(p.name for p in work.iterdir()) == ["notes.txt"]
+
+
+class CountingEmbedder(HashEmbedder):
+    """Counts the passages it embeds; raises once it has embedded ``fail_after`` batches."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        super().__init__()
+        self.calls, self.embedded, self.fail_after = 0, 0, fail_after
+
+    def embed(self, texts, *, batch_size=32, progress=False):  # type: ignore[override]
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise RuntimeError("killed")
+        self.calls += 1
+        self.embedded += len(texts)
+        return super().embed(texts, batch_size=batch_size, progress=progress)
+
+
+def test_sharded_build_resumes_without_embedding_finished_shards(tmp_path: Path) -> None:
+    sources = write_corpus(tmp_path / "src")
+    out = tmp_path / "idx"
+    build_index_from_documents(OLD, out, CFG, progress=False)
+    first = CountingEmbedder(fail_after=3)
+    with pytest.raises(RuntimeError, match="killed"):
+        build_index_sharded(sources, out, CFG, progress=False, shard_chars=SHARD_CHARS,
+                            executor=InProcessExecutor(first))
+    assert set(Index.load(out).documents) == {"old"}  # the previous index, untouched
+    second = CountingEmbedder()
+    summary = build_index_sharded(sources, out, CFG, progress=False, shard_chars=SHARD_CHARS,
+                                  executor=InProcessExecutor(second))
+    assert summary.shards_reused == 3
+    once = CountingEmbedder()  # an uninterrupted build, for the count
+    build_index_sharded(sources, tmp_path / "once", CFG, progress=False,
+                        shard_chars=SHARD_CHARS, executor=InProcessExecutor(once))
+    assert first.calls == 3 and second.calls == once.calls - 3  # no shard embedded twice
+    assert first.embedded + second.embedded == once.embedded
+    build_index(sources, tmp_path / "local", CFG, progress=False)
+    assert_same_index(tmp_path / "local", out)
+
+
+_SHARDED_CHILD = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from citeqa.config import ChunkConfig, RetrievalConfig
+    from citeqa.distributed import InProcessExecutor, build_index_sharded
+    cfg = RetrievalConfig(embedder="hash", chunk=ChunkConfig(max_chars=60))
+    build_index_sharded([sys.argv[2]], Path(sys.argv[1]), cfg, progress=False,
+                        executor=InProcessExecutor(), shard_chars=1500)
+    """
+)
+
+
+def test_sigkill_mid_sharded_build_keeps_old_index_and_resumes(tmp_path: Path) -> None:
+    sources = write_corpus(tmp_path / "src")
+    out = tmp_path / "idx"
+    build_index_from_documents(OLD, out, CFG, progress=False)
+    env = {**os.environ, "CITEQA_TEST_PAUSE_AT": "shard_written", "CITEQA_TEST_PAUSE_S": "60"}
+    child = subprocess.Popen([sys.executable, "-c", _SHARDED_CHILD, str(out), sources[0]],
+                             env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stderr is not None
+        for line in child.stderr:
+            if line.strip() == "citeqa-test-pause shard_written":
+                break
+        else:
+            pytest.fail(f"the child never finished a shard (rc {child.wait()})")
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    assert set(Index.load(out).documents) == {"old"}
+    summary = build_index_sharded(sources, out, CFG, progress=False, shard_chars=SHARD_CHARS,
+                                  executor=InProcessExecutor())
+    assert summary.shards_reused == 1
+    assert "old" not in Index.load(out).documents
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "src"]
+
+
+def test_sharded_build_of_nothing_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(EmptyCorpusError, match="none of the 1 sources"):
+        build_index_sharded([str(tmp_path / "missing.txt")], tmp_path / "idx", CFG,
+                            progress=False, executor=InProcessExecutor())
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_sharded_build_refuses_a_non_index_before_working(tmp_path: Path) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(IndexError_, match="refusing to replace"):
+        build_index_sharded([str(tmp_path)], tmp_path / "mine", CFG, progress=False,
+                            executor=InProcessExecutor())
+    assert not (tmp_path / ".mine.build").exists()
+
+
+def test_a_worker_that_cannot_see_the_work_dir_says_so(tmp_path: Path) -> None:
+    from citeqa.errors import ConfigError
+    from citeqa.retrieval.shards import ShardJob, check_marker, write_marker
+
+    write_marker(ShardJob(CFG, str(tmp_path / "work"), token="driver"))
+    with pytest.raises(ConfigError, match="does not see the work directory.*--work-dir"):
+        check_marker(ShardJob(CFG, str(tmp_path / "work"), token="another build"))
+
+
+_TOKENS = st.lists(st.lists(st.sampled_from(list("abcdefgh")), max_size=8), max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(corpus=_TOKENS, cuts=st.lists(st.integers(0, 12), max_size=3),
+       dropped=st.sets(st.integers(0, 11)))
+def test_shard_term_counts_merge_to_the_one_pass_index(
+    corpus: list[list[str]], cuts: list[int], dropped: set[int]
+) -> None:
+    """Counting passages in parts, dropping some, and concatenating gives the BM25 arrays that
+    one pass over the kept passages gives (vocabulary order included)."""
+    bounds = sorted({0, len(corpus), *(c for c in cuts if c <= len(corpus))})
+    parts = []
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        keep = np.asarray([i - lo for i in range(lo, hi) if i not in dropped], dtype=np.int64)
+        parts.append(count_terms(corpus[lo:hi]).select(keep))
+    kept = [t for i, t in enumerate(corpus) if i not in dropped]
+    merged = BM25Index.from_counts(concat_counts(parts))
+    direct = BM25Index.build(kept)
+    assert merged.vocab == direct.vocab and merged.params == direct.params
+    for name in ("indptr", "doc_ids", "tf", "idf", "doc_len"):
+        np.testing.assert_array_equal(getattr(merged, name), getattr(direct, name), name)
+
+
+def test_without_ray_the_ray_build_says_how_to_install(monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from citeqa.cli import app
+    from citeqa.distributed import RayExecutor
+    from citeqa.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(ConfigError, match=r"pip install 'citeqa\[ray\]'"):
+        RayExecutor()
+    (tmp_path / "a.txt").write_text("Some text to index.")
+    result = CliRunner().invoke(app, ["index", "build", str(tmp_path / "a.txt"), "--out",
+                                      str(tmp_path / "idx"), "--ray", "local"])
+    assert result.exit_code == 2
+    assert "pip install 'citeqa[ray]'" in result.output
+    assert not (tmp_path / "idx").exists()
+
+
+def test_ray_pool_sizes() -> None:
+    from citeqa.distributed.ray_engine import RayOptions, plan_pool
+
+    gpu = plan_pool(RayOptions(), cpus=32, gpus=4, dense=True)
+    assert (gpu["actors"], gpu["device"], gpu["actor_gpus"]) == (4, "cuda", 1.0)
+    cpu = plan_pool(RayOptions(cpus_per_embedder=2), cpus=16, gpus=0, dense=True)
+    assert (cpu["actors"], cpu["device"], cpu["threads"], cpu["stage_tasks"]) == (8, "cpu", 2, 2)
+    assert plan_pool(RayOptions(), cpus=2, gpus=0, dense=True)["actors"] == 2
+    assert plan_pool(RayOptions(embedders=3), cpus=2, gpus=8, dense=False)["device"] == "cpu"

@@ -7,7 +7,15 @@ Modules: ``sources`` (formats, folders, skipping), ``html`` (HTML -> visible tex
 
 from citeqa.ingest.fetch import FetchedPage, Fetcher, FetchPolicy, check_ip
 from citeqa.ingest.html import HtmlText, extract_html
-from citeqa.ingest.sources import LoadResult, Skipped, doc_id_for, load_sources
+from citeqa.ingest.sources import (
+    LoadResult,
+    Skipped,
+    doc_id_for,
+    duplicate,
+    expand_sources,
+    load_item,
+    load_sources,
+)
 
 __all__ = [
     "FetchPolicy",
@@ -18,6 +26,9 @@ __all__ = [
     "Skipped",
     "check_ip",
     "doc_id_for",
+    "duplicate",
+    "expand_sources",
     "extract_html",
+    "load_item",
     "load_sources",
 ]

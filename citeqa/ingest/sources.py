@@ -96,23 +96,16 @@ def load_sources(
         sources with reasons. Never raises for a bad source.
     """
     result = LoadResult()
-    items: list[str | Path] = []  # URLs as str, files as Path
-    for source in sources:
-        items.extend(_expand(source, result.skipped))
+    items, result.skipped = expand_sources(sources)
     fetcher = fetcher or Fetcher(FetchPolicy())
     first_seen: dict[str, str] = {}  # doc_id -> source of the document that kept it
     bar = tqdm(items, desc="loading sources", unit="src", disable=not progress, file=sys.stderr)
     for item in bar:
-        for entry in _load_item(item, fetcher):
+        for entry in load_item(item, fetcher):
             if isinstance(entry, Skipped):
                 result.skipped.append(entry)
             elif entry.doc_id in first_seen:
-                first = first_seen[entry.doc_id]
-                reason = (
-                    f"duplicate doc_id {entry.doc_id!r} (first from {first}); "
-                    "give it a unique id or remove the duplicate source"
-                )
-                result.skipped.append(Skipped(entry.source, reason))
+                result.skipped.append(duplicate(entry, first_seen[entry.doc_id]))
             else:
                 first_seen[entry.doc_id] = entry.source
                 result.documents.append(entry)
@@ -120,6 +113,33 @@ def load_sources(
         logger.warning("skipped %s: %s", s.source, s.reason)
     logger.info("loaded %d documents, skipped %d", len(result.documents), len(result.skipped))
     return result
+
+
+def expand_sources(sources: Sequence[str]) -> tuple[list[str | Path], list[Skipped]]:
+    """The items ``load_sources`` reads, in its order (http(s) URLs as str, files as Path,
+    folders walked), and the sources that name nothing readable. A distributed build plans
+    with this and hands each item to a worker (``load_item``)."""
+    items: list[str | Path] = []
+    skipped: list[Skipped] = []
+    for source in sources:
+        items.extend(_expand(source, skipped))
+    return items, skipped
+
+
+def load_item(item: str | Path, fetcher: Fetcher) -> Iterator[Document | Skipped]:
+    """The documents of one item of ``expand_sources`` and its unreadable parts, in order;
+    never raises for a bad source. Duplicate ids across items are the caller's to drop."""
+    return _load_item(item, fetcher)
+
+
+def duplicate(document: Document, first_source: str) -> Skipped:
+    """The Skipped entry of a document whose id an earlier document (from ``first_source``)
+    already took: the first one wins."""
+    return Skipped(
+        document.source,
+        f"duplicate doc_id {document.doc_id!r} (first from {first_source}); "
+        "give it a unique id or remove the duplicate source",
+    )
 
 
 def _expand(source: str, skipped: list[Skipped]) -> list[str | Path]:

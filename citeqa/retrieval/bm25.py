@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,27 +51,32 @@ class BM25Index:
     @classmethod
     def build(
         cls,
-        corpus_tokens: Sequence[Sequence[str]],
+        corpus_tokens: Iterable[Sequence[str]],
         *,
         k1: float = 1.5,
         b: float = 0.75,
         epsilon: float = 0.25,
     ) -> BM25Index:
-        """Index ``corpus_tokens`` (one token list per passage) with BM25Okapi parameters."""
-        n_docs = len(corpus_tokens)
-        vocab: dict[str, int] = {}
-        term_chunks: list[np.ndarray] = []
-        doc_len = np.zeros(n_docs, dtype=np.int32)
-        for d, tokens in enumerate(corpus_tokens):
-            doc_len[d] = len(tokens)
-            ids = (vocab.setdefault(t, len(vocab)) for t in tokens)
-            term_chunks.append(np.fromiter(ids, np.int64, len(tokens)))
-        n_terms = len(vocab)
-        terms = np.concatenate(term_chunks) if term_chunks else np.zeros(0, np.int64)
-        docs = np.repeat(np.arange(n_docs, dtype=np.int64), doc_len)
-        # one key per (term, doc) occurrence; unique keys sort term-major then by doc
-        keys, counts = np.unique(terms * max(n_docs, 1) + docs, return_counts=True)
-        post_terms, post_docs = np.divmod(keys, max(n_docs, 1))
+        """Index ``corpus_tokens`` (one token list per passage) with BM25Okapi parameters.
+
+        An iterator is consumed once and its token lists are not kept (a million passages'
+        tokens as Python strings would take gigabytes)."""
+        return cls.from_counts(count_terms(corpus_tokens), k1=k1, b=b, epsilon=epsilon)
+
+    @classmethod
+    def from_counts(
+        cls, counted: TermCounts, *, k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25
+    ) -> BM25Index:
+        """Index passages given by their term counts (``count_terms``, or ``concat_counts`` of
+        shards a distributed build counted): the same index ``build`` makes from the tokens."""
+        n_docs, n_terms = len(counted.doc_len), len(counted.vocab)
+        doc_len = counted.doc_len.astype(np.int32)
+        docs = np.repeat(np.arange(n_docs, dtype=np.int64), np.diff(counted.indptr))
+        # one key per (term, passage); sorting them orders the postings term-major, then by doc
+        keys = counted.terms.astype(np.int64) * max(n_docs, 1) + docs
+        order = np.argsort(keys, kind="stable")
+        post_terms, post_docs = np.divmod(keys[order], max(n_docs, 1))
+        counts = counted.counts[order]
         df = np.bincount(post_terms, minlength=n_terms)
         indptr = np.zeros(n_terms + 1, dtype=np.int64)
         np.cumsum(df, out=indptr[1:])
@@ -94,7 +100,7 @@ class BM25Index:
             "nnz": int(len(keys)),
         }
         return cls(
-            vocab=list(vocab),
+            vocab=list(counted.vocab),
             indptr=indptr,
             doc_ids=post_docs.astype(np.int32),
             tf=tf.astype(np.float32),
@@ -166,3 +172,86 @@ def top_k_of(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.lexsort((cand, -scores[cand]))
     ids = cand[order].astype(np.int64)
     return ids, scores[ids]
+
+
+# -- term counts: what a build worker hands to the merge ---------------------------------------
+
+
+@dataclass
+class TermCounts:
+    """The distinct terms of each passage of a run of passages, with their counts: all BM25
+    needs, as plain arrays. Each passage's terms are in order of first occurrence, so that
+    runs counted apart (shards) concatenate into the vocabulary order one pass would give."""
+
+    vocab: list[str]  # term id -> term, in order of first occurrence
+    doc_len: np.ndarray  # int32 [N]: tokens per passage
+    indptr: np.ndarray  # int64 [N + 1]: passage i's terms are terms[indptr[i]:indptr[i + 1]]
+    terms: np.ndarray  # int32 [nnz]: term ids, per passage in order of first occurrence
+    counts: np.ndarray  # int32 [nnz]: occurrences of the term in its passage
+
+    def select(self, rows: np.ndarray) -> TermCounts:
+        """The passages ``rows`` (ascending), with the vocabulary unchanged."""
+        rows = np.asarray(rows, dtype=np.int64)
+        lo, hi = self.indptr[rows], self.indptr[rows + 1]
+        take = (np.concatenate([np.arange(a, z) for a, z in zip(lo, hi, strict=True)])
+                if len(rows) else np.zeros(0, np.int64))
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(hi - lo, out=indptr[1:])
+        return TermCounts(self.vocab, self.doc_len[rows], indptr, self.terms[take],
+                          self.counts[take])
+
+
+def count_terms(corpus_tokens: Iterable[Sequence[str]]) -> TermCounts:
+    """Count the terms of each passage (one token list each), in one pass."""
+    vocab: dict[str, int] = {}
+    chunks: list[np.ndarray] = []
+    lens: list[int] = []
+    for tokens in corpus_tokens:
+        ids = (vocab.setdefault(t, len(vocab)) for t in tokens)
+        chunks.append(np.fromiter(ids, np.int64, len(tokens)))
+        lens.append(len(tokens))
+    n_docs, n_terms = len(lens), max(len(vocab), 1)
+    doc_len = np.asarray(lens, dtype=np.int32)
+    occurrences = np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
+    docs = np.repeat(np.arange(n_docs, dtype=np.int64), doc_len)
+    keys, first, counts = np.unique(
+        docs * n_terms + occurrences, return_index=True, return_counts=True
+    )
+    # occurrence positions grow with the passage, so this order is passage-major and, within a
+    # passage, by first occurrence
+    order = np.argsort(first, kind="stable")
+    post_docs, post_terms = np.divmod(keys[order], n_terms)
+    indptr = np.zeros(n_docs + 1, dtype=np.int64)
+    np.cumsum(np.bincount(post_docs, minlength=n_docs), out=indptr[1:])
+    return TermCounts(list(vocab), doc_len, indptr, post_terms.astype(np.int32),
+                      counts[order].astype(np.int32))
+
+
+def concat_counts(parts: Sequence[TermCounts]) -> TermCounts:
+    """The passages of ``parts`` one after another, as if counted in one pass: one vocabulary,
+    in order of first occurrence among these passages (terms no passage uses are dropped)."""
+    provisional: dict[str, int] = {}  # the union of the vocabularies, in part order
+    terms, lens, counts, sizes = [], [], [], []
+    for part in parts:
+        remap = np.fromiter((provisional.setdefault(t, len(provisional)) for t in part.vocab),
+                            np.int64, len(part.vocab))
+        terms.append(remap[part.terms])
+        lens.append(part.doc_len)
+        counts.append(part.counts)
+        sizes.append(np.diff(part.indptr))
+    all_terms = np.concatenate(terms) if terms else np.zeros(0, np.int64)
+    used, first = np.unique(all_terms, return_index=True)
+    in_order = used[np.argsort(first, kind="stable")]  # provisional ids by first occurrence
+    final = np.full(len(provisional), -1, dtype=np.int64)
+    final[in_order] = np.arange(len(in_order))
+    names = list(provisional)
+    per_doc = np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
+    indptr = np.zeros(len(per_doc) + 1, dtype=np.int64)
+    np.cumsum(per_doc, out=indptr[1:])
+    return TermCounts(
+        vocab=[names[i] for i in in_order],
+        doc_len=np.concatenate(lens).astype(np.int32) if lens else np.zeros(0, np.int32),
+        indptr=indptr,
+        terms=final[all_terms].astype(np.int32),
+        counts=np.concatenate(counts).astype(np.int32) if counts else np.zeros(0, np.int32),
+    )

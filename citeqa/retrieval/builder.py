@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from citeqa.config import RetrievalConfig
 from citeqa.errors import EmptyCorpusError
 from citeqa.retrieval.bm25 import BM25Index
 from citeqa.retrieval.chunk import chunk_document
-from citeqa.retrieval.dense import DenseIndex
+from citeqa.retrieval.dense import DenseIndex, DenseSpec
 from citeqa.retrieval.embed import Embedder, load_embedder
 from citeqa.retrieval.store import save_index
 from citeqa.text import tokenize
@@ -41,6 +41,13 @@ class BuildSummary:
     skipped: list[Skipped] = field(default_factory=list)  # sources that produced no document
     seconds: float = 0.0  # wall time of the whole build
     out: Path = Path()
+    shards: int = 0  # sharded builds (citeqa.distributed): shards merged
+    shards_reused: int = 0  # ... of which a previous, interrupted run had finished
+
+
+def dense_spec_for(cfg: RetrievalConfig, spec: DenseSpec | None = None) -> DenseSpec:
+    """The dense index to build: ``spec`` when given, else the RetrievalConfig's kind."""
+    return spec if spec is not None else DenseSpec(kind=cfg.faiss_index, hnsw_m=cfg.hnsw_m)
 
 
 def indexed_text(title: str, passage: str) -> str:
@@ -55,11 +62,13 @@ def build_index(
     *,
     allow_private_urls: bool = False,
     progress: bool = True,
+    dense_spec: DenseSpec | None = None,
 ) -> BuildSummary:
     """Load ``sources`` (files, folders, URLs) and build an index at ``out``.
 
     Sources that cannot be read are skipped and listed in the summary; EmptyCorpusError when
-    none yields a document.
+    none yields a document. ``dense_spec``: the dense index's kind and parameters (default:
+    ``cfg.faiss_index``).
     """
     from citeqa.ingest import Fetcher, FetchPolicy, load_sources
 
@@ -74,7 +83,8 @@ def build_index(
             + f"; pass {SUPPORTED} files, folders holding them, or http(s) URLs"
         )
     summary = build_index_from_documents(
-        loaded.documents, out, cfg, skipped=loaded.skipped, progress=progress
+        loaded.documents, out, cfg, skipped=loaded.skipped, progress=progress,
+        dense_spec=dense_spec,
     )
     summary.seconds = time.perf_counter() - t0
     return summary
@@ -88,6 +98,7 @@ def build_index_from_documents(
     skipped: Sequence[Skipped] = (),
     progress: bool = True,
     embedder: Embedder | None = None,
+    dense_spec: DenseSpec | None = None,
 ) -> BuildSummary:
     """Chunk, index and atomically write ``documents`` to ``out``.
 
@@ -117,15 +128,14 @@ def build_index_from_documents(
     ]
     log.info("indexing %d documents as %d passages", len(docs), len(spans))
     bm25 = BM25Index.build(
-        [tokenize(t) for t in texts], k1=cfg.bm25_k1, b=cfg.bm25_b, epsilon=cfg.bm25_epsilon
+        (tokenize(t) for t in texts), k1=cfg.bm25_k1, b=cfg.bm25_b, epsilon=cfg.bm25_epsilon
     )
     dense, embedding = None, None
     if cfg.dense:
         embedder = embedder or load_embedder(cfg.embedder, cpu_dtype=cfg.cpu_dtype)
         vectors = embedder.embed(texts, batch_size=cfg.embed_batch_size, progress=progress)
-        dense = DenseIndex.build(vectors, kind=cfg.faiss_index, hnsw_m=cfg.hnsw_m)
-        embedding = {"model_id": embedder.model_id, "dim": embedder.dim, "name": cfg.embedder,
-                     "dtype": getattr(embedder, "dtype", "fp32")}
+        dense = DenseIndex.build(vectors, spec=dense_spec_for(cfg, dense_spec))
+        embedding = embedding_record(embedder, cfg)
     save_index(
         out,
         documents=docs,
@@ -143,6 +153,12 @@ def build_index_from_documents(
         seconds=time.perf_counter() - t0,
         out=out,
     )
+
+
+def embedding_record(embedder: Embedder, cfg: RetrievalConfig) -> dict[str, Any]:
+    """The manifest's ``embedding``: what a query embedder must match."""
+    return {"model_id": embedder.model_id, "dim": embedder.dim, "name": cfg.embedder,
+            "dtype": getattr(embedder, "dtype", "fp32")}
 
 
 def _unique(documents: Sequence[Document]) -> list[Document]:

@@ -1,48 +1,177 @@
 """The dense index: FAISS inner product over L2-normalised embeddings (so scores are cosines).
 
-``flat`` (IndexFlatIP) is exact and right for up to a few hundred thousand passages; ``hnsw``
-(IndexHNSWFlat with the inner-product metric) is approximate and faster on big corpora. Saved
-with ``faiss.write_index`` (FAISS's own binary format, no pickle).
+Three kinds (``DenseSpec.kind``), all storing the vectors exactly (so updates can read them
+back):
+
+- ``flat`` (IndexFlatIP): exact; a query scans every vector (N * dim multiply-adds), which
+  passes 10 ms on two cores near ``AUTO_ANN_MIN_PASSAGES`` passages. The default below that.
+- ``hnsw`` (IndexHNSWFlat): approximate graph search, the index for large collections. Chosen
+  over IVF on measurements (benchmarks/bench_ann.py, figures in docs/ray.md): on MiniLM
+  vectors of 200k passages it reached recall@10 0.96 against flat at 0.55 ms a query where IVF
+  needed 8 ms for the same recall, because IVF must scan a quarter of its cells when passages
+  do not fall into tight clusters, while graph search stays logarithmic. Its costs: a build of
+  about 15 minutes per million vectors on two busy cores (graph insertion; FAISS uses every
+  core of the machine that merges), and ``2 * M * 4`` bytes per vector of links (+17% at
+  M=32, dim 384).
+- ``ivf`` (IndexIVFFlat): approximate, k-means cells (``nlist``, on a seeded sample) of which a
+  query scans the ``nprobe`` nearest. Builds fastest, adds 8 bytes per vector and keeps its
+  centroids through updates (``rebuilt``); for when build time or memory matter more than
+  query latency.
+
+``auto`` picks ``flat`` below ``AUTO_ANN_MIN_PASSAGES`` passages and ``hnsw`` above. The
+resolved spec (concrete kind and parameters) is recorded in the index manifest under
+``dense_index`` and applied at load (``efSearch`` and ``nprobe`` are query-time settings); an
+index without it (built before specs existed) is described from its FAISS type. Saved with
+``faiss.write_index`` (FAISS's own binary format, no pickle).
 """
 
 from __future__ import annotations
 
+import logging
+import math
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import faiss
 import numpy as np
 
-from citeqa.errors import IndexError_
+from citeqa.errors import ConfigError, IndexError_
 
+log = logging.getLogger(__name__)
+
+DenseKind = Literal["flat", "ivf", "hnsw", "auto"]
+KINDS = ("flat", "ivf", "hnsw", "auto")
+# Search breadths: bench_ann.py reports the smallest value reaching recall@10 >= 0.95 against
+# flat (HNSW: efSearch 64 at 200k MiniLM vectors); the defaults keep a margin for larger
+# collections at well under the 10 ms target (figures in docs/ray.md).
 HNSW_EF_SEARCH = 128  # HNSW search breadth: recall vs speed (FAISS default is 16)
 HNSW_EF_CONSTRUCTION = 80  # HNSW build breadth
+IVF_NPROBE = 128  # IVF cells scanned per query (0.96 at 200k with 512 cells)
+IVF_MIN_POINTS_PER_LIST = 39  # FAISS warns that k-means is unreliable below this
+# "auto" switches from flat to HNSW here: a flat scan of 384-dim vectors passes ~10 ms a query
+# on two cores at about this size (bench_ann.py prints the flat p50).
+AUTO_ANN_MIN_PASSAGES = 100_000
+
+
+@dataclass(frozen=True)
+class DenseSpec:
+    """How the dense index is organised; stored in the manifest (``dense_index``)."""
+
+    kind: DenseKind = "flat"  # flat | hnsw | ivf | auto (flat when small, else hnsw)
+    # IVF: cells of the k-means partition; None = ivf_nlist(N) at build time
+    nlist: int | None = None
+    nprobe: int = IVF_NPROBE  # IVF: cells scanned per query (recall vs latency; query-time)
+    train_per_list: int = 64  # IVF: k-means training vectors sampled per cell
+    seed: int = 1234  # IVF: k-means initialisation and training sample
+    hnsw_m: int = 32  # HNSW: graph degree
+    ef_construction: int = HNSW_EF_CONSTRUCTION  # HNSW: build breadth
+    ef_search: int = HNSW_EF_SEARCH  # HNSW: search breadth (query-time)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"unknown dense index kind {self.kind!r}; use one of {KINDS}")
+        for name in ("nprobe", "train_per_list", "hnsw_m", "ef_construction", "ef_search"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"dense index {name} must be at least 1, got "
+                                  f"{getattr(self, name)}")
+        if self.nlist is not None and self.nlist < 1:
+            raise ConfigError(f"dense index nlist must be at least 1, got {self.nlist}")
+
+    def resolved(self, n_vectors: int) -> DenseSpec:
+        """This spec for ``n_vectors`` vectors: ``auto`` made concrete, IVF's nlist chosen and
+        capped so that k-means has enough points per cell."""
+        kind = self.kind
+        if kind == "auto":
+            kind = "hnsw" if n_vectors >= AUTO_ANN_MIN_PASSAGES else "flat"
+        if kind != "ivf":
+            return replace(self, kind=kind, nlist=None)
+        nlist = min(self.nlist or ivf_nlist(n_vectors), max_nlist(n_vectors))
+        return replace(self, kind=kind, nlist=nlist)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DenseSpec:
+        """The spec a manifest records (keys from newer versions dropped)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def ivf_nlist(n_vectors: int) -> int:
+    """Cells for ``n_vectors``: the power of two nearest ``sqrt(N)``, at least 1. At 200k
+    vectors 512 cells trained 12x faster than 2048 (FAISS's 4 sqrt(N)) and searched as fast at
+    the same recall, so training stays short at a million (bench_ann.py)."""
+    if n_vectors < 1:
+        return 1
+    return int(2 ** round(math.log2(max(1.0, math.sqrt(n_vectors)))))
+
+
+def max_nlist(n_vectors: int) -> int:
+    """The most cells k-means can place reliably with ``n_vectors`` points."""
+    return max(1, n_vectors // IVF_MIN_POINTS_PER_LIST)
+
+
+def spec_of(index: faiss.Index) -> DenseSpec:
+    """Describe a loaded FAISS index (for indexes whose manifest has no ``dense_index``)."""
+    if isinstance(index, faiss.IndexHNSW):
+        return DenseSpec(kind="hnsw", hnsw_m=int(index.hnsw.nb_neighbors(1)),
+                         ef_construction=int(index.hnsw.efConstruction),
+                         ef_search=max(int(index.hnsw.efSearch), HNSW_EF_SEARCH))
+    if isinstance(index, faiss.IndexIVF):
+        return DenseSpec(kind="ivf", nlist=int(index.nlist), nprobe=int(index.nprobe))
+    return DenseSpec(kind="flat")
 
 
 class DenseIndex:
     """A FAISS index whose row ``i`` is passage ``i``."""
 
-    def __init__(self, index: faiss.Index) -> None:
+    def __init__(self, index: faiss.Index, spec: DenseSpec | None = None) -> None:
         self.index = index
+        self.spec = spec if spec is not None else spec_of(index)
         if isinstance(index, faiss.IndexHNSW):
-            index.hnsw.efSearch = max(index.hnsw.efSearch, HNSW_EF_SEARCH)
+            index.hnsw.efSearch = self.spec.ef_search
+        elif isinstance(index, faiss.IndexIVF):
+            index.nprobe = min(self.spec.nprobe, int(index.nlist))
 
     @classmethod
     def build(
-        cls, vectors: np.ndarray, *, kind: Literal["flat", "hnsw"] = "flat", hnsw_m: int = 32
+        cls,
+        vectors: np.ndarray,
+        *,
+        kind: DenseKind = "flat",
+        hnsw_m: int = 32,
+        spec: DenseSpec | None = None,
     ) -> DenseIndex:
-        """Index ``vectors`` (float32 [N, dim], L2-normalised)."""
+        """Index ``vectors`` (float32 [N, dim], L2-normalised) as ``spec`` says (default: a
+        spec of ``kind`` and ``hnsw_m``, the RetrievalConfig fields)."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        dim = vectors.shape[1]
-        if kind == "flat":
-            index: faiss.Index = faiss.IndexFlatIP(dim)
-        elif kind == "hnsw":
-            index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-        else:
-            raise ValueError(f"unknown FAISS index kind {kind!r}; use 'flat' or 'hnsw'")
+        if spec is None:
+            if kind not in KINDS:
+                raise ValueError(f"unknown FAISS index kind {kind!r}; use one of {KINDS}")
+            spec = DenseSpec(kind=kind, hnsw_m=hnsw_m)
+        asked, spec = spec, spec.resolved(len(vectors))
+        if asked.nlist is not None and spec.nlist is not None and spec.nlist < asked.nlist:
+            log.warning("IVF: %d cells instead of the %d asked: %d vectors give k-means at "
+                        "most %d", spec.nlist, asked.nlist, len(vectors), spec.nlist)
+        index = _empty(spec, vectors.shape[1])
+        if isinstance(index, faiss.IndexIVF):
+            _train_ivf(index, vectors, spec)
         index.add(vectors)
-        return cls(index)
+        return cls(index, spec)
+
+    def rebuilt(self, vectors: np.ndarray) -> DenseIndex:
+        """An index of the same kind and settings holding ``vectors`` instead. IVF keeps its
+        trained centroids (no k-means again: updates stay cheap); its cell count stays that of
+        the original build, so a collection that grew manyfold is better rebuilt."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if not isinstance(self.index, faiss.IndexIVF):
+            return DenseIndex.build(vectors, spec=self.spec)
+        index = faiss.clone_index(self.index)
+        index.reset()
+        index.add(vectors)
+        return DenseIndex(index, self.spec)
 
     @property
     def dim(self) -> int:
@@ -51,6 +180,14 @@ class DenseIndex:
     @property
     def size(self) -> int:
         return int(self.index.ntotal)
+
+    def vectors(self) -> np.ndarray:
+        """float32 [N, dim]: every stored vector in row order (all kinds store them exactly)."""
+        if self.size == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        if isinstance(self.index, faiss.IndexIVF):
+            self.index.make_direct_map()  # IVF stores by cell; the map finds row i
+        return np.ascontiguousarray(self.index.reconstruct_n(0, self.size), dtype=np.float32)
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Ids int64 [Q, k] and cosines float32 [Q, k], best first; id -1 pads missing rows."""
@@ -63,8 +200,39 @@ class DenseIndex:
         faiss.write_index(self.index, str(path))
 
     @classmethod
-    def load(cls, path: Path) -> DenseIndex:
+    def load(cls, path: Path, spec: DenseSpec | None = None) -> DenseIndex:
         try:
-            return cls(faiss.read_index(str(path)))
+            return cls(faiss.read_index(str(path)), spec)
         except RuntimeError as e:
             raise IndexError_(f"cannot read the dense index {path}: {e}; rebuild the index") from e
+
+
+def _empty(spec: DenseSpec, dim: int) -> faiss.Index:
+    if spec.kind == "flat":
+        return faiss.IndexFlatIP(dim)
+    if spec.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = spec.ef_construction
+        return index
+    assert spec.kind == "ivf" and spec.nlist is not None, spec
+    # the quantizer is handed to the IVF index, which must own it (else it is freed early)
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFFlat(quantizer, dim, spec.nlist, faiss.METRIC_INNER_PRODUCT)
+    index.own_fields = True
+    quantizer.this.disown()
+    return index
+
+
+def _train_ivf(index: faiss.IndexIVF, vectors: np.ndarray, spec: DenseSpec) -> None:
+    """Spherical k-means (centroids kept unit length: the metric is cosine) on a seeded sample
+    of ``train_per_list`` vectors per cell."""
+    n = len(vectors)
+    n_train = min(n, spec.train_per_list * index.nlist)
+    rng = np.random.default_rng(spec.seed)
+    sample = vectors if n_train == n else vectors[np.sort(rng.choice(n, n_train, replace=False))]
+    index.cp.spherical = True
+    index.cp.seed = spec.seed
+    index.cp.max_points_per_centroid = spec.train_per_list + 1  # we sampled already
+    index.cp.min_points_per_centroid = 1  # max_nlist keeps >= 39 points per cell anyway
+    log.info("training IVF: %d cells on %d of %d vectors", index.nlist, n_train, n)
+    index.train(sample)

@@ -149,11 +149,12 @@ class HashEmbedder:
 EMBEDDERS = ("minilm", "hash")
 
 
-def load_embedder(name: str, *, cpu_dtype: str = "auto") -> Embedder:
-    """The embedder called ``name`` ("minilm" | "hash"); weights load lazily on first use, in
-    ``cpu_dtype`` on a CPU (see ``citeqa.compute``)."""
+def load_embedder(name: str, *, cpu_dtype: str = "auto", device: str = "cpu") -> Embedder:
+    """The embedder called ``name`` ("minilm" | "hash"); weights load lazily on first use, on
+    ``device`` ("cpu", "cuda": a distributed build's GPU workers), in ``cpu_dtype`` on a CPU
+    (see ``citeqa.compute``)."""
     if name == "minilm":
-        return MiniLMEmbedder(cpu_dtype=cpu_dtype)
+        return MiniLMEmbedder(cpu_dtype=cpu_dtype, device=device)
     if name == "hash":
         return HashEmbedder()
     raise ConfigError(f"unknown embedder {name!r}; choose one of {list(EMBEDDERS)}")

@@ -4,8 +4,10 @@ Layout (plain data only, never pickle)::
 
     out/
       manifest.json      format_version, created, embedding {model_id, dim} | null, counts,
-                         settings (dataclasses.asdict of the RetrievalConfig used), and the
-                         sha256 of every other file
+                         settings (dataclasses.asdict of the RetrievalConfig used),
+                         dense_index (the DenseSpec: kind and its parameters; absent in indexes
+                         written before it existed, which load as before), and the sha256 of
+                         every other file
       documents.jsonl    one {"doc_id", "title", "source", "text"} per line, in row order
       passages.npy       int64 [N, 2]: (start, end) character offsets into the document text
       passage_doc.npy    int64 [N]: the documents.jsonl row of each passage
@@ -40,9 +42,9 @@ from typing import Any
 import numpy as np
 
 from citeqa.config import RetrievalConfig
-from citeqa.errors import IndexError_
+from citeqa.errors import CiteqaError, IndexError_
 from citeqa.retrieval.bm25 import BM25Index
-from citeqa.retrieval.dense import DenseIndex
+from citeqa.retrieval.dense import DenseIndex, DenseSpec
 from citeqa.types import Document, Passage
 
 log = logging.getLogger(__name__)
@@ -100,10 +102,7 @@ def write_index(
     cfg: RetrievalConfig,
 ) -> dict[str, Any]:
     """Write a complete index into the empty ``directory``, fsync it, and return the manifest."""
-    with (directory / DOCUMENTS).open("w", encoding="utf-8") as f:
-        for d in documents:
-            row = {"doc_id": d.doc_id, "title": d.title, "source": d.source, "text": d.text}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_documents(directory / DOCUMENTS, documents)
     np.save(directory / PASSAGES, np.asarray(spans, dtype=np.int64).reshape(-1, 2))
     np.save(directory / PASSAGE_DOC, np.asarray(passage_doc, dtype=np.int64))
     bm25.save(directory / BM25_DIR)
@@ -119,7 +118,9 @@ def write_index(
             "passages": int(len(spans)),
             "vocabulary": len(bm25.vocab),
         },
-        "settings": asdict(cfg),
+        # the kind actually built (a build option may choose "ivf" or resolve "auto")
+        "settings": {**asdict(cfg), **({"faiss_index": dense.spec.kind} if dense else {})},
+        "dense_index": dense.spec.to_json() if dense is not None else None,
         "files": {p.relative_to(directory).as_posix(): sha256_file(p) for p in files},
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -227,16 +228,22 @@ def prepare(out: Path) -> Path:
     if not out.exists() or _is_empty_dir(out):
         with contextlib.suppress(IndexError_):  # nothing to restore: a first build
             recover_index(out, writing=True)
-    if out.exists() and not (out.is_dir() and (out / MANIFEST).is_file() or _is_empty_dir(out)):
-        raise IndexError_(
-            f"refusing to replace {out}: it exists and is not a citeqa index directory; "
-            "choose another output path or remove it"
-        )
+    check_replaceable(out)
     _remove_stale_siblings(out, writing=True)
     tmp = tmp_dir_for(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     return tmp
+
+
+def check_replaceable(out: Path) -> None:
+    """Refuse (IndexError_) when ``out`` exists and is not an index a build may replace: a long
+    build checks this before it starts, not only when it is about to swap."""
+    if out.exists() and not (out.is_dir() and (out / MANIFEST).is_file() or _is_empty_dir(out)):
+        raise IndexError_(
+            f"refusing to replace {out}: it exists and is not a citeqa index directory; "
+            "choose another output path or remove it"
+        )
 
 
 def _is_empty_dir(path: Path) -> bool:
@@ -299,13 +306,15 @@ class Index:
         if verify:
             _verify_files(directory, manifest)
         try:
-            documents = _read_documents(directory / DOCUMENTS)
+            documents = read_documents(directory / DOCUMENTS)
             spans = np.load(directory / PASSAGES)
             passage_doc = np.load(directory / PASSAGE_DOC)
         except (OSError, ValueError, KeyError, TypeError) as e:  # UnicodeError is a ValueError
             raise IndexError_(f"index {directory} is unreadable ({e!r}); rebuild it") from e
         bm25 = BM25Index.load(directory / BM25_DIR)
-        dense = DenseIndex.load(directory / DENSE) if (directory / DENSE).is_file() else None
+        dense = None
+        if (directory / DENSE).is_file():
+            dense = DenseIndex.load(directory / DENSE, _dense_spec(directory, manifest))
         counts = manifest["counts"]
         found = {
             "documents": len(documents),
@@ -377,6 +386,18 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+def _dense_spec(directory: Path, manifest: dict[str, Any]) -> DenseSpec | None:
+    """The manifest's ``dense_index``; None for an index written before it was recorded."""
+    spec = manifest.get("dense_index")
+    if spec is None:
+        return None
+    try:
+        return DenseSpec.from_json(spec)
+    except (CiteqaError, TypeError, AttributeError) as e:
+        raise IndexError_(f"index {directory}: bad dense_index in manifest.json ({e}); "
+                          "rebuild it") from e
+
+
 def _verify_files(directory: Path, manifest: dict[str, Any]) -> None:
     for name, digest in manifest["files"].items():
         path = directory / name
@@ -389,7 +410,16 @@ def _verify_files(directory: Path, manifest: dict[str, Any]) -> None:
             )
 
 
-def _read_documents(path: Path) -> list[Document]:
+def write_documents(path: Path, documents: Sequence[Document]) -> None:
+    """documents.jsonl: one {"doc_id", "title", "source", "text"} object per line."""
+    with path.open("w", encoding="utf-8") as f:
+        for d in documents:
+            row = {"doc_id": d.doc_id, "title": d.title, "source": d.source, "text": d.text}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_documents(path: Path) -> list[Document]:
+    """The documents of a documents.jsonl file, in order."""
     docs = []
     with path.open(encoding="utf-8") as f:
         for line in f:

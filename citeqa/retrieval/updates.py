@@ -3,10 +3,12 @@
 ``apply_update(index, update, out, embedder)`` is the whole story: the surviving passages keep
 their text and their dense vectors (read back from FAISS with ``reconstruct_n``), new documents
 are chunked with the settings the index was built with and only their passages are embedded,
-BM25 is rebuilt over every passage (cheap next to embedding), and the result is written beside
-``out`` and swapped in with the same atomic swap as ``citeqa index build`` (see store.py). It
-returns the new in-memory ``Index``; the caller swaps its retriever. A failure or a kill at any
-point leaves a complete index on disk (the old one, or the new one once swapped in).
+the dense index is refilled with the same kind and parameters (an IVF index keeps its trained
+centroids), BM25 is rebuilt over every passage (cheap next to embedding), and the result is
+written beside ``out`` and swapped in with the same atomic swap as ``citeqa index build`` (see
+store.py). It returns the new in-memory ``Index``; the caller swaps its retriever. A failure or
+a kill at any point leaves a complete index on disk (the old one, or the new one once swapped
+in).
 
 Updates must not run concurrently on the same ``out``: the caller serialises them (the service
 runs them on one thread).
@@ -78,12 +80,9 @@ def check_update(index: Index, update: IndexUpdate) -> None:
 
 
 def _kept_vectors(dense: DenseIndex, keep: np.ndarray) -> np.ndarray:
-    """float32 [len(keep), dim]: the stored vectors of passages ``keep`` (flat and HNSW both
-    store vectors exactly, so reconstruction returns what was embedded)."""
-    if dense.size == 0:
-        return np.zeros((0, dense.dim), dtype=np.float32)
-    vectors = dense.index.reconstruct_n(0, dense.size)  # [N, dim]
-    return np.ascontiguousarray(vectors[keep], dtype=np.float32)
+    """float32 [len(keep), dim]: the stored vectors of passages ``keep`` (every kind stores
+    vectors exactly, so reconstruction returns what was embedded)."""
+    return np.ascontiguousarray(dense.vectors()[keep], dtype=np.float32)
 
 
 def apply_update(
@@ -146,7 +145,7 @@ def apply_update(
                 )
             fresh = embedder.embed(new_texts, batch_size=cfg.embed_batch_size)  # [new, dim]
             vectors = np.concatenate([vectors, fresh.astype(np.float32)])
-        dense = DenseIndex.build(vectors, kind=cfg.faiss_index, hnsw_m=cfg.hnsw_m)
+        dense = index.dense.rebuilt(vectors)  # same kind and parameters (IVF: centroids)
 
     spans_arr = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
     passage_doc_arr = np.asarray(passage_doc, dtype=np.int64)

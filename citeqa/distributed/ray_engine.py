@@ -1,0 +1,222 @@
+"""Making a build's shards on Ray Data: staging tasks, then a pool of embedding actors.
+
+    items (from_items) -> flat_map(_stage_row): CPU tasks read an item, cut it into blocks,
+                          chunk and count each block into <work>/staging (retrieval/shards.py)
+                       -> map_batches(_FinishShards): an actor pool, one actor per GPU when
+                          the cluster has GPUs, else one per ``cpus_per_embedder`` CPUs; each
+                          loads the embedder once and finishes shards into <work>/shards
+                       -> small rows {item, block, key, passages, embedded} to the driver
+
+Workers write the shards themselves; what flows through Ray is only item names and shard keys,
+so the driver is never the bottleneck. On a cluster the work directory must therefore be on
+storage that every node mounts at the same path (each task checks, and says so if not). Ray is
+an optional extra: without it, ``RayExecutor`` raises ConfigError saying how to install it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from citeqa.errors import CiteqaError, ConfigError
+from citeqa.retrieval.shards import ShardJob, ShardResult, Staged, finish_shard, stage_item
+
+log = logging.getLogger(__name__)
+
+RAY_INSTALL = "pip install 'citeqa[ray]'"
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide a Ray build runs."""
+
+    # "local": start Ray inside this process, on this machine; otherwise the address of a
+    # running cluster to join ("auto", "HEAD:6379", "ray://HEAD:10001")
+    address: str = "local"
+    num_cpus: int | None = None  # local only: CPUs Ray may use (None: all of them)
+    embedders: int | None = None  # actors in the pool; None: one per GPU, else per CPUs
+    cpus_per_embedder: float = 1.0  # CPUs (torch threads) of an actor on a CPU-only cluster
+    gpus_per_embedder: float = 1.0  # GPUs of an actor where the cluster has GPUs
+    stage_tasks: int | None = None  # staging tasks at once; None: max(1, CPUs // 8)
+
+
+def require_ray() -> Any:
+    """The ``ray`` module, or ConfigError saying how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401  (Ray Data is a separate part of the wheel's extras)
+    except ImportError as e:
+        raise ConfigError(f"--ray needs Ray, an optional extra ({e.msg}); install it with: "
+                          f"{RAY_INSTALL}") from None
+    return ray
+
+
+@contextmanager
+def connected(options: RayOptions) -> Iterator[Any]:
+    """Ray, started for ``local`` or joined at ``options.address``; shut down afterwards when
+    this call started it (a Ray already running in this process, e.g. a test's, is reused)."""
+    ray = require_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    try:
+        if options.address == "local":
+            ray.init(num_cpus=options.num_cpus, include_dashboard=False)
+        else:
+            ray.init(address=options.address)
+    except Exception as e:  # Ray raises bare Exceptions too (a node that timed out starting)
+        raise ConfigError(
+            f"could not start or join Ray at {options.address!r} ({e}); for a cluster, give "
+            "the address `ray start --head` printed (HEAD:6379 or ray://HEAD:10001), or "
+            "'local' for this machine"
+        ) from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def plan_pool(options: RayOptions, cpus: float, gpus: float, dense: bool) -> dict[str, Any]:
+    """Actor pool and task sizes for a cluster with ``cpus`` and ``gpus`` (pure)."""
+    use_gpu = dense and gpus >= options.gpus_per_embedder
+    if options.embedders is not None:
+        actors = options.embedders
+    elif use_gpu:
+        actors = int(gpus // options.gpus_per_embedder)
+    else:
+        actors = int(cpus // options.cpus_per_embedder)
+    actors = max(1, actors)
+    stage = options.stage_tasks or max(1, int(cpus // 8))
+    return {
+        "actors": actors,
+        "actor_cpus": 1.0 if use_gpu else options.cpus_per_embedder,
+        "actor_gpus": options.gpus_per_embedder if use_gpu else 0.0,
+        "threads": 1 if use_gpu else max(1, math.floor(options.cpus_per_embedder)),
+        "device": "cuda" if use_gpu else "cpu",
+        "stage_tasks": stage,
+    }
+
+
+# Rows carry citeqa's own errors (a source's worker cannot see the work directory, a model is
+# missing) as data: Ray Data would wrap a raised one into its own exception and lose its type.
+_RESULT = ("item", "block", "key", "passages", "embedded", "error", "message")
+
+
+def _stage_row(row: dict[str, Any], job: ShardJob) -> list[dict[str, Any]]:
+    """Ray task: one item -> its blocks, staged (``shards.stage_item``)."""
+    from citeqa.ingest import Fetcher, FetchPolicy, load_item
+
+    item: str | Path = row["source"] if row["url"] else Path(row["source"])
+    fetcher = Fetcher(FetchPolicy(allow_private=job.allow_private_urls))
+    try:
+        staged = list(stage_item(int(row["item"]), load_item(item, fetcher), str(item), job))
+    except CiteqaError as e:
+        return [{"item": row["item"], "block": -1, "key": "", "staging": "",
+                 "error": type(e).__name__, "message": str(e)}]
+    return [{"item": s.item, "block": s.block, "key": s.key, "staging": s.staging,
+             "error": "", "message": ""} for s in staged]
+
+
+class _FinishShards:
+    """Ray actor: holds one embedder and finishes the shards it is given."""
+
+    def __init__(self, job: ShardJob, device: str, threads: int) -> None:
+        from citeqa.retrieval.embed import load_embedder
+
+        if job.cfg.dense and device == "cpu":
+            import torch
+
+            torch.set_num_threads(threads)
+        self.job = job
+        self.embedder = None
+        self.error: CiteqaError | None = None
+        try:
+            if job.cfg.dense:
+                self.embedder = load_embedder(job.cfg.embedder, cpu_dtype=job.cfg.cpu_dtype,
+                                              device=device)
+        except CiteqaError as e:
+            self.error = e  # reported with the first shard, as data
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {k: [] for k in _RESULT}
+        for i in range(len(batch["key"])):
+            row = {k: batch[k][i] for k in ("item", "block", "key", "staging", "error",
+                                            "message")}
+            row["passages"], row["embedded"] = 0, False
+            if not row["error"]:
+                try:
+                    if self.error is not None:
+                        raise self.error
+                    r = finish_shard(Staged(int(row["item"]), int(row["block"]),
+                                            str(row["key"]), str(row["staging"])),
+                                     self.job, self.embedder)
+                    row["passages"], row["embedded"] = r.passages, r.embedded
+                except CiteqaError as e:
+                    row["error"], row["message"] = type(e).__name__, str(e)
+            for name in _RESULT:
+                out[name].append(row[name])
+        return out
+
+
+def _raise_row_error(row: dict[str, Any]) -> None:
+    """Raise the citeqa error a worker reported in ``row`` as its own type."""
+    import citeqa.errors
+
+    cls = getattr(citeqa.errors, str(row["error"]), None)
+    if not (isinstance(cls, type) and issubclass(cls, CiteqaError)):
+        cls = CiteqaError
+    raise cls(str(row["message"]))
+
+
+class RayExecutor:
+    """Makes shards on Ray Data (see the module docstring)."""
+
+    def __init__(self, options: RayOptions | None = None) -> None:
+        self.options = options or RayOptions()
+        require_ray()  # fail before any work when Ray is missing
+
+    def run(self, items: Sequence[str | Path], job: ShardJob, *,
+            progress: bool) -> list[ShardResult]:
+        with connected(self.options) as ray:
+            resources = ray.cluster_resources()
+            pool = plan_pool(self.options, resources.get("CPU", 1.0), resources.get("GPU", 0.0),
+                             job.cfg.dense)
+            log.info("Ray build: %d embedding actors on %s, %d staging tasks at once",
+                     pool["actors"], pool["device"], pool["stage_tasks"])
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = False  # ours below counts shards and passages
+            rows = [{"item": i, "url": isinstance(item, str), "source": str(item)}
+                    for i, item in enumerate(items)]
+            ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 256)))
+            # Staging is light next to embedding: it takes no CPU from the actors' budget
+            # (which would starve it on a small machine), only a cap on how many run at once.
+            ds = ds.flat_map(_stage_row, fn_kwargs={"job": job}, num_cpus=0,
+                             compute=ray.data.TaskPoolStrategy(size=pool["stage_tasks"]))
+            ds = ds.map_batches(
+                _FinishShards,
+                fn_constructor_kwargs={"job": job, "device": pool["device"],
+                                       "threads": pool["threads"]},
+                batch_size=1,
+                compute=ray.data.ActorPoolStrategy(size=pool["actors"]),
+                num_cpus=pool["actor_cpus"],
+                num_gpus=pool["actor_gpus"],
+            )
+            results: list[ShardResult] = []
+            with tqdm(desc="shards", unit="shard", disable=not progress) as bar:
+                for row in ds.iter_rows():
+                    if row["error"]:
+                        _raise_row_error(row)
+                    results.append(ShardResult(int(row["item"]), int(row["block"]),
+                                               str(row["key"]), int(row["passages"]),
+                                               bool(row["embedded"])))
+                    bar.update()
+                    bar.set_postfix(passages=sum(r.passages for r in results))
+        return results

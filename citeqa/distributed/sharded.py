@@ -1,0 +1,154 @@
+"""The sharded, resumable index build: plan, make shards (an executor), merge, swap in.
+
+    sources --expand_sources--> items --executor: stage_item + finish_shard--> <work>/shards/
+            --merge_shards + write_merged--> out (store.save_index: atomic swap)
+
+The executor decides where shards are made: ``InProcessExecutor`` here (tests and the
+reference), ``RayExecutor`` on Ray Data (ray_engine.py). Resuming is the shards' doing (content
+keys, retrieval/shards.py): a rerun after a kill reads every source again but embeds only the
+blocks that have no finished shard. ``out`` is untouched until the final swap, so the previous
+index stays loadable throughout. The work directory is removed once the new index is in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from tqdm.auto import tqdm
+
+from citeqa.config import RetrievalConfig
+from citeqa.errors import ConfigError, EmptyCorpusError
+from citeqa.ingest import Fetcher, FetchPolicy, expand_sources, load_item
+from citeqa.retrieval.builder import BuildSummary, dense_spec_for
+from citeqa.retrieval.dense import DenseSpec
+from citeqa.retrieval.embed import Embedder, load_embedder
+from citeqa.retrieval.merge import merge_shards, write_merged
+from citeqa.retrieval.shards import (
+    MARKER,
+    SHARD_CHARS,
+    ShardJob,
+    ShardResult,
+    finish_shard,
+    read_shard,
+    stage_item,
+    write_marker,
+)
+from citeqa.retrieval.store import check_replaceable
+
+log = logging.getLogger(__name__)
+
+
+class Executor(Protocol):
+    """Makes the shards of a build: every block of every item, finished in ``job.shards``."""
+
+    def run(self, items: Sequence[str | Path], job: ShardJob, *,
+            progress: bool) -> list[ShardResult]:
+        """One result per block, in any order. ``items``: ``ingest.expand_sources``'s."""
+        ...
+
+
+class InProcessExecutor:
+    """Makes the shards one after another in this process."""
+
+    def __init__(self, embedder: Embedder | None = None) -> None:
+        self.embedder = embedder  # None: the one the job's settings name, loaded when needed
+
+    def run(self, items: Sequence[str | Path], job: ShardJob, *,
+            progress: bool) -> list[ShardResult]:
+        fetcher = Fetcher(FetchPolicy(allow_private=job.allow_private_urls))
+        embedder = self.embedder
+        if embedder is None and job.cfg.dense:
+            embedder = load_embedder(job.cfg.embedder, cpu_dtype=job.cfg.cpu_dtype)
+        results: list[ShardResult] = []
+        with tqdm(desc="shards", unit="shard", disable=not progress) as bar:
+            for i, item in enumerate(items):
+                for staged in stage_item(i, load_item(item, fetcher), str(item), job):
+                    results.append(finish_shard(staged, job, embedder))
+                    bar.update()
+                    bar.set_postfix(passages=sum(r.passages for r in results))
+        return results
+
+
+def default_work_dir(out: Path) -> Path:
+    """Where shards wait for the merge: a hidden sibling of ``out`` (``.NAME.build``)."""
+    return out.parent / f".{out.name}.build"
+
+
+def build_index_sharded(
+    sources: Sequence[str],
+    out: Path,
+    cfg: RetrievalConfig,
+    *,
+    executor: Executor,
+    work_dir: Path | None = None,
+    shard_chars: int = SHARD_CHARS,
+    dense_spec: DenseSpec | None = None,
+    allow_private_urls: bool = False,
+    progress: bool = True,
+) -> BuildSummary:
+    """Build the index of ``sources`` at ``out`` from shards made by ``executor``.
+
+    The result equals ``builder.build_index`` of the same sources (documents, passages, BM25;
+    vectors up to floating-point noise). Rerun after a failure or a kill, it reuses the shards
+    already finished in ``work_dir`` (default ``default_work_dir(out)``; on a cluster, storage
+    every node mounts at the same path). ``shard_chars``: characters of documents per shard.
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    if shard_chars < 1:
+        raise ConfigError(f"shard_chars must be at least 1, got {shard_chars}")
+    check_replaceable(out)  # before hours of embedding, not at the swap
+    items, skipped = expand_sources(sources)
+    work = (Path(work_dir) if work_dir else default_work_dir(out)).resolve()
+    job = ShardJob(cfg=cfg, work=str(work), shard_chars=shard_chars,
+                   allow_private_urls=allow_private_urls, token=uuid.uuid4().hex)
+    write_marker(job)
+    results = executor.run(items, job, progress=progress) if items else []
+    results.sort(key=lambda r: (r.item, r.block))
+    for r in results:
+        if not (job.shards / r.key).is_dir():
+            raise ConfigError(
+                f"shard {r.key} was written by a worker but is not in {job.shards}; on a "
+                "cluster, pass --work-dir on storage every node mounts at the same path"
+            )
+    reused = sum(not r.embedded for r in results)
+    log.info("%d shards (%d from an earlier run), merging", len(results), reused)
+    shards = (read_shard(job.shards / r.key)
+              for r in tqdm(results, desc="reading shards", unit="shard", disable=not progress))
+    merged = merge_shards(shards, dense=cfg.dense)
+    merged.skipped = [*skipped, *merged.skipped]
+    for s in merged.skipped:
+        log.warning("skipped %s: %s", s.source, s.reason)
+    try:
+        write_merged(merged, out, cfg, dense_spec_for(cfg, dense_spec), n_sources=len(sources),
+                     progress=progress)
+    except EmptyCorpusError:
+        _clean(job)  # nothing worth resuming
+        raise
+    _clean(job)
+    return BuildSummary(
+        documents=len(merged.documents),
+        passages=len(merged.spans),
+        skipped=merged.skipped,
+        seconds=time.perf_counter() - t0,
+        out=out,
+        shards=len(results),
+        shards_reused=reused,
+    )
+
+
+def _clean(job: ShardJob) -> None:
+    """Remove what the build put in its work directory, and the directory if that leaves it
+    empty (a --work-dir given by the user may hold other things)."""
+    for path in (job.shards, job.staging):
+        shutil.rmtree(path, ignore_errors=True)
+    (Path(job.work) / MARKER).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        Path(job.work).rmdir()

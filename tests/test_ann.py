@@ -1,0 +1,187 @@
+"""Approximate dense search: the IVF index, its spec in the manifest, and old indexes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from citeqa.config import ChunkConfig, RetrievalConfig
+from citeqa.errors import ConfigError, IndexError_
+from citeqa.retrieval import HashEmbedder, HybridRetriever, Index, build_index_from_documents
+from citeqa.retrieval.dense import (
+    AUTO_ANN_MIN_PASSAGES,
+    DenseIndex,
+    DenseSpec,
+    ivf_nlist,
+    max_nlist,
+)
+from citeqa.retrieval.updates import add_documents, remove_documents
+from citeqa.types import Document
+
+CFG = RetrievalConfig(embedder="hash", chunk=ChunkConfig(max_chars=80))
+WORDS = [f"w{i}" for i in range(400)]
+
+
+def clustered(n: int, dim: int = 32, centres: int = 20, seed: int = 0) -> np.ndarray:
+    """float32 [n, dim] unit vectors around ``centres`` directions: data with neighbours, as
+    real embeddings have (uniform random vectors have none, and no ANN index helps there)."""
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centres, dim))
+    x = c[rng.integers(0, centres, n)] + 0.3 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def docs(n: int, seed: int = 0) -> list[Document]:
+    rng = np.random.default_rng(seed)
+    return [Document(f"d{i}", f"T{i}", f"s{i}.txt",
+                     ". ".join(" ".join(rng.choice(WORDS, 6)) for _ in range(4)) + ".")
+            for i in range(n)]
+
+
+# -- the spec: pure rules -----------------------------------------------------------------------
+
+
+def test_nlist_rule() -> None:
+    assert ivf_nlist(1_000_000) == 1024  # sqrt(N) = 1000 -> the nearest power of two
+    assert ivf_nlist(200_000) == 512 and ivf_nlist(1) == 1 and ivf_nlist(0) == 1
+    assert max_nlist(10_000) == 256 and max_nlist(5) == 1
+
+
+def test_resolved_spec() -> None:
+    auto = DenseSpec(kind="auto")
+    assert auto.resolved(AUTO_ANN_MIN_PASSAGES - 1).kind == "flat"
+    big = auto.resolved(AUTO_ANN_MIN_PASSAGES)
+    assert big.kind == "hnsw" and big.nlist is None
+    assert DenseSpec(kind="ivf").resolved(1_000_000).nlist == 1024
+    assert DenseSpec(kind="ivf", nlist=4096).resolved(100_000).nlist == 2564  # 39 a cell
+    assert DenseSpec(kind="ivf", nlist=8).resolved(10_000).nlist == 8  # as asked
+    assert DenseSpec(kind="flat", nlist=8).resolved(10).nlist is None
+    assert DenseSpec.from_json({**DenseSpec().to_json(), "from_the_future": 1}) == DenseSpec()
+
+
+@pytest.mark.parametrize("bad", [{"kind": "annoy"}, {"nprobe": 0}, {"nlist": 0},
+                                 {"hnsw_m": 0}])
+def test_bad_spec_says_what(bad: dict) -> None:
+    with pytest.raises(ConfigError, match="kind|at least 1"):
+        DenseSpec(**bad)
+
+
+# -- the IVF index ------------------------------------------------------------------------------
+
+
+def recall_at_10(index: DenseIndex, exact: DenseIndex, queries: np.ndarray) -> float:
+    _, truth = exact.search(queries, 10)
+    _, found = index.search(queries, 10)
+    return float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth,
+                                                                      strict=True)]))
+
+
+def test_ivf_recall_against_flat() -> None:
+    x, q = clustered(4000), clustered(200, seed=1)
+    flat = DenseIndex.build(x)
+    ivf = DenseIndex.build(x, spec=DenseSpec(kind="ivf", nprobe=8))
+    assert ivf.spec.nlist == 64 and ivf.index.nprobe == 8  # ivf_nlist(4000): sqrt -> 64
+    assert recall_at_10(ivf, flat, q) >= 0.95
+    ivf.index.nprobe = 1
+    assert recall_at_10(ivf, flat, q) < 0.95  # the measure can fail: one cell is not enough
+    ivf.index.nprobe = ivf.spec.nlist  # every cell scanned: exact
+    np.testing.assert_allclose(ivf.search(q, 10)[1], flat.search(q, 10)[1], atol=1e-5)
+
+
+def test_hnsw_recall_against_flat() -> None:
+    x, q = clustered(4000), clustered(200, seed=1)
+    hnsw = DenseIndex.build(x, spec=DenseSpec(kind="hnsw", ef_search=256))
+    assert hnsw.index.hnsw.efSearch == 256
+    assert recall_at_10(hnsw, DenseIndex.build(x), q) >= 0.95
+    hnsw.index.hnsw.efSearch = 10
+    assert recall_at_10(hnsw, DenseIndex.build(x), q) < 0.95  # near-ties need breadth
+
+
+def test_ivf_is_deterministic_and_keeps_vectors() -> None:
+    x = clustered(1000)
+    a = DenseIndex.build(x, spec=DenseSpec(kind="ivf", nlist=16))
+    b = DenseIndex.build(x, spec=DenseSpec(kind="ivf", nlist=16))
+    np.testing.assert_array_equal(a.index.quantizer.reconstruct_n(0, 16),
+                                  b.index.quantizer.reconstruct_n(0, 16))
+    np.testing.assert_array_equal(a.vectors(), x)  # row order, exactly
+
+
+def test_rebuilt_ivf_keeps_its_centroids() -> None:
+    x = clustered(1000)
+    ivf = DenseIndex.build(x, spec=DenseSpec(kind="ivf", nlist=16, nprobe=4))
+    again = ivf.rebuilt(x[:500])
+    assert again.size == 500 and again.spec == ivf.spec and again.index.nprobe == 4
+    np.testing.assert_array_equal(again.index.quantizer.reconstruct_n(0, 16),
+                                  ivf.index.quantizer.reconstruct_n(0, 16))
+
+
+# -- in an index directory ----------------------------------------------------------------------
+
+
+@pytest.fixture()
+def ivf_index(tmp_path: Path) -> Path:
+    out = tmp_path / "idx"
+    build_index_from_documents(docs(60), out, CFG, progress=False,
+                               dense_spec=DenseSpec(kind="ivf", nlist=2, nprobe=1))
+    return out
+
+
+def test_manifest_records_the_spec_and_load_applies_it(ivf_index: Path) -> None:
+    m = json.loads((ivf_index / "manifest.json").read_text())
+    assert m["dense_index"]["kind"] == "ivf" and m["dense_index"]["nlist"] == 2
+    assert m["settings"]["faiss_index"] == "ivf"  # the kind built, not the default asked
+    index = Index.load(ivf_index)
+    assert index.dense is not None and index.dense.spec.kind == "ivf"
+    assert index.dense.index.nprobe == 1
+    hits = HybridRetriever.open(ivf_index).search("w1 w2 w3", 5)
+    assert len(hits) == 5
+
+
+def test_nprobe_edited_in_the_manifest_applies(ivf_index: Path) -> None:
+    """nprobe is a query-time setting: a changed manifest value needs no rebuild."""
+    m = json.loads((ivf_index / "manifest.json").read_text())
+    m["dense_index"]["nprobe"] = 2
+    (ivf_index / "manifest.json").write_text(json.dumps(m))
+    index = Index.load(ivf_index)
+    assert index.dense is not None and index.dense.index.nprobe == 2
+
+
+def test_an_index_without_dense_index_still_loads(tmp_path: Path) -> None:
+    """Indexes written before the spec existed: flat and HNSW are described from FAISS."""
+    for kind in ("flat", "hnsw"):
+        out = tmp_path / kind
+        build_index_from_documents(docs(10), out, CFG, progress=False,
+                                   dense_spec=DenseSpec(kind=kind))  # type: ignore[arg-type]
+        m = json.loads((out / "manifest.json").read_text())
+        del m["dense_index"]
+        m["settings"]["faiss_index"] = kind
+        (out / "manifest.json").write_text(json.dumps(m))
+        index = Index.load(out)
+        assert index.dense is not None and index.dense.spec.kind == kind
+        if kind == "hnsw":
+            assert index.dense.index.hnsw.efSearch >= 128
+
+
+def test_a_bad_dense_index_entry_says_rebuild(ivf_index: Path) -> None:
+    m = json.loads((ivf_index / "manifest.json").read_text())
+    m["dense_index"]["kind"] = "annoy"
+    (ivf_index / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IndexError_, match="bad dense_index.*rebuild"):
+        Index.load(ivf_index)
+
+
+def test_updates_keep_the_ivf_kind(ivf_index: Path) -> None:
+    index = Index.load(ivf_index)
+    assert index.dense is not None
+    new = Document("new", "New", "n.txt", "w1 w2 w3 w4.")
+    added = add_documents(index, [new], ivf_index, embedder=HashEmbedder()).index
+    assert added.dense is not None and added.dense.spec == index.dense.spec
+    reloaded = Index.load(ivf_index).dense
+    assert reloaded is not None and reloaded.spec.kind == "ivf"
+    removed = remove_documents(added, ["d0"], ivf_index).index
+    assert removed.dense is not None
+    kept = [p.passage_id for p in added.passages if p.doc_id != "d0"]
+    np.testing.assert_array_equal(removed.dense.vectors(), added.dense.vectors()[kept])
