@@ -22,7 +22,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
@@ -55,8 +55,10 @@ STAND_IN_NOTE = (
 class Scorer(Protocol):
     """The reward model as the pipeline uses it."""
 
-    def score(self, question: str, candidates: Sequence[Candidate]) -> list[Candidate]:
-        """The candidates in the same order with ``score`` (and ``uncertainty``) filled in."""
+    def score(self, question: str, candidates: Sequence[Candidate],
+              documents: Callable[[str], Document]) -> list[Candidate]:
+        """The candidates in the same order with ``score`` (and ``uncertainty``) filled in;
+        ``documents`` gives the text around each quote."""
         ...
 
     @property
@@ -117,7 +119,7 @@ class Pipeline:
             backend.wait_ready(settings.generator_wait_s)
         from citeqa.reward.scorer import load_scorer
 
-        scorer = load_scorer(cfg.reward.model)
+        scorer = load_scorer(cfg.reward.model, cpu_dtype=cfg.generation.cpu_dtype)
         threshold = scorer.threshold if scorer is not None else None
         if threshold is not None and math.isinf(threshold) and not cfg.reward.decline_uncertified:
             logger.warning(
@@ -210,7 +212,7 @@ class Pipeline:
             assert len(outs) == len(members), f"generate_many gave {len(outs)} of {len(members)}"
             generations.update((i, (g, ms)) for i, g in zip(members, outs, strict=True))
         return [
-            self._finish(a, hits, generations[i][0],
+            self._finish(a, hits, generations[i][0], retriever.document,
                          {"retrieve_ms": retrieve_ms, "generate_ms": generations[i][1]}, t0)
             for i, (a, (_, hits, retrieve_ms)) in enumerate(zip(checked, searched, strict=True))
         ]
@@ -220,6 +222,7 @@ class Pipeline:
         args: AskArgs,
         hits: Sequence[Hit],
         generation: Generation,
+        documents: Callable[[str], Document],
         timings: dict[str, float],
         t0: float,
     ) -> Answer:
@@ -227,7 +230,7 @@ class Pipeline:
         question = args.question
         t2 = time.perf_counter()
         if self.scorer is not None:
-            scored = self.scorer.score(question, generation.candidates)
+            scored = self.scorer.score(question, generation.candidates, documents)
         else:
             scored = [replace(c, score=confidence(c)) for c in generation.candidates]
         candidates = rank(scored)

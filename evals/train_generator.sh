@@ -10,8 +10,8 @@
 #             paragraphs: 1-5 retrieved passages (the gold paragraph put among them when
 #             retrieval missed it), the first gold answer, the sentence holding it as the
 #             quote, verified verbatim;
-# 2. train:   LoRA (r=32 on attention + MLP of blocks 18-29, the top 12 of 30: a backward pass
-#             stops at block 18, which halves a step) on SmolLM2-135M-Instruct, one epoch of $N
+# 2. train:   LoRA (r=32 on attention + MLP of blocks 21-29, the top 9 of 30: a backward pass
+#             stops at block 21, which more than halves a step) on SmolLM2-135M-Instruct, one epoch of $N
 #             examples in steps of 8, in bf16 autocast where the CPU's matrix units make it pay
 #             (~1 s an example of ~510 tokens on 2 cores: about 90 minutes);
 # 3. publish: a bfloat16 copy into citeqa/generation/weights, the default generator's adapter
@@ -58,7 +58,7 @@ fi
 if [[ " $STAGES " == *" train "* ]]; then
   "${CITEQA[@]}" train generator --data "$OUT/demos-train.jsonl" --out "$OUT/adapter" \
     --epochs 1 --batch-size 8 --micro-batch-size 1 --lr 3e-4 --rank 32 --alpha 64 \
-    --targets all --first-layer 18 --threads "$THREADS" --seed 0
+    --targets all --first-layer 21 --threads "$THREADS" --seed 0
 fi
 
 if [[ " $STAGES " == *" publish "* ]]; then

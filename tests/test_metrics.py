@@ -339,3 +339,29 @@ def test_paired_bootstrap_aurc_sees_a_real_difference_and_none_between_equals() 
     assert worse.diff == pytest.approx(-better.diff) and worse.low > 0
     with pytest.raises(ValueError):
         paired_bootstrap_aurc([0.1, 0.2], [0.1], [True, False])
+
+
+def test_auroc_counts_correct_over_wrong_pairs_with_ties_as_half() -> None:
+    from citeqa.evals.metrics import auroc
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        scores = rng.integers(0, 5, size=30).astype(float)
+        correct = rng.random(30) < 0.4
+        pos, neg = scores[correct], scores[~correct]
+        brute = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+        assert auroc(scores, correct) == pytest.approx(brute)
+    assert auroc([1.0, 2.0], [True, True]) is None
+    assert auroc([-np.inf, 0.5, 0.9], [False, True, True]) == 1.0
+
+
+def test_oracle_scores_rank_every_correct_answer_first_without_ties() -> None:
+    from citeqa.evals.metrics import oracle_scores
+
+    correct = [False, True, False, True, True]
+    s = oracle_scores(correct)
+    assert len(set(s)) == 5
+    pairs = list(zip(s, correct, strict=True))
+    assert min(x for x, c in pairs if c) > max(x for x, c in pairs if not c)
+    p = 3 / 5  # a perfect ranking's AURC is (1 - p) + p ln p, up to the discrete steps
+    assert aurc(s, correct) == pytest.approx((1 - p) + p * np.log(p), abs=0.06)

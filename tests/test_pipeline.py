@@ -173,7 +173,8 @@ class ReverseScorer:
 
     threshold = 0.5
 
-    def score(self, question: str, candidates: Sequence[Candidate]) -> list[Candidate]:
+    def score(self, question: str, candidates: Sequence[Candidate],
+              documents: object = None) -> list[Candidate]:
         n = len(candidates)
         return [replace(c, score=(i + 1) / n, uncertainty=0.01) for i, c in enumerate(candidates)]
 

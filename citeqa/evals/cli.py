@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 
 from citeqa.cli_errors import fail
+from citeqa.config import MAX_CANDIDATES
 from citeqa.errors import CiteqaError
 
 eval_app = typer.Typer(
@@ -60,7 +61,11 @@ def run(
         typer.Option("--min-score", min=0.0, max=1.0, help="Decline below this score."),
     ] = None,
     n_candidates: Annotated[
-        int | None, typer.Option("--n-candidates", min=1, max=32, help="Samples per question.")
+        int | None, typer.Option("--n-candidates", min=1, max=MAX_CANDIDATES,
+                                 help="Candidates per question.")
+    ] = None,
+    answer_mode: Annotated[
+        str | None, typer.Option("--answer-mode", help="span | free (default: the preset's).")
     ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Discard a previous run in --out and start over.")
@@ -88,6 +93,7 @@ def run(
         split=split,
         min_score=min_score,
         n_candidates=n_candidates,
+        answer_mode=answer_mode,
     )
     try:
         result = run_eval(spec, out, limit=limit, sample=sample, seed=seed, force=force,

@@ -150,6 +150,35 @@ def paired_bootstrap_aurc(
     )
 
 
+def oracle_scores(correct: ArrayLike) -> list[float]:
+    """Scores of a perfect ranking: every correct answer above every wrong one, and no two
+    alike (a tie would be answered or declined as a block, which no real ranking forces)."""
+    ok = np.asarray(correct, dtype=bool)
+    return (ok * ok.size + np.arange(ok.size)).astype(float).tolist()
+
+
+def auroc(scores: ArrayLike, correct: ArrayLike) -> float | None:
+    """Area under the ROC curve of ``scores`` separating correct from incorrect answers: the
+    probability that a random correct one outscores a random incorrect one (ties count half;
+    Mann-Whitney). None when either class is empty."""
+    s, ok = _as_scores_correct(scores, correct)
+    pos, neg = s[ok], s[~ok]
+    if not pos.size or not neg.size:
+        return None
+    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
+    ranks = np.empty(order.size)
+    values = np.concatenate([pos, neg])[order]
+    i = 0
+    while i < values.size:  # average ranks over ties
+        j = i
+        while j + 1 < values.size and values[j + 1] == values[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[: pos.size].sum() - pos.size * (pos.size + 1) / 2)
+                 / (pos.size * neg.size))
+
+
 def accuracy_at_coverage(scores: ArrayLike, correct: ArrayLike, coverage: float) -> float:
     """Answered accuracy at the smallest curve point whose coverage is at least ``coverage``.
 

@@ -12,7 +12,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,9 @@ class Judged:
     quote_valid: bool | None  # answered: quote verbatim at its offsets; None when declined
     quote_has_gold: bool | None  # answered and answerable: quote contains a gold answer
     best_correct: bool  # would the best candidate be correct if it were given
+    supported: bool | None  # answered: the answer stands verbatim in its quote; None declined
+    any_correct: bool  # some candidate (verified quote) would be correct: best-of-N's ceiling
+    candidates: int  # how many candidates were generated
     scores: dict[str, float]  # curve name -> best candidate's score (-inf: nothing verifiable)
     probability: float | None  # RM score in [0, 1] of a verifiable best candidate, for ECE
     gold_rank: int | None  # rank of the gold paragraph in retrieval, None = not in the top
@@ -107,6 +110,11 @@ def judge(record: dict[str, Any], document: Callable[[str], Document]) -> Judged
         ),
         best_correct=best_answer is not None
         and M.is_correct(best_answer, golds, quote_valid=best_valid),
+        supported=None if declined else record.get("answer_start") is not None,
+        any_correct=any(c.get("quote") is not None
+                        and M.is_correct(c["answer"], golds, quote_valid=True)
+                        for c in candidates),
+        candidates=len(candidates),
         scores=scores,
         probability=float(rm) if rm is not None and 0.0 <= rm <= 1.0 else None,
         gold_rank=record.get("gold_rank"),
@@ -123,10 +131,12 @@ def _mean(values: Sequence[float | bool]) -> float | None:
 
 
 def selective(scores: Sequence[float], correct: Sequence[bool]) -> dict[str, Any]:
-    """AURC, answered accuracy at fixed coverages, coverage at target accuracies, the curve."""
+    """AURC, AUROC, answered accuracy at fixed coverages, coverage at target accuracies, the
+    curve."""
     cov, acc, _ = M.risk_coverage_curve(scores, correct)
     return {
         "aurc": M.aurc(scores, correct),
+        "auroc": M.auroc(scores, correct),
         "accuracy_at_coverage": {
             f"{c:.0%}": M.accuracy_at_coverage(scores, correct, c) for c in COVERAGES
         },
@@ -172,10 +182,24 @@ def summarize(judged: Sequence[Judged], threshold: float | None) -> dict[str, An
             ),
         },
         "always_answer_accuracy": _mean(best_correct),
+        "candidates": {  # over answerable questions: the best candidate, any candidate
+            "per_question": _mean([j.candidates for j in judged]),
+            "best_right": _mean([j.best_correct for j in ans]),
+            "any_right": _mean([j.any_correct for j in ans]),
+        },
         "selective": {
             name: selective([j.scores[name] for j in judged], best_correct) for name in SCORERS
         },
+        # a perfect ranking of the same best candidates: the best any decline signal can do
+        "oracle": selective(M.oracle_scores(best_correct), best_correct),
+        "rm_vs": {  # AURC(RM) - AURC(other), with a 95 % paired bootstrap interval
+            name: asdict(M.paired_bootstrap_aurc([j.scores["rm"] for j in judged],
+                                                 [j.scores[name] for j in judged], best_correct))
+            for name in SCORERS if name != "rm"
+        },
     }
+    out["quotes"]["supported"] = _mean([bool(j.supported) for j in given
+                                        if j.supported is not None])
     scored = [j for j in judged if j.probability is not None]
     if scored:
         probs = [j.probability for j in scored if j.probability is not None]
@@ -309,8 +333,14 @@ def render_markdown(m: dict[str, Any], run: dict[str, Any]) -> str:
         f"| answered accuracy at threshold | {_pct(m['at_threshold']['answered_accuracy'])} |",
         f"| coverage at threshold | {_pct(m['at_threshold']['coverage'])} |",
         f"| unanswerable declined | {_pct(m['unanswerable_declined'])} |",
+        f"| answerable: best candidate right / any candidate right "
+        f"({_num((m.get('candidates') or {}).get('per_question'), '.1f')} a question) | "
+        f"{_pct((m.get('candidates') or {}).get('best_right'))} / "
+        f"{_pct((m.get('candidates') or {}).get('any_right'))} |",
         f"| quote validity (given answers) | {_pct(m['quotes']['valid'])} |",
         f"| quote contains gold (given answers) | {_pct(m['quotes']['contains_gold'])} |",
+        f"| answer supported: its words stand in its quote (given answers) | "
+        f"{_pct(m['quotes'].get('supported'))} |",
         f"| ECE of the score ({m['calibration']['questions']} questions) | "
         f"{_num(m['calibration']['ece'])} |",
         f"| latency p50 / p95 | {_num(m['latency_ms']['p50'], '.0f')} ms / "
@@ -318,17 +348,19 @@ def render_markdown(m: dict[str, Any], run: dict[str, Any]) -> str:
         "",
         "### Selective answering (would-be correctness of the best candidate)",
         "",
-        "| scorer | AURC | "
+        "| scorer | AURC | AUROC | "
         + " | ".join(f"acc @ {c:.0%} cov" for c in COVERAGES)
         + " | "
         + " | ".join(f"cov @ {a:.0%} acc" for a in TARGET_ACCURACIES)
         + " |",
-        "|---" * (2 + len(COVERAGES) + len(TARGET_ACCURACIES)) + "|",
+        "|---" * (3 + len(COVERAGES) + len(TARGET_ACCURACIES)) + "|",
     ]
-    for name, label in SCORERS.items():
-        s = m["selective"][name]
+    rows = [*((SCORERS[k], m["selective"][k]) for k in SCORERS)]
+    if "oracle" in m:
+        rows.append(("oracle (a perfect ranking of the same candidates)", m["oracle"]))
+    for label, s in rows:
         lines.append(
-            f"| {label} | {_num(s['aurc'])} | "
+            f"| {label} | {_num(s['aurc'])} | {_num(s.get('auroc'))} | "
             + " | ".join(_pct(v) for v in s["accuracy_at_coverage"].values())
             + " | "
             + " | ".join(_pct(v) for v in s["coverage_at_accuracy"].values())
@@ -339,10 +371,15 @@ def render_markdown(m: dict[str, Any], run: dict[str, Any]) -> str:
     row = [
         "always answer",
         _num(None if always is None else 1 - always),
+        "–",
         _pct(always),
         *dashes,
     ]
     lines.append("| " + " | ".join(row) + " |")
+    for name, d in (m.get("rm_vs") or {}).items():
+        lines.append(f"\nAURC(RM) - AURC({SCORERS[name]}) = {d['diff']:+.3f}, 95 % paired "
+                     f"bootstrap interval [{d['low']:+.3f}, {d['high']:+.3f}]"
+                     + (" (RM better beyond noise)" if d["high"] < 0 else ""))
     r = m["retrieval"]
     lines += [
         "",

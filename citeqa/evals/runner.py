@@ -56,6 +56,7 @@ class RunSpec:
     split: str | None = None  # restrict to the articles of a project split; None = all
     min_score: float | None = None  # decline threshold; None = the pipeline's configured one
     n_candidates: int | None = None  # samples per question; None = the preset's
+    answer_mode: str | None = None  # "span" | "free"; None = the preset's
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ def identity(spec: RunSpec, dataset_sha256: str, manifest_sha256: str) -> dict[s
         "split": spec.split,
         "min_score": spec.min_score,
         "n_candidates": spec.n_candidates,
+        # only when set, so that runs from before the option existed still resume
+        **({"answer_mode": spec.answer_mode} if spec.answer_mode else {}),
     }
 
 
@@ -234,11 +237,12 @@ def prediction_record(item: QAItem, answer: Answer, rank: int | None) -> dict[st
     }
 
 
-def ask_one(pipeline: Pipeline, item: QAItem, n_candidates: int | None, min_score: float | None):
+def ask_one(pipeline: Pipeline, item: QAItem, n_candidates: int | None, min_score: float | None,
+            answer_mode: str | None = None) -> dict[str, Any]:
     """Ask one question; a question the pipeline refuses becomes a recorded decline."""
     try:
         answer = pipeline.ask(item.question, n_candidates=n_candidates, min_score=min_score,
-                              search_k=RETRIEVAL_DEPTH)
+                              search_k=RETRIEVAL_DEPTH, answer_mode=answer_mode)
     except CiteqaError as e:  # e.g. an over-long question: record it, keep going
         answer = Answer(
             question=item.question,
@@ -362,7 +366,7 @@ def run_eval(
             total=len(items), initial=resumed, desc="questions", unit="q", disable=not progress
         )
         for item in todo:
-            row = ask_one(pipeline, item, spec.n_candidates, spec.min_score)
+            row = ask_one(pipeline, item, spec.n_candidates, spec.min_score, spec.answer_mode)
             append_line(f, row)
             records.append(row)
             bar.update(1)

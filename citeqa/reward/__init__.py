@@ -1,32 +1,30 @@
-"""citeqa.reward: the reward model that scores (question, answer, quote), reranks candidates and
+"""citeqa.reward: the reward model that judges (question, answer, quote), reranks candidates and
 declines below a calibrated threshold.
 
-    RewardInput -> features (MiniLM products + scalars) -> RewardEnsemble (K heads)
-    -> score = mean sigmoid, uncertainty = spread -> threshold from calibrate_threshold (LTT)
+    candidate + the passage around its quote -> verifier.Verifier (a fine-tuned cross-encoder
+    with a reader head and K verifier heads) -> score = mean probability, uncertainty = spread
+    -> threshold from calibrate.calibrate_threshold (Learn-then-Test) -> answer or decline
 """
 
 from citeqa.reward.calibrate import Calibration, calibrate_threshold
-from citeqa.reward.data import Labelled, Pair, RewardData, load_reward_data
-from citeqa.reward.features import FeatureSpec, RewardInput, featurize
-from citeqa.reward.model import RewardEnsemble, load_model, save_model
-from citeqa.reward.scorer import RewardScorer, load_scorer
-from citeqa.reward.train import TrainConfig, train_reward
+from citeqa.reward.checkpoint import load_verifier, save_verifier
+from citeqa.reward.data import Example, VerifierData, load_verifier_data
+from citeqa.reward.scorer import VerifierScorer, load_scorer
+from citeqa.reward.train import TrainConfig, train_verifier
+from citeqa.reward.verifier import Judged, Verifier
 
 __all__ = [
     "Calibration",
-    "FeatureSpec",
-    "Labelled",
-    "Pair",
-    "RewardData",
-    "RewardEnsemble",
-    "RewardInput",
-    "RewardScorer",
+    "Example",
+    "Judged",
     "TrainConfig",
+    "Verifier",
+    "VerifierData",
+    "VerifierScorer",
     "calibrate_threshold",
-    "featurize",
-    "load_model",
-    "load_reward_data",
     "load_scorer",
-    "save_model",
-    "train_reward",
+    "load_verifier",
+    "load_verifier_data",
+    "save_verifier",
+    "train_verifier",
 ]

@@ -1,97 +1,116 @@
-"""Reward-model commands: train, calibrate (``citeqa train reward-data`` lives with the other
-training-data builders in citeqa/training/cli.py).
+"""Reward-model commands: train the verifier, calibrate its decline threshold.
 
 The main CLI registers them (see citeqa/cli.py):
 
-    app.add_typer(train_app, name="train")        # citeqa train reward
-    app.command("calibrate")(calibrate)           # citeqa calibrate
+    citeqa train reward --data FILE... --out DIR [--base ENCODER_DIR] ...
+    citeqa calibrate --data FILE... --reward DIR --target 0.8
+
+``citeqa train reward-data`` (building the data) lives with the other training-data builders in
+citeqa/training/cli.py.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated, Any
 
 import typer
 
 from citeqa.cli_errors import fail
 from citeqa.errors import CiteqaError
 
-if TYPE_CHECKING:
-    from citeqa.reward.train import TrainConfig
-
 log = logging.getLogger(__name__)
 
-train_app = typer.Typer(help="Train models (the reward model and its data).", no_args_is_help=True)
+train_app = typer.Typer(help="Train the reward model.", no_args_is_help=True)
 
 
 @train_app.command("reward")
 def reward(
     data: Annotated[list[Path], typer.Option("--data", help="Reward-data JSONL (repeatable).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the reward model.")],
-    embedder: Annotated[str, typer.Option("--embedder", help="minilm | hash.")] = "minilm",
-    scalars_only: Annotated[
-        bool, typer.Option("--scalars-only", help="No embedding features.")
-    ] = False,
-    members: Annotated[int, typer.Option("--members", min=1, max=64)] = 5,
-    hidden: Annotated[int, typer.Option("--hidden", min=0, help="0 = logistic.")] = 32,
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 300,
-    uncertainty_penalty: Annotated[
-        float, typer.Option("--uncertainty-penalty", min=0.0, help="score = mean - c * std.")
-    ] = 0.0,
-    soft_labels: Annotated[
-        bool, typer.Option("--soft-labels", help="Label term on F1 targets (graded).")
-    ] = False,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Verifier directory (resumed).")],
+    base: Annotated[
+        Path | None,
+        typer.Option("--base", help="Encoder to start from: any local Hugging Face encoder "
+                     "directory (default: the packaged all-MiniLM-L6-v2)."),
+    ] = None,
+    epochs: Annotated[float, typer.Option("--epochs", min=0.01)] = 1.0,
+    batch: Annotated[int, typer.Option("--batch", min=2, help="Examples per step.")] = 32,
+    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 3e-5,
+    members: Annotated[int, typer.Option("--members", min=1, max=16)] = 3,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=32, max=512)] = 192,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="At most this many question groups.")
+    ] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1)] = None,
+    cpu_dtype: Annotated[str, typer.Option("--cpu-dtype", help="auto | bf16 | fp32.")] = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Train the reward ensemble on labelled candidates and/or pairs; write --out."""
-    from citeqa.reward.train import TrainConfig
-
+    """Train the verifier (a cross-encoder with a reader head and an ensemble of heads) on
+    labelled candidates; writes --out, and resumes there after an interruption."""
     try:
-        metrics = train_to_dir(
-            data, out, embedder=embedder, embeddings=not scalars_only,
-            cfg=TrainConfig(
-                members=members, hidden=hidden, epochs=epochs, seed=seed, soft_labels=soft_labels
-            ),
-            uncertainty_penalty=uncertainty_penalty,
+        record = train_to_dir(
+            data, out, base=base, limit=limit, threads=threads, progress=progress,
+            cfg_kw={"epochs": epochs, "batch_examples": batch, "lr": lr, "members": members,
+                    "max_tokens": max_tokens, "seed": seed, "cpu_dtype": cpu_dtype},
         )
     except CiteqaError as e:
         raise fail(str(e)) from None
-    typer.echo(json.dumps(metrics, indent=2))
+    typer.echo(json.dumps({k: record[k] for k in ("steps", "seconds_per_step", "loss_first",
+                                                   "loss_last50", "compute")}))
     typer.echo(f"wrote {out}")
 
 
-def train_to_dir(
-    data_paths: list[Path],
-    out: Path,
-    *,
-    embedder: str = "minilm",
-    embeddings: bool = True,
-    cfg: TrainConfig | None = None,
-    uncertainty_penalty: float = 0.0,
-) -> dict[str, object]:
-    """Load data, train, save model.safetensors + config.json into ``out``; return metrics."""
-    from citeqa.retrieval.embed import load_embedder
-    from citeqa.reward.data import load_reward_data
-    from citeqa.reward.features import FeatureSpec
-    from citeqa.reward.model import save_model
-    from citeqa.reward.train import train_reward
+def train_to_dir(data_paths: list[Path], out: Path, *, base: Path | None = None,
+                 limit: int | None = None, threads: int | None = None, progress: bool = True,
+                 cfg_kw: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load data, build (or resume) the verifier in ``out``, train it; return its record."""
+    import random
 
-    data = load_reward_data(data_paths)
-    emb = load_embedder(embedder)
-    spec = FeatureSpec(embedder=embedder, embedding_dim=emb.dim, embeddings=embeddings)
-    model, metrics = train_reward(data, spec, emb if embeddings else None, cfg)
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from citeqa.errors import ModelError
+    from citeqa.retrieval.embed import minilm_dir
+    from citeqa.reward.checkpoint import load_verifier, read_config
+    from citeqa.reward.data import load_verifier_data
+    from citeqa.reward.train import PROGRESS, TrainConfig, train_verifier
+    from citeqa.reward.verifier import Verifier
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = TrainConfig(**(cfg_kw or {}))
+    data = load_verifier_data(data_paths)
+    groups = data.groups()
+    if limit is not None and limit < len(groups):
+        groups = random.Random(cfg.seed).sample(groups, limit)
+    base_dir = Path(base) if base else minilm_dir()
+    if (Path(out) / PROGRESS).is_file():  # resume what an interrupted run saved
+        read_config(Path(out))
+        model, tokenizer, _ = load_verifier(Path(out))
+        log.info("resuming the verifier in %s", out)
+    else:
+        try:
+            encoder = AutoModel.from_pretrained(base_dir, local_files_only=True,
+                                                dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot load the encoder {base_dir} ({e}); pass --base with a "
+                             "local Hugging Face encoder directory") from None
+        torch.manual_seed(cfg.seed)
+        model = Verifier(encoder, members=cfg.members, hidden=cfg.hidden)
     extra = {
-        "embedder_id": emb.model_id,
-        "uncertainty_penalty": uncertainty_penalty,
-        "generators": data.generators,
+        "base": str(base) if base else "sentence-transformers/all-MiniLM-L6-v2 (packaged)",
         "data": [str(p) for p in data_paths],
-        "metrics": metrics,
+        "groups": len(groups),
+        "examples": sum(len(g) for g in groups),
+        "generators": data.generators,
     }
-    save_model(out, model, spec, extra)
-    return metrics
+    return train_verifier(model, tokenizer, groups, cfg, out=out, extra=extra,
+                          progress=progress)
 
 
 def calibrate(
@@ -103,60 +122,47 @@ def calibrate(
     delta: Annotated[
         float, typer.Option("--delta", min=0.001, max=0.5, help="Allowed failure probability.")
     ] = 0.1,
-    n: Annotated[
-        int | None, typer.Option("-n", help="Use generations of n samples (default: largest).")
-    ] = None,
 ) -> None:
     """Choose the decline threshold on calibration data (Learn-then-Test); write
     calibration.json into the reward-model directory."""
     try:
-        summary = calibrate_dir(data, reward_dir, target=target, delta=delta, n=n)
+        summary = calibrate_dir(data, reward_dir, target=target, delta=delta)
     except CiteqaError as e:
         raise fail(str(e)) from None
     typer.echo(json.dumps(summary, indent=2))
 
 
-def calibrate_dir(
-    data_paths: list[Path],
-    reward_dir: Path,
-    *,
-    target: float,
-    delta: float,
-    n: int | None = None,
-) -> dict[str, object]:
-    """Score the calibration data, run Learn-then-Test, write calibration.json; return it
-    without the per-question lists."""
-    import math
-
+def calibrate_dir(data_paths: list[Path], reward_dir: Path, *, target: float,
+                  delta: float) -> dict[str, object]:
+    """Score the calibration candidates, run Learn-then-Test on each question's best one, write
+    calibration.json; return it without the per-question lists."""
     from citeqa.reward.calibrate import calibrate_threshold
-    from citeqa.reward.data import group_by_question, load_reward_data
-    from citeqa.reward.scorer import RewardScorer, best_per_question, write_calibration
+    from citeqa.reward.data import load_verifier_data
+    from citeqa.reward.scorer import VerifierScorer, best_per_question, write_calibration
 
-    data = load_reward_data(data_paths)
-    scorer = RewardScorer(reward_dir)
-    n = n or max((item.n for item in data.labelled), default=1)
-    groups = group_by_question(data.labelled, n)
-    if not groups:
-        raise CiteqaError(f"no labelled candidates from generations of n={n} in {data_paths}")
-    flat = [item for g in groups for item in g]
-    scores, _ = scorer.predict([item.input for item in flat])
+    data = load_verifier_data(data_paths)
+    groups = data.groups()
+    answered_questions = {g[0].group for g in groups}
+    # questions whose generation gave no candidate at all are declines: keep them in n
+    empty = [q for q in data.questions if q.get("qid") not in answered_questions]
+    scorer = VerifierScorer(reward_dir)
+    flat = [ex for g in groups for ex in g]
+    scores, _ = scorer.predict([ex.judged for ex in flat])
     it = iter(scores.tolist())
-    scored = [[(next(it), x.input.quote_valid, bool(x.label)) for x in g] for g in groups]
+    scored = [[(next(it), bool(ex.judged.quote), bool(ex.label)) for ex in g] for g in groups]
+    scored += [[] for _ in empty]
     best_scores, correct = best_per_question(scored)
-    min_answered = max(1, math.ceil(0.05 * len(groups)))  # fixed in advance (calibrate.py)
-    cal = calibrate_threshold(
-        best_scores, correct, target_accuracy=target, delta=delta, min_answered=min_answered
-    )
-    answerable = [g[0].answerable for g in groups]
+    min_answered = max(1, math.ceil(0.05 * len(scored)))  # fixed in advance (calibrate.py)
+    cal = calibrate_threshold(best_scores, correct, target_accuracy=target, delta=delta,
+                              min_answered=min_answered)
+    answerable = [bool(g[0].golds) for g in groups] + [bool(q.get("answerable")) for q in empty]
     extra = {
         "data": [str(p) for p in data_paths],
-        "n_candidates": n,
-        "answerable_share": sum(answerable) / len(answerable),
+        "answerable_share": sum(answerable) / max(len(answerable), 1),
         "oracle_accuracy": float(correct.mean()),  # answered accuracy at full coverage
         "generators": data.generators,
     }
-    path = write_calibration(
-        reward_dir, best_scores, correct, cal, min_answered=min_answered, extra=extra
-    )
+    path = write_calibration(reward_dir, best_scores, correct, cal, min_answered=min_answered,
+                             extra=extra)
     body = json.loads(path.read_text())
     return {k: v for k, v in body.items() if k not in ("scores", "correct")}

@@ -1,11 +1,12 @@
-"""The reward scorer the pipeline uses: a trained ensemble + its embedder + its calibrated
+"""The reward scorer the pipeline uses: a trained verifier (verifier.py) with its calibrated
 decline threshold, and ``load_scorer`` which resolves a reward-model name to one.
 
-``RewardScorer.score`` fills ``Candidate.score`` (mean member probability, or that minus
-``uncertainty_penalty`` times the spread when the model's config sets one) and
-``Candidate.uncertainty`` (the spread). ``threshold`` is the Learn-then-Test threshold stored in
-``calibration.json``; ``threshold_for(target)`` recalibrates from the per-question (score,
-correct) pairs kept there, so a request may ask for its own target accuracy.
+``VerifierScorer.score`` fills ``Candidate.score`` (the mean of the ensemble members'
+probabilities that the answer is right and supported by its quote) and ``Candidate.uncertainty``
+(their spread), reading each candidate with the passage around its quote. ``threshold`` is the
+Learn-then-Test threshold stored in ``calibration.json``; ``threshold_for(target)`` recalibrates
+from the per-question (score, correct) pairs kept there, so a request may ask for its own
+target accuracy.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import json
 import logging
 import math
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -24,54 +26,75 @@ import numpy as np
 import torch
 
 from citeqa.errors import ModelError
-from citeqa.retrieval.embed import Embedder, load_embedder
 from citeqa.reward.calibrate import METHOD, Calibration, calibrate_threshold
-from citeqa.reward.features import RewardInput, featurize
-from citeqa.reward.model import load_model
-from citeqa.types import Candidate
+from citeqa.reward.checkpoint import load_verifier
+from citeqa.reward.verifier import Judged, around, encode
+from citeqa.types import Candidate, Document
 
 logger = logging.getLogger(__name__)
 
 CALIBRATION = "calibration.json"
 DEFAULT_DIR = Path(__file__).resolve().parent / "weights"  # the shipped reward model
 TARGET_GRID = 0.01  # threshold_for is made monotone over targets on this grid
+SCORE_BATCH = 16  # candidates encoded together
 
 
-class RewardScorer:
-    """Scores candidates with a reward-model directory (see model.py for its layout)."""
+def judged(question: str, c: Candidate, documents: Callable[[str], Document] | None) -> Judged:
+    """How the verifier reads a candidate: with the passage around its quote."""
+    if c.quote is None:
+        return Judged(question, c.answer, "")
+    before = after = ""
+    if documents is not None:
+        try:
+            text = documents(c.quote.doc_id).text
+        except KeyError:
+            text = ""
+        if text:
+            before, after = around(text, c.quote.start, c.quote.end)
+    return Judged(question, c.answer, c.quote.text, c.quote.title, before, after)
 
-    def __init__(self, directory: Path, embedder: Embedder | None = None) -> None:
+
+class VerifierScorer:
+    """Scores candidates with a verifier directory (checkpoint.py has its layout)."""
+
+    def __init__(self, directory: Path, *, cpu_dtype: str = "auto") -> None:
+        from citeqa.compute import cpu_dtype as resolve
+
         self.directory = Path(directory)
-        self.model, self.spec, self.config = load_model(self.directory)
-        self.uncertainty_penalty = float(self.config.get("uncertainty_penalty", 0.0))
-        self._embedder = embedder
-        self._lock = threading.Lock()
+        self.model, self.tokenizer, self.config = load_verifier(self.directory)
+        self.max_tokens = int(self.config.get("max_tokens", 192))
+        self.dtype = "fp32"
+        if next(self.model.parameters()).device.type == "cpu" and resolve(cpu_dtype) == "bf16":
+            from citeqa.generation.cpu_linear import install_cpu_linears, parameters_to_bf16
+
+            parameters_to_bf16(self.model.encoder)
+            install_cpu_linears(self.model.encoder, int8_decode=False)
+            self.dtype = "bf16"
+        self._lock = threading.Lock()  # torch modules are not promised to be thread-safe
         self.calibration = read_calibration(self.directory)
+        self.name = f"verifier ({self.config.get('base', 'cross-encoder')}, {self.dtype})"
 
-    @property
-    def embedder(self) -> Embedder | None:
-        if self.spec.embeddings and self._embedder is None:
-            self._embedder = load_embedder(self.spec.embedder)
-        return self._embedder
+    def predict(self, items: Sequence[Judged]) -> tuple[np.ndarray, np.ndarray]:
+        """(score [N], uncertainty [N]) in [0, 1]; an item without a quote scores 0."""
+        scores, spread = np.zeros(len(items)), np.zeros(len(items))
+        rows = [i for i, x in enumerate(items) if x.quote]
+        for at in range(0, len(rows), SCORE_BATCH):
+            chunk = rows[at : at + SCORE_BATCH]
+            batch = encode(self.tokenizer, [items[i] for i in chunk], max_tokens=self.max_tokens)
+            with self._lock, torch.inference_mode():
+                mean, std = self.model.predict(batch)
+            scores[chunk], spread[chunk] = mean.float().numpy(), std.float().numpy()
+        return scores, spread
 
-    def predict(self, inputs: Sequence[RewardInput]) -> tuple[np.ndarray, np.ndarray]:
-        """(score [N], uncertainty [N]) for raw inputs; scores in [0, 1]."""
-        if not inputs:
-            return np.zeros(0), np.zeros(0)
-        x = torch.from_numpy(featurize(inputs, self.spec, self.embedder))
-        with self._lock:  # torch modules are not promised to be thread-safe
-            mean, std = self.model.predict(x)
-        score = (mean - self.uncertainty_penalty * std).clamp(0.0, 1.0)
-        return score.numpy().astype(float), std.numpy().astype(float)
-
-    def score(self, question: str, candidates: Sequence[Candidate]) -> list[Candidate]:
+    def score(self, question: str, candidates: Sequence[Candidate],
+              documents: Callable[[str], Document] | None = None) -> list[Candidate]:
         """The candidates in order with ``score`` and ``uncertainty`` filled in."""
-        inputs = [RewardInput.from_candidate(question, c) for c in candidates]
-        scores, spread = self.predict(inputs)
-        return [
-            replace(c, score=float(s), uncertainty=float(u))
-            for c, s, u in zip(candidates, scores, spread, strict=True)
-        ]
+        t0 = time.perf_counter()
+        scores, spread = self.predict([judged(question, c, documents) for c in candidates])
+        logger.debug("scored %d candidates in %.1f ms", len(candidates),
+                     (time.perf_counter() - t0) * 1000)
+        return [replace(c, score=float(s), uncertainty=float(u))
+                for c, s, u in zip(candidates, scores, spread, strict=True)]
 
     @property
     def threshold(self) -> float | None:
@@ -198,11 +221,9 @@ def read_calibration(directory: Path) -> CalibrationRecord | None:
     return CalibrationRecord(calibration, tuple(scores), tuple(correct), min_answered, body)
 
 
-def load_scorer(name: str | None, cache_dir: Path | None = None) -> RewardScorer | None:
+def load_scorer(name: str | None, *, cpu_dtype: str = "auto") -> Any:
     """The scorer called ``name``: "default" (the shipped weights in citeqa/reward/weights),
-    a reward-model directory, or None (no reward model). ``cache_dir`` is accepted for symmetry
-    with the generator loader; nothing is ever downloaded."""
-    del cache_dir
+    a reward-model directory, or None (no reward model). Nothing is ever downloaded."""
     if name is None:
         return None
     directory = DEFAULT_DIR if name == "default" else Path(name)
@@ -211,7 +232,13 @@ def load_scorer(name: str | None, cache_dir: Path | None = None) -> RewardScorer
             f"the default reward model is missing from {directory}; reinstall citeqa, or set "
             "the reward model to a directory from `citeqa train reward` (or none)"
         )
-    return RewardScorer(directory)
+    config = json.loads((directory / "config.json").read_text()) if (
+        directory / "config.json").is_file() else {}
+    if config.get("format") == 1:  # the feature-based model of earlier releases
+        from citeqa.reward.legacy import RewardScorer
+
+        return RewardScorer(directory)
+    return VerifierScorer(directory, cpu_dtype=cpu_dtype)
 
 
 def best_per_question(

@@ -1,145 +1,198 @@
-"""Training the reward ensemble: full-batch AdamW on Bradley–Terry pairs plus per-answer labels
-(``losses.combined_loss``), each member on its own bootstrap resample.
+"""Training the verifier: the label loss, the preference loss and the reader loss, together.
 
-The data are small (hundreds to a few thousand rows), so all K members train together in one
-loop: the stacked logits [K, N] are gathered at each member's resampled row indices and the
-flattened result goes through the shared losses, which is the mean of the members' losses.
+Batches are whole groups (one question's candidates), so that every (right, wrong) pair of a
+question can enter the Bradley-Terry term (GopherCite's preference loss). For each of the K
+members:
+
+    loss_k = BCE(logit_k, label) * bootstrap weight_k + bt_weight * BT(pairs of the group)
+    loss   = mean_k(loss_k) + reader_weight * CE(start, gold start) + CE(end, gold end)
+
+Bootstrap weights (Poisson(1) per example and member) make the members differ beyond their
+seeds: an ensemble whose spread means something (Lakshminarayanan et al. 2017). The reader
+learns where in the passage the gold answer is ([CLS] when nowhere), on every example.
+
+The encoder computes in bf16 autocast where the CPU's matrix units pay (``citeqa.compute``);
+weights and optimizer state stay fp32. Training saves the verifier every ``save_every`` steps
+and at the end (``checkpoint.save_verifier``), with ``progress.json``; a rerun continues from
+the saved step (the optimizer's moments start afresh).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import random
+import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from citeqa.retrieval.embed import Embedder
-from citeqa.reward.data import RewardData
-from citeqa.reward.features import FeatureSpec, featurize
-from citeqa.reward.losses import combined_loss
-from citeqa.reward.model import RewardEnsemble
+from citeqa.compute import cpu_dtype, training_autocast
+from citeqa.reward.data import Example
+from citeqa.reward.losses import bradley_terry_loss
+from citeqa.reward.verifier import Batch, Verifier, encode
 
 logger = logging.getLogger(__name__)
+
+PROGRESS = "progress.json"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    members: int = 5  # ensemble size K
-    hidden: int = 32  # hidden units per member; 0 = logistic regression
-    epochs: int = 300  # full-batch optimisation steps
-    lr: float = 3e-3  # AdamW learning rate
-    weight_decay: float = 1e-2  # AdamW decoupled weight decay
-    bootstrap: bool = True  # each member sees a bootstrap resample (else all rows, own seed)
-    preference_weight: float = 1.0  # weight of the Bradley–Terry term
-    label_weight: float = 1.0  # weight of the per-answer label term
-    soft_labels: bool = False  # train the label term on F1 targets where the data have them
+    epochs: float = 1.0  # passes over the groups (fractions allowed)
+    batch_examples: int = 32  # examples per optimizer step (whole groups, up to this many)
+    lr: float = 3e-5  # AdamW learning rate of the encoder
+    head_lr: float = 1e-3  # ... of the reader and the verifier heads
+    warmup_steps: int = 100  # linear warm-up, then linear decay to 0
+    weight_decay: float = 0.01
+    bt_weight: float = 1.0  # weight of the preference (Bradley-Terry) term
+    reader_weight: float = 0.5  # weight of the reader's start/end loss
+    max_tokens: int = 192  # tokens a candidate is cut to
+    members: int = 3  # verifier heads (the ensemble)
+    hidden: int = 128  # hidden units of each head
+    save_every: int = 200  # steps between checkpoints
     seed: int = 0
+    cpu_dtype: str = "auto"  # bf16 autocast where it pays (citeqa.compute)
 
 
-def _resample(n: int, members: int, bootstrap: bool, gen: torch.Generator) -> torch.Tensor:
-    """Row indices per member: [K, n] (bootstrap draws, or every row in order)."""
-    if not bootstrap:
-        return torch.arange(n).expand(members, n)
-    return torch.randint(0, n, (members, n), generator=gen)
+def batches(groups: Sequence[Sequence[Example]], size: int, rng: random.Random,
+            ) -> list[list[Example]]:
+    """Groups shuffled, then packed into batches of at most ``size`` examples (a group larger
+    than ``size`` is cut)."""
+    order = list(range(len(groups)))
+    rng.shuffle(order)
+    out: list[list[Example]] = []
+    current: list[Example] = []
+    for i in order:
+        group = list(groups[i])[:size]
+        if len(current) + len(group) > size:
+            out.append(current)
+            current = []
+        current.extend(group)
+    if current:
+        out.append(current)
+    return out
 
 
-def fit_ensemble(
-    x: np.ndarray,
-    labels: np.ndarray,
-    x_a: np.ndarray,
-    x_b: np.ndarray,
-    preferred: np.ndarray,
-    cfg: TrainConfig,
-    *,
-    progress: bool = False,
-) -> tuple[RewardEnsemble, list[float]]:
-    """Fit an ensemble on feature rows: labelled ``x`` [N, D] with ``labels`` [N], and pairs
-    ``x_a``, ``x_b`` [P, D] with ``preferred`` [P] (0 = a). Either part may be empty.
+def pair_indices(examples: Sequence[Example]) -> tuple[list[int], list[int]]:
+    """(right, wrong) example positions of every pair within the same group."""
+    by_group: dict[str, tuple[list[int], list[int]]] = {}
+    for i, ex in enumerate(examples):
+        right, wrong = by_group.setdefault(ex.group, ([], []))
+        (right if ex.label else wrong).append(i)
+    a, b = [], []
+    for right, wrong in by_group.values():
+        for r in right:
+            for w in wrong:
+                a.append(r)
+                b.append(w)
+    return a, b
 
-    Returns the model and the loss at every step.
-    """
-    n, p = len(x), len(x_a)
-    if n == 0 and p == 0:
-        raise ValueError("nothing to train on: no labelled rows and no pairs")
-    dim = (x if n else x_a).shape[1]
+
+def step_loss(model: Verifier, batch: Batch, examples: Sequence[Example], cfg: TrainConfig,
+              weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss of one batch and its parts; ``weights`` [K, N] bootstrap weights."""
+    logits, start, end = model(batch)  # [K, N], [N, S], [N, S]
+    labels = torch.tensor([ex.label for ex in examples], dtype=torch.float32)
+    bce = F.binary_cross_entropy_with_logits(logits, labels.expand_as(logits), reduction="none")
+    label_loss = (bce * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # [K]
+    loss = label_loss.mean()
+    parts = {"label": float(label_loss.mean().detach())}
+    a, b = pair_indices(examples)
+    if a:
+        bt = torch.stack([bradley_terry_loss(k[a], k[b], torch.zeros(len(a))) for k in logits])
+        loss = loss + cfg.bt_weight * bt.mean()
+        parts["preference"] = float(bt.mean().detach())
+    assert batch.gold_tokens is not None
+    gold = batch.gold_tokens
+    reader = F.cross_entropy(start, gold[:, 0]) + F.cross_entropy(end, gold[:, 1])
+    loss = loss + cfg.reader_weight * reader
+    parts["reader"] = float(reader.detach())
+    return loss, parts
+
+
+def train_verifier(model: Verifier, tokenizer: Any, groups: Sequence[Sequence[Example]],
+                   cfg: TrainConfig, *, out: Path | None = None, extra: dict[str, Any] | None
+                   = None, progress: bool = True) -> dict[str, Any]:
+    """Train ``model`` in place on ``groups``; with ``out``, save and resume there. Returns the
+    training record (losses, steps, seconds)."""
+    from citeqa.reward.checkpoint import save_verifier
+
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model = RewardEnsemble(dim, cfg.members, cfg.hidden)
-    all_rows = np.concatenate([r for r in (x, x_a, x_b) if len(r)], axis=0)
-    model.set_standardisation(torch.from_numpy(all_rows).float())
-
-    xt, yt = torch.from_numpy(x).float(), torch.from_numpy(labels).float()
-    at, bt = torch.from_numpy(x_a).float(), torch.from_numpy(x_b).float()
-    pt = torch.from_numpy(preferred).long()
-    members = torch.arange(cfg.members)[:, None]  # [K, 1]
-    rows = _resample(n, cfg.members, cfg.bootstrap, gen) if n else None  # [K, N]
-    pairs = _resample(p, cfg.members, cfg.bootstrap, gen) if p else None  # [K, P]
-
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    history: list[float] = []
-    for _ in tqdm(range(cfg.epochs), desc="training reward model", disable=not progress):
-        opt.zero_grad()
-        kw: dict[str, Any] = {
-            "preference_weight": cfg.preference_weight,
-            "label_weight": cfg.label_weight,
-        }
-        if rows is not None:
-            logits = model(xt)  # [K, N]
-            kw["logits"] = logits[members, rows].reshape(-1)  # [K*N]
-            kw["labels"] = yt[rows].reshape(-1)
-        if pairs is not None:
-            la, lb = model(at), model(bt)  # [K, P] each
-            kw["pair_logits"] = (la[members, pairs].reshape(-1), lb[members, pairs].reshape(-1))
-            kw["preferred"] = pt[pairs].reshape(-1)
-        loss = combined_loss(**kw)
+    plan = [b for epoch in range(math.ceil(cfg.epochs)) for b in batches(groups,
+            cfg.batch_examples, random.Random(f"{cfg.seed}:{epoch}"))]
+    total = max(1, int(len(plan) * cfg.epochs / math.ceil(cfg.epochs)))
+    plan = plan[:total]
+    done = _resume_step(out)
+    head_params = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    optimizer = torch.optim.AdamW([
+        {"params": list(model.encoder.parameters()), "lr": cfg.lr},
+        {"params": head_params, "lr": cfg.head_lr},
+    ], weight_decay=cfg.weight_decay)
+    base = [g["lr"] for g in optimizer.param_groups]
+    device = next(model.parameters()).device.type
+    model.train()
+    history: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, initial=done, desc="training verifier", disable=not progress)
+    for step in range(done, total):
+        examples = plan[step]
+        batch = encode(tokenizer, [ex.judged for ex in examples],
+                       golds=[ex.golds for ex in examples], max_tokens=cfg.max_tokens)
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
+        weights = torch.poisson(torch.ones(cfg.members, len(examples)), generator=gen)
+        scale = min((step + 1) / max(cfg.warmup_steps, 1), max(0.0, (total - step) / max(
+            total - cfg.warmup_steps, 1)))
+        for group, lr in zip(optimizer.param_groups, base, strict=True):
+            group["lr"] = lr * scale
+        with training_autocast(device, cfg.cpu_dtype):
+            loss, parts = step_loss(model, batch, examples, cfg, weights)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        history.append(loss.item())
-    return model.eval(), history
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        history.append({"step": step + 1, "loss": float(loss.detach()), **parts,
+                        "seconds": time.perf_counter() - t0})
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        if out is not None and ((step + 1) % cfg.save_every == 0 or step + 1 == total):
+            model.eval()
+            record = _record(cfg, history, step + 1, total, device, extra)
+            save_verifier(out, model, tokenizer, {"training": record})
+            (Path(out) / PROGRESS).write_text(json.dumps({"step": step + 1, "total": total}))
+            model.train()
+    bar.close()
+    model.eval()
+    return _record(cfg, history, total, total, device, extra)
 
 
-def train_reward(
-    data: RewardData,
-    spec: FeatureSpec,
-    embedder: Embedder | None,
-    cfg: TrainConfig | None = None,
-    *,
-    progress: bool = False,
-) -> tuple[RewardEnsemble, dict[str, Any]]:
-    """Featurise ``data`` and fit the ensemble; returns the model and training metrics."""
-    cfg = cfg or TrainConfig()
-    inputs = (
-        [item.input for item in data.labelled]
-        + [pair.a for pair in data.pairs]
-        + [pair.b for pair in data.pairs]
-    )
-    feats = featurize(inputs, spec, embedder)
-    n, p = len(data.labelled), len(data.pairs)
-    x, x_a, x_b = feats[:n], feats[n : n + p], feats[n + p :]
-    targets = [
-        item.soft if cfg.soft_labels and item.soft is not None else item.label
-        for item in data.labelled
-    ]
-    labels = np.array(targets, dtype=np.float32)
-    preferred = np.array([pair.preferred for pair in data.pairs], dtype=np.int64)
-    model, history = fit_ensemble(x, labels, x_a, x_b, preferred, cfg, progress=progress)
-
-    hard = np.array([item.label for item in data.labelled], dtype=bool)
-    metrics: dict[str, Any] = {
-        "labelled": n,
-        "pairs": p,
-        "positive_rate": float(hard.mean()) if n else None,
-        "loss_first": history[0],
-        "loss_last": history[-1],
-        "train": asdict(cfg),
+def _record(cfg: TrainConfig, history: Sequence[dict[str, float]], step: int, total: int,
+            device: str, extra: dict[str, Any] | None) -> dict[str, Any]:
+    tail = history[-50:]
+    return {
+        "config": asdict(cfg),
+        "compute": cpu_dtype(cfg.cpu_dtype) if device == "cpu" else device,
+        "steps": step,
+        "total_steps": total,
+        "seconds_this_run": history[-1]["seconds"] if history else 0.0,
+        "seconds_per_step": (history[-1]["seconds"] / len(history)) if history else None,
+        "loss_first": history[0]["loss"] if history else None,
+        "loss_last50": sum(h["loss"] for h in tail) / len(tail) if tail else None,
+        **(extra or {}),
     }
-    if p:
-        mean_a, _ = model.predict(torch.from_numpy(x_a))
-        mean_b, _ = model.predict(torch.from_numpy(x_b))
-        wins = np.where(preferred == 0, mean_a > mean_b, mean_b > mean_a)
-        metrics["train_pair_accuracy"] = float(wins.mean())
-    logger.info("trained reward model: %s", metrics)
-    return model, metrics
+
+
+def _resume_step(out: Path | None) -> int:
+    """The step a previous run saved in ``out`` (0 when none)."""
+    if out is None or not (Path(out) / PROGRESS).is_file():
+        return 0
+    try:
+        return int(json.loads((Path(out) / PROGRESS).read_text())["step"])
+    except (ValueError, KeyError):
+        return 0

@@ -211,54 +211,126 @@ def export_generator_cmd(
 @app.command("reward-data")
 def reward_data(
     dataset: Annotated[Path, typer.Option("--dataset", help="SQuAD JSON or JSONL questions.")],
-    index: Annotated[Path, typer.Option("--index", "-i", help="Index over the dataset's text.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="JSONL to append to (resumable).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSONL to write (generator: resumed).")],
+    source: Annotated[
+        str, typer.Option("--from", help="generator: the served generator's candidates; "
+                          "synthetic: gold answers against made negatives; redteam: made "
+                          "unanswerable questions with the original answer.")
+    ] = "generator",
+    index: Annotated[
+        Path | None, typer.Option("--index", "-i", help="Index over the dataset's text "
+                                  "(generator, synthetic).")
+    ] = None,
     split: Annotated[
         str | None, typer.Option("--split", help="train | calibration | eval articles.")
-    ] = "train",
+    ] = None,
     limit: Annotated[
         int | None, typer.Option("--limit", min=1, help="At most this many questions.")
     ] = None,
     n_candidates: Annotated[
-        int, typer.Option("--n-candidates", "-n", min=1, max=MAX_CANDIDATES)
-    ] = 4,
-    greedy: Annotated[
-        bool, typer.Option("--greedy", help="Also one greedy (n=1) generation per question.")
-    ] = False,
+        int, typer.Option("--n-candidates", "-n", min=1, max=MAX_CANDIDATES,
+                          help="Candidates per question (generator).")
+    ] = 3,
     preset_name: Annotated[str, typer.Option("--preset", help="default | tiny.")] = "default",
     threads: Annotated[int | None, typer.Option("--threads", min=1)] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Order of the sampled questions.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Question order and choices.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Generate candidates for the dataset's questions and label them against the golds."""
-    from citeqa.config import Settings
+    """Build verifier training (or calibration) data from a question set; see
+    citeqa/training/verifier_data.py for what each --from makes."""
     from citeqa.evals.squad import articles_for_split, load_questions
-    from citeqa.pipeline import Pipeline
-    from citeqa.training.reward_data import build_reward_data
 
+    if source not in ("generator", "synthetic", "redteam"):
+        raise fail(f"--from must be generator, synthetic or redteam, not {source!r}")
+    if source != "redteam" and index is None:
+        raise fail(f"--from {source} needs --index")
     try:
-        articles = articles_for_split(split) if split else None
-        items = load_questions(dataset, articles)
-        random.Random(seed).shuffle(items)  # a limit then samples every article
-        items = items[:limit] if limit else items
-        settings = Settings(preset=preset_name, index=index)  # type: ignore[arg-type]
-        pipeline = Pipeline.from_settings(settings)
         if threads:
             import torch
 
             torch.set_num_threads(threads)
-        stats = build_reward_data(
-            pipeline, items, out, n=n_candidates, greedy=greedy, progress=progress
-        )
-    except CiteqaError as e:
+        items = load_questions(dataset, articles_for_split(split) if split else None)
+        random.Random(seed).shuffle(items)  # a limit then samples every article
+        items = items[:limit] if limit else items
+        if source == "generator":
+            summary = _generator_data(items, index, out, n_candidates, preset_name, progress)
+        elif source == "synthetic":
+            summary = _synthetic_data(items, dataset, index, out, seed, progress)
+        else:
+            summary = _redteam_data(items, out, seed, progress)
+    except (CiteqaError, ValueError) as e:
         raise fail(str(e)) from None
-    except ValueError as e:
-        raise fail(str(e)) from None
-    typer.echo(
-        f"{stats.questions} questions ({stats.skipped} already done): {stats.candidates} "
-        f"candidates, {stats.correct} correct, {stats.pairs} pairs in {stats.seconds:.0f} s "
-        f"-> {out}"
-    )
+    summary["command"] = shlex.join(["citeqa", *sys.argv[1:]])
+    out.with_name(out.name + ".stats.json").write_text(json.dumps(summary, indent=2) + "\n")
+    typer.echo(json.dumps(summary))
+
+
+def _generator_data(items, index, out, n, preset_name, progress) -> dict:
+    from citeqa.config import Settings
+    from citeqa.pipeline import Pipeline
+    from citeqa.training.verifier_data import generator_examples
+
+    pipeline = Pipeline.from_settings(Settings(preset=preset_name, index=index))  # type: ignore[arg-type]
+    stats = generator_examples(pipeline, items, out, n=n, progress=progress)
+    return {"questions": stats.questions, "already_done": stats.skipped,
+            "examples": stats.examples, "right": stats.right, "seconds": round(stats.seconds)}
+
+
+def _synthetic_data(items, dataset, index, out, seed, progress) -> dict:
+    from tqdm.auto import tqdm
+
+    from citeqa.retrieval import HybridRetriever
+    from citeqa.training.demos import squad_answer_starts
+    from citeqa.training.verifier_data import plausible_answers, stats_of, synthetic_examples
+
+    retriever = HybridRetriever.open(index)  # searched by BM25 alone: no embedder to load
+    starts = squad_answer_starts(dataset)
+    plausible = plausible_answers(dataset) if Path(dataset).suffix == ".json" else {}
+    rng = random.Random(seed)
+    made = []
+    for item in tqdm(items, desc="synthetic data", disable=not progress):
+        if not item.context.strip():
+            continue
+        start = starts.get(item.id, {}).get(item.answers[0]) if item.answers else None
+        hits = retriever.search(item.question, k=4, mode="bm25")
+        made += synthetic_examples(item, start, item.article.replace("_", " "), hits, rng,
+                                   plausible.get(item.id, ()))
+    _write_all(out, made)
+    return {"questions": len(items), "examples": len(made), "by_source": stats_of(made)}
+
+
+def _redteam_data(items, out, seed, progress) -> dict:
+    from collections import Counter
+
+    from citeqa.redteam import Corpus, Seed, make_variants
+    from citeqa.training.verifier_data import redteam_examples
+
+    seeds = [Seed(q.question, q.context, q.answers[0], q.id) for q in items
+             if q.answerable and q.context.strip()]
+    title_of = {q.context: q.article.replace("_", " ") for q in items}
+    corpus = Corpus.build(dict.fromkeys(q.context for q in items if q.context.strip()))
+    variants = make_variants(seeds, corpus, seed=seed)
+    made = list(redteam_examples(variants, title_of.get))
+    variants_out = out.with_name(out.name + ".variants.jsonl")
+    tmp = variants_out.with_name(variants_out.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for v in variants:
+            f.write(json.dumps(v.to_json(), ensure_ascii=False) + "\n")
+    tmp.replace(variants_out)
+    _write_all(out, made)
+    kinds = Counter(v.kind for v in variants)
+    return {"seeds": len(seeds), "variants": len(variants), "by_kind": dict(sorted(kinds.items())),
+            "unanswerable": sum(not v.answerable for v in variants), "examples": len(made)}
+
+
+def _write_all(out: Path, examples) -> None:
+    """Write ``out`` whole or not at all (a rerun sees a finished file or none)."""
+    from citeqa.reward.data import write_examples
+
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        write_examples(f, examples)
+    tmp.replace(out)
 
 
 if __name__ == "__main__":  # python -m citeqa.training.cli ... (before `citeqa train` exists)

@@ -1,0 +1,120 @@
+"""A verifier on disk: its directory format, writing it atomically and loading it with checks.
+
+    rm/
+      config.json        {"format": 2, "kind": "cross-encoder", "members", "hidden",
+                          "max_tokens", "base": the encoder it started from, ...training facts}
+      encoder/           the fine-tuned encoder as a Hugging Face directory (config.json,
+                         model.safetensors in bfloat16, tokenizer files)
+      heads.safetensors  the reader and the verifier heads (float32)
+      calibration.json   optional, written by ``citeqa calibrate`` (scorer.py)
+      MODEL_CARD.md
+
+Plain data only (JSON, safetensors); loading never downloads and says what to do when a file is
+missing or corrupt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from citeqa.errors import ModelError
+from citeqa.reward.verifier import MAX_TOKENS, Verifier
+
+FORMAT = 2  # format 1 was the feature-based ensemble of earlier releases
+KIND = "cross-encoder"
+CONFIG, HEADS, ENCODER = "config.json", "heads.safetensors", "encoder"
+RETRAIN = "train one with `citeqa train reward --out DIR`"
+
+
+def save_verifier(out: Path, model: Verifier, tokenizer: Any, extra: dict[str, Any]) -> None:
+    """Write ``model`` into ``out`` (a temporary sibling first, then renamed over it; files
+    beside it such as calibration.json are kept)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        encoder = model.encoder
+        dtype = next(encoder.parameters()).dtype
+        encoder.to(torch.bfloat16)
+        encoder.save_pretrained(tmp / ENCODER, safe_serialization=True)
+        encoder.to(dtype)
+        tokenizer.save_pretrained(tmp / ENCODER)
+        heads = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()
+                 if not k.startswith("encoder.")}
+        save_file(heads, str(tmp / HEADS))
+        config = {"format": FORMAT, "kind": KIND, "members": model.members,
+                  "hidden": model.hidden, "max_tokens": MAX_TOKENS, **extra}
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        if out.exists():
+            for keep in out.iterdir():  # calibration, card: what training does not rewrite
+                if keep.name not in (CONFIG, HEADS, ENCODER) and not (tmp / keep.name).exists():
+                    if keep.is_file():
+                        shutil.copy2(keep, tmp / keep.name)
+        for path in [tmp, *tmp.rglob("*")]:
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        old = out.with_name(f".{out.name}.old")
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    """config.json of a verifier directory, or ModelError saying what is wrong."""
+    directory = Path(directory)
+    path = directory / CONFIG
+    if not directory.is_dir():
+        raise ModelError(f"reward model directory {directory} does not exist; {RETRAIN}")
+    if not path.is_file():
+        raise ModelError(f"{directory} has no {CONFIG}, so it is not a reward model; {RETRAIN}")
+    try:
+        config = json.loads(path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, OSError) as e:
+        raise ModelError(f"{path} is corrupt ({e}); {RETRAIN}") from None
+    if config.get("format") != FORMAT or config.get("kind") != KIND:
+        raise ModelError(
+            f"{path} is a reward model of format {config.get('format')!r}; this citeqa reads "
+            f"format {FORMAT} ({KIND}); {RETRAIN}"
+        )
+    return config
+
+
+def load_verifier(directory: Path) -> tuple[Verifier, Any, dict[str, Any]]:
+    """(verifier in eval mode, its tokenizer, config) from a directory ``save_verifier`` wrote.
+    Never downloads."""
+    from transformers import AutoModel, AutoTokenizer
+
+    directory = Path(directory)
+    config = read_config(directory)
+    try:
+        encoder = AutoModel.from_pretrained(directory / ENCODER, local_files_only=True,
+                                            dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(directory / ENCODER, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the encoder in {directory / ENCODER} ({e}); {RETRAIN}"
+                         ) from None
+    model = Verifier(encoder, members=int(config["members"]), hidden=int(config["hidden"]))
+    try:
+        heads = load_file(str(directory / HEADS))
+    except (SafetensorError, OSError, ValueError, FileNotFoundError) as e:
+        raise ModelError(f"{directory / HEADS} is missing or corrupt ({e}); {RETRAIN}") from None
+    missing, unexpected = model.load_state_dict(heads, strict=False)
+    missing = [k for k in missing if not k.startswith("encoder.")]
+    if missing or unexpected:
+        raise ModelError(f"{directory / HEADS} does not match {CONFIG} (missing {missing}, "
+                         f"unexpected {unexpected}); {RETRAIN}")
+    return model.eval(), tokenizer, config

@@ -1,0 +1,85 @@
+"""The feature-based reward model of earlier releases (format 1), kept only so that its shipped
+weights keep loading until the verifier (verifier.py) replaces them. Scheduled for removal."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from citeqa.errors import ModelError
+from citeqa.retrieval.embed import Embedder, load_embedder
+from citeqa.reward.features import RewardInput, featurize
+from citeqa.reward.model import load_model
+from citeqa.reward.scorer import CALIBRATION, _monotone_threshold, read_calibration
+from citeqa.types import Candidate
+
+
+class RewardScorer:
+    """Scores candidates with a reward-model directory (see model.py for its layout)."""
+
+    def __init__(self, directory: Path, embedder: Embedder | None = None) -> None:
+        self.directory = Path(directory)
+        self.model, self.spec, self.config = load_model(self.directory)
+        self.uncertainty_penalty = float(self.config.get("uncertainty_penalty", 0.0))
+        self._embedder = embedder
+        self._lock = threading.Lock()
+        self.calibration = read_calibration(self.directory)
+
+    @property
+    def embedder(self) -> Embedder | None:
+        if self.spec.embeddings and self._embedder is None:
+            self._embedder = load_embedder(self.spec.embedder)
+        return self._embedder
+
+    def predict(self, inputs: Sequence[RewardInput]) -> tuple[np.ndarray, np.ndarray]:
+        """(score [N], uncertainty [N]) for raw inputs; scores in [0, 1]."""
+        if not inputs:
+            return np.zeros(0), np.zeros(0)
+        x = torch.from_numpy(featurize(inputs, self.spec, self.embedder))
+        with self._lock:  # torch modules are not promised to be thread-safe
+            mean, std = self.model.predict(x)
+        score = (mean - self.uncertainty_penalty * std).clamp(0.0, 1.0)
+        return score.numpy().astype(float), std.numpy().astype(float)
+
+    def score(self, question: str, candidates: Sequence[Candidate],
+              documents: object = None) -> list[Candidate]:
+        """The candidates in order with ``score`` and ``uncertainty`` filled in (this model
+        reads no passage: ``documents`` is ignored)."""
+        inputs = [RewardInput.from_candidate(question, c) for c in candidates]
+        scores, spread = self.predict(inputs)
+        return [
+            replace(c, score=float(s), uncertainty=float(u))
+            for c, s, u in zip(candidates, scores, spread, strict=True)
+        ]
+
+    @property
+    def threshold(self) -> float | None:
+        """The calibrated decline threshold (None when the model was never calibrated)."""
+        if self.calibration is None:
+            return None
+        return self.calibration.calibration.threshold
+
+    def threshold_for(self, target_accuracy: float) -> float:
+        """The decline threshold guaranteeing ``target_accuracy`` (with the stored delta).
+
+        Raises ModelError when the model was never calibrated. Monotone: the threshold for a
+        target is the highest Learn-then-Test threshold over the targets up to it on a 0.01
+        grid, so asking for more accuracy never answers more questions.
+        """
+        if self.calibration is None:
+            raise ModelError(
+                f"{self.directory} has no {CALIBRATION}; run `citeqa calibrate --reward "
+                f"{self.directory} --data FILE` first"
+            )
+        cal = self.calibration
+        return _monotone_threshold(
+            cal.scores, cal.correct, float(target_accuracy), cal.calibration.delta,
+            cal.min_answered,
+        )
+
+

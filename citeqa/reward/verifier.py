@@ -1,0 +1,194 @@
+"""The verifier: a fine-tuned cross-encoder that reads the question, a candidate answer, its quote
+and the passage around the quote, and gives the probability that the answer is right and
+supported by the quote.
+
+    question  [SEP]  answer | title: ...before << quote >> after...
+       |                                  |
+    encoder (all-MiniLM-L6-v2 fine-tuned, or any Hugging Face encoder directory)
+       |-- reader: start/end logits over the tokens (extractive QA, trained on SQuAD: where in
+       |           this passage is the answer? [CLS] when nowhere)
+       |-- K heads, each MLP([CLS] state, log P_reader(the candidate's span), log P_reader(none))
+       `-- score = mean of the K sigmoids; uncertainty = their standard deviation
+
+The reader is an auxiliary task and an agreement signal: does a reader find THIS answer here?
+It never needs the generator's log-probabilities, so any generator (a remote engine included)
+can be judged. Pure parts (rendering a candidate as text, mapping its answer to tokens) are
+functions; ``Verifier`` is the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from citeqa.text import normalize_answer
+
+CONTEXT_CHARS = 240  # passage text shown on each side of the quote
+MAX_TOKENS = 192  # the encoder reads at most this many tokens per candidate
+QUOTE_OPEN, QUOTE_CLOSE = " << ", " >> "
+ANSWER_SEP = " | "
+
+
+@dataclass(frozen=True)
+class Judged:
+    """One candidate as the verifier reads it."""
+
+    question: str
+    answer: str
+    quote: str  # "" when the quote failed verification
+    title: str = ""
+    before: str = ""  # the passage right before the quote (up to CONTEXT_CHARS)
+    after: str = ""  # right after it
+
+
+def around(text: str, start: int, end: int, chars: int = CONTEXT_CHARS) -> tuple[str, str]:
+    """The text before ``[start, end)`` and after it, at most ``chars`` each, cut at spaces."""
+    before = text[max(0, start - chars):start]
+    if start - chars > 0 and " " in before:
+        before = before[before.index(" ") + 1:]
+    after = text[end:end + chars]
+    if end + chars < len(text) and " " in after:
+        after = after[: after.rindex(" ")]
+    return before, after
+
+
+def render(x: Judged) -> tuple[str, str, tuple[int, int] | None]:
+    """``(text_a, text_b, answer_span)``: the question; the answer and the marked passage; and
+    where the answer stands inside the quote part of ``text_b`` (characters), or None when its
+    words are not there (a free-mode answer the quote does not hold)."""
+    head = f"{x.answer}{ANSWER_SEP}{x.title}:"
+    before = f" {x.before.strip()}" if x.before.strip() else ""
+    quote_at = len(head) + len(before) + len(QUOTE_OPEN)
+    text_b = f"{head}{before}{QUOTE_OPEN}{x.quote}{QUOTE_CLOSE}{x.after.strip()}"
+    span = _find(x.answer, x.quote)
+    return x.question, text_b, None if span is None else (quote_at + span[0], quote_at + span[1])
+
+
+def _find(answer: str, quote: str) -> tuple[int, int] | None:
+    """The answer's first occurrence in the quote: exact, else case-insensitive."""
+    answer = answer.strip()
+    if not answer:
+        return None
+    i = quote.find(answer)
+    if i < 0:
+        i = quote.lower().find(answer.lower())
+    return None if i < 0 else (i, i + len(answer))
+
+
+def gold_span(text_b: str, golds: Sequence[str]) -> tuple[int, int] | None:
+    """Where a gold answer stands in the passage part of ``text_b`` (after the answer copy),
+    for the reader's target; None when none does (the reader should point at [CLS])."""
+    start = text_b.find(ANSWER_SEP)
+    start = 0 if start < 0 else start + len(ANSWER_SEP)
+    for g in golds:
+        g = g.strip()
+        if g and normalize_answer(g):
+            i = text_b.find(g, start)
+            if i >= 0:
+                return i, i + len(g)
+    return None
+
+
+def char_to_tokens(offsets: Sequence[tuple[int, int]], sequence_ids: Sequence[int | None],
+                   span: tuple[int, int] | None) -> tuple[int, int]:
+    """Token indices (first, last) of a character span of text_b; (0, 0) ([CLS]) when the span
+    is None or was truncated away."""
+    if span is None:
+        return 0, 0
+    first = last = None
+    for i, ((s, e), seq) in enumerate(zip(offsets, sequence_ids, strict=True)):
+        if seq != 1 or e <= s:
+            continue
+        if first is None and e > span[0]:
+            first = i
+        if s < span[1]:
+            last = i
+    if first is None or last is None or last < first:
+        return 0, 0
+    return first, last
+
+
+@dataclass
+class Batch:
+    """Encoded candidates: model inputs and, per row, the candidate's answer tokens."""
+
+    input_ids: Tensor  # [N, S]
+    attention_mask: Tensor  # [N, S]
+    token_type_ids: Tensor | None  # [N, S]
+    answer_tokens: Tensor  # [N, 2] (first, last) of the candidate's answer; (0, 0) none
+    gold_tokens: Tensor | None = None  # [N, 2] the reader's target; (0, 0) = [CLS]
+
+
+def encode(tokenizer: Any, items: Sequence[Judged], *, golds: Sequence[Sequence[str]] | None
+           = None, max_tokens: int = MAX_TOKENS) -> Batch:
+    """Tokenize candidates as (question, answer + marked passage) pairs, truncating the
+    passage side, and locate each answer (and gold answer, for training) in tokens."""
+    rendered = [render(x) for x in items]
+    enc = tokenizer([a for a, _, _ in rendered], [b for _, b, _ in rendered],
+                    truncation="only_second", max_length=max_tokens, padding=True,
+                    return_offsets_mapping=True, return_tensors="pt")
+    answer_tokens, gold_tokens = [], []
+    for i, (_, text_b, span) in enumerate(rendered):
+        offsets = enc["offset_mapping"][i].tolist()
+        seq = enc.sequence_ids(i)
+        answer_tokens.append(char_to_tokens(offsets, seq, span))
+        if golds is not None:
+            gold_tokens.append(char_to_tokens(offsets, seq, gold_span(text_b, golds[i])))
+    return Batch(
+        input_ids=enc["input_ids"],
+        attention_mask=enc["attention_mask"],
+        token_type_ids=enc.get("token_type_ids"),
+        answer_tokens=torch.tensor(answer_tokens, dtype=torch.long),
+        gold_tokens=torch.tensor(gold_tokens, dtype=torch.long) if golds is not None else None,
+    )
+
+
+class Verifier(nn.Module):
+    """Encoder + reader head + ``members`` verifier heads (see the module docstring)."""
+
+    def __init__(self, encoder: nn.Module, members: int = 3, hidden: int = 128) -> None:
+        super().__init__()
+        if members < 1:
+            raise ValueError(f"the ensemble needs at least one member, got {members}")
+        self.encoder = encoder
+        dim = int(encoder.config.hidden_size)
+        self.members, self.hidden = members, hidden
+        self.reader = nn.Linear(dim, 2)  # start/end logits per token
+        self.w1 = nn.Parameter(torch.randn(members, dim + 2, hidden) / (dim + 2) ** 0.5)
+        self.b1 = nn.Parameter(torch.zeros(members, hidden))
+        self.w2 = nn.Parameter(torch.randn(members, hidden) / hidden ** 0.5)
+        self.b2 = nn.Parameter(torch.zeros(members))
+
+    def forward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """``(logits [K, N], start_logits [N, S], end_logits [N, S])``."""
+        kw = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        if batch.token_type_ids is not None:
+            kw["token_type_ids"] = batch.token_type_ids
+        hidden = self.encoder(**kw).last_hidden_state.float()  # [N, S, H]; bf16 when served
+        reader = self.reader(hidden).float()  # [N, S, 2]; bf16 under training autocast
+        pad = batch.attention_mask == 0
+        start = reader[..., 0].masked_fill(pad, -1e4)  # [N, S]
+        end = reader[..., 1].masked_fill(pad, -1e4)
+        log_s, log_e = F.log_softmax(start, -1), F.log_softmax(end, -1)
+        rows = torch.arange(len(start))
+        first, last = batch.answer_tokens[:, 0], batch.answer_tokens[:, 1]
+        span = log_s[rows, first] + log_e[rows, last]  # [N]; the [CLS] score when none
+        null = log_s[:, 0] + log_e[:, 0]  # [N]
+        found = (first > 0).to(span.dtype)  # a candidate without a located answer: no span
+        features = torch.cat([hidden[:, 0], (span * found)[:, None],
+                              null[:, None]], dim=1)  # [N, H + 2]
+        h = torch.relu(torch.einsum("nd,kdh->knh", features, self.w1) + self.b1[:, None])
+        logits = torch.einsum("knh,kh->kn", h, self.w2) + self.b2[:, None]  # [K, N]
+        return logits, start, end
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(mean member probability [N], their standard deviation [N])."""
+        logits, _, _ = self(batch)
+        p = torch.sigmoid(logits)
+        return p.mean(0), p.std(0, unbiased=False)

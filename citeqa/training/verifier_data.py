@@ -1,0 +1,297 @@
+"""Building verifier training data: the generator's own candidates, cheap synthetic pairs, and
+red-team unanswerables. Every label comes from the evaluation's correctness rule
+(``citeqa.evals.metrics.is_correct``: token F1 >= 0.5 with a gold answer and a verified quote;
+any answer to an unanswerable question is wrong).
+
+- ``generator_examples``: ask the pipeline (the served generator, its candidates covering the
+  retrieved passages) and label every candidate: the mistakes the verifier will really meet.
+  Resumable: a question marker closes each question's lines.
+- ``synthetic_examples``: from a question, its paragraph and its gold answer: the gold answer
+  with the sentence that holds it (right), and as negatives another span of that same quote,
+  a span of another sentence of the paragraph, a span of a retrieved passage that is not the
+  gold one, the answer widened or cut, and the answer with a quote that does not hold it (wrong
+  unless the rule says otherwise); for an unanswerable question, its plausible answer (or the
+  best-matching span) with its sentence.
+- ``redteam_examples``: a made unanswerable question (``citeqa.redteam``) with the original
+  question's gold answer and quote: looks answerable, is not.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from citeqa.errors import InvalidRequestError
+from citeqa.evals.metrics import is_correct
+from citeqa.evals.squad import QAItem
+from citeqa.generation.prompt import prompt_fingerprint
+from citeqa.pipeline import Pipeline
+from citeqa.redteam.corpus import NUMBER, names_in
+from citeqa.redteam.maker import Variant
+from citeqa.reward.data import Example, write_examples
+from citeqa.reward.scorer import judged
+from citeqa.reward.verifier import Judged, around
+from citeqa.text import relevance, sentence_spans
+from citeqa.training.demos import quote_span
+from citeqa.types import Hit
+
+MIN_QUOTE, MAX_QUOTE = 20, 200  # the generator's quote bounds (GenerationConfig)
+
+
+def generator_fingerprint(model_id: str, gen_cfg: Any) -> dict[str, Any]:
+    """Which generator made the data, independent of git: its model id, the prompt's
+    fingerprint and the generation settings."""
+    return {
+        "model_id": model_id,
+        "prompt_sha256": prompt_fingerprint(gen_cfg)[:16],
+        "answer_mode": gen_cfg.answer_mode,
+        "temperature": gen_cfg.temperature,
+        "top_k_passages": gen_cfg.top_k_passages,
+        "passage_chars": gen_cfg.passage_chars,
+    }
+
+
+# --- generator candidates --------------------------------------------------------------------
+
+
+def _done_qids(out: Path) -> set[str]:
+    """Question ids complete in ``out``; lines of incomplete questions are dropped."""
+    if not out.is_file():
+        return set()
+    rows = []
+    for line in out.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by an interrupted run
+    done = {str(r["qid"]) for r in rows if r.get("kind") == "question"}
+    kept = [json.dumps(r, ensure_ascii=False) for r in rows
+            if str(r.get("qid") or r.get("group")) in done]
+    out.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    return done
+
+
+@dataclass(frozen=True)
+class BuildStats:
+    questions: int  # asked now
+    skipped: int  # already complete in the file
+    examples: int
+    right: int
+    seconds: float
+
+
+def generator_examples(pipeline: Pipeline, items: Iterable[QAItem], out: Path, *, n: int = 3,
+                       batch: int = 4, progress: bool = True) -> BuildStats:
+    """Ask ``pipeline`` the ``items`` (``n`` candidates each, ``batch`` questions at a time)
+    and append every candidate, labelled, then a question marker, to ``out``."""
+    from citeqa.types import AskArgs
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = _done_qids(out)
+    items = list(items)
+    todo = [it for it in items if it.id not in done]
+    fingerprint = generator_fingerprint(pipeline.generator.backend.model_id,
+                                        pipeline.cfg.generation)
+    documents = pipeline.retriever.document
+    n_examples = n_right = 0
+    t0 = time.perf_counter()
+    with out.open("a", encoding="utf-8") as f, tqdm(total=len(todo), desc="generator data",
+                                                   unit="question",
+                                                   disable=not progress) as bar:
+        for at in range(0, len(todo), batch):
+            chunk = todo[at : at + batch]
+            try:
+                answers = pipeline.ask_many([AskArgs(it.question, n_candidates=n)
+                                             for it in chunk])
+            except InvalidRequestError:
+                answers = [None] * len(chunk)  # e.g. an over-long question: no candidates
+            for item, answer in zip(chunk, answers, strict=True):
+                examples = []
+                for c in answer.candidates if answer is not None else []:
+                    right = c.quote is not None and is_correct(c.answer, item.answers,
+                                                               quote_valid=True)
+                    examples.append(Example(judged(item.question, c, documents), int(right),
+                                            item.answers, item.id, "generator"))
+                n_examples += write_examples(f, examples)
+                n_right += sum(e.label for e in examples)
+                f.write(json.dumps({"kind": "question", "qid": item.id,
+                                    "answerable": item.answerable, "article": item.article,
+                                    "generator": fingerprint}, ensure_ascii=False) + "\n")
+            f.flush()
+            bar.update(len(chunk))
+    return BuildStats(len(todo), len(items) - len(todo), n_examples, n_right,
+                      time.perf_counter() - t0)
+
+
+# --- synthetic pairs -------------------------------------------------------------------------
+
+
+def _quote_at(text: str, start: int, end: int) -> tuple[int, int] | None:
+    return quote_span(text, start, end, min_chars=MIN_QUOTE, max_chars=MAX_QUOTE)
+
+
+def _example(question: str, text: str, title: str, quote: tuple[int, int], answer: str,
+             golds: Sequence[str], group: str, source: str) -> Example:
+    before, after = around(text, *quote)
+    label = is_correct(answer, golds, quote_valid=True) if golds else False
+    return Example(Judged(question, answer, text[quote[0]:quote[1]], title, before, after),
+                   int(label), tuple(golds), group, source)
+
+
+def _spans_in(text: str, rng: random.Random, avoid: tuple[int, int] | None = None,
+              ) -> list[tuple[int, int]]:
+    """Answer-like spans of ``text``: names and numbers, else runs of 1-4 words; not
+    overlapping ``avoid``."""
+    spans = [(s, e) for s, e, _ in names_in(text)]
+    spans += [(m.start(), m.end()) for m in NUMBER.finditer(text)]
+    if not spans:
+        words = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+        if words:
+            i = rng.randrange(len(words))
+            j = min(len(words) - 1, i + rng.randint(0, 3))
+            spans = [(words[i][0], words[j][1])]
+    if avoid is not None:
+        spans = [(s, e) for s, e in spans if e <= avoid[0] or s >= avoid[1]]
+    return [(s, e) for s, e in spans if text[s:e].strip(" .,;:")]
+
+
+def _widen(text: str, start: int, end: int, rng: random.Random, qs: int, qe: int,
+           ) -> tuple[int, int] | None:
+    """The answer widened by 2-5 words (within the quote), or cut to its first word."""
+    if rng.random() < 0.5 and " " in text[start:end]:
+        return start, start + text[start:end].index(" ")
+    words = [(m.start(), m.end()) for m in re.finditer(r"\S+", text[qs:qe])]
+    words = [(qs + s, qs + e) for s, e in words]
+    after = [w for w in words if w[0] >= end][: rng.randint(2, 5)]
+    return (start, after[-1][1]) if after else None
+
+
+def synthetic_examples(item: QAItem, answer_start: int | None, title: str,
+                       retrieved: Sequence[Hit], rng: random.Random,
+                       plausible: Sequence[str] = ()) -> list[Example]:
+    """The synthetic examples of one question (see the module docstring); [] when its
+    paragraph or answer cannot make any."""
+    text, group = item.context, item.id
+    out: list[Example] = []
+    if not item.answerable:  # a plausible answer (or the best-matching span), with its sentence
+        found = [(text.find(p), p) for p in plausible if p and text.find(p) >= 0]
+        if found:
+            s, p = found[0]
+            span = (s, s + len(p))
+        else:
+            sentences = sentence_spans(text)
+            if not sentences:
+                return []
+            scores = relevance([text[a:b] for a, b in sentences], item.question)
+            a, b = sentences[max(range(len(sentences)), key=scores.__getitem__)]
+            options = _spans_in(text[a:b], rng)
+            if not options:
+                return []
+            s, e = rng.choice(options)
+            span = (a + s, a + e)
+        quote = _quote_at(text, *span)
+        if quote is None:
+            return []
+        return [_example(item.question, text, title, quote, text[span[0]:span[1]], (), group,
+                         "synthetic:unanswerable")]
+    answer = item.answers[0]
+    a0 = answer_start if answer_start is not None and text[answer_start:].startswith(answer) \
+        else text.find(answer)
+    if a0 < 0:
+        return []
+    a1 = a0 + len(answer)
+    quote = _quote_at(text, a0, a1)
+    if quote is None:
+        return []
+    golds = item.answers
+    out.append(_example(item.question, text, title, quote, answer, golds, group,
+                        "synthetic:gold"))
+    # another span of the very quote that holds the answer (the hardest negative)
+    inside = _spans_in(text[quote[0]:quote[1]], rng, (a0 - quote[0], a1 - quote[0]))
+    if inside:
+        s, e = rng.choice(inside)
+        out.append(_example(item.question, text, title, quote,
+                            text[quote[0] + s:quote[0] + e], golds, group, "synthetic:same_quote"))
+    # a span of another sentence of the paragraph
+    others = [(s, e) for s, e in sentence_spans(text) if e <= quote[0] or s >= quote[1]]
+    if others:
+        s, e = rng.choice(others)
+        options = _spans_in(text[s:e], rng)
+        q = _quote_at(text, s, e) if options else None
+        if q is not None:
+            x, y = rng.choice(options)
+            out.append(_example(item.question, text, title, q, text[s + x:s + y], golds, group,
+                                "synthetic:other_sentence"))
+        # the gold answer with a quote that does not hold it (free mode's failure)
+        if q is not None and rng.random() < 0.3:
+            out.append(_example(item.question, text, title, q, answer, golds, group,
+                                "synthetic:unsupported"))
+    # a span of a retrieved passage that is not the gold paragraph
+    wrong = [h for h in retrieved if h.passage.text.strip() not in text and answer not in
+             h.passage.text]
+    if wrong:
+        hit = wrong[0]
+        ptext = hit.passage.text
+        sentences = sentence_spans(ptext)
+        if sentences:
+            scores = relevance([ptext[a:b] for a, b in sentences], item.question)
+            a, b = sentences[max(range(len(sentences)), key=scores.__getitem__)]
+            options = _spans_in(ptext[a:b], rng)
+            q = _quote_at(ptext, a, b) if options else None
+            if q is not None:
+                x, y = rng.choice(options)
+                out.append(_example(item.question, ptext, hit.title, q, ptext[a + x:a + y],
+                                    golds, group, "synthetic:retrieved"))
+    # the answer widened or cut (labelled by the rule: a small change may still be right)
+    widened = _widen(text, a0, a1, rng, *quote)
+    if widened is not None and widened != (a0, a1):
+        out.append(_example(item.question, text, title, quote, text[widened[0]:widened[1]],
+                            golds, group, "synthetic:widened_or_cut"))
+    return out
+
+
+# --- red-team unanswerables --------------------------------------------------------------------
+
+
+def redteam_examples(variants: Iterable[Variant], titles: Callable[[str], str] | None = None,
+                     ) -> Iterator[Example]:
+    """A made unanswerable question with the original answer and its quote: wrong."""
+    for v in variants:
+        if v.answerable or not v.answer:
+            continue
+        a0 = v.passage.find(v.answer)
+        quote = _quote_at(v.passage, a0, a0 + len(v.answer)) if a0 >= 0 else None
+        if quote is None:
+            continue
+        before, after = around(v.passage, *quote)
+        title = titles(v.passage) if titles else ""
+        yield Example(Judged(v.question, v.answer, v.passage[quote[0]:quote[1]], title,
+                             before, after), 0, (), f"rt:{v.seed_id}:{v.kind}",
+                      f"redteam:{v.kind}")
+
+
+def plausible_answers(path: Path) -> dict[str, list[str]]:
+    """question id -> plausible answers of the unanswerable questions of a SQuAD 2.0 file."""
+    obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    return {str(q["id"]): [a["text"] for a in q.get("plausible_answers", [])]
+            for article in obj.get("data", []) for p in article["paragraphs"]
+            for q in p["qas"] if q.get("plausible_answers")}
+
+
+def stats_of(examples: Sequence[Example]) -> dict[str, Any]:
+    """Counts per source and label, for the data's record."""
+    out: dict[str, dict[str, int]] = {}
+    for ex in examples:
+        c = out.setdefault(ex.source, {"examples": 0, "right": 0})
+        c["examples"] += 1
+        c["right"] += ex.label
+    return out

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Train the verifier reward model from scratch: data (generator candidates, synthetic pairs,
+# red-team unanswerables), training, calibration, publication. Every stage resumes or skips
+# what is done, so a rerun after an interruption continues.
+#
+#   evals/train_reward.sh                          # all stages
+#   STAGES="train calibrate" evals/train_reward.sh
+#
+# 1. index:     an index of the TRAIN articles of qa.json plus distractors.json (558 paragraphs
+#               whose questions are more-train.json), so that no calibration or evaluation
+#               paragraph is seen in training;
+# 2. data:      - the served generator's candidates (3 a question, each quoting another
+#                 retrieved passage) for $GEN_Q questions of the train articles and
+#                 more-train.json (adversarial unanswerables included), labelled by the
+#                 correctness rule;
+#               - synthetic pairs for $SYN_Q SQuAD 1.1 questions (../shared/data/squad1-train,
+#                 never an evaluation article) and every train-article / more-train question;
+#               - red-team unanswerables made from every SQuAD 1.1 question (>= 30k), of
+#                 which the training sees a sample ($RT_Q groups);
+#               - calibration candidates: the generator on the CALIBRATION articles, with the
+#                 evaluation index, as served;
+# 3. train:     `citeqa train reward` (MiniLM cross-encoder + reader head + 3 heads), bf16
+#               where the CPU's matrix units pay;
+# 4. calibrate: Learn-then-Test at 80 % answered accuracy, delta 0.1;
+# 5. publish:   into citeqa/reward/weights (bf16 encoder + heads + calibration.json).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SHARED="${CITEQA_SHARED_DATA:-$ROOT/../shared/data}"
+SQUAD2="$SHARED/squad2"
+SQUAD1_GZ="$SHARED/squad1-train/train-v1.1.json.gz"
+WORK="${WORK:-$ROOT/.cache/reward}"
+EVAL_INDEX="${EVAL_INDEX:-$ROOT/.cache/squad-eval-index}"
+SQUAD1_JSON="${SQUAD1_JSON:-$ROOT/.cache/squad1-train.json}"
+SQUAD1_INDEX="${SQUAD1_INDEX:-$ROOT/.cache/squad1-index}"
+PY="${PYTHON:-python}"
+THREADS="${THREADS:-2}"
+GEN_Q="${GEN_Q:-2000}"      # questions the generator answers for training data
+SYN_Q="${SYN_Q:-12000}"     # SQuAD 1.1 questions made into synthetic pairs
+RT_Q="${RT_Q:-15000}"       # red-team groups in the training mix
+CAL_N="${CAL_N:-1}"         # candidates per calibration question: as served (GenerationConfig)
+STAGES="${STAGES:-index data train calibrate publish}"
+cd "$ROOT"
+mkdir -p "$WORK"
+CITEQA=("$PY" -c 'from citeqa.cli import main; main()')
+
+for f in "$SQUAD2/qa.json" "$SQUAD2/distractors.json" "$SQUAD2/more-train.json" "$SQUAD1_GZ"; do
+  [ -f "$f" ] || { echo "error: $f not found (set CITEQA_SHARED_DATA)" >&2; exit 2; }
+done
+
+if [[ " $STAGES " == *" index "* ]]; then
+  [ -f "$SQUAD1_JSON" ] || "$PY" -c 'import gzip, shutil, sys; shutil.copyfileobj(gzip.open(sys.argv[1], "rb"), open(sys.argv[2], "wb"))' "$SQUAD1_GZ" "$SQUAD1_JSON"
+  [ -f "$SQUAD1_INDEX/manifest.json" ] || "${CITEQA[@]}" index build "$SQUAD1_JSON" --out "$SQUAD1_INDEX"
+  "$PY" - "$SQUAD2/qa.json" "$WORK/qa-train.json" <<'PY'
+import json, sys
+from citeqa.evals.squad import articles_for_split
+data = json.load(open(sys.argv[1]))
+train = set(articles_for_split("train"))
+data["data"] = [a for a in data["data"] if a["title"] in train]
+json.dump(data, open(sys.argv[2], "w"))
+PY
+  [ -f "$WORK/train-index/manifest.json" ] || "${CITEQA[@]}" index build "$WORK/qa-train.json" \
+    "$SQUAD2/distractors.json" --out "$WORK/train-index"
+fi
+
+if [[ " $STAGES " == *" data "* ]]; then
+  RD=("${CITEQA[@]}" train reward-data --threads "$THREADS")
+  HALF=$((GEN_Q / 2))
+  "${RD[@]}" --from generator --dataset "$WORK/qa-train.json" --index "$WORK/train-index" \
+    --limit "$HALF" --n-candidates 3 --out "$WORK/gen-qa-train.jsonl"
+  "${RD[@]}" --from generator --dataset "$SQUAD2/more-train.json" --index "$WORK/train-index" \
+    --limit "$HALF" --n-candidates 3 --out "$WORK/gen-more-train.jsonl"
+  [ -f "$WORK/syn-squad1.jsonl" ] || "${RD[@]}" --from synthetic --dataset "$SQUAD1_JSON" \
+    --index "$SQUAD1_INDEX" --limit "$SYN_Q" --out "$WORK/syn-squad1.jsonl"
+  [ -f "$WORK/syn-qa-train.jsonl" ] || "${RD[@]}" --from synthetic \
+    --dataset "$WORK/qa-train.json" --index "$WORK/train-index" --out "$WORK/syn-qa-train.jsonl"
+  [ -f "$WORK/syn-more-train.jsonl" ] || "${RD[@]}" --from synthetic \
+    --dataset "$SQUAD2/more-train.json" --index "$WORK/train-index" \
+    --out "$WORK/syn-more-train.jsonl"
+  [ -f "$WORK/redteam-squad1.jsonl" ] || "${RD[@]}" --from redteam --dataset "$SQUAD1_JSON" \
+    --out "$WORK/redteam-squad1.jsonl"
+  "${RD[@]}" --from generator --dataset "$SQUAD2/qa.json" --split calibration \
+    --index "$EVAL_INDEX" --n-candidates "$CAL_N" --out "$WORK/cal.jsonl"
+  # a sample of the red-team groups (all of them would outweigh the rest of the mix)
+  "$PY" - "$WORK/redteam-squad1.jsonl" "$WORK/redteam-sample.jsonl" "$RT_Q" <<'PY'
+import random, sys
+lines = open(sys.argv[1]).read().splitlines()
+random.Random(0).shuffle(lines)
+open(sys.argv[2], "w").write("\n".join(lines[: int(sys.argv[3])]) + "\n")
+PY
+fi
+
+if [[ " $STAGES " == *" train "* ]]; then
+  "${CITEQA[@]}" train reward --out "$WORK/rm" --threads "$THREADS" --epochs 1 --batch 32 \
+    --data "$WORK/gen-qa-train.jsonl" --data "$WORK/gen-more-train.jsonl" \
+    --data "$WORK/syn-squad1.jsonl" --data "$WORK/syn-qa-train.jsonl" \
+    --data "$WORK/syn-more-train.jsonl" --data "$WORK/redteam-sample.jsonl"
+fi
+
+if [[ " $STAGES " == *" calibrate "* ]]; then
+  "${CITEQA[@]}" calibrate --data "$WORK/cal.jsonl" --reward "$WORK/rm" --target 0.8 --delta 0.1
+fi
+
+if [[ " $STAGES " == *" publish "* ]]; then
+  DEST="$ROOT/citeqa/reward/weights"
+  "$PY" - "$WORK/rm" "$DEST" <<'PY'
+import shutil, sys
+from pathlib import Path
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+card = (dst / "MODEL_CARD.md").read_text() if (dst / "MODEL_CARD.md").is_file() else None
+shutil.rmtree(dst, ignore_errors=True)
+shutil.copytree(src, dst, ignore=shutil.ignore_patterns("progress.json"))
+if card is not None and not (dst / "MODEL_CARD.md").exists():
+    (dst / "MODEL_CARD.md").write_text(card)
+print(f"published {src} -> {dst}; update its MODEL_CARD.md")
+PY
+fi

@@ -1,0 +1,253 @@
+"""The verifier reward model on a tiny random encoder (no download): rendering, token spans,
+the forward pass, a training run, the directory round trip, scoring and calibration."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from citeqa.reward.calibrate import calibrate_threshold
+from citeqa.reward.checkpoint import load_verifier, save_verifier
+from citeqa.reward.data import Example, load_verifier_data, write_examples
+from citeqa.reward.scorer import VerifierScorer, judged, load_scorer
+from citeqa.reward.train import TrainConfig, batches, pair_indices, train_verifier
+from citeqa.reward.verifier import (
+    Judged,
+    Verifier,
+    around,
+    char_to_tokens,
+    encode,
+    gold_span,
+    render,
+)
+from citeqa.types import Candidate, Document, Quote
+
+TEXT = ("The Normans gave their name to Normandy, a region in France. Their leader Rollo swore "
+        "fealty to King Charles III of West Francia. The Norman dynasty shaped medieval Europe.")
+Q0 = TEXT.index("Their leader")
+Q1 = TEXT.index(" The Norman dynasty")
+QUOTE = TEXT[Q0:Q1]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from citeqa.retrieval.embed import minilm_dir
+
+    try:
+        path = minilm_dir()
+    except Exception as e:  # noqa: BLE001 - the packaged model is a test requirement
+        pytest.skip(f"the packaged MiniLM tokenizer is not installed: {e}")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def tiny_encoder(vocab: int) -> torch.nn.Module:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+                                num_attention_heads=2, intermediate_size=64,
+                                max_position_embeddings=256))
+
+
+def item(answer: str = "Rollo", label: int = 1, group: str = "q1", question: str = "Who led?"
+         ) -> Example:
+    before, after = around(TEXT, Q0, Q1)
+    return Example(Judged(question, answer, QUOTE, "Normans", before, after), label,
+                   ("Rollo",), group, "test")
+
+
+def test_render_marks_the_quote_and_finds_the_answer_in_it() -> None:
+    a, b, span = render(item().judged)
+    assert a == "Who led?" and "<< " + QUOTE + " >>" in b
+    assert b.startswith("Rollo | Normans:") and b[span[0]:span[1]] == "Rollo"
+    assert span[0] > b.index("<<")  # inside the quote, not the answer's copy at the start
+    assert render(Judged("q", "Paris", QUOTE))[2] is None
+    assert gold_span(b, ["Rollo"]) == (b.index("Rollo", 6), b.index("Rollo", 6) + 5)
+    assert gold_span(b, ["Paris"]) is None
+
+
+def test_around_cuts_at_spaces() -> None:
+    before, after = around(TEXT, Q0, Q1, chars=20)
+    assert TEXT[:Q0].endswith(before) and len(before) <= 20 and not before.startswith("ame")
+    assert TEXT[Q1:].startswith(after) and len(after) <= 20
+
+
+def test_tokens_of_a_span_and_cls_when_truncated(tokenizer) -> None:
+    batch = encode(tokenizer, [item().judged], golds=[("Rollo",)])
+    first, last = batch.answer_tokens[0].tolist()
+    tokens = tokenizer.convert_ids_to_tokens(batch.input_ids[0][first:last + 1].tolist())
+    assert "".join(t.lstrip("#") for t in tokens) == "rollo"
+    assert batch.gold_tokens is not None and batch.gold_tokens[0].tolist() == [first, last]
+    short = encode(tokenizer, [item().judged], max_tokens=16)  # the passage is cut away
+    assert short.answer_tokens[0].tolist() == [0, 0]
+    assert char_to_tokens([(0, 0), (0, 3)], [None, 1], None) == (0, 0)
+
+
+def test_forward_shapes_and_ensemble_spread(tokenizer) -> None:
+    model = Verifier(tiny_encoder(len(tokenizer)), members=3, hidden=8).eval()
+    batch = encode(tokenizer, [item().judged, item("Paris", 0).judged])
+    logits, start, end = model(batch)
+    assert logits.shape == (3, 2) and start.shape == end.shape == batch.input_ids.shape
+    mean, std = model.predict(batch)
+    assert ((0 < mean) & (mean < 1)).all() and (std > 0).all()
+
+
+def test_pairs_and_batches_keep_groups_whole() -> None:
+    examples = [item(label=1), item("King", 0), item("Paris", 0), item(group="q2", label=0)]
+    assert pair_indices(examples) == ([0, 0], [1, 2])
+    groups = [examples[:3], examples[3:]] * 5
+    out = batches(groups, 4, __import__("random").Random(0))
+    assert sum(len(b) for b in out) == 20 and all(len(b) <= 4 for b in out)
+    for b in out:
+        assert {ex.group for ex in b} in ({"q1"}, {"q2"}, {"q1", "q2"})
+
+
+def test_training_learns_a_toy_task_saves_and_reloads(tokenizer, tmp_path: Path) -> None:
+    """Right when the answer is "Rollo": a few steps move the scores the right way."""
+    groups = [[item("Rollo", 1, f"g{i}"), item("Normandy", 0, f"g{i}"),
+               item("France", 0, f"g{i}")] for i in range(12)]
+    model = Verifier(tiny_encoder(len(tokenizer)), members=3, hidden=8)
+    probe = encode(tokenizer, [item("Rollo").judged, item("France", 0).judged])
+    cfg = TrainConfig(epochs=10, batch_examples=6, lr=3e-3, head_lr=1e-2, warmup_steps=2,
+                      members=3, hidden=8, save_every=7, cpu_dtype="fp32")
+    record = train_verifier(model, tokenizer, groups, cfg, out=tmp_path / "rm",
+                            extra={"base": "tiny"}, progress=False)
+    assert record["steps"] == record["total_steps"] == 60
+    right, wrong = model.predict(probe)[0].tolist()
+    assert right > wrong + 0.2
+    again, tok, config = load_verifier(tmp_path / "rm")
+    assert config["kind"] == "cross-encoder" and config["training"]["base"] == "tiny"
+    assert torch.allclose(again.predict(probe)[0], model.predict(probe)[0], atol=0.02)
+    assert json.loads((tmp_path / "rm" / "progress.json").read_text())["step"] == 60
+
+
+def test_a_damaged_directory_says_what_to_do(tmp_path: Path, tokenizer) -> None:
+    from citeqa.errors import ModelError
+
+    with pytest.raises(ModelError, match="citeqa train reward"):
+        load_verifier(tmp_path / "missing")
+    save_verifier(tmp_path / "rm", Verifier(tiny_encoder(len(tokenizer)), 2, 4), tokenizer, {})
+    (tmp_path / "rm" / "heads.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(ModelError, match="heads.safetensors"):
+        load_verifier(tmp_path / "rm")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps({"format": 7}))
+    with pytest.raises(ModelError, match="format"):
+        load_verifier(tmp_path / "old")
+
+
+def test_scorer_reads_the_passage_around_each_quote_and_calibrates(tokenizer, tmp_path: Path,
+                                                                   ) -> None:
+    save_verifier(tmp_path / "rm", Verifier(tiny_encoder(len(tokenizer)), 3, 8), tokenizer, {})
+    scorer = load_scorer(str(tmp_path / "rm"), cpu_dtype="fp32")
+    assert isinstance(scorer, VerifierScorer) and scorer.threshold is None
+    doc = Document("d", "Normans", "n.txt", TEXT)
+    quote = Quote(QUOTE, "d", "Normans", "n.txt", Q0, Q1)
+    cands = [Candidate("Rollo", quote), Candidate("", None)]
+    out = scorer.score("Who led?", cands, {"d": doc}.__getitem__)
+    assert 0 < out[0].score < 1 and out[0].uncertainty is not None and out[1].score == 0.0
+    j = judged("Who led?", cands[0], {"d": doc}.__getitem__)
+    assert j.before and TEXT.startswith(j.before) and j.after.startswith(" The Norman")
+    # calibration with the verifier's scores
+    from citeqa.reward.cli import calibrate_dir
+
+    data = tmp_path / "cal.jsonl"
+    rng = np.random.default_rng(0)
+    with data.open("w") as f:
+        write_examples(f, [item("Rollo" if rng.random() < 0.6 else "France",
+                                label=0, group=f"c{i}") for i in range(40)])
+    examples = load_verifier_data(data).examples
+    examples = [Example(e.judged, int(e.judged.answer == "Rollo"), e.golds, e.group, "")
+                for e in examples]
+    with data.open("w") as f:
+        write_examples(f, examples)
+    summary = calibrate_dir([data], tmp_path / "rm", target=0.55, delta=0.2)
+    assert summary["n"] == 40 and (tmp_path / "rm" / "calibration.json").is_file()
+    assert VerifierScorer(tmp_path / "rm", cpu_dtype="fp32").calibration is not None
+    direct = calibrate_threshold(
+        scorer.predict([e.judged for e in examples])[0], [e.label for e in examples],
+        target_accuracy=0.55, delta=0.2, min_answered=2)
+    assert summary["target_accuracy"] == direct.target_accuracy == 0.55
+
+
+@pytest.fixture()
+def calibrated(tokenizer, tmp_path: Path) -> Path:
+    """A tiny verifier directory calibrated on 60 candidates with noisy labels."""
+    save_verifier(tmp_path / "rm", Verifier(tiny_encoder(len(tokenizer)), 3, 8), tokenizer, {})
+    rng = np.random.default_rng(5)
+    answers = ["Rollo", "France", "Normandy", "Charles"]
+    examples = [Example(item(str(rng.choice(answers))).judged, int(rng.random() < 0.6), (),
+                        f"c{i}", "") for i in range(60)]
+    with (tmp_path / "cal.jsonl").open("w") as f:
+        write_examples(f, examples)
+    from citeqa.reward.cli import calibrate_dir
+
+    summary = calibrate_dir([tmp_path / "cal.jsonl"], tmp_path / "rm", target=0.55, delta=0.1)
+    assert summary["n"] == 60
+    return tmp_path / "rm"
+
+
+def test_calibration_round_trip_and_monotone_threshold_for(calibrated: Path) -> None:
+    scorer = VerifierScorer(calibrated, cpu_dtype="fp32")
+    body = json.loads((calibrated / "calibration.json").read_text())
+    assert len(body["scores"]) == len(body["correct"]) == 60
+    thr = scorer.threshold
+    assert thr == (math.inf if body["threshold"] is None else body["threshold"])
+    values = [scorer.threshold_for(t) for t in (0.5, 0.55, 0.6, 0.7, 0.8, 0.9)]
+    assert values == sorted(values), values  # asking for more never answers more
+    assert scorer.threshold_for(0.99) == math.inf  # 60 questions cannot certify 99 %
+
+
+def test_threshold_for_needs_calibration_and_a_corrupt_one_is_named(tokenizer,
+                                                                    tmp_path: Path) -> None:
+    from citeqa.errors import ModelError
+
+    save_verifier(tmp_path / "rm", Verifier(tiny_encoder(len(tokenizer)), 2, 4), tokenizer, {})
+    with pytest.raises(ModelError, match="citeqa calibrate"):
+        VerifierScorer(tmp_path / "rm", cpu_dtype="fp32").threshold_for(0.8)
+    (tmp_path / "rm" / "calibration.json").write_text('{"scores": [1]}')
+    with pytest.raises(ModelError, match="rerun `citeqa calibrate"):
+        VerifierScorer(tmp_path / "rm", cpu_dtype="fp32")
+
+
+def test_best_per_question_follows_the_pipeline_choice() -> None:
+    from citeqa.reward.scorer import best_per_question
+
+    groups = [
+        [(0.9, False, True), (0.4, True, False), (0.6, True, True)],  # best verified: 0.6
+        [(0.8, False, True)],  # nothing verified: always declined
+    ]
+    scores, correct = best_per_question(groups)
+    assert scores.tolist() == [0.6, -math.inf] and correct.tolist() == [True, False]
+
+
+def test_data_lines_groups_and_errors(tmp_path: Path) -> None:
+    from citeqa.errors import SourceError
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        json.dumps({"group": "g1", "question": "Q?", "answer": "A", "quote": "A is so.",
+                    "label": 1, "golds": ["A"]}) + "\n\n"
+        + json.dumps({"qid": "g1", "question": "Q?", "answer": "B", "quote": "B.",
+                      "label": 0}) + "\n"
+        + json.dumps({"question": "Other?", "answer": "C", "quote": "C.", "label": False}) + "\n"
+        + json.dumps({"kind": "question", "qid": "g1", "generator": {"model_id": "m"}}) + "\n")
+    data = load_verifier_data(path)
+    assert [len(g) for g in data.groups()] == [2, 1] and data.generators == [{"model_id": "m"}]
+    assert data.examples[0].golds == ("A",) and data.examples[2].label == 0
+    for bad, needle in [({"question": "Q?", "answer": "A", "quote": "x", "label": 3}, "label"),
+                        ({"question": " ", "label": 1}, "question"),
+                        ({"kind": "pair", "question": "Q?"}, "unknown kind"),
+                        ({"question": "Q?", "label": 1, "golds": "A"}, "golds")]:
+        path.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(SourceError, match=rf"d\.jsonl:1: bad reward-data line.*{needle}"):
+            load_verifier_data(path)
+    with pytest.raises(SourceError, match="citeqa train reward-data"):
+        load_verifier_data(tmp_path / "missing.jsonl")

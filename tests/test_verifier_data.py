@@ -1,0 +1,179 @@
+"""Building verifier data (citeqa/training/verifier_data.py): the generator's labelled candidates
+(resumable), synthetic pairs, red-team unanswerables; and the commands from data to a calibrated
+verifier the pipeline loads."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from citeqa.config import Settings, preset
+from citeqa.evals.metrics import is_correct
+from citeqa.evals.squad import QAItem
+from citeqa.pipeline import Pipeline
+from citeqa.redteam import Corpus, Seed, make_variants
+from citeqa.retrieval import build_index_from_documents
+from citeqa.reward.data import load_verifier_data
+from citeqa.training.verifier_data import (
+    generator_examples,
+    redteam_examples,
+    stats_of,
+    synthetic_examples,
+)
+from citeqa.types import Document
+
+EIFFEL = ("The Eiffel Tower is a wrought-iron lattice tower in Paris. It opened in 1889 as the "
+          "entrance to the World's Fair. Gustave Eiffel's company designed and built it.")
+HARVARD = ("Harvard University was founded in 1636 in Cambridge, Massachusetts. It is the oldest "
+           "institution of higher learning in the United States.")
+DOCS = [Document("e", "Eiffel Tower", "e.txt", EIFFEL), Document("h", "Harvard", "h.txt", HARVARD)]
+ITEMS = [
+    QAItem("q1", "When did the Eiffel Tower open as the entrance to the World's Fair?",
+           ("1889",), "Eiffel", EIFFEL),
+    QAItem("q2", "In which year was Harvard University founded in Cambridge?", ("1636",),
+           "Harvard", HARVARD),
+    QAItem("q3", "When did the Eiffel Tower close to the public forever?", (), "Eiffel", EIFFEL),
+    QAItem("q4", "Which wrought-iron lattice tower stands in Paris?", ("Shard",), "Eiffel",
+           EIFFEL),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory) -> Pipeline:
+    index = tmp_path_factory.mktemp("idx") / "index"
+    build_index_from_documents(DOCS, index, preset("tiny").retrieval, progress=False)
+    return Pipeline.from_settings(Settings(preset="tiny", index=index))
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_generator_candidates_are_labelled_by_the_correctness_rule(tiny_pipeline, tmp_path):
+    out = tmp_path / "data.jsonl"
+    stats = generator_examples(tiny_pipeline, ITEMS, out, n=2, progress=False)
+    assert (stats.questions, stats.skipped) == (4, 0)
+    rows = _rows(out)
+    cands = [r for r in rows if r.get("kind", "candidate") == "candidate"]
+    golds = {it.id: it.answers for it in ITEMS}
+    assert cands and all(r["label"] == int(bool(r["quote"]) and is_correct(
+        r["answer"], golds[r["group"]], quote_valid=True)) for r in cands)
+    assert not any(r["label"] for r in cands if r["group"] in ("q3", "q4"))  # no right answer
+    assert any(r["label"] for r in cands if r["group"] == "q1")  # the extractive model finds it
+    for r in cands:  # the passage around the quote travels with it
+        if r["quote"]:
+            doc = EIFFEL if r["title"] == "Eiffel Tower" else HARVARD
+            assert r["before"] + r["quote"] in doc and r["quote"] + r["after"] in doc
+    markers = [r for r in rows if r.get("kind") == "question"]
+    assert [m["qid"] for m in markers] == ["q1", "q2", "q3", "q4"]
+    assert markers[0]["generator"]["model_id"] == "extractive"
+    data = load_verifier_data(out)
+    assert len(data.examples) == len(cands) and len(data.generators) == 1
+
+
+def test_generator_data_resumes_and_drops_an_interrupted_question(tiny_pipeline, tmp_path):
+    out = tmp_path / "data.jsonl"
+    generator_examples(tiny_pipeline, ITEMS[:2], out, n=1, progress=False)
+    with out.open("a") as f:  # an interrupted third question: a candidate, a cut line, no marker
+        f.write(json.dumps({"group": "q3", "question": "x", "answer": "a", "quote": "",
+                            "label": 0}) + "\n{\"group\": \"q")
+    stats = generator_examples(tiny_pipeline, ITEMS, out, n=1, progress=False)
+    assert (stats.questions, stats.skipped) == (2, 2)
+    rows = _rows(out)
+    assert [r["qid"] for r in rows if r.get("kind") == "question"] == ["q1", "q2", "q3", "q4"]
+    assert not any(r.get("question") == "x" for r in rows)
+
+
+def test_synthetic_pairs_hold_one_right_answer_and_hard_negatives():
+    rng = random.Random(0)
+    made = []
+    for seed in range(20):  # the negatives are drawn at random: look at several draws
+        rng = random.Random(seed)
+        made += synthetic_examples(ITEMS[0], EIFFEL.index("1889"), "Eiffel Tower", [], rng)
+    gold = [e for e in made if e.source == "synthetic:gold"]
+    assert len(gold) == 20 and all(e.label == 1 and "1889" in e.judged.quote for e in gold)
+    kinds = stats_of(made)
+    assert {"synthetic:same_quote", "synthetic:other_sentence"} <= set(kinds)
+    for e in made:
+        assert e.judged.quote in EIFFEL and e.judged.before + e.judged.quote in EIFFEL
+        assert e.golds == ("1889",) and e.group == "q1"
+        assert e.label == int(is_correct(e.judged.answer, ("1889",), quote_valid=True))
+    assert all(e.label == 0 for e in made if e.source == "synthetic:same_quote")
+    unanswerable = synthetic_examples(ITEMS[2], None, "Eiffel Tower", [], rng, ["1889"])
+    assert [(e.source, e.label, e.judged.answer) for e in unanswerable] == [
+        ("synthetic:unanswerable", 0, "1889")]
+
+
+def test_redteam_examples_pair_a_made_unanswerable_with_the_original_answer():
+    corpus = Corpus.build({EIFFEL: None, HARVARD: None})
+    seeds = [Seed(ITEMS[0].question, EIFFEL, "1889", "q1"),
+             Seed(ITEMS[1].question, HARVARD, "1636", "q2")]
+    variants = make_variants(seeds, corpus, seed=0)
+    made = list(redteam_examples(variants))
+    assert made and all(e.label == 0 and e.golds == () for e in made)
+    for e in made:
+        assert e.judged.answer in e.judged.quote and e.source.startswith("redteam:")
+        assert e.judged.question not in (ITEMS[0].question, ITEMS[1].question)
+
+
+@pytest.mark.slow
+def test_from_data_to_a_calibrated_verifier_the_pipeline_loads(tmp_path):
+    """reward-data -> train reward (a tiny encoder as --base) -> calibrate -> serve it."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    from typer.testing import CliRunner
+
+    from citeqa.cli import app
+    from citeqa.retrieval.embed import minilm_dir
+    from citeqa.reward.scorer import VerifierScorer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - the packaged model is a test requirement
+        pytest.skip(f"the packaged MiniLM tokenizer is not installed: {e}")
+    base = tmp_path / "base"
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=64)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    index = tmp_path / "index"
+    build_index_from_documents(DOCS, index, preset("tiny").retrieval, progress=False)
+    squad = {"version": "v2.0", "data": [{"title": "Eiffel", "paragraphs": [{
+        "context": EIFFEL, "qas": [
+            {"id": "q1", "question": ITEMS[0].question, "is_impossible": False,
+             "answers": [{"text": "1889", "answer_start": EIFFEL.index("1889")}]},
+            {"id": "q3", "question": ITEMS[2].question, "is_impossible": True, "answers": [],
+             "plausible_answers": [{"text": "1889", "answer_start": EIFFEL.index("1889")}]},
+        ]}]}, {"title": "Harvard", "paragraphs": [{"context": HARVARD, "qas": [
+            {"id": "q2", "question": ITEMS[1].question, "is_impossible": False,
+             "answers": [{"text": "1636", "answer_start": HARVARD.index("1636")}]}]}]}]}
+    dataset = tmp_path / "squad.json"
+    dataset.write_text(json.dumps(squad))
+    runner = CliRunner()
+    syn, gen, rm = tmp_path / "syn.jsonl", tmp_path / "gen.jsonl", tmp_path / "rm"
+    r = runner.invoke(app, ["train", "reward-data", "--from", "synthetic", "--dataset",
+                            str(dataset), "--index", str(index), "--out", str(syn),
+                            "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["examples"] >= 3 and (tmp_path / "syn.jsonl.stats.json").is_file()
+    r = runner.invoke(app, ["train", "reward-data", "--from", "generator", "--dataset",
+                            str(dataset), "--index", str(index), "--out", str(gen),
+                            "--preset", "tiny", "-n", "2", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["train", "reward", "--data", str(syn), "--data", str(gen),
+                            "--out", str(rm), "--base", str(base), "--epochs", "2",
+                            "--batch", "4", "--cpu-dtype", "fp32", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert (rm / "config.json").is_file() and (rm / "heads.safetensors").is_file()
+    r = runner.invoke(app, ["calibrate", "--data", str(gen), "--reward", str(rm),
+                            "--target", "0.5"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout[r.stdout.index("{"):])["n"] == 3
+    pipeline = Pipeline.from_settings(Settings(preset="tiny", index=index, reward=str(rm)))
+    assert isinstance(pipeline.scorer, VerifierScorer) and pipeline.scorer.calibration
+    answer = pipeline.ask(ITEMS[0].question, n_candidates=2)
+    assert all(c.score is not None and 0 <= c.score <= 1 for c in answer.candidates)
+    r = runner.invoke(app, ["train", "reward", "--data", str(tmp_path / "none.jsonl"),
+                            "--out", str(tmp_path / "rm2"), "--base", str(base)])
+    assert r.exit_code == 2 and "citeqa train reward-data" in r.output
