@@ -91,6 +91,11 @@ class Corpus:
     # name -> the lower-case words seen right before it ("in", "of", "by"): a hint of its type
     name_context: dict[str, Counter[str]] = field(default_factory=dict)
     _stem_rows: dict[str, set[int]] = field(default_factory=dict, repr=False)  # memo
+    # (kind, context word) -> names; and (kind, usual context) -> sorted names: memos
+    _by_kind_word: dict[tuple[tuple[int, str], str], list[str]] | None = field(
+        default=None, repr=False)
+    _alike: dict[tuple[tuple[int, str], frozenset[str]], tuple[str, ...]] = field(
+        default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, passages: Iterable[str]) -> Corpus:
@@ -114,6 +119,25 @@ class Corpus:
         "by"; "" for a sentence start): names used alike are probably of a kind."""
         ctx = self.name_context.get(name)
         return frozenset(w for w, _ in ctx.most_common(3)) if ctx else frozenset({""})
+
+    def names_alike(self, name: str) -> tuple[str, ...]:
+        """The corpus's names of ``name``'s kind that share a usual context word with it
+        (``name`` itself included when it is in the corpus), sorted. Memoised: the first call
+        indexes every name once, so a large corpus costs one pass, not one per question."""
+        if self._by_kind_word is None:
+            index: dict[tuple[tuple[int, str], str], list[str]] = {}
+            for n in self.names:
+                kind = name_kind(n)
+                for w in self.usual_context(n):
+                    index.setdefault((kind, w), []).append(n)
+            self._by_kind_word = index
+        key = (name_kind(name), self.usual_context(name))
+        if key not in self._alike:
+            found: set[str] = set()
+            for w in key[1]:
+                found.update(self._by_kind_word.get((key[0], w), ()))
+            self._alike[key] = tuple(sorted(found))
+        return self._alike[key]
 
     def passages_with(self, words: str) -> set[int]:
         """Rows of the passages holding every token of ``words``."""

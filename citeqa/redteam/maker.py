@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from citeqa.redteam.corpus import NUMBER, YEAR, Corpus, name_kind, names_in
+from citeqa.redteam.corpus import NUMBER, YEAR, Corpus, names_in
 from citeqa.text import STOP_WORDS, content_terms, term, tokenize
 
 UNANSWERABLE_KINDS = ("entity_swap", "number_swap", "date_swap", "negation", "antonym",
@@ -143,12 +143,11 @@ def entity_swap(seed: Seed, corpus: Corpus, rng: random.Random) -> Variant | Non
     if not names:
         return None
     start, end, name = rng.choice(names)
-    kind, context = name_kind(name), corpus.usual_context(name)
-    pool = sorted(n for n in corpus.names
-                  if name_kind(n) == kind and n != name
-                  and corpus.usual_context(n) & context
-                  and n.lower() not in seed.question.lower())
-    for new in _sample(pool, rng):
+    pool = corpus.names_alike(name)  # same kind, used in the same places
+    asked = seed.question.lower()
+    tries = [n for n in rng.sample(pool, min(2 * MAX_TRIES, len(pool)))
+             if n != name and n.lower() not in asked]
+    for new in tries[:MAX_TRIES]:
         question = _replace(seed.question, start, end, new)
         if new not in seed.passage and not corpus.could_answer(new, question):
             return _variant(seed, question, "entity_swap", f"{name} -> {new}")
