@@ -40,6 +40,7 @@ from benchmarks.load_test import (  # noqa: E402
     ensure_index,
     free_port,
     proc_memory_kb,
+    start_server,
     wait_ready,
 )
 from citeqa.evals.metrics import percentile  # noqa: E402
@@ -168,13 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://127.0.0.1:{port}"
     # Enough queue for every client, so 503s mean real overload, not a small default.
     env = {**os.environ, "CITEQA_MAX_QUEUE": str(max(32, 2 * args.clients))}
-    log = tempfile.NamedTemporaryFile("w+", prefix="citeqa-soak-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "citeqa.cli", "serve", "--index", str(args.index), "--host",
-           "127.0.0.1", "--port", str(port), "--preset", args.preset]
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    print(f"server log: {log.name}", flush=True)
+    log = Path(tempfile.mkstemp(prefix="citeqa-soak-", suffix=".log")[1])
+    proc = start_server(args.index, args.preset, port, env, log)
+    print(f"server log: {log}", flush=True)
     try:
-        ready_s = wait_ready(url, proc, args.ready_timeout)
+        ready_s = wait_ready(url, proc, args.ready_timeout, log)
         print(f"server pid {proc.pid} ready in {ready_s:.1f} s; {args.clients} clients for "
               f"{args.minutes:g} min", flush=True)
         samples, tally = soak(url, proc.pid, clients=args.clients, seconds=args.minutes * 60,

@@ -2,8 +2,8 @@
 
 Recent x86 server CPUs (AVX-512 BF16, AMX) multiply bf16 matrices several times faster than
 fp32; older ones emulate bf16 and are slower at it. ``cpu_dtype("auto")`` times a small matmul
-in both formats (once per process, well under a second on a quiet machine) and takes bf16 only where it is at least
-``BF16_MIN_SPEEDUP`` times faster. Settings (``CITEQA_CPU_DTYPE``):
+in both formats (once per process, well under a second on a quiet machine) and takes bf16
+only where it is at least ``BF16_MIN_SPEEDUP`` times faster. Settings (``CITEQA_CPU_DTYPE``):
 
 - ``bf16``: weights and activations in bfloat16 (prefill, embedding, training via autocast);
   log-probabilities and scores are still computed in fp32;

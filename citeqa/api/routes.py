@@ -47,7 +47,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 DOCUMENT_ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorOut} for s in (400, 409, 501, 502)
 }
-DocId = Annotated[str, Path(min_length=1, max_length=256)]
+# No control characters: a trailing newline would otherwise vanish in route matching ("$" matches
+# before it), and an id of "\n" would arrive empty.
+DocId = Annotated[str, Path(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
 Offset = Annotated[int, Query(ge=0, description="documents to skip (index order)")]
 Limit = Annotated[int, Query(ge=1, le=MAX_DOCUMENTS_PAGE, description="documents to return")]
 # The pages that the one static page file serves (its script picks the view by path).
