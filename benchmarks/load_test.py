@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,34 +147,43 @@ def burst(url: str, n: int) -> tuple[float, float, list[int]]:
     return sequential, concurrent, statuses + threads_out
 
 
+def ask_until(url: str, first: int, step: int, stop_at: float,
+              record: Callable[[str, float, bool], None]) -> None:
+    """Ask QUESTIONS[first], [first + step], ... back to back until ``stop_at`` and ``record``
+    each outcome (status, seconds, declined). A 503 waits a little, as a client should."""
+    with httpx.Client(base_url=url, timeout=300) as http:
+        n = first
+        while time.monotonic() < stop_at:
+            question = QUESTIONS[n % len(QUESTIONS)]
+            n += step
+            t0 = time.perf_counter()
+            try:
+                r = http.post("/v1/answer", json={"question": question})
+                status = str(r.status_code)
+                declined = r.status_code == 200 and bool(r.json().get("declined"))
+            except httpx.TimeoutException:
+                status, declined = "timeout", False
+            except httpx.TransportError as e:
+                status, declined = type(e).__name__, False
+            record(status, time.perf_counter() - t0, declined)
+            if status == "503":
+                time.sleep(0.2)
+
+
 def run_level(url: str, clients: int, seconds: float, pid: int) -> LevelResult:
     result = LevelResult(clients, seconds)
     lock = threading.Lock()
     stop_at = time.monotonic() + seconds
 
+    def record(status: str, dt: float, declined: bool) -> None:
+        with lock:
+            result.statuses[status] += 1
+            if status == "200":
+                result.latencies.append(dt)
+                result.declines += int(declined)
+
     def client(i: int) -> None:
-        with httpx.Client(base_url=url, timeout=300) as http:
-            n = i
-            while time.monotonic() < stop_at:
-                question = QUESTIONS[n % len(QUESTIONS)]
-                n += clients
-                t0 = time.perf_counter()
-                try:
-                    r = http.post("/v1/answer", json={"question": question})
-                    status = str(r.status_code)
-                    declined = r.status_code == 200 and bool(r.json().get("declined"))
-                except httpx.TimeoutException:
-                    status, declined = "timeout", False
-                except httpx.TransportError as e:
-                    status, declined = type(e).__name__, False
-                dt = time.perf_counter() - t0
-                with lock:
-                    result.statuses[status] += 1
-                    if status == "200":
-                        result.latencies.append(dt)
-                        result.declines += int(declined)
-                if status == "503":
-                    time.sleep(0.2)  # honour the overload answer a little, as a client should
+        ask_until(url, i, clients, stop_at, record)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     t0 = time.monotonic()

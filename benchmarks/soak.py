@@ -30,13 +30,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.load_test import (  # noqa: E402
-    QUESTIONS,
+    ask_until,
     ensure_index,
     free_port,
     proc_memory_kb,
@@ -96,32 +94,16 @@ def memory_verdict(samples: list[tuple[float, int]], warmup_s: float,
                           f"(limit {limit:+.0%})")
 
 
-def client_loop(url: str, index: int, clients: int, stop_at: float, tally: Tally) -> None:
-    """Ask questions back to back until ``stop_at``; count each outcome."""
-    with httpx.Client(base_url=url, timeout=300) as http:
-        n = index
-        while time.monotonic() < stop_at:
-            question = QUESTIONS[n % len(QUESTIONS)]
-            n += clients
-            t0 = time.perf_counter()
-            try:
-                status = str(http.post("/v1/answer", json={"question": question}).status_code)
-            except httpx.TimeoutException:
-                status = "timeout"
-            except httpx.TransportError as e:
-                status = type(e).__name__
-            tally.add(status, time.perf_counter() - t0)
-            if status == "503":
-                time.sleep(0.2)  # honour the overload answer a little, as a client should
-
-
 def soak(url: str, pid: int, *, clients: int, seconds: float, sample_s: float) -> tuple[
         list[Sample], Tally]:
     """Run ``clients`` threads for ``seconds``, sampling the server's RSS every ``sample_s``."""
     tally = Tally()
     start = time.monotonic()
     stop_at = start + seconds
-    threads = [threading.Thread(target=client_loop, args=(url, i, clients, stop_at, tally),
+    def record(status: str, dt: float, _declined: bool) -> None:
+        tally.add(status, dt)
+
+    threads = [threading.Thread(target=ask_until, args=(url, i, clients, stop_at, record),
                                 daemon=True) for i in range(clients)]
     for t in threads:
         t.start()

@@ -277,3 +277,15 @@ def test_write_outputs_figures(tmp_path: Path) -> None:
         w, h = _png_size(tmp_path / name)
         assert 400 <= w <= 2000 and 300 <= h <= 2000, (name, w, h)
         assert (tmp_path / name).stat().st_size > 5000  # not a blank canvas
+
+
+def test_supported_is_unknown_for_records_without_answer_offsets() -> None:
+    doc = DOCS.__getitem__
+    old = judge(_record("a", ["1636"], "1636", [_cand("1636", 0.9)]), doc)  # no answer_start key
+    assert old.supported is None
+    inside = judge({**_record("b", ["1636"], "1636", [_cand("1636", 0.9)]),
+                    "answer_start": 34, "answer_end": 38}, doc)
+    assert inside.supported is True
+    outside = judge({**_record("c", ["1636"], "1636", [_cand("1636", 0.9)]),
+                     "answer_start": None, "answer_end": None}, doc)
+    assert outside.supported is False

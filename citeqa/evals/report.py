@@ -110,7 +110,9 @@ def judge(record: dict[str, Any], document: Callable[[str], Document]) -> Judged
         ),
         best_correct=best_answer is not None
         and M.is_correct(best_answer, golds, quote_valid=best_valid),
-        supported=None if declined else record.get("answer_start") is not None,
+        # records written before answers carried offsets say nothing: unknown, not "no"
+        supported=(None if declined or "answer_start" not in record
+                   else record["answer_start"] is not None),
         any_correct=any(c.get("quote") is not None
                         and M.is_correct(c["answer"], golds, quote_valid=True)
                         for c in candidates),

@@ -44,6 +44,10 @@ tokens. Columns that are holes in every row (e.g. a single row's rejected draft)
 renormalised over the grammar-allowed tokens (the unmasked distribution when there is no grammar).
 Tokens forced by the grammar (jump-forward) count 0: they were the only continuation.
 Timings (``prefill_ms``, ``decode_ms``, ``forward_passes``) are those of the whole batch.
+
+Why ~490 lines: the decode loop alone is here; drafts (``drafts.py``), the KV cache surgery
+(``kv.py``) and the grammar stages live apart. What remains is one loop whose per-row state
+(pending tokens, drafts, grammar, finished) must change together in every step.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ to every redirect hop:
    streaming, one deadline covers the whole fetch, and only text content types are accepted.
 
 Environment proxies are ignored (``trust_env=False``): a proxy would connect by name.
+
+Why one module of ~470 lines: these rules are one security boundary, and keeping every check
+and the connection that depends on them in one file is what lets a reader audit it whole.
 """
 
 from __future__ import annotations
