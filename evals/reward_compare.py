@@ -1,6 +1,6 @@
 """The reward model against its baselines, on the candidates of one `citeqa eval` run.
 
-    python evals/reward_compare.py RUN_DIR [--out FILE.json]
+    python evals/reward_compare.py RUN_DIR [--reward DIR] [--out FILE.json]
 
 For every question of the run, the best candidate (the one the pipeline ranked first) is scored
 by: the shipped reward model (``Answer.score`` as recorded), the generator's mean token
@@ -11,6 +11,10 @@ of the same candidates). Reported for each: AURC, AUROC (right vs wrong best can
 coverage at 80 % answered accuracy, and the reward model's AURC minus each other's with a 95 %
 paired bootstrap interval. Run it on a run with one candidate a question, so that every scorer
 judges exactly the same answers.
+
+``--reward DIR`` also scores the same candidates with a reward-model directory that is not (yet)
+the shipped one, e.g. a verifier fresh from ``citeqa train reward``, with the documents of the
+run's index as context; it is then the model the others are compared with.
 """
 
 from __future__ import annotations
@@ -72,7 +76,32 @@ def _weights(load_file) -> dict[str, np.ndarray]:
     return _CACHE
 
 
-def compare(run: Path) -> dict:
+def _candidate(c: dict):
+    from citeqa.types import Candidate, Quote
+
+    lp, mean = float(c.get("logprob") or 0.0), float(c.get("mean_logprob") or 0.0)
+    return Candidate(c["answer"], Quote(**c["quote"]), logprob=lp,
+                     n_tokens=round(lp / mean) if mean else 0,
+                     retrieval_score=float(c.get("retrieval_score") or 0.0),
+                     answer_start=c.get("answer_start"), answer_end=c.get("answer_end"))
+
+
+def candidate_scorer(run: Path, reward: Path):
+    """score(question, best candidate record) with the reward model in ``reward``."""
+    from citeqa.retrieval.store import Index
+    from citeqa.reward.scorer import load_scorer
+
+    index = json.loads((run / "run.json").read_text())["index"]
+    docs = Index.load(Path(index)).documents
+    scorer = load_scorer(str(reward))
+
+    def score(question: str, c: dict) -> float:
+        return float(scorer.score(question, [_candidate(c)], docs.__getitem__)[0].score)
+
+    return score
+
+
+def compare(run: Path, reward: Path | None = None) -> dict:
     records = list(_predictions(run).values())
     neg = -math.inf
     scores: dict[str, list[float]] = {k: [] for k in ("reward model", "generator likelihood",
@@ -86,13 +115,19 @@ def compare(run: Path) -> dict:
         scores["generator likelihood"].append(float(best["mean_logprob"]) if ok else neg)
         scores["retrieval score"].append(float(best["retrieval_score"]) if ok else neg)
         scores["previous RM"].append(previous_rm(r["question"], best) if ok else neg)
+    if reward is not None:  # the model under test becomes "reward model"; the run's is "shipped"
+        score = candidate_scorer(run, reward)
+        scores["shipped RM"] = scores.pop("reward model")
+        scores["reward model"] = [score(r["question"], r["candidates"][0]) if s > neg else neg
+                                  for r, s in zip(records, scores["generator likelihood"],
+                                                  strict=True)]
     scores["oracle"] = oracle_scores(right)
     out = {"run": str(run), "questions": len(records), "best_right": float(np.mean(right)),
            "scorers": {}, "reward_model_minus": {}}
     for name, s in scores.items():
         out["scorers"][name] = {"aurc": aurc(s, right), "auroc": auroc(s, right),
                                 "coverage_at_80": coverage_at_accuracy(s, right, 0.8)}
-    for name in ("generator likelihood", "retrieval score", "previous RM"):
+    for name in [n for n in scores if n not in ("reward model", "oracle")]:
         d = paired_bootstrap_aurc(scores["reward model"], scores[name], right)
         out["reward_model_minus"][name] = {"diff": d.diff, "low": d.low, "high": d.high,
                                            "beyond_noise": d.high < 0}
@@ -102,9 +137,11 @@ def compare(run: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", type=Path)
+    ap.add_argument("--reward", type=Path, help="a reward-model directory to judge instead of "
+                    "the run's own scores")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    result = compare(args.run)
+    result = compare(args.run, args.reward)
     print(f"{result['questions']} questions, best candidate right {result['best_right']:.1%}")
     print(f"{'scorer':<22}{'AURC':>8}{'AUROC':>8}{'cov@80%':>9}")
     for name, s in result["scorers"].items():
