@@ -79,8 +79,11 @@ class GenerationConfig:
     extractive_answer: bool = True
     # "span": the quote first, then an answer made of words of that quote (enforced while
     # decoding: every answer stands in its quote); "free": a free-text answer, then the quote
-    # (large generators that write sentences; the reward model then judges support).
-    answer_mode: str = "span"
+    # (large generators that write sentences; the reward model then judges support). A
+    # generator must be trained for its mode: the shipped adapter was trained on "free", and in
+    # "span" mode it fell from F1 ~45 to 23.7 (150 calibration-article questions), so "free"
+    # is the default until a span-trained adapter ships (evals/train_generator.sh).
+    answer_mode: str = "free"
     # Prompt-lookup draft length while copying a quote; 0 = off. Lossless for greedy rows. On 2
     # CPU cores (benchmarks/bench_ask.py, 50 eval questions) 16 beat 8 (p50 2.28 s vs 2.52 s,
     # fp32 weights); 32 gave the same total/prefill ratio as 16 (1.42, fp16 weights).

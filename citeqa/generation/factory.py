@@ -4,11 +4,14 @@ transformers model."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from citeqa.config import GenerationConfig
 from citeqa.generation.backend import Backend
+
+logger = logging.getLogger(__name__)
 
 
 def build_backend(gen: GenerationConfig, cache_dir: Path, *, api_key: str | None = None,
@@ -26,13 +29,19 @@ def build_backend(gen: GenerationConfig, cache_dir: Path, *, api_key: str | None
         from citeqa.generation.fake import FakeBackend
 
         return FakeBackend(extractive_responder, model_id="extractive")
-    from citeqa.generation.adapter import resolve_adapter
+    from citeqa.generation.adapter import load_adapter, resolve_adapter
     from citeqa.generation.hf import HFBackend
 
+    adapter = resolve_adapter(gen.adapter, gen.model)
+    if adapter is not None and (trained := load_adapter(adapter)[0].answer_mode) != \
+            gen.answer_mode:
+        logger.warning("the adapter %s was trained for answer mode %r, not the configured %r: "
+                       "expect much worse answers (set CITEQA_ANSWER_MODE=%s)", adapter, trained,
+                       gen.answer_mode, trained)
     return HFBackend.load(
         gen.model,
         cache_dir,
-        adapter=resolve_adapter(gen.adapter, gen.model),
+        adapter=adapter,
         cpu_dtype=gen.cpu_dtype,
         speculative_tokens=gen.speculative_quote_tokens,
         threads=gen.threads,
