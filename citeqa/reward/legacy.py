@@ -11,15 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from citeqa.errors import ModelError
 from citeqa.retrieval.embed import Embedder, load_embedder
 from citeqa.reward.features import RewardInput, featurize
 from citeqa.reward.model import load_model
-from citeqa.reward.scorer import CALIBRATION, _monotone_threshold, read_calibration
+from citeqa.reward.scorer import Calibrated, read_calibration
 from citeqa.types import Candidate
 
 
-class RewardScorer:
+class RewardScorer(Calibrated):
     """Scores candidates with a reward-model directory (see model.py for its layout)."""
 
     def __init__(self, directory: Path, embedder: Embedder | None = None) -> None:
@@ -56,30 +55,3 @@ class RewardScorer:
             replace(c, score=float(s), uncertainty=float(u))
             for c, s, u in zip(candidates, scores, spread, strict=True)
         ]
-
-    @property
-    def threshold(self) -> float | None:
-        """The calibrated decline threshold (None when the model was never calibrated)."""
-        if self.calibration is None:
-            return None
-        return self.calibration.calibration.threshold
-
-    def threshold_for(self, target_accuracy: float) -> float:
-        """The decline threshold guaranteeing ``target_accuracy`` (with the stored delta).
-
-        Raises ModelError when the model was never calibrated. Monotone: the threshold for a
-        target is the highest Learn-then-Test threshold over the targets up to it on a 0.01
-        grid, so asking for more accuracy never answers more questions.
-        """
-        if self.calibration is None:
-            raise ModelError(
-                f"{self.directory} has no {CALIBRATION}; run `citeqa calibrate --reward "
-                f"{self.directory} --data FILE` first"
-            )
-        cal = self.calibration
-        return _monotone_threshold(
-            cal.scores, cal.correct, float(target_accuracy), cal.calibration.delta,
-            cal.min_answered,
-        )
-
-

@@ -54,7 +54,40 @@ def judged(question: str, c: Candidate, documents: Callable[[str], Document] | N
     return Judged(question, c.answer, c.quote.text, c.quote.title, before, after)
 
 
-class VerifierScorer:
+class Calibrated:
+    """The decline thresholds of a reward model with ``directory`` and ``calibration`` (the
+    record read from its calibration.json, or None)."""
+
+    directory: Path
+    calibration: CalibrationRecord | None
+
+    @property
+    def threshold(self) -> float | None:
+        """The calibrated decline threshold (None when the model was never calibrated)."""
+        if self.calibration is None:
+            return None
+        return self.calibration.calibration.threshold
+
+    def threshold_for(self, target_accuracy: float) -> float:
+        """The decline threshold guaranteeing ``target_accuracy`` (with the stored delta).
+
+        Raises ModelError when the model was never calibrated. Monotone: the threshold for a
+        target is the highest Learn-then-Test threshold over the targets up to it on a 0.01
+        grid, so asking for more accuracy never answers more questions.
+        """
+        if self.calibration is None:
+            raise ModelError(
+                f"{self.directory} has no {CALIBRATION}; run `citeqa calibrate --reward "
+                f"{self.directory} --data FILE` first"
+            )
+        cal = self.calibration
+        return _monotone_threshold(
+            cal.scores, cal.correct, float(target_accuracy), cal.calibration.delta,
+            cal.min_answered,
+        )
+
+
+class VerifierScorer(Calibrated):
     """Scores candidates with a verifier directory (checkpoint.py has its layout)."""
 
     def __init__(self, directory: Path, *, cpu_dtype: str = "auto") -> None:
@@ -96,30 +129,6 @@ class VerifierScorer:
         return [replace(c, score=float(s), uncertainty=float(u))
                 for c, s, u in zip(candidates, scores, spread, strict=True)]
 
-    @property
-    def threshold(self) -> float | None:
-        """The calibrated decline threshold (None when the model was never calibrated)."""
-        if self.calibration is None:
-            return None
-        return self.calibration.calibration.threshold
-
-    def threshold_for(self, target_accuracy: float) -> float:
-        """The decline threshold guaranteeing ``target_accuracy`` (with the stored delta).
-
-        Raises ModelError when the model was never calibrated. Monotone: the threshold for a
-        target is the highest Learn-then-Test threshold over the targets up to it on a 0.01
-        grid, so asking for more accuracy never answers more questions.
-        """
-        if self.calibration is None:
-            raise ModelError(
-                f"{self.directory} has no {CALIBRATION}; run `citeqa calibrate --reward "
-                f"{self.directory} --data FILE` first"
-            )
-        cal = self.calibration
-        return _monotone_threshold(
-            cal.scores, cal.correct, float(target_accuracy), cal.calibration.delta,
-            cal.min_answered,
-        )
 
 
 @lru_cache(maxsize=256)
