@@ -52,13 +52,13 @@ if [[ " $STAGES " == *" data "* ]]; then
     "${CITEQA[@]}" index build "$TRAIN_JSON" --out "$TRAIN_INDEX" --preset default
   fi
   "${CITEQA[@]}" train generator-data --dataset "$TRAIN_JSON" --index "$TRAIN_INDEX" --split all \
-    --limit "$N" --seed 0 --out "$OUT/demos-train.jsonl"
+    --limit "$N" --seed 0 --answer-mode span --out "$OUT/demos-train.jsonl"
 fi
 
 if [[ " $STAGES " == *" train "* ]]; then
   "${CITEQA[@]}" train generator --data "$OUT/demos-train.jsonl" --out "$OUT/adapter" \
     --epochs 1 --batch-size 8 --micro-batch-size 1 --lr 3e-4 --rank 32 --alpha 64 \
-    --targets all --first-layer 21 --threads "$THREADS" --seed 0
+    --targets all --first-layer 21 --threads "$THREADS" --seed 0 --answer-mode span
 fi
 
 if [[ " $STAGES " == *" publish "* ]]; then

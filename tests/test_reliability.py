@@ -121,3 +121,33 @@ def test_the_soak_memory_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
     flat, growth, sentence = soak.memory_verdict([*warm, (240.0, 551)], 60.0)
     assert (flat, growth) == (False, pytest.approx(0.102)) and "GROWING" in sentence
     assert soak.memory_verdict([(0.0, 100), (60.0, 500)], 60.0)[:2] == (None, None)
+
+
+def test_a_body_whose_last_part_crosses_the_limit_gets_its_413_at_once() -> None:
+    """The server may hand over a whole chunked body as one message: nothing is left to drain,
+    and asking for more would wait for a message that never comes (before the fix: the drain's
+    5 s timeout, longer than a client's read timeout)."""
+    import asyncio
+
+    from citeqa.api.middleware import BodyLimitMiddleware
+
+    async def app(scope, receive, send):  # reads its body like a route does
+        while (await receive()).get("more_body"):
+            pass
+
+    asked_after_end = []
+    sent = []
+
+    async def receive():
+        if not asked_after_end:
+            asked_after_end.append(False)
+            return {"type": "http.request", "body": b"x" * 5000, "more_body": False}
+        asked_after_end.append(True)
+        await asyncio.sleep(3600)  # what a server does when the body is over: wait
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/answer", "headers": []}
+    asyncio.run(asyncio.wait_for(BodyLimitMiddleware(app, 2048)(scope, receive, send), 2))
+    assert sent[0]["status"] == 413 and asked_after_end == [False]

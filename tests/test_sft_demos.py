@@ -33,7 +33,7 @@ from citeqa.training.demos import (
 )
 from citeqa.types import Hit
 
-GEN = GenerationConfig()
+GEN = GenerationConfig(answer_mode="span")  # the format evals/train_generator.sh trains
 
 P_OIL = (
     "The 1973 oil crisis began in October 1973. Members of OAPEC proclaimed an oil embargo. "
@@ -318,3 +318,16 @@ def test_cli_generator_data(tmp_path: Path, corpus: tuple[Path, Path]) -> None:
               "--out", str(out)],
     )
     assert bad.exit_code == 2 and "error:" in bad.output
+
+
+def test_cli_generator_data_answer_mode(tmp_path: Path, corpus: tuple[Path, Path]) -> None:
+    path, index = corpus
+    args = ["generator-data", "--dataset", str(path), "--index", str(index), "--split", "all",
+            "--no-progress"]
+    span = CliRunner().invoke(app, [*args, "--answer-mode", "span",
+                                    "--out", str(tmp_path / "span.jsonl")])
+    assert span.exit_code == 0, span.output
+    bad = CliRunner().invoke(app, [*args, "--answer-mode", "quote-first",
+                                   "--out", str(tmp_path / "bad.jsonl")])
+    assert bad.exit_code == 2 and "--answer-mode must be span or free" in bad.output
+    assert not (tmp_path / "bad.jsonl").exists()

@@ -26,7 +26,7 @@ from citeqa.training.sft import (
     train_lora,
 )
 
-GEN = GenerationConfig()
+GEN = GenerationConfig(answer_mode="span")  # the format evals/train_generator.sh trains
 
 
 @pytest.fixture(scope="module")

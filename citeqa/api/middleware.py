@@ -90,24 +90,32 @@ class BodyLimitMiddleware:
                 await self._too_large(scope, receive, send)
                 return
         seen = 0
-        started = over = False
+        started = over = ended = False
 
         async def counting_receive() -> Message:
-            nonlocal seen, over
+            nonlocal seen, over, ended
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                # the last part may be the one that crosses the limit (the server can deliver
+                # several chunks as one message): then there is nothing left to drain, and
+                # waiting for more would hold the 413 back until the drain times out
+                ended = not message.get("more_body", False)
                 if seen > self.max_bytes:
                     over = True
                     raise BodyTooLargeError(self.max_bytes)
             return message
+
+        async def drain_rest() -> None:
+            if not ended:
+                await drain(receive, max_bytes=DRAIN_MAX_BYTES - seen)
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start" and not started:
                 started = True
                 if over:  # the app answers the refused body (its 413): read the rest first
-                    await drain(receive, max_bytes=DRAIN_MAX_BYTES - seen)
+                    await drain_rest()
             await send(message)
 
         try:
@@ -115,7 +123,7 @@ class BodyLimitMiddleware:
         except BodyTooLargeError:
             if started:
                 raise
-            await drain(receive, max_bytes=DRAIN_MAX_BYTES - seen)
+            await drain_rest()
             await self._too_large(scope, receive, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:

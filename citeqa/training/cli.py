@@ -30,6 +30,11 @@ PresetOpt = Annotated[
 # --targets shorthands (Llama-architecture layer names, as in citeqa/training/lora.py).
 TARGETS: dict[str, tuple[str, ...]] = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj")}
 TARGETS["all"] = (*TARGETS["attention"], "gate_proj", "up_proj", "down_proj")
+AnswerModeOpt = Annotated[
+    str | None,
+    typer.Option("--answer-mode", help="span | free: the output format taught (default: the "
+                 "preset's; evals/train_generator.sh teaches span)."),
+]
 
 
 @app.command("generator-data")
@@ -45,6 +50,7 @@ def generator_data(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Question order (spreads --limit).")] = 0,
     preset_name: PresetOpt = "default",
+    answer_mode: AnswerModeOpt = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Write demonstrations (question, retrieved passages, answer, quote) as JSON lines."""
@@ -59,7 +65,7 @@ def generator_data(
     )
 
     try:
-        cfg = preset(preset_name).generation
+        cfg = _with_mode(preset(preset_name).generation, answer_mode)
         articles = None if split == "all" else articles_for_split(split)
         items = sample_items(load_questions(dataset, articles), seed)
         retriever = HybridRetriever.open(index)
@@ -124,6 +130,7 @@ def generator(
         str, typer.Option("--cpu-dtype", help="auto | bf16 | fp32: bf16 autocast on a CPU.")
     ] = "auto",
     preset_name: PresetOpt = "default",
+    answer_mode: AnswerModeOpt = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Fine-tune the generator on demonstrations: writes a LoRA adapter, log and model card."""
@@ -144,7 +151,7 @@ def generator(
     )
     lora = LoRAConfig(r=rank, alpha=alpha, targets=target_layers, first_layer=first_layer)
     try:
-        gen = preset(preset_name).generation
+        gen = _with_mode(preset(preset_name).generation, answer_mode)
         if model:
             gen = replace(gen, model=model)
         if gen.model == "fake":
@@ -321,6 +328,14 @@ def _redteam_data(items, out, seed, progress) -> dict:
     kinds = Counter(v.kind for v in variants)
     return {"seeds": len(seeds), "variants": len(variants), "by_kind": dict(sorted(kinds.items())),
             "unanswerable": sum(not v.answerable for v in variants), "examples": len(made)}
+
+
+def _with_mode(gen, answer_mode: str | None):
+    if answer_mode is None:
+        return gen
+    if answer_mode not in ("span", "free"):
+        raise fail(f"--answer-mode must be span or free, not {answer_mode!r}")
+    return replace(gen, answer_mode=answer_mode)
 
 
 def _write_all(out: Path, examples) -> None:
