@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -94,6 +95,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def index_for(index: Path | None, preset: str) -> tuple[Path, Path | None]:
+    """(the index to serve, a scratch directory to delete afterwards or None): ``index`` when
+    given; else index/default for the default preset, or a temporary one for another preset
+    (never a tiny index where the real one belongs). Built from index/corpus when missing."""
+    scratch = None
+    if index is None:
+        if preset == "default":
+            index = ROOT / "index" / "default"
+        else:
+            scratch = Path(tempfile.mkdtemp(prefix="citeqa-bench-"))
+            index = scratch / "index"
+    ensure_index(index, preset)
+    return index, scratch
+
+
 def ensure_index(index: Path, preset: str) -> None:
     if (index / "manifest.json").is_file():
         return
@@ -109,6 +125,15 @@ def start_server(index: Path, preset: str, port: int, env: dict[str, str], log: 
            "127.0.0.1", "--port", str(port), "--preset", preset]
     with log.open("ab") as out:
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM (a graceful drain), then a kill after 60 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> float:
@@ -198,7 +223,8 @@ def run_level(url: str, clients: int, seconds: float, pid: int) -> LevelResult:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--index", type=Path, default=ROOT / "index" / "default")
+    ap.add_argument("--index", type=Path, help="index directory; default index/default (built "
+                    "when missing), or a temporary one for another preset")
     ap.add_argument("--preset", default="default", help="default (real models) or tiny")
     ap.add_argument("--seconds", type=float, default=60.0, help="per concurrency level")
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
@@ -210,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-log", type=Path, help="the server's log (default: a temp file)")
     args = ap.parse_args(argv)
 
-    ensure_index(args.index, args.preset)
+    args.index, scratch = index_for(args.index, args.preset)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     # Enough queue for the biggest level, so 503s mean real overload, not a small default.
@@ -245,11 +271,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"RSS {r.rss_kb / 1024:.0f} MiB", flush=True)
         end_mem = proc_memory_kb(proc.pid)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     base = next((r.throughput for r in results if r.clients == 1), float("nan"))
     top = results[-1]
     ratio = top.throughput / base if base else float("nan")

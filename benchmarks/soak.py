@@ -20,8 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,10 +33,11 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.load_test import (  # noqa: E402
     ask_until,
-    ensure_index,
     free_port,
+    index_for,
     proc_memory_kb,
     start_server,
+    stop_server,
     wait_ready,
 )
 from citeqa.evals.metrics import percentile  # noqa: E402
@@ -139,14 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "evals" / "results" / "soak.json")
     args = ap.parse_args(argv)
 
-    scratch = None
-    if args.index is None:  # never build a tiny index where the real one belongs
-        if args.preset == "default":
-            args.index = ROOT / "index" / "default"
-        else:
-            scratch = Path(tempfile.mkdtemp(prefix="citeqa-soak-"))
-            args.index = scratch / "index"
-    ensure_index(args.index, args.preset)
+    args.index, scratch = index_for(args.index, args.preset)
     port = args.port or free_port()
     url = f"http://127.0.0.1:{port}"
     # Enough queue for every client, so 503s mean real overload, not a small default.
@@ -162,11 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                               sample_s=args.sample_s)
         peak_kb = proc_memory_kb(proc.pid)["VmHWM"]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     flat, growth, verdict = memory_verdict([(s.t_s, s.rss_kb) for s in samples], args.warmup_s)
