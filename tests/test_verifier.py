@@ -245,7 +245,9 @@ def test_data_lines_groups_and_errors(tmp_path: Path) -> None:
     for bad, needle in [({"question": "Q?", "answer": "A", "quote": "x", "label": 3}, "label"),
                         ({"question": " ", "label": 1}, "question"),
                         ({"kind": "pair", "question": "Q?"}, "unknown kind"),
-                        ({"question": "Q?", "label": 1, "golds": "A"}, "golds")]:
+                        ({"question": "Q?", "label": 1, "golds": "A"}, "golds"),
+                        ({"question": "Q?", "label": 1, "signals": {"x": "1"}}, "signals"),
+                        ({"question": "Q?", "label": 1, "signals": [1.0]}, "signals")]:
         path.write_text(json.dumps(bad) + "\n")
         with pytest.raises(SourceError, match=rf"d\.jsonl:1: bad reward-data line.*{needle}"):
             load_verifier_data(path)

@@ -67,11 +67,17 @@ def test_generator_candidates_are_labelled_by_the_correctness_rule(tiny_pipeline
         if r["quote"]:
             doc = EIFFEL if r["title"] == "Eiffel Tower" else HARVARD
             assert r["before"] + r["quote"] in doc and r["quote"] + r["after"] in doc
+    for r in cands:  # what the generator said travels with the candidate
+        sig = r["signals"]
+        assert set(sig) == {"logprob", "mean_logprob", "n_tokens", "retrieval_score", "rm_score"}
+        assert sig["n_tokens"] > 0 and sig["logprob"] <= 0
+        assert sig["mean_logprob"] == pytest.approx(sig["logprob"] / sig["n_tokens"])
     markers = [r for r in rows if r.get("kind") == "question"]
     assert [m["qid"] for m in markers] == ["q1", "q2", "q3", "q4"]
     assert markers[0]["generator"]["model_id"] == "extractive"
     data = load_verifier_data(out)
     assert len(data.examples) == len(cands) and len(data.generators) == 1
+    assert [e.signals for e in data.examples] == [r["signals"] for r in cands]
 
 
 def test_generator_data_resumes_and_drops_an_interrupted_question(tiny_pipeline, tmp_path):

@@ -33,12 +33,18 @@ class Example:
     golds: tuple[str, ...] = ()  # gold answers (the reader's target); () = none here
     group: str = ""  # its question
     source: str = ""  # generator | synthetic:<how> | redteam:<kind> | ...
+    # what the generator and the pipeline said of the candidate (generator data only):
+    # logprob, mean_logprob, n_tokens, retrieval_score, rm_score (the serving reward model's)
+    signals: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         j = self.judged
-        return {"group": self.group, "question": j.question, "answer": j.answer,
-                "quote": j.quote, "title": j.title, "before": j.before, "after": j.after,
-                "label": self.label, "golds": list(self.golds), "source": self.source}
+        out = {"group": self.group, "question": j.question, "answer": j.answer,
+               "quote": j.quote, "title": j.title, "before": j.before, "after": j.after,
+               "label": self.label, "golds": list(self.golds), "source": self.source}
+        if self.signals:
+            out["signals"] = dict(self.signals)
+        return out
 
 
 @dataclass
@@ -82,8 +88,13 @@ def parse_record(obj: dict[str, Any]) -> Example | dict[str, Any]:
     golds = obj.get("golds", [])
     if not isinstance(golds, list) or not all(isinstance(g, str) for g in golds):
         raise TypeError("'golds' must be a list of strings")
+    signals = obj.get("signals", {})
+    if not isinstance(signals, dict) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in signals.values()):
+        raise TypeError("'signals' must be an object of numbers")
     return Example(Judged(question=question, **texts), int(label), tuple(golds),
-                   str(obj.get("group") or obj.get("qid") or ""), str(obj.get("source", "")))
+                   str(obj.get("group") or obj.get("qid") or ""), str(obj.get("source", "")),
+                   {str(k): float(v) for k, v in signals.items()})
 
 
 def load_verifier_data(paths: Path | Sequence[Path]) -> VerifierData:

@@ -41,7 +41,7 @@ from citeqa.reward.scorer import judged
 from citeqa.reward.verifier import Judged, around
 from citeqa.text import relevance, sentence_spans
 from citeqa.training.demos import quote_span
-from citeqa.types import Hit
+from citeqa.types import Candidate, Hit
 
 MIN_QUOTE, MAX_QUOTE = 20, 200  # the generator's quote bounds (GenerationConfig)
 
@@ -120,7 +120,8 @@ def generator_examples(pipeline: Pipeline, items: Iterable[QAItem], out: Path, *
                     right = c.quote is not None and is_correct(c.answer, item.answers,
                                                                quote_valid=True)
                     examples.append(Example(judged(item.question, c, documents), int(right),
-                                            item.answers, item.id, "generator"))
+                                            item.answers, item.id, "generator",
+                                            candidate_signals(c)))
                 n_examples += write_examples(f, examples)
                 n_right += sum(e.label for e in examples)
                 f.write(json.dumps({"kind": "question", "qid": item.id,
@@ -130,6 +131,14 @@ def generator_examples(pipeline: Pipeline, items: Iterable[QAItem], out: Path, *
             bar.update(len(chunk))
     return BuildStats(len(todo), len(items) - len(todo), n_examples, n_right,
                       time.perf_counter() - t0)
+
+
+def candidate_signals(c: Candidate) -> dict[str, float]:
+    """What the generator and the pipeline said of a candidate, kept beside it so that a
+    reward model can be compared with (or combined with) them on the same candidates."""
+    return {"logprob": float(c.logprob), "mean_logprob": float(c.mean_logprob),
+            "n_tokens": float(c.n_tokens), "retrieval_score": float(c.retrieval_score),
+            "rm_score": float(c.score if c.score is not None else 0.0)}
 
 
 # --- synthetic pairs -------------------------------------------------------------------------
