@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from citeqa.config import Settings, preset
 from citeqa.evals.metrics import is_correct
@@ -183,3 +184,15 @@ def test_from_data_to_a_calibrated_verifier_the_pipeline_loads(tmp_path):
     r = runner.invoke(app, ["train", "reward", "--data", str(tmp_path / "none.jsonl"),
                             "--out", str(tmp_path / "rm2"), "--base", str(base)])
     assert r.exit_code == 2 and "citeqa train reward-data" in r.output
+    # a verifier directory as --base is trained further from its heads, not from fresh ones
+    from safetensors.torch import load_file, save_file
+
+    heads = load_file(str(rm / "heads.safetensors"))
+    heads["b2"] = torch.full_like(heads["b2"], 5.0)  # no fresh head starts there
+    save_file(heads, str(rm / "heads.safetensors"))
+    r = runner.invoke(app, ["train", "reward", "--data", str(gen), "--out", str(tmp_path / "rm3"),
+                            "--base", str(rm), "--epochs", "0.5", "--batch", "4",
+                            "--cpu-dtype", "fp32", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    after = load_file(str(tmp_path / "rm3" / "heads.safetensors"))
+    assert after.keys() == heads.keys() and torch.allclose(after["b2"], heads["b2"], atol=0.1)

@@ -34,7 +34,8 @@ def reward(
     base: Annotated[
         Path | None,
         typer.Option("--base", help="Encoder to start from: any local Hugging Face encoder "
-                     "directory (default: the packaged all-MiniLM-L6-v2)."),
+                     "directory (default: the packaged all-MiniLM-L6-v2), or a verifier "
+                     "directory to train further (e.g. on another generator's candidates)."),
     ] = None,
     epochs: Annotated[float, typer.Option("--epochs", min=0.01)] = 1.0,
     batch: Annotated[int, typer.Option("--batch", min=2, help="Examples per step.")] = 32,
@@ -75,7 +76,7 @@ def train_to_dir(data_paths: list[Path], out: Path, *, base: Path | None = None,
 
     from citeqa.errors import ModelError
     from citeqa.retrieval.embed import minilm_dir
-    from citeqa.reward.checkpoint import load_verifier, read_config
+    from citeqa.reward.checkpoint import HEADS, load_verifier, read_config
     from citeqa.reward.data import load_verifier_data
     from citeqa.reward.train import PROGRESS, TrainConfig, train_verifier
     from citeqa.reward.verifier import Verifier
@@ -92,6 +93,9 @@ def train_to_dir(data_paths: list[Path], out: Path, *, base: Path | None = None,
         read_config(Path(out))
         model, tokenizer, _ = load_verifier(Path(out))
         log.info("resuming the verifier in %s", out)
+    elif (base_dir / HEADS).is_file():  # a verifier directory: train it further, heads included
+        model, tokenizer, _ = load_verifier(base_dir)
+        log.info("continuing from the verifier in %s", base_dir)
     else:
         try:
             encoder = AutoModel.from_pretrained(base_dir, local_files_only=True,
