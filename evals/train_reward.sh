@@ -19,8 +19,13 @@
 #                 which the training sees a sample ($RT_Q groups);
 #               - calibration candidates: the generator on the CALIBRATION articles, with the
 #                 evaluation index, as served;
-# 3. train:     `citeqa train reward` (MiniLM cross-encoder + reader head + 3 heads), bf16
-#               where the CPU's matrix units pay;
+# 3. pretrain:  `citeqa train reward` (MiniLM cross-encoder + reader head + 3 heads) on
+#               $PRE_GROUPS groups of the synthetic pairs and red-team unanswerables, bf16 where
+#               the CPU's matrix units pay;
+#    mix:       the generator's candidates of the train articles and of half the more-train
+#               articles (by title), plus $MIX_SYN synthetic and $MIX_RT red-team groups; the
+#               other more-train articles' candidates are held out (heldout.jsonl);
+#    train:     the pretrained verifier trained further on the mix (`--base` a verifier);
 # 4. calibrate: Learn-then-Test at 80 % answered accuracy, delta 0.1;
 # 5. publish:   into citeqa/reward/weights (bf16 encoder + heads + calibration.json).
 set -euo pipefail
@@ -35,11 +40,15 @@ SQUAD1_JSON="${SQUAD1_JSON:-$ROOT/.cache/squad1-train.json}"
 SQUAD1_INDEX="${SQUAD1_INDEX:-$ROOT/.cache/squad1-index}"
 PY="${PYTHON:-python}"
 THREADS="${THREADS:-2}"
-GEN_Q="${GEN_Q:-2000}"      # questions the generator answers for training data
+GEN_Q="${GEN_Q:-700}"       # train-article questions the generator answers for training data
+GEN_MORE="${GEN_MORE:-600}"  # ... and more-train questions (adversarial unanswerables)
 SYN_Q="${SYN_Q:-12000}"     # SQuAD 1.1 questions made into synthetic pairs
 RT_Q="${RT_Q:-15000}"       # red-team groups in the training mix
 CAL_N="${CAL_N:-1}"         # candidates per calibration question: as served (GenerationConfig)
-STAGES="${STAGES:-index data train calibrate publish}"
+PRE_GROUPS="${PRE_GROUPS:-5000}"  # synthetic + red-team groups of the pretraining
+MIX_SYN="${MIX_SYN:-1500}"  # synthetic groups in the mix
+MIX_RT="${MIX_RT:-1000}"    # red-team groups in the mix
+STAGES="${STAGES:-index data pretrain mix train calibrate publish}"
 cd "$ROOT"
 mkdir -p "$WORK"
 CITEQA=("$PY" -c 'from citeqa.cli import main; main()')
@@ -65,11 +74,10 @@ fi
 
 if [[ " $STAGES " == *" data "* ]]; then
   RD=("${CITEQA[@]}" train reward-data --threads "$THREADS")
-  HALF=$((GEN_Q / 2))
   "${RD[@]}" --from generator --dataset "$WORK/qa-train.json" --index "$WORK/train-index" \
-    --limit "$HALF" --n-candidates 3 --out "$WORK/gen-qa-train.jsonl"
+    --limit "$GEN_Q" --n-candidates 3 --out "$WORK/gen-qa-train.jsonl"
   "${RD[@]}" --from generator --dataset "$SQUAD2/more-train.json" --index "$WORK/train-index" \
-    --limit "$HALF" --n-candidates 3 --out "$WORK/gen-more-train.jsonl"
+    --limit "$GEN_MORE" --n-candidates 3 --out "$WORK/gen-more-train.jsonl"
   [ -f "$WORK/syn-squad1.jsonl" ] || "${RD[@]}" --from synthetic --dataset "$SQUAD1_JSON" \
     --index "$SQUAD1_INDEX" --limit "$SYN_Q" --out "$WORK/syn-squad1.jsonl"
   [ -f "$WORK/syn-qa-train.jsonl" ] || "${RD[@]}" --from synthetic \
@@ -90,11 +98,47 @@ open(sys.argv[2], "w").write("\n".join(lines[: int(sys.argv[3])]) + "\n")
 PY
 fi
 
-if [[ " $STAGES " == *" train "* ]]; then
-  "${CITEQA[@]}" train reward --out "$WORK/rm" --threads "$THREADS" --epochs 1 --batch 32 \
-    --data "$WORK/gen-qa-train.jsonl" --data "$WORK/gen-more-train.jsonl" \
-    --data "$WORK/syn-squad1.jsonl" --data "$WORK/syn-qa-train.jsonl" \
+if [[ " $STAGES " == *" pretrain "* ]]; then
+  "${CITEQA[@]}" train reward --out "$WORK/rm-pre" --threads "$THREADS" --epochs 1 --batch 32 \
+    --limit "$PRE_GROUPS" --data "$WORK/syn-squad1.jsonl" --data "$WORK/syn-qa-train.jsonl" \
     --data "$WORK/syn-more-train.jsonl" --data "$WORK/redteam-sample.jsonl"
+fi
+
+if [[ " $STAGES " == *" mix "* ]]; then
+  "$PY" - "$WORK" "$MIX_SYN" "$MIX_RT" <<'PY'
+import json, random, sys
+from collections import defaultdict
+from pathlib import Path
+work, n_syn, n_rt = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+def groups(name):  # lines by question (candidates and their marker), in file order
+    out = defaultdict(list)
+    for line in (work / name).read_text().splitlines():
+        r = json.loads(line)
+        out[str(r.get("qid") if r.get("kind") == "question" else r.get("group"))].append(line)
+    return out
+more = groups("gen-more-train.jsonl")
+article = {q: json.loads(ls[-1]).get("article", "") for q, ls in more.items()}
+titles = sorted(set(article.values()))
+held = set(titles[1::2])  # every other more-train article, by title, is held out
+rng = random.Random(0)
+syn = {}
+for name in ("syn-squad1.jsonl", "syn-qa-train.jsonl", "syn-more-train.jsonl"):
+    syn.update(groups(name))
+rt = groups("redteam-sample.jsonl")
+picked = [*groups("gen-qa-train.jsonl").values(),
+          *(ls for q, ls in more.items() if article[q] not in held),
+          *(syn[k] for k in rng.sample(sorted(syn), min(n_syn, len(syn)))),
+          *(rt[k] for k in random.Random(1).sample(sorted(rt), min(n_rt, len(rt))))]
+(work / "mix.jsonl").write_text("".join(line + "\n" for ls in picked for line in ls))
+(work / "heldout.jsonl").write_text("".join(line + "\n" for q, ls in more.items()
+                                            if article[q] in held for line in ls))
+print(f"mix: {len(picked)} groups; held out: {len(held)} more-train articles")
+PY
+fi
+
+if [[ " $STAGES " == *" train "* ]]; then
+  "${CITEQA[@]}" train reward --out "$WORK/rm" --base "$WORK/rm-pre" --threads "$THREADS" \
+    --epochs 1 --batch 32 --data "$WORK/mix.jsonl"
 fi
 
 if [[ " $STAGES " == *" calibrate "* ]]; then

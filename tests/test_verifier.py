@@ -13,6 +13,7 @@ import torch
 
 from citeqa.reward.calibrate import calibrate_threshold
 from citeqa.reward.checkpoint import load_verifier, save_verifier
+from citeqa.reward.combine import Signals as combine_signals
 from citeqa.reward.data import Example, load_verifier_data, write_examples
 from citeqa.reward.scorer import VerifierScorer, judged, load_scorer
 from citeqa.reward.train import TrainConfig, batches, pair_indices, train_verifier
@@ -253,3 +254,42 @@ def test_data_lines_groups_and_errors(tmp_path: Path) -> None:
             load_verifier_data(path)
     with pytest.raises(SourceError, match="citeqa train reward-data"):
         load_verifier_data(tmp_path / "missing.jsonl")
+
+
+def test_combined_with_generator_signals_fit_served_and_calibrated(tokenizer, tmp_path: Path,
+                                                                   ) -> None:
+    from citeqa.reward.cli import calibrate_dir, combine_dir
+
+    save_verifier(tmp_path / "rm", Verifier(tiny_encoder(len(tokenizer)), 3, 8), tokenizer, {})
+    rng = np.random.default_rng(3)
+    examples = []
+    for i in range(80):  # right answers come with confident generations here
+        right = int(rng.random() < 0.4)
+        lp = float(rng.uniform(-0.5, 0) if right else rng.uniform(-2.5, -0.3))
+        examples.append(Example(item("Rollo" if i % 2 else "France").judged, right, (), f"c{i}",
+                                "generator", {"mean_logprob": lp, "n_tokens": 12.0,
+                                              "retrieval_score": 0.03, "logprob": 12 * lp}))
+    data = tmp_path / "gen.jsonl"
+    with data.open("w") as f:
+        write_examples(f, examples)
+    calibrate_dir([data], tmp_path / "rm", target=0.55, delta=0.2)
+    figures = combine_dir([data], tmp_path / "rm")
+    assert figures["candidates"] == 80 and figures["auroc_combined"] > figures["auroc_verifier"]
+    assert figures["weights"]["mean_logprob"] > 0
+    assert (tmp_path / "rm" / "combine.json").is_file()
+    assert not (tmp_path / "rm" / "calibration.json").exists()  # its scores are stale now
+    scorer = VerifierScorer(tmp_path / "rm", cpu_dtype="fp32")
+    assert scorer.combiner is not None and "generator signals" in scorer.name
+    doc = Document("d", "Normans", "n.txt", TEXT)
+    quote = Quote(QUOTE, "d", "Normans", "n.txt", Q0, Q1)
+    sure, unsure, silent = scorer.score("Who led?", [
+        Candidate("Rollo", quote, logprob=-1.0, n_tokens=10),
+        Candidate("Rollo", quote, logprob=-20.0, n_tokens=10),
+        Candidate("Rollo", quote)], {"d": doc}.__getitem__)
+    assert sure.score > silent.score > unsure.score  # no signal: the fitted mean
+    assert scorer.score("Who led?", [Candidate("", None)])[0].score == 0.0
+    summary = calibrate_dir([data], tmp_path / "rm", target=0.55, delta=0.2)
+    stored = json.loads((tmp_path / "rm" / "calibration.json").read_text())["scores"]
+    served, _ = VerifierScorer(tmp_path / "rm", cpu_dtype="fp32").judge(
+        [e.judged for e in examples], [combine_signals.of(e.signals) for e in examples])
+    assert summary["n"] == 80 and np.allclose(stored, served, atol=1e-6)

@@ -3,6 +3,7 @@
 The main CLI registers them (see citeqa/cli.py):
 
     citeqa train reward --data FILE... --out DIR [--base ENCODER_DIR] ...
+    citeqa train reward-combine --data FILE... --reward DIR
     citeqa calibrate --data FILE... --reward DIR --target 0.8
 
 ``citeqa train reward-data`` (building the data) lives with the other training-data builders in
@@ -117,6 +118,59 @@ def train_to_dir(data_paths: list[Path], out: Path, *, base: Path | None = None,
                           progress=progress)
 
 
+@train_app.command("reward-combine")
+def reward_combine(
+    data: Annotated[list[Path], typer.Option(
+        "--data", help="Generator reward data (with signals) of articles the verifier never "
+                       "trained on (repeatable).")],
+    reward_dir: Annotated[Path, typer.Option("--reward", help="Verifier directory.")],
+) -> None:
+    """Fit how the verifier's score combines with the generator's log-probabilities and the
+    retrieval score (combine.json); the old calibration is removed: recalibrate after."""
+    try:
+        summary = combine_dir(data, reward_dir)
+    except CiteqaError as e:
+        raise fail(str(e)) from None
+    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(f"now recalibrate: citeqa calibrate --reward {reward_dir} --data CAL.jsonl")
+
+
+def combine_dir(data_paths: list[Path], reward_dir: Path) -> dict[str, Any]:
+    """Score the candidates with the verifier alone, fit the combiner, write combine.json
+    (removing calibration.json, whose scores it changes); return the fit's figures."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from citeqa.errors import SourceError
+    from citeqa.evals.metrics import auroc
+    from citeqa.reward.combine import INPUTS, Signals, features, fit, write_combiner
+    from citeqa.reward.data import load_verifier_data
+    from citeqa.reward.scorer import CALIBRATION, VerifierScorer
+
+    data = load_verifier_data(data_paths)
+    examples = [ex for ex in data.examples if ex.judged.quote]
+    if not any(ex.signals for ex in examples):
+        raise SourceError(f"{data_paths}: no candidate carries generator signals; build the "
+                          "data with `citeqa train reward-data --from generator`")
+    scorer = VerifierScorer(reward_dir)
+    scorer.combiner = None  # fit on the verifier's own scores
+    p, _ = scorer.predict([ex.judged for ex in examples])
+    x = features(p, [Signals.of(ex.signals) for ex in examples])
+    y = np.array([ex.label for ex in examples])
+    try:
+        combiner = fit(x, y, extra={"data": [str(d) for d in data_paths]})
+    except ValueError as e:
+        raise SourceError(f"{data_paths}: {e}") from None
+    figures = {"candidates": len(y), "right": int(y.sum()),
+               "auroc_verifier": auroc(p, y), "auroc_combined": auroc(combiner(x), y),
+               "weights": dict(zip(INPUTS, combiner.weights, strict=True))}
+    combiner = replace(combiner, extra={**(combiner.extra or {}), **figures})
+    write_combiner(reward_dir, combiner)
+    (Path(reward_dir) / CALIBRATION).unlink(missing_ok=True)
+    return figures
+
+
 def calibrate(
     data: Annotated[list[Path], typer.Option("--data", help="Calibration-split reward data.")],
     reward_dir: Annotated[Path, typer.Option("--reward", help="Reward-model directory.")],
@@ -141,6 +195,7 @@ def calibrate_dir(data_paths: list[Path], reward_dir: Path, *, target: float,
     """Score the calibration candidates, run Learn-then-Test on each question's best one, write
     calibration.json; return it without the per-question lists."""
     from citeqa.reward.calibrate import calibrate_threshold
+    from citeqa.reward.combine import Signals
     from citeqa.reward.data import load_verifier_data
     from citeqa.reward.scorer import VerifierScorer, best_per_question, write_calibration
 
@@ -151,7 +206,7 @@ def calibrate_dir(data_paths: list[Path], reward_dir: Path, *, target: float,
     empty = [q for q in data.questions if q.get("qid") not in answered_questions]
     scorer = VerifierScorer(reward_dir)
     flat = [ex for g in groups for ex in g]
-    scores, _ = scorer.predict([ex.judged for ex in flat])
+    scores, _ = scorer.judge([ex.judged for ex in flat], [Signals.of(ex.signals) for ex in flat])
     it = iter(scores.tolist())
     scored = [[(next(it), bool(ex.judged.quote), bool(ex.label)) for ex in g] for g in groups]
     scored += [[] for _ in empty]

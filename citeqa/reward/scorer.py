@@ -28,6 +28,7 @@ import torch
 from citeqa.errors import ModelError
 from citeqa.reward.calibrate import METHOD, Calibration, calibrate_threshold
 from citeqa.reward.checkpoint import load_verifier
+from citeqa.reward.combine import Signals, features, read_combiner
 from citeqa.reward.verifier import Judged, around, encode
 from citeqa.types import Candidate, Document
 
@@ -105,7 +106,9 @@ class VerifierScorer(Calibrated):
             self.dtype = "bf16"
         self._lock = threading.Lock()  # torch modules are not promised to be thread-safe
         self.calibration = read_calibration(self.directory)
-        self.name = f"verifier ({self.config.get('base', 'cross-encoder')}, {self.dtype})"
+        self.combiner = read_combiner(self.directory)  # combine.json, when fitted
+        self.name = f"verifier ({self.config.get('base', 'cross-encoder')}, {self.dtype})" + (
+            " + generator signals" if self.combiner is not None else "")
 
     def predict(self, items: Sequence[Judged]) -> tuple[np.ndarray, np.ndarray]:
         """(score [N], uncertainty [N]) in [0, 1]; an item without a quote scores 0."""
@@ -119,11 +122,24 @@ class VerifierScorer(Calibrated):
             scores[chunk], spread[chunk] = mean.float().numpy(), std.float().numpy()
         return scores, spread
 
+    def judge(self, items: Sequence[Judged], signals: Sequence[Signals]
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """(score, uncertainty) as served: the verifier's, combined with each candidate's
+        generator and retrieval signals where ``combine.json`` says how (combine.py)."""
+        scores, spread = self.predict(items)
+        if self.combiner is not None and len(items):
+            quoted = np.array([bool(x.quote) for x in items])
+            combined = self.combiner(features(scores, signals))
+            scores = np.where(quoted, combined, 0.0)
+        return scores, spread
+
     def score(self, question: str, candidates: Sequence[Candidate],
               documents: Callable[[str], Document] | None = None) -> list[Candidate]:
         """The candidates in order with ``score`` and ``uncertainty`` filled in."""
         t0 = time.perf_counter()
-        scores, spread = self.predict([judged(question, c, documents) for c in candidates])
+        scores, spread = self.judge(
+            [judged(question, c, documents) for c in candidates],
+            [Signals(c.mean_logprob, c.n_tokens, c.retrieval_score) for c in candidates])
         logger.debug("scored %d candidates in %.1f ms", len(candidates),
                      (time.perf_counter() - t0) * 1000)
         return [replace(c, score=float(s), uncertainty=float(u))

@@ -1,0 +1,137 @@
+"""The verifier's judgement combined with what the generator and the retriever said.
+
+The verifier reads text only, so that any generator can be judged. Where calibration data shows
+that the generator's own confidence and the retrieval score add to it, a logistic regression
+over four inputs turns them into one probability:
+
+    verifier logit, mean token log-probability, log(1 + generated tokens), retrieval score
+
+It is fitted (``fit``) on generator candidates of articles the verifier never trained on, and
+stored beside the verifier as ``combine.json``. A candidate without a generator signal (an
+engine that returns no log-probabilities: ``n_tokens == 0``) gets the fitted mean for the
+generator's inputs, so its score stays on the same scale and the calibrated threshold applies.
+Pure numpy: no torch, no I/O beyond reading and writing that file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from citeqa.errors import ModelError
+
+COMBINE = "combine.json"
+INPUTS = ("verifier_logit", "mean_logprob", "log_tokens", "retrieval_score")
+GENERATOR_INPUTS = (1, 2)  # the columns that need the generator's log-probabilities
+LOGIT_CLIP = 1e-4  # probabilities are clipped to [clip, 1 - clip] before the logit
+MEAN_LOGPROB_FLOOR = -5.0
+
+
+@dataclass(frozen=True)
+class Signals:
+    """What the pipeline knows of a candidate besides its text."""
+
+    mean_logprob: float = 0.0
+    n_tokens: int = 0  # 0: the generator gave no log-probabilities
+    retrieval_score: float = 0.0
+
+    @classmethod
+    def of(cls, d: dict[str, float]) -> Signals:
+        """From a reward-data record's ``signals`` (an empty dict: nothing known)."""
+        return cls(float(d.get("mean_logprob", 0.0)), int(d.get("n_tokens", 0)),
+                   float(d.get("retrieval_score", 0.0)))
+
+
+def features(verifier_p: Sequence[float], signals: Sequence[Signals]) -> np.ndarray:
+    """[N, 4] inputs (INPUTS order); generator inputs are NaN where the generator said nothing."""
+    p = np.clip(np.asarray(verifier_p, dtype=float), LOGIT_CLIP, 1 - LOGIT_CLIP)
+    out = np.empty((len(p), len(INPUTS)))
+    out[:, 0] = np.log(p / (1 - p))
+    for i, s in enumerate(signals):
+        has = s.n_tokens > 0
+        out[i, 1] = max(float(s.mean_logprob), MEAN_LOGPROB_FLOOR) if has else math.nan
+        out[i, 2] = math.log1p(s.n_tokens) if has else math.nan
+        out[i, 3] = float(s.retrieval_score)
+    return out
+
+
+@dataclass(frozen=True)
+class Combiner:
+    """A fitted logistic regression over standardised INPUTS."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    weights: tuple[float, ...]
+    bias: float
+    n: int = 0  # candidates it was fitted on
+    extra: dict[str, Any] | None = None  # what it was fitted on, its fit figures
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Probabilities [N] for inputs [N, 4]; a NaN input counts as its fitted mean."""
+        z = (np.asarray(x, dtype=float) - np.array(self.mean)) / np.array(self.std)
+        z = np.where(np.isnan(z), 0.0, z)
+        return 1.0 / (1.0 + np.exp(-(z @ np.array(self.weights) + self.bias)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": 1, "inputs": list(INPUTS), **asdict(self)}
+
+
+def fit(x: np.ndarray, y: Sequence[int], *, l2: float = 1e-2, iters: int = 50,
+        extra: dict[str, Any] | None = None) -> Combiner:
+    """Fit by Newton's method with an L2 penalty on the weights (not the bias). Rows whose
+    generator inputs are NaN count with those inputs at their mean."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 10 or y.min() == y.max():
+        raise ValueError(f"fitting needs >= 10 candidates with both labels, got {len(x)} "
+                         f"({int(y.sum())} right)")
+    mean, std = np.nanmean(x, axis=0), np.nanstd(x, axis=0)
+    std = np.where(std > 1e-9, std, 1.0)
+    z = np.where(np.isnan(x), 0.0, (x - mean) / std)
+    a = np.c_[z, np.ones(len(z))]
+    w = np.zeros(a.shape[1])
+    penalty = np.diag([l2] * z.shape[1] + [0.0]) * len(z)
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-(a @ w)))
+        grad = a.T @ (p - y) + penalty @ w
+        hess = (a * (p * (1 - p))[:, None]).T @ a + penalty + 1e-9 * np.eye(len(w))
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return Combiner(tuple(map(float, mean)), tuple(map(float, std)),
+                    tuple(map(float, w[:-1])), float(w[-1]), len(x), extra)
+
+
+def write_combiner(directory: Path, combiner: Combiner) -> Path:
+    """Write ``combine.json`` into a reward-model directory (atomically)."""
+    path = Path(directory) / COMBINE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(combiner.to_json(), indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_combiner(directory: Path) -> Combiner | None:
+    """The combiner stored in a reward-model directory; None when there is none."""
+    path = Path(directory) / COMBINE
+    if not path.is_file():
+        return None
+    try:
+        body = json.loads(path.read_text())
+        if body.get("inputs") != list(INPUTS):
+            raise ValueError(f"inputs {body.get('inputs')} are not {list(INPUTS)}")
+        combiner = Combiner(tuple(map(float, body["mean"])), tuple(map(float, body["std"])),
+                            tuple(map(float, body["weights"])), float(body["bias"]),
+                            int(body.get("n", 0)), body.get("extra"))
+        if not len(combiner.mean) == len(combiner.std) == len(combiner.weights) == len(INPUTS):
+            raise ValueError("mean, std and weights need one value per input")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ModelError(f"{path} is corrupt ({e}); refit it with `citeqa train reward-combine "
+                         f"--reward {directory} --data FILE` or delete it") from None
+    return combiner

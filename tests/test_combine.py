@@ -1,0 +1,82 @@
+"""Combining the verifier with the generator's signals: features, the fit, missing signals,
+the file round trip."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from citeqa.errors import ModelError
+from citeqa.evals.metrics import auroc
+from citeqa.reward.combine import (
+    COMBINE,
+    INPUTS,
+    Signals,
+    features,
+    fit,
+    read_combiner,
+    write_combiner,
+)
+
+
+def test_features_mark_a_generator_without_log_probabilities_as_missing() -> None:
+    x = features([0.5, 0.9, 1.0], [Signals(-0.2, 10, 0.03), Signals(-9.0, 4, 0.01),
+                                   Signals(0.0, 0, 0.02)])
+    assert x.shape == (3, len(INPUTS))
+    assert x[0].tolist() == pytest.approx([0.0, -0.2, math.log(11), 0.03])
+    assert x[1, 0] == pytest.approx(math.log(9)) and x[1, 1] == -5.0  # floored
+    assert np.isnan(x[2, 1]) and np.isnan(x[2, 2]) and np.isfinite(x[2, 0]) and x[2, 3] == 0.02
+    assert Signals.of({}) == Signals() and Signals.of({"n_tokens": 3.0}).n_tokens == 3
+
+
+def synthetic(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels drawn from a known logistic model over inputs 0, 1 and 3 (2 is noise)."""
+    rng = np.random.default_rng(seed)
+    x = np.c_[rng.normal(0, 2, n), rng.uniform(-3, 0, n), rng.normal(3, 0.5, n),
+              rng.uniform(0, 0.05, n)]
+    logit = 0.8 * x[:, 0] + 1.5 * x[:, 1] + 40 * x[:, 3] + 1.0
+    return x, (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
+
+
+def test_fit_finds_which_inputs_matter_and_beats_each_alone() -> None:
+    x, y = synthetic(4000)
+    c = fit(x, y)
+    w = np.array(c.weights) / np.array(c.std)  # per unit of each input
+    assert w[0] == pytest.approx(0.8, rel=0.2) and w[1] == pytest.approx(1.5, rel=0.2)
+    assert w[3] == pytest.approx(40, rel=0.25) and abs(w[2]) < 0.3
+    xt, yt = synthetic(2000, seed=1)
+    combined = auroc(c(xt), yt)
+    assert all(combined > auroc(xt[:, i], yt) + 0.02 for i in (0, 1, 3))
+    with pytest.raises(ValueError, match="both labels"):
+        fit(x[:50], np.zeros(50))
+
+
+def test_missing_generator_inputs_count_as_their_fitted_mean() -> None:
+    x, y = synthetic(1000)
+    x[::4, 1:3] = np.nan  # a quarter of the candidates came from an engine without logprobs
+    c = fit(x, y)
+    assert np.isfinite(np.array(c.mean)).all()
+    row = np.array([[1.0, math.nan, math.nan, 0.02]])
+    at_mean = np.array([[1.0, c.mean[1], c.mean[2], 0.02]])
+    assert c(row)[0] == pytest.approx(c(at_mean)[0])
+    assert 0 < c(row)[0] < 1
+
+
+def test_round_trip_and_a_corrupt_file_says_what_to_do(tmp_path) -> None:
+    assert read_combiner(tmp_path) is None
+    x, y = synthetic(500)
+    c = fit(x, y, extra={"data": ["a.jsonl"]})
+    write_combiner(tmp_path, c)
+    again = read_combiner(tmp_path)
+    assert again == c and np.allclose(again(x), c(x))
+    body = json.loads((tmp_path / COMBINE).read_text())
+    body["inputs"] = ["something", "else"]
+    (tmp_path / COMBINE).write_text(json.dumps(body))
+    with pytest.raises(ModelError, match="reward-combine"):
+        read_combiner(tmp_path)
+    (tmp_path / COMBINE).write_text("{not json")
+    with pytest.raises(ModelError, match="corrupt"):
+        read_combiner(tmp_path)
