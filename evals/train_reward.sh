@@ -26,6 +26,8 @@
 #               articles (by title), plus $MIX_SYN synthetic and $MIX_RT red-team groups; the
 #               other more-train articles' candidates are held out (heldout.jsonl);
 #    train:     the pretrained verifier trained further on the mix (`--base` a verifier);
+#    combine:   `citeqa train reward-combine` on the held-out candidates: how the verifier's
+#               score combines with the generator's log-probabilities and the retrieval score;
 # 4. calibrate: Learn-then-Test at 80 % answered accuracy, delta 0.1;
 # 5. publish:   into citeqa/reward/weights (bf16 encoder + heads + calibration.json).
 set -euo pipefail
@@ -48,7 +50,7 @@ CAL_N="${CAL_N:-1}"         # candidates per calibration question: as served (Ge
 PRE_GROUPS="${PRE_GROUPS:-5000}"  # synthetic + red-team groups of the pretraining
 MIX_SYN="${MIX_SYN:-1500}"  # synthetic groups in the mix
 MIX_RT="${MIX_RT:-1000}"    # red-team groups in the mix
-STAGES="${STAGES:-index data pretrain mix train calibrate publish}"
+STAGES="${STAGES:-index data pretrain mix train combine calibrate publish}"
 cd "$ROOT"
 mkdir -p "$WORK"
 CITEQA=("$PY" -c 'from citeqa.cli import main; main()')
@@ -139,6 +141,10 @@ fi
 if [[ " $STAGES " == *" train "* ]]; then
   "${CITEQA[@]}" train reward --out "$WORK/rm" --base "$WORK/rm-pre" --threads "$THREADS" \
     --epochs 1 --batch 32 --data "$WORK/mix.jsonl"
+fi
+
+if [[ " $STAGES " == *" combine "* ]]; then
+  "${CITEQA[@]}" train reward-combine --data "$WORK/heldout.jsonl" --reward "$WORK/rm"
 fi
 
 if [[ " $STAGES " == *" calibrate "* ]]; then

@@ -290,6 +290,21 @@ def test_combined_with_generator_signals_fit_served_and_calibrated(tokenizer, tm
     assert scorer.score("Who led?", [Candidate("", None)])[0].score == 0.0
     summary = calibrate_dir([data], tmp_path / "rm", target=0.55, delta=0.2)
     stored = json.loads((tmp_path / "rm" / "calibration.json").read_text())["scores"]
-    served, _ = VerifierScorer(tmp_path / "rm", cpu_dtype="fp32").judge(
+    served, _ = VerifierScorer(tmp_path / "rm").judge(  # the compute type calibration used
         [e.judged for e in examples], [combine_signals.of(e.signals) for e in examples])
     assert summary["n"] == 80 and np.allclose(stored, served, atol=1e-6)
+
+
+def test_combining_needs_generator_candidates_with_signals(tokenizer, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from citeqa.cli import app
+
+    save_verifier(tmp_path / "rm", Verifier(tiny_encoder(len(tokenizer)), 2, 4), tokenizer, {})
+    data = tmp_path / "syn.jsonl"
+    with data.open("w") as f:
+        write_examples(f, [item(label=i % 2, group=f"g{i}") for i in range(20)])
+    r = CliRunner().invoke(app, ["train", "reward-combine", "--data", str(data), "--reward",
+                                 str(tmp_path / "rm")])
+    assert r.exit_code == 2 and "reward-data --from generator" in r.output
+    assert not (tmp_path / "rm" / "combine.json").exists()

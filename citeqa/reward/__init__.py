@@ -3,7 +3,9 @@ declines below a calibrated threshold.
 
     candidate + the passage around its quote -> verifier.Verifier (a fine-tuned cross-encoder
     with a reader head and K verifier heads) -> score = mean probability, uncertainty = spread
-    -> threshold from calibrate.calibrate_threshold (Learn-then-Test) -> answer or decline
+    -> [combine.Combiner: with the generator's log-probabilities and the retrieval score, when
+    the directory holds combine.json] -> threshold from calibrate.calibrate_threshold
+    (Learn-then-Test) -> answer or decline
 """
 
 from citeqa.reward.calibrate import Calibration, calibrate_threshold
