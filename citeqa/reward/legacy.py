@@ -1,5 +1,6 @@
-"""The feature-based reward model of earlier releases (format 1), kept only so that its shipped
-weights keep loading until the verifier (verifier.py) replaces them. Scheduled for removal."""
+"""The feature-based reward model of earlier releases (format 1; the default until the verifier
+replaced it), kept so that such directories still load (CITEQA_REWARD=DIR) and
+evals/reward_eval.py still runs. Scheduled for removal with them."""
 
 from __future__ import annotations
 
