@@ -308,3 +308,20 @@ def test_combining_needs_generator_candidates_with_signals(tokenizer, tmp_path: 
                                  str(tmp_path / "rm")])
     assert r.exit_code == 2 and "reward-data --from generator" in r.output
     assert not (tmp_path / "rm" / "combine.json").exists()
+
+
+def test_the_shipped_reward_model_is_a_calibrated_combined_verifier_with_a_card() -> None:
+    from citeqa.reward.scorer import DEFAULT_DIR
+
+    scorer = load_scorer("default", cpu_dtype="fp32")
+    assert isinstance(scorer, VerifierScorer) and scorer.combiner is not None
+    assert scorer.threshold is not None and 0 < scorer.threshold < 1
+    assert scorer.threshold_for(0.8) == math.inf  # 80 % is not certifiable: decline, not pretend
+    card = (DEFAULT_DIR / "MODEL_CARD.md").read_text()
+    assert "CC BY-SA 4.0" in card and "SQuAD" in card
+    doc = Document("d", "Normans", "n.txt", TEXT)
+    quote = Quote(QUOTE, "d", "Normans", "n.txt", Q0, Q1)
+    out = scorer.score("Who was the leader of the Normans?",
+                       [Candidate("Rollo", quote, logprob=-2.0, n_tokens=20, retrieval_score=0.03)],
+                       {"d": doc}.__getitem__)
+    assert 0 < out[0].score < 1 and out[0].uncertainty is not None
