@@ -38,9 +38,7 @@ def load(scorer: VerifierScorer, arg: str):
     examples = [e for e in load_verifier_data(arg.split(",")).examples if e.signals]
     signals = [Signals.of(e.signals) for e in examples]
     served, _ = scorer.judge([e.judged for e in examples], signals)
-    combiner, scorer.combiner = scorer.combiner, None
-    alone, _ = scorer.predict([e.judged for e in examples])
-    scorer.combiner = combiner
+    alone, _ = scorer.predict([e.judged for e in examples])  # the verifier without combine.json
     y = np.array([e.label for e in examples])
     recorded = np.array([e.signals.get("rm_score", 0.0) for e in examples])
     return features(alone, signals), y, alone, served, recorded

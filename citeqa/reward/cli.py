@@ -153,9 +153,7 @@ def combine_dir(data_paths: list[Path], reward_dir: Path) -> dict[str, Any]:
     if not any(ex.signals for ex in examples):
         raise SourceError(f"{data_paths}: no candidate carries generator signals; build the "
                           "data with `citeqa train reward-data --from generator`")
-    scorer = VerifierScorer(reward_dir)
-    scorer.combiner = None  # fit on the verifier's own scores
-    p, _ = scorer.predict([ex.judged for ex in examples])
+    p, _ = VerifierScorer(reward_dir).predict([ex.judged for ex in examples])  # verifier alone
     x = features(p, [Signals.of(ex.signals) for ex in examples])
     y = np.array([ex.label for ex in examples])
     try:

@@ -28,7 +28,6 @@ from citeqa.errors import ModelError
 
 COMBINE = "combine.json"
 INPUTS = ("verifier_logit", "mean_logprob", "log_tokens", "retrieval_score")
-GENERATOR_INPUTS = (1, 2)  # the columns that need the generator's log-probabilities
 LOGIT_CLIP = 1e-4  # probabilities are clipped to [clip, 1 - clip] before the logit
 MEAN_LOGPROB_FLOOR = -5.0
 

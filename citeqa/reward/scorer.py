@@ -146,7 +146,6 @@ class VerifierScorer(Calibrated):
                 for c, s, u in zip(candidates, scores, spread, strict=True)]
 
 
-
 @lru_cache(maxsize=256)
 def _monotone_threshold(
     scores: tuple[float, ...],
