@@ -14,7 +14,7 @@ from citeqa.generation.adapter import adapter_id
 from citeqa.generation.hf import HFBackend
 from citeqa.generation.models import resolve_model_dir
 from citeqa.training.demos import Demo, DemoPassage, render_target
-from citeqa.training.lora import LoRAConfig, inject_lora
+from citeqa.training.lora import LoRAConfig, inject_lora, lora_tensors
 from citeqa.training.sft import (
     IGNORE,
     TrainConfig,
@@ -199,3 +199,59 @@ def test_cli_trains_a_local_model_whose_adapter_loads(tokenizer, tmp_path: Path)
     missing = CliRunner().invoke(app, ["generator", "--data", str(tmp_path / "none.jsonl"),
                                        "--out", str(tmp_path / "x"), "--model", str(base_dir)])
     assert missing.exit_code == 2 and "generator-data" in missing.output
+
+
+def _trained(tokenizer, checkpoint_dir=None, max_steps=5, **kw):
+    torch.set_num_threads(1)
+    model = tiny_model(len(tokenizer))
+    examples, _ = render_examples(DEMOS, tokenizer, GEN, max_tokens=4096)
+    cfg = TrainConfig(**{"lr": 1e-2, "batch_size": 2, "max_steps": max_steps, "epochs": 10,
+                         "save_every": 2, **kw})
+    wrapped, log = train_lora(model, examples, 2, cfg, LoRAConfig(r=4), progress=False,
+                              checkpoint_dir=checkpoint_dir)
+    return {n: t.clone() for n, t in lora_tensors(wrapped).items()}, log
+
+
+def test_an_interrupted_run_resumes_to_the_same_adapter(tokenizer, tmp_path: Path,
+                                                        monkeypatch) -> None:
+    from citeqa.training import sft
+
+    straight, straight_log = _trained(tokenizer)
+    calls = {"n": 0}
+    real = sft.collate
+
+    def crash_in_step_3(*args, **kwargs):  # 2 forward passes a step
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sft, "collate", crash_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        _trained(tokenizer, tmp_path)
+    monkeypatch.setattr(sft, "collate", real)
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 2  # saved every 2 steps; step 3 never finished
+    resumed, log = _trained(tokenizer, tmp_path)
+    assert [s["step"] for s in log.steps] == [1, 2, 3, 4, 5]
+    assert [s["loss"] for s in log.steps] == pytest.approx([s["loss"] for s in straight_log.steps])
+    for name, t in straight.items():
+        assert torch.allclose(resumed[name], t, atol=1e-6), name
+    with pytest.raises(ValueError, match="other data or settings"):
+        _trained(tokenizer, tmp_path, lr=5e-3)  # the finished run's checkpoint, other settings
+
+
+def test_a_checkpoint_cut_mid_swap_is_still_read(tokenizer, tmp_path: Path) -> None:
+    _trained(tokenizer, tmp_path, max_steps=2)
+    (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")  # killed between renames
+    _, log = _trained(tokenizer, tmp_path, max_steps=3)
+    assert [s["step"] for s in log.steps] == [1, 2, 3] and log.steps[0]["seconds"] <= 60
+
+
+def test_run_sft_removes_its_checkpoint_when_done(tokenizer, tmp_path: Path) -> None:
+    model = tiny_model(len(tokenizer))
+    run_sft(model, tokenizer, "tiny", DEMOS, tmp_path, GEN,
+            TrainConfig(lr=1e-2, batch_size=2, max_steps=3, save_every=1), LoRAConfig(r=4),
+            progress=False)
+    assert (tmp_path / "adapter.safetensors").is_file()
+    assert not any(p.name.startswith("checkpoint") for p in tmp_path.iterdir())

@@ -97,7 +97,7 @@ def generator_data(
 @app.command("generator")
 def generator(
     data: Annotated[Path, typer.Option("--data", help="Demonstrations (generator-data output).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter directory to write.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter directory to write (resumed).")],
     model: Annotated[
         str | None, typer.Option("--model", help="Base generator (default: the preset's).")
     ] = None,
@@ -124,6 +124,9 @@ def generator(
                           help="Adapt only blocks from this one up (faster: backward stops there).")
     ] = 0,
     max_steps: Annotated[int | None, typer.Option("--max-steps", min=1)] = None,
+    save_every: Annotated[
+        int, typer.Option("--save-every", min=1, help="Steps between checkpoints in --out.")
+    ] = 25,
     threads: Annotated[int | None, typer.Option("--threads", min=1)] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     cpu_dtype: Annotated[
@@ -133,7 +136,10 @@ def generator(
     answer_mode: AnswerModeOpt = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Fine-tune the generator on demonstrations: writes a LoRA adapter, log and model card."""
+    """Fine-tune the generator on demonstrations: writes a LoRA adapter, log and model card.
+
+    Saves a checkpoint in --out every --save-every steps; rerun the same command after an
+    interruption and it continues from there."""
     import torch
 
     from citeqa.generation.models import load_model
@@ -147,7 +153,7 @@ def generator(
     train = TrainConfig(
         epochs=epochs, lr=lr, batch_size=batch_size,
         micro_batch_size=min(micro_batch_size, batch_size), max_steps=max_steps, seed=seed,
-        cpu_dtype=cpu_dtype,
+        cpu_dtype=cpu_dtype, save_every=save_every,
     )
     lora = LoRAConfig(r=rank, alpha=alpha, targets=target_layers, first_layer=first_layer)
     try:

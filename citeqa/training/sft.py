@@ -10,7 +10,8 @@ Training: AdamW on the LoRA parameters only, constant learning rate, ``batch_siz
 per optimizer step processed ``micro_batch_size`` at a time (gradient accumulation). The loss
 is the mean cross-entropy over the batch's target tokens; logits are computed for those
 positions only (the 49k-row LM head is a fifth of SmolLM2's compute per token). Seeded:
-the same data, settings and device give the same adapter.
+the same data, settings and device give the same adapter, also when a run is interrupted and
+rerun: it saves a checkpoint in its output directory and continues from it (``checkpoint.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from citeqa.generation.adapter import AdapterConfig, base_fingerprint
 from citeqa.generation.adapter import save_adapter as _save_adapter
 from citeqa.generation.chat import end_token_id, prompt_ids
 from citeqa.generation.prompt import prompt_fingerprint
+from citeqa.training.checkpoint import load_checkpoint, remove_checkpoint, run_key, save_checkpoint
 from citeqa.training.demos import Demo, render_target
 from citeqa.training.lora import LoRAConfig, LoRALinear, inject_lora, lora_parameters, lora_tensors
 
@@ -58,6 +60,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     seed: int = 0  # LoRA init and example order
     cpu_dtype: str = "auto"  # compute format on a CPU: bf16 autocast where it pays (compute.py)
+    save_every: int = 25  # optimizer steps between checkpoints (when training into a directory)
 
 
 @dataclass(frozen=True)
@@ -159,8 +162,14 @@ def train_lora(
     lora: LoRAConfig,
     *,
     progress: bool = True,
+    checkpoint_dir: Path | None = None,
 ) -> tuple[dict[str, LoRALinear], TrainLog]:
-    """Wrap ``model``'s target layers with LoRA (in place) and train them on ``examples``."""
+    """Wrap ``model``'s target layers with LoRA (in place) and train them on ``examples``.
+
+    With ``checkpoint_dir``, the run is saved there every ``cfg.save_every`` steps and at the
+    end (``checkpoint.py``), and a rerun with the same examples and settings continues from
+    the saved step: same data order, LoRA tensors and AdamW moments, so the same adapter.
+    """
     if not examples:
         raise ValueError("no training examples")
     torch.manual_seed(cfg.seed)
@@ -171,19 +180,28 @@ def train_lora(
     total = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
+    key = run_key(examples, cfg, lora)
+    done, history = (0, []) if checkpoint_dir is None else load_checkpoint(
+        checkpoint_dir, wrapped, optimizer, key=key)
+    if done:
+        logger.info("resuming from step %d of %d saved in %s", done, total, checkpoint_dir)
     model.train()
     device_type = next(model.parameters()).device.type
-    log = TrainLog(examples=len(examples))
+    log = TrainLog(steps=history, examples=len(examples))
+    earlier = history[-1]["seconds"] if history else 0.0  # seconds of the runs resumed
     t0 = time.perf_counter()
-    bar = tqdm(total=total, desc="training", disable=not progress)
+    bar = tqdm(total=total, initial=min(done, total), desc="training", disable=not progress)
     step = 0
     rng = random.Random(cfg.seed)
     while step < total:
         order = list(range(len(examples)))
-        rng.shuffle(order)
+        rng.shuffle(order)  # every epoch's order is drawn, resumed or not: the same sequence
         for b in range(0, len(order), cfg.batch_size):
             if step >= total:
                 break
+            if step < done:  # trained by the run resumed
+                step += 1
+                continue
             batch = [examples[i] for i in order[b : b + cfg.batch_size]]
             n_tokens = sum(e.target_tokens for e in batch)
             optimizer.zero_grad(set_to_none=True)
@@ -201,13 +219,16 @@ def train_lora(
             mean = loss_sum / n_tokens
             log.steps.append(
                 {"step": step, "loss": mean, "tokens": n_tokens,
-                 "seconds": time.perf_counter() - t0}
+                 "seconds": earlier + time.perf_counter() - t0}
             )
             bar.update(1)
             bar.set_postfix(loss=f"{mean:.3f}")
+            if checkpoint_dir is not None and (step % cfg.save_every == 0 or step == total):
+                save_checkpoint(checkpoint_dir, wrapped, optimizer, step=step,
+                                history=log.steps, key=key)
     bar.close()
     model.eval()
-    log.seconds = time.perf_counter() - t0
+    log.seconds = earlier + time.perf_counter() - t0
     return wrapped, log
 
 
@@ -359,7 +380,8 @@ def run_sft(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_token_id(
         tokenizer
     )
-    wrapped, log = train_lora(model, examples, pad_id, train, lora, progress=progress)
+    wrapped, log = train_lora(model, examples, pad_id, train, lora, progress=progress,
+                              checkpoint_dir=out)
     settings = settings_record(train, lora, gen)
     save_adapter(
         out, wrapped, lora, base_model_id=base_model_id, fingerprint=fingerprint,
@@ -381,4 +403,5 @@ def run_sft(
         },
     )
     write_model_card(out, record)
+    remove_checkpoint(out)  # the adapter is written: nothing left to resume
     return record
