@@ -58,7 +58,8 @@ fi
 if [[ " $STAGES " == *" train "* ]]; then
   "${CITEQA[@]}" train generator --data "$OUT/demos-train.jsonl" --out "$OUT/adapter" \
     --epochs 1 --batch-size 8 --micro-batch-size 1 --lr 3e-4 --rank 32 --alpha 64 \
-    --targets all --first-layer 21 --threads "$THREADS" --seed 0 --answer-mode span
+    --targets all --first-layer 21 --threads "$THREADS" --seed 0 --answer-mode span \
+    --cpu-dtype "${CPU_DTYPE:-auto}"
 fi
 
 if [[ " $STAGES " == *" publish "* ]]; then

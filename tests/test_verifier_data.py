@@ -20,6 +20,7 @@ from citeqa.retrieval import build_index_from_documents
 from citeqa.reward.data import load_verifier_data
 from citeqa.training.verifier_data import (
     generator_examples,
+    label,
     redteam_examples,
     stats_of,
     synthetic_examples,
@@ -60,8 +61,9 @@ def test_generator_candidates_are_labelled_by_the_correctness_rule(tiny_pipeline
     rows = _rows(out)
     cands = [r for r in rows if r.get("kind", "candidate") == "candidate"]
     golds = {it.id: it.answers for it in ITEMS}
-    assert cands and all(r["label"] == int(bool(r["quote"]) and is_correct(
-        r["answer"], golds[r["group"]], quote_valid=True)) for r in cands)
+    assert cands and all(r["label"] == int(bool(r["quote"]) and r["answer"] in r["quote"] and
+                                           is_correct(r["answer"], golds[r["group"]],
+                                                      quote_valid=True)) for r in cands)
     assert not any(r["label"] for r in cands if r["group"] in ("q3", "q4"))  # no right answer
     assert any(r["label"] for r in cands if r["group"] == "q1")  # the extractive model finds it
     for r in cands:  # the passage around the quote travels with it
@@ -107,11 +109,24 @@ def test_synthetic_pairs_hold_one_right_answer_and_hard_negatives():
     for e in made:
         assert e.judged.quote in EIFFEL and e.judged.before + e.judged.quote in EIFFEL
         assert e.golds == ("1889",) and e.group == "q1"
-        assert e.label == int(is_correct(e.judged.answer, ("1889",), quote_valid=True))
+        assert e.label == int(e.judged.answer in e.judged.quote and is_correct(
+            e.judged.answer, ("1889",), quote_valid=True))
     assert all(e.label == 0 for e in made if e.source == "synthetic:same_quote")
+    unsupported = [e for e in made if e.source == "synthetic:unsupported"]
+    assert unsupported and all(e.label == 0 and e.judged.answer == "1889" and "1889" not in
+                               e.judged.quote for e in unsupported)
     unanswerable = synthetic_examples(ITEMS[2], None, "Eiffel Tower", [], rng, ["1889"])
     assert [(e.source, e.label, e.judged.answer) for e in unanswerable] == [
         ("synthetic:unanswerable", 0, "1889")]
+
+
+def test_a_label_needs_a_right_answer_that_stands_in_its_quote():
+    assert label("1889", "It opened in 1889 for the fair.", ("1889",)) == 1
+    assert label("in  1889", "It opened in 1889 for the fair.", ("1889",)) == 1  # spaces
+    assert label("1889", "It was built for the fair.", ("1889",)) == 0  # right, unsupported
+    assert label("the fair", "It opened in 1889 for the fair.", ("1889",)) == 0  # supported
+    assert label("1889", None, ("1889",)) == 0  # no verified quote
+    assert label("1889", "It opened in 1889.", ()) == 0  # unanswerable
 
 
 def test_redteam_examples_pair_a_made_unanswerable_with_the_original_answer():

@@ -1,7 +1,9 @@
 """Building verifier training data: the generator's own candidates, cheap synthetic pairs, and
-red-team unanswerables. Every label comes from the evaluation's correctness rule
-(``citeqa.evals.metrics.is_correct``: token F1 >= 0.5 with a gold answer and a verified quote;
-any answer to an unanswerable question is wrong).
+red-team unanswerables. A label is what the verifier predicts, an answer right *and supported*
+(``label``): right by the evaluation's correctness rule (``citeqa.evals.metrics.is_correct``:
+token F1 >= 0.5 with a gold answer and a verified quote; any answer to an unanswerable question
+is wrong) and standing in its own quote (``citeqa.generation.cited.answer_span``, the
+evaluation's ``supported``). A right answer beside a quote that does not hold it is a negative.
 
 - ``generator_examples``: ask the pipeline (the served generator, its candidates covering the
   retrieved passages) and label every candidate: the mistakes the verifier will really meet.
@@ -9,8 +11,8 @@ any answer to an unanswerable question is wrong).
 - ``synthetic_examples``: from a question, its paragraph and its gold answer: the gold answer
   with the sentence that holds it (right), and as negatives another span of that same quote,
   a span of another sentence of the paragraph, a span of a retrieved passage that is not the
-  gold one, the answer widened or cut, and the answer with a quote that does not hold it (wrong
-  unless the rule says otherwise); for an unanswerable question, its plausible answer (or the
+  gold one, the answer widened or cut, and the answer with a quote that does not hold it
+  (unsupported: wrong); for an unanswerable question, its plausible answer (or the
   best-matching span) with its sentence.
 - ``redteam_examples``: a made unanswerable question (``citeqa.redteam``) with the original
   question's gold answer and quote: looks answerable, is not.
@@ -32,6 +34,7 @@ from tqdm.auto import tqdm
 from citeqa.errors import InvalidRequestError
 from citeqa.evals.metrics import is_correct
 from citeqa.evals.squad import QAItem
+from citeqa.generation.cited import answer_span
 from citeqa.generation.prompt import prompt_fingerprint
 from citeqa.pipeline import Pipeline
 from citeqa.redteam.corpus import NUMBER, names_in
@@ -44,6 +47,14 @@ from citeqa.training.demos import quote_span
 from citeqa.types import Candidate, Hit
 
 MIN_QUOTE, MAX_QUOTE = 20, 200  # the generator's quote bounds (GenerationConfig)
+
+
+def label(answer: str, quote: str | None, golds: Sequence[str]) -> int:
+    """1 when ``answer`` is right by the correctness rule and stands in its verified ``quote``
+    (None: no verified quote); 0 otherwise, and always without ``golds`` (unanswerable)."""
+    if quote is None or not golds or answer_span(answer, quote) is None:
+        return 0
+    return int(is_correct(answer, golds, quote_valid=True))
 
 
 def generator_fingerprint(model_id: str, gen_cfg: Any) -> dict[str, Any]:
@@ -117,9 +128,8 @@ def generator_examples(pipeline: Pipeline, items: Iterable[QAItem], out: Path, *
             for item, answer in zip(chunk, answers, strict=True):
                 examples = []
                 for c in answer.candidates if answer is not None else []:
-                    right = c.quote is not None and is_correct(c.answer, item.answers,
-                                                               quote_valid=True)
-                    examples.append(Example(judged(item.question, c, documents), int(right),
+                    right = label(c.answer, c.quote.text if c.quote else None, item.answers)
+                    examples.append(Example(judged(item.question, c, documents), right,
                                             item.answers, item.id, "generator",
                                             candidate_signals(c)))
                 n_examples += write_examples(f, examples)
@@ -151,9 +161,8 @@ def _quote_at(text: str, start: int, end: int) -> tuple[int, int] | None:
 def _example(question: str, text: str, title: str, quote: tuple[int, int], answer: str,
              golds: Sequence[str], group: str, source: str) -> Example:
     before, after = around(text, *quote)
-    label = is_correct(answer, golds, quote_valid=True) if golds else False
     return Example(Judged(question, answer, text[quote[0]:quote[1]], title, before, after),
-                   int(label), tuple(golds), group, source)
+                   label(answer, text[quote[0]:quote[1]], golds), tuple(golds), group, source)
 
 
 def _spans_in(text: str, rng: random.Random, avoid: tuple[int, int] | None = None,
