@@ -255,3 +255,16 @@ def test_run_sft_removes_its_checkpoint_when_done(tokenizer, tmp_path: Path) -> 
             progress=False)
     assert (tmp_path / "adapter.safetensors").is_file()
     assert not any(p.name.startswith("checkpoint") for p in tmp_path.iterdir())
+
+
+def test_a_run_cut_short_by_max_steps_keeps_its_checkpoint_to_go_on(tokenizer,
+                                                                      tmp_path: Path) -> None:
+    def run(max_steps: int) -> dict:
+        return run_sft(tiny_model(len(tokenizer)), tokenizer, "tiny", DEMOS, tmp_path, GEN,
+                       TrainConfig(lr=1e-2, batch_size=2, epochs=2, max_steps=max_steps,
+                                   save_every=1), LoRAConfig(r=4), progress=False)
+
+    assert run(2)["steps"] == 2 and (tmp_path / "checkpoint").is_dir()  # 4 steps scheduled
+    record = run(4)
+    assert [h["step"] for h in record["history"]] == [1, 2, 3, 4]
+    assert not (tmp_path / "checkpoint").exists()

@@ -403,5 +403,8 @@ def run_sft(
         },
     )
     write_model_card(out, record)
-    remove_checkpoint(out)  # the adapter is written: nothing left to resume
+    if train.max_steps is None or train.max_steps >= math.ceil(
+            len(examples) / train.batch_size) * train.epochs:
+        remove_checkpoint(out)  # the schedule is done: nothing left to resume
+    # else: a run cut short by --max-steps keeps its checkpoint; a larger --max-steps continues
     return record
