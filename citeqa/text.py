@@ -101,12 +101,16 @@ def term_share(part: str, whole: str) -> float:
 
 def relevance(sentences: Sequence[str], question: str) -> list[float]:
     """Score each sentence by the question terms it shares, rarer terms (within these
-    sentences) weighing more: ``sum(log(1 + N / df(t)))`` over shared terms ``t``."""
+    sentences) weighing more: ``sum(log(1 + N / df(t)))`` over shared terms ``t``.
+
+    Summed exactly (``math.fsum``): a plain sum over a set depends on the set's order, which
+    changes with each process's string hashing, and near-ties then broke differently from one
+    run to the next (the prompt's windows, and training data rendered from them)."""
     terms = content_terms(question)
     bags = [content_terms(s) & terms for s in sentences]
     df = Counter(t for bag in bags for t in bag)
     n = len(sentences)
-    return [sum(math.log1p(n / df[t]) for t in bag) for bag in bags]
+    return [math.fsum(math.log1p(n / df[t]) for t in bag) for bag in bags]
 
 
 class Sentence(NamedTuple):

@@ -132,3 +132,19 @@ def test_prompt_is_short():
     messages, _ = build_messages("Who was Rollo?", hits, GenerationConfig())
     total = sum(len(m["content"]) for m in messages)
     assert total < 3 * 600 + 700  # the fixed text costs under ~700 characters
+
+
+def test_relevance_does_not_depend_on_string_hashing() -> None:
+    """Scores summed over a set in its order differed in the last bits from one process to the
+    next (hash randomisation), and near-ties picked different windows."""
+    import subprocess
+    import sys
+
+    code = ("from citeqa.text import relevance\n"
+            "w = ['w%sx' % chr(97 + i) + chr(97 + j) for i in range(6) for j in range(6)]\n"
+            "s = [' '.join(w)] + [' '.join(w[k::k + 2]) for k in range(9)]\n"
+            "print([repr(x) for x in relevance(s, ' '.join(w))])")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True, env={"PYTHONHASHSEED": str(seed)}).stdout
+            for seed in range(8)}
+    assert len(outs) == 1, outs
