@@ -154,6 +154,11 @@ def target_loss(
     return loss, int(keep.sum())
 
 
+def scheduled_steps(n_examples: int, cfg: TrainConfig) -> int:
+    """Optimizer steps of all ``cfg.epochs`` over ``n_examples`` (before ``max_steps``)."""
+    return math.ceil(n_examples / cfg.batch_size) * cfg.epochs
+
+
 def train_lora(
     model: Any,
     examples: Sequence[Example],
@@ -176,8 +181,7 @@ def train_lora(
     wrapped = inject_lora(model, lora)
     params = lora_parameters(wrapped)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+    total = scheduled_steps(len(examples), cfg)
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     key = run_key(examples, cfg, lora)
@@ -403,8 +407,7 @@ def run_sft(
         },
     )
     write_model_card(out, record)
-    if train.max_steps is None or train.max_steps >= math.ceil(
-            len(examples) / train.batch_size) * train.epochs:
+    if train.max_steps is None or train.max_steps >= scheduled_steps(len(examples), train):
         remove_checkpoint(out)  # the schedule is done: nothing left to resume
     # else: a run cut short by --max-steps keeps its checkpoint; a larger --max-steps continues
     return record
