@@ -277,7 +277,7 @@ def ask(
     ] = None,
     answer_mode: Annotated[
         str | None,
-        typer.Option("--answer-mode", help="span (the answer is words of its quote) | free."),
+        typer.Option("--answer-mode", help="span (the quote holds the answer) | free."),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:

@@ -77,13 +77,12 @@ class GenerationConfig:
     # (constrained only) the answer must be a word-aligned span of a shown passage: stops
     # answers copied from nowhere ("1889", "<short answer>"); raised quote-has-answer 0.35->0.40.
     extractive_answer: bool = True
-    # "span": the quote first, then an answer made of words of that quote (enforced while
-    # decoding: every answer stands in its quote); "free": a free-text answer, then the quote
-    # (large generators that write sentences; the reward model then judges support). A
-    # generator must be trained for its mode: the shipped adapter was trained on "free", and in
-    # "span" mode it fell from F1 ~45 to 23.7 (150 calibration-article questions), so "free"
-    # is the default until a span-trained adapter ships (evals/train_generator.sh).
-    answer_mode: str = "free"
+    # "span": the answer is a span of a shown passage and the quote, written after it, a stretch
+    # of a passage that contains it (both enforced while decoding: every answer stands in its
+    # quote); "free": a free-text answer (extractive_answer applies), then any quote (large
+    # generators that write sentences; the reward model then judges support). Both write the
+    # answer first, the layout the shipped adapter was trained on (format.py).
+    answer_mode: str = "span"
     # Prompt-lookup draft length while copying a quote; 0 = off. Lossless for greedy rows. On 2
     # CPU cores (benchmarks/bench_ask.py, 50 eval questions) 16 beat 8 (p50 2.28 s vs 2.52 s,
     # fp32 weights); 32 gave the same total/prefill ratio as 16 (1.42, fp16 weights).

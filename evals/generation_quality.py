@@ -86,9 +86,9 @@ def contains_answer(text: str, golds: Sequence[str]) -> bool:
     return any(g.strip() and f" {normalize_answer(g)} " in norm for g in golds)
 
 
-def _raw_verbatim(raw: str, windows: list[str], multiline: bool, mode: str) -> bool | None:
+def _raw_verbatim(raw: str, windows: list[str], multiline: bool) -> bool | None:
     try:
-        parsed = parse_output(raw, len(windows), multiline_quote=multiline, mode=mode)
+        parsed = parse_output(raw, len(windows), multiline_quote=multiline)
     except OutputFormatError:
         return None
     return parsed.quote.strip() in windows[parsed.passage_number - 1]
@@ -133,7 +133,7 @@ def evaluate(
                 f1=f1(answer, q.answers), format_ok=bool(answer), verified=quote is not None,
                 quote_valid=valid,
                 quote_has_answer=quote is not None and contains_answer(quote.text, q.answers),
-                raw_verbatim=(_raw_verbatim(c.raw, windows, constrain, cfg.answer_mode)
+                raw_verbatim=(_raw_verbatim(c.raw, windows, constrain)
                               if c else None),
                 supported=bool(c) and c.supported, right=right,
                 latency_ms=share,

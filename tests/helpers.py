@@ -98,16 +98,15 @@ def grammar_accepts(grammar: str, text: str) -> bool:
 
 def request_accepts(request: Any, text: str) -> bool:
     """Whether a request's grammar(s) accept ``text`` as a whole output: in span mode the first
-    grammar the quote part, and the answer grammar built from that quote the rest."""
-    from citeqa.generation.constraint import answer_grammar, quote_of_first_part
-    from citeqa.generation.format import ANSWER_LINE_START
+    grammar the answer line, and the quote grammar built from that answer the rest."""
+    from citeqa.generation.format import ANSWER_LINE_END
 
-    if request.answer_in_quote is None:
+    if request.quote_stage is None:
         return grammar_accepts(request.grammar, text)
-    first, sep, rest = text.partition(ANSWER_LINE_START)
-    quote = quote_of_first_part(first + sep)
-    return bool(sep) and quote is not None and grammar_accepts(request.grammar, first + sep) and (
-        grammar_accepts(answer_grammar(quote, max_answer_chars=request.answer_in_quote), rest))
+    first, sep, rest = text.partition(ANSWER_LINE_END)
+    second = request.quote_stage.grammar(first + sep)
+    return bool(sep) and second is not None and grammar_accepts(request.grammar, first + sep) \
+        and grammar_accepts(second, rest)
 
 
 def free_port() -> int:

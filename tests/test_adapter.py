@@ -178,19 +178,30 @@ def test_bfloat16_copy_merges_like_the_float32_original(tmp_path: Path) -> None:
         torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=0.02, atol=0.02)
 
 
-@pytest.mark.parametrize("configured", ["span", "free"])
-def test_a_mode_the_adapter_was_not_trained_for_is_warned_about(
+@pytest.mark.parametrize(("recorded", "warns"), [
+    ({}, False),  # older adapters: free mode, answer first
+    ({"answer_mode": "free"}, False),
+    ({"answer_mode": "span", "layout": "answer-first"}, False),
+    ({"answer_mode": "span"}, True),  # the retired quote-first span format
+    ({"answer_mode": "span", "layout": "quote-first"}, True),
+])
+def test_an_adapter_trained_to_quote_first_is_warned_about(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-        configured: str) -> None:
+        recorded: dict[str, str], warns: bool) -> None:
     from citeqa.config import GenerationConfig
     from citeqa.generation import factory, hf
 
     _trained(tmp_path, LoRAConfig(r=4, alpha=8, targets=ATTENTION))
-    trained_for = json.loads((tmp_path / "adapter.json").read_text()).get("answer_mode", "free")
+    meta = json.loads((tmp_path / "adapter.json").read_text())
+    meta.pop("answer_mode", None)
+    meta.pop("layout", None)
+    (tmp_path / "adapter.json").write_text(json.dumps({**meta, **recorded}))
     monkeypatch.setattr(hf.HFBackend, "load", classmethod(lambda cls, *a, **k: k["adapter"]))
-    with caplog.at_level("WARNING", logger="citeqa.generation.factory"):
-        got = factory.build_backend(GenerationConfig(adapter=str(tmp_path),
-                                                     answer_mode=configured), tmp_path)
-    assert got == tmp_path
-    warned = [r for r in caplog.records if "trained for answer mode" in r.getMessage()]
-    assert bool(warned) == (configured != trained_for)
+    for mode in ("span", "free"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="citeqa.generation.factory"):
+            got = factory.build_backend(GenerationConfig(adapter=str(tmp_path), answer_mode=mode),
+                                        tmp_path)
+        assert got == tmp_path
+        warned = [r for r in caplog.records if "quote-first" in r.getMessage()]
+        assert bool(warned) == warns

@@ -10,6 +10,7 @@ from helpers import grammar_accepts, request_accepts
 from citeqa.config import GenerationConfig
 from citeqa.generation.backend import GenerationRequest
 from citeqa.generation.cited import CitedGenerator
+from citeqa.generation.constraint import QuoteStage
 from citeqa.generation.extractive import extractive_responder
 from citeqa.generation.fake import FakeBackend
 from citeqa.generation.format import ANSWER_MODES
@@ -161,9 +162,11 @@ def test_n_must_be_positive():
 def test_extractive_responder_answers_in_format(question, answer_word, doc):
     for mode in ANSWER_MODES:
         messages, shown = build_messages(question, HITS, GenerationConfig(answer_mode=mode))
-        replies = extractive_responder(GenerationRequest(messages=messages, n=2))
+        stage = QuoteStage(tuple(p.text for p in shown)) if mode == "span" else None
+        replies = extractive_responder(GenerationRequest(messages=messages, n=2,
+                                                         quote_stage=stage))
         assert len(replies) == 2 and replies[0] == replies[1]
-        out = parse_output(replies[0], len(shown), mode=mode)
+        out = parse_output(replies[0], len(shown))
         assert answer_word in out.answer, replies[0]
         assert out.quote in shown[out.passage_number - 1].text
         assert shown[out.passage_number - 1].hit.passage.doc_id == doc

@@ -320,26 +320,28 @@ def test_drafts_also_come_from_the_last_output(backend, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cpu_dtype", ["fp32", "bf16"])
-def test_span_mode_decodes_the_answer_from_its_own_quote(cpu_dtype):
-    """Two grammars in one decode: the quote, then (built from it) the answer's; the answer
-    is words of that quote whatever the model would rather say, and speculation stays on."""
-    from citeqa.generation.constraint import answer_grammar
+def test_span_mode_decodes_the_quote_around_its_own_answer(cpu_dtype):
+    """Two grammars in one decode: the answer line, then (built from it) the quote's; the quote
+    holds that answer whatever the model would rather quote, and speculation stays on."""
+    from citeqa.generation.constraint import QuoteStage
     from citeqa.generation.parse import parse_output
 
     backend = load(cpu_dtype)
-    span = GenerationRequest(messages=MESSAGES, max_tokens=64, answer_in_quote=40,
-                             grammar=output_grammar(PASSAGES, mode="span"))
-    sampled = GenerationRequest(messages=MESSAGES, max_tokens=64, answer_in_quote=40, n=3,
-                                temperature=1.0, seed=1,
-                                grammar=output_grammar(PASSAGES, mode="span", only_passage=2))
+    span = GenerationRequest(messages=MESSAGES, max_tokens=64,
+                             grammar=output_grammar(PASSAGES, mode="span", max_answer_chars=40),
+                             quote_stage=QuoteStage(tuple(PASSAGES), 10, 120))
+    sampled = GenerationRequest(messages=MESSAGES, max_tokens=64, n=3, temperature=1.0, seed=1,
+                                grammar=output_grammar(PASSAGES, mode="span", only_passage=2,
+                                                       max_answer_chars=40),
+                                quote_stage=QuoteStage(tuple(PASSAGES), 10, 120, 2))
     [[greedy], samples] = backend.generate([span, sampled])
     for c in [greedy, *samples]:
-        out = parse_output(c.text, len(PASSAGES), mode="span")
+        out = parse_output(c.text, len(PASSAGES), multiline_quote=True)
         assert out.quote in PASSAGES[out.passage_number - 1], c.text
         assert out.answer in out.quote, c.text
         assert len(out.answer) <= 40 and c.logprob < 0
-        assert answer_grammar(out.quote)  # the quote compiles into the second grammar
-    assert all(parse_output(c.text, 2, mode="span").passage_number == 2 for c in samples)
+    assert all(parse_output(c.text, 2, multiline_quote=True).passage_number == 2
+               for c in samples)
 
 
 @pytest.mark.slow

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from citeqa.config import GenerationConfig
-from citeqa.generation.prompt import SYSTEMS, build_messages, parse_user_message, select_window
+from citeqa.generation.prompt import SYSTEM, build_messages, parse_user_message, select_window
 from citeqa.text import sentence_spans
 from citeqa.types import Hit, Passage
 
@@ -103,9 +105,10 @@ def test_build_messages_layout_and_offsets():
     cfg = GenerationConfig(top_k_passages=1, passage_chars=60)
     messages, shown = build_messages("Who was   Rollo?", hits, cfg)
     assert [m["role"] for m in messages] == ["system", "user"]
-    assert messages[0]["content"] == SYSTEMS[GenerationConfig().answer_mode]
-    for system in SYSTEMS.values():
-        assert "untrusted" in system and "instructions" in system
+    assert messages[0]["content"] == SYSTEM  # one prompt for both answer modes
+    assert messages == build_messages("Who was   Rollo?", hits,
+                                      replace(cfg, answer_mode="free"))[0]
+    assert "untrusted" in SYSTEM and "instructions" in SYSTEM
     assert len(shown) == 1 and shown[0].number == 1
     p = shown[0]
     assert doc_text[p.doc_start : p.doc_start + len(p.text)] == p.text

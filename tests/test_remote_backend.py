@@ -14,7 +14,7 @@ import pytest
 from citeqa.config import Settings
 from citeqa.errors import EngineError, EngineUnavailableError
 from citeqa.generation.backend import GenerationRequest
-from citeqa.generation.constraint import answer_grammar
+from citeqa.generation.constraint import QuoteStage
 from citeqa.generation.factory import build_backend
 from citeqa.generation.remote import RemoteBackend
 from citeqa.retry import Backoff
@@ -178,29 +178,35 @@ def test_a_choice_cut_by_max_tokens_is_a_failed_candidate_not_a_cut_quote():
     assert whole.text.endswith("Normans.") and whole.timings_ms["cut"] == 0.0
 
 
-def test_span_mode_continues_each_quote_with_its_own_answer_grammar():
-    first = "Quote [1]: Rollo led the Normans.\nAnswer:"
+def test_span_mode_continues_each_answer_with_its_own_quote_grammar():
+    first = "Answer: Rollo\n"
+    stage = QuoteStage(("Rollo led the Normans.", "Paris is in France."), 5, 100)
 
     def handler(request):
         body = json.loads(request.content)
         if not body.get("continue_final_message"):
-            return ok(choice(0, first, [-0.5] * 5), choice(1, "Quote [1]: short", [-1.0] * 3,
-                                                             finish="length"))
-        return ok(choice(0, " Rollo", [-0.25]))
+            return ok(choice(0, first, [-0.5] * 3),
+                      choice(1, "Answer: Ro", [-1.0] * 3, finish="length"),
+                      choice(2, "Answer: Paris", [-0.1] * 3))  # its line break trimmed
+        quote = ("Quote [2]: Paris is in France." if "Paris" in body["messages"][-1]["content"]
+                 else "Quote [1]: Rollo led the Normans.")
+        return ok(choice(0, quote, [-0.25]))
 
     client, seen = server(handler)
-    req = GenerationRequest(messages=MSGS, grammar="start: q", n=2, temperature=1.0,
-                            max_tokens=40, answer_in_quote=24)
-    [[c, failed]] = RemoteBackend("http://gen", "m", client=client).generate([req])
-    assert c.text == first + " Rollo" and c.logprob == pytest.approx(-2.75) and c.n_tokens == 6
-    assert failed.text == ""  # cut in its quote: no second call for it
-    [second] = [json.loads(r.content) for r in seen if b"continue_final_message" in r.content]
+    req = GenerationRequest(messages=MSGS, grammar="start: q", n=3, temperature=1.0,
+                            max_tokens=40, quote_stage=stage)
+    [[c, failed, trimmed]] = RemoteBackend("http://gen", "m", client=client).generate([req])
+    assert c.text == first + "Quote [1]: Rollo led the Normans."
+    assert c.logprob == pytest.approx(-1.75) and c.n_tokens == 4
+    assert failed.text == ""  # cut in its answer: no second call for it
+    assert trimmed.text == "Answer: Paris\nQuote [2]: Paris is in France."
+    seconds = [json.loads(r.content) for r in seen if b"continue_final_message" in r.content]
+    [second] = [b for b in seconds if b["messages"][-1]["content"] == first]
     assert second["messages"][-1] == {"role": "assistant", "content": first}
     assert second["add_generation_prompt"] is False and second["n"] == 1
-    assert second["structured_outputs"]["grammar"] == answer_grammar(
-        "Rollo led the Normans.", max_answer_chars=24)
-    assert second["max_tokens"] == 35  # what the quote left of the budget
-    assert len(seen) == 2
+    assert second["structured_outputs"]["grammar"] == stage.grammar(first)
+    assert second["max_tokens"] == 37  # what the answer left of the budget
+    assert len(seen) == 3
 
 
 def test_the_served_model_is_asked_once_and_must_be_unique():

@@ -272,8 +272,8 @@ def test_target_parses_and_its_quote_verifies(corpus: tuple[Path, Path]) -> None
         k = len(d.hits())
         assert messages == build_messages(d.question, d.hits(), GEN, top_k=k)[0]  # serving
         _, shown = build_messages(d.question, d.hits(), GEN, top_k=k)
-        parsed = parse_output(target, len(shown), mode=GEN.answer_mode)
-        assert target.startswith("Quote [") and parsed.answer in parsed.quote  # span mode
+        parsed = parse_output(target, len(shown))
+        assert target.startswith("Answer: ") and parsed.answer in parsed.quote  # span mode
         assert parsed.answer == d.answer and parsed.quote == d.quote
         passage = shown[parsed.passage_number - 1]
         assert passage.hit == d.hits()[d.gold]

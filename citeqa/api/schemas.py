@@ -140,8 +140,9 @@ class AnswerRequest(_Request):
     )
     answer_mode: Literal["span", "free"] | None = Field(
         default=None,
-        description="span: the answer is words of its quote, enforced while decoding (the "
-        "default); free: a free-text answer, whose support the reward model judges",
+        description="span: the answer is a span of a passage and its quote a stretch of a "
+        "passage that contains it, enforced while decoding (the default); free: a free-text "
+        "answer and any quote, whose support the reward model judges",
     )
     with_passages: bool = Field(
         default=False, strict=True,

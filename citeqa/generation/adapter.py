@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from citeqa.config import GenerationConfig
 from citeqa.errors import ModelError
 from citeqa.generation.prompt import prompt_fingerprint
 
@@ -55,7 +54,11 @@ class AdapterConfig:
     fingerprint_params: tuple[str, ...]  # parameter names hashed into base_fingerprint
     prompt_fingerprint: str = ""  # prompt_fingerprint() at training time; "" = unknown
     extra: dict[str, Any] = field(default_factory=dict)  # training settings, for the record
-    answer_mode: str = "free"  # the output format it was trained on (older adapters: free)
+    answer_mode: str = "free"  # the answer mode it was trained for (older adapters: free)
+    # Its output's line order: "answer-first" (format.py), or "quote-first" for adapters
+    # trained for the retired span format (quote line, then answer line; recorded as
+    # answer_mode "span" with no layout).
+    layout: str = "answer-first"
     format: str = FORMAT
     version: int = VERSION
 
@@ -81,6 +84,8 @@ class AdapterConfig:
             prompt_fingerprint=str(obj.get("prompt_fingerprint", "")),
             extra=dict(obj.get("extra", {})),
             answer_mode=str(obj.get("answer_mode", "free")),
+            layout=str(obj.get("layout", "quote-first" if obj.get("answer_mode") == "span"
+                               else "answer-first")),
             format=str(obj["format"]),
             version=int(obj["version"]),
         )
@@ -221,7 +226,7 @@ def apply_adapter(model: nn.Module, adapter_dir: Path) -> None:
             f"({found[:12]}); load that base model (an adapter is applied once, to unmodified "
             "weights) or retrain the adapter on this one"
         )
-    trained_on = prompt_fingerprint(GenerationConfig(answer_mode=cfg.answer_mode))
+    trained_on = prompt_fingerprint()
     if cfg.prompt_fingerprint and cfg.prompt_fingerprint != trained_on:
         logger.warning(
             "the prompt code changed since the adapter in %s was trained; it may do worse "

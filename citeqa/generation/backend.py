@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from citeqa.generation.constraint import QuoteStage
 
 
 @dataclass(frozen=True)
@@ -22,11 +25,12 @@ class GenerationRequest:
     temperature: float = 0.0
     max_tokens: int = 128
     seed: int | None = None
-    # Span mode: when set, ``grammar`` covers the quote only (up to ``format.ANSWER_LINE_START``)
-    # and the answer then continues under ``constraint.answer_grammar(quote, max_answer_chars=
-    # answer_in_quote)``: words of that very quote. A backend builds the second grammar as soon
-    # as the first is complete (``constraint.quote_of_first_part`` reads the quote back).
-    answer_in_quote: int | None = None
+    # Span mode: when set, ``grammar`` covers the answer line only (up to and including
+    # ``format.ANSWER_LINE_END``) and the quote then continues under ``quote_stage.grammar(
+    # <text so far>)``: a stretch of a passage that contains that very answer. A backend builds
+    # the second grammar as soon as the first is complete; when it gets None (no passage holds
+    # the answer) the output ends after the answer line.
+    quote_stage: QuoteStage | None = None
 
 
 @dataclass(frozen=True)

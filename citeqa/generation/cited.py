@@ -9,11 +9,11 @@ questions with ONE backend call (cross-request batching). The candidates of one 
   passage; beyond the number of passages shown, the rest are samples at ``cfg.temperature``
   free to quote any. The requests share one prompt, which the local backend prefills once.
 
-Answer modes (``format.py``): ``span`` (the default) writes the quote first and then an answer
-made of words of that quote, enforced while decoding, so every answer stands in its quote;
-``free`` writes a free-text answer first (large generators writing sentences) and leaves
-support to the reward model. A quote cut short by ``max_tokens`` is still a verbatim span, so
-the budget only bounds latency.
+Answer modes (``format.py``): ``span`` (the default) writes an answer that is a span of a shown
+passage and then a quote that contains it, both enforced while decoding, so every answer stands
+in its quote; ``free`` writes a free-text answer and any quote (large generators writing
+sentences) and leaves support to the reward model. A quote cut short by ``max_tokens`` is
+still a verbatim span, so the budget only bounds latency.
 
 Every completion becomes a Candidate; one whose output does not parse keeps ``answer == ""``
 and ``quote is None`` for evaluation, but is never presented as a quote.
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from citeqa.config import GenerationConfig
 from citeqa.errors import InvalidRequestError, OutputFormatError
 from citeqa.generation.backend import Backend, Completion, GenerationRequest
-from citeqa.generation.constraint import output_grammar
+from citeqa.generation.constraint import QuoteStage, output_grammar
 from citeqa.generation.format import ANSWER_MODES, AnswerMode
 from citeqa.generation.parse import parse_output
 from citeqa.generation.prompt import ShownPassage, build_messages
@@ -94,7 +94,7 @@ class CitedGenerator:
                  only_passage: int | None = None) -> GenerationRequest:
         cfg = self.cfg
         max_answer_chars = cfg.max_answer_tokens * CHARS_PER_TOKEN
-        grammar = None
+        grammar = stage = None
         if constrain:
             # Bounding the quote's length in the grammar keeps a model that would copy on and
             # on from producing a quote the verifier must then reject as too long.
@@ -107,12 +107,15 @@ class CitedGenerator:
                 answer_from_passages=cfg.extractive_answer,
                 only_passage=only_passage,
             )
+            if mode == "span":
+                stage = QuoteStage(tuple(p.text for p in shown), cfg.min_quote_chars,
+                                   cfg.max_quote_chars, only_passage)
         max_tokens = cfg.max_answer_tokens + cfg.max_quote_chars // QUOTE_CHARS_PER_TOKEN + (
             FORMAT_TOKENS)
         return GenerationRequest(
             messages=messages, grammar=grammar, n=n, temperature=temperature,
             max_tokens=max_tokens,
-            answer_in_quote=max_answer_chars if constrain and mode == "span" else None,
+            quote_stage=stage,
         )
 
     def _plan(self, item: GenerationItem, constrain: bool, top_k: int | None,
@@ -126,7 +129,7 @@ class CitedGenerator:
             raise ValueError(f"n must be at least 1, got {n}")
         if mode not in ANSWER_MODES:
             raise InvalidRequestError(f"answer_mode must be one of {ANSWER_MODES}, got {mode!r}")
-        messages, shown = build_messages(item.question, item.hits, cfg, top_k=top_k, mode=mode)
+        messages, shown = build_messages(item.question, item.hits, cfg, top_k=top_k)
         if not shown:
             return [], shown
 
@@ -196,10 +199,9 @@ class CitedGenerator:
                 out.append(Generation(candidates=[], timings_ms={}))
                 continue
             t1 = time.perf_counter()
-            mode = item.mode or self.cfg.answer_mode
             candidates = [
                 # Under the grammar a quote may span the passage's own line breaks.
-                self._candidate(c, shown, item.documents, mode=mode, multiline_quote=constrain)
+                self._candidate(c, shown, item.documents, multiline_quote=constrain)
                 for completions in mine
                 for c in completions
             ]
@@ -216,12 +218,10 @@ class CitedGenerator:
         shown: list[ShownPassage],
         documents: Callable[[str], Document],
         *,
-        mode: str,
         multiline_quote: bool,
     ) -> Candidate:
         try:
-            parsed = parse_output(completion.text, len(shown), multiline_quote=multiline_quote,
-                                  mode=mode)  # type: ignore[arg-type]
+            parsed = parse_output(completion.text, len(shown), multiline_quote=multiline_quote)
         except OutputFormatError as e:
             logger.debug("unparseable generation: %s", e)
             return Candidate(

@@ -1,13 +1,14 @@
-"""The quote constraint: a grammar that only admits a cited answer whose quote is verbatim.
+"""The quote constraint: grammars that only admit a cited answer whose quote is verbatim.
 
 ``output_grammar(passages)`` builds an llguidance Lark grammar for exactly (``free`` mode)::
 
     Answer: <one line, 1..max_answer_chars characters>
     Quote [<k>]: <a contiguous, word-aligned span of passage k>
 
-or, in ``span`` mode, for ``Quote [<k>]: <span of passage k>`` + the start of the answer line;
-``answer_grammar(quote)`` then admits only words of that quote as the answer: an answer is
-supported by its quote by construction (``format.py``).
+In ``span`` mode it covers the answer line only (a word-aligned span of a passage, then the line
+break); ``QuoteStage.grammar`` then builds, from the answer just written, the grammar of a quote
+that CONTAINS that answer (``quote_grammar``): the answer is supported by its quote by
+construction, and the model still answers first, the order it does best (``format.py``).
 
 Decisions (see GopherCite, Menick et al. 2022, sec. 2.3 "constrained sampling"):
 
@@ -19,9 +20,14 @@ Decisions (see GopherCite, Menick et al. 2022, sec. 2.3 "constrained sampling"):
 - The quote must come from passage ``k`` itself: every passage has its own lexeme, reached only
   through its own ``Quote [k]: `` prefix, so a span from another passage (or one crossing two
   passages) cannot be emitted after that prefix.
-- Passages are untrusted: each passage is embedded only as a JSON string inside
+- Span mode's quote lexeme is a stretch of the passage around an occurrence of the answer as
+  whole words (``_around``), from a word's start to a word's end where words are split at
+  whitespace (so "Roger." ends with its full stop), and only passages that hold the answer so
+  get a ``Quote [k]`` alternative: the model cannot start a quote that no text could finish.
+- Passages and answers are untrusted: a passage is embedded only as a JSON string inside
   ``%regex {...}`` (``json.dumps``), which escapes quotes, backslashes, newlines and control
-  characters, so no passage text can end the lexeme or add grammar rules.
+  characters, and an answer only as ``\\x{..}`` escapes of every character that is not an
+  ASCII letter or digit, so no text can end a lexeme or add grammar rules.
 
 ``OutputConstraint`` wraps an ``llguidance.LLMatcher`` (one per decoded row) with the few calls
 the decoding loop needs; ``ll_tokenizer_for`` builds (once per tokenizer) the llguidance view of
@@ -31,9 +37,11 @@ a Hugging Face tokenizer.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import llguidance
@@ -42,7 +50,7 @@ import numpy as np
 from citeqa.errors import InvalidRequestError
 from citeqa.generation.chat import stop_token_ids
 from citeqa.generation.format import (
-    ANSWER_LINE_START,
+    ANSWER_LINE_END,
     ANSWER_MODES,
     ANSWER_PREFIX,
     QUOTE_PREFIX,
@@ -50,6 +58,11 @@ from citeqa.generation.format import (
     AnswerMode,
 )
 
+# A span-mode quote reaches at most this many words beyond each side of its answer: its regex
+# nests one group per word, and llguidance refuses regexes nested ~100 deep.
+MAX_WORDS_AROUND = 64
+_BEFORE = re.compile(r"\S+\s*")  # a word and the space after it
+_AFTER = re.compile(r"\s*\S+")  # a word and the space before it
 # A quote is non-empty and trimmed: it starts and ends with a non-whitespace character.
 _TRIMMED = r"/\S(?s:.*\S)?/"
 
@@ -66,6 +79,24 @@ def _length(lo: int | None, hi: int | None) -> str:
     low = max(lo or 1, 1)
     high = "" if hi is None else str(max(hi, low))
     return f" & /(?s:.{{{low},{high}}})/"
+
+
+def _quotable(passages: Sequence[str], only_passage: int | None) -> list[tuple[int, str]]:
+    """``(k, passage)`` of the passages with a word to quote (only passage k when given)."""
+    quotable = [(k, p) for k, p in enumerate(passages, start=1) if p.strip()]
+    if only_passage is not None:
+        quotable = [(k, p) for k, p in quotable if k == only_passage]
+    return quotable
+
+
+def _quote_rules(lexemes: Sequence[tuple[int, str]]) -> list[str]:
+    """The ``quote`` rule: ``Quote [k]: `` then passage k's lexeme, for each (k, lexeme)."""
+    lines = ["quote: " + " | ".join(f"quote_{k}" for k, _ in lexemes)]
+    for k, lexeme in lexemes:
+        prefix = _lark_string(f"{QUOTE_PREFIX}{k}{QUOTE_SEPARATOR}")
+        lines.append(f"quote_{k}: {prefix} QUOTE_{k}")
+        lines.append(f"QUOTE_{k}: {lexeme}")
+    return lines
 
 
 def output_grammar(
@@ -90,9 +121,9 @@ def output_grammar(
     (a small model then cannot answer with a number that is in no passage, nor copy a format
     placeholder).
 
-    ``mode="span"``: the first part only, ``Quote [k]: ...`` up to ``ANSWER_LINE_START``; the
-    answer follows under ``answer_grammar(quote)``, built once the quote is known, so that it
-    can only be words of that quote (``GenerationRequest.answer_in_quote``).
+    ``mode="span"``: the answer line only, ``Answer: <word-aligned span of a passage>`` and its
+    line break; the quote follows under ``quote_grammar`` built from that answer
+    (``QuoteStage``).
 
     Raises InvalidRequestError when no passage can be quoted.
     """
@@ -100,59 +131,144 @@ def output_grammar(
         raise InvalidRequestError(f"max_answer_chars must be >= 1, got {max_answer_chars}")
     if mode not in ANSWER_MODES:
         raise InvalidRequestError(f"answer mode must be one of {ANSWER_MODES}, got {mode!r}")
-    quotable = [(k, p) for k, p in enumerate(passages, start=1) if p.strip()]
-    if only_passage is not None:
-        quotable = [(k, p) for k, p in quotable if k == only_passage]
+    quotable = _quotable(passages, only_passage)
     if not quotable:
         raise InvalidRequestError("no passage has text to quote; retrieve passages first")
-    bound = _length(min_quote_chars, max_quote_chars)
+    answer = f"/[^\\n]{{1,{int(max_answer_chars)}}}/"
+    if answer_from_passages or mode == "span":
+        spec = json.dumps({"substring_words": "\n".join(p for _, p in quotable)},
+                          ensure_ascii=True)
+        answer = f"%regex {spec} & {_TRIMMED} & {answer}"
+    head = f"start: {_lark_string(ANSWER_PREFIX)} ANSWER {_lark_string(ANSWER_LINE_END)}"
     if mode == "span":
-        # One line: lexemes are greedy, so a quote that may go on past a line break could
-        # never be followed by the line break that starts the answer.
-        bound += " & /[^\\n]+/"
-        lines = [f"start: quote {_lark_string(ANSWER_LINE_START)}"]
-    else:
-        answer = f"/[^\\n]{{1,{int(max_answer_chars)}}}/"
-        if answer_from_passages:
-            spec = json.dumps({"substring_words": "\n".join(p for _, p in quotable)},
-                              ensure_ascii=True)
-            answer = f"%regex {spec} & {_TRIMMED} & {answer}"
-        lines = [f"start: {_lark_string(ANSWER_PREFIX)} ANSWER {_lark_string(chr(10))} quote",
-                 f"ANSWER: {answer}"]
-    lines.append("quote: " + " | ".join(f"quote_{k}" for k, _ in quotable))
-    for k, passage in quotable:
-        prefix = _lark_string(f"{QUOTE_PREFIX}{k}{QUOTE_SEPARATOR}")
-        lines.append(f"quote_{k}: {prefix} QUOTE_{k}")
-        spec = json.dumps({"substring_words": passage}, ensure_ascii=True)
-        lines.append(f"QUOTE_{k}: %regex {spec} & {_TRIMMED}{bound}")
+        return f"{head}\nANSWER: {answer}\n"
+    bound = _length(min_quote_chars, max_quote_chars)
+    lexemes = [(k, f"%regex {json.dumps({'substring_words': p}, ensure_ascii=True)} & "
+                   f"{_TRIMMED}{bound}") for k, p in quotable]
+    lines = [f"{head} quote", f"ANSWER: {answer}", *_quote_rules(lexemes)]
     return "\n".join(lines) + "\n"
 
 
-def answer_grammar(quote: str, *, max_answer_chars: int = 200) -> str:
-    """The grammar of a span-mode answer after ``ANSWER_LINE_START``: a space, then a
-    word-aligned span of ``quote`` (trimmed, one line, at most ``max_answer_chars``).
+def _literal(text: str) -> str:
+    """A regex matching exactly ``text``: every character but ASCII letters and digits as a
+    ``\\x{..}`` escape, so no character of it is regex or Lark syntax."""
+    return "".join(c if c.isascii() and c.isalnum() else f"\\x{{{ord(c):X}}}" for c in text)
 
-    The quote is embedded only as a JSON string (``json.dumps``), like passages: grammar-like
-    text in it stays text. Raises InvalidRequestError when the quote has no word.
+
+def _word_char(c: str) -> bool:
+    return c.isalnum() or c == "_"
+
+
+def _occurrences(passage: str, answer: str) -> list[int]:
+    """Where ``answer`` stands in ``passage`` as whole words (not "King" in "Kingdom")."""
+    before = "(?<!\\w)" if _word_char(answer[0]) else ""
+    after = "(?!\\w)" if _word_char(answer[-1]) else ""
+    return [m.start() for m in re.finditer(f"(?={before}{re.escape(answer)}{after})", passage)]
+
+
+def _tails(pieces: Sequence[str]) -> str:
+    """A regex for any run of the last pieces of ``pieces`` (none included): nested optional
+    groups, linear in size."""
+    acc = None
+    for piece in pieces:
+        acc = _literal(piece) if acc is None else f"(?:{acc})?{_literal(piece)}"
+    return "" if acc is None else f"(?:{acc})?"
+
+
+def _heads(pieces: Sequence[str]) -> str:
+    """A regex for any run of the first pieces of ``pieces`` (none included)."""
+    acc = None
+    for piece in reversed(pieces):
+        acc = _literal(piece) if acc is None else f"{_literal(piece)}(?:{acc})?"
+    return "" if acc is None else f"(?:{acc})?"
+
+
+def _within(pieces: list[str], room: int | None) -> list[str]:
+    """The leading ``pieces`` that fit in ``room`` characters and ``MAX_WORDS_AROUND``."""
+    kept, used = [], 0
+    for piece in pieces[:MAX_WORDS_AROUND]:
+        used += len(piece)
+        if room is not None and used > room:
+            break
+        kept.append(piece)
+    return kept
+
+
+def _around(passage: str, start: int, answer: str, room: int | None) -> str:
+    """A regex for the stretches of ``passage`` holding ``answer`` at ``start``: whole words
+    before it (each with the space after it), the answer, whole words after it."""
+    before = _BEFORE.findall(passage[:start])
+    after = _AFTER.findall(passage[start + len(answer) :])
+    before = _within(before[::-1], room)[::-1]
+    return f"{_tails(before)}{_literal(answer)}{_heads(_within(after, room))}"
+
+
+def quote_grammar(
+    passages: Sequence[str],
+    answer: str,
+    *,
+    min_quote_chars: int | None = None,
+    max_quote_chars: int | None = None,
+    only_passage: int | None = None,
+) -> str | None:
+    """The grammar of a span-mode quote after ``answer``'s line: ``Quote [k]: `` and a stretch
+    of passage k, from a word's start to a word's end (words split at whitespace), that
+    contains ``answer`` as whole words.
+
+    Only passages holding the answer so are offered (and only ``only_passage`` when given).
+    The length bounds give way where they would leave no quote: the lower one to a shorter
+    passage, the upper one to a longer answer; a quote reaches at most ``MAX_WORDS_AROUND``
+    words beyond each side of the answer. None when no passage holds the answer.
+
+    Each passage's lexeme is a plain regex (a union over the answer's occurrences) rather than
+    the passage's ``substring_words`` intersected with "contains the answer": llguidance gave
+    up on that intersection ("too many expressions constructed") on real passages.
     """
-    if not quote.strip():
-        raise InvalidRequestError("the quote is empty; there is nothing to answer from")
-    spec = json.dumps({"substring_words": quote}, ensure_ascii=True)
-    return (
-        f'start: " " ANSWER\n'
-        f"ANSWER: %regex {spec} & {_TRIMMED} & /[^\\n]{{1,{int(max_answer_chars)}}}/\n"
-    )
+    answer = answer.strip()
+    if not answer:
+        return None
+    room = None if max_quote_chars is None else max(max_quote_chars - len(answer), 0)
+    lexemes = []
+    for k, passage in _quotable(passages, only_passage):
+        stretches = dict.fromkeys(_around(passage, at, answer, room)
+                                  for at in _occurrences(passage, answer))
+        if stretches:
+            low = None if min_quote_chars is None else min(min_quote_chars, len(passage.strip()))
+            high = None if max_quote_chars is None else max(max_quote_chars, len(answer))
+            lexemes.append((k, f"/(?:{'|'.join(stretches)})/{_length(low, high)}"))
+    if not lexemes:
+        return None
+    return "\n".join(["start: quote", *_quote_rules(lexemes)]) + "\n"
 
 
-def quote_of_first_part(text: str) -> str | None:
-    """The quote of a span-mode output's first part (``Quote [k]: <quote>`` + the answer
-    line's start), or None when ``text`` is not one."""
-    if not (text.startswith(QUOTE_PREFIX) and text.endswith(ANSWER_LINE_START)):
+def answer_of_first_part(text: str) -> str | None:
+    """The answer of a span-mode output's first part (``Answer: <answer>`` and its line
+    break), or None when ``text`` is not one."""
+    if not (text.startswith(ANSWER_PREFIX) and text.endswith(ANSWER_LINE_END)):
         return None
-    _, sep, rest = text.partition(QUOTE_SEPARATOR)
-    if not sep:
-        return None
-    return rest[: len(rest) - len(ANSWER_LINE_START)]
+    answer = text[len(ANSWER_PREFIX) : len(text) - len(ANSWER_LINE_END)]
+    return answer if answer.strip() and ANSWER_LINE_END not in answer else None
+
+
+@dataclass(frozen=True)
+class QuoteStage:
+    """What a backend needs to constrain a span-mode quote once the answer is written (see
+    ``GenerationRequest.quote_stage``): the passages as shown and the quote's bounds."""
+
+    passages: tuple[str, ...]
+    min_quote_chars: int | None = None
+    max_quote_chars: int | None = None
+    only_passage: int | None = None
+
+    def grammar(self, first_part: str) -> str | None:
+        """The quote's grammar after ``first_part`` (the decoded answer line), or None when
+        that is no answer line or no passage holds the answer."""
+        answer = answer_of_first_part(first_part)
+        if answer is None:
+            return None
+        return quote_grammar(self.passages, answer, min_quote_chars=self.min_quote_chars,
+                             max_quote_chars=self.max_quote_chars,
+                             only_passage=self.only_passage)
 
 
 _LL_TOKENIZERS: weakref.WeakKeyDictionary[Any, llguidance.LLTokenizer] = (

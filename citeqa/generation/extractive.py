@@ -2,10 +2,11 @@
 
 ``extractive_responder`` reads the passages and question back out of the prompt built by
 ``prompt.py``, picks the sentence sharing most (rare) question terms among the passages the
-request's grammar lets it quote, and replies in the exact output format of the answer mode the
-prompt asks for: a few words of that sentence not already in the question as the answer, and
-the sentence (extended to the minimum quote length when short) as the quote; in span mode the
-quote comes first and the answer is words of it. Use it as ``FakeBackend(extractive_responder)``.
+request lets it quote, and replies in the exact output format (``format.py``): a few words of
+that sentence not already in the question as the answer, and the sentence (extended to the
+minimum quote length when short) as the quote; in span mode (a request with a
+``quote_stage``) the answer is always words of the quote, as the grammars would enforce.
+Use it as ``FakeBackend(extractive_responder)``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import re
 
 from citeqa.generation.backend import GenerationRequest
 from citeqa.generation.format import ANSWER_PREFIX, QUOTE_PREFIX, QUOTE_SEPARATOR
-from citeqa.generation.prompt import SYSTEM_SPAN, parse_user_message
+from citeqa.generation.prompt import parse_user_message
 from citeqa.text import STOP_WORDS, content_terms, relevance, sentence_spans, term
 
 ANSWER_WORDS = 5  # at most this many words in an answer
@@ -97,10 +98,8 @@ def respond(user_message: str, *, mode: str = "free",
     s, e = spans[i]
     answer = _answer(text[s:e], terms)
     quote = _quote(text, spans, i)
-    if mode == "span":
-        if answer not in quote:  # the quote was cut short: answer from what it holds
-            answer = " ".join(quote.split()[:ANSWER_WORDS]).strip(_PUNCT + " ") or quote
-        return f"{QUOTE_PREFIX}{number}{QUOTE_SEPARATOR}{quote}\n{ANSWER_PREFIX}{answer}"
+    if mode == "span" and answer not in quote:  # the quote was cut short: answer from it
+        answer = " ".join(quote.split()[:ANSWER_WORDS]).strip(_PUNCT + " ") or quote
     return f"{ANSWER_PREFIX}{answer}\n{QUOTE_PREFIX}{number}{QUOTE_SEPARATOR}{quote}"
 
 
@@ -113,10 +112,14 @@ def _allowed_passages(grammar: str | None) -> frozenset[int] | None:
 
 
 def extractive_responder(request: GenerationRequest) -> list[str]:
-    """``request.n`` identical replies to the request's last user message, in the answer mode
-    its system turn asks for, quoting only the passages its grammar allows."""
+    """``request.n`` identical replies to the request's last user message, in its answer mode,
+    quoting only the passages its grammar (or its quote stage) allows."""
     users = [m["content"] for m in request.messages if m.get("role") == "user"]
-    mode = "span" if request.messages and request.messages[0]["content"] == SYSTEM_SPAN else "free"
-    allowed = _allowed_passages(request.grammar)
+    stage = request.quote_stage
+    mode = "free" if stage is None else "span"
+    if stage is not None and stage.only_passage is not None:
+        allowed: frozenset[int] | None = frozenset({stage.only_passage})
+    else:
+        allowed = _allowed_passages(request.grammar)
     reply = respond(users[-1], mode=mode, allowed=allowed) if users else ""
     return [reply] * request.n

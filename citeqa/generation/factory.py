@@ -33,11 +33,10 @@ def build_backend(gen: GenerationConfig, cache_dir: Path, *, api_key: str | None
     from citeqa.generation.hf import HFBackend
 
     adapter = resolve_adapter(gen.adapter, gen.model)
-    if adapter is not None and (trained := load_adapter(adapter)[0].answer_mode) != \
-            gen.answer_mode:
-        logger.warning("the adapter %s was trained for answer mode %r, not the configured %r: "
-                       "expect much worse answers (set CITEQA_ANSWER_MODE=%s)", adapter, trained,
-                       gen.answer_mode, trained)
+    if adapter is not None and (layout := load_adapter(adapter)[0].layout) != "answer-first":
+        logger.warning("the adapter %s was trained to write its lines %s, not answer first as "
+                       "the generator now reads them: expect much worse answers (retrain it "
+                       "with `citeqa train generator`)", adapter, layout)
     return HFBackend.load(
         gen.model,
         cache_dir,

@@ -7,8 +7,8 @@ padding), the KV cache rows are then repeated so each request's ``n`` samples sh
 prefill, and every output row (all requests x their samples) is decoded in lockstep with its
 own grammar matcher. A finished row drops out of the batch (its cache row is removed), so a
 long answer never holds short ones back beyond the step they finish in. In span mode a row
-switches grammar once its quote is written (``_next_stage``): the answer's grammar is built from
-that quote.
+switches grammar once its answer is written (``_next_stage``): the quote's grammar is built from
+that answer.
 
 (Longer than our ~450-line guide on purpose: the decoding loop, its drafts, holes and stage
 switches share one set of invariants about the KV cache and each row's position, and read best
@@ -70,12 +70,7 @@ from citeqa.compute import cpu_dtype as cpu_dtype_for
 from citeqa.errors import InvalidRequestError
 from citeqa.generation.backend import Completion, GenerationRequest
 from citeqa.generation.chat import prompt_ids, stop_token_ids, turn_ids
-from citeqa.generation.constraint import (
-    OutputConstraint,
-    answer_grammar,
-    ll_tokenizer_for,
-    quote_of_first_part,
-)
+from citeqa.generation.constraint import OutputConstraint, QuoteStage, ll_tokenizer_for
 from citeqa.generation.cpu_linear import install_cpu_linears, parameters_to_bf16
 from citeqa.generation.drafts import best_draft, prompt_lookup_drafts
 from citeqa.generation.kv import Prefix, SystemPrefixCache, plain_cache, stack_prefills
@@ -99,7 +94,7 @@ class _Row:
     logprob: float = 0.0
     done: bool = False
     length: int = 0  # real (unmasked) tokens of this row in the KV cache = next position id
-    answer_in_quote: int | None = None  # span mode, until the quote is done: see GenerationRequest
+    quote_stage: QuoteStage | None = None  # span mode, until the answer is written
 
     @property
     def greedy(self) -> bool:
@@ -234,7 +229,7 @@ class HFBackend:
         prompt_arr = np.asarray(prompt, dtype=np.int64)
         rows = [
             _Row(first if i == 0 or first is None else first.copy(), prompt_arr, req.max_tokens,
-                 temperature, generator, answer_in_quote=req.answer_in_quote)
+                 temperature, generator, quote_stage=req.quote_stage)
             for i in range(req.n)
         ]
         forced = self._jump_forward(rows[0])
@@ -363,17 +358,17 @@ class HFBackend:
         return forced
 
     def _next_stage(self, row: _Row) -> bool:
-        """When a span-mode row has written its quote (its first grammar is complete), switch
-        it to the answer's grammar, built from that quote; True when it switched."""
-        if row.answer_in_quote is None:
+        """When a span-mode row has written its answer (its first grammar is complete), switch
+        it to the quote's grammar, built from that answer; True when it switched."""
+        if row.quote_stage is None:
             return False
-        max_chars, row.answer_in_quote = row.answer_in_quote, None
+        stage, row.quote_stage = row.quote_stage, None
         text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-        quote = quote_of_first_part(text)
-        if quote is None or not quote.strip():
-            logger.warning("span-mode output %r has no quote to answer from", text[:80])
+        grammar = stage.grammar(text)
+        if grammar is None:
+            logger.warning("no passage holds the span-mode answer in %r", text[:80])
             return False
-        row.constraint = self._new_constraint(answer_grammar(quote, max_answer_chars=max_chars))
+        row.constraint = self._new_constraint(grammar)
         return True
 
     def _accept(self, row: _Row, tok: int, lp: float) -> None:

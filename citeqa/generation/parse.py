@@ -1,4 +1,4 @@
-"""Strict parser of the generator's two-line output (the formats in ``format.py``).
+"""Strict parser of the generator's two-line output (the format in ``format.py``).
 
 Only trailing whitespace and end-of-sequence remnants a backend may leave are tolerated;
 anything else (extra prose, missing or extra lines, a bad passage number) is an
@@ -11,13 +11,7 @@ import re
 from dataclasses import dataclass
 
 from citeqa.errors import OutputFormatError
-from citeqa.generation.format import (
-    ANSWER_LINE_START,
-    ANSWER_PREFIX,
-    QUOTE_PREFIX,
-    QUOTE_SEPARATOR,
-    AnswerMode,
-)
+from citeqa.generation.format import ANSWER_PREFIX, QUOTE_PREFIX, QUOTE_SEPARATOR
 
 # End-of-sequence markers of common chat templates, stripped when they trail the output.
 EOS_REMNANTS = ("<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>", "<|end|>", "<eos>")
@@ -43,17 +37,14 @@ def _strip_trailer(text: str) -> str:
             return text
 
 
-def parse_output(text: str, n_passages: int, *, multiline_quote: bool = False,
-                 mode: AnswerMode = "free") -> ParsedOutput:
-    """Parse ``Answer: ...`` / ``Quote [k]: ...`` (``mode="free"``) or ``Quote [k]: ...`` /
-    ``Answer: ...`` (``mode="span"``), or raise OutputFormatError saying why.
+def parse_output(text: str, n_passages: int, *, multiline_quote: bool = False) -> ParsedOutput:
+    """Parse ``Answer: ...`` / ``Quote [k]: ...`` (both answer modes), or raise
+    OutputFormatError saying why.
 
-    ``multiline_quote`` lets a free-mode quote run over line breaks (for grammar-constrained
-    output, where the grammar admits only passage text after ``Quote [k]: `` and passages may
-    hold line breaks); otherwise the output must be exactly two lines.
+    ``multiline_quote`` lets the quote run over line breaks (for grammar-constrained output,
+    where the grammar admits only passage text after ``Quote [k]: `` and passages may hold
+    line breaks); otherwise the output must be exactly two lines.
     """
-    if mode == "span":
-        return _parse_span(_strip_trailer(text), n_passages, text)
     body = _strip_trailer(text)
     lines = body.splitlines()
     if multiline_quote and len(lines) > 2:
@@ -66,26 +57,14 @@ def parse_output(text: str, n_passages: int, *, multiline_quote: bool = False,
             f"got {len(lines)}: {text[:120]!r}"
         )
     answer_line, quote_line = lines
-    answer = _answer(answer_line, "first")
+    answer = _answer(answer_line)
     number, quote = _quote(quote_line, n_passages)
     return ParsedOutput(answer=answer, passage_number=number, quote=quote)
 
 
-def _parse_span(body: str, n_passages: int, text: str) -> ParsedOutput:
-    quote_line, sep, answer_rest = body.partition(ANSWER_LINE_START)
-    if not sep or "\n" in quote_line or "\n" in answer_rest:
-        raise OutputFormatError(
-            f"expected exactly 2 lines ({QUOTE_PREFIX}k] then {ANSWER_PREFIX.strip()}): "
-            f"{text[:120]!r}"
-        )
-    number, quote = _quote(quote_line, n_passages)
-    answer = _answer(ANSWER_PREFIX.rstrip() + answer_rest, "second")
-    return ParsedOutput(answer=answer, passage_number=number, quote=quote)
-
-
-def _answer(line: str, which: str) -> str:
+def _answer(line: str) -> str:
     if not line.startswith(ANSWER_PREFIX):
-        raise OutputFormatError(f"{which} line must start with {ANSWER_PREFIX!r}: {line!r}")
+        raise OutputFormatError(f"first line must start with {ANSWER_PREFIX!r}: {line!r}")
     answer = line[len(ANSWER_PREFIX) :].strip()
     if not answer:
         raise OutputFormatError("the answer is empty")

@@ -6,9 +6,9 @@ so start vLLM with the guidance backend (``--structured-outputs-config.backend g
 scripts/vllm_cpu.sh). vLLM ignores the older ``guided_grammar`` key, which is not sent unless
 asked for (``legacy_grammar_key``).
 
-Span mode takes two calls per candidate, as the local backend takes two grammars: the quote
-(its grammar ends at the answer line's start), then the answer, continuing that assistant
-message (``continue_final_message``) under ``answer_grammar(quote)``.
+Span mode takes two calls per candidate, as the local backend takes two grammars: the answer
+line, then the quote, continuing that assistant message (``continue_final_message``) under the
+grammar ``QuoteStage`` builds from the answer (a stretch of a passage that holds it).
 
 The requests of a batch go out together, at most ``concurrency`` at a time, so the engine can
 batch what the service's batcher collected. A call that cannot connect, or that the engine
@@ -31,7 +31,7 @@ import httpx
 
 from citeqa.errors import EngineError, EngineUnavailableError
 from citeqa.generation.backend import Completion, GenerationRequest
-from citeqa.generation.constraint import answer_grammar, quote_of_first_part
+from citeqa.generation.format import ANSWER_LINE_END
 from citeqa.retry import RETRY_STATUSES, Backoff
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class RemoteBackend:
         # that a request waiting for its continuations never holds the threads they need; the
         # semaphore bounds the calls in flight
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="citeqa-remote")
-        self._continue = ThreadPoolExecutor(self.concurrency, thread_name_prefix="citeqa-answer")
+        self._continue = ThreadPoolExecutor(self.concurrency, thread_name_prefix="citeqa-quote")
         self._in_flight = threading.BoundedSemaphore(self.concurrency)
 
     # -- the engine ---------------------------------------------------------------------------
@@ -150,26 +150,28 @@ class RemoteBackend:
         deadline = time.monotonic() + self._timeout_s
         t0 = time.perf_counter()
         first = self._choices(self.payload(req), req.n, deadline)
-        if req.answer_in_quote is None:
+        if req.quote_stage is None:
             elapsed = (time.perf_counter() - t0) * 1000
             return [_completion(c, elapsed) for c in first]
-        futures = [self._continue.submit(self._answer, req, choice, deadline, t0)
-                   for choice in first]  # span mode: each candidate's answer, from its quote
+        futures = [self._continue.submit(self._quote, req, choice, deadline, t0)
+                   for choice in first]  # span mode: each candidate's quote, from its answer
         return [f.result() for f in futures]
 
-    def _answer(self, req: GenerationRequest, choice: dict[str, Any], deadline: float,
-                t0: float) -> Completion:
-        """Span mode's second call: the answer, constrained to words of the choice's quote."""
-        assert req.answer_in_quote is not None
+    def _quote(self, req: GenerationRequest, choice: dict[str, Any], deadline: float,
+               t0: float) -> Completion:
+        """Span mode's second call: the quote, constrained to passages' stretches that hold
+        the choice's answer."""
+        assert req.quote_stage is not None
         text = (choice.get("message") or {}).get("content") or ""
-        quote = quote_of_first_part(text)
-        if choice.get("finish_reason") == CUT or quote is None or not quote.strip():
+        if not text.endswith(ANSWER_LINE_END):  # an engine may trim the line break it wrote
+            text += ANSWER_LINE_END
+        grammar = None if choice.get("finish_reason") == CUT else req.quote_stage.grammar(text)
+        if grammar is None:
             return _completion(choice, (time.perf_counter() - t0) * 1000)
-        grammar = answer_grammar(quote, max_answer_chars=req.answer_in_quote)
         body = self.payload(req, grammar=grammar, continue_with=text, n=1)
         body["max_tokens"] = max(req.max_tokens - _tokens(choice), 8)
         [second] = self._choices(body, 1, deadline)
-        return _joined(choice, second, (time.perf_counter() - t0) * 1000)
+        return _joined(text, choice, second, (time.perf_counter() - t0) * 1000)
 
     def _choices(self, body: dict[str, Any], n: int, deadline: float) -> list[dict[str, Any]]:
         data = self._call("POST", "/v1/chat/completions", body, deadline=deadline)
@@ -245,12 +247,13 @@ def _completion(choice: dict[str, Any], elapsed_ms: float) -> Completion:
     return Completion(text, float(sum(lps)), len(lps), timings)
 
 
-def _joined(first: dict[str, Any], second: dict[str, Any], elapsed_ms: float) -> Completion:
-    """A span-mode candidate from its two calls: the quote part, then the answer part."""
+def _joined(answer_line: str, first: dict[str, Any], second: dict[str, Any],
+            elapsed_ms: float) -> Completion:
+    """A span-mode candidate from its two calls: the answer line (``first``'s text, with its
+    line break), then the quote."""
     if second.get("finish_reason") == CUT:
         return _completion(second, elapsed_ms)
-    text = ((first.get("message") or {}).get("content") or "") + (
-        (second.get("message") or {}).get("content") or "")
+    text = answer_line + ((second.get("message") or {}).get("content") or "")
     lps = _logprobs(first) + _logprobs(second)
     timings = {"request_ms": elapsed_ms, "tokens": float(len(lps)), "cut": 0.0}
     return Completion(text, float(sum(lps)), len(lps), timings)

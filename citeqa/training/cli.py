@@ -32,8 +32,9 @@ TARGETS: dict[str, tuple[str, ...]] = {"attention": ("q_proj", "k_proj", "v_proj
 TARGETS["all"] = (*TARGETS["attention"], "gate_proj", "up_proj", "down_proj")
 AnswerModeOpt = Annotated[
     str | None,
-    typer.Option("--answer-mode", help="span | free: the output format taught (default: the "
-                 "preset's; evals/train_generator.sh teaches span)."),
+    typer.Option("--answer-mode", help="span | free: the answer mode recorded with the data "
+                 "and adapter (default: the preset's). Both teach one layout: the answer, then "
+                 "a quote that holds it."),
 ]
 
 

@@ -172,9 +172,10 @@ def render_target(
 ) -> tuple[tuple[dict[str, str], ...], str] | None:
     """The serving prompt's messages for ``demo`` and the exact reply to train on.
 
-    The reply is ``Quote [k]: ...`` / ``Answer: ...`` (``cfg.answer_mode`` span) or the other
-    way round (free), with ``k`` the number the prompt gives the gold passage. None when the
-    prompt's window of the gold passage does not show the quote.
+    The reply is ``Answer: ...`` / ``Quote [k]: ...`` (the layout of both answer modes; the
+    quote holds the answer, as span mode's grammar requires), with ``k`` the number the prompt
+    gives the gold passage. None when the prompt's window of the gold passage does not show the
+    quote.
     """
     hits = demo.hits()
     messages, shown = build_messages(demo.question, hits, cfg, top_k=len(hits))
@@ -186,8 +187,6 @@ def render_target(
         return None
     answer = " ".join(demo.answer.split())
     quote_line = f"{QUOTE_PREFIX}{number}{QUOTE_SEPARATOR}{demo.quote}"
-    if cfg.answer_mode == "span":
-        return messages, f"{quote_line}\n{ANSWER_PREFIX}{answer}"
     return messages, f"{ANSWER_PREFIX}{answer}\n{quote_line}"
 
 
