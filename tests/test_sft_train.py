@@ -83,7 +83,7 @@ def test_only_target_tokens_carry_labels(tokenizer) -> None:
     ]
     assert list(ex.labels[start:]) == reply == list(ex.input_ids[start:])
     assert tokenizer.decode(ex.input_ids[start:]) == target + "<|im_end|>"
-    assert target == "Quote [2]: " + DEMOS[0].quote + "\nAnswer: silk"  # span mode
+    assert target == "Answer: silk\nQuote [2]: " + DEMOS[0].quote  # both modes: answer first
     # Everything before the target is exactly the prompt the serving backend feeds the model.
     backend = HFBackend(tiny_model(len(tokenizer)), tokenizer, "tiny")
     assert list(ex.input_ids[:start]) == backend.prompt_ids(messages)
