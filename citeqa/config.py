@@ -77,8 +77,9 @@ class GenerationConfig:
     min_quote_chars: int = 20
     max_quote_chars: int = 200  # one sentence or two; longer quotes cost decode time only
     constrain_quote: bool = True  # constrained decoding of the quote; False only for evaluation
-    # (constrained only) the answer must be a word-aligned span of a shown passage: stops
-    # answers copied from nowhere ("1889", "<short answer>"); raised quote-has-answer 0.35->0.40.
+    # (constrained, free mode; span mode always does) the answer must be a word-aligned span of a
+    # shown passage: stops answers copied from nowhere ("1889", "<short answer>"); raised
+    # quote-has-answer 0.35->0.40.
     extractive_answer: bool = True
     # "span": the answer is a span of a shown passage and the quote, written after it, a stretch
     # of a passage that contains it (both enforced while decoding: every answer stands in its
