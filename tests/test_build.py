@@ -39,6 +39,22 @@ def test_empty_corpus_says_what_to_do(tmp_path: Path) -> None:
     assert not (tmp_path / "idx").exists()
 
 
+def test_a_merged_build_of_nothing_fails_as_a_local_one(tmp_path: Path) -> None:
+    from citeqa.ingest import Skipped
+    from citeqa.retrieval.dense import DenseSpec
+    from citeqa.retrieval.merge import Merged, write_merged
+
+    missing = [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
+    with pytest.raises(EmptyCorpusError) as local:
+        build_index(missing, tmp_path / "idx", CFG, progress=False)
+    merged = Merged(skipped=[Skipped(m, "not found") for m in missing])
+    with pytest.raises(EmptyCorpusError) as rayed:
+        write_merged(merged, tmp_path / "idx", CFG, DenseSpec(), n_sources=2, progress=False)
+    assert "none of the 2 sources" in str(local.value) and "a.txt" in str(rayed.value)
+    assert str(rayed.value).split(" (")[0] == str(local.value).split(" (")[0]
+    assert not (tmp_path / "idx").exists()
+
+
 def test_bm25_only_build_has_no_dense_file(tmp_path: Path) -> None:
     from dataclasses import replace
 

@@ -25,11 +25,22 @@ from citeqa.retrieval.store import save_index
 from citeqa.text import tokenize
 from citeqa.types import Document
 
+if TYPE_CHECKING:
+    from citeqa.ingest import Skipped
+
 # What index build reads, for error messages (see citeqa/ingest/sources.py).
 SUPPORTED = "text, markdown, HTML, JSON/JSONL or SQuAD JSON"
 
-if TYPE_CHECKING:
-    from citeqa.ingest import Skipped
+
+def no_documents(n_sources: int, skipped: Sequence[Skipped]) -> EmptyCorpusError:
+    """The error for sources of which none produced a document, with the first reasons."""
+    reasons = "; ".join(f"{s.source}: {s.reason}" for s in skipped[:5])
+    return EmptyCorpusError(
+        f"no documents: none of the {n_sources} sources produced one"
+        + (f" ({reasons})" if reasons else "")
+        + f"; pass {SUPPORTED} files, folders holding them, or http(s) URLs"
+    )
+
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +87,7 @@ def build_index(
     fetcher = Fetcher(FetchPolicy(allow_private=allow_private_urls))
     loaded = load_sources(sources, fetcher=fetcher, progress=progress)
     if not loaded.documents:
-        reasons = "; ".join(f"{s.source}: {s.reason}" for s in loaded.skipped[:5])
-        raise EmptyCorpusError(
-            f"no documents: none of the {len(sources)} sources produced one"
-            + (f" ({reasons})" if reasons else "")
-            + f"; pass {SUPPORTED} files, folders holding them, or http(s) URLs"
-        )
+        raise no_documents(len(sources), loaded.skipped)
     summary = build_index_from_documents(
         loaded.documents, out, cfg, skipped=loaded.skipped, progress=progress,
         dense_spec=dense_spec,

@@ -23,7 +23,7 @@ from citeqa.config import RetrievalConfig
 from citeqa.errors import EmptyCorpusError, IndexError_
 from citeqa.ingest import Skipped, duplicate
 from citeqa.retrieval.bm25 import BM25Index, TermCounts, concat_counts
-from citeqa.retrieval.builder import SUPPORTED
+from citeqa.retrieval.builder import no_documents
 from citeqa.retrieval.dense import DenseIndex, DenseSpec
 from citeqa.retrieval.shards import Shard
 from citeqa.retrieval.store import save_index
@@ -99,12 +99,7 @@ def write_merged(merged: Merged, out: Path, cfg: RetrievalConfig, spec: DenseSpe
     (``store.save_index``); EmptyCorpusError, as the local build raises it, when there is
     nothing to index. Returns the manifest."""
     if not merged.documents:
-        reasons = "; ".join(f"{s.source}: {s.reason}" for s in merged.skipped[:5])
-        raise EmptyCorpusError(
-            f"no documents: none of the {n_sources} sources produced one"
-            + (f" ({reasons})" if reasons else "")
-            + f"; pass {SUPPORTED} files, folders holding them, or http(s) URLs"
-        )
+        raise no_documents(n_sources, merged.skipped)
     if not len(merged.spans):
         raise EmptyCorpusError(
             f"the {len(merged.documents)} documents hold no text to index; check that the "
