@@ -113,7 +113,8 @@ def generator(
     lr: Annotated[float, typer.Option("--lr", min=0.0)] = 2e-4,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
     micro_batch_size: Annotated[
-        int, typer.Option("--micro-batch-size", min=1, help="Examples per forward pass.")
+        int, typer.Option("--micro-batch-size", min=1,
+                          help="Examples per forward pass; a resumed run may change it."),
     ] = 1,
     rank: Annotated[int, typer.Option("--rank", min=1, help="LoRA rank r.")] = 8,
     alpha: Annotated[float, typer.Option("--alpha", min=0.0, help="LoRA alpha.")] = 16.0,
