@@ -26,6 +26,10 @@
 #               articles (by title), plus $MIX_SYN synthetic and $MIX_RT red-team groups; the
 #               other more-train articles' candidates are held out (heldout.jsonl);
 #    train:     the pretrained verifier trained further on the mix (`--base` a verifier);
+#    answerability: `citeqa train answerability` into rm/answerability: the train articles'
+#               and the mix's more-train articles' questions (adversarial unanswerables
+#               included) with their own paragraphs, plus $RT_VARIANTS red-team variants
+#               beside their original questions;
 #    combine:   `citeqa train reward-combine` on the held-out candidates: how the verifier's
 #               score combines with the generator's log-probabilities and the retrieval score;
 # 4. calibrate: Learn-then-Test at 80 % answered accuracy, delta 0.1;
@@ -50,7 +54,8 @@ CAL_N="${CAL_N:-1}"         # candidates per calibration question: as served (Ge
 PRE_GROUPS="${PRE_GROUPS:-5000}"  # synthetic + red-team groups of the pretraining
 MIX_SYN="${MIX_SYN:-1500}"  # synthetic groups in the mix
 MIX_RT="${MIX_RT:-1000}"    # red-team groups in the mix
-STAGES="${STAGES:-index data pretrain mix train combine calibrate publish}"
+RT_VARIANTS="${RT_VARIANTS:-2000}"  # red-team variants the answerability reader sees
+STAGES="${STAGES:-index data pretrain mix train answerability combine calibrate publish}"
 cd "$ROOT"
 mkdir -p "$WORK"
 CITEQA=("$PY" -c 'from citeqa.cli import main; main()')
@@ -107,7 +112,7 @@ if [[ " $STAGES " == *" pretrain "* ]]; then
 fi
 
 if [[ " $STAGES " == *" mix "* ]]; then
-  "$PY" - "$WORK" "$MIX_SYN" "$MIX_RT" <<'PY'
+  "$PY" - "$WORK" "$MIX_SYN" "$MIX_RT" "$SQUAD2/more-train.json" <<'PY'
 import json, random, sys
 from collections import defaultdict
 from pathlib import Path
@@ -134,6 +139,9 @@ picked = [*groups("gen-qa-train.jsonl").values(),
 (work / "mix.jsonl").write_text("".join(line + "\n" for ls in picked for line in ls))
 (work / "heldout.jsonl").write_text("".join(line + "\n" for q, ls in more.items()
                                             if article[q] in held for line in ls))
+squad = json.loads(Path(sys.argv[4]).read_text())  # the mix's more-train articles, as SQuAD
+squad["data"] = [a for a in squad["data"] if a["title"] not in held]
+(work / "more-train-mix.json").write_text(json.dumps(squad))
 print(f"mix: {len(picked)} groups; held out: {len(held)} more-train articles")
 PY
 fi
@@ -141,6 +149,12 @@ fi
 if [[ " $STAGES " == *" train "* ]]; then
   "${CITEQA[@]}" train reward --out "$WORK/rm" --base "$WORK/rm-pre" --threads "$THREADS" \
     --epochs 1 --batch 32 --data "$WORK/mix.jsonl"
+fi
+
+if [[ " $STAGES " == *" answerability "* ]]; then
+  "${CITEQA[@]}" train answerability --out "$WORK/rm/answerability" --threads "$THREADS" \
+    --squad "$WORK/qa-train.json" --squad "$WORK/more-train-mix.json" \
+    --redteam "$WORK/redteam-squad1.jsonl.variants.jsonl" --redteam-variants "$RT_VARIANTS"
 fi
 
 if [[ " $STAGES " == *" combine "* ]]; then

@@ -1,4 +1,5 @@
-"""Shared test fixtures: the location of ../shared/data, skipped cleanly where it is absent."""
+"""Shared test fixtures: the location of ../shared/data, skipped cleanly where it is absent; the
+packaged MiniLM tokenizer and a tiny random encoder for cross-encoder tests (no download)."""
 
 from __future__ import annotations
 
@@ -18,3 +19,32 @@ def squad_dir() -> Path:
     if not (d / "qa.json").is_file():
         pytest.skip(f"evaluation data not found at {d} (it lives in ../shared beside the repo)")
     return d
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The packaged all-MiniLM-L6-v2 tokenizer, or skip where it is not installed."""
+    from transformers import AutoTokenizer
+
+    from citeqa.retrieval.embed import minilm_dir
+
+    try:
+        path = minilm_dir()
+    except Exception as e:  # noqa: BLE001 - the packaged model is a test requirement
+        pytest.skip(f"the packaged MiniLM tokenizer is not installed: {e}")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+@pytest.fixture
+def tiny_encoder():
+    """A factory of tiny random BERT encoders for a vocabulary size (seeded)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    def make(vocab: int) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return BertModel(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=64,
+                                    max_position_embeddings=256))
+
+    return make

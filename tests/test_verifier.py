@@ -35,28 +35,6 @@ Q1 = TEXT.index(" The Norman dynasty")
 QUOTE = TEXT[Q0:Q1]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from citeqa.retrieval.embed import minilm_dir
-
-    try:
-        path = minilm_dir()
-    except Exception as e:  # noqa: BLE001 - the packaged model is a test requirement
-        pytest.skip(f"the packaged MiniLM tokenizer is not installed: {e}")
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
-
-
-def tiny_encoder(vocab: int) -> torch.nn.Module:
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    return BertModel(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
-                                num_attention_heads=2, intermediate_size=64,
-                                max_position_embeddings=256))
-
-
 def item(answer: str = "Rollo", label: int = 1, group: str = "q1", question: str = "Who led?"
          ) -> Example:
     before, after = around(TEXT, Q0, Q1)
@@ -91,7 +69,7 @@ def test_tokens_of_a_span_and_cls_when_truncated(tokenizer) -> None:
     assert char_to_tokens([(0, 0), (0, 3)], [None, 1], None) == (0, 0)
 
 
-def test_forward_shapes_and_ensemble_spread(tokenizer) -> None:
+def test_forward_shapes_and_ensemble_spread(tiny_encoder, tokenizer) -> None:
     model = Verifier(tiny_encoder(len(tokenizer)), members=3, hidden=8).eval()
     batch = encode(tokenizer, [item().judged, item("Paris", 0).judged])
     logits, start, end = model(batch)
@@ -110,7 +88,8 @@ def test_pairs_and_batches_keep_groups_whole() -> None:
         assert {ex.group for ex in b} in ({"q1"}, {"q2"}, {"q1", "q2"})
 
 
-def test_training_learns_a_toy_task_saves_and_reloads(tokenizer, tmp_path: Path) -> None:
+def test_training_learns_a_toy_task_saves_and_reloads(tiny_encoder, tokenizer,
+                                                      tmp_path: Path) -> None:
     """Right when the answer is "Rollo": a few steps move the scores the right way."""
     groups = [[item("Rollo", 1, f"g{i}"), item("Normandy", 0, f"g{i}"),
                item("France", 0, f"g{i}")] for i in range(12)]
@@ -129,7 +108,7 @@ def test_training_learns_a_toy_task_saves_and_reloads(tokenizer, tmp_path: Path)
     assert json.loads((tmp_path / "rm" / "progress.json").read_text())["step"] == 60
 
 
-def test_a_damaged_directory_says_what_to_do(tmp_path: Path, tokenizer) -> None:
+def test_a_damaged_directory_says_what_to_do(tiny_encoder, tmp_path: Path, tokenizer) -> None:
     from citeqa.errors import ModelError
 
     with pytest.raises(ModelError, match="citeqa train reward"):
@@ -144,8 +123,8 @@ def test_a_damaged_directory_says_what_to_do(tmp_path: Path, tokenizer) -> None:
         load_verifier(tmp_path / "old")
 
 
-def test_scorer_reads_the_passage_around_each_quote_and_calibrates(tokenizer, tmp_path: Path,
-                                                                   ) -> None:
+def test_scorer_reads_the_passage_around_each_quote_and_calibrates(tiny_encoder, tokenizer,
+                                                                   tmp_path: Path) -> None:
     save_verifier(tmp_path / "rm", Verifier(tiny_encoder(len(tokenizer)), 3, 8), tokenizer, {})
     scorer = load_scorer(str(tmp_path / "rm"), cpu_dtype="fp32")
     assert isinstance(scorer, VerifierScorer) and scorer.threshold is None
@@ -179,7 +158,7 @@ def test_scorer_reads_the_passage_around_each_quote_and_calibrates(tokenizer, tm
 
 
 @pytest.fixture()
-def calibrated(tokenizer, tmp_path: Path) -> Path:
+def calibrated(tiny_encoder, tokenizer, tmp_path: Path) -> Path:
     """A tiny verifier directory calibrated on 60 candidates with noisy labels."""
     save_verifier(tmp_path / "rm", Verifier(tiny_encoder(len(tokenizer)), 3, 8), tokenizer, {})
     rng = np.random.default_rng(5)
@@ -206,7 +185,7 @@ def test_calibration_round_trip_and_monotone_threshold_for(calibrated: Path) -> 
     assert scorer.threshold_for(0.99) == math.inf  # 60 questions cannot certify 99 %
 
 
-def test_threshold_for_needs_calibration_and_a_corrupt_one_is_named(tokenizer,
+def test_threshold_for_needs_calibration_and_a_corrupt_one_is_named(tiny_encoder, tokenizer,
                                                                     tmp_path: Path) -> None:
     from citeqa.errors import ModelError
 
@@ -256,8 +235,8 @@ def test_data_lines_groups_and_errors(tmp_path: Path) -> None:
         load_verifier_data(tmp_path / "missing.jsonl")
 
 
-def test_combined_with_generator_signals_fit_served_and_calibrated(tokenizer, tmp_path: Path,
-                                                                   ) -> None:
+def test_combined_with_generator_signals_fit_served_and_calibrated(tiny_encoder, tokenizer,
+                                                                   tmp_path: Path) -> None:
     from citeqa.reward.cli import calibrate_dir, combine_dir
 
     save_verifier(tmp_path / "rm", Verifier(tiny_encoder(len(tokenizer)), 3, 8), tokenizer, {})
@@ -295,7 +274,8 @@ def test_combined_with_generator_signals_fit_served_and_calibrated(tokenizer, tm
     assert summary["n"] == 80 and np.allclose(stored, served, atol=1e-6)
 
 
-def test_combining_needs_generator_candidates_with_signals(tokenizer, tmp_path: Path) -> None:
+def test_combining_needs_generator_candidates_with_signals(tiny_encoder, tokenizer,
+                                                           tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from citeqa.cli import app

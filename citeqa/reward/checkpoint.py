@@ -36,29 +36,38 @@ RETRAIN = "train one with `citeqa train reward --out DIR`"
 
 
 def save_verifier(out: Path, model: Verifier, tokenizer: Any, extra: dict[str, Any]) -> None:
-    """Write ``model`` into ``out`` (a temporary sibling first, then renamed over it; files
-    beside it such as calibration.json are kept)."""
+    """Write ``model`` into ``out`` (see ``write_encoder_dir``)."""
+    config = {"format": FORMAT, "kind": KIND, "members": model.members,
+              "hidden": model.hidden, "max_tokens": MAX_TOKENS, **extra}
+    write_encoder_dir(out, model.encoder, tokenizer, model.state_dict(), config)
+
+
+def write_encoder_dir(out: Path, encoder: torch.nn.Module, tokenizer: Any,
+                      state: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """Write an encoder (bf16 safetensors, with its tokenizer) and the heads of ``state`` (every
+    tensor not under ``encoder.``, fp32) into ``out``: a temporary sibling first, then renamed
+    over it. Files beside them that training does not write (calibration, card, combine.json,
+    a subdirectory such as answerability/) are kept."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        encoder = model.encoder
         dtype = next(encoder.parameters()).dtype
         encoder.to(torch.bfloat16)
         encoder.save_pretrained(tmp / ENCODER, safe_serialization=True)
         encoder.to(dtype)
         tokenizer.save_pretrained(tmp / ENCODER)
-        heads = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()
+        heads = {k: v.detach().float().contiguous().cpu() for k, v in state.items()
                  if not k.startswith("encoder.")}
         save_file(heads, str(tmp / HEADS))
-        config = {"format": FORMAT, "kind": KIND, "members": model.members,
-                  "hidden": model.hidden, "max_tokens": MAX_TOKENS, **extra}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         if out.exists():
-            for keep in out.iterdir():  # calibration, card: what training does not rewrite
+            for keep in out.iterdir():
                 if keep.name not in (CONFIG, HEADS, ENCODER) and not (tmp / keep.name).exists():
                     if keep.is_file():
                         shutil.copy2(keep, tmp / keep.name)
+                    elif keep.is_dir() and not keep.name.startswith("."):
+                        shutil.copytree(keep, tmp / keep.name)
         for path in [tmp, *tmp.rglob("*")]:
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
         old = out.with_name(f".{out.name}.old")

@@ -3,6 +3,7 @@
 The main CLI registers them (see citeqa/cli.py):
 
     citeqa train reward --data FILE... --out DIR [--base ENCODER_DIR] ...
+    citeqa train answerability --squad FILE... [--redteam VARIANTS] --out DIR/answerability
     citeqa train reward-combine --data FILE... --reward DIR
     citeqa calibrate --data FILE... --reward DIR --target 0.8
 
@@ -118,6 +119,110 @@ def train_to_dir(data_paths: list[Path], out: Path, *, base: Path | None = None,
                           progress=progress)
 
 
+@train_app.command("answerability")
+def answerability(
+    squad: Annotated[list[Path], typer.Option(
+        "--squad", help="SQuAD 2.0 JSON whose questions (answerable and not) are shown with "
+                        "their own paragraphs (repeatable); never calibration or evaluation "
+                        "articles.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Reader directory (resumed); put it "
+                                      "at REWARD_DIR/answerability to use it.")],
+    redteam: Annotated[Path | None, typer.Option(
+        "--redteam", help="Red-team variants JSONL (`citeqa train reward-data --from redteam` "
+                          "writes OUT.variants.jsonl): each made question beside its original "
+                          "on the same passage.")] = None,
+    redteam_variants: Annotated[int, typer.Option(
+        "--redteam-variants", min=0, help="Variants drawn from --redteam.")] = 2000,
+    base: Annotated[Path | None, typer.Option(
+        "--base", help="Local Hugging Face encoder directory (default: the packaged "
+                       "all-MiniLM-L6-v2).")] = None,
+    epochs: Annotated[float, typer.Option("--epochs", min=0.01)] = 1.0,
+    batch: Annotated[int, typer.Option("--batch", min=2, help="Examples per step.")] = 32,
+    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 5e-5,
+    threads: Annotated[int | None, typer.Option("--threads", min=1)] = None,
+    cpu_dtype: Annotated[str, typer.Option("--cpu-dtype", help="auto | bf16 | fp32.")] = "auto",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train the answerability reader (does this passage answer this question at all?), an
+    optional input of the reward model's combination; writes --out and resumes there."""
+    try:
+        record = answerability_to_dir(
+            squad, out, redteam=redteam, redteam_variants=redteam_variants, base=base,
+            threads=threads, progress=progress,
+            cfg_kw={"epochs": epochs, "batch": batch, "lr": lr, "seed": seed,
+                    "cpu_dtype": cpu_dtype})
+    except CiteqaError as e:
+        raise fail(str(e)) from None
+    typer.echo(json.dumps({k: record[k] for k in ("steps", "seconds_per_step", "loss_first",
+                                                   "loss_last50", "compute", "examples")}))
+    typer.echo(f"wrote {out}; then `citeqa train reward-combine` with it in the reward directory")
+
+
+def answerability_to_dir(squad: list[Path], out: Path, *, redteam: Path | None,
+                         redteam_variants: int, base: Path | None = None,
+                         threads: int | None = None, progress: bool = True,
+                         cfg_kw: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build the examples, build (or resume) the reader in ``out``, train it; its record."""
+    import random
+    from collections import Counter
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from citeqa.errors import ModelError, SourceError
+    from citeqa.evals.squad import load_squad_questions
+    from citeqa.redteam.maker import Variant
+    from citeqa.retrieval.embed import minilm_dir
+    from citeqa.reward.answerability import Answerability, load_answerability
+    from citeqa.reward.answerability_train import AnswerabilityConfig, train_answerability
+    from citeqa.reward.train import PROGRESS
+    from citeqa.training.answerability_data import redteam_examples, sample_lines, squad_examples
+    from citeqa.training.verifier_data import plausible_answers
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = AnswerabilityConfig(**(cfg_kw or {}))
+    examples = []
+    for path in squad:
+        examples += squad_examples(load_squad_questions(path), plausible_answers(path))
+    if redteam is not None and redteam_variants:
+        try:
+            variants = [Variant(**json.loads(line))
+                        for line in sample_lines(redteam, redteam_variants, cfg.seed)]
+        except (OSError, ValueError, TypeError) as e:
+            raise SourceError(f"{redteam} is not a red-team variants file ({e}); make one with "
+                              "`citeqa train reward-data --from redteam`") from None
+        examples += redteam_examples(variants)
+    random.Random(cfg.seed).shuffle(examples)
+    if len({ex.label for ex in examples}) < 2:
+        raise SourceError(f"{[str(p) for p in squad]}: the reader needs answerable and "
+                          f"unanswerable questions, got {len(examples)} examples")
+    base_dir = Path(base) if base else minilm_dir()
+    if (Path(out) / PROGRESS).is_file():
+        model, tokenizer, _ = load_answerability(Path(out))
+        log.info("resuming the answerability reader in %s", out)
+    else:
+        try:
+            encoder = AutoModel.from_pretrained(base_dir, local_files_only=True,
+                                                dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot load the encoder {base_dir} ({e}); pass --base with a "
+                             "local Hugging Face encoder directory") from None
+        torch.manual_seed(cfg.seed)
+        model = Answerability(encoder)
+    extra = {
+        "base": str(base) if base else "sentence-transformers/all-MiniLM-L6-v2 (packaged)",
+        "data": [str(p) for p in squad] + ([str(redteam)] if redteam else []),
+        "examples": len(examples),
+        "answerable": sum(ex.label for ex in examples),
+        "by_source": dict(sorted(Counter(ex.source for ex in examples).items())),
+    }
+    return train_answerability(model, tokenizer, examples, cfg, out=out, extra=extra,
+                               progress=progress)
+
+
 @train_app.command("reward-combine")
 def reward_combine(
     data: Annotated[list[Path], typer.Option(
@@ -125,8 +230,9 @@ def reward_combine(
                        "trained on (repeatable).")],
     reward_dir: Annotated[Path, typer.Option("--reward", help="Verifier directory.")],
 ) -> None:
-    """Fit how the verifier's score combines with the generator's log-probabilities and the
-    retrieval score (combine.json); the old calibration is removed: recalibrate after."""
+    """Fit how the verifier's score combines with the generator's log-probabilities, the
+    retrieval score and, where the reward directory holds answerability/, the answerability
+    reader (combine.json); the old calibration is removed: recalibrate after."""
     try:
         summary = combine_dir(data, reward_dir)
     except CiteqaError as e:
@@ -136,15 +242,17 @@ def reward_combine(
 
 
 def combine_dir(data_paths: list[Path], reward_dir: Path) -> dict[str, Any]:
-    """Score the candidates with the verifier alone, fit the combiner, write combine.json
-    (removing calibration.json, whose scores it changes); return the fit's figures."""
+    """Score the candidates with the verifier alone (and the answerability reader, where the
+    directory holds one), fit the combiner, write combine.json (removing calibration.json,
+    whose scores it changes); return the fit's figures."""
     from dataclasses import replace
 
     import numpy as np
 
     from citeqa.errors import SourceError
     from citeqa.evals.metrics import auroc
-    from citeqa.reward.combine import INPUTS, Signals, features, fit, write_combiner
+    from citeqa.reward.answerability import SUBDIR, AnswerabilityReader
+    from citeqa.reward.combine import Signals, features, fit, write_combiner
     from citeqa.reward.data import load_verifier_data
     from citeqa.reward.scorer import CALIBRATION, VerifierScorer
 
@@ -153,8 +261,11 @@ def combine_dir(data_paths: list[Path], reward_dir: Path) -> dict[str, Any]:
     if not any(ex.signals for ex in examples):
         raise SourceError(f"{data_paths}: no candidate carries generator signals; build the "
                           "data with `citeqa train reward-data --from generator`")
-    p, _ = VerifierScorer(reward_dir).predict([ex.judged for ex in examples])  # verifier alone
-    x = features(p, [Signals.of(ex.signals) for ex in examples])
+    items = [ex.judged for ex in examples]
+    p, _ = VerifierScorer(reward_dir).predict(items)  # verifier alone
+    reader = Path(reward_dir) / SUBDIR
+    answerability = AnswerabilityReader(reader).logits(items) if reader.is_dir() else None
+    x = features(p, [Signals.of(ex.signals) for ex in examples], answerability)
     y = np.array([ex.label for ex in examples])
     try:
         combiner = fit(x, y, extra={"data": [str(d) for d in data_paths]})
@@ -162,7 +273,9 @@ def combine_dir(data_paths: list[Path], reward_dir: Path) -> dict[str, Any]:
         raise SourceError(f"{data_paths}: {e}") from None
     figures = {"candidates": len(y), "right": int(y.sum()),
                "auroc_verifier": auroc(p, y), "auroc_combined": auroc(combiner(x), y),
-               "weights": dict(zip(INPUTS, combiner.weights, strict=True))}
+               "weights": dict(zip(combiner.inputs, combiner.weights, strict=True))}
+    if answerability is not None:
+        figures["auroc_answerability"] = auroc(answerability, y)
     combiner = replace(combiner, extra={**(combiner.extra or {}), **figures})
     write_combiner(reward_dir, combiner)
     (Path(reward_dir) / CALIBRATION).unlink(missing_ok=True)

@@ -6,6 +6,9 @@ over four inputs turns them into one probability:
 
     verifier logit, mean token log-probability, log(1 + generated tokens), retrieval score
 
+and a fifth where the reward-model directory holds an answerability reader
+(``answerability.py``): its logit that the quoted passage answers the question at all.
+
 It is fitted (``fit``) on generator candidates of articles the verifier never trained on, and
 stored beside the verifier as ``combine.json``. A candidate without a generator signal (an
 engine that returns no log-probabilities: ``n_tokens == 0``) gets the fitted mean for the
@@ -28,6 +31,8 @@ from citeqa.errors import ModelError
 
 COMBINE = "combine.json"
 INPUTS = ("verifier_logit", "mean_logprob", "log_tokens", "retrieval_score")
+ANSWERABILITY = "answerability_logit"  # the optional fifth input
+WITH_ANSWERABILITY = (*INPUTS, ANSWERABILITY)
 LOGIT_CLIP = 1e-4  # probabilities are clipped to [clip, 1 - clip] before the logit
 MEAN_LOGPROB_FLOOR = -5.0
 
@@ -47,22 +52,26 @@ class Signals:
                    float(d.get("retrieval_score", 0.0)))
 
 
-def features(verifier_p: Sequence[float], signals: Sequence[Signals]) -> np.ndarray:
-    """[N, 4] inputs (INPUTS order); generator inputs are NaN where the generator said nothing."""
+def features(verifier_p: Sequence[float], signals: Sequence[Signals],
+             answerability: Sequence[float] | None = None) -> np.ndarray:
+    """[N, 4] inputs (INPUTS order), [N, 5] with the answerability logits (WITH_ANSWERABILITY);
+    generator inputs are NaN where the generator said nothing."""
     p = np.clip(np.asarray(verifier_p, dtype=float), LOGIT_CLIP, 1 - LOGIT_CLIP)
-    out = np.empty((len(p), len(INPUTS)))
+    out = np.empty((len(p), len(INPUTS) + (answerability is not None)))
     out[:, 0] = np.log(p / (1 - p))
     for i, s in enumerate(signals):
         has = s.n_tokens > 0
         out[i, 1] = max(float(s.mean_logprob), MEAN_LOGPROB_FLOOR) if has else math.nan
         out[i, 2] = math.log1p(s.n_tokens) if has else math.nan
         out[i, 3] = float(s.retrieval_score)
+    if answerability is not None:
+        out[:, 4] = np.asarray(answerability, dtype=float)
     return out
 
 
 @dataclass(frozen=True)
 class Combiner:
-    """A fitted logistic regression over standardised INPUTS."""
+    """A fitted logistic regression over standardised ``inputs``."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -70,15 +79,22 @@ class Combiner:
     bias: float
     n: int = 0  # candidates it was fitted on
     extra: dict[str, Any] | None = None  # what it was fitted on, its fit figures
+    inputs: tuple[str, ...] = INPUTS  # INPUTS or WITH_ANSWERABILITY
+
+    @property
+    def uses_answerability(self) -> bool:
+        return ANSWERABILITY in self.inputs
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Probabilities [N] for inputs [N, 4]; a NaN input counts as its fitted mean."""
+        """Probabilities [N] for inputs [N, len(inputs)]; a NaN input counts as its mean."""
         z = (np.asarray(x, dtype=float) - np.array(self.mean)) / np.array(self.std)
         z = np.where(np.isnan(z), 0.0, z)
         return 1.0 / (1.0 + np.exp(-(z @ np.array(self.weights) + self.bias)))
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": 1, "inputs": list(INPUTS), **asdict(self)}
+        body = asdict(self)
+        body.pop("inputs")
+        return {"format": 1, "inputs": list(self.inputs), **body}
 
 
 def fit(x: np.ndarray, y: Sequence[int], *, l2: float = 1e-2, iters: int = 50,
@@ -103,8 +119,9 @@ def fit(x: np.ndarray, y: Sequence[int], *, l2: float = 1e-2, iters: int = 50,
         w -= step
         if np.abs(step).max() < 1e-8:
             break
+    inputs = INPUTS if x.shape[1] == len(INPUTS) else WITH_ANSWERABILITY
     return Combiner(tuple(map(float, mean)), tuple(map(float, std)),
-                    tuple(map(float, w[:-1])), float(w[-1]), len(x), extra)
+                    tuple(map(float, w[:-1])), float(w[-1]), len(x), extra, inputs)
 
 
 def write_combiner(directory: Path, combiner: Combiner) -> Path:
@@ -123,12 +140,14 @@ def read_combiner(directory: Path) -> Combiner | None:
         return None
     try:
         body = json.loads(path.read_text())
-        if body.get("inputs") != list(INPUTS):
-            raise ValueError(f"inputs {body.get('inputs')} are not {list(INPUTS)}")
+        inputs = tuple(body.get("inputs") or ())
+        if inputs not in (INPUTS, WITH_ANSWERABILITY):
+            raise ValueError(f"inputs {list(inputs)} are neither {list(INPUTS)} nor "
+                             f"{list(WITH_ANSWERABILITY)}")
         combiner = Combiner(tuple(map(float, body["mean"])), tuple(map(float, body["std"])),
                             tuple(map(float, body["weights"])), float(body["bias"]),
-                            int(body.get("n", 0)), body.get("extra"))
-        if not len(combiner.mean) == len(combiner.std) == len(combiner.weights) == len(INPUTS):
+                            int(body.get("n", 0)), body.get("extra"), inputs)
+        if not len(combiner.mean) == len(combiner.std) == len(combiner.weights) == len(inputs):
             raise ValueError("mean, std and weights need one value per input")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ModelError(f"{path} is corrupt ({e}); refit it with `citeqa train reward-combine "

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from citeqa.errors import ModelError
+from citeqa.reward.answerability import SUBDIR, AnswerabilityReader
 from citeqa.reward.calibrate import METHOD, Calibration, calibrate_threshold
 from citeqa.reward.checkpoint import load_verifier
 from citeqa.reward.combine import Signals, features, read_combiner
@@ -38,6 +39,20 @@ CALIBRATION = "calibration.json"
 DEFAULT_DIR = Path(__file__).resolve().parent / "weights"  # the shipped reward model
 TARGET_GRID = 0.01  # threshold_for is made monotone over targets on this grid
 SCORE_BATCH = 16  # candidates encoded together
+
+
+def to_serving_dtype(encoder: torch.nn.Module, cpu_dtype: str) -> str:
+    """Put an encoder on CPU into bf16 with the matrix-unit linears where bf16 pays
+    (``citeqa.compute``); return the dtype it computes in."""
+    from citeqa.compute import cpu_dtype as resolve
+
+    if next(encoder.parameters()).device.type != "cpu" or resolve(cpu_dtype) != "bf16":
+        return "fp32"
+    from citeqa.generation.cpu_linear import install_cpu_linears, parameters_to_bf16
+
+    parameters_to_bf16(encoder)
+    install_cpu_linears(encoder, int8_decode=False)
+    return "bf16"
 
 
 def judged(question: str, c: Candidate, documents: Callable[[str], Document] | None) -> Judged:
@@ -92,23 +107,24 @@ class VerifierScorer(Calibrated):
     """Scores candidates with a verifier directory (checkpoint.py has its layout)."""
 
     def __init__(self, directory: Path, *, cpu_dtype: str = "auto") -> None:
-        from citeqa.compute import cpu_dtype as resolve
-
         self.directory = Path(directory)
         self.model, self.tokenizer, self.config = load_verifier(self.directory)
         self.max_tokens = int(self.config.get("max_tokens", 192))
-        self.dtype = "fp32"
-        if next(self.model.parameters()).device.type == "cpu" and resolve(cpu_dtype) == "bf16":
-            from citeqa.generation.cpu_linear import install_cpu_linears, parameters_to_bf16
-
-            parameters_to_bf16(self.model.encoder)
-            install_cpu_linears(self.model.encoder, int8_decode=False)
-            self.dtype = "bf16"
+        self.dtype = to_serving_dtype(self.model.encoder, cpu_dtype)
         self._lock = threading.Lock()  # torch modules are not promised to be thread-safe
         self.calibration = read_calibration(self.directory)
         self.combiner = read_combiner(self.directory)  # combine.json, when fitted
+        self.answerability = None
+        if self.combiner is not None and self.combiner.uses_answerability:
+            if not (self.directory / SUBDIR).is_dir():
+                raise ModelError(f"{self.directory / 'combine.json'} combines an answerability "
+                                 f"reader, but {self.directory / SUBDIR} is missing; train it "
+                                 "with `citeqa train answerability` or refit the combination")
+            self.answerability = AnswerabilityReader(self.directory / SUBDIR,
+                                                     cpu_dtype=cpu_dtype)
         self.name = f"verifier ({self.config.get('base', 'cross-encoder')}, {self.dtype})" + (
-            " + generator signals" if self.combiner is not None else "")
+            " + generator signals" if self.combiner is not None else "") + (
+            " + answerability" if self.answerability is not None else "")
 
     def predict(self, items: Sequence[Judged]) -> tuple[np.ndarray, np.ndarray]:
         """(score [N], uncertainty [N]) in [0, 1]; an item without a quote scores 0."""
@@ -129,7 +145,12 @@ class VerifierScorer(Calibrated):
         scores, spread = self.predict(items)
         if self.combiner is not None and len(items):
             quoted = np.array([bool(x.quote) for x in items])
-            combined = self.combiner(features(scores, signals))
+            answerability = None
+            if self.answerability is not None:
+                answerability = np.zeros(len(items))
+                rows = np.flatnonzero(quoted)
+                answerability[rows] = self.answerability.logits([items[i] for i in rows])
+            combined = self.combiner(features(scores, signals, answerability))
             scores = np.where(quoted, combined, 0.0)
         return scores, spread
 

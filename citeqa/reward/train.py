@@ -129,7 +129,7 @@ def train_verifier(model: Verifier, tokenizer: Any, groups: Sequence[Sequence[Ex
             cfg.batch_examples, random.Random(f"{cfg.seed}:{epoch}"))]
     total = max(1, int(len(plan) * cfg.epochs / math.ceil(cfg.epochs)))
     plan = plan[:total]
-    done = _resume_step(out)
+    done = resume_step(out)
     head_params = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
     optimizer = torch.optim.AdamW([
         {"params": list(model.encoder.parameters()), "lr": cfg.lr},
@@ -147,8 +147,7 @@ def train_verifier(model: Verifier, tokenizer: Any, groups: Sequence[Sequence[Ex
                        golds=[ex.golds for ex in examples], max_tokens=cfg.max_tokens)
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
         weights = torch.poisson(torch.ones(cfg.members, len(examples)), generator=gen)
-        scale = min((step + 1) / max(cfg.warmup_steps, 1), max(0.0, (total - step) / max(
-            total - cfg.warmup_steps, 1)))
+        scale = lr_scale(step, total, cfg.warmup_steps)
         for group, lr in zip(optimizer.param_groups, base, strict=True):
             group["lr"] = lr * scale
         with training_autocast(device, cfg.cpu_dtype):
@@ -163,16 +162,21 @@ def train_verifier(model: Verifier, tokenizer: Any, groups: Sequence[Sequence[Ex
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         if out is not None and ((step + 1) % cfg.save_every == 0 or step + 1 == total):
             model.eval()
-            record = _record(cfg, history, step + 1, total, device, extra)
+            record = training_record(cfg, history, step + 1, total, device, extra)
             save_verifier(out, model, tokenizer, {"training": record})
             (Path(out) / PROGRESS).write_text(json.dumps({"step": step + 1, "total": total}))
             model.train()
     bar.close()
     model.eval()
-    return _record(cfg, history, total, total, device, extra)
+    return training_record(cfg, history, total, total, device, extra)
 
 
-def _record(cfg: TrainConfig, history: Sequence[dict[str, float]], step: int, total: int,
+def lr_scale(step: int, total: int, warmup: int) -> float:
+    """The learning-rate factor of ``step``: linear warm-up, then linear decay to 0."""
+    return min((step + 1) / max(warmup, 1), max(0.0, (total - step) / max(total - warmup, 1)))
+
+
+def training_record(cfg: Any, history: Sequence[dict[str, float]], step: int, total: int,
             device: str, extra: dict[str, Any] | None) -> dict[str, Any]:
     tail = history[-50:]
     return {
@@ -188,7 +192,7 @@ def _record(cfg: TrainConfig, history: Sequence[dict[str, float]], step: int, to
     }
 
 
-def _resume_step(out: Path | None) -> int:
+def resume_step(out: Path | None) -> int:
     """The step a previous run saved in ``out`` (0 when none)."""
     if out is None or not (Path(out) / PROGRESS).is_file():
         return 0

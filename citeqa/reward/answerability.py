@@ -1,0 +1,128 @@
+"""The answerability reader: does this passage answer this question at all?
+
+A second cross-encoder beside the verifier. It reads the question and the passage view around a
+candidate's quote, never the answer, and gives one logit: answerable from this passage, or not.
+The verifier judges *this answer*; measured on calibration answers it could not tell SQuAD 2.0's
+adversarial unanswerables from answerable questions (AUROC 0.64). This reader, trained on those
+unanswerables and on red-team variants beside their originals, is one more input of the
+combination (``combine.py``), used only when calibration data shows it helps.
+
+    question [SEP] title: before quote after  ->  encoder  ->  [CLS]  ->  linear  ->  logit
+
+It lives in a reward-model directory as ``answerability/`` (the verifier's layout: ``encoder/``
+in bf16, ``heads.safetensors``, ``config.json`` with ``kind: answerability``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from citeqa.errors import ModelError
+from citeqa.reward.checkpoint import CONFIG, ENCODER, HEADS, write_encoder_dir
+from citeqa.reward.verifier import Judged
+
+SUBDIR = "answerability"  # where a reward-model directory keeps it
+KIND = "answerability"
+FORMAT = 1
+MAX_TOKENS = 224  # question + a ~700-character passage view
+BATCH = 16  # rows encoded together when scoring
+RETRAIN = "train one with `citeqa train answerability --out DIR`"
+
+
+def render(x: Judged) -> tuple[str, str]:
+    """(question, passage view) as the reader reads them; the answer is never shown."""
+    text = " ".join(p.strip() for p in (x.before, x.quote, x.after) if p.strip())
+    return x.question, f"{x.title}: {text}" if x.title else text
+
+
+def encode(tokenizer: Any, items: Sequence[Judged], max_tokens: int = MAX_TOKENS
+           ) -> dict[str, Tensor]:
+    """Model inputs for ``items`` (the passage side truncated)."""
+    pairs = [render(x) for x in items]
+    enc = tokenizer([a for a, _ in pairs], [b for _, b in pairs], truncation="only_second",
+                    max_length=max_tokens, padding=True, return_tensors="pt")
+    return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+class Answerability(nn.Module):
+    """Encoder + one linear head on the [CLS] state."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(int(encoder.config.hidden_size), 1)
+
+    def forward(self, inputs: dict[str, Tensor]) -> Tensor:
+        """Logits [N]: log-odds that the passage answers the question."""
+        cls = self.encoder(**inputs).last_hidden_state[:, 0].float()  # [N, H]
+        return self.head(cls).float()[:, 0]
+
+
+def save_answerability(out: Path, model: Answerability, tokenizer: Any,
+                       extra: dict[str, Any]) -> None:
+    """Write ``model`` into ``out`` atomically (``checkpoint.write_encoder_dir``)."""
+    config = {"format": FORMAT, "kind": KIND, "max_tokens": MAX_TOKENS, **extra}
+    write_encoder_dir(out, model.encoder, tokenizer, model.state_dict(), config)
+
+
+def load_answerability(directory: Path) -> tuple[Answerability, Any, dict[str, Any]]:
+    """(reader in eval mode, tokenizer, config); ModelError saying what to do when a file is
+    missing or corrupt. Never downloads."""
+    from transformers import AutoModel, AutoTokenizer
+
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{directory / CONFIG} is missing or corrupt ({e}); {RETRAIN}") from None
+    if not isinstance(config, dict) or config.get("kind") != KIND or config.get(
+            "format") != FORMAT:
+        raise ModelError(f"{directory} is not an answerability reader of format {FORMAT}; "
+                         f"{RETRAIN}")
+    try:
+        encoder = AutoModel.from_pretrained(directory / ENCODER, local_files_only=True,
+                                            dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(directory / ENCODER, local_files_only=True)
+        heads = load_file(str(directory / HEADS))
+    except (OSError, ValueError, SafetensorError) as e:
+        raise ModelError(f"cannot load the answerability reader in {directory} ({e}); "
+                         f"{RETRAIN}") from None
+    model = Answerability(encoder)
+    missing, unexpected = model.load_state_dict(heads, strict=False)
+    missing = [k for k in missing if not k.startswith("encoder.")]
+    if missing or unexpected:
+        raise ModelError(f"{directory / HEADS} does not match (missing {missing}, unexpected "
+                         f"{unexpected}); {RETRAIN}")
+    return model.eval(), tokenizer, config
+
+
+class AnswerabilityReader:
+    """The reader as the scorer uses it: logits for passage views, bf16 where it pays."""
+
+    def __init__(self, directory: Path, *, cpu_dtype: str = "auto") -> None:
+        from citeqa.reward.scorer import to_serving_dtype
+
+        self.directory = Path(directory)
+        self.model, self.tokenizer, self.config = load_answerability(self.directory)
+        self.max_tokens = int(self.config.get("max_tokens", MAX_TOKENS))
+        self.dtype = to_serving_dtype(self.model.encoder, cpu_dtype)
+        self._lock = threading.Lock()
+
+    def logits(self, items: Sequence[Judged]) -> np.ndarray:
+        """Log-odds [N] that each item's passage answers its question."""
+        out = np.zeros(len(items))
+        for at in range(0, len(items), BATCH):
+            inputs = encode(self.tokenizer, items[at:at + BATCH], self.max_tokens)
+            with self._lock, torch.inference_mode():
+                out[at:at + BATCH] = self.model(inputs).float().numpy()
+        return out

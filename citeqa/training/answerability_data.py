@@ -1,0 +1,102 @@
+"""Answerability training data: does this passage answer this question at all?
+
+Each example is a question with the passage view the verifier reads at serving time (the quote
+sentence with the text around it, ``citeqa.reward.verifier.around``), labelled 1 when the
+question can be answered from it and 0 when not. The hard negatives are the point: SQuAD 2.0's
+adversarial unanswerables, written against the very paragraph they are shown with, and red-team
+variants (``citeqa.redteam``) shown beside the original question on the same passage, so that
+the passage alone never gives the label away.
+
+- ``squad_examples``: every question of a SQuAD 2.0 file with its own paragraph, centred on a
+  gold answer (answerable) or on a plausible answer (unanswerable; the paragraph's middle when
+  it has none).
+- ``redteam_examples``: per unanswerable variant, the variant (0) and its original question (1)
+  on the same view; a paraphrase control (1) alone.
+- ``sample_lines``: a seeded uniform sample of a large JSONL file's lines in one pass.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from citeqa.evals.squad import QAItem
+from citeqa.redteam.maker import Variant
+from citeqa.reward.verifier import Judged, around
+from citeqa.training.demos import quote_span
+
+MIN_QUOTE, MAX_QUOTE = 20, 200  # the generator's quote bounds (GenerationConfig)
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """A question with a passage view, and whether the passage answers it."""
+
+    judged: Judged  # answer is "": the view is what matters
+    label: int  # 1 answerable from this passage, 0 not
+    source: str  # squad2:answerable | squad2:unanswerable | redteam:<kind> | redteam:original
+
+
+def view(question: str, text: str, title: str, start: int, end: int) -> Judged:
+    """The passage as served: the quote sentence holding ``[start, end)`` with its
+    surroundings; the text's first ``MAX_QUOTE`` characters when no quote fits there."""
+    quote = quote_span(text, start, end, min_chars=MIN_QUOTE, max_chars=MAX_QUOTE)
+    if quote is None:
+        quote = (0, min(len(text), MAX_QUOTE))
+    before, after = around(text, *quote)
+    return Judged(question, "", text[quote[0]:quote[1]], title, before, after)
+
+
+def _anchor(context: str, answers: Sequence[str]) -> tuple[int, int]:
+    for a in answers:
+        i = context.find(a) if a.strip() else -1
+        if i >= 0:
+            return i, i + len(a)
+    mid = len(context) // 2
+    return mid, mid
+
+
+def squad_examples(items: Iterable[QAItem], plausible: Mapping[str, Sequence[str]]
+                   ) -> Iterator[Labelled]:
+    """Every question that names its paragraph, shown with it (see the module docstring)."""
+    for item in items:
+        if not item.context.strip():
+            continue
+        anchors = item.answers if item.answerable else plausible.get(item.id, ())
+        start, end = _anchor(item.context, anchors)
+        kind = "answerable" if item.answerable else "unanswerable"
+        yield Labelled(view(item.question, item.context, item.article.replace("_", " "),
+                            start, end), int(item.answerable), f"squad2:{kind}")
+
+
+def redteam_examples(variants: Iterable[Variant]) -> Iterator[Labelled]:
+    """Made questions beside their originals on the same passage view."""
+    for v in variants:
+        start = v.passage.find(v.answer) if v.answer else -1
+        if start < 0:
+            continue
+        end = start + len(v.answer or "")
+        made = view(v.question, v.passage, "", start, end)
+        yield Labelled(made, int(v.answerable), f"redteam:{v.kind}")
+        if not v.answerable:
+            yield Labelled(Judged(v.original, "", made.quote, "", made.before, made.after), 1,
+                           "redteam:original")
+
+
+def sample_lines(path: Path, n: int, seed: int) -> list[str]:
+    """``n`` lines of ``path`` drawn uniformly (reservoir sampling), in file order."""
+    rng = random.Random(seed)
+    kept: list[tuple[int, str]] = []
+    with Path(path).open(encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            if len(kept) < n:
+                kept.append((i, line))
+            else:
+                j = rng.randrange(i + 1)
+                if j < n:
+                    kept[j] = (i, line)
+    return [line for _, line in sorted(kept)]

@@ -1,0 +1,188 @@
+"""The answerability reader: its training data (labels, views, pairs), the model's directory
+round trip and resumed training on a tiny random encoder, and its place in the combination and
+the scorer (no download)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from citeqa.errors import ModelError
+from citeqa.evals.squad import QAItem
+from citeqa.redteam.maker import Variant
+from citeqa.reward.answerability import (
+    SUBDIR,
+    Answerability,
+    AnswerabilityReader,
+    encode,
+    load_answerability,
+    render,
+    save_answerability,
+)
+from citeqa.reward.answerability_train import AnswerabilityConfig, plan, train_answerability
+from citeqa.reward.checkpoint import save_verifier
+from citeqa.reward.combine import (
+    ANSWERABILITY,
+    INPUTS,
+    WITH_ANSWERABILITY,
+    Signals,
+    features,
+    fit,
+    read_combiner,
+    write_combiner,
+)
+from citeqa.reward.scorer import VerifierScorer
+from citeqa.reward.verifier import Judged, Verifier
+from citeqa.training.answerability_data import (
+    Labelled,
+    redteam_examples,
+    sample_lines,
+    squad_examples,
+    view,
+)
+
+CONTEXT = ("The Normans were the people who gave their name to Normandy, a region in France. "
+           "They descended from Norse raiders and pirates from Denmark, Iceland and Norway. "
+           "Their leader Rollo swore fealty to King Charles III of West Francia in 911. "
+           "The distinct cultural and ethnic identity of the Normans emerged in the first half "
+           "of the 10th century, and it continued to evolve over the succeeding centuries.")
+
+
+def test_a_view_is_the_quote_sentence_with_its_surroundings() -> None:
+    at = CONTEXT.index("Rollo")
+    v = view("Who led?", CONTEXT, "Normans", at, at + 5)
+    assert "Rollo" in v.quote and v.answer == "" and v.title == "Normans"
+    assert CONTEXT.index(v.quote) > 0 and CONTEXT[:CONTEXT.index(v.quote)].endswith(v.before)
+    assert CONTEXT[CONTEXT.index(v.quote) + len(v.quote):].startswith(v.after)
+
+
+def test_squad_questions_are_labelled_by_answerability_and_centred_on_their_answers() -> None:
+    items = [QAItem("a", "Who swore fealty?", ("Rollo",), "Normans", CONTEXT),
+             QAItem("u", "Who swore fealty to Rollo?", (), "Normans", CONTEXT),
+             QAItem("n", "Who?", (), "Normans", CONTEXT),  # no plausible answer: the middle
+             QAItem("x", "No paragraph?", ("x",), "Normans", "")]  # skipped
+    out = list(squad_examples(items, {"u": ["Charles III"]}))
+    assert [(e.label, e.source) for e in out] == [
+        (1, "squad2:answerable"), (0, "squad2:unanswerable"), (0, "squad2:unanswerable")]
+    assert "Rollo" in out[0].judged.quote and "Charles III" in out[1].judged.quote
+    assert out[0].judged.question == "Who swore fealty?" and out[0].judged.title == "Normans"
+
+
+def variant(kind: str, answerable: bool, answer: str | None = "Rollo") -> Variant:
+    return Variant(f"{kind} question", kind, answerable, "Who swore fealty to Charles III?",
+                   answer, CONTEXT, "x -> y", "s1")
+
+
+def test_red_team_variants_stand_beside_their_originals_on_the_same_view() -> None:
+    out = list(redteam_examples([variant("negation", False), variant("paraphrase", True),
+                                 variant("entity_swap", False, "Paris")]))  # not in the text
+    assert [(e.label, e.source) for e in out] == [
+        (0, "redteam:negation"), (1, "redteam:original"), (1, "redteam:paraphrase")]
+    made, original = out[0].judged, out[1].judged
+    assert (made.quote, made.before, made.after) == (original.quote, original.before,
+                                                     original.after)
+    assert original.question == "Who swore fealty to Charles III?"
+
+
+def test_sample_lines_is_seeded_uniform_and_keeps_file_order(tmp_path: Path) -> None:
+    path = tmp_path / "v.jsonl"
+    path.write_text("".join(f"{i}\n" for i in range(1000)) + "\n")
+    a, b = sample_lines(path, 50, 1), sample_lines(path, 50, 1)
+    assert a == b and len(a) == 50 and [int(x) for x in a] == sorted(int(x) for x in a)
+    assert a != sample_lines(path, 50, 2)
+    assert len(sample_lines(path, 5000, 0)) == 1000
+    assert np.mean([int(x) for x in sample_lines(path, 400, 3)]) == pytest.approx(500, abs=60)
+
+
+def test_the_reader_never_sees_the_answer() -> None:
+    q, passage = render(Judged("Who led?", "SECRET", "Rollo led.", "Normans", "Before.", "After."))
+    assert q == "Who led?" and passage == "Normans: Before. Rollo led. After."
+    assert "SECRET" not in passage
+
+
+def toy(n: int = 48) -> list[Labelled]:
+    """Answerable iff the question is about Rollo: learnable from the question alone."""
+    at = CONTEXT.index("Rollo")
+    out = []
+    for i in range(n):
+        q = "Who was Rollo?" if i % 2 else "Who was Napoleon?"
+        out.append(Labelled(view(q, CONTEXT, "Normans", at, at + 5), i % 2, "test"))
+    return out
+
+
+def test_training_learns_saves_resumes_and_reloads(tiny_encoder, tokenizer,
+                                                   tmp_path: Path) -> None:
+    examples = toy()
+    cfg = AnswerabilityConfig(epochs=6, batch=8, lr=1e-3, head_lr=1e-2, warmup_steps=1,
+                              save_every=10, cpu_dtype="fp32")
+    assert len(plan(examples, cfg)) == 36 and len(plan(examples, AnswerabilityConfig(
+        epochs=0.5, batch=8))) == 3
+    model = Answerability(tiny_encoder(len(tokenizer)))
+    record = train_answerability(model, tokenizer, examples, cfg, out=tmp_path / "a",
+                                 extra={"examples": len(examples)}, progress=False)
+    assert record["steps"] == 36 and record["examples"] == 48
+    assert json.loads((tmp_path / "a" / "progress.json").read_text())["step"] == 36
+    loaded, tok, config = load_answerability(tmp_path / "a")
+    assert config["kind"] == "answerability" and config["training"]["steps"] == 36
+    with torch.inference_mode():
+        logits = loaded(encode(tok, [e.judged for e in examples[:8]]))
+    assert (logits[1::2].min() > logits[0::2].max()).item()  # Rollo above Napoleon
+    again = train_answerability(loaded, tok, examples, cfg, out=tmp_path / "a", progress=False)
+    assert again["seconds_this_run"] == 0.0  # finished: a rerun trains no step again
+    with pytest.raises(ValueError, match="both labels"):
+        train_answerability(loaded, tok, [e for e in examples if e.label], cfg, progress=False)
+
+
+def test_a_missing_or_foreign_reader_says_what_to_do(tiny_encoder, tokenizer,
+                                                     tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="citeqa train answerability"):
+        load_answerability(tmp_path / "none")
+    save_verifier(tmp_path / "rm", Verifier(tiny_encoder(len(tokenizer)), 2, 4), tokenizer, {})
+    with pytest.raises(ModelError, match="not an answerability reader"):
+        load_answerability(tmp_path / "rm")
+
+
+def test_the_combination_takes_the_reader_as_a_fifth_input(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    n = 600
+    answerable = rng.random(n) < 0.5
+    a = np.where(answerable, 1.0, -1.0) + rng.normal(0, 1, n)
+    p = rng.uniform(0.05, 0.95, n)
+    y = (answerable & (rng.random(n) < p)).astype(int)  # right needs an answerable question
+    sig = [Signals(-0.1, 10, 0.2)] * n
+    x4, x5 = features(p, sig), features(p, sig, a)
+    assert x4.shape == (n, 4) and x5.shape == (n, 5) and np.allclose(x5[:, 4], a)
+    c4, c5 = fit(x4, y), fit(x5, y)
+    assert c4.inputs == INPUTS and c5.inputs == WITH_ANSWERABILITY and c5.uses_answerability
+    assert c5.weights[4] > 0
+    write_combiner(tmp_path, c5)
+    assert read_combiner(tmp_path) == c5
+    assert json.loads((tmp_path / "combine.json").read_text())["inputs"][-1] == ANSWERABILITY
+
+
+def test_the_scorer_uses_the_reader_its_combination_names(tiny_encoder, tokenizer,
+                                                          tmp_path: Path) -> None:
+    rm = tmp_path / "rm"
+    save_verifier(rm, Verifier(tiny_encoder(len(tokenizer)), 2, 4), tokenizer, {})
+    at = CONTEXT.index("Rollo")
+    v = view("Who was Rollo?", CONTEXT, "Normans", at, at + 5)
+    items = [Judged(v.question, "Rollo", v.quote, v.title, v.before, v.after),
+             Judged("Who was Napoleon?", "Rollo", v.quote, v.title, v.before, v.after),
+             Judged("Who?", "", "")]  # no quote: 0, and the reader is not asked
+    rng = np.random.default_rng(1)
+    x = np.c_[rng.normal(size=(40, 4)), rng.normal(size=40)]
+    write_combiner(rm, fit(x, (x[:, 4] > 0).astype(int)))  # only the reader matters
+    with pytest.raises(ModelError, match="answerability is missing"):
+        VerifierScorer(rm, cpu_dtype="fp32")
+    save_answerability(rm / SUBDIR, Answerability(tiny_encoder(len(tokenizer))), tokenizer, {})
+    scorer = VerifierScorer(rm, cpu_dtype="fp32")
+    assert scorer.answerability is not None and "answerability" in scorer.name
+    sig = [Signals(-0.1, 10, 0.2)] * 3
+    scores, _ = scorer.judge(items, sig)
+    logits = AnswerabilityReader(rm / SUBDIR, cpu_dtype="fp32").logits(items[:2])
+    assert scores[2] == 0.0 and logits[0] != logits[1]
+    assert (scores[0] > scores[1]) == (logits[0] > logits[1])  # the reader decides here
