@@ -295,6 +295,7 @@ def test_the_shipped_reward_model_is_a_calibrated_combined_verifier_with_a_card(
 
     scorer = load_scorer("default", cpu_dtype="fp32")
     assert isinstance(scorer, VerifierScorer) and scorer.combiner is not None
+    assert scorer.answerability is not None and scorer.combiner.uses_answerability
     assert scorer.threshold is not None and 0 < scorer.threshold < 1
     assert scorer.threshold_for(0.8) == math.inf  # 80 % is not certifiable: decline, not pretend
     card = (DEFAULT_DIR / "MODEL_CARD.md").read_text()
