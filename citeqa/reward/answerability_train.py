@@ -9,7 +9,6 @@ as the verifier's training does (train.py).
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -24,7 +23,14 @@ from tqdm.auto import tqdm
 
 from citeqa.compute import training_autocast
 from citeqa.reward.answerability import MAX_TOKENS, Answerability, encode, save_answerability
-from citeqa.reward.train import PROGRESS, lr_scale, resume_step, training_record
+from citeqa.reward.train import (
+    encoder_optimizer,
+    lr_scale,
+    resume_step,
+    take_step,
+    training_record,
+    write_progress,
+)
 from citeqa.training.answerability_data import Labelled
 
 
@@ -62,10 +68,7 @@ def train_answerability(model: Answerability, tokenizer: Any, examples: Sequence
     torch.manual_seed(cfg.seed)
     batches = plan(examples, cfg)
     total, done = len(batches), resume_step(out)
-    optimizer = torch.optim.AdamW([
-        {"params": list(model.encoder.parameters()), "lr": cfg.lr},
-        {"params": list(model.head.parameters()), "lr": cfg.head_lr},
-    ], weight_decay=cfg.weight_decay)
+    optimizer = encoder_optimizer(model, cfg.lr, cfg.head_lr, cfg.weight_decay)
     base = [g["lr"] for g in optimizer.param_groups]
     device = next(model.parameters()).device.type
     model.train()
@@ -81,19 +84,12 @@ def train_answerability(model: Answerability, tokenizer: Any, examples: Sequence
         with training_autocast(device, cfg.cpu_dtype):
             logits = model(inputs)
         loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        history.append({"step": step + 1, "loss": float(loss.detach()),
-                        "seconds": time.perf_counter() - t0})
-        bar.update(1)
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        take_step(model, optimizer, loss, step, history, bar, t0)
         if out is not None and ((step + 1) % cfg.save_every == 0 or step + 1 == total):
             model.eval()
             record = training_record(cfg, history, step + 1, total, device, extra)
             save_answerability(out, model, tokenizer, {"training": record})
-            (Path(out) / PROGRESS).write_text(json.dumps({"step": step + 1, "total": total}))
+            write_progress(out, step + 1, total)
             model.train()
     bar.close()
     model.eval()

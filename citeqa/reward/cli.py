@@ -74,9 +74,7 @@ def train_to_dir(data_paths: list[Path], out: Path, *, base: Path | None = None,
     import random
 
     import torch
-    from transformers import AutoModel, AutoTokenizer
 
-    from citeqa.errors import ModelError
     from citeqa.retrieval.embed import minilm_dir
     from citeqa.reward.checkpoint import HEADS, load_verifier, read_config
     from citeqa.reward.data import load_verifier_data
@@ -99,13 +97,7 @@ def train_to_dir(data_paths: list[Path], out: Path, *, base: Path | None = None,
         model, tokenizer, _ = load_verifier(base_dir)
         log.info("continuing from the verifier in %s", base_dir)
     else:
-        try:
-            encoder = AutoModel.from_pretrained(base_dir, local_files_only=True,
-                                                dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise ModelError(f"cannot load the encoder {base_dir} ({e}); pass --base with a "
-                             "local Hugging Face encoder directory") from None
+        encoder, tokenizer = base_encoder(base_dir)
         torch.manual_seed(cfg.seed)
         model = Verifier(encoder, members=cfg.members, hidden=cfg.hidden)
     extra = {
@@ -168,9 +160,8 @@ def answerability_to_dir(squad: list[Path], out: Path, *, redteam: Path | None,
     from collections import Counter
 
     import torch
-    from transformers import AutoModel, AutoTokenizer
 
-    from citeqa.errors import ModelError, SourceError
+    from citeqa.errors import SourceError
     from citeqa.evals.squad import load_squad_questions
     from citeqa.redteam.maker import Variant
     from citeqa.retrieval.embed import minilm_dir
@@ -203,13 +194,7 @@ def answerability_to_dir(squad: list[Path], out: Path, *, redteam: Path | None,
         model, tokenizer, _ = load_answerability(Path(out))
         log.info("resuming the answerability reader in %s", out)
     else:
-        try:
-            encoder = AutoModel.from_pretrained(base_dir, local_files_only=True,
-                                                dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise ModelError(f"cannot load the encoder {base_dir} ({e}); pass --base with a "
-                             "local Hugging Face encoder directory") from None
+        encoder, tokenizer = base_encoder(base_dir)
         torch.manual_seed(cfg.seed)
         model = Answerability(encoder)
     extra = {
@@ -221,6 +206,22 @@ def answerability_to_dir(squad: list[Path], out: Path, *, redteam: Path | None,
     }
     return train_answerability(model, tokenizer, examples, cfg, out=out, extra=extra,
                                progress=progress)
+
+
+def base_encoder(base_dir: Path) -> tuple[Any, Any]:
+    """(fp32 encoder, tokenizer) of a local Hugging Face encoder directory to fine-tune."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from citeqa.errors import ModelError
+
+    try:
+        encoder = AutoModel.from_pretrained(base_dir, local_files_only=True, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the encoder {base_dir} ({e}); pass --base with a local "
+                         "Hugging Face encoder directory") from None
+    return encoder, tokenizer
 
 
 @train_app.command("reward-combine")

@@ -130,11 +130,7 @@ def train_verifier(model: Verifier, tokenizer: Any, groups: Sequence[Sequence[Ex
     total = max(1, int(len(plan) * cfg.epochs / math.ceil(cfg.epochs)))
     plan = plan[:total]
     done = resume_step(out)
-    head_params = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
-    optimizer = torch.optim.AdamW([
-        {"params": list(model.encoder.parameters()), "lr": cfg.lr},
-        {"params": head_params, "lr": cfg.head_lr},
-    ], weight_decay=cfg.weight_decay)
+    optimizer = encoder_optimizer(model, cfg.lr, cfg.head_lr, cfg.weight_decay)
     base = [g["lr"] for g in optimizer.param_groups]
     device = next(model.parameters()).device.type
     model.train()
@@ -152,23 +148,44 @@ def train_verifier(model: Verifier, tokenizer: Any, groups: Sequence[Sequence[Ex
             group["lr"] = lr * scale
         with training_autocast(device, cfg.cpu_dtype):
             loss, parts = step_loss(model, batch, examples, cfg, weights)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        history.append({"step": step + 1, "loss": float(loss.detach()), **parts,
-                        "seconds": time.perf_counter() - t0})
-        bar.update(1)
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        take_step(model, optimizer, loss, step, history, bar, t0, parts)
         if out is not None and ((step + 1) % cfg.save_every == 0 or step + 1 == total):
             model.eval()
             record = training_record(cfg, history, step + 1, total, device, extra)
             save_verifier(out, model, tokenizer, {"training": record})
-            (Path(out) / PROGRESS).write_text(json.dumps({"step": step + 1, "total": total}))
+            write_progress(out, step + 1, total)
             model.train()
     bar.close()
     model.eval()
     return training_record(cfg, history, total, total, device, extra)
+
+
+def encoder_optimizer(model: torch.nn.Module, lr: float, head_lr: float, weight_decay: float
+                      ) -> torch.optim.Optimizer:
+    """AdamW with one learning rate for ``model.encoder`` and another for everything else."""
+    heads = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    return torch.optim.AdamW([{"params": list(model.encoder.parameters()), "lr": lr},
+                              {"params": heads, "lr": head_lr}], weight_decay=weight_decay)
+
+
+def take_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+              step: int, history: list[dict[str, float]], bar: Any, t0: float,
+              parts: dict[str, float] | None = None) -> None:
+    """Back-propagate ``loss``, clip the gradient norm to 1, step; log the step in ``history``
+    and on the progress bar."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    history.append({"step": step + 1, "loss": float(loss.detach()), **(parts or {}),
+                    "seconds": time.perf_counter() - t0})
+    bar.update(1)
+    bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+
+
+def write_progress(out: Path, step: int, total: int) -> None:
+    """Record in ``out`` the step a rerun resumes from (``resume_step``)."""
+    (Path(out) / PROGRESS).write_text(json.dumps({"step": step, "total": total}))
 
 
 def lr_scale(step: int, total: int, warmup: int) -> float:
