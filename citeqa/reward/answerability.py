@@ -23,12 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from citeqa.errors import ModelError
-from citeqa.reward.checkpoint import CONFIG, ENCODER, HEADS, write_encoder_dir
+from citeqa.reward.checkpoint import CONFIG, load_heads, read_encoder, write_encoder_dir
 from citeqa.reward.verifier import Judged
 
 SUBDIR = "answerability"  # where a reward-model directory keeps it
@@ -78,8 +76,6 @@ def save_answerability(out: Path, model: Answerability, tokenizer: Any,
 def load_answerability(directory: Path) -> tuple[Answerability, Any, dict[str, Any]]:
     """(reader in eval mode, tokenizer, config); ModelError saying what to do when a file is
     missing or corrupt. Never downloads."""
-    from transformers import AutoModel, AutoTokenizer
-
     directory = Path(directory)
     try:
         config = json.loads((directory / CONFIG).read_text())
@@ -89,20 +85,9 @@ def load_answerability(directory: Path) -> tuple[Answerability, Any, dict[str, A
             "format") != FORMAT:
         raise ModelError(f"{directory} is not an answerability reader of format {FORMAT}; "
                          f"{RETRAIN}")
-    try:
-        encoder = AutoModel.from_pretrained(directory / ENCODER, local_files_only=True,
-                                            dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(directory / ENCODER, local_files_only=True)
-        heads = load_file(str(directory / HEADS))
-    except (OSError, ValueError, SafetensorError) as e:
-        raise ModelError(f"cannot load the answerability reader in {directory} ({e}); "
-                         f"{RETRAIN}") from None
+    encoder, tokenizer = read_encoder(directory, RETRAIN)
     model = Answerability(encoder)
-    missing, unexpected = model.load_state_dict(heads, strict=False)
-    missing = [k for k in missing if not k.startswith("encoder.")]
-    if missing or unexpected:
-        raise ModelError(f"{directory / HEADS} does not match (missing {missing}, unexpected "
-                         f"{unexpected}); {RETRAIN}")
+    load_heads(model, directory, RETRAIN)
     return model.eval(), tokenizer, config
 
 

@@ -105,25 +105,36 @@ def read_config(directory: Path) -> dict[str, Any]:
 def load_verifier(directory: Path) -> tuple[Verifier, Any, dict[str, Any]]:
     """(verifier in eval mode, its tokenizer, config) from a directory ``save_verifier`` wrote.
     Never downloads."""
-    from transformers import AutoModel, AutoTokenizer
-
     directory = Path(directory)
     config = read_config(directory)
+    encoder, tokenizer = read_encoder(directory, RETRAIN)
+    model = Verifier(encoder, members=int(config["members"]), hidden=int(config["hidden"]))
+    load_heads(model, directory, RETRAIN)
+    return model.eval(), tokenizer, config
+
+
+def read_encoder(directory: Path, retrain: str) -> tuple[Any, Any]:
+    """(fp32 encoder, tokenizer) from ``directory/encoder``; ModelError ending in ``retrain``."""
+    from transformers import AutoModel, AutoTokenizer
+
     try:
         encoder = AutoModel.from_pretrained(directory / ENCODER, local_files_only=True,
                                             dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(directory / ENCODER, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load the encoder in {directory / ENCODER} ({e}); {RETRAIN}"
+        raise ModelError(f"cannot load the encoder in {directory / ENCODER} ({e}); {retrain}"
                          ) from None
-    model = Verifier(encoder, members=int(config["members"]), hidden=int(config["hidden"]))
+    return encoder, tokenizer
+
+
+def load_heads(model: torch.nn.Module, directory: Path, retrain: str) -> None:
+    """Load ``directory/heads.safetensors`` into every part of ``model`` but its encoder."""
     try:
         heads = load_file(str(directory / HEADS))
     except (SafetensorError, OSError, ValueError, FileNotFoundError) as e:
-        raise ModelError(f"{directory / HEADS} is missing or corrupt ({e}); {RETRAIN}") from None
+        raise ModelError(f"{directory / HEADS} is missing or corrupt ({e}); {retrain}") from None
     missing, unexpected = model.load_state_dict(heads, strict=False)
     missing = [k for k in missing if not k.startswith("encoder.")]
     if missing or unexpected:
         raise ModelError(f"{directory / HEADS} does not match {CONFIG} (missing {missing}, "
-                         f"unexpected {unexpected}); {RETRAIN}")
-    return model.eval(), tokenizer, config
+                         f"unexpected {unexpected}); {retrain}")

@@ -26,8 +26,7 @@ from citeqa.evals.squad import QAItem
 from citeqa.redteam.maker import Variant
 from citeqa.reward.verifier import Judged, around
 from citeqa.training.demos import quote_span
-
-MIN_QUOTE, MAX_QUOTE = 20, 200  # the generator's quote bounds (GenerationConfig)
+from citeqa.training.verifier_data import MAX_QUOTE, MIN_QUOTE
 
 
 @dataclass(frozen=True)
