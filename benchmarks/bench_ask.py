@@ -32,6 +32,7 @@ from citeqa.compute import CPU_DTYPES  # noqa: E402
 from citeqa.config import Config  # noqa: E402
 from citeqa.evals.metrics import percentile  # noqa: E402
 from citeqa.generation.cited import CitedGenerator, GenerationItem  # noqa: E402
+from citeqa.generation.kv import with_cache_keyword  # noqa: E402
 from citeqa.generation.prompt import build_messages  # noqa: E402
 from evals.generation_quality import DATA, INDEX, sample_questions  # noqa: E402
 
@@ -49,7 +50,7 @@ def prefill_only_ms(model, ids: list[int], repeats: int = 1) -> float:
         for _ in range(repeats):
             cache = DynamicCache(config=model.config)
             t0 = time.perf_counter()
-            model.get_decoder()(input_ids=batch, past_key_values=cache, use_cache=True)
+            with_cache_keyword(model.get_decoder())(input_ids=batch, cache=cache, use_cache=True)
             best = min(best, (time.perf_counter() - t0) * 1000)
     return best
 

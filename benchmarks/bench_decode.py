@@ -20,6 +20,7 @@ from transformers import DynamicCache
 from citeqa.generation.backend import GenerationRequest
 from citeqa.generation.constraint import output_grammar
 from citeqa.generation.hf import HFBackend, _Stats
+from citeqa.generation.kv import with_cache_keyword
 from citeqa.generation.lm_head import choose
 
 PASSAGES = [
@@ -83,7 +84,8 @@ def main() -> None:
     with torch.inference_mode():
         def prefill() -> DynamicCache:
             cache = DynamicCache(config=model.config)
-            model(input_ids=torch.tensor([prompt]), past_key_values=cache, logits_to_keep=1)
+            with_cache_keyword(model)(input_ids=torch.tensor([prompt]), cache=cache,
+                                      logits_to_keep=1)
             return cache
 
         prefill()  # warm-up

@@ -79,24 +79,27 @@ def bench_generator(rounds: int) -> dict[str, object]:
     import torch
     from transformers import DynamicCache
 
+    from citeqa.generation.kv import with_cache_keyword
+
     models, tokenizer = generator_models()
     ids = torch.tensor([prompt_ids(tokenizer)])
 
     def prefill(name: str) -> Callable[[], float]:
         model = models[name]
+        decoder = with_cache_keyword(model.get_decoder())
 
         def run() -> float:
             with torch.inference_mode():
                 cache = DynamicCache(config=model.config)
-                return timed(lambda: model.get_decoder()(input_ids=ids, past_key_values=cache,
-                                                         use_cache=True))
+                return timed(lambda: decoder(input_ids=ids, cache=cache, use_cache=True))
         return run
 
     def decode_step(name: str) -> Callable[[], float]:
         model = models[name]
+        decoder = with_cache_keyword(model.get_decoder())
         with torch.inference_mode():
             cache = DynamicCache(config=model.config)
-            model.get_decoder()(input_ids=ids, past_key_values=cache, use_cache=True)
+            decoder(input_ids=ids, cache=cache, use_cache=True)
         length = ids.shape[1]
 
         def run() -> float:
@@ -106,8 +109,8 @@ def bench_generator(rounds: int) -> dict[str, object]:
                 for _ in range(8):
                     step = torch.tensor([[length % 1000 + 100]])
                     where = torch.tensor([[length]])
-                    times.append(timed(lambda step=step, where=where: model.get_decoder()(
-                        input_ids=step, past_key_values=cache, use_cache=True,
+                    times.append(timed(lambda step=step, where=where: decoder(
+                        input_ids=step, cache=cache, use_cache=True,
                         position_ids=where)))
                     length += 1
             cache.crop(-8)  # back to the prompt alone

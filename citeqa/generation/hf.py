@@ -73,7 +73,13 @@ from citeqa.generation.chat import prompt_ids, stop_token_ids, turn_ids
 from citeqa.generation.constraint import OutputConstraint, QuoteStage, ll_tokenizer_for
 from citeqa.generation.cpu_linear import install_cpu_linears, parameters_to_bf16
 from citeqa.generation.drafts import best_draft, prompt_lookup_drafts
-from citeqa.generation.kv import Prefix, SystemPrefixCache, plain_cache, stack_prefills
+from citeqa.generation.kv import (
+    Prefix,
+    SystemPrefixCache,
+    plain_cache,
+    stack_prefills,
+    with_cache_keyword,
+)
 from citeqa.generation.lm_head import LMHead, choose
 from citeqa.generation.models import load_model, store_linear_weights_fp16
 
@@ -145,7 +151,7 @@ class HFBackend:
         self.batch_prefill = (self.device.type != "cpu") if batch_prefill is None else batch_prefill
         # The decoder stack and the LM head are used apart, so that logits are only computed
         # for the tokens the grammar allows (see lm_head.py).
-        self._decoder = model.get_decoder()
+        self._decoder = with_cache_keyword(model.get_decoder())
         self.head = head or LMHead(model)
         self.prefix_cache = SystemPrefixCache(
             self._decoder, model.config, self.device,
@@ -336,7 +342,7 @@ class HFBackend:
             input_ids=ids.to(self.device),
             attention_mask=attention,
             position_ids=positions.to(self.device),
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
         stats.forward_passes += 1

@@ -8,6 +8,7 @@ caches (``DynamicLayer``) can be copied and stacked: sliding-window layers drop 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,19 @@ from transformers.cache_utils import DynamicLayer
 from citeqa.generation.drafts import common_prefix_length
 
 MIN_PREFIX = 8  # shortest shared prompt prefix worth copying from the system-turn cache
+
+
+def with_cache_keyword(decoder: Callable[..., Any]) -> Callable[..., Any]:
+    """``decoder`` called as ``call(cache=..., **kwargs)`` whatever this transformers names the
+    keyword: ``cache`` where it was renamed (later 5.x; the old name warns on every call and goes
+    in 5.40), ``past_key_values`` before."""
+    forward = getattr(decoder, "forward", decoder)
+    keyword = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+    def call(*, cache: Any, **kwargs: Any) -> Any:
+        return decoder(**{keyword: cache}, **kwargs)
+
+    return call
 
 
 def plain_cache(config: Any) -> bool:
@@ -39,7 +53,8 @@ class Prefix:
 class SystemPrefixCache:
     """The keys and values of the last system turn seen, and fresh caches that start with them.
 
-    ``decoder(input_ids=..., past_key_values=..., use_cache=True)`` runs the decoder stack;
+    ``decoder(input_ids=..., cache=..., use_cache=True)`` runs the decoder stack
+    (``with_cache_keyword``);
     ``turn_ids(message)`` renders one message alone (None when the chat template cannot).
     """
 
@@ -66,7 +81,7 @@ class SystemPrefixCache:
             return None
         fresh = DynamicCache(config=self.config)
         self.decoder(input_ids=torch.tensor([tokens], device=self.device),
-                     past_key_values=fresh, use_cache=True)
+                     cache=fresh, use_cache=True)
         prefix = Prefix(tokens, [layer.keys for layer in fresh.layers],
                         [layer.values for layer in fresh.layers])
         self.last = (text, prefix)
@@ -91,7 +106,7 @@ class SystemPrefixCache:
                 layer.update(k[:, :, :start], v[:, :, :start])
         self.decoder(input_ids=torch.tensor([list(seqs[0][start:common])], device=self.device),
                      position_ids=torch.arange(start, common, device=self.device)[None],
-                     past_key_values=cache, use_cache=True)
+                     cache=cache, use_cache=True)
         return Prefix(list(seqs[0][:common]), [layer.keys for layer in cache.layers],
                       [layer.values for layer in cache.layers])
 
