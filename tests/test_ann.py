@@ -73,8 +73,8 @@ def test_bad_spec_says_what(bad: dict) -> None:
 
 
 def recall_at_10(index: DenseIndex, exact: DenseIndex, queries: np.ndarray) -> float:
-    _, truth = exact.search(queries, 10)
-    _, found = index.search(queries, 10)
+    truth, _ = exact.search(queries, 10)  # ids (search returns ids, scores)
+    found, _ = index.search(queries, 10)
     return float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth,
                                                                       strict=True)]))
 
@@ -89,6 +89,7 @@ def test_ivf_recall_against_flat() -> None:
     assert recall_at_10(ivf, flat, q) < 0.95  # the measure can fail: one cell is not enough
     ivf.index.nprobe = ivf.spec.nlist  # every cell scanned: exact
     np.testing.assert_allclose(ivf.search(q, 10)[1], flat.search(q, 10)[1], atol=1e-5)
+    assert recall_at_10(ivf, flat, q) == 1.0
 
 
 def test_hnsw_recall_against_flat() -> None:
