@@ -1,7 +1,9 @@
 """What bf16 buys on this CPU, in one run: prefill, a decoding step, embedding, training steps,
-and how often bf16 batching changes a greedy answer.
+and how often bf16 batching changes a greedy answer. On a CPU whose probe says bf16 does not
+pay (no AVX-512 BF16 / AMX: bf16 is emulated, ~100x slower) only fp32 and fp16w are timed
+unless ``--formats`` asks for bf16.
 
-    python benchmarks/bench_dtype.py [--threads 2] [--rounds 5] [--questions 32]
+    python benchmarks/bench_dtype.py [--threads 2] [--rounds 5] [--questions 32] [--formats auto]
 
 Every comparison interleaves its variants round by round and reports medians, so a machine
 whose speed drifts (it does, by ~15 % within an hour) hurts both sides alike. Measured:
@@ -52,19 +54,23 @@ def timed(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-def generator_models():
-    """Plain fp32 transformers, citeqa fp16w and citeqa bf16 models of the packaged SmolLM2."""
+def generator_models(formats: tuple[str, ...]):
+    """Plain fp32 transformers, citeqa fp16w and citeqa bf16 models of the packaged SmolLM2
+    (those of ``formats``)."""
 
     from citeqa.generation.cpu_linear import install_cpu_linears, parameters_to_bf16
     from citeqa.generation.models import load_model, store_linear_weights_fp16
 
     plain, tokenizer, _ = load_model("smollm2", CACHE, device="cpu")
-    fp16w = copy.deepcopy(plain)
-    store_linear_weights_fp16(fp16w)
-    bf16 = copy.deepcopy(plain)
-    parameters_to_bf16(bf16)
-    install_cpu_linears(bf16.get_decoder())
-    return {"fp32": plain, "fp16w": fp16w, "bf16": bf16}, tokenizer
+    models = {"fp32": plain}
+    if "fp16w" in formats:
+        models["fp16w"] = copy.deepcopy(plain)
+        store_linear_weights_fp16(models["fp16w"])
+    if "bf16" in formats:
+        models["bf16"] = copy.deepcopy(plain)
+        parameters_to_bf16(models["bf16"])
+        install_cpu_linears(models["bf16"].get_decoder())
+    return models, tokenizer
 
 
 def prompt_ids(tokenizer, n: int = 440) -> list[int]:
@@ -75,13 +81,13 @@ def prompt_ids(tokenizer, n: int = 440) -> list[int]:
     return tokenizer(text)["input_ids"][:n]
 
 
-def bench_generator(rounds: int) -> dict[str, object]:
+def bench_generator(rounds: int, formats: tuple[str, ...]) -> dict[str, object]:
     import torch
     from transformers import DynamicCache
 
     from citeqa.generation.kv import with_cache_keyword
 
-    models, tokenizer = generator_models()
+    models, tokenizer = generator_models(formats)
     ids = torch.tensor([prompt_ids(tokenizer)])
 
     def prefill(name: str) -> Callable[[], float]:
@@ -125,35 +131,36 @@ def bench_generator(rounds: int) -> dict[str, object]:
     return {
         "prompt_tokens": int(ids.shape[1]),
         "prefill_ms": pre,
-        "prefill_speedup_bf16_vs_plain_fp32": pre["fp32"] / pre["bf16"],
+        "prefill_speedup_bf16_vs_plain_fp32": pre["fp32"] / pre["bf16"] if "bf16" in pre else None,
         "decode_step_ms": dec,
     }
 
 
-def bench_embedding(rounds: int) -> dict[str, object]:
+def bench_embedding(rounds: int, formats: tuple[str, ...]) -> dict[str, object]:
     from citeqa.retrieval.embed import MiniLMEmbedder
     from evals.generation_quality import DATA, sample_questions
 
     passages = [q.context for q in sample_questions(DATA / "qa.json", "eval", 64)]
-    embedders = {d: MiniLMEmbedder(cpu_dtype=d) for d in ("fp32", "bf16")}
+    embedders = {d: MiniLMEmbedder(cpu_dtype=d) for d in ("fp32", "bf16") if d in formats}
     vectors = {d: e.embed(passages[:8]) for d, e in embedders.items()}  # load + warm up
     ms = interleaved({d: (lambda e=e: timed(lambda: e.embed(passages)))
                       for d, e in embedders.items()}, rounds)
     import numpy as np
 
     full = {d: e.embed(passages) for d, e in embedders.items()}
-    cos = (full["fp32"] * full["bf16"]).sum(1)
     del vectors
+    bf16 = "bf16" in full
     return {
         "passages": len(passages),
         "passages_per_s": {d: len(passages) / (v / 1000) for d, v in ms.items()},
-        "speedup_bf16": ms["fp32"] / ms["bf16"],
+        "speedup_bf16": ms["fp32"] / ms["bf16"] if bf16 else None,
         "dtype_loaded": {d: e.dtype for d, e in embedders.items()},
-        "min_cosine_fp32_vs_bf16": float(np.min(cos)),
+        "min_cosine_fp32_vs_bf16":
+            float(np.min((full["fp32"] * full["bf16"]).sum(1))) if bf16 else None,
     }
 
 
-def bench_training(rounds: int) -> dict[str, object]:
+def bench_training(rounds: int, formats: tuple[str, ...]) -> dict[str, object]:
     import torch
 
     from citeqa.compute import training_autocast
@@ -203,15 +210,17 @@ def bench_training(rounds: int) -> dict[str, object]:
             enc_opt.step()
         return lambda: timed(step)
 
-    sft("bf16")()  # warm-up
-    cross("bf16")()
-    sft_ms = interleaved({"fp32": sft("fp32"), "bf16": sft("bf16")}, rounds)
-    cross_ms = interleaved({"fp32": cross("fp32"), "bf16": cross("bf16")}, rounds)
+    kinds = [d for d in ("fp32", "bf16") if d in formats]
+    sft(kinds[-1])()  # warm-up
+    cross(kinds[-1])()
+    sft_ms = interleaved({d: sft(d) for d in kinds}, rounds)
+    cross_ms = interleaved({d: cross(d) for d in kinds}, rounds)
+    bf16 = "bf16" in kinds
     return {
         "sft_step_ms (LoRA, 4 x 450 tokens)": sft_ms,
-        "sft_speedup_bf16": sft_ms["fp32"] / sft_ms["bf16"],
+        "sft_speedup_bf16": sft_ms["fp32"] / sft_ms["bf16"] if bf16 else None,
         "cross_encoder_step_ms (MiniLM, 32 x 256 tokens)": cross_ms,
-        "cross_encoder_speedup_bf16": cross_ms["fp32"] / cross_ms["bf16"],
+        "cross_encoder_speedup_bf16": cross_ms["fp32"] / cross_ms["bf16"] if bf16 else None,
     }
 
 
@@ -247,46 +256,63 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2, help="torch threads (pinned)")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--questions", type=int, default=32, help="0 skips the batching check")
+    ap.add_argument("--questions", type=int, default=32,
+                    help="bf16 batching check: questions (0 skips it)")
+    ap.add_argument("--formats", default="auto",
+                    help="comma list of fp32,fp16w,bf16 to time; auto: all three where the probe "
+                         "says bf16 pays, else fp32,fp16w (emulated bf16 takes minutes a pass)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
 
     import torch
 
-    from citeqa.compute import probe_matmul
+    from citeqa.compute import BF16_MIN_SPEEDUP, probe_matmul
 
     torch.set_num_threads(args.threads)
     probe = probe_matmul()
+    if args.formats == "auto":
+        fast = probe.bf16_speedup >= BF16_MIN_SPEEDUP
+        formats = ("fp32", "fp16w", "bf16") if fast else ("fp32", "fp16w")
+    else:
+        formats = tuple(f.strip() for f in args.formats.split(","))
+        if "fp32" not in formats or not set(formats) <= {"fp32", "fp16w", "bf16"}:
+            ap.error("--formats: a comma list of fp32,fp16w,bf16 that includes fp32 (the baseline)")
     report: dict[str, object] = {
         "machine": platform.platform(),
         "torch": torch.__version__,
         "threads": args.threads,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "probe_gflops": {"fp32": probe.fp32_gflops, "bf16": probe.bf16_gflops},
+        "formats": list(formats),
     }
-    report["generator"] = bench_generator(args.rounds)
-    report["embedding"] = bench_embedding(args.rounds)
-    report["training"] = bench_training(max(2, args.rounds // 2))
-    if args.questions:
+    report["generator"] = bench_generator(args.rounds, formats)
+    report["embedding"] = bench_embedding(args.rounds, formats)
+    report["training"] = bench_training(max(2, args.rounds // 2), formats)
+    batching = args.questions and "bf16" in formats
+    if batching:
         report["bf16_batching"] = bench_batch_divergence(args.questions)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     g, e, t = report["generator"], report["embedding"], report["training"]
-    print(f"probe: fp32 {probe.fp32_gflops:.0f}, bf16 {probe.bf16_gflops:.0f} GFLOP/s")  # noqa: T201
-    print("prefill ms " + ", ".join(f"{k} {v:.0f}" for k, v in g["prefill_ms"].items())  # noqa: T201
-          + f"; bf16 = {g['prefill_speedup_bf16_vs_plain_fp32']:.2f}x plain fp32 (target >= 4)")
-    print("decode step ms " + ", ".join(f"{k} {v:.1f}" for k, v in g["decode_step_ms"].items())  # noqa: T201
-          + " (target <= 15)")
-    print("embedding passages/s " + ", ".join(  # noqa: T201
-        f"{k} {v:.1f}" for k, v in e["passages_per_s"].items())
-        + f"; bf16 {e['speedup_bf16']:.2f}x; min cosine {e['min_cosine_fp32_vs_bf16']:.4f}")
+    print(f"probe: fp32 {probe.fp32_gflops:.0f}, bf16 {probe.bf16_gflops:.0f} GFLOP/s; "
+        f"timed: {', '.join(formats)}")
+    ratio = g["prefill_speedup_bf16_vs_plain_fp32"]
+    print("prefill ms " + ", ".join(f"{k} {v:.0f}" for k, v in g["prefill_ms"].items())
+        + (f"; bf16 = {ratio:.2f}x plain fp32 (target >= 4)" if ratio else ""))
+    print("decode step ms " + ", ".join(f"{k} {v:.1f}" for k, v in g["decode_step_ms"].items())
+        + " (target <= 15)")
+    per_s = e["passages_per_s"]
+    print("embedding passages/s " + ", ".join(f"{k} {v:.1f}" for k, v in per_s.items())
+        + (f"; bf16 {e['speedup_bf16']:.2f}x; min cosine {e['min_cosine_fp32_vs_bf16']:.4f}"
+           if e["speedup_bf16"] else ""))
     for k, v in t.items():
-        print(f"{k}: {v}")  # noqa: T201
-    if args.questions:
+        if v is not None:
+            print(f"{k}: {v}")
+    if batching:
         b = report["bf16_batching"]
-        print(f"bf16: {b['differ']} of {b['questions']} greedy answers differ batched 4 at a "  # noqa: T201
-              f"time, {b['differ_without_drafts']} without speculative drafts")
-    print(f"wrote {args.out}")  # noqa: T201
+        print(f"bf16: {b['differ']} of {b['questions']} greedy answers differ batched 4 at a "
+            f"time, {b['differ_without_drafts']} without speculative drafts")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
