@@ -129,3 +129,5 @@ def test_bad_input_exits_2(setup: tuple[Path, Path], tmp_path: Path) -> None:
     assert r.exit_code == 2 and "unknown split" in r.stderr
     r = runner.invoke(app, ["eval", "compare", str(tmp_path), str(tmp_path)])
     assert r.exit_code == 2 and "metrics.json" in r.stderr
+    r = runner.invoke(app, ["eval", "compare", str(tmp_path), str(tmp_path), "--out", "t.txt"])
+    assert r.exit_code == 2 and ".png" in r.stderr and "Traceback" not in r.output

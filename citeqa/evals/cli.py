@@ -125,6 +125,9 @@ def compare(
     """Print key metrics of two runs side by side (B - A deltas) and overlay their curves."""
     from citeqa.evals.compare import compare_runs
 
+    if out.suffix.lower() != ".png":
+        raise fail(f"--out {out}: the overlay is a PNG image, so give a .png path "
+                   "(the table goes to stdout: redirect it to keep it)")
     try:
         table = compare_runs(run_a, run_b, out)
     except CiteqaError as e:
