@@ -15,7 +15,6 @@ in bf16, ``heads.safetensors``, ``config.json`` with ``kind: answerability``).
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,8 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from citeqa.errors import ModelError
-from citeqa.reward.checkpoint import CONFIG, load_heads, read_encoder, write_encoder_dir
+from citeqa.reward.checkpoint import load_heads, read_config, read_encoder, write_encoder_dir
 from citeqa.reward.verifier import Judged
 
 SUBDIR = "answerability"  # where a reward-model directory keeps it
@@ -77,14 +75,8 @@ def load_answerability(directory: Path) -> tuple[Answerability, Any, dict[str, A
     """(reader in eval mode, tokenizer, config); ModelError saying what to do when a file is
     missing or corrupt. Never downloads."""
     directory = Path(directory)
-    try:
-        config = json.loads((directory / CONFIG).read_text())
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{directory / CONFIG} is missing or corrupt ({e}); {RETRAIN}") from None
-    if not isinstance(config, dict) or config.get("kind") != KIND or config.get(
-            "format") != FORMAT:
-        raise ModelError(f"{directory} is not an answerability reader of format {FORMAT}; "
-                         f"{RETRAIN}")
+    config = read_config(directory, fmt=FORMAT, kind=KIND, retrain=RETRAIN,
+                         what="an answerability reader")
     encoder, tokenizer = read_encoder(directory, RETRAIN)
     model = Answerability(encoder)
     load_heads(model, directory, RETRAIN)

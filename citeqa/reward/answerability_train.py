@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,18 +18,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from citeqa.compute import training_autocast
 from citeqa.reward.answerability import MAX_TOKENS, Answerability, encode, save_answerability
-from citeqa.reward.train import (
-    encoder_optimizer,
-    lr_scale,
-    resume_step,
-    take_step,
-    training_record,
-    write_progress,
-)
+from citeqa.reward.train import run_training
 from citeqa.training.answerability_data import Labelled
 
 
@@ -65,32 +55,12 @@ def train_answerability(model: Answerability, tokenizer: Any, examples: Sequence
     """Train ``model`` in place; with ``out``, save and resume there. Returns the record."""
     if not examples or len({ex.label for ex in examples}) < 2:
         raise ValueError(f"training needs both labels, got {len(examples)} examples")
-    torch.manual_seed(cfg.seed)
-    batches = plan(examples, cfg)
-    total, done = len(batches), resume_step(out)
-    optimizer = encoder_optimizer(model, cfg.lr, cfg.head_lr, cfg.weight_decay)
-    base = [g["lr"] for g in optimizer.param_groups]
-    device = next(model.parameters()).device.type
-    model.train()
-    history: list[dict[str, float]] = []
-    t0 = time.perf_counter()
-    bar = tqdm(total=total, initial=done, desc="training answerability", disable=not progress)
-    for step in range(done, total):
-        batch = batches[step]
+
+    def loss_of(step: int, batch: list[Labelled]) -> tuple[torch.Tensor, None]:
         inputs = encode(tokenizer, [ex.judged for ex in batch], cfg.max_tokens)
         labels = torch.tensor([float(ex.label) for ex in batch])
-        for group, lr in zip(optimizer.param_groups, base, strict=True):
-            group["lr"] = lr * lr_scale(step, total, cfg.warmup_steps)
-        with training_autocast(device, cfg.cpu_dtype):
-            logits = model(inputs)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
-        take_step(model, optimizer, loss, step, history, bar, t0)
-        if out is not None and ((step + 1) % cfg.save_every == 0 or step + 1 == total):
-            model.eval()
-            record = training_record(cfg, history, step + 1, total, device, extra)
-            save_answerability(out, model, tokenizer, {"training": record})
-            write_progress(out, step + 1, total)
-            model.train()
-    bar.close()
-    model.eval()
-    return training_record(cfg, history, total, total, device, extra)
+        return F.binary_cross_entropy_with_logits(model(inputs).float(), labels), None
+
+    return run_training(model, plan(examples, cfg), loss_of, cfg,
+                        save=lambda d, meta: save_answerability(d, model, tokenizer, meta),
+                        desc="training answerability", out=out, extra=extra, progress=progress)

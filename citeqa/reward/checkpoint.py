@@ -80,25 +80,30 @@ def write_encoder_dir(out: Path, encoder: torch.nn.Module, tokenizer: Any,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_config(directory: Path) -> dict[str, Any]:
-    """config.json of a verifier directory, or ModelError saying what is wrong."""
+def read_config(directory: Path, *, fmt: int = FORMAT, kind: str | None = KIND,
+                retrain: str = RETRAIN, what: str = "a reward model") -> dict[str, Any]:
+    """config.json of a model directory (a verifier by default; ``fmt`` and ``kind`` name
+    another, ``kind=None`` checks the format alone, ``what`` says what it is, article
+    included), or ModelError saying what is wrong and ``retrain``, what to do about it."""
     directory = Path(directory)
     path = directory / CONFIG
     if not directory.is_dir():
-        raise ModelError(f"reward model directory {directory} does not exist; {RETRAIN}")
+        raise ModelError(f"model directory {directory} does not exist; {retrain}")
     if not path.is_file():
-        raise ModelError(f"{directory} has no {CONFIG}, so it is not a reward model; {RETRAIN}")
+        raise ModelError(f"{directory} has no {CONFIG}, so it is not {what}; {retrain}")
     try:
         config = json.loads(path.read_text())
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
     except (ValueError, OSError) as e:
-        raise ModelError(f"{path} is corrupt ({e}); {RETRAIN}") from None
-    if config.get("format") != FORMAT or config.get("kind") != KIND:
+        raise ModelError(f"{path} is corrupt ({e}); {retrain}") from None
+    if config.get("format") != fmt or (kind is not None and config.get("kind") != kind):
+        def named(f: Any, k: Any) -> str:
+            return f"format {f!r}" + (f" ({k})" if kind is not None else "")
         raise ModelError(
-            f"{path} is a reward model of format {config.get('format')!r}; this citeqa reads "
-            f"format {FORMAT} ({KIND}); {RETRAIN}"
-        )
+            f"{path} is not {what} this citeqa reads: it has "
+            f"{named(config.get('format'), config.get('kind'))}, this citeqa reads "
+            f"{named(fmt, kind)}; {retrain}")
     return config
 
 

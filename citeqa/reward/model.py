@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from citeqa.errors import ModelError
+from citeqa.reward.checkpoint import read_config
 from citeqa.reward.features import FeatureSpec
 
 FORMAT = 1  # bump when the directory layout changes
@@ -104,30 +105,10 @@ def _atomic(path: Path, write: Any) -> None:
             os.unlink(tmp)
 
 
-def read_config(directory: Path) -> dict[str, Any]:
-    """config.json of a reward-model directory, or ModelError saying what is wrong."""
-    path = directory / CONFIG
-    if not directory.is_dir():
-        raise ModelError(f"reward model directory {directory} does not exist; {RETRAIN}")
-    if not path.is_file():
-        raise ModelError(f"{directory} has no {CONFIG}, so it is not a reward model; {RETRAIN}")
-    try:
-        config = json.loads(path.read_text())
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, OSError) as e:
-        raise ModelError(f"{path} is corrupt ({e}); {RETRAIN}") from None
-    if config.get("format") != FORMAT:
-        raise ModelError(
-            f"{path} has format {config.get('format')!r}, this citeqa reads {FORMAT}; {RETRAIN}"
-        )
-    return config
-
-
 def load_model(directory: Path) -> tuple[RewardEnsemble, FeatureSpec, dict[str, Any]]:
     """(ensemble, feature spec, config) from a directory written by ``save_model``."""
     directory = Path(directory)
-    config = read_config(directory)
+    config = read_config(directory, fmt=FORMAT, kind=None, retrain=RETRAIN)
     try:
         f = dict(config["features"])
         spec = FeatureSpec(**{**f, "scalars": tuple(f["scalars"])})

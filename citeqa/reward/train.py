@@ -24,7 +24,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -124,35 +124,51 @@ def train_verifier(model: Verifier, tokenizer: Any, groups: Sequence[Sequence[Ex
     training record (losses, steps, seconds)."""
     from citeqa.reward.checkpoint import save_verifier
 
-    torch.manual_seed(cfg.seed)
     plan = [b for epoch in range(math.ceil(cfg.epochs)) for b in batches(groups,
             cfg.batch_examples, random.Random(f"{cfg.seed}:{epoch}"))]
-    total = max(1, int(len(plan) * cfg.epochs / math.ceil(cfg.epochs)))
-    plan = plan[:total]
-    done = resume_step(out)
+    plan = plan[:max(1, int(len(plan) * cfg.epochs / math.ceil(cfg.epochs)))]
+
+    def loss_of(step: int, examples: list[Example]) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = encode(tokenizer, [ex.judged for ex in examples],
+                       golds=[ex.golds for ex in examples], max_tokens=cfg.max_tokens)
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
+        weights = torch.poisson(torch.ones(cfg.members, len(examples)), generator=gen)
+        return step_loss(model, batch, examples, cfg, weights)
+
+    return run_training(model, plan, loss_of, cfg,
+                        save=lambda d, meta: save_verifier(d, model, tokenizer, meta),
+                        desc="training verifier", out=out, extra=extra, progress=progress)
+
+
+def run_training(model: torch.nn.Module, plan: Sequence[Any],
+                 loss_of: Callable[[int, Any], tuple[torch.Tensor, dict[str, float] | None]],
+                 cfg: Any, *, save: Callable[[Path, dict[str, Any]], None], desc: str,
+                 out: Path | None = None, extra: dict[str, Any] | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """The loop every encoder trains with: step ``i`` takes ``loss_of(i, plan[i])`` (under bf16
+    autocast where the CPU pays for it), AdamW (``encoder_optimizer``) with warm-up and linear
+    decay, gradient clipping, a progress bar. With ``out``, every ``cfg.save_every`` steps and at
+    the end ``save(out, {"training": record})`` writes the model and ``PROGRESS`` the step, so a
+    rerun resumes there. ``cfg`` has seed, lr, head_lr, weight_decay, warmup_steps, save_every and
+    cpu_dtype. Returns the training record."""
+    torch.manual_seed(cfg.seed)
+    total, done = len(plan), resume_step(out)
     optimizer = encoder_optimizer(model, cfg.lr, cfg.head_lr, cfg.weight_decay)
     base = [g["lr"] for g in optimizer.param_groups]
     device = next(model.parameters()).device.type
     model.train()
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
-    bar = tqdm(total=total, initial=done, desc="training verifier", disable=not progress)
+    bar = tqdm(total=total, initial=done, desc=desc, disable=not progress)
     for step in range(done, total):
-        examples = plan[step]
-        batch = encode(tokenizer, [ex.judged for ex in examples],
-                       golds=[ex.golds for ex in examples], max_tokens=cfg.max_tokens)
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
-        weights = torch.poisson(torch.ones(cfg.members, len(examples)), generator=gen)
-        scale = lr_scale(step, total, cfg.warmup_steps)
         for group, lr in zip(optimizer.param_groups, base, strict=True):
-            group["lr"] = lr * scale
+            group["lr"] = lr * lr_scale(step, total, cfg.warmup_steps)
         with training_autocast(device, cfg.cpu_dtype):
-            loss, parts = step_loss(model, batch, examples, cfg, weights)
+            loss, parts = loss_of(step, plan[step])
         take_step(model, optimizer, loss, step, history, bar, t0, parts)
         if out is not None and ((step + 1) % cfg.save_every == 0 or step + 1 == total):
             model.eval()
-            record = training_record(cfg, history, step + 1, total, device, extra)
-            save_verifier(out, model, tokenizer, {"training": record})
+            save(out, {"training": training_record(cfg, history, step + 1, total, device, extra)})
             write_progress(out, step + 1, total)
             model.train()
     bar.close()
