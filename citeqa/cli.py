@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from pydantic import ValidationError
 from citeqa.cli_errors import fail
 from citeqa.config import MAX_CANDIDATES, MAX_PASSAGES, MAX_SEARCH_K, Settings, preset
 from citeqa.errors import CiteqaError
+from citeqa.logs import setup_logging
 from citeqa.types import Answer, Candidate, Document
 
 app = typer.Typer(
@@ -103,11 +103,7 @@ def _open_index(index: Path) -> Path:
 def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details.")] = False,
 ) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(verbose)
 
 
 @index_app.command("build")

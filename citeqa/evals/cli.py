@@ -9,8 +9,6 @@ ends in a one-line message on stderr and exit status 2.
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +17,7 @@ import typer
 from citeqa.cli_errors import fail
 from citeqa.config import MAX_CANDIDATES
 from citeqa.errors import CiteqaError
+from citeqa.logs import setup_logging
 
 eval_app = typer.Typer(
     help="Evaluate answer/decline accuracy on a question set, or compare two runs.",
@@ -138,9 +137,7 @@ def compare(
 
 def main() -> None:
     """Run the group on its own (``python -m citeqa.evals.cli``), before it is registered."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    setup_logging()
     eval_app(prog_name="citeqa eval")
 
 

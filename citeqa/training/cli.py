@@ -19,6 +19,7 @@ import typer
 from citeqa.cli_errors import fail
 from citeqa.config import MAX_CANDIDATES, Settings, preset
 from citeqa.errors import CiteqaError
+from citeqa.logs import setup_logging
 
 app = typer.Typer(help="Train models: the generator's LoRA adapter, and training data.",
                   no_args_is_help=True)
@@ -357,7 +358,5 @@ def _write_all(out: Path, examples) -> None:
 
 
 if __name__ == "__main__":  # python -m citeqa.training.cli ... (before `citeqa train` exists)
-    logging.basicConfig(
-        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    setup_logging()
     app()
