@@ -24,7 +24,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from citeqa.reward.checkpoint import load_heads, read_config, read_encoder, write_encoder_dir
+from citeqa.reward.checkpoint import (
+    ENCODER,
+    load_heads,
+    read_config,
+    read_encoder,
+    write_encoder_dir,
+)
 from citeqa.reward.verifier import Judged
 
 SUBDIR = "answerability"  # where a reward-model directory keeps it
@@ -77,7 +83,7 @@ def load_answerability(directory: Path) -> tuple[Answerability, Any, dict[str, A
     directory = Path(directory)
     config = read_config(directory, fmt=FORMAT, kind=KIND, retrain=RETRAIN,
                          what="an answerability reader")
-    encoder, tokenizer = read_encoder(directory, RETRAIN)
+    encoder, tokenizer = read_encoder(directory / ENCODER, RETRAIN)
     model = Answerability(encoder)
     load_heads(model, directory, RETRAIN)
     return model.eval(), tokenizer, config

@@ -112,23 +112,23 @@ def load_verifier(directory: Path) -> tuple[Verifier, Any, dict[str, Any]]:
     Never downloads."""
     directory = Path(directory)
     config = read_config(directory)
-    encoder, tokenizer = read_encoder(directory, RETRAIN)
+    encoder, tokenizer = read_encoder(directory / ENCODER, RETRAIN)
     model = Verifier(encoder, members=int(config["members"]), hidden=int(config["hidden"]))
     load_heads(model, directory, RETRAIN)
     return model.eval(), tokenizer, config
 
 
-def read_encoder(directory: Path, retrain: str) -> tuple[Any, Any]:
-    """(fp32 encoder, tokenizer) from ``directory/encoder``; ModelError ending in ``retrain``."""
+def read_encoder(path: Path, hint: str) -> tuple[Any, Any]:
+    """(fp32 encoder, tokenizer) of the Hugging Face encoder directory ``path`` (a model
+    directory's ``encoder/``, or a base to fine-tune); ModelError ending in ``hint``. Never
+    downloads."""
     from transformers import AutoModel, AutoTokenizer
 
     try:
-        encoder = AutoModel.from_pretrained(directory / ENCODER, local_files_only=True,
-                                            dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(directory / ENCODER, local_files_only=True)
+        encoder = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load the encoder in {directory / ENCODER} ({e}); {retrain}"
-                         ) from None
+        raise ModelError(f"cannot load the encoder in {path} ({e}); {hint}") from None
     return encoder, tokenizer
 
 

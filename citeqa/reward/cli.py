@@ -210,18 +210,9 @@ def answerability_to_dir(squad: list[Path], out: Path, *, redteam: Path | None,
 
 def base_encoder(base_dir: Path) -> tuple[Any, Any]:
     """(fp32 encoder, tokenizer) of a local Hugging Face encoder directory to fine-tune."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
+    from citeqa.reward.checkpoint import read_encoder
 
-    from citeqa.errors import ModelError
-
-    try:
-        encoder = AutoModel.from_pretrained(base_dir, local_files_only=True, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load the encoder {base_dir} ({e}); pass --base with a local "
-                         "Hugging Face encoder directory") from None
-    return encoder, tokenizer
+    return read_encoder(base_dir, "pass --base with a local Hugging Face encoder directory")
 
 
 @train_app.command("reward-combine")

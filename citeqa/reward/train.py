@@ -147,10 +147,10 @@ def run_training(model: torch.nn.Module, plan: Sequence[Any],
                  progress: bool = True) -> dict[str, Any]:
     """The loop every encoder trains with: step ``i`` takes ``loss_of(i, plan[i])`` (under bf16
     autocast where the CPU pays for it), AdamW (``encoder_optimizer``) with warm-up and linear
-    decay, gradient clipping, a progress bar. With ``out``, every ``cfg.save_every`` steps and at
-    the end ``save(out, {"training": record})`` writes the model and ``PROGRESS`` the step, so a
-    rerun resumes there. ``cfg`` has seed, lr, head_lr, weight_decay, warmup_steps, save_every and
-    cpu_dtype. Returns the training record."""
+    decay, the gradient norm clipped to 1, a progress bar. With ``out``, every
+    ``cfg.save_every`` steps and at the end ``save(out, {"training": record})`` writes the model
+    and ``PROGRESS`` the step, so a rerun resumes there. ``cfg`` has seed, lr, head_lr,
+    weight_decay, warmup_steps, save_every and cpu_dtype. Returns the training record."""
     torch.manual_seed(cfg.seed)
     total, done = len(plan), resume_step(out)
     optimizer = encoder_optimizer(model, cfg.lr, cfg.head_lr, cfg.weight_decay)
@@ -165,11 +165,18 @@ def run_training(model: torch.nn.Module, plan: Sequence[Any],
             group["lr"] = lr * lr_scale(step, total, cfg.warmup_steps)
         with training_autocast(device, cfg.cpu_dtype):
             loss, parts = loss_of(step, plan[step])
-        take_step(model, optimizer, loss, step, history, bar, t0, parts)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        history.append({"step": step + 1, "loss": float(loss.detach()), **(parts or {}),
+                        "seconds": time.perf_counter() - t0})
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         if out is not None and ((step + 1) % cfg.save_every == 0 or step + 1 == total):
             model.eval()
             save(out, {"training": training_record(cfg, history, step + 1, total, device, extra)})
-            write_progress(out, step + 1, total)
+            (Path(out) / PROGRESS).write_text(json.dumps({"step": step + 1, "total": total}))
             model.train()
     bar.close()
     model.eval()
@@ -182,26 +189,6 @@ def encoder_optimizer(model: torch.nn.Module, lr: float, head_lr: float, weight_
     heads = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
     return torch.optim.AdamW([{"params": list(model.encoder.parameters()), "lr": lr},
                               {"params": heads, "lr": head_lr}], weight_decay=weight_decay)
-
-
-def take_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
-              step: int, history: list[dict[str, float]], bar: Any, t0: float,
-              parts: dict[str, float] | None = None) -> None:
-    """Back-propagate ``loss``, clip the gradient norm to 1, step; log the step in ``history``
-    and on the progress bar."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    history.append({"step": step + 1, "loss": float(loss.detach()), **(parts or {}),
-                    "seconds": time.perf_counter() - t0})
-    bar.update(1)
-    bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-
-
-def write_progress(out: Path, step: int, total: int) -> None:
-    """Record in ``out`` the step a rerun resumes from (``resume_step``)."""
-    (Path(out) / PROGRESS).write_text(json.dumps({"step": step, "total": total}))
 
 
 def lr_scale(step: int, total: int, warmup: int) -> float:
