@@ -1,14 +1,15 @@
-"""End-to-end latency of one question (retrieve -> prefill -> decode -> verify) with the default
-model, against the prefill time of the question's own prompt; and batch throughput.
+"""End-to-end latency of one question (retrieve -> prefill -> decode -> verify -> score) with the
+default models, against the prefill time of the question's own prompt; and batch throughput.
 
     python benchmarks/bench_ask.py [--threads 2] [--questions 50] [--concurrency 1,4,8]
 
 Questions: a fixed seeded sample of answerable questions of the EVAL articles, asked one at a
-time through ``Pipeline.ask`` after ``--warmup`` warm-up questions. For each question the prompt
-it was shown is then prefilled alone (no decoding) by the served model (``prefill_own``) and by
-a plain fp32 transformers model (``prefill_plain_fp32``); the target is a p50 total <= 0.8 x
-the plain fp32 prefill. Throughput: the same questions generated ``c`` at a time
-with ``CitedGenerator.generate_many`` (one backend batch), in generated tokens per second.
+time through ``Pipeline.ask`` after ``--warmup`` warm-up questions, with the reward model that
+``citeqa ask`` and the service load (``--reward``; ``none`` leaves scoring out). For each
+question the prompt it was shown is then prefilled alone (no decoding) by the served model
+(``prefill_own``) and by a plain fp32 transformers model (``prefill_plain_fp32``); the target is
+a p50 total <= 0.8 x the plain fp32 prefill. Throughput: the same questions generated ``c`` at
+a time with ``CitedGenerator.generate_many`` (one backend batch), in generated tokens per second.
 Writes evals/results/bench_ask.json.
 """
 
@@ -69,6 +70,8 @@ def main() -> None:
     ap.add_argument("--adapter", default=None, help="packaged | none | a dir (default: config's)")
     ap.add_argument("--cpu-dtype", default=None, choices=CPU_DTYPES,
                     help="CPU compute format (default: config's, auto)")
+    ap.add_argument("--reward", default="default",
+                    help="reward model as served: default | a dir | none (no scoring)")
     ap.add_argument("--no-prefix-cache", action="store_true",
                     help="prefill the system turn for every prompt instead of reusing its cache")
     args = ap.parse_args()
@@ -79,6 +82,7 @@ def main() -> None:
     from citeqa.generation.factory import build_backend
     from citeqa.pipeline import Pipeline
     from citeqa.retrieval import HybridRetriever
+    from citeqa.reward.scorer import load_scorer
 
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
@@ -100,7 +104,9 @@ def main() -> None:
     from citeqa.generation.models import load_model
 
     plain_fp32, _, _ = load_model(gen_cfg.model, Path.home() / ".cache" / "citeqa", device="cpu")
-    pipeline = Pipeline(retriever, generator, cfg)
+    reward = None if args.reward.lower() == "none" else args.reward
+    scorer = load_scorer(reward, cpu_dtype=gen_cfg.cpu_dtype)
+    pipeline = Pipeline(retriever, generator, cfg, scorer)
     items = sample_questions(DATA / "qa.json", "eval", args.questions + args.warmup)
     for q in items[: args.warmup]:
         pipeline.ask(q.question)
@@ -121,6 +127,7 @@ def main() -> None:
             "retrieve_ms": t["retrieve_ms"],
             "prefill_ms": t.get("prefill_ms", 0.0),
             "decode_ms": t.get("decode_ms", 0.0),
+            "score_ms": t.get("score_ms", 0.0),
             "prefill_own_ms": own,
             "ratio": t["total_ms"] / own,
             "prefill_plain_fp32_ms": plain,
@@ -135,7 +142,8 @@ def main() -> None:
         })
 
     total = sum(r["total_ms"] for r in rows)
-    shares = {k: sum(r[f"{k}_ms"] for r in rows) / total for k in ("retrieve", "prefill", "decode")}
+    shares = {k: sum(r[f"{k}_ms"] for r in rows) / total
+              for k in ("retrieve", "prefill", "decode", "score")}
     shares["other"] = 1 - sum(shares.values())
     totals = [r["total_ms"] for r in rows]
     summary = {
@@ -178,6 +186,7 @@ def main() -> None:
         "sample": f"fixed seeded sample of {len(rows)} answerable eval-article questions "
                   f"after {args.warmup} warm-up questions",
         "model": backend.model_id,
+        "reward": getattr(scorer, "name", None),
         "threads": args.threads,
         "machine": platform.platform(),
         "generation_config": asdict(gen_cfg),
