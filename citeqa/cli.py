@@ -101,7 +101,10 @@ def _open_index(index: Path) -> Path:
 
 @app.callback()
 def _main(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details.")] = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v",
+        help="Log debug details, and what libraries narrate while loading (FAISS's build, "
+             "a progress bar per model read).")] = False,
 ) -> None:
     setup_logging(verbose)
 

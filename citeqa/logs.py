@@ -3,19 +3,33 @@ that narrate their own start quiet unless asked.
 
 FAISS logs at import which of its builds it loads; on a CPU its wheel has no AVX2 build for,
 that is four INFO lines, a ``ModuleNotFoundError`` among them, on every command that touches
-an index. They say nothing a user can act on, so they show only with ``--verbose``.
+an index. transformers draws a "Loading weights" progress bar for every model it reads, four
+per ``citeqa ask`` (generator, embedder, verifier, answerability reader), each done in well
+under a second. Neither says anything a user can act on, so both show only with ``--verbose``:
+model loads from local files run inside ``quiet_weight_loading()``. Long work keeps its bars
+(the one-time GGUF conversion, index builds, training).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 QUIET_UNLESS_VERBOSE = ("faiss.loader",)
+
+_verbose = False
+_quiet_depth = 0  # quiet_weight_loading blocks now open, in any thread
+_quiet_lock = threading.Lock()
+_bars_were_on = True
 
 
 def setup_logging(verbose: bool = False) -> None:
     """Log to stderr as ``LEVEL name: message``; see the module docstring."""
+    global _verbose
+    _verbose = verbose
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
@@ -23,3 +37,27 @@ def setup_logging(verbose: bool = False) -> None:
     )
     for name in QUIET_UNLESS_VERBOSE:
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
+
+
+@contextmanager
+def quiet_weight_loading() -> Iterator[None]:
+    """transformers' progress bars off inside the block (unless ``--verbose``), restored after
+    the last open block ends. Blocks may nest and overlap across threads."""
+    global _quiet_depth, _bars_were_on
+    if _verbose:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _bars_were_on = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0 and _bars_were_on:
+                hf_logging.enable_progress_bar()

@@ -1,4 +1,5 @@
-"""How the commands log: FAISS's narration of which build it loaded shows only with --verbose."""
+"""How the commands log: FAISS's narration of which build it loaded, and transformers' bar for
+every model it reads, show only with --verbose."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from citeqa.logs import QUIET_UNLESS_VERBOSE, setup_logging
+import pytest
+
+from citeqa import logs
+from citeqa.logs import QUIET_UNLESS_VERBOSE, quiet_weight_loading, setup_logging
 
 
 def test_setup_quiets_the_narrators_unless_verbose() -> None:
@@ -38,3 +42,51 @@ def build(tmp_path: Path, *flags: str) -> str:
 def test_a_command_does_not_narrate_faiss_loading(tmp_path: Path) -> None:
     assert "faiss.loader" not in build(tmp_path)
     assert "faiss.loader" in build(tmp_path, "--verbose")  # still there when asked for
+
+
+@pytest.fixture
+def bars_on():
+    from transformers.utils import logging as hf_logging
+
+    logs._verbose = False  # an earlier in-process command may have run with --verbose
+    hf_logging.enable_progress_bar()
+    yield hf_logging
+    logs._verbose = False
+    hf_logging.enable_progress_bar()
+
+
+def test_quiet_weight_loading_turns_the_bars_off_and_back_on(bars_on) -> None:
+    with quiet_weight_loading():
+        assert not bars_on.is_progress_bar_enabled()
+        with quiet_weight_loading():  # nested (a loader inside a loader)
+            assert not bars_on.is_progress_bar_enabled()
+        assert not bars_on.is_progress_bar_enabled()  # the outer block is still open
+    assert bars_on.is_progress_bar_enabled()
+    bars_on.disable_progress_bar()  # a caller who turned them off keeps them off
+    with quiet_weight_loading():
+        pass
+    assert not bars_on.is_progress_bar_enabled()
+
+
+def test_quiet_weight_loading_keeps_the_bars_with_verbose(bars_on) -> None:
+    setup_logging(verbose=True)
+    try:
+        with quiet_weight_loading():
+            assert bars_on.is_progress_bar_enabled()
+    finally:
+        setup_logging()
+
+
+def test_reading_an_encoder_draws_no_bar(tiny_encoder, tokenizer, tmp_path: Path, capfd,
+                                         bars_on) -> None:
+    from transformers import AutoModel
+
+    from citeqa.reward.checkpoint import read_encoder
+
+    tiny_encoder(tokenizer.vocab_size).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    capfd.readouterr()
+    AutoModel.from_pretrained(tmp_path, local_files_only=True)  # as transformers draws it
+    assert "Loading weights" in capfd.readouterr().err
+    read_encoder(tmp_path, "hint")
+    assert "Loading weights" not in capfd.readouterr().err

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from citeqa.errors import ModelError
+from citeqa.logs import quiet_weight_loading
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +137,9 @@ def load_model(name: str, cache_dir: Path, *, device: str | None = None) -> tupl
     else:
         dtype = torch.float32
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        with quiet_weight_loading():
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     except Exception as e:
         raise ModelError(
             f"could not load the generator from {path}: {e}; "

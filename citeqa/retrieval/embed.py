@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from citeqa.compute import cpu_dtype
 from citeqa.errors import ConfigError, ModelError
+from citeqa.logs import quiet_weight_loading
 from citeqa.text import tokenize
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,9 @@ class MiniLMEmbedder:
             from transformers import AutoModel, AutoTokenizer
 
             try:
-                tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-                model = AutoModel.from_pretrained(self.path, local_files_only=True)
+                with quiet_weight_loading():
+                    tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+                    model = AutoModel.from_pretrained(self.path, local_files_only=True)
             except OSError as e:
                 raise ModelError(
                     f"cannot load MiniLM from {self.path}: {e}; reinstall: {MINILM_INSTALL}"

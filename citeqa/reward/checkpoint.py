@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from citeqa.errors import ModelError
+from citeqa.logs import quiet_weight_loading
 from citeqa.reward.verifier import MAX_TOKENS, Verifier
 
 FORMAT = 2  # format 1 was the feature-based ensemble of earlier releases
@@ -125,8 +126,9 @@ def read_encoder(path: Path, hint: str) -> tuple[Any, Any]:
     from transformers import AutoModel, AutoTokenizer
 
     try:
-        encoder = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        with quiet_weight_loading():
+            encoder = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the encoder in {path} ({e}); {hint}") from None
     return encoder, tokenizer
