@@ -14,7 +14,8 @@
 #                 more-train.json (adversarial unanswerables included), labelled by the
 #                 correctness rule;
 #               - synthetic pairs for $SYN_Q SQuAD 1.1 questions (../shared/data/squad1-train,
-#                 never an evaluation article) and every train-article / more-train question;
+#                 never an evaluation article) and every question of the train articles and
+#                 of the more-train articles not held out (below);
 #               - red-team unanswerables made from every SQuAD 1.1 question (>= 30k), of
 #                 which the training sees a sample ($RT_Q groups);
 #               - calibration candidates: the generator on the CALIBRATION articles, with the
@@ -24,7 +25,8 @@
 #               the CPU's matrix units pay;
 #    mix:       the generator's candidates of the train articles and of half the more-train
 #               articles (by title), plus $MIX_SYN synthetic and $MIX_RT red-team groups; the
-#               other more-train articles' candidates are held out (heldout.jsonl);
+#               other more-train articles (`citeqa.evals.squad.held_out_articles`) are held out:
+#               only the combination sees them (their candidates: heldout.jsonl);
 #    train:     the pretrained verifier trained further on the mix (`--base` a verifier);
 #    answerability: `citeqa train answerability` into rm/answerability: the train articles'
 #               and the mix's more-train articles' questions (adversarial unanswerables
@@ -75,6 +77,17 @@ train = set(articles_for_split("train"))
 data["data"] = [a for a in data["data"] if a["title"] in train]
 json.dump(data, open(sys.argv[2], "w"))
 PY
+  # more-train.json without the articles held out for the combination: no training step but
+  # the combination sees those articles (synthetic pairs included)
+  "$PY" - "$SQUAD2/more-train.json" "$WORK/more-train-mix.json" <<'PY'
+import json, sys
+from citeqa.evals.squad import held_out_articles
+data = json.load(open(sys.argv[1]))
+held = held_out_articles(a["title"] for a in data["data"])
+data["data"] = [a for a in data["data"] if a["title"] not in held]
+json.dump(data, open(sys.argv[2], "w"))
+print(f"held out for the combination: {len(held)} more-train articles")
+PY
   [ -f "$WORK/train-index/manifest.json" ] || "${CITEQA[@]}" index build "$WORK/qa-train.json" \
     "$SQUAD2/distractors.json" --out "$WORK/train-index"
 fi
@@ -89,9 +102,9 @@ if [[ " $STAGES " == *" data "* ]]; then
     --index "$SQUAD1_INDEX" --limit "$SYN_Q" --out "$WORK/syn-squad1.jsonl"
   [ -f "$WORK/syn-qa-train.jsonl" ] || "${RD[@]}" --from synthetic \
     --dataset "$WORK/qa-train.json" --index "$WORK/train-index" --out "$WORK/syn-qa-train.jsonl"
-  [ -f "$WORK/syn-more-train.jsonl" ] || "${RD[@]}" --from synthetic \
-    --dataset "$SQUAD2/more-train.json" --index "$WORK/train-index" \
-    --out "$WORK/syn-more-train.jsonl"
+  [ -f "$WORK/syn-more-train-mix.jsonl" ] || "${RD[@]}" --from synthetic \
+    --dataset "$WORK/more-train-mix.json" --index "$WORK/train-index" \
+    --out "$WORK/syn-more-train-mix.jsonl"
   [ -f "$WORK/redteam-squad1.jsonl" ] || "${RD[@]}" --from redteam --dataset "$SQUAD1_JSON" \
     --out "$WORK/redteam-squad1.jsonl"
   "${RD[@]}" --from generator --dataset "$SQUAD2/qa.json" --split calibration \
@@ -108,7 +121,7 @@ fi
 if [[ " $STAGES " == *" pretrain "* ]]; then
   "${CITEQA[@]}" train reward --out "$WORK/rm-pre" --threads "$THREADS" --epochs 1 --batch 32 \
     --limit "$PRE_GROUPS" --data "$WORK/syn-squad1.jsonl" --data "$WORK/syn-qa-train.jsonl" \
-    --data "$WORK/syn-more-train.jsonl" --data "$WORK/redteam-sample.jsonl"
+    --data "$WORK/syn-more-train-mix.jsonl" --data "$WORK/redteam-sample.jsonl"
 fi
 
 if [[ " $STAGES " == *" mix "* ]]; then
@@ -116,6 +129,7 @@ if [[ " $STAGES " == *" mix "* ]]; then
 import json, random, sys
 from collections import defaultdict
 from pathlib import Path
+from citeqa.evals.squad import held_out_articles
 work, n_syn, n_rt = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 def groups(name):  # lines by question (candidates and their marker), in file order
     out = defaultdict(list)
@@ -125,11 +139,11 @@ def groups(name):  # lines by question (candidates and their marker), in file or
     return out
 more = groups("gen-more-train.jsonl")
 article = {q: json.loads(ls[-1]).get("article", "") for q, ls in more.items()}
-titles = sorted(set(article.values()))
-held = set(titles[1::2])  # every other more-train article, by title, is held out
+squad = json.loads(Path(sys.argv[4]).read_text())
+held = held_out_articles(a["title"] for a in squad["data"])  # as more-train-mix.json
 rng = random.Random(0)
 syn = {}
-for name in ("syn-squad1.jsonl", "syn-qa-train.jsonl", "syn-more-train.jsonl"):
+for name in ("syn-squad1.jsonl", "syn-qa-train.jsonl", "syn-more-train-mix.jsonl"):
     syn.update(groups(name))
 rt = groups("redteam-sample.jsonl")
 picked = [*groups("gen-qa-train.jsonl").values(),
@@ -139,9 +153,6 @@ picked = [*groups("gen-qa-train.jsonl").values(),
 (work / "mix.jsonl").write_text("".join(line + "\n" for ls in picked for line in ls))
 (work / "heldout.jsonl").write_text("".join(line + "\n" for q, ls in more.items()
                                             if article[q] in held for line in ls))
-squad = json.loads(Path(sys.argv[4]).read_text())  # the mix's more-train articles, as SQuAD
-squad["data"] = [a for a in squad["data"] if a["title"] not in held]
-(work / "more-train-mix.json").write_text(json.dumps(squad))
 print(f"mix: {len(picked)} groups; held out: {len(held)} more-train articles")
 PY
 fi

@@ -15,6 +15,7 @@ from citeqa.evals.squad import (
     TRAIN_ARTICLES,
     QAItem,
     articles_for_split,
+    held_out_articles,
     load_jsonl_questions,
     load_questions,
     load_squad_questions,
@@ -168,6 +169,16 @@ def test_fixed_split() -> None:
     assert split_of_article("Atlantis") is None
     with pytest.raises(ConfigError, match="choose one of"):
         articles_for_split("test")
+
+
+def test_held_out_articles_are_every_other_sorted_title() -> None:
+    titles = ["Eel", "Bee", "Ant", "Dog", "Cat", "Bee"]  # unsorted, one repeated
+    assert held_out_articles(titles) == {"Bee", "Dog"}
+    assert held_out_articles(reversed(titles)) == held_out_articles(titles)  # order-free
+    assert held_out_articles(["Ant"]) == frozenset()
+    nineteen = [f"t{i:02d}" for i in range(19)]
+    held = held_out_articles(nineteen)
+    assert len(held) == 9 and held < set(nineteen) and "t00" not in held
 
 
 def test_shared_squad_subset(squad_dir: Path) -> None:

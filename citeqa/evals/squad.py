@@ -64,6 +64,13 @@ def split_of_article(article: str) -> str | None:
     return next((name for name, arts in SPLITS.items() if article in arts), None)
 
 
+def held_out_articles(titles: Iterable[str]) -> frozenset[str]:
+    """Every other distinct title in sorted order (the 2nd, 4th, ...): the extra training
+    articles (more-train.json) whose generator candidates fit the reward model's combination
+    and which every other training step leaves out. Depends only on the set of titles."""
+    return frozenset(sorted(set(titles))[1::2])
+
+
 def _dedupe(texts: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(texts))
 
