@@ -15,7 +15,10 @@
 #             bf16 autocast where the CPU's matrix units make it pay (~17 s a step on 2 cores
 #             of a Zen 5 EPYC: about an hour; resumable). Adapting only the top 9 blocks
 #             (twice as fast) lost 25 points of right answers on the calibration articles;
-#             this recipe gained 5 (README, "Retraining on SQuAD 1.1");
+#             this recipe gained 5 (README, "Retraining on SQuAD 1.1"). To train an adapter
+#             further on the next demonstrations of the same order, set INIT_ADAPTER (e.g.
+#             citeqa/generation/weights) and START_STEP (the steps it was trained for, 200)
+#             and STEPS to where it should stop, with another OUT;
 # 3. publish: a bfloat16 copy into citeqa/generation/weights, the default generator's adapter
 #             (GenerationConfig.adapter = "packaged"); its MODEL_CARD.md is written by hand;
 # 4. eval:    evals/generation_quality.py on the EVAL articles: the base model, the adapter it
@@ -63,6 +66,7 @@ if [[ " $STAGES " == *" train "* ]]; then
     --epochs 1 --batch-size 8 --micro-batch-size 4 --lr 5e-4 --rank 16 --alpha 32 \
     --targets all --first-layer 0 --max-steps "$STEPS" --threads "$THREADS" --seed 0 \
     --answer-mode span --save-every 25 \
+    ${INIT_ADAPTER:+--init-adapter "$INIT_ADAPTER" --start-step "${START_STEP:-0}"} \
     --cpu-dtype "${CPU_DTYPE:-auto}"
 fi
 

@@ -201,14 +201,14 @@ def test_cli_trains_a_local_model_whose_adapter_loads(tokenizer, tmp_path: Path)
     assert missing.exit_code == 2 and "generator-data" in missing.output
 
 
-def _trained(tokenizer, checkpoint_dir=None, max_steps=5, **kw):
+def _trained(tokenizer, checkpoint_dir=None, max_steps=5, init_tensors=None, **kw):
     torch.set_num_threads(1)
     model = tiny_model(len(tokenizer))
     examples, _ = render_examples(DEMOS, tokenizer, GEN, max_tokens=4096)
     cfg = TrainConfig(**{"lr": 1e-2, "batch_size": 2, "max_steps": max_steps, "epochs": 10,
                          "save_every": 2, **kw})
     wrapped, log = train_lora(model, examples, 2, cfg, LoRAConfig(r=4), progress=False,
-                              checkpoint_dir=checkpoint_dir)
+                              checkpoint_dir=checkpoint_dir, init=init_tensors)
     return {n: t.clone() for n, t in lora_tensors(wrapped).items()}, log
 
 
@@ -280,3 +280,43 @@ def test_a_run_cut_short_by_max_steps_keeps_its_checkpoint_to_go_on(tokenizer,
     record = run(4)
     assert [h["step"] for h in record["history"]] == [1, 2, 3, 4]
     assert not (tmp_path / "checkpoint").exists()
+
+
+def test_an_adapter_trained_further_starts_where_it_stopped(tokenizer, tmp_path: Path) -> None:
+    straight, straight_log = _trained(tokenizer, max_steps=5)
+    first, _ = _trained(tokenizer, max_steps=2)
+    further, log = _trained(tokenizer, max_steps=5, start_step=2, init="first",
+                            init_tensors=first)
+    assert [s["step"] for s in log.steps] == [3, 4, 5]  # the order's first 2 steps skipped
+    # step 3 starts from the same weights on the same batch: the same loss; only AdamW's
+    # moments are fresh, so later steps differ
+    assert log.steps[0]["loss"] == pytest.approx(straight_log.steps[2]["loss"], rel=1e-5)
+    assert any(not torch.allclose(further[n], first[n]) for n in first)  # it trained
+
+    with pytest.raises(ValueError, match="other layers"):
+        _trained(tokenizer, init_tensors={k: v for k, v in list(first.items())[1:]})
+    with pytest.raises(ValueError, match="--rank"):
+        _trained(tokenizer, init_tensors={k: v[:2] if k.endswith("lora_A") else v[:, :2]
+                                          for k, v in first.items()})
+
+
+def test_run_sft_from_an_adapter_checks_it_and_records_it(tokenizer, tmp_path: Path) -> None:
+    def run(out: Path, lora: LoRAConfig, max_steps: int, init: Path | None = None,
+            start_step: int = 0) -> dict:
+        return run_sft(tiny_model(len(tokenizer)), tokenizer, "tiny", DEMOS, out, GEN,
+                       TrainConfig(lr=1e-2, batch_size=2, epochs=2, max_steps=max_steps,
+                                   save_every=1, start_step=start_step), lora,
+                       progress=False, init_adapter=init)
+
+    run(tmp_path / "a", LoRAConfig(r=4), 2)
+    init = tmp_path / "a"
+    record = run(tmp_path / "b", LoRAConfig(r=4), 4, init, start_step=2)
+    assert [h["step"] for h in record["history"]] == [3, 4]
+    assert record["train"]["init"] == adapter_id(tmp_path / "a")
+    assert record["train"]["start_step"] == 2
+    with pytest.raises(ValueError, match="--rank 4 --alpha 16"):
+        run(tmp_path / "c", LoRAConfig(r=8), 4, init, start_step=2)
+    with pytest.raises(ValueError, match="other base weights"):
+        run_sft(tiny_model(len(tokenizer), seed=1), tokenizer, "tiny", DEMOS, tmp_path / "d",
+                GEN, TrainConfig(lr=1e-2, batch_size=2, max_steps=2), LoRAConfig(r=4),
+                progress=False, init_adapter=init)

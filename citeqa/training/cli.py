@@ -126,10 +126,25 @@ def generator(
         int, typer.Option("--first-layer", min=0,
                           help="Adapt only blocks from this one up (faster: backward stops there).")
     ] = 0,
-    max_steps: Annotated[int | None, typer.Option("--max-steps", min=1)] = None,
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", min=1,
+                                 help="Stop at this step of the data order (--start-step's "
+                                      "skipped steps count).")
+    ] = None,
     save_every: Annotated[
         int, typer.Option("--save-every", min=1, help="Steps between checkpoints in --out.")
     ] = 25,
+    init_adapter: Annotated[
+        Path | None,
+        typer.Option("--init-adapter",
+                     help="Train this adapter further (same base model, --rank, --alpha and "
+                          "layers), with fresh optimizer moments; e.g. citeqa/generation/weights."),
+    ] = None,
+    start_step: Annotated[
+        int, typer.Option("--start-step", min=0,
+                          help="Skip this many steps of the data order: those --init-adapter "
+                               "was trained on (same data, --seed and --batch-size).")
+    ] = 0,
     threads: Annotated[int | None, typer.Option("--threads", min=1)] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     cpu_dtype: Annotated[
@@ -156,7 +171,7 @@ def generator(
     train = TrainConfig(
         epochs=epochs, lr=lr, batch_size=batch_size,
         micro_batch_size=min(micro_batch_size, batch_size), max_steps=max_steps, seed=seed,
-        cpu_dtype=cpu_dtype, save_every=save_every,
+        cpu_dtype=cpu_dtype, save_every=save_every, start_step=start_step,
     )
     lora = LoRAConfig(r=rank, alpha=alpha, targets=target_layers, first_layer=first_layer)
     try:
@@ -172,7 +187,7 @@ def generator(
         record = run_sft(
             base, tokenizer, model_id, demos, out, gen, train, lora,
             meta={"data": str(data), "command": shlex.join(["citeqa", *sys.argv[1:]])},
-            progress=progress,
+            progress=progress, init_adapter=init_adapter,
         )
     except (CiteqaError, ValueError) as e:
         raise fail(str(e)) from None

@@ -24,7 +24,7 @@ import resource
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,10 @@ class TrainConfig:
     seed: int = 0  # LoRA init and example order
     cpu_dtype: str = "auto"  # compute format on a CPU: bf16 autocast where it pays (compute.py)
     save_every: int = 25  # optimizer steps between checkpoints (when training into a directory)
+    # Training an adapter further: its content id (``adapter_id``; "" = LoRA's fresh init) and
+    # the steps of this data order it was trained on, which are skipped (max_steps counts them)
+    init: str = ""
+    start_step: int = 0
 
 
 @dataclass(frozen=True)
@@ -168,8 +172,13 @@ def train_lora(
     *,
     progress: bool = True,
     checkpoint_dir: Path | None = None,
+    init: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, LoRALinear], TrainLog]:
     """Wrap ``model``'s target layers with LoRA (in place) and train them on ``examples``.
+
+    ``init`` (``<module>.lora_A`` / ``.lora_B`` tensors, as ``lora_tensors`` gives them) starts
+    the LoRA layers from a trained adapter instead of LoRA's init, with fresh AdamW moments;
+    the first ``cfg.start_step`` steps of the data order are skipped.
 
     With ``checkpoint_dir``, the run is saved there every ``cfg.save_every`` steps and at the
     end (``checkpoint.py``), and a rerun with the same examples and settings continues from
@@ -179,6 +188,8 @@ def train_lora(
         raise ValueError("no training examples")
     torch.manual_seed(cfg.seed)
     wrapped = inject_lora(model, lora)
+    if init is not None:
+        load_lora_tensors(wrapped, init)
     params = lora_parameters(wrapped)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = scheduled_steps(len(examples), cfg)
@@ -194,7 +205,8 @@ def train_lora(
     log = TrainLog(steps=history, examples=len(examples))
     earlier = history[-1]["seconds"] if history else 0.0  # seconds of the runs resumed
     t0 = time.perf_counter()
-    bar = tqdm(total=total, initial=min(done, total), desc="training", disable=not progress)
+    skip = max(done, cfg.start_step)  # steps trained by the run resumed or the init adapter
+    bar = tqdm(total=total, initial=min(skip, total), desc="training", disable=not progress)
     step = 0
     rng = random.Random(cfg.seed)
     while step < total:
@@ -203,7 +215,7 @@ def train_lora(
         for b in range(0, len(order), cfg.batch_size):
             if step >= total:
                 break
-            if step < done:  # trained by the run resumed
+            if step < skip:
                 step += 1
                 continue
             batch = [examples[i] for i in order[b : b + cfg.batch_size]]
@@ -234,6 +246,40 @@ def train_lora(
     model.eval()
     log.seconds = earlier + time.perf_counter() - t0
     return wrapped, log
+
+
+def load_lora_tensors(wrapped: dict[str, LoRALinear], tensors: dict[str, torch.Tensor]) -> None:
+    """Copy ``tensors`` into the wrappers' A and B; ValueError naming what does not match."""
+    want = lora_tensors(wrapped)
+    if set(tensors) != set(want):
+        diff = sorted(set(tensors) ^ set(want))
+        raise ValueError(f"the adapter to start from adapts other layers ({len(diff)} tensors "
+                         f"differ, e.g. {diff[0]}); pass the --rank/--targets/--first-layer "
+                         "it was trained with")
+    with torch.no_grad():
+        for name, w in wrapped.items():
+            for ab, param in (("A", w.lora_A), ("B", w.lora_B)):
+                t = tensors[f"{name}.lora_{ab}"]
+                if tuple(t.shape) != tuple(param.shape):
+                    raise ValueError(f"{name}.lora_{ab} has shape {tuple(t.shape)}, this run "
+                                     f"{tuple(param.shape)}: pass the adapter's --rank")
+                param.copy_(t.to(param.dtype))
+
+
+def init_from_adapter(directory: Path, lora: LoRAConfig, fingerprint: str
+                      ) -> tuple[dict[str, torch.Tensor], str]:
+    """(LoRA tensors, content id) of the adapter in ``directory``, checked against this run's
+    LoRA settings and base model; ValueError saying what differs."""
+    from citeqa.generation.adapter import adapter_id, load_adapter
+
+    cfg, tensors = load_adapter(directory)
+    if cfg.base_fingerprint != fingerprint:
+        raise ValueError(f"{directory} was trained on other base weights; start from an "
+                         "adapter of this base model")
+    if (cfg.r, cfg.alpha) != (lora.r, lora.alpha):
+        raise ValueError(f"{directory} has rank {cfg.r} and alpha {cfg.alpha:g}; pass "
+                         f"--rank {cfg.r} --alpha {cfg.alpha:g}")
+    return tensors, adapter_id(directory)
 
 
 def peak_rss_mb() -> float:
@@ -364,10 +410,13 @@ def run_sft(
     *,
     meta: dict[str, Any] | None = None,
     progress: bool = True,
+    init_adapter: Path | None = None,
 ) -> dict[str, Any]:
     """Render ``demos``, train a LoRA adapter on ``model`` and write adapter, log and card.
 
-    Returns the training log record. ``model`` is left wrapped with the trained LoRA layers.
+    With ``init_adapter`` the LoRA layers start from that adapter (``train_lora``'s ``init``),
+    recorded in ``train.init``. Returns the training log record. ``model`` is left wrapped
+    with the trained LoRA layers.
     """
     from citeqa.training.lora import target_names
 
@@ -384,8 +433,12 @@ def run_sft(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_token_id(
         tokenizer
     )
+    init = None
+    if init_adapter is not None:
+        init, init_id = init_from_adapter(init_adapter, lora, fingerprint)
+        train = replace(train, init=init_id)
     wrapped, log = train_lora(model, examples, pad_id, train, lora, progress=progress,
-                              checkpoint_dir=out)
+                              checkpoint_dir=out, init=init)
     settings = settings_record(train, lora, gen)
     save_adapter(
         out, wrapped, lora, base_model_id=base_model_id, fingerprint=fingerprint,
