@@ -1,0 +1,79 @@
+"""evals/eval_paired.py: judging best candidates and the paired bootstrap of two runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from evals.eval_paired import best_holds_gold, best_right, paired
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def record(qid: str, answer: str | None, quote: str | None, golds: list[str]) -> dict:
+    candidates = [] if answer is None else [{"answer": answer, "quote": {"text": quote}}]
+    return {"id": qid, "answerable": bool(golds), "gold_answers": golds, "candidates": candidates}
+
+
+def test_best_right_uses_the_f1_rule() -> None:
+    assert best_right(record("a", "the Eiffel Tower", "x", ["Eiffel Tower"]))
+    assert not best_right(record("a", "Paris", "x", ["Eiffel Tower"]))
+    assert not best_right(record("a", None, None, ["Eiffel Tower"]))
+
+
+def test_holds_gold_needs_whole_words() -> None:
+    assert best_holds_gold(record("a", "x", "Built in 1889, it stands.", ["1889"]))
+    assert not best_holds_gold(record("a", "x", "Built in 18890.", ["1889"]))
+
+
+def test_paired_interval_brackets_the_mean_difference() -> None:
+    a = np.array([1, 0, 1, 0, 1, 0, 1, 0])
+    b = np.array([1, 1, 1, 1, 1, 0, 1, 0])
+    mean, low, high = paired(a, b)
+    assert mean == 0.25
+    assert low <= mean <= high
+    assert paired(a, a) == (0.0, 0.0, 0.0)
+
+
+def test_cli_compares_only_shared_answerable_questions(tmp_path: Path) -> None:
+    run_a = [record("q1", "1889", "in 1889", ["1889"]), record("q2", "no", "no", [])]
+    run_b = [record("q1", "1890", "in 1890", ["1889"]), record("q3", "1889", "1889", ["1889"])]
+    paths = []
+    for name, run in (("a.jsonl", run_a), ("b.jsonl", run_b)):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in run), encoding="utf-8")
+        paths.append(str(path))
+    out = subprocess.run(
+        [sys.executable, "evals/eval_paired.py", *paths],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "best candidate right: 100.0 % -> 0.0 % (-100.0 points" in out
+    assert "1 questions" in out
+
+
+def test_cli_reads_generation_quality_runs_and_refuses_mixed_kinds(tmp_path: Path) -> None:
+    def quality(rights: list[int]) -> dict:
+        records = [
+            {"id": f"q{i}", "right": r, "quote_has_answer": 1, "em": r, "f1": 0.5 * r}
+            for i, r in enumerate(rights)
+        ]
+        return {"modes": {"constrained": {"records": records}}}
+
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.jsonl"
+    a.write_text(json.dumps(quality([1, 1, 0, 0])), encoding="utf-8")
+    b.write_text(json.dumps(quality([1, 0, 0, 0])), encoding="utf-8")
+    c.write_text("", encoding="utf-8")
+    run = [sys.executable, "evals/eval_paired.py"]
+    out = subprocess.run([*run, str(a), str(b)], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "best candidate right: 50.0 % -> 25.0 % (-25.0 points" in out.stdout
+    assert "F1: 25.0 % -> 12.5 %" in out.stdout
+    mixed = subprocess.run([*run, str(a), str(c)], cwd=ROOT, capture_output=True, text=True)
+    assert mixed.returncode != 0 and "same kind" in mixed.stderr
