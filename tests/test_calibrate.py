@@ -17,6 +17,7 @@ from citeqa.reward.calibrate import (
     Calibration,
     binomial_cdf,
     calibrate_threshold,
+    choose_target,
     min_testable_answered,
 )
 
@@ -263,3 +264,50 @@ def test_guarantee_logistic_scores_with_ties() -> None:
             violations += true_acc[int(np.searchsorted(grid, cal.threshold))] < target
     assert violations / 200 <= delta + 3 * math.sqrt(delta * (1 - delta) / 200)
     assert answered_any > 150
+
+
+# --- choosing the target after seeing the data ------------------------------------------------
+
+
+def _uniform(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    s = rng.random(n)
+    return s, rng.random(n) < s  # P(correct | s) = s: answered accuracy at t is (1 + t) / 2
+
+
+def test_choose_target_takes_the_highest_with_enough_coverage_at_delta_over_k() -> None:
+    s, c = _uniform(800, 3)
+    targets = [0.6, 0.7, 0.8, 0.9]
+    got = choose_target(s, c, targets=targets, min_coverage=0.3, delta=0.1)
+    each = {t: calibrate_threshold(s, c, target_accuracy=t, delta=0.1 / 4) for t in targets}
+    qualifying = [t for t in targets if each[t].n_answered and each[t].coverage >= 0.3]
+    assert qualifying and qualifying[-1] < 0.9  # the test means something: not every target
+    assert got == each[qualifying[-1]] and got.delta == pytest.approx(0.025)
+    # at delta / k the chosen target answers no more than the same target at delta would
+    assert got.threshold >= calibrate_threshold(s, c, target_accuracy=got.target_accuracy,
+                                                delta=0.1).threshold
+
+
+def test_choose_target_falls_back_to_the_lowest_target() -> None:
+    s, c = _uniform(300, 4)
+    got = choose_target(s, c, targets=[0.9, 0.7], min_coverage=0.99, delta=0.1)
+    assert got == calibrate_threshold(s, c, target_accuracy=0.7, delta=0.05)
+    with pytest.raises(ValueError, match="targets"):
+        choose_target(s, c, targets=[], min_coverage=0.2)
+    with pytest.raises(ValueError, match="min_coverage"):
+        choose_target(s, c, targets=[0.7], min_coverage=1.5)
+
+
+def test_choose_target_keeps_the_guarantee_over_the_choice() -> None:
+    # The chosen target's true answered accuracy falls short no more than delta of the time.
+    rng = np.random.default_rng(2024)
+    delta, violations = 0.1, 0
+    targets = [0.6, 0.65, 0.7, 0.75, 0.8, 0.85]
+    for _ in range(TRIALS):
+        s = rng.random(N_CAL)
+        c = rng.random(N_CAL) < s
+        cal = choose_target(s, c, targets=targets, min_coverage=0.3, delta=delta,
+                            min_answered=25)
+        if cal.n_answered:
+            violations += (1 + cal.threshold) / 2 < cal.target_accuracy
+    assert violations / TRIALS <= delta + _mc_slack(delta)

@@ -155,6 +155,10 @@ def test_scorer_reads_the_passage_around_each_quote_and_calibrates(tiny_encoder,
         scorer.predict([e.judged for e in examples])[0], [e.label for e in examples],
         target_accuracy=0.55, delta=0.2, min_answered=2)
     assert summary["target_accuracy"] == direct.target_accuracy == 0.55
+    chosen = calibrate_dir([data], tmp_path / "rm", target=0.8, delta=0.2,
+                           targets=[0.5, 0.55], min_coverage=0.0)
+    assert chosen["family_delta"] == 0.2 and chosen["delta"] == pytest.approx(0.1)
+    assert chosen["targets_tried"] == [0.5, 0.55] and chosen["min_coverage"] == 0.0
 
 
 @pytest.fixture()

@@ -192,6 +192,10 @@ def test_from_data_to_a_calibrated_verifier_the_pipeline_loads(tmp_path):
                             "--target", "0.5"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout[r.stdout.index("{"):])["n"] == 3
+    for bad in (["--target", "0.5", "--targets", "0.4,0.5"], ["--targets", "0.4,x"],
+                ["--targets", "0.4,1.5"]):
+        r = runner.invoke(app, ["calibrate", "--data", str(gen), "--reward", str(rm), *bad])
+        assert r.exit_code != 0 and "--target" in r.output, r.output
     pipeline = Pipeline.from_settings(Settings(preset="tiny", index=index, reward=str(rm)))
     assert isinstance(pipeline.scorer, VerifierScorer) and pipeline.scorer.calibration
     answer = pipeline.ask(ITEMS[0].question, n_candidates=2)

@@ -197,3 +197,36 @@ def calibrate_threshold(
         n=int(s.size),
         n_answered=answered,
     )
+
+
+def choose_target(
+    scores: ArrayLike,
+    correct: ArrayLike,
+    *,
+    targets: list[float],
+    min_coverage: float,
+    delta: float = 0.1,
+    min_answered: int = 1,
+) -> Calibration:
+    """The highest of ``targets`` whose threshold answers at least ``min_coverage`` of the
+    calibration questions, each target tested at ``delta / len(targets)``.
+
+    The target is picked after seeing the calibration data, so each test alone at ``delta``
+    would not do: the chosen target's guarantee could fail whenever any target's does. Testing
+    each at ``delta / k`` keeps that union, and so the chosen target's guarantee, at ``delta``
+    (Bonferroni). The result records the per-target level as its ``delta``. When no target
+    answers ``min_coverage``, the lowest target's calibration is returned as it is.
+    """
+    if not targets:
+        raise ValueError("targets is empty: give at least one answered accuracy to test")
+    if not 0.0 <= min_coverage <= 1.0:
+        raise ValueError(f"min_coverage must be in [0, 1], got {min_coverage}")
+    level = delta / len(targets)
+    results = [
+        calibrate_threshold(
+            scores, correct, target_accuracy=t, delta=level, min_answered=min_answered
+        )
+        for t in sorted(set(targets))
+    ]
+    enough = [c for c in results if c.n_answered > 0 and c.coverage >= min_coverage]
+    return enough[-1] if enough else results[0]

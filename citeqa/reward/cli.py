@@ -22,7 +22,7 @@ from typing import Annotated, Any
 import typer
 
 from citeqa.cli_errors import fail
-from citeqa.errors import CiteqaError
+from citeqa.errors import CiteqaError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -278,26 +278,56 @@ def calibrate(
     data: Annotated[list[Path], typer.Option("--data", help="Calibration-split reward data.")],
     reward_dir: Annotated[Path, typer.Option("--reward", help="Reward-model directory.")],
     target: Annotated[
-        float, typer.Option("--target", min=0.01, max=0.99, help="Answered accuracy to guarantee.")
-    ] = 0.8,
+        float | None,
+        typer.Option("--target", min=0.01, max=0.99,
+                     help="Answered accuracy to guarantee. [default: 0.8]"),
+    ] = None,
+    targets: Annotated[
+        str | None,
+        typer.Option("--targets", metavar="T1,T2,...",
+                     help="Instead of --target: the highest of these whose threshold answers "
+                          "at least --min-coverage of the questions, each tested at "
+                          "delta / (their number), so the choice keeps --delta."),
+    ] = None,
+    min_coverage: Annotated[
+        float, typer.Option("--min-coverage", min=0.0, max=1.0,
+                            help="With --targets: the share of questions to answer.")
+    ] = 0.25,
     delta: Annotated[
         float, typer.Option("--delta", min=0.001, max=0.5, help="Allowed failure probability.")
     ] = 0.1,
 ) -> None:
     """Choose the decline threshold on calibration data (Learn-then-Test); write
     calibration.json into the reward-model directory."""
+    if target is not None and targets is not None:
+        raise fail("give --target or --targets, not both")
     try:
-        summary = calibrate_dir(data, reward_dir, target=target, delta=delta)
+        chosen = parse_targets(targets) if targets is not None else None
+        summary = calibrate_dir(data, reward_dir, target=0.8 if target is None else target,
+                                delta=delta, targets=chosen, min_coverage=min_coverage)
     except CiteqaError as e:
         raise fail(str(e)) from None
     typer.echo(json.dumps(summary, indent=2))
 
 
-def calibrate_dir(data_paths: list[Path], reward_dir: Path, *, target: float,
-                  delta: float) -> dict[str, object]:
-    """Score the calibration candidates, run Learn-then-Test on each question's best one, write
+def parse_targets(text: str) -> list[float]:
+    """Parse "0.40,0.45" into [0.4, 0.45]; each must lie in (0, 1)."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--targets {text!r}: give numbers separated by commas") from None
+    if not values or not all(0.0 < v < 1.0 for v in values):
+        raise ConfigError(f"--targets {text!r}: give answered accuracies in (0, 1)")
+    return values
+
+
+def calibrate_dir(data_paths: list[Path], reward_dir: Path, *, target: float, delta: float,
+                  targets: list[float] | None = None,
+                  min_coverage: float = 0.25) -> dict[str, object]:
+    """Score the calibration candidates, run Learn-then-Test on each question's best one (at
+    ``target``, or choosing among ``targets``: see ``calibrate.choose_target``), write
     calibration.json; return it without the per-question lists."""
-    from citeqa.reward.calibrate import calibrate_threshold
+    from citeqa.reward.calibrate import calibrate_threshold, choose_target
     from citeqa.reward.combine import Signals
     from citeqa.reward.data import load_verifier_data
     from citeqa.reward.scorer import VerifierScorer, best_per_question, write_calibration
@@ -315,8 +345,12 @@ def calibrate_dir(data_paths: list[Path], reward_dir: Path, *, target: float,
     scored += [[] for _ in empty]
     best_scores, correct = best_per_question(scored)
     min_answered = max(1, math.ceil(0.05 * len(scored)))  # fixed in advance (calibrate.py)
-    cal = calibrate_threshold(best_scores, correct, target_accuracy=target, delta=delta,
-                              min_answered=min_answered)
+    if targets:
+        cal = choose_target(best_scores, correct, targets=targets, min_coverage=min_coverage,
+                            delta=delta, min_answered=min_answered)
+    else:
+        cal = calibrate_threshold(best_scores, correct, target_accuracy=target, delta=delta,
+                                  min_answered=min_answered)
     answerable = [bool(g[0].golds) for g in groups] + [bool(q.get("answerable")) for q in empty]
     extra = {
         "data": [str(p) for p in data_paths],
@@ -324,6 +358,10 @@ def calibrate_dir(data_paths: list[Path], reward_dir: Path, *, target: float,
         "oracle_accuracy": float(correct.mean()),  # answered accuracy at full coverage
         "generators": data.generators,
     }
+    if targets:
+        extra["targets_tried"] = sorted(set(targets))
+        extra["min_coverage"] = min_coverage
+        extra["family_delta"] = delta  # the chosen target's guarantee; `delta` is per target
     path = write_calibration(reward_dir, best_scores, correct, cal, min_answered=min_answered,
                              extra=extra)
     body = json.loads(path.read_text())
