@@ -34,7 +34,8 @@
 #               beside their original questions;
 #    combine:   `citeqa train reward-combine` on the held-out candidates: how the verifier's
 #               score combines with the generator's log-probabilities and the retrieval score;
-# 4. calibrate: Learn-then-Test at 80 % answered accuracy, delta 0.1;
+# 4. calibrate: Learn-then-Test, the highest of CAL_TARGETS (40-60 %) whose threshold answers
+#               CAL_MIN_COVERAGE (25 %) of the calibration questions, each at delta 0.1/5;
 # 5. publish:   into citeqa/reward/weights (bf16 encoder + heads + calibration.json).
 set -euo pipefail
 
@@ -52,6 +53,8 @@ GEN_Q="${GEN_Q:-700}"       # train-article questions the generator answers for 
 GEN_MORE="${GEN_MORE:-600}"  # ... and more-train questions (adversarial unanswerables)
 SYN_Q="${SYN_Q:-12000}"     # SQuAD 1.1 questions made into synthetic pairs
 RT_Q="${RT_Q:-15000}"       # red-team groups in the training mix
+CAL_TARGETS="${CAL_TARGETS:-0.4,0.45,0.5,0.55,0.6}"  # calibrate: the targets to choose among
+CAL_MIN_COVERAGE="${CAL_MIN_COVERAGE:-0.25}"           # ... the share their threshold must answer
 CAL_N="${CAL_N:-1}"         # candidates per calibration question: as served (GenerationConfig)
 PRE_GROUPS="${PRE_GROUPS:-5000}"  # synthetic + red-team groups of the pretraining
 MIX_SYN="${MIX_SYN:-1500}"  # synthetic groups in the mix
@@ -173,7 +176,8 @@ if [[ " $STAGES " == *" combine "* ]]; then
 fi
 
 if [[ " $STAGES " == *" calibrate "* ]]; then
-  "${CITEQA[@]}" calibrate --data "$WORK/cal.jsonl" --reward "$WORK/rm" --target 0.8 --delta 0.1
+  "${CITEQA[@]}" calibrate --data "$WORK/cal.jsonl" --reward "$WORK/rm" \
+    --targets "$CAL_TARGETS" --min-coverage "$CAL_MIN_COVERAGE" --delta 0.1
 fi
 
 if [[ " $STAGES " == *" publish "* ]]; then
