@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,11 @@ from citeqa.training.demos import Demo, DemoPassage, render_target
 from citeqa.training.lora import LoRAConfig, inject_lora, lora_tensors
 from citeqa.training.sft import (
     IGNORE,
+    Example,
     TrainConfig,
     collate,
     encode_example,
+    micro_batches,
     render_examples,
     run_sft,
     target_loss,
@@ -320,3 +323,56 @@ def test_run_sft_from_an_adapter_checks_it_and_records_it(tokenizer, tmp_path: P
         run_sft(tiny_model(len(tokenizer), seed=1), tokenizer, "tiny", DEMOS, tmp_path / "d",
                 GEN, TrainConfig(lr=1e-2, batch_size=2, max_steps=2), LoRAConfig(r=4),
                 progress=False, init_adapter=init)
+
+
+def test_micro_batches_group_similar_lengths_and_keep_every_example() -> None:
+    lengths = [7, 2, 9, 3, 8, 1]
+    batch = [Example(tuple(range(n)), tuple([IGNORE] * n)) for n in lengths]
+    parts = micro_batches(batch, 2)
+    assert [[len(e.input_ids) for e in m] for m in parts] == [[1, 2], [3, 7], [8, 9]]
+    assert micro_batches(batch, 4)[-1] == parts[2]  # the last one may be short
+    assert sorted(map(id, sum(parts, []))) == sorted(map(id, batch))
+
+
+def test_grouping_by_length_leaves_the_batch_gradient_alone(tokenizer) -> None:
+    torch.manual_seed(0)
+    model = tiny_model(len(tokenizer))
+    examples, _ = render_examples(DEMOS, tokenizer, GEN, max_tokens=4096)
+    assert len({len(e.input_ids) for e in examples}) > 1  # the grouping has something to do
+    wrapped = inject_lora(model, LoRAConfig(r=4))
+    for w in wrapped.values():
+        torch.nn.init.normal_(w.lora_B, std=0.02)  # a non-zero update, so A gets gradients too
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(parts: list[list[Example]]) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        for part in parts:
+            target_loss(model, *collate(part, 2))[0].backward()
+        return [p.grad.clone() for p in params]
+
+    given = [examples[i : i + 2] for i in range(0, len(examples), 2)]
+    for a, b in zip(grads(given), grads(micro_batches(examples, 2)), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_base_bf16_keeps_the_base_in_bf16_and_lora_in_fp32(tokenizer, monkeypatch) -> None:
+    import citeqa.training.sft as sft
+
+    monkeypatch.setattr(sft, "cpu_dtype", lambda requested: "bf16")  # as on a bf16 CPU
+    torch.set_num_threads(1)
+    model = tiny_model(len(tokenizer))
+    examples, _ = render_examples(DEMOS, tokenizer, GEN, max_tokens=4096)
+    cfg = TrainConfig(lr=2e-2, batch_size=4, micro_batch_size=2, max_steps=20, epochs=100,
+                      base_bf16=True)
+    wrapped, log = train_lora(model, examples, 2, cfg, LoRAConfig(r=8, alpha=16),
+                              progress=False)
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trained = {p.dtype for w in wrapped.values() for p in (w.lora_A, w.lora_B)}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    losses = [s["loss"] for s in log.steps]
+    assert losses[-1] < 0.8 * losses[0], losses
+    # off (the default), the base stays float32 whatever the compute format
+    model = tiny_model(len(tokenizer))
+    train_lora(model, examples, 2, replace(cfg, base_bf16=False, max_steps=1),
+               LoRAConfig(r=8, alpha=16), progress=False)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -40,7 +40,8 @@ MOMENTS = ("exp_avg", "exp_avg_sq", "step")  # AdamW's per-parameter state
 def run_key(examples: Sequence[Any], train: Any, lora: LoRAConfig) -> str:
     """A digest of the token ids, labels and settings that decide every step's update."""
     h = hashlib.sha256()
-    free = ("max_steps", "cpu_dtype", "save_every", "micro_batch_size")  # not the updates
+    # numerics and bookkeeping, not the update rule: a run may resume under other values
+    free = ("max_steps", "cpu_dtype", "base_bf16", "save_every", "micro_batch_size")
     settings = {k: v for k, v in asdict(train).items() if k not in free}
     h.update(json.dumps([settings, {**asdict(lora), "targets": list(lora.targets)}],
                         sort_keys=True).encode())

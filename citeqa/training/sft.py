@@ -60,6 +60,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     seed: int = 0  # LoRA init and example order
     cpu_dtype: str = "auto"  # compute format on a CPU: bf16 autocast where it pays (compute.py)
+    # With bf16 on a CPU: keep the frozen base weights in bf16 too (LoRA A/B and AdamW stay
+    # fp32). Saves the per-step weight casts (~17 % a step here) but runs the residual stream
+    # in bf16, so it is not the shipped adapter's recipe; off by default.
+    base_bf16: bool = False
     save_every: int = 25  # optimizer steps between checkpoints (when training into a directory)
     # Training an adapter further: its content id (``adapter_id``; "" = LoRA's fresh init) and
     # the steps of this data order it was trained on, which are skipped (max_steps counts them)
@@ -140,6 +144,16 @@ def collate(
     return ids, mask, labels
 
 
+def micro_batches(batch: Sequence[Example], size: int) -> list[list[Example]]:
+    """``batch`` split into micro-batches of ``size``, similar lengths together.
+
+    The batch's gradient is the sum over its examples, so grouping by length changes nothing
+    but the padding (here 1.31x the real tokens in the given order, 1.19x sorted).
+    """
+    ordered = sorted(batch, key=lambda e: len(e.input_ids))
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+
+
 # -- loss and training ---------------------------------------------------------------------------
 
 
@@ -187,6 +201,9 @@ def train_lora(
     if not examples:
         raise ValueError("no training examples")
     torch.manual_seed(cfg.seed)
+    device_type = next(model.parameters()).device.type
+    if cfg.base_bf16 and device_type == "cpu" and cpu_dtype(cfg.cpu_dtype) == "bf16":
+        model.to(torch.bfloat16)  # before the LoRA layers, which stay float32
     wrapped = inject_lora(model, lora)
     if init is not None:
         load_lora_tensors(wrapped, init)
@@ -201,7 +218,6 @@ def train_lora(
     if done:
         logger.info("resuming from step %d of %d saved in %s", done, total, checkpoint_dir)
     model.train()
-    device_type = next(model.parameters()).device.type
     log = TrainLog(steps=history, examples=len(examples))
     earlier = history[-1]["seconds"] if history else 0.0  # seconds of the runs resumed
     t0 = time.perf_counter()
@@ -222,8 +238,8 @@ def train_lora(
             n_tokens = sum(e.target_tokens for e in batch)
             optimizer.zero_grad(set_to_none=True)
             loss_sum = 0.0
-            for m in range(0, len(batch), cfg.micro_batch_size):
-                ids, mask, labels = collate(batch[m : m + cfg.micro_batch_size], pad_id)
+            for micro in micro_batches(batch, cfg.micro_batch_size):
+                ids, mask, labels = collate(micro, pad_id)
                 with training_autocast(device_type, cfg.cpu_dtype):
                     loss, _ = target_loss(model, ids, mask, labels)
                 (loss / n_tokens).backward()  # the batch's token mean, accumulated
