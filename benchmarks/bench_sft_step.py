@@ -62,12 +62,10 @@ def main() -> None:
     for name, (way_cfg, split) in ways.items():
         model, tokenizer, model_id = load_model(gen.model, Settings().cache_dir)  # type: ignore[call-arg]
         examples, _ = sft.render_examples(demos, tokenizer, gen, max_tokens=way_cfg.max_tokens)
-        pad_id = tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = sft.end_token_id(tokenizer)
         sft.micro_batches = split
         try:
-            _, log = sft.train_lora(model, examples, pad_id, way_cfg, lora, progress=False)
+            _, log = sft.train_lora(model, examples, sft.padding_id(tokenizer), way_cfg, lora,
+                                    progress=False)
         finally:
             sft.micro_batches = grouped
         seconds = [s["seconds"] for s in log.steps]

@@ -33,7 +33,9 @@ QUALITY_FIELDS = {
 
 def best_right(record: dict) -> bool:
     best = (record.get("candidates") or [None])[0]
-    return bool(best and best.get("quote") and M.f1(best["answer"], record["gold_answers"]) >= 0.5)
+    return bool(best) and M.is_correct(
+        best["answer"], record["gold_answers"], quote_valid=bool(best.get("quote"))
+    )
 
 
 def best_holds_gold(record: dict) -> bool:

@@ -144,6 +144,11 @@ def collate(
     return ids, mask, labels
 
 
+def padding_id(tokenizer: Any) -> int:
+    """The token that pads a micro-batch: the tokenizer's pad token, else its end token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_token_id(tokenizer)
+
+
 def micro_batches(batch: Sequence[Example], size: int) -> list[list[Example]]:
     """``batch`` split into micro-batches of ``size``, similar lengths together.
 
@@ -446,9 +451,7 @@ def run_sft(
         raise ValueError(f"the model has no Linear layer named like {list(lora.targets)}")
     params = fingerprint_params(targets)
     fingerprint = base_fingerprint(model, params)  # before training touches anything
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_token_id(
-        tokenizer
-    )
+    pad_id = padding_id(tokenizer)
     init = None
     if init_adapter is not None:
         init, init_id = init_from_adapter(init_adapter, lora, fingerprint)
