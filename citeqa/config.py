@@ -155,6 +155,9 @@ class Settings(BaseSettings):
     generator: str | None = None  # overrides the preset's generator (a local HF model dir)
     adapter: str | None = None  # a LoRA adapter dir (citeqa train generator); "none" = base
     reward: str | None = None  # a reward-model dir (citeqa train reward); "none" = no RM
+    # when the reward model's calibration certified no target: decline every question (True)
+    # instead of answering without a threshold (RewardConfig.decline_uncertified)
+    decline_uncertified: bool = False
     answer_mode: Literal["span", "free"] | None = None  # overrides the preset's answer mode
     # overrides the presets' CPU compute format (generator, embedder, training; see compute.py)
     cpu_dtype: Literal["auto", "bf16", "fp16w", "fp32"] | None = None
@@ -238,4 +241,6 @@ class Settings(BaseSettings):
         if self.reward:
             model = None if self.reward.strip().lower() == "none" else self.reward
             cfg = replace(cfg, reward=replace(cfg.reward, model=model))
+        if self.decline_uncertified:
+            cfg = replace(cfg, reward=replace(cfg.reward, decline_uncertified=True))
         return cfg
