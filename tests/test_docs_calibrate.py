@@ -50,6 +50,8 @@ def test_the_calibration_guide_runs_as_written(tmp_path: Path, monkeypatch) -> N
     assert [shlex.split(c)[0] for c in lines] == ["cp", "citeqa", "citeqa", "citeqa",
                                                     "CITEQA_REWARD=my-rm"]
     assert shlex.split(lines[4])[2:] == ["citeqa", "serve", "--index", "my-index"]
+    for name in [k for k in os.environ if k.startswith("CITEQA_")]:
+        monkeypatch.delenv(name)  # the settings are the document's alone
     monkeypatch.chdir(tmp_path)
     build_index_from_documents([Document("s", "Service", "s.txt", TEXT)], tmp_path / "my-index",
                                preset("tiny").retrieval, progress=False)
@@ -88,7 +90,7 @@ def test_the_calibration_guide_runs_as_written(tmp_path: Path, monkeypatch) -> N
     pipeline = Pipeline.from_settings(Settings(preset="tiny", index=tmp_path / "my-index"))
     assert pipeline.scorer is not None and pipeline.scorer.directory == Path("my-rm")
     answer = pipeline.ask(question)
-    assert answer.declined and answer.candidates
+    assert answer.declined and answer.candidates and "below the threshold" in answer.reason
     monkeypatch.delenv("CITEQA_DECLINE_UNCERTIFIED")
     lenient = Pipeline.from_settings(Settings(preset="tiny", index=tmp_path / "my-index"))
     assert not lenient.ask(question).declined
