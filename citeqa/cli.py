@@ -128,7 +128,8 @@ def index_build(
     ] = "auto",
     nprobe: Annotated[
         int | None,
-        typer.Option("--nprobe", min=1, help="IVF: cells searched per query (recall vs speed)."),
+        typer.Option("--nprobe", min=1,
+                     help="IVF: cells searched per query (recall vs speed; default 128)."),
     ] = None,
     nlist: Annotated[
         int | None,
@@ -137,7 +138,7 @@ def index_build(
     ray: Annotated[
         str | None,
         typer.Option("--ray", help="Build on Ray: 'local' (this machine) or a cluster address "
-                     "(HEAD:6379, ray://HEAD:10001, auto); resumable. Needs citeqa[ray]."),
+                     "(HEAD:6379, ray://HEAD:10001, auto); resumable. Needs citeqa\\[ray]."),
     ] = None,
     work_dir: Annotated[
         Path | None,
@@ -152,7 +153,7 @@ def index_build(
     shard_chars: Annotated[
         int | None,
         typer.Option("--shard-chars", min=1, help="--ray: characters of documents per shard "
-                     "(the unit of work and of resuming)."),
+                     "(the unit of work and of resuming; default 2,000,000)."),
     ] = None,
     max_chars: Annotated[
         int | None, typer.Option("--max-chars", help="Maximum passage length in characters.")

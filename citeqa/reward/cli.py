@@ -280,7 +280,7 @@ def calibrate(
     target: Annotated[
         float | None,
         typer.Option("--target", min=0.01, max=0.99,
-                     help="Answered accuracy to guarantee. [default: 0.8]"),
+                     help="Answered accuracy to guarantee. \\[default: 0.8]"),
     ] = None,
     targets: Annotated[
         str | None,
