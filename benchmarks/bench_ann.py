@@ -17,10 +17,16 @@ One run, four parts, every figure from this run:
 
     python benchmarks/bench_ann.py --passages 1000000                 # hash embedder
     python benchmarks/bench_ann.py --passages 300000 --embedder minilm --build-passages 5000
+    python benchmarks/bench_ann.py --passages 1000000 --embedder composed
 
 With ``--embedder minilm`` the full corpus is embedded once through the Ray build (resumable:
 rerun the same command after an interruption with the same ``--work``), and the local/Ray
 throughput comparison runs on the first ``--build-passages`` passages.
+
+``--embedder composed`` writes no files and skips part 2: each passage's vector is the
+normalised mean of the MiniLM embeddings of its sentences (the ~5k SQuAD sentences are embedded
+once), a stand-in for MiniLM passage embeddings at sizes these cores cannot embed in an hour.
+Check it against ``--embedder minilm`` at a size both can run (README: at 178k passages).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_retrieval import corpus_and_queries  # noqa: E402
+from bench_retrieval import corpus_and_queries, sentence_draws, squad_sentences  # noqa: E402
 
 from citeqa.config import RetrievalConfig  # noqa: E402
 from citeqa.retrieval import build_index, load_embedder  # noqa: E402
@@ -78,6 +84,21 @@ def write_sources(texts: list[str], directory: Path, files: int) -> list[Path]:
     return paths
 
 
+def composed_vectors(sentences: list[str], draws: list[np.ndarray], embedder,
+                     chunk: int = 100_000) -> np.ndarray:
+    """MiniLM-composed passage vectors: passage i's vector is the normalised mean of the
+    embeddings of its sentences ``sentences[draws[i]]``, so a million vectors cost one embedding
+    of the ~5k sentences instead of a million passage embeddings. [len(draws), dim] float32."""
+    emb = embedder.embed(sentences, batch_size=64)  # [S, dim]
+    out = np.empty((len(draws), emb.shape[1]), dtype=np.float32)
+    for start in range(0, len(draws), chunk):
+        part = draws[start : start + chunk]
+        offsets = np.concatenate([[0], np.cumsum([len(d) for d in part])[:-1]])
+        sums = np.add.reduceat(emb[np.concatenate(part)], offsets, axis=0)  # [chunk, dim]
+        out[start : start + len(part)] = sums / np.linalg.norm(sums, axis=1, keepdims=True)
+    return out
+
+
 def single_query_p50(index: DenseIndex, queries: np.ndarray, k: int = 10) -> float:
     times = []
     for q in queries:
@@ -106,46 +127,12 @@ def measure_build(spec: DenseSpec, vectors: np.ndarray, tmp: Path) -> tuple[Dens
                    "bytes_per_vector": size / len(vectors), "rss_growth_mb": rss_mb() - before}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description="citeqa approximate dense search benchmark")
-    ap.add_argument("--passages", type=int, default=1_000_000)
-    ap.add_argument("--embedder", choices=["hash", "minilm"], default="hash")
-    ap.add_argument("--build-passages", type=int, default=None,
-                    help="passages of the local-vs-Ray throughput comparison (default: all "
-                         "with hash, 5000 with minilm)")
-    ap.add_argument("--queries", type=int, default=500)
-    ap.add_argument("--latency-queries", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=2, help="torch/FAISS threads, Ray CPUs")
-    ap.add_argument("--files", type=int, default=64, help="JSONL source files")
-    ap.add_argument("--no-hnsw", action="store_true", help="skip HNSW (slow to build)")
-    ap.add_argument("--work", type=Path, default=None,
-                    help="keep corpus and indexes here (reuse/resume); default a temp dir")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", type=Path, help="also write the figures here")
-    args = ap.parse_args()
-
-    import faiss
-    import torch
-
+def built_vectors(args: argparse.Namespace, sources: list[Path], work: Path,
+                  fig: dict[str, object]) -> np.ndarray:
+    """Parts 2 and 3: the local and ``--ray local`` builds of the first ``--build-passages``
+    passages (throughput, same passages), then the flat index over every passage through Ray;
+    its vectors [N, dim]."""
     from citeqa.distributed import RayExecutor, RayOptions, build_index_sharded
-
-    torch.set_num_threads(args.threads)
-    faiss.omp_set_num_threads(args.threads)
-    work = args.work or Path(tempfile.mkdtemp(prefix="bench_ann-"))
-    work.mkdir(parents=True, exist_ok=True)
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
-          f"{args.threads} threads; python {platform.python_version()}, faiss "
-          f"{faiss.__version__}; work dir {work}")
-    fig: dict[str, object] = {"threads": args.threads, "embedder": args.embedder}
-
-    # --- 1. corpus
-    texts, queries, what = corpus_and_queries(args.passages, args.seed)
-    rng = np.random.default_rng(args.seed + 1)
-    queries = [queries[i] for i in rng.permutation(len(queries))[: args.queries]]
-    sources = write_sources(texts, work / "sources", args.files)
-    print(f"corpus: {len(texts):,} texts ({what}), mean {np.mean([len(t) for t in texts]):.0f} "
-          f"chars, in {len(sources)} JSONL files; {len(queries)} queries")
-    del texts
 
     cfg = RetrievalConfig(embedder=args.embedder)
     flat = DenseSpec(kind="flat")
@@ -193,11 +180,69 @@ def main() -> None:
         print(f"full build via --ray local: {s.passages:,} passages in "
               f"{time.perf_counter() - t:.0f} s ({s.shards_reused} shards reused)")
     ray.shutdown()
-    vectors = DenseIndex.load(full / "dense.faiss").vectors()  # [N, dim]
+    return DenseIndex.load(full / "dense.faiss").vectors()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="citeqa approximate dense search benchmark")
+    ap.add_argument("--passages", type=int, default=1_000_000)
+    ap.add_argument("--embedder", choices=["hash", "minilm", "composed"], default="hash",
+                    help="composed: MiniLM-composed vectors (each passage the normalised mean "
+                         "of its sentences' MiniLM embeddings), no index build")
+    ap.add_argument("--build-passages", type=int, default=None,
+                    help="passages of the local-vs-Ray throughput comparison (default: all "
+                         "with hash, 5000 with minilm)")
+    ap.add_argument("--queries", type=int, default=500)
+    ap.add_argument("--latency-queries", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=2, help="torch/FAISS threads, Ray CPUs")
+    ap.add_argument("--files", type=int, default=64, help="JSONL source files")
+    ap.add_argument("--no-hnsw", action="store_true", help="skip HNSW (slow to build)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="keep corpus and indexes here (reuse/resume); default a temp dir")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+
+    import faiss
+    import torch
+
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_ann-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
+          f"{args.threads} threads; python {platform.python_version()}, faiss "
+          f"{faiss.__version__}; work dir {work}")
+    fig: dict[str, object] = {"threads": args.threads, "embedder": args.embedder}
+
+    # --- 1. corpus
+    texts, queries, what = corpus_and_queries(args.passages, args.seed)
+    rng = np.random.default_rng(args.seed + 1)
+    queries = [queries[i] for i in rng.permutation(len(queries))[: args.queries]]
+    if args.embedder == "composed":
+        found = squad_sentences()
+        if found is None:
+            sys.exit("--embedder composed needs the SQuAD data in ../shared/data/squad2")
+        print(f"corpus: {len(texts):,} texts ({what}), mean "
+              f"{np.mean([len(t) for t in texts]):.0f} chars; {len(queries)} queries")
+        del texts
+        t = time.perf_counter()
+        embedder = load_embedder("minilm")
+        draws = sentence_draws(args.passages, len(found[0]), args.seed)  # corpus_and_queries'
+        vectors = composed_vectors(found[0], draws, embedder)
+        print(f"MiniLM-composed vectors: {len(vectors):,} in {time.perf_counter() - t:.0f} s "
+              "(no index build: the local-vs-Ray comparison needs --embedder hash or minilm)")
+    else:
+        sources = write_sources(texts, work / "sources", args.files)
+        print(f"corpus: {len(texts):,} texts ({what}), mean "
+              f"{np.mean([len(t) for t in texts]):.0f} chars, in {len(sources)} JSONL files; "
+              f"{len(queries)} queries")
+        del texts
+        vectors = built_vectors(args, sources, work, fig)  # [N, dim]
+        embedder = load_embedder(args.embedder)
     n = len(vectors)
-    embedder = load_embedder(args.embedder)
     qv = embedder.embed(queries, batch_size=64)  # [Q, dim]
-    exact = DenseIndex.build(vectors, spec=flat)
+    exact = DenseIndex.build(vectors, spec=DenseSpec(kind="flat"))
     _, truth = exact.index.search(qv, 10)
     lat_q = qv[: args.latency_queries]
     flat_p50 = single_query_p50(exact, lat_q)

@@ -43,23 +43,37 @@ from citeqa.types import Document, Passage  # noqa: E402
 DATA = ROOT.parent / "shared" / "data" / "squad2"
 
 
-def corpus_and_queries(n: int, seed: int) -> tuple[list[str], list[str], str]:
-    rng = np.random.default_rng(seed)
+def squad_sentences() -> tuple[list[str], list[str]] | None:
+    """The sentences of the SQuAD paragraphs (qa.json + distractors.json) and the questions,
+    or None without the data."""
     files = [DATA / "qa.json", DATA / "distractors.json"]
-    if all(f.is_file() for f in files):
-        sentences, queries = [], []
-        for f in files:
-            for article in json.loads(f.read_text())["data"]:
-                for p in article["paragraphs"]:
-                    sentences += re.split(r"(?<=[.!?])\s+", p["context"])
-                    queries += [q["question"] for q in p.get("qas", [])]
-        sizes = rng.integers(3, 8, size=n)
-        picks = rng.integers(0, len(sentences), size=int(sizes.sum()))
-        texts, pos = [], 0
-        for s in sizes:
-            texts.append(" ".join(sentences[i] for i in picks[pos : pos + s]))
-            pos += s
+    if not all(f.is_file() for f in files):
+        return None
+    sentences, queries = [], []
+    for f in files:
+        for article in json.loads(f.read_text())["data"]:
+            for p in article["paragraphs"]:
+                sentences += re.split(r"(?<=[.!?])\s+", p["context"])
+                queries += [q["question"] for q in p.get("qas", [])]
+    return sentences, queries
+
+
+def sentence_draws(n: int, n_sentences: int, seed: int) -> list[np.ndarray]:
+    """For each of ``n`` passages, the indices of its 3-7 sentences, drawn at random."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(3, 8, size=n)
+    picks = rng.integers(0, n_sentences, size=int(sizes.sum()))
+    return np.split(picks, np.cumsum(sizes)[:-1])
+
+
+def corpus_and_queries(n: int, seed: int) -> tuple[list[str], list[str], str]:
+    found = squad_sentences()
+    if found is not None:
+        sentences, queries = found
+        texts = [" ".join(sentences[i] for i in draw)
+                 for draw in sentence_draws(n, len(sentences), seed)]
         return texts, queries, f"SQuAD sentences resampled ({len(sentences)} sentences)"
+    rng = np.random.default_rng(seed)
     words = [f"w{i}" for i in range(50_000)]
     ranks = np.minimum(rng.zipf(1.2, size=(n, 120)), len(words)) - 1
     texts = [" ".join(words[r] for r in row) for row in ranks]
