@@ -48,7 +48,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_retrieval import corpus_and_queries, sentence_draws, squad_sentences  # noqa: E402
+from bench_retrieval import (  # noqa: E402
+    corpus_and_queries,
+    sample_queries,
+    sentence_draws,
+    squad_sentences,
+)
 
 from citeqa.config import RetrievalConfig  # noqa: E402
 from citeqa.retrieval import build_index, load_embedder  # noqa: E402
@@ -217,8 +222,7 @@ def main() -> None:
 
     # --- 1. corpus
     texts, queries, what = corpus_and_queries(args.passages, args.seed)
-    rng = np.random.default_rng(args.seed + 1)
-    queries = [queries[i] for i in rng.permutation(len(queries))[: args.queries]]
+    queries = sample_queries(queries, args.queries, args.seed)
     if args.embedder == "composed":
         found = squad_sentences()
         if found is None:

@@ -81,6 +81,12 @@ def corpus_and_queries(n: int, seed: int) -> tuple[list[str], list[str], str]:
     return texts, queries, "synthetic Zipf words (SQuAD data not found)"
 
 
+def sample_queries(queries: list[str], k: int, seed: int) -> list[str]:
+    """``k`` of the questions in a random order (seed + 1: independent of the corpus draws)."""
+    rng = np.random.default_rng(seed + 1)
+    return [queries[i] for i in rng.permutation(len(queries))[:k]]
+
+
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs) * 1000, q))
 
@@ -108,7 +114,7 @@ def main() -> None:
     fig: dict[str, object] = {"threads": args.threads, "passages": args.passages}
 
     texts, queries, what = corpus_and_queries(args.passages, args.seed)
-    rng = np.random.default_rng(args.seed + 1)
+    rng = np.random.default_rng(args.seed + 1)  # also pads the dense vectors below
     queries = [queries[i] for i in rng.permutation(len(queries))[: args.queries]]
     print(f"corpus: {len(texts)} passages, {what}; mean {np.mean([len(t) for t in texts]):.0f} "
           f"chars; {len(queries)} queries")
