@@ -26,6 +26,11 @@ class ConfigError(CiteqaError):
     """A setting or preset is invalid."""
 
 
+class NotSupportedError(ConfigError):
+    """What was asked needs something this setup lacks (e.g. changing the documents of a
+    retriever that is not an index directory): the server's limit, not the request's fault."""
+
+
 class SourceError(CiteqaError):
     """A document source could not be read."""
 

@@ -35,7 +35,7 @@ from citeqa.config import (
     Config,
     Settings,
 )
-from citeqa.errors import ConfigError, InvalidRequestError, ModelError
+from citeqa.errors import ConfigError, InvalidRequestError, ModelError, NotSupportedError
 from citeqa.generation.cited import CitedGenerator, Generation, GenerationItem
 from citeqa.generation.factory import build_backend
 from citeqa.generation.format import ANSWER_MODES
@@ -295,8 +295,8 @@ class Pipeline:
                 f"offset must be at least 0 and limit at least 1, got {offset} and {limit}")
         retriever = self.retriever  # one snapshot, as for questions
         if not isinstance(retriever, HybridRetriever):
-            raise ConfigError(f"a {type(retriever).__name__} cannot list its documents; serve "
-                              "an index directory (citeqa serve --index DIR)")
+            raise NotSupportedError(f"a {type(retriever).__name__} cannot list its documents; "
+                                    "serve an index directory (citeqa serve --index DIR)")
         return retriever.list_documents(offset, limit)
 
     def add_documents(self, documents: Sequence[Document]) -> dict[str, int]:
@@ -313,8 +313,8 @@ class Pipeline:
         with self._update_lock:
             old = self.retriever
             if not isinstance(old, HybridRetriever):
-                raise ConfigError(
-                    f"documents cannot be added to a {type(old).__name__}; serve an index "
+                raise NotSupportedError(
+                    f"documents cannot be changed in a {type(old).__name__}; serve an index "
                     "directory (citeqa serve --index DIR) to manage documents"
                 )
             out = self.index_dir or old.index.directory

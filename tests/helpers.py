@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from citeqa.errors import ConfigError, InvalidRequestError
+from citeqa.errors import InvalidRequestError, NotSupportedError
 from citeqa.types import Answer, AskArgs, Document
 
 # Three documents, not two: with two, rank-bm25's IDF of a term found in one of them is 0.
@@ -69,10 +69,10 @@ class CannedPipeline:
         return list(self.corpus[offset:offset + limit]), len(self.corpus)
 
     def add_documents(self, documents: Sequence[Document]) -> dict[str, int]:
-        raise ConfigError("this fake cannot change its documents")
+        raise NotSupportedError("this fake cannot change its documents")
 
     def delete_document(self, doc_id: str) -> None:
-        raise ConfigError("this fake cannot change its documents")
+        raise NotSupportedError("this fake cannot change its documents")
 
 
 class _ByteTokenizer:

@@ -40,6 +40,7 @@ from citeqa.errors import (
     IndexError_,
     InvalidRequestError,
     ModelError,
+    NotSupportedError,
     OutputFormatError,
     SourceError,
 )
@@ -373,11 +374,33 @@ def test_malformed_bodies_are_4xx(raw: bytes) -> None:
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
                                           "multipart/form-data; boundary=x", None])
-def test_non_json_bodies_are_422(content_type: str | None) -> None:
+def test_bodies_not_declared_as_json_are_415(content_type: str | None) -> None:
     headers = {"content-type": content_type} if content_type else {}
     with serve() as c:
-        r = c.post("/v1/answer", content=b'{"question": "q"}', headers=headers)
-    assert assert_uniform_error(r, 422, "invalid_request")["message"].startswith("body:")
+        for path, body in (("/v1/answer", b'{"question": "q"}'), ("/v1/search", b'{"query": "q"}'),
+                           ("/v1/documents", b'{"text": "t"}')):
+            r = c.post(path, content=body, headers=headers)
+            err = assert_uniform_error(r, 415, "unsupported_media_type")
+            assert "content-type: application/json" in err["message"]
+        for declared in ("application/json; charset=utf-8", "application/problem+json"):
+            r = c.post("/v1/search", content=b'{"query": "q"}', headers={"content-type": declared})
+            assert r.status_code == 200, r.text
+
+
+def test_a_json_syntax_error_says_where_it_is() -> None:
+    with serve() as c:
+        r = c.post("/v1/answer", content=b'{"question": "a"}x',
+                   headers={"content-type": "application/json"})
+    err = assert_uniform_error(r, 422, "invalid_request")
+    assert err["message"] == "body: not valid JSON at character 17 (Extra data)", err
+    assert err["details"][0]["loc"] == ["body"]
+
+
+def test_health_probes_and_the_page_answer_head() -> None:
+    with serve() as c:
+        for path in ("/healthz", "/readyz", "/", "/documents"):
+            assert c.head(path).status_code == 200, path
+        assert "head" not in json.dumps(c.get("/openapi.json").json()["paths"]["/healthz"])
 
 
 @pytest.mark.parametrize("body", [{}, {"query": " "}, {"query": "q", "k": 0},
@@ -459,6 +482,7 @@ def test_body_limit_from_content_length_and_while_reading_a_chunked_body() -> No
         (EmptyCorpusError("empty"), 503, "index_unavailable"),
         (ModelError("no weights"), 503, "model_unavailable"),
         (OutputFormatError("no QUOTE line"), 500, "generation_failed"),
+        (NotSupportedError("cannot change documents"), 501, "not_supported"),
         (ConfigError("bad preset"), 500, "config_error"),
         (CiteqaError("other"), 500, "internal_error"),
     ],
@@ -661,7 +685,7 @@ def test_metrics_count_requests_by_route_template_and_declines() -> None:
         return got[("citeqa_requests_total", key)]
 
     assert requests("/v1/answer", "200") == 2 and requests("/v1/answer", "422") == 1
-    assert requests("/v1/documents/{doc_id:path}", "404") == 1
+    assert requests("/v1/documents/{doc_id}", "404") == 1
     assert requests("unmatched", "404") == 1
     assert got[("citeqa_declines_total", frozenset())] == 1
     assert got[("citeqa_answers_total", frozenset())] == 2

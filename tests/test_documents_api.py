@@ -82,6 +82,11 @@ def serve(index_dir: Path, tmp_path: Path, *, fetcher: Fetcher | None = None,
     return Ready()  # type: ignore[return-value]
 
 
+def assert_error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    return r.json()["error"]
+
+
 def search_ids(client: TestClient, query: str) -> list[str]:
     r = client.post("/v1/search", json={"query": query, "k": 5})
     assert r.status_code == 200, r.text
@@ -140,6 +145,29 @@ def test_delete_is_204_then_404_and_persisted(client: TestClient, index_dir: Pat
     assert set(Index.load(index_dir).documents) == {"normans"}
 
 
+@pytest.mark.parametrize("path", ["eiffel%0A", "eiffel%0a%0a", "eif%0Afel", "%0Aeiffel",
+                                  "eiffel%0D", "eiffel%00"])
+def test_an_id_with_a_control_character_never_reaches_another_document(
+        client: TestClient, index_dir: Path, path: str) -> None:
+    """A newline at the end of an id used to vanish in route matching: DELETE eiffel%0A
+    deleted "eiffel". Every such id is now refused as a whole, and nothing is lost."""
+    for method in ("GET", "DELETE"):
+        err = assert_error(client.request(method, f"/v1/documents/{path}"), 422)
+        assert "control characters" in err["message"], err
+    assert set(Index.load(index_dir).documents) == {"normans", "eiffel"}
+    assert client.get("/v1/documents/eiffel").status_code == 200
+
+
+def test_a_server_that_cannot_change_documents_says_501(index_dir: Path, tmp_path: Path) -> None:
+    with serve(index_dir, tmp_path) as c:
+        c.app.state.citeqa.pipeline.retriever = ListlessRetriever()
+        for r in (c.post("/v1/documents", json={"text": NEW_TEXT}),
+                  c.delete("/v1/documents/eiffel"), c.get("/v1/documents")):
+            err = assert_error(r, 501)
+            assert err["code"] == "not_supported" and "serve an index directory" in err["message"]
+    assert set(Index.load(index_dir).documents) == {"normans", "eiffel"}
+
+
 def listed(client: TestClient, **page: int) -> dict:
     r = client.get("/v1/documents", params=page)
     assert r.status_code == 200, r.text
@@ -170,6 +198,14 @@ def test_index_pages_are_slices_of_the_documents_in_order(index_dir: Path) -> No
     assert index.list_documents(2**70, 5) == ([], len(ids))
 
 
+class ListlessRetriever:  # a Retriever with search and document only
+    def search(self, query: str, k: int = 10) -> list:
+        return []
+
+    def document(self, doc_id: str) -> Document:
+        raise KeyError(doc_id)
+
+
 def test_the_pipeline_lists_documents_of_an_index_only(index_dir: Path, tmp_path: Path) -> None:
     from citeqa.errors import ConfigError
     from citeqa.pipeline import Pipeline
@@ -180,13 +216,6 @@ def test_the_pipeline_lists_documents_of_an_index_only(index_dir: Path, tmp_path
     for offset, limit in ((-1, 5), (0, 0)):
         with pytest.raises(InvalidRequestError, match="offset must be at least 0"):
             pipeline.list_documents(offset, limit)
-
-    class ListlessRetriever:  # a Retriever with search and document only
-        def search(self, query: str, k: int = 10) -> list:
-            return []
-
-        def document(self, doc_id: str) -> Document:
-            raise KeyError(doc_id)
 
     bare = Pipeline(ListlessRetriever(), pipeline.generator, pipeline.cfg)
     with pytest.raises(ConfigError, match="cannot list its documents"):

@@ -231,6 +231,14 @@ def test_malformed_urls_are_bad_urls_and_never_connect(url: str) -> None:
     assert not isinstance(info.value, BlockedURLError)
 
 
+@pytest.mark.parametrize("url", ["http://:80/", "  http://:80/x ", "https:///moths"])
+def test_a_bad_url_is_named_as_the_user_wrote_it(url: str) -> None:
+    """httpx prints ``http://:80/`` as ``http:/``: the message names what was sent."""
+    with pytest.raises(BadURLError) as info:
+        fetcher().fetch(url)
+    assert str(info.value).startswith(f"{url.strip()}: "), info.value
+
+
 def test_a_host_that_does_not_exist_is_a_bad_url() -> None:
     def nxdomain(host: str, port: int) -> list[str]:
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")

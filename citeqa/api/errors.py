@@ -25,6 +25,8 @@ How ``CiteqaError`` maps to HTTP (the one table; first match wins, subclasses fi
     EngineUnavailableError 503     engine_unavailable      the remote generator is down or busy
     EngineError            502     engine_error            the remote generator answered an error
     OutputFormatError      500     generation_failed       the generator broke its output format
+    NotSupportedError      501     not_supported           this server cannot do it (e.g. change
+                                                           the documents of a non-index retriever)
     ConfigError            500     config_error            the server is misconfigured
     CiteqaError (other)    500     internal_error
     =====================  ======  ======================  =========================================
@@ -57,6 +59,7 @@ from citeqa.errors import (
     IndexError_,
     InvalidRequestError,
     ModelError,
+    NotSupportedError,
     OutputFormatError,
     SourceError,
 )
@@ -75,6 +78,7 @@ CITEQA_ERROR_TABLE: tuple[tuple[type[CiteqaError], int, str], ...] = (
     (EngineUnavailableError, 503, "engine_unavailable"),
     (EngineError, 502, "engine_error"),
     (OutputFormatError, 500, "generation_failed"),
+    (NotSupportedError, 501, "not_supported"),
     (ConfigError, 500, "config_error"),
 )
 
@@ -161,6 +165,11 @@ def validation_details(errors: Any) -> list[dict[str, Any]]:
         msg = str(e.get("msg", ""))
         if e.get("type") == "string_pattern_mismatch":
             msg = PATTERN_HELP.get(str((e.get("ctx") or {}).get("pattern")), msg)
+        elif e.get("type") == "json_invalid" and len(loc) == 2 and isinstance(loc[1], int):
+            # FastAPI puts the character offset where the field would be: say what it is
+            why = (e.get("ctx") or {}).get("error")
+            msg = f"not valid JSON at character {loc[1]}" + (f" ({why})" if why else "")
+            loc = loc[:1]
         out.append({"loc": loc, "msg": msg, "type": str(e.get("type", ""))})
     return out
 

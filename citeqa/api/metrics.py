@@ -97,6 +97,6 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_status)
         finally:
             # The router stores the matched route in the (shared) scope dict.
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            route = getattr(scope.get("route"), "path_format", None) or "unmatched"
             method = scope["method"] if scope["method"] in METHODS else "OTHER"
             self.metrics.observe_request(route, method, status, time.perf_counter() - t0)

@@ -13,12 +13,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 
 from citeqa.api.batching import Batcher, BatcherClosedError, QueueFullError
 from citeqa.api.deps import BatcherDep, PipelineDep, PipelineLike, ServiceState, StateDep
 from citeqa.api.errors import ApiError
 from citeqa.api.metrics import CONTENT_TYPE
 from citeqa.api.schemas import (
+    DOC_ID_PATH_PATTERN,
     MAX_DOCUMENTS_PAGE,
     AnswerOut,
     AnswerRequest,
@@ -44,16 +46,52 @@ logger = logging.getLogger(__name__)
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorOut} for s in (400, 401, 404, 413, 422, 500, 503, 504)
 }
+BODY_ERRORS: dict[int | str, dict[str, Any]] = {415: {"model": ErrorOut}}  # POSTs: not JSON
+ANSWER_ERRORS: dict[int | str, dict[str, Any]] = {**BODY_ERRORS, 502: {"model": ErrorOut}}
 DOCUMENT_ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorOut} for s in (400, 409, 501, 502)
 }
-# No control characters: a trailing newline would otherwise vanish in route matching ("$" matches
-# before it), and an id of "\n" would arrive empty.
-DocId = Annotated[str, Path(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
+class AnyPathConvertor(Convertor[str]):
+    """Starlette's ``path`` convertor, newlines included: with its ``.*`` an id ending in a
+    newline lost it in route matching (``$`` matches before a final newline), so a request for
+    ``one%0A`` reached document ``one``, and an id holding one found no route at all. Now the
+    whole id reaches ``DocId``'s check, which refuses control characters (422)."""
+
+    regex = "(?s:.*)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("any_path", AnyPathConvertor())
+DocId = Annotated[str, Path(min_length=1, max_length=256, pattern=DOC_ID_PATH_PATTERN)]
 Offset = Annotated[int, Query(ge=0, description="documents to skip (index order)")]
 Limit = Annotated[int, Query(ge=1, le=MAX_DOCUMENTS_PAGE, description="documents to return")]
 # The pages that the one static page file serves (its script picks the view by path).
 PAGE_PATHS = ("/", "/documents", "/document")
+
+
+def require_json(request: Request) -> None:
+    """415 for a body not declared as JSON: FastAPI would read it as text (or, undeclared, as
+    bytes) and blame the body's type, though the fault is the header."""
+    declared = request.headers.get("content-type", "")
+    kind = declared.split(";", 1)[0].strip().lower()
+    if kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json")):
+        return
+    if not kind and request.headers.get("content-length", "0") == "0" and (
+            "transfer-encoding" not in request.headers):
+        return  # no body at all: validation says what the body must hold
+    said = f"is declared as {kind!r}" if kind else "has no content-type"
+    raise ApiError(415, "unsupported_media_type",
+                   f"the body {said}; send JSON with the header content-type: application/json")
+
+
+JsonBody = [Depends(require_json)]
 
 
 def make_run_batch(pipeline: PipelineLike) -> Callable[[list[AskArgs]], list[Answer | Exception]]:
@@ -158,7 +196,8 @@ def v1_router(require_key: Callable[..., None]) -> APIRouter:
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)
 
     # exclude_unset: ``passages`` is left out of the body unless the request asked for it.
-    @v1.post("/answer", response_model=AnswerOut, response_model_exclude_unset=True)
+    @v1.post("/answer", response_model=AnswerOut, response_model_exclude_unset=True,
+             dependencies=JsonBody, responses=ANSWER_ERRORS)
     async def answer(body: AnswerRequest, request: Request, state: StateDep,
                      pipeline: PipelineDep, batcher: BatcherDep) -> dict[str, Any]:
         """Answer a question with a verified quote, or decline."""
@@ -170,7 +209,7 @@ def v1_router(require_key: Callable[..., None]) -> APIRouter:
         state.metrics.observe_answer(result.declined)
         return result.to_json(with_passages=body.with_passages)
 
-    @v1.post("/search", response_model=SearchOut)
+    @v1.post("/search", response_model=SearchOut, dependencies=JsonBody, responses=BODY_ERRORS)
     async def search(body: SearchRequest, pipeline: PipelineDep) -> dict[str, Any]:
         """Retrieve passages (with character offsets into their documents)."""
         hits = await run_in_threadpool(pipeline.search, body.query, body.k)
@@ -185,7 +224,7 @@ def v1_router(require_key: Callable[..., None]) -> APIRouter:
                                "length": len(d.text)} for d in docs],
                 "total": total, "offset": offset, "limit": limit}
 
-    @v1.get("/documents/{doc_id:path}", response_model=DocumentOut)
+    @v1.get("/documents/{doc_id:any_path}", response_model=DocumentOut)
     async def document(doc_id: DocId, pipeline: PipelineDep) -> dict[str, Any]:
         """A source document's full text (quotes' offsets index into it)."""
         try:
@@ -195,7 +234,7 @@ def v1_router(require_key: Callable[..., None]) -> APIRouter:
         return {"doc_id": doc.doc_id, "title": doc.title, "source": doc.source, "text": doc.text}
 
     @v1.post("/documents", response_model=DocumentAddedOut, status_code=201,
-             responses=DOCUMENT_ERRORS)
+             dependencies=JsonBody, responses={**DOCUMENT_ERRORS, **BODY_ERRORS})
     async def add_document(body: DocumentIn, state: StateDep,
                            pipeline: PipelineDep) -> dict[str, Any]:
         """Index a document (its text, or a public http(s) URL to fetch): searchable on return,
@@ -209,7 +248,7 @@ def v1_router(require_key: Callable[..., None]) -> APIRouter:
         return {"doc_id": doc.doc_id, "title": doc.title, "source": doc.source,
                 "passages": counts[doc.doc_id]}
 
-    @v1.delete("/documents/{doc_id:path}", status_code=204, response_class=Response,
+    @v1.delete("/documents/{doc_id:any_path}", status_code=204, response_class=Response,
                responses=DOCUMENT_ERRORS)
     async def delete_document(doc_id: DocId, state: StateDep, pipeline: PipelineDep) -> Response:
         """Remove a document from the index (at once, persisted atomically)."""
@@ -236,6 +275,9 @@ def ops_router(page: str, csp: str) -> APIRouter:
             raise state.not_ready_error()
         return {"status": "ready"}
 
+    for path, probe in (("/healthz", healthz), ("/readyz", readyz)):  # uptime monitors use HEAD
+        ops.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
+
     @ops.get("/metrics", response_class=PlainTextResponse)
     async def metrics(state: StateDep) -> PlainTextResponse:
         """Prometheus metrics."""
@@ -254,7 +296,7 @@ def ops_router(page: str, csp: str) -> APIRouter:
                                            "Cache-Control": "no-cache"})
 
     for path in PAGE_PATHS:
-        ops.add_api_route(path, index, methods=["GET"], response_class=HTMLResponse,
+        ops.add_api_route(path, index, methods=["GET", "HEAD"], response_class=HTMLResponse,
                           include_in_schema=False)
 
     return ops

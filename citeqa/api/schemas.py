@@ -36,6 +36,8 @@ MAX_DOCUMENTS_PAGE = 100
 
 # doc ids a client may choose: they appear in URLs (/v1/documents/{doc_id}), so no spaces etc.
 DOC_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}$"
+# doc ids in a path: any indexed id (built ones may hold spaces), but no control characters
+DOC_ID_PATH_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 
 # Blank = only these characters: the union of what Python's str.isspace() and JSON Schema's
 # (ECMA-262) \s call whitespace, spelled out because the two disagree (\x1c-\x1f, \x85, \ufeff),
@@ -59,6 +61,7 @@ PATTERN_HELP = {
     NO_NUL: "must not contain a NUL character",
     DOC_ID_PATTERN: "must be 1-200 characters: letters, digits and . _ : / -, starting with a "
                     "letter or digit",
+    DOC_ID_PATH_PATTERN: "must not contain control characters (no document id has them)",
 }
 
 

@@ -289,7 +289,8 @@ class Fetcher:
         ) as client:
             for hop in range(self.policy.max_redirects + 1):
                 try:
-                    target = self._validate(current, deadline)
+                    target = self._validate(current, deadline,
+                                            shown=url.strip() if hop == 0 else None)
                 except BadURLError as e:
                     if hop == 0:
                         raise
@@ -308,17 +309,20 @@ class Fetcher:
             f"{url}: more than {self.policy.max_redirects} redirects; use the final URL directly"
         )
 
-    def _validate(self, url: httpx.URL, deadline: float) -> _Target:
-        """Check scheme, userinfo and host of one hop; resolve and check its addresses."""
+    def _validate(self, url: httpx.URL, deadline: float, shown: str | None = None) -> _Target:
+        """Check scheme, userinfo and host of one hop; resolve and check its addresses.
+        Messages name ``shown`` (what the user wrote) when given: httpx may print a broken
+        URL differently (``http://:80/`` as ``http:/``)."""
+        where = shown or str(url)
         if url.scheme not in ("http", "https"):
             raise BlockedURLError(
-                f"{url}: scheme {url.scheme or '(none)'!r} is not allowed; use http or https"
+                f"{where}: scheme {url.scheme or '(none)'!r} is not allowed; use http or https"
             )
         if url.userinfo:
-            raise BlockedURLError(f"{url}: credentials in URLs are not allowed; remove 'user@'")
+            raise BlockedURLError(f"{where}: credentials in URLs are not allowed; remove 'user@'")
         host = url.raw_host.decode("ascii").lower()
         if not host:
-            raise BadURLError(f"{url}: the URL has no host")
+            raise BadURLError(f"{where}: the URL has no host")
         port = url.port or (443 if url.scheme == "https" else 80)
         allow = self.policy.allow_private
         if ":" in host:  # an IPv6 literal (httpx strips the brackets)
@@ -328,10 +332,10 @@ class Fetcher:
         else:
             name = host.rstrip(".")
             if reason := _host_name_error(name):
-                raise BadURLError(f"{url}: the host {reason}; check the URL")
+                raise BadURLError(f"{where}: the host {reason}; check the URL")
             if not allow and (name == "localhost" or name.endswith(".localhost")):
                 raise BlockedURLError(
-                    f"{url}: {name!r} is this machine (to fetch from your own network, opt in "
+                    f"{where}: {name!r} is this machine (to fetch from your own network, opt in "
                     "with allow_private)"
                 )
             addresses = self._resolve(name, port, deadline)
@@ -339,7 +343,7 @@ class Fetcher:
             try:
                 check_ip(address, allow_private=allow)
             except BlockedURLError as e:
-                raise BlockedURLError(f"{url}: {host} resolves to {address}; {e}") from None
+                raise BlockedURLError(f"{where}: {host} resolves to {address}; {e}") from None
         ip = ipaddress.ip_address(addresses[0].split("%", 1)[0])
         return _Target(
             url=url,
