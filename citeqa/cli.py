@@ -85,6 +85,8 @@ def _settings_error(e: ValidationError) -> str:
     """One line for the first invalid setting: its name and what is wrong with it."""
     first = e.errors()[0]
     name = ".".join(str(x) for x in first["loc"]) or "settings"
+    if name in Settings.model_fields:  # given as an option or as its environment variable
+        name = f"{name} (CITEQA_{name.upper()})"
     return f"invalid {name}: {str(first['msg']).removeprefix('Value error, ')}"
 
 

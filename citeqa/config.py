@@ -7,15 +7,28 @@ for driving the whole app end to end without models).
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from citeqa.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# CITEQA_* variables that are not service settings: read by the Docker entrypoint, the vLLM
+# script and the tests. Any other unknown CITEQA_* name is most likely a typo: warned about.
+OTHER_ENVIRONMENT = frozenset({
+    "CITEQA_CORPUS", "CITEQA_HOST", "CITEQA_PORT", "CITEQA_SHARED_DATA", "CITEQA_SCREENSHOTS",
+    "CITEQA_TEST_PAUSE_AT", "CITEQA_TEST_PAUSE_S", "CITEQA_VLLM_HOST", "CITEQA_VLLM_MAX_LEN",
+    "CITEQA_VLLM_NAME", "CITEQA_VLLM_VENV", "CITEQA_VLLM_VERSION",
+})
 
 PresetName = Literal["default", "tiny"]
 
@@ -145,8 +158,17 @@ def parse_api_keys(raw: str) -> tuple[bytes, ...]:
     return tuple(k.strip().encode() for k in raw.split(",") if k.strip())
 
 
+def unknown_environment(environ: dict[str, str] | os._Environ[str]) -> list[str]:
+    """The ``CITEQA_*`` names in ``environ`` that are neither settings nor in
+    ``OTHER_ENVIRONMENT``, sorted."""
+    fields = {f"CITEQA_{f.upper()}" for f in Settings.model_fields}
+    return sorted(k for k in environ if k.upper().startswith("CITEQA_")
+                  and k.upper() not in fields | OTHER_ENVIRONMENT)
+
+
 class Settings(BaseSettings):
-    """Service settings, read from ``CITEQA_*`` environment variables (unknown keys rejected)."""
+    """Service settings, read from ``CITEQA_*`` environment variables (unknown keyword
+    arguments rejected; unknown variables, which pydantic-settings ignores, warned about)."""
 
     model_config = SettingsConfigDict(env_prefix="CITEQA_", extra="forbid")
 
@@ -211,6 +233,15 @@ class Settings(BaseSettings):
         if self.max_batch is not None:
             return self.max_batch
         return self.generator_concurrency if self.generator_url else 4
+
+    @model_validator(mode="after")
+    def _warn_unknown_environment(self) -> Settings:
+        for name in unknown_environment(os.environ):
+            known = [f"CITEQA_{f.upper()}" for f in type(self).model_fields]
+            close = difflib.get_close_matches(name.upper(), known, n=1)
+            logger.warning("%s is not a citeqa setting and is ignored%s", name,
+                           f" (did you mean {close[0]}?)" if close else "")
+        return self
 
     @field_validator("api_keys")
     @classmethod

@@ -161,7 +161,7 @@ def test_healthz_answers_while_loading_and_readyz_waits() -> None:
         assert c.post("/v1/answer", json={"question": "q"}).status_code == 200
 
 
-def test_a_failed_load_is_reported_by_readyz() -> None:
+def test_a_failed_load_is_reported_by_readyz(caplog: pytest.LogCaptureFixture) -> None:
     def broken(_: Settings) -> FakePipeline:
         raise ModelError("no model at /x; run `citeqa download`")
 
@@ -169,6 +169,9 @@ def test_a_failed_load_is_reported_by_readyz() -> None:
         err = assert_uniform_error(c.get("/readyz"), 503, "load_failed")
         assert "citeqa download" in err["message"]
         assert c.get("/healthz").status_code == 200
+    # an error written for users is logged as its one line, without a traceback
+    [record] = [r for r in caplog.records if "loading the pipeline failed" in r.getMessage()]
+    assert "citeqa download" in record.getMessage() and record.exc_info is None
 
 
 def test_shutdown_marks_not_ready_then_lets_the_running_batch_finish() -> None:

@@ -89,6 +89,18 @@ def test_refuses_to_replace_a_directory_that_is_not_an_index(tmp_path: Path) -> 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
+def test_a_build_refuses_a_non_index_before_loading_anything(tmp_path: Path) -> None:
+    """The refusal came after loading and embedding every source (hours with real models)."""
+    from citeqa.retrieval.builder import build_index
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    with pytest.raises(IndexError_, match="refusing to replace"):  # not "no documents"
+        build_index([str(tmp_path / "nothing-here.txt")], out, CFG, progress=False)
+    assert (out / "thesis.tex").read_text() == "precious"
+
+
 def test_failed_embedding_keeps_old_index(tmp_path: Path) -> None:
     out = tmp_path / "idx"
     build_index_from_documents(OLD, out, CFG, progress=False)

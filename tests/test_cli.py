@@ -295,3 +295,25 @@ def test_serve_recovers_an_index_left_mid_swap(corpus, tmp_path, served) -> None
     assert result.exit_code == 0, result.output
     assert (index / "manifest.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == [
         "docs", "index"]
+
+
+def test_an_unknown_citeqa_variable_is_warned_about(monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """pydantic-settings ignores unknown environment names: a typo was silently ignored."""
+    from citeqa.config import Settings, unknown_environment
+
+    monkeypatch.setenv("CITEQA_INDEXX", "elsewhere")
+    monkeypatch.setenv("CITEQA_VLLM_VENV", "/opt/vllm")  # the vLLM script's, not a setting
+    assert unknown_environment({"CITEQA_INDEXX": "", "CITEQA_PORT": "", "CITEQA_INDEX": "",
+                                "OTHER": ""}) == ["CITEQA_INDEXX"]
+    with caplog.at_level("WARNING", logger="citeqa.config"):
+        Settings()
+    assert [r.getMessage() for r in caplog.records] == [
+        "CITEQA_INDEXX is not a citeqa setting and is ignored (did you mean CITEQA_INDEX?)"]
+
+
+def test_an_invalid_setting_is_named_as_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CITEQA_MAX_BATCH", "abc")
+    result = run("search", "q", "--index", "nowhere")
+    assert result.exit_code == 2
+    assert "invalid max_batch (CITEQA_MAX_BATCH)" in result.output

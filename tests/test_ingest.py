@@ -153,12 +153,62 @@ def test_folder_recursion_sorted_hidden_and_unsupported(tmp_path: Path) -> None:
     assert not any("hidden" in d.text for d in result.documents)
 
 
-def test_same_file_twice_is_a_duplicate(tmp_path: Path) -> None:
+def test_same_file_twice_is_one_document_however_it_is_named(tmp_path: Path) -> None:
     f = tmp_path / "a.txt"
     f.write_text("once", encoding="utf-8")
-    result = load(f, f)
-    assert len(result.documents) == 1
-    assert "duplicate doc_id" in result.skipped[0].reason
+    (tmp_path / "sub").mkdir()
+    for again in (f, tmp_path / "sub" / ".." / "a.txt", tmp_path):
+        result = load(f, again)
+        assert [d.source for d in result.documents] == [str(f)], again
+        assert [s.reason for s in result.skipped] == [f"the same file as {f}"], again
+
+
+def test_a_pipe_in_a_folder_is_skipped_not_read(tmp_path: Path) -> None:
+    """Reading a named pipe blocks until someone writes to it: the build hung."""
+    import os
+    import threading
+
+    (tmp_path / "a.txt").write_text("words", encoding="utf-8")
+    os.mkfifo(tmp_path / "pipe.txt")
+    (tmp_path / "loop.txt").symlink_to(tmp_path / "loop.txt")
+    out: list[LoadResult] = []
+    worker = threading.Thread(target=lambda: out.append(load(tmp_path)), daemon=True)
+    worker.start()
+    worker.join(20)
+    assert not worker.is_alive(), "loading the folder blocked on the pipe"
+    [result] = out
+    assert [d.text for d in result.documents] == ["words"]
+    skipped = {Path(s.source).name: s.reason for s in result.skipped}
+    assert set(skipped) == {"pipe.txt", "loop.txt"}
+    assert all(r.startswith("not a regular file") for r in skipped.values())
+
+
+def test_an_index_inside_a_source_folder_is_left_out(tmp_path: Path) -> None:
+    """Built into its own source folder, an index was read back in on the next build, and its
+    stale documents took the doc ids of the files they came from."""
+    (tmp_path / "p.txt").write_text("Penguins live in the south.", encoding="utf-8")
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    (idx / "manifest.json").write_text(json.dumps({"format_version": 1, "files": {}}))
+    (idx / "documents.jsonl").write_text(json.dumps({"doc_id": "x", "text": "stale"}) + "\n")
+    result = load(tmp_path)
+    assert [d.text for d in result.documents] == ["Penguins live in the south."]
+    assert [(s.source, s.reason) for s in result.skipped] == [
+        (str(idx), "a citeqa index, not a source: left out")]
+
+
+def test_a_byte_order_mark_is_no_part_of_a_title_or_json(tmp_path: Path) -> None:
+    md = tmp_path / "a.md"
+    md.write_bytes("\ufeff# Heading\n\nBody.".encode())
+    jsonl = tmp_path / "b.jsonl"
+    jsonl.write_bytes("\ufeff".encode() + b'{"text": "one"}\n{"text": "two"}\n')
+    squad = tmp_path / "c.json"
+    squad.write_bytes("\ufeff".encode() + json.dumps(_squad("v2.0")).encode())
+    result = load(md, jsonl, squad)
+    assert not result.skipped, reasons(result)
+    assert result.documents[0].title == "Heading"
+    assert result.documents[0].text.startswith("\ufeff")  # the file's text, byte for byte
+    assert [d.text for d in result.documents[1:3]] == ["one", "two"]
 
 
 # --------------------------------------------------------------------------- JSON / SQuAD

@@ -204,6 +204,28 @@ def test_recover_refuses_what_is_not_an_index(tmp_path: Path) -> None:
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("precious")
-    with pytest.raises(IndexError_, match="has no manifest.json"):
+    with pytest.raises(IndexError_, match=r"is not an index \(no manifest.json\); point at an "
+                       r"index directory, or build one into a new folder"):
         recover_index(mine)
     assert (mine / "notes.txt").read_text() == "precious"
+    (mine / "notes.txt").unlink()
+    with pytest.raises(IndexError_, match="is an empty folder; build one"):
+        recover_index(mine)
+
+
+def test_a_folder_with_someone_elses_manifest_is_never_replaced(tmp_path: Path) -> None:
+    """A web app's folder has a manifest.json too: a build over it used to wipe it."""
+    from citeqa.retrieval.store import check_replaceable, is_index_dir
+
+    app = tmp_path / "webapp"
+    app.mkdir()
+    (app / "manifest.json").write_text('{"name": "My PWA"}')
+    (app / "index.html").write_text("<p>precious</p>")
+    assert not is_index_dir(app)
+    with pytest.raises(IndexError_, match="refusing to replace"):
+        check_replaceable(app)
+    (app / "manifest.json").write_text("{not json")  # unreadable, and no documents file
+    assert not is_index_dir(app)
+    (app / "documents.jsonl").write_text("")  # a damaged index: rebuilding it is allowed
+    assert is_index_dir(app)
+    check_replaceable(app)

@@ -69,7 +69,10 @@ def _load(state: ServiceState, factory: PipelineFactory) -> None:
             on_batch=on_batch,
         )
     except Exception as exc:
-        logger.exception("loading the pipeline failed")
+        if isinstance(exc, CiteqaError):  # written for users: the message says what to do
+            logger.error("loading the pipeline failed: %s", exc)
+        else:
+            logger.exception("loading the pipeline failed")
         with state.lock:
             state.phase = "failed" if state.phase == "loading" else state.phase
             state.load_error = str(exc) if isinstance(exc, CiteqaError) else (

@@ -32,7 +32,7 @@ from citeqa.config import MAX_PASSAGES
 from citeqa.errors import CiteqaError, ConfigError
 from citeqa.evals.squad import QAItem, articles_for_split, load_questions
 from citeqa.pipeline import STAND_IN_NOTE, Pipeline
-from citeqa.retrieval.store import MANIFEST, sha256_file
+from citeqa.retrieval.store import MANIFEST, how_to_build, sha256_file
 from citeqa.types import Answer, Document, Hit
 
 log = logging.getLogger(__name__)
@@ -322,10 +322,7 @@ def run_eval(
     items = select_items(load_items(spec), limit=limit, sample=sample, seed=seed)
     manifest_path = Path(spec.index) / MANIFEST
     if not manifest_path.is_file():
-        raise ConfigError(
-            f"{spec.index} is not an index directory (no {MANIFEST}); build one with "
-            f"`citeqa index build SOURCES --out {spec.index}`"
-        )
+        raise ConfigError(f"{spec.index} {how_to_build(Path(spec.index))}")
     ident = identity(spec, sha256_file(spec.dataset), sha256_file(manifest_path))
     prepare_out(out, ident, force=force)
 

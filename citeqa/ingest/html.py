@@ -124,6 +124,7 @@ def cap_title(title: str, max_chars: int = TITLE_MAX_CHARS) -> str:
 def title_from_text(text: str, fallback: str, *, markdown: bool = False) -> str:
     """A title for plain text: the first markdown heading (when ``markdown``), else the first
     non-empty line (a leading ``#`` heading marker removed), else ``fallback``."""
+    text = text.removeprefix("\ufeff")  # a byte-order mark is no part of the title
     if markdown:
         m = _HEADING_RE.search(text)
         if m:

@@ -121,8 +121,16 @@ def expand_sources(sources: Sequence[str]) -> tuple[list[str | Path], list[Skipp
     with this and hands each item to a worker (``load_item``)."""
     items: list[str | Path] = []
     skipped: list[Skipped] = []
+    named: dict[Path, Path] = {}  # the real file -> how a source first named it
     for source in sources:
-        items.extend(_expand(source, skipped))
+        for item in _expand(source, skipped):
+            if isinstance(item, Path):
+                real = item.resolve()
+                if real in named:  # src/a.txt and ./src/../src/a.txt: one file, one document
+                    skipped.append(Skipped(str(item), f"the same file as {named[real]}"))
+                    continue
+                named[real] = item
+            items.append(item)
     return items, skipped
 
 
@@ -153,10 +161,13 @@ def _expand(source: str, skipped: list[Skipped]) -> list[str | Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(_walk(path), key=lambda p: p.relative_to(path).parts)
+        files = sorted(_walk(path, skipped), key=lambda p: p.relative_to(path).parts)
         out: list[str | Path] = []
         for f in files:
-            if f.suffix.lower() in SUPPORTED_EXTENSIONS:
+            if not f.is_file():  # a pipe would block the build; a looping or broken link
+                skipped.append(Skipped(str(f), "not a regular file (a pipe, device, or broken "
+                                       "or looping symlink)"))
+            elif f.suffix.lower() in SUPPORTED_EXTENSIONS:
                 out.append(f)
             else:
                 skipped.append(
@@ -177,10 +188,17 @@ def _expand(source: str, skipped: list[Skipped]) -> list[str | Path]:
     return []
 
 
-def _walk(root: Path) -> Iterator[Path]:
-    """Files under ``root``, not following symlinked folders, hidden names left out."""
+def _walk(root: Path, skipped: list[Skipped]) -> Iterator[Path]:
+    """Files under ``root``, not following symlinked folders, hidden names and citeqa indexes
+    left out (an index built inside its source folder would otherwise be read back in)."""
+    from citeqa.retrieval.store import is_index_dir
+
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if is_index_dir(Path(dirpath)):
+            dirnames[:] = []
+            skipped.append(Skipped(dirpath, "a citeqa index, not a source: left out"))
+            continue
         for name in filenames:
             if not name.startswith("."):
                 yield Path(dirpath) / name
@@ -264,6 +282,7 @@ def _decode_html(data: bytes) -> str:
 
 def _load_json(path: Path, text: str) -> Iterator[Document | Skipped]:
     source = str(path)
+    text = text.removeprefix("\ufeff")  # a byte-order mark: JSON's offsets are not the file's
     if path.suffix.lower() == ".json":
         try:
             obj = json.loads(text)

@@ -21,7 +21,7 @@ from citeqa.retrieval.bm25 import BM25Index
 from citeqa.retrieval.chunk import chunk_document
 from citeqa.retrieval.dense import DenseIndex, DenseSpec
 from citeqa.retrieval.embed import Embedder, load_embedder
-from citeqa.retrieval.store import save_index
+from citeqa.retrieval.store import check_replaceable, save_index
 from citeqa.text import tokenize
 from citeqa.types import Document
 
@@ -84,6 +84,7 @@ def build_index(
     from citeqa.ingest import Fetcher, FetchPolicy, load_sources
 
     t0 = time.perf_counter()
+    check_replaceable(Path(out))  # before hours of loading and embedding, not at the swap
     fetcher = Fetcher(FetchPolicy(allow_private=allow_private_urls))
     loaded = load_sources(sources, fetcher=fetcher, progress=progress)
     if not loaded.documents:
@@ -113,6 +114,7 @@ def build_index_from_documents(
     """
     t0 = time.perf_counter()
     out = Path(out)
+    check_replaceable(out)
     docs = _unique(documents)
     if not docs:
         raise EmptyCorpusError(

@@ -196,10 +196,7 @@ def recover_index(out: Path, *, writing: bool = False) -> Path:
     if not (out / MANIFEST).is_file():
         old = _backup(out) if not out.exists() or _is_empty_dir(out) else None
         if old is None:
-            what = "has no manifest.json" if out.exists() else "does not exist"
-            raise IndexError_(
-                f"index {out} {what}; build one with `citeqa index build SOURCES --out {out}`"
-            )
+            raise IndexError_(f"index {out} {how_to_build(out)}")
         if _writer_alive(old, writing=writing):
             log.warning("index %s is being swapped by another process; reading %s", out, old)
             return old
@@ -236,14 +233,40 @@ def prepare(out: Path) -> Path:
     return tmp
 
 
+def how_to_build(out: Path) -> str:
+    """Why ``out`` is no index and what to do: a build may write where nothing is, or into an
+    empty folder, but never over another folder's files."""
+    if not out.exists():
+        return f"does not exist; build one with `citeqa index build SOURCES --out {out}`"
+    if _is_empty_dir(out):
+        return f"is an empty folder; build one with `citeqa index build SOURCES --out {out}`"
+    return (f"is not an index (no {MANIFEST}); point at an index directory, or build one "
+            "into a new folder with `citeqa index build SOURCES --out NEW_DIR`")
+
+
 def check_replaceable(out: Path) -> None:
     """Refuse (IndexError_) when ``out`` exists and is not an index a build may replace: a long
     build checks this before it starts, not only when it is about to swap."""
-    if out.exists() and not (out.is_dir() and (out / MANIFEST).is_file() or _is_empty_dir(out)):
+    if out.exists() and not (is_index_dir(out) or _is_empty_dir(out)):
         raise IndexError_(
             f"refusing to replace {out}: it exists and is not a citeqa index directory; "
             "choose another output path or remove it"
         )
+
+
+def is_index_dir(path: Path) -> bool:
+    """Whether ``path`` looks like a citeqa index (of any format version, damaged or not), as
+    opposed to a folder that merely has a file named manifest.json (a web app's, say): its
+    manifest is a JSON object with ``format_version``, or, unreadable, sits beside the
+    documents file an index always has."""
+    manifest = path / MANIFEST
+    if not (path.is_dir() and manifest.is_file()):
+        return False
+    try:
+        parsed = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return (path / DOCUMENTS).is_file()
+    return isinstance(parsed, dict) and "format_version" in parsed
 
 
 def _is_empty_dir(path: Path) -> bool:
