@@ -197,6 +197,14 @@ def test_an_index_inside_a_source_folder_is_left_out(tmp_path: Path) -> None:
         (str(idx), "a citeqa index, not a source: left out")]
 
 
+def test_utf16_text_is_named_as_such(tmp_path: Path) -> None:
+    f = tmp_path / "notes.txt"
+    f.write_text("Some notes.", encoding="utf-16")
+    result = load(f)
+    assert not result.documents
+    assert result.skipped[0].reason.startswith("UTF-16 text; convert it to UTF-8")
+
+
 def test_a_byte_order_mark_is_no_part_of_a_title_or_json(tmp_path: Path) -> None:
     md = tmp_path / "a.md"
     md.write_bytes("\ufeff# Heading\n\nBody.".encode())

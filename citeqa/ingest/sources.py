@@ -250,6 +250,8 @@ def _single(source: str, title: str, text: str) -> Document:
 
 def _decode_text(data: bytes) -> str:
     """UTF-8 text exactly as stored (no newline translation), or _SkipError for binary data."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a UTF-16 byte-order mark: text, not binary
+        raise _SkipError("UTF-16 text; convert it to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
     if b"\x00" in data:
         raise _SkipError("binary file (contains NUL bytes); give text, Markdown, HTML or JSON")
     try:
