@@ -18,7 +18,8 @@
 #             this recipe gained 5 (README, "Retraining on SQuAD 1.1"). To train an adapter
 #             further on the next demonstrations of the same order, set INIT_ADAPTER (e.g.
 #             citeqa/generation/weights) and START_STEP (the steps it was trained for, 200)
-#             and STEPS to where it should stop, with another OUT;
+#             and STEPS to where it should stop, with another OUT and DEMOS pointing at the
+#             first run's demonstrations (.cache/generator-sft/demos-train.jsonl);
 # 3. publish: a bfloat16 copy into citeqa/generation/weights, the default generator's adapter
 #             (GenerationConfig.adapter = "packaged"); its MODEL_CARD.md is written by hand;
 # 4. eval:    evals/generation_quality.py on the EVAL articles: the base model, the adapter it
@@ -34,6 +35,7 @@ EVAL_INDEX="${EVAL_INDEX:-$ROOT/.cache/squad-eval-index}"
 TRAIN_JSON="${TRAIN_JSON:-$ROOT/.cache/squad1-train.json}"
 TRAIN_INDEX="${TRAIN_INDEX:-$ROOT/.cache/squad1-index}"
 OUT="${OUT:-$ROOT/.cache/generator-sft}"
+DEMOS="${DEMOS:-$OUT/demos-train.jsonl}"  # the data stage writes them; train reads them
 PY="${PYTHON:-python}"
 N="${N:-5000}"                # demonstrations built
 STEPS="${STEPS:-200}"         # training steps of 8 (the shipped adapter: 200)
@@ -58,11 +60,11 @@ if [[ " $STAGES " == *" data "* ]]; then
     "${CITEQA[@]}" index build "$TRAIN_JSON" --out "$TRAIN_INDEX" --preset default
   fi
   "${CITEQA[@]}" train generator-data --dataset "$TRAIN_JSON" --index "$TRAIN_INDEX" --split all \
-    --limit "$N" --seed 0 --answer-mode span --out "$OUT/demos-train.jsonl"
+    --limit "$N" --seed 0 --answer-mode span --out "$DEMOS"
 fi
 
 if [[ " $STAGES " == *" train "* ]]; then
-  "${CITEQA[@]}" train generator --data "$OUT/demos-train.jsonl" --out "$OUT/adapter" \
+  "${CITEQA[@]}" train generator --data "$DEMOS" --out "$OUT/adapter" \
     --epochs 1 --batch-size 8 --micro-batch-size 4 --lr 5e-4 --rank 16 --alpha 32 \
     --targets all --first-layer 0 --max-steps "$STEPS" --threads "$THREADS" --seed 0 \
     --answer-mode span --save-every 25 \
