@@ -176,6 +176,8 @@ def index_build(
         raise fail(f"--dense-index must be one of {', '.join(KINDS)}, not {dense_index!r}")
     if ray is None and (work_dir or embedders or shard_chars):
         raise fail("--work-dir, --embedders and --shard-chars only apply with --ray")
+    if (nprobe or nlist) and (dense_index != "ivf" or bm25_only):
+        raise fail("--nprobe and --nlist only apply with --dense-index ivf")
     try:
         cfg = preset(preset_name).retrieval
         if bm25_only:

@@ -317,3 +317,15 @@ def test_an_invalid_setting_is_named_as_its_variable(monkeypatch: pytest.MonkeyP
     result = run("search", "q", "--index", "nowhere")
     assert result.exit_code == 2
     assert "invalid max_batch (CITEQA_MAX_BATCH)" in result.output
+
+
+@pytest.mark.parametrize("kind", [["--dense-index", "flat"], ["--hnsw"], [], ["--dense-index",
+                                  "ivf", "--bm25-only"]])
+def test_ivf_options_without_ivf_are_refused(corpus: Path, tmp_path: Path, kind: list[str]
+                                             ) -> None:
+    for option in (["--nprobe", "4"], ["--nlist", "8"]):
+        result = run("index", "build", str(corpus), "--out", str(tmp_path / "idx"), "--preset",
+                     "tiny", "--no-progress", *kind, *option)
+        assert result.exit_code == 2, result.output
+        assert "--nprobe and --nlist only apply with --dense-index ivf" in result.output
+    assert not (tmp_path / "idx").exists()
