@@ -34,6 +34,14 @@
 #               beside their original questions;
 #    combine:   `citeqa train reward-combine` on the held-out candidates: how the verifier's
 #               score combines with the generator's log-probabilities and the retrieval score;
+#    rounds:    the further training the shipped verifier went through since, as recorded in
+#               evals/specs/reward_rounds.json (evals/reward_rounds.py): per round (D, L, M),
+#               the generator's candidates (3 a question) for that round's questions, answered
+#               by the adapter of that time (a git revision, else the shipped one), then one
+#               epoch on that round's mix from the round before (D from $WORK/rm); then the
+#               answerability reader copied in and the combination refit on the candidates of
+#               880 questions of the held-out articles, into $WORK/rm-rounds, which the later
+#               stages calibrate and publish (set RM=$WORK/rm-rounds to do so in a later call);
 # 4. calibrate: Learn-then-Test, the highest of CAL_TARGETS (40-60 %) whose threshold answers
 #               CAL_MIN_COVERAGE (25 %) of the calibration questions, each at delta 0.1/5;
 # 5. publish:   into citeqa/reward/weights (bf16 encoder + heads + calibration.json).
@@ -60,7 +68,8 @@ PRE_GROUPS="${PRE_GROUPS:-5000}"  # synthetic + red-team groups of the pretraini
 MIX_SYN="${MIX_SYN:-1500}"  # synthetic groups in the mix
 MIX_RT="${MIX_RT:-1000}"    # red-team groups in the mix
 RT_VARIANTS="${RT_VARIANTS:-2000}"  # red-team variants the answerability reader sees
-STAGES="${STAGES:-index data pretrain mix train answerability combine calibrate publish}"
+STAGES="${STAGES:-index data pretrain mix train answerability combine rounds calibrate publish}"
+RM="${RM:-$WORK/rm}"        # what calibrate and publish take (rounds: $WORK/rm-rounds)
 cd "$ROOT"
 mkdir -p "$WORK"
 CITEQA=("$PY" -c 'from citeqa.cli import main; main()')
@@ -175,14 +184,51 @@ if [[ " $STAGES " == *" combine "* ]]; then
   "${CITEQA[@]}" train reward-combine --data "$WORK/heldout.jsonl" --reward "$WORK/rm"
 fi
 
+if [[ " $STAGES " == *" rounds "* ]]; then
+  RD=("${CITEQA[@]}" train reward-data --threads "$THREADS")
+  RR=("$PY" "$ROOT/evals/reward_rounds.py")
+  [ -f "$WORK/redteam-qa-train.jsonl" ] || "${RD[@]}" --from redteam \
+    --dataset "$WORK/qa-train.json" --out "$WORK/redteam-qa-train.jsonl"
+  base="$WORK/rm"
+  while read -r name revision; do
+    adapter=""  # the shipped adapter
+    if [ "$revision" != "None" ]; then
+      adapter="$WORK/adapter-$revision"
+      [ -f "$adapter/citeqa/generation/weights/adapter.json" ] || {
+        mkdir -p "$adapter" && git -C "$ROOT" archive "$revision" citeqa/generation/weights | tar -x -C "$adapter"; }
+      adapter="$adapter/citeqa/generation/weights"
+    fi
+    "${RR[@]}" questions --round "$name" --squad2 "$SQUAD2" --out "$WORK"
+    for part in qa more; do
+      [ -f "$WORK/$name-$part.json" ] || continue
+      CITEQA_ADAPTER="$adapter" "${RD[@]}" --from generator --dataset "$WORK/$name-$part.json" \
+        --index "$WORK/train-index" --n-candidates 3 --out "$WORK/$name-gen-$part.jsonl"
+    done
+    "${RR[@]}" mix --round "$name" --work "$WORK"
+    "${CITEQA[@]}" train reward --out "$WORK/rm-$name" --base "$base" --threads "$THREADS" \
+      --epochs 1 --batch 32 --data "$WORK/$name-mix.jsonl"  # a rerun resumes
+    base="$WORK/rm-$name"
+  done < <("$PY" -c 'import json, sys
+for r in json.load(open(sys.argv[1]))["rounds"]: print(r["name"], r["adapter_revision"])' \
+    "$ROOT/evals/specs/reward_rounds.json")
+  rm -rf "$WORK/rm-rounds"
+  cp -r "$base" "$WORK/rm-rounds" && rm -f "$WORK/rm-rounds/progress.json"
+  cp -r "$WORK/rm/answerability" "$WORK/rm-rounds/"
+  "${RR[@]}" held-out --which combine --squad2 "$SQUAD2" --out "$WORK"
+  "${RD[@]}" --from generator --dataset "$WORK/combine-q.json" --index "$WORK/train-index" \
+    --n-candidates 3 --out "$WORK/combine.jsonl"
+  "${CITEQA[@]}" train reward-combine --data "$WORK/combine.jsonl" --reward "$WORK/rm-rounds"
+  RM="$WORK/rm-rounds"
+fi
+
 if [[ " $STAGES " == *" calibrate "* ]]; then
-  "${CITEQA[@]}" calibrate --data "$WORK/cal.jsonl" --reward "$WORK/rm" \
+  "${CITEQA[@]}" calibrate --data "$WORK/cal.jsonl" --reward "$RM" \
     --targets "$CAL_TARGETS" --min-coverage "$CAL_MIN_COVERAGE" --delta 0.1
 fi
 
 if [[ " $STAGES " == *" publish "* ]]; then
   DEST="$ROOT/citeqa/reward/weights"
-  "$PY" - "$WORK/rm" "$DEST" <<'PY'
+  "$PY" - "$RM" "$DEST" <<'PY'
 import shutil, sys
 from pathlib import Path
 src, dst = Path(sys.argv[1]), Path(sys.argv[2])
