@@ -11,6 +11,7 @@ import difflib
 import logging
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -158,7 +159,7 @@ def parse_api_keys(raw: str) -> tuple[bytes, ...]:
     return tuple(k.strip().encode() for k in raw.split(",") if k.strip())
 
 
-def unknown_environment(environ: dict[str, str] | os._Environ[str]) -> list[str]:
+def unknown_environment(environ: Mapping[str, str]) -> list[str]:
     """The ``CITEQA_*`` names in ``environ`` that are neither settings nor in
     ``OTHER_ENVIRONMENT``, sorted."""
     fields = {f"CITEQA_{f.upper()}" for f in Settings.model_fields}
