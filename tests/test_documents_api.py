@@ -158,6 +158,14 @@ def test_an_id_with_a_control_character_never_reaches_another_document(
     assert client.get("/v1/documents/eiffel").status_code == 200
 
 
+def test_a_trailing_slash_reaches_the_list_as_elsewhere(client: TestClient) -> None:
+    r = client.get("/v1/documents/", params={"limit": 1}, follow_redirects=False)
+    assert r.status_code == 307 and r.headers["location"].endswith("/v1/documents?limit=1")
+    assert client.get("/v1/documents/").json()["total"] == 2
+    r = client.post("/v1/documents/", json={"text": NEW_TEXT, "doc_id": "slash"})
+    assert r.status_code == 201, r.text
+
+
 def test_a_server_that_cannot_change_documents_says_501(index_dir: Path, tmp_path: Path) -> None:
     with serve(index_dir, tmp_path) as c:
         c.app.state.citeqa.pipeline.retriever = ListlessRetriever()

@@ -57,9 +57,10 @@ class AnyPathConvertor(Convertor[str]):
     """Starlette's ``path`` convertor, newlines included: with its ``.*`` an id ending in a
     newline lost it in route matching (``$`` matches before a final newline), so a request for
     ``one%0A`` reached document ``one``, and an id holding one found no route at all. Now the
-    whole id reaches ``DocId``'s check, which refuses control characters (422)."""
+    whole id reaches ``DocId``'s check, which refuses control characters (422). An empty id
+    does not match, so ``/v1/documents/`` is redirected to the list, as ``/v1/answer/`` is."""
 
-    regex = "(?s:.*)"
+    regex = "(?s:.+)"
 
     def convert(self, value: str) -> str:
         return value
