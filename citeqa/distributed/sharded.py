@@ -124,8 +124,8 @@ def build_index_sharded(
               for r in tqdm(results, desc="reading shards", unit="shard", disable=not progress))
     merged = merge_shards(shards, dense=cfg.dense)
     merged.skipped = [*skipped, *merged.skipped]
-    for s in merged.skipped:
-        log.warning("skipped %s: %s", s.source, s.reason)
+    for s in merged.skipped:  # the summary carries them; the CLI prints each once
+        log.debug("skipped %s: %s", s.source, s.reason)
     try:
         write_merged(merged, out, cfg, dense_spec_for(cfg, dense_spec), n_sources=len(sources),
                      progress=progress)

@@ -109,8 +109,8 @@ def load_sources(
             else:
                 first_seen[entry.doc_id] = entry.source
                 result.documents.append(entry)
-    for s in result.skipped:
-        logger.warning("skipped %s: %s", s.source, s.reason)
+    for s in result.skipped:  # the caller reports them (`citeqa index build` prints each once)
+        logger.debug("skipped %s: %s", s.source, s.reason)
     logger.info("loaded %d documents, skipped %d", len(result.documents), len(result.skipped))
     return result
 
