@@ -132,7 +132,7 @@ def test_check_ip_always_blocked(ip: str) -> None:
 
 @pytest.mark.parametrize("ip", PRIVATE)
 def test_check_ip_private_needs_opt_in(ip: str) -> None:
-    with pytest.raises(BlockedURLError, match="allow_private"):
+    with pytest.raises(BlockedURLError, match="--allow-private-urls"):
         check_ip(ip)
     check_ip(ip, allow_private=True)
 
@@ -229,6 +229,16 @@ def test_malformed_urls_are_bad_urls_and_never_connect(url: str) -> None:
     with pytest.raises(BadURLError) as info:
         fetcher().fetch(url)
     assert not isinstance(info.value, BlockedURLError)
+
+
+def test_a_private_address_says_how_to_opt_in() -> None:
+    for url in ("http://127.0.0.1/", "http://localhost/"):
+        with pytest.raises(BlockedURLError, match="opt in with --allow-private-urls .* or "
+                           "CITEQA_ALLOW_PRIVATE_URLS=1"):
+            fetcher().fetch(url)
+    with pytest.raises(BlockedURLError) as info:  # metadata: no opt-in can open it
+        fetcher(allow_private=True).fetch("http://169.254.169.254/")
+    assert "opt in" not in str(info.value)
 
 
 @pytest.mark.parametrize("url", ["http://:80/", "  http://:80/x ", "https:///moths"])

@@ -49,6 +49,9 @@ _HTML_TYPES = ("text/html", "application/xhtml+xml")
 _REDIRECTS = (301, 302, 303, 307, 308)
 _USER_AGENT = "citeqa/0.1 (document fetcher)"
 
+# How an operator lets fetches reach their own network (an API request cannot).
+OPT_IN = ("to fetch from your own network, opt in with --allow-private-urls (citeqa index build, "
+          "citeqa serve) or CITEQA_ALLOW_PRIVATE_URLS=1")
 # Cloud instance-metadata endpoints: blocked even with allow_private (they hand out credentials).
 METADATA_ADDRESSES = frozenset(
     ipaddress.ip_address(a)
@@ -171,7 +174,7 @@ def check_ip(ip: str, *, allow_private: bool = False) -> None:
     reason = _block_reason(addr, allow_private)
     if reason:
         opt_in = not allow_private and not _block_reason(addr, True)
-        hint = " (to fetch from your own network, opt in with allow_private)" if opt_in else ""
+        hint = f" ({OPT_IN})" if opt_in else ""
         raise BlockedURLError(f"refusing to fetch from {addr}: it is {reason}{hint}")
 
 
@@ -335,8 +338,7 @@ class Fetcher:
                 raise BadURLError(f"{where}: the host {reason}; check the URL")
             if not allow and (name == "localhost" or name.endswith(".localhost")):
                 raise BlockedURLError(
-                    f"{where}: {name!r} is this machine (to fetch from your own network, opt in "
-                    "with allow_private)"
+                    f"{where}: {name!r} is this machine ({OPT_IN})"
                 )
             addresses = self._resolve(name, port, deadline)
         for address in addresses:
