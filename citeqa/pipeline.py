@@ -249,8 +249,8 @@ class Pipeline:
             reason = "no passages were retrieved; add documents to the index or rephrase"
         elif best is None or best.quote is None:
             reason = (
-                "no candidate had a quote that could be verified in the sources; "
-                "rephrase the question or ask for more candidates"
+                "no candidate had a quote that could be verified in the sources; rephrase the "
+                "question (through the API, n_candidates can also ask for more candidates)"
             )
         elif threshold is not None and (best.score is None or best.score < threshold):
             reason = f"best score {best.score or 0.0:.3f} is below the threshold {threshold:.3f}"

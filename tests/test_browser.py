@@ -294,9 +294,12 @@ def test_an_error_is_shown_in_words(page: Page, shoot: Callable) -> None:
         page.press("#q", "Enter")
         error = page.wait_for_selector("#out .error[role=alert]")
         text = error.inner_text()
-        assert text.startswith("Could not answer: This service needs an API key")
-        assert "missing or wrong API key" in text  # the API's own message
+        assert text.startswith("Could not answer: This service needs an API key: type it in")
+        assert "Bearer" not in text  # the API's advice is for programs, not for this page
         shoot(page, "error")
+        page.fill("#key", "not-the-key")
+        page.press("#q", "Enter")
+        page.wait_for_selector("#out .error >> text=did not accept this API key")
     finally:
         page.fill("#key", KEY)
 
@@ -330,6 +333,13 @@ def test_a_quote_opens_its_document_highlighted_and_scrolled_into_view(
     shoot(page, "document", full_page=False)
     page.go_back()  # the answer is still there
     page.wait_for_selector("#ask-view:not([hidden])")
+    assert page.locator("#out p.answer").inner_text() == answer
+    # the page's own Back button returns there too, with the focus on the question
+    out.locator("a[data-internal]", has_text="Harbour log").first.click()
+    page.wait_for_selector("#doc-view:not([hidden])")
+    page.click("#doc-back")
+    page.wait_for_selector("#ask-view:not([hidden])")
+    assert page.evaluate("document.activeElement.id") == "q"
     assert page.locator("#out p.answer").inner_text() == answer
 
 
