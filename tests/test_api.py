@@ -390,6 +390,16 @@ def test_bodies_not_declared_as_json_are_415(content_type: str | None) -> None:
             assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize("declared", ["application/json", "application/json; charset=latin-1"])
+def test_a_body_that_is_not_utf8_is_400_saying_so(declared: str) -> None:
+    with serve() as c:
+        for path in ("/v1/answer", "/v1/search", "/v1/documents"):
+            r = c.post(path, content='{"question": "caf\xe9?"}'.encode("latin-1"),
+                       headers={"content-type": declared})
+            err = assert_uniform_error(r, 400, "bad_request")
+            assert "UTF-8" in err["message"], err
+
+
 def test_a_json_syntax_error_says_where_it_is() -> None:
     with serve() as c:
         r = c.post("/v1/answer", content=b'{"question": "a"}x',

@@ -82,6 +82,8 @@ CITEQA_ERROR_TABLE: tuple[tuple[type[CiteqaError], int, str], ...] = (
     (ConfigError, 500, "config_error"),
 )
 
+# FastAPI's 400 when a JSON body's bytes do not decode (it names no cause).
+FASTAPI_BODY_UNREADABLE = "There was an error parsing the body"
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")  # what a 405's Allow may list
 
 # Codes for Starlette's HTTPException by status; others fall back to the reason phrase.
@@ -225,7 +227,10 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     headers = dict(exc.headers or {})
     if status == 405 and (methods := allowed_methods(request)):
         headers["Allow"] = ", ".join(methods)
-    if isinstance(exc.detail, str) and exc.detail != _phrase(status):
+    if status == 400 and exc.detail == FASTAPI_BODY_UNREADABLE:
+        message = ("the body could not be read as JSON text; send it encoded as UTF-8, "
+                   "which JSON requires")
+    elif isinstance(exc.detail, str) and exc.detail != _phrase(status):
         message = exc.detail
     elif status == 404:
         message = "no such endpoint; see /openapi.json for the API"
