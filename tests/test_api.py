@@ -769,9 +769,11 @@ function node(tag) {  // the few DOM methods the page uses; no HTML parser at al
           replaceChildren(...xs) { this.children = xs; }, addEventListener() {},
           setAttribute() {}, removeAttribute() {}, focus() {}, value: ""};
 }
-const ctx = {document: {createElement: node, getElementById: () => node("div"),
+const ids = {}, stored = {"citeqa.apiKey": "k-saved"};
+const ctx = {document: {createElement: node, getElementById: id => ids[id] ??= node("div"),
                         querySelectorAll: () => [], addEventListener() {}},
-             window: {addEventListener() {}}, location: {pathname: "/", search: ""},
+             window: {addEventListener() {}, sessionStorage: {getItem: k => stored[k] ?? null}},
+             location: {pathname: "/", search: ""},
              history: {}, URL, URLSearchParams};
 vm.createContext(ctx);
 vm.runInContext(script + "\nthis.passage = passage; this.safeUrl = safeUrl; " +
@@ -790,7 +792,7 @@ console.log(JSON.stringify({
   outside: ctx.passage({text}, quote, 0, 5).children.map(show)[1],
   urls: ["javascript:alert(1)", "data:text/html,x", "/rel", "https://a.org/x"].map(ctx.safeUrl),
   href: ctx.docHref("d/1 &x", {start: 3, end: 9, answer_start: 4, answer_end: 6}),
-  citation: ctx.citation("A", quote)}));
+  citation: ctx.citation("A", quote), key: ids.key.value}));
 """
 
 
@@ -816,6 +818,7 @@ def test_page_marks_the_quote_and_answer_with_dom_nodes_and_only_links_http_sour
     assert result["plain"]["children"] == ["QUOTE <i>A</i>"]
     assert result["outside"]["children"] == ["QUOTE <i>A</i>"]
     assert result["urls"] == [None, None, None, "https://a.org/x"]
+    assert result["key"] == "k-saved"  # the tab's saved API key is back after a reload
     assert result["href"] == ("/document?id=d%2F1+%26x&start=3&end=9&answer_start=4"
                               "&answer_end=6")
     start = 400 + len("<b>before</b> ")

@@ -304,6 +304,27 @@ def test_an_error_is_shown_in_words(page: Page, shoot: Callable) -> None:
         page.fill("#key", KEY)
 
 
+def test_the_api_key_survives_a_reload_but_not_the_tab(browser: Any, base_url: str) -> None:
+    page, errors = open_page(browser, base_url, VIEWPORT)  # types the key in
+    try:
+        page.reload()
+        assert page.input_value("#key") == KEY
+        page.fill("#key", "")
+        page.reload()
+        assert page.input_value("#key") == ""
+        page.fill("#key", KEY)
+    finally:
+        page.context.close()
+    assert errors == [], errors
+    context = browser.new_context(viewport=VIEWPORT)  # another session: nothing was kept for it
+    try:
+        other = context.new_page()
+        other.goto(base_url + "/")
+        assert other.input_value("#key") == ""
+    finally:
+        context.close()
+
+
 # -- the document view ------------------------------------------------------------------------
 
 
