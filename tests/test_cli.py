@@ -329,3 +329,16 @@ def test_ivf_options_without_ivf_are_refused(corpus: Path, tmp_path: Path, kind:
         assert result.exit_code == 2, result.output
         assert "--nprobe and --nlist only apply with --dense-index ivf" in result.output
     assert not (tmp_path / "idx").exists()
+
+
+@pytest.mark.parametrize("command", [["index", "build"], ["ask"], ["serve"], ["eval"]])
+def test_help_shows_flags_without_a_value_and_arguments_by_name(command: list[str]) -> None:
+    """--help reads as usual: a flag takes no value, an argument is named in capitals (typer
+    0.27-0.29 printed ``<bool>`` after flags and ``{sources}...`` in the usage line)."""
+    result = run(*command, "--help")
+    assert result.exit_code == 0, result.output
+    usage = next(line for line in result.output.splitlines() if "Usage:" in line)
+    assert "{" not in usage, usage
+    text = " ".join(result.output.replace("\u2502", " ").split())
+    assert "<bool>" not in text
+    assert "--help Show this message and exit." in text, text
