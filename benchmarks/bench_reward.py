@@ -6,6 +6,9 @@ For eval-article questions of the SQuAD 2.0 subset: their top passages are retri
 question gets 8 candidates quoting one of its passages' sentences (the verifier's cost does not
 depend on who wrote them); ``VerifierScorer.score`` is timed for 1, 4 and 8 of them, with the
 passage around each quote as served. Target: 8 candidates in <= 60 ms on 2 cores (p50).
+For the largest size it also splits the time between the verifier and the answerability reader
+and sets each beside its floor on this CPU: the FLOPs of its linear layers over the padded
+tokens at the bf16 (or fp32) matmul rate that ``citeqa.compute``'s probe measures.
 Writes evals/results/bench_reward.json.
 """
 
@@ -71,13 +74,57 @@ def main() -> None:
             times.append((time.perf_counter() - t0) * 1000)
         results[str(size)] = {"p50_ms": statistics.median(times),
                               "p95_ms": sorted(times)[int(0.95 * (len(times) - 1))]}
+    parts = split_time(scorer, work, max(sizes), retriever.document)
     report = {"reward": str(args.reward), "dtype": scorer.dtype, "threads": args.threads,
-              "machine": platform.platform(), "questions": len(work), "by_candidates": results}
+              "machine": platform.platform(), "questions": len(work), "by_candidates": results,
+              f"parts_at_{max(sizes)}": parts}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     for size, r in results.items():
         print(f"{size} candidates: p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms")  # noqa: T201
+    for name, p in parts.items():
+        print(f"  {name}: p50 {p['p50_ms']:.1f} ms for {p['tokens_p50']:.0f} padded tokens; "  # noqa: T201
+              f"floor {p['floor_ms_p50']:.1f} ms at {p['gflops']:.0f} GFLOP/s "
+              f"({p['p50_ms'] / p['floor_ms_p50']:.1f}x it)")
     print(f"target: 8 candidates <= 60 ms; wrote {args.out}")  # noqa: T201
+
+
+def split_time(scorer, work, size: int, documents) -> dict[str, dict[str, float]]:
+    """p50 time of each cross-encoder alone on ``size`` candidates per question, with its floor:
+    2 x (its linear layers' weights) x (padded tokens) FLOPs at the probed matmul rate."""
+    import torch
+
+    from citeqa.compute import probe_matmul
+    from citeqa.reward import answerability, verifier
+    from citeqa.reward.scorer import judged
+
+    probe = probe_matmul()
+    rate = probe.bf16_gflops if scorer.dtype == "bf16" else probe.fp32_gflops
+    models = {"verifier": (scorer.model, scorer.tokenizer, scorer.max_tokens,
+                           lambda tok, xs, n: verifier.encode(tok, xs, max_tokens=n),
+                           scorer.model.predict)}
+    if scorer.answerability is not None:
+        a = scorer.answerability
+        models["answerability reader"] = (a.model, a.tokenizer, a.max_tokens, answerability.encode,
+                                          a.model)
+    out = {}
+    for name, (model, tokenizer, max_tokens, encode, run) in models.items():
+        weights = sum(m.in_features * m.out_features for m in model.encoder.encoder.modules()
+                      if hasattr(m, "in_features"))  # nn.Linear, or CpuLinear in bf16
+        times, tokens = [], []
+        for question, cands in work:
+            items = [judged(question, c, documents) for c in cands[:size]]
+            t0 = time.perf_counter()
+            batch = encode(tokenizer, items, max_tokens)
+            with torch.inference_mode():
+                run(batch)
+            times.append((time.perf_counter() - t0) * 1000)
+            ids = batch.input_ids if hasattr(batch, "input_ids") else batch["input_ids"]
+            tokens.append(ids.numel())
+        floor = [2 * weights * n / rate / 1e6 for n in tokens]
+        out[name] = {"p50_ms": statistics.median(times), "tokens_p50": statistics.median(tokens),
+                     "floor_ms_p50": statistics.median(floor), "gflops": rate}
+    return out
 
 
 if __name__ == "__main__":
