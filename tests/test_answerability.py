@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from citeqa.compute import PAD_MULTIPLE
 from citeqa.errors import ModelError
 from citeqa.evals.squad import QAItem
 from citeqa.redteam.maker import Variant
@@ -102,6 +103,20 @@ def test_the_reader_never_sees_the_answer() -> None:
     q, passage = render(Judged("Who led?", "SECRET", "Rollo led.", "Normans", "Before.", "After."))
     assert q == "Who led?" and passage == "Normans: Before. Rollo led. After."
     assert "SECRET" not in passage
+
+
+def test_inputs_are_padded_to_a_multiple_that_changes_no_logit(tiny_encoder, tokenizer) -> None:
+    model = Answerability(tiny_encoder(len(tokenizer))).eval()
+    short = Judged("Who led?", "", "Rollo led.", "Normans")
+    longer = Judged("Who swore fealty to King Charles III of West Francia?", "", CONTEXT, "Normans")
+    natural = len(tokenizer(*render(short))["input_ids"])
+    assert natural % PAD_MULTIPLE  # so the padding below is the multiple's doing
+    alone, batched = encode(tokenizer, [short]), encode(tokenizer, [short, longer])
+    assert alone["input_ids"].shape[1] == -(-natural // PAD_MULTIPLE) * PAD_MULTIPLE
+    assert batched["input_ids"].shape[1] % PAD_MULTIPLE == 0
+    assert batched["input_ids"].shape[1] > alone["input_ids"].shape[1]
+    with torch.no_grad():
+        torch.testing.assert_close(model(alone)[0], model(batched)[0], atol=1e-5, rtol=0)
 
 
 def toy(n: int = 48) -> list[Labelled]:

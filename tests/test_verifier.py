@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from citeqa.compute import PAD_MULTIPLE
 from citeqa.reward.calibrate import calibrate_threshold
 from citeqa.reward.checkpoint import load_verifier, save_verifier
 from citeqa.reward.combine import Signals as combine_signals
@@ -76,6 +77,22 @@ def test_forward_shapes_and_ensemble_spread(tiny_encoder, tokenizer) -> None:
     assert logits.shape == (3, 2) and start.shape == end.shape == batch.input_ids.shape
     mean, std = model.predict(batch)
     assert ((0 < mean) & (mean < 1)).all() and (std > 0).all()
+
+
+def test_batches_are_padded_to_a_multiple_that_changes_no_score(tiny_encoder, tokenizer) -> None:
+    model = Verifier(tiny_encoder(len(tokenizer)), members=3, hidden=8).eval()
+    short = item().judged
+    longer = Judged("Who swore fealty to King Charles III of West Francia, and when?", "Rollo",
+                    TEXT, "Normans", TEXT, TEXT)
+    natural = len(tokenizer(*render(short)[:2])["input_ids"])
+    assert natural % PAD_MULTIPLE  # so the padding below is the multiple's doing
+    alone, batched = encode(tokenizer, [short]), encode(tokenizer, [short, longer])
+    assert alone.input_ids.shape[1] == -(-natural // PAD_MULTIPLE) * PAD_MULTIPLE
+    assert batched.input_ids.shape[1] % PAD_MULTIPLE == 0
+    assert batched.input_ids.shape[1] > alone.input_ids.shape[1]
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict(alone)[0][0], model.predict(batched)[0][0],
+                                   atol=1e-5, rtol=0)
 
 
 def test_pairs_and_batches_keep_groups_whole() -> None:

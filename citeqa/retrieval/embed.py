@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from citeqa.compute import cpu_dtype
+from citeqa.compute import PAD_MULTIPLE, cpu_dtype
 from citeqa.errors import ConfigError, ModelError
 from citeqa.logs import quiet_weight_loading
 from citeqa.text import tokenize
@@ -115,6 +115,7 @@ class MiniLMEmbedder:
                 enc = self._tokenizer(
                     [texts[i] for i in rows],
                     padding=True,
+                    pad_to_multiple_of=PAD_MULTIPLE,
                     truncation=True,
                     max_length=self.max_length,
                     return_tensors="pt",

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from citeqa.compute import PAD_MULTIPLE
 from citeqa.reward.checkpoint import (
     ENCODER,
     load_heads,
@@ -52,7 +53,8 @@ def encode(tokenizer: Any, items: Sequence[Judged], max_tokens: int = MAX_TOKENS
     """Model inputs for ``items`` (the passage side truncated)."""
     pairs = [render(x) for x in items]
     enc = tokenizer([a for a, _ in pairs], [b for _, b in pairs], truncation="only_second",
-                    max_length=max_tokens, padding=True, return_tensors="pt")
+                    max_length=max_tokens, padding=True, pad_to_multiple_of=PAD_MULTIPLE,
+                    return_tensors="pt")
     return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 

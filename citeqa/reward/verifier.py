@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from citeqa.compute import PAD_MULTIPLE
 from citeqa.text import normalize_answer
 
 CONTEXT_CHARS = 240  # passage text shown on each side of the quote
@@ -131,7 +132,8 @@ def encode(tokenizer: Any, items: Sequence[Judged], *, golds: Sequence[Sequence[
     rendered = [render(x) for x in items]
     enc = tokenizer([a for a, _, _ in rendered], [b for _, b, _ in rendered],
                     truncation="only_second", max_length=max_tokens, padding=True,
-                    return_offsets_mapping=True, return_tensors="pt")
+                    pad_to_multiple_of=PAD_MULTIPLE, return_offsets_mapping=True,
+                    return_tensors="pt")
     answer_tokens, gold_tokens = [], []
     for i, (_, text_b, span) in enumerate(rendered):
         offsets = enc["offset_mapping"][i].tolist()
