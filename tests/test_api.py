@@ -853,6 +853,11 @@ def test_default_factory_imports_the_pipeline_lazily(monkeypatch: pytest.MonkeyP
             built.append(settings)
             return cls()
 
+        def warm_up(self) -> float:
+            warmed.append(self)
+            return 0.0
+
+    warmed: list[Pipeline] = []
     module.Pipeline = Pipeline  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "citeqa.pipeline", module)
     app = create_app(Settings())
@@ -860,7 +865,7 @@ def test_default_factory_imports_the_pipeline_lazily(monkeypatch: pytest.MonkeyP
     with TestClient(app) as c:
         wait_until(lambda: app.state.citeqa.phase != "loading")
         assert c.get("/readyz").status_code == 200
-    assert len(built) == 1
+    assert len(built) == 1 and len(warmed) == 1
 
 
 # -- numbers are numbers; the schema declares every error the server sends (issue #16) ----------

@@ -4,8 +4,10 @@ real index in tmp_path, the real Pipeline, batching through ask_many; no weights
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,8 @@ from helpers import THREE_DOCS
 
 from citeqa.api.app import create_app
 from citeqa.config import Settings, preset
+from citeqa.errors import ModelError
+from citeqa.pipeline import WARM_UP_QUESTION, Pipeline
 from citeqa.retrieval import build_index_from_documents
 from citeqa.types import Document
 
@@ -25,8 +29,8 @@ def build_tiny_index(directory: Path, docs: list[Document] = DOCS) -> Path:
     return directory
 
 
-@pytest.fixture()
-def client(tmp_path: Path) -> Iterator[TestClient]:
+@contextmanager
+def ready_client(tmp_path: Path) -> Iterator[TestClient]:
     index = build_tiny_index(tmp_path / "idx")
     settings = Settings(preset="tiny", index=index, cache_dir=tmp_path / "cache",
                         window_ms=50, max_batch=8)
@@ -38,6 +42,37 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
             time.sleep(0.01)
         assert c.get("/readyz").status_code == 200, c.get("/readyz").json()
         yield c
+
+
+@pytest.fixture()
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    with ready_client(tmp_path) as c:
+        yield c
+
+
+def test_the_service_warms_up_before_it_reports_ready(tmp_path: Path, monkeypatch,
+                                                      caplog) -> None:
+    asked: list[str] = []
+    real = Pipeline.ask_many
+    monkeypatch.setattr(Pipeline, "ask_many",
+                        lambda self, items: asked.extend(a.question for a in items)
+                        or real(self, items))
+    caplog.set_level(logging.INFO, logger="citeqa.api.app")
+    with ready_client(tmp_path):
+        assert asked == [WARM_UP_QUESTION]  # asked before /readyz said 200
+    assert "warm-up question answered" in caplog.text
+
+
+def test_a_failed_warm_up_is_logged_and_the_service_serves(tmp_path: Path, monkeypatch,
+                                                           caplog) -> None:
+    def fail(self: Pipeline) -> float:
+        raise ModelError("the engine hiccuped")
+
+    monkeypatch.setattr(Pipeline, "warm_up", fail)
+    with ready_client(tmp_path) as c:
+        r = c.post("/v1/answer", json={"question": "Who did Rollo swear fealty to?"})
+        assert r.status_code == 200 and "Charles" in r.json()["answer"]
+    assert "the warm-up question failed, serving anyway: the engine hiccuped" in caplog.text
 
 
 def test_answer_quote_is_verbatim_in_the_document_served_by_the_api(client: TestClient) -> None:

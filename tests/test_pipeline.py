@@ -23,7 +23,7 @@ from citeqa.generation.backend import GenerationRequest
 from citeqa.generation.cited import CitedGenerator
 from citeqa.generation.extractive import extractive_responder
 from citeqa.generation.fake import FakeBackend
-from citeqa.pipeline import Pipeline, confidence, rank
+from citeqa.pipeline import WARM_UP_QUESTION, Pipeline, confidence, rank
 from citeqa.types import AskArgs, Candidate, Document, Hit, Passage, Quote
 
 DOCS = THREE_DOCS
@@ -87,6 +87,15 @@ def test_answers_with_a_verified_quote():
         assert key in ans.timings_ms and ans.timings_ms[key] >= 0
     assert ans.timings_ms["total_ms"] >= ans.timings_ms["generate_ms"]
     assert ans.to_json()["quote"]["doc_id"] == "eiffel"
+
+
+def test_warm_up_asks_its_question_once_and_times_it(monkeypatch):
+    p = pipeline()
+    asked = []
+    real = p.ask_many
+    monkeypatch.setattr(p, "ask_many", lambda items: asked.extend(items) or real(items))
+    seconds = p.warm_up()
+    assert [a.question for a in asked] == [WARM_UP_QUESTION] and seconds >= 0
 
 
 def test_uses_the_real_fake_backend_too():

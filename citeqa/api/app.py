@@ -43,10 +43,18 @@ STATIC_DIR = Path(__file__).parent / "static"
 
 
 def default_pipeline_factory(settings: Settings) -> PipelineLike:
-    """The real pipeline, imported only when the service starts loading."""
+    """The real pipeline, imported only when the service starts loading, warmed up with one
+    question (``Pipeline.warm_up``); a warm-up that fails is logged and the service serves."""
     from citeqa.pipeline import Pipeline  # heavy: torch, transformers, faiss
 
-    return Pipeline.from_settings(settings)
+    pipeline = Pipeline.from_settings(settings)
+    try:
+        seconds = pipeline.warm_up()
+    except CiteqaError as exc:  # e.g. a remote engine's hiccup: each request reports its own
+        logger.warning("the warm-up question failed, serving anyway: %s", exc)
+    else:
+        logger.info("warm-up question answered in %.1f s", seconds)
+    return pipeline
 
 
 # -- lifecycle --------------------------------------------------------------------------------
