@@ -270,8 +270,8 @@ def ops_router(page: str, csp: str) -> APIRouter:
 
     @ops.get("/readyz", response_model=StatusOut, responses={503: {"model": ErrorOut}})
     async def readyz(state: StateDep) -> dict[str, Any]:
-        """Readiness: 200 once models are loaded; 503 while loading, after a failed load, and
-        while shutting down."""
+        """Readiness: 200 once models are loaded and warmed up; 503 while loading, after a
+        failed load, and while shutting down."""
         if state.phase != "ready":
             raise state.not_ready_error()
         return {"status": "ready"}
