@@ -7,9 +7,16 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CITEQA_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+# Property tests draw new examples on every run, except under HYPOTHESIS_PROFILE=ci (.ci/run
+# sets it): there each test draws the same examples every time, so that whether a change lands
+# never depends on a rare draw. Drawing freely here is how such draws are found.
+settings.register_profile("ci", derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(scope="session")
