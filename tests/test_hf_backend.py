@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,17 @@ def test_missing_model_dir_is_a_model_error(tmp_path):
         load_model(str(tmp_path), tmp_path)
 
 
+def test_loading_on_the_cpu_sets_the_shared_kv_switch_and_keeps_a_users(monkeypatch):
+    from citeqa.generation.hf import GQA_SWITCH, share_kv_heads_in_cpu_attention
+
+    monkeypatch.delenv(GQA_SWITCH, raising=False)
+    share_kv_heads_in_cpu_attention()
+    assert os.environ[GQA_SWITCH] == "1"
+    monkeypatch.setenv(GQA_SWITCH, "0")
+    share_kv_heads_in_cpu_attention()
+    assert os.environ[GQA_SWITCH] == "0"
+
+
 def test_unknown_cpu_dtype_fails_before_loading(tmp_path):
     from citeqa.errors import InvalidRequestError
     from citeqa.generation.hf import HFBackend
@@ -117,6 +130,28 @@ def test_greedy_constrained_output_is_cited_and_speculation_changes_nothing(back
     assert on.logprob < 0
     assert on.timings_ms["forward_passes"] < off.timings_ms["forward_passes"]
     assert off.timings_ms["forward_passes"] < off.n_tokens  # jump-forward skips forced tokens
+
+
+@pytest.mark.slow
+def test_shared_kv_heads_change_no_output(backend, monkeypatch):
+    """Loading on the CPU lets attention share key/value heads (hf.share_kv_heads_in_cpu_attention);
+    with drafts, masked multi-token passes take that path, and every output stays the same."""
+    from citeqa.generation.hf import GQA_SWITCH
+
+    assert os.environ.get(GQA_SWITCH) == "1"  # set by HFBackend.load on the CPU
+    assert backend.model.config.num_key_value_heads < backend.model.config.num_attention_heads
+    outs = {}
+    recent = backend._recent.copy()  # drafts also come from the last output: the same for both
+    for switch in ("0", "1"):
+        monkeypatch.setenv(GQA_SWITCH, switch)
+        backend._recent = recent.copy()
+        other = (MESSAGES[0], {"role": "user", "content": MESSAGES[1]["content"].replace(
+            "Who was Rollo?", "Whom did Rollo swear fealty to?")})
+        requests = [grammar_request(), replace(grammar_request(), messages=other)]
+        outs[switch] = [c for cs in backend.generate(requests) for c in cs]  # a padded batch
+    for shared, copied in zip(outs["1"], outs["0"], strict=True):
+        assert shared.text == copied.text and shared.logprob == copied.logprob
+    assert shared.timings_ms["forward_passes"] < shared.n_tokens  # drafts were verified
 
 
 @pytest.mark.slow

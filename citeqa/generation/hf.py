@@ -55,6 +55,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -117,6 +118,24 @@ class _Row:
 class _Stats:
     prefill_ms: float = 0.0
     forward_passes: int = 0
+
+
+GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"  # transformers' switch, read at every attention call
+
+
+def share_kv_heads_in_cpu_attention() -> None:
+    """Let attention on the CPU share key/value heads instead of copying them.
+
+    For a grouped-query model (SmolLM2: 9 query heads, 3 key/value heads) transformers' SDPA
+    path copies each key/value head once per query head whenever a mask is passed: on every
+    decoding pass that verifies drafted tokens, the whole cache, every layer. PyTorch's CPU
+    kernel takes the groups as they are (``enable_gqa``), with the same result to the bit and
+    2-2.5x faster (a 7-token pass over 450 cached tokens: 607 -> 297 us in bf16). transformers
+    keeps the copy because on CUDA a mask with ``enable_gqa`` falls back to a slow kernel; its
+    switch lifts that for the process, so it is set only for a model on the CPU, and a value
+    the user set is kept.
+    """
+    os.environ.setdefault(GQA_SWITCH, "1")
 
 
 class HFBackend:
@@ -195,6 +214,7 @@ class HFBackend:
             model_id = f"{model_id}+{adapter_id(Path(adapter))}"
         head = LMHead(model)  # before any conversion: fp32 logits from fp32 weights on a CPU
         if next(model.parameters()).device.type == "cpu":
+            share_kv_heads_in_cpu_attention()
             resolved = cpu_dtype_for(cpu_dtype, for_generator=True)
             if resolved == "bf16":
                 parameters_to_bf16(model)
