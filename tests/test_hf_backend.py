@@ -71,7 +71,7 @@ def test_missing_model_dir_is_a_model_error(tmp_path):
         load_model(str(tmp_path), tmp_path)
 
 
-def test_loading_on_the_cpu_sets_the_shared_kv_switch_and_keeps_a_users(monkeypatch):
+def test_the_shared_kv_switch_is_set_unless_a_user_set_it(monkeypatch):
     from citeqa.generation.hf import GQA_SWITCH, share_kv_heads_in_cpu_attention
 
     monkeypatch.delenv(GQA_SWITCH, raising=False)
@@ -140,14 +140,14 @@ def test_shared_kv_heads_change_no_output(backend, monkeypatch):
 
     assert os.environ.get(GQA_SWITCH) == "1"  # set by HFBackend.load on the CPU
     assert backend.model.config.num_key_value_heads < backend.model.config.num_attention_heads
+    other = (MESSAGES[0], {"role": "user", "content": MESSAGES[1]["content"].replace(
+        "Who was Rollo?", "Whom did Rollo swear fealty to?")})
+    requests = [grammar_request(), replace(grammar_request(), messages=other)]
     outs = {}
     recent = backend._recent.copy()  # drafts also come from the last output: the same for both
     for switch in ("0", "1"):
         monkeypatch.setenv(GQA_SWITCH, switch)
         backend._recent = recent.copy()
-        other = (MESSAGES[0], {"role": "user", "content": MESSAGES[1]["content"].replace(
-            "Who was Rollo?", "Whom did Rollo swear fealty to?")})
-        requests = [grammar_request(), replace(grammar_request(), messages=other)]
         outs[switch] = [c for cs in backend.generate(requests) for c in cs]  # a padded batch
     for shared, copied in zip(outs["1"], outs["0"], strict=True):
         assert shared.text == copied.text and shared.logprob == copied.logprob
