@@ -1,6 +1,6 @@
 """How long the verifier takes to score one question's candidates, as the pipeline calls it.
 
-    python benchmarks/bench_reward.py [--reward DIR] [--threads 2] [--candidates 1,4,8]
+    python benchmarks/bench_reward.py [--reward DIR] [--threads 2] [--candidates 1,4,8] [--compile]
 
 For eval-article questions of the SQuAD 2.0 subset: their top passages are retrieved and each
 question gets 8 candidates quoting one of its passages' sentences (the verifier's cost does not
@@ -9,6 +9,9 @@ passage around each quote as served. Target: 8 candidates in <= 60 ms on 2 cores
 For the largest size it also splits the time between the verifier and the answerability reader
 and sets each beside its floor on this CPU: the FLOPs of its linear layers over the padded
 tokens at the bf16 (or fp32) matmul rate that ``citeqa.compute``'s probe measures.
+With ``--compile`` it also loads the reward model compiled (``CITEQA_REWARD_COMPILE``), reports
+how long compiling took and how far its scores are from eager, and times the two in alternating
+passes (``--rounds``).
 Writes evals/results/bench_reward.json.
 """
 
@@ -39,7 +42,13 @@ def main() -> None:
     ap.add_argument("--candidates", default="1,4,8")
     ap.add_argument("--index", type=Path, default=INDEX)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the reward model compiled (CITEQA_REWARD_COMPILE), "
+                         "alternating with eager")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="timed passes over the questions (default 1, or 2 with --compile)")
     args = ap.parse_args()
+    args.rounds = args.rounds or (2 if args.compile else 1)
 
     import torch
 
@@ -63,30 +72,61 @@ def main() -> None:
                 quote = Quote(doc.text[start:end], doc.doc_id, doc.title, doc.source, start, end)
                 cands.append(Candidate(" ".join(quote.text.split()[:3]), quote))
         work.append((q.question, (cands * 8)[:8]))
-    scorer.score(work[0][0], work[0][1], retriever.document)  # warm-up
     sizes = [int(c) for c in args.candidates.split(",")]
-    results = {}
-    for size in sizes:
-        times = []
-        for question, cands in work:
-            t0 = time.perf_counter()
-            scorer.score(question, cands[:size], retriever.document)
-            times.append((time.perf_counter() - t0) * 1000)
-        results[str(size)] = {"p50_ms": statistics.median(times),
-                              "p95_ms": sorted(times)[int(0.95 * (len(times) - 1))]}
+    scorers = {"eager": scorer}
+    compile_s = None
+    if args.compile:
+        scorers["compiled"] = VerifierScorer(args.reward)
+        compile_s = scorers["compiled"].compile()
+    times: dict[str, dict[int, list[float]]] = {name: {n: [] for n in sizes} for name in scorers}
+    for each in scorers.values():
+        each.score(work[0][0], work[0][1], retriever.document)  # warm-up
+    for _ in range(args.rounds):  # the variants alternate, so that drift hits both alike
+        for name, each in scorers.items():
+            for size in sizes:
+                for question, cands in work:
+                    t0 = time.perf_counter()
+                    each.score(question, cands[:size], retriever.document)
+                    times[name][size].append((time.perf_counter() - t0) * 1000)
+    results = {name: {str(n): {"p50_ms": statistics.median(ts),
+                               "p95_ms": sorted(ts)[int(0.95 * (len(ts) - 1))]}
+                      for n, ts in by_size.items()} for name, by_size in times.items()}
     parts = split_time(scorer, work, max(sizes), retriever.document)
     report = {"reward": str(args.reward), "dtype": scorer.dtype, "threads": args.threads,
-              "machine": platform.platform(), "questions": len(work), "by_candidates": results,
-              f"parts_at_{max(sizes)}": parts}
+              "machine": platform.platform(), "questions": len(work), "rounds": args.rounds,
+              "by_candidates": results["eager"], f"parts_at_{max(sizes)}": parts}
+    if args.compile:
+        report["compiled"] = {"compile_s": compile_s, "name": scorers["compiled"].name,
+                              "by_candidates": results["compiled"],
+                              "max_score_difference": max_difference(scorers, work, max(sizes),
+                                                                     retriever.document)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    for size, r in results.items():
-        print(f"{size} candidates: p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms")  # noqa: T201
+    for size, r in results["eager"].items():
+        line = f"{size} candidates: p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms"
+        if args.compile:
+            c = results["compiled"][size]
+            line += (f"; compiled p50 {c['p50_ms']:.1f} ms, p95 {c['p95_ms']:.1f} ms "
+                     f"({c['p50_ms'] / r['p50_ms']:.2f}x eager)")
+        print(line)  # noqa: T201
+    if args.compile:
+        c = report["compiled"]
+        print(f"compiled: {c['name']}; compiling and warm-up took {c['compile_s']:.1f} s; "  # noqa: T201
+              f"scores differ from eager by at most {c['max_score_difference']:.1e}")
     for name, p in parts.items():
         print(f"  {name}: p50 {p['p50_ms']:.1f} ms for {p['tokens_p50']:.0f} padded tokens; "  # noqa: T201
               f"floor {p['floor_ms_p50']:.1f} ms at {p['gflops']:.0f} GFLOP/s "
               f"({p['p50_ms'] / p['floor_ms_p50']:.1f}x it)")
     print(f"target: 8 candidates <= 60 ms; wrote {args.out}")  # noqa: T201
+
+
+def max_difference(scorers, work, size: int, documents) -> float:
+    """The largest difference between two scorers' scores of the same candidates."""
+    eager, other = scorers.values()
+    return max(abs(a.score - b.score)
+               for question, cands in work
+               for a, b in zip(eager.score(question, cands[:size], documents),
+                               other.score(question, cands[:size], documents), strict=True))
 
 
 def split_time(scorer, work, size: int, documents) -> dict[str, dict[str, float]]:

@@ -127,6 +127,9 @@ class RewardConfig:
     # False answers without a score threshold; a per-request min_score/target_accuracy still
     # applies either way.
     decline_uncertified: bool = False
+    # compile the verifier's encoders at start (torch.compile, inductor; scorer.compile): faster
+    # scoring for a longer start-up, where a C++ compiler is installed (else it scores eagerly)
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,9 @@ class Settings(BaseSettings):
     # when the reward model's calibration certified no target: decline every question (True)
     # instead of answering without a threshold (RewardConfig.decline_uncertified)
     decline_uncertified: bool = False
+    # compile the reward model at start (RewardConfig.compile): ~15 % faster scoring of eight
+    # candidates on the AMX Xeon for ~45 s more start-up
+    reward_compile: bool = False
     answer_mode: Literal["span", "free"] | None = None  # overrides the preset's answer mode
     # overrides the presets' CPU compute format (generator, embedder, training; see compute.py)
     cpu_dtype: Literal["auto", "bf16", "fp16w", "fp32"] | None = None
@@ -275,4 +281,6 @@ class Settings(BaseSettings):
             cfg = replace(cfg, reward=replace(cfg.reward, model=model))
         if self.decline_uncertified:
             cfg = replace(cfg, reward=replace(cfg.reward, decline_uncertified=True))
+        if self.reward_compile:
+            cfg = replace(cfg, reward=replace(cfg.reward, compile=True))
         return cfg

@@ -121,7 +121,8 @@ class Pipeline:
             backend.wait_ready(settings.generator_wait_s)
         from citeqa.reward.scorer import load_scorer
 
-        scorer = load_scorer(cfg.reward.model, cpu_dtype=cfg.generation.cpu_dtype)
+        scorer = load_scorer(cfg.reward.model, cpu_dtype=cfg.generation.cpu_dtype,
+                             compile=cfg.reward.compile)
         threshold = scorer.threshold if scorer is not None else None
         if threshold is not None and math.isinf(threshold) and not cfg.reward.decline_uncertified:
             logger.warning(

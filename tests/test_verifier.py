@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -327,3 +328,48 @@ def test_the_shipped_reward_model_is_a_calibrated_combined_verifier_with_a_card(
                        [Candidate("Rollo", quote, logprob=-2.0, n_tokens=20, retrieval_score=0.03)],
                        {"d": doc}.__getitem__)
     assert 0 < out[0].score < 1 and out[0].uncertainty is not None
+
+
+def _scored(scorer: VerifierScorer) -> list[float]:
+    doc = Document("d", "Normans", "n.txt", TEXT)
+    quote = Quote(QUOTE, "d", "Normans", "n.txt", Q0, Q1)
+    cands = [Candidate(a, quote) for a in ("Rollo", "France", "King Charles III")]
+    return [c.score for c in scorer.score("Who led?", cands, {"d": doc}.__getitem__)]
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="torch.compile on a CPU needs a C++ compiler (g++), and none is here")
+def test_a_compiled_scorer_scores_as_the_eager_one(tiny_encoder, tokenizer,
+                                                   tmp_path: Path) -> None:
+    save_verifier(tmp_path / "rm", Verifier(tiny_encoder(len(tokenizer)), 3, 8), tokenizer, {})
+    eager = load_scorer(str(tmp_path / "rm"), cpu_dtype="fp32")
+    fast = load_scorer(str(tmp_path / "rm"), cpu_dtype="fp32", compile=True)
+    assert fast.name.endswith(", compiled") and not eager.name.endswith(", compiled")
+    assert type(fast.model.encoder) is not type(eager.model.encoder)  # noqa: E721 - the wrapper
+    assert np.allclose(_scored(fast), _scored(eager), atol=1e-4)
+
+
+def test_a_scorer_that_fails_to_compile_scores_eagerly_and_says_why(
+        tiny_encoder, tokenizer, tmp_path: Path, monkeypatch, caplog) -> None:
+    save_verifier(tmp_path / "rm", Verifier(tiny_encoder(len(tokenizer)), 3, 8), tokenizer, {})
+    scorer = load_scorer(str(tmp_path / "rm"), cpu_dtype="fp32")
+    before, encoder = _scored(scorer), scorer.model.encoder
+
+    class Broken(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr("citeqa.reward.scorer.compiled", lambda module: Broken())
+    with caplog.at_level("WARNING"):
+        scorer.compile()
+    assert "no C++ compiler found" in caplog.text and "scores eagerly" in caplog.text
+    assert scorer.model.encoder is encoder and not scorer.name.endswith(", compiled")
+    assert _scored(scorer) == before
+
+
+def test_reward_compile_is_a_setting_off_by_default(monkeypatch) -> None:
+    from citeqa.config import Settings
+
+    assert Settings().config().reward.compile is False
+    monkeypatch.setenv("CITEQA_REWARD_COMPILE", "1")
+    assert Settings().config().reward.compile is True

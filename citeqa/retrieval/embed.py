@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from citeqa.compute import PAD_MULTIPLE, cpu_dtype
+from citeqa.compute import PAD_MULTIPLE, to_serving_dtype
 from citeqa.errors import ConfigError, ModelError
 from citeqa.logs import quiet_weight_loading
 from citeqa.text import tokenize
@@ -89,13 +89,7 @@ class MiniLMEmbedder:
                 ) from e
             assert model.config.hidden_size == self.dim, model.config.hidden_size
             model = model.to(self.device).eval()
-            if self.device == "cpu" and cpu_dtype(self.cpu_dtype) == "bf16":
-
-                from citeqa.generation.cpu_linear import install_cpu_linears, parameters_to_bf16
-
-                parameters_to_bf16(model)
-                install_cpu_linears(model, int8_decode=False)
-                self.dtype = "bf16"
+            self.dtype = to_serving_dtype(model, self.cpu_dtype)
             self._tokenizer = tokenizer
             self._model = model
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from citeqa.compute import PAD_MULTIPLE
+from citeqa.compute import PAD_MULTIPLE, to_serving_dtype
 from citeqa.reward.checkpoint import (
     ENCODER,
     load_heads,
@@ -95,8 +95,6 @@ class AnswerabilityReader:
     """The reader as the scorer uses it: logits for passage views, bf16 where it pays."""
 
     def __init__(self, directory: Path, *, cpu_dtype: str = "auto") -> None:
-        from citeqa.reward.scorer import to_serving_dtype
-
         self.directory = Path(directory)
         self.model, self.tokenizer, self.config = load_answerability(self.directory)
         self.max_tokens = int(self.config.get("max_tokens", MAX_TOKENS))

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from citeqa.compute import compiled, to_serving_dtype
 from citeqa.errors import ModelError
 from citeqa.reward.answerability import SUBDIR, AnswerabilityReader
 from citeqa.reward.calibrate import METHOD, Calibration, calibrate_threshold
@@ -39,20 +40,12 @@ CALIBRATION = "calibration.json"
 DEFAULT_DIR = Path(__file__).resolve().parent / "weights"  # the shipped reward model
 TARGET_GRID = 0.01  # threshold_for is made monotone over targets on this grid
 SCORE_BATCH = 16  # candidates encoded together
-
-
-def to_serving_dtype(encoder: torch.nn.Module, cpu_dtype: str) -> str:
-    """Put an encoder on CPU into bf16 with the matrix-unit linears where bf16 pays
-    (``citeqa.compute``); return the dtype it computes in."""
-    from citeqa.compute import cpu_dtype as resolve
-
-    if next(encoder.parameters()).device.type != "cpu" or resolve(cpu_dtype) != "bf16":
-        return "fp32"
-    from citeqa.generation.cpu_linear import install_cpu_linears, parameters_to_bf16
-
-    parameters_to_bf16(encoder)
-    install_cpu_linears(encoder, int8_decode=False)
-    return "bf16"
+# What ``VerifierScorer.compile`` scores to build its kernels: lengths that differ, so that the
+# compiled graphs take the sequence length as a variable.
+WARM_UP_ITEMS = tuple(
+    Judged("When was the bridge finished?", "in 1890", f"The bridge was finished in 1890{more}.",
+           "Bridge", "It spans the river. " * n, " It is still in use." * n)
+    for n, more in ((1, ""), (4, " after seven years of work"), (9, " by two companies")))
 
 
 def judged(question: str, c: Candidate, documents: Callable[[str], Document] | None) -> Judged:
@@ -125,6 +118,29 @@ class VerifierScorer(Calibrated):
         self.name = f"verifier ({self.config.get('base', 'cross-encoder')}, {self.dtype})" + (
             " + generator signals" if self.combiner is not None else "") + (
             " + answerability" if self.answerability is not None else "")
+
+    def compile(self) -> float:
+        """Compile the cross-encoders (``compute.compiled``) and build their kernels now, by
+        scoring made-up candidates one and three at a time, so that no user waits for it; where
+        that fails (no C++ compiler, an operation inductor cannot lower) put the eager encoders
+        back and log why. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        models = [self.model] + ([self.answerability.model] if self.answerability else [])
+        eager = [m.encoder for m in models]
+        try:
+            for m in models:
+                m.encoder = compiled(m.encoder)
+            for items in (WARM_UP_ITEMS[:1], WARM_UP_ITEMS):
+                self.predict(items)
+                if self.answerability is not None:
+                    self.answerability.logits(items)
+        except Exception as exc:  # noqa: BLE001 - any failure to compile means: serve eagerly
+            for m, encoder in zip(models, eager, strict=True):
+                m.encoder = encoder
+            logger.warning("compiling the reward model failed; it scores eagerly: %s", exc)
+        else:
+            self.name += ", compiled"
+        return time.perf_counter() - t0
 
     def predict(self, items: Sequence[Judged]) -> tuple[np.ndarray, np.ndarray]:
         """(score [N], uncertainty [N]) in [0, 1]; an item without a quote scores 0."""
@@ -266,9 +282,11 @@ def read_calibration(directory: Path) -> CalibrationRecord | None:
     return CalibrationRecord(calibration, tuple(scores), tuple(correct), min_answered, body)
 
 
-def load_scorer(name: str | None, *, cpu_dtype: str = "auto") -> Any:
+def load_scorer(name: str | None, *, cpu_dtype: str = "auto", compile: bool = False) -> Any:
     """The scorer called ``name``: "default" (the shipped weights in citeqa/reward/weights),
-    a reward-model directory, or None (no reward model). Nothing is ever downloaded."""
+    a reward-model directory, or None (no reward model). Nothing is ever downloaded. With
+    ``compile``, a verifier's encoders are compiled and warmed up before it is returned
+    (``VerifierScorer.compile``)."""
     if name is None:
         return None
     directory = DEFAULT_DIR if name == "default" else Path(name)
@@ -282,8 +300,15 @@ def load_scorer(name: str | None, *, cpu_dtype: str = "auto") -> Any:
     if config.get("format") == 1:  # the feature-based model of earlier releases
         from citeqa.reward.legacy import RewardScorer
 
+        if compile:
+            logger.warning("%s is a feature-based reward model: nothing to compile", directory)
         return RewardScorer(directory)
-    return VerifierScorer(directory, cpu_dtype=cpu_dtype)
+    scorer = VerifierScorer(directory, cpu_dtype=cpu_dtype)
+    if compile:
+        logger.info("compiling the reward model (about a minute on 2 cores)")
+        seconds = scorer.compile()
+        logger.info("reward model ready: %s, in %.1f s", scorer.name, seconds)
+    return scorer
 
 
 def best_per_question(
