@@ -184,8 +184,8 @@ class Settings(BaseSettings):
     # when the reward model's calibration certified no target: decline every question (True)
     # instead of answering without a threshold (RewardConfig.decline_uncertified)
     decline_uncertified: bool = False
-    # compile the reward model at start (RewardConfig.compile): ~15 % faster scoring of eight
-    # candidates on the AMX Xeon for ~45 s more start-up
+    # compile the reward model at start (RewardConfig.compile): faster scoring on a CPU for
+    # ~40 s more start-up; needs a C++ compiler (else it scores eagerly)
     reward_compile: bool = False
     answer_mode: Literal["span", "free"] | None = None  # overrides the preset's answer mode
     # overrides the presets' CPU compute format (generator, embedder, training; see compute.py)
