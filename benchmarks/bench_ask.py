@@ -74,6 +74,8 @@ def main() -> None:
                     help="reward model as served: default | a dir | none (no scoring)")
     ap.add_argument("--no-prefix-cache", action="store_true",
                     help="prefill the system turn for every prompt instead of reusing its cache")
+    ap.add_argument("--no-lean", action="store_true",
+                    help="run the decoder with transformers' forward, not citeqa's LeanDecoder")
     args = ap.parse_args()
 
     import faiss
@@ -99,7 +101,7 @@ def main() -> None:
     retriever = HybridRetriever.open(args.index, cfg.retrieval)
     backend = build_backend(replace(gen_cfg, threads=args.threads),
                             Path.home() / ".cache" / "citeqa",
-                            reuse_prefix=not args.no_prefix_cache)
+                            reuse_prefix=not args.no_prefix_cache, lean=not args.no_lean)
     generator = CitedGenerator(backend, gen_cfg)
     from citeqa.generation.models import load_model
 
@@ -191,6 +193,7 @@ def main() -> None:
         "machine": platform.platform(),
         "generation_config": asdict(gen_cfg),
         "prefix_cache": not args.no_prefix_cache,
+        "lean_decoder": getattr(backend, "lean", False),
         "summary": summary,
         "throughput_by_concurrency": throughput,
         "rows": rows,

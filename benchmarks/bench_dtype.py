@@ -11,6 +11,8 @@ whose speed drifts (it does, by ~15 % within an hour) hurts both sides alike. Me
 - prefill: the decoder stack over a 440-token prompt, plain fp32 transformers against citeqa's
   bf16 model (``CpuLinear``) and its fp16w one; target bf16 >= 4x plain fp32;
 - decoding: one single-token step with a ~440-token KV cache, per format; target <= 15 ms;
+  bf16 is timed through transformers' forward and through ``LeanDecoder`` (``bf16-lean``, the
+  path the service runs for Llama-family models), prefill too;
 - embedding: MiniLM over eval passages (256 tokens at most), passages/s fp32 vs bf16;
 - training: one optimizer step of LoRA SFT on SmolLM2 (4 examples of ~450 tokens) and one of a
   MiniLM cross-encoder (32 pairs of 256 tokens), fp32 against bf16 autocast;
@@ -86,13 +88,17 @@ def bench_generator(rounds: int, formats: tuple[str, ...]) -> dict[str, object]:
     from transformers import DynamicCache
 
     from citeqa.generation.kv import with_cache_keyword
+    from citeqa.generation.lean import LeanDecoder
 
     models, tokenizer = generator_models(formats)
     ids = torch.tensor([prompt_ids(tokenizer)])
+    # each format through transformers' forward; bf16 also through LeanDecoder, as served
+    decoders = {name: (m, with_cache_keyword(m.get_decoder())) for name, m in models.items()}
+    if "bf16" in models:
+        decoders["bf16-lean"] = (models["bf16"], LeanDecoder(models["bf16"].get_decoder()))
 
     def prefill(name: str) -> Callable[[], float]:
-        model = models[name]
-        decoder = with_cache_keyword(model.get_decoder())
+        model, decoder = decoders[name]
 
         def run() -> float:
             with torch.inference_mode():
@@ -101,8 +107,7 @@ def bench_generator(rounds: int, formats: tuple[str, ...]) -> dict[str, object]:
         return run
 
     def decode_step(name: str) -> Callable[[], float]:
-        model = models[name]
-        decoder = with_cache_keyword(model.get_decoder())
+        model, decoder = decoders[name]
         with torch.inference_mode():
             cache = DynamicCache(config=model.config)
             decoder(input_ids=ids, cache=cache, use_cache=True)
@@ -124,15 +129,18 @@ def bench_generator(rounds: int, formats: tuple[str, ...]) -> dict[str, object]:
             return statistics.median(times)
         return run
 
-    for name in models:  # warm-up: kernel selection, weight packing
+    for name in decoders:  # warm-up: kernel selection, weight packing
         prefill(name)()
-    pre = interleaved({k: prefill(k) for k in models}, rounds)
-    dec = interleaved({k: decode_step(k) for k in models}, rounds)
+    pre = interleaved({k: prefill(k) for k in decoders}, rounds)
+    dec = interleaved({k: decode_step(k) for k in decoders}, rounds)
+    lean = "bf16-lean" in pre
     return {
         "prompt_tokens": int(ids.shape[1]),
         "prefill_ms": pre,
         "prefill_speedup_bf16_vs_plain_fp32": pre["fp32"] / pre["bf16"] if "bf16" in pre else None,
+        "prefill_speedup_bf16_lean_vs_plain_fp32": pre["fp32"] / pre["bf16-lean"] if lean else None,
         "decode_step_ms": dec,
+        "decode_step_lean_vs_transformers_bf16": dec["bf16-lean"] / dec["bf16"] if lean else None,
     }
 
 
@@ -297,10 +305,13 @@ def main() -> None:
     print(f"probe: fp32 {probe.fp32_gflops:.0f}, bf16 {probe.bf16_gflops:.0f} GFLOP/s; "
         f"timed: {', '.join(formats)}")
     ratio = g["prefill_speedup_bf16_vs_plain_fp32"]
+    lean = g["prefill_speedup_bf16_lean_vs_plain_fp32"]
     print("prefill ms " + ", ".join(f"{k} {v:.0f}" for k, v in g["prefill_ms"].items())
-        + (f"; bf16 = {ratio:.2f}x plain fp32 (target >= 4)" if ratio else ""))
+        + (f"; bf16 = {ratio:.2f}x plain fp32" if ratio else "")
+        + (f", bf16-lean (as served) {lean:.2f}x" if lean else "") + " (target >= 4)")
+    step = g["decode_step_lean_vs_transformers_bf16"]
     print("decode step ms " + ", ".join(f"{k} {v:.1f}" for k, v in g["decode_step_ms"].items())
-        + " (target <= 15)")
+        + (f"; bf16-lean / bf16 {step:.2f}" if step else "") + " (target <= 15)")
     per_s = e["passages_per_s"]
     print("embedding passages/s " + ", ".join(f"{k} {v:.1f}" for k, v in per_s.items())
         + (f"; bf16 {e['speedup_bf16']:.2f}x; min cosine {e['min_cosine_fp32_vs_bf16']:.4f}"

@@ -287,6 +287,30 @@ def test_every_compute_format_loads_answers_and_names_itself(cpu_dtype, suffix):
 
 
 @pytest.mark.slow
+def test_bf16_decodes_with_the_lean_forward_and_gets_transformers_answers():
+    """The bf16 model runs ``LeanDecoder``; through transformers' forward (``lean=False``) the
+    same requests, batched and alone, give the same outputs (bf16 rounding aside)."""
+    from citeqa.generation.hf import HFBackend
+    from citeqa.generation.lean import LeanDecoder
+
+    backend = load("bf16")
+    assert backend.lean and isinstance(backend._decoder, LeanDecoder)
+    assert not load("fp32").lean  # nn.Linear weights: transformers' forward
+    plain = HFBackend(backend.model, backend.tokenizer, backend.model_id, head=backend.head,
+                      lean=False)
+    assert not plain.lean
+    other = GenerationRequest(messages=OTHER, grammar=output_grammar(OTHER_PASSAGES),
+                              max_tokens=48)
+    for requests in ([grammar_request()], [other], [grammar_request(), other]):
+        plain._recent = backend._recent.copy()  # the same drafts, so the same kernels
+        got, ref = backend.generate(requests), plain.generate(requests)
+        assert [[c.text for c in cs] for cs in got] == [[c.text for c in cs] for cs in ref]
+        for cs, rs in zip(got, ref, strict=True):
+            assert cs[0].logprob == pytest.approx(rs[0].logprob, abs=0.05)
+    assert_cited(got[0][0].text)
+
+
+@pytest.mark.slow
 def test_system_turn_cache_changes_nothing_and_is_computed_once(backend, monkeypatch):
     from citeqa.generation.kv import MIN_PREFIX
 

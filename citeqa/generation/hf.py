@@ -45,6 +45,10 @@ renormalised over the grammar-allowed tokens (the unmasked distribution when the
 Tokens forced by the grammar (jump-forward) count 0: they were the only continuation.
 Timings (``prefill_ms``, ``decode_ms``, ``forward_passes``) are those of the whole batch.
 
+Every pass runs the decoder stack alone (the LM head is applied later, ``lm_head.py``): through
+``LeanDecoder`` (``lean.py``, fewer operations per layer) for a Llama-family model computed in
+bf16 on a CPU, else through transformers' forward.
+
 Why ~490 lines: the decode loop alone is here; drafts (``drafts.py``), the KV cache surgery
 (``kv.py``) and the grammar stages live apart. What remains is one loop whose per-row state
 (pending tokens, drafts, grammar, finished) must change together in every step.
@@ -81,6 +85,7 @@ from citeqa.generation.kv import (
     stack_prefills,
     with_cache_keyword,
 )
+from citeqa.generation.lean import LeanDecoder
 from citeqa.generation.lm_head import LMHead, choose
 from citeqa.generation.models import load_model, store_linear_weights_fp16
 
@@ -152,6 +157,7 @@ class HFBackend:
         reuse_prefix: bool = True,
         batch_prefill: bool | None = None,
         head: LMHead | None = None,
+        lean: bool = True,
     ) -> None:
         """``speculative_tokens``: prompt-lookup draft length (0 = off); ``threads``: torch CPU
         threads (None = torch's default); ``reuse_prefix``: copy the system turn's keys and
@@ -159,7 +165,9 @@ class HFBackend:
         prefill a batch's prompts together, left-padded (None: on a GPU only). A CPU prefill is
         compute-bound, so padding costs real time there and batching saves none: its prompts
         are prefilled one by one and then stacked for decoding together. ``head``: the LM head
-        to score tokens with (default: the model's own)."""
+        to score tokens with (default: the model's own); ``lean``: run the decoder with
+        ``LeanDecoder`` where it supports the model (a Llama-family model in CPU bf16), else
+        with transformers' forward."""
         if threads is not None:
             torch.set_num_threads(threads)
         self.model = model
@@ -170,7 +178,9 @@ class HFBackend:
         self.batch_prefill = (self.device.type != "cpu") if batch_prefill is None else batch_prefill
         # The decoder stack and the LM head are used apart, so that logits are only computed
         # for the tokens the grammar allows (see lm_head.py).
-        self._decoder = with_cache_keyword(model.get_decoder())
+        decoder = model.get_decoder()
+        self.lean = lean and LeanDecoder.supports(decoder)
+        self._decoder = LeanDecoder(decoder) if self.lean else with_cache_keyword(decoder)
         self.head = head or LMHead(model)
         self.prefix_cache = SystemPrefixCache(
             self._decoder, model.config, self.device,
