@@ -18,7 +18,8 @@ through different kernels and may round differently: in bf16, speculative drafts
 can change a near-tie greedy token (``bench_dtype.py`` measures how often). ``nn.Linear`` on
 a 3-D bf16 input takes a slower path than on 2-D rows, hence the reshape.
 
-``install_cpu_linears(module)`` swaps every ``nn.Linear`` below ``module`` for a ``CpuLinear``.
+``install_cpu_linears(module)`` swaps every ``nn.Linear`` below ``module`` for a ``CpuLinear``;
+``fused_linear(parts)`` computes several of them with one product (``lean.py``).
 """
 
 from __future__ import annotations
@@ -59,18 +60,52 @@ class CpuLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [M, in]
+        return self.rows(rows).reshape(*x.shape[:-1], self.out_features)
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The product for bf16 ``rows`` [M, in] -> [M, out], through the kernel their number
+        picks (callers on a hot path use it to skip the module call)."""
         if self.qweight is not None and rows.shape[0] <= INT8_ROWS:
             assert self.scales is not None
             y = torch._weight_int8pack_mm(rows, self.qweight, self.scales)  # [M, out]
-            if self.bias is not None:
-                y = y + self.bias
-        else:
-            y = F.linear(rows, self.weight, self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        return F.linear(rows, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"int8_decode={self.qweight is not None}")
+
+
+def fused_linear(parts: list[CpuLinear]) -> CpuLinear:
+    """One ``CpuLinear`` computing ``parts`` side by side (outputs concatenated in order): int8
+    rows, scales and bf16 rows concatenated, so each output is still its own dot product and
+    equals the part's. The parts' weights become views of its own: they keep working and cost
+    no memory."""
+    fused = CpuLinear.__new__(CpuLinear)
+    nn.Module.__init__(fused)
+    fused.in_features = parts[0].in_features
+    fused.out_features = sum(p.out_features for p in parts)
+    fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
+    biases = [p.bias for p in parts]
+    fused.bias = None if all(b is None for b in biases) else nn.Parameter(torch.cat([
+        b if b is not None else torch.zeros(p.out_features, dtype=torch.bfloat16)
+        for b, p in zip(biases, parts, strict=True)]), requires_grad=False)
+    int8 = all(p.qweight is not None for p in parts)
+    fused.register_buffer("qweight", torch.cat([p.qweight for p in parts]) if int8 else None,
+                          persistent=False)
+    fused.register_buffer("scales", torch.cat([p.scales for p in parts]) if int8 else None,
+                          persistent=False)
+    # the parts become views of the fused tensors: no second copy of the weights
+    start = 0
+    for p in parts:
+        rows = slice(start, start + p.out_features)
+        p.weight = nn.Parameter(fused.weight[rows], requires_grad=False)
+        if p.bias is not None:
+            p.bias = nn.Parameter(fused.bias[rows], requires_grad=False)
+        if int8:
+            p.qweight, p.scales = fused.qweight[rows], fused.scales[rows]
+        start += p.out_features
+    return fused
 
 
 def parameters_to_bf16(module: nn.Module) -> None:

@@ -6,8 +6,7 @@ seven-op RMSNorms, one call per projection) adds about as much again. ``LeanDeco
 same layers over the same parameters and the same ``DynamicCache`` with fewer operations:
 
 - the query, key and value projections are one product, and so are the MLP's gate and up
-  projections (``fused_linear``: int8 rows, scales and bf16 rows concatenated; each output row
-  is still its own dot product, so the result equals the separate products);
+  projections (``cpu_linear.fused_linear``; the result equals the separate products);
 - rotary embeddings are applied to the queries and keys in one pass;
 - attention is one SDPA call sharing key/value heads (``enable_gqa``) with a boolean mask built
   directly from the 2-D mask of real tokens, or none when every token is real and the pass is
@@ -32,42 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from citeqa.generation.cpu_linear import INT8_ROWS, CpuLinear
+from citeqa.generation.cpu_linear import CpuLinear, fused_linear
 from citeqa.generation.kv import plain_cache
 
 SUPPORTED = {"LlamaModel": "LlamaDecoderLayer", "Qwen2Model": "Qwen2DecoderLayer"}
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-def fused_linear(parts: list[CpuLinear]) -> CpuLinear:
-    """One ``CpuLinear`` computing ``parts`` side by side (outputs concatenated in order);
-    the parts' weights become views of its own, so they keep working and cost no memory."""
-    fused = CpuLinear.__new__(CpuLinear)
-    nn.Module.__init__(fused)
-    fused.in_features = parts[0].in_features
-    fused.out_features = sum(p.out_features for p in parts)
-    fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
-    biases = [p.bias for p in parts]
-    fused.bias = None if all(b is None for b in biases) else nn.Parameter(torch.cat([
-        b if b is not None else torch.zeros(p.out_features, dtype=torch.bfloat16)
-        for b, p in zip(biases, parts, strict=True)]), requires_grad=False)
-    int8 = all(p.qweight is not None for p in parts)
-    fused.register_buffer("qweight", torch.cat([p.qweight for p in parts]) if int8 else None,
-                          persistent=False)
-    fused.register_buffer("scales", torch.cat([p.scales for p in parts]) if int8 else None,
-                          persistent=False)
-    # the parts become views of the fused tensors: no second copy of the weights
-    start = 0
-    for p in parts:
-        rows = slice(start, start + p.out_features)
-        p.weight = nn.Parameter(fused.weight[rows], requires_grad=False)
-        if p.bias is not None:
-            p.bias = nn.Parameter(fused.bias[rows], requires_grad=False)
-        if int8:
-            p.qweight, p.scales = fused.qweight[rows], fused.scales[rows]
-        start += p.out_features
-    return fused
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -83,14 +52,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def _linear(layer: CpuLinear, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` for bf16 ``x`` without the module call's overhead."""
-    rows = x.reshape(-1, layer.in_features)
-    if layer.qweight is not None and rows.shape[0] <= INT8_ROWS:
-        y = torch._weight_int8pack_mm(rows, layer.qweight, layer.scales)
-        if layer.bias is not None:
-            y = y + layer.bias
-    else:
-        y = F.linear(rows, layer.weight, layer.bias)
-    return y.view(*x.shape[:-1], -1)
+    return layer.rows(x.reshape(-1, layer.in_features)).view(*x.shape[:-1], -1)
 
 
 def sdpa_mask(mask: torch.Tensor | None, past: int, new: int) -> torch.Tensor | None:
