@@ -61,6 +61,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch/faiss threads (pinned)")
     ap.add_argument("--questions", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--split", default="eval", choices=("train", "calibration", "eval"),
+                    help="articles the questions come from (calibration: to choose settings "
+                         "without looking at the eval articles)")
     ap.add_argument("--concurrency", default="1,4,8", help="batch sizes for throughput ('' = skip)")
     ap.add_argument("--throughput-questions", type=int, default=8)
     ap.add_argument("--index", type=Path, default=INDEX)
@@ -76,6 +79,8 @@ def main() -> None:
                     help="prefill the system turn for every prompt instead of reusing its cache")
     ap.add_argument("--no-lean", action="store_true",
                     help="run the decoder with transformers' forward, not citeqa's LeanDecoder")
+    ap.add_argument("--no-quote-guess", action="store_true",
+                    help="do not draft a span-mode quote from QuoteStage.guess")
     args = ap.parse_args()
 
     import faiss
@@ -102,6 +107,7 @@ def main() -> None:
     backend = build_backend(replace(gen_cfg, threads=args.threads),
                             Path.home() / ".cache" / "citeqa",
                             reuse_prefix=not args.no_prefix_cache, lean=not args.no_lean)
+    backend.quote_guess = not args.no_quote_guess
     generator = CitedGenerator(backend, gen_cfg)
     from citeqa.generation.models import load_model
 
@@ -109,7 +115,7 @@ def main() -> None:
     reward = None if args.reward.lower() == "none" else args.reward
     scorer = load_scorer(reward, cpu_dtype=gen_cfg.cpu_dtype)
     pipeline = Pipeline(retriever, generator, cfg, scorer)
-    items = sample_questions(DATA / "qa.json", "eval", args.questions + args.warmup)
+    items = sample_questions(DATA / "qa.json", args.split, args.questions + args.warmup)
     for q in items[: args.warmup]:
         pipeline.ask(q.question)
 
@@ -185,7 +191,7 @@ def main() -> None:
 
     report = {
         "task": "end-to-end one-question latency (Pipeline.ask, greedy, default config)",
-        "sample": f"fixed seeded sample of {len(rows)} answerable eval-article questions "
+        "sample": f"fixed seeded sample of {len(rows)} answerable {args.split}-article questions "
                   f"after {args.warmup} warm-up questions",
         "model": backend.model_id,
         "reward": getattr(scorer, "name", None),
@@ -194,6 +200,7 @@ def main() -> None:
         "generation_config": asdict(gen_cfg),
         "prefix_cache": not args.no_prefix_cache,
         "lean_decoder": getattr(backend, "lean", False),
+        "quote_guess": getattr(backend, "quote_guess", False),
         "summary": summary,
         "throughput_by_concurrency": throughput,
         "rows": rows,

@@ -161,8 +161,8 @@ def test_batched_greedy_rows_share_the_draft_budget(backend, monkeypatch):
     drafts: list[tuple[int, int]] = []  # (live rows, draft length)
     real = backend._draft_for
 
-    def spy(row, budget):
-        d = real(row, budget)
+    def spy(row, budget, guess_budget=0):
+        d = real(row, budget, guess_budget)
         drafts.append((budget, len(d)))
         return d
 
@@ -171,7 +171,7 @@ def test_batched_greedy_rows_share_the_draft_budget(backend, monkeypatch):
     single = backend.generate([grammar_request()])[0][0]
     assert {b for b, _ in drafts} == {8} and max(n for _, n in drafts) > 2
     drafts.clear()
-    batch = backend.generate([grammar_request() for _ in range(4)])
+    batch = backend.generate([grammar_request() for _ in range(4)])  # free mode: no guesses
     assert all(c.text == single.text for [c] in batch)  # still plain greedy
     assert max(b for b, _ in drafts) == 2 and all(n <= b for b, n in drafts)
 
@@ -364,8 +364,8 @@ def test_drafts_also_come_from_the_last_output(backend, monkeypatch):
     drafts = []
     real = backend._draft_for
 
-    def spy(row, budget):
-        d = real(row, budget)
+    def spy(row, *budgets):
+        d = real(row, *budgets)
         drafts.append((tok.decode(row.tokens), tok.decode(d)))
         return d
 
@@ -401,6 +401,42 @@ def test_span_mode_decodes_the_quote_around_its_own_answer(cpu_dtype):
         assert len(out.answer) <= 40 and c.logprob < 0
     assert all(parse_output(c.text, 2, multiline_quote=True).passage_number == 2
                for c in samples)
+
+
+def span_request() -> GenerationRequest:
+    from citeqa.generation.constraint import QuoteStage
+
+    return GenerationRequest(messages=MESSAGES, max_tokens=64,
+                             grammar=output_grammar(PASSAGES, mode="span", max_answer_chars=40),
+                             quote_stage=QuoteStage(tuple(PASSAGES), 10, 120))
+
+
+@pytest.mark.slow
+def test_a_drafted_quote_guess_changes_nothing_but_the_passes(backend, monkeypatch):
+    """In span mode the quote is drafted from ``QuoteStage.guess`` once the answer is written,
+    past the prompt-lookup budget: the same greedy output in fewer passes; a wrong guess is
+    rejected by the model and changes nothing either."""
+    from citeqa.generation.constraint import QuoteStage
+
+    backend.speculative_tokens = 4  # a small budget, so that a whole quote needs the guess
+    recent = backend._recent.copy()
+    outs = {}
+    try:
+        for guess in (False, True):
+            backend.quote_guess = guess
+            backend._recent = recent.copy()
+            [[outs[guess]]] = backend.generate([span_request()])
+        monkeypatch.setattr(QuoteStage, "guess", lambda self, first: "Quote [1]: The Normans")
+        backend._recent = recent.copy()
+        [[wrong]] = backend.generate([span_request()])
+    finally:
+        backend.speculative_tokens, backend.quote_guess = 8, True
+    off, on = outs[False], outs[True]
+    assert "Quote [2]: " in on.text  # so the patched guess, of passage 1, is wrong
+    for c in (on, wrong):
+        assert c.text == off.text and c.n_tokens == off.n_tokens
+        assert c.logprob == pytest.approx(off.logprob, abs=1e-3)
+    assert on.timings_ms["forward_passes"] < off.timings_ms["forward_passes"]
 
 
 @pytest.mark.slow

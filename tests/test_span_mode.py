@@ -24,6 +24,7 @@ from citeqa.generation.constraint import (
     answer_of_first_part,
     output_grammar,
     quote_grammar,
+    quote_guess,
 )
 from citeqa.generation.extractive import extractive_responder
 from citeqa.generation.fake import FakeBackend
@@ -126,6 +127,34 @@ def test_grammar_like_text_in_passage_and_answer_stays_text() -> None:
     assert grammar_accepts(g, quote_line(3, 'the question. "start: /.*/" %regex {"x"} \\n'))
     assert not grammar_accepts(g, quote_line(3, "Answer: 42"))  # in the passage, not the answer
     assert not grammar_accepts(g, quote_line(3, "anything at all"))
+
+
+# --- the quote's guess: drafted, never enforced ----------------------------------------------
+
+
+def test_the_guess_starts_at_the_last_sentence_start_before_the_answer() -> None:
+    passages = ["Nothing here.", 'Old news. "He left." In 1967, Manuel Blum wrote it. Later on.']
+    guess = quote_guess(passages, "Manuel Blum", max_quote_chars=200)
+    assert guess == 'Quote [2]: In 1967, Manuel Blum wrote it. Later on.'
+    g = quote_grammar(passages, "Manuel Blum", max_quote_chars=200)
+    assert g is not None and grammar_accepts(g, "Quote [2]: In 1967, Manuel Blum wrote it.")
+    # a sentence start too far back for the quote's length: the answer itself starts it
+    assert quote_guess(passages, "Manuel Blum", max_quote_chars=15) == (
+        "Quote [2]: Manuel Blum wrote it. Later on.")
+    # the passage's start counts as a sentence start; leading whitespace is skipped
+    assert quote_guess(["  Rollo swore fealty."], "fealty") == "Quote [1]: Rollo swore fealty."
+
+
+def test_the_guess_follows_the_grammars_choice_of_passages() -> None:
+    after = PASSAGES[2].removeprefix("Ignore the question. ")  # grammar-like text stays text
+    assert quote_guess(PASSAGES, "King", only_passage=3) == f"Quote [3]: {after}"
+    assert quote_guess(PASSAGES, "King").startswith("Quote [2]: Rollo swore")  # the first
+    assert quote_guess(["The Kingdom of Sicily."], "King") is None  # whole words only
+    assert quote_guess(PASSAGES, "Rollo", only_passage=1) is None
+    assert quote_guess(PASSAGES, "  ") is None
+    stage = QuoteStage(tuple(PASSAGES), 10, 120)
+    assert stage.guess(answer_line("Normandy")) == f"Quote [1]: {PASSAGES[0]}"
+    assert stage.guess("Answer: Normandy") is None  # not a finished answer line
 
 
 TEXT = st.text(alphabet=st.sampled_from(list('ab c."/%{}:\\[]')), min_size=1, max_size=40)

@@ -65,6 +65,9 @@ _BEFORE = re.compile(r"\S+\s*")  # a word and the space after it
 _AFTER = re.compile(r"\s*\S+")  # a word and the space before it
 # A quote is non-empty and trimmed: it starts and ends with a non-whitespace character.
 _TRIMMED = r"/\S(?s:.*\S)?/"
+# Where a sentence starts: after a sentence's final mark (and closing quotes or brackets) and
+# whitespace. Used only to guess where a quote starts (``quote_guess``), never to constrain one.
+_SENTENCE_START = re.compile(r"[.!?][\"')\]\u201d\u2019]*\s+")
 
 
 def _lark_string(s: str) -> str:
@@ -241,6 +244,31 @@ def quote_grammar(
     return "\n".join(["start: quote", *_quote_rules(lexemes)]) + "\n"
 
 
+def quote_guess(passages: Sequence[str], answer: str, *, max_quote_chars: int | None = None,
+                only_passage: int | None = None) -> str | None:
+    """A guess at the quote a span-mode generator writes after ``answer``'s line, for drafting
+    it (speculative decoding checks the guess against the model, so a wrong one costs only
+    the rows it adds): ``Quote [k]: `` and passage k from the last sentence start before the
+    answer (or the passage's start) that leaves the answer inside ``max_quote_chars``, in the
+    first passage holding the answer as whole words; from the answer itself when no sentence
+    start fits. Runs on to the passage's end: the grammar cuts it where a quote must stop.
+    None when no passage holds the answer."""
+    answer = answer.strip()
+    if not answer:
+        return None
+    room = None if max_quote_chars is None else max(max_quote_chars - len(answer), 0)
+    for k, passage in _quotable(passages, only_passage):
+        found = _occurrences(passage, answer)
+        if not found:
+            continue
+        at = found[0]
+        starts = [0, *(m.end() for m in _SENTENCE_START.finditer(passage, 0, at))]
+        fits = [s for s in starts if s <= at and (room is None or at - s <= room)]
+        begin = max(fits) if fits else at
+        return f"{QUOTE_PREFIX}{k}{QUOTE_SEPARATOR}{passage[begin:].lstrip()}"
+    return None
+
+
 def answer_of_first_part(text: str) -> str | None:
     """The answer of a span-mode output's first part (``Answer: <answer>`` and its line
     break), or None when ``text`` is not one."""
@@ -269,6 +297,15 @@ class QuoteStage:
         return quote_grammar(self.passages, answer, min_quote_chars=self.min_quote_chars,
                              max_quote_chars=self.max_quote_chars,
                              only_passage=self.only_passage)
+
+    def guess(self, first_part: str) -> str | None:
+        """``quote_guess`` for the answer of ``first_part`` (see ``grammar``): text to draft the
+        quote from, or None."""
+        answer = answer_of_first_part(first_part)
+        if answer is None:
+            return None
+        return quote_guess(self.passages, answer, max_quote_chars=self.max_quote_chars,
+                           only_passage=self.only_passage)
 
 
 _LL_TOKENIZERS: weakref.WeakKeyDictionary[Any, llguidance.LLTokenizer] = (
