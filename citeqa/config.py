@@ -103,7 +103,9 @@ class GenerationConfig:
     answer_mode: str = "span"
     # Prompt-lookup draft length while copying a quote; 0 = off. Lossless for greedy rows. On 2
     # CPU cores (benchmarks/bench_ask.py, 50 eval questions) 16 beat 8 (p50 2.28 s vs 2.52 s,
-    # fp32 weights); 32 gave the same total/prefill ratio as 16 (1.42, fp16 weights).
+    # fp32 weights); 32 gave the same total/prefill ratio as 16 (1.42, fp16 weights), and again
+    # 0.97x / 0.99x of 16's p50 on the AMX Xeon. 0 also turns off span mode's quote guess
+    # (hf.GUESS_TOKENS, its own budget).
     speculative_quote_tokens: int = 16
     threads: int | None = None  # torch CPU threads; None = leave torch's default
     # How a CPU computes (citeqa/compute.py): "auto" measures whether bf16 pays (AVX-512 BF16 /
