@@ -425,9 +425,10 @@ class HFBackend:
         row.constraint = self._new_constraint(grammar)
         if self.quote_guess and self.speculative_tokens and row.greedy:
             guess = stage.guess(text)
-            if guess is not None:
-                row.guess = self.tokenizer.encode(guess, add_special_tokens=False)
-                row.guess_from = len(row.tokens)
+            if guess is not None:  # cut before any stop token, as prompt-lookup drafts are
+                tokens = self.tokenizer.encode(guess, add_special_tokens=False)
+                end = next((i for i, t in enumerate(tokens) if t in self._stop), len(tokens))
+                row.guess, row.guess_from = tokens[:end], len(row.tokens)
         return True
 
     def _accept(self, row: _Row, tok: int, lp: float) -> None:
