@@ -200,7 +200,8 @@ def main() -> None:
         "generation_config": asdict(gen_cfg),
         "prefix_cache": not args.no_prefix_cache,
         "lean_decoder": getattr(backend, "lean", False),
-        "quote_guess": getattr(backend, "quote_guess", False),
+        "quote_guess": bool(getattr(backend, "quote_guess", False)
+                            and getattr(backend, "speculative_tokens", 0)),
         "summary": summary,
         "throughput_by_concurrency": throughput,
         "rows": rows,

@@ -141,6 +141,9 @@ def test_the_guess_starts_at_the_last_sentence_start_before_the_answer() -> None
     # a sentence start too far back for the quote's length: the answer itself starts it
     assert quote_guess(passages, "Manuel Blum", max_quote_chars=15) == (
         "Quote [2]: Manuel Blum wrote it. Later on.")
+    # nor one more than MAX_WORDS_AROUND words back, which no quote's grammar reaches
+    long = "Long ago. " + "word " * 70 + "Manuel Blum wrote it."
+    assert quote_guess([long], "Manuel Blum") == "Quote [1]: Manuel Blum wrote it."
     # the passage's start counts as a sentence start; leading whitespace is skipped
     assert quote_guess(["  Rollo swore fealty."], "fealty") == "Quote [1]: Rollo swore fealty."
 

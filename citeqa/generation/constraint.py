@@ -249,7 +249,8 @@ def quote_guess(passages: Sequence[str], answer: str, *, max_quote_chars: int | 
     """A guess at the quote a span-mode generator writes after ``answer``'s line, for drafting
     it (speculative decoding checks the guess against the model, so a wrong one costs only
     the rows it adds): ``Quote [k]: `` and passage k from the last sentence start before the
-    answer (or the passage's start) that leaves the answer inside ``max_quote_chars``, in the
+    answer (or the passage's start) that leaves the answer inside ``max_quote_chars`` and
+    ``MAX_WORDS_AROUND`` words, in the
     first passage holding the answer as whole words; from the answer itself when no sentence
     start fits. Runs on to the passage's end: the grammar cuts it where a quote must stop.
     None when no passage holds the answer."""
@@ -263,7 +264,8 @@ def quote_guess(passages: Sequence[str], answer: str, *, max_quote_chars: int | 
             continue
         at = found[0]
         starts = [0, *(m.end() for m in _SENTENCE_START.finditer(passage, 0, at))]
-        fits = [s for s in starts if s <= at and (room is None or at - s <= room)]
+        fits = [s for s in starts if s <= at and (room is None or at - s <= room)
+                and len(_BEFORE.findall(passage[s:at])) <= MAX_WORDS_AROUND]
         begin = max(fits) if fits else at
         return f"{QUOTE_PREFIX}{k}{QUOTE_SEPARATOR}{passage[begin:].lstrip()}"
     return None

@@ -34,7 +34,8 @@ grammar allows. Two shortcuts make a quote cost little more than the prompt's pr
   drafted from ``QuoteStage.guess`` (the passage from the last sentence start before the
   answer), within its own budget of ``GUESS_TOKENS`` per pass, enough for a whole quote: the
   quote's first token has nothing to look up, and a guess is right far more often than a
-  lookup. It is checked and kept like any draft, so it changes passes, not outputs.
+  lookup. It is checked and kept like any draft, so it changes passes, not outputs (up to
+  the float ties above: in bf16 a wider pass rounds its products differently).
 
 The system turn is the same in every prompt, and keys and values at a position depend only on
 the tokens up to it: they are computed once per distinct system text and copied into each
@@ -184,7 +185,8 @@ class HFBackend:
         to score tokens with (default: the model's own); ``lean``: run the decoder with
         ``LeanDecoder`` where it supports the model (a Llama-family model in CPU bf16), else
         with transformers' forward; ``quote_guess``: in span mode, draft a greedy row's quote
-        from ``QuoteStage.guess`` once its answer is written (drafts change speed, not output)."""
+        from ``QuoteStage.guess`` once its answer is written (drafts change speed, not output,
+        up to float ties)."""
         if threads is not None:
             torch.set_num_threads(threads)
         self.model = model
