@@ -86,11 +86,13 @@ def main() -> None:
     import faiss
     import torch
 
+    from citeqa.allocator import keep_freed_memory
     from citeqa.generation.factory import build_backend
     from citeqa.pipeline import Pipeline
     from citeqa.retrieval import HybridRetriever
     from citeqa.reward.scorer import load_scorer
 
+    keep_freed_memory()  # as the CLI does (citeqa/allocator.py)
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     cfg = Config()

@@ -274,8 +274,10 @@ def main() -> None:
 
     import torch
 
+    from citeqa.allocator import keep_freed_memory
     from citeqa.compute import BF16_MIN_SPEEDUP, probe_matmul
 
+    keep_freed_memory()  # as the CLI does (citeqa/allocator.py)
     torch.set_num_threads(args.threads)
     probe = probe_matmul()
     if args.formats == "auto":

@@ -105,6 +105,9 @@ def main() -> None:
     import faiss
     import torch
 
+    from citeqa.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the CLI does (citeqa/allocator.py)
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     print(f"pinned threads: torch.set_num_threads({args.threads}), "

@@ -1,6 +1,7 @@
 """How long the verifier takes to score one question's candidates, as the pipeline calls it.
 
     python benchmarks/bench_reward.py [--reward DIR] [--threads 2] [--candidates 1,4,8] [--compile]
+                                      [--no-lean]
 
 For eval-article questions of the SQuAD 2.0 subset: their top passages are retrieved and each
 question gets 8 candidates quoting one of its passages' sentences (the verifier's cost does not
@@ -45,6 +46,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="also time the reward model compiled (CITEQA_REWARD_COMPILE), "
                          "alternating with eager")
+    ap.add_argument("--no-lean", action="store_true",
+                    help="score with transformers' encoder forward, not LeanEncoder")
     ap.add_argument("--rounds", type=int, default=None,
                     help="timed passes over the questions (default 1, or 2 with --compile)")
     args = ap.parse_args()
@@ -52,14 +55,16 @@ def main() -> None:
 
     import torch
 
+    from citeqa.allocator import keep_freed_memory
     from citeqa.config import RetrievalConfig
     from citeqa.retrieval import HybridRetriever
     from citeqa.reward.scorer import VerifierScorer
     from citeqa.text import sentence_spans
     from citeqa.types import Candidate, Quote
 
+    keep_freed_memory()  # as the CLI does (citeqa/allocator.py)
     torch.set_num_threads(args.threads)
-    scorer = VerifierScorer(args.reward)
+    scorer = VerifierScorer(args.reward, lean=not args.no_lean)
     retriever = HybridRetriever.open(args.index, RetrievalConfig())
     questions = sample_questions(DATA / "qa.json", "eval", args.questions)
     work = []
@@ -76,7 +81,7 @@ def main() -> None:
     scorers = {"eager": scorer}
     compile_s = None
     if args.compile:
-        scorers["compiled"] = VerifierScorer(args.reward)
+        scorers["compiled"] = VerifierScorer(args.reward, lean=not args.no_lean)
         compile_s = scorers["compiled"].compile()
     times: dict[str, dict[int, list[float]]] = {name: {n: [] for n in sizes} for name in scorers}
     for each in scorers.values():
@@ -92,7 +97,8 @@ def main() -> None:
                                "p95_ms": sorted(ts)[int(0.95 * (len(ts) - 1))]}
                       for n, ts in by_size.items()} for name, by_size in times.items()}
     parts = split_time(scorer, work, max(sizes), retriever.document)
-    report = {"reward": str(args.reward), "dtype": scorer.dtype, "threads": args.threads,
+    report = {"reward": str(args.reward), "name": scorer.name, "dtype": scorer.dtype,
+              "lean_encoder": not args.no_lean, "threads": args.threads,
               "machine": platform.platform(), "questions": len(work), "rounds": args.rounds,
               "by_candidates": results["eager"], f"parts_at_{max(sizes)}": parts}
     if args.compile:

@@ -50,6 +50,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="steps a way, the first a warm-up")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+
+    from citeqa.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the CLI does (citeqa/allocator.py)
     torch.set_num_threads(args.threads)
     gen = preset("default").generation
     cfg = sft.TrainConfig(lr=5e-4, batch_size=8, micro_batch_size=4, max_steps=args.steps)

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
+from citeqa.allocator import keep_freed_memory
 from citeqa.cli_errors import fail
 from citeqa.config import MAX_CANDIDATES, MAX_PASSAGES, MAX_SEARCH_K, Settings, preset
 from citeqa.errors import CiteqaError
@@ -109,6 +110,7 @@ def _main(
              "a progress bar per model read).")] = False,
 ) -> None:
     setup_logging(verbose)
+    keep_freed_memory()
 
 
 @index_app.command("build")

@@ -330,6 +330,28 @@ def test_the_shipped_reward_model_is_a_calibrated_combined_verifier_with_a_card(
     assert 0 < out[0].score < 1 and out[0].uncertainty is not None
 
 
+def test_the_shipped_scorer_in_bf16_runs_lean_and_scores_as_transformers_forward() -> None:
+    """Both cross-encoders take LeanEncoder in CPU bf16 and give the scores of transformers'
+    forward over a batch with padding (candidates whose quotes differ in length)."""
+    from citeqa.lean_encoder import LeanEncoder
+    from citeqa.reward.scorer import DEFAULT_DIR
+
+    lean = VerifierScorer(DEFAULT_DIR, cpu_dtype="bf16")
+    plain = VerifierScorer(DEFAULT_DIR, cpu_dtype="bf16", lean=False)
+    assert lean.answerability is not None and plain.answerability is not None
+    assert isinstance(lean.model.encoder, LeanEncoder)
+    assert isinstance(lean.answerability.model.encoder, LeanEncoder)
+    assert not isinstance(plain.model.encoder, LeanEncoder)
+    doc = Document("d", "Normans", "n.txt", TEXT)
+    cands = [Candidate(answer, Quote(TEXT[start:Q1], "d", "Normans", "n.txt", start, Q1),
+                       logprob=-2.0, n_tokens=20, retrieval_score=0.03)
+             for answer, start in (("Rollo", Q0), ("Normandy", 0), ("Rollo", TEXT.index("Rollo")))]
+    got = [c.score for c in lean.score("Who led the Normans?", cands, {"d": doc}.__getitem__)]
+    want = [c.score for c in plain.score("Who led the Normans?", cands, {"d": doc}.__getitem__)]
+    assert np.allclose(got, want, atol=2e-3), (got, want)
+    assert len(set(np.round(got, 3))) == 3  # three different candidates, three scores
+
+
 def _scored(scorer: VerifierScorer) -> list[float]:
     doc = Document("d", "Normans", "n.txt", TEXT)
     quote = Quote(QUOTE, "d", "Normans", "n.txt", Q0, Q1)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from citeqa.compute import PAD_MULTIPLE, to_serving_dtype
+from citeqa.lean_encoder import use_lean_encoder
 from citeqa.reward.checkpoint import (
     ENCODER,
     load_heads,
@@ -94,11 +95,12 @@ def load_answerability(directory: Path) -> tuple[Answerability, Any, dict[str, A
 class AnswerabilityReader:
     """The reader as the scorer uses it: logits for passage views, bf16 where it pays."""
 
-    def __init__(self, directory: Path, *, cpu_dtype: str = "auto") -> None:
+    def __init__(self, directory: Path, *, cpu_dtype: str = "auto", lean: bool = True) -> None:
         self.directory = Path(directory)
         self.model, self.tokenizer, self.config = load_answerability(self.directory)
         self.max_tokens = int(self.config.get("max_tokens", MAX_TOKENS))
         self.dtype = to_serving_dtype(self.model.encoder, cpu_dtype)
+        self.model.encoder = use_lean_encoder(self.model.encoder, lean)  # as the verifier's
         self._lock = threading.Lock()
 
     def logits(self, items: Sequence[Judged]) -> np.ndarray:

@@ -27,6 +27,7 @@ import torch
 
 from citeqa.compute import compiled, to_serving_dtype
 from citeqa.errors import ModelError
+from citeqa.lean_encoder import use_lean_encoder
 from citeqa.reward.answerability import SUBDIR, AnswerabilityReader
 from citeqa.reward.calibrate import METHOD, Calibration, calibrate_threshold
 from citeqa.reward.checkpoint import load_verifier
@@ -99,11 +100,14 @@ class Calibrated:
 class VerifierScorer(Calibrated):
     """Scores candidates with a verifier directory (checkpoint.py has its layout)."""
 
-    def __init__(self, directory: Path, *, cpu_dtype: str = "auto") -> None:
+    def __init__(self, directory: Path, *, cpu_dtype: str = "auto", lean: bool = True) -> None:
+        """``lean``: run the cross-encoders with ``LeanEncoder`` where it supports them (a BERT
+        encoder in CPU bf16, lean_encoder.py), else with transformers' forward."""
         self.directory = Path(directory)
         self.model, self.tokenizer, self.config = load_verifier(self.directory)
         self.max_tokens = int(self.config.get("max_tokens", 192))
         self.dtype = to_serving_dtype(self.model.encoder, cpu_dtype)
+        self.model.encoder = use_lean_encoder(self.model.encoder, lean)
         self._lock = threading.Lock()  # torch modules are not promised to be thread-safe
         self.calibration = read_calibration(self.directory)
         self.combiner = read_combiner(self.directory)  # combine.json, when fitted
@@ -114,7 +118,7 @@ class VerifierScorer(Calibrated):
                                  f"reader, but {self.directory / SUBDIR} is missing; train it "
                                  "with `citeqa train answerability` or refit the combination")
             self.answerability = AnswerabilityReader(self.directory / SUBDIR,
-                                                     cpu_dtype=cpu_dtype)
+                                                     cpu_dtype=cpu_dtype, lean=lean)
         self.name = f"verifier ({self.config.get('base', 'cross-encoder')}, {self.dtype})" + (
             " + generator signals" if self.combiner is not None else "") + (
             " + answerability" if self.answerability is not None else "")
@@ -128,8 +132,8 @@ class VerifierScorer(Calibrated):
         models = [self.model] + ([self.answerability.model] if self.answerability else [])
         eager = [m.encoder for m in models]
         try:
-            for m in models:
-                m.encoder = compiled(m.encoder)
+            for m in models:  # transformers' forward: LeanEncoder's shapes depend on the data
+                m.encoder = compiled(getattr(m.encoder, "wrapped", m.encoder))
             for items in (WARM_UP_ITEMS[:1], WARM_UP_ITEMS):
                 self.predict(items)
                 if self.answerability is not None:

@@ -1,0 +1,131 @@
+"""LeanEncoder: transformers' BERT forward over real tokens only, in CPU bf16 (tiny random
+models; nothing downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+
+from citeqa.generation.cpu_linear import install_cpu_linears, parameters_to_bf16
+from citeqa.lean_encoder import ROWS_MULTIPLE, LeanEncoder, use_lean_encoder
+
+SIZES = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, max_position_embeddings=96,
+             initializer_range=0.2)  # sharp enough attention that a wrong mask shows
+
+
+def tiny(*, bf16: bool = True, kind=BertModel, config=BertConfig, **kw) -> nn.Module:
+    torch.manual_seed(0)
+    model = kind(config(**SIZES, **kw)).eval()
+    if bf16:
+        parameters_to_bf16(model)
+        install_cpu_linears(model, int8_decode=False)
+    return model
+
+
+def batch(lengths: list[int], width: int | None = None, seed: int = 1
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input ids, attention mask (right padding) and token types (a second segment from the
+    middle), as a tokenizer pads a batch of pairs."""
+    g = torch.Generator().manual_seed(seed)
+    width = width or max(lengths)
+    ids = torch.randint(1, SIZES["vocab_size"], (len(lengths), width), generator=g)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    types = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        types[i, n // 2:n] = 1
+    return ids * mask, mask, types
+
+
+def reference(model: nn.Module, ids, mask, types) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+
+
+@pytest.mark.parametrize("lengths", [[37], [5, 40, 23, 40], [40, 40], [3, 9, 1]])
+def test_real_tokens_match_transformers_and_padding_is_zero(lengths: list[int]) -> None:
+    model = tiny()
+    ids, mask, types = batch(lengths, width=max(lengths) + 7)  # padding to a multiple, too
+    ref = reference(model, ids, mask, types).float()
+    lean = LeanEncoder(model)
+    with torch.inference_mode():
+        out = lean(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    real = mask.bool()
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    got = out.float()
+    assert torch.all(got[~real] == 0)
+    cos = nn.functional.cosine_similarity(got[real], ref[real], dim=-1)
+    assert cos.min() > 0.9999, cos.min()
+    assert (got[real] - ref[real]).abs().max() < 0.05  # bf16 rounding of layer-normed states
+
+
+def test_without_token_types_or_mask_it_reads_segment_a_and_every_token() -> None:
+    model = tiny()
+    ids, _, _ = batch([20, 20])
+    ref = reference(model, ids, torch.ones_like(ids), None).float()
+    with torch.inference_mode():
+        out = LeanEncoder(model)(input_ids=ids).last_hidden_state.float()
+    assert nn.functional.cosine_similarity(out.reshape(-1, 64), ref.reshape(-1, 64)).min() > 0.999
+
+
+def test_padding_does_not_change_a_row() -> None:
+    """A candidate scores the same alone as beside a longer one: padding neither leaks into
+    attention nor into the rows a product reads."""
+    model = LeanEncoder(tiny())
+    ids, mask, types = batch([12, 33])
+    with torch.inference_mode():
+        both = model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        alone = model(input_ids=ids[:1, :12], attention_mask=mask[:1, :12],
+                      token_type_ids=types[:1, :12]).last_hidden_state
+    assert torch.allclose(both[0, :12].float(), alone[0].float(), atol=0.05)
+
+
+def test_a_wrong_mask_fails_the_comparison() -> None:
+    """The comparison above can fail: attending to padding keys changes real rows."""
+    model = tiny()
+    ids, mask, types = batch([5, 40])
+    ref = reference(model, ids, mask, types).float()
+    with torch.inference_mode():
+        out = LeanEncoder(model)(input_ids=ids, attention_mask=torch.ones_like(mask),
+                                 token_type_ids=types).last_hidden_state.float()
+    cos = nn.functional.cosine_similarity(out[0, :5], ref[0, :5], dim=-1)
+    assert cos.min() < 0.9
+
+
+def test_the_state_dict_keeps_the_models_keys_and_the_fused_weights_share_memory() -> None:
+    model = tiny()
+    keys = set(model.state_dict())
+    lean = LeanEncoder(model)
+    assert set(lean.state_dict()) == keys
+    query = model.encoder.layer[0].attention.self.query.weight
+    assert query.untyped_storage().data_ptr() == lean._qkv[0].weight.untyped_storage().data_ptr()
+
+
+def test_rows_are_rounded_up_so_few_shapes_reach_the_matrix_units() -> None:
+    model = tiny()
+    seen: list[int] = []
+    dense = model.encoder.layer[0].intermediate.dense
+    original = dense.rows
+    dense.rows = lambda x: (seen.append(x.shape[0]), original(x))[1]  # type: ignore[method-assign]
+    ids, mask, types = batch([7, 30, 2])
+    with torch.inference_mode():
+        LeanEncoder(model)(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    assert seen == [ROWS_MULTIPLE * -(-39 // ROWS_MULTIPLE)]
+
+
+def test_only_cpu_bf16_bert_encoders_are_supported() -> None:
+    assert LeanEncoder.supports(tiny())
+    fp32 = tiny(bf16=False)
+    assert not LeanEncoder.supports(fp32)  # nn.Linear: transformers' forward
+    assert use_lean_encoder(fp32) is fp32
+    assert not LeanEncoder.supports(tiny(kind=RobertaModel, config=RobertaConfig))
+    assert not LeanEncoder.supports(tiny(position_embedding_type="relative_key"))
+    assert not LeanEncoder.supports(tiny(is_decoder=True))
+    supported = tiny()
+    assert use_lean_encoder(supported, enabled=False) is supported
+    assert isinstance(use_lean_encoder(supported), LeanEncoder)
+    with pytest.raises(ValueError, match="not supported"):
+        LeanEncoder(fp32)
