@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from citeqa.allocator import keep_freed_memory
 from citeqa.cli_errors import fail
 from citeqa.config import MAX_CANDIDATES
 from citeqa.errors import CiteqaError
@@ -138,6 +139,7 @@ def compare(
 def main() -> None:
     """Run the group on its own (``python -m citeqa.evals.cli``), before it is registered."""
     setup_logging()
+    keep_freed_memory()  # as the citeqa command does
     eval_app(prog_name="citeqa eval")
 
 
