@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from citeqa.allocator import keep_freed_memory
 from citeqa.generation.backend import GenerationRequest
 from citeqa.generation.constraint import output_grammar
 from citeqa.generation.hf import HFBackend, _Stats
@@ -75,6 +76,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
+    keep_freed_memory()  # as the CLI does (citeqa/allocator.py)
     backend = HFBackend.load(args.model, args.cache_dir, threads=args.threads)
     print(f"model {backend.model_id} on {backend.device}, {torch.get_num_threads()} threads")
     prompt = backend.prompt_ids(messages())

@@ -21,8 +21,10 @@ match transformers' forward up to bf16 rounding (tests compare them).
 It is an ``nn.Module`` with the wrapped model's ``embeddings``, ``encoder`` and ``pooler`` as its
 own, so its ``state_dict`` has the same keys; ``wrapped`` is the model itself (compiling takes
 transformers' forward: the lean one's data-dependent shapes do not suit it). Only models that
-``LeanEncoder.supports`` take it (a ``BertModel`` encoder with absolute positions and every
-linear a ``CpuLinear``, the CPU bf16 path); anything else keeps transformers' forward.
+``LeanEncoder.supports`` take it (a ``BertModel`` encoder with absolute positions whose layers'
+projections are all ``CpuLinear``, the CPU bf16 path); anything else keeps transformers'
+forward. It is for inference only: no dropout, and its fused products are outside the module
+tree, so the model must not be cast or moved after wrapping.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class LeanEncoder(nn.Module):
         if not self.supports(model):
             raise ValueError(f"{type(model).__name__} is not supported by LeanEncoder")
         super().__init__()
+        self.train(model.training)  # a new module starts in training mode; take the model's
         self.config = model.config
         self.__dict__["wrapped"] = model  # for transformers' forward (compiling); not a child
         self.embeddings, self.encoder, self.pooler = model.embeddings, model.encoder, model.pooler
@@ -84,6 +87,8 @@ class LeanEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> EncoderOutput:
+        if self.training:
+            raise RuntimeError("LeanEncoder is for inference; train the wrapped model instead")
         batch, length = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -92,6 +97,8 @@ class LeanEncoder(nn.Module):
         width = h.shape[-1]
         where = real.reshape(-1).nonzero().squeeze(1)  # [T] real tokens in the flat layout
         count = len(where)
+        if count == 0:  # nothing but padding (no tokenizer makes such a batch)
+            return EncoderOutput(h.new_zeros(batch, length, width))
         rounded = -(-count // ROWS_MULTIPLE) * ROWS_MULTIPLE
         rows = torch.cat([where, where[:1].expand(rounded - count)])  # copies are never stored
         # each padded position reads row 0: only as a key, which the mask hides, or as a query,

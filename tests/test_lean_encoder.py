@@ -129,3 +129,36 @@ def test_only_cpu_bf16_bert_encoders_are_supported() -> None:
     assert isinstance(use_lean_encoder(supported), LeanEncoder)
     with pytest.raises(ValueError, match="not supported"):
         LeanEncoder(fp32)
+
+
+def test_it_takes_the_models_mode_and_refuses_to_train() -> None:
+    model = tiny()
+    assert not LeanEncoder(model).training  # tiny() is in eval mode, as loaded models are
+    lean = LeanEncoder(model.train())
+    ids, mask, types = batch([4, 9])
+    with pytest.raises(RuntimeError, match="inference"):
+        lean(input_ids=ids, attention_mask=mask, token_type_ids=types)
+
+
+def test_a_batch_of_nothing_but_padding_gives_zeros() -> None:
+    ids, mask, types = batch([3, 5])
+    with torch.inference_mode():
+        out = LeanEncoder(tiny())(input_ids=ids, attention_mask=torch.zeros_like(mask),
+                                  token_type_ids=types).last_hidden_state
+    assert out.shape == (2, 5, 64) and not out.any()
+
+
+def test_left_padding_matches_transformers_too() -> None:
+    model = tiny()
+    ids, mask, types = batch([6, 30, 17])
+    left = [torch.roll(t, int((m == 0).sum()), dims=0) for t, m in zip(ids, mask, strict=True)]
+    masks = [torch.roll(m, int((m == 0).sum()), dims=0) for m in mask]
+    kinds = [torch.roll(t, int((m == 0).sum()), dims=0) for t, m in zip(types, mask, strict=True)]
+    ids, mask, types = torch.stack(left), torch.stack(masks), torch.stack(kinds)
+    assert mask[0, 0] == 0 and mask[0, -1] == 1  # padding on the left
+    ref = reference(model, ids, mask, types).float()
+    with torch.inference_mode():
+        out = LeanEncoder(model)(input_ids=ids, attention_mask=mask,
+                                 token_type_ids=types).last_hidden_state.float()
+    real = mask.bool()
+    assert nn.functional.cosine_similarity(out[real], ref[real], dim=-1).min() > 0.9999

@@ -342,14 +342,42 @@ def test_the_shipped_scorer_in_bf16_runs_lean_and_scores_as_transformers_forward
     assert isinstance(lean.model.encoder, LeanEncoder)
     assert isinstance(lean.answerability.model.encoder, LeanEncoder)
     assert not isinstance(plain.model.encoder, LeanEncoder)
-    doc = Document("d", "Normans", "n.txt", TEXT)
-    cands = [Candidate(answer, Quote(TEXT[start:Q1], "d", "Normans", "n.txt", start, Q1),
-                       logprob=-2.0, n_tokens=20, retrieval_score=0.03)
-             for answer, start in (("Rollo", Q0), ("Normandy", 0), ("Rollo", TEXT.index("Rollo")))]
-    got = [c.score for c in lean.score("Who led the Normans?", cands, {"d": doc}.__getitem__)]
-    want = [c.score for c in plain.score("Who led the Normans?", cands, {"d": doc}.__getitem__)]
+    short = "Rollo led the Normans."  # a much shorter passage view: real padding in the batch
+    docs = {"d": Document("d", "Normans", "n.txt", TEXT),
+            "s": Document("s", "Rollo", "s.txt", short)}
+    quotes = [Quote(TEXT[Q0:Q1], "d", "Normans", "n.txt", Q0, Q1),
+              Quote(TEXT[:Q1], "d", "Normans", "n.txt", 0, Q1),
+              Quote(short, "s", "Rollo", "s.txt", 0, len(short))]
+    cands = [Candidate(answer, quote, logprob=-2.0, n_tokens=20, retrieval_score=0.03)
+             for answer, quote in zip(("Rollo", "Normandy", "Rollo"), quotes, strict=True)]
+    lengths = [int(n) for n in encode(lean.tokenizer, [judged("Who led the Normans?", c,
+                                                              docs.__getitem__) for c in cands]
+                                      ).attention_mask.sum(1)]
+    assert max(lengths) - min(lengths) >= 20, lengths
+    got = [c.score for c in lean.score("Who led the Normans?", cands, docs.__getitem__)]
+    want = [c.score for c in plain.score("Who led the Normans?", cands, docs.__getitem__)]
     assert np.allclose(got, want, atol=2e-3), (got, want)
     assert len(set(np.round(got, 3))) == 3  # three different candidates, three scores
+
+
+def test_compiling_a_lean_scorer_compiles_transformers_forward_and_falls_back_to_lean(
+        monkeypatch, caplog) -> None:
+    from citeqa.lean_encoder import LeanEncoder
+    from citeqa.reward.scorer import DEFAULT_DIR
+
+    scorer = VerifierScorer(DEFAULT_DIR, cpu_dtype="bf16")
+    lean = scorer.model.encoder
+    seen = []
+
+    def broken(module):
+        seen.append(module)
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr("citeqa.reward.scorer.compiled", broken)
+    with caplog.at_level("WARNING"):
+        scorer.compile()
+    assert seen and not isinstance(seen[0], LeanEncoder) and seen[0] is lean.wrapped
+    assert scorer.model.encoder is lean and "scores eagerly" in caplog.text
 
 
 def _scored(scorer: VerifierScorer) -> list[float]:

@@ -19,7 +19,8 @@ can change a near-tie greedy token (``bench_dtype.py`` measures how often). ``nn
 a 3-D bf16 input takes a slower path than on 2-D rows, hence the reshape.
 
 ``install_cpu_linears(module)`` swaps every ``nn.Linear`` below ``module`` for a ``CpuLinear``;
-``fused_linear(parts)`` computes several of them with one product (``lean.py``).
+``fused_linear(parts)`` computes several of them with one product (``lean.py``,
+``citeqa/lean_encoder.py``).
 """
 
 from __future__ import annotations
