@@ -72,8 +72,8 @@ class LeanEncoder(nn.Module):
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
-        """True for an encoder-only ``BertModel`` with absolute positions and the standard
-        layers whose linears are all ``CpuLinear``."""
+        """True for an encoder-only ``BertModel`` with absolute positions whose layers'
+        projections (``PROJECTIONS``) are all ``CpuLinear``."""
         config = getattr(model, "config", None)
         if type(model).__name__ not in SUPPORTED or config is None:
             return False
