@@ -1,4 +1,4 @@
-"""A lean BERT encoder forward for CPU bf16: the same layers, over real tokens only.
+"""A lean BERT encoder forward for the CPU: the same layers, over real tokens only.
 
 The reward model's cross-encoders read batches of candidates whose texts differ in length, so
 transformers' forward spends about a quarter of its products, layer norms and GELUs on padding
@@ -6,29 +6,31 @@ transformers' forward spends about a quarter of its products, layer norms and GE
 runs the same modules with the same parameters:
 
 - every per-token step (the products, GELU, the residual adds, the layer norms) runs over the
-  real tokens only, gathered into rows (their count rounded up to ``ROWS_MULTIPLE`` with copies
-  of the first, so that the matrix units meet few matrix shapes: ``compute.PAD_MULTIPLE`` says
-  why);
-- the query, key and value projections are one product (``cpu_linear.fused_linear``; each output
-  equals the separate product's);
+  real tokens only, gathered into rows; in bf16 their count is rounded up to ``ROWS_MULTIPLE``
+  with copies of the first, so that the matrix units meet few matrix shapes
+  (``compute.PAD_MULTIPLE`` says why); fp32 products are not rounded up;
+- the query, key and value projections are one product (each output equals the separate
+  product's): ``cpu_linear.fused_linear`` in bf16, ``fused_fp32`` in fp32;
 - attention is one SDPA call over the padded layout (gathered from the rows) with a boolean
   key mask (none when every token is real); what padded queries compute is dropped.
 
 Padded positions of the output are zero (transformers leaves whatever their queries attended
 to): callers mask them, as the verifier's reader and every [CLS] reader do. Real positions
-match transformers' forward up to bf16 rounding (tests compare them).
+match transformers' forward up to rounding (tests compare them).
 
 It is an ``nn.Module`` with the wrapped model's ``embeddings``, ``encoder`` and ``pooler`` as its
 own, so its ``state_dict`` has the same keys; ``wrapped`` is the model itself (compiling takes
 transformers' forward: the lean one's data-dependent shapes do not suit it). Only models that
-``LeanEncoder.supports`` take it (a ``BertModel`` encoder with absolute positions whose layers'
-projections are all ``CpuLinear``, the CPU bf16 path); anything else keeps transformers'
-forward. It is for inference only: no dropout, and its fused products are outside the module
-tree, so the model must not be cast or moved after wrapping.
+``LeanEncoder.supports`` take it (a ``BertModel`` encoder with absolute positions on the CPU
+whose layers' projections are all ``CpuLinear``, the bf16 path, or all fp32 ``nn.Linear``, the
+path of CPUs without fast bf16); anything else keeps transformers' forward. It is for inference
+only: no dropout, and its fused products are outside the module tree, so the model must not be
+cast or moved after wrapping.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +40,7 @@ from torch import nn
 from citeqa.generation.cpu_linear import CpuLinear, fused_linear
 
 SUPPORTED = ("BertModel",)
-ROWS_MULTIPLE = 64
+ROWS_MULTIPLE = 64  # bf16 row counts are rounded up to this (fp32 ones are not)
 PROJECTIONS = ("attention.self.query", "attention.self.key", "attention.self.value",
                "attention.output.dense", "intermediate.dense", "output.dense")
 
@@ -65,15 +67,19 @@ class LeanEncoder(nn.Module):
         self.config = model.config
         self.__dict__["wrapped"] = model  # for transformers' forward (compiling); not a child
         self.embeddings, self.encoder, self.pooler = model.embeddings, model.encoder, model.pooler
-        # the fused products, outside the module tree: their weights are views of the layers'
-        # own (fused_linear), and the state dict keeps the wrapped model's keys
-        self._qkv = [fused_linear([layer.attention.self.query, layer.attention.self.key,
-                                   layer.attention.self.value]) for layer in self.encoder.layer]
+        # the fused products, outside the module tree: the layers' own weights become views of
+        # theirs, and the state dict keeps the wrapped model's keys
+        self.bf16 = isinstance(self.encoder.layer[0].intermediate.dense, CpuLinear)
+        fuse = fused_linear if self.bf16 else fused_fp32
+        self._qkv = [fuse([layer.attention.self.query, layer.attention.self.key,
+                           layer.attention.self.value]) for layer in self.encoder.layer]
+        self.rows_multiple = ROWS_MULTIPLE if self.bf16 else 1
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
         """True for an encoder-only ``BertModel`` with absolute positions whose layers'
-        projections (``PROJECTIONS``) are all ``CpuLinear``."""
+        projections (``PROJECTIONS``) are all ``CpuLinear`` or all fp32 ``nn.Linear`` on the
+        CPU."""
         config = getattr(model, "config", None)
         if type(model).__name__ not in SUPPORTED or config is None:
             return False
@@ -82,8 +88,12 @@ class LeanEncoder(nn.Module):
                 or getattr(config, "chunk_size_feed_forward", 0)):
             return False
         layers = getattr(getattr(model, "encoder", None), "layer", None)
-        return bool(layers) and all(isinstance(layer.get_submodule(p), CpuLinear)
-                                    for layer in layers for p in PROJECTIONS)
+        if not layers:
+            return False
+        projections = [layer.get_submodule(p) for layer in layers for p in PROJECTIONS]
+        return all(isinstance(m, CpuLinear) for m in projections) or all(
+            type(m) is nn.Linear and m.weight.dtype == torch.float32
+            and m.weight.device.type == "cpu" for m in projections)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> EncoderOutput:
@@ -99,7 +109,7 @@ class LeanEncoder(nn.Module):
         count = len(where)
         if count == 0:  # nothing but padding (no tokenizer makes such a batch)
             return EncoderOutput(h.new_zeros(batch, length, width))
-        rounded = -(-count // ROWS_MULTIPLE) * ROWS_MULTIPLE
+        rounded = -(-count // self.rows_multiple) * self.rows_multiple
         rows = torch.cat([where, where[:1].expand(rounded - count)])  # copies are never stored
         # each padded position reads row 0: only as a key, which the mask hides, or as a query,
         # whose result is dropped (gathers are several times faster than scatters here)
@@ -110,13 +120,44 @@ class LeanEncoder(nn.Module):
         for layer, qkv in zip(self.encoder.layer, self._qkv, strict=True):
             attn = layer.attention.self
             heads, dim = attn.num_attention_heads, attn.attention_head_size
-            full = qkv.rows(x).index_select(0, back)  # [N * S, 3H]
+            full = product(qkv)(x).index_select(0, back)  # [N * S, 3H]
             q, k, v = full.view(batch, length, 3, heads, dim).permute(2, 0, 3, 1, 4)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [N, heads, S, dim]
             o = o.transpose(1, 2).reshape(batch * length, width).index_select(0, rows)
             out = layer.attention.output
-            x = out.LayerNorm(out.dense.rows(o) + x)
-            up = layer.intermediate.intermediate_act_fn(layer.intermediate.dense.rows(x))
-            x = layer.output.LayerNorm(layer.output.dense.rows(up) + x)
+            x = out.LayerNorm(product(out.dense)(o) + x)
+            up = layer.intermediate.intermediate_act_fn(product(layer.intermediate.dense)(x))
+            x = layer.output.LayerNorm(product(layer.output.dense)(up) + x)
         hidden = x.new_zeros(batch * length, width).index_copy_(0, where, x[:count])
         return EncoderOutput(hidden.view(batch, length, width))
+
+
+def product(linear: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The product of ``linear`` over 2-D rows [M, in] -> [M, out]: a ``CpuLinear``'s own
+    (which picks its kernel), or an ``nn.Linear``'s without the module call."""
+    if isinstance(linear, CpuLinear):
+        return linear.rows
+    return lambda x: F.linear(x, linear.weight, linear.bias)
+
+
+def fused_fp32(parts: list[nn.Linear]) -> nn.Linear:
+    """One ``nn.Linear`` computing ``parts`` side by side (outputs concatenated in order), as
+    ``cpu_linear.fused_linear`` does for ``CpuLinear``: each output is still its own dot
+    product, and the parts' weights and biases become views of its own (no second copy; a
+    change to either shows in both)."""
+    with torch.no_grad():
+        weight = torch.cat([p.weight for p in parts])
+        biases = [p.bias if p.bias is not None else torch.zeros(p.out_features)
+                  for p in parts]
+        has_bias = any(p.bias is not None for p in parts)
+        fused = nn.Linear(parts[0].in_features, len(weight), bias=has_bias, device="meta")
+        fused.weight = nn.Parameter(weight, requires_grad=False)
+        fused.bias = nn.Parameter(torch.cat(biases), requires_grad=False) if has_bias else None
+        start = 0
+        for p in parts:
+            at = slice(start, start + p.out_features)
+            p.weight = nn.Parameter(fused.weight[at], requires_grad=p.weight.requires_grad)
+            if p.bias is not None:
+                p.bias = nn.Parameter(fused.bias[at], requires_grad=p.bias.requires_grad)
+            start += p.out_features
+    return fused

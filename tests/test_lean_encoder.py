@@ -1,13 +1,17 @@
-"""LeanEncoder: transformers' BERT forward over real tokens only, in CPU bf16 (tiny random
-models; nothing downloaded)."""
+"""LeanEncoder: transformers' BERT forward over real tokens only, in CPU bf16 and in fp32 (tiny
+random models; nothing downloaded)."""
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
+from citeqa import lean_encoder
 from citeqa.generation.cpu_linear import install_cpu_linears, parameters_to_bf16
 from citeqa.lean_encoder import ROWS_MULTIPLE, LeanEncoder, use_lean_encoder
 
@@ -116,11 +120,15 @@ def test_rows_are_rounded_up_so_few_shapes_reach_the_matrix_units() -> None:
     assert seen == [ROWS_MULTIPLE * -(-39 // ROWS_MULTIPLE)]
 
 
-def test_only_cpu_bf16_bert_encoders_are_supported() -> None:
+def test_only_cpu_bf16_or_fp32_bert_encoders_are_supported() -> None:
     assert LeanEncoder.supports(tiny())
-    fp32 = tiny(bf16=False)
-    assert not LeanEncoder.supports(fp32)  # nn.Linear: transformers' forward
-    assert use_lean_encoder(fp32) is fp32
+    assert LeanEncoder.supports(tiny(bf16=False))
+    half = tiny(bf16=False).half()  # fp16 nn.Linear: transformers' forward
+    assert not LeanEncoder.supports(half)
+    assert use_lean_encoder(half) is half
+    mixed = tiny(bf16=False)  # one layer's projections swapped for CpuLinear, the other's not
+    install_cpu_linears(mixed.encoder.layer[0], int8_decode=False)
+    assert not LeanEncoder.supports(mixed)
     assert not LeanEncoder.supports(tiny(kind=RobertaModel, config=RobertaConfig))
     assert not LeanEncoder.supports(tiny(position_embedding_type="relative_key"))
     assert not LeanEncoder.supports(tiny(is_decoder=True))
@@ -128,7 +136,7 @@ def test_only_cpu_bf16_bert_encoders_are_supported() -> None:
     assert use_lean_encoder(supported, enabled=False) is supported
     assert isinstance(use_lean_encoder(supported), LeanEncoder)
     with pytest.raises(ValueError, match="not supported"):
-        LeanEncoder(fp32)
+        LeanEncoder(half)
 
 
 def test_it_takes_the_models_mode_and_refuses_to_train() -> None:
@@ -162,3 +170,55 @@ def test_left_padding_matches_transformers_too() -> None:
                                  token_type_ids=types).last_hidden_state.float()
     real = mask.bool()
     assert nn.functional.cosine_similarity(out[real], ref[real], dim=-1).min() > 0.9999
+
+
+@pytest.mark.parametrize("lengths", [[37], [5, 40, 23, 40], [3, 9, 1]])
+def test_fp32_real_tokens_match_transformers_to_float_rounding(lengths: list[int]) -> None:
+    """The fp32 path (CPUs without fast bf16): nn.Linear products over the real tokens only."""
+    model = tiny(bf16=False)
+    ids, mask, types = batch(lengths, width=max(lengths) + 7)
+    ref = reference(model, ids, mask, types)
+    with torch.inference_mode():
+        out = LeanEncoder(model)(input_ids=ids, attention_mask=mask,
+                                 token_type_ids=types).last_hidden_state
+    real = mask.bool()
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert torch.all(out[~real] == 0)
+    assert (out[real] - ref[real]).abs().max() < 1e-4
+
+
+def test_fp32_a_wrong_mask_fails_the_comparison() -> None:
+    model = tiny(bf16=False)
+    ids, mask, types = batch([5, 40])
+    ref = reference(model, ids, mask, types)
+    with torch.inference_mode():
+        out = LeanEncoder(model)(input_ids=ids, attention_mask=torch.ones_like(mask),
+                                 token_type_ids=types).last_hidden_state
+    assert (out[0, :5] - ref[0, :5]).abs().max() > 1e-2
+
+
+def test_fp32_rows_are_not_rounded_up_and_the_fused_weights_are_the_layers() -> None:
+    model = tiny(bf16=False)
+    keys = set(model.state_dict())
+    seen: list[int] = []
+    dense = model.encoder.layer[0].intermediate.dense
+    dense.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    lean = LeanEncoder(model)
+    assert set(lean.state_dict()) == keys
+    query = model.encoder.layer[0].attention.self.query
+    fused = lean._qkv[0]
+    assert query.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()
+    with torch.no_grad():  # loading new weights into the layer reaches the fused product
+        query.weight.add_(1.0)
+    assert torch.equal(fused.weight[:64], query.weight)
+    ids, mask, types = batch([7, 30, 2])
+    with torch.inference_mode():
+        lean(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    assert seen == []  # the lean forward calls the product without the module
+    calls: list[int] = []
+    original = F.linear
+    with patch.object(lean_encoder.F, "linear",
+                      lambda x, w, b=None: (calls.append(x.shape[0]), original(x, w, b))[1]):
+        with torch.inference_mode():
+            lean(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    assert calls == [39] * 4 * SIZES["num_hidden_layers"]  # 7 + 30 + 2 real tokens, no more

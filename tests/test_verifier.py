@@ -330,14 +330,18 @@ def test_the_shipped_reward_model_is_a_calibrated_combined_verifier_with_a_card(
     assert 0 < out[0].score < 1 and out[0].uncertainty is not None
 
 
-def test_the_shipped_scorer_in_bf16_runs_lean_and_scores_as_transformers_forward() -> None:
-    """Both cross-encoders take LeanEncoder in CPU bf16 and give the scores of transformers'
-    forward over a batch with padding (candidates whose quotes differ in length)."""
+@pytest.mark.parametrize(("dtype", "tolerance"), [("bf16", 2e-3), ("fp32", 1e-5)])
+def test_the_shipped_scorer_runs_lean_and_scores_as_transformers_forward(
+        dtype: str, tolerance: float) -> None:
+    """Both cross-encoders take LeanEncoder in CPU bf16 and in fp32 (CPUs without fast bf16) and
+    give the scores of transformers' forward over a batch with padding (candidates whose quotes
+    differ in length)."""
     from citeqa.lean_encoder import LeanEncoder
     from citeqa.reward.scorer import DEFAULT_DIR
 
-    lean = VerifierScorer(DEFAULT_DIR, cpu_dtype="bf16")
-    plain = VerifierScorer(DEFAULT_DIR, cpu_dtype="bf16", lean=False)
+    lean = VerifierScorer(DEFAULT_DIR, cpu_dtype=dtype)
+    plain = VerifierScorer(DEFAULT_DIR, cpu_dtype=dtype, lean=False)
+    assert lean.dtype == plain.dtype == dtype
     assert lean.answerability is not None and plain.answerability is not None
     assert isinstance(lean.model.encoder, LeanEncoder)
     assert isinstance(lean.answerability.model.encoder, LeanEncoder)
@@ -356,7 +360,7 @@ def test_the_shipped_scorer_in_bf16_runs_lean_and_scores_as_transformers_forward
     assert max(lengths) - min(lengths) >= 20, lengths
     got = [c.score for c in lean.score("Who led the Normans?", cands, docs.__getitem__)]
     want = [c.score for c in plain.score("Who led the Normans?", cands, docs.__getitem__)]
-    assert np.allclose(got, want, atol=2e-3), (got, want)
+    assert np.allclose(got, want, atol=tolerance, rtol=0), (got, want)
     assert len(set(np.round(got, 3))) == 3  # three different candidates, three scores
 
 

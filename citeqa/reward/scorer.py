@@ -102,7 +102,8 @@ class VerifierScorer(Calibrated):
 
     def __init__(self, directory: Path, *, cpu_dtype: str = "auto", lean: bool = True) -> None:
         """``lean``: run the cross-encoders with ``LeanEncoder`` where it supports them (a BERT
-        encoder in CPU bf16, lean_encoder.py), else with transformers' forward."""
+        encoder on the CPU, in bf16 or fp32: lean_encoder.py), else with transformers'
+        forward."""
         self.directory = Path(directory)
         self.model, self.tokenizer, self.config = load_verifier(self.directory)
         self.max_tokens = int(self.config.get("max_tokens", 192))
