@@ -12,14 +12,20 @@ only where it is at least ``BF16_MIN_SPEEDUP`` times faster. Settings (``CITEQA_
 - ``fp32``: as loaded;
 - ``auto``: ``bf16`` where the probe says it pays, else ``fp16w`` for the generator and
   ``fp32`` for the rest.
+
+Encoders served in fp32 (the reward model's, the embedder) take their products from
+``fp32_kernel()``: oneDNN with prepacked weights (``cpu_linear.OnednnLinear``) where a second
+short probe finds it at least ``ONEDNN_MIN_SPEEDUP`` times faster than torch's own fp32 product,
+else torch's. ``CITEQA_FP32_KERNEL`` (``auto``, the default | ``onednn`` | ``torch``) overrides.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,6 +35,9 @@ CpuDtype = Literal["auto", "bf16", "fp16w", "fp32"]
 CPU_DTYPES: tuple[str, ...] = ("auto", "bf16", "fp16w", "fp32")
 BF16_MIN_SPEEDUP = 1.5  # bf16 must beat fp32 by this factor on the probe to be chosen
 PROBE_SHAPE = (256, 576, 1536)  # M x K x N: a slice of a small model's prefill
+ONEDNN_MIN_SPEEDUP = 1.1  # oneDNN's fp32 product must beat torch's by this factor to be chosen
+FP32_KERNEL_ENV = "CITEQA_FP32_KERNEL"
+FP32_KERNELS = ("auto", "onednn", "torch")
 # Encoder batches (embedding, the reward model's cross-encoders) are padded to a multiple of
 # this many tokens. In bf16, oneDNN builds a kernel for each new matrix shape it meets (on the
 # AMX Xeon one 1536 x 576 product with an unseen row count took 2.7 ms instead of 0.54), and
@@ -102,6 +111,70 @@ def cpu_dtype(requested: str, *, for_generator: bool = False,
     return requested
 
 
+def probe_fp32_linear(rounds: int = 30, budget_s: float = 1.0) -> tuple[float, float]:
+    """GFLOP/s of a ``PROBE_SHAPE`` fp32 product through torch's ``F.linear`` and through
+    oneDNN with a prepacked weight (``OnednnLinear``): the best of alternating pairs, as
+    ``probe_matmul`` does."""
+    import torch
+    import torch.nn.functional as F
+
+    from citeqa.generation.cpu_linear import OnednnLinear
+
+    m, k, n = PROBE_SHAPE
+    x, linear = torch.randn(m, k), torch.nn.Linear(k, n)
+    onednn = OnednnLinear(linear)
+    runs = {"torch": lambda: F.linear(x, linear.weight, linear.bias),
+            "onednn": lambda: onednn.rows(x)}
+    with torch.no_grad():
+        for run in runs.values():
+            run()  # warm-up
+        best = dict.fromkeys(runs, float("inf"))
+        stop = time.perf_counter() + budget_s
+        for _ in range(rounds):
+            for name, run in runs.items():
+                t0 = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - t0)
+            if time.perf_counter() > stop:
+                break
+    flops = 2.0 * m * k * n
+    return flops / best["torch"] / 1e9, flops / best["onednn"] / 1e9
+
+
+_fp32_kernel: str | None = None
+
+
+def fp32_kernel(environ: Mapping[str, str] | None = None,
+                probe: Callable[[], tuple[float, float]] | None = None) -> str:
+    """"onednn" or "torch": whose fp32 product encoders on this CPU use (see the module
+    docstring). ``environ`` (default ``os.environ``) may set ``CITEQA_FP32_KERNEL``; "auto" asks
+    ``probe`` ((torch, oneDNN) GFLOP/s), by default ``probe_fp32_linear`` once per process."""
+    global _fp32_kernel
+    requested = (os.environ if environ is None else environ).get(FP32_KERNEL_ENV, "auto")
+    requested = requested.strip().lower() or "auto"
+    if requested not in FP32_KERNELS:
+        raise ValueError(f"{FP32_KERNEL_ENV} must be one of {FP32_KERNELS}, got {requested!r}")
+    from citeqa.generation.cpu_linear import onednn_available
+
+    if requested == "torch" or not onednn_available():
+        return "torch"
+    if requested == "onednn":
+        return "onednn"
+    if probe is not None:
+        return _faster(*probe())
+    with _probe_lock:
+        if _fp32_kernel is None:
+            torch_rate, onednn_rate = probe_fp32_linear()
+            _fp32_kernel = _faster(torch_rate, onednn_rate)
+            logger.info("fp32 product probe: torch %.0f GFLOP/s, oneDNN %.0f GFLOP/s: %s",
+                        torch_rate, onednn_rate, _fp32_kernel)
+        return _fp32_kernel
+
+
+def _faster(torch_rate: float, onednn_rate: float) -> str:
+    return "onednn" if onednn_rate >= ONEDNN_MIN_SPEEDUP * torch_rate else "torch"
+
+
 def torch_dtype(resolved: str):  # -> torch.dtype
     """The torch dtype of weights and activations for a resolved format."""
     import torch
@@ -111,9 +184,16 @@ def torch_dtype(resolved: str):  # -> torch.dtype
 
 def to_serving_dtype(model, requested: str) -> str:  # model: a torch.nn.Module
     """Put a model on the CPU into bf16, with the matrix-unit linears (generation/cpu_linear.py),
-    where ``requested`` resolves to bf16 there; return the format it computes in. A model on
-    another device, or where bf16 does not pay, is left as it is ("fp32")."""
-    if next(model.parameters()).device.type != "cpu" or cpu_dtype(requested) != "bf16":
+    where ``requested`` resolves to bf16 there; return the format it computes in. Where it
+    resolves to fp32, its fp32 linears take oneDNN's product where ``fp32_kernel`` says so. A
+    model on another device is left as it is ("fp32")."""
+    if next(model.parameters()).device.type != "cpu":
+        return "fp32"
+    if cpu_dtype(requested) != "bf16":
+        if fp32_kernel() == "onednn":
+            from citeqa.generation.cpu_linear import install_onednn_linears
+
+            install_onednn_linears(model)
         return "fp32"
     from citeqa.generation.cpu_linear import install_cpu_linears, parameters_to_bf16
 

@@ -24,10 +24,11 @@ from citeqa.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 # CITEQA_* variables that are not service settings: read by the Docker entrypoint, the vLLM
-# script, the allocator (allocator.py) and the tests. Any other unknown CITEQA_* name is most
-# likely a typo: warned about.
+# script, the allocator (allocator.py), the fp32 kernel choice (compute.py) and the tests. Any
+# other unknown CITEQA_* name is most likely a typo: warned about.
 OTHER_ENVIRONMENT = frozenset({
-    "CITEQA_CORPUS", "CITEQA_HOST", "CITEQA_KEEP_FREED_MEMORY", "CITEQA_PORT",
+    "CITEQA_CORPUS", "CITEQA_FP32_KERNEL", "CITEQA_HOST", "CITEQA_KEEP_FREED_MEMORY",
+    "CITEQA_PORT",
     "CITEQA_SHARED_DATA", "CITEQA_SCREENSHOTS", "CITEQA_TEST_PAUSE_AT", "CITEQA_TEST_PAUSE_S",
     "CITEQA_VLLM_HOST", "CITEQA_VLLM_MAX_LEN", "CITEQA_VLLM_NAME", "CITEQA_VLLM_VENV",
     "CITEQA_VLLM_VERSION",

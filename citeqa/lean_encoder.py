@@ -10,7 +10,8 @@ runs the same modules with the same parameters:
   with copies of the first, so that the matrix units meet few matrix shapes
   (``compute.PAD_MULTIPLE`` says why); fp32 products are not rounded up;
 - the query, key and value projections are one product (each output equals the separate
-  product's): ``cpu_linear.fused_linear`` in bf16, ``fused_fp32`` in fp32;
+  product's): ``cpu_linear.fused_linear`` in bf16, ``fused_fp32`` in fp32 (through oneDNN
+  where ``compute.fp32_kernel`` installed ``OnednnLinear``);
 - attention is one SDPA call over the padded layout (gathered from the rows) with a boolean
   key mask (none when every token is real); what padded queries compute is dropped.
 
@@ -22,10 +23,10 @@ It is an ``nn.Module`` with the wrapped model's ``embeddings``, ``encoder`` and 
 own, so its ``state_dict`` has the same keys; ``wrapped`` is the model itself (compiling takes
 transformers' forward: the lean one's data-dependent shapes do not suit it). Only models that
 ``LeanEncoder.supports`` take it (a ``BertModel`` encoder with absolute positions on the CPU
-whose layers' projections are all ``CpuLinear``, the bf16 path, or all fp32 ``nn.Linear``, the
-path of CPUs without fast bf16); anything else keeps transformers' forward. It is for inference
-only: no dropout, and its fused products are outside the module tree, so the model must not be
-cast or moved after wrapping.
+whose layers' projections are all ``CpuLinear``, the bf16 path, or all fp32 ``nn.Linear`` or
+``OnednnLinear``, the path of CPUs without fast bf16); anything else keeps transformers'
+forward. It is for inference only: no dropout, and its fused products are outside the module
+tree, so the model must not be cast or moved after wrapping.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from citeqa.generation.cpu_linear import CpuLinear, fused_linear
+from citeqa.generation.cpu_linear import CpuLinear, OnednnLinear, fused_linear
 
 SUPPORTED = ("BertModel",)
 ROWS_MULTIPLE = 64  # bf16 row counts are rounded up to this (fp32 ones are not)
@@ -92,7 +93,7 @@ class LeanEncoder(nn.Module):
             return False
         projections = [layer.get_submodule(p) for layer in layers for p in PROJECTIONS]
         return all(isinstance(m, CpuLinear) for m in projections) or all(
-            type(m) is nn.Linear and m.weight.dtype == torch.float32
+            type(m) in (nn.Linear, OnednnLinear) and m.weight.dtype == torch.float32
             and m.weight.device.type == "cpu" for m in projections)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -133,18 +134,19 @@ class LeanEncoder(nn.Module):
 
 
 def product(linear: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The product of ``linear`` over 2-D rows [M, in] -> [M, out]: a ``CpuLinear``'s own
-    (which picks its kernel), or an ``nn.Linear``'s without the module call."""
-    if isinstance(linear, CpuLinear):
+    """The product of ``linear`` over 2-D rows [M, in] -> [M, out]: a ``CpuLinear``'s or an
+    ``OnednnLinear``'s own, or an ``nn.Linear``'s without the module call."""
+    if isinstance(linear, CpuLinear | OnednnLinear):
         return linear.rows
     return lambda x: F.linear(x, linear.weight, linear.bias)
 
 
-def fused_fp32(parts: list[nn.Linear]) -> nn.Linear:
-    """One ``nn.Linear`` computing ``parts`` side by side (outputs concatenated in order), as
-    ``cpu_linear.fused_linear`` does for ``CpuLinear``: each output is still its own dot
-    product, and the parts' weights and biases become views of its own (no second copy; a
-    change to either shows in both)."""
+def fused_fp32(parts: list[nn.Module]) -> nn.Module:
+    """One fp32 linear computing ``parts`` (``nn.Linear`` or ``OnednnLinear``) side by side
+    (outputs concatenated in order), as ``cpu_linear.fused_linear`` does for ``CpuLinear``: each
+    output is still its own dot product, and the parts' weights and biases become views of its
+    own (no second copy; a change to either shows in both, but not in an ``OnednnLinear``'s
+    packed copy). It is an ``OnednnLinear`` when the parts are."""
     with torch.no_grad():
         weight = torch.cat([p.weight for p in parts])
         biases = [p.bias if p.bias is not None else torch.zeros(p.out_features)
@@ -160,4 +162,4 @@ def fused_fp32(parts: list[nn.Linear]) -> nn.Linear:
             if p.bias is not None:
                 p.bias = nn.Parameter(fused.bias[at], requires_grad=p.bias.requires_grad)
             start += p.out_features
-    return fused
+    return OnednnLinear(fused) if all(isinstance(p, OnednnLinear) for p in parts) else fused

@@ -39,3 +39,58 @@ def test_an_explicit_format_is_taken_without_probing() -> None:
 def test_the_real_probe_measures_both_formats() -> None:
     result = probe_matmul(rounds=1)
     assert result.fp32_gflops > 0 and result.bf16_gflops > 0
+
+
+def test_the_fp32_kernel_is_onednn_only_where_its_probe_says_it_pays() -> None:
+    from citeqa.compute import ONEDNN_MIN_SPEEDUP, fp32_kernel
+    from citeqa.generation.cpu_linear import onednn_available
+
+    if not onednn_available():
+        pytest.skip("this torch build has no oneDNN fp32 linear kernel")
+    assert fp32_kernel({}, probe=lambda: (100.0, 140.0)) == "onednn"
+    assert fp32_kernel({}, probe=lambda: (100.0, 100.0 * ONEDNN_MIN_SPEEDUP * 0.99)) == "torch"
+    assert fp32_kernel({"CITEQA_FP32_KERNEL": "auto"}, probe=lambda: (150.0, 90.0)) == "torch"
+
+
+def test_an_explicit_fp32_kernel_is_taken_without_probing_and_a_typo_is_refused() -> None:
+    from citeqa.compute import fp32_kernel
+    from citeqa.generation.cpu_linear import onednn_available
+
+    def never() -> tuple[float, float]:
+        raise AssertionError("probed")
+
+    assert fp32_kernel({"CITEQA_FP32_KERNEL": "torch"}, probe=never) == "torch"
+    want = "onednn" if onednn_available() else "torch"  # a build without oneDNN keeps torch's
+    assert fp32_kernel({"CITEQA_FP32_KERNEL": " oneDNN "}, probe=never) == want
+    with pytest.raises(ValueError, match="CITEQA_FP32_KERNEL"):
+        fp32_kernel({"CITEQA_FP32_KERNEL": "mkl"}, probe=never)
+
+
+def test_serving_in_fp32_installs_the_chosen_kernel(monkeypatch) -> None:
+    import torch
+    from torch import nn
+
+    from citeqa.compute import to_serving_dtype
+    from citeqa.generation.cpu_linear import OnednnLinear, onednn_available
+
+    if not onednn_available():
+        pytest.skip("this torch build has no oneDNN fp32 linear kernel")
+    for kernel, kind in (("onednn", OnednnLinear), ("torch", nn.Linear)):
+        monkeypatch.setenv("CITEQA_FP32_KERNEL", kernel)
+        model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Sequential(nn.Linear(16, 4)))
+        x = torch.randn(3, 8)
+        want = model(x)
+        assert to_serving_dtype(model, "fp32") == "fp32"
+        assert type(model[0]) is kind and type(model[2][0]) is kind
+        with torch.no_grad():
+            assert torch.allclose(model(x), want, atol=1e-5)
+
+
+def test_the_real_fp32_probe_measures_both_kernels() -> None:
+    from citeqa.compute import probe_fp32_linear
+    from citeqa.generation.cpu_linear import onednn_available
+
+    if not onednn_available():
+        pytest.skip("this torch build has no oneDNN fp32 linear kernel")
+    torch_rate, onednn_rate = probe_fp32_linear(rounds=1)
+    assert torch_rate > 0 and onednn_rate > 0

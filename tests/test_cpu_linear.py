@@ -77,3 +77,41 @@ def test_parameters_go_to_bf16_and_float_buffers_stay_fp32() -> None:
     parameters_to_bf16(m)
     assert m.proj.weight.dtype == torch.bfloat16 and m.proj.bias.dtype == torch.bfloat16
     assert m.inv_freq.dtype == torch.float32 and torch.equal(m.inv_freq, exact)
+
+
+# --- OnednnLinear: fp32 products through oneDNN (CPUs without fast bf16) ---------------------
+
+onednn = pytest.mark.skipif(not __import__("citeqa.generation.cpu_linear", fromlist=["x"])
+                            .onednn_available(), reason="this torch build has no oneDNN")
+
+
+@onednn
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [1, 7, 256, 300])
+def test_onednn_linear_equals_nn_linear_to_fp32_rounding(rows: int, bias: bool) -> None:
+    from citeqa.generation.cpu_linear import OnednnLinear
+
+    ref = layer(bias)
+    fast = OnednnLinear(ref)
+    x = torch.randn(rows, 64)
+    with torch.no_grad():
+        want = ref(x)
+        assert torch.allclose(fast.rows(x), want, atol=1e-5, rtol=1e-5)
+        y = fast(x.view(1, rows, 64))  # any leading dimensions, as nn.Linear
+        assert y.shape == (1, rows, 96) and torch.allclose(y[0], want, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(fast.rows(x + 1), want, atol=1e-3)  # the comparison can fail
+
+
+@onednn
+def test_install_onednn_linears_keeps_the_state_dict_and_skips_other_dtypes() -> None:
+    from citeqa.generation.cpu_linear import OnednnLinear, install_onednn_linears
+
+    model = nn.Sequential(layer(), nn.ReLU(), nn.Sequential(nn.Linear(96, 8)),
+                          nn.Linear(8, 8).to(torch.bfloat16))
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    assert install_onednn_linears(model) == 2
+    assert isinstance(model[0], OnednnLinear) and isinstance(model[2][0], OnednnLinear)
+    assert type(model[3]) is nn.Linear  # bf16: not an fp32 product
+    state = model.state_dict()
+    assert set(state) == set(keys) and all(torch.equal(state[k], v) for k, v in keys.items())
+    assert "oneDNN" in repr(model[0])

@@ -222,3 +222,22 @@ def test_fp32_rows_are_not_rounded_up_and_the_fused_weights_are_the_layers() -> 
         with torch.inference_mode():
             lean(input_ids=ids, attention_mask=mask, token_type_ids=types)
     assert calls == [39] * 4 * SIZES["num_hidden_layers"]  # 7 + 30 + 2 real tokens, no more
+
+
+@pytest.mark.skipif(not __import__("citeqa.generation.cpu_linear", fromlist=["x"])
+                    .onednn_available(), reason="this torch build has no oneDNN")
+def test_fp32_with_onednn_products_matches_transformers() -> None:
+    from citeqa.generation.cpu_linear import OnednnLinear, install_onednn_linears
+
+    plain = tiny(bf16=False)
+    model = tiny(bf16=False)
+    install_onednn_linears(model)
+    lean = LeanEncoder(model)
+    assert isinstance(lean._qkv[0], OnednnLinear)
+    ids, mask, types = batch([5, 40, 23])
+    ref = reference(plain, ids, mask, types)
+    with torch.inference_mode():
+        out = lean(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    real = mask.bool()
+    assert torch.all(out[~real] == 0)
+    assert (out[real] - ref[real]).abs().max() < 1e-4

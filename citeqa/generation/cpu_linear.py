@@ -21,6 +21,12 @@ a 3-D bf16 input takes a slower path than on 2-D rows, hence the reshape.
 ``install_cpu_linears(module)`` swaps every ``nn.Linear`` below ``module`` for a ``CpuLinear``;
 ``fused_linear(parts)`` computes several of them with one product (``lean.py``,
 ``citeqa/lean_encoder.py``).
+
+CPUs without fast bf16 compute encoders in fp32, where the kernel matters too: on an AVX2-only
+AMD EPYC (Zen 2), 2 threads, torch's fp32 ``F.linear`` (MKL) ran encoder-sized products at
+99-125 GFLOP/s and oneDNN's, with the weight prepacked once for it, at 141-168 GFLOP/s.
+``OnednnLinear`` is that product; ``compute.fp32_kernel`` decides by measurement where it is
+used (``install_onednn_linears``).
 """
 
 from __future__ import annotations
@@ -133,4 +139,54 @@ def install_cpu_linears(module: nn.Module, *, int8_decode: bool = True) -> int:
             count += 1
         else:
             count += install_cpu_linears(child, int8_decode=int8_decode)
+    return count
+
+
+def onednn_available() -> bool:
+    """True when this torch build has oneDNN's fp32 linear kernel (``OnednnLinear``)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class OnednnLinear(nn.Module):
+    """``nn.Linear`` for fp32 inference on a CPU through oneDNN, with the weight prepacked once
+    into oneDNN's blocked layout (an opaque copy, ``packed``, outside the state dict). Results
+    equal ``F.linear``'s up to fp32 rounding (another order of summation). Inference only: a
+    change to ``weight`` after construction does not reach ``packed``."""
+
+    PACK_ROWS = 256  # the row count oneDNN is told to expect when packing (any count works)
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach().float().contiguous(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(
+            linear.bias.detach().float().contiguous(), requires_grad=False)
+        # an MKL-DNN tensor: not a buffer (state_dict and .to() do not handle that layout)
+        self.__dict__["packed"] = torch.ops.mkldnn._reorder_linear_weight(
+            self.weight.detach(), self.PACK_ROWS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        return self.rows(rows).reshape(*x.shape[:-1], self.out_features)
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The product for fp32 ``rows`` [M, in] -> [M, out]."""
+        return torch.ops.mkldnn._linear_pointwise(rows.contiguous(), self.packed, self.bias,
+                                                  "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN"
+
+
+def install_onednn_linears(module: nn.Module) -> int:
+    """Replace every fp32 ``nn.Linear`` under ``module`` by an ``OnednnLinear``; return how many
+    were replaced (for a model on the CPU in fp32, served, never trained afterwards)."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if type(child) is nn.Linear and child.weight.dtype == torch.float32:
+            setattr(module, name, OnednnLinear(child))
+            count += 1
+        else:
+            count += install_onednn_linears(child)
     return count
