@@ -3,7 +3,9 @@
 Recent x86 server CPUs (AVX-512 BF16, AMX) multiply bf16 matrices several times faster than
 fp32; older ones emulate bf16 and are slower at it. ``cpu_dtype("auto")`` times a small matmul
 in both formats (once per process, well under a second on a quiet machine) and takes bf16
-only where it is at least ``BF16_MIN_SPEEDUP`` times faster. Settings (``CITEQA_CPU_DTYPE``):
+only where it is at least ``BF16_MIN_SPEEDUP`` times faster. Where an x86 CPU's flags list no
+bf16 hardware, bf16 is not timed (``bf16_hardware``: emulated, it took seconds to probe).
+Settings (``CITEQA_CPU_DTYPE``):
 
 - ``bf16``: weights and activations in bfloat16 (prefill, embedding, training via autocast);
   log-probabilities and scores are still computed in fp32;
@@ -27,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 logger = logging.getLogger(__name__)
@@ -56,16 +59,43 @@ class ProbeResult:
         return self.bf16_gflops / max(self.fp32_gflops, 1e-9)
 
 
-def probe_matmul(rounds: int = 30, budget_s: float = 2.0) -> ProbeResult:
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags of bf16 hardware (Linux names)
+
+
+def bf16_hardware(cpuinfo: str | None = None, machine: str | None = None) -> bool:
+    """False only where it is known that the CPU has no bf16 hardware: an x86 CPU whose Linux
+    flags (``/proc/cpuinfo``, or ``cpuinfo``) list none of ``BF16_CPU_FLAGS``. There torch
+    emulates bf16 (an AVX2-only AMD EPYC did 1 GFLOP/s), so timing it only costs seconds. True
+    elsewhere (other architectures, flags unreadable): the probe decides."""
+    import platform
+
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i686", "i386"):
+        return True
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return True
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags.update(value.split())
+    return not flags or any(f in flags for f in BF16_CPU_FLAGS)
+
+
+def probe_matmul(rounds: int = 30, budget_s: float = 2.0, *, bf16: bool = True) -> ProbeResult:
     """GFLOP/s of a ``PROBE_SHAPE`` matmul in fp32 and in bf16: the best of up to ``rounds``
     alternating pairs within ``budget_s``. Alternating and keeping the best make the ratio
-    robust to other processes competing for the cores: one quiet moment for each suffices."""
+    robust to other processes competing for the cores: one quiet moment for each suffices.
+    With ``bf16=False`` only fp32 is timed and bf16 reported as 0 GFLOP/s."""
     import torch
 
     m, k, n = PROBE_SHAPE
     flops = 2.0 * m * k * n
     pairs = {dt: (torch.randn(m, k).to(dt), torch.randn(k, n).to(dt))
-             for dt in (torch.float32, torch.bfloat16)}
+             for dt in ((torch.float32, torch.bfloat16) if bf16 else (torch.float32,))}
     for a, b in pairs.values():
         a @ b  # warm-up: kernel selection, packing
     best = dict.fromkeys(pairs, float("inf"))
@@ -77,7 +107,8 @@ def probe_matmul(rounds: int = 30, budget_s: float = 2.0) -> ProbeResult:
             best[dt] = min(best[dt], time.perf_counter() - t0)
         if time.perf_counter() > stop:
             break
-    return ProbeResult(flops / best[torch.float32] / 1e9, flops / best[torch.bfloat16] / 1e9)
+    return ProbeResult(flops / best[torch.float32] / 1e9,
+                       flops / best[torch.bfloat16] / 1e9 if bf16 else 0.0)
 
 
 _probed: ProbeResult | None = None
@@ -88,9 +119,15 @@ def _cached_probe() -> ProbeResult:
     global _probed
     with _probe_lock:
         if _probed is None:
-            _probed = probe_matmul()
-            logger.info("matmul probe: fp32 %.0f GFLOP/s, bf16 %.0f GFLOP/s (%.1fx)",
-                        _probed.fp32_gflops, _probed.bf16_gflops, _probed.bf16_speedup)
+            hardware = bf16_hardware()
+            _probed = probe_matmul(bf16=hardware)
+            if hardware:
+                logger.info("matmul probe: fp32 %.0f GFLOP/s, bf16 %.0f GFLOP/s (%.1fx)",
+                            _probed.fp32_gflops, _probed.bf16_gflops, _probed.bf16_speedup)
+            else:
+                logger.info("matmul probe: fp32 %.0f GFLOP/s; bf16 not timed: the CPU flags "
+                            "list no bf16 hardware (%s)", _probed.fp32_gflops,
+                            " or ".join(BF16_CPU_FLAGS))
         return _probed
 
 

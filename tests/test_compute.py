@@ -94,3 +94,40 @@ def test_the_real_fp32_probe_measures_both_kernels() -> None:
         pytest.skip("this torch build has no oneDNN fp32 linear kernel")
     torch_rate, onednn_rate = probe_fp32_linear(rounds=1)
     assert torch_rate > 0 and onednn_rate > 0
+
+
+AVX2_ONLY = ("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\n"
+             "processor\t: 1\nflags\t\t: fpu avx2\n")
+
+
+def test_bf16_is_known_absent_only_from_x86_flags_without_it() -> None:
+    from citeqa.compute import bf16_hardware
+
+    assert not bf16_hardware(AVX2_ONLY, "x86_64")  # an AVX2-only EPYC: emulated bf16
+    assert bf16_hardware(AVX2_ONLY.replace("fma", "fma avx512_bf16"), "x86_64")  # Zen 4
+    assert bf16_hardware(AVX2_ONLY.replace("fma", "fma amx_bf16 amx_tile"), "AMD64")  # AMX
+    assert bf16_hardware(AVX2_ONLY, "aarch64")  # other flags there: the probe decides
+    assert bf16_hardware("processor\t: 0\n", "x86_64")  # no flags read: the probe decides
+
+
+def test_without_bf16_hardware_the_probe_times_fp32_only(monkeypatch) -> None:
+    from citeqa import compute
+
+    asked = []
+
+    def fake_probe(rounds: int = 30, budget_s: float = 2.0, *, bf16: bool = True):
+        asked.append(bf16)
+        return ProbeResult(100.0, 900.0 if bf16 else 0.0)
+
+    monkeypatch.setattr(compute, "probe_matmul", fake_probe)
+    for hardware, want in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(compute, "_probed", None)
+        monkeypatch.setattr(compute, "bf16_hardware", lambda hardware=hardware: hardware)
+        assert cpu_dtype("auto") == want
+        assert asked[-1] is hardware
+    assert compute.probe_matmul is fake_probe and len(asked) == 2
+
+
+def test_the_real_probe_can_skip_bf16() -> None:
+    result = probe_matmul(rounds=1, bf16=False)
+    assert result.fp32_gflops > 0 and result.bf16_gflops == 0.0 and result.bf16_speedup == 0.0
