@@ -97,7 +97,10 @@ def main() -> None:
                                "p95_ms": sorted(ts)[int(0.95 * (len(ts) - 1))]}
                       for n, ts in by_size.items()} for name, by_size in times.items()}
     parts = split_time(scorer, work, max(sizes), retriever.document)
+    from citeqa.compute import fp32_kernel
+
     report = {"reward": str(args.reward), "name": scorer.name, "dtype": scorer.dtype,
+              "fp32_kernel": fp32_kernel() if scorer.dtype == "fp32" else None,
               "lean_encoder": not args.no_lean, "threads": args.threads,
               "machine": platform.platform(), "questions": len(work), "rounds": args.rounds,
               "by_candidates": results["eager"], f"parts_at_{max(sizes)}": parts}

@@ -15,10 +15,11 @@ Settings (``CITEQA_CPU_DTYPE``):
 - ``auto``: ``bf16`` where the probe says it pays, else ``fp16w`` for the generator and
   ``fp32`` for the rest.
 
-Encoders served in fp32 (the reward model's, the embedder) take their products from
-``fp32_kernel()``: oneDNN with prepacked weights (``cpu_linear.OnednnLinear``) where a second
-short probe finds it at least ``ONEDNN_MIN_SPEEDUP`` times faster than torch's own fp32 product,
-else torch's. ``CITEQA_FP32_KERNEL`` (``auto``, the default | ``onednn`` | ``torch``) overrides.
+Encoders served in fp32 (the reward model's, the embedder; on CPUs without fast bf16, or
+where fp32 is asked for) take their products from ``fp32_kernel()``: oneDNN with prepacked
+weights (``cpu_linear.OnednnLinear``) where a second short probe finds it at least
+``ONEDNN_MIN_SPEEDUP`` times faster than torch's own fp32 product, else torch's.
+``CITEQA_FP32_KERNEL`` (``auto``, the default | ``onednn`` | ``torch``) overrides.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
 
@@ -96,19 +97,31 @@ def probe_matmul(rounds: int = 30, budget_s: float = 2.0, *, bf16: bool = True) 
     flops = 2.0 * m * k * n
     pairs = {dt: (torch.randn(m, k).to(dt), torch.randn(k, n).to(dt))
              for dt in ((torch.float32, torch.bfloat16) if bf16 else (torch.float32,))}
-    for a, b in pairs.values():
-        a @ b  # warm-up: kernel selection, packing
-    best = dict.fromkeys(pairs, float("inf"))
-    stop = time.perf_counter() + budget_s
-    for _ in range(rounds):
-        for dt, (a, b) in pairs.items():
-            t0 = time.perf_counter()
-            a @ b
-            best[dt] = min(best[dt], time.perf_counter() - t0)
-        if time.perf_counter() > stop:
-            break
+    best = _best_seconds({dt: (lambda a=a, b=b: a @ b) for dt, (a, b) in pairs.items()},
+                         rounds, budget_s)
     return ProbeResult(flops / best[torch.float32] / 1e9,
                        flops / best[torch.bfloat16] / 1e9 if bf16 else 0.0)
+
+
+def _best_seconds(runs: dict[Any, Callable[[], object]], rounds: int, budget_s: float
+                  ) -> dict[Any, float]:
+    """The fastest of up to ``rounds`` timings of each run, alternating, within ``budget_s``
+    (after one warm-up call each: kernel selection, packing)."""
+    import torch
+
+    with torch.no_grad():
+        for run in runs.values():
+            run()
+        best = dict.fromkeys(runs, float("inf"))
+        stop = time.perf_counter() + budget_s
+        for _ in range(rounds):
+            for key, run in runs.items():
+                t0 = time.perf_counter()
+                run()
+                best[key] = min(best[key], time.perf_counter() - t0)
+            if time.perf_counter() > stop:
+                break
+    return best
 
 
 _probed: ProbeResult | None = None
@@ -150,8 +163,7 @@ def cpu_dtype(requested: str, *, for_generator: bool = False,
 
 def probe_fp32_linear(rounds: int = 30, budget_s: float = 1.0) -> tuple[float, float]:
     """GFLOP/s of a ``PROBE_SHAPE`` fp32 product through torch's ``F.linear`` and through
-    oneDNN with a prepacked weight (``OnednnLinear``): the best of alternating pairs, as
-    ``probe_matmul`` does."""
+    oneDNN with a prepacked weight (``OnednnLinear``), timed as ``probe_matmul`` times."""
     import torch
     import torch.nn.functional as F
 
@@ -160,20 +172,8 @@ def probe_fp32_linear(rounds: int = 30, budget_s: float = 1.0) -> tuple[float, f
     m, k, n = PROBE_SHAPE
     x, linear = torch.randn(m, k), torch.nn.Linear(k, n)
     onednn = OnednnLinear(linear)
-    runs = {"torch": lambda: F.linear(x, linear.weight, linear.bias),
-            "onednn": lambda: onednn.rows(x)}
-    with torch.no_grad():
-        for run in runs.values():
-            run()  # warm-up
-        best = dict.fromkeys(runs, float("inf"))
-        stop = time.perf_counter() + budget_s
-        for _ in range(rounds):
-            for name, run in runs.items():
-                t0 = time.perf_counter()
-                run()
-                best[name] = min(best[name], time.perf_counter() - t0)
-            if time.perf_counter() > stop:
-                break
+    best = _best_seconds({"torch": lambda: F.linear(x, linear.weight, linear.bias),
+                          "onednn": lambda: onednn.rows(x)}, rounds, budget_s)
     flops = 2.0 * m * k * n
     return flops / best["torch"] / 1e9, flops / best["onednn"] / 1e9
 
@@ -181,35 +181,47 @@ def probe_fp32_linear(rounds: int = 30, budget_s: float = 1.0) -> tuple[float, f
 _fp32_kernel: str | None = None
 
 
-def fp32_kernel(environ: Mapping[str, str] | None = None,
+def fp32_kernel(requested: str | None = None, *, environ: Mapping[str, str] | None = None,
                 probe: Callable[[], tuple[float, float]] | None = None) -> str:
-    """"onednn" or "torch": whose fp32 product encoders on this CPU use (see the module
-    docstring). ``environ`` (default ``os.environ``) may set ``CITEQA_FP32_KERNEL``; "auto" asks
-    ``probe`` ((torch, oneDNN) GFLOP/s), by default ``probe_fp32_linear`` once per process."""
+    """"onednn" or "torch": whose product fp32 encoders use (see the module docstring).
+    ``requested``: one of ``FP32_KERNELS``, or None for ``CITEQA_FP32_KERNEL`` in ``environ``
+    (default ``os.environ``), else "auto". "auto" asks ``probe`` ((torch, oneDNN) GFLOP/s), by
+    default ``probe_fp32_linear`` once per process; a probe that fails means "torch"."""
     global _fp32_kernel
-    requested = (os.environ if environ is None else environ).get(FP32_KERNEL_ENV, "auto")
+    if requested is None:
+        requested = (os.environ if environ is None else environ).get(FP32_KERNEL_ENV, "auto")
     requested = requested.strip().lower() or "auto"
     if requested not in FP32_KERNELS:
         raise ValueError(f"{FP32_KERNEL_ENV} must be one of {FP32_KERNELS}, got {requested!r}")
     from citeqa.generation.cpu_linear import onednn_available
 
-    if requested == "torch" or not onednn_available():
+    if requested == "torch":
+        return "torch"
+    if not onednn_available():
+        if requested == "onednn":
+            logger.warning("%s=onednn, but this torch build has no oneDNN fp32 linear: torch's "
+                           "product is used", FP32_KERNEL_ENV)
         return "torch"
     if requested == "onednn":
         return "onednn"
     if probe is not None:
-        return _faster(*probe())
+        return _faster(probe)
     with _probe_lock:
         if _fp32_kernel is None:
-            torch_rate, onednn_rate = probe_fp32_linear()
-            _fp32_kernel = _faster(torch_rate, onednn_rate)
-            logger.info("fp32 product probe: torch %.0f GFLOP/s, oneDNN %.0f GFLOP/s: %s",
-                        torch_rate, onednn_rate, _fp32_kernel)
+            _fp32_kernel = _faster(probe_fp32_linear)
         return _fp32_kernel
 
 
-def _faster(torch_rate: float, onednn_rate: float) -> str:
-    return "onednn" if onednn_rate >= ONEDNN_MIN_SPEEDUP * torch_rate else "torch"
+def _faster(probe: Callable[[], tuple[float, float]]) -> str:
+    try:
+        torch_rate, onednn_rate = probe()
+    except Exception as exc:  # noqa: BLE001 - a kernel that cannot even be probed is not used
+        logger.warning("probing oneDNN's fp32 product failed (%s): torch's product is used", exc)
+        return "torch"
+    kernel = "onednn" if onednn_rate >= ONEDNN_MIN_SPEEDUP * torch_rate else "torch"
+    logger.info("fp32 product probe: torch %.0f GFLOP/s, oneDNN %.0f GFLOP/s: %s",
+                torch_rate, onednn_rate, kernel)
+    return kernel
 
 
 def torch_dtype(resolved: str):  # -> torch.dtype
@@ -219,15 +231,15 @@ def torch_dtype(resolved: str):  # -> torch.dtype
     return torch.bfloat16 if resolved == "bf16" else torch.float32
 
 
-def to_serving_dtype(model, requested: str) -> str:  # model: a torch.nn.Module
-    """Put a model on the CPU into bf16, with the matrix-unit linears (generation/cpu_linear.py),
-    where ``requested`` resolves to bf16 there; return the format it computes in. Where it
-    resolves to fp32, its fp32 linears take oneDNN's product where ``fp32_kernel`` says so. A
-    model on another device is left as it is ("fp32")."""
+def to_serving_dtype(model, requested: str, *, kernel: str | None = None) -> str:
+    """Put a model (a torch.nn.Module) on the CPU into bf16, with the matrix-unit linears
+    (generation/cpu_linear.py), where ``requested`` resolves to bf16 there; return the format
+    it computes in. Where it resolves to fp32, its fp32 linears take oneDNN's product where
+    ``fp32_kernel(kernel)`` says so. A model on another device is left as it is ("fp32")."""
     if next(model.parameters()).device.type != "cpu":
         return "fp32"
     if cpu_dtype(requested) != "bf16":
-        if fp32_kernel() == "onednn":
+        if fp32_kernel(kernel) == "onednn":
             from citeqa.generation.cpu_linear import install_onednn_linears
 
             install_onednn_linears(model)

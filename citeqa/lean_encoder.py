@@ -9,9 +9,9 @@ runs the same modules with the same parameters:
   real tokens only, gathered into rows; in bf16 their count is rounded up to ``ROWS_MULTIPLE``
   with copies of the first, so that the matrix units meet few matrix shapes
   (``compute.PAD_MULTIPLE`` says why); fp32 products are not rounded up;
-- the query, key and value projections are one product (each output equals the separate
-  product's): ``cpu_linear.fused_linear`` in bf16, ``fused_fp32`` in fp32 (through oneDNN
-  where ``compute.fp32_kernel`` installed ``OnednnLinear``);
+- the query, key and value projections are one product (``cpu_linear.fused_linear`` in bf16,
+  each output equal to the separate product's; ``cpu_linear.fused_fp32`` in fp32, equal up to
+  rounding, through oneDNN where ``compute.fp32_kernel`` installed ``OnednnLinear``);
 - attention is one SDPA call over the padded layout (gathered from the rows) with a boolean
   key mask (none when every token is real); what padded queries compute is dropped.
 
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from citeqa.generation.cpu_linear import CpuLinear, OnednnLinear, fused_linear
+from citeqa.generation.cpu_linear import CpuLinear, OnednnLinear, fused_fp32, fused_linear
 
 SUPPORTED = ("BertModel",)
 ROWS_MULTIPLE = 64  # bf16 row counts are rounded up to this (fp32 ones are not)
@@ -79,8 +79,8 @@ class LeanEncoder(nn.Module):
     @staticmethod
     def supports(model: nn.Module) -> bool:
         """True for an encoder-only ``BertModel`` with absolute positions whose layers'
-        projections (``PROJECTIONS``) are all ``CpuLinear`` or all fp32 ``nn.Linear`` on the
-        CPU."""
+        projections (``PROJECTIONS``) are all ``CpuLinear`` or all fp32 ``nn.Linear`` or
+        ``OnednnLinear`` on the CPU."""
         config = getattr(model, "config", None)
         if type(model).__name__ not in SUPPORTED or config is None:
             return False
@@ -140,26 +140,3 @@ def product(linear: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         return linear.rows
     return lambda x: F.linear(x, linear.weight, linear.bias)
 
-
-def fused_fp32(parts: list[nn.Module]) -> nn.Module:
-    """One fp32 linear computing ``parts`` (``nn.Linear`` or ``OnednnLinear``) side by side
-    (outputs concatenated in order), as ``cpu_linear.fused_linear`` does for ``CpuLinear``: each
-    output is still its own dot product, and the parts' weights and biases become views of its
-    own (no second copy; a change to either shows in both, but not in an ``OnednnLinear``'s
-    packed copy). It is an ``OnednnLinear`` when the parts are."""
-    with torch.no_grad():
-        weight = torch.cat([p.weight for p in parts])
-        biases = [p.bias if p.bias is not None else torch.zeros(p.out_features)
-                  for p in parts]
-        has_bias = any(p.bias is not None for p in parts)
-        fused = nn.Linear(parts[0].in_features, len(weight), bias=has_bias, device="meta")
-        fused.weight = nn.Parameter(weight, requires_grad=False)
-        fused.bias = nn.Parameter(torch.cat(biases), requires_grad=False) if has_bias else None
-        start = 0
-        for p in parts:
-            at = slice(start, start + p.out_features)
-            p.weight = nn.Parameter(fused.weight[at], requires_grad=p.weight.requires_grad)
-            if p.bias is not None:
-                p.bias = nn.Parameter(fused.bias[at], requires_grad=p.bias.requires_grad)
-            start += p.out_features
-    return OnednnLinear(fused) if all(isinstance(p, OnednnLinear) for p in parts) else fused

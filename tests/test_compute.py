@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from citeqa.compute import BF16_MIN_SPEEDUP, ProbeResult, cpu_dtype, probe_matmul
+from citeqa import compute
+from citeqa.compute import (
+    BF16_MIN_SPEEDUP,
+    ONEDNN_MIN_SPEEDUP,
+    ProbeResult,
+    cpu_dtype,
+    fp32_kernel,
+    probe_fp32_linear,
+    probe_matmul,
+    to_serving_dtype,
+)
+from citeqa.generation.cpu_linear import OnednnLinear, onednn_available
 
 
 def fast_bf16() -> ProbeResult:
@@ -41,57 +52,78 @@ def test_the_real_probe_measures_both_formats() -> None:
     assert result.fp32_gflops > 0 and result.bf16_gflops > 0
 
 
+needs_onednn = pytest.mark.skipif(not onednn_available(),
+                                  reason="this torch build has no oneDNN fp32 linear kernel")
+
+
+@needs_onednn
 def test_the_fp32_kernel_is_onednn_only_where_its_probe_says_it_pays() -> None:
-    from citeqa.compute import ONEDNN_MIN_SPEEDUP, fp32_kernel
-    from citeqa.generation.cpu_linear import onednn_available
+    assert fp32_kernel(environ={}, probe=lambda: (100.0, 140.0)) == "onednn"
+    barely = (100.0, 100.0 * ONEDNN_MIN_SPEEDUP * 0.99)
+    assert fp32_kernel(environ={}, probe=lambda: barely) == "torch"
+    slow = (150.0, 90.0)
+    assert fp32_kernel(environ={"CITEQA_FP32_KERNEL": "auto"}, probe=lambda: slow) == "torch"
+    assert fp32_kernel("auto", environ={"CITEQA_FP32_KERNEL": "torch"},
+                       probe=lambda: (100.0, 140.0)) == "onednn"  # an argument beats the variable
 
-    if not onednn_available():
-        pytest.skip("this torch build has no oneDNN fp32 linear kernel")
-    assert fp32_kernel({}, probe=lambda: (100.0, 140.0)) == "onednn"
-    assert fp32_kernel({}, probe=lambda: (100.0, 100.0 * ONEDNN_MIN_SPEEDUP * 0.99)) == "torch"
-    assert fp32_kernel({"CITEQA_FP32_KERNEL": "auto"}, probe=lambda: (150.0, 90.0)) == "torch"
+
+@needs_onednn
+def test_auto_probes_once_per_process_and_a_failing_probe_means_torch(monkeypatch, caplog) -> None:
+    calls = []
+
+    def probe() -> tuple[float, float]:
+        calls.append(1)
+        return 100.0, 140.0
+
+    monkeypatch.setattr(compute, "_fp32_kernel", None)
+    monkeypatch.setattr(compute, "probe_fp32_linear", probe)
+    assert [fp32_kernel(environ={}) for _ in range(3)] == ["onednn"] * 3 and len(calls) == 1
+
+    def broken() -> tuple[float, float]:
+        raise RuntimeError("no primitive descriptor")
+
+    with caplog.at_level("WARNING"):
+        assert fp32_kernel(environ={}, probe=broken) == "torch"
+    assert "no primitive descriptor" in caplog.text
 
 
-def test_an_explicit_fp32_kernel_is_taken_without_probing_and_a_typo_is_refused() -> None:
-    from citeqa.compute import fp32_kernel
-    from citeqa.generation.cpu_linear import onednn_available
-
+def test_an_explicit_fp32_kernel_is_taken_without_probing_and_a_typo_is_refused(
+        monkeypatch, caplog) -> None:
     def never() -> tuple[float, float]:
         raise AssertionError("probed")
 
-    assert fp32_kernel({"CITEQA_FP32_KERNEL": "torch"}, probe=never) == "torch"
+    assert fp32_kernel(environ={"CITEQA_FP32_KERNEL": "torch"}, probe=never) == "torch"
     want = "onednn" if onednn_available() else "torch"  # a build without oneDNN keeps torch's
-    assert fp32_kernel({"CITEQA_FP32_KERNEL": " oneDNN "}, probe=never) == want
+    assert fp32_kernel(environ={"CITEQA_FP32_KERNEL": " oneDNN "}, probe=never) == want
     with pytest.raises(ValueError, match="CITEQA_FP32_KERNEL"):
-        fp32_kernel({"CITEQA_FP32_KERNEL": "mkl"}, probe=never)
+        fp32_kernel(environ={"CITEQA_FP32_KERNEL": "mkl"}, probe=never)
+    monkeypatch.setattr("citeqa.generation.cpu_linear.onednn_available", lambda: False)
+    with caplog.at_level("WARNING"):
+        assert fp32_kernel("onednn", probe=never) == "torch"
+    assert "no oneDNN" in caplog.text
 
 
+@needs_onednn
 def test_serving_in_fp32_installs_the_chosen_kernel(monkeypatch) -> None:
     import torch
     from torch import nn
 
-    from citeqa.compute import to_serving_dtype
-    from citeqa.generation.cpu_linear import OnednnLinear, onednn_available
-
-    if not onednn_available():
-        pytest.skip("this torch build has no oneDNN fp32 linear kernel")
     for kernel, kind in (("onednn", OnednnLinear), ("torch", nn.Linear)):
-        monkeypatch.setenv("CITEQA_FP32_KERNEL", kernel)
         model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Sequential(nn.Linear(16, 4)))
         x = torch.randn(3, 8)
         want = model(x)
-        assert to_serving_dtype(model, "fp32") == "fp32"
+        assert to_serving_dtype(model, "fp32", kernel=kernel) == "fp32"
         assert type(model[0]) is kind and type(model[2][0]) is kind
         with torch.no_grad():
             assert torch.allclose(model(x), want, atol=1e-5)
+    monkeypatch.setenv("CITEQA_FP32_KERNEL", "onednn")  # no argument: the variable decides
+    model = nn.Sequential(nn.Linear(8, 16))
+    to_serving_dtype(model, "fp32")
+    assert type(model[0]) is OnednnLinear
 
 
+@needs_onednn
 def test_the_real_fp32_probe_measures_both_kernels() -> None:
-    from citeqa.compute import probe_fp32_linear
-    from citeqa.generation.cpu_linear import onednn_available
-
-    if not onednn_available():
-        pytest.skip("this torch build has no oneDNN fp32 linear kernel")
     torch_rate, onednn_rate = probe_fp32_linear(rounds=1)
     assert torch_rate > 0 and onednn_rate > 0
 
@@ -111,8 +143,6 @@ def test_bf16_is_known_absent_only_from_x86_flags_without_it() -> None:
 
 
 def test_without_bf16_hardware_the_probe_times_fp32_only(monkeypatch) -> None:
-    from citeqa import compute
-
     asked = []
 
     def fake_probe(rounds: int = 30, budget_s: float = 2.0, *, bf16: bool = True):
@@ -125,7 +155,7 @@ def test_without_bf16_hardware_the_probe_times_fp32_only(monkeypatch) -> None:
         monkeypatch.setattr(compute, "bf16_hardware", lambda hardware=hardware: hardware)
         assert cpu_dtype("auto") == want
         assert asked[-1] is hardware
-    assert compute.probe_matmul is fake_probe and len(asked) == 2
+    assert len(asked) == 2
 
 
 def test_the_real_probe_can_skip_bf16() -> None:

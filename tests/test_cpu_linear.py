@@ -1,15 +1,23 @@
-"""CpuLinear: a bf16 GEMM for many rows, int8 weights for the few rows of a decoding step."""
+"""CpuLinear: a bf16 GEMM for many rows, int8 weights for the few rows of a decoding step;
+OnednnLinear: fp32 products through oneDNN."""
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from citeqa.generation.cpu_linear import (
     INT8_ROWS,
     CpuLinear,
+    OnednnLinear,
     install_cpu_linears,
+    install_onednn_linears,
+    onednn_available,
     parameters_to_bf16,
     quantize_per_channel,
 )
@@ -81,16 +89,13 @@ def test_parameters_go_to_bf16_and_float_buffers_stay_fp32() -> None:
 
 # --- OnednnLinear: fp32 products through oneDNN (CPUs without fast bf16) ---------------------
 
-onednn = pytest.mark.skipif(not __import__("citeqa.generation.cpu_linear", fromlist=["x"])
-                            .onednn_available(), reason="this torch build has no oneDNN")
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
 
 
-@onednn
+@needs_onednn
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rows", [1, 7, 256, 300])
 def test_onednn_linear_equals_nn_linear_to_fp32_rounding(rows: int, bias: bool) -> None:
-    from citeqa.generation.cpu_linear import OnednnLinear
-
     ref = layer(bias)
     fast = OnednnLinear(ref)
     x = torch.randn(rows, 64)
@@ -102,10 +107,8 @@ def test_onednn_linear_equals_nn_linear_to_fp32_rounding(rows: int, bias: bool) 
         assert not torch.allclose(fast.rows(x + 1), want, atol=1e-3)  # the comparison can fail
 
 
-@onednn
+@needs_onednn
 def test_install_onednn_linears_keeps_the_state_dict_and_skips_other_dtypes() -> None:
-    from citeqa.generation.cpu_linear import OnednnLinear, install_onednn_linears
-
     model = nn.Sequential(layer(), nn.ReLU(), nn.Sequential(nn.Linear(96, 8)),
                           nn.Linear(8, 8).to(torch.bfloat16))
     keys = {k: v.clone() for k, v in model.state_dict().items()}
@@ -115,3 +118,33 @@ def test_install_onednn_linears_keeps_the_state_dict_and_skips_other_dtypes() ->
     state = model.state_dict()
     assert set(state) == set(keys) and all(torch.equal(state[k], v) for k, v in keys.items())
     assert "oneDNN" in repr(model[0])
+
+
+@needs_onednn
+def test_onednn_linear_packs_at_its_first_product_and_copies_pack_again() -> None:
+    fast = OnednnLinear(layer())
+    assert "packed" not in fast.__dict__  # nothing packed until used (fused parts never are)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        want = fast.rows(x)
+        assert "packed" in fast.__dict__
+        for other in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
+            assert "packed" not in other.__dict__
+            assert torch.equal(other.rows(x), want)
+
+
+@needs_onednn
+def test_onednn_linear_is_plain_under_compile_and_refuses_another_dtype(monkeypatch) -> None:
+    fast = OnednnLinear(layer())
+    x = torch.randn(3, 64)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    seen = []
+    real = F.linear
+    monkeypatch.setattr(F, "linear", lambda *a: (seen.append(1), real(*a))[1])
+    with torch.no_grad():
+        assert torch.allclose(fast(x), real(x, fast.weight, fast.bias)) and seen
+        assert "packed" not in fast.__dict__  # inductor packs the weights itself
+    monkeypatch.undo()
+    half = OnednnLinear(layer()).half()
+    with pytest.raises(TypeError, match="fp32"):
+        half.rows(x.half())

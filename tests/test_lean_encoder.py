@@ -12,7 +12,13 @@ from torch import nn
 from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
 from citeqa import lean_encoder
-from citeqa.generation.cpu_linear import install_cpu_linears, parameters_to_bf16
+from citeqa.generation.cpu_linear import (
+    OnednnLinear,
+    install_cpu_linears,
+    install_onednn_linears,
+    onednn_available,
+    parameters_to_bf16,
+)
 from citeqa.lean_encoder import ROWS_MULTIPLE, LeanEncoder, use_lean_encoder
 
 SIZES = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -224,11 +230,8 @@ def test_fp32_rows_are_not_rounded_up_and_the_fused_weights_are_the_layers() -> 
     assert calls == [39] * 4 * SIZES["num_hidden_layers"]  # 7 + 30 + 2 real tokens, no more
 
 
-@pytest.mark.skipif(not __import__("citeqa.generation.cpu_linear", fromlist=["x"])
-                    .onednn_available(), reason="this torch build has no oneDNN")
+@pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
 def test_fp32_with_onednn_products_matches_transformers() -> None:
-    from citeqa.generation.cpu_linear import OnednnLinear, install_onednn_linears
-
     plain = tiny(bf16=False)
     model = tiny(bf16=False)
     install_onednn_linears(model)

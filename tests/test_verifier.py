@@ -330,18 +330,27 @@ def test_the_shipped_reward_model_is_a_calibrated_combined_verifier_with_a_card(
     assert 0 < out[0].score < 1 and out[0].uncertainty is not None
 
 
-@pytest.mark.parametrize(("dtype", "tolerance"), [("bf16", 2e-3), ("fp32", 1e-5)])
+@pytest.mark.parametrize(("dtype", "tolerance", "kernel"),
+                         [("bf16", 2e-3, None), ("fp32", 1e-5, "torch"), ("fp32", 1e-5, "onednn")])
 def test_the_shipped_scorer_runs_lean_and_scores_as_transformers_forward(
-        dtype: str, tolerance: float) -> None:
-    """Both cross-encoders take LeanEncoder in CPU bf16 and in fp32 (CPUs without fast bf16) and
-    give the scores of transformers' forward over a batch with padding (candidates whose quotes
-    differ in length)."""
+        dtype: str, tolerance: float, kernel: str | None, monkeypatch) -> None:
+    """Both cross-encoders take LeanEncoder in CPU bf16 and in fp32 (CPUs without fast bf16,
+    with either fp32 product) and give the scores of transformers' forward over a batch with
+    padding (candidates whose quotes differ in length)."""
+    from citeqa.generation.cpu_linear import OnednnLinear, onednn_available
     from citeqa.lean_encoder import LeanEncoder
     from citeqa.reward.scorer import DEFAULT_DIR
+
+    if kernel == "onednn" and not onednn_available():
+        pytest.skip("this torch build has no oneDNN")
+    if kernel is not None:
+        monkeypatch.setenv("CITEQA_FP32_KERNEL", kernel)
 
     lean = VerifierScorer(DEFAULT_DIR, cpu_dtype=dtype)
     plain = VerifierScorer(DEFAULT_DIR, cpu_dtype=dtype, lean=False)
     assert lean.dtype == plain.dtype == dtype
+    dense = plain.model.encoder.encoder.layer[0].output.dense
+    assert isinstance(dense, OnednnLinear) == (kernel == "onednn")
     assert lean.answerability is not None and plain.answerability is not None
     assert isinstance(lean.model.encoder, LeanEncoder)
     assert isinstance(lean.answerability.model.encoder, LeanEncoder)

@@ -25,8 +25,9 @@ a 3-D bf16 input takes a slower path than on 2-D rows, hence the reshape.
 CPUs without fast bf16 compute encoders in fp32, where the kernel matters too: on an AVX2-only
 AMD EPYC (Zen 2), 2 threads, torch's fp32 ``F.linear`` (MKL) ran encoder-sized products at
 99-125 GFLOP/s and oneDNN's, with the weight prepacked once for it, at 141-168 GFLOP/s.
-``OnednnLinear`` is that product; ``compute.fp32_kernel`` decides by measurement where it is
-used (``install_onednn_linears``).
+``OnednnLinear`` is that product (``fused_fp32`` fuses several, as ``fused_linear`` does in
+bf16); ``compute.fp32_kernel`` decides by measurement where it is used
+(``install_onednn_linears``).
 """
 
 from __future__ import annotations
@@ -148,10 +149,12 @@ def onednn_available() -> bool:
 
 
 class OnednnLinear(nn.Module):
-    """``nn.Linear`` for fp32 inference on a CPU through oneDNN, with the weight prepacked once
-    into oneDNN's blocked layout (an opaque copy, ``packed``, outside the state dict). Results
-    equal ``F.linear``'s up to fp32 rounding (another order of summation). Inference only: a
-    change to ``weight`` after construction does not reach ``packed``."""
+    """``nn.Linear`` for fp32 inference on a CPU through oneDNN, with the weight prepacked into
+    oneDNN's blocked layout (an opaque copy, ``packed``, made at the first product and kept
+    outside the state dict; copies and pickles leave it out and pack again). Results equal
+    ``F.linear``'s up to fp32 rounding (another order of summation). Inference only: a change to
+    ``weight`` after the first product does not reach ``packed``. Under ``torch.compile`` it is
+    a plain ``F.linear`` (inductor's weight freezing packs the weights itself)."""
 
     PACK_ROWS = 256  # the row count oneDNN is told to expect when packing (any count works)
 
@@ -162,21 +165,58 @@ class OnednnLinear(nn.Module):
         self.weight = nn.Parameter(linear.weight.detach().float().contiguous(), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(
             linear.bias.detach().float().contiguous(), requires_grad=False)
-        # an MKL-DNN tensor: not a buffer (state_dict and .to() do not handle that layout)
-        self.__dict__["packed"] = torch.ops.mkldnn._reorder_linear_weight(
-            self.weight.detach(), self.PACK_ROWS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, self.in_features)
         return self.rows(rows).reshape(*x.shape[:-1], self.out_features)
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
         """The product for fp32 ``rows`` [M, in] -> [M, out]."""
-        return torch.ops.mkldnn._linear_pointwise(rows.contiguous(), self.packed, self.bias,
+        packed = self.__dict__.get("packed")
+        if packed is None:
+            if self.weight.dtype != torch.float32 or self.weight.device.type != "cpu":
+                raise TypeError(f"OnednnLinear computes in fp32 on the CPU; its weight is "
+                                f"{self.weight.dtype} on {self.weight.device}")
+            # an MKL-DNN tensor: not a buffer (state_dict, .to() and copies cannot hold it);
+            # two threads packing at once both get the same result
+            packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(),
+                                                             self.PACK_ROWS)
+            self.__dict__["packed"] = packed
+        return torch.ops.mkldnn._linear_pointwise(rows.contiguous(), packed, self.bias,
                                                   "none", [], "")
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        return {k: v for k, v in state.items() if k != "packed"}
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN"
+
+
+def fused_fp32(parts: list[nn.Module]) -> nn.Module:
+    """One fp32 linear computing ``parts`` (``nn.Linear`` or ``OnednnLinear``) side by side
+    (outputs concatenated in order), as ``fused_linear`` does for ``CpuLinear``: each output is
+    its own dot product (equal to the part's up to fp32 rounding), and the parts' weights and
+    biases become views of its own (no second copy; a change to either shows in both). It is an
+    ``OnednnLinear`` when the parts all are."""
+    with torch.no_grad():
+        weight = torch.cat([p.weight for p in parts])
+        has_bias = any(p.bias is not None for p in parts)
+        fused = nn.Linear(parts[0].in_features, len(weight), bias=has_bias, device="meta")
+        fused.weight = nn.Parameter(weight, requires_grad=False)
+        fused.bias = nn.Parameter(torch.cat([
+            p.bias if p.bias is not None else torch.zeros(p.out_features) for p in parts
+        ]), requires_grad=False) if has_bias else None
+        start = 0
+        for p in parts:
+            at = slice(start, start + p.out_features)
+            p.weight = nn.Parameter(fused.weight[at], requires_grad=p.weight.requires_grad)
+            if p.bias is not None:
+                p.bias = nn.Parameter(fused.bias[at], requires_grad=p.bias.requires_grad)
+            start += p.out_features
+    return OnednnLinear(fused) if all(isinstance(p, OnednnLinear) for p in parts) else fused
 
 
 def install_onednn_linears(module: nn.Module) -> int:

@@ -62,11 +62,12 @@ class MiniLMEmbedder:
 
     def __init__(
         self, path: Path | None = None, *, device: str = "cpu", max_length: int = 256,
-        cpu_dtype: str = "auto",
+        cpu_dtype: str = "auto", fp32_kernel: str | None = None,
     ) -> None:
         self.path = path or minilm_dir()
         self.device = device
         self.cpu_dtype = cpu_dtype  # requested; resolved (by measurement) when loading
+        self.fp32_kernel = fp32_kernel  # in fp32: None = CITEQA_FP32_KERNEL (compute.py)
         self.dtype = "fp32"  # what it computes in, once loaded
         self.max_length = max_length  # tokens; longer passages are truncated (as in ST)
         self._model: Any = None
@@ -89,7 +90,7 @@ class MiniLMEmbedder:
                 ) from e
             assert model.config.hidden_size == self.dim, model.config.hidden_size
             model = model.to(self.device).eval()
-            self.dtype = to_serving_dtype(model, self.cpu_dtype)
+            self.dtype = to_serving_dtype(model, self.cpu_dtype, kernel=self.fp32_kernel)
             self._tokenizer = tokenizer
             self._model = model
 
