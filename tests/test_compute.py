@@ -161,3 +161,17 @@ def test_without_bf16_hardware_the_probe_times_fp32_only(monkeypatch) -> None:
 def test_the_real_probe_can_skip_bf16() -> None:
     result = probe_matmul(rounds=1, bf16=False)
     assert result.fp32_gflops > 0 and result.bf16_gflops == 0.0 and result.bf16_speedup == 0.0
+
+
+def test_asking_for_bf16_on_a_cpu_that_emulates_it_warns_once(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(compute, "_warned_emulated", False)
+    monkeypatch.setattr(compute, "bf16_hardware", lambda: False)
+    with caplog.at_level("WARNING"):
+        assert cpu_dtype("bf16") == "bf16" and cpu_dtype("bf16") == "bf16"  # still honoured
+    assert caplog.text.count("no bf16 hardware") == 1
+    monkeypatch.setattr(compute, "_warned_emulated", False)
+    monkeypatch.setattr(compute, "bf16_hardware", lambda: True)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        cpu_dtype("bf16")
+    assert "no bf16 hardware" not in caplog.text
