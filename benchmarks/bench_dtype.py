@@ -149,7 +149,9 @@ def bench_embedding(rounds: int, formats: tuple[str, ...]) -> dict[str, object]:
     from evals.generation_quality import DATA, sample_questions
 
     passages = [q.context for q in sample_questions(DATA / "qa.json", "eval", 64)]
-    embedders = {d: MiniLMEmbedder(cpu_dtype=d, fp32_kernel="torch")  # fp32: as before bf16
+    # fp32 as before bf16 (torch's product); both through transformers' forward
+    # (bench_retrieval.py times the served embedder, LeanEncoder included, against fp32)
+    embedders = {d: MiniLMEmbedder(cpu_dtype=d, fp32_kernel="torch", lean=False)
                  for d in ("fp32", "bf16") if d in formats}
     vectors = {d: e.embed(passages[:8]) for d, e in embedders.items()}  # load + warm up
     ms = interleaved({d: (lambda e=e: timed(lambda: e.embed(passages)))
