@@ -1,5 +1,5 @@
 """CpuLinear: a bf16 GEMM for many rows, int8 weights for the few rows of a decoding step;
-OnednnLinear: fp32 products through oneDNN."""
+OnednnLinear: fp32 products through oneDNN; Fp16Linear: fp16 weights computed in fp32."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from torch import nn
 from citeqa.generation.cpu_linear import (
     INT8_ROWS,
     CpuLinear,
+    Fp16Linear,
     OnednnLinear,
     install_cpu_linears,
+    install_fp16_linears,
     install_onednn_linears,
     onednn_available,
     parameters_to_bf16,
@@ -148,3 +150,43 @@ def test_onednn_linear_is_plain_under_compile_and_refuses_another_dtype(monkeypa
     half = OnednnLinear(layer()).half()
     with pytest.raises(TypeError, match="fp32"):
         half.rows(x.half())
+
+
+def ao_fp16(linear: nn.Linear) -> nn.Module:
+    """``torch.ao``'s dynamic fp16 Linear of ``linear``: what Fp16Linear replaces."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(
+            nn.Sequential(copy.deepcopy(linear)), {nn.Linear}, dtype=torch.float16)[0]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp16_linear_computes_what_torch_ao_dynamic_fp16_linear_computes(bias: bool) -> None:
+    ref = layer(bias)
+    fast, ao = Fp16Linear.of(ref), ao_fp16(ref)
+    assert type(ao).__name__ != "Fp16Linear" and not list(fast.parameters())
+    x = torch.randn(2, 7, 64)  # any leading dimensions, as nn.Linear
+    with torch.no_grad():
+        got, want = fast(x), ao(x)
+        assert got.shape == (2, 7, 96) and got.dtype == torch.float32
+        assert torch.equal(got, want)
+        exact = ref(x)
+        assert torch.allclose(got, exact, atol=1e-2) and not torch.equal(got, exact)  # fp16
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_install_fp16_linears_replaces_every_linear_on_any_number_of_threads(threads) -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(layer(), nn.ReLU(), nn.Sequential(nn.Linear(96, 8), nn.LayerNorm(8)),
+                          nn.Linear(8, 4, bias=False))
+    ao = [ao_fp16(m) for m in (model[0], model[2][0], model[3])]
+    x = torch.randn(5, 64)
+    assert install_fp16_linears(model, threads=threads) == 3
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert [type(m) for m in (model[0], model[2][0], model[3])] == [Fp16Linear] * 3
+    with torch.no_grad():  # each layer packed its own weight, whichever thread packed it
+        want = ao[2](model[2][1](ao[1](F.relu(ao[0](x)))))
+        assert torch.equal(model(x), want)
+    assert "fp16 weights" in repr(model[0])

@@ -168,18 +168,11 @@ def store_linear_weights_fp16(model: Any) -> int:
     they may still view, so that the mapping, which holds the replaced fp32 weights too, is
     released (SmolLM2: RSS ~1.1 GB otherwise, ~0.8 GB with).
     """
-    import warnings
-
     import torch
 
-    decoder = model.get_decoder()
-    before = sum(isinstance(m, torch.nn.Linear) for m in decoder.modules())
-    with warnings.catch_warnings():  # torch.ao points at torchao, which we do not depend on
-        warnings.simplefilter("ignore")
-        torch.ao.quantization.quantize_dynamic(
-            decoder, {torch.nn.Linear}, dtype=torch.float16, inplace=True
-        )
-    converted = before - sum(isinstance(m, torch.nn.Linear) for m in decoder.modules())
+    from citeqa.generation.cpu_linear import install_fp16_linears
+
+    converted = install_fp16_linears(model.get_decoder())
     if converted:
         with torch.no_grad():
             for param in model.parameters():  # tied weights are one Parameter: copied once
