@@ -1,0 +1,180 @@
+"""The local generator on a GPU: prefill, constrained decoding and batched cited generation for
+Llama-family shapes from 135M to 8B parameters, with random weights.
+
+    python benchmarks/bench_gpu.py --shapes smollm2-135m qwen2.5-1.5b llama-3.1-8b
+
+A GPU user brings a Qwen/Llama-class model directory; this measures what citeqa's transformers
+backend (``HFBackend``, bf16 on CUDA) does with such a shape without carrying its weights: each
+model is initialised at random on the device, with SmolLM2's tokenizer and vocabulary (49,152
+tokens; Llama 3's 128k would make its LM head larger). Random weights write random answers
+and quotes, held to the grammar as a trained model's are, so the per-token and per-pass times
+are a real model's, while how many tokens an answer takes is not: output lengths are printed
+beside every figure. Device work is timed with synchronisation; medians of ``--repeats``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from citeqa.config import GenerationConfig
+from citeqa.generation.cited import CitedGenerator, GenerationItem
+from citeqa.generation.hf import HFBackend
+from citeqa.generation.prompt import build_messages
+from citeqa.types import Document, Hit, Passage
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = Path.home() / ".cache" / "citeqa" / "smollm2-135m-instruct"
+# (hidden, intermediate, layers, attention heads, key/value heads), as their configs give them
+SHAPES = {
+    "tiny": (64, 128, 2, 4, 2),
+    "smollm2-135m": (576, 1536, 30, 9, 3),
+    "qwen2.5-1.5b": (1536, 8960, 28, 12, 2),
+    "llama-3.1-8b": (4096, 14336, 32, 32, 8),
+}
+
+
+def documents() -> dict[str, Document]:
+    """citeqa's own docs (index/corpus/), the passages every question is shown."""
+    return {p.stem: Document(p.stem, p.stem, str(p), p.read_text())
+            for p in sorted((ROOT / "index" / "corpus").glob("*.md"))}
+
+
+def hits(docs: dict[str, Document], chars: int = 600) -> list[Hit]:
+    out = []
+    for i, d in enumerate(docs.values()):
+        text = d.text[:chars]
+        out.append(Hit(Passage(i, d.doc_id, 0, len(text), text), d.title, d.source, 1.0 / (i + 1)))
+    return out
+
+
+def random_model(shape: str, vocab: int, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, layers, heads, kv = SHAPES[shape]
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv, max_position_embeddings=4096,
+                         tie_word_embeddings=shape != "llama-3.1-8b")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.eval()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(device: str, fn) -> tuple[float, object]:
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return (time.perf_counter() - t0) * 1000, out
+
+
+def bench_shape(shape: str, tokenizer, args) -> dict[str, object]:
+    model = random_model(shape, len(tokenizer), args.device)
+    params = sum(p.numel() for p in model.parameters())
+    backend = HFBackend(model, tokenizer, shape)
+    docs = documents()
+    shown = hits(docs)[: args.passages]
+    questions = [f"What does citeqa do with {w}?" for w in
+                 ("quotes", "passages", "declines", "scores", "indexes", "models", "requests",
+                  "documents", "answers", "offsets", "threads", "grammars")]
+    gen = CitedGenerator(backend, GenerationConfig(top_k_passages=args.passages))
+
+    def run(batch: list[str], n: int):
+        items = [GenerationItem(q, shown, docs.__getitem__, n, "span") for q in batch]
+        return gen.generate_many(items)
+
+    # prefill of one prompt alone: the decoder stack over the prompt, as generate() runs it
+    prompt = backend.prompt_ids(build_messages(questions[0], shown, gen.cfg)[0])
+    ids = torch.tensor([prompt], device=args.device)
+    with torch.inference_mode():
+        decoder = model.get_decoder()
+        decoder(input_ids=ids)  # warm-up
+        prefill = statistics.median(timed(args.device, lambda: decoder(input_ids=ids))[0]
+                                    for _ in range(args.repeats))
+    run(questions[:1], 1)  # warm-up
+    one = []
+    for q in questions[: args.repeats]:
+        ms, [g] = timed(args.device, lambda q=q: run([q], 1))
+        [c] = g.candidates
+        one.append((ms, c.n_tokens, g.timings_ms))
+    ms_one = statistics.median(m for m, _, _ in one)
+    tokens_one = statistics.median(t for _, t, _ in one)
+    steps = {k: round(statistics.median(t.get(k, 0.0) for _, _, t in one), 1)
+             for k in ("prefill_ms", "decode_ms")}  # the backend's own split of one question
+    batch = questions[: args.batch]
+    run(batch[:2], args.candidates)  # warm-up of the batched shapes
+    batched = []
+    for _ in range(args.repeats):
+        ms, gens = timed(args.device, lambda: run(batch, args.candidates))
+        batched.append((ms, sum(c.n_tokens for g in gens for c in g.candidates)))
+    ms_batch, tokens_batch = sorted(batched)[len(batched) // 2]
+    cands = len(batch) * args.candidates
+    row = {
+        "shape": shape, "parameters_m": round(params / 1e6, 1), "prompt_tokens": len(prompt),
+        "prefill_ms": round(prefill, 1),
+        "one_question_ms": round(ms_one, 1), "one_question_tokens": tokens_one,
+        "one_question_ms_per_token": round(ms_one / max(tokens_one, 1), 2),
+        "one_question_prefill_ms": steps["prefill_ms"],
+        "one_question_decode_ms": steps["decode_ms"],
+        "batch_questions": len(batch), "batch_candidates": cands,
+        "batch_ms": round(ms_batch, 1), "batch_tokens": tokens_batch,
+        "batch_candidates_per_s": round(cands / ms_batch * 1000, 2),
+        "batch_tokens_per_s": round(tokens_batch / ms_batch * 1000, 1),
+    }
+    if args.device.startswith("cuda"):
+        row["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    print(f"{shape:>14} {row['parameters_m']:>7.0f}M | prefill {len(prompt)} tokens "
+          f"{prefill:7.1f} ms | one question {ms_one:7.0f} ms for {tokens_one:.0f} tokens "
+          f"({row['one_question_ms_per_token']:.1f} ms/token) | {len(batch)} questions x "
+          f"{args.candidates} candidates {ms_batch:7.0f} ms: {row['batch_candidates_per_s']:.1f} "
+          f"candidates/s, {row['batch_tokens_per_s']:.0f} tokens/s", flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=["smollm2-135m", "qwen2.5-1.5b"],
+                    choices=sorted(SHAPES))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tokenizer", type=Path, default=TOKENIZER,
+                    help="a tokenizer directory (default: the converted SmolLM2's)")
+    ap.add_argument("--passages", type=int, default=3, help="passages shown per question")
+    ap.add_argument("--batch", type=int, default=8, help="questions in the batched call")
+    ap.add_argument("--candidates", type=int, default=4, help="candidates per batched question")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args()
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+    where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
+    print(f"{where}; torch {torch.__version__}; random weights, SmolLM2's tokenizer "
+          f"({len(tokenizer)} tokens); span mode, grammar-constrained")
+    rows = []
+    for shape in args.shapes:
+        rows.append(bench_shape(shape, tokenizer, args))  # its model is freed on return
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"device": where, "torch": torch.__version__,
+                                         "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
