@@ -9,7 +9,11 @@ model is initialised at random on the device, with SmolLM2's tokenizer and vocab
 tokens; Llama 3's 128k would make its LM head larger). Random weights write random answers
 and quotes, held to the grammar as a trained model's are, so the per-token and per-pass times
 are a real model's, while how many tokens an answer takes is not: output lengths are printed
-beside every figure. Device work is timed with synchronisation; medians of ``--repeats``.
+beside every figure. A decoding pass can emit several tokens (prompt-lookup drafts, tokens the
+grammar forces), so both ms per pass and ms per token are given, each the median over questions
+of that question's own ratio. The device's copy bandwidth is measured first: a pass that
+streams every weight once cannot beat it. Device work is timed with synchronisation; medians
+of ``--repeats``.
 """
 
 from __future__ import annotations
@@ -81,6 +85,16 @@ def timed(device: str, fn) -> tuple[float, object]:
     return (time.perf_counter() - t0) * 1000, out
 
 
+def copy_bandwidth(device: str, gib: float = 2.0, repeats: int = 10) -> float:
+    """TB/s of a device-to-device copy, bytes read plus bytes written (the ceiling a decoding
+    pass that streams every weight once cannot beat)."""
+    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up
+    ms, _ = timed(device, lambda: [dst.copy_(src) for _ in range(repeats)])
+    return 2 * src.numel() * repeats / (ms / 1000) / 1e12
+
+
 def bench_shape(shape: str, tokenizer, args) -> dict[str, object]:
     model = random_model(shape, len(tokenizer), args.device)
     params = sum(p.numel() for p in model.parameters())
@@ -105,15 +119,17 @@ def bench_shape(shape: str, tokenizer, args) -> dict[str, object]:
         prefill = statistics.median(timed(args.device, lambda: decoder(input_ids=ids))[0]
                                     for _ in range(args.repeats))
     run(questions[:1], 1)  # warm-up
-    one = []
+    one = []  # per question: wall ms, output tokens, the backend's timings (one request)
     for q in questions[: args.repeats]:
         ms, [g] = timed(args.device, lambda q=q: run([q], 1))
         [c] = g.candidates
         one.append((ms, c.n_tokens, g.timings_ms))
-    ms_one = statistics.median(m for m, _, _ in one)
-    tokens_one = statistics.median(t for _, t, _ in one)
-    steps = {k: round(statistics.median(t.get(k, 0.0) for _, _, t in one), 1)
-             for k in ("prefill_ms", "decode_ms")}  # the backend's own split of one question
+
+    def median(f) -> float:  # over the questions, each figure from one question's own run
+        return round(statistics.median(f(*x) for x in one), 2)
+
+    def decode_passes(t: dict[str, float]) -> float:
+        return max(t.get("forward_passes", 1.0) - 1, 1.0)  # the first pass is the prefill
     batch = questions[: args.batch]
     run(batch[:2], args.candidates)  # warm-up of the batched shapes
     batched = []
@@ -125,10 +141,15 @@ def bench_shape(shape: str, tokenizer, args) -> dict[str, object]:
     row = {
         "shape": shape, "parameters_m": round(params / 1e6, 1), "prompt_tokens": len(prompt),
         "prefill_ms": round(prefill, 1),
-        "one_question_ms": round(ms_one, 1), "one_question_tokens": tokens_one,
-        "one_question_ms_per_token": round(ms_one / max(tokens_one, 1), 2),
-        "one_question_prefill_ms": steps["prefill_ms"],
-        "one_question_decode_ms": steps["decode_ms"],
+        "one_question_ms": median(lambda ms, n, t: ms),
+        "one_question_tokens": median(lambda ms, n, t: n),
+        "one_question_prefill_ms": median(lambda ms, n, t: t.get("prefill_ms", 0.0)),
+        "one_question_decode_ms": median(lambda ms, n, t: t.get("decode_ms", 0.0)),
+        "one_question_decode_passes": median(lambda ms, n, t: decode_passes(t)),
+        # per question: its decode time over its tokens, and over its decoding passes (prompt-
+        # lookup drafts and grammar-forced tokens put several tokens in one pass)
+        "decode_ms_per_token": median(lambda ms, n, t: t.get("decode_ms", 0.0) / max(n, 1)),
+        "decode_ms_per_pass": median(lambda ms, n, t: t.get("decode_ms", 0.0) / decode_passes(t)),
         "batch_questions": len(batch), "batch_candidates": cands,
         "batch_ms": round(ms_batch, 1), "batch_tokens": tokens_batch,
         "batch_candidates_per_s": round(cands / ms_batch * 1000, 2),
@@ -137,9 +158,11 @@ def bench_shape(shape: str, tokenizer, args) -> dict[str, object]:
     if args.device.startswith("cuda"):
         row["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
     print(f"{shape:>14} {row['parameters_m']:>7.0f}M | prefill {len(prompt)} tokens "
-          f"{prefill:7.1f} ms | one question {ms_one:7.0f} ms for {tokens_one:.0f} tokens "
-          f"({row['one_question_ms_per_token']:.1f} ms/token) | {len(batch)} questions x "
-          f"{args.candidates} candidates {ms_batch:7.0f} ms: {row['batch_candidates_per_s']:.1f} "
+          f"{prefill:6.1f} ms | one question {row['one_question_ms']:5.0f} ms, "
+          f"{row['one_question_tokens']:.0f} tokens in {row['one_question_decode_passes']:.0f} "
+          f"decoding passes: {row['decode_ms_per_pass']:.1f} ms/pass, "
+          f"{row['decode_ms_per_token']:.1f} ms/token | {len(batch)} questions x "
+          f"{args.candidates} candidates {ms_batch:5.0f} ms: {row['batch_candidates_per_s']:.1f} "
           f"candidates/s, {row['batch_tokens_per_s']:.0f} tokens/s", flush=True)
     return row
 
@@ -164,6 +187,11 @@ def main() -> None:
     where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
     print(f"{where}; torch {torch.__version__}; random weights, SmolLM2's tokenizer "
           f"({len(tokenizer)} tokens); span mode, grammar-constrained")
+    bandwidth = copy_bandwidth(args.device) if args.device.startswith("cuda") else None
+    if bandwidth:
+        print(f"device-to-device copy: {bandwidth:.2f} TB/s (read + written)")
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()  # the copy's buffers are no model's
     rows = []
     for shape in args.shapes:
         rows.append(bench_shape(shape, tokenizer, args))  # its model is freed on return
@@ -173,7 +201,8 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"device": where, "torch": torch.__version__,
-                                         "rows": rows}, indent=1) + "\n")
+                                         "copy_tb_per_s": bandwidth, "rows": rows},
+                                        indent=1) + "\n")
 
 
 if __name__ == "__main__":

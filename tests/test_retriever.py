@@ -176,13 +176,14 @@ def test_the_minilm_embedder_runs_lean_with_the_vectors_of_transformers_forward(
                          num_attention_heads=6, intermediate_size=256)).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     texts = ["Rollo.", "The Normans gave their name to Normandy, a region in northern France, "
-             "after Rollo swore fealty to the king.", "", "Paris is a city " * 20, "x y z"]
+             "after Rollo swore fealty to the king.", "", "Paris is a city " * 20, "x y z",
+             "A long passage, cut at the embedder's 256 tokens. " * 40]
     lean = MiniLMEmbedder(tmp_path, cpu_dtype=dtype, fp32_kernel="torch")
     plain = MiniLMEmbedder(tmp_path, cpu_dtype=dtype, fp32_kernel="torch", lean=False)
     got, want = lean.embed(texts, batch_size=3), plain.embed(texts, batch_size=3)  # padded
     assert isinstance(lean._model, LeanEncoder) and not isinstance(plain._model, LeanEncoder)
     assert lean.dtype == plain.dtype == dtype
-    assert np.abs(got - want).max() < (1e-5 if dtype == "fp32" else 2e-2)
+    assert np.abs(got - want).max() < (1e-5 if dtype == "fp32" else 5e-3)
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 

@@ -239,7 +239,8 @@ class Fp16Linear(nn.Module):
     """``nn.Linear`` for inference on a CPU from weights stored in fp16, computed in fp32:
     fbgemm's packed fp16 product, the one ``torch.ao``'s dynamic fp16 ``Linear`` calls (outputs
     equal to its). The weight exists only packed (``packed``, an opaque object outside the state
-    dict): the module has no parameters and cannot be trained, cast or moved."""
+    dict): the module has no parameters, so a state dict leaves it out and ``.to()`` leaves it
+    where it is; it cannot be trained, cast or moved."""
 
     def __init__(self, in_features: int, out_features: int, packed: object) -> None:
         super().__init__()
@@ -249,7 +250,8 @@ class Fp16Linear(nn.Module):
 
     @classmethod
     def of(cls, linear: nn.Linear) -> Fp16Linear:
-        """``linear``'s weight and bias rounded to fp16 and packed (a single-threaded copy)."""
+        """``linear``'s weight and bias rounded to fp16 and packed (one thread's work). Weights
+        beyond fp16's range are clamped to it, in ``linear``'s own tensor too (as torch.ao's)."""
         bias = None if linear.bias is None else linear.bias.detach().float()
         packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
         return cls(linear.in_features, linear.out_features, packed)

@@ -250,7 +250,7 @@ class HFBackend:
                 parameters_to_bf16(model)
                 install_cpu_linears(model.get_decoder())
                 model_id = f"{model_id}+bf16-int8w"  # outputs differ (slightly): reports say so
-            elif resolved == "fp16w" and store_linear_weights_fp16(model):
+            elif resolved == "fp16w" and store_linear_weights_fp16(model, kw.get("threads")):
                 model_id = f"{model_id}+fp16-linear"
         return cls(model, tokenizer, model_id, head=head, **kw)
 

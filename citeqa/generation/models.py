@@ -153,9 +153,10 @@ def load_model(name: str, cache_dir: Path, *, device: str | None = None) -> tupl
     return model, tokenizer, model_id
 
 
-def store_linear_weights_fp16(model: Any) -> int:
+def store_linear_weights_fp16(model: Any, threads: int | None = None) -> int:
     """Store the ``nn.Linear`` weights of a CPU model's decoder stack in fp16, computed in fp32
-    (fbgemm's packed fp16 GEMM); return how many layers were converted.
+    (fbgemm's packed fp16 GEMM; packed on ``threads`` threads, default torch's); return how many
+    layers were converted.
 
     Why: on a CPU a decoding pass over a few tokens streams every weight from memory once and
     does little arithmetic per byte, so halving the bytes roughly halves it (SmolLM2-135M on 2
@@ -172,7 +173,7 @@ def store_linear_weights_fp16(model: Any) -> int:
 
     from citeqa.generation.cpu_linear import install_fp16_linears
 
-    converted = install_fp16_linears(model.get_decoder())
+    converted = install_fp16_linears(model.get_decoder(), threads=threads)
     if converted:
         with torch.no_grad():
             for param in model.parameters():  # tied weights are one Parameter: copied once
