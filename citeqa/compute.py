@@ -239,6 +239,13 @@ def _faster(probe: Callable[[], tuple[float, float]]) -> str:
     return kernel
 
 
+def cuda_half_dtype():  # -> torch.dtype
+    """What models compute in on a CUDA device: bf16 where the GPU has it, else fp16."""
+    import torch
+
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def torch_dtype(resolved: str):  # -> torch.dtype
     """The torch dtype of weights and activations for a resolved format."""
     import torch

@@ -131,11 +131,10 @@ def load_model(name: str, cache_dir: Path, *, device: str | None = None) -> tupl
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from citeqa.compute import cuda_half_dtype
+
     device = pick_device(device)
-    if device.startswith("cuda"):
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        dtype = torch.float32
+    dtype = cuda_half_dtype() if device.startswith("cuda") else torch.float32
     try:
         with quiet_weight_loading():
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from citeqa.compute import PAD_MULTIPLE, to_serving_dtype
+from citeqa.compute import PAD_MULTIPLE, cuda_half_dtype, to_serving_dtype
 from citeqa.errors import ConfigError, ModelError
 from citeqa.logs import quiet_weight_loading
 from citeqa.text import tokenize
@@ -58,7 +58,8 @@ def minilm_dir() -> Path:
 
 
 class MiniLMEmbedder:
-    """all-MiniLM-L6-v2 via transformers, loaded on first use (CPU unless told otherwise)."""
+    """all-MiniLM-L6-v2 via transformers, loaded on first use (CPU unless told otherwise; on a
+    CUDA device in bf16, or fp16 where the GPU has no bf16, pooled in fp32)."""
 
     model_id = "sentence-transformers/all-MiniLM-L6-v2"
     dim = 384
@@ -82,6 +83,7 @@ class MiniLMEmbedder:
         with self._lock:
             if self._model is not None:
                 return
+            import torch
             from transformers import AutoModel, AutoTokenizer
 
             from citeqa.lean_encoder import use_lean_encoder  # torch: imported when loading
@@ -96,7 +98,11 @@ class MiniLMEmbedder:
                 ) from e
             assert model.config.hidden_size == self.dim, model.config.hidden_size
             model = model.to(self.device).eval()
-            self.dtype = to_serving_dtype(model, self.cpu_dtype, kernel=self.fp32_kernel)
+            if self.device.startswith("cuda"):  # as the generator there: bf16 (or fp16)
+                model = model.to(cuda_half_dtype())
+                self.dtype = "bf16" if model.dtype == torch.bfloat16 else "fp16"
+            else:
+                self.dtype = to_serving_dtype(model, self.cpu_dtype, kernel=self.fp32_kernel)
             self._tokenizer = tokenizer
             model = use_lean_encoder(model, self.lean)
             self._model = model
