@@ -33,6 +33,7 @@ computes in fp32 (``Fp16Linear``, fbgemm's packed fp16 product; ``install_fp16_l
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -136,14 +137,18 @@ def install_cpu_linears(module: nn.Module, *, int8_decode: bool = True) -> int:
     """Replace every ``nn.Linear`` under ``module`` by a ``CpuLinear`` (with int8 weights for
     few rows when ``int8_decode``); return how many were replaced. Other parameters should
     already be bf16."""
-    count = 0
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.Linear):
-            setattr(module, name, CpuLinear(child, int8_decode=int8_decode))
-            count += 1
-        else:
-            count += install_cpu_linears(child, int8_decode=int8_decode)
-    return count
+    found = linears_below(module, lambda child: isinstance(child, nn.Linear))
+    for parent, name, child in found:
+        setattr(parent, name, CpuLinear(child, int8_decode=int8_decode))
+    return len(found)
+
+
+def linears_below(module: nn.Module, keep: Callable[[nn.Module], bool]
+                  ) -> list[tuple[nn.Module, str, nn.Module]]:
+    """``(parent, name, child)`` for every child module below ``module`` that ``keep`` accepts,
+    in module order: what the ``install_*_linears`` functions replace."""
+    return [(parent, name, child) for parent in module.modules()
+            for name, child in parent.named_children() if keep(child)]
 
 
 def onednn_available() -> bool:
@@ -225,14 +230,11 @@ def fused_fp32(parts: list[nn.Module]) -> nn.Module:
 def install_onednn_linears(module: nn.Module) -> int:
     """Replace every fp32 ``nn.Linear`` under ``module`` by an ``OnednnLinear``; return how many
     were replaced (for a model on the CPU in fp32, served, never trained afterwards)."""
-    count = 0
-    for name, child in list(module.named_children()):
-        if type(child) is nn.Linear and child.weight.dtype == torch.float32:
-            setattr(module, name, OnednnLinear(child))
-            count += 1
-        else:
-            count += install_onednn_linears(child)
-    return count
+    found = linears_below(module, lambda child: type(child) is nn.Linear
+                          and child.weight.dtype == torch.float32)
+    for parent, name, child in found:
+        setattr(parent, name, OnednnLinear(child))
+    return len(found)
 
 
 class Fp16Linear(nn.Module):
@@ -269,10 +271,9 @@ def install_fp16_linears(module: nn.Module, *, threads: int | None = None) -> in
     SmolLM2-135M's 210 projections took 1.1 s on one thread of an AVX2 EPYC, 0.5 s on two
     (``torch.ao.quantization.quantize_dynamic``, which this replaces, packed each weight three
     times: 2.0 s)."""
-    found = [(parent, name, child) for parent in module.modules()
-             for name, child in parent.named_children() if type(child) is nn.Linear]
+    found = linears_below(module, lambda child: type(child) is nn.Linear)
     with ThreadPoolExecutor(max(1, threads or torch.get_num_threads())) as pool:
-        packed = list(pool.map(lambda found: Fp16Linear.of(found[2]), found))
+        packed = list(pool.map(Fp16Linear.of, [child for _, _, child in found]))
     for (parent, name, _), linear in zip(found, packed, strict=True):
         setattr(parent, name, linear)
     return len(found)
