@@ -1,5 +1,6 @@
 """Shared test fixtures: the location of ../shared/data, skipped cleanly where it is absent; the
-packaged MiniLM tokenizer and a tiny random encoder for cross-encoder tests (no download)."""
+packaged MiniLM tokenizer, a tiny random encoder for cross-encoder tests and a tiny random
+MiniLM-wide encoder directory for embedder tests (no download)."""
 
 from __future__ import annotations
 
@@ -55,3 +56,20 @@ def tiny_encoder():
                                     max_position_embeddings=256))
 
     return make
+
+
+@pytest.fixture
+def tiny_minilm_dir(tmp_path: Path) -> Path:
+    """A directory holding a tiny random BERT as wide as MiniLM (384, 6 heads, 2 layers; seeded)
+    beside MiniLM's vocabulary (shipped with the reward model), loadable as an embedder."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "citeqa" / "reward" / "weights" / "encoder",
+                                              local_files_only=True)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=384, num_hidden_layers=2,
+                         num_attention_heads=6, intermediate_size=512,
+                         max_position_embeddings=512)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    return tmp_path

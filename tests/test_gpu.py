@@ -26,9 +26,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = Path.home() / ".cache" / "citeqa" / "smollm2-135m-instruct"  # its tokenizer files
-MINILM_TOKENIZER = ROOT / "citeqa" / "reward" / "weights" / "encoder"  # MiniLM's vocabulary
 
 DOCS = {
     "lyon": ("Lyon", "Lyon lies on two rivers. The city of Lyon was famous for silk weaving in "
@@ -192,26 +190,19 @@ def test_generator_training_runs_on_the_gpu_and_its_adapter_serves_there(llama_d
     assert assert_cited(run_all(generator(served), n=2, mode="span"), span=True) >= 1
 
 
-def test_the_embedder_runs_on_the_gpu_as_on_the_cpu(tmp_path):
+def test_the_embedder_runs_on_the_gpu_as_on_the_cpu(tiny_minilm_dir):
     import numpy as np
-    from transformers import AutoTokenizer, BertConfig, BertModel
 
     from citeqa.lean_encoder import LeanEncoder
     from citeqa.retrieval.embed import MiniLMEmbedder
 
-    tokenizer = AutoTokenizer.from_pretrained(MINILM_TOKENIZER, local_files_only=True)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=384, num_hidden_layers=2,
-                         num_attention_heads=6, intermediate_size=512,
-                         max_position_embeddings=512)).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
     texts = [text for _, text in DOCS.values()] * 12
-    gpu = MiniLMEmbedder(tmp_path, device="cuda")
+    gpu = MiniLMEmbedder(tiny_minilm_dir, device="cuda")
     on_gpu = gpu.embed(texts, batch_size=8)
     assert not isinstance(gpu._model, LeanEncoder)  # a CPU forward: transformers' runs here
     assert gpu.dtype == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     assert next(gpu._model.parameters()).dtype != torch.float32
-    on_cpu = MiniLMEmbedder(tmp_path, device="cpu", cpu_dtype="fp32",
+    on_cpu = MiniLMEmbedder(tiny_minilm_dir, device="cpu", cpu_dtype="fp32",
                             fp32_kernel="torch").embed(texts, batch_size=8)
     assert on_gpu.shape == (len(texts), 384) and on_gpu.dtype == np.float32
     cosine = (on_gpu * on_cpu).sum(1)  # both L2-normalised

@@ -161,25 +161,15 @@ def test_missing_minilm_package_message(monkeypatch: pytest.MonkeyPatch) -> None
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_the_minilm_embedder_runs_lean_with_the_vectors_of_transformers_forward(
-        tmp_path: Path, dtype: str) -> None:
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
+        tiny_minilm_dir: Path, dtype: str) -> None:
     from citeqa.lean_encoder import LeanEncoder
     from citeqa.retrieval.embed import MiniLMEmbedder
 
-    # MiniLM's vocabulary (shipped with the reward model) over a tiny random MiniLM-wide BERT
-    vocab = Path(__file__).resolve().parents[1] / "citeqa" / "reward" / "weights" / "encoder"
-    tokenizer = AutoTokenizer.from_pretrained(vocab, local_files_only=True)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=384, num_hidden_layers=2,
-                         num_attention_heads=6, intermediate_size=256)).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
     texts = ["Rollo.", "The Normans gave their name to Normandy, a region in northern France, "
              "after Rollo swore fealty to the king.", "", "Paris is a city " * 20, "x y z",
              "A long passage, cut at the embedder's 256 tokens. " * 40]
-    lean = MiniLMEmbedder(tmp_path, cpu_dtype=dtype, fp32_kernel="torch")
-    plain = MiniLMEmbedder(tmp_path, cpu_dtype=dtype, fp32_kernel="torch", lean=False)
+    lean = MiniLMEmbedder(tiny_minilm_dir, cpu_dtype=dtype, fp32_kernel="torch")
+    plain = MiniLMEmbedder(tiny_minilm_dir, cpu_dtype=dtype, fp32_kernel="torch", lean=False)
     got, want = lean.embed(texts, batch_size=3), plain.embed(texts, batch_size=3)  # padded
     assert isinstance(lean._model, LeanEncoder) and not isinstance(plain._model, LeanEncoder)
     assert lean.dtype == plain.dtype == dtype
