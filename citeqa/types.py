@@ -39,9 +39,12 @@ class Hit:
     passage: Passage
     title: str
     source: str
-    score: float  # the fused score that ordered the list
+    score: float  # the score that ordered the list: the fused (RRF) one, unless ``fused`` is False
     bm25: float | None = None  # raw BM25Okapi score, None when the passage was not a BM25 hit
     dense: float | None = None  # cosine similarity, None when not a dense hit
+    # False when one retriever alone ordered the list (a BM25-only index, or search mode "bm25"
+    # or "dense"): ``score`` is then that retriever's raw score, on another scale than RRF's
+    fused: bool = True
 
     def to_json(self) -> dict[str, Any]:
         p = self.passage
@@ -82,7 +85,7 @@ class Candidate:
     quote: Quote | None  # None when the quote failed verification (never returned as a quote)
     logprob: float = 0.0  # sum of token log-probabilities of the generated output
     n_tokens: int = 0  # generated tokens, for mean log-probability
-    retrieval_score: float = 0.0  # fused retrieval score of the quoted passage
+    retrieval_score: float = 0.0  # retrieval score of the quoted passage (Hit.score)
     score: float | None = None  # reward-model probability of correct-and-supported
     uncertainty: float | None = None  # ensemble spread of the reward score
     raw: str = ""  # the generator's raw output, for debugging and evaluation
@@ -90,6 +93,7 @@ class Candidate:
     # verbatim: always in span mode, by construction; sometimes in free mode.
     answer_start: int | None = None
     answer_end: int | None = None
+    retrieval_fused: bool = True  # retrieval_score is a fused (RRF) score (Hit.fused)
 
     @property
     def supported(self) -> bool:

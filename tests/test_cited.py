@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 from helpers import grammar_accepts, request_accepts
@@ -75,6 +76,16 @@ def test_verified_candidate():
     [[request]] = backend.calls
     assert request.n == 1 and request.temperature == 0.0 and request.grammar is None
     assert out.timings_ms["prefill_ms"] == 3.0 and "backend_ms" in out.timings_ms
+
+
+def test_a_candidate_says_whether_its_retrieval_score_is_a_fused_one():
+    backend = scripted_backend(const("Answer: Rollo\nQuote [1]: Their leader Rollo swore fealty"))
+    raw = [replace(h, score=2.7, fused=False) for h in HITS]  # a BM25-only index's hits
+    out = CitedGenerator(backend, FREE).generate("Who led the Normans?", raw, DOCS.__getitem__)
+    [c] = out.candidates
+    assert c.retrieval_score == 2.7 and not c.retrieval_fused
+    assert generate(["Answer: Rollo\nQuote [1]: Their leader Rollo swore fealty"])[0] \
+        .candidates[0].retrieval_fused
 
 
 def test_quote_from_the_wrong_passage_is_not_verified():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from citeqa.reward.combine import (
     read_combiner,
     write_combiner,
 )
+from citeqa.types import Candidate
 
 
 def test_features_mark_a_generator_without_log_probabilities_as_missing() -> None:
@@ -30,6 +32,24 @@ def test_features_mark_a_generator_without_log_probabilities_as_missing() -> Non
     assert x[1, 0] == pytest.approx(math.log(9)) and x[1, 1] == -5.0  # floored
     assert np.isnan(x[2, 1]) and np.isnan(x[2, 2]) and np.isfinite(x[2, 0]) and x[2, 3] == 0.02
     assert Signals.of({}) == Signals() and Signals.of({"n_tokens": 3.0}).n_tokens == 3
+
+
+def test_a_retrieval_score_not_on_the_fused_scale_counts_as_unknown() -> None:
+    """A BM25-only index orders hits by raw BM25 scores (2.7, or below 0 where a term is in
+    most documents): the combination, fitted on fused (RRF) scores, must not read them as one."""
+    fused = Candidate("Rollo", None, logprob=-1.0, n_tokens=5, retrieval_score=0.03)
+    raw = replace(fused, retrieval_score=2.73, retrieval_fused=False)
+    assert Signals.of_candidate(fused) == Signals(-0.2, 5, 0.03)
+    assert math.isnan(Signals.of_candidate(raw).retrieval_score)
+    assert Signals.of_candidate(raw).mean_logprob == -0.2
+    assert math.isnan(Signals.of({"retrieval_score": -1.9, "retrieval_fused": 0.0}).retrieval_score)
+    assert Signals.of({"retrieval_score": 0.03, "retrieval_fused": 1.0}).retrieval_score == 0.03
+    x, y = synthetic(1000)
+    c = fit(x, y)
+    got = c(features([0.6, 0.6], [Signals.of_candidate(replace(raw, retrieval_score=s))
+                                  for s in (2.73, -1.86)]))
+    at_mean = c(features([0.6], [Signals(-0.2, 5, c.mean[3])]))[0]
+    assert got.tolist() == pytest.approx([at_mean, at_mean])
 
 
 def synthetic(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

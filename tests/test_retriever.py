@@ -65,6 +65,7 @@ def test_modes_find_the_right_document(retriever: HybridRetriever, mode: str) ->
     assert len(hits) <= 3
     scores = [h.score for h in hits]
     assert scores == sorted(scores, reverse=True)
+    assert all(h.fused == (mode == "hybrid") for h in hits)  # one retriever alone: raw scores
     for h in hits:
         doc = retriever.document(h.passage.doc_id)
         assert h.passage.text == doc.text[h.passage.start : h.passage.end]
@@ -119,7 +120,9 @@ def test_bm25_only_index(tmp_path: Path) -> None:
     cfg = replace(CFG, dense=False)
     build_index_from_documents(DOCS, tmp_path / "idx", cfg, progress=False)
     r = HybridRetriever.open(tmp_path / "idx")
-    assert r.search("Rollo Normandy", 2)[0].passage.doc_id == "normans"  # hybrid -> bm25
+    hits = r.search("Rollo Normandy", 2)  # hybrid -> bm25: raw BM25 scores, not fused ones
+    assert hits[0].passage.doc_id == "normans" and not any(h.fused for h in hits)
+    assert [h.score for h in hits] == [h.bm25 for h in hits]
     with pytest.raises(ConfigError, match="no dense part"):
         r.search("Rollo", 2, mode="dense")
 

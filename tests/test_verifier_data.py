@@ -72,7 +72,9 @@ def test_generator_candidates_are_labelled_by_the_correctness_rule(tiny_pipeline
             assert r["before"] + r["quote"] in doc and r["quote"] + r["after"] in doc
     for r in cands:  # what the generator said travels with the candidate
         sig = r["signals"]
-        assert set(sig) == {"logprob", "mean_logprob", "n_tokens", "retrieval_score", "rm_score"}
+        assert set(sig) == {"logprob", "mean_logprob", "n_tokens", "retrieval_score",
+                            "retrieval_fused", "rm_score"}
+        assert sig["retrieval_fused"] == 1.0  # the index is hybrid
         assert sig["n_tokens"] > 0 and sig["logprob"] <= 0
         assert sig["mean_logprob"] == pytest.approx(sig["logprob"] / sig["n_tokens"])
     markers = [r for r in rows if r.get("kind") == "question"]

@@ -246,6 +246,7 @@ class CitedGenerator:
             logprob=completion.logprob,
             n_tokens=completion.n_tokens,
             retrieval_score=passage.hit.score,
+            retrieval_fused=passage.hit.fused,
             raw=completion.text,
             answer_start=None if span is None or quote is None else quote.start + span[0],
             answer_end=None if span is None or quote is None else quote.start + span[1],

@@ -108,7 +108,8 @@ class HybridRetriever:
             ranked = rrf(
                 [list(bm25), list(dense)], k=self.cfg.rrf_k, weights=[self.cfg.rrf_bm25_weight, 1.0]
             )
-        return [self._hit(pid, score, bm25.get(pid), dense.get(pid)) for pid, score in ranked[:k]]
+        return [self._hit(pid, score, bm25.get(pid), dense.get(pid), fused=mode == "hybrid")
+                for pid, score in ranked[:k]]
 
     def document(self, doc_id: str) -> Document:
         """The full document ``doc_id``; KeyError when the index does not hold it."""
@@ -131,7 +132,8 @@ class HybridRetriever:
         ids, scores = self.index.dense.search(vector, depth)
         return {i: s for i, s in zip(ids[0].tolist(), scores[0].tolist(), strict=True) if i >= 0}
 
-    def _hit(self, pid: int, score: float, bm25: float | None, dense: float | None) -> Hit:
+    def _hit(self, pid: int, score: float, bm25: float | None, dense: float | None, *,
+             fused: bool) -> Hit:
         passage = self.index.passages[pid]
         doc = self.index.documents[passage.doc_id]
         return Hit(
@@ -141,6 +143,7 @@ class HybridRetriever:
             score=float(score),
             bm25=bm25,
             dense=dense,
+            fused=fused,
         )
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from citeqa.errors import ModelError
+from citeqa.types import Candidate
 
 COMBINE = "combine.json"
 INPUTS = ("verifier_logit", "mean_logprob", "log_tokens", "retrieval_score")
@@ -43,13 +44,26 @@ class Signals:
 
     mean_logprob: float = 0.0
     n_tokens: int = 0  # 0: the generator gave no log-probabilities
+    # the fused (RRF) score the combination was fitted on; NaN (counted as its fitted mean)
+    # where one retriever alone ordered the hits and its raw score is on another scale
     retrieval_score: float = 0.0
 
     @classmethod
     def of(cls, d: dict[str, float]) -> Signals:
-        """From a reward-data record's ``signals`` (an empty dict: nothing known)."""
+        """From a reward-data record's ``signals`` (an empty dict: nothing known; a record
+        without ``retrieval_fused`` comes from a fused search)."""
         return cls(float(d.get("mean_logprob", 0.0)), int(d.get("n_tokens", 0)),
-                   float(d.get("retrieval_score", 0.0)))
+                   _retrieval(float(d.get("retrieval_score", 0.0)),
+                              bool(d.get("retrieval_fused", True))))
+
+    @classmethod
+    def of_candidate(cls, c: Candidate) -> Signals:
+        """A served candidate's signals."""
+        return cls(c.mean_logprob, c.n_tokens, _retrieval(c.retrieval_score, c.retrieval_fused))
+
+
+def _retrieval(score: float, fused: bool) -> float:
+    return score if fused else math.nan
 
 
 def features(verifier_p: Sequence[float], signals: Sequence[Signals],

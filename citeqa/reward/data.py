@@ -34,7 +34,8 @@ class Example:
     group: str = ""  # its question
     source: str = ""  # generator | synthetic:<how> | redteam:<kind> | ...
     # what the generator and the pipeline said of the candidate (generator data only):
-    # logprob, mean_logprob, n_tokens, retrieval_score, rm_score (the serving reward model's)
+    # logprob, mean_logprob, n_tokens, retrieval_score, retrieval_fused (1 or 0; absent: 1),
+    # rm_score (the serving reward model's)
     signals: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:

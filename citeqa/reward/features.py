@@ -61,7 +61,9 @@ class RewardInput:
             title=c.quote.title if c.quote else "",
             logprob=c.logprob,
             n_tokens=c.n_tokens,
-            retrieval_score=c.retrieval_score,
+            # a raw single-retriever score is not on RRF's scale, and this model knows no
+            # unknown: it counts as the lowest rank
+            retrieval_score=c.retrieval_score if c.retrieval_fused else 0.0,
             quote_valid=c.quote is not None,
         )
 

@@ -181,7 +181,7 @@ class VerifierScorer(Calibrated):
         t0 = time.perf_counter()
         scores, spread = self.judge(
             [judged(question, c, documents) for c in candidates],
-            [Signals(c.mean_logprob, c.n_tokens, c.retrieval_score) for c in candidates])
+            [Signals.of_candidate(c) for c in candidates])
         logger.debug("scored %d candidates in %.1f ms", len(candidates),
                      (time.perf_counter() - t0) * 1000)
         return [replace(c, score=float(s), uncertainty=float(u))

@@ -148,6 +148,7 @@ def candidate_signals(c: Candidate) -> dict[str, float]:
     reward model can be compared with (or combined with) them on the same candidates."""
     return {"logprob": float(c.logprob), "mean_logprob": float(c.mean_logprob),
             "n_tokens": float(c.n_tokens), "retrieval_score": float(c.retrieval_score),
+            "retrieval_fused": float(c.retrieval_fused),
             "rm_score": float(c.score if c.score is not None else 0.0)}
 
 
