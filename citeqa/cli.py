@@ -229,14 +229,14 @@ def search(
     as_json: JsonOpt = False,
 ) -> None:
     """Search an index; hits best first with document offsets."""
+    from citeqa.pipeline import asked_text
     from citeqa.retrieval import HybridRetriever
 
     if mode not in ("hybrid", "bm25", "dense"):
         raise fail(f"--mode must be hybrid, bm25 or dense, not {mode!r}")
-    if not query.strip():
-        raise fail("the query is empty")
     directory = _settings(index=index).index
     try:
+        query = asked_text(query, "query")
         hits = HybridRetriever.open(directory).search(query, k, mode=mode)
     except CiteqaError as e:
         raise fail(str(e)) from None
@@ -278,7 +278,9 @@ def ask(
             "--target-accuracy",
             min=0.0,
             max=1.0,
-            help="Decline below the calibrated threshold for this answered accuracy.",
+            help="Decline below the calibrated threshold for this answered accuracy (a target "
+            "that no threshold certifies declines every question; the reason says up to which "
+            "target the calibration certifies).",
         ),
     ] = None,
     answer_mode: Annotated[
@@ -290,10 +292,11 @@ def ask(
     """Answer QUESTION with a verbatim quote from the index (or decline)."""
     if min_score is not None and target_accuracy is not None:
         raise fail("give --min-score or --target-accuracy, not both")
-    from citeqa.pipeline import Pipeline
+    from citeqa.pipeline import Pipeline, asked_text
 
     settings = _settings(preset=preset_name, index=index, generator=generator)
     try:
+        asked_text(question)  # refused before any model loads
         pipeline = Pipeline.from_settings(settings)
         answer = pipeline.ask(question, top_k=top_k, n_candidates=n_candidates,
                               min_score=min_score, target_accuracy=target_accuracy,

@@ -75,6 +75,20 @@ class Scorer(Protocol):
         ...
 
 
+def asked_text(text: object, what: str = "question") -> str:
+    """A question (or search query) with its whitespace collapsed; InvalidRequestError when it
+    is empty or longer than MAX_QUESTION_CHARS. Pure, so that callers can refuse bad input
+    before loading any model."""
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidRequestError(f"the {what} is empty; " + (
+            "ask a question in words" if what == "question" else "search for some words"))
+    text = " ".join(text.split())
+    if len(text) > MAX_QUESTION_CHARS:
+        raise InvalidRequestError(
+            f"the {what} is {len(text)} characters; keep it under {MAX_QUESTION_CHARS}")
+    return text
+
+
 def confidence(candidate: Candidate) -> float:
     """The generator's own confidence in a candidate: exp(mean token log-probability)."""
     return math.exp(min(candidate.mean_logprob, 0.0))
@@ -106,6 +120,7 @@ class Pipeline:
         self.scorer = scorer
         self.index_dir = index_dir  # where document updates are written; None = the index's own
         self._update_lock = threading.Lock()  # one document update at a time
+        self._highest_certified: tuple[float | None] | None = None  # None: not computed yet
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Pipeline:
@@ -143,14 +158,7 @@ class Pipeline:
         """``args`` validated, its question's whitespace collapsed and a ``target_accuracy``
         turned into ``min_score``; InvalidRequestError (422 ``needs_calibration`` for a target
         without a calibrated reward model) when it cannot be asked."""
-        question = args.question
-        if not isinstance(question, str) or not question.strip():
-            raise InvalidRequestError("the question is empty; ask a question in words")
-        question = " ".join(question.split())
-        if len(question) > MAX_QUESTION_CHARS:
-            raise InvalidRequestError(
-                f"the question is {len(question)} characters; keep it under {MAX_QUESTION_CHARS}"
-            )
+        question = asked_text(args.question)
         for name, value, most in (("top_k", args.top_k, MAX_PASSAGES),
                                   ("n_candidates", args.n_candidates, MAX_CANDIDATES),
                                   ("search_k", args.search_k, MAX_SEARCH_K)):
@@ -267,6 +275,14 @@ class Pipeline:
                 "no candidate had a quote that could be verified in the sources; rephrase the "
                 "question (through the API, n_candidates can also ask for more candidates)"
             )
+        elif threshold is not None and math.isinf(threshold):
+            highest = self.highest_certified_accuracy()
+            reason = (f"no decline threshold is certified for the accuracy asked for, so every "
+                      f"question is declined (best score {best.score or 0.0:.3f}); " + (
+                          f"the reward model's calibration certifies target_accuracy up to "
+                          f"{highest:.2f}" if highest is not None else
+                          "the reward model's calibration certifies no accuracy target; pass "
+                          "min_score to answer anyway"))
         elif threshold is not None and (best.score is None or best.score < threshold):
             reason = f"best score {best.score or 0.0:.3f} is below the threshold {threshold:.3f}"
             if self.scorer is None:
@@ -290,8 +306,7 @@ class Pipeline:
 
     def search(self, query: str, k: int = 10) -> list[Hit]:
         """Retrieved passages for ``query``, best first (no generation)."""
-        if not isinstance(query, str) or not query.strip():
-            raise InvalidRequestError("the query is empty; search for some words")
+        query = asked_text(query, "query")
         if not 1 <= k <= MAX_SEARCH_K:
             raise InvalidRequestError(f"k must be between 1 and {MAX_SEARCH_K}, got {k}")
         return self.retriever.search(query, k=k)
@@ -360,6 +375,24 @@ class Pipeline:
             raise InvalidRequestError(str(exc), status=422, code="needs_calibration") from exc
         except ValueError as exc:  # a target outside (0, 1)
             raise InvalidRequestError(str(exc)) from exc
+
+    def highest_certified_accuracy(self) -> float | None:
+        """The highest ``target_accuracy`` on a 0.01 grid whose threshold is finite (None: the
+        reward model certifies none, or there is no calibrated one). Found once, by bisection:
+        a threshold never falls as the target rises."""
+        if self._highest_certified is None:
+            def certified(i: int) -> bool:
+                try:
+                    return math.isfinite(self.threshold_for(i / 100))
+                except InvalidRequestError:
+                    return False
+
+            lo, hi = 0, 100  # certified(lo) holds (or lo == 0), certified(hi) does not
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if certified(mid) else (lo, mid)
+            self._highest_certified = (lo / 100 if lo else None,)
+        return self._highest_certified[0]
 
     def decline_threshold(self, min_score: float | None = None) -> float | None:
         """The score below which a question is declined: ``min_score`` when given, else the

@@ -172,6 +172,7 @@ def test_a_decline_reads_with_its_reason_best_guess_and_passages() -> None:
     [
         (("search", "tower", "--index", "{missing}"), "index"),
         (("search", "   ", "--index", "{index}"), "empty"),
+        (("search", "tower " * 200, "--index", "{index}"), "keep it under"),
         (("search", "tower", "--index", "{index}", "--mode", "fuzzy"), "--mode"),
         (("ask", "", "--index", "{index}", "--preset", "tiny"), "empty"),
         (("ask", "tower?", "--index", "{index}", "--preset", "nope"), "preset"),
@@ -191,6 +192,21 @@ def test_user_mistakes_exit_2_with_a_message(corpus, tmp_path, args, message) ->
     assert result.exit_code == 2, result.output
     assert message.lower() in result.output.lower()
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("question", ["  ", "why " * 300])
+def test_ask_refuses_a_bad_question_before_loading_any_model(
+        corpus, tmp_path, monkeypatch, question) -> None:
+    from citeqa.pipeline import Pipeline
+
+    def load(*_a, **_k):
+        raise AssertionError("models loaded for a question that cannot be asked")
+
+    monkeypatch.setattr(Pipeline, "from_settings", load)
+    assert build(corpus, tmp_path / "index").exit_code == 0
+    result = run("ask", question, "--index", str(tmp_path / "index"))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert ("empty" if not question.strip() else "keep it under") in result.output
 
 
 def test_a_failed_build_keeps_the_previous_index(corpus: Path, tmp_path: Path) -> None:
@@ -269,8 +285,11 @@ def test_ask_and_search_take_preset_and_index_from_the_environment(
             seen.append((settings.preset, settings.index))
             raise SystemExit(0)
 
+    from citeqa.pipeline import asked_text
+
     module = types.ModuleType("citeqa.pipeline")
     module.Pipeline = Pipeline  # type: ignore[attr-defined]
+    module.asked_text = asked_text  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "citeqa.pipeline", module)
     CliRunner().invoke(app, ["ask", "Where is the Seine?"], env=env)
     CliRunner().invoke(app, ["ask", "Where?", "--preset", "default", "--index", "x"], env=env)

@@ -311,7 +311,25 @@ def test_an_uncertified_calibration_answers_unless_told_to_decline():
     assert not ans.declined and ans.score == 1.0
     strict = replace(CFG, reward=replace(CFG.reward, decline_uncertified=True))
     ans = pipeline(cfg=strict, scorer=UncertifiedScorer()).ask(question)
-    assert ans.declined and "inf" in ans.reason
+    assert ans.declined and "no decline threshold is certified" in ans.reason
+
+
+class NothingCertified(UncertifiedScorer):
+    def threshold_for(self, target_accuracy: float) -> float:
+        return math.inf
+
+
+def test_a_target_no_threshold_certifies_declines_and_says_what_is_certified():
+    question = "When did it open as the entrance to the World's Fair?"
+    p = pipeline(scorer=UncertifiedScorer())  # certifies targets up to 0.5
+    ans = p.ask(question, target_accuracy=0.8)
+    assert ans.declined and ans.candidates and "every question is declined" in ans.reason
+    assert "certifies target_accuracy up to 0.50" in ans.reason and "inf" not in ans.reason
+    assert not p.ask(question, target_accuracy=0.5).declined  # score 1.0 >= 0.9
+    assert p.highest_certified_accuracy() == 0.5
+    ans = pipeline(scorer=NothingCertified()).ask(question, target_accuracy=0.3)
+    assert ans.declined and "certifies no accuracy target; pass min_score" in ans.reason
+    assert pipeline().highest_certified_accuracy() is None  # no reward model
 
 
 def test_check_resolves_a_target_accuracy_and_refuses_bad_requests():
