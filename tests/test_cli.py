@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from citeqa.cli import app, format_answer, quote_in_context
@@ -361,3 +362,16 @@ def test_help_shows_flags_without_a_value_and_arguments_by_name(command: list[st
     text = " ".join(result.output.replace("\u2502", " ").split())
     assert "<bool>" not in text
     assert "--help Show this message and exit." in text, text
+
+
+def test_the_private_url_hint_names_options_that_exist() -> None:
+    from citeqa.config import Settings
+    from citeqa.ingest.fetch import OPT_IN
+
+    [(command, option)] = re.findall(r"`citeqa ([a-z ]+?) (--[a-z-]+)`", OPT_IN)
+    cmd = typer.main.get_command(app)
+    for name in command.split():
+        cmd = cmd.commands[name]  # type: ignore[attr-defined]
+    assert any(option in p.opts for p in cmd.params)
+    [setting] = re.findall(r"CITEQA_([A-Z_]+)=1", OPT_IN)
+    assert setting.lower() in Settings.model_fields

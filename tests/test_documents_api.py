@@ -125,6 +125,15 @@ def test_defaults_for_doc_id_and_title(client: TestClient) -> None:
                                                       "More."}).status_code == 409
 
 
+@pytest.mark.parametrize("doc_id", ["notes/2024.v2/a:b-c_d...", "a" * 200, "x/y.../z."])
+def test_a_chosen_id_with_parts_is_stored_and_read_back_by_it(client: TestClient,
+                                                               doc_id: str) -> None:
+    r = client.post("/v1/documents", json={"text": "Kestrels hover over the old mill.",
+                                           "doc_id": doc_id})
+    assert r.status_code == 201, r.text
+    assert client.get(f"/v1/documents/{doc_id}").json()["doc_id"] == doc_id
+
+
 def test_duplicate_doc_id_is_409(client: TestClient) -> None:
     r = client.post("/v1/documents", json={"text": NEW_TEXT, "doc_id": "normans"})
     assert r.status_code == 409 and r.json()["error"]["code"] == "conflict"
@@ -277,6 +286,8 @@ def test_the_default_fetcher_follows_allow_private_urls(index_dir: Path, tmp_pat
     {}, {"text": ""}, {"text": "   "}, {"text": "a", "url": "https://x.org/"},
     {"url": "ftp://x.org/a"}, {"text": "a", "doc_id": "has space"}, {"text": "a", "doc_id": ""},
     {"text": "a\u0000b"}, {"text": "a", "extra": 1}, {"url": "https://x.org/", "title": "t"},
+    *({"text": "a", "doc_id": bad} for bad in ("a/../b", "a/./b", "a/", "a//b", ".x", "x" * 201)),
+    {"url": "https://x.org/", "doc_id": "p/.."},
 ])
 def test_bad_document_bodies_are_422(client: TestClient, body: dict) -> None:
     r = client.post("/v1/documents", json=body)

@@ -228,8 +228,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if status == 405 and (methods := allowed_methods(request)):
         headers["Allow"] = ", ".join(methods)
     if status == 400 and exc.detail == FASTAPI_BODY_UNREADABLE:
-        message = ("the body could not be read as JSON text; send it encoded as UTF-8, "
-                   "which JSON requires")
+        message = ("the body could not be read as JSON text: it must be UTF-8 (which JSON "
+                   "requires) and nest arrays and objects less deeply than this")
     elif isinstance(exc.detail, str) and exc.detail != _phrase(status):
         message = exc.detail
     elif status == 404:

@@ -34,8 +34,11 @@ from citeqa.config import (
 # GET /v1/documents pages: at most this many documents per request.
 MAX_DOCUMENTS_PAGE = 100
 
-# doc ids a client may choose: they appear in URLs (/v1/documents/{doc_id}), so no spaces etc.
-DOC_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}$"
+# doc ids a client may choose: they appear in URLs (/v1/documents/{doc_id}), so no spaces etc.,
+# and every /-separated part starts with a letter or digit: no "." or ".." part (which clients
+# and proxies resolve away before the request is sent) and no empty one
+MAX_DOC_ID_CHARS = 200
+DOC_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]*(/[A-Za-z0-9][A-Za-z0-9._:-]*)*$"
 # doc ids in a path: any indexed id (built ones may hold spaces), but no control characters
 DOC_ID_PATH_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 
@@ -59,8 +62,8 @@ PATTERN_HELP = {
                  "international host name in punycode (xn--...) and other characters as %XX",
     NOT_BLANK: "must contain something other than whitespace, and no NUL character",
     NO_NUL: "must not contain a NUL character",
-    DOC_ID_PATTERN: "must be 1-200 characters: letters, digits and . _ : / -, starting with a "
-                    "letter or digit",
+    DOC_ID_PATTERN: f"must be 1-{MAX_DOC_ID_CHARS} characters: letters, digits and . _ : / -, "
+                    "each /-separated part starting with a letter or digit",
     DOC_ID_PATH_PATTERN: "must not contain control characters (no document id has them)",
 }
 
@@ -190,7 +193,7 @@ class TextDocumentIn(_Request):
                       description="full text")
     title: str | None = Field(default=None, max_length=MAX_TITLE_CHARS, pattern=NO_NUL,
                               description="default: the text's first line")
-    doc_id: str | None = Field(default=None, pattern=DOC_ID_PATTERN,
+    doc_id: str | None = Field(default=None, max_length=MAX_DOC_ID_CHARS, pattern=DOC_ID_PATTERN,
                                description="default: a hash of source, title and text")
     source: str | None = Field(default=None, max_length=MAX_SOURCE_CHARS, pattern=NO_NUL,
                                description="where the text came from (shown with quotes)")
@@ -217,7 +220,7 @@ class UrlDocumentIn(_Request):
         pattern=URL_PATTERN,
         description="an http(s) URL of a public page (HTML or text)",
     )
-    doc_id: str | None = Field(default=None, pattern=DOC_ID_PATTERN,
+    doc_id: str | None = Field(default=None, max_length=MAX_DOC_ID_CHARS, pattern=DOC_ID_PATTERN,
                                description="default: a hash of the URL")
 
     @model_validator(mode="before")

@@ -50,8 +50,8 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 _USER_AGENT = "citeqa/0.1 (document fetcher)"
 
 # How an operator lets fetches reach their own network (an API request cannot).
-OPT_IN = ("to fetch from your own network, opt in with --allow-private-urls (citeqa index build, "
-          "citeqa serve) or CITEQA_ALLOW_PRIVATE_URLS=1")
+OPT_IN = ("to fetch from your own network, opt in with `citeqa index build "
+          "--allow-private-urls`, or CITEQA_ALLOW_PRIVATE_URLS=1 for `citeqa serve`")
 # Cloud instance-metadata endpoints: blocked even with allow_private (they hand out credentials).
 METADATA_ADDRESSES = frozenset(
     ipaddress.ip_address(a)
