@@ -88,6 +88,19 @@ def test_a_candidate_says_whether_its_retrieval_score_is_a_fused_one():
         .candidates[0].retrieval_fused
 
 
+def test_a_questions_timings_count_the_shared_batch_once():
+    """Candidates held to different passages are separate requests of one backend batch: each
+    reports the batch's prefill and decoding, which happened once (they were summed before)."""
+    from citeqa.generation.backend import Completion
+    from citeqa.generation.cited import _merge_timings
+
+    batch = {"prefill_ms": 30.0, "decode_ms": 70.0, "forward_passes": 4.0, "batch_rows": 3.0}
+    first = [Completion("a", -1.0, 5, {**batch, "tokens": 5.0, "prompt_tokens": 100.0})]
+    second = [Completion(t, -1.0, n, {**batch, "tokens": float(n), "prompt_tokens": 120.0})
+              for t, n in (("b", 6), ("c", 2))]
+    assert _merge_timings([first, second]) == {**batch, "tokens": 13.0, "prompt_tokens": 220.0}
+
+
 def test_quote_from_the_wrong_passage_is_not_verified():
     out, _ = generate(["Answer: Rollo\nQuote [2]: Their leader Rollo swore fealty"])
     [c] = out.candidates

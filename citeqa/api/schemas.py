@@ -305,7 +305,12 @@ class AnswerOut(BaseModel):
     candidates: list[CandidateOut] = Field(
         default_factory=list, description="every candidate, best first: on a decline, the "
         "first one with a quote is the best guess the service was not confident in")
-    timings_ms: dict[str, float] = Field(default_factory=dict)
+    timings_ms: dict[str, float] = Field(
+        default_factory=dict, description="where the time went, in milliseconds (keys ending "
+        "in _ms: retrieve, generate, score, total, and the generator's backend, prefill, "
+        "decode and verify; generation is batched with concurrent questions, so backend, "
+        "prefill and decode are the shared batch's), beside a few counts for the same "
+        "question (tokens, prompt_tokens, forward_passes, batch_rows, batch_items)")
     passages: list[HitOut] | None = Field(
         default=None, description="the passages retrieval found, best first; present only "
         "when the request set with_passages")

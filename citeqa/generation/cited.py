@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 CHARS_PER_TOKEN = 4  # rough budget conversion between answer characters and tokens
 QUOTE_CHARS_PER_TOKEN = 3  # quotes copy names and numbers, which split into shorter tokens
 PER_COMPLETION = frozenset({"tokens"})  # backend timing keys counted per completion
+# Backend timing keys that describe the whole backend call (the local backend decodes every
+# request in one batch and reports the batch's figures in each completion): counted once
+BATCH_WIDE = frozenset({"prefill_ms", "decode_ms", "forward_passes", "batch_rows"})
 FORMAT_TOKENS = 16  # tokens of the fixed parts of the output ("Answer: ", "Quote [k]: ", ...)
 
 
@@ -64,15 +67,21 @@ class Generation:
 
 
 def _merge_timings(per_request: list[list[Completion]]) -> dict[str, float]:
-    """Sum backend timings over requests. Within a request the completions share one prefill
-    and decode loop and each report it, so those keys take the max; the keys in
-    ``PER_COMPLETION`` are each completion's own and are summed."""
+    """One question's backend timings from its requests' completions: the keys in
+    ``PER_COMPLETION`` summed over completions, those in ``BATCH_WIDE`` (the whole backend
+    call's) counted once, and the rest (a request's own, such as ``prompt_tokens``) summed over
+    requests, each request's taken once."""
     total: dict[str, float] = {}
     for completions in per_request:
         keys = {k for c in completions for k in c.timings_ms}
         for k in keys:
             values = [c.timings_ms.get(k, 0.0) for c in completions]
-            total[k] = total.get(k, 0.0) + (sum(values) if k in PER_COMPLETION else max(values))
+            if k in PER_COMPLETION:
+                total[k] = total.get(k, 0.0) + sum(values)
+            elif k in BATCH_WIDE:
+                total[k] = max(total.get(k, 0.0), *values)
+            else:
+                total[k] = total.get(k, 0.0) + max(values)
     return total
 
 
