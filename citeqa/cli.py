@@ -73,6 +73,11 @@ SettingsPresetOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 
 
+def _count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless n is 1 (``1 document``, ``3 documents``)."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _settings(**options: Any) -> Settings:
     """Settings from the options given (None = not given) over the CITEQA_* environment over the
     defaults; an invalid value ends the command (status 2) with a line naming the setting."""
@@ -207,14 +212,19 @@ def index_build(
                                   progress=progress, dense_spec=spec)
     except CiteqaError as e:
         raise fail(str(e)) from None
+    except KeyboardInterrupt:
+        again = ("run the same command again: it reuses the shards already built"
+                 if ray is not None else "run the same command again to build it")
+        typer.echo(f"\ninterrupted: {out} is as it was before this build; {again}", err=True)
+        raise typer.Exit(130) from None
     for s in summary.skipped:
         typer.echo(f"skipped {s.source}: {s.reason}", err=True)
     shards = (f"; {summary.shards} shards, {summary.shards_reused} reused from an interrupted "
               "run" if ray is not None else "")
     typer.echo(
-        f"indexed {summary.documents} documents as {summary.passages} passages into "
-        f"{summary.out} in {summary.seconds:.1f} s ({len(summary.skipped)} sources skipped"
-        f"{shards})"
+        f"indexed {_count(summary.documents, 'document')} as "
+        f"{_count(summary.passages, 'passage')} into {summary.out} in {summary.seconds:.1f} s "
+        f"({_count(len(summary.skipped), 'source')} skipped{shards})"
     )
 
 

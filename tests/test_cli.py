@@ -210,6 +210,25 @@ def test_ask_refuses_a_bad_question_before_loading_any_model(
     assert ("empty" if not question.strip() else "keep it under") in result.output
 
 
+def test_an_interrupted_build_says_the_index_is_unchanged(corpus, tmp_path, monkeypatch) -> None:
+    import citeqa.retrieval
+
+    out = tmp_path / "index"
+    result = build(corpus, out)
+    assert result.exit_code == 0 and "documents as 3 passages" in result.output
+    assert "(1 source skipped)" in result.output  # blob.bin
+    before = (out / "manifest.json").read_text()
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(citeqa.retrieval, "build_index", interrupted)
+    result = build(corpus, out)
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    assert f"interrupted: {out} is as it was before this build" in result.output
+    assert (out / "manifest.json").read_text() == before
+
+
 def test_a_failed_build_keeps_the_previous_index(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "index"
     assert build(corpus, out).exit_code == 0
