@@ -658,6 +658,19 @@ def test_api_keys_guard_v1_only() -> None:
         for path in ("/", "/documents", "/document?id=d1", "/healthz", "/readyz",
                      "/openapi.json", "/metrics"):
             assert c.get(path).status_code == 200, path
+        # the schema says so, for clients generated from it
+        schema = c.get("/openapi.json").json()
+        assert set(schema["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+        assert schema["components"]["securitySchemes"]["apiKey"]["name"] == "X-API-Key"
+        for path, operations in schema["paths"].items():
+            for operation in operations.values():
+                want = [{"bearer": []}, {"apiKey": []}] if path.startswith("/v1/") else None
+                assert operation.get("security") == want, path
+    with serve() as c:  # no keys: no security in the schema
+        schema = c.get("/openapi.json").json()
+        assert "securitySchemes" not in schema.get("components", {})
+        assert not any("security" in op for ops in schema["paths"].values()
+                       for op in ops.values())
 
 
 def test_key_helpers() -> None:

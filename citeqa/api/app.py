@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -161,7 +162,32 @@ def create_app(
     app.add_middleware(SecurityHeadersMiddleware)
     app.include_router(v1_router(require_api_key))
     app.include_router(ops_router(page, page_csp(page)))
+    if state.api_keys:
+        plain = app.openapi
+
+        def openapi() -> dict[str, Any]:
+            return with_api_key_security(plain())  # plain() builds app.openapi_schema once
+
+        app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
-__all__ = ["STATIC_DIR", "create_app", "default_pipeline_factory"]
+# How a client sends a key (deps.require_api_key reads either header).
+SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer"},
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+}
+
+
+def with_api_key_security(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` (changed in place and returned) saying that every /v1 operation needs an
+    API key, in either header; idempotent."""
+    schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+    for path, operations in schema.get("paths", {}).items():
+        if path.startswith("/v1/"):
+            for operation in operations.values():
+                operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
+    return schema
+
+
+__all__ = ["STATIC_DIR", "create_app", "default_pipeline_factory", "with_api_key_security"]
