@@ -257,7 +257,8 @@ def search(
         typer.echo("no hits")
     for rank, h in enumerate(hits, 1):
         p = h.passage
-        typer.echo(f"{rank}. {h.title}  [{h.source} {p.start}:{p.end}]  score={h.score:.4f}")
+        where = h.source or p.doc_id  # a document posted without a source has none
+        typer.echo(f"{rank}. {h.title}  [{where} {p.start}:{p.end}]  score={h.score:.4f}")
         typer.echo("   " + " ".join(p.text.split())[:300])
 
 

@@ -394,3 +394,14 @@ def test_the_private_url_hint_names_options_that_exist() -> None:
     assert any(option in p.opts for p in cmd.params)
     [setting] = re.findall(r"CITEQA_([A-Z_]+)=1", OPT_IN)
     assert setting.lower() in Settings.model_fields
+
+
+def test_search_names_a_document_without_a_source_by_its_id(tmp_path: Path) -> None:
+    from citeqa.config import RetrievalConfig
+    from citeqa.retrieval import build_index_from_documents
+
+    posted = Document("k1", "Birds", "", "Kestrels hover over the old mill at dawn.")  # as POSTed
+    build_index_from_documents([posted], tmp_path / "idx", RetrievalConfig(embedder="hash"),
+                               progress=False)
+    result = run("search", "kestrels", "--index", str(tmp_path / "idx"))
+    assert result.exit_code == 0 and "1. Birds  [k1 0:41]" in result.output, result.output
