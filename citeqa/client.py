@@ -22,7 +22,7 @@ import httpx
 
 from citeqa.errors import CiteqaError
 from citeqa.retry import RETRY_STATUSES, Backoff
-from citeqa.types import Answer, Candidate, Document, Hit, Passage, Quote
+from citeqa.types import Answer, Candidate, Document, Hit, Quote
 
 
 class CiteqaAPIError(CiteqaError):
@@ -56,45 +56,19 @@ class DocumentList:
     limit: int
 
 
-def _quote_from_json(d: dict[str, Any] | None) -> Quote | None:
-    if d is None:
-        return None
-    return Quote(d["text"], d["doc_id"], d["title"], d["source"], int(d["start"]), int(d["end"]))
-
-
-def _n_tokens(c: dict[str, Any]) -> int:
-    """to_json sends logprob and mean_logprob, not n_tokens: recover it (0 when unknowable)."""
-    mean, total = c.get("mean_logprob") or 0.0, c.get("logprob") or 0.0
-    return round(total / mean) if mean else 0
-
-
 def answer_from_json(d: dict[str, Any]) -> Answer:
     """Inverse of ``Answer.to_json`` (a candidate's ``raw`` is not sent, so it comes back empty)."""
-    candidates = [
-        Candidate(
-            answer=c["answer"],
-            quote=_quote_from_json(c.get("quote")),
-            logprob=c.get("logprob", 0.0),
-            n_tokens=_n_tokens(c),
-            retrieval_score=c.get("retrieval_score", 0.0),
-            score=c.get("score"),
-            uncertainty=c.get("uncertainty"),
-            answer_start=c.get("answer_start"),
-            answer_end=c.get("answer_end"),
-        )
-        for c in d.get("candidates", [])
-    ]
     return Answer(
         question=d["question"],
         declined=d["declined"],
         answer=d.get("answer"),
-        quote=_quote_from_json(d.get("quote")),
+        quote=Quote.from_json(d.get("quote")),
         score=d.get("score"),
         uncertainty=d.get("uncertainty"),
         reason=d.get("reason"),
-        candidates=candidates,
+        candidates=[Candidate.from_json(c) for c in d.get("candidates", [])],
         timings_ms=d.get("timings_ms", {}),
-        passages=[hit_from_json(h) for h in d.get("passages") or []],
+        passages=[Hit.from_json(h) for h in d.get("passages") or []],
         answer_start=d.get("answer_start"),
         answer_end=d.get("answer_end"),
     )
@@ -107,10 +81,7 @@ def document_list_from_json(d: dict[str, Any]) -> DocumentList:
     return DocumentList(docs, int(d["total"]), int(d["offset"]), int(d["limit"]))
 
 
-def hit_from_json(d: dict[str, Any]) -> Hit:
-    """Inverse of ``Hit.to_json``."""
-    passage = Passage(d["passage_id"], d["doc_id"], d["start"], d["end"], d["text"])
-    return Hit(passage, d["title"], d["source"], d["score"], d.get("bm25"), d.get("dense"))
+hit_from_json = Hit.from_json  # the inverse of Hit.to_json, under the name clients import
 
 
 class CiteqaClient:

@@ -59,7 +59,15 @@ class Hit:
             "score": self.score,
             "bm25": self.bm25,
             "dense": self.dense,
+            "fused": self.fused,
         }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Hit:
+        """Inverse of ``to_json`` (``fused`` defaults to True, as before it was sent)."""
+        passage = Passage(d["passage_id"], d["doc_id"], d["start"], d["end"], d["text"])
+        return cls(passage, d["title"], d["source"], d["score"], d.get("bm25"), d.get("dense"),
+                   bool(d.get("fused", True)))
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,14 @@ class Quote:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | None) -> Quote | None:
+        """Inverse of ``to_json``; None for None."""
+        if d is None:
+            return None
+        return cls(d["text"], d["doc_id"], d["title"], d["source"], int(d["start"]),
+                   int(d["end"]))
 
 
 @dataclass(frozen=True)
@@ -113,10 +129,30 @@ class Candidate:
             "logprob": self.logprob,
             "mean_logprob": self.mean_logprob,
             "retrieval_score": self.retrieval_score,
+            "retrieval_fused": self.retrieval_fused,
             "answer_start": self.answer_start,
             "answer_end": self.answer_end,
             "supported": self.supported,
         }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Candidate:
+        """Inverse of ``to_json``: ``raw`` is not sent, so it comes back empty; the token count
+        is recovered from logprob / mean_logprob (0 when unknowable); ``retrieval_fused``
+        defaults to True, as before it was sent."""
+        logprob, mean = float(d.get("logprob") or 0.0), float(d.get("mean_logprob") or 0.0)
+        return cls(
+            answer=d["answer"],
+            quote=Quote.from_json(d.get("quote")),
+            logprob=logprob,
+            n_tokens=round(logprob / mean) if mean else 0,
+            retrieval_score=float(d.get("retrieval_score") or 0.0),
+            score=d.get("score"),
+            uncertainty=d.get("uncertainty"),
+            answer_start=d.get("answer_start"),
+            answer_end=d.get("answer_end"),
+            retrieval_fused=bool(d.get("retrieval_fused", True)),
+        )
 
 
 @dataclass

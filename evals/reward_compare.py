@@ -76,27 +76,18 @@ def _weights(load_file) -> dict[str, np.ndarray]:
     return _CACHE
 
 
-def _candidate(c: dict):
-    from citeqa.types import Candidate, Quote
-
-    lp, mean = float(c.get("logprob") or 0.0), float(c.get("mean_logprob") or 0.0)
-    return Candidate(c["answer"], Quote(**c["quote"]), logprob=lp,
-                     n_tokens=round(lp / mean) if mean else 0,
-                     retrieval_score=float(c.get("retrieval_score") or 0.0),
-                     answer_start=c.get("answer_start"), answer_end=c.get("answer_end"))
-
-
 def candidate_scorer(run: Path, reward: Path):
     """score(question, best candidate record) with the reward model in ``reward``."""
     from citeqa.retrieval.store import Index
     from citeqa.reward.scorer import load_scorer
+    from citeqa.types import Candidate
 
     index = json.loads((run / "run.json").read_text())["index"]
     docs = Index.load(Path(index)).documents
     scorer = load_scorer(str(reward))
 
     def score(question: str, c: dict) -> float:
-        return float(scorer.score(question, [_candidate(c)], docs.__getitem__)[0].score)
+        return float(scorer.score(question, [Candidate.from_json(c)], docs.__getitem__)[0].score)
 
     return score
 

@@ -27,17 +27,7 @@ from citeqa.evals.metrics import f1  # noqa: E402
 from citeqa.retrieval.store import Index  # noqa: E402
 from citeqa.reward.combine import Signals, features  # noqa: E402
 from citeqa.reward.scorer import DEFAULT_DIR, VerifierScorer, judged  # noqa: E402
-from citeqa.types import Candidate, Quote  # noqa: E402
-
-QUOTE_FIELDS = ("text", "doc_id", "title", "source", "start", "end")
-
-
-def candidate(d: dict) -> Candidate:
-    """A predictions.jsonl candidate back as a Candidate (its token count from the mean)."""
-    n_tokens = round(d["logprob"] / d["mean_logprob"]) if d["mean_logprob"] else 0
-    return Candidate(d["answer"], Quote(**{k: d["quote"][k] for k in QUOTE_FIELDS}),
-                     logprob=d["logprob"], n_tokens=n_tokens,
-                     retrieval_score=d["retrieval_score"])
+from citeqa.types import Candidate  # noqa: E402
 
 
 def main(run: Path, index_dir: Path, rm_dir: Path) -> None:
@@ -53,7 +43,7 @@ def main(run: Path, index_dir: Path, rm_dir: Path) -> None:
         p = json.loads(line)
         if not p["gold_answers"] or not p["candidates"] or not p["candidates"][0]["quote"]:
             continue
-        c = candidate(p["candidates"][0])
+        c = Candidate.from_json(p["candidates"][0])
         item = judged(p["question"], c, index.documents.__getitem__)
         verifier, _ = scorer.predict([item])
         reader = scorer.answerability.logits([item]) if scorer.answerability else None

@@ -219,6 +219,18 @@ def test_json_decoders_invert_to_json() -> None:
     assert answer_from_json(declined.to_json(with_candidates=False)) == declined
     hit: Any = TinyPipeline().search("q")[0]
     assert hit_from_json(hit.to_json()) == hit
+    # a BM25-only index's raw scores keep saying so (the reward model must not read them as
+    # fused ones when a saved answer is scored again: evals/reward_compare.py)
+    assert ans.candidates and ans.passages
+    raw = replace(ans, candidates=[replace(c, retrieval_fused=False) for c in ans.candidates],
+                  passages=[replace(h, fused=False) for h in ans.passages])
+    assert answer_from_json(raw.to_json(with_passages=True)) == raw
+    assert not hit_from_json(replace(hit, fused=False).to_json()).fused
+    old = {k: v for k, v in ans.to_json(with_passages=True).items()}  # before the flags existed
+    old["candidates"] = [{k: v for k, v in c.items() if k != "retrieval_fused"}
+                         for c in old["candidates"]]
+    old["passages"] = [{k: v for k, v in h.items() if k != "fused"} for h in old["passages"]]
+    assert answer_from_json(old) == ans
 
 
 def test_add_and_delete_documents_over_mock_transport() -> None:

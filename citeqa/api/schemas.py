@@ -269,6 +269,8 @@ class CandidateOut(BaseModel):
     logprob: float
     mean_logprob: float
     retrieval_score: float
+    retrieval_fused: bool = Field(default=True, description="retrieval_score is a fused "
+                                  "(reciprocal-rank) score; false: one retriever's raw score")
     answer_start: int | None = Field(
         default=None, description="the answer's start in the quote's document (inside the "
         "quote); null when the answer is not in the quote (free mode) or there is no quote")
@@ -288,6 +290,9 @@ class HitOut(BaseModel):
     score: float
     bm25: float | None = None
     dense: float | None = None
+    fused: bool = Field(default=True, description="score is the fused (reciprocal-rank) one; "
+                        "false when one retriever alone ordered the hits (a BM25-only index), "
+                        "whose raw score it then is")
 
 
 class AnswerOut(BaseModel):

@@ -69,7 +69,8 @@ def _retrieval(score: float, fused: bool) -> float:
 def features(verifier_p: Sequence[float], signals: Sequence[Signals],
              answerability: Sequence[float] | None = None) -> np.ndarray:
     """[N, 4] inputs (INPUTS order), [N, 5] with the answerability logits (WITH_ANSWERABILITY);
-    generator inputs are NaN where the generator said nothing."""
+    generator inputs are NaN where the generator said nothing, the retrieval input where the
+    score is not a fused one (``Signals``): the combination counts a NaN as its fitted mean."""
     p = np.clip(np.asarray(verifier_p, dtype=float), LOGIT_CLIP, 1 - LOGIT_CLIP)
     out = np.empty((len(p), len(INPUTS) + (answerability is not None)))
     out[:, 0] = np.log(p / (1 - p))
