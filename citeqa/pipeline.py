@@ -202,6 +202,7 @@ class Pipeline:
         """
         t0 = time.perf_counter()
         self.ask(WARM_UP_QUESTION)
+        self.highest_certified_accuracy()  # ~1.5 s once: not on the first uncertified request
         return time.perf_counter() - t0
 
     def ask_many(self, items: Sequence[AskArgs]) -> list[Answer]:
@@ -276,13 +277,7 @@ class Pipeline:
                 "question (through the API, n_candidates can also ask for more candidates)"
             )
         elif threshold is not None and math.isinf(threshold):
-            highest = self.highest_certified_accuracy()
-            reason = (f"no decline threshold is certified for the accuracy asked for, so every "
-                      f"question is declined (best score {best.score or 0.0:.3f}); " + (
-                          f"the reward model's calibration certifies target_accuracy up to "
-                          f"{highest:.2f}" if highest is not None else
-                          "the reward model's calibration certifies no accuracy target; pass "
-                          "min_score to answer anyway"))
+            reason = self._uncertified_reason(best.score or 0.0, asked=args.min_score is not None)
         elif threshold is not None and (best.score is None or best.score < threshold):
             reason = f"best score {best.score or 0.0:.3f} is below the threshold {threshold:.3f}"
             if self.scorer is None:
@@ -375,6 +370,20 @@ class Pipeline:
             raise InvalidRequestError(str(exc), status=422, code="needs_calibration") from exc
         except ValueError as exc:  # a target outside (0, 1)
             raise InvalidRequestError(str(exc)) from exc
+
+    def _uncertified_reason(self, best: float, *, asked: bool) -> str:
+        """Why every question is declined at an infinite threshold: ``asked``, a target
+        accuracy that no threshold certifies; else the stored calibration certified none and
+        the settings decline without one."""
+        if not asked:
+            return (f"the reward model's calibration certified no accuracy target, and this "
+                    f"service declines without one (decline_uncertified; best score {best:.3f})")
+        highest = self.highest_certified_accuracy()
+        return (f"no decline threshold is certified for the target accuracy asked for, so every "
+                f"question is declined (best score {best:.3f}); " + (
+                    f"the reward model's calibration certifies targets up to {highest:.2f}"
+                    if highest is not None else
+                    "the reward model's calibration certifies no target"))
 
     def highest_certified_accuracy(self) -> float | None:
         """The highest ``target_accuracy`` on a 0.01 grid whose threshold is finite (None: the

@@ -311,7 +311,9 @@ def test_an_uncertified_calibration_answers_unless_told_to_decline():
     assert not ans.declined and ans.score == 1.0
     strict = replace(CFG, reward=replace(CFG.reward, decline_uncertified=True))
     ans = pipeline(cfg=strict, scorer=UncertifiedScorer()).ask(question)
-    assert ans.declined and "no decline threshold is certified" in ans.reason
+    assert ans.declined and ans.reason.startswith(
+        "the reward model's calibration certified no accuracy target, and this service "
+        "declines without one (decline_uncertified")
 
 
 class NothingCertified(UncertifiedScorer):
@@ -324,11 +326,19 @@ def test_a_target_no_threshold_certifies_declines_and_says_what_is_certified():
     p = pipeline(scorer=UncertifiedScorer())  # certifies targets up to 0.5
     ans = p.ask(question, target_accuracy=0.8)
     assert ans.declined and ans.candidates and "every question is declined" in ans.reason
-    assert "certifies target_accuracy up to 0.50" in ans.reason and "inf" not in ans.reason
+    assert ans.reason.startswith("no decline threshold is certified for the target accuracy")
+    assert "certifies targets up to 0.50" in ans.reason and "inf" not in ans.reason
     assert not p.ask(question, target_accuracy=0.5).declined  # score 1.0 >= 0.9
     assert p.highest_certified_accuracy() == 0.5
     ans = pipeline(scorer=NothingCertified()).ask(question, target_accuracy=0.3)
-    assert ans.declined and "certifies no accuracy target; pass min_score" in ans.reason
+    assert ans.declined and ans.reason.endswith("calibration certifies no target")
+
+
+def test_warm_up_finds_the_highest_certified_target_so_no_request_waits_for_it(monkeypatch):
+    p = pipeline(scorer=UncertifiedScorer())
+    p.warm_up()
+    monkeypatch.setattr(p, "threshold_for", lambda t: pytest.fail("searched again"))
+    assert p.highest_certified_accuracy() == 0.5
     assert pipeline().highest_certified_accuracy() is None  # no reward model
 
 
