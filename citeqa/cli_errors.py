@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 
@@ -9,3 +11,20 @@ def fail(message: str) -> typer.Exit:
     """Print ``error: message`` to stderr; ``raise fail(...)`` ends the command with status 2."""
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code=2)
+
+
+def check_run_options(*, preset: str, out: Path, answer_mode: str | None = None) -> None:
+    """Fail (status 2) before any work for what a run command (eval, redteam) would only trip
+    over later: an unknown settings preset, an --out that is a file, an unknown answer mode."""
+    from citeqa.config import preset as known_preset
+    from citeqa.errors import ConfigError
+    from citeqa.generation.format import ANSWER_MODES
+
+    try:
+        known_preset(preset)
+    except ConfigError as e:
+        raise fail(str(e)) from None
+    if out.exists() and not out.is_dir():
+        raise fail(f"--out {out} is a file; give a run directory (created when missing)")
+    if answer_mode is not None and answer_mode not in ANSWER_MODES:
+        raise fail(f"--answer-mode must be one of {list(ANSWER_MODES)}, not {answer_mode!r}")

@@ -124,7 +124,16 @@ def test_bad_input_exits_2(setup: tuple[Path, Path], tmp_path: Path) -> None:
     r = _eval(index, bad, tmp_path / "o2")
     assert r.exit_code == 2 and "bad.jsonl:2" in r.stderr
     r = runner.invoke(app, ["eval", "--dataset", str(data)])
-    assert r.exit_code == 2 and "missing --index, --out" in r.stderr
+    assert r.exit_code == 2 and r.stderr.strip() == (
+        "error: missing --index, --out (see citeqa eval --help)")  # one line, not the help
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for extra, out, message in (((), a_file, "is a file"),
+                                (("--answer-mode", "bogus"), tmp_path / "o4", "--answer-mode"),
+                                (("--preset", "bogus"), tmp_path / "o5", "unknown preset")):
+        r = _eval(index, data, out, *extra)
+        assert r.exit_code == 2 and message in r.stderr and "Traceback" not in r.output, extra
+        assert not (tmp_path / "o4").exists() and not (tmp_path / "o5").exists()  # no run made
     r = _eval(index, data, tmp_path / "o3", "--split", "test")
     assert r.exit_code == 2 and "unknown split" in r.stderr
     r = runner.invoke(app, ["eval", "compare", str(tmp_path), str(tmp_path)])

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from citeqa.allocator import keep_freed_memory
-from citeqa.cli_errors import fail
+from citeqa.cli_errors import check_run_options, fail
 from citeqa.config import MAX_CANDIDATES
 from citeqa.errors import CiteqaError
 from citeqa.logs import setup_logging
@@ -32,13 +32,15 @@ def run(
     ctx: typer.Context,
     dataset: Annotated[
         Path | None,
-        typer.Option("--dataset", "-d", help="SQuAD v1/v2 JSON or JSONL {id, question, answers}."),
+        typer.Option("--dataset", "-d",
+                     help="SQuAD v1/v2 JSON or JSONL {id, question, answers} (required)."),
     ] = None,
     index: Annotated[
-        Path | None, typer.Option("--index", "-i", help="Index directory to search.")
+        Path | None, typer.Option("--index", "-i", help="Index directory to search (required).")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Run directory (created; resumed).")
+        Path | None, typer.Option("--out", "-o",
+                                  help="Run directory (created; resumed) (required).")
     ] = None,
     limit: Annotated[
         int | None, typer.Option("--limit", min=1, help="Only the first N questions.")
@@ -81,11 +83,11 @@ def run(
         if v is None
     ]
     if missing:
-        typer.echo(ctx.get_help(), err=True)
-        raise fail(f"missing {', '.join(missing)}")
+        raise fail(f"missing {', '.join(missing)} (see citeqa eval --help)")
+    assert dataset is not None and index is not None and out is not None
+    check_run_options(preset=preset_name, out=out, answer_mode=answer_mode)
     from citeqa.evals.runner import RunSpec, run_eval
 
-    assert dataset is not None and index is not None and out is not None
     spec = RunSpec(
         dataset=dataset,
         index=index,

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from citeqa.cli_errors import fail
+from citeqa.cli_errors import check_run_options, fail
 from citeqa.errors import CiteqaError
 
 
@@ -50,6 +50,7 @@ def redteam(
     """Make unanswerable variants of answerable questions and report how often citeqa answers
     them anyway (per kind), with answerable controls; writes report.md, results.jsonl,
     summary.json and a plot into --out."""
+    check_run_options(preset=preset_name, out=out)
     from citeqa.redteam.corpus import Corpus
     from citeqa.redteam.maker import Seed, make_variants
     from citeqa.redteam.run import ask_all, probes, sample_seeds, summarize, write_report
