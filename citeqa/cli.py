@@ -219,8 +219,8 @@ def index_build(
         raise typer.Exit(130) from None
     for s in summary.skipped:
         typer.echo(f"skipped {s.source}: {s.reason}", err=True)
-    shards = (f"; {summary.shards} shards, {summary.shards_reused} reused from an interrupted "
-              "run" if ray is not None else "")
+    shards = (f"; {_count(summary.shards, 'shard')}, {summary.shards_reused} reused from an "
+              "interrupted run" if ray is not None else "")
     typer.echo(
         f"indexed {_count(summary.documents, 'document')} as "
         f"{_count(summary.passages, 'passage')} into {summary.out} in {summary.seconds:.1f} s "

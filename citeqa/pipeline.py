@@ -77,16 +77,15 @@ class Scorer(Protocol):
 
 def asked_text(text: object, what: str = "question") -> str:
     """A question (or search query) with its whitespace collapsed; InvalidRequestError when it
-    is empty or longer than MAX_QUESTION_CHARS. Pure, so that callers can refuse bad input
-    before loading any model."""
+    is empty or, as given, longer than MAX_QUESTION_CHARS (as REST's schema counts). Pure, so
+    that callers can refuse bad input before loading any model."""
     if not isinstance(text, str) or not text.strip():
         raise InvalidRequestError(f"the {what} is empty; " + (
             "ask a question in words" if what == "question" else "search for some words"))
-    text = " ".join(text.split())
     if len(text) > MAX_QUESTION_CHARS:
         raise InvalidRequestError(
-            f"the {what} is {len(text)} characters; keep it under {MAX_QUESTION_CHARS}")
-    return text
+            f"the {what} is {len(text)} characters; {MAX_QUESTION_CHARS} at most")
+    return " ".join(text.split())
 
 
 def confidence(candidate: Candidate) -> float:

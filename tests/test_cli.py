@@ -173,7 +173,7 @@ def test_a_decline_reads_with_its_reason_best_guess_and_passages() -> None:
     [
         (("search", "tower", "--index", "{missing}"), "index"),
         (("search", "   ", "--index", "{index}"), "empty"),
-        (("search", "tower " * 200, "--index", "{index}"), "keep it under"),
+        (("search", "tower " * 200, "--index", "{index}"), "1000 at most"),
         (("search", "tower", "--index", "{index}", "--mode", "fuzzy"), "--mode"),
         (("ask", "", "--index", "{index}", "--preset", "tiny"), "empty"),
         (("ask", "tower?", "--index", "{index}", "--preset", "nope"), "preset"),
@@ -207,7 +207,7 @@ def test_ask_refuses_a_bad_question_before_loading_any_model(
     assert build(corpus, tmp_path / "index").exit_code == 0
     result = run("ask", question, "--index", str(tmp_path / "index"))
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert ("empty" if not question.strip() else "keep it under") in result.output
+    assert ("empty" if not question.strip() else "1000 at most") in result.output
 
 
 def test_an_interrupted_build_says_the_index_is_unchanged(corpus, tmp_path, monkeypatch) -> None:

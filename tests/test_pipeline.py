@@ -334,6 +334,17 @@ def test_a_target_no_threshold_certifies_declines_and_says_what_is_certified():
     assert ans.declined and ans.reason.endswith("calibration certifies no target")
 
 
+def test_asked_text_counts_the_length_as_given_as_rest_does():
+    from citeqa.pipeline import asked_text
+
+    assert asked_text("  Who   led\tthem? ") == "Who led them?"
+    assert asked_text("x" * MAX_QUESTION_CHARS) == "x" * MAX_QUESTION_CHARS
+    with pytest.raises(InvalidRequestError, match=f"{MAX_QUESTION_CHARS} at most"):
+        asked_text("Who led them?" + " " * MAX_QUESTION_CHARS)  # REST refuses it too
+    with pytest.raises(InvalidRequestError, match="query is empty"):
+        asked_text(" \n", "query")
+
+
 def test_warm_up_finds_the_highest_certified_target_so_no_request_waits_for_it(monkeypatch):
     p = pipeline(scorer=UncertifiedScorer())
     p.warm_up()

@@ -27,7 +27,13 @@ from fastapi import FastAPI
 
 import citeqa
 from citeqa.api.batching import Batcher, BatchStats
-from citeqa.api.deps import PipelineLike, ServiceState, parse_api_keys, require_api_key
+from citeqa.api.deps import (
+    PipelineLike,
+    ServiceState,
+    parse_api_keys,
+    require_api_key,
+    with_api_key_security,
+)
 from citeqa.api.errors import install_error_handlers
 from citeqa.api.metrics import MetricsMiddleware
 from citeqa.api.middleware import BodyLimitMiddleware, SecurityHeadersMiddleware, page_csp
@@ -172,22 +178,4 @@ def create_app(
     return app
 
 
-# How a client sends a key (deps.require_api_key reads either header).
-SECURITY_SCHEMES = {
-    "bearer": {"type": "http", "scheme": "bearer"},
-    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
-}
-
-
-def with_api_key_security(schema: dict[str, Any]) -> dict[str, Any]:
-    """``schema`` (changed in place and returned) saying that every /v1 operation needs an
-    API key, in either header; idempotent."""
-    schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
-    for path, operations in schema.get("paths", {}).items():
-        if path.startswith("/v1/"):
-            for operation in operations.values():
-                operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
-    return schema
-
-
-__all__ = ["STATIC_DIR", "create_app", "default_pipeline_factory", "with_api_key_security"]
+__all__ = ["STATIC_DIR", "create_app", "default_pipeline_factory"]

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Annotated, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import Depends, Request
 
@@ -93,11 +93,19 @@ def get_state(request: Request) -> ServiceState:
 StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
+API_KEY_HEADER = "X-API-Key"  # beside ``Authorization: Bearer <key>``
+# The same two ways, as OpenAPI security schemes (with_api_key_security).
+SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer"},
+    "apiKey": {"type": "apiKey", "in": "header", "name": API_KEY_HEADER},
+}
+
+
 def require_api_key(request: Request, state: StateDep) -> None:
     """When API keys are configured: ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``."""
     if not state.api_keys:
         return
-    given = request.headers.get("x-api-key")
+    given = request.headers.get(API_KEY_HEADER)
     if given is None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         given = token.strip() if scheme.lower() == "bearer" else None
@@ -105,9 +113,21 @@ def require_api_key(request: Request, state: StateDep) -> None:
         raise ApiError(
             401,
             "unauthorized",
-            "missing or wrong API key; send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+            "missing or wrong API key; send 'Authorization: Bearer <key>' or "
+            f"'{API_KEY_HEADER}: <key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+def with_api_key_security(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` (changed in place and returned) saying that every /v1 operation needs an
+    API key, in either header; idempotent."""
+    schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+    for path, operations in schema.get("paths", {}).items():
+        if path.startswith("/v1/"):
+            for operation in operations.values():
+                operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
+    return schema
 
 
 def get_pipeline(state: StateDep) -> PipelineLike:
@@ -135,4 +155,5 @@ __all__ = [
     "key_matches",
     "parse_api_keys",
     "require_api_key",
+    "with_api_key_security",
 ]

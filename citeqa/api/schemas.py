@@ -314,8 +314,10 @@ class AnswerOut(BaseModel):
         default_factory=dict, description="where the time went, in milliseconds (keys ending "
         "in _ms: retrieve, generate, score, total, and the generator's backend, prefill, "
         "decode and verify; generation is batched with concurrent questions, so backend, "
-        "prefill and decode are the shared batch's), beside a few counts for the same "
-        "question (tokens, prompt_tokens, forward_passes, batch_rows, batch_items)")
+        "prefill and decode are the shared batch's; a remote engine reports request_ms, its "
+        "requests' times summed, which run concurrently), beside a few counts for the same "
+        "question (tokens, prompt_tokens, forward_passes, batch_rows, batch_items; cut: "
+        "outputs a remote engine cut at its length limit)")
     passages: list[HitOut] | None = Field(
         default=None, description="the passages retrieval found, best first; present only "
         "when the request set with_passages")
