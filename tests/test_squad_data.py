@@ -130,6 +130,7 @@ def test_load_questions_dispatches_on_content(squad_file: Path, tmp_path: Path) 
         ("not json at all", ":1: bad question line"),
         ('{"id": "a", "question": "Q?", "answers": ["x"]}\n{"question": "no id"}\n', ":2:"),
         ('{"id": "a", "question": "Q?", "answers": "x"}\n', "list of strings"),
+        ('{"id": "a", "question": "Q?"}\n', r"'answers' \(a list; \[\] for a question"),
         ("[1, 2, 3]", "neither a SQuAD file"),
         ('{"data": [{"title": "T", "paragraphs": [{"qas": [{"id": "1"}]}]}]}', "malformed"),
         (

@@ -130,7 +130,10 @@ def _parse_jsonl(text: str, path: Path) -> list[QAItem]:
             continue
         try:
             row = json.loads(line)
-            answers = row.get("answers", [])
+            if "answers" not in row:  # not silently unanswerable: declining would score right
+                raise KeyError("'answers' (a list; [] for a question the documents cannot "
+                               "answer)")
+            answers = row["answers"]
             if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
                 raise TypeError("'answers' must be a list of strings")
             items.append(
