@@ -104,6 +104,23 @@ def test_run_then_compare(setup: tuple[Path, Path], tmp_path: Path) -> None:
     # B declined all three, A answered all three (no threshold): every answer changed
     assert lines[-2] == ("of 3 questions in both: given answer changed 3, decline changed 3, "
                          "best candidate changed 0")
+    assert not any(line.startswith("warning") for line in lines)  # the same dataset
+
+    other = tmp_path / "other.jsonl"  # another dataset: the deltas compare other questions
+    other.write_text(json.dumps({"id": "z", "question": "Where is it?", "answers": []}) + "\n")
+    assert _eval(index, other, tmp_path / "C").exit_code == 0
+    c = runner.invoke(app, ["eval", "compare", str(tmp_path / "A"), str(tmp_path / "C"),
+                            "--out", str(png)])
+    assert c.exit_code == 0 and c.stdout.startswith("warning: the two runs asked different")
+
+
+def test_a_delta_that_rounds_to_nothing_is_neither_better_nor_worse() -> None:
+    from citeqa.evals.compare import _delta
+
+    assert _delta(100.2, 100.1, "ms", higher_better=False) == "+0 ms"  # was "-0 ms (better)"
+    assert _delta(100.0, 98.0, "ms", higher_better=False) == "-2 ms (better)"
+    assert _delta(0.5, 0.5004, "pct", higher_better=True) == "+0.0 pt"
+    assert _delta(0.5, 0.6, "pct", higher_better=True) == "+10.0 pt (better)"
 
 
 def test_mismatch_refused_with_exit_2(setup: tuple[Path, Path], tmp_path: Path) -> None:

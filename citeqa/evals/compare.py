@@ -79,8 +79,8 @@ def _delta(a: float | None, b: float | None, kind: str, higher_better: bool) -> 
     text = {"pct": f"{100 * d:+.1f} pt", "ms": f"{d:+.0f} ms", "int": f"{d:+.0f}"}.get(
         kind, f"{d:+.3f}"
     )
-    if kind == "int" or abs(d) < 1e-12:
-        return text
+    if kind == "int" or not any(c in "123456789" for c in text):  # no change at this precision
+        return text.replace("-", "+", 1) if text.startswith("-") else text
     return text + (" (better)" if (d > 0) == higher_better else " (worse)")
 
 
@@ -141,8 +141,8 @@ def compare_runs(run_a: Path, run_b: Path, png: Path) -> str:
     """The comparison table of two run directories; writes the curve overlay to ``png``."""
     from citeqa.evals import plots
 
-    ma, _ = load_run(run_a)
-    mb, _ = load_run(run_b)
+    ma, info_a = load_run(run_a)
+    mb, info_b = load_run(run_b)
     name_a, name_b = Path(run_a).name or str(run_a), Path(run_b).name or str(run_b)
     if name_a == name_b:
         name_a, name_b = f"A: {run_a}", f"B: {run_b}"
@@ -154,6 +154,10 @@ def compare_runs(run_a: Path, run_b: Path, png: Path) -> str:
     plots.accuracy_coverage(curves, None, png, title="Accuracy–coverage: RM score, two runs")
     changes = prediction_changes(run_a, run_b)
     lines = [compare_table(ma, mb, name_a, name_b)]
+    shas = [(info.get("identity") or {}).get("dataset_sha256") for info in (info_a, info_b)]
+    if None not in shas and shas[0] != shas[1]:
+        lines.insert(0, "warning: the two runs asked different datasets (their run.json "
+                        "sha256 differ), so the deltas compare different questions\n")
     if changes["questions_in_both"]:
         lines.append(
             f"\nof {changes['questions_in_both']} questions in both: given answer changed "
