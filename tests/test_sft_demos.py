@@ -318,6 +318,11 @@ def test_cli_generator_data(tmp_path: Path, corpus: tuple[Path, Path]) -> None:
               "--out", str(out)],
     )
     assert bad.exit_code == 2 and "error:" in bad.output
+    bad = CliRunner().invoke(
+        app, ["generator-data", "--dataset", str(path), "--index", str(index), "--out", str(out),
+              "--split", "test"],
+    )
+    assert bad.exit_code == 2 and "'train', 'all']" in bad.output  # 'all' is a split here
 
 
 def test_cli_generator_data_answer_mode(tmp_path: Path, corpus: tuple[Path, Path]) -> None:
