@@ -13,17 +13,23 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def check_preset(name: str) -> None:
+    """Fail (status 2) unless ``name`` is a settings preset."""
+    from citeqa.config import preset
+    from citeqa.errors import ConfigError
+
+    try:
+        preset(name)
+    except ConfigError as e:
+        raise fail(str(e)) from None
+
+
 def check_run_options(*, preset: str, out: Path, answer_mode: str | None = None) -> None:
     """Fail (status 2) before any work for what a run command (eval, redteam) would only trip
     over later: an unknown settings preset, an --out that is a file, an unknown answer mode."""
-    from citeqa.config import preset as known_preset
-    from citeqa.errors import ConfigError
     from citeqa.generation.format import ANSWER_MODES
 
-    try:
-        known_preset(preset)
-    except ConfigError as e:
-        raise fail(str(e)) from None
+    check_preset(preset)
     if out.exists() and not out.is_dir():
         raise fail(f"--out {out} is a file; give a run directory (created when missing)")
     if answer_mode is not None and answer_mode not in ANSWER_MODES:

@@ -183,6 +183,11 @@ def test_from_data_to_a_calibrated_verifier_the_pipeline_loads(tmp_path):
     assert json.loads(r.output)["examples"] >= 3 and (tmp_path / "syn.jsonl.stats.json").is_file()
     r = runner.invoke(app, ["train", "reward-data", "--from", "generator", "--dataset",
                             str(dataset), "--index", str(index), "--out", str(gen),
+                            "--preset", "bogus", "--no-progress"])
+    assert r.exit_code == 2 and r.output.strip() == (
+        "error: unknown preset 'bogus'; choose one of ['default', 'tiny']")
+    r = runner.invoke(app, ["train", "reward-data", "--from", "generator", "--dataset",
+                            str(dataset), "--index", str(index), "--out", str(gen),
                             "--preset", "tiny", "-n", "2", "--no-progress"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["train", "reward", "--data", str(syn), "--data", str(gen),

@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from citeqa.cli_errors import fail
+from citeqa.cli_errors import check_preset, fail
 from citeqa.config import MAX_CANDIDATES, Settings, preset
 from citeqa.errors import CiteqaError
 from citeqa.logs import setup_logging
@@ -282,6 +282,7 @@ def reward_data(
         raise fail(f"--from must be generator, synthetic or redteam, not {source!r}")
     if source != "redteam" and index is None:
         raise fail(f"--from {source} needs --index")
+    check_preset(preset_name)
     try:
         if threads:
             import torch
