@@ -152,6 +152,8 @@ def test_redteam_command_on_the_tiny_preset(tmp_path: Path) -> None:
     assert len((tmp_path / "rt" / "results.jsonl").read_text().splitlines()) == len(lines)
     # mistakes end in one line before any work: an unknown preset, an --out that is a file
     for bad, message in ((["--preset", "bogus"], "unknown preset"),
-                         (["--out", str(tmp_path / "rt" / "report.md")], "is a file")):
+                         (["--out", str(tmp_path / "rt" / "report.md")], "is a file"),
+                         (["--url", "ftp://x"], "http(s) address"),
+                         (["--api-key", "k"], "--api-key goes with --url")):
         r = CliRunner().invoke(app, args + bad)
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output

@@ -51,6 +51,11 @@ def redteam(
     them anyway (per kind), with answerable controls; writes report.md, results.jsonl,
     summary.json and a plot into --out."""
     check_run_options(preset=preset_name, out=out)
+    if url is not None and not url.lower().startswith(("http://", "https://")):
+        raise fail(f"--url must be the server's http(s) address, e.g. http://127.0.0.1:8000, "
+                   f"not {url!r}")
+    if api_key is not None and url is None:
+        raise fail("--api-key goes with --url (a running server); in process no key is needed")
     from citeqa.redteam.corpus import Corpus
     from citeqa.redteam.maker import Seed, make_variants
     from citeqa.redteam.run import ask_all, probes, sample_seeds, summarize, write_report
