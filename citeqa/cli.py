@@ -215,7 +215,8 @@ def index_build(
     except KeyboardInterrupt:
         again = ("run the same command again: it reuses the shards already built"
                  if ray is not None else "run the same command again to build it")
-        typer.echo(f"\ninterrupted: {out} is as it was before this build; {again}", err=True)
+        typer.echo(f"\ninterrupted: {out} is not left half-written (a build swaps a finished "
+                   f"index in whole); {again}", err=True)
         raise typer.Exit(130) from None
     for s in summary.skipped:
         typer.echo(f"skipped {s.source}: {s.reason}", err=True)

@@ -225,7 +225,7 @@ def test_an_interrupted_build_says_the_index_is_unchanged(corpus, tmp_path, monk
     monkeypatch.setattr(citeqa.retrieval, "build_index", interrupted)
     result = build(corpus, out)
     assert result.exit_code == 130 and "Traceback" not in result.output
-    assert f"interrupted: {out} is as it was before this build" in result.output
+    assert f"interrupted: {out} is not left half-written" in result.output
     assert (out / "manifest.json").read_text() == before
 
 
