@@ -700,6 +700,7 @@ def test_metrics_count_requests_by_route_template_and_declines() -> None:
         c.get("/v1/documents/d1")
         c.get("/v1/documents/zzz")
         c.get("/no/such/route")
+        c.get("/openapi.json")
         text = c.get("/metrics").text
         r = c.get("/metrics")
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -713,6 +714,7 @@ def test_metrics_count_requests_by_route_template_and_declines() -> None:
     assert requests("/v1/answer", "200") == 2 and requests("/v1/answer", "422") == 1
     assert requests("/v1/documents/{doc_id}", "404") == 1
     assert requests("unmatched", "404") == 1
+    assert requests("/openapi.json", "200") == 1  # FastAPI's own route: a plain Starlette one
     assert got[("citeqa_declines_total", frozenset())] == 1
     assert got[("citeqa_answers_total", frozenset())] == 2
     assert got[("citeqa_queue_depth", frozenset())] == 0

@@ -73,6 +73,19 @@ class Metrics:
         return generate_latest(self.registry).decode("utf-8")
 
 
+def route_label(scope: Scope) -> str:
+    """The matched route's template, from the (shared) scope the router filled in: FastAPI's
+    routes store themselves as ``route``; plain Starlette routes (FastAPI's own /openapi.json)
+    only their ``endpoint``, so the app's route with that endpoint is looked up. "unmatched"
+    when no route matched (a 404), so that made-up paths cannot grow the label set."""
+    route = scope.get("route")
+    endpoint = scope.get("endpoint")
+    if route is None and endpoint is not None:
+        routes = getattr(scope.get("app"), "routes", ())
+        route = next((r for r in routes if getattr(r, "endpoint", None) is endpoint), None)
+    return getattr(route, "path_format", None) or "unmatched"
+
+
 class MetricsMiddleware:
     """ASGI middleware counting every HTTP request by route template, method and status."""
 
@@ -96,7 +109,6 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            # The router stores the matched route in the (shared) scope dict.
-            route = getattr(scope.get("route"), "path_format", None) or "unmatched"
+            route = route_label(scope)
             method = scope["method"] if scope["method"] in METHODS else "OTHER"
             self.metrics.observe_request(route, method, status, time.perf_counter() - t0)
