@@ -31,7 +31,9 @@ def test_features_mark_a_generator_without_log_probabilities_as_missing() -> Non
     assert x[0].tolist() == pytest.approx([0.0, -0.2, math.log(11), 0.03])
     assert x[1, 0] == pytest.approx(math.log(9)) and x[1, 1] == -5.0  # floored
     assert np.isnan(x[2, 1]) and np.isnan(x[2, 2]) and np.isfinite(x[2, 0]) and x[2, 3] == 0.02
-    assert Signals.of({}) == Signals() and Signals.of({"n_tokens": 3.0}).n_tokens == 3
+    assert Signals.of({"n_tokens": 3.0}).n_tokens == 3
+    nothing = Signals.of({})  # a synthetic or red-team record: no generator, no retrieval
+    assert nothing.n_tokens == 0 and math.isnan(nothing.retrieval_score)
 
 
 def test_a_retrieval_score_not_on_the_fused_scale_counts_as_unknown() -> None:

@@ -50,10 +50,11 @@ class Signals:
 
     @classmethod
     def of(cls, d: dict[str, float]) -> Signals:
-        """From a reward-data record's ``signals`` (an empty dict: nothing known; a record
-        without ``retrieval_fused`` comes from a fused search)."""
+        """From a reward-data record's ``signals`` (an empty dict, as synthetic and red-team
+        records have: nothing known; a record without ``retrieval_fused`` comes from a fused
+        search)."""
         return cls(float(d.get("mean_logprob", 0.0)), int(d.get("n_tokens", 0)),
-                   _retrieval(float(d.get("retrieval_score", 0.0)),
+                   _retrieval(float(d.get("retrieval_score", math.nan)),
                               bool(d.get("retrieval_fused", True))))
 
     @classmethod
