@@ -375,8 +375,9 @@ class Pipeline:
         accuracy that no threshold certifies; else the stored calibration certified none and
         the settings decline without one."""
         if not asked:
-            return (f"the reward model's calibration certified no accuracy target, and this "
-                    f"service declines without one (decline_uncertified; best score {best:.3f})")
+            return ("the reward model's calibration certified no accuracy target, and this "
+                    "service declines without one (CITEQA_DECLINE_UNCERTIFIED; best score "
+                    f"{best:.3f})")
         highest = self.highest_certified_accuracy()
         return (f"no decline threshold is certified for the target accuracy asked for, so every "
                 f"question is declined (best score {best:.3f}); " + (

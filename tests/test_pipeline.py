@@ -313,7 +313,7 @@ def test_an_uncertified_calibration_answers_unless_told_to_decline():
     ans = pipeline(cfg=strict, scorer=UncertifiedScorer()).ask(question)
     assert ans.declined and ans.reason.startswith(
         "the reward model's calibration certified no accuracy target, and this service "
-        "declines without one (decline_uncertified")
+        "declines without one (CITEQA_DECLINE_UNCERTIFIED")
 
 
 class NothingCertified(UncertifiedScorer):
