@@ -207,6 +207,20 @@ def test_calibration_round_trip_and_monotone_threshold_for(calibrated: Path) -> 
     assert scorer.threshold_for(0.99) == math.inf  # 60 questions cannot certify 99 %
 
 
+def test_a_target_off_the_grid_takes_the_next_one_up_and_costs_no_new_search(
+        calibrated: Path) -> None:
+    from citeqa.reward.scorer import _monotone_threshold
+
+    scorer = VerifierScorer(calibrated, cpu_dtype="fp32")
+    assert scorer.threshold_for(0.5123) == scorer.threshold_for(0.52)  # it certifies 0.5123 too
+    assert scorer.threshold_for(0.52) >= scorer.threshold_for(0.5123 - 0.003)  # 0.51
+    misses = _monotone_threshold.cache_info().misses
+    for i in range(40):  # 40 new targets in (0.60, 0.61]: one search, not 40
+        scorer.threshold_for(0.6 + 0.00025 * (i + 1))
+    assert _monotone_threshold.cache_info().misses - misses <= 1
+    assert scorer.threshold_for(0.995) == math.inf  # no grid point below 1: asked as is
+
+
 def test_threshold_for_needs_calibration_and_a_corrupt_one_is_named(tiny_encoder, tokenizer,
                                                                     tmp_path: Path) -> None:
     from citeqa.errors import ModelError

@@ -83,7 +83,10 @@ class Calibrated:
 
         Raises ModelError when the model was never calibrated. Monotone: the threshold for a
         target is the highest Learn-then-Test threshold over the targets up to it on a 0.01
-        grid, so asking for more accuracy never answers more questions.
+        grid, so asking for more accuracy never answers more questions. A target off that grid
+        is rounded up to it (0.8123 gets the threshold certified for 0.82, which certifies
+        0.8123 too), so that at most ~100 thresholds are ever computed (~0.3 s each, on the
+        batching worker): requests with ever new targets cannot keep it busy.
         """
         if self.calibration is None:
             raise ModelError(
@@ -92,8 +95,8 @@ class Calibrated:
             )
         cal = self.calibration
         return _monotone_threshold(
-            cal.scores, cal.correct, float(target_accuracy), cal.calibration.delta,
-            cal.min_answered,
+            cal.scores, cal.correct, _up_to_grid(float(target_accuracy)),
+            cal.calibration.delta, cal.min_answered,
         )
 
 
@@ -186,6 +189,12 @@ class VerifierScorer(Calibrated):
                      (time.perf_counter() - t0) * 1000)
         return [replace(c, score=float(s), uncertainty=float(u))
                 for c, s, u in zip(candidates, scores, spread, strict=True)]
+
+
+def _up_to_grid(target: float) -> float:
+    """``target`` rounded up to the TARGET_GRID (kept as is where that would reach 1)."""
+    up = round(math.ceil(round(target / TARGET_GRID, 6)) * TARGET_GRID, 6)
+    return up if up < 1.0 else target
 
 
 @lru_cache(maxsize=256)
