@@ -112,6 +112,11 @@ def test_run_then_compare(setup: tuple[Path, Path], tmp_path: Path) -> None:
     c = runner.invoke(app, ["eval", "compare", str(tmp_path / "A"), str(tmp_path / "C"),
                             "--out", str(png)])
     assert c.exit_code == 0 and c.stdout.startswith("warning: the two runs asked different")
+    assert _eval(index, data, tmp_path / "D", "--limit", "1").exit_code == 0  # same file
+    c = runner.invoke(app, ["eval", "compare", str(tmp_path / "A"), str(tmp_path / "D"),
+                            "--out", str(png)])
+    assert c.exit_code == 0 and c.stdout.startswith(
+        "warning: the runs share only 1 question (3 and 1 asked")
 
 
 def test_a_delta_that_rounds_to_nothing_is_neither_better_nor_worse() -> None:
@@ -121,6 +126,8 @@ def test_a_delta_that_rounds_to_nothing_is_neither_better_nor_worse() -> None:
     assert _delta(100.0, 98.0, "ms", higher_better=False) == "-2 ms (better)"
     assert _delta(0.5, 0.5004, "pct", higher_better=True) == "+0.0 pt"
     assert _delta(0.5, 0.6, "pct", higher_better=True) == "+10.0 pt (better)"
+    assert _delta(400, 100, "int", higher_better=True) == "-300"  # counts: signed, unmarked
+    assert _delta(400, 400, "int", higher_better=True) == "+0"
 
 
 def test_mismatch_refused_with_exit_2(setup: tuple[Path, Path], tmp_path: Path) -> None:

@@ -207,18 +207,32 @@ def test_calibration_round_trip_and_monotone_threshold_for(calibrated: Path) -> 
     assert scorer.threshold_for(0.99) == math.inf  # 60 questions cannot certify 99 %
 
 
-def test_a_target_off_the_grid_takes_the_next_one_up_and_costs_no_new_search(
-        calibrated: Path) -> None:
-    from citeqa.reward.scorer import _monotone_threshold
+def test_thresholds_are_searched_once_per_calibration_and_then_looked_up(
+        calibrated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
 
+    import citeqa.reward.scorer as scorer_module
+
+    searches = []
+    real = scorer_module.calibrate_threshold
+    monkeypatch.setattr(scorer_module, "calibrate_threshold",
+                        lambda *a, **k: searches.append(k["target_accuracy"]) or real(*a, **k))
+    scorer_module._grid_thresholds.cache_clear()
     scorer = VerifierScorer(calibrated, cpu_dtype="fp32")
-    assert scorer.threshold_for(0.5123) == scorer.threshold_for(0.52)  # it certifies 0.5123 too
-    assert scorer.threshold_for(0.52) >= scorer.threshold_for(0.5123 - 0.003)  # 0.51
-    misses = _monotone_threshold.cache_info().misses
-    for i in range(40):  # 40 new targets in (0.60, 0.61]: one search, not 40
+    first = [threading.Thread(target=scorer.threshold_for, args=(0.8,)) for _ in range(4)]
+    for t in first:
+        t.start()
+    for t in first:
+        t.join()
+    assert len(searches) == scorer_module.GRID_POINTS  # once, though four asked at once
+    for i in range(40):  # ever new targets: lookups only
         scorer.threshold_for(0.6 + 0.00025 * (i + 1))
-    assert _monotone_threshold.cache_info().misses - misses <= 1
-    assert scorer.threshold_for(0.995) == math.inf  # no grid point below 1: asked as is
+    assert len(searches) == scorer_module.GRID_POINTS
+    assert scorer.threshold_for(0.5123) == scorer.threshold_for(0.52)  # which certifies it too
+    assert scorer.threshold_for(0.995) == math.inf  # no grid point below 1 certifies it
+    for bad in (0.0, 1.0, math.nan, -0.005):
+        with pytest.raises(ValueError, match="must be in"):
+            scorer.threshold_for(bad)
 
 
 def test_threshold_for_needs_calibration_and_a_corrupt_one_is_named(tiny_encoder, tokenizer,

@@ -79,8 +79,10 @@ def _delta(a: float | None, b: float | None, kind: str, higher_better: bool) -> 
     text = {"pct": f"{100 * d:+.1f} pt", "ms": f"{d:+.0f} ms", "int": f"{d:+.0f}"}.get(
         kind, f"{d:+.3f}"
     )
-    if kind == "int" or not any(c in "123456789" for c in text):  # no change at this precision
-        return text.replace("-", "+", 1) if text.startswith("-") else text
+    if not any(c in "123456789" for c in text):  # no change at this precision: "+0", unmarked
+        return text.replace("-", "+", 1)
+    if kind == "int":
+        return text
     return text + (" (better)" if (d > 0) == higher_better else " (worse)")
 
 
@@ -155,9 +157,14 @@ def compare_runs(run_a: Path, run_b: Path, png: Path) -> str:
     changes = prediction_changes(run_a, run_b)
     lines = [compare_table(ma, mb, name_a, name_b)]
     shas = [(info.get("identity") or {}).get("dataset_sha256") for info in (info_a, info_b)]
+    counts = [int(m.get("questions") or 0) for m in (ma, mb)]
     if None not in shas and shas[0] != shas[1]:
         lines.insert(0, "warning: the two runs asked different datasets (their run.json "
                         "sha256 differ), so the deltas compare different questions\n")
+    elif (both := changes["questions_in_both"]) < max(counts):
+        lines.insert(0, f"warning: the runs share only {both} question{'' if both == 1 else 's'} "
+                        f"({counts[0]} and {counts[1]} asked; another --split, --limit or "
+                        "--sample?), so the deltas compare different questions\n")
     if changes["questions_in_both"]:
         lines.append(
             f"\nof {changes['questions_in_both']} questions in both: given answer changed "
