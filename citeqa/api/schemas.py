@@ -143,8 +143,8 @@ class AnswerRequest(_Request):
         default=None,
         description="decline so that answered questions are right this often, rounded up to "
         "a multiple of 0.01 (needs a calibrated reward model; a target that no threshold "
-        "certifies declines every question, and the reason says up to which target the "
-        "calibration certifies)",
+        "certifies, or one above 0.99, declines every question, and the reason says up to "
+        "which target the calibration certifies)",
     )
     answer_mode: Literal["span", "free"] | None = Field(
         default=None,

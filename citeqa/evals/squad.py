@@ -51,12 +51,14 @@ class QAItem:
         return bool(self.answers)
 
 
-def articles_for_split(split: str) -> tuple[str, ...]:
-    """The articles of a named split ("train", "calibration" or "eval")."""
+def articles_for_split(split: str, *, also: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The articles of a named split ("train", "calibration" or "eval"); ConfigError naming the
+    choices, with ``also`` (other names the caller takes itself) among them."""
     try:
         return SPLITS[split]
     except KeyError:
-        raise ConfigError(f"unknown split {split!r}; choose one of {sorted(SPLITS)}") from None
+        raise ConfigError(
+            f"unknown split {split!r}; choose one of {[*sorted(SPLITS), *also]}") from None
 
 
 def split_of_article(article: str) -> str | None:
