@@ -405,3 +405,14 @@ def test_search_names_a_document_without_a_source_by_its_id(tmp_path: Path) -> N
                                progress=False)
     result = run("search", "kestrels", "--index", str(tmp_path / "idx"))
     assert result.exit_code == 0 and "1. Birds  [k1 0:41]" in result.output, result.output
+
+
+def test_the_command_line_starts_without_importing_torch():
+    """`citeqa --help` and the one-line refusals answer in well under a second: only the
+    commands that run a model import torch (~1.5 s), and they do so themselves."""
+    import subprocess
+    import sys
+
+    code = "import sys, citeqa.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -8,25 +8,34 @@ declines below a calibrated threshold.
     (Learn-then-Test) -> answer or decline
 """
 
-from citeqa.reward.calibrate import Calibration, calibrate_threshold
-from citeqa.reward.checkpoint import load_verifier, save_verifier
-from citeqa.reward.data import Example, VerifierData, load_verifier_data
-from citeqa.reward.scorer import VerifierScorer, load_scorer
-from citeqa.reward.train import TrainConfig, train_verifier
-from citeqa.reward.verifier import Judged, Verifier
+from __future__ import annotations
 
-__all__ = [
-    "Calibration",
-    "Example",
-    "Judged",
-    "TrainConfig",
-    "Verifier",
-    "VerifierData",
-    "VerifierScorer",
-    "calibrate_threshold",
-    "load_scorer",
-    "load_verifier",
-    "load_verifier_data",
-    "save_verifier",
-    "train_verifier",
-]
+import importlib
+from typing import Any
+
+# Re-exported lazily (PEP 562): importing a submodule, such as the CLI's commands, must not load
+# torch through this package's own import.
+_HOMES = {
+    "Calibration": "calibrate",
+    "calibrate_threshold": "calibrate",
+    "load_verifier": "checkpoint",
+    "save_verifier": "checkpoint",
+    "Example": "data",
+    "VerifierData": "data",
+    "load_verifier_data": "data",
+    "VerifierScorer": "scorer",
+    "load_scorer": "scorer",
+    "TrainConfig": "train",
+    "train_verifier": "train",
+    "Judged": "verifier",
+    "Verifier": "verifier",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{home}"), name)
