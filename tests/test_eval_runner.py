@@ -186,6 +186,25 @@ def test_refuses_to_resume_with_other_settings(
     assert json.loads((out / RUN_JSON).read_text())["identity"]["min_score"] == 0.9
 
 
+def test_refuses_to_resume_with_another_system(
+    dataset: Path, index_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Models and settings come from CITEQA_* variables too, which the identity does not hold:
+    a run resumed after changing one would mix two systems' answers."""
+    out = tmp_path / "run"
+    run_eval(_spec(dataset, index_dir), out, limit=1, progress=False)
+    monkeypatch.setenv("CITEQA_ANSWER_MODE", "free")
+    with pytest.raises(ConfigError, match=r"another system.*answer_mode was 'span', now 'free'"):
+        run_eval(_spec(dataset, index_dir), out, progress=False)
+    assert [r["id"] for r in _lines(out)] == ["q1"]
+    monkeypatch.delenv("CITEQA_ANSWER_MODE")
+    tiny = preset("tiny")
+    threaded = Pipeline.from_settings(Settings(preset="tiny", index=index_dir))
+    threaded.cfg = replace(tiny, generation=replace(tiny.generation, threads=3))
+    assert run_eval(_spec(dataset, index_dir), out, progress=False,
+                    pipeline=threaded).answered_now == 4  # the thread count changes no output
+
+
 def test_predictions_without_run_json_refuse(
     dataset: Path, index_dir: Path, tmp_path: Path
 ) -> None:

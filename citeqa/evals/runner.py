@@ -143,6 +143,46 @@ def describe_pipeline(pipeline: Pipeline, min_score: float | None) -> dict[str, 
     }
 
 
+# What must match between a run's invocations besides its identity: the models and the
+# decline rule, which come from CITEQA_* settings (adapter, reward model, generator) as well as
+# from options. ``config``'s thread count changes no output.
+_SYSTEM_KEYS = ("generator_model_id", "scorer", "threshold")
+
+
+def check_same_system(out: Path, stored: dict[str, Any], now: dict[str, Any]) -> None:
+    """Raise ConfigError when the run in ``out`` was made by another system than ``now``
+    (``describe_pipeline``'s): resuming would mix two systems' answers in one run."""
+    def system(desc: dict[str, Any]) -> dict[str, Any]:
+        config = {k: v for k, v in (desc.get("config") or {}).items()}
+        for part in config.values():
+            if isinstance(part, dict):
+                part.pop("threads", None)
+        return {**{k: desc.get(k) for k in _SYSTEM_KEYS}, "config": config}
+
+    before, after = system(stored), system(now)
+    diff = [k for k in (*_SYSTEM_KEYS, "config") if before[k] != after[k]]
+    if diff:
+        what = "; ".join(
+            f"{k}: was {before[k]!r}, now {after[k]!r}" if k != "config" else
+            "config: " + ", ".join(_config_changes(before[k], after[k])) for k in diff)
+        raise ConfigError(
+            f"{out} holds a run made by another system ({what}); a CITEQA_* setting (adapter, "
+            "reward model, generator, compute type) or the code changed since. Pass --force to "
+            "start over there, or choose another --out"
+        )
+
+
+def _config_changes(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for k in sorted(set(before) | set(after)):
+        a, b = before.get(k), after.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_changes(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} was {a!r}, now {b!r}")
+    return out
+
+
 def manifest_summary(manifest: dict[str, Any]) -> dict[str, Any]:
     """The index manifest without its file checksums."""
     return {k: v for k, v in manifest.items() if k != "files"}
@@ -344,6 +384,8 @@ def run_eval(
     run_path = out / RUN_JSON
     if run_path.is_file():
         previous = json.loads(run_path.read_text(encoding="utf-8"))
+        if isinstance(previous.get("pipeline"), dict):  # before any question is asked
+            check_same_system(out, previous["pipeline"], run_info["pipeline"])
         run_info["started"] = previous.get("started", run_info["started"])
     run_info["updated"] = _now()
     _write_json(run_path, run_info)
