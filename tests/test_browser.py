@@ -43,6 +43,10 @@ HARBOUR_TEXT = "".join(
     f"Entry {i} of the harbour log records calm weather and routine traffic.\n\n"
     for i in range(1, 60)
 ) + "The harbour lighthouse was first lit in 1783 by keeper Amos Trelawny.\n"
+# Characters outside the BMP before the quote: the API counts them as one character each, a
+# JavaScript string as two.
+CHEESE_TEXT = ("\U0001F40D\U0001F40D\U0001F40D Emoji first \U0001F600\U0001F600. The favourite "
+               "cheese of Cedric Vasseur is Reblochon, aged for eight weeks in a cellar.")
 DOCS = [
     Document("normans", "Normans", "https://en.wikipedia.org/wiki/Normans",
              "The Normans were the people who in the 10th and 11th centuries gave their name to "
@@ -54,6 +58,7 @@ DOCS = [
              "It opened in 1889 as the entrance to the World's Fair."),
     Document("harbour", "Harbour log", "https://example.org/harbour-log", HARBOUR_TEXT),
     Document("evil", EVIL_TITLE, "javascript:window.__pwned='source'", EVIL_TEXT),
+    Document("cheese", "Cheese notes", "cheese.txt", CHEESE_TEXT),
     # enough small documents that the list has a second page (the page shows 20 at a time)
     *(Document(f"note-{i:02d}", f"Catalogue note {i}", f"notes/{i:02d}.txt",
                f"Catalogue note {i}: shelf {i} holds ledgers bound in blue cloth.")
@@ -362,6 +367,25 @@ def test_a_quote_opens_its_document_highlighted_and_scrolled_into_view(
     page.wait_for_selector("#ask-view:not([hidden])")
     assert page.evaluate("document.activeElement.id") == "q"
     assert page.locator("#out p.answer").inner_text() == answer
+
+
+def test_offsets_count_characters_as_the_api_does_past_an_emoji(page: Page,
+                                                                  base_url: str) -> None:
+    ask(page, "Which cheese does Cedric Vasseur prefer?")
+    out = page.locator("#out")
+    answer = out.locator("p.answer").inner_text()
+    quote = out.locator("blockquote mark").inner_text()
+    assert "Reblochon" in quote and quote in CHEESE_TEXT
+    assert out.locator("blockquote mark .ans").inner_text() == answer
+    # shown in its document's context, not as the quote alone
+    assert "Emoji first" in out.locator("blockquote").inner_text()
+    out.locator("a[data-internal]", has_text="Cheese notes").first.click()
+    page.wait_for_selector("#doc-body .doctext mark")
+    assert page.locator("#doc-body mark").inner_text() == quote
+    assert page.locator("#doc-body mark .ans").inner_text() == answer
+    assert f"{len(CHEESE_TEXT)} characters" in page.locator("#doc-meta").inner_text()
+    page.click("#doc-back")
+    page.wait_for_selector("#ask-view:not([hidden])")
 
 
 def test_an_unknown_document_is_a_message_not_a_blank_page(page: Page, base_url: str) -> None:
