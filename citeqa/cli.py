@@ -288,9 +288,8 @@ def ask(
         float | None,
         typer.Option(
             "--target-accuracy",
-            min=0.0,
-            max=1.0,
-            help="Decline below the calibrated threshold for this answered accuracy (a target "
+            help="Decline below the calibrated threshold for this answered accuracy, between 0 "
+            "and 1 (a target "
             "that no threshold certifies declines every question; the reason says up to which "
             "target the calibration certifies).",
         ),
@@ -304,6 +303,8 @@ def ask(
     """Answer QUESTION with a verbatim quote from the index (or decline)."""
     if min_score is not None and target_accuracy is not None:
         raise fail("give --min-score or --target-accuracy, not both")
+    if target_accuracy is not None and not 0.0 < target_accuracy < 1.0:
+        raise fail(f"--target-accuracy must be between 0 and 1 (exclusive), got {target_accuracy}")
     from citeqa.pipeline import Pipeline, asked_text
 
     settings = _settings(preset=preset_name, index=index, generator=generator)

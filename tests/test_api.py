@@ -341,6 +341,8 @@ BAD_ANSWER_BODIES: list[Any] = [
     {"question": "q", "min_score": 1.01},
     {"question": "q", "min_score": "high"},
     {"question": "q", "target_accuracy": 2},
+    {"question": "q", "target_accuracy": 1},  # no threshold certifies 0 or 1: the schema says so
+    {"question": "q", "target_accuracy": 0},
     {"question": "q", "min_score": 0.5, "target_accuracy": 0.9},
     {"question": "q", "unknown": 1},
     ["question", "q"],
@@ -802,9 +804,9 @@ const quote = {text: text.slice(start, end), doc_id: "d/1", title: "<T>", source
                start, end};
 const a = text.indexOf("<i>");
 console.log(JSON.stringify({
-  box: ctx.passage({text}, quote, a, a + 8).children.map(show),
-  plain: ctx.passage({text}, quote, null, null).children.map(show)[1],
-  outside: ctx.passage({text}, quote, 0, 5).children.map(show)[1],
+  box: ctx.passage(Array.from(text), quote, a, a + 8).children.map(show),
+  plain: ctx.passage(Array.from(text), quote, null, null).children.map(show)[1],
+  outside: ctx.passage(Array.from(text), quote, 0, 5).children.map(show)[1],
   urls: ["javascript:alert(1)", "data:text/html,x", "/rel", "https://a.org/x"].map(ctx.safeUrl),
   href: ctx.docHref("d/1 &x", {start: 3, end: 9, answer_start: 4, answer_end: 6}),
   citation: ctx.citation("A", quote), key: ids.key.value}));

@@ -181,6 +181,8 @@ def test_a_decline_reads_with_its_reason_best_guess_and_passages() -> None:
           "--target-accuracy", "0.8"), "not both"),
         (("ask", "tower?", "--index", "{index}", "--preset", "tiny", "--target-accuracy", "0.8"),
          "reward model"),
+        (("ask", "tower?", "--index", "{index}", "--preset", "tiny", "--target-accuracy", "1"),
+         "between 0 and 1 (exclusive)"),
         (("serve", "--index", "{missing}"), "not an index"),
         (("index", "build", "{missing}", "--out", "{new}", "--no-progress"), "no documents"),
     ],

@@ -91,6 +91,10 @@ def _json_integer(v: Any) -> Any:
 Probability = Annotated[
     float, Field(ge=0.0, le=1.0, allow_inf_nan=False, strict=True), BeforeValidator(_json_number)
 ]
+# An accuracy to reach, in (0, 1): no threshold certifies 0 or 1.
+Target = Annotated[
+    float, Field(gt=0.0, lt=1.0, allow_inf_nan=False, strict=True), BeforeValidator(_json_number)
+]
 
 
 # Integers in a range as JSON Schema means them: 3 or 3.0, never "3" or true.
@@ -139,7 +143,7 @@ class AnswerRequest(_Request):
     min_score: Probability | None = Field(
         default=None, description="decline when the best score is below this"
     )
-    target_accuracy: Probability | None = Field(
+    target_accuracy: Target | None = Field(
         default=None,
         description="decline so that answered questions are right this often, rounded up to "
         "a multiple of 0.01 (needs a calibrated reward model; a target that no threshold "
