@@ -174,6 +174,17 @@ def unknown_environment(environ: Mapping[str, str]) -> list[str]:
                   and k.upper() not in fields | OTHER_ENVIRONMENT)
 
 
+def _keyword_or_dir(v: str | None, keywords: tuple[str, ...], name: str, what: str) -> str | None:
+    """``v`` as one of ``keywords`` (any case, spaces around), or an existing directory."""
+    if not v:
+        return v
+    if v.strip().lower() in keywords:
+        return v.strip().lower()
+    if not Path(v).is_dir():
+        raise ValueError(f"{name}={v!r} is not {what} (or {' / '.join(keywords)})")
+    return v
+
+
 class Settings(BaseSettings):
     """Service settings, read from ``CITEQA_*`` environment variables (unknown keyword
     arguments rejected; unknown variables, which pydantic-settings ignores, warned about)."""
@@ -217,9 +228,12 @@ class Settings(BaseSettings):
     @field_validator("reward")
     @classmethod
     def _reward_exists(cls, v: str | None) -> str | None:
-        if v and v.strip().lower() not in ("none", "default") and not Path(v).is_dir():
-            raise ValueError(f"CITEQA_REWARD={v!r} is not a reward-model directory (or none)")
-        return v
+        return _keyword_or_dir(v, ("none", "default"), "CITEQA_REWARD", "a reward-model directory")
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_exists(cls, v: str | None) -> str | None:
+        return _keyword_or_dir(v, ("none", "packaged"), "CITEQA_ADAPTER", "an adapter directory")
 
     @field_validator("generator")
     @classmethod

@@ -411,6 +411,14 @@ def test_settings_choose_adapter_and_reward_model(tmp_path, monkeypatch):
     monkeypatch.setenv("CITEQA_REWARD", str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="CITEQA_REWARD"):
         Settings()
+    # the keywords in any case, as the checks accept them, reach the loaders as they expect
+    monkeypatch.setenv("CITEQA_REWARD", " Default")
+    monkeypatch.setenv("CITEQA_ADAPTER", "Packaged ")
+    cfg = Settings().config()
+    assert (cfg.generation.adapter, cfg.reward.model) == ("packaged", "default")
+    monkeypatch.setenv("CITEQA_ADAPTER", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="CITEQA_ADAPTER='.*missing' is not an adapter directory"):
+        Settings()
 
 
 def test_settings_choose_the_cpu_dtype(monkeypatch):
