@@ -128,15 +128,19 @@ class Pipeline:
         retriever = HybridRetriever.open(settings.index, cfg.retrieval)
         backend = build_backend(cfg.generation, settings.cache_dir,
                                 api_key=settings.generator_api_key or None)
-        if cfg.generation.url:  # a remote engine: not ready until it answers
-            from citeqa.generation.remote import RemoteBackend
+        try:
+            if cfg.generation.url:  # a remote engine: not ready until it answers
+                from citeqa.generation.remote import RemoteBackend
 
-            assert isinstance(backend, RemoteBackend)
-            backend.wait_ready(settings.generator_wait_s)
-        from citeqa.reward.scorer import load_scorer
+                assert isinstance(backend, RemoteBackend)
+                backend.wait_ready(settings.generator_wait_s)
+            from citeqa.reward.scorer import load_scorer
 
-        scorer = load_scorer(cfg.reward.model, cpu_dtype=cfg.generation.cpu_dtype,
-                             compile=cfg.reward.compile)
+            scorer = load_scorer(cfg.reward.model, cpu_dtype=cfg.generation.cpu_dtype,
+                                 compile=cfg.reward.compile)
+        except BaseException:
+            _close_backend(backend)
+            raise
         threshold = scorer.threshold if scorer is not None else None
         if threshold is not None and math.isinf(threshold) and not cfg.reward.decline_uncertified:
             logger.warning(
@@ -190,6 +194,10 @@ class Pipeline:
                      answer_mode)]
         )
         return answer
+
+    def close(self) -> None:
+        """Release the generator's backend (a remote engine's connections and threads)."""
+        _close_backend(self.generator.backend)
 
     def warm_up(self) -> float:
         """Ask ``WARM_UP_QUESTION``, discard the answer and return the seconds it took.
@@ -415,3 +423,9 @@ class Pipeline:
             # The stored calibration certified no accuracy target (threshold inf).
             return calibrated if self.cfg.reward.decline_uncertified else None
         return calibrated
+
+
+def _close_backend(backend: object) -> None:
+    close = getattr(backend, "close", None)  # local backends hold nothing to release
+    if callable(close):
+        close()

@@ -201,6 +201,20 @@ def test_shutdown_marks_not_ready_then_lets_the_running_batch_finish() -> None:
     assert not state.batcher._thread.is_alive()
 
 
+def test_shutdown_closes_the_pipeline_after_its_last_batch() -> None:
+    """A remote engine's connections and threads are released: the pipeline's close() runs
+    once, after the batcher stopped."""
+    pipe = FakePipeline()
+    closed: list[bool] = []
+    pipe.close = lambda: closed.append(app.state.citeqa.batcher._thread.is_alive())  # type: ignore[attr-defined]
+    app = create_app(Settings(window_ms=1), lambda s: pipe)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        wait_until(lambda: app.state.citeqa.phase == "ready")
+        assert client.post("/v1/answer", json={"question": "q"}).status_code == 200
+        assert closed == []
+    assert closed == [False]
+
+
 # -- the endpoints ----------------------------------------------------------------------------
 
 

@@ -486,3 +486,26 @@ def test_an_unresolvable_host_is_422_but_a_failing_resolver_is_502(index_dir: Pa
     with serve(index_dir, tmp_path, fetcher=_gaierror(socket.EAI_AGAIN, "try again")) as c:
         r = c.post("/v1/documents", json=body)
     assert r.status_code == 502 and r.json()["error"]["code"] == "fetch_failed", r.text
+
+
+def test_an_update_shutdown_dropped_is_a_503_not_a_dropped_connection() -> None:
+    """Shutdown cancels queued updates (``cancel_futures``): their requests get a 503 saying
+    so, as questions do, rather than a cancelled handler and a closed connection."""
+    import asyncio
+    from concurrent.futures import Future
+
+    from citeqa.api.deps import ServiceState
+    from citeqa.api.errors import ApiError
+    from citeqa.api.routes import run_update
+
+    class Dropping:
+        def submit(self, fn: object, *args: object) -> Future:
+            fut: Future = Future()
+            fut.cancel()
+            return fut
+
+    state = ServiceState(settings=Settings(preset="tiny"), updater=Dropping(),  # type: ignore[arg-type]
+                         phase="shutting_down")
+    with pytest.raises(ApiError) as info:
+        asyncio.run(run_update(state, print))
+    assert (info.value.status, info.value.code) == (503, "shutting_down")

@@ -430,3 +430,36 @@ def test_settings_choose_the_cpu_dtype(monkeypatch):
     monkeypatch.setenv("CITEQA_CPU_DTYPE", "int4")
     with pytest.raises(ValueError, match="cpu_dtype"):
         Settings()
+
+
+def test_close_releases_the_backend_and_a_failed_load_does_too(tmp_path, monkeypatch):
+    """A remote engine's backend holds connections and threads: Pipeline.close() releases
+    them, and so does from_settings when loading fails after the backend was built."""
+    import citeqa.pipeline as pipeline_module
+
+    closed: list[str] = []
+
+    class Held(FakeBackend):
+        def __init__(self) -> None:
+            super().__init__(extractive_responder)
+
+        def close(self) -> None:
+            closed.append("closed")
+
+    p = pipeline()
+    p.generator.backend = Held()
+    p.close()
+    assert closed == ["closed"]
+
+    from citeqa.retrieval import build_index_from_documents
+
+    build_index_from_documents(DOCS, tmp_path / "idx", preset("tiny").retrieval, progress=False)
+    monkeypatch.setattr(pipeline_module, "build_backend", lambda *a, **k: Held())
+
+    def broken(*a, **k):
+        raise ModelError("the reward model is damaged")
+
+    monkeypatch.setattr("citeqa.reward.scorer.load_scorer", broken)
+    with pytest.raises(ModelError, match="damaged"):
+        Pipeline.from_settings(Settings(preset="tiny", index=tmp_path / "idx"))
+    assert closed == ["closed", "closed"]

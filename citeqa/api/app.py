@@ -97,6 +97,7 @@ def _load(state: ServiceState, factory: PipelineFactory) -> None:
     with state.lock:
         if state.phase != "loading":  # shut down while we were loading
             batcher.close(timeout=0)
+            _close(pipeline)
             return
         state.pipeline, state.batcher = pipeline, batcher
         state.metrics.watch_queue(lambda: batcher.depth)
@@ -114,7 +115,16 @@ def _shutdown(state: ServiceState) -> None:
         batcher.close(timeout=state.settings.shutdown_grace_s)
     if updater is not None:
         updater.shutdown(wait=True, cancel_futures=True)
+    if state.pipeline is not None:
+        _close(state.pipeline)
     logger.info("service stopped")
+
+
+def _close(pipeline: PipelineLike) -> None:
+    """Release what the pipeline holds open (a remote engine's connections and threads)."""
+    close = getattr(pipeline, "close", None)  # fakes in tests need not have one
+    if callable(close):
+        close()
 
 
 # -- the app ----------------------------------------------------------------------------------

@@ -154,6 +154,10 @@ async def run_update(state: ServiceState, fn: Callable[..., Any], *args: Any) ->
         return await asyncio.wrap_future(fut)
     except InvalidRequestError as exc:
         raise _update_error(exc) from None
+    except asyncio.CancelledError:
+        if fut.cancelled():  # shutdown dropped the queued update before it ran: nothing changed
+            raise state.not_ready_error() from None
+        raise  # this request's own task was cancelled
 
 
 async def await_answer(request: Request, state: ServiceState, batcher: Batcher[AskArgs, Answer],
