@@ -10,6 +10,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+# The doc ids a user may choose (REST's doc_id, a JSON record's "id"): they appear in URLs
+# (/v1/documents/{doc_id}), so no spaces etc., and every /-separated part starts with a letter
+# or digit: no "." or ".." part (which clients and proxies resolve away before the request is
+# sent) and no empty one. Other ids are replaced by a hash (ingest) or refused (REST).
+MAX_DOC_ID_CHARS = 200
+DOC_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]*(/[A-Za-z0-9][A-Za-z0-9._:-]*)*$"
+
 
 @dataclass(frozen=True)
 class Document:

@@ -316,6 +316,29 @@ def test_jsonl_with_bad_lines(tmp_path: Path) -> None:
     assert len(result.skipped) == 4
 
 
+def test_record_ids_follow_the_rule_rest_applies(tmp_path: Path) -> None:
+    """A record's id is kept where POST /v1/documents would accept it as a doc_id (so an index
+    rebuilt from documents added over REST keeps their ids), else replaced by a hash."""
+    from citeqa.api.schemas import TextDocumentIn
+
+    ids = ["obs/tarnwick", "a/b/c", "x:y.z-1_2", "..", "a/../b", "-x", ".hidden", "a//b",
+           "a/", "x" * 200, "x" * 201]
+    f = tmp_path / "docs.jsonl"
+    f.write_text("".join(json.dumps({"id": i, "text": f"text {n}"}) + "\n"
+                         for n, i in enumerate(ids)), encoding="utf-8")
+    got = [d.doc_id for d in load(f).documents]
+    for n, (given, kept) in enumerate(zip(ids, got, strict=True)):
+        try:
+            TextDocumentIn(text="t", doc_id=given)
+            accepted = True
+        except ValueError:
+            accepted = False
+        assert (kept == given) == accepted, given
+        if not accepted:
+            assert kept == doc_id_for(f"{f}#{n + 1}")
+    assert got[:3] == ids[:3] and got[9] == ids[9]
+
+
 def test_json_array_and_invalid_json(tmp_path: Path) -> None:
     arr = tmp_path / "arr.json"
     arr.write_text(json.dumps([{"text": "one"}, {"text": ""}, {"text": "two", "title": "T"}]))

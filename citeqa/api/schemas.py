@@ -30,15 +30,11 @@ from citeqa.config import (
     MAX_SOURCE_CHARS,
     MAX_TITLE_CHARS,
 )
+from citeqa.types import DOC_ID_PATTERN, MAX_DOC_ID_CHARS
 
 # GET /v1/documents pages: at most this many documents per request.
 MAX_DOCUMENTS_PAGE = 100
 
-# doc ids a client may choose: they appear in URLs (/v1/documents/{doc_id}), so no spaces etc.,
-# and every /-separated part starts with a letter or digit: no "." or ".." part (which clients
-# and proxies resolve away before the request is sent) and no empty one
-MAX_DOC_ID_CHARS = 200
-DOC_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]*(/[A-Za-z0-9][A-Za-z0-9._:-]*)*$"
 # doc ids in a path: any indexed id (built ones may hold spaces), but no control characters
 DOC_ID_PATH_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 

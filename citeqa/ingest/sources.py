@@ -39,7 +39,7 @@ from tqdm import tqdm
 from citeqa.errors import FetchError
 from citeqa.ingest.fetch import Fetcher, FetchPolicy
 from citeqa.ingest.html import extract_html, title_from_text
-from citeqa.types import Document
+from citeqa.types import DOC_ID_PATTERN, MAX_DOC_ID_CHARS, Document
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ TEXT_EXTENSIONS = frozenset({".txt", ".md", ".markdown"})
 HTML_EXTENSIONS = frozenset({".html", ".htm"})
 JSON_EXTENSIONS = frozenset({".json", ".jsonl"})
 SUPPORTED_EXTENSIONS = TEXT_EXTENSIONS | HTML_EXTENSIONS | JSON_EXTENSIONS
-_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,200}")
+_ID_RE = re.compile(DOC_ID_PATTERN)  # the rule REST applies to a chosen doc_id
 _META_CHARSET_RE = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?([A-Za-z0-9._:-]+)""", re.I)
 
 
@@ -333,7 +333,7 @@ def _record_document(source: str, record: Any, position: int, where: str) -> Doc
     if isinstance(own_id, bool) or not isinstance(own_id, str | int):
         own_id = None
     doc_id = str(own_id) if own_id is not None else ""
-    if not _ID_RE.fullmatch(doc_id):
+    if len(doc_id) > MAX_DOC_ID_CHARS or not _ID_RE.fullmatch(doc_id):
         doc_id = doc_id_for(f"{source}#{position}")
     doc_source = record.get("source") or record.get("url")
     if not isinstance(doc_source, str):
