@@ -178,7 +178,8 @@ class CiteqaClient:
         """Index a document (its ``text``, or a ``url`` the service fetches); returns
         ``{doc_id, title, source, passages}``. 409 (CiteqaAPIError) when doc_id exists."""
         if (text is None) == (url is None):
-            raise ValueError("give text or url, not both")
+            raise ValueError("give text or url, not both" if text is not None else
+                             "give the document's text or a url to fetch")
         body: dict[str, Any] = {"text": text} if text is not None else {"url": url}
         for name, value in (("title", title), ("doc_id", doc_id), ("source", source)):
             if value is not None:

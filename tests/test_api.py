@@ -481,9 +481,10 @@ def test_body_limit_from_content_length_and_while_reading_a_chunked_body() -> No
     pipe = FakePipeline()
     with serve(pipe, max_body_bytes=1024) as c:
         big = json.dumps({"question": "q" * 2000}).encode()
-        assert_uniform_error(c.post("/v1/answer", content=big,
-                                    headers={"content-type": "application/json"}),
-                             413, "payload_too_large")
+        error = assert_uniform_error(c.post("/v1/answer", content=big,
+                                            headers={"content-type": "application/json"}),
+                                     413, "payload_too_large")
+        assert "1024 bytes, this server's limit (CITEQA_MAX_BODY_BYTES)" in error["message"]
         # A generator body goes out chunked, without Content-Length.
         chunks = iter([big[:600], big[600:1200], big[1200:]])
         r = c.post("/v1/answer", content=chunks, headers={"content-type": "application/json"})

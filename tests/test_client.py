@@ -259,3 +259,11 @@ def test_add_and_delete_documents_over_mock_transport() -> None:
     assert seen[:3] == [("POST", "/v1/documents", {"text": "Some text.", "doc_id": "a/b"}),
                         ("POST", "/v1/documents", {"url": "https://example.org/x"}),
                         ("DELETE", "/v1/documents/a%2Fb", None)]
+
+
+def test_add_document_says_what_is_missing_before_sending() -> None:
+    client = CiteqaClient("http://127.0.0.1:9")  # nothing is sent
+    with pytest.raises(ValueError, match="give the document's text or a url"):
+        client.add_document()
+    with pytest.raises(ValueError, match="not both"):
+        client.add_document("text", url="https://example.org")

@@ -121,8 +121,11 @@ def test_defaults_for_doc_id_and_title(client: TestClient) -> None:
     assert body["title"] == "Quarrel birds nest in old chimneys." and len(body["doc_id"]) == 16
     assert client.get(f"/v1/documents/{body['doc_id']}").status_code == 200
     # the same text again is the same default id: a conflict, not a second copy
-    assert client.post("/v1/documents", json={"text": "Quarrel birds nest in old chimneys.\n"
-                                                      "More."}).status_code == 409
+    again = client.post("/v1/documents", json={"text": "Quarrel birds nest in old chimneys.\n"
+                                                       "More."})
+    assert again.status_code == 409 and again.json()["error"]["message"] == (
+        "this text (with the same title and source) is already indexed, as document "
+        f"{body['doc_id']!r}; nothing was added")  # not "choose another doc_id": none was given
 
 
 @pytest.mark.parametrize("doc_id", ["notes/2024.v2/a:b-c_d...", "a" * 200, "x/y.../z."])

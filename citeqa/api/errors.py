@@ -131,8 +131,12 @@ class BodyTooLargeError(StarletteHTTPException):
     """
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"the request body is larger than {limit} bytes; send less")
-        self.limit = limit
+        super().__init__(413, too_large_message(limit))
+
+
+def too_large_message(limit: int) -> str:
+    return (f"the request body is larger than {limit} bytes, this server's limit "
+            "(CITEQA_MAX_BODY_BYTES); send less")
 
 
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from citeqa.api.errors import BodyTooLargeError, error_response
+from citeqa.api.errors import BodyTooLargeError, error_response, too_large_message
 
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
 # A refused body is still read (and dropped) up to these bounds before the 413 goes out: a client
@@ -127,8 +127,8 @@ class BodyLimitMiddleware:
             await self._too_large(scope, receive, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        message = f"the request body is larger than {self.max_bytes} bytes; send less"
-        await error_response(413, "payload_too_large", message)(scope, receive, send)
+        await error_response(413, "payload_too_large", too_large_message(self.max_bytes))(
+            scope, receive, send)
 
 
 class SecurityHeadersMiddleware:

@@ -249,7 +249,15 @@ def v1_router(require_key: Callable[..., None]) -> APIRouter:
             doc = await run_in_threadpool(url_document, body, state.fetcher)
         else:
             doc = text_document(body)
-        counts = await run_update(state, pipeline.add_documents, [doc])
+        try:
+            counts = await run_update(state, pipeline.add_documents, [doc])
+        except ApiError as exc:
+            if exc.status != 409 or body.doc_id is not None:
+                raise
+            what = "this URL" if isinstance(body, UrlDocumentIn) else (
+                "this text (with the same title and source)")
+            raise ApiError(409, "conflict", f"{what} is already indexed, as document "
+                           f"{doc.doc_id!r}; nothing was added") from None
         return {"doc_id": doc.doc_id, "title": doc.title, "source": doc.source,
                 "passages": counts[doc.doc_id]}
 

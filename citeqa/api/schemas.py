@@ -191,7 +191,8 @@ class TextDocumentIn(_Request):
     """POST /v1/documents with the document's text."""
 
     text: str = Field(min_length=1, max_length=MAX_DOCUMENT_CHARS, pattern=NOT_BLANK,
-                      description="full text")
+                      description="full text (the whole request body is limited to "
+                      "CITEQA_MAX_BODY_BYTES, 64 KiB unless the server sets more)")
     title: str | None = Field(default=None, max_length=MAX_TITLE_CHARS, pattern=NO_NUL,
                               description="default: the text's first line")
     doc_id: str | None = Field(default=None, max_length=MAX_DOC_ID_CHARS, pattern=DOC_ID_PATTERN,
