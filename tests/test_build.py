@@ -409,13 +409,13 @@ def test_without_ray_the_ray_build_says_how_to_install(monkeypatch: pytest.Monke
     from citeqa.errors import ConfigError
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
-    with pytest.raises(ConfigError, match=r"pip install 'citeqa\[ray\]'"):
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[ray\]'"):
         RayExecutor()
     (tmp_path / "a.txt").write_text("Some text to index.")
     result = CliRunner().invoke(app, ["index", "build", str(tmp_path / "a.txt"), "--out",
                                       str(tmp_path / "idx"), "--ray", "local"])
     assert result.exit_code == 2
-    assert "pip install 'citeqa[ray]'" in result.output
+    assert "pip install -e '.[ray]'" in result.output
     assert not (tmp_path / "idx").exists()
 
 

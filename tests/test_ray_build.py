@@ -15,9 +15,9 @@ import pytest
 # Skips only when Ray cannot be imported (any ImportError: missing, or a broken install).
 ray = pytest.importorskip(
     "ray", reason="ray cannot be imported, so the Ray build is untested here: "
-    "pip install 'citeqa[ray]' (CI installs it with .[test])", exc_type=ImportError)
+    "pip install -e '.[ray]' (CI installs it with .[test])", exc_type=ImportError)
 pytest.importorskip("ray.data", reason="ray is installed without Ray Data: "
-                    "pip install 'citeqa[ray]'", exc_type=ImportError)
+                    "pip install -e '.[ray]'", exc_type=ImportError)
 
 from test_build import (  # noqa: E402
     CFG,

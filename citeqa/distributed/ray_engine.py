@@ -31,7 +31,7 @@ from citeqa.retrieval.shards import ShardJob, ShardResult, Staged, finish_shard,
 
 log = logging.getLogger(__name__)
 
-RAY_INSTALL = "pip install 'citeqa[ray]'"
+RAY_INSTALL = "pip install -e '.[ray]' (in the citeqa checkout)"
 
 
 @dataclass(frozen=True)
