@@ -2,6 +2,7 @@
 
     CiteqaError
     ├── ConfigError          bad setting or preset
+    │   └── NotSupportedError   what was asked needs something this setup lacks (501)
     ├── SourceError          a document source could not be read (missing, binary, empty)
     │   └── FetchError       a URL could not be fetched
     │       ├── BadURLError       the URL is malformed or its host does not exist
@@ -13,6 +14,10 @@
     │   └── EngineUnavailableError  it could not be reached, or is busy or starting
     ├── OutputFormatError    a generator's output does not follow the cited-answer format
     └── InvalidRequestError  a user's request is invalid (API maps it to 4xx)
+
+Beside it, ``citeqa.client.CiteqaAPIError`` is what the client raises for an error the service
+returned. A ValueError or AssertionError raised inside citeqa is a bug (an internal invariant,
+never a user's mistake): the API answers it 500.
 """
 
 from __future__ import annotations

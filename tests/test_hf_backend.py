@@ -83,10 +83,10 @@ def test_the_shared_kv_switch_is_set_unless_a_user_set_it(monkeypatch):
 
 
 def test_unknown_cpu_dtype_fails_before_loading(tmp_path):
-    from citeqa.errors import InvalidRequestError
+    from citeqa.errors import ConfigError
     from citeqa.generation.hf import HFBackend
 
-    with pytest.raises(InvalidRequestError, match="cpu_dtype"):
+    with pytest.raises(ConfigError, match="cpu_dtype"):
         HFBackend.load(str(tmp_path / "nowhere"), tmp_path, cpu_dtype="int4")
 
 

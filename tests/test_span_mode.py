@@ -17,7 +17,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from citeqa.config import GenerationConfig
-from citeqa.errors import InvalidRequestError
 from citeqa.generation.cited import CitedGenerator, answer_span
 from citeqa.generation.constraint import (
     QuoteStage,
@@ -58,7 +57,7 @@ def test_span_first_grammar_admits_an_answer_line_from_the_passages_only() -> No
     assert not grammar_accepts(g, answer_line(PASSAGES[1]))  # over 40 characters
     assert not grammar_accepts(g, "Answer: King")  # the line break ends it
     assert not grammar_accepts(g, answer_line("King") + "Quote [2]: King Charles")
-    with pytest.raises(InvalidRequestError):
+    with pytest.raises(ValueError):
         output_grammar(PASSAGES, mode="span", only_passage=7)
 
 

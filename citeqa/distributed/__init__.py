@@ -3,8 +3,9 @@
     build_index_sharded(sources, out, cfg, executor=RayExecutor(RayOptions("local")))
 
 ``sharded`` plans, merges and swaps the index in; ``ray_engine`` makes the shards on Ray Data
-(an optional extra: ``pip install -e '.[ray]'`` in the checkout). The shard format and the merge live with
-the rest of the index code (citeqa/retrieval/shards.py, merge.py). See docs/ray.md.
+(an optional extra: ``pip install -e '.[ray]'`` in the checkout). The shard format and the
+merge live with the rest of the index code (citeqa/retrieval/shards.py, merge.py). See
+docs/ray.md.
 """
 
 from citeqa.distributed.ray_engine import RayExecutor, RayOptions

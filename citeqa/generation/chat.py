@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from citeqa.errors import InvalidRequestError
+from citeqa.errors import ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def _token_id(tokenizer: Any, token: str) -> int | None:
 def stop_token_ids(tokenizer: Any) -> list[int]:
     """Tokens that end a reply: the tokenizer's EOS first, then ``END_TOKENS`` that exist.
 
-    Raises InvalidRequestError when there is none (decoding could never stop).
+    Raises ModelError when there is none (decoding could never stop).
     """
     ids: list[int] = []
     if tokenizer.eos_token_id is not None:
@@ -66,7 +66,7 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
         if tid is not None and tid not in ids:
             ids.append(tid)
     if not ids:
-        raise InvalidRequestError("the tokenizer has no EOS token; set tokenizer.eos_token")
+        raise ModelError("the tokenizer has no EOS token; set tokenizer.eos_token")
     return ids
 
 

@@ -47,7 +47,7 @@ from typing import Any
 import llguidance
 import numpy as np
 
-from citeqa.errors import InvalidRequestError
+from citeqa.errors import ModelError, OutputFormatError
 from citeqa.generation.chat import stop_token_ids
 from citeqa.generation.format import (
     ANSWER_LINE_END,
@@ -128,15 +128,15 @@ def output_grammar(
     line break; the quote follows under ``quote_grammar`` built from that answer
     (``QuoteStage``).
 
-    Raises InvalidRequestError when no passage can be quoted.
+    Raises ValueError when no passage can be quoted (callers generate only over passages).
     """
     if max_answer_chars < 1:
-        raise InvalidRequestError(f"max_answer_chars must be >= 1, got {max_answer_chars}")
+        raise ValueError(f"max_answer_chars must be >= 1, got {max_answer_chars}")
     if mode not in ANSWER_MODES:
-        raise InvalidRequestError(f"answer mode must be one of {ANSWER_MODES}, got {mode!r}")
+        raise ValueError(f"answer mode must be one of {ANSWER_MODES}, got {mode!r}")
     quotable = _quotable(passages, only_passage)
     if not quotable:
-        raise InvalidRequestError("no passage has text to quote; retrieve passages first")
+        raise ValueError("no passage has text to quote; retrieve passages first")
     answer = f"/[^\\n]{{1,{int(max_answer_chars)}}}/"
     if answer_from_passages or mode == "span":
         spec = json.dumps({"substring_words": "\n".join(p for _, p in quotable)},
@@ -328,7 +328,7 @@ def ll_tokenizer_for(hf_tokenizer: Any) -> llguidance.LLTokenizer:
             return cached
         backend = getattr(hf_tokenizer, "backend_tokenizer", None)
         if backend is None:
-            raise InvalidRequestError(
+            raise ModelError(
                 "constrained decoding needs a fast (Rust) Hugging Face tokenizer; "
                 "save the model with a tokenizer.json"
             )
@@ -350,7 +350,7 @@ class OutputConstraint:
         self._tokenizer = ll_tokenizer
         self._matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
         if self._matcher.is_error():
-            raise InvalidRequestError(f"invalid output grammar: {self._matcher.get_error()}")
+            raise OutputFormatError(f"invalid output grammar: {self._matcher.get_error()}")
         self.vocab_size: int = ll_tokenizer.vocab_size
         self.stop_tokens: tuple[int, ...] = tuple(ll_tokenizer.eos_tokens)
 

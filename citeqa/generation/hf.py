@@ -78,7 +78,7 @@ from transformers import DynamicCache
 
 from citeqa.compute import CPU_DTYPES
 from citeqa.compute import cpu_dtype as cpu_dtype_for
-from citeqa.errors import InvalidRequestError
+from citeqa.errors import ConfigError
 from citeqa.generation.backend import Completion, GenerationRequest
 from citeqa.generation.chat import prompt_ids, stop_token_ids, turn_ids
 from citeqa.generation.constraint import OutputConstraint, QuoteStage, ll_tokenizer_for
@@ -235,7 +235,7 @@ class HFBackend:
         Log-probabilities are computed in fp32 from an fp32 copy of the LM head either way.
         """
         if cpu_dtype not in CPU_DTYPES:
-            raise InvalidRequestError(f"cpu_dtype must be one of {CPU_DTYPES}: {cpu_dtype!r}")
+            raise ConfigError(f"cpu_dtype must be one of {CPU_DTYPES}: {cpu_dtype!r}")
         model, tokenizer, model_id = load_model(name, cache_dir, device=device)
         if adapter is not None:
             from citeqa.generation.adapter import adapter_id, apply_adapter
@@ -272,7 +272,7 @@ class HFBackend:
     def _rows(self, req: GenerationRequest, prompt: list[int]) -> list[_Row]:
         """The ``n`` rows of one request, with the tokens the grammar forces first consumed."""
         if req.n < 1:
-            raise InvalidRequestError(f"n must be >= 1, got {req.n}")
+            raise ValueError(f"n must be >= 1, got {req.n}")
         temperature = req.temperature
         if req.n > 1 and temperature <= 0:
             logger.warning("n=%d at temperature 0 would repeat one output; sampling at 1", req.n)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from citeqa.errors import InvalidRequestError
+from citeqa.errors import ModelError
 from citeqa.generation.constraint import OutputConstraint
 
 # (ids [A] of the allowed tokens, or None for the full vocabulary; their logits [A] or [V])
@@ -29,7 +29,7 @@ class LMHead:
     def __init__(self, model: Any) -> None:
         for attr in ("final_logit_softcapping", "logit_scale"):
             if getattr(model.config, attr, None):
-                raise InvalidRequestError(f"{attr} models are not supported by HFBackend yet")
+                raise ModelError(f"{attr} models are not supported by HFBackend yet")
         head = model.get_output_embeddings()
         # [V, H]; on a CPU an fp32 copy (its own memory: the model may be converted later), so
         # logits and log-probabilities are fp32 whatever the decoder computes in
