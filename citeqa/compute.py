@@ -31,12 +31,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 logger = logging.getLogger(__name__)
 
-CpuDtype = Literal["auto", "bf16", "fp16w", "fp32"]
-CPU_DTYPES: tuple[str, ...] = ("auto", "bf16", "fp16w", "fp32")
+CpuDtype = Literal["auto", "bf16", "fp16w", "fp32"]  # CITEQA_CPU_DTYPE's values (config.py)
+CPU_DTYPES: tuple[str, ...] = get_args(CpuDtype)
 BF16_MIN_SPEEDUP = 1.5  # bf16 must beat fp32 by this factor on the probe to be chosen
 PROBE_SHAPE = (256, 576, 1536)  # M x K x N: a slice of a small model's prefill
 ONEDNN_MIN_SPEEDUP = 1.1  # oneDNN's fp32 product must beat torch's by this factor to be chosen
@@ -244,13 +244,6 @@ def cuda_half_dtype():  # -> torch.dtype
     import torch
 
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def torch_dtype(resolved: str):  # -> torch.dtype
-    """The torch dtype of weights and activations for a resolved format."""
-    import torch
-
-    return torch.bfloat16 if resolved == "bf16" else torch.float32
 
 
 def to_serving_dtype(model, requested: str, *, kernel: str | None = None) -> str:

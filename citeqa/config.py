@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from citeqa.compute import CpuDtype
 from citeqa.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -58,9 +59,9 @@ class RetrievalConfig:
     dense: bool = True  # build and use the dense index; False = BM25 only
     faiss_index: Literal["flat", "hnsw"] = "flat"  # flat inner product; HNSW for big corpora
     hnsw_m: int = 32  # HNSW graph degree
-    bm25_k1: float = 1.5  # rank-bm25 BM25Okapi defaults
-    bm25_b: float = 0.75
-    bm25_epsilon: float = 0.25
+    bm25_k1: float = 1.5  # rank-bm25 BM25Okapi defaults: term-frequency saturation,
+    bm25_b: float = 0.75  # document-length normalisation,
+    bm25_epsilon: float = 0.25  # and the floor of a negative IDF, as a share of the mean IDF
     fusion: Literal["rrf", "bm25", "dense"] = "rrf"  # how hybrid ranks are combined
     # Reciprocal-rank fusion (Cormack et al. 2009) with the BM25 list weighted: k=10 and weight
     # 1.5 beat plain RRF (k=60) and both single retrievers at recall@1/5/20 when tuned on the
@@ -68,7 +69,7 @@ class RetrievalConfig:
     rrf_k: int = 10
     rrf_bm25_weight: float = 1.5
     candidates_per_retriever: int = 50  # depth each retriever contributes to the fusion
-    embed_batch_size: int = 32
+    embed_batch_size: int = 32  # passages embedded per forward pass (index build)
     cpu_dtype: str = "auto"  # the embedder's CPU compute format: auto | bf16 | fp32 (compute.py)
 
 
@@ -90,7 +91,7 @@ class GenerationConfig:
     # SQuAD answers are a few words; 12 tokens (48 grammar chars) cuts the long restatements the
     # small model writes, and with them decode time.
     max_answer_tokens: int = 12
-    min_quote_chars: int = 20
+    min_quote_chars: int = 20  # shorter quotes are refused: too little to support anything
     max_quote_chars: int = 200  # one sentence or two; longer quotes cost decode time only
     constrain_quote: bool = True  # constrained decoding of the quote; False only for evaluation
     # (constrained, free mode; span mode always does) the answer must be a word-aligned span of a
@@ -204,7 +205,7 @@ class Settings(BaseSettings):
     reward_compile: bool = False
     answer_mode: Literal["span", "free"] | None = None  # overrides the preset's answer mode
     # overrides the presets' CPU compute format (generator, embedder, training; see compute.py)
-    cpu_dtype: Literal["auto", "bf16", "fp16w", "fp32"] | None = None
+    cpu_dtype: CpuDtype | None = None
     # a remote generator (an OpenAI-compatible engine such as vLLM) instead of a local model
     generator_url: str | None = None  # its root URL, e.g. http://127.0.0.1:8100
     generator_model: str | None = None  # the served model name; None = the only one it lists

@@ -396,7 +396,9 @@ class Pipeline:
     def highest_certified_accuracy(self) -> float | None:
         """The highest ``target_accuracy`` on a 0.01 grid whose threshold is finite (None: the
         reward model certifies none, or there is no calibrated one). Found once, by bisection:
-        a threshold never falls as the target rises."""
+        from 0.50 up a threshold never falls as the target rises (``_grid_thresholds``), so the
+        answer is exact there; below 0.50 thresholds need not be monotone, and the bisection
+        may then miss a certified target."""
         if self._highest_certified is None:
             def certified(i: int) -> bool:
                 try:

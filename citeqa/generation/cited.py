@@ -63,7 +63,7 @@ class Generation:
     """Candidates in generation order, and timings."""
 
     candidates: list[Candidate]
-    timings_ms: dict[str, float]  # backend_ms, prefill_ms, decode_ms (summed), verify_ms
+    timings_ms: dict[str, float]  # backend_ms, prefill_ms, decode_ms (_merge_timings), verify_ms
 
 
 def _merge_timings(per_request: list[list[Completion]]) -> dict[str, float]:
@@ -86,7 +86,8 @@ def _merge_timings(per_request: list[list[Completion]]) -> dict[str, float]:
 
 
 def answer_span(answer: str, quote: str) -> tuple[int, int] | None:
-    """Where ``answer`` stands verbatim (up to whitespace runs) in ``quote``: its first
+    """Where ``answer`` stands in ``quote`` (``verify.locate``'s rules: up to whitespace runs,
+    and punctuation trimmed from its ends when the whole does not stand there): its first
     occurrence, as offsets into ``quote``; None when it does not."""
     return locate(answer, quote, (0, len(quote))) if answer.strip() else None
 

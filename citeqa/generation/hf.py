@@ -10,10 +10,6 @@ long answer never holds short ones back beyond the step they finish in. In span 
 switches grammar once its answer is written (``_next_stage``): the quote's grammar is built from
 that answer.
 
-(Longer than our ~450-line guide on purpose: the decoding loop, its drafts, holes and stage
-switches share one set of invariants about the KV cache and each row's position, and read best
-in one place; drafting, KV surgery and token choice are already in drafts.py, kv.py and
-lm_head.py.)
 
 Constrained decoding: every step a row's ``OutputConstraint`` masks its logits to the tokens the
 grammar allows. Two shortcuts make a quote cost little more than the prompt's prefill:

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from citeqa.redteam.corpus import NUMBER, YEAR, Corpus, names_in
-from citeqa.text import STOP_WORDS, content_terms, term, tokenize
+from citeqa.text import STOP_WORDS, term, tokenize
 
 UNANSWERABLE_KINDS = ("entity_swap", "number_swap", "date_swap", "negation", "antonym",
                       "absent_subject", "impossible_condition")
@@ -291,7 +291,3 @@ def make_variants(seeds: Iterable[Seed], corpus: Corpus, *, seed: int = 0,
                 out.append(variant)
     return out
 
-
-def question_terms_changed(variant: Variant) -> bool:
-    """True when the variant's content terms differ from its original's (a sanity check)."""
-    return content_terms(variant.question) != content_terms(variant.original)

@@ -55,11 +55,6 @@ class RewardEnsemble(nn.Module):
             self.w2 = nn.Parameter(torch.randn(members, hidden) / hidden**0.5)  # [K, H]
             self.b2 = nn.Parameter(torch.zeros(members))  # [K]
 
-    def set_standardisation(self, x: Tensor) -> None:
-        """Standardise features with the mean/std of the training rows ``x`` [N, D]."""
-        self.mean.copy_(x.mean(0))
-        self.std.copy_(x.std(0, unbiased=False).clamp(min=1e-4))
-
     def forward(self, x: Tensor) -> Tensor:
         # x: [N, D] -> logits [K, N]
         z = (x - self.mean) / self.std  # [N, D]
