@@ -437,7 +437,7 @@ def test_adding_documents_by_text_and_by_url(page: Page, shoot: Callable) -> Non
     page.fill("#add-body", "Quokkas live on Rottnest Island and eat the leaves of shrubs.")
     page.click("#add-text button[type=submit]")
     error = page.wait_for_selector("#add-status .error")
-    assert "already exists; delete it first" in error.inner_text()
+    assert "is already indexed, as document" in error.inner_text()
 
     page.fill("#url", "https://example.org/moths")
     page.click("#add-url button[type=submit]")

@@ -463,3 +463,23 @@ def test_close_releases_the_backend_and_a_failed_load_does_too(tmp_path, monkeyp
     with pytest.raises(ModelError, match="damaged"):
         Pipeline.from_settings(Settings(preset="tiny", index=tmp_path / "idx"))
     assert closed == ["closed", "closed"]
+
+
+@pytest.mark.parametrize("mode", ["free", "span"])
+def test_the_stand_in_model_quotes_within_the_configured_bounds(mode):
+    """The extractive stand-in keeps to the quote length the request allows (its grammar or
+    quote stage), as a constrained model must: a 240-character best sentence is cut to
+    max_quote_chars, not quoted whole and then refused by verification."""
+    long = ("The Vessik plateau glimmer moth, a small grey insect first described by the "
+            "naturalist Ilse Marrow in 1911 after a decade of night walks across the high "
+            "moorland, migrates every spring toward the coast in swarms that can darken the "
+            "sky for hours.")
+    assert len(long) > 200
+    doc = Document("moth", "Glimmer moths", "moths.txt", long + " It rests by day.")
+    cfg = replace(CFG, generation=replace(CFG.generation, answer_mode=mode,
+                                          max_quote_chars=120))
+    gen = CitedGenerator(fake_backend(extractive_responder), cfg.generation)
+    p = Pipeline(MemoryRetriever([doc]), gen, cfg)
+    ans = p.ask("Who first described the Vessik plateau glimmer moth?")
+    assert ans.quote is not None and 20 <= len(ans.quote.text) <= 120, ans
+    assert doc.text[ans.quote.start:ans.quote.end] == ans.quote.text

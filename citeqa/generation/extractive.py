@@ -19,11 +19,15 @@ from citeqa.generation.prompt import parse_user_message
 from citeqa.text import STOP_WORDS, content_terms, relevance, sentence_spans, term
 
 ANSWER_WORDS = 5  # at most this many words in an answer
-MIN_QUOTE_CHARS = 20  # extend a short sentence with the next ones (on the same line) to this
-MAX_QUOTE_CHARS = 250  # cut a longer sentence at a word boundary
+# A quote's bounds when the request sets none (no grammar): extend a short sentence with the
+# next ones (on the same line) to the first, cut a longer one at a word boundary to the second.
+# A request's grammar or quote stage sets its own (GenerationConfig's min/max_quote_chars).
+MIN_QUOTE_CHARS = 20
+MAX_QUOTE_CHARS = 250
 
 _WORD = re.compile(r"\S+")
 _QUOTE_RULE = re.compile(r"^quote: (.*)$", re.M)  # the grammar's passage alternatives
+_QUOTE_LENGTH = re.compile(r"\(\?s:\.\{(\d+),(\d*)\}\)")  # constraint._length's bound
 _PUNCT = ".,;:!?\"'()[]"
 
 
@@ -61,24 +65,26 @@ def _answer(sentence: str, question_terms: set[str]) -> str:
     return " ".join(chosen).strip(_PUNCT + " ") or sentence[:40]
 
 
-def _quote(text: str, spans: list[tuple[int, int]], i: int) -> str:
+def _quote(text: str, spans: list[tuple[int, int]], i: int, bounds: tuple[int, int]) -> str:
+    lo, hi = bounds
     start, end = spans[i]
     j = i
-    while end - start < MIN_QUOTE_CHARS and j + 1 < len(spans):
+    while end - start < lo and j + 1 < len(spans):
         if "\n" in text[end : spans[j + 1][0]]:
             break  # a quote is one line
         j += 1
         end = spans[j][1]
-    if end - start > MAX_QUOTE_CHARS:
-        cut = text.rfind(" ", start, start + MAX_QUOTE_CHARS)
-        end = cut if cut > start else start + MAX_QUOTE_CHARS
+    if end - start > hi:
+        cut = text.rfind(" ", start, start + hi)
+        end = cut if cut > start else start + hi
     return text[start:end].strip()
 
 
-def respond(user_message: str, *, mode: str = "free",
-            allowed: frozenset[int] | None = None) -> str:
+def respond(user_message: str, *, mode: str = "free", allowed: frozenset[int] | None = None,
+            bounds: tuple[int, int] = (MIN_QUOTE_CHARS, MAX_QUOTE_CHARS)) -> str:
     """The reply to one prompt's user message in answer ``mode`` ("" when it shows no
-    passage); only the passage numbers in ``allowed`` are quoted when given."""
+    passage); only the passage numbers in ``allowed`` are quoted when given, in at most
+    ``bounds[1]`` characters (extended towards ``bounds[0]``)."""
     passages, question = parse_user_message(user_message)
     if allowed is not None:
         passages = [(number, text) for number, text in passages if number in allowed]
@@ -97,7 +103,7 @@ def respond(user_message: str, *, mode: str = "free",
     number, text, spans, i = sentences[best]
     s, e = spans[i]
     answer = _answer(text[s:e], terms)
-    quote = _quote(text, spans, i)
+    quote = _quote(text, spans, i, bounds)
     if mode == "span" and answer not in quote:  # the quote was cut short: answer from it
         answer = " ".join(quote.split()[:ANSWER_WORDS]).strip(_PUNCT + " ") or quote
     return f"{ANSWER_PREFIX}{answer}\n{QUOTE_PREFIX}{number}{QUOTE_SEPARATOR}{quote}"
@@ -111,9 +117,21 @@ def _allowed_passages(grammar: str | None) -> frozenset[int] | None:
     return frozenset(int(k) for k in re.findall(r"quote_(\d+)", m.group(1))) if m else None
 
 
+def _quote_bounds(request: GenerationRequest) -> tuple[int, int]:
+    """The quote length the request's quote stage or grammar allows (the defaults where it
+    sets none)."""
+    stage = request.quote_stage
+    if stage is not None:
+        lo, hi = stage.min_quote_chars, stage.max_quote_chars
+    else:
+        m = _QUOTE_LENGTH.search(request.grammar or "")
+        lo, hi = (int(m.group(1)), int(m.group(2)) if m.group(2) else None) if m else (None, None)
+    return (MIN_QUOTE_CHARS if lo is None else lo, MAX_QUOTE_CHARS if hi is None else hi)
+
+
 def extractive_responder(request: GenerationRequest) -> list[str]:
     """``request.n`` identical replies to the request's last user message, in its answer mode,
-    quoting only the passages its grammar (or its quote stage) allows."""
+    quoting only the passages its grammar (or its quote stage) allows, within its bounds."""
     users = [m["content"] for m in request.messages if m.get("role") == "user"]
     stage = request.quote_stage
     mode = "free" if stage is None else "span"
@@ -121,5 +139,6 @@ def extractive_responder(request: GenerationRequest) -> list[str]:
         allowed: frozenset[int] | None = frozenset({stage.only_passage})
     else:
         allowed = _allowed_passages(request.grammar)
-    reply = respond(users[-1], mode=mode, allowed=allowed) if users else ""
+    reply = respond(users[-1], mode=mode, allowed=allowed,
+                    bounds=_quote_bounds(request)) if users else ""
     return [reply] * request.n
