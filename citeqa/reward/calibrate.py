@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 import numpy as np
@@ -58,11 +59,16 @@ class Calibration:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Calibration:
-        """Inverse of :meth:`to_json`."""
-        fields = dict(data)
-        fields["threshold"] = math.inf if fields["threshold"] is None else fields["threshold"]
-        fields["accuracy"] = math.nan if fields["accuracy"] is None else fields["accuracy"]
-        return cls(**fields)
+        """Inverse of :meth:`to_json`; other keys of ``data`` are ignored (calibration.json holds
+        more). KeyError or TypeError when a field is missing or not a number."""
+        values = {f.name: data[f.name] for f in dataclass_fields(cls) if f.name != "method"}
+        threshold, accuracy = values["threshold"], values["accuracy"]
+        values["threshold"] = math.inf if threshold is None else float(threshold)
+        values["accuracy"] = math.nan if accuracy is None else float(accuracy)
+        for name in ("target_accuracy", "delta", "coverage"):
+            values[name] = float(values[name])
+        values["n"], values["n_answered"] = int(values["n"]), int(values["n_answered"])
+        return cls(**values, method=data.get("method", METHOD))
 
 
 def binomial_cdf(k: ArrayLike, n: ArrayLike, p: float) -> np.ndarray:

@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -248,8 +248,7 @@ def write_calibration(
     body = {
         "format": 1,
         "method": METHOD,
-        **{k: _finite_or_none(v) if isinstance(v, float) else v
-           for k, v in asdict(calibration).items()},
+        **calibration.to_json(),
         "min_answered": min_answered,
         **extra,
         "scores": [_finite_or_none(float(s)) for s in scores],
@@ -284,16 +283,7 @@ def read_calibration(directory: Path) -> CalibrationRecord | None:
         body = json.loads(path.read_text())
         scores = [-math.inf if s is None else float(s) for s in body["scores"]]
         correct = [bool(c) for c in body["correct"]]
-        threshold = body["threshold"]
-        calibration = Calibration(
-            threshold=math.inf if threshold is None else float(threshold),
-            target_accuracy=float(body["target_accuracy"]),
-            delta=float(body["delta"]),
-            coverage=float(body["coverage"]),
-            accuracy=math.nan if body["accuracy"] is None else float(body["accuracy"]),
-            n=int(body["n"]),
-            n_answered=int(body["n_answered"]),
-        )
+        calibration = Calibration.from_json(body)
         min_answered = int(body["min_answered"])
     except (ValueError, KeyError, TypeError) as e:
         raise ModelError(
