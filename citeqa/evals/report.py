@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from citeqa.atomic import write_text_atomic
 from citeqa.evals import metrics as M
 from citeqa.types import Document
 
@@ -419,7 +419,7 @@ def write_outputs(
     out = Path(out)
     judged = [judge(r, document) for r in records]
     m = summarize(judged, run["pipeline"]["threshold"])
-    _atomic_write(out / "metrics.json", json.dumps(m, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(out / "metrics.json", json.dumps(m, indent=2, allow_nan=False) + "\n")
     label = f"{run['identity']['preset']} · {m['questions']} questions"
     plots.accuracy_coverage(
         {SCORERS[k]: m["selective"][k]["curve"] for k in SCORERS},
@@ -437,11 +437,7 @@ def write_outputs(
         out / FIGURES["recall"],
         title=f"Retrieval recall@k ({m['retrieval']['questions']} questions)",
     )
-    _atomic_write(out / "report.md", render_markdown(m, run))
+    write_text_atomic(out / "report.md", render_markdown(m, run))
     return m
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

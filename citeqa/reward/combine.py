@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from citeqa.atomic import write_text_atomic
 from citeqa.errors import ModelError
 from citeqa.types import Candidate
 
@@ -143,9 +144,7 @@ def fit(x: np.ndarray, y: Sequence[int], *, l2: float = 1e-2, iters: int = 50,
 def write_combiner(directory: Path, combiner: Combiner) -> Path:
     """Write ``combine.json`` into a reward-model directory (atomically)."""
     path = Path(directory) / COMBINE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(combiner.to_json(), indent=1) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(combiner.to_json(), indent=1) + "\n")
     return path
 
 

@@ -17,8 +17,6 @@ Directory (plain data, never pickle; loading checks everything and says what to 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from citeqa.atomic import atomic_path, write_text_atomic
 from citeqa.errors import ModelError
 from citeqa.reward.checkpoint import read_config
 from citeqa.reward.features import FeatureSpec
@@ -84,20 +83,9 @@ def save_model(
         "dim": model.dim,
         **extra,
     }
-    _atomic(out / WEIGHTS, lambda p: save_file(tensors, str(p)))
-    _atomic(out / CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
-
-
-def _atomic(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; weights ship as package data
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(out / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp))
+    write_text_atomic(out / CONFIG, json.dumps(config, indent=2) + "\n")
 
 
 def load_model(directory: Path) -> tuple[RewardEnsemble, FeatureSpec, dict[str, Any]]:

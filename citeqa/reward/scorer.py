@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from citeqa.atomic import write_text_atomic
 from citeqa.compute import compiled, to_serving_dtype
 from citeqa.errors import ModelError
 from citeqa.lean_encoder import use_lean_encoder
@@ -255,9 +256,7 @@ def write_calibration(
         "correct": [bool(c) for c in correct],
     }
     path = Path(directory) / CALIBRATION
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(body, indent=1) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(body, indent=1) + "\n")
     return path
 
 

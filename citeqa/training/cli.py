@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from citeqa.atomic import atomic_open
 from citeqa.cli_errors import check_preset, fail
 from citeqa.config import MAX_CANDIDATES, Settings, preset
 from citeqa.errors import CiteqaError
@@ -349,11 +350,9 @@ def _redteam_data(items, out, seed, progress) -> dict:
     variants = make_variants(seeds, corpus, seed=seed)
     made = list(redteam_examples(variants, title_of.get))
     variants_out = out.with_name(out.name + ".variants.jsonl")
-    tmp = variants_out.with_name(variants_out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_open(variants_out) as f:
         for v in variants:
             f.write(json.dumps(v.to_json(), ensure_ascii=False) + "\n")
-    tmp.replace(variants_out)
     _write_all(out, made)
     kinds = Counter(v.kind for v in variants)
     return {"seeds": len(seeds), "variants": len(variants), "by_kind": dict(sorted(kinds.items())),
@@ -372,10 +371,8 @@ def _write_all(out: Path, examples) -> None:
     """Write ``out`` whole or not at all (a rerun sees a finished file or none)."""
     from citeqa.reward.data import write_examples
 
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_open(out) as f:
         write_examples(f, examples)
-    tmp.replace(out)
 
 
 if __name__ == "__main__":  # python -m citeqa.training.cli ... (before `citeqa train` exists)

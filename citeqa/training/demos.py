@@ -37,6 +37,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from citeqa.atomic import atomic_open
 from citeqa.config import GenerationConfig
 from citeqa.errors import SourceError
 from citeqa.evals.squad import QAItem
@@ -358,11 +359,9 @@ def write_demos(path: Path, demos: Iterable[Demo]) -> None:
     """Write demonstrations as JSON lines (to a temporary file renamed into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         for d in demos:
             f.write(json.dumps(d.to_json(), ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 def read_demos(path: Path) -> list[Demo]:

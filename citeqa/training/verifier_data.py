@@ -31,6 +31,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from citeqa.atomic import write_text_atomic
 from citeqa.errors import InvalidRequestError
 from citeqa.evals.metrics import is_correct
 from citeqa.evals.squad import QAItem
@@ -86,7 +87,7 @@ def _done_qids(out: Path) -> set[str]:
     done = {str(r["qid"]) for r in rows if r.get("kind") == "question"}
     kept = [json.dumps(r, ensure_ascii=False) for r in rows
             if str(r.get("qid") or r.get("group")) in done]
-    out.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    write_text_atomic(out, "".join(k + "\n" for k in kept))  # a crash here loses nothing
     return done
 
 

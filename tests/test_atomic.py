@@ -1,0 +1,62 @@
+"""citeqa.atomic: a write that fails part-way leaves the old file whole and no litter."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from citeqa.atomic import atomic_open, atomic_path, write_text_atomic
+
+
+def test_a_finished_write_replaces_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text("old\n")
+    write_text_atomic(path, "new\n")
+    assert path.read_text() == "new\n"
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["data.jsonl"]
+
+
+def test_a_write_that_fails_part_way_leaves_the_old_file(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text("finished work\n")
+    with pytest.raises(KeyboardInterrupt), atomic_open(path) as f:
+        f.write("half of the new")
+        raise KeyboardInterrupt  # Ctrl-C in the middle
+    assert path.read_text() == "finished work\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["data.jsonl"]
+
+
+def test_a_path_writer_sees_a_sibling_in_the_same_directory(tmp_path: Path) -> None:
+    path = tmp_path / "weights.safetensors"
+    with atomic_path(path) as tmp:
+        assert tmp.parent == tmp_path and tmp != path and not path.exists()
+        tmp.write_bytes(b"\x00\x01")
+    assert path.read_bytes() == b"\x00\x01"
+
+
+def test_resuming_generator_data_rewrites_its_file_atomically(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    """Dropping an interrupted question's lines rewrites the data file: a crash then must not
+    lose the questions already finished (it truncated the file first before)."""
+    import citeqa.atomic
+    from citeqa.training.verifier_data import _done_qids
+
+    out = tmp_path / "gen.jsonl"
+    out.write_text('{"qid": "a", "kind": "example"}\n{"qid": "a", "kind": "question"}\n'
+                   '{"qid": "b", "kind": "example"}\n{"qid": "b", "ki')  # b was cut short
+    before = out.read_text()
+
+    def crash(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(citeqa.atomic.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _done_qids(out)
+    assert out.read_text() == before  # nothing lost
+    monkeypatch.undo()
+    assert _done_qids(out) == {"a"}
+    assert out.read_text() == ('{"qid": "a", "kind": "example"}\n'
+                               '{"qid": "a", "kind": "question"}\n')
