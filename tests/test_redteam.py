@@ -157,3 +157,19 @@ def test_redteam_command_on_the_tiny_preset(tmp_path: Path) -> None:
                          (["--api-key", "k"], "--api-key goes with --url")):
         r = CliRunner().invoke(app, args + bad)
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+
+
+def test_resuming_a_red_team_run_keeps_what_follows_a_damaged_line(tmp_path) -> None:
+    """A cut last line is a crash's: dropped and redone. A bad line before it is not, so the
+    run stops and says so, where it used to cut the file there and lose every later result."""
+    from citeqa.errors import ConfigError
+    from citeqa.redteam.run import done_ids
+
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"id": "p1"}\n{"id": "p2"}\n{"id": "p3", "ki')
+    assert done_ids(path) == {"p1", "p2"}
+    assert path.read_text() == '{"id": "p1"}\n{"id": "p2"}\n'
+    path.write_text('{"id": "p1"}\nnot json\n{"id": "p3"}\n')
+    with pytest.raises(ConfigError, match=r"results.jsonl:2 is not a red-team result.*--out"):
+        done_ids(path)
+    assert path.read_text() == '{"id": "p1"}\nnot json\n{"id": "p3"}\n'

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import subprocess
 from collections.abc import Callable, Sequence
@@ -32,6 +31,7 @@ from citeqa.atomic import write_text_atomic
 from citeqa.config import MAX_PASSAGES
 from citeqa.errors import CiteqaError, ConfigError
 from citeqa.evals.squad import QAItem, articles_for_split, load_questions
+from citeqa.journal import append_record, read_records, resume
 from citeqa.pipeline import STAND_IN_NOTE, Pipeline
 from citeqa.retrieval.store import MANIFEST, how_to_build, sha256_file
 from citeqa.types import Answer, Document, Hit
@@ -192,45 +192,13 @@ def manifest_summary(manifest: dict[str, Any]) -> dict[str, Any]:
 # --- predictions.jsonl ------------------------------------------------------------------------
 
 
+_PREDICTION = {"what": "prediction record", "remedy": "pass --force to start over"}
+
+
 def read_predictions(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """The complete records of a predictions file and the byte length they span.
-
-    A last line cut short by a crash (no newline, or not a JSON record) is not counted, so the
-    caller can truncate the file to the returned length and redo that question. A bad line
-    before the last raises ConfigError.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return [], 0
-    *lines, tail = path.read_bytes().split(b"\n")  # tail: bytes after the last newline
-    records: list[dict[str, Any]] = []
-    good = 0
-    for i, raw in enumerate(lines):
-        if raw.strip():
-            try:
-                row = json.loads(raw)
-            except ValueError:
-                row = None
-            if not isinstance(row, dict) or "id" not in row:
-                if i == len(lines) - 1 and not tail.strip():
-                    log.warning("%s: dropping a damaged last line; that question is redone", path)
-                    return records, good
-                raise ConfigError(
-                    f"{path}:{i + 1} is not a prediction record and is not the last line; "
-                    "pass --force to start over"
-                )
-            records.append(row)
-        good += len(raw) + 1
-    if tail.strip():
-        log.warning("%s: dropping a truncated last line; that question is redone", path)
-    return records, good
-
-
-def append_line(f: Any, row: dict[str, Any]) -> None:
-    """Append one JSON line and make it durable before moving on."""
-    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
+    """The complete records of a predictions file and the byte length they span (a cut last
+    line dropped; a bad line before it raises ConfigError: ``journal.read_records``)."""
+    return read_records(path, **_PREDICTION)
 
 
 # --- one question -------------------------------------------------------------------------------
@@ -392,10 +360,7 @@ def run_eval(
     _write_json(run_path, run_info)
 
     pred_path = out / PREDICTIONS
-    records, good = read_predictions(pred_path)
-    if pred_path.is_file() and good < pred_path.stat().st_size:
-        with pred_path.open("r+b") as f:
-            f.truncate(good)
+    records = resume(pred_path, **_PREDICTION)
     done = {r["id"] for r in records}
     todo = [item for item in items if item.id not in done]
     resumed = len(items) - len(todo)
@@ -407,7 +372,7 @@ def run_eval(
         )
         for item in todo:
             row = ask_one(pipeline, item, spec.n_candidates, spec.min_score, spec.answer_mode)
-            append_line(f, row)
+            append_record(f, row)
             records.append(row)
             bar.update(1)
         bar.close()

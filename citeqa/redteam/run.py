@@ -29,6 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from citeqa.evals.metrics import is_correct
+from citeqa.journal import append_record, read_records, resume
 from citeqa.redteam.maker import UNANSWERABLE_KINDS, Seed, Variant
 from citeqa.types import Answer, AskArgs
 
@@ -104,22 +105,13 @@ def result_record(probe: Probe, answer: Answer) -> dict[str, Any]:
     }
 
 
+_RESULT = {"what": "red-team result", "remedy": "delete the file or choose another --out"}
+
+
 def done_ids(path: Path) -> set[str]:
-    """Probe ids already in a results file (a cut last line is dropped, and redone)."""
-    if not path.is_file():
-        return set()
-    ids, good = set(), 0
-    raw = path.read_bytes()
-    for line in raw.split(b"\n")[:-1]:
-        try:
-            ids.add(json.loads(line)["id"])
-        except (ValueError, KeyError):
-            break
-        good += len(line) + 1
-    if good != len(raw):
-        with path.open("r+b") as f:
-            f.truncate(good)
-    return ids
+    """Probe ids already in a results file (a cut last line is dropped, and redone; a bad line
+    before it stops the run: ``journal.resume``)."""
+    return {str(r["id"]) for r in resume(path, **_RESULT)}
 
 
 def ask_all(probes_: Sequence[Probe], ask: Asker, out: Path, *, batch: int = 4,
@@ -137,11 +129,10 @@ def ask_all(probes_: Sequence[Probe], ask: Asker, out: Path, *, batch: int = 4,
             chunk = todo[at : at + batch]
             answers = ask([AskArgs(p.question) for p in chunk])
             for p, a in zip(chunk, answers, strict=True):
-                f.write(json.dumps(result_record(p, a), ensure_ascii=False) + "\n")
-            f.flush()
+                append_record(f, result_record(p, a))
             bar.update(len(chunk))
     wanted = {p.id for p in probes_}
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    records, _ = read_records(path, **_RESULT)
     return [r for r in records if r["id"] in wanted]
 
 

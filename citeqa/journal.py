@@ -1,0 +1,69 @@
+"""Append-only JSON-lines files that a run resumes from after a crash: the eval's
+predictions.jsonl, the red team's results.jsonl.
+
+    records = resume(path, what="prediction record", remedy="pass --force to start over")
+    with path.open("a", encoding="utf-8") as f:
+        append_record(f, row)   # durable before the next question is asked
+
+A last line cut short by a crash (no newline, or not a JSON record) is dropped and its work
+redone; a bad line before the last is not a crash's doing, so it stops the run (ConfigError
+naming ``remedy``) rather than silently dropping what follows it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, TextIO
+
+from citeqa.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def read_records(path: Path, *, what: str, remedy: str, key: str = "id",
+                 ) -> tuple[list[dict[str, Any]], int]:
+    """The complete records of ``path`` (JSON objects holding ``key``) and the byte length they
+    span; a file that does not exist holds none."""
+    path = Path(path)
+    if not path.is_file():
+        return [], 0
+    *lines, tail = path.read_bytes().split(b"\n")  # tail: bytes after the last newline
+    records: list[dict[str, Any]] = []
+    good = 0
+    for i, raw in enumerate(lines):
+        if raw.strip():
+            try:
+                row = json.loads(raw)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict) or key not in row:
+                if i == len(lines) - 1 and not tail.strip():
+                    log.warning("%s: dropping a damaged last line; its work is redone", path)
+                    return records, good
+                raise ConfigError(f"{path}:{i + 1} is not a {what} and is not the last line; "
+                                  f"{remedy}")
+            records.append(row)
+        good += len(raw) + 1
+    if tail.strip():
+        log.warning("%s: dropping a truncated last line; its work is redone", path)
+    return records, good
+
+
+def resume(path: Path, *, what: str, remedy: str, key: str = "id") -> list[dict[str, Any]]:
+    """``read_records``, then cut the file to the records it returns, so that appending
+    continues after the last complete one."""
+    records, good = read_records(path, what=what, remedy=remedy, key=key)
+    if Path(path).is_file() and good < Path(path).stat().st_size:
+        with Path(path).open("r+b") as f:
+            f.truncate(good)
+    return records
+
+
+def append_record(f: TextIO, row: dict[str, Any]) -> None:
+    """Append one JSON line and make it durable before moving on."""
+    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
