@@ -134,13 +134,6 @@ def url_document(body: UrlDocumentIn, fetcher: Fetcher) -> Document:
                     source=page.final_url, text=page.text)
 
 
-def _update_error(exc: InvalidRequestError) -> ApiError | InvalidRequestError:
-    codes = {404: "document_not_found", 409: "conflict"}
-    if exc.status in codes:
-        return ApiError(exc.status, codes[exc.status], str(exc))
-    return exc
-
-
 async def run_update(state: ServiceState, fn: Callable[..., Any], *args: Any) -> Any:
     """Run ``fn(*args)`` on the single update thread (off the event loop, one at a time)."""
     updater = state.updater
@@ -152,8 +145,6 @@ async def run_update(state: ServiceState, fn: Callable[..., Any], *args: Any) ->
         raise state.not_ready_error() from None
     try:
         return await asyncio.wrap_future(fut)
-    except InvalidRequestError as exc:
-        raise _update_error(exc) from None
     except asyncio.CancelledError:
         if fut.cancelled():  # shutdown dropped the queued update before it ran: nothing changed
             raise state.not_ready_error() from None
@@ -251,8 +242,8 @@ def v1_router(require_key: Callable[..., None]) -> APIRouter:
             doc = text_document(body)
         try:
             counts = await run_update(state, pipeline.add_documents, [doc])
-        except ApiError as exc:
-            if exc.status != 409 or body.doc_id is not None:
+        except InvalidRequestError as exc:
+            if exc.code != "conflict" or body.doc_id is not None:
                 raise
             what = "this URL" if isinstance(body, UrlDocumentIn) else (
                 "this text (with the same title and source)")

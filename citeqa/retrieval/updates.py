@@ -59,7 +59,8 @@ def check_update(index: Index, update: IndexUpdate) -> None:
     with the HTTP status the API returns: 404 unknown, 409 conflict, 422 empty text)."""
     for doc_id in update.remove:
         if doc_id not in index.documents:
-            raise InvalidRequestError(f"no document with id {doc_id!r}", status=404)
+            raise InvalidRequestError(f"no document with id {doc_id!r}", status=404,
+                                      code="document_not_found")
     seen: set[str] = set()
     for doc in update.add:
         if doc.doc_id in seen or (doc.doc_id in index.documents
@@ -68,6 +69,7 @@ def check_update(index: Index, update: IndexUpdate) -> None:
                 f"a document with id {doc.doc_id!r} already exists; delete it first or choose "
                 "another doc_id",
                 status=409,
+                code="conflict",
             )
         seen.add(doc.doc_id)
         if not doc.text.strip():
@@ -76,6 +78,7 @@ def check_update(index: Index, update: IndexUpdate) -> None:
         raise InvalidRequestError(
             "an index needs at least one document; add another before deleting the last one",
             status=409,
+            code="conflict",
         )
 
 
