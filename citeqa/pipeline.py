@@ -173,7 +173,7 @@ class Pipeline:
         min_score = args.min_score
         if args.target_accuracy is not None:
             if min_score is not None:
-                raise InvalidRequestError("pass min_score or target_accuracy, not both")
+                raise InvalidRequestError("give min_score or target_accuracy, not both")
             min_score = self.threshold_for(args.target_accuracy)
         return replace(args, question=question, min_score=min_score, target_accuracy=None)
 

@@ -473,3 +473,15 @@ def test_reward_compile_is_a_setting_off_by_default(monkeypatch) -> None:
     assert Settings().config().reward.compile is False
     monkeypatch.setenv("CITEQA_REWARD_COMPILE", "1")
     assert Settings().config().reward.compile is True
+
+
+def test_a_reward_directory_with_a_damaged_config_is_named_not_a_traceback(tmp_path: Path) -> None:
+    from citeqa.errors import ModelError
+    from citeqa.reward.scorer import load_scorer
+
+    (tmp_path / "rm").mkdir()
+    with pytest.raises(ModelError, match="has no config.json"):
+        load_scorer(str(tmp_path / "rm"))
+    (tmp_path / "rm" / "config.json").write_text('{"format": 2, "ki')  # cut short
+    with pytest.raises(ModelError, match=r"config.json is corrupt .*citeqa train reward"):
+        load_scorer(str(tmp_path / "rm"))

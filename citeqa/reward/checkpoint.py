@@ -81,11 +81,10 @@ def write_encoder_dir(out: Path, encoder: torch.nn.Module, tokenizer: Any,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_config(directory: Path, *, fmt: int = FORMAT, kind: str | None = KIND,
-                retrain: str = RETRAIN, what: str = "a reward model") -> dict[str, Any]:
-    """config.json of a model directory (a verifier by default; ``fmt`` and ``kind`` name
-    another, ``kind=None`` checks the format alone, ``what`` says what it is, article
-    included), or ModelError saying what is wrong and ``retrain``, what to do about it."""
+def read_config_json(directory: Path, *, retrain: str = RETRAIN,
+                     what: str = "a reward model") -> dict[str, Any]:
+    """config.json of a model directory, of any format, or ModelError saying what is wrong
+    (no such directory, no config.json, not a JSON object) and ``retrain``."""
     directory = Path(directory)
     path = directory / CONFIG
     if not directory.is_dir():
@@ -98,6 +97,16 @@ def read_config(directory: Path, *, fmt: int = FORMAT, kind: str | None = KIND,
             raise ValueError("not a JSON object")
     except (ValueError, OSError) as e:
         raise ModelError(f"{path} is corrupt ({e}); {retrain}") from None
+    return config
+
+
+def read_config(directory: Path, *, fmt: int = FORMAT, kind: str | None = KIND,
+                retrain: str = RETRAIN, what: str = "a reward model") -> dict[str, Any]:
+    """config.json of a model directory (a verifier by default; ``fmt`` and ``kind`` name
+    another, ``kind=None`` checks the format alone, ``what`` says what it is, article
+    included), or ModelError saying what is wrong and ``retrain``, what to do about it."""
+    config = read_config_json(directory, retrain=retrain, what=what)
+    path = Path(directory) / CONFIG
     if config.get("format") != fmt or (kind is not None and config.get("kind") != kind):
         def named(f: Any, k: Any) -> str:
             return f"format {f!r}" + (f" ({k})" if kind is not None else "")

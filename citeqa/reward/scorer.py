@@ -31,7 +31,7 @@ from citeqa.errors import ModelError
 from citeqa.lean_encoder import use_lean_encoder
 from citeqa.reward.answerability import SUBDIR, AnswerabilityReader
 from citeqa.reward.calibrate import METHOD, Calibration, calibrate_threshold
-from citeqa.reward.checkpoint import load_verifier
+from citeqa.reward.checkpoint import load_verifier, read_config_json
 from citeqa.reward.combine import Signals, features, read_combiner
 from citeqa.reward.verifier import Judged, around, encode
 from citeqa.types import Candidate, Document
@@ -306,8 +306,7 @@ def load_scorer(name: str | None, *, cpu_dtype: str = "auto", compile: bool = Fa
             f"the default reward model is missing from {directory}; reinstall citeqa, or set "
             "the reward model to a directory from `citeqa train reward` (or none)"
         )
-    config = json.loads((directory / "config.json").read_text()) if (
-        directory / "config.json").is_file() else {}
+    config = read_config_json(directory)  # which kind of reward model: format 1 or a verifier
     if config.get("format") == 1:  # the feature-based model of earlier releases
         from citeqa.reward.legacy import RewardScorer
 
