@@ -135,6 +135,7 @@ def test_a_chosen_id_with_parts_is_stored_and_read_back_by_it(client: TestClient
                                            "doc_id": doc_id})
     assert r.status_code == 201, r.text
     assert client.get(f"/v1/documents/{doc_id}").json()["doc_id"] == doc_id
+    assert client.get(r.headers["location"]).json()["doc_id"] == doc_id  # the 201 names it
 
 
 def test_duplicate_doc_id_is_409(client: TestClient) -> None:

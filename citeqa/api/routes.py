@@ -9,6 +9,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response
@@ -231,10 +232,10 @@ def v1_router(require_key: Callable[..., None]) -> APIRouter:
 
     @v1.post("/documents", response_model=DocumentAddedOut, status_code=201,
              dependencies=JsonBody, responses={**DOCUMENT_ERRORS, **BODY_ERRORS})
-    async def add_document(body: DocumentIn, state: StateDep,
-                           pipeline: PipelineDep) -> dict[str, Any]:
+    async def add_document(body: DocumentIn, state: StateDep, pipeline: PipelineDep,
+                           response: Response) -> dict[str, Any]:
         """Index a document (its text, or a public http(s) URL to fetch): searchable on return,
-        persisted atomically. 409 when its doc_id is already indexed."""
+        persisted atomically; ``Location`` names it. 409 when its doc_id is already indexed."""
         if isinstance(body, UrlDocumentIn):
             assert state.fetcher is not None, "create_app sets the fetcher"
             doc = await run_in_threadpool(url_document, body, state.fetcher)
@@ -249,6 +250,7 @@ def v1_router(require_key: Callable[..., None]) -> APIRouter:
                 "this text (with the same title and source)")
             raise ApiError(409, "conflict", f"{what} is already indexed, as document "
                            f"{doc.doc_id!r}; nothing was added") from None
+        response.headers["Location"] = "/v1/documents/" + quote(doc.doc_id, safe="/:")
         return {"doc_id": doc.doc_id, "title": doc.title, "source": doc.source,
                 "passages": counts[doc.doc_id]}
 
