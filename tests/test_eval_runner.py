@@ -205,6 +205,29 @@ def test_refuses_to_resume_with_another_system(
                     pipeline=threaded).answered_now == 4  # the thread count changes no output
 
 
+def test_a_threshold_no_score_reaches_is_recorded_and_resumes(
+    dataset: Path, index_dir: Path, tmp_path: Path
+) -> None:
+    """An infinite threshold (CITEQA_DECLINE_UNCERTIFIED over a calibration that certified
+    nothing; here the config's) declines every question; JSON has no infinity, so run.json and
+    metrics.json record "inf" (writing them raised a ValueError before), and the run resumes."""
+    import math
+
+    def declining() -> Pipeline:
+        p = Pipeline.from_settings(Settings(preset="tiny", index=index_dir))
+        p.cfg = replace(p.cfg, reward=replace(p.cfg.reward, threshold=math.inf))
+        return p
+
+    out = tmp_path / "run"
+    first = run_eval(_spec(dataset, index_dir), out, limit=2, progress=False, pipeline=declining())
+    assert first.metrics["threshold"] == "inf" and first.metrics["at_threshold"]["answered"] == 0
+    assert json.loads((out / RUN_JSON).read_text())["pipeline"]["config"]["reward"][
+        "threshold"] == "inf"
+    again = run_eval(_spec(dataset, index_dir), out, progress=False, pipeline=declining())
+    assert (again.resumed, again.answered_now) == (2, 3)
+    assert "threshold in effect: inf" in (out / "report.md").read_text()
+
+
 def test_predictions_without_run_json_refuse(
     dataset: Path, index_dir: Path, tmp_path: Path
 ) -> None:

@@ -15,6 +15,7 @@ block (a threshold cannot split a tie), so every curve has one point per distinc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,6 +47,15 @@ def f1(pred: str | None, golds: Sequence[str]) -> float:
     """The best token F1 of ``pred`` against the golds (None means declined)."""
     pred = pred or ""
     return max(answer_f1(pred, g) for g in _scorable_golds(golds))
+
+
+def threshold_json(threshold: float | None) -> float | str | None:
+    """A decline threshold as run files record it: a number, None (no threshold: every
+    question answered) or "inf" (one that no score reaches: every question declined, as
+    under CITEQA_DECLINE_UNCERTIFIED), since JSON has no infinity."""
+    if threshold is None or math.isfinite(threshold):
+        return threshold
+    return "inf" if threshold > 0 else None
 
 
 def is_correct(

@@ -149,7 +149,7 @@ def selective(scores: Sequence[float], correct: Sequence[bool]) -> dict[str, Any
     }
 
 
-def summarize(judged: Sequence[Judged], threshold: float | None) -> dict[str, Any]:
+def summarize(judged: Sequence[Judged], threshold: float | str | None) -> dict[str, Any]:
     """All metrics of a run as a JSON-ready dict (None where a metric is undefined)."""
     if not judged:
         raise ValueError("no predictions to summarize")
@@ -254,8 +254,8 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f} %"
 
 
-def _num(x: float | None, fmt: str = ".3f") -> str:
-    return "n/a" if x is None else format(x, fmt)
+def _num(x: float | str | None, fmt: str = ".3f") -> str:
+    return "n/a" if x is None else x if isinstance(x, str) else format(x, fmt)
 
 
 DEFINITIONS = """\

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import subprocess
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from citeqa.atomic import write_text_atomic
 from citeqa.config import MAX_PASSAGES
 from citeqa.errors import CiteqaError, ConfigError
+from citeqa.evals.metrics import threshold_json
 from citeqa.evals.squad import QAItem, articles_for_split, load_questions
 from citeqa.journal import append_record, read_records, resume
 from citeqa.pipeline import STAND_IN_NOTE, Pipeline
@@ -139,8 +141,9 @@ def describe_pipeline(pipeline: Pipeline, min_score: float | None) -> dict[str, 
         "generator_model_id": pipeline.generator.backend.model_id,
         "scorer": scorer,
         "scorer_note": STAND_IN_NOTE if pipeline.scorer is None else None,
-        "threshold": pipeline.decline_threshold(min_score),  # the pipeline's own rule, not a copy
-        "config": asdict(pipeline.cfg),
+        # the pipeline's own rule, not a copy
+        "threshold": threshold_json(pipeline.decline_threshold(min_score)),
+        "config": _finite_json(asdict(pipeline.cfg)),  # a threshold may be inf
     }
 
 
@@ -182,6 +185,17 @@ def _config_changes(before: dict[str, Any], after: dict[str, Any], prefix: str =
         elif a != b:
             out.append(f"{prefix}{k} was {a!r}, now {b!r}")
     return out
+
+
+def _finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float as a string ("inf", "-inf", "nan"): JSON has none."""
+    if isinstance(obj, dict):
+        return {k: _finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_json(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return obj
 
 
 def manifest_summary(manifest: dict[str, Any]) -> dict[str, Any]:

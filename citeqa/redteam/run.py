@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from citeqa.evals.metrics import is_correct
+from citeqa.evals.metrics import is_correct, threshold_json
 from citeqa.journal import append_record, read_records, resume
 from citeqa.redteam.maker import UNANSWERABLE_KINDS, Seed, Variant
 from citeqa.types import Answer, AskArgs
@@ -175,7 +175,7 @@ def summarize(records: Sequence[dict[str, Any]], threshold: float | None) -> dic
                               if unanswerable else None),
         "control_accuracy": (sum(r["right"] for r in controls) / len(controls)
                              if controls else None),
-        "threshold": threshold,
+        "threshold": threshold_json(threshold),
         "kinds": kinds,
         "worst": [{k: r[k] for k in ("kind", "question", "original", "change", "answer",
                                       "quote", "source", "score")} for r in worst],
@@ -198,7 +198,7 @@ def write_report(out: Path, summary: dict[str, Any], setup: dict[str, Any]) -> N
         {k: (xs, v) for k, v in curves.items() if k != "thresholds"}, out / PLOT,
         title="Red team: questions answered at each decline threshold",
         ylabel="share answered (unanswerable kinds: false answers)",
-        marker=summary["threshold"] if summary["threshold"] is not None else None,
+        marker=summary["threshold"] if isinstance(summary["threshold"], float) else None,
     )
     lines = [
         "# citeqa red team",
