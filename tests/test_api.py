@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import shutil
@@ -213,6 +214,33 @@ def test_shutdown_closes_the_pipeline_after_its_last_batch() -> None:
         assert client.post("/v1/answer", json={"question": "q"}).status_code == 200
         assert closed == []
     assert closed == [False]
+
+
+def test_shutdown_leaves_the_pipeline_open_under_a_batch_that_outlives_the_grace() -> None:
+    """A batch still running after shutdown_grace_s keeps its backend: closing a remote
+    engine's client under it would fail every request of the batch."""
+    gate = threading.Event()
+    pipe = FakePipeline(gate=gate)
+    closed: list[bool] = []
+    pipe.close = lambda: closed.append(True)  # type: ignore[attr-defined]
+    app = create_app(Settings(window_ms=1, shutdown_grace_s=0.1), lambda s: pipe)
+    client = TestClient(app, raise_server_exceptions=False)
+    client.__enter__()
+    wait_until(lambda: app.state.citeqa.phase == "ready")
+    def ask() -> None:
+        with contextlib.suppress(RuntimeError):  # the test client stops before it answers
+            client.post("/v1/answer", json={"question": "q"})
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    assert pipe.started.wait(5)
+    closer = threading.Thread(target=client.__exit__, args=(None, None, None))
+    closer.start()
+    time.sleep(0.5)  # the batch outlives the 0.1 s grace...
+    gate.set()  # ...then finishes
+    asker.join(5)
+    closer.join(5)
+    assert not closer.is_alive() and closed == []
 
 
 # -- the endpoints ----------------------------------------------------------------------------

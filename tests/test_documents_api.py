@@ -513,3 +513,32 @@ def test_an_update_shutdown_dropped_is_a_503_not_a_dropped_connection() -> None:
     with pytest.raises(ApiError) as info:
         asyncio.run(run_update(state, print))
     assert (info.value.status, info.value.code) == (503, "shutting_down")
+
+
+def test_a_request_cancelled_while_its_update_waits_stays_cancelled() -> None:
+    """Only shutdown's dropping of a queued update is a 503: a request whose own task is
+    cancelled (its client went away) is cancelled, not told the service is loading."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from citeqa.api.deps import ServiceState
+    from citeqa.api.routes import run_update
+
+    gate = threading.Event()
+    updater = ThreadPoolExecutor(1)
+    updater.submit(gate.wait, 5)  # a slow update ahead of ours
+    state = ServiceState(settings=Settings(preset="tiny"), updater=updater, phase="ready")
+
+    async def main() -> None:
+        task = asyncio.create_task(run_update(state, print))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(main())
+    finally:
+        gate.set()
+        updater.shutdown(wait=True)

@@ -111,11 +111,10 @@ def _shutdown(state: ServiceState) -> None:
     with state.lock:
         state.phase = "shutting_down"
         batcher, updater = state.batcher, state.updater
-    if batcher is not None:
-        batcher.close(timeout=state.settings.shutdown_grace_s)
+    idle = batcher is None or batcher.close(timeout=state.settings.shutdown_grace_s)
     if updater is not None:
         updater.shutdown(wait=True, cancel_futures=True)
-    if state.pipeline is not None:
+    if state.pipeline is not None and idle:  # never under a batch still running
         _close(state.pipeline)
     logger.info("service stopped")
 

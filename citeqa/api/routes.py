@@ -147,9 +147,11 @@ async def run_update(state: ServiceState, fn: Callable[..., Any], *args: Any) ->
     try:
         return await asyncio.wrap_future(fut)
     except asyncio.CancelledError:
-        if fut.cancelled():  # shutdown dropped the queued update before it ran: nothing changed
-            raise state.not_ready_error() from None
-        raise  # this request's own task was cancelled
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # this request's own task was cancelled (its queued update with it)
+        # shutdown dropped the queued update before it ran: nothing changed
+        raise state.not_ready_error() from None
 
 
 async def await_answer(request: Request, state: ServiceState, batcher: Batcher[AskArgs, Answer],
