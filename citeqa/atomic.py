@@ -4,14 +4,16 @@
     with atomic_path(path) as tmp: ...   # any writer that takes a path (safetensors, numpy)
     write_text_atomic(path, text)
 
-The temporary file sits in the same directory (so the rename is atomic), is flushed to disk
-before it replaces ``path``, and is removed when the block fails.
+The temporary file sits in the same directory as the file it replaces (so the rename is
+atomic), is flushed to disk before it does, and is removed when the block fails. The file keeps
+its mode (a new one gets the umask's, as any write would); a symbolic link is written through.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,15 +23,16 @@ from typing import TextIO
 @contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """A temporary sibling of ``path`` to write; it replaces ``path`` when the block ends."""
-    path = Path(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    path = Path(os.path.realpath(path))  # through a symbolic link, to the file it names
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else None
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # umask applies
     try:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are shared and shipped
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -13,10 +13,27 @@ from citeqa.atomic import atomic_open, atomic_path, write_text_atomic
 def test_a_finished_write_replaces_the_file(tmp_path: Path) -> None:
     path = tmp_path / "data.jsonl"
     path.write_text("old\n")
+    path.chmod(0o664)  # e.g. a run directory shared with a group
     write_text_atomic(path, "new\n")
     assert path.read_text() == "new\n"
-    assert os.stat(path).st_mode & 0o777 == 0o644
+    assert os.stat(path).st_mode & 0o777 == 0o664  # kept
     assert [p.name for p in tmp_path.iterdir()] == ["data.jsonl"]
+    fresh = tmp_path / "fresh.json"
+    umask = os.umask(0o027)
+    try:
+        write_text_atomic(fresh, "{}")
+    finally:
+        os.umask(umask)
+    assert os.stat(fresh).st_mode & 0o777 == 0o640  # as any write under that umask
+
+
+def test_a_symbolic_link_is_written_through(tmp_path: Path) -> None:
+    target = tmp_path / "real.jsonl"
+    target.write_text("old\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(target)
+    write_text_atomic(link, "new\n")
+    assert link.is_symlink() and target.read_text() == "new\n"
 
 
 def test_a_write_that_fails_part_way_leaves_the_old_file(tmp_path: Path) -> None:
