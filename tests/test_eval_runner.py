@@ -203,6 +203,27 @@ def test_refuses_to_resume_with_another_system(
     threaded.cfg = replace(tiny, generation=replace(tiny.generation, threads=3))
     assert run_eval(_spec(dataset, index_dir), out, progress=False,
                     pipeline=threaded).answered_now == 4  # the thread count changes no output
+    run = json.loads((out / RUN_JSON).read_text())
+    assert run["pipeline"]["config"]["generation"]["threads"] == 3  # recorded, not dropped
+
+
+def test_the_same_system_named_otherwise_resumes(tmp_path: Path) -> None:
+    """Another path to the same adapter, or settings of speed alone, are the same system; an
+    adapter elsewhere is not, and a changed model id says how to pin the compute type."""
+    from citeqa.evals.runner import check_same_system
+
+    (tmp_path / "ad").mkdir()
+    def desc(adapter: str, concurrency: int = 8, model_id: str = "m+bf16") -> dict:
+        return {"generator_model_id": model_id, "scorer": "s", "threshold": 0.3,
+                "config": {"generation": {"adapter": adapter, "concurrency": concurrency,
+                                          "threads": None},
+                           "reward": {"model": "default", "compile": False}}}
+
+    check_same_system(tmp_path, desc(f"{tmp_path}/ad"), desc(f"{tmp_path}/./ad/", 16))
+    with pytest.raises(ConfigError, match="generation.adapter was"):
+        check_same_system(tmp_path, desc(f"{tmp_path}/ad"), desc(f"{tmp_path}/other"))
+    with pytest.raises(ConfigError, match="pin it"):
+        check_same_system(tmp_path, desc("packaged"), desc("packaged", model_id="m+fp16w"))
 
 
 def test_a_threshold_no_score_reaches_is_recorded_and_resumes(

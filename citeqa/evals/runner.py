@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import subprocess
 from collections.abc import Callable, Sequence
@@ -149,18 +150,24 @@ def describe_pipeline(pipeline: Pipeline, min_score: float | None) -> dict[str, 
 
 # What must match between a run's invocations besides its identity: the models and the
 # decline rule, which come from CITEQA_* settings (adapter, reward model, generator) as well as
-# from options. ``config``'s thread count changes no output.
+# from options. Settings of speed alone change no output, and a model directory may be named by
+# other paths (the model id holds the adapter's hash).
 _SYSTEM_KEYS = ("generator_model_id", "scorer", "threshold")
+_SPEED_ONLY = frozenset({"threads", "concurrency", "compile"})
+_PATHS = frozenset({"model", "adapter"})
 
 
 def check_same_system(out: Path, stored: dict[str, Any], now: dict[str, Any]) -> None:
     """Raise ConfigError when the run in ``out`` was made by another system than ``now``
     (``describe_pipeline``'s): resuming would mix two systems' answers in one run."""
     def system(desc: dict[str, Any]) -> dict[str, Any]:
-        config = {k: v for k, v in (desc.get("config") or {}).items()}
-        for part in config.values():
-            if isinstance(part, dict):
-                part.pop("threads", None)
+        config: dict[str, Any] = {}
+        for name, part in (desc.get("config") or {}).items():
+            if isinstance(part, dict):  # a copy: ``desc`` is written to run.json as it is
+                part = {k: os.path.realpath(v) if k in _PATHS and isinstance(v, str)
+                        and os.sep in v else v
+                        for k, v in part.items() if k not in _SPEED_ONLY}
+            config[name] = part
         return {**{k: desc.get(k) for k in _SYSTEM_KEYS}, "config": config}
 
     before, after = system(stored), system(now)
@@ -169,10 +176,13 @@ def check_same_system(out: Path, stored: dict[str, Any], now: dict[str, Any]) ->
         what = "; ".join(
             f"{k}: was {before[k]!r}, now {after[k]!r}" if k != "config" else
             "config: " + ", ".join(_config_changes(before[k], after[k])) for k in diff)
+        probe = ("; with CITEQA_CPU_DTYPE=auto (the default) a timed probe picks the compute "
+                 "type at start, so pin it (e.g. CITEQA_CPU_DTYPE=bf16) to resume on a busy "
+                 "machine" if {"generator_model_id", "scorer"} & set(diff) else "")
         raise ConfigError(
-            f"{out} holds a run made by another system ({what}); a CITEQA_* setting (adapter, "
-            "reward model, generator, compute type) or the code changed since. Pass --force to "
-            "start over there, or choose another --out"
+            f"{out} holds a run made by another system ({what}): a CITEQA_* setting (adapter, "
+            f"reward model, generator, compute type) or the code changed since{probe}. Pass "
+            "--force to start over there, or choose another --out"
         )
 
 
