@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from citeqa.config import GenerationConfig
-from citeqa.errors import InvalidRequestError, OutputFormatError
+from citeqa.errors import OutputFormatError
 from citeqa.generation.backend import Backend, Completion, GenerationRequest
 from citeqa.generation.constraint import QuoteStage, output_grammar
 from citeqa.generation.format import ANSWER_MODES, AnswerMode
@@ -138,7 +138,7 @@ class CitedGenerator:
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
         if mode not in ANSWER_MODES:
-            raise InvalidRequestError(f"answer_mode must be one of {ANSWER_MODES}, got {mode!r}")
+            raise ValueError(f"answer_mode must be one of {ANSWER_MODES}, got {mode!r}")
         messages, shown = build_messages(item.question, item.hits, cfg, top_k=top_k)
         if not shown:
             return [], shown

@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import re
 
+from citeqa.config import GenerationConfig
 from citeqa.generation.backend import GenerationRequest
 from citeqa.generation.format import ANSWER_PREFIX, QUOTE_PREFIX, QUOTE_SEPARATOR
 from citeqa.generation.prompt import parse_user_message
 from citeqa.text import STOP_WORDS, content_terms, relevance, sentence_spans, term
 
 ANSWER_WORDS = 5  # at most this many words in an answer
-# A quote's bounds when the request sets none (no grammar): extend a short sentence with the
-# next ones (on the same line) to the first, cut a longer one at a word boundary to the second.
-# A request's grammar or quote stage sets its own (GenerationConfig's min/max_quote_chars).
-MIN_QUOTE_CHARS = 20
-MAX_QUOTE_CHARS = 250
+# A quote's bounds when the request sets none (no grammar): GenerationConfig's, which verify.py
+# applies. A short sentence is extended with the next ones (on the same line) to the first, a
+# longer one cut at a word boundary to the second. A request's grammar or quote stage sets its
+# own.
+MIN_QUOTE_CHARS = GenerationConfig.min_quote_chars
+MAX_QUOTE_CHARS = GenerationConfig.max_quote_chars
 
 _WORD = re.compile(r"\S+")
 _QUOTE_RULE = re.compile(r"^quote: (.*)$", re.M)  # the grammar's passage alternatives

@@ -16,9 +16,10 @@ Formats (by extension):
 A file named explicitly with another extension is read as plain text; inside a folder, such
 files are skipped (hidden files and folders silently).
 
-``doc_id``: a record's own ``id``/``doc_id`` when it is made of ``[A-Za-z0-9._:-]``, else the
-first 16 hex digits of sha256 of the source string (plus ``#position`` for multi-document
-files). The first document with a given id wins; later ones are skipped.
+``doc_id``: a record's own ``id``/``doc_id`` when REST would accept it as a doc_id
+(``types.DOC_ID_PATTERN``, at most ``MAX_DOC_ID_CHARS``), else the first 16 hex digits of
+sha256 of the source string (plus ``#position`` for multi-document files). The first document
+with a given id wins; later ones are skipped.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from citeqa.atomic import write_text_atomic
-from citeqa.errors import InvalidRequestError
+from citeqa.errors import InvalidRequestError, OutputFormatError
 from citeqa.evals.metrics import is_correct
 from citeqa.evals.squad import QAItem
 from citeqa.generation.cited import answer_span
@@ -124,8 +124,9 @@ def generator_examples(pipeline: Pipeline, items: Iterable[QAItem], out: Path, *
             try:
                 answers = pipeline.ask_many([AskArgs(it.question, n_candidates=n)
                                              for it in chunk])
-            except InvalidRequestError:
-                answers = [None] * len(chunk)  # e.g. an over-long question: no candidates
+            except (InvalidRequestError, OutputFormatError):
+                # e.g. an over-long question, or a grammar that would not compile: no candidates
+                answers = [None] * len(chunk)
             for item, answer in zip(chunk, answers, strict=True):
                 examples = []
                 for c in answer.candidates if answer is not None else []:
