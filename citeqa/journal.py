@@ -5,6 +5,9 @@ predictions.jsonl, the red team's results.jsonl.
     with path.open("a", encoding="utf-8") as f:
         append_record(f, row)   # durable before the next question is asked
 
+A run directory's ``run.json`` holds the run's identity (what it asked, with what); resuming
+into it with another identity is refused (``check_identity``) rather than mixing two runs.
+
 A last line cut short by a crash (no newline, or not a JSON record) is dropped and its work
 redone; a bad line before the last is not a crash's doing, so it stops the run (ConfigError
 naming ``remedy``) rather than silently dropping what follows it.
@@ -60,6 +63,30 @@ def resume(path: Path, *, what: str, remedy: str, key: str = "id") -> list[dict[
         with Path(path).open("r+b") as f:
             f.truncate(good)
     return records
+
+
+def check_identity(run_json: Path, records: Path, ident: dict[str, Any], *, remedy: str,
+                   ) -> None:
+    """Raise ConfigError when ``run_json`` records another ``identity`` than ``ident`` (only
+    its keys count, so a run from before a key existed still resumes), or when ``records``
+    exists without it (nothing says what made them)."""
+    out = run_json.parent
+    if not run_json.is_file():
+        if records.is_file():
+            raise ConfigError(f"{out} has {records.name} but no {run_json.name}, so it cannot "
+                              f"be resumed safely; {remedy}")
+        return
+    try:
+        stored = json.loads(run_json.read_text(encoding="utf-8"))["identity"]
+        if not isinstance(stored, dict):
+            raise TypeError("its identity is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{run_json} is unreadable ({e}); {remedy}") from e
+    diff = {k: (stored.get(k), v) for k, v in ident.items() if stored.get(k) != v}
+    if diff:
+        what = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise ConfigError(f"{out} holds a run made with other settings or data ({what}); "
+                          f"{remedy}")
 
 
 def append_record(f: TextIO, row: dict[str, Any]) -> None:

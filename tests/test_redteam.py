@@ -150,6 +150,10 @@ def test_redteam_command_on_the_tiny_preset(tmp_path: Path) -> None:
     again = CliRunner().invoke(app, args)  # resumed: nothing is asked twice
     assert again.exit_code == 0
     assert len((tmp_path / "rt" / "results.jsonl").read_text().splitlines()) == len(lines)
+    # resuming with other seeds (or another index, model, threshold) would mix two runs
+    other = CliRunner().invoke(app, [*args, "--seed", "1"])
+    assert other.exit_code == 2 and "seed: was 0, now 1" in other.output, other.output
+    assert len((tmp_path / "rt" / "results.jsonl").read_text().splitlines()) == len(lines)
     # mistakes end in one line before any work: an unknown preset, an --out that is a file
     for bad, message in ((["--preset", "bogus"], "unknown preset"),
                          (["--out", str(tmp_path / "rt" / "report.md")], "is a file"),

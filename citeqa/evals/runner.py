@@ -34,7 +34,7 @@ from citeqa.config import MAX_PASSAGES
 from citeqa.errors import CiteqaError, ConfigError
 from citeqa.evals.metrics import threshold_json
 from citeqa.evals.squad import QAItem, articles_for_split, load_questions
-from citeqa.journal import append_record, read_records, resume
+from citeqa.journal import append_record, check_identity, read_records, resume
 from citeqa.pipeline import STAND_IN_NOTE, Pipeline
 from citeqa.retrieval.store import MANIFEST, how_to_build, sha256_file
 from citeqa.types import Answer, Document, Hit
@@ -93,27 +93,8 @@ def identity(spec: RunSpec, dataset_sha256: str, manifest_sha256: str) -> dict[s
 
 def check_resumable(out: Path, ident: dict[str, Any]) -> None:
     """Raise ConfigError when ``out`` holds a run made with another identity."""
-    path = Path(out) / RUN_JSON
-    if not path.is_file():
-        if (Path(out) / PREDICTIONS).is_file():
-            raise ConfigError(
-                f"{out} has {PREDICTIONS} but no {RUN_JSON}, so it cannot be resumed safely; "
-                "pass --force to start over or choose another --out"
-            )
-        return
-    try:
-        stored = json.loads(path.read_text(encoding="utf-8"))["identity"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(
-            f"{path} is unreadable ({e}); pass --force to start over or choose another --out"
-        ) from e
-    diff = {k: (stored.get(k), v) for k, v in ident.items() if stored.get(k) != v}
-    if diff:
-        what = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise ConfigError(
-            f"{out} holds a run made with other settings or data ({what}); pass --force to "
-            "start over there, or choose another --out"
-        )
+    check_identity(Path(out) / RUN_JSON, Path(out) / PREDICTIONS, ident,
+                   remedy="pass --force to start over there, or choose another --out")
 
 
 def git_revision(root: Path = _ROOT) -> str:

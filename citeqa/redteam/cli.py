@@ -56,11 +56,19 @@ def redteam(
                    f"not {url!r}")
     if api_key is not None and url is None:
         raise fail("--api-key goes with --url (a running server); in process no key is needed")
+    from citeqa.evals.metrics import threshold_json
     from citeqa.redteam.corpus import Corpus
     from citeqa.redteam.maker import Seed, make_variants
-    from citeqa.redteam.run import ask_all, probes, sample_seeds, summarize, write_report
+    from citeqa.redteam.run import (
+        ask_all,
+        probes,
+        sample_seeds,
+        start_run,
+        summarize,
+        write_report,
+    )
     from citeqa.redteam.writer import write_questions
-    from citeqa.retrieval.store import Index
+    from citeqa.retrieval.store import MANIFEST, Index, sha256_file
 
     try:
         idx = Index.load(index)
@@ -99,6 +107,10 @@ def redteam(
             pipeline = Pipeline.from_settings(Settings(preset=preset_name, index=index))  # type: ignore[arg-type]
             ask, threshold = pipeline.ask_many, pipeline.decline_threshold()
             service = f"in process ({pipeline.generator.backend.model_id})"
+        start_run(out, {"index_manifest_sha256": sha256_file(index / MANIFEST),
+                        "seeds_from": seeds_from, "n": n, "seed": seed,
+                        "per_passage": None if questions is not None else per_passage,
+                        "service": service, "threshold": threshold_json(threshold)})
         records = ask_all(asks, ask, out, batch=batch, progress=progress)
         summary = summarize(records, threshold)
         setup = {"index": str(index), "seeds_from": seeds_from, "seeds": len(seeds),

@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from citeqa.atomic import write_text_atomic
 from citeqa.evals.metrics import is_correct, threshold_json
-from citeqa.journal import append_record, read_records, resume
+from citeqa.journal import append_record, check_identity, read_records, resume
 from citeqa.redteam.maker import UNANSWERABLE_KINDS, Seed, Variant
 from citeqa.types import Answer, AskArgs
 
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 RESULTS, SUMMARY, REPORT, PLOT = ("results.jsonl", "summary.json", "report.md",
                                   "false_answers_vs_threshold.png")
+RUN = "run.json"  # the run's identity, written before the first question (journal.py)
 ORIGINAL = "original"  # the kind of a seed asked as it is (an answerable control)
 THRESHOLDS = np.linspace(0.0, 1.0, 101)
 WORST = 10  # failures shown in the report
@@ -112,6 +114,15 @@ def done_ids(path: Path) -> set[str]:
     """Probe ids already in a results file (a cut last line is dropped, and redone; a bad line
     before it stops the run: ``journal.resume``)."""
     return {str(r["id"]) for r in resume(path, **_RESULT)}
+
+
+def start_run(out: Path, ident: dict[str, Any]) -> None:
+    """Refuse to resume ``out`` when it holds a run with another identity (index, seeds, model,
+    threshold: their results would mix), else record ``ident`` there."""
+    out.mkdir(parents=True, exist_ok=True)
+    check_identity(out / RUN, out / RESULTS, ident,
+                   remedy="delete that run's files or choose another --out")
+    write_text_atomic(out / RUN, json.dumps({"identity": ident}, indent=2) + "\n")
 
 
 def ask_all(probes_: Sequence[Probe], ask: Asker, out: Path, *, batch: int = 4,
