@@ -306,6 +306,16 @@ def save_index(out: Path, **parts: Any) -> dict[str, Any]:
 # --- reading ---------------------------------------------------------------------------------
 
 
+def passages_of(documents: Sequence[Document], spans: Sequence[Sequence[int]],
+                passage_doc: Sequence[int]) -> list[Passage]:
+    """Passage i: ``spans[i]`` = (start, end) in ``documents[passage_doc[i]]``."""
+    return [
+        Passage(passage_id=i, doc_id=documents[row].doc_id, start=int(start), end=int(end),
+                text=documents[row].text[start:end])
+        for i, ((start, end), row) in enumerate(zip(spans, passage_doc, strict=True))
+    ]
+
+
 @dataclass
 class Index:
     """A loaded index: documents, passages (with text), the BM25 and dense indexes."""
@@ -361,21 +371,9 @@ class Index:
             raise IndexError_(
                 f"index {directory}: the dense index does not match the manifest; rebuild it"
             )
-        passages = [
-            Passage(
-                passage_id=i,
-                doc_id=documents[row].doc_id,
-                start=int(start),
-                end=int(end),
-                text=documents[row].text[start:end],
-            )
-            for i, ((start, end), row) in enumerate(
-                zip(spans.tolist(), passage_doc.tolist(), strict=True)
-            )
-        ]
         return cls(
             documents={d.doc_id: d for d in documents},
-            passages=passages,
+            passages=passages_of(documents, spans.tolist(), passage_doc.tolist()),
             manifest=manifest,
             bm25=bm25,
             dense=dense,

@@ -31,9 +31,9 @@ from citeqa.retrieval.chunk import chunk_document
 from citeqa.retrieval.dense import DenseIndex
 from citeqa.retrieval.embed import Embedder
 from citeqa.retrieval.retriever import config_from_manifest
-from citeqa.retrieval.store import Index, save_index
+from citeqa.retrieval.store import Index, passages_of, save_index
 from citeqa.text import tokenize
-from citeqa.types import Document, Passage
+from citeqa.types import Document
 
 log = logging.getLogger(__name__)
 
@@ -165,13 +165,9 @@ def apply_update(
     )
     log.info("index %s updated: +%d -%d documents, %d passages", out, len(update.add),
              len(removed), len(spans))
-    passages = [
-        Passage(i, docs[row].doc_id, s, e, docs[row].text[s:e])
-        for i, ((s, e), row) in enumerate(zip(spans, passage_doc, strict=True))
-    ]
     new_index = Index(
         documents={d.doc_id: d for d in docs},
-        passages=passages,
+        passages=passages_of(docs, spans, passage_doc),
         manifest=manifest,
         bm25=bm25,
         dense=dense,
