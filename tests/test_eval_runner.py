@@ -224,6 +224,9 @@ def test_the_same_system_named_otherwise_resumes(tmp_path: Path) -> None:
         check_same_system(tmp_path, desc(f"{tmp_path}/ad"), desc(f"{tmp_path}/other"))
     with pytest.raises(ConfigError, match="pin it"):
         check_same_system(tmp_path, desc("packaged"), desc("packaged", model_id="m+fp16w"))
+    with pytest.raises(ConfigError, match=r"model_id: was 'm\+bf16', now 'n\+bf16'") as info:
+        check_same_system(tmp_path, desc("packaged"), desc("packaged", model_id="n+bf16"))
+    assert "pin it" not in str(info.value)  # another model, not another compute type
 
 
 def test_a_threshold_no_score_reaches_is_recorded_and_resumes(

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import random
+import re
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -136,6 +137,7 @@ def describe_pipeline(pipeline: Pipeline, min_score: float | None) -> dict[str, 
 _SYSTEM_KEYS = ("generator_model_id", "scorer", "threshold")
 _SPEED_ONLY = frozenset({"threads", "concurrency", "compile"})
 _PATHS = frozenset({"model", "adapter"})
+_DTYPES = re.compile(r"bf16-int8w|fp16-linear|fp16w|bf16|fp32")  # in model ids and scorer names
 
 
 def check_same_system(out: Path, stored: dict[str, Any], now: dict[str, Any]) -> None:
@@ -157,9 +159,12 @@ def check_same_system(out: Path, stored: dict[str, Any], now: dict[str, Any]) ->
         what = "; ".join(
             f"{k}: was {before[k]!r}, now {after[k]!r}" if k != "config" else
             "config: " + ", ".join(_config_changes(before[k], after[k])) for k in diff)
+        dtype_only = all(_DTYPES.sub("", str(before[k])) == _DTYPES.sub("", str(after[k]))
+                         for k in ("generator_model_id", "scorer"))
         probe = ("; with CITEQA_CPU_DTYPE=auto (the default) a timed probe picks the compute "
                  "type at start, so pin it (e.g. CITEQA_CPU_DTYPE=bf16) to resume on a busy "
-                 "machine" if {"generator_model_id", "scorer"} & set(diff) else "")
+                 "machine" if dtype_only and {"generator_model_id", "scorer"} & set(diff)
+                 else "")
         raise ConfigError(
             f"{out} holds a run made by another system ({what}): a CITEQA_* setting (adapter, "
             f"reward model, generator, compute type) or the code changed since{probe}. Pass "
