@@ -10,8 +10,7 @@ declines below a calibrated threshold.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from citeqa.lazy import lazy_exports
 
 # Re-exported lazily (PEP 562): importing a submodule, such as the CLI's commands, must not load
 # torch through this package's own import.
@@ -32,10 +31,4 @@ _HOMES = {
 }
 
 __all__ = sorted(_HOMES)
-
-
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{home}"), name)
+__getattr__ = lazy_exports(__name__, _HOMES)

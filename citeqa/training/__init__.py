@@ -10,8 +10,7 @@ does not pull in torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from citeqa.lazy import lazy_exports
 
 _EXPORTS = {
     "Demo": "demos",
@@ -29,9 +28,4 @@ _EXPORTS = {
     "train_lora": "sft",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
