@@ -23,10 +23,15 @@ from typing import TextIO
 @contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """A temporary sibling of ``path`` to write; it replaces ``path`` when the block ends."""
+    given = path
     path = Path(os.path.realpath(path))  # through a symbolic link, to the file it names
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {given}: no directory {path.parent}")
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else None
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # umask applies
+    # A new file gets the umask's mode, as a plain write would; a replacement stays private
+    # until it takes the old file's mode, so its content is never more readable than that.
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 if mode is None else 0o600))
     try:
         yield tmp
         with open(tmp, "rb") as f:

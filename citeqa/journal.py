@@ -67,10 +67,13 @@ def resume(path: Path, *, what: str, remedy: str, key: str = "id") -> list[dict[
 
 def check_identity(run_json: Path, records: Path, ident: dict[str, Any], *, remedy: str,
                    ) -> None:
-    """Raise ConfigError when ``run_json`` records another ``identity`` than ``ident`` (only
-    its keys count, so a run from before a key existed still resumes), or when ``records``
-    exists without it (nothing says what made them)."""
+    """Raise ConfigError when ``run_json`` records another ``identity`` than ``ident`` (the keys
+    of ``ident`` are compared: one the stored identity lacks counts as None there), or when
+    ``records`` exists without it (nothing says what made them). A run that recorded no
+    complete record yet has nothing to mix: it may start again with another identity."""
     out = run_json.parent
+    if not has_records(records):
+        return
     if not run_json.is_file():
         if records.is_file():
             raise ConfigError(f"{out} has {records.name} but no {run_json.name}, so it cannot "
@@ -87,6 +90,14 @@ def check_identity(run_json: Path, records: Path, ident: dict[str, Any], *, reme
         what = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
         raise ConfigError(f"{out} holds a run made with other settings or data ({what}); "
                           f"{remedy}")
+
+
+def has_records(records: Path) -> bool:
+    """Whether ``records`` holds a complete (newline-ended) line."""
+    if not records.is_file():
+        return False
+    with records.open("rb") as f:
+        return any(line.endswith(b"\n") and line.strip() for line in f)
 
 
 def append_record(f: TextIO, row: dict[str, Any]) -> None:

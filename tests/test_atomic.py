@@ -27,6 +27,18 @@ def test_a_finished_write_replaces_the_file(tmp_path: Path) -> None:
     assert os.stat(fresh).st_mode & 0o777 == 0o640  # as any write under that umask
 
 
+def test_a_private_file_stays_private_and_a_missing_folder_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text("{}")
+    path.chmod(0o600)
+    with atomic_path(path) as tmp:
+        assert os.stat(tmp).st_mode & 0o777 == 0o600  # while the new content is written
+        tmp.write_text('{"k": 1}')
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    with pytest.raises(FileNotFoundError, match=r"cannot write .*missing/run.json: no directory"):
+        write_text_atomic(tmp_path / "missing" / "run.json", "{}")
+
+
 def test_a_symbolic_link_is_written_through(tmp_path: Path) -> None:
     target = tmp_path / "real.jsonl"
     target.write_text("old\n")

@@ -207,21 +207,28 @@ def test_refuses_to_resume_with_another_system(
     assert run["pipeline"]["config"]["generation"]["threads"] == 3  # recorded, not dropped
 
 
-def test_the_same_system_named_otherwise_resumes(tmp_path: Path) -> None:
-    """Another path to the same adapter, or settings of speed alone, are the same system; an
-    adapter elsewhere is not, and a changed model id says how to pin the compute type."""
-    from citeqa.evals.runner import check_same_system
+def test_the_same_system_named_otherwise_resumes(tmp_path: Path, monkeypatch) -> None:
+    """Another path to the same adapter (recorded resolved), or settings of speed alone, are
+    the same system; an adapter elsewhere is not, and a changed model id says how to pin the
+    compute type only when the compute type is what changed."""
+    from citeqa.evals.runner import _resolved_paths, check_same_system
 
     (tmp_path / "ad").mkdir()
-    def desc(adapter: str, concurrency: int = 8, model_id: str = "m+bf16") -> dict:
-        return {"generator_model_id": model_id, "scorer": "s", "threshold": 0.3,
-                "config": {"generation": {"adapter": adapter, "concurrency": concurrency,
-                                          "threads": None},
-                           "reward": {"model": "default", "compile": False}}}
+    (tmp_path / "other").mkdir()
 
-    check_same_system(tmp_path, desc(f"{tmp_path}/ad"), desc(f"{tmp_path}/./ad/", 16))
+    def desc(adapter: str, concurrency: int = 8, model_id: str = "m+bf16",
+             compiled: bool = False) -> dict:
+        return {"generator_model_id": model_id, "scorer": "s" + (", compiled" * compiled),
+                "threshold": 0.3,
+                "config": _resolved_paths({
+                    "generation": {"adapter": adapter, "concurrency": concurrency,
+                                   "threads": None},
+                    "reward": {"model": "default", "compile": compiled}})}
+
+    monkeypatch.chdir(tmp_path)
+    check_same_system(tmp_path, desc("ad"), desc(f"{tmp_path}/./ad/", 16, compiled=True))
     with pytest.raises(ConfigError, match="generation.adapter was"):
-        check_same_system(tmp_path, desc(f"{tmp_path}/ad"), desc(f"{tmp_path}/other"))
+        check_same_system(tmp_path, desc(f"{tmp_path}/ad"), desc("other"))
     with pytest.raises(ConfigError, match="pin it"):
         check_same_system(tmp_path, desc("packaged"), desc("packaged", model_id="m+fp16w"))
     with pytest.raises(ConfigError, match=r"model_id: was 'm\+bf16', now 'n\+bf16'") as info:

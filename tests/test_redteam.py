@@ -154,6 +154,15 @@ def test_redteam_command_on_the_tiny_preset(tmp_path: Path) -> None:
     other = CliRunner().invoke(app, [*args, "--seed", "1"])
     assert other.exit_code == 2 and "seed: was 0, now 1" in other.output, other.output
     assert len((tmp_path / "rt" / "results.jsonl").read_text().splitlines()) == len(lines)
+    other = CliRunner().invoke(app, args, env={"CITEQA_ANSWER_MODE": "free"})  # another system
+    assert other.exit_code == 2 and "answer_mode was 'span', now 'free'" in other.output
+    assert "delete that run's files" in other.output
+    # an --n above the seeds asks what no --n asks: the same run, resumed
+    assert CliRunner().invoke(app, [*args, "--n", "100000"]).exit_code == 0
+    assert len((tmp_path / "rt" / "results.jsonl").read_text().splitlines()) == len(lines)
+    # a run that recorded no result yet may start again with other options
+    (tmp_path / "rt" / "results.jsonl").write_text("")
+    assert CliRunner().invoke(app, [*args, "--seed", "1"]).exit_code == 0
     # mistakes end in one line before any work: an unknown preset, an --out that is a file
     for bad, message in ((["--preset", "bogus"], "unknown preset"),
                          (["--out", str(tmp_path / "rt" / "report.md")], "is a file"),

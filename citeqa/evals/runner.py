@@ -35,7 +35,7 @@ from citeqa.config import MAX_PASSAGES
 from citeqa.errors import CiteqaError, ConfigError
 from citeqa.evals.metrics import threshold_json
 from citeqa.evals.squad import QAItem, articles_for_split, load_questions
-from citeqa.journal import append_record, check_identity, read_records, resume
+from citeqa.journal import append_record, check_identity, has_records, read_records, resume
 from citeqa.pipeline import STAND_IN_NOTE, Pipeline
 from citeqa.retrieval.store import MANIFEST, how_to_build, sha256_file
 from citeqa.types import Answer, Document, Hit
@@ -126,7 +126,7 @@ def describe_pipeline(pipeline: Pipeline, min_score: float | None) -> dict[str, 
         "scorer_note": STAND_IN_NOTE if pipeline.scorer is None else None,
         # the pipeline's own rule, not a copy
         "threshold": threshold_json(pipeline.decline_threshold(min_score)),
-        "config": _finite_json(asdict(pipeline.cfg)),  # a threshold may be inf
+        "config": _resolved_paths(_finite_json(asdict(pipeline.cfg))),  # a threshold may be inf
     }
 
 
@@ -136,22 +136,25 @@ def describe_pipeline(pipeline: Pipeline, min_score: float | None) -> dict[str, 
 # other paths (the model id holds the adapter's hash).
 _SYSTEM_KEYS = ("generator_model_id", "scorer", "threshold")
 _SPEED_ONLY = frozenset({"threads", "concurrency", "compile"})
-_PATHS = frozenset({"model", "adapter"})
+_PATHS = frozenset({"model", "adapter"})  # recorded resolved: one directory, one name
+_COMPILED = ", compiled"  # a compiled scorer's name ends so (reward/scorer.py)
 _DTYPES = re.compile(r"bf16-int8w|fp16-linear|fp16w|bf16|fp32")  # in model ids and scorer names
 
 
-def check_same_system(out: Path, stored: dict[str, Any], now: dict[str, Any]) -> None:
+def check_same_system(out: Path, stored: dict[str, Any], now: dict[str, Any], *,
+                      remedy: str = "pass --force to start over there, or choose another --out",
+                      ) -> None:
     """Raise ConfigError when the run in ``out`` was made by another system than ``now``
     (``describe_pipeline``'s): resuming would mix two systems' answers in one run."""
     def system(desc: dict[str, Any]) -> dict[str, Any]:
         config: dict[str, Any] = {}
         for name, part in (desc.get("config") or {}).items():
             if isinstance(part, dict):  # a copy: ``desc`` is written to run.json as it is
-                part = {k: os.path.realpath(v) if k in _PATHS and isinstance(v, str)
-                        and os.sep in v else v
-                        for k, v in part.items() if k not in _SPEED_ONLY}
+                part = {k: v for k, v in part.items() if k not in _SPEED_ONLY}
             config[name] = part
-        return {**{k: desc.get(k) for k in _SYSTEM_KEYS}, "config": config}
+        found = {k: desc.get(k) for k in _SYSTEM_KEYS}
+        found["scorer"] = str(found["scorer"]).removesuffix(_COMPILED)  # speed alone
+        return {**found, "config": config}
 
     before, after = system(stored), system(now)
     diff = [k for k in (*_SYSTEM_KEYS, "config") if before[k] != after[k]]
@@ -167,8 +170,7 @@ def check_same_system(out: Path, stored: dict[str, Any], now: dict[str, Any]) ->
                  else "")
         raise ConfigError(
             f"{out} holds a run made by another system ({what}): a CITEQA_* setting (adapter, "
-            f"reward model, generator, compute type) or the code changed since{probe}. Pass "
-            "--force to start over there, or choose another --out"
+            f"reward model, generator, compute type) or the code changed since{probe}; {remedy}"
         )
 
 
@@ -181,6 +183,14 @@ def _config_changes(before: dict[str, Any], after: dict[str, Any], prefix: str =
         elif a != b:
             out.append(f"{prefix}{k} was {a!r}, now {b!r}")
     return out
+
+
+def _resolved_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with its model and adapter directories as absolute, resolved paths, so that
+    a run names them the same from any working directory."""
+    return {name: {k: os.path.realpath(v) if k in _PATHS and isinstance(v, str)
+                   and os.path.isdir(v) else v for k, v in part.items()}
+            if isinstance(part, dict) else part for name, part in config.items()}
 
 
 def _finite_json(obj: Any) -> Any:
@@ -363,7 +373,7 @@ def run_eval(
     run_path = out / RUN_JSON
     if run_path.is_file():
         previous = json.loads(run_path.read_text(encoding="utf-8"))
-        if isinstance(previous.get("pipeline"), dict):  # before any question is asked
+        if isinstance(previous.get("pipeline"), dict) and has_records(out / PREDICTIONS):
             check_same_system(out, previous["pipeline"], run_info["pipeline"])
         run_info["started"] = previous.get("started", run_info["started"])
     run_info["updated"] = _now()

@@ -57,6 +57,7 @@ def redteam(
     if api_key is not None and url is None:
         raise fail("--api-key goes with --url (a running server); in process no key is needed")
     from citeqa.evals.metrics import threshold_json
+    from citeqa.evals.runner import describe_pipeline
     from citeqa.redteam.corpus import Corpus
     from citeqa.redteam.maker import Seed, make_variants
     from citeqa.redteam.run import (
@@ -87,6 +88,7 @@ def redteam(
         if not seeds:
             raise fail("no answerable seed questions: pass --questions with contexts, or an "
                        "index whose passages hold names, numbers or years")
+        sampled = n is not None and n < len(seeds)  # else every seed, whatever --n says
         seeds = sample_seeds(seeds, n, seed)
         corpus = Corpus.build(texts)
         variants = make_variants(seeds, corpus, seed=seed)
@@ -99,7 +101,7 @@ def redteam(
             def ask(items):  # one request each: the server batches concurrent ones itself
                 return [client.answer(a.question) for a in items]
 
-            threshold, service = None, url
+            threshold, service, system = None, url, None
         else:
             from citeqa.config import Settings
             from citeqa.pipeline import Pipeline
@@ -107,10 +109,13 @@ def redteam(
             pipeline = Pipeline.from_settings(Settings(preset=preset_name, index=index))  # type: ignore[arg-type]
             ask, threshold = pipeline.ask_many, pipeline.decline_threshold()
             service = f"in process ({pipeline.generator.backend.model_id})"
-        start_run(out, {"index_manifest_sha256": sha256_file(index / MANIFEST),
-                        "seeds_from": seeds_from, "n": n, "seed": seed,
-                        "per_passage": None if questions is not None else per_passage,
-                        "service": service, "threshold": threshold_json(threshold)})
+            system = describe_pipeline(pipeline, None)  # checked as the eval's (runner.py)
+        start_run(out, {
+            "index_manifest_sha256": sha256_file(index / MANIFEST),
+            "questions_sha256": sha256_file(questions) if questions is not None else None,
+            "split": split, "n": n if sampled else None, "seed": seed,
+            "per_passage": None if questions is not None else per_passage,
+            "url": url, "threshold": threshold_json(threshold)}, system)
         records = ask_all(asks, ask, out, batch=batch, progress=progress)
         summary = summarize(records, threshold)
         setup = {"index": str(index), "seeds_from": seeds_from, "seeds": len(seeds),

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from citeqa.atomic import write_text_atomic
 from citeqa.evals.metrics import is_correct, threshold_json
-from citeqa.journal import append_record, check_identity, read_records, resume
+from citeqa.journal import append_record, check_identity, has_records, read_records, resume
 from citeqa.redteam.maker import UNANSWERABLE_KINDS, Seed, Variant
 from citeqa.types import Answer, AskArgs
 
@@ -116,13 +116,21 @@ def done_ids(path: Path) -> set[str]:
     return {str(r["id"]) for r in resume(path, **_RESULT)}
 
 
-def start_run(out: Path, ident: dict[str, Any]) -> None:
-    """Refuse to resume ``out`` when it holds a run with another identity (index, seeds, model,
-    threshold: their results would mix), else record ``ident`` there."""
+def start_run(out: Path, ident: dict[str, Any], system: dict[str, Any] | None) -> None:
+    """Refuse to resume ``out`` when it holds results of a run with another identity (index,
+    seeds, server, threshold) or, in process, another system (``system``: models and settings,
+    ``evals.runner.describe_pipeline``'s): their results would mix. Else record both there."""
+    from citeqa.evals.runner import check_same_system
+
     out.mkdir(parents=True, exist_ok=True)
-    check_identity(out / RUN, out / RESULTS, ident,
-                   remedy="delete that run's files or choose another --out")
-    write_text_atomic(out / RUN, json.dumps({"identity": ident}, indent=2) + "\n")
+    remedy = "delete that run's files or choose another --out"
+    check_identity(out / RUN, out / RESULTS, ident, remedy=remedy)
+    if system is not None and has_records(out / RESULTS):
+        stored = json.loads((out / RUN).read_text(encoding="utf-8")).get("pipeline")
+        check_same_system(out, stored if isinstance(stored, dict) else {}, system,
+                          remedy=remedy)
+    write_text_atomic(out / RUN, json.dumps({"identity": ident, "pipeline": system},
+                                            indent=2) + "\n")
 
 
 def ask_all(probes_: Sequence[Probe], ask: Asker, out: Path, *, batch: int = 4,
