@@ -75,10 +75,8 @@ def check_identity(run_json: Path, records: Path, ident: dict[str, Any], *, reme
     if not has_records(records):
         return
     if not run_json.is_file():
-        if records.is_file():
-            raise ConfigError(f"{out} has {records.name} but no {run_json.name}, so it cannot "
-                              f"be resumed safely; {remedy}")
-        return
+        raise ConfigError(f"{out} has {records.name} but no {run_json.name}, so it cannot "
+                          f"be resumed safely; {remedy}")
     try:
         stored = json.loads(run_json.read_text(encoding="utf-8"))["identity"]
         if not isinstance(stored, dict):
