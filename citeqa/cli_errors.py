@@ -27,10 +27,16 @@ def check_preset(name: str) -> None:
 def check_run_options(*, preset: str, out: Path, answer_mode: str | None = None) -> None:
     """Fail (status 2) before any work for what a run command (eval, redteam) would only trip
     over later: an unknown settings preset, an --out that is a file, an unknown answer mode."""
-    from citeqa.generation.format import ANSWER_MODES
-
     check_preset(preset)
     if out.exists() and not out.is_dir():
         raise fail(f"--out {out} is a file; give a run directory (created when missing)")
+    check_answer_mode(answer_mode)
+
+
+def check_answer_mode(answer_mode: str | None) -> None:
+    """Fail (status 2) for an --answer-mode that is not one of the answer modes (None: the
+    preset's)."""
+    from citeqa.generation.format import ANSWER_MODES
+
     if answer_mode is not None and answer_mode not in ANSWER_MODES:
         raise fail(f"--answer-mode must be one of {list(ANSWER_MODES)}, not {answer_mode!r}")

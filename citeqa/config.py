@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from citeqa.compute import CpuDtype
 from citeqa.errors import ConfigError
+from citeqa.generation.format import AnswerMode
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class GenerationConfig:
     # quote); "free": a free-text answer (extractive_answer applies), then any quote (large
     # generators that write sentences; the reward model then judges support). Both write the
     # answer first, the layout the shipped adapter was trained on (format.py).
-    answer_mode: str = "span"
+    answer_mode: AnswerMode = "span"
     # Prompt-lookup draft length while copying a quote; 0 = off. Lossless for greedy rows. On 2
     # CPU cores (benchmarks/bench_ask.py, 50 eval questions) 16 beat 8 (p50 2.28 s vs 2.52 s,
     # fp32 weights); 32 gave the same total/prefill ratio as 16 (1.42, fp16 weights), and again
@@ -205,7 +206,7 @@ class Settings(BaseSettings):
     # compile the reward model at start (RewardConfig.compile): faster scoring on a CPU for
     # ~40 s more start-up; needs a C++ compiler (else it scores eagerly)
     reward_compile: bool = False
-    answer_mode: Literal["span", "free"] | None = None  # overrides the preset's answer mode
+    answer_mode: AnswerMode | None = None  # overrides the preset's answer mode
     # overrides the presets' CPU compute format (generator, embedder, training; see compute.py)
     cpu_dtype: CpuDtype | None = None
     # a remote generator (an OpenAI-compatible engine such as vLLM) instead of a local model

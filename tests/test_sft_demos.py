@@ -334,5 +334,5 @@ def test_cli_generator_data_answer_mode(tmp_path: Path, corpus: tuple[Path, Path
     assert span.exit_code == 0, span.output
     bad = CliRunner().invoke(app, [*args, "--answer-mode", "quote-first",
                                    "--out", str(tmp_path / "bad.jsonl")])
-    assert bad.exit_code == 2 and "--answer-mode must be span or free" in bad.output
+    assert bad.exit_code == 2 and "--answer-mode must be one of ['span', 'free']" in bad.output
     assert not (tmp_path / "bad.jsonl").exists()

@@ -7,7 +7,7 @@ becomes a 422 before any handler runs. Responses mirror ``citeqa.types`` (``Answ
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
@@ -30,6 +30,7 @@ from citeqa.config import (
     MAX_SOURCE_CHARS,
     MAX_TITLE_CHARS,
 )
+from citeqa.generation.format import AnswerMode
 from citeqa.types import DOC_ID_PATTERN, MAX_DOC_ID_CHARS
 
 # GET /v1/documents pages: at most this many documents per request.
@@ -146,7 +147,7 @@ class AnswerRequest(_Request):
         "certifies, or one above 0.99, declines every question, and the reason says up to "
         "which target the calibration certifies)",
     )
-    answer_mode: Literal["span", "free"] | None = Field(
+    answer_mode: AnswerMode | None = Field(
         default=None,
         description="span: the answer is a span of a passage and its quote a stretch of a "
         "passage that contains it, enforced while decoding (the default); free: a free-text "

@@ -17,10 +17,10 @@ The prompt (``prompt.py``), the grammars (``constraint.py``) and the parser (``p
 derive from these constants.
 """
 
-from typing import Literal
+from typing import Literal, get_args
 
 AnswerMode = Literal["span", "free"]
-ANSWER_MODES: tuple[str, ...] = ("span", "free")
+ANSWER_MODES: tuple[str, ...] = get_args(AnswerMode)
 
 ANSWER_PREFIX = "Answer: "
 QUOTE_PREFIX = "Quote ["  # followed by the passage number, then QUOTE_SEPARATOR

@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from citeqa.atomic import atomic_open
-from citeqa.cli_errors import check_preset, fail
+from citeqa.cli_errors import check_answer_mode, check_preset, fail
 from citeqa.config import MAX_CANDIDATES, Settings, preset
 from citeqa.errors import CiteqaError
 from citeqa.logs import setup_logging
@@ -362,8 +362,7 @@ def _redteam_data(items, out, seed, progress) -> dict:
 def _with_mode(gen, answer_mode: str | None):
     if answer_mode is None:
         return gen
-    if answer_mode not in ("span", "free"):
-        raise fail(f"--answer-mode must be span or free, not {answer_mode!r}")
+    check_answer_mode(answer_mode)
     return replace(gen, answer_mode=answer_mode)
 
 
