@@ -34,6 +34,7 @@ def read_records(path: Path, *, what: str, remedy: str, key: str = "id",
     if not path.is_file():
         return [], 0
     *lines, tail = path.read_bytes().split(b"\n")  # tail: bytes after the last newline
+    last = max((i for i, raw in enumerate(lines) if raw.strip()), default=-1)  # blanks skipped
     records: list[dict[str, Any]] = []
     good = 0
     for i, raw in enumerate(lines):
@@ -43,7 +44,7 @@ def read_records(path: Path, *, what: str, remedy: str, key: str = "id",
             except ValueError:
                 row = None
             if not isinstance(row, dict) or key not in row:
-                if i == len(lines) - 1 and not tail.strip():
+                if i == last and not tail.strip():
                     log.warning("%s: dropping a damaged last line; its work is redone", path)
                     return records, good
                 raise ConfigError(f"{path}:{i + 1} is not a {what} and is not the last line; "

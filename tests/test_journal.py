@@ -1,0 +1,115 @@
+"""The resumable JSON-lines journal (citeqa/journal.py): what a crash leaves is dropped and
+redone, a damaged line before the last stops the run, and a run resumes only as itself."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from citeqa.errors import ConfigError
+from citeqa.journal import append_record, check_identity, has_records, read_records, resume
+
+WHAT = dict(what="test record", remedy="start over")
+
+
+def lines(*rows: object) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+
+
+def test_a_missing_file_holds_no_records(tmp_path: Path) -> None:
+    assert read_records(tmp_path / "none.jsonl", **WHAT) == ([], 0)
+    assert resume(tmp_path / "none.jsonl", **WHAT) == []
+    assert not (tmp_path / "none.jsonl").exists() and not has_records(tmp_path / "none.jsonl")
+
+
+def test_records_and_blank_lines_are_read_back(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(lines({"id": 1}) + b"\n" + lines({"id": 2, "x": "é"}))
+    assert read_records(path, **WHAT) == ([{"id": 1}, {"id": 2, "x": "é"}], path.stat().st_size)
+
+
+@pytest.mark.parametrize("cut", [b'{"id": 3, "x"', b'{"id": 3}', b"garbage"])
+def test_a_last_line_without_its_newline_is_dropped_and_cut_off(tmp_path: Path, caplog,
+                                                                 cut: bytes) -> None:
+    path = tmp_path / "r.jsonl"
+    whole = lines({"id": 1}, {"id": 2})
+    path.write_bytes(whole + cut)
+    with caplog.at_level(logging.WARNING, logger="citeqa.journal"):
+        assert read_records(path, **WHAT) == ([{"id": 1}, {"id": 2}], len(whole))
+    assert "truncated last line" in caplog.text
+    assert resume(path, **WHAT) == [{"id": 1}, {"id": 2}]
+    assert path.read_bytes() == whole  # appending continues after the last complete record
+
+
+@pytest.mark.parametrize("damaged", [b'{"id": 3, "x"\n', b'{"other": 3}\n', b"[1, 2]\n",
+                                     b'{"id": 3}\x00\n'])
+def test_a_damaged_last_line_with_its_newline_is_dropped_too(tmp_path: Path, caplog,
+                                                              damaged: bytes) -> None:
+    path = tmp_path / "r.jsonl"
+    whole = lines({"id": 1})
+    path.write_bytes(whole + damaged + b"\n")  # a blank line after it changes nothing
+    with caplog.at_level(logging.WARNING, logger="citeqa.journal"):
+        assert read_records(path, **WHAT) == ([{"id": 1}], len(whole))
+    assert "damaged last line" in caplog.text
+    assert resume(path, **WHAT) == [{"id": 1}] and path.read_bytes() == whole
+
+
+def test_a_damaged_line_before_the_last_stops_the_run(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    before = lines({"id": 1}) + b"not json\n" + lines({"id": 3})
+    path.write_bytes(before)
+    for read in (read_records, resume):
+        with pytest.raises(ConfigError, match=r"r\.jsonl:2 is not a test record .*start over"):
+            read(path, **WHAT)
+    assert path.read_bytes() == before  # nothing is dropped
+
+
+def test_the_key_names_what_makes_a_record(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(lines({"qid": "a"}, {"qid": "b"}))
+    assert read_records(path, **WHAT, key="qid")[0] == [{"qid": "a"}, {"qid": "b"}]
+    with pytest.raises(ConfigError):
+        read_records(path, **WHAT)  # no "id": the first line is not a record
+
+
+def test_append_after_resume_continues_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(lines({"id": 1}) + b'{"id": 2')
+    resume(path, **WHAT)
+    with path.open("a", encoding="utf-8") as f:
+        append_record(f, {"id": 2, "x": "ü"})
+    assert read_records(path, **WHAT)[0] == [{"id": 1}, {"id": 2, "x": "ü"}]
+
+
+def test_has_records_counts_complete_lines_only(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    for body, expected in ((b"", False), (b"\n\n", False), (b'{"id": 1}', False),
+                           (lines({"id": 1}), True)):
+        path.write_bytes(body)
+        assert has_records(path) is expected, body
+
+
+def test_identity_is_checked_once_records_exist(tmp_path: Path) -> None:
+    run_json, records = tmp_path / "run.json", tmp_path / "r.jsonl"
+    ident = {"model": "m1", "seed": 0}
+    check_identity(run_json, records, ident, remedy="start over")  # nothing yet: fine
+    records.write_bytes(lines({"id": 1}))
+    with pytest.raises(ConfigError, match="no run.json"):
+        check_identity(run_json, records, ident, remedy="start over")
+    run_json.write_text(json.dumps({"identity": ident}))
+    check_identity(run_json, records, ident, remedy="start over")
+    with pytest.raises(ConfigError, match=r"model: was 'm1', now 'm2'; seed: was 0, now 1"):
+        check_identity(run_json, records, {"model": "m2", "seed": 1}, remedy="start over")
+    # a key the stored identity lacks counts as None there
+    check_identity(run_json, records, {**ident, "new": None}, remedy="start over")
+    with pytest.raises(ConfigError, match="new: was None, now 3"):
+        check_identity(run_json, records, {**ident, "new": 3}, remedy="start over")
+    run_json.write_text("{not json")
+    with pytest.raises(ConfigError, match="unreadable.*start over"):
+        check_identity(run_json, records, ident, remedy="start over")
+    # a run that recorded no complete record may start again with another identity
+    records.write_bytes(b'{"id": 1')
+    check_identity(run_json, records, {"model": "m2"}, remedy="start over")
