@@ -201,8 +201,11 @@ def test_forced_tokens_and_stop(hf_tok, ll_tok):
 def test_copy_is_independent(hf_tok, ll_tok):
     c = OutputConstraint(output_grammar(["alpha beta"]), ll_tok)
     twin = c.copy()
-    assert c.consume_many(hf_tok.encode("Answer: x", add_special_tokens=False))
-    assert twin.valid_prefix(hf_tok.encode("Answer: y", add_special_tokens=False)) >= 3
+    whole = hf_tok.encode("Answer: alpha\nQuote [1]: alpha beta", add_special_tokens=False)
+    assert c.consume_many(whole)
+    assert c.valid_prefix(whole) == 0  # the original is done: nothing but the end may follow
+    assert twin.valid_prefix(whole) == len(whole)  # the copy is still at the start
+    assert twin.consume_many(whole[:3]) and c.valid_prefix(whole) == 0
 
 
 def test_mask_time_per_token(hf_tok, ll_tok):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from evals.eval_paired import best_holds_gold, best_right, paired
 
@@ -35,8 +36,13 @@ def test_paired_interval_brackets_the_mean_difference() -> None:
     b = np.array([1, 1, 1, 1, 1, 0, 1, 0])
     mean, low, high = paired(a, b)
     assert mean == 0.25
-    assert low <= mean <= high
+    assert low < mean < high
     assert paired(a, a) == (0.0, 0.0, 0.0)
+    # 400 questions, B right on 100 more: the bootstrap interval is close to the normal one,
+    # 0.25 +- 1.96 * sqrt(0.25 * 0.75 / 400) = [0.208, 0.292]
+    mean, low, high = paired(np.zeros(400), np.repeat([1.0, 0.0], [100, 300]))
+    assert mean == 0.25
+    assert low == pytest.approx(0.208, abs=0.006) and high == pytest.approx(0.292, abs=0.006)
 
 
 def test_cli_compares_only_shared_answerable_questions(tmp_path: Path) -> None:

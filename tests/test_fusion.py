@@ -20,9 +20,11 @@ def test_known_values() -> None:
 def test_ties_break_by_best_rank_then_id() -> None:
     # 7 and 4 both rank first once: equal scores and best rank, so the lower id wins
     assert [d for d, _ in rrf([[7, 9], [4, 8]])] == [4, 7, 8, 9]
-    # equal score, different best rank cannot happen with two lists of one item each; check
-    # that the order does not depend on the order of the lists
+    # the order does not depend on the order of the lists
     assert rrf([[7, 9], [4, 8]]) == rrf([[4, 8], [7, 9]])
+    # with weights, equal scores can come from different ranks: 9 (1/1, rank 1) and 4 (2/2,
+    # rank 2) tie, and the better best rank wins over the lower id
+    assert [d for d, _ in rrf([[9], [5, 4]], k=0, weights=[1, 2])] == [5, 9, 4]
 
 
 def test_duplicates_within_a_list_count_once() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import find, given, settings
 from hypothesis import strategies as st
 
 from citeqa.errors import OutputFormatError
@@ -102,12 +102,42 @@ def test_round_trip(answer, quote, k, n):
     assert out == ParsedOutput(answer=answer.strip(), passage_number=k, quote=quote)
 
 
-@given(st.text(max_size=200))
-def test_random_text_parses_only_to_a_valid_shape(text):
+# Random text rarely starts with "Answer: ", so texts are also made in the format's shape, with
+# scraps of anything for the answer and quote and up to three characters then changed.
+SCRAP = st.text(min_size=1, max_size=8) | st.sampled_from(["1889", " Paris ", "\n", "]: ", *EOS_REMNANTS])
+
+
+@st.composite
+def pieced(draw) -> str:
+    text = f"Answer: {draw(SCRAP)}\nQuote [{draw(st.integers(0, 4))}]: {draw(SCRAP)}"
+    for _ in range(draw(st.sampled_from([0, 0, 1, 2, 3]))):
+        at = draw(st.integers(0, len(text)))
+        text = text[:at] + draw(st.sampled_from(["", "\n", " ", "[", "]", ":", "x"])) + text[
+            at + draw(st.integers(0, 1)):]
+    return text
+
+
+PIECED = pieced()
+
+
+def _parses(text: str) -> bool:
     try:
-        out = parse_output(text, 3)
+        parse_output(text, 3)
     except OutputFormatError:
+        return False
+    return True
+
+
+def test_pieced_texts_include_ones_that_parse():
+    assert _parses(find(PIECED, _parses))
+
+
+@settings(max_examples=300)
+@given(st.text(max_size=200) | PIECED)
+def test_random_text_parses_only_to_a_valid_shape(text):
+    if not _parses(text):
         return
+    out = parse_output(text, 3)
     assert out.answer and out.answer == out.answer.strip()
     assert "\n" not in out.answer and "\n" not in out.quote
     assert 1 <= out.passage_number <= 3

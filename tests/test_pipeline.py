@@ -201,6 +201,31 @@ def test_scorer_orders_candidates_and_its_threshold_applies():
     assert not p.ask("When did the Eiffel Tower open?", n_candidates=1).declined  # score 1.0
 
 
+class FixedScorer:
+    """Scorer stand-in: every candidate scores ``value``; its calibration says ``threshold``."""
+
+    def __init__(self, value: float, threshold: float) -> None:
+        self.value, self.threshold = value, threshold
+
+    def score(self, question: str, candidates: Sequence[Candidate],
+              documents: object = None) -> list[Candidate]:
+        return [replace(c, score=self.value) for c in candidates]
+
+
+@pytest.mark.parametrize(("value", "threshold", "declined"),
+                         [(0.4, 0.5, True), (0.6, 0.5, False), (0.4, 0.3, False)])
+def test_the_scorers_calibrated_threshold_decides(value, threshold, declined):
+    text = "Answer: 1889\nQuote [1]: It opened in 1889 as the entrance to the World's Fair."
+    p = pipeline(lambda r: [text] * r.n, cfg=UNCONSTRAINED, scorer=FixedScorer(value, threshold))
+    assert p.decline_threshold() == threshold
+    ans = p.ask("When did the Eiffel Tower open?")
+    assert ans.declined is declined and ans.score == value
+    assert (ans.answer is None) is declined
+    # a request's min_score overrides the calibration either way
+    assert p.ask("When did it open?", min_score=value + 0.05).declined
+    assert not p.ask("When did it open?", min_score=value - 0.05).declined
+
+
 def _quote() -> Quote:
     return Quote("x" * 20, "d", "t", "s", 0, 20)
 

@@ -128,9 +128,10 @@ def test_template_questions_hold_their_answer() -> None:
         assert any(w in s.question for w in ("what year", "how many", "what"))
 
 
-def test_redteam_command_on_the_tiny_preset(tmp_path: Path) -> None:
+def test_redteam_command_on_the_tiny_preset(tmp_path: Path, monkeypatch) -> None:
     from citeqa.cli import app
     from citeqa.config import preset
+    from citeqa.pipeline import Pipeline
     from citeqa.retrieval import build_index_from_documents
     from citeqa.types import Document
 
@@ -147,8 +148,17 @@ def test_redteam_command_on_the_tiny_preset(tmp_path: Path) -> None:
     assert len(lines) == summary["questions"]
     assert (tmp_path / "rt" / "false_answers_vs_threshold.png").read_bytes()[:4] == b"\x89PNG"
     assert "false-answer rate" in (tmp_path / "rt" / "report.md").read_text()
+    asked: list[str] = []
+    ask_many = Pipeline.ask_many
+    monkeypatch.setattr(Pipeline, "ask_many", lambda self, items: (
+        asked.extend(a.question for a in items), ask_many(self, items))[1])
     again = CliRunner().invoke(app, args)  # resumed: nothing is asked twice
-    assert again.exit_code == 0
+    assert again.exit_code == 0 and asked == []
+    assert (tmp_path / "rt" / "results.jsonl").read_text().splitlines() == lines
+    # a run cut short (here: its last two results lost) asks only what is missing
+    (tmp_path / "rt" / "results.jsonl").write_text("\n".join(lines[:-2]) + "\n")
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert sorted(asked) == sorted(json.loads(line)["question"] for line in lines[-2:])
     assert len((tmp_path / "rt" / "results.jsonl").read_text().splitlines()) == len(lines)
     # resuming with other seeds (or another index, model, threshold) would mix two runs
     other = CliRunner().invoke(app, [*args, "--seed", "1"])

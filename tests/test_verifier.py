@@ -99,11 +99,18 @@ def test_batches_are_padded_to_a_multiple_that_changes_no_score(tiny_encoder, to
 def test_pairs_and_batches_keep_groups_whole() -> None:
     examples = [item(label=1), item("King", 0), item("Paris", 0), item(group="q2", label=0)]
     assert pair_indices(examples) == ([0, 0], [1, 2])
-    groups = [examples[:3], examples[3:]] * 5
+    # ten groups of 1-3 examples, each its own id, and one of 6 (cut to the batch size)
+    groups = [[item(group=f"g{i}", label=j == 0) for j in range(1 + i % 3)] for i in range(10)]
+    groups.append([item(group="big", label=j == 0) for j in range(6)])
     out = batches(groups, 4, __import__("random").Random(0))
-    assert sum(len(b) for b in out) == 20 and all(len(b) <= 4 for b in out)
-    for b in out:
-        assert {ex.group for ex in b} in ({"q1"}, {"q2"}, {"q1", "q2"})
+    assert all(0 < len(b) <= 4 for b in out)
+    batch_of: dict[str, set[int]] = {}
+    for n, b in enumerate(out):
+        for ex in b:
+            batch_of.setdefault(ex.group, set()).add(n)
+    assert all(len(where) == 1 for where in batch_of.values()), batch_of  # never split
+    sizes = {g: sum(ex.group == g for b in out for ex in b) for g in batch_of}
+    assert sizes == {**{f"g{i}": 1 + i % 3 for i in range(10)}, "big": 4}
 
 
 def test_training_learns_a_toy_task_saves_and_reloads(tiny_encoder, tokenizer,
@@ -173,6 +180,10 @@ def test_scorer_reads_the_passage_around_each_quote_and_calibrates(tiny_encoder,
         scorer.predict([e.judged for e in examples])[0], [e.label for e in examples],
         target_accuracy=0.55, delta=0.2, min_answered=2)
     assert summary["target_accuracy"] == direct.target_accuracy == 0.55
+    # the stored calibration is the one the verifier's own scores give
+    assert direct.threshold is not None and 0 < direct.coverage < 1
+    assert summary["threshold"] == pytest.approx(direct.threshold)
+    assert summary["coverage"] == pytest.approx(direct.coverage)
     chosen = calibrate_dir([data], tmp_path / "rm", target=0.8, delta=0.2,
                            targets=[0.5, 0.55], min_coverage=0.0)
     assert chosen["family_delta"] == 0.2 and chosen["delta"] == pytest.approx(0.1)

@@ -107,6 +107,9 @@ def test_outside_window_same_text_takes_nearest_occurrence():
     shown = shown_for(doc, mid, mid + len("Filler words here."))
     q = check("Rollo swore fealty to the king", shown, doc)
     assert q is not None and q.text == "Rollo swore fealty to the king"
+    # the shown window ends 1 character before the second occurrence, 2 after the first's end
+    second = text.index("Rollo", 1)
+    assert (q.start, q.end) == (second, second + len(q.text))
 
 
 def test_ambiguous_different_texts_outside_window_rejected():
