@@ -211,7 +211,7 @@ def test_extractive_output_satisfies_the_request_grammar(question):
         raw = out.candidates[0].raw
         assert request_accepts(request, raw), (mode, raw)
         assert not request_accepts(request, raw + " extra")
-    assert out.candidates[0].quote is not None
+        assert out.candidates[0].quote is not None, (mode, raw)
 
 
 def test_extractive_without_passages_is_empty():

@@ -299,8 +299,9 @@ def test_bad_document_bodies_are_422(client: TestClient, body: dict) -> None:
 
 
 def test_searches_during_updates_see_a_whole_index(client: TestClient) -> None:
-    stop = threading.Event()
+    stop, searching = threading.Event(), threading.Event()
     problems: list[str] = []
+    checked: list[str] = []  # hits compared with their documents
 
     def search_forever() -> None:
         while not stop.is_set():
@@ -312,10 +313,13 @@ def test_searches_during_updates_see_a_whole_index(client: TestClient) -> None:
                 text = client.get(f"/v1/documents/{h['doc_id']}").json()["text"]
                 if text[h["start"]:h["end"]] != h["text"]:
                     problems.append(f"bad hit {h}")
+                checked.append(h["doc_id"])
+            searching.set()
 
     thread = threading.Thread(target=search_forever)
     thread.start()
     try:
+        assert searching.wait(30)  # the updates below start while searches run
         for i in range(8):
             r = client.post("/v1/documents", json={"text": f"Tower number {i}. " + NEW_TEXT,
                                                    "doc_id": f"t{i}"})
@@ -323,7 +327,7 @@ def test_searches_during_updates_see_a_whole_index(client: TestClient) -> None:
     finally:
         stop.set()
         thread.join(10)
-    assert problems == []
+    assert problems == [] and checked
     assert len(search_ids(client, "Zorblax telescope")) == 5
 
 

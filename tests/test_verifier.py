@@ -216,6 +216,16 @@ def test_calibration_round_trip_and_monotone_threshold_for(calibrated: Path) -> 
     values = [scorer.threshold_for(t) for t in (0.5, 0.55, 0.6, 0.7, 0.8, 0.9)]
     assert values == sorted(values), values  # asking for more never answers more
     assert scorer.threshold_for(0.99) == math.inf  # 60 questions cannot certify 99 %
+    # an informative calibration (400 questions, right with probability = score), where the
+    # targets are certified at distinct, increasing thresholds
+    rng = np.random.default_rng(0)
+    scores = rng.random(400)
+    body.update(scores=scores.tolist(), correct=(rng.random(400) < scores).tolist())
+    (calibrated / "calibration.json").write_text(json.dumps(body))
+    scorer = VerifierScorer(calibrated, cpu_dtype="fp32")
+    values = [scorer.threshold_for(t) for t in (0.5, 0.6, 0.7, 0.8, 0.9)]
+    assert all(math.isfinite(v) for v in values[:3]) and len(set(values)) >= 4, values
+    assert values == sorted(values), values
 
 
 def test_thresholds_are_searched_once_per_calibration_and_then_looked_up(
