@@ -104,7 +104,8 @@ def test_round_trip(answer, quote, k, n):
 
 # Random text rarely starts with "Answer: ", so texts are also made in the format's shape, with
 # scraps of anything for the answer and quote and up to three characters then changed.
-SCRAP = st.text(min_size=1, max_size=8) | st.sampled_from(["1889", " Paris ", "\n", "]: ", *EOS_REMNANTS])
+SCRAP = st.text(min_size=1, max_size=8) | st.sampled_from(
+    ["1889", " Paris ", "\n", "]: ", *EOS_REMNANTS])
 
 
 @st.composite
