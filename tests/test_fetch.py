@@ -576,3 +576,128 @@ def test_a_redirect_to_a_malformed_host_is_the_sites_fault() -> None:
     with pytest.raises(FetchError, match="redirected to a bad URL") as info:
         fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/")
     assert not isinstance(info.value, BadURLError)
+
+
+# --------------------------------------------------------------------------- content codings
+
+
+class Chunks(httpx.SyncByteStream):
+    """A response body that arrives in pieces, undecoded (as from the network)."""
+
+    def __init__(self, *chunks: bytes) -> None:
+        self.chunks = chunks
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self.chunks
+
+
+def encoded(body: bytes, coding: str, *, ctype: str = "text/plain; charset=utf-8",
+            split: int = 7) -> Callable[[], httpx.Response]:
+    parts = [body[i:i + split] for i in range(0, len(body), split)] or [b""]
+    return lambda: httpx.Response(200, headers={"Content-Type": ctype, "Content-Encoding": coding},
+                                  stream=Chunks(*parts))
+
+
+def gzipped(data: bytes, times: int = 1) -> bytes:
+    import gzip
+
+    for _ in range(times):
+        data = gzip.compress(data)
+    return data
+
+
+TEXT = "Gzip and deflate are undone here, one layer, in bounded steps.\n" * 20
+
+
+@pytest.mark.parametrize("coding", ["gzip", "x-gzip", "deflate", "raw deflate", "identity", ""])
+def test_one_layer_of_gzip_or_deflate_is_decoded(coding: str) -> None:
+    import zlib
+
+    data = TEXT.encode()
+    body = {"gzip": gzipped(data), "x-gzip": gzipped(data), "deflate": zlib.compress(data),
+            "raw deflate": zlib.compress(data)[2:-4]}.get(coding, data)
+    rec = Recorder({"example.com/t": encoded(body, coding.replace("raw ", ""))})
+    page = fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/t")
+    assert page.text == TEXT
+    assert rec.requests[0].headers["Accept-Encoding"] == "gzip, x-gzip, deflate"
+
+
+@pytest.mark.parametrize("coding", ["gzip, gzip", "br", "zstd", "compress"])
+def test_other_or_stacked_codings_are_refused(coding: str) -> None:
+    rec = Recorder({"example.com/t": encoded(gzipped(TEXT.encode(), 2), coding)})
+    with pytest.raises(FetchError, match="content encoding .* refused"):
+        fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/t")
+
+
+def test_a_compression_bomb_is_stopped_at_the_cap_while_decoding() -> None:
+    """50 MB of zeros in ~50 KB of gzip, against a 1 MB cap: refused, and the decoder never hands
+    over more than the room left plus one byte (httpx's own decoding inflated it whole)."""
+    from citeqa.ingest.fetch import _Decoder
+
+    bomb = gzipped(b"\0" * 50_000_000)
+    assert len(bomb) < 100_000
+    rec = Recorder({"example.com/b": encoded(bomb, "gzip", split=16_384)})
+    with pytest.raises(FetchError, match="over the 1000000-byte cap"):
+        fetcher(rec, Dns({"example.com": [PUBLIC]}), max_bytes=1_000_000).fetch(
+            "http://example.com/b")
+    decoder, room, handed = _Decoder("gzip"), 1_000_000, 0
+    for piece in decoder.decode(bomb, room):
+        handed += len(piece)
+        if handed > room:
+            break
+    assert handed == room + 1
+
+
+def test_a_damaged_gzip_body_is_a_fetch_error() -> None:
+    body = gzipped(TEXT.encode())
+    rec = Recorder({"example.com/t": encoded(body[:20] + b"\xff" * 30 + body[50:], "gzip")})
+    with pytest.raises(FetchError, match="gzip encoding is damaged"):
+        fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/t")
+
+
+# --------------------------------------------------------------------------- hostile pages
+
+
+def test_a_redirect_httpx_will_not_send_is_a_fetch_error() -> None:
+    rec = Recorder({"example.com/": lambda: httpx.Response(302, headers={"Location":
+                                                                         "http:\\\\x\\"})})
+    with pytest.raises(FetchError, match="redirected to a bad URL"):
+        fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/")
+
+
+def test_html_the_parser_gives_up_on_is_a_fetch_error() -> None:
+    rec = Recorder({"example.com/": lambda: html_response("<p>x</p><![<![ y")})
+    with pytest.raises(FetchError, match="HTML could not be parsed"):
+        fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/")
+
+
+def test_a_server_sending_its_headers_a_byte_at_a_time_is_cut_at_the_deadline() -> None:
+    """Each byte comes well within the per-read timeout, so only the fetch's own deadline (the
+    watchdog shutting the socket) ends it; before, such a fetch never ended."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def drip() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(4096)
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 10_000:
+                if stop.wait(0.05):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/"
+    start = time.monotonic()
+    try:
+        with pytest.raises(FetchError, match="took longer than 1.0s"):
+            Fetcher(FetchPolicy(allow_private=True, timeout_s=1.0)).fetch(url)
+        assert time.monotonic() - start < 10  # ends (it ran for ten minutes before)
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()

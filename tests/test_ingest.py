@@ -87,10 +87,12 @@ def test_binary_non_utf8_and_empty_files_are_skipped(tmp_path: Path) -> None:
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     (tmp_path / "empty.txt").write_bytes(b"  \n\t\n")
     (tmp_path / "good.txt").write_text("fine", encoding="utf-8")
+    (tmp_path / "bad.html").write_text("<p>x</p><![<![ y", encoding="utf-8")  # parser gives up
     result = load(tmp_path / "nul.txt", tmp_path / "latin1.txt", tmp_path / "empty.txt",
-                  tmp_path / "good.txt")  # fmt: skip
+                  tmp_path / "good.txt", tmp_path / "bad.html")  # fmt: skip
     assert [d.text for d in result.documents] == ["fine"]
     by_name = {Path(s.source).name: s.reason for s in result.skipped}
+    assert "HTML could not be parsed" in by_name["bad.html"]
     assert "binary" in by_name["nul.txt"]
     assert "UTF-8" in by_name["latin1.txt"]
     assert "no text" in by_name["empty.txt"]

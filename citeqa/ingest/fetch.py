@@ -15,7 +15,10 @@ to every redirect hop:
    the original name is sent as the ``Host`` header and, for https, as the TLS SNI / certificate
    name), so a second DNS answer (DNS rebinding) cannot swap the address.
 4. Redirects are followed by hand (at most ``max_redirects``), body size is capped while
-   streaming, one deadline covers the whole fetch, and only text content types are accepted.
+   streaming (and while decompressing: gzip and deflate are undone here, one layer at most, in
+   bounded steps), one deadline covers the whole fetch (at it, the connection is shut down:
+   per-read timeouts alone let a server that sends a byte at a time hold a fetch forever), and
+   only text content types are accepted.
 
 Environment proxies are ignored (``trust_env=False``): a proxy would connect by name.
 
@@ -32,12 +35,14 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
-from citeqa.errors import BadURLError, BlockedURLError, FetchError
+from citeqa.errors import BadURLError, BlockedURLError, FetchError, SourceError
 from citeqa.ingest.html import extract_html, title_from_text
 
 logger = logging.getLogger(__name__)
@@ -48,6 +53,8 @@ ACCEPTED_TYPES = ("text/html", "text/plain", "text/markdown", "application/xhtml
 _HTML_TYPES = ("text/html", "application/xhtml+xml")
 _REDIRECTS = (301, 302, 303, 307, 308)
 _USER_AGENT = "citeqa/0.1 (document fetcher)"
+_ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS,
+              "deflate": zlib.MAX_WBITS}  # content codings undone here -> zlib wbits
 
 # How an operator lets fetches reach their own network (an API request cannot).
 OPT_IN = ("to fetch from your own network, opt in with `citeqa index build "
@@ -284,30 +291,42 @@ class Fetcher:
             current = httpx.URL(url.strip())
         except (httpx.InvalidURL, TypeError, ValueError) as e:
             raise BadURLError(f"{url!r} is not a valid URL: {e}") from None
-        with httpx.Client(
-            transport=self._transport,
-            follow_redirects=False,
-            trust_env=False,
-            headers={"User-Agent": _USER_AGENT, "Accept": ", ".join(ACCEPTED_TYPES)},
-        ) as client:
-            for hop in range(self.policy.max_redirects + 1):
-                try:
-                    target = self._validate(current, deadline,
-                                            shown=url.strip() if hop == 0 else None)
-                except BadURLError as e:
-                    if hop == 0:
-                        raise
-                    # a redirect to a bad URL is the site's mistake, not the caller's
-                    raise FetchError(f"{url}: redirected to a bad URL: {e}") from None
-                location, page = self._get(client, target, url, deadline)
-                if page is not None:
-                    return page
-                assert location is not None, "a hop returns either a page or a redirect"
-                try:
-                    current = target.url.join(location)
-                except httpx.InvalidURL as e:
-                    raise FetchError(f"{url}: bad redirect Location {location!r}: {e}") from None
-                logger.debug("redirect %d: %s -> %s", hop + 1, target.url, current)
+        watchdog = _Watchdog(deadline)
+        try:
+            with httpx.Client(
+                transport=self._transport,
+                follow_redirects=False,
+                trust_env=False,
+                headers={"User-Agent": _USER_AGENT, "Accept": ", ".join(ACCEPTED_TYPES),
+                         "Accept-Encoding": ", ".join(_ENCODINGS)},
+            ) as client, watchdog:
+                return self._follow(client, url, current, deadline, watchdog)
+        except FetchError:
+            if watchdog.fired:  # what failed did so because the deadline cut its connection
+                raise FetchError(f"{url}: took longer than {self.policy.timeout_s}s") from None
+            raise
+
+    def _follow(self, client: httpx.Client, url: str, current: httpx.URL, deadline: float,
+                watchdog: _Watchdog) -> FetchedPage:
+        """The redirect loop of ``fetch``."""
+        for hop in range(self.policy.max_redirects + 1):
+            try:
+                target = self._validate(current, deadline,
+                                        shown=url.strip() if hop == 0 else None)
+            except BadURLError as e:
+                if hop == 0:
+                    raise
+                # a redirect to a bad URL is the site's mistake, not the caller's
+                raise FetchError(f"{url}: redirected to a bad URL: {e}") from None
+            location, page = self._get(client, target, url, deadline, watchdog)
+            if page is not None:
+                return page
+            assert location is not None, "a hop returns either a page or a redirect"
+            try:
+                current = target.url.join(location)
+            except httpx.InvalidURL as e:
+                raise FetchError(f"{url}: bad redirect Location {location!r}: {e}") from None
+            logger.debug("redirect %d: %s -> %s", hop + 1, target.url, current)
         raise FetchError(
             f"{url}: more than {self.policy.max_redirects} redirects; use the final URL directly"
         )
@@ -378,7 +397,8 @@ class Fetcher:
         return addresses
 
     def _get(
-        self, client: httpx.Client, target: _Target, requested: str, deadline: float
+        self, client: httpx.Client, target: _Target, requested: str, deadline: float,
+        watchdog: _Watchdog,
     ) -> tuple[str | None, FetchedPage | None]:
         """One GET: (redirect location, None) or (None, page)."""
         remaining = deadline - time.monotonic()
@@ -389,7 +409,8 @@ class Fetcher:
             target.connect_url,
             headers={"Host": target.host_header},
             timeout=httpx.Timeout(remaining),
-            extensions={"sni_hostname": target.sni} if target.sni else None,
+            extensions={"trace": watchdog.trace,
+                        **({"sni_hostname": target.sni} if target.sni else {})},
         )
         try:
             response = client.send(request, stream=True)
@@ -397,6 +418,8 @@ class Fetcher:
             raise FetchError(f"{requested}: timed out after {self.policy.timeout_s}s") from None
         except httpx.HTTPError as e:
             raise FetchError(f"{requested}: could not connect to {target.url.host}: {e}") from None
+        except httpx.InvalidURL as e:  # a redirect httpx parsed but will not send
+            raise FetchError(f"{requested}: redirected to a bad URL: {e}") from None
         try:
             if response.status_code in _REDIRECTS:
                 location = response.headers.get("Location")
@@ -420,7 +443,10 @@ class Fetcher:
         text = body.decode(_charset(response.charset_encoding), errors="replace")
         final = str(target.url)
         if media in _HTML_TYPES:
-            extracted = extract_html(text)
+            try:
+                extracted = extract_html(text)
+            except SourceError as e:
+                raise FetchError(f"{requested}: {e}") from None
             return None, FetchedPage(
                 url=requested,
                 final_url=final,
@@ -437,21 +463,134 @@ class Fetcher:
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > limit:
             raise FetchError(f"{requested}: body of {declared} bytes is over the {limit}-byte cap")
+        coding = response.headers.get("Content-Encoding", "")
+        raw_chunks = response.iter_raw
+        if response.is_stream_consumed:  # built in memory (a test's httpx.MockTransport):
+            coding, raw_chunks = "", lambda: iter([response.content])  # read, decoded by httpx
+        try:
+            decoder = _Decoder(coding)
+        except ValueError:
+            raise FetchError(f"{requested}: content encoding {coding!r} refused; only "
+                             f"{', '.join(_ENCODINGS)} or none") from None
         chunks: list[bytes] = []
         size = 0
         try:
-            for chunk in response.iter_bytes():
-                size += len(chunk)
-                if size > limit:
-                    raise FetchError(f"{requested}: body is over the {limit}-byte cap")
+            for raw in _then_end(raw_chunks()):
+                for chunk in decoder.decode(raw, limit - size):
+                    size += len(chunk)
+                    if size > limit:
+                        raise FetchError(f"{requested}: body is over the {limit}-byte cap")
+                    chunks.append(chunk)
                 if time.monotonic() > deadline:
                     raise FetchError(f"{requested}: took longer than {self.policy.timeout_s}s")
-                chunks.append(chunk)
         except httpx.TimeoutException:
             raise FetchError(f"{requested}: timed out after {self.policy.timeout_s}s") from None
         except httpx.HTTPError as e:
             raise FetchError(f"{requested}: error while reading the body: {e}") from None
+        except zlib.error as e:
+            raise FetchError(f"{requested}: the body's {coding} encoding is damaged ({e})"
+                             ) from None
         return b"".join(chunks)
+
+
+def _then_end(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """``chunks``, then b"" to mark their end (the decoder then flushes)."""
+    yield from chunks
+    yield b""
+
+
+class _Decoder:
+    """Undoes a response's content coding (none, or one gzip or deflate layer) in bounded
+    steps. httpx decodes every stacked coding of a chunk at once, unbounded: a 265-byte body
+    sent as ``gzip, gzip, gzip`` became a gigabyte in memory before any size cap was checked.
+    Other codings (br, zstd, stacked ones) are refused: ``Accept-Encoding`` asked for these."""
+
+    def __init__(self, coding: str) -> None:
+        codings = [c for c in (c.strip().lower() for c in coding.split(","))
+                   if c and c != "identity"]
+        if len(codings) > 1 or (codings and codings[0] not in _ENCODINGS):
+            raise ValueError(f"unsupported content coding {coding!r}")
+        self._wbits = _ENCODINGS[codings[0]] if codings else None
+        self._z = zlib.decompressobj(self._wbits) if self._wbits is not None else None
+        self._started = False  # whether any output came (deflate may be raw, without zlib)
+
+    def decode(self, data: bytes, room: int) -> Iterator[bytes]:
+        """The decoded pieces of ``data`` (b"": the end), never more than ``room`` + 1 bytes
+        beyond what the caller has counted: past that the caller stops."""
+        if self._z is None:
+            yield data
+            return
+        if not data:
+            yield self._z.flush()
+            return
+        while data:
+            try:
+                out = self._z.decompress(data, max(room, 0) + 1)
+            except zlib.error:
+                if self._started or self._wbits != zlib.MAX_WBITS:
+                    raise
+                # "deflate" sent without its zlib header (as some servers do): raw deflate
+                self._wbits = -zlib.MAX_WBITS
+                self._z = zlib.decompressobj(self._wbits)
+                continue
+            self._started = self._started or bool(out)
+            room -= len(out)
+            yield out
+            data = self._z.unconsumed_tail
+
+
+class _Watchdog:
+    """Cuts a fetch's connections at its deadline. httpx's timeouts bound each socket operation,
+    not the whole fetch: a server sending its headers a byte every few seconds never trips them
+    and held a thread of the service forever. httpcore's trace hook (``trace``) hands over each
+    new connection's socket; at the deadline they are shut down, so a blocked read ends at
+    once and the fetch fails (``fired`` says why). A context manager: leaving it disarms it."""
+
+    def __init__(self, deadline: float) -> None:
+        self._deadline = deadline
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._disarmed = False
+        self.fired = False
+
+    def __enter__(self) -> _Watchdog:
+        self._timer = threading.Timer(max(self._deadline - time.monotonic(), 0.0), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._timer is not None, "entered before leaving"
+        self._timer.cancel()
+        with self._lock:  # a firing in progress ends before the connections are closed
+            self._disarmed = True
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        if event != "connection.connect_tcp.complete":
+            return
+        sock = info["return_value"].get_extra_info("socket")
+        if sock is None:
+            return
+        with self._lock:
+            self._sockets.append(sock)
+            if self.fired and not self._disarmed:
+                _shutdown(sock)
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._disarmed:
+                return
+            self.fired = True
+            for sock in self._sockets:
+                _shutdown(sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed
+        pass
 
 
 def _resolve_error(host: str, e: Exception) -> FetchError:

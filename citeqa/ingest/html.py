@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from html.parser import HTMLParser
 
+from citeqa.errors import SourceError
+
 TITLE_MAX_CHARS = 120  # titles longer than this are cut (with an ellipsis)
 
 # Elements whose whole content is not visible text.
@@ -108,10 +110,15 @@ class _Extractor(HTMLParser):
 
 
 def extract_html(html: str) -> HtmlText:
-    """Visible text and title of an HTML document (tolerates malformed markup)."""
+    """Visible text and title of an HTML document (tolerates malformed markup); SourceError
+    where the parser itself gives up (Python 3.11's raises AssertionError on ``<![<![``)."""
     parser = _Extractor()
-    parser.feed(html)
-    parser.close()
+    try:
+        parser.feed(html)
+        parser.close()
+    except Exception as e:  # noqa: BLE001 - any parser failure means the same: unreadable
+        raise SourceError(f"the HTML could not be parsed ({type(e).__name__}: {e}"[:200] + ")"
+                          ) from None
     raw = "".join(parser.pieces).replace("\r\n", "\n").replace("\r", "\n")
     lines = [line.strip() for line in raw.split("\n")]
     text = _BREAKS_RE.sub("\n\n", "\n".join(lines)).strip()

@@ -37,7 +37,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from citeqa.errors import FetchError
+from citeqa.errors import FetchError, SourceError
 from citeqa.ingest.fetch import Fetcher, FetchPolicy
 from citeqa.ingest.html import extract_html, title_from_text
 from citeqa.types import DOC_ID_PATTERN, MAX_DOC_ID_CHARS, Document
@@ -211,7 +211,7 @@ def _load_item(item: str | Path, fetcher: Fetcher) -> Iterator[Document | Skippe
         return
     try:
         yield from _load_file(item)
-    except _SkipError as e:
+    except (_SkipError, SourceError) as e:  # SourceError: an HTML file the parser gave up on
         yield Skipped(str(item), str(e))
     except OSError as e:
         yield Skipped(str(item), f"could not read the file ({e.strerror or e}); check permissions")
