@@ -223,6 +223,9 @@ class Settings(BaseSettings):
     max_batch: int | None = Field(None, ge=1, le=256)
     window_ms: float = Field(10.0, ge=0)  # wait after a batch's first request for more
     max_queue: int = Field(32, ge=1)  # waiting requests; more -> 503 with Retry-After
+    # document adds/deletes waiting or running (each may rebuild a large index); more -> 503
+    max_pending_updates: int = Field(8, ge=1)
+    max_fetches: int = Field(4, ge=1)  # URLs fetched at once for POST /v1/documents; more -> 503
     request_timeout_s: float = Field(120.0, gt=0)  # longer waits -> 504
     max_body_bytes: int = Field(65536, ge=1024)  # larger request bodies -> 413
     retry_after_s: int = Field(2, ge=0)  # Retry-After sent with 503s

@@ -546,3 +546,62 @@ def test_a_request_cancelled_while_its_update_waits_stays_cancelled() -> None:
     finally:
         gate.set()
         updater.shutdown(wait=True)
+
+
+def test_too_many_waiting_updates_or_fetches_are_a_503(client: TestClient) -> None:
+    """Each update may rebuild a large index and each fetch holds a thread for up to its
+    deadline: past the limits a caller is told to retry, and nothing is added."""
+    state = client.app.state.citeqa  # type: ignore[attr-defined]
+    state.pending_updates = state.settings.max_pending_updates
+    try:
+        r = client.post("/v1/documents", json={"text": NEW_TEXT, "doc_id": "late"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded", r.text
+        assert "document updates are waiting" in r.text and "Retry-After" in r.headers
+        assert client.delete("/v1/documents/" + DOCS[0].doc_id).status_code == 503
+    finally:
+        state.pending_updates = 0
+    state.fetching = state.settings.max_fetches
+    try:
+        r = client.post("/v1/documents", json={"url": "https://example.org/moths"})
+        assert r.status_code == 503 and "URLs are being fetched" in r.text, r.text
+    finally:
+        state.fetching = 0
+    assert client.get("/v1/documents/late").status_code == 404
+    assert client.post("/v1/documents", json={"url": "https://example.org/moths"}
+                       ).status_code == 201
+    assert (state.pending_updates, state.fetching) == (0, 0)
+
+
+def test_an_update_whose_client_left_before_it_started_is_dropped() -> None:
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from citeqa.api.deps import ServiceState
+    from citeqa.api.errors import ApiError
+    from citeqa.api.routes import run_update
+
+    class Gone:
+        async def is_disconnected(self) -> bool:
+            return True
+
+    gate, ran = threading.Event(), []
+    updater = ThreadPoolExecutor(1)
+    updater.submit(gate.wait, 5)  # a slow update ahead of ours
+    state = ServiceState(settings=Settings(preset="tiny", disconnect_poll_s=0.01),
+                         updater=updater, phase="ready")
+    try:
+        with pytest.raises(ApiError) as info:
+            asyncio.run(run_update(state, ran.append, "x", request=Gone()))  # type: ignore[arg-type]
+        assert (info.value.status, info.value.code) == (499, "client_closed_request")
+    finally:
+        gate.set()
+        updater.shutdown(wait=True)
+    assert ran == [] and state.pending_updates == 0
+    # a client that stays is served
+    updater = ThreadPoolExecutor(1)
+    state.updater = updater
+    try:
+        assert asyncio.run(run_update(state, ran.append, "y")) is None and ran == ["y"]
+    finally:
+        updater.shutdown(wait=True)

@@ -75,6 +75,9 @@ class ServiceState:
     phase: Phase = "loading"
     load_error: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # counted on the event loop only: document updates waiting or running, URLs being fetched
+    pending_updates: int = 0
+    fetching: int = 0
 
     def not_ready_error(self) -> ApiError:
         headers = {"Retry-After": str(self.settings.retry_after_s)}

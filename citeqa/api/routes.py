@@ -135,23 +135,41 @@ def url_document(body: UrlDocumentIn, fetcher: Fetcher) -> Document:
                     source=page.final_url, text=page.text)
 
 
-async def run_update(state: ServiceState, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run ``fn(*args)`` on the single update thread (off the event loop, one at a time)."""
+async def run_update(state: ServiceState, fn: Callable[..., Any], *args: Any,
+                     request: Request | None = None) -> Any:
+    """Run ``fn(*args)`` on the single update thread (off the event loop, one at a time). At most
+    ``max_pending_updates`` wait or run at once (more: 503, as a full question queue is): each
+    may rebuild a large index. One whose client (``request``) leaves before it starts is
+    dropped: nothing changes, and no one waits for it."""
     updater = state.updater
     if updater is None:
         raise state.not_ready_error()
+    settings = state.settings
+    if state.pending_updates >= settings.max_pending_updates:
+        raise ApiError(503, "overloaded", f"{state.pending_updates} document updates are waiting "
+                       "or running; retry later",
+                       headers={"Retry-After": str(settings.retry_after_s)})
     try:
         fut = updater.submit(fn, *args)
     except RuntimeError:  # shut down
         raise state.not_ready_error() from None
+    state.pending_updates += 1
+    afut = asyncio.wrap_future(fut)
     try:
-        return await asyncio.wrap_future(fut)
+        while not afut.done():
+            await asyncio.wait({afut}, timeout=settings.disconnect_poll_s)
+            if (request is not None and not afut.done() and not fut.running()
+                    and await request.is_disconnected() and fut.cancel()):
+                logger.info("client disconnected; its queued document update is dropped")
+                raise ApiError(499, "client_closed_request", "the client closed the connection")
     except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise  # this request's own task was cancelled (its queued update with it)
-        # shutdown dropped the queued update before it ran: nothing changed
-        raise state.not_ready_error() from None
+        fut.cancel()  # this request's own task was cancelled: its update, if not started, too
+        raise
+    finally:
+        state.pending_updates -= 1
+    if afut.cancelled():  # shutdown dropped the queued update before it ran: nothing changed
+        raise state.not_ready_error()
+    return afut.result()
 
 
 async def await_answer(request: Request, state: ServiceState, batcher: Batcher[AskArgs, Answer],
@@ -234,17 +252,25 @@ def v1_router(require_key: Callable[..., None]) -> APIRouter:
 
     @v1.post("/documents", response_model=DocumentAddedOut, status_code=201,
              dependencies=JsonBody, responses={**DOCUMENT_ERRORS, **BODY_ERRORS})
-    async def add_document(body: DocumentIn, state: StateDep, pipeline: PipelineDep,
-                           response: Response) -> dict[str, Any]:
+    async def add_document(body: DocumentIn, request: Request, state: StateDep,
+                           pipeline: PipelineDep, response: Response) -> dict[str, Any]:
         """Index a document (its text, or a public http(s) URL to fetch): searchable on return,
         persisted atomically; ``Location`` names it. 409 when its doc_id is already indexed."""
         if isinstance(body, UrlDocumentIn):
             assert state.fetcher is not None, "create_app sets the fetcher"
-            doc = await run_in_threadpool(url_document, body, state.fetcher)
+            limit = state.settings.max_fetches
+            if state.fetching >= limit:  # each holds a thread of the pool requests share
+                raise ApiError(503, "overloaded", f"{limit} URLs are being fetched; retry later",
+                               headers={"Retry-After": str(state.settings.retry_after_s)})
+            state.fetching += 1
+            try:  # the thread runs to its end (the fetch's deadline) before this returns
+                doc = await run_in_threadpool(url_document, body, state.fetcher)
+            finally:
+                state.fetching -= 1
         else:
             doc = text_document(body)
         try:
-            counts = await run_update(state, pipeline.add_documents, [doc])
+            counts = await run_update(state, pipeline.add_documents, [doc], request=request)
         except InvalidRequestError as exc:
             if exc.code != "conflict" or body.doc_id is not None:
                 raise
@@ -258,9 +284,10 @@ def v1_router(require_key: Callable[..., None]) -> APIRouter:
 
     @v1.delete("/documents/{doc_id:any_path}", status_code=204, response_class=Response,
                responses=DOCUMENT_ERRORS)
-    async def delete_document(doc_id: DocId, state: StateDep, pipeline: PipelineDep) -> Response:
+    async def delete_document(doc_id: DocId, request: Request, state: StateDep,
+                              pipeline: PipelineDep) -> Response:
         """Remove a document from the index (at once, persisted atomically)."""
-        await run_update(state, pipeline.delete_document, doc_id)
+        await run_update(state, pipeline.delete_document, doc_id, request=request)
         return Response(status_code=204)
 
     return v1
