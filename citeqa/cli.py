@@ -422,10 +422,23 @@ def serve(
     import uvicorn
 
     from citeqa.api import create_app
+    from citeqa.api.middleware import LOOPBACK_HOSTS
 
     settings = _settings(preset=preset_name, index=index)
     _open_index(settings.index)
+    if not settings.allowed_hosts.strip() and _is_loopback(host):
+        settings = settings.model_copy(update={"allowed_hosts": ",".join(LOOPBACK_HOSTS)})
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` (an interface to bind) is this machine only."""
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def main() -> None:

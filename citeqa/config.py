@@ -218,6 +218,9 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "citeqa")
     allow_private_urls: bool = False  # let the fetcher reach private/intranet addresses
     api_keys: str = ""  # comma-separated; empty = no authentication
+    # comma-separated names the service answers to in the Host header (DNS rebinding); "*" or
+    # empty = any (empty: `citeqa serve` on a loopback address answers to localhost names only)
+    allowed_hosts: str = ""
     # requests generated together in one batch; None = 4 with a local generator (more only adds
     # padding on a CPU), generator_concurrency with a remote one (the engine batches them)
     max_batch: int | None = Field(None, ge=1, le=256)

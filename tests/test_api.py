@@ -173,6 +173,14 @@ def test_a_failed_load_is_reported_by_readyz(caplog: pytest.LogCaptureFixture) -
     # an error written for users is logged as its one line, without a traceback
     [record] = [r for r in caplog.records if "loading the pipeline failed" in r.getMessage()]
     assert "citeqa download" in record.getMessage() and record.exc_info is None
+    # with API keys, the open /readyz leaves the cause (paths, addresses) to the log; the
+    # routes behind the keys still say it
+    with serve(factory=broken, api_keys="k1") as c:
+        err = assert_uniform_error(c.get("/readyz"), 503, "load_failed")
+        assert "/x" not in err["message"] and "see the server log" in err["message"]
+        err = assert_uniform_error(c.post("/v1/answer", json={"question": "q"},
+                                          headers={"X-API-Key": "k1"}), 503, "load_failed")
+        assert "citeqa download" in err["message"]
 
 
 def test_shutdown_marks_not_ready_then_lets_the_running_batch_finish() -> None:
@@ -971,3 +979,43 @@ def test_405_allows_every_method_of_the_path() -> None:
             assert r.headers["allow"] == "DELETE, GET", r.headers
         r = c.request("OPTIONS", "/v1/answer")
         assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
+def test_allowed_hosts_refuse_other_host_headers() -> None:
+    """DNS rebinding: a page on attacker.example re-pointed at 127.0.0.1 sends its own Host."""
+    from citeqa.api.middleware import host_name
+
+    assert [host_name(h) for h in ("LocalHost:8000", "[::1]:80", "127.0.0.1", "a.example.")
+            ] == ["localhost", "[::1]", "127.0.0.1", "a.example"]
+    with serve(allowed_hosts="localhost, 127.0.0.1,[::1]") as c:
+        for host in ("localhost:8000", "127.0.0.1", "[::1]:8000"):
+            assert c.get("/healthz", headers={"Host": host}).status_code == 200, host
+        for host in ("attacker.example", "attacker.example:8000", "localhost.attacker.example"):
+            r = c.delete("/v1/documents/d1", headers={"Host": host})
+            err = assert_uniform_error(r, 400, "bad_host")
+            assert "CITEQA_ALLOWED_HOSTS" in err["message"]
+            assert r.headers["x-content-type-options"] == "nosniff"
+    with serve(allowed_hosts="*") as c:
+        assert c.get("/healthz", headers={"Host": "attacker.example"}).status_code == 200
+
+
+def test_serve_on_loopback_answers_to_localhost_names_only(monkeypatch, tmp_path) -> None:
+    """`citeqa serve` fills CITEQA_ALLOWED_HOSTS in when it binds a loopback address and the
+    setting is unset; on another address, or with the setting given, it leaves it."""
+    import uvicorn
+    from typer.testing import CliRunner
+
+    import citeqa.api as api
+    import citeqa.cli as cli
+
+    seen: list[str] = []
+    monkeypatch.setattr(api, "create_app", lambda s: seen.append(s.allowed_hosts) or "app")
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    monkeypatch.setattr(cli, "_open_index", lambda index: None)
+    monkeypatch.delenv("CITEQA_ALLOWED_HOSTS", raising=False)
+    for args, env in ((["--host", "127.0.0.1"], {}), (["--host", "::1"], {}),
+                      (["--host", "0.0.0.0"], {}),
+                      (["--host", "127.0.0.1"], {"CITEQA_ALLOWED_HOSTS": "docs.lan"})):
+        r = CliRunner().invoke(cli.app, ["serve", "--preset", "tiny", *args], env=env)
+        assert r.exit_code == 0, r.output
+    assert seen == ["localhost,127.0.0.1,[::1]"] * 2 + ["", "docs.lan"]

@@ -136,6 +136,13 @@ def test_an_engine_that_stays_down_is_unavailable_with_its_url():
     with pytest.raises(EngineUnavailableError, match=r"http://gen:9 cannot be reached"):
         b.generate([GenerationRequest(messages=MSGS)])
     assert len(seen) == 4  # the first try and three retries
+    # credentials in the URL are used, never shown (the message reaches /readyz and the log)
+    client, seen = server(refuse)
+    b = RemoteBackend("http://admin:hunter2@gen:9/v1", "m", client=client, backoff=FAST)
+    with pytest.raises(EngineUnavailableError, match=r"at http://gen:9 cannot") as info:
+        b.generate([GenerationRequest(messages=MSGS)])
+    assert "hunter2" not in str(info.value) and "admin" not in str(info.value)
+    assert seen[0].url.userinfo == b"admin:hunter2"
     client, _ = server(lambda r: httpx.Response(503, json={"error": {"message": "overloaded"}}))
     with pytest.raises(EngineUnavailableError, match="busy.*overloaded"):
         RemoteBackend("http://gen", "m", client=client, backoff=FAST).generate(

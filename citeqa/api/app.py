@@ -36,7 +36,13 @@ from citeqa.api.deps import (
 )
 from citeqa.api.errors import install_error_handlers
 from citeqa.api.metrics import MetricsMiddleware
-from citeqa.api.middleware import BodyLimitMiddleware, SecurityHeadersMiddleware, page_csp
+from citeqa.api.middleware import (
+    BodyLimitMiddleware,
+    HostCheckMiddleware,
+    SecurityHeadersMiddleware,
+    host_name,
+    page_csp,
+)
 from citeqa.api.routes import make_run_batch, ops_router, v1_router
 from citeqa.config import Settings
 from citeqa.errors import CiteqaError
@@ -171,7 +177,10 @@ def create_app(
     )
     app.state.citeqa = state
     install_error_handlers(app)
-    # add_middleware puts each new one outermost: body limit, then metrics, then headers.
+    # add_middleware puts each new one outermost: host check, body limit, metrics, headers.
+    hosts = frozenset(host_name(h) for h in settings.allowed_hosts.split(",") if h.strip())
+    if hosts and "*" not in hosts:
+        app.add_middleware(HostCheckMiddleware, allowed=hosts)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(SecurityHeadersMiddleware)

@@ -79,10 +79,14 @@ class ServiceState:
     pending_updates: int = 0
     fetching: int = 0
 
-    def not_ready_error(self) -> ApiError:
+    def not_ready_error(self, *, open_route: bool = False) -> ApiError:
+        """The 503 for a service not (or no longer) ready. On a route that needs no key
+        (``open_route``: /readyz) of a service that has keys, a failed load's cause (index paths,
+        engine addresses) is left to the server log."""
         headers = {"Retry-After": str(self.settings.retry_after_s)}
         if self.phase == "failed":
-            return ApiError(503, "load_failed", f"the service failed to load: {self.load_error}")
+            cause = ("see the server log" if open_route and self.api_keys else self.load_error)
+            return ApiError(503, "load_failed", f"the service failed to load: {cause}")
         if self.phase == "shutting_down":
             return ApiError(503, "shutting_down", "the service is shutting down", headers=headers)
         return ApiError(503, "not_ready", "models are still loading; retry", headers=headers)

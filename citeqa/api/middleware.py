@@ -160,3 +160,35 @@ class SecurityHeadersMiddleware:
         await self.app(scope, receive, add_headers)
 
 
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # what `citeqa serve` on loopback answers
+
+
+def host_name(host_header: str) -> str:
+    """The name of a Host header, lower case, without port or trailing dot ("[::1]:80" ->
+    "[::1]")."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0].rstrip(".") if ":" in host else host.rstrip(".")
+
+
+class HostCheckMiddleware:
+    """400 for a request whose Host header names none of ``allowed``. Against DNS rebinding: a
+    web page whose name an attacker re-points at 127.0.0.1 would otherwise reach a service on
+    the reader's machine (its documents included) from the reader's own browser."""
+
+    def __init__(self, app: ASGIApp, allowed: frozenset[str]) -> None:
+        self.app = app
+        self.allowed = allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            raw = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if host_name(raw) not in self.allowed:
+                await error_response(
+                    400, "bad_host", f"this service does not answer to the host {raw[:100]!r}; "
+                    "its operator can allow it with CITEQA_ALLOWED_HOSTS")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

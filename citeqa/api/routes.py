@@ -307,7 +307,7 @@ def ops_router(page: str, csp: str) -> APIRouter:
         """Readiness: 200 once models are loaded and warmed up; 503 while loading, after a
         failed load, and while shutting down."""
         if state.phase != "ready":
-            raise state.not_ready_error()
+            raise state.not_ready_error(open_route=True)
         return {"status": "ready"}
 
     for path, probe in (("/healthz", healthz), ("/readyz", readyz)):  # uptime monitors use HEAD

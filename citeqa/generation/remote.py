@@ -21,6 +21,7 @@ with an error) or ``EngineUnavailableError`` (it could not be reached), with its
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -37,6 +38,9 @@ from citeqa.retry import RETRY_STATUSES, Backoff
 logger = logging.getLogger(__name__)
 
 CUT = "length"  # the finish_reason of a choice stopped by max_tokens
+
+
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@")  # scheme://user:pw@
 
 
 class RemoteBackend:
@@ -59,6 +63,7 @@ class RemoteBackend:
         flight at once; ``client``: an httpx client (tests pass a ``MockTransport``);
         ``legacy_grammar_key``: also send ``guided_grammar``, for vLLM < 0.12."""
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
+        self.shown_url = without_userinfo(self.base_url)  # for messages: never its password
         self._model = model
         self.legacy_grammar_key = legacy_grammar_key
         self.concurrency = max(1, int(concurrency))
@@ -93,7 +98,7 @@ class RemoteBackend:
         data = self._call("GET", "/v1/models", None, deadline=time.monotonic() + self._timeout_s)
         names = [str(m.get("id")) for m in data.get("data", []) if isinstance(m, dict)]
         if len(names) != 1:
-            raise EngineError(f"the generator at {self.base_url} serves {names or 'no model'}; "
+            raise EngineError(f"the generator at {self.shown_url} serves {names or 'no model'}; "
                               "name the one to use (CITEQA_GENERATOR_MODEL)")
         return names[0]
 
@@ -108,7 +113,7 @@ class RemoteBackend:
             except EngineUnavailableError as e:
                 if time.monotonic() + poll_s > deadline:
                     raise EngineUnavailableError(f"{e} (waited {timeout_s:.0f} s)") from e
-                logger.info("waiting for the generator at %s: %s", self.base_url, e)
+                logger.info("waiting for the generator at %s: %s", self.shown_url, e)
                 time.sleep(poll_s)
 
     # -- generation ---------------------------------------------------------------------------
@@ -199,20 +204,20 @@ class RemoteBackend:
                     attempt += 1
                     continue
                 raise EngineUnavailableError(
-                    f"the generator at {self.base_url} cannot be reached ({e}); is it running?"
+                    f"the generator at {self.shown_url} cannot be reached ({e}); is it running?"
                 ) from e
             except httpx.TimeoutException as e:
                 raise EngineUnavailableError(
-                    f"the generator at {self.base_url} did not answer in time ({e})") from e
+                    f"the generator at {self.shown_url} did not answer in time ({e})") from e
             if resp.status_code in RETRY_STATUSES and self._backoff.wait(
                     attempt, resp.headers.get("retry-after"), deadline):
                 attempt += 1
                 continue
             if resp.status_code in RETRY_STATUSES:
-                raise EngineUnavailableError(f"the generator at {self.base_url} is busy "
+                raise EngineUnavailableError(f"the generator at {self.shown_url} is busy "
                                              f"({resp.status_code}: {_server_message(resp)})")
             if resp.status_code >= 400:
-                raise EngineError(f"the generator at {self.base_url} answered "
+                raise EngineError(f"the generator at {self.shown_url} answered "
                                   f"{resp.status_code}: {_server_message(resp)}")
             try:
                 data = resp.json()
@@ -274,3 +279,8 @@ def _server_message(resp: httpx.Response) -> str:
         if "detail" in body:
             return str(body["detail"])
     return str(body)[:300]
+
+
+def without_userinfo(url: str) -> str:
+    """``url`` without a ``user:password@`` part, for messages and logs."""
+    return _USERINFO.sub(r"\1", url)
