@@ -95,6 +95,10 @@ ALWAYS_BLOCKED = [
     "ff02::1",
     "255.255.255.255",
     "240.0.0.1",
+    "192.0.0.192",  # Oracle Cloud Classic metadata (is_global says yes)
+    "192.0.0.8",  # IETF protocol assignments
+    "5f00::1",  # SRv6 segment identifiers (is_global says yes)
+    "3fff::1",  # documentation (is_global says yes)
 ]
 PRIVATE = [
     "127.0.0.1",
@@ -119,7 +123,8 @@ PRIVATE = [
     "64:ff9b::10.0.0.1",  # NAT64 of 10.0.0.1
     "192.0.2.10",  # documentation (not global)
 ]
-PUBLIC_IPS = [PUBLIC, "8.8.8.8", "1.1.1.1", PUBLIC6, "2002:808:808::1", "64:ff9b::8.8.8.8"]
+PUBLIC_IPS = [PUBLIC, "8.8.8.8", "1.1.1.1", PUBLIC6, "2002:808:808::1", "64:ff9b::8.8.8.8",
+              "192.0.0.9", "192.0.0.10"]  # global anycast inside 192.0.0.0/24
 
 
 @pytest.mark.parametrize("ip", ALWAYS_BLOCKED)

@@ -70,12 +70,20 @@ METADATA_ADDRESSES = frozenset(
         "fd00:ec2::253",  # AWS DNS over IPv6
         "100.100.100.200",  # Alibaba Cloud
         "168.63.129.16",  # Azure wireserver
+        "192.0.0.192",  # Oracle Cloud Classic
     )
 )
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")  # RFC 6598 shared address space
 _THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")  # "this host on this network"
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052 well-known prefix, embeds an IPv4
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215 local-use NAT64
+# Ranges this Python's is_global still calls global, though no public site is there.
+_RESERVED = (
+    ipaddress.ip_network("192.0.0.0/24"),  # IETF protocol assignments (less .9, .10: below)
+    ipaddress.ip_network("5f00::/16"),  # SRv6 segment identifiers (RFC 9602)
+    ipaddress.ip_network("3fff::/20"),  # documentation (RFC 9637)
+)
+_GLOBAL_ANYCAST = frozenset(ipaddress.ip_address(a) for a in ("192.0.0.9", "192.0.0.10"))
 _LABEL = re.compile(r"[a-z0-9_-]{1,63}")  # one label of a (lower-case, IDNA-encoded) host name
 # getaddrinfo's answers for a name that has no address: the URL's mistake, not the network's
 _NO_SUCH_HOST = frozenset({socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)})
@@ -133,6 +141,9 @@ def _block_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allow_priva
         return "the unspecified address"
     if ip.is_multicast:
         return "a multicast address"
+    if any(ip in net for net in _RESERVED if net.version == ip.version) and (
+            ip not in _GLOBAL_ANYCAST):
+        return "a reserved address"
     if isinstance(ip, ipaddress.IPv4Address):
         if ip == ipaddress.IPv4Address("255.255.255.255"):
             return "the broadcast address"
