@@ -605,3 +605,41 @@ def test_an_update_whose_client_left_before_it_started_is_dropped() -> None:
         assert asyncio.run(run_update(state, ran.append, "y")) is None and ran == ["y"]
     finally:
         updater.shutdown(wait=True)
+
+
+def test_two_servers_on_one_index_never_undo_each_others_changes(index_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """Each server updates the index it loaded: the second to write would have swapped in its
+    own stale copy (losing the first's document, or a rebuild); it is refused instead."""
+    with serve(index_dir, tmp_path / "a") as a, serve(index_dir, tmp_path / "b") as b:
+        assert a.post("/v1/documents", json={"text": NEW_TEXT, "doc_id": "a1"}).status_code == 201
+        r = b.post("/v1/documents", json={"text": "Another text entirely.", "doc_id": "b1"})
+        err = r.json()["error"]
+        assert r.status_code == 503 and err["code"] == "index_unavailable", r.text
+        assert "changed on disk" in err["message"] and "restart" in err["message"]
+        assert b.delete("/v1/documents/" + DOCS[0].doc_id).status_code == 503
+        assert a.post("/v1/documents", json={"text": "More.", "doc_id": "a2"}).status_code == 201
+    ids = {d.doc_id for d in Index.load(index_dir).documents.values()}
+    assert ids == {DOCS[0].doc_id, DOCS[1].doc_id, "a1", "a2"}
+    # a rebuild while a server runs: the server's next change is refused, the rebuild kept
+    with serve(index_dir, tmp_path / "c") as c:
+        build_index_from_documents(DOCS[:1], index_dir, CFG, progress=False)
+        assert c.post("/v1/documents", json={"text": NEW_TEXT, "doc_id": "c1"}).status_code == 503
+    assert set(Index.load(index_dir).documents) == {DOCS[0].doc_id}
+
+
+def test_swaps_of_one_folder_take_turns(tmp_path: Path) -> None:
+    import threading
+
+    from citeqa.retrieval.store import publish, writer_lock
+
+    out, new = tmp_path / "idx", tmp_path / ".idx.tmp-1"
+    new.mkdir()
+    (new / "manifest.json").write_text("{}")
+    done = threading.Event()
+    with writer_lock(out):  # another writer mid-swap
+        thread = threading.Thread(target=lambda: (publish(new, out), done.set()))
+        thread.start()
+        assert not done.wait(0.3) and not out.exists()  # waits for the lock
+    thread.join(5)
+    assert done.is_set() and (out / "manifest.json").is_file()

@@ -20,6 +20,11 @@ old one deleted. At every instant a complete index sits at ``out`` or, between t
 at the ``.old`` sibling. After a crash, ``recover_index`` (run by ``Index.load``, so by every
 command that opens an index, and by ``prepare`` before a build) renames that sibling back to
 ``out`` once its writer is dead and removes the debris of dead writers.
+
+Several writers (two builds, two servers, a server and a rebuild) take turns at the swap: it
+runs under an exclusive lock on the folder holding ``out``. A writer that changes the index
+it loaded (a server adding a document) says which manifest it started from, and its swap is
+refused when the index on disk is no longer that one: it would silently undo the other's work.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -273,21 +278,55 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
-def publish(tmp: Path, out: Path) -> None:
-    """Swap the complete ``tmp`` index in at ``out`` (see the module docstring)."""
+@contextlib.contextmanager
+def writer_lock(out: Path) -> Iterator[None]:
+    """Hold the swap lock of the indexes in ``out``'s folder (an exclusive ``flock`` on the
+    folder itself, so no lock file is left behind; waits while another process holds it)."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: writers are not serialised across processes
+        yield
+        return
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def publish(tmp: Path, out: Path, *, expect: dict[str, Any] | None = None) -> None:
+    """Swap the complete ``tmp`` index in at ``out`` (see the module docstring), under the
+    writers' lock. ``expect``: the manifest of the index ``tmp`` was made from; IndexError_ (and
+    nothing changed) when ``out`` now holds another."""
     old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-        test_pause("mid_swap")
-    tmp.rename(out)
-    _fsync_path(out.parent)
+    with writer_lock(out):
+        if expect is not None and _manifest_or_none(out) != json.loads(json.dumps(expect)):
+            raise IndexError_(
+                f"the index at {out} changed on disk since this process loaded it (another "
+                "server or a rebuild wrote it), so this change would undo that one; nothing was "
+                "changed: restart to serve the index as it is now, then try again")
+        if out.exists():
+            out.rename(old)
+            test_pause("mid_swap")
+        tmp.rename(out)
+        _fsync_path(out.parent)
     test_pause("after_swap")
     if old.exists():
         shutil.rmtree(old)
 
 
-def save_index(out: Path, **parts: Any) -> dict[str, Any]:
-    """Write an index (``write_index``'s keyword arguments) beside ``out`` and swap it in.
+def _manifest_or_none(out: Path) -> Any:
+    try:
+        return json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def save_index(out: Path, *, expect: dict[str, Any] | None = None,
+               **parts: Any) -> dict[str, Any]:
+    """Write an index (``write_index``'s keyword arguments) beside ``out`` and swap it in
+    (``expect``: see ``publish``).
 
     Whatever happens before the swap (an error, Ctrl-C), the index at ``out`` stays the previous
     one and the temporary directory is removed. Returns the manifest.
@@ -296,7 +335,7 @@ def save_index(out: Path, **parts: Any) -> dict[str, Any]:
     try:
         manifest = write_index(tmp, **parts)
         test_pause("before_swap")
-        publish(tmp, out)
+        publish(tmp, out, expect=expect)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -155,6 +155,9 @@ def apply_update(
     out = Path(out)
     manifest = save_index(
         out,
+        # an update of the index it loaded: refused if another writer changed it meanwhile
+        expect=index.manifest if index.directory is not None
+        and Path(index.directory).resolve() == out.resolve() else None,
         documents=docs,
         spans=spans_arr,
         passage_doc=passage_doc_arr,
