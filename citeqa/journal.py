@@ -8,6 +8,9 @@ predictions.jsonl, the red team's results.jsonl.
 A run directory's ``run.json`` holds the run's identity (what it asked, with what); resuming
 into it with another identity is refused (``check_identity``) rather than mixing two runs.
 
+One process writes a run directory at a time (``run_lock``): two appending to one journal
+would each ask every question and count it twice.
+
 A last line cut short by a crash (no newline, or not a JSON record) is dropped and its work
 redone; a bad line before the last is not a crash's doing, so it stops the run (ConfigError
 naming ``remedy``) rather than silently dropping what follows it.
@@ -15,9 +18,11 @@ naming ``remedy``) rather than silently dropping what follows it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -104,3 +109,27 @@ def append_record(f: TextIO, row: dict[str, Any]) -> None:
     f.write(json.dumps(row, ensure_ascii=False) + "\n")
     f.flush()
     os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, command: str) -> Iterator[None]:
+    """Hold ``out`` (a run directory, created when missing) for this process; ConfigError at once
+    when another process holds it. An exclusive ``flock`` on the folder: released when the
+    process ends, however it ends, so a crash never leaves a stale lock."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: runs are not guarded against each other
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another {command} is writing to {out} right now; wait for it "
+                              "to finish, or choose another --out") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock

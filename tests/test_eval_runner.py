@@ -177,6 +177,18 @@ def test_refuses_to_resume_with_other_settings(
     other.write_text(dataset.read_text().replace("Mars", "Venus"))
     with pytest.raises(ConfigError, match="dataset_sha256"):
         run_eval(_spec(other, index_dir), out, progress=False)
+    # a second eval writing there at the same time would ask and count every question twice
+    from citeqa.journal import run_lock
+
+    with run_lock(out, "citeqa eval"), pytest.raises(ConfigError, match="another citeqa eval"):
+        run_eval(_spec(dataset, index_dir), out, progress=False)
+    # an answer mode given now, or given before and not now, is another run
+    with pytest.raises(ConfigError, match="answer_mode: was None, now 'free'"):
+        run_eval(_spec(dataset, index_dir, answer_mode="free"), out, progress=False)
+    free = tmp_path / "free"
+    run_eval(_spec(dataset, index_dir, answer_mode="free"), free, limit=1, progress=False)
+    with pytest.raises(ConfigError, match="answer_mode: was 'free', now None"):
+        run_eval(_spec(dataset, index_dir), free, progress=False)
     # nothing was written by the refused runs
     assert [r["id"] for r in _lines(out)] == ["q1"]
     forced = run_eval(_spec(dataset, index_dir, min_score=0.9), out, force=True, progress=False)

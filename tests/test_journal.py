@@ -113,3 +113,16 @@ def test_identity_is_checked_once_records_exist(tmp_path: Path) -> None:
     # a run that recorded no complete record may start again with another identity
     records.write_bytes(b'{"id": 1')
     check_identity(run_json, records, {"model": "m2"}, remedy="start over")
+
+
+def test_one_process_writes_a_run_directory_at_a_time(tmp_path: Path) -> None:
+    from citeqa.journal import run_lock
+
+    out = tmp_path / "run"
+    with run_lock(out, "citeqa eval"):
+        assert out.is_dir()
+        with pytest.raises(ConfigError, match=r"another citeqa eval is writing to .*run right now"):
+            with run_lock(out, "citeqa eval"):
+                pass
+    with run_lock(out, "citeqa eval"):  # released on leaving
+        pass

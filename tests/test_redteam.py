@@ -170,6 +170,12 @@ def test_redteam_command_on_the_tiny_preset(tmp_path: Path, monkeypatch) -> None
     # an --n above the seeds asks what no --n asks: the same run, resumed
     assert CliRunner().invoke(app, [*args, "--n", "100000"]).exit_code == 0
     assert len((tmp_path / "rt" / "results.jsonl").read_text().splitlines()) == len(lines)
+    # a second red team writing there at the same time is refused at once
+    from citeqa.journal import run_lock
+
+    with run_lock(tmp_path / "rt", "citeqa redteam"):
+        busy = CliRunner().invoke(app, args)
+    assert busy.exit_code == 2 and "another citeqa redteam is writing" in busy.output
     # a run that recorded no result yet may start again with other options
     (tmp_path / "rt" / "results.jsonl").write_text("")
     assert CliRunner().invoke(app, [*args, "--seed", "1"]).exit_code == 0

@@ -35,7 +35,14 @@ from citeqa.config import MAX_PASSAGES
 from citeqa.errors import CiteqaError, ConfigError
 from citeqa.evals.metrics import threshold_json
 from citeqa.evals.squad import QAItem, articles_for_split, load_questions
-from citeqa.journal import append_record, check_identity, has_records, read_records, resume
+from citeqa.journal import (
+    append_record,
+    check_identity,
+    has_records,
+    read_records,
+    resume,
+    run_lock,
+)
 from citeqa.pipeline import STAND_IN_NOTE, Pipeline
 from citeqa.retrieval.store import MANIFEST, how_to_build, sha256_file
 from citeqa.types import Answer, Document, Hit
@@ -87,8 +94,8 @@ def identity(spec: RunSpec, dataset_sha256: str, manifest_sha256: str) -> dict[s
         "split": spec.split,
         "min_score": spec.min_score,
         "n_candidates": spec.n_candidates,
-        # only when set, so that runs from before the option existed still resume
-        **({"answer_mode": spec.answer_mode} if spec.answer_mode else {}),
+        # None (the preset's) when not given, as runs from before the option stored it (absent)
+        "answer_mode": spec.answer_mode,
     }
 
 
@@ -344,15 +351,23 @@ def run_eval(
     ``pipeline``: use this one instead of loading ``Pipeline.from_settings`` (tests). Raises
     CiteqaError subclasses on bad input.
     """
-    from citeqa.evals.report import write_outputs
-
-    out = Path(out)
     select_items([], limit=limit, sample=sample)  # check the flags before loading anything
     items = select_items(load_items(spec), limit=limit, sample=sample, seed=seed)
     manifest_path = Path(spec.index) / MANIFEST
     if not manifest_path.is_file():
         raise ConfigError(f"{spec.index} {how_to_build(Path(spec.index))}")
     ident = identity(spec, sha256_file(spec.dataset), sha256_file(manifest_path))
+    with run_lock(Path(out), "citeqa eval"):
+        return _run_eval(spec, Path(out), items, ident, force=force, progress=progress,
+                         pipeline=pipeline)
+
+
+def _run_eval(spec: RunSpec, out: Path, items: list[QAItem], ident: dict[str, Any], *,
+              force: bool, progress: bool, pipeline: Pipeline | None) -> RunResult:
+    """``run_eval``'s work, with ``out`` held."""
+    from citeqa.evals.report import write_outputs
+
+    manifest_path = Path(spec.index) / MANIFEST
     prepare_out(out, ident, force=force)
 
     if pipeline is None:
@@ -398,7 +413,7 @@ def run_eval(
         bar.close()
 
     wanted = {item.id for item in items}
-    selected = [r for r in records if r["id"] in wanted]
+    selected = list({r["id"]: r for r in reversed(records) if r["id"] in wanted}.values())
     order = {item.id: i for i, item in enumerate(items)}
     selected.sort(key=lambda r: order[r["id"]])
     metrics = write_outputs(out, selected, run_info, pipeline.document)

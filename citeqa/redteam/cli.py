@@ -58,6 +58,7 @@ def redteam(
         raise fail("--api-key goes with --url (a running server); in process no key is needed")
     from citeqa.evals.metrics import threshold_json
     from citeqa.evals.runner import describe_pipeline
+    from citeqa.journal import run_lock
     from citeqa.redteam.corpus import Corpus
     from citeqa.redteam.maker import Seed, make_variants
     from citeqa.redteam.run import (
@@ -110,17 +111,18 @@ def redteam(
             ask, threshold = pipeline.ask_many, pipeline.decline_threshold()
             service = f"in process ({pipeline.generator.backend.model_id})"
             system = describe_pipeline(pipeline, None)  # checked as the eval's (runner.py)
-        start_run(out, {
-            "index_manifest_sha256": sha256_file(index / MANIFEST),
-            "questions_sha256": sha256_file(questions) if questions is not None else None,
-            "split": split, "n": n if sampled else None, "seed": seed,
-            "per_passage": None if questions is not None else per_passage,
-            "url": url, "threshold": threshold_json(threshold)}, system)
-        records = ask_all(asks, ask, out, batch=batch, progress=progress)
-        summary = summarize(records, threshold)
-        setup = {"index": str(index), "seeds_from": seeds_from, "seeds": len(seeds),
-                 "service": service, "seed": seed, "made": len(variants)}
-        write_report(out, summary, setup)
+        with run_lock(out, "citeqa redteam"):
+            start_run(out, {
+                "index_manifest_sha256": sha256_file(index / MANIFEST),
+                "questions_sha256": sha256_file(questions) if questions is not None else None,
+                "split": split, "n": n if sampled else None, "seed": seed,
+                "per_passage": None if questions is not None else per_passage,
+                "url": url, "threshold": threshold_json(threshold)}, system)
+            records = ask_all(asks, ask, out, batch=batch, progress=progress)
+            summary = summarize(records, threshold)
+            setup = {"index": str(index), "seeds_from": seeds_from, "seeds": len(seeds),
+                     "service": service, "seed": seed, "made": len(variants)}
+            write_report(out, summary, setup)
     except CiteqaError as e:
         raise fail(str(e)) from None
     typer.echo(json.dumps({k: summary[k] for k in ("questions", "unanswerable", "controls",
