@@ -1,8 +1,10 @@
-"""Writing a file so that a crash leaves the old file or the new one, never a cut one.
+"""Writing a file (or a directory) so that a crash leaves the old one or the new one, never a
+cut one.
 
     with atomic_open(path) as f: ...     # text, written to a temporary sibling
     with atomic_path(path) as tmp: ...   # any writer that takes a path (safetensors, numpy)
     write_text_atomic(path, text)
+    tmp = tmp_dir_for(out); ...; replace_dir(tmp, out)   # a directory (a model's weights)
 
 The temporary file sits in the same directory as the file it replaces (so the rename is
 atomic), is flushed to disk before it does, and is removed when the block fails. The file keeps
@@ -11,13 +13,17 @@ its mode (a new one gets the umask's, as any write would); a symbolic link is wr
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
+import shutil
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -53,3 +59,104 @@ def atomic_open(path: Path | str) -> Iterator[TextIO]:
 def write_text_atomic(path: Path | str, text: str) -> None:
     with atomic_open(path) as f:
         f.write(text)
+
+
+# --- directories ------------------------------------------------------------------------------
+# A directory is written whole into ``.<name>.tmp-<pid>`` beside it, then swapped in: ``out``
+# renamed to ``.<name>.old-<pid>``, the temporary directory to ``out``, the backup removed. The
+# pid in the names says whether their writer still runs, so what a killed writer left (hundreds
+# of MB of weights, or the only copy of ``out`` between the two renames) is removed or restored
+# by the next writer or reader. The index (retrieval/store.py) adds a lock and its own recovery.
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a directory's entries (or a file) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tmp_dir_for(out: Path) -> Path:
+    """This process's temporary sibling of ``out`` (not created)."""
+    return out.parent / f".{out.name}.tmp-{os.getpid()}"
+
+
+def siblings(out: Path, kind: str) -> list[Path]:
+    """``out``'s ``.tmp-<pid>`` (``kind`` "tmp") or ``.old-<pid>`` ("old") siblings."""
+    return sorted(out.parent.glob(f".{out.name}.{kind}-*")) if out.parent.is_dir() else []
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:  # not a pid at all
+        return False
+    return True
+
+
+def writer_alive(sibling: Path, *, writing: bool) -> bool:
+    """Whether the process that made a ``.tmp-<pid>``/``.old-<pid>`` sibling still runs (then it
+    may be between its renames right now, and its siblings must be left alone). A writer about to
+    write (``writing``) calls its own siblings dead: they are left from a failed earlier attempt,
+    as one process never writes one directory twice at once."""
+    pid = sibling.name.rsplit("-", 1)[-1]
+    if not pid.isdigit():
+        return False
+    return not writing if int(pid) == os.getpid() else _pid_alive(int(pid))
+
+
+def remove_stale_siblings(out: Path, *, writing: bool) -> None:
+    """Delete the temporary and backup directories of writers that died."""
+    for stale in [*siblings(out, "tmp"), *siblings(out, "old")]:
+        if writer_alive(stale, writing=writing):
+            continue  # another writer is using it right now
+        log.info("removing stale %s", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def fresh_tmp_dir(out: Path, mode: int = 0o755) -> Path:
+    """Restore ``out`` if a killed writer left it mid-swap, clear dead writers' debris, and
+    return a new, empty temporary directory beside ``out`` to write into."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(out)
+    remove_stale_siblings(out, writing=True)
+    tmp = tmp_dir_for(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(mode=mode)
+    os.chmod(tmp, mode)  # mkdir's mode passes through the umask
+    return tmp
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Swap the complete directory ``tmp`` in at ``out`` (see above); ``recover_dir`` undoes a
+    crash between the two renames."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.rename(out, old)
+    os.rename(tmp, out)
+    fsync_path(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(out: Path) -> Path:
+    """When ``out`` is missing because its writer died between the two renames of
+    ``replace_dir``, rename the backup it left back to ``out``. Returns ``out``."""
+    out = Path(out)
+    if out.exists():
+        return out
+    dead = [p for p in siblings(out, "old") if not writer_alive(p, writing=False)]
+    if dead:
+        backup = max(dead, key=lambda p: p.stat().st_mtime)
+        log.warning("restoring %s from %s (a write was interrupted mid-swap)", out, backup)
+        try:
+            os.rename(backup, out)
+        except OSError as e:  # another process restored it first, or a read-only file system
+            log.warning("could not restore %s: %s", out, e)
+    return out

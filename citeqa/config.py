@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from citeqa.atomic import recover_dir
 from citeqa.compute import CpuDtype
 from citeqa.errors import ConfigError
 from citeqa.generation.format import AnswerMode
@@ -184,7 +185,7 @@ def _keyword_or_dir(v: str | None, keywords: tuple[str, ...], name: str, what: s
         return v
     if v.strip().lower() in keywords:
         return v.strip().lower()
-    if not Path(v).is_dir():
+    if not recover_dir(Path(v).expanduser()).is_dir():  # a write killed mid-swap: restored
         raise ValueError(f"{name}={v!r} is not {what} (or {' / '.join(keywords)})")
     return v
 

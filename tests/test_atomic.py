@@ -89,3 +89,60 @@ def test_resuming_generator_data_rewrites_its_file_atomically(tmp_path: Path,
     assert _done_qids(out) == {"a"}
     assert out.read_text() == ('{"qid": "a", "kind": "example"}\n'
                                '{"qid": "a", "kind": "question"}\n')
+
+
+# --- directories ------------------------------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    """A pid no process has (a child that has exited and been reaped)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_replace_dir_swaps_a_whole_directory_in(tmp_path: Path) -> None:
+    from citeqa.atomic import fresh_tmp_dir, replace_dir
+
+    out = tmp_path / "model"
+    for version in ("one", "two"):
+        tmp = fresh_tmp_dir(out)
+        (tmp / "weights").write_text(version)
+        replace_dir(tmp, out)
+        assert (out / "weights").read_text() == version
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no debris
+
+
+def test_a_writer_killed_between_the_renames_is_undone_by_the_next_reader(tmp_path: Path) -> None:
+    """The only copy of ``out`` sat in ``.out.old`` and every reader called it missing (a reward
+    model's calibration was lost for good on the next save)."""
+    from citeqa.atomic import fresh_tmp_dir, recover_dir
+
+    out = tmp_path / "rm"
+    pid = _dead_pid()
+    backup = tmp_path / f".rm.old-{pid}"
+    backup.mkdir()
+    (backup / "calibration.json").write_text("{}")
+    (tmp_path / f".rm.tmp-{pid}").mkdir()  # its half-written new copy
+    assert recover_dir(out) == out and (out / "calibration.json").is_file()
+    assert not backup.exists()
+    tmp = fresh_tmp_dir(out)  # the next writer clears the dead writer's debris
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tmp.name, "rm"]
+    # a backup whose writer still runs (between its renames right now) is left alone
+    os.rmdir(tmp)
+    live = tmp_path / f".other.old-{os.getppid()}"
+    live.mkdir()
+    assert not recover_dir(tmp_path / "other").exists() and live.is_dir()
+
+
+def test_a_reward_directory_left_mid_swap_is_found_by_its_setting(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    from citeqa.config import Settings
+
+    backup = tmp_path / f".rm.old-{_dead_pid()}"
+    backup.mkdir()
+    monkeypatch.setenv("CITEQA_REWARD", str(tmp_path / "rm"))
+    assert Settings().reward == str(tmp_path / "rm") and (tmp_path / "rm").is_dir()

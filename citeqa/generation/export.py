@@ -9,12 +9,11 @@ interrupted export leaves no half-written model where a server would look.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from citeqa.atomic import fresh_tmp_dir, replace_dir
 from citeqa.config import GenerationConfig
 from citeqa.errors import ModelError
 
@@ -46,16 +45,12 @@ def export_generator(gen: GenerationConfig, cache_dir: Path, out: Path, *,
         cfg, _ = load_adapter(adapter)
         record.update(adapter=adapter_id(adapter), answer_mode=cfg.answer_mode)
     model.to(getattr(torch, dtype))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, 0o755)
+    tmp = fresh_tmp_dir(out)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / EXPORT_MARKER).write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        replace_dir(tmp, out)  # a kill never leaves a half-deleted export at out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return record

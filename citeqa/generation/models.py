@@ -15,10 +15,11 @@ import json
 import logging
 import os
 import shutil
-import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
+from citeqa.atomic import fresh_tmp_dir
 from citeqa.errors import ModelError
 from citeqa.logs import quiet_weight_loading
 
@@ -47,6 +48,9 @@ def packaged_gguf() -> Path:
     return path
 
 
+_CONVERTING = threading.Lock()
+
+
 def resolve_model_dir(name: str, cache_dir: Path) -> Path:
     """Return a local Hugging Face model directory for ``name``.
 
@@ -56,7 +60,9 @@ def resolve_model_dir(name: str, cache_dir: Path) -> Path:
     if name == DEFAULT_MODEL:
         target = Path(cache_dir).expanduser() / SMOLLM2_DIR
         if not (target / MARKER).is_file():
-            _convert_gguf(packaged_gguf(), target)
+            with _CONVERTING:  # one temporary directory per process (atomic.fresh_tmp_dir)
+                if not (target / MARKER).is_file():
+                    _convert_gguf(packaged_gguf(), target)
         return target
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
@@ -73,10 +79,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("converting %s to %s (once; takes a minute)", gguf.name, target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the renamed cache should read like any dir
+    tmp = fresh_tmp_dir(target)  # a killed conversion's half-written copy (~0.5 GB) is removed
     try:
         kw: dict[str, Any] = {"gguf_file": gguf.name, "local_files_only": True}
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)

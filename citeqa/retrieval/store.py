@@ -46,6 +46,11 @@ from typing import Any
 
 import numpy as np
 
+from citeqa.atomic import fsync_path as _fsync_path
+from citeqa.atomic import remove_stale_siblings as _remove_stale_siblings
+from citeqa.atomic import siblings as _siblings
+from citeqa.atomic import tmp_dir_for
+from citeqa.atomic import writer_alive as _writer_alive
 from citeqa.config import RetrievalConfig
 from citeqa.errors import CiteqaError, IndexError_
 from citeqa.retrieval.bm25 import BM25Index
@@ -85,14 +90,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_index(
@@ -139,50 +136,10 @@ def write_index(
 # --- atomic swap -----------------------------------------------------------------------------
 
 
-def tmp_dir_for(out: Path) -> Path:
-    return out.parent / f".{out.name}.tmp-{os.getpid()}"
-
-
-def _siblings(out: Path, kind: str) -> list[Path]:
-    return sorted(out.parent.glob(f".{out.name}.{kind}-*")) if out.parent.is_dir() else []
-
-
 def _backup(out: Path) -> Path | None:
     """The newest complete ``.old`` sibling left by a swap that was interrupted, if any."""
     done = [p for p in _siblings(out, "old") if (p / MANIFEST).is_file()]
     return max(done, key=lambda p: p.stat().st_mtime) if done else None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OverflowError:  # not a pid at all
-        return False
-    return True
-
-
-def _writer_alive(sibling: Path, *, writing: bool) -> bool:
-    """Whether the process that made a ``.tmp-<pid>``/``.old-<pid>`` sibling still runs (then it
-    may be between its renames right now, and its siblings must be left alone). A writer about to
-    write (``writing``) calls its own siblings dead: they are left from a failed earlier attempt,
-    as updates to one index never run concurrently in one process."""
-    pid = sibling.name.rsplit("-", 1)[-1]
-    if not pid.isdigit():
-        return False
-    return not writing if int(pid) == os.getpid() else _pid_alive(int(pid))
-
-
-def _remove_stale_siblings(out: Path, *, writing: bool) -> None:
-    """Delete the temporary and backup directories of writers that died."""
-    for stale in [*_siblings(out, "tmp"), *_siblings(out, "old")]:
-        if _writer_alive(stale, writing=writing):
-            continue  # another writer is using it right now
-        log.info("removing stale %s", stale)
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 def recover_index(out: Path, *, writing: bool = False) -> Path:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from citeqa.atomic import fresh_tmp_dir, recover_dir, replace_dir
 from citeqa.errors import ModelError
 from citeqa.logs import quiet_weight_loading
 from citeqa.reward.verifier import MAX_TOKENS, Verifier
@@ -50,8 +50,7 @@ def write_encoder_dir(out: Path, encoder: torch.nn.Module, tokenizer: Any,
     over it. Files beside them that training does not write (calibration, card, combine.json,
     a subdirectory such as answerability/) are kept."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = fresh_tmp_dir(out)
     try:
         dtype = next(encoder.parameters()).dtype
         encoder.to(torch.bfloat16)
@@ -71,12 +70,7 @@ def write_encoder_dir(out: Path, encoder: torch.nn.Module, tokenizer: Any,
                         shutil.copytree(keep, tmp / keep.name)
         for path in [tmp, *tmp.rglob("*")]:
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -85,7 +79,7 @@ def read_config_json(directory: Path, *, retrain: str = RETRAIN,
                      what: str = "a reward model") -> dict[str, Any]:
     """config.json of a model directory, of any format, or ModelError saying what is wrong
     (no such directory, no config.json, not a JSON object) and ``retrain``."""
-    directory = Path(directory)
+    directory = recover_dir(Path(directory))  # a save killed mid-swap: restored
     path = directory / CONFIG
     if not directory.is_dir():
         raise ModelError(f"model directory {directory} does not exist; {retrain}")
