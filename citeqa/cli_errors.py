@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import typer
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+RESUME = "what was finished is kept; run the same command again to resume"
 
 
 def fail(message: str) -> typer.Exit:
     """Print ``error: message`` to stderr; ``raise fail(...)`` ends the command with status 2."""
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code=2)
+
+
+def interruptible(then: str = RESUME) -> Callable[[F], F]:
+    """A command that Ctrl-C ends with one line saying what happens ``then``, status 130 (it
+    ended silently)."""
+    def wrap(command: F) -> F:
+        @functools.wraps(command)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return command(*args, **kwargs)
+            except KeyboardInterrupt:
+                typer.echo(f"\ninterrupted: {then}", err=True)
+                raise typer.Exit(130) from None
+        return run  # type: ignore[return-value]
+    return wrap
 
 
 def check_preset(name: str) -> None:

@@ -164,3 +164,21 @@ def test_bad_input_exits_2(setup: tuple[Path, Path], tmp_path: Path) -> None:
     assert r.exit_code == 2 and "metrics.json" in r.stderr
     r = runner.invoke(app, ["eval", "compare", str(tmp_path), str(tmp_path), "--out", "t.txt"])
     assert r.exit_code == 2 and ".png" in r.stderr and "Traceback" not in r.output
+
+
+def test_ctrl_c_ends_a_run_with_one_line(setup: tuple[Path, Path], tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """It ended with status 130 and nothing said; the resumable commands now say so."""
+    import citeqa.evals.runner as runner
+    from citeqa.cli import app
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_eval", interrupted)
+    dataset, index = setup
+    r = CliRunner().invoke(app, ["eval", "--dataset", str(dataset), "--index", str(index),
+                                 "--out", str(tmp_path / "run"), "--preset", "tiny"])
+    assert r.exit_code == 130, r.output
+    assert "interrupted: what was finished is kept; run the same command again" in r.output
+    assert "Traceback" not in r.output

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from citeqa.allocator import keep_freed_memory
-from citeqa.cli_errors import check_run_options, fail
+from citeqa.cli_errors import check_run_options, fail, interruptible
 from citeqa.config import MAX_CANDIDATES
 from citeqa.errors import CiteqaError
 from citeqa.logs import setup_logging
@@ -28,6 +28,7 @@ eval_app = typer.Typer(
 
 
 @eval_app.callback(invoke_without_command=True)
+@interruptible()
 def run(
     ctx: typer.Context,
     dataset: Annotated[

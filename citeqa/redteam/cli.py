@@ -15,10 +15,11 @@ from typing import Annotated
 
 import typer
 
-from citeqa.cli_errors import check_run_options, fail
+from citeqa.cli_errors import check_run_options, fail, interruptible
 from citeqa.errors import CiteqaError
 
 
+@interruptible()
 def redteam(
     index: Annotated[Path, typer.Option("--index", "-i", help="The index to probe.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (created; resumed).")],

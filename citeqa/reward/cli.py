@@ -21,7 +21,7 @@ from typing import Annotated, Any
 
 import typer
 
-from citeqa.cli_errors import fail
+from citeqa.cli_errors import fail, interruptible
 from citeqa.errors import CiteqaError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ train_app = typer.Typer(help="Train the reward model.", no_args_is_help=True)
 
 
 @train_app.command("reward")
+@interruptible()
 def reward(
     data: Annotated[list[Path], typer.Option("--data", help="Reward-data JSONL (repeatable).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Verifier directory (resumed).")],
@@ -112,6 +113,7 @@ def train_to_dir(data_paths: list[Path], out: Path, *, base: Path | None = None,
 
 
 @train_app.command("answerability")
+@interruptible()
 def answerability(
     squad: Annotated[list[Path], typer.Option(
         "--squad", help="SQuAD 2.0 JSON whose questions (answerable and not) are shown with "
@@ -274,6 +276,7 @@ def combine_dir(data_paths: list[Path], reward_dir: Path) -> dict[str, Any]:
     return figures
 
 
+@interruptible("nothing was changed (calibration.json is replaced whole); run it again")
 def calibrate(
     data: Annotated[list[Path], typer.Option("--data", help="Calibration-split reward data.")],
     reward_dir: Annotated[Path, typer.Option("--reward", help="Reward-model directory.")],

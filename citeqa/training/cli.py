@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from citeqa.atomic import atomic_open
-from citeqa.cli_errors import check_answer_mode, check_preset, fail
+from citeqa.cli_errors import check_answer_mode, check_preset, fail, interruptible
 from citeqa.config import MAX_CANDIDATES, Settings, preset
 from citeqa.errors import CiteqaError
 from citeqa.logs import setup_logging
@@ -98,6 +98,7 @@ def generator_data(
 
 
 @app.command("generator")
+@interruptible()
 def generator(
     data: Annotated[Path, typer.Option("--data", help="Demonstrations (generator-data output).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Adapter directory to write (resumed).")],
@@ -246,6 +247,7 @@ def export_generator_cmd(
 
 
 @app.command("reward-data")
+@interruptible()
 def reward_data(
     dataset: Annotated[Path, typer.Option("--dataset", help="SQuAD JSON or JSONL questions.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="JSONL to write (generator: resumed).")],
