@@ -98,6 +98,31 @@ def test_generator_data_resumes_and_drops_an_interrupted_question(tiny_pipeline,
     assert not any(r.get("question") == "x" for r in rows)
 
 
+def test_generator_data_refuses_to_resume_with_other_settings(tiny_pipeline, tmp_path):
+    """Resumed with -n 1 after -n 3, a file held questions of 3 candidates and of 1, silently."""
+    from dataclasses import replace
+
+    from citeqa.errors import ConfigError
+
+    out = tmp_path / "data.jsonl"
+    generator_examples(tiny_pipeline, ITEMS[:2], out, n=2, progress=False)
+    before = out.read_text()
+    with pytest.raises(ConfigError, match="another generator or settings .*n: was 2, now 1"):
+        generator_examples(tiny_pipeline, ITEMS, out, n=1, progress=False)
+    cfg = tiny_pipeline.cfg
+    tiny_pipeline.cfg = replace(cfg, generation=replace(cfg.generation, temperature=1.3))
+    try:
+        with pytest.raises(ConfigError, match="generator: was"):
+            generator_examples(tiny_pipeline, ITEMS, out, n=2, progress=False)
+    finally:
+        tiny_pipeline.cfg = cfg
+    assert out.read_text() == before  # nothing written, nothing dropped
+    # a file from before the markers recorded n resumes with any n
+    out.write_text(before.replace(', "n": 2}', "}"))
+    stats = generator_examples(tiny_pipeline, ITEMS, out, n=1, progress=False)
+    assert (stats.questions, stats.skipped) == (2, 2)
+
+
 def test_synthetic_pairs_hold_one_right_answer_and_hard_negatives():
     rng = random.Random(0)
     made = []

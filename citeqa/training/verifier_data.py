@@ -32,7 +32,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from citeqa.atomic import write_text_atomic
-from citeqa.errors import InvalidRequestError, OutputFormatError
+from citeqa.errors import ConfigError, InvalidRequestError, OutputFormatError
 from citeqa.evals.metrics import is_correct
 from citeqa.evals.squad import QAItem
 from citeqa.generation.cited import answer_span
@@ -74,8 +74,10 @@ def generator_fingerprint(model_id: str, gen_cfg: Any) -> dict[str, Any]:
 # --- generator candidates --------------------------------------------------------------------
 
 
-def _done_qids(out: Path) -> set[str]:
-    """Question ids complete in ``out``; lines of incomplete questions are dropped."""
+def _done_qids(out: Path, made_by: dict[str, Any] | None = None) -> set[str]:
+    """Question ids complete in ``out``; lines of incomplete questions are dropped. ConfigError
+    when a complete question was made by another generator or settings than ``made_by`` (a
+    question marker's ``generator`` and ``n``): resuming would mix two kinds of candidates."""
     if not out.is_file():
         return set()
     rows = []
@@ -84,7 +86,16 @@ def _done_qids(out: Path) -> set[str]:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             continue  # a line cut short by an interrupted run
-    done = {str(r["qid"]) for r in rows if r.get("kind") == "question"}
+    markers = [r for r in rows if r.get("kind") == "question"]
+    if made_by is not None:
+        for marker in markers:
+            was = {k: marker.get(k) for k in made_by if k in marker}  # older files lack "n"
+            if was != {k: made_by[k] for k in was}:
+                diff = "; ".join(f"{k}: was {was[k]!r}, now {made_by[k]!r}" for k in was
+                                 if was[k] != made_by[k])
+                raise ConfigError(f"{out} holds candidates of another generator or settings "
+                                  f"({diff}); choose another --out, or delete it to start over")
+    done = {str(r["qid"]) for r in markers}
     kept = [json.dumps(r, ensure_ascii=False) for r in rows
             if str(r.get("qid") or r.get("group")) in done]
     write_text_atomic(out, "".join(k + "\n" for k in kept))  # a crash here loses nothing
@@ -108,11 +119,11 @@ def generator_examples(pipeline: Pipeline, items: Iterable[QAItem], out: Path, *
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = _done_qids(out)
-    items = list(items)
-    todo = [it for it in items if it.id not in done]
     fingerprint = generator_fingerprint(pipeline.generator.backend.model_id,
                                         pipeline.cfg.generation)
+    done = _done_qids(out, {"generator": fingerprint, "n": n})
+    items = list(items)
+    todo = [it for it in items if it.id not in done]
     documents = pipeline.retriever.document
     n_examples = n_right = 0
     t0 = time.perf_counter()
@@ -138,7 +149,8 @@ def generator_examples(pipeline: Pipeline, items: Iterable[QAItem], out: Path, *
                 n_right += sum(e.label for e in examples)
                 f.write(json.dumps({"kind": "question", "qid": item.id,
                                     "answerable": item.answerable, "article": item.article,
-                                    "generator": fingerprint}, ensure_ascii=False) + "\n")
+                                    "generator": fingerprint, "n": n},
+                                   ensure_ascii=False) + "\n")
             f.flush()
             bar.update(len(chunk))
     return BuildStats(len(todo), len(items) - len(todo), n_examples, n_right,
