@@ -129,6 +129,11 @@ def toy(n: int = 48) -> list[Labelled]:
     return out
 
 
+def config_step(directory: Path) -> int:
+    """The step a training saved in ``directory`` (with its weights, in config.json)."""
+    return json.loads((directory / "config.json").read_text())["progress"]["step"]
+
+
 def test_training_learns_saves_resumes_and_reloads(tiny_encoder, tokenizer,
                                                    tmp_path: Path) -> None:
     examples = toy()
@@ -140,13 +145,14 @@ def test_training_learns_saves_resumes_and_reloads(tiny_encoder, tokenizer,
     record = train_answerability(model, tokenizer, examples, cfg, out=tmp_path / "a",
                                  extra={"examples": len(examples)}, progress=False)
     assert record["steps"] == 36 and record["examples"] == 48
-    assert json.loads((tmp_path / "a" / "progress.json").read_text())["step"] == 36
+    assert config_step(tmp_path / "a") == 36
     loaded, tok, config = load_answerability(tmp_path / "a")
     assert config["kind"] == "answerability" and config["training"]["steps"] == 36
     with torch.inference_mode():
         logits = loaded(encode(tok, [e.judged for e in examples[:8]]))
     assert (logits[1::2].min() > logits[0::2].max()).item()  # Rollo above Napoleon
-    again = train_answerability(loaded, tok, examples, cfg, out=tmp_path / "a", progress=False)
+    again = train_answerability(loaded, tok, examples, cfg, out=tmp_path / "a",
+                                extra={"examples": len(examples)}, progress=False)
     assert again["seconds_this_run"] == 0.0  # finished: a rerun trains no step again
     with pytest.raises(ValueError, match="both labels"):
         train_answerability(loaded, tok, [e for e in examples if e.label], cfg, progress=False)

@@ -130,7 +130,25 @@ def test_training_learns_a_toy_task_saves_and_reloads(tiny_encoder, tokenizer,
     again, tok, config = load_verifier(tmp_path / "rm")
     assert config["kind"] == "cross-encoder" and config["training"]["base"] == "tiny"
     assert torch.allclose(again.predict(probe)[0], model.predict(probe)[0], atol=0.02)
-    assert json.loads((tmp_path / "rm" / "progress.json").read_text())["step"] == 60
+    # the step reached is saved with the weights (one swap), with what run it is
+    assert config["progress"]["step"] == 60 and not (tmp_path / "rm" / "progress.json").exists()
+    again_record = train_verifier(model, tokenizer, groups, cfg, out=tmp_path / "rm",
+                                  extra={"base": "tiny"}, progress=False)
+    assert again_record["seconds_this_run"] == 0.0  # the same run, finished: nothing to do
+    # other settings or data are another run: it trained nothing and said it was done before
+    from dataclasses import replace
+
+    from citeqa.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"other settings or data \(config: lr was 0.003, now"):
+        train_verifier(model, tokenizer, groups, replace(cfg, lr=1e-3), out=tmp_path / "rm",
+                       extra={"base": "tiny"}, progress=False)
+    with pytest.raises(ConfigError, match=r"extra: base was 'tiny', now 'other'"):
+        train_verifier(model, tokenizer, groups, cfg, out=tmp_path / "rm",
+                       extra={"base": "other"}, progress=False)
+    assert train_verifier(model, tokenizer, groups, replace(cfg, save_every=3),
+                          out=tmp_path / "rm", extra={"base": "tiny"}, progress=False
+                          )["seconds_this_run"] == 0.0  # how often it saves is no difference
 
 
 def test_a_damaged_directory_says_what_to_do(tiny_encoder, tmp_path: Path, tokenizer) -> None:

@@ -2,9 +2,10 @@
 passage views (``citeqa.training.answerability_data``), one shuffled pass by default.
 
 The encoder computes in bf16 autocast where the CPU's matrix units pay; weights and optimizer
-state stay fp32. The reader is saved every ``save_every`` steps and at the end with
-``progress.json``; a rerun continues from the saved step (the optimizer's moments start afresh),
-as the verifier's training does (train.py).
+state stay fp32. The reader is saved every ``save_every`` steps and at the end with the step
+it reached (in config.json); a rerun of the same training continues from that step (the
+optimizer's moments start afresh), another is refused, as the verifier's training does
+(train.py).
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ def train_to_dir(data_paths: list[Path], out: Path, *, base: Path | None = None,
     from citeqa.retrieval.embed import minilm_dir
     from citeqa.reward.checkpoint import HEADS, load_verifier, read_config
     from citeqa.reward.data import load_verifier_data
-    from citeqa.reward.train import PROGRESS, TrainConfig, train_verifier
+    from citeqa.reward.train import TrainConfig, saved_progress, train_verifier
     from citeqa.reward.verifier import Verifier
 
     if threads:
@@ -90,7 +90,7 @@ def train_to_dir(data_paths: list[Path], out: Path, *, base: Path | None = None,
     if limit is not None and limit < len(groups):
         groups = random.Random(cfg.seed).sample(groups, limit)
     base_dir = Path(base) if base else minilm_dir()
-    if (Path(out) / PROGRESS).is_file():  # resume what an interrupted run saved
+    if saved_progress(Path(out)) is not None:  # resume what an interrupted run saved
         read_config(Path(out))
         model, tokenizer, _ = load_verifier(Path(out))
         log.info("resuming the verifier in %s", out)
@@ -169,7 +169,7 @@ def answerability_to_dir(squad: list[Path], out: Path, *, redteam: Path | None,
     from citeqa.retrieval.embed import minilm_dir
     from citeqa.reward.answerability import Answerability, load_answerability
     from citeqa.reward.answerability_train import AnswerabilityConfig, train_answerability
-    from citeqa.reward.train import PROGRESS
+    from citeqa.reward.train import saved_progress
     from citeqa.training.answerability_data import redteam_examples, sample_lines, squad_examples
     from citeqa.training.verifier_data import plausible_answers
 
@@ -192,7 +192,7 @@ def answerability_to_dir(squad: list[Path], out: Path, *, redteam: Path | None,
         raise SourceError(f"{[str(p) for p in squad]}: the reader needs answerable and "
                           f"unanswerable questions, got {len(examples)} examples")
     base_dir = Path(base) if base else minilm_dir()
-    if (Path(out) / PROGRESS).is_file():
+    if saved_progress(Path(out)) is not None:
         model, tokenizer, _ = load_answerability(Path(out))
         log.info("resuming the answerability reader in %s", out)
     else:

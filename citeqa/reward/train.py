@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from citeqa.compute import cpu_dtype, training_autocast
+from citeqa.errors import ConfigError
 from citeqa.reward.data import Example
 from citeqa.reward.losses import bradley_terry_loss
 from citeqa.reward.verifier import Batch, Verifier, encode
@@ -148,11 +149,14 @@ def run_training(model: torch.nn.Module, plan: Sequence[Any],
     """The loop every encoder trains with: step ``i`` takes ``loss_of(i, plan[i])`` (under bf16
     autocast where the CPU pays for it), AdamW (``encoder_optimizer``) with warm-up and linear
     decay, the gradient norm clipped to 1, a progress bar. With ``out``, every
-    ``cfg.save_every`` steps and at the end ``save(out, {"training": record})`` writes the model
-    and ``PROGRESS`` the step, so a rerun resumes there. ``cfg`` has seed, lr, head_lr,
-    weight_decay, warmup_steps, save_every and cpu_dtype. Returns the training record."""
+    ``cfg.save_every`` steps and at the end ``save(out, {"training": record, "progress": ...})``
+    writes the model with the step it reached and what run it is (``run_key``: settings, plan
+    length, data), all in one swap, so a rerun of the same training resumes there (and another
+    is refused). ``cfg`` has seed, lr, head_lr, weight_decay, warmup_steps, save_every and
+    cpu_dtype. Returns the training record."""
     torch.manual_seed(cfg.seed)
-    total, done = len(plan), resume_step(out)
+    key = run_key(cfg, len(plan), extra)
+    total, done = len(plan), resume_step(out, key)
     optimizer = encoder_optimizer(model, cfg.lr, cfg.head_lr, cfg.weight_decay)
     base = [g["lr"] for g in optimizer.param_groups]
     device = next(model.parameters()).device.type
@@ -175,8 +179,9 @@ def run_training(model: torch.nn.Module, plan: Sequence[Any],
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         if out is not None and ((step + 1) % cfg.save_every == 0 or step + 1 == total):
             model.eval()
-            save(out, {"training": training_record(cfg, history, step + 1, total, device, extra)})
-            (Path(out) / PROGRESS).write_text(json.dumps({"step": step + 1, "total": total}))
+            save(out, {"training": training_record(cfg, history, step + 1, total, device, extra),
+                       "progress": {"step": step + 1, "run": key}})
+            (Path(out) / PROGRESS).unlink(missing_ok=True)  # an older citeqa's record of it
             model.train()
     bar.close()
     model.eval()
@@ -212,11 +217,47 @@ def training_record(cfg: Any, history: Sequence[dict[str, float]], step: int, to
     }
 
 
-def resume_step(out: Path | None) -> int:
-    """The step a previous run saved in ``out`` (0 when none)."""
-    if out is None or not (Path(out) / PROGRESS).is_file():
-        return 0
+def run_key(cfg: Any, total: int, extra: dict[str, Any] | None) -> dict[str, Any]:
+    """What makes two trainings the same run (as JSON reads it back): the settings but how often
+    they save, the plan's length, and ``extra`` (data files and counts, base model)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k != "save_every"}
+    return json.loads(json.dumps({"config": settings, "total_steps": total,
+                                  "extra": extra or {}}))
+
+
+def saved_progress(out: Path | None) -> dict[str, Any] | None:
+    """The step an interrupted (or finished) training saved in ``out``, with its run key:
+    ``config.json``'s "progress" (an older citeqa's ``progress.json``: its step, no key);
+    None when ``out`` holds none."""
+    if out is None:
+        return None
     try:
-        return int(json.loads((Path(out) / PROGRESS).read_text())["step"])
-    except (ValueError, KeyError):
+        progress = json.loads((Path(out) / "config.json").read_text()).get("progress")
+    except (OSError, ValueError, AttributeError):
+        progress = None
+    if isinstance(progress, dict):
+        return progress
+    try:
+        return {"step": int(json.loads((Path(out) / PROGRESS).read_text())["step"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def resume_step(out: Path | None, key: dict[str, Any]) -> int:
+    """The step to resume at in ``out`` (0: none saved); ConfigError when ``out`` holds
+    another training (other settings or data): resuming would continue its plan with this
+    one's, and a finished one would be reported as trained on data it never saw."""
+    progress = saved_progress(out)
+    if progress is None:
         return 0
+    if "run" in progress and progress["run"] != key:
+        was, now = progress["run"], key
+        diff = [k for k in now if was.get(k) != now[k]]
+        detail = "; ".join(
+            f"{k}: " + ", ".join(f"{n} was {was.get(k, {}).get(n)!r}, now {v!r}"
+                                 for n, v in now[k].items() if was.get(k, {}).get(n) != v)
+            if isinstance(now[k], dict) else f"{k}: was {was.get(k)!r}, now {now[k]!r}"
+            for k in diff)
+        raise ConfigError(f"{out} holds a training with other settings or data ({detail}); "
+                          "choose another --out, or delete it to start over")
+    return int(progress["step"])
