@@ -271,8 +271,10 @@ def combine_dir(data_paths: list[Path], reward_dir: Path) -> dict[str, Any]:
     if answerability is not None:
         figures["auroc_answerability"] = auroc(answerability, y)
     combiner = replace(combiner, extra={**(combiner.extra or {}), **figures})
-    write_combiner(reward_dir, combiner)
+    # the old calibration goes first: a kill between the two never leaves a threshold beside
+    # a combination it was not fitted on (with none, the scorer asks for a calibration)
     (Path(reward_dir) / CALIBRATION).unlink(missing_ok=True)
+    write_combiner(reward_dir, combiner)
     return figures
 
 
