@@ -614,17 +614,38 @@ def gzipped(data: bytes, times: int = 1) -> bytes:
 TEXT = "Gzip and deflate are undone here, one layer, in bounded steps.\n" * 20
 
 
-@pytest.mark.parametrize("coding", ["gzip", "x-gzip", "deflate", "raw deflate", "identity", ""])
-def test_one_layer_of_gzip_or_deflate_is_decoded(coding: str) -> None:
+@pytest.mark.parametrize("split", [1, 7, 4096])
+@pytest.mark.parametrize("coding", ["gzip", "x-gzip", "deflate", "raw deflate", "identity", "",
+                                    "utf-8", "two gzip members"])
+def test_one_layer_of_gzip_or_deflate_is_decoded(coding: str, split: int) -> None:
+    """Whatever pieces the body arrives in (raw deflate is told from zlib-wrapped by its first
+    two bytes); a name that is no compression (a server's "utf-8") is read as it is."""
     import zlib
 
     data = TEXT.encode()
+    half = len(data) // 2
     body = {"gzip": gzipped(data), "x-gzip": gzipped(data), "deflate": zlib.compress(data),
-            "raw deflate": zlib.compress(data)[2:-4]}.get(coding, data)
-    rec = Recorder({"example.com/t": encoded(body, coding.replace("raw ", ""))})
+            "raw deflate": zlib.compress(data)[2:-4],
+            "two gzip members": gzipped(data[:half]) + gzipped(data[half:])}.get(coding, data)
+    header = {"raw deflate": "deflate", "two gzip members": "gzip"}.get(coding, coding)
+    rec = Recorder({"example.com/t": encoded(body, header, split=split)})
     page = fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/t")
     assert page.text == TEXT
     assert rec.requests[0].headers["Accept-Encoding"] == "gzip, x-gzip, deflate"
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+def test_a_compressed_body_cut_short_or_empty(coding: str) -> None:
+    import zlib
+
+    data = TEXT.encode()
+    whole = gzipped(data) if coding == "gzip" else zlib.compress(data)
+    rec = Recorder({"example.com/cut": encoded(whole[: len(whole) // 2], coding),
+                    "example.com/empty": encoded(b"", coding)})
+    f = fetcher(rec, Dns({"example.com": [PUBLIC]}))
+    with pytest.raises(FetchError, match="ends before its compressed stream does"):
+        f.fetch("http://example.com/cut")
+    assert f.fetch("http://example.com/empty").text == ""
 
 
 @pytest.mark.parametrize("coding", ["gzip, gzip", "br", "zstd", "compress"])
@@ -676,14 +697,38 @@ def test_html_the_parser_gives_up_on_is_a_fetch_error() -> None:
         fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/")
 
 
-def test_a_server_sending_its_headers_a_byte_at_a_time_is_cut_at_the_deadline() -> None:
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_server_sending_its_headers_a_byte_at_a_time_is_cut_at_the_deadline(
+        scheme: str, tmp_path) -> None:
     """Each byte comes well within the per-read timeout, so only the fetch's own deadline (the
-    watchdog shutting the socket) ends it; before, such a fetch never ended."""
+    watchdog shutting the socket) ends it; before, such a fetch never ended (and over https the
+    first watchdog held a socket TLS had detached, so it did nothing)."""
+    import shutil
+    import ssl
+    import subprocess
+
+    transport = None
+    server_tls = None
+    if scheme == "https":
+        if shutil.which("openssl") is None:
+            pytest.skip("openssl is not installed (it makes the test's certificate)")
+        cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1"], check=True,
+                       capture_output=True)
+        server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_tls.load_cert_chain(cert, key)
+        transport = httpx.HTTPTransport(verify=ssl.create_default_context(cafile=str(cert)))
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
     def drip() -> None:
-        conn, _ = listener.accept()
+        raw, _ = listener.accept()
+        try:
+            conn = server_tls.wrap_socket(raw, server_side=True) if server_tls else raw
+        except (OSError, ssl.SSLError):
+            return
         with conn:
             conn.recv(4096)
             for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 10_000:
@@ -696,11 +741,11 @@ def test_a_server_sending_its_headers_a_byte_at_a_time_is_cut_at_the_deadline() 
 
     thread = threading.Thread(target=drip, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}/"
+    url = f"{scheme}://127.0.0.1:{listener.getsockname()[1]}/"
     start = time.monotonic()
     try:
         with pytest.raises(FetchError, match="took longer than 1.0s"):
-            Fetcher(FetchPolicy(allow_private=True, timeout_s=1.0)).fetch(url)
+            Fetcher(FetchPolicy(allow_private=True, timeout_s=1.0), transport=transport).fetch(url)
         assert time.monotonic() - start < 10  # ends (it ran for ten minutes before)
     finally:
         stop.set()

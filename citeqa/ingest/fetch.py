@@ -55,6 +55,7 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 _USER_AGENT = "citeqa/0.1 (document fetcher)"
 _ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS,
               "deflate": zlib.MAX_WBITS}  # content codings undone here -> zlib wbits
+_REFUSED_ENCODINGS = frozenset({"br", "zstd", "compress", "x-compress", "dcb", "dcz"})
 
 # How an operator lets fetches reach their own network (an API request cannot).
 OPT_IN = ("to fetch from your own network, opt in with `citeqa index build "
@@ -514,48 +515,67 @@ class _Decoder:
     """Undoes a response's content coding (none, or one gzip or deflate layer) in bounded
     steps. httpx decodes every stacked coding of a chunk at once, unbounded: a 265-byte body
     sent as ``gzip, gzip, gzip`` became a gigabyte in memory before any size cap was checked.
-    Other codings (br, zstd, stacked ones) are refused: ``Accept-Encoding`` asked for these."""
+    Compressions not undone here (br, zstd, compress, or several) are refused; any other name
+    (``identity``, or a server's nonsense such as ``utf-8``) is read as it is, as httpx did."""
 
     def __init__(self, coding: str) -> None:
-        codings = [c for c in (c.strip().lower() for c in coding.split(","))
-                   if c and c != "identity"]
+        names = [c.strip().lower() for c in coding.split(",")]
+        codings = [c for c in names if c in _ENCODINGS or c in _REFUSED_ENCODINGS]
         if len(codings) > 1 or (codings and codings[0] not in _ENCODINGS):
             raise ValueError(f"unsupported content coding {coding!r}")
-        self._wbits = _ENCODINGS[codings[0]] if codings else None
-        self._z = zlib.decompressobj(self._wbits) if self._wbits is not None else None
-        self._started = False  # whether any output came (deflate may be raw, without zlib)
+        self._coding = codings[0] if codings else None
+        self._z: Any = None  # deflate: made once the first two bytes say zlib-wrapped or raw
+        if self._coding in ("gzip", "x-gzip"):
+            self._z = zlib.decompressobj(_ENCODINGS[self._coding])
+        self._head = b""  # deflate's first bytes, until there are two
+        self._seen = False  # whether any body byte came
 
     def decode(self, data: bytes, room: int) -> Iterator[bytes]:
         """The decoded pieces of ``data`` (b"": the end), never more than ``room`` + 1 bytes
-        beyond what the caller has counted: past that the caller stops."""
-        if self._z is None:
+        beyond what the caller has counted: past that the caller stops. zlib.error for a
+        damaged or cut compressed stream."""
+        if self._coding is None:
             yield data
             return
-        if not data:
+        self._seen = self._seen or bool(data)
+        if self._z is None:
+            self._head += data
+            if data and len(self._head) < 2:
+                return
+            # "deflate" is zlib-wrapped (RFC 9110), but some servers send it raw
+            self._z = zlib.decompressobj(zlib.MAX_WBITS if _zlib_header(self._head)
+                                         else -zlib.MAX_WBITS)
+            data, self._head = self._head, b""
+            if not data:  # an empty body: nothing to undo
+                return
+        if not data:  # the end
             yield self._z.flush()
+            if self._seen and not self._z.eof:
+                raise zlib.error("the body ends before its compressed stream does")
             return
         while data:
-            try:
-                out = self._z.decompress(data, max(room, 0) + 1)
-            except zlib.error:
-                if self._started or self._wbits != zlib.MAX_WBITS:
-                    raise
-                # "deflate" sent without its zlib header (as some servers do): raw deflate
-                self._wbits = -zlib.MAX_WBITS
-                self._z = zlib.decompressobj(self._wbits)
-                continue
-            self._started = self._started or bool(out)
+            out = self._z.decompress(data, max(room, 0) + 1)
             room -= len(out)
             yield out
             data = self._z.unconsumed_tail
+            if not data and self._z.eof and self._z.unused_data and self._coding != "deflate":
+                data = self._z.unused_data  # a gzip body may hold several members in a row
+                self._z = zlib.decompressobj(_ENCODINGS[self._coding])
+
+
+def _zlib_header(head: bytes) -> bool:
+    """Whether ``head`` starts a zlib stream (RFC 1950: deflate method, header checksum)."""
+    return len(head) >= 2 and head[0] & 0x0F == 8 and (head[0] * 256 + head[1]) % 31 == 0
 
 
 class _Watchdog:
     """Cuts a fetch's connections at its deadline. httpx's timeouts bound each socket operation,
     not the whole fetch: a server sending its headers a byte every few seconds never trips them
     and held a thread of the service forever. httpcore's trace hook (``trace``) hands over each
-    new connection's socket; at the deadline they are shut down, so a blocked read ends at
-    once and the fetch fails (``fired`` says why). A context manager: leaving it disarms it."""
+    new connection's socket, of which a duplicate is kept (TLS wraps, and so detaches, the
+    original; a duplicate's number is never reused while kept); at the deadline they are shut
+    down, which ends a blocked read on the connection at once, and the fetch fails (``fired``
+    says why). A context manager: leaving it disarms it and closes the duplicates."""
 
     def __init__(self, deadline: float) -> None:
         self._deadline = deadline
@@ -576,6 +596,8 @@ class _Watchdog:
         self._timer.cancel()
         with self._lock:  # a firing in progress ends before the connections are closed
             self._disarmed = True
+            for sock in self._sockets:
+                sock.close()
 
     def trace(self, event: str, info: dict[str, Any]) -> None:
         if event != "connection.connect_tcp.complete":
@@ -584,9 +606,11 @@ class _Watchdog:
         if sock is None:
             return
         with self._lock:
-            self._sockets.append(sock)
-            if self.fired and not self._disarmed:
-                _shutdown(sock)
+            if self._disarmed:
+                return
+            self._sockets.append(sock.dup())
+            if self.fired:
+                _shutdown(self._sockets[-1])
 
     def _fire(self) -> None:
         with self._lock:
