@@ -427,7 +427,9 @@ def serve(
     settings = _settings(preset=preset_name, index=index)
     _open_index(settings.index)
     if not settings.allowed_hosts.strip() and _is_loopback(host):
-        settings = settings.model_copy(update={"allowed_hosts": ",".join(LOOPBACK_HOSTS)})
+        bound = f"[{host.strip('[]')}]" if ":" in host else host  # clients name it so in Host
+        names = dict.fromkeys([*LOOPBACK_HOSTS, bound])
+        settings = settings.model_copy(update={"allowed_hosts": ",".join(names)})
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
 
 

@@ -185,7 +185,7 @@ def _keyword_or_dir(v: str | None, keywords: tuple[str, ...], name: str, what: s
         return v
     if v.strip().lower() in keywords:
         return v.strip().lower()
-    if not recover_dir(Path(v).expanduser()).is_dir():  # a write killed mid-swap: restored
+    if not recover_dir(Path(v)).is_dir():  # a write killed mid-swap: restored
         raise ValueError(f"{name}={v!r} is not {what} (or {' / '.join(keywords)})")
     return v
 

@@ -1014,8 +1014,10 @@ def test_serve_on_loopback_answers_to_localhost_names_only(monkeypatch, tmp_path
     monkeypatch.setattr(cli, "_open_index", lambda index: None)
     monkeypatch.delenv("CITEQA_ALLOWED_HOSTS", raising=False)
     for args, env in ((["--host", "127.0.0.1"], {}), (["--host", "::1"], {}),
-                      (["--host", "0.0.0.0"], {}),
+                      (["--host", "127.0.0.2"], {}), (["--host", "0.0.0.0"], {}),
                       (["--host", "127.0.0.1"], {"CITEQA_ALLOWED_HOSTS": "docs.lan"})):
         r = CliRunner().invoke(cli.app, ["serve", "--preset", "tiny", *args], env=env)
         assert r.exit_code == 0, r.output
-    assert seen == ["localhost,127.0.0.1,[::1]"] * 2 + ["", "docs.lan"]
+    # the bound address too: clients of --host 127.0.0.2 send it as their Host
+    assert seen == ["localhost,127.0.0.1,[::1]"] * 2 + [
+        "localhost,127.0.0.1,[::1],127.0.0.2", "", "docs.lan"]

@@ -393,3 +393,12 @@ def test_gold_rank() -> None:
     assert gold_rank(hits, "", docs.__getitem__) is None
     unknown = [replace(hits[1], passage=replace(hits[1].passage, doc_id="zzz"))]
     assert gold_rank(unknown, ctx, docs.__getitem__) == 1  # text still inside the context
+
+
+def test_run_json_never_holds_a_generator_password() -> None:
+    from citeqa.evals.runner import _without_secrets
+
+    config = {"generation": {"url": "http://admin:hunter2@gen:8100", "model": "m"}, "x": 1}
+    assert _without_secrets(config) == {"generation": {"url": "http://gen:8100", "model": "m"},
+                                        "x": 1}
+    assert _without_secrets({"generation": {"url": None}}) == {"generation": {"url": None}}

@@ -143,6 +143,10 @@ def test_an_engine_that_stays_down_is_unavailable_with_its_url():
         b.generate([GenerationRequest(messages=MSGS)])
     assert "hunter2" not in str(info.value) and "admin" not in str(info.value)
     assert seen[0].url.userinfo == b"admin:hunter2"
+    from citeqa.generation.remote import without_userinfo
+
+    assert without_userinfo("http://user:p@ss@gen:9/v1?a=b@c") == "http://gen:9/v1?a=b@c"
+    assert without_userinfo("http://gen:9/x@y") == "http://gen:9/x@y"  # no userinfo
     client, _ = server(lambda r: httpx.Response(503, json={"error": {"message": "overloaded"}}))
     with pytest.raises(EngineUnavailableError, match="busy.*overloaded"):
         RemoteBackend("http://gen", "m", client=client, backoff=FAST).generate(

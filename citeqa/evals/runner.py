@@ -133,7 +133,7 @@ def describe_pipeline(pipeline: Pipeline, min_score: float | None) -> dict[str, 
         "scorer_note": STAND_IN_NOTE if pipeline.scorer is None else None,
         # the pipeline's own rule, not a copy
         "threshold": threshold_json(pipeline.decline_threshold(min_score)),
-        "config": _resolved_paths(_finite_json(asdict(pipeline.cfg))),  # a threshold may be inf
+        "config": _without_secrets(_resolved_paths(_finite_json(asdict(pipeline.cfg)))),
     }
 
 
@@ -190,6 +190,18 @@ def _config_changes(before: dict[str, Any], after: dict[str, Any], prefix: str =
         elif a != b:
             out.append(f"{prefix}{k} was {a!r}, now {b!r}")
     return out
+
+
+def _without_secrets(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with a remote generator's ``user:password@`` left out of its URL: run.json is
+    a file people share."""
+    from citeqa.generation.remote import without_userinfo
+
+    generation = config.get("generation")
+    if isinstance(generation, dict) and isinstance(generation.get("url"), str):
+        config = {**config, "generation": {**generation,
+                                           "url": without_userinfo(generation["url"])}}
+    return config
 
 
 def _resolved_paths(config: dict[str, Any]) -> dict[str, Any]:

@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 CUT = "length"  # the finish_reason of a choice stopped by max_tokens
 
 
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@")  # scheme://user:pw@
+# scheme://user:pw@ (greedy to the authority's last "@", where httpx splits it too)
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
 
 
 class RemoteBackend:
