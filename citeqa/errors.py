@@ -8,6 +8,7 @@
     │       ├── BadURLError       the URL is malformed or its host does not exist
     │       └── BlockedURLError   the URL is not allowed (scheme, private address, ...)
     ├── IndexError_          an index directory is missing, corrupt or mismatched
+    │   └── IndexChangedError   another writer changed it since this process loaded it
     ├── EmptyCorpusError     nothing to index
     ├── ModelError           a model could not be found or loaded
     ├── EngineError          a remote generation engine answered with an error
@@ -54,6 +55,10 @@ class BlockedURLError(FetchError):
 
 class IndexError_(CiteqaError):  # noqa: N801 - trailing underscore avoids the builtin
     """An index directory is missing, corrupt, or was built with other settings."""
+
+
+class IndexChangedError(IndexError_):
+    """The index on disk is no longer the one a server loaded (another writer changed it)."""
 
 
 class EmptyCorpusError(CiteqaError):

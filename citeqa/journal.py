@@ -118,18 +118,37 @@ def run_lock(out: Path, command: str) -> Iterator[None]:
     process ends, however it ends, so a crash never leaves a stale lock."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out, os.O_RDONLY, out, command):
+        yield
+
+
+@contextlib.contextmanager
+def file_lock(out: Path, command: str) -> Iterator[None]:
+    """``run_lock`` for an output file that is replaced whole while it is written (so it cannot
+    be its own lock): the lock is ``.<name>.lock`` beside it, left in place (removing it would
+    let a second writer lock a new file while the first still holds the old one)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out.parent / f".{out.name}.lock", os.O_RDWR | os.O_CREAT, out, command):
+        yield
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, flags: int, out: Path, command: str) -> Iterator[None]:
     try:
         import fcntl
     except ImportError:  # not a POSIX system: runs are not guarded against each other
         yield
         return
-    fd = os.open(out, os.O_RDONLY)
+    fd = os.open(path, flags, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ConfigError(f"another {command} is writing to {out} right now; wait for it "
                               "to finish, or choose another --out") from None
+        except OSError as e:  # a file system without flock (some NFS setups): go on unguarded
+            log.warning("cannot lock %s (%s); not guarded against a second writer", out, e)
         yield
     finally:
         os.close(fd)  # releases the lock

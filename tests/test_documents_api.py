@@ -615,16 +615,16 @@ def test_two_servers_on_one_index_never_undo_each_others_changes(index_dir: Path
         assert a.post("/v1/documents", json={"text": NEW_TEXT, "doc_id": "a1"}).status_code == 201
         r = b.post("/v1/documents", json={"text": "Another text entirely.", "doc_id": "b1"})
         err = r.json()["error"]
-        assert r.status_code == 503 and err["code"] == "index_unavailable", r.text
+        assert r.status_code == 409 and err["code"] == "index_changed", r.text
         assert "changed on disk" in err["message"] and "restart" in err["message"]
-        assert b.delete("/v1/documents/" + DOCS[0].doc_id).status_code == 503
+        assert b.delete("/v1/documents/" + DOCS[0].doc_id).status_code == 409
         assert a.post("/v1/documents", json={"text": "More.", "doc_id": "a2"}).status_code == 201
     ids = {d.doc_id for d in Index.load(index_dir).documents.values()}
     assert ids == {DOCS[0].doc_id, DOCS[1].doc_id, "a1", "a2"}
     # a rebuild while a server runs: the server's next change is refused, the rebuild kept
     with serve(index_dir, tmp_path / "c") as c:
         build_index_from_documents(DOCS[:1], index_dir, CFG, progress=False)
-        assert c.post("/v1/documents", json={"text": NEW_TEXT, "doc_id": "c1"}).status_code == 503
+        assert c.post("/v1/documents", json={"text": NEW_TEXT, "doc_id": "c1"}).status_code == 409
     assert set(Index.load(index_dir).documents) == {DOCS[0].doc_id}
 
 

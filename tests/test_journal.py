@@ -126,3 +126,21 @@ def test_one_process_writes_a_run_directory_at_a_time(tmp_path: Path) -> None:
                 pass
     with run_lock(out, "citeqa eval"):  # released on leaving
         pass
+
+
+def test_a_file_replaced_while_written_is_locked_beside_it(tmp_path: Path) -> None:
+    from citeqa.journal import file_lock
+
+    out = tmp_path / "data" / "rm.jsonl"
+    with file_lock(out, "citeqa train reward-data"):
+        out.write_text("x\n")
+        out.replace(out)  # replaced whole: the lock is not on the file
+        with pytest.raises(ConfigError, match="another citeqa train reward-data is writing to"):
+            with file_lock(out, "citeqa train reward-data"):
+                pass
+        with file_lock(tmp_path / "data" / "other.jsonl", "citeqa train reward-data"):
+            pass  # another file of the same folder is another run
+    with file_lock(out, "citeqa train reward-data"):
+        pass
+    assert sorted(p.name for p in out.parent.iterdir()) == [".other.jsonl.lock", ".rm.jsonl.lock",
+                                                             "rm.jsonl"]

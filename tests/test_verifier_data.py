@@ -211,9 +211,15 @@ def test_from_data_to_a_calibrated_verifier_the_pipeline_loads(tmp_path):
                             "--preset", "bogus", "--no-progress"])
     assert r.exit_code == 2 and r.output.strip() == (
         "error: unknown preset 'bogus'; choose one of ['default', 'tiny']")
-    r = runner.invoke(app, ["train", "reward-data", "--from", "generator", "--dataset",
-                            str(dataset), "--index", str(index), "--out", str(gen),
-                            "--preset", "tiny", "-n", "2", "--no-progress"])
+    generate = ["train", "reward-data", "--from", "generator", "--dataset", str(dataset),
+                "--index", str(index), "--out", str(gen), "--preset", "tiny", "-n", "2",
+                "--no-progress"]
+    from citeqa.journal import file_lock
+
+    with file_lock(gen, "citeqa train reward-data"):  # another run writing that file now
+        r = runner.invoke(app, generate)
+    assert r.exit_code == 2 and "another citeqa train reward-data is writing" in r.output
+    r = runner.invoke(app, generate)
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["train", "reward", "--data", str(syn), "--data", str(gen),
                             "--out", str(rm), "--base", str(base), "--epochs", "2",

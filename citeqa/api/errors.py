@@ -19,6 +19,8 @@ How ``CiteqaError`` maps to HTTP (the one table; first match wins, subclasses fi
     BlockedURLError        400     blocked_url             the user named a URL that is not allowed
     FetchError             502     fetch_failed            an upstream site (or DNS) failed
     SourceError            422     bad_source              the user's source could not be read
+    IndexChangedError      409     index_changed           another server or a rebuild wrote the
+                                                           index since this one loaded it (restart)
     IndexError_            503     index_unavailable       the served index is missing or corrupt
     EmptyCorpusError       503     index_unavailable       the served index is empty
     ModelError             503     model_unavailable       a model could not be loaded
@@ -56,6 +58,7 @@ from citeqa.errors import (
     EngineError,
     EngineUnavailableError,
     FetchError,
+    IndexChangedError,
     IndexError_,
     InvalidRequestError,
     ModelError,
@@ -72,6 +75,7 @@ CITEQA_ERROR_TABLE: tuple[tuple[type[CiteqaError], int, str], ...] = (
     (BlockedURLError, 400, "blocked_url"),
     (FetchError, 502, "fetch_failed"),
     (SourceError, 422, "bad_source"),
+    (IndexChangedError, 409, "index_changed"),
     (IndexError_, 503, "index_unavailable"),
     (EmptyCorpusError, 503, "index_unavailable"),
     (ModelError, 503, "model_unavailable"),

@@ -52,7 +52,7 @@ from citeqa.atomic import siblings as _siblings
 from citeqa.atomic import tmp_dir_for
 from citeqa.atomic import writer_alive as _writer_alive
 from citeqa.config import RetrievalConfig
-from citeqa.errors import CiteqaError, IndexError_
+from citeqa.errors import CiteqaError, IndexChangedError, IndexError_
 from citeqa.retrieval.bm25 import BM25Index
 from citeqa.retrieval.dense import DenseIndex, DenseSpec
 from citeqa.types import Document, Passage
@@ -246,7 +246,10 @@ def writer_lock(out: Path) -> Iterator[None]:
         return
     fd = os.open(out.parent, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # a file system without flock (some NFS setups): go on unguarded
+            log.warning("cannot lock %s (%s); its swaps are not serialised", out.parent, e)
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -259,7 +262,7 @@ def publish(tmp: Path, out: Path, *, expect: dict[str, Any] | None = None) -> No
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     with writer_lock(out):
         if expect is not None and _manifest_or_none(out) != json.loads(json.dumps(expect)):
-            raise IndexError_(
+            raise IndexChangedError(
                 f"the index at {out} changed on disk since this process loaded it (another "
                 "server or a rebuild wrote it), so this change would undo that one; nothing was "
                 "changed: restart to serve the index as it is now, then try again")

@@ -13,8 +13,9 @@ learns where in the passage the gold answer is ([CLS] when nowhere), on every ex
 
 The encoder computes in bf16 autocast where the CPU's matrix units pay (``citeqa.compute``);
 weights and optimizer state stay fp32. Training saves the verifier every ``save_every`` steps
-and at the end (``checkpoint.save_verifier``), with ``progress.json``; a rerun continues from
-the saved step (the optimizer's moments start afresh).
+and at the end (``checkpoint.save_verifier``), with the step reached and the run's key in its
+config.json; a rerun of the same training continues from that step (the optimizer's moments
+start afresh), another is refused.
 """
 
 from __future__ import annotations

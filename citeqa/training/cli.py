@@ -20,6 +20,7 @@ from citeqa.atomic import atomic_open
 from citeqa.cli_errors import check_answer_mode, check_preset, fail, interruptible
 from citeqa.config import MAX_CANDIDATES, Settings, preset
 from citeqa.errors import CiteqaError
+from citeqa.journal import file_lock, run_lock
 from citeqa.logs import setup_logging
 
 app = typer.Typer(help="Train models: the generator's LoRA adapter, and training data.",
@@ -191,11 +192,12 @@ def generator(
         if cache_dir is None:
             cache_dir = Settings().cache_dir  # type: ignore[call-arg]
         base, tokenizer, model_id = load_model(gen.model, cache_dir, device=device)
-        record = run_sft(
-            base, tokenizer, model_id, demos, out, gen, train, lora,
-            meta={"data": str(data), "command": shlex.join(["citeqa", *sys.argv[1:]])},
-            progress=progress, init_adapter=init_adapter,
-        )
+        with run_lock(out, "citeqa train generator"):  # its checkpoint has fixed names
+            record = run_sft(
+                base, tokenizer, model_id, demos, out, gen, train, lora,
+                meta={"data": str(data), "command": shlex.join(["citeqa", *sys.argv[1:]])},
+                progress=progress, init_adapter=init_adapter,
+            )
     except (CiteqaError, ValueError) as e:
         raise fail(str(e)) from None
     typer.echo(
@@ -247,7 +249,8 @@ def export_generator_cmd(
 
 
 @app.command("reward-data")
-@interruptible()
+@interruptible("--from generator keeps the questions it finished and resumes them; the other "
+               "sources write their file whole at the end: run the same command again")
 def reward_data(
     dataset: Annotated[Path, typer.Option("--dataset", help="SQuAD JSON or JSONL questions.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="JSONL to write (generator: resumed).")],
@@ -311,7 +314,8 @@ def _generator_data(items, index, out, n, preset_name, progress) -> dict:
     from citeqa.training.verifier_data import generator_examples
 
     pipeline = Pipeline.from_settings(Settings(preset=preset_name, index=index))  # type: ignore[arg-type]
-    stats = generator_examples(pipeline, items, out, n=n, progress=progress)
+    with file_lock(out, "citeqa train reward-data"):  # two appending would lose lines
+        stats = generator_examples(pipeline, items, out, n=n, progress=progress)
     return {"questions": stats.questions, "already_done": stats.skipped,
             "examples": stats.examples, "right": stats.right, "seconds": round(stats.seconds)}
 
