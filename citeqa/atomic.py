@@ -4,7 +4,7 @@ cut one.
     with atomic_open(path) as f: ...     # text, written to a temporary sibling
     with atomic_path(path) as tmp: ...   # any writer that takes a path (safetensors, numpy)
     write_text_atomic(path, text)
-    tmp = tmp_dir_for(out); ...; replace_dir(tmp, out)   # a directory (a model's weights)
+    tmp = fresh_tmp_dir(out); ...; replace_dir(tmp, out)   # a directory (a model's weights)
 
 The temporary file sits in the same directory as the file it replaces (so the rename is
 atomic), is flushed to disk before it does, and is removed when the block fails. The file keeps

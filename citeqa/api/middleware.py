@@ -160,8 +160,6 @@ class SecurityHeadersMiddleware:
         await self.app(scope, receive, add_headers)
 
 
-
-
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # what `citeqa serve` on loopback answers
 
 
