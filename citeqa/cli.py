@@ -414,7 +414,9 @@ def format_answer(answer: Answer, document: Callable[[str], Document], *,
 @app.command()
 def serve(
     index: IndexDir = None,
-    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Interface to bind. On a loopback address the "
+                                      "service answers only to localhost names in Host (see "
+                                      "CITEQA_ALLOWED_HOSTS).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8000,
     preset_name: SettingsPresetOpt = None,
 ) -> None:

@@ -79,6 +79,11 @@ class ServiceState:
     pending_updates: int = 0
     fetching: int = 0
 
+    def overloaded_error(self, message: str) -> ApiError:
+        """The 503 for work turned away because too much is queued or running: retry later."""
+        return ApiError(503, "overloaded", message,
+                        headers={"Retry-After": str(self.settings.retry_after_s)})
+
     def not_ready_error(self, *, open_route: bool = False) -> ApiError:
         """The 503 for a service not (or no longer) ready. On a route that needs no key
         (``open_route``: /readyz) of a service that has keys, a failed load's cause (index paths,

@@ -146,9 +146,8 @@ async def run_update(state: ServiceState, fn: Callable[..., Any], *args: Any,
         raise state.not_ready_error()
     settings = state.settings
     if state.pending_updates >= settings.max_pending_updates:
-        raise ApiError(503, "overloaded", f"{state.pending_updates} document updates are waiting "
-                       "or running; retry later",
-                       headers={"Retry-After": str(settings.retry_after_s)})
+        raise state.overloaded_error(f"{state.pending_updates} document updates are waiting or "
+                                     "running; retry later")
     try:
         fut = updater.submit(fn, *args)
     except RuntimeError:  # shut down
@@ -180,8 +179,7 @@ async def await_answer(request: Request, state: ServiceState, batcher: Batcher[A
     try:
         cfut = batcher.submit(args)
     except QueueFullError as exc:
-        raise ApiError(503, "overloaded", str(exc),
-                       headers={"Retry-After": str(settings.retry_after_s)}) from None
+        raise state.overloaded_error(str(exc)) from None
     except BatcherClosedError:
         raise state.not_ready_error() from None
     afut = asyncio.wrap_future(cfut)
@@ -260,8 +258,7 @@ def v1_router(require_key: Callable[..., None]) -> APIRouter:
             assert state.fetcher is not None, "create_app sets the fetcher"
             limit = state.settings.max_fetches
             if state.fetching >= limit:  # each holds a thread of the pool requests share
-                raise ApiError(503, "overloaded", f"{limit} URLs are being fetched; retry later",
-                               headers={"Retry-After": str(state.settings.retry_after_s)})
+                raise state.overloaded_error(f"{limit} URLs are being fetched; retry later")
             state.fetching += 1
             try:  # the thread runs to its end (the fetch's deadline) before this returns
                 doc = await run_in_threadpool(url_document, body, state.fetcher)
