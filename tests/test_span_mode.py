@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from citeqa.config import GenerationConfig
 from citeqa.generation.cited import CitedGenerator, answer_span
 from citeqa.generation.constraint import (
+    MAX_OCCURRENCES,
     QuoteStage,
     answer_of_first_part,
     output_grammar,
@@ -98,6 +99,19 @@ def test_the_answer_must_stand_as_whole_words() -> None:
     assert not grammar_accepts(g, quote_line(2, "A king was crowned"))  # case differs
     assert quote_grammar(["The Kingdom of Sicily."], "King") is None
     assert quote_grammar(PASSAGES, "Queen") is None and quote_grammar(PASSAGES, "  ") is None
+
+
+def test_an_answer_repeated_everywhere_still_compiles_around_its_first_occurrences() -> None:
+    # 20 passages repeating a one-letter answer 300 times: a stretch per occurrence exceeded
+    # llguidance's grammar limit (a 500 for that question); the first MAX_OCCURRENCES count
+    repeated = " ".join(["a"] * 300)
+    g = quote_grammar([repeated] * 20, "a", min_quote_chars=20, max_quote_chars=200)
+    assert g is not None and grammar_accepts(g, quote_line(20, " ".join(["a"] * 30)))
+    tagged = " ".join(f"x{i} a" for i in range(1, MAX_OCCURRENCES + 3))
+    g = quote_grammar([tagged], "a")
+    assert g is not None
+    assert grammar_accepts(g, quote_line(1, f"x{MAX_OCCURRENCES} a"))
+    assert not grammar_accepts(g, quote_line(1, f"x{MAX_OCCURRENCES + 1} a"))
 
 
 def test_bounds_give_way_where_they_would_leave_no_quote() -> None:

@@ -61,6 +61,10 @@ from citeqa.generation.format import (
 # A span-mode quote reaches at most this many words beyond each side of its answer: its regex
 # nests one group per word, and llguidance refuses regexes nested ~100 deep.
 MAX_WORDS_AROUND = 64
+# A quote holds one of the answer's first MAX_OCCURRENCES occurrences in its passage: each
+# occurrence adds its own stretch to the grammar, and a one-letter answer repeated through
+# 20 passages would otherwise exceed llguidance's grammar limit (and take seconds to compile).
+MAX_OCCURRENCES = 8
 _BEFORE = re.compile(r"\S+\s*")  # a word and the space after it
 _AFTER = re.compile(r"\s*\S+")  # a word and the space before it
 # A quote is non-empty and trimmed: it starts and ends with a non-whitespace character.
@@ -221,7 +225,8 @@ def quote_grammar(
     Only passages holding the answer so are offered (and only ``only_passage`` when given).
     The length bounds give way where they would leave no quote: the lower one to a shorter
     passage, the upper one to a longer answer; a quote reaches at most ``MAX_WORDS_AROUND``
-    words beyond each side of the answer. None when no passage holds the answer.
+    words beyond each side of the answer, and holds one of its first ``MAX_OCCURRENCES``
+    occurrences in the passage. None when no passage holds the answer.
 
     Each passage's lexeme is a plain regex (a union over the answer's occurrences) rather than
     the passage's ``substring_words`` intersected with "contains the answer": llguidance gave
@@ -234,7 +239,7 @@ def quote_grammar(
     lexemes = []
     for k, passage in _quotable(passages, only_passage):
         stretches = dict.fromkeys(_around(passage, at, answer, room)
-                                  for at in _occurrences(passage, answer))
+                                  for at in _occurrences(passage, answer)[:MAX_OCCURRENCES])
         if stretches:
             low = None if min_quote_chars is None else min(min_quote_chars, len(passage.strip()))
             high = None if max_quote_chars is None else max(max_quote_chars, len(answer))
