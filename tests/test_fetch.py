@@ -298,9 +298,12 @@ def test_metadata_blocked_even_with_allow_private() -> None:
 )
 def test_dns_answers_with_any_blocked_address_are_refused(answer: list[str]) -> None:
     dns = Dns({"evil.example": answer})
-    with pytest.raises(BlockedURLError, match="evil.example resolves to"):
+    with pytest.raises(BlockedURLError, match="evil.example resolves to") as refused:
         fetcher(dns=dns).fetch("https://evil.example/")
     assert dns.calls == ["evil.example"]
+    blocked = next(a for a in answer if a not in (PUBLIC, PUBLIC6))
+    # a server's caller must not learn what an internal name resolves to
+    assert blocked not in str(refused.value) and "10.0.0.7" not in str(refused.value)
 
 
 def test_unresolvable_host_is_a_fetch_error() -> None:
@@ -571,7 +574,7 @@ def test_real_local_server_by_name_sends_original_host(local_server: str) -> Non
     page = Fetcher(policy, resolver=dns).fetch(f"http://docs.internal:{port}/page")
     assert page.text == "served by a real server"
     assert hosts_seen == [f"docs.internal:{port}"]
-    with pytest.raises(BlockedURLError, match="docs.internal resolves to 127.0.0.1"):
+    with pytest.raises(BlockedURLError, match="docs.internal resolves to an address that is not allowed: it is a loopback"):
         Fetcher(FetchPolicy(timeout_s=5), resolver=dns).fetch(f"http://docs.internal:{port}/")
 
 

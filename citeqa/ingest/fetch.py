@@ -158,7 +158,7 @@ def _block_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allow_priva
         for inner in _embedded_ipv4(ip):
             reason = _block_reason(inner, allow_private)
             if reason:
-                return f"an IPv6 address embedding {inner} ({reason})"
+                return f"an IPv6 address embedding an IPv4 one ({reason})"
     # Allowed only with allow_private.
     if allow_private:
         return ""
@@ -190,11 +190,18 @@ def check_ip(ip: str, *, allow_private: bool = False) -> None:
         addr = ipaddress.ip_address(text)
     except ValueError:
         raise BlockedURLError(f"{ip!r} is not an IP address; refusing to connect to it") from None
+    if refusal := _refusal(addr, allow_private):
+        raise BlockedURLError(f"refusing to fetch from {addr}: {refusal}")
+
+
+def _refusal(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, allow_private: bool) -> str:
+    """Why ``addr`` may not be fetched from ("it is ..." and how to opt in where one may),
+    without the address itself; "" when it may."""
     reason = _block_reason(addr, allow_private)
-    if reason:
-        opt_in = not allow_private and not _block_reason(addr, True)
-        hint = f" ({OPT_IN})" if opt_in else ""
-        raise BlockedURLError(f"refusing to fetch from {addr}: it is {reason}{hint}")
+    if not reason:
+        return ""
+    opt_in = not allow_private and not _block_reason(addr, True)
+    return f"it is {reason}" + (f" ({OPT_IN})" if opt_in else "")
 
 
 def _numeric_ipv4(host: str) -> str | None:
@@ -372,11 +379,18 @@ class Fetcher:
                     f"{where}: {name!r} is this machine ({OPT_IN})"
                 )
             addresses = self._resolve(name, port, deadline)
+            for address in addresses:  # named without the address: a caller of a server
+                # must not learn what an internal name resolves to (the log keeps it)
+                try:
+                    addr = ipaddress.ip_address(address.split("%", 1)[0])
+                except ValueError:
+                    continue  # not an address at all: check_ip below says so
+                if refusal := _refusal(addr, allow):
+                    logger.info("refused %s: %s resolves to %s", where, host, address)
+                    raise BlockedURLError(f"{where}: {host} resolves to an address that is "
+                                          f"not allowed: {refusal}")
         for address in addresses:
-            try:
-                check_ip(address, allow_private=allow)
-            except BlockedURLError as e:
-                raise BlockedURLError(f"{where}: {host} resolves to {address}; {e}") from None
+            check_ip(address, allow_private=allow)
         ip = ipaddress.ip_address(addresses[0].split("%", 1)[0])
         return _Target(
             url=url,
