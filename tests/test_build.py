@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from citeqa.config import ChunkConfig, RetrievalConfig
-from citeqa.errors import EmptyCorpusError, IndexError_
+from citeqa.errors import ConfigError, EmptyCorpusError, IndexError_
 from citeqa.retrieval import HashEmbedder, Index, build_index, build_index_from_documents
 from citeqa.types import Document
 
@@ -273,6 +273,27 @@ def test_sharded_build_leaves_other_things_in_a_given_work_dir(tmp_path: Path) -
     build_index_sharded(write_corpus(tmp_path / "src"), tmp_path / "idx", CFG, progress=False,
                         executor=InProcessExecutor(), work_dir=work)
     assert sorted(p.name for p in work.iterdir()) == ["notes.txt"]
+
+
+def test_a_second_sharded_build_to_the_same_out_is_refused_while_one_runs(
+        tmp_path: Path) -> None:
+    sources = write_corpus(tmp_path / "src")
+    out = tmp_path / "idx"
+    refused: list[str] = []
+
+    class BuildsAgainMidway(InProcessExecutor):
+        def run(self, items, job, *, progress):  # type: ignore[no-untyped-def]
+            with pytest.raises(ConfigError, match="another index build") as e:
+                build_index_sharded(sources, out, CFG, progress=False,
+                                    executor=InProcessExecutor())
+            refused.append(str(e.value))
+            return super().run(items, job, progress=progress)
+
+    summary = build_index_sharded(sources, out, CFG, progress=False, shard_chars=SHARD_CHARS,
+                                  executor=BuildsAgainMidway())
+    assert refused and summary.shards > 5 and summary.shards_reused == 0
+    build_index(sources, tmp_path / "local", CFG, progress=False)
+    assert_same_index(tmp_path / "local", out)  # the first build, undisturbed
 
 
 class CountingEmbedder(HashEmbedder):

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from citeqa.config import RetrievalConfig
 from citeqa.errors import ConfigError, EmptyCorpusError
 from citeqa.ingest import Fetcher, FetchPolicy, expand_sources, load_item
+from citeqa.journal import run_lock
 from citeqa.retrieval.builder import BuildSummary, dense_spec_for
 from citeqa.retrieval.dense import DenseSpec
 from citeqa.retrieval.embed import Embedder, load_embedder
@@ -109,39 +110,41 @@ def build_index_sharded(
     work = (Path(work_dir) if work_dir else default_work_dir(out)).resolve()
     job = ShardJob(cfg=cfg, work=str(work), shard_chars=shard_chars,
                    allow_private_urls=allow_private_urls, token=uuid.uuid4().hex)
-    write_marker(job)
-    results = executor.run(items, job, progress=progress) if items else []
-    results.sort(key=lambda r: (r.item, r.block))
-    for r in results:
-        if not (job.shards / r.key).is_dir():
-            raise ConfigError(
-                f"shard {r.key} was written by a worker but is not in {job.shards}; on a "
-                "cluster, pass --work-dir on storage every node mounts at the same path"
-            )
-    reused = sum(not r.embedded for r in results)
-    log.info("%d shards (%d from an earlier run), merging", len(results), reused)
-    shards = (read_shard(job.shards / r.key)
-              for r in tqdm(results, desc="reading shards", unit="shard", disable=not progress))
-    merged = merge_shards(shards, dense=cfg.dense)
-    merged.skipped = [*skipped, *merged.skipped]
-    for s in merged.skipped:  # the summary carries them; the CLI prints each once
-        log.debug("skipped %s: %s", s.source, s.reason)
-    try:
-        write_merged(merged, out, cfg, dense_spec_for(cfg, dense_spec), n_sources=len(sources),
-                     progress=progress)
-    except EmptyCorpusError:
-        _clean(job)  # nothing worth resuming
-        raise
-    _clean(job)
-    return BuildSummary(
-        documents=len(merged.documents),
-        passages=len(merged.spans),
-        skipped=merged.skipped,
-        seconds=time.perf_counter() - t0,
-        out=out,
-        shards=len(results),
-        shards_reused=reused,
-    )
+    with run_lock(work, "index build"):  # a second build would replace the marker and
+        # the shards under the first one
+        write_marker(job)
+        results = executor.run(items, job, progress=progress) if items else []
+        results.sort(key=lambda r: (r.item, r.block))
+        for r in results:
+            if not (job.shards / r.key).is_dir():
+                raise ConfigError(
+                    f"shard {r.key} was written by a worker but is not in {job.shards}; on a "
+                    "cluster, pass --work-dir on storage every node mounts at the same path"
+                )
+        reused = sum(not r.embedded for r in results)
+        log.info("%d shards (%d from an earlier run), merging", len(results), reused)
+        shards = (read_shard(job.shards / r.key)
+                  for r in tqdm(results, desc="reading shards", unit="shard", disable=not progress))
+        merged = merge_shards(shards, dense=cfg.dense)
+        merged.skipped = [*skipped, *merged.skipped]
+        for s in merged.skipped:  # the summary carries them; the CLI prints each once
+            log.debug("skipped %s: %s", s.source, s.reason)
+        try:
+            write_merged(merged, out, cfg, dense_spec_for(cfg, dense_spec), n_sources=len(sources),
+                         progress=progress)
+        except EmptyCorpusError:
+            _clean(job)  # nothing worth resuming
+            raise
+        _clean(job)
+        return BuildSummary(
+            documents=len(merged.documents),
+            passages=len(merged.spans),
+            skipped=merged.skipped,
+            seconds=time.perf_counter() - t0,
+            out=out,
+            shards=len(results),
+            shards_reused=reused,
+        )
 
 
 def _clean(job: ShardJob) -> None:
