@@ -231,6 +231,28 @@ def test_an_interrupted_build_says_the_index_is_unchanged(corpus, tmp_path, monk
     assert (out / "manifest.json").read_text() == before
 
 
+def test_ctrl_c_while_the_command_still_imports_ends_quietly() -> None:
+    """The ``citeqa`` entry point imports the CLI inside its own guard: a KeyboardInterrupt
+    raised by that import (Ctrl-C in its first moment) is one line and status 130."""
+    import subprocess
+    import sys
+
+    child = (
+        "import sys\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'citeqa.cli':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "from citeqa.__main__ import main\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip() == "interrupted"
+
+
 def test_a_failed_build_keeps_the_previous_index(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "index"
     assert build(corpus, out).exit_code == 0
