@@ -10,7 +10,7 @@ def main() -> None:
     try:
         from citeqa.cli import app
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        sys.stderr.write("\ninterrupted\n")
         raise SystemExit(130) from None
     app()
 

@@ -574,7 +574,8 @@ def test_real_local_server_by_name_sends_original_host(local_server: str) -> Non
     page = Fetcher(policy, resolver=dns).fetch(f"http://docs.internal:{port}/page")
     assert page.text == "served by a real server"
     assert hosts_seen == [f"docs.internal:{port}"]
-    with pytest.raises(BlockedURLError, match="docs.internal resolves to an address that is not allowed: it is a loopback"):
+    refused = "docs.internal resolves to an address that is not allowed: it is a loopback"
+    with pytest.raises(BlockedURLError, match=refused):
         Fetcher(FetchPolicy(timeout_s=5), resolver=dns).fetch(f"http://docs.internal:{port}/")
 
 
