@@ -746,10 +746,12 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 
 def test_metrics_count_requests_by_route_template_and_declines() -> None:
-    with serve() as c:
+    with serve(max_body_bytes=1024) as c:
         c.post("/v1/answer", json={"question": "fine"})
         c.post("/v1/answer", json={"question": "decline this"})
         c.post("/v1/answer", json={"question": ""})
+        c.post("/v1/answer", json={"question": "q" * 2000})  # refused before routing
+        c.get("/v1/answer")  # no such method
         c.get("/v1/documents/d1")
         c.get("/v1/documents/zzz")
         c.get("/no/such/route")
@@ -765,6 +767,9 @@ def test_metrics_count_requests_by_route_template_and_declines() -> None:
         return got[("citeqa_requests_total", key)]
 
     assert requests("/v1/answer", "200") == 2 and requests("/v1/answer", "422") == 1
+    assert requests("/v1/answer", "413") == 1
+    get_answer = frozenset({("route", "/v1/answer"), ("method", "GET"), ("status", "405")})
+    assert got[("citeqa_requests_total", get_answer)] == 1
     assert requests("/v1/documents/{doc_id}", "404") == 1
     assert requests("unmatched", "404") == 1
     assert requests("/openapi.json", "200") == 1  # FastAPI's own route: a plain Starlette one
@@ -772,7 +777,7 @@ def test_metrics_count_requests_by_route_template_and_declines() -> None:
     assert got[("citeqa_answers_total", frozenset())] == 2
     assert got[("citeqa_queue_depth", frozenset())] == 0
     latency = got[("citeqa_request_duration_seconds_count", frozenset({("route", "/v1/answer")}))]
-    assert latency == 3
+    assert latency == 5
     assert not any(name.endswith("_created") for name, _ in got)
 
 

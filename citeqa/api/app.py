@@ -182,10 +182,12 @@ def create_app(
     if hosts and "*" not in hosts:
         app.add_middleware(HostCheckMiddleware, allowed=hosts)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    routers = [v1_router(require_api_key), ops_router(page, page_csp(page))]
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics,
+                       routes=[r for router in routers for r in router.routes])
     app.add_middleware(SecurityHeadersMiddleware)
-    app.include_router(v1_router(require_api_key))
-    app.include_router(ops_router(page, page_csp(page)))
+    for router in routers:
+        app.include_router(router)
     if state.api_keys:
         plain = app.openapi
 

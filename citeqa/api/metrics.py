@@ -7,10 +7,11 @@ outside ``METHODS`` count as "OTHER", so a client cannot blow up the number of s
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_PLAIN_0_0_4  # what Prometheus scrapes by default
@@ -73,25 +74,32 @@ class Metrics:
         return generate_latest(self.registry).decode("utf-8")
 
 
-def route_label(scope: Scope) -> str:
+def route_label(scope: Scope, routes: Sequence[BaseRoute] = ()) -> str:
     """The matched route's template, from the (shared) scope the router filled in: FastAPI's
     routes store themselves as ``route``; plain Starlette routes (FastAPI's own /openapi.json)
-    only their ``endpoint``, so the app's route with that endpoint is looked up. "unmatched"
-    when no route matched (a 404), so that made-up paths cannot grow the label set."""
+    only their ``endpoint``, so the app's route with that endpoint is looked up. A request
+    refused before routing (a body over the limit, a wrong Host) is matched here against the
+    app's plain routes and ``routes`` (those of its included routers, which FastAPI's
+    ``app.routes`` wraps without their templates). "unmatched" when no route matches its
+    path (a 404), so that made-up paths cannot grow the label set."""
     route = scope.get("route")
     endpoint = scope.get("endpoint")
+    candidates = [*getattr(scope.get("app"), "routes", ()), *routes]
     if route is None and endpoint is not None:
-        routes = getattr(scope.get("app"), "routes", ())
-        route = next((r for r in routes if getattr(r, "endpoint", None) is endpoint), None)
+        route = next((r for r in candidates if getattr(r, "endpoint", None) is endpoint), None)
+    if route is None and endpoint is None:
+        route = next((r for r in candidates if hasattr(r, "path_format")
+                      and r.matches(scope)[0] is not Match.NONE), None)
     return getattr(route, "path_format", None) or "unmatched"
 
 
 class MetricsMiddleware:
     """ASGI middleware counting every HTTP request by route template, method and status."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = tuple(routes)  # see route_label
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -109,6 +117,6 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = route_label(scope)
+            route = route_label(scope, self.routes)
             method = scope["method"] if scope["method"] in METHODS else "OTHER"
             self.metrics.observe_request(route, method, status, time.perf_counter() - t0)
