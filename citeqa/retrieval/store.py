@@ -46,11 +46,13 @@ from typing import Any
 
 import numpy as np
 
-from citeqa.atomic import fsync_path as _fsync_path
-from citeqa.atomic import remove_stale_siblings as _remove_stale_siblings
-from citeqa.atomic import siblings as _siblings
-from citeqa.atomic import tmp_dir_for
-from citeqa.atomic import writer_alive as _writer_alive
+from citeqa.atomic import (
+    fsync_path,
+    remove_stale_siblings,
+    siblings,
+    tmp_dir_for,
+    writer_alive,
+)
 from citeqa.config import RetrievalConfig
 from citeqa.errors import CiteqaError, IndexChangedError, IndexError_
 from citeqa.retrieval.bm25 import BM25Index
@@ -127,9 +129,9 @@ def write_index(
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     for p in [*files, directory / MANIFEST]:
-        _fsync_path(p)
-    _fsync_path(directory / BM25_DIR)
-    _fsync_path(directory)
+        fsync_path(p)
+    fsync_path(directory / BM25_DIR)
+    fsync_path(directory)
     return manifest
 
 
@@ -138,7 +140,7 @@ def write_index(
 
 def _backup(out: Path) -> Path | None:
     """The newest complete ``.old`` sibling left by a swap that was interrupted, if any."""
-    done = [p for p in _siblings(out, "old") if (p / MANIFEST).is_file()]
+    done = [p for p in siblings(out, "old") if (p / MANIFEST).is_file()]
     return max(done, key=lambda p: p.stat().st_mtime) if done else None
 
 
@@ -150,7 +152,7 @@ def recover_index(out: Path, *, writing: bool = False) -> Path:
     a writer stopped between its two renames: if that writer is dead, the backup is renamed back
     to ``out``; if it still runs (it is swapping right now), the backup is returned untouched, to
     be read. Raises IndexError_ (saying how to build one) when there is no index to recover.
-    ``writing``: the caller is about to rewrite ``out`` (``prepare``; see ``_writer_alive``).
+    ``writing``: the caller is about to rewrite ``out`` (``prepare``; see ``writer_alive``).
     Every command that opens an index goes through here (``Index.load``), so ``serve``,
     ``search``, ``ask`` and a rebuild all see the same index after a crash.
     """
@@ -159,7 +161,7 @@ def recover_index(out: Path, *, writing: bool = False) -> Path:
         old = _backup(out) if not out.exists() or _is_empty_dir(out) else None
         if old is None:
             raise IndexError_(f"index {out} {how_to_build(out)}")
-        if _writer_alive(old, writing=writing):
+        if writer_alive(old, writing=writing):
             log.warning("index %s is being swapped by another process; reading %s", out, old)
             return old
         log.warning("restoring %s from %s (a rebuild was interrupted mid-swap)", out, old)
@@ -167,14 +169,14 @@ def recover_index(out: Path, *, writing: bool = False) -> Path:
             if out.exists():
                 out.rmdir()
             old.rename(out)
-            _fsync_path(out.parent)
+            fsync_path(out.parent)
         except OSError as e:
             if (out / MANIFEST).is_file():  # another process restored it first
                 return out
             # e.g. a read-only file system: read the backup where it is
             log.warning("could not restore %s (%s); reading %s", out, e, old)
             return old
-    _remove_stale_siblings(out, writing=writing)
+    remove_stale_siblings(out, writing=writing)
     return out
 
 
@@ -188,7 +190,7 @@ def prepare(out: Path) -> Path:
         with contextlib.suppress(IndexError_):  # nothing to restore: a first build
             recover_index(out, writing=True)
     check_replaceable(out)
-    _remove_stale_siblings(out, writing=True)
+    remove_stale_siblings(out, writing=True)
     tmp = tmp_dir_for(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -270,7 +272,7 @@ def publish(tmp: Path, out: Path, *, expect: dict[str, Any] | None = None) -> No
             out.rename(old)
             test_pause("mid_swap")
         tmp.rename(out)
-        _fsync_path(out.parent)
+        fsync_path(out.parent)
     test_pause("after_swap")
     if old.exists():
         shutil.rmtree(old)
