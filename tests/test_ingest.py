@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from citeqa.errors import EmptyCorpusError
+from citeqa.errors import EmptyCorpusError, SourceError
 from citeqa.ingest import (
     Fetcher,
     FetchPolicy,
@@ -20,6 +20,7 @@ from citeqa.ingest import (
     extract_html,
     load_sources,
 )
+from citeqa.ingest.html import PARSE_BASE_S, PARSE_S_PER_MB, parse_seconds
 
 
 def load(*sources: str | Path, **kw) -> LoadResult:
@@ -380,6 +381,17 @@ def test_extract_html_tolerates_malformed_markup() -> None:
     assert page.text == "unclosed bold\n\nnext"
     assert extract_html("plain words only").text == "plain words only"
     assert extract_html("<p>no title</p>").title == ""
+
+
+@pytest.mark.parametrize("unit", ["<a", "<a b='"])
+def test_markup_the_parser_reads_in_quadratic_time_is_refused_at_its_deadline(
+        unit: str) -> None:
+    # 80 KB of either took 10-24 s here, growing with the square of its length (5 MB: a day)
+    hostile = unit * (80_000 // len(unit))
+    with pytest.raises(SourceError, match="took over 0.05 s to parse"):
+        extract_html(hostile, max_seconds=0.05)
+    assert parse_seconds("x" * 5_000_000) == PARSE_BASE_S + 5 * PARSE_S_PER_MB
+    assert extract_html("<p>ok</p>", max_seconds=0.05).text == "ok"
 
 
 def test_html_file_title_fallback_and_meta_charset(tmp_path: Path) -> None:

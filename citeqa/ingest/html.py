@@ -9,12 +9,18 @@ dropped, entities are unescaped, runs of whitespace collapse to one space, block
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from html.parser import HTMLParser
 
 from citeqa.errors import SourceError
 
 TITLE_MAX_CHARS = 120  # titles longer than this are cut (with an ellipsis)
+# Python's HTMLParser reads some malformed markup in quadratic time ("<a<a<a...": 80 KB took
+# 10 s, so a 5 MB page would take a day); well-formed pages parse at >1 MB/s. A page may take
+# PARSE_BASE_S plus PARSE_S_PER_MB per MB of its text before it is refused.
+PARSE_BASE_S = 10.0
+PARSE_S_PER_MB = 4.0
 
 # Elements whose whole content is not visible text.
 _SKIP = frozenset(
@@ -48,18 +54,44 @@ class HtmlText:
     title: str  # the <title> (whitespace collapsed), "" when the page has none
 
 
-class _Extractor(HTMLParser):
-    """Collects visible text pieces and the <title>; driven by :func:`extract_html`."""
+class _TooSlowError(Exception):
+    """The parse ran past its deadline."""
 
-    def __init__(self) -> None:
+
+class _Extractor(HTMLParser):
+    """Collects visible text pieces and the <title>; driven by :func:`extract_html`.
+
+    Every handler first checks the deadline: the parser calls one for each construct it reads,
+    and in its quadratic cases each costs one scan of the rest of the page, so the parse ends
+    within one scan of the deadline."""
+
+    def __init__(self, deadline: float) -> None:
         super().__init__(convert_charrefs=True)  # entities arrive unescaped in handle_data
         self.pieces: list[str] = []
         self.title_parts: list[str] = []
         self._skip_stack: list[str] = []  # open non-visible elements, innermost last
         self._in_title = False
         self._pre = 0  # depth of open <pre> elements
+        self._deadline = deadline
+
+    def _tick(self) -> None:
+        if time.monotonic() > self._deadline:
+            raise _TooSlowError
+
+    def handle_comment(self, data: str) -> None:
+        self._tick()
+
+    def handle_decl(self, decl: str) -> None:
+        self._tick()
+
+    def handle_pi(self, data: str) -> None:
+        self._tick()
+
+    def unknown_decl(self, data: str) -> None:
+        self._tick()
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self._tick()
         if tag == "title":  # only the page's first <title>, not an <svg><title>
             self._in_title = not self.title_parts and all(t == "head" for t in self._skip_stack)
             return
@@ -81,6 +113,7 @@ class _Extractor(HTMLParser):
                 self._pre += 1
 
     def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self._tick()
         # <br/>, <img/>...: a self-closed element never opens a skip region.
         if not self._skip_stack and tag == "br":
             self.pieces.append("\n")
@@ -88,6 +121,7 @@ class _Extractor(HTMLParser):
             self.pieces.append("\n\n")
 
     def handle_endtag(self, tag: str) -> None:
+        self._tick()
         if tag == "title":
             self._in_title = False
             return
@@ -103,19 +137,30 @@ class _Extractor(HTMLParser):
                 self._pre -= 1
 
     def handle_data(self, data: str) -> None:
+        self._tick()
         if self._in_title:
             self.title_parts.append(data)
         elif not self._skip_stack:
             self.pieces.append(data if self._pre else _SPACE_RE.sub(" ", data))
 
 
-def extract_html(html: str) -> HtmlText:
+def parse_seconds(html: str) -> float:
+    """How long ``extract_html`` may parse ``html`` (see ``PARSE_BASE_S``)."""
+    return PARSE_BASE_S + PARSE_S_PER_MB * len(html) / 1e6
+
+
+def extract_html(html: str, *, max_seconds: float | None = None) -> HtmlText:
     """Visible text and title of an HTML document (tolerates malformed markup); SourceError
-    where the parser itself gives up (Python 3.11's raises AssertionError on ``<![<![``)."""
-    parser = _Extractor()
+    where the parser itself gives up (Python 3.11's raises AssertionError on ``<![<![``) or
+    takes over ``max_seconds`` (default ``parse_seconds(html)``)."""
+    budget = parse_seconds(html) if max_seconds is None else max_seconds
+    parser = _Extractor(deadline=time.monotonic() + budget)
     try:
         parser.feed(html)
         parser.close()
+    except _TooSlowError:
+        raise SourceError(f"the HTML took over {budget:.3g} s to parse: markup that Python's "
+                          "parser reads in quadratic time (unclosed tags)") from None
     except Exception as e:  # noqa: BLE001 - any parser failure means the same: unreadable
         raise SourceError(f"the HTML could not be parsed ({type(e).__name__}: {e}"[:200] + ")"
                           ) from None
