@@ -231,6 +231,10 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
+    from citeqa.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the CLI does (citeqa/allocator.py): the host side's allocations
+
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
     where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
     print(f"{where}; torch {torch.__version__}; random weights, SmolLM2's tokenizer "

@@ -208,7 +208,8 @@ class Settings(BaseSettings):
     # ~40 s more start-up; needs a C++ compiler (else it scores eagerly)
     reward_compile: bool = False
     answer_mode: AnswerMode | None = None  # overrides the preset's answer mode
-    # overrides the presets' CPU compute format (generator, embedder, training; see compute.py)
+    # overrides the presets' CPU compute format where questions are answered (generator, query
+    # embedder, reward model; see compute.py): index build and training have their own
     cpu_dtype: CpuDtype | None = None
     # a remote generator (an OpenAI-compatible engine such as vLLM) instead of a local model
     generator_url: str | None = None  # its root URL, e.g. http://127.0.0.1:8100

