@@ -235,7 +235,8 @@ class Pipeline:
             t = time.perf_counter()
             outs = self.generator.generate_many(
                 [GenerationItem(checked[i].question, searched[i][1][:k], retriever.document,
-                                checked[i].n_candidates, checked[i].answer_mode)
+                                checked[i].n_candidates, checked[i].answer_mode,
+                                checked[i].abandoned)
                  for i in members],
                 top_k=k,
             )

@@ -7,6 +7,7 @@ document's ``text`` so that ``document.text[start:end]`` reproduces it exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -213,3 +214,6 @@ class AskArgs:
     target_accuracy: float | None = None  # decline below the threshold calibrated for this
     search_k: int | None = None  # passages retrieved and returned on the Answer (>= top_k)
     answer_mode: str | None = None  # "span" | "free"; None = the configured one
+    # True once nobody waits for the answer (a server's client left): generation stops early,
+    # its candidates fail, and the answer is thrown away (GenerationRequest.abandoned)
+    abandoned: Callable[[], bool] | None = field(default=None, compare=False, repr=False)

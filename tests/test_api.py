@@ -636,6 +636,9 @@ def test_timeout_is_504_and_the_queued_request_never_runs() -> None:
     pipe = FakePipeline(gate=gate)
     with serve(pipe, max_batch=1, window_ms=0, request_timeout_s=0.2) as c:
         r1 = c.post("/v1/answer", json={"question": "first"})  # runs, then times out
+        # the running one is told that nobody waits any more (its generation stops early)
+        abandoned = pipe.asked[0].abandoned
+        assert abandoned is not None and abandoned()
         r2 = c.post("/v1/answer", json={"question": "second"})  # queued, times out, cancelled
         gate.set()
         wait_until(lambda: not c.app.state.citeqa.batcher.busy)
@@ -688,6 +691,8 @@ def test_a_client_that_disconnects_has_its_queued_work_cancelled() -> None:
         wait_until(lambda: not state.batcher.busy and state.batcher.depth == 0)
     assert sent[0]["status"] == 499
     assert [a.question for a in pipe.asked] == ["blocker"]
+    blocker_left = pipe.asked[0].abandoned
+    assert blocker_left is not None and not blocker_left()  # it was answered: not abandoned
 
 
 # -- authentication ---------------------------------------------------------------------------

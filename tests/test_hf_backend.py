@@ -199,6 +199,26 @@ def test_sampling_n_rows_share_one_prefill(backend, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_an_abandoned_request_stops_at_its_next_step_and_costs_no_prefill(backend):
+    """Once nobody waits for a request, its rows stop at the next decoding step (the others in
+    the batch decode as before); abandoned before it starts, it is not even prefilled."""
+    checks = {"n": 0}
+
+    def left_after_two_checks() -> bool:  # at the start, then at the first decoding step
+        checks["n"] += 1
+        return checks["n"] > 2
+
+    [[whole]] = backend.generate([grammar_request()])
+    [[cut], [other]] = backend.generate([grammar_request(abandoned=left_after_two_checks),
+                                         grammar_request()])
+    assert_cited(whole.text)
+    assert 0 < cut.n_tokens < whole.n_tokens and whole.text.startswith(cut.text)
+    assert other.text == whole.text
+    [[skipped]] = backend.generate([grammar_request(abandoned=lambda: True)])
+    assert (skipped.text, skipped.n_tokens) == ("", 0) and "prefill_ms" not in skipped.timings_ms
+
+
 def test_unconstrained_and_several_requests(backend):
     free = GenerationRequest(messages=({"role": "user", "content": "Say hi."},), max_tokens=5)
     res = backend.generate([free, grammar_request()])

@@ -302,6 +302,23 @@ def test_ask_many_uses_generate_many_in_one_call_and_matches_ask():
     assert DOCS[0].text[many[0].quote.start : many[0].quote.end] == many[0].quote.text
 
 
+def test_an_abandoned_question_generates_nothing_and_the_others_are_answered():
+    asked: list[GenerationRequest] = []
+
+    def responder(req: GenerationRequest) -> list[str]:
+        asked.append(req)
+        return extractive_responder(req)
+
+    p = pipeline(responder)
+    left, waiting = p.ask_many([AskArgs(QUESTIONS[0], abandoned=lambda: True),
+                                AskArgs(QUESTIONS[1], abandoned=lambda: False)])
+    # the abandoned question's requests never reached the responder
+    assert asked and all(QUESTIONS[1] in r.messages[-1]["content"] for r in asked)
+    assert left.declined and left.candidates and all(not c.answer for c in left.candidates)
+    assert _strip_timings(waiting) == _strip_timings(p.ask(QUESTIONS[1]))
+    assert not waiting.declined
+
+
 def test_ask_many_groups_items_by_top_k():
     gen = CountingGenerator(fake_backend(extractive_responder), CFG.generation)
     p = Pipeline(MemoryRetriever(DOCS), gen, CFG)

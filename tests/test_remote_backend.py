@@ -220,6 +220,21 @@ def test_span_mode_continues_each_answer_with_its_own_quote_grammar():
     assert len(seen) == 3
 
 
+def test_an_abandoned_request_is_not_sent_and_gets_no_quote_call():
+    stage = QuoteStage(("Rollo led the Normans.",), 5, 100)
+    client, seen = server(lambda request: ok(choice(0, "Answer: Rollo\n", [-0.5] * 3)))
+    backend = RemoteBackend("http://gen", "m", client=client)
+    gone = GenerationRequest(messages=MSGS, n=2, temperature=1.0, abandoned=lambda: True)
+    [[one, two]] = backend.generate([gone])
+    assert (one.text, two.text, one.n_tokens) == ("", "", 0)
+    assert seen == []
+    answered_then_left = iter([False, True])  # asked before the first call, then before the quote
+    req = GenerationRequest(messages=MSGS, grammar="start: q", max_tokens=40, quote_stage=stage,
+                            abandoned=lambda: next(answered_then_left))
+    [[c]] = backend.generate([req])
+    assert c.text == "Answer: Rollo\n" and len(seen) == 1  # its answer line only: no quote call
+
+
 def test_the_served_model_is_asked_once_and_must_be_unique():
     models = {"data": [{"id": "smol", "object": "model"}]}
 

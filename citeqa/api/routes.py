@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -175,11 +177,13 @@ async def run_update(state: ServiceState, fn: Callable[..., Any], *args: Any,
 
 async def await_answer(request: Request, state: ServiceState, batcher: Batcher[AskArgs, Answer],
                        args: AskArgs) -> Answer:
-    """Queue ``args`` for the worker and wait for its answer, giving up (and cancelling the
-    queued work) on timeout or when the client disconnects."""
+    """Queue ``args`` for the worker and wait for its answer, giving up on timeout or when the
+    client disconnects: queued work is then skipped, and work already running stops generating
+    at its next decoding step (``AskArgs.abandoned``)."""
     settings = state.settings
+    gone = threading.Event()
     try:
-        cfut = batcher.submit(args)
+        cfut = batcher.submit(replace(args, abandoned=gone.is_set))
     except QueueFullError as exc:
         raise state.overloaded_error(str(exc)) from None
     except BatcherClosedError:
@@ -204,7 +208,9 @@ async def await_answer(request: Request, state: ServiceState, batcher: Batcher[A
                 raise ApiError(499, "client_closed_request", "the client closed the connection")
     finally:
         if not afut.done():
-            cfut.cancel()  # skipped by the worker if it has not started it
+            gone.set()  # the batch it runs in, if any, stops generating its candidates
+            if not cfut.cancel():  # skipped by the worker if it has not started it
+                logger.info("its answer was being generated: stopping at the next step")
             afut.cancel()
 
 

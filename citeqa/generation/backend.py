@@ -7,7 +7,7 @@ tests. Everything above this seam (prompting, parsing, verification) is backend-
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -31,6 +31,12 @@ class GenerationRequest:
     # the second grammar as soon as the first is complete; when it gets None (no passage holds
     # the answer) the output ends after the answer line.
     quote_stage: QuoteStage | None = None
+    # True once nobody waits for this request any more (the client left): a backend stops
+    # its rows at the next step or skips it, and its completions come out cut (failed).
+    abandoned: Callable[[], bool] | None = field(default=None, compare=False)
+
+    def is_abandoned(self) -> bool:
+        return self.abandoned is not None and self.abandoned()
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,12 @@ class Completion:
     logprob: float  # sum of log-probabilities of the generated tokens (after masking)
     n_tokens: int
     timings_ms: dict[str, float] = field(default_factory=dict)  # prefill_ms, decode_ms, ...
+
+
+def abandoned_completions(req: GenerationRequest) -> list[Completion]:
+    """What a backend returns for a request abandoned before it started: ``n`` empty
+    completions (failed candidates, as cut ones are)."""
+    return [Completion("", 0.0, 0) for _ in range(req.n)]
 
 
 class Backend(Protocol):

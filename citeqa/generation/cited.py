@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from citeqa.config import GenerationConfig
 from citeqa.errors import OutputFormatError
@@ -56,6 +56,7 @@ class GenerationItem:
     documents: Callable[[str], Document]  # doc_id -> Document (quotes are verified against it)
     n: int | None = None  # candidates; None = cfg.n_candidates
     mode: str | None = None  # answer mode; None = cfg.answer_mode
+    abandoned: Callable[[], bool] | None = None  # see GenerationRequest.abandoned
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,8 @@ class CitedGenerator:
         """
         constrain = self.cfg.constrain_quote if constrain is None else constrain
         plans = [self._plan(item, constrain, top_k) for item in items]
-        requests = [request for plan, _ in plans for request in plan]
+        requests = [replace(request, abandoned=item.abandoned) if item.abandoned else request
+                    for item, (plan, _) in zip(items, plans, strict=True) for request in plan]
         t0 = time.perf_counter()
         results = self.backend.generate(requests) if requests else []
         backend_ms = (time.perf_counter() - t0) * 1000

@@ -7,7 +7,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from citeqa.errors import ModelError
-from citeqa.generation.backend import Completion, GenerationRequest
+from citeqa.generation.backend import Completion, GenerationRequest, abandoned_completions
 
 Responder = Callable[[GenerationRequest], list[str]]
 # (completion text, its index among the request's n) -> (log-probability, tokens)
@@ -54,6 +54,9 @@ class FakeBackend:
         self.calls.append(list(requests))
         out = []
         for req in requests:
+            if req.is_abandoned():  # as the real backends do
+                out.append(abandoned_completions(req))
+                continue
             texts = list(self.responder(req))
             if len(texts) != req.n:
                 raise ModelError(f"fake responder returned {len(texts)} texts for n={req.n}")

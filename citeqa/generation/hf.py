@@ -75,7 +75,7 @@ from transformers import DynamicCache
 from citeqa.compute import CPU_DTYPES
 from citeqa.compute import cpu_dtype as cpu_dtype_for
 from citeqa.errors import ConfigError
-from citeqa.generation.backend import Completion, GenerationRequest
+from citeqa.generation.backend import Completion, GenerationRequest, abandoned_completions
 from citeqa.generation.chat import prompt_ids, stop_token_ids, turn_ids
 from citeqa.generation.constraint import OutputConstraint, QuoteStage, ll_tokenizer_for
 from citeqa.generation.cpu_linear import install_cpu_linears, parameters_to_bf16
@@ -113,6 +113,7 @@ class _Row:
     # (``QuoteStage.guess``), drafted while the row's tokens since ``guess_from`` agree with it
     guess: list[int] | None = None
     guess_from: int = 0
+    request: GenerationRequest | None = None  # whose row it is (asked whether it is abandoned)
 
     @property
     def greedy(self) -> bool:
@@ -256,8 +257,13 @@ class HFBackend:
         """Complete every request, all in one batch; result[i] holds request i's completions."""
         if not requests:
             return []
-        with torch.inference_mode():
-            return self._generate_batch(list(requests))
+        out = [abandoned_completions(r) if r.is_abandoned() else None for r in requests]
+        live = [r for r, o in zip(requests, out, strict=True) if o is None]
+        if live:  # an abandoned request costs no prefill
+            with torch.inference_mode():
+                done = iter(self._generate_batch(live))
+            out = [next(done) if o is None else o for o in out]
+        return out  # type: ignore[return-value]
 
     def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of the chat prompt, ending with the assistant turn's opening."""
@@ -281,7 +287,7 @@ class HFBackend:
         prompt_arr = np.asarray(prompt, dtype=np.int64)
         rows = [
             _Row(first if i == 0 or first is None else first.copy(), prompt_arr, req.max_tokens,
-                 temperature, generator, quote_stage=req.quote_stage)
+                 temperature, generator, quote_stage=req.quote_stage, request=req)
             for i in range(req.n)
         ]
         forced = self._jump_forward(rows[0])
@@ -514,6 +520,8 @@ class HFBackend:
             guess_budget = max(GUESS_TOKENS // running, budget) if self.speculative_tokens else 0
             for pos, ri in enumerate(live):
                 row = rows[ri]
+                if not row.done and row.request is not None and row.request.is_abandoned():
+                    row.done = True  # nobody waits for it: its output comes out cut
                 feed = None if row.done else self._step_input(row, next_hidden[pos])
                 if feed is not None:
                     steps.append((pos, feed, self._draft_for(row, budget, guess_budget)))

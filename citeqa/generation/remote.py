@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 
 from citeqa.errors import EngineError, EngineUnavailableError
-from citeqa.generation.backend import Completion, GenerationRequest
+from citeqa.generation.backend import Completion, GenerationRequest, abandoned_completions
 from citeqa.generation.format import ANSWER_LINE_END
 from citeqa.retry import RETRY_STATUSES, Backoff
 
@@ -153,6 +153,8 @@ class RemoteBackend:
         return body
 
     def _generate_one(self, req: GenerationRequest) -> list[Completion]:
+        if req.is_abandoned():  # waited for a free slot while its asker left
+            return abandoned_completions(req)
         deadline = time.monotonic() + self._timeout_s
         t0 = time.perf_counter()
         first = self._choices(self.payload(req), req.n, deadline)
@@ -172,7 +174,7 @@ class RemoteBackend:
         if not text.endswith(ANSWER_LINE_END):  # an engine may trim the line break it wrote
             text += ANSWER_LINE_END
         grammar = None if choice.get("finish_reason") == CUT else req.quote_stage.grammar(text)
-        if grammar is None:
+        if grammar is None or req.is_abandoned():  # no quote to write, or nobody to read it
             return _completion(choice, (time.perf_counter() - t0) * 1000)
         body = self.payload(req, grammar=grammar, continue_with=text, n=1)
         body["max_tokens"] = max(req.max_tokens - _tokens(choice), 8)
