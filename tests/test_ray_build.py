@@ -110,6 +110,23 @@ def test_cli_ray_local_with_ivf(ray_local: RayExecutor, tmp_path: Path) -> None:
     assert len(HybridRetriever.open(out).search("telescope comet", 5)) == 5
 
 
+def test_a_cpu_embedding_actor_keeps_freed_memory_as_a_local_build_does(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The actor class itself, in this process: its constructor sets the allocator up (each
+    actor is a process of its own, which the CLI's setting never reaches)."""
+    import citeqa.allocator
+    from citeqa.distributed.ray_engine import _FinishShards
+    from citeqa.retrieval.shards import ShardJob
+
+    import torch
+
+    calls: list[bool] = []
+    monkeypatch.setattr(citeqa.allocator, "keep_freed_memory", lambda: calls.append(True))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # not for this process
+    actor = _FinishShards(ShardJob(CFG, str(tmp_path / "work")), "cpu", threads=1)
+    assert calls == [True] and actor.error is None and actor.embedder is not None
+
+
 def test_worker_errors_arrive_unwrapped(ray_local: RayExecutor, tmp_path: Path) -> None:
     """A worker that does not see the driver's work directory (a cluster without shared
     storage) fails the build with citeqa's own error and message, not Ray's wrapping."""

@@ -129,12 +129,14 @@ class _FinishShards:
     """Ray actor: holds one embedder and finishes the shards it is given."""
 
     def __init__(self, job: ShardJob, device: str, threads: int) -> None:
+        from citeqa.allocator import keep_freed_memory
         from citeqa.retrieval.embed import load_embedder
 
         if job.cfg.dense and device == "cpu":
             import torch
 
             torch.set_num_threads(threads)
+            keep_freed_memory()  # as a local build's process does (the CLI sets it)
         self.job = job
         self.embedder = None
         self.error: CiteqaError | None = None
