@@ -114,11 +114,11 @@ def test_a_cpu_embedding_actor_keeps_freed_memory_as_a_local_build_does(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The actor class itself, in this process: its constructor sets the allocator up (each
     actor is a process of its own, which the CLI's setting never reaches)."""
+    import torch
+
     import citeqa.allocator
     from citeqa.distributed.ray_engine import _FinishShards
     from citeqa.retrieval.shards import ShardJob
-
-    import torch
 
     calls: list[bool] = []
     monkeypatch.setattr(citeqa.allocator, "keep_freed_memory", lambda: calls.append(True))
