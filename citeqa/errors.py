@@ -6,7 +6,8 @@
     ├── SourceError          a document source could not be read (missing, binary, empty)
     │   └── FetchError       a URL could not be fetched
     │       ├── BadURLError       the URL is malformed or its host does not exist
-    │       └── BlockedURLError   the URL is not allowed (scheme, private address, ...)
+    │       ├── BlockedURLError   the URL is not allowed (scheme, private address, ...)
+    │       └── UnreadablePageError  it was fetched, but its HTML cannot be read
     ├── IndexError_          an index directory is missing, corrupt or mismatched
     │   └── IndexChangedError   another writer changed it since this process loaded it
     ├── EmptyCorpusError     nothing to index
@@ -51,6 +52,11 @@ class BadURLError(FetchError):
 
 class BlockedURLError(FetchError):
     """A URL is not allowed: wrong scheme or an address that is not public."""
+
+
+class UnreadablePageError(FetchError):
+    """A page was fetched, but its HTML cannot be read (the parser gives up, or takes too long):
+    the page's fault, so retrying does not help."""
 
 
 class IndexError_(CiteqaError):  # noqa: N801 - trailing underscore avoids the builtin

@@ -112,13 +112,14 @@ def append_record(f: TextIO, row: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(out: Path, command: str) -> Iterator[None]:
+def run_lock(out: Path, command: str, *, instead: str = "choose another --out") -> Iterator[None]:
     """Hold ``out`` (a run directory, created when missing) for this process; ConfigError at once
-    when another process holds it. An exclusive ``flock`` on the folder: released when the
-    process ends, however it ends, so a crash never leaves a stale lock."""
+    when another process holds it (saying to wait, or ``instead``). An exclusive ``flock`` on the
+    folder: released when the process ends, however it ends, so a crash never leaves a stale
+    lock."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out, os.O_RDONLY, out, command):
+    with _exclusive(out, os.O_RDONLY, out, command, instead):
         yield
 
 
@@ -129,12 +130,13 @@ def file_lock(out: Path, command: str) -> Iterator[None]:
     let a second writer lock a new file while the first still holds the old one)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out.parent / f".{out.name}.lock", os.O_RDWR | os.O_CREAT, out, command):
+    with _exclusive(out.parent / f".{out.name}.lock", os.O_RDWR | os.O_CREAT, out, command,
+                    "choose another --out"):
         yield
 
 
 @contextlib.contextmanager
-def _exclusive(path: Path, flags: int, out: Path, command: str) -> Iterator[None]:
+def _exclusive(path: Path, flags: int, out: Path, command: str, instead: str) -> Iterator[None]:
     try:
         import fcntl
     except ImportError:  # not a POSIX system: runs are not guarded against each other
@@ -146,7 +148,7 @@ def _exclusive(path: Path, flags: int, out: Path, command: str) -> Iterator[None
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ConfigError(f"another {command} is writing to {out} right now; wait for it "
-                              "to finish, or choose another --out") from None
+                              f"to finish, or {instead}") from None
         except OSError as e:  # a file system without flock (some NFS setups): go on unguarded
             log.warning("cannot lock %s (%s); not guarded against a second writer", out, e)
         yield

@@ -261,7 +261,7 @@ class Pipeline:
         """Score, rank and decide: the answer, or a decline with its reason."""
         question = args.question
         t2 = time.perf_counter()
-        if self.scorer is not None:
+        if self.scorer is not None and not (args.abandoned and args.abandoned()):
             scored = self.scorer.score(question, generation.candidates, documents)
         else:
             scored = [replace(c, score=confidence(c)) for c in generation.candidates]

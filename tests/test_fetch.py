@@ -18,7 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from citeqa.errors import BadURLError, BlockedURLError, FetchError
+from citeqa.api.errors import map_citeqa_error
+from citeqa.errors import BadURLError, BlockedURLError, FetchError, UnreadablePageError
 from citeqa.ingest import FetchedPage, Fetcher, FetchPolicy, check_ip
 
 PUBLIC = "93.184.216.34"
@@ -695,10 +696,11 @@ def test_a_redirect_httpx_will_not_send_is_a_fetch_error() -> None:
         fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/")
 
 
-def test_html_the_parser_gives_up_on_is_a_fetch_error() -> None:
+def test_html_the_parser_gives_up_on_is_an_unreadable_page() -> None:
     rec = Recorder({"example.com/": lambda: html_response("<p>x</p><![<![ y")})
-    with pytest.raises(FetchError, match="HTML could not be parsed"):
+    with pytest.raises(UnreadablePageError, match="HTML could not be parsed"):
         fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/")
+    assert map_citeqa_error(UnreadablePageError("x")) == (422, "bad_source")  # no use retrying
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])

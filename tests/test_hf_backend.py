@@ -199,7 +199,6 @@ def test_sampling_n_rows_share_one_prefill(backend, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_an_abandoned_request_stops_at_its_next_step_and_costs_no_prefill(backend):
     """Once nobody waits for a request, its rows stop at the next decoding step (the others in
     the batch decode as before); abandoned before it starts, it is not even prefilled."""
@@ -219,6 +218,7 @@ def test_an_abandoned_request_stops_at_its_next_step_and_costs_no_prefill(backen
     assert (skipped.text, skipped.n_tokens) == ("", 0) and "prefill_ms" not in skipped.timings_ms
 
 
+@pytest.mark.slow
 def test_unconstrained_and_several_requests(backend):
     free = GenerationRequest(messages=({"role": "user", "content": "Say hi."},), max_tokens=5)
     res = backend.generate([free, grammar_request()])

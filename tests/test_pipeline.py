@@ -309,9 +309,17 @@ def test_an_abandoned_question_generates_nothing_and_the_others_are_answered():
         asked.append(req)
         return extractive_responder(req)
 
-    p = pipeline(responder)
+    scored: list[str] = []
+
+    class Spy(ReverseScorer):
+        def score(self, question, candidates, documents=None):  # type: ignore[no-untyped-def]
+            scored.append(question)
+            return super().score(question, candidates, documents)
+
+    p = pipeline(responder, scorer=Spy())
     left, waiting = p.ask_many([AskArgs(QUESTIONS[0], abandoned=lambda: True),
                                 AskArgs(QUESTIONS[1], abandoned=lambda: False)])
+    assert scored == [QUESTIONS[1]]  # nor is the abandoned one scored
     # the abandoned question's requests never reached the responder
     assert asked and all(QUESTIONS[1] in r.messages[-1]["content"] for r in asked)
     assert left.declined and left.candidates and all(not c.answer for c in left.candidates)

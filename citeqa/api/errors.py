@@ -17,6 +17,8 @@ How ``CiteqaError`` maps to HTTP (the one table; first match wins, subclasses fi
     BadURLError            422     bad_url                 the user's URL is malformed, or its host
                                                            does not exist
     BlockedURLError        400     blocked_url             the user named a URL that is not allowed
+    UnreadablePageError    422     bad_source              the user's page was fetched but its HTML
+                                                           cannot be read (no use retrying)
     FetchError             502     fetch_failed            an upstream site (or DNS) failed
     SourceError            422     bad_source              the user's source could not be read
     IndexChangedError      409     index_changed           another server or a rebuild wrote the
@@ -65,6 +67,7 @@ from citeqa.errors import (
     NotSupportedError,
     OutputFormatError,
     SourceError,
+    UnreadablePageError,
 )
 
 logger = logging.getLogger(__name__)
@@ -73,6 +76,7 @@ logger = logging.getLogger(__name__)
 CITEQA_ERROR_TABLE: tuple[tuple[type[CiteqaError], int, str], ...] = (
     (BadURLError, 422, "bad_url"),
     (BlockedURLError, 400, "blocked_url"),
+    (UnreadablePageError, 422, "bad_source"),
     (FetchError, 502, "fetch_failed"),
     (SourceError, 422, "bad_source"),
     (IndexChangedError, 409, "index_changed"),

@@ -110,8 +110,8 @@ def build_index_sharded(
     work = (Path(work_dir) if work_dir else default_work_dir(out)).resolve()
     job = ShardJob(cfg=cfg, work=str(work), shard_chars=shard_chars,
                    allow_private_urls=allow_private_urls, token=uuid.uuid4().hex)
-    with run_lock(work, "index build"):  # a second build would replace the marker and
-        # the shards under the first one
+    with run_lock(work, "index build", instead="give it another --work-dir"):  # a second
+        # build would replace the marker and the shards under the first one
         write_marker(job)
         results = executor.run(items, job, progress=progress) if items else []
         results.sort(key=lambda r: (r.item, r.block))

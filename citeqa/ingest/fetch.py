@@ -42,7 +42,13 @@ from typing import Any
 
 import httpx
 
-from citeqa.errors import BadURLError, BlockedURLError, FetchError, SourceError
+from citeqa.errors import (
+    BadURLError,
+    BlockedURLError,
+    FetchError,
+    SourceError,
+    UnreadablePageError,
+)
 from citeqa.ingest.html import extract_html, title_from_text
 
 logger = logging.getLogger(__name__)
@@ -472,7 +478,7 @@ class Fetcher:
             try:
                 extracted = extract_html(text)
             except SourceError as e:
-                raise FetchError(f"{requested}: {e}") from None
+                raise UnreadablePageError(f"{requested}: {e}") from None
             return None, FetchedPage(
                 url=requested,
                 final_url=final,

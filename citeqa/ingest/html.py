@@ -18,7 +18,8 @@ from citeqa.errors import SourceError
 TITLE_MAX_CHARS = 120  # titles longer than this are cut (with an ellipsis)
 # Python's HTMLParser reads some malformed markup in quadratic time ("<a<a<a...": 80 KB took
 # 10 s, so a 5 MB page would take a day); well-formed pages parse at >1 MB/s. A page may take
-# PARSE_BASE_S plus PARSE_S_PER_MB per MB of its text before it is refused.
+# PARSE_BASE_S plus PARSE_S_PER_MB per MB of its text before it is refused, in the parsing
+# thread's CPU time (a busy process or machine does not eat into it).
 PARSE_BASE_S = 10.0
 PARSE_S_PER_MB = 4.0
 
@@ -75,7 +76,7 @@ class _Extractor(HTMLParser):
         self._deadline = deadline
 
     def _tick(self) -> None:
-        if time.monotonic() > self._deadline:
+        if time.thread_time() > self._deadline:
             raise _TooSlowError
 
     def handle_comment(self, data: str) -> None:
@@ -152,15 +153,15 @@ def parse_seconds(html: str) -> float:
 def extract_html(html: str, *, max_seconds: float | None = None) -> HtmlText:
     """Visible text and title of an HTML document (tolerates malformed markup); SourceError
     where the parser itself gives up (Python 3.11's raises AssertionError on ``<![<![``) or
-    takes over ``max_seconds`` (default ``parse_seconds(html)``)."""
+    takes over ``max_seconds`` of this thread's CPU time (default ``parse_seconds(html)``)."""
     budget = parse_seconds(html) if max_seconds is None else max_seconds
-    parser = _Extractor(deadline=time.monotonic() + budget)
+    parser = _Extractor(deadline=time.thread_time() + budget)
     try:
         parser.feed(html)
         parser.close()
     except _TooSlowError:
-        raise SourceError(f"the HTML took over {budget:.3g} s to parse: markup that Python's "
-                          "parser reads in quadratic time (unclosed tags)") from None
+        raise SourceError(f"the HTML took over {budget:.3g} s of CPU to parse: markup that "
+                          "Python's parser reads in quadratic time (unclosed tags)") from None
     except Exception as e:  # noqa: BLE001 - any parser failure means the same: unreadable
         raise SourceError(f"the HTML could not be parsed ({type(e).__name__}: {e}"[:200] + ")"
                           ) from None
