@@ -17,22 +17,23 @@ import typer
 from pydantic import ValidationError
 
 from citeqa.allocator import keep_freed_memory
-from citeqa.cli_errors import fail
+from citeqa.cli_errors import command_group, fail
 from citeqa.config import MAX_CANDIDATES, MAX_PASSAGES, MAX_SEARCH_K, Settings, preset
 from citeqa.errors import CiteqaError
 from citeqa.logs import setup_logging
 from citeqa.types import Answer, Candidate, Document
 
-app = typer.Typer(
+app = command_group(
     name="citeqa",
     help="Cited question answering: answers with verified verbatim quotes.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-index_app = typer.Typer(help="Build document indexes.", no_args_is_help=True)
+index_app = command_group(help="Build document indexes.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
-train_app = typer.Typer(help="Train models and build their training data.", no_args_is_help=True)
+train_app = command_group(help="Train models and build their training data.",
+                          no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
 
@@ -147,7 +148,7 @@ def index_build(
     ray: Annotated[
         str | None,
         typer.Option("--ray", help="Build on Ray: 'local' (this machine) or a cluster address "
-                     "(HEAD:6379, ray://HEAD:10001, auto); resumable. Needs citeqa\\[ray]."),
+                     "(HEAD:6379, ray://HEAD:10001, auto); resumable. Needs citeqa[ray]."),
     ] = None,
     work_dir: Annotated[
         Path | None,

@@ -1,4 +1,5 @@
-"""How every ``citeqa`` command reports a user's mistake: one ``error:`` line on stderr, exit 2."""
+"""How every ``citeqa`` command reports a user's mistake (one ``error:`` line on stderr, exit 2)
+and lists its options (``command_group``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ import typer
 F = TypeVar("F", bound=Callable[..., Any])
 
 RESUME = "what was finished is kept; run the same command again to resume"
+
+
+def command_group(**kwargs: Any) -> typer.Typer:
+    """A ``typer.Typer`` whose ``--help`` is click's plain listing: rich's tables cut long
+    option names to fit 80 columns (``--allow-private…``), which then cannot be typed."""
+    return typer.Typer(rich_markup_mode=None, **kwargs)
 
 
 def fail(message: str) -> typer.Exit:

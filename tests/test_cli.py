@@ -407,6 +407,30 @@ def test_help_shows_flags_without_a_value_and_arguments_by_name(command: list[st
     assert "--help Show this message and exit." in text, text
 
 
+def test_every_option_is_named_whole_in_help_at_80_columns() -> None:
+    """rich's option tables cut long names to fit (``--allow-private…``): help is plain."""
+    import typer.main
+
+    def commands(cmd, path: list[str]):  # type: ignore[no-untyped-def]
+        yield path, cmd
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from commands(sub, [*path, name])
+
+    seen = 0
+    for path, cmd in commands(typer.main.get_command(app), []):
+        result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "80"},
+                                    terminal_width=80)
+        assert result.exit_code == 0, (path, result.output)
+        for param in cmd.params:
+            if param.param_type_name != "option":
+                continue
+            for name in (*param.opts, *param.secondary_opts):
+                seen += 1
+                whole = re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", result.output)
+                assert whole, (path, name, result.output)
+    assert seen > 100  # every command's every option
+
+
 def test_the_private_url_hint_names_options_that_exist() -> None:
     from citeqa.config import Settings
     from citeqa.ingest.fetch import OPT_IN

@@ -15,12 +15,12 @@ from typing import Annotated
 import typer
 
 from citeqa.allocator import keep_freed_memory
-from citeqa.cli_errors import check_run_options, fail, interruptible
+from citeqa.cli_errors import check_run_options, command_group, fail, interruptible
 from citeqa.config import MAX_CANDIDATES
 from citeqa.errors import CiteqaError
 from citeqa.logs import setup_logging
 
-eval_app = typer.Typer(
+eval_app = command_group(
     help="Evaluate answer/decline accuracy on a question set, or compare two runs.",
     pretty_exceptions_enable=False,
     add_completion=False,

@@ -21,12 +21,12 @@ from typing import Annotated, Any
 
 import typer
 
-from citeqa.cli_errors import fail, interruptible
+from citeqa.cli_errors import command_group, fail, interruptible
 from citeqa.errors import CiteqaError, ConfigError
 
 log = logging.getLogger(__name__)
 
-train_app = typer.Typer(help="Train the reward model.", no_args_is_help=True)
+train_app = command_group(help="Train the reward model.", no_args_is_help=True)
 
 
 @train_app.command("reward")
@@ -285,7 +285,7 @@ def calibrate(
     target: Annotated[
         float | None,
         typer.Option("--target", min=0.01, max=0.99,
-                     help="Answered accuracy to guarantee. \\[default: 0.8]"),
+                     help="Answered accuracy to guarantee. [default: 0.8]"),
     ] = None,
     targets: Annotated[
         str | None,

@@ -17,14 +17,20 @@ from typing import Annotated
 import typer
 
 from citeqa.atomic import atomic_open
-from citeqa.cli_errors import check_answer_mode, check_preset, fail, interruptible
+from citeqa.cli_errors import (
+    check_answer_mode,
+    check_preset,
+    command_group,
+    fail,
+    interruptible,
+)
 from citeqa.config import MAX_CANDIDATES, Settings, preset
 from citeqa.errors import CiteqaError
 from citeqa.journal import file_lock, run_lock
 from citeqa.logs import setup_logging
 
-app = typer.Typer(help="Train models: the generator's LoRA adapter, and training data.",
-                  no_args_is_help=True)
+app = command_group(help="Train models: the generator's LoRA adapter, and training data.",
+                    no_args_is_help=True)
 log = logging.getLogger(__name__)
 
 PresetOpt = Annotated[
