@@ -274,10 +274,12 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _warn_unknown_environment(self) -> Settings:
         for name in unknown_environment(os.environ):
-            known = [f"CITEQA_{f.upper()}" for f in type(self).model_fields]
-            close = difflib.get_close_matches(name.upper(), known, n=1)
+            # compared without the prefix, which every name shares (CITEQA_TOPK was "close"
+            # to CITEQA_API_KEYS)
+            known = [f.upper() for f in type(self).model_fields]
+            close = difflib.get_close_matches(name.upper().removeprefix("CITEQA_"), known, n=1)
             logger.warning("%s is not a citeqa setting and is ignored%s", name,
-                           f" (did you mean {close[0]}?)" if close else "")
+                           f" (did you mean CITEQA_{close[0]}?)" if close else "")
         return self
 
     @field_validator("api_keys")

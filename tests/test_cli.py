@@ -366,13 +366,15 @@ def test_an_unknown_citeqa_variable_is_warned_about(monkeypatch: pytest.MonkeyPa
     from citeqa.config import Settings, unknown_environment
 
     monkeypatch.setenv("CITEQA_INDEXX", "elsewhere")
+    monkeypatch.setenv("CITEQA_TOPK", "3")  # like no setting: no suggestion (was API_KEYS)
     monkeypatch.setenv("CITEQA_VLLM_VENV", "/opt/vllm")  # the vLLM script's, not a setting
     assert unknown_environment({"CITEQA_INDEXX": "", "CITEQA_PORT": "", "CITEQA_INDEX": "",
                                 "OTHER": ""}) == ["CITEQA_INDEXX"]
     with caplog.at_level("WARNING", logger="citeqa.config"):
         Settings()
-    assert [r.getMessage() for r in caplog.records] == [
-        "CITEQA_INDEXX is not a citeqa setting and is ignored (did you mean CITEQA_INDEX?)"]
+    assert sorted(r.getMessage() for r in caplog.records) == [
+        "CITEQA_INDEXX is not a citeqa setting and is ignored (did you mean CITEQA_INDEX?)",
+        "CITEQA_TOPK is not a citeqa setting and is ignored"]
 
 
 def test_an_invalid_setting_is_named_as_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -62,9 +63,13 @@ def test_loaded_passages_reproduce_document_text(built: Path) -> None:
     assert index.dense is not None and index.dense.size == len(index.passages)
 
 
-def test_missing_directory(tmp_path: Path) -> None:
+def test_missing_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(IndexError_, match="does not exist.*citeqa index build"):
         Index.load(tmp_path / "nothing")
+    monkeypatch.chdir(tmp_path)  # a relative path is relative to this folder: say which
+    with pytest.raises(IndexError_, match=rf"does not exist \(in {re.escape(str(tmp_path))}\);"
+                                          r".*or name another with --index"):
+        Index.load(Path("index/default"))
 
 
 def test_missing_manifest(built: Path) -> None:

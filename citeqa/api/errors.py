@@ -177,7 +177,9 @@ def validation_details(errors: Any) -> list[dict[str, Any]]:
         loc = [x if isinstance(x, int | str) else str(x) for x in e.get("loc", ())
                if x not in UNION_TAGS]
         msg = str(e.get("msg", ""))
-        if e.get("type") == "string_pattern_mismatch":
+        if e.get("type") == "value_error":  # our validators' own words, without pydantic's tag
+            msg = msg.removeprefix("Value error, ")
+        elif e.get("type") == "string_pattern_mismatch":
             msg = PATTERN_HELP.get(str((e.get("ctx") or {}).get("pattern")), msg)
         elif e.get("type") == "json_invalid" and len(loc) == 2 and isinstance(loc[1], int):
             # FastAPI puts the character offset where the field would be: say what it is

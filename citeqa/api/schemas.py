@@ -201,6 +201,13 @@ class TextDocumentIn(_Request):
     source: str | None = Field(default=None, max_length=MAX_SOURCE_CHARS, pattern=NO_NUL,
                                description="where the text came from (shown with quotes)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _text_or_url(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "text" not in data:  # ("url" would make it a UrlDocumentIn)
+            raise ValueError("send the document's text, or a url for the service to fetch")
+        return data
+
     @field_validator("text")
     @classmethod
     def _text_not_blank(cls, v: str) -> str:

@@ -201,7 +201,9 @@ def how_to_build(out: Path) -> str:
     """Why ``out`` is no index and what to do: a build may write where nothing is, or into an
     empty folder, but never over another folder's files."""
     if not out.exists():
-        return f"does not exist; build one with `citeqa index build SOURCES --out {out}`"
+        where = "" if out.is_absolute() else f" (in {Path.cwd()})"
+        return (f"does not exist{where}; build one with `citeqa index build SOURCES --out "
+                f"{out}`, or name another with --index")
     if _is_empty_dir(out):
         return f"is an empty folder; build one with `citeqa index build SOURCES --out {out}`"
     return (f"is not an index (no {MANIFEST}); point at an index directory, or build one "
