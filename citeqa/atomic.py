@@ -18,7 +18,7 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
@@ -59,6 +59,33 @@ def atomic_open(path: Path | str) -> Iterator[TextIO]:
 def write_text_atomic(path: Path | str, text: str) -> None:
     with atomic_open(path) as f:
         f.write(text)
+
+
+@contextmanager
+def flocked(path: Path, *, flags: int = os.O_RDONLY,
+            busy: Callable[[], Exception] | None = None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (a folder, or a lock file opened with ``flags``)
+    for the block: released when the process ends, however it ends, so a crash never leaves a
+    stale lock. While another process holds it: wait, or raise ``busy()`` when given. Where
+    the file system has no flock (some NFS setups), or off POSIX, the block runs unguarded."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(path, flags, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if busy is None else fcntl.LOCK_NB))
+        except BlockingIOError:
+            if busy is None:
+                raise
+            raise busy() from None
+        except OSError as e:
+            log.warning("cannot lock %s (%s); not guarded against a second writer", path, e)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 # --- directories ------------------------------------------------------------------------------

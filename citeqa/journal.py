@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from citeqa.atomic import flocked
 from citeqa.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -137,20 +138,9 @@ def file_lock(out: Path, command: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _exclusive(path: Path, flags: int, out: Path, command: str, instead: str) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # not a POSIX system: runs are not guarded against each other
+    def busy() -> ConfigError:
+        return ConfigError(f"another {command} is writing to {out} right now; wait for it to "
+                           f"finish, or {instead}")
+
+    with flocked(path, flags=flags, busy=busy):
         yield
-        return
-    fd = os.open(path, flags, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"another {command} is writing to {out} right now; wait for it "
-                              f"to finish, or {instead}") from None
-        except OSError as e:  # a file system without flock (some NFS setups): go on unguarded
-            log.warning("cannot lock %s (%s); not guarded against a second writer", out, e)
-        yield
-    finally:
-        os.close(fd)  # releases the lock

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from citeqa.atomic import (
+    flocked,
     fsync_path,
     remove_stale_siblings,
     siblings,
@@ -243,20 +244,8 @@ def _is_empty_dir(path: Path) -> bool:
 def writer_lock(out: Path) -> Iterator[None]:
     """Hold the swap lock of the indexes in ``out``'s folder (an exclusive ``flock`` on the
     folder itself, so no lock file is left behind; waits while another process holds it)."""
-    try:
-        import fcntl
-    except ImportError:  # not a POSIX system: writers are not serialised across processes
+    with flocked(out.parent):
         yield
-        return
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as e:  # a file system without flock (some NFS setups): go on unguarded
-            log.warning("cannot lock %s (%s); its swaps are not serialised", out.parent, e)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def publish(tmp: Path, out: Path, *, expect: dict[str, Any] | None = None) -> None:
