@@ -119,6 +119,19 @@ def test_run_then_compare(setup: tuple[Path, Path], tmp_path: Path) -> None:
         "warning: the runs share only 1 question (3 and 1 asked")
 
 
+def test_compare_writes_no_file_without_out(setup: tuple[Path, Path], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    index, data = setup
+    for run in ("A", "B"):
+        assert _eval(index, data, tmp_path / run, "--limit", "1").exit_code == 0
+    monkeypatch.chdir(tmp_path)  # an overlay by default would land here
+    before = sorted(p.name for p in tmp_path.iterdir())
+    c = runner.invoke(app, ["eval", "compare", "A", "B"])
+    assert c.exit_code == 0, c.output
+    assert c.stdout.startswith("metric") and "overlay" not in c.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 def test_a_delta_that_rounds_to_nothing_is_neither_better_nor_worse() -> None:
     from citeqa.evals.compare import _delta
 

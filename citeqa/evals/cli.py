@@ -1,7 +1,7 @@
 """The ``citeqa eval`` command group: run an evaluation, or compare two runs.
 
     citeqa eval --dataset FILE --index DIR --out DIR [--limit N | --sample N] [--split eval] ...
-    citeqa eval compare RUN_A RUN_B [--out FILE]
+    citeqa eval compare RUN_A RUN_B [--out FILE.png]
 
 Register it on the main app with ``app.add_typer(eval_app, name="eval")``. Every user mistake
 ends in a one-line message on stderr and exit status 2.
@@ -121,14 +121,15 @@ def compare(
     run_a: Annotated[Path, typer.Argument(help="Baseline run directory (A).")],
     run_b: Annotated[Path, typer.Argument(help="Run directory to compare with it (B).")],
     out: Annotated[
-        Path,
-        typer.Option("--out", "-o", help="Overlay PNG of both accuracy–coverage curves."),
-    ] = Path("compare.png"),
+        Path | None,
+        typer.Option("--out", "-o", help="Also write an overlay PNG of both accuracy–coverage "
+                                         "curves to this path (none without it)."),
+    ] = None,
 ) -> None:
-    """Print key metrics of two runs side by side (B - A deltas) and overlay their curves."""
+    """Print key metrics of two runs side by side (B - A deltas); --out overlays their curves."""
     from citeqa.evals.compare import compare_runs
 
-    if out.suffix.lower() != ".png":
+    if out is not None and out.suffix.lower() != ".png":
         raise fail(f"--out {out}: the overlay is a PNG image, so give a .png path "
                    "(the table goes to stdout: redirect it to keep it)")
     try:
@@ -136,7 +137,8 @@ def compare(
     except CiteqaError as e:
         raise fail(str(e)) from None
     typer.echo(table)
-    typer.echo(f"overlay: {out}")
+    if out is not None:
+        typer.echo(f"overlay: {out}")
 
 
 def main() -> None:

@@ -139,8 +139,9 @@ def prediction_changes(run_a: Path, run_b: Path) -> dict[str, int]:
     }
 
 
-def compare_runs(run_a: Path, run_b: Path, png: Path) -> str:
-    """The comparison table of two run directories; writes the curve overlay to ``png``."""
+def compare_runs(run_a: Path, run_b: Path, png: Path | None = None) -> str:
+    """The comparison table of two run directories; writes the curve overlay to ``png`` if
+    one is given."""
     from citeqa.evals import plots
 
     ma, info_a = load_run(run_a)
@@ -148,12 +149,14 @@ def compare_runs(run_a: Path, run_b: Path, png: Path) -> str:
     name_a, name_b = Path(run_a).name or str(run_a), Path(run_b).name or str(run_b)
     if name_a == name_b:
         name_a, name_b = f"A: {run_a}", f"B: {run_b}"
-    curves = {}
-    for name, m in ((name_a, ma), (name_b, mb)):
-        curve = (m.get("selective", {}).get("rm") or {}).get("curve")
-        if curve:
-            curves[f"{name} (RM score)"] = curve
-    plots.accuracy_coverage(curves, None, png, title="Accuracy–coverage: RM score, two runs")
+    if png is not None:
+        curves = {}
+        for name, m in ((name_a, ma), (name_b, mb)):
+            curve = (m.get("selective", {}).get("rm") or {}).get("curve")
+            if curve:
+                curves[f"{name} (RM score)"] = curve
+        plots.accuracy_coverage(curves, None, png,
+                                title="Accuracy–coverage: RM score, two runs")
     changes = prediction_changes(run_a, run_b)
     lines = [compare_table(ma, mb, name_a, name_b)]
     shas = [(info.get("identity") or {}).get("dataset_sha256") for info in (info_a, info_b)]
