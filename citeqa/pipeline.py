@@ -225,7 +225,8 @@ class Pipeline:
         for a in checked:
             k = a.top_k or self.cfg.generation.top_k_passages
             t = time.perf_counter()
-            hits = retriever.search(a.question, k=max(k, a.search_k or 0))
+            gone = a.abandoned is not None and a.abandoned()  # its client left: not searched
+            hits = [] if gone else retriever.search(a.question, k=max(k, a.search_k or 0))
             searched.append((k, hits, (time.perf_counter() - t) * 1000))
         groups: dict[int, list[int]] = {}  # top_k -> item positions
         for i, (k, _, _) in enumerate(searched):

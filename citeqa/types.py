@@ -214,6 +214,7 @@ class AskArgs:
     target_accuracy: float | None = None  # decline below the threshold calibrated for this
     search_k: int | None = None  # passages retrieved and returned on the Answer (>= top_k)
     answer_mode: str | None = None  # "span" | "free"; None = the configured one
-    # True once nobody waits for the answer (a server's client left): generation stops early,
-    # its candidates fail, and the answer is thrown away (GenerationRequest.abandoned)
+    # True once nobody waits for the answer (a server's client left): not searched if not yet,
+    # generation stops early, its candidates fail, it is not scored, and the answer is thrown
+    # away (GenerationRequest.abandoned)
     abandoned: Callable[[], bool] | None = field(default=None, compare=False, repr=False)

@@ -317,12 +317,16 @@ def test_an_abandoned_question_generates_nothing_and_the_others_are_answered():
             return super().score(question, candidates, documents)
 
     p = pipeline(responder, scorer=Spy())
+    searched: list[str] = []
+    search = p.retriever.search
+    p.retriever.search = lambda q, **kw: searched.append(q) or search(q, **kw)  # type: ignore[method-assign]
     left, waiting = p.ask_many([AskArgs(QUESTIONS[0], abandoned=lambda: True),
                                 AskArgs(QUESTIONS[1], abandoned=lambda: False)])
-    assert scored == [QUESTIONS[1]]  # nor is the abandoned one scored
-    # the abandoned question's requests never reached the responder
+    assert searched == [QUESTIONS[1]]  # the abandoned one is not searched,
+    assert scored == [QUESTIONS[1]]  # nor scored,
+    # and its requests never reached the responder
     assert asked and all(QUESTIONS[1] in r.messages[-1]["content"] for r in asked)
-    assert left.declined and left.candidates and all(not c.answer for c in left.candidates)
+    assert left.declined and all(not c.answer for c in left.candidates)
     assert _strip_timings(waiting) == _strip_timings(p.ask(QUESTIONS[1]))
     assert not waiting.declined
 
