@@ -50,14 +50,20 @@ def _glibc() -> Any | None:
     return libc
 
 
+def wanted(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``environ`` (default ``os.environ``) leaves the settings on: not
+    ``CITEQA_KEEP_FREED_MEMORY=0`` (or false, no, off)."""
+    environ = os.environ if environ is None else environ
+    return environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def keep_freed_memory(environ: Mapping[str, str] | None = None,
                       libc: Callable[[], Any | None] = _glibc) -> bool:
     """Set glibc's mmap and trim thresholds for this process as the module docstring says;
     True when they are set (calling it again sets the same values). ``environ`` (default
     ``os.environ``) turns it off with ``CITEQA_KEEP_FREED_MEMORY=0``; ``libc`` finds the C
     library (tests pass a fake)."""
-    environ = os.environ if environ is None else environ
-    if environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if not wanted(environ):
         return False
     c = libc()
     if c is None:

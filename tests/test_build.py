@@ -275,6 +275,24 @@ def test_sharded_build_leaves_other_things_in_a_given_work_dir(tmp_path: Path) -
     assert sorted(p.name for p in work.iterdir()) == ["notes.txt"]
 
 
+def test_the_drivers_allocator_setting_travels_with_the_job(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Ray's workers on other nodes do not see the driver's environment: the job carries
+    CITEQA_KEEP_FREED_MEMORY to its embedding actors."""
+    seen: list[bool] = []
+
+    class Records(InProcessExecutor):
+        def run(self, items, job, *, progress):  # type: ignore[no-untyped-def]
+            seen.append(job.keep_freed_memory)
+            return super().run(items, job, progress=progress)
+
+    sources = write_corpus(tmp_path / "src")
+    for value, out in (("0", "a"), ("1", "b")):
+        monkeypatch.setenv("CITEQA_KEEP_FREED_MEMORY", value)
+        build_index_sharded(sources, tmp_path / out, CFG, progress=False, executor=Records())
+    assert seen == [False, True]
+
+
 def test_a_second_sharded_build_to_the_same_out_is_refused_while_one_runs(
         tmp_path: Path) -> None:
     sources = write_corpus(tmp_path / "src")

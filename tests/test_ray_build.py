@@ -120,11 +120,15 @@ def test_a_cpu_embedding_actor_keeps_freed_memory_as_a_local_build_does(
     from citeqa.distributed.ray_engine import _FinishShards
     from citeqa.retrieval.shards import ShardJob
 
-    calls: list[bool] = []
-    monkeypatch.setattr(citeqa.allocator, "keep_freed_memory", lambda: calls.append(True))
+    calls: list[dict[str, str]] = []
+    monkeypatch.setattr(citeqa.allocator, "keep_freed_memory", calls.append)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # not for this process
+    monkeypatch.setenv("CITEQA_KEEP_FREED_MEMORY", "0")  # a node's own setting does not count:
     actor = _FinishShards(ShardJob(CFG, str(tmp_path / "work")), "cpu", threads=1)
-    assert calls == [True] and actor.error is None and actor.embedder is not None
+    assert calls == [{}] and actor.error is None and actor.embedder is not None
+    monkeypatch.delenv("CITEQA_KEEP_FREED_MEMORY")  # the driver's does (job.keep_freed_memory)
+    _FinishShards(ShardJob(CFG, str(tmp_path / "work"), keep_freed_memory=False), "cpu", 1)
+    assert calls == [{}]
 
 
 def test_worker_errors_arrive_unwrapped(ray_local: RayExecutor, tmp_path: Path) -> None:

@@ -136,7 +136,8 @@ class _FinishShards:
             import torch
 
             torch.set_num_threads(threads)
-            keep_freed_memory()  # as a local build's process does (the CLI sets it)
+            if job.keep_freed_memory:  # as the driver's process does, by the driver's setting
+                keep_freed_memory({})  # (a cluster node's environment is not the driver's)
         self.job = job
         self.embedder = None
         self.error: CiteqaError | None = None

@@ -23,6 +23,7 @@ from typing import Protocol
 
 from tqdm.auto import tqdm
 
+from citeqa import allocator
 from citeqa.config import RetrievalConfig
 from citeqa.errors import ConfigError, EmptyCorpusError
 from citeqa.ingest import Fetcher, FetchPolicy, expand_sources, load_item
@@ -109,7 +110,8 @@ def build_index_sharded(
     items, skipped = expand_sources(sources)
     work = (Path(work_dir) if work_dir else default_work_dir(out)).resolve()
     job = ShardJob(cfg=cfg, work=str(work), shard_chars=shard_chars,
-                   allow_private_urls=allow_private_urls, token=uuid.uuid4().hex)
+                   allow_private_urls=allow_private_urls, token=uuid.uuid4().hex,
+                   keep_freed_memory=allocator.wanted())  # a cluster's nodes lack our env
     with run_lock(work, "index build", instead="give it another --work-dir"):  # a second
         # build would replace the marker and the shards under the first one
         write_marker(job)

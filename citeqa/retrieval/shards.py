@@ -69,6 +69,7 @@ class ShardJob:
     shard_chars: int = SHARD_CHARS  # a block closes once its documents hold this many chars
     allow_private_urls: bool = False  # the fetcher may reach private addresses
     token: str = ""  # the build's id, written in the work directory's marker
+    keep_freed_memory: bool = True  # the driver's CITEQA_KEEP_FREED_MEMORY, for CPU embedders
 
     @property
     def shards(self) -> Path:
