@@ -69,7 +69,7 @@ class RetrievalConfig:
     fusion: Literal["rrf", "bm25", "dense"] = "rrf"  # how hybrid ranks are combined
     # Reciprocal-rank fusion (Cormack et al. 2009) with the BM25 list weighted: k=10 and weight
     # 1.5 beat plain RRF (k=60) and both single retrievers at recall@1/5/20 when tuned on the
-    # train+calibration SQuAD articles (evals/fusion_study.py; held-out figures in README).
+    # train+calibration SQuAD articles (evals/fusion_study.py; held-out figures in docs/measurements.md).
     rrf_k: int = 10
     rrf_bm25_weight: float = 1.5
     candidates_per_retriever: int = 50  # depth each retriever contributes to the fusion
@@ -89,7 +89,7 @@ class GenerationConfig:
     passage_chars: int = 600  # each passage is cut to this many characters around its best part
     # candidates per question: one greedy; N > 1 holds candidate i to passage i (then samples).
     # On 200 calibration questions N = 3 was right less often than 1 (58.0 % vs 60.5 % of
-    # answerable ones; README) at 1.86x the p50 latency, so the default stays 1.
+    # answerable ones; docs/measurements.md) at 1.86x the p50 latency, so the default stays 1.
     n_candidates: int = 1
     temperature: float = 0.7  # sampling temperature when n_candidates > 1
     # SQuAD answers are a few words; 12 tokens (48 grammar chars) cuts the long restatements the

@@ -15,7 +15,7 @@
 #             bf16 autocast where the CPU's matrix units make it pay (~17 s a step on 2 cores
 #             of a Zen 5 EPYC: about an hour; resumable). Adapting only the top 9 blocks
 #             (twice as fast) lost 25 points of right answers on the calibration articles;
-#             this recipe gained 5 (README, "Retraining on SQuAD 1.1"). To train an adapter
+#             this recipe gained 5 (docs/measurements.md, "Retraining on SQuAD 1.1"). To train an adapter
 #             further on the next demonstrations of the same order, set INIT_ADAPTER (e.g.
 #             citeqa/generation/weights) and START_STEP (the steps it was trained for, 200)
 #             and STEPS to where it should stop, with another OUT and DEMOS pointing at the
