@@ -12,6 +12,7 @@ from rank_bm25 import BM25Okapi
 
 from citeqa.errors import IndexError_
 from citeqa.retrieval import BM25Index, tokenize
+from citeqa.retrieval.bm25 import top_k_of
 
 CORPUS_TEXTS = [
     "the cat sat on the mat",
@@ -90,6 +91,31 @@ def test_top_k_clamps_and_breaks_ties_by_id() -> None:
     assert scores[0] == scores[1] > 0
     assert scores[-1] == 0.0
     assert ours.top_k(["x"], 0)[0].size == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(scores=st.lists(st.integers(-2, 2), min_size=1, max_size=30), k=st.integers(0, 32))
+def test_top_k_of_is_a_stable_sort_prefix(scores: list[int], k: int) -> None:
+    """Ties by lower id at the cut too (argpartition chose among tied ids at random), so the k
+    best are the first k of the k + 1 best."""
+    values = np.array(scores, dtype=np.float64)
+    ids, got = top_k_of(values, k)
+    expected = np.argsort(-values, kind="stable")[:k]
+    assert ids.tolist() == expected.tolist() and got.tolist() == values[expected].tolist()
+
+
+def test_search_is_top_k_over_the_passages_a_query_term_is_in() -> None:
+    corpus = [["a", "b"], ["a", "b"], ["a", "c"], ["a", "b", "c"]]  # a negative floor
+    ours = BM25Index.build(corpus)
+    for query in (["a"], ["b"], ["c", "a"], ["b", "b"], ["d"], ["zz"], []):
+        scores = ours.scores(query)
+        matched = [i for i, doc in enumerate(corpus) if set(query) & set(doc)]
+        for k in range(7):
+            ids, got = ours.search(query, k)
+            expected = sorted(matched, key=lambda i: (-scores[i], i))[:k]
+            assert ids.tolist() == expected, (query, k)
+            np.testing.assert_array_equal(got, scores[expected])
+    assert ours.search(["a"], 5)[1].max() < 0  # matched, with scores below 0
 
 
 @pytest.mark.parametrize("mmap", [True, False])

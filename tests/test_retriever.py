@@ -79,11 +79,33 @@ def test_bm25_mode_equals_bm25_scores(retriever: HybridRetriever, index_dir: Pat
     hits = retriever.search(query, 10, mode="bm25")
     assert [h.bm25 for h in hits] == [h.score for h in hits]
     assert all(h.dense is None for h in hits)
-    np.testing.assert_allclose([h.score for h in hits], sorted(expected[expected != 0])[::-1])
+    matched = [i for i, p in enumerate(index.passages)
+               if set(tokenize(query))
+               & set(tokenize(indexed_text(index.documents[p.doc_id].title, p.text)))]
+    np.testing.assert_allclose([h.score for h in hits], sorted(expected[matched])[::-1])
 
 
 def test_bm25_hits_need_a_matching_term(retriever: HybridRetriever) -> None:
     assert retriever.search("zzzz qqqq", 5, mode="bm25") == []
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_bm25_finds_a_matching_passage_whatever_its_score(tmp_path: Path, k: int) -> None:
+    """rank-bm25 gives a term in half of the passages idf 0 and, in an index of a few passages,
+    a negative floor: passages that hold the term still match, at every k (they were dropped
+    as non-matching for a score of 0 or below, and k decided how many were left)."""
+    docs = [Document("a", "", "a.txt", "Eiffel Tower, Paris."),
+            Document("b", "", "b.txt", "Eiffel Tower replica, Las Vegas."),
+            Document("c", "", "c.txt", "Colosseum, Rome."), Document("d", "", "d.txt", "Big Ben.")]
+    build_index_from_documents(docs, tmp_path / "idx", replace(CFG, dense=False), progress=False)
+    r = HybridRetriever.open(tmp_path / "idx")
+    assert Index.load(tmp_path / "idx").bm25.scores(["eiffel"]).tolist() == [0, 0, 0, 0]
+    assert [h.passage.doc_id for h in r.search("Eiffel", k)] == ["a", "b"][:k]
+    two = [Document("a", "", "a.txt", "alpha beta"), Document("b", "", "b.txt", "alpha beta"),
+           Document("c", "", "c.txt", "delta")]
+    build_index_from_documents(two, tmp_path / "i2", replace(CFG, dense=False), progress=False)
+    hits = HybridRetriever.open(tmp_path / "i2").search("alpha", k)
+    assert [h.passage.doc_id for h in hits] == ["a", "b"][:k] and hits[0].score < 0
 
 
 def test_hybrid_is_rrf_of_both_rankings(retriever: HybridRetriever) -> None:

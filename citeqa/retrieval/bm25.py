@@ -111,6 +111,10 @@ class BM25Index:
 
     def scores(self, query_tokens: Sequence[str]) -> np.ndarray:
         """float64 [N]: one score per passage, equal to ``BM25Okapi.get_scores``."""
+        return self._scored(query_tokens)[0]
+
+    def _scored(self, query_tokens: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``scores`` and the ids of the passages some query term is in (repeated)."""
         postings, weights = [], []
         for token, count in Counter(query_tokens).items():
             t = self.term_ids.get(token)
@@ -120,18 +124,27 @@ class BM25Index:
             postings.append(self.doc_ids[lo:hi])
             weights.append((count * self.idf[t]) * self.tf[lo:hi].astype(np.float64))
         if not postings:
-            return np.zeros(self.n_docs, dtype=np.float64)
+            return np.zeros(self.n_docs, dtype=np.float64), np.zeros(0, dtype=np.int64)
         # one scatter-add over every query term's postings (faster than one per term)
-        return np.bincount(
-            np.concatenate(postings), weights=np.concatenate(weights), minlength=self.n_docs
-        )
+        docs = np.concatenate(postings)
+        return np.bincount(docs, weights=np.concatenate(weights), minlength=self.n_docs), docs
 
     def top_k(self, query_tokens: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` best passages: ids int64 [k'] and scores float64 [k'], best first.
-
-        Ties are broken by ascending id (within the candidates ``argpartition`` selects).
-        """
+        """The ``k`` best passages: ids int64 [k'] and scores float64 [k'], best first, ties
+        by ascending id; passages no query term is in included (they score 0)."""
         return top_k_of(self.scores(query_tokens), k)
+
+    def search(self, query_tokens: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """As ``top_k``, over the passages some query term is in only. Their score can be 0 or
+        below (rank-bm25 floors the idf of a term in more than half of the passages at
+        ``epsilon`` times the mean idf, which is negative in a small index), so whether a
+        passage matched is read from the postings, not from its score's sign."""
+        scores, postings = self._scored(query_tokens)
+        holds = np.zeros(self.n_docs, dtype=bool)
+        holds[postings] = True
+        matched = np.flatnonzero(holds)  # ascending: ties in top_k_of stay by lower id
+        at, values = top_k_of(scores[matched], k)
+        return matched[at], values
 
     def save(self, directory: Path) -> None:
         """Write the index as ``.npy`` arrays plus ``vocab.json`` and ``params.json``."""
@@ -165,8 +178,10 @@ def top_k_of(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     k = min(k, len(scores))
     if k <= 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=scores.dtype)
-    if k < len(scores):
-        cand = np.argpartition(-scores, k - 1)[:k]
+    if k < len(scores):  # everything above the k-th value, then the lowest ids tied with it
+        kth = -np.partition(-scores, k - 1)[k - 1]
+        above = np.flatnonzero(scores > kth)
+        cand = np.concatenate([above, np.flatnonzero(scores == kth)[: k - len(above)]])
     else:
         cand = np.arange(len(scores))
     order = np.lexsort((cand, -scores[cand]))

@@ -14,7 +14,6 @@ from typing import Any
 
 from citeqa.config import ChunkConfig, RetrievalConfig
 from citeqa.errors import ConfigError, IndexError_, InvalidRequestError
-from citeqa.retrieval.bm25 import top_k_of
 from citeqa.retrieval.embed import Embedder, load_embedder
 from citeqa.retrieval.fusion import rrf
 from citeqa.retrieval.store import Index
@@ -121,9 +120,8 @@ class HybridRetriever:
 
     def _bm25(self, query: str, depth: int) -> dict[int, float]:
         """passage id -> BM25 score, best first; only passages some query term matches."""
-        ids, scores = top_k_of(self.index.bm25.scores(tokenize(query)), depth)
-        keep = scores != 0.0
-        return dict(zip(ids[keep].tolist(), scores[keep].tolist(), strict=True))
+        ids, scores = self.index.bm25.search(tokenize(query), depth)
+        return dict(zip(ids.tolist(), scores.tolist(), strict=True))
 
     def _dense(self, query: str, depth: int) -> dict[int, float]:
         """passage id -> cosine similarity, best first."""
