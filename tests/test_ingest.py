@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import httpx
@@ -319,6 +320,38 @@ def test_jsonl_with_bad_lines(tmp_path: Path) -> None:
     assert "line 6:" in text
     assert "duplicate doc_id 'doc-1'" in text
     assert len(result.skipped) == 4
+
+
+def test_text_utf8_cannot_hold_is_skipped_and_a_name_that_is_not_utf8_escaped(
+        tmp_path: Path) -> None:
+    """A lone surrogate (JSON's \\ud800 escape; a file name that is not UTF-8 decodes to
+    surrogates) cannot be written to the index: it stopped the whole build with a
+    UnicodeEncodeError. Such a record is skipped; such a file name is kept with escapes."""
+    from citeqa.config import RetrievalConfig
+    from citeqa.retrieval import HybridRetriever, build_index_from_documents
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "recs.jsonl").write_text(
+        '{"text": "Bad \\ud800 record."}\n{"text": "Good record about Lyon.", "title": "T\\udc80"}'
+        '\n{"text": "Kept record about Lyon."}\n', encoding="utf-8")
+    latin1 = Path(os.fsdecode(bytes(src) + b"/r\xf4me.txt"))  # 'r\udcf4me.txt'
+    latin1.write_text("Notes about Rome.", encoding="utf-8")
+    (empty := Path(os.fsdecode(bytes(tmp_path) + b"/empty\xe9"))).mkdir()
+    result = load(src, empty)
+    assert sorted(d.text for d in result.documents) == ["Kept record about Lyon.",
+                                                       "Notes about Rome."]
+    rome = next(d for d in result.documents if "Rome" in d.text)
+    assert rome.source == f"{src}/r\\udcf4me.txt" and rome.doc_id == doc_id_for(rome.source)
+    text = reasons(result)
+    assert "#1: its text is not valid Unicode" in text
+    assert "#2: its title is not valid Unicode" in text
+    assert f"{tmp_path}/empty\\udce9: folder has no supported files" in text
+    text.encode("utf-8")  # printable
+    build_index_from_documents(result.documents, tmp_path / "idx",
+                               RetrievalConfig(dense=False), progress=False)
+    [hit] = HybridRetriever.open(tmp_path / "idx").search("Rome", 5)
+    assert hit.source == rome.source
 
 
 def test_record_ids_follow_the_rule_rest_applies(tmp_path: Path) -> None:

@@ -59,6 +59,10 @@ class Skipped:
     source: str  # path or URL
     reason: str  # human-readable, tells what to do
 
+    def __post_init__(self) -> None:  # printable and storable: a path may not be UTF-8
+        object.__setattr__(self, "source", _printable(self.source))
+        object.__setattr__(self, "reason", _printable(self.reason))
+
 
 @dataclass
 class LoadResult:
@@ -206,6 +210,17 @@ def _walk(root: Path, skipped: list[Skipped]) -> Iterator[Path]:
 
 
 def _load_item(item: str | Path, fetcher: Fetcher) -> Iterator[Document | Skipped]:
+    for out in _read_item(item, fetcher):
+        if isinstance(out, Skipped):
+            yield out
+        elif (field := _not_unicode(out)) is not None:
+            yield Skipped(out.source, f"its {field} is not valid Unicode (a lone "
+                          "surrogate, such as a \\ud800-\\udfff escape in JSON); fix it")
+        else:
+            yield out
+
+
+def _read_item(item: str | Path, fetcher: Fetcher) -> Iterator[Document | Skipped]:
     if isinstance(item, str):
         yield _load_url(item, fetcher)
         return
@@ -215,6 +230,22 @@ def _load_item(item: str | Path, fetcher: Fetcher) -> Iterator[Document | Skippe
         yield Skipped(str(item), str(e))
     except OSError as e:
         yield Skipped(str(item), f"could not read the file ({e.strerror or e}); check permissions")
+
+
+def _not_unicode(doc: Document) -> str | None:
+    """The first of ``doc``'s fields that cannot be written as UTF-8 (the index stores UTF-8),
+    or None."""
+    for field in ("text", "title", "source", "doc_id"):
+        try:
+            getattr(doc, field).encode("utf-8")
+        except UnicodeEncodeError:
+            return field
+    return None
+
+
+def _printable(text: str) -> str:
+    """``text`` with what UTF-8 cannot hold (lone surrogates) written as escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _load_url(url: str, fetcher: Fetcher) -> Document | Skipped:
@@ -231,7 +262,7 @@ def _load_file(path: Path) -> Iterator[Document | Skipped]:
     """Documents from one file; raises _SkipError when the whole file yields none."""
     data = path.read_bytes()
     suffix = path.suffix.lower()
-    source = str(path)
+    source = _printable(str(path))  # a name that is not UTF-8 (surrogates) written as escapes
     if suffix in HTML_EXTENSIONS:
         page = extract_html(_decode_html(data))
         yield _single(source, page.title or path.name, page.text)
@@ -284,7 +315,7 @@ def _decode_html(data: bytes) -> str:
 
 
 def _load_json(path: Path, text: str) -> Iterator[Document | Skipped]:
-    source = str(path)
+    source = _printable(str(path))
     text = text.removeprefix("\ufeff")  # a byte-order mark: JSON's offsets are not the file's
     if path.suffix.lower() == ".json":
         try:
