@@ -26,7 +26,8 @@ throughput comparison runs on the first ``--build-passages`` passages.
 ``--embedder composed`` writes no files and skips part 2: each passage's vector is the
 normalised mean of the MiniLM embeddings of its sentences (the ~5k SQuAD sentences are embedded
 once), a stand-in for MiniLM passage embeddings at sizes these cores cannot embed in an hour.
-Check it against ``--embedder minilm`` at a size both can run (docs/measurements.md: at 178k passages).
+Check it against ``--embedder minilm`` at a size both can run (docs/measurements.md: at 178k
+passages).
 """
 
 from __future__ import annotations

@@ -69,7 +69,8 @@ class RetrievalConfig:
     fusion: Literal["rrf", "bm25", "dense"] = "rrf"  # how hybrid ranks are combined
     # Reciprocal-rank fusion (Cormack et al. 2009) with the BM25 list weighted: k=10 and weight
     # 1.5 beat plain RRF (k=60) and both single retrievers at recall@1/5/20 when tuned on the
-    # train+calibration SQuAD articles (evals/fusion_study.py; held-out figures in docs/measurements.md).
+    # train+calibration SQuAD articles (evals/fusion_study.py; held-out figures in
+    # docs/measurements.md).
     rrf_k: int = 10
     rrf_bm25_weight: float = 1.5
     candidates_per_retriever: int = 50  # depth each retriever contributes to the fusion

@@ -2,9 +2,10 @@
 
 ``evals/specs/reward_rounds.json`` records each round the shipped verifier went through after
 ``evals/train_reward.sh``'s first training (D, L, M; docs/measurements.md, "The verifier
-trained on three more rounds of the generator's mistakes"): the SQuAD questions whose generator candidates it trained on, the adapter that
-answered them, and its training mix in order (``gen:KEY`` those candidates, ``syn:KEY`` a
-synthetic group, ``rt:KEY`` a red-team group). ``evals/train_reward.sh`` (stage ``rounds``) uses
+trained on three more rounds of the generator's mistakes"): the SQuAD questions whose
+generator candidates it trained on, the adapter that answered them, and its training mix in
+order (``gen:KEY`` those candidates, ``syn:KEY`` a synthetic group, ``rt:KEY`` a red-team
+group). ``evals/train_reward.sh`` (stage ``rounds``) uses
 this script to rebuild them:
 
     python evals/reward_rounds.py questions --round D --squad2 DIR --out WORK  # D-qa/more.json

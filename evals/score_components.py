@@ -7,8 +7,8 @@ RUN_DIR is a `citeqa eval` run (its predictions.jsonl), INDEX_DIR the index it s
 verifier reads the passage around each quote), RM_DIR the reward model (default: the shipped
 one; it must have a combine.json). A candidate is right by the correctness rule's F1 >= 0.5.
 Each input's share is its weight times its standardised value (logits; the score is the
-sigmoid of their sum plus the bias). The figures behind docs/measurements.md's paragraph on the embedded
-docs' questions:
+sigmoid of their sum plus the bias). The figures behind docs/measurements.md's paragraph on
+the embedded docs' questions:
 
     python evals/score_components.py evals/results/corpus-questions index/default
 """

@@ -183,16 +183,52 @@ def test_recover_restores_over_an_empty_directory(built: Path) -> None:
     assert recover_index(built) == built and (built / "manifest.json").is_file()
 
 
-def test_recover_leaves_a_live_writers_swap_alone(built: Path) -> None:
-    """A writer that is alive is between its renames right now: read its backup, touch nothing."""
+def test_recover_waits_for_a_writer_between_its_renames(built: Path) -> None:
+    """A writer between its two renames holds the swap lock: recovery waits for it and reads
+    the index it swapped in (it read the backup, and a server that loaded it then could undo
+    the new index with its next change), then leaves its backup alone while it runs."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from citeqa.retrieval.store import recover_index
+
+    new = built.parent / ".idx.tmp-x"
+    shutil.copytree(built, new)
+    manifest = json.loads((new / "manifest.json").read_text())
+    manifest["created"] = "the new one"  # told apart by its manifest (no file hash covers it)
+    (new / "manifest.json").write_text(json.dumps(manifest))
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(built.parent)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        f"os.rename({str(built)!r}, {str(built.parent / '.idx.old-')!r} + str(os.getpid()))\n"
+        "print('mid-swap', flush=True); time.sleep(1.0)\n"
+        f"os.rename({str(new)!r}, {str(built)!r}); os.close(fd); time.sleep(30)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "mid-swap\n"
+        t0 = time.monotonic()
+        assert recover_index(built) == built
+        assert time.monotonic() - t0 > 0.5  # it waited for the lock
+        assert json.loads((built / "manifest.json").read_text())["created"] == "the new one"
+        assert (built.parent / f".idx.old-{holder.pid}").is_dir()  # the live writer's, kept
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_recover_restores_a_backup_whatever_its_pid(built: Path) -> None:
+    """No writer holds the swap lock, so no swap is under way: a backup named with this very
+    process's pid (a container's server is pid 1 again after a restart) is restored, not read
+    where it lies (then dropped as this process's own debris by its next change)."""
     import os
 
     from citeqa.retrieval.store import recover_index
 
-    old = _crash_mid_swap(built, pid=os.getpid())
-    assert recover_index(built) == old
-    assert not built.exists() and old.is_dir()
-    assert Index.load(built).directory == old
+    _crash_mid_swap(built, pid=os.getpid())
+    assert recover_index(built) == built and (built / "manifest.json").is_file()
+    assert Index.load(built).directory == built
 
 
 def test_loading_recovers_too(built: Path) -> None:
@@ -234,3 +270,46 @@ def test_a_folder_with_someone_elses_manifest_is_never_replaced(tmp_path: Path) 
     (app / "documents.jsonl").write_text("")  # a damaged index: rebuilding it is allowed
     assert is_index_dir(app)
     check_replaceable(app)
+
+
+def test_an_index_behind_a_symbolic_link_is_swapped_where_the_link_points(tmp_path: Path) -> None:
+    """The swap renamed the link itself: the build then failed on removing it ("Cannot call
+    rmtree on a symbolic link") after its index was in, and a server's change got a 500 though
+    it was written, and 409s after."""
+    from citeqa.retrieval.embed import HashEmbedder
+    from citeqa.retrieval.updates import add_documents
+
+    real = tmp_path / "real_v1"
+    build_index_from_documents(DOCS[:1], real, CFG, progress=False)
+    link = tmp_path / "idx"
+    link.symlink_to(real)
+    build_index_from_documents(DOCS, link, CFG, progress=False)  # a rebuild through the link
+    assert link.is_symlink() and link.resolve() == real
+    assert set(Index.load(link).documents) == {"d1", "d2", "d3"}
+    add_documents(Index.load(link), [Document("d4", "Owls", "owls.txt", "Owls hoot at night.")],
+                  link, embedder=HashEmbedder())
+    assert link.is_symlink() and set(Index.load(real).documents) == {"d1", "d2", "d3", "d4"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "real_v1"]  # no debris
+
+
+def test_a_change_to_an_index_read_from_its_backup_is_checked_against_the_index(
+        built: Path) -> None:
+    """Where a backup could not be restored (a read-only file system) it is read where it
+    lies; a change made from it is still refused once another writer replaced the index."""
+    from citeqa.errors import IndexChangedError
+    from citeqa.retrieval.embed import HashEmbedder
+    from citeqa.retrieval.store import is_copy_of
+    from citeqa.retrieval.updates import add_documents
+
+    backup = built.parent / f".{built.name}.old-{DEAD_PID}"
+    import shutil
+
+    shutil.copytree(built, backup)
+    assert is_copy_of(backup, built) and is_copy_of(built, built)
+    assert not is_copy_of(built.parent / "other", built)
+    stale = Index.load(backup)
+    build_index_from_documents(DOCS[1:], built, CFG, progress=False)  # another writer
+    with pytest.raises(IndexChangedError):
+        add_documents(stale, [Document("d4", "Owls", "owls.txt", "Owls hoot.")], built,
+                      embedder=HashEmbedder())
+    assert set(Index.load(built).documents) == {"d2", "d3"}

@@ -213,8 +213,8 @@ def _load_item(item: str | Path, fetcher: Fetcher) -> Iterator[Document | Skippe
     for out in _read_item(item, fetcher):
         if isinstance(out, Skipped):
             yield out
-        elif (field := _not_unicode(out)) is not None:
-            yield Skipped(out.source, f"its {field} is not valid Unicode (a lone "
+        elif (bad := _not_unicode(out)) is not None:
+            yield Skipped(out.source, f"its {bad} is not valid Unicode (a lone "
                           "surrogate, such as a \\ud800-\\udfff escape in JSON); fix it")
         else:
             yield out
@@ -235,11 +235,11 @@ def _read_item(item: str | Path, fetcher: Fetcher) -> Iterator[Document | Skippe
 def _not_unicode(doc: Document) -> str | None:
     """The first of ``doc``'s fields that cannot be written as UTF-8 (the index stores UTF-8),
     or None."""
-    for field in ("text", "title", "source", "doc_id"):
+    for name in ("text", "title", "source", "doc_id"):
         try:
-            getattr(doc, field).encode("utf-8")
+            getattr(doc, name).encode("utf-8")
         except UnicodeEncodeError:
-            return field
+            return name
     return None
 
 

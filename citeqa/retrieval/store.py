@@ -19,7 +19,9 @@ Atomic rebuild: everything is written to ``.<name>.tmp-<pid>`` beside ``out`` an
 old one deleted. At every instant a complete index sits at ``out`` or, between the two renames,
 at the ``.old`` sibling. After a crash, ``recover_index`` (run by ``Index.load``, so by every
 command that opens an index, and by ``prepare`` before a build) renames that sibling back to
-``out`` once its writer is dead and removes the debris of dead writers.
+``out`` once no writer holds the swap lock (a writer mid-swap holds it; a pid in a name
+cannot tell, as a restarted container's server is pid 1 again) and removes the debris of dead
+writers. A symbolic link at ``out`` is followed: the index is swapped where it points.
 
 Several writers (two builds, two servers, a server and a rebuild) take turns at the swap: it
 runs under an exclusive lock on the folder holding ``out``. A writer that changes the index
@@ -52,7 +54,6 @@ from citeqa.atomic import (
     remove_stale_siblings,
     siblings,
     tmp_dir_for,
-    writer_alive,
 )
 from citeqa.config import RetrievalConfig
 from citeqa.errors import CiteqaError, IndexChangedError, IndexError_
@@ -150,35 +151,59 @@ def recover_index(out: Path, *, writing: bool = False) -> Path:
 
     ``out`` with a manifest is the index: ``out`` is returned (and dead writers' debris removed).
     When ``out`` is missing or an empty directory and a complete ``.old`` backup sits beside it,
-    a writer stopped between its two renames: if that writer is dead, the backup is renamed back
-    to ``out``; if it still runs (it is swapping right now), the backup is returned untouched, to
-    be read. Raises IndexError_ (saying how to build one) when there is no index to recover.
-    ``writing``: the caller is about to rewrite ``out`` (``prepare``; see ``writer_alive``).
+    a writer stopped between its two renames: one swapping right now holds the swap lock, so
+    this waits for the lock and then renames a backup still there back to ``out`` (where that
+    fails, a read-only file system say, the backup is returned, to be read where it is). A
+    symbolic link at ``out`` is followed (``real_path``). Raises IndexError_ (saying how to
+    build one) when there is no index to recover. ``writing``: the caller is about to rewrite
+    ``out`` (``prepare``): its own pid's debris is dead (``atomic.writer_alive``).
     Every command that opens an index goes through here (``Index.load``), so ``serve``,
     ``search``, ``ask`` and a rebuild all see the same index after a crash.
     """
-    out = Path(out)
+    out = real_path(Path(out))
     if not (out / MANIFEST).is_file():
-        old = _backup(out) if not out.exists() or _is_empty_dir(out) else None
-        if old is None:
+        if not _missing(out) or _backup(out) is None:
             raise IndexError_(f"index {out} {how_to_build(out)}")
-        if writer_alive(old, writing=writing):
-            log.warning("index %s is being swapped by another process; reading %s", out, old)
-            return old
-        log.warning("restoring %s from %s (a rebuild was interrupted mid-swap)", out, old)
-        try:
-            if out.exists():
-                out.rmdir()
-            old.rename(out)
-            fsync_path(out.parent)
-        except OSError as e:
-            if (out / MANIFEST).is_file():  # another process restored it first
-                return out
-            # e.g. a read-only file system: read the backup where it is
-            log.warning("could not restore %s (%s); reading %s", out, e, old)
-            return old
+        # A writer between its two renames holds the swap lock: wait for it (two renames),
+        # then look again. A backup still there, with the lock free, was left by a writer that
+        # died mid-swap, whatever its pid says (a pid can be this process's own, after a
+        # restart as a container's pid 1, or another pid namespace's).
+        with writer_lock(out):
+            old = _backup(out) if _missing(out) else None
+            if old is not None:
+                log.warning("restoring %s from %s (a rebuild was interrupted mid-swap)", out, old)
+                try:
+                    if out.exists():
+                        out.rmdir()
+                    old.rename(out)
+                    fsync_path(out.parent)
+                except OSError as e:  # e.g. a read-only file system: read the backup there
+                    log.warning("could not restore %s (%s); reading %s", out, e, old)
+                    return old
+        if not (out / MANIFEST).is_file():  # the writer that held the lock left none
+            raise IndexError_(f"index {out} {how_to_build(out)}")
     remove_stale_siblings(out, writing=writing)
     return out
+
+
+def _missing(out: Path) -> bool:
+    """``out`` is not there, or is an empty folder: where a swap's backup may be restored."""
+    return not out.exists() or _is_empty_dir(out)
+
+
+def real_path(out: Path) -> Path:
+    """``out``, or where it points when it is a symbolic link: an index is swapped in where
+    the link points (renaming the link itself would leave the index behind it, and the link
+    would no longer be one)."""
+    return out.resolve() if out.is_symlink() else out
+
+
+def is_copy_of(directory: Path, out: Path) -> bool:
+    """Whether an index loaded from ``directory`` is the one at ``out``: the same folder, or
+    its backup a swap left (read there when it could not be restored)."""
+    directory, out = Path(directory).resolve(), real_path(Path(out)).resolve()
+    return directory == out or (directory.parent == out.parent
+                                and directory.name.startswith(f".{out.name}.old-"))
 
 
 def prepare(out: Path) -> Path:
@@ -186,8 +211,9 @@ def prepare(out: Path) -> Path:
 
     Refuses to go on when ``out`` exists but is not an index (it would be replaced).
     """
+    out = real_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if not out.exists() or _is_empty_dir(out):
+    if _missing(out):
         with contextlib.suppress(IndexError_):  # nothing to restore: a first build
             recover_index(out, writing=True)
     check_replaceable(out)
@@ -214,6 +240,7 @@ def how_to_build(out: Path) -> str:
 def check_replaceable(out: Path) -> None:
     """Refuse (IndexError_) when ``out`` exists and is not an index a build may replace: a long
     build checks this before it starts, not only when it is about to swap."""
+    out = real_path(out)
     if out.exists() and not (is_index_dir(out) or _is_empty_dir(out)):
         raise IndexError_(
             f"refusing to replace {out}: it exists and is not a citeqa index directory; "
@@ -252,6 +279,7 @@ def publish(tmp: Path, out: Path, *, expect: dict[str, Any] | None = None) -> No
     """Swap the complete ``tmp`` index in at ``out`` (see the module docstring), under the
     writers' lock. ``expect``: the manifest of the index ``tmp`` was made from; IndexError_ (and
     nothing changed) when ``out`` now holds another."""
+    out = real_path(out)
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     with writer_lock(out):
         if expect is not None and _manifest_or_none(out) != json.loads(json.dumps(expect)):
@@ -265,8 +293,12 @@ def publish(tmp: Path, out: Path, *, expect: dict[str, Any] | None = None) -> No
         tmp.rename(out)
         fsync_path(out.parent)
     test_pause("after_swap")
-    if old.exists():
+    try:
         shutil.rmtree(old)
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # the new index is in: a backup left over is removed by a later write
+        log.warning("could not remove the previous index %s (%s)", old, e)
 
 
 def _manifest_or_none(out: Path) -> Any:

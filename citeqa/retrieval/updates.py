@@ -31,7 +31,7 @@ from citeqa.retrieval.chunk import chunk_document
 from citeqa.retrieval.dense import DenseIndex
 from citeqa.retrieval.embed import Embedder
 from citeqa.retrieval.retriever import config_from_manifest
-from citeqa.retrieval.store import Index, passages_of, save_index
+from citeqa.retrieval.store import Index, is_copy_of, passages_of, save_index
 from citeqa.text import tokenize
 from citeqa.types import Document
 
@@ -157,7 +157,7 @@ def apply_update(
         out,
         # an update of the index it loaded: refused if another writer changed it meanwhile
         expect=index.manifest if index.directory is not None
-        and Path(index.directory).resolve() == out.resolve() else None,
+        and is_copy_of(index.directory, out) else None,
         documents=docs,
         spans=spans_arr,
         passage_doc=passage_doc_arr,
