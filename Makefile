@@ -19,9 +19,12 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The embedded default index: citeqa's own documentation under index/corpus.
+# The embedded default index: citeqa's own documentation under index/corpus; rebuilt when
+# they change. Without its manifest, --if-missing restores an index a crash left mid-swap
+# (with the documents added to it over REST) rather than rebuilding it.
 index/default/manifest.json: $(VENV)/.installed $(wildcard index/corpus/*)
-	$(BIN)/citeqa index build index/corpus --out index/default
+	$(BIN)/citeqa index build index/corpus --out index/default \
+	    $(if $(wildcard index/default/manifest.json),,--if-missing)
 
 index: index/default/manifest.json
 

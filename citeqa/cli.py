@@ -5,6 +5,7 @@ Every user mistake ends in a one-line message on stderr and exit status 2, never
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -172,11 +173,17 @@ def index_build(
         bool,
         typer.Option("--allow-private-urls", help="Allow fetching private/intranet addresses."),
     ] = False,
+    if_missing: Annotated[
+        bool,
+        typer.Option("--if-missing", help="Build only when --out holds no index (one a crash "
+                     "left mid-swap is restored, not rebuilt); for start scripts."),
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Build (or atomically rebuild) an index from SOURCES into --out."""
     from citeqa.retrieval import build_index
     from citeqa.retrieval.dense import KINDS, DenseSpec
+    from citeqa.retrieval.store import recover_index
 
     if hnsw and dense_index not in ("auto", "hnsw"):
         raise fail(f"--hnsw contradicts --dense-index {dense_index}; give one of them")
@@ -186,6 +193,11 @@ def index_build(
         raise fail("--work-dir, --embedders and --shard-chars only apply with --ray")
     if (nprobe or nlist) and (dense_index != "ivf" or bm25_only):
         raise fail("--nprobe and --nlist only apply with --dense-index ivf")
+    if if_missing:
+        with contextlib.suppress(CiteqaError):  # no index there: build it
+            recover_index(out)
+            typer.echo(f"{out} holds an index already; not rebuilt (--if-missing)")
+            return
     try:
         cfg = preset(preset_name).retrieval
         if bm25_only:
@@ -213,6 +225,9 @@ def index_build(
                                   progress=progress, dense_spec=spec)
     except CiteqaError as e:
         raise fail(str(e)) from None
+    except OSError as e:  # the output's file system: read-only, full, ...
+        raise fail(f"could not write the index to {out}: {e}; the index there, if any, is as "
+                   "it was") from None
     except KeyboardInterrupt:
         again = ("run the same command again: it reuses the shards already built"
                  if ray is not None else "run the same command again to build it")

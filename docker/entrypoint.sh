@@ -15,8 +15,10 @@ if [ "${1:-}" = "healthcheck" ]; then
     exec curl -fsS --max-time 4 -o /dev/null "http://127.0.0.1:${PORT}/readyz"
 fi
 
+# --if-missing: an index a crash left mid-swap (its backup beside it) is restored with the
+# documents added to it over REST, not rebuilt from the corpus
 if [ ! -f "$INDEX/manifest.json" ]; then
-    echo "citeqa-entrypoint: no index at $INDEX; building it from $CORPUS" >&2
-    citeqa index build "$CORPUS" --out "$INDEX" --preset "$PRESET"
+    echo "citeqa-entrypoint: no index at $INDEX; restoring it or building it from $CORPUS" >&2
+    citeqa index build "$CORPUS" --out "$INDEX" --preset "$PRESET" --if-missing
 fi
 exec citeqa serve --index "$INDEX" --host "$HOST" --port "$PORT" --preset "$PRESET" "$@"

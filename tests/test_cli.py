@@ -262,6 +262,50 @@ def test_a_failed_build_keeps_the_previous_index(corpus: Path, tmp_path: Path) -
     assert run("search", "tower", "--index", str(out)).exit_code == 0
 
 
+def test_if_missing_builds_only_where_no_index_is_not_even_one_a_crash_left(
+        corpus: Path, tmp_path: Path) -> None:
+    """A start script's --if-missing: an index a crash left mid-swap (only its backup there)
+    is restored with what was added to it, not rebuilt from the sources (that lost it)."""
+    out = tmp_path / "index"
+    first = build(corpus, out)
+    assert first.exit_code == 0 and "indexed 3 documents" in first.output
+    manifest = (out / "manifest.json").read_text()
+    (corpus / "more.txt").write_text("A fourth document about the Pantheon.\n")
+    again = run("index", "build", str(corpus), "--out", str(out), "--preset", "tiny",
+                "--no-progress", "--if-missing")
+    assert again.exit_code == 0 and "holds an index already; not rebuilt" in again.output
+    assert (out / "manifest.json").read_text() == manifest
+    out.rename(tmp_path / f".index.old-{2**30}")  # killed between its two renames
+    again = run("index", "build", str(corpus), "--out", str(out), "--preset", "tiny",
+                "--no-progress", "--if-missing")
+    assert again.exit_code == 0 and "not rebuilt" in again.output
+    assert (out / "manifest.json").read_text() == manifest
+    fresh = tmp_path / "fresh"
+    made = run("index", "build", str(corpus), "--out", str(fresh), "--preset", "tiny",
+               "--no-progress", "--if-missing")
+    assert made.exit_code == 0 and "indexed 4 documents" in made.output
+
+
+def test_a_build_the_file_system_refuses_says_so_in_one_line(
+        corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import citeqa.retrieval.store as store
+
+    out = tmp_path / "index"
+    assert build(corpus, out).exit_code == 0
+    manifest = (out / "manifest.json").read_text()
+
+    def full(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "write_documents", full)
+    r = build(corpus, out)
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.stderr.strip().splitlines()[-1].endswith(
+        f"could not write the index to {out}: [Errno 28] No space left on device; the index "
+        "there, if any, is as it was")
+    assert (out / "manifest.json").read_text() == manifest
+
+
 @pytest.mark.slow
 def test_ask_with_the_default_models(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "index"

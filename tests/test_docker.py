@@ -52,7 +52,8 @@ def test_builds_the_missing_index_then_execs_serve(tmp_path: Path) -> None:
     assert rc == 0
     assert len(lines) == 2, lines
     build, serve = lines
-    assert build.split(" ", 1)[1] == f"citeqa index build /corpus --out {index} --preset default"
+    assert build.split(" ", 1)[1] == (f"citeqa index build /corpus --out {index} --preset "
+                                      "default --if-missing")  # restores a crash's backup
     serve_pid, serve_cmd = serve.split(" ", 1)
     assert serve_cmd == (f"citeqa serve --index {index} --host 0.0.0.0 --port 9001 "
                          "--preset default")
