@@ -231,6 +231,15 @@ def test_answer_span_finds_the_answer_in_the_quote() -> None:
     assert answer_span("  ", "anything") is None
 
 
+def test_an_answer_loses_only_punctuation_that_does_not_change_what_it_says() -> None:
+    """A free-mode answer "-40" was marked at "40" and called supported."""
+    quote = "The temperature fell to 40 degrees that night"
+    for same in ("40", "40.", "(40)", '"40"', "40,", "\u201c40\u201d"):
+        assert answer_span(same, quote) == (24, 26), same
+    for other in ("-40", "$40", "40%", "+40", "-40 degrees", "#40", "40/"):
+        assert answer_span(other, quote) is None, other
+
+
 DOCS = {f"d{i}": Document(f"d{i}", f"T{i}", f"s{i}", "Intro. " + p) for i, p in enumerate(PASSAGES)}
 HITS = [Hit(Passage(i, f"d{i}", 7, 7 + len(p), p), f"T{i}", f"s{i}", 1.0 - i / 10)
         for i, p in enumerate(PASSAGES)]

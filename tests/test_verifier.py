@@ -54,6 +54,16 @@ def test_render_marks_the_quote_and_finds_the_answer_in_it() -> None:
     assert gold_span(b, ["Paris"]) is None
 
 
+def test_the_answer_is_marked_where_it_stands_whatever_case_folding_does() -> None:
+    """Found case-insensitively in ``quote.lower()``, whose "İ" is two characters, the answer
+    was marked one character off: "urkey" for "Turkey"."""
+    quote = "İstanbul lies in Turkey, on the Bosphorus."
+    _, b, span = render(Judged("Where is it?", "turkey", quote))
+    assert span is not None and b[span[0]:span[1]] == "Turkey"
+    _, b, span = render(Judged("Where is it?", "TURKEY", "Istanbul lies in Turkey."))
+    assert span is not None and b[span[0]:span[1]] == "Turkey"
+
+
 def test_around_cuts_at_spaces() -> None:
     before, after = around(TEXT, Q0, Q1, chars=20)
     assert TEXT[:Q0].endswith(before) and len(before) <= 20 and not before.startswith("ame")

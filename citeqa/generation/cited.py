@@ -33,7 +33,7 @@ from citeqa.generation.constraint import QuoteStage, output_grammar
 from citeqa.generation.format import ANSWER_MODES, AnswerMode
 from citeqa.generation.parse import parse_output
 from citeqa.generation.prompt import ShownPassage, build_messages
-from citeqa.generation.verify import locate, verify_quote
+from citeqa.generation.verify import ANSWER_TRIM, locate, verify_quote
 from citeqa.types import Candidate, Document, Hit
 
 logger = logging.getLogger(__name__)
@@ -88,9 +88,10 @@ def _merge_timings(per_request: list[list[Completion]]) -> dict[str, float]:
 
 def answer_span(answer: str, quote: str) -> tuple[int, int] | None:
     """Where ``answer`` stands in ``quote`` (``verify.locate``'s rules: up to whitespace runs,
-    and punctuation trimmed from its ends when the whole does not stand there): its first
-    occurrence, as offsets into ``quote``; None when it does not."""
-    return locate(answer, quote, (0, len(quote))) if answer.strip() else None
+    and punctuation that ends a sentence or wraps words trimmed from its ends when the whole
+    does not stand there, ``verify.ANSWER_TRIM``; a sign, currency or percent is kept): its
+    first occurrence, as offsets into ``quote``; None when it does not."""
+    return locate(answer, quote, (0, len(quote)), trim=ANSWER_TRIM) if answer.strip() else None
 
 
 class CitedGenerator:

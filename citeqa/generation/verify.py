@@ -58,14 +58,21 @@ def _choose(
     return min(spans, key=lambda s: min(abs(s[0] - ws), abs(s[0] - we)))
 
 
-def locate(quote: str, document_text: str, window: tuple[int, int]) -> tuple[int, int] | None:
+# What an answer may lose from its ends to stand in its quote: what ends a sentence or wraps
+# words, never what changes what it says ("-40", "$40" and "40%" are not "40").
+ANSWER_TRIM = string.whitespace + ".,;:!?\"'()[]{}" + "\u201c\u201d\u2018\u2019\u2026\u00ab\u00bb"
+
+
+def locate(quote: str, document_text: str, window: tuple[int, int], *,
+           trim: str = _TRIM) -> tuple[int, int] | None:
     """The ``(start, end)`` of ``quote`` in ``document_text``, or None when not provably there.
 
-    Tries, in order: the quote with whitespace stripped, then with punctuation also trimmed from
-    its ends; for each, an exact match and then a whitespace-insensitive one.
+    Tries, in order: the quote with whitespace stripped, then with the characters of ``trim``
+    (punctuation) also trimmed from its ends; for each, an exact match and then a
+    whitespace-insensitive one.
     """
     variants = [quote.strip()]
-    trimmed = quote.strip(_TRIM)
+    trimmed = quote.strip(trim)
     if trimmed and trimmed != variants[0]:
         variants.append(trimmed)
     for variant in variants:

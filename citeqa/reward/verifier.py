@@ -18,6 +18,7 @@ functions; ``Verifier`` is the network.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,14 +72,16 @@ def render(x: Judged) -> tuple[str, str, tuple[int, int] | None]:
 
 
 def _find(answer: str, quote: str) -> tuple[int, int] | None:
-    """The answer's first occurrence in the quote: exact, else case-insensitive."""
+    """The answer's first occurrence in the quote: exact, else case-insensitive (offsets into
+    ``quote`` itself: ``quote.lower()`` can be longer, "İ" lowers to two characters)."""
     answer = answer.strip()
     if not answer:
         return None
     i = quote.find(answer)
-    if i < 0:
-        i = quote.lower().find(answer.lower())
-    return None if i < 0 else (i, i + len(answer))
+    if i >= 0:
+        return i, i + len(answer)
+    m = re.search(re.escape(answer), quote, re.IGNORECASE)
+    return None if m is None else m.span()
 
 
 def gold_span(text_b: str, golds: Sequence[str]) -> tuple[int, int] | None:
