@@ -8,14 +8,43 @@ changes all of them together, so each function says what depends on it.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import string
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from typing import NamedTuple
 
-WORD = re.compile(r"\w+")  # a word: a run of unicode word characters
+WORD = re.compile(r"\w+")  # a word: a run of unicode word characters (tokenizer 1)
+
+
+@functools.cache
+def _word_with_marks() -> re.Pattern[str]:
+    """Tokenizer 2's word: a run of ``\\w`` and combining marks (built on first use, ~25 ms)."""
+    return re.compile(rf"[\w{_marks_class()}]+")
+
+
+def _marks_class() -> str:
+    """A character class of the Basic Multilingual Plane's combining marks (Unicode categories
+    Mn, Mc, Me): the vowel signs of Indic scripts, Hebrew points, Arabic harakat, accents left
+    apart by NFD. ``\\w`` leaves them out, splitting such words. Marks of the other planes
+    (rare scripts) are not in it: a class that holds them is several times slower to match."""
+    ranges: list[list[int]] = []
+    for c in range(0x10000):
+        if unicodedata.category(chr(c))[0] == "M":
+            if ranges and ranges[-1][1] == c - 1:
+                ranges[-1][1] = c
+            else:
+                ranges.append([c, c])
+    return "".join(re.escape(chr(a)) + ("" if a == b else "-" + re.escape(chr(b)))
+                   for a, b in ranges)
+
+
+# Tokenizer 2: words keep their combining marks, in NFC ("café" typed as c-a-f-e-U+0301 is
+# "café", not "cafe"; "हिन्दी" is one token, not "ह", "न", "द").
+TOKENIZER = 2
 
 # A small English stop-word list: a quote made only of these (and punctuation) supports nothing,
 # and they never count as question terms.
@@ -44,13 +73,24 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCTUATION = frozenset(string.punctuation)  # ASCII only: "–", "—", "’" are kept
 
 
-def tokenize(text: str) -> list[str]:
+def tokenize(text: str, version: int = TOKENIZER) -> list[str]:
     """Lowercase word tokens of ``text``, in order: the one BM25 tokenizer.
 
-    BM25 indexes and queries with it, so a change here changes every index: bump the index
-    format version (citeqa/retrieval/store.py) if you change it.
+    BM25 indexes and queries with it, and an index records the ``version`` it was built with
+    (``BM25Index.tokenizer``; 1 before version 2 existed): a query is tokenized as its index
+    was. Version 1: runs of ``\\w``. Version 2 (``TOKENIZER``): in NFC, runs of ``\\w`` and
+    combining marks; the same tokens for ASCII text. A change here is a new version.
     """
-    return WORD.findall(text.lower())
+    if version == 1:
+        return WORD.findall(text.lower())
+    if version != 2:
+        raise ValueError(f"unknown tokenizer version {version!r}")
+    text = text.lower()
+    if text.isascii():  # no marks, already NFC: the quick path
+        return WORD.findall(text)
+    if not unicodedata.is_normalized("NFC", text):
+        text = unicodedata.normalize("NFC", text)
+    return _word_with_marks().findall(text)
 
 
 def normalize_answer(text: str) -> str:
@@ -157,6 +197,7 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
 
 __all__ = [
     "STOP_WORDS",
+    "TOKENIZER",
     "WORD",
     "Sentence",
     "answer_f1",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +164,49 @@ def test_parity_random_corpora(
     np.testing.assert_allclose(ours.scores(query), expected, rtol=1e-6, atol=5e-8)
     ids, scores = ours.top_k(query, 5)
     np.testing.assert_allclose(scores, np.sort(expected)[::-1][:5], rtol=1e-6, atol=5e-8)
+
+
+# --------------------------------------------------------------------------- the tokenizer
+
+
+def test_tokenizer_2_keeps_combining_marks_and_reads_nfd_as_nfc() -> None:
+    """Version 1 split words at their combining marks: an NFD "café" was "cafe" (no match for
+    a typed "café"), Hindi lost its vowel signs ("हिन्दी भाषा" was ह, न, द, भ, ष)."""
+    import unicodedata
+
+    nfd = unicodedata.normalize("NFD", "Café naïve")
+    assert tokenize(nfd) == tokenize("Café naïve") == ["café", "naïve"]
+    assert tokenize("हिन्दी भाषा") == ["हिन्दी", "भाषा"]
+    assert tokenize("שָׁלוֹם עוֹלָם") == ["שָׁלוֹם", "עוֹלָם"]  # Hebrew points
+    assert tokenize(nfd, 1) == ["cafe", "nai", "ve"]  # version 1, as old indexes were made
+    assert tokenize("हिन्दी", 1) == ["ह", "न", "द"]
+    with pytest.raises(ValueError, match="unknown tokenizer version"):
+        tokenize("x", 3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(st.characters(min_codepoint=0, max_codepoint=127), max_size=60)
+       | st.text(st.characters(whitelist_categories=("Lu", "Ll", "Nd", "Zs", "Po")),
+                 max_size=40))
+def test_tokenizer_2_is_version_1_wherever_no_combining_mark_is(text: str) -> None:
+    """ASCII and NFC text without marks tokenize as before: an index built before tokenizer 2
+    and one built after hold the same terms for such text."""
+    import unicodedata
+
+    if any(unicodedata.category(c)[0] == "M" for c in unicodedata.normalize("NFC", text.lower())):
+        return  # lowercasing can make one ("İ" -> "i" + U+0307)
+    if unicodedata.is_normalized("NFC", text.lower()):
+        assert tokenize(text) == tokenize(text, 1)
+
+
+def test_an_index_records_its_tokenizer_and_one_without_the_record_is_version_1(
+        tmp_path: Path) -> None:
+    from citeqa.text import TOKENIZER
+
+    built = BM25Index.build(CORPUS)
+    assert built.tokenizer == TOKENIZER == 2 and built.params["tokenizer"] == 2
+    built.save(tmp_path / "bm25")
+    params = json.loads((tmp_path / "bm25" / "params.json").read_text())
+    del params["tokenizer"]  # as an index written before tokenizer versions
+    (tmp_path / "bm25" / "params.json").write_text(json.dumps(params))
+    assert BM25Index.load(tmp_path / "bm25").tokenizer == 1

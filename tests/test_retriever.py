@@ -85,6 +85,30 @@ def test_bm25_mode_equals_bm25_scores(retriever: HybridRetriever, index_dir: Pat
     np.testing.assert_allclose([h.score for h in hits], sorted(expected[matched])[::-1])
 
 
+def test_a_query_is_tokenized_as_its_index_was(tmp_path: Path) -> None:
+    """An index built with tokenizer 2 finds an NFD "café" and a Hindi word for a typed query;
+    an index from before (tokenizer 1, recorded by no version) is still queried with 1."""
+    import unicodedata
+
+    docs = [Document("fr", "", "fr.txt", unicodedata.normalize("NFD", "Un café à Paris.")),
+            Document("hi", "", "hi.txt", "हिन्दी भाषा भारत में बोली जाती है।"),
+            Document("en", "", "en.txt", "Tea in London."), Document("x", "", "x.txt", "Rome.")]
+    build_index_from_documents(docs, tmp_path / "idx", replace(CFG, dense=False), progress=False)
+    new = HybridRetriever.open(tmp_path / "idx")
+    assert [h.passage.doc_id for h in new.search("café", 1)] == ["fr"]
+    assert [h.passage.doc_id for h in new.search("हिन्दी", 1)] == ["hi"]
+    index = Index.load(tmp_path / "idx")
+    texts = [indexed_text(index.documents[p.doc_id].title, p.text) for p in index.passages]
+    old = BM25Index.build([tokenize(t, 1) for t in texts])
+    del old.params["tokenizer"]  # as written before tokenizer versions
+    index.bm25 = BM25Index(vocab=old.vocab, indptr=old.indptr, doc_ids=old.doc_ids, tf=old.tf,
+                           idf=old.idf, doc_len=old.doc_len, params=old.params)
+    assert index.bm25.tokenizer == 1
+    r = HybridRetriever(index, replace(CFG, dense=False))
+    assert [h.passage.doc_id for h in r.search("cafe", 1)] == ["fr"]  # its terms: "cafe"
+    assert r.search("हिन्दी", 1)[0].passage.doc_id == "hi"  # "ह", "न", "द" both ways
+
+
 def test_bm25_hits_need_a_matching_term(retriever: HybridRetriever) -> None:
     assert retriever.search("zzzz qqqq", 5, mode="bm25") == []
 

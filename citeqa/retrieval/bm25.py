@@ -8,7 +8,9 @@ and a term in more than half of the passages gets the floor ``epsilon * mean(idf
 rank-bm25). Scoring touches only the postings of the query's terms, never loops over passages.
 
 On disk (a directory): ``indptr.npy``, ``doc_ids.npy``, ``tf.npy``, ``idf.npy``,
-``doc_len.npy``, ``vocab.json`` (terms in id order) and ``params.json``; no pickle, mmap-able.
+``doc_len.npy``, ``vocab.json`` (terms in id order) and ``params.json`` (k1, b, epsilon, the
+statistics, and ``tokenizer``: the ``text.tokenize`` version of the terms, 1 where absent); no
+pickle, mmap-able.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from citeqa.errors import IndexError_
+from citeqa.text import TOKENIZER
 
 _ARRAYS = ("indptr", "doc_ids", "tf", "idf", "doc_len")
 
@@ -47,6 +50,8 @@ class BM25Index:
         )
         self.params = params
         self.n_docs = int(params["n_docs"])
+        # the text.tokenize version its passages were tokenized with: queries must be too
+        self.tokenizer = int(params.get("tokenizer", 1))  # indexes before versions: 1
 
     @classmethod
     def build(
@@ -56,16 +61,20 @@ class BM25Index:
         k1: float = 1.5,
         b: float = 0.75,
         epsilon: float = 0.25,
+        tokenizer: int = TOKENIZER,
     ) -> BM25Index:
-        """Index ``corpus_tokens`` (one token list per passage) with BM25Okapi parameters.
+        """Index ``corpus_tokens`` (one token list per passage, made by ``text.tokenize`` of
+        version ``tokenizer``) with BM25Okapi parameters.
 
         An iterator is consumed once and its token lists are not kept (a million passages'
         tokens as Python strings would take gigabytes)."""
-        return cls.from_counts(count_terms(corpus_tokens), k1=k1, b=b, epsilon=epsilon)
+        return cls.from_counts(count_terms(corpus_tokens), k1=k1, b=b, epsilon=epsilon,
+                               tokenizer=tokenizer)
 
     @classmethod
     def from_counts(
-        cls, counted: TermCounts, *, k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25
+        cls, counted: TermCounts, *, k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25,
+        tokenizer: int = TOKENIZER,
     ) -> BM25Index:
         """Index passages given by their term counts (``count_terms``, or ``concat_counts`` of
         shards a distributed build counted): the same index ``build`` makes from the tokens."""
@@ -98,6 +107,7 @@ class BM25Index:
             "n_docs": n_docs,
             "n_terms": n_terms,
             "nnz": int(len(keys)),
+            "tokenizer": tokenizer,
         }
         return cls(
             vocab=list(counted.vocab),

@@ -120,7 +120,8 @@ class HybridRetriever:
 
     def _bm25(self, query: str, depth: int) -> dict[int, float]:
         """passage id -> BM25 score, best first; only passages some query term matches."""
-        ids, scores = self.index.bm25.search(tokenize(query), depth)
+        bm25 = self.index.bm25
+        ids, scores = bm25.search(tokenize(query, bm25.tokenizer), depth)
         return dict(zip(ids.tolist(), scores.tolist(), strict=True))
 
     def _dense(self, query: str, depth: int) -> dict[int, float]:

@@ -48,7 +48,7 @@ from citeqa.retrieval.builder import embedding_record, indexed_text
 from citeqa.retrieval.chunk import chunk_document
 from citeqa.retrieval.embed import Embedder
 from citeqa.retrieval.store import read_documents, test_pause, write_documents
-from citeqa.text import tokenize
+from citeqa.text import TOKENIZER, tokenize
 from citeqa.types import Document
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,8 @@ def blocks(entries: Iterable[Any], shard_chars: int) -> Iterator[Block]:
 def shard_key(block: Block, cfg: RetrievalConfig, item_source: str) -> str:
     """The content hash naming a block's shard (see the module docstring)."""
     h = hashlib.sha256()
-    settings = {"format": SHARD_FORMAT, "chunk": asdict(cfg.chunk), "dense": cfg.dense,
+    settings = {"format": SHARD_FORMAT, "tokenizer": TOKENIZER, "chunk": asdict(cfg.chunk),
+                "dense": cfg.dense,
                 "embedder": cfg.embedder if cfg.dense else None,
                 "cpu_dtype": cfg.cpu_dtype if cfg.dense else None, "item": item_source}
     h.update(json.dumps(settings, sort_keys=True).encode())
