@@ -354,9 +354,11 @@ def test_text_utf8_cannot_hold_is_skipped_and_a_name_that_is_not_utf8_escaped(
     assert hit.source == rome.source
 
 
-def test_record_ids_follow_the_rule_rest_applies(tmp_path: Path) -> None:
+def test_record_ids_follow_the_rule_rest_applies(tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
     """A record's id is kept where POST /v1/documents would accept it as a doc_id (so an index
-    rebuilt from documents added over REST keeps their ids), else replaced by a hash."""
+    rebuilt from documents added over REST keeps their ids), else replaced by a hash, which
+    one warning per file says (it was silent)."""
     from citeqa.api.schemas import TextDocumentIn
 
     ids = ["obs/tarnwick", "a/b/c", "x:y.z-1_2", "..", "a/../b", "-x", ".hidden", "a//b",
@@ -364,7 +366,11 @@ def test_record_ids_follow_the_rule_rest_applies(tmp_path: Path) -> None:
     f = tmp_path / "docs.jsonl"
     f.write_text("".join(json.dumps({"id": i, "text": f"text {n}"}) + "\n"
                          for n, i in enumerate(ids)), encoding="utf-8")
-    got = [d.doc_id for d in load(f).documents]
+    with caplog.at_level("WARNING", logger="citeqa.ingest.sources"):
+        got = [d.doc_id for d in load(f).documents]
+    [warning] = caplog.messages
+    assert warning.startswith(f"{f}: 7 record ids replaced by a hash, as REST would not accept")
+    assert warning.endswith("'..', 'a/../b', '-x', ...")
     for n, (asked, kept) in enumerate(zip(ids, got, strict=True)):
         try:
             TextDocumentIn(text="t", doc_id=asked)

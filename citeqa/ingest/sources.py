@@ -315,6 +315,19 @@ def _decode_html(data: bytes) -> str:
 
 
 def _load_json(path: Path, text: str) -> Iterator[Document | Skipped]:
+    hashed: list[str] = []  # records' own ids REST would refuse, replaced by hashes
+    yield from _json_documents(path, text, hashed)
+    if hashed:
+        one = len(hashed) == 1
+        some = ", ".join(repr(i[:40]) for i in hashed[:3]) + (", ..." if len(hashed) > 3 else "")
+        logger.warning(
+            "%s: %d record id%s replaced by a hash, as REST would not accept %s as a doc_id "
+            "(ASCII letters and digits, then also '.', '_', ':' and '-', parts joined by '/', "
+            "at most %d characters): %s", _printable(str(path)), len(hashed), "" if one else "s",
+            "it" if one else "them", MAX_DOC_ID_CHARS, some)
+
+
+def _json_documents(path: Path, text: str, hashed: list[str]) -> Iterator[Document | Skipped]:
     source = _printable(str(path))
     text = text.removeprefix("\ufeff")  # a byte-order mark: JSON's offsets are not the file's
     if path.suffix.lower() == ".json":
@@ -330,9 +343,9 @@ def _load_json(path: Path, text: str) -> Iterator[Document | Skipped]:
                 yield from _squad_documents(source, obj)
             elif isinstance(obj, list):
                 for i, element in enumerate(obj):
-                    yield _record_document(source, element, i, f"element {i}")
+                    yield _record_document(source, element, i, f"element {i}", hashed)
             elif isinstance(obj, dict) and "text" in obj:
-                yield _record_document(source, obj, 0, "the object")
+                yield _record_document(source, obj, 0, "the object", hashed)
             else:
                 raise _SkipError(
                     "JSON is neither SQuAD ({'data': [{'title', 'paragraphs': [{'context'}]}]}) "
@@ -349,13 +362,15 @@ def _load_json(path: Path, text: str) -> Iterator[Document | Skipped]:
         except json.JSONDecodeError as e:
             yield Skipped(source, f"line {lineno}: invalid JSON ({e.msg}); fix or remove the line")
             continue
-        yield _record_document(source, record, lineno, f"line {lineno}")
+        yield _record_document(source, record, lineno, f"line {lineno}", hashed)
     if n_lines == 0:
         raise _SkipError("the file has no records")
 
 
-def _record_document(source: str, record: Any, position: int, where: str) -> Document | Skipped:
-    """One ``{"text": ..., "title"?, "id"/"doc_id"?, "source"/"url"?}`` record."""
+def _record_document(source: str, record: Any, position: int, where: str,
+                     hashed: list[str]) -> Document | Skipped:
+    """One ``{"text": ..., "title"?, "id"/"doc_id"?, "source"/"url"?}`` record; an own id REST
+    would refuse is replaced by a hash and appended to ``hashed``."""
     if not isinstance(record, dict):
         return Skipped(source, f"{where}: expected a JSON object with a 'text' field")
     text = record.get("text")
@@ -366,6 +381,8 @@ def _record_document(source: str, record: Any, position: int, where: str) -> Doc
         own_id = None
     doc_id = str(own_id) if own_id is not None else ""
     if len(doc_id) > MAX_DOC_ID_CHARS or not _ID_RE.fullmatch(doc_id):
+        if doc_id:
+            hashed.append(_printable(doc_id))
         doc_id = doc_id_for(f"{source}#{position}")
     doc_source = record.get("source") or record.get("url")
     if not isinstance(doc_source, str):
