@@ -124,6 +124,29 @@ def test_ambiguous_different_texts_outside_window_rejected():
     assert q is not None and q.start == 0 and q.text == "Rollo swore  fealty to the king"
 
 
+def test_a_quote_in_a_long_repetitive_document_is_located_without_listing_every_place():
+    """Every place a short quote stood in the whole document was listed before one was picked:
+    three million in a 3 MB page of one letter (seconds on the generation thread). The first
+    place inside the window is found directly; outside it, more than MAX_SPANS_OUTSIDE places
+    (all the same text) cannot tell which was meant."""
+    from citeqa.generation.verify import MAX_SPANS_OUTSIDE
+
+    text = "a" * 300_000 + "b"
+    assert locate("a" * 30, text, (1000, 1600)) == (1000, 1030)
+    assert locate("a" * 30, text, (300_000, 300_001)) is None  # 299,971 places, none shown
+    few = "x" * 100 + " aaa " * MAX_SPANS_OUTSIDE
+    assert locate("aaa", few, (0, 100)) == (101, 104)  # the nearest of 1000 places
+    assert locate("aaa", few + " aaa", (0, 100)) is None  # 1001
+
+
+def test_the_first_place_inside_the_window_is_found_whatever_overlaps_it():
+    """Spans were listed over the whole document without overlaps, so a whitespace-insensitive
+    match starting before the window could hide the one inside it."""
+    text = "x y x y x y"
+    assert locate("x y x", text, (4, 11)) == (4, 9)
+    assert locate("x  y  x", text, (4, 11)) == (4, 9)
+
+
 def test_found_outside_the_window_in_the_document():
     shown = shown_for(DOC, 0, TEXT.index("\n"))
     q = check("The Norman dynasty had a major political impact", shown)

@@ -9,6 +9,7 @@ different spans outside the window are an ambiguity we refuse to guess at.
 
 from __future__ import annotations
 
+import itertools
 import re
 import string
 from collections.abc import Iterator
@@ -26,36 +27,44 @@ _TRIM = (
 )
 
 
-def _exact_spans(needle: str, haystack: str) -> Iterator[tuple[int, int]]:
-    i = haystack.find(needle)
+def _exact_spans(needle: str, haystack: str, lo: int = 0,
+                 hi: int | None = None) -> Iterator[tuple[int, int]]:
+    """Where ``needle`` stands in ``haystack[lo:hi]`` (offsets into ``haystack``), in order."""
+    hi = len(haystack) if hi is None else hi
+    i = haystack.find(needle, lo, hi)
     while i != -1:
         yield i, i + len(needle)
-        i = haystack.find(needle, i + 1)
+        i = haystack.find(needle, i + 1, hi)
 
 
-def _flexible_spans(needle: str, haystack: str) -> Iterator[tuple[int, int]]:
-    """Spans equal to ``needle`` up to the length/kind of each whitespace run."""
+def _flexible_spans(needle: str, haystack: str, lo: int = 0,
+                    hi: int | None = None) -> Iterator[tuple[int, int]]:
+    """Spans of ``haystack[lo:hi]`` equal to ``needle`` up to the length/kind of each
+    whitespace run."""
     parts = needle.split()
     if not parts:
         return
     pattern = re.compile(r"\s+".join(re.escape(p) for p in parts))
-    for m in pattern.finditer(haystack):
+    for m in pattern.finditer(haystack, lo, len(haystack) if hi is None else hi):
         yield m.start(), m.end()
 
 
 def _choose(
     spans: list[tuple[int, int]], text: str, window: tuple[int, int]
 ) -> tuple[int, int] | None:
-    """Pick one span: the first inside the window; else the nearest if all read the same."""
-    if not spans:
-        return None
+    """Pick one of ``spans`` (all outside the window): the nearest if all read the same."""
+    if not spans or len(spans) > MAX_SPANS_OUTSIDE:
+        return None  # none, or too many to tell which was meant
     ws, we = window
-    inside = [s for s in spans if ws <= s[0] and s[1] <= we]
-    if inside:
-        return inside[0]
     if len({text[s:e] for s, e in spans}) > 1:
         return None  # different texts outside the window: cannot tell which was meant
     return min(spans, key=lambda s: min(abs(s[0] - ws), abs(s[0] - we)))
+
+
+# A quote not in its window but standing more often than this elsewhere in the document is
+# not located: listing every place a short quote stands in a long, repetitive document took
+# seconds (three million places in a 3 MB page of one letter), on the one generation thread.
+MAX_SPANS_OUTSIDE = 1000
 
 
 # What an answer may lose from its ends to stand in its quote: what ends a sentence or wraps
@@ -69,17 +78,25 @@ def locate(quote: str, document_text: str, window: tuple[int, int], *,
 
     Tries, in order: the quote with whitespace stripped, then with the characters of ``trim``
     (punctuation) also trimmed from its ends; for each, an exact match and then a
-    whitespace-insensitive one.
+    whitespace-insensitive one: the first inside ``window`` (the passage the model was shown),
+    else the nearest outside it where every place reads the same (and there are at most
+    ``MAX_SPANS_OUTSIDE``).
     """
     variants = [quote.strip()]
     trimmed = quote.strip(trim)
     if trimmed and trimmed != variants[0]:
         variants.append(trimmed)
+    ws, we = window
     for variant in variants:
         if not variant:
             continue
         for finder in (_exact_spans, _flexible_spans):
-            span = _choose(list(finder(variant, document_text)), document_text, window)
+            inside = next(finder(variant, document_text, ws, we), None)  # the first there
+            if inside is not None:
+                return inside
+            outside = list(itertools.islice(finder(variant, document_text),
+                                            MAX_SPANS_OUTSIDE + 1))
+            span = _choose(outside, document_text, window)
             if span is not None:
                 return span
     return None
