@@ -262,6 +262,20 @@ def test_url_is_fetched_and_indexed(client: TestClient) -> None:
                        ).json()["error"]["code"] == "fetch_failed"
 
 
+def test_a_page_over_the_document_limit_is_refused_as_a_posted_text_is(
+        client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A posted text is held to MAX_DOCUMENT_CHARS; a fetched page was not (a 3 MB one was
+    indexed as 7,500 passages)."""
+    import citeqa.api.routes as routes
+
+    monkeypatch.setattr(routes, "MAX_DOCUMENT_CHARS", 40)  # the page's text is longer
+    r = client.post("/v1/documents", json={"url": "https://moths.example/moths"})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "invalid_request"
+    assert "characters of text, over the 40 a document may hold" in r.json()["error"]["message"]
+    assert client.get("/v1/documents").json()["total"] == len(DOCS)  # nothing added
+
+
 def test_private_urls_are_blocked_unless_allowed(index_dir: Path, tmp_path: Path) -> None:
     with serve(index_dir, tmp_path, fetcher=mock_fetcher(ip="10.0.0.5")) as c:
         r = c.post("/v1/documents", json={"url": "https://intranet.example/moths"})

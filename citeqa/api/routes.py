@@ -38,6 +38,7 @@ from citeqa.api.schemas import (
     TextDocumentIn,
     UrlDocumentIn,
 )
+from citeqa.config import MAX_DOCUMENT_CHARS
 from citeqa.errors import InvalidRequestError
 from citeqa.ingest import Fetcher, doc_id_for
 from citeqa.ingest.html import title_from_text
@@ -135,6 +136,11 @@ def url_document(body: UrlDocumentIn, fetcher: Fetcher) -> Document:
     page = fetcher.fetch(body.url)
     if not page.text.strip():
         raise InvalidRequestError(f"{body.url} has no text to index; send its text instead")
+    if len(page.text) > MAX_DOCUMENT_CHARS:  # as a posted text's: one document, one answer path
+        raise InvalidRequestError(
+            f"{body.url} has {len(page.text):,} characters of text, over the "
+            f"{MAX_DOCUMENT_CHARS:,} a document may hold; split it and send the parts as "
+            "texts, or index it with `citeqa index build`")
     return Document(doc_id=body.doc_id or doc_id_for(body.url), title=page.title,
                     source=page.final_url, text=page.text)
 
