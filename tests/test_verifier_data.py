@@ -98,6 +98,27 @@ def test_generator_data_resumes_and_drops_an_interrupted_question(tiny_pipeline,
     assert not any(r.get("question") == "x" for r in rows)
 
 
+def test_generator_data_never_rewrites_a_file_that_is_not_its_own(tiny_pipeline, tmp_path):
+    """Resuming rewrites --out keeping only finished questions' lines: an --out naming the
+    question file itself (or any JSONL) was wiped and refilled, exit 0; a directory crashed."""
+    from citeqa.errors import ConfigError
+
+    questions = tmp_path / "mine.jsonl"
+    questions.write_text("".join(json.dumps({"id": it.id, "question": it.question,
+                                             "answers": list(it.answers)}) + "\n"
+                                 for it in ITEMS))
+    before = questions.read_text()
+    for out in (questions, tmp_path / "list.jsonl", tmp_path / "folder"):
+        if out.name == "list.jsonl":
+            out.write_text("[1, 2]\n")
+        elif out.name == "folder":
+            out.mkdir()
+        with pytest.raises(ConfigError, match=r"holds something other than|is not a file"):
+            generator_examples(tiny_pipeline, ITEMS, out, n=1, progress=False)
+    assert questions.read_text() == before
+    assert (tmp_path / "list.jsonl").read_text() == "[1, 2]\n"
+
+
 def test_generator_data_refuses_to_resume_with_other_settings(tiny_pipeline, tmp_path):
     """Resumed with -n 1 after -n 3, a file held questions of 3 candidates and of 1, silently."""
     from dataclasses import replace

@@ -78,14 +78,24 @@ def _done_qids(out: Path, made_by: dict[str, Any] | None = None) -> set[str]:
     """Question ids complete in ``out``; lines of incomplete questions are dropped. ConfigError
     when a complete question was made by another generator or settings than ``made_by`` (a
     question marker's ``generator`` and ``n``): resuming would mix two kinds of candidates."""
+    if out.exists() and not out.is_file():
+        raise ConfigError(f"--out {out} is not a file; name a JSONL file to write")
     if not out.is_file():
         return set()
     rows = []
-    for line in out.read_text(encoding="utf-8").splitlines():
+    lines = out.read_bytes().decode("utf-8", errors="replace").splitlines()
+    for n, line in enumerate(lines, start=1):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line cut short by an interrupted run
+            if n == len(lines):
+                continue  # the last line, cut short by an interrupted run
+            row = None
+        if not _is_reward_row(row):  # resuming rewrites the file: never over someone else's
+            raise ConfigError(
+                f"--out {out} holds something other than this command's reward data (line {n}); "
+                "choose another --out (it would be rewritten)")
+        rows.append(row)
     markers = [r for r in rows if r.get("kind") == "question"]
     if made_by is not None:
         for marker in markers:
@@ -100,6 +110,13 @@ def _done_qids(out: Path, made_by: dict[str, Any] | None = None) -> set[str]:
             if str(r.get("qid") or r.get("group")) in done]
     write_text_atomic(out, "".join(k + "\n" for k in kept))  # a crash here loses nothing
     return done
+
+
+def _is_reward_row(row: Any) -> bool:
+    """A line this builder writes: an example (``Example.to_json``) or a question marker."""
+    return isinstance(row, dict) and (
+        (row.get("kind") == "question" and "qid" in row)
+        or {"group", "question", "answer", "label"} <= row.keys())
 
 
 @dataclass(frozen=True)
