@@ -183,7 +183,8 @@ def test_redteam_command_on_the_tiny_preset(tmp_path: Path, monkeypatch) -> None
     for bad, message in ((["--preset", "bogus"], "unknown preset"),
                          (["--out", str(tmp_path / "rt" / "report.md")], "is a file"),
                          (["--url", "ftp://x"], "http(s) address"),
-                         (["--api-key", "k"], "--api-key goes with --url")):
+                         (["--api-key", "k"], "--api-key goes with --url"),
+                         (["--split", "bogus"], "--split picks the articles of a --questions")):
         r = CliRunner().invoke(app, args + bad)
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
 
@@ -202,3 +203,29 @@ def test_resuming_a_red_team_run_keeps_what_follows_a_damaged_line(tmp_path) -> 
     with pytest.raises(ConfigError, match=r"results.jsonl:2 is not a red-team result.*--out"):
         done_ids(path)
     assert path.read_text() == '{"id": "p1"}\nnot json\n{"id": "p3"}\n'
+
+
+def test_a_question_citeqa_refuses_is_left_out_not_the_end_of_the_run(tmp_path, caplog) -> None:
+    """A seed question over the length limit made its probe's batch fail: the run stopped
+    there ("the question is 1420 characters"), and every rerun stopped at the same place."""
+    from citeqa.redteam.run import Probe, ask_all
+    from citeqa.types import Answer
+
+    long = Probe("Why " * 400, "paraphrase", True, "Why?", "x")
+    fine = [Probe(f"Who made thing {i}?", "paraphrase", True, "Who?", "x") for i in range(3)]
+    asked: list[str] = []
+
+    def ask(args):  # type: ignore[no-untyped-def]
+        from citeqa.pipeline import asked_text
+
+        for a in args:
+            asked_text(a.question)  # what the pipeline (or the server: 422) refuses
+            asked.append(a.question)
+        return [Answer(a.question, True, None, None, None, reason="fake") for a in args]
+
+    with caplog.at_level("WARNING", logger="citeqa.redteam.run"):
+        records = ask_all([fine[0], long, *fine[1:]], ask, tmp_path, batch=2, progress=False)
+    assert asked == [p.question for p in fine] and len(records) == 3
+    [warning] = caplog.messages
+    assert warning.startswith(f"1 question not asked, as citeqa refuses it: {long.id} (the "
+                              "question is 1600 characters; 1000 at most)")

@@ -57,6 +57,9 @@ def redteam(
                    f"not {url!r}")
     if api_key is not None and url is None:
         raise fail("--api-key goes with --url (a running server); in process no key is needed")
+    if split is not None and questions is None:
+        raise fail("--split picks the articles of a --questions file; without one the seed "
+                   "questions are made from the index's passages")
     from citeqa.evals.metrics import threshold_json
     from citeqa.evals.runner import describe_pipeline
     from citeqa.journal import run_lock

@@ -137,10 +137,26 @@ def ask_all(probes_: Sequence[Probe], ask: Asker, out: Path, *, batch: int = 4,
             progress: bool = True) -> list[dict[str, Any]]:
     """Ask every probe not yet in ``out/results.jsonl`` (``batch`` at a time), appending as
     answers come; return all records."""
+    from citeqa.errors import InvalidRequestError
+    from citeqa.pipeline import asked_text
+
     path = out / RESULTS
     out.mkdir(parents=True, exist_ok=True)
     done = done_ids(path)
-    todo = [p for p in probes_ if p.id not in done]
+    todo, refused = [], []
+    for p in probes_:
+        if p.id in done:
+            continue
+        try:  # the service would refuse it (empty, too long): the run could never finish
+            asked_text(p.question)
+        except InvalidRequestError as e:
+            refused.append(f"{p.id} ({e})")
+        else:
+            todo.append(p)
+    if refused:
+        log.warning("%d question%s not asked, as citeqa refuses %s: %s", len(refused),
+                    "" if len(refused) == 1 else "s", "it" if len(refused) == 1 else "them",
+                    "; ".join(refused[:3]) + ("; ..." if len(refused) > 3 else ""))
     with path.open("a", encoding="utf-8") as f, tqdm(total=len(todo), desc="red team",
                                                      unit="question",
                                                      disable=not progress) as bar:
