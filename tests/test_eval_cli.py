@@ -119,6 +119,20 @@ def test_run_then_compare(setup: tuple[Path, Path], tmp_path: Path) -> None:
         "warning: the runs share only 1 question (3 and 1 asked")
 
 
+def test_compare_compares_the_questions_the_metrics_cover(setup: tuple[Path, Path],
+                                                          tmp_path: Path) -> None:
+    """A run rerun with --limit keeps every prediction but its metrics cover fewer: compare
+    counted all of them ("of 3 questions in both"), with no warning."""
+    index, data = setup
+    assert _eval(index, data, tmp_path / "A").exit_code == 0
+    assert _eval(index, data, tmp_path / "B").exit_code == 0
+    assert _eval(index, data, tmp_path / "B", "--limit", "1").exit_code == 0  # metrics: 1
+    c = runner.invoke(app, ["eval", "compare", str(tmp_path / "A"), str(tmp_path / "B")])
+    assert c.exit_code == 0, c.output
+    assert c.stdout.startswith("warning: the runs share only 1 question (3 and 1 asked")
+    assert "of 1 questions in both" in c.stdout
+
+
 def test_compare_writes_no_file_without_out(setup: tuple[Path, Path], tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     index, data = setup

@@ -107,8 +107,9 @@ def compare_table(a: dict[str, Any], b: dict[str, Any], name_a: str, name_b: str
 
 
 def _predictions(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """A run's prediction records by question id: predictions.jsonl, or the .gz copy that
-    evals/regenerate.sh commits (empty when it has neither)."""
+    """A run's prediction records by question id, of the questions its metrics cover (run.json
+    ``question_ids``): predictions.jsonl, or the .gz copy that evals/regenerate.sh commits
+    (empty when it has neither)."""
     path = Path(run_dir) / PREDICTIONS
     if path.is_file():
         records, _ = read_predictions(path)
@@ -119,7 +120,15 @@ def _predictions(run_dir: Path) -> dict[str, dict[str, Any]]:
             records = [json.loads(line) for line in f if line.strip()]
     else:
         return {}
-    return {str(r["id"]): r for r in records}
+    by_id = {str(r["id"]): r for r in records}
+    try:  # the questions its metrics cover (runs before this was recorded: all of them)
+        covered = json.loads((Path(run_dir) / RUN_JSON).read_text(encoding="utf-8"))
+        ids = covered.get("question_ids") if isinstance(covered, dict) else None
+    except (OSError, ValueError):
+        ids = None
+    if isinstance(ids, list):
+        by_id = {k: by_id[k] for k in map(str, ids) if k in by_id}
+    return by_id
 
 
 def prediction_changes(run_a: Path, run_b: Path) -> dict[str, int]:
