@@ -39,6 +39,11 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
 
 
+def verbose() -> bool:
+    """Whether the command runs with ``--verbose``."""
+    return _verbose
+
+
 @contextmanager
 def quiet_weight_loading() -> Iterator[None]:
     """transformers' progress bars off inside the block (unless ``--verbose``), restored after

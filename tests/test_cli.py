@@ -253,6 +253,39 @@ def test_ctrl_c_while_the_command_still_imports_ends_quietly() -> None:
     assert done.stderr.strip() == "interrupted"
 
 
+def test_what_the_system_refuses_is_one_line_and_a_traceback_with_verbose(
+        tmp_path: Path) -> None:
+    """A path under a file (``--out afile/sub``, a run directory that is a file, ...) ended
+    in a traceback from deep inside the command."""
+    import os
+    import subprocess
+    import sys
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    args = [sys.executable, "-m", "citeqa", "eval", "compare", str(afile), str(afile)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == f"error: Not a directory: {afile}/metrics.json"
+    loud = subprocess.run(args[:3] + ["--verbose"] + args[3:], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert loud.returncode == 1 and "Traceback" in loud.stderr
+
+
+def test_reward_data_that_is_no_file_of_lines_says_so(tmp_path: Path) -> None:
+    from citeqa.errors import SourceError
+    from citeqa.reward.data import load_verifier_data
+
+    (latin := tmp_path / "latin1.jsonl").write_bytes(b'{"q": "caf\xe9"}\n')
+    (empty := tmp_path / "empty.jsonl").write_text("")
+    for path, message in ((tmp_path, "is a folder; give reward data"),
+                          (latin, "is not UTF-8 text (byte 10)"),
+                          (empty, "empty.jsonl: no candidates in the reward data; build it")):
+        with pytest.raises(SourceError, match=re.escape(message)):
+            load_verifier_data(path)
+
+
 def test_a_failed_build_keeps_the_previous_index(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "index"
     assert build(corpus, out).exit_code == 0

@@ -226,7 +226,7 @@ def write_report(out: Path, summary: dict[str, Any], setup: dict[str, Any]) -> N
     """summary.json, report.md and the plot."""
     from citeqa.evals import plots
 
-    (out / SUMMARY).write_text(json.dumps({"setup": setup, **summary}, indent=2) + "\n")
+    write_text_atomic(out / SUMMARY, json.dumps({"setup": setup, **summary}, indent=2) + "\n")
     curves = summary["curves"]
     xs = curves["thresholds"]
     plots.rate_vs_threshold(
@@ -261,7 +261,7 @@ def write_report(out: Path, summary: dict[str, Any], setup: dict[str, Any]) -> N
                      f"{r['source']}: \"{r['quote']}\"")
     if not summary["worst"]:
         lines.append("- none: every unanswerable question was declined")
-    (out / REPORT).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(out / REPORT, "\n".join(lines) + "\n")
 
 
 def sample_seeds(seeds: Sequence[Seed], n: int | None, seed: int) -> list[Seed]:

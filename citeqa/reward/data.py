@@ -108,6 +108,11 @@ def load_verifier_data(paths: Path | Sequence[Path]) -> VerifierData:
         except FileNotFoundError:
             raise SourceError(f"reward data not found: {path}; build it with "
                               "`citeqa train reward-data`") from None
+        except IsADirectoryError:
+            raise SourceError(f"{path} is a folder; give reward data, a JSONL file") from None
+        except UnicodeDecodeError as e:
+            raise SourceError(f"{path} is not UTF-8 text (byte {e.start}); give reward data, "
+                              "a JSONL file") from None
         for lineno, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
@@ -124,7 +129,9 @@ def load_verifier_data(paths: Path | Sequence[Path]) -> VerifierData:
             else:
                 data.questions.append(parsed)
     if not data.examples:
-        raise SourceError(f"{paths}: no candidates to train on")
+        names = ", ".join(str(p) for p in ([paths] if isinstance(paths, Path | str) else paths))
+        raise SourceError(f"{names}: no candidates in the reward data; build it with "
+                          "`citeqa train reward-data`")
     return data
 
 
