@@ -133,6 +133,23 @@ def test_compare_compares_the_questions_the_metrics_cover(setup: tuple[Path, Pat
     assert "of 1 questions in both" in c.stdout
 
 
+def test_questions_citeqa_refuses_are_counted_and_said(setup: tuple[Path, Path],
+                                                      tmp_path: Path) -> None:
+    """An empty or over-long question became a silent decline (an unanswerable one counted as
+    declined right)."""
+    index, _ = setup
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps(q) + "\n" for q in (
+        {"id": "long", "question": "Why " * 300, "answers": []},
+        {"id": "blank", "question": "   ", "answers": ["x"]},
+        {"id": "fine", "question": "When did the tower open?", "answers": []})))
+    r = _eval(index, data, tmp_path / "R")
+    assert r.exit_code == 0, r.output
+    assert "warning: 2 questions refused by citeqa (empty or too long)" in r.stderr
+    assert json.loads((tmp_path / "R" / "metrics.json").read_text())["refused"] == 2
+    assert "**2 refused** by citeqa" in (tmp_path / "R" / "report.md").read_text()
+
+
 def test_compare_writes_no_file_without_out(setup: tuple[Path, Path], tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     index, data = setup

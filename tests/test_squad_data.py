@@ -114,6 +114,19 @@ def test_load_jsonl(tmp_path: Path) -> None:
     ]
     assert load_questions(path) == items
     assert [i.id for i in load_questions(path, ["Normans"])] == ["b"]
+    assert [i.answerable for i in items] == [True, False]
+
+
+def test_a_question_whose_golds_hold_no_word_is_unanswerable_as_the_report_counts_it() -> None:
+    """predictions.jsonl said answerable (a gold of "" or "the"), metrics.json unanswerable."""
+    from citeqa.evals.report import judge
+
+    for golds in (("",), ("the",), (" . ",)):
+        item = QAItem("q", "Q?", golds, "", "")
+        record = {"id": "q", "gold_answers": list(golds), "declined": True, "answer": None,
+                  "quote": None}
+        assert item.answerable is judge(record, lambda d: None).answerable is False  # type: ignore[arg-type,return-value]
+    assert QAItem("q", "Q?", ("the Normans",), "", "").answerable
 
 
 def test_load_questions_dispatches_on_content(squad_file: Path, tmp_path: Path) -> None:

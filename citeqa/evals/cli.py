@@ -113,6 +113,10 @@ def run(
         f"{'n/a' if acc is None else f'{100 * acc:.1f} %'} at coverage "
         f"{100 * m['at_threshold']['coverage']:.1f} %, AURC {m['selective']['rm']['aurc']:.3f}"
     )
+    if m.get("refused"):
+        typer.echo(f"warning: {m['refused']} question{'' if m['refused'] == 1 else 's'} "
+                   "refused by citeqa (empty or too long), counted as declines; see "
+                   "predictions.jsonl ('reason')", err=True)
     typer.echo(f"report: {result.out / 'report.md'}")
 
 

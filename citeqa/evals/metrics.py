@@ -49,6 +49,10 @@ def f1(pred: str | None, golds: Sequence[str]) -> float:
     return max(answer_f1(pred, g) for g in _scorable_golds(golds))
 
 
+# A prediction's decline ``reason`` when citeqa refused to ask its question (empty, too long).
+REFUSED = "refused: "
+
+
 def threshold_json(threshold: float | None) -> float | str | None:
     """A decline threshold as run files record it: a number, None (no threshold: every
     question answered) or "inf" (one that no score reaches: every question declined, as

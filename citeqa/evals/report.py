@@ -56,6 +56,7 @@ class Judged:
     gold_rank: int | None  # rank of the gold paragraph in retrieval, None = not in the top
     has_context: bool  # the gold paragraph is known (gold_rank is meaningful)
     latency_ms: float | None
+    refused: bool = False  # the pipeline refused the question (empty, too long): a decline
 
 
 # --- judging ----------------------------------------------------------------------------------
@@ -122,6 +123,7 @@ def judge(record: dict[str, Any], document: Callable[[str], Document]) -> Judged
         gold_rank=record.get("gold_rank"),
         has_context=bool(record.get("has_context")),
         latency_ms=float(latency) if latency is not None else None,
+        refused=declined and str(record.get("reason") or "").startswith(M.REFUSED),
     )
 
 
@@ -162,6 +164,7 @@ def summarize(judged: Sequence[Judged], threshold: float | str | None) -> dict[s
         "questions": n,
         "answerable": len(ans),
         "unanswerable": len(unans),
+        "refused": sum(j.refused for j in judged),  # not asked: counted as declines
         "threshold": threshold,
         "squad": {
             "exact": _mean([j.exact for j in judged]),
@@ -312,7 +315,9 @@ def render_markdown(m: dict[str, Any], run: dict[str, Any]) -> str:
         f"- git revision: `{run.get('git_revision', 'unknown')}`",
         f"- dataset: `{run['dataset']}` (sha256 `{ident['dataset_sha256']}`), split: "
         f"{ident['split'] or 'all'}; {m['questions']} questions ({m['answerable']} answerable, "
-        f"{m['unanswerable']} unanswerable)",
+        f"{m['unanswerable']} unanswerable)"
+        + (f"; **{m['refused']} refused** by citeqa (empty or too long: counted as declines)"
+           if m.get("refused") else ""),
         f"- preset: `{ident['preset']}`, n_candidates: {ident['n_candidates'] or 'preset'}, "
         f"min_score: {_num(ident['min_score'])}, threshold in effect: {_num(m['threshold'])}",
         f"- generator: `{pipe['generator_model_id']}`",

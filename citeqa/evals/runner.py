@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from citeqa.atomic import write_text_atomic
 from citeqa.config import MAX_PASSAGES
 from citeqa.errors import CiteqaError, ConfigError
-from citeqa.evals.metrics import threshold_json
+from citeqa.evals.metrics import REFUSED, threshold_json
 from citeqa.evals.squad import QAItem, articles_for_split, load_questions
 from citeqa.journal import (
     append_record,
@@ -298,7 +298,7 @@ def ask_one(pipeline: Pipeline, item: QAItem, n_candidates: int | None, min_scor
             answer=None,
             quote=None,
             score=None,
-            reason=f"refused: {e}",
+            reason=f"{REFUSED}{e}",
         )
     rank = gold_rank(answer.passages, item.context, pipeline.document)
     return prediction_record(item, answer, rank)
