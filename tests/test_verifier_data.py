@@ -274,3 +274,18 @@ def test_from_data_to_a_calibrated_verifier_the_pipeline_loads(tmp_path):
     assert r.exit_code == 0, r.output
     after = load_file(str(tmp_path / "rm3" / "heads.safetensors"))
     assert after.keys() == heads.keys() and torch.allclose(after["b2"], heads["b2"], atol=0.1)
+
+
+def test_redteam_data_without_paragraphs_is_refused_not_an_empty_file(tmp_path):
+    """JSONL questions without a 'context' made 0 seeds: exit 0 and an empty data file."""
+    from typer.testing import CliRunner
+
+    from citeqa.cli import app
+
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"id": "a", "question": "Who?", "answers": ["Rollo"]}) + "\n")
+    out = tmp_path / "rt.jsonl"
+    r = CliRunner().invoke(app, ["train", "reward-data", "--dataset", str(data), "--from",
+                                 "redteam", "--out", str(out), "--no-progress"])
+    assert r.exit_code == 2 and "no answerable question with its paragraph" in r.stderr
+    assert not out.exists()

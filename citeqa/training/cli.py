@@ -25,7 +25,7 @@ from citeqa.cli_errors import (
     interruptible,
 )
 from citeqa.config import MAX_CANDIDATES, Settings, preset
-from citeqa.errors import CiteqaError
+from citeqa.errors import CiteqaError, ConfigError
 from citeqa.journal import file_lock, run_lock
 from citeqa.logs import setup_logging
 
@@ -357,6 +357,9 @@ def _redteam_data(items, out, seed, progress) -> dict:
 
     seeds = [Seed(q.question, q.context, q.answers[0], q.id) for q in items
              if q.answerable and q.context.strip()]
+    if not seeds:  # as `citeqa redteam` refuses
+        raise ConfigError("no answerable question with its paragraph ('context') to make "
+                          "variants of; give SQuAD JSON, or JSONL records with a 'context'")
     title_of = {q.context: q.article.replace("_", " ") for q in items}
     corpus = Corpus.build(dict.fromkeys(q.context for q in items if q.context.strip()))
     variants = make_variants(seeds, corpus, seed=seed)
