@@ -13,9 +13,10 @@ response that is not JSON, or no response at all (status 0), gets a code of its 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -23,6 +24,8 @@ import httpx
 from citeqa.errors import CiteqaError
 from citeqa.retry import RETRY_STATUSES, Backoff
 from citeqa.types import Answer, Candidate, Document, Hit, Quote
+
+T = TypeVar("T")
 
 
 class CiteqaAPIError(CiteqaError):
@@ -82,6 +85,23 @@ def document_list_from_json(d: dict[str, Any]) -> DocumentList:
 
 
 hit_from_json = Hit.from_json  # the inverse of Hit.to_json, under the name clients import
+
+
+def _document_path(doc_id: str) -> str:
+    """The route of one document. "", "." and ".." are no document's id, and a URL would
+    read them as a path (the list of documents, or the routes above it)."""
+    if doc_id in ("", ".", ".."):
+        raise ValueError(f"{doc_id!r} is not a document id")
+    return "/v1/documents/" + quote(doc_id, safe="")
+
+
+def _parsed(parse: Callable[[dict[str, Any]], T], data: dict[str, Any]) -> T:
+    """``parse(data)``; a body of another shape is the service's fault: bad_response."""
+    try:
+        return parse(data)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CiteqaAPIError(200, "bad_response", f"unexpected body ({type(e).__name__}: "
+                             f"{e})") from None
 
 
 class CiteqaClient:
@@ -151,20 +171,20 @@ class CiteqaClient:
         ):
             if value is not None:
                 body[name] = value
-        return answer_from_json(self._json("POST", "/v1/answer", json=body))
+        return _parsed(answer_from_json, self._json("POST", "/v1/answer", json=body))
 
     def search(self, query: str, k: int = 10) -> list[Hit]:
         data = self._json("POST", "/v1/search", json={"query": query, "k": k})
-        return [hit_from_json(h) for h in data["hits"]]
+        return _parsed(lambda d: [hit_from_json(h) for h in d["hits"]], data)
 
     def document(self, doc_id: str) -> Document:
-        d = self._json("GET", "/v1/documents/" + quote(doc_id, safe=""))
-        return Document(d["doc_id"], d["title"], d["source"], d["text"])
+        d = self._json("GET", _document_path(doc_id))
+        return _parsed(lambda d: Document(d["doc_id"], d["title"], d["source"], d["text"]), d)
 
     def list_documents(self, offset: int = 0, limit: int = 20) -> DocumentList:
         """One page of the indexed documents (index order); ``limit`` at most 100."""
         data = self._json("GET", "/v1/documents", params={"offset": offset, "limit": limit})
-        return document_list_from_json(data)
+        return _parsed(document_list_from_json, data)
 
     def add_document(
         self,
@@ -188,7 +208,7 @@ class CiteqaClient:
 
     def delete_document(self, doc_id: str) -> None:
         """Remove a document from the index (404 CiteqaAPIError when unknown)."""
-        resp = self._send("DELETE", "/v1/documents/" + quote(doc_id, safe=""))
+        resp = self._send("DELETE", _document_path(doc_id))
         if not resp.is_success:
             raise self._error(resp)
 

@@ -167,6 +167,9 @@ def preset(name: str) -> Config:
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
 
 
+_KEY_RE = re.compile(r"[!-~]+")  # an API key: printable ASCII, no spaces
+
+
 def parse_api_keys(raw: str) -> tuple[bytes, ...]:
     """``"k1, k2"`` -> ``(b"k1", b"k2")``; empty entries are ignored."""
     return tuple(k.strip().encode() for k in raw.split(",") if k.strip())
@@ -292,6 +295,14 @@ class Settings(BaseSettings):
                 f"CITEQA_API_KEYS={v!r} lists no key; give comma-separated keys, or leave it "
                 "empty to serve without authentication"
             )
+        # HTTP header values are bytes, read as Latin-1, and clients encode them differently:
+        # a key of other characters could never be presented (a UTF-8 'clé' got 401)
+        bad = [k for k in (k.strip() for k in v.split(",")) if k and not _KEY_RE.fullmatch(k)]
+        if bad:
+            raise ValueError(
+                f"CITEQA_API_KEYS holds {len(bad)} key{'' if len(bad) == 1 else 's'} with "
+                "characters other than printable ASCII (letters, digits, punctuation, no "
+                "spaces), which no client can send in a header reliably; choose such keys")
         return v
 
     def config(self) -> Config:

@@ -159,6 +159,33 @@ def test_odd_responses_become_api_errors(response: httpx.Response, status: int,
     assert (err.value.status, err.value.code) == (status, code)
 
 
+def test_a_body_of_another_shape_is_bad_response_for_every_call() -> None:
+    """document() raised a bare KeyError('doc_id') for a body that was not a document."""
+    client = CiteqaClient("http://svc", backoff=Backoff(retries=0), transport=httpx.MockTransport(
+        lambda r: httpx.Response(200, json={"documents": [], "total": 0})))
+    for call in (lambda: client.document("d1"), lambda: client.search("q"),
+                 lambda: client.answer("q")):
+        with pytest.raises(CiteqaAPIError) as err:
+            call()
+        assert (err.value.status, err.value.code) == (200, "bad_response")
+
+
+def test_ids_a_url_reads_as_a_path_are_refused_before_sending() -> None:
+    """"." became /v1/documents/ (the list, parsed as a document), ".." the routes above."""
+    sent: list[httpx.Request] = []
+    client = CiteqaClient("http://svc", transport=httpx.MockTransport(
+        lambda r: sent.append(r) or httpx.Response(404)))  # type: ignore[func-returns-value]
+    for doc_id in ("", ".", ".."):
+        with pytest.raises(ValueError, match="is not a document id"):
+            client.document(doc_id)
+        with pytest.raises(ValueError, match="is not a document id"):
+            client.delete_document(doc_id)
+    assert sent == []
+    with pytest.raises(CiteqaAPIError):
+        client.document("a/..")  # an id: sent, escaped
+    assert sent[0].url.raw_path == b"/v1/documents/a%2F.."
+
+
 def test_a_call_turned_away_for_now_is_retried_honouring_retry_after(
         monkeypatch: pytest.MonkeyPatch) -> None:
     slept: list[float] = []

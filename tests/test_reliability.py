@@ -92,6 +92,15 @@ def test_api_keys_that_list_no_key_are_refused(raw: str) -> None:
     assert Settings(api_keys=" k1 ,").api_keys == " k1 ,"
 
 
+@pytest.mark.parametrize("raw", ["k1,clé", "k1,has space", "tab\tkey", "ключ"])
+def test_api_keys_no_client_can_send_are_refused(raw: str) -> None:
+    """A UTF-8 'clé' was accepted at start but never matched (headers are read as Latin-1),
+    and the Python client failed to encode it."""
+    with pytest.raises(ValidationError, match="characters other than printable ASCII"):
+        Settings(api_keys=raw)
+    assert Settings(api_keys="k1,K-2_x.y~!").api_keys == "k1,K-2_x.y~!"
+
+
 def test_a_client_waiting_for_100_continue_gets_the_413_without_sending_its_body(
         server_url: str) -> None:
     import socket

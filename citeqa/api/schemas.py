@@ -41,9 +41,15 @@ DOC_ID_PATH_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 
 # Blank = only these characters: the union of what Python's str.isspace() and JSON Schema's
 # (ECMA-262) \s call whitespace, spelled out because the two disagree (\x1c-\x1f, \x85, \ufeff),
-# so the published pattern and the server accept exactly the same strings.
+# so the published pattern and the server accept exactly the same strings; and the invisible
+# format characters (zero-width spaces and joiners, direction marks and embeddings, the soft
+# hyphen, word joiners): a question or document of only those shows nothing.
+INVISIBLE_CHARS = ("\xad\u061c\u180e\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+                   "\u2060\u2061\u2062\u2063\u2064\u2066\u2067\u2068\u2069\u206a\u206b"
+                   "\u206c\u206d\u206e\u206f")
 BLANK_CHARS = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004"
-               "\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000\ufeff")
+               "\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+               + INVISIBLE_CHARS)
 _BLANK_CLASS = "".join(f"\\u{ord(c):04x}" for c in BLANK_CHARS)  # the same set, as a regex class
 # Some character that is neither blank nor NUL, and no NUL anywhere (checked again below).
 NOT_BLANK = rf"^[^\x00]*[^\x00{_BLANK_CLASS}][^\x00]*$"
@@ -57,7 +63,8 @@ URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[!-~]+$"
 PATTERN_HELP = {
     URL_PATTERN: "must be an http(s) URL in printable ASCII without spaces: write an "
                  "international host name in punycode (xn--...) and other characters as %XX",
-    NOT_BLANK: "must contain something other than whitespace, and no NUL character",
+    NOT_BLANK: "must contain something other than whitespace and invisible characters, and no "
+               "NUL character",
     NO_NUL: "must not contain a NUL character",
     DOC_ID_PATTERN: f"must be 1-{MAX_DOC_ID_CHARS} characters: letters, digits and . _ : / -, "
                     "each /-separated part starting with a letter or digit",
@@ -66,7 +73,7 @@ PATTERN_HELP = {
 
 
 def is_blank(text: str) -> bool:
-    """True when ``text`` holds only whitespace (in the sense of ``BLANK_CHARS``)."""
+    """True when ``text`` holds only whitespace and invisible characters (``BLANK_CHARS``)."""
     return all(c in BLANK_CHARS for c in text)
 
 
