@@ -7,7 +7,8 @@
     │   └── FetchError       a URL could not be fetched
     │       ├── BadURLError       the URL is malformed or its host does not exist
     │       ├── BlockedURLError   the URL is not allowed (scheme, private address, ...)
-    │       └── UnreadablePageError  it was fetched, but its HTML cannot be read
+    │       └── UnreadablePageError  it was fetched, but cannot be used: too large, a type
+    │                                    or encoding refused, HTML that cannot be read
     ├── IndexError_          an index directory is missing, corrupt or mismatched
     │   └── IndexChangedError   another writer changed it since this process loaded it
     ├── EmptyCorpusError     nothing to index
@@ -55,8 +56,9 @@ class BlockedURLError(FetchError):
 
 
 class UnreadablePageError(FetchError):
-    """A page was fetched, but its HTML cannot be read (the parser gives up, or takes too long):
-    the page's fault, so retrying does not help."""
+    """A page was fetched, but cannot be used: over the size cap, a content type or encoding
+    that is refused, or HTML that cannot be read (the parser gives up, or takes too long): the
+    page's fault, so retrying does not help."""
 
 
 class IndexError_(CiteqaError):  # noqa: N801 - trailing underscore avoids the builtin

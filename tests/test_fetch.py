@@ -427,7 +427,7 @@ def test_body_over_cap_stops_reading_while_streaming() -> None:
 
     rec = Recorder({"example.com/big": lambda: httpx.Response(
         200, headers={"Content-Type": "text/plain"}, content=body())})  # fmt: skip
-    with pytest.raises(FetchError, match="over the 5000-byte cap"):
+    with pytest.raises(UnreadablePageError, match="over the 5000-byte cap"):  # 422, not 502
         fetcher(rec, Dns({"example.com": [PUBLIC]}), max_bytes=5000).fetch(
             "http://example.com/big"
         )
@@ -448,7 +448,7 @@ def test_declared_length_over_cap_is_refused() -> None:
 def test_refused_content_types(ctype: str) -> None:
     rec = Recorder({"example.com/x": lambda: httpx.Response(
         200, headers={"Content-Type": ctype} if ctype else {}, content=b"data")})  # fmt: skip
-    with pytest.raises(FetchError, match="content type") as info:
+    with pytest.raises(UnreadablePageError, match="content type") as info:
         fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/x")
     assert (ctype or "(none)") in str(info.value)
 

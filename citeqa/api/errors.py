@@ -17,8 +17,10 @@ How ``CiteqaError`` maps to HTTP (the one table; first match wins, subclasses fi
     BadURLError            422     bad_url                 the user's URL is malformed, or its host
                                                            does not exist
     BlockedURLError        400     blocked_url             the user named a URL that is not allowed
-    UnreadablePageError    422     bad_source              the user's page was fetched but its HTML
-                                                           cannot be read (no use retrying)
+    UnreadablePageError    422     bad_source              the user's page was fetched but cannot
+                                                           be used: too large, a refused type or
+                                                           encoding, unreadable HTML (no use
+                                                           retrying)
     FetchError             502     fetch_failed            an upstream site (or DNS) failed
     SourceError            422     bad_source              the user's source could not be read
     IndexChangedError      409     index_changed           another server or a rebuild wrote the

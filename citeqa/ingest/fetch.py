@@ -465,7 +465,7 @@ class Fetcher:
                 )
             media = response.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
             if media not in ACCEPTED_TYPES:
-                raise FetchError(
+                raise UnreadablePageError(
                     f"{requested}: content type {media or '(none)'!r} refused; only "
                     f"{', '.join(ACCEPTED_TYPES)} pages can be indexed"
                 )
@@ -494,7 +494,8 @@ class Fetcher:
         limit = self.policy.max_bytes
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise FetchError(f"{requested}: body of {declared} bytes is over the {limit}-byte cap")
+            raise UnreadablePageError(
+                f"{requested}: body of {declared} bytes is over the {limit}-byte cap")
         coding = response.headers.get("Content-Encoding", "")
         raw_chunks = response.iter_raw
         if response.is_stream_consumed:  # built in memory (a test's httpx.MockTransport):
@@ -502,7 +503,7 @@ class Fetcher:
         try:
             decoder = _Decoder(coding)
         except ValueError:
-            raise FetchError(f"{requested}: content encoding {coding!r} refused; only "
+            raise UnreadablePageError(f"{requested}: content encoding {coding!r} refused; only "
                              f"{', '.join(_ENCODINGS)} or none") from None
         chunks: list[bytes] = []
         size = 0
@@ -511,7 +512,7 @@ class Fetcher:
                 for chunk in decoder.decode(raw, limit - size):
                     size += len(chunk)
                     if size > limit:
-                        raise FetchError(f"{requested}: body is over the {limit}-byte cap")
+                        raise UnreadablePageError(f"{requested}: body is over the {limit}-byte cap")
                     chunks.append(chunk)
                 if time.monotonic() > deadline:
                     raise FetchError(f"{requested}: took longer than {self.policy.timeout_s}s")
