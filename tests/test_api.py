@@ -720,6 +720,9 @@ def test_api_keys_guard_v1_only() -> None:
         assert c.post("/v1/answer", headers={"Authorization": "Bearer k2"}, **ok).is_success
         assert c.post("/v1/answer", headers={"authorization": "bearer k1"}, **ok).is_success
         assert c.post("/v1/answer", headers={"X-API-Key": "k1"}, **ok).is_success
+        for other in ("", "wrong"):  # an empty or stale X-API-Key hid a right bearer key
+            both = {"X-API-Key": other, "Authorization": "Bearer k2"}
+            assert c.post("/v1/answer", headers=both, **ok).is_success
         for path in ("/", "/documents", "/document?id=d1", "/healthz", "/readyz",
                      "/openapi.json", "/metrics"):
             assert c.get(path).status_code == 200, path

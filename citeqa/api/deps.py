@@ -117,11 +117,10 @@ def require_api_key(request: Request, state: StateDep) -> None:
     """When API keys are configured: ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``."""
     if not state.api_keys:
         return
-    given = request.headers.get(API_KEY_HEADER)
-    if given is None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        given = token.strip() if scheme.lower() == "bearer" else None
-    if given is None or not key_matches(given, state.api_keys):
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    given = [request.headers.get(API_KEY_HEADER),  # either header may hold it (a proxy may
+             token.strip() if scheme.lower() == "bearer" else None]  # add an empty other)
+    if not any(g is not None and key_matches(g, state.api_keys) for g in given):
         raise ApiError(
             401,
             "unauthorized",
