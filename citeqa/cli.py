@@ -226,8 +226,8 @@ def index_build(
     except CiteqaError as e:
         raise fail(str(e)) from None
     except OSError as e:  # the output's file system: read-only, full, ...
-        raise fail(f"could not write the index to {out}: {e}; the index there, if any, is as "
-                   "it was") from None
+        raise fail(f"could not build the index into {out}: {e}; the index there, if any, is "
+                   "as it was") from None
     except KeyboardInterrupt:
         again = ("run the same command again: it reuses the shards already built"
                  if ray is not None else "run the same command again to build it")

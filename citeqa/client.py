@@ -99,7 +99,7 @@ def _parsed(parse: Callable[[dict[str, Any]], T], data: dict[str, Any]) -> T:
     """``parse(data)``; a body of another shape is the service's fault: bad_response."""
     try:
         return parse(data)
-    except (KeyError, TypeError, ValueError) as e:
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise CiteqaAPIError(200, "bad_response", f"unexpected body ({type(e).__name__}: "
                              f"{e})") from None
 

@@ -42,6 +42,7 @@ from citeqa.generation.format import ANSWER_MODES
 from citeqa.retrieval.base import Retriever
 from citeqa.retrieval.retriever import HybridRetriever
 from citeqa.retrieval.updates import IndexUpdate, apply_update
+from citeqa.text import is_blank
 from citeqa.types import Answer, AskArgs, Candidate, Document, Hit
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def asked_text(text: object, what: str = "question") -> str:
     """A question (or search query) with its whitespace collapsed; InvalidRequestError when it
     is empty or, as given, longer than MAX_QUESTION_CHARS (as REST's schema counts). Pure, so
     that callers can refuse bad input before loading any model."""
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str) or is_blank(text):  # whitespace, or nothing visible
         raise InvalidRequestError(f"the {what} is empty; " + (
             "ask a question in words" if what == "question" else "search for some words"))
     if len(text) > MAX_QUESTION_CHARS:

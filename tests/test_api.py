@@ -31,7 +31,7 @@ from citeqa.api.errors import map_citeqa_error
 from citeqa.api.metrics import Metrics
 from citeqa.api.middleware import page_csp
 from citeqa.api.routes import make_run_batch
-from citeqa.api.schemas import BLANK_CHARS, INVISIBLE_CHARS, NOT_BLANK
+from citeqa.api.schemas import NOT_BLANK
 from citeqa.config import Settings
 from citeqa.errors import (
     BlockedURLError,
@@ -46,6 +46,7 @@ from citeqa.errors import (
     OutputFormatError,
     SourceError,
 )
+from citeqa.text import BLANK_CHARS, INVISIBLE_CHARS
 from citeqa.types import Answer, AskArgs, Candidate, Document, Hit, Passage, Quote
 
 DOC = Document("d1", "Normans", "https://en.wikipedia.org/wiki/Normans",

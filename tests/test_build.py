@@ -275,6 +275,16 @@ def test_sharded_build_leaves_other_things_in_a_given_work_dir(tmp_path: Path) -
     assert sorted(p.name for p in work.iterdir()) == ["notes.txt"]
 
 
+def test_a_work_dir_that_is_the_index_or_its_folder_is_refused(tmp_path: Path) -> None:
+    """The work directory's run lock and the index's swap lock are flocks on the folder: a
+    work dir that was the folder --out is in hung the build at its swap."""
+    sources = write_corpus(tmp_path / "src")
+    for work in (tmp_path, tmp_path / "idx"):
+        with pytest.raises(ConfigError, match="give the shards a folder of their own"):
+            build_index_sharded(sources, tmp_path / "idx", CFG, progress=False,
+                                executor=InProcessExecutor(), work_dir=work)
+
+
 def test_the_drivers_allocator_setting_travels_with_the_job(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Ray's workers on other nodes do not see the driver's environment: the job carries

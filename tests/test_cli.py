@@ -334,8 +334,8 @@ def test_a_build_the_file_system_refuses_says_so_in_one_line(
     r = build(corpus, out)
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert r.stderr.strip().splitlines()[-1].endswith(
-        f"could not write the index to {out}: [Errno 28] No space left on device; the index "
-        "there, if any, is as it was")
+        f"could not build the index into {out}: [Errno 28] No space left on device; the "
+        "index there, if any, is as it was")
     assert (out / "manifest.json").read_text() == manifest
 
 

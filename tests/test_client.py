@@ -168,6 +168,11 @@ def test_a_body_of_another_shape_is_bad_response_for_every_call() -> None:
         with pytest.raises(CiteqaAPIError) as err:
             call()
         assert (err.value.status, err.value.code) == (200, "bad_response")
+    odd = CiteqaClient("http://svc", backoff=Backoff(retries=0), transport=httpx.MockTransport(
+        lambda r: httpx.Response(200, json={"question": "q", "declined": False,
+                                            "candidates": [1]})))  # not objects
+    with pytest.raises(CiteqaAPIError, match="unexpected body"):
+        odd.answer("q")
 
 
 def test_ids_a_url_reads_as_a_path_are_refused_before_sending() -> None:

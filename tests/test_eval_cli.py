@@ -120,7 +120,8 @@ def test_run_then_compare(setup: tuple[Path, Path], tmp_path: Path) -> None:
 
 
 def test_compare_compares_the_questions_the_metrics_cover(setup: tuple[Path, Path],
-                                                          tmp_path: Path) -> None:
+                                                          tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A run rerun with --limit keeps every prediction but its metrics cover fewer: compare
     counted all of them ("of 3 questions in both"), with no warning."""
     index, data = setup
@@ -131,6 +132,19 @@ def test_compare_compares_the_questions_the_metrics_cover(setup: tuple[Path, Pat
     assert c.exit_code == 0, c.output
     assert c.stdout.startswith("warning: the runs share only 1 question (3 and 1 asked")
     assert "of 1 questions in both" in c.stdout
+    # the ids are written with the metrics they describe: a rerun stopped before its metrics
+    # leaves both as they were
+    import citeqa.evals.report as report
+
+    metrics = (tmp_path / "B" / "metrics.json").read_text()
+    assert len(json.loads(metrics)["question_ids"]) == 1
+
+    def stopped(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write_outputs", stopped)
+    assert _eval(index, data, tmp_path / "B").exit_code == 130
+    assert (tmp_path / "B" / "metrics.json").read_text() == metrics
 
 
 def test_questions_citeqa_refuses_are_counted_and_said(setup: tuple[Path, Path],

@@ -397,6 +397,9 @@ def test_asked_text_counts_the_length_as_given_as_rest_does():
         asked_text("Who led them?" + " " * MAX_QUESTION_CHARS)  # REST refuses it too
     with pytest.raises(InvalidRequestError, match="query is empty"):
         asked_text(" \n", "query")
+    for invisible in ("\u200b\u200b", "\u200f\u202e", " \u2060 "):  # blank as REST says
+        with pytest.raises(InvalidRequestError, match="question is empty"):
+            asked_text(invisible)
 
 
 def test_warm_up_finds_the_highest_certified_target_so_no_request_waits_for_it(monkeypatch):

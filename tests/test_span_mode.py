@@ -234,7 +234,7 @@ def test_answer_span_finds_the_answer_in_the_quote() -> None:
 def test_an_answer_loses_only_punctuation_that_does_not_change_what_it_says() -> None:
     """A free-mode answer "-40" was marked at "40" and called supported."""
     quote = "The temperature fell to 40 degrees that night"
-    for same in ("40", "40.", "(40)", '"40"', "40,", "\u201c40\u201d"):
+    for same in ("40", "40.", "(40)", '"40"', "40,", "\u201c40\u201d", "*40*", "`40`"):
         assert answer_span(same, quote) == (24, 26), same
     for other in ("-40", "$40", "40%", "+40", "-40 degrees", "#40", "40/"):
         assert answer_span(other, quote) is None, other

@@ -90,7 +90,7 @@ def test_generator_data_resumes_and_drops_an_interrupted_question(tiny_pipeline,
     generator_examples(tiny_pipeline, ITEMS[:2], out, n=1, progress=False)
     with out.open("a") as f:  # an interrupted third question: a candidate, a cut line, no marker
         f.write(json.dumps({"group": "q3", "question": "x", "answer": "a", "quote": "",
-                            "label": 0}) + "\n{\"group\": \"q")
+                            "label": 0, "source": "generator"}) + "\n{\"group\": \"q")
     stats = generator_examples(tiny_pipeline, ITEMS, out, n=1, progress=False)
     assert (stats.questions, stats.skipped) == (2, 2)
     rows = _rows(out)
@@ -108,7 +108,10 @@ def test_generator_data_never_rewrites_a_file_that_is_not_its_own(tiny_pipeline,
                                              "answers": list(it.answers)}) + "\n"
                                  for it in ITEMS))
     before = questions.read_text()
-    for out in (questions, tmp_path / "list.jsonl", tmp_path / "folder"):
+    synthetic = tmp_path / "syn.jsonl"  # another builder's examples: no question markers
+    synthetic.write_text(json.dumps({"group": "q1", "question": "x", "answer": "a", "quote": "",
+                                     "label": 0, "source": "synthetic:span"}) + "\n")
+    for out in (questions, tmp_path / "list.jsonl", tmp_path / "folder", synthetic):
         if out.name == "list.jsonl":
             out.write_text("[1, 2]\n")
         elif out.name == "folder":
@@ -117,6 +120,7 @@ def test_generator_data_never_rewrites_a_file_that_is_not_its_own(tiny_pipeline,
             generator_examples(tiny_pipeline, ITEMS, out, n=1, progress=False)
     assert questions.read_text() == before
     assert (tmp_path / "list.jsonl").read_text() == "[1, 2]\n"
+    assert "synthetic:span" in synthetic.read_text()
 
 
 def test_generator_data_refuses_to_resume_with_other_settings(tiny_pipeline, tmp_path):

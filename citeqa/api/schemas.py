@@ -31,6 +31,7 @@ from citeqa.config import (
     MAX_TITLE_CHARS,
 )
 from citeqa.generation.format import AnswerMode
+from citeqa.text import BLANK_CHARS, is_blank
 from citeqa.types import DOC_ID_PATTERN, MAX_DOC_ID_CHARS
 
 # GET /v1/documents pages: at most this many documents per request.
@@ -39,17 +40,6 @@ MAX_DOCUMENTS_PAGE = 100
 # doc ids in a path: any indexed id (built ones may hold spaces), but no control characters
 DOC_ID_PATH_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 
-# Blank = only these characters: the union of what Python's str.isspace() and JSON Schema's
-# (ECMA-262) \s call whitespace, spelled out because the two disagree (\x1c-\x1f, \x85, \ufeff),
-# so the published pattern and the server accept exactly the same strings; and the invisible
-# format characters (zero-width spaces and joiners, direction marks and embeddings, the soft
-# hyphen, word joiners): a question or document of only those shows nothing.
-INVISIBLE_CHARS = ("\xad\u061c\u180e\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
-                   "\u2060\u2061\u2062\u2063\u2064\u2066\u2067\u2068\u2069\u206a\u206b"
-                   "\u206c\u206d\u206e\u206f")
-BLANK_CHARS = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004"
-               "\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
-               + INVISIBLE_CHARS)
 _BLANK_CLASS = "".join(f"\\u{ord(c):04x}" for c in BLANK_CHARS)  # the same set, as a regex class
 # Some character that is neither blank nor NUL, and no NUL anywhere (checked again below).
 NOT_BLANK = rf"^[^\x00]*[^\x00{_BLANK_CLASS}][^\x00]*$"
@@ -70,11 +60,6 @@ PATTERN_HELP = {
                     "each /-separated part starting with a letter or digit",
     DOC_ID_PATH_PATTERN: "must not contain control characters (no document id has them)",
 }
-
-
-def is_blank(text: str) -> bool:
-    """True when ``text`` holds only whitespace and invisible characters (``BLANK_CHARS``)."""
-    return all(c in BLANK_CHARS for c in text)
 
 
 def _json_number(v: Any) -> Any:

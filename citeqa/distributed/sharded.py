@@ -109,6 +109,10 @@ def build_index_sharded(
     check_replaceable(out)  # before hours of embedding, not at the swap
     items, skipped = expand_sources(sources)
     work = (Path(work_dir) if work_dir else default_work_dir(out)).resolve()
+    if work in (out.resolve(), out.resolve().parent):  # its lock would be the swap lock
+        what = "--out" if work == out.resolve() else "the folder --out is in"
+        raise ConfigError(f"--work-dir {work_dir} is {what}; give the shards a folder of "
+                          "their own (default: .OUT.build beside OUT)")
     job = ShardJob(cfg=cfg, work=str(work), shard_chars=shard_chars,
                    allow_private_urls=allow_private_urls, token=uuid.uuid4().hex,
                    keep_freed_memory=allocator.wanted())  # a cluster's nodes lack our env

@@ -107,9 +107,9 @@ def compare_table(a: dict[str, Any], b: dict[str, Any], name_a: str, name_b: str
 
 
 def _predictions(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """A run's prediction records by question id, of the questions its metrics cover (run.json
-    ``question_ids``): predictions.jsonl, or the .gz copy that evals/regenerate.sh commits
-    (empty when it has neither)."""
+    """A run's prediction records by question id, of the questions its metrics cover
+    (metrics.json ``question_ids``): predictions.jsonl, or the .gz copy that
+    evals/regenerate.sh commits (empty when it has neither)."""
     path = Path(run_dir) / PREDICTIONS
     if path.is_file():
         records, _ = read_predictions(path)
@@ -122,7 +122,7 @@ def _predictions(run_dir: Path) -> dict[str, dict[str, Any]]:
         return {}
     by_id = {str(r["id"]): r for r in records}
     try:  # the questions its metrics cover (runs before this was recorded: all of them)
-        covered = json.loads((Path(run_dir) / RUN_JSON).read_text(encoding="utf-8"))
+        covered = json.loads((Path(run_dir) / METRICS).read_text(encoding="utf-8"))
         ids = covered.get("question_ids") if isinstance(covered, dict) else None
     except (OSError, ValueError):
         ids = None

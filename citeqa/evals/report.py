@@ -424,6 +424,9 @@ def write_outputs(
     out = Path(out)
     judged = [judge(r, document) for r in records]
     m = summarize(judged, run["pipeline"]["threshold"])
+    # which of predictions.jsonl these metrics cover (a rerun with --limit or --sample covers
+    # fewer than the file holds): eval compare compares those; written with them, at once
+    m["question_ids"] = [j.id for j in judged]
     write_text_atomic(out / "metrics.json", json.dumps(m, indent=2, allow_nan=False) + "\n")
     label = f"{run['identity']['preset']} · {m['questions']} questions"
     plots.accuracy_coverage(

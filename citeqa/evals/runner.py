@@ -428,10 +428,6 @@ def _run_eval(spec: RunSpec, out: Path, items: list[QAItem], ident: dict[str, An
     selected = list({r["id"]: r for r in reversed(records) if r["id"] in wanted}.values())
     order = {item.id: i for i, item in enumerate(items)}
     selected.sort(key=lambda r: order[r["id"]])
-    # which of predictions.jsonl the metrics cover (a later run with --limit or --sample covers
-    # fewer than the file holds): eval compare compares those
-    run_info["question_ids"] = [r["id"] for r in selected]
-    _write_json(run_path, run_info)
     metrics = write_outputs(out, selected, run_info, pipeline.document)
     return RunResult(
         out=out, questions=len(items), answered_now=len(todo), resumed=resumed, metrics=metrics

@@ -69,7 +69,8 @@ MAX_SPANS_OUTSIDE = 1000
 
 # What an answer may lose from its ends to stand in its quote: what ends a sentence or wraps
 # words, never what changes what it says ("-40", "$40" and "40%" are not "40").
-ANSWER_TRIM = string.whitespace + ".,;:!?\"'()[]{}" + "\u201c\u201d\u2018\u2019\u2026\u00ab\u00bb"
+ANSWER_TRIM = (string.whitespace + ".,;:!?\"'()[]{}*_`"  # and markdown's emphasis marks
+               + "\u201c\u201d\u2018\u2019\u2026\u00ab\u00bb\u2014")
 
 
 def locate(quote: str, document_text: str, window: tuple[int, int], *,

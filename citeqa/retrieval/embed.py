@@ -149,7 +149,7 @@ class HashEmbedder:
     ) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for row, text in enumerate(tqdm(texts, desc="embedding", disable=not progress)):
-            for token in tokenize(text):
+            for token in tokenize(text, 1):  # its vectors' words, as "hash-bow-256" always had
                 h = zlib.crc32(token.encode("utf-8"))
                 out[row, h % self.dim] += 1.0 if (h >> 31) & 1 else -1.0
         norms = np.linalg.norm(out, axis=1, keepdims=True)

@@ -83,8 +83,13 @@ def _done_qids(out: Path, made_by: dict[str, Any] | None = None) -> set[str]:
     if not out.is_file():
         return set()
     rows = []
-    lines = out.read_bytes().decode("utf-8", errors="replace").splitlines()
+    try:
+        lines = out.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        lines = ["not UTF-8"]  # refused below, never rewritten
     for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
@@ -113,10 +118,12 @@ def _done_qids(out: Path, made_by: dict[str, Any] | None = None) -> set[str]:
 
 
 def _is_reward_row(row: Any) -> bool:
-    """A line this builder writes: an example (``Example.to_json``) or a question marker."""
+    """A line this builder writes: a generator candidate (``Example.to_json``, source
+    "generator") or a question marker; not another builder's examples (synthetic, red team)."""
     return isinstance(row, dict) and (
         (row.get("kind") == "question" and "qid" in row)
-        or {"group", "question", "answer", "label"} <= row.keys())
+        or ({"group", "question", "answer", "label"} <= row.keys()
+            and row.get("source") == "generator"))
 
 
 @dataclass(frozen=True)
