@@ -74,8 +74,10 @@ def test_resuming_generator_data_rewrites_its_file_atomically(tmp_path: Path,
     from citeqa.training.verifier_data import _done_qids
 
     out = tmp_path / "gen.jsonl"
-    out.write_text('{"qid": "a", "kind": "example"}\n{"qid": "a", "kind": "question"}\n'
-                   '{"qid": "b", "kind": "example"}\n{"qid": "b", "ki')  # b was cut short
+    example = ('{"group": "%s", "question": "q", "answer": "x", "label": 0, '
+               '"source": "generator"}\n')
+    out.write_text(example % "a" + '{"qid": "a", "kind": "question"}\n'
+                   + example % "b" + '{"qid": "b", "ki')  # b was cut short
     before = out.read_text()
 
     def crash(*args: object) -> None:
@@ -87,8 +89,7 @@ def test_resuming_generator_data_rewrites_its_file_atomically(tmp_path: Path,
     assert out.read_text() == before  # nothing lost
     monkeypatch.undo()
     assert _done_qids(out) == {"a"}
-    assert out.read_text() == ('{"qid": "a", "kind": "example"}\n'
-                               '{"qid": "a", "kind": "question"}\n')
+    assert out.read_text() == example % "a" + '{"qid": "a", "kind": "question"}\n'
 
 
 # --- directories ------------------------------------------------------------------------------
