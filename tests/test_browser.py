@@ -246,7 +246,8 @@ def test_the_page_is_usable_from_the_keyboard(page: Page, base_url: str) -> None
     page.route("**/v1/answer", lambda route: held.append(route))
     try:
         page.fill("#q", "When did the Eiffel Tower open?")
-        page.press("#q", "Enter")
+        page.focus("#ask-button")
+        page.keyboard.press("Enter")  # the button, from the keyboard
         page.wait_for_selector("#out .spinner")
         assert page.is_disabled("#ask-button")
         assert page.get_attribute("#out", "aria-busy") == "true"
@@ -260,6 +261,8 @@ def test_the_page_is_usable_from_the_keyboard(page: Page, base_url: str) -> None
     finally:
         page.unroute("**/v1/answer")
     assert page.is_enabled("#ask-button") and page.get_attribute("#out", "aria-busy") is None
+    # disabling the button dropped the focus to <body>: it comes back when the answer does
+    assert page.evaluate("document.activeElement.id") == "ask-button"
 
 
 # -- declined ---------------------------------------------------------------------------------
@@ -305,6 +308,33 @@ def test_an_error_is_shown_in_words(page: Page, shoot: Callable) -> None:
         page.fill("#key", "not-the-key")
         page.press("#q", "Enter")
         page.wait_for_selector("#out .error >> text=did not accept this API key")
+    finally:
+        page.fill("#key", KEY)
+
+
+def test_the_document_list_can_be_tried_again_after_an_error(page: Page) -> None:
+    """After a 401 the list said to type the key and try again, with nothing to try with."""
+    page.fill("#key", "")
+    try:
+        page.click("nav >> text=Documents")
+        page.wait_for_selector("#docs-status .error >> text=needs an API key")
+    finally:
+        page.fill("#key", KEY)
+    page.get_by_role("button", name="Try again").click()  # (the message says "try again")
+    page.wait_for_selector("#docs-range >> text=Showing 1")
+    assert page.locator("#docs-status .error").count() == 0
+
+
+def test_a_key_no_header_can_carry_is_said_to_be_wrong_not_an_unreachable_service(
+        page: Page) -> None:
+    page.fill("#key", "sekret\u2019key")
+    try:
+        page.click("nav >> text=Ask")
+        page.fill("#q", "Who did Rollo swear fealty to?")
+        page.press("#q", "Enter")
+        error = page.wait_for_selector("#out .error[role=alert]").inner_text()
+        assert "the API key holds a character no key has" in error
+        assert "cannot be reached" not in error
     finally:
         page.fill("#key", KEY)
 
@@ -448,6 +478,67 @@ def test_adding_documents_by_text_and_by_url(page: Page, shoot: Callable) -> Non
     assert "<polarised> moonlight" in page.locator("#doc-body").inner_text()
     ask(page, "Where do quokkas live?")
     assert page.locator("#out a[data-internal]").first.inner_text() == "Quokka facts"
+
+
+def test_what_is_typed_while_a_document_is_added_stays_and_urls_are_encoded(
+        page: Page) -> None:
+    """form.reset() after an add wiped the next document typed meanwhile; an accented URL was
+    sent as typed and refused (422: write it in %XX)."""
+    page.click("nav >> text=Documents")
+    held: list[Any] = []
+    page.route("**/v1/documents", lambda route: held.append(route)
+               if route.request.method == "POST" else route.continue_())
+    try:
+        page.fill("#add-title", "Wombat facts")
+        page.fill("#add-body", "Wombats dig burrows with their strong claws.")
+        page.click("#add-text button[type=submit]")
+        for _ in range(100):
+            if held:
+                break
+            page.wait_for_timeout(50)
+        assert held, "the document never left the page"
+        page.fill("#add-title", "Numbat facts")  # the next one, typed while the first is added
+        held.pop().continue_()
+        page.wait_for_selector("#add-status .ok >> text=Wombat facts")
+        assert page.input_value("#add-title") == "Numbat facts"  # not wiped
+
+        page.fill("#url", "https://example.org/C\u00f4te d\u2019Ivoire")
+        page.click("#add-url button[type=submit]")
+        for _ in range(100):
+            if held:
+                break
+            page.wait_for_timeout(50)
+        assert held and json.loads(held[0].request.post_data)["url"] == \
+            "https://example.org/C%C3%B4te%20d%E2%80%99Ivoire"
+        held.pop().fulfill(status=404, json={"error": {"code": "fetch_failed", "message": "no"}})
+        page.wait_for_selector("#add-status .error")
+    finally:
+        page.unroute("**/v1/documents")
+        page.fill("#add-title", "")
+
+
+def test_a_slow_document_does_not_replace_the_one_asked_for_after_it(page: Page) -> None:
+    """Opened, left with Back, another opened: the first, answering last, was shown under the
+    second's address."""
+    held: list[Any] = []
+    page.route("**/v1/documents/cheese", lambda route: held.append(route))
+    try:
+        page.click("nav >> text=Documents")
+        page.click("#docs-list a >> text=Cheese notes")
+        for _ in range(100):
+            if held:
+                break
+            page.wait_for_timeout(50)
+        assert held, "the document was never asked for"
+        page.go_back()
+        page.click('#docs-list a >> text="Catalogue note 1"')
+        page.wait_for_selector('#doc-title >> text="Catalogue note 1"')
+        held.pop().continue_()  # the cheese notes answer late, after the reader moved on
+        page.wait_for_timeout(500)
+        assert page.locator("#doc-title").inner_text() == "Catalogue note 1"
+        assert "Cheese" not in page.title()
+    finally:
+        page.unroute("**/v1/documents/cheese")
 
 
 def test_deleting_a_document_asks_first(page: Page, shoot: Callable) -> None:
