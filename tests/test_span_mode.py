@@ -270,6 +270,17 @@ def test_a_free_answer_outside_its_quote_is_not_supported() -> None:
     assert not c.supported and c.answer_start is None
 
 
+def test_a_span_answer_outside_its_quote_keeps_no_quote_whatever_the_engine_did() -> None:
+    """The grammar makes it impossible; an engine that ignores the grammar (vLLM before 0.12
+    reads another key) answered "Gustave Eiffel" from a quote without it, and it was given."""
+    def reply(request):  # what an engine ignoring the grammar may write
+        return ["Answer: Paris\nQuote [2]: Rollo swore fealty to King Charles III"]
+
+    gen = CitedGenerator(FakeBackend(reply), GenerationConfig(answer_mode="span"))
+    [c] = gen.generate("Who?", HITS[:2], DOCS.__getitem__).candidates
+    assert c.answer == "Paris" and c.quote is None and not c.supported
+
+
 def test_candidates_cover_the_evidence_then_sample() -> None:
     """n = 4 over 3 shown passages: three greedy candidates, candidate i held to passage i,
     then one sample free to quote any; one backend call, one prompt."""

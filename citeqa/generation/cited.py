@@ -212,9 +212,11 @@ class CitedGenerator:
                 out.append(Generation(candidates=[], timings_ms={}))
                 continue
             t1 = time.perf_counter()
+            span_mode = (item.mode or self.cfg.answer_mode) == "span"
             candidates = [
                 # Under the grammar a quote may span the passage's own line breaks.
-                self._candidate(c, shown, item.documents, multiline_quote=constrain)
+                self._candidate(c, shown, item.documents, multiline_quote=constrain,
+                                supported_only=span_mode)
                 for completions in mine
                 for c in completions
             ]
@@ -232,7 +234,11 @@ class CitedGenerator:
         documents: Callable[[str], Document],
         *,
         multiline_quote: bool,
+        supported_only: bool = False,
     ) -> Candidate:
+        """``supported_only`` (span mode): an answer that does not stand in its quote keeps no
+        quote, so it is never given. The grammar makes one impossible, but a remote engine may
+        not apply it (vLLM before 0.12 reads another key)."""
         try:
             parsed = parse_output(completion.text, len(shown), multiline_quote=multiline_quote)
         except OutputFormatError as e:
@@ -253,6 +259,10 @@ class CitedGenerator:
         else:
             quote = verify_quote(parsed.quote, passage.window, document, self.cfg)
         span = answer_span(parsed.answer, quote.text) if quote is not None else None
+        if supported_only and span is None and quote is not None:
+            logger.info("an answer not in its quote, in span mode (did the engine ignore the "
+                        "grammar?): %r", parsed.answer[:80])
+            quote = None
         return Candidate(
             answer=parsed.answer,
             quote=quote,
