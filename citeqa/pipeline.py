@@ -128,7 +128,8 @@ class Pipeline:
         cfg = settings.config()
         retriever = HybridRetriever.open(settings.index, cfg.retrieval)
         backend = build_backend(cfg.generation, settings.cache_dir,
-                                api_key=settings.generator_api_key or None)
+                                api_key=settings.generator_api_key or None,
+                                timeout_s=settings.request_timeout_s)
         try:
             if cfg.generation.url:  # a remote engine: not ready until it answers
                 from citeqa.generation.remote import RemoteBackend

@@ -162,6 +162,16 @@ def test_an_engine_that_stays_down_is_unavailable_with_its_url():
         (httpx.Response(200, json={"nope": 1}), "unexpected response"),
         (httpx.Response(200, json=[1, 2]), "unexpected response"),
         (httpx.Response(200, text="not json"), "no JSON"),
+        # well-formed JSON of another shape: an AttributeError or ValueError escaped (500)
+        (httpx.Response(200, json={"choices": [1]}), "unexpected response"),
+        (httpx.Response(200, json={"choices": "x"}), "unexpected response"),
+        (httpx.Response(200, json={"choices": [{"message": "text"}]}), "unexpected response"),
+        (httpx.Response(200, json={"choices": [{"message": {"content": 5}}]}),
+         "unexpected response"),
+        (httpx.Response(200, json={"choices": [{"message": {"content": "a"},
+                                                "logprobs": "oops"}]}), "unexpected response"),
+        (httpx.Response(200, json={"choices": [{"message": {"content": "a"}, "logprobs": {
+            "content": [{"logprob": "bad"}]}}]}), "unexpected response"),
     ],
 )
 def test_engine_errors_are_not_retried_and_say_what_the_engine_said(response, needle):
@@ -235,6 +245,47 @@ def test_an_abandoned_request_is_not_sent_and_gets_no_quote_call():
     assert c.text == "Answer: Rollo\n" and len(seen) == 1  # its answer line only: no quote call
 
 
+def test_a_request_given_up_on_is_not_retried():
+    """A busy engine (429) was called again and again for a question whose client had left."""
+    client, seen = server(lambda r: httpx.Response(429, headers={"Retry-After": "0"}))
+    left = iter([False, False, True, True, True])  # before the call; then before each retry
+    req = GenerationRequest(messages=MSGS, abandoned=lambda: next(left))
+    [[c]] = RemoteBackend("http://gen", "m", client=client, backoff=FAST).generate([req])
+    assert c.text == "" and len(seen) == 2  # the first call, one retry, then no more
+
+
+def test_one_call_ends_at_its_deadline_however_slowly_the_engine_sends():
+    """httpx's timeout bounds each read: a body sent a piece at a time held a call far past
+    it (158 s for a 3 s timeout)."""
+    def trickle():
+        for _ in range(40):
+            time.sleep(0.1)
+            yield b" "
+
+    client, _ = server(lambda r: httpx.Response(200, content=trickle()))
+    b = RemoteBackend("http://gen", "m", client=client, backoff=FAST, timeout_s=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(EngineUnavailableError, match="did not answer in time"):
+        b.generate([GenerationRequest(messages=MSGS)])
+    assert time.monotonic() - t0 < 2.0  # not the 4 s the body takes
+
+
+def test_a_gateway_error_at_start_is_waited_out_not_fatal():
+    """A proxy's 502 before the engine behind it is up made the service fail to start for
+    good (load_failed, with /healthz still 200)."""
+    up_at = time.monotonic() + 0.3
+
+    def handler(request):
+        if time.monotonic() < up_at:
+            return httpx.Response(502, text="upstream connect error")
+        return httpx.Response(200, json={"data": [{"id": "behind"}]})
+
+    client, _ = server(handler)
+    b = RemoteBackend("http://gen", client=client, backoff=Backoff(retries=0, base_s=0.01))
+    b.wait_ready(timeout_s=5, poll_s=0.05)
+    assert b.model == "behind"
+
+
 def test_the_served_model_is_asked_once_and_must_be_unique():
     models = {"data": [{"id": "smol", "object": "model"}]}
 
@@ -281,8 +332,9 @@ def test_settings_select_a_remote_generator(monkeypatch, tmp_path):
     assert (gen.url, gen.served_model, gen.concurrency) == ("http://127.0.0.1:8100", "smol", 12)
     assert settings.batch_size == 12  # the batcher hands the engine what it can batch
     assert Settings(max_batch=3).batch_size == 3
-    backend = build_backend(gen, tmp_path, api_key="sk")
+    backend = build_backend(gen, tmp_path, api_key="sk", timeout_s=7.0)
     assert isinstance(backend, RemoteBackend) and backend.model_id == "remote:smol"
+    assert backend._timeout_s == 7.0  # the service's request timeout, not a fixed 120 s
     assert backend.concurrency == 12 and backend.payload(
         GenerationRequest(messages=MSGS))["model"] == "smol"
     monkeypatch.delenv("CITEQA_GENERATOR_URL")

@@ -15,13 +15,17 @@ logger = logging.getLogger(__name__)
 
 
 def build_backend(gen: GenerationConfig, cache_dir: Path, *, api_key: str | None = None,
-                  **overrides: Any) -> Backend:
-    """The backend ``gen`` names (never downloads). ``api_key``: a remote engine's bearer token;
+                  timeout_s: float | None = None, **overrides: Any) -> Backend:
+    """The backend ``gen`` names (never downloads). ``api_key`` and ``timeout_s``: a remote
+    engine's bearer token, and how long one question's calls to it may take (the service's
+    request timeout: a hung engine held the one generation worker 120 s whatever it was);
     ``overrides`` go to the backend's constructor (e.g. ``reuse_prefix=False`` for an ablation
     of the local one)."""
     if gen.url:
         from citeqa.generation.remote import RemoteBackend
 
+        if timeout_s is not None:
+            overrides.setdefault("timeout_s", timeout_s)
         return RemoteBackend(gen.url, gen.served_model, api_key=api_key,
                              concurrency=gen.concurrency, **overrides)
     if gen.model == "fake":

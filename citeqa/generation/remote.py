@@ -24,7 +24,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -38,10 +38,15 @@ from citeqa.retry import RETRY_STATUSES, Backoff
 logger = logging.getLogger(__name__)
 
 CUT = "length"  # the finish_reason of a choice stopped by max_tokens
+GATEWAY_ERRORS = frozenset({502, 504})  # a proxy's: the engine behind it is down or starting
 
 
 # scheme://user:pw@ (greedy to the authority's last "@", where httpx splits it too)
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+
+
+class _Abandoned(Exception):
+    """Nobody waits for this request's answer any more: no further call for it."""
 
 
 class RemoteBackend:
@@ -93,10 +98,12 @@ class RemoteBackend:
     def model_id(self) -> str:
         return f"remote:{self.model}"
 
-    def served_model(self) -> str:
-        """The only model the engine serves (``GET /v1/models``); EngineError when it serves
-        several (name one) or none."""
-        data = self._call("GET", "/v1/models", None, deadline=time.monotonic() + self._timeout_s)
+    def served_model(self, deadline: float | None = None) -> str:
+        """The only model the engine serves (``GET /v1/models``, within ``deadline``, default
+        the timeout from now); EngineError when it serves several (name one) or none."""
+        limit = time.monotonic() + self._timeout_s
+        data = self._call("GET", "/v1/models", None,
+                          deadline=limit if deadline is None else min(deadline, limit))
         names = [str(m.get("id")) for m in data.get("data", []) if isinstance(m, dict)]
         if len(names) != 1:
             raise EngineError(f"the generator at {self.shown_url} serves {names or 'no model'}; "
@@ -109,7 +116,8 @@ class RemoteBackend:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                _ = self.model
+                if self._model is None:
+                    self._model = self.served_model(deadline)  # no call outlives the wait
                 return
             except EngineUnavailableError as e:
                 if time.monotonic() + poll_s > deadline:
@@ -157,7 +165,10 @@ class RemoteBackend:
             return abandoned_completions(req)
         deadline = time.monotonic() + self._timeout_s
         t0 = time.perf_counter()
-        first = self._choices(self.payload(req), req.n, deadline)
+        try:
+            first = self._choices(self.payload(req), req.n, deadline, req.is_abandoned)
+        except _Abandoned:
+            return abandoned_completions(req)
         if req.quote_stage is None:
             elapsed = (time.perf_counter() - t0) * 1000
             return [_completion(c, elapsed) for c in first]
@@ -178,30 +189,42 @@ class RemoteBackend:
             return _completion(choice, (time.perf_counter() - t0) * 1000)
         body = self.payload(req, grammar=grammar, continue_with=text, n=1)
         body["max_tokens"] = max(req.max_tokens - _tokens(choice), 8)
-        [second] = self._choices(body, 1, deadline)
+        try:
+            [second] = self._choices(body, 1, deadline, req.is_abandoned)
+        except _Abandoned:
+            return _completion(choice, (time.perf_counter() - t0) * 1000)
         return _joined(text, choice, second, (time.perf_counter() - t0) * 1000)
 
-    def _choices(self, body: dict[str, Any], n: int, deadline: float) -> list[dict[str, Any]]:
-        data = self._call("POST", "/v1/chat/completions", body, deadline=deadline)
+    def _choices(self, body: dict[str, Any], n: int, deadline: float,
+                 abandoned: Callable[[], bool] | None = None) -> list[dict[str, Any]]:
+        data = self._call("POST", "/v1/chat/completions", body, deadline=deadline,
+                          abandoned=abandoned)
         try:
             choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
-            _ = [c["message"] for c in choices]
-        except (KeyError, TypeError) as e:
+            for c in choices:  # everything later reads, read once here
+                _completion(c, 0.0)
+                content = c["message"].get("content")
+                if content is not None and not isinstance(content, str):
+                    raise TypeError(f"content is {type(content).__name__}")
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise EngineError(f"the generator sent an unexpected response ({e!r})") from e
         if len(choices) != n:
             raise EngineError(f"the generator returned {len(choices)} choices, not {n}")
         return choices
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None, *,
-              deadline: float) -> dict[str, Any]:
-        """One call, retried while the engine cannot be reached or turns it away for now."""
+              deadline: float, abandoned: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """One call, retried while the engine cannot be reached or turns it away for now, all
+        within ``deadline`` (a body sent a byte at a time is cut off there too); _Abandoned
+        instead of a retry once ``abandoned()`` (nobody waits for the answer)."""
         url = f"{self.base_url}{path}"
         attempt = 0
         while True:
+            if attempt and abandoned is not None and abandoned():
+                raise _Abandoned
             try:
                 with self._in_flight:
-                    resp = self._client.request(method, url, json=body, headers=self._headers,
-                                                timeout=max(deadline - time.monotonic(), 1.0))
+                    resp = self._request(method, url, body, deadline)
             except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as e:
                 if self._backoff.wait(attempt, None, deadline):
                     attempt += 1
@@ -219,6 +242,10 @@ class RemoteBackend:
             if resp.status_code in RETRY_STATUSES:
                 raise EngineUnavailableError(f"the generator at {self.shown_url} is busy "
                                              f"({resp.status_code}: {_server_message(resp)})")
+            if resp.status_code in GATEWAY_ERRORS:  # a proxy in front of an engine that is down
+                raise EngineUnavailableError(
+                    f"the generator at {self.shown_url} is not reachable behind its gateway "
+                    f"({resp.status_code}: {_server_message(resp)})")
             if resp.status_code >= 400:
                 raise EngineError(f"the generator at {self.shown_url} answered "
                                   f"{resp.status_code}: {_server_message(resp)}")
@@ -229,6 +256,21 @@ class RemoteBackend:
             if not isinstance(data, dict):
                 raise EngineError("the generator sent an unexpected response (not an object)")
             return data
+
+    def _request(self, method: str, url: str, body: dict[str, Any] | None,
+                 deadline: float) -> httpx.Response:
+        """The response, its body read whole before ``deadline`` (httpx's timeout bounds each
+        read, so an engine sending a byte at a time could hold a call for ever)."""
+        timeout = max(deadline - time.monotonic(), 1.0)
+        with self._client.stream(method, url, json=body, headers=self._headers,
+                                 timeout=timeout) as streamed:
+            chunks = []
+            for chunk in streamed.iter_bytes():
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise httpx.ReadTimeout("the answer was still coming at the deadline")
+            return httpx.Response(streamed.status_code, headers=streamed.headers,
+                                  content=b"".join(chunks), request=streamed.request)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
