@@ -126,6 +126,15 @@ def open_page(browser: Any, base_url: str, viewport: dict[str, int], path: str =
     return page, errors
 
 
+def wait_until_held(page: Page, held: list[Any], what: str) -> None:
+    """Wait (5 s at most) for a request a test's route holds back."""
+    for _ in range(100):
+        if held:
+            return
+        page.wait_for_timeout(50)
+    raise AssertionError(what)
+
+
 @pytest.fixture(scope="module")
 def page(browser: Any, base_url: str) -> Iterator[Page]:
     page, errors = open_page(browser, base_url, VIEWPORT)
@@ -251,11 +260,7 @@ def test_the_page_is_usable_from_the_keyboard(page: Page, base_url: str) -> None
         page.wait_for_selector("#out .spinner")
         assert page.is_disabled("#ask-button")
         assert page.get_attribute("#out", "aria-busy") == "true"
-        for _ in range(100):
-            if held:
-                break
-            page.wait_for_timeout(50)
-        assert held, "the question never left the page"
+        wait_until_held(page, held, "the question never left the page")
         held[0].continue_()
         page.wait_for_selector("#out article")
     finally:
@@ -492,11 +497,7 @@ def test_what_is_typed_while_a_document_is_added_stays_and_urls_are_encoded(
         page.fill("#add-title", "Wombat facts")
         page.fill("#add-body", "Wombats dig burrows with their strong claws.")
         page.click("#add-text button[type=submit]")
-        for _ in range(100):
-            if held:
-                break
-            page.wait_for_timeout(50)
-        assert held, "the document never left the page"
+        wait_until_held(page, held, "the document never left the page")
         page.fill("#add-title", "Numbat facts")  # the next one, typed while the first is added
         held.pop().continue_()
         page.wait_for_selector("#add-status .ok >> text=Wombat facts")
@@ -504,11 +505,8 @@ def test_what_is_typed_while_a_document_is_added_stays_and_urls_are_encoded(
 
         page.fill("#url", "https://example.org/C\u00f4te d\u2019Ivoire")
         page.click("#add-url button[type=submit]")
-        for _ in range(100):
-            if held:
-                break
-            page.wait_for_timeout(50)
-        assert held and json.loads(held[0].request.post_data)["url"] == \
+        wait_until_held(page, held, "the address never left the page")
+        assert json.loads(held[0].request.post_data)["url"] == \
             "https://example.org/C%C3%B4te%20d%E2%80%99Ivoire"
         held.pop().fulfill(status=404, json={"error": {"code": "fetch_failed", "message": "no"}})
         page.wait_for_selector("#add-status .error")
@@ -525,11 +523,7 @@ def test_a_slow_document_does_not_replace_the_one_asked_for_after_it(page: Page)
     try:
         page.click("nav >> text=Documents")
         page.click("#docs-list a >> text=Cheese notes")
-        for _ in range(100):
-            if held:
-                break
-            page.wait_for_timeout(50)
-        assert held, "the document was never asked for"
+        wait_until_held(page, held, "the document was never asked for")
         page.go_back()
         page.click('#docs-list a >> text="Catalogue note 1"')
         page.wait_for_selector('#doc-title >> text="Catalogue note 1"')
