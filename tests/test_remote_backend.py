@@ -270,6 +270,42 @@ def test_one_call_ends_at_its_deadline_however_slowly_the_engine_sends():
     assert time.monotonic() - t0 < 2.0  # not the 4 s the body takes
 
 
+def test_a_compressed_answer_is_decoded_once():
+    """Read as decoded chunks and handed on with its Content-Encoding, a gzipped answer (nginx,
+    a cloud gateway) was decoded twice: every call failed, a 500."""
+    import gzip
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = json.dumps({"choices": [choice(0, "Answer: a", [-1.0])]}).encode()
+    sent = {"body": gzip.compress(body)}
+
+    class Gzipping(BaseHTTPRequestHandler):  # a real socket: MockTransport reads in memory
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(sent["body"])))
+            self.end_headers()
+            self.wfile.write(sent["body"])
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Gzipping)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        [[c]] = RemoteBackend(url, "m").generate([GenerationRequest(messages=MSGS)])
+        assert c.text == "Answer: a"
+        sent["body"] = b"not gzip at all"
+        with pytest.raises(EngineError, match="cannot be decoded"):
+            RemoteBackend(url, "m").generate([GenerationRequest(messages=MSGS)])
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def test_a_gateway_error_at_start_is_waited_out_not_fatal():
     """A proxy's 502 before the engine behind it is up made the service fail to start for
     good (load_failed, with /healthz still 200)."""

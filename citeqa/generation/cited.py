@@ -212,7 +212,9 @@ class CitedGenerator:
                 out.append(Generation(candidates=[], timings_ms={}))
                 continue
             t1 = time.perf_counter()
-            span_mode = (item.mode or self.cfg.answer_mode) == "span"
+            # span mode under its grammar: what the grammar promises is checked (without it,
+            # an evaluation's ablation, answers are free text and judged like free mode's)
+            span_mode = constrain and (item.mode or self.cfg.answer_mode) == "span"
             candidates = [
                 # Under the grammar a quote may span the passage's own line breaks.
                 self._candidate(c, shown, item.documents, multiline_quote=constrain,

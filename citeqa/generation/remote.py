@@ -225,6 +225,9 @@ class RemoteBackend:
             try:
                 with self._in_flight:
                     resp = self._request(method, url, body, deadline)
+            except httpx.DecodingError as e:  # e.g. a body that says gzip and is not
+                raise EngineError(f"the generator at {self.shown_url} sent a body that cannot "
+                                  f"be decoded ({e})") from e
             except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as e:
                 if self._backoff.wait(attempt, None, deadline):
                     attempt += 1
@@ -259,13 +262,16 @@ class RemoteBackend:
 
     def _request(self, method: str, url: str, body: dict[str, Any] | None,
                  deadline: float) -> httpx.Response:
-        """The response, its body read whole before ``deadline`` (httpx's timeout bounds each
-        read, so an engine sending a byte at a time could hold a call for ever)."""
+        """The response, its body read whole by ``deadline`` (checked as it arrives: httpx's
+        timeout bounds each read, so an engine sending a byte at a time held a call for ever;
+        one read may still take up to the time that was left)."""
         timeout = max(deadline - time.monotonic(), 1.0)
         with self._client.stream(method, url, json=body, headers=self._headers,
                                  timeout=timeout) as streamed:
+            if streamed.is_stream_consumed:  # built in memory (a test's MockTransport): read
+                return streamed
             chunks = []
-            for chunk in streamed.iter_bytes():
+            for chunk in streamed.iter_raw():  # as sent: the Response below decodes it once
                 chunks.append(chunk)
                 if time.monotonic() > deadline:
                     raise httpx.ReadTimeout("the answer was still coming at the deadline")
