@@ -1,7 +1,8 @@
 """The FastAPI application: ``create_app(settings)`` wires routes, limits, errors and lifespan.
 
 Models and index load in the lifespan, in a background thread, so ``/healthz`` answers at once
-and ``/readyz`` is 503 until the pipeline is loaded (and again while shutting down). Generation
+and ``/readyz`` is 503 until the pipeline is loaded (and again while shutting down, which a
+probe rarely sees: uvicorn stops taking connections before the lifespan ends). Generation
 runs on one worker thread behind a bounded queue (``batching.Batcher``); the event loop only
 awaits futures.
 
