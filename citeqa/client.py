@@ -5,7 +5,8 @@
 
 Responses come back as ``citeqa.types`` objects. A call the service turns away for now (503
 overloaded or still loading, 429) or that cannot connect is retried with backoff, honouring
-``Retry-After`` (``citeqa.retry``). Every failure raises ``CiteqaAPIError``:
+``Retry-After`` (``citeqa.retry``); a 503 ``load_failed`` (a service that failed to load, which
+waiting will not change) is not. Every failure raises ``CiteqaAPIError``:
 an error response carries the service's uniform ``{"error": {code, message, details}}``; a
 response that is not JSON, or no response at all (status 0), gets a code of its own.
 """
@@ -26,6 +27,9 @@ from citeqa.retry import RETRY_STATUSES, Backoff
 from citeqa.types import Answer, Candidate, Document, Hit, Quote
 
 T = TypeVar("T")
+
+# 503 codes that say "not ever", not "not now": raised at once, not retried.
+FINAL_CODES = frozenset({"load_failed"})
 
 
 class CiteqaAPIError(CiteqaError):
@@ -225,7 +229,8 @@ class CiteqaClient:
     def _send(self, method: str, path: str, *, retry_statuses: frozenset[int] = RETRY_STATUSES,
               **kwargs: Any) -> httpx.Response:
         """One call, retried (``self.backoff``) while it cannot connect or the answer's status
-        is in ``retry_statuses``, within ``self.timeout`` in all."""
+        is in ``retry_statuses`` (and its code not in ``FINAL_CODES``), within ``self.timeout``
+        in all."""
         deadline = time.monotonic() + self.timeout
         attempt = 0
         while True:
@@ -242,9 +247,9 @@ class CiteqaClient:
             except httpx.TransportError as exc:
                 raise CiteqaAPIError(0, "connection_error",
                                      f"cannot reach the service: {exc}") from exc
-            if resp.status_code not in retry_statuses or not self.backoff.wait(
-                attempt, resp.headers.get("retry-after"), deadline
-            ):
+            if (resp.status_code not in retry_statuses
+                    or self._error(resp).code in FINAL_CODES
+                    or not self.backoff.wait(attempt, resp.headers.get("retry-after"), deadline)):
                 return resp
             attempt += 1
 

@@ -299,3 +299,19 @@ def test_add_document_says_what_is_missing_before_sending() -> None:
         client.add_document()
     with pytest.raises(ValueError, match="not both"):
         client.add_document("text", url="https://example.org")
+
+
+def test_a_service_that_failed_to_load_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr("citeqa.retry.time.sleep", slept.append)
+    calls: list[int] = []
+
+    def failed(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(503, json={"error": {"code": "load_failed", "message": "no index"}})
+
+    client = CiteqaClient("http://svc", transport=httpx.MockTransport(failed),
+                          backoff=Backoff(retries=3))
+    with pytest.raises(CiteqaAPIError) as err:
+        client.search("q")
+    assert err.value.code == "load_failed" and len(calls) == 1 and slept == []
