@@ -717,6 +717,12 @@ def test_api_keys_guard_v1_only() -> None:
         assert_uniform_error(c.get("/v1/documents"), 401, "unauthorized")
         # Unauthenticated requests learn nothing about validation either.
         assert_uniform_error(c.post("/v1/answer", json={"bad": 1}), 401, "unauthorized")
+        for body in (b'{"question": ', b'\xff\xfe'):  # not JSON; not UTF-8
+            r = c.post("/v1/answer", content=body, headers={"content-type": "application/json"})
+            assert_uniform_error(r, 401, "unauthorized")
+        bad = c.post("/v1/answer", content=b'{"question": ', headers={
+            "content-type": "application/json", "X-API-Key": "k1"})
+        assert_uniform_error(bad, 422, "invalid_request")  # with a key: what is wrong
         ok = {"json": {"question": "q"}}
         assert c.post("/v1/answer", headers={"Authorization": "Bearer k2"}, **ok).is_success
         assert c.post("/v1/answer", headers={"authorization": "bearer k1"}, **ok).is_success

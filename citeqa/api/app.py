@@ -33,6 +33,7 @@ from citeqa.api.deps import (
     ServiceState,
     parse_api_keys,
     require_api_key,
+    require_api_key_on_v1,
     with_api_key_security,
 )
 from citeqa.api.errors import install_error_handlers
@@ -177,7 +178,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.citeqa = state
-    install_error_handlers(app)
+    install_error_handlers(app, authenticate=require_api_key_on_v1)
     # add_middleware puts each new one outermost: host check, body limit, metrics, headers.
     hosts = frozenset(host_name(h) for h in settings.allowed_hosts.split(",") if h.strip())
     if hosts and "*" not in hosts:

@@ -130,6 +130,13 @@ def require_api_key(request: Request, state: StateDep) -> None:
         )
 
 
+def require_api_key_on_v1(request: Request) -> None:
+    """``require_api_key`` for a request whose route is under /v1 (the routes that need a key),
+    for error handlers that answer before the route's dependencies ran."""
+    if getattr(request.scope.get("route"), "path", "").startswith("/v1/"):
+        require_api_key(request, get_state(request))
+
+
 def with_api_key_security(schema: dict[str, Any]) -> dict[str, Any]:
     """``schema`` (changed in place and returned) saying that every /v1 operation needs an
     API key, in either header; idempotent."""
@@ -166,5 +173,6 @@ __all__ = [
     "key_matches",
     "parse_api_keys",
     "require_api_key",
+    "require_api_key_on_v1",
     "with_api_key_security",
 ]

@@ -44,6 +44,7 @@ Messages of unexpected exceptions are never returned: they are logged with their
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -262,10 +263,37 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "internal server error; see the server log")
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Register every handler above on ``app``."""
+Authenticate = Callable[[Request], None]  # raises ApiError (401) for a request it refuses
+
+
+def _authenticated_first(handler: Callable[[Request, Exception], Any],
+                         authenticate: Authenticate) -> Callable[[Request, Exception], Any]:
+    """``handler`` for an error in the request's body, answering 401 instead where
+    ``authenticate`` refuses the request: FastAPI reads the body (and fails on JSON it cannot
+    parse) before any dependency runs, so without this an unauthenticated caller learned how
+    its body was wrong."""
+
+    async def handle(request: Request, exc: Exception) -> Any:
+        if isinstance(exc, RequestValidationError) or (
+                isinstance(exc, StarletteHTTPException) and exc.detail == FASTAPI_BODY_UNREADABLE):
+            try:
+                authenticate(request)
+            except ApiError as refused:
+                return await _api_error(request, refused)
+        return await handler(request, exc)
+
+    return handle
+
+
+def install_error_handlers(app: FastAPI, authenticate: Authenticate | None = None) -> None:
+    """Register every handler above on ``app``; with ``authenticate``, a request it refuses
+    gets its 401 rather than an error about its body."""
+    validation, http = _validation_error, _http_error
+    if authenticate is not None:
+        validation = _authenticated_first(validation, authenticate)
+        http = _authenticated_first(http, authenticate)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(CiteqaError, _citeqa_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, validation)
+    app.add_exception_handler(StarletteHTTPException, http)
     app.add_exception_handler(Exception, _unexpected_error)
