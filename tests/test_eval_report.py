@@ -279,6 +279,22 @@ def test_write_outputs_figures(tmp_path: Path) -> None:
         assert (tmp_path / name).stat().st_size > 5000  # not a blank canvas
 
 
+def test_an_interrupted_write_leaves_no_report_of_an_earlier_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from citeqa.evals import plots
+
+    write_outputs(tmp_path, _records(), RUN, DOCS.__getitem__)
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(plots, "reliability", crash)
+    with pytest.raises(OSError):
+        write_outputs(tmp_path, _records()[:3], RUN, DOCS.__getitem__)
+    assert not (tmp_path / "report.md").exists()  # not the 6-question report beside 3's metrics
+    assert '"questions": 3' in (tmp_path / "metrics.json").read_text()
+
+
 def test_supported_is_unknown_for_records_without_answer_offsets() -> None:
     doc = DOCS.__getitem__
     old = judge(_record("a", ["1636"], "1636", [_cand("1636", 0.9)]), doc)  # no answer_start key

@@ -427,6 +427,8 @@ def write_outputs(
     # which of predictions.jsonl these metrics cover (a rerun with --limit or --sample covers
     # fewer than the file holds): eval compare compares those; written with them, at once
     m["question_ids"] = [j.id for j in judged]
+    # a report of an earlier run must not sit beside these metrics if this stops before its own
+    (out / "report.md").unlink(missing_ok=True)
     write_text_atomic(out / "metrics.json", json.dumps(m, indent=2, allow_nan=False) + "\n")
     label = f"{run['identity']['preset']} · {m['questions']} questions"
     plots.accuracy_coverage(
