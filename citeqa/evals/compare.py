@@ -106,10 +106,12 @@ def compare_table(a: dict[str, Any], b: dict[str, Any], name_a: str, name_b: str
     return "\n".join(lines)
 
 
-def _predictions(run_dir: Path) -> dict[str, dict[str, Any]]:
+def _predictions(run_dir: Path, metrics: dict[str, Any] | None = None
+                 ) -> dict[str, dict[str, Any]]:
     """A run's prediction records by question id, of the questions its metrics cover
-    (metrics.json ``question_ids``): predictions.jsonl, or the .gz copy that
-    evals/regenerate.sh commits (empty when it has neither)."""
+    (``question_ids`` of ``metrics``, read from metrics.json when not given):
+    predictions.jsonl, or the .gz copy that evals/regenerate.sh commits (empty when it has
+    neither)."""
     path = Path(run_dir) / PREDICTIONS
     if path.is_file():
         records, _ = read_predictions(path)
@@ -121,20 +123,23 @@ def _predictions(run_dir: Path) -> dict[str, dict[str, Any]]:
     else:
         return {}
     by_id = {str(r["id"]): r for r in records}
-    try:  # the questions its metrics cover (runs before this was recorded: all of them)
-        covered = json.loads((Path(run_dir) / METRICS).read_text(encoding="utf-8"))
-        ids = covered.get("question_ids") if isinstance(covered, dict) else None
-    except (OSError, ValueError):
-        ids = None
+    if metrics is None:
+        try:
+            metrics = json.loads((Path(run_dir) / METRICS).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            metrics = None
+    # the questions its metrics cover (runs before this was recorded: all of them)
+    ids = metrics.get("question_ids") if isinstance(metrics, dict) else None
     if isinstance(ids, list):
         by_id = {k: by_id[k] for k in map(str, ids) if k in by_id}
     return by_id
 
 
-def prediction_changes(run_a: Path, run_b: Path) -> dict[str, int]:
-    """Over the questions both runs asked: how many changed their given answer, their decline
-    and their best candidate's answer."""
-    a, b = _predictions(run_a), _predictions(run_b)
+def prediction_changes(run_a: Path, run_b: Path, metrics_a: dict[str, Any] | None = None,
+                       metrics_b: dict[str, Any] | None = None) -> dict[str, int]:
+    """Over the questions both runs asked (and their metrics cover): how many changed their
+    given answer, their decline and their best candidate's answer."""
+    a, b = _predictions(run_a, metrics_a), _predictions(run_b, metrics_b)
     common = sorted(set(a) & set(b))
 
     def best(r: dict[str, Any]) -> str | None:
@@ -166,7 +171,7 @@ def compare_runs(run_a: Path, run_b: Path, png: Path | None = None) -> str:
                 curves[f"{name} (RM score)"] = curve
         plots.accuracy_coverage(curves, None, png,
                                 title="Accuracy–coverage: RM score, two runs")
-    changes = prediction_changes(run_a, run_b)
+    changes = prediction_changes(run_a, run_b, ma, mb)
     lines = [compare_table(ma, mb, name_a, name_b)]
     shas = [(info.get("identity") or {}).get("dataset_sha256") for info in (info_a, info_b)]
     counts = [int(m.get("questions") or 0) for m in (ma, mb)]
