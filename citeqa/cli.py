@@ -264,6 +264,7 @@ def search(
     directory = _settings(index=index).index
     try:
         query = asked_text(query, "query")
+        log.info("loading the index %s ...", directory)
         hits = HybridRetriever.open(directory).search(query, k, mode=mode)
     except CiteqaError as e:
         raise fail(str(e)) from None

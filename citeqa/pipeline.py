@@ -126,6 +126,9 @@ class Pipeline:
     def from_settings(cls, settings: Settings) -> Pipeline:
         """Open the index and load the models named by ``settings`` (never downloads)."""
         cfg = settings.config()
+        started = time.perf_counter()
+        logger.info("loading the index %s and the models (preset %s) ...", settings.index,
+                    settings.preset)
         retriever = HybridRetriever.open(settings.index, cfg.retrieval)
         backend = build_backend(cfg.generation, settings.cache_dir,
                                 api_key=settings.generator_api_key or None,
@@ -143,6 +146,7 @@ class Pipeline:
         except BaseException:
             _close_backend(backend)
             raise
+        logger.info("loaded in %.1f s", time.perf_counter() - started)
         threshold = scorer.threshold if scorer is not None else None
         if threshold is not None and math.isinf(threshold) and not cfg.reward.decline_uncertified:
             logger.warning(

@@ -6,6 +6,7 @@ User mistakes must end in exit status 2 with one ``error:`` line, never a traceb
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -48,7 +49,9 @@ def build(corpus: Path, out: Path, preset: str = "tiny"):
                "--no-progress")
 
 
-def test_build_search_and_offsets_point_into_the_files(corpus: Path, tmp_path: Path) -> None:
+def test_build_search_and_offsets_point_into_the_files(
+        corpus: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="citeqa")
     out = tmp_path / "index"
     result = build(corpus, out)
     assert result.exit_code == 0, result.output
@@ -58,6 +61,7 @@ def test_build_search_and_offsets_point_into_the_files(corpus: Path, tmp_path: P
     result = run("search", "When did the tower open?", "--index", str(out), "--json", "-k", "3")
     assert result.exit_code == 0, result.output
     hits = json.loads(result.stdout)
+    assert f"loading the index {out}" in caplog.text  # said before the seconds of loading
     assert hits and {"text", "doc_id", "title", "source", "start", "end", "score"} <= set(hits[0])
     for hit in hits:  # offsets index the file's own text, byte-for-byte decoded
         text = Path(hit["source"]).read_bytes().decode("utf-8")
@@ -68,13 +72,17 @@ def test_build_search_and_offsets_point_into_the_files(corpus: Path, tmp_path: P
     assert text_out.exit_code == 0 and "1." in text_out.output and "seine.md" in text_out.output
 
 
-def test_ask_with_the_tiny_preset_returns_a_verified_quote(corpus: Path, tmp_path: Path) -> None:
+def test_ask_with_the_tiny_preset_returns_a_verified_quote(
+        corpus: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="citeqa")
     out = tmp_path / "index"
     assert build(corpus, out).exit_code == 0
     result = run("ask", "When did the Eiffel Tower open?", "--index", str(out),
                  "--preset", "tiny", "--json")
     assert result.exit_code == 0, result.output
     answer = json.loads(result.stdout)
+    assert f"loading the index {out} and the models (preset tiny)" in caplog.text
+    assert re.search(r"loaded in \d+\.\d s", caplog.text)
     assert answer["declined"] is False
     q = answer["quote"]
     text = Path(q["source"]).read_bytes().decode("utf-8")
