@@ -143,8 +143,8 @@ def page(browser: Any, base_url: str) -> Iterator[Page]:
     page.context.close()
     assert pwned is None, pwned
     # no script errors and no CSP violations; the only failed loads are the errors the tests
-    # provoke (401 without the key, 404 for an unknown document, 409 for a duplicate)
-    expected = re.compile(r"^Failed to load resource: .* status of (401|404|409) ")
+    # provoke (401 without the key, 404 for an unknown document, 409 for a duplicate, 503 busy)
+    expected = re.compile(r"^Failed to load resource: .* status of (401|404|409|503) ")
     assert [e for e in errors if not expected.match(e)] == [], errors
 
 
@@ -315,6 +315,37 @@ def test_an_error_is_shown_in_words(page: Page, shoot: Callable) -> None:
         page.wait_for_selector("#out .error >> text=did not accept this API key")
     finally:
         page.fill("#key", KEY)
+
+
+def test_a_busy_service_is_asked_again_after_the_wait_it_names(page: Page) -> None:
+    busy = json.dumps({"error": {"code": "overloaded", "message": "too many questions queued",
+                                 "details": None}})
+    calls: list[int] = []
+
+    def turned_away(times: int) -> Callable[[Any], None]:
+        def handle(route: Any) -> None:
+            calls.append(1)
+            if len(calls) <= times:
+                route.fulfill(status=503, body=busy, content_type="application/json",
+                              headers={"Retry-After": "1"})
+            else:
+                route.continue_()
+        return handle
+
+    page.route("**/v1/answer", turned_away(1))
+    try:
+        ask(page, "When did the Eiffel Tower open?")  # turned away once, then answered
+        assert len(calls) == 2 and page.locator("#out .answer").count() == 1
+        calls.clear()
+        page.unroute("**/v1/answer")
+        page.route("**/v1/answer", turned_away(99))  # still busy after the tries: say so
+        page.fill("#q", "When did the Eiffel Tower open?")
+        page.press("#q", "Enter")
+        error = page.wait_for_selector("#out .error[role=alert]", timeout=15_000)
+        assert "too many questions queued (try again in 1 second)" in error.inner_text()
+        assert len(calls) == 3  # the first try and two more
+    finally:
+        page.unroute("**/v1/answer")
 
 
 def test_the_document_list_can_be_tried_again_after_an_error(page: Page) -> None:
