@@ -194,6 +194,9 @@ def _keyword_or_dir(v: str | None, keywords: tuple[str, ...], name: str, what: s
     return v
 
 
+DAY_S = 86_400.0  # the longest wait a setting may name (inf overflowed the timers it sets)
+
+
 class Settings(BaseSettings):
     """Service settings, read from ``CITEQA_*`` environment variables (unknown keyword
     arguments rejected; unknown variables, which pydantic-settings ignores, warned about)."""
@@ -220,7 +223,8 @@ class Settings(BaseSettings):
     generator_model: str | None = None  # the served model name; None = the only one it lists
     generator_api_key: str = ""  # sent as a bearer token; empty = none
     generator_concurrency: int = Field(8, ge=1, le=256)  # requests in flight to it at once
-    generator_wait_s: float = Field(600.0, ge=0)  # at start-up, wait this long for it to answer
+    # at start-up, wait this long for it to answer
+    generator_wait_s: float = Field(600.0, ge=0, le=DAY_S, allow_inf_nan=False)
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "citeqa")
     allow_private_urls: bool = False  # let the fetcher reach private/intranet addresses
     api_keys: str = ""  # comma-separated; empty = no authentication
@@ -230,16 +234,19 @@ class Settings(BaseSettings):
     # requests generated together in one batch; None = 4 with a local generator (more only adds
     # padding on a CPU), generator_concurrency with a remote one (the engine batches them)
     max_batch: int | None = Field(None, ge=1, le=256)
-    window_ms: float = Field(10.0, ge=0)  # wait after a batch's first request for more
+    # wait after a batch's first request for more
+    window_ms: float = Field(10.0, ge=0, le=10_000, allow_inf_nan=False)
     max_queue: int = Field(32, ge=1)  # waiting requests; more -> 503 with Retry-After
     # document adds/deletes waiting or running (each may rebuild a large index); more -> 503
     max_pending_updates: int = Field(8, ge=1)
     max_fetches: int = Field(4, ge=1)  # URLs fetched at once for POST /v1/documents; more -> 503
-    request_timeout_s: float = Field(120.0, gt=0)  # longer waits -> 504
+    request_timeout_s: float = Field(120.0, gt=0, le=DAY_S, allow_inf_nan=False)  # longer -> 504
     max_body_bytes: int = Field(65536, ge=1024)  # larger request bodies -> 413
     retry_after_s: int = Field(2, ge=0)  # Retry-After sent with 503s
-    shutdown_grace_s: float = Field(30.0, ge=0)  # time to finish queued work at shutdown
-    disconnect_poll_s: float = Field(0.05, gt=0)  # how often a waiting request checks its client
+    # time to finish queued work at shutdown
+    shutdown_grace_s: float = Field(30.0, ge=0, le=DAY_S, allow_inf_nan=False)
+    # how often a waiting request checks its client
+    disconnect_poll_s: float = Field(0.05, gt=0, le=60, allow_inf_nan=False)
 
     @field_validator("reward")
     @classmethod

@@ -469,6 +469,17 @@ def test_an_invalid_setting_is_named_as_its_variable(monkeypatch: pytest.MonkeyP
     assert "invalid max_batch (CITEQA_MAX_BATCH)" in result.output
 
 
+@pytest.mark.parametrize("name", ["SHUTDOWN_GRACE_S", "REQUEST_TIMEOUT_S", "GENERATOR_WAIT_S",
+                                  "WINDOW_MS", "DISCONNECT_POLL_S"])
+@pytest.mark.parametrize("value", ["inf", "nan", "1e309", "1e12"])
+def test_a_wait_no_timer_can_hold_is_refused(monkeypatch: pytest.MonkeyPatch, name: str,
+                                             value: str) -> None:
+    """CITEQA_SHUTDOWN_GRACE_S=inf was taken, and shutting down failed with an OverflowError."""
+    monkeypatch.setenv(f"CITEQA_{name}", value)
+    result = run("search", "q", "--index", "nowhere")
+    assert result.exit_code == 2 and f"(CITEQA_{name})" in result.output, result.output
+
+
 @pytest.mark.parametrize("kind", [["--dense-index", "flat"], ["--hnsw"], [], ["--dense-index",
                                   "ivf", "--bm25-only"]])
 def test_ivf_options_without_ivf_are_refused(corpus: Path, tmp_path: Path, kind: list[str]

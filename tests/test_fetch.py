@@ -463,6 +463,34 @@ def test_plain_text_charset_and_title() -> None:
     assert page.content_type == "text/plain"
 
 
+@pytest.mark.parametrize(("ctype", "body", "want"), [
+    # no charset in the header: the page's <meta> says latin-1
+    ("text/html", '<meta charset="iso-8859-1"><p>Crème brûlée</p>'.encode("latin-1"),
+     "Crème brûlée"),
+    # a byte-order mark beats the header's (wrong) charset, and is no part of the text
+    ("text/html; charset=iso-8859-1", "\ufeff<p>Crème</p>".encode("utf-8"), "Crème"),
+    ("text/html", "<p>Crème</p>".encode("utf-16"), "Crème"),  # UTF-16 with its mark
+    ("text/plain", "\ufeffplain café".encode("utf-8"), "plain café"),
+    # charsets Python knows by name that are no text encodings: read as UTF-8, not a crash
+    *[(f"text/html; charset={name}", "<p>café</p>".encode(), "café")
+      for name in ("idna", "hex", "base64", "rot13", "uu_codec", "punycode", "undefined")],
+])
+def test_a_page_is_decoded_by_its_mark_header_or_meta(ctype: str, body: bytes,
+                                                      want: str) -> None:
+    rec = Recorder({"example.com/p": lambda: httpx.Response(
+        200, headers={"Content-Type": ctype}, content=body)})  # fmt: skip
+    page = fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/p")
+    assert page.text == want
+
+
+def test_a_page_in_an_encoding_it_does_not_declare_is_refused() -> None:
+    body = "<p>no mark</p>".encode("utf-16-le")  # NULs between the letters, read as UTF-8
+    rec = Recorder({"example.com/p": lambda: httpx.Response(
+        200, headers={"Content-Type": "text/html"}, content=body)})  # fmt: skip
+    with pytest.raises(UnreadablePageError, match="NUL"):
+        fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/p")
+
+
 def test_html_without_title_uses_url_and_xhtml_accepted() -> None:
     rec = Recorder({"example.com/x": lambda: httpx.Response(
         200, headers={"Content-Type": "application/xhtml+xml"}, text="<p>body</p>")})  # fmt: skip

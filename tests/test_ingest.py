@@ -398,6 +398,59 @@ def test_json_array_and_invalid_json(tmp_path: Path) -> None:
     assert "neither SQuAD" in text
 
 
+def test_json_python_cannot_parse_is_a_skip_not_a_crash(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    huge = tmp_path / "huge.json"
+    huge.write_text('[{"text": "x", "n": ' + "9" * 5000 + "}]")
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text('{"text": "kept"}\n' + "[" * 100_000 + "\n" + '{"n": ' + "9" * 5000 + "}\n")
+    result = load(deep, huge, lines)
+    assert [d.text for d in result.documents] == ["kept"]
+    text = reasons(result)
+    assert "nested too deeply" in text and "line 2: JSON that cannot be read" in text
+    assert "line 3: JSON that cannot be read (Exceeds the limit" in text
+    assert f"{huge}: JSON that cannot be read (Exceeds the limit" in text
+
+
+def test_json_lines_end_at_newlines_only(tmp_path: Path) -> None:
+    """U+2028, U+2029 and U+0085 may stand raw in JSON strings (json.dumps with
+    ensure_ascii=False writes them so); str.splitlines took them for line ends."""
+    f = tmp_path / "docs.jsonl"
+    texts = ["one\u2028line", "two\x85lines\u2029here", "plain"]
+    f.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\r\n" for t in texts),
+                 encoding="utf-8", newline="")
+    result = load(f)
+    assert [d.text for d in result.documents] == texts and result.skipped == []
+    assert result.documents[2].source == f"{f}#3"  # positions are the file's line numbers
+
+
+def test_blank_texts_nulls_and_long_titles_of_json(tmp_path: Path) -> None:
+    f = tmp_path / "docs.jsonl"
+    rows = [{"text": "\u200b\ufeff "}, {"doc_id": None, "id": "keep-me", "text": "t",
+                                         "title": "T" * 1000}]
+    f.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\ufeff\r\n\u200b")
+    result = load(f, blank)
+    (doc,) = result.documents
+    assert doc.doc_id == "keep-me"  # a null doc_id is no id: "id" is read
+    assert len(doc.title) == 120 and doc.title.endswith("…")
+    text = reasons(result)
+    assert "line 1: no non-empty string 'text'" in text and "the file has no text" in text
+
+
+def test_squad_articles_with_one_title_keep_all_their_paragraphs(tmp_path: Path) -> None:
+    f = tmp_path / "squad.json"
+    article = {"title": "A", "paragraphs": [{"context": "first"}, {"context": "second"}]}
+    other = {"title": "A", "paragraphs": [{"context": "third"}]}
+    f.write_text(json.dumps({"data": [article, other]}))
+    result = load(f)
+    assert [d.text for d in result.documents] == ["first", "second", "third"]
+    assert [d.source for d in result.documents] == [f"{f}#A/0", f"{f}#A/1", f"{f}#A#1/0"]
+    assert result.skipped == []
+
+
 # --------------------------------------------------------------------------- HTML
 
 

@@ -28,7 +28,6 @@ and the connection that depends on them in one file is what lets a reader audit 
 
 from __future__ import annotations
 
-import codecs
 import ipaddress
 import logging
 import re
@@ -49,6 +48,7 @@ from citeqa.errors import (
     SourceError,
     UnreadablePageError,
 )
+from citeqa.ingest.encoding import decode_page
 from citeqa.ingest.html import extract_html, title_from_text
 
 logger = logging.getLogger(__name__)
@@ -472,7 +472,11 @@ class Fetcher:
             body = self._read(response, requested, deadline)
         finally:
             response.close()
-        text = body.decode(_charset(response.charset_encoding), errors="replace")
+        text = decode_page(body, response.charset_encoding, html=media in _HTML_TYPES)
+        if "\x00" in text:
+            raise UnreadablePageError(
+                f"{requested}: the page is binary or in an encoding it does not declare "
+                "(it holds NUL characters)")
         final = str(target.url)
         if media in _HTML_TYPES:
             try:
@@ -658,12 +662,3 @@ def _resolve_error(host: str, e: Exception) -> FetchError:
         return BadURLError(f"host {host!r} does not exist ({e.strerror}); check the URL")
     return FetchError(f"could not resolve {host!r}: {e}; try again later or check the URL")
 
-
-def _charset(name: str | None) -> str:
-    """A codec name Python knows for the response charset, else utf-8."""
-    if name:
-        try:
-            return codecs.lookup(name).name
-        except LookupError:
-            pass
-    return "utf-8"

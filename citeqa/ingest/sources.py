@@ -38,8 +38,10 @@ from typing import Any
 from tqdm import tqdm
 
 from citeqa.errors import FetchError, SourceError
+from citeqa.ingest.encoding import META_CHARSET_RE, META_SNIFF_BYTES, text_codec
 from citeqa.ingest.fetch import Fetcher, FetchPolicy
-from citeqa.ingest.html import extract_html, title_from_text
+from citeqa.ingest.html import cap_title, extract_html, title_from_text
+from citeqa.text import is_blank
 from citeqa.types import DOC_ID_PATTERN, MAX_DOC_ID_CHARS, Document
 
 logger = logging.getLogger(__name__)
@@ -49,7 +51,6 @@ HTML_EXTENSIONS = frozenset({".html", ".htm"})
 JSON_EXTENSIONS = frozenset({".json", ".jsonl"})
 SUPPORTED_EXTENSIONS = TEXT_EXTENSIONS | HTML_EXTENSIONS | JSON_EXTENSIONS
 _ID_RE = re.compile(DOC_ID_PATTERN)  # the rule REST applies to a chosen doc_id
-_META_CHARSET_RE = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?([A-Za-z0-9._:-]+)""", re.I)
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,7 @@ def _load_url(url: str, fetcher: Fetcher) -> Document | Skipped:
         page = fetcher.fetch(url)
     except FetchError as e:  # BlockedURLError included
         return Skipped(url, str(e))
-    if not page.text.strip():
+    if is_blank(page.text):
         return Skipped(url, "the page has no text")
     return Document(doc_id=doc_id_for(url), title=page.title, source=page.final_url, text=page.text)
 
@@ -275,7 +276,7 @@ def _load_file(path: Path) -> Iterator[Document | Skipped]:
 
 
 def _single(source: str, title: str, text: str) -> Document:
-    if not text.strip():
+    if is_blank(text):
         raise _SkipError("the file has no text")
     return Document(doc_id=doc_id_for(source), title=title, source=source, text=text)
 
@@ -300,14 +301,18 @@ def _decode_html(data: bytes) -> str:
     try:
         return _decode_text(data)
     except _SkipError:
-        m = _META_CHARSET_RE.search(data[:4096])
+        m = META_CHARSET_RE.search(data[:META_SNIFF_BYTES])
         if m is None or b"\x00" in data:
             raise
+        declared = m.group(1).decode("ascii", "replace")
+        codec = text_codec(declared)
         try:
-            return data.decode(m.group(1).decode("ascii"))
-        except (LookupError, UnicodeDecodeError):
+            if codec is None:
+                raise LookupError(declared)
+            return data.decode(codec)
+        except (LookupError, UnicodeError):
             raise _SkipError(
-                f"could not decode as UTF-8 or its declared charset {m.group(1).decode()!r}"
+                f"could not decode as UTF-8 or its declared charset {declared!r}"
             ) from None
 
 
@@ -338,6 +343,8 @@ def _json_documents(path: Path, text: str, hashed: list[str]) -> Iterator[Docume
                 raise _SkipError(
                     f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}; fix the file"
                 ) from None
+        except (ValueError, RecursionError) as e:  # too deep, or an integer too long
+            raise _SkipError(f"JSON that cannot be read ({_json_limit(e)}); fix the file") from None
         else:
             if _is_squad(obj):
                 yield from _squad_documents(source, obj)
@@ -353,7 +360,10 @@ def _json_documents(path: Path, text: str, hashed: list[str]) -> Iterator[Docume
                 )
             return
     n_lines = 0
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # lines end at "\n" only: JSON strings may hold U+2028, U+2029 and U+0085 as they are,
+    # which str.splitlines would take for line ends
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         n_lines += 1
@@ -362,9 +372,20 @@ def _json_documents(path: Path, text: str, hashed: list[str]) -> Iterator[Docume
         except json.JSONDecodeError as e:
             yield Skipped(source, f"line {lineno}: invalid JSON ({e.msg}); fix or remove the line")
             continue
+        except (ValueError, RecursionError) as e:
+            yield Skipped(source, f"line {lineno}: JSON that cannot be read ({_json_limit(e)}); "
+                                  "fix or remove the line")
+            continue
         yield _record_document(source, record, lineno, f"line {lineno}", hashed)
     if n_lines == 0:
         raise _SkipError("the file has no records")
+
+
+def _json_limit(e: ValueError | RecursionError) -> str:
+    """What about a well-formed-looking JSON text Python's parser refused."""
+    if isinstance(e, RecursionError):
+        return "arrays or objects nested too deeply"
+    return str(e).split(";")[0]
 
 
 def _record_document(source: str, record: Any, position: int, where: str,
@@ -374,9 +395,11 @@ def _record_document(source: str, record: Any, position: int, where: str,
     if not isinstance(record, dict):
         return Skipped(source, f"{where}: expected a JSON object with a 'text' field")
     text = record.get("text")
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str) or is_blank(text):
         return Skipped(source, f"{where}: no non-empty string 'text' field; add one")
-    own_id = record.get("doc_id", record.get("id"))
+    own_id = record.get("doc_id")
+    if own_id is None:
+        own_id = record.get("id")
     if isinstance(own_id, bool) or not isinstance(own_id, str | int):
         own_id = None
     doc_id = str(own_id) if own_id is not None else ""
@@ -388,9 +411,9 @@ def _record_document(source: str, record: Any, position: int, where: str,
     if not isinstance(doc_source, str):
         doc_source = f"{source}#{position}"
     title = record.get("title")
-    if not isinstance(title, str) or not title.strip():
+    if not isinstance(title, str) or is_blank(title):
         title = title_from_text(text, f"{Path(source).name} #{position}")
-    return Document(doc_id=doc_id, title=title.strip(), source=doc_source, text=text)
+    return Document(doc_id=doc_id, title=cap_title(title.strip()), source=doc_source, text=text)
 
 
 def _is_squad(obj: Any) -> bool:
@@ -403,15 +426,20 @@ def _is_squad(obj: Any) -> bool:
 
 def _squad_documents(source: str, obj: dict[str, Any]) -> Iterator[Document | Skipped]:
     """One document per SQuAD paragraph: text == context, titled by its article."""
+    titles: set[str] = set()
     for a, article in enumerate(obj["data"]):
         raw_title = article.get("title")
-        if not isinstance(raw_title, str) or not raw_title.strip():
+        if not isinstance(raw_title, str) or is_blank(raw_title):
             raw_title = f"article-{a}"
-        title = raw_title.replace("_", " ")
+        title = cap_title(raw_title.replace("_", " ").strip())
+        # an article whose title an earlier one has is told apart by its position (the first
+        # keeps the plain name, so ids of files without repeats stay as they were)
+        name = raw_title if raw_title not in titles else f"{raw_title}#{a}"
+        titles.add(raw_title)
         for p, paragraph in enumerate(article["paragraphs"]):
-            doc_source = f"{source}#{raw_title}/{p}"
+            doc_source = f"{source}#{name}/{p}"
             context = paragraph.get("context") if isinstance(paragraph, dict) else None
-            if not isinstance(context, str) or not context.strip():
+            if not isinstance(context, str) or is_blank(context):
                 yield Skipped(doc_source, "SQuAD paragraph has no 'context' text")
                 continue
             yield Document(

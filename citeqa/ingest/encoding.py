@@ -1,0 +1,66 @@
+"""Which text encoding a page's bytes are in: its byte-order mark, what its server declares,
+what its HTML ``<meta>`` declares (the order HTML's encoding sniffing gives them).
+
+Only codecs that turn bytes into text count: Python also knows ``hex``, ``base64``, ``rot13``
+and the like by name, and ``idna``, ``punycode`` and ``undefined`` cannot read arbitrary bytes
+with replacement, so a page naming one of those is read as if it named none.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+
+# A byte-order mark says the encoding whatever a header or <meta> claims (UTF-32 before UTF-16:
+# UTF-32 LE's mark begins with UTF-16 LE's).
+_BOMS = (
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+META_CHARSET_RE = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?([A-Za-z0-9._:-]+)""", re.I)
+META_SNIFF_BYTES = 4096  # where a <meta> charset is looked for
+# text codecs that fail on arbitrary bytes even with errors="replace"
+_NOT_DECODING = frozenset({"idna", "punycode", "undefined"})
+
+
+def text_codec(name: str | bytes | None) -> str | None:
+    """Python's name for the text encoding called ``name``; None when it names none."""
+    if isinstance(name, bytes):
+        name = name.decode("ascii", "replace")
+    if not name:
+        return None
+    try:
+        info = codecs.lookup(name.strip())
+    except LookupError:
+        return None
+    if not getattr(info, "_is_text_encoding", True) or info.name in _NOT_DECODING:
+        return None
+    return info.name
+
+
+def bom_codec(data: bytes) -> tuple[str, int] | None:
+    """``(codec, length of the mark)`` when ``data`` starts with a byte-order mark."""
+    for bom, name in _BOMS:
+        if data.startswith(bom):
+            return name, len(bom)
+    return None
+
+
+def meta_charset(data: bytes) -> str | None:
+    """The text codec an HTML page's ``<meta>`` declares in its first bytes, if any."""
+    m = META_CHARSET_RE.search(data[:META_SNIFF_BYTES])
+    return text_codec(m.group(1)) if m else None
+
+
+def decode_page(data: bytes, declared: str | None, *, html: bool) -> str:
+    """A fetched page's text: by its byte-order mark (dropped), else the charset its server
+    ``declared``, else (``html``) its ``<meta>`` charset, else UTF-8; bytes that do not decode
+    become U+FFFD."""
+    bom = bom_codec(data)
+    if bom is not None:
+        return data[bom[1]:].decode(bom[0], errors="replace")
+    codec = text_codec(declared) or (meta_charset(data) if html else None) or "utf-8"
+    return data.decode(codec, errors="replace")
