@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -157,6 +158,31 @@ def test_folder_recursion_sorted_hidden_and_unsupported(tmp_path: Path) -> None:
     assert result.skipped[0].source.endswith("notes.rst")
     assert "unsupported" in result.skipped[0].reason
     assert not any("hidden" in d.text for d in result.documents)
+
+
+def test_symlinked_and_unreadable_folders_are_named_not_silently_left_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "r.txt").write_text("linked text")
+    root = tmp_path / "corpus"
+    (root / "locked").mkdir(parents=True)
+    (root / "a.txt").write_text("plain")
+    (root / "locked" / "l.txt").write_text("locked away")
+    (root / "linked").symlink_to(real, target_is_directory=True)
+    scandir = os.scandir
+
+    def refuse_locked(path: Any = ".") -> Any:  # chmod 0 does not stop root, who runs CI
+        if Path(path) == root / "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse_locked)
+    result = load(root)
+    assert [d.text for d in result.documents] == ["plain"]
+    text = reasons(result)
+    assert f"{root / 'linked'}: a symlinked folder is not followed" in text
+    assert f"{root / 'locked'}: could not list the folder (Permission denied)" in text
 
 
 def test_same_file_twice_is_one_document_however_it_is_named(tmp_path: Path) -> None:

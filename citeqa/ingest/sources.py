@@ -199,8 +199,17 @@ def _walk(root: Path, skipped: list[Skipped]) -> Iterator[Path]:
     left out (an index built inside its source folder would otherwise be read back in)."""
     from citeqa.retrieval.store import is_index_dir
 
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    def unreadable(e: OSError) -> None:
+        where = e.filename if e.filename is not None else str(root)
+        skipped.append(Skipped(_printable(str(where)),
+                               f"could not list the folder ({e.strerror or e}); check permissions"))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=unreadable):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for d in dirnames:  # (os.walk lists a symlinked folder among the folders, not entered)
+            if os.path.islink(os.path.join(dirpath, d)):
+                skipped.append(Skipped(os.path.join(dirpath, d), "a symlinked folder is not "
+                                       "followed (a link may loop); name it as a source"))
         if is_index_dir(Path(dirpath)):
             dirnames[:] = []
             skipped.append(Skipped(dirpath, "a citeqa index, not a source: left out"))
