@@ -193,6 +193,8 @@ def index_build(
         raise fail("--work-dir, --embedders and --shard-chars only apply with --ray")
     if (nprobe or nlist) and (dense_index != "ivf" or bm25_only):
         raise fail("--nprobe and --nlist only apply with --dense-index ivf")
+    if bm25_only and (hnsw or dense_index != "auto"):
+        raise fail("--bm25-only builds no dense index: drop --hnsw / --dense-index")
     if if_missing:
         with contextlib.suppress(CiteqaError):  # no index there: build it
             recover_index(out)

@@ -492,6 +492,15 @@ def test_ivf_options_without_ivf_are_refused(corpus: Path, tmp_path: Path, kind:
     assert not (tmp_path / "idx").exists()
 
 
+@pytest.mark.parametrize("kind", [["--hnsw"], ["--dense-index", "flat"]])
+def test_a_dense_index_kind_with_bm25_only_is_refused(corpus: Path, tmp_path: Path,
+                                                      kind: list[str]) -> None:
+    result = run("index", "build", str(corpus), "--out", str(tmp_path / "idx"), "--preset",
+                 "tiny", "--no-progress", "--bm25-only", *kind)
+    assert result.exit_code == 2 and "--bm25-only builds no dense index" in result.output
+    assert not (tmp_path / "idx").exists()
+
+
 @pytest.mark.parametrize("command", [["index", "build"], ["ask"], ["serve"], ["eval"]])
 def test_help_shows_flags_without_a_value_and_arguments_by_name(command: list[str]) -> None:
     """--help reads as usual: a flag takes no value, an argument is named in capitals (typer
