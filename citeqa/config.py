@@ -201,7 +201,9 @@ class Settings(BaseSettings):
     """Service settings, read from ``CITEQA_*`` environment variables (unknown keyword
     arguments rejected; unknown variables, which pydantic-settings ignores, warned about)."""
 
-    model_config = SettingsConfigDict(env_prefix="CITEQA_", extra="forbid")
+    # a variable set to "" counts as unset (CITEQA_INDEX= read as the folder ".", and
+    # CITEQA_MAX_BATCH= failed to parse as a number)
+    model_config = SettingsConfigDict(env_prefix="CITEQA_", extra="forbid", env_ignore_empty=True)
 
     preset: PresetName = "default"  # named algorithm preset
     index: Path = Path("index/default")  # index directory served

@@ -469,6 +469,20 @@ def test_an_invalid_setting_is_named_as_its_variable(monkeypatch: pytest.MonkeyP
     assert "invalid max_batch (CITEQA_MAX_BATCH)" in result.output
 
 
+def test_a_setting_set_empty_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CITEQA_INDEX= served the folder "." and CITEQA_MAX_BATCH= failed to parse (a compose file's
+    ${VAR:-} sets them so)."""
+    from citeqa.config import Settings
+
+    for name in ("INDEX", "MAX_BATCH", "CACHE_DIR", "CPU_DTYPE", "ANSWER_MODE",
+                 "REQUEST_TIMEOUT_S"):
+        monkeypatch.setenv(f"CITEQA_{name}", "")
+    read = Settings()
+    assert (read.index, read.max_batch, read.cpu_dtype, read.answer_mode) == (
+        Path("index/default"), None, None, None)  # the defaults
+    assert read.request_timeout_s == 120.0 and read.cache_dir.name == "citeqa"
+
+
 @pytest.mark.parametrize("name", ["SHUTDOWN_GRACE_S", "REQUEST_TIMEOUT_S", "GENERATOR_WAIT_S",
                                   "WINDOW_MS", "DISCONNECT_POLL_S"])
 @pytest.mark.parametrize("value", ["inf", "nan", "1e309", "1e12"])
