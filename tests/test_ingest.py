@@ -52,6 +52,21 @@ def test_txt_text_is_file_content_unchanged_crlf_and_unicode(tmp_path: Path) -> 
     assert len(doc.doc_id) == 16 and int(doc.doc_id, 16) >= 0
 
 
+@pytest.mark.parametrize(("first_line", "title"), [
+    ("Zebras", "Zebras"),
+    ("Volcanoes of Iceland", "Volcanoes of Iceland"),
+    ("Zebras live in Africa and have stripes.", "z.txt"),  # a sentence, not a title
+    ("Do zebras have stripes?", "z.txt"),
+    ("word " * 30, "z.txt"),  # longer than a title
+])
+def test_a_first_line_is_a_title_only_when_it_reads_as_one(tmp_path: Path, first_line: str,
+                                                           title: str) -> None:
+    f = tmp_path / "z.txt"
+    f.write_text(f"{first_line}\nVolcanoes erupt.\n", encoding="utf-8")
+    (doc,) = load(f).documents
+    assert doc.title == title
+
+
 def test_md_title_is_first_heading(tmp_path: Path) -> None:
     f = tmp_path / "notes.md"
     f.write_text("some preface\n\n## The Real Title ##\n\nbody\n", encoding="utf-8")

@@ -172,6 +172,9 @@ def extract_html(html: str, *, max_seconds: float | None = None) -> HtmlText:
     return HtmlText(text=text, title=cap_title(title))
 
 
+_SENTENCE_ENDS = (".", "!", "?", ";", ",", "。", "！", "？")  # a line ending so is prose
+
+
 def cap_title(title: str, max_chars: int = TITLE_MAX_CHARS) -> str:
     """``title`` cut to ``max_chars`` characters (ending in an ellipsis when cut)."""
     return title if len(title) <= max_chars else title[: max_chars - 1].rstrip() + "…"
@@ -179,7 +182,12 @@ def cap_title(title: str, max_chars: int = TITLE_MAX_CHARS) -> str:
 
 def title_from_text(text: str, fallback: str, *, markdown: bool = False) -> str:
     """A title for plain text: the first markdown heading (when ``markdown``), else the first
-    non-empty line (a leading ``#`` heading marker removed), else ``fallback``."""
+    non-empty line when it is a ``#`` heading (the marker removed) or reads as one (at most
+    ``TITLE_MAX_CHARS`` characters, not ending as a sentence does), else ``fallback``.
+
+    A title is indexed with every passage of its document (``indexed_text``), so a first line
+    that is the text's first sentence must not become it: its words would match every
+    passage."""
     text = text.removeprefix("\ufeff")  # a byte-order mark is no part of the title
     if markdown:
         m = _HEADING_RE.search(text)
@@ -189,7 +197,12 @@ def title_from_text(text: str, fallback: str, *, markdown: bool = False) -> str:
         line = line.strip()
         if line:
             m = _HEADING_RE.match(line)
-            return cap_title(_SPACE_RE.sub(" ", _heading(m) if m else line).strip())
+            if m:
+                return cap_title(_SPACE_RE.sub(" ", _heading(m)).strip())
+            line = _SPACE_RE.sub(" ", line)
+            if len(line) <= TITLE_MAX_CHARS and not line.endswith(_SENTENCE_ENDS):
+                return line
+            return fallback
     return fallback
 
 

@@ -281,7 +281,8 @@ def _load_file(path: Path) -> Iterator[Document | Skipped]:
     else:  # .txt, .md, or a file named explicitly
         text = _decode_text(data)
         markdown = suffix in (".md", ".markdown")
-        yield _single(source, title_from_text(text, path.name, markdown=markdown), text)
+        title = title_from_text(text, _printable(path.name), markdown=markdown)
+        yield _single(source, title, text)
 
 
 def _single(source: str, title: str, text: str) -> Document:
