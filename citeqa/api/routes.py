@@ -124,7 +124,8 @@ def make_run_batch(pipeline: PipelineLike) -> Callable[[list[AskArgs]], list[Ans
 
 
 def text_document(body: TextDocumentIn) -> Document:
-    """The Document for a posted text; doc_id and title default to a hash and the first line."""
+    """The Document for a posted text; doc_id and title default to a hash and a title from the
+    text (``title_from_text``)."""
     source = body.source or ""
     doc_id = body.doc_id or doc_id_for(f"{source}\n{body.title or ''}\n{body.text}")
     title = body.title if body.title is not None else title_from_text(body.text, doc_id)

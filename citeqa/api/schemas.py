@@ -187,7 +187,9 @@ class TextDocumentIn(_Request):
                       description="full text (the whole request body is limited to "
                       "CITEQA_MAX_BODY_BYTES, 64 KiB unless the server sets more)")
     title: str | None = Field(default=None, max_length=MAX_TITLE_CHARS, pattern=NO_NUL,
-                              description="default: the text's first line")
+                              description="default: the text's first line where it reads as "
+                              "a title (a # heading, or up to 120 characters not ending as a "
+                              "sentence does), else the doc_id")
     doc_id: str | None = Field(default=None, max_length=MAX_DOC_ID_CHARS, pattern=DOC_ID_PATTERN,
                                description="default: a hash of source, title and text")
     source: str | None = Field(default=None, max_length=MAX_SOURCE_CHARS, pattern=NO_NUL,

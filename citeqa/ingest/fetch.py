@@ -114,7 +114,7 @@ class FetchedPage:
     final_url: str  # after redirects
     content_type: str  # media type without parameters, e.g. "text/html"
     text: str  # extracted text (HTML -> visible text; plain text unchanged)
-    title: str  # <title>, first line of plain text, or the URL
+    title: str  # <title>, a title from plain text (title_from_text), or the URL
 
 
 # --------------------------------------------------------------------------- address rules
