@@ -30,6 +30,16 @@ def test_summary_counts(tmp_path: Path) -> None:
     assert len(Index.load(tmp_path / "idx").passages) == 4
 
 
+def test_every_step_of_a_build_shows_its_progress(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    build_index_from_documents(OLD, tmp_path / "idx", CFG, progress=True,
+                               embedder=HashEmbedder(dim=16))
+    out, err = capsys.readouterr()
+    assert out == ""
+    for step in ("chunking", "BM25", "embedding"):  # none of them silent on a large corpus
+        assert f"{step}: 100%" in err, err
+
+
 def test_empty_corpus_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(EmptyCorpusError, match="no documents to index; pass"):
         build_index_from_documents([], tmp_path / "idx", CFG, progress=False)

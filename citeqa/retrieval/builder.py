@@ -7,6 +7,7 @@ or killed build leaves the previous index in place.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from tqdm import tqdm
 
 from citeqa.config import RetrievalConfig
 from citeqa.errors import EmptyCorpusError
@@ -121,7 +123,8 @@ def build_index_from_documents(
             f"no documents to index; pass {SUPPORTED} files, folders holding them, or http(s) URLs"
         )
     spans, passage_doc = [], []
-    for row, doc in enumerate(docs):
+    chunking = tqdm(docs, desc="chunking", unit="doc", disable=not progress, file=sys.stderr)
+    for row, doc in enumerate(chunking):
         for span in chunk_document(doc.text, cfg.chunk):
             spans.append(span)
             passage_doc.append(row)
@@ -135,8 +138,9 @@ def build_index_from_documents(
         for (s, e), row in zip(spans, passage_doc, strict=True)
     ]
     log.info("indexing %d documents as %d passages", len(docs), len(spans))
+    words = tqdm(texts, desc="BM25", unit="passage", disable=not progress, file=sys.stderr)
     bm25 = BM25Index.build(
-        (tokenize(t) for t in texts), k1=cfg.bm25_k1, b=cfg.bm25_b, epsilon=cfg.bm25_epsilon
+        (tokenize(t) for t in words), k1=cfg.bm25_k1, b=cfg.bm25_b, epsilon=cfg.bm25_epsilon
     )
     dense, embedding = None, None
     if cfg.dense:
@@ -144,6 +148,7 @@ def build_index_from_documents(
         vectors = embedder.embed(texts, batch_size=cfg.embed_batch_size, progress=progress)
         dense = DenseIndex.build(vectors, spec=dense_spec_for(cfg, dense_spec))
         embedding = embedding_record(embedder, cfg)
+    log.info("writing the index to %s", out)
     save_index(
         out,
         documents=docs,
