@@ -481,6 +481,22 @@ def test_blank_texts_nulls_and_long_titles_of_json(tmp_path: Path) -> None:
     assert "line 1: no non-empty string 'text'" in text and "the file has no text" in text
 
 
+def test_empty_json_and_a_bad_squad_article_are_said_so(tmp_path: Path) -> None:
+    empty_list = tmp_path / "list.json"
+    empty_list.write_text("[]")
+    empty_squad = tmp_path / "squad0.json"
+    empty_squad.write_text('{"data": []}')
+    squad = tmp_path / "squad.json"
+    squad.write_text(json.dumps({"data": [{"title": "Broken"}, {"title": "A", "paragraphs": [
+        {"context": "kept"}]}]}))
+    result = load(empty_list, empty_squad, squad)
+    assert [d.text for d in result.documents] == ["kept"]
+    text = reasons(result)
+    assert f"{empty_list}: the file has no records" in text
+    assert f"{empty_squad}: the SQuAD file has no articles" in text
+    assert f"{squad}#article-0: SQuAD article without a 'paragraphs' list" in text
+
+
 def test_squad_articles_with_one_title_keep_all_their_paragraphs(tmp_path: Path) -> None:
     f = tmp_path / "squad.json"
     article = {"title": "A", "paragraphs": [{"context": "first"}, {"context": "second"}]}

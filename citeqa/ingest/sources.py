@@ -359,6 +359,8 @@ def _json_documents(path: Path, text: str, hashed: list[str]) -> Iterator[Docume
             if _is_squad(obj):
                 yield from _squad_documents(source, obj)
             elif isinstance(obj, list):
+                if not obj:
+                    raise _SkipError("the file has no records (an empty JSON list)")
                 for i, element in enumerate(obj):
                     yield _record_document(source, element, i, f"element {i}", hashed)
             elif isinstance(obj, dict) and "text" in obj:
@@ -427,17 +429,25 @@ def _record_document(source: str, record: Any, position: int, where: str,
 
 
 def _is_squad(obj: Any) -> bool:
+    """SQuAD's shape: ``{"data": [...]}`` whose articles (some may be malformed: each is skipped
+    on its own) have ``paragraphs``."""
     return (
         isinstance(obj, dict)
         and isinstance(obj.get("data"), list)
-        and all(isinstance(a, dict) and isinstance(a.get("paragraphs"), list) for a in obj["data"])
+        and (not obj["data"] or any(isinstance(a, dict) and "paragraphs" in a
+                                    for a in obj["data"]))
     )
 
 
 def _squad_documents(source: str, obj: dict[str, Any]) -> Iterator[Document | Skipped]:
     """One document per SQuAD paragraph: text == context, titled by its article."""
+    if not obj["data"]:
+        raise _SkipError("the SQuAD file has no articles ('data' is empty)")
     titles: set[str] = set()
     for a, article in enumerate(obj["data"]):
+        if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
+            yield Skipped(f"{source}#article-{a}", "SQuAD article without a 'paragraphs' list")
+            continue
         raw_title = article.get("title")
         if not isinstance(raw_title, str) or is_blank(raw_title):
             raw_title = f"article-{a}"
