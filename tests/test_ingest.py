@@ -200,6 +200,20 @@ def test_symlinked_and_unreadable_folders_are_named_not_silently_left_out(
     assert f"{root / 'locked'}: could not list the folder (Permission denied)" in text
 
 
+def test_a_pdf_or_an_archive_is_said_to_need_its_text_extracted(tmp_path: Path) -> None:
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / "paper.pdf").write_text("%PDF-1.4 looks like text")  # valid UTF-8, still no text
+    (root / "notes.txt.gz").write_bytes(b"\x1f\x8b")
+    (root / "a.txt").write_text("plain")
+    result = load(root, root / "paper.pdf")  # in a folder, and named explicitly
+    assert [d.text for d in result.documents] == ["plain"]
+    text = reasons(result)
+    assert text.count("paper.pdf: .pdf files are not read; extract their text first "
+                      "(e.g. pdftotext FILE)") == 2
+    assert "notes.txt.gz: .gz files are not read; extract their text first (e.g. gunzip" in text
+
+
 def test_same_file_twice_is_one_document_however_it_is_named(tmp_path: Path) -> None:
     f = tmp_path / "a.txt"
     f.write_text("once", encoding="utf-8")

@@ -51,6 +51,12 @@ HTML_EXTENSIONS = frozenset({".html", ".htm"})
 JSON_EXTENSIONS = frozenset({".json", ".jsonl"})
 SUPPORTED_EXTENSIONS = TEXT_EXTENSIONS | HTML_EXTENSIONS | JSON_EXTENSIONS
 _ID_RE = re.compile(DOC_ID_PATTERN)  # the rule REST applies to a chosen doc_id
+# Formats that hold text citeqa does not read itself: how to get the text out first.
+EXTRACT_FIRST = {
+    ".pdf": "pdftotext FILE", ".docx": "pandoc -t plain FILE", ".odt": "pandoc -t plain FILE",
+    ".epub": "pandoc -t plain FILE", ".rtf": "pandoc -t plain FILE", ".gz": "gunzip FILE",
+    ".bz2": "bunzip2 FILE", ".xz": "unxz FILE", ".zst": "unzstd FILE", ".zip": "unzip FILE",
+}
 
 
 @dataclass(frozen=True)
@@ -175,6 +181,8 @@ def _expand(source: str, skipped: list[Skipped]) -> list[str | Path]:
                                        "or looping symlink)"))
             elif f.suffix.lower() in SUPPORTED_EXTENSIONS:
                 out.append(f)
+            elif f.suffix.lower() in EXTRACT_FIRST:
+                skipped.append(Skipped(str(f), _extract_first(f.suffix.lower())))
             else:
                 skipped.append(
                     Skipped(
@@ -192,6 +200,10 @@ def _expand(source: str, skipped: list[Skipped]) -> list[str | Path]:
     else:
         skipped.append(Skipped(source, "no such file or folder; check the path"))
     return []
+
+
+def _extract_first(suffix: str) -> str:
+    return f"{suffix} files are not read; extract their text first (e.g. {EXTRACT_FIRST[suffix]})"
 
 
 def _walk(root: Path, skipped: list[Skipped]) -> Iterator[Path]:
@@ -270,8 +282,10 @@ def _load_url(url: str, fetcher: Fetcher) -> Document | Skipped:
 
 def _load_file(path: Path) -> Iterator[Document | Skipped]:
     """Documents from one file; raises _SkipError when the whole file yields none."""
-    data = path.read_bytes()
     suffix = path.suffix.lower()
+    if suffix in EXTRACT_FIRST:
+        raise _SkipError(_extract_first(suffix))
+    data = path.read_bytes()
     source = _printable(str(path))  # a name that is not UTF-8 (surrogates) written as escapes
     if suffix in HTML_EXTENSIONS:
         page = extract_html(_decode_html(data))
