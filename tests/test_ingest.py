@@ -589,6 +589,23 @@ def test_urls_via_injected_fetcher_blocked_becomes_skipped(tmp_path: Path) -> No
     assert "private" in result.skipped[0].reason
 
 
+def test_two_urls_that_lead_to_one_page_are_one_document() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/old":
+            return httpx.Response(301, headers={"Location": "https://example.com/page"})
+        return httpx.Response(200, headers={"Content-Type": "text/html"},
+                              text=f"<p>page at {request.url.path}</p>")
+
+    fetcher = Fetcher(FetchPolicy(), transport=httpx.MockTransport(handler),
+                      resolver=lambda host, port: ["93.184.216.34"])
+    result = load("https://example.com/page", "https://example.com/old",
+                  "https://example.com/other", fetcher=fetcher)
+    assert [d.source for d in result.documents] == ["https://example.com/page",
+                                                    "https://example.com/other"]
+    assert reasons(result) == ("https://example.com/old: the same page as "
+                               "https://example.com/page (both lead to https://example.com/page)")
+
+
 def test_progress_bar_goes_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "a.txt").write_text("a", encoding="utf-8")
     load_sources([str(tmp_path)], progress=True)

@@ -111,6 +111,7 @@ def load_sources(
     items, result.skipped = expand_sources(sources)
     fetcher = fetcher or Fetcher(FetchPolicy())
     first_seen: dict[str, str] = {}  # doc_id -> source of the document that kept it
+    pages: dict[str, str] = {}  # a fetched page's final URL -> the URL that first reached it
     bar = tqdm(items, desc="loading sources", unit="src", disable=not progress, file=sys.stderr)
     for item in bar:
         for entry in load_item(item, fetcher):
@@ -118,7 +119,12 @@ def load_sources(
                 result.skipped.append(entry)
             elif entry.doc_id in first_seen:
                 result.skipped.append(duplicate(entry, first_seen[entry.doc_id]))
+            elif isinstance(item, str) and entry.source in pages:  # two URLs, one page
+                result.skipped.append(Skipped(item, f"the same page as {pages[entry.source]} "
+                                              f"(both lead to {entry.source})"))
             else:
+                if isinstance(item, str):
+                    pages[entry.source] = item
                 first_seen[entry.doc_id] = entry.source
                 result.documents.append(entry)
     for s in result.skipped:  # the caller reports them (`citeqa index build` prints each once)
