@@ -102,6 +102,18 @@ def rank(candidates: Sequence[Candidate]) -> list[Candidate]:
     )
 
 
+def _no_nan_scores(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """``candidates`` with a NaN score (a model that failed on them) scored 0, logged: NaN
+    passes no comparison, so it stood above every threshold and broke the ranking."""
+    out = []
+    for c in candidates:
+        if c.score is not None and math.isnan(c.score):
+            logger.warning("the scorer gave a NaN score to answer %r; scored 0", c.answer)
+            c = replace(c, score=0.0)
+        out.append(c)
+    return out
+
+
 class Pipeline:
     """Answers questions with a verified quote, or declines."""
 
@@ -177,6 +189,10 @@ class Pipeline:
             raise InvalidRequestError(
                 f"answer_mode must be one of {list(ANSWER_MODES)}, got {args.answer_mode!r}")
         min_score = args.min_score
+        # between 0 and 1, or inf: a target no threshold certifies (checked args come back
+        # here through ask_many); NaN is neither
+        if min_score is not None and not (0.0 <= min_score <= 1.0 or min_score == math.inf):
+            raise InvalidRequestError(f"min_score must be between 0 and 1, got {min_score}")
         if args.target_accuracy is not None:
             if min_score is not None:
                 raise InvalidRequestError("give min_score or target_accuracy, not both")
@@ -272,7 +288,7 @@ class Pipeline:
             scored = self.scorer.score(question, generation.candidates, documents)
         else:
             scored = [replace(c, score=confidence(c)) for c in generation.candidates]
-        candidates = rank(scored)
+        candidates = rank(_no_nan_scores(scored))
         t3 = time.perf_counter()
 
         timings = {
@@ -293,7 +309,7 @@ class Pipeline:
             )
         elif threshold is not None and math.isinf(threshold):
             reason = self._uncertified_reason(best.score or 0.0, asked=args.min_score is not None)
-        elif threshold is not None and (best.score is None or best.score < threshold):
+        elif threshold is not None and not (best.score is not None and best.score >= threshold):
             reason = f"best score {best.score or 0.0:.3f} is below the threshold {threshold:.3f}"
             if self.scorer is None:
                 reason += f" ({STAND_IN_NOTE})"

@@ -130,6 +130,17 @@ def test_walk_matches_reference(pairs, target, delta, min_answered) -> None:
         assert cal.accuracy > target
 
 
+def test_no_verified_quote_is_no_threshold_to_certify() -> None:
+    """Questions without a verified quote score -inf (declined whatever the threshold). A walk
+    that certified their block returned the threshold -inf, which calibration.json stored as
+    null, read back as inf: "certifies nothing", for a target every finite threshold met."""
+    scores = [0.9] * 30 + [0.5] * 30 + [-math.inf] * 5
+    correct = [True] * 45 + [False] * 20
+    cal = calibrate_threshold(scores, correct, target_accuracy=0.3, delta=0.1)
+    assert cal.threshold == 0.5 and cal.n_answered == 60 and cal.n == 65
+    assert Calibration.from_json(json.loads(json.dumps(cal.to_json()))).threshold == 0.5
+
+
 def test_all_correct_answers_everything() -> None:
     scores = np.linspace(0, 1, 100)
     cal = calibrate_threshold(scores, np.ones(100, bool), target_accuracy=0.9, delta=0.1)
@@ -286,6 +297,13 @@ def test_choose_target_takes_the_highest_with_enough_coverage_at_delta_over_k() 
     # at delta / k the chosen target answers no more than the same target at delta would
     assert got.threshold >= calibrate_threshold(s, c, target_accuracy=got.target_accuracy,
                                                 delta=0.1).threshold
+
+
+def test_choose_target_counts_a_repeated_target_once() -> None:
+    s, c = _uniform(300, 4)
+    once = choose_target(s, c, targets=[0.6, 0.7], min_coverage=0.0, delta=0.1)
+    twice = choose_target(s, c, targets=[0.6, 0.7, 0.7], min_coverage=0.0, delta=0.1)
+    assert twice == once and twice.delta == pytest.approx(0.05)
 
 
 def test_choose_target_falls_back_to_the_lowest_target() -> None:

@@ -226,6 +226,41 @@ def test_the_scorers_calibrated_threshold_decides(value, threshold, declined):
     assert not p.ask("When did it open?", min_score=value - 0.05).declined
 
 
+class NanFirstScorer:
+    """Scorer stand-in for a model that fails on the first candidate (NaN)."""
+
+    threshold = 0.5
+
+    def __init__(self, rest: float) -> None:
+        self.rest = rest
+
+    def score(self, question: str, candidates: Sequence[Candidate],
+              documents: object = None) -> list[Candidate]:
+        return [replace(c, score=math.nan if i == 0 else self.rest)
+                for i, c in enumerate(candidates)]
+
+
+@pytest.mark.parametrize("rest", [0.1, 0.95])
+def test_a_nan_score_never_passes_a_threshold_or_heads_the_ranking(rest: float) -> None:
+    texts = [
+        "Answer: Paris\nQuote [1]: The Eiffel Tower is a wrought-iron lattice tower in Paris.",
+        "Answer: 1889\nQuote [1]: It opened in 1889 as the entrance to the World's Fair.",
+    ]
+    p = pipeline(lambda r: texts[: r.n], cfg=UNCONSTRAINED, scorer=NanFirstScorer(rest))
+    ans = p.ask("When did the Eiffel Tower open?", n_candidates=2)
+    assert [c.answer for c in ans.candidates] == ["1889", "Paris"]
+    assert ans.candidates[1].score == 0.0
+    assert ans.declined is (rest < 0.5) and ans.answer == (None if rest < 0.5 else "1889")
+
+
+@pytest.mark.parametrize("min_score", [math.nan, -0.1, 1.5])
+def test_a_min_score_outside_0_1_is_refused(min_score: float) -> None:
+    text = "Answer: 1889\nQuote [1]: It opened in 1889 as the entrance to the World's Fair."
+    p = pipeline(lambda r: [text] * r.n, cfg=UNCONSTRAINED, scorer=FixedScorer(0.1, 0.5))
+    with pytest.raises(InvalidRequestError, match="min_score must be between 0 and 1"):
+        p.ask("When did it open?", min_score=min_score)
+
+
 def _quote() -> Quote:
     return Quote("x" * 20, "d", "t", "s", 0, 20)
 

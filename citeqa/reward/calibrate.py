@@ -175,6 +175,10 @@ def calibrate_threshold(
     order = np.argsort(-s, kind="stable")
     s_sorted, errors = s[order], np.cumsum(~c[order])
     block_end = np.flatnonzero(np.append(s_sorted[1:] != s_sorted[:-1], True))  # [T]
+    # -inf (a question with no verified quote, declined whatever the threshold) is no
+    # threshold to test: "answer iff score >= -inf" would read as "certifies nothing" (inf)
+    # once stored, as both are infinite
+    block_end = block_end[s_sorted[block_end] > -np.inf]
     n_answered = block_end + 1  # [T] answered at each candidate threshold, increasing
     n_errors = errors[block_end]  # [T]
 
@@ -227,7 +231,7 @@ def choose_target(
         raise ValueError("targets is empty: give at least one answered accuracy to test")
     if not 0.0 <= min_coverage <= 1.0:
         raise ValueError(f"min_coverage must be in [0, 1], got {min_coverage}")
-    level = delta / len(targets)
+    level = delta / len(set(targets))  # the targets tested (a repeated one is one test)
     results = [
         calibrate_threshold(
             scores, correct, target_accuracy=t, delta=level, min_answered=min_answered
