@@ -256,6 +256,25 @@ def test_calibration_round_trip_and_monotone_threshold_for(calibrated: Path) -> 
     assert values == sorted(values), values
 
 
+def test_a_target_that_fails_at_its_start_does_not_decline_the_targets_above_it() -> None:
+    """A walk starts at the fewest answers that can pass its target, later for lower ones: here
+    0.63's walk fails at its start (5 answered, 2 wrong) while 0.64's starts at the 50-answer
+    block and certifies it. The running maximum carried 0.63's inf up to 0.64 and beyond."""
+    from citeqa.reward.calibrate import calibrate_threshold
+    from citeqa.reward.scorer import TARGET_GRID, _grid_thresholds
+
+    scores = (0.9,) * 5 + (0.8,) * 45 + (0.1,) * 50
+    correct = (True,) * 3 + (False,) * 2 + (True,) * 45 + (False,) * 50
+    grid = _grid_thresholds(scores, correct, 0.1, 1)
+    own = [calibrate_threshold(scores, correct, target_accuracy=round(k * TARGET_GRID, 6),
+                               delta=0.1).threshold for k in range(1, len(grid) + 1)]
+    assert own[62] == math.inf and own[63] == 0.8  # targets 0.63 and 0.64
+    assert grid[63] == 0.8 and grid[79] == 0.8
+    finite = [(k, t) for k, t in enumerate(grid) if k >= 49 and math.isfinite(t)]
+    assert [t for _, t in finite] == sorted(t for _, t in finite)  # still monotone
+    assert all(grid[k] >= own[k] for k in range(49, len(grid)))  # never below its own test
+
+
 def test_thresholds_are_searched_once_per_calibration_and_then_looked_up(
         calibrated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import threading

@@ -211,15 +211,18 @@ def _grid_thresholds(
 ) -> tuple[float, ...]:
     """The threshold of every grid target k * TARGET_GRID below 1 (one Learn-then-Test search
     each, ~0.9 s in all for the shipped 794 answers on 2 cores): from 0.50 up, the running
-    maximum, so that asking for more accuracy never answers more questions; below 0.50, each
-    target's own."""
+    maximum of the finite ones, so that asking for more accuracy never answers more questions;
+    below 0.50, each target's own. A target that certifies nothing (inf) stays so without
+    raising the targets above it: a walk starts later the lower its target (at the fewest
+    answers that can pass), so a lower target can fail where a higher one passes, and taking
+    its inf along declined every question a higher target's own test certified."""
     out: list[float] = []
     running = -math.inf
     for k in range(1, GRID_POINTS + 1):
         target = round(k * TARGET_GRID, 6)
         threshold = calibrate_threshold(scores, correct, target_accuracy=target, delta=delta,
                                         min_answered=min_answered).threshold
-        if target >= 0.5:
+        if target >= 0.5 and math.isfinite(threshold):
             running = threshold = max(running, threshold)
         out.append(threshold)
     return tuple(out)
