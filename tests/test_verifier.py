@@ -313,6 +313,41 @@ def test_threshold_for_needs_calibration_and_a_corrupt_one_is_named(tiny_encoder
     (tmp_path / "rm" / "calibration.json").write_text('{"scores": [1]}')
     with pytest.raises(ModelError, match="rerun `citeqa calibrate"):
         VerifierScorer(tmp_path / "rm", cpu_dtype="fp32")
+    good = {**calibrate_threshold([0.9, 0.2], [True, False], target_accuracy=0.5).to_json(),
+            "scores": [0.9, 0.2], "correct": [True, False], "min_answered": 1}
+    (tmp_path / "rm" / "calibration.json").write_text(json.dumps(good))
+    VerifierScorer(tmp_path / "rm", cpu_dtype="fp32")  # loads
+    # what made every target_accuracy request a 400 blaming the request
+    for bad in ({"scores": [float("nan"), 0.2]}, {"delta": 0}, {"min_answered": 0}):
+        (tmp_path / "rm" / "calibration.json").write_text(json.dumps({**good, **bad}))
+        with pytest.raises(ModelError, match="is corrupt"):
+            VerifierScorer(tmp_path / "rm", cpu_dtype="fp32")
+
+
+@pytest.mark.parametrize("damage", ["members", "no_members", "truncated_encoder",
+                                    "pickled_encoder"])
+def test_a_damaged_model_directory_is_a_model_error(tiny_encoder, tokenizer, tmp_path: Path,
+                                                    damage: str) -> None:
+    """Each was a raw RuntimeError / KeyError / SafetensorError ("RuntimeError; see the server
+    log" over REST), or a pickle read."""
+    from citeqa.errors import ModelError
+
+    rm = tmp_path / "rm"
+    save_verifier(rm, Verifier(tiny_encoder(len(tokenizer)), 2, 4), tokenizer, {})
+    config = json.loads((rm / "config.json").read_text())
+    weights = rm / "encoder" / "model.safetensors"
+    if damage == "members":
+        (rm / "config.json").write_text(json.dumps({**config, "members": 5}))
+    elif damage == "no_members":
+        del config["members"]
+        (rm / "config.json").write_text(json.dumps(config))
+    elif damage == "truncated_encoder":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:  # only a pytorch_model.bin (a pickle) where the weights should be
+        torch.save(torch.nn.Linear(1, 1).state_dict(), rm / "encoder" / "pytorch_model.bin")
+        weights.unlink()
+    with pytest.raises(ModelError, match="retrain|train"):
+        load_verifier(rm)
 
 
 def test_best_per_question_follows_the_pipeline_choice() -> None:

@@ -117,7 +117,12 @@ def load_verifier(directory: Path) -> tuple[Verifier, Any, dict[str, Any]]:
     directory = Path(directory)
     config = read_config(directory)
     encoder, tokenizer = read_encoder(directory / ENCODER, RETRAIN)
-    model = Verifier(encoder, members=int(config["members"]), hidden=int(config["hidden"]))
+    try:
+        members, hidden = int(config["members"]), int(config["hidden"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelError(f"{directory / CONFIG} lacks a valid 'members' or 'hidden' ({e!r}); "
+                         f"{RETRAIN}") from None
+    model = Verifier(encoder, members=members, hidden=hidden)
     load_heads(model, directory, RETRAIN)
     return model.eval(), tokenizer, config
 
@@ -129,10 +134,11 @@ def read_encoder(path: Path, hint: str) -> tuple[Any, Any]:
     from transformers import AutoModel, AutoTokenizer
 
     try:
-        with quiet_weight_loading():
-            encoder = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        with quiet_weight_loading():  # safetensors only: never a pickled .bin
+            encoder = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32,
+                                                use_safetensors=True)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise ModelError(f"cannot load the encoder in {path} ({e}); {hint}") from None
     return encoder, tokenizer
 
@@ -143,7 +149,10 @@ def load_heads(model: torch.nn.Module, directory: Path, retrain: str) -> None:
         heads = load_file(str(directory / HEADS))
     except (SafetensorError, OSError, ValueError, FileNotFoundError) as e:
         raise ModelError(f"{directory / HEADS} is missing or corrupt ({e}); {retrain}") from None
-    missing, unexpected = model.load_state_dict(heads, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(heads, strict=False)
+    except RuntimeError as e:  # shapes that config.json does not give (strict=False or not)
+        raise ModelError(f"{directory / HEADS} does not match {CONFIG} ({e}); {retrain}") from None
     missing = [k for k in missing if not k.startswith("encoder.")]
     if missing or unexpected:
         raise ModelError(f"{directory / HEADS} does not match {CONFIG} (missing {missing}, "

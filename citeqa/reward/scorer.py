@@ -287,6 +287,14 @@ def read_calibration(directory: Path) -> CalibrationRecord | None:
         correct = [bool(c) for c in body["correct"]]
         calibration = Calibration.from_json(body)
         min_answered = int(body["min_answered"])
+        # what every later threshold search needs, checked here: a bad file is the server's
+        # fault, not a 400 for each request that names a target
+        if any(math.isnan(s) or s == math.inf for s in scores):
+            raise ValueError("a score is NaN or inf")
+        if not 0.0 < calibration.delta < 1.0 or not 0.0 < calibration.target_accuracy < 1.0:
+            raise ValueError("delta and target_accuracy must be between 0 and 1")
+        if min_answered < 1 or not scores:
+            raise ValueError("min_answered must be at least 1, and scores not empty")
     except (ValueError, KeyError, TypeError) as e:
         raise ModelError(
             f"{path} is corrupt ({e!r}); rerun `citeqa calibrate --reward {directory} --data FILE`"
