@@ -276,6 +276,10 @@ def test_reliability_bin_edges() -> None:
     # Lower edges are inclusive, 1.0 falls in the last bin.
     bins = reliability_bins([0.0, 0.1, 0.5, 1.0], [True] * 4, n_bins=10)
     assert [i for i, b in enumerate(bins) if b.count] == [0, 1, 5, 9]
+    # every value on an edge is in the bin whose lo it is (linspace put 0.3, 0.6, 0.7 below)
+    edges = [k / 10 for k in range(10)]
+    bins = reliability_bins(edges, [True] * 10, n_bins=10)
+    assert all(b.count == 1 and b.mean_confidence == b.lo for b in bins)
     assert sum(b.count for b in reliability_bins([0.0, 1.0], [True, False], n_bins=1)) == 2
     with pytest.raises(ValueError):
         expected_calibration_error([1.5], [True])

@@ -241,7 +241,7 @@ class ReliabilityBin:
 
 
 def _bin_index(probs: np.ndarray, n_bins: int) -> np.ndarray:
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    edges = np.arange(n_bins + 1) / n_bins  # the bins' lo/hi exactly (linspace's 0.3 is above)
     return np.searchsorted(edges[1:-1], probs, side="right")  # [N] in 0..n_bins-1
 
 
