@@ -102,6 +102,16 @@ def rank(candidates: Sequence[Candidate]) -> list[Candidate]:
     )
 
 
+def _distinct(a: float, b: float) -> tuple[str, str]:
+    """``a`` and ``b`` to 3 decimals, or as many more (up to 9) as tell them apart: a score
+    just below its threshold read "0.313 is below the threshold 0.313"."""
+    for digits in range(3, 10):
+        x, y = f"{a:.{digits}f}", f"{b:.{digits}f}"
+        if x != y:
+            break
+    return x, y
+
+
 def _no_nan_scores(candidates: Sequence[Candidate]) -> list[Candidate]:
     """``candidates`` with a NaN score (a model that failed on them) scored 0, logged: NaN
     passes no comparison, so it stood above every threshold and broke the ranking."""
@@ -310,7 +320,8 @@ class Pipeline:
         elif threshold is not None and math.isinf(threshold):
             reason = self._uncertified_reason(best.score or 0.0, asked=args.min_score is not None)
         elif threshold is not None and not (best.score is not None and best.score >= threshold):
-            reason = f"best score {best.score or 0.0:.3f} is below the threshold {threshold:.3f}"
+            shown, limit = _distinct(best.score or 0.0, threshold)
+            reason = f"best score {shown} is below the threshold {limit}"
             if self.scorer is None:
                 reason += f" ({STAND_IN_NOTE})"
         given = best if reason is None else None

@@ -253,6 +253,15 @@ def test_a_nan_score_never_passes_a_threshold_or_heads_the_ranking(rest: float) 
     assert ans.declined is (rest < 0.5) and ans.answer == (None if rest < 0.5 else "1889")
 
 
+def test_a_decline_reason_tells_a_score_from_its_threshold() -> None:
+    text = "Answer: 1889\nQuote [1]: It opened in 1889 as the entrance to the World's Fair."
+    p = pipeline(lambda r: [text] * r.n, cfg=UNCONSTRAINED, scorer=FixedScorer(0.3130, 0.31347))
+    ans = p.ask("When did it open?")
+    assert ans.reason == "best score 0.3130 is below the threshold 0.3135"
+    p = pipeline(lambda r: [text] * r.n, cfg=UNCONSTRAINED, scorer=FixedScorer(0.2, 0.5))
+    assert p.ask("When did it open?").reason == "best score 0.200 is below the threshold 0.500"
+
+
 @pytest.mark.parametrize("min_score", [math.nan, -0.1, 1.5])
 def test_a_min_score_outside_0_1_is_refused(min_score: float) -> None:
     text = "Answer: 1889\nQuote [1]: It opened in 1889 as the entrance to the World's Fair."
