@@ -111,7 +111,10 @@ def test_generator_data_never_rewrites_a_file_that_is_not_its_own(tiny_pipeline,
     synthetic = tmp_path / "syn.jsonl"  # another builder's examples: no question markers
     synthetic.write_text(json.dumps({"group": "q1", "question": "x", "answer": "a", "quote": "",
                                      "label": 0, "source": "synthetic:span"}) + "\n")
-    for out in (questions, tmp_path / "list.jsonl", tmp_path / "folder", synthetic):
+    notes, blob = tmp_path / "notes.txt", tmp_path / "blob.gz"
+    notes.write_text("my notes")  # one line that is not JSON: was taken for a cut last line
+    blob.write_bytes(b"\x1f\x8b\x08\x00binary\xff\xfe")  # not UTF-8: was wiped as well
+    for out in (questions, tmp_path / "list.jsonl", tmp_path / "folder", synthetic, notes, blob):
         if out.name == "list.jsonl":
             out.write_text("[1, 2]\n")
         elif out.name == "folder":
@@ -121,6 +124,18 @@ def test_generator_data_never_rewrites_a_file_that_is_not_its_own(tiny_pipeline,
     assert questions.read_text() == before
     assert (tmp_path / "list.jsonl").read_text() == "[1, 2]\n"
     assert "synthetic:span" in synthetic.read_text()
+    assert notes.read_text() == "my notes" and blob.read_bytes().startswith(b"\x1f\x8b")
+
+
+def test_generator_data_resumes_after_a_cut_inside_a_character(tiny_pipeline, tmp_path):
+    """A write stopped inside a multi-byte character left a last line that is not UTF-8: the
+    whole file was taken for someone else's and every finished question asked again."""
+    out = tmp_path / "data.jsonl"
+    generator_examples(tiny_pipeline, ITEMS[:2], out, n=1, progress=False)
+    with out.open("ab") as f:
+        f.write('{"group": "q3", "question": "café'.encode()[:-1])  # half of the é
+    stats = generator_examples(tiny_pipeline, ITEMS, out, n=1, progress=False)
+    assert (stats.questions, stats.skipped) == (2, 2)
 
 
 def test_generator_data_refuses_to_resume_with_other_settings(tiny_pipeline, tmp_path):

@@ -83,18 +83,18 @@ def _done_qids(out: Path, made_by: dict[str, Any] | None = None) -> set[str]:
     if not out.is_file():
         return set()
     rows = []
-    try:
-        lines = out.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        lines = ["not UTF-8"]  # refused below, never rewritten
+    lines = out.read_bytes().split(b"\n")  # each line decoded alone: a cut may split a character
+    while lines and not lines[-1].strip():
+        lines.pop()
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):
-                continue  # the last line, cut short by an interrupted run
+            row = json.loads(line.decode("utf-8"))
+        except ValueError:  # not UTF-8, or not JSON
+            # the last line, cut short by an interrupted run, after lines of this command's
+            if n == len(lines) and rows:
+                continue
             row = None
         if not _is_reward_row(row):  # resuming rewrites the file: never over someone else's
             raise ConfigError(
