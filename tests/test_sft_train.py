@@ -202,6 +202,9 @@ def test_cli_trains_a_local_model_whose_adapter_loads(tokenizer, tmp_path: Path)
     missing = CliRunner().invoke(app, ["generator", "--data", str(tmp_path / "none.jsonl"),
                                        "--out", str(tmp_path / "x"), "--model", str(base_dir)])
     assert missing.exit_code == 2 and "generator-data" in missing.output
+    skipping = CliRunner().invoke(app, ["generator", "--data", str(tmp_path / "none.jsonl"),
+                                        "--out", str(tmp_path / "y"), "--start-step", "3"])
+    assert skipping.exit_code == 2 and "--start-step needs --init-adapter" in skipping.output
 
 
 def _trained(tokenizer, checkpoint_dir=None, max_steps=5, init_tensors=None, **kw):
@@ -319,6 +322,10 @@ def test_run_sft_from_an_adapter_checks_it_and_records_it(tokenizer, tmp_path: P
     assert record["train"]["start_step"] == 2
     with pytest.raises(ValueError, match="--rank 4 --alpha 16"):
         run(tmp_path / "c", LoRAConfig(r=8), 4, init, start_step=2)
+    for start, most in ((4, 4), (3, 2)):  # nothing left to train: no untrained adapter written
+        with pytest.raises(ValueError, match=f"--start-step {start} skips all {most} steps"):
+            run(tmp_path / "e", LoRAConfig(r=4), most, init, start_step=start)
+        assert not (tmp_path / "e" / "adapter.safetensors").exists()
     with pytest.raises(ValueError, match="other base weights"):
         run_sft(tiny_model(len(tokenizer), seed=1), tokenizer, "tiny", DEMOS, tmp_path / "d",
                 GEN, TrainConfig(lr=1e-2, batch_size=2, max_steps=2), LoRAConfig(r=4),

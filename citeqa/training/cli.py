@@ -179,6 +179,9 @@ def generator(
     from citeqa.training.lora import LoRAConfig
     from citeqa.training.sft import TrainConfig, run_sft
 
+    if start_step and init_adapter is None:
+        raise fail("--start-step needs --init-adapter: the steps it skips are those that "
+                   "adapter was trained on")
     if threads is not None:
         torch.set_num_threads(threads)
     target_layers = TARGETS.get(targets) or tuple(t.strip() for t in targets.split(",") if t)

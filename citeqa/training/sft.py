@@ -446,6 +446,12 @@ def run_sft(
         logger.warning("dropped %s of %d demonstrations", dropped, len(demos))
     if not examples:
         raise ValueError(f"none of the {len(demos)} demonstrations could be rendered: {dropped}")
+    total = scheduled_steps(len(examples), train)
+    if train.max_steps is not None:
+        total = min(total, train.max_steps)
+    if train.start_step >= total:  # would write an untrained adapter, as if trained
+        raise ValueError(f"--start-step {train.start_step} skips all {total} steps this run "
+                         "trains; raise --max-steps or --epochs, or lower --start-step")
     targets = target_names(model, lora.targets, lora.first_layer)
     if not targets:
         raise ValueError(f"the model has no Linear layer named like {list(lora.targets)}")
