@@ -131,10 +131,12 @@ def test_training_learns_a_toy_task_saves_and_reloads(tiny_encoder, tokenizer,
     model = Verifier(tiny_encoder(len(tokenizer)), members=3, hidden=8)
     probe = encode(tokenizer, [item("Rollo").judged, item("France", 0).judged])
     cfg = TrainConfig(epochs=10, batch_examples=6, lr=3e-3, head_lr=1e-2, warmup_steps=2,
-                      members=3, hidden=8, save_every=7, cpu_dtype="fp32")
+                      members=3, hidden=8, save_every=7, cpu_dtype="fp32", max_tokens=96)
     record = train_verifier(model, tokenizer, groups, cfg, out=tmp_path / "rm",
                             extra={"base": "tiny"}, progress=False)
     assert record["steps"] == record["total_steps"] == 60
+    # served as trained: it scores candidates cut where its training cut them (was always 192)
+    assert json.loads((tmp_path / "rm" / "config.json").read_text())["max_tokens"] == 96
     right, wrong = model.predict(probe)[0].tolist()
     assert right > wrong + 0.2
     again, tok, config = load_verifier(tmp_path / "rm")

@@ -36,10 +36,12 @@ CONFIG, HEADS, ENCODER = "config.json", "heads.safetensors", "encoder"
 RETRAIN = "train one with `citeqa train reward --out DIR`"
 
 
-def save_verifier(out: Path, model: Verifier, tokenizer: Any, extra: dict[str, Any]) -> None:
-    """Write ``model`` into ``out`` (see ``write_encoder_dir``)."""
+def save_verifier(out: Path, model: Verifier, tokenizer: Any, extra: dict[str, Any], *,
+                  max_tokens: int = MAX_TOKENS) -> None:
+    """Write ``model`` into ``out`` (see ``write_encoder_dir``); it scores candidates cut to
+    the ``max_tokens`` it was trained on."""
     config = {"format": FORMAT, "kind": KIND, "members": model.members,
-              "hidden": model.hidden, "max_tokens": MAX_TOKENS, **extra}
+              "hidden": model.hidden, "max_tokens": max_tokens, **extra}
     write_encoder_dir(out, model.encoder, tokenizer, model.state_dict(), config)
 
 

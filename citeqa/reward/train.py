@@ -138,7 +138,8 @@ def train_verifier(model: Verifier, tokenizer: Any, groups: Sequence[Sequence[Ex
         return step_loss(model, batch, examples, cfg, weights)
 
     return run_training(model, plan, loss_of, cfg,
-                        save=lambda d, meta: save_verifier(d, model, tokenizer, meta),
+                        save=lambda d, meta: save_verifier(d, model, tokenizer, meta,
+                                                          max_tokens=cfg.max_tokens),
                         desc="training verifier", out=out, extra=extra, progress=progress)
 
 
