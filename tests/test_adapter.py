@@ -107,6 +107,11 @@ def test_missing_or_broken_adapter(tmp_path: Path) -> None:
     (tmp_path / CONFIG).write_text(json.dumps(cfg))
     with pytest.raises(ModelError, match="retrain"):
         apply_adapter(tiny_model(), tmp_path)
+    _trained(tmp_path, LoRAConfig(r=4))  # a good one again
+    weights = tmp_path / "adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short: was a SafetensorError traceback
+    with pytest.raises(ModelError, match="cannot read the adapter"):
+        apply_adapter(tiny_model(), tmp_path)
 
 
 def test_fingerprint_matches_across_float32_and_bfloat16() -> None:

@@ -266,6 +266,14 @@ def test_a_checkpoint_cut_mid_swap_is_still_read(tokenizer, tmp_path: Path) -> N
     assert [s["step"] for s in log.steps] == [1, 2, 3] and log.steps[0]["seconds"] <= 60
 
 
+def test_a_damaged_checkpoint_is_said_to_be_so(tokenizer, tmp_path: Path) -> None:
+    _trained(tokenizer, tmp_path, max_steps=2)
+    lora = tmp_path / "checkpoint" / "lora.safetensors"
+    lora.write_bytes(lora.read_bytes()[:50])  # was a SafetensorError traceback
+    with pytest.raises(ValueError, match="checkpoint in .* is damaged .* remove it"):
+        _trained(tokenizer, tmp_path, max_steps=3)
+
+
 def test_run_sft_removes_its_checkpoint_when_done(tokenizer, tmp_path: Path) -> None:
     model = tiny_model(len(tokenizer))
     run_sft(model, tokenizer, "tiny", DEMOS, tmp_path, GEN,

@@ -158,6 +158,7 @@ def save_adapter(
 
 def load_adapter(directory: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """Read an adapter directory; ModelError saying what to do when it is missing or broken."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -169,7 +170,7 @@ def load_adapter(directory: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor
     try:
         cfg = AdapterConfig.from_json(json.loads((directory / CONFIG).read_text()))
         tensors = load_file(str(directory / WEIGHTS))
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise ModelError(f"cannot read the adapter in {directory}: {e}; retrain it") from e
     if cfg.format != FORMAT or cfg.version != VERSION:
         raise ModelError(

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from citeqa.training.lora import LoRAConfig, LoRALinear
@@ -78,18 +79,23 @@ def load_checkpoint(out: Path, wrapped: dict[str, LoRALinear], optimizer: torch.
     directory = _existing(Path(out))
     if directory is None:
         return 0, []
-    state = json.loads((directory / STATE).read_text())
-    if state["key"] != key:
+    try:
+        state = json.loads((directory / STATE).read_text())
+        tensors = load_file(str(directory / LORA))
+        saved = load_file(str(directory / OPTIMIZER))
+        saved_key = state["key"]
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        raise ValueError(f"the checkpoint in {directory} is damaged ({e}); remove it to start "
+                         "afresh") from None
+    if saved_key != key:
         raise ValueError(
             f"{directory} was saved by a run with other data or settings; remove it (or choose "
             "another --out) to start afresh"
         )
-    tensors = load_file(str(directory / LORA))
     with torch.no_grad():
         for n, w in wrapped.items():
             w.lora_A.copy_(tensors[f"{n}.lora_A"])
             w.lora_B.copy_(tensors[f"{n}.lora_B"])
-    saved = load_file(str(directory / OPTIMIZER))
     current = optimizer.state_dict()
     params = [i for g in current["param_groups"] for i in g["params"]]
     restored: dict[int, dict[str, torch.Tensor]] = {}
