@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -25,6 +25,29 @@ def fail(message: str) -> typer.Exit:
     """Print ``error: message`` to stderr; ``raise fail(...)`` ends the command with status 2."""
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code=2)
+
+
+def one_of(*allowed: str) -> Callable[[Any], Any]:
+    """An option ``callback`` refusing a value not in ``allowed`` while the command line is read
+    (usage error, status 2), not after minutes of loading."""
+    def check(value: Any) -> Any:
+        if value is not None and value not in allowed:
+            raise typer.BadParameter(f"must be one of {', '.join(allowed)}, not {value!r}")
+        return value
+    return check
+
+
+def a_torch_device(value: str | None) -> str | None:
+    """An option ``callback`` refusing a device name torch does not read (cpu, cuda, cuda:1...)."""
+    if value is not None:
+        import torch
+
+        try:
+            torch.device(value)
+        except (RuntimeError, ValueError):
+            raise typer.BadParameter(f"{value!r} is no torch device; give cpu, cuda or cuda:N"
+                                     ) from None
+    return value
 
 
 def interruptible(then: str = RESUME) -> Callable[[F], F]:
@@ -69,3 +92,9 @@ def check_answer_mode(answer_mode: str | None) -> None:
 
     if answer_mode is not None and answer_mode not in ANSWER_MODES:
         raise fail(f"--answer-mode must be one of {list(ANSWER_MODES)}, not {answer_mode!r}")
+
+
+# training's CPU compute format: bf16 autocast, or fp32 (fp16w is a serving format)
+TrainCpuDtypeOpt = Annotated[str, typer.Option(
+    "--cpu-dtype", callback=one_of("auto", "bf16", "fp32"),
+    help="auto | bf16 | fp32: bf16 autocast on a CPU (auto: where it measures fast).")]

@@ -147,3 +147,17 @@ def test_a_reward_directory_left_mid_swap_is_found_by_its_setting(tmp_path: Path
     backup.mkdir()
     monkeypatch.setenv("CITEQA_REWARD", str(tmp_path / "rm"))
     assert Settings().reward == str(tmp_path / "rm") and (tmp_path / "rm").is_dir()
+
+
+def test_a_reward_training_killed_mid_save_resumes_from_what_it_saved(tmp_path: Path) -> None:
+    """`train reward` asked for the saved step before anything restored the directory a save
+    left mid-swap: it trained from step 0 and then wrote over the backup."""
+    import json
+
+    from citeqa.reward.train import saved_progress
+
+    backup = tmp_path / f".rm.old-{_dead_pid()}"
+    backup.mkdir()
+    (backup / "config.json").write_text(json.dumps({"progress": {"step": 200, "key": {}}}))
+    assert saved_progress(tmp_path / "rm") == {"step": 200, "key": {}}
+    assert (tmp_path / "rm" / "config.json").is_file() and not backup.exists()

@@ -205,6 +205,15 @@ def test_cli_trains_a_local_model_whose_adapter_loads(tokenizer, tmp_path: Path)
     skipping = CliRunner().invoke(app, ["generator", "--data", str(tmp_path / "none.jsonl"),
                                         "--out", str(tmp_path / "y"), "--start-step", "3"])
     assert skipping.exit_code == 2 and "--start-step needs --init-adapter" in skipping.output
+    # refused as the command line is read, not after loading (tracebacks before)
+    from citeqa.cli import app as main_app
+
+    for args, said in ((["generator", "--device", "gpu0"], "'gpu0' is no torch device"),
+                       (["generator", "--cpu-dtype", "fp16w"], "must be one of auto, bf16, fp32"),
+                       (["reward", "--cpu-dtype", "bogus"], "not 'bogus'"),
+                       (["answerability", "--cpu-dtype", "bf32"], "not 'bf32'")):
+        r = CliRunner().invoke(main_app, ["train", *args, "--out", str(tmp_path / "z")])
+        assert r.exit_code == 2 and said in r.output, (args, r.output)
 
 
 def _trained(tokenizer, checkpoint_dir=None, max_steps=5, init_tensors=None, **kw):

@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from citeqa.cli_errors import command_group, fail, interruptible
+from citeqa.cli_errors import TrainCpuDtypeOpt, command_group, fail, interruptible
 from citeqa.errors import CiteqaError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def reward(
         int | None, typer.Option("--limit", min=1, help="At most this many question groups.")
     ] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1)] = None,
-    cpu_dtype: Annotated[str, typer.Option("--cpu-dtype", help="auto | bf16 | fp32.")] = "auto",
+    cpu_dtype: TrainCpuDtypeOpt = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -97,6 +98,11 @@ def train_to_dir(data_paths: list[Path], out: Path, *, base: Path | None = None,
     elif (base_dir / HEADS).is_file():  # a verifier directory: train it further, heads included
         model, tokenizer, _ = load_verifier(base_dir)
         log.info("continuing from the verifier in %s", base_dir)
+        if (model.members, model.hidden) != (cfg.members, cfg.hidden):
+            log.warning("the verifier in %s has %d members of %d hidden units: trained as it is "
+                        "(--members %d does not apply)", base_dir, model.members, model.hidden,
+                        cfg.members)
+            cfg = replace(cfg, members=model.members, hidden=model.hidden)
     else:
         encoder, tokenizer = base_encoder(base_dir)
         torch.manual_seed(cfg.seed)
@@ -134,7 +140,7 @@ def answerability(
     batch: Annotated[int, typer.Option("--batch", min=2, help="Examples per step.")] = 32,
     lr: Annotated[float, typer.Option("--lr", min=0.0)] = 5e-5,
     threads: Annotated[int | None, typer.Option("--threads", min=1)] = None,
-    cpu_dtype: Annotated[str, typer.Option("--cpu-dtype", help="auto | bf16 | fp32.")] = "auto",
+    cpu_dtype: TrainCpuDtypeOpt = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -239,8 +245,6 @@ def combine_dir(data_paths: list[Path], reward_dir: Path) -> dict[str, Any]:
     """Score the candidates with the verifier alone (and the answerability reader, where the
     directory holds one), fit the combiner, write combine.json (removing calibration.json,
     whose scores it changes); return the fit's figures."""
-    from dataclasses import replace
-
     import numpy as np
 
     from citeqa.errors import SourceError

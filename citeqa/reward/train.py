@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from citeqa.atomic import recover_dir
 from citeqa.compute import cpu_dtype, training_autocast
 from citeqa.errors import ConfigError
 from citeqa.reward.data import Example
@@ -233,14 +234,15 @@ def saved_progress(out: Path | None) -> dict[str, Any] | None:
     None when ``out`` holds none."""
     if out is None:
         return None
+    out = recover_dir(Path(out))  # a save killed between its two renames: the saved run back
     try:
-        progress = json.loads((Path(out) / "config.json").read_text()).get("progress")
+        progress = json.loads((out / "config.json").read_text()).get("progress")
     except (OSError, ValueError, AttributeError):
         progress = None
     if isinstance(progress, dict):
         return progress
     try:
-        return {"step": int(json.loads((Path(out) / PROGRESS).read_text())["step"])}
+        return {"step": int(json.loads((out / PROGRESS).read_text())["step"])}
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

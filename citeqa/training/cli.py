@@ -18,6 +18,8 @@ import typer
 
 from citeqa.atomic import atomic_open
 from citeqa.cli_errors import (
+    TrainCpuDtypeOpt,
+    a_torch_device,
     check_answer_mode,
     check_preset,
     command_group,
@@ -117,7 +119,8 @@ def generator(
         typer.Option("--cache-dir", help="Converted base model cache (default: CITEQA_CACHE_DIR)."),
     ] = None,
     device: Annotated[
-        str | None, typer.Option("--device", help="cpu | cuda (default: cuda if available).")
+        str | None, typer.Option("--device", callback=a_torch_device,
+                                 help="cpu | cuda (default: cuda if available).")
     ] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 1,
     lr: Annotated[float, typer.Option("--lr", min=0.0)] = 2e-4,
@@ -156,9 +159,7 @@ def generator(
     ] = 0,
     threads: Annotated[int | None, typer.Option("--threads", min=1)] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    cpu_dtype: Annotated[
-        str, typer.Option("--cpu-dtype", help="auto | bf16 | fp32: bf16 autocast on a CPU.")
-    ] = "auto",
+    cpu_dtype: TrainCpuDtypeOpt = "auto",
     base_bf16: Annotated[
         bool, typer.Option("--base-bf16/--no-base-bf16",
                            help="With bf16 on a CPU, keep the frozen base weights in bf16 as "
