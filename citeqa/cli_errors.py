@@ -27,6 +27,24 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def check_out(out: Path, *, folder: bool, inputs: dict[str, Any] | None = None) -> None:
+    """Refuse, before any work, an ``--out`` of the wrong kind (a file where a ``folder`` is
+    written, or a folder where a file is) or one that is also an input (``inputs``: option name
+    -> a path or paths): the output would be written over what it is made from."""
+    out = Path(out)
+    if folder and out.is_file():
+        raise fail(f"--out {out} is a file; name a folder to write")
+    if not folder and out.is_dir():
+        raise fail(f"--out {out} is a folder; name a file to write")
+    for option, given in (inputs or {}).items():
+        paths = given if isinstance(given, list | tuple) else [given]
+        for path in paths:
+            if path is not None and Path(path).exists() and out.exists() and (
+                    Path(path).resolve() == out.resolve()):
+                raise fail(f"--out {out} is also the {option} it is made from; choose "
+                           "another --out")
+
+
 def one_of(*allowed: str) -> Callable[[Any], Any]:
     """An option ``callback`` refusing a value not in ``allowed`` while the command line is read
     (usage error, status 2), not after minutes of loading."""

@@ -202,11 +202,29 @@ def test_cli_trains_a_local_model_whose_adapter_loads(tokenizer, tmp_path: Path)
     missing = CliRunner().invoke(app, ["generator", "--data", str(tmp_path / "none.jsonl"),
                                        "--out", str(tmp_path / "x"), "--model", str(base_dir)])
     assert missing.exit_code == 2 and "generator-data" in missing.output
+    from citeqa.cli import app as main_app
+
     skipping = CliRunner().invoke(app, ["generator", "--data", str(tmp_path / "none.jsonl"),
                                         "--out", str(tmp_path / "y"), "--start-step", "3"])
     assert skipping.exit_code == 2 and "--start-step needs --init-adapter" in skipping.output
+    # an --out that is an input, or of the wrong kind, is refused before any work
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("{}\n")
+    for args, said in (
+            (["generator-data", "--dataset", str(demos), "--index", str(tmp_path),
+              "--out", str(demos)], "is also the --dataset"),
+            (["reward-data", "--from", "synthetic", "--dataset", str(demos), "--index",
+              str(tmp_path), "--out", str(demos)], "is also the --dataset"),
+            (["generator", "--data", str(demos), "--out", str(demos)], "is a file"),
+            (["reward", "--data", str(demos), "--base", str(base_dir), "--out", str(base_dir)],
+             "is also the --base"),
+            (["answerability", "--squad", str(demos), "--out", str(demos)], "is a file"),
+            (["generator-data", "--dataset", str(demos), "--index", str(tmp_path),
+              "--out", str(tmp_path)], "is a folder")):
+        r = CliRunner().invoke(main_app, ["train", *args])
+        assert r.exit_code == 2 and said in r.output, (args, r.output)
+    assert demos.read_text() == "{}\n"
     # refused as the command line is read, not after loading (tracebacks before)
-    from citeqa.cli import app as main_app
 
     for args, said in ((["generator", "--device", "gpu0"], "'gpu0' is no torch device"),
                        (["generator", "--cpu-dtype", "fp16w"], "must be one of auto, bf16, fp32"),

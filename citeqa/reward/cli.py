@@ -22,7 +22,7 @@ from typing import Annotated, Any
 
 import typer
 
-from citeqa.cli_errors import TrainCpuDtypeOpt, command_group, fail, interruptible
+from citeqa.cli_errors import TrainCpuDtypeOpt, check_out, command_group, fail, interruptible
 from citeqa.errors import CiteqaError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ def reward(
 ) -> None:
     """Train the verifier (a cross-encoder with a reader head and an ensemble of heads) on
     labelled candidates; writes --out, and resumes there after an interruption."""
+    check_out(out, folder=True, inputs={"--data": data, "--base": base})
     try:
         record = train_to_dir(
             data, out, base=base, limit=limit, threads=threads, progress=progress,
@@ -146,6 +147,7 @@ def answerability(
 ) -> None:
     """Train the answerability reader (does this passage answer this question at all?), an
     optional input of the reward model's combination; writes --out and resumes there."""
+    check_out(out, folder=True, inputs={"--squad": squad, "--base": base, "--redteam": redteam})
     try:
         record = answerability_to_dir(
             squad, out, redteam=redteam, redteam_variants=redteam_variants, base=base,

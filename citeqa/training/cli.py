@@ -21,6 +21,7 @@ from citeqa.cli_errors import (
     TrainCpuDtypeOpt,
     a_torch_device,
     check_answer_mode,
+    check_out,
     check_preset,
     command_group,
     fail,
@@ -66,6 +67,7 @@ def generator_data(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Write demonstrations (question, retrieved passages, answer, quote) as JSON lines."""
+    check_out(out, folder=False, inputs={"--dataset": dataset, "--index": index})
     from citeqa.evals.squad import articles_for_split, load_questions
     from citeqa.retrieval import HybridRetriever
     from citeqa.training.demos import (
@@ -180,6 +182,8 @@ def generator(
     from citeqa.training.lora import LoRAConfig
     from citeqa.training.sft import TrainConfig, run_sft
 
+    check_out(out, folder=True, inputs={"--data": data, "--model": model,
+                                        "--init-adapter": init_adapter})
     if start_step and init_adapter is None:
         raise fail("--start-step needs --init-adapter: the steps it skips are those that "
                    "adapter was trained on")
@@ -242,6 +246,7 @@ def export_generator_cmd(
     (scripts/vllm_cpu.sh serve DIR; CITEQA_GENERATOR_URL then points citeqa at it)."""
     from citeqa.generation.export import export_generator
 
+    check_out(out, folder=True, inputs={"--model": model, "--adapter": adapter})
     try:
         gen = preset(preset_name).generation
         if model:
@@ -290,6 +295,7 @@ def reward_data(
 ) -> None:
     """Build verifier training (or calibration) data from a question set; see
     citeqa/training/verifier_data.py for what each --from makes."""
+    check_out(out, folder=False, inputs={"--dataset": dataset, "--index": index})
     from citeqa.evals.squad import articles_for_split, load_questions
 
     if source not in ("generator", "synthetic", "redteam"):
