@@ -15,6 +15,7 @@ from citeqa.evals.squad import (
     TRAIN_ARTICLES,
     QAItem,
     articles_for_split,
+    check_not_held_out,
     held_out_articles,
     load_jsonl_questions,
     load_questions,
@@ -183,6 +184,17 @@ def test_fixed_split() -> None:
     assert split_of_article("Atlantis") is None
     with pytest.raises(ConfigError, match="choose one of"):
         articles_for_split("test")
+
+
+def test_training_data_of_held_out_articles_is_refused() -> None:
+    def item(article: str) -> QAItem:
+        return QAItem("q", "Why?", ("because",), article, "")
+
+    check_not_held_out([item("Normans"), item("Atlantis"), item("")], "train.json")  # fine
+    with pytest.raises(ConfigError, match=r"train.json holds questions of the calibration or "
+                       r"evaluation articles \(Imperialism, Packet_switching\)"):
+        check_not_held_out([item("Normans"), item("Packet_switching"), item("Imperialism")],
+                           "train.json")
 
 
 def test_held_out_articles_are_every_other_sorted_title() -> None:

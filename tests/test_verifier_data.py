@@ -295,6 +295,26 @@ def test_from_data_to_a_calibrated_verifier_the_pipeline_loads(tmp_path):
     assert after.keys() == heads.keys() and torch.allclose(after["b2"], heads["b2"], atol=0.1)
 
 
+def test_training_data_of_the_eval_articles_is_refused(tmp_path):
+    """reward-data without --split read every article, eval ones included; answerability
+    --squad had no filter at all (its help said: never calibration or evaluation articles)."""
+    from typer.testing import CliRunner
+
+    from citeqa.cli import app
+
+    squad = tmp_path / "qa.json"
+    squad.write_text(json.dumps({"version": "v2.0", "data": [{"title": "Imperialism",
+        "paragraphs": [{"context": EIFFEL, "qas": [{"id": "q1", "question": "When?",
+                        "is_impossible": False,
+                        "answers": [{"text": "1889", "answer_start": EIFFEL.index("1889")}]}]}]}]}))
+    for args in (["reward-data", "--from", "redteam", "--dataset", str(squad), "--out",
+                  str(tmp_path / "rt.jsonl")],
+                 ["answerability", "--squad", str(squad), "--out", str(tmp_path / "ans")]):
+        r = CliRunner().invoke(app, ["train", *args])
+        assert r.exit_code == 2 and "evaluation articles (Imperialism)" in r.output, r.output
+    assert not (tmp_path / "rt.jsonl").exists() and not (tmp_path / "ans").exists()
+
+
 def test_redteam_data_without_paragraphs_is_refused_not_an_empty_file(tmp_path):
     """JSONL questions without a 'context' made 0 seeds: exit 0 and an empty data file."""
     from typer.testing import CliRunner

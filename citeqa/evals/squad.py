@@ -64,9 +64,25 @@ def articles_for_split(split: str, *, also: tuple[str, ...] = ()) -> tuple[str, 
             f"unknown split {split!r}; choose one of {[*sorted(SPLITS), *also]}") from None
 
 
+HELD_OUT_SPLITS = ("calibration", "eval")  # never trained on
+
+
 def split_of_article(article: str) -> str | None:
     """The split an article belongs to, or None for an article outside the fixed split."""
     return next((name for name, arts in SPLITS.items() if article in arts), None)
+
+
+def check_not_held_out(items: Iterable[QAItem], source: str) -> None:
+    """ConfigError when training data from ``source`` holds questions of the calibration or
+    evaluation articles: trained on, they would make the decline threshold and ``citeqa eval``
+    report better than the truth."""
+    held = sorted({i.article for i in items if split_of_article(i.article) in HELD_OUT_SPLITS})
+    if held:
+        raise ConfigError(
+            f"{source} holds questions of the calibration or evaluation articles "
+            f"({', '.join(held)}); training on them would make the decline threshold and "
+            "`citeqa eval` report better than the truth: leave those articles out (--split "
+            "train where the command has one)")
 
 
 def held_out_articles(titles: Iterable[str]) -> frozenset[str]:

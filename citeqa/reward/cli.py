@@ -172,7 +172,7 @@ def answerability_to_dir(squad: list[Path], out: Path, *, redteam: Path | None,
     import torch
 
     from citeqa.errors import SourceError
-    from citeqa.evals.squad import load_squad_questions
+    from citeqa.evals.squad import check_not_held_out, load_squad_questions
     from citeqa.redteam.maker import Variant
     from citeqa.retrieval.embed import minilm_dir
     from citeqa.reward.answerability import Answerability, load_answerability
@@ -186,7 +186,9 @@ def answerability_to_dir(squad: list[Path], out: Path, *, redteam: Path | None,
     cfg = AnswerabilityConfig(**(cfg_kw or {}))
     examples = []
     for path in squad:
-        examples += squad_examples(load_squad_questions(path), plausible_answers(path))
+        questions = load_squad_questions(path)
+        check_not_held_out(questions, f"--squad {path}")
+        examples += squad_examples(questions, plausible_answers(path))
     if redteam is not None and redteam_variants:
         try:
             variants = [Variant(**json.loads(line))

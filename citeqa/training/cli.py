@@ -279,7 +279,8 @@ def reward_data(
                                   "(generator, synthetic).")
     ] = None,
     split: Annotated[
-        str | None, typer.Option("--split", help="train | calibration | eval articles.")
+        str | None, typer.Option("--split", help="train | calibration | eval articles (default: "
+                                 "every article of a file that holds none held out).")
     ] = None,
     limit: Annotated[
         int | None, typer.Option("--limit", min=1, help="At most this many questions.")
@@ -296,7 +297,7 @@ def reward_data(
     """Build verifier training (or calibration) data from a question set; see
     citeqa/training/verifier_data.py for what each --from makes."""
     check_out(out, folder=False, inputs={"--dataset": dataset, "--index": index})
-    from citeqa.evals.squad import articles_for_split, load_questions
+    from citeqa.evals.squad import articles_for_split, check_not_held_out, load_questions
 
     if source not in ("generator", "synthetic", "redteam"):
         raise fail(f"--from must be generator, synthetic or redteam, not {source!r}")
@@ -309,6 +310,8 @@ def reward_data(
 
             torch.set_num_threads(threads)
         items = load_questions(dataset, articles_for_split(split) if split else None)
+        if split is None:  # every article: training data, so none held out for calibration
+            check_not_held_out(items, f"--dataset {dataset} (no --split: every article)")
         random.Random(seed).shuffle(items)  # a limit then samples every article
         items = items[:limit] if limit else items
         if source == "generator":
