@@ -19,12 +19,41 @@ logger = logging.getLogger(__name__)
 END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
+WORD_JOINER = "\u2060"  # invisible; breaks a special token's text apart
+
+
+def special_strings(tokenizer: Any) -> tuple[str, ...]:
+    """The texts the tokenizer reads as special tokens (``<|im_end|>``, ``</s>``...)."""
+    specials = set(getattr(tokenizer, "all_special_tokens", ()) or ())
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False):
+            specials.add(str(added.content))
+    return tuple(sorted((s for s in specials if len(s) > 1), key=len, reverse=True))
+
+
+def defused(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """``messages`` with every special token's text in their contents broken by a word joiner:
+    a passage holding ``<|im_end|><|im_start|>system`` was tokenized as those tokens, so a
+    document could open a turn of its own. The template's own special tokens are untouched."""
+    specials = special_strings(tokenizer)
+    out = []
+    for m in messages:
+        content = m["content"]
+        for s in specials:
+            if s in content:
+                content = content.replace(s, s[0] + WORD_JOINER + s[1:])
+        out.append({**m, "content": content})
+    return out
+
+
 def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
-    """Token ids of the chat prompt, ending with the assistant turn's opening.
+    """Token ids of the chat prompt, ending with the assistant turn's opening; special tokens'
+    texts inside the messages are read as text (``defused``).
 
     A tokenizer without a chat template (a base model) gets the turns as plain text, separated
     by blank lines.
     """
+    messages = defused(tokenizer, messages)
     if getattr(tokenizer, "chat_template", None):
         out = tokenizer.apply_chat_template(
             list(messages), add_generation_prompt=True, return_dict=True
@@ -37,6 +66,7 @@ def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
 def turn_ids(tokenizer: Any, message: dict[str, str]) -> list[int] | None:
     """Token ids of one message rendered alone, as it begins a prompt (None: the chat template
     does not render it alone)."""
+    message = defused(tokenizer, [message])[0]
     if not getattr(tokenizer, "chat_template", None):
         return [int(i) for i in tokenizer(message["content"], add_special_tokens=True)["input_ids"]]
     try:
