@@ -229,6 +229,10 @@ def test_answer_span_finds_the_answer_in_the_quote() -> None:
     assert answer_span("King  Charles", "fealty to King Charles III") == (10, 22)
     assert answer_span("Queen", "fealty to King Charles III") is None
     assert answer_span("  ", "anything") is None
+    # as whole words first, where the grammar put it (it was marked inside "1940", "Kingston")
+    assert answer_span("40", "The war began in 1940 and lasted until 40 years later.") == (39, 41)
+    assert answer_span("King", "from Kingston, the King rode") == (19, 23)
+    assert answer_span("40", "in 1940") == (5, 7)  # no whole word: locate's first place
 
 
 def test_an_answer_loses_only_punctuation_that_does_not_change_what_it_says() -> None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from citeqa.config import GenerationConfig
 from citeqa.errors import OutputFormatError
 from citeqa.generation.backend import Backend, Completion, GenerationRequest
-from citeqa.generation.constraint import QuoteStage, output_grammar
+from citeqa.generation.constraint import QuoteStage, output_grammar, word_occurrences
 from citeqa.generation.format import ANSWER_MODES, AnswerMode
 from citeqa.generation.parse import parse_output
 from citeqa.generation.prompt import ShownPassage, build_messages
@@ -87,11 +87,17 @@ def _merge_timings(per_request: list[list[Completion]]) -> dict[str, float]:
 
 
 def answer_span(answer: str, quote: str) -> tuple[int, int] | None:
-    """Where ``answer`` stands in ``quote`` (``verify.locate``'s rules: up to whitespace runs,
-    and punctuation that ends a sentence or wraps words trimmed from its ends when the whole
-    does not stand there, ``verify.ANSWER_TRIM``; a sign, currency or percent is kept): its
-    first occurrence, as offsets into ``quote``; None when it does not."""
-    return locate(answer, quote, (0, len(quote)), trim=ANSWER_TRIM) if answer.strip() else None
+    """Where ``answer`` stands in ``quote``, as offsets into ``quote``: its first occurrence as
+    whole words (the grammar places an answer so: "40" in "1940 ... 40 years" is the second),
+    else by ``verify.locate``'s rules (up to whitespace runs, and punctuation that ends a
+    sentence or wraps words trimmed from its ends when the whole does not stand there,
+    ``verify.ANSWER_TRIM``; a sign, currency or percent is kept); None when it does not."""
+    if not answer.strip():
+        return None
+    whole = word_occurrences(quote, answer)
+    if whole:
+        return whole[0], whole[0] + len(answer)
+    return locate(answer, quote, (0, len(quote)), trim=ANSWER_TRIM)
 
 
 class CitedGenerator:

@@ -166,7 +166,7 @@ def _word_char(c: str) -> bool:
     return c.isalnum() or c == "_"
 
 
-def _occurrences(passage: str, answer: str) -> list[int]:
+def word_occurrences(passage: str, answer: str) -> list[int]:
     """Where ``answer`` stands in ``passage`` as whole words (not "King" in "Kingdom")."""
     before = "(?<!\\w)" if _word_char(answer[0]) else ""
     after = "(?!\\w)" if _word_char(answer[-1]) else ""
@@ -239,7 +239,7 @@ def quote_grammar(
     lexemes = []
     for k, passage in _quotable(passages, only_passage):
         stretches = dict.fromkeys(_around(passage, at, answer, room)
-                                  for at in _occurrences(passage, answer)[:MAX_OCCURRENCES])
+                                  for at in word_occurrences(passage, answer)[:MAX_OCCURRENCES])
         if stretches:
             low = None if min_quote_chars is None else min(min_quote_chars, len(passage.strip()))
             high = None if max_quote_chars is None else max(max_quote_chars, len(answer))
@@ -264,7 +264,7 @@ def quote_guess(passages: Sequence[str], answer: str, *, max_quote_chars: int | 
         return None
     room = None if max_quote_chars is None else max(max_quote_chars - len(answer), 0)
     for k, passage in _quotable(passages, only_passage):
-        found = _occurrences(passage, answer)
+        found = word_occurrences(passage, answer)
         if not found:
             continue
         at = found[0]
