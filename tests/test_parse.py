@@ -61,8 +61,6 @@ def test_answer_is_stripped_quote_kept():
         "answer: 1889\nQuote [1]: It opened in 1889.",
         "Answer:1889\nQuote [1]: It opened in 1889.",
         "Answer: in\n1889\nQuote [1]: It opened in 1889.",  # answer spanning lines
-        "Answer: in\r1889\nQuote [1]: It opened in 1889.",
-        "Answer: in\u20281889\nQuote [1]: It opened in 1889.",
         "Answer: 1889\n\nQuote [1]: It opened in 1889.",  # blank line between
         "Answer: 1889\nQuote [1]: It opened\nin 1889.",  # quote spanning lines
         GOOD + "\nQuote [1]: It opened in 1889.",  # two quotes
@@ -74,6 +72,17 @@ def test_answer_is_stripped_quote_kept():
 def test_rejects_malformed(text):
     with pytest.raises(OutputFormatError):
         parse_output(text, 3)
+
+
+@pytest.mark.parametrize("sep", ["\r", "\u2028", "\u2029", "\x85", "\x0c", "\x1c"])
+def test_lines_end_at_newlines_only(sep):
+    """A passage may hold these inside an answer the grammar lets through (whitespace there);
+    str.splitlines ended the line at them and the candidate was lost."""
+    out = parse_output(f"Answer: in{sep}1889\nQuote [1]: It opened{sep}in 1889.", 3,
+                       multiline_quote=True)
+    assert out.answer == f"in{sep}1889" and out.quote == f"It opened{sep}in 1889."
+    crlf = parse_output("Answer: 1889\r\nQuote [1]: It opened in 1889.\r\n", 3)
+    assert crlf.answer == "1889"
 
 
 def test_no_passages_means_no_valid_number():

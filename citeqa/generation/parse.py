@@ -46,7 +46,9 @@ def parse_output(text: str, n_passages: int, *, multiline_quote: bool = False) -
     line breaks); otherwise the output must be exactly two lines.
     """
     body = _strip_trailer(text)
-    lines = body.splitlines()
+    # lines end at "\n" only, as the format's do: an answer may hold U+2028, \x85 or \x0c
+    # (whitespace inside a passage), which str.splitlines took for line ends
+    lines = body.removesuffix("\n").split("\n")
     if multiline_quote and len(lines) > 2:
         head, sep, quote_rest = body.partition("\n")
         if sep and head == lines[0]:
