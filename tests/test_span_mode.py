@@ -114,6 +114,31 @@ def test_an_answer_repeated_everywhere_still_compiles_around_its_first_occurrenc
     assert not grammar_accepts(g, quote_line(1, f"x{MAX_OCCURRENCES + 1} a"))
 
 
+def test_an_occurrence_no_stretch_of_can_be_long_enough_is_not_offered() -> None:
+    """Words around the answer too long for the room (text without spaces, URLs) left only
+    the answer itself, shorter than the lower bound: a quote the grammar opened and nothing
+    could finish."""
+    url = "https://example.org/" + "x" * 250
+    dead = [f"{url} Paris {url}"]
+    assert quote_grammar(dead, "Paris", min_quote_chars=20, max_quote_chars=200) is None
+    both = [*dead, "The capital of France is Paris, on the Seine."]
+    g = quote_grammar(both, "Paris", min_quote_chars=20, max_quote_chars=200)
+    assert g is not None and "quote_1" not in g
+    assert grammar_accepts(g, quote_line(2, "The capital of France is Paris,"))
+
+
+def test_a_passage_shorter_than_a_quote_is_quoted_whole_and_verified() -> None:
+    from citeqa.generation.verify import verify_quote
+
+    doc = Document("d", "t", "s", "Paris is big.")
+    cfg = GenerationConfig(min_quote_chars=20)
+    quote = verify_quote("Paris is big.", (0, 13), doc, cfg)
+    assert quote is not None and (quote.start, quote.end) == (0, 13)
+    assert verify_quote("Paris is", (0, 13), doc, cfg) is None  # short and not the whole
+    free = output_grammar(["Paris is big."], min_quote_chars=20, max_quote_chars=200)
+    assert grammar_accepts(free, "Answer: Paris\n" + quote_line(1, "Paris is big."))
+
+
 def test_bounds_give_way_where_they_would_leave_no_quote() -> None:
     short = ["Rollo, 911."]
     g = quote_grammar(short, "911", min_quote_chars=20, max_quote_chars=200)

@@ -88,6 +88,12 @@ def _length(lo: int | None, hi: int | None) -> str:
     return f" & /(?s:.{{{low},{high}}})/"
 
 
+def _shorter(min_quote_chars: int | None, passage: str) -> int | None:
+    """The lower bound of a quote of ``passage``: ``min_quote_chars``, or the passage's own
+    length where that is shorter (verify_quote takes a whole short passage)."""
+    return None if min_quote_chars is None else min(min_quote_chars, len(passage.strip()))
+
+
 def _quotable(passages: Sequence[str], only_passage: int | None) -> list[tuple[int, str]]:
     """``(k, passage)`` of the passages with a word to quote (only passage k when given)."""
     quotable = [(k, p) for k, p in enumerate(passages, start=1) if p.strip()]
@@ -149,9 +155,10 @@ def output_grammar(
     head = f"start: {_lark_string(ANSWER_PREFIX)} ANSWER {_lark_string(ANSWER_LINE_END)}"
     if mode == "span":
         return f"{head}\nANSWER: {answer}\n"
-    bound = _length(min_quote_chars, max_quote_chars)
+    # the lower bound gives way to a passage shorter than it (its whole text is the quote)
     lexemes = [(k, f"%regex {json.dumps({'substring_words': p}, ensure_ascii=True)} & "
-                   f"{_TRIMMED}{bound}") for k, p in quotable]
+                   f"{_TRIMMED}{_length(_shorter(min_quote_chars, p), max_quote_chars)}")
+               for k, p in quotable]
     lines = [f"{head} quote", f"ANSWER: {answer}", *_quote_rules(lexemes)]
     return "\n".join(lines) + "\n"
 
@@ -201,13 +208,16 @@ def _within(pieces: list[str], room: int | None) -> list[str]:
     return kept
 
 
-def _around(passage: str, start: int, answer: str, room: int | None) -> str:
-    """A regex for the stretches of ``passage`` holding ``answer`` at ``start``: whole words
-    before it (each with the space after it), the answer, whole words after it."""
+def _around(passage: str, start: int, answer: str, room: int | None) -> tuple[str, int]:
+    """A regex for the stretches of ``passage`` holding ``answer`` at ``start`` (whole words
+    before it, each with the space after it, the answer, whole words after it), and the
+    length of the longest of them."""
     before = _BEFORE.findall(passage[:start])
     after = _AFTER.findall(passage[start + len(answer) :])
     before = _within(before[::-1], room)[::-1]
-    return f"{_tails(before)}{_literal(answer)}{_heads(_within(after, room))}"
+    after = _within(after, room)
+    longest = sum(map(len, before)) + len(answer) + sum(map(len, after))
+    return f"{_tails(before)}{_literal(answer)}{_heads(after)}", longest
 
 
 def quote_grammar(
@@ -238,10 +248,14 @@ def quote_grammar(
     room = None if max_quote_chars is None else max(max_quote_chars - len(answer), 0)
     lexemes = []
     for k, passage in _quotable(passages, only_passage):
-        stretches = dict.fromkeys(_around(passage, at, answer, room)
-                                  for at in word_occurrences(passage, answer)[:MAX_OCCURRENCES])
+        low = _shorter(min_quote_chars, passage)
+        # an occurrence whose longest stretch is shorter than the lower bound (words around it
+        # too long to fit, as in text without spaces) would open a quote nothing can finish
+        stretches = dict.fromkeys(
+            regex for regex, longest in (_around(passage, at, answer, room) for at in
+                                         word_occurrences(passage, answer)[:MAX_OCCURRENCES])
+            if low is None or longest >= low)
         if stretches:
-            low = None if min_quote_chars is None else min(min_quote_chars, len(passage.strip()))
             high = None if max_quote_chars is None else max(max_quote_chars, len(answer))
             lexemes.append((k, f"/(?:{'|'.join(stretches)})/{_length(low, high)}"))
     if not lexemes:

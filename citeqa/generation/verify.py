@@ -110,7 +110,8 @@ def verify_quote(
     ``window`` = its ``(start, end)`` in the document) or None.
 
     None when the quote is not found verbatim (up to the repairs in ``locate``), is ambiguous,
-    is shorter than ``cfg.min_quote_chars`` or longer than ``cfg.max_quote_chars``, or is made
+    is shorter than ``cfg.min_quote_chars`` (unless it is the whole of a shorter passage: the
+    grammar offers such a passage whole) or longer than ``cfg.max_quote_chars``, or is made
     only of stop words and punctuation.
     """
     span = locate(quote, document.text, window)
@@ -118,7 +119,10 @@ def verify_quote(
         return None
     start, end = span
     text = document.text[start:end]
-    if not cfg.min_quote_chars <= len(text) <= cfg.max_quote_chars or not is_contentful(text):
+    short_enough = len(text) <= cfg.max_quote_chars
+    long_enough = (len(text) >= cfg.min_quote_chars
+                   or text == document.text[window[0]:window[1]].strip())
+    if not (short_enough and long_enough) or not is_contentful(text):
         return None
     return Quote(
         text=text,
