@@ -127,6 +127,26 @@ def test_n_samples_share_one_request():
     assert out.candidates[1].quote.doc_id == "e"
 
 
+def test_the_token_budget_grows_with_text_in_other_scripts():
+    """94 tokens held an English reply; a Japanese quote of 200 characters is ~330 tokens, so
+    the real model's Japanese quotes were cut before they held the answer."""
+    from citeqa.generation.cited import budget_scale
+
+    assert budget_scale(["The Normans gave their name to Normandy."]) == 1.0
+    assert budget_scale([]) == 1.0
+    japanese = "北海道は日本の最北の島で、冬には雪が多く、農業が盛んです。"
+    assert budget_scale([japanese]) >= 200 / 0.6 / (200 / 3)  # ~0.6 characters a token
+    assert 1.5 < budget_scale(["Москва — столица России."]) < budget_scale([japanese])
+    _, english = generate(["Answer: Rollo\nQuote [1]: Their leader Rollo swore fealty"])
+    doc = Document("j", "北海道", "j.txt", japanese)
+    backend = scripted_backend(const("Answer: 北海道\nQuote [1]: " + japanese))
+    CitedGenerator(backend, FREE).generate(
+        "北海道は?", [Hit(Passage(0, "j", 0, len(japanese), japanese), "北海道", "j.txt", 1.0)],
+        {"j": doc}.__getitem__)
+    assert english.calls[0][0].max_tokens == 12 + 200 // 3 + 16  # as before for ASCII text
+    assert backend.calls[0][0].max_tokens >= 200 / 0.6 + 12
+
+
 def test_constrained_request_carries_a_valid_grammar():
     out, backend = generate(
         ["Answer: Rollo\nQuote [1]: Their leader Rollo swore fealty"],

@@ -22,6 +22,8 @@ and ``quote is None`` for evaluation, but is never presented as a quote.
 from __future__ import annotations
 
 import logging
+import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -45,6 +47,26 @@ PER_COMPLETION = frozenset({"tokens"})  # backend timing keys counted per comple
 # request in one batch and reports the batch's figures in each completion): counted once
 BATCH_WIDE = frozenset({"prefill_ms", "decode_ms", "forward_passes", "batch_rows"})
 FORMAT_TOKENS = 16  # tokens of the fixed parts of the output ("Answer: ", "Quote [k]: ", ...)
+# Tokens per character beyond ASCII, which the budgets above assume (SmolLM2's vocabulary,
+# measured: Cyrillic and Greek ~1.2 characters a token, Arabic ~1.0, Japanese ~0.6): a
+# Japanese quote of 200 characters needs ~330 tokens, not the ~67 an English one does.
+_NOT_ASCII = re.compile(r"[^\x00-\x7f]")
+_CJK = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
+TOKENS_PER_CHAR_OTHER = 1.0  # a letter of another alphabet
+TOKENS_PER_CHAR_CJK = 2.0  # a CJK character (conservatively)
+
+
+def budget_scale(texts: Sequence[str]) -> float:
+    """How many times the ASCII-based token budgets a reply copying from ``texts`` needs: 1
+    for ASCII text, more the more of it is in other scripts (``TOKENS_PER_CHAR_*``)."""
+    total = sum(len(t) for t in texts)
+    if not total:
+        return 1.0
+    other = sum(len(_NOT_ASCII.findall(t)) for t in texts)
+    cjk = sum(len(_CJK.findall(t)) for t in texts)
+    tokens = ((total - other) / QUOTE_CHARS_PER_TOKEN + (other - cjk) * TOKENS_PER_CHAR_OTHER
+              + cjk * TOKENS_PER_CHAR_CJK)
+    return max(1.0, tokens * QUOTE_CHARS_PER_TOKEN / total)
 
 
 @dataclass(frozen=True)
@@ -128,8 +150,8 @@ class CitedGenerator:
             if mode == "span":
                 stage = QuoteStage(tuple(p.text for p in shown), cfg.min_quote_chars,
                                    cfg.max_quote_chars, only_passage)
-        max_tokens = cfg.max_answer_tokens + cfg.max_quote_chars // QUOTE_CHARS_PER_TOKEN + (
-            FORMAT_TOKENS)
+        copied = cfg.max_answer_tokens + cfg.max_quote_chars // QUOTE_CHARS_PER_TOKEN
+        max_tokens = math.ceil(copied * budget_scale([p.text for p in shown])) + FORMAT_TOKENS
         return GenerationRequest(
             messages=messages, grammar=grammar, n=n, temperature=temperature,
             max_tokens=max_tokens,
