@@ -71,6 +71,27 @@ def test_missing_model_dir_is_a_model_error(tmp_path):
         load_model(str(tmp_path), tmp_path)
 
 
+def test_a_model_directory_missing_weights_is_a_model_error(tmp_path):
+    """transformers made the missing layer up (random weights) and only reported it."""
+    import json
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    smol = resolve_model_dir("smollm2", CACHE)
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=2, num_attention_heads=2,
+                                        num_key_value_heads=1))
+    tiny.save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smol / name, tmp_path / name)
+    load_model(str(tmp_path), CACHE)  # complete: loads
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(ModelError, match=r"lacks weights .*layers\.2\."):
+        load_model(str(tmp_path), CACHE)
+
+
 def test_the_shared_kv_switch_is_set_unless_a_user_set_it(monkeypatch):
     from citeqa.generation.hf import GQA_SWITCH, share_kv_heads_in_cpu_attention
 

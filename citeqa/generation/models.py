@@ -142,12 +142,22 @@ def load_model(name: str, cache_dir: Path, *, device: str | None = None) -> tupl
     try:
         with quiet_weight_loading():
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, local_files_only=True, output_loading_info=True)
     except Exception as e:
         raise ModelError(
             f"could not load the generator from {path}: {e}; "
             "check that it is a complete Hugging Face model directory"
         ) from e
+    # transformers fills weights its files lack with random ones and only reports it: a
+    # generator missing a layer answered, badly, with no error
+    missing = sorted(info.get("missing_keys") or ()) + sorted(
+        str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ())
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5
+                                          else "")
+        raise ModelError(f"the generator in {path} lacks weights its config.json calls for "
+                         f"({shown}); check that it is a complete Hugging Face model directory")
     model.to(device)
     model.eval()
     if tokenizer.chat_template is None:
