@@ -100,6 +100,22 @@ def test_prefers_the_span_inside_the_shown_window():
     assert q.start == 0
 
 
+def test_a_looser_reading_inside_the_window_beats_a_stricter_one_outside() -> None:
+    """An exact match outside the window won over a whitespace-tolerant one inside it (and
+    an untrimmed one outside over a trimmed one inside): the cited passage and the offsets
+    disagreed."""
+    from citeqa.generation.verify import locate
+
+    text = "The cat sat on the mat. Filler words here. The cat  sat on the mat. End."
+    window = (text.index("Filler"), len(text))
+    start, end = locate("The cat sat on the mat.", text, window)
+    assert start >= window[0] and text[start:end] == "The cat  sat on the mat."
+    text = 'Paris is the capital." Filler. "Paris is the capital'
+    window = (text.index("Filler"), len(text))
+    start, end = locate('"Paris is the capital."', text, window)
+    assert start >= window[0] and text[start:end] == "Paris is the capital"
+
+
 def test_outside_window_same_text_takes_nearest_occurrence():
     text = "Rollo swore fealty to the king. Filler words here. Rollo swore fealty to the king."
     doc = Document("d4", "t", "s", text)

@@ -77,29 +77,28 @@ def locate(quote: str, document_text: str, window: tuple[int, int], *,
            trim: str = _TRIM) -> tuple[int, int] | None:
     """The ``(start, end)`` of ``quote`` in ``document_text``, or None when not provably there.
 
-    Tries, in order: the quote with whitespace stripped, then with the characters of ``trim``
+    Tries the quote with whitespace stripped, then with the characters of ``trim``
     (punctuation) also trimmed from its ends; for each, an exact match and then a
-    whitespace-insensitive one: the first inside ``window`` (the passage the model was shown),
-    else the nearest outside it where every place reads the same (and there are at most
-    ``MAX_SPANS_OUTSIDE``).
+    whitespace-insensitive one. Every one of these is first looked for inside ``window`` (the
+    passage the model was shown: the first place there wins), and only then outside it (the
+    nearest place, where every place reads the same and there are at most
+    ``MAX_SPANS_OUTSIDE``): a looser reading inside the window beats a stricter one elsewhere.
     """
     variants = [quote.strip()]
     trimmed = quote.strip(trim)
     if trimmed and trimmed != variants[0]:
         variants.append(trimmed)
     ws, we = window
-    for variant in variants:
-        if not variant:
-            continue
-        for finder in (_exact_spans, _flexible_spans):
-            inside = next(finder(variant, document_text, ws, we), None)  # the first there
-            if inside is not None:
-                return inside
-            outside = list(itertools.islice(finder(variant, document_text),
-                                            MAX_SPANS_OUTSIDE + 1))
-            span = _choose(outside, document_text, window)
-            if span is not None:
-                return span
+    tries = [(v, finder) for v in variants if v for finder in (_exact_spans, _flexible_spans)]
+    for variant, finder in tries:
+        inside = next(finder(variant, document_text, ws, we), None)  # the first there
+        if inside is not None:
+            return inside
+    for variant, finder in tries:
+        outside = list(itertools.islice(finder(variant, document_text), MAX_SPANS_OUTSIDE + 1))
+        span = _choose(outside, document_text, window)
+        if span is not None:
+            return span
     return None
 
 
