@@ -100,6 +100,24 @@ def test_a_raising_batch_fails_every_item_and_the_worker_survives() -> None:
     b.close()
 
 
+def test_a_batch_that_exits_fails_its_items_and_the_worker_survives() -> None:
+    """A SystemExit (or other BaseException) ended the worker thread: every later request then
+    waited out its timeout while the service said it was ready."""
+    calls = []
+
+    def exits(items: list[int]) -> list[int]:
+        calls.append(items)
+        if len(calls) == 1:
+            raise SystemExit(3)
+        return items
+
+    b = Batcher(exits, max_batch=4, window_ms=50)
+    with pytest.raises(RuntimeError, match=r"the batch stopped \(SystemExit\)"):
+        b.submit(1).result(5)
+    assert b.submit(7).result(5) == 7  # still working
+    b.close()
+
+
 def test_wrong_number_of_outcomes_is_an_error() -> None:
     b = Batcher(lambda items: items[:-1], max_batch=2, window_ms=50)
     futs = [b.submit(1), b.submit(2)]

@@ -161,6 +161,10 @@ class Batcher(Generic[T, R]):
                     )
             except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
                 outcomes = [exc] * len(live)
+            except BaseException as exc:  # SystemExit from a library: the worker goes on (had
+                # it ended, every later request would wait out its timeout as "ready")
+                logger.exception("a batch stopped with %s", type(exc).__name__)
+                outcomes = [RuntimeError(f"the batch stopped ({type(exc).__name__})")] * len(live)
             finally:
                 self._busy.clear()
             seconds = time.perf_counter() - t0
