@@ -114,6 +114,15 @@ def test_missing_or_broken_adapter(tmp_path: Path) -> None:
         apply_adapter(tiny_model(), tmp_path)
 
 
+def test_the_packaged_adapter_says_when_it_does_not_apply(caplog: pytest.LogCaptureFixture
+                                                          ) -> None:
+    from citeqa.generation.adapter import resolve_adapter
+
+    caplog.set_level("INFO", logger="citeqa.generation.adapter")
+    assert resolve_adapter("packaged", "/models/qwen") is None
+    assert "trained for smollm2, not /models/qwen: none applied" in caplog.text
+
+
 def test_fingerprint_matches_across_float32_and_bfloat16() -> None:
     model = tiny_model()
     names = fingerprint_params(target_names(model, ATTENTION))

@@ -119,8 +119,10 @@ def resolve_adapter(adapter: str | None, model: str) -> Path | None:
         return None
     if adapter != PACKAGED:
         return Path(adapter)
-    if model != "smollm2":
-        return None  # trained on SmolLM2's weights; another generator has its own
+    if model != "smollm2":  # trained on SmolLM2's weights; another generator has its own
+        logger.info("the packaged adapter is trained for smollm2, not %s: none applied (set "
+                    "CITEQA_ADAPTER to one trained for it)", model)
+        return None
     if not (PACKAGED_DIR / CONFIG).is_file():
         logger.warning("no packaged generator adapter in %s; using the base model", PACKAGED_DIR)
         return None
