@@ -289,7 +289,8 @@ def test_from_data_to_a_calibrated_verifier_the_pipeline_loads(tmp_path):
     save_file(heads, str(rm / "heads.safetensors"))
     r = runner.invoke(app, ["train", "reward", "--data", str(gen), "--out", str(tmp_path / "rm3"),
                             "--base", str(rm), "--epochs", "0.5", "--batch", "4",
-                            "--cpu-dtype", "fp32", "--no-progress", "--members", "5"])
+                            "--cpu-dtype", "fp32", "--no-progress", "--members", "5",
+                            "--save-every", "1"])
     assert r.exit_code == 0, r.output  # --members 5 against its 3: a RuntimeError at step 1
     after = load_file(str(tmp_path / "rm3" / "heads.safetensors"))
     assert after.keys() == heads.keys() and torch.allclose(after["b2"], heads["b2"], atol=0.1)

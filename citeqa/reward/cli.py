@@ -30,8 +30,12 @@ log = logging.getLogger(__name__)
 train_app = command_group(help="Train the reward model.", no_args_is_help=True)
 
 
+SAVED = ("it is saved every --save-every steps: run the same command again to resume from the "
+         "last save (nothing is saved before the first)")
+
+
 @train_app.command("reward")
-@interruptible()
+@interruptible(SAVED)
 def reward(
     data: Annotated[list[Path], typer.Option("--data", help="Reward-data JSONL (repeatable).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Verifier directory (resumed).")],
@@ -52,6 +56,8 @@ def reward(
     threads: Annotated[int | None, typer.Option("--threads", min=1)] = None,
     cpu_dtype: TrainCpuDtypeOpt = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    save_every: Annotated[int, typer.Option("--save-every", min=1,
+                                            help="Steps between saves (resume points).")] = 200,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train the verifier (a cross-encoder with a reader head and an ensemble of heads) on
@@ -61,7 +67,8 @@ def reward(
         record = train_to_dir(
             data, out, base=base, limit=limit, threads=threads, progress=progress,
             cfg_kw={"epochs": epochs, "batch_examples": batch, "lr": lr, "members": members,
-                    "max_tokens": max_tokens, "seed": seed, "cpu_dtype": cpu_dtype},
+                    "max_tokens": max_tokens, "seed": seed, "cpu_dtype": cpu_dtype,
+                    "save_every": save_every},
         )
     except CiteqaError as e:
         raise fail(str(e)) from None
@@ -120,7 +127,7 @@ def train_to_dir(data_paths: list[Path], out: Path, *, base: Path | None = None,
 
 
 @train_app.command("answerability")
-@interruptible()
+@interruptible(SAVED)
 def answerability(
     squad: Annotated[list[Path], typer.Option(
         "--squad", help="SQuAD 2.0 JSON whose questions (answerable and not) are shown with "
@@ -143,6 +150,8 @@ def answerability(
     threads: Annotated[int | None, typer.Option("--threads", min=1)] = None,
     cpu_dtype: TrainCpuDtypeOpt = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    save_every: Annotated[int, typer.Option("--save-every", min=1,
+                                            help="Steps between saves (resume points).")] = 100,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train the answerability reader (does this passage answer this question at all?), an
@@ -153,7 +162,7 @@ def answerability(
             squad, out, redteam=redteam, redteam_variants=redteam_variants, base=base,
             threads=threads, progress=progress,
             cfg_kw={"epochs": epochs, "batch": batch, "lr": lr, "seed": seed,
-                    "cpu_dtype": cpu_dtype})
+                    "cpu_dtype": cpu_dtype, "save_every": save_every})
     except CiteqaError as e:
         raise fail(str(e)) from None
     typer.echo(json.dumps({k: record[k] for k in ("steps", "seconds_per_step", "loss_first",
