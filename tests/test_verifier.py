@@ -123,8 +123,8 @@ def test_pairs_and_batches_keep_groups_whole() -> None:
     assert sizes == {**{f"g{i}": 1 + i % 3 for i in range(10)}, "big": 4}
 
 
-def test_training_learns_a_toy_task_saves_and_reloads(tiny_encoder, tokenizer,
-                                                      tmp_path: Path) -> None:
+def test_training_learns_a_toy_task_saves_and_reloads(tiny_encoder, tokenizer, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
     """Right when the answer is "Rollo": a few steps move the scores the right way."""
     groups = [[item("Rollo", 1, f"g{i}"), item("Normandy", 0, f"g{i}"),
                item("France", 0, f"g{i}")] for i in range(12)]
@@ -135,6 +135,7 @@ def test_training_learns_a_toy_task_saves_and_reloads(tiny_encoder, tokenizer,
     record = train_verifier(model, tokenizer, groups, cfg, out=tmp_path / "rm",
                             extra={"base": "tiny"}, progress=False)
     assert record["steps"] == record["total_steps"] == 60
+    assert "raise --batch" not in caplog.text  # groups of 3 fit batches of 6
     # served as trained: it scores candidates cut where its training cut them (was always 192)
     assert json.loads((tmp_path / "rm" / "config.json").read_text())["max_tokens"] == 96
     right, wrong = model.predict(probe)[0].tolist()
@@ -324,6 +325,17 @@ def test_threshold_for_needs_calibration_and_a_corrupt_one_is_named(tiny_encoder
         (tmp_path / "rm" / "calibration.json").write_text(json.dumps({**good, **bad}))
         with pytest.raises(ModelError, match="is corrupt"):
             VerifierScorer(tmp_path / "rm", cpu_dtype="fp32")
+
+
+def test_groups_larger_than_a_batch_are_said_to_be_cut(tiny_encoder, tokenizer,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    groups = [[item(a, int(a == "Rollo"), f"g{i}") for a in ("Normandy", "France", "Rollo")]
+              for i in range(2)]
+    cfg = TrainConfig(epochs=1, batch_examples=2, members=1, hidden=4, cpu_dtype="fp32")
+    train_verifier(Verifier(tiny_encoder(len(tokenizer)), members=1, hidden=4), tokenizer,
+                   groups, cfg, progress=False)
+    assert ("2 question groups hold more candidates than --batch 2: only their first 2 are "
+            "trained on; raise --batch to 3") in caplog.text
 
 
 @pytest.mark.parametrize("damage", ["members", "no_members", "truncated_encoder",

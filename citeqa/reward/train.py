@@ -127,6 +127,11 @@ def train_verifier(model: Verifier, tokenizer: Any, groups: Sequence[Sequence[Ex
     training record (losses, steps, seconds)."""
     from citeqa.reward.checkpoint import save_verifier
 
+    cut = [len(g) for g in groups if len(g) > cfg.batch_examples]
+    if cut:
+        logger.warning("%d question groups hold more candidates than --batch %d: only their "
+                       "first %d are trained on; raise --batch to %d to train on all",
+                       len(cut), cfg.batch_examples, cfg.batch_examples, max(cut))
     plan = [b for epoch in range(math.ceil(cfg.epochs)) for b in batches(groups,
             cfg.batch_examples, random.Random(f"{cfg.seed}:{epoch}"))]
     plan = plan[:max(1, int(len(plan) * cfg.epochs / math.ceil(cfg.epochs)))]
