@@ -313,6 +313,7 @@ def test_cli_generator_data(tmp_path: Path, corpus: tuple[Path, Path]) -> None:
     assert len(demos) == 4 and all(isinstance(d, Demo) for d in demos)
     stats = json.loads((tmp_path / "demos.jsonl.stats.json").read_text())
     assert stats["written"] == 4 and stats["skipped"] == {"unanswerable": 1}
+    assert stats["answer_mode"] == "span"  # the preset's, recorded as --help says
     bad = CliRunner().invoke(
         app, ["generator-data", "--dataset", str(path), "--index", str(tmp_path / "none"),
               "--out", str(out)],

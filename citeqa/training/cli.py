@@ -45,7 +45,7 @@ TARGETS["all"] = (*TARGETS["attention"], "gate_proj", "up_proj", "down_proj")
 AnswerModeOpt = Annotated[
     str | None,
     typer.Option("--answer-mode", help="span | free: the answer mode recorded with the data "
-                 "and adapter (default: the preset's). Both teach one layout: the answer, then "
+                 "(its .stats.json) and adapter (default: the preset's). Both teach one layout: the answer, then "
                  "a quote that holds it."),
 ]
 
@@ -98,6 +98,7 @@ def generator_data(
     summary = {
         "out": str(out),
         "split": split,
+        "answer_mode": cfg.answer_mode,  # the layout is one; the mode the data was made for
         "questions_seen": stats.questions,
         "written": stats.written,
         "gold_retrieved": stats.gold_retrieved,
