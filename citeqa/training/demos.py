@@ -330,7 +330,7 @@ def build_demos(
             for h in hits[: len(demo.passages)]
         )
         demos.append(demo)
-        bar.set_postfix(written=len(demos))
+        bar.set_postfix(written=len(demos), refresh=False)  # drawn with the bar, not per demo
     stats.written = len(demos)
     return demos, stats
 
