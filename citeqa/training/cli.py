@@ -45,8 +45,8 @@ TARGETS["all"] = (*TARGETS["attention"], "gate_proj", "up_proj", "down_proj")
 AnswerModeOpt = Annotated[
     str | None,
     typer.Option("--answer-mode", help="span | free: the answer mode recorded with the data "
-                 "(its .stats.json) and adapter (default: the preset's). Both teach one layout: the answer, then "
-                 "a quote that holds it."),
+                 "(its .stats.json) and adapter (default: the preset's). Both teach one "
+                 "layout: the answer, then a quote that holds it."),
 ]
 
 
