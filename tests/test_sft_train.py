@@ -301,6 +301,24 @@ def test_a_damaged_checkpoint_is_said_to_be_so(tokenizer, tmp_path: Path) -> Non
         _trained(tokenizer, tmp_path, max_steps=3)
 
 
+def test_a_finished_adapter_is_neither_retrained_nor_replaced_by_another_run(
+        tokenizer, tmp_path: Path) -> None:
+    """The checkpoint is gone once a run is done: a later run into the same --out trained from
+    scratch and replaced the adapter, whatever its data or settings."""
+    def run(lr: float) -> dict:
+        return run_sft(tiny_model(len(tokenizer)), tokenizer, "tiny", DEMOS, tmp_path, GEN,
+                       TrainConfig(lr=lr, batch_size=2, epochs=1), LoRAConfig(r=4),
+                       progress=False)
+
+    first = run(1e-2)
+    weights = (tmp_path / "adapter.safetensors").read_bytes()
+    again = run(1e-2)  # the same run: nothing to do, the same record
+    assert again["run_key"] == first["run_key"] and again["history"] == first["history"]
+    with pytest.raises(ValueError, match="holds an adapter trained by another run"):
+        run(5e-2)
+    assert (tmp_path / "adapter.safetensors").read_bytes() == weights
+
+
 def test_run_sft_removes_its_checkpoint_when_done(tokenizer, tmp_path: Path) -> None:
     model = tiny_model(len(tokenizer))
     run_sft(model, tokenizer, "tiny", DEMOS, tmp_path, GEN,

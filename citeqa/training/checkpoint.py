@@ -114,6 +114,11 @@ def remove_checkpoint(out: Path) -> None:
         shutil.rmtree(Path(out) / name, ignore_errors=True)
 
 
+def has_checkpoint(out: Path) -> bool:
+    """Whether ``out`` holds a checkpoint to resume (a run not finished yet)."""
+    return _existing(Path(out)) is not None
+
+
 def _existing(out: Path) -> Path | None:
     for name in (CHECKPOINT, CHECKPOINT + ".old"):
         if (out / name / STATE).is_file():

@@ -37,7 +37,13 @@ from citeqa.generation.adapter import AdapterConfig, base_fingerprint
 from citeqa.generation.adapter import save_adapter as _save_adapter
 from citeqa.generation.chat import end_token_id, prompt_ids
 from citeqa.generation.prompt import prompt_fingerprint
-from citeqa.training.checkpoint import load_checkpoint, remove_checkpoint, run_key, save_checkpoint
+from citeqa.training.checkpoint import (
+    has_checkpoint,
+    load_checkpoint,
+    remove_checkpoint,
+    run_key,
+    save_checkpoint,
+)
 from citeqa.training.demos import Demo, render_target
 from citeqa.training.lora import LoRAConfig, LoRALinear, inject_lora, lora_parameters, lora_tensors
 
@@ -347,6 +353,19 @@ def save_adapter(
     return cfg
 
 
+def finished_run(out: Path) -> dict[str, Any] | None:
+    """The training log of the finished adapter in ``out`` (one written, no checkpoint left to
+    resume), or None."""
+    out = Path(out)
+    if not (out / LOG_FILE).is_file() or has_checkpoint(out):
+        return None
+    try:
+        record = json.loads((out / LOG_FILE).read_text())
+    except (OSError, ValueError):
+        return {}  # unreadable: another run's for all we can tell
+    return record if isinstance(record, dict) else {}
+
+
 def write_log(out: Path, log: TrainLog, meta: dict[str, Any]) -> dict[str, Any]:
     """Write ``training_log.json``: per-step losses, timings, peak memory, settings."""
     record = {
@@ -462,6 +481,14 @@ def run_sft(
     if init_adapter is not None:
         init, init_id = init_from_adapter(init_adapter, lora, fingerprint)
         train = replace(train, init=init_id)
+    key = run_key(examples, train, lora)
+    finished = finished_run(out)
+    if finished is not None:  # no checkpoint left: the adapter there is done
+        if (finished.get("run_key"), finished.get("base_fingerprint")) == (key, fingerprint):
+            logger.info("%s already holds this run's adapter: nothing to train", out)
+            return finished
+        raise ValueError(f"{out} holds an adapter trained by another run (other data, settings "
+                         "or base model); choose another --out, or delete it to train afresh")
     wrapped, log = train_lora(model, examples, pad_id, train, lora, progress=progress,
                               checkpoint_dir=out, init=init)
     settings = settings_record(train, lora, gen)
@@ -482,6 +509,8 @@ def run_sft(
             "torch_threads": torch.get_num_threads(),
             "dropped": dropped,
             "target_tokens": sum(e.target_tokens for e in examples),
+            "run_key": key,  # what a rerun into this --out is compared with
+            "base_fingerprint": fingerprint,
         },
     )
     write_model_card(out, record)
