@@ -114,6 +114,24 @@ def test_missing_or_broken_adapter(tmp_path: Path) -> None:
         apply_adapter(tiny_model(), tmp_path)
 
 
+def test_an_adapter_write_that_stops_part_way_leaves_the_old_one_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import safetensors.torch
+
+    _trained(tmp_path, LoRAConfig(r=4))
+    before = (tmp_path / "adapter.safetensors").read_bytes()
+
+    def cut_short(tensors: dict, filename: str, metadata: dict | None = None) -> None:
+        Path(filename).write_bytes(b"\x00" * 10)  # a kill (or a full disk) mid-write
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", cut_short)
+    with pytest.raises(OSError):
+        _trained(tmp_path, LoRAConfig(r=4))
+    assert (tmp_path / "adapter.safetensors").read_bytes() == before
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 def test_the_packaged_adapter_says_when_it_does_not_apply(caplog: pytest.LogCaptureFixture
                                                           ) -> None:
     from citeqa.generation.adapter import resolve_adapter

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from citeqa.atomic import atomic_path, write_text_atomic
 from citeqa.errors import ModelError
 from citeqa.generation.prompt import prompt_fingerprint
 
@@ -154,8 +155,9 @@ def save_adapter(
     expected = {f"{m}.lora_{ab}" for m in cfg.target_modules for ab in "AB"}
     assert set(tensors) == expected, f"adapter tensors {sorted(set(tensors) ^ expected)} mismatch"
     cpu = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
-    save_file(cpu, str(directory / WEIGHTS), metadata={"format": FORMAT})
-    (directory / CONFIG).write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+    with atomic_path(directory / WEIGHTS) as tmp:  # a kill mid-write leaves the old file whole
+        save_file(cpu, str(tmp), metadata={"format": FORMAT})
+    write_text_atomic(directory / CONFIG, json.dumps(cfg.to_json(), indent=2) + "\n")
 
 
 def load_adapter(directory: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from citeqa.atomic import write_text_atomic
 from citeqa.compute import cpu_dtype, training_autocast
 from citeqa.config import GenerationConfig
 from citeqa.generation.adapter import AdapterConfig, base_fingerprint
@@ -382,7 +383,7 @@ def write_log(out: Path, log: TrainLog, meta: dict[str, Any]) -> dict[str, Any]:
     if torch.cuda.is_available():
         record["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / LOG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    write_text_atomic(Path(out) / LOG_FILE, json.dumps(record, indent=2) + "\n")
     return record
 
 
@@ -422,7 +423,7 @@ supported rate, with the command that produced them}}
 Trained on questions and paragraphs of the SQuAD 2.0 development set (Rajpurkar, Jia, Liang
 2018; Rajpurkar et al. 2016), CC BY-SA 4.0.
 """
-    (Path(out) / CARD_FILE).write_text(text)
+    write_text_atomic(Path(out) / CARD_FILE, text)
 
 
 def settings_record(train: TrainConfig, lora: LoRAConfig, gen: GenerationConfig) -> dict[str, Any]:
