@@ -272,6 +272,11 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(tokenizer, tmp_path: Pat
         assert torch.allclose(resumed[name], t, atol=1e-6), name
     with pytest.raises(ValueError, match="other data or settings"):
         _trained(tokenizer, tmp_path, lr=5e-3)  # the finished run's checkpoint, other settings
+    with pytest.raises(ValueError, match="other data or settings"):  # other base weights
+        train_lora(tiny_model(len(tokenizer), seed=1), render_examples(
+            DEMOS, tokenizer, GEN, max_tokens=4096)[0], 2, TrainConfig(
+            lr=1e-2, batch_size=2, max_steps=5, epochs=10, save_every=2), LoRAConfig(r=4),
+            progress=False, checkpoint_dir=tmp_path, base="another-base")
 
 
 def test_a_run_resumes_with_another_micro_batch_size(tokenizer, tmp_path: Path) -> None:

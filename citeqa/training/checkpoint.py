@@ -38,13 +38,14 @@ OPTIMIZER = "optimizer.safetensors"
 MOMENTS = ("exp_avg", "exp_avg_sq", "step")  # AdamW's per-parameter state
 
 
-def run_key(examples: Sequence[Any], train: Any, lora: LoRAConfig) -> str:
-    """A digest of the token ids, labels and settings that decide every step's update."""
+def run_key(examples: Sequence[Any], train: Any, lora: LoRAConfig, *, base: str = "") -> str:
+    """A digest of the token ids, labels, settings and ``base`` model (its fingerprint) that
+    decide every step's update."""
     h = hashlib.sha256()
     # numerics and bookkeeping, not the update rule: a run may resume under other values
     free = ("max_steps", "cpu_dtype", "base_bf16", "save_every", "micro_batch_size")
     settings = {k: v for k, v in asdict(train).items() if k not in free}
-    h.update(json.dumps([settings, {**asdict(lora), "targets": list(lora.targets)}],
+    h.update(json.dumps([settings, {**asdict(lora), "targets": list(lora.targets)}, base],
                         sort_keys=True).encode())
     for e in examples:
         h.update(torch.tensor(e.input_ids + e.labels, dtype=torch.int64).numpy().tobytes())

@@ -199,12 +199,15 @@ def train_lora(
     progress: bool = True,
     checkpoint_dir: Path | None = None,
     init: dict[str, torch.Tensor] | None = None,
+    base: str = "",
 ) -> tuple[dict[str, LoRALinear], TrainLog]:
     """Wrap ``model``'s target layers with LoRA (in place) and train them on ``examples``.
 
-    ``init`` (``<module>.lora_A`` / ``.lora_B`` tensors, as ``lora_tensors`` gives them) starts
-    the LoRA layers from a trained adapter instead of LoRA's init, with fresh AdamW moments;
-    the first ``cfg.start_step`` steps of the data order are skipped.
+    ``base`` (the base model's fingerprint) is part of the checkpoint's run key: a checkpoint
+    made on other base weights is refused, not resumed. ``init`` (``<module>.lora_A`` /
+    ``.lora_B`` tensors, as ``lora_tensors`` gives them) starts the LoRA layers from a trained
+    adapter instead of LoRA's init, with fresh AdamW moments; the first ``cfg.start_step``
+    steps of the data order are skipped.
 
     With ``checkpoint_dir``, the run is saved there every ``cfg.save_every`` steps and at the
     end (``checkpoint.py``), and a rerun with the same examples and settings continues from
@@ -224,7 +227,7 @@ def train_lora(
     total = scheduled_steps(len(examples), cfg)
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
-    key = run_key(examples, cfg, lora)
+    key = run_key(examples, cfg, lora, base=base)
     done, history = (0, []) if checkpoint_dir is None else load_checkpoint(
         checkpoint_dir, wrapped, optimizer, key=key)
     if done:
@@ -482,7 +485,7 @@ def run_sft(
     if init_adapter is not None:
         init, init_id = init_from_adapter(init_adapter, lora, fingerprint)
         train = replace(train, init=init_id)
-    key = run_key(examples, train, lora)
+    key = run_key(examples, train, lora, base=fingerprint)
     finished = finished_run(out)
     if finished is not None:  # no checkpoint left: the adapter there is done
         if (finished.get("run_key"), finished.get("base_fingerprint")) == (key, fingerprint):
@@ -491,7 +494,7 @@ def run_sft(
         raise ValueError(f"{out} holds an adapter trained by another run (other data, settings "
                          "or base model); choose another --out, or delete it to train afresh")
     wrapped, log = train_lora(model, examples, pad_id, train, lora, progress=progress,
-                              checkpoint_dir=out, init=init)
+                              checkpoint_dir=out, init=init, base=fingerprint)
     settings = settings_record(train, lora, gen)
     save_adapter(
         out, wrapped, lora, base_model_id=base_model_id, fingerprint=fingerprint,
