@@ -266,6 +266,14 @@ def test_from_data_to_a_calibrated_verifier_the_pipeline_loads(tmp_path):
                             "--batch", "4", "--cpu-dtype", "fp32", "--no-progress"])
     assert r.exit_code == 0, r.output
     assert (rm / "config.json").is_file() and (rm / "heads.safetensors").is_file()
+    rows = [json.loads(line) for line in syn.read_text().splitlines()]
+    flipped = [{**r, "label": 1 - r["label"]} for r in rows]  # same counts, other data
+    syn.write_text("".join(json.dumps(r) + "\n" for r in flipped))
+    again = runner.invoke(app, ["train", "reward", "--data", str(syn), "--data", str(gen),
+                                "--out", str(rm), "--base", str(base), "--epochs", "2",
+                                "--batch", "4", "--cpu-dtype", "fp32", "--no-progress"])
+    assert again.exit_code == 2 and "other settings or data" in again.output, again.output
+    syn.write_text("".join(json.dumps(r) + "\n" for r in rows))
     r = runner.invoke(app, ["calibrate", "--data", str(gen), "--reward", str(rm),
                             "--target", "0.5"])
     assert r.exit_code == 0, r.output

@@ -118,6 +118,7 @@ def train_to_dir(data_paths: list[Path], out: Path, *, base: Path | None = None,
     extra = {
         "base": str(base) if base else "sentence-transformers/all-MiniLM-L6-v2 (packaged)",
         "data": [str(p) for p in data_paths],
+        "data_sha256": _digests(data_paths),  # data changed in place is another run
         "groups": len(groups),
         "examples": sum(len(g) for g in groups),
         "generators": data.generators,
@@ -221,12 +222,20 @@ def answerability_to_dir(squad: list[Path], out: Path, *, redteam: Path | None,
     extra = {
         "base": str(base) if base else "sentence-transformers/all-MiniLM-L6-v2 (packaged)",
         "data": [str(p) for p in squad] + ([str(redteam)] if redteam else []),
+        "data_sha256": _digests([*squad, *([redteam] if redteam else [])]),
         "examples": len(examples),
         "answerable": sum(ex.label for ex in examples),
         "by_source": dict(sorted(Counter(ex.source for ex in examples).items())),
     }
     return train_answerability(model, tokenizer, examples, cfg, out=out, extra=extra,
                                progress=progress)
+
+
+def _digests(paths: list[Path]) -> list[str]:
+    """sha256 of each file, short: part of a training's run key (resuming compares it)."""
+    from citeqa.retrieval.store import sha256_file
+
+    return [sha256_file(Path(p))[:16] for p in paths]
 
 
 def base_encoder(base_dir: Path) -> tuple[Any, Any]:
