@@ -390,6 +390,17 @@ def write_log(out: Path, log: TrainLog, meta: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def _made_by(data: str | None) -> str:
+    """", made by `COMMAND`" from the data's .stats.json (``generator-data`` writes it), or ""."""
+    if not data:
+        return ""
+    try:
+        command = json.loads(Path(f"{data}.stats.json").read_text())["command"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return f", made by `{command}`"
+
+
 def write_model_card(out: Path, record: dict[str, Any]) -> None:
     """Write ``MODEL_CARD.md``: what is known now, with placeholders for evaluation results."""
     train = record.get("train", {})
@@ -423,8 +434,10 @@ supported rate, with the command that produced them}}
 {{LIMITATIONS: e.g. trained on 11 Wikipedia articles' style of question; English only}}
 
 ## Data licence
-Trained on questions and paragraphs of the SQuAD 2.0 development set (Rajpurkar, Jia, Liang
-2018; Rajpurkar et al. 2016), CC BY-SA 4.0.
+Trained on the demonstrations in `{record.get("data", "?")}`{_made_by(record.get("data"))}.
+Demonstrations made from SQuAD (1.1 or 2.0: Rajpurkar et al. 2016; Rajpurkar, Jia, Liang
+2018) carry its licence, CC BY-SA 4.0, and this attribution must stay; for other data, name its
+licence here: {{DATA_LICENCE}}.
 """
     write_text_atomic(Path(out) / CARD_FILE, text)
 
