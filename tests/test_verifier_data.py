@@ -266,6 +266,8 @@ def test_from_data_to_a_calibrated_verifier_the_pipeline_loads(tmp_path):
                             "--batch", "4", "--cpu-dtype", "fp32", "--no-progress"])
     assert r.exit_code == 0, r.output
     assert (rm / "config.json").is_file() and (rm / "heads.safetensors").is_file()
+    card = (rm / "MODEL_CARD.md").read_text()  # it had none: the data's licence is said
+    assert f"`{syn}`" in card and "CC BY-SA 4.0" in card and "reward model" in card
     rows = [json.loads(line) for line in syn.read_text().splitlines()]
     flipped = [{**r, "label": 1 - r["label"]} for r in rows]  # same counts, other data
     syn.write_text("".join(json.dumps(r) + "\n" for r in flipped))

@@ -22,6 +22,8 @@ from typing import Annotated, Any
 
 import typer
 
+import citeqa
+from citeqa.atomic import write_text_atomic
 from citeqa.cli_errors import TrainCpuDtypeOpt, check_out, command_group, fail, interruptible
 from citeqa.errors import CiteqaError, ConfigError
 
@@ -72,6 +74,7 @@ def reward(
         )
     except CiteqaError as e:
         raise fail(str(e)) from None
+    write_card(out, "reward model (verifier cross-encoder)", record)
     typer.echo(json.dumps({k: record[k] for k in ("steps", "seconds_per_step", "loss_first",
                                                    "loss_last50", "compute")}))
     typer.echo(f"wrote {out}")
@@ -166,6 +169,7 @@ def answerability(
                     "cpu_dtype": cpu_dtype, "save_every": save_every})
     except CiteqaError as e:
         raise fail(str(e)) from None
+    write_card(out, "answerability reader", record)
     typer.echo(json.dumps({k: record[k] for k in ("steps", "seconds_per_step", "loss_first",
                                                    "loss_last50", "compute", "examples")}))
     typer.echo(f"wrote {out}; then `citeqa train reward-combine` with it in the reward directory")
@@ -229,6 +233,40 @@ def answerability_to_dir(squad: list[Path], out: Path, *, redteam: Path | None,
     }
     return train_answerability(model, tokenizer, examples, cfg, out=out, extra=extra,
                                progress=progress)
+
+
+CARD = "MODEL_CARD.md"
+
+
+def write_card(out: Path, what: str, record: dict[str, Any]) -> None:
+    """A MODEL_CARD.md for a trained directory that has none (one written by hand is kept):
+    what it was trained from and on, and the data's licence."""
+    path = Path(out) / CARD
+    if path.exists():
+        return
+    cfg = record.get("config", {})
+    text = f"""# citeqa {what}
+
+Trained with citeqa {citeqa.__version__} from `{record.get("base", "?")}`.
+
+## Training
+- Data: {", ".join(f"`{d}`" for d in record.get("data", []))} (sha256
+  {", ".join(record.get("data_sha256", []))}); {record.get("examples", "?")} examples
+- Steps: {record.get("steps")} of {record.get("total_steps")}, batch
+  {cfg.get("batch_examples", cfg.get("batch"))}, lr {cfg.get("lr")}, seed {cfg.get("seed")},
+  compute {record.get("compute")}; loss {record.get("loss_first")} -> {record.get("loss_last50")}
+  (mean of the last 50 steps)
+
+## Evaluation
+{{EVAL: `citeqa calibrate` and `citeqa eval` figures on held-out questions, with their
+commands}}
+
+## Data licence
+Examples made from SQuAD (1.1 or 2.0: Rajpurkar et al. 2016; Rajpurkar, Jia, Liang 2018) carry
+its licence, CC BY-SA 4.0, and this attribution must stay; for other data, name its licence
+here: {{DATA_LICENCE}}.
+"""
+    write_text_atomic(path, text)
 
 
 def _digests(paths: list[Path]) -> list[str]:
