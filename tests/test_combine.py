@@ -87,6 +87,18 @@ def test_missing_generator_inputs_count_as_their_fitted_mean() -> None:
     assert 0 < c(row)[0] < 1
 
 
+def test_a_model_that_failed_gives_no_score_not_a_middling_one() -> None:
+    """A NaN verifier probability counted as its fitted mean: 0.205 beside 0.049 for p=0.001."""
+    x, y = synthetic(500)
+    c = fit(x, y)
+    rows = np.array([[math.nan, -1.0, 2.0, 0.02], [1.0, -1.0, 2.0, 0.02]])
+    assert math.isnan(c(rows)[0]) and 0 < c(rows)[1] < 1
+    assert c(np.empty((0, 4))).shape == (0,)
+    xa = np.column_stack([x, y * 2.0 - 1.0])  # with an answerability logit
+    ca = fit(xa, y)  # five columns: with answerability
+    assert math.isnan(ca(np.array([[1.0, -1.0, 2.0, 0.02, math.nan]]))[0])
+
+
 def test_round_trip_and_a_corrupt_file_says_what_to_do(tmp_path) -> None:
     assert read_combiner(tmp_path) is None
     x, y = synthetic(500)

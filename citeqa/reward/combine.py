@@ -103,10 +103,17 @@ class Combiner:
         return ANSWERABILITY in self.inputs
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Probabilities [N] for inputs [N, len(inputs)]; a NaN input counts as its mean."""
-        z = (np.asarray(x, dtype=float) - np.array(self.mean)) / np.array(self.std)
+        """Probabilities [N] for inputs [N, len(inputs)]; a NaN generator or retrieval input
+        (one that said nothing) counts as its mean, but a NaN from a model (the verifier, the
+        answerability reader) is a failure: that row's probability is NaN, not a plausible
+        mid-range score (the pipeline scores NaN 0 and logs it)."""
+        x = np.asarray(x, dtype=float)
+        z = (x - np.array(self.mean)) / np.array(self.std)
         z = np.where(np.isnan(z), 0.0, z)
-        return 1.0 / (1.0 + np.exp(-(z @ np.array(self.weights) + self.bias)))
+        p = 1.0 / (1.0 + np.exp(-(z @ np.array(self.weights) + self.bias)))
+        models = [self.inputs.index(n) for n in (INPUTS[0], ANSWERABILITY) if n in self.inputs]
+        failed = np.isnan(x[:, models]).any(axis=1) if len(x) else np.zeros(0, bool)
+        return np.where(failed, np.nan, p)
 
     def to_json(self) -> dict[str, Any]:
         body = asdict(self)
