@@ -111,7 +111,8 @@ class Candidate:
     n_tokens: int = 0  # generated tokens, for mean log-probability
     retrieval_score: float = 0.0  # retrieval score of the quoted passage (Hit.score)
     score: float | None = None  # reward-model probability of correct-and-supported
-    uncertainty: float | None = None  # ensemble spread of the reward score
+    # spread of the verifier ensemble's probabilities (not of a combined served score)
+    uncertainty: float | None = None
     raw: str = ""  # the generator's raw output, for debugging and evaluation
     # Where the answer stands in the quote's document (inside the quote), when it stands there
     # verbatim: always in span mode, by construction; sometimes in free mode.

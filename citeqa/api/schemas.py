@@ -309,7 +309,10 @@ class AnswerOut(BaseModel):
         "quote); null on a decline, and in free mode when the answer is not in the quote")
     answer_end: int | None = Field(default=None, description="the answer's end (exclusive)")
     score: float | None
-    uncertainty: float | None = None
+    uncertainty: float | None = Field(
+        default=None, description="spread of the reward model's ensemble of verifiers (their "
+        "probabilities, not the served score where that combines them with other signals); "
+        "null without a reward model")
     reason: str | None = None
     candidates: list[CandidateOut] = Field(
         default_factory=list, description="every candidate, best first: on a decline, the "

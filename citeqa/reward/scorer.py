@@ -3,7 +3,9 @@ decline threshold, and ``load_scorer`` which resolves a reward-model name to one
 
 ``VerifierScorer.score`` fills ``Candidate.score`` (the mean of the ensemble members'
 probabilities that the answer is right and supported by its quote) and ``Candidate.uncertainty``
-(their spread), reading each candidate with the passage around its quote. ``threshold`` is the
+(their spread: the verifier's, on the verifier's own probability scale, also where
+``combine.json`` makes the served score a combination of it with other signals), reading each
+candidate with the passage around its quote. ``threshold`` is the
 Learn-then-Test threshold stored in ``calibration.json``; ``threshold_for(target)`` recalibrates
 from the per-question (score, correct) pairs kept there, so a request may ask for its own
 target accuracy.
