@@ -125,6 +125,19 @@ def test_missing_path_is_skipped_and_does_not_abort(tmp_path: Path) -> None:
                                       "no such file or folder; check the path")]  # fmt: skip
 
 
+def test_a_web_address_without_its_scheme_is_told_to_add_it(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = load("www.example.org/page", "example.com/a?b=1", "notes/missing.txt", "notes.md")
+    text = reasons(result)
+    assert "www.example.org/page: no such file or folder; for a web page, give the URL with " \
+           "its scheme: https://www.example.org/page" in text
+    assert "https://example.com/a?b=1" in text
+    assert "notes/missing.txt: no such file or folder; check the path" in text
+    assert "notes.md: no such file or folder; check the path" in text
+
+
 def test_unsupported_url_scheme_is_skipped() -> None:
     result = load("ftp://example.com/x.txt")
     assert not result.documents

@@ -51,6 +51,10 @@ HTML_EXTENSIONS = frozenset({".html", ".htm"})
 JSON_EXTENSIONS = frozenset({".json", ".jsonl"})
 SUPPORTED_EXTENSIONS = TEXT_EXTENSIONS | HTML_EXTENSIONS | JSON_EXTENSIONS
 _ID_RE = re.compile(DOC_ID_PATTERN)  # the rule REST applies to a chosen doc_id
+# "www.example.org", "example.org/page": a web address without its scheme, when no such file
+# ("notes.md" alone reads as a file name, though .md is a domain too)
+_WEB_ADDRESS_RE = re.compile(r"^(?:www\.[a-z0-9.-]+\.[a-z]{2,}(?:[/?#:].*)?"
+                             r"|[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,}[/?#:].*)$", re.I)
 # Formats that hold text citeqa does not read itself: how to get the text out first.
 EXTRACT_FIRST = {
     ".pdf": "pdftotext FILE", ".docx": "pandoc -t plain FILE", ".odt": "pandoc -t plain FILE",
@@ -203,6 +207,9 @@ def _expand(source: str, skipped: list[Skipped]) -> list[str | Path]:
         return out
     if path.exists():
         skipped.append(Skipped(source, "not a regular file or folder; give a file or folder"))
+    elif _WEB_ADDRESS_RE.match(source):
+        skipped.append(Skipped(source, f"no such file or folder; for a web page, give the URL "
+                                       f"with its scheme: https://{source}"))
     else:
         skipped.append(Skipped(source, "no such file or folder; check the path"))
     return []
