@@ -120,6 +120,8 @@ def _no_nan_scores(candidates: Sequence[Candidate]) -> list[Candidate]:
         if c.score is not None and math.isnan(c.score):
             logger.warning("the scorer gave a NaN score to answer %r; scored 0", c.answer)
             c = replace(c, score=0.0)
+        if c.uncertainty is not None and math.isnan(c.uncertainty):  # JSON has no NaN
+            c = replace(c, uncertainty=None)
         out.append(c)
     return out
 

@@ -145,6 +145,12 @@ def test_the_token_budget_grows_with_text_in_other_scripts():
         {"j": doc}.__getitem__)
     assert english.calls[0][0].max_tokens == 12 + 200 // 3 + 16  # as before for ASCII text
     assert backend.calls[0][0].max_tokens >= 200 / 0.6 + 12
+    # beside English passages too: the quote comes from one passage, not their average
+    mixed = scripted_backend(const("Answer: 北海道\nQuote [3]: " + japanese))
+    CitedGenerator(mixed, FREE).generate(
+        "北海道は?", [*HITS, Hit(Passage(2, "j", 0, len(japanese), japanese), "北海道", "j.txt",
+                                 0.1)], {**DOCS, "j": doc}.__getitem__)
+    assert mixed.calls[0][0].max_tokens == backend.calls[0][0].max_tokens
 
 
 def test_constrained_request_carries_a_valid_grammar():

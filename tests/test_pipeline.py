@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -236,7 +237,8 @@ class NanFirstScorer:
 
     def score(self, question: str, candidates: Sequence[Candidate],
               documents: object = None) -> list[Candidate]:
-        return [replace(c, score=math.nan if i == 0 else self.rest)
+        return [replace(c, score=math.nan if i == 0 else self.rest,
+                        uncertainty=math.nan if i == 0 else 0.01)
                 for i, c in enumerate(candidates)]
 
 
@@ -249,7 +251,8 @@ def test_a_nan_score_never_passes_a_threshold_or_heads_the_ranking(rest: float) 
     p = pipeline(lambda r: texts[: r.n], cfg=UNCONSTRAINED, scorer=NanFirstScorer(rest))
     ans = p.ask("When did the Eiffel Tower open?", n_candidates=2)
     assert [c.answer for c in ans.candidates] == ["1889", "Paris"]
-    assert ans.candidates[1].score == 0.0
+    assert ans.candidates[1].score == 0.0 and ans.candidates[1].uncertainty is None
+    json.dumps(ans.to_json(), allow_nan=False)  # what the API sends: NaN made it a 500
     assert ans.declined is (rest < 0.5) and ans.answer == (None if rest < 0.5 else "1889")
 
 

@@ -151,7 +151,10 @@ class CitedGenerator:
                 stage = QuoteStage(tuple(p.text for p in shown), cfg.min_quote_chars,
                                    cfg.max_quote_chars, only_passage)
         copied = cfg.max_answer_tokens + cfg.max_quote_chars // QUOTE_CHARS_PER_TOKEN
-        max_tokens = math.ceil(copied * budget_scale([p.text for p in shown])) + FORMAT_TOKENS
+        # the reply copies from one passage: the one that needs most (or the one it must use)
+        quotable = [p for p in shown if only_passage is None or p.number == only_passage]
+        scale = max((budget_scale([p.text]) for p in quotable), default=1.0)
+        max_tokens = math.ceil(copied * scale) + FORMAT_TOKENS
         return GenerationRequest(
             messages=messages, grammar=grammar, n=n, temperature=temperature,
             max_tokens=max_tokens,

@@ -219,7 +219,7 @@ def choose_target(
     min_answered: int = 1,
 ) -> Calibration:
     """The highest of ``targets`` whose threshold answers at least ``min_coverage`` of the
-    calibration questions, each target tested at ``delta / len(targets)``.
+    calibration questions, each target tested at ``delta / k`` (k: the distinct targets).
 
     The target is picked after seeing the calibration data, so each test alone at ``delta``
     would not do: the chosen target's guarantee could fail whenever any target's does. Testing

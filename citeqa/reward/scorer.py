@@ -212,12 +212,15 @@ def _grid_thresholds(
     min_answered: int,
 ) -> tuple[float, ...]:
     """The threshold of every grid target k * TARGET_GRID below 1 (one Learn-then-Test search
-    each, ~0.9 s in all for the shipped 794 answers on 2 cores): from 0.50 up, the running
-    maximum of the finite ones, so that asking for more accuracy never answers more questions;
-    below 0.50, each target's own. A target that certifies nothing (inf) stays so without
-    raising the targets above it: a walk starts later the lower its target (at the fewest
-    answers that can pass), so a lower target can fail where a higher one passes, and taking
-    its inf along declined every question a higher target's own test certified."""
+    each, ~0.9 s in all for the shipped 794 answers on 2 cores): from 0.50 up, monotone, so
+    that asking for more accuracy never answers more questions; below 0.50, each target's own.
+
+    The monotone envelope: the running maximum of the finite thresholds, then each target
+    that certifies nothing alone (inf) takes the threshold of the nearest higher target that
+    does (certified for that higher accuracy, so for its own). A walk starts at the fewest
+    answers that can pass its target, so a target can fail at its start where a higher one,
+    starting further down the ranking, passes; carried up, its inf declined every question
+    those higher targets certified."""
     out: list[float] = []
     running = -math.inf
     for k in range(1, GRID_POINTS + 1):
@@ -227,6 +230,14 @@ def _grid_thresholds(
         if target >= 0.5 and math.isfinite(threshold):
             running = threshold = max(running, threshold)
         out.append(threshold)
+    above = math.inf  # the threshold of the nearest higher target that certifies one
+    for i in range(len(out) - 1, -1, -1):
+        if round((i + 1) * TARGET_GRID, 6) < 0.5:
+            break
+        if math.isinf(out[i]):
+            out[i] = above
+        else:
+            above = out[i]
     return tuple(out)
 
 
