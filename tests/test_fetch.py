@@ -471,6 +471,12 @@ def test_plain_text_charset_and_title() -> None:
     ("text/html; charset=iso-8859-1", "\ufeff<p>Crème</p>".encode("utf-8"), "Crème"),
     ("text/html", "<p>Crème</p>".encode("utf-16"), "Crème"),  # UTF-16 with its mark
     ("text/plain", "\ufeffplain café".encode("utf-8"), "plain café"),
+    # as browsers read labels: latin-1 is windows-1252 (curly quotes, not C1 controls), and
+    # a <meta> naming UTF-16 in an ASCII page means UTF-8
+    ("text/html", b'<meta charset="utf-16"><p>plain</p>', "plain"),
+    ("text/plain", b"stray\x00nul" + b" x" * 60, "stray\ufffdnul" + " x" * 60),  # one NUL
+    ("text/html; charset=iso-8859-1", b"<p>\x93Caf\xe9\x94 \x85 ok</p>",
+     "\u201cCaf\u00e9\u201d \u2026 ok"),
     # charsets Python knows by name that are no text encodings: read as UTF-8, not a crash
     *[(f"text/html; charset={name}", "<p>café</p>".encode(), "café")
       for name in ("idna", "hex", "base64", "rot13", "uu_codec", "punycode", "undefined")],

@@ -58,11 +58,14 @@ def test_txt_text_is_file_content_unchanged_crlf_and_unicode(tmp_path: Path) -> 
     ("Zebras live in Africa and have stripes.", "z.txt"),  # a sentence, not a title
     ("Do zebras have stripes?", "z.txt"),
     ("word " * 30, "z.txt"),  # longer than a title
+    ('"Call me Ishmael."', "z.txt"),  # a sentence in quotes
+    ("Zebras are African equines with distinctive black-and-white striped\ncoats.",
+     "z.txt"),  # the first line of hard-wrapped prose
 ])
 def test_a_first_line_is_a_title_only_when_it_reads_as_one(tmp_path: Path, first_line: str,
                                                            title: str) -> None:
     f = tmp_path / "z.txt"
-    f.write_text(f"{first_line}\nVolcanoes erupt.\n", encoding="utf-8")
+    f.write_text(f"{first_line}\n\nVolcanoes erupt.\n", encoding="utf-8")
     (doc,) = load(f).documents
     assert doc.title == title
 

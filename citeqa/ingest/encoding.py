@@ -26,8 +26,15 @@ META_SNIFF_BYTES = 4096  # where a <meta> charset is looked for
 _NOT_DECODING = frozenset({"idna", "punycode", "undefined"})
 
 
+# What browsers read these labels as (the WHATWG Encoding standard): pages labelled latin-1 or
+# ASCII are windows-1252 in practice (their curly quotes, 0x91-0x94, are no C1 controls).
+_AS_BROWSERS_READ = {"latin-1": "cp1252", "iso8859-1": "cp1252", "ascii": "cp1252"}
+_WIDE = ("utf-16", "utf-32")  # a <meta> naming these is wrong by definition: it is ASCII text
+
+
 def text_codec(name: str | bytes | None) -> str | None:
-    """Python's name for the text encoding called ``name``; None when it names none."""
+    """Python's name for the text encoding called ``name``, as browsers read the label; None
+    when it names none."""
     if isinstance(name, bytes):
         name = name.decode("ascii", "replace")
     if not name:
@@ -38,7 +45,7 @@ def text_codec(name: str | bytes | None) -> str | None:
         return None
     if not getattr(info, "_is_text_encoding", True) or info.name in _NOT_DECODING:
         return None
-    return info.name
+    return _AS_BROWSERS_READ.get(info.name, info.name)
 
 
 def bom_codec(data: bytes) -> tuple[str, int] | None:
@@ -50,9 +57,11 @@ def bom_codec(data: bytes) -> tuple[str, int] | None:
 
 
 def meta_charset(data: bytes) -> str | None:
-    """The text codec an HTML page's ``<meta>`` declares in its first bytes, if any."""
+    """The text codec an HTML page's ``<meta>`` declares in its first bytes, if any (UTF-8 for a
+    UTF-16 or UTF-32 label: bytes in which a <meta> could be read are not those)."""
     m = META_CHARSET_RE.search(data[:META_SNIFF_BYTES])
-    return text_codec(m.group(1)) if m else None
+    codec = text_codec(m.group(1)) if m else None
+    return "utf-8" if codec is not None and codec.startswith(_WIDE) else codec
 
 
 def decode_page(data: bytes, declared: str | None, *, html: bool) -> str:

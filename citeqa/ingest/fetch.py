@@ -473,10 +473,11 @@ class Fetcher:
         finally:
             response.close()
         text = decode_page(body, response.charset_encoding, html=media in _HTML_TYPES)
-        if "\x00" in text:
+        if text.count("\x00") * 100 > len(text):  # UTF-16 it does not declare, or binary
             raise UnreadablePageError(
                 f"{requested}: the page is binary or in an encoding it does not declare "
-                "(it holds NUL characters)")
+                "(NUL characters all through it)")
+        text = text.replace("\x00", "\ufffd")  # a stray one, as an HTML parser reads it
         final = str(target.url)
         if media in _HTML_TYPES:
             try:

@@ -173,6 +173,8 @@ def extract_html(html: str, *, max_seconds: float | None = None) -> HtmlText:
 
 
 _SENTENCE_ENDS = (".", "!", "?", ";", ",", "。", "！", "？")  # a line ending so is prose
+WRAPPED_MIN_CHARS = 50  # shorter lines are not cut by wrapping (wrap widths are 60-80)
+_CLOSERS = "\"')]}\u201d\u2019\u00bb"  # closing quotes and brackets after a sentence's end
 
 
 def cap_title(title: str, max_chars: int = TITLE_MAX_CHARS) -> str:
@@ -183,7 +185,8 @@ def cap_title(title: str, max_chars: int = TITLE_MAX_CHARS) -> str:
 def title_from_text(text: str, fallback: str, *, markdown: bool = False) -> str:
     """A title for plain text: the first markdown heading (when ``markdown``), else the first
     non-empty line when it is a ``#`` heading (the marker removed) or reads as one (at most
-    ``TITLE_MAX_CHARS`` characters, not ending as a sentence does), else ``fallback``.
+    ``TITLE_MAX_CHARS`` characters, not ending as a sentence does, and not a line of wrapped
+    prose going on in lower case on the next line), else ``fallback``.
 
     A title is indexed with every passage of its document (``indexed_text``), so a first line
     that is the text's first sentence must not become it: its words would match every
@@ -193,14 +196,20 @@ def title_from_text(text: str, fallback: str, *, markdown: bool = False) -> str:
         m = _HEADING_RE.search(text)
         if m:
             return cap_title(_heading(m).strip())
-    for line in text.splitlines():
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
         line = line.strip()
         if line:
             m = _HEADING_RE.match(line)
             if m:
                 return cap_title(_SPACE_RE.sub(" ", _heading(m)).strip())
             line = _SPACE_RE.sub(" ", line)
-            if len(line) <= TITLE_MAX_CHARS and not line.endswith(_SENTENCE_ENDS):
+            # hard-wrapped prose: a line of a wrapping width that goes on in lower case on the
+            # next line ("...black-and-white striped\ncoats.")
+            wrapped = (len(line) >= WRAPPED_MIN_CHARS and i + 1 < len(lines)
+                       and lines[i + 1].lstrip()[:1].islower())
+            if (not wrapped and len(line) <= TITLE_MAX_CHARS
+                    and not line.rstrip(_CLOSERS).endswith(_SENTENCE_ENDS)):
                 return line
             return fallback
     return fallback

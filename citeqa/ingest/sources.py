@@ -346,7 +346,12 @@ def _decode_html(data: bytes) -> str:
         try:
             if codec is None:
                 raise LookupError(declared)
-            return data.decode(codec)
+            try:
+                return data.decode(codec)
+            except UnicodeError:
+                if codec != "cp1252":
+                    raise
+                return data.decode("latin-1")  # the bytes windows-1252 leaves undefined
         except (LookupError, UnicodeError):
             raise _SkipError(
                 f"could not decode as UTF-8 or its declared charset {declared!r}"
