@@ -1,7 +1,8 @@
 # GPU serving image for citeqa. Build: docker build -t citeqa .
 # Run:   docker run --gpus all -p 8000:8000 citeqa
-# The index is built from index/corpus at first start when none is mounted at /app/index/default
-# (mount a volume there to keep documents added through the API).
+# The index is built from index/corpus at first start when /app/data/default holds none; mount a
+# volume at /app/data (not at the index itself: an index is replaced by renaming its folder,
+# which a mount point refuses) to keep documents added through the API.
 FROM nvidia/cuda:12.4.1-runtime-ubuntu22.04
 
 # Where the CUDA build of torch comes from (match it to the base image's CUDA major version).
@@ -36,8 +37,8 @@ COPY index/corpus ./index/corpus
 COPY docker/entrypoint.sh /usr/local/bin/citeqa-entrypoint
 
 RUN useradd --create-home --uid 10001 --user-group citeqa \
-    && mkdir -p /app/index/default \
-    && chown -R 10001:10001 /app/index
+    && mkdir -p /app/data \
+    && chown -R 10001:10001 /app/data
 USER 10001:10001
 
 EXPOSE 8000

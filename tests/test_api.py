@@ -1022,6 +1022,13 @@ def test_allowed_hosts_refuse_other_host_headers() -> None:
             err = assert_uniform_error(r, 400, "bad_host")
             assert "CITEQA_ALLOWED_HOSTS" in err["message"]
             assert r.headers["x-content-type-options"] == "nosniff"
+            assert_uniform_error(c.get("/", headers={"Host": host}), 400, "bad_host")
+        # the probes answer any Host (a container's health check asks 127.0.0.1 whatever the
+        # service is allowed to answer to)
+    with serve(allowed_hosts="citeqa.example.com") as c:
+        for probe in ("/healthz", "/readyz"):
+            assert c.get(probe, headers={"Host": "127.0.0.1:8000"}).status_code == 200, probe
+        assert c.get("/metrics", headers={"Host": "127.0.0.1"}).status_code == 400
     with serve(allowed_hosts="*") as c:
         assert c.get("/healthz", headers={"Host": "attacker.example"}).status_code == 200
 

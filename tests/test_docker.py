@@ -61,6 +61,33 @@ def test_builds_the_missing_index_then_execs_serve(tmp_path: Path) -> None:
     assert (index / "manifest.json").is_file()
 
 
+def test_a_stop_during_the_first_build_reaches_the_build(tmp_path: Path) -> None:
+    """The shell is PID 1 in a container while it builds the index: it ignored SIGTERM, so a
+    `docker stop` waited its 10 s and then killed everything."""
+    import signal
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "citeqa").write_text(
+        '#!/bin/sh\ntrap \'echo "build got TERM" >> "$STUB_LOG"; exit 143\' TERM\n'
+        'echo started >> "$STUB_LOG"\nsleep 30 & wait $!\n')
+    (bin_dir / "citeqa").chmod(0o755)
+    log = tmp_path / "log"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "STUB_LOG": str(log),
+           "CITEQA_INDEX": str(tmp_path / "idx")}
+    proc = subprocess.Popen(["/bin/sh", str(ENTRYPOINT)], env=env, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        if log.exists() and "started" in log.read_text():
+            break
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=10)
+    assert time.monotonic() - t0 < 5 and rc == 143
+    assert "build got TERM" in log.read_text()
+
+
 def test_an_existing_index_is_served_as_is_with_extra_args(tmp_path: Path) -> None:
     index = tmp_path / "idx"
     index.mkdir()
@@ -129,3 +156,8 @@ def test_compose_points_citeqa_at_the_engine_with_settings_that_exist() -> None:
     assert f"--served-model-name={env['CITEQA_GENERATOR_MODEL']}" in vllm["command"]
     assert vllm["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert citeqa["depends_on"]["vllm"]["condition"] == "service_healthy"
+    # the volume holds the index's folder, not the index itself: an index is swapped in by
+    # renaming its folder, which a mount point refuses (EBUSY: the first start failed)
+    index = re.search(r'INDEX="\$\{CITEQA_INDEX:-(\S+)\}"', ENTRYPOINT.read_text()).group(1)
+    [mount] = [v.split(":")[1].split()[0] for v in citeqa["volumes"] if v.startswith("index-")]
+    assert Path(index).parent == Path(mount) and f"mkdir -p {mount}" in DOCKERFILE.read_text()

@@ -172,17 +172,22 @@ def host_name(host_header: str) -> str:
     return host.rsplit(":", 1)[0].rstrip(".") if ":" in host else host.rstrip(".")
 
 
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+
+
 class HostCheckMiddleware:
     """400 for a request whose Host header names none of ``allowed``. Against DNS rebinding: a
     web page whose name an attacker re-points at 127.0.0.1 would otherwise reach a service on
-    the reader's machine (its documents included) from the reader's own browser."""
+    the reader's machine (its documents included) from the reader's own browser. The probes
+    (``PROBE_PATHS``) answer whatever the Host: a container's health check asks 127.0.0.1, and
+    they tell a page nothing but whether the service runs."""
 
     def __init__(self, app: ASGIApp, allowed: frozenset[str]) -> None:
         self.app = app
         self.allowed = allowed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and scope.get("path") not in PROBE_PATHS:
             raw = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
             if host_name(raw) not in self.allowed:
                 await error_response(
