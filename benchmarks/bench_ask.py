@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from citeqa.compute import CPU_DTYPES  # noqa: E402
-from citeqa.config import Config  # noqa: E402
+from citeqa.config import Config, Settings  # noqa: E402
 from citeqa.evals.metrics import percentile  # noqa: E402
 from citeqa.generation.cited import CitedGenerator, GenerationItem  # noqa: E402
 from citeqa.generation.kv import with_cache_keyword  # noqa: E402
@@ -107,13 +107,13 @@ def main() -> None:
     gen_cfg = cfg.generation
     retriever = HybridRetriever.open(args.index, cfg.retrieval)
     backend = build_backend(replace(gen_cfg, threads=args.threads),
-                            Path.home() / ".cache" / "citeqa",
+                            Settings().cache_dir,
                             reuse_prefix=not args.no_prefix_cache, lean=not args.no_lean)
     backend.quote_guess = not args.no_quote_guess
     generator = CitedGenerator(backend, gen_cfg)
     from citeqa.generation.models import load_model
 
-    plain_fp32, _, _ = load_model(gen_cfg.model, Path.home() / ".cache" / "citeqa", device="cpu")
+    plain_fp32, _, _ = load_model(gen_cfg.model, Settings().cache_dir, device="cpu")
     reward = None if args.reward.lower() == "none" else args.reward
     scorer = load_scorer(reward, cpu_dtype=gen_cfg.cpu_dtype)
     pipeline = Pipeline(retriever, generator, cfg, scorer)

@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from citeqa.allocator import keep_freed_memory
+from citeqa.config import Settings
 from citeqa.generation.backend import GenerationRequest
 from citeqa.generation.constraint import output_grammar
 from citeqa.generation.hf import HFBackend, _Stats
@@ -71,7 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "citeqa")
+    ap.add_argument("--cache-dir", type=Path, default=Settings().cache_dir)
     ap.add_argument("--steps", type=int, default=24, help="decode steps per measurement")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()

@@ -38,7 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 OUT = ROOT / "evals" / "results" / "bench_dtype.json"
-CACHE = Path.home() / ".cache" / "citeqa"
+from citeqa.config import Settings  # noqa: E402
+
+CACHE = Settings().cache_dir  # CITEQA_CACHE_DIR, as the service reads it
 
 
 def interleaved(variants: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:

@@ -34,7 +34,6 @@ from citeqa.generation.prompt import build_messages
 from citeqa.types import Document, Hit, Passage
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER = Path.home() / ".cache" / "citeqa" / "smollm2-135m-instruct"
 # (hidden, intermediate, layers, attention heads, key/value heads), as their configs give them
 SHAPES = {
     "tiny": (64, 128, 2, 4, 2),
@@ -218,8 +217,9 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["smollm2-135m", "qwen2.5-1.5b"],
                     choices=sorted(SHAPES))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--tokenizer", type=Path, default=TOKENIZER,
-                    help="a tokenizer directory (default: the converted SmolLM2's)")
+    ap.add_argument("--tokenizer", type=Path, default=None,
+                    help="a tokenizer directory (default: the converted SmolLM2's, converted "
+                         "first where it is not yet)")
     ap.add_argument("--passages", type=int, default=3, help="passages shown per question")
     ap.add_argument("--batch", type=int, default=8, help="questions in the batched call")
     ap.add_argument("--candidates", type=int, default=4, help="candidates per batched question")
@@ -235,6 +235,11 @@ def main() -> None:
 
     keep_freed_memory()  # as the CLI does (citeqa/allocator.py): the host side's allocations
 
+    if args.tokenizer is None:
+        from citeqa.config import Settings
+        from citeqa.generation.models import resolve_model_dir
+
+        args.tokenizer = resolve_model_dir("smollm2", Settings().cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
     where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
     print(f"{where}; torch {torch.__version__}; random weights, SmolLM2's tokenizer "

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from citeqa.compute import CPU_DTYPES  # noqa: E402
-from citeqa.config import GenerationConfig, RetrievalConfig  # noqa: E402
+from citeqa.config import GenerationConfig, RetrievalConfig, Settings  # noqa: E402
 from citeqa.errors import OutputFormatError  # noqa: E402
 from citeqa.evals.metrics import exact_match, f1, is_correct  # noqa: E402
 from citeqa.evals.squad import QAItem, articles_for_split, load_squad_questions  # noqa: E402
@@ -201,7 +201,7 @@ def main() -> None:
     cfg = GenerationConfig(adapter=args.adapter, cpu_dtype=args.cpu_dtype, threads=args.threads,
                            answer_mode=args.answer_mode)
     retriever = HybridRetriever.open(args.index, RetrievalConfig())
-    backend = build_backend(cfg, Path.home() / ".cache" / "citeqa")
+    backend = build_backend(cfg, Settings().cache_dir)
     questions = sample_questions(qa_path, args.split, args.limit, args.seed)
     sample_note = (f"fixed seeded sample (seed {args.seed}) of {len(questions)} answerable "
                    f"questions of the {args.split} articles {list(articles_for_split(args.split))}")
