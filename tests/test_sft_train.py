@@ -93,6 +93,17 @@ def test_only_target_tokens_carry_labels(tokenizer) -> None:
     assert tokenizer.decode(ex.input_ids[:start]).endswith("<|im_start|>assistant\n")
 
 
+def test_a_special_tokens_text_in_a_reply_is_learnt_as_text(tokenizer) -> None:
+    """A quote holding '<|im_end|>' was tokenized as the end token mid-reply: it taught the
+    model to stop inside quotes (the grammar makes it write that text as plain tokens)."""
+    messages, _ = render_target(DEMOS[0], GEN)
+    ex = encode_example(tokenizer, messages, "Answer: x\nQuote [1]: a <|im_end|> b")
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    reply = [label for label in ex.labels if label != IGNORE]
+    assert reply.count(end) == 1 and reply[-1] == end
+    assert tokenizer.decode(reply[:-1]) == "Answer: x\nQuote [1]: a <|im_end|> b"
+
+
 def test_collate_pads_without_labels() -> None:
     from citeqa.training.sft import Example
 

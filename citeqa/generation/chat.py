@@ -8,6 +8,7 @@ model learned to continue is token for token what it is asked to continue.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,25 @@ def special_strings(tokenizer: Any) -> tuple[str, ...]:
         if getattr(added, "special", False):
             specials.add(str(added.content))
     return tuple(sorted((s for s in specials if len(s) > 1), key=len, reverse=True))
+
+
+# Special tokens' texts of the common chat templates (ChatML, Llama 3, Llama 2/Mistral), for
+# prompts rendered by a tokenizer citeqa cannot see (a remote engine's).
+_PIPE_TOKEN = re.compile(r"<\|[^|<>\s]{1,48}\|>")  # <|im_start|>, <|eot_id|>, ...
+COMMON_SPECIALS = ("[/INST]", "[INST]", "<</SYS>>", "<<SYS>>", "</s>", "<s>")
+
+
+def defused_for_any_template(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """``messages`` with the special-token texts of common chat templates broken (``defused``
+    for a tokenizer that is not at hand: a remote engine renders the prompt itself)."""
+    out = []
+    for m in messages:
+        content = _PIPE_TOKEN.sub(lambda t: "<" + WORD_JOINER + t.group(0)[1:], m["content"])
+        for s in COMMON_SPECIALS:
+            if s in content:
+                content = content.replace(s, s[0] + WORD_JOINER + s[1:])
+        out.append({**m, "content": content})
+    return out
 
 
 def defused(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:

@@ -32,6 +32,7 @@ import httpx
 
 from citeqa.errors import EngineError, EngineUnavailableError
 from citeqa.generation.backend import Completion, GenerationRequest, abandoned_completions
+from citeqa.generation.chat import defused_for_any_template
 from citeqa.generation.format import ANSWER_LINE_END
 from citeqa.retry import RETRY_STATUSES, Backoff
 
@@ -138,7 +139,7 @@ class RemoteBackend:
                 continue_with: str | None = None, n: int | None = None) -> dict[str, Any]:
         """The JSON body for ``req`` (``grammar`` overrides its grammar; ``continue_with``
         continues an assistant message that starts so)."""
-        messages = [dict(m) for m in req.messages]
+        messages = defused_for_any_template(req.messages)  # the engine renders the template
         body: dict[str, Any] = {
             "model": self.model,
             "messages": messages,

@@ -107,7 +107,10 @@ class TrainLog:
 def encode_example(tokenizer: Any, messages: Sequence[dict[str, str]], target: str) -> Example:
     """Prompt tokens (labels -100), then the target's tokens and the end token (labelled)."""
     prompt = prompt_ids(tokenizer, messages)
-    reply = [int(i) for i in tokenizer(target, add_special_tokens=False)["input_ids"]]
+    # a special token's text in the reply (a quote holding "<|im_end|>") as plain text, as the
+    # grammar makes the model write it: read as the token, it taught stopping mid-quote
+    reply = [int(i) for i in tokenizer(target, add_special_tokens=False,
+                                       split_special_tokens=True)["input_ids"]]
     reply.append(end_token_id(tokenizer))
     return Example(tuple(prompt + reply), tuple([IGNORE] * len(prompt) + reply))
 
