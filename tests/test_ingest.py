@@ -494,6 +494,9 @@ def test_json_lines_end_at_newlines_only(tmp_path: Path) -> None:
     result = load(f)
     assert [d.text for d in result.documents] == texts and result.skipped == []
     assert result.documents[2].source == f"{f}#3"  # positions are the file's line numbers
+    mac = tmp_path / "mac.jsonl"  # lines ended by \r alone
+    mac.write_bytes(b'{"text": "one"}\r{"text": "two"}\r')
+    assert [d.text for d in load(mac).documents] == ["one", "two"]
 
 
 def test_blank_texts_nulls_and_long_titles_of_json(tmp_path: Path) -> None:

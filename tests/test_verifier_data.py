@@ -136,6 +136,10 @@ def test_generator_data_resumes_after_a_cut_inside_a_character(tiny_pipeline, tm
         f.write('{"group": "q3", "question": "café'.encode()[:-1])  # half of the é
     stats = generator_examples(tiny_pipeline, ITEMS, out, n=1, progress=False)
     assert (stats.questions, stats.skipped) == (2, 2)
+    first = tmp_path / "first.jsonl"  # stopped inside its very first line
+    first.write_bytes('{"group": "q1", "question": "caf\u00e9'.encode()[:-1])
+    stats = generator_examples(tiny_pipeline, ITEMS[:1], first, n=1, progress=False)
+    assert (stats.questions, stats.skipped) == (1, 0)
 
 
 def test_generator_data_refuses_to_resume_with_other_settings(tiny_pipeline, tmp_path):

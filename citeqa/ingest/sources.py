@@ -406,7 +406,8 @@ def _json_documents(path: Path, text: str, hashed: list[str]) -> Iterator[Docume
     n_lines = 0
     # lines end at "\n" only: JSON strings may hold U+2028, U+2029 and U+0085 as they are,
     # which str.splitlines would take for line ends
-    for lineno, line in enumerate(text.split("\n"), start=1):
+    ends = "\n" if "\n" in text or "\r" not in text else "\r"  # old Mac files: \r alone
+    for lineno, line in enumerate(text.split(ends), start=1):
         line = line.removesuffix("\r")
         if not line.strip():
             continue

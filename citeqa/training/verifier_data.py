@@ -92,8 +92,9 @@ def _done_qids(out: Path, made_by: dict[str, Any] | None = None) -> set[str]:
         try:
             row = json.loads(line.decode("utf-8"))
         except ValueError:  # not UTF-8, or not JSON
-            # the last line, cut short by an interrupted run, after lines of this command's
-            if n == len(lines) and rows:
+            # the last line, cut short by an interrupted run: after lines of this command's,
+            # or alone where it begins as every line of ours does
+            if n == len(lines) and (rows or line.startswith(b'{"')):
                 continue
             row = None
         if not _is_reward_row(row):  # resuming rewrites the file: never over someone else's
