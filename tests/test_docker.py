@@ -161,3 +161,16 @@ def test_compose_points_citeqa_at_the_engine_with_settings_that_exist() -> None:
     index = re.search(r'INDEX="\$\{CITEQA_INDEX:-(\S+)\}"', ENTRYPOINT.read_text()).group(1)
     [mount] = [v.split(":")[1].split()[0] for v in citeqa["volumes"] if v.startswith("index-")]
     assert Path(index).parent == Path(mount) and f"mkdir -p {mount}" in DOCKERFILE.read_text()
+
+
+def test_the_vllm_script_never_deletes_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    """`install` removed whatever CITEQA_VLLM_VENV named when it lacked the version's marker
+    (a user's own venv included)."""
+    mine = tmp_path / "my-venv"
+    (mine / "bin").mkdir(parents=True)
+    (mine / "bin" / "keep").write_text("x")
+    env = {**os.environ, "CITEQA_VLLM_VENV": str(mine)}
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "vllm_cpu.sh"), "install"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "is not a vLLM venv this script made" in result.stderr
+    assert (mine / "bin" / "keep").read_text() == "x"
