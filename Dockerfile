@@ -5,8 +5,9 @@
 # which a mount point refuses) to keep documents added through the API.
 FROM nvidia/cuda:12.4.1-runtime-ubuntu22.04
 
-# Where the CUDA build of torch comes from (match it to the base image's CUDA major version).
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124
+# Where torch comes from: PyPI, whose Linux torch is a CUDA build carrying its own CUDA libraries
+# (nvidia-* wheels), or a download.pytorch.org/whl/cuXXX index that has the pinned version.
+ARG TORCH_INDEX_URL=https://pypi.org/simple
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
