@@ -8,7 +8,8 @@ Starts the server on 127.0.0.1 (the `default` preset: SmolLM2 + MiniLM, unless -
 for /readyz, then for each concurrency level runs that many client threads (httpx), each asking
 questions back to back for --seconds. Prints, per level: answers/s, p50/p95 latency of
 successful answers, errors by status (503s, the deliberate overload answer, apart), and the
-server's RSS; then peak RSS (VmHWM), RSS at start vs end, and throughput(max)/throughput(1)
+server's RSS; then peak RSS (VmHWM), RSS at start vs end, and throughput(N)/throughput(1) at the
+largest level N of --levels
 (the batching target is >= 2). The index is built from index/corpus first when missing.
 
 ``--generator-url`` serves through a remote engine (scripts/vllm_cpu.sh serve DIR; the
