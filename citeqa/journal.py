@@ -117,11 +117,18 @@ def run_lock(out: Path, command: str, *, instead: str = "choose another --out") 
     """Hold ``out`` (a run directory, created when missing) for this process; ConfigError at once
     when another process holds it (saying to wait, or ``instead``). An exclusive ``flock`` on the
     folder: released when the process ends, however it ends, so a crash never leaves a stale
-    lock."""
+    lock. A folder made here and still empty when the run fails is removed again."""
     out = Path(out)
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out, os.O_RDONLY, out, command, instead):
-        yield
+    try:
+        with _exclusive(out, os.O_RDONLY, out, command, instead):
+            yield
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only when empty: nothing the run wrote is lost
+        raise
 
 
 @contextlib.contextmanager

@@ -128,6 +128,22 @@ def test_one_process_writes_a_run_directory_at_a_time(tmp_path: Path) -> None:
         pass
 
 
+def test_a_failed_run_leaves_no_empty_folder_it_made(tmp_path: Path) -> None:
+    from citeqa.journal import run_lock
+
+    for name, writes in (("empty", False), ("wrote", True)):
+        with pytest.raises(ValueError), run_lock(tmp_path / name, "citeqa train generator"):
+            if writes:
+                (tmp_path / name / "part.json").write_text("{}")
+            raise ValueError("--init-adapter nope is not an adapter")
+    assert not (tmp_path / "empty").exists()  # was left behind, empty
+    assert (tmp_path / "wrote" / "part.json").is_file()  # what a run wrote stays
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ValueError), run_lock(tmp_path / "mine", "citeqa eval"):
+        raise ValueError("x")
+    assert (tmp_path / "mine").is_dir()  # a folder it did not make stays
+
+
 def test_a_file_replaced_while_written_is_locked_beside_it(tmp_path: Path) -> None:
     from citeqa.journal import file_lock
 
