@@ -175,6 +175,23 @@ def test_missing_and_binary_files(tmp_path: Path) -> None:
         load_squad_questions(tmp_path / "list.json")
 
 
+def test_a_gzipped_question_file_is_read_as_it_is(squad_file: Path, tmp_path: Path) -> None:
+    """The shared SQuAD 1.1 training file is .json.gz: it failed as "'utf-8' codec can't
+    decode byte 0x8b"."""
+    import gzip
+
+    from citeqa.training.demos import squad_answer_starts
+
+    packed = tmp_path / "qa.json.gz"
+    packed.write_bytes(gzip.compress(squad_file.read_bytes()))
+    assert load_questions(packed) == load_questions(squad_file)
+    assert squad_answer_starts(packed) == squad_answer_starts(squad_file) != {}
+    cut = tmp_path / "cut.json.gz"
+    cut.write_bytes(packed.read_bytes()[:30])
+    with pytest.raises(SourceError, match="cannot read question file"):
+        load_questions(cut)
+
+
 def test_fixed_split() -> None:
     all_articles = TRAIN_ARTICLES + CALIBRATION_ARTICLES + EVAL_ARTICLES
     assert len(all_articles) == len(set(all_articles)) == 11

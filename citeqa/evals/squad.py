@@ -7,7 +7,9 @@ their own articles. An unanswerable question has ``answers == ()``; for it, decl
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,14 +176,23 @@ def _parse_jsonl(text: str, path: Path) -> list[QAItem]:
     return items
 
 
+def read_question_file(path: Path) -> str:
+    """The text of a question file (SQuAD JSON or JSONL), gzipped or not (told by its first
+    bytes: the shared SQuAD 1.1 training file is .json.gz); OSError, UnicodeDecodeError."""
+    data = Path(path).read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    return data.decode("utf-8")
+
+
 def _read(path: Path) -> str:
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return read_question_file(path)
     except FileNotFoundError:
         raise SourceError(
             f"question file not found: {path}; pass a SQuAD JSON or JSONL question file"
         ) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, EOFError, zlib.error) as exc:
         raise SourceError(f"cannot read question file {path}: {exc}") from exc
 
 

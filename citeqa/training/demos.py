@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from citeqa.atomic import atomic_open
 from citeqa.config import GenerationConfig
 from citeqa.errors import SourceError
-from citeqa.evals.squad import QAItem
+from citeqa.evals.squad import QAItem, read_question_file
 from citeqa.generation.cited import CHARS_PER_TOKEN
 from citeqa.generation.format import ANSWER_PREFIX, QUOTE_PREFIX, QUOTE_SEPARATOR
 from citeqa.generation.prompt import build_messages
@@ -261,7 +261,7 @@ def make_demo(
 def squad_answer_starts(path: Path) -> dict[str, dict[str, int]]:
     """question id -> {answer text: first answer_start} of a SQuAD JSON file ({} for JSONL)."""
     try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+        obj = json.loads(read_question_file(path))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return {}
     if not isinstance(obj, dict) or "data" not in obj:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from citeqa.atomic import write_text_atomic
 from citeqa.errors import ConfigError, InvalidRequestError, OutputFormatError
 from citeqa.evals.metrics import is_correct
-from citeqa.evals.squad import QAItem
+from citeqa.evals.squad import QAItem, read_question_file
 from citeqa.generation.cited import answer_span
 from citeqa.generation.prompt import prompt_fingerprint
 from citeqa.pipeline import Pipeline
@@ -339,7 +339,7 @@ def redteam_examples(variants: Iterable[Variant], titles: Callable[[str], str] |
 
 def plausible_answers(path: Path) -> dict[str, list[str]]:
     """question id -> plausible answers of the unanswerable questions of a SQuAD 2.0 file."""
-    obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    obj = json.loads(read_question_file(path))
     return {str(q["id"]): [a["text"] for a in q.get("plausible_answers", [])]
             for article in obj.get("data", []) for p in article["paragraphs"]
             for q in p["qas"] if q.get("plausible_answers")}
