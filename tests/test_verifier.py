@@ -455,6 +455,7 @@ def test_combining_needs_generator_candidates_with_signals(tiny_encoder, tokeniz
     r = CliRunner().invoke(app, ["train", "reward-combine", "--data", str(data), "--reward",
                                  str(tmp_path / "rm")])
     assert r.exit_code == 2 and "reward-data --from generator" in r.output
+    assert f"error: {data}: no candidate" in r.output  # the file, not [PosixPath('...')]
     assert not (tmp_path / "rm" / "combine.json").exists()
 
 

@@ -316,9 +316,10 @@ def combine_dir(data_paths: list[Path], reward_dir: Path) -> dict[str, Any]:
 
     data = load_verifier_data(data_paths)
     examples = [ex for ex in data.examples if ex.judged.quote]
+    names = ", ".join(map(str, data_paths))
     if not any(ex.signals for ex in examples):
-        raise SourceError(f"{data_paths}: no candidate carries generator signals; build the "
-                          "data with `citeqa train reward-data --from generator`")
+        raise SourceError(f"{names}: no candidate carries generator signals; build the data "
+                          "with `citeqa train reward-data --from generator`")
     items = [ex.judged for ex in examples]
     p, _ = VerifierScorer(reward_dir).predict(items)  # verifier alone
     reader = Path(reward_dir) / SUBDIR
@@ -328,7 +329,7 @@ def combine_dir(data_paths: list[Path], reward_dir: Path) -> dict[str, Any]:
     try:
         combiner = fit(x, y, extra={"data": [str(d) for d in data_paths]})
     except ValueError as e:
-        raise SourceError(f"{data_paths}: {e}") from None
+        raise SourceError(f"{names}: {e}") from None
     figures = {"candidates": len(y), "right": int(y.sum()),
                "auroc_verifier": auroc(p, y), "auroc_combined": auroc(combiner(x), y),
                "weights": dict(zip(combiner.inputs, combiner.weights, strict=True))}
