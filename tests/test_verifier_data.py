@@ -306,6 +306,10 @@ def test_from_data_to_a_calibrated_verifier_the_pipeline_loads(tmp_path):
                             "--cpu-dtype", "fp32", "--no-progress", "--members", "5",
                             "--save-every", "1"])
     assert r.exit_code == 0, r.output  # --members 5 against its 3: a RuntimeError at step 1
+    with file_lock(tmp_path / "rm4", "citeqa train reward"):  # another run training into it
+        r = runner.invoke(app, ["train", "reward", "--data", str(gen), "--out",
+                                str(tmp_path / "rm4"), "--base", str(rm), "--epochs", "0.5"])
+    assert r.exit_code == 2 and "another citeqa train reward is writing" in r.output
     after = load_file(str(tmp_path / "rm3" / "heads.safetensors"))
     assert after.keys() == heads.keys() and torch.allclose(after["b2"], heads["b2"], atol=0.1)
 

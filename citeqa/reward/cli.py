@@ -26,6 +26,7 @@ import citeqa
 from citeqa.atomic import write_text_atomic
 from citeqa.cli_errors import TrainCpuDtypeOpt, check_out, command_group, fail, interruptible
 from citeqa.errors import CiteqaError, ConfigError
+from citeqa.journal import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,13 @@ def reward(
     labelled candidates; writes --out, and resumes there after an interruption."""
     check_out(out, folder=True, inputs={"--data": data, "--base": base})
     try:
-        record = train_to_dir(
-            data, out, base=base, limit=limit, threads=threads, progress=progress,
-            cfg_kw={"epochs": epochs, "batch_examples": batch, "lr": lr, "members": members,
-                    "max_tokens": max_tokens, "seed": seed, "cpu_dtype": cpu_dtype,
-                    "save_every": save_every},
-        )
+        with file_lock(out, "citeqa train reward"):  # beside it: saves swap the folder itself
+            record = train_to_dir(
+                data, out, base=base, limit=limit, threads=threads, progress=progress,
+                cfg_kw={"epochs": epochs, "batch_examples": batch, "lr": lr,
+                        "members": members, "max_tokens": max_tokens, "seed": seed,
+                        "cpu_dtype": cpu_dtype, "save_every": save_every},
+            )
     except CiteqaError as e:
         raise fail(str(e)) from None
     write_card(out, "reward model (verifier cross-encoder)", record)
@@ -162,11 +164,12 @@ def answerability(
     optional input of the reward model's combination; writes --out and resumes there."""
     check_out(out, folder=True, inputs={"--squad": squad, "--base": base, "--redteam": redteam})
     try:
-        record = answerability_to_dir(
-            squad, out, redteam=redteam, redteam_variants=redteam_variants, base=base,
-            threads=threads, progress=progress,
-            cfg_kw={"epochs": epochs, "batch": batch, "lr": lr, "seed": seed,
-                    "cpu_dtype": cpu_dtype, "save_every": save_every})
+        with file_lock(out, "citeqa train answerability"):
+            record = answerability_to_dir(
+                squad, out, redteam=redteam, redteam_variants=redteam_variants, base=base,
+                threads=threads, progress=progress,
+                cfg_kw={"epochs": epochs, "batch": batch, "lr": lr, "seed": seed,
+                        "cpu_dtype": cpu_dtype, "save_every": save_every})
     except CiteqaError as e:
         raise fail(str(e)) from None
     write_card(out, "answerability reader", record)
