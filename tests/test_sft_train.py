@@ -312,6 +312,13 @@ def test_a_checkpoint_cut_mid_swap_is_still_read(tokenizer, tmp_path: Path) -> N
     assert [s["step"] for s in log.steps] == [1, 2, 3] and log.steps[0]["seconds"] <= 60
 
 
+def test_a_max_steps_below_the_saved_step_is_refused(tokenizer, tmp_path: Path) -> None:
+    """It trained 0 steps and wrote the checkpoint's adapter as one of 3 steps."""
+    _trained(tokenizer, tmp_path, max_steps=4)  # cut short: its checkpoint (step 4) is kept
+    with pytest.raises(ValueError, match="at step 4, past the 3 steps this run trains"):
+        _trained(tokenizer, tmp_path, max_steps=3)
+
+
 def test_a_damaged_checkpoint_is_said_to_be_so(tokenizer, tmp_path: Path) -> None:
     _trained(tokenizer, tmp_path, max_steps=2)
     lora = tmp_path / "checkpoint" / "lora.safetensors"

@@ -233,6 +233,9 @@ def train_lora(
     key = run_key(examples, cfg, lora, base=base)
     done, history = (0, []) if checkpoint_dir is None else load_checkpoint(
         checkpoint_dir, wrapped, optimizer, key=key)
+    if done > total:  # it would write the saved adapter as one of `total` steps
+        raise ValueError(f"the checkpoint in {checkpoint_dir} is at step {done}, past the {total} "
+                         "steps this run trains; raise --max-steps, or choose another --out")
     if done:
         logger.info("resuming from step %d of %d saved in %s", done, total, checkpoint_dir)
     model.train()
