@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import re
 from collections.abc import Callable
 from dataclasses import replace
@@ -451,7 +452,11 @@ def serve(
         bound = f"[{host.strip('[]')}]" if ":" in host else host  # clients name it so in Host
         names = dict.fromkeys([*LOOPBACK_HOSTS, bound])
         settings = settings.model_copy(update={"allowed_hosts": ",".join(names)})
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    # a stop waits for requests in flight at most the grace (uvicorn waited for every one, up to
+    # its own timeout: a container's stop period passed and it was killed mid-answer); what is
+    # still queued then is cancelled, and the running batch stops at its next step
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info",
+                timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_s)))
 
 
 def _is_loopback(host: str) -> bool:

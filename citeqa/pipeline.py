@@ -102,7 +102,27 @@ def rank(candidates: Sequence[Candidate]) -> list[Candidate]:
     )
 
 
-def _distinct(a: float, b: float) -> tuple[str, str]:
+def distinct(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """``candidates`` with repeats of one verified (answer, quote) merged into the one the
+    generator was surest of, in the place of the first: a sample equal to the greedy answer
+    was scored (the reward model's time) and listed twice. Candidates without a verified quote
+    are kept as they are."""
+    out: list[Candidate] = []
+    seen: dict[tuple[str, str, int, int], int] = {}
+    for c in candidates:
+        if c.quote is None:
+            out.append(c)
+            continue
+        key = (c.answer, c.quote.doc_id, c.quote.start, c.quote.end)
+        if key not in seen:
+            seen[key] = len(out)
+            out.append(c)
+        elif c.mean_logprob > out[seen[key]].mean_logprob:
+            out[seen[key]] = c
+    return out
+
+
+def _digits_apart(a: float, b: float) -> tuple[str, str]:
     """``a`` and ``b`` to 3 decimals, or as many more (up to 9) as tell them apart: a score
     just below its threshold read "0.313 is below the threshold 0.313"."""
     for digits in range(3, 10):
@@ -297,9 +317,9 @@ class Pipeline:
         question = args.question
         t2 = time.perf_counter()
         if self.scorer is not None and not (args.abandoned and args.abandoned()):
-            scored = self.scorer.score(question, generation.candidates, documents)
+            scored = self.scorer.score(question, distinct(generation.candidates), documents)
         else:
-            scored = [replace(c, score=confidence(c)) for c in generation.candidates]
+            scored = [replace(c, score=confidence(c)) for c in distinct(generation.candidates)]
         candidates = rank(_no_nan_scores(scored))
         t3 = time.perf_counter()
 
@@ -322,7 +342,7 @@ class Pipeline:
         elif threshold is not None and math.isinf(threshold):
             reason = self._uncertified_reason(best.score or 0.0, asked=args.min_score is not None)
         elif threshold is not None and not (best.score is not None and best.score >= threshold):
-            shown, limit = _distinct(best.score or 0.0, threshold)
+            shown, limit = _digits_apart(best.score or 0.0, threshold)
             reason = f"best score {shown} is below the threshold {limit}"
             if self.scorer is None:
                 reason += f" ({STAND_IN_NOTE})"

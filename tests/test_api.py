@@ -1055,3 +1055,22 @@ def test_serve_on_loopback_answers_to_localhost_names_only(monkeypatch, tmp_path
     # the bound address too: clients of --host 127.0.0.2 send it as their Host
     assert seen == ["localhost,127.0.0.1,[::1]"] * 2 + [
         "localhost,127.0.0.1,[::1],127.0.0.2", "", "docs.lan"]
+
+
+def test_serve_waits_for_requests_in_flight_at_most_the_grace(monkeypatch) -> None:
+    """uvicorn waited for every request in flight (each up to its timeout) before the
+    shutdown grace began: a container's stop period passed and it was killed mid-answer."""
+    import uvicorn
+    from typer.testing import CliRunner
+
+    import citeqa.api as api
+    import citeqa.cli as cli
+
+    calls: list[dict] = []
+    monkeypatch.setattr(api, "create_app", lambda s: "app")
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: calls.append(k))
+    monkeypatch.setattr(cli, "_open_index", lambda index: None)
+    r = CliRunner().invoke(cli.app, ["serve", "--preset", "tiny"],
+                           env={"CITEQA_SHUTDOWN_GRACE_S": "7.5"})
+    assert r.exit_code == 0, r.output
+    assert calls[0]["timeout_graceful_shutdown"] == 8

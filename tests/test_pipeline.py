@@ -175,7 +175,21 @@ def test_top_k_and_n_candidates_reach_retriever_and_generator():
     # one passage shown: one greedy candidate quoting it, then two samples
     assert [(r.n, r.temperature > 0) for r in seen] == [(1, False), (2, True)]
     assert seen[-1].messages[-1]["content"].count("<passage ") == 1
-    assert len(ans.candidates) == 3
+    # the extractive stand-in gives the same answer and quote three times: one candidate
+    assert len(ans.candidates) == 1
+
+
+def test_repeats_of_one_answer_and_quote_are_scored_once() -> None:
+    from citeqa.pipeline import distinct
+
+    q = Quote("x" * 20, "d", "t", "s", 0, 20)
+    a = Candidate("a", q, logprob=-4.0, n_tokens=2)
+    a_surer = Candidate("a", q, logprob=-1.0, n_tokens=2)
+    b = Candidate("b", q, logprob=-1.0, n_tokens=2)
+    other_place = Candidate("a", Quote("y" * 20, "d", "t", "s", 30, 50), logprob=-9.0, n_tokens=2)
+    unverified = Candidate("a", None)
+    got = distinct([a, b, a_surer, other_place, unverified, unverified])
+    assert got == [a_surer, b, other_place, unverified, unverified]
 
 
 class ReverseScorer:
