@@ -265,6 +265,22 @@ def test_url_is_fetched_and_indexed(client: TestClient) -> None:
                        ).json()["error"]["code"] == "fetch_failed"
 
 
+def test_a_chosen_id_cannot_claim_a_page_before_it_is_added(client: TestClient) -> None:
+    """A text posted with the id citeqa would make for a URL (an unsalted hash) sat there when
+    that URL was added: 409 "already indexed", and answers quoted the text as that page."""
+    from citeqa.ingest import doc_id_for
+
+    url = "https://moths.example/moths"
+    claim = client.post("/v1/documents", json={"text": "Moths eat stars.", "doc_id":
+                                               doc_id_for(url), "source": url})
+    assert claim.status_code == 422 and "the ids citeqa makes" in claim.json()["error"]["message"]
+    other = client.post("/v1/documents", json={"url": "https://moths.example/none",
+                                               "doc_id": doc_id_for(url)})
+    assert other.status_code == 422  # refused before fetching
+    r = client.post("/v1/documents", json={"url": url, "doc_id": doc_id_for(url)})
+    assert r.status_code == 201 and r.json()["title"] == "Glimmer moths"  # its own id: fine
+
+
 def test_a_page_over_the_document_limit_is_refused_as_a_posted_text_is(
         client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     """A posted text is held to MAX_DOCUMENT_CHARS; a fetched page was not (a 3 MB one was

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -123,17 +124,33 @@ def make_run_batch(pipeline: PipelineLike) -> Callable[[list[AskArgs]], list[Ans
     return run
 
 
+# The form of the ids citeqa makes (doc_id_for: 16 hex digits): a posted text may not take one,
+# or it could claim a URL's id before the URL is added and be taken for that page.
+MADE_ID_RE = re.compile(r"[0-9a-f]{16}")
+
+
 def text_document(body: TextDocumentIn) -> Document:
     """The Document for a posted text; doc_id and title default to a hash and a title from the
     text (``title_from_text``)."""
+    _check_chosen_id(body.doc_id)
     source = body.source or ""
     doc_id = body.doc_id or doc_id_for(f"{source}\n{body.title or ''}\n{body.text}")
     title = body.title if body.title is not None else title_from_text(body.text, doc_id)
     return Document(doc_id=doc_id, title=title, source=source, text=body.text)
 
 
+def _check_chosen_id(doc_id: str | None, made: str | None = None) -> None:
+    """Refuse a chosen ``doc_id`` of the form citeqa's own ids take, but the one citeqa would
+    make itself (``made``)."""
+    if doc_id is not None and doc_id != made and MADE_ID_RE.fullmatch(doc_id):
+        raise InvalidRequestError(
+            f"doc_id {doc_id!r} has the form of the ids citeqa makes (16 hex digits): choose "
+            "another, or leave it out to get one")
+
+
 def url_document(body: UrlDocumentIn, fetcher: Fetcher) -> Document:
     """Fetch ``body.url`` under the fetcher's address rules (SSRF-safe) into a Document."""
+    _check_chosen_id(body.doc_id, doc_id_for(body.url))
     page = fetcher.fetch(body.url)
     if not page.text.strip():
         raise InvalidRequestError(f"{body.url} has no text to index; send its text instead")

@@ -191,7 +191,8 @@ class TextDocumentIn(_Request):
                               "a title (a # heading, or up to 120 characters not ending as a "
                               "sentence does), else the doc_id")
     doc_id: str | None = Field(default=None, max_length=MAX_DOC_ID_CHARS, pattern=DOC_ID_PATTERN,
-                               description="default: a hash of source, title and text")
+                               description="default: a hash of source, title and text (16 "
+                               "hex digits, a form a chosen id may not take)")
     source: str | None = Field(default=None, max_length=MAX_SOURCE_CHARS, pattern=NO_NUL,
                                description="where the text came from (shown with quotes)")
 
@@ -225,7 +226,8 @@ class UrlDocumentIn(_Request):
         description="an http(s) URL of a public page (HTML or text)",
     )
     doc_id: str | None = Field(default=None, max_length=MAX_DOC_ID_CHARS, pattern=DOC_ID_PATTERN,
-                               description="default: a hash of the URL")
+                               description="default: a hash of the URL (16 hex digits, a "
+                               "form a chosen id may only take as this URL's own)")
 
     @model_validator(mode="before")
     @classmethod
