@@ -497,6 +497,25 @@ def test_a_page_in_an_encoding_it_does_not_declare_is_refused() -> None:
         fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/p")
 
 
+def test_a_page_refused_for_what_it_is_past_the_deadline_is_not_called_slow(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTML that took its whole CPU budget to parse ran past the fetch's deadline, and the
+    refusal (422, no use retrying) became "took longer than" (502, retry)."""
+    import time as time_module
+
+    import citeqa.ingest.fetch as fetch_module
+    from citeqa.errors import SourceError
+
+    def slow_unreadable(text: str) -> object:
+        time_module.sleep(0.3)  # past the 0.1 s deadline: the watchdog has fired
+        raise SourceError("the HTML took over 14 s of CPU to parse")
+
+    monkeypatch.setattr(fetch_module, "extract_html", slow_unreadable)
+    rec = Recorder({"example.com/p": lambda: html_response()})
+    with pytest.raises(UnreadablePageError, match="CPU to parse"):
+        fetcher(rec, Dns({"example.com": [PUBLIC]}), timeout_s=0.1).fetch("http://example.com/p")
+
+
 def test_html_without_title_uses_url_and_xhtml_accepted() -> None:
     rec = Recorder({"example.com/x": lambda: httpx.Response(
         200, headers={"Content-Type": "application/xhtml+xml"}, text="<p>body</p>")})  # fmt: skip

@@ -326,8 +326,10 @@ class Fetcher:
                          "Accept-Encoding": ", ".join(_ENCODINGS)},
             ) as client, watchdog:
                 return self._follow(client, url, current, deadline, watchdog)
-        except FetchError:
-            if watchdog.fired:  # what failed did so because the deadline cut its connection
+        except FetchError as e:
+            # what failed on the network did so because the deadline cut its connection; a page
+            # refused for what it is (unreadable HTML, too large) stays refused for that
+            if watchdog.fired and not isinstance(e, UnreadablePageError):
                 raise FetchError(f"{url}: took longer than {self.policy.timeout_s}s") from None
             raise
 
