@@ -25,8 +25,23 @@ PARSE_S_PER_MB = 4.0
 
 # Elements whose whole content is not visible text.
 _SKIP = frozenset(
-    {"script", "style", "head", "noscript", "template", "svg", "math", "iframe", "object", "canvas"}
+    {"script", "style", "head", "noscript", "template", "svg", "math", "iframe", "object", "canvas",
+     "textarea", "select"}  # (a form's contents: no text the page says)
 )
+# Inline styles that hide an element: a page that reads harmless in a browser must not add
+# claims (or instructions to a model) that no reader sees.
+_HIDING_STYLE = re.compile(r"display\s*:\s*none|visibility\s*:\s*hidden", re.I)
+
+
+def _hidden(attrs: list[tuple[str, str | None]]) -> bool:
+    """Whether an element's attributes hide it from a reader (``hidden``,
+    ``aria-hidden="true"``, an inline style of ``display: none`` or ``visibility: hidden``)."""
+    for name, value in attrs:
+        if name == "hidden" or (name == "aria-hidden" and (value or "").strip() == "true"):
+            return True
+        if name == "style" and value and _HIDING_STYLE.search(value):
+            return True
+    return False
 # Elements that end a paragraph of text before and after them.
 _BLOCK = frozenset(
     {
@@ -102,7 +117,7 @@ class _Extractor(HTMLParser):
             if tag in _SKIP:
                 self._skip_stack.append(tag)
             return
-        if tag in _SKIP or any(name == "hidden" for name, _ in attrs):
+        if tag in _SKIP or _hidden(attrs):
             if tag not in _VOID:
                 self._skip_stack.append(tag)
             return
