@@ -246,6 +246,7 @@ def test_shutdown_leaves_the_pipeline_open_under_a_batch_that_outlives_the_grace
     assert pipe.started.wait(5)
     closer = threading.Thread(target=client.__exit__, args=(None, None, None))
     closer.start()
+    wait_until(lambda: app.state.citeqa.phase == "shutting_down")  # (a loaded machine is slow)
     time.sleep(0.5)  # the batch outlives the 0.1 s grace...
     gate.set()  # ...then finishes
     asker.join(30)  # generous: under a loaded CI machine 5 s once ran out (the test is
