@@ -34,8 +34,12 @@ def special_strings(tokenizer: Any) -> tuple[str, ...]:
 
 # Special tokens' texts of the common chat templates (ChatML, Llama 3, Llama 2/Mistral), for
 # prompts rendered by a tokenizer citeqa cannot see (a remote engine's).
-_PIPE_TOKEN = re.compile(r"<\|[^|<>\s]{1,48}\|>")  # <|im_start|>, <|eot_id|>, ...
-COMMON_SPECIALS = ("[/INST]", "[INST]", "<</SYS>>", "<<SYS>>", "</s>", "<s>")
+# <|im_start|>, <|eot_id|> ...; DeepSeek's <｜User｜> (full-width bars)
+_PIPE_TOKEN = re.compile(r"<[|\uff5c][^|\uff5c<>\s]{1,48}[|\uff5c]>")
+COMMON_SPECIALS = ("[/INST]", "[INST]", "<</SYS>>", "<<SYS>>", "</s>", "<s>",  # Llama 2, Mistral
+                   "<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>",  # Gemma
+                   "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+                   "[/TOOL_RESULTS]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]")
 
 
 def defused_for_any_template(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
