@@ -87,6 +87,9 @@ def fetcher(
 ALWAYS_BLOCKED = [
     "169.254.169.254",  # cloud metadata
     "fd00:ec2::254",
+    "169.254.170.23",  # EKS Pod Identity credentials (fetched with allow_private before)
+    "169.254.0.23",  # Tencent Cloud metadata
+    "fd00:ec2::23",
     "100.100.100.200",
     "::ffff:169.254.169.254",  # metadata, IPv4-mapped
     "0.0.0.0",

@@ -73,8 +73,11 @@ METADATA_ADDRESSES = frozenset(
         "169.254.169.254",  # AWS, GCP, Azure, OpenStack, Oracle, DigitalOcean
         "169.254.170.2",  # AWS ECS task metadata
         "169.254.169.253",  # AWS DNS resolver
+        "169.254.170.23",  # AWS EKS Pod Identity (credentials)
+        "169.254.0.23",  # Tencent Cloud
         "fd00:ec2::254",  # AWS IMDS over IPv6
         "fd00:ec2::253",  # AWS DNS over IPv6
+        "fd00:ec2::23",  # AWS EKS Pod Identity over IPv6
         "100.100.100.200",  # Alibaba Cloud
         "168.63.129.16",  # Azure wireserver
         "192.0.0.192",  # Oracle Cloud Classic
