@@ -839,6 +839,17 @@ def test_index_page_is_self_contained_and_has_a_strict_csp() -> None:
     assert "<mark>" not in page and '"mark"' in page  # the quote is marked via DOM nodes
     assert api.headers["content-security-policy"] == "default-src 'none'; frame-ancestors 'none'"
     assert api.headers["x-content-type-options"] == "nosniff"
+    assert "cache-control" not in api.headers
+
+
+def test_v1_answers_are_never_cached() -> None:
+    """A document's text or an answer kept by a browser or proxy cache, or handed to a caller
+    with another key."""
+    with serve() as c:
+        for r in (c.get("/v1/documents"), c.get("/v1/documents/d1"),
+                  c.post("/v1/answer", json={"question": "q"}), c.get("/v1/documents/nope")):
+            assert r.headers["cache-control"] == "no-store", r.url
+            assert r.headers["vary"] == "Authorization, X-API-Key"
 
 
 def test_every_view_of_the_page_is_the_same_page_with_the_same_csp() -> None:

@@ -131,8 +131,13 @@ class BodyLimitMiddleware:
             scope, receive, send)
 
 
+V1_HEADERS = ((b"cache-control", b"no-store"), (b"vary", b"Authorization, X-API-Key"))
+
+
 class SecurityHeadersMiddleware:
-    """Adds nosniff, no-referrer, and a deny-all CSP unless the response set its own."""
+    """Adds nosniff, no-referrer, and a deny-all CSP unless the response set its own; and to
+    /v1 responses (documents' text, answers) ``Cache-Control: no-store`` and a ``Vary`` on the
+    key headers, so that no browser or proxy cache keeps them or hands them to another key."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -146,11 +151,13 @@ class SecurityHeadersMiddleware:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 names = {k.lower() for k, _ in headers}
+                extra = V1_HEADERS if scope.get("path", "").startswith("/v1/") else ()
                 for name, value in (
                     (b"content-security-policy", API_CSP.encode()),
                     (b"x-content-type-options", b"nosniff"),
                     (b"referrer-policy", b"no-referrer"),
                     (b"x-frame-options", b"DENY"),
+                    *extra,
                 ):
                     if name not in names:
                         headers.append((name, value))
