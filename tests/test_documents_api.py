@@ -593,8 +593,14 @@ def test_too_many_waiting_updates_or_fetches_are_a_503(client: TestClient) -> No
         assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded", r.text
         assert "document updates are waiting" in r.text and "Retry-After" in r.headers
         assert client.delete("/v1/documents/" + DOCS[0].doc_id).status_code == 503
+        fetched: list[str] = []  # a URL is refused before it is fetched, not after
+        real_fetch = state.fetcher.fetch
+        state.fetcher.fetch = lambda url: fetched.append(url) or real_fetch(url)
+        r = client.post("/v1/documents", json={"url": "https://moths.example/moths"})
+        assert r.status_code == 503 and fetched == []
     finally:
         state.pending_updates = 0
+        state.fetcher.fetch = real_fetch
     state.fetching = state.settings.max_fetches
     try:
         r = client.post("/v1/documents", json={"url": "https://example.org/moths"})

@@ -163,19 +163,25 @@ def url_document(body: UrlDocumentIn, fetcher: Fetcher) -> Document:
                     source=page.final_url, text=page.text)
 
 
+def check_update_room(state: ServiceState) -> None:
+    """503 when the service cannot take another document update now (not ready, or
+    ``max_pending_updates`` waiting or running)."""
+    if state.updater is None:
+        raise state.not_ready_error()
+    if state.pending_updates >= state.settings.max_pending_updates:
+        raise state.overloaded_error(f"{state.pending_updates} document updates are waiting or "
+                                     "running; retry later")
+
+
 async def run_update(state: ServiceState, fn: Callable[..., Any], *args: Any,
                      request: Request | None = None) -> Any:
     """Run ``fn(*args)`` on the single update thread (off the event loop, one at a time). At most
     ``max_pending_updates`` wait or run at once (more: 503, as a full question queue is): each
     may rebuild a large index. One whose client (``request``) leaves before it starts is
     dropped: nothing changes, and no one waits for it."""
-    updater = state.updater
-    if updater is None:
-        raise state.not_ready_error()
-    settings = state.settings
-    if state.pending_updates >= settings.max_pending_updates:
-        raise state.overloaded_error(f"{state.pending_updates} document updates are waiting or "
-                                     "running; retry later")
+    check_update_room(state)
+    updater, settings = state.updater, state.settings
+    assert updater is not None
     try:
         fut = updater.submit(fn, *args)
     except RuntimeError:  # shut down
@@ -288,6 +294,7 @@ def v1_router(require_key: Callable[..., None]) -> APIRouter:
         persisted atomically; ``Location`` names it. 409 when its doc_id is already indexed."""
         if isinstance(body, UrlDocumentIn):
             assert state.fetcher is not None, "create_app sets the fetcher"
+            check_update_room(state)  # before the fetch: it would be refused after it anyway
             limit = state.settings.max_fetches
             if state.fetching >= limit:  # each holds a thread of the pool requests share
                 raise state.overloaded_error(f"{limit} URLs are being fetched; retry later")
