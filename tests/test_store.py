@@ -112,6 +112,35 @@ def test_missing_file(built: Path) -> None:
         Index.load(built)
 
 
+def test_a_load_that_meets_another_process_swapping_reads_the_new_index(
+        built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second process loading while a server swapped a change in read parts of both, or
+    files gone from under it: "corrupt; rebuild it" (rebuilding would drop the documents
+    added over REST)."""
+    import os
+    import shutil
+
+    import citeqa.retrieval.store as store
+
+    newer = tmp_path / "newer"
+    build_index_from_documents(DOCS[1:2], newer, CFG, progress=False)
+    real_load = np.load
+    swapped: list[bool] = []
+
+    def load_during_a_swap(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if not swapped:  # another process publishes now, between two reads of this one
+            swapped.append(True)
+            os.rename(built, built.with_name(".idx.old-1"))
+            os.rename(newer, built)
+            shutil.rmtree(built.with_name(".idx.old-1"))
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(store.np, "load", load_during_a_swap)
+    index = Index.load(built)
+    assert swapped and sorted(index.documents) == ["d2"]  # the new one, whole
+
+
 def test_count_mismatch(built: Path) -> None:
     m = json.loads((built / "manifest.json").read_text())
     m["counts"]["passages"] += 1

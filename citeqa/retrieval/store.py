@@ -356,9 +356,31 @@ class Index:
         """Load and check an index directory (format version, checksums, counts).
 
         Raises IndexError_ saying what is wrong and to rebuild. A rebuild that was interrupted
-        mid-swap is recovered first (``recover_index``).
+        mid-swap is recovered first (``recover_index``). A load that fails while another
+        process swaps a new index in (the folder is another one by the end, or a swap's backup
+        stands beside it) is tried again (``LOAD_TRIES``): it read parts of two indexes, or
+        files taken away under it, and the index is not corrupt.
         """
-        directory = recover_index(Path(directory))
+        directory = Path(directory)
+        for attempt in range(1, LOAD_TRIES + 1):
+            before = _folder_id(directory)
+            try:
+                return cls._load_once(directory, verify=verify)
+            except (IndexError_, OSError) as e:
+                swapped = _folder_id(directory) != before or bool(siblings(directory, "old"))
+                if attempt < LOAD_TRIES and swapped:
+                    log.info("index %s changed while it was read; reading it again", directory)
+                    time.sleep(0.05 * attempt)
+                    continue
+                if isinstance(e, OSError):
+                    raise IndexError_(f"index {directory} is unreadable ({e!r}); rebuild it"
+                                      ) from e
+                raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _load_once(cls, directory: Path, *, verify: bool) -> Index:
+        directory = recover_index(directory)
         manifest = _read_manifest(directory)
         if verify:
             _verify_files(directory, manifest)
@@ -412,6 +434,18 @@ class Index:
         start = min(offset, total)  # islice refuses offsets past sys.maxsize
         page = itertools.islice(self.documents.values(), start, min(start + limit, total))
         return list(page), total
+
+
+LOAD_TRIES = 5  # reads of an index another process keeps swapping (see Index.load)
+
+
+def _folder_id(directory: Path) -> tuple[int, int] | None:
+    """Which folder stands at ``directory`` now (device, inode): a swap puts another there."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
