@@ -185,6 +185,15 @@ def test_a_failed_load_is_reported_by_readyz(caplog: pytest.LogCaptureFixture) -
         assert "citeqa download" in err["message"]
 
 
+def test_a_load_that_exits_is_a_failed_load_not_a_load_forever() -> None:
+    def exits(_: Settings) -> FakePipeline:
+        raise SystemExit(3)  # a library giving up so
+
+    with serve(factory=exits) as c:
+        err = assert_uniform_error(c.get("/readyz"), 503, "load_failed")
+        assert "SystemExit" in err["message"]  # it said "models are still loading" for ever
+
+
 def test_shutdown_marks_not_ready_then_lets_the_running_batch_finish() -> None:
     gate = threading.Event()
     pipe = FakePipeline(gate=gate)

@@ -91,7 +91,7 @@ def _load(state: ServiceState, factory: PipelineFactory) -> None:
             max_queue=settings.max_queue,
             on_batch=on_batch,
         )
-    except Exception as exc:
+    except BaseException as exc:  # a SystemExit in a library too: else "loading" forever
         if isinstance(exc, CiteqaError):  # written for users: the message says what to do
             logger.error("loading the pipeline failed: %s", exc)
         else:
