@@ -96,9 +96,16 @@ def select_window(passage_text: str, question: str, max_chars: int) -> tuple[int
             hi, end = i, spans[i][1]
 
 
+# A passage's own "<passage 3>" or "</passage 2>" would fake the prompt's passage boundaries:
+# shown with a word joiner after "<" (the grammar still quotes the document's own text).
+_PASSAGE_TAG = re.compile(r"<(?=/?passage\b)", re.I)
+_JOINED = "<\u2060"
+_SHOWN_TAG = re.compile(r"<\u2060(?=/?passage\b)", re.I)
+
+
 def _block(number: int, title: str, text: str) -> str:
-    title = " ".join(title.split())
-    return f"<passage {number}> {title}\n{text}\n</passage {number}>"
+    title = _PASSAGE_TAG.sub(_JOINED, " ".join(title.split()))
+    return f"<passage {number}> {title}\n{_PASSAGE_TAG.sub(_JOINED, text)}\n</passage {number}>"
 
 
 def build_messages(
@@ -128,7 +135,8 @@ def build_messages(
 
 def parse_user_message(content: str) -> tuple[list[tuple[int, str]], str]:
     """Read ``(number, text)`` passages and the question back out of a prompt's user message."""
-    passages = [(int(m.group(1)), m.group(2)) for m in _PASSAGE_BLOCK.finditer(content)]
+    passages = [(int(m.group(1)), _SHOWN_TAG.sub("<", m.group(2)))  # as the document has it
+                for m in _PASSAGE_BLOCK.finditer(content)]
     question = ""
     idx = content.rfind("\n" + QUESTION_PREFIX)
     if idx != -1:
