@@ -454,6 +454,25 @@ def test_offsets_count_characters_as_the_api_does_past_an_emoji(page: Page,
     page.wait_for_selector("#ask-view:not([hidden])")
 
 
+def test_a_link_to_text_the_document_no_longer_holds_highlights_nothing(
+        page: Page, base_url: str) -> None:
+    """A quote given before its document was replaced (or a hand-made address) highlighted
+    whatever stood at its offsets now, labelled as the quote."""
+    ask(page, "Which cheese does Cedric Vasseur prefer?")
+    link = page.locator("#out a[data-internal]", has_text="Cheese notes").first
+    href = link.get_attribute("href")
+    assert href is not None and "&h=" in href and "what=quote" in href
+    stale = re.sub(r"h=[0-9a-f]{8}", "h=00000000", href)
+    page.goto(base_url + stale)  # (the tab keeps the key)
+    page.wait_for_selector("#doc-meta .stale")
+    assert "has changed since the link was made" in page.locator("#doc-meta").inner_text()
+    assert page.locator("#doc-body mark").count() == 0
+    bare = re.sub(r"&h=[0-9a-f]{8}&what=quote", "", href)  # hand-made: said to be unchecked
+    page.goto(base_url + bare)
+    page.wait_for_selector("#doc-body mark")
+    assert "(as the address asks)" in page.locator("#doc-meta").inner_text()
+
+
 def test_an_unknown_document_is_a_message_not_a_blank_page(page: Page, base_url: str) -> None:
     page.goto(base_url + "/document?id=no-such-doc")
     page.fill("#key", KEY)
