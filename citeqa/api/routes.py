@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -41,8 +40,9 @@ from citeqa.api.schemas import (
 )
 from citeqa.config import MAX_DOCUMENT_CHARS
 from citeqa.errors import InvalidRequestError
-from citeqa.ingest import Fetcher, doc_id_for
+from citeqa.ingest import Fetcher, doc_id_for, is_made_id
 from citeqa.ingest.html import title_from_text
+from citeqa.text import is_blank
 from citeqa.types import Answer, AskArgs, Document
 
 logger = logging.getLogger(__name__)
@@ -124,11 +124,6 @@ def make_run_batch(pipeline: PipelineLike) -> Callable[[list[AskArgs]], list[Ans
     return run
 
 
-# The form of the ids citeqa makes (doc_id_for: 16 hex digits): a posted text may not take one,
-# or it could claim a URL's id before the URL is added and be taken for that page.
-MADE_ID_RE = re.compile(r"[0-9a-f]{16}")
-
-
 def text_document(body: TextDocumentIn) -> Document:
     """The Document for a posted text; doc_id and title default to a hash and a title from the
     text (``title_from_text``)."""
@@ -141,8 +136,9 @@ def text_document(body: TextDocumentIn) -> Document:
 
 def _check_chosen_id(doc_id: str | None, made: str | None = None) -> None:
     """Refuse a chosen ``doc_id`` of the form citeqa's own ids take, but the one citeqa would
-    make itself (``made``)."""
-    if doc_id is not None and doc_id != made and MADE_ID_RE.fullmatch(doc_id):
+    make itself (``made``): it could claim a URL's id before that URL is added, and be taken
+    for that page."""
+    if doc_id is not None and doc_id != made and is_made_id(doc_id):
         raise InvalidRequestError(
             f"doc_id {doc_id!r} has the form of the ids citeqa makes (16 hex digits): choose "
             "another, or leave it out to get one")
@@ -152,7 +148,7 @@ def url_document(body: UrlDocumentIn, fetcher: Fetcher) -> Document:
     """Fetch ``body.url`` under the fetcher's address rules (SSRF-safe) into a Document."""
     _check_chosen_id(body.doc_id, doc_id_for(body.url))
     page = fetcher.fetch(body.url)
-    if not page.text.strip():
+    if is_blank(page.text):
         raise InvalidRequestError(f"{body.url} has no text to index; send its text instead")
     if len(page.text) > MAX_DOCUMENT_CHARS:  # as a posted text's: one document, one answer path
         raise InvalidRequestError(

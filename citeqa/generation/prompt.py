@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from citeqa.config import GenerationConfig
+from citeqa.generation.chat import WORD_JOINER
 from citeqa.generation.format import ANSWER_PREFIX, QUOTE_PREFIX, QUOTE_SEPARATOR
 from citeqa.text import relevance, sentence_spans
 from citeqa.types import Hit, Passage
@@ -99,8 +100,8 @@ def select_window(passage_text: str, question: str, max_chars: int) -> tuple[int
 # A passage's own "<passage 3>" or "</passage 2>" would fake the prompt's passage boundaries:
 # shown with a word joiner after "<" (the grammar still quotes the document's own text).
 _PASSAGE_TAG = re.compile(r"<(?=/?passage\b)", re.I)
-_JOINED = "<\u2060"
-_SHOWN_TAG = re.compile(r"<\u2060(?=/?passage\b)", re.I)
+_JOINED = "<" + WORD_JOINER
+_SHOWN_TAG = re.compile(re.escape(_JOINED) + r"(?=/?passage\b)", re.I)
 
 
 def _block(number: int, title: str, text: str) -> str:

@@ -13,6 +13,7 @@ from citeqa.ingest.sources import (
     doc_id_for,
     duplicate,
     expand_sources,
+    is_made_id,
     load_item,
     load_sources,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "Skipped",
     "check_ip",
     "doc_id_for",
+    "is_made_id",
     "duplicate",
     "expand_sources",
     "extract_html",

@@ -56,12 +56,22 @@ def bom_codec(data: bytes) -> tuple[str, int] | None:
     return None
 
 
-def meta_charset(data: bytes) -> str | None:
-    """The text codec an HTML page's ``<meta>`` declares in its first bytes, if any (UTF-8 for a
-    UTF-16 or UTF-32 label: bytes in which a <meta> could be read are not those)."""
+def meta_declared(data: bytes) -> tuple[str, str | None] | None:
+    """``(label, codec)`` of the charset an HTML page's ``<meta>`` declares in its first bytes
+    (None when none): the codec as browsers read the label (UTF-8 for a UTF-16 or UTF-32
+    label: bytes in which a <meta> could be read are not those), None for no text codec."""
     m = META_CHARSET_RE.search(data[:META_SNIFF_BYTES])
-    codec = text_codec(m.group(1)) if m else None
-    return "utf-8" if codec is not None and codec.startswith(_WIDE) else codec
+    if m is None:
+        return None
+    label = m.group(1).decode("ascii", "replace")
+    codec = text_codec(label)
+    return label, "utf-8" if codec is not None and codec.startswith(_WIDE) else codec
+
+
+def meta_charset(data: bytes) -> str | None:
+    """The text codec an HTML page's ``<meta>`` declares, if any (``meta_declared``)."""
+    declared = meta_declared(data)
+    return declared[1] if declared else None
 
 
 def decode_page(data: bytes, declared: str | None, *, html: bool) -> str:

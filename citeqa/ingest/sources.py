@@ -38,7 +38,7 @@ from typing import Any
 from tqdm import tqdm
 
 from citeqa.errors import FetchError, SourceError
-from citeqa.ingest.encoding import META_CHARSET_RE, META_SNIFF_BYTES, text_codec
+from citeqa.ingest.encoding import meta_declared
 from citeqa.ingest.fetch import Fetcher, FetchPolicy
 from citeqa.ingest.html import cap_title, extract_html, title_from_text
 from citeqa.text import is_blank
@@ -90,6 +90,14 @@ class _SkipError(Exception):
 def doc_id_for(source: str) -> str:
     """The stable id of a document from ``source`` (first 16 hex chars of its sha256)."""
     return hashlib.sha256(source.encode("utf-8")).hexdigest()[:16]
+
+
+_MADE_ID_RE = re.compile(r"[0-9a-f]{16}")
+
+
+def is_made_id(doc_id: str) -> bool:
+    """Whether ``doc_id`` has the form of the ids ``doc_id_for`` makes."""
+    return _MADE_ID_RE.fullmatch(doc_id) is not None
 
 
 def is_url(source: str) -> bool:
@@ -338,24 +346,19 @@ def _decode_html(data: bytes) -> str:
     try:
         return _decode_text(data)
     except _SkipError:
-        m = META_CHARSET_RE.search(data[:META_SNIFF_BYTES])
-        if m is None or b"\x00" in data:
+        declared = meta_declared(data)
+        if declared is None or b"\x00" in data:
             raise
-        declared = m.group(1).decode("ascii", "replace")
-        codec = text_codec(declared)
+        label, codec = declared
+        refused = _SkipError(f"could not decode as UTF-8 or its declared charset {label!r}")
+        if codec is None:
+            raise refused from None
         try:
-            if codec is None:
-                raise LookupError(declared)
-            try:
-                return data.decode(codec)
-            except UnicodeError:
-                if codec != "cp1252":
-                    raise
-                return data.decode("latin-1")  # the bytes windows-1252 leaves undefined
-        except (LookupError, UnicodeError):
-            raise _SkipError(
-                f"could not decode as UTF-8 or its declared charset {declared!r}"
-            ) from None
+            return data.decode(codec)
+        except UnicodeError:
+            if codec != "cp1252":
+                raise refused from None
+            return data.decode("latin-1")  # the bytes windows-1252 leaves undefined
 
 
 # --------------------------------------------------------------------------- JSON formats

@@ -244,6 +244,8 @@ CARD = "MODEL_CARD.md"
 def write_card(out: Path, what: str, record: dict[str, Any]) -> None:
     """A MODEL_CARD.md for a trained directory that has none (one written by hand is kept):
     what it was trained from and on, and the data's licence."""
+    from citeqa.training.cards import data_licence
+
     path = Path(out) / CARD
     if path.exists():
         return
@@ -265,9 +267,7 @@ Trained with citeqa {citeqa.__version__} from `{record.get("base", "?")}`.
 commands}}
 
 ## Data licence
-Examples made from SQuAD (1.1 or 2.0: Rajpurkar et al. 2016; Rajpurkar, Jia, Liang 2018) carry
-its licence, CC BY-SA 4.0, and this attribution must stay; for other data, name its licence
-here: {{DATA_LICENCE}}.
+{data_licence("Examples")}
 """
     write_text_atomic(path, text)
 

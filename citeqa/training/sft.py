@@ -38,6 +38,7 @@ from citeqa.generation.adapter import AdapterConfig, base_fingerprint
 from citeqa.generation.adapter import save_adapter as _save_adapter
 from citeqa.generation.chat import end_token_id, prompt_ids
 from citeqa.generation.prompt import prompt_fingerprint
+from citeqa.training.cards import data_licence
 from citeqa.training.checkpoint import (
     has_checkpoint,
     load_checkpoint,
@@ -192,6 +193,12 @@ def scheduled_steps(n_examples: int, cfg: TrainConfig) -> int:
     return math.ceil(n_examples / cfg.batch_size) * cfg.epochs
 
 
+def steps_to_run(n_examples: int, cfg: TrainConfig) -> int:
+    """The steps a run trains: the schedule, cut at ``cfg.max_steps``."""
+    total = scheduled_steps(n_examples, cfg)
+    return total if cfg.max_steps is None else min(total, cfg.max_steps)
+
+
 def train_lora(
     model: Any,
     examples: Sequence[Example],
@@ -227,9 +234,7 @@ def train_lora(
         load_lora_tensors(wrapped, init)
     params = lora_parameters(wrapped)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = scheduled_steps(len(examples), cfg)
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
+    total = steps_to_run(len(examples), cfg)
     key = run_key(examples, cfg, lora, base=base)
     done, history = (0, []) if checkpoint_dir is None else load_checkpoint(
         checkpoint_dir, wrapped, optimizer, key=key)
@@ -441,9 +446,7 @@ supported rate, with the command that produced them}}
 
 ## Data licence
 Trained on the demonstrations in `{record.get("data", "?")}`{_made_by(record.get("data"))}.
-Demonstrations made from SQuAD (1.1 or 2.0: Rajpurkar et al. 2016; Rajpurkar, Jia, Liang
-2018) carry its licence, CC BY-SA 4.0, and this attribution must stay; for other data, name its
-licence here: {{DATA_LICENCE}}.
+{data_licence("Demonstrations")}
 """
     write_text_atomic(Path(out) / CARD_FILE, text)
 
@@ -488,9 +491,7 @@ def run_sft(
         logger.warning("dropped %s of %d demonstrations", dropped, len(demos))
     if not examples:
         raise ValueError(f"none of the {len(demos)} demonstrations could be rendered: {dropped}")
-    total = scheduled_steps(len(examples), train)
-    if train.max_steps is not None:
-        total = min(total, train.max_steps)
+    total = steps_to_run(len(examples), train)
     if train.start_step >= total:  # would write an untrained adapter, as if trained
         raise ValueError(f"--start-step {train.start_step} skips all {total} steps this run "
                          "trains; raise --max-steps or --epochs, or lower --start-step")
@@ -507,7 +508,7 @@ def run_sft(
     key = run_key(examples, train, lora, base=fingerprint)
     finished = finished_run(out)
     if finished is not None:  # no checkpoint left: the adapter there is done
-        if (finished.get("run_key"), finished.get("base_fingerprint")) == (key, fingerprint):
+        if finished.get("run_key") == key:  # (the key holds the base model's fingerprint)
             logger.info("%s already holds this run's adapter: nothing to train", out)
             return finished
         raise ValueError(f"{out} holds an adapter trained by another run (other data, settings "
