@@ -242,6 +242,7 @@ class Settings(BaseSettings):
     # document adds/deletes waiting or running (each may rebuild a large index); more -> 503
     max_pending_updates: int = Field(8, ge=1)
     max_fetches: int = Field(4, ge=1)  # URLs fetched at once for POST /v1/documents; more -> 503
+    max_searches: int = Field(8, ge=1)  # POST /v1/search requests running at once; more -> 503
     request_timeout_s: float = Field(120.0, gt=0, le=DAY_S, allow_inf_nan=False)  # longer -> 504
     max_body_bytes: int = Field(65536, ge=1024)  # larger request bodies -> 413
     retry_after_s: int = Field(2, ge=0)  # Retry-After sent with 503s

@@ -304,6 +304,33 @@ def test_search_returns_hits_with_offsets() -> None:
     assert {"doc_id", "title", "source", "passage_id", "score", "bm25", "dense"} <= set(h)
 
 
+def test_searches_past_the_limit_are_503_and_the_places_come_back() -> None:
+    """Each search holds a thread of the pool every request shares: past ``max_searches``
+    running at once a caller is told to retry, not queued."""
+    gate, started = threading.Event(), threading.Event()
+
+    class SlowSearch(FakePipeline):
+        def search(self, query: str, k: int = 10) -> list[Hit]:
+            if query == "slow":
+                started.set()
+                assert gate.wait(10), "test gate never opened"
+            return super().search(query, k)
+
+    with serve(SlowSearch(), max_searches=1, retry_after_s=3) as c:
+        state = c.app.state.citeqa
+        held = threading.Thread(target=c.post, args=("/v1/search",),
+                                kwargs={"json": {"query": "slow"}})
+        held.start()
+        assert started.wait(5)
+        r = c.post("/v1/search", json={"query": "Normans"})
+        gate.set()
+        held.join(10)
+        assert_uniform_error(r, 503, "overloaded")
+        assert r.headers["retry-after"] == "3" and "1 searches are running" in r.text
+        assert state.running["searches"] == 0
+        assert len(c.post("/v1/search", json={"query": "Normans"}).json()["hits"]) == 1
+
+
 def test_documents_found_and_not_found() -> None:
     with serve() as c:
         assert c.get("/v1/documents/d1").json() == {

@@ -601,16 +601,16 @@ def test_too_many_waiting_updates_or_fetches_are_a_503(client: TestClient) -> No
     finally:
         state.pending_updates = 0
         state.fetcher.fetch = real_fetch
-    state.fetching = state.settings.max_fetches
+    state.running["URL fetches"] = state.settings.max_fetches
     try:
         r = client.post("/v1/documents", json={"url": "https://example.org/moths"})
-        assert r.status_code == 503 and "URLs are being fetched" in r.text, r.text
+        assert r.status_code == 503 and "URL fetches are running" in r.text, r.text
     finally:
-        state.fetching = 0
+        state.running["URL fetches"] = 0
     assert client.get("/v1/documents/late").status_code == 404
     assert client.post("/v1/documents", json={"url": "https://example.org/moths"}
                        ).status_code == 201
-    assert (state.pending_updates, state.fetching) == (0, 0)
+    assert (state.pending_updates, state.running["URL fetches"]) == (0, 0)
 
 
 def test_an_update_whose_client_left_before_it_started_is_dropped() -> None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import hmac
 import threading
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Protocol
 
@@ -75,9 +77,22 @@ class ServiceState:
     phase: Phase = "loading"
     load_error: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
-    # counted on the event loop only: document updates waiting or running, URLs being fetched
+    # counted on the event loop only: document updates waiting or running; by kind, work
+    # running on a thread of the pool requests share (``admitted``: URL fetches, searches)
     pending_updates: int = 0
-    fetching: int = 0
+    running: Counter[str] = field(default_factory=Counter)
+
+    @contextmanager
+    def admitted(self, work: str, limit: int) -> Iterator[None]:
+        """Hold one of ``limit`` places for ``work`` while the block runs; when all are held,
+        a 503 (overloaded, retry later) rather than another request queued for a thread."""
+        if self.running[work] >= limit:
+            raise self.overloaded_error(f"{limit} {work} are running; retry later")
+        self.running[work] += 1
+        try:
+            yield
+        finally:
+            self.running[work] -= 1
 
     def overloaded_error(self, message: str) -> ApiError:
         """The 503 for work turned away because too much is queued or running: retry later."""

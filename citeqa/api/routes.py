@@ -259,9 +259,11 @@ def v1_router(require_key: Callable[..., None]) -> APIRouter:
         return result.to_json(with_passages=body.with_passages)
 
     @v1.post("/search", response_model=SearchOut, dependencies=JsonBody, responses=BODY_ERRORS)
-    async def search(body: SearchRequest, pipeline: PipelineDep) -> dict[str, Any]:
+    async def search(body: SearchRequest, state: StateDep,
+                     pipeline: PipelineDep) -> dict[str, Any]:
         """Retrieve passages (with character offsets into their documents)."""
-        hits = await run_in_threadpool(pipeline.search, body.query, body.k)
+        with state.admitted("searches", state.settings.max_searches):
+            hits = await run_in_threadpool(pipeline.search, body.query, body.k)
         return {"hits": [h.to_json() for h in hits]}
 
     @v1.get("/documents", response_model=DocumentListOut)
@@ -291,14 +293,9 @@ def v1_router(require_key: Callable[..., None]) -> APIRouter:
         if isinstance(body, UrlDocumentIn):
             assert state.fetcher is not None, "create_app sets the fetcher"
             check_update_room(state)  # before the fetch: it would be refused after it anyway
-            limit = state.settings.max_fetches
-            if state.fetching >= limit:  # each holds a thread of the pool requests share
-                raise state.overloaded_error(f"{limit} URLs are being fetched; retry later")
-            state.fetching += 1
-            try:  # the thread runs to its end (the fetch's deadline) before this returns
+            # the thread runs to its end (the fetch's deadline) before this returns
+            with state.admitted("URL fetches", state.settings.max_fetches):
                 doc = await run_in_threadpool(url_document, body, state.fetcher)
-            finally:
-                state.fetching -= 1
         else:
             doc = text_document(body)
         try:
