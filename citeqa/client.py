@@ -78,6 +78,7 @@ def answer_from_json(d: dict[str, Any]) -> Answer:
         passages=[Hit.from_json(h) for h in d.get("passages") or []],
         answer_start=d.get("answer_start"),
         answer_end=d.get("answer_end"),
+        index_version=d.get("index_version"),
     )
 
 

@@ -299,8 +299,9 @@ class Pipeline:
             assert len(outs) == len(members), f"generate_many gave {len(outs)} of {len(members)}"
             generations.update((i, (g, ms)) for i, g in zip(members, outs, strict=True))
         return [
-            self._finish(a, hits, generations[i][0], retriever.document,
-                         {"retrieve_ms": retrieve_ms, "generate_ms": generations[i][1]}, t0)
+            replace(self._finish(a, hits, generations[i][0], retriever.document,
+                                 {"retrieve_ms": retrieve_ms, "generate_ms": generations[i][1]},
+                                 t0), index_version=retriever.index_version)
             for i, (a, (_, hits, retrieve_ms)) in enumerate(zip(checked, searched, strict=True))
         ]
 
@@ -369,6 +370,11 @@ class Pipeline:
         if not 1 <= k <= MAX_SEARCH_K:
             raise InvalidRequestError(f"k must be between 1 and {MAX_SEARCH_K}, got {k}")
         return self.retriever.search(query, k=k)
+
+    @property
+    def index_version(self) -> str | None:
+        """The version of the index questions are answered from now (``Index.version``)."""
+        return self.retriever.index_version
 
     def document(self, doc_id: str) -> Document:
         """The full source document (``KeyError`` when unknown), so clients can check quotes."""

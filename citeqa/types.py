@@ -182,6 +182,9 @@ class Answer:
     # in free mode when the answer's words are not verbatim in the quote
     answer_start: int | None = None
     answer_end: int | None = None
+    # the version of the index it was answered from (``Index.version``: its quote's offsets
+    # index into that index's documents); None from a retriever without versions
+    index_version: str | None = None
 
     def to_json(self, *, with_candidates: bool = True,
                 with_passages: bool = False) -> dict[str, Any]:
@@ -196,6 +199,7 @@ class Answer:
             "uncertainty": self.uncertainty,
             "reason": self.reason,
             "timings_ms": self.timings_ms,
+            "index_version": self.index_version,
         }
         if with_candidates:
             out["candidates"] = [c.to_json() for c in self.candidates]

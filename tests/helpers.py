@@ -48,6 +48,7 @@ class CannedPipeline:
     ``target_accuracy`` is refused as the real pipeline refuses it."""
 
     corpus: Sequence[Document] = ()
+    index_version: str | None = None
 
     def check(self, args: AskArgs) -> AskArgs:
         if args.target_accuracy is not None:

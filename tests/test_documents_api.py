@@ -114,6 +114,25 @@ def test_posted_text_is_searchable_answerable_and_persisted(client: TestClient,
     assert set(Index.load(index_dir).documents) == {"normans", "eiffel", "zorblax"}
 
 
+def test_answers_name_the_index_version_they_came_from(index_dir: Path, tmp_path: Path) -> None:
+    """An answer's quote offsets index into one version of the documents: the answer names it,
+    /readyz gives the current one, an update makes a new one, and a restart keeps it."""
+    question = {"question": "Who ground the Zorblax mirror?"}
+    with serve(index_dir, tmp_path) as c:
+        before = c.get("/readyz").json()["index_version"]
+        assert before == Index.load(index_dir).version
+        assert c.post("/v1/answer", json=question).json()["index_version"] == before
+        r = c.post("/v1/documents", json={"text": NEW_TEXT, "doc_id": "zorblax"})
+        assert r.status_code == 201, r.text
+        after = c.get("/readyz").json()["index_version"]
+        ans = c.post("/v1/answer", json=question).json()
+        assert after != before and ans["index_version"] == after
+        assert ans["quote"]["doc_id"] == "zorblax", ans
+    assert Index.load(index_dir).version == after
+    with serve(index_dir, tmp_path) as c:
+        assert c.get("/readyz").json()["index_version"] == after
+
+
 def test_defaults_for_doc_id_and_title(client: TestClient) -> None:
     r = client.post("/v1/documents", json={"text": "Quarrel birds nest in old chimneys.\nMore."})
     assert r.status_code == 201, r.text
@@ -223,6 +242,8 @@ def test_index_pages_are_slices_of_the_documents_in_order(index_dir: Path) -> No
 
 
 class ListlessRetriever:  # a Retriever with search and document only
+    index_version = None
+
     def search(self, query: str, k: int = 10) -> list:
         return []
 

@@ -56,6 +56,8 @@ class MemoryRetriever:
     def document(self, doc_id: str) -> Document:
         return self.docs[doc_id]
 
+    index_version = None
+
 
 def fake_backend(responder: Callable[[GenerationRequest], list[str]],
                  mean_lp: float = -0.1) -> FakeBackend:

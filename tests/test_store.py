@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from citeqa.config import ChunkConfig, RetrievalConfig
 from citeqa.errors import IndexError_
 from citeqa.retrieval import Index, build_index_from_documents
-from citeqa.retrieval.store import FORMAT_VERSION
+from citeqa.retrieval.store import FORMAT_VERSION, manifest_version
 from citeqa.types import Document
 
 CFG = RetrievalConfig(embedder="hash", chunk=ChunkConfig(max_chars=80))
@@ -61,6 +61,23 @@ def test_loaded_passages_reproduce_document_text(built: Path) -> None:
         assert 0 < len(p.text) <= 80
     assert {p.doc_id for p in index.passages} == {"d1", "d2"}  # d3 is whitespace only
     assert index.dense is not None and index.dense.size == len(index.passages)
+
+
+def test_the_version_names_the_content_not_the_time_it_was_written(built: Path,
+                                                                    tmp_path: Path) -> None:
+    version = Index.load(built).version
+    assert re.fullmatch(r"[0-9a-f]{16}", version)
+    again = tmp_path / "again"  # the same documents and settings, built later
+    build_index_from_documents(DOCS, again, CFG, progress=False)
+    assert Index.load(again).version == version
+    changed = tmp_path / "changed"  # one character of one document differs
+    docs = [DOCS[0], Document("d2", "Dogs", "dogs.txt", DOCS[1].text.replace("bark", "bork")),
+            DOCS[2]]
+    build_index_from_documents(docs, changed, CFG, progress=False)
+    assert Index.load(changed).version != version
+    m = json.loads((built / "manifest.json").read_text())
+    assert manifest_version({**m, "created": "1999-01-01T00:00:00+00:00"}) == version
+    assert manifest_version({**m, "counts": {**m["counts"], "documents": 4}}) != version
 
 
 def test_missing_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

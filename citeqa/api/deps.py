@@ -38,6 +38,11 @@ class PipelineLike(Protocol):
 
     def document(self, doc_id: str) -> Document: ...  # KeyError when unknown
 
+    @property
+    def index_version(self) -> str | None:
+        """The version of the index answered from now (None: a retriever without versions)."""
+        ...
+
     def list_documents(self, offset: int, limit: int) -> tuple[list[Document], int]:
         """Up to ``limit`` documents from position ``offset`` in index order, and the total."""
         ...

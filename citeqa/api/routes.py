@@ -337,7 +337,8 @@ def ops_router(page: str, csp: str) -> APIRouter:
         failed load, and while shutting down."""
         if state.phase != "ready":
             raise state.not_ready_error(open_route=True)
-        return {"status": "ready"}
+        assert state.pipeline is not None, "a ready service has its pipeline"
+        return {"status": "ready", "index_version": state.pipeline.index_version}
 
     for path, probe in (("/healthz", healthz), ("/readyz", readyz)):  # uptime monitors use HEAD
         ops.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)

@@ -330,6 +330,10 @@ class AnswerOut(BaseModel):
     passages: list[HitOut] | None = Field(
         default=None, description="the passages retrieval found, best first; present only "
         "when the request set with_passages")
+    index_version: str | None = Field(
+        default=None, description="the version of the index this was answered from (16 hex "
+        "digits; any document added, deleted or changed makes a new one, and /readyz gives "
+        "the current one): the quote's offsets index into that version's documents")
 
 
 class SearchOut(BaseModel):
@@ -369,6 +373,9 @@ class DocumentAddedOut(BaseModel):
 class StatusOut(BaseModel):
     status: str  # "ok", "ready", "loading", "failed", "shutting_down"
     detail: str | None = None
+    index_version: str | None = Field(
+        default=None, description="/readyz: the version of the index questions are answered "
+        "from now (as an answer's index_version)")
 
 
 class ErrorDetail(BaseModel):

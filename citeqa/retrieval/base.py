@@ -15,3 +15,9 @@ class Retriever(Protocol):
     def document(self, doc_id: str) -> Document:
         """The full document; raises KeyError when unknown."""
         ...
+
+    @property
+    def index_version(self) -> str | None:
+        """What names the documents searched, so that an answer says which it came from (an
+        index's ``Index.version``); None when there is no such name."""
+        ...

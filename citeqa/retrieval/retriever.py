@@ -114,6 +114,10 @@ class HybridRetriever:
         """The full document ``doc_id``; KeyError when the index does not hold it."""
         return self.index.documents[doc_id]
 
+    @property
+    def index_version(self) -> str:
+        return self.index.version
+
     def list_documents(self, offset: int, limit: int) -> tuple[list[Document], int]:
         """A page of the indexed documents and their total count (``Index.list_documents``)."""
         return self.index.list_documents(offset, limit)

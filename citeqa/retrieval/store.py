@@ -426,6 +426,11 @@ class Index:
             directory=directory,
         )
 
+    @property
+    def version(self) -> str:
+        """16 hex digits naming this index's content (``manifest_version``)."""
+        return manifest_version(self.manifest)
+
     def list_documents(self, offset: int, limit: int) -> tuple[list[Document], int]:
         """Up to ``limit`` documents from position ``offset`` in index order (the order they
         were indexed: added documents come last), and how many there are in all, for paging."""
@@ -434,6 +439,15 @@ class Index:
         start = min(offset, total)  # islice refuses offsets past sys.maxsize
         page = itertools.islice(self.documents.values(), start, min(start + limit, total))
         return list(page), total
+
+
+def manifest_version(manifest: dict[str, Any]) -> str:
+    """The sha256 of ``manifest`` less the time it was written, in 16 hex digits: the manifest
+    holds every file's checksum, the counts and the settings, so any document added, deleted or
+    changed gives the index a new version, and the same files keep theirs."""
+    content = {k: v for k, v in manifest.items() if k != "created"}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:16]
 
 
 LOAD_TRIES = 5  # reads of an index another process keeps swapping (see Index.load)
