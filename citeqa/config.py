@@ -133,9 +133,9 @@ class RewardConfig:
     model: str | None = "default"  # "default" (shipped weights), a dir, or None (no reward model)
     threshold: float | None = None  # decline below this score; None = the calibrated threshold
     # When the reward model's calibration certified no accuracy target at all (its threshold is
-    # inf, as for the shipped model judging SmolLM2-135M), True declines every question and
-    # False answers without a score threshold; a per-request min_score/target_accuracy still
-    # applies either way.
+    # inf), True declines every question and False answers without a score threshold; a
+    # per-request min_score/target_accuracy still applies either way. (The shipped model's
+    # calibration certifies 45 %, threshold 0.3135.)
     decline_uncertified: bool = False
     # compile the verifier's encoders at start (torch.compile, inductor; scorer.compile): faster
     # scoring for a longer start-up, where a C++ compiler is installed (else it scores eagerly)

@@ -68,7 +68,8 @@ def run(
                                  help="Candidates per question.")
     ] = None,
     answer_mode: Annotated[
-        str | None, typer.Option("--answer-mode", help="span | free (default: the preset's).")
+        str | None, typer.Option("--answer-mode", help="span | free (default: "
+                                 "$CITEQA_ANSWER_MODE, else the preset's).")
     ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Discard a previous run in --out and start over.")

@@ -104,7 +104,7 @@ class FetchPolicy:
     """What the fetcher may do. The defaults are safe for a public service."""
 
     allow_private: bool = False  # allow loopback/private/link-local/CGNAT (explicit opt-in)
-    max_bytes: int = 5_000_000  # largest (decompressed) body read; larger -> FetchError
+    max_bytes: int = 5_000_000  # largest (decompressed) body read; larger -> UnreadablePageError
     timeout_s: float = 20.0  # total time for the whole fetch, DNS and redirects included
     max_redirects: int = 5  # redirect hops followed before giving up
 
