@@ -454,6 +454,15 @@ def test_record_ids_follow_the_rule_rest_applies(tmp_path: Path,
     assert got[:3] == ids[:3] and got[9] == ids[9]
 
 
+def test_a_record_id_of_citeqas_own_form_is_kept(tmp_path: Path) -> None:
+    """REST refuses a client's 16-hex-digit doc_id (it could claim a URL's id), but a build is
+    the operator's: documents listed from one index keep their ids when built into another."""
+    made = doc_id_for("notes/a.txt")
+    f = tmp_path / "docs.jsonl"
+    f.write_text(json.dumps({"id": made, "text": "Moths fly at night."}) + "\n", encoding="utf-8")
+    assert [d.doc_id for d in load(f).documents] == [made]
+
+
 def test_json_array_and_invalid_json(tmp_path: Path) -> None:
     arr = tmp_path / "arr.json"
     arr.write_text(json.dumps([{"text": "one"}, {"text": ""}, {"text": "two", "title": "T"}]))
