@@ -192,11 +192,14 @@ class Pipeline:
             raise
         logger.info("loaded in %.1f s", time.perf_counter() - started)
         threshold = scorer.threshold if scorer is not None else None
-        if threshold is not None and math.isinf(threshold) and not cfg.reward.decline_uncertified:
+        uncertified = threshold is None or math.isinf(threshold)
+        if (scorer is not None and cfg.reward.threshold is None and uncertified
+                and not cfg.reward.decline_uncertified):
             logger.warning(
-                "the reward model's calibration certified no accuracy target; answering without "
-                "a score threshold (pass min_score or target_accuracy per request to decline)"
-            )
+                "%s; answering without a score threshold (pass min_score or target_accuracy "
+                "per request to decline, or set CITEQA_DECLINE_UNCERTIFIED=1)",
+                "the reward model has no calibration" if threshold is None else
+                "the reward model's calibration certified no accuracy target")
         return cls(
             retriever,
             CitedGenerator(backend, cfg.generation),
@@ -446,9 +449,11 @@ class Pipeline:
         accuracy that no threshold certifies; else the stored calibration certified none and
         the settings decline without one."""
         if not asked:
-            return ("the reward model's calibration certified no accuracy target, and this "
-                    "service declines without one (CITEQA_DECLINE_UNCERTIFIED; best score "
-                    f"{best:.3f})")
+            calibrated = self.scorer is not None and self.scorer.threshold is not None
+            what = ("the reward model's calibration certified no accuracy target" if calibrated
+                    else "the reward model has no calibration (docs/calibrate.md)")
+            return (f"{what}, and this service declines without one "
+                    f"(CITEQA_DECLINE_UNCERTIFIED; best score {best:.3f})")
         highest = self.highest_certified_accuracy()
         return (f"no decline threshold is certified for the target accuracy asked for, so every "
                 f"question is declined (best score {best:.3f}); " + (
@@ -483,10 +488,12 @@ class Pipeline:
             return min_score
         if self.cfg.reward.threshold is not None:
             return self.cfg.reward.threshold
-        calibrated = self.scorer.threshold if self.scorer is not None else None
-        if calibrated is not None and math.isinf(calibrated):
-            # The stored calibration certified no accuracy target (threshold inf).
-            return calibrated if self.cfg.reward.decline_uncertified else None
+        if self.scorer is None:
+            return None
+        calibrated = self.scorer.threshold
+        if calibrated is None or math.isinf(calibrated):
+            # Never calibrated, or the stored calibration certified no accuracy target (inf).
+            return math.inf if self.cfg.reward.decline_uncertified else None
         return calibrated
 
 

@@ -433,6 +433,23 @@ def test_an_uncertified_calibration_answers_unless_told_to_decline():
         "declines without one (CITEQA_DECLINE_UNCERTIFIED")
 
 
+class NeverCalibrated(ReverseScorer):
+    """A reward model with no calibration.json (a fresh `train reward`, or `reward-combine`)."""
+
+    threshold = None
+
+
+def test_a_reward_model_never_calibrated_declines_when_told_to_decline_uncertified():
+    question = "When did it open as the entrance to the World's Fair?"
+    assert not pipeline(scorer=NeverCalibrated()).ask(question).declined
+    strict = replace(CFG, reward=replace(CFG.reward, decline_uncertified=True))
+    ans = pipeline(cfg=strict, scorer=NeverCalibrated()).ask(question)
+    assert ans.declined and ans.reason.startswith(
+        "the reward model has no calibration (docs/calibrate.md), and this service declines "
+        "without one (CITEQA_DECLINE_UNCERTIFIED"), ans.reason
+    assert not pipeline(cfg=strict, scorer=NeverCalibrated()).ask(question, min_score=0.5).declined
+
+
 class NothingCertified(UncertifiedScorer):
     def threshold_for(self, target_accuracy: float) -> float:
         return math.inf
