@@ -133,13 +133,14 @@ def _digits_apart(a: float, b: float) -> tuple[str, str]:
 
 
 def _no_nan_scores(candidates: Sequence[Candidate]) -> list[Candidate]:
-    """``candidates`` with a NaN score (a model that failed on them) scored 0, logged: NaN
-    passes no comparison, so it stood above every threshold and broke the ranking."""
+    """``candidates`` with a NaN score (a model that failed on them) left unscored (None),
+    logged: NaN passes no comparison, so it stood above every threshold and broke the ranking;
+    unscored, a candidate ranks after every scored one and is never given (``_finish``)."""
     out = []
     for c in candidates:
         if c.score is not None and math.isnan(c.score):
-            logger.warning("the scorer gave a NaN score to answer %r; scored 0", c.answer)
-            c = replace(c, score=0.0)
+            logger.warning("the scorer gave a NaN score to answer %r; left unscored", c.answer)
+            c = replace(c, score=None)
         if c.uncertainty is not None and math.isnan(c.uncertainty):  # JSON has no NaN
             c = replace(c, uncertainty=None)
         out.append(c)
@@ -343,6 +344,9 @@ class Pipeline:
                 "no candidate had a quote that could be verified in the sources; rephrase the "
                 "question (through the API, n_candidates can also ask for more candidates)"
             )
+        elif best.score is None:  # a scorer failed (NaN) on every candidate with a quote
+            reason = ("the reward model failed to score every candidate with a verified quote "
+                      "(see the server log); nothing is answered unscored")
         elif threshold is not None and math.isinf(threshold):
             reason = self._uncertified_reason(best.score or 0.0, asked=args.min_score is not None)
         elif threshold is not None and not (best.score is not None and best.score >= threshold):

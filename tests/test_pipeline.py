@@ -267,9 +267,23 @@ def test_a_nan_score_never_passes_a_threshold_or_heads_the_ranking(rest: float) 
     p = pipeline(lambda r: texts[: r.n], cfg=UNCONSTRAINED, scorer=NanFirstScorer(rest))
     ans = p.ask("When did the Eiffel Tower open?", n_candidates=2)
     assert [c.answer for c in ans.candidates] == ["1889", "Paris"]
-    assert ans.candidates[1].score == 0.0 and ans.candidates[1].uncertainty is None
+    assert ans.candidates[1].score is None and ans.candidates[1].uncertainty is None
     json.dumps(ans.to_json(), allow_nan=False)  # what the API sends: NaN made it a 500
     assert ans.declined is (rest < 0.5) and ans.answer == (None if rest < 0.5 else "1889")
+
+
+@pytest.mark.parametrize("min_score", [None, 0.0])
+def test_a_candidate_the_scorer_failed_on_is_never_answered(min_score: float | None) -> None:
+    """With no threshold in force (none calibrated, or min_score 0) a failed score (NaN) was
+    made 0 and answered."""
+    text = "Answer: 1889\nQuote [1]: It opened in 1889 as the entrance to the World's Fair."
+    scorer = NanFirstScorer(0.9)
+    scorer.threshold = None  # type: ignore[assignment]
+    p = pipeline(lambda r: [text] * r.n, cfg=UNCONSTRAINED, scorer=scorer)
+    ans = p.ask("When did it open?", min_score=min_score)
+    assert ans.declined and ans.answer is None and ans.score is None, ans
+    assert ans.reason.startswith("the reward model failed to score every candidate"), ans.reason
+    assert ans.candidates[0].quote is not None  # the best guess is still shown
 
 
 def test_a_decline_reason_tells_a_score_from_its_threshold() -> None:
