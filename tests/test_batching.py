@@ -64,7 +64,7 @@ def test_items_queued_while_busy_form_one_batch() -> None:
 
 def test_window_collects_items_arriving_soon_after_the_first() -> None:
     fn = GatedDoubler()
-    b = Batcher(fn, max_batch=8, window_ms=300)
+    b = Batcher(fn, max_batch=2, window_ms=3000)  # full at 2: it runs as the second comes
     futs = [b.submit(1)]
     time.sleep(0.05)  # well inside the window
     futs.append(b.submit(2))
@@ -74,11 +74,15 @@ def test_window_collects_items_arriving_soon_after_the_first() -> None:
 
 
 def test_one_failing_item_fails_alone() -> None:
-    b = Batcher(GatedDoubler(), max_batch=4, window_ms=50)
+    # a full batch (max_batch) runs at once: the long window only makes sure, on a loaded
+    # machine, that both items are in it
+    fn = GatedDoubler()
+    b = Batcher(fn, max_batch=2, window_ms=5000)
     good, bad = b.submit(3), b.submit(-1)
     assert good.result(5) == 6
     with pytest.raises(ValueError, match="bad -1"):
         bad.result(5)
+    assert fn.batches == [[3, -1]]  # in one batch, and the other item still answered
     b.close()
 
 
@@ -91,12 +95,13 @@ def test_a_raising_batch_fails_every_item_and_the_worker_survives() -> None:
             raise RuntimeError("model crashed")
         return items
 
-    b = Batcher(boom, max_batch=4, window_ms=50)
+    b = Batcher(boom, max_batch=2, window_ms=5000)  # a full batch runs at once
     futs = [b.submit(1), b.submit(2)]
     for f in futs:
         with pytest.raises(RuntimeError, match="model crashed"):
             f.result(5)
-    assert b.submit(7).result(5) == 7  # still working
+    assert [f.result(5) for f in [b.submit(7), b.submit(8)]] == [7, 8]  # still working
+    assert calls == [[1, 2], [7, 8]]
     b.close()
 
 

@@ -176,9 +176,6 @@ def test_sigkill_mid_build_keeps_old_index(tmp_path: Path, stage: str) -> None:
 
 
 def test_build_index_from_sources(tmp_path: Path) -> None:
-    ingest = pytest.importorskip("citeqa.ingest")
-    if not hasattr(ingest, "load_sources"):
-        pytest.skip("citeqa.ingest.load_sources is not written yet")
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").write_text("Alpha particles are helium nuclei. " * 3)
     (tmp_path / "docs" / "b.txt").write_text("Beta decay emits electrons.")

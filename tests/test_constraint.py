@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -208,19 +207,16 @@ def test_copy_is_independent(hf_tok, ll_tok):
     assert twin.consume_many(whole[:3]) and c.valid_prefix(whole) == 0
 
 
-def test_mask_time_per_token(hf_tok, ll_tok):
-    """Mask cost per token on a realistic grammar (3 passages of ~600 chars); reported, and
-    bounded loosely so that a pathological regression fails."""
+def test_every_token_of_an_answer_over_realistic_passages_is_allowed(hf_tok, ll_tok):
+    """Three passages of ~600 characters (the served shape): every token of a right output is
+    in the mask and consumed. The mask's cost is a benchmark's (bench_decode.py), not a test's."""
     passage = ("The Normans were the people who in the 10th and 11th centuries gave their "
                "name to Normandy, a region in France. ") * 5
     g = output_grammar([passage, passage.upper(), passage[::-1]])
     text = output("Normandy, a region in France", 1, passage[:300].strip())
     c = OutputConstraint(g, ll_tok)
     ids = hf_tok.encode(text, add_special_tokens=False)
-    t0 = time.perf_counter()
     for t in ids:
         assert c.allowed_mask()[t]
         assert c.consume(t)
-    per_token_ms = (time.perf_counter() - t0) * 1000 / len(ids)
-    print(f"mask+consume: {per_token_ms:.3f} ms/token over {len(ids)} tokens")
-    assert per_token_ms < 20
+    assert not c.is_error()

@@ -25,6 +25,10 @@ def test_ties_break_by_best_rank_then_id() -> None:
     # with weights, equal scores can come from different ranks: 9 (1/1, rank 1) and 4 (2/2,
     # rank 2) tie, and the better best rank wins over the lower id
     assert [d for d, _ in rrf([[9], [5, 4]], k=0, weights=[1, 2])] == [5, 9, 4]
+    # an id in several lists is judged by its best rank there, not its last: 9 (1/1 + 1/4, best
+    # rank 1, last rank 4) and 5 (2.5/2, rank 2) tie at exactly 1.25
+    assert [d for d, _ in rrf([[9], [1, 2, 3, 9], [0, 5]], k=0, weights=[1, 1, 2.5])][:3] == [
+        0, 9, 5]
 
 
 def test_duplicates_within_a_list_count_once() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import find, given, settings
 from hypothesis import strategies as st
@@ -71,6 +73,19 @@ def test_answer_is_stripped_quote_kept():
 )
 def test_rejects_malformed(text):
     with pytest.raises(OutputFormatError):
+        parse_output(text, 3)
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("Answer: \nQuote [1]: It opened in 1889.", "the answer is empty"),
+    ("Answer:    \nQuote [1]: It opened in 1889.", "the answer is empty"),
+    ("Answer: 1889\nQuote [1]: ", "the quote is empty"),
+    ("Answer: 1889\nQuote [1]:  \u00a0 \n", "the quote is empty"),
+    ("Answer: 1889\nQuote [1] It opened in 1889.", "quote line lacks"),
+    ("Answer: 1889\nQuote [4]: It opened in 1889.", "passage 4 was not shown"),
+])
+def test_malformed_outputs_are_refused_for_their_reason(text, why):
+    with pytest.raises(OutputFormatError, match=re.escape(why)):
         parse_output(text, 3)
 
 

@@ -8,7 +8,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from citeqa.config import GenerationConfig
-from citeqa.generation.verify import locate, verify_quote
+from citeqa.generation.verify import _TRIM, locate, verify_quote
 from citeqa.text import STOP_WORDS, is_contentful
 from citeqa.types import Document
 
@@ -68,10 +68,13 @@ def test_whitespace_runs_map_to_the_documents_text():
 
 
 def test_altered_text_is_rejected():
-    assert check("gave their names to Normandy") is None
-    assert check("gave their name to normandy") is None  # case is not repaired
-    assert check("gave theirname to Normandy") is None  # whitespace removed is not repaired
-    assert check("Rollo swore fealty to King Charles IV") is None
+    roomy = GenerationConfig(min_quote_chars=1, max_quote_chars=10_000)  # no length refusal
+    for altered in ["gave their names to Normandy",
+                    "gave their name to normandy",  # case is not repaired
+                    "gave theirname to Normandy",  # whitespace removed is not repaired
+                    "Rollo swore fealty to King Charles IV"]:
+        assert check(altered, cfg=roomy) is None, altered
+        assert locate(altered, TEXT, WHOLE) is None, altered
 
 
 def test_length_limits():
@@ -79,6 +82,12 @@ def test_length_limits():
     assert check(TEXT) is None  # longer than max_quote_chars
     cfg = GenerationConfig(min_quote_chars=1, max_quote_chars=10_000)
     assert check(TEXT, cfg=cfg).text == TEXT
+    quote = TEXT[:40].strip()  # at the limits exactly, and one past them
+    assert check(quote, cfg=GenerationConfig(min_quote_chars=1, max_quote_chars=len(quote)))
+    assert not check(quote, cfg=GenerationConfig(min_quote_chars=1, max_quote_chars=len(quote) - 1))
+    assert check(quote, cfg=GenerationConfig(min_quote_chars=len(quote), max_quote_chars=200))
+    assert not check(quote, cfg=GenerationConfig(min_quote_chars=len(quote) + 1,
+                                                 max_quote_chars=200))
 
 
 def test_stop_words_only_is_rejected():
@@ -126,6 +135,11 @@ def test_outside_window_same_text_takes_nearest_occurrence():
     # the shown window ends 1 character before the second occurrence, 2 after the first's end
     second = text.index("Rollo", 1)
     assert (q.start, q.end) == (second, second + len(q.text))
+    # nearest to the window as a whole, not to its start: the window starts nearer the first
+    # occurrence (40 after its start) but ends 2 before the second
+    quote = "Rollo swore fealty"
+    text = quote + " " + "x" * 60 + " " + quote
+    assert locate(quote, text, (40, 78)) == (80, 98)
 
 
 def test_ambiguous_different_texts_outside_window_rejected():
@@ -236,4 +250,5 @@ def test_altering_one_character_never_verifies_to_other_text(text, data):
     altered = span[:i] + new + span[i + 1 :]
     q = check(altered, shown_for(doc, 0, len(text)), doc, LOOSE)
     if q is not None:  # only possible when the altered char was trimmed off an end
-        assert new not in q.text
+        assert new not in altered.strip(_TRIM), (altered, q.text)  # "#" is trimmable
+        assert _norm(q.text) in _norm(altered)

@@ -78,6 +78,8 @@ def _quote(quote_line: str, n_passages: int) -> tuple[int, str]:
         raise OutputFormatError(f"the quote line must start with {QUOTE_PREFIX!r}: {quote_line!r}")
     rest = quote_line[len(QUOTE_PREFIX) :]
     number_text, sep, quote = rest.partition(QUOTE_SEPARATOR)
+    if not sep and rest.endswith(QUOTE_SEPARATOR.rstrip()):  # its trailing space was stripped
+        raise OutputFormatError("the quote is empty")
     if not sep:
         raise OutputFormatError(f"quote line lacks {QUOTE_SEPARATOR!r}: {quote_line!r}")
     if not _NUMBER.fullmatch(number_text):
@@ -85,6 +87,5 @@ def _quote(quote_line: str, n_passages: int) -> tuple[int, str]:
     number = int(number_text)
     if not 1 <= number <= n_passages:
         raise OutputFormatError(f"passage {number} was not shown (passages 1..{n_passages})")
-    if not quote.strip():
-        raise OutputFormatError("the quote is empty")
+    assert quote.strip(), quote_line  # the output's end was stripped: a quote ends in a non-space
     return number, quote

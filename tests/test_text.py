@@ -1,0 +1,39 @@
+"""The matching terms and sentence relevance of citeqa/text.py: hand cases with known values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from citeqa.text import content_terms, relevance, term, term_share
+
+
+@pytest.mark.parametrize(("word", "expected"), [
+    ("opened", "open"), ("Opening", "open"), ("boxes", "box"), ("cats", "cat"),
+    ("gas", "gas"),  # the stem would be under 3 letters: kept whole
+    ("ones", "one"),  # "es" would leave 2 letters, "s" leaves 3
+    ("bed", "bed"), ("sing", "sing"), ("based", "bas"),
+])
+def test_a_term_is_the_lower_cased_word_less_one_suffix(word: str, expected: str) -> None:
+    assert term(word) == expected
+
+
+def test_content_terms_leave_out_stop_words_and_match_across_tenses() -> None:
+    assert content_terms("The tower opened in 1889") == {"tower", "open", "1889"}
+    assert content_terms("the of and") == set()
+    assert term_share("when was the tower opened", "The tower opens at nine") == 1.0
+    assert term_share("tower height", "The tower opens") == 0.5
+    assert term_share("the of", "anything") == 0.0  # no content terms: nothing to share
+
+
+def test_relevance_weighs_a_rare_shared_term_above_two_common_ones() -> None:
+    sentences = ["Zebras graze at dawn.", "The river bank.", "A river bank floods.",
+                 "Trees line the river bank.", "Birds nest by the river bank."]
+    scores = relevance(sentences, "zebra river bank")
+    # sum(log(1 + N / df)) over shared terms: zebra is in 1 of 5, river and bank in 4 of 5
+    assert scores[0] == pytest.approx(math.log1p(5 / 1))
+    assert scores[1] == pytest.approx(2 * math.log1p(5 / 4))
+    assert scores[0] > scores[1] == scores[2] == scores[3] == scores[4]
+    assert relevance(sentences, "the of") == [0.0] * 5
+    assert relevance([], "zebra") == []
