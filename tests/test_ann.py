@@ -141,6 +141,38 @@ def test_manifest_records_the_spec_and_load_applies_it(ivf_index: Path) -> None:
     assert len(hits) == 5
 
 
+def test_ivf_padding_never_becomes_a_hit(ivf_index: Path) -> None:
+    """nprobe 1 of 2 cells scans about half the passages: FAISS pads the rest of a deep search
+    with id -1, which as a passage id is the last passage (with a score of -3.4e38)."""
+    retriever = HybridRetriever.open(ivf_index)
+    n = len(retriever.index.passages)
+    hits = retriever.search("w1 w2 w3", n, mode="dense")
+    assert 0 < len(hits) < n  # some of the search was padding
+    ids = [h.passage.passage_id for h in hits]
+    assert len(set(ids)) == len(ids)
+    assert all(h.dense is not None and -1.0001 <= h.dense <= 1.0001 for h in hits)
+
+
+def test_hybrid_fuses_each_retrievers_top_candidates_per_retriever(ivf_index: Path) -> None:
+    """The fusion depth: each retriever's best ``candidates_per_retriever`` (not ``k``) are
+    fused (a depth of k changes the top 5 on this index)."""
+    from dataclasses import replace
+
+    from citeqa.retrieval.fusion import rrf
+
+    base = HybridRetriever.open(ivf_index)
+    shallow = HybridRetriever(base.index, replace(base.cfg, candidates_per_retriever=2))
+    deep = HybridRetriever(base.index, replace(base.cfg, candidates_per_retriever=40))
+    for query in ("w1 w2 w3", "w7 w11", "w5 w20 w33"):
+        for r in (shallow, deep):
+            depth = max(5, r.cfg.candidates_per_retriever)
+            bm25 = [h.passage.passage_id for h in r.search(query, depth, mode="bm25")]
+            dense = [h.passage.passage_id for h in r.search(query, depth, mode="dense")]
+            fused = rrf([bm25, dense], k=r.cfg.rrf_k, weights=[r.cfg.rrf_bm25_weight, 1.0])
+            assert [h.passage.passage_id for h in r.search(query, 5)] == [
+                d for d, _ in fused[:5]], (query, r.cfg.candidates_per_retriever)
+
+
 def test_nprobe_edited_in_the_manifest_applies(ivf_index: Path) -> None:
     """nprobe is a query-time setting: a changed manifest value needs no rebuild."""
     m = json.loads((ivf_index / "manifest.json").read_text())

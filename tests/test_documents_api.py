@@ -23,7 +23,7 @@ from helpers import THREE_DOCS
 
 from citeqa.api.app import create_app
 from citeqa.config import Settings, preset
-from citeqa.errors import InvalidRequestError
+from citeqa.errors import IndexError_, InvalidRequestError
 from citeqa.ingest import Fetcher, FetchPolicy
 from citeqa.retrieval import HashEmbedder, Index, build_index_from_documents
 from citeqa.retrieval.updates import IndexUpdate, apply_update
@@ -445,16 +445,22 @@ def test_update_checks(tmp_path: Path) -> None:
     build_index_from_documents(DOCS, tmp_path / "i", CFG, progress=False)
     idx = Index.load(tmp_path / "i")
     cases = [
-        (IndexUpdate(remove=("nope",)), 404),
-        (IndexUpdate(add=(DOCS[0],)), 409),
-        (IndexUpdate(add=(Document("a", "", "", "x"), Document("a", "", "", "y"))), 409),
-        (IndexUpdate(remove=("normans", "eiffel")), 409),
-        (IndexUpdate(add=(Document("b", "", "", "  "),)), 422),
+        (IndexUpdate(remove=("nope",)), 404, "no document with id 'nope'"),
+        (IndexUpdate(add=(DOCS[0],)), 409, "already exists"),
+        (IndexUpdate(add=(Document("a", "", "", "x"), Document("a", "", "", "y"))), 409,
+         "two documents to add have the id 'a'"),
+        (IndexUpdate(remove=("normans", "eiffel")), 409, "at least one document"),
+        (IndexUpdate(add=(Document("b", "", "", "  "),)), 422, "has no text"),
+        (IndexUpdate(add=(Document("z", "", "", "\u200b\u200b"),)), 422, "has no text"),
     ]
-    for update, status in cases:
-        with pytest.raises(InvalidRequestError) as info:
+    for update, status, says in cases:
+        with pytest.raises(InvalidRequestError, match=says) as info:
             apply_update(idx, update, tmp_path / "i", embedder=HashEmbedder())
         assert info.value.status == status, update
+    with pytest.raises(IndexError_, match=r"embedded with hash-bow-256 \(dim 256\), not "
+                       r"hash-bow-64 \(dim 64\)"):
+        apply_update(idx, IndexUpdate(add=(Document("c", "", "", "Moths fly."),)), tmp_path / "i",
+                     embedder=HashEmbedder(dim=64))
     # replacing a document (remove + add of the same id) is allowed
     doc = Document("normans", "Normans", "n2.txt", "Normandy is in France.")
     res = apply_update(idx, IndexUpdate(add=(doc,), remove=("normans",)), tmp_path / "i",

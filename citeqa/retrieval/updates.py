@@ -32,7 +32,7 @@ from citeqa.retrieval.dense import DenseIndex
 from citeqa.retrieval.embed import Embedder
 from citeqa.retrieval.retriever import config_from_manifest
 from citeqa.retrieval.store import Index, is_copy_of, passages_of, save_index
-from citeqa.text import tokenize
+from citeqa.text import is_blank, tokenize
 from citeqa.types import Document
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,13 @@ def check_update(index: Index, update: IndexUpdate) -> None:
                                       code="document_not_found")
     seen: set[str] = set()
     for doc in update.add:
-        if doc.doc_id in seen or (doc.doc_id in index.documents
-                                  and doc.doc_id not in update.remove):
+        if doc.doc_id in seen:
+            raise InvalidRequestError(
+                f"two documents to add have the id {doc.doc_id!r}; give each its own doc_id",
+                status=409,
+                code="conflict",
+            )
+        if doc.doc_id in index.documents and doc.doc_id not in update.remove:
             raise InvalidRequestError(
                 f"a document with id {doc.doc_id!r} already exists; delete it first or choose "
                 "another doc_id",
@@ -72,7 +77,7 @@ def check_update(index: Index, update: IndexUpdate) -> None:
                 code="conflict",
             )
         seen.add(doc.doc_id)
-        if not doc.text.strip():
+        if is_blank(doc.text):  # whitespace or invisible characters only
             raise InvalidRequestError(f"document {doc.doc_id!r} has no text; send some text")
     if not update.add and len(set(update.remove)) >= len(index.documents):
         raise InvalidRequestError(
@@ -142,9 +147,11 @@ def apply_update(
             if embedding is None or (embedder.model_id, embedder.dim) != (
                 embedding.get("model_id"), embedding.get("dim")
             ):
+                emb = embedding or {}
                 raise IndexError_(
-                    f"the index was embedded with {embedding}, not {embedder.model_id}; "
-                    "add documents with the same embedder or rebuild the index"
+                    f"the index was embedded with {emb.get('model_id')} (dim {emb.get('dim')}), "
+                    f"not {embedder.model_id} (dim {embedder.dim}); add documents with the same "
+                    "embedder or rebuild the index"
                 )
             fresh = embedder.embed(new_texts, batch_size=cfg.embed_batch_size)  # [new, dim]
             vectors = np.concatenate([vectors, fresh.astype(np.float32)])
