@@ -190,8 +190,35 @@ def test_risk_coverage_curve_hand_case() -> None:
     np.testing.assert_allclose(cov, [0.25, 0.75, 1.0])
     np.testing.assert_allclose(acc, [1.0, 2 / 3, 0.5])
     np.testing.assert_allclose(thr, [0.9, 0.8, 0.1])
-    # AURC = 0.25 * 0 + 0.5 * (1/3) + 0.25 * 0.5 = 0.291666...
-    assert aurc(scores, correct) == pytest.approx(0.25 * 0 + 0.5 / 3 + 0.25 * 0.5)
+    # AURC: the mean over both orders of the tie, (0 + 0 + 1/3 + 1/2) / 4 and
+    # (0 + 1/2 + 1/3 + 1/2) / 4
+    assert aurc(scores, correct) == pytest.approx((0 + (0 + 1 / 2) / 2 + 1 / 3 + 1 / 2) / 4)
+
+
+@settings(max_examples=150, deadline=None)
+@given(pairs=st.lists(st.tuples(st.integers(0, 2).map(float), st.booleans()), min_size=1,
+                      max_size=7))
+def test_aurc_of_ties_is_the_mean_over_every_order_of_them(pairs: list[tuple[float, bool]]
+                                                            ) -> None:
+    """Brute force: every permutation, ties broken by it, AURC without ties, averaged."""
+    import itertools
+
+    scores = [s for s, _ in pairs]
+    correct = [c for _, c in pairs]
+    orders = list(itertools.permutations(range(len(pairs))))
+    total = 0.0
+    for perm in orders:  # tie broken by the permutation's position: scores made distinct
+        distinct = [scores[i] + perm.index(i) / (10 * len(pairs)) for i in range(len(pairs))]
+        total += aurc(distinct, correct)
+    assert aurc(scores, correct) == pytest.approx(total / len(orders))
+
+
+def test_a_perfect_ranking_with_tied_wrong_answers_has_the_oracles_aurc() -> None:
+    from citeqa.evals.metrics import oracle_scores
+
+    correct = [True] * 6 + [False] * 4
+    scores = [0.9 - 0.1 * i for i in range(6)] + [-math.inf] * 4  # no quote: all alike
+    assert aurc(scores, correct) == pytest.approx(aurc(oracle_scores(correct), correct))
 
 
 def test_aurc_without_ties_is_mean_selective_risk() -> None:
@@ -241,7 +268,6 @@ def test_curve_properties(pairs: list[tuple[float, bool]]) -> None:
             pytest.approx(c),
         )
     # A perfect ranking (distinct scores, correct ones first) never has a larger AURC.
-    # (Ties matter: a tie block of wrong answers costs more than the same answers in order.)
     perfect = [i + len(correct) * c for i, c in enumerate(correct)]
     assert aurc(perfect, correct) <= aurc(scores, correct) + 1e-12
     assert 0.0 <= aurc(scores, correct) <= 1.0

@@ -120,15 +120,26 @@ def risk_coverage_curve(
 
 
 def aurc(scores: ArrayLike, correct: ArrayLike) -> float:
-    """Area under the risk–coverage curve (risk = 1 - answered accuracy); lower is better.
+    """Area under the risk–coverage curve (risk = 1 - answered accuracy); lower is better:
+    the mean of the selective risk over the n coverages 1/n, 2/n, ..., 1 (Geifman et al. 2019).
 
-    The curve is a right-continuous step function: each tie block contributes its share of
-    coverage times the risk after answering it. Without ties this is the usual mean of the
-    selective risk over the n coverages 1/n, 2/n, ..., 1 (Geifman et al. 2019).
+    Answers scored alike have no order of their own, so a tie block counts at its expected
+    risk over every order of its members (after j of a block of m holding r right answers,
+    the expected right count is those before the block plus j * r / m). A ranking is then not
+    charged for the order of answers it could not tell apart when they are all alike (a block
+    of wrong answers, e.g. every -inf: no verified quote), and a perfect ranking with such
+    ties has the oracle's AURC (``oracle_scores``), so an excess over it is the ranking's own.
     """
-    coverage, accuracy, _ = risk_coverage_curve(scores, correct)
-    widths = np.diff(coverage, prepend=0.0)
-    return float(np.sum(widths * (1.0 - accuracy)))
+    s, c = _as_scores_correct(scores, correct)
+    order = np.argsort(-s, kind="stable")
+    s_sorted, c_sorted = s[order], c[order].astype(float)
+    starts = np.flatnonzero(np.append(True, s_sorted[1:] != s_sorted[:-1]))  # each tie block's
+    sizes = np.diff(np.append(starts, s.size))
+    right = np.add.reduceat(c_sorted, starts)  # right answers in each block
+    block = np.repeat(np.arange(starts.size), sizes)  # [n]: the block of each position
+    place = np.arange(s.size) - starts[block] + 1  # 1..m within its block
+    expected_right = (np.cumsum(right) - right)[block] + place * right[block] / sizes[block]
+    return float(np.mean(1.0 - expected_right / np.arange(1, s.size + 1)))
 
 
 @dataclass(frozen=True)
