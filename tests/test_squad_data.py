@@ -214,6 +214,26 @@ def test_training_data_of_held_out_articles_is_refused() -> None:
                            "train.json")
 
 
+def test_an_eval_over_trained_or_calibrated_articles_is_warned_of(
+        squad_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from citeqa.evals.runner import RunSpec, load_items
+    from citeqa.evals.squad import split_warning
+
+    def item(article: str) -> QAItem:
+        return QAItem("q", "Why?", ("because",), article, "")
+
+    assert split_warning([item("Imperialism"), item("Atlantis"), item("")]) is None
+    said = split_warning([item("Normans"), item("Huguenot"), item("Packet_switching"),
+                          item("Imperialism")])
+    assert said is not None and said.startswith(
+        "these questions include 2 of the train articles and 1 of the calibration articles")
+    assert said.endswith("pass --split eval")
+    items = load_squad_questions(squad_file)
+    with caplog.at_level("WARNING", logger="citeqa.evals.runner"):
+        load_items(RunSpec(dataset=squad_file, index=tmp_path))
+    assert caplog.messages == [split_warning(items)] and "not held out" in caplog.messages[0]
+
+
 def test_held_out_articles_are_every_other_sorted_title() -> None:
     titles = ["Eel", "Bee", "Ant", "Dog", "Cat", "Bee"]  # unsorted, one repeated
     assert held_out_articles(titles) == {"Bee", "Dog"}

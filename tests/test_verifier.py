@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from citeqa.compute import PAD_MULTIPLE
+from citeqa.errors import ConfigError
 from citeqa.reward.calibrate import calibrate_threshold
 from citeqa.reward.checkpoint import load_verifier, save_verifier
 from citeqa.reward.combine import Signals as combine_signals
@@ -219,6 +220,22 @@ def test_scorer_reads_the_passage_around_each_quote_and_calibrates(tiny_encoder,
                            targets=[0.5, 0.55], min_coverage=0.0)
     assert chosen["family_delta"] == 0.2 and chosen["delta"] == pytest.approx(0.1)
     assert chosen["targets_tried"] == [0.5, 0.55] and chosen["min_coverage"] == 0.0
+    # data of the calibration articles (or of articles outside the split) calibrates; of the
+    # training or evaluation articles it is refused before anything is written
+    for article, refused in (("Packet_switching", False), ("My_own_notes", False),
+                             ("Harvard_University", True), ("Normans", True)):
+        marked = tmp_path / f"marked-{article}.jsonl"
+        marked.write_text(data.read_text() + json.dumps(
+            {"kind": "question", "qid": "c0", "answerable": True, "article": article,
+             "generator": "g", "n": 1}) + "\n")
+        (tmp_path / "rm" / "calibration.json").unlink()
+        if refused:
+            with pytest.raises(ConfigError, match=f"training or evaluation articles .{article}"):
+                calibrate_dir([marked], tmp_path / "rm", target=0.55, delta=0.2)
+            assert not (tmp_path / "rm" / "calibration.json").exists()
+            calibrate_dir([data], tmp_path / "rm", target=0.55, delta=0.2)
+        else:
+            assert calibrate_dir([marked], tmp_path / "rm", target=0.55, delta=0.2)["n"] == 40
 
 
 @pytest.fixture()

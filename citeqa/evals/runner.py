@@ -34,7 +34,7 @@ from citeqa.atomic import write_text_atomic
 from citeqa.config import MAX_PASSAGES
 from citeqa.errors import CiteqaError, ConfigError
 from citeqa.evals.metrics import REFUSED, threshold_json
-from citeqa.evals.squad import QAItem, articles_for_split, load_questions
+from citeqa.evals.squad import QAItem, articles_for_split, load_questions, split_warning
 from citeqa.journal import (
     append_record,
     check_identity,
@@ -310,7 +310,11 @@ def ask_one(pipeline: Pipeline, item: QAItem, n_candidates: int | None, min_scor
 def load_items(spec: RunSpec) -> list[QAItem]:
     """The dataset's questions, restricted to ``spec.split`` when given."""
     articles = articles_for_split(spec.split) if spec.split else None
-    return load_questions(Path(spec.dataset), articles)
+    items = load_questions(Path(spec.dataset), articles)
+    warning = split_warning(items) if spec.split is None else None
+    if warning:
+        log.warning("%s", warning)
+    return items
 
 
 def prepare_out(out: Path, ident: dict[str, Any], *, force: bool) -> None:

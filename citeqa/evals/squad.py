@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import zlib
+from collections import Counter
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,31 @@ def check_not_held_out(items: Iterable[QAItem], source: str) -> None:
             f"({', '.join(held)}); training on them would make the decline threshold and "
             "`citeqa eval` report better than the truth: leave those articles out (--split "
             "train where the command has one)")
+
+
+def check_calibration_articles(articles: Iterable[str], source: str) -> None:
+    """ConfigError when calibration data from ``source`` holds questions of the training or
+    evaluation articles: the verifier was trained on the first (its scores there are surer than
+    on unseen text, so the threshold certifies less than it says), and a threshold chosen on the
+    second makes ``citeqa eval`` report better than the truth. Questions of other articles (your
+    own documents) are not this project's split and pass."""
+    wrong = sorted({a for a in articles if split_of_article(a) in ("train", "eval")})
+    if wrong:
+        raise ConfigError(
+            f"{source} holds questions of the training or evaluation articles "
+            f"({', '.join(wrong)}); a threshold calibrated on them certifies less than it "
+            "says: make the calibration data with --split calibration")
+
+
+def split_warning(items: Iterable[QAItem]) -> str | None:
+    """What to say when an evaluation's questions include the training or calibration
+    articles (None when they do not): figures over them are not held out."""
+    seen = Counter(split_of_article(i.article) for i in items)
+    parts = [f"{seen[s]} of the {s} articles" for s in ("train", "calibration") if seen[s]]
+    if not parts:
+        return None
+    return (f"these questions include {' and '.join(parts)}, which the models were trained "
+            "or calibrated on: the figures over them are not held out; pass --split eval")
 
 
 def held_out_articles(titles: Iterable[str]) -> frozenset[str]:

@@ -400,12 +400,15 @@ def calibrate_dir(data_paths: list[Path], reward_dir: Path, *, target: float, de
     """Score the calibration candidates, run Learn-then-Test on each question's best one (at
     ``target``, or choosing among ``targets``: see ``calibrate.choose_target``), write
     calibration.json; return it without the per-question lists."""
+    from citeqa.evals.squad import check_calibration_articles
     from citeqa.reward.calibrate import calibrate_threshold, choose_target
     from citeqa.reward.combine import Signals
     from citeqa.reward.data import load_verifier_data
     from citeqa.reward.scorer import VerifierScorer, best_per_question, write_calibration
 
     data = load_verifier_data(data_paths)
+    check_calibration_articles((str(q.get("article") or "") for q in data.questions),
+                               ", ".join(str(p) for p in data_paths))
     groups = data.groups()
     answered_questions = {g[0].group for g in groups}
     # questions whose generation gave no candidate at all are declines: keep them in n
