@@ -2,7 +2,8 @@
 
     python evals/eval_paired.py A B
 
-A and B are both `citeqa eval` predictions (predictions.jsonl), or both
+A and B are both `citeqa eval` predictions (predictions.jsonl or its .gz copy: the records the
+run's metrics cover), or both
 `evals/generation_quality.py` outputs (.json; their constrained mode). For an eval run the best
 candidate (the first) of each answerable question is judged two ways: right (token F1 >= 0.5
 against a gold answer, the project's rule) and whether its quote holds a gold answer
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from citeqa.evals import metrics as M
+from citeqa.evals.compare import covered_predictions
 from citeqa.evals.report import contains_gold
 
 #: generation_quality.py record fields, by the name printed for them
@@ -50,8 +52,8 @@ def judged(path: Path) -> dict[str, dict[str, float]]:
     if path.suffix == ".json":
         records = json.loads(path.read_text(encoding="utf-8"))["modes"]["constrained"]["records"]
         return {r["id"]: {k: float(r[f]) for k, f in QUALITY_FIELDS.items()} for r in records}
-    with path.open(encoding="utf-8") as f:
-        records = [r for r in map(json.loads, f) if r["answerable"]]
+    # the records its metrics cover, a line cut short by a crash left out (the runner's rules)
+    records = [r for r in covered_predictions(path.parent).values() if r["answerable"]]
     return {
         r["id"]: {
             "best candidate right": float(best_right(r)),

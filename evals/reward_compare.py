@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from citeqa.evals.compare import _predictions  # noqa: E402
+from citeqa.evals.compare import covered_predictions  # noqa: E402
 from citeqa.evals.metrics import (  # noqa: E402
     aurc,
     auroc,
@@ -93,7 +93,7 @@ def candidate_scorer(run: Path, reward: Path):
 
 
 def compare(run: Path, reward: Path | None = None) -> dict:
-    records = list(_predictions(run).values())
+    records = list(covered_predictions(run).values())
     neg = -math.inf
     scores: dict[str, list[float]] = {k: [] for k in ("reward model", "generator likelihood",
                                                       "retrieval score", "previous RM")}

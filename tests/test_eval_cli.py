@@ -102,9 +102,20 @@ def test_run_then_compare(setup: tuple[Path, Path], tmp_path: Path) -> None:
     assert any(line.startswith("SQuAD F1") for line in lines)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # B declined all three, A answered all three (no threshold): every answer changed
-    assert lines[-2] == ("of 3 questions in both: given answer changed 3, decline changed 3, "
+    assert lines[-4] == ("of 3 questions in both: given answer changed 3, decline changed 3, "
                          "best candidate changed 0")
-    assert not any(line.startswith("warning") for line in lines)  # the same dataset
+    assert lines[-2] == ("(better) / (worse) give a delta's direction, not its significance: "
+                         "over 3 questions one question moves a share by 33.33 pt; "
+                         "evals/eval_paired.py gives paired 95 % intervals")
+    assert not any(line.startswith(("warning", "note")) for line in lines)  # the same dataset
+    # metrics alone (a committed run without its predictions): no made-up overlap warning
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("metrics.json", "run.json"):
+        (bare / name).write_bytes((tmp_path / "B" / name).read_bytes())
+    c = runner.invoke(app, ["eval", "compare", str(tmp_path / "A"), str(bare)])
+    assert c.exit_code == 0 and c.stdout.startswith("note: a run has no predictions"), c.stdout
+    assert "share only" not in c.stdout
 
     other = tmp_path / "other.jsonl"  # another dataset: the deltas compare other questions
     other.write_text(json.dumps({"id": "z", "question": "Where is it?", "answers": []}) + "\n")

@@ -106,7 +106,7 @@ def compare_table(a: dict[str, Any], b: dict[str, Any], name_a: str, name_b: str
     return "\n".join(lines)
 
 
-def _predictions(run_dir: Path, metrics: dict[str, Any] | None = None
+def covered_predictions(run_dir: Path, metrics: dict[str, Any] | None = None
                  ) -> dict[str, dict[str, Any]]:
     """A run's prediction records by question id, of the questions its metrics cover
     (``question_ids`` of ``metrics``, read from metrics.json when not given):
@@ -139,7 +139,7 @@ def prediction_changes(run_a: Path, run_b: Path, metrics_a: dict[str, Any] | Non
                        metrics_b: dict[str, Any] | None = None) -> dict[str, int]:
     """Over the questions both runs asked (and their metrics cover): how many changed their
     given answer, their decline and their best candidate's answer."""
-    a, b = _predictions(run_a, metrics_a), _predictions(run_b, metrics_b)
+    a, b = covered_predictions(run_a, metrics_a), covered_predictions(run_b, metrics_b)
     common = sorted(set(a) & set(b))
 
     def best(r: dict[str, Any]) -> str | None:
@@ -172,12 +172,16 @@ def compare_runs(run_a: Path, run_b: Path, png: Path | None = None) -> str:
         plots.accuracy_coverage(curves, None, png,
                                 title="Accuracy–coverage: RM score, two runs")
     changes = prediction_changes(run_a, run_b, ma, mb)
+    have = [bool(covered_predictions(r, m)) for r, m in ((run_a, ma), (run_b, mb))]
     lines = [compare_table(ma, mb, name_a, name_b)]
     shas = [(info.get("identity") or {}).get("dataset_sha256") for info in (info_a, info_b)]
     counts = [int(m.get("questions") or 0) for m in (ma, mb)]
     if None not in shas and shas[0] != shas[1]:
         lines.insert(0, "warning: the two runs asked different datasets (their run.json "
                         "sha256 differ), so the deltas compare different questions\n")
+    elif not all(have):
+        lines.insert(0, "note: a run has no predictions beside its metrics, so which questions "
+                        "both asked is unknown\n")
     elif (both := changes["questions_in_both"]) < max(counts):
         lines.insert(0, f"warning: the runs share only {both} question{'' if both == 1 else 's'} "
                         f"({counts[0]} and {counts[1]} asked; another --split, --limit or "
@@ -188,4 +192,9 @@ def compare_runs(run_a: Path, run_b: Path, png: Path | None = None) -> str:
             f"{changes['given_answer_changed']}, decline changed {changes['decline_changed']}, "
             f"best candidate changed {changes['best_candidate_changed']}"
         )
+    n = max(counts)
+    lines.append(
+        "\n(better) / (worse) give a delta's direction, not its significance"
+        + (f": over {n} questions one question moves a share by {100 / n:.2f} pt" if n else "")
+        + "; evals/eval_paired.py gives paired 95 % intervals")
     return "\n".join(lines)
