@@ -361,8 +361,10 @@ class Pipeline:
             declined=given is None,
             answer=given.answer if given else None,
             quote=given.quote if given else None,
-            score=best.score if best else None,
-            uncertainty=best.uncertainty if best else None,
+            # a candidate without a verified quote is no answer to score (without a reward
+            # model its "score" was the generator's confidence, above the threshold it failed)
+            score=best.score if best and best.quote else None,
+            uncertainty=best.uncertainty if best and best.quote else None,
             reason=reason,
             candidates=candidates,
             passages=list(hits),

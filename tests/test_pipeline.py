@@ -140,6 +140,8 @@ def test_declines_when_no_quote_verifies():
     assert ans.declined and ans.answer is None and ans.quote is None
     assert "verified" in ans.reason
     assert ans.candidates and ans.candidates[0].answer == "1889"  # kept for evaluation
+    # no answer to score: not the generator's confidence in text that is not in the sources
+    assert ans.score is None and ans.uncertainty is None and ans.candidates[0].score > 0.5
 
 
 def test_declines_on_unparseable_output():
