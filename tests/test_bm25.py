@@ -124,12 +124,54 @@ def test_save_load_round_trip(tmp_path: Path, mmap: bool) -> None:
     ours = BM25Index.build(CORPUS)
     ours.save(tmp_path / "bm25")
     assert sorted(p.name for p in (tmp_path / "bm25").iterdir()) == [
-        "doc_ids.npy", "doc_len.npy", "idf.npy", "indptr.npy", "params.json", "tf.npy", "vocab.json"
+        "counts.npy", "doc_ids.npy", "doc_len.npy", "idf.npy", "indptr.npy", "params.json",
+        "tf.npy", "vocab.json"
     ]
     loaded = BM25Index.load(tmp_path / "bm25", mmap=mmap)
     assert isinstance(loaded.tf, np.memmap) == mmap
     for q in QUERIES:
         np.testing.assert_array_equal(loaded.scores(q), ours.scores(q))
+    np.testing.assert_array_equal(loaded.counts, ours.counts)
+    (tmp_path / "bm25" / "counts.npy").unlink()  # an index written before counts: it loads
+    assert BM25Index.load(tmp_path / "bm25", mmap=mmap).counts is None
+
+
+def test_stored_counts_give_the_term_counts_of_any_passages() -> None:
+    """``counts_of`` (an update's source) against counting the passages' tokens again, and
+    an index of kept + new passages from them against one built from their tokens."""
+    from citeqa.retrieval.bm25 import concat_counts, count_terms
+
+    index = BM25Index.build(CORPUS)
+    for rows in ([], [0], [1, 3], list(range(len(CORPUS)))):
+        got = index.counts_of(np.asarray(rows, dtype=np.int64))
+        want = count_terms([CORPUS[r] for r in rows])
+        np.testing.assert_array_equal(got.doc_len, want.doc_len)
+        for i in range(len(rows)):
+            mine = {got.vocab[t]: c for t, c in zip(got.terms[got.indptr[i]:got.indptr[i + 1]],
+                                                     got.counts[got.indptr[i]:got.indptr[i + 1]],
+                                                     strict=True)}
+            theirs = {want.vocab[t]: c for t, c in zip(
+                want.terms[want.indptr[i]:want.indptr[i + 1]],
+                want.counts[want.indptr[i]:want.indptr[i + 1]], strict=True)}
+            assert mine == theirs, rows
+    new = [["zebra", "cat"], ["zebra", "zebra"]]
+    kept = [1, 2, 3]
+    updated = BM25Index.from_counts(concat_counts([index.counts_of(np.asarray(kept)),
+                                                   count_terms(new)]))
+    ref = BM25Index.build([*(CORPUS[r] for r in kept), *new])
+    assert sorted(updated.vocab) == sorted(ref.vocab)
+    for q in [*QUERIES, ["zebra"], ["cat", "zebra"]]:
+        np.testing.assert_allclose(updated.scores(q), ref.scores(q), rtol=1e-12)
+    grown = BM25Index.from_counts(concat_counts([index.counts_of(np.arange(len(CORPUS))),
+                                                 count_terms(new)]))
+    whole = BM25Index.build([*CORPUS, *new])  # only grown: the very same arrays
+    assert grown.vocab == whole.vocab
+    for name in ("indptr", "doc_ids", "tf", "idf", "doc_len", "counts"):
+        np.testing.assert_array_equal(getattr(grown, name), getattr(whole, name), err_msg=name)
+    with pytest.raises(ValueError, match="no term counts"):
+        BM25Index(vocab=index.vocab, indptr=index.indptr, doc_ids=index.doc_ids, tf=index.tf,
+                  idf=index.idf, doc_len=index.doc_len, params=index.params).counts_of(
+                      np.asarray([0]))
 
 
 def test_load_missing_directory_says_rebuild(tmp_path: Path) -> None:

@@ -407,38 +407,103 @@ def test_a_failed_update_changes_nothing(client: TestClient, index_dir: Path,
 # -- updates.py against the reference (a fresh build of the same documents) --------------------
 
 
-def test_update_equals_a_fresh_build_and_reuses_vectors(tmp_path: Path) -> None:
-    base = tmp_path / "base"
-    build_index_from_documents(DOCS, base, CFG, progress=False)
-    old = Index.load(base)
-    new_doc = Document("z", "Zorblax", "z.txt", NEW_TEXT * 8)  # several passages
+QUERIES = ["Zorblax telescope mirror", "Eiffel tower Paris", "Normans Rollo", "the of a"]
 
-    class Counting(HashEmbedder):
-        seen: list[str] = []
 
-        def embed(self, texts, **kw):  # type: ignore[no-untyped-def]
-            self.seen.extend(texts)
-            return super().embed(texts, **kw)
+def _bm25_arrays(index: Index) -> dict[str, np.ndarray]:
+    return {name: np.asarray(getattr(index.bm25, name))
+            for name in ("indptr", "doc_ids", "tf", "idf", "doc_len", "counts")}
 
-    emb = Counting()
-    result = apply_update(old, IndexUpdate(add=(new_doc,), remove=("normans",)), base,
-                          embedder=emb)
-    assert len(emb.seen) == result.added_passages["z"] > 1  # only the new passages embedded
 
-    ref_dir = tmp_path / "ref"
-    build_index_from_documents([DOCS[1], new_doc], ref_dir, CFG, progress=False)
-    ref, got = Index.load(ref_dir), Index.load(base)
-    for idx in (got, result.index):
-        assert list(idx.documents.values()) == list(ref.documents.values())
-        assert idx.passages == ref.passages
-        assert idx.bm25.vocab == ref.bm25.vocab
-        for name in ("indptr", "doc_ids", "tf", "idf", "doc_len"):
-            np.testing.assert_allclose(getattr(idx.bm25, name), getattr(ref.bm25, name))
-        assert idx.dense is not None and ref.dense is not None
-        np.testing.assert_allclose(idx.dense.index.reconstruct_n(0, idx.dense.size),
-                                   ref.dense.index.reconstruct_n(0, ref.dense.size), atol=1e-6)
+def assert_same_search(got: Index, ref: Index, *, same_layout: bool) -> None:
+    """``got`` (an updated index) and ``ref`` (a fresh build of the same documents) hold the
+    same documents, passages, vectors and BM25 scores; with ``same_layout`` their BM25 arrays
+    too (an index that only grew keeps its vocabulary order: a fresh build's)."""
+    assert list(got.documents.values()) == list(ref.documents.values())
+    assert got.passages == ref.passages
+    assert sorted(got.bm25.vocab) == sorted(ref.bm25.vocab)
+    assert got.bm25.params == pytest.approx(ref.bm25.params)
+    for q in QUERIES:
+        tokens = q.lower().split()
+        np.testing.assert_allclose(got.bm25.scores(tokens), ref.bm25.scores(tokens), rtol=1e-12)
+    if same_layout:
+        assert got.bm25.vocab == ref.bm25.vocab
+        for name, array in _bm25_arrays(ref).items():
+            np.testing.assert_array_equal(_bm25_arrays(got)[name], array, err_msg=name)
+    assert got.dense is not None and ref.dense is not None
+    np.testing.assert_allclose(got.dense.vectors(), ref.dense.vectors(), atol=1e-6)
     assert got.manifest["counts"] == ref.manifest["counts"]
     assert got.manifest["embedding"] == ref.manifest["embedding"]
+
+
+class CountingEmbedder(HashEmbedder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def embed(self, texts, **kw):  # type: ignore[no-untyped-def]
+        self.seen.extend(texts)
+        return super().embed(texts, **kw)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_update_equals_a_fresh_build_and_reuses_vectors(tmp_path: Path, kind: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import citeqa.retrieval.updates as updates
+    from citeqa.retrieval.dense import DenseIndex, DenseSpec
+
+    tokenized: list[str] = []
+    real_tokenize = updates.tokenize
+    monkeypatch.setattr(updates, "tokenize", lambda t: tokenized.append(t) or real_tokenize(t))
+
+    spec = DenseSpec(kind=kind, nlist=2) if kind == "ivf" else DenseSpec(kind=kind)  # type: ignore[arg-type]
+    base = tmp_path / "base"
+    build_index_from_documents(DOCS, base, CFG, progress=False, dense_spec=spec)
+    new_doc = Document("z", "Zorblax", "z.txt", NEW_TEXT * 8)  # several passages
+    ref_spec = Index.load(base).dense.spec  # type: ignore[union-attr]  # IVF: its cells as built
+
+    # only grown: the old rows are extended, not built again; BM25 from the stored counts
+    emb = CountingEmbedder()
+    with monkeypatch.context() as m:
+        m.setattr(DenseIndex, "rebuilt", None)  # an index that only grew is not built again
+        grown = apply_update(Index.load(base), IndexUpdate(add=(new_doc,)), base, embedder=emb)
+    assert len(emb.seen) == grown.added_passages["z"] > 1  # only the new passages embedded
+    assert tokenized == emb.seen  # and tokenized
+    ref_dir = tmp_path / "ref"
+    build_index_from_documents([*DOCS, new_doc], ref_dir, CFG, progress=False,
+                               dense_spec=ref_spec)
+    for idx in (Index.load(base), grown.index):
+        assert_same_search(idx, Index.load(ref_dir), same_layout=True)
+
+    # a removal and an addition: same search, the vocabulary perhaps in another order
+    other = Document("y", "Yarrow", "y.txt", "Yarrow grows by the Vessik river in spring.")
+    result = apply_update(Index.load(base), IndexUpdate(add=(other,), remove=("normans",)),
+                          base, embedder=emb)
+    ref2 = tmp_path / "ref2"
+    build_index_from_documents([DOCS[1], new_doc, other], ref2, CFG, progress=False,
+                               dense_spec=ref_spec)
+    for idx in (Index.load(base), result.index):
+        assert_same_search(idx, Index.load(ref2), same_layout=False)
+
+
+def test_an_index_without_stored_counts_is_tokenized_again(tmp_path: Path) -> None:
+    """Indexes written before counts.npy: an update tokenizes every passage, and writes the
+    counts from then on."""
+    import json as _json
+
+    base = tmp_path / "base"
+    build_index_from_documents(DOCS, base, CFG, progress=False)
+    (base / "bm25" / "counts.npy").unlink()
+    manifest = _json.loads((base / "manifest.json").read_text())
+    del manifest["files"]["bm25/counts.npy"]
+    (base / "manifest.json").write_text(_json.dumps(manifest))
+    old = Index.load(base)
+    assert old.bm25.counts is None
+    new_doc = Document("z", "Zorblax", "z.txt", NEW_TEXT)
+    apply_update(old, IndexUpdate(add=(new_doc,)), base, embedder=HashEmbedder())
+    ref_dir = tmp_path / "ref"
+    build_index_from_documents([*DOCS, new_doc], ref_dir, CFG, progress=False)
+    assert_same_search(Index.load(base), Index.load(ref_dir), same_layout=True)
 
 
 def test_update_checks(tmp_path: Path) -> None:

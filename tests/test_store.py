@@ -37,7 +37,7 @@ def test_layout_and_manifest(built: Path) -> None:
     names = sorted(p.relative_to(built).as_posix() for p in built.rglob("*") if p.is_file())
     assert names == sorted(
         ["manifest.json", "documents.jsonl", "passages.npy", "passage_doc.npy", "dense.faiss"]
-        + [f"bm25/{n}.npy" for n in ("indptr", "doc_ids", "tf", "idf", "doc_len")]
+        + [f"bm25/{n}.npy" for n in ("indptr", "doc_ids", "tf", "idf", "doc_len", "counts")]
         + ["bm25/vocab.json", "bm25/params.json"]
     )
     m = json.loads((built / "manifest.json").read_text())

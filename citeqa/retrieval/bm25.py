@@ -8,9 +8,11 @@ and a term in more than half of the passages gets the floor ``epsilon * mean(idf
 rank-bm25). Scoring touches only the postings of the query's terms, never loops over passages.
 
 On disk (a directory): ``indptr.npy``, ``doc_ids.npy``, ``tf.npy``, ``idf.npy``,
-``doc_len.npy``, ``vocab.json`` (terms in id order) and ``params.json`` (k1, b, epsilon, the
-statistics, and ``tokenizer``: the ``text.tokenize`` version of the terms, 1 where absent); no
-pickle, mmap-able.
+``doc_len.npy``, ``counts.npy`` (the raw count of each posting's term in its passage: an update
+re-derives the index from them without tokenizing every passage again; absent in indexes
+written before it, which updates tokenize), ``vocab.json`` (terms in id order) and
+``params.json`` (k1, b, epsilon, the statistics, and ``tokenizer``: the ``text.tokenize``
+version of the terms, 1 where absent); no pickle, mmap-able.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from citeqa.errors import IndexError_
 from citeqa.text import TOKENIZER
 
 _ARRAYS = ("indptr", "doc_ids", "tf", "idf", "doc_len")
+COUNTS = "counts"  # optional array (indexes written before it lack it)
 
 
 class BM25Index:
@@ -42,12 +45,14 @@ class BM25Index:
         idf: np.ndarray,  # float64 [V], epsilon floor applied
         doc_len: np.ndarray,  # int32 [N], tokens per passage
         params: dict,  # k1, b, epsilon, avgdl, average_idf, n_docs
+        counts: np.ndarray | None = None,  # int32 [nnz], raw counts; None in older indexes
     ) -> None:
         self.vocab = vocab
         self.term_ids = {t: i for i, t in enumerate(vocab)}
         self.indptr, self.doc_ids, self.tf, self.idf, self.doc_len = (
             indptr, doc_ids, tf, idf, doc_len
         )
+        self.counts = counts
         self.params = params
         self.n_docs = int(params["n_docs"])
         # the text.tokenize version its passages were tokenized with: queries must be too
@@ -117,6 +122,7 @@ class BM25Index:
             idf=idf.astype(np.float64),
             doc_len=doc_len,
             params=params,
+            counts=counts.astype(np.int32),
         )
 
     def scores(self, query_tokens: Sequence[str]) -> np.ndarray:
@@ -161,6 +167,8 @@ class BM25Index:
         directory.mkdir(parents=True, exist_ok=True)
         for name in _ARRAYS:
             np.save(directory / f"{name}.npy", np.ascontiguousarray(getattr(self, name)))
+        if self.counts is not None:
+            np.save(directory / f"{COUNTS}.npy", np.ascontiguousarray(self.counts))
         (directory / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False))
         (directory / "params.json").write_text(json.dumps(self.params, indent=2))
 
@@ -172,15 +180,42 @@ class BM25Index:
                 name: np.load(directory / f"{name}.npy", mmap_mode="r" if mmap else None)
                 for name in _ARRAYS
             }
+            counts_path = directory / f"{COUNTS}.npy"
+            counts = (np.load(counts_path, mmap_mode="r" if mmap else None)
+                      if counts_path.is_file() else None)
             vocab = json.loads((directory / "vocab.json").read_text())
             params = json.loads((directory / "params.json").read_text())
         except (OSError, ValueError) as e:
             raise IndexError_(
                 f"cannot read the BM25 index in {directory}: {e}; rebuild the index"
             ) from e
-        if len(vocab) + 1 != len(arrays["indptr"]) or len(arrays["doc_len"]) != params["n_docs"]:
+        if (len(vocab) + 1 != len(arrays["indptr"]) or len(arrays["doc_len"]) != params["n_docs"]
+                or (counts is not None and counts.shape != arrays["doc_ids"].shape)):
             raise IndexError_(f"the BM25 index in {directory} is inconsistent; rebuild the index")
-        return cls(vocab=vocab, params=params, **arrays)
+        return cls(vocab=vocab, params=params, counts=counts, **arrays)
+
+    def counts_of(self, rows: np.ndarray) -> TermCounts:
+        """The term counts of passages ``rows`` (ascending), renumbered 0..len(rows)-1, read
+        from the stored counts (ValueError when this index has none): what ``count_terms`` of
+        their tokens gives, up to the order of each passage's terms (here by term id). Of every
+        passage, ``concat_counts`` of these and of new passages' counts orders the vocabulary
+        exactly as one pass over all of them does (a term's id follows its first occurrence);
+        after passages are left out the order may differ, the scores not."""
+        if self.counts is None:
+            raise ValueError("this BM25 index stores no term counts; tokenize the passages")
+        rows = np.asarray(rows, dtype=np.int64)
+        renumber = np.full(self.n_docs, -1, dtype=np.int64)
+        renumber[rows] = np.arange(len(rows))
+        post_rows = renumber[np.asarray(self.doc_ids, dtype=np.int64)]  # -1: not kept
+        post_terms = np.repeat(np.arange(len(self.vocab), dtype=np.int64), np.diff(self.indptr))
+        live = post_rows >= 0
+        post_rows, post_terms = post_rows[live], post_terms[live]
+        order = np.lexsort((post_terms, post_rows))  # passage-major, then by term id
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(post_rows, minlength=len(rows)), out=indptr[1:])
+        return TermCounts(list(self.vocab), np.asarray(self.doc_len, np.int32)[rows], indptr,
+                          post_terms[order].astype(np.int32),
+                          np.asarray(self.counts)[live][order].astype(np.int32))
 
 
 def top_k_of(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

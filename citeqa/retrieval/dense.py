@@ -173,6 +173,16 @@ class DenseIndex:
         index.add(vectors)
         return DenseIndex(index, self.spec)
 
+    def extended(self, vectors: np.ndarray) -> DenseIndex:
+        """A copy of this index with ``vectors`` added after its rows (searches of this one
+        may go on meanwhile): what ``rebuilt`` of all the vectors gives, without building the
+        old rows again (HNSW inserts only the new ones into a copy of its graph)."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        index = faiss.clone_index(self.index)
+        if len(vectors):
+            index.add(vectors)
+        return DenseIndex(index, self.spec)
+
     @property
     def dim(self) -> int:
         return int(self.index.d)

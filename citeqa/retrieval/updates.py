@@ -1,11 +1,14 @@
 """Live index updates: add or remove documents, producing a new index directory.
 
 ``apply_update(index, update, out, embedder)`` is the whole story: the surviving passages keep
-their text and their dense vectors (read back from FAISS with ``reconstruct_n``), new documents
-are chunked with the settings the index was built with and only their passages are embedded,
-the dense index is refilled with the same kind and parameters (an IVF index keeps its trained
-centroids), BM25 is rebuilt over every passage (cheap next to embedding), and the result is
-written beside ``out`` and swapped in with the same atomic swap as ``citeqa index build`` (see
+their text and their dense vectors, new documents are chunked with the settings the index was
+built with and only their passages are embedded and tokenized. An index that only grows has
+the new vectors added to a copy of its dense index; after a removal the dense index is refilled
+with the surviving vectors (read back from FAISS with ``reconstruct_n``) in the same kind and
+parameters (an IVF index keeps its trained centroids; an HNSW graph is built again, the costly
+case). BM25 is derived again from the term counts the index stores (every passage is tokenized
+again only for an index written before it stored them). Then every file is written beside
+``out`` and swapped in with the same atomic swap as ``citeqa index build`` (see
 store.py). It returns the new in-memory ``Index``; the caller swaps its retriever. A failure or
 a kill at any point leaves a complete index on disk (the old one, or the new one once swapped
 in).
@@ -25,14 +28,14 @@ import numpy as np
 
 from citeqa.config import RetrievalConfig
 from citeqa.errors import IndexError_, InvalidRequestError
-from citeqa.retrieval.bm25 import BM25Index
+from citeqa.retrieval.bm25 import BM25Index, concat_counts, count_terms
 from citeqa.retrieval.builder import indexed_text
 from citeqa.retrieval.chunk import chunk_document
 from citeqa.retrieval.dense import DenseIndex
 from citeqa.retrieval.embed import Embedder
 from citeqa.retrieval.retriever import config_from_manifest
 from citeqa.retrieval.store import Index, is_copy_of, passages_of, save_index
-from citeqa.text import is_blank, tokenize
+from citeqa.text import TOKENIZER, is_blank, tokenize
 from citeqa.types import Document
 
 log = logging.getLogger(__name__)
@@ -93,6 +96,22 @@ def _kept_vectors(dense: DenseIndex, keep: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(dense.vectors()[keep], dtype=np.float32)
 
 
+def _updated_bm25(old: BM25Index, keep_ids: np.ndarray, new_texts: Sequence[str],
+                  docs: Sequence[Document], spans: Sequence[tuple[int, int]],
+                  passage_doc: Sequence[int], cfg: RetrievalConfig) -> BM25Index:
+    """The BM25 index of the kept passages ``keep_ids`` of ``old`` followed by the passages
+    ``new_texts``: from ``old``'s stored term counts when it has them (and was tokenized as
+    today), tokenizing only the new passages; else by tokenizing every passage (``spans`` of
+    ``docs`` by ``passage_doc``), which also brings an older tokenizer's index up to date."""
+    params = {"k1": cfg.bm25_k1, "b": cfg.bm25_b, "epsilon": cfg.bm25_epsilon}
+    if old.counts is not None and old.tokenizer == TOKENIZER:
+        added = count_terms(tokenize(t) for t in new_texts)
+        return BM25Index.from_counts(concat_counts([old.counts_of(keep_ids), added]), **params)
+    texts = (indexed_text(docs[row].title, docs[row].text[s:e])
+             for (s, e), row in zip(spans, passage_doc, strict=True))
+    return BM25Index.build((tokenize(t) for t in texts), **params)
+
+
 def apply_update(
     index: Index,
     update: IndexUpdate,
@@ -131,14 +150,12 @@ def apply_update(
         passage_doc.extend([row_of[doc.doc_id]] * len(doc_spans))
         new_texts.extend(indexed_text(doc.title, doc.text[s:e]) for s, e in doc_spans)
 
-    texts = [indexed_text(docs[row].title, docs[row].text[s:e])
-             for (s, e), row in zip(spans, passage_doc, strict=True)]
-    bm25 = BM25Index.build(
-        [tokenize(t) for t in texts], k1=cfg.bm25_k1, b=cfg.bm25_b, epsilon=cfg.bm25_epsilon
-    )
+    bm25 = _updated_bm25(index.bm25, keep_ids, new_texts, docs, spans, passage_doc, cfg)
+    grown = len(keep_ids) == len(index.passages)  # nothing removed: the old rows stay as they are
     dense, embedding = None, index.manifest.get("embedding")
     if index.dense is not None:
-        vectors = _kept_vectors(index.dense, keep_ids)  # [kept, dim]
+        vectors = (np.zeros((0, index.dense.dim), np.float32) if grown
+                   else _kept_vectors(index.dense, keep_ids))  # [kept, dim]
         if new_texts:
             if embedder is None:
                 raise IndexError_(
@@ -155,7 +172,9 @@ def apply_update(
                 )
             fresh = embedder.embed(new_texts, batch_size=cfg.embed_batch_size)  # [new, dim]
             vectors = np.concatenate([vectors, fresh.astype(np.float32)])
-        dense = index.dense.rebuilt(vectors)  # same kind and parameters (IVF: centroids)
+        # same kind and parameters (IVF: centroids); an index that only grew is extended, not
+        # built again (an HNSW graph of a million vectors takes many minutes to build)
+        dense = index.dense.extended(vectors) if grown else index.dense.rebuilt(vectors)
 
     spans_arr = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
     passage_doc_arr = np.asarray(passage_doc, dtype=np.int64)
