@@ -53,7 +53,7 @@ def judged(path: Path) -> dict[str, dict[str, float]]:
         records = json.loads(path.read_text(encoding="utf-8"))["modes"]["constrained"]["records"]
         return {r["id"]: {k: float(r[f]) for k, f in QUALITY_FIELDS.items()} for r in records}
     # the records its metrics cover, a line cut short by a crash left out (the runner's rules)
-    records = [r for r in covered_predictions(path.parent).values() if r["answerable"]]
+    records = [r for r in covered_predictions(path).values() if r["answerable"]]
     return {
         r["id"]: {
             "best candidate right": float(best_right(r)),

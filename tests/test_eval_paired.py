@@ -53,6 +53,8 @@ def test_cli_compares_only_shared_answerable_questions(tmp_path: Path) -> None:
         path = tmp_path / name
         path.write_text("".join(json.dumps(r) + "\n" for r in run), encoding="utf-8")
         paths.append(str(path))
+    with open(paths[0], "a", encoding="utf-8") as f:  # a line a crash cut short: left out
+        f.write(json.dumps(record("q4", "1889", "1889", ["1889"]))[:30])
     out = subprocess.run(
         [sys.executable, "evals/eval_paired.py", *paths],
         cwd=ROOT,

@@ -111,8 +111,13 @@ def covered_predictions(run_dir: Path, metrics: dict[str, Any] | None = None
     """A run's prediction records by question id, of the questions its metrics cover
     (``question_ids`` of ``metrics``, read from metrics.json when not given):
     predictions.jsonl, or the .gz copy that evals/regenerate.sh commits (empty when it has
-    neither)."""
+    neither). ``run_dir`` may also name a predictions file (.jsonl or .jsonl.gz) itself: the
+    metrics are then those beside it."""
     path = Path(run_dir) / PREDICTIONS
+    if Path(run_dir).is_file():
+        path, run_dir = Path(run_dir), Path(run_dir).parent
+    if path.suffix == ".gz":
+        path = path.with_suffix("")  # read below as the .gz copy of this name
     if path.is_file():
         records, _ = read_predictions(path)
     elif path.with_suffix(".jsonl.gz").is_file():
