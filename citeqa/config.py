@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -53,6 +54,19 @@ class ChunkConfig:
     max_chars: int = 1000  # a passage is at most this long (characters); split on sentences
     overlap_sentences: int = 0  # sentences repeated at the start of the next passage
 
+    def __post_init__(self) -> None:
+        _check_fields(self, max_chars=self.max_chars >= 1,
+                      overlap_sentences=self.overlap_sentences >= 0)
+
+
+def _check_fields(config: object, **ok: bool) -> None:
+    """ConfigError naming the fields of ``config`` whose check (``ok[name]``) failed: a bad
+    value read from a manifest or passed through the Python API fails here, not as a 500 on
+    every search."""
+    bad = [f"{name}={getattr(config, name)!r}" for name, good in ok.items() if not good]
+    if bad:
+        raise ConfigError(f"{type(config).__name__}: invalid {', '.join(bad)}")
+
 
 @dataclass(frozen=True)
 class RetrievalConfig:
@@ -76,6 +90,16 @@ class RetrievalConfig:
     candidates_per_retriever: int = 50  # depth each retriever contributes to the fusion
     embed_batch_size: int = 32  # passages embedded per forward pass (index build)
     cpu_dtype: str = "auto"  # the embedder's CPU compute format: auto | bf16 | fp32 (compute.py)
+
+    def __post_init__(self) -> None:
+        _check_fields(
+            self, faiss_index=self.faiss_index in ("flat", "hnsw", "ivf"),
+            fusion=self.fusion in ("rrf", "bm25", "dense"), hnsw_m=self.hnsw_m >= 2,
+            bm25_k1=0 <= self.bm25_k1 < math.inf, bm25_b=0 <= self.bm25_b <= 1,
+            bm25_epsilon=0 <= self.bm25_epsilon < math.inf, rrf_k=self.rrf_k >= 0,
+            rrf_bm25_weight=0 < self.rrf_bm25_weight < math.inf,
+            candidates_per_retriever=self.candidates_per_retriever >= 1,
+            embed_batch_size=self.embed_batch_size >= 1)
 
 
 @dataclass(frozen=True)

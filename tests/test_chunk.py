@@ -84,7 +84,9 @@ def test_empty_and_whitespace_text_give_no_passages() -> None:
 
 
 def test_invalid_max_chars() -> None:
-    with pytest.raises(ValueError, match="max_chars"):
+    from citeqa.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_chars"):
         chunk_document("text", ChunkConfig(max_chars=0))
 
 

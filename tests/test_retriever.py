@@ -144,6 +144,28 @@ def test_hybrid_is_rrf_of_both_rankings(retriever: HybridRetriever) -> None:
     assert top.passage.doc_id == "harvard" and top.bm25 is not None and top.dense is not None
 
 
+@pytest.mark.parametrize("bad", [{"rrf_k": -1}, {"rrf_bm25_weight": 0.0},
+                                 {"candidates_per_retriever": 0}, {"bm25_b": 1.5},
+                                 {"bm25_k1": float("nan")}, {"fusion": "borda"}])
+def test_bad_retrieval_settings_are_refused_where_they_are_read(index_dir: Path, bad: dict,
+                                                                tmp_path: Path) -> None:
+    """A negative rrf_k in a manifest made every search a 500; now the index says rebuild."""
+    import json
+    import shutil
+
+    from citeqa.errors import ConfigError, IndexError_
+
+    with pytest.raises(ConfigError, match=f"invalid {next(iter(bad))}="):
+        replace(CFG, **bad)
+    copy = tmp_path / "idx"
+    shutil.copytree(index_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["settings"].update(bad)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexError_, match="recorded settings are not valid.*rebuild"):
+        HybridRetriever.open(copy)
+
+
 def test_fusion_setting_picks_the_default_mode(index_dir: Path) -> None:
     r = HybridRetriever(Index.load(index_dir), replace(CFG, fusion="bm25"))
     assert all(h.dense is None for h in r.search("steam", 3))

@@ -58,8 +58,7 @@ def chunk_document(text: str, cfg: ChunkConfig) -> list[tuple[int, int]]:
     With ``cfg.overlap_sentences > 0`` each passage starts with up to that many sentences of the
     previous one (fewer when they would not fit with the next new sentence).
     """
-    if cfg.max_chars < 1:
-        raise ValueError(f"max_chars must be >= 1, got {cfg.max_chars}")
+    assert cfg.max_chars >= 1, cfg  # ChunkConfig refuses less
     units = _units(text, cfg.max_chars)
     min_chars = cfg.max_chars // 4  # a paragraph break ends a passage at least this long
     spans: list[tuple[int, int]] = []

@@ -31,10 +31,14 @@ def config_from_manifest(settings: dict[str, Any]) -> RetrievalConfig:
     known = {f.name for f in fields(RetrievalConfig)}
     values = {k: v for k, v in settings.items() if k in known}
     chunk_known = {f.name for f in fields(ChunkConfig)}
-    values["chunk"] = ChunkConfig(
-        **{k: v for k, v in values.get("chunk", {}).items() if k in chunk_known}
-    )
-    return RetrievalConfig(**values)
+    try:
+        values["chunk"] = ChunkConfig(
+            **{k: v for k, v in values.get("chunk", {}).items() if k in chunk_known}
+        )
+        return RetrievalConfig(**values)
+    except (ConfigError, TypeError) as e:
+        raise IndexError_(f"the index's recorded settings are not valid ({e}); rebuild the "
+                          "index") from None
 
 
 class HybridRetriever:
