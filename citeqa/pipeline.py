@@ -305,7 +305,7 @@ class Pipeline:
         return [
             replace(self._finish(a, hits, generations[i][0], retriever.document,
                                  {"retrieve_ms": retrieve_ms, "generate_ms": generations[i][1]},
-                                 t0), index_version=retriever.index_version)
+                                 t0), index_version=_index_version(retriever))
             for i, (a, (_, hits, retrieve_ms)) in enumerate(zip(checked, searched, strict=True))
         ]
 
@@ -383,7 +383,7 @@ class Pipeline:
     @property
     def index_version(self) -> str | None:
         """The version of the index questions are answered from now (``Index.version``)."""
-        return self.retriever.index_version
+        return _index_version(self.retriever)
 
     def document(self, doc_id: str) -> Document:
         """The full source document (``KeyError`` when unknown), so clients can check quotes."""
@@ -501,6 +501,11 @@ class Pipeline:
             # Never calibrated, or the stored calibration certified no accuracy target (inf).
             return math.inf if self.cfg.reward.decline_uncertified else None
         return calibrated
+
+
+def _index_version(retriever: Retriever) -> str | None:
+    """``retriever.index_version``, None for a retriever written before it existed."""
+    return getattr(retriever, "index_version", None)
 
 
 def _close_backend(backend: object) -> None:

@@ -102,7 +102,8 @@ def compare(run: Path, reward: Path | None = None) -> dict:
         best = (r.get("candidates") or [None])[0]
         ok = best is not None and best.get("quote") is not None
         right.append(ok and is_correct(best["answer"], r["gold_answers"], quote_valid=True))
-        scores["reward model"].append(float(best["score"]) if ok else neg)
+        scores["reward model"].append(  # null: the reward model failed on it (NaN)
+            float(best["score"]) if ok and best.get("score") is not None else neg)
         scores["generator likelihood"].append(float(best["mean_logprob"]) if ok else neg)
         scores["retrieval score"].append(float(best["retrieval_score"]) if ok else neg)
         scores["previous RM"].append(previous_rm(r["question"], best) if ok else neg)

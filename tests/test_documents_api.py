@@ -696,7 +696,7 @@ def test_too_many_waiting_updates_or_fetches_are_a_503(client: TestClient) -> No
     state.running["URL fetches"] = state.settings.max_fetches
     try:
         r = client.post("/v1/documents", json={"url": "https://example.org/moths"})
-        assert r.status_code == 503 and "URL fetches are running" in r.text, r.text
+        assert r.status_code == 503 and "URL fetches are at their limit" in r.text, r.text
     finally:
         state.running["URL fetches"] = 0
     assert client.get("/v1/documents/late").status_code == 404

@@ -105,7 +105,8 @@ def test_run_then_compare(setup: tuple[Path, Path], tmp_path: Path) -> None:
     assert lines[-4] == ("of 3 questions in both: given answer changed 3, decline changed 3, "
                          "best candidate changed 0")
     assert lines[-2] == ("(better) / (worse) give a delta's direction, not its significance: "
-                         "over 3 questions one question moves a share by 33.33 pt; "
+                         "over 3 questions one question moves a share by 33.33 pt or more "
+                         "(a share of fewer, e.g. the answered ones, by more); "
                          "evals/eval_paired.py gives paired 95 % intervals")
     assert not any(line.startswith(("warning", "note")) for line in lines)  # the same dataset
     # metrics alone (a committed run without its predictions): no made-up overlap warning

@@ -166,6 +166,26 @@ def test_bad_retrieval_settings_are_refused_where_they_are_read(index_dir: Path,
         HybridRetriever.open(copy)
 
 
+def test_a_malformed_chunk_setting_in_a_manifest_says_rebuild(index_dir: Path,
+                                                               tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from citeqa.errors import IndexError_
+
+    for chunk in (None, [1], {"max_chars": 0}):
+        copy = tmp_path / f"idx-{json.dumps(chunk)}"
+        shutil.copytree(index_dir, copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest["settings"]["chunk"] = chunk
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        if chunk is None:  # absent: the defaults, as for indexes written before the setting
+            HybridRetriever.open(copy)
+            continue
+        with pytest.raises(IndexError_, match="recorded settings are not valid.*rebuild"):
+            HybridRetriever.open(copy)
+
+
 def test_fusion_setting_picks_the_default_mode(index_dir: Path) -> None:
     r = HybridRetriever(Index.load(index_dir), replace(CFG, fusion="bm25"))
     assert all(h.dense is None for h in r.search("steam", 3))

@@ -226,7 +226,8 @@ def test_an_eval_over_trained_or_calibrated_articles_is_warned_of(
     said = split_warning([item("Normans"), item("Huguenot"), item("Packet_switching"),
                           item("Imperialism")])
     assert said is not None and said.startswith(
-        "these questions include 2 of the train articles and 1 of the calibration articles")
+        "these questions include 2 questions of the train articles and 1 question of the "
+        "calibration articles")
     assert said.endswith("pass --split eval")
     items = load_squad_questions(squad_file)
     with caplog.at_level("WARNING", logger="citeqa.evals.runner"):

@@ -40,7 +40,8 @@ class PipelineLike(Protocol):
 
     @property
     def index_version(self) -> str | None:
-        """The version of the index answered from now (None: a retriever without versions)."""
+        """The version of the index answered from now (None: a retriever without versions).
+        Optional: a pipeline without the attribute is read as None."""
         ...
 
     def list_documents(self, offset: int, limit: int) -> tuple[list[Document], int]:
@@ -92,7 +93,8 @@ class ServiceState:
         """Hold one of ``limit`` places for ``work`` while the block runs; when all are held,
         a 503 (overloaded, retry later) rather than another request queued for a thread."""
         if self.running[work] >= limit:
-            raise self.overloaded_error(f"{limit} {work} are running; retry later")
+            raise self.overloaded_error(f"{work} are at their limit ({limit} at once); retry "
+                                        "later")
         self.running[work] += 1
         try:
             yield

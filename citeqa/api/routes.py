@@ -32,6 +32,7 @@ from citeqa.api.schemas import (
     DocumentListOut,
     DocumentOut,
     ErrorOut,
+    ReadyOut,
     SearchOut,
     SearchRequest,
     StatusOut,
@@ -331,14 +332,15 @@ def ops_router(page: str, csp: str) -> APIRouter:
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @ops.get("/readyz", response_model=StatusOut, responses={503: {"model": ErrorOut}})
+    @ops.get("/readyz", response_model=ReadyOut, responses={503: {"model": ErrorOut}})
     async def readyz(state: StateDep) -> dict[str, Any]:
         """Readiness: 200 once models are loaded and warmed up; 503 while loading, after a
         failed load, and while shutting down."""
         if state.phase != "ready":
             raise state.not_ready_error(open_route=True)
-        assert state.pipeline is not None, "a ready service has its pipeline"
-        return {"status": "ready", "index_version": state.pipeline.index_version}
+        # a pipeline written before index_version existed has none
+        return {"status": "ready",
+                "index_version": getattr(state.pipeline, "index_version", None)}
 
     for path, probe in (("/healthz", healthz), ("/readyz", readyz)):  # uptime monitors use HEAD
         ops.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)

@@ -373,9 +373,15 @@ class DocumentAddedOut(BaseModel):
 class StatusOut(BaseModel):
     status: str  # "ok", "ready", "loading", "failed", "shutting_down"
     detail: str | None = None
+
+
+class ReadyOut(BaseModel):
+    """GET /readyz once ready (before: a 503 error body)."""
+
+    status: str  # "ready"
     index_version: str | None = Field(
-        default=None, description="/readyz: the version of the index questions are answered "
-        "from now (as an answer's index_version)")
+        default=None, description="the version of the index questions are answered from now "
+        "(as an answer's index_version)")
 
 
 class ErrorDetail(BaseModel):

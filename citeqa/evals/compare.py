@@ -111,20 +111,24 @@ def covered_predictions(run_dir: Path, metrics: dict[str, Any] | None = None
     """A run's prediction records by question id, of the questions its metrics cover
     (``question_ids`` of ``metrics``, read from metrics.json when not given):
     predictions.jsonl, or the .gz copy that evals/regenerate.sh commits (empty when it has
-    neither). ``run_dir`` may also name a predictions file (.jsonl or .jsonl.gz) itself: the
-    metrics are then those beside it."""
-    path = Path(run_dir) / PREDICTIONS
-    if Path(run_dir).is_file():
-        path, run_dir = Path(run_dir), Path(run_dir).parent
-    if path.suffix == ".gz":
-        path = path.with_suffix("")  # read below as the .gz copy of this name
-    if path.is_file():
-        records, _ = read_predictions(path)
-    elif path.with_suffix(".jsonl.gz").is_file():
+    neither). ``run_dir`` may also name a predictions file (.jsonl or .jsonl.gz) itself, read
+    as it is (ConfigError when it is not there): the metrics are then those beside it."""
+    named = Path(run_dir)
+    if named.suffix in (".jsonl", ".gz"):
+        if not named.is_file():
+            raise ConfigError(f"{named} is not a file; pass a run's predictions.jsonl")
+        path, run_dir = named, named.parent
+    else:
+        path = named / PREDICTIONS
+        if not path.is_file():
+            path = path.with_suffix(".jsonl.gz")  # the copy evals/regenerate.sh commits
+    if path.suffix == ".gz" and path.is_file():
         import gzip
 
-        with gzip.open(path.with_suffix(".jsonl.gz"), "rt", encoding="utf-8") as f:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
             records = [json.loads(line) for line in f if line.strip()]
+    elif path.is_file():
+        records, _ = read_predictions(path)
     else:
         return {}
     by_id = {str(r["id"]): r for r in records}
@@ -200,6 +204,7 @@ def compare_runs(run_a: Path, run_b: Path, png: Path | None = None) -> str:
     n = max(counts)
     lines.append(
         "\n(better) / (worse) give a delta's direction, not its significance"
-        + (f": over {n} questions one question moves a share by {100 / n:.2f} pt" if n else "")
+        + (f": over {n} questions one question moves a share by {100 / n:.2f} pt or more (a "
+           "share of fewer, e.g. the answered ones, by more)" if n else "")
         + "; evals/eval_paired.py gives paired 95 % intervals")
     return "\n".join(lines)

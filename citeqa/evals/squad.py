@@ -106,7 +106,8 @@ def split_warning(items: Iterable[QAItem]) -> str | None:
     """What to say when an evaluation's questions include the training or calibration
     articles (None when they do not): figures over them are not held out."""
     seen = Counter(split_of_article(i.article) for i in items)
-    parts = [f"{seen[s]} of the {s} articles" for s in ("train", "calibration") if seen[s]]
+    parts = [f"{seen[s]} question{'' if seen[s] == 1 else 's'} of the {s} articles"
+             for s in ("train", "calibration") if seen[s]]
     if not parts:
         return None
     return (f"these questions include {' and '.join(parts)}, which the models were trained "

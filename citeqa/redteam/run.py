@@ -200,7 +200,8 @@ def summarize(records: Sequence[dict[str, Any]], threshold: float | None) -> dic
         for kind in UNANSWERABLE_KINDS if kind in by_kind
     }
     curves["controls answered right"] = [
-        float(np.mean([r["best_right"] and r["best_score"] >= t for r in controls]))
+        float(np.mean([r["best_right"] and r["best_score"] is not None and r["best_score"] >= t
+                       for r in controls]))
         if controls else float("nan") for t in THRESHOLDS]
     return {
         "questions": len(records),

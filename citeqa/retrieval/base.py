@@ -19,5 +19,6 @@ class Retriever(Protocol):
     @property
     def index_version(self) -> str | None:
         """What names the documents searched, so that an answer says which it came from (an
-        index's ``Index.version``); None when there is no such name."""
+        index's ``Index.version``); None when there is no such name. Optional: a retriever
+        without the attribute is read as None."""
         ...

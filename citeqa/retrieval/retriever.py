@@ -32,9 +32,10 @@ def config_from_manifest(settings: dict[str, Any]) -> RetrievalConfig:
     values = {k: v for k, v in settings.items() if k in known}
     chunk_known = {f.name for f in fields(ChunkConfig)}
     try:
-        values["chunk"] = ChunkConfig(
-            **{k: v for k, v in values.get("chunk", {}).items() if k in chunk_known}
-        )
+        chunk = values.get("chunk") or {}
+        if not isinstance(chunk, dict):
+            raise ConfigError(f"chunk is {chunk!r}, not an object")
+        values["chunk"] = ChunkConfig(**{k: v for k, v in chunk.items() if k in chunk_known})
         return RetrievalConfig(**values)
     except (ConfigError, TypeError) as e:
         raise IndexError_(f"the index's recorded settings are not valid ({e}); rebuild the "
