@@ -47,8 +47,7 @@ class CannedPipeline:
     ``list_documents`` pages through). Without a calibrated reward model, a
     ``target_accuracy`` is refused as the real pipeline refuses it."""
 
-    corpus: Sequence[Document] = ()
-    index_version: str | None = None
+    corpus: Sequence[Document] = ()  # (no index_version: /readyz then says null)
 
     def check(self, args: AskArgs) -> AskArgs:
         if args.target_accuracy is not None:

@@ -161,6 +161,9 @@ def test_healthz_answers_while_loading_and_readyz_waits() -> None:
         loaded.set()
         wait_until(lambda: c.get("/readyz").status_code == 200)
         assert c.post("/v1/answer", json={"question": "q"}).status_code == 200
+        # a pipeline without index_version (written before it) is ready, with none
+        assert c.get("/readyz").json() == {"status": "ready", "index_version": None}
+        assert c.get("/healthz").json() == {"status": "ok", "detail": None}
 
 
 def test_a_failed_load_is_reported_by_readyz(caplog: pytest.LogCaptureFixture) -> None:

@@ -242,8 +242,6 @@ def test_index_pages_are_slices_of_the_documents_in_order(index_dir: Path) -> No
 
 
 class ListlessRetriever:  # a Retriever with search and document only
-    index_version = None
-
     def search(self, query: str, k: int = 10) -> list:
         return []
 
