@@ -98,6 +98,24 @@ def test_generator_data_resumes_and_drops_an_interrupted_question(tiny_pipeline,
     assert not any(r.get("question") == "x" for r in rows)
 
 
+def test_a_question_the_pipeline_refuses_loses_only_its_own_candidates(tiny_pipeline,
+                                                                        tmp_path):
+    """An over-long question in a batch of 4 made every question of the batch lose its
+    candidates, and all four were marked done (a resume never asked them again)."""
+    from citeqa.config import MAX_QUESTION_CHARS
+
+    long_q = QAItem("q_long", "why " * (MAX_QUESTION_CHARS // 4 + 1), ("1889",), "Eiffel", "")
+    items = [ITEMS[0], ITEMS[1], long_q, ITEMS[3]]
+    out = tmp_path / "data.jsonl"
+    generator_examples(tiny_pipeline, items, out, n=2, batch=4, progress=False)
+    rows = _rows(out)
+    per_question = {r["qid"]: 0 for r in rows if r.get("kind") == "question"}
+    for r in rows:
+        if r.get("kind") != "question":
+            per_question[str(r["group"])] += 1
+    assert per_question == {"q1": 2, "q2": 2, "q_long": 0, ITEMS[3].id: 2}, per_question
+
+
 def test_generator_data_never_rewrites_a_file_that_is_not_its_own(tiny_pipeline, tmp_path):
     """Resuming rewrites --out keeping only finished questions' lines: an --out naming the
     question file itself (or any JSONL) was wiped and refilled, exit 0; a directory crashed."""

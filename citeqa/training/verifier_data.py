@@ -45,7 +45,7 @@ from citeqa.reward.scorer import judged
 from citeqa.reward.verifier import Judged, around
 from citeqa.text import relevance, sentence_spans
 from citeqa.training.demos import quote_span
-from citeqa.types import Candidate, Hit
+from citeqa.types import Answer, AskArgs, Candidate, Hit
 
 MIN_QUOTE, MAX_QUOTE = 20, 200  # the generator's quote bounds (GenerationConfig)
 
@@ -140,8 +140,6 @@ def generator_examples(pipeline: Pipeline, items: Iterable[QAItem], out: Path, *
                        batch: int = 4, progress: bool = True) -> BuildStats:
     """Ask ``pipeline`` the ``items`` (``n`` candidates each, ``batch`` questions at a time)
     and append every candidate, labelled, then a question marker, to ``out``."""
-    from citeqa.types import AskArgs
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fingerprint = generator_fingerprint(pipeline.generator.backend.model_id,
@@ -157,12 +155,14 @@ def generator_examples(pipeline: Pipeline, items: Iterable[QAItem], out: Path, *
                                                    disable=not progress) as bar:
         for at in range(0, len(todo), batch):
             chunk = todo[at : at + batch]
+            asks = [AskArgs(it.question, n_candidates=n) for it in chunk]
+            answers: list[Answer | None]
             try:
-                answers = pipeline.ask_many([AskArgs(it.question, n_candidates=n)
-                                             for it in chunk])
+                answers = list(pipeline.ask_many(asks))
             except (InvalidRequestError, OutputFormatError):
-                # e.g. an over-long question, or a grammar that would not compile: no candidates
-                answers = [None] * len(chunk)
+                # one question the pipeline refuses (an over-long one, a grammar that would not
+                # compile) failed the whole batch: ask each alone, so only it has no candidates
+                answers = [_ask_alone(pipeline, a) for a in asks]
             for item, answer in zip(chunk, answers, strict=True):
                 examples = []
                 for c in answer.candidates if answer is not None else []:
@@ -180,6 +180,15 @@ def generator_examples(pipeline: Pipeline, items: Iterable[QAItem], out: Path, *
             bar.update(len(chunk))
     return BuildStats(len(todo), len(items) - len(todo), n_examples, n_right,
                       time.perf_counter() - t0)
+
+
+def _ask_alone(pipeline: Pipeline, args: AskArgs) -> Answer | None:
+    """The answer to one question, None when the pipeline refuses it."""
+    try:
+        [answer] = pipeline.ask_many([args])
+    except (InvalidRequestError, OutputFormatError):
+        return None
+    return answer
 
 
 def candidate_signals(c: Candidate) -> dict[str, float]:
