@@ -165,6 +165,22 @@ def test_training_learns_a_toy_task_saves_and_reloads(tiny_encoder, tokenizer, t
                           )["seconds_this_run"] == 0.0  # how often it saves is no difference
 
 
+def test_saving_leaves_the_model_it_saves_as_it_was(tiny_encoder, tokenizer,
+                                                    tmp_path: Path) -> None:
+    """The encoder is written in bf16, but the model training goes on with stays fp32: saving
+    rounded it to bf16 and back at every --save-every."""
+    model = Verifier(tiny_encoder(len(tokenizer)), 2, 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    save_verifier(tmp_path / "rm", model, tokenizer, {})
+    after = model.state_dict()
+    assert all(after[k].dtype == torch.float32 and torch.equal(after[k], v)
+               for k, v in before.items())
+    loaded, _, _ = load_verifier(tmp_path / "rm")
+    weight = next(k for k in before if k.startswith("encoder.") and before[k].dim() == 2)
+    assert torch.allclose(loaded.state_dict()[weight].float(), before[weight], rtol=1e-2,
+                          atol=1e-2)  # the saved copy: bf16
+
+
 def test_a_damaged_directory_says_what_to_do(tiny_encoder, tmp_path: Path, tokenizer) -> None:
     from citeqa.errors import ModelError
 

@@ -15,6 +15,7 @@ missing or corrupt.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -54,10 +55,10 @@ def write_encoder_dir(out: Path, encoder: torch.nn.Module, tokenizer: Any,
     out = Path(out)
     tmp = fresh_tmp_dir(out)
     try:
-        dtype = next(encoder.parameters()).dtype
-        encoder.to(torch.bfloat16)
-        encoder.save_pretrained(tmp / ENCODER, safe_serialization=True)
-        encoder.to(dtype)
+        # a bf16 copy: rounding the encoder itself to bf16 and back changed the weights a run
+        # goes on training from at every save (it trains in fp32)
+        copy.deepcopy(encoder).to(torch.bfloat16).save_pretrained(tmp / ENCODER,
+                                                                   safe_serialization=True)
         tokenizer.save_pretrained(tmp / ENCODER)
         heads = {k: v.detach().float().contiguous().cpu() for k, v in state.items()
                  if not k.startswith("encoder.")}
