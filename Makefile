@@ -34,10 +34,12 @@ serve: index
 
 test: install
 	$(BIN)/python -m ruff check citeqa tests benchmarks evals
+	$(BIN)/python -m mypy citeqa
 	$(BIN)/python -m pytest -q
 
 lint: install
 	$(BIN)/python -m ruff check citeqa tests benchmarks evals
+	$(BIN)/python -m mypy citeqa
 
 clean-index:
 	rm -rf index/default

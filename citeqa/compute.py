@@ -24,6 +24,7 @@ weights (``cpu_linear.OnednnLinear``) where a second short probe finds it at lea
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -97,8 +98,8 @@ def probe_matmul(rounds: int = 30, budget_s: float = 2.0, *, bf16: bool = True) 
     flops = 2.0 * m * k * n
     pairs = {dt: (torch.randn(m, k).to(dt), torch.randn(k, n).to(dt))
              for dt in ((torch.float32, torch.bfloat16) if bf16 else (torch.float32,))}
-    best = _best_seconds({dt: (lambda a=a, b=b: a @ b) for dt, (a, b) in pairs.items()},
-                         rounds, budget_s)
+    best = _best_seconds({dt: functools.partial(torch.matmul, a, b)
+                          for dt, (a, b) in pairs.items()}, rounds, budget_s)
     return ProbeResult(flops / best[torch.float32] / 1e9,
                        flops / best[torch.bfloat16] / 1e9 if bf16 else 0.0)
 

@@ -288,7 +288,8 @@ def _authenticated_first(handler: Callable[[Request, Exception], Any],
 def install_error_handlers(app: FastAPI, authenticate: Authenticate | None = None) -> None:
     """Register every handler above on ``app``; with ``authenticate``, a request it refuses
     gets its 401 rather than an error about its body."""
-    validation, http = _validation_error, _http_error
+    validation: Callable[[Request, Exception], Any] = _validation_error
+    http: Callable[[Request, Exception], Any] = _http_error
     if authenticate is not None:
         validation = _authenticated_first(validation, authenticate)
         http = _authenticated_first(http, authenticate)

@@ -392,7 +392,7 @@ def _run_eval(spec: RunSpec, out: Path, items: list[QAItem], ident: dict[str, An
         settings = Settings(preset=spec.preset, index=spec.index)  # type: ignore[arg-type,call-arg]
         pipeline = Pipeline.from_settings(settings)
     index_manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    run_info = {
+    run_info: dict[str, Any] = {
         "identity": ident,
         "dataset": str(spec.dataset),
         "index": str(spec.index),

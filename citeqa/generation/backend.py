@@ -54,7 +54,10 @@ def abandoned_completions(req: GenerationRequest) -> list[Completion]:
 
 
 class Backend(Protocol):
-    model_id: str  # what produced the completions (recorded in eval reports and RM cards)
+    @property
+    def model_id(self) -> str:
+        """What produced the completions (recorded in eval reports and RM cards)."""
+        ...
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
         """Complete every request; result[i] holds request i's ``n`` completions."""

@@ -56,6 +56,8 @@ class CpuLinear(nn.Module):
     """``nn.Linear`` for CPU inference in bf16: a bf16 GEMM, or int8 weights for at most
     ``INT8_ROWS`` rows (see the module docstring). Output is bf16."""
 
+    bias: nn.Parameter | None
+
     def __init__(self, linear: nn.Linear, *, int8_decode: bool = True) -> None:
         super().__init__()
         self.in_features = linear.in_features
@@ -113,6 +115,7 @@ def fused_linear(parts: list[CpuLinear]) -> CpuLinear:
         rows = slice(start, start + p.out_features)
         p.weight = nn.Parameter(fused.weight[rows], requires_grad=False)
         if p.bias is not None:
+            assert fused.bias is not None  # some part has a bias
             p.bias = nn.Parameter(fused.bias[rows], requires_grad=False)
         if int8:
             p.qweight, p.scales = fused.qweight[rows], fused.scales[rows]
@@ -214,7 +217,7 @@ def fused_fp32(parts: list[nn.Module]) -> nn.Module:
         has_bias = any(p.bias is not None for p in parts)
         fused = nn.Linear(parts[0].in_features, len(weight), bias=has_bias, device="meta")
         fused.weight = nn.Parameter(weight, requires_grad=False)
-        fused.bias = nn.Parameter(torch.cat([
+        fused.bias = nn.Parameter(torch.cat([  # type: ignore[assignment]  # torch: bias=False is None
             p.bias if p.bias is not None else torch.zeros(p.out_features) for p in parts
         ]), requires_grad=False) if has_bias else None
         start = 0

@@ -507,7 +507,7 @@ class Fetcher:
             raise UnreadablePageError(
                 f"{requested}: body of {declared} bytes is over the {limit}-byte cap")
         coding = response.headers.get("Content-Encoding", "")
-        raw_chunks = response.iter_raw
+        raw_chunks: Callable[[], Iterator[bytes]] = response.iter_raw
         if response.is_stream_consumed:  # built in memory (a test's httpx.MockTransport):
             coding, raw_chunks = "", lambda: iter([response.content])  # read, decoded by httpx
         try:

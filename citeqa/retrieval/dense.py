@@ -227,10 +227,10 @@ def _empty(spec: DenseSpec, dim: int) -> faiss.Index:
     assert spec.kind == "ivf" and spec.nlist is not None, spec
     # the quantizer is handed to the IVF index, which must own it (else it is freed early)
     quantizer = faiss.IndexFlatIP(dim)
-    index = faiss.IndexIVFFlat(quantizer, dim, spec.nlist, faiss.METRIC_INNER_PRODUCT)
-    index.own_fields = True
+    ivf = faiss.IndexIVFFlat(quantizer, dim, spec.nlist, faiss.METRIC_INNER_PRODUCT)
+    ivf.own_fields = True
     quantizer.this.disown()
-    return index
+    return ivf
 
 
 def _train_ivf(index: faiss.IndexIVF, vectors: np.ndarray, spec: DenseSpec) -> None:

@@ -23,6 +23,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -103,7 +104,7 @@ def _updated_bm25(old: BM25Index, keep_ids: np.ndarray, new_texts: Sequence[str]
     ``new_texts``: from ``old``'s stored term counts when it has them (and was tokenized as
     today), tokenizing only the new passages; else by tokenizing every passage (``spans`` of
     ``docs`` by ``passage_doc``), which also brings an older tokenizer's index up to date."""
-    params = {"k1": cfg.bm25_k1, "b": cfg.bm25_b, "epsilon": cfg.bm25_epsilon}
+    params: dict[str, Any] = {"k1": cfg.bm25_k1, "b": cfg.bm25_b, "epsilon": cfg.bm25_epsilon}
     if old.counts is not None and old.tokenizer == TOKENIZER:
         added = count_terms(tokenize(t) for t in new_texts)
         return BM25Index.from_counts(concat_counts([old.counts_of(keep_ids), added]), **params)

@@ -195,13 +195,18 @@ def answerability_to_dir(squad: list[Path], out: Path, *, redteam: Path | None,
     from citeqa.reward.answerability import Answerability, load_answerability
     from citeqa.reward.answerability_train import AnswerabilityConfig, train_answerability
     from citeqa.reward.train import saved_progress
-    from citeqa.training.answerability_data import redteam_examples, sample_lines, squad_examples
+    from citeqa.training.answerability_data import (
+        Labelled,
+        redteam_examples,
+        sample_lines,
+        squad_examples,
+    )
     from citeqa.training.verifier_data import plausible_answers
 
     if threads:
         torch.set_num_threads(threads)
     cfg = AnswerabilityConfig(**(cfg_kw or {}))
-    examples = []
+    examples: list[Labelled] = []
     for path in squad:
         questions = load_squad_questions(path)
         check_not_held_out(questions, f"--squad {path}")

@@ -68,8 +68,8 @@ def _retrieval(score: float, fused: bool) -> float:
     return score if fused else math.nan
 
 
-def features(verifier_p: Sequence[float], signals: Sequence[Signals],
-             answerability: Sequence[float] | None = None) -> np.ndarray:
+def features(verifier_p: Sequence[float] | np.ndarray, signals: Sequence[Signals],
+             answerability: Sequence[float] | np.ndarray | None = None) -> np.ndarray:
     """[N, 4] inputs (INPUTS order), [N, 5] with the answerability logits (WITH_ANSWERABILITY);
     generator inputs are NaN where the generator said nothing, the retrieval input where the
     score is not a fused one (``Signals``): the combination counts a NaN as its fitted mean."""
@@ -121,14 +121,14 @@ class Combiner:
         return {"format": 1, "inputs": list(self.inputs), **body}
 
 
-def fit(x: np.ndarray, y: Sequence[int], *, l2: float = 1e-2, iters: int = 50,
+def fit(x: np.ndarray, y: Sequence[int] | np.ndarray, *, l2: float = 1e-2, iters: int = 50,
         extra: dict[str, Any] | None = None) -> Combiner:
     """Fit by Newton's method with an L2 penalty on the weights (not the bias). Rows whose
     generator inputs are NaN count with those inputs at their mean."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if len(x) < 10 or y.min() == y.max():
+    x, labels = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 10 or labels.min() == labels.max():
         raise ValueError(f"fitting needs >= 10 candidates with both labels, got {len(x)} "
-                         f"({int(y.sum())} right)")
+                         f"({int(labels.sum())} right)")
     mean, std = np.nanmean(x, axis=0), np.nanstd(x, axis=0)
     std = np.where(std > 1e-9, std, 1.0)
     z = np.where(np.isnan(x), 0.0, (x - mean) / std)
@@ -137,7 +137,7 @@ def fit(x: np.ndarray, y: Sequence[int], *, l2: float = 1e-2, iters: int = 50,
     penalty = np.diag([l2] * z.shape[1] + [0.0]) * len(z)
     for _ in range(iters):
         p = 1.0 / (1.0 + np.exp(-(a @ w)))
-        grad = a.T @ (p - y) + penalty @ w
+        grad = a.T @ (p - labels) + penalty @ w
         hess = (a * (p * (1 - p))[:, None]).T @ a + penalty + 1e-9 * np.eye(len(w))
         step = np.linalg.solve(hess, grad)
         w -= step

@@ -183,7 +183,7 @@ class VerifierScorer(Calibrated):
             if self.answerability is not None:
                 answerability = np.zeros(len(items))
                 rows = np.flatnonzero(quoted)
-                answerability[rows] = self.answerability.logits([items[i] for i in rows])
+                answerability[rows] = self.answerability.logits([items[i] for i in rows.tolist()])
             combined = self.combiner(features(scores, signals, answerability))
             scores = np.where(quoted, combined, 0.0)
         return scores, spread
@@ -250,8 +250,8 @@ def _finite_or_none(x: float) -> float | None:
 
 def write_calibration(
     directory: Path,
-    scores: Sequence[float],
-    correct: Sequence[bool],
+    scores: Sequence[float] | np.ndarray,
+    correct: Sequence[bool] | np.ndarray,
     calibration: Calibration,
     *,
     min_answered: int,

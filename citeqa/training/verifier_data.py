@@ -82,7 +82,7 @@ def _done_qids(out: Path, made_by: dict[str, Any] | None = None) -> set[str]:
         raise ConfigError(f"--out {out} is not a file; name a JSONL file to write")
     if not out.is_file():
         return set()
-    rows = []
+    rows: list[dict[str, Any]] = []
     lines = out.read_bytes().split(b"\n")  # each line decoded alone: a cut may split a character
     while lines and not lines[-1].strip():
         lines.pop()
@@ -329,7 +329,8 @@ def synthetic_examples(item: QAItem, answer_start: int | None, title: str,
 # --- red-team unanswerables --------------------------------------------------------------------
 
 
-def redteam_examples(variants: Iterable[Variant], titles: Callable[[str], str] | None = None,
+def redteam_examples(variants: Iterable[Variant],
+                     titles: Callable[[str], str | None] | None = None,
                      ) -> Iterator[Example]:
     """A made unanswerable question with the original answer and its quote: wrong."""
     for v in variants:
@@ -340,7 +341,7 @@ def redteam_examples(variants: Iterable[Variant], titles: Callable[[str], str] |
         if quote is None:
             continue
         before, after = around(v.passage, *quote)
-        title = titles(v.passage) if titles else ""
+        title = (titles(v.passage) or "") if titles else ""
         yield Example(Judged(v.question, v.answer, v.passage[quote[0]:quote[1]], title,
                              before, after), 0, (), f"rt:{v.seed_id}:{v.kind}",
                       f"redteam:{v.kind}")
