@@ -345,8 +345,10 @@ class Pipeline:
                 "question (through the API, n_candidates can also ask for more candidates)"
             )
         elif best.score is None:  # a scorer failed (NaN) on every candidate with a quote
-            reason = ("the reward model failed to score every candidate with a verified quote "
-                      "(see the server log); nothing is answered unscored")
+            who = ("the reward model failed to score" if self.scorer is not None else
+                   "the generator's confidence is not a number for")
+            reason = (f"{who} every candidate with a verified quote (see the server log); "
+                      "nothing is answered unscored")
         elif threshold is not None and math.isinf(threshold):
             reason = self._uncertified_reason(best.score or 0.0, asked=args.min_score is not None)
         elif threshold is not None and not (best.score is not None and best.score >= threshold):

@@ -286,6 +286,11 @@ def test_a_candidate_the_scorer_failed_on_is_never_answered(min_score: float | N
     assert ans.declined and ans.answer is None and ans.score is None, ans
     assert ans.reason.startswith("the reward model failed to score every candidate"), ans.reason
     assert ans.candidates[0].quote is not None  # the best guess is still shown
+    # without a reward model, a NaN log-probability: the reason does not blame a reward model
+    p = pipeline(lambda r: [text] * r.n, mean_lp=math.nan, cfg=UNCONSTRAINED)
+    ans = p.ask("When did it open?", min_score=min_score)
+    assert ans.declined and ans.reason.startswith(
+        "the generator's confidence is not a number for every candidate"), ans.reason
 
 
 def test_a_decline_reason_tells_a_score_from_its_threshold() -> None:
