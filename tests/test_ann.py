@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -108,6 +109,20 @@ def test_ivf_is_deterministic_and_keeps_vectors() -> None:
     np.testing.assert_array_equal(a.index.quantizer.reconstruct_n(0, 16),
                                   b.index.quantizer.reconstruct_n(0, 16))
     np.testing.assert_array_equal(a.vectors(), x)  # row order, exactly
+
+
+def test_hnsw_grown_after_each_reload_draws_new_levels(tmp_path: Path) -> None:
+    """FAISS does not save HNSW's level generator: a reloaded index added its next node at the
+    same level every time (one passage added after each restart never varied)."""
+    x = clustered(40, dim=16)
+    index = DenseIndex.build(x[:20], spec=DenseSpec(kind="hnsw", hnsw_m=4))
+    path = tmp_path / "d.faiss"
+    for i in range(20, 40):  # save, reload, add one
+        index.save(path)
+        index = DenseIndex.load(path, index.spec).extended(x[i:i + 1])
+    levels = faiss.vector_to_array(index.index.hnsw.levels)[20:]
+    assert len(set(levels.tolist())) > 1, levels
+    np.testing.assert_array_equal(index.vectors(), x)
 
 
 def test_rebuilt_ivf_keeps_its_centroids() -> None:

@@ -179,6 +179,11 @@ class DenseIndex:
         old rows again (HNSW inserts only the new ones into a copy of its graph)."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         index = faiss.clone_index(self.index)
+        if isinstance(index, faiss.IndexHNSW):
+            # HNSW draws each new node's level at random, and its generator is not saved with the
+            # index: reloaded, it starts from its seed again, and the passages added after every
+            # restart got the same levels. Seeded by the size, each extension draws afresh.
+            index.hnsw.rng = faiss.RandomGenerator(int(index.ntotal))
         if len(vectors):
             index.add(vectors)
         return DenseIndex(index, self.spec)
