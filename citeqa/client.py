@@ -32,6 +32,15 @@ T = TypeVar("T")
 FINAL_CODES = frozenset({"load_failed"})
 
 
+@dataclass(frozen=True)
+class Readiness:
+    """What /readyz says (``CiteqaClient.readiness``)."""
+
+    ready: bool
+    index_version: str | None = None  # when ready: the index answers come from now
+    reason: str | None = None  # when not: not_ready, shutting_down or unreachable
+
+
 class CiteqaAPIError(CiteqaError):
     """The service answered with an error (or could not be reached: ``status == 0``)."""
 
@@ -218,12 +227,38 @@ class CiteqaClient:
             raise self._error(resp)
 
     def health(self) -> bool:
-        """True when the process answers /healthz."""
-        return self._status("/healthz")
+        """True when the process answers /healthz; False when nothing answers (one try)."""
+        try:
+            resp = self._http.get("/healthz")
+        except httpx.TransportError:
+            return False
+        if not resp.is_success:
+            raise self._error(resp)
+        return True
+
+    def readiness(self) -> Readiness:
+        """/readyz, once (no retries: it is a probe): ready, with the version of the index
+        answers come from now (an answer's ``index_version``); or not yet, with why (loading,
+        shutting down, or ``unreachable``: no connection, as while the server starts or stops).
+        A service that failed to load raises ``CiteqaAPIError`` (``load_failed``: waiting will
+        not change it)."""
+        try:
+            resp = self._http.get("/readyz")
+        except httpx.TransportError:
+            return Readiness(False, reason="unreachable")
+        if resp.is_success:
+            body = resp.json() if resp.content else {}
+            version = body.get("index_version") if isinstance(body, dict) else None
+            return Readiness(True, index_version=version if isinstance(version, str) else None)
+        err = self._error(resp)
+        if resp.status_code == 503 and err.code not in FINAL_CODES:
+            return Readiness(False, reason=err.code)
+        raise err
 
     def ready(self) -> bool:
-        """True when models are loaded (/readyz is 200); False while loading or shutting down."""
-        return self._status("/readyz")
+        """``readiness().ready``: False while loading, shutting down or unreachable; raises for
+        a service that failed to load."""
+        return self.readiness().ready
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -264,14 +299,6 @@ class CiteqaClient:
             if not isinstance(data, dict):
                 raise CiteqaAPIError(resp.status_code, "bad_response", "not a JSON object")
             return data
-        raise self._error(resp)
-
-    def _status(self, path: str) -> bool:
-        resp = self._send("GET", path, retry_statuses=frozenset())  # 503 is the answer here
-        if resp.is_success:
-            return True
-        if resp.status_code == 503:
-            return False
         raise self._error(resp)
 
     @staticmethod

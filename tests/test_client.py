@@ -17,6 +17,7 @@ from citeqa.client import (
     CiteqaClient,
     DocumentInfo,
     DocumentList,
+    Readiness,
     answer_from_json,
     hit_from_json,
 )
@@ -118,7 +119,10 @@ def test_chunked_oversized_body_is_413_over_a_real_socket(server: str) -> None:
 def test_unreachable_service_is_status_0() -> None:
     with CiteqaClient(f"http://127.0.0.1:{free_port()}", timeout=2) as client:
         with pytest.raises(CiteqaAPIError) as err:
-            client.health()
+            client.search("q")
+        # the probes answer at once: nothing listening is not healthy, not ready
+        assert client.health() is False and client.ready() is False
+        assert client.readiness() == Readiness(False, reason="unreachable")
     assert err.value.status == 0 and err.value.code == "connection_error"
 
 
@@ -235,12 +239,21 @@ def test_retries_stop_after_the_budget_and_at_the_deadline(
 
 
 def test_ready_is_false_on_503_and_raises_on_other_errors() -> None:
-    responses = iter([httpx.Response(503, json={"error": {"code": "not_ready", "message": "m"}}),
-                      httpx.Response(404, json={"error": {"code": "not_found", "message": "m"}})])
+    responses = iter([
+        httpx.Response(503, json={"error": {"code": "not_ready", "message": "m"}}),
+        httpx.Response(503, json={"error": {"code": "shutting_down", "message": "m"}}),
+        httpx.Response(200, json={"status": "ready", "index_version": "0123456789abcdef"}),
+        httpx.Response(404, json={"error": {"code": "not_found", "message": "m"}}),
+        httpx.Response(503, json={"error": {"code": "load_failed", "message": "bad index"}})])
     client = CiteqaClient("http://svc", transport=httpx.MockTransport(lambda r: next(responses)))
     assert client.ready() is False
+    assert client.readiness() == Readiness(False, reason="shutting_down")
+    assert client.readiness() == Readiness(True, index_version="0123456789abcdef")
     with pytest.raises(CiteqaAPIError):
         client.ready()
+    with pytest.raises(CiteqaAPIError) as err:  # waiting will not change it: not False
+        client.ready()
+    assert err.value.code == "load_failed"
 
 
 def test_json_decoders_invert_to_json() -> None:
