@@ -21,3 +21,13 @@ def lazy_exports(package: str, homes: Mapping[str, str]) -> Callable[[str], Any]
         return getattr(importlib.import_module(f"{package}.{home}"), name)
 
     return __getattr__
+
+
+def lazy_dir(package: str, homes: Mapping[str, str]) -> Callable[[], list[str]]:
+    """A module ``__dir__`` listing the names ``lazy_exports`` serves beside those loaded."""
+    module = importlib.import_module(package)
+
+    def __dir__() -> list[str]:
+        return sorted({*vars(module), *homes})
+
+    return __dir__

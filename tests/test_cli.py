@@ -585,3 +585,8 @@ def test_the_command_line_starts_without_importing_torch():
     code = "import sys, citeqa.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+    # the packages that serve their names lazily list them, still without torch
+    code = ("import sys, citeqa.reward as r, citeqa.training as t; "
+            "print('load_scorer' in dir(r), 'LoRAConfig' in dir(t), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True", "False"]

@@ -10,7 +10,17 @@ declines below a calibrated threshold.
 
 from __future__ import annotations
 
-from citeqa.lazy import lazy_exports
+from typing import TYPE_CHECKING
+
+from citeqa.lazy import lazy_dir, lazy_exports
+
+if TYPE_CHECKING:  # what type checkers and editors see; at run time, the lazy import below
+    from citeqa.reward.calibrate import Calibration, calibrate_threshold
+    from citeqa.reward.checkpoint import load_verifier, save_verifier
+    from citeqa.reward.data import Example, VerifierData, load_verifier_data
+    from citeqa.reward.scorer import VerifierScorer, load_scorer
+    from citeqa.reward.train import TrainConfig, train_verifier
+    from citeqa.reward.verifier import Judged, Verifier
 
 # Re-exported lazily (PEP 562): importing a submodule, such as the CLI's commands, must not load
 # torch through this package's own import.
@@ -32,3 +42,4 @@ _HOMES = {
 
 __all__ = sorted(_HOMES)
 __getattr__ = lazy_exports(__name__, _HOMES)
+__dir__ = lazy_dir(__name__, _HOMES)

@@ -10,7 +10,14 @@ does not pull in torch.
 
 from __future__ import annotations
 
-from citeqa.lazy import lazy_exports
+from typing import TYPE_CHECKING
+
+from citeqa.lazy import lazy_dir, lazy_exports
+
+if TYPE_CHECKING:  # what type checkers and editors see; at run time, the lazy import below
+    from citeqa.training.demos import Demo, DemoPassage, build_demos, read_demos, write_demos
+    from citeqa.training.lora import LoRAConfig, LoRALinear, inject_lora
+    from citeqa.training.sft import Example, TrainConfig, encode_example, run_sft, train_lora
 
 _EXPORTS = {
     "Demo": "demos",
@@ -29,3 +36,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)
+__dir__ = lazy_dir(__name__, _EXPORTS)
