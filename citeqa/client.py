@@ -3,7 +3,8 @@
     with CiteqaClient("http://127.0.0.1:8000", api_key="...") as client:
         answer = client.answer("Who founded the Normans?")
 
-Responses come back as ``citeqa.types`` objects. A call the service turns away for now (503
+Responses come back as ``citeqa.types`` objects (a page of documents as ``DocumentList``, an
+added document as the service's JSON). A call the service turns away for now (503
 overloaded or still loading, 429) or that cannot connect is retried with backoff, honouring
 ``Retry-After`` (``citeqa.retry``); a 503 ``load_failed`` (a service that failed to load, which
 waiting will not change) is not. Every failure raises ``CiteqaAPIError``:
@@ -124,7 +125,7 @@ class CiteqaClient:
     base_url: where the service is, e.g. ``http://127.0.0.1:8000``.
     api_key: sent as ``Authorization: Bearer <key>`` when given.
     transport: an httpx transport (``httpx.MockTransport`` in tests); default: the network.
-    timeout: seconds per request; answers on CPU can take a while.
+    timeout: seconds a call may take, its retries included; answers on CPU can take a while.
     backoff: how often and how long to wait before retrying a call turned away for now.
     """
 
@@ -210,7 +211,8 @@ class CiteqaClient:
         source: str | None = None,
     ) -> dict[str, Any]:
         """Index a document (its ``text``, or a ``url`` the service fetches); returns
-        ``{doc_id, title, source, passages}``. 409 (CiteqaAPIError) when doc_id exists."""
+        ``{doc_id, title, source, passages}``. 409 (CiteqaAPIError) when doc_id exists, or
+        (without a doc_id) when the same text or URL is indexed already."""
         if (text is None) == (url is None):
             raise ValueError("give text or url, not both" if text is not None else
                              "give the document's text or a url to fetch")
@@ -221,7 +223,8 @@ class CiteqaClient:
         return self._json("POST", "/v1/documents", json=body)
 
     def delete_document(self, doc_id: str) -> None:
-        """Remove a document from the index (404 CiteqaAPIError when unknown)."""
+        """Remove a document from the index (CiteqaAPIError: 404 when unknown; 409 for the
+        last document, or when another writer changed the index since the service loaded it)."""
         resp = self._send("DELETE", _document_path(doc_id))
         if not resp.is_success:
             raise self._error(resp)
