@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import replace
@@ -196,6 +197,14 @@ def index_build(
         raise fail("--nprobe and --nlist only apply with --dense-index ivf")
     if bm25_only and (hnsw or dense_index != "auto"):
         raise fail("--bm25-only builds no dense index: drop --hnsw / --dense-index")
+    from citeqa.ingest.sources import is_url
+
+    # a path named here that is not there is a mistake, not a source to skip: a rebuild would
+    # swap in an index without its documents (files inside a named folder are still skipped)
+    missing = [s for s in sources if not is_url(s) and not os.path.lexists(s)]
+    if missing:
+        raise fail(f"no such file or folder: {', '.join(map(_squash, missing))}; nothing was "
+                   f"built (an index at {out}, if any, is as it was)")
     if if_missing:
         with contextlib.suppress(CiteqaError):  # no index there: build it
             recover_index(out)
@@ -238,7 +247,7 @@ def index_build(
                    f"index in whole); {again}", err=True)
         raise typer.Exit(130) from None
     for s in summary.skipped:
-        typer.echo(f"skipped {s.source}: {s.reason}", err=True)
+        typer.echo(f"skipped {_squash(s.source)}: {_squash(s.reason)}", err=True)
     shards = (f"; {_count(summary.shards, 'shard')}, {summary.shards_reused} reused from an "
               "interrupted run" if ray is not None else "")
     typer.echo(
@@ -279,8 +288,10 @@ def search(
     for rank, h in enumerate(hits, 1):
         p = h.passage
         where = h.source or p.doc_id  # a document posted without a source has none
-        typer.echo(f"{rank}. {h.title}  [{where} {p.start}:{p.end}]  score={h.score:.4f}")
-        typer.echo("   " + " ".join(p.text.split())[:300])
+        # documents are untrusted: no escape sequence of theirs reaches the terminal
+        typer.echo(f"{rank}. {_squash(h.title)}  [{_squash(where)} {p.start}:{p.end}]  "
+                   f"score={h.score:.4f}")
+        typer.echo("   " + _squash(" ".join(p.text.split()))[:300])
 
 
 @app.command()

@@ -192,7 +192,8 @@ def test_a_decline_reads_with_its_reason_best_guess_and_passages() -> None:
         (("ask", "tower?", "--index", "{index}", "--preset", "tiny", "--target-accuracy", "1"),
          "between 0 and 1 (exclusive)"),
         (("serve", "--index", "{missing}"), "not an index"),
-        (("index", "build", "{missing}", "--out", "{new}", "--no-progress"), "no documents"),
+        (("index", "build", "{missing}", "--out", "{new}", "--no-progress"),
+         "no such file or folder"),
     ],
 )
 def test_user_mistakes_exit_2_with_a_message(corpus, tmp_path, args, message) -> None:
@@ -301,6 +302,13 @@ def test_a_failed_build_keeps_the_previous_index(corpus: Path, tmp_path: Path) -
     assert run("index", "build", str(tmp_path / "nowhere"), "--out", str(out)).exit_code == 2
     assert (out / "manifest.json").read_text() == before
     assert run("search", "tower", "--index", str(out)).exit_code == 0
+    # a mistyped path beside good ones is a mistake too: it used to be skipped, and the index
+    # rebuilt without its documents (exit 0)
+    mistyped = run("index", "build", str(corpus), str(tmp_path / "corpsu"), "--out", str(out),
+                   "--preset", "tiny", "--no-progress")
+    assert mistyped.exit_code == 2 and "no such file or folder" in mistyped.output
+    assert "nothing was built" in mistyped.output
+    assert (out / "manifest.json").read_text() == before
 
 
 def test_if_missing_builds_only_where_no_index_is_not_even_one_a_crash_left(
@@ -574,6 +582,19 @@ def test_search_names_a_document_without_a_source_by_its_id(tmp_path: Path) -> N
                                progress=False)
     result = run("search", "kestrels", "--index", str(tmp_path / "idx"))
     assert result.exit_code == 0 and "1. Birds  [k1 0:41]" in result.output, result.output
+
+
+def test_search_prints_no_escape_sequence_a_document_holds(tmp_path: Path) -> None:
+    from citeqa.config import RetrievalConfig
+    from citeqa.retrieval import build_index_from_documents
+
+    doc = Document("e1", "Reset\x1b]0;pwned\x07", "notes\x1b[31m.md",
+                   "Password reset \x1b[2J\x1b[31mhappens on the settings page.")
+    build_index_from_documents([doc], tmp_path / "idx", RetrievalConfig(embedder="hash"),
+                               progress=False)
+    result = run("search", "password reset", "--index", str(tmp_path / "idx"))
+    assert result.exit_code == 0 and "\x1b" not in result.output and "\x07" not in result.output
+    assert "Reset\ufffd]0;pwned\ufffd" in result.output, result.output
 
 
 def test_the_command_line_starts_without_importing_torch():
