@@ -20,7 +20,7 @@ import typer
 from pydantic import ValidationError
 
 from citeqa.allocator import keep_freed_memory
-from citeqa.cli_errors import command_group, fail
+from citeqa.cli_errors import check_answer_mode, command_group, fail
 from citeqa.config import MAX_CANDIDATES, MAX_PASSAGES, MAX_SEARCH_K, Settings, preset
 from citeqa.errors import CiteqaError
 from citeqa.logs import setup_logging
@@ -336,6 +336,7 @@ def ask(
         raise fail("give --min-score or --target-accuracy, not both")
     if target_accuracy is not None and not 0.0 < target_accuracy < 1.0:
         raise fail(f"--target-accuracy must be between 0 and 1 (exclusive), got {target_accuracy}")
+    check_answer_mode(answer_mode)  # before the models load (seconds), not after
     from citeqa.pipeline import Pipeline, asked_text
 
     settings = _settings(preset=preset_name, index=index, generator=generator)
@@ -452,7 +453,17 @@ def serve(
     preset_name: SettingsPresetOpt = None,
 ) -> None:
     """Serve the REST API (and the page at /) over an index."""
+    import socket
+
     import uvicorn
+
+    if not host.strip():  # e.g. --host "$HOST" with HOST unset: it bound every interface
+        raise fail("--host is empty: give the interface to bind (127.0.0.1: this machine only; "
+                   "0.0.0.0: every interface)")
+    try:  # a name that does not resolve failed only after the models loaded
+        socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise fail(f"cannot bind --host {host}: {e}") from None
 
     from citeqa.api import create_app
     from citeqa.api.middleware import LOOPBACK_HOSTS

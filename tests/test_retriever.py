@@ -218,7 +218,8 @@ def test_bm25_only_index(tmp_path: Path) -> None:
 def test_embedder_mismatch_is_refused(index_dir: Path) -> None:
     with pytest.raises(IndexError_, match="hash-bow-256.*hash-bow-64"):
         HybridRetriever(Index.load(index_dir), CFG, embedder=HashEmbedder(dim=64))
-    with pytest.raises(IndexError_, match="built with the 'hash' embedder"):
+    with pytest.raises(IndexError_, match="built with the 'hash' embedder.*use --preset tiny "
+                       r"\(or CITEQA_PRESET=tiny\)"):
         HybridRetriever.open(index_dir, replace(CFG, embedder="minilm"))
 
 

@@ -61,9 +61,15 @@ class HybridRetriever:
         index = Index.load(Path(directory))
         built = config_from_manifest(index.manifest["settings"])
         if cfg is not None and index.dense is not None and cfg.embedder != built.embedder:
+            from citeqa.config import PRESETS
+
+            fits = [name for name, c in PRESETS.items() if c.retrieval.embedder == built.embedder]
+            hint = (f"use --preset {fits[0]} (or CITEQA_PRESET={fits[0]}), or rebuild the index "
+                    "with the preset you use" if fits else
+                    "rebuild the index or use matching settings")
             raise IndexError_(
                 f"index {directory} was built with the {built.embedder!r} embedder but the "
-                f"settings ask for {cfg.embedder!r}; rebuild the index or use matching settings"
+                f"settings ask for {cfg.embedder!r}; {hint}"
             )
         return cls(index, cfg or built)
 
