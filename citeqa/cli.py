@@ -20,7 +20,13 @@ import typer
 from pydantic import ValidationError
 
 from citeqa.allocator import keep_freed_memory
-from citeqa.cli_errors import check_answer_mode, command_group, fail
+from citeqa.cli_errors import (
+    ProgressOpt,
+    check_answer_mode,
+    command_group,
+    fail,
+    shown_progress,
+)
 from citeqa.config import MAX_CANDIDATES, MAX_PASSAGES, MAX_SEARCH_K, Settings, preset
 from citeqa.errors import CiteqaError
 from citeqa.logs import setup_logging
@@ -180,9 +186,10 @@ def index_build(
         typer.Option("--if-missing", help="Build only when --out holds no index (one a crash "
                      "left mid-swap is restored, not rebuilt); for start scripts."),
     ] = False,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: ProgressOpt = None,
 ) -> None:
     """Build (or atomically rebuild) an index from SOURCES into --out."""
+    progress = shown_progress(progress)  # default: on a terminal only
     from citeqa.retrieval import build_index
     from citeqa.retrieval.dense import KINDS, DenseSpec
     from citeqa.retrieval.store import recover_index

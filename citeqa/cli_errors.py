@@ -4,6 +4,7 @@ and lists its options (``command_group``)."""
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -19,6 +20,17 @@ def command_group(**kwargs: Any) -> typer.Typer:
     """A ``typer.Typer`` whose ``--help`` is click's plain listing: rich's tables cut long
     option names to fit 80 columns (``--allow-private…``), which then cannot be typed."""
     return typer.Typer(rich_markup_mode=None, **kwargs)
+
+
+# --progress / --no-progress; unset: bars only when stderr is a terminal (a log file got every
+# redraw of every bar)
+ProgressOpt = Annotated[bool | None, typer.Option(
+    "--progress/--no-progress", help="Show progress bars (default: when stderr is a terminal).")]
+
+
+def shown_progress(progress: bool | None) -> bool:
+    """Whether to show progress bars: as asked, else when stderr is a terminal."""
+    return progress if progress is not None else sys.stderr.isatty()
 
 
 def fail(message: str) -> typer.Exit:

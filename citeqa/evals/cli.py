@@ -15,7 +15,14 @@ from typing import Annotated
 import typer
 
 from citeqa.allocator import keep_freed_memory
-from citeqa.cli_errors import check_run_options, command_group, fail, interruptible
+from citeqa.cli_errors import (
+    ProgressOpt,
+    check_run_options,
+    command_group,
+    fail,
+    interruptible,
+    shown_progress,
+)
 from citeqa.config import MAX_CANDIDATES
 from citeqa.errors import CiteqaError
 from citeqa.logs import setup_logging
@@ -74,9 +81,10 @@ def run(
     force: Annotated[
         bool, typer.Option("--force", help="Discard a previous run in --out and start over.")
     ] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: ProgressOpt = None,
 ) -> None:
     """Ask every question, write predictions.jsonl, metrics.json, report.md and figures."""
+    progress = shown_progress(progress)  # default: on a terminal only
     if ctx.invoked_subcommand is not None:
         return
     missing = [

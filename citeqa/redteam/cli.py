@@ -15,7 +15,13 @@ from typing import Annotated
 
 import typer
 
-from citeqa.cli_errors import check_run_options, fail, interruptible
+from citeqa.cli_errors import (
+    ProgressOpt,
+    check_run_options,
+    fail,
+    interruptible,
+    shown_progress,
+)
 from citeqa.errors import CiteqaError
 
 
@@ -46,11 +52,12 @@ def redteam(
     preset_name: Annotated[str, typer.Option("--preset", help="default | tiny.")] = "default",
     seed: Annotated[int, typer.Option("--seed", help="Sampling and variant choices.")] = 0,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Questions asked at once.")] = 4,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: ProgressOpt = None,
 ) -> None:
     """Make unanswerable variants of answerable questions and report how often citeqa answers
     them anyway (per kind), with answerable controls; writes report.md, results.jsonl,
     summary.json and a plot into --out."""
+    progress = shown_progress(progress)  # default: on a terminal only
     check_run_options(preset=preset_name, out=out)
     if url is not None and not url.lower().startswith(("http://", "https://")):
         raise fail(f"--url must be the server's http(s) address, e.g. http://127.0.0.1:8000, "

@@ -24,7 +24,15 @@ import typer
 
 import citeqa
 from citeqa.atomic import write_text_atomic
-from citeqa.cli_errors import TrainCpuDtypeOpt, check_out, command_group, fail, interruptible
+from citeqa.cli_errors import (
+    ProgressOpt,
+    TrainCpuDtypeOpt,
+    check_out,
+    command_group,
+    fail,
+    interruptible,
+    shown_progress,
+)
 from citeqa.errors import CiteqaError, ConfigError
 from citeqa.journal import file_lock
 
@@ -61,10 +69,11 @@ def reward(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     save_every: Annotated[int, typer.Option("--save-every", min=1,
                                             help="Steps between saves (resume points).")] = 200,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: ProgressOpt = None,
 ) -> None:
     """Train the verifier (a cross-encoder with a reader head and an ensemble of heads) on
     labelled candidates; writes --out, and resumes there after an interruption."""
+    progress = shown_progress(progress)  # default: on a terminal only
     check_out(out, folder=True, inputs={"--data": data, "--base": base})
     try:
         with file_lock(out, "citeqa train reward"):  # beside it: saves swap the folder itself
@@ -158,10 +167,11 @@ def answerability(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     save_every: Annotated[int, typer.Option("--save-every", min=1,
                                             help="Steps between saves (resume points).")] = 100,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: ProgressOpt = None,
 ) -> None:
     """Train the answerability reader (does this passage answer this question at all?), an
     optional input of the reward model's combination; writes --out and resumes there."""
+    progress = shown_progress(progress)  # default: on a terminal only
     check_out(out, folder=True, inputs={"--squad": squad, "--base": base, "--redteam": redteam})
     try:
         with file_lock(out, "citeqa train answerability"):

@@ -18,6 +18,7 @@ import typer
 
 from citeqa.atomic import atomic_open
 from citeqa.cli_errors import (
+    ProgressOpt,
     TrainCpuDtypeOpt,
     a_torch_device,
     check_answer_mode,
@@ -26,6 +27,7 @@ from citeqa.cli_errors import (
     command_group,
     fail,
     interruptible,
+    shown_progress,
 )
 from citeqa.config import MAX_CANDIDATES, Settings, preset
 from citeqa.errors import CiteqaError, ConfigError
@@ -64,9 +66,10 @@ def generator_data(
     seed: Annotated[int, typer.Option("--seed", help="Question order (spreads --limit).")] = 0,
     preset_name: PresetOpt = "default",
     answer_mode: AnswerModeOpt = None,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: ProgressOpt = None,
 ) -> None:
     """Write demonstrations (question, retrieved passages, answer, quote) as JSON lines."""
+    progress = shown_progress(progress)  # default: on a terminal only
     check_out(out, folder=False, inputs={"--dataset": dataset, "--index": index})
     from citeqa.evals.squad import articles_for_split, load_questions
     from citeqa.retrieval import HybridRetriever
@@ -170,12 +173,13 @@ def generator(
     ] = False,
     preset_name: PresetOpt = "default",
     answer_mode: AnswerModeOpt = None,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: ProgressOpt = None,
 ) -> None:
     """Fine-tune the generator on demonstrations: writes a LoRA adapter, log and model card.
 
     Saves a checkpoint in --out every --save-every steps; rerun the same command after an
     interruption and it continues from there."""
+    progress = shown_progress(progress)  # default: on a terminal only
     import torch
 
     from citeqa.generation.models import load_model
@@ -293,10 +297,11 @@ def reward_data(
     preset_name: Annotated[str, typer.Option("--preset", help="default | tiny.")] = "default",
     threads: Annotated[int | None, typer.Option("--threads", min=1)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Question order and choices.")] = 0,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: ProgressOpt = None,
 ) -> None:
     """Build verifier training (or calibration) data from a question set; see
     citeqa/training/verifier_data.py for what each --from makes."""
+    progress = shown_progress(progress)  # default: on a terminal only
     check_out(out, folder=False, inputs={"--dataset": dataset, "--index": index})
     from citeqa.evals.squad import articles_for_split, check_not_held_out, load_questions
 
