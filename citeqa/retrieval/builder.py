@@ -146,6 +146,9 @@ def build_index_from_documents(
     if cfg.dense:
         embedder = embedder or load_embedder(cfg.embedder, cpu_dtype=cfg.cpu_dtype)
         vectors = embedder.embed(texts, batch_size=cfg.embed_batch_size, progress=progress)
+        spec = dense_spec_for(cfg, dense_spec).resolved(len(vectors))
+        if spec.kind != "flat":  # the graph or the cells take a while (minutes at a million)
+            log.info("building the %s dense index over %d vectors ...", spec.kind, len(vectors))
         dense = DenseIndex.build(vectors, spec=dense_spec_for(cfg, dense_spec))
         embedding = embedding_record(embedder, cfg)
     log.info("writing the index to %s", out)
