@@ -337,8 +337,15 @@ def ask(
         typer.Option("--answer-mode", help="span (the quote holds the answer) | free."),
     ] = None,
     as_json: JsonOpt = False,
+    with_passages: Annotated[
+        bool, typer.Option("--with-passages", help="--json: add the passages retrieval found "
+                           "(REST's with_passages).")
+    ] = False,
 ) -> None:
     """Answer QUESTION with a verbatim quote from the index (or decline)."""
+    if with_passages and not as_json:
+        raise fail("--with-passages adds to --json; the text output lists passages under a "
+                   "decline")
     if min_score is not None and target_accuracy is not None:
         raise fail("give --min-score or --target-accuracy, not both")
     if target_accuracy is not None and not 0.0 < target_accuracy < 1.0:
@@ -358,7 +365,8 @@ def ask(
     except ValueError as e:  # an option value the pipeline refuses
         raise fail(str(e)) from None
     if as_json:
-        typer.echo(json.dumps(answer.to_json(), ensure_ascii=False, indent=2))
+        typer.echo(json.dumps(answer.to_json(with_passages=with_passages),
+                              ensure_ascii=False, indent=2))
         return
     # Bold and underlined on a terminal; typer.echo drops the styling when piped.
     typer.echo(format_answer(answer, pipeline.document,

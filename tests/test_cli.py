@@ -16,6 +16,7 @@ import typer
 from typer.testing import CliRunner
 
 from citeqa.cli import app, format_answer, quote_in_context
+from citeqa.retrieval import Index
 from citeqa.types import Answer, Candidate, Document, Hit, Passage, Quote
 
 EIFFEL = (
@@ -88,6 +89,14 @@ def test_ask_with_the_tiny_preset_returns_a_verified_quote(
     text = Path(q["source"]).read_bytes().decode("utf-8")
     assert text[q["start"] : q["end"]] == q["text"]
     assert {"question", "answer", "score", "timings_ms", "candidates"} <= set(answer)
+    assert answer["index_version"] == Index.load(out).version and "passages" not in answer
+    passages = json.loads(run("ask", "When did the Eiffel Tower open?", "--index", str(out),
+                              "--preset", "tiny", "--json", "--with-passages").stdout)["passages"]
+    for hit in passages:  # each with offsets into its document
+        text = Path(hit["source"]).read_bytes().decode("utf-8")
+        assert text[hit["start"]:hit["end"]] == hit["text"]
+    assert passages and run("ask", "q?", "--index", str(out), "--preset", "tiny",
+                            "--with-passages").exit_code == 2
 
     plain = run("ask", "When did the Eiffel Tower open?", "--index", str(out), "--preset", "tiny")
     assert plain.exit_code == 0 and "quote:" in plain.output and "source:" in plain.output
