@@ -204,6 +204,11 @@ def index_build(
         raise fail("--nprobe and --nlist only apply with --dense-index ivf")
     if bm25_only and (hnsw or dense_index != "auto"):
         raise fail("--bm25-only builds no dense index: drop --hnsw / --dense-index")
+    if if_missing:
+        with contextlib.suppress(CiteqaError):  # no index there: build it
+            recover_index(out)
+            typer.echo(f"{out} holds an index already; not rebuilt (--if-missing)")
+            return
     from citeqa.ingest.sources import is_url
 
     # a path named here that is not there is a mistake, not a source to skip: a rebuild would
@@ -212,11 +217,6 @@ def index_build(
     if missing:
         raise fail(f"no such file or folder: {', '.join(map(_squash, missing))}; nothing was "
                    f"built (an index at {out}, if any, is as it was)")
-    if if_missing:
-        with contextlib.suppress(CiteqaError):  # no index there: build it
-            recover_index(out)
-            typer.echo(f"{out} holds an index already; not rebuilt (--if-missing)")
-            return
     try:
         cfg = preset(preset_name).retrieval
         if bm25_only:

@@ -322,6 +322,10 @@ def test_a_failed_build_keeps_the_previous_index(corpus: Path, tmp_path: Path) -
     assert mistyped.exit_code == 2 and "no such file or folder" in mistyped.output
     assert "nothing was built" in mistyped.output
     assert (out / "manifest.json").read_text() == before
+    # but a start script's --if-missing over an index that is there builds nothing and reads
+    # no source: a container whose corpus folder went away still starts
+    kept = run("index", "build", str(tmp_path / "corpsu"), "--out", str(out), "--if-missing")
+    assert kept.exit_code == 0 and "not rebuilt" in kept.output, kept.output
 
 
 def test_if_missing_builds_only_where_no_index_is_not_even_one_a_crash_left(
