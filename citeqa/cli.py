@@ -117,12 +117,23 @@ def _open_index(index: Path) -> Path:
         raise fail(f"not an index directory: {e}") from None
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import citeqa
+
+        typer.echo(f"citeqa {citeqa.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v",
         help="Log debug details, and what libraries narrate while loading (FAISS's build, "
              "a progress bar per model read).")] = False,
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print citeqa's version and exit.")] = False,
 ) -> None:
     setup_logging(verbose)
     keep_freed_memory()

@@ -646,3 +646,10 @@ def test_progress_bars_show_on_a_terminal_unless_asked(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(sys, "stderr", Terminal())
     assert shown_progress(None) is True and shown_progress(False) is False
+
+
+def test_version_is_the_installed_packages() -> None:
+    from importlib.metadata import version
+
+    result = run("--version")
+    assert result.exit_code == 0 and result.output.strip() == f"citeqa {version('citeqa')}"
