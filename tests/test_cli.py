@@ -628,6 +628,13 @@ def test_the_command_line_starts_without_importing_torch():
             "print('load_scorer' in dir(r), 'LoRAConfig' in dir(t), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "True", "False"]
+    # the top level serves the entry points the same way
+    code = ("import sys, citeqa; print('Pipeline' in dir(citeqa), 'torch' in sys.modules); "
+            "import citeqa.pipeline, citeqa.client; "
+            "print(citeqa.Pipeline is citeqa.pipeline.Pipeline, "
+            "citeqa.CiteqaClient is citeqa.client.CiteqaClient)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False", "True", "True"]
 
 
 def test_progress_bars_show_on_a_terminal_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
