@@ -144,11 +144,10 @@ def covered_predictions(run_dir: Path, metrics: dict[str, Any] | None = None
     return by_id
 
 
-def prediction_changes(run_a: Path, run_b: Path, metrics_a: dict[str, Any] | None = None,
-                       metrics_b: dict[str, Any] | None = None) -> dict[str, int]:
-    """Over the questions both runs asked (and their metrics cover): how many changed their
-    given answer, their decline and their best candidate's answer."""
-    a, b = covered_predictions(run_a, metrics_a), covered_predictions(run_b, metrics_b)
+def prediction_changes(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]
+                       ) -> dict[str, int]:
+    """Over the questions both runs' records (``covered_predictions``) hold: how many changed
+    their given answer, their decline and their best candidate's answer."""
     common = sorted(set(a) & set(b))
 
     def best(r: dict[str, Any]) -> str | None:
@@ -180,8 +179,9 @@ def compare_runs(run_a: Path, run_b: Path, png: Path | None = None) -> str:
                 curves[f"{name} (RM score)"] = curve
         plots.accuracy_coverage(curves, None, png,
                                 title="Accuracy–coverage: RM score, two runs")
-    changes = prediction_changes(run_a, run_b, ma, mb)
-    have = [bool(covered_predictions(r, m)) for r, m in ((run_a, ma), (run_b, mb))]
+    records = covered_predictions(run_a, ma), covered_predictions(run_b, mb)  # read once
+    changes = prediction_changes(*records)
+    have = [bool(r) for r in records]
     lines = [compare_table(ma, mb, name_a, name_b)]
     shas = [(info.get("identity") or {}).get("dataset_sha256") for info in (info_a, info_b)]
     counts = [int(m.get("questions") or 0) for m in (ma, mb)]
