@@ -1,15 +1,21 @@
-"""How every ``citeqa`` command reports a user's mistake (one ``error:`` line on stderr, exit 2)
-and lists its options (``command_group``)."""
+"""What every ``citeqa`` command shares: how it reports a user's mistake (one ``error:`` line on
+stderr, exit 2), lists its options (``command_group``), reads its settings and shows untrusted
+text on one line."""
 
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
+
+from citeqa.config import Settings
+from citeqa.errors import CiteqaError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -26,6 +32,59 @@ def command_group(**kwargs: Any) -> typer.Typer:
 # redraw of every bar)
 ProgressOpt = Annotated[bool | None, typer.Option(
     "--progress/--no-progress", help="Show progress bars (default: when stderr is a terminal).")]
+
+
+# Options that are also service settings default to None: an explicit flag beats the CITEQA_*
+# environment, which beats the Settings default (see settings_from).
+IndexDir = Annotated[
+    Path | None,
+    typer.Option("--index", "-i", help="Index directory (built by `citeqa index build`); "
+                 "default $CITEQA_INDEX, else index/default."),
+]
+PresetOpt = Annotated[
+    str, typer.Option("--preset", help="Named settings preset: default | tiny (fakes, no weights).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+def settings_from(**options: Any) -> Settings:
+    """Settings from the options given (None = not given) over the CITEQA_* environment over the
+    defaults; an invalid value ends the command (status 2) with a line naming the setting."""
+    try:
+        return Settings(**{k: v for k, v in options.items() if v is not None})
+    except ValidationError as e:
+        raise fail(_settings_error(e)) from None
+
+
+def _settings_error(e: ValidationError) -> str:
+    """One line for the first invalid setting: its name and what is wrong with it."""
+    first = e.errors()[0]
+    name = ".".join(str(x) for x in first["loc"]) or "settings"
+    if name in Settings.model_fields:  # given as an option or as its environment variable
+        name = f"{name} (CITEQA_{name.upper()})"
+    return f"invalid {name}: {str(first['msg']).removeprefix('Value error, ')}"
+
+
+def open_index_dir(index: Path) -> Path:
+    """The index directory, recovered if a rebuild crashed mid-swap (store.recover_index, as
+    ``Index.load`` does for search and ask); fails the command when there is no index."""
+    from citeqa.retrieval.store import recover_index
+
+    try:
+        return recover_index(index)
+    except CiteqaError as e:
+        raise fail(f"not an index directory: {e}") from None
+
+
+def plural(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless n is 1 (``1 document``, ``3 documents``)."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def squash(text: str) -> str:
+    """``text`` on one line, with control characters shown as U+FFFD: documents are untrusted,
+    and an escape sequence in one must not drive the reader's terminal."""
+    return re.sub(r"[\x00-\x1f\x7f-\x9f]", "\ufffd", re.sub(r"\s+", " ", text))
 
 
 def shown_progress(progress: bool | None) -> bool:

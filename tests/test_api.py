@@ -1097,7 +1097,7 @@ def test_serve_on_loopback_answers_to_localhost_names_only(monkeypatch, tmp_path
     seen: list[str] = []
     monkeypatch.setattr(api, "create_app", lambda s: seen.append(s.allowed_hosts) or "app")
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
-    monkeypatch.setattr(cli, "_open_index", lambda index: None)
+    monkeypatch.setattr(cli, "open_index_dir", lambda index: None)
     monkeypatch.delenv("CITEQA_ALLOWED_HOSTS", raising=False)
     for args, env in ((["--host", "127.0.0.1"], {}), (["--host", "::1"], {}),
                       (["--host", "127.0.0.2"], {}), (["--host", "0.0.0.0"], {}),
@@ -1121,7 +1121,7 @@ def test_serve_waits_for_requests_in_flight_at_most_the_grace(monkeypatch) -> No
     calls: list[dict] = []
     monkeypatch.setattr(api, "create_app", lambda s: "app")
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: calls.append(k))
-    monkeypatch.setattr(cli, "_open_index", lambda index: None)
+    monkeypatch.setattr(cli, "open_index_dir", lambda index: None)
     r = CliRunner().invoke(cli.app, ["serve", "--preset", "tiny"],
                            env={"CITEQA_SHUTDOWN_GRACE_S": "7.5"})
     assert r.exit_code == 0, r.output

@@ -1,6 +1,7 @@
-"""Crash and restart: a writer (``citeqa index build``, or ``citeqa serve`` adding a document) is
-SIGKILLed at every state of the atomic swap (store.py's pause points), then ``serve``, ``search``,
-``ask`` and ``index build`` each start on what it left and work, on a complete index.
+"""Crash and restart: a writer (``citeqa index build``, ``citeqa index add``, or ``citeqa serve``
+adding a document) is SIGKILLed at every state of the atomic swap (store.py's pause points), then
+``serve``, ``search``, ``ask``, ``index build`` and ``index add`` each start on what it left and
+work, on a complete index.
 
 Tiny preset throughout: no weights. Each command gets its own copy of the crashed directory, so
 each one meets the crash itself rather than a directory another command already repaired.
@@ -75,11 +76,10 @@ def _serving(index: Path, env: dict[str, str] | None = None) -> Iterator[tuple[s
         child.wait()
 
 
-def _kill_build(index: Path, src: Path, stage: str) -> None:
+def _kill_cli(args: list[str], stage: str) -> None:
+    """Run ``citeqa ARGS`` and SIGKILL it when it pauses at ``stage``."""
     env = {**os.environ, "CITEQA_TEST_PAUSE_AT": stage, "CITEQA_TEST_PAUSE_S": "60"}
-    child = subprocess.Popen([*CLI, "index", "build", str(src), "--out", str(index),
-                              "--preset", "tiny", "--no-progress"],
-                             env=env, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen([*CLI, *args], env=env, stderr=subprocess.PIPE, text=True)
     try:
         _read_until(child, f"citeqa-test-pause {stage}")
     finally:
@@ -103,7 +103,8 @@ def _kill_server_update(index: Path, stage: str) -> None:
         child.send_signal(signal.SIGKILL)
 
 
-@pytest.fixture(scope="module", params=[(w, s) for w in ("build", "serve") for s in STAGES],
+@pytest.fixture(scope="module",
+                params=[(w, s) for w in ("build", "add", "serve") for s in STAGES],
                 ids=lambda p: f"{p[0]}-killed-{p[1]}")
 def crashed(request: pytest.FixtureRequest,
             tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bool]:
@@ -113,11 +114,15 @@ def crashed(request: pytest.FixtureRequest,
     crash = root / "crash"
     build_index_from_documents(THREE_DOCS, crash / "idx", preset("tiny").retrieval,
                                progress=False)
+    src = root / "src"
+    src.mkdir()
+    (src / "zorblax.txt").write_text(NEW_TEXT, encoding="utf-8")
     if writer == "build":
-        src = root / "src"
-        src.mkdir()
-        (src / "zorblax.txt").write_text(NEW_TEXT, encoding="utf-8")
-        _kill_build(crash / "idx", src, stage)
+        _kill_cli(["index", "build", str(src), "--out", str(crash / "idx"), "--preset", "tiny",
+                   "--no-progress"], stage)
+    elif writer == "add":
+        _kill_cli(["index", "add", str(src), "--index", str(crash / "idx"), "--no-progress"],
+                  stage)
     else:
         _kill_server_update(crash / "idx", stage)
     debris = [p.name for p in crash.iterdir() if p.name.startswith(".idx.")]
@@ -183,3 +188,21 @@ def test_build_starts_and_works(crashed: tuple[Path, bool], tmp_path: Path) -> N
     assert [d.text for d in Index.load(index).documents.values()] == [
         "Glimmer moths migrate across the Vessik plateau."]
     assert sorted(p.name for p in index.parent.iterdir()) == ["idx"]
+
+
+def test_add_starts_and_works(crashed: tuple[Path, bool], tmp_path: Path) -> None:
+    """``index add`` on what the crash left: it adds its documents (once, however often it
+    runs), whether or not the killed writer's change went in."""
+    index, new = _copy(crashed, tmp_path)
+    held = len(Index.load(_copy(crashed, tmp_path / "peek")[0]).documents)  # what the crash left
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "moths.txt").write_text("Glimmer moths migrate across the Vessik plateau.")
+    for _ in range(2):
+        result = CliRunner().invoke(app, ["index", "add", str(src), "--index", str(index),
+                                          "--no-progress"])
+        assert result.exit_code == 0, result.output
+    texts = [d.text for d in Index.load(index).documents.values()]
+    assert texts.count("Glimmer moths migrate across the Vessik plateau.") == 1
+    assert len(texts) == held + 1
+    _assert_recovered(index, new)

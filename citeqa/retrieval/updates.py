@@ -20,7 +20,7 @@ runs them on one thread).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,41 @@ class UpdateResult:
 
     index: Index
     added_passages: dict[str, int]  # doc_id -> passages, for each added document
+
+
+@dataclass(frozen=True)
+class AddPlan:
+    """What adding documents to an index does to each (``plan_additions``)."""
+
+    update: IndexUpdate  # the new documents, and changed ones replacing their indexed versions
+    new: tuple[str, ...] = ()  # doc ids the index does not hold
+    replaced: tuple[str, ...] = ()  # ... that it holds with other content (replace=True)
+    unchanged: tuple[str, ...] = ()  # ... that it holds exactly so: left alone
+    conflicts: tuple[str, ...] = ()  # ... that it holds with other content (replace=False)
+
+
+def plan_additions(indexed: Mapping[str, Document], documents: Sequence[Document], *,
+                   replace: bool = False) -> AddPlan:
+    """How to add ``documents`` to an index holding ``indexed`` (doc id -> document): a
+    document the index holds exactly as given is left alone (so adding the same sources again,
+    as after a crash, changes nothing); one it holds with other content (an edited file) is
+    replaced when ``replace``, else a conflict and nothing is planned for it."""
+    new, replaced, unchanged, conflicts, add = [], [], [], [], []
+    for doc in documents:
+        old = indexed.get(doc.doc_id)
+        if old is None:
+            new.append(doc.doc_id)
+        elif old == doc:
+            unchanged.append(doc.doc_id)
+            continue
+        elif replace:
+            replaced.append(doc.doc_id)
+        else:
+            conflicts.append(doc.doc_id)
+            continue
+        add.append(doc)
+    return AddPlan(IndexUpdate(add=tuple(add), remove=tuple(replaced)), tuple(new),
+                   tuple(replaced), tuple(unchanged), tuple(conflicts))
 
 
 def check_update(index: Index, update: IndexUpdate) -> None:
@@ -120,6 +155,7 @@ def apply_update(
     *,
     embedder: Embedder | None = None,
     cfg: RetrievalConfig | None = None,
+    progress: bool = False,
 ) -> UpdateResult:
     """Write ``index`` with ``update`` applied to ``out`` (atomically) and return it loaded.
 
@@ -127,6 +163,7 @@ def apply_update(
         are added. It must be the one the index was built with (checked against the manifest).
     cfg: chunking and BM25 settings; default the ones recorded in the index's manifest (new
         documents must be chunked like the old ones).
+    progress: show a bar while the new passages are embedded.
     """
     check_update(index, update)
     cfg = cfg or config_from_manifest(index.manifest["settings"])
@@ -171,7 +208,8 @@ def apply_update(
                     f"not {embedder.model_id} (dim {embedder.dim}); add documents with the same "
                     "embedder or rebuild the index"
                 )
-            fresh = embedder.embed(new_texts, batch_size=cfg.embed_batch_size)  # [new, dim]
+            fresh = embedder.embed(new_texts, batch_size=cfg.embed_batch_size,
+                                   progress=progress)  # [new, dim]
             vectors = np.concatenate([vectors, fresh.astype(np.float32)])
         # same kind and parameters (IVF: centroids); an index that only grew is extended, not
         # built again (an HNSW graph of a million vectors takes many minutes to build)

@@ -1,0 +1,401 @@
+"""The ``citeqa index`` commands: build an index from sources, add and remove documents in
+place, list what it holds and describe it.
+
+A change (``add``, ``remove``) writes the whole index beside it and swaps it in atomically, as a
+build does (retrieval/store.py): a failed or killed change leaves the index as it was. A server
+serving that index keeps answering from the one it loaded, and refuses its own later changes
+rather than undo this one, until it is restarted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from citeqa.cli_errors import (
+    IndexDir,
+    JsonOpt,
+    PresetOpt,
+    ProgressOpt,
+    command_group,
+    fail,
+    open_index_dir,
+    plural,
+    settings_from,
+    shown_progress,
+    squash,
+)
+from citeqa.config import preset
+from citeqa.errors import CiteqaError, IndexChangedError
+
+if TYPE_CHECKING:
+    from citeqa.ingest import LoadResult
+    from citeqa.retrieval.store import Index
+
+index_app = command_group(help="Build document indexes, and add, remove and list documents.",
+                          no_args_is_help=True)
+
+SourcesArg = Annotated[list[str], typer.Argument(help="Files, folders (recursive) and http(s) "
+                                                 "URLs.")]
+PrivateUrlsOpt = Annotated[bool, typer.Option(
+    "--allow-private-urls", help="Allow fetching private/intranet addresses.")]
+ChangedIndexOpt = Annotated[Path, typer.Option(
+    "--index", "-i", help="Index directory to change (built by `citeqa index build`).")]
+
+
+def _check_sources_exist(sources: list[str], then: str) -> None:
+    """Fail for a path named on the command line that is not there: a mistake, not a source to
+    skip (files inside a named folder that cannot be read are still skipped)."""
+    from citeqa.ingest.sources import is_url
+
+    missing = [s for s in sources if not is_url(s) and not os.path.lexists(s)]
+    if missing:
+        raise fail(f"no such file or folder: {', '.join(map(squash, missing))}; {then}")
+
+
+def _echo_skipped(loaded_skipped: Any) -> None:
+    for s in loaded_skipped:
+        typer.echo(f"skipped {squash(s.source)}: {squash(s.reason)}", err=True)
+
+
+@index_app.command("build")
+def index_build(
+    sources: SourcesArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Index directory to (re)write.")],
+    preset_name: PresetOpt = "default",
+    bm25_only: Annotated[bool, typer.Option("--bm25-only", help="Skip the dense index.")] = False,
+    hnsw: Annotated[
+        bool, typer.Option("--hnsw", help="Same as --dense-index hnsw.")
+    ] = False,
+    dense_index: Annotated[
+        str,
+        typer.Option("--dense-index", help="flat (exact) | hnsw (approximate, for millions of "
+                     "passages) | ivf (approximate, quicker to build, slower to search) | auto "
+                     "(flat below 100k passages, else hnsw)."),
+    ] = "auto",
+    nprobe: Annotated[
+        int | None,
+        typer.Option("--nprobe", min=1,
+                     help="IVF: cells searched per query (recall vs speed; default 128)."),
+    ] = None,
+    nlist: Annotated[
+        int | None,
+        typer.Option("--nlist", min=1, help="IVF: cells; default about sqrt(passages)."),
+    ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option("--ray", help="Build on Ray: 'local' (this machine) or a cluster address "
+                     "(HEAD:6379, ray://HEAD:10001, auto); resumable. Needs citeqa[ray]."),
+    ] = None,
+    work_dir: Annotated[
+        Path | None,
+        typer.Option("--work-dir", help="--ray: where shards wait for the merge (default "
+                     ".OUT.build beside OUT); on a cluster, storage every node mounts."),
+    ] = None,
+    embedders: Annotated[
+        int | None,
+        typer.Option("--embedders", min=1, help="--ray: embedding actors (default: one per "
+                     "GPU, else one per CPU)."),
+    ] = None,
+    shard_chars: Annotated[
+        int | None,
+        typer.Option("--shard-chars", min=1, help="--ray: characters of documents per shard "
+                     "(the unit of work and of resuming; default 2,000,000)."),
+    ] = None,
+    max_chars: Annotated[
+        int | None, typer.Option("--max-chars", help="Maximum passage length in characters.")
+    ] = None,
+    allow_private_urls: PrivateUrlsOpt = False,
+    if_missing: Annotated[
+        bool,
+        typer.Option("--if-missing", help="Build only when --out holds no index (one a crash "
+                     "left mid-swap is restored, not rebuilt); for start scripts."),
+    ] = False,
+    progress: ProgressOpt = None,
+) -> None:
+    """Build (or atomically rebuild) an index from SOURCES into --out."""
+    progress = shown_progress(progress)  # default: on a terminal only
+    from citeqa.retrieval import build_index
+    from citeqa.retrieval.dense import KINDS, DenseSpec
+    from citeqa.retrieval.store import recover_index
+
+    if hnsw and dense_index not in ("auto", "hnsw"):
+        raise fail(f"--hnsw contradicts --dense-index {dense_index}; give one of them")
+    if dense_index not in KINDS:
+        raise fail(f"--dense-index must be one of {', '.join(KINDS)}, not {dense_index!r}")
+    if ray is None and (work_dir or embedders or shard_chars):
+        raise fail("--work-dir, --embedders and --shard-chars only apply with --ray")
+    if (nprobe or nlist) and (dense_index != "ivf" or bm25_only):
+        raise fail("--nprobe and --nlist only apply with --dense-index ivf")
+    if bm25_only and (hnsw or dense_index != "auto"):
+        raise fail("--bm25-only builds no dense index: drop --hnsw / --dense-index")
+    if if_missing:
+        with contextlib.suppress(CiteqaError):  # no index there: build it
+            recover_index(out)
+            typer.echo(f"{out} holds an index already; not rebuilt (--if-missing)")
+            return
+    # a rebuild would swap in an index without the documents of a mistyped path
+    _check_sources_exist(sources, f"nothing was built (an index at {out}, if any, is as it was)")
+    try:
+        cfg = preset(preset_name).retrieval
+        if bm25_only:
+            cfg = replace(cfg, dense=False)
+        if hnsw:
+            cfg = replace(cfg, faiss_index="hnsw")
+        if max_chars is not None:
+            if max_chars < 50:
+                raise fail("--max-chars must be at least 50")
+            cfg = replace(cfg, chunk=replace(cfg.chunk, max_chars=max_chars))
+        spec = DenseSpec(kind="hnsw" if hnsw else dense_index,  # type: ignore[arg-type]
+                         hnsw_m=cfg.hnsw_m, nlist=nlist,
+                         **({"nprobe": nprobe} if nprobe is not None else {}))
+        if ray is not None:
+            from citeqa.distributed import RayExecutor, RayOptions, build_index_sharded
+            from citeqa.retrieval.shards import SHARD_CHARS
+
+            summary = build_index_sharded(
+                sources, out, cfg, executor=RayExecutor(RayOptions(ray, embedders=embedders)),
+                work_dir=work_dir, shard_chars=shard_chars or SHARD_CHARS, dense_spec=spec,
+                allow_private_urls=allow_private_urls, progress=progress,
+            )
+        else:
+            summary = build_index(sources, out, cfg, allow_private_urls=allow_private_urls,
+                                  progress=progress, dense_spec=spec)
+    except CiteqaError as e:
+        raise fail(str(e)) from None
+    except OSError as e:  # the output's file system: read-only, full, ...
+        raise fail(f"could not build the index into {out}: {e}; the index there, if any, is "
+                   "as it was") from None
+    except KeyboardInterrupt:
+        again = ("run the same command again: it reuses the shards already built"
+                 if ray is not None else "run the same command again to build it")
+        typer.echo(f"\ninterrupted: {out} is not left half-written (a build swaps a finished "
+                   f"index in whole); {again}", err=True)
+        raise typer.Exit(130) from None
+    _echo_skipped(summary.skipped)
+    shards = (f"; {plural(summary.shards, 'shard')}, {summary.shards_reused} reused from an "
+              "interrupted run" if ray is not None else "")
+    typer.echo(
+        f"indexed {plural(summary.documents, 'document')} as "
+        f"{plural(summary.passages, 'passage')} into {summary.out} in {summary.seconds:.1f} s "
+        f"({plural(len(summary.skipped), 'source')} skipped{shards})"
+    )
+
+
+
+def _load_sources(sources: list[str], *, allow_private_urls: bool,
+                  progress: bool) -> LoadResult:
+    from citeqa.ingest import Fetcher, FetchPolicy, load_sources
+
+    fetcher = Fetcher(FetchPolicy(allow_private=allow_private_urls))
+    return load_sources(sources, fetcher=fetcher, progress=progress)
+
+
+@index_app.command("add")
+def index_add(
+    sources: SourcesArg,
+    index: ChangedIndexOpt,
+    replace_changed: Annotated[bool, typer.Option(
+        "--replace", help="Replace a document the index holds under the same id with other "
+        "content (an edited file); without it such a document stops the command and nothing "
+        "changes.")] = False,
+    allow_private_urls: PrivateUrlsOpt = False,
+    progress: ProgressOpt = None,
+) -> None:
+    """Add the documents of SOURCES to the index at --index, in place (atomically, chunked and
+    embedded as it was built). Documents it already holds as they are are left alone, so the
+    same command can run again."""
+    progress = shown_progress(progress)
+    directory = open_index_dir(index)
+    unchanged_index = f"the index at {directory} is as it was"
+    _check_sources_exist(sources, unchanged_index)
+    from citeqa.retrieval import HybridRetriever
+    from citeqa.retrieval.builder import no_documents
+    from citeqa.retrieval.updates import apply_update, plan_additions
+
+    try:
+        loaded = _load_sources(sources, allow_private_urls=allow_private_urls, progress=progress)
+        _echo_skipped(loaded.skipped)
+        if not loaded.documents:
+            raise no_documents(len(sources), loaded.skipped)
+        retriever = HybridRetriever.open(directory)
+        plan = plan_additions(retriever.index.documents, loaded.documents,
+                              replace=replace_changed)
+        if plan.conflicts:
+            source = {d.doc_id: d.source for d in loaded.documents}
+            named = ", ".join(f"{squash(i)} ({squash(source[i])})" for i in plan.conflicts[:5])
+            raise fail(f"the index holds {plural(len(plan.conflicts), 'document')} with other "
+                       f"content: {named}{', ...' if len(plan.conflicts) > 5 else ''}; pass "
+                       f"--replace to replace them; {unchanged_index}")
+        version, passages = retriever.index.version, 0
+        if plan.update.add:
+            embedder = retriever.embedder if retriever.index.dense is not None else None
+            result = apply_update(retriever.index, plan.update, directory, embedder=embedder,
+                                  progress=progress)
+            version = result.index.version
+            passages = sum(result.added_passages.values())
+    except IndexChangedError:
+        raise fail(f"another writer changed the index at {directory} while this command ran; "
+                   "nothing was changed: run the command again") from None
+    except CiteqaError as e:
+        raise fail(str(e)) from None
+    except OSError as e:  # the index's file system: read-only, full, ...
+        raise fail(f"could not write the index at {directory}: {e}; it is as it was") from None
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted: the index at {directory} holds all of this change or none "
+                   "of it; run the same command again to finish it", err=True)
+        raise typer.Exit(130) from None
+    kept = (f"; {plural(len(plan.unchanged), 'document')} already indexed as given"
+            if plan.unchanged else "")
+    if not plan.update.add:
+        typer.echo(f"nothing to add to {directory}{kept} (index version {version})")
+        return
+    done = [f"{verb} {plural(len(ids), 'document')}"
+            for verb, ids in (("added", plan.new), ("replaced", plan.replaced)) if ids]
+    typer.echo(f"{' and '.join(done)} ({plural(passages, 'passage')}) in {directory}{kept} "
+               f"(index version {version})")
+
+
+@index_app.command("remove")
+def index_remove(
+    doc_ids: Annotated[list[str], typer.Argument(
+        help="Ids of the documents to remove (`citeqa index list` shows them).")],
+    index: ChangedIndexOpt,
+    missing_ok: Annotated[bool, typer.Option(
+        "--missing-ok", help="An id the index does not hold is no error (the same command can "
+        "run again).")] = False,
+) -> None:
+    """Remove documents from the index at --index, in place (atomically)."""
+    directory = open_index_dir(index)
+    from citeqa.retrieval.store import Index
+    from citeqa.retrieval.updates import IndexUpdate, apply_update
+
+    try:
+        loaded = Index.load(directory)
+        wanted = list(dict.fromkeys(doc_ids))
+        missing = [i for i in wanted if i not in loaded.documents]
+        if missing and not missing_ok:
+            raise fail(f"the index at {directory} holds no document with id "
+                       f"{', '.join(map(squash, missing))} (`citeqa index list` shows the ids); "
+                       "nothing was removed")
+        gone = [i for i in wanted if i in loaded.documents]
+        if gone:
+            result = apply_update(loaded, IndexUpdate(remove=tuple(gone)), directory)
+            loaded = result.index
+    except IndexChangedError:
+        raise fail(f"another writer changed the index at {directory} while this command ran; "
+                   "nothing was changed: run the command again") from None
+    except CiteqaError as e:
+        raise fail(str(e)) from None
+    except OSError as e:
+        raise fail(f"could not write the index at {directory}: {e}; it is as it was") from None
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted: the index at {directory} holds all of this change or none "
+                   "of it; run the same command again to finish it", err=True)
+        raise typer.Exit(130) from None
+    absent = f"; {len(missing)} not in it" if missing else ""
+    typer.echo(f"removed {plural(len(gone), 'document')} from {directory}{absent}; "
+               f"{plural(len(loaded.documents), 'document')} left (index version "
+               f"{loaded.version})")
+
+
+def _read_index(index: Path | None) -> Index:
+    """The index ``index`` names (default: $CITEQA_INDEX, else index/default), checksums
+    verified; fails the command when there is none or it is damaged."""
+    from citeqa.retrieval.store import Index
+
+    directory = open_index_dir(settings_from(index=index).index)
+    try:
+        return Index.load(directory)
+    except CiteqaError as e:
+        raise fail(str(e)) from None
+
+
+@index_app.command("list")
+def index_list(index: IndexDir = None, as_json: JsonOpt = False) -> None:
+    """List the documents of an index in index order: id, passages, title and source
+    (tab-separated, after a header line)."""
+    loaded = _read_index(index)
+    passages: dict[str, int] = dict.fromkeys(loaded.documents, 0)
+    for p in loaded.passages:
+        passages[p.doc_id] += 1
+    if as_json:
+        typer.echo(json.dumps({
+            "index": str(loaded.directory), "version": loaded.version,
+            "total": len(loaded.documents),
+            "documents": [{"doc_id": d.doc_id, "title": d.title, "source": d.source,
+                           "chars": len(d.text), "passages": passages[d.doc_id]}
+                          for d in loaded.documents.values()],
+        }, ensure_ascii=False, indent=2))
+        return
+    typer.echo("doc_id\tpassages\ttitle\tsource")
+    for d in loaded.documents.values():  # untrusted text: one line each, no control characters
+        typer.echo("\t".join([squash(d.doc_id), str(passages[d.doc_id]),
+                              squash(d.title).replace("\t", " "), squash(d.source)]))
+    typer.echo(f"{plural(len(loaded.documents), 'document')}, "
+               f"{plural(len(loaded.passages), 'passage')}", err=True)
+
+
+def index_facts(loaded: Index) -> dict[str, Any]:
+    """What ``citeqa index info`` shows of an index: its identity, size and how it was built."""
+    assert loaded.directory is not None, "an index read from disk"
+    files = [p for p in Path(loaded.directory).rglob("*") if p.is_file()]
+    m = loaded.manifest
+    return {
+        "index": str(loaded.directory),
+        "version": loaded.version,
+        "created": m.get("created"),
+        "documents": len(loaded.documents),
+        "passages": len(loaded.passages),
+        "vocabulary": (m.get("counts") or {}).get("vocabulary"),
+        "embedding": m.get("embedding"),  # None: BM25 only
+        "dense_index": m.get("dense_index") if loaded.dense is not None else None,
+        "chunk": (m.get("settings") or {}).get("chunk"),
+        "bytes": sum(p.stat().st_size for p in files),
+        "checksums": "ok",  # Index.load verified every file against the manifest
+    }
+
+
+def _dense_line(spec: dict[str, Any] | None) -> str:
+    if spec is None:
+        return "none (BM25 only)"
+    kind = spec.get("kind", "flat")
+    if kind == "hnsw":
+        return f"hnsw (M {spec.get('hnsw_m')}, efSearch {spec.get('ef_search')})"
+    if kind == "ivf":
+        return f"ivf ({spec.get('nlist') or 'auto'} cells, {spec.get('nprobe')} probed)"
+    return str(kind)
+
+
+@index_app.command("info")
+def index_info(index: IndexDir = None, as_json: JsonOpt = False) -> None:
+    """Describe an index (version, counts, embedder, dense index, size) after checking every
+    file against its manifest."""
+    facts = index_facts(_read_index(index))
+    if as_json:
+        typer.echo(json.dumps(facts, ensure_ascii=False, indent=2))
+        return
+    emb = facts["embedding"]
+    chunk = facts["chunk"] or {}
+    rows = {
+        "index": facts["index"],
+        "version": facts["version"],
+        "created": facts["created"],
+        "documents": facts["documents"],
+        "passages": facts["passages"],
+        "vocabulary": facts["vocabulary"],
+        "embedding": (f"{emb.get('name')} ({emb.get('model_id')}, {emb.get('dim')} dims, "
+                      f"{emb.get('dtype', 'fp32')})" if emb else "none (BM25 only)"),
+        "dense index": _dense_line(facts["dense_index"]),
+        "chunking": f"passages of at most {chunk.get('max_chars')} characters",
+        "size": f"{facts['bytes'] / 1e6:.1f} MB",
+        "checksums": facts["checksums"],
+    }
+    for name, value in rows.items():
+        typer.echo(f"{name:<12} {value}")

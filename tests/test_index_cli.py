@@ -1,0 +1,231 @@
+"""``citeqa index add / remove / list / info``: documents changed in place, as a build of the same
+documents would index them, and nothing lost when a change is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from citeqa.cli import app
+from citeqa.retrieval.updates import plan_additions
+from citeqa.types import Document
+
+# -- plan_additions (pure) --------------------------------------------------------------------
+
+
+def _doc(doc_id: str, text: str = "some text", **kw: str) -> Document:
+    return Document(doc_id=doc_id, title=kw.get("title", doc_id), source=kw.get("source", "s"),
+                    text=text)
+
+
+def test_a_plan_adds_new_documents_and_leaves_identical_ones_alone() -> None:
+    indexed = {"a": _doc("a"), "b": _doc("b")}
+    plan = plan_additions(indexed, [_doc("a"), _doc("c"), _doc("d")])
+    assert plan.new == ("c", "d") and plan.unchanged == ("a",)
+    assert [d.doc_id for d in plan.update.add] == ["c", "d"] and plan.update.remove == ()
+    assert plan.replaced == () and plan.conflicts == ()
+
+
+@pytest.mark.parametrize("changed", [{"text": "other text"}, {"title": "T2"}, {"source": "s2"}])
+def test_a_document_indexed_with_other_content_conflicts_unless_replaced(changed) -> None:
+    indexed = {"a": _doc("a"), "b": _doc("b")}
+    edited = _doc("a", **{"text": "some text", **changed})
+    plan = plan_additions(indexed, [edited, _doc("c")])
+    assert plan.conflicts == ("a",) and plan.new == ("c",) and plan.replaced == ()
+    assert [d.doc_id for d in plan.update.add] == ["c"]  # the conflict is not planned
+    plan = plan_additions(indexed, [edited, _doc("c")], replace=True)
+    assert plan.conflicts == () and plan.replaced == ("a",) and plan.new == ("c",)
+    assert plan.update.add == (edited, _doc("c")) and plan.update.remove == ("a",)
+
+
+def test_a_plan_with_nothing_new_is_empty() -> None:
+    indexed = {"a": _doc("a")}
+    plan = plan_additions(indexed, [_doc("a")], replace=True)
+    assert plan.update.add == () and plan.update.remove == () and plan.unchanged == ("a",)
+
+
+# -- the commands, over a tiny index (fake embedder, no weights) ------------------------------
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    r = CliRunner().invoke(app, list(args))
+    return r.exit_code, r.stdout, r.stderr
+
+
+def _files(folder: Path, texts: dict[str, str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+FIRST = {"elbe.txt": "The river Elbe flows through Dresden and Hamburg to the North Sea.",
+         "basalt.txt": "Basalt is an igneous rock formed by the rapid cooling of lava."}
+MORE = {"granite.txt": "Granite is an intrusive igneous rock with large quartz crystals.",
+        "moon.txt": "The Moon orbits the Earth once in about twenty-seven days."}
+
+
+def _build(out: Path, *sources: Path) -> None:
+    code, _, err = _cli("index", "build", "--preset", "tiny", *map(str, sources),
+                        "--out", str(out), "--no-progress")
+    assert code == 0, err
+
+
+def _hits(index: Path, query: str) -> list[tuple[str, str, float]]:
+    code, out, err = _cli("search", query, "--index", str(index), "-k", "4", "--json")
+    assert code == 0, err
+    return [(h["doc_id"], h["text"], round(h["score"], 6)) for h in json.loads(out)]
+
+
+def _manifest(index: Path) -> str:
+    return (index / "manifest.json").read_text()
+
+
+def test_added_documents_are_indexed_as_a_build_of_them_all_would_be(tmp_path: Path) -> None:
+    first = _files(tmp_path / "first", FIRST)
+    more = _files(tmp_path / "more", MORE)
+    _build(tmp_path / "grown", first)
+    code, out, err = _cli("index", "add", str(more), "--index", str(tmp_path / "grown"),
+                          "--no-progress")
+    assert code == 0, err
+    assert "added 2 documents (2 passages)" in out
+    _build(tmp_path / "whole", first, more)  # the same documents in the same order
+    for query in ("igneous rock", "Hamburg river", "Moon orbit days", "quartz"):
+        for mode in ("bm25", "dense", "hybrid"):
+            grown = CliRunner().invoke(app, ["search", query, "-i", str(tmp_path / "grown"),
+                                             "--mode", mode, "--json"])
+            whole = CliRunner().invoke(app, ["search", query, "-i", str(tmp_path / "whole"),
+                                             "--mode", mode, "--json"])
+            assert grown.exit_code == whole.exit_code == 0
+            assert json.loads(grown.stdout) == json.loads(whole.stdout), (query, mode)
+
+
+def test_adding_again_changes_nothing_and_an_edit_needs_replace(tmp_path: Path) -> None:
+    docs = _files(tmp_path / "docs", FIRST)
+    index = tmp_path / "idx"
+    _build(index, docs)
+    before = _manifest(index)
+    code, out, err = _cli("index", "add", str(docs), "-i", str(index), "--no-progress")
+    assert code == 0, err
+    assert "nothing to add" in out and "2 documents already indexed as given" in out
+    assert _manifest(index) == before  # not even rewritten
+
+    (docs / "basalt.txt").write_text("Basalt is a dark volcanic rock rich in magnesium.")
+    code, out, err = _cli("index", "add", str(docs), "-i", str(index), "--no-progress")
+    assert code == 2
+    assert "with other content" in err and "basalt.txt" in err and "--replace" in err
+    assert _manifest(index) == before  # refused whole: nothing lost, nothing half-added
+
+    code, out, err = _cli("index", "add", str(docs), "-i", str(index), "--replace",
+                          "--no-progress")
+    assert code == 0, err
+    assert "replaced 1 document" in out and "1 document already indexed as given" in out
+    texts = [t for _, t, _ in _hits(index, "basalt magnesium volcanic")]
+    assert any("magnesium" in t for t in texts)
+    assert not any("rapid cooling" in t for t in texts)  # the old version is gone
+    code, out, _ = _cli("index", "list", "-i", str(index), "--json")
+    assert json.loads(out)["total"] == 2
+
+
+def test_remove_then_list_and_info(tmp_path: Path) -> None:
+    index = tmp_path / "idx"
+    _build(index, _files(tmp_path / "docs", {**FIRST, **MORE}))
+    code, out, err = _cli("index", "list", "-i", str(index), "--json")
+    assert code == 0, err
+    listed = json.loads(out)
+    assert listed["total"] == 4 and len(listed["documents"]) == 4
+    ids = {Path(d["source"]).name: d["doc_id"] for d in listed["documents"]}
+
+    code, out, err = _cli("index", "remove", ids["moon.txt"], ids["elbe.txt"], "-i", str(index))
+    assert code == 0, err
+    assert "removed 2 documents" in out and "2 documents left" in out
+    assert not any(doc in (ids["moon.txt"], ids["elbe.txt"])
+                   for doc, _, _ in _hits(index, "Moon Earth Elbe river Hamburg"))
+
+    code, out, err = _cli("index", "list", "-i", str(index))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "doc_id\tpassages\ttitle\tsource"
+    assert sorted(line.split("\t")[0] for line in lines[1:]) == sorted(
+        [ids["basalt.txt"], ids["granite.txt"]])
+    assert "2 documents, 2 passages" in err
+
+    code, out, err = _cli("index", "info", "-i", str(index), "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert (info["documents"], info["passages"], info["checksums"]) == (2, 2, "ok")
+    assert info["embedding"]["name"] == "hash" and info["bytes"] > 0
+    assert info["version"] == json.loads(_cli("index", "list", "-i", str(index),
+                                              "--json")[1])["version"]
+    code, out, _ = _cli("index", "info", "-i", str(index))
+    assert code == 0 and "documents    2" in out and "checksums    ok" in out
+
+
+def test_removals_that_cannot_be_done_change_nothing(tmp_path: Path) -> None:
+    index = tmp_path / "idx"
+    _build(index, _files(tmp_path / "docs", FIRST))
+    before = _manifest(index)
+    ids = [d["doc_id"] for d in json.loads(_cli("index", "list", "-i", str(index),
+                                                "--json")[1])["documents"]]
+    code, _, err = _cli("index", "remove", ids[0], "no-such-doc", "-i", str(index))
+    assert code == 2 and "no-such-doc" in err and "nothing was removed" in err
+    code, _, err = _cli("index", "remove", *ids, "-i", str(index))
+    assert code == 2 and "at least one document" in err
+    assert _manifest(index) == before
+    # --missing-ok: the same command can run again (as after a crash)
+    for _ in range(2):
+        code, out, err = _cli("index", "remove", ids[0], "no-such-doc", "-i", str(index),
+                              "--missing-ok")
+        assert code == 0, err
+    assert "removed 0 documents" in out and "2 not in it" in out
+
+
+def test_a_change_another_writer_overtook_is_refused(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another writer changes the index while ``index add`` works: its change is not undone."""
+    import citeqa.retrieval.updates as updates
+    from citeqa.retrieval.store import Index
+
+    index = tmp_path / "idx"
+    _build(index, _files(tmp_path / "docs", FIRST))
+    real_plan = updates.plan_additions
+
+    def plan_then_other_writer(*args, **kwargs):
+        other = Index.load(index)
+        updates.apply_update(other, updates.IndexUpdate(remove=(next(iter(other.documents)),)),
+                             index)
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(updates, "plan_additions", plan_then_other_writer)
+    written = _manifest(tmp_path / "idx")
+    code, _, err = _cli("index", "add", str(_files(tmp_path / "more", MORE)), "-i", str(index),
+                        "--no-progress")
+    assert code == 2 and "another writer changed the index" in err
+    assert _manifest(index) != written  # the other writer's removal stands
+    assert len(Index.load(index).documents) == 1
+
+
+def test_add_refuses_missing_sources_and_a_missing_index(tmp_path: Path) -> None:
+    index = tmp_path / "idx"
+    code, _, err = _cli("index", "add", str(tmp_path), "-i", str(index))
+    assert code == 2 and "not an index directory" in err
+    _build(index, _files(tmp_path / "docs", FIRST))
+    before = _manifest(index)
+    code, _, err = _cli("index", "add", str(tmp_path / "typo.txt"), "-i", str(index))
+    assert code == 2 and "no such file or folder" in err and "as it was" in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = _cli("index", "add", str(tmp_path / "empty"), "-i", str(index))
+    assert code == 2 and "no documents" in err
+    assert _manifest(index) == before
+
+
+def test_info_reports_a_damaged_index(tmp_path: Path) -> None:
+    index = tmp_path / "idx"
+    _build(index, _files(tmp_path / "docs", FIRST))
+    with (index / "documents.jsonl").open("a") as f:
+        f.write("\n")
+    code, _, err = _cli("index", "info", "-i", str(index))
+    assert code == 2 and "documents.jsonl" in err
