@@ -196,8 +196,10 @@ def main() -> None:
                     help="composed: MiniLM-composed vectors (each passage the normalised mean "
                          "of its sentences' MiniLM embeddings), no index build")
     ap.add_argument("--build-passages", type=int, default=None,
-                    help="passages of the local-vs-Ray throughput comparison (default: all "
-                         "with hash, 5000 with minilm)")
+                    help="about how many source texts the local-vs-Ray throughput comparison "
+                         "builds from, rounded up to whole source files (chunking can make more "
+                         "passages; the figures report the passages built; default: all with "
+                         "hash, 5000 with minilm)")
     ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--latency-queries", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2, help="torch/FAISS threads, Ray CPUs")
@@ -282,7 +284,7 @@ def main() -> None:
         hnsw, hstats = measure_build(hspec, vectors, work)
         print(f"HNSW: M {hspec.hnsw_m}, efConstruction {hspec.ef_construction}; build "
               f"{hstats['build_s']:.1f} s, {hstats['bytes_per_vector']:.0f} bytes/vector "
-              f"({hstats['file_mb']:,.0f} MB), RSS +{hstats['rss_growth_mb']:,.0f} MB")
+              f"({hstats['file_mb']:,.0f} MiB), RSS +{hstats['rss_growth_mb']:,.0f} MiB")
         fig["hnsw"] = dict(hstats)
         sweep("hnsw", hnsw, "efSearch", [16, 32, 64, 128, 256, 512])
         del hnsw
@@ -293,8 +295,8 @@ def main() -> None:
     trained = min(n, spec.train_per_list * (spec.nlist or 1))
     print(f"IVF: nlist {spec.nlist} (ivf_nlist({n:,}) = {ivf_nlist(n)}), trained on "
           f"{trained:,} vectors; build {stats['build_s']:.1f} s, "
-          f"{stats['bytes_per_vector']:.0f} bytes/vector ({stats['file_mb']:,.0f} MB), RSS "
-          f"+{stats['rss_growth_mb']:,.0f} MB")
+          f"{stats['bytes_per_vector']:.0f} bytes/vector ({stats['file_mb']:,.0f} MiB), RSS "
+          f"+{stats['rss_growth_mb']:,.0f} MiB")
     fig["ivf"] = {"nlist": spec.nlist, **stats}
     sweep("ivf", ivf, "nprobe", [p for p in (8, 16, 32, 64, 128, 256, 512)
                                  if p <= (spec.nlist or 1)])
@@ -323,7 +325,7 @@ def main() -> None:
                  f"{at_default[3]:.2f} ms" if at_default else ""))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     fig["peak_rss_mb"] = peak
-    print(f"peak RSS {peak:,.0f} MB (whole process). One machine shows no cluster gain: the "
+    print(f"peak RSS {peak:,.0f} MiB (whole process). One machine shows no cluster gain: the "
           "Ray build scales with embedding actors (GPUs or CPU nodes); see docs/ray.md.")
     if args.json:
         args.json.write_text(json.dumps(fig, indent=2) + "\n")

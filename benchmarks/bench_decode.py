@@ -11,19 +11,23 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
-from citeqa.allocator import keep_freed_memory
-from citeqa.config import Settings
-from citeqa.generation.backend import GenerationRequest
-from citeqa.generation.constraint import output_grammar
-from citeqa.generation.hf import HFBackend, _Stats
-from citeqa.generation.kv import with_cache_keyword
-from citeqa.generation.lm_head import choose
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's citeqa, not the one installed (a worktree's)
+
+from citeqa.allocator import keep_freed_memory  # noqa: E402
+from citeqa.config import Settings  # noqa: E402
+from citeqa.generation.backend import GenerationRequest  # noqa: E402
+from citeqa.generation.constraint import output_grammar  # noqa: E402
+from citeqa.generation.hf import HFBackend, _Stats  # noqa: E402
+from citeqa.generation.kv import with_cache_keyword  # noqa: E402
+from citeqa.generation.lm_head import choose  # noqa: E402
 
 PASSAGES = [
     "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, "
@@ -69,7 +73,8 @@ def timed(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--cache-dir", type=Path, default=Settings().cache_dir)

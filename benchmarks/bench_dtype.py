@@ -19,7 +19,10 @@ whose speed drifts (it does, by ~15 % within an hour) hurts both sides alike. Me
 - bf16 rounding: greedy answers of ``--questions`` eval questions generated alone, 4 at a time,
   and without speculative drafts; how many differ from alone-with-drafts (the default).
 
-Writes evals/results/bench_dtype.json.
+The batching check reads the SQuAD eval index (``.cache/squad-eval-index``; build it with
+``citeqa index build ../shared/data/squad2/qa.json ../shared/data/squad2/distractors.json --out
+.cache/squad-eval-index``, or pass ``--questions 0``). Writes ``--out`` (default a scratch file
+under .cache/bench/).
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-OUT = ROOT / "evals" / "results" / "bench_dtype.json"
+# a scratch file by default: the committed figures in evals/results/ change only when --out
+# names them
+OUT = ROOT / ".cache" / "bench" / "bench_dtype.json"
 from citeqa.config import Settings  # noqa: E402
 
 CACHE = Settings().cache_dir  # CITEQA_CACHE_DIR, as the service reads it
@@ -266,7 +271,8 @@ def bench_batch_divergence(questions: int) -> dict[str, object]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (pinned)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--questions", type=int, default=32,
@@ -292,6 +298,12 @@ def main() -> None:
         formats = tuple(f.strip() for f in args.formats.split(","))
         if "fp32" not in formats or not set(formats) <= {"fp32", "fp16w", "bf16"}:
             ap.error("--formats: a comma list of fp32,fp16w,bf16 that includes fp32 (the baseline)")
+    from evals.generation_quality import INDEX
+
+    batching = args.questions and "bf16" in formats
+    if batching and not (INDEX / "manifest.json").is_file():  # not after minutes of timings
+        ap.error(f"the bf16 batching check reads {INDEX}, which holds no index: build it (see "
+                 "this script's --help) or pass --questions 0")
     report: dict[str, object] = {
         "machine": platform.platform(),
         "torch": torch.__version__,
@@ -303,7 +315,6 @@ def main() -> None:
     report["generator"] = bench_generator(args.rounds, formats)
     report["embedding"] = bench_embedding(args.rounds, formats)
     report["training"] = bench_training(max(2, args.rounds // 2), formats)
-    batching = args.questions and "bf16" in formats
     if batching:
         report["bf16_batching"] = bench_batch_divergence(args.questions)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,18 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from citeqa.config import GenerationConfig
-from citeqa.generation.cited import CitedGenerator, GenerationItem
-from citeqa.generation.hf import HFBackend
-from citeqa.generation.prompt import build_messages
-from citeqa.types import Document, Hit, Passage
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's citeqa, not the one installed (a worktree's)
+
+from citeqa.config import GenerationConfig  # noqa: E402
+from citeqa.generation.cited import CitedGenerator, GenerationItem  # noqa: E402
+from citeqa.generation.hf import HFBackend  # noqa: E402
+from citeqa.generation.prompt import build_messages  # noqa: E402
+from citeqa.types import Document, Hit, Passage  # noqa: E402
+
 # (hidden, intermediate, layers, attention heads, key/value heads), as their configs give them
 SHAPES = {
     "tiny": (64, 128, 2, 4, 2),
@@ -213,7 +216,8 @@ def bench_embedder(device: str, passages: int, repeats: int) -> dict[str, object
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["smollm2-135m", "qwen2.5-1.5b"],
                     choices=sorted(SHAPES))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

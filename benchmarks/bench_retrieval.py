@@ -246,7 +246,7 @@ def main() -> None:
 
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     fig["peak_rss_mb"] = rss_mb
-    print(f"peak RSS: {rss_mb:,.0f} MB (whole process: corpus, rank_bm25 reference, model)")
+    print(f"peak RSS: {rss_mb:,.0f} MiB (whole process: corpus, rank_bm25 reference, model)")
     if args.json:
         args.json.write_text(json.dumps(fig, indent=2) + "\n")
 

@@ -13,7 +13,8 @@ tokens at the bf16 (or fp32) matmul rate that ``citeqa.compute``'s probe measure
 With ``--compile`` it also loads the reward model compiled (``CITEQA_REWARD_COMPILE``), reports
 how long compiling took and how far its scores are from eager, and times the two in alternating
 passes (``--rounds``).
-Writes evals/results/bench_reward.json.
+Reads the SQuAD eval index (``--index``, default ``.cache/squad-eval-index``: see
+bench_dtype.py for how to build it). Writes ``--out`` (default a scratch file under .cache/bench/).
 """
 
 from __future__ import annotations
@@ -32,11 +33,14 @@ sys.path.insert(0, str(ROOT))
 from citeqa.reward.scorer import DEFAULT_DIR  # noqa: E402
 from evals.generation_quality import DATA, INDEX, sample_questions  # noqa: E402
 
-OUT = ROOT / "evals" / "results" / "bench_reward.json"
+# a scratch file by default: the committed figures in evals/results/ change only when --out
+# names them
+OUT = ROOT / ".cache" / "bench" / "bench_reward.json"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reward", type=Path, default=DEFAULT_DIR)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--questions", type=int, default=30)

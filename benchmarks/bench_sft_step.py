@@ -37,7 +37,9 @@ from citeqa.training.cli import TARGETS  # noqa: E402
 from citeqa.training.demos import read_demos  # noqa: E402
 from citeqa.training.lora import LoRAConfig  # noqa: E402
 
-OUT = ROOT / "evals" / "results" / "bench_sft_step.json"
+# a scratch file by default: the committed figures in evals/results/ change only when --out
+# names them
+OUT = ROOT / ".cache" / "bench" / "bench_sft_step.json"
 
 
 def in_given_order(batch, size):
@@ -45,10 +47,12 @@ def in_given_order(batch, size):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help="demonstrations JSONL")
     ap.add_argument("--steps", type=int, default=4, help="steps a way, the first a warm-up")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
 
     from citeqa.allocator import keep_freed_memory
@@ -81,12 +85,13 @@ def main() -> None:
     hours = {k: v * 625 / 3600 for k, v in figures.items()}
     for k in figures:
         print(f"{k:20s} {ratios[k]:.2f}x   5,000 demonstrations (625 steps): {hours[k]:.2f} h")
-    OUT.write_text(json.dumps({
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
         "command": " ".join(["python", *sys.argv]), "model": model_id,
         "machine": platform.processor() or platform.machine(), "threads": args.threads,
         "timed_steps": args.steps - 1, "seconds_per_step": figures,
         "speedup_vs_given_order": ratios, "hours_for_625_steps": hours}, indent=2) + "\n")
-    print(f"wrote {OUT}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

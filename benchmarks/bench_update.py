@@ -24,17 +24,21 @@ import argparse
 import json
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from citeqa.config import ChunkConfig, RetrievalConfig
-from citeqa.retrieval import HashEmbedder, Index, build_index_from_documents
-from citeqa.retrieval.dense import DenseIndex, DenseSpec
-from citeqa.retrieval.updates import IndexUpdate, apply_update
-from citeqa.types import Document
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's citeqa, not the one installed (a worktree's)
+
+from citeqa.config import ChunkConfig, RetrievalConfig  # noqa: E402
+from citeqa.retrieval import HashEmbedder, Index, build_index_from_documents  # noqa: E402
+from citeqa.retrieval.dense import DenseIndex, DenseSpec  # noqa: E402
+from citeqa.retrieval.updates import IndexUpdate, apply_update  # noqa: E402
+from citeqa.types import Document  # noqa: E402
 
 CFG = RetrievalConfig(embedder="hash", chunk=ChunkConfig(max_chars=600))
 

@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-s", type=float, default=60.0, help="seconds between RSS samples")
     ap.add_argument("--warmup-s", type=float, default=60.0, help="warm-up before the baseline")
     ap.add_argument("--ready-timeout", type=float, default=600.0)
-    ap.add_argument("--out", type=Path, default=ROOT / "evals" / "results" / "soak.json")
+    ap.add_argument("--out", type=Path, default=ROOT / ".cache" / "bench" / "soak.json",
+                    help="where to write the figures (default: a scratch file; evals/results/ "
+                    "holds the committed ones)")
     args = ap.parse_args(argv)
 
     args.index, scratch = index_for(args.index, args.preset)
