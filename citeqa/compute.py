@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 CpuDtype = Literal["auto", "bf16", "fp16w", "fp32"]  # CITEQA_CPU_DTYPE's values (config.py)
 CPU_DTYPES: tuple[str, ...] = get_args(CpuDtype)
+# What a local generator's model id gains for its CPU serving format (generation/hf.py): answers
+# differ slightly from the same weights in fp32, and reports say which format made them.
+MODEL_ID_SUFFIX = {"bf16": "+bf16-int8w", "fp16w": "+fp16-linear"}
 BF16_MIN_SPEEDUP = 1.5  # bf16 must beat fp32 by this factor on the probe to be chosen
 PROBE_SHAPE = (256, 576, 1536)  # M x K x N: a slice of a small model's prefill
 ONEDNN_MIN_SPEEDUP = 1.1  # oneDNN's fp32 product must beat torch's by this factor to be chosen

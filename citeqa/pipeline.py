@@ -192,6 +192,15 @@ class Pipeline:
             _close_backend(backend)
             raise
         logger.info("loaded in %.1f s", time.perf_counter() - started)
+        record = getattr(scorer, "calibration", None)  # its calibration.json, parsed
+        if record is not None:
+            from citeqa.generation.prompt import generator_fingerprint
+            from citeqa.reward.provenance import mismatch_warning
+
+            serving = generator_fingerprint(backend.model_id, cfg.generation)
+            warning = mismatch_warning(record.body, serving, cfg.generation.n_candidates)
+            if warning:
+                logger.warning("%s", warning)
         threshold = scorer.threshold if scorer is not None else None
         uncertified = threshold is None or math.isinf(threshold)
         if (scorer is not None and cfg.reward.threshold is None and uncertified

@@ -4,6 +4,7 @@ generator and a copy of the shipped reward model."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shlex
@@ -41,7 +42,8 @@ def commands() -> list[str]:
             if line.strip() and not line.lstrip().startswith("#")]
 
 
-def test_the_calibration_guide_runs_as_written(tmp_path: Path, monkeypatch) -> None:
+def test_the_calibration_guide_runs_as_written(tmp_path: Path, monkeypatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
     if not (WEIGHTS / "encoder").is_dir():
         pytest.skip("the shipped reward model is not in this checkout")
     from citeqa.cli import app
@@ -81,6 +83,8 @@ def test_the_calibration_guide_runs_as_written(tmp_path: Path, monkeypatch) -> N
     assert written["scores"] != shipped["scores"]  # the copy was recalibrated ...
     assert json.loads((WEIGHTS / "calibration.json").read_text()) == shipped  # ... not the original
     assert written["targets_tried"] == [0.6, 0.7, 0.8, 0.9] and written["threshold"] is None
+    # what the certified answers were: a server that differs says so when it starts
+    assert written["candidates_per_question"] == 1 and len(written["generators"]) == 1
 
     # 4. served with the document's settings: nothing certified, so every question is declined;
     # without CITEQA_DECLINE_UNCERTIFIED the same server answers (without a threshold)
@@ -93,6 +97,13 @@ def test_the_calibration_guide_runs_as_written(tmp_path: Path, monkeypatch) -> N
     assert answer.declined and answer.candidates
     assert "calibration certified no accuracy target" in answer.reason
     monkeypatch.delenv("CITEQA_DECLINE_UNCERTIFIED")
-    lenient = Pipeline.from_settings(Settings(preset="tiny", index=tmp_path / "my-index"))
+    with caplog.at_level(logging.WARNING, logger="citeqa.pipeline"):
+        lenient = Pipeline.from_settings(Settings(preset="tiny", index=tmp_path / "my-index"))
     assert not lenient.ask(question).declined
     assert lenient.ask(question, target_accuracy=0.8).declined
+    assert "calibrated on other answers" not in caplog.text  # the generator it was made on
+    with caplog.at_level(logging.WARNING, logger="citeqa.pipeline"):
+        Pipeline.from_settings(Settings(preset="tiny", index=tmp_path / "my-index",
+                                        answer_mode="free"))
+    assert "calibrated on other answers than this service gives (answer_mode 'span' -> " \
+           "'free'" in caplog.text

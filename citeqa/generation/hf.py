@@ -72,7 +72,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from citeqa.compute import CPU_DTYPES
+from citeqa.compute import CPU_DTYPES, MODEL_ID_SUFFIX
 from citeqa.compute import cpu_dtype as cpu_dtype_for
 from citeqa.errors import ConfigError
 from citeqa.generation.backend import Completion, GenerationRequest, abandoned_completions
@@ -246,9 +246,9 @@ class HFBackend:
             if resolved == "bf16":
                 parameters_to_bf16(model)
                 install_cpu_linears(model.get_decoder())
-                model_id = f"{model_id}+bf16-int8w"  # outputs differ (slightly): reports say so
+                model_id += MODEL_ID_SUFFIX["bf16"]  # outputs differ (slightly): reports say so
             elif resolved == "fp16w" and store_linear_weights_fp16(model, kw.get("threads")):
-                model_id = f"{model_id}+fp16-linear"
+                model_id += MODEL_ID_SUFFIX["fp16w"]
         return cls(model, tokenizer, model_id, head=head, **kw)
 
     # -- public ---------------------------------------------------------------------------

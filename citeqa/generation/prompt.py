@@ -22,6 +22,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from citeqa.config import GenerationConfig
 from citeqa.generation.chat import WORD_JOINER
@@ -158,3 +159,17 @@ def prompt_fingerprint(cfg: GenerationConfig | None = None) -> str:
     hit = Hit(Passage(0, "probe", 0, len(text), text), "Probe", "probe", 1.0)
     messages, _ = build_messages(PROBE_QUESTION, [hit, hit], cfg or GenerationConfig())
     return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
+
+
+def generator_fingerprint(model_id: str, gen_cfg: GenerationConfig) -> dict[str, Any]:
+    """Which generator made some answers, independent of git: its model id, the prompt's
+    fingerprint and the generation settings. Reward data records it, and so the calibration
+    made from that data (reward/provenance.py compares it with a service's)."""
+    return {
+        "model_id": model_id,
+        "prompt_sha256": prompt_fingerprint(gen_cfg)[:16],
+        "answer_mode": gen_cfg.answer_mode,
+        "temperature": gen_cfg.temperature,
+        "top_k_passages": gen_cfg.top_k_passages,
+        "passage_chars": gen_cfg.passage_chars,
+    }

@@ -419,6 +419,7 @@ def calibrate_dir(data_paths: list[Path], reward_dir: Path, *, target: float, de
     from citeqa.reward.calibrate import calibrate_threshold, choose_target
     from citeqa.reward.combine import Signals
     from citeqa.reward.data import load_verifier_data
+    from citeqa.reward.provenance import candidates_per_question
     from citeqa.reward.scorer import VerifierScorer, best_per_question, write_calibration
 
     data = load_verifier_data(data_paths)
@@ -447,7 +448,9 @@ def calibrate_dir(data_paths: list[Path], reward_dir: Path, *, target: float, de
         "data": [str(p) for p in data_paths],
         "answerable_share": sum(answerable) / max(len(answerable), 1),
         "oracle_accuracy": float(correct.mean()),  # answered accuracy at full coverage
+        # the answers certified: a service that differs is warned (provenance.py)
         "generators": data.generators,
+        "candidates_per_question": candidates_per_question(data.questions),
     }
     if targets:
         extra["targets_tried"] = sorted(set(targets))

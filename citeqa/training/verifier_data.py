@@ -36,7 +36,7 @@ from citeqa.errors import ConfigError, InvalidRequestError, OutputFormatError
 from citeqa.evals.metrics import is_correct
 from citeqa.evals.squad import QAItem, read_question_file
 from citeqa.generation.cited import answer_span
-from citeqa.generation.prompt import prompt_fingerprint
+from citeqa.generation.prompt import generator_fingerprint
 from citeqa.pipeline import Pipeline
 from citeqa.redteam.corpus import NUMBER, names_in
 from citeqa.redteam.maker import Variant
@@ -56,19 +56,6 @@ def label(answer: str, quote: str | None, golds: Sequence[str]) -> int:
     if quote is None or not golds or answer_span(answer, quote) is None:
         return 0
     return int(is_correct(answer, golds, quote_valid=True))
-
-
-def generator_fingerprint(model_id: str, gen_cfg: Any) -> dict[str, Any]:
-    """Which generator made the data, independent of git: its model id, the prompt's
-    fingerprint and the generation settings."""
-    return {
-        "model_id": model_id,
-        "prompt_sha256": prompt_fingerprint(gen_cfg)[:16],
-        "answer_mode": gen_cfg.answer_mode,
-        "temperature": gen_cfg.temperature,
-        "top_k_passages": gen_cfg.top_k_passages,
-        "passage_chars": gen_cfg.passage_chars,
-    }
 
 
 # --- generator candidates --------------------------------------------------------------------
