@@ -45,8 +45,8 @@ app.add_typer(train_app, name="train")
 def _register_subcommands() -> None:
     """Commands that live beside the code they drive (evaluation, training)."""
     from citeqa.evals.cli import eval_app
+    from citeqa.index_cli import index_app
     from citeqa.redteam.cli import redteam
-    from citeqa.retrieval.cli import index_app
     from citeqa.reward.cli import calibrate
     from citeqa.reward.cli import train_app as reward_train_app
     from citeqa.training.cli import app as generator_train_app

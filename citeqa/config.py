@@ -274,6 +274,9 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(30.0, ge=0, le=DAY_S, allow_inf_nan=False)
     # how often a waiting request checks its client
     disconnect_poll_s: float = Field(0.05, gt=0, le=60, allow_inf_nan=False)
+    # how often the service looks whether another writer changed its index on disk (a rebuild,
+    # `citeqa index add/remove`) and then serves the new one; 0 = never (until restarted)
+    index_reload_s: float = Field(2.0, ge=0, le=DAY_S, allow_inf_nan=False)
 
     @field_validator("reward")
     @classmethod

@@ -13,7 +13,9 @@ generator's own confidence, ``exp(mean token log-probability)``: a stand-in, not
 Documents can be added and deleted while serving (``add_documents``, ``delete_document``): the
 index is rewritten atomically (citeqa/retrieval/updates.py) and the retriever is swapped in one
 assignment. Every request reads ``self.retriever`` once, so it sees the old or the new index,
-never a mix.
+never a mix. An index another writer changed on disk is served once ``reload_index`` sees it
+(the service looks every ``CITEQA_INDEX_RELOAD_S``), and a document change that meets one is
+applied to it rather than undoing it.
 """
 
 from __future__ import annotations
@@ -35,12 +37,20 @@ from citeqa.config import (
     Config,
     Settings,
 )
-from citeqa.errors import ConfigError, InvalidRequestError, ModelError, NotSupportedError
+from citeqa.errors import (
+    ConfigError,
+    IndexChangedError,
+    IndexError_,
+    InvalidRequestError,
+    ModelError,
+    NotSupportedError,
+)
 from citeqa.generation.cited import CitedGenerator, Generation, GenerationItem
 from citeqa.generation.factory import build_backend
 from citeqa.generation.format import ANSWER_MODES
 from citeqa.retrieval.base import Retriever
 from citeqa.retrieval.retriever import HybridRetriever
+from citeqa.retrieval.store import Index, version_on_disk
 from citeqa.retrieval.updates import IndexUpdate, apply_update
 from citeqa.text import is_blank
 from citeqa.types import Answer, AskArgs, Candidate, Document, Hit
@@ -164,7 +174,9 @@ class Pipeline:
         self.cfg = cfg
         self.scorer = scorer
         self.index_dir = index_dir  # where document updates are written; None = the index's own
-        self._update_lock = threading.Lock()  # one document update at a time
+        self._update_lock = threading.Lock()  # one document update (or reload) at a time
+        self._refused: tuple[str, str] | None = None  # (version, why) of an index on disk
+        # that failed to load: said once, not at every look
         self._highest_certified: tuple[float | None] | None = None  # None: not computed yet
 
     @classmethod
@@ -424,7 +436,9 @@ class Pipeline:
         self._update(IndexUpdate(remove=(doc_id,)))
 
     def _update(self, update: IndexUpdate) -> dict[str, int]:
-        """Apply ``update`` to disk, then swap the retriever (one update at a time)."""
+        """Apply ``update`` to disk, then swap the retriever (one update at a time). When
+        another writer changed the index since it was loaded, the index is loaded as it is now
+        and the update applied to that (once): nobody's change is undone, and none refused."""
         with self._update_lock:
             old = self.retriever
             if not isinstance(old, HybridRetriever):
@@ -435,12 +449,63 @@ class Pipeline:
             out = self.index_dir or old.index.directory
             if out is None:
                 raise ConfigError("the index has no directory to write updates to")
-            embedder = old.embedder if update.add and old.index.dense is not None else None
-            result = apply_update(old.index, update, out, embedder=embedder)
+            for attempt in range(2):
+                embedder = old.embedder if update.add and old.index.dense is not None else None
+                try:
+                    result = apply_update(old.index, update, out, embedder=embedder)
+                    break
+                except IndexChangedError:
+                    if attempt or self._reload_or_say_why(out) is None:  # nothing to load
+                        raise
+                    assert isinstance(self.retriever, HybridRetriever), self.retriever
+                    old = self.retriever
             self.retriever = old.with_index(result.index)
         logger.info("documents updated: +%s -%s", [d.doc_id for d in update.add],
                     list(update.remove))
         return result.added_passages
+
+    def reload_index(self) -> str | None:
+        """Serve the index the index directory holds now when another writer changed it (a
+        rebuild, ``citeqa index add/remove``, another server): its version, or None when it
+        holds the one served (or none readable yet: a writer mid-swap). IndexError_ when it
+        cannot be loaded (damaged, another embedder) and then, until it changes again, None:
+        the index served stays as it is."""
+        with self._update_lock:
+            return self._reload_locked()
+
+    def _reload_or_say_why(self, out: Path) -> str | None:
+        """``_reload_locked`` for an update that met another writer's index: one that cannot
+        be loaded is that update's failure (409), not the served index's."""
+        try:
+            version = self._reload_locked()
+        except IndexError_ as exc:
+            why: str | None = str(exc)
+        else:  # None also for the index on disk refused before: say why again
+            on_disk = version_on_disk(out)
+            why = self._refused[1] if self._refused and self._refused[0] == on_disk else None
+        if why is None:
+            return version
+        raise IndexChangedError(
+            f"another writer changed the index at {out}, and it cannot be served as it is now "
+            f"({why}); nothing was changed: the index served is still the one loaded")
+
+    def _reload_locked(self) -> str | None:
+        old = self.retriever
+        if not isinstance(old, HybridRetriever):
+            return None
+        out = self.index_dir or old.index.directory
+        version = version_on_disk(out) if out is not None else None
+        refused = self._refused[0] if self._refused is not None else None
+        if out is None or version in (None, old.index.version, refused):
+            return None
+        try:
+            self.retriever = old.with_index(Index.load(out))
+        except IndexError_ as exc:
+            self._refused = (str(version), str(exc))
+            raise
+        logger.info("serving the index %s as another writer left it: version %s -> %s", out,
+                    old.index.version, self.retriever.index_version)
+        return self.retriever.index_version
 
     # -- declining ---------------------------------------------------------------------------
 

@@ -2,7 +2,9 @@
 
 Models and index load in the lifespan, in a background thread, so ``/healthz`` answers at once
 and ``/readyz`` is 503 until the pipeline is loaded (and again while shutting down, which a
-probe rarely sees: uvicorn stops taking connections before the lifespan ends). Generation
+probe rarely sees: uvicorn stops taking connections before the lifespan ends). Every
+``index_reload_s`` the service looks whether another writer changed its index on disk, and then
+serves that one (``Pipeline.reload_index``). Generation
 runs on one worker thread behind a bounded queue (``batching.Batcher``); the event loop only
 awaits futures.
 
@@ -113,6 +115,29 @@ def _load(state: ServiceState, factory: PipelineFactory) -> None:
     logger.info("pipeline loaded; ready")
 
 
+async def _watch_index(state: ServiceState) -> None:
+    """Every ``index_reload_s``, serve the index on disk if another writer changed it
+    (``Pipeline.reload_index``), on the updates' thread: never beside a document change."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(state.settings.index_reload_s)
+        with state.lock:
+            pipeline, updater = state.pipeline, state.updater
+            ready = state.phase == "ready"
+        reload = getattr(pipeline, "reload_index", None)  # fakes in tests need not have one
+        if not ready or updater is None or not callable(reload):
+            continue
+        try:
+            await loop.run_in_executor(updater, reload)
+        except CiteqaError as exc:  # the index served stays; said once per index on disk
+            logger.error("the index on disk changed but cannot be served; still serving the "
+                         "one loaded: %s", exc)
+        except RuntimeError:  # the updater shut down: the service is stopping
+            return
+        except Exception:  # a bug or the file system: say so, and look again next time
+            logger.exception("looking for a changed index failed")
+
+
 def _shutdown(state: ServiceState) -> None:
     """Mark not-ready first, then let queued and running batches finish, then stop the workers
     (a document update in progress is finished: it is never abandoned half-way)."""
@@ -164,9 +189,13 @@ def create_app(
         loader = threading.Thread(target=_load, args=(state, factory), name="citeqa-loader",
                                   daemon=True)
         loader.start()
+        watcher = (asyncio.create_task(_watch_index(state))
+                   if settings.index_reload_s > 0 else None)
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.cancel()
             await asyncio.to_thread(_shutdown, state)
 
     app = FastAPI(

@@ -23,8 +23,9 @@ How ``CiteqaError`` maps to HTTP (the one table; first match wins, subclasses fi
                                                            retrying)
     FetchError             502     fetch_failed            an upstream site (or DNS) failed
     SourceError            422     bad_source              the user's source could not be read
-    IndexChangedError      409     index_changed           another server or a rebuild wrote the
-                                                           index since this one loaded it (restart)
+    IndexChangedError      409     index_changed           another writer changed the index since
+                                                           this server loaded it, and the index as
+                                                           it is now cannot be loaded
     IndexError_            503     index_unavailable       the served index is missing or corrupt
     EmptyCorpusError       503     index_unavailable       the served index is empty
     ModelError             503     model_unavailable       a model could not be loaded

@@ -74,8 +74,11 @@ class HybridRetriever:
         return cls(index, cfg or built)
 
     def with_index(self, index: Index) -> HybridRetriever:
-        """A retriever over ``index`` (an updated copy of this one's) with the same settings and
-        the same, already loaded, query embedder."""
+        """A retriever over ``index`` (an updated copy of this one's, or the index its directory
+        holds now) with the same settings and the same, already loaded, query embedder;
+        IndexError_ when ``index`` was embedded with another model than that one."""
+        if self._embedder is not None and index.dense is not None:
+            _check_embedder(self._embedder, index.manifest.get("embedding") or {})
         return HybridRetriever(index, self.cfg, self._embedder)
 
     @property

@@ -285,8 +285,9 @@ def publish(tmp: Path, out: Path, *, expect: dict[str, Any] | None = None) -> No
         if expect is not None and _manifest_or_none(out) != json.loads(json.dumps(expect)):
             raise IndexChangedError(
                 f"the index at {out} changed on disk since this process loaded it (another "
-                "server or a rebuild wrote it), so this change would undo that one; nothing was "
-                "changed: restart to serve the index as it is now, then try again")
+                "server, a rebuild or `citeqa index add/remove` wrote it), so this change would "
+                "undo that one; nothing was changed: load the index as it is now, then try "
+                "again")
         if out.exists():
             out.rename(old)
             test_pause("mid_swap")
@@ -306,6 +307,13 @@ def _manifest_or_none(out: Path) -> Any:
         return json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
+
+
+def version_on_disk(out: Path) -> str | None:
+    """The version of the index at ``out`` now (``manifest_version``), read from its manifest
+    alone; None when none can be read there (none built yet, or a writer mid-swap)."""
+    manifest = _manifest_or_none(Path(out))
+    return manifest_version(manifest) if isinstance(manifest, dict) else None
 
 
 def save_index(out: Path, *, expect: dict[str, Any] | None = None,

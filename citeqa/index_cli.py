@@ -3,8 +3,8 @@ place, list what it holds and describe it.
 
 A change (``add``, ``remove``) writes the whole index beside it and swaps it in atomically, as a
 build does (retrieval/store.py): a failed or killed change leaves the index as it was. A server
-serving that index keeps answering from the one it loaded, and refuses its own later changes
-rather than undo this one, until it is restarted.
+serving that index serves the changed one within ``CITEQA_INDEX_RELOAD_S``
+(``Pipeline.reload_index``).
 """
 
 from __future__ import annotations
