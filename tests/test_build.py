@@ -292,6 +292,116 @@ def test_a_work_dir_that_is_the_index_or_its_folder_is_refused(tmp_path: Path) -
                                 executor=InProcessExecutor(), work_dir=work)
 
 
+def test_a_work_dir_inside_the_index_is_refused_before_any_work(tmp_path: Path) -> None:
+    """The swap refused an --out holding the work dir only after every shard was embedded."""
+    sources = write_corpus(tmp_path / "src")
+    embedder = CountingEmbedder()
+    with pytest.raises(ConfigError, match="inside --out"):
+        build_index_sharded(sources, tmp_path / "idx", CFG, progress=False,
+                            executor=InProcessExecutor(embedder), work_dir=tmp_path / "idx" / "w")
+    assert embedder.embedded == 0 and not (tmp_path / "idx").exists()
+
+
+def test_a_build_that_fails_before_any_shard_leaves_no_work_dir(tmp_path: Path) -> None:
+    """A connection refused (or any failure before a shard was finished) left a hidden
+    .OUT.build holding only its marker."""
+    class Fails(InProcessExecutor):
+        def run(self, items, job, *, progress):  # type: ignore[no-untyped-def]
+            raise ConfigError("could not join Ray")
+
+    with pytest.raises(ConfigError, match="could not join Ray"):
+        build_index_sharded(write_corpus(tmp_path / "src"), tmp_path / "idx", CFG,
+                            progress=False, executor=Fails())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_rerun_does_not_keep_the_blocks_an_interrupted_run_staged(tmp_path: Path) -> None:
+    """Each interrupted run left its staged blocks (a copy of the corpus) under new names."""
+    from citeqa.distributed.sharded import default_work_dir
+
+    staging = default_work_dir(tmp_path / "idx") / "staging"
+    seen: list[list[str]] = []
+
+    class Looks(InProcessExecutor):
+        def run(self, items, job, *, progress):  # type: ignore[no-untyped-def]
+            seen.append(sorted(p.name for p in staging.iterdir()) if staging.exists() else [])
+            return super().run(items, job, progress=progress)
+
+    staging.mkdir(parents=True)
+    (staging / "stale-block").mkdir()
+    build_index_sharded(write_corpus(tmp_path / "src"), tmp_path / "idx", CFG, progress=False,
+                        executor=Looks())
+    assert seen == [[]]
+
+
+def test_two_urls_to_one_page_make_one_document_as_in_a_plain_build() -> None:
+    """merge_shards drops the second URL's copy of a page as load_sources does."""
+    from citeqa.ingest import Skipped, same_page
+    from citeqa.retrieval.bm25 import count_terms
+    from citeqa.retrieval.merge import merge_shards
+    from citeqa.retrieval.shards import Shard
+    from citeqa.text import tokenize
+
+    def shard(key: str, doc: Document) -> Shard:
+        return Shard(key, [doc], [], np.asarray([[0, len(doc.text)]], dtype=np.int64),
+                     np.zeros(1, dtype=np.int64), count_terms([tokenize(doc.text)]), None, None)
+
+    page = "https://example.org/page"
+    first = Document("id-old", "Page", page, "The page text.")
+    second = Document("id-page", "Page", page, "The page text.")
+    merged = merge_shards([shard("a", first), shard("b", second)], dense=False,
+                          urls=["https://example.org/old", page])
+    assert [d.doc_id for d in merged.documents] == ["id-old"]
+    assert merged.skipped == [same_page(page, "https://example.org/old", page)]
+    assert isinstance(merged.skipped[0], Skipped) and len(merged.spans) == 1
+    # files (no URL) with one source are not pages: both kept, as load_sources keeps them
+    merged = merge_shards([shard("a", first), shard("b", second)], dense=False)
+    assert len(merged.documents) == 2
+
+
+def test_a_staging_worker_reads_relative_paths_from_the_drivers_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster's worker starts in another folder: a relative source was skipped as missing
+    and the build swapped in an index without it (exit 0)."""
+    from citeqa.distributed.ray_engine import _stage_row
+    from citeqa.retrieval.shards import ShardJob, read_shard, write_marker
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("Granite is an intrusive igneous rock.")
+    job = ShardJob(CFG, str(tmp_path / "work"), token="t", cwd=str(tmp_path))
+    write_marker(job)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the worker's own folder
+    rows = _stage_row({"item": 0, "url": False, "source": "src/a.txt"}, job)
+    assert [r["error"] for r in rows] == [""], rows
+    assert Path.cwd() == tmp_path / "elsewhere"  # put back
+    from citeqa.retrieval.shards import Staged, finish_shard
+
+    result = finish_shard(Staged(0, rows[0]["block"], rows[0]["key"], rows[0]["staging"]), job,
+                          HashEmbedder())
+    doc = read_shard(job.shards / result.key).documents[0]
+    assert doc.source == "src/a.txt"  # as the command line named it: ids as a plain build's
+    missing = ShardJob(CFG, str(tmp_path / "work"), token="t", cwd=str(tmp_path / "gone"))
+    rows = _stage_row({"item": 0, "url": False, "source": "src/a.txt"}, missing)
+    assert rows[0]["error"] == "ConfigError" and "not on" in rows[0]["message"]
+
+
+def test_a_workers_unexpected_failure_is_one_citeqa_error(tmp_path: Path) -> None:
+    """An OSError (a full disk) or a bug in a worker ended the command in Ray's traceback."""
+    from citeqa.distributed.ray_engine import _raise_row_error, _stage_row
+    from citeqa.errors import CiteqaError
+    from citeqa.retrieval.shards import ShardJob, write_marker
+
+    (tmp_path / "a.txt").write_text("Basalt is a volcanic rock.")
+    job = ShardJob(CFG, str(tmp_path / "work"), token="t")
+    write_marker(job)
+    job.staging.write_text("a file where the staging folder belongs")
+    rows = _stage_row({"item": 0, "url": False, "source": str(tmp_path / "a.txt")}, job)
+    assert rows[0]["error"] == "CiteqaError" and "a build worker on" in rows[0]["message"]
+    with pytest.raises(CiteqaError, match="Error"):
+        _raise_row_error(rows[0])
+
+
 def test_the_drivers_allocator_setting_travels_with_the_job(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Ray's workers on other nodes do not see the driver's environment: the job carries
@@ -485,3 +595,39 @@ def test_ray_pool_sizes() -> None:
     assert (cpu["actors"], cpu["device"], cpu["threads"], cpu["stage_tasks"]) == (8, "cpu", 2, 2)
     assert plan_pool(RayOptions(), cpus=2, gpus=0, dense=True)["actors"] == 2
     assert plan_pool(RayOptions(embedders=3), cpus=2, gpus=8, dense=False)["device"] == "cpu"
+
+
+def test_ray_local_never_joins_a_running_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given no address, ray.init joins what RAY_ADDRESS or a running `ray start` names: --ray
+    local (documented as Ray inside the command) did so."""
+    import types
+
+    from citeqa.distributed.ray_engine import RayOptions, connected
+
+    calls: list[dict] = []
+    fake = types.SimpleNamespace(is_initialized=lambda: False, shutdown=lambda: None,
+                                 init=lambda **kw: calls.append(kw))
+    monkeypatch.setattr("citeqa.distributed.ray_engine.require_ray", lambda: fake)
+    with connected(RayOptions("local", num_cpus=2)):
+        pass
+    assert calls == [{"address": "local", "num_cpus": 2, "include_dashboard": False}]
+
+
+def test_a_cluster_address_where_nothing_answers_fails_at_once() -> None:
+    """Ray retried a wrong HOST:PORT for many minutes before giving up."""
+    import socket
+
+    from citeqa.distributed.ray_engine import check_reachable
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        check_reachable(f"127.0.0.1:{port}")  # something answers: Ray's to judge
+        check_reachable(f"ray://127.0.0.1:{port}")
+    t = time.monotonic()
+    with pytest.raises(ConfigError, match="nothing answers at 127.0.0.1:"):
+        check_reachable(f"127.0.0.1:{port}", timeout_s=2)  # closed now
+    assert time.monotonic() - t < 3
+    check_reachable("auto")  # Ray finds it, or says so
+    check_reachable("nonsense")  # not HOST:PORT: Ray's own message

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -67,9 +70,12 @@ def connected(options: RayOptions) -> Iterator[Any]:
     if ray.is_initialized():
         yield ray
         return
+    if options.address != "local":
+        check_reachable(options.address)
     try:
-        if options.address == "local":
-            ray.init(num_cpus=options.num_cpus, include_dashboard=False)
+        if options.address == "local":  # "local": never a cluster that RAY_ADDRESS or a
+            # running `ray start` names (Ray looks those up when given no address)
+            ray.init(address="local", num_cpus=options.num_cpus, include_dashboard=False)
         else:
             ray.init(address=options.address)
     except Exception as e:  # Ray raises bare Exceptions too (a node that timed out starting)
@@ -82,6 +88,25 @@ def connected(options: RayOptions) -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+CONNECT_S = 5.0  # how long a cluster's head may take to accept a connection
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_S) -> None:
+    """ConfigError when nothing accepts a connection at ``address`` (HOST:PORT or
+    ray://HOST:PORT; "auto" is Ray's to find): Ray itself retries a wrong address for many
+    minutes before it gives up."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if address == "auto" or not sep or not port.isdigit():
+        return  # Ray's own message says what is wrong with the form
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(
+            f"nothing answers at {address} ({e.strerror or e}); give the address `ray start "
+            "--head` printed on the cluster's head (HEAD:6379, or ray://HEAD:10001 with "
+            "ray[client]), or 'local' for this machine") from None
 
 
 def plan_pool(options: RayOptions, cpus: float, gpus: float, dense: bool) -> dict[str, Any]:
@@ -110,6 +135,43 @@ def plan_pool(options: RayOptions, cpus: float, gpus: float, dense: bool) -> dic
 _RESULT = ("item", "block", "key", "passages", "embedded", "error", "message")
 
 
+_CWD_LOCK = threading.Lock()  # the working directory is the whole process's
+
+
+@contextmanager
+def _in_driver_dir(item: str | Path, job: ShardJob) -> Iterator[None]:
+    """Read a relative path from where the command was run (``job.cwd``), as a plain build
+    does: a cluster's worker starts elsewhere, and would skip the file as missing. The path
+    stays as given, for the documents' sources and ids."""
+    if isinstance(item, str) or item.is_absolute() or not job.cwd:
+        yield
+        return
+    with _CWD_LOCK:
+        here = os.getcwd()
+        try:
+            os.chdir(job.cwd)
+        except OSError as e:
+            raise ConfigError(
+                f"{item} is a relative path, and the folder it is relative to, {job.cwd}, is "
+                f"not on {os.uname().nodename} ({e.strerror}); give sources on storage every "
+                "node mounts at the same path") from None
+        try:
+            yield
+        finally:
+            os.chdir(here)
+
+
+def _error_row(item: Any, e: BaseException) -> dict[str, Any]:
+    """A worker's failure as data: citeqa's own errors by type; anything else (a full disk, a
+    bug) as a CiteqaError naming the node, so the command ends with one line, not Ray's
+    traceback."""
+    own = isinstance(e, CiteqaError)
+    return {"item": item, "block": -1, "key": "", "staging": "",
+            "error": type(e).__name__ if own else "CiteqaError",
+            "message": str(e) if own else (f"a build worker on {os.uname().nodename} failed: "
+                                           f"{type(e).__name__}: {e}")}
+
+
 def _stage_row(row: dict[str, Any], job: ShardJob) -> list[dict[str, Any]]:
     """Ray task: one item -> its blocks, staged (``shards.stage_item``)."""
     from citeqa.ingest import Fetcher, FetchPolicy, load_item
@@ -117,10 +179,11 @@ def _stage_row(row: dict[str, Any], job: ShardJob) -> list[dict[str, Any]]:
     item: str | Path = row["source"] if row["url"] else Path(row["source"])
     fetcher = Fetcher(FetchPolicy(allow_private=job.allow_private_urls))
     try:
-        staged = list(stage_item(int(row["item"]), load_item(item, fetcher), str(item), job))
-    except CiteqaError as e:
-        return [{"item": row["item"], "block": -1, "key": "", "staging": "",
-                 "error": type(e).__name__, "message": str(e)}]
+        with _in_driver_dir(item, job):
+            staged = list(stage_item(int(row["item"]), load_item(item, fetcher), str(item),
+                                     job))
+    except Exception as e:  # reported as data (_error_row)
+        return [_error_row(row["item"], e)]
     return [{"item": s.item, "block": s.block, "key": s.key, "staging": s.staging,
              "error": "", "message": ""} for s in staged]
 
@@ -162,8 +225,9 @@ class _FinishShards:
                                             str(row["key"]), str(row["staging"])),
                                      self.job, self.embedder)
                     row["passages"], row["embedded"] = r.passages, r.embedded
-                except CiteqaError as e:
-                    row["error"], row["message"] = type(e).__name__, str(e)
+                except Exception as e:  # reported as data (_error_row)
+                    bad = _error_row(row["item"], e)
+                    row["error"], row["message"] = bad["error"], bad["message"]
             for name in _RESULT:
                 out[name].append(row[name])
         return out
@@ -214,12 +278,20 @@ class RayExecutor:
             )
             results: list[ShardResult] = []
             with tqdm(desc="shards", unit="shard", disable=not progress) as bar:
-                for row in ds.iter_rows():
-                    if row["error"]:
-                        _raise_row_error(row)
-                    results.append(ShardResult(int(row["item"]), int(row["block"]),
-                                               str(row["key"]), int(row["passages"]),
-                                               bool(row["embedded"])))
-                    bar.update()
-                    bar.set_postfix(passages=sum(r.passages for r in results))
+                try:
+                    for row in ds.iter_rows():
+                        if row["error"]:
+                            _raise_row_error(row)
+                        results.append(ShardResult(int(row["item"]), int(row["block"]),
+                                                   str(row["key"]), int(row["passages"]),
+                                                   bool(row["embedded"])))
+                        bar.update()
+                        bar.set_postfix(passages=sum(r.passages for r in results))
+                except CiteqaError:
+                    raise
+                except Exception as e:  # Ray's own (a worker or actor died): one line, not
+                    # its traceback; the shards finished so far are kept for the rerun
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    raise CiteqaError(f"the Ray build failed ({type(e).__name__}: {first}); "
+                                      "run the same command again to resume") from e
         return results

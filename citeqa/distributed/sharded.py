@@ -113,13 +113,25 @@ def build_index_sharded(
         what = "--out" if work == out.resolve() else "the folder --out is in"
         raise ConfigError(f"--work-dir {work_dir} is {what}; give the shards a folder of "
                           "their own (default: .OUT.build beside OUT)")
+    if out.resolve() in work.parents:  # the swap would refuse an --out holding it, at the end
+        raise ConfigError(f"--work-dir {work_dir} is inside --out; give the shards a folder "
+                          "of their own (default: .OUT.build beside OUT)")
     job = ShardJob(cfg=cfg, work=str(work), shard_chars=shard_chars,
                    allow_private_urls=allow_private_urls, token=uuid.uuid4().hex,
-                   keep_freed_memory=allocator.wanted())  # a cluster's nodes lack our env
+                   keep_freed_memory=allocator.wanted(),  # a cluster's nodes lack our env
+                   cwd=str(Path.cwd()))  # where relative sources are, for the workers
     with run_lock(work, "index build", instead="give it another --work-dir"):  # a second
         # build would replace the marker and the shards under the first one
         write_marker(job)
-        results = executor.run(items, job, progress=progress) if items else []
+        # blocks an interrupted run staged but did not finish are staged again (reading is
+        # cheap next to embedding): each run would otherwise leave another copy of them
+        shutil.rmtree(job.staging, ignore_errors=True)
+        try:
+            results = executor.run(items, job, progress=progress) if items else []
+        except BaseException:
+            if not any(job.shards.glob("*")):  # nothing finished to resume from
+                _clean(job)
+            raise
         results.sort(key=lambda r: (r.item, r.block))
         for r in results:
             if not (job.shards / r.key).is_dir():
@@ -131,7 +143,8 @@ def build_index_sharded(
         log.info("%d shards (%d from an earlier run), merging", len(results), reused)
         shards = (read_shard(job.shards / r.key)
                   for r in tqdm(results, desc="reading shards", unit="shard", disable=not progress))
-        merged = merge_shards(shards, dense=cfg.dense)
+        urls = [item if isinstance(item := items[r.item], str) else None for r in results]
+        merged = merge_shards(shards, dense=cfg.dense, urls=urls)
         merged.skipped = [*skipped, *merged.skipped]
         for s in merged.skipped:  # the summary carries them; the CLI prints each once
             log.debug("skipped %s: %s", s.source, s.reason)

@@ -16,6 +16,7 @@ from citeqa.ingest.sources import (
     is_made_id,
     load_item,
     load_sources,
+    same_page,
 )
 
 __all__ = [
@@ -33,4 +34,5 @@ __all__ = [
     "extract_html",
     "load_item",
     "load_sources",
+    "same_page",
 ]

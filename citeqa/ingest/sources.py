@@ -132,8 +132,7 @@ def load_sources(
             elif entry.doc_id in first_seen:
                 result.skipped.append(duplicate(entry, first_seen[entry.doc_id]))
             elif isinstance(item, str) and entry.source in pages:  # two URLs, one page
-                result.skipped.append(Skipped(item, f"the same page as {pages[entry.source]} "
-                                              f"(both lead to {entry.source})"))
+                result.skipped.append(same_page(item, pages[entry.source], entry.source))
             else:
                 if isinstance(item, str):
                     pages[entry.source] = item
@@ -168,6 +167,12 @@ def load_item(item: str | Path, fetcher: Fetcher) -> Iterator[Document | Skipped
     """The documents of one item of ``expand_sources`` and its unreadable parts, in order;
     never raises for a bad source. Duplicate ids across items are the caller's to drop."""
     return _load_item(item, fetcher)
+
+
+def same_page(url: str, first_url: str, page: str) -> Skipped:
+    """The Skipped entry of a URL that leads to the page (its final URL) an earlier URL
+    reached: one page, one document."""
+    return Skipped(url, f"the same page as {first_url} (both lead to {page})")
 
 
 def duplicate(document: Document, first_source: str) -> Skipped:

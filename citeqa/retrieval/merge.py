@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from citeqa.config import RetrievalConfig
 from citeqa.errors import EmptyCorpusError, IndexError_
-from citeqa.ingest import Skipped, duplicate
+from citeqa.ingest import Skipped, duplicate, same_page
 from citeqa.retrieval.bm25 import BM25Index, TermCounts, concat_counts
 from citeqa.retrieval.builder import no_documents
 from citeqa.retrieval.dense import DenseIndex, DenseSpec
@@ -45,19 +46,28 @@ class Merged:
     skipped: list[Skipped] = field(default_factory=list)
 
 
-def merge_shards(shards: Iterable[Shard], *, dense: bool) -> Merged:
+def merge_shards(shards: Iterable[Shard], *, dense: bool,
+                 urls: Iterable[str | None] | None = None) -> Merged:
     """Stitch ``shards`` (in plan order) together; ``dense``: the build embeds passages, so
-    every shard must carry vectors from one embedder."""
+    every shard must carry vectors from one embedder. ``urls``: per shard, the URL its item was
+    fetched from (None: a file), so that two URLs leading to one page give one document, as
+    ``load_sources`` keeps it."""
     merged = Merged()
     first_seen: dict[str, str] = {}  # doc_id -> the source of the document that kept it
+    pages: dict[str, str] = {}  # a fetched page's final URL -> the URL that first reached it
     spans, rows, counts, vectors = [], [], [], []
-    for shard in shards:
+    for shard, url in zip(shards, urls if urls is not None else repeat(None), strict=False):
         merged.skipped.extend(Skipped(s["source"], s["reason"]) for s in shard.skipped)
         new_row = np.full(len(shard.documents), -1, dtype=np.int64)
         for r, doc in enumerate(shard.documents):
             if doc.doc_id in first_seen:
                 merged.skipped.append(duplicate(doc, first_seen[doc.doc_id]))
                 continue
+            if url is not None and doc.source in pages:
+                merged.skipped.append(same_page(url, pages[doc.source], doc.source))
+                continue
+            if url is not None:
+                pages[doc.source] = url
             first_seen[doc.doc_id] = doc.source
             new_row[r] = len(merged.documents)
             merged.documents.append(doc)

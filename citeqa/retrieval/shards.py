@@ -70,6 +70,7 @@ class ShardJob:
     allow_private_urls: bool = False  # the fetcher may reach private addresses
     token: str = ""  # the build's id, written in the work directory's marker
     keep_freed_memory: bool = True  # the driver's CITEQA_KEEP_FREED_MEMORY, for CPU embedders
+    cwd: str = ""  # the driver's working directory: where relative source paths are
 
     @property
     def shards(self) -> Path:
