@@ -8,7 +8,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from citeqa.config import GenerationConfig
-from citeqa.generation.verify import _TRIM, locate, verify_quote
+from citeqa.generation.verify import _TRIM, _trimmed, locate, verify_quote
 from citeqa.text import STOP_WORDS, is_contentful
 from citeqa.types import Document
 
@@ -250,5 +250,15 @@ def test_altering_one_character_never_verifies_to_other_text(text, data):
     altered = span[:i] + new + span[i + 1 :]
     q = check(altered, shown_for(doc, 0, len(text)), doc, LOOSE)
     if q is not None:  # only possible when the altered char was trimmed off an end
-        assert new not in altered.strip(_TRIM), (altered, q.text)  # "#" is trimmable
+        assert new not in _trimmed(altered, _TRIM), (altered, q.text)  # "#" is trimmable
         assert _norm(q.text) in _norm(altered)
+
+
+def test_a_quote_loses_punctuation_and_any_whitespace_at_its_ends_however_they_alternate():
+    """Found by the property test above: a no-break space (not ASCII whitespace) before the
+    trimmed punctuation stayed on the quote's end ("1\\u00a0;" verified as "1\\u00a0")."""
+    doc = Document("r", "t", "s", "1\u00a0 and 2")
+    q = check("1\u00a0;", shown_for(doc, 0, len(doc.text)), doc, LOOSE)
+    assert q is not None and (q.text, q.start, q.end) == ("1", 0, 1)
+    assert _trimmed("\u00ab\u2009x\u00a0.\u3000\u00bb", _TRIM) == "x"
+    assert _trimmed("x", _TRIM) == "x" and _trimmed(" ;\u00a0", _TRIM) == ""

@@ -73,6 +73,16 @@ ANSWER_TRIM = (string.whitespace + ".,;:!?\"'()[]{}*_`"  # and markdown's emphas
                + "\u201c\u201d\u2018\u2019\u2026\u00ab\u00bb\u2014")
 
 
+def _trimmed(text: str, trim: str) -> str:
+    """``text`` without the characters of ``trim`` or any whitespace at its ends, however they
+    alternate ("1\u00a0;" -> "1": ``trim`` lists ASCII whitespace only, and a no-break space
+    before the punctuation stayed on the quote)."""
+    before = None
+    while text != before:
+        before, text = text, text.strip().strip(trim)
+    return text
+
+
 def locate(quote: str, document_text: str, window: tuple[int, int], *,
            trim: str = _TRIM) -> tuple[int, int] | None:
     """The ``(start, end)`` of ``quote`` in ``document_text``, or None when not provably there.
@@ -85,7 +95,7 @@ def locate(quote: str, document_text: str, window: tuple[int, int], *,
     ``MAX_SPANS_OUTSIDE``): a looser reading inside the window beats a stricter one elsewhere.
     """
     variants = [quote.strip()]
-    trimmed = quote.strip(trim)
+    trimmed = _trimmed(quote, trim)
     if trimmed and trimmed != variants[0]:
         variants.append(trimmed)
     ws, we = window
