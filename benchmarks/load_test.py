@@ -122,13 +122,20 @@ def cpu_model() -> str | None:
     return None
 
 
+def own_checkout(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a child that runs this checkout's citeqa, not the one installed (a
+    worktree's before/after would measure the same code)."""
+    path = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return {**env, "PYTHONPATH": path}
+
+
 def ensure_index(index: Path, preset: str) -> None:
     if (index / "manifest.json").is_file():
         return
     print(f"building {index} from index/corpus ({preset} preset) ...", flush=True)
     subprocess.run([sys.executable, "-m", "citeqa.cli", "index", "build",
                     str(ROOT / "index" / "corpus"), "--out", str(index), "--preset", preset],
-                   check=True)
+                   check=True, env=own_checkout(dict(os.environ)))
 
 
 def start_server(index: Path, preset: str, port: int, env: dict[str, str], log: Path,
@@ -136,7 +143,8 @@ def start_server(index: Path, preset: str, port: int, env: dict[str, str], log: 
     cmd = [sys.executable, "-m", "citeqa.cli", "serve", "--index", str(index), "--host",
            "127.0.0.1", "--port", str(port), "--preset", preset]
     with log.open("ab") as out:
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, env=own_checkout(env), stdout=out,
+                                stderr=subprocess.STDOUT)
 
 
 def stop_server(proc: subprocess.Popen) -> None:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -37,6 +39,10 @@ from citeqa.errors import CiteqaError, IndexChangedError
 if TYPE_CHECKING:
     from citeqa.ingest import LoadResult
     from citeqa.retrieval.store import Index
+    from citeqa.retrieval.updates import AddPlan
+    from citeqa.types import Document
+
+log = logging.getLogger(__name__)
 
 index_app = command_group(help="Build document indexes, and add, remove and list documents.",
                           no_args_is_help=True)
@@ -179,14 +185,46 @@ def index_build(
                    f"index in whole); {again}", err=True)
         raise typer.Exit(130) from None
     _echo_skipped(summary.skipped)
-    shards = (f"; {plural(summary.shards, 'shard')}, {summary.shards_reused} reused from an "
-              "interrupted run" if ray is not None else "")
+    reused = (f", {summary.shards_reused} reused from an interrupted run"
+              if summary.shards_reused else "")
+    shards = f"; {plural(summary.shards, 'shard')}{reused}" if ray is not None else ""
     typer.echo(
         f"indexed {plural(summary.documents, 'document')} as "
         f"{plural(summary.passages, 'passage')} into {summary.out} in {summary.seconds:.1f} s "
         f"({plural(len(summary.skipped), 'source')} skipped{shards})"
     )
 
+
+
+T = TypeVar("T")
+
+
+def _retried(change: Callable[[], T]) -> T:
+    """``change()``, run again once when another writer changed the index while it ran (it
+    then works on the index as the other left it)."""
+    try:
+        return change()
+    except IndexChangedError:
+        log.info("another writer changed the index meanwhile; changing it as it is now")
+        return change()
+
+
+@contextlib.contextmanager
+def _changing(directory: Path) -> Iterator[None]:
+    """How ``index add`` and ``index remove`` fail: one line, and the index as it was."""
+    try:
+        yield
+    except IndexChangedError:
+        raise fail(f"other writers changed the index at {directory} twice while this command "
+                   "ran; nothing was changed: run the command again") from None
+    except CiteqaError as e:
+        raise fail(str(e)) from None
+    except OSError as e:  # the index's file system: read-only, full, ...
+        raise fail(f"could not write the index at {directory}: {e}; it is as it was") from None
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted: the index at {directory} holds all of this change or none "
+                   "of it; run the same command again to finish it", err=True)
+        raise typer.Exit(130) from None
 
 
 def _load_sources(sources: list[str], *, allow_private_urls: bool,
@@ -215,42 +253,16 @@ def index_add(
     directory = open_index_dir(index)
     unchanged_index = f"the index at {directory} is as it was"
     _check_sources_exist(sources, unchanged_index)
-    from citeqa.retrieval import HybridRetriever
     from citeqa.retrieval.builder import no_documents
-    from citeqa.retrieval.updates import apply_update, plan_additions
 
-    try:
+    with _changing(directory):
         loaded = _load_sources(sources, allow_private_urls=allow_private_urls, progress=progress)
         _echo_skipped(loaded.skipped)
         if not loaded.documents:
             raise no_documents(len(sources), loaded.skipped)
-        retriever = HybridRetriever.open(directory)
-        plan = plan_additions(retriever.index.documents, loaded.documents,
-                              replace=replace_changed)
-        if plan.conflicts:
-            source = {d.doc_id: d.source for d in loaded.documents}
-            named = ", ".join(f"{squash(i)} ({squash(source[i])})" for i in plan.conflicts[:5])
-            raise fail(f"the index holds {plural(len(plan.conflicts), 'document')} with other "
-                       f"content: {named}{', ...' if len(plan.conflicts) > 5 else ''}; pass "
-                       f"--replace to replace them; {unchanged_index}")
-        version, passages = retriever.index.version, 0
-        if plan.update.add:
-            embedder = retriever.embedder if retriever.index.dense is not None else None
-            result = apply_update(retriever.index, plan.update, directory, embedder=embedder,
-                                  progress=progress)
-            version = result.index.version
-            passages = sum(result.added_passages.values())
-    except IndexChangedError:
-        raise fail(f"another writer changed the index at {directory} while this command ran; "
-                   "nothing was changed: run the command again") from None
-    except CiteqaError as e:
-        raise fail(str(e)) from None
-    except OSError as e:  # the index's file system: read-only, full, ...
-        raise fail(f"could not write the index at {directory}: {e}; it is as it was") from None
-    except KeyboardInterrupt:
-        typer.echo(f"\ninterrupted: the index at {directory} holds all of this change or none "
-                   "of it; run the same command again to finish it", err=True)
-        raise typer.Exit(130) from None
+        plan, version, passages = _retried(lambda: _add(
+            directory, loaded.documents, replace=replace_changed, progress=progress,
+            unchanged=unchanged_index))
     kept = (f"; {plural(len(plan.unchanged), 'document')} already indexed as given"
             if plan.unchanged else "")
     if not plan.update.add:
@@ -260,6 +272,35 @@ def index_add(
             for verb, ids in (("added", plan.new), ("replaced", plan.replaced)) if ids]
     typer.echo(f"{' and '.join(done)} ({plural(passages, 'passage')}) in {directory}{kept} "
                f"(index version {version})")
+
+
+def _add(directory: Path, documents: list[Document], *, replace: bool, progress: bool,
+         unchanged: str) -> tuple[AddPlan, str, int]:
+    """Plan and apply one ``index add`` on the index at ``directory`` as it is now: the plan,
+    the index's version after it and the passages added (IndexChangedError: another writer
+    changed the index between the two)."""
+    from citeqa.retrieval import HybridRetriever
+    from citeqa.retrieval.updates import apply_update, plan_additions
+
+    retriever = HybridRetriever.open(directory)
+    plan = plan_additions(retriever.index.documents, documents, replace=replace)
+    source = {d.doc_id: d.source for d in documents}
+    if plan.conflicts:
+        named = ", ".join(f"{squash(i)} ({squash(source[i])})" for i in plan.conflicts[:5])
+        raise fail(f"the index holds {plural(len(plan.conflicts), 'document')} with other "
+                   f"content: {named}{', ...' if len(plan.conflicts) > 5 else ''}; pass "
+                   f"--replace to replace them; {unchanged}")
+    for new, twin in plan.lookalikes:
+        typer.echo(f"warning: {squash(source[new])} holds the text of indexed document "
+                   f"{squash(twin)} ({squash(retriever.index.documents[twin].source)}), and is "
+                   "added beside it: the same file named by another path? A file's id hashes "
+                   "its path as given: name files as when they were indexed", err=True)
+    if not plan.update.add:
+        return plan, retriever.index.version, 0
+    embedder = retriever.embedder if retriever.index.dense is not None else None
+    result = apply_update(retriever.index, plan.update, directory, embedder=embedder,
+                          progress=progress)
+    return plan, result.index.version, sum(result.added_passages.values())
 
 
 @index_app.command("remove")
@@ -273,36 +314,32 @@ def index_remove(
 ) -> None:
     """Remove documents from the index at --index, in place (atomically)."""
     directory = open_index_dir(index)
+    with _changing(directory):
+        gone, missing, left = _retried(lambda: _remove(
+            directory, list(dict.fromkeys(doc_ids)), missing_ok=missing_ok))
+    absent = f"; {len(missing)} not in it" if missing else ""
+    typer.echo(f"removed {plural(len(gone), 'document')} from {directory}{absent}; "
+               f"{plural(len(left.documents), 'document')} left (index version "
+               f"{left.version})")
+
+
+def _remove(directory: Path, wanted: list[str], *, missing_ok: bool,
+            ) -> tuple[list[str], list[str], Index]:
+    """One ``index remove`` on the index at ``directory`` as it is now: the ids removed, those
+    it did not hold, and the index after."""
     from citeqa.retrieval.store import Index
     from citeqa.retrieval.updates import IndexUpdate, apply_update
 
-    try:
-        loaded = Index.load(directory)
-        wanted = list(dict.fromkeys(doc_ids))
-        missing = [i for i in wanted if i not in loaded.documents]
-        if missing and not missing_ok:
-            raise fail(f"the index at {directory} holds no document with id "
-                       f"{', '.join(map(squash, missing))} (`citeqa index list` shows the ids); "
-                       "nothing was removed")
-        gone = [i for i in wanted if i in loaded.documents]
-        if gone:
-            result = apply_update(loaded, IndexUpdate(remove=tuple(gone)), directory)
-            loaded = result.index
-    except IndexChangedError:
-        raise fail(f"another writer changed the index at {directory} while this command ran; "
-                   "nothing was changed: run the command again") from None
-    except CiteqaError as e:
-        raise fail(str(e)) from None
-    except OSError as e:
-        raise fail(f"could not write the index at {directory}: {e}; it is as it was") from None
-    except KeyboardInterrupt:
-        typer.echo(f"\ninterrupted: the index at {directory} holds all of this change or none "
-                   "of it; run the same command again to finish it", err=True)
-        raise typer.Exit(130) from None
-    absent = f"; {len(missing)} not in it" if missing else ""
-    typer.echo(f"removed {plural(len(gone), 'document')} from {directory}{absent}; "
-               f"{plural(len(loaded.documents), 'document')} left (index version "
-               f"{loaded.version})")
+    loaded = Index.load(directory)
+    missing = [i for i in wanted if i not in loaded.documents]
+    if missing and not missing_ok:
+        raise fail(f"the index at {directory} holds no document with id "
+                   f"{', '.join(map(squash, missing))} (`citeqa index list` shows the ids); "
+                   "nothing was removed")
+    gone = [i for i in wanted if i in loaded.documents]
+    if gone:
+        loaded = apply_update(loaded, IndexUpdate(remove=tuple(gone)), directory).index
+    return gone, missing, loaded
 
 
 def _read_index(index: Path | None) -> Index:

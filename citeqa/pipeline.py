@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from citeqa.config import (
     MAX_CANDIDATES,
@@ -50,7 +50,7 @@ from citeqa.generation.factory import build_backend
 from citeqa.generation.format import ANSWER_MODES
 from citeqa.retrieval.base import Retriever
 from citeqa.retrieval.retriever import HybridRetriever
-from citeqa.retrieval.store import Index, version_on_disk
+from citeqa.retrieval.store import Index, files_stamp, version_on_disk
 from citeqa.retrieval.updates import IndexUpdate, apply_update
 from citeqa.text import is_blank
 from citeqa.types import Answer, AskArgs, Candidate, Document, Hit
@@ -175,8 +175,9 @@ class Pipeline:
         self.scorer = scorer
         self.index_dir = index_dir  # where document updates are written; None = the index's own
         self._update_lock = threading.Lock()  # one document update (or reload) at a time
-        self._refused: tuple[str, str] | None = None  # (version, why) of an index on disk
-        # that failed to load: said once, not at every look
+        # (files_stamp, why) of an index on disk that failed to load: said once, not at
+        # every look
+        self._refused: tuple[tuple[Any, ...], str] | None = None
         self._highest_certified: tuple[float | None] | None = None  # None: not computed yet
 
     @classmethod
@@ -481,8 +482,8 @@ class Pipeline:
         except IndexError_ as exc:
             why: str | None = str(exc)
         else:  # None also for the index on disk refused before: say why again
-            on_disk = version_on_disk(out)
-            why = self._refused[1] if self._refused and self._refused[0] == on_disk else None
+            refused = self._refused is not None and self._refused[0] == files_stamp(out)
+            why = self._refused[1] if refused and self._refused is not None else None
         if why is None:
             return version
         raise IndexChangedError(
@@ -495,14 +496,19 @@ class Pipeline:
             return None
         out = self.index_dir or old.index.directory
         version = version_on_disk(out) if out is not None else None
-        refused = self._refused[0] if self._refused is not None else None
-        if out is None or version in (None, old.index.version, refused):
+        if out is None or version in (None, old.index.version):
+            return None
+        stamp = files_stamp(out)  # a refused index copied in again, or repaired, is retried
+        if self._refused is not None and self._refused[0] == stamp:
             return None
         try:
-            self.retriever = old.with_index(Index.load(out))
-        except IndexError_ as exc:
-            self._refused = (str(version), str(exc))
-            raise
+            new = old.with_index(Index.load(out))  # the settings' embedder, as at start
+            if new.index.dense is not None and new.cfg.dense:
+                new.embedder  # noqa: B018 (loaded and checked here, not in a request)
+        except (IndexError_, ModelError) as exc:
+            self._refused = (stamp, str(exc))
+            raise IndexError_(str(exc)) from exc
+        self.retriever = new
         logger.info("serving the index %s as another writer left it: version %s -> %s", out,
                     old.index.version, self.retriever.index_version)
         return self.retriever.index_version

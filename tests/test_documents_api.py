@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from helpers import THREE_DOCS
 
 from citeqa.api.app import create_app
-from citeqa.config import Settings, preset
+from citeqa.config import RetrievalConfig, Settings, preset
 from citeqa.errors import IndexError_, InvalidRequestError
 from citeqa.ingest import Fetcher, FetchPolicy
 from citeqa.retrieval import HashEmbedder, Index, build_index_from_documents
@@ -804,6 +804,59 @@ def test_a_server_serves_the_index_another_writer_changed(index_dir: Path,
         # repaired (rebuilt): served
         build_index_from_documents(DOCS, index_dir, CFG, progress=False)
         assert wait_for_version(client, second) == Index.load(index_dir).version
+
+
+def test_a_rebuild_of_the_same_files_does_not_block_document_changes(index_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    """The same files rebuilt (a nightly rebuild) are the same index at another time: the
+    server's next change was refused as if another writer had undone it, and never reloaded."""
+    with serve(index_dir, tmp_path) as client:
+        version = client.get("/readyz").json()["index_version"]
+        time.sleep(1.1)  # another `created`
+        build_index_from_documents(DOCS, index_dir, CFG, progress=False)
+        assert Index.load(index_dir).version == version
+        r = client.post("/v1/documents", json={"text": NEW_TEXT, "doc_id": "z"})
+        assert r.status_code == 201, r.text
+    assert set(Index.load(index_dir).documents) == {*[d.doc_id for d in DOCS], "z"}
+
+
+def test_a_refused_index_is_served_once_its_files_are_whole(index_dir: Path,
+                                                            tmp_path: Path) -> None:
+    """An index copied in file by file can be read before its last file lands: refused then,
+    it was never looked at again (its manifest, and so its version, did not change)."""
+    import shutil
+
+    from citeqa.pipeline import Pipeline
+
+    pipeline = Pipeline.from_settings(Settings(preset="tiny", index=index_dir))
+    build_index_from_documents(DOCS[:1], tmp_path / "next", CFG, progress=False)
+    counts = index_dir / "bm25" / "counts.npy"
+    shutil.rmtree(index_dir)
+    shutil.copytree(tmp_path / "next", index_dir)
+    whole = counts.read_bytes()
+    counts.write_bytes(whole[: len(whole) // 2])  # the copy has not finished
+    with pytest.raises(IndexError_, match="counts.npy"):
+        pipeline.reload_index()
+    assert pipeline.reload_index() is None  # said once
+    counts.write_bytes(whole)  # ... now it has
+    assert pipeline.reload_index() == Index.load(index_dir).version
+
+
+def test_reload_checks_the_settings_embedder_as_a_start_does(tmp_path: Path) -> None:
+    """A server on a BM25-only index took a rebuilt dense one from another embedder (no query
+    embedder loaded yet to compare), which a start refuses."""
+    from citeqa.pipeline import Pipeline
+
+    index_dir = tmp_path / "idx"
+    build_index_from_documents(DOCS, index_dir, RetrievalConfig(embedder="hash", dense=False),
+                               progress=False)
+    pipeline = Pipeline.from_settings(Settings(preset="tiny", index=index_dir))
+    build_index_from_documents(DOCS, index_dir, RetrievalConfig(embedder="minilm"),
+                               progress=False, embedder=HashEmbedder())
+    with pytest.raises(IndexError_, match="built with the 'minilm' embedder"):
+        pipeline.reload_index()
+    with pytest.raises(IndexError_, match="built with the 'minilm' embedder"):
+        Pipeline.from_settings(Settings(preset="tiny", index=index_dir))  # as a start does
 
 
 def test_reload_index_refuses_another_embedder_and_says_so_once(index_dir: Path) -> None:

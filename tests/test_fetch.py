@@ -242,9 +242,9 @@ def test_malformed_urls_are_bad_urls_and_never_connect(url: str) -> None:
 
 def test_a_private_address_says_how_to_opt_in() -> None:
     for url in ("http://127.0.0.1/", "http://localhost/"):
-        with pytest.raises(BlockedURLError, match="opt in with `citeqa index build "
-                           "--allow-private-urls`, or CITEQA_ALLOW_PRIVATE_URLS=1 for `citeqa "
-                           "serve`"):
+        with pytest.raises(BlockedURLError, match=r"opt in with --allow-private-urls \(`citeqa "
+                           r"index build` or `index add`\), or CITEQA_ALLOW_PRIVATE_URLS=1 for "
+                           "`citeqa serve`"):
             fetcher().fetch(url)
     with pytest.raises(BlockedURLError) as info:  # metadata: no opt-in can open it
         fetcher(allow_private=True).fetch("http://169.254.169.254/")

@@ -132,9 +132,10 @@ async def _watch_index(state: ServiceState) -> None:
         except CiteqaError as exc:  # the index served stays; said once per index on disk
             logger.error("the index on disk changed but cannot be served; still serving the "
                          "one loaded: %s", exc)
-        except RuntimeError:  # the updater shut down: the service is stopping
-            return
         except Exception:  # a bug or the file system: say so, and look again next time
+            with state.lock:
+                if state.phase == "shutting_down":  # the updater refuses work: done
+                    return
             logger.exception("looking for a changed index failed")
 
 

@@ -64,8 +64,8 @@ _ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS,
 _REFUSED_ENCODINGS = frozenset({"br", "zstd", "compress", "x-compress", "dcb", "dcz"})
 
 # How an operator lets fetches reach their own network (an API request cannot).
-OPT_IN = ("to fetch from your own network, opt in with `citeqa index build "
-          "--allow-private-urls`, or CITEQA_ALLOW_PRIVATE_URLS=1 for `citeqa serve`")
+OPT_IN = ("to fetch from your own network, opt in with --allow-private-urls (`citeqa index "
+          "build` or `index add`), or CITEQA_ALLOW_PRIVATE_URLS=1 for `citeqa serve`")
 # Cloud instance-metadata endpoints: blocked even with allow_private (they hand out credentials).
 METADATA_ADDRESSES = frozenset(
     ipaddress.ip_address(a)

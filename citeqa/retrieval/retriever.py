@@ -59,27 +59,17 @@ class HybridRetriever:
     def open(cls, directory: Path, cfg: RetrievalConfig | None = None) -> HybridRetriever:
         """Load the index at ``directory``; ``cfg`` None means the settings it was built with."""
         index = Index.load(Path(directory))
-        built = config_from_manifest(index.manifest["settings"])
-        if cfg is not None and index.dense is not None and cfg.embedder != built.embedder:
-            from citeqa.config import PRESETS
-
-            fits = [name for name, c in PRESETS.items() if c.retrieval.embedder == built.embedder]
-            hint = (f"use --preset {fits[0]} (or CITEQA_PRESET={fits[0]}), or rebuild the index "
-                    "with the preset you use" if fits else
-                    "rebuild the index or use matching settings")
-            raise IndexError_(
-                f"index {directory} was built with the {built.embedder!r} embedder but the "
-                f"settings ask for {cfg.embedder!r}; {hint}"
-            )
-        return cls(index, cfg or built)
+        if cfg is not None and index.dense is not None:
+            check_embedder_name(index, cfg, directory)
+        return cls(index, cfg or config_from_manifest(index.manifest["settings"]))
 
     def with_index(self, index: Index) -> HybridRetriever:
         """A retriever over ``index`` (an updated copy of this one's, or the index its directory
         holds now) with the same settings and the same, already loaded, query embedder;
         IndexError_ when ``index`` was embedded with another model than that one."""
-        if self._embedder is not None and index.dense is not None:
-            _check_embedder(self._embedder, index.manifest.get("embedding") or {})
-        return HybridRetriever(index, self.cfg, self._embedder)
+        if index.dense is not None and self.cfg.dense:
+            check_embedder_name(index, self.cfg, index.directory)
+        return HybridRetriever(index, self.cfg, self._embedder)  # checks a loaded embedder
 
     @property
     def embedder(self) -> Embedder:
@@ -162,6 +152,21 @@ class HybridRetriever:
             dense=dense,
             fused=fused,
         )
+
+
+def check_embedder_name(index: Index, cfg: RetrievalConfig, directory: Path | None) -> None:
+    """IndexError_ when ``index`` (with a dense part) was embedded by another embedder than
+    ``cfg`` names: its queries would be embedded by a model its vectors never met."""
+    built = config_from_manifest(index.manifest["settings"])
+    if cfg.embedder == built.embedder:
+        return
+    from citeqa.config import PRESETS
+
+    fits = [name for name, c in PRESETS.items() if c.retrieval.embedder == built.embedder]
+    hint = (f"use --preset {fits[0]} (or CITEQA_PRESET={fits[0]}), or rebuild the index with "
+            "the preset you use" if fits else "rebuild the index or use matching settings")
+    raise IndexError_(f"index {directory} was built with the {built.embedder!r} embedder but "
+                      f"the settings ask for {cfg.embedder!r}; {hint}")
 
 
 def _check_embedder(embedder: Embedder, emb: dict[str, Any]) -> None:

@@ -278,11 +278,12 @@ def writer_lock(out: Path) -> Iterator[None]:
 def publish(tmp: Path, out: Path, *, expect: dict[str, Any] | None = None) -> None:
     """Swap the complete ``tmp`` index in at ``out`` (see the module docstring), under the
     writers' lock. ``expect``: the manifest of the index ``tmp`` was made from; IndexError_ (and
-    nothing changed) when ``out`` now holds another."""
+    nothing changed) when ``out`` now holds another (another version: a rebuild of the same
+    files writes the same index, only at another time, and undoes nothing)."""
     out = real_path(out)
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     with writer_lock(out):
-        if expect is not None and _manifest_or_none(out) != json.loads(json.dumps(expect)):
+        if expect is not None and version_on_disk(out) != manifest_version(expect):
             raise IndexChangedError(
                 f"the index at {out} changed on disk since this process loaded it (another "
                 "server, a rebuild or `citeqa index add/remove` wrote it), so this change would "
@@ -307,6 +308,18 @@ def _manifest_or_none(out: Path) -> Any:
         return json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
+
+
+def files_stamp(out: Path) -> tuple[Any, ...]:
+    """What the files at ``out`` are now, cheaply: each one's path, size and modification time
+    (a copy landing file by file, or a repair, changes it; the manifest alone may not)."""
+    stamp = []
+    with contextlib.suppress(OSError):
+        for path in sorted(Path(out).rglob("*")):
+            with contextlib.suppress(OSError):
+                st = path.stat()
+                stamp.append((str(path.relative_to(out)), st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
 
 
 def version_on_disk(out: Path) -> str | None:

@@ -67,6 +67,9 @@ class AddPlan:
     replaced: tuple[str, ...] = ()  # ... that it holds with other content (replace=True)
     unchanged: tuple[str, ...] = ()  # ... that it holds exactly so: left alone
     conflicts: tuple[str, ...] = ()  # ... that it holds with other content (replace=False)
+    # (new doc id, indexed doc id) of a new document whose title and text an indexed one has
+    # under another id: the same file named by another path (a file's id hashes its path)?
+    lookalikes: tuple[tuple[str, str], ...] = ()
 
 
 def plan_additions(indexed: Mapping[str, Document], documents: Sequence[Document], *,
@@ -76,10 +79,16 @@ def plan_additions(indexed: Mapping[str, Document], documents: Sequence[Document
     as after a crash, changes nothing); one it holds with other content (an edited file) is
     replaced when ``replace``, else a conflict and nothing is planned for it."""
     new, replaced, unchanged, conflicts, add = [], [], [], [], []
+    lookalikes: list[tuple[str, str]] = []
+    by_content: dict[tuple[str, str], str] | None = None  # built at the first new document
     for doc in documents:
         old = indexed.get(doc.doc_id)
         if old is None:
             new.append(doc.doc_id)
+            if by_content is None:
+                by_content = {(d.title, d.text): d.doc_id for d in indexed.values()}
+            if (twin := by_content.get((doc.title, doc.text))) is not None:
+                lookalikes.append((doc.doc_id, twin))
         elif old == doc:
             unchanged.append(doc.doc_id)
             continue
@@ -90,7 +99,7 @@ def plan_additions(indexed: Mapping[str, Document], documents: Sequence[Document
             continue
         add.append(doc)
     return AddPlan(IndexUpdate(add=tuple(add), remove=tuple(replaced)), tuple(new),
-                   tuple(replaced), tuple(unchanged), tuple(conflicts))
+                   tuple(replaced), tuple(unchanged), tuple(conflicts), tuple(lookalikes))
 
 
 def check_update(index: Index, update: IndexUpdate) -> None:
