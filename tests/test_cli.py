@@ -581,11 +581,14 @@ def test_the_private_url_hint_names_options_that_exist() -> None:
     from citeqa.config import Settings
     from citeqa.ingest.fetch import OPT_IN
 
-    [(command, option)] = re.findall(r"`citeqa ([a-z ]+?) (--[a-z-]+)`", OPT_IN)
-    cmd = typer.main.get_command(app)
-    for name in command.split():
-        cmd = cmd.commands[name]  # type: ignore[attr-defined]
-    assert any(option in p.opts for p in cmd.params)
+    [(option, where)] = re.findall(r"with (--[a-z-]+) \(([^)]*)\)", OPT_IN)
+    commands = re.findall(r"`(?:citeqa )?([a-z ]+)`", where)
+    assert commands == ["index build", "index add"]
+    for command in commands:
+        cmd = typer.main.get_command(app)
+        for name in command.split():
+            cmd = cmd.commands[name]  # type: ignore[attr-defined]
+        assert any(option in p.opts for p in cmd.params), command
     [setting] = re.findall(r"CITEQA_([A-Z_]+)=1", OPT_IN)
     assert setting.lower() in Settings.model_fields
 
