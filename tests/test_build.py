@@ -479,6 +479,31 @@ def test_sharded_build_resumes_without_embedding_finished_shards(tmp_path: Path)
     assert_same_index(tmp_path / "local", out)
 
 
+def test_a_damaged_shard_is_deleted_so_the_rerun_makes_it_again(tmp_path: Path) -> None:
+    """A finished shard whose files a failing disk truncated stopped every rerun ("delete it
+    and rerun"): it is deleted with the error, and the rerun makes only it again."""
+    from citeqa.distributed.sharded import default_work_dir
+
+    sources = write_corpus(tmp_path / "src")
+    out = tmp_path / "idx"
+    with pytest.raises(RuntimeError, match="killed"):
+        build_index_sharded(sources, out, CFG, progress=False, shard_chars=SHARD_CHARS,
+                            executor=InProcessExecutor(CountingEmbedder(fail_after=3)))
+    shards = sorted((default_work_dir(out) / "shards").iterdir())
+    assert len(shards) == 3
+    vectors = shards[1] / "vectors.npy"
+    vectors.write_bytes(vectors.read_bytes()[:40])
+    with pytest.raises(IndexError_, match="it was deleted: run the same command again"):
+        build_index_sharded(sources, out, CFG, progress=False, shard_chars=SHARD_CHARS,
+                            executor=InProcessExecutor())
+    assert not shards[1].exists() and not out.exists()
+    summary = build_index_sharded(sources, out, CFG, progress=False, shard_chars=SHARD_CHARS,
+                                  executor=InProcessExecutor())
+    assert summary.shards_reused == summary.shards - 1  # all but the damaged one
+    build_index(sources, tmp_path / "local", CFG, progress=False)
+    assert_same_index(tmp_path / "local", out)
+
+
 _SHARDED_CHILD = textwrap.dedent(
     """
     import sys

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from citeqa import allocator
 from citeqa.config import RetrievalConfig
-from citeqa.errors import ConfigError, EmptyCorpusError
+from citeqa.errors import ConfigError, EmptyCorpusError, IndexError_
 from citeqa.ingest import Fetcher, FetchPolicy, expand_sources, load_item
 from citeqa.journal import run_lock
 from citeqa.retrieval.builder import BuildSummary, dense_spec_for
@@ -35,6 +35,7 @@ from citeqa.retrieval.merge import merge_shards, write_merged
 from citeqa.retrieval.shards import (
     MARKER,
     SHARD_CHARS,
+    Shard,
     ShardJob,
     ShardResult,
     finish_shard,
@@ -141,7 +142,7 @@ def build_index_sharded(
                 )
         reused = sum(not r.embedded for r in results)
         log.info("%d shards (%d from an earlier run), merging", len(results), reused)
-        shards = (read_shard(job.shards / r.key)
+        shards = (_read_or_drop(job.shards / r.key)
                   for r in tqdm(results, desc="reading shards", unit="shard", disable=not progress))
         urls = [item if isinstance(item := items[r.item], str) else None for r in results]
         merged = merge_shards(shards, dense=cfg.dense, urls=urls)
@@ -164,6 +165,17 @@ def build_index_sharded(
             shards=len(results),
             shards_reused=reused,
         )
+
+
+def _read_or_drop(directory: Path) -> Shard:
+    """``read_shard``; a damaged shard (a disk that failed) is deleted, so that the rerun the
+    error asks for makes it again rather than stopping on it each time."""
+    try:
+        return read_shard(directory)
+    except IndexError_ as e:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise IndexError_(f"{e}; it was deleted: run the same command again, and only that "
+                          "shard is made again") from e
 
 
 def _clean(job: ShardJob) -> None:

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from citeqa.atomic import fsync_path
 from citeqa.config import RetrievalConfig
 from citeqa.errors import ConfigError, IndexError_
 from citeqa.retrieval.bm25 import TermCounts, count_terms
@@ -261,6 +262,8 @@ def finish_shard(staged: Staged, job: ShardJob, embedder: Embedder | None) -> Sh
     meta = {"format": SHARD_FORMAT, "key": staged.key, "documents": len(documents),
             "passages": int(len(spans)), "embedding": embedding}
     (directory / SHARD_JSON).write_text(json.dumps(meta, indent=2))
+    for path in [*directory.iterdir(), directory]:  # on disk before it is called finished:
+        fsync_path(path)  # a power cut must not leave a finished name on truncated files
     job.shards.mkdir(parents=True, exist_ok=True)
     try:
         directory.rename(final)
@@ -268,6 +271,7 @@ def finish_shard(staged: Staged, job: ShardJob, embedder: Embedder | None) -> Sh
         if not is_finished(job, staged.key):
             raise
         shutil.rmtree(directory, ignore_errors=True)
+    fsync_path(job.shards)
     test_pause("shard_written")
     return ShardResult(staged.item, staged.block, staged.key, int(len(spans)), True)
 
@@ -289,12 +293,12 @@ def read_shard(directory: Path) -> Shard:
                    else None)
         skipped = json.loads((directory / "skipped.json").read_text())
     except (OSError, ValueError, KeyError) as e:
-        raise IndexError_(f"shard {directory} is damaged ({e}); delete it and rerun the "
-                          "build (only that shard is made again)") from e
+        raise IndexError_(f"shard {directory} is damaged ({e})") from e
     n = len(spans)
     if (meta["passages"] != n or len(rows) != n or len(counts.doc_len) != n
             or (vectors is not None and len(vectors) != n)):
-        raise IndexError_(f"shard {directory} is inconsistent; delete it and rerun the build")
+        raise IndexError_(f"shard {directory} is inconsistent (its files disagree on the "
+                          "passage count)")
     return Shard(meta["key"], documents, skipped, spans, rows, counts, vectors,
                  meta.get("embedding"))
 
