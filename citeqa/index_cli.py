@@ -260,9 +260,11 @@ def index_add(
         _echo_skipped(loaded.skipped)
         if not loaded.documents:
             raise no_documents(len(sources), loaded.skipped)
-        plan, version, passages = _retried(lambda: _add(
+        plan, version, passages, warnings = _retried(lambda: _add(
             directory, loaded.documents, replace=replace_changed, progress=progress,
             unchanged=unchanged_index))
+    for line in warnings:  # of the attempt that was made, once
+        typer.echo(f"warning: {line}", err=True)
     kept = (f"; {plural(len(plan.unchanged), 'document')} already indexed as given"
             if plan.unchanged else "")
     if not plan.update.add:
@@ -275,10 +277,10 @@ def index_add(
 
 
 def _add(directory: Path, documents: list[Document], *, replace: bool, progress: bool,
-         unchanged: str) -> tuple[AddPlan, str, int]:
+         unchanged: str) -> tuple[AddPlan, str, int, list[str]]:
     """Plan and apply one ``index add`` on the index at ``directory`` as it is now: the plan,
-    the index's version after it and the passages added (IndexChangedError: another writer
-    changed the index between the two)."""
+    the index's version after it, the passages added and what to warn about (IndexChangedError:
+    another writer changed the index between the two)."""
     from citeqa.retrieval import HybridRetriever
     from citeqa.retrieval.updates import apply_update, plan_additions
 
@@ -290,17 +292,16 @@ def _add(directory: Path, documents: list[Document], *, replace: bool, progress:
         raise fail(f"the index holds {plural(len(plan.conflicts), 'document')} with other "
                    f"content: {named}{', ...' if len(plan.conflicts) > 5 else ''}; pass "
                    f"--replace to replace them; {unchanged}")
-    for new, twin in plan.lookalikes:
-        typer.echo(f"warning: {squash(source[new])} holds the text of indexed document "
-                   f"{squash(twin)} ({squash(retriever.index.documents[twin].source)}), and is "
-                   "added beside it: the same file named by another path? A file's id hashes "
-                   "its path as given: name files as when they were indexed", err=True)
+    warnings = [f"{squash(source[new])} holds the text of indexed document {squash(twin)} "
+                f"({squash(retriever.index.documents[twin].source)}), and is added beside it: "
+                "the same file named by another path? A file's id hashes its path as given: "
+                "name files as when they were indexed" for new, twin in plan.lookalikes]
     if not plan.update.add:
-        return plan, retriever.index.version, 0
+        return plan, retriever.index.version, 0, warnings
     embedder = retriever.embedder if retriever.index.dense is not None else None
     result = apply_update(retriever.index, plan.update, directory, embedder=embedder,
                           progress=progress)
-    return plan, result.index.version, sum(result.added_passages.values())
+    return plan, result.index.version, sum(result.added_passages.values()), warnings
 
 
 @index_app.command("remove")
@@ -314,24 +315,29 @@ def index_remove(
 ) -> None:
     """Remove documents from the index at --index, in place (atomically)."""
     directory = open_index_dir(index)
+    held: set[str] = set()  # the ids an earlier attempt found: gone since is not "missing"
     with _changing(directory):
         gone, missing, left = _retried(lambda: _remove(
-            directory, list(dict.fromkeys(doc_ids)), missing_ok=missing_ok))
+            directory, list(dict.fromkeys(doc_ids)), missing_ok=missing_ok, held=held))
+    by_other = [i for i in held if i not in gone and i not in left.documents]
+    others = f" ({len(by_other)} by another writer meanwhile)" if by_other else ""
     absent = f"; {len(missing)} not in it" if missing else ""
-    typer.echo(f"removed {plural(len(gone), 'document')} from {directory}{absent}; "
+    typer.echo(f"removed {plural(len(gone) + len(by_other), 'document')}{others} from "
+               f"{directory}{absent}; "
                f"{plural(len(left.documents), 'document')} left (index version "
                f"{left.version})")
 
 
-def _remove(directory: Path, wanted: list[str], *, missing_ok: bool,
+def _remove(directory: Path, wanted: list[str], *, missing_ok: bool, held: set[str],
             ) -> tuple[list[str], list[str], Index]:
     """One ``index remove`` on the index at ``directory`` as it is now: the ids removed, those
-    it did not hold, and the index after."""
+    it did not hold (nor did an earlier attempt: ``held``, added to), and the index after."""
     from citeqa.retrieval.store import Index
     from citeqa.retrieval.updates import IndexUpdate, apply_update
 
     loaded = Index.load(directory)
-    missing = [i for i in wanted if i not in loaded.documents]
+    missing = [i for i in wanted if i not in loaded.documents and i not in held]
+    held.update(i for i in wanted if i in loaded.documents)
     if missing and not missing_ok:
         raise fail(f"the index at {directory} holds no document with id "
                    f"{', '.join(map(squash, missing))} (`citeqa index list` shows the ids); "

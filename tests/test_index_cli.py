@@ -227,15 +227,53 @@ def test_a_change_another_writer_overtook_is_made_to_the_index_it_left(
 
 def test_the_same_file_named_by_another_path_is_added_with_a_warning(tmp_path: Path,
                                                                      monkeypatch) -> None:
+    """... once, also when the add is made again after another writer got in first."""
+    import citeqa.retrieval.updates as updates
+    from citeqa.retrieval.store import Index
+
     index = tmp_path / "idx"
-    docs = _files(tmp_path / "docs", FIRST)
+    docs = _files(tmp_path / "docs", {**FIRST, **MORE})
     _build(index, docs)
     monkeypatch.chdir(tmp_path)
+    real_apply, overtakes = updates.apply_update, [1]
+
+    def other_writer_first(loaded, update, out, **kw):
+        if overtakes[0]:
+            overtakes[0] -= 1
+            other = Index.load(index)
+            moon = next(d.doc_id for d in other.documents.values() if "moon" in d.source)
+            real_apply(other, updates.IndexUpdate(remove=(moon,)), index)
+        return real_apply(loaded, update, out, **kw)
+
+    monkeypatch.setattr(updates, "apply_update", other_writer_first)
     code, out, err = _cli("index", "add", "docs/elbe.txt", "-i", str(index), "--no-progress")
     assert code == 0, err
-    assert "added 1 document" in out
-    assert "warning: docs/elbe.txt holds the text of indexed document" in err
+    assert "added 1 document" in out and overtakes == [0]
+    assert err.count("warning: docs/elbe.txt holds the text of indexed document") == 1
     assert str(docs / "elbe.txt") in err and "another path" in err
+
+
+def test_ids_another_writer_removed_meanwhile_count_as_removed(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    import citeqa.retrieval.updates as updates
+    from citeqa.retrieval.store import Index
+
+    index = tmp_path / "idx"
+    _build(index, _files(tmp_path / "docs", {**FIRST, **MORE}))
+    ids = list(Index.load(index).documents)
+    real_apply, overtakes = updates.apply_update, [1]
+
+    def other_writer_first(loaded, update, out, **kw):
+        if overtakes[0]:
+            overtakes[0] -= 1
+            real_apply(Index.load(index), updates.IndexUpdate(remove=(ids[0],)), index)
+        return real_apply(loaded, update, out, **kw)
+
+    monkeypatch.setattr(updates, "apply_update", other_writer_first)
+    code, out, err = _cli("index", "remove", ids[0], ids[1], "-i", str(index))
+    assert code == 0, err
+    assert "removed 2 documents (1 by another writer meanwhile)" in out and "not in it" not in out
+    assert set(Index.load(index).documents) == set(ids[2:])
 
 
 def test_add_refuses_missing_sources_and_a_missing_index(tmp_path: Path) -> None:

@@ -311,14 +311,16 @@ def _manifest_or_none(out: Path) -> Any:
 
 
 def files_stamp(out: Path) -> tuple[Any, ...]:
-    """What the files at ``out`` are now, cheaply: each one's path, size and modification time
-    (a copy landing file by file, or a repair, changes it; the manifest alone may not)."""
+    """What the files at ``out`` are now, cheaply: each one's path, inode, size and change
+    times (a copy landing file by file, or a repair, changes it, also one that keeps the old
+    modification time; the manifest alone may not)."""
     stamp = []
     with contextlib.suppress(OSError):
         for path in sorted(Path(out).rglob("*")):
             with contextlib.suppress(OSError):
                 st = path.stat()
-                stamp.append((str(path.relative_to(out)), st.st_size, st.st_mtime_ns))
+                stamp.append((str(path.relative_to(out)), st.st_ino, st.st_size,
+                              st.st_mtime_ns, st.st_ctime_ns))
     return tuple(stamp)
 
 
