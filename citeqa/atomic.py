@@ -5,6 +5,7 @@ cut one.
     with atomic_path(path) as tmp: ...   # any writer that takes a path (safetensors, numpy)
     write_text_atomic(path, text)
     tmp = fresh_tmp_dir(out); ...; replace_dir(tmp, out)   # a directory (a model's weights)
+    files_stamp(out)                     # what a directory's files are now (to see a rewrite)
 
 The temporary file sits in the same directory as the file it replaces (so the rename is
 atomic), is flushed to disk before it does, and is removed when the block fails. The file keeps
@@ -19,9 +20,9 @@ import secrets
 import shutil
 import stat
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 log = logging.getLogger(__name__)
 
@@ -187,3 +188,17 @@ def recover_dir(out: Path) -> Path:
         except OSError as e:  # another process restored it first, or a read-only file system
             log.warning("could not restore %s: %s", out, e)
     return out
+
+
+def files_stamp(out: Path) -> tuple[Any, ...]:
+    """What the files at ``out`` are now, cheaply: each one's path, inode, size and change
+    times (a copy landing file by file, or a repair, changes it, also one that keeps the old
+    modification time; the manifest alone may not)."""
+    stamp = []
+    with suppress(OSError):
+        for path in sorted(Path(out).rglob("*")):
+            with suppress(OSError):
+                st = path.stat()
+                stamp.append((str(path.relative_to(out)), st.st_ino, st.st_size,
+                              st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(stamp)

@@ -29,6 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from citeqa.atomic import files_stamp
 from citeqa.config import (
     MAX_CANDIDATES,
     MAX_PASSAGES,
@@ -50,7 +51,7 @@ from citeqa.generation.factory import build_backend
 from citeqa.generation.format import ANSWER_MODES
 from citeqa.retrieval.base import Retriever
 from citeqa.retrieval.retriever import HybridRetriever
-from citeqa.retrieval.store import Index, files_stamp, version_on_disk
+from citeqa.retrieval.store import Index, version_on_disk
 from citeqa.retrieval.updates import IndexUpdate, apply_update
 from citeqa.text import is_blank
 from citeqa.types import Answer, AskArgs, Candidate, Document, Hit

@@ -859,6 +859,29 @@ def test_reload_checks_the_settings_embedder_as_a_start_does(tmp_path: Path) -> 
         Pipeline.from_settings(Settings(preset="tiny", index=index_dir))  # as a start does
 
 
+def test_a_server_whose_index_failed_to_load_loads_again_once_it_is_rebuilt(
+        index_dir: Path, tmp_path: Path) -> None:
+    """A damaged index left the service unready until someone restarted it, while /healthz
+    kept saying it was alive (an orchestrator restarts on neither)."""
+    with (index_dir / "documents.jsonl").open("a") as f:
+        f.write("\n")  # damaged: its checksum no longer matches
+    settings = Settings(preset="tiny", index=index_dir, cache_dir=tmp_path / "cache",
+                        window_ms=1, index_reload_s=0.05)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        deadline = time.monotonic() + 10
+        while (r := client.get("/readyz")).json().get("error", {}).get("code") != "load_failed":
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.05)
+        time.sleep(0.3)  # looks that find the same files do not load again
+        assert client.get("/readyz").json()["error"]["code"] == "load_failed"
+        build_index_from_documents(DOCS, index_dir, CFG, progress=False)  # repaired
+        while (r := client.get("/readyz")).status_code != 200:
+            assert time.monotonic() < deadline + 10, r.text
+            time.sleep(0.05)
+        assert r.json()["index_version"] == Index.load(index_dir).version
+        assert client.post("/v1/search", json={"query": "Normandy", "k": 1}).status_code == 200
+
+
 def test_reload_index_refuses_another_embedder_and_says_so_once(index_dir: Path) -> None:
     from citeqa.pipeline import Pipeline
 

@@ -4,7 +4,8 @@ Models and index load in the lifespan, in a background thread, so ``/healthz`` a
 and ``/readyz`` is 503 until the pipeline is loaded (and again while shutting down, which a
 probe rarely sees: uvicorn stops taking connections before the lifespan ends). Every
 ``index_reload_s`` the service looks whether another writer changed its index on disk, and then
-serves that one (``Pipeline.reload_index``). Generation
+serves that one (``Pipeline.reload_index``); after a failed load, it loads again once the
+index's files change (a damaged index rebuilt), without a restart. Generation
 runs on one worker thread behind a bounded queue (``batching.Batcher``); the event loop only
 awaits futures.
 
@@ -48,6 +49,7 @@ from citeqa.api.middleware import (
     page_csp,
 )
 from citeqa.api.routes import make_run_batch, ops_router, v1_router
+from citeqa.atomic import files_stamp
 from citeqa.config import Settings
 from citeqa.errors import CiteqaError
 from citeqa.ingest import Fetcher, FetchPolicy
@@ -98,11 +100,13 @@ def _load(state: ServiceState, factory: PipelineFactory) -> None:
             logger.error("loading the pipeline failed: %s", exc)
         else:
             logger.exception("loading the pipeline failed")
+        stamp = files_stamp(Path(state.settings.index))  # a rewrite of it: load again
         with state.lock:
             state.phase = "failed" if state.phase == "loading" else state.phase
             state.load_error = str(exc) if isinstance(exc, CiteqaError) else (
                 f"{type(exc).__name__}; see the server log"
             )
+            state.failed_stamp = stamp
         return
     with state.lock:
         if state.phase != "loading":  # shut down while we were loading
@@ -115,15 +119,20 @@ def _load(state: ServiceState, factory: PipelineFactory) -> None:
     logger.info("pipeline loaded; ready")
 
 
-async def _watch_index(state: ServiceState) -> None:
+async def _watch_index(state: ServiceState, factory: PipelineFactory) -> None:
     """Every ``index_reload_s``, serve the index on disk if another writer changed it
-    (``Pipeline.reload_index``), on the updates' thread: never beside a document change."""
+    (``Pipeline.reload_index``), on the updates' thread: never beside a document change. After
+    a failed load, load again once the index's files change (a damaged index rebuilt)."""
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(state.settings.index_reload_s)
         with state.lock:
             pipeline, updater = state.pipeline, state.updater
             ready = state.phase == "ready"
+            failed = state.phase == "failed" and state.failed_stamp is not None
+        if failed:
+            await _load_again_if_rewritten(state, factory)
+            continue
         reload = getattr(pipeline, "reload_index", None)  # fakes in tests need not have one
         if not ready or updater is None or not callable(reload):
             continue
@@ -137,6 +146,19 @@ async def _watch_index(state: ServiceState) -> None:
                 if state.phase == "shutting_down":  # the updater refuses work: done
                     return
             logger.exception("looking for a changed index failed")
+
+
+async def _load_again_if_rewritten(state: ServiceState, factory: PipelineFactory) -> None:
+    """After a failed load: once the index's files are not those it failed on, load again."""
+    stamp = await asyncio.to_thread(files_stamp, Path(state.settings.index))
+    with state.lock:
+        if state.phase != "failed" or stamp == state.failed_stamp:
+            return
+        state.phase, state.load_error, state.failed_stamp = "loading", None, None
+    logger.info("the index %s changed since loading failed; loading again",
+                state.settings.index)
+    threading.Thread(target=_load, args=(state, factory), name="citeqa-loader",
+                     daemon=True).start()
 
 
 def _shutdown(state: ServiceState) -> None:
@@ -190,7 +212,7 @@ def create_app(
         loader = threading.Thread(target=_load, args=(state, factory), name="citeqa-loader",
                                   daemon=True)
         loader.start()
-        watcher = (asyncio.create_task(_watch_index(state))
+        watcher = (asyncio.create_task(_watch_index(state, factory))
                    if settings.index_reload_s > 0 else None)
         try:
             yield

@@ -82,6 +82,7 @@ class ServiceState:
     fetcher: Fetcher | None = None  # fetches URLs posted to /v1/documents
     phase: Phase = "loading"
     load_error: str | None = None
+    failed_stamp: tuple[Any, ...] | None = None  # the index's files when the load failed
     lock: threading.Lock = field(default_factory=threading.Lock)
     # counted on the event loop only: document updates waiting or running; by kind, work
     # running on a thread of the pool requests share (``admitted``: URL fetches, searches)

@@ -310,20 +310,6 @@ def _manifest_or_none(out: Path) -> Any:
         return None
 
 
-def files_stamp(out: Path) -> tuple[Any, ...]:
-    """What the files at ``out`` are now, cheaply: each one's path, inode, size and change
-    times (a copy landing file by file, or a repair, changes it, also one that keeps the old
-    modification time; the manifest alone may not)."""
-    stamp = []
-    with contextlib.suppress(OSError):
-        for path in sorted(Path(out).rglob("*")):
-            with contextlib.suppress(OSError):
-                st = path.stat()
-                stamp.append((str(path.relative_to(out)), st.st_ino, st.st_size,
-                              st.st_mtime_ns, st.st_ctime_ns))
-    return tuple(stamp)
-
-
 def version_on_disk(out: Path) -> str | None:
     """The version of the index at ``out`` now (``manifest_version``), read from its manifest
     alone; None when none can be read there (none built yet, or a writer mid-swap)."""
