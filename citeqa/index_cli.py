@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -37,7 +37,7 @@ from citeqa.config import preset
 from citeqa.errors import CiteqaError, IndexChangedError
 
 if TYPE_CHECKING:
-    from citeqa.ingest import LoadResult
+    from citeqa.ingest import LoadResult, Skipped
     from citeqa.retrieval.store import Index
     from citeqa.retrieval.updates import AddPlan
     from citeqa.types import Document
@@ -65,8 +65,8 @@ def _check_sources_exist(sources: list[str], then: str) -> None:
         raise fail(f"no such file or folder: {', '.join(map(squash, missing))}; {then}")
 
 
-def _echo_skipped(loaded_skipped: Any) -> None:
-    for s in loaded_skipped:
+def _echo_skipped(skipped: Sequence[Skipped]) -> None:
+    for s in skipped:
         typer.echo(f"skipped {squash(s.source)}: {squash(s.reason)}", err=True)
 
 
@@ -193,7 +193,6 @@ def index_build(
         f"{plural(summary.passages, 'passage')} into {summary.out} in {summary.seconds:.1f} s "
         f"({plural(len(summary.skipped), 'source')} skipped{shards})"
     )
-
 
 
 T = TypeVar("T")

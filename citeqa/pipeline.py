@@ -479,19 +479,16 @@ class Pipeline:
         """``_reload_locked`` for an update that met another writer's index: one that cannot
         be loaded is that update's failure (409), not the served index's."""
         try:
-            version = self._reload_locked()
+            return self._reload_locked(again=True)
         except IndexError_ as exc:
-            why: str | None = str(exc)
-        else:  # None also for the index on disk refused before: say why again
-            refused = self._refused is not None and self._refused[0] == files_stamp(out)
-            why = self._refused[1] if refused and self._refused is not None else None
-        if why is None:
-            return version
-        raise IndexChangedError(
-            f"another writer changed the index at {out}, and it cannot be served as it is now "
-            f"({why}); nothing was changed: the index served is still the one loaded")
+            raise IndexChangedError(
+                f"another writer changed the index at {out}, and it cannot be served as it is "
+                f"now ({exc}); nothing was changed: the index served is still the one loaded"
+            ) from exc
 
-    def _reload_locked(self) -> str | None:
+    def _reload_locked(self, *, again: bool = False) -> str | None:
+        """``reload_index``'s work; ``again``: an index on disk refused before is an error
+        again (its reason), not None."""
         old = self.retriever
         if not isinstance(old, HybridRetriever):
             return None
@@ -501,6 +498,8 @@ class Pipeline:
             return None
         stamp = files_stamp(out)  # a refused index copied in again, or repaired, is retried
         if self._refused is not None and self._refused[0] == stamp:
+            if again:
+                raise IndexError_(self._refused[1])
             return None
         try:
             new = old.with_index(Index.load(out))  # the settings' embedder, as at start
