@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from citeqa.atomic import recover_dir
@@ -254,6 +254,8 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "citeqa")
     allow_private_urls: bool = False  # let the fetcher reach private/intranet addresses
     api_keys: str = ""  # comma-separated; empty = no authentication
+    # comma-separated keys that may ask, search and read documents but not change the index
+    read_api_keys: str = ""
     # comma-separated names the service answers to in the Host header (DNS rebinding); "*" or
     # empty = any (empty: `citeqa serve` on a loopback address answers to localhost names only)
     allowed_hosts: str = ""
@@ -323,13 +325,14 @@ class Settings(BaseSettings):
                            f" (did you mean CITEQA_{close[0]}?)" if close else "")
         return self
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", "read_api_keys")
     @classmethod
-    def _keys_listed(cls, v: str) -> str:
+    def _keys_listed(cls, v: str, info: ValidationInfo) -> str:
+        name = f"CITEQA_{(info.field_name or '').upper()}"
         # "," or " " would otherwise mean "no authentication": an open server by a typo
         if v and not parse_api_keys(v):
             raise ValueError(
-                f"CITEQA_API_KEYS={v!r} lists no key; give comma-separated keys, or leave it "
+                f"{name}={v!r} lists no key; give comma-separated keys, or leave it "
                 "empty to serve without authentication"
             )
         # HTTP header values are bytes, read as Latin-1, and clients encode them differently:
@@ -337,10 +340,21 @@ class Settings(BaseSettings):
         bad = [k for k in (k.strip() for k in v.split(",")) if k and not _KEY_RE.fullmatch(k)]
         if bad:
             raise ValueError(
-                f"CITEQA_API_KEYS holds {len(bad)} key{'' if len(bad) == 1 else 's'} with "
+                f"{name} holds {len(bad)} key{'' if len(bad) == 1 else 's'} with "
                 "characters other than printable ASCII (letters, digits, punctuation, no "
                 "spaces), which no client can send in a header reliably; choose such keys")
         return v
+
+    @model_validator(mode="after")
+    def _keys_have_one_role(self) -> Settings:
+        # a key in both lists: which did its owner mean it to be?
+        both = set(parse_api_keys(self.api_keys)) & set(parse_api_keys(self.read_api_keys))
+        if both:
+            which = "1 key is" if len(both) == 1 else f"{len(both)} keys are"
+            raise ValueError(
+                f"{which} in both CITEQA_API_KEYS and CITEQA_READ_API_KEYS; list each key once: "
+                "in CITEQA_API_KEYS to change the index too, in CITEQA_READ_API_KEYS to only read")
+        return self
 
     def config(self) -> Config:
         cfg = preset(self.preset)

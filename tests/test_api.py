@@ -789,6 +789,79 @@ def test_api_keys_guard_v1_only() -> None:
                        for op in ops.values())
 
 
+class ChangingPipeline(FakePipeline):
+    """Records the changes it is asked to make (and makes none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changes: list[str] = []
+
+    def add_documents(self, documents: Sequence[Document]) -> dict[str, int]:
+        self.changes += [f"add {d.doc_id}" for d in documents]
+        return {d.doc_id: 1 for d in documents}
+
+    def delete_document(self, doc_id: str) -> None:
+        self.changes.append(f"delete {doc_id}")
+
+
+def test_read_keys_ask_and_read_but_never_change_the_index() -> None:
+    pipe = ChangingPipeline()
+    with serve(pipe, api_keys="w1", read_api_keys="r1, r2") as c:
+        for key in ("r1", "r2", "w1"):
+            for headers in ({"X-API-Key": key}, {"Authorization": f"Bearer {key}"}):
+                assert c.post("/v1/answer", json={"question": "q"}, headers=headers).is_success
+                assert c.post("/v1/search", json={"query": "q"}, headers=headers).is_success
+                assert c.get("/v1/documents", headers=headers).is_success
+                assert c.get("/v1/documents/d1", headers=headers).is_success
+        doc = {"json": {"text": "Some text.", "doc_id": "new"}}
+        for headers in ({"X-API-Key": "r1"}, {"Authorization": "Bearer r2"},
+                        {"X-API-Key": "r1", "Authorization": "Bearer nope"}):
+            err = assert_uniform_error(c.post("/v1/documents", headers=headers, **doc), 403,
+                                       "forbidden")
+            assert "CITEQA_API_KEYS" in err["message"]
+            assert_uniform_error(c.delete("/v1/documents/d1", headers=headers), 403, "forbidden")
+            # what is wrong with its body is not told to a key that may not post it
+            assert_uniform_error(c.post("/v1/documents", headers=headers, json={"bad": 1}),
+                                 403, "forbidden")
+            r = c.post("/v1/documents", headers={**headers, "content-type": "application/json"},
+                       content=b'{"text": ')
+            assert_uniform_error(r, 403, "forbidden")
+        for headers in ({}, {"X-API-Key": "r3"}):  # no key, a wrong one: 401 as before
+            assert_uniform_error(c.post("/v1/documents", headers=headers, **doc), 401,
+                                 "unauthorized")
+            assert_uniform_error(c.delete("/v1/documents/d1", headers=headers), 401,
+                                 "unauthorized")
+        assert pipe.changes == []  # nothing reached the index
+        assert c.post("/v1/documents", headers={"X-API-Key": "w1"}, **doc).status_code == 201
+        assert c.delete("/v1/documents/new", headers={"Authorization": "Bearer w1"}
+                        ).status_code == 204
+        assert pipe.changes == ["add new", "delete new"]
+        # the schema names the 403 on the changing routes, and the keys on every /v1 route
+        schema = c.get("/openapi.json").json()
+        assert "403" in schema["paths"]["/v1/documents"]["post"]["responses"]
+        assert "403" in schema["paths"]["/v1/documents/{doc_id}"]["delete"]["responses"]
+        assert "403" not in schema["paths"]["/v1/answer"]["post"]["responses"]
+        assert schema["paths"]["/v1/answer"]["post"]["security"] == [{"bearer": []},
+                                                                    {"apiKey": []}]
+
+
+def test_read_keys_alone_make_a_service_no_request_can_change() -> None:
+    pipe = ChangingPipeline()
+    with serve(pipe, read_api_keys="r1") as c:
+        assert_uniform_error(c.post("/v1/answer", json={"question": "q"}), 401, "unauthorized")
+        assert c.post("/v1/answer", json={"question": "q"}, headers={"X-API-Key": "r1"}
+                      ).is_success
+        err = assert_uniform_error(c.post("/v1/documents", json={"text": "Some text."},
+                                          headers={"X-API-Key": "r1"}), 403, "forbidden")
+        assert "read keys only" in err["message"]
+        assert_uniform_error(c.delete("/v1/documents/d1"), 401, "unauthorized")
+        assert "securitySchemes" in c.get("/openapi.json").json()["components"]
+    assert pipe.changes == []
+    with serve(pipe) as c:  # no keys at all: anyone may change it, as before
+        assert c.delete("/v1/documents/d1").status_code == 204
+    assert pipe.changes == ["delete d1"]
+
+
 def test_key_helpers() -> None:
     keys = parse_api_keys(" a , ,bc,")
     assert keys == (b"a", b"bc")

@@ -83,22 +83,32 @@ def test_the_fake_backend_remembers_a_bounded_number_of_calls(tmp_path: Path) ->
     assert 0 < len(backend.calls) <= KEEP_CALLS == 64
 
 
+@pytest.mark.parametrize("field", ["api_keys", "read_api_keys"])
 @pytest.mark.parametrize("raw", [",", " , ,", " "])
-def test_api_keys_that_list_no_key_are_refused(raw: str) -> None:
+def test_api_keys_that_list_no_key_are_refused(raw: str, field: str) -> None:
     """A non-empty CITEQA_API_KEYS that parses to no key would silently open the server."""
-    with pytest.raises(ValidationError, match="lists no key"):
-        Settings(api_keys=raw)
-    assert Settings(api_keys="").api_keys == ""
-    assert Settings(api_keys=" k1 ,").api_keys == " k1 ,"
+    with pytest.raises(ValidationError, match=f"CITEQA_{field.upper()}=.* lists no key"):
+        Settings(**{field: raw})
+    assert getattr(Settings(**{field: ""}), field) == ""
+    assert getattr(Settings(**{field: " k1 ,"}), field) == " k1 ,"
 
 
+@pytest.mark.parametrize("field", ["api_keys", "read_api_keys"])
 @pytest.mark.parametrize("raw", ["k1,clé", "k1,has space", "tab\tkey", "ключ"])
-def test_api_keys_no_client_can_send_are_refused(raw: str) -> None:
+def test_api_keys_no_client_can_send_are_refused(raw: str, field: str) -> None:
     """A UTF-8 'clé' was accepted at start but never matched (headers are read as Latin-1),
     and the Python client failed to encode it."""
     with pytest.raises(ValidationError, match="characters other than printable ASCII"):
-        Settings(api_keys=raw)
-    assert Settings(api_keys="k1,K-2_x.y~!").api_keys == "k1,K-2_x.y~!"
+        Settings(**{field: raw})
+    assert getattr(Settings(**{field: "k1,K-2_x.y~!"}), field) == "k1,K-2_x.y~!"
+
+
+def test_a_key_in_both_lists_is_refused() -> None:
+    """Which did its owner mean: a key that may change the index, or one that only reads?"""
+    with pytest.raises(ValidationError, match="1 key is in both CITEQA_API_KEYS and "
+                                              "CITEQA_READ_API_KEYS"):
+        Settings(api_keys="w1, shared", read_api_keys="shared ,r1")
+    assert Settings(api_keys="w1", read_api_keys="r1").read_api_keys == "r1"
 
 
 def test_a_client_waiting_for_100_continue_gets_the_413_without_sending_its_body(

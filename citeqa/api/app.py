@@ -9,10 +9,12 @@ index's files change (a damaged index rebuilt), without a restart. Generation
 runs on one worker thread behind a bounded queue (``batching.Batcher``); the event loop only
 awaits futures.
 
-Authentication: when ``settings.api_keys`` is set, every ``/v1/*`` route needs
-``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. The page (``/``, ``/documents``,
-``/document``), ``/healthz``, ``/readyz``, ``/metrics`` and ``/openapi.json`` stay open (they
-reveal no corpus content: the page fetches it from ``/v1`` with the key typed into it). The
+Authentication: when ``settings.api_keys`` or ``settings.read_api_keys`` is set, every ``/v1/*``
+route needs ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``, and the routes that change
+the index (POST and DELETE ``/v1/documents``) a key of ``api_keys`` (a read key gets 403).
+The page (``/``, ``/documents``, ``/document``), ``/healthz``, ``/readyz``, ``/metrics`` and
+``/openapi.json`` stay open (they reveal no corpus content: the page fetches it from ``/v1``
+with the key typed into it). The
 Swagger and ReDoc pages are off: they load scripts from a CDN, which the page's CSP forbids.
 """
 
@@ -37,6 +39,7 @@ from citeqa.api.deps import (
     parse_api_keys,
     require_api_key,
     require_api_key_on_v1,
+    require_change_key,
     with_api_key_security,
 )
 from citeqa.api.errors import install_error_handlers
@@ -201,6 +204,7 @@ def create_app(
     state = ServiceState(
         settings=settings,
         api_keys=parse_api_keys(settings.api_keys),
+        read_keys=parse_api_keys(settings.read_api_keys),
         fetcher=fetcher or Fetcher(FetchPolicy(allow_private=settings.allow_private_urls)),
     )
     factory = pipeline_factory or default_pipeline_factory
@@ -236,13 +240,13 @@ def create_app(
     if hosts and "*" not in hosts:
         app.add_middleware(HostCheckMiddleware, allowed=hosts)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    routers = [v1_router(require_api_key), ops_router(page, page_csp(page))]
+    routers = [v1_router(require_api_key, require_change_key), ops_router(page, page_csp(page))]
     app.add_middleware(MetricsMiddleware, metrics=state.metrics,
                        routes=[r for router in routers for r in router.routes])
     app.add_middleware(SecurityHeadersMiddleware)
     for router in routers:
         app.include_router(router)
-    if state.api_keys:
+    if state.api_keys or state.read_keys:
         plain = app.openapi
 
         def openapi() -> dict[str, Any]:

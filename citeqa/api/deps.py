@@ -75,7 +75,8 @@ class ServiceState:
 
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
-    api_keys: tuple[bytes, ...] = ()
+    api_keys: tuple[bytes, ...] = ()  # may do everything under /v1
+    read_keys: tuple[bytes, ...] = ()  # may do all but change the index
     pipeline: PipelineLike | None = None
     batcher: Batcher[AskArgs, Answer] | None = None
     updater: ThreadPoolExecutor | None = None  # runs document updates one at a time
@@ -136,14 +137,29 @@ SECURITY_SCHEMES = {
 }
 
 
-def require_api_key(request: Request, state: StateDep) -> None:
-    """When API keys are configured: ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``."""
-    if not state.api_keys:
-        return
+Access = Literal["change", "read"]
+
+
+def presented_access(request: Request, state: ServiceState) -> Access | None:
+    """What the request's key may do: ``change`` (a key of ``api_keys``), ``read`` (of
+    ``read_keys``) or None (no key, or a wrong one). ``Authorization: Bearer <key>`` or
+    ``X-API-Key: <key>``: either header may hold it (a proxy may add an empty other)."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    given = [request.headers.get(API_KEY_HEADER),  # either header may hold it (a proxy may
-             token.strip() if scheme.lower() == "bearer" else None]  # add an empty other)
-    if not any(g is not None and key_matches(g, state.api_keys) for g in given):
+    given = [g for g in (request.headers.get(API_KEY_HEADER),
+                         token.strip() if scheme.lower() == "bearer" else None) if g is not None]
+    if any(key_matches(g, state.api_keys) for g in given):
+        return "change"
+    if any(key_matches(g, state.read_keys) for g in given):
+        return "read"
+    return None
+
+
+def require_api_key(request: Request, state: StateDep) -> None:
+    """When API keys are configured: one of them (a read key or one that may change the index),
+    as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``."""
+    if not (state.api_keys or state.read_keys):
+        return
+    if presented_access(request, state) is None:
         raise ApiError(
             401,
             "unauthorized",
@@ -153,11 +169,33 @@ def require_api_key(request: Request, state: StateDep) -> None:
         )
 
 
+def require_change_key(request: Request, state: StateDep) -> None:
+    """For a route that changes the index: when API keys are configured, a key that may change
+    it (one of ``api_keys``); a read key gets 403 (after ``require_api_key``'s 401 for none)."""
+    if not (state.api_keys or state.read_keys):
+        return
+    require_api_key(request, state)
+    if presented_access(request, state) != "change":
+        how = ("changes need a key of the service's CITEQA_API_KEYS" if state.api_keys else
+               "this service has read keys only: it takes no changes over HTTP")
+        raise ApiError(403, "forbidden", "this API key may ask, search and read documents but "
+                       f"not change the index; {how}")
+
+
+def changes_index(route: object) -> bool:
+    """Whether ``route`` (a request's matched route) is one that changes the index."""
+    return any(getattr(d, "dependency", None) is require_change_key
+               for d in getattr(route, "dependencies", ()))
+
+
 def require_api_key_on_v1(request: Request) -> None:
-    """``require_api_key`` for a request whose route is under /v1 (the routes that need a key),
-    for error handlers that answer before the route's dependencies ran."""
-    if getattr(request.scope.get("route"), "path", "").startswith("/v1/"):
-        require_api_key(request, get_state(request))
+    """``require_api_key`` (``require_change_key`` where the route changes the index) for a
+    request whose route is under /v1 (the routes that need a key), for error handlers that
+    answer before the route's dependencies ran."""
+    route = request.scope.get("route")
+    if getattr(route, "path", "").startswith("/v1/"):
+        check = require_change_key if changes_index(route) else require_api_key
+        check(request, get_state(request))
 
 
 def with_api_key_security(schema: dict[str, Any]) -> dict[str, Any]:
@@ -195,7 +233,9 @@ __all__ = [
     "StateDep",
     "key_matches",
     "parse_api_keys",
+    "presented_access",
     "require_api_key",
     "require_api_key_on_v1",
+    "require_change_key",
     "with_api_key_security",
 ]

@@ -54,8 +54,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 BODY_ERRORS: dict[int | str, dict[str, Any]] = {415: {"model": ErrorOut}}  # POSTs: not JSON
 ANSWER_ERRORS: dict[int | str, dict[str, Any]] = {**BODY_ERRORS, 502: {"model": ErrorOut}}
+# The routes that change the index: 403 for a key that may only read.
 DOCUMENT_ERRORS: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorOut} for s in (400, 409, 501, 502)
+    s: {"model": ErrorOut} for s in (400, 403, 409, 501, 502)
 }
 # Any route, before routing: a Host the server does not accept (400), a body over the limit (413).
 REFUSED_ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorOut} for s in (400, 413)}
@@ -241,9 +242,12 @@ async def await_answer(request: Request, state: ServiceState, batcher: Batcher[A
             afut.cancel()
 
 
-def v1_router(require_key: Callable[..., None]) -> APIRouter:
-    """Everything under ``/v1`` (behind ``require_key``)."""
+def v1_router(require_key: Callable[..., None],
+              require_change: Callable[..., None]) -> APIRouter:
+    """Everything under ``/v1`` (behind ``require_key``; the routes that change the index
+    behind ``require_change`` too)."""
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)
+    changes = [Depends(require_change)]
 
     # exclude_unset: ``passages`` is left out of the body unless the request asked for it.
     @v1.post("/answer", response_model=AnswerOut, response_model_exclude_unset=True,
@@ -286,7 +290,7 @@ def v1_router(require_key: Callable[..., None]) -> APIRouter:
         return {"doc_id": doc.doc_id, "title": doc.title, "source": doc.source, "text": doc.text}
 
     @v1.post("/documents", response_model=DocumentAddedOut, status_code=201,
-             dependencies=JsonBody, responses={**DOCUMENT_ERRORS, **BODY_ERRORS})
+             dependencies=[*changes, *JsonBody], responses={**DOCUMENT_ERRORS, **BODY_ERRORS})
     async def add_document(body: DocumentIn, request: Request, state: StateDep,
                            pipeline: PipelineDep, response: Response) -> dict[str, Any]:
         """Index a document (its text, or a public http(s) URL to fetch): searchable on return,
@@ -313,7 +317,7 @@ def v1_router(require_key: Callable[..., None]) -> APIRouter:
                 "passages": counts[doc.doc_id]}
 
     @v1.delete("/documents/{doc_id:any_path}", status_code=204, response_class=Response,
-               responses=DOCUMENT_ERRORS)
+               dependencies=changes, responses=DOCUMENT_ERRORS)
     async def delete_document(doc_id: DocId, request: Request, state: StateDep,
                               pipeline: PipelineDep) -> Response:
         """Remove a document from the index (at once, persisted atomically)."""
