@@ -1,11 +1,24 @@
 """The ``citeqa`` command (and ``python -m citeqa``): the CLI of ``citeqa.cli``, whose imports
 take a noticeable moment; Ctrl-C during them ends as quietly as during a command. What the
 operating system refuses (a path under a file, a full disk, a folder where a file should be)
-ends in one ``error:`` line, status 2, as a user's mistake does (a traceback with --verbose)."""
+ends in one ``error:`` line, status 2, as a user's mistake does (a traceback with --verbose).
+``--verbose``/``-v`` belongs to ``citeqa`` itself, but is taken after a subcommand too."""
 
 from __future__ import annotations
 
 import sys
+
+VERBOSE_FLAGS = ("-v", "--verbose")
+
+
+def verbose_first(args: list[str]) -> list[str]:
+    """``args`` with ``--verbose``/``-v`` moved before the subcommand, where the command
+    group reads it (``citeqa ask Q -v`` said "No such option: -v"); anything after a ``--``
+    stays as it is (``citeqa ask -- -v`` asks "-v")."""
+    end = args.index("--") if "--" in args else len(args)
+    head = args[:end]
+    flags = [a for a in head if a in VERBOSE_FLAGS]
+    return flags[:1] + [a for a in head if a not in VERBOSE_FLAGS] + args[end:]
 
 
 def main() -> None:
@@ -15,7 +28,7 @@ def main() -> None:
         sys.stderr.write("\ninterrupted\n")
         raise SystemExit(130) from None
     try:
-        app()
+        app(args=verbose_first(sys.argv[1:]))
     except OSError as e:
         from citeqa import logs
 

@@ -290,9 +290,20 @@ def test_what_the_system_refuses_is_one_line_and_a_traceback_with_verbose(
     done = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == f"error: Not a directory: {afile}/metrics.json"
-    loud = subprocess.run(args[:3] + ["--verbose"] + args[3:], capture_output=True, text=True,
-                          timeout=120, env=env)
-    assert loud.returncode == 1 and "Traceback" in loud.stderr
+    for loud_args in (args[:3] + ["--verbose"] + args[3:], args + ["-v"]):  # either place
+        loud = subprocess.run(loud_args, capture_output=True, text=True, timeout=120, env=env)
+        assert loud.returncode == 1 and "Traceback" in loud.stderr, loud_args
+
+
+def test_verbose_is_taken_after_the_subcommand_too() -> None:
+    from citeqa.__main__ import verbose_first
+
+    assert verbose_first(["ask", "q", "-v"]) == ["-v", "ask", "q"]
+    assert verbose_first(["index", "build", "--verbose", "d", "-v"]) == [
+        "--verbose", "index", "build", "d"]
+    assert verbose_first(["ask", "--", "-v"]) == ["ask", "--", "-v"]  # a question "-v"
+    assert verbose_first(["-v", "ask", "q", "--", "-v"]) == ["-v", "ask", "q", "--", "-v"]
+    assert verbose_first(["ask", "q"]) == ["ask", "q"]
 
 
 def test_reward_data_that_is_no_file_of_lines_says_so(tmp_path: Path) -> None:
