@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from citeqa.atomic import files_stamp
 from citeqa.config import (
@@ -48,7 +48,7 @@ from citeqa.errors import (
 )
 from citeqa.generation.cited import CitedGenerator, Generation, GenerationItem
 from citeqa.generation.factory import build_backend
-from citeqa.generation.format import ANSWER_MODES
+from citeqa.generation.format import ANSWER_MODES, AnswerMode
 from citeqa.retrieval.base import Retriever
 from citeqa.retrieval.retriever import HybridRetriever
 from citeqa.retrieval.store import Index, version_on_disk
@@ -256,7 +256,35 @@ class Pipeline:
             if min_score is not None:
                 raise InvalidRequestError("give min_score or target_accuracy, not both")
             min_score = self.threshold_for(args.target_accuracy)
+            if differ := self.options_off_calibration(args):
+                raise InvalidRequestError(
+                    "target_accuracy is certified only for answers like those the reward model "
+                    "was calibrated on, and this request's own options give others: "
+                    f"{'; '.join(differ)}. Leave those options at the service's settings, or "
+                    "pass min_score instead", status=422, code="uncertified_options")
         return replace(args, question=question, min_score=min_score, target_accuracy=None)
+
+    def options_off_calibration(self, args: AskArgs) -> list[str]:
+        """What a request's own options (``top_k``, ``n_candidates``, ``answer_mode``) change
+        from the answers the reward model's calibration was made on, beyond what the service's
+        settings change already (which it warned about at start), one phrase each
+        (reward/provenance.py); empty without a recorded calibration."""
+        record = getattr(self.scorer, "calibration", None)
+        body = getattr(record, "body", None)
+        if not isinstance(body, dict):
+            return []
+        from citeqa.generation.prompt import generator_fingerprint
+        from citeqa.reward.provenance import calibration_mismatch
+
+        gen = self.cfg.generation
+        asked = replace(gen, top_k_passages=args.top_k or gen.top_k_passages,
+                        answer_mode=cast(AnswerMode, args.answer_mode or gen.answer_mode))
+        model_id = self.generator.backend.model_id
+        served = calibration_mismatch(body, generator_fingerprint(model_id, gen),
+                                      gen.n_candidates)
+        own = calibration_mismatch(body, generator_fingerprint(model_id, asked),
+                                   args.n_candidates or gen.n_candidates)
+        return [d for d in own if d not in served]
 
     def ask(
         self,

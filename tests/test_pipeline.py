@@ -6,6 +6,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 from helpers import THREE_DOCS
@@ -523,6 +524,44 @@ def test_check_resolves_a_target_accuracy_and_refuses_bad_requests():
             p.check(bad)
     with pytest.raises(InvalidRequestError, match="calibrated reward model"):
         pipeline().check(AskArgs("q", target_accuracy=0.8))
+
+
+class RecordedScorer(UncertifiedScorer):
+    """Calibrated on the answers of CFG's generator ("test"), one candidate a question."""
+
+    def __init__(self) -> None:
+        from citeqa.generation.prompt import generator_fingerprint
+
+        self.calibration = SimpleNamespace(body={
+            "generators": [generator_fingerprint("test", CFG.generation)],
+            "candidates_per_question": 1})
+
+
+def test_a_target_is_refused_for_options_its_calibration_did_not_see():
+    """A target accuracy is certified for the answers calibrated on: a request that asks for
+    more candidates, other passages or the other answer mode gets other answers."""
+    p = pipeline(scorer=RecordedScorer())
+    top_k = CFG.generation.top_k_passages
+    assert p.check(AskArgs("q", target_accuracy=0.5)).min_score == 0.9
+    assert p.check(AskArgs("q", target_accuracy=0.5, top_k=top_k, n_candidates=1,
+                           answer_mode="free")).min_score == 0.9  # the same as calibrated
+    for args, phrase in ((AskArgs("q", top_k=1), f"top_k_passages {top_k} -> 1"),
+                         (AskArgs("q", n_candidates=2), "candidates per question 1 -> 2"),
+                         (AskArgs("q", answer_mode="span"), "answer_mode 'free' -> 'span'")):
+        with pytest.raises(InvalidRequestError, match=phrase) as info:
+            p.check(replace(args, target_accuracy=0.5))
+        assert info.value.code == "uncertified_options" and info.value.status == 422
+        assert "min_score" in str(info.value)
+        p.check(replace(args, min_score=0.5))  # a threshold of its own: no claim to check
+    # what the service's settings change already was said at start: not the request's doing
+    wider = replace(CFG, generation=replace(CFG.generation, top_k_passages=top_k + 1))
+    p = pipeline(cfg=wider, scorer=RecordedScorer())
+    assert p.options_off_calibration(AskArgs("q")) == []
+    assert p.options_off_calibration(AskArgs("q", top_k=top_k + 1)) == []
+    assert p.options_off_calibration(AskArgs("q", top_k=top_k, n_candidates=3)) == [
+        "candidates per question 1 -> 3"]  # back to the calibrated top_k is no difference
+    assert pipeline(scorer=UncertifiedScorer()).options_off_calibration(
+        AskArgs("q", n_candidates=3)) == []  # nothing recorded to compare with
 
 
 def test_an_answer_carries_the_passages_retrieval_found():
