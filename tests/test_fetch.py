@@ -231,6 +231,11 @@ def test_blocked_urls_never_connect(url: str) -> None:
         "https://" + "x." * 127 + "org/",  # 257 characters
         "https://-/",
         "http://[::1/",
+        "http://example.com:0/",
+        "http://example.com:-1/",
+        "http://93.184.216.34:65536/",  # the resolver wraps it: port 0
+        "http://example.com:65616/",  # port 80, wrapped
+        "http://93.184.216.34:99999999999999999999/",  # an OverflowError in the connect: 500
     ],
 )
 def test_malformed_urls_are_bad_urls_and_never_connect(url: str) -> None:
@@ -636,9 +641,9 @@ def test_real_local_server_by_name_sends_original_host(local_server: str) -> Non
         Fetcher(FetchPolicy(timeout_s=5), resolver=dns).fetch(f"http://docs.internal:{port}/")
 
 
-def test_a_redirect_to_a_malformed_host_is_the_sites_fault() -> None:
-    rec = Recorder({"example.com/": lambda: httpx.Response(302, headers={"Location":
-                                                                         "http://a..b/"})})
+@pytest.mark.parametrize("location", ["http://a..b/", f"http://{PUBLIC}:99999999999999999999/"])
+def test_a_redirect_to_a_malformed_url_is_the_sites_fault(location: str) -> None:
+    rec = Recorder({"example.com/": lambda: httpx.Response(302, headers={"Location": location})})
     with pytest.raises(FetchError, match="redirected to a bad URL") as info:
         fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/")
     assert not isinstance(info.value, BadURLError)

@@ -375,6 +375,9 @@ class Fetcher:
         host = url.raw_host.decode("ascii").lower()
         if not host:
             raise BadURLError(f"{where}: the URL has no host")
+        if url.port is not None and not 1 <= url.port <= 65535:  # the resolver took any
+            # number and wrapped it (65616 fetched port 80), or failed deep in a connect (500)
+            raise BadURLError(f"{where}: port {url.port} is not a port (1-65535); check the URL")
         port = url.port or (443 if url.scheme == "https" else 80)
         allow = self.policy.allow_private
         if ":" in host:  # an IPv6 literal (httpx strips the brackets)
