@@ -4,6 +4,7 @@ many requests, and settings that must not start an open server."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -121,6 +122,54 @@ def test_a_client_waiting_for_100_continue_gets_the_413_without_sending_its_body
                      b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % TEN_MB)
         head = conn.recv(65536)
     assert head.startswith(b"HTTP/1.1 413 "), head[:100]
+
+
+class Echo(CannedPipeline):
+    def answer(self, args: AskArgs) -> Answer:
+        return Answer(args.question, True, None, None, 0.0, reason="canned")
+
+
+def _raw_response(conn: socket.socket) -> bytes:
+    """What the server sent until it closed the connection."""
+    got = b""
+    while chunk := conn.recv(65536):
+        got += chunk
+    return got
+
+
+@pytest.mark.parametrize("head, part", [
+    (b"Content-Length: 100\r\n", b'{"question": "q'),
+    (b"Transfer-Encoding: chunked\r\n", b'5\r\n{"que\r\n'),  # no last chunk
+])
+def test_a_body_that_stops_arriving_gets_408_and_the_connection_closed(
+        head: bytes, part: bytes) -> None:
+    """Nothing bounded the wait for the rest of a body: the request hung for ever."""
+    app = create_app(Settings(window_ms=1, body_timeout_s=0.5), lambda s: Echo())
+    with running_server(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=20) as conn:
+            started = time.monotonic()
+            conn.sendall(b"POST /v1/answer HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\n" + head + b"\r\n" + part)
+            got = _raw_response(conn)
+            waited = time.monotonic() - started
+        assert got.startswith(b"HTTP/1.1 408 "), got[:200]
+        body = json.loads(got.split(b"\r\n\r\n", 1)[1])
+        assert body["error"]["code"] == "request_timeout", body
+        assert "stopped arriving" in body["error"]["message"]
+        assert 0.4 < waited < 10
+        # a body that keeps coming, slowly, is read: the bound is on silence, not the total
+        with socket.create_connection((host, int(port)), timeout=20) as conn:
+            payload = b'{"question": "slow but steady"}'
+            conn.sendall(b"POST /v1/answer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                         b"Content-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(payload))
+            for i in range(0, len(payload), 8):  # ~1.2 s in all, 0.3 s apart
+                conn.sendall(payload[i:i + 8])
+                time.sleep(0.3)
+            got = _raw_response(conn)
+        assert got.startswith(b"HTTP/1.1 200 "), got[:200]
+        assert b"slow but steady" in got
 
 
 def test_the_soak_memory_verdict(monkeypatch: pytest.MonkeyPatch) -> None:

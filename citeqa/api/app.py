@@ -239,7 +239,8 @@ def create_app(
     hosts = frozenset(host_name(h) for h in settings.allowed_hosts.split(",") if h.strip())
     if hosts and "*" not in hosts:
         app.add_middleware(HostCheckMiddleware, allowed=hosts)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       idle_s=settings.body_timeout_s)
     routers = [v1_router(require_api_key, require_change_key), ops_router(page, page_csp(page))]
     app.add_middleware(MetricsMiddleware, metrics=state.metrics,
                        routes=[r for router in routers for r in router.routes])

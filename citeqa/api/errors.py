@@ -105,6 +105,7 @@ HTTP_CODES: dict[int, str] = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "invalid_request",
@@ -144,6 +145,16 @@ class BodyTooLargeError(StarletteHTTPException):
 
     def __init__(self, limit: int) -> None:
         super().__init__(413, too_large_message(limit))
+
+
+class BodyStalledError(StarletteHTTPException):
+    """Raised when nothing more of a request body arrives in time (-> 408, and the connection
+    closed: the rest of the body may still come)."""
+
+    def __init__(self, waited_s: float) -> None:
+        super().__init__(408, f"the request body stopped arriving: nothing more came for "
+                              f"{waited_s:g} s (CITEQA_BODY_TIMEOUT_S); send the whole body",
+                         headers={"Connection": "close"})
 
 
 def too_large_message(limit: int) -> str:

@@ -13,7 +13,12 @@ import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from citeqa.api.errors import BodyTooLargeError, error_response, too_large_message
+from citeqa.api.errors import (
+    BodyStalledError,
+    BodyTooLargeError,
+    error_response,
+    too_large_message,
+)
 
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
 # A refused body is still read (and dropped) up to these bounds before the 413 goes out: a client
@@ -64,11 +69,14 @@ async def drain(receive: Receive, *, max_bytes: int = DRAIN_MAX_BYTES,
 class BodyLimitMiddleware:
     """413 for bodies over ``max_bytes``: from Content-Length, and counted while reading (chunked
     bodies have no Content-Length). The refused body is drained (bounded, see ``drain``) before
-    the 413 is sent, so that clients which write their whole body first read the 413."""
+    the 413 is sent, so that clients which write their whole body first read the 413. A body
+    of which nothing more arrives for ``idle_s`` while it is read gets 408 (neither uvicorn nor
+    the app bounded that wait: a client that stopped mid-body held its request for ever)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, idle_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.idle_s = idle_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -94,7 +102,11 @@ class BodyLimitMiddleware:
 
         async def counting_receive() -> Message:
             nonlocal seen, over, ended
-            message = await receive()
+            try:  # once the body is read, receive() waits for the client to leave: unbounded
+                async with asyncio.timeout(None if ended else self.idle_s):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyStalledError(self.idle_s) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 # the last part may be the one that crosses the limit (the server can deliver
