@@ -285,6 +285,30 @@ def test_url_is_fetched_and_indexed(client: TestClient) -> None:
                        ).json()["error"]["code"] == "fetch_failed"
 
 
+def test_a_page_is_indexed_once_whatever_spelling_of_its_url(client: TestClient) -> None:
+    """The id is made from the URL as written: another spelling of it (case, a fragment)
+    reached the same page and indexed it again, under another id."""
+    first = client.post("/v1/documents", json={"url": "https://moths.example/moths"})
+    assert first.status_code == 201, first.text
+    held = first.json()["doc_id"]
+    for again in ("HTTPS://MOTHS.EXAMPLE/moths", "https://moths.example/moths#spring",
+                  "https://moths.example:443/moths"):
+        err = assert_error(client.post("/v1/documents", json={"url": again}), 409)
+        assert err["code"] == "conflict"
+        assert err["message"] == ("a document from this page (https://moths.example/moths) "
+                                  f"is already indexed, as document {held!r}; nothing was added")
+    # the very same URL: the id it makes is taken, said as before
+    err = assert_error(client.post("/v1/documents", json={"url": "https://moths.example/moths"}),
+                       409)
+    assert f"this URL is already indexed, as document {held!r}" in err["message"]
+    assert [d["doc_id"] for d in listed(client, limit=100)["documents"]].count(held) == 1
+    assert listed(client, limit=100)["total"] == len(DOCS) + 1
+    # an id of the caller's own choosing is a second copy asked for
+    r = client.post("/v1/documents", json={"url": "https://moths.example/moths#x",
+                                           "doc_id": "moths-copy"})
+    assert r.status_code == 201, r.text
+
+
 def test_a_chosen_id_cannot_claim_a_page_before_it_is_added(client: TestClient) -> None:
     """A text posted with the id citeqa would make for a URL (an unsalted hash) sat there when
     that URL was added: 409 "already indexed", and answers quoted the text as that page."""

@@ -818,3 +818,12 @@ def test_a_server_sending_its_headers_a_byte_at_a_time_is_cut_at_the_deadline(
         stop.set()
         thread.join(5)
         listener.close()
+
+
+def test_page_key_names_a_page_whatever_the_url_spelling() -> None:
+    from citeqa.ingest import page_key
+
+    assert page_key("HTTPS://Example.COM:443/a?q=1#part") == "https://example.com/a?q=1"
+    assert page_key("http://example.com:8080/A") == "http://example.com:8080/A"  # paths: as is
+    assert page_key("https://example.com/a") != page_key("http://example.com/a")
+    assert page_key("http://[::1/") == "http://[::1/"  # does not parse: itself

@@ -40,8 +40,8 @@ from citeqa.api.schemas import (
     UrlDocumentIn,
 )
 from citeqa.config import MAX_DOCUMENT_CHARS
-from citeqa.errors import InvalidRequestError
-from citeqa.ingest import Fetcher, doc_id_for, is_made_id
+from citeqa.errors import InvalidRequestError, NotSupportedError
+from citeqa.ingest import Fetcher, doc_id_for, is_made_id, page_key
 from citeqa.ingest.html import title_from_text
 from citeqa.text import is_blank
 from citeqa.types import Answer, AskArgs, Document
@@ -58,6 +58,7 @@ ANSWER_ERRORS: dict[int | str, dict[str, Any]] = {**BODY_ERRORS, 502: {"model": 
 DOCUMENT_ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorOut} for s in (400, 403, 409, 501, 502)
 }
+LIST_PAGE = 1000  # documents read at a time when looking for a page's (page_holder)
 # Any route, before routing: a Host the server does not accept (400), a body over the limit (413).
 REFUSED_ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorOut} for s in (400, 413)}
 
@@ -159,6 +160,37 @@ def url_document(body: UrlDocumentIn, fetcher: Fetcher) -> Document:
             "texts, or index it with `citeqa index build`")
     return Document(doc_id=body.doc_id or doc_id_for(body.url), title=page.title,
                     source=page.final_url, text=page.text)
+
+
+def page_holder(pipeline: PipelineLike, source: str) -> str | None:
+    """The id of an indexed document from the page ``source`` (a fetched page's final URL), or
+    None (also where the pipeline cannot list its documents). Sources are compared as pages
+    (``page_key``: a fragment, the case of the host or a default port names no other page)."""
+    key = page_key(source)
+    offset = 0
+    while True:
+        try:
+            docs, total = pipeline.list_documents(offset, LIST_PAGE)
+        except NotSupportedError:
+            return None
+        for doc in docs:
+            if doc.source and page_key(doc.source) == key:
+                return doc.doc_id
+        offset += len(docs)
+        if not docs or offset >= total:
+            return None
+
+
+def add_page(pipeline: PipelineLike, doc: Document) -> dict[str, int]:
+    """Index a fetched page whose id was made from its URL (on the update thread, so that no
+    other change comes between the check and the add): 409 when a document from the same page
+    is indexed under another id already (another spelling of its URL, by case, a fragment or a
+    redirect, made another id, and the page went in twice)."""
+    holder = page_holder(pipeline, doc.source)
+    if holder is not None and holder != doc.doc_id:
+        raise ApiError(409, "conflict", f"a document from this page ({page_key(doc.source)}) "
+                       f"is already indexed, as document {holder!r}; nothing was added")
+    return pipeline.add_documents([doc])
 
 
 def check_update_room(state: ServiceState) -> None:
@@ -304,7 +336,10 @@ def v1_router(require_key: Callable[..., None],
         else:
             doc = text_document(body)
         try:
-            counts = await run_update(state, pipeline.add_documents, [doc], request=request)
+            if isinstance(body, UrlDocumentIn) and body.doc_id is None:
+                counts = await run_update(state, add_page, pipeline, doc, request=request)
+            else:
+                counts = await run_update(state, pipeline.add_documents, [doc], request=request)
         except InvalidRequestError as exc:
             if exc.code != "conflict" or body.doc_id is not None:
                 raise

@@ -5,7 +5,7 @@ Modules: ``sources`` (formats, folders, skipping), ``html`` (HTML -> visible tex
 ``fetch`` (URL and address rules, redirects, size/time caps).
 """
 
-from citeqa.ingest.fetch import FetchedPage, Fetcher, FetchPolicy, check_ip
+from citeqa.ingest.fetch import FetchedPage, Fetcher, FetchPolicy, check_ip, page_key
 from citeqa.ingest.html import HtmlText, extract_html
 from citeqa.ingest.sources import (
     LoadResult,
@@ -23,6 +23,7 @@ __all__ = [
     "FetchPolicy",
     "FetchedPage",
     "Fetcher",
+    "page_key",
     "HtmlText",
     "LoadResult",
     "Skipped",

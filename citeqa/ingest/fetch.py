@@ -120,6 +120,16 @@ class FetchedPage:
     title: str  # <title>, a title from plain text (title_from_text), or the URL
 
 
+def page_key(url: str) -> str:
+    """What names one page among URLs: ``url`` without its fragment, scheme and host in lower
+    case, a default port left out (``HTTPS://Example.com:443/a#b`` -> ``https://example.com/a``);
+    ``url`` itself where it does not parse."""
+    try:
+        return str(httpx.URL(url).copy_with(fragment=None))
+    except (httpx.InvalidURL, ValueError, TypeError):
+        return url
+
+
 # --------------------------------------------------------------------------- address rules
 
 
