@@ -472,6 +472,27 @@ def test_malformed_bodies_are_4xx(raw: bytes) -> None:
         assert_uniform_error(r, r.status_code)
 
 
+def test_bodies_in_a_content_coding_are_415_and_digits_past_the_limit_are_named() -> None:
+    """A gzip body was a 400 blaming UTF-8 and nesting; a "br" header on a plain body was
+    ignored (200)."""
+    import gzip
+
+    plain = b'{"question": "q"}'
+    with serve() as c:
+        for coding, body in (("gzip", gzip.compress(plain)), ("br", plain), ("GZIP", plain),
+                             ("deflate, gzip", plain)):
+            r = c.post("/v1/answer", content=body, headers={"content-type": "application/json",
+                                                            "content-encoding": coding})
+            err = assert_uniform_error(r, 415, "unsupported_media_type")
+            assert f"encoded as {coding.lower()!r}" in err["message"]
+            assert r.headers["accept-encoding"] == "identity"
+        assert c.post("/v1/answer", content=plain, headers={
+            "content-type": "application/json", "content-encoding": "identity"}).is_success
+        huge = b'{"question": "q", "top_k": 1' + b"0" * 5000 + b"}"
+        r = c.post("/v1/answer", content=huge, headers={"content-type": "application/json"})
+        assert "at most 4,300 digits" in assert_uniform_error(r, 400)["message"]
+
+
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
                                           "multipart/form-data; boundary=x", None])
 def test_bodies_not_declared_as_json_are_415(content_type: str | None) -> None:
@@ -506,11 +527,23 @@ def test_a_json_syntax_error_says_where_it_is() -> None:
     assert err["details"][0]["loc"] == ["body"]
 
 
-def test_health_probes_and_the_page_answer_head() -> None:
+def test_every_get_answers_head_too() -> None:
+    """HEAD /v1/documents, /v1/documents/{id}, /metrics and /favicon.ico were 405, with an
+    Allow naming GET alone."""
     with serve() as c:
-        for path in ("/healthz", "/readyz", "/", "/documents"):
-            assert c.head(path).status_code == 200, path
-        assert "head" not in json.dumps(c.get("/openapi.json").json()["paths"]["/healthz"])
+        for path, status in (("/healthz", 200), ("/readyz", 200), ("/", 200), ("/documents", 200),
+                             ("/v1/documents", 200), ("/v1/documents/d1", 200), ("/metrics", 200),
+                             ("/favicon.ico", 204)):
+            got, head = c.get(path), c.head(path)
+            assert head.status_code == got.status_code == status, path
+            assert head.content == b"", path
+            assert head.headers.get("content-type") == got.headers.get("content-type"), path
+        assert c.head("/v1/documents/nope").status_code == 404
+        r = c.put("/v1/documents/d1")
+        assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == {
+            "DELETE", "GET", "HEAD"}
+        paths = c.get("/openapi.json").json()["paths"]
+        assert not any("head" in ops for ops in paths.values())  # GET documents them
 
 
 @pytest.mark.parametrize("body", [{}, {"query": " "}, {"query": "q", "k": 0},
@@ -1128,7 +1161,7 @@ def test_405_allows_every_method_of_the_path() -> None:
         for method in ("OPTIONS", "PUT", "PATCH"):
             r = c.request(method, "/v1/documents/d1")
             assert_uniform_error(r, 405, "method_not_allowed")
-            assert r.headers["allow"] == "DELETE, GET", r.headers
+            assert r.headers["allow"] == "DELETE, GET, HEAD", r.headers
         r = c.request("OPTIONS", "/v1/answer")
         assert r.status_code == 405 and r.headers["allow"] == "POST"
 

@@ -258,7 +258,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         headers["Allow"] = ", ".join(methods)
     if status == 400 and exc.detail == FASTAPI_BODY_UNREADABLE:
         message = ("the body could not be read as JSON text: it must be UTF-8 (which JSON "
-                   "requires) and nest arrays and objects less deeply than this")
+                   "requires), hold numbers of at most 4,300 digits, and nest arrays and "
+                   "objects less deeply than this")
     elif isinstance(exc.detail, str) and exc.detail != _phrase(status):
         message = exc.detail
     elif status == 404:

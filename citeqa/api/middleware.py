@@ -69,7 +69,8 @@ async def drain(receive: Receive, *, max_bytes: int = DRAIN_MAX_BYTES,
 class BodyLimitMiddleware:
     """413 for bodies over ``max_bytes``: from Content-Length, and counted while reading (chunked
     bodies have no Content-Length). The refused body is drained (bounded, see ``drain``) before
-    the 413 is sent, so that clients which write their whole body first read the 413. A body
+    the 413 is sent, so that clients which write their whole body first read the 413. A body in
+    a content coding (``Content-Encoding`` other than identity) gets 415. A body
     of which nothing more arrives for ``idle_s`` while it is read gets 408 (neither uvicorn nor
     the app bounded that wait: a client that stopped mid-body held its request for ever)."""
 
@@ -83,6 +84,16 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
+        coding = headers.get(b"content-encoding", b"").strip().lower()
+        if coding not in (b"", b"identity"):  # FastAPI read a gzip body as broken UTF-8 (400)
+            # and a "br" one that was plain text as if it were (200)
+            await drain(receive)
+            await error_response(
+                415, "unsupported_media_type",
+                f"the body is encoded as {coding.decode('latin-1')!r} (Content-Encoding), which "
+                "this service does not decode; send it unencoded",
+                headers={"Accept-Encoding": "identity"})(scope, receive, send)
+            return
         declared = headers.get(b"content-length")
         if declared is not None:
             if not declared.isdigit():

@@ -321,6 +321,11 @@ def v1_router(require_key: Callable[..., None],
             raise ApiError(404, "document_not_found", f"no document with id {doc_id!r}") from None
         return {"doc_id": doc.doc_id, "title": doc.title, "source": doc.source, "text": doc.text}
 
+    for path, read, model in (("/documents", documents, DocumentListOut),  # HEAD where GET is
+                              ("/documents/{doc_id:any_path}", document, DocumentOut)):
+        v1.add_api_route(path, read, methods=["HEAD"], response_model=model,
+                         include_in_schema=False)
+
     @v1.post("/documents", response_model=DocumentAddedOut, status_code=201,
              dependencies=[*changes, *JsonBody], responses={**DOCUMENT_ERRORS, **BODY_ERRORS})
     async def add_document(body: DocumentIn, request: Request, state: StateDep,
@@ -393,6 +398,10 @@ def ops_router(page: str, csp: str) -> APIRouter:
     async def favicon() -> Response:
         """No icon (browsers ask for one; a 404 would be logged as a page error)."""
         return Response(status_code=204, headers={"Cache-Control": "max-age=86400"})
+
+    ops.add_api_route("/metrics", metrics, methods=["HEAD"], response_class=PlainTextResponse,
+                      include_in_schema=False)
+    ops.add_api_route("/favicon.ico", favicon, methods=["HEAD"], include_in_schema=False)
 
     async def index() -> HTMLResponse:
         """The page: ask (``/``), the document list (``/documents``) and one document with a
