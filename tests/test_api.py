@@ -494,7 +494,8 @@ def test_bodies_in_a_content_coding_are_415_and_digits_past_the_limit_are_named(
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
-                                          "multipart/form-data; boundary=x", None])
+                                          "multipart/form-data; boundary=x", "application/+json",
+                                          None])
 def test_bodies_not_declared_as_json_are_415(content_type: str | None) -> None:
     headers = {"content-type": content_type} if content_type else {}
     with serve() as c:

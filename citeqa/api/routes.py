@@ -92,7 +92,8 @@ def require_json(request: Request) -> None:
     bytes) and blame the body's type, though the fault is the header."""
     declared = request.headers.get("content-type", "")
     kind = declared.split(";", 1)[0].strip().lower()
-    if kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json")):
+    if kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json")
+                                      and kind != "application/+json"):  # a suffix needs a name
         return
     if not kind and request.headers.get("content-length", "0") == "0" and (
             "transfer-encoding" not in request.headers):
