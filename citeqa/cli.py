@@ -304,6 +304,7 @@ def serve(
 
     from citeqa.api import create_app
     from citeqa.api.middleware import LOOPBACK_HOSTS
+    from citeqa.api.protocol import head_timeout_protocol
 
     settings = settings_from(preset=preset_name, index=index)
     open_index_dir(settings.index)
@@ -313,9 +314,11 @@ def serve(
         settings = settings.model_copy(update={"allowed_hosts": ",".join(names)})
     # a stop waits for requests in flight at most the grace (uvicorn waited for every one, up to
     # its own timeout: a container's stop period passed and it was killed mid-answer); what is
-    # still queued then is cancelled, and the running batch stops at its next step
+    # still queued then is cancelled, and the running batch stops at its next step; a request
+    # head that trickles in is bounded (uvicorn bounded none: api/protocol.py)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info",
-                timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_s)))
+                timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_s)),
+                http=head_timeout_protocol(settings.client_timeout_s))
 
 
 def _is_loopback(host: str) -> bool:

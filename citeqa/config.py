@@ -271,9 +271,10 @@ class Settings(BaseSettings):
     max_searches: int = Field(8, ge=1)  # POST /v1/search requests running at once; more -> 503
     request_timeout_s: float = Field(120.0, gt=0, le=DAY_S, allow_inf_nan=False)  # longer -> 504
     max_body_bytes: int = Field(65536, ge=1024)  # larger request bodies -> 413
-    # a request body of which nothing more arrives for this long -> 408 (a stalled client held
-    # its request, and a place in the server, for ever)
-    body_timeout_s: float = Field(30.0, gt=0, le=3600, allow_inf_nan=False)
+    # a request whose head (request line and headers) takes longer than this to arrive, or
+    # whose body stops arriving for this long -> 408 and the connection closed (a stalled or
+    # trickling client held its connection, and a place in the server, for ever)
+    client_timeout_s: float = Field(30.0, gt=0, le=3600, allow_inf_nan=False)
     retry_after_s: int = Field(2, ge=0)  # Retry-After sent with 503s
     # time to finish queued work at shutdown
     shutdown_grace_s: float = Field(30.0, ge=0, le=DAY_S, allow_inf_nan=False)

@@ -116,11 +116,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(app: Any, *, ready_within_s: float = 20) -> Iterator[str]:
-    """Serve ``app`` on a free loopback port until the block ends; yields its base URL once
-    ``/readyz`` answers 200."""
+def running_server(app: Any, *, ready_within_s: float = 20, **config: Any) -> Iterator[str]:
+    """Serve ``app`` on a free loopback port until the block ends (``config``: more of
+    uvicorn's settings); yields its base URL once ``/readyz`` answers 200."""
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(),
-                                           log_level="warning", lifespan="on"))
+                                           log_level="warning", lifespan="on", **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{server.config.port}"

@@ -408,7 +408,11 @@ def served(monkeypatch: pytest.MonkeyPatch) -> list:
     import uvicorn
 
     apps: list = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    def run(app: object, **kw: object) -> None:
+        app.state.uvicorn_run = kw  # type: ignore[attr-defined]
+        apps.append(app)
+
+    monkeypatch.setattr(uvicorn, "run", run)
     for name in ("CITEQA_PRESET", "CITEQA_INDEX", "CITEQA_API_KEYS"):
         monkeypatch.delenv(name, raising=False)
     return apps
@@ -426,8 +430,11 @@ def test_serve_takes_preset_and_index_from_the_environment(corpus, tmp_path, ser
     for flags, environ, (preset_name, path) in cases:
         result = CliRunner().invoke(app, ["serve", *flags], env=environ)
         assert result.exit_code == 0, result.output
-        settings = served.pop().state.citeqa.settings
+        served_app = served.pop()
+        settings = served_app.state.citeqa.settings
         assert (settings.preset, settings.index) == (preset_name, path), flags
+        # a request head that trickles in is bounded (api/protocol.py), by the setting
+        assert served_app.state.uvicorn_run["http"].timeout_s == settings.client_timeout_s
 
 
 def test_ask_and_search_take_preset_and_index_from_the_environment(

@@ -11,12 +11,14 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from helpers import THREE_DOCS, CannedPipeline, running_server
 from pydantic import ValidationError
 
 from citeqa.api.app import create_app
+from citeqa.api.protocol import head_timeout_protocol
 from citeqa.config import Settings, preset
 from citeqa.generation.fake import KEEP_CALLS
 from citeqa.retrieval import build_index_from_documents
@@ -144,8 +146,8 @@ def _raw_response(conn: socket.socket) -> bytes:
 def test_a_body_that_stops_arriving_gets_408_and_the_connection_closed(
         head: bytes, part: bytes) -> None:
     """Nothing bounded the wait for the rest of a body: the request hung for ever."""
-    app = create_app(Settings(window_ms=1, body_timeout_s=0.5), lambda s: Echo())
-    with running_server(app) as url:
+    app = create_app(Settings(window_ms=1, client_timeout_s=0.5), lambda s: Echo())
+    with running_server(app, http=head_timeout_protocol(0.5)) as url:
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=20) as conn:
             started = time.monotonic()
@@ -170,6 +172,53 @@ def test_a_body_that_stops_arriving_gets_408_and_the_connection_closed(
             got = _raw_response(conn)
         assert got.startswith(b"HTTP/1.1 200 "), got[:200]
         assert b"slow but steady" in got
+
+
+def test_a_request_head_that_trickles_in_or_never_comes_is_bounded() -> None:
+    """uvicorn bounded no wait before a request's head was complete: a connection sending its
+    headers a byte at a time (or nothing) held its place for ever."""
+    app = create_app(Settings(window_ms=1), lambda s: Echo())
+    with running_server(app, http=head_timeout_protocol(0.6)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=20) as conn:
+            started = time.monotonic()
+            for byte in b"POST /v1/answer HTTP/1.1\r\nHost: x\r\nX-Slow: ":
+                try:
+                    conn.sendall(bytes([byte]))  # a byte every 0.1 s: never idle, never done
+                except OSError:
+                    break  # closed under it, as it should be
+                time.sleep(0.1)
+            got = _raw_response(conn)
+            waited = time.monotonic() - started
+        assert got.startswith(b"HTTP/1.1 408 "), got[:200]
+        body = json.loads(got.split(b"\r\n\r\n", 1)[1])
+        assert body["error"]["code"] == "request_timeout" and "head" in body["error"]["message"]
+        assert 0.5 < waited < 10
+        with socket.create_connection((host, int(port)), timeout=20) as conn:  # says nothing
+            started = time.monotonic()
+            assert _raw_response(conn) == b""  # closed, without a word
+            assert 0.5 < time.monotonic() - started < 10
+        with socket.create_connection((host, int(port)), timeout=20) as conn:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # a whole request
+            first = b""
+            while not first.endswith(b"}"):  # the head, then the JSON body
+                first += conn.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200 "), first[:100]
+            for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ":  # then a trickle
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    break
+                time.sleep(0.1)
+            got = _raw_response(conn)
+        assert got.startswith(b"HTTP/1.1 408 "), got[:200]  # the next head is bounded too
+        # a kept-alive connection quiet between requests longer than the bound is not cut:
+        # uvicorn's keep-alive bound (5 s) is the one for that
+        with httpx.Client(base_url=url) as client:
+            assert client.post("/v1/answer", json={"question": "one"}).is_success
+            time.sleep(1.0)
+            assert client.post("/v1/answer", json={"question": "two"}).is_success
+            assert client.get("/healthz").is_success
 
 
 def test_the_soak_memory_verdict(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -240,7 +240,7 @@ def create_app(
     if hosts and "*" not in hosts:
         app.add_middleware(HostCheckMiddleware, allowed=hosts)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
-                       idle_s=settings.body_timeout_s)
+                       idle_s=settings.client_timeout_s)
     routers = [v1_router(require_api_key, require_change_key), ops_router(page, page_csp(page))]
     app.add_middleware(MetricsMiddleware, metrics=state.metrics,
                        routes=[r for router in routers for r in router.routes])

@@ -153,7 +153,7 @@ class BodyStalledError(StarletteHTTPException):
 
     def __init__(self, waited_s: float) -> None:
         super().__init__(408, f"the request body stopped arriving: nothing more came for "
-                              f"{waited_s:g} s (CITEQA_BODY_TIMEOUT_S); send the whole body",
+                              f"{waited_s:g} s (CITEQA_CLIENT_TIMEOUT_S); send the whole body",
                          headers={"Connection": "close"})
 
 
