@@ -488,6 +488,7 @@ def test_bodies_in_a_content_coding_are_415_and_digits_past_the_limit_are_named(
             assert r.headers["accept-encoding"] == "identity"
         assert c.post("/v1/answer", content=plain, headers={
             "content-type": "application/json", "content-encoding": "identity"}).is_success
+        assert c.get("/healthz", headers={"content-encoding": "gzip"}).is_success  # no body
         huge = b'{"question": "q", "top_k": 1' + b"0" * 5000 + b"}"
         r = c.post("/v1/answer", content=huge, headers={"content-type": "application/json"})
         assert "at most 4,300 digits" in assert_uniform_error(r, 400)["message"]

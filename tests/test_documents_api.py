@@ -292,7 +292,8 @@ def test_a_page_is_indexed_once_whatever_spelling_of_its_url(client: TestClient)
     assert first.status_code == 201, first.text
     held = first.json()["doc_id"]
     for again in ("HTTPS://MOTHS.EXAMPLE/moths", "https://moths.example/moths#spring",
-                  "https://moths.example:443/moths"):
+                  "https://moths.example:443/moths", "https://moths.example./moths",
+                  "https://moths.example/%6Doths"):
         err = assert_error(client.post("/v1/documents", json={"url": again}), 409)
         assert err["code"] == "conflict"
         assert err["message"] == ("a document from this page (https://moths.example/moths) "

@@ -826,4 +826,9 @@ def test_page_key_names_a_page_whatever_the_url_spelling() -> None:
     assert page_key("HTTPS://Example.COM:443/a?q=1#part") == "https://example.com/a?q=1"
     assert page_key("http://example.com:8080/A") == "http://example.com:8080/A"  # paths: as is
     assert page_key("https://example.com/a") != page_key("http://example.com/a")
+    same = ["https://example.com", "https://example.com/", "https://example.com./",
+            "https://EXAMPLE.com:443/#top"]  # one GET / on the wire
+    assert {page_key(u) for u in same} == {"https://example.com/"}
+    assert page_key("https://example.com/%7ea%2fb?x=%7e") == "https://example.com/~a%2Fb?x=~"
+    assert page_key("http://[::1]:80/a") == "http://[::1]/a"
     assert page_key("http://[::1/") == "http://[::1/"  # does not parse: itself

@@ -212,6 +212,21 @@ def test_a_request_head_that_trickles_in_or_never_comes_is_bounded() -> None:
                 time.sleep(0.1)
             got = _raw_response(conn)
         assert got.startswith(b"HTTP/1.1 408 "), got[:200]  # the next head is bounded too
+        with socket.create_connection((host, int(port)), timeout=20) as conn:
+            # a body the app answered without reading, then trickled: uvicorn's keep-alive bound
+            # stopped at its first byte, and the connection stayed open for as long as it came
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n")
+            answered = time.monotonic()
+            closed = False
+            while time.monotonic() - answered < 10 and not closed:
+                time.sleep(0.2)
+                try:
+                    conn.sendall(b"x")
+                except OSError:
+                    closed = True
+            if not closed:
+                _raw_response(conn)  # closed by now (else the socket's 20 s timeout fails it)
+            assert time.monotonic() - answered < 10
         # a kept-alive connection quiet between requests longer than the bound is not cut:
         # uvicorn's keep-alive bound (5 s) is the one for that
         with httpx.Client(base_url=url) as client:
@@ -219,6 +234,21 @@ def test_a_request_head_that_trickles_in_or_never_comes_is_bounded() -> None:
             time.sleep(1.0)
             assert client.post("/v1/answer", json={"question": "two"}).is_success
             assert client.get("/healthz").is_success
+
+
+def test_a_coded_body_is_refused_unread_when_its_client_waits_for_100_continue(
+        server_url: str) -> None:
+    """The 415 read the body first: uvicorn then sent "100 Continue", asking for a body to be
+    refused, and a client that sent none waited out the drain (5 s)."""
+    host, port = server_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        started = time.monotonic()
+        conn.sendall(b"POST /v1/answer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Encoding: gzip\r\nContent-Length: 20\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        head = conn.recv(65536)
+        assert time.monotonic() - started < 3
+    assert head.startswith(b"HTTP/1.1 415 "), head[:100]
 
 
 def test_the_soak_memory_verdict(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -84,17 +84,22 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        # A client waiting for "100 Continue" has not sent its body: a refusal leaves it unread.
+        waiting = headers.get(b"expect", b"").lower() == b"100-continue"
         coding = headers.get(b"content-encoding", b"").strip().lower()
-        if coding not in (b"", b"identity"):  # FastAPI read a gzip body as broken UTF-8 (400)
-            # and a "br" one that was plain text as if it were (200)
-            await drain(receive)
+        has_body = b"transfer-encoding" in headers or declared not in (None, b"0")
+        if has_body and coding not in (b"", b"identity"):  # FastAPI read a gzip body as broken
+            # UTF-8 (400) and a "br" one that was plain text as if it were (200)
+            if not waiting and (declared is None or not declared.isdigit()
+                                or int(declared) <= DRAIN_MAX_BYTES):
+                await drain(receive)
             await error_response(
                 415, "unsupported_media_type",
                 f"the body is encoded as {coding.decode('latin-1')!r} (Content-Encoding), which "
                 "this service does not decode; send it unencoded",
                 headers={"Accept-Encoding": "identity"})(scope, receive, send)
             return
-        declared = headers.get(b"content-length")
         if declared is not None:
             if not declared.isdigit():
                 await error_response(400, "bad_request", "invalid Content-Length header")(
@@ -102,8 +107,6 @@ class BodyLimitMiddleware:
                 )
                 return
             if int(declared) > self.max_bytes:
-                # A client waiting for "100 Continue" has not sent its body: refuse it unread.
-                waiting = headers.get(b"expect", b"").lower() == b"100-continue"
                 if not waiting and int(declared) <= DRAIN_MAX_BYTES:
                     await drain(receive)
                 await self._too_large(scope, receive, send)

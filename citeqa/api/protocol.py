@@ -6,8 +6,10 @@ or sends its headers a byte at a time ("slowloris"), is held open for ever, and 
 hold every place the server has. Here each head must arrive within ``timeout_s`` of the
 connection (or, on a kept-alive connection, of the head's first byte); then a partial head is
 answered 408 in the service's error shape and the connection closed (one that sent nothing is
-closed silently). Bodies are bounded by ``middleware.BodyLimitMiddleware`` (the same setting,
-``CITEQA_CLIENT_TIMEOUT_S``, as time without a byte).
+closed silently). Bodies the app reads are bounded by ``middleware.BodyLimitMiddleware`` (the
+same setting, ``CITEQA_CLIENT_TIMEOUT_S``, as time without a byte); the rest of a body the app
+answered without reading (a probe, a 404) must end within the same time of the answer, or the
+connection is closed (uvicorn's keep-alive bound stopped at its first byte).
 """
 
 from __future__ import annotations
@@ -50,17 +52,33 @@ class HeadTimeoutProtocol(H11Protocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def _awaited(self) -> str | None:
+        """What the connection waits for from its client that no other bound covers: "head"
+        (no complete request yet), "leftover" (the rest of a body the app answered without
+        reading: uvicorn's keep-alive bound stops at its first byte), or None."""
+        if self.transport.is_closing():
+            return None
+        if self.conn.their_state is h11.IDLE:
+            return "head"
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.SEND_BODY:
+            return "leftover"
+        return None
+
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+        awaited = self._awaited()
+        if awaited == "head":
             self._head_started = True  # part of a head: no request yet
-            self._arm()
-        else:
+        if awaited is None:
             self._disarm()
+        else:
+            self._arm()
 
     def on_response_complete(self) -> None:
         self._head_started = False  # a kept-alive connection waits under uvicorn's keep-alive
         super().on_response_complete()  # bound until the next head's first byte
+        if self._awaited() == "leftover":
+            self._arm()
 
     def _arm(self) -> None:
         if self._head_timer is None:
@@ -73,9 +91,10 @@ class HeadTimeoutProtocol(H11Protocol):
 
     def _head_too_slow(self) -> None:
         self._head_timer = None
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+        awaited = self._awaited()
+        if awaited is None:
             return
-        if self._head_started:
+        if awaited == "head" and self._head_started:
             self.logger.info("closing a connection whose request head took over %g s",
                              self.timeout_s)
             self.transport.write(head_too_slow_response(self.timeout_s))

@@ -52,7 +52,8 @@ logger = logging.getLogger(__name__)
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorOut} for s in (400, 401, 404, 413, 422, 500, 503, 504)
 }
-BODY_ERRORS: dict[int | str, dict[str, Any]] = {415: {"model": ErrorOut}}  # POSTs: not JSON
+# POSTs: a body not JSON (415), one that stopped arriving (408)
+BODY_ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorOut} for s in (408, 415)}
 ANSWER_ERRORS: dict[int | str, dict[str, Any]] = {**BODY_ERRORS, 502: {"model": ErrorOut}}
 # The routes that change the index: 403 for a key that may only read.
 DOCUMENT_ERRORS: dict[int | str, dict[str, Any]] = {

@@ -120,13 +120,29 @@ class FetchedPage:
     title: str  # <title>, a title from plain text (title_from_text), or the URL
 
 
+_PERCENT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _percent(m: re.Match[str]) -> str:
+    """One %XX escape as RFC 3986 normalises it: an unreserved character as itself, any other
+    in upper-case hex."""
+    char = chr(int(m.group(1), 16))
+    return char if char in _UNRESERVED else "%" + m.group(1).upper()
+
+
 def page_key(url: str) -> str:
-    """What names one page among URLs: ``url`` without its fragment, scheme and host in lower
-    case, a default port left out (``HTTPS://Example.com:443/a#b`` -> ``https://example.com/a``);
-    ``url`` itself where it does not parse."""
+    """What names one page among URLs (RFC 3986's normal form, less the fragment): scheme and
+    host in lower case, the host without a trailing dot, no default port, ``/`` for an empty
+    path, escapes of unreserved characters decoded and the others in upper case
+    (``HTTPS://Example.com.:443/%7ea#b`` -> ``https://example.com/~a``); ``url`` itself where it
+    does not parse."""
     try:
-        return str(httpx.URL(url).copy_with(fragment=None))
-    except (httpx.InvalidURL, ValueError, TypeError):
+        u = httpx.URL(url)
+        u = u.copy_with(host=u.host.rstrip("."), fragment=None)
+        target = _PERCENT_RE.sub(_percent, u.raw_path.decode("ascii"))  # path and query
+        return f"{u.scheme}://{u.netloc.decode('ascii')}{target}"
+    except (httpx.InvalidURL, ValueError, TypeError, UnicodeError):
         return url
 
 
