@@ -191,8 +191,10 @@ def test_a_request_head_that_trickles_in_or_never_comes_is_bounded() -> None:
             got = _raw_response(conn)
             waited = time.monotonic() - started
         assert got.startswith(b"HTTP/1.1 408 "), got[:200]
-        body = json.loads(got.split(b"\r\n\r\n", 1)[1])
+        head, raw = got.split(b"\r\n\r\n", 1)
+        body = json.loads(raw)
         assert body["error"]["code"] == "request_timeout" and "head" in body["error"]["message"]
+        assert b"x-content-type-options: nosniff" in head  # as every other response has
         assert 0.5 < waited < 10
         with socket.create_connection((host, int(port)), timeout=20) as conn:  # says nothing
             started = time.monotonic()

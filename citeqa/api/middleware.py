@@ -158,6 +158,12 @@ class BodyLimitMiddleware:
 
 
 V1_HEADERS = ((b"cache-control", b"no-store"), (b"vary", b"Authorization, X-API-Key"))
+SECURITY_HEADERS = (  # on every response (protocol.py writes its one raw response with them)
+    (b"content-security-policy", API_CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+)
 
 
 class SecurityHeadersMiddleware:
@@ -178,13 +184,7 @@ class SecurityHeadersMiddleware:
                 headers = list(message.get("headers", []))
                 names = {k.lower() for k, _ in headers}
                 extra = V1_HEADERS if scope.get("path", "").startswith("/v1/") else ()
-                for name, value in (
-                    (b"content-security-policy", API_CSP.encode()),
-                    (b"x-content-type-options", b"nosniff"),
-                    (b"referrer-policy", b"no-referrer"),
-                    (b"x-frame-options", b"DENY"),
-                    *extra,
-                ):
+                for name, value in (*SECURITY_HEADERS, *extra):
                     if name not in names:
                         headers.append((name, value))
                 message = {**message, "headers": headers}

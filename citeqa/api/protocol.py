@@ -22,6 +22,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from citeqa.api.errors import error_body
+from citeqa.api.middleware import SECURITY_HEADERS
 
 
 def head_too_slow_response(timeout_s: float) -> bytes:
@@ -29,8 +30,11 @@ def head_too_slow_response(timeout_s: float) -> bytes:
     body = json.dumps(error_body(
         "request_timeout", f"the request's head (its request line and headers) did not arrive "
         f"within {timeout_s:g} s (CITEQA_CLIENT_TIMEOUT_S)")).encode()
-    return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-            b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(body)) + body
+    headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
+               (b"content-length", b"%d" % len(body)), *SECURITY_HEADERS]
+    return (b"HTTP/1.1 408 Request Timeout\r\n"
+            + b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+            + b"\r\n" + body)
 
 
 class HeadTimeoutProtocol(H11Protocol):
