@@ -94,7 +94,63 @@ def flocked(path: Path, *, flags: int = os.O_RDONLY,
 # renamed to ``.<name>.old-<pid>``, the temporary directory to ``out``, the backup removed. The
 # pid in the names says whether their writer still runs, so what a killed writer left (hundreds
 # of MB of weights, or the only copy of ``out`` between the two renames) is removed or restored
-# by the next writer or reader. The index (retrieval/store.py) adds a lock and its own recovery.
+# by the next writer or reader. A temporary directory is also held under a ``flock`` by its
+# writer while it writes (``claim_tmp_dir``): no lock held means no writer, whatever its pid says
+# (after a container's restart a pid names another process, or this one). The index
+# (retrieval/store.py) adds a lock and its own recovery.
+
+_claims: dict[str, int] = {}  # temporary directory -> the descriptor holding its flock
+
+
+def claim_tmp_dir(tmp: Path) -> None:
+    """Hold an exclusive ``flock`` on the (new) temporary directory ``tmp`` while this process
+    writes it, until ``release_tmp_dir``. Where the file system has no flock, nothing is held."""
+    release_tmp_dir(tmp)  # a claim of an earlier attempt at this path
+    try:
+        import fcntl
+
+        fd = os.open(tmp, os.O_RDONLY)
+    except (ImportError, OSError):
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return
+    _claims[str(tmp)] = fd
+
+
+def release_tmp_dir(tmp: Path) -> None:
+    """Let go of ``claim_tmp_dir``'s lock on ``tmp`` (renamed or removed since, or not)."""
+    fd = _claims.pop(str(tmp), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def discard_tmp_dir(tmp: Path) -> None:
+    """Remove a temporary directory that was not swapped in (a failed write), and its claim."""
+    release_tmp_dir(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _claimed(sibling: Path) -> bool | None:
+    """Whether a live writer holds ``sibling``'s ``flock`` (True), none does (False), or this
+    cannot be told (None: no flock here, an unreadable directory)."""
+    try:
+        import fcntl
+
+        fd = os.open(sibling, os.O_RDONLY)
+    except (ImportError, OSError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # releases the lock if it was taken
+    return False
 
 
 def fsync_path(path: Path) -> None:
@@ -132,11 +188,17 @@ def writer_alive(sibling: Path, *, writing: bool) -> bool:
     """Whether the process that made a ``.tmp-<pid>``/``.old-<pid>`` sibling still runs (then it
     may be between its renames right now, and its siblings must be left alone). A writer about to
     write (``writing``) calls its own siblings dead: they are left from a failed earlier attempt,
-    as one process never writes one directory twice at once."""
+    as one process never writes one directory twice at once. A temporary directory of another
+    pid is alive while its writer's ``flock`` is held (``claim_tmp_dir``; where that cannot be
+    told, while a process of that pid runs)."""
     pid = sibling.name.rsplit("-", 1)[-1]
     if not pid.isdigit():
         return False
-    return not writing if int(pid) == os.getpid() else _pid_alive(int(pid))
+    if int(pid) == os.getpid():
+        return not writing
+    if sibling.name.rsplit("-", 1)[0].endswith(".tmp") and (held := _claimed(sibling)) is not None:
+        return held  # its writer's lock says, where a pid may name another process
+    return _pid_alive(int(pid))
 
 
 def remove_stale_siblings(out: Path, *, writing: bool) -> None:
@@ -155,9 +217,11 @@ def fresh_tmp_dir(out: Path, mode: int = 0o755) -> Path:
     recover_dir(out)
     remove_stale_siblings(out, writing=True)
     tmp = tmp_dir_for(out)
+    release_tmp_dir(tmp)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(mode=mode)
     os.chmod(tmp, mode)  # mkdir's mode passes through the umask
+    claim_tmp_dir(tmp)
     return tmp
 
 
@@ -169,6 +233,7 @@ def replace_dir(tmp: Path, out: Path) -> None:
     if out.exists():
         os.rename(out, old)
     os.rename(tmp, out)
+    release_tmp_dir(tmp)
     fsync_path(out.parent)
     shutil.rmtree(old, ignore_errors=True)
 

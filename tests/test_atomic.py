@@ -139,6 +139,47 @@ def test_a_writer_killed_between_the_renames_is_undone_by_the_next_reader(tmp_pa
     assert not recover_dir(tmp_path / "other").exists() and live.is_dir()
 
 
+def test_a_temporary_directory_is_stale_once_no_writer_holds_it_whatever_its_pid(
+        tmp_path: Path) -> None:
+    """After a container's restart the pid in ``.out.tmp-<pid>`` names some other live process
+    (pid 1 always runs): the dead writer's half-written copy stayed for ever."""
+    import subprocess
+    import sys
+
+    from citeqa.atomic import _claims, fresh_tmp_dir, remove_stale_siblings, replace_dir
+
+    out = tmp_path / "model"
+    left = tmp_path / ".model.tmp-1"  # its writer died; pid 1 is alive
+    left.mkdir()
+    (left / "weights").write_text("half")
+    held = tmp_path / ".model.tmp-2"  # a writer of another pid namespace, writing now
+    held.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, time\n"
+        f"fd = os.open({str(held)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('held', flush=True); time.sleep(30)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        remove_stale_siblings(out, writing=False)
+        assert not left.exists() and held.is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    remove_stale_siblings(out, writing=False)  # its writer gone: stale now
+    assert not held.exists()
+    # this process's own writes hold their directory while they write, and let go after
+    tmp = fresh_tmp_dir(out)
+    assert str(tmp) in _claims
+    probe = subprocess.run([sys.executable, "-c", (
+        "import fcntl, os\n"
+        f"fd = os.open({str(tmp)!r}, os.O_RDONLY)\n"
+        "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')\n"
+        "except BlockingIOError:\n    print('held')\n")], capture_output=True, text=True)
+    assert probe.stdout.strip() == "held"
+    replace_dir(tmp, out)
+    assert str(tmp) not in _claims  # no descriptor kept for each write
+
+
 def test_a_reward_directory_left_mid_swap_is_found_by_its_setting(tmp_path: Path,
                                                                   monkeypatch) -> None:
     from citeqa.config import Settings

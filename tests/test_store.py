@@ -221,6 +221,31 @@ def test_recover_restores_a_backup_left_by_a_dead_writer(built: Path) -> None:
     assert Index.load(built).directory == built
 
 
+def test_an_index_write_holds_its_temporary_directory_only_while_it_writes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Held (flock) while written, so that no other process takes it for a dead writer's, and
+    let go once swapped in or removed: a server's every change kept a descriptor open."""
+    from citeqa import atomic
+    from citeqa.retrieval import store
+
+    out = tmp_path / "idx"
+    seen: list[bool] = []
+    write = store.write_index
+
+    def watched(tmp: Path, **parts: object) -> dict:
+        seen.append(atomic._claimed(tmp) is True and str(tmp) in atomic._claims)
+        return write(tmp, **parts)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "write_index", watched)
+    build_index_from_documents(DOCS, out, CFG, progress=False)
+    assert seen == [True] and not [c for c in atomic._claims if c.startswith(str(tmp_path))]
+    monkeypatch.setattr(store, "write_index", lambda tmp, **parts: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        build_index_from_documents(DOCS, out, CFG, progress=False)
+    assert not [c for c in atomic._claims if c.startswith(str(tmp_path))]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
 def test_recover_restores_over_an_empty_directory(built: Path) -> None:
     from citeqa.retrieval.store import recover_index
 

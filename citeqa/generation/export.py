@@ -9,11 +9,10 @@ interrupted export leaves no half-written model where a server would look.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
-from citeqa.atomic import fresh_tmp_dir, replace_dir
+from citeqa.atomic import discard_tmp_dir, fresh_tmp_dir, replace_dir
 from citeqa.config import GenerationConfig
 from citeqa.errors import ModelError
 
@@ -52,6 +51,6 @@ def export_generator(gen: GenerationConfig, cache_dir: Path, out: Path, *,
         (tmp / EXPORT_MARKER).write_text(json.dumps(record, indent=2) + "\n")
         replace_dir(tmp, out)  # a kill never leaves a half-deleted export at out
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_tmp_dir(tmp)
     return record
 

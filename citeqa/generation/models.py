@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from citeqa.atomic import fresh_tmp_dir
+from citeqa.atomic import discard_tmp_dir, fresh_tmp_dir
 from citeqa.errors import ModelError
 from citeqa.logs import quiet_weight_loading
 
@@ -113,7 +113,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
             f"could not convert {gguf} to {target}: {e}; delete {target} and retry"
         ) from e
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_tmp_dir(tmp)
 
 
 def pick_device(device: str | None) -> str:

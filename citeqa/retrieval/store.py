@@ -49,8 +49,11 @@ from typing import Any
 import numpy as np
 
 from citeqa.atomic import (
+    claim_tmp_dir,
+    discard_tmp_dir,
     flocked,
     fsync_path,
+    release_tmp_dir,
     remove_stale_siblings,
     siblings,
     tmp_dir_for,
@@ -219,8 +222,9 @@ def prepare(out: Path) -> Path:
     check_replaceable(out)
     remove_stale_siblings(out, writing=True)
     tmp = tmp_dir_for(out)
-    shutil.rmtree(tmp, ignore_errors=True)
+    discard_tmp_dir(tmp)
     tmp.mkdir()
+    claim_tmp_dir(tmp)
     return tmp
 
 
@@ -293,6 +297,7 @@ def publish(tmp: Path, out: Path, *, expect: dict[str, Any] | None = None) -> No
             out.rename(old)
             test_pause("mid_swap")
         tmp.rename(out)
+        release_tmp_dir(tmp)
         fsync_path(out.parent)
     test_pause("after_swap")
     try:
@@ -331,7 +336,7 @@ def save_index(out: Path, *, expect: dict[str, Any] | None = None,
         test_pause("before_swap")
         publish(tmp, out, expect=expect)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_tmp_dir(tmp)
         raise
     return manifest
 

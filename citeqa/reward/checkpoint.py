@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from citeqa.atomic import fresh_tmp_dir, recover_dir, replace_dir
+from citeqa.atomic import discard_tmp_dir, fresh_tmp_dir, recover_dir, replace_dir
 from citeqa.errors import ModelError
 from citeqa.logs import quiet_weight_loading
 from citeqa.reward.verifier import MAX_TOKENS, Verifier
@@ -75,7 +75,7 @@ def write_encoder_dir(out: Path, encoder: torch.nn.Module, tokenizer: Any,
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
         replace_dir(tmp, out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_tmp_dir(tmp)
 
 
 def read_config_json(directory: Path, *, retrain: str = RETRAIN,
