@@ -19,6 +19,7 @@ import os
 import secrets
 import shutil
 import stat
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -96,7 +97,7 @@ def flocked(path: Path, *, flags: int = os.O_RDONLY,
 # of MB of weights, or the only copy of ``out`` between the two renames) is removed or restored
 # by the next writer or reader. A temporary directory is also held under a ``flock`` by its
 # writer while it writes (``claim_tmp_dir``): no lock held means no writer, whatever its pid says
-# (after a container's restart a pid names another process, or this one). The index
+# (after a container's restart a pid names another process, or the reader itself). The index
 # (retrieval/store.py) adds a lock and its own recovery.
 
 _claims: dict[str, int] = {}  # temporary directory -> the descriptor holding its flock
@@ -188,17 +189,33 @@ def writer_alive(sibling: Path, *, writing: bool) -> bool:
     """Whether the process that made a ``.tmp-<pid>``/``.old-<pid>`` sibling still runs (then it
     may be between its renames right now, and its siblings must be left alone). A writer about to
     write (``writing``) calls its own siblings dead: they are left from a failed earlier attempt,
-    as one process never writes one directory twice at once. A temporary directory of another
-    pid is alive while its writer's ``flock`` is held (``claim_tmp_dir``; where that cannot be
-    told, while a process of that pid runs)."""
+    as one process never writes one directory twice at once. A temporary directory is alive while
+    its writer's ``flock`` is held (``claim_tmp_dir``), and dead once none is and it is older
+    than ``CLAIM_GRACE_S`` (its writer takes the lock just after making it), whatever process its
+    pid now names; where the lock cannot be told, it is alive while a process of that pid runs."""
     pid = sibling.name.rsplit("-", 1)[-1]
     if not pid.isdigit():
         return False
-    if int(pid) == os.getpid():
-        return not writing
-    if sibling.name.rsplit("-", 1)[0].endswith(".tmp") and (held := _claimed(sibling)) is not None:
-        return held  # its writer's lock says, where a pid may name another process
-    return _pid_alive(int(pid))
+    own = int(pid) == os.getpid()
+    if own and writing:
+        return False
+    if sibling.name.rsplit("-", 1)[0].endswith(".tmp"):
+        held = _claimed(sibling)
+        if held:
+            return True
+        if held is False and not _just_made(sibling):
+            return False
+    return own or _pid_alive(int(pid))
+
+
+CLAIM_GRACE_S = 10.0  # a new temporary directory's writer has surely locked it by then
+
+
+def _just_made(path: Path) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime < CLAIM_GRACE_S
+    except OSError:
+        return False
 
 
 def remove_stale_siblings(out: Path, *, writing: bool) -> None:

@@ -335,10 +335,11 @@ class Settings(BaseSettings):
         name = f"CITEQA_{(info.field_name or '').upper()}"
         # "," or " " would otherwise mean "no authentication": an open server by a typo
         if v and not parse_api_keys(v):
+            empty = ("to serve without authentication" if info.field_name == "api_keys" else
+                     "for no read-only keys")
             raise ValueError(
-                f"{name}={v!r} lists no key; give comma-separated keys, or leave it "
-                "empty to serve without authentication"
-            )
+                f"{name}={v!r} lists no key; give comma-separated keys, or leave it empty "
+                f"{empty}")
         # HTTP header values are bytes, read as Latin-1, and clients encode them differently:
         # a key of other characters could never be presented (a UTF-8 'clé' got 401)
         bad = [k for k in (k.strip() for k in v.split(",")) if k and not _KEY_RE.fullmatch(k)]

@@ -237,7 +237,9 @@ class Pipeline:
     def check(self, args: AskArgs) -> AskArgs:
         """``args`` validated, its question's whitespace collapsed and a ``target_accuracy``
         turned into ``min_score``; InvalidRequestError (422 ``needs_calibration`` for a target
-        without a calibrated reward model) when it cannot be asked."""
+        without a calibrated reward model, 422 ``uncertified_options`` for a target with options
+        of the request's own that give answers the calibration did not certify:
+        ``options_off_calibration``) when it cannot be asked."""
         question = asked_text(args.question)
         for name, value, most in (("top_k", args.top_k, MAX_PASSAGES),
                                   ("n_candidates", args.n_candidates, MAX_CANDIDATES),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -146,12 +147,26 @@ def test_a_temporary_directory_is_stale_once_no_writer_holds_it_whatever_its_pid
     import subprocess
     import sys
 
-    from citeqa.atomic import _claims, fresh_tmp_dir, remove_stale_siblings, replace_dir
+    from citeqa.atomic import (
+        CLAIM_GRACE_S,
+        _claims,
+        _pid_alive,
+        fresh_tmp_dir,
+        remove_stale_siblings,
+        replace_dir,
+    )
 
     out = tmp_path / "model"
     left = tmp_path / ".model.tmp-1"  # its writer died; pid 1 is alive
     left.mkdir()
     (left / "weights").write_text("half")
+    mine = tmp_path / f".model.tmp-{os.getpid()}"  # this pid's, from before a restart
+    mine.mkdir()
+    new = tmp_path / ".model.tmp-3"  # just made: its writer (pid 3 in its namespace) is
+    new.mkdir()  # about to lock it
+    past = time.time() - CLAIM_GRACE_S - 5
+    for path in (left, mine):
+        os.utime(path, (past, past))
     held = tmp_path / ".model.tmp-2"  # a writer of another pid namespace, writing now
     held.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", (
@@ -161,10 +176,12 @@ def test_a_temporary_directory_is_stale_once_no_writer_holds_it_whatever_its_pid
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
         remove_stale_siblings(out, writing=False)
-        assert not left.exists() and held.is_dir()
+        assert not left.exists() and not mine.exists() and held.is_dir()
+        assert new.is_dir() or not _pid_alive(3)  # unlocked, but only just made
     finally:
         holder.kill()
         holder.wait()
+    os.utime(held, (past, past))
     remove_stale_siblings(out, writing=False)  # its writer gone: stale now
     assert not held.exists()
     # this process's own writes hold their directory while they write, and let go after

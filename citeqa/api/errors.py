@@ -258,7 +258,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         headers["Allow"] = ", ".join(methods)
     if status == 400 and exc.detail == FASTAPI_BODY_UNREADABLE:
         message = ("the body could not be read as JSON text: it must be UTF-8 (which JSON "
-                   "requires), hold numbers of at most 4,300 digits, and nest arrays and "
+                   "requires), hold integers of at most 4,300 digits, and nest arrays and "
                    "objects less deeply than this")
     elif isinstance(exc.detail, str) and exc.detail != _phrase(status):
         message = exc.detail
@@ -276,12 +276,14 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "internal server error; see the server log")
 
 
-Authenticate = Callable[[Request], None]  # raises ApiError (401) for a request it refuses
+# raises ApiError (401; 403 for a read key where the route changes the index) for a request it
+# refuses
+Authenticate = Callable[[Request], None]
 
 
 def _authenticated_first(handler: Callable[[Request, Exception], Any],
                          authenticate: Authenticate) -> Callable[[Request, Exception], Any]:
-    """``handler`` for an error in the request's body, answering 401 instead where
+    """``handler`` for an error in the request's body, answering 401 (or 403) instead where
     ``authenticate`` refuses the request: FastAPI reads the body (and fails on JSON it cannot
     parse) before any dependency runs, so without this an unauthenticated caller learned how
     its body was wrong."""
@@ -300,7 +302,7 @@ def _authenticated_first(handler: Callable[[Request, Exception], Any],
 
 def install_error_handlers(app: FastAPI, authenticate: Authenticate | None = None) -> None:
     """Register every handler above on ``app``; with ``authenticate``, a request it refuses
-    gets its 401 rather than an error about its body."""
+    gets its 401 (or 403) rather than an error about its body."""
     validation: Callable[[Request, Exception], Any] = _validation_error
     http: Callable[[Request, Exception], Any] = _http_error
     if authenticate is not None:

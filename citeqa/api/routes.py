@@ -60,8 +60,10 @@ DOCUMENT_ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorOut} for s in (400, 403, 409, 501, 502)
 }
 LIST_PAGE = 1000  # documents read at a time when looking for a page's (page_holder)
-# Any route, before routing: a Host the server does not accept (400), a body over the limit (413).
-REFUSED_ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorOut} for s in (400, 413)}
+# Any route, before routing: a Host the server does not accept (400), a body over the limit
+# (413) or in a content coding (415).
+REFUSED_ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorOut} for s in (400, 413, 415)}
 
 
 class AnyPathConvertor(Convertor[str]):
@@ -185,9 +187,9 @@ def page_holder(pipeline: PipelineLike, source: str) -> str | None:
 
 def add_page(pipeline: PipelineLike, doc: Document) -> dict[str, int]:
     """Index a fetched page whose id was made from its URL (on the update thread, so that no
-    other change comes between the check and the add): 409 when a document from the same page
-    is indexed under another id already (another spelling of its URL, by case, a fragment or a
-    redirect, made another id, and the page went in twice)."""
+    other change comes between the check and the add): 409 when an indexed document's source
+    names the same page under another id already (another spelling of its URL, by the host's
+    case, a fragment or a redirect, made another id, and the page went in twice)."""
     holder = page_holder(pipeline, doc.source)
     if holder is not None and holder != doc.doc_id:
         raise ApiError(409, "conflict", f"a document from this page ({page_key(doc.source)}) "

@@ -136,7 +136,7 @@ def page_key(url: str) -> str:
     host in lower case, the host without a trailing dot, no default port, ``/`` for an empty
     path, escapes of unreserved characters decoded and the others in upper case
     (``HTTPS://Example.com.:443/%7ea#b`` -> ``https://example.com/~a``); ``url`` itself where it
-    does not parse."""
+    does not parse (a string that is no absolute URL gets some key no fetched page has)."""
     try:
         u = httpx.URL(url)
         u = u.copy_with(host=u.host.rstrip("."), fragment=None)
