@@ -179,12 +179,13 @@ def test_a_failed_load_is_reported_by_readyz(caplog: pytest.LogCaptureFixture) -
     assert "citeqa download" in record.getMessage() and record.exc_info is None
     # with API keys, the open /readyz leaves the cause (paths, addresses) to the log; the
     # routes behind the keys still say it
-    with serve(factory=broken, api_keys="k1") as c:
-        err = assert_uniform_error(c.get("/readyz"), 503, "load_failed")
-        assert "/x" not in err["message"] and "see the server log" in err["message"]
-        err = assert_uniform_error(c.post("/v1/answer", json={"question": "q"},
-                                          headers={"X-API-Key": "k1"}), 503, "load_failed")
-        assert "citeqa download" in err["message"]
+    for keys in ({"api_keys": "k1"}, {"read_api_keys": "k1"}):  # read keys alone too
+        with serve(factory=broken, **keys) as c:
+            err = assert_uniform_error(c.get("/readyz"), 503, "load_failed")
+            assert "/x" not in err["message"] and "see the server log" in err["message"]
+            err = assert_uniform_error(c.post("/v1/answer", json={"question": "q"},
+                                              headers={"X-API-Key": "k1"}), 503, "load_failed")
+            assert "citeqa download" in err["message"]
 
 
 def test_a_load_that_exits_is_a_failed_load_not_a_load_forever() -> None:

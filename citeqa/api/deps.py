@@ -114,7 +114,8 @@ class ServiceState:
         engine addresses) is left to the server log."""
         headers = {"Retry-After": str(self.settings.retry_after_s)}
         if self.phase == "failed":
-            cause = ("see the server log" if open_route and self.api_keys else self.load_error)
+            cause = ("see the server log" if open_route and (self.api_keys or self.read_keys)
+                     else self.load_error)
             return ApiError(503, "load_failed", f"the service failed to load: {cause}")
         if self.phase == "shutting_down":
             return ApiError(503, "shutting_down", "the service is shutting down", headers=headers)
