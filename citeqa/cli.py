@@ -312,6 +312,10 @@ def serve(
         bound = f"[{host.strip('[]')}]" if ":" in host else host  # clients name it so in Host
         names = dict.fromkeys([*LOOPBACK_HOSTS, bound])
         settings = settings.model_copy(update={"allowed_hosts": ",".join(names)})
+    if not _is_loopback(host) and not (settings.api_keys or settings.read_api_keys):
+        log.warning("serving on %s, not this machine only, with no API key: whoever reaches "
+                    "the port can ask and change the index; set CITEQA_API_KEYS (or "
+                    "CITEQA_READ_API_KEYS), or bind 127.0.0.1 (docs/deploy.md)", host)
     # a stop waits for requests in flight at most the grace (uvicorn waited for every one, up to
     # its own timeout: a container's stop period passed and it was killed mid-answer); what is
     # still queued then is cancelled, and the running batch stops at its next step; a request

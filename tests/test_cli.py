@@ -468,6 +468,23 @@ def test_ask_and_search_take_preset_and_index_from_the_environment(
     assert seen == [("tiny", index), ("default", Path("x"))]
 
 
+def test_serve_warns_when_other_machines_reach_it_without_a_key(corpus, tmp_path, served,
+                                                                 caplog) -> None:
+    index = tmp_path / "index"
+    assert build(corpus, index).exit_code == 0
+    for host, env, warned in (("0.0.0.0", {}, True), ("127.0.0.1", {}, False),
+                              ("0.0.0.0", {"CITEQA_API_KEYS": "k1"}, False),
+                              ("0.0.0.0", {"CITEQA_READ_API_KEYS": "r1"}, False),
+                              ("localhost", {"CITEQA_ALLOWED_HOSTS": "a.example"}, False)):
+        caplog.clear()
+        result = CliRunner().invoke(app, ["serve", "--index", str(index), "--host", host],
+                                    env=env)
+        assert result.exit_code == 0, result.output
+        said = [r.getMessage() for r in caplog.records if "no API key" in r.getMessage()]
+        assert bool(said) == warned, (host, env, said)
+        served.pop()
+
+
 def test_serve_refuses_api_keys_that_list_no_key(corpus, tmp_path, served) -> None:
     index = tmp_path / "index"
     assert build(corpus, index).exit_code == 0
