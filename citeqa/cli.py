@@ -320,9 +320,11 @@ def serve(
     # its own timeout: a container's stop period passed and it was killed mid-answer); what is
     # still queued then is cancelled, and the running batch stops at its next step; a request
     # head that trickles in is bounded (uvicorn bounded none: api/protocol.py)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info",
+    service = create_app(settings)
+    uvicorn.run(service, host=host, port=port, log_level="info",
                 timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_s)),
-                http=head_timeout_protocol(settings.client_timeout_s))
+                http=head_timeout_protocol(settings.client_timeout_s,
+                                           service.state.citeqa.metrics.observe_closed))
 
 
 def _is_loopback(host: str) -> bool:

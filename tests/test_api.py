@@ -967,6 +967,11 @@ def test_metrics_histogram_buckets_and_label_values_are_exposed_escaped() -> Non
     assert got[("citeqa_cancelled_total", frozenset())] == 2
     key = frozenset({("route", '/x"\\y'), ("method", "GET"), ("status", "200")})
     assert got[("citeqa_requests_total", key)] == 1  # quote and backslash survive the round trip
+    for reason in ("head_timeout", "silent", "head_timeout"):
+        m.observe_closed(reason)
+    got = samples(m.render())
+    assert got[("citeqa_connections_closed_total", frozenset({("reason", "head_timeout")}))] == 2
+    assert got[("citeqa_connections_closed_total", frozenset({("reason", "silent")}))] == 1
 
 
 # -- the page and its headers -----------------------------------------------------------------

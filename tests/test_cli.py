@@ -434,7 +434,9 @@ def test_serve_takes_preset_and_index_from_the_environment(corpus, tmp_path, ser
         settings = served_app.state.citeqa.settings
         assert (settings.preset, settings.index) == (preset_name, path), flags
         # a request head that trickles in is bounded (api/protocol.py), by the setting
-        assert served_app.state.uvicorn_run["http"].timeout_s == settings.client_timeout_s
+        protocol = served_app.state.uvicorn_run["http"]
+        assert protocol.timeout_s == settings.client_timeout_s
+        assert protocol.on_close == served_app.state.citeqa.metrics.observe_closed  # counted
 
 
 def test_ask_and_search_take_preset_and_index_from_the_environment(

@@ -178,7 +178,8 @@ def test_a_request_head_that_trickles_in_or_never_comes_is_bounded() -> None:
     """uvicorn bounded no wait before a request's head was complete: a connection sending its
     headers a byte at a time (or nothing) held its place for ever."""
     app = create_app(Settings(window_ms=1), lambda s: Echo())
-    with running_server(app, http=head_timeout_protocol(0.6)) as url:
+    closures: list[str] = []  # what the protocol said of the connections it closed
+    with running_server(app, http=head_timeout_protocol(0.6, closures.append)) as url:
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=20) as conn:
             started = time.monotonic()
@@ -229,6 +230,7 @@ def test_a_request_head_that_trickles_in_or_never_comes_is_bounded() -> None:
             if not closed:
                 _raw_response(conn)  # closed by now (else the socket's 20 s timeout fails it)
             assert time.monotonic() - answered < 10
+        assert closures == ["head_timeout", "silent", "head_timeout", "unread_body"]
         # a kept-alive connection quiet between requests longer than the bound is not cut:
         # uvicorn's keep-alive bound (5 s) is the one for that
         with httpx.Client(base_url=url) as client:

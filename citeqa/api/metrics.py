@@ -46,6 +46,11 @@ class Metrics:
                                      buckets=BATCH_BUCKETS, registry=r)
         self.cancelled = Counter("citeqa_cancelled_total",
                                  "Queued requests skipped: cancelled before they ran.", registry=r)
+        self.closed = Counter("citeqa_connections_closed_total",
+                              "Connections closed for a client too slow to send its request: "
+                              "head_timeout (a partial head, answered 408), silent (nothing "
+                              "sent), unread_body (a body answered unread kept coming).",
+                              ("reason",), registry=r)
         self._queue_depth = Gauge("citeqa_queue_depth",
                                   "Requests waiting for the generation worker.", registry=r)
         self._queue_depth.set_function(lambda: 0)
@@ -68,6 +73,10 @@ class Metrics:
             self.batch_sizes.observe(size)
         if skipped:
             self.cancelled.inc(skipped)
+
+    def observe_closed(self, reason: str) -> None:
+        """A connection the HTTP protocol closed for a slow client (``api/protocol.py``)."""
+        self.closed.labels(reason).inc()
 
     def render(self) -> str:
         """The text exposition format (version 0.0.4)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 import h11
@@ -42,6 +43,8 @@ class HeadTimeoutProtocol(H11Protocol):
     module docstring); ``head_timeout_protocol`` makes one with its bound."""
 
     timeout_s = 30.0
+    # told why each connection it closes was closed: head_timeout, silent or unread_body
+    on_close: Callable[[str], None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -102,12 +105,20 @@ class HeadTimeoutProtocol(H11Protocol):
             self.logger.info("closing a connection whose request head took over %g s",
                              self.timeout_s)
             self.transport.write(head_too_slow_response(self.timeout_s))
+            reason = "head_timeout"
+        else:
+            reason = "silent" if awaited == "head" else "unread_body"
         self.transport.close()
+        if self.on_close is not None:
+            self.on_close(reason)
 
 
-def head_timeout_protocol(timeout_s: float) -> type[HeadTimeoutProtocol]:
-    """``HeadTimeoutProtocol`` bounding each head's wait at ``timeout_s`` (uvicorn's ``http``)."""
-    return type("HeadTimeoutProtocol", (HeadTimeoutProtocol,), {"timeout_s": timeout_s})
+def head_timeout_protocol(timeout_s: float, on_close: Callable[[str], None] | None = None,
+                          ) -> type[HeadTimeoutProtocol]:
+    """``HeadTimeoutProtocol`` bounding each head's wait at ``timeout_s`` (uvicorn's ``http``);
+    ``on_close(reason)`` hears of each connection it closes (the service's metrics)."""
+    return type("HeadTimeoutProtocol", (HeadTimeoutProtocol,),
+                {"timeout_s": timeout_s, "on_close": staticmethod(on_close) if on_close else None})
 
 
 __all__ = ["HeadTimeoutProtocol", "head_timeout_protocol", "head_too_slow_response"]
