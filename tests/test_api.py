@@ -1199,6 +1199,14 @@ def test_allowed_hosts_refuse_other_host_headers() -> None:
         assert c.get("/healthz", headers={"Host": "attacker.example"}).status_code == 200
 
 
+def served_app() -> Any:
+    """What `citeqa serve` needs of the app it serves, in a test that runs no server: the
+    service's metrics (its HTTP protocol counts the connections it closes there)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(state=SimpleNamespace(citeqa=SimpleNamespace(metrics=Metrics())))
+
+
 def test_serve_on_loopback_answers_to_localhost_names_only(monkeypatch, tmp_path) -> None:
     """`citeqa serve` fills CITEQA_ALLOWED_HOSTS in when it binds a loopback address and the
     setting is unset; on another address, or with the setting given, it leaves it."""
@@ -1209,7 +1217,7 @@ def test_serve_on_loopback_answers_to_localhost_names_only(monkeypatch, tmp_path
     import citeqa.cli as cli
 
     seen: list[str] = []
-    monkeypatch.setattr(api, "create_app", lambda s: seen.append(s.allowed_hosts) or "app")
+    monkeypatch.setattr(api, "create_app", lambda s: seen.append(s.allowed_hosts) or served_app())
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
     monkeypatch.setattr(cli, "open_index_dir", lambda index: None)
     monkeypatch.delenv("CITEQA_ALLOWED_HOSTS", raising=False)
@@ -1233,7 +1241,7 @@ def test_serve_waits_for_requests_in_flight_at_most_the_grace(monkeypatch) -> No
     import citeqa.cli as cli
 
     calls: list[dict] = []
-    monkeypatch.setattr(api, "create_app", lambda s: "app")
+    monkeypatch.setattr(api, "create_app", lambda s: served_app())
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: calls.append(k))
     monkeypatch.setattr(cli, "open_index_dir", lambda index: None)
     r = CliRunner().invoke(cli.app, ["serve", "--preset", "tiny"],
