@@ -233,11 +233,19 @@ def fresh_tmp_dir(out: Path, mode: int = 0o755) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(out)
     remove_stale_siblings(out, writing=True)
+    return new_tmp_dir(out, mode)
+
+
+def new_tmp_dir(out: Path, mode: int | None = None) -> Path:
+    """This process's temporary sibling of ``out``, made new and empty (with ``mode``: exactly
+    that mode; else the umask's), and claimed (``claim_tmp_dir``) for its writer."""
     tmp = tmp_dir_for(out)
-    release_tmp_dir(tmp)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(mode=mode)
-    os.chmod(tmp, mode)  # mkdir's mode passes through the umask
+    discard_tmp_dir(tmp)
+    if mode is None:
+        tmp.mkdir()
+    else:
+        tmp.mkdir(mode=mode)
+        os.chmod(tmp, mode)  # mkdir's mode passes through the umask
     claim_tmp_dir(tmp)
     return tmp
 

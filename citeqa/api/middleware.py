@@ -85,14 +85,16 @@ class BodyLimitMiddleware:
             return
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
-        # A client waiting for "100 Continue" has not sent its body: a refusal leaves it unread.
-        waiting = headers.get(b"expect", b"").lower() == b"100-continue"
+        size = int(declared) if declared is not None and declared.isdigit() else None
+        # A client waiting for "100 Continue" has not sent its body, and one declaring more than
+        # DRAIN_MAX_BYTES will not be read whole: a refusal leaves their body unread.
+        drained = (headers.get(b"expect", b"").lower() != b"100-continue"
+                   and (size is None or size <= DRAIN_MAX_BYTES))
         coding = headers.get(b"content-encoding", b"").strip().lower()
         has_body = b"transfer-encoding" in headers or declared not in (None, b"0")
         if has_body and coding not in (b"", b"identity"):  # FastAPI read a gzip body as broken
             # UTF-8 (400) and a "br" one that was plain text as if it were (200)
-            if not waiting and (declared is None or not declared.isdigit()
-                                or int(declared) <= DRAIN_MAX_BYTES):
+            if drained:
                 await drain(receive)
             await error_response(
                 415, "unsupported_media_type",
@@ -100,17 +102,16 @@ class BodyLimitMiddleware:
                 "this service does not decode; send it unencoded",
                 headers={"Accept-Encoding": "identity"})(scope, receive, send)
             return
-        if declared is not None:
-            if not declared.isdigit():
-                await error_response(400, "bad_request", "invalid Content-Length header")(
-                    scope, receive, send
-                )
-                return
-            if int(declared) > self.max_bytes:
-                if not waiting and int(declared) <= DRAIN_MAX_BYTES:
-                    await drain(receive)
-                await self._too_large(scope, receive, send)
-                return
+        if declared is not None and size is None:
+            await error_response(400, "bad_request", "invalid Content-Length header")(
+                scope, receive, send
+            )
+            return
+        if size is not None and size > self.max_bytes:
+            if drained:
+                await drain(receive)
+            await self._too_large(scope, receive, send)
+            return
         seen = 0
         started = over = ended = False
 

@@ -49,14 +49,13 @@ from typing import Any
 import numpy as np
 
 from citeqa.atomic import (
-    claim_tmp_dir,
     discard_tmp_dir,
     flocked,
     fsync_path,
+    new_tmp_dir,
     release_tmp_dir,
     remove_stale_siblings,
     siblings,
-    tmp_dir_for,
 )
 from citeqa.config import RetrievalConfig
 from citeqa.errors import CiteqaError, IndexChangedError, IndexError_
@@ -221,11 +220,7 @@ def prepare(out: Path) -> Path:
             recover_index(out, writing=True)
     check_replaceable(out)
     remove_stale_siblings(out, writing=True)
-    tmp = tmp_dir_for(out)
-    discard_tmp_dir(tmp)
-    tmp.mkdir()
-    claim_tmp_dir(tmp)
-    return tmp
+    return new_tmp_dir(out)
 
 
 def how_to_build(out: Path) -> str:
