@@ -398,18 +398,22 @@ def index_facts(loaded: Index) -> dict[str, Any]:
         "vocabulary": (m.get("counts") or {}).get("vocabulary"),
         "embedding": m.get("embedding"),  # None: BM25 only
         "dense_index": m.get("dense_index") if loaded.dense is not None else None,
+        # rows of deleted passages an HNSW graph keeps (skipped; built again past a quarter)
+        "dense_removed_rows": len(loaded.dense.removed) if loaded.dense is not None else None,
         "chunk": (m.get("settings") or {}).get("chunk"),
         "bytes": sum(p.stat().st_size for p in files),
         "checksums": "ok",  # Index.load verified every file against the manifest
     }
 
 
-def _dense_line(spec: dict[str, Any] | None) -> str:
+def _dense_line(spec: dict[str, Any] | None, removed_rows: int | None) -> str:
     if spec is None:
         return "none (BM25 only)"
     kind = spec.get("kind", "flat")
     if kind == "hnsw":
-        return f"hnsw (M {spec.get('hnsw_m')}, efSearch {spec.get('ef_search')})"
+        removed = (f"; {plural(removed_rows, 'row')} of deleted passages kept, skipped"
+                   if removed_rows else "")
+        return f"hnsw (M {spec.get('hnsw_m')}, efSearch {spec.get('ef_search')}{removed})"
     if kind == "ivf":
         return f"ivf ({spec.get('nlist') or 'auto'} cells, {spec.get('nprobe')} probed)"
     return str(kind)
@@ -434,7 +438,7 @@ def index_info(index: IndexDir = None, as_json: JsonOpt = False) -> None:
         "vocabulary": facts["vocabulary"],
         "embedding": (f"{emb.get('name')} ({emb.get('model_id')}, {emb.get('dim')} dims, "
                       f"{emb.get('dtype', 'fp32')})" if emb else "none (BM25 only)"),
-        "dense index": _dense_line(facts["dense_index"]),
+        "dense index": _dense_line(facts["dense_index"], facts["dense_removed_rows"]),
         "chunking": f"passages of at most {chunk.get('max_chars')} characters",
         "size": f"{facts['bytes'] / 1e6:.1f} MB",
         "checksums": facts["checksums"],

@@ -233,3 +233,106 @@ def test_updates_keep_the_ivf_kind(ivf_index: Path) -> None:
     assert removed.dense is not None
     kept = [p.passage_id for p in added.passages if p.doc_id != "d0"]
     np.testing.assert_array_equal(removed.dense.vectors(), added.dense.vectors()[kept])
+
+
+# -- HNSW deletions: rows marked removed, the graph kept ------------------------------------------
+
+
+def test_hnsw_without_marks_rows_and_searches_skip_them() -> None:
+    """Removing passages from HNSW builds no graph: it shares the old one, and its searches
+    return the surviving passages under their new ids (those after a removed one move up)."""
+    x, q = clustered(2000), clustered(100, seed=1)
+    hnsw = DenseIndex.build(x, spec=DenseSpec(kind="hnsw", ef_search=256))
+    gone = np.random.default_rng(2).choice(2000, 300, replace=False)
+    keep = np.setdiff1d(np.arange(2000), gone)
+    less = hnsw.without(gone)
+    assert less.index is hnsw.index and len(less.removed) == 300 and less.size == 1700
+    assert hnsw.size == 2000 and not len(hnsw.removed)  # the old one searches on as before
+    np.testing.assert_array_equal(less.vectors(), x[keep])
+    assert recall_at_10(less, DenseIndex.build(x[keep]), q) >= 0.95
+    # a kept passage is its own nearest neighbour, under its new id
+    own, _ = less.search(x[keep[[0, 500, 1699]]], 1)
+    assert own[:, 0].tolist() == [0, 500, 1699]
+
+
+def test_hnsw_removals_add_up_and_extensions_follow() -> None:
+    x, extra = clustered(400, dim=16), clustered(10, dim=16, seed=3)
+    hnsw = DenseIndex.build(x, spec=DenseSpec(kind="hnsw", hnsw_m=8))
+    once = hnsw.without(np.arange(0, 40))  # passages 0..39 go; 40.. become 0..
+    twice = once.without(np.arange(0, 40))  # what were 40..79
+    assert twice.index is hnsw.index and twice.removed.tolist() == list(range(80))
+    np.testing.assert_array_equal(twice.vectors(), x[80:])
+    grown = twice.extended(extra)
+    assert grown.size == 330 and grown.removed.tolist() == list(range(80))
+    np.testing.assert_array_equal(grown.vectors(), np.concatenate([x[80:], extra]))
+    own, _ = grown.search(extra, 1)
+    assert own[:, 0].tolist() == list(range(320, 330))
+
+
+def test_hnsw_builds_again_past_the_removed_share() -> None:
+    """More than MAX_REMOVED_FRACTION of the rows removed: the graph is built again of the
+    rest, and nothing stays marked."""
+    from citeqa.retrieval.dense import MAX_REMOVED_FRACTION
+
+    x = clustered(400, dim=16)
+    hnsw = DenseIndex.build(x, spec=DenseSpec(kind="hnsw", hnsw_m=8))
+    at_limit = int(MAX_REMOVED_FRACTION * 400)
+    assert hnsw.without(np.arange(at_limit)).index is hnsw.index
+    over = hnsw.without(np.arange(at_limit)).without(np.arange(1))
+    assert over.index is not hnsw.index and not len(over.removed)
+    assert over.index.ntotal == over.size == 400 - at_limit - 1
+    np.testing.assert_array_equal(over.vectors(), x[at_limit + 1:])
+    assert over.spec == hnsw.spec
+
+
+def test_flat_without_is_refilled() -> None:
+    x = clustered(100, dim=16)
+    flat = DenseIndex.build(x)
+    less = flat.without(np.array([3, 7]))
+    assert not len(less.removed) and less.index.ntotal == 98
+    np.testing.assert_array_equal(less.vectors(), np.delete(x, [3, 7], axis=0))
+    with pytest.raises(ValueError, match="outside"):
+        flat.without(np.array([100]))
+
+
+@pytest.mark.parametrize("rows", [[3, 1], [1, 1], [-1], [400], [[1, 2]], [0.5]])
+def test_bad_removed_rows_say_rebuild(rows: list) -> None:
+    index = DenseIndex.build(clustered(400, dim=16), spec=DenseSpec(kind="hnsw", hnsw_m=8))
+    with pytest.raises(IndexError_, match="removed rows"):
+        DenseIndex(index.index, index.spec, np.asarray(rows))
+
+
+def test_removed_rows_in_an_index_directory(tmp_path: Path) -> None:
+    """A deletion from an HNSW index writes its removed rows beside the graph (checksummed in
+    the manifest); the reloaded index skips them, and an edited file says rebuild."""
+    out = tmp_path / "idx"
+    build_index_from_documents(docs(60), out, CFG, progress=False,
+                               dense_spec=DenseSpec(kind="hnsw", hnsw_m=8))
+    index = Index.load(out)
+    assert index.dense is not None
+    gone = [p.passage_id for p in index.passages if p.doc_id == "d3"]
+    less = remove_documents(index, ["d3"], out).index
+    assert less.dense is not None and less.dense.removed.tolist() == gone
+    m = json.loads((out / "manifest.json").read_text())
+    assert "dense_removed.npy" in m["files"]
+    again = Index.load(out)
+    assert again.dense is not None and again.dense.removed.tolist() == gone
+    retriever = HybridRetriever.open(out)
+    for hit in retriever.search(docs(60)[3].text, 20, mode="dense"):
+        assert hit.passage.doc_id != "d3"
+        assert hit.dense == pytest.approx(float(
+            again.dense.vectors()[hit.passage.passage_id] @ retriever.embedder.embed(
+                [docs(60)[3].text])[0]), abs=1e-4)
+    # added after the deletion, found under its own id
+    new = Document("new", "New", "n.txt", "zz1 zz2 zz3 zz4.")
+    grown = add_documents(again, [new], out, embedder=HashEmbedder()).index
+    assert grown.dense is not None and grown.dense.removed.tolist() == gone
+    top = HybridRetriever.open(out).search("zz1 zz2 zz3 zz4", 1, mode="dense")[0]
+    assert top.passage.doc_id == "new"
+    np.save(out / "dense_removed.npy", np.array([10**6]))  # out of range, checksum fixed
+    m = json.loads((out / "manifest.json").read_text())
+    from citeqa.retrieval.store import sha256_file
+    m["files"]["dense_removed.npy"] = sha256_file(out / "dense_removed.npy")
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IndexError_, match="removed rows.*rebuild"):
+        Index.load(out)

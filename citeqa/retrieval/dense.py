@@ -18,6 +18,12 @@ back):
   centroids through updates (``rebuilt``); for when build time or memory matter more than
   query latency.
 
+Removing passages from an HNSW index leaves their nodes in the graph, marked removed (the
+sorted row numbers in ``DenseIndex.removed``, which searches skip with a FAISS ID selector),
+so that a deletion costs no graph build; once more than ``MAX_REMOVED_FRACTION`` of the rows
+are removed the graph is built again from the rest. The other kinds are refilled with the
+surviving vectors (cheap: flat copies, IVF keeps its centroids).
+
 ``auto`` picks ``flat`` below ``AUTO_ANN_MIN_PASSAGES`` passages and ``hnsw`` above. The
 resolved spec (concrete kind and parameters) is recorded in the index manifest under
 ``dense_index`` and applied at load (``efSearch`` and ``nprobe`` are query-time settings); an
@@ -52,6 +58,9 @@ IVF_MIN_POINTS_PER_LIST = 39  # FAISS warns that k-means is unreliable below thi
 # "auto" switches from flat to HNSW here: a flat scan of 384-dim vectors passes ~10 ms a query
 # on two cores at about this size (bench_ann.py prints the flat p50).
 AUTO_ANN_MIN_PASSAGES = 100_000
+# An HNSW graph is built again once more than this share of its rows are removed passages: they
+# cost memory (their vectors and links) and search time (the search walks through them).
+MAX_REMOVED_FRACTION = 0.25
 
 
 @dataclass(frozen=True)
@@ -125,13 +134,22 @@ def spec_of(index: faiss.Index) -> DenseSpec:
 
 
 class DenseIndex:
-    """A FAISS index whose row ``i`` is passage ``i``."""
+    """A FAISS index of passage vectors: passage ``p`` is the ``p``-th of its rows that is not
+    in ``removed`` (sorted FAISS row numbers of removed passages, HNSW only; usually none, and
+    then row ``i`` is passage ``i``)."""
 
-    def __init__(self, index: faiss.Index, spec: DenseSpec | None = None) -> None:
+    def __init__(self, index: faiss.Index, spec: DenseSpec | None = None,
+                 removed: np.ndarray | None = None) -> None:
         self.index = index
         self.spec = spec if spec is not None else spec_of(index)
+        self.removed = _checked_removed(removed, int(index.ntotal))
+        if len(self.removed) and not isinstance(index, faiss.IndexHNSW):
+            raise IndexError_("only an HNSW dense index keeps removed rows")
+        self._params: faiss.SearchParameters | None = None
         if isinstance(index, faiss.IndexHNSW):
             index.hnsw.efSearch = self.spec.ef_search
+            if len(self.removed):
+                self._params = _skipping(self.removed, int(index.ntotal), self.spec.ef_search)
         elif isinstance(index, faiss.IndexIVF):
             index.nprobe = min(self.spec.nprobe, int(index.nlist))
 
@@ -173,6 +191,25 @@ class DenseIndex:
         index.add(vectors)
         return DenseIndex(index, self.spec)
 
+    def without(self, passages: np.ndarray) -> DenseIndex:
+        """This index without the passages ``passages`` (ids; those after them move up), the
+        others unchanged (searches of this one may go on meanwhile). HNSW marks their rows
+        removed and shares this index's graph, unless more than ``MAX_REMOVED_FRACTION`` of
+        its rows would then be removed: then, as for the other kinds, ``rebuilt`` of the rest."""
+        passages = np.unique(np.asarray(passages, dtype=np.int64))
+        if len(passages) and (passages[0] < 0 or passages[-1] >= self.size):
+            raise ValueError(f"passage ids outside 0..{self.size - 1}")
+        if not len(passages):
+            return self
+        rows = self._rows()
+        removed = np.union1d(self.removed, rows[passages])
+        if (isinstance(self.index, faiss.IndexHNSW)
+                and len(removed) <= MAX_REMOVED_FRACTION * self.index.ntotal):
+            return DenseIndex(self.index, self.spec, removed)
+        keep = np.ones(self.size, dtype=bool)
+        keep[passages] = False
+        return self.rebuilt(self.vectors()[keep])
+
     def extended(self, vectors: np.ndarray) -> DenseIndex:
         """A copy of this index with ``vectors`` added after its rows (searches of this one
         may go on meanwhile): what ``rebuilt`` of all the vectors gives, without building the
@@ -186,7 +223,7 @@ class DenseIndex:
             index.hnsw.rng = faiss.RandomGenerator(int(index.ntotal))
         if len(vectors):
             index.add(vectors)
-        return DenseIndex(index, self.spec)
+        return DenseIndex(index, self.spec, self.removed)
 
     @property
     def dim(self) -> int:
@@ -194,32 +231,84 @@ class DenseIndex:
 
     @property
     def size(self) -> int:
-        return int(self.index.ntotal)
+        """The number of passages (rows not removed)."""
+        return int(self.index.ntotal) - len(self.removed)
+
+    def _rows(self) -> np.ndarray:
+        """int64 [size]: the FAISS row of each passage."""
+        if not len(self.removed):
+            return np.arange(self.size, dtype=np.int64)
+        live = np.ones(int(self.index.ntotal), dtype=bool)
+        live[self.removed] = False
+        return np.flatnonzero(live).astype(np.int64)
 
     def vectors(self) -> np.ndarray:
-        """float32 [N, dim]: every stored vector in row order (all kinds store them exactly)."""
+        """float32 [size, dim]: every passage's stored vector in passage order (all kinds
+        store them exactly)."""
         if self.size == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         if isinstance(self.index, faiss.IndexIVF):
             self.index.make_direct_map()  # IVF stores by cell; the map finds row i
-        return np.ascontiguousarray(self.index.reconstruct_n(0, self.size), dtype=np.float32)
+        every = self.index.reconstruct_n(0, int(self.index.ntotal))
+        if len(self.removed):
+            every = every[self._rows()]
+        return np.ascontiguousarray(every, dtype=np.float32)
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Ids int64 [Q, k] and cosines float32 [Q, k], best first; id -1 pads missing rows."""
+        """Passage ids int64 [Q, k] and cosines float32 [Q, k], best first; id -1 pads
+        missing rows."""
         vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
         k = max(1, min(k, self.size))
-        scores, ids = self.index.search(vectors, k)
-        return ids, scores
+        if self._params is None:
+            scores, ids = self.index.search(vectors, k)
+            return ids, scores
+        scores, rows = self.index.search(vectors, k, params=self._params)
+        ids = np.where(rows >= 0, rows - np.searchsorted(self.removed, rows), -1)
+        return ids.astype(np.int64), scores
 
     def save(self, path: Path) -> None:
+        """The FAISS index to ``path``; its removed rows, if any, are the caller's to save."""
         faiss.write_index(self.index, str(path))
 
     @classmethod
-    def load(cls, path: Path, spec: DenseSpec | None = None) -> DenseIndex:
+    def load(cls, path: Path, spec: DenseSpec | None = None,
+             removed: np.ndarray | None = None) -> DenseIndex:
         try:
-            return cls(faiss.read_index(str(path)), spec)
+            index = faiss.read_index(str(path))
         except RuntimeError as e:
             raise IndexError_(f"cannot read the dense index {path}: {e}; rebuild the index") from e
+        try:
+            return cls(index, spec, removed)
+        except IndexError_ as e:
+            raise IndexError_(f"the dense index {path}: {e}; rebuild the index") from e
+
+
+def _checked_removed(removed: np.ndarray | None, n_rows: int) -> np.ndarray:
+    """``removed`` as sorted, distinct int64 row numbers below ``n_rows`` (IndexError_ if not)."""
+    if removed is None:
+        return np.zeros(0, dtype=np.int64)
+    rows = np.asarray(removed)
+    if rows.ndim != 1 or (len(rows) and rows.dtype.kind not in "iu"):
+        raise IndexError_(f"removed rows must be a list of row numbers, got shape {rows.shape} "
+                          f"of {rows.dtype}")
+    rows = rows.astype(np.int64)
+    if len(rows) and (rows[0] < 0 or rows[-1] >= n_rows or np.any(np.diff(rows) <= 0)):
+        raise IndexError_(f"removed rows must be distinct, sorted and below {n_rows}")
+    return rows
+
+
+def _skipping(removed: np.ndarray, n_rows: int, ef_search: int) -> faiss.SearchParametersHNSW:
+    """HNSW search parameters that skip the rows ``removed`` (a bitmap selector of the others).
+    The parameters replace the index's own, so they carry its search breadth."""
+    live = np.ones(n_rows, dtype=bool)
+    live[removed] = False
+    bits = np.packbits(live, bitorder="little")
+    params = faiss.SearchParametersHNSW()
+    params.sel = faiss.IDSelectorBitmap(n_rows, faiss.swig_ptr(bits))
+    params.efSearch = ef_search
+    # the selector reads the bitmap and the parameters hold the selector: keep both alive
+    params.citeqa_keep = (bits, params.sel)
+    return params
 
 
 def _empty(spec: DenseSpec, dim: int) -> faiss.Index:

@@ -13,6 +13,9 @@ Layout (plain data only, never pickle)::
       passage_doc.npy    int64 [N]: the documents.jsonl row of each passage
       bm25/              see citeqa/retrieval/bm25.py
       dense.faiss        FAISS index, row i = passage i (absent when built with dense=False)
+                         except where rows are removed:
+      dense_removed.npy  int64 [R], sorted: rows of dense.faiss that are removed passages (an
+                         HNSW index after deletions, see dense.py; absent when there are none)
 
 Atomic rebuild: everything is written to ``.<name>.tmp-<pid>`` beside ``out`` and fsynced; then
 ``out`` (if any) is renamed to ``.<name>.old-<pid>``, the temporary directory to ``out``, and the
@@ -72,6 +75,7 @@ PASSAGES = "passages.npy"
 PASSAGE_DOC = "passage_doc.npy"
 BM25_DIR = "bm25"
 DENSE = "dense.faiss"
+DENSE_REMOVED = "dense_removed.npy"
 
 # Test-only hook: when CITEQA_TEST_PAUSE_AT names a stage ("before_swap", "mid_swap" or
 # "after_swap": the three states a swap passes through), the build writes
@@ -116,6 +120,8 @@ def write_index(
     bm25.save(directory / BM25_DIR)
     if dense is not None:
         dense.save(directory / DENSE)
+        if len(dense.removed):
+            np.save(directory / DENSE_REMOVED, dense.removed)
     files = sorted(p for p in directory.rglob("*") if p.is_file())
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -402,7 +408,8 @@ class Index:
         bm25 = BM25Index.load(directory / BM25_DIR)
         dense = None
         if (directory / DENSE).is_file():
-            dense = DenseIndex.load(directory / DENSE, _dense_spec(directory, manifest))
+            dense = DenseIndex.load(directory / DENSE, _dense_spec(directory, manifest),
+                                    _removed_rows(directory))
         counts = manifest["counts"]
         found = {
             "documents": len(documents),
@@ -486,6 +493,18 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         if key not in manifest:
             raise IndexError_(f"index {directory}: manifest.json lacks {key!r}; rebuild it")
     return manifest
+
+
+def _removed_rows(directory: Path) -> np.ndarray | None:
+    """The dense index's removed rows (``DENSE_REMOVED``), None when it has none."""
+    path = directory / DENSE_REMOVED
+    if not path.is_file():
+        return None
+    try:
+        return np.load(path)
+    except (OSError, ValueError) as e:
+        raise IndexError_(f"index {directory}: {DENSE_REMOVED} is unreadable ({e!r}); "
+                          "rebuild it") from e
 
 
 def _dense_spec(directory: Path, manifest: dict[str, Any]) -> DenseSpec | None:

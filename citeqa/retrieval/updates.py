@@ -3,10 +3,11 @@
 ``apply_update(index, update, out, embedder)`` is the whole story: the surviving passages keep
 their text and their dense vectors, new documents are chunked with the settings the index was
 built with and only their passages are embedded and tokenized. An index that only grows has
-the new vectors added to a copy of its dense index; after a removal the dense index is refilled
-with the surviving vectors (read back from FAISS with ``reconstruct_n``) in the same kind and
-parameters (an IVF index keeps its trained centroids; an HNSW graph is built again, the costly
-case). BM25 is derived again from the term counts the index stores (every passage is tokenized
+the new vectors added to a copy of its dense index; after a removal an HNSW index marks the
+removed passages' rows (its graph is built again only once a quarter of its rows are removed:
+``DenseIndex.without``), and a flat or IVF index is refilled with the surviving vectors (read
+back from FAISS with ``reconstruct_n``) in the same kind and parameters (IVF keeps its trained
+centroids). BM25 is derived again from the term counts the index stores (every passage is tokenized
 again only for an index written before it stored them). Then every file is written beside
 ``out`` and swapped in with the same atomic swap as ``citeqa index build`` (see
 store.py). It returns the new in-memory ``Index``; the caller swaps its retriever. A failure or
@@ -32,7 +33,6 @@ from citeqa.errors import IndexError_, InvalidRequestError
 from citeqa.retrieval.bm25 import BM25Index, concat_counts, count_terms
 from citeqa.retrieval.builder import indexed_text
 from citeqa.retrieval.chunk import chunk_document
-from citeqa.retrieval.dense import DenseIndex
 from citeqa.retrieval.embed import Embedder
 from citeqa.retrieval.retriever import config_from_manifest
 from citeqa.retrieval.store import Index, is_copy_of, passages_of, save_index
@@ -135,12 +135,6 @@ def check_update(index: Index, update: IndexUpdate) -> None:
         )
 
 
-def _kept_vectors(dense: DenseIndex, keep: np.ndarray) -> np.ndarray:
-    """float32 [len(keep), dim]: the stored vectors of passages ``keep`` (every kind stores
-    vectors exactly, so reconstruction returns what was embedded)."""
-    return np.ascontiguousarray(dense.vectors()[keep], dtype=np.float32)
-
-
 def _updated_bm25(old: BM25Index, keep_ids: np.ndarray, new_texts: Sequence[str],
                   docs: Sequence[Document], spans: Sequence[tuple[int, int]],
                   passage_doc: Sequence[int], cfg: RetrievalConfig) -> BM25Index:
@@ -198,11 +192,9 @@ def apply_update(
         new_texts.extend(indexed_text(doc.title, doc.text[s:e]) for s, e in doc_spans)
 
     bm25 = _updated_bm25(index.bm25, keep_ids, new_texts, docs, spans, passage_doc, cfg)
-    grown = len(keep_ids) == len(index.passages)  # nothing removed: the old rows stay as they are
     dense, embedding = None, index.manifest.get("embedding")
     if index.dense is not None:
-        vectors = (np.zeros((0, index.dense.dim), np.float32) if grown
-                   else _kept_vectors(index.dense, keep_ids))  # [kept, dim]
+        vectors = np.zeros((0, index.dense.dim), np.float32)
         if new_texts:
             if embedder is None:
                 raise IndexError_(
@@ -219,10 +211,12 @@ def apply_update(
                 )
             fresh = embedder.embed(new_texts, batch_size=cfg.embed_batch_size,
                                    progress=progress)  # [new, dim]
-            vectors = np.concatenate([vectors, fresh.astype(np.float32)])
-        # same kind and parameters (IVF: centroids); an index that only grew is extended, not
-        # built again (an HNSW graph of a million vectors takes many minutes to build)
-        dense = index.dense.extended(vectors) if grown else index.dense.rebuilt(vectors)
+            vectors = fresh.astype(np.float32)
+        # same kind and parameters (IVF: centroids); the survivors' rows are not built again
+        # (an HNSW graph of a million vectors takes many minutes to build), the new ones added
+        dense = index.dense.without(np.setdiff1d(np.arange(len(index.passages)), keep_ids))
+        if len(vectors):
+            dense = dense.extended(vectors)
 
     spans_arr = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
     passage_doc_arr = np.asarray(passage_doc, dtype=np.int64)
