@@ -99,10 +99,16 @@ def index_build(
         typer.Option("--ray", help="Build on Ray: 'local' (this machine) or a cluster address "
                      "(HEAD:6379, ray://HEAD:10001, auto); resumable. Needs citeqa[ray]."),
     ] = None,
+    resumable: Annotated[
+        bool,
+        typer.Option("--resumable", help="Build in shards, in this process, kept in --work-dir "
+                     "until the end: run again after a crash or Ctrl-C, it embeds only the "
+                     "shards not yet finished (as --ray does)."),
+    ] = False,
     work_dir: Annotated[
         Path | None,
-        typer.Option("--work-dir", help="--ray: where shards wait for the merge (default "
-                     ".OUT.build beside OUT); on a cluster, storage every node mounts."),
+        typer.Option("--work-dir", help="--ray or --resumable: where shards wait for the merge "
+                     "(default .OUT.build beside OUT); on a cluster, storage every node mounts."),
     ] = None,
     embedders: Annotated[
         int | None,
@@ -111,7 +117,8 @@ def index_build(
     ] = None,
     shard_chars: Annotated[
         int | None,
-        typer.Option("--shard-chars", min=1, help="--ray: characters of documents per shard "
+        typer.Option("--shard-chars", min=1, help="--ray or --resumable: characters of "
+                     "documents per shard "
                      "(the unit of work and of resuming; default 2,000,000)."),
     ] = None,
     max_chars: Annotated[
@@ -135,8 +142,10 @@ def index_build(
         raise fail(f"--hnsw contradicts --dense-index {dense_index}; give one of them")
     if dense_index not in KINDS:
         raise fail(f"--dense-index must be one of {', '.join(KINDS)}, not {dense_index!r}")
-    if ray is None and (work_dir or embedders or shard_chars):
-        raise fail("--work-dir, --embedders and --shard-chars only apply with --ray")
+    if ray is None and embedders:
+        raise fail("--embedders only applies with --ray")
+    if ray is None and not resumable and (work_dir or shard_chars):
+        raise fail("--work-dir and --shard-chars only apply with --ray or --resumable")
     if (nprobe or nlist) and (dense_index != "ivf" or bm25_only):
         raise fail("--nprobe and --nlist only apply with --dense-index ivf")
     if bm25_only and (hnsw or dense_index != "auto"):
@@ -161,12 +170,12 @@ def index_build(
         spec = DenseSpec(kind="hnsw" if hnsw else dense_index,  # type: ignore[arg-type]
                          hnsw_m=cfg.hnsw_m, nlist=nlist,
                          **({"nprobe": nprobe} if nprobe is not None else {}))
-        if ray is not None:
-            from citeqa.distributed import RayExecutor, RayOptions, build_index_sharded
+        if ray is not None or resumable:
+            from citeqa.distributed import build_index_sharded
             from citeqa.retrieval.shards import SHARD_CHARS
 
             summary = build_index_sharded(
-                sources, out, cfg, executor=RayExecutor(RayOptions(ray, embedders=embedders)),
+                sources, out, cfg, executor=_shard_executor(ray, embedders),
                 work_dir=work_dir, shard_chars=shard_chars or SHARD_CHARS, dense_spec=spec,
                 allow_private_urls=allow_private_urls, progress=progress,
             )
@@ -180,19 +189,32 @@ def index_build(
                    "as it was") from None
     except KeyboardInterrupt:
         again = ("run the same command again: it reuses the shards already built"
-                 if ray is not None else "run the same command again to build it")
+                 if ray is not None or resumable else "run the same command again to build "
+                 "it (with --resumable, a build cut short keeps what it finished)")
         typer.echo(f"\ninterrupted: {out} is not left half-written (a build swaps a finished "
                    f"index in whole); {again}", err=True)
         raise typer.Exit(130) from None
     _echo_skipped(summary.skipped)
     reused = (f", {summary.shards_reused} reused from an interrupted run"
               if summary.shards_reused else "")
-    shards = f"; {plural(summary.shards, 'shard')}{reused}" if ray is not None else ""
+    shards = (f"; {plural(summary.shards, 'shard')}{reused}" if ray is not None or resumable
+              else "")
     typer.echo(
         f"indexed {plural(summary.documents, 'document')} as "
         f"{plural(summary.passages, 'passage')} into {summary.out} in {summary.seconds:.1f} s "
         f"({plural(len(summary.skipped), 'source')} skipped{shards})"
     )
+
+
+def _shard_executor(ray: str | None, embedders: int | None) -> Any:
+    """Where a sharded build makes its shards: on Ray at ``ray``, else in this process."""
+    if ray is None:
+        from citeqa.distributed import InProcessExecutor
+
+        return InProcessExecutor()
+    from citeqa.distributed import RayExecutor, RayOptions
+
+    return RayExecutor(RayOptions(ray, embedders=embedders))
 
 
 T = TypeVar("T")

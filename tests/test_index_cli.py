@@ -314,3 +314,75 @@ def test_info_reports_a_damaged_index(tmp_path: Path) -> None:
         f.write("\n")
     code, _, err = _cli("index", "info", "-i", str(index))
     assert code == 2 and "documents.jsonl" in err
+
+
+# -- index build --resumable: shards in this process, kept until the end ------------------------
+
+
+BOOKS = {f"book{i}.txt": f"Book {i} tells of the river number {i} and of its {i} bridges."
+         for i in range(6)}
+
+
+def test_a_resumable_build_indexes_as_a_plain_build_and_cleans_up(tmp_path: Path) -> None:
+    docs = _files(tmp_path / "docs", BOOKS)
+    _build(tmp_path / "plain", docs)
+    code, out, err = _cli("index", "build", "--preset", "tiny", str(docs), "--out",
+                          str(tmp_path / "res"), "--resumable", "--shard-chars", "100",
+                          "--no-progress")
+    assert code == 0, err
+    assert "6 documents as 6 passages" in out and "6 shards" in out
+    assert not (tmp_path / ".res.build").exists()  # the shards go once the index is in
+    for query in ("river number 3", "bridges of book 5"):
+        assert _hits(tmp_path / "res", query) == _hits(tmp_path / "plain", query)
+
+
+def test_a_resumable_build_cut_short_embeds_only_the_rest(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import citeqa.distributed.sharded as sharded
+
+    docs = _files(tmp_path / "docs", BOOKS)
+    finish, made = sharded.finish_shard, []
+
+    def cut_short(staged, job, embedder):  # type: ignore[no-untyped-def]
+        if len(made) == 3:
+            raise KeyboardInterrupt
+        result = finish(staged, job, embedder)
+        made.append(result.embedded)
+        return result
+
+    monkeypatch.setattr(sharded, "finish_shard", cut_short)
+    args = ["index", "build", "--preset", "tiny", str(docs), "--out", str(tmp_path / "idx"),
+            "--resumable", "--shard-chars", "100", "--no-progress"]
+    code, _, err = _cli(*args)
+    assert code == 130 and "reuses the shards already built" in err
+    assert not (tmp_path / "idx").exists() and (tmp_path / ".idx.build").is_dir()
+    monkeypatch.setattr(sharded, "finish_shard", finish)
+    code, out, err = _cli(*args)
+    assert code == 0, err
+    assert "6 shards, 3 reused from an interrupted run" in out
+    assert len(_hits(tmp_path / "idx", "river")) == 4
+
+
+@pytest.mark.parametrize(("option", "says"), [
+    (["--work-dir", "w"], "--work-dir and --shard-chars only apply with --ray or --resumable"),
+    (["--shard-chars", "10"], "only apply with --ray or --resumable"),
+    (["--embedders", "2", "--resumable"], "--embedders only applies with --ray")])
+def test_shard_options_need_a_sharded_build(tmp_path: Path, option: list[str],
+                                            says: str) -> None:
+    docs = _files(tmp_path / "docs", FIRST)
+    code, _, err = _cli("index", "build", str(docs), "--out", str(tmp_path / "idx"), *option)
+    assert code == 2 and says in err
+    assert not (tmp_path / "idx").exists()
+
+
+def test_a_plain_build_cut_short_points_to_resumable(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import citeqa.retrieval as retrieval
+
+    def interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(retrieval, "build_index", interrupted)
+    code, _, err = _cli("index", "build", str(_files(tmp_path / "docs", FIRST)), "--out",
+                        str(tmp_path / "idx"))
+    assert code == 130 and "with --resumable, a build cut short keeps what it finished" in err
