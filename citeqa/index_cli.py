@@ -281,7 +281,7 @@ def index_add(
         _echo_skipped(loaded.skipped)
         if not loaded.documents:
             raise no_documents(len(sources), loaded.skipped)
-        plan, version, passages, warnings = _retried(lambda: _add(
+        plan, version, passages, reused, warnings = _retried(lambda: _add(
             directory, loaded.documents, replace=replace_changed, progress=progress,
             unchanged=unchanged_index))
     for line in warnings:  # of the attempt that was made, once
@@ -293,16 +293,25 @@ def index_add(
         return
     done = [f"{verb} {plural(len(ids), 'document')}"
             for verb, ids in (("added", plan.new), ("replaced", plan.replaced)) if ids]
+    again = (f"; the embeddings of {plural(reused, 'passage')} were kept from an interrupted "
+             "run" if reused else "")
     typer.echo(f"{' and '.join(done)} ({plural(passages, 'passage')}) in {directory}{kept} "
-               f"(index version {version})")
+               f"(index version {version}){again}")
+
+
+def kept_dir(directory: Path) -> Path:
+    """Where ``index add`` keeps its embeddings until its change is in (``.NAME.add``)."""
+    return directory.parent / f".{directory.name}.add"
 
 
 def _add(directory: Path, documents: list[Document], *, replace: bool, progress: bool,
-         unchanged: str) -> tuple[AddPlan, str, int, list[str]]:
+         unchanged: str) -> tuple[AddPlan, str, int, int, list[str]]:
     """Plan and apply one ``index add`` on the index at ``directory`` as it is now: the plan,
-    the index's version after it, the passages added and what to warn about (IndexChangedError:
-    another writer changed the index between the two)."""
+    the index's version after it, the passages added, those of them whose embeddings an earlier
+    run had kept (``kept_dir``), and what to warn about (IndexChangedError: another writer
+    changed the index between the two; what was embedded stays kept for the next attempt)."""
     from citeqa.retrieval import HybridRetriever
+    from citeqa.retrieval.kept import KeptEmbedder
     from citeqa.retrieval.updates import apply_update, plan_additions
 
     retriever = HybridRetriever.open(directory)
@@ -318,11 +327,15 @@ def _add(directory: Path, documents: list[Document], *, replace: bool, progress:
                 "the same file named by another path? A file's id hashes its path as given: "
                 "name files as when they were indexed" for new, twin in plan.lookalikes]
     if not plan.update.add:
-        return plan, retriever.index.version, 0, warnings
-    embedder = retriever.embedder if retriever.index.dense is not None else None
-    result = apply_update(retriever.index, plan.update, directory, embedder=embedder,
+        return plan, retriever.index.version, 0, 0, warnings
+    kept = (KeptEmbedder(retriever.embedder, kept_dir(directory))
+            if retriever.index.dense is not None else None)
+    result = apply_update(retriever.index, plan.update, directory, embedder=kept,
                           progress=progress)
-    return plan, result.index.version, sum(result.added_passages.values()), warnings
+    if kept is not None:
+        kept.discard()
+    return (plan, result.index.version, sum(result.added_passages.values()),
+            kept.reused if kept is not None else 0, warnings)
 
 
 @index_app.command("remove")
