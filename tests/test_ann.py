@@ -315,6 +315,7 @@ def test_removed_rows_in_an_index_directory(tmp_path: Path) -> None:
     assert less.dense is not None and less.dense.removed.tolist() == gone
     m = json.loads((out / "manifest.json").read_text())
     assert "dense_removed.npy" in m["files"]
+    assert m["format_version"] == 2  # a citeqa reading version 1 only says so, not "corrupt"
     again = Index.load(out)
     assert again.dense is not None and again.dense.removed.tolist() == gone
     retriever = HybridRetriever.open(out)
@@ -329,6 +330,14 @@ def test_removed_rows_in_an_index_directory(tmp_path: Path) -> None:
     assert grown.dense is not None and grown.dense.removed.tolist() == gone
     top = HybridRetriever.open(out).search("zz1 zz2 zz3 zz4", 1, mode="dense")[0]
     assert top.passage.doc_id == "new"
+    # a file the manifest does not list is not the index's
+    fresh = tmp_path / "fresh"
+    build_index_from_documents(docs(60), fresh, CFG, progress=False,
+                               dense_spec=DenseSpec(kind="hnsw", hnsw_m=8))
+    assert json.loads((fresh / "manifest.json").read_text())["format_version"] == 1
+    np.save(fresh / "dense_removed.npy", np.array([0, 1]))
+    loaded = Index.load(fresh).dense
+    assert loaded is not None and not len(loaded.removed)
     np.save(out / "dense_removed.npy", np.array([10**6]))  # out of range, checksum fixed
     m = json.loads((out / "manifest.json").read_text())
     from citeqa.retrieval.store import sha256_file

@@ -145,11 +145,11 @@ class DenseIndex:
         self.removed = _checked_removed(removed, int(index.ntotal))
         if len(self.removed) and not isinstance(index, faiss.IndexHNSW):
             raise IndexError_("only an HNSW dense index keeps removed rows")
-        self._params: faiss.SearchParameters | None = None
+        self._skip: tuple[np.ndarray, faiss.IDSelector] | None = None
         if isinstance(index, faiss.IndexHNSW):
             index.hnsw.efSearch = self.spec.ef_search
             if len(self.removed):
-                self._params = _skipping(self.removed, int(index.ntotal), self.spec.ef_search)
+                self._skip = _skipping(self.removed, int(index.ntotal))
         elif isinstance(index, faiss.IndexIVF):
             index.nprobe = min(self.spec.nprobe, int(index.nlist))
 
@@ -259,10 +259,13 @@ class DenseIndex:
         missing rows."""
         vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
         k = max(1, min(k, self.size))
-        if self._params is None:
+        if self._skip is None:
             scores, ids = self.index.search(vectors, k)
             return ids, scores
-        scores, rows = self.index.search(vectors, k, params=self._params)
+        # parameters replace the index's own: they carry its search breadth as it is now
+        params = faiss.SearchParametersHNSW(sel=self._skip[1],
+                                            efSearch=int(self.index.hnsw.efSearch))
+        scores, rows = self.index.search(vectors, k, params=params)
         ids = np.where(rows >= 0, rows - np.searchsorted(self.removed, rows), -1)
         return ids.astype(np.int64), scores
 
@@ -297,18 +300,13 @@ def _checked_removed(removed: np.ndarray | None, n_rows: int) -> np.ndarray:
     return rows
 
 
-def _skipping(removed: np.ndarray, n_rows: int, ef_search: int) -> faiss.SearchParametersHNSW:
-    """HNSW search parameters that skip the rows ``removed`` (a bitmap selector of the others).
-    The parameters replace the index's own, so they carry its search breadth."""
+def _skipping(removed: np.ndarray, n_rows: int) -> tuple[np.ndarray, faiss.IDSelector]:
+    """A FAISS selector of the rows not in ``removed``, and the bitmap it reads (both must
+    outlive every search that uses the selector: the caller keeps the pair)."""
     live = np.ones(n_rows, dtype=bool)
     live[removed] = False
     bits = np.packbits(live, bitorder="little")
-    params = faiss.SearchParametersHNSW()
-    params.sel = faiss.IDSelectorBitmap(n_rows, faiss.swig_ptr(bits))
-    params.efSearch = ef_search
-    # the selector reads the bitmap and the parameters hold the selector: keep both alive
-    params.citeqa_keep = (bits, params.sel)
-    return params
+    return bits, faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))  # its size in bytes
 
 
 def _empty(spec: DenseSpec, dim: int) -> faiss.Index:

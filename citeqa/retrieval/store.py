@@ -69,6 +69,10 @@ from citeqa.types import Document, Passage
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+# an index whose dense part keeps removed rows (dense_removed.npy): a citeqa that reads only
+# version 1 would find more dense rows than passages; it is told its format instead
+FORMAT_WITH_REMOVED_ROWS = 2
+READABLE_FORMATS = (FORMAT_VERSION, FORMAT_WITH_REMOVED_ROWS)
 MANIFEST = "manifest.json"
 DOCUMENTS = "documents.jsonl"
 PASSAGES = "passages.npy"
@@ -124,7 +128,8 @@ def write_index(
             np.save(directory / DENSE_REMOVED, dense.removed)
     files = sorted(p for p in directory.rglob("*") if p.is_file())
     manifest = {
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_WITH_REMOVED_ROWS if dense is not None and len(dense.removed)
+        else FORMAT_VERSION,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "embedding": embedding,
         "counts": {
@@ -409,7 +414,7 @@ class Index:
         dense = None
         if (directory / DENSE).is_file():
             dense = DenseIndex.load(directory / DENSE, _dense_spec(directory, manifest),
-                                    _removed_rows(directory))
+                                    _removed_rows(directory, manifest))
         counts = manifest["counts"]
         found = {
             "documents": len(documents),
@@ -484,10 +489,10 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         raise IndexError_(f"index {directory}: unreadable manifest.json ({e}); rebuild it") from e
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS:
         raise IndexError_(
-            f"index {directory} has format version {version!r}, this citeqa reads version "
-            f"{FORMAT_VERSION}; rebuild it with `citeqa index build`"
+            f"index {directory} has format version {version!r}, this citeqa reads versions "
+            f"{' and '.join(map(str, READABLE_FORMATS))}; rebuild it with `citeqa index build`"
         )
     for key in ("counts", "settings", "files"):
         if key not in manifest:
@@ -495,14 +500,14 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def _removed_rows(directory: Path) -> np.ndarray | None:
-    """The dense index's removed rows (``DENSE_REMOVED``), None when it has none."""
-    path = directory / DENSE_REMOVED
-    if not path.is_file():
+def _removed_rows(directory: Path, manifest: dict[str, Any]) -> np.ndarray | None:
+    """The dense index's removed rows (``DENSE_REMOVED``, a file the manifest lists), None when
+    it has none."""
+    if DENSE_REMOVED not in manifest["files"]:
         return None
     try:
-        return np.load(path)
-    except (OSError, ValueError) as e:
+        return np.load(directory / DENSE_REMOVED)  # never a pickle: allow_pickle is False
+    except (OSError, ValueError, EOFError) as e:
         raise IndexError_(f"index {directory}: {DENSE_REMOVED} is unreadable ({e!r}); "
                           "rebuild it") from e
 
