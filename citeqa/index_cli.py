@@ -183,16 +183,16 @@ def index_build(
             summary = build_index(sources, out, cfg, allow_private_urls=allow_private_urls,
                                   progress=progress, dense_spec=spec)
     except CiteqaError as e:
-        raise fail(str(e)) from None
+        raise fail(f"{e}{_kept_shards(out, work_dir)}") from None
     except OSError as e:  # the output's file system: read-only, full, ...
         raise fail(f"could not build the index into {out}: {e}; the index there, if any, is "
-                   "as it was") from None
+                   f"as it was{_kept_shards(out, work_dir)}") from None
     except KeyboardInterrupt:
-        again = ("run the same command again: it reuses the shards already built"
-                 if ray is not None or resumable else "run the same command again to build "
-                 "it (with --resumable, a build cut short keeps what it finished)")
+        again = ("; run the same command again to build it" + (
+            "" if ray is not None or resumable
+            else " (with --resumable, a build cut short keeps what it finished)"))
         typer.echo(f"\ninterrupted: {out} is not left half-written (a build swaps a finished "
-                   f"index in whole); {again}", err=True)
+                   f"index in whole){_kept_shards(out, work_dir) or again}", err=True)
         raise typer.Exit(130) from None
     _echo_skipped(summary.skipped)
     reused = (f", {summary.shards_reused} reused from an interrupted run"
@@ -204,6 +204,19 @@ def index_build(
         f"{plural(summary.passages, 'passage')} into {summary.out} in {summary.seconds:.1f} s "
         f"({plural(len(summary.skipped), 'source')} skipped{shards})"
     )
+
+
+def _kept_shards(out: Path, work_dir: Path | None) -> str:
+    """What a sharded build that stopped keeps for the next run ("" when nothing)."""
+    from citeqa.distributed.sharded import default_work_dir
+
+    work = Path(work_dir) if work_dir else default_work_dir(out)
+    try:
+        finished = sum(1 for _ in (work / "shards").iterdir())
+    except OSError:
+        return ""
+    return (f"; the {plural(finished, 'shard')} finished so far are kept in {work}: run the "
+            "same command again to reuse them (or delete it to start over)" if finished else "")
 
 
 def _shard_executor(ray: str | None, embedders: int | None) -> Any:

@@ -354,7 +354,8 @@ def test_a_resumable_build_cut_short_embeds_only_the_rest(tmp_path: Path,
     args = ["index", "build", "--preset", "tiny", str(docs), "--out", str(tmp_path / "idx"),
             "--resumable", "--shard-chars", "100", "--no-progress"]
     code, _, err = _cli(*args)
-    assert code == 130 and "reuses the shards already built" in err
+    assert code == 130 and "the 3 shards finished so far are kept in" in err
+    assert "run the same command again to reuse them" in err
     assert not (tmp_path / "idx").exists() and (tmp_path / ".idx.build").is_dir()
     monkeypatch.setattr(sharded, "finish_shard", finish)
     code, out, err = _cli(*args)
@@ -373,6 +374,21 @@ def test_shard_options_need_a_sharded_build(tmp_path: Path, option: list[str],
     code, _, err = _cli("index", "build", str(docs), "--out", str(tmp_path / "idx"), *option)
     assert code == 2 and says in err
     assert not (tmp_path / "idx").exists()
+
+
+def test_a_resumable_build_cut_short_before_any_shard_keeps_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import citeqa.distributed.sharded as sharded
+
+    def at_once(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sharded, "finish_shard", at_once)
+    code, _, err = _cli("index", "build", "--preset", "tiny", str(_files(tmp_path / "d", BOOKS)),
+                        "--out", str(tmp_path / "idx"), "--resumable", "--no-progress")
+    assert code == 130 and "run the same command again to build it" in err
+    assert "kept" not in err and "--resumable" not in err
+    assert not (tmp_path / ".idx.build").exists()
 
 
 def test_a_plain_build_cut_short_points_to_resumable(tmp_path: Path,
