@@ -20,8 +20,8 @@ import math
 import os
 import socket
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,6 +233,18 @@ class _FinishShards:
         return out
 
 
+def _rows_of(ds: Any) -> Generator[dict[str, Any], None, None]:
+    """The rows of the Ray dataset ``ds``, fetched as they come, never ahead. Ray Data's
+    ``iter_rows`` prefetches: its prefetching thread outlives the iteration, holding the last
+    blocks it fetched, and when it let go of them after ``ray.shutdown()`` Ray ended the whole
+    process (exit status 1, no message: the build's error was never told). Close the generator
+    (``contextlib.closing``) so that Ray Data stops its executor before Ray is shut down."""
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+        names = list(batch)
+        for i in range(len(batch[names[0]]) if names else 0):
+            yield {name: batch[name][i] for name in names}
+
+
 def _raise_row_error(row: dict[str, Any]) -> None:
     """Raise the citeqa error a worker reported in ``row`` as its own type."""
     import citeqa.errors
@@ -277,9 +289,10 @@ class RayExecutor:
                 num_gpus=pool["actor_gpus"],
             )
             results: list[ShardResult] = []
-            with tqdm(desc="shards", unit="shard", disable=not progress) as bar:
+            with tqdm(desc="shards", unit="shard", disable=not progress) as bar, \
+                    closing(_rows_of(ds)) as rows_out:
                 try:
-                    for row in ds.iter_rows():
+                    for row in rows_out:
                         if row["error"]:
                             _raise_row_error(row)
                         results.append(ShardResult(int(row["item"]), int(row["block"]),
