@@ -446,7 +446,7 @@ def index_facts(loaded: Index) -> dict[str, Any]:
         "vocabulary": (m.get("counts") or {}).get("vocabulary"),
         "embedding": m.get("embedding"),  # None: BM25 only
         "dense_index": m.get("dense_index") if loaded.dense is not None else None,
-        # rows of deleted passages an HNSW graph keeps (skipped; built again past a quarter)
+        # rows of deleted passages an HNSW graph keeps (skipped; built again past a tenth)
         "dense_removed_rows": len(loaded.dense.removed) if loaded.dense is not None else None,
         "chunk": (m.get("settings") or {}).get("chunk"),
         "bytes": sum(p.stat().st_size for p in files),

@@ -4,7 +4,7 @@
 their text and their dense vectors, new documents are chunked with the settings the index was
 built with and only their passages are embedded and tokenized. An index that only grows has
 the new vectors added to a copy of its dense index; after a removal an HNSW index marks the
-removed passages' rows (its graph is built again only once a quarter of its rows are removed:
+removed passages' rows (its graph is built again only once a tenth of its rows are removed:
 ``DenseIndex.without``), and a flat or IVF index is refilled with the surviving vectors (read
 back from FAISS with ``reconstruct_n``) in the same kind and parameters (IVF keeps its trained
 centroids). BM25 is derived again from the term counts the index stores (every passage is tokenized
