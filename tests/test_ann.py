@@ -345,3 +345,24 @@ def test_removed_rows_in_an_index_directory(tmp_path: Path) -> None:
     (out / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(IndexError_, match="removed rows.*rebuild"):
         Index.load(out)
+
+
+def test_bench_removed_measures_both_graphs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/bench_removed.py on a small corpus: a figure per share and kind of query."""
+    import runpy
+    import sys
+
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "argv", ["bench_removed.py", "--vectors", "3000", "--centres", "60",
+                                      "--queries", "10", "--shares", "0.05", "0.1",
+                                      "--out", str(out)])
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "bench_removed.py"),
+                   run_name="__main__")
+    rows = json.loads(out.read_text())["results"]
+    assert len(rows) == 2
+    for row in rows:
+        assert 0 < row["removed_share"] <= 0.1
+        assert all(0.5 <= row[f"{w}_{g}_r{k}"] <= 1 for w in ("near_removed", "near_kept")
+                   for g in ("marked", "fresh") for k in (10, 100))
+    assert "removed (whole clusters)" in capsys.readouterr().out
