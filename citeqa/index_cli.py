@@ -195,6 +195,9 @@ def index_build(
                    f"index in whole){_kept_shards(out, work_dir) or again}", err=True)
         raise typer.Exit(130) from None
     _echo_skipped(summary.skipped)
+    from citeqa.retrieval.kept import discard, kept_dir
+
+    discard(kept_dir(out))  # what an interrupted `index add` kept was for the index replaced
     reused = (f", {summary.shards_reused} reused from an interrupted run"
               if summary.shards_reused else "")
     shards = (f"; {plural(summary.shards, 'shard')}{reused}" if ray is not None or resumable
@@ -206,15 +209,20 @@ def index_build(
     )
 
 
+def _finished_shards(work: Path) -> int:
+    """How many finished shards the work directory of a sharded build holds."""
+    try:
+        return sum(1 for _ in (work / "shards").iterdir())
+    except OSError:
+        return 0
+
+
 def _kept_shards(out: Path, work_dir: Path | None) -> str:
     """What a sharded build that stopped keeps for the next run ("" when nothing)."""
     from citeqa.distributed.sharded import default_work_dir
 
     work = Path(work_dir) if work_dir else default_work_dir(out)
-    try:
-        finished = sum(1 for _ in (work / "shards").iterdir())
-    except OSError:
-        return ""
+    finished = _finished_shards(work)
     return (f"; the {plural(finished, 'shard')} finished so far are kept in {work}: run the "
             "same command again to reuse them (or delete it to start over)" if finished else "")
 
@@ -312,19 +320,14 @@ def index_add(
                f"(index version {version}){again}")
 
 
-def kept_dir(directory: Path) -> Path:
-    """Where ``index add`` keeps its embeddings until its change is in (``.NAME.add``)."""
-    return directory.parent / f".{directory.name}.add"
-
-
 def _add(directory: Path, documents: list[Document], *, replace: bool, progress: bool,
          unchanged: str) -> tuple[AddPlan, str, int, int, list[str]]:
     """Plan and apply one ``index add`` on the index at ``directory`` as it is now: the plan,
     the index's version after it, the passages added, those of them whose embeddings an earlier
-    run had kept (``kept_dir``), and what to warn about (IndexChangedError: another writer
+    run had kept (``kept.kept_dir``), and what to warn about (IndexChangedError: another writer
     changed the index between the two; what was embedded stays kept for the next attempt)."""
     from citeqa.retrieval import HybridRetriever
-    from citeqa.retrieval.kept import KeptEmbedder
+    from citeqa.retrieval.kept import KeptEmbedder, discard, kept_dir
     from citeqa.retrieval.updates import apply_update, plan_additions
 
     retriever = HybridRetriever.open(directory)
@@ -339,7 +342,8 @@ def _add(directory: Path, documents: list[Document], *, replace: bool, progress:
                 f"({squash(retriever.index.documents[twin].source)}), and is added beside it: "
                 "the same file named by another path? A file's id hashes its path as given: "
                 "name files as when they were indexed" for new, twin in plan.lookalikes]
-    if not plan.update.add:
+    if not plan.update.add:  # what an earlier run kept went in (it was killed after its swap)
+        discard(kept_dir(directory))
         return plan, retriever.index.version, 0, 0, warnings
     kept = (KeptEmbedder(retriever.embedder, kept_dir(directory))
             if retriever.index.dense is not None else None)
@@ -435,6 +439,9 @@ def index_list(index: IndexDir = None, as_json: JsonOpt = False) -> None:
 def index_facts(loaded: Index) -> dict[str, Any]:
     """What ``citeqa index info`` shows of an index: its identity, size and how it was built."""
     assert loaded.directory is not None, "an index read from disk"
+    from citeqa.distributed.sharded import default_work_dir
+    from citeqa.retrieval.kept import kept_dir, kept_passages
+
     files = [p for p in Path(loaded.directory).rglob("*") if p.is_file()]
     m = loaded.manifest
     return {
@@ -451,6 +458,9 @@ def index_facts(loaded: Index) -> dict[str, Any]:
         "chunk": (m.get("settings") or {}).get("chunk"),
         "bytes": sum(p.stat().st_size for p in files),
         "checksums": "ok",  # Index.load verified every file against the manifest
+        # what interrupted commands left beside it for their rerun (`index add`, a sharded build)
+        "kept_passages": kept_passages(kept_dir(Path(loaded.directory))),
+        "kept_shards": _finished_shards(default_work_dir(Path(loaded.directory))),
     }
 
 
@@ -469,8 +479,8 @@ def _dense_line(spec: dict[str, Any] | None, removed_rows: int | None) -> str:
 
 @index_app.command("info")
 def index_info(index: IndexDir = None, as_json: JsonOpt = False) -> None:
-    """Describe an index (version, counts, embedder, dense index, size) after checking every
-    file against its manifest."""
+    """Describe an index (version, counts, embedder, dense index, size, and what interrupted
+    commands keep beside it for their rerun) after checking every file against its manifest."""
     facts = index_facts(_read_index(index))
     if as_json:
         typer.echo(json.dumps(facts, ensure_ascii=False, indent=2))
@@ -491,5 +501,15 @@ def index_info(index: IndexDir = None, as_json: JsonOpt = False) -> None:
         "size": f"{facts['bytes'] / 1e6:.1f} MB",
         "checksums": facts["checksums"],
     }
+    from citeqa.distributed.sharded import default_work_dir
+    from citeqa.retrieval.kept import kept_dir
+
+    if facts["kept_passages"]:
+        rows["kept"] = (f"the embeddings of {plural(facts['kept_passages'], 'passage')} an "
+                        f"interrupted `index add` made ({kept_dir(Path(facts['index']))}): run "
+                        "it again to use them")
+    if facts["kept_shards"]:
+        rows["kept "] = (f"{plural(facts['kept_shards'], 'shard')} of an interrupted build "
+                         f"({default_work_dir(Path(facts['index']))}): run it again to use them")
     for name, value in rows.items():
         typer.echo(f"{name:<12} {value}")

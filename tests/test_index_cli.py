@@ -351,13 +351,19 @@ def test_a_resumable_build_cut_short_embeds_only_the_rest(tmp_path: Path,
         made.append(result.embedded)
         return result
 
+    _build(tmp_path / "idx", _files(tmp_path / "old", FIRST))  # the index being rebuilt
     monkeypatch.setattr(sharded, "finish_shard", cut_short)
     args = ["index", "build", "--preset", "tiny", str(docs), "--out", str(tmp_path / "idx"),
             "--resumable", "--shard-chars", "100", "--no-progress"]
     code, _, err = _cli(*args)
     assert code == 130 and "the 3 shards finished so far are kept in" in err
     assert "run the same command again to reuse them" in err
-    assert not (tmp_path / "idx").exists() and (tmp_path / ".idx.build").is_dir()
+    assert (tmp_path / ".idx.build").is_dir()
+    code, out, err = _cli("index", "info", "-i", str(tmp_path / "idx"), "--json")
+    assert code == 0 and json.loads(out)["documents"] == 2, err  # the old index, as it was
+    assert json.loads(out)["kept_shards"] == 3
+    assert "3 shards of an interrupted build" in _cli("index", "info", "-i",
+                                                      str(tmp_path / "idx"))[1]
     monkeypatch.setattr(sharded, "finish_shard", finish)
     code, out, err = _cli(*args)
     assert code == 0, err

@@ -123,3 +123,32 @@ def test_index_add_cut_short_keeps_what_it_embedded(tmp_path: Path,
     code, out, _ = cli("search", "Bridge 3 crosses river 3", "--index", str(index), "--json",
                        "--mode", "dense", "-k", "1")
     assert code == 0 and "Bridge 3" in json.loads(out)[0]["text"]
+
+
+def test_what_an_add_kept_goes_when_nothing_is_left_to_add_or_the_index_is_rebuilt(
+        tmp_path: Path) -> None:
+    """An add killed after its swap leaves its parts: its rerun (nothing left to add) removes
+    them, as a rebuild does; `index info` shows them meanwhile."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("The river Elbe flows to the North Sea.")
+
+    def cli(*args: str) -> tuple[int, str, str]:
+        r = CliRunner().invoke(app, list(args))
+        return r.exit_code, r.stdout, r.stderr
+
+    index = tmp_path / "idx"
+    assert cli("index", "build", "--preset", "tiny", str(docs), "--out", str(index),
+               "--no-progress")[0] == 0
+    for again in (["index", "add", str(docs), "--index", str(index), "--no-progress"],
+                  ["index", "build", "--preset", "tiny", str(docs), "--out", str(index),
+                   "--no-progress"]):
+        KeptEmbedder(HashEmbedder(), tmp_path / ".idx.add", part=2).embed(TEXTS[:3])
+        code, out, err = cli("index", "info", "-i", str(index), "--json")
+        assert code == 0 and json.loads(out)["kept_passages"] == 3, err
+        code, out, _ = cli("index", "info", "-i", str(index))
+        assert "the embeddings of 3 passages an interrupted `index add` made" in out
+        code, out, err = cli(*again)
+        assert code == 0, err
+        assert not (tmp_path / ".idx.add").exists(), again
+    assert json.loads(cli("index", "info", "-i", str(index), "--json")[1])["kept_passages"] == 0

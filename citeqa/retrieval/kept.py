@@ -9,6 +9,9 @@ which are read back instead of embedded. A part is written under a temporary nam
 one under its key is whole. Keeping is best effort: a part that cannot be written is embedded
 again next time, never an error. ``discard()`` removes the directory once the work is in place.
 
+``citeqa index add`` keeps its parts in ``kept_dir(index)``, ``.NAME.add`` beside the index: a
+successful add, an add that finds nothing left to add, and a rebuild (``index build``) remove it.
+
 The vectors of a part are those its embedder gave when it was made; the dtype it computed in
 (``auto`` chooses by measuring the CPU) is the one of that run.
 """
@@ -32,6 +35,26 @@ from citeqa.retrieval.embed import Embedder
 log = logging.getLogger(__name__)
 
 PART = 1024  # passages per kept part: ~30 s of CPU embedding in fp32, the most a crash loses
+
+
+def kept_dir(index: Path) -> Path:
+    """Where ``citeqa index add`` keeps its embeddings until its change is in (``.NAME.add``)."""
+    index = Path(index)
+    return index.parent / f".{index.name}.add"
+
+
+def kept_passages(directory: Path) -> int:
+    """How many passages' embeddings ``directory`` keeps (0 when there is none)."""
+    total = 0
+    for path in sorted(Path(directory).glob("*.npy")) if Path(directory).is_dir() else []:
+        with contextlib.suppress(OSError, ValueError):
+            total += len(np.load(path, mmap_mode="r"))  # reads the header only
+    return total
+
+
+def discard(directory: Path) -> None:
+    """Remove kept parts (the work they were for is in place, or void)."""
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def part_key(model_id: str, dim: int, texts: Sequence[str]) -> str:
@@ -110,4 +133,4 @@ class KeptEmbedder:
 
     def discard(self) -> None:
         """Remove the kept parts (the work they were for is in place)."""
-        shutil.rmtree(self.directory, ignore_errors=True)
+        discard(self.directory)
