@@ -157,6 +157,7 @@ def index_build(
             return
     # a rebuild would swap in an index without the documents of a mistyped path
     _check_sources_exist(sources, f"nothing was built (an index at {out}, if any, is as it was)")
+    sharded = ray is not None or resumable  # resumable: its shards outlive a stop
     try:
         cfg = preset(preset_name).retrieval
         if bm25_only:
@@ -170,7 +171,7 @@ def index_build(
         spec = DenseSpec(kind="hnsw" if hnsw else dense_index,  # type: ignore[arg-type]
                          hnsw_m=cfg.hnsw_m, nlist=nlist,
                          **({"nprobe": nprobe} if nprobe is not None else {}))
-        if ray is not None or resumable:
+        if sharded:
             from citeqa.distributed import build_index_sharded
             from citeqa.retrieval.shards import SHARD_CHARS
 
@@ -183,16 +184,16 @@ def index_build(
             summary = build_index(sources, out, cfg, allow_private_urls=allow_private_urls,
                                   progress=progress, dense_spec=spec)
     except CiteqaError as e:
-        raise fail(f"{e}{_kept_shards(out, work_dir)}") from None
+        raise fail(f"{e}{_kept_shards(out, work_dir) if sharded else ''}") from None
     except OSError as e:  # the output's file system: read-only, full, ...
         raise fail(f"could not build the index into {out}: {e}; the index there, if any, is "
-                   f"as it was{_kept_shards(out, work_dir)}") from None
+                   f"as it was{_kept_shards(out, work_dir) if sharded else ''}") from None
     except KeyboardInterrupt:
         again = ("; run the same command again to build it" + (
-            "" if ray is not None or resumable
-            else " (with --resumable, a build cut short keeps what it finished)"))
+            "" if sharded else " (with --resumable, a build cut short keeps what it finished)"))
+        kept = _kept_shards(out, work_dir) if sharded else ""
         typer.echo(f"\ninterrupted: {out} is not left half-written (a build swaps a finished "
-                   f"index in whole){_kept_shards(out, work_dir) or again}", err=True)
+                   f"index in whole){kept or again}", err=True)
         raise typer.Exit(130) from None
     _echo_skipped(summary.skipped)
     from citeqa.retrieval.kept import discard, kept_dir
@@ -200,8 +201,7 @@ def index_build(
     discard(kept_dir(out))  # what an interrupted `index add` kept was for the index replaced
     reused = (f", {summary.shards_reused} reused from an interrupted run"
               if summary.shards_reused else "")
-    shards = (f"; {plural(summary.shards, 'shard')}{reused}" if ray is not None or resumable
-              else "")
+    shards = f"; {plural(summary.shards, 'shard')}{reused}" if sharded else ""
     typer.echo(
         f"indexed {plural(summary.documents, 'document')} as "
         f"{plural(summary.passages, 'passage')} into {summary.out} in {summary.seconds:.1f} s "
@@ -345,14 +345,15 @@ def _add(directory: Path, documents: list[Document], *, replace: bool, progress:
     if not plan.update.add:  # what an earlier run kept went in (it was killed after its swap)
         discard(kept_dir(directory))
         return plan, retriever.index.version, 0, 0, warnings
-    kept = (KeptEmbedder(retriever.embedder, kept_dir(directory))
-            if retriever.index.dense is not None else None)
-    result = apply_update(retriever.index, plan.update, directory, embedder=kept,
-                          progress=progress)
-    if kept is not None:
-        kept.discard()
-    return (plan, result.index.version, sum(result.added_passages.values()),
-            kept.reused if kept is not None else 0, warnings)
+    if retriever.index.dense is None:
+        result = apply_update(retriever.index, plan.update, directory, progress=progress)
+        return plan, result.index.version, sum(result.added_passages.values()), 0, warnings
+    with KeptEmbedder(retriever.embedder, kept_dir(directory)) as kept:
+        result = apply_update(retriever.index, plan.update, directory, embedder=kept,
+                              progress=progress)
+    kept.discard()
+    return (plan, result.index.version, sum(result.added_passages.values()), kept.reused,
+            warnings)
 
 
 @index_app.command("remove")

@@ -409,3 +409,20 @@ def test_a_plain_build_cut_short_points_to_resumable(tmp_path: Path,
     code, _, err = _cli("index", "build", str(_files(tmp_path / "docs", FIRST)), "--out",
                         str(tmp_path / "idx"))
     assert code == 130 and "with --resumable, a build cut short keeps what it finished" in err
+
+
+def test_a_failed_plain_build_says_nothing_of_an_earlier_builds_shards(tmp_path: Path) -> None:
+    (tmp_path / ".idx.build" / "shards" / "k1").mkdir(parents=True)  # a --resumable run's
+    empty = _files(tmp_path / "docs", {"blank.txt": "   \n"})
+    code, _, err = _cli("index", "build", "--preset", "tiny", str(empty), "--out",
+                        str(tmp_path / "idx"), "--no-progress")
+    assert code == 2 and "shard" not in err, err
+
+
+def test_shards_wait_beside_the_folder_a_link_names(tmp_path: Path) -> None:
+    from citeqa.distributed.sharded import default_work_dir
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert default_work_dir(tmp_path / "link") == tmp_path / ".real.build"
+    assert default_work_dir(tmp_path / "plain") == tmp_path / ".plain.build"

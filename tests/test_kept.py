@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 
 from citeqa.cli import app
 from citeqa.retrieval import HashEmbedder
-from citeqa.retrieval.kept import KeptEmbedder, part_key
+from citeqa.retrieval.kept import KeptEmbedder, discard, kept_dir, kept_passages, text_hash
 
 TEXTS = [f"passage number {i} about rivers and bridges" for i in range(10)]
 
@@ -21,9 +22,10 @@ TEXTS = [f"passage number {i} about rivers and bridges" for i in range(10)]
 class Counting:
     """A hash embedder that counts the texts it embeds."""
 
-    def __init__(self) -> None:
+    def __init__(self, cpu_dtype: str = "auto") -> None:
         self.inner = HashEmbedder()
         self.model_id, self.dim = self.inner.model_id, self.inner.dim
+        self.cpu_dtype = cpu_dtype
         self.embedded: list[str] = []
 
     def embed(self, texts: Sequence[str], *, batch_size: int = 32,
@@ -32,57 +34,109 @@ class Counting:
         return self.inner.embed(texts, batch_size=batch_size)
 
 
-def test_kept_parts_are_read_back_instead_of_embedded(tmp_path: Path) -> None:
-    first = Counting()
-    vectors = KeptEmbedder(first, tmp_path / "kept", part=4).embed(TEXTS)
+def kept(directory: Path, **kw) -> KeptEmbedder:  # type: ignore[no-untyped-def]
+    return KeptEmbedder(Counting(**kw), directory, part=4)
+
+
+def test_kept_passages_are_read_back_instead_of_embedded(tmp_path: Path) -> None:
+    first = kept(tmp_path / "k")
+    with first:
+        vectors = first.embed(TEXTS)
     np.testing.assert_array_equal(vectors, HashEmbedder().embed(TEXTS))
-    assert first.embedded == TEXTS and len(list((tmp_path / "kept").glob("*.npy"))) == 3
-    again = KeptEmbedder(Counting(), tmp_path / "kept", part=4)
+    assert first.embedder.embedded == TEXTS and len(first.written) == 3  # type: ignore[attr-defined]
+    assert first.reused == 0 and kept_passages(tmp_path / "k") == 10
+    again = kept(tmp_path / "k")
     np.testing.assert_array_equal(again.embed(TEXTS), vectors)
     assert again.embedder.embedded == [] and again.reused == 10  # type: ignore[attr-defined]
-    # other texts after the same first part: only the parts that differ are embedded
-    other = KeptEmbedder(Counting(), tmp_path / "kept", part=4)
-    other.embed([*TEXTS[:4], "something else"])
-    assert other.embedder.embedded == ["something else"]  # type: ignore[attr-defined]
+    # passages looked up one by one: a new one first, some dropped, the order changed
+    other = kept(tmp_path / "k")
+    texts = ["something new", *TEXTS[7:], TEXTS[2], "something new"]
+    np.testing.assert_array_equal(other.embed(texts), HashEmbedder().embed(texts))
+    assert other.embedder.embedded == ["something new"]  # type: ignore[attr-defined]
     assert other.reused == 4
     other.discard()
-    assert not (tmp_path / "kept").exists()
+    assert not (tmp_path / "k").exists()
+
+
+def test_a_retry_reuses_its_own_parts_without_calling_them_kept(tmp_path: Path) -> None:
+    """The second attempt after another writer's change reads what the first one embedded;
+    those were not kept from an interrupted run."""
+    one = kept(tmp_path)
+    one.embed(TEXTS)
+    retry = kept(tmp_path)
+    retry.written = list(one.written)
+    retry.embed(TEXTS)
+    assert retry.embedder.embedded == [] and retry.reused == 0  # type: ignore[attr-defined]
+
+
+def test_the_requested_dtype_and_the_model_are_part_of_the_key(tmp_path: Path) -> None:
+    kept(tmp_path).embed(TEXTS)
+    fp32 = kept(tmp_path, cpu_dtype="fp32")
+    fp32.embed(TEXTS)
+    assert fp32.embedder.embedded == TEXTS  # type: ignore[attr-defined]
+    assert text_hash("m\0" "8", "a") != text_hash("n\0" "8", "a")
+    assert text_hash("m", "ab") != text_hash("ma", "b")
 
 
 def test_a_damaged_part_is_embedded_again(tmp_path: Path,
                                           caplog: pytest.LogCaptureFixture) -> None:
-    KeptEmbedder(Counting(), tmp_path, part=4).embed(TEXTS)
-    key = part_key(HashEmbedder().model_id, HashEmbedder().dim, TEXTS[4:8])
-    (tmp_path / f"{key}.npy").write_bytes(b"not a numpy file")
-    np.save(tmp_path / f"{part_key(HashEmbedder().model_id, HashEmbedder().dim, TEXTS[:4])}.npy",
-            np.zeros((3, HashEmbedder().dim), np.float32))  # a wrong shape
-    again = KeptEmbedder(Counting(), tmp_path, part=4)
+    first = kept(tmp_path)
+    first.embed(TEXTS)
+    (tmp_path / first.written[1]).write_bytes(b"not a numpy file")
+    (tmp_path / first.written[0]).write_bytes(b"")  # a file system that lost the data
+    np.savez(tmp_path / first.written[2], hashes=np.zeros((3, 16), np.uint8),
+             vectors=np.zeros((2, 8), np.float32))  # mismatched rows
+    again = kept(tmp_path)
     with caplog.at_level(logging.WARNING):
         np.testing.assert_array_equal(again.embed(TEXTS), HashEmbedder().embed(TEXTS))
-    assert again.embedder.embedded == TEXTS[:8]  # type: ignore[attr-defined]
-    assert "unreadable" in caplog.text and "shape" in caplog.text
+    assert again.embedder.embedded == TEXTS  # type: ignore[attr-defined]
+    assert "unreadable" in caplog.text and "not a part" in caplog.text
+    assert kept_passages(tmp_path) == 10  # what it wrote again; the damaged ones not counted
 
 
 def test_keeping_is_best_effort(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     blocked = tmp_path / "a-file"
     blocked.write_text("")  # the directory cannot be made: a file is in the way
-    with caplog.at_level(logging.WARNING):
-        vectors = KeptEmbedder(Counting(), blocked / "kept", part=4).embed(TEXTS)
+    with caplog.at_level(logging.WARNING), kept(blocked / "k") as k:
+        vectors = k.embed(TEXTS)
     np.testing.assert_array_equal(vectors, HashEmbedder().embed(TEXTS))
     assert "could not keep embeddings" in caplog.text
 
 
-def test_part_keys_tell_texts_and_models_apart() -> None:
-    assert part_key("m", 8, ["ab", "c"]) != part_key("m", 8, ["a", "bc"])
-    assert part_key("m", 8, ["a"]) != part_key("n", 8, ["a"]) != part_key("m", 9, ["a"])
-    assert part_key("m", 8, ["a", "b"]) == part_key("m", 8, ["a", "b"])
+def test_discard_leaves_another_adds_parts_and_what_is_not_its_own(tmp_path: Path) -> None:
+    """While another add holds the directory's lock, a finished one removes only the parts it
+    wrote; alone, it removes every part, and nothing else that is in the folder."""
+    other, mine = kept(tmp_path / "k"), kept(tmp_path / "k")
+    with other:
+        other.embed(TEXTS[:4])
+        with mine:
+            mine.embed(TEXTS[4:8])
+        mine.discard()
+        assert sorted(p.name for p in (tmp_path / "k").glob("*.npz")) == sorted(other.written)
+    (tmp_path / "k" / "notes.txt").write_text("someone's")
+    discard(tmp_path / "k")
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == ["notes.txt"]
+
+
+def test_kept_dir_follows_links_and_names_dot(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert kept_dir(tmp_path / "link") == tmp_path / ".real.add"
+    monkeypatch.chdir(tmp_path / "real")
+    assert kept_dir(Path(".")) == tmp_path / ".real.add"
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    r = CliRunner().invoke(app, list(args))
+    return r.exit_code, r.stdout, r.stderr
 
 
 def test_index_add_cut_short_keeps_what_it_embedded(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """`citeqa index add` interrupted after its first part: run again, it embeds only the
     rest, says so, and removes what it kept once the documents are in."""
-    import citeqa.retrieval.kept as kept
+    import citeqa.retrieval.kept as kept_module
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -91,15 +145,10 @@ def test_index_add_cut_short_keeps_what_it_embedded(tmp_path: Path,
     more.mkdir()
     for i in range(5):
         (more / f"m{i}.txt").write_text(f"Bridge {i} crosses river {i} near town {i}.")
-
-    def cli(*args: str) -> tuple[int, str, str]:
-        r = CliRunner().invoke(app, list(args))
-        return r.exit_code, r.stdout, r.stderr
-
     index = tmp_path / "idx"
-    assert cli("index", "build", "--preset", "tiny", str(docs), "--out", str(index),
-               "--no-progress")[0] == 0
-    monkeypatch.setattr(kept, "PART", 2)
+    assert _cli("index", "build", "--preset", "tiny", str(docs), "--out", str(index),
+                "--no-progress")[0] == 0
+    monkeypatch.setattr(kept_module, "PART", 2)
     embed, calls = HashEmbedder.embed, []
 
     def cut_short(self, texts, **kw):  # type: ignore[no-untyped-def]
@@ -110,45 +159,42 @@ def test_index_add_cut_short_keeps_what_it_embedded(tmp_path: Path,
 
     monkeypatch.setattr(HashEmbedder, "embed", cut_short)
     before = (index / "manifest.json").read_text()
-    code, _, err = cli("index", "add", str(more), "--index", str(index), "--no-progress")
+    code, _, err = _cli("index", "add", str(more), "--index", str(index), "--no-progress")
     assert code == 130 and "run the same command again" in err
     assert (index / "manifest.json").read_text() == before
-    assert len(list((tmp_path / ".idx.add").glob("*.npy"))) == 1
+    assert kept_passages(tmp_path / ".idx.add") == 2
     monkeypatch.setattr(HashEmbedder, "embed", embed)
-    code, out, err = cli("index", "add", str(more), "--index", str(index), "--no-progress")
+    code, out, err = _cli("index", "add", str(more), "--index", str(index), "--no-progress")
     assert code == 0, err
     assert "added 5 documents (5 passages)" in out
     assert "the embeddings of 2 passages were kept from an interrupted run" in out
     assert not (tmp_path / ".idx.add").exists()
-    code, out, _ = cli("search", "Bridge 3 crosses river 3", "--index", str(index), "--json",
-                       "--mode", "dense", "-k", "1")
+    code, out, _ = _cli("search", "Bridge 3 crosses river 3", "--index", str(index), "--json",
+                        "--mode", "dense", "-k", "1")
     assert code == 0 and "Bridge 3" in json.loads(out)[0]["text"]
 
 
 def test_what_an_add_kept_goes_when_nothing_is_left_to_add_or_the_index_is_rebuilt(
         tmp_path: Path) -> None:
     """An add killed after its swap leaves its parts: its rerun (nothing left to add) removes
-    them, as a rebuild does; `index info` shows them meanwhile."""
+    them, as a rebuild does (through a link to the index too); `index info` shows them
+    meanwhile."""
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "a.txt").write_text("The river Elbe flows to the North Sea.")
-
-    def cli(*args: str) -> tuple[int, str, str]:
-        r = CliRunner().invoke(app, list(args))
-        return r.exit_code, r.stdout, r.stderr
-
     index = tmp_path / "idx"
-    assert cli("index", "build", "--preset", "tiny", str(docs), "--out", str(index),
-               "--no-progress")[0] == 0
+    assert _cli("index", "build", "--preset", "tiny", str(docs), "--out", str(index),
+                "--no-progress")[0] == 0
+    os.symlink(index, tmp_path / "link")
     for again in (["index", "add", str(docs), "--index", str(index), "--no-progress"],
-                  ["index", "build", "--preset", "tiny", str(docs), "--out", str(index),
-                   "--no-progress"]):
-        KeptEmbedder(HashEmbedder(), tmp_path / ".idx.add", part=2).embed(TEXTS[:3])
-        code, out, err = cli("index", "info", "-i", str(index), "--json")
+                  ["index", "build", "--preset", "tiny", str(docs), "--out",
+                   str(tmp_path / "link"), "--no-progress"]):
+        kept(tmp_path / ".idx.add").embed(TEXTS[:3])
+        code, out, err = _cli("index", "info", "-i", str(tmp_path / "link"), "--json")
         assert code == 0 and json.loads(out)["kept_passages"] == 3, err
-        code, out, _ = cli("index", "info", "-i", str(index))
+        code, out, _ = _cli("index", "info", "-i", str(index))
         assert "the embeddings of 3 passages an interrupted `index add` made" in out
-        code, out, err = cli(*again)
+        code, out, err = _cli(*again)
         assert code == 0, err
         assert not (tmp_path / ".idx.add").exists(), again
-    assert json.loads(cli("index", "info", "-i", str(index), "--json")[1])["kept_passages"] == 0
+    assert json.loads(_cli("index", "info", "-i", str(index), "--json")[1])["kept_passages"] == 0

@@ -138,14 +138,15 @@ def _copy(crashed: tuple[Path, bool], tmp_path: Path) -> tuple[Path, bool]:
 
 def _assert_recovered(index: Path, new: bool) -> None:
     """``index`` is a complete index again, at its own path, with no debris beside it but the
-    embeddings a killed ``index add`` keeps for its rerun (``.idx.add``: only whole parts)."""
+    embeddings a killed ``index add`` keeps for its rerun (``.idx.add``: whole parts and the
+    lock its runs share)."""
     loaded = Index.load(index)
     assert loaded.directory == index
     assert any("Zorblax" in d.text for d in loaded.documents.values()) == new
     assert sorted(p.name for p in index.parent.iterdir()) in (["idx"], [".idx.add", "idx"])
     kept = index.parent / ".idx.add"
-    assert all(p.suffix == ".npy" and not p.name.startswith(".") for p in
-               (kept.iterdir() if kept.exists() else []))
+    assert all((p.suffix == ".npz" and not p.name.startswith(".")) or p.name == ".lock"
+               for p in (kept.iterdir() if kept.exists() else []))
 
 
 def test_serve_starts_and_works(crashed: tuple[Path, bool], tmp_path: Path) -> None:

@@ -43,7 +43,7 @@ from citeqa.retrieval.shards import (
     stage_item,
     write_marker,
 )
-from citeqa.retrieval.store import check_replaceable
+from citeqa.retrieval.store import check_replaceable, real_path
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,9 @@ class InProcessExecutor:
 
 
 def default_work_dir(out: Path) -> Path:
-    """Where shards wait for the merge: a hidden sibling of ``out`` (``.NAME.build``)."""
+    """Where shards wait for the merge: a hidden sibling of ``out`` (``.NAME.build``), or of
+    the folder ``out`` links to (where the index is swapped in)."""
+    out = real_path(Path(out))
     return out.parent / f".{out.name}.build"
 
 

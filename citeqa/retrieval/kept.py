@@ -1,19 +1,21 @@
 """Embeddings kept on disk while a command embeds, so that running it again after a crash, a
-Ctrl-C or another writer's change embeds only what it had not embedded yet.
+Ctrl-C or another writer's change embeds only the passages it had not embedded yet.
 
-``KeptEmbedder(embedder, directory)`` is an ``Embedder``: it embeds its texts in parts of
-``PART`` passages and writes each part to ``directory/<key>.npy`` before embedding the next,
-where the key hashes the embedder's model id and dimension and the part's texts. The same texts
-in the same order (``citeqa index add`` run again on the same sources) give the same parts,
-which are read back instead of embedded. A part is written under a temporary name and renamed:
-one under its key is whole. Keeping is best effort: a part that cannot be written is embedded
-again next time, never an error. ``discard()`` removes the directory once the work is in place.
+``KeptEmbedder(embedder, directory)`` is an ``Embedder``: it looks each text up among the
+parts kept in ``directory`` by the hash of the embedder's identity (model id, dimension,
+requested CPU dtype) and the text, and embeds only the texts it does not find, ``PART`` at a
+time, writing each part (``<key>.npz``: the vectors and their texts' hashes, no pickle)
+before embedding the next. A part is written under a temporary name and renamed, so one under
+its key is whole; one that cannot be read is embedded again. Keeping is best effort: a part
+that cannot be written costs its rerun the embedding, never an error.
 
-``citeqa index add`` keeps its parts in ``kept_dir(index)``, ``.NAME.add`` beside the index: a
-successful add, an add that finds nothing left to add, and a rebuild (``index build``) remove it.
+``citeqa index add`` keeps its parts in ``kept_dir(index)``, ``.NAME.add`` beside the index,
+holding a shared lock on it while it runs. Once its change is in it removes the directory
+(``discard``) unless another add holds the lock, in which case it removes only the parts it
+wrote; an add that finds nothing left to add and a rebuild (``index build``) remove it too.
 
-The vectors of a part are those its embedder gave when it was made; the dtype it computed in
-(``auto`` chooses by measuring the CPU) is the one of that run.
+The vectors of a part are those its embedder gave when it was made: with ``auto``, the dtype
+the CPU was measured to favour in that run.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import contextlib
 import hashlib
 import logging
 import os
-import shutil
 import sys
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from types import TracebackType
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -34,41 +37,111 @@ from citeqa.retrieval.embed import Embedder
 
 log = logging.getLogger(__name__)
 
-PART = 1024  # passages per kept part: ~30 s of CPU embedding in fp32, the most a crash loses
+PART = 256  # passages per kept part: ~8 s of CPU embedding in fp32, the most a crash loses
+LOCK = ".lock"  # held shared by each add using the directory, exclusively to remove it
+HASH_BYTES = 16
 
 
 def kept_dir(index: Path) -> Path:
-    """Where ``citeqa index add`` keeps its embeddings until its change is in (``.NAME.add``)."""
-    index = Path(index)
-    return index.parent / f".{index.name}.add"
+    """Where ``citeqa index add`` keeps its embeddings until its change is in: ``.NAME.add``
+    beside the index's real folder (a link to it followed, as the index swap follows it)."""
+    real = Path(index).resolve()
+    return real.parent / f".{real.name}.add"
+
+
+def text_hash(identity: str, text: str) -> bytes:
+    """The key of one text's vector by the embedder named by ``identity``."""
+    data = f"{identity}\0{text}".encode("utf-8", "surrogatepass")
+    return hashlib.sha256(data).digest()[:HASH_BYTES]
+
+
+def _is_part(path: Path) -> bool:
+    """Whether ``path`` is a file this module writes (a part, or a part being written)."""
+    return (path.suffix == ".npz" and not path.name.startswith(".")) or (
+        path.name.startswith(".") and path.name.endswith(".tmp"))
+
+
+def _parts(directory: Path) -> list[Path]:
+    try:
+        return sorted(p for p in Path(directory).iterdir() if p.suffix == ".npz"
+                      and not p.name.startswith("."))
+    except OSError:  # no directory (nothing kept), or not a directory
+        return []
+
+
+def _read(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """A part's (hashes uint8 [n, HASH_BYTES], vectors float32 [n, dim]), or None when it is
+    not whole."""
+    try:
+        with np.load(path) as part:  # never a pickle: allow_pickle is False
+            hashes, vectors = part["hashes"], part["vectors"]
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        log.warning("embeddings kept in %s are unreadable (%s): embedding them again", path, e)
+        return None
+    if (hashes.dtype != np.uint8 or hashes.ndim != 2 or hashes.shape[1] != HASH_BYTES
+            or vectors.dtype != np.float32 or vectors.ndim != 2
+            or len(hashes) != len(vectors)):
+        log.warning("embeddings kept in %s are not a part (shapes %s, %s): embedding them "
+                    "again", path, hashes.shape, vectors.shape)
+        return None
+    return hashes, vectors
 
 
 def kept_passages(directory: Path) -> int:
     """How many passages' embeddings ``directory`` keeps (0 when there is none)."""
     total = 0
-    for path in sorted(Path(directory).glob("*.npy")) if Path(directory).is_dir() else []:
-        with contextlib.suppress(OSError, ValueError):
-            total += len(np.load(path, mmap_mode="r"))  # reads the header only
+    for path in _parts(directory):
+        with contextlib.suppress(OSError, ValueError, KeyError, EOFError), np.load(path) as part:
+            total += len(part["hashes"])
     return total
 
 
-def discard(directory: Path) -> None:
-    """Remove kept parts (the work they were for is in place, or void)."""
-    shutil.rmtree(directory, ignore_errors=True)
+def discard(directory: Path, mine: Iterable[str] = ()) -> None:
+    """Remove what is kept in ``directory`` (the work it was for is in place, or void): all of
+    it when no other add holds its lock, else only the parts named ``mine``. Only this
+    module's files are removed (a folder of that name holding others stays)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    mine = set(mine)
+    with _locked(directory, exclusive=True) as alone:
+        for path in directory.iterdir():
+            if (alone and _is_part(path)) or path.name in mine:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        if alone:
+            with contextlib.suppress(OSError):
+                (directory / LOCK).unlink()
+    with contextlib.suppress(OSError):
+        directory.rmdir()  # when empty
 
 
-def part_key(model_id: str, dim: int, texts: Sequence[str]) -> str:
-    """The name of the part holding the vectors of ``texts`` by this model."""
-    h = hashlib.sha256(f"{model_id}\0{dim}\0{len(texts)}".encode())
-    for text in texts:
-        data = text.encode("utf-8", "surrogatepass")
-        h.update(len(data).to_bytes(8, "little"))
-        h.update(data)
-    return h.hexdigest()[:32]
+@contextlib.contextmanager
+def _locked(directory: Path, *, exclusive: bool):  # type: ignore[no-untyped-def]
+    """Hold ``directory``'s lock, shared or (without waiting) exclusive; yields whether it is
+    held (False: another holds it; or the file system cannot lock, where exclusive use is not
+    assumed)."""
+    try:
+        import fcntl
+
+        fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except (ImportError, OSError):
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+            held = True
+        except OSError:
+            held = False
+        yield held
+    finally:
+        os.close(fd)
 
 
 class KeptEmbedder:
-    """``embedder``, keeping what it embeds in ``directory`` (see the module's docstring)."""
+    """``embedder``, keeping what it embeds in ``directory`` (see the module's docstring). Use
+    it as a context manager: it holds the directory's shared lock meanwhile."""
 
     def __init__(self, embedder: Embedder, directory: Path, *, part: int | None = None) -> None:
         part = PART if part is None else part
@@ -79,52 +152,82 @@ class KeptEmbedder:
         self.part = part
         self.model_id = embedder.model_id
         self.dim = embedder.dim
-        self.reused = 0  # passages read back from parts an earlier run kept
+        self.identity = f"{self.model_id}\0{self.dim}\0{getattr(embedder, 'cpu_dtype', '')}"
+        self.reused = 0  # passages whose embeddings an earlier run kept
+        self.written: list[str] = []  # the parts this one wrote
+        self._lock: contextlib.ExitStack | None = None
+
+    def __enter__(self) -> KeptEmbedder:
+        with contextlib.suppress(OSError):
+            self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(_locked(self.directory, exclusive=False))
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def embed(self, texts: Sequence[str], *, batch_size: int = 32,
               progress: bool = False) -> np.ndarray:
+        hashes = [text_hash(self.identity, t) for t in texts]
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        with tqdm(total=len(texts), desc="embedding", unit="passage", disable=not progress,
-                  file=sys.stderr) as bar:
-            for start in range(0, len(texts), self.part):
-                chunk = texts[start:start + self.part]
-                path = self.directory / f"{part_key(self.model_id, self.dim, chunk)}.npy"
-                vectors = self._read(path, len(chunk))
-                if vectors is None:
-                    vectors = np.asarray(self.embedder.embed(chunk, batch_size=batch_size),
-                                         dtype=np.float32).reshape(len(chunk), self.dim)
-                    self._write(path, vectors)
-                else:
-                    self.reused += len(chunk)
-                    bar.set_postfix(reused=self.reused)
-                out[start:start + len(chunk)] = vectors
-                bar.update(len(chunk))
+        rows: dict[bytes, list[int]] = {}
+        for i, h in enumerate(hashes):
+            rows.setdefault(h, []).append(i)
+        found = self._look_up(rows, out)
+        missing = [h for h in rows if h not in found]  # each distinct text once, in order
+        done = len(texts) - sum(len(rows[h]) for h in missing)
+        with tqdm(total=len(texts), initial=done, desc="embedding", unit="passage",
+                  disable=not progress, file=sys.stderr) as bar:
+            if self.reused:
+                bar.set_postfix(kept=self.reused)
+            for start in range(0, len(missing), self.part):
+                chunk = missing[start:start + self.part]
+                vectors = np.asarray(self.embedder.embed([texts[rows[h][0]] for h in chunk],
+                                                         batch_size=batch_size),
+                                     dtype=np.float32).reshape(len(chunk), self.dim)
+                for h, vector in zip(chunk, vectors, strict=True):
+                    out[rows[h]] = vector
+                self._write(np.frombuffer(b"".join(chunk), np.uint8)
+                            .reshape(len(chunk), HASH_BYTES), vectors)
+                bar.update(sum(len(rows[h]) for h in chunk))
         return out
 
-    def _read(self, path: Path, rows: int) -> np.ndarray | None:
-        """The part at ``path``, or None when there is none (or it is not a whole one)."""
-        try:
-            vectors = np.load(path)  # never a pickle: allow_pickle is False
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except (OSError, ValueError) as e:
-            log.warning("embeddings kept in %s are unreadable (%s): embedding again", path, e)
-            return None
-        if vectors.shape != (rows, self.dim) or vectors.dtype != np.float32:
-            log.warning("embeddings kept in %s have shape %s: embedding again", path,
-                        vectors.shape)
-            return None
-        return vectors
+    def _look_up(self, rows: dict[bytes, list[int]], out: np.ndarray) -> set[bytes]:
+        """Fill ``out``'s rows of the hashes the kept parts hold; return those hashes."""
+        found: set[bytes] = set()
+        for path in _parts(self.directory):
+            part = _read(path)
+            if part is None:
+                continue
+            hashes, vectors = part
+            if vectors.shape[1] != self.dim:
+                continue
+            raw = hashes.tobytes()  # row j's hash: raw[j * HASH_BYTES:(j + 1) * HASH_BYTES]
+            for j in range(len(hashes)):
+                h = raw[j * HASH_BYTES:(j + 1) * HASH_BYTES]
+                if h in rows and h not in found:
+                    out[rows[h]] = vectors[j]
+                    found.add(h)
+                    if path.name not in self.written:  # not this run's own, from a retry
+                        self.reused += len(rows[h])
+        return found
 
-    def _write(self, path: Path, vectors: np.ndarray) -> None:
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+    def _write(self, hashes: np.ndarray, vectors: np.ndarray) -> None:
+        name = hashlib.sha256(hashes.tobytes()).hexdigest()[:32] + ".npz"
+        path = self.directory / name
+        tmp = self.directory / f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             with tmp.open("wb") as f:
-                np.save(f, vectors)
+                np.savez(f, hashes=hashes, vectors=vectors)
                 f.flush()
                 os.fsync(f.fileno())
             tmp.replace(path)
+            self.written.append(name)
         except OSError as e:  # a full or read-only disk: the work goes on, unkept
             log.warning("could not keep embeddings in %s (%s); a rerun embeds them again",
                         self.directory, e)
@@ -132,5 +235,7 @@ class KeptEmbedder:
                 tmp.unlink(missing_ok=True)
 
     def discard(self) -> None:
-        """Remove the kept parts (the work they were for is in place)."""
-        discard(self.directory)
+        """Remove what is kept once this add's change is in (``discard``): all of it, or
+        only the parts this one wrote while another add uses the directory."""
+        self.__exit__(None, None, None)  # its own shared lock would keep it from being alone
+        discard(self.directory, mine=self.written)
