@@ -506,11 +506,11 @@ def index_info(index: IndexDir = None, as_json: JsonOpt = False) -> None:
     from citeqa.retrieval.kept import kept_dir
 
     if facts["kept_passages"]:
-        rows["kept"] = (f"the embeddings of {plural(facts['kept_passages'], 'passage')} an "
+        rows["kept (add)"] = (f"the embeddings of {plural(facts['kept_passages'], 'passage')} an "
                         f"interrupted `index add` made ({kept_dir(Path(facts['index']))}): run "
                         "it again to use them")
     if facts["kept_shards"]:
-        rows["kept "] = (f"{plural(facts['kept_shards'], 'shard')} of an interrupted build "
+        rows["kept (build)"] = (f"{plural(facts['kept_shards'], 'shard')} of an interrupted build "
                          f"({default_work_dir(Path(facts['index']))}): run it again to use them")
     for name, value in rows.items():
         typer.echo(f"{name:<12} {value}")
