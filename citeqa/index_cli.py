@@ -302,9 +302,10 @@ def index_add(
         _echo_skipped(loaded.skipped)
         if not loaded.documents:
             raise no_documents(len(sources), loaded.skipped)
+        written: list[str] = []  # the kept parts this command's attempts wrote
         plan, version, passages, reused, warnings = _retried(lambda: _add(
             directory, loaded.documents, replace=replace_changed, progress=progress,
-            unchanged=unchanged_index))
+            unchanged=unchanged_index, written=written))
     for line in warnings:  # of the attempt that was made, once
         typer.echo(f"warning: {line}", err=True)
     kept = (f"; {plural(len(plan.unchanged), 'document')} already indexed as given"
@@ -321,11 +322,12 @@ def index_add(
 
 
 def _add(directory: Path, documents: list[Document], *, replace: bool, progress: bool,
-         unchanged: str) -> tuple[AddPlan, str, int, int, list[str]]:
+         unchanged: str, written: list[str]) -> tuple[AddPlan, str, int, int, list[str]]:
     """Plan and apply one ``index add`` on the index at ``directory`` as it is now: the plan,
     the index's version after it, the passages added, those of them whose embeddings an earlier
     run had kept (``kept.kept_dir``), and what to warn about (IndexChangedError: another writer
-    changed the index between the two; what was embedded stays kept for the next attempt)."""
+    changed the index between the two; what was embedded stays kept for the next attempt, and
+    ``written`` names the parts the attempts wrote)."""
     from citeqa.retrieval import HybridRetriever
     from citeqa.retrieval.kept import KeptEmbedder, discard, kept_dir
     from citeqa.retrieval.updates import apply_update, plan_additions
@@ -348,7 +350,7 @@ def _add(directory: Path, documents: list[Document], *, replace: bool, progress:
     if retriever.index.dense is None:
         result = apply_update(retriever.index, plan.update, directory, progress=progress)
         return plan, result.index.version, sum(result.added_passages.values()), 0, warnings
-    with KeptEmbedder(retriever.embedder, kept_dir(directory)) as kept:
+    with KeptEmbedder(retriever.embedder, kept_dir(directory), written=written) as kept:
         result = apply_update(retriever.index, plan.update, directory, embedder=kept,
                               progress=progress)
     kept.discard()

@@ -61,12 +61,15 @@ def test_kept_passages_are_read_back_instead_of_embedded(tmp_path: Path) -> None
 def test_a_retry_reuses_its_own_parts_without_calling_them_kept(tmp_path: Path) -> None:
     """The second attempt after another writer's change reads what the first one embedded;
     those were not kept from an interrupted run."""
-    one = kept(tmp_path)
-    one.embed(TEXTS)
-    retry = kept(tmp_path)
-    retry.written = list(one.written)
-    retry.embed(TEXTS)
+    written: list[str] = []
+    with KeptEmbedder(Counting(), tmp_path, part=4, written=written) as one:
+        one.embed(TEXTS)
+    assert len(written) == 3
+    with KeptEmbedder(Counting(), tmp_path, part=4, written=written) as retry:
+        retry.embed(TEXTS)
     assert retry.embedder.embedded == [] and retry.reused == 0  # type: ignore[attr-defined]
+    retry.discard()
+    assert not tmp_path.exists() or not list(tmp_path.glob("*.npz"))
 
 
 def test_the_requested_dtype_and_the_model_are_part_of_the_key(tmp_path: Path) -> None:
@@ -198,3 +201,62 @@ def test_what_an_add_kept_goes_when_nothing_is_left_to_add_or_the_index_is_rebui
         assert code == 0, err
         assert not (tmp_path / ".idx.add").exists(), again
     assert json.loads(_cli("index", "info", "-i", str(index), "--json")[1])["kept_passages"] == 0
+
+
+def test_parts_that_are_not_whole_archives_are_embedded_again(tmp_path: Path) -> None:
+    with kept(tmp_path) as first:
+        first.embed(TEXTS)
+    cut = tmp_path / first.written[0]
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # a truncated zip
+    np.save(tmp_path / "x.npy", np.zeros(3))
+    (tmp_path / "x.npy").rename(tmp_path / first.written[1])  # an .npy under a part's name
+    assert kept_passages(tmp_path) == 2  # the one whole part left
+    again = kept(tmp_path)
+    np.testing.assert_array_equal(again.embed(TEXTS), HashEmbedder().embed(TEXTS))
+    assert again.embedder.embedded == TEXTS[:8]  # type: ignore[attr-defined]
+
+
+def test_a_lock_file_unlinked_while_waited_for_is_taken_again(tmp_path: Path) -> None:
+    """An add that waited for the lock while a discard removed its file holds a lock nobody
+    else can see: it takes the lock on the file now at the path, so that a later discard
+    knows it is not alone."""
+    import fcntl
+    import threading
+    import time
+
+    from citeqa.retrieval.kept import LOCK, _locked
+
+    (tmp_path / LOCK).touch()
+    fd = os.open(tmp_path / LOCK, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a discard at work
+    holding, done = threading.Event(), threading.Event()
+
+    def waiting_add() -> None:
+        with _locked(tmp_path, exclusive=False) as held:
+            assert held
+            holding.set()
+            done.wait(10)
+
+    thread = threading.Thread(target=waiting_add)
+    thread.start()
+    time.sleep(0.2)  # it waits for the lock
+    (tmp_path / LOCK).unlink()  # the discard removes the lock file, then lets go
+    os.close(fd)
+    assert holding.wait(10)
+    kept(tmp_path).embed(TEXTS[:4])
+    discard(tmp_path)  # another add finished meanwhile: it must see it is not alone
+    assert kept_passages(tmp_path) == 4
+    done.set()
+    thread.join()
+    discard(tmp_path)
+    assert not tmp_path.exists()
+
+
+def test_without_flock_a_discard_removes_everything(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    kept(tmp_path).embed(TEXTS)
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # import fcntl -> ImportError
+    discard(tmp_path)
+    assert kept_passages(tmp_path) == 0

@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import uuid
+import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 PART = 256  # passages per kept part: ~8 s of CPU embedding in fp32, the most a crash loses
 LOCK = ".lock"  # held shared by each add using the directory, exclusively to remove it
 HASH_BYTES = 16
+LOCK_TRIES = 5  # times a lock is taken again after a discard unlinked its file meanwhile
 
 
 def kept_dir(index: Path) -> Path:
@@ -69,31 +71,30 @@ def _parts(directory: Path) -> list[Path]:
         return []
 
 
-def _read(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """A part's (hashes uint8 [n, HASH_BYTES], vectors float32 [n, dim]), or None when it is
-    not whole."""
+def _load(path: Path, *, vectors: bool = True) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """A part's hashes (uint8 [n, HASH_BYTES]) and, when ``vectors``, its vectors (float32
+    [n, dim]); None when it is not a whole part (it is then embedded again)."""
     try:
-        with np.load(path) as part:  # never a pickle: allow_pickle is False
-            hashes, vectors = part["hashes"], part["vectors"]
-    except (OSError, ValueError, KeyError, EOFError) as e:
+        # never a pickle: allow_pickle is False; an .npy (not an archive) has no ``with``
+        with np.load(path) as part:
+            hashes = part["hashes"]
+            rows = part["vectors"] if vectors else None
+    except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile) as e:
         log.warning("embeddings kept in %s are unreadable (%s): embedding them again", path, e)
         return None
     if (hashes.dtype != np.uint8 or hashes.ndim != 2 or hashes.shape[1] != HASH_BYTES
-            or vectors.dtype != np.float32 or vectors.ndim != 2
-            or len(hashes) != len(vectors)):
+            or (rows is not None and (rows.dtype != np.float32 or rows.ndim != 2
+                                      or len(hashes) != len(rows)))):
         log.warning("embeddings kept in %s are not a part (shapes %s, %s): embedding them "
-                    "again", path, hashes.shape, vectors.shape)
+                    "again", path, hashes.shape, None if rows is None else rows.shape)
         return None
-    return hashes, vectors
+    return hashes, rows
 
 
 def kept_passages(directory: Path) -> int:
-    """How many passages' embeddings ``directory`` keeps (0 when there is none)."""
-    total = 0
-    for path in _parts(directory):
-        with contextlib.suppress(OSError, ValueError, KeyError, EOFError), np.load(path) as part:
-            total += len(part["hashes"])
-    return total
+    """How many passages' embeddings ``directory`` keeps in whole parts (0 when none)."""
+    return sum(len(part[0]) for path in _parts(directory)
+               if (part := _load(path, vectors=False)) is not None)
 
 
 def discard(directory: Path, mine: Iterable[str] = ()) -> None:
@@ -109,7 +110,7 @@ def discard(directory: Path, mine: Iterable[str] = ()) -> None:
             if (alone and _is_part(path)) or path.name in mine:
                 with contextlib.suppress(OSError):
                     path.unlink()
-        if alone:
+        if alone:  # one that opens it meanwhile finds it gone once it holds it, and retries
             with contextlib.suppress(OSError):
                 (directory / LOCK).unlink()
     with contextlib.suppress(OSError):
@@ -118,32 +119,53 @@ def discard(directory: Path, mine: Iterable[str] = ()) -> None:
 
 @contextlib.contextmanager
 def _locked(directory: Path, *, exclusive: bool):  # type: ignore[no-untyped-def]
-    """Hold ``directory``'s lock, shared or (without waiting) exclusive; yields whether it is
-    held (False: another holds it; or the file system cannot lock, where exclusive use is not
-    assumed)."""
+    """Hold ``directory``'s lock, shared (waiting for it) or exclusive (not waiting); yields
+    whether it is held: False when another holds it (exclusive), or when it cannot be taken (no
+    directory). Where there is no flock (off POSIX, some network file systems) each holder is
+    taken to be alone. A lock file a discard unlinked while this one waited for it is not the
+    lock any more: it is taken again on the file at the path."""
     try:
         import fcntl
-
-        fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    except (ImportError, OSError):
-        yield False
+    except ImportError:
+        yield True
         return
-    try:
+    path = directory / LOCK
+    for _ in range(LOCK_TRIES):
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
-            held = True
+            if not exclusive:
+                directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError:
-            held = False
-        yield held
-    finally:
-        os.close(fd)
+            yield False
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+            except BlockingIOError:
+                yield False
+                return
+            except OSError as e:  # a file system without flock: unguarded
+                log.debug("cannot lock %s (%s)", path, e)
+                yield True
+                return
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except OSError:
+                same = False
+            if same:
+                yield True
+                return
+        finally:
+            os.close(fd)
+    yield False
 
 
 class KeptEmbedder:
     """``embedder``, keeping what it embeds in ``directory`` (see the module's docstring). Use
     it as a context manager: it holds the directory's shared lock meanwhile."""
 
-    def __init__(self, embedder: Embedder, directory: Path, *, part: int | None = None) -> None:
+    def __init__(self, embedder: Embedder, directory: Path, *, part: int | None = None,
+                 written: list[str] | None = None) -> None:
         part = PART if part is None else part
         if part < 1:
             raise ValueError(f"part must be at least 1, got {part}")
@@ -154,7 +176,9 @@ class KeptEmbedder:
         self.dim = embedder.dim
         self.identity = f"{self.model_id}\0{self.dim}\0{getattr(embedder, 'cpu_dtype', '')}"
         self.reused = 0  # passages whose embeddings an earlier run kept
-        self.written: list[str] = []  # the parts this one wrote
+        # the parts this command wrote (shared by its attempts: a retry after another
+        # writer's change reads its first attempt's parts, which were not kept from before)
+        self.written = written if written is not None else []
         self._lock: contextlib.ExitStack | None = None
 
     def __enter__(self) -> KeptEmbedder:
@@ -200,10 +224,11 @@ class KeptEmbedder:
         """Fill ``out``'s rows of the hashes the kept parts hold; return those hashes."""
         found: set[bytes] = set()
         for path in _parts(self.directory):
-            part = _read(path)
+            part = _load(path)
             if part is None:
                 continue
             hashes, vectors = part
+            assert vectors is not None
             if vectors.shape[1] != self.dim:
                 continue
             raw = hashes.tobytes()  # row j's hash: raw[j * HASH_BYTES:(j + 1) * HASH_BYTES]
