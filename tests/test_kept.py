@@ -260,3 +260,18 @@ def test_without_flock_a_discard_removes_everything(tmp_path: Path,
     monkeypatch.setitem(sys.modules, "fcntl", None)  # import fcntl -> ImportError
     discard(tmp_path)
     assert kept_passages(tmp_path) == 0
+
+
+def test_bench_kept_reports_the_overhead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import runpy
+    import sys
+
+    out = tmp_path / "k.json"
+    monkeypatch.setattr(sys, "argv", ["bench_kept.py", "--passages", "300", "--out", str(out)])
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kept.py"),
+                   run_name="__main__")
+    row = json.loads(out.read_text())
+    assert row["passages"] == 300 and row["kept_bytes"] > 300 * HashEmbedder().dim * 4
+    assert min(row["plain_s"], row["kept_s"], row["read_back_s"]) > 0
+    assert "all read back" in capsys.readouterr().out
