@@ -240,9 +240,7 @@ class DenseIndex:
         """int64 [size]: the FAISS row of each passage."""
         if not len(self.removed):
             return np.arange(self.size, dtype=np.int64)
-        live = np.ones(int(self.index.ntotal), dtype=bool)
-        live[self.removed] = False
-        return np.flatnonzero(live).astype(np.int64)
+        return np.flatnonzero(_live(self.removed, int(self.index.ntotal))).astype(np.int64)
 
     def vectors(self) -> np.ndarray:
         """float32 [size, dim]: every passage's stored vector in passage order (all kinds
@@ -302,12 +300,17 @@ def _checked_removed(removed: np.ndarray | None, n_rows: int) -> np.ndarray:
     return rows
 
 
+def _live(removed: np.ndarray, n_rows: int) -> np.ndarray:
+    """bool [n_rows]: which rows are not ``removed``."""
+    live = np.ones(n_rows, dtype=bool)
+    live[removed] = False
+    return live
+
+
 def _skipping(removed: np.ndarray, n_rows: int) -> tuple[np.ndarray, faiss.IDSelector]:
     """A FAISS selector of the rows not in ``removed``, and the bitmap it reads (both must
     outlive every search that uses the selector: the caller keeps the pair)."""
-    live = np.ones(n_rows, dtype=bool)
-    live[removed] = False
-    bits = np.packbits(live, bitorder="little")
+    bits = np.packbits(_live(removed, n_rows), bitorder="little")
     return bits, faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))  # its size in bytes
 
 

@@ -25,7 +25,6 @@ import hashlib
 import logging
 import os
 import sys
-import uuid
 import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from types import TracebackType
 import numpy as np
 from tqdm.auto import tqdm
 
+from citeqa.atomic import atomic_path
 from citeqa.retrieval.embed import Embedder
 
 log = logging.getLogger(__name__)
@@ -57,16 +57,18 @@ def text_hash(identity: str, text: str) -> bytes:
     return hashlib.sha256(data).digest()[:HASH_BYTES]
 
 
+def _is_whole_part(path: Path) -> bool:
+    return path.suffix == ".npz" and not path.name.startswith(".")
+
+
 def _is_part(path: Path) -> bool:
     """Whether ``path`` is a file this module writes (a part, or a part being written)."""
-    return (path.suffix == ".npz" and not path.name.startswith(".")) or (
-        path.name.startswith(".") and path.name.endswith(".tmp"))
+    return _is_whole_part(path) or (path.name.startswith(".") and path.name.endswith(".tmp"))
 
 
 def _parts(directory: Path) -> list[Path]:
     try:
-        return sorted(p for p in Path(directory).iterdir() if p.suffix == ".npz"
-                      and not p.name.startswith("."))
+        return sorted(p for p in Path(directory).iterdir() if _is_whole_part(p))
     except OSError:  # no directory (nothing kept), or not a directory
         return []
 
@@ -182,9 +184,7 @@ class KeptEmbedder:
         self._lock: contextlib.ExitStack | None = None
 
     def __enter__(self) -> KeptEmbedder:
-        with contextlib.suppress(OSError):
-            self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock = contextlib.ExitStack()
+        self._lock = contextlib.ExitStack()  # the shared lock makes the directory
         self._lock.enter_context(_locked(self.directory, exclusive=False))
         return self
 
@@ -243,21 +243,14 @@ class KeptEmbedder:
 
     def _write(self, hashes: np.ndarray, vectors: np.ndarray) -> None:
         name = hashlib.sha256(hashes.tobytes()).hexdigest()[:32] + ".npz"
-        path = self.directory / name
-        tmp = self.directory / f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            with tmp.open("wb") as f:
+            self.directory.mkdir(parents=True, exist_ok=True)  # a discard may have removed it
+            with atomic_path(self.directory / name) as tmp, tmp.open("wb") as f:
                 np.savez(f, hashes=hashes, vectors=vectors)
-                f.flush()
-                os.fsync(f.fileno())
-            tmp.replace(path)
             self.written.append(name)
         except OSError as e:  # a full or read-only disk: the work goes on, unkept
             log.warning("could not keep embeddings in %s (%s); a rerun embeds them again",
                         self.directory, e)
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
 
     def discard(self) -> None:
         """Remove what is kept once this add's change is in (``discard``): all of it, or
