@@ -272,8 +272,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(120.0, gt=0, le=DAY_S, allow_inf_nan=False)  # longer -> 504
     max_body_bytes: int = Field(65536, ge=1024)  # larger request bodies -> 413
     # a request whose head (request line and headers) takes longer than this to arrive, or
-    # whose body stops arriving for this long -> 408 and the connection closed (a stalled or
-    # trickling client held its connection, and a place in the server, for ever)
+    # whose body stops arriving for this long (or, past it, arrives at under 500 bytes/s in
+    # all) -> 408 and the connection closed (a stalled or trickling client held its
+    # connection, and a place in the server, for ever)
     client_timeout_s: float = Field(30.0, gt=0, le=3600, allow_inf_nan=False)
     retry_after_s: int = Field(2, ge=0)  # Retry-After sent with 503s
     # time to finish queued work at shutdown

@@ -160,18 +160,43 @@ def test_a_body_that_stops_arriving_gets_408_and_the_connection_closed(
         assert body["error"]["code"] == "request_timeout", body
         assert "stopped arriving" in body["error"]["message"]
         assert 0.4 < waited < 10
-        # a body that keeps coming, slowly, is read: the bound is on silence, not the total
+        # a body that keeps coming, slowly, is read: the bound is on silence, and on the total
+        # only at 500 bytes/s (MIN_BODY_RATE) past the silence bound
         with socket.create_connection((host, int(port)), timeout=20) as conn:
-            payload = b'{"question": "slow but steady"}'
+            payload = b'{"question": "slow but steady"%s}' % (b" " * 1950)  # JSON spaces
             conn.sendall(b"POST /v1/answer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                          b"Content-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n" % len(payload))
-            for i in range(0, len(payload), 8):  # ~1.2 s in all, 0.3 s apart
-                conn.sendall(payload[i:i + 8])
+            for i in range(0, len(payload), 500):  # 1.2 s in all, 0.3 s apart: 0.5 + 4 s allowed
+                conn.sendall(payload[i:i + 500])
                 time.sleep(0.3)
             got = _raw_response(conn)
         assert got.startswith(b"HTTP/1.1 200 "), got[:200]
         assert b"slow but steady" in got
+
+
+def test_a_body_that_trickles_in_below_the_minimum_rate_gets_408() -> None:
+    """A client sending a byte just inside every silence bound held its request for as long as
+    its body lasted (64 KiB at a byte per 29 s: three weeks)."""
+    app = create_app(Settings(window_ms=1, client_timeout_s=0.5), lambda s: Echo())
+    with running_server(app, http=head_timeout_protocol(0.5)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=20) as conn:
+            started = time.monotonic()
+            conn.sendall(b"POST /v1/answer HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 60\r\n\r\n")
+            for byte in b'{"question": "' + b"q" * 44:  # a byte every 0.2 s: never silent 0.5 s
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    break  # closed under it, as it should be
+                time.sleep(0.2)
+            got = _raw_response(conn)
+            waited = time.monotonic() - started
+        assert got.startswith(b"HTTP/1.1 408 "), got[:200]
+        message = json.loads(got.split(b"\r\n\r\n", 1)[1])["error"]["message"]
+        assert "too slowly" in message and "500 bytes/s" in message, message
+        assert 0.4 < waited < 5  # 0.5 s plus 1 s per 500 bytes, then the close
 
 
 def test_a_request_head_that_trickles_in_or_never_comes_is_bounded() -> None:

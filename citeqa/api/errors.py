@@ -148,13 +148,21 @@ class BodyTooLargeError(StarletteHTTPException):
 
 
 class BodyStalledError(StarletteHTTPException):
-    """Raised when nothing more of a request body arrives in time (-> 408, and the connection
-    closed: the rest of the body may still come)."""
+    """Raised when nothing more of a request body arrives in time, or (``min_rate`` given) when
+    it arrives too slowly in all (-> 408, and the connection closed: the rest of the body may
+    still come)."""
 
-    def __init__(self, waited_s: float) -> None:
-        super().__init__(408, f"the request body stopped arriving: nothing more came for "
-                              f"{waited_s:g} s (CITEQA_CLIENT_TIMEOUT_S); send the whole body",
-                         headers={"Connection": "close"})
+    def __init__(self, waited_s: float, *, min_rate: float | None = None, received: int = 0,
+                 elapsed_s: float = 0.0) -> None:
+        if min_rate is None:
+            message = (f"the request body stopped arriving: nothing more came for {waited_s:g} s "
+                       "(CITEQA_CLIENT_TIMEOUT_S); send the whole body")
+        else:
+            message = (f"the request body arrived too slowly: {received} bytes in "
+                       f"{elapsed_s:.3g} s; past its first {waited_s:g} s "
+                       f"(CITEQA_CLIENT_TIMEOUT_S) a body must arrive at {min_rate:g} bytes/s "
+                       "or faster; send the whole body at once")
+        super().__init__(408, message, headers={"Connection": "close"})
 
 
 def too_large_message(limit: int) -> str:

@@ -26,6 +26,10 @@ API_CSP = "default-src 'none'; frame-ancestors 'none'"
 # close on unread data as a connection reset instead of the 413. Past them the server closes.
 DRAIN_MAX_BYTES = 16 * 1024 * 1024
 DRAIN_MAX_S = 5.0
+# Past its first ``idle_s`` seconds a body must keep arriving at this average rate (Apache's
+# mod_reqtimeout ``MinRate`` default): a client trickling a byte just inside every silence bound
+# held its request (and a place in the server) for days. 64 KiB may take 30 s + 131 s.
+MIN_BODY_RATE = 500  # bytes/s
 
 
 def _sha256_source(text: str) -> str:
@@ -72,12 +76,15 @@ class BodyLimitMiddleware:
     the 413 is sent, so that clients which write their whole body first read the 413. A body in
     a content coding (``Content-Encoding`` other than identity) gets 415. A body
     of which nothing more arrives for ``idle_s`` while it is read gets 408 (neither uvicorn nor
-    the app bounded that wait: a client that stopped mid-body held its request for ever)."""
+    the app bounded that wait: a client that stopped mid-body held its request for ever), and so
+    does one slower in all than ``idle_s`` plus a second per ``min_rate`` bytes received."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, idle_s: float = 30.0) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, idle_s: float = 30.0,
+                 min_rate: float = MIN_BODY_RATE) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.idle_s = idle_s
+        self.min_rate = min_rate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -114,13 +121,20 @@ class BodyLimitMiddleware:
             return
         seen = 0
         started = over = ended = False
+        begun = asyncio.get_running_loop().time()
 
         async def counting_receive() -> Message:
             nonlocal seen, over, ended
+            loop = asyncio.get_running_loop()
+            allowed = self.idle_s + seen / self.min_rate  # in all, from the request's start
+            wait = min(self.idle_s, begun + allowed - loop.time())
             try:  # once the body is read, receive() waits for the client to leave: unbounded
-                async with asyncio.timeout(None if ended else self.idle_s):
+                async with asyncio.timeout(None if ended else max(wait, 0.0)):
                     message = await receive()
             except TimeoutError:
+                if wait < self.idle_s:  # the rate's bound, not the silence's
+                    raise BodyStalledError(self.idle_s, min_rate=self.min_rate, received=seen,
+                                           elapsed_s=loop.time() - begun) from None
                 raise BodyStalledError(self.idle_s) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
