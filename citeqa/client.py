@@ -71,6 +71,7 @@ class DocumentList:
     total: int  # documents in the index
     offset: int
     limit: int
+    can_change: bool | None = None  # whether this key may add and delete them (None: not said)
 
 
 def answer_from_json(d: dict[str, Any]) -> Answer:
@@ -96,7 +97,9 @@ def document_list_from_json(d: dict[str, Any]) -> DocumentList:
     """The body of ``GET /v1/documents`` as a ``DocumentList``."""
     docs = [DocumentInfo(x["doc_id"], x["title"], x["source"], int(x["length"]))
             for x in d["documents"]]
-    return DocumentList(docs, int(d["total"]), int(d["offset"]), int(d["limit"]))
+    can_change = d.get("can_change")
+    return DocumentList(docs, int(d["total"]), int(d["offset"]), int(d["limit"]),
+                        None if can_change is None else bool(can_change))
 
 
 hit_from_json = Hit.from_json  # the inverse of Hit.to_json, under the name clients import

@@ -374,7 +374,7 @@ def test_documents_are_listed_a_page_at_a_time() -> None:
     assert first == {"documents": [{"doc_id": f"doc-{i}", "title": f"Title {i}",
                                     "source": f"src/{i}.txt", "length": i + 1}
                                    for i in range(3)],
-                     "total": 7, "offset": 0, "limit": 3}
+                     "total": 7, "offset": 0, "limit": 3, "can_change": True}
     assert [d["doc_id"] for d in last["documents"]] == ["doc-6"] and last["total"] == 7
     assert past["documents"] == [] and past["total"] == 7
     assert len(default["documents"]) == 7 and default["limit"] == 20
@@ -847,7 +847,8 @@ def test_read_keys_ask_and_read_but_never_change_the_index() -> None:
             for headers in ({"X-API-Key": key}, {"Authorization": f"Bearer {key}"}):
                 assert c.post("/v1/answer", json={"question": "q"}, headers=headers).is_success
                 assert c.post("/v1/search", json={"query": "q"}, headers=headers).is_success
-                assert c.get("/v1/documents", headers=headers).is_success
+                listed = c.get("/v1/documents", headers=headers)
+                assert listed.json()["can_change"] is (key == "w1")  # what the page offers
                 assert c.get("/v1/documents/d1", headers=headers).is_success
         doc = {"json": {"text": "Some text.", "doc_id": "new"}}
         for headers in ({"X-API-Key": "r1"}, {"Authorization": "Bearer r2"},
@@ -894,6 +895,7 @@ def test_read_keys_alone_make_a_service_no_request_can_change() -> None:
         assert "securitySchemes" in c.get("/openapi.json").json()["components"]
     assert pipe.changes == []
     with serve(pipe) as c:  # no keys at all: anyone may change it, as before
+        assert c.get("/v1/documents").json()["can_change"] is True
         assert c.delete("/v1/documents/d1").status_code == 204
     assert pipe.changes == ["delete d1"]
 

@@ -31,6 +31,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 KEY = "sekret-key"
+READ_KEY = "reader-key"  # may ask and read, not change the index
 VIEWPORT = {"width": 960, "height": 660}
 # A document is untrusted input: every view must show this one's markup as text.
 EVIL_TITLE = "<img src=x onerror=\"window.__pwned='title'\"> Grimwald <b>notes</b>"
@@ -95,7 +96,7 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("browser")
     build_index_from_documents(DOCS, tmp / "idx", preset("tiny").retrieval, progress=False)
     settings = Settings(preset="tiny", index=tmp / "idx", cache_dir=tmp / "cache", window_ms=1,
-                        api_keys=KEY)
+                        api_keys=KEY, read_api_keys=READ_KEY)
     with running_server(create_app(settings, fetcher=offline_fetcher())) as url:
         yield url
 
@@ -112,7 +113,7 @@ def browser() -> Iterator[Any]:
 
 
 def open_page(browser: Any, base_url: str, viewport: dict[str, int], path: str = "/",
-              ) -> tuple[Page, list[str]]:
+              key: str = KEY) -> tuple[Page, list[str]]:
     """A fresh page at ``path`` with the API key typed in; also the list its script errors and
     console errors (CSP violations included) are collected into."""
     context = browser.new_context(viewport=viewport)
@@ -122,7 +123,7 @@ def open_page(browser: Any, base_url: str, viewport: dict[str, int], path: str =
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(base_url + path)
-    page.fill("#key", KEY)
+    page.fill("#key", key)
     return page, errors
 
 
@@ -502,6 +503,28 @@ def test_the_document_list_pages_through_the_index(page: Page, shoot: Callable) 
     assert rows.count() == len(DOCS) - 20 and page.is_disabled("#docs-next")
     page.click("#docs-prev")
     page.wait_for_selector("#docs-range >> text=Showing 1\u201320")
+
+
+def test_a_read_key_is_offered_no_add_or_delete(browser: Any, base_url: str,
+                                                shoot: Callable) -> None:
+    """The page offered a read key the add forms and Delete buttons, which the service then
+    refused (403); it now shows what the key may do, and offers them again for a key that may."""
+    page, errors = open_page(browser, base_url, VIEWPORT, "/", key=READ_KEY)
+    try:
+        page.click("nav >> text=Documents")
+        page.wait_for_selector("#docs-list li.doc a")
+        assert page.locator("#docs-list li.doc").count() == 20  # reading is allowed
+        assert page.locator("#docs-list button", has_text="Delete").count() == 0
+        assert page.is_hidden("#add-text") and page.is_hidden("#add-url")
+        assert "may ask, search and read documents" in page.inner_text("#read-only")
+        shoot(page, "documents-read-key", full_page=False)
+        page.fill("#key", KEY)
+        page.dispatch_event("#key", "change")  # what leaving the field after typing fires
+        page.wait_for_selector("#docs-list button >> text=Delete")
+        assert page.is_visible("#add-text") and page.is_hidden("#read-only")
+    finally:
+        page.context.close()
+    assert errors == [], errors
 
 
 def test_adding_documents_by_text_and_by_url(page: Page, shoot: Callable) -> None:

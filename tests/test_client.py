@@ -19,6 +19,7 @@ from citeqa.client import (
     DocumentList,
     Readiness,
     answer_from_json,
+    document_list_from_json,
     hit_from_json,
 )
 from citeqa.config import Settings
@@ -73,11 +74,16 @@ def test_answer_round_trips_into_types(server: str) -> None:
 def test_list_documents(server: str) -> None:
     with CiteqaClient(server, api_key="sekret") as client:
         assert client.list_documents() == DocumentList(
-            [DocumentInfo("doc/1", "T", DOC.source, len(DOC.text))], total=1, offset=0, limit=20)
-        assert client.list_documents(offset=1, limit=5) == DocumentList([], 1, 1, 5)
+            [DocumentInfo("doc/1", "T", DOC.source, len(DOC.text))], total=1, offset=0, limit=20,
+            can_change=True)
+        assert client.list_documents(offset=1, limit=5) == DocumentList([], 1, 1, 5, True)
         with pytest.raises(CiteqaAPIError) as err:
             client.list_documents(limit=101)
     assert err.value.status == 422 and err.value.details[0]["loc"] == ["query", "limit"]
+    # a server before can_change does not say what the key may do
+    older = {"documents": [], "total": 0, "offset": 0, "limit": 20}
+    assert document_list_from_json(older).can_change is None
+    assert document_list_from_json({**older, "can_change": False}).can_change is False
 
 
 def test_search_and_document(server: str) -> None:

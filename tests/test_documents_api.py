@@ -222,7 +222,7 @@ def test_the_list_follows_adds_and_deletes_in_index_order(client: TestClient) ->
     before = listed(client)
     assert before == {"documents": [{"doc_id": d.doc_id, "title": d.title, "source": d.source,
                                      "length": len(d.text)} for d in DOCS],
-                      "total": 2, "offset": 0, "limit": 20}
+                      "total": 2, "offset": 0, "limit": 20, "can_change": True}
     client.post("/v1/documents", json={"text": NEW_TEXT, "title": "Zorblax", "doc_id": "z"})
     assert [d["doc_id"] for d in listed(client)["documents"]] == ["normans", "eiffel", "z"]
     assert listed(client, offset=2, limit=1)["documents"] == [

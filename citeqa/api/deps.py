@@ -170,13 +170,17 @@ def require_api_key(request: Request, state: StateDep) -> None:
         )
 
 
+def may_change(request: Request, state: ServiceState) -> bool:
+    """Whether the request may change the index: any request where no keys are configured, else
+    one with a key of ``api_keys``."""
+    return not (state.api_keys or state.read_keys) or presented_access(request, state) == "change"
+
+
 def require_change_key(request: Request, state: StateDep) -> None:
     """For a route that changes the index: when API keys are configured, a key that may change
     it (one of ``api_keys``); a read key gets 403 (after ``require_api_key``'s 401 for none)."""
-    if not (state.api_keys or state.read_keys):
-        return
-    require_api_key(request, state)
-    if presented_access(request, state) != "change":
+    if not may_change(request, state):
+        require_api_key(request, state)
         how = ("changes need a key of the service's CITEQA_API_KEYS" if state.api_keys else
                "this service has read keys only: it takes no changes over HTTP")
         raise ApiError(403, "forbidden", "this API key may ask, search and read documents but "
@@ -234,6 +238,7 @@ __all__ = [
     "StateDep",
     "key_matches",
     "parse_api_keys",
+    "may_change",
     "presented_access",
     "require_api_key",
     "require_api_key_on_v1",

@@ -19,7 +19,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
 
 from citeqa.api.batching import Batcher, BatcherClosedError, QueueFullError
-from citeqa.api.deps import BatcherDep, PipelineDep, PipelineLike, ServiceState, StateDep
+from citeqa.api.deps import (
+    BatcherDep,
+    PipelineDep,
+    PipelineLike,
+    ServiceState,
+    StateDep,
+    may_change,
+)
 from citeqa.api.errors import ApiError
 from citeqa.api.metrics import CONTENT_TYPE
 from citeqa.api.schemas import (
@@ -308,13 +315,15 @@ def v1_router(require_key: Callable[..., None],
         return {"hits": [h.to_json() for h in hits]}
 
     @v1.get("/documents", response_model=DocumentListOut)
-    async def documents(pipeline: PipelineDep, offset: Offset = 0,
-                        limit: Limit = 20) -> dict[str, Any]:
-        """The indexed documents, a page at a time, in index order (title, source, length)."""
+    async def documents(request: Request, state: StateDep, pipeline: PipelineDep,
+                        offset: Offset = 0, limit: Limit = 20) -> dict[str, Any]:
+        """The indexed documents, a page at a time, in index order (title, source, length),
+        and whether this request's key may add and delete them."""
         docs, total = await run_in_threadpool(pipeline.list_documents, offset, limit)
         return {"documents": [{"doc_id": d.doc_id, "title": d.title, "source": d.source,
                                "length": len(d.text)} for d in docs],
-                "total": total, "offset": offset, "limit": limit}
+                "total": total, "offset": offset, "limit": limit,
+                "can_change": may_change(request, state)}
 
     @v1.get("/documents/{doc_id:any_path}", response_model=DocumentOut)
     async def document(doc_id: DocId, pipeline: PipelineDep) -> dict[str, Any]:

@@ -361,6 +361,8 @@ class DocumentListOut(BaseModel):
     total: int = Field(description="documents in the index")
     offset: int
     limit: int
+    can_change: bool = Field(description="whether this request's API key may add and delete "
+                             "documents (false for a key of CITEQA_READ_API_KEYS)")
 
 
 class DocumentAddedOut(BaseModel):
