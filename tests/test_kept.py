@@ -87,14 +87,38 @@ def test_a_damaged_part_is_embedded_again(tmp_path: Path,
     first.embed(TEXTS)
     (tmp_path / first.written[1]).write_bytes(b"not a numpy file")
     (tmp_path / first.written[0]).write_bytes(b"")  # a file system that lost the data
-    np.savez(tmp_path / first.written[2], hashes=np.zeros((3, 16), np.uint8),
-             vectors=np.zeros((2, 8), np.float32))  # mismatched rows
+    with np.load(tmp_path / first.written[2]) as part:
+        hashes = part["hashes"]  # its own hashes (they are looked for), too few vectors
+    np.savez(tmp_path / first.written[2], hashes=hashes,
+             vectors=np.zeros((len(hashes) - 1, 8), np.float32))
     again = kept(tmp_path)
     with caplog.at_level(logging.WARNING):
         np.testing.assert_array_equal(again.embed(TEXTS), HashEmbedder().embed(TEXTS))
     assert again.embedder.embedded == TEXTS  # type: ignore[attr-defined]
     assert "unreadable" in caplog.text and "not a part" in caplog.text
     assert kept_passages(tmp_path) == 10  # what it wrote again; the damaged ones not counted
+
+
+def test_a_part_holding_none_of_the_texts_is_not_read_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The look-up read every part's vectors, those of parts it would take nothing from too."""
+    import citeqa.retrieval.kept as kept_module
+
+    first = kept(tmp_path)
+    first.embed(TEXTS[:4])  # one part of four
+    real_load, read_whole = kept_module._load, []
+
+    def spy(path: Path, *, vectors: bool = True):  # type: ignore[no-untyped-def]
+        if vectors:
+            read_whole.append(path.name)
+        return real_load(path, vectors=vectors)
+
+    monkeypatch.setattr(kept_module, "_load", spy)
+    kept(tmp_path).embed(TEXTS[4:8])
+    assert read_whole == []  # only its hashes were read
+    again = kept(tmp_path)
+    np.testing.assert_array_equal(again.embed(TEXTS[:2]), HashEmbedder().embed(TEXTS[:2]))
+    assert read_whole == first.written and again.embedder.embedded == []  # type: ignore[attr-defined]
 
 
 def test_keeping_is_best_effort(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

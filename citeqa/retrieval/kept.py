@@ -221,20 +221,25 @@ class KeptEmbedder:
         return out
 
     def _look_up(self, rows: dict[bytes, list[int]], out: np.ndarray) -> set[bytes]:
-        """Fill ``out``'s rows of the hashes the kept parts hold; return those hashes."""
+        """Fill ``out``'s rows of the hashes the kept parts hold; return those hashes. A part's
+        vectors are read only when it holds one of them."""
         found: set[bytes] = set()
         for path in _parts(self.directory):
-            part = _load(path)
-            if part is None:
+            listed = _load(path, vectors=False)
+            if listed is None:
                 continue
-            hashes, vectors = part
+            raw = listed[0].tobytes()  # row j's hash: raw[j * HASH_BYTES:(j + 1) * HASH_BYTES]
+            wanted = {j: h for j in range(len(listed[0]))
+                      if (h := raw[j * HASH_BYTES:(j + 1) * HASH_BYTES]) in rows
+                      and h not in found}
+            if not wanted or (part := _load(path)) is None:
+                continue
+            vectors = part[1]  # a part's name is its hashes' digest: the rows read above
             assert vectors is not None
             if vectors.shape[1] != self.dim:
                 continue
-            raw = hashes.tobytes()  # row j's hash: raw[j * HASH_BYTES:(j + 1) * HASH_BYTES]
-            for j in range(len(hashes)):
-                h = raw[j * HASH_BYTES:(j + 1) * HASH_BYTES]
-                if h in rows and h not in found:
+            for j, h in wanted.items():
+                if h not in found:  # a text twice in one part
                     out[rows[h]] = vectors[j]
                     found.add(h)
                     if path.name not in self.written:  # not this run's own, from a retry
