@@ -324,7 +324,8 @@ def serve(
     uvicorn.run(service, host=host, port=port, log_level="info",
                 timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_s)),
                 http=head_timeout_protocol(settings.client_timeout_s,
-                                           service.state.citeqa.metrics.observe_closed))
+                                           service.state.citeqa.metrics.observe_closed,
+                                           settings.max_connections_per_client))
 
 
 def _is_loopback(host: str) -> bool:

@@ -276,6 +276,9 @@ class Settings(BaseSettings):
     # all) -> 408 and the connection closed (a stalled or trickling client held its
     # connection, and a place in the server, for ever)
     client_timeout_s: float = Field(30.0, gt=0, le=3600, allow_inf_nan=False)
+    # connections one client address may hold open at once; more -> 503 and closed; 0 = no
+    # cap (behind a reverse proxy every connection comes from the proxy: raise it, or 0)
+    max_connections_per_client: int = Field(64, ge=0)
     retry_after_s: int = Field(2, ge=0)  # Retry-After sent with 503s
     # time to finish queued work at shutdown
     shutdown_grace_s: float = Field(30.0, ge=0, le=DAY_S, allow_inf_nan=False)

@@ -437,6 +437,7 @@ def test_serve_takes_preset_and_index_from_the_environment(corpus, tmp_path, ser
         protocol = served_app.state.uvicorn_run["http"]
         assert protocol.timeout_s == settings.client_timeout_s
         assert protocol.on_close == served_app.state.citeqa.metrics.observe_closed  # counted
+        assert protocol.max_per_client == settings.max_connections_per_client == 64
 
 
 def test_ask_and_search_take_preset_and_index_from_the_environment(

@@ -199,6 +199,38 @@ def test_a_body_that_trickles_in_below_the_minimum_rate_gets_408() -> None:
         assert 0.4 < waited < 5  # 0.5 s plus 1 s per 500 bytes, then the close
 
 
+def test_one_client_address_holds_at_most_its_cap_of_connections() -> None:
+    """uvicorn capped nothing: one client could open connections until the process had no file
+    descriptor left for anyone (each held for the head bound, then opened again)."""
+    app = create_app(Settings(window_ms=1), lambda s: Echo())
+    closures: list[str] = []
+    protocol = head_timeout_protocol(5.0, closures.append, max_per_client=2)
+    with running_server(app, http=protocol) as url:
+        host, port = url.removeprefix("http://").split(":")
+        held = [socket.create_connection((host, int(port)), timeout=20) for _ in range(2)]
+        try:
+            with socket.create_connection((host, int(port)), timeout=20) as third:
+                got = _raw_response(third)
+            head, raw = got.split(b"\r\n\r\n", 1)
+            assert head.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in head.lower()
+            body = json.loads(raw)
+            assert body["error"]["code"] == "overloaded"
+            assert "CITEQA_MAX_CONNECTIONS_PER_CLIENT" in body["error"]["message"]
+            held[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert _raw_response(held[0]).startswith(b"HTTP/1.1 200 ")  # the held ones work
+        finally:
+            for conn in held:
+                conn.close()
+        for _ in range(100):  # the server hears of the closes: places are free again
+            if not protocol.open_by_client:
+                break
+            time.sleep(0.05)
+        assert not protocol.open_by_client
+        with httpx.Client(base_url=url) as client:
+            assert client.get("/healthz").is_success
+    assert closures == ["too_many_connections"]
+
+
 def test_a_request_head_that_trickles_in_or_never_comes_is_bounded() -> None:
     """uvicorn bounded no wait before a request's head was complete: a connection sending its
     headers a byte at a time (or nothing) held its place for ever."""

@@ -47,9 +47,10 @@ class Metrics:
         self.cancelled = Counter("citeqa_cancelled_total",
                                  "Queued requests skipped: cancelled before they ran.", registry=r)
         self.closed = Counter("citeqa_connections_closed_total",
-                              "Connections closed for a client too slow to send its request: "
-                              "head_timeout (a partial head, answered 408), silent (nothing "
-                              "sent), unread_body (a body answered unread kept coming).",
+                              "Connections closed by the HTTP protocol: head_timeout (a "
+                              "partial head, answered 408), silent (nothing sent), unread_body "
+                              "(a body answered unread kept coming), too_many_connections (its "
+                              "address held CITEQA_MAX_CONNECTIONS_PER_CLIENT, answered 503).",
                               ("reason",), registry=r)
         self._queue_depth = Gauge("citeqa_queue_depth",
                                   "Requests waiting for the generation worker.", registry=r)
@@ -75,7 +76,8 @@ class Metrics:
             self.cancelled.inc(skipped)
 
     def observe_closed(self, reason: str) -> None:
-        """A connection the HTTP protocol closed for a slow client (``api/protocol.py``)."""
+        """A connection the HTTP protocol closed (``api/protocol.py``): a slow client, or one
+        over its address's cap."""
         self.closed.labels(reason).inc()
 
     def render(self) -> str:

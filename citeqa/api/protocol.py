@@ -10,12 +10,17 @@ closed silently). Bodies the app reads are bounded by ``middleware.BodyLimitMidd
 same setting, ``CITEQA_CLIENT_TIMEOUT_S``, as time without a byte); the rest of a body the app
 answered without reading (a probe, a 404) must end within the same time of the answer, or the
 connection is closed (uvicorn's keep-alive bound stopped at its first byte).
+
+It also caps the connections one client address holds open at once (``max_per_client``;
+uvicorn caps none): past it a new connection is answered 503 and closed, so that one client
+cannot hold every file descriptor the process has.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -26,16 +31,30 @@ from citeqa.api.errors import error_body
 from citeqa.api.middleware import SECURITY_HEADERS
 
 
-def head_too_slow_response(timeout_s: float) -> bytes:
-    """The raw 408 sent to a connection whose request head did not arrive in time."""
-    body = json.dumps(error_body(
-        "request_timeout", f"the request's head (its request line and headers) did not arrive "
-        f"within {timeout_s:g} s (CITEQA_CLIENT_TIMEOUT_S)")).encode()
+def _raw_error(status: bytes, code: str, message: str,
+               extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
+    """A whole HTTP/1.1 error response in the service's error shape, closing the connection."""
+    body = json.dumps(error_body(code, message)).encode()
     headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
-               (b"content-length", b"%d" % len(body)), *SECURITY_HEADERS]
-    return (b"HTTP/1.1 408 Request Timeout\r\n"
+               (b"content-length", b"%d" % len(body)), *extra, *SECURITY_HEADERS]
+    return (b"HTTP/1.1 " + status + b"\r\n"
             + b"".join(name + b": " + value + b"\r\n" for name, value in headers)
             + b"\r\n" + body)
+
+
+def head_too_slow_response(timeout_s: float) -> bytes:
+    """The raw 408 sent to a connection whose request head did not arrive in time."""
+    return _raw_error(b"408 Request Timeout", "request_timeout",
+                      f"the request's head (its request line and headers) did not arrive "
+                      f"within {timeout_s:g} s (CITEQA_CLIENT_TIMEOUT_S)")
+
+
+def too_many_connections_response(limit: int) -> bytes:
+    """The raw 503 sent to a connection over its client address's cap."""
+    return _raw_error(b"503 Service Unavailable", "overloaded",
+                      f"this address holds {limit} connections to the service already "
+                      "(CITEQA_MAX_CONNECTIONS_PER_CLIENT); reuse or close one, then retry",
+                      ((b"retry-after", b"1"),))
 
 
 class HeadTimeoutProtocol(H11Protocol):
@@ -43,20 +62,41 @@ class HeadTimeoutProtocol(H11Protocol):
     module docstring); ``head_timeout_protocol`` makes one with its bound."""
 
     timeout_s = 30.0
-    # told why each connection it closes was closed: head_timeout, silent or unread_body
+    # told why each connection it closes was closed: head_timeout, silent, unread_body or
+    # too_many_connections
     on_close: Callable[[str], None] | None = None
+    max_per_client = 0  # connections one client address may hold open at once; 0 = no cap
+    open_by_client: Counter[str] = Counter()  # a server's own (head_timeout_protocol)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_started = False  # some bytes of the awaited head arrived
+        self._counted: str | None = None  # the client address this connection counts for
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        address = self.client[0] if self.client else None  # None: a Unix socket
+        if address is not None and self.max_per_client:
+            if self.open_by_client[address] >= self.max_per_client:
+                self.logger.info("refusing a connection from %s: it holds %d already", address,
+                                 self.max_per_client)
+                transport.write(too_many_connections_response(self.max_per_client))
+                transport.close()
+                if self.on_close is not None:
+                    self.on_close("too_many_connections")
+                return
+            self.open_by_client[address] += 1
+            self._counted = address
         self._arm()  # a connection that never sends anything is bounded too
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._counted is not None:
+            self.open_by_client[self._counted] -= 1
+            if not self.open_by_client[self._counted]:
+                del self.open_by_client[self._counted]
+            self._counted = None
         super().connection_lost(exc)
 
     def _awaited(self) -> str | None:
@@ -114,11 +154,14 @@ class HeadTimeoutProtocol(H11Protocol):
 
 
 def head_timeout_protocol(timeout_s: float, on_close: Callable[[str], None] | None = None,
-                          ) -> type[HeadTimeoutProtocol]:
-    """``HeadTimeoutProtocol`` bounding each head's wait at ``timeout_s`` (uvicorn's ``http``);
+                          max_per_client: int = 0) -> type[HeadTimeoutProtocol]:
+    """``HeadTimeoutProtocol`` bounding each head's wait at ``timeout_s`` (uvicorn's ``http``)
+    and each client address's open connections at ``max_per_client`` (0: no cap);
     ``on_close(reason)`` hears of each connection it closes (the service's metrics)."""
     return type("HeadTimeoutProtocol", (HeadTimeoutProtocol,),
-                {"timeout_s": timeout_s, "on_close": staticmethod(on_close) if on_close else None})
+                {"timeout_s": timeout_s, "on_close": staticmethod(on_close) if on_close else None,
+                 "max_per_client": max_per_client, "open_by_client": Counter()})
 
 
-__all__ = ["HeadTimeoutProtocol", "head_timeout_protocol", "head_too_slow_response"]
+__all__ = ["HeadTimeoutProtocol", "head_timeout_protocol", "head_too_slow_response",
+           "too_many_connections_response"]
