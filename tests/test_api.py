@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -402,6 +403,11 @@ def test_openapi_lists_the_versioned_routes() -> None:
     assert params["offset"]["minimum"] == 0 and params["limit"]["maximum"] == 100
     assert listing["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
         "/DocumentListOut")
+    assert "501" in listing["responses"]  # a retriever that cannot list its documents
+    assert "can_change" in schemas["DocumentListOut"]["required"]
+    for path, method in (("/v1/documents", "get"), ("/v1/documents/{doc_id}", "get"),
+                         ("/v1/documents/{doc_id}", "delete"), ("/v1/answer", "post")):
+        assert "415" in spec["paths"][path][method]["responses"], (path, method)  # gzip body
     assert set(schemas["DocumentSummaryOut"]["properties"]) == {"doc_id", "title", "source",
                                                                  "length"}
     assert schemas["AnswerRequest"]["properties"]["with_passages"]["type"] == "boolean"
@@ -648,10 +654,17 @@ def test_pipeline_errors_map_to_http(exc: CiteqaError, status: int, code: str) -
 def test_unexpected_errors_are_500_without_leaking_details(caplog: pytest.LogCaptureFixture
                                                             ) -> None:
     secret = RuntimeError("secret at /home/me/.cache/weights")
-    with serve(FakePipeline(fail=secret)) as c:
+    with caplog.at_level(logging.ERROR), serve(FakePipeline(fail=secret)) as c:
         r = c.post("/v1/answer", json={"question": "q"})
+        metrics = c.get("/metrics").text
     assert_uniform_error(r, 500, "internal_error")
     assert "secret" not in r.text and "RuntimeError" not in r.text
+    # answered inside the other middlewares: the security headers, no-store, and counted
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert r.headers["cache-control"] == "no-store"
+    assert re.search(r'citeqa_requests_total\{[^}]*status="500"[^}]*\} 1\.0', metrics), metrics
+    tracebacks = [rec for rec in caplog.records if rec.exc_info]
+    assert len(tracebacks) == 1 and "unhandled error on POST /v1/answer" in caplog.text
 
 
 def test_one_failing_request_in_an_ask_many_batch_does_not_fail_the_others() -> None:

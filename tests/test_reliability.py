@@ -141,6 +141,7 @@ def _raw_response(conn: socket.socket) -> bytes:
 
 @pytest.mark.parametrize("head, part", [
     (b"Content-Length: 100\r\n", b'{"question": "q'),
+    (b"Content-Length: 100\r\n", b""),  # none of it: silence, not a rate (it said so)
     (b"Transfer-Encoding: chunked\r\n", b'5\r\n{"que\r\n'),  # no last chunk
 ])
 def test_a_body_that_stops_arriving_gets_408_and_the_connection_closed(
@@ -197,6 +198,26 @@ def test_a_body_that_trickles_in_below_the_minimum_rate_gets_408() -> None:
         message = json.loads(got.split(b"\r\n\r\n", 1)[1])["error"]["message"]
         assert "too slowly" in message and "500 bytes/s" in message, message
         assert 0.4 < waited < 5  # 0.5 s plus 1 s per 500 bytes, then the close
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /v1/documents/\xff HTTP/1.1\r\nHost: x\r\n\r\n",  # a byte no request line holds
+    b"POST /v1/answer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+])
+def test_bytes_that_are_not_http_get_a_400_in_the_services_error_shape(
+        request_bytes: bytes) -> None:
+    """uvicorn answered them in plain text, without the security headers every other
+    response has."""
+    app = create_app(Settings(window_ms=1), lambda s: Echo())
+    with running_server(app, http=head_timeout_protocol(5.0)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=20) as conn:
+            conn.sendall(request_bytes)
+            got = _raw_response(conn)
+    head, raw = got.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 400 "), got[:200]
+    assert b"x-content-type-options: nosniff" in head and b"application/json" in head
+    assert json.loads(raw)["error"]["code"] == "bad_request"
 
 
 def test_one_client_address_holds_at_most_its_cap_of_connections() -> None:

@@ -48,6 +48,7 @@ from citeqa.api.middleware import (
     BodyLimitMiddleware,
     HostCheckMiddleware,
     SecurityHeadersMiddleware,
+    UnexpectedErrorMiddleware,
     host_name,
     page_csp,
 )
@@ -235,7 +236,9 @@ def create_app(
     )
     app.state.citeqa = state
     install_error_handlers(app, authenticate=require_api_key_on_v1)
-    # add_middleware puts each new one outermost: host check, body limit, metrics, headers.
+    # add_middleware puts each new one outermost: unexpected errors, host check, body limit,
+    # metrics, headers.
+    app.add_middleware(UnexpectedErrorMiddleware)
     hosts = frozenset(host_name(h) for h in settings.allowed_hosts.split(",") if h.strip())
     if hosts and "*" not in hosts:
         app.add_middleware(HostCheckMiddleware, allowed=hosts)

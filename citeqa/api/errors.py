@@ -279,9 +279,15 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(status, _http_code(status), message, None, headers)
 
 
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+def unexpected_error_response(method: str, path: str, exc: BaseException) -> JSONResponse:
+    """Log an exception nothing handled (with its traceback; the client is told nothing of
+    it) and make its 500."""
+    logger.exception("unhandled error on %s %s", method, path, exc_info=exc)
     return error_response(500, "internal_error", "internal server error; see the server log")
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    return unexpected_error_response(request.method, request.url.path, exc)
 
 
 # raises ApiError (401; 403 for a read key where the route changes the index) for a request it

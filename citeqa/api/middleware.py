@@ -11,6 +11,7 @@ import base64
 import hashlib
 import re
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from citeqa.api.errors import (
@@ -18,6 +19,7 @@ from citeqa.api.errors import (
     BodyTooLargeError,
     error_response,
     too_large_message,
+    unexpected_error_response,
 )
 
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
@@ -132,7 +134,7 @@ class BodyLimitMiddleware:
                 async with asyncio.timeout(None if ended else max(wait, 0.0)):
                     message = await receive()
             except TimeoutError:
-                if wait < self.idle_s:  # the rate's bound, not the silence's
+                if seen and wait < self.idle_s:  # the rate's bound, not the silence's
                     raise BodyStalledError(self.idle_s, min_rate=self.min_rate, received=seen,
                                            elapsed_s=loop.time() - begun) from None
                 raise BodyStalledError(self.idle_s) from None
@@ -170,6 +172,39 @@ class BodyLimitMiddleware:
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         await error_response(413, "payload_too_large", too_large_message(self.max_bytes))(
             scope, receive, send)
+
+
+class UnexpectedErrorMiddleware:
+    """The 500 (in the service's error shape) for an exception the app raised before it
+    answered, made inside the other middlewares: Starlette's own handler answers outside them
+    all, so that 500 had none of the security headers, went uncounted, and uvicorn logged the
+    traceback twice. HTTP exceptions pass (their handlers, or ``BodyLimitMiddleware``, answer
+    them), and so does one raised after the response started."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except HTTPException:
+            raise
+        except Exception as exc:
+            if started:
+                raise
+            response = unexpected_error_response(scope.get("method", ""), scope.get("path", ""),
+                                                 exc)
+            await response(scope, receive, send)
 
 
 V1_HEADERS = ((b"cache-control", b"no-store"), (b"vary", b"Authorization, X-API-Key"))

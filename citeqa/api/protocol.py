@@ -31,12 +31,20 @@ from citeqa.api.errors import error_body
 from citeqa.api.middleware import SECURITY_HEADERS
 
 
-def _raw_error(status: bytes, code: str, message: str,
-               extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
-    """A whole HTTP/1.1 error response in the service's error shape, closing the connection."""
+def _error_parts(code: str, message: str, extra: tuple[tuple[bytes, bytes], ...] = (),
+                 ) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The headers and body of an error response in the service's error shape that closes the
+    connection."""
     body = json.dumps(error_body(code, message)).encode()
     headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
                (b"content-length", b"%d" % len(body)), *extra, *SECURITY_HEADERS]
+    return headers, body
+
+
+def _raw_error(status: bytes, code: str, message: str,
+               extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
+    """A whole HTTP/1.1 error response (``_error_parts``), as bytes."""
+    headers, body = _error_parts(code, message, extra)
     return (b"HTTP/1.1 " + status + b"\r\n"
             + b"".join(name + b": " + value + b"\r\n" for name, value in headers)
             + b"\r\n" + body)
@@ -98,6 +106,17 @@ class HeadTimeoutProtocol(H11Protocol):
                 del self.open_by_client[self._counted]
             self._counted = None
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """The 400 for bytes that are not an HTTP/1.1 request, in the service's error shape
+        with its headers (uvicorn's was plain text, without them)."""
+        headers, body = _error_parts(
+            "bad_request", "the request is not valid HTTP/1.1 (its request line or headers, "
+            "or a chunk's framing, could not be read)")
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                      h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
     def _awaited(self) -> str | None:
         """What the connection waits for from its client that no other bound covers: "head"

@@ -55,12 +55,15 @@ from citeqa.types import Answer, AskArgs, Document
 
 logger = logging.getLogger(__name__)
 
-# 400: a body that is not UTF-8 JSON, or nested too deep to parse; 413: over the body limit.
+# 400: a body that is not UTF-8 JSON, or nested too deep to parse; 413: over the body limit;
+# 415: a body in a content coding (on any route, before routing: BodyLimitMiddleware).
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorOut} for s in (400, 401, 404, 413, 422, 500, 503, 504)
+    s: {"model": ErrorOut} for s in (400, 401, 404, 413, 415, 422, 500, 503, 504)
 }
 # POSTs: a body not JSON (415), one that stopped arriving (408)
 BODY_ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorOut} for s in (408, 415)}
+# 501: a pipeline whose retriever cannot list its documents (a remote one)
+LIST_ERRORS: dict[int | str, dict[str, Any]] = {501: {"model": ErrorOut}}
 ANSWER_ERRORS: dict[int | str, dict[str, Any]] = {**BODY_ERRORS, 502: {"model": ErrorOut}}
 # The routes that change the index: 403 for a key that may only read.
 DOCUMENT_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -314,7 +317,7 @@ def v1_router(require_key: Callable[..., None],
             hits = await run_in_threadpool(pipeline.search, body.query, body.k)
         return {"hits": [h.to_json() for h in hits]}
 
-    @v1.get("/documents", response_model=DocumentListOut)
+    @v1.get("/documents", response_model=DocumentListOut, responses=LIST_ERRORS)
     async def documents(request: Request, state: StateDep, pipeline: PipelineDep,
                         offset: Offset = 0, limit: Limit = 20) -> dict[str, Any]:
         """The indexed documents, a page at a time, in index order (title, source, length),
