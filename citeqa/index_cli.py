@@ -136,7 +136,7 @@ def index_build(
     progress = shown_progress(progress)  # default: on a terminal only
     from citeqa.retrieval import build_index
     from citeqa.retrieval.dense import KINDS, DenseSpec
-    from citeqa.retrieval.store import recover_index
+    from citeqa.retrieval.store import check_index, recover_index
 
     if hnsw and dense_index not in ("auto", "hnsw"):
         raise fail(f"--hnsw contradicts --dense-index {dense_index}; give one of them")
@@ -151,8 +151,16 @@ def index_build(
     if bm25_only and (hnsw or dense_index != "auto"):
         raise fail("--bm25-only builds no dense index: drop --hnsw / --dense-index")
     if if_missing:
-        with contextlib.suppress(CiteqaError):  # no index there: build it
+        try:
             recover_index(out)
+        except CiteqaError:
+            pass  # no index there: build it
+        else:  # a damaged index, or another program's manifest.json, is not "an index already"
+            try:
+                check_index(out)
+            except CiteqaError as e:
+                raise fail(f"{e}; nothing was built (--if-missing builds only where no index "
+                           "is)") from None
             typer.echo(f"{out} holds an index already; not rebuilt (--if-missing)")
             return
     # a rebuild would swap in an index without the documents of a mistyped path

@@ -361,6 +361,25 @@ def test_if_missing_builds_only_where_no_index_is_not_even_one_a_crash_left(
     made = run("index", "build", str(corpus), "--out", str(fresh), "--preset", "tiny",
                "--no-progress", "--if-missing")
     assert made.exit_code == 0 and "indexed 4 documents" in made.output
+    # a damaged index, or a folder with another program's manifest.json, is not "an index
+    # already": the start script stops there (it said "not rebuilt" and exited 0, and the
+    # server then failed on it)
+    with (fresh / "documents.jsonl").open("a") as f:
+        f.write("junk\n")
+    damaged = run("index", "build", str(corpus), "--out", str(fresh), "--preset", "tiny",
+                  "--no-progress", "--if-missing")
+    assert damaged.exit_code == 2 and "does not match its checksum" in damaged.output
+    assert "nothing was built" in damaged.output and "not rebuilt" not in damaged.output
+    webapp = tmp_path / "webapp"
+    webapp.mkdir()
+    (webapp / "manifest.json").write_text('{"name": "webapp"}')
+    foreign = run("index", "build", str(corpus), "--out", str(webapp), "--preset", "tiny",
+                  "--no-progress", "--if-missing")
+    assert foreign.exit_code == 2 and "its manifest.json is not a citeqa index's" in foreign.output
+    for command in (["index", "info"], ["index", "list"], ["search", "x"]):
+        said = run(*command, "--index", str(webapp))  # not "format version None; rebuild it"
+        assert said.exit_code == 2 and "is not an index" in said.output, said.output
+        assert "format version" not in said.output
 
 
 def test_a_build_the_file_system_refuses_says_so_in_one_line(

@@ -243,7 +243,9 @@ def how_to_build(out: Path) -> str:
                 f"{out}`, or name another with --index")
     if _is_empty_dir(out):
         return f"is an empty folder; build one with `citeqa index build SOURCES --out {out}`"
-    return (f"is not an index (no {MANIFEST}); point at an index directory, or build one "
+    why = (f"its {MANIFEST} is not a citeqa index's" if (out / MANIFEST).is_file()
+           else f"no {MANIFEST}")
+    return (f"is not an index ({why}); point at an index directory, or build one "
             "into a new folder with `citeqa index build SOURCES --out NEW_DIR`")
 
 
@@ -487,8 +489,12 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
     except (OSError, ValueError) as e:
+        if not is_index_dir(directory):
+            raise IndexError_(f"index {directory} {how_to_build(directory)}") from e
         raise IndexError_(f"index {directory}: unreadable manifest.json ({e}); rebuild it") from e
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if not is_index_dir(directory):  # another program's manifest.json: rebuilding is refused
+        raise IndexError_(f"index {directory} {how_to_build(directory)}")
+    version = manifest.get("format_version")
     if version not in READABLE_FORMATS:
         raise IndexError_(
             f"index {directory} has format version {version!r}, this citeqa reads versions "
@@ -522,6 +528,13 @@ def _dense_spec(directory: Path, manifest: dict[str, Any]) -> DenseSpec | None:
     except (CiteqaError, TypeError, AttributeError) as e:
         raise IndexError_(f"index {directory}: bad dense_index in manifest.json ({e}); "
                           "rebuild it") from e
+
+
+def check_index(out: Path) -> None:
+    """Whether the index at ``out`` would load, without loading it: its manifest is a readable
+    citeqa one and every file matches its checksum (IndexError_ saying what is wrong)."""
+    directory = recover_index(out)
+    _verify_files(directory, _read_manifest(directory))
 
 
 def _verify_files(directory: Path, manifest: dict[str, Any]) -> None:
