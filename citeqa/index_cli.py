@@ -136,7 +136,7 @@ def index_build(
     progress = shown_progress(progress)  # default: on a terminal only
     from citeqa.retrieval import build_index
     from citeqa.retrieval.dense import KINDS, DenseSpec
-    from citeqa.retrieval.store import check_index, recover_index
+    from citeqa.retrieval.store import check_index, folder_id, real_path, recover_index
 
     if hnsw and dense_index not in ("auto", "hnsw"):
         raise fail(f"--hnsw contradicts --dense-index {dense_index}; give one of them")
@@ -166,6 +166,7 @@ def index_build(
     # a rebuild would swap in an index without the documents of a mistyped path
     _check_sources_exist(sources, f"nothing was built (an index at {out}, if any, is as it was)")
     sharded = ray is not None or resumable  # resumable: its shards outlive a stop
+    before = folder_id(real_path(out))  # a swap puts another folder there
     try:
         cfg = preset(preset_name).retrieval
         if bm25_only:
@@ -197,6 +198,11 @@ def index_build(
         raise fail(f"could not build the index into {out}: {e}; the index there, if any, is "
                    f"as it was{_kept_shards(out, work_dir) if sharded else ''}") from None
     except KeyboardInterrupt:
+        if folder_id(real_path(out)) not in (before, None):  # cut short after its swap
+            _forget_replaced(out)
+            typer.echo(f"\ninterrupted once the new index was in: {out} holds it (what is "
+                       "left of the old one goes at the next command)", err=True)
+            raise typer.Exit(130) from None
         again = ("; run the same command again to build it" + (
             "" if sharded else " (with --resumable, a build cut short keeps what it finished)"))
         kept = _kept_shards(out, work_dir) if sharded else ""
@@ -204,9 +210,7 @@ def index_build(
                    f"index in whole){kept or again}", err=True)
         raise typer.Exit(130) from None
     _echo_skipped(summary.skipped)
-    from citeqa.retrieval.kept import discard, kept_dir
-
-    discard(kept_dir(out))  # what an interrupted `index add` kept was for the index replaced
+    _forget_replaced(out)
     reused = (f", {summary.shards_reused} reused from an interrupted run"
               if summary.shards_reused else "")
     shards = f"; {plural(summary.shards, 'shard')}{reused}" if sharded else ""
@@ -215,6 +219,16 @@ def index_build(
         f"{plural(summary.passages, 'passage')} into {summary.out} in {summary.seconds:.1f} s "
         f"({plural(len(summary.skipped), 'source')} skipped{shards})"
     )
+
+
+def _forget_replaced(out: Path) -> None:
+    """Remove what interrupted commands kept for the index a build has replaced at ``out``
+    (a rerun of them would undo the build): an add's embeddings, a sharded build's shards."""
+    from citeqa.distributed.sharded import default_work_dir, discard_work
+    from citeqa.retrieval.kept import discard, kept_dir
+
+    discard(kept_dir(out))
+    discard_work(default_work_dir(out))
 
 
 def _finished_shards(work: Path) -> int:
@@ -260,8 +274,10 @@ def _retried(change: Callable[[], T]) -> T:
 
 
 @contextlib.contextmanager
-def _changing(directory: Path) -> Iterator[None]:
-    """How ``index add`` and ``index remove`` fail: one line, and the index as it was."""
+def _changing(directory: Path, rerun: str = "run the same command again to finish it",
+              ) -> Iterator[None]:
+    """How ``index add`` and ``index remove`` fail: one line, and the index as it was;
+    ``rerun``: what finishes a change a Ctrl-C cut short."""
     try:
         yield
     except IndexChangedError:
@@ -273,7 +289,7 @@ def _changing(directory: Path) -> Iterator[None]:
         raise fail(f"could not write the index at {directory}: {e}; it is as it was") from None
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted: the index at {directory} holds all of this change or none "
-                   "of it; run the same command again to finish it", err=True)
+                   f"of it; {rerun}", err=True)
         raise typer.Exit(130) from None
 
 
@@ -378,7 +394,10 @@ def index_remove(
     """Remove documents from the index at --index, in place (atomically)."""
     directory = open_index_dir(index)
     held: set[str] = set()  # the ids an earlier attempt found: gone since is not "missing"
-    with _changing(directory):
+    # a rerun of a removal that went in finds the ids gone: without --missing-ok, an error
+    rerun = ("run the same command again to finish it" if missing_ok else
+             "run the same command again with --missing-ok to finish it")
+    with _changing(directory, rerun):
         gone, missing, left = _retried(lambda: _remove(
             directory, list(dict.fromkeys(doc_ids)), missing_ok=missing_ok, held=held))
     by_other = [i for i in held if i not in gone and i not in left.documents]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -369,6 +370,79 @@ def test_a_resumable_build_cut_short_embeds_only_the_rest(tmp_path: Path,
     assert code == 0, err
     assert "6 shards, 3 reused from an interrupted run" in out
     assert len(_hits(tmp_path / "idx", "river")) == 4
+
+
+def test_a_plain_rebuild_forgets_an_interrupted_builds_shards(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``index info`` went on offering the shards of a resumable build cut short after a plain
+    build had replaced the index (their rerun would have replaced it again)."""
+    import citeqa.distributed.sharded as sharded
+
+    finish, made = sharded.finish_shard, []
+
+    def at_third(staged, job, embedder):  # type: ignore[no-untyped-def]
+        if len(made) == 3:
+            raise KeyboardInterrupt
+        made.append(1)
+        return finish(staged, job, embedder)
+
+    monkeypatch.setattr(sharded, "finish_shard", at_third)
+    code, _, err = _cli("index", "build", "--preset", "tiny", str(_files(tmp_path / "b", BOOKS)),
+                        "--out", str(tmp_path / "idx"), "--resumable", "--shard-chars", "100",
+                        "--no-progress")
+    assert code == 130 and "3 shards finished so far are kept" in err
+    monkeypatch.undo()
+    _build(tmp_path / "idx", _files(tmp_path / "docs", FIRST))  # a plain build, to the end
+    assert not (tmp_path / ".idx.build").exists()
+    code, out, _ = _cli("index", "info", "-i", str(tmp_path / "idx"), "--json")
+    assert code == 0 and json.loads(out)["kept_shards"] == 0
+
+
+def test_a_build_cut_short_after_its_swap_says_the_new_index_is_in(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C while the old index was removed (seconds, for a large one) said the build had
+    not happened, to run it again, and left an earlier add's kept embeddings behind."""
+    import citeqa.retrieval as retrieval
+
+    _build(tmp_path / "idx", _files(tmp_path / "old", FIRST))
+    kept = tmp_path / ".idx.add"
+    kept.mkdir()
+    np.savez(kept / "part.npz", hashes=np.zeros((1, 16), np.uint8),
+             vectors=np.zeros((1, 8), np.float32))
+    build = retrieval.build_index
+
+    def swapped_then_interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        build(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(retrieval, "build_index", swapped_then_interrupted)
+    docs = _files(tmp_path / "docs", {**FIRST, **MORE})
+    code, _, err = _cli("index", "build", "--preset", "tiny", str(docs), "--out",
+                        str(tmp_path / "idx"), "--no-progress")
+    assert code == 130 and "once the new index was in" in err and "run the same" not in err
+    code, out, _ = _cli("index", "info", "-i", str(tmp_path / "idx"), "--json")
+    assert json.loads(out)["documents"] == 4 and not kept.exists()
+
+
+def test_a_removal_cut_short_after_its_swap_says_how_to_finish_it(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """It said to run the same command again, which then failed: the ids were gone."""
+    import citeqa.retrieval.updates as updates
+
+    _build(tmp_path / "idx", _files(tmp_path / "docs", {**FIRST, **MORE}))
+    doc_id = _cli("index", "list", "-i", str(tmp_path / "idx"))[1].splitlines()[1].split("\t")[0]
+    apply = updates.apply_update
+
+    def applied_then_interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        apply(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(updates, "apply_update", applied_then_interrupted)
+    code, _, err = _cli("index", "remove", doc_id, "-i", str(tmp_path / "idx"))
+    assert code == 130 and "run the same command again with --missing-ok" in err
+    monkeypatch.undo()
+    code, out, err = _cli("index", "remove", doc_id, "-i", str(tmp_path / "idx"), "--missing-ok")
+    assert code == 0 and "1 not in it" in out, err
 
 
 @pytest.mark.parametrize(("option", "says"), [

@@ -188,3 +188,16 @@ def _clean(job: ShardJob) -> None:
     (Path(job.work) / MARKER).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         Path(job.work).rmdir()
+
+
+def discard_work(work: Path) -> None:
+    """Remove what an interrupted sharded build kept in ``work`` once another build replaced
+    the index it was for (a rerun of it would replace the new one); nothing while a build runs
+    there (it holds the directory's lock)."""
+    if not Path(work).is_dir():
+        return
+    try:
+        with run_lock(work, "index build"):
+            _clean(ShardJob(RetrievalConfig(), str(work)))  # (a job only for its paths)
+    except ConfigError:
+        log.info("a build is running in %s; its shards are left alone", work)

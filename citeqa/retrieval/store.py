@@ -385,11 +385,11 @@ class Index:
         """
         directory = Path(directory)
         for attempt in range(1, LOAD_TRIES + 1):
-            before = _folder_id(directory)
+            before = folder_id(directory)
             try:
                 return cls._load_once(directory, verify=verify)
             except (IndexError_, OSError) as e:
-                swapped = _folder_id(directory) != before or bool(siblings(directory, "old"))
+                swapped = folder_id(directory) != before or bool(siblings(directory, "old"))
                 if attempt < LOAD_TRIES and swapped:
                     log.info("index %s changed while it was read; reading it again", directory)
                     time.sleep(0.05 * attempt)
@@ -476,7 +476,7 @@ def manifest_version(manifest: dict[str, Any]) -> str:
 LOAD_TRIES = 5  # reads of an index another process keeps swapping (see Index.load)
 
 
-def _folder_id(directory: Path) -> tuple[int, int] | None:
+def folder_id(directory: Path) -> tuple[int, int] | None:
     """Which folder stands at ``directory`` now (device, inode): a swap puts another there."""
     try:
         st = os.stat(directory)
