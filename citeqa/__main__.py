@@ -1,5 +1,6 @@
 """The ``citeqa`` command (and ``python -m citeqa``): the CLI of ``citeqa.cli``, whose imports
-take a noticeable moment; Ctrl-C during them ends as quietly as during a command. What the
+take a noticeable moment; Ctrl-C during them (or while the commands are set up) ends as quietly
+as during a command. What the
 operating system refuses (a path under a file, a full disk, a folder where a file should be)
 ends in one ``error:`` line, status 2, as a user's mistake does (a traceback with --verbose).
 ``--verbose``/``-v`` belongs to ``citeqa`` itself, but is taken after a subcommand too."""
@@ -21,14 +22,20 @@ def verbose_first(args: list[str]) -> list[str]:
     return flags[:1] + [a for a in head if a not in VERBOSE_FLAGS] + args[end:]
 
 
+def _interrupted() -> SystemExit:
+    sys.stderr.write("\ninterrupted\n")
+    return SystemExit(130)
+
+
 def main() -> None:
     try:
         from citeqa.cli import app
     except KeyboardInterrupt:
-        sys.stderr.write("\ninterrupted\n")
-        raise SystemExit(130) from None
+        raise _interrupted() from None
     try:
         app(args=verbose_first(sys.argv[1:]))
+    except KeyboardInterrupt:  # outside any command's own handling: while typer builds the
+        raise _interrupted() from None  # commands from their signatures, say
     except OSError as e:
         from citeqa import logs
 

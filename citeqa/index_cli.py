@@ -118,8 +118,8 @@ def index_build(
     shard_chars: Annotated[
         int | None,
         typer.Option("--shard-chars", min=1, help="--ray or --resumable: characters of "
-                     "documents per shard "
-                     "(the unit of work and of resuming; default 2,000,000)."),
+                     "documents per shard (the unit of work and of resuming; default "
+                     "2,000,000); each file or page is one shard at least."),
     ] = None,
     max_chars: Annotated[
         int | None, typer.Option("--max-chars", help="Maximum passage length in characters.")
@@ -150,6 +150,10 @@ def index_build(
         raise fail("--nprobe and --nlist only apply with --dense-index ivf")
     if bm25_only and (hnsw or dense_index != "auto"):
         raise fail("--bm25-only builds no dense index: drop --hnsw / --dense-index")
+    try:  # a mistyped preset is an error with --if-missing too, whatever is at --out
+        cfg = preset(preset_name).retrieval
+    except CiteqaError as e:
+        raise fail(str(e)) from None
     if if_missing:
         try:
             recover_index(out)
@@ -168,7 +172,6 @@ def index_build(
     sharded = ray is not None or resumable  # resumable: its shards outlive a stop
     before = folder_id(real_path(out))  # a swap puts another folder there
     try:
-        cfg = preset(preset_name).retrieval
         if bm25_only:
             cfg = replace(cfg, dense=False)
         if hnsw:
@@ -217,7 +220,7 @@ def index_build(
     typer.echo(
         f"indexed {plural(summary.documents, 'document')} as "
         f"{plural(summary.passages, 'passage')} into {summary.out} in {summary.seconds:.1f} s "
-        f"({plural(len(summary.skipped), 'source')} skipped{shards})"
+        f"({len(summary.skipped)} skipped{shards})"  # files, pages, or a JSONL's lines
     )
 
 
@@ -503,7 +506,11 @@ def _dense_line(spec: dict[str, Any] | None, removed_rows: int | None) -> str:
                    if removed_rows else "")
         return f"hnsw (M {spec.get('hnsw_m')}, efSearch {spec.get('ef_search')}{removed})"
     if kind == "ivf":
-        return f"ivf ({spec.get('nlist') or 'auto'} cells, {spec.get('nprobe')} probed)"
+        nlist, nprobe = spec.get("nlist"), spec.get("nprobe")
+        if not nlist:
+            return f"ivf (auto cells, {nprobe} probed)"
+        probed = "all" if nprobe is not None and nprobe >= nlist else nprobe  # FAISS caps it
+        return f"ivf ({plural(nlist, 'cell')}, {probed} probed)"
     return str(kind)
 
 

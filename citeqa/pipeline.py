@@ -263,7 +263,8 @@ class Pipeline:
                     "target_accuracy is certified only for answers like those the reward model "
                     "was calibrated on, and this request's own options give others: "
                     f"{'; '.join(differ)}. Leave those options at the service's settings, or "
-                    "pass min_score instead", status=422, code="uncertified_options")
+                    "pass min_score (--min-score) instead", status=422,
+                    code="uncertified_options")
         return replace(args, question=question, min_score=min_score, target_accuracy=None)
 
     def options_off_calibration(self, args: AskArgs) -> list[str]:
@@ -395,7 +396,8 @@ class Pipeline:
         elif best is None or best.quote is None:
             reason = (
                 "no candidate had a quote that could be verified in the sources; rephrase the "
-                "question (through the API, n_candidates can also ask for more candidates)"
+                "question (n_candidates, -n on the command line, can also ask for more "
+                "candidates)"
             )
         elif best.score is None:  # a scorer failed (NaN) on every candidate with a quote
             who = ("the reward model failed to score" if self.scorer is not None else
@@ -551,7 +553,7 @@ class Pipeline:
         if self.scorer is None:
             raise InvalidRequestError(
                 "target_accuracy needs a calibrated reward model, and none is loaded; "
-                "pass min_score instead",
+                "pass min_score (--min-score) instead",
                 status=422,
                 code="needs_calibration",
             )

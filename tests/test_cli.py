@@ -240,7 +240,7 @@ def test_an_interrupted_build_says_the_index_is_unchanged(corpus, tmp_path, monk
     out = tmp_path / "index"
     result = build(corpus, out)
     assert result.exit_code == 0 and "documents as 3 passages" in result.output
-    assert "(1 source skipped)" in result.output  # blob.bin
+    assert "(1 skipped)" in result.output  # blob.bin
     before = (out / "manifest.json").read_text()
 
     def interrupted(*_a, **_k):
@@ -273,6 +273,17 @@ def test_ctrl_c_while_the_command_still_imports_ends_quietly() -> None:
                           timeout=120)
     assert done.returncode == 130, done.stderr
     assert done.stderr.strip() == "interrupted"
+    # and while typer builds the commands from their signatures (a traceback, before)
+    child = ("import sys, typer.main\n"
+             "def interrupt(*args, **kwargs):\n"
+             "    raise KeyboardInterrupt\n"
+             "typer.main.get_command = interrupt\n"
+             "sys.argv = ['citeqa', 'index', 'info']\n"
+             "from citeqa.__main__ import main\n"
+             "main()\n")
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 130 and done.stderr.strip() == "interrupted", done.stderr
 
 
 def test_what_the_system_refuses_is_one_line_and_a_traceback_with_verbose(
@@ -352,6 +363,9 @@ def test_if_missing_builds_only_where_no_index_is_not_even_one_a_crash_left(
                 "--no-progress", "--if-missing")
     assert again.exit_code == 0 and "holds an index already; not rebuilt" in again.output
     assert (out / "manifest.json").read_text() == manifest
+    typo = run("index", "build", str(corpus), "--out", str(out), "--preset", "tinyy",
+               "--no-progress", "--if-missing")  # said "not rebuilt", exit 0
+    assert typo.exit_code == 2 and "unknown preset 'tinyy'" in typo.output
     out.rename(tmp_path / f".index.old-{2**30}")  # killed between its two renames
     again = run("index", "build", str(corpus), "--out", str(out), "--preset", "tiny",
                 "--no-progress", "--if-missing")

@@ -500,3 +500,13 @@ def test_shards_wait_beside_the_folder_a_link_names(tmp_path: Path) -> None:
     (tmp_path / "link").symlink_to(tmp_path / "real")
     assert default_work_dir(tmp_path / "link") == tmp_path / ".real.build"
     assert default_work_dir(tmp_path / "plain") == tmp_path / ".plain.build"
+
+
+def test_info_names_the_ivf_cells_probed_as_faiss_probes_them() -> None:
+    """A tiny IVF index was said to have "1 cells, 128 probed"."""
+    from citeqa.index_cli import _dense_line
+
+    assert _dense_line({"kind": "ivf", "nlist": 1, "nprobe": 128}, None) == (
+        "ivf (1 cell, all probed)")
+    assert _dense_line({"kind": "ivf", "nlist": 256, "nprobe": 16}, None) == (
+        "ivf (256 cells, 16 probed)")
