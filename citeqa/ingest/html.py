@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from html.parser import HTMLParser
 
@@ -54,6 +55,29 @@ _BLOCK = frozenset(
 _VOID = frozenset(
     {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
 )
+# End tags a browser implies (HTML's tree construction, in short): a start tag of the first set
+# closes an open element of the second, looked for from the innermost out, but not past an
+# element of the third (or of _SCOPE). Without them a hidden <p> or <li> whose end tag the
+# page leaves out hid every paragraph or item after it.
+_CLOSES_P = frozenset(
+    {
+        "address", "article", "aside", "blockquote", "details", "div", "dl", "fieldset",
+        "figcaption", "figure", "footer", "form", "h1", "h2", "h3", "h4", "h5", "h6", "header",
+        "hr", "main", "menu", "nav", "ol", "p", "pre", "section", "summary", "table", "ul",
+    }
+)  # fmt: skip
+_IMPLIED: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "li": (frozenset({"li"}), frozenset({"ul", "ol", "menu"})),
+    "dt": (frozenset({"dt", "dd"}), frozenset({"dl"})),
+    "dd": (frozenset({"dt", "dd"}), frozenset({"dl"})),
+    "tr": (frozenset({"tr", "td", "th"}), frozenset({"table", "thead", "tbody", "tfoot"})),
+    "td": (frozenset({"td", "th"}), frozenset({"tr", "table"})),
+    "th": (frozenset({"td", "th"}), frozenset({"tr", "table"})),
+    "option": (frozenset({"option"}), frozenset({"select", "datalist", "optgroup"})),
+    "body": (frozenset({"head"}), frozenset()),  # a missing </head> must not hide the page
+}
+_SCOPE = frozenset({"applet", "button", "caption", "html", "marquee", "object", "table", "td",
+                    "th", "template"})
 _SPACE_RE = re.compile(r"\s+")
 _BREAKS_RE = re.compile(r"\n{3,}")
 # A markdown heading line; its text is group 1 less a closing run of spaces and #s (_heading).
@@ -85,9 +109,14 @@ class _Extractor(HTMLParser):
         super().__init__(convert_charrefs=True)  # entities arrive unescaped in handle_data
         self.pieces: list[str] = []
         self.title_parts: list[str] = []
-        self._skip_stack: list[str] = []  # open non-visible elements, innermost last
+        # open elements, innermost last: (tag, whether it hides its content, whether it is
+        # shown); every one, so that a hidden element ends at its own end tag, not at a nested
+        # one of the same name
+        self._open: list[tuple[str, bool, bool]] = []
+        self._count: Counter[str] = Counter()  # open elements by tag
+        self._hiding = 0  # open elements that hide their content
         self._in_title = False
-        self._pre = 0  # depth of open <pre> elements
+        self._pre = 0  # open <pre> elements that are shown
         self._deadline = deadline
 
     def _tick(self) -> None:
@@ -106,20 +135,46 @@ class _Extractor(HTMLParser):
     def unknown_decl(self, data: str) -> None:
         self._tick()
 
+    def _close_from(self, i: int) -> None:
+        """Close the open element at position ``i`` and every one inside it."""
+        for tag, hides, shown in self._open[i:]:
+            self._count[tag] -= 1
+            self._hiding -= hides
+            self._pre -= tag == "pre" and shown
+        del self._open[i:]
+
+    def _innermost(self, tags: frozenset[str], stops: frozenset[str]) -> int | None:
+        """Position of the innermost open element of ``tags``, unless one of ``stops`` (or
+        of ``_SCOPE``) is open inside it; None when there is none."""
+        if not any(self._count[t] for t in tags):
+            return None
+        for i in range(len(self._open) - 1, -1, -1):
+            tag = self._open[i][0]
+            if tag in tags:
+                return i
+            if tag in stops or tag in _SCOPE:
+                return None
+        return None
+
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self._tick()
         if tag == "title":  # only the page's first <title>, not an <svg><title>
-            self._in_title = not self.title_parts and all(t == "head" for t in self._skip_stack)
+            self._in_title = not self.title_parts and all(
+                t == "head" for t, hides, _ in self._open if hides)
             return
-        if tag == "body":  # a missing </head> must not hide the whole page
-            self._skip_stack = [t for t in self._skip_stack if t != "head"]
-        if self._skip_stack:
-            if tag in _SKIP:
-                self._skip_stack.append(tag)
-            return
-        if tag in _SKIP or _hidden(attrs):
-            if tag not in _VOID:
-                self._skip_stack.append(tag)
+        implied = [_IMPLIED[tag]] if tag in _IMPLIED else []
+        if tag in _CLOSES_P:
+            implied.append((frozenset({"p"}), frozenset()))
+        for closes, stops in implied:
+            if (i := self._innermost(closes, stops)) is not None:
+                self._close_from(i)
+        hides = tag in _SKIP or _hidden(attrs)
+        shown = not self._hiding and not hides
+        if tag not in _VOID:
+            self._open.append((tag, hides, shown))
+            self._count[tag] += 1
+            self._hiding += hides
+        if not shown:
             return
         if tag == "br":
             self.pieces.append("\n")
@@ -130,10 +185,10 @@ class _Extractor(HTMLParser):
 
     def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self._tick()
-        # <br/>, <img/>...: a self-closed element never opens a skip region.
-        if not self._skip_stack and tag == "br":
+        # <br/>, <img/>...: a self-closed element opens nothing, so hides nothing.
+        if not self._hiding and tag == "br":
             self.pieces.append("\n")
-        elif not self._skip_stack and tag in _BLOCK:
+        elif not self._hiding and tag in _BLOCK:
             self.pieces.append("\n\n")
 
     def handle_endtag(self, tag: str) -> None:
@@ -141,22 +196,21 @@ class _Extractor(HTMLParser):
         if tag == "title":
             self._in_title = False
             return
-        if self._skip_stack:
-            if tag in self._skip_stack:
-                # close it and anything left open inside it
-                last = len(self._skip_stack) - 1 - self._skip_stack[::-1].index(tag)
-                del self._skip_stack[last:]
+        if not self._count[tag]:  # nothing of that name is open: ignored, as browsers do
             return
-        if tag in _BLOCK:
+        i = len(self._open) - 1
+        while self._open[i][0] != tag:
+            i -= 1
+        shown = self._open[i][2]
+        self._close_from(i)  # it, and anything left open inside it
+        if shown and tag in _BLOCK:
             self.pieces.append("\n\n")
-            if tag == "pre" and self._pre:
-                self._pre -= 1
 
     def handle_data(self, data: str) -> None:
         self._tick()
         if self._in_title:
             self.title_parts.append(data)
-        elif not self._skip_stack:
+        elif not self._hiding:
             self.pieces.append(data if self._pre else _SPACE_RE.sub(" ", data))
 
 
