@@ -357,6 +357,11 @@ def test_two_urls_to_one_page_make_one_document_as_in_a_plain_build() -> None:
     # files (no URL) with one source are not pages: both kept, as load_sources keeps them
     merged = merge_shards([shard("a", first), shard("b", second)], dense=False)
     assert len(merged.documents) == 2
+    # another spelling of the page's address is the same page (a fragment, the host's case)
+    third = Document("id-frag", "Page", "https://EXAMPLE.org/page#top", "The page text.")
+    merged = merge_shards([shard("a", first), shard("c", third)], dense=False,
+                          urls=["https://example.org/old", "https://example.org/page#top"])
+    assert [d.doc_id for d in merged.documents] == ["id-old"]
 
 
 def test_a_staging_worker_reads_relative_paths_from_the_drivers_folder(

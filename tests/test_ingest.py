@@ -76,6 +76,10 @@ def test_md_title_is_first_heading(tmp_path: Path) -> None:
     (doc,) = load(f).documents
     assert doc.title == "The Real Title"
     assert doc.text == f.read_bytes().decode()
+    f.write_text("#  \n\nHello world. This is text.\n\n# Next\n", encoding="utf-8")
+    assert load(f).documents[0].title == "Next"  # a heading of spaces only titled it ""
+    f.write_text("#  \n\nHello world. This is text.\n", encoding="utf-8")
+    assert load(f).documents[0].title == "notes.md"
 
 
 def test_txt_title_strips_heading_marker_and_is_capped(tmp_path: Path) -> None:
@@ -666,6 +670,13 @@ def test_two_urls_that_lead_to_one_page_are_one_document() -> None:
                                                     "https://example.com/other"]
     assert reasons(result) == ("https://example.com/old: the same page as "
                                "https://example.com/page (both lead to https://example.com/page)")
+    # other spellings of one page's address (a fragment, an escaped letter, the host's case)
+    # are one page too, as POST /v1/documents takes them (they were three documents)
+    result = load("https://example.com/a", "https://example.com/a#part", "https://example.com/%61",
+                  "https://EXAMPLE.com/a", fetcher=fetcher)
+    assert [d.source for d in result.documents] == ["https://example.com/a"]
+    assert len(result.skipped) == 3
+    assert all("the same page as https://example.com/a" in s.reason for s in result.skipped)
 
 
 def test_progress_bar_goes_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -700,3 +711,43 @@ def test_a_long_run_of_hashes_after_a_heading_is_read_once() -> None:
 
     title = title_from_text("# a" + "#" * 65_400 + "x", "fallback", markdown=True)
     assert title.startswith("a####") and len(title) <= 200
+
+
+def test_a_json_document_with_something_after_it_is_not_read_as_json_lines(
+        tmp_path: Path) -> None:
+    """A pretty-printed list followed by a stray "]" was read line by line: one of its records
+    indexed, the others lost to "invalid JSON" lines."""
+    extra = tmp_path / "extra.json"
+    extra.write_text('[\n {"text": "x"},\n {"text": "y"}\n]\n]\n')
+    lines = tmp_path / "lines.json"  # JSON lines under a .json name: still read so
+    lines.write_text('{"text": "a"}\r\n{"text": "b"}\r\n')
+    result = load(extra, lines)
+    assert [d.text for d in result.documents] == ["a", "b"]
+    skipped, = result.skipped
+    assert skipped.reason == "invalid JSON at line 5 column 1: Extra data; fix the file"
+
+
+def test_an_html_files_byte_order_mark_is_no_part_of_its_text(tmp_path: Path) -> None:
+    page = tmp_path / "bom.html"
+    page.write_bytes(b"\xef\xbb\xbf<p>hi there</p>")
+    assert load(page).documents[0].text == "hi there"  # as a fetched page's
+
+
+def test_a_latin_1_page_with_a_byte_windows_1252_leaves_undefined(tmp_path: Path) -> None:
+    """One such byte made the whole page Latin-1: its curly quotes became C1 controls."""
+    page = tmp_path / "page.html"
+    page.write_bytes(b'<meta charset="iso-8859-1"><p>caf\xe9 \x93quoted\x94 \x81</p>')
+    doc, = load(page).documents
+    assert doc.text == "caf\u00e9 \u201cquoted\u201d \x81"  # as a browser reads it
+
+
+def test_an_html_file_named_in_no_utf_8_is_titled_by_its_printable_name(tmp_path: Path) -> None:
+    """Without a <title>, its raw name (a lone surrogate) was the title, and the file was
+    skipped for it; a .txt file of that name was not."""
+    name = os.fsdecode(b"caf\xe9.html")
+    (tmp_path / name).write_text("<p>some visible text</p>")
+    result = load(tmp_path / name)
+    assert result.skipped == [] and len(result.documents) == 1
+    title = result.documents[0].title
+    title.encode("utf-8")  # no lone surrogate
+    assert title.startswith("caf") and title.endswith(".html")

@@ -48,6 +48,24 @@ def text_codec(name: str | bytes | None) -> str | None:
     return _AS_BROWSERS_READ.get(info.name, info.name)
 
 
+def _c1_control(error: UnicodeError) -> tuple[str, int]:
+    """The five bytes Python's cp1252 leaves undefined (0x81, 0x8D, 0x8F, 0x90, 0x9D) read as
+    the WHATWG windows-1252 decoder reads them: the C1 controls of the same numbers."""
+    assert isinstance(error, UnicodeDecodeError), error
+    return error.object[error.start:error.end].decode("latin-1"), error.end
+
+
+codecs.register_error("citeqa-windows-1252", _c1_control)
+
+
+def decode(data: bytes, codec: str, *, errors: str = "strict") -> str:
+    """``data`` in ``codec``; windows-1252 as browsers decode it (an undefined byte there made
+    the whole page Latin-1 or U+FFFD)."""
+    if codec == "cp1252":
+        return data.decode("cp1252", errors="citeqa-windows-1252")
+    return data.decode(codec, errors=errors)
+
+
 def bom_codec(data: bytes) -> tuple[str, int] | None:
     """``(codec, length of the mark)`` when ``data`` starts with a byte-order mark."""
     for bom, name in _BOMS:
@@ -82,4 +100,4 @@ def decode_page(data: bytes, declared: str | None, *, html: bool) -> str:
     if bom is not None:
         return data[bom[1]:].decode(bom[0], errors="replace")
     codec = text_codec(declared) or (meta_charset(data) if html else None) or "utf-8"
-    return data.decode(codec, errors="replace")
+    return decode(data, codec, errors="replace")

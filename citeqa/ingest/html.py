@@ -261,13 +261,15 @@ def title_from_text(text: str, fallback: str, *, markdown: bool = False) -> str:
     that is the text's first sentence must not become it: its words would match every
     passage."""
     text = text.removeprefix("\ufeff")  # a byte-order mark is no part of the title
-    if markdown:
-        m = _HEADING_RE.search(text)
-        if m:
-            return cap_title(_heading(m).strip())
+    if markdown:  # the first heading with words ("#  " titled a document "")
+        for found in _HEADING_RE.finditer(text):
+            if heading := _SPACE_RE.sub(" ", _heading(found)).strip():
+                return cap_title(heading)
     lines = text.splitlines()
     for i, line in enumerate(lines):
         line = line.strip()
+        if line.strip("#") == "" and len(line) <= 6:  # an empty heading ("#", "##  ")
+            continue
         if line:
             m = _HEADING_RE.match(line)
             if m:

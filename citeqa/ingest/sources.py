@@ -38,8 +38,8 @@ from typing import Any
 from tqdm import tqdm
 
 from citeqa.errors import FetchError, SourceError
-from citeqa.ingest.encoding import meta_declared
-from citeqa.ingest.fetch import Fetcher, FetchPolicy
+from citeqa.ingest.encoding import decode, meta_declared
+from citeqa.ingest.fetch import Fetcher, FetchPolicy, page_key
 from citeqa.ingest.html import cap_title, extract_html, title_from_text
 from citeqa.text import is_blank
 from citeqa.types import DOC_ID_PATTERN, MAX_DOC_ID_CHARS, Document
@@ -123,7 +123,7 @@ def load_sources(
     items, result.skipped = expand_sources(sources)
     fetcher = fetcher or Fetcher(FetchPolicy())
     first_seen: dict[str, str] = {}  # doc_id -> source of the document that kept it
-    pages: dict[str, str] = {}  # a fetched page's final URL -> the URL that first reached it
+    pages: dict[str, str] = {}  # a fetched page (page_key) -> the URL that first reached it
     bar = tqdm(items, desc="loading sources", unit="src", disable=not progress, file=sys.stderr)
     for item in bar:
         for entry in load_item(item, fetcher):
@@ -131,11 +131,12 @@ def load_sources(
                 result.skipped.append(entry)
             elif entry.doc_id in first_seen:
                 result.skipped.append(duplicate(entry, first_seen[entry.doc_id]))
-            elif isinstance(item, str) and entry.source in pages:  # two URLs, one page
-                result.skipped.append(same_page(item, pages[entry.source], entry.source))
+            elif isinstance(item, str) and page_key(entry.source) in pages:  # one page
+                result.skipped.append(same_page(item, pages[page_key(entry.source)],
+                                                entry.source))
             else:
                 if isinstance(item, str):
-                    pages[entry.source] = item
+                    pages[page_key(entry.source)] = item
                 first_seen[entry.doc_id] = entry.source
                 result.documents.append(entry)
     for s in result.skipped:  # the caller reports them (`citeqa index build` prints each once)
@@ -315,7 +316,7 @@ def _load_file(path: Path) -> Iterator[Document | Skipped]:
     source = _printable(str(path))  # a name that is not UTF-8 (surrogates) written as escapes
     if suffix in HTML_EXTENSIONS:
         page = extract_html(_decode_html(data))
-        yield _single(source, page.title or path.name, page.text)
+        yield _single(source, page.title or _printable(path.name), page.text)
     elif suffix in JSON_EXTENSIONS:
         yield from _load_json(path, _decode_text(data))
     else:  # .txt, .md, or a file named explicitly
@@ -347,9 +348,10 @@ def _decode_text(data: bytes) -> str:
 
 
 def _decode_html(data: bytes) -> str:
-    """HTML bytes as text: UTF-8, else the charset its <meta> declares."""
+    """HTML bytes as text: UTF-8, else the charset its <meta> declares; without a byte-order
+    mark (its text is extracted, not kept byte for byte; a fetched page drops it too)."""
     try:
-        return _decode_text(data)
+        return _decode_text(data).removeprefix("\ufeff")
     except _SkipError:
         declared = meta_declared(data)
         if declared is None or b"\x00" in data:
@@ -359,11 +361,9 @@ def _decode_html(data: bytes) -> str:
         if codec is None:
             raise refused from None
         try:
-            return data.decode(codec)
+            return decode(data, codec)
         except UnicodeError:
-            if codec != "cp1252":
-                raise refused from None
-            return data.decode("latin-1")  # the bytes windows-1252 leaves undefined
+            raise refused from None
 
 
 # --------------------------------------------------------------------------- JSON formats
@@ -382,6 +382,23 @@ def _load_json(path: Path, text: str) -> Iterator[Document | Skipped]:
             "it" if one else "them", MAX_DOC_ID_CHARS, some)
 
 
+def _line_end(text: str) -> str:
+    """What ends a JSON Lines file's lines: "\n" ("\r\n" less its "\r"), or "\r" alone
+    (old Mac files)."""
+    return "\n" if "\n" in text or "\r" not in text else "\r"
+
+
+def _first_line_is_json(text: str) -> bool:
+    """Whether the first non-blank line of ``text`` is a JSON value on its own (lines as
+    ``_json_documents`` reads them)."""
+    first = next((line for line in text.split(_line_end(text)) if line.strip()), "")
+    try:
+        json.loads(first)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
 def _json_documents(path: Path, text: str, hashed: list[str]) -> Iterator[Document | Skipped]:
     source = _printable(str(path))
     text = text.removeprefix("\ufeff")  # a byte-order mark: JSON's offsets are not the file's
@@ -389,7 +406,9 @@ def _json_documents(path: Path, text: str, hashed: list[str]) -> Iterator[Docume
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            if e.msg != "Extra data":  # "Extra data": several values, i.e. JSON lines
+            # "Extra data": several values, i.e. JSON lines, if the first line is one value
+            # (else a JSON document with something after it, not to be read line by line)
+            if e.msg != "Extra data" or not _first_line_is_json(text):
                 raise _SkipError(
                     f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}; fix the file"
                 ) from None
@@ -414,8 +433,7 @@ def _json_documents(path: Path, text: str, hashed: list[str]) -> Iterator[Docume
     n_lines = 0
     # lines end at "\n" only: JSON strings may hold U+2028, U+2029 and U+0085 as they are,
     # which str.splitlines would take for line ends
-    ends = "\n" if "\n" in text or "\r" not in text else "\r"  # old Mac files: \r alone
-    for lineno, line in enumerate(text.split(ends), start=1):
+    for lineno, line in enumerate(text.split(_line_end(text)), start=1):
         line = line.removesuffix("\r")
         if not line.strip():
             continue

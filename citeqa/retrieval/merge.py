@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from citeqa.config import RetrievalConfig
 from citeqa.errors import EmptyCorpusError, IndexError_
-from citeqa.ingest import Skipped, duplicate, same_page
+from citeqa.ingest import Skipped, duplicate, page_key, same_page
 from citeqa.retrieval.bm25 import BM25Index, TermCounts, concat_counts
 from citeqa.retrieval.builder import no_documents
 from citeqa.retrieval.dense import DenseIndex, DenseSpec
@@ -54,7 +54,7 @@ def merge_shards(shards: Iterable[Shard], *, dense: bool,
     ``load_sources`` keeps it."""
     merged = Merged()
     first_seen: dict[str, str] = {}  # doc_id -> the source of the document that kept it
-    pages: dict[str, str] = {}  # a fetched page's final URL -> the URL that first reached it
+    pages: dict[str, str] = {}  # a fetched page (page_key) -> the URL that first reached it
     spans, rows, counts, vectors = [], [], [], []
     for shard, url in zip(shards, urls if urls is not None else repeat(None), strict=False):
         merged.skipped.extend(Skipped(s["source"], s["reason"]) for s in shard.skipped)
@@ -63,11 +63,11 @@ def merge_shards(shards: Iterable[Shard], *, dense: bool,
             if doc.doc_id in first_seen:
                 merged.skipped.append(duplicate(doc, first_seen[doc.doc_id]))
                 continue
-            if url is not None and doc.source in pages:
-                merged.skipped.append(same_page(url, pages[doc.source], doc.source))
+            if url is not None and page_key(doc.source) in pages:
+                merged.skipped.append(same_page(url, pages[page_key(doc.source)], doc.source))
                 continue
             if url is not None:
-                pages[doc.source] = url
+                pages[page_key(doc.source)] = url
             first_seen[doc.doc_id] = doc.source
             new_row[r] = len(merged.documents)
             merged.documents.append(doc)
