@@ -100,20 +100,28 @@ def fail(message: str) -> typer.Exit:
 
 def check_out(out: Path, *, folder: bool, inputs: dict[str, Any] | None = None) -> None:
     """Refuse, before any work, an ``--out`` of the wrong kind (a file where a ``folder`` is
-    written, or a folder where a file is) or one that is also an input (``inputs``: option name
-    -> a path or paths): the output would be written over what it is made from."""
+    written, or a folder where a file is), one under a file (it cannot be made), or one that
+    is also an input or inside an input folder (``inputs``: option name -> a path or paths):
+    the output would be written over what it is made from (an index's own files, say)."""
     out = Path(out)
     if folder and out.is_file():
         raise fail(f"--out {out} is a file; name a folder to write")
     if not folder and out.is_dir():
         raise fail(f"--out {out} is a folder; name a file to write")
+    if blocker := next((p for p in out.parents if p.exists() and not p.is_dir()), None):
+        raise fail(f"--out {out} cannot be made: {blocker} is a file, not a folder")
     for option, given in (inputs or {}).items():
         paths = given if isinstance(given, list | tuple) else [given]
         for path in paths:
-            if path is not None and Path(path).exists() and out.exists() and (
-                    Path(path).resolve() == out.resolve()):
+            if path is None or not Path(path).exists():
+                continue
+            source, target = Path(path).resolve(), out.resolve()
+            if source == target:
                 raise fail(f"--out {out} is also the {option} it is made from; choose "
                            "another --out")
+            if source.is_dir() and source in target.parents:
+                raise fail(f"--out {out} is inside the {option} folder it is made from "
+                           f"({path}); choose another --out")
 
 
 def one_of(*allowed: str) -> Callable[[Any], Any]:

@@ -234,7 +234,18 @@ def test_cli_trains_a_local_model_whose_adapter_loads(tokenizer, tmp_path: Path)
              "is also the --base"),
             (["answerability", "--squad", str(demos), "--out", str(demos)], "is a file"),
             (["generator-data", "--dataset", str(demos), "--index", str(tmp_path),
-              "--out", str(tmp_path)], "is a folder")):
+              "--out", str(tmp_path)], "is a folder"),
+            # a file inside the index it reads (its manifest, say) was written over
+            (["generator-data", "--dataset", str(tmp_path / "none.json"), "--index",
+              str(tmp_path), "--out", str(tmp_path / "manifest.json")],
+             "is inside the --index folder"),
+            (["reward-data", "--from", "synthetic", "--dataset", str(tmp_path / "none.json"),
+              "--index", str(tmp_path), "--out", str(tmp_path / "documents.jsonl")],
+             "is inside the --index folder"),
+            # under a file: it said so only after all the work
+            (["generator-data", "--dataset", str(tmp_path / "none.json"), "--index",
+              str(tmp_path / "none"), "--out", str(demos / "d.jsonl")],
+             f"cannot be made: {demos} is a file")):
         r = CliRunner().invoke(main_app, ["train", *args])
         assert r.exit_code == 2 and said in r.output, (args, r.output)
     assert demos.read_text() == "{}\n"
