@@ -8,6 +8,7 @@ ends in one ``error:`` line, status 2, as a user's mistake does (a traceback wit
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 VERBOSE_FLAGS = ("-v", "--verbose")
 
@@ -27,15 +28,15 @@ def _interrupted() -> SystemExit:
     return SystemExit(130)
 
 
-def main() -> None:
+def guarded(run: Callable[[], object]) -> None:
+    """``run()`` (a command line's app), ending as a command's own errors do: Ctrl-C outside
+    any command's handling (while typer builds the commands from their signatures, say) in
+    "interrupted", status 130; what the operating system refuses in one ``error:`` line,
+    status 2 (a traceback with --verbose)."""
     try:
-        from citeqa.cli import app
+        run()
     except KeyboardInterrupt:
         raise _interrupted() from None
-    try:
-        app(args=verbose_first(sys.argv[1:]))
-    except KeyboardInterrupt:  # outside any command's own handling: while typer builds the
-        raise _interrupted() from None  # commands from their signatures, say
     except OSError as e:
         from citeqa import logs
 
@@ -44,6 +45,14 @@ def main() -> None:
         where = f": {e.filename}" if e.filename is not None else ""
         sys.stderr.write(f"error: {e.strerror or e}{where}\n")
         raise SystemExit(2) from None
+
+
+def main() -> None:
+    try:
+        from citeqa.cli import app
+    except KeyboardInterrupt:
+        raise _interrupted() from None
+    guarded(lambda: app(args=verbose_first(sys.argv[1:])))
 
 
 if __name__ == "__main__":

@@ -118,6 +118,14 @@ def test_run_then_compare(setup: tuple[Path, Path], tmp_path: Path) -> None:
     assert c.exit_code == 0 and c.stdout.startswith("note: a run has no predictions"), c.stdout
     assert "share only" not in c.stdout
 
+    # a run begun and not finished is said to be one (it was told to pass a run directory)
+    (bare / "metrics.json").unlink()
+    c = runner.invoke(app, ["eval", "compare", str(tmp_path / "A"), str(bare)])
+    assert c.exit_code == 2 and "is a run that has not finished" in c.output, c.output
+    (bare / "run.json").unlink()
+    c = runner.invoke(app, ["eval", "compare", str(tmp_path / "A"), str(bare)])
+    assert c.exit_code == 2 and "pass a directory written by `citeqa eval --out`" in c.output
+
     other = tmp_path / "other.jsonl"  # another dataset: the deltas compare other questions
     other.write_text(json.dumps({"id": "z", "question": "Where is it?", "answers": []}) + "\n")
     assert _eval(index, other, tmp_path / "C").exit_code == 0
@@ -252,3 +260,17 @@ def test_ctrl_c_ends_a_run_with_one_line(setup: tuple[Path, Path], tmp_path: Pat
     assert r.exit_code == 130, r.output
     assert "interrupted: what was finished is kept; run the same command again" in r.output
     assert "Traceback" not in r.output
+
+
+def test_the_module_entry_point_says_what_the_system_refuses_in_one_line(tmp_path: Path) -> None:
+    """``python -m citeqa.evals.cli`` (evals/regenerate.sh's) printed tracebacks for what
+    ``citeqa eval`` says in one line."""
+    import subprocess
+    import sys
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    done = subprocess.run([sys.executable, "-m", "citeqa.evals.cli", "compare", str(afile),
+                           str(afile)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == f"error: Not a directory: {afile / 'metrics.json'}"

@@ -156,9 +156,11 @@ def compare(
 
 def main() -> None:
     """Run the group on its own (``python -m citeqa.evals.cli``), before it is registered."""
+    from citeqa.__main__ import guarded
+
     setup_logging()
     keep_freed_memory()  # as the citeqa command does
-    eval_app(prog_name="citeqa eval")
+    guarded(lambda: eval_app(prog_name="citeqa eval"))  # what the OS refuses: one line
 
 
 if __name__ == "__main__":

@@ -40,6 +40,10 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         metrics = json.loads((run_dir / METRICS).read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if (run_dir / RUN_JSON).is_file():  # begun by `citeqa eval`, never finished
+            raise ConfigError(
+                f"{run_dir} is a run that has not finished (no {METRICS} yet); run the same "
+                "`citeqa eval` command again to finish it") from None
         raise ConfigError(
             f"{run_dir} has no {METRICS}; pass a directory written by `citeqa eval --out`"
         ) from None
