@@ -153,9 +153,44 @@ def test_training_learns_saves_resumes_and_reloads(tiny_encoder, tokenizer,
     assert (logits[1::2].min() > logits[0::2].max()).item()  # Rollo above Napoleon
     again = train_answerability(loaded, tok, examples, cfg, out=tmp_path / "a",
                                 extra={"examples": len(examples)}, progress=False)
-    assert again["seconds_this_run"] == 0.0  # finished: a rerun trains no step again
+    # finished: a rerun trains no step again, and reports the training (it reported nulls)
+    assert again == {**config["training"], "seconds_this_run": 0.0}
+    assert again["loss_first"] == record["loss_first"]
+    assert again["steps_timed"] == 36 and again["seconds_per_step"] is not None
     with pytest.raises(ValueError, match="both labels"):
         train_answerability(loaded, tok, [e for e in examples if e.label], cfg, progress=False)
+
+
+def test_a_resumed_training_reports_every_step_it_took(tiny_encoder, tokenizer, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resumed run reported its own first step's loss as the training's, and its own time per
+    step only."""
+    examples = toy()
+    cfg = AnswerabilityConfig(epochs=6, batch=8, lr=1e-3, head_lr=1e-2, warmup_steps=1,
+                              save_every=10, cpu_dtype="fp32")
+    whole = train_answerability(Answerability(tiny_encoder(len(tokenizer))), tokenizer,
+                                examples, cfg, out=tmp_path / "whole", progress=False)
+    clip, steps = torch.nn.utils.clip_grad_norm_, []
+
+    def interrupted_at_25(*args, **kwargs):  # type: ignore[no-untyped-def]
+        steps.append(1)
+        if len(steps) == 25:
+            raise KeyboardInterrupt
+        return clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", interrupted_at_25)
+    with pytest.raises(KeyboardInterrupt):
+        train_answerability(Answerability(tiny_encoder(len(tokenizer))), tokenizer, examples,
+                            cfg, out=tmp_path / "cut", progress=False)
+    monkeypatch.undo()
+    assert config_step(tmp_path / "cut") == 20
+    loaded, tok, _ = load_answerability(tmp_path / "cut")
+    resumed = train_answerability(loaded, tok, examples, cfg, out=tmp_path / "cut",
+                                  progress=False)
+    assert resumed["steps"] == 36 and resumed["steps_timed"] == 20 + 16
+    assert resumed["loss_first"] == pytest.approx(whole["loss_first"])  # step 1's, not 21's
+    assert resumed["seconds_all_runs"] > resumed["seconds_this_run"] > 0
+    assert len(resumed["last_losses"]) == 36  # (at most 50 kept)
 
 
 def test_a_missing_or_foreign_reader_says_what_to_do(tiny_encoder, tokenizer,

@@ -57,8 +57,9 @@ def write_encoder_dir(out: Path, encoder: torch.nn.Module, tokenizer: Any,
     try:
         # a bf16 copy: rounding the encoder itself to bf16 and back changed the weights a run
         # goes on training from at every save (it trains in fp32)
-        copy.deepcopy(encoder).to(torch.bfloat16).save_pretrained(tmp / ENCODER,
-                                                                   safe_serialization=True)
+        with quiet_weight_loading():  # its "Writing model shards" bar, under --no-progress too
+            copy.deepcopy(encoder).to(torch.bfloat16).save_pretrained(tmp / ENCODER,
+                                                                       safe_serialization=True)
         tokenizer.save_pretrained(tmp / ENCODER)
         heads = {k: v.detach().float().contiguous().cpu() for k, v in state.items()
                  if not k.startswith("encoder.")}

@@ -165,6 +165,10 @@ def run_training(model: torch.nn.Module, plan: Sequence[Any],
     torch.manual_seed(cfg.seed)
     key = run_key(cfg, len(plan), extra)
     total, done = len(plan), resume_step(out, key)
+    earlier = saved_training(out) if done else None  # the runs before this one, in sum
+    if done == total and earlier is not None:  # finished already: nothing to train
+        logger.info("%s holds this training, finished (%d steps): nothing to train", out, total)
+        return {**earlier, "seconds_this_run": 0.0}
     optimizer = encoder_optimizer(model, cfg.lr, cfg.head_lr, cfg.weight_decay)
     base = [g["lr"] for g in optimizer.param_groups]
     device = next(model.parameters()).device.type
@@ -187,13 +191,14 @@ def run_training(model: torch.nn.Module, plan: Sequence[Any],
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         if out is not None and ((step + 1) % cfg.save_every == 0 or step + 1 == total):
             model.eval()
-            save(out, {"training": training_record(cfg, history, step + 1, total, device, extra),
+            save(out, {"training": training_record(cfg, history, step + 1, total, device, extra,
+                                                   earlier),
                        "progress": {"step": step + 1, "run": key}})
             (Path(out) / PROGRESS).unlink(missing_ok=True)  # an older citeqa's record of it
             model.train()
     bar.close()
     model.eval()
-    return training_record(cfg, history, total, total, device, extra)
+    return training_record(cfg, history, total, total, device, extra, earlier)
 
 
 def encoder_optimizer(model: torch.nn.Module, lr: float, head_lr: float, weight_decay: float
@@ -210,19 +215,42 @@ def lr_scale(step: int, total: int, warmup: int) -> float:
 
 
 def training_record(cfg: Any, history: Sequence[dict[str, float]], step: int, total: int,
-            device: str, extra: dict[str, Any] | None) -> dict[str, Any]:
-    tail = history[-50:]
+                    device: str, extra: dict[str, Any] | None,
+                    earlier: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a training did up to ``step``: this run's ``history`` joined to the record of the
+    runs it resumed (``earlier``), so that a resumed training reports its first step's loss and
+    its time per step over every step, not only this run's."""
+    earlier = earlier or {}
+    losses = [*earlier.get("last_losses", []), *(h["loss"] for h in history)][-50:]
+    seconds = history[-1]["seconds"] if history else 0.0
+    trained = len(history) + int(earlier.get("steps_timed", 0))
+    seconds_all = seconds + float(earlier.get("seconds_all_runs", 0.0))
+    first = earlier.get("loss_first", history[0]["loss"] if history else None)
     return {
         "config": asdict(cfg),
         "compute": cpu_dtype(cfg.cpu_dtype) if device == "cpu" else device,
         "steps": step,
         "total_steps": total,
-        "seconds_this_run": history[-1]["seconds"] if history else 0.0,
-        "seconds_per_step": (history[-1]["seconds"] / len(history)) if history else None,
-        "loss_first": history[0]["loss"] if history else None,
-        "loss_last50": sum(h["loss"] for h in tail) / len(tail) if tail else None,
+        "seconds_this_run": seconds,
+        "seconds_all_runs": seconds_all,
+        "steps_timed": trained,
+        "seconds_per_step": seconds_all / trained if trained else None,
+        "loss_first": first,
+        "loss_last50": sum(losses) / len(losses) if losses else None,
+        "last_losses": losses,
         **(extra or {}),
     }
+
+
+def saved_training(out: Path | None) -> dict[str, Any] | None:
+    """The training record ``out``'s config.json holds (None when none)."""
+    if out is None:
+        return None
+    try:
+        record = json.loads((recover_dir(Path(out)) / "config.json").read_text()).get("training")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def run_key(cfg: Any, total: int, extra: dict[str, Any] | None) -> dict[str, Any]:
