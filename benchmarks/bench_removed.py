@@ -8,12 +8,21 @@ be removed as a document's passages would be); for each share of removed rows, t
 and @100 against an exact search of the survivors, of queries near removed clusters and near
 kept ones, for the marked rows (``DenseIndex.without``) and for a fresh graph.
 
+With ``--squad FILE`` the vectors are real instead: the paragraphs of a SQuAD file's first
+``--articles`` articles embedded with the default embedder (all-MiniLM-L6-v2), an article
+standing for a document (removed whole), and the queries are its questions (embedded too):
+questions about removed articles and about kept ones. Use training data (the SQuAD 1.1 train
+set), never the evaluation articles.
+
     python benchmarks/bench_removed.py --vectors 40000 --out FILE.json
+    python benchmarks/bench_removed.py --squad ../shared/data/squad1-train/train-v1.1.json.gz \
+        --articles 100 --out FILE.json
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import platform
 import sys
@@ -38,6 +47,34 @@ def recall(index: DenseIndex, exact: DenseIndex, queries: np.ndarray, k: int) ->
     return float(np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth, strict=True)]))
 
 
+def squad_vectors(path: Path, articles: int, per_article: int,
+                  ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Unit vectors of the paragraphs of ``path``'s first ``articles`` articles, the article
+    of each, and per article the vectors of up to ``per_article`` of its questions."""
+    from citeqa.config import preset
+    from citeqa.retrieval.embed import load_embedder
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        data = json.load(f)["data"][:articles]
+    texts, label, questions = [], [], []
+    for a, article in enumerate(data):
+        asked = []
+        for paragraph in article["paragraphs"]:
+            texts.append(paragraph["context"])
+            label.append(a)
+            asked += [q["question"] for q in paragraph["qas"]]
+        questions.append(asked[:per_article])
+    cfg = preset("default").retrieval
+    embedder = load_embedder(cfg.embedder, cpu_dtype=cfg.cpu_dtype)
+    t = time.perf_counter()
+    x = unit(np.asarray(embedder.embed(texts, batch_size=32), dtype=np.float32))
+    q = [unit(np.asarray(embedder.embed(qs), dtype=np.float32)) for qs in questions]
+    print(f"{len(texts):,} paragraphs of {len(data)} articles and {sum(map(len, q)):,} "
+          f"questions embedded in {time.perf_counter() - t:.0f} s", flush=True)
+    return x, np.asarray(label), q
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,17 +84,36 @@ def main() -> None:
     parser.add_argument("--shares", type=float, nargs="+", default=[0.1, MAX_REMOVED_FRACTION])
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--squad", type=Path, default=None,
+                        help="real vectors: a SQuAD JSON file (.json or .json.gz)")
+    parser.add_argument("--articles", type=int, default=100, help="--squad: articles used")
+    parser.add_argument("--per-article", type=int, default=10,
+                        help="--squad: questions embedded per article (the queries' pool)")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
-    centres = rng.standard_normal((args.centres, args.dim))
-    label = rng.integers(0, args.centres, args.vectors)
-    x = unit(centres[label] + 0.35 * rng.standard_normal((args.vectors, args.dim)))
+    if args.squad is not None:
+        x, label, asked = squad_vectors(args.squad, args.articles, args.per_article)
+        args.vectors, args.dim = x.shape
+        args.centres = int(label.max()) + 1
+
+        def queries(clusters: np.ndarray) -> np.ndarray:  # questions of those articles
+            pool = np.concatenate([asked[c] for c in clusters])
+            return pool[rng.choice(len(pool), min(args.queries, len(pool)), replace=False)]
+    else:
+        centres = rng.standard_normal((args.centres, args.dim))
+        label = rng.integers(0, args.centres, args.vectors)
+        x = unit(centres[label] + 0.35 * rng.standard_normal((args.vectors, args.dim)))
+
+        def queries(clusters: np.ndarray) -> np.ndarray:  # near those clusters' centres
+            picks = rng.choice(clusters, args.queries)
+            return unit(centres[picks] + 0.35 * rng.standard_normal((args.queries, args.dim)))
     spec = DenseSpec(kind="hnsw")
     t = time.perf_counter()
     graph = DenseIndex.build(x, spec=spec)
     print(f"{args.vectors:,} vectors of {args.dim} dims, HNSW built in "
           f"{time.perf_counter() - t:.1f} s", flush=True)
+    unit_name = "article" if args.squad is not None else "cluster"
     results = []
     for share in args.shares:
         order = rng.permutation(args.centres)
@@ -77,22 +133,23 @@ def main() -> None:
         row: dict[str, float] = {"removed_share": len(gone) / args.vectors,
                                  "fresh_build_s": fresh_s}
         for where, clusters in (("near_removed", gone_clusters), ("near_kept", kept_clusters)):
-            picks = rng.choice(clusters, args.queries)
-            q = unit(centres[picks] + 0.35 * rng.standard_normal((args.queries, args.dim)))
+            q = queries(clusters)
             for k in (10, 100):
                 row[f"{where}_marked_r{k}"] = recall(marked, exact, q, k)
                 row[f"{where}_fresh_r{k}"] = recall(fresh, exact, q, k)
         results.append(row)
-        print(f"{row['removed_share']:.1%} removed (whole clusters): recall@10 / @100 near "
-              f"removed clusters {row['near_removed_marked_r10']:.3f} / "
+        print(f"{row['removed_share']:.1%} removed (whole {unit_name}s): recall@10 / @100 "
+              f"near removed {unit_name}s {row['near_removed_marked_r10']:.3f} / "
               f"{row['near_removed_marked_r100']:.3f} with marked rows, "
               f"{row['near_removed_fresh_r10']:.3f} / {row['near_removed_fresh_r100']:.3f} with "
-              f"a fresh graph ({fresh_s:.1f} s to build); near kept clusters "
+              f"a fresh graph ({fresh_s:.1f} s to build); near kept {unit_name}s "
               f"{row['near_kept_marked_r10']:.3f} / {row['near_kept_marked_r100']:.3f} vs "
               f"{row['near_kept_fresh_r10']:.3f} / {row['near_kept_fresh_r100']:.3f}", flush=True)
     if args.out is not None:
         args.out.write_text(json.dumps({"vectors": args.vectors, "dim": args.dim,
-                                        "centres": args.centres, "machine":
+                                        "centres": args.centres,
+                                        "source": str(args.squad or "synthetic clusters"),
+                                        "machine":
                                         platform.processor() or platform.machine(),
                                         "results": results}, indent=2) + "\n")
 

@@ -366,3 +366,40 @@ def test_bench_removed_measures_both_graphs(tmp_path: Path, monkeypatch: pytest.
         assert all(0.5 <= row[f"{w}_{g}_r{k}"] <= 1 for w in ("near_removed", "near_kept")
                    for g in ("marked", "fresh") for k in (10, 100))
     assert "removed (whole clusters)" in capsys.readouterr().out
+
+
+def test_bench_removed_on_a_squad_file_removes_whole_articles(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """--squad: the vectors are a SQuAD file's paragraphs (an article is a document) and the
+    queries its questions (here through the hash embedder: no weights in a unit test)."""
+    import gzip
+    import runpy
+    import sys
+
+    import citeqa.retrieval.embed as embed
+    from citeqa.retrieval import HashEmbedder
+
+    words = "river bridge castle stone water forest king queen battle city harbour".split()
+    rng = np.random.default_rng(1)
+    data = [{"title": f"A{a}", "paragraphs": [
+        {"context": " ".join(rng.choice(words, 40)) + f" article {a} paragraph {p}",
+         "qas": [{"question": f"What of article {a} and {' '.join(rng.choice(words, 3))}?"}
+                 for _ in range(2)]} for p in range(30)]} for a in range(40)]
+    squad = tmp_path / "train.json.gz"
+    with gzip.open(squad, "wt", encoding="utf-8") as f:
+        json.dump({"data": data}, f)
+    monkeypatch.setattr(embed, "load_embedder", lambda *a, **k: HashEmbedder())
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "argv", ["bench_removed.py", "--squad", str(squad), "--articles",
+                                      "30", "--queries", "10", "--shares", "0.1",
+                                      "--out", str(out)])
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "bench_removed.py"),
+                   run_name="__main__")
+    written = json.loads(out.read_text())
+    assert written["vectors"] == 30 * 30 and written["centres"] == 30
+    row, = written["results"]
+    assert row["removed_share"] == pytest.approx(0.1)  # three whole articles of thirty
+    assert all(0 <= row[f"{w}_{g}_r{k}"] <= 1 for w in ("near_removed", "near_kept")
+               for g in ("marked", "fresh") for k in (10, 100))
+    assert "removed (whole articles)" in capsys.readouterr().out
