@@ -194,7 +194,14 @@ def test_cli_trains_a_local_model_whose_adapter_loads(tokenizer, tmp_path: Path)
         "--batch-size", "2", "--lr", "0.02", "--threads", "1", "--no-progress",
     ])
     assert result.exit_code == 0, result.output
-    assert "trained 3 steps" in result.output
+    assert result.output.startswith("trained 3 steps")
+    rerun = CliRunner().invoke(app, [  # finished: it says so (it read as trained again)
+        "generator", "--data", str(tmp_path / "demos.jsonl"), "--out", str(tmp_path / "ad"),
+        "--model", str(base_dir), "--device", "cpu", "--max-steps", "3", "--epochs", "5",
+        "--batch-size", "2", "--lr", "0.02", "--threads", "1", "--no-progress",
+    ])
+    assert rerun.exit_code == 0 and "already trained (nothing to do): trained 3 steps" in (
+        rerun.output), rerun.output
     model, _, model_id = load_model(str(base_dir), tmp_path, device="cpu")
     ids = torch.arange(5, 30).unsqueeze(0)
     with torch.no_grad():
@@ -351,6 +358,7 @@ def test_a_finished_adapter_is_neither_retrained_nor_replaced_by_another_run(
     weights = (tmp_path / "adapter.safetensors").read_bytes()
     again = run(1e-2)  # the same run: nothing to do, the same record
     assert again["run_key"] == first["run_key"] and again["history"] == first["history"]
+    assert first["trained_now"] == len(first["history"]) and again["trained_now"] == 0
     with pytest.raises(ValueError, match="holds an adapter trained by another run"):
         run(5e-2)
     assert (tmp_path / "adapter.safetensors").read_bytes() == weights

@@ -219,8 +219,9 @@ def generator(
             )
     except (CiteqaError, ValueError) as e:
         raise fail(str(e)) from None
+    done = "already trained (nothing to do): " if record.get("trained_now") == 0 else ""
     typer.echo(
-        f"trained {record['steps']} steps on {record['examples']} examples in "
+        f"{done}trained {record['steps']} steps on {record['examples']} examples in "
         f"{record['seconds']:.1f} s ({record['seconds_per_step']:.2f} s/step, peak RSS "
         f"{record['peak_rss_mb']:.0f} MiB); loss {record['first_loss']:.3f} -> "
         f"{record['last_loss']:.3f}; adapter in {out}"

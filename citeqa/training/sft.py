@@ -96,6 +96,7 @@ class TrainLog:
     steps: list[dict[str, float]] = field(default_factory=list)  # step, loss, tokens, seconds
     seconds: float = 0.0
     examples: int = 0
+    trained_now: int = 0  # steps this run trained (the rest were resumed from a checkpoint)
 
     @property
     def seconds_per_step(self) -> float:
@@ -274,6 +275,7 @@ def train_lora(
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             step += 1
+            log.trained_now += 1
             mean = loss_sum / n_tokens
             log.steps.append(
                 {"step": step, "loss": mean, "tokens": n_tokens,
@@ -386,6 +388,7 @@ def write_log(out: Path, log: TrainLog, meta: dict[str, Any]) -> dict[str, Any]:
     record = {
         **meta,
         "steps": len(log.steps),
+        "trained_now": log.trained_now,
         "examples": log.examples,
         "seconds": round(log.seconds, 3),
         "seconds_per_step": round(log.seconds_per_step, 3),
@@ -510,7 +513,7 @@ def run_sft(
     if finished is not None:  # no checkpoint left: the adapter there is done
         if finished.get("run_key") == key:  # (the key holds the base model's fingerprint)
             logger.info("%s already holds this run's adapter: nothing to train", out)
-            return finished
+            return {**finished, "trained_now": 0}
         raise ValueError(f"{out} holds an adapter trained by another run (other data, settings "
                          "or base model); choose another --out, or delete it to train afresh")
     wrapped, log = train_lora(model, examples, pad_id, train, lora, progress=progress,
