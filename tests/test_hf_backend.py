@@ -559,3 +559,19 @@ def test_a_passage_cannot_open_a_chat_turn_of_its_own(backend):
     plain = backend.prompt_ids(MESSAGES)
     assert (ids.count(start), ids.count(end)) == (plain.count(start), plain.count(end)) == (3, 2)
     assert "im_start" in tok.decode(ids[len(plain) - 8:])  # kept as text the model reads
+
+
+def test_a_row_cut_inside_a_character_leaves_that_character_out() -> None:
+    """A token budget that ended inside a multi-byte character decoded it as U+FFFD, which no
+    passage holds there, and the quote (verbatim up to it) was lost."""
+    from citeqa.generation.hf import decoded
+
+    class Bytes:  # a byte-level tokenizer: a token per byte
+        def decode(self, tokens, skip_special_tokens=True):  # type: ignore[no-untyped-def]
+            return bytes(tokens).decode("utf-8", errors="replace")
+
+    whole = list("Quote [1]: 東京は".encode())
+    assert decoded(Bytes(), whole, cut=True) == "Quote [1]: 東京は"
+    for missing in (1, 2):  # the last character's last byte(s) never came
+        assert decoded(Bytes(), whole[:-missing], cut=True) == "Quote [1]: 東京"
+    assert decoded(Bytes(), whole[:-1], cut=False).endswith("\ufffd")  # only a cut row

@@ -180,3 +180,9 @@ def test_any_leading_prose_is_rejected(prefix):
 def test_a_quote_that_is_only_an_eos_marker_is_empty(eos):
     with pytest.raises(OutputFormatError):
         parse_output(f"Answer: 1889\nQuote [1]: {eos}", 1)
+
+
+def test_under_a_grammar_text_like_an_end_marker_is_the_passages() -> None:
+    out = "Answer: x\nQuote [1]: marked </s>"
+    assert parse_output(out, 1, multiline_quote=True, strip_eos=False).quote == "marked </s>"
+    assert parse_output(out, 1).quote == "marked"  # a free model's stray marker: cut

@@ -257,7 +257,25 @@ def test_answer_span_finds_the_answer_in_the_quote() -> None:
     # as whole words first, where the grammar put it (it was marked inside "1940", "Kingston")
     assert answer_span("40", "The war began in 1940 and lasted until 40 years later.") == (39, 41)
     assert answer_span("King", "from Kingston, the King rode") == (19, 23)
-    assert answer_span("40", "in 1940") == (5, 7)  # no whole word: locate's first place
+    # nowhere as whole words: not there ("40" in "1940", "ris" in "Paris", "cafe" before a
+    # combining accent: it was marked there, and called supported)
+    assert answer_span("40", "in 1940") is None
+    assert answer_span("ris", "Paris is nice") is None
+    assert answer_span("cafe", "The cafe\u0301s of Paris") is None
+    assert answer_span("ना", "घर जाना है") is None  # the last syllable of a word
+    assert answer_span("cafe\u0301s", "The cafe\u0301s of Paris") == (4, 10)
+
+
+def test_a_span_answer_inside_a_word_of_its_quote_keeps_no_quote() -> None:
+    """An engine that ignores the grammar wrote "91" from "911": the candidate was given,
+    supported, with its answer marked inside the year."""
+    def reply(request):
+        return ["Answer: 91\nQuote [2]: Rollo swore fealty to King Charles III of West Francia "
+                "in 911."]
+
+    gen = CitedGenerator(FakeBackend(reply), GenerationConfig(answer_mode="span"))
+    [c] = gen.generate("When?", HITS[:2], DOCS.__getitem__).candidates
+    assert c.answer == "91" and c.quote is None and not c.supported
 
 
 def test_an_answer_loses_only_punctuation_that_does_not_change_what_it_says() -> None:
@@ -352,3 +370,19 @@ def test_words_of_the_answer_are_words_of_the_quote() -> None:
         assert 0 < len(accepted) < len(stretches), answer
         for quote in accepted:
             assert set(WORD.findall(answer)) <= set(WORD.findall(quote)), (answer, quote)
+
+
+def test_a_quote_ending_in_text_like_an_end_marker_keeps_it_under_the_grammar() -> None:
+    """The parser cut "<eos>" from the quote's end (a model's stray end marker, elsewhere): the
+    quote no longer held its answer, and the candidate was lost."""
+    text = "Intro. In Gemma the end of a turn is marked <eos>"
+    doc = Document("g", "Gemma", "g.txt", text)
+    hit = Hit(Passage(0, "g", 7, len(text), text[7:]), "Gemma", "g.txt", 1.0)
+
+    def reply(request):
+        return ["Answer: <eos>\nQuote [1]: In Gemma the end of a turn is marked <eos>"]
+
+    gen = CitedGenerator(FakeBackend(reply), GenerationConfig(answer_mode="span"))
+    [c] = gen.generate("What marks the end of a turn?", [hit], {"g": doc}.__getitem__).candidates
+    assert c.quote is not None and c.quote.text.endswith("marked <eos>") and c.supported
+    assert text[c.answer_start:c.answer_end] == "<eos>"

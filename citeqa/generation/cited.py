@@ -31,7 +31,12 @@ from dataclasses import dataclass, replace
 from citeqa.config import GenerationConfig
 from citeqa.errors import OutputFormatError
 from citeqa.generation.backend import Backend, Completion, GenerationRequest
-from citeqa.generation.constraint import QuoteStage, output_grammar, word_occurrences
+from citeqa.generation.constraint import (
+    QuoteStage,
+    on_word_edges,
+    output_grammar,
+    word_occurrences,
+)
 from citeqa.generation.format import ANSWER_MODES, AnswerMode
 from citeqa.generation.parse import parse_output
 from citeqa.generation.prompt import ShownPassage, build_messages
@@ -119,7 +124,9 @@ def answer_span(answer: str, quote: str) -> tuple[int, int] | None:
     whole = word_occurrences(quote, answer)
     if whole:
         return whole[0], whole[0] + len(answer)
-    return locate(answer, quote, (0, len(quote)), trim=ANSWER_TRIM)
+    found = locate(answer, quote, (0, len(quote)), trim=ANSWER_TRIM)
+    # part of a word ("40" in "1940") is not the answer standing there
+    return found if found is not None and on_word_edges(quote, *found) else None
 
 
 class CitedGenerator:
@@ -273,7 +280,8 @@ class CitedGenerator:
         quote, so it is never given. The grammar makes one impossible, but a remote engine may
         not apply it (vLLM before 0.12 reads another key)."""
         try:
-            parsed = parse_output(completion.text, len(shown), multiline_quote=multiline_quote)
+            parsed = parse_output(completion.text, len(shown), multiline_quote=multiline_quote,
+                                  strip_eos=not multiline_quote)  # (multiline: a grammar's)
         except OutputFormatError as e:
             logger.debug("unparseable generation: %s", e)
             return Candidate(

@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import unicodedata
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -170,14 +171,23 @@ def _literal(text: str) -> str:
 
 
 def _word_char(c: str) -> bool:
-    return c.isalnum() or c == "_"
+    """Part of a word: a letter or digit, "_", or a combining mark (it belongs to the letter
+    before it: "é" written as "e" and U+0301, a Devanagari vowel sign), which ``\\w`` is not."""
+    return c.isalnum() or c == "_" or unicodedata.category(c).startswith("M")
+
+
+def on_word_edges(text: str, start: int, end: int) -> bool:
+    """Whether ``text[start:end]`` neither begins nor ends inside a word ("40" in "1940" and
+    "cafe" in "cafe\u0301s" do)."""
+    return not ((0 < start < len(text) and _word_char(text[start - 1])
+                 and _word_char(text[start]))
+                or (0 < end < len(text) and _word_char(text[end - 1]) and _word_char(text[end])))
 
 
 def word_occurrences(passage: str, answer: str) -> list[int]:
     """Where ``answer`` stands in ``passage`` as whole words (not "King" in "Kingdom")."""
-    before = "(?<!\\w)" if _word_char(answer[0]) else ""
-    after = "(?!\\w)" if _word_char(answer[-1]) else ""
-    return [m.start() for m in re.finditer(f"(?={before}{re.escape(answer)}{after})", passage)]
+    return [m.start() for m in re.finditer(f"(?={re.escape(answer)})", passage)
+            if on_word_edges(passage, m.start(), m.start() + len(answer))]
 
 
 def _tails(pieces: Sequence[str]) -> str:

@@ -126,6 +126,18 @@ class _Row:
         )
 
 
+def decoded(tokenizer: Any, tokens: Sequence[int], *, cut: bool) -> str:
+    """A row's text. A row ``cut`` by its token budget may end inside a character whose last
+    bytes never came (byte-level tokens): that character is left out, not decoded as U+FFFD,
+    which no passage holds there (the quote, verbatim up to it, was lost)."""
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    drop = 0
+    while cut and text.endswith("\ufffd") and drop < min(3, len(tokens)):  # a UTF-8 tail
+        drop += 1
+        text = tokenizer.decode(tokens[:-drop], skip_special_tokens=True)
+    return text
+
+
 @dataclass
 class _Stats:
     prefill_ms: float = 0.0
@@ -352,7 +364,7 @@ class HFBackend:
                     "prompt_tokens": float(len(prompt)),
                     "batch_rows": float(len(rows)),
                 }
-                text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+                text = decoded(self.tokenizer, row.tokens, cut=len(row.tokens) >= row.max_tokens)
                 completions.append(Completion(text, row.logprob, len(row.tokens), timings))
             out.append(completions)
         return out

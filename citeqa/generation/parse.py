@@ -37,15 +37,18 @@ def _strip_trailer(text: str) -> str:
             return text
 
 
-def parse_output(text: str, n_passages: int, *, multiline_quote: bool = False) -> ParsedOutput:
+def parse_output(text: str, n_passages: int, *, multiline_quote: bool = False,
+                 strip_eos: bool = True) -> ParsedOutput:
     """Parse ``Answer: ...`` / ``Quote [k]: ...`` (both answer modes), or raise
     OutputFormatError saying why.
 
     ``multiline_quote`` lets the quote run over line breaks (for grammar-constrained output,
     where the grammar admits only passage text after ``Quote [k]: `` and passages may hold
-    line breaks); otherwise the output must be exactly two lines.
+    line breaks); otherwise the output must be exactly two lines. ``strip_eos``: end markers
+    a model wrote as text (``EOS_REMNANTS``) are cut from the end; not under a grammar, where
+    such text can only be the passage's own (a quote ending in "</s>" lost it, and its answer).
     """
-    body = _strip_trailer(text)
+    body = _strip_trailer(text) if strip_eos else text.rstrip()
     # lines end at "\n" only, as the format's do: an answer may hold U+2028, \x85 or \x0c
     # (whitespace inside a passage), which str.splitlines took for line ends
     lines = body.removesuffix("\n").split("\n")
