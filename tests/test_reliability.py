@@ -9,7 +9,9 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -131,6 +133,16 @@ class Echo(CannedPipeline):
         return Answer(args.question, True, None, None, 0.0, reason="canned")
 
 
+@contextmanager
+def echo_server(protocol: type, **settings: Any) -> Iterator[tuple[str, tuple[str, int]]]:
+    """The app answering every question with an Echo, served over ``protocol``: its URL and
+    (host, port)."""
+    app = create_app(Settings(window_ms=1, **settings), lambda s: Echo())
+    with running_server(app, http=protocol) as url:
+        host, port = url.removeprefix("http://").split(":")
+        yield url, (host, int(port))
+
+
 def _raw_response(conn: socket.socket) -> bytes:
     """What the server sent until it closed the connection."""
     got = b""
@@ -147,10 +159,8 @@ def _raw_response(conn: socket.socket) -> bytes:
 def test_a_body_that_stops_arriving_gets_408_and_the_connection_closed(
         head: bytes, part: bytes) -> None:
     """Nothing bounded the wait for the rest of a body: the request hung for ever."""
-    app = create_app(Settings(window_ms=1, client_timeout_s=0.5), lambda s: Echo())
-    with running_server(app, http=head_timeout_protocol(0.5)) as url:
-        host, port = url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=20) as conn:
+    with echo_server(head_timeout_protocol(0.5), client_timeout_s=0.5) as (_, address):
+        with socket.create_connection(address, timeout=20) as conn:
             started = time.monotonic()
             conn.sendall(b"POST /v1/answer HTTP/1.1\r\nHost: x\r\n"
                          b"Content-Type: application/json\r\n" + head + b"\r\n" + part)
@@ -163,7 +173,7 @@ def test_a_body_that_stops_arriving_gets_408_and_the_connection_closed(
         assert 0.4 < waited < 10
         # a body that keeps coming, slowly, is read: the bound is on silence, and on the total
         # only at 500 bytes/s (MIN_BODY_RATE) past the silence bound
-        with socket.create_connection((host, int(port)), timeout=20) as conn:
+        with socket.create_connection(address, timeout=20) as conn:
             payload = b'{"question": "slow but steady"%s}' % (b" " * 1950)  # JSON spaces
             conn.sendall(b"POST /v1/answer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                          b"Content-Type: application/json\r\n"
@@ -179,10 +189,8 @@ def test_a_body_that_stops_arriving_gets_408_and_the_connection_closed(
 def test_a_body_that_trickles_in_below_the_minimum_rate_gets_408() -> None:
     """A client sending a byte just inside every silence bound held its request for as long as
     its body lasted (64 KiB at a byte per 29 s: three weeks)."""
-    app = create_app(Settings(window_ms=1, client_timeout_s=0.5), lambda s: Echo())
-    with running_server(app, http=head_timeout_protocol(0.5)) as url:
-        host, port = url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=20) as conn:
+    with echo_server(head_timeout_protocol(0.5), client_timeout_s=0.5) as (_, address):
+        with socket.create_connection(address, timeout=20) as conn:
             started = time.monotonic()
             conn.sendall(b"POST /v1/answer HTTP/1.1\r\nHost: x\r\n"
                          b"Content-Type: application/json\r\nContent-Length: 60\r\n\r\n")
@@ -208,10 +216,8 @@ def test_bytes_that_are_not_http_get_a_400_in_the_services_error_shape(
         request_bytes: bytes) -> None:
     """uvicorn answered them in plain text, without the security headers every other
     response has."""
-    app = create_app(Settings(window_ms=1), lambda s: Echo())
-    with running_server(app, http=head_timeout_protocol(5.0)) as url:
-        host, port = url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=20) as conn:
+    with echo_server(head_timeout_protocol(5.0)) as (_, address):
+        with socket.create_connection(address, timeout=20) as conn:
             conn.sendall(request_bytes)
             got = _raw_response(conn)
     head, raw = got.split(b"\r\n\r\n", 1)
@@ -223,14 +229,12 @@ def test_bytes_that_are_not_http_get_a_400_in_the_services_error_shape(
 def test_one_client_address_holds_at_most_its_cap_of_connections() -> None:
     """uvicorn capped nothing: one client could open connections until the process had no file
     descriptor left for anyone (each held for the head bound, then opened again)."""
-    app = create_app(Settings(window_ms=1), lambda s: Echo())
     closures: list[str] = []
     protocol = head_timeout_protocol(5.0, closures.append, max_per_client=2)
-    with running_server(app, http=protocol) as url:
-        host, port = url.removeprefix("http://").split(":")
-        held = [socket.create_connection((host, int(port)), timeout=20) for _ in range(2)]
+    with echo_server(protocol) as (url, address):
+        held = [socket.create_connection(address, timeout=20) for _ in range(2)]
         try:
-            with socket.create_connection((host, int(port)), timeout=20) as third:
+            with socket.create_connection(address, timeout=20) as third:
                 got = _raw_response(third)
             head, raw = got.split(b"\r\n\r\n", 1)
             assert head.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in head.lower()
@@ -255,11 +259,9 @@ def test_one_client_address_holds_at_most_its_cap_of_connections() -> None:
 def test_a_request_head_that_trickles_in_or_never_comes_is_bounded() -> None:
     """uvicorn bounded no wait before a request's head was complete: a connection sending its
     headers a byte at a time (or nothing) held its place for ever."""
-    app = create_app(Settings(window_ms=1), lambda s: Echo())
     closures: list[str] = []  # what the protocol said of the connections it closed
-    with running_server(app, http=head_timeout_protocol(0.6, closures.append)) as url:
-        host, port = url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=20) as conn:
+    with echo_server(head_timeout_protocol(0.6, closures.append)) as (url, address):
+        with socket.create_connection(address, timeout=20) as conn:
             started = time.monotonic()
             for byte in b"POST /v1/answer HTTP/1.1\r\nHost: x\r\nX-Slow: ":
                 try:
@@ -275,11 +277,11 @@ def test_a_request_head_that_trickles_in_or_never_comes_is_bounded() -> None:
         assert body["error"]["code"] == "request_timeout" and "head" in body["error"]["message"]
         assert b"x-content-type-options: nosniff" in head  # as every other response has
         assert 0.5 < waited < 10
-        with socket.create_connection((host, int(port)), timeout=20) as conn:  # says nothing
+        with socket.create_connection(address, timeout=20) as conn:  # says nothing
             started = time.monotonic()
             assert _raw_response(conn) == b""  # closed, without a word
             assert 0.5 < time.monotonic() - started < 10
-        with socket.create_connection((host, int(port)), timeout=20) as conn:
+        with socket.create_connection(address, timeout=20) as conn:
             conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # a whole request
             first = b""
             while not first.endswith(b"}"):  # the head, then the JSON body
@@ -293,7 +295,7 @@ def test_a_request_head_that_trickles_in_or_never_comes_is_bounded() -> None:
                 time.sleep(0.1)
             got = _raw_response(conn)
         assert got.startswith(b"HTTP/1.1 408 "), got[:200]  # the next head is bounded too
-        with socket.create_connection((host, int(port)), timeout=20) as conn:
+        with socket.create_connection(address, timeout=20) as conn:
             # a body the app answered without reading, then trickled: uvicorn's keep-alive bound
             # stopped at its first byte, and the connection stayed open for as long as it came
             conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n")
