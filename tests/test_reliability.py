@@ -143,6 +143,16 @@ def echo_server(protocol: type, **settings: Any) -> Iterator[tuple[str, tuple[st
         yield url, (host, int(port))
 
 
+def _trickle(conn: socket.socket, data: bytes, every_s: float) -> None:
+    """Send ``data`` a byte at a time, ``every_s`` apart, until done or the server closes."""
+    for byte in data:
+        try:
+            conn.sendall(bytes([byte]))
+        except OSError:
+            return  # closed under it
+        time.sleep(every_s)
+
+
 def _raw_response(conn: socket.socket) -> bytes:
     """What the server sent until it closed the connection."""
     got = b""
@@ -194,12 +204,8 @@ def test_a_body_that_trickles_in_below_the_minimum_rate_gets_408() -> None:
             started = time.monotonic()
             conn.sendall(b"POST /v1/answer HTTP/1.1\r\nHost: x\r\n"
                          b"Content-Type: application/json\r\nContent-Length: 60\r\n\r\n")
-            for byte in b'{"question": "' + b"q" * 44:  # a byte every 0.2 s: never silent 0.5 s
-                try:
-                    conn.sendall(bytes([byte]))
-                except OSError:
-                    break  # closed under it, as it should be
-                time.sleep(0.2)
+            # a byte every 0.2 s: never silent 0.5 s
+            _trickle(conn, b'{"question": "' + b"q" * 44, 0.2)
             got = _raw_response(conn)
             waited = time.monotonic() - started
         assert got.startswith(b"HTTP/1.1 408 "), got[:200]
@@ -263,12 +269,8 @@ def test_a_request_head_that_trickles_in_or_never_comes_is_bounded() -> None:
     with echo_server(head_timeout_protocol(0.6, closures.append)) as (url, address):
         with socket.create_connection(address, timeout=20) as conn:
             started = time.monotonic()
-            for byte in b"POST /v1/answer HTTP/1.1\r\nHost: x\r\nX-Slow: ":
-                try:
-                    conn.sendall(bytes([byte]))  # a byte every 0.1 s: never idle, never done
-                except OSError:
-                    break  # closed under it, as it should be
-                time.sleep(0.1)
+            # a byte every 0.1 s: never idle, never done
+            _trickle(conn, b"POST /v1/answer HTTP/1.1\r\nHost: x\r\nX-Slow: ", 0.1)
             got = _raw_response(conn)
             waited = time.monotonic() - started
         assert got.startswith(b"HTTP/1.1 408 "), got[:200]
@@ -287,12 +289,7 @@ def test_a_request_head_that_trickles_in_or_never_comes_is_bounded() -> None:
             while not first.endswith(b"}"):  # the head, then the JSON body
                 first += conn.recv(65536)
             assert first.startswith(b"HTTP/1.1 200 "), first[:100]
-            for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ":  # then a trickle
-                try:
-                    conn.sendall(bytes([byte]))
-                except OSError:
-                    break
-                time.sleep(0.1)
+            _trickle(conn, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ", 0.1)  # then a trickle
             got = _raw_response(conn)
         assert got.startswith(b"HTTP/1.1 408 "), got[:200]  # the next head is bounded too
         with socket.create_connection(address, timeout=20) as conn:
