@@ -284,6 +284,11 @@ def test_utf16_text_is_named_as_such(tmp_path: Path) -> None:
     result = load(f)
     assert not result.documents
     assert result.skipped[0].reason.startswith("UTF-16 text; convert it to UTF-8")
+    for codec in ("utf-32", "utf-32-be"):  # called UTF-16 (little-endian) or binary (big)
+        f.write_bytes(("\ufeff" if codec.endswith("be") else "").encode(codec)
+                      + "Some notes.".encode(codec))
+        reason = load(f).skipped[0].reason
+        assert reason == "UTF-32 text; convert it to UTF-8 (e.g. iconv -f UTF-32 -t UTF-8)"
 
 
 def test_a_byte_order_mark_is_no_part_of_a_title_or_json(tmp_path: Path) -> None:
@@ -751,3 +756,13 @@ def test_an_html_file_named_in_no_utf_8_is_titled_by_its_printable_name(tmp_path
     title = result.documents[0].title
     title.encode("utf-8")  # no lone surrogate
     assert title.startswith("caf") and title.endswith(".html")
+
+
+def test_a_record_holding_a_nul_is_skipped_as_the_api_refuses_it(tmp_path: Path) -> None:
+    f = tmp_path / "nul.jsonl"
+    f.write_text('{"text": "ok"}\n{"text": "bad\\u0000text"}\n{"text": "t", "title": "a\\u0000"}\n')
+    result = load(f)
+    assert [d.text for d in result.documents] == ["ok"]
+    assert [s.reason for s in result.skipped] == [
+        "line 2: a NUL character in its 'text'; remove it",
+        "line 3: a NUL character in its 'title'; remove it"]

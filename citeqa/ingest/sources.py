@@ -38,7 +38,7 @@ from typing import Any
 from tqdm import tqdm
 
 from citeqa.errors import FetchError, SourceError
-from citeqa.ingest.encoding import decode, meta_declared
+from citeqa.ingest.encoding import bom_codec, decode, meta_declared
 from citeqa.ingest.fetch import Fetcher, FetchPolicy, page_key
 from citeqa.ingest.html import cap_title, extract_html, title_from_text
 from citeqa.text import is_blank
@@ -334,8 +334,10 @@ def _single(source: str, title: str, text: str) -> Document:
 
 def _decode_text(data: bytes) -> str:
     """UTF-8 text exactly as stored (no newline translation), or _SkipError for binary data."""
-    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a UTF-16 byte-order mark: text, not binary
-        raise _SkipError("UTF-16 text; convert it to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
+    bom = bom_codec(data)  # UTF-16 or UTF-32 (its mark says which): text, not binary
+    if bom is not None and bom[0] != "utf-8":
+        wide = bom[0][:6].upper()  # "UTF-16", "UTF-32"
+        raise _SkipError(f"{wide} text; convert it to UTF-8 (e.g. iconv -f {wide} -t UTF-8)")
     if b"\x00" in data:
         raise _SkipError("binary file (contains NUL bytes); give text, Markdown, HTML or JSON")
     try:
@@ -468,6 +470,10 @@ def _record_document(source: str, record: Any, position: int, where: str,
     text = record.get("text")
     if not isinstance(text, str) or is_blank(text):
         return Skipped(source, f"{where}: no non-empty string 'text' field; add one")
+    nul = [k for k in ("text", "title", "source", "url")
+           if isinstance(record.get(k), str) and "\x00" in record[k]]
+    if nul:  # as POST /v1/documents refuses it, and a text file holding one (binary)
+        return Skipped(source, f"{where}: a NUL character in its {nul[0]!r}; remove it")
     own_id = record.get("doc_id")
     if own_id is None:
         own_id = record.get("id")
