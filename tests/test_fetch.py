@@ -387,9 +387,11 @@ def redirect(location: str, status: int = 302) -> Callable[[], httpx.Response]:
 def test_redirect_to_blocked_target_is_refused(location: str) -> None:
     rec = Recorder({"example.com/start": redirect(location)})
     dns = Dns({"example.com": [PUBLIC], "intranet.corp": ["10.0.0.9"]})
-    with pytest.raises(BlockedURLError):
+    with pytest.raises(BlockedURLError) as refused:
         fetcher(rec, dns).fetch("http://example.com/start")
     assert len(rec.requests) == 1  # the blocked hop is never requested
+    # it says the refused address came from a redirect (it named only an address never given)
+    assert str(refused.value).startswith("http://example.com/start: redirected to ")
 
 
 def test_redirects_are_followed_and_each_hop_revalidated() -> None:

@@ -374,6 +374,12 @@ class Fetcher:
                     raise
                 # a redirect to a bad URL is the site's mistake, not the caller's
                 raise FetchError(f"{url}: redirected to a bad URL: {e}") from None
+            except BlockedURLError as e:
+                if hop == 0:
+                    raise
+                # said alone, the refusal named an address the caller never gave
+                raise BlockedURLError(f"{url}: redirected to {current}, which is refused: "
+                                      f"{e}") from None
             location, page = self._get(client, target, url, deadline, watchdog)
             if page is not None:
                 return page
