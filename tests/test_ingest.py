@@ -766,3 +766,13 @@ def test_a_record_holding_a_nul_is_skipped_as_the_api_refuses_it(tmp_path: Path)
     assert [s.reason for s in result.skipped] == [
         "line 2: a NUL character in its 'text'; remove it",
         "line 3: a NUL character in its 'title'; remove it"]
+
+
+def test_a_named_broken_or_looping_symlink_is_called_one(tmp_path: Path) -> None:
+    """It was "no such file or folder; check the path", though the name is there."""
+    (tmp_path / "a.txt").symlink_to(tmp_path / "b.txt")
+    (tmp_path / "b.txt").symlink_to(tmp_path / "a.txt")
+    (tmp_path / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    result = load(tmp_path / "a.txt", tmp_path / "gone.txt")
+    assert [s.reason for s in result.skipped] == [
+        "a broken or looping symlink; check where it points"] * 2

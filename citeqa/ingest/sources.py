@@ -221,6 +221,8 @@ def _expand(source: str, skipped: list[Skipped]) -> list[str | Path]:
         return out
     if path.exists():
         skipped.append(Skipped(source, "not a regular file or folder; give a file or folder"))
+    elif path.is_symlink():  # it is there, pointing nowhere (or round in a loop)
+        skipped.append(Skipped(source, "a broken or looping symlink; check where it points"))
     elif _WEB_ADDRESS_RE.match(source):
         skipped.append(Skipped(source, f"no such file or folder; for a web page, give the URL "
                                        f"with its scheme: https://{source}"))
