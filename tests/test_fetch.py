@@ -684,7 +684,7 @@ TEXT = "Gzip and deflate are undone here, one layer, in bounded steps.\n" * 20
 
 @pytest.mark.parametrize("split", [1, 7, 4096])
 @pytest.mark.parametrize("coding", ["gzip", "x-gzip", "deflate", "raw deflate", "identity", "",
-                                    "utf-8", "two gzip members"])
+                                    "utf-8", "two gzip members", "gzip with zero padding"])
 def test_one_layer_of_gzip_or_deflate_is_decoded(coding: str, split: int) -> None:
     """Whatever pieces the body arrives in (raw deflate is told from zlib-wrapped by its first
     two bytes); a name that is no compression (a server's "utf-8") is read as it is."""
@@ -694,8 +694,11 @@ def test_one_layer_of_gzip_or_deflate_is_decoded(coding: str, split: int) -> Non
     half = len(data) // 2
     body = {"gzip": gzipped(data), "x-gzip": gzipped(data), "deflate": zlib.compress(data),
             "raw deflate": zlib.compress(data)[2:-4],
-            "two gzip members": gzipped(data[:half]) + gzipped(data[half:])}.get(coding, data)
-    header = {"raw deflate": "deflate", "two gzip members": "gzip"}.get(coding, coding)
+            "two gzip members": gzipped(data[:half]) + gzipped(data[half:]),
+            # zeros after the last member (a tape block's padding): gzip readers skip them
+            "gzip with zero padding": gzipped(data) + b"\x00" * 20}.get(coding, data)
+    header = {"raw deflate": "deflate", "two gzip members": "gzip",
+              "gzip with zero padding": "gzip"}.get(coding, coding)
     rec = Recorder({"example.com/t": encoded(body, header, split=split)})
     page = fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/t")
     assert page.text == TEXT
@@ -744,9 +747,14 @@ def test_a_compression_bomb_is_stopped_at_the_cap_while_decoding() -> None:
 
 def test_a_damaged_gzip_body_is_a_fetch_error() -> None:
     body = gzipped(TEXT.encode())
-    rec = Recorder({"example.com/t": encoded(body[:20] + b"\xff" * 30 + body[50:], "gzip")})
+    rec = Recorder({"example.com/t": encoded(body[:20] + b"\xff" * 30 + body[50:], "gzip"),
+                    # zero padding is skipped, but nothing may follow it
+                    "example.com/p": encoded(body + b"\x00" * 9 + b"x", "gzip", split=5)})
+    f = fetcher(rec, Dns({"example.com": [PUBLIC]}))
     with pytest.raises(FetchError, match="gzip encoding is damaged"):
-        fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/t")
+        f.fetch("http://example.com/t")
+    with pytest.raises(FetchError, match="data after the zero padding"):
+        f.fetch("http://example.com/p")
 
 
 # --------------------------------------------------------------------------- hostile pages

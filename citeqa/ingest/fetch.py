@@ -595,6 +595,7 @@ class _Decoder:
             self._z = zlib.decompressobj(_ENCODINGS[self._coding])
         self._head = b""  # deflate's first bytes, until there are two
         self._seen = False  # whether any body byte came
+        self._padded = False  # gzip: zero bytes came after the last member (only zeros may)
 
     def decode(self, data: bytes, room: int) -> Iterator[bytes]:
         """The decoded pieces of ``data`` (b"": the end), never more than ``room`` + 1 bytes
@@ -619,6 +620,10 @@ class _Decoder:
             if self._seen and not self._z.eof:
                 raise zlib.error("the body ends before its compressed stream does")
             return
+        if self._padded:
+            if data.strip(b"\x00"):
+                raise zlib.error("data after the zero padding that ends the stream")
+            return
         while data:
             out = self._z.decompress(data, max(room, 0) + 1)
             room -= len(out)
@@ -626,6 +631,9 @@ class _Decoder:
             data = self._z.unconsumed_tail
             if not data and self._z.eof and self._z.unused_data and self._coding != "deflate":
                 data = self._z.unused_data  # a gzip body may hold several members in a row
+                if not data.strip(b"\x00"):  # or zero padding after the last (gzip readers
+                    self._padded = True  # skip it, as Python's gzip module and browsers do)
+                    return
                 self._z = zlib.decompressobj(_ENCODINGS[self._coding])
 
 
