@@ -557,6 +557,13 @@ def test_squad_articles_with_one_title_keep_all_their_paragraphs(tmp_path: Path)
     assert [d.text for d in result.documents] == ["first", "second", "third"]
     assert [d.source for d in result.documents] == [f"{f}#A/0", f"{f}#A/1", f"{f}#A#1/0"]
     assert result.skipped == []
+    # an article titled as a repeat's made name, then the repeat: each its own (the third
+    # took the second's name, and its paragraph was skipped as a duplicate id)
+    f.write_text(json.dumps({"data": [article, {**other, "title": "A#2"}, other]}))
+    result = load(f)
+    assert [d.text for d in result.documents] == ["first", "second", "third", "third"]
+    assert [d.source for d in result.documents][2:] == [f"{f}#A#2/0", f"{f}#A#2.1/0"]
+    assert result.skipped == []
 
 
 # --------------------------------------------------------------------------- HTML

@@ -522,7 +522,10 @@ def _squad_documents(source: str, obj: dict[str, Any]) -> Iterator[Document | Sk
         # an article whose title an earlier one has is told apart by its position (the first
         # keeps the plain name, so ids of files without repeats stay as they were)
         name = raw_title if raw_title not in titles else f"{raw_title}#{a}"
-        titles.add(raw_title)
+        extra = 1
+        while name in titles:  # an article titled so already ("A", "A#2", then "A" again)
+            name, extra = f"{raw_title}#{a}.{extra}", extra + 1
+        titles.update((raw_title, name))
         for p, paragraph in enumerate(article["paragraphs"]):
             doc_source = f"{source}#{name}/{p}"
             context = paragraph.get("context") if isinstance(paragraph, dict) else None
