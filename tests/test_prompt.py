@@ -161,3 +161,13 @@ def test_relevance_does_not_depend_on_string_hashing() -> None:
                            check=True, env={"PYTHONHASHSEED": str(seed)}).stdout
             for seed in range(8)}
     assert len(outs) == 1, outs
+
+
+def test_a_long_unspaced_sentence_is_not_cut_between_a_letter_and_its_marks() -> None:
+    """Cut at exactly max_chars, the window could end on "e" of an "é" written as e + U+0301:
+    a quote of it is verbatim by code points, and a misquote to a reader."""
+    text = "x" * 9 + "e\u0301" + "y" * 20
+    start, end = select_window(text, "question", 10)  # 10 ends after the "e"
+    assert (start, end) == (0, 9)
+    start, end = select_window("x" * 9 + "ab" + "y" * 20, "question", 10)
+    assert (start, end) == (0, 10)  # no mark: cut where it was

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +83,11 @@ def select_window(passage_text: str, question: str, max_chars: int) -> tuple[int
     if end - start > max_chars:
         cut = passage_text.rfind(" ", start, start + max_chars + 1)
         end = cut if cut > start else start + max_chars
+        # no space to cut at: not between a letter and its combining marks ("e" of "é"),
+        # whose cut quote would be verbatim by code points and a misquote to a reader
+        while start < end < len(passage_text) and unicodedata.category(
+                passage_text[end]).startswith("M"):
+            end -= 1
         return start, len(passage_text[start:end].rstrip()) + start
     while True:
         options = []
