@@ -125,6 +125,12 @@ def test_an_occurrence_no_stretch_of_can_be_long_enough_is_not_offered() -> None
     g = quote_grammar(both, "Paris", min_quote_chars=20, max_quote_chars=200)
     assert g is not None and "quote_1" not in g
     assert grammar_accepts(g, quote_line(2, "The capital of France is Paris,"))
+    # one side is too short and both sides together too long: no stretch of 150 to 200
+    # characters (the grammar offered it, and nothing could finish it)
+    apart = ["a" * 100 + " X " + "b" * 100]
+    assert quote_grammar(apart, "X", min_quote_chars=150, max_quote_chars=200) is None
+    g = quote_grammar(apart, "X", min_quote_chars=100, max_quote_chars=200)
+    assert g is not None and grammar_accepts(g, quote_line(1, "a" * 100 + " X"))
 
 
 def test_a_passage_shorter_than_a_quote_is_quoted_whole_and_verified() -> None:

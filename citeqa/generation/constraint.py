@@ -37,12 +37,15 @@ a Hugging Face tokenizer.
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import unicodedata
 import weakref
+from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 import llguidance
@@ -218,16 +221,25 @@ def _within(pieces: list[str], room: int | None) -> list[str]:
     return kept
 
 
-def _around(passage: str, start: int, answer: str, room: int | None) -> tuple[str, int]:
+def _around(passage: str, start: int, answer: str, room: int | None, low: int | None,
+            high: int | None) -> str | None:
     """A regex for the stretches of ``passage`` holding ``answer`` at ``start`` (whole words
-    before it, each with the space after it, the answer, whole words after it), and the
-    length of the longest of them."""
+    before it, each with the space after it, the answer, whole words after it); None when none
+    of them is ``low`` to ``high`` characters long (a quote opened there could not be ended:
+    words around it too long, as in text without spaces, or only both sides together long
+    enough and then too long)."""
     before = _BEFORE.findall(passage[:start])
     after = _AFTER.findall(passage[start + len(answer) :])
     before = _within(before[::-1], room)[::-1]
     after = _within(after, room)
-    longest = sum(map(len, before)) + len(answer) + sum(map(len, after))
-    return f"{_tails(before)}{_literal(answer)}{_heads(after)}", longest
+    # the lengths a stretch can have: some last words before, the answer, some first words after
+    heads = list(accumulate((len(p) for p in reversed(before)), initial=0))
+    tails = list(accumulate(map(len, after), initial=0))  # ascending
+    least, most = (low or 0) - len(answer), (math.inf if high is None else high) - len(answer)
+    if not any((i := bisect_left(tails, least - h)) < len(tails) and tails[i] <= most - h
+               for h in heads):
+        return None
+    return f"{_tails(before)}{_literal(answer)}{_heads(after)}"
 
 
 def quote_grammar(
@@ -259,14 +271,13 @@ def quote_grammar(
     lexemes = []
     for k, passage in _quotable(passages, only_passage):
         low = _shorter(min_quote_chars, passage)
-        # an occurrence whose longest stretch is shorter than the lower bound (words around it
-        # too long to fit, as in text without spaces) would open a quote nothing can finish
+        high = None if max_quote_chars is None else max(max_quote_chars, len(answer))
+        # only occurrences some stretch of which fits the bounds: another would open a quote
+        # nothing can finish
         stretches = dict.fromkeys(
-            regex for regex, longest in (_around(passage, at, answer, room) for at in
-                                         word_occurrences(passage, answer)[:MAX_OCCURRENCES])
-            if low is None or longest >= low)
+            regex for at in word_occurrences(passage, answer)[:MAX_OCCURRENCES]
+            if (regex := _around(passage, at, answer, room, low, high)) is not None)
         if stretches:
-            high = None if max_quote_chars is None else max(max_quote_chars, len(answer))
             lexemes.append((k, f"/(?:{'|'.join(stretches)})/{_length(low, high)}"))
     if not lexemes:
         return None
