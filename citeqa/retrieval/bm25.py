@@ -18,6 +18,7 @@ version of the terms, 1 where absent); no pickle, mmap-able.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -101,7 +102,9 @@ class BM25Index:
             norm = k1 * (1 - b + b * doc_len[post_docs] / avgdl)
             tf = tf * (k1 + 1) / (tf + norm)
         idf = np.log(n_docs - df + 0.5) - np.log(df + 0.5)
-        average_idf = float(idf.mean()) if n_terms else 0.0
+        # fsum: rounded once, whatever the vocabulary's order (an index changed in place orders
+        # it otherwise than a fresh build, and numpy's mean differed in the last digit)
+        average_idf = math.fsum(idf.tolist()) / n_terms if n_terms else 0.0
         idf[idf < 0] = epsilon * average_idf
         params = {
             "k1": k1,
