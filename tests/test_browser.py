@@ -472,6 +472,13 @@ def test_a_link_to_text_the_document_no_longer_holds_highlights_nothing(
     page.goto(base_url + bare)
     page.wait_for_selector("#doc-body mark")
     assert "(as the address asks)" in page.locator("#doc-meta").inner_text()
+    # a hand-made range the document cannot have: said so (the text came with no word)
+    for wrong in ("start=5&end=99999", "start=20&end=10", "start=x&end=3"):
+        page.goto(f"{base_url}/document?id=cheese&{wrong}")
+        page.wait_for_selector("#doc-meta .stale")
+        said = page.locator("#doc-meta .stale").inner_text()
+        assert said.startswith("Nothing is highlighted: start=") and "characters" in said, said
+        assert page.locator("#doc-body mark").count() == 0
 
 
 def test_an_unknown_document_is_a_message_not_a_blank_page(page: Page, base_url: str) -> None:
@@ -608,6 +615,42 @@ def test_a_slow_document_does_not_replace_the_one_asked_for_after_it(page: Page)
         page.unroute("**/v1/documents/cheese")
 
 
+def test_the_pager_keeps_focus_on_the_first_and_last_page(page: Page) -> None:
+    """Enter on "Next" reaching the last page disabled the button that had focus: it fell to
+    the page's start; and the new range was not announced."""
+    page.click("nav >> text=Documents")
+    page.wait_for_selector("#docs-range >> text=Showing 1")
+    assert page.get_attribute("#docs-range", "aria-live") == "polite"
+    page.focus("#docs-next")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#docs-range >> text=Showing 21")  # (earlier tests add some)
+    assert page.evaluate("document.activeElement.id") == "docs-prev"
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#docs-range >> text=Showing 1\u201320")
+    assert page.evaluate("document.activeElement.id") == "docs-next"
+
+
+def test_the_documents_view_forgets_its_old_notes_and_hides_what_a_failed_listing_leaves_unknown(
+        page: Page) -> None:
+    page.click("nav >> text=Documents")
+    page.wait_for_selector("#docs-list li.doc a")
+    page.evaluate("""() => {
+        document.getElementById('docs-status').textContent = 'Deleted something long ago.';
+        document.getElementById('add-status').textContent = 'An old add error.'; }""")
+    page.click("nav >> text=Ask")
+    page.click("nav >> text=Documents")
+    page.wait_for_selector("#docs-list li.doc a")
+    assert page.inner_text("#docs-status") == "" and page.inner_text("#add-status") == ""
+    page.fill("#key", "")  # the listing fails: neither the forms nor the read-only note
+    try:
+        page.click("nav >> text=Ask")
+        page.click("nav >> text=Documents")
+        page.wait_for_selector("#docs-status .error >> text=needs an API key")
+        assert page.is_hidden("#add-text") and page.is_hidden("#read-only")
+    finally:
+        page.fill("#key", KEY)
+
+
 def test_deleting_a_document_asks_first(page: Page, shoot: Callable) -> None:
     page.click("nav >> text=Documents")
     page.wait_for_selector("#docs-list li.doc a")
@@ -622,7 +665,17 @@ def test_deleting_a_document_asks_first(page: Page, shoot: Callable) -> None:
     confirm.locator("text=Cancel").click()
     assert row.locator(".confirm").count() == 0
     row.locator("button", has_text="Delete").click()
-    row.locator("text=Delete it").click()
+    held: list[Any] = []  # the deletion under way: it can no longer be cancelled (Cancel
+    page.route("**/v1/documents/**", lambda route: held.append(route)  # closed the box and
+               if route.request.method == "DELETE" else route.continue_())  # it went on)
+    try:
+        row.locator("text=Delete it").click()
+        wait_until_held(page, held, "the deletion never left the page")
+        assert confirm.locator("button", has_text="Cancel").is_disabled()
+        assert confirm.locator("button", has_text="Deleting").is_disabled()
+        held.pop().continue_()
+    finally:
+        page.unroute("**/v1/documents/**")
     page.wait_for_selector("#docs-status >> text=Deleted \u201cQuokka facts\u201d from the index.")
     assert page.locator("#docs-list li.doc", has_text="Quokka facts").count() == 0
     page.click("nav >> text=Ask")
