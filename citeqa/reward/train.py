@@ -242,15 +242,21 @@ def training_record(cfg: Any, history: Sequence[dict[str, float]], step: int, to
     }
 
 
-def saved_training(out: Path | None) -> dict[str, Any] | None:
-    """The training record ``out``'s config.json holds (None when none)."""
+def _saved(out: Path | None, key: str) -> dict[str, Any] | None:
+    """``key`` of the config.json a training saved in ``out`` (recovered first: a save killed
+    between its two renames), when it is an object; else None."""
     if out is None:
         return None
     try:
-        record = json.loads((recover_dir(Path(out)) / "config.json").read_text()).get("training")
+        value = json.loads((recover_dir(Path(out)) / "config.json").read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         return None
-    return record if isinstance(record, dict) else None
+    return value if isinstance(value, dict) else None
+
+
+def saved_training(out: Path | None) -> dict[str, Any] | None:
+    """The training record ``out``'s config.json holds (None when none)."""
+    return _saved(out, "training")
 
 
 def run_key(cfg: Any, total: int, extra: dict[str, Any] | None) -> dict[str, Any]:
@@ -267,15 +273,11 @@ def saved_progress(out: Path | None) -> dict[str, Any] | None:
     None when ``out`` holds none."""
     if out is None:
         return None
-    out = recover_dir(Path(out))  # a save killed between its two renames: the saved run back
-    try:
-        progress = json.loads((out / "config.json").read_text()).get("progress")
-    except (OSError, ValueError, AttributeError):
-        progress = None
-    if isinstance(progress, dict):
+    progress = _saved(out, "progress")
+    if progress is not None:
         return progress
     try:
-        return {"step": int(json.loads((out / PROGRESS).read_text())["step"])}
+        return {"step": int(json.loads((recover_dir(Path(out)) / PROGRESS).read_text())["step"])}
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
