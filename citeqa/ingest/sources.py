@@ -131,12 +131,11 @@ def load_sources(
                 result.skipped.append(entry)
             elif entry.doc_id in first_seen:
                 result.skipped.append(duplicate(entry, first_seen[entry.doc_id]))
-            elif isinstance(item, str) and page_key(entry.source) in pages:  # one page
-                result.skipped.append(same_page(item, pages[page_key(entry.source)],
-                                                entry.source))
+            elif isinstance(item, str) and (page := page_key(entry.source)) in pages:
+                result.skipped.append(same_page(item, pages[page], entry.source))  # one page
             else:
                 if isinstance(item, str):
-                    pages[page_key(entry.source)] = item
+                    pages[page] = item  # (its key, computed just above)
                 first_seen[entry.doc_id] = entry.source
                 result.documents.append(entry)
     for s in result.skipped:  # the caller reports them (`citeqa index build` prints each once)
@@ -395,7 +394,10 @@ def _line_end(text: str) -> str:
 def _first_line_is_json(text: str) -> bool:
     """Whether the first non-blank line of ``text`` is a JSON value on its own (lines as
     ``_json_documents`` reads them)."""
-    first = next((line for line in text.split(_line_end(text)) if line.strip()), "")
+    end, start = _line_end(text), 0
+    while (stop := text.find(end, start)) >= 0 and not text[start:stop].strip():
+        start = stop + 1  # (not text.split: the file may be large, one line is wanted)
+    first = text[start:stop] if stop >= 0 else text[start:]
     try:
         json.loads(first)
     except (ValueError, RecursionError):
