@@ -229,3 +229,44 @@ def test_a_question_citeqa_refuses_is_left_out_not_the_end_of_the_run(tmp_path, 
     [warning] = caplog.messages
     assert warning.startswith(f"1 question not asked, as citeqa refuses it: {long.id} (the "
                               "question is 1600 characters; 1000 at most)")
+
+
+def test_redteam_against_a_server_sends_batch_requests_at_once_and_closes_its_client(
+        tmp_path: Path, monkeypatch) -> None:
+    """With --url the questions went one after another (one request each, waiting for each
+    answer), so --batch did nothing and the server had nothing to batch; the client was never
+    closed."""
+    import threading
+    import time
+
+    from citeqa.cli import app
+    from citeqa.client import CiteqaClient
+    from citeqa.config import preset
+    from citeqa.retrieval import build_index_from_documents
+    from citeqa.types import Answer, Document
+
+    docs = [Document(f"d{i}", f"T{i}", f"s{i}", p) for i, p in enumerate(PASSAGES)]
+    build_index_from_documents(docs, tmp_path / "idx", preset("tiny").retrieval, progress=False)
+    lock, asked, closed = threading.Lock(), [], []
+    active, most = [0], [0]
+
+    def answer(self, question, **kwargs):  # type: ignore[no-untyped-def]
+        with lock:
+            asked.append(question)
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.3)  # long enough for the batch's other requests to start
+        with lock:
+            active[0] -= 1
+        return Answer(question, True, None, None, None, reason="fake")
+
+    monkeypatch.setattr(CiteqaClient, "answer", answer)
+    monkeypatch.setattr(CiteqaClient, "close", lambda self: closed.append(True))
+    r = CliRunner().invoke(app, [
+        "redteam", "--index", str(tmp_path / "idx"), "--out", str(tmp_path / "rt"),
+        "--no-progress", "--url", "http://127.0.0.1:9", "--batch", "3", "--n", "2",
+        "--per-passage", "1"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "rt" / "summary.json").read_text())
+    assert summary["questions"] == len(asked) >= 3 and most[0] == 3
+    assert closed == [True]

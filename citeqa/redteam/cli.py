@@ -10,6 +10,7 @@ stderr and exit status 2.
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
 
@@ -83,6 +84,7 @@ def redteam(
     from citeqa.redteam.writer import write_questions
     from citeqa.retrieval.store import MANIFEST, Index, sha256_file
 
+    stack = ExitStack()  # with --url: the client and its threads, closed however the run ends
     try:
         idx = Index.load(index)
         texts = [p.text for p in idx.passages]
@@ -106,12 +108,15 @@ def redteam(
         variants = make_variants(seeds, corpus, seed=seed)
         asks = probes(seeds, variants)
         if url:
+            from concurrent.futures import ThreadPoolExecutor
+
             from citeqa.client import CiteqaClient
 
-            client = CiteqaClient(url, api_key=api_key)
+            client = stack.enter_context(CiteqaClient(url, api_key=api_key))
+            pool = stack.enter_context(ThreadPoolExecutor(batch, "citeqa-redteam"))
 
-            def ask(items):  # one request each: the server batches concurrent ones itself
-                return [client.answer(a.question) for a in items]
+            def ask(items):  # --batch requests at once: the server batches them itself
+                return list(pool.map(lambda a: client.answer(a.question), items))
 
             threshold, service, system = None, url, None
         else:
@@ -136,6 +141,8 @@ def redteam(
             write_report(out, summary, setup)
     except CiteqaError as e:
         raise fail(str(e)) from None
+    finally:
+        stack.close()
     typer.echo(json.dumps({k: summary[k] for k in ("questions", "unanswerable", "controls",
                                                     "false_answer_rate", "control_accuracy")}))
     typer.echo(f"report: {out / 'report.md'}")
