@@ -164,6 +164,49 @@ def test_cancelled_work_is_skipped_not_run() -> None:
     assert sum(s.skipped for s in stats) == 1
 
 
+def test_cancelled_work_frees_its_place_in_the_queue_and_in_the_next_batch() -> None:
+    """Cancelled requests (clients gone, timed out) counted as waiting until the worker
+    reached them: behind a long batch, live requests were refused 503 "already waiting" and
+    the dead ones took places in the next batch."""
+    fn = GatedDoubler(gated=True)
+    b = Batcher(fn, max_batch=2, window_ms=0, max_queue=2)
+    running = b.submit(0)
+    assert fn.started.wait(5)
+    dropped = [b.submit(1), b.submit(2)]
+    assert all(f.cancel() for f in dropped) and b.depth == 0
+    kept = [b.submit(3), b.submit(4)]
+    assert b.depth == 2
+    with pytest.raises(QueueFullError):
+        b.submit(5)
+    fn.gate.set()
+    assert [f.result(5) for f in [running, *kept]] == [0, 6, 8]
+    b.close()
+    assert fn.batches == [[0], [3, 4]]
+
+
+def test_work_submitted_while_the_batcher_closes_is_run_or_refused_never_left_waiting(
+        monkeypatch) -> None:
+    """submit checked the flag, then queued: a close() in between (its worker gone, its queue
+    drained) left the item with nobody to run or cancel it, and its caller waited out its
+    timeout."""
+    fn = GatedDoubler()
+    b = Batcher(fn, max_batch=1, window_ms=0)
+    put = b._queue.put_nowait
+    closer = threading.Thread(target=b.close)
+
+    def close_meanwhile(entry):  # type: ignore[no-untyped-def]
+        closer.start()
+        closer.join(0.3)  # close() runs as far as it can before the item is queued
+        put(entry)
+
+    monkeypatch.setattr(b._queue, "put_nowait", close_meanwhile)
+    fut = b.submit(7)
+    closer.join(5)
+    assert fut.result(5) == 14
+    with pytest.raises(BatcherClosedError):
+        b.submit(8)
+
+
 def test_cancelling_the_asyncio_wrapper_cancels_queued_work() -> None:
     """What the app relies on: a timed-out await cancels the queued concurrent future."""
     fn = GatedDoubler(gated=True)

@@ -4,7 +4,8 @@ The event loop submits work and awaits a future; it never blocks on the model. T
 the first queued item, then keeps collecting items for up to ``window_ms`` (or until it has
 ``max_batch``) and runs them together with one call of ``run_batch``. Work whose future was
 cancelled before the worker picked it up (a client that went away, a request that timed out)
-is skipped, never run.
+is skipped, never run, and no longer counts as waiting: neither against ``max_queue`` nor in a
+batch's ``max_batch`` places.
 
 ``run_batch`` returns one outcome per item, in order: a result, or an ``Exception`` instance for
 an item that failed alone. If ``run_batch`` itself raises, every item of the batch fails with it.
@@ -67,7 +68,10 @@ class Batcher(Generic[T, R]):
         self.window_s = window_ms / 1000.0
         self.max_queue = max_queue
         self._on_batch = on_batch
-        self._queue: queue.Queue[tuple[T, Future[R]]] = queue.Queue(maxsize=max_queue)
+        # unbounded: max_queue bounds the live items in it (_waiting), not the cancelled ones
+        self._queue: queue.Queue[tuple[T, Future[R]]] = queue.Queue()
+        self._waiting: set[Future[R]] = set()  # queued, neither cancelled nor picked up yet
+        self._lock = threading.Lock()  # submit's check and put against close's flag
         self._closing = threading.Event()
         self._busy = threading.Event()  # set while a batch is running
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -77,21 +81,28 @@ class Batcher(Generic[T, R]):
 
     def submit(self, item: T) -> Future[R]:
         """Queue one item; raises QueueFullError or BatcherClosedError instead of waiting."""
-        if self._closing.is_set():
-            raise BatcherClosedError("the service is shutting down; retry on another instance")
         fut: Future[R] = Future()
-        try:
+        with self._lock:  # once close() has set the flag, nothing more enters the queue
+            if self._closing.is_set():
+                raise BatcherClosedError("the service is shutting down; retry on another "
+                                         "instance")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(
+                    f"{self.max_queue} requests are already waiting; retry in a moment")
+            self._waiting.add(fut)
             self._queue.put_nowait((item, fut))
-        except queue.Full:
-            raise QueueFullError(
-                f"{self.max_queue} requests are already waiting; retry in a moment"
-            ) from None
+        fut.add_done_callback(self._not_waiting)  # a cancelled item frees its place at once
         return fut
+
+    def _not_waiting(self, fut: Future[R]) -> None:
+        with self._lock:
+            self._waiting.discard(fut)
 
     @property
     def depth(self) -> int:
-        """Items waiting in the queue (not counting the batch being run)."""
-        return self._queue.qsize()
+        """Items waiting in the queue (not counting the batch being run or cancelled items)."""
+        with self._lock:
+            return len(self._waiting)
 
     @property
     def busy(self) -> bool:
@@ -103,7 +114,8 @@ class Batcher(Generic[T, R]):
         Returns True when the worker stopped within ``timeout``; work still queued after that
         is cancelled so that nobody waits on it forever.
         """
-        self._closing.set()
+        with self._lock:
+            self._closing.set()
         self._thread.join(timeout)
         stopped = not self._thread.is_alive()
         if not stopped:
@@ -118,39 +130,54 @@ class Batcher(Generic[T, R]):
 
     # -- the worker's side -------------------------------------------------------------------
 
-    def _collect(self) -> list[tuple[T, Future[R]]]:
-        """Block for a first item, then gather more until max_batch or the window closes."""
+    def _take(self, timeout: float | None) -> tuple[tuple[T, Future[R]] | None, int]:
+        """The next live item (marked running: it can no longer be cancelled) and how many
+        cancelled ones were passed over; no item when none came within ``timeout`` (0: none
+        waits now)."""
+        skipped = 0
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                first = self._queue.get(timeout=0.05)
-                break
+                item, fut = (self._queue.get(timeout=remaining) if remaining != 0
+                             else self._queue.get_nowait())
             except queue.Empty:
-                if self._closing.is_set():
-                    return []
+                return None, skipped
+            with self._lock:
+                self._waiting.discard(fut)
+            # set_running_or_notify_cancel: False when cancelled; afterwards cancel() fails.
+            if fut.set_running_or_notify_cancel():
+                return (item, fut), skipped
+            skipped += 1
+
+    def _collect(self) -> tuple[list[tuple[T, Future[R]]], int]:
+        """Block for a first live item, then gather more until max_batch or the window closes;
+        also how many cancelled items were passed over. No items: only cancelled ones were
+        found, or (none found either) closing and drained."""
+        while True:
+            first, skipped = self._take(0.05)
+            if first is not None:
+                break
+            if skipped or (self._closing.is_set() and self._queue.empty()):
+                return [], skipped
         batch = [first]
         deadline = time.monotonic() + self.window_s
         while len(batch) < self.max_batch:
-            remaining = deadline - time.monotonic()
-            try:
-                if remaining > 0:
-                    batch.append(self._queue.get(timeout=remaining))
-                else:
-                    batch.append(self._queue.get_nowait())
-            except queue.Empty:
+            more, passed = self._take(max(0.0, deadline - time.monotonic()))
+            skipped += passed
+            if more is None:
                 break
-        return batch
+            batch.append(more)
+        return batch, skipped
 
     def _loop(self) -> None:
         while True:
-            batch = self._collect()
-            if not batch:
-                return  # closing and the queue is drained
-            # set_running_or_notify_cancel: False when cancelled; afterwards cancel() fails.
-            live = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]
-            skipped = len(batch) - len(live)
+            live, skipped = self._collect()
             if not live:
-                self._report(BatchStats(0, skipped, 0.0))
-                continue
+                if skipped:
+                    self._report(BatchStats(0, skipped, 0.0))
+                    continue
+                return  # closing and the queue is drained
             self._busy.set()
             t0 = time.perf_counter()
             try:
