@@ -208,6 +208,8 @@ def test_rejects_bad_arguments() -> None:
         calibrate_threshold([], [], target_accuracy=0.9)
     with pytest.raises(ValueError):
         calibrate_threshold([0.1, float("nan")], [True, True], target_accuracy=0.9)
+    with pytest.raises(ValueError, match=r"\+inf"):  # it read "threshold inf, coverage 1"
+        calibrate_threshold([math.inf] * 30, [True] * 30, target_accuracy=0.8)
 
 
 def test_json_round_trip() -> None:

@@ -335,6 +335,8 @@ def test_thresholds_are_searched_once_per_calibration_and_then_looked_up(
     assert len(searches) == scorer_module.GRID_POINTS
     assert scorer.threshold_for(0.5123) == scorer.threshold_for(0.52)  # which certifies it too
     assert scorer.threshold_for(0.995) == math.inf  # no grid point below 1 certifies it
+    # a target below the first grid point takes its threshold (it took the last one's, 0.99)
+    assert scorer.threshold_for(4e-9) == scorer.threshold_for(0.01)
     for bad in (0.0, 1.0, math.nan, -0.005):
         with pytest.raises(ValueError, match="must be in"):
             scorer.threshold_for(bad)
@@ -407,6 +409,12 @@ def test_best_per_question_follows_the_pipeline_choice() -> None:
     ]
     scores, correct = best_per_question(groups)
     assert scores.tolist() == [0.6, -math.inf] and correct.tolist() == [True, False]
+    # a NaN-scored candidate is never given (pipeline._no_nan_scores), wherever it stands: it
+    # was picked when it came first (and calibration then stopped on the NaN)
+    for group in ([(math.nan, True, False), (0.3, True, True)],
+                  [(0.3, True, True), (math.nan, True, False)]):
+        assert best_per_question([group])[0].tolist() == [0.3]
+    assert best_per_question([[(math.nan, True, True)]])[0].tolist() == [-math.inf]
 
 
 def test_data_lines_groups_and_errors(tmp_path: Path) -> None:

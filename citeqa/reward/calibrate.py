@@ -170,6 +170,8 @@ def calibrate_threshold(
         raise ValueError("no calibration questions: scores and correct are empty")
     if np.isnan(s).any():
         raise ValueError("scores contain NaN; score every calibration question")
+    if np.isposinf(s).any():  # "answer iff score >= inf" would be stored as "certifies nothing"
+        raise ValueError("scores contain +inf; scores are finite (or -inf: never answered)")
 
     alpha = 1.0 - target_accuracy
     order = np.argsort(-s, kind="stable")

@@ -100,7 +100,8 @@ class Calibrated:
                 f"{self.directory} has no {CALIBRATION}; run `citeqa calibrate --reward "
                 f"{self.directory} --data FILE` first"
             )
-        k = math.ceil(round(target / TARGET_GRID, 6))  # the grid point at or above the target
+        # the grid point at or above the target (the first one for a target below it)
+        k = max(1, math.ceil(round(target / TARGET_GRID, 6)))
         if k > GRID_POINTS:
             return math.inf
         cal = self.calibration
@@ -351,12 +352,13 @@ def best_per_question(
     """Per question, the (score, correct) of the candidate the pipeline would answer with.
 
     Each group holds one question's candidates as ``(score, quote_valid, correct)``. The
-    pipeline answers with the best-scored verified candidate; with none verified it always
-    declines, so that question's score is minus infinity (never answered).
+    pipeline answers with the best-scored verified candidate, leaving NaN-scored ones out
+    (``pipeline._no_nan_scores``); with none verified it always declines, so that question's
+    score is minus infinity (never answered).
     """
     scores, correct = [], []
     for group in groups:
-        valid = [(s, c) for s, v, c in group if v]
+        valid = [(s, c) for s, v, c in group if v and not math.isnan(s)]
         if valid:
             s, c = max(valid, key=lambda sc: sc[0])
             scores.append(s)
