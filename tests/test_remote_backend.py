@@ -376,6 +376,36 @@ def test_waiting_for_an_engine_that_starts_late_and_one_that_never_does():
         never.wait_ready(timeout_s=0.2, poll_s=0.05)
 
 
+def test_a_named_model_is_waited_for_and_checked_and_a_bad_model_list_is_an_engine_error():
+    """With CITEQA_GENERATOR_MODEL set, start-up asked nothing: ready at once with the engine
+    down, and a misspelt name failed every question later. A model list without ids gave a
+    model named 'None', and one that is no list a bare TypeError."""
+    up_at = time.monotonic() + 0.3
+
+    def handler(request):
+        if time.monotonic() < up_at:
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200, json={"data": [{"id": "smol"}]})
+
+    client, seen = server(handler)
+    b = RemoteBackend("http://gen", "smol", client=client,
+                      backoff=Backoff(retries=0, base_s=0.01))
+    b.wait_ready(timeout_s=5, poll_s=0.05)
+    assert time.monotonic() >= up_at and seen[-1].url.path == "/v1/models"
+    with pytest.raises(EngineError, match=r"serves \['smol'\], not 'smoll'.*GENERATOR_MODEL"):
+        RemoteBackend("http://gen", "smoll", client=client).wait_ready(timeout_s=1)
+    client, _ = server(lambda r: httpx.Response(503, text="loading"))
+    down = RemoteBackend("http://gen", "smol", client=client,
+                         backoff=Backoff(retries=0, base_s=0.01))
+    with pytest.raises(EngineUnavailableError, match="waited"):
+        down.wait_ready(timeout_s=0.2, poll_s=0.05)
+    for body in ({"data": None}, {"data": [{"object": "model"}]}, {"data": [{"id": 3}]}, {}):
+        client, _ = server(lambda r, body=body: httpx.Response(200, json=body))
+        for named in (None, "smol"):
+            with pytest.raises(EngineError, match="unexpected /v1/models response"):
+                RemoteBackend("http://gen", named, client=client).wait_ready(timeout_s=1)
+
+
 def test_settings_select_a_remote_generator(monkeypatch, tmp_path):
     monkeypatch.setenv("CITEQA_GENERATOR_URL", "http://127.0.0.1:8100")
     monkeypatch.setenv("CITEQA_GENERATOR_MODEL", "smol")

@@ -99,13 +99,25 @@ class RemoteBackend:
     def model_id(self) -> str:
         return f"remote:{self.model}"
 
-    def served_model(self, deadline: float | None = None) -> str:
-        """The only model the engine serves (``GET /v1/models``, within ``deadline``, default
-        the timeout from now); EngineError when it serves several (name one) or none."""
+    def served_models(self, deadline: float | None = None) -> list[str]:
+        """The names of the models the engine serves (``GET /v1/models``, within ``deadline``,
+        default the timeout from now); EngineError when its answer is no such list."""
         limit = time.monotonic() + self._timeout_s
         data = self._call("GET", "/v1/models", None,
                           deadline=limit if deadline is None else min(deadline, limit))
-        names = [str(m.get("id")) for m in data.get("data", []) if isinstance(m, dict)]
+        listed = data.get("data")
+        names = ([m.get("id") for m in listed if isinstance(m, dict)]
+                 if isinstance(listed, list) else None)
+        if names is None or not all(isinstance(n, str) and n for n in names):
+            raise EngineError(f"the generator at {self.shown_url} sent an unexpected "
+                              f"/v1/models response (no list of models with ids): "
+                              f"{str(data)[:200]}")
+        return [str(n) for n in names]
+
+    def served_model(self, deadline: float | None = None) -> str:
+        """The only model the engine serves (``served_models``); EngineError when it serves
+        several (name one) or none."""
+        names = self.served_models(deadline)
         if len(names) != 1:
             raise EngineError(f"the generator at {self.shown_url} serves {names or 'no model'}; "
                               "name the one to use (CITEQA_GENERATOR_MODEL)")
@@ -113,12 +125,17 @@ class RemoteBackend:
 
     def wait_ready(self, timeout_s: float = 600.0, poll_s: float = 2.0) -> None:
         """Block until the engine lists its model (a server starting up), at most
-        ``timeout_s``; EngineUnavailableError when it never does."""
+        ``timeout_s``; EngineUnavailableError when it never does, EngineError when it serves
+        another model than the one named (or, none named, several)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            try:
+            try:  # no call outlives the wait
                 if self._model is None:
-                    self._model = self.served_model(deadline)  # no call outlives the wait
+                    self._model = self.served_model(deadline)
+                elif self._model not in (names := self.served_models(deadline)):
+                    raise EngineError(f"the generator at {self.shown_url} serves "
+                                      f"{names or 'no model'}, not {self._model!r}; fix "
+                                      "CITEQA_GENERATOR_MODEL")
                 return
             except EngineUnavailableError as e:
                 if time.monotonic() + poll_s > deadline:
