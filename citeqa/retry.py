@@ -4,7 +4,8 @@
 A call is retried on a connection that could not be made, and on 429 and 503 answers, which
 say "not now" and may carry ``Retry-After`` (seconds or an HTTP date, RFC 9110 sec. 10.2.3).
 The wait is that header when given, else exponential backoff with full jitter, never past the
-caller's deadline.
+caller's deadline. A server asking for a longer wait than ``max_s`` is not asked again sooner
+than it said: the call gives up (as the page does).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # str.isdigit() also takes "²", which float() won't
         return float(value)
     try:
         when = parsedate_to_datetime(value)
@@ -42,19 +43,23 @@ class Backoff:
 
     def delay(self, attempt: int, retry_after: str | None = None,
               rng: random.Random | None = None) -> float:
-        """Seconds to wait before try ``attempt + 1`` (``attempt`` counts from 0)."""
+        """Seconds to wait before try ``attempt + 1`` (``attempt`` counts from 0): what
+        ``retry_after`` says when readable (which may exceed ``max_s``), else backoff."""
         told = parse_retry_after(retry_after)
         if told is not None:
-            return min(told, self.max_s)
+            return told
         bound = min(self.base_s * 2**attempt, self.max_s)
         return (rng or random).uniform(0.0, bound)
 
     def wait(self, attempt: int, retry_after: str | None, deadline: float | None) -> bool:
-        """Sleep before the next try and return True, or return False when no try is left or
-        the wait would end past ``deadline`` (a ``time.monotonic()`` value)."""
+        """Sleep before the next try and return True, or return False when no try is left, the
+        server asks for a wait longer than ``max_s``, or the wait would end past ``deadline``
+        (a ``time.monotonic()`` value)."""
         if attempt >= self.retries:
             return False
         pause = self.delay(attempt, retry_after)
+        if pause > self.max_s:
+            return False
         if deadline is not None and time.monotonic() + pause > deadline:
             return False
         time.sleep(pause)

@@ -16,7 +16,7 @@ def test_retry_after_in_seconds_and_as_an_http_date() -> None:
     now = time.time()
     assert parse_retry_after(formatdate(now + 30, usegmt=True), now=now) == pytest.approx(30, abs=1)
     assert parse_retry_after(formatdate(now - 30, usegmt=True), now=now) == 0.0  # already past
-    for bad in (None, "", "soon", "-3", "1.5e9"):
+    for bad in (None, "", "soon", "-3", "1.5e9", "\u00b2", "1\u0663"):  # not ASCII digits
         assert parse_retry_after(bad) is None
 
 
@@ -26,7 +26,7 @@ def test_backoff_doubles_its_bound_and_caps_every_wait() -> None:
     for attempt, bound in enumerate([1, 2, 4, 5, 5]):
         waits = [b.delay(attempt, None, rng) for _ in range(200)]
         assert 0 <= min(waits) and max(waits) <= bound and max(waits) > 0.8 * bound
-    assert b.delay(0, "60") == 5.0  # a long Retry-After is capped too
+    assert b.delay(0, "60") == 60.0  # what the server said (wait() gives up on it)
     assert b.delay(3, "2") == 2.0
 
 
@@ -37,3 +37,7 @@ def test_wait_gives_up_when_tries_or_time_run_out(monkeypatch: pytest.MonkeyPatc
     assert b.wait(0, "1", None) and b.wait(1, "1", None) and not b.wait(2, "1", None)
     assert slept == [1.0, 1.0]
     assert not b.wait(0, "10", time.monotonic() + 5)  # would end past the deadline
+    # a server asking for longer than max_s: not asked again sooner than it said (the wait
+    # was cut to max_s and the retry came early)
+    assert not Backoff(retries=2, max_s=5.0).wait(0, "6", None)
+    assert slept == [1.0, 1.0]
