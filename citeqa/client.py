@@ -24,7 +24,7 @@ from urllib.parse import quote
 import httpx
 
 from citeqa.errors import CiteqaError
-from citeqa.retry import RETRY_STATUSES, Backoff
+from citeqa.retry import RETRY_STATUSES, Backoff, request_by
 from citeqa.types import Answer, Candidate, Document, Hit, Quote
 
 T = TypeVar("T")
@@ -235,7 +235,7 @@ class CiteqaClient:
     def health(self) -> bool:
         """True when the process answers /healthz; False when nothing answers (one try)."""
         try:
-            resp = self._http.get("/healthz")
+            resp = self._probe("/healthz")
         except httpx.TransportError:
             return False
         if not resp.is_success:
@@ -249,11 +249,16 @@ class CiteqaClient:
         A service that failed to load raises ``CiteqaAPIError`` (``load_failed``: waiting will
         not change it)."""
         try:
-            resp = self._http.get("/readyz")
+            resp = self._probe("/readyz")
         except httpx.TransportError:
             return Readiness(False, reason="unreachable")
         if resp.is_success:
-            body = resp.json() if resp.content else {}
+            try:
+                body = resp.json() if resp.content else {}
+            except ValueError:  # a 200 page from something else (a proxy's): not the service
+                raise CiteqaAPIError(resp.status_code, "bad_response",
+                                     f"/readyz answered 200 without JSON: "
+                                     f"{resp.text[:200]!r}") from None
             version = body.get("index_version") if isinstance(body, dict) else None
             return Readiness(True, index_version=version if isinstance(version, str) else None)
         err = self._error(resp)
@@ -268,6 +273,14 @@ class CiteqaClient:
 
     # -- plumbing ----------------------------------------------------------------------------
 
+    def _probe(self, path: str) -> httpx.Response:
+        """One GET within ``self.timeout``; a body that cannot be decoded is bad_response."""
+        try:
+            return request_by(self._http, "GET", path, time.monotonic() + self.timeout)
+        except httpx.DecodingError as exc:
+            raise CiteqaAPIError(0, "bad_response", f"a body that cannot be decoded: {exc}"
+                                 ) from exc
+
     def _send(self, method: str, path: str, *, retry_statuses: frozenset[int] = RETRY_STATUSES,
               **kwargs: Any) -> httpx.Response:
         """One call, retried (``self.backoff``) while it cannot connect or the answer's status
@@ -277,7 +290,10 @@ class CiteqaClient:
         attempt = 0
         while True:
             try:
-                resp = self._http.request(method, path, **kwargs)
+                resp = request_by(self._http, method, path, deadline, **kwargs)
+            except httpx.DecodingError as exc:  # e.g. a body that says gzip and is not
+                raise CiteqaAPIError(0, "bad_response", f"a body that cannot be decoded: {exc}"
+                                     ) from exc
             except httpx.ConnectError as exc:  # nothing was sent: safe to send again
                 if self.backoff.wait(attempt, None, deadline):
                     attempt += 1

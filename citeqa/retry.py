@@ -1,5 +1,6 @@
 """When to try an HTTP call again and how long to wait: one policy for every client citeqa has
-(``CiteqaClient`` against the service, the remote generator against its engine).
+(``CiteqaClient`` against the service, the remote generator against its engine); and
+``request_by``, one try that ends by a deadline.
 
 A call is retried on a connection that could not be made, and on 429 and 503 answers, which
 say "not now" and may carry ``Retry-After`` (seconds or an HTTP date, RFC 9110 sec. 10.2.3).
@@ -14,6 +15,9 @@ import random
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
 
 RETRY_STATUSES = frozenset({429, 503})
 
@@ -64,3 +68,22 @@ class Backoff:
             return False
         time.sleep(pause)
         return True
+
+
+def request_by(client: httpx.Client, method: str, url: str, deadline: float,
+               **kwargs: Any) -> httpx.Response:
+    """One request, its answer read whole by ``deadline`` (a ``time.monotonic()`` value),
+    checked as it arrives: httpx's timeout bounds each read, so a server sending a byte at a
+    time held a call for ever; one read may still take up to the time that was left (1 s at
+    least). ``httpx.ReadTimeout`` when the answer is still coming at the deadline."""
+    timeout = max(deadline - time.monotonic(), 1.0)
+    with client.stream(method, url, timeout=timeout, **kwargs) as streamed:
+        if streamed.is_stream_consumed:  # built in memory (a test's MockTransport): read
+            return streamed
+        chunks = []
+        for chunk in streamed.iter_raw():  # as sent: the Response below decodes it once
+            chunks.append(chunk)
+            if time.monotonic() > deadline:
+                raise httpx.ReadTimeout("the answer was still coming at the deadline")
+        return httpx.Response(streamed.status_code, headers=streamed.headers,
+                              content=b"".join(chunks), request=streamed.request)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -183,6 +184,40 @@ def test_a_body_of_another_shape_is_bad_response_for_every_call() -> None:
                                             "candidates": [1]})))  # not objects
     with pytest.raises(CiteqaAPIError, match="unexpected body"):
         odd.answer("q")
+
+
+def test_a_call_ends_within_its_timeout_however_slowly_the_service_sends() -> None:
+    """The timeout bounded each read, not the call ("seconds a call may take"): a body sent a
+    piece at a time held a 1 s call for 5.9 s."""
+    def trickle():  # type: ignore[no-untyped-def]
+        for _ in range(40):
+            time.sleep(0.1)
+            yield b" "
+
+    client = CiteqaClient("http://svc", timeout=0.5, backoff=Backoff(retries=0),
+                          transport=httpx.MockTransport(
+                              lambda r: httpx.Response(200, content=trickle())))
+    t0 = time.monotonic()
+    with pytest.raises(CiteqaAPIError) as err:
+        client.search("q")
+    assert err.value.code == "timeout" and time.monotonic() - t0 < 2.0  # not the body's 4 s
+
+
+def test_undecodable_bodies_and_a_readiness_page_that_is_not_json_are_bad_response() -> None:
+    """A body that says gzip and is not raised httpx.DecodingError, and a 200 /readyz page
+    that is not JSON (a proxy's) a JSONDecodeError: neither a CiteqaAPIError."""
+    gzip_lie = httpx.MockTransport(lambda r: httpx.Response(
+        200, headers={"Content-Encoding": "gzip"}, content=iter([b"not gzip at all"])))
+    client = CiteqaClient("http://svc", transport=gzip_lie, backoff=Backoff(retries=0))
+    for call in (lambda: client.search("q"), client.readiness, client.health):
+        with pytest.raises(CiteqaAPIError, match="cannot be decoded") as err:
+            call()
+        assert err.value.code == "bad_response"
+    page = CiteqaClient("http://svc", transport=httpx.MockTransport(
+        lambda r: httpx.Response(200, text="<html>welcome</html>")))
+    with pytest.raises(CiteqaAPIError, match="without JSON") as err:
+        page.readiness()
+    assert err.value.code == "bad_response"
 
 
 def test_ids_a_url_reads_as_a_path_are_refused_before_sending() -> None:

@@ -34,7 +34,7 @@ from citeqa.errors import EngineError, EngineUnavailableError
 from citeqa.generation.backend import Completion, GenerationRequest, abandoned_completions
 from citeqa.generation.chat import defused_for_any_template
 from citeqa.generation.format import ANSWER_LINE_END
-from citeqa.retry import RETRY_STATUSES, Backoff
+from citeqa.retry import RETRY_STATUSES, Backoff, request_by
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +242,8 @@ class RemoteBackend:
                 raise _Abandoned
             try:
                 with self._in_flight:
-                    resp = self._request(method, url, body, deadline)
+                    resp = request_by(self._client, method, url, deadline, json=body,
+                                      headers=self._headers)
             except httpx.DecodingError as e:  # e.g. a body that says gzip and is not
                 raise EngineError(f"the generator at {self.shown_url} sent a body that cannot "
                                   f"be decoded ({e})") from e
@@ -277,24 +278,6 @@ class RemoteBackend:
             if not isinstance(data, dict):
                 raise EngineError("the generator sent an unexpected response (not an object)")
             return data
-
-    def _request(self, method: str, url: str, body: dict[str, Any] | None,
-                 deadline: float) -> httpx.Response:
-        """The response, its body read whole by ``deadline`` (checked as it arrives: httpx's
-        timeout bounds each read, so an engine sending a byte at a time held a call for ever;
-        one read may still take up to the time that was left)."""
-        timeout = max(deadline - time.monotonic(), 1.0)
-        with self._client.stream(method, url, json=body, headers=self._headers,
-                                 timeout=timeout) as streamed:
-            if streamed.is_stream_consumed:  # built in memory (a test's MockTransport): read
-                return streamed
-            chunks = []
-            for chunk in streamed.iter_raw():  # as sent: the Response below decodes it once
-                chunks.append(chunk)
-                if time.monotonic() > deadline:
-                    raise httpx.ReadTimeout("the answer was still coming at the deadline")
-            return httpx.Response(streamed.status_code, headers=streamed.headers,
-                                  content=b"".join(chunks), request=streamed.request)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
