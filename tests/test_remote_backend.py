@@ -214,6 +214,12 @@ def test_a_choice_cut_by_max_tokens_is_a_failed_candidate_not_a_cut_quote():
         [GenerationRequest(messages=MSGS, n=2, temperature=1.0)])
     assert cut.text == "" and cut.timings_ms["cut"] == 1.0 and cut.n_tokens == 9
     assert whole.text.endswith("Normans.") and whole.timings_ms["cut"] == 0.0
+    # one the engine aborted (vLLM's finish_reason "abort") is as partial: it was kept whole
+    client, _ = server(lambda r: ok(choice(0, "Answer: x\nQuote [1]: The Nor", [-1.0] * 9,
+                                           finish="abort")))
+    [[aborted]] = RemoteBackend("http://gen", "m", client=client).generate(
+        [GenerationRequest(messages=MSGS)])
+    assert aborted.text == "" and aborted.timings_ms["cut"] == 1.0
 
 
 def test_span_mode_continues_each_answer_with_its_own_quote_grammar():

@@ -13,9 +13,10 @@ grammar ``QuoteStage`` builds from the answer (a stretch of a passage that holds
 The requests of a batch go out together, at most ``concurrency`` at a time, so the engine can
 batch what the service's batcher collected. A call that cannot connect, or that the engine
 turns away for now (429, 503), is retried with backoff honouring ``Retry-After`` within
-``timeout_s``; a choice cut short by ``max_tokens`` (``finish_reason: "length"``) becomes a
-failed candidate, never a cut quote. Errors surface as ``EngineError`` (the engine answered
-with an error) or ``EngineUnavailableError`` (it could not be reached), with its message.
+``timeout_s``; a choice cut short by ``max_tokens`` (``finish_reason: "length"``), or one the
+engine aborted, becomes a failed candidate, never a cut quote. Errors surface as
+``EngineError`` (the engine answered with an error) or ``EngineUnavailableError`` (it could
+not be reached), with its message.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ from citeqa.retry import RETRY_STATUSES, Backoff, request_by
 
 logger = logging.getLogger(__name__)
 
-CUT = "length"  # the finish_reason of a choice stopped by max_tokens
+# finish_reasons of a choice that stopped before the model ended it: max_tokens ("length"), or
+# the engine gave up on it ("abort": vLLM, SGLang), its text partial either way
+CUT = frozenset({"length", "abort"})
 GATEWAY_ERRORS = frozenset({502, 504})  # a proxy's: the engine behind it is down or starting
 
 
@@ -202,7 +205,7 @@ class RemoteBackend:
         text = (choice.get("message") or {}).get("content") or ""
         if not text.endswith(ANSWER_LINE_END):  # an engine may trim the line break it wrote
             text += ANSWER_LINE_END
-        grammar = None if choice.get("finish_reason") == CUT else req.quote_stage.grammar(text)
+        grammar = None if choice.get("finish_reason") in CUT else req.quote_stage.grammar(text)
         if grammar is None or req.is_abandoned():  # no quote to write, or nobody to read it
             return _completion(choice, (time.perf_counter() - t0) * 1000)
         body = self.payload(req, grammar=grammar, continue_with=text, n=1)
@@ -295,9 +298,10 @@ def _tokens(choice: dict[str, Any]) -> int:
 
 
 def _completion(choice: dict[str, Any], elapsed_ms: float) -> Completion:
-    """A choice as a Completion; one cut short by max_tokens has no text (a failed candidate:
-    a cut quote could still be verbatim, but it was not the quote the model meant)."""
-    cut = choice.get("finish_reason") == CUT
+    """A choice as a Completion; one cut short (max_tokens, or aborted) has no text (a failed
+    candidate: a cut quote could still be verbatim, but it was not the quote the model
+    meant)."""
+    cut = choice.get("finish_reason") in CUT
     text = "" if cut else ((choice.get("message") or {}).get("content") or "")
     lps = _logprobs(choice)
     timings = {"request_ms": elapsed_ms, "tokens": float(len(lps)), "cut": float(cut)}
@@ -308,7 +312,7 @@ def _joined(answer_line: str, first: dict[str, Any], second: dict[str, Any],
             elapsed_ms: float) -> Completion:
     """A span-mode candidate from its two calls: the answer line (``first``'s text, with its
     line break), then the quote."""
-    if second.get("finish_reason") == CUT:
+    if second.get("finish_reason") in CUT:
         return _completion(second, elapsed_ms)
     text = answer_line + ((second.get("message") or {}).get("content") or "")
     lps = _logprobs(first) + _logprobs(second)
