@@ -293,6 +293,28 @@ def test_one_call_ends_at_its_deadline_however_slowly_the_engine_sends():
     assert time.monotonic() - t0 < 2.0  # not the 4 s the body takes
 
 
+def test_a_call_waiting_for_a_free_slot_past_its_deadline_is_not_sent():
+    """A call (span mode's quote, behind the first calls) waited for one of the `concurrency`
+    slots without limit, then went out past its deadline with a second's time."""
+    def handler(request):
+        time.sleep(0.8)
+        return ok(choice(0, "Answer: a", []))
+
+    client, seen = server(handler)
+    b = RemoteBackend("http://gen", "m", client=client, concurrency=1)
+    body = b.payload(GenerationRequest(messages=MSGS))
+    first = threading.Thread(target=b._call, args=("POST", "/v1/chat/completions", body),
+                             kwargs={"deadline": time.monotonic() + 5})
+    first.start()
+    while not seen:
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    with pytest.raises(EngineUnavailableError, match="busy until the deadline"):
+        b._call("POST", "/v1/chat/completions", body, deadline=t0 + 0.2)
+    assert time.monotonic() - t0 < 0.6 and len(seen) == 1  # given up at its deadline, unsent
+    first.join()
+
+
 def test_a_compressed_answer_is_decoded_once():
     """Read as decoded chunks and handed on with its Content-Encoding, a gzipped answer (nginx,
     a cloud gateway) was decoded twice: every call failed, a 500."""

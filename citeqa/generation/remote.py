@@ -244,9 +244,7 @@ class RemoteBackend:
             if attempt and abandoned is not None and abandoned():
                 raise _Abandoned
             try:
-                with self._in_flight:
-                    resp = request_by(self._client, method, url, deadline, json=body,
-                                      headers=self._headers)
+                resp = self._send(method, url, body, deadline)
             except httpx.DecodingError as e:  # e.g. a body that says gzip and is not
                 raise EngineError(f"the generator at {self.shown_url} sent a body that cannot "
                                   f"be decoded ({e})") from e
@@ -281,6 +279,20 @@ class RemoteBackend:
             if not isinstance(data, dict):
                 raise EngineError("the generator sent an unexpected response (not an object)")
             return data
+
+    def _send(self, method: str, url: str, body: dict[str, Any] | None,
+              deadline: float) -> httpx.Response:
+        """One try, in one of the ``concurrency`` slots for calls in flight; a slot that frees
+        only past ``deadline`` is a timeout (the call went out late, with a second's time at
+        least, when it waited for one without limit)."""
+        if not self._in_flight.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+            raise httpx.PoolTimeout(f"all {self.concurrency} calls in flight were busy until "
+                                    "the deadline")
+        try:
+            return request_by(self._client, method, url, deadline, json=body,
+                              headers=self._headers)
+        finally:
+            self._in_flight.release()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
