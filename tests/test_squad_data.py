@@ -130,6 +130,17 @@ def test_a_question_whose_golds_hold_no_word_is_unanswerable_as_the_report_count
     assert QAItem("q", "Q?", ("the Normans",), "", "").answerable
 
 
+def test_a_null_context_is_no_context_not_the_text_none(tmp_path: Path) -> None:
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"id": "a", "question": "Q?", "answers": ["x"], "context": null}\n',
+                    encoding="utf-8")
+    assert load_questions(path) == [QAItem("a", "Q?", ("x",), "", "")]
+    squad = tmp_path / "s.json"
+    squad.write_text('{"data": [{"title": "T", "paragraphs": [{"context": null, "qas": [{"id": '
+                     '"1", "question": "Q?", "answers": [{"text": "x"}]}]}]}]}', encoding="utf-8")
+    assert load_questions(squad) == [QAItem("1", "Q?", ("x",), "T", "")]
+
+
 def test_load_questions_dispatches_on_content(squad_file: Path, tmp_path: Path) -> None:
     assert [i.id for i in load_questions(squad_file)] == ["q1", "q2", "q3"]
     one_line = tmp_path / "one.txt"  # a single JSONL line is also valid JSON: still JSONL
@@ -152,6 +163,16 @@ def test_load_questions_dispatches_on_content(squad_file: Path, tmp_path: Path) 
             '{"id": "a", "question": "Q?", "answers": []}\n',
             "twice",
         ),
+        # odd types: each crashed later (a TypeError in the red team, an AttributeError), or
+        # read as text ("5", a context "None")
+        ('{"id": "a", "question": 5, "answers": []}\n', "'question' is int, not a string"),
+        ('{"id": "a", "question": "Q?", "answers": [], "context": 3}\n', "'context' is int"),
+        ('{"data": [{"title": "T", "paragraphs": [{"context": 7, "qas": []}]}]}',
+         "malformed.*a context is int"),
+        ('{"data": [{"title": "T", "paragraphs": [{"context": "c", "qas": [{"id": "1", '
+         '"question": null, "answers": []}]}]}]}', "malformed.*a question is NoneType"),
+        ('{"data": [{"title": "T", "paragraphs": [{"context": "c", "qas": [{"id": "1", '
+         '"question": "Q?", "answers": [{"text": 7}]}]}]}]}', "an answer's text is int"),
     ],
 )
 def test_bad_files_raise_source_error(tmp_path: Path, content: str, match: str) -> None:

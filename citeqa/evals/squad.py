@@ -125,6 +125,17 @@ def _dedupe(texts: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(texts))
 
 
+def _text(value: Any, what: str, *, absent_ok: bool = False) -> str:
+    """``value`` when it is a string ("" for null/absent where ``absent_ok``); TypeError
+    naming ``what`` else (a number or null there would surface later as a crash, or as the
+    passage text "None")."""
+    if absent_ok and value is None:
+        return ""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} is {type(value).__name__}, not a string")
+    return value
+
+
 def _check_unique_ids(items: list[QAItem], path: Path) -> None:
     seen: set[str] = set()
     for item in items:
@@ -149,15 +160,16 @@ def _parse_squad(
             if wanted is not None and title not in wanted:
                 continue
             for paragraph in article["paragraphs"]:
-                context = paragraph.get("context", "")
+                context = _text(paragraph.get("context"), "a context", absent_ok=True)
                 for qa in paragraph["qas"]:
                     answers: tuple[str, ...] = ()
                     if not qa.get("is_impossible", False):
-                        answers = _dedupe(a["text"] for a in qa.get("answers", []))
+                        answers = _dedupe(_text(a["text"], "an answer's text")
+                                          for a in qa.get("answers", []))
                     items.append(
                         QAItem(
                             id=str(qa["id"]),
-                            question=qa["question"],
+                            question=_text(qa["question"], "a question"),
                             answers=answers,
                             article=title,
                             context=context,
@@ -189,10 +201,10 @@ def _parse_jsonl(text: str, path: Path) -> list[QAItem]:
             items.append(
                 QAItem(
                     id=str(row["id"]),
-                    question=str(row["question"]),
+                    question=_text(row["question"], "'question'"),
                     answers=_dedupe(answers),
                     article=str(row.get("article", "")),
-                    context=str(row.get("context", "")),
+                    context=_text(row.get("context"), "'context'", absent_ok=True),
                 )
             )
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
