@@ -235,7 +235,12 @@ def _forget_replaced(out: Path) -> None:
 
 
 def _finished_shards(work: Path) -> int:
-    """How many finished shards the work directory of a sharded build holds."""
+    """How many finished shards the work directory of a sharded build holds (none where no
+    build's marker is: a folder of the user's that happens to be called shards/)."""
+    from citeqa.retrieval.shards import MARKER
+
+    if not (work / MARKER).is_file():
+        return 0
     try:
         return sum(1 for _ in (work / "shards").iterdir())
     except OSError:

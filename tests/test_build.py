@@ -282,6 +282,34 @@ def test_sharded_build_leaves_other_things_in_a_given_work_dir(tmp_path: Path) -
     assert sorted(p.name for p in work.iterdir()) == ["notes.txt"]
 
 
+def test_a_work_dir_holding_shards_or_staging_no_build_left_is_refused_and_kept(
+        tmp_path: Path) -> None:
+    """The build cleared <work>/shards and <work>/staging at its start and end whatever they
+    held: a user's folders of those names were deleted, and the work dir with them."""
+    sources = write_corpus(tmp_path / "src")
+    for name in ("shards", "staging"):
+        work = tmp_path / f"work-{name}"
+        (work / name / "mine").mkdir(parents=True)
+        (work / name / "mine" / "notes.txt").write_text("precious")
+        with pytest.raises(ConfigError, match=f"holds {name}, which no citeqa build left"):
+            build_index_sharded(sources, tmp_path / "idx", CFG, progress=False,
+                                executor=InProcessExecutor(), work_dir=work)
+        assert (work / name / "mine" / "notes.txt").read_text() == "precious"
+    assert not (tmp_path / "idx").exists()
+
+
+def test_a_work_dir_inside_a_source_folder_is_refused(tmp_path: Path) -> None:
+    """A rerun read the shards an interrupted run kept there as documents: their copies of the
+    corpus beat the real files (stale text), and their JSON files were 'skipped'."""
+    sources = write_corpus(tmp_path / "src")
+    embedder = CountingEmbedder()
+    for work in (tmp_path / "src" / "build", tmp_path / "src"):
+        with pytest.raises(ConfigError, match="inside the source folder"):
+            build_index_sharded(sources, tmp_path / "idx", CFG, progress=False,
+                                executor=InProcessExecutor(embedder), work_dir=work)
+    assert embedder.embedded == 0 and not (tmp_path / "src" / "build").exists()
+
+
 def test_a_work_dir_that_is_the_index_or_its_folder_is_refused(tmp_path: Path) -> None:
     """The work directory's run lock and the index's swap lock are flocks on the folder: a
     work dir that was the folder --out is in hung the build at its swap."""

@@ -338,6 +338,19 @@ def test_a_resumable_build_indexes_as_a_plain_build_and_cleans_up(tmp_path: Path
         assert _hits(tmp_path / "res", query) == _hits(tmp_path / "plain", query)
 
 
+def test_a_work_dir_with_a_users_shards_folder_is_refused_without_claiming_its_shards(
+        tmp_path: Path) -> None:
+    """Its error also said "the 1 shard finished so far are kept in work: run the same command
+    again" of a folder of the user's called shards/."""
+    docs = _files(tmp_path / "docs", BOOKS)
+    (tmp_path / "work" / "shards" / "mine").mkdir(parents=True)
+    code, _, err = _cli("index", "build", "--preset", "tiny", str(docs), "--out",
+                        str(tmp_path / "res"), "--resumable", "--work-dir",
+                        str(tmp_path / "work"), "--no-progress")
+    assert code == 2 and "holds shards, which no citeqa build left there" in err, err
+    assert "finished so far" not in err and (tmp_path / "work" / "shards" / "mine").is_dir()
+
+
 def test_a_resumable_build_cut_short_embeds_only_the_rest(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import citeqa.distributed.sharded as sharded

@@ -27,6 +27,7 @@ from citeqa import allocator
 from citeqa.config import RetrievalConfig
 from citeqa.errors import ConfigError, EmptyCorpusError, IndexError_
 from citeqa.ingest import Fetcher, FetchPolicy, expand_sources, load_item
+from citeqa.ingest.sources import is_url
 from citeqa.journal import run_lock
 from citeqa.retrieval.builder import BuildSummary, dense_spec_for
 from citeqa.retrieval.dense import DenseSpec
@@ -119,6 +120,17 @@ def build_index_sharded(
     if out.resolve() in work.parents:  # the swap would refuse an --out holding it, at the end
         raise ConfigError(f"--work-dir {work_dir} is inside --out; give the shards a folder "
                           "of their own (default: .OUT.build beside OUT)")
+    for source in sources:  # a rerun would read the shards back in as documents
+        folder = Path(source).resolve() if not is_url(source) else None
+        if folder is not None and folder.is_dir() and (folder == work or folder in work.parents):
+            raise ConfigError(f"--work-dir {work_dir} is inside the source folder {source}; a "
+                              "rerun would read its shards as documents: give the shards a "
+                              "folder of their own (default: .OUT.build beside OUT)")
+    if work_dir and not (work / MARKER).is_file() and (  # (the default one is citeqa's own)
+            taken := [p.name for p in (work / "shards", work / "staging") if p.exists()]):
+        raise ConfigError(f"--work-dir {work_dir} holds {' and '.join(taken)}, which no citeqa "
+                          "build left there (the build deletes its own when done): give the "
+                          "shards another folder")
     job = ShardJob(cfg=cfg, work=str(work), shard_chars=shard_chars,
                    allow_private_urls=allow_private_urls, token=uuid.uuid4().hex,
                    keep_freed_memory=allocator.wanted(),  # a cluster's nodes lack our env
