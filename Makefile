@@ -20,10 +20,11 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # The embedded default index: citeqa's own documentation under index/corpus; rebuilt when
-# they change (which drops documents added to it over REST), not when the install is redone
+# they change, or one is added, removed or renamed (the folder's own time: a removed file is in
+# no wildcard) (which drops documents added to it over REST), not when the install is redone
 # (order-only). Without its manifest, --if-missing restores an index a crash left mid-swap
 # (with the documents added to it over REST) rather than rebuilding it.
-index/default/manifest.json: $(wildcard index/corpus/*) | $(VENV)/.installed
+index/default/manifest.json: index/corpus $(wildcard index/corpus/*) | $(VENV)/.installed
 	$(BIN)/citeqa index build index/corpus --out index/default \
 	    $(if $(wildcard index/default/manifest.json),,--if-missing)
 

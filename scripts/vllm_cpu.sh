@@ -51,9 +51,11 @@ install() {
     # made beside its place and moved there whole: an interrupted install leaves no venv that
     # looks finished (bin/python finds the venv by its own location, so the move is safe; only
     # the console scripts' shebangs keep the old path, and none is used)
+    # (its marker goes in first: a Ctrl-C after the move left a venv without one, which every
+    # later install refused as "not a vLLM venv this script made")
+    touch "$VENV.tmp/$(basename "$MARKER")"
     mv "$VENV.tmp" "$VENV"
-    "$VENV/bin/python" -c "import vllm" >/dev/null
-    touch "$MARKER"
+    "$VENV/bin/python" -c "import vllm" >/dev/null || { rm -rf "$VENV"; exit 1; }
     echo "vLLM $VLLM_VERSION installed in $VENV"
 }
 

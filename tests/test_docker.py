@@ -1,5 +1,7 @@
 """The container's entrypoint script, run outside Docker with stub ``citeqa``/``curl`` on PATH,
-and lint of the Dockerfile (hadolint) and the script (shellcheck) when those tools exist."""
+and lint of the Dockerfile (hadolint) and the script (shellcheck) when those tools exist; the
+other deployment files too (what the image copies, the vLLM install script, the Makefile's
+index rule)."""
 
 from __future__ import annotations
 
@@ -174,3 +176,89 @@ def test_the_vllm_script_never_deletes_a_folder_it_did_not_make(tmp_path: Path) 
                             env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "is not a vLLM venv this script made" in result.stderr
     assert (mine / "bin" / "keep").read_text() == "x"
+
+
+FAKE_PYTHON = """#!/bin/sh
+# -m venv DIR: DIR/bin/python is this script; "import vllm" does what $FAKE_IMPORT says
+if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then
+    mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; exit 0
+fi
+if [ "$1" = "-c" ] && [ "$2" = "import vllm" ]; then
+    case "${FAKE_IMPORT:-ok}" in
+        fail) exit 1 ;;
+        interrupt) kill -INT "$PPID"; sleep 2; exit 130 ;;
+    esac
+fi
+exit 0
+"""
+
+
+def test_the_vllm_install_interrupted_or_failing_at_its_end_does_not_lock_itself_out(
+        tmp_path: Path) -> None:
+    """Its marker was written after the venv was moved into place and imported: a Ctrl-C in
+    between left a venv without one, and every later install refused it as "not a vLLM venv
+    this script made"."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    venv = tmp_path / "vllm-venv"
+    env = {**os.environ, "CITEQA_VLLM_VENV": str(venv), "PYTHON": str(fake)}
+
+    def install(how: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", str(ROOT / "scripts" / "vllm_cpu.sh"), "install"],
+                              env={**env, "FAKE_IMPORT": how}, capture_output=True, text=True,
+                              timeout=60)
+
+    for how in ("interrupt", "fail"):
+        assert install(how).returncode != 0
+        again = install("ok")  # installed (again), not refused
+        assert again.returncode == 0 and "installed in" in again.stdout, again.stderr
+        assert "is installed in" in install("ok").stdout
+        shutil.rmtree(venv)
+
+
+def test_the_image_copies_every_file_the_package_build_needs() -> None:
+    """pyproject.toml names LICENSE and NOTICE as license files; the image built the package
+    without them (setuptools warned, and will refuse such builds from 2027-02-18)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    needed = {"pyproject.toml", project["readme"], *project["license-files"]}
+    copied = set()
+    for line in DOCKERFILE.read_text().splitlines():
+        if line.startswith("COPY ") and "--from" not in line:
+            *sources, _ = line.split()[1:]
+            copied.update(sources)
+        if line.strip().startswith("RUN pip install --no-cache-dir ."):
+            break
+    assert needed <= copied, needed - copied
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert not needed & {p.strip() for p in ignored}
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_rebuilds_the_default_index_when_a_corpus_file_is_removed(tmp_path: Path) -> None:
+    """The rule named the corpus files that exist: one removed (or renamed, keeping its time)
+    left `make serve` serving it from the old index."""
+    import time
+
+    shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
+    (tmp_path / "pyproject.toml").touch()
+    corpus = tmp_path / "index" / "corpus"
+    corpus.mkdir(parents=True)
+    for name in ("a.md", "b.md"):
+        (corpus / name).write_text(f"# {name}\n")
+    (tmp_path / ".venv").mkdir()
+    (tmp_path / ".venv" / ".installed").touch()
+    time.sleep(0.05)
+    (tmp_path / "index" / "default").mkdir()
+    (tmp_path / "index" / "default" / "manifest.json").write_text("{}")
+
+    def plan() -> str:
+        return subprocess.run(["make", "-n", "index"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=30, check=True).stdout
+
+    assert "index build" not in plan()
+    time.sleep(0.05)
+    (corpus / "b.md").unlink()
+    assert "citeqa index build index/corpus" in plan()
