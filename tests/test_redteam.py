@@ -98,6 +98,69 @@ def test_negation_antonym_absent_subject_and_impossible_condition() -> None:
     assert impossible_condition(SEED, CORPUS, rng()) is None  # it already asks about a year
 
 
+def test_an_impossible_condition_cannot_hold() -> None:
+    """"before" a year later than everything the passage tells of (or "after" an earlier one)
+    holds, and the seed's answer still fits: "Who built the castle of Rouen before 1889?"."""
+    seed = Seed("Who built the castle of Rouen?", PASSAGES[0], "the duke")
+    seen = set()
+    for i in range(60):
+        v = impossible_condition(seed, CORPUS, random.Random(i))
+        assert v is not None
+        condition, year = v.change.split()[1], int(v.change.split()[2])
+        seen.add(condition)
+        assert condition != "before" or year < 911, v.question
+        assert condition != "after" or year > 1066, v.question
+    assert "in" in seen and seen & {"before", "after"}
+    undated = Seed("Who leads the college?", "The college is led by its president.", "x")
+    corpus = Corpus.build([undated.passage, *PASSAGES])
+    for i in range(20):  # a passage naming no year: only "in" cannot hold for sure
+        v = impossible_condition(undated, corpus, random.Random(i))
+        assert v is None or v.change.split()[1] == "in"
+
+
+def test_antonym_and_negation_make_no_answerable_or_broken_question() -> None:
+    """An antonym another passage says ("the last president ... was John Smith") was kept;
+    "will"/"can" as nouns were negated ("the won't of", "tin can't"); "long" -> "short" is
+    answered as well ("How short is the tower?" by its height), and "more" -> "fewer" broke
+    "more difficult"."""
+    corpus = Corpus.build([*PASSAGES, "The last president of the college was John Smith."])
+    seed = Seed("Who was the first president of the college?", PASSAGES[1])
+    assert antonym(seed, corpus, rng()) is None and antonym(seed, CORPUS, rng()) is not None
+    assert antonym(Seed("How long is the Eiffel Tower?", PASSAGES[2]), CORPUS, rng()) is None
+    more = antonym(Seed("Why was it more difficult to build?", PASSAGES[2]), CORPUS, rng())
+    assert more is not None and more.question == "Why was it less difficult to build?"
+    for noun in ("Who read the will of Leland Stanford?", "Who invented the tin can in 1810?"):
+        assert negation(Seed(noun, PASSAGES[3]), CORPUS, rng()) is None
+    verb = negation(Seed("Who can vote in the college?", PASSAGES[1]), CORPUS, rng())
+    assert verb is not None and verb.question == "Who can't vote in the college?"
+    shows = paraphrase(Seed("How many shows did the tower host?", PASSAGES[2]), CORPUS, rng())
+    assert shows is None or "demonstrates" not in shows.question
+
+
+def test_absent_subject_fits_a_or_an_to_its_new_word() -> None:
+    passages = [*PASSAGES] + [f"The {w} of the town was named in the {w} of the year."
+                              for w in ("engine", "island", "harbour", "wagon", "orchard")]
+    corpus = Corpus.build(passages)
+    made = [absent_subject(Seed("Who drew a castle of Rouen?", PASSAGES[0]), corpus,
+                           random.Random(i)) for i in range(30)]
+    words = {v.question.split()[2:4][1]: v.question.split()[2] for v in made if v}
+    assert words and all(article == ("an" if new[0] in "aeiou" else "a")
+                         for new, article in words.items()), words
+
+
+def test_names_and_years_beyond_ascii_and_decimals() -> None:
+    """"São Paulo" became "São William" (only "Paulo" was a name); a decimal's digits were a
+    year ("3.1415" -> "3.1422"); "1200 men" was asked as "what year men"."""
+    from citeqa.redteam.corpus import YEAR
+
+    names = [n for _, _, n in names_in("How many people did São Paulo and Zürich have?")]
+    assert names == ["São Paulo", "Zürich"]
+    assert YEAR.findall("pi is 3.1415, 1,500.25 people; in 1066, and 2019.") == ["1066", "2019"]
+    [seed] = write_questions([("p", "The army of 1200 men marched from the castle to the sea "
+                                    "of the north.")], per_passage=1)
+    assert "how many men" in seed.question and seed.answer == "1200"
+
+
 def test_paraphrase_is_an_answerable_control() -> None:
     p = paraphrase(Seed("Who built the castle of Rouen?", PASSAGES[0], "the duke"), CORPUS, rng())
     assert p is not None and p.answerable and p.answer == "the duke"
@@ -126,6 +189,25 @@ def test_template_questions_hold_their_answer() -> None:
     for s in seeds:
         assert s.question.endswith("?") and s.answer in s.passage
         assert any(w in s.question for w in ("what year", "how many", "what"))
+
+
+def test_a_control_is_right_with_any_gold_answer_and_no_controls_make_no_nan() -> None:
+    """Controls were graded against the first gold answer only ("Epte" wrong where the golds
+    are "Seine" and "Epte"); with no control, summary.json held NaN."""
+    from citeqa.redteam.run import Probe, result_record, summarize
+    from citeqa.types import Answer, Candidate, Quote
+
+    quote = Quote(text="the Epte", doc_id="d", title="T", source="s", start=0, end=8)
+    answer = Answer("Q?", False, "Epte", quote, 0.9,
+                    candidates=[Candidate("Epte", quote, score=0.9)])
+    probe = Probe("Q?", "original", True, "Q?", "Seine", answers=("Seine", "Epte"))
+    record = result_record(probe, answer)
+    assert record["right"] and record["best_right"]
+    unanswerable = {**record, "kind": "negation", "answerable": False, "right": False}
+    json.dumps(summarize([unanswerable], 0.5), allow_nan=False)
+    seed = Seed("Where is the river?", PASSAGES[0], "Seine", "q", answers=("Seine", "Epte"))
+    [control] = [v for v in make_variants([seed], CORPUS, kinds=["paraphrase"])] or [None]
+    assert control is None or control.answers == ("Seine", "Epte")
 
 
 def test_redteam_command_on_the_tiny_preset(tmp_path: Path, monkeypatch) -> None:
@@ -270,3 +352,4 @@ def test_redteam_against_a_server_sends_batch_requests_at_once_and_closes_its_cl
     summary = json.loads((tmp_path / "rt" / "summary.json").read_text())
     assert summary["questions"] == len(asked) >= 3 and most[0] == 3
     assert closed == [True]
+    assert summary["threshold"].startswith("the server's own")  # not None: "answers all"

@@ -37,8 +37,8 @@ def redteam(
                      "questions written from the indexed passages."),
     ] = None,
     split: Annotated[
-        str | None, typer.Option("--split", help="With a SQuAD file: only these articles "
-                                 "(train | calibration | eval).")
+        str | None, typer.Option("--split", help="With --questions: only these articles "
+                                 "(train | calibration | eval; a JSONL line's 'article').")
     ] = None,
     n: Annotated[
         int | None, typer.Option("--n", min=1, help="At most this many seeds (a seeded sample).")
@@ -90,10 +90,14 @@ def redteam(
         texts = [p.text for p in idx.passages]
         if questions is not None:
             from citeqa.evals.squad import articles_for_split, load_questions
+            from citeqa.text import normalize_answer
 
             items = load_questions(questions, articles_for_split(split) if split else None)
-            seeds = [Seed(q.question, q.context, q.answers[0], q.id) for q in items
-                     if q.answerable and q.context.strip()]
+            seeds = []
+            for q in items:  # graded against every gold that holds a word (not "" or "the")
+                golds = tuple(a for a in q.answers if normalize_answer(a))
+                if golds and q.context.strip():
+                    seeds.append(Seed(q.question, q.context, golds[0], q.id, answers=golds))
             seeds_from = f"{questions} ({split or 'all'} articles)"
         else:
             seeds = write_questions(((str(p.passage_id), p.text) for p in idx.passages),
@@ -136,6 +140,8 @@ def redteam(
                 "url": url, "threshold": threshold_json(threshold)}, system)
             records = ask_all(asks, ask, out, batch=batch, progress=progress)
             summary = summarize(records, threshold)
+            if url:  # not "no threshold" (every question answered): the server's, unknown here
+                summary["threshold"] = "the server's own (not known to the client)"
             setup = {"index": str(index), "seeds_from": seeds_from, "seeds": len(seeds),
                      "service": service, "seed": seed, "made": len(variants)}
             write_report(out, summary, setup)

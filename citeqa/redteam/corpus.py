@@ -12,17 +12,37 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from citeqa.text import STOP_WORDS, content_terms, term, tokenize
 
+
+def _letter_class(wanted: Callable[[str], bool]) -> str:
+    """A regex character class of the BMP's letters for which ``wanted`` holds (Python's ``re``
+    has no \\p{Lu}): names are "São Paulo" and "Zürich" too, not only ASCII."""
+    ranges: list[list[int]] = []
+    for cp in range(0x10000):
+        if 0xD800 <= cp <= 0xDFFF or not wanted(chr(cp)):
+            continue
+        if ranges and ranges[-1][1] == cp - 1:
+            ranges[-1][1] = cp
+        else:
+            ranges.append([cp, cp])
+    return "[" + "".join(re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}"
+                         for a, b in ranges) + "]"
+
+
+_UP = _letter_class(lambda c: c.isupper() and c.isalpha())
+_LOW = _letter_class(lambda c: c.islower() and c.isalpha())
+_WORD = f"{_UP}{_LOW}+(?:-(?:{_UP}|{_LOW})+)?"
 # A name: capitalised words, optionally joined by "of"/"the"/"de"/... ("University of Chicago").
 NAME = re.compile(
-    r"\b[A-Z][a-z]+(?:-[A-Za-z]+)?\b"
-    r"(?:\s+(?:(?:of(?:\s+the)?|de|du|da|del|der|von|van|la|le)\s+)?[A-Z][a-z]+(?:-[A-Za-z]+)?\b)*"
+    rf"\b{_WORD}\b"
+    rf"(?:\s+(?:(?:of(?:\s+the)?|de|du|da|del|der|von|van|la|le)\s+)?{_WORD}\b)*"
 )
-YEAR = re.compile(r"\b(1[0-9]{3}|20[0-9]{2})\b")
+# a year: not a part of a decimal or of a number with separators (3.1415, 1,500.2)
+YEAR = re.compile(r"(?<![\d.,])\b(1[0-9]{3}|20[0-9]{2})\b(?![.,]\d)")
 NUMBER = re.compile(r"\b\d+(?:,\d{3})*(?:\.\d+)?\b")
 # A sentence or quote start: a name right after it may just be a capitalised first word.
 _SENTENCE_START = re.compile(r"(?:^|[.!?]\s+|[\"“(]\s*)$")

@@ -7,13 +7,15 @@ Kinds (``KINDS``), each a pure function of (question, its passage, the corpus, a
   (``corpus.name_kind``) that the corpus uses;
 - ``number_swap`` / ``date_swap``: a number replaced by another of the same size, a year by
   another year (or a month by another month);
-- ``negation``: "not" after the question's auxiliary verb ("What did X build" -> "What did X
-  not build");
-- ``antonym``: a word replaced by its opposite from a small list (first/last, largest/...);
+- ``negation``: the question's auxiliary verb negated ("What did X build" -> "What didn't X
+  build"; "will" and "can" only where they are verbs, not "the will of", "a tin can");
+- ``antonym``: a word replaced by its opposite from a small list (first/last, largest/...),
+  unless some passage says it so (``Corpus.could_answer``);
 - ``absent_subject``: the question's rarest content word (its subject, usually) replaced by
   another word of similar frequency that the passage does not hold;
-- ``impossible_condition``: a year the passage never mentions attached as a condition ("... in
-  1512?");
+- ``impossible_condition``: a year the passage never mentions attached as a condition that
+  cannot hold: "in 1512", "before 1512" only when every year the passage names is later,
+  "after 1512" only when every one is earlier;
 - ``paraphrase`` (answerable control): a rewording that keeps the meaning and the answer
   ("What year" -> "In which year", "built" -> "constructed").
 
@@ -49,6 +51,12 @@ class Seed:
     passage: str
     answer: str | None = None
     id: str = ""
+    answers: tuple[str, ...] = ()  # every right answer (``answer`` among them); () = (answer,)
+
+    @property
+    def golds(self) -> tuple[str, ...]:
+        """The answers a control is graded against."""
+        return self.answers or ((self.answer,) if self.answer is not None else ())
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ class Variant:
     passage: str  # the original question's passage
     change: str  # what was changed, e.g. "Normandy -> Brittany"
     seed_id: str = ""
+    answers: tuple[str, ...] = ()  # the seed's right answers (a control is graded on them)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,6 +82,12 @@ MONTHS = ("January February March April May June July August September October N
 AUXILIARIES = re.compile(
     r"\b(is|was|are|were|did|does|do|has|have|had|can|could|will|would|should)\b"
 )
+# "will" and "can" are nouns too ("the will of", "a tin can"): a verb neither follows a
+# determiner nor comes before a preposition, a comma or the end
+_NOUN_TOO = frozenset({"will", "can"})
+_DETERMINER_BEFORE = re.compile(r"\b(?:the|a|an|his|her|its|their|this|that|my|our|your)"
+                                r"\s+$", re.I)
+_PREPOSITION_AFTER = re.compile(r"^\s*(?:$|[,.;:?!]|(?:of|in|on|at|for|from|by|with|to)\b)")
 NEGATED = {"is": "isn't", "was": "wasn't", "are": "aren't", "were": "weren't", "did": "didn't",
            "does": "doesn't", "do": "don't", "has": "hasn't", "have": "haven't",
            "had": "hadn't", "can": "can't", "could": "couldn't", "will": "won't",
@@ -83,8 +98,8 @@ for _a, _b in [
     ("first", "last"), ("largest", "smallest"), ("biggest", "smallest"), ("highest", "lowest"),
     ("most", "least"), ("before", "after"), ("earliest", "latest"), ("early", "late"),
     ("north", "south"), ("northern", "southern"), ("east", "west"), ("eastern", "western"),
-    ("increase", "decrease"), ("increased", "decreased"), ("more", "fewer"),
-    ("older", "younger"), ("oldest", "youngest"), ("longest", "shortest"), ("long", "short"),
+    ("increase", "decrease"), ("increased", "decreased"), ("more", "less"), ("fewer", "more"),
+    ("older", "younger"), ("oldest", "youngest"), ("longest", "shortest"),
     ("best", "worst"), ("won", "lost"), ("win", "lose"), ("began", "ended"), ("start", "end"),
     ("started", "ended"), ("opened", "closed"), ("major", "minor"), ("maximum", "minimum"),
     ("rose", "fell"), ("higher", "lower"), ("upper", "lower"), ("inner", "outer"),
@@ -110,7 +125,7 @@ PARAPHRASES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
          r"Which \1"),
         (r"\bbuilt\b", "constructed"), (r"\bfounded\b", "established"),
         (r"\bbegan\b", "started"), (r"\bbegin\b", "start"), (r"\bbig\b", "large"),
-        (r"\bbought\b", "purchased"), (r"\bshows\b", "demonstrates"),
+        (r"\bbought\b", "purchased"),
         (r"\bhelped\b", "assisted"), (r"\bmain\b", "principal"), (r"\bpicked\b", "chose"),
         (r"\bwanted\b", "sought"), (r"\bneeded\b", "required"), (r"\bused\b", "employed"),
     ]
@@ -190,8 +205,11 @@ def date_swap(seed: Seed, corpus: Corpus, rng: random.Random) -> Variant | None:
 
 def negation(seed: Seed, corpus: Corpus, rng: random.Random) -> Variant | None:
     del corpus, rng
-    m = AUXILIARIES.search(seed.question)
-    if m is None or re.search(r"\b(not|never|no)\b|n't\b", seed.question):
+    q = seed.question
+    m = next((a for a in AUXILIARIES.finditer(q) if a.group() not in _NOUN_TOO or not (
+        _DETERMINER_BEFORE.search(q[:a.start()]) or _PREPOSITION_AFTER.match(q[a.end():]))),
+        None)
+    if m is None or re.search(r"\b(not|never|no)\b|n't\b", q):
         return None
     question = _replace(seed.question, m.start(), m.end(), NEGATED[m.group()])
     return _variant(seed, question, "negation", f"{m.group()} -> {NEGATED[m.group()]}")
@@ -204,8 +222,8 @@ def antonym(seed: Seed, corpus: Corpus, rng: random.Random) -> Variant | None:
     m = rng.choice(words)
     opposite = ANTONYMS[m.group()]
     question = _replace(seed.question, m.start(), m.end(), opposite)
-    if corpus.could_answer(opposite, question) and opposite in tokenize(seed.passage):
-        return None  # the passage says it the other way too: it may well be answerable
+    if corpus.could_answer(opposite, question):
+        return None  # a passage says it the other way too: it may well be answerable
     return _variant(seed, question, "antonym", f"{m.group()} -> {opposite}")
 
 
@@ -222,8 +240,12 @@ def absent_subject(seed: Seed, corpus: Corpus, rng: random.Random) -> Variant | 
     pool = sorted(w for w, c in corpus.nouns.items()
                   if count / 3 <= c <= count * 3 + 2 and w not in passage_terms
                   and term(w) != term(old))
+    determiner = m.group(0)[: m.start(1) - m.start()].strip()
     for new in _sample(pool, rng):
         question = _replace(seed.question, m.start(1), m.end(1), new)
+        if determiner in ("a", "an"):  # "a area" -> "an area"
+            question = _replace(question, m.start(), m.start() + len(determiner),
+                                "an" if new[0] in "aeiou" else "a")
         if not corpus.could_answer(new, question):
             return _variant(seed, question, "absent_subject", f"{old} -> {new}")
     return None
@@ -236,7 +258,14 @@ def impossible_condition(seed: Seed, corpus: Corpus, rng: random.Random) -> Vari
     mentioned = [int(y) for y in YEAR.findall(seed.passage)]
     pool = sorted(y for y in corpus.years if all(abs(y - x) > 30 for x in mentioned))
     for year in _sample(pool, rng):
-        condition = rng.choice(["in", "before", "after"])
+        # "before" a year earlier than all the passage tells of cannot hold, nor "after" a
+        # later one; the other way round it holds, and the seed's answer still fits
+        conditions = ["in"]
+        if mentioned and year < min(mentioned):
+            conditions.append("before")
+        if mentioned and year > max(mentioned):
+            conditions.append("after")
+        condition = rng.choice(conditions)
         question = seed.question.rstrip()[:-1].rstrip() + f" {condition} {year}?"
         if not corpus.could_answer(str(year), question):
             return _variant(seed, question, "impossible_condition", f"+ {condition} {year}")
@@ -272,7 +301,7 @@ def _variant(seed: Seed, question: str, kind: str, change: str, *,
              answerable: bool = False) -> Variant:
     return Variant(question=" ".join(question.split()), kind=kind, answerable=answerable,
                    original=seed.question, answer=seed.answer, passage=seed.passage,
-                   change=change, seed_id=seed.id)
+                   change=change, seed_id=seed.id, answers=seed.golds)
 
 
 def make_variants(seeds: Iterable[Seed], corpus: Corpus, *, seed: int = 0,

@@ -56,6 +56,7 @@ class Probe:
     original: str
     answer: str | None  # the seed's answer (the expected one for a control)
     change: str = ""
+    answers: tuple[str, ...] = ()  # every right answer of a control; () = (answer,)
 
     @property
     def id(self) -> str:
@@ -64,8 +65,9 @@ class Probe:
 
 def probes(seeds: Sequence[Seed], variants: Sequence[Variant]) -> list[Probe]:
     """The seeds as asked (controls), then every variant; one probe per distinct question."""
-    out = [Probe(s.question, ORIGINAL, True, s.question, s.answer) for s in seeds]
-    out += [Probe(v.question, v.kind, v.answerable, v.original, v.answer, v.change)
+    out = [Probe(s.question, ORIGINAL, True, s.question, s.answer, answers=s.golds)
+           for s in seeds]
+    out += [Probe(v.question, v.kind, v.answerable, v.original, v.answer, v.change, v.answers)
             for v in variants]
     seen: set[str] = set()
     unique = []
@@ -80,8 +82,9 @@ def result_record(probe: Probe, answer: Answer) -> dict[str, Any]:
     """One results.jsonl line: the probe, what the service said, and whether that was right."""
     best = answer.candidates[0] if answer.candidates else None
     quote_valid = best is not None and best.quote is not None
-    right = (not answer.declined and probe.answerable and probe.answer is not None
-             and is_correct(answer.answer, [probe.answer], quote_valid=answer.quote is not None))
+    golds = list(probe.answers) or ([probe.answer] if probe.answer is not None else [])
+    right = (not answer.declined and probe.answerable and bool(golds)
+             and is_correct(answer.answer, golds, quote_valid=answer.quote is not None))
     return {
         "id": probe.id,
         "kind": probe.kind,
@@ -100,9 +103,8 @@ def result_record(probe: Probe, answer: Answer) -> dict[str, Any]:
         # score >= t
         "best_score": best.score if quote_valid and best is not None else None,
         "best_answer": best.answer if best is not None else None,
-        "best_right": bool(best is not None and quote_valid and probe.answerable
-                           and probe.answer is not None
-                           and is_correct(best.answer, [probe.answer], quote_valid=True)),
+        "best_right": bool(best is not None and quote_valid and probe.answerable and golds
+                           and is_correct(best.answer, golds, quote_valid=True)),
         "right": bool(right),
     }
 
@@ -199,10 +201,11 @@ def summarize(records: Sequence[dict[str, Any]], threshold: float | None) -> dic
         kind: [_answered_at(by_kind[kind], t) for t in THRESHOLDS]
         for kind in UNANSWERABLE_KINDS if kind in by_kind
     }
-    curves["controls answered right"] = [
-        float(np.mean([r["best_right"] and r["best_score"] is not None and r["best_score"] >= t
-                       for r in controls]))
-        if controls else float("nan") for t in THRESHOLDS]
+    if controls:  # (none: no curve, rather than NaN in summary.json)
+        curves["controls answered right"] = [
+            float(np.mean([r["best_right"] and r["best_score"] is not None
+                           and r["best_score"] >= t for r in controls]))
+            for t in THRESHOLDS]
     return {
         "questions": len(records),
         "unanswerable": len(unanswerable),
@@ -227,7 +230,8 @@ def write_report(out: Path, summary: dict[str, Any], setup: dict[str, Any]) -> N
     """summary.json, report.md and the plot."""
     from citeqa.evals import plots
 
-    write_text_atomic(out / SUMMARY, json.dumps({"setup": setup, **summary}, indent=2) + "\n")
+    write_text_atomic(out / SUMMARY, json.dumps({"setup": setup, **summary}, indent=2,
+                                                allow_nan=False) + "\n")
     curves = summary["curves"]
     xs = curves["thresholds"]
     plots.rate_vs_threshold(

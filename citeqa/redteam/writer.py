@@ -16,10 +16,13 @@ from collections.abc import Iterable
 
 from citeqa.redteam.corpus import NUMBER, YEAR, names_in
 from citeqa.redteam.maker import Seed
-from citeqa.text import sentence_spans
+from citeqa.text import STOP_WORDS, sentence_spans
 
 MIN_WORDS, MAX_WORDS = 6, 40  # sentences outside this length make poor questions
 _LINE_BREAK = re.compile(r"(?<![\n])\n(?![\n])")  # a single line break inside a paragraph
+# a number of things, not a year, is followed by what it counts ("1200 men"): a lower-case word
+# that is no function word ("in 1066 the duke", "in 1889 as the entrance" are years)
+_COUNTED = re.compile(r"\s+(?!(?:" + "|".join(map(re.escape, sorted(STOP_WORDS))) + r")\b)[a-z]+\b")
 
 
 def _question_from(sentence: str, rng: random.Random) -> tuple[str, str] | None:
@@ -29,11 +32,9 @@ def _question_from(sentence: str, rng: random.Random) -> tuple[str, str] | None:
         return None
     body = sentence.rstrip(" .!;:")
     options: list[tuple[int, int, str]] = []
-    for m in YEAR.finditer(body):
-        options.append((m.start(), m.end(), "what year"))
     for m in NUMBER.finditer(body):
-        if not YEAR.fullmatch(m.group()):
-            options.append((m.start(), m.end(), "how many"))
+        year = YEAR.fullmatch(m.group()) and not _COUNTED.match(body[m.end():])
+        options.append((m.start(), m.end(), "what year" if year else "how many"))
     for start, end, _ in names_in(body):
         if start > 0:
             options.append((start, end, "what"))
