@@ -181,7 +181,9 @@ def ask(
     check_answer_mode(answer_mode)  # before the models load (seconds), not after
     from citeqa.pipeline import Pipeline, asked_text
 
-    settings = settings_from(preset=preset_name, index=index, generator=generator)
+    # --generator beats CITEQA_GENERATOR_URL as it beats CITEQA_GENERATOR ("" = unset)
+    settings = settings_from(preset=preset_name, index=index, generator=generator,
+                             generator_url="" if generator is not None else None)
     try:
         asked_text(question)  # refused before any model loads
         pipeline = Pipeline.from_settings(settings)

@@ -355,6 +355,21 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
+    def _one_generator(self) -> Settings:
+        # a local model and a remote engine: the engine was used and the model ignored, unsaid
+        if self.generator_url and (self.generator or self.adapter):
+            which = "CITEQA_GENERATOR" if self.generator else "CITEQA_ADAPTER"
+            raise ValueError(
+                f"{which} sets up a local generator, CITEQA_GENERATOR_URL a remote one; set "
+                "one of them (the engine serves its own model)")
+        if not self.generator_url:
+            for name in ("generator_model", "generator_concurrency", "generator_api_key"):
+                if name in self.model_fields_set:
+                    logger.warning("CITEQA_%s is ignored: it applies to a remote generator "
+                                   "(CITEQA_GENERATOR_URL), and none is set", name.upper())
+        return self
+
+    @model_validator(mode="after")
     def _keys_have_one_role(self) -> Settings:
         # a key in both lists: which did its owner mean it to be?
         both = set(parse_api_keys(self.api_keys)) & set(parse_api_keys(self.read_api_keys))

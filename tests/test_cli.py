@@ -102,6 +102,20 @@ def test_ask_with_the_tiny_preset_returns_a_verified_quote(
     assert plain.exit_code == 0 and "quote:" in plain.output and "source:" in plain.output
 
 
+def test_ask_generator_beats_a_remote_generator_in_the_environment(
+        corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--generator lost to CITEQA_GENERATOR_URL: the engine there was asked (refused: nothing
+    listens) and the flag ignored unsaid, though a flag beats the environment."""
+    out = tmp_path / "index"
+    assert build(corpus, out).exit_code == 0
+    monkeypatch.setenv("CITEQA_GENERATOR_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("CITEQA_GENERATOR_WAIT_S", "0")
+    result = run("ask", "When did the Eiffel Tower open?", "--index", str(out), "--preset",
+                 "tiny", "--generator", "fake", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["question"] == "When did the Eiffel Tower open?"
+
+
 def test_ask_explains_a_decline_with_the_best_guess_and_the_passages(corpus: Path,
                                                                      tmp_path: Path) -> None:
     out = tmp_path / "index"

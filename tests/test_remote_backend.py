@@ -452,3 +452,22 @@ def test_settings_select_a_remote_generator(monkeypatch, tmp_path):
     assert Settings().batch_size == 4 and Settings().config().generation.url is None
     with pytest.raises(ValueError, match="not an http"):
         Settings(generator_url="gen:8000")
+
+
+def test_a_local_and_a_remote_generator_together_are_refused_and_the_flag_wins(
+        monkeypatch, caplog):
+    """CITEQA_GENERATOR (or an adapter) with CITEQA_GENERATOR_URL ran the engine and ignored
+    the local model unsaid, and `citeqa ask --generator` lost to the environment's URL."""
+    from citeqa.cli_errors import settings_from
+
+    monkeypatch.setenv("CITEQA_GENERATOR_URL", "http://127.0.0.1:8100")
+    for name, value in (("generator", "fake"), ("adapter", "none")):
+        with pytest.raises(ValueError, match="set one of them"):
+            Settings(**{name: value})
+    flag = settings_from(generator="fake", generator_url="")  # what `ask --generator` passes
+    assert flag.config().generation.url is None and flag.config().generation.model == "fake"
+    monkeypatch.delenv("CITEQA_GENERATOR_URL")
+    monkeypatch.setenv("CITEQA_GENERATOR_MODEL", "smol")
+    with caplog.at_level("WARNING", logger="citeqa.config"):
+        Settings()
+    assert any("CITEQA_GENERATOR_MODEL is ignored" in m for m in caplog.messages)
