@@ -53,7 +53,7 @@ from citeqa.retrieval.base import Retriever
 from citeqa.retrieval.retriever import HybridRetriever
 from citeqa.retrieval.store import Index, version_on_disk
 from citeqa.retrieval.updates import IndexUpdate, apply_update
-from citeqa.text import is_blank
+from citeqa.text import is_blank, unsendable
 from citeqa.types import Answer, AskArgs, Candidate, Document, Hit
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,8 @@ def asked_text(text: object, what: str = "question") -> str:
     if len(text) > MAX_QUESTION_CHARS:
         raise InvalidRequestError(
             f"the {what} is {len(text)} characters; {MAX_QUESTION_CHARS} at most")
+    if (why := unsendable(text)) is not None:  # as REST's schema refuses it (a 422)
+        raise InvalidRequestError(f"the {what} {why}")
     return " ".join(text.split())
 
 

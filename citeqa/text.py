@@ -91,6 +91,19 @@ def is_blank(text: str) -> bool:
     return all(c in BLANK_CHARS for c in text)
 
 
+def unsendable(text: str) -> str | None:
+    """Why ``text`` cannot be stored or sent as UTF-8 ("contains a NUL character", "is not
+    valid Unicode (lone surrogate)", as a lone byte a terminal hands Python becomes), or None.
+    REST's schema and the pipeline refuse such a question alike."""
+    if "\x00" in text:
+        return "contains a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode (lone surrogate)"
+    return None
+
+
 def tokenize(text: str, version: int = TOKENIZER) -> list[str]:
     """Lowercase word tokens of ``text``, in order: the one BM25 tokenizer.
 

@@ -502,6 +502,12 @@ def test_asked_text_counts_the_length_as_given_as_rest_does():
     for invisible in ("\u200b\u200b", "\u200f\u202e", " \u2060 "):  # blank as REST says
         with pytest.raises(InvalidRequestError, match="question is empty"):
             asked_text(invisible)
+    # what REST's schema refuses (422), `citeqa ask` answered, printing invalid UTF-8 (a
+    # terminal's lone byte reaches Python as a lone surrogate)
+    with pytest.raises(InvalidRequestError, match="question contains a NUL"):
+        asked_text("Who\x00 led them?")
+    with pytest.raises(InvalidRequestError, match="query is not valid Unicode"):
+        asked_text("Eiffel \udcff completed?", "query")
 
 
 def test_warm_up_finds_the_highest_certified_target_so_no_request_waits_for_it(monkeypatch):

@@ -31,7 +31,7 @@ from citeqa.config import (
     MAX_TITLE_CHARS,
 )
 from citeqa.generation.format import AnswerMode
-from citeqa.text import BLANK_CHARS, is_blank
+from citeqa.text import BLANK_CHARS, is_blank, unsendable
 from citeqa.types import DOC_ID_PATTERN, MAX_DOC_ID_CHARS
 
 # GET /v1/documents pages: at most this many documents per request.
@@ -101,13 +101,9 @@ class _Request(BaseModel):
 
 
 def check_text(v: str, what: str) -> str:
-    """Refuse NUL characters and lone surrogates (they cannot be stored or sent as UTF-8)."""
-    if "\x00" in v:
-        raise ValueError(f"the {what} contains a NUL character")
-    try:
-        v.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"the {what} is not valid Unicode (lone surrogate)") from None
+    """Refuse NUL characters and lone surrogates (``text.unsendable``)."""
+    if (why := unsendable(v)) is not None:
+        raise ValueError(f"the {what} {why}")
     return v
 
 
