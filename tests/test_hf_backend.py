@@ -92,6 +92,28 @@ def test_a_model_directory_missing_weights_is_a_model_error(tmp_path):
         load_model(str(tmp_path), CACHE)
 
 
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+def test_a_model_with_sliding_window_attention_is_refused_with_what_to_do(kind):
+    """A Mistral-style model (sliding_window set) crashed once a rejected draft was cut from
+    its full window ("crop was called, but ... the sliding window size was already reached"),
+    and its answers changed with the batch (padding took window places)."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from citeqa.generation.hf import HFBackend
+    from citeqa.generation.kv import plain_cache
+
+    sizes = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
+             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1}
+    model = (MistralForCausalLM(MistralConfig(**sizes, sliding_window=16)) if kind == "mistral"
+             else Qwen2ForCausalLM(Qwen2Config(**sizes, use_sliding_window=True,
+                                               sliding_window=16, max_window_layers=0)))
+    with pytest.raises(ModelError, match="sliding-window attention.*CITEQA_GENERATOR_URL"):
+        HFBackend(model, None, "tiny-window")
+    full = (MistralForCausalLM(MistralConfig(**sizes, sliding_window=None)) if kind == "mistral"
+            else Qwen2ForCausalLM(Qwen2Config(**sizes, use_sliding_window=False)))
+    assert plain_cache(full.config)  # (the same family without a window is taken)
+
+
 def test_the_shared_kv_switch_is_set_unless_a_user_set_it(monkeypatch):
     from citeqa.generation.hf import GQA_SWITCH, share_kv_heads_in_cpu_attention
 

@@ -74,7 +74,7 @@ from transformers import DynamicCache
 
 from citeqa.compute import CPU_DTYPES, MODEL_ID_SUFFIX
 from citeqa.compute import cpu_dtype as cpu_dtype_for
-from citeqa.errors import ConfigError
+from citeqa.errors import ConfigError, ModelError
 from citeqa.generation.backend import Completion, GenerationRequest, abandoned_completions
 from citeqa.generation.chat import prompt_ids, stop_token_ids, turn_ids
 from citeqa.generation.constraint import OutputConstraint, QuoteStage, ll_tokenizer_for
@@ -196,6 +196,13 @@ class HFBackend:
         with transformers' forward; ``quote_guess``: in span mode, draft a greedy row's quote
         from ``QuoteStage.guess`` once its answer is written (drafts change speed, not output,
         up to float ties)."""
+        if not plain_cache(model.config):  # transformers keeps only a window of such layers
+            raise ModelError(
+                f"{model_id} uses sliding-window attention (its config's sliding_window or "
+                "layer_types), which the local generator does not support: rejected drafts are "
+                "cut from the cache and padded batches hold gaps, which a window cannot take "
+                "(crashes, or answers that change with the batch). Serve it on a serving engine "
+                "(CITEQA_GENERATOR_URL) or choose a model without it")
         if threads is not None:
             torch.set_num_threads(threads)
         self.model = model
@@ -316,7 +323,7 @@ class HFBackend:
         stats = _Stats()
         t0 = time.perf_counter()
         seqs = [p + rows[0].tokens for p, rows in zip(prompts, per_request, strict=True)]
-        if self.batch_prefill or len(seqs) == 1 or not plain_cache(self.model.config):
+        if self.batch_prefill or len(seqs) == 1:
             cache, mask, hidden = self._prefill(requests, seqs, stats)
         else:  # one prompt at a time: no compute spent on padding (see __init__)
             # requests with one prompt (candidates held to different passages) share its prefill
