@@ -324,6 +324,20 @@ def test_cli_generator_data(tmp_path: Path, corpus: tuple[Path, Path]) -> None:
               "--split", "test"],
     )
     assert bad.exit_code == 2 and "'train', 'all']" in bad.output  # 'all' is a split here
+    # demonstrations of held-out articles were written (and then trained on) unasked
+    for split in ("eval", "calibration"):
+        held = CliRunner().invoke(app, ["generator-data", "--dataset", str(path), "--index",
+                                        str(index), "--out", str(tmp_path / "h.jsonl"),
+                                        "--split", split])
+        assert held.exit_code == 2 and "held out, never trained on" in held.output
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text(json.dumps({"id": "e1", "question": "Q?", "answers": ["a"],
+                                     "article": "Imperialism", "context": "a"}) + "\n")
+    held = CliRunner().invoke(app, ["generator-data", "--dataset", str(eval_file), "--index",
+                                    str(index), "--out", str(tmp_path / "h.jsonl"),
+                                    "--split", "all"])
+    assert held.exit_code == 2 and "(Imperialism)" in held.output
+    assert not (tmp_path / "h.jsonl").exists()
 
 
 def test_cli_generator_data_answer_mode(tmp_path: Path, corpus: tuple[Path, Path]) -> None:

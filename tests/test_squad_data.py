@@ -220,6 +220,10 @@ def test_fixed_split() -> None:
     assert split_of_article("Imperialism") == "eval"
     assert split_of_article("Normans") == "train"
     assert split_of_article("Atlantis") is None
+    # compared as one title, not character for character (each of these got past a check)
+    for same in ("Harvard University", "harvard_university", "Harvard_University ",
+                 "Harvard\u200b_University", "Ｈａｒｖａｒｄ_University"):
+        assert split_of_article(same) == split_of_article("Harvard_University") is not None
     with pytest.raises(ConfigError, match="choose one of"):
         articles_for_split("test")
 

@@ -365,3 +365,23 @@ def test_redteam_data_without_paragraphs_is_refused_not_an_empty_file(tmp_path):
                                  "redteam", "--out", str(out), "--no-progress"])
     assert r.exit_code == 2 and "no answerable question with its paragraph" in r.stderr
     assert not out.exists()
+
+
+def test_plausible_answers_are_read_by_content_whatever_the_file_is_named(tmp_path: Path) -> None:
+    """Only a file named *.json gave its unanswerables' plausible answers: the same SQuAD 2.0
+    file as .squad2, .JSON or .json.gz made random-span negatives instead."""
+    import gzip
+
+    from citeqa.training.verifier_data import plausible_answers
+
+    squad = json.dumps({"version": "v2.0", "data": [{"title": "T", "paragraphs": [{
+        "context": "Rollo led the Normans.", "qas": [
+            {"id": "u1", "question": "Who led the Danes?", "is_impossible": True, "answers": [],
+             "plausible_answers": [{"text": "Rollo", "answer_start": 0}]}]}]}]})
+    for name, data in (("a.json", squad.encode()), ("a.squad2", squad.encode()),
+                       ("a.JSON", squad.encode()), ("a.json.gz", gzip.compress(squad.encode()))):
+        (tmp_path / name).write_bytes(data)
+        assert plausible_answers(tmp_path / name) == {"u1": ["Rollo"]}, name
+    (tmp_path / "q.jsonl").write_text('{"id": "a", "question": "Q?", "answers": []}\n'
+                                      '{"id": "b", "question": "Q?", "answers": []}\n')
+    assert plausible_answers(tmp_path / "q.jsonl") == {}

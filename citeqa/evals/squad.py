@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
+import unicodedata
 import zlib
 from collections import Counter
 from collections.abc import Collection, Iterable
@@ -70,9 +72,22 @@ def articles_for_split(split: str, *, also: tuple[str, ...] = ()) -> tuple[str, 
 HELD_OUT_SPLITS = ("calibration", "eval")  # never trained on
 
 
+def article_key(title: str) -> str:
+    """A title as the split compares it: NFKC, case-folded, invisible characters dropped, runs
+    of spaces and underscores as one underscore ("Harvard University", "harvard_university "
+    and "Harvard_University" are one article; an exact comparison let any of them past)."""
+    text = "".join(c for c in unicodedata.normalize("NFKC", title)
+                   if unicodedata.category(c) != "Cf")
+    return re.sub(r"[\s_]+", "_", text).strip("_").casefold()
+
+
+_SPLIT_OF = {article_key(a): name for name, arts in SPLITS.items() for a in arts}
+
+
 def split_of_article(article: str) -> str | None:
-    """The split an article belongs to, or None for an article outside the fixed split."""
-    return next((name for name, arts in SPLITS.items() if article in arts), None)
+    """The split an article belongs to (its title compared by ``article_key``), or None for an
+    article outside the fixed split."""
+    return _SPLIT_OF.get(article_key(article))
 
 
 def check_not_held_out(items: Iterable[QAItem], source: str) -> None:

@@ -71,7 +71,12 @@ def generator_data(
     """Write demonstrations (question, retrieved passages, answer, quote) as JSON lines."""
     progress = shown_progress(progress)  # default: on a terminal only
     check_out(out, folder=False, inputs={"--dataset": dataset, "--index": index})
-    from citeqa.evals.squad import articles_for_split, load_questions
+    from citeqa.evals.squad import (
+        HELD_OUT_SPLITS,
+        articles_for_split,
+        check_not_held_out,
+        load_questions,
+    )
     from citeqa.retrieval import HybridRetriever
     from citeqa.training.demos import (
         build_demos,
@@ -84,7 +89,14 @@ def generator_data(
     try:
         cfg = _with_mode(preset(preset_name).generation, answer_mode)
         articles = None if split == "all" else articles_for_split(split, also=("all",))
-        items = sample_items(load_questions(dataset, articles), seed)
+        if split in HELD_OUT_SPLITS:  # demonstrations are only ever trained on
+            raise ConfigError(f"--split {split}: the {split} articles are held out, never "
+                              "trained on (the decline threshold and `citeqa eval` would "
+                              "report better than the truth); use --split train")
+        items = load_questions(dataset, articles)
+        if split == "all":
+            check_not_held_out(items, f"--dataset {dataset} (--split all: every article)")
+        items = sample_items(items, seed)
         retriever = HybridRetriever.open(index)
         by_context = passages_by_context(
             retriever.index.documents.values(), retriever.index.passages
@@ -355,7 +367,7 @@ def _synthetic_data(items, dataset, index, out, seed, progress) -> dict:
 
     retriever = HybridRetriever.open(index)  # searched by BM25 alone: no embedder to load
     starts = squad_answer_starts(dataset)
-    plausible = plausible_answers(dataset) if Path(dataset).suffix == ".json" else {}
+    plausible = plausible_answers(dataset)  # by content: a .squad2 or .json.gz name too
     rng = random.Random(seed)
     made = []
     for item in tqdm(items, desc="synthetic data", disable=not progress):

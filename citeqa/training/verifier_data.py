@@ -335,8 +335,14 @@ def redteam_examples(variants: Iterable[Variant],
 
 
 def plausible_answers(path: Path) -> dict[str, list[str]]:
-    """question id -> plausible answers of the unanswerable questions of a SQuAD 2.0 file."""
-    obj = json.loads(read_question_file(path))
+    """question id -> plausible answers of the unanswerable questions of a SQuAD 2.0 file,
+    told by its content whatever its name (gzipped too); {} for a JSON-lines file."""
+    try:
+        obj = json.loads(read_question_file(path))
+    except ValueError:  # JSON lines: no plausible answers
+        return {}
+    if not isinstance(obj, dict):
+        return {}
     return {str(q["id"]): [a["text"] for a in q.get("plausible_answers", [])]
             for article in obj.get("data", []) for p in article["paragraphs"]
             for q in p["qas"] if q.get("plausible_answers")}
