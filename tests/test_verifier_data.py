@@ -385,3 +385,42 @@ def test_plausible_answers_are_read_by_content_whatever_the_file_is_named(tmp_pa
     (tmp_path / "q.jsonl").write_text('{"id": "a", "question": "Q?", "answers": []}\n'
                                       '{"id": "b", "question": "Q?", "answers": []}\n')
     assert plausible_answers(tmp_path / "q.jsonl") == {}
+
+
+def test_reward_data_of_held_out_articles_is_refused_for_training_and_calibration(
+        tmp_path: Path) -> None:
+    """`train reward`, `train answerability --redteam` and `train reward-combine` checked
+    nothing: data made with --split eval trained a model; `calibrate` checked only generator
+    data's question markers, so synthetic or red-team data of any split calibrated."""
+    from typer.testing import CliRunner
+
+    from citeqa.cli import app
+
+    line = json.dumps({"group": "g", "question": "Q?", "answer": "a", "quote": "a b",
+                       "label": 1, "title": "T"}) + "\n"
+    runner = CliRunner()
+    for split, articles in (("eval", ["Imperialism"]), ("calibration", ["Packet switching"])):
+        data = tmp_path / f"{split}.jsonl"
+        data.write_text(line * 4)
+        (tmp_path / f"{split}.jsonl.stats.json").write_text(json.dumps(
+            {"split": split, "articles": articles}))
+        r = runner.invoke(app, ["train", "reward", "--data", str(data), "--out",
+                                str(tmp_path / f"rm-{split}"), "--no-progress"])
+        assert r.exit_code == 2 and "calibration or evaluation articles" in r.output, r.output
+        assert not (tmp_path / f"rm-{split}").exists()
+        r = runner.invoke(app, ["train", "reward-combine", "--data", str(data), "--reward",
+                                str(tmp_path / "any")])
+        assert r.exit_code == 2 and "calibration or evaluation articles" in r.output, r.output
+    variants = tmp_path / "rt.jsonl.variants.jsonl"
+    variants.write_text("")
+    (tmp_path / "rt.jsonl.stats.json").write_text(json.dumps({"articles": ["Imperialism"]}))
+    from citeqa.reward.cli import _check_trainable, data_articles
+
+    assert data_articles([], [variants]) == ["Imperialism"]
+    with pytest.raises(Exception, match="calibration or evaluation articles"):
+        _check_trainable([], [variants])
+    train = tmp_path / "train.jsonl"
+    train.write_text(line * 4)
+    (tmp_path / "train.jsonl.stats.json").write_text(json.dumps({"articles": ["Normans"]}))
+    r = runner.invoke(app, ["calibrate", "--data", str(train), "--reward", str(tmp_path)])
+    assert r.exit_code == 2 and "training or evaluation articles (Normans)" in r.output, r.output

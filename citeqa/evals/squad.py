@@ -94,7 +94,12 @@ def check_not_held_out(items: Iterable[QAItem], source: str) -> None:
     """ConfigError when training data from ``source`` holds questions of the calibration or
     evaluation articles: trained on, they would make the decline threshold and ``citeqa eval``
     report better than the truth."""
-    held = sorted({i.article for i in items if split_of_article(i.article) in HELD_OUT_SPLITS})
+    check_training_articles((i.article for i in items), source)
+
+
+def check_training_articles(articles: Iterable[str], source: str) -> None:
+    """``check_not_held_out`` for the articles training data records it was made from."""
+    held = sorted({a for a in articles if split_of_article(a) in HELD_OUT_SPLITS})
     if held:
         raise ConfigError(
             f"{source} holds questions of the calibration or evaluation articles "

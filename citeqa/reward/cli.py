@@ -91,6 +91,31 @@ def reward(
     typer.echo(f"wrote {out}")
 
 
+def data_articles(questions: list[dict[str, Any]], paths: list[Path]) -> list[str]:
+    """The articles reward data comes from: its question markers' (generator data) and those
+    the ``.stats.json`` that `citeqa train reward-data` writes beside it records (every kind;
+    a red-team ``X.variants.jsonl`` has ``X.stats.json``). Hand-made data may record none."""
+    found = [str(q.get("article") or "") for q in questions]
+    for path in map(Path, paths):
+        base = path.name.removesuffix(".variants.jsonl")
+        for stats in {path.with_name(path.name + ".stats.json"),
+                      path.with_name(base + ".stats.json")}:
+            try:
+                recorded = json.loads(stats.read_text(encoding="utf-8")).get("articles")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(recorded, list):
+                found += [str(a) for a in recorded]
+    return found
+
+
+def _check_trainable(questions: list[dict[str, Any]], paths: list[Path]) -> None:
+    """ConfigError when reward data to train on comes from held-out articles."""
+    from citeqa.evals.squad import check_training_articles
+
+    check_training_articles(data_articles(questions, paths), ", ".join(map(str, paths)))
+
+
 def train_to_dir(data_paths: list[Path], out: Path, *, base: Path | None = None,
                  limit: int | None = None, threads: int | None = None, progress: bool = True,
                  cfg_kw: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -109,6 +134,7 @@ def train_to_dir(data_paths: list[Path], out: Path, *, base: Path | None = None,
         torch.set_num_threads(threads)
     cfg = TrainConfig(**(cfg_kw or {}))
     data = load_verifier_data(data_paths)
+    _check_trainable(data.questions, data_paths)
     groups = data.groups()
     if limit is not None and limit < len(groups):
         groups = random.Random(cfg.seed).sample(groups, limit)
@@ -222,6 +248,7 @@ def answerability_to_dir(squad: list[Path], out: Path, *, redteam: Path | None,
         check_not_held_out(questions, f"--squad {path}")
         examples += squad_examples(questions, plausible_answers(path))
     if redteam is not None and redteam_variants:
+        _check_trainable([], [redteam])
         try:
             variants = [Variant(**json.loads(line))
                         for line in sample_lines(redteam, redteam_variants, cfg.seed)]
@@ -333,6 +360,7 @@ def combine_dir(data_paths: list[Path], reward_dir: Path) -> dict[str, Any]:
     from citeqa.reward.scorer import CALIBRATION, VerifierScorer
 
     data = load_verifier_data(data_paths)
+    _check_trainable(data.questions, data_paths)  # fitted on: no held-out article either
     examples = [ex for ex in data.examples if ex.judged.quote]
     names = ", ".join(map(str, data_paths))
     if not any(ex.signals for ex in examples):
@@ -423,7 +451,7 @@ def calibrate_dir(data_paths: list[Path], reward_dir: Path, *, target: float, de
     from citeqa.reward.scorer import VerifierScorer, best_per_question, write_calibration
 
     data = load_verifier_data(data_paths)
-    check_calibration_articles((str(q.get("article") or "") for q in data.questions),
+    check_calibration_articles(data_articles(data.questions, data_paths),
                                ", ".join(str(p) for p in data_paths))
     groups = data.groups()
     answered_questions = {g[0].group for g in groups}

@@ -342,6 +342,8 @@ def reward_data(
     except (CiteqaError, ValueError) as e:
         raise fail(str(e)) from None
     summary["command"] = shlex.join(["citeqa", *sys.argv[1:]])
+    # what training and calibration check the data against (reward/cli.py: data_articles)
+    summary["split"], summary["articles"] = split or "all", sorted({q.article for q in items})
     out.with_name(out.name + ".stats.json").write_text(json.dumps(summary, indent=2) + "\n")
     typer.echo(json.dumps(summary))
 
