@@ -187,7 +187,8 @@ def test_cli_trains_a_local_model_whose_adapter_loads(tokenizer, tmp_path: Path)
     tokenizer.save_pretrained(base_dir)
     write_demos(tmp_path / "demos.jsonl", DEMOS)
     made = "citeqa train generator-data --dataset my-squad1.json"
-    (tmp_path / "demos.jsonl.stats.json").write_text(json.dumps({"command": made}))
+    (tmp_path / "demos.jsonl.stats.json").write_text(json.dumps(
+        {"command": made, "split": "train", "articles": ["Normans", "Huguenot"]}))
     result = CliRunner().invoke(app, [
         "generator", "--data", str(tmp_path / "demos.jsonl"), "--out", str(tmp_path / "ad"),
         "--model", str(base_dir), "--device", "cpu", "--max-steps", "3", "--epochs", "5",
@@ -212,6 +213,8 @@ def test_cli_trains_a_local_model_whose_adapter_loads(tokenizer, tmp_path: Path)
     card = (tmp_path / "ad" / "MODEL_CARD.md").read_text()
     assert model_id in card and "max steps 3" in card
     assert f"made by `{made}`" in card and "SQuAD 2.0 development set" not in card
+    # the split the data says, not a placeholder whose example named the train articles
+    assert "split: the train articles: Normans, Huguenot" in card and "{SPLIT" not in card
 
     served = HFBackend.load(str(base_dir), tmp_path, device="cpu", adapter=tmp_path / "ad",
                             cpu_dtype="fp32")  # exactly the merged weights

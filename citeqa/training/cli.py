@@ -113,6 +113,7 @@ def generator_data(
     summary = {
         "out": str(out),
         "split": split,
+        "articles": sorted({i.article for i in items}),  # for the model card
         "answer_mode": cfg.answer_mode,  # the layout is one; the mode the data was made for
         "questions_seen": stats.questions,
         "written": stats.written,

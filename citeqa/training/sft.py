@@ -404,15 +404,32 @@ def write_log(out: Path, log: TrainLog, meta: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def _made_by(data: str | None) -> str:
-    """", made by `COMMAND`" from the data's .stats.json (``generator-data`` writes it), or ""."""
-    if not data:
-        return ""
+def _data_stats(data: str | None) -> dict[str, Any]:
+    """The data's .stats.json (``generator-data`` writes it), or {}."""
     try:
-        command = json.loads(Path(f"{data}.stats.json").read_text())["command"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
-    return f", made by `{command}`"
+        stats = json.loads(Path(f"{data}.stats.json").read_text()) if data else {}
+    except (OSError, ValueError):
+        return {}
+    return stats if isinstance(stats, dict) else {}
+
+
+def _made_by(data: str | None) -> str:
+    """", made by `COMMAND`" from the data's .stats.json, or ""."""
+    command = _data_stats(data).get("command")
+    return f", made by `{command}`" if isinstance(command, str) else ""
+
+
+def _split_line(data: str | None) -> str:
+    """What the card says of the data's articles: the split and articles its .stats.json
+    records, else a placeholder to fill in."""
+    stats = _data_stats(data)
+    split, articles = stats.get("split"), stats.get("articles")
+    if not isinstance(split, str):
+        return ("{SPLIT (e.g. SQuAD 2.0 train articles: Normans, Computational_complexity_theory, "
+                "Huguenot, Steam_engine, 1973_oil_crisis)}")
+    named = (f": {', '.join(map(str, articles))}" if isinstance(articles, list) and articles
+             else "")
+    return f"the {split} articles{named}"
 
 
 def write_model_card(out: Path, record: dict[str, Any]) -> None:
@@ -428,8 +445,7 @@ decoding cost) and refuses any other base model (weights fingerprint).
 
 ## Training
 - Data: `{record.get("data", "?")}` ({record.get("examples", "?")} examples rendered,
-  dropped: {json.dumps(record.get("dropped", {}))}); split: {{SPLIT (e.g. SQuAD 2.0 train
-  articles: Normans, Computational_complexity_theory, Huguenot, Steam_engine, 1973_oil_crisis)}}
+  dropped: {json.dumps(record.get("dropped", {}))}); split: {_split_line(record.get("data"))}
 - Unanswerable questions were excluded on purpose (declining is the reward model's job).
 - Command: `{record.get("command", "?")}`
 - LoRA: r={lora.get("r")}, alpha={lora.get("alpha")}, targets={lora.get("targets")}
