@@ -290,6 +290,8 @@ def test_from_data_to_a_calibrated_verifier_the_pipeline_loads(tmp_path):
     assert (rm / "config.json").is_file() and (rm / "heads.safetensors").is_file()
     card = (rm / "MODEL_CARD.md").read_text()  # it had none: the data's licence is said
     assert f"`{syn}`" in card and "CC BY-SA 4.0" in card and "reward model" in card
+    assert "Articles (as the data's .stats.json records them): Eiffel, Harvard;" in card
+    assert "made by `citeqa " in card  # (the command as run; here pytest's argv)
     rows = [json.loads(line) for line in syn.read_text().splitlines()]
     flipped = [{**r, "label": 1 - r["label"]} for r in rows]  # same counts, other data
     syn.write_text("".join(json.dumps(r) + "\n" for r in flipped))

@@ -91,21 +91,29 @@ def reward(
     typer.echo(f"wrote {out}")
 
 
+def _stats(path: Path) -> dict[str, Any]:
+    """The ``.stats.json`` `citeqa train reward-data` wrote beside ``path`` (for a red-team
+    ``X.variants.jsonl``, ``X``'s), or {}."""
+    for stats in (path.with_name(path.name + ".stats.json"),
+                  path.with_name(path.name.removesuffix(".variants.jsonl") + ".stats.json")):
+        try:
+            found = json.loads(stats.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(found, dict):
+            return found
+    return {}
+
+
 def data_articles(questions: list[dict[str, Any]], paths: list[Path]) -> list[str]:
     """The articles reward data comes from: its question markers' (generator data) and those
     the ``.stats.json`` that `citeqa train reward-data` writes beside it records (every kind;
     a red-team ``X.variants.jsonl`` has ``X.stats.json``). Hand-made data may record none."""
     found = [str(q.get("article") or "") for q in questions]
     for path in map(Path, paths):
-        base = path.name.removesuffix(".variants.jsonl")
-        for stats in {path.with_name(path.name + ".stats.json"),
-                      path.with_name(base + ".stats.json")}:
-            try:
-                recorded = json.loads(stats.read_text(encoding="utf-8")).get("articles")
-            except (OSError, ValueError, AttributeError):
-                continue
-            if isinstance(recorded, list):
-                found += [str(a) for a in recorded]
+        recorded = _stats(path).get("articles")
+        if isinstance(recorded, list):
+            found += [str(a) for a in recorded]
     return found
 
 
@@ -292,6 +300,11 @@ def write_card(out: Path, what: str, record: dict[str, Any]) -> None:
     if path.exists():
         return
     cfg = record.get("config", {})
+    paths = [Path(d) for d in record.get("data", [])]
+    articles = sorted(set(filter(None, data_articles([], paths))))
+    made = [c for p in paths if isinstance(c := _stats(p).get("command"), str)]
+    shown = ", ".join(articles[:20]) + (f" and {len(articles) - 20} more" if len(articles) > 20
+                                        else "")
     text = f"""# citeqa {what}
 
 Trained with citeqa {citeqa.__version__} from `{record.get("base", "?")}`.
@@ -299,6 +312,10 @@ Trained with citeqa {citeqa.__version__} from `{record.get("base", "?")}`.
 ## Training
 - Data: {", ".join(f"`{d}`" for d in record.get("data", []))} (sha256
   {", ".join(record.get("data_sha256", []))}); {record.get("examples", "?")} examples
+- Articles (as the data's .stats.json records them): {shown or "{ARTICLES: not recorded}"};
+  made by {"; ".join(f"`{c}`" for c in made) or "{COMMANDS: not recorded}"}. Data from
+  `squad2/more-train.json` holds the questions of the distractor articles: a model trained on
+  it has seen the distractor paragraphs of the evaluation indexes.
 - Steps: {record.get("steps")} of {record.get("total_steps")}, batch
   {cfg.get("batch_examples", cfg.get("batch"))}, lr {cfg.get("lr")}, seed {cfg.get("seed")},
   compute {record.get("compute")}; loss {record.get("loss_first")} -> {record.get("loss_last50")}
