@@ -92,6 +92,29 @@ def test_a_model_directory_missing_weights_is_a_model_error(tmp_path):
         load_model(str(tmp_path), CACHE)
 
 
+def test_on_a_gpu_without_bf16_an_adapter_is_merged_into_an_fp32_load(monkeypatch):
+    """The model was loaded in fp16 there and the packaged adapter's fingerprint (fp32 and
+    bf16 weights alike) refused it: the default set-up could not start on a T4 or V100."""
+    import citeqa.generation.hf as hf
+
+    asked: list[str] = []
+
+    class Stop(Exception):
+        pass
+
+    def load_model(name, cache_dir, *, device=None):  # type: ignore[no-untyped-def]
+        asked.append(device)
+        raise Stop
+
+    monkeypatch.setattr(hf, "load_model", load_model)
+    for fp16_only, adapter, loads_on in ((True, "packaged-dir", "cpu"), (True, None, "cuda"),
+                                         (False, "packaged-dir", "cuda")):
+        monkeypatch.setattr(hf, "fp16_only_gpu", lambda device, v=fp16_only: v)
+        with pytest.raises(Stop):
+            hf.HFBackend.load("smollm2", CACHE, device="cuda", adapter=adapter)
+        assert asked.pop() == loads_on
+
+
 @pytest.mark.parametrize("kind", ["mistral", "qwen2"])
 def test_a_model_with_sliding_window_attention_is_refused_with_what_to_do(kind):
     """A Mistral-style model (sliding_window set) crashed once a rejected draft was cut from

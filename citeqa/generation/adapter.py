@@ -13,7 +13,8 @@ fine-tuned generator decodes exactly as fast as the base one. It first checks th
 fingerprint: deltas trained on other weights would silently produce nonsense.
 
 The fingerprint hashes a few whole base tensors rounded to bfloat16, so the same base model
-loaded in float32 (CPU) or bfloat16 (CUDA) matches; a float16 load may not, and is refused.
+loaded in float32 (CPU) or bfloat16 (CUDA) matches; a float16 load may not, and is refused
+(so ``HFBackend.load``, on a GPU without bf16, merges into an fp32 load, then casts to fp16).
 """
 
 from __future__ import annotations

@@ -89,7 +89,12 @@ from citeqa.generation.kv import (
 )
 from citeqa.generation.lean import LeanDecoder
 from citeqa.generation.lm_head import LMHead, choose
-from citeqa.generation.models import load_model, store_linear_weights_fp16
+from citeqa.generation.models import (
+    fp16_only_gpu,
+    load_model,
+    pick_device,
+    store_linear_weights_fp16,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -252,12 +257,19 @@ class HFBackend:
         """
         if cpu_dtype not in CPU_DTYPES:
             raise ConfigError(f"cpu_dtype must be one of {CPU_DTYPES}: {cpu_dtype!r}")
-        model, tokenizer, model_id = load_model(name, cache_dir, device=device)
+        target = pick_device(device)
+        merge_first = adapter is not None and fp16_only_gpu(target)
+        # an adapter's fingerprint reads fp32 and bf16 weights alike, not fp16 ones: on a GPU
+        # without bf16 (T4, V100) the model is loaded in fp32 on the CPU, merged, then moved
+        model, tokenizer, model_id = load_model(name, cache_dir,
+                                                device="cpu" if merge_first else target)
         if adapter is not None:
             from citeqa.generation.adapter import adapter_id, apply_adapter
 
             apply_adapter(model, Path(adapter))
             model_id = f"{model_id}+{adapter_id(Path(adapter))}"
+        if merge_first:
+            model.to(device=target, dtype=torch.float16)
         head = LMHead(model)  # before any conversion: fp32 logits from fp32 weights on a CPU
         if next(model.parameters()).device.type == "cpu":
             share_kv_heads_in_cpu_attention()

@@ -125,6 +125,17 @@ def pick_device(device: str | None) -> str:
     return device
 
 
+def fp16_only_gpu(device: str) -> bool:
+    """Whether ``device`` is a CUDA GPU that computes in fp16 (no bf16: T4, V100)."""
+    if not device.startswith("cuda"):
+        return False
+    import torch
+
+    from citeqa.compute import cuda_half_dtype
+
+    return bool(cuda_half_dtype() == torch.float16)
+
+
 def load_model(name: str, cache_dir: Path, *, device: str | None = None) -> tuple[Any, Any, str]:
     """Load ``(model, tokenizer, model_id)`` for generation, in eval mode on ``device``.
 
