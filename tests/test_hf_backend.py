@@ -92,6 +92,44 @@ def test_a_model_directory_missing_weights_is_a_model_error(tmp_path):
         load_model(str(tmp_path), CACHE)
 
 
+def test_a_damaged_conversion_of_the_packaged_model_is_made_again(tmp_path, monkeypatch):
+    """Its marker was all that was checked: a cut model.safetensors failed every start ("check
+    that it is a complete Hugging Face model directory", of a folder citeqa made), and a lost
+    chat template gave plain-text prompts SmolLM2 was never trained on."""
+    import shutil
+
+    import citeqa.generation.models as models
+
+    good = resolve_model_dir("smollm2", CACHE)
+    converted: list[Path] = []
+
+    def convert(gguf, target):  # type: ignore[no-untyped-def]
+        converted.append(target)  # (a copy of a good conversion: the real one takes ~25 s)
+        shutil.copytree(good, target)
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    cache = tmp_path / "cache"
+    for damage in ("model.safetensors", "chat_template.jinja"):
+        shutil.rmtree(cache, ignore_errors=True)
+        shutil.copytree(good, cache / good.name)
+        target = cache / good.name
+        if damage == "model.safetensors":
+            (target / damage).write_bytes((target / damage).read_bytes()[:100])
+        else:
+            (target / damage).unlink()
+        model, tokenizer, _ = load_model("smollm2", cache)
+        assert tokenizer.chat_template is not None and converted.pop() == target
+    bad = tmp_path / "mine"  # a user's model directory is theirs: reported, never deleted
+    shutil.copytree(good, bad)
+    (bad / "model.safetensors").write_bytes(b"cut")
+    with pytest.raises(ModelError, match="complete Hugging Face model directory"):
+        load_model(str(bad), cache)
+    assert (bad / "config.json").is_file() and not converted
+    monkeypatch.chdir(bad.parent / "mine")  # `--generator .` gave the model id ""
+    (bad / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes())
+    assert load_model(".", cache)[2] == "mine"
+
+
 def test_on_a_gpu_without_bf16_an_adapter_is_merged_into_an_fp32_load(monkeypatch):
     """The model was loaded in fp16 there and the packaged adapter's fingerprint (fp32 and
     bf16 weights alike) refused it: the default set-up could not start on a T4 or V100."""

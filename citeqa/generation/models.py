@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from citeqa.atomic import discard_tmp_dir, fresh_tmp_dir
+from citeqa.atomic import discard_tmp_dir, fresh_tmp_dir, fsync_path
 from citeqa.errors import ModelError
 from citeqa.logs import quiet_weight_loading
 
@@ -96,6 +96,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
             model.hf_quantizer.remove_quantization_config(model)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        for written in tmp.iterdir():  # on disk before the marker says the copy is whole
+            fsync_path(written)
         (tmp / MARKER).write_text(json.dumps({"source": gguf.name, "model_id": SMOLLM2_ID}))
         if target.exists():  # a broken leftover (no marker) or a concurrent winner
             if (target / MARKER).is_file():
@@ -150,16 +152,34 @@ def load_model(name: str, cache_dir: Path, *, device: str | None = None) -> tupl
 
     device = pick_device(device)
     dtype = cuda_half_dtype() if device.startswith("cuda") else torch.float32
+
+    def load(path: Path) -> tuple[Any, Any, dict[str, Any]]:
+        try:
+            with quiet_weight_loading():
+                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+                model, info = AutoModelForCausalLM.from_pretrained(
+                    path, dtype=dtype, local_files_only=True, output_loading_info=True)
+        except Exception as e:
+            raise ModelError(
+                f"could not load the generator from {path}: {e}; "
+                "check that it is a complete Hugging Face model directory"
+            ) from e
+        if name == DEFAULT_MODEL and tokenizer.chat_template is None:
+            raise ModelError(f"{path} lost its chat template")
+        return model, tokenizer, info
+
     try:
-        with quiet_weight_loading():
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model, info = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, local_files_only=True, output_loading_info=True)
-    except Exception as e:
-        raise ModelError(
-            f"could not load the generator from {path}: {e}; "
-            "check that it is a complete Hugging Face model directory"
-        ) from e
+        model, tokenizer, info = load(path)
+    except ModelError as e:
+        if name != DEFAULT_MODEL:
+            raise
+        # citeqa's own conversion, damaged since (a disk fault, a file deleted): made again
+        logger.warning("the converted generator is damaged (%s); converting it again", e)
+        with _CONVERTING:
+            (path / MARKER).unlink(missing_ok=True)
+            shutil.rmtree(path, ignore_errors=True)
+        path = resolve_model_dir(name, cache_dir)
+        model, tokenizer, info = load(path)
     # transformers fills weights its files lack with random ones and only reports it: a
     # generator missing a layer answered, badly, with no error
     missing = sorted(info.get("missing_keys") or ()) + sorted(
@@ -173,7 +193,7 @@ def load_model(name: str, cache_dir: Path, *, device: str | None = None) -> tupl
     model.eval()
     if tokenizer.chat_template is None:
         logger.warning("%s has no chat template; prompts will be plain text", path)
-    model_id = SMOLLM2_ID if name == DEFAULT_MODEL else path.name
+    model_id = SMOLLM2_ID if name == DEFAULT_MODEL else path.resolve().name  # "." has none
     return model, tokenizer, model_id
 
 
