@@ -13,7 +13,8 @@ micro-batch 4, seed-0 order, bf16 autocast where the CPU pays) are trained throu
 
 The first step of each is a warm-up and not counted. Prints s/step, the ratios to way 1 and
 the projected hours for the 625 steps of 5,000 demonstrations (#13's target: 2 h); writes
-evals/results/bench_sft_step.json.
+--out (default .cache/bench/bench_sft_step.json; the committed run is
+evals/results/bench_sft_step.json).
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ def compare(run: Path, reward: Path | None = None) -> dict:
     for name in [n for n in scores if n not in ("reward model", "oracle")]:
         d = paired_bootstrap_aurc(scores["reward model"], scores[name], right)
         out["reward_model_minus"][name] = {"diff": d.diff, "low": d.low, "high": d.high,
-                                           "beyond_noise": d.high < 0}
+                                           "beyond_noise": d.high < 0 or d.low > 0}
     return out
 
 
