@@ -118,6 +118,10 @@ def test_judge_cases() -> None:
     assert unans.correct and unans.exact == 1.0 and unans.f1 == 1.0 and not unans.best_correct
     answered_unans = judge(_record("e", [], "1636", [_cand("1636", 0.4)]), doc)
     assert not answered_unans.correct and answered_unans.exact == 0.0
+    # a gold that normalises to nothing makes the question unanswerable: no quote is judged
+    # against it (it was, and always failed, pulling "quote contains gold" down)
+    the = judge(_record("h", ["the"], "1636", [_cand("1636", 0.4)]), doc)
+    assert not the.answerable and the.quote_has_gold is None
 
     # nothing verifiable: can never be answered, score -inf for every scorer
     none = judge(_record("f", ["1636"], None, [_cand("x", 0.99, quote=None)]), doc)
@@ -277,6 +281,37 @@ def test_write_outputs_figures(tmp_path: Path) -> None:
         w, h = _png_size(tmp_path / name)
         assert 400 <= w <= 2000 and 300 <= h <= 2000, (name, w, h)
         assert (tmp_path / name).stat().st_size > 5000  # not a blank canvas
+
+
+def test_the_accuracy_coverage_figure_reads_as_the_table(tmp_path: Path, monkeypatch) -> None:
+    """Steps drawn "post" held each point's accuracy to the right: scores [1, 1, 0, 0] with the
+    first two right drew 1.0 at 80 % coverage, where the table (and any threshold) gives 0.5."""
+    from matplotlib.axes import Axes
+
+    from citeqa.evals import plots
+
+    drawn: list[tuple[list[float], list[float], str]] = []
+    real = Axes.step
+
+    def step(self, x, y, *args, where="pre", **kw):  # type: ignore[no-untyped-def]
+        drawn.append((list(x), list(y), where))
+        return real(self, x, y, *args, where=where, **kw)
+
+    monkeypatch.setattr(Axes, "step", step)
+    cov, acc, _ = M.risk_coverage_curve(np.array([1.0, 1.0, 0.0, 0.0]),
+                                        np.array([True, True, False, False]))
+    plots.accuracy_coverage({"rm": {"coverage": cov.tolist(), "accuracy": acc.tolist()}}, None,
+                            tmp_path / "ac.png")
+    [(x, y, where)] = drawn
+
+    def shown_at(c: float) -> float:  # a step plot's value at c, as matplotlib draws it
+        if where == "pre":
+            return y[next(i for i, xi in enumerate(x) if xi >= c)]
+        return y[max(i for i, xi in enumerate(x) if xi <= c)]
+
+    for c in (0.3, 0.5, 0.8, 1.0):
+        assert shown_at(c) == M.accuracy_at_coverage(
+            np.array([1.0, 1.0, 0.0, 0.0]), np.array([True, True, False, False]), c), c
 
 
 def test_an_interrupted_write_leaves_no_report_of_an_earlier_run(

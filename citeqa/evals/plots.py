@@ -29,7 +29,9 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def _steps(curve: Mapping[str, Sequence[float]]) -> tuple[list[float], list[float]]:
-    # Start each curve at its first point's accuracy from coverage 0 so short curves show.
+    # Start each curve at its first point's accuracy from coverage 0 so short curves show; drawn
+    # with where="pre", each stretch (c[i-1], c[i]] shows acc[i]: what the table's "accuracy at
+    # coverage c" reads (the smallest point covering c), not the previous point's accuracy
     cov, acc = list(curve["coverage"]), list(curve["accuracy"])
     return [0.0, *cov], [acc[0], *acc]
 
@@ -49,7 +51,7 @@ def accuracy_coverage(
             # thinner and dashed in turn, so curves that coincide stay visible
             style = ("-", "-.", ":")[i % 3]
             width = max(3.0 - 0.8 * i, 1.2)
-            ax.step(x, y, where="post", label=label, linewidth=width, linestyle=style)
+            ax.step(x, y, where="pre", label=label, linewidth=width, linestyle=style)
     if always_answer is not None:
         ax.axhline(always_answer, color="grey", linestyle="--", label="always answer")
     ax.set_xlim(0.0, 1.0)

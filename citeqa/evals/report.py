@@ -98,16 +98,17 @@ def judge(record: dict[str, Any], document: Callable[[str], Document]) -> Judged
         "retrieval": float(best["retrieval_score"]) if best_verifiable else neg,
     }
     latency = (record.get("timings_ms") or {}).get("total_ms")
+    answerable = any(M.normalize_answer(g) for g in golds)
     return Judged(
         id=str(record["id"]),
-        answerable=any(M.normalize_answer(g) for g in golds),
+        answerable=answerable,
         declined=declined,
         exact=M.exact_match(given, golds),
         f1=M.f1(given, golds),
         correct=M.is_correct(given, golds, quote_valid=bool(quote_valid)),
         quote_valid=quote_valid,
         quote_has_gold=(
-            None if declined or not golds else contains_gold(record["quote"]["text"], golds)
+            None if declined or not answerable else contains_gold(record["quote"]["text"], golds)
         ),
         best_correct=best_answer is not None
         and M.is_correct(best_answer, golds, quote_valid=best_valid),
@@ -271,8 +272,9 @@ DEFINITIONS = """\
 - **SQuAD EM / F1**: the official SQuAD 2.0 normalization (lowercase, no punctuation, no
   a/an/the, collapsed whitespace) and its no-answer convention: a decline is the empty
   prediction, which scores 1 on an unanswerable question and 0 on an answerable one. Mean over
-  all questions; "has-answer" over answerable ones; "no-answer accuracy" is the share of
-  unanswerable questions declined.
+  all questions; "has-answer" over answerable ones; "no-answer accuracy" is the official
+  NoAns exact: over unanswerable questions, the share whose prediction is empty after
+  normalisation (a decline, or an answer such as "The").
 - **Accuracy**: the correctness rule over all questions, declines included.
 - **Answered accuracy / coverage at the threshold**: among the questions the system answered at
   its configured threshold, the share correct; coverage is the share answered.
