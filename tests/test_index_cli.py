@@ -351,6 +351,30 @@ def test_a_work_dir_with_a_users_shards_folder_is_refused_without_claiming_its_s
     assert "finished so far" not in err and (tmp_path / "work" / "shards" / "mine").is_dir()
 
 
+def test_a_full_disk_writing_the_dense_index_is_one_line_and_the_index_is_as_it_was(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FAISS reports a failed write as a RuntimeError: a full disk ended `index build` and
+    `index add` in a 60-line traceback (the index itself was left as it was)."""
+    import faiss
+
+    docs = _files(tmp_path / "docs", BOOKS)
+    _build(tmp_path / "idx", docs)
+    before = (tmp_path / "idx" / "manifest.json").read_text()
+
+    def full(index, path):  # type: ignore[no-untyped-def]
+        raise RuntimeError(f"write error in {path}: 4051 != 128000 (No space left on device)")
+
+    monkeypatch.setattr(faiss, "write_index", full)
+    more = _files(tmp_path / "more", {"extra.txt": "An extra book about the river delta."})
+    for args in (("index", "build", "--preset", "tiny", str(docs), "--out",
+                  str(tmp_path / "idx"), "--no-progress"),
+                 ("index", "add", str(more), "--index", str(tmp_path / "idx"), "--no-progress")):
+        code, _, err = _cli(*args)
+        assert code == 2 and "No space left on device" in err and "Traceback" not in err, err
+        assert "as it was" in err
+    assert (tmp_path / "idx" / "manifest.json").read_text() == before
+
+
 def test_a_resumable_build_cut_short_embeds_only_the_rest(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import citeqa.distributed.sharded as sharded

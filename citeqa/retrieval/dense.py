@@ -270,8 +270,13 @@ class DenseIndex:
         return ids.astype(np.int64), scores
 
     def save(self, path: Path) -> None:
-        """The FAISS index to ``path``; its removed rows, if any, are the caller's to save."""
-        faiss.write_index(self.index, str(path))
+        """The FAISS index to ``path``; its removed rows, if any, are the caller's to save.
+        OSError when it cannot be written (FAISS says so with a RuntimeError, which every
+        caller's "could not write" handling missed: a full disk ended in a traceback)."""
+        try:
+            faiss.write_index(self.index, str(path))
+        except RuntimeError as e:
+            raise OSError(f"could not write the dense index {path}: {e}") from e
 
     @classmethod
     def load(cls, path: Path, spec: DenseSpec | None = None,
