@@ -69,6 +69,15 @@ class IndexChangedError(IndexError_):
     """The index on disk is no longer the one a server loaded (another writer changed it)."""
 
 
+class IndexWriteError(CiteqaError):
+    """A change to the index could not be written (a full disk: ``full``; a read-only file
+    system, ...); the index is as it was."""
+
+    def __init__(self, message: str, *, full: bool = False) -> None:
+        super().__init__(message)
+        self.full = full
+
+
 class EmptyCorpusError(CiteqaError):
     """The sources produced no documents to index."""
 

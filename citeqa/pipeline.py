@@ -20,6 +20,7 @@ applied to it rather than undoing it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import threading
@@ -42,6 +43,7 @@ from citeqa.errors import (
     ConfigError,
     IndexChangedError,
     IndexError_,
+    IndexWriteError,
     InvalidRequestError,
     ModelError,
     NotSupportedError,
@@ -490,6 +492,10 @@ class Pipeline:
                 try:
                     result = apply_update(old.index, update, out, embedder=embedder)
                     break
+                except OSError as e:  # the index's file system: full, read-only, ...
+                    raise IndexWriteError(
+                        f"could not write the index: {e.strerror or e}; it is as it was",
+                        full=e.errno in (errno.ENOSPC, errno.EDQUOT)) from e
                 except IndexChangedError:
                     if attempt or self._reload_or_say_why(out) is None:  # nothing to load
                         raise

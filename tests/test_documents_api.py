@@ -167,6 +167,32 @@ def test_duplicate_doc_id_is_409(client: TestClient) -> None:
     assert client.get("/v1/documents/normans").json()["text"] == DOCS[0].text
 
 
+def test_a_change_the_disk_cannot_hold_is_507_and_loses_nothing(
+        client: TestClient, index_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk (or a read-only one) under an upload ended in a bare 500 "internal error"."""
+    import errno
+
+    import citeqa.pipeline
+
+    def fails(errno_: int):  # type: ignore[no-untyped-def]
+        def apply(*args, **kwargs):  # type: ignore[no-untyped-def]
+            raise OSError(errno_, os.strerror(errno_))
+        return apply
+
+    before = set(Index.load(index_dir).documents)
+    for code, status, name in ((errno.ENOSPC, 507, "insufficient_storage"),
+                               (errno.EROFS, 503, "index_not_writable")):
+        monkeypatch.setattr(citeqa.pipeline, "apply_update", fails(code))
+        r = client.post("/v1/documents", json={"text": NEW_TEXT, "doc_id": "new"})
+        assert r.status_code == status and r.json()["error"]["code"] == name, r.text
+        assert "could not write the index" in r.json()["error"]["message"]
+        assert "it is as it was" in r.json()["error"]["message"]
+        assert client.delete("/v1/documents/eiffel").status_code == status
+    assert set(Index.load(index_dir).documents) == before
+    assert client.get("/v1/documents/new").status_code == 404
+    assert "eiffel" in search_ids(client, "Eiffel Tower Paris")
+
+
 def test_delete_is_204_then_404_and_persisted(client: TestClient, index_dir: Path) -> None:
     assert "eiffel" in search_ids(client, "Eiffel Tower Paris")
     assert client.delete("/v1/documents/eiffel").status_code == 204

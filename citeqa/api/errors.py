@@ -26,6 +26,10 @@ How ``CiteqaError`` maps to HTTP (the one table; first match wins, subclasses fi
     IndexChangedError      409     index_changed           another writer changed the index since
                                                            this server loaded it, and the index as
                                                            it is now cannot be loaded
+    IndexWriteError        507     insufficient_storage    a change to the index could not be
+                                                           written for a full disk (503
+                                                           index_not_writable for another cause:
+                                                           a read-only file system); it is as it was
     IndexError_            503     index_unavailable       the served index is missing or corrupt
     EmptyCorpusError       503     index_unavailable       the served index is empty
     ModelError             503     model_unavailable       a model could not be loaded
@@ -66,6 +70,7 @@ from citeqa.errors import (
     FetchError,
     IndexChangedError,
     IndexError_,
+    IndexWriteError,
     InvalidRequestError,
     ModelError,
     NotSupportedError,
@@ -184,6 +189,8 @@ def map_citeqa_error(exc: CiteqaError) -> tuple[int, str]:
     """The (status, code) for a CiteqaError, following the table in the module docstring."""
     if isinstance(exc, InvalidRequestError):
         return exc.status, exc.code
+    if isinstance(exc, IndexWriteError):
+        return (507, "insufficient_storage") if exc.full else (503, "index_not_writable")
     for cls, status, code in CITEQA_ERROR_TABLE:
         if isinstance(exc, cls):
             return status, code

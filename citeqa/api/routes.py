@@ -67,7 +67,7 @@ LIST_ERRORS: dict[int | str, dict[str, Any]] = {501: {"model": ErrorOut}}
 ANSWER_ERRORS: dict[int | str, dict[str, Any]] = {**BODY_ERRORS, 502: {"model": ErrorOut}}
 # The routes that change the index: 403 for a key that may only read.
 DOCUMENT_ERRORS: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorOut} for s in (400, 403, 409, 501, 502)
+    s: {"model": ErrorOut} for s in (400, 403, 409, 501, 502, 507)
 }
 LIST_PAGE = 1000  # documents read at a time when looking for a page's (page_holder)
 # Any route, before routing: a Host the server does not accept (400), a body over the limit
