@@ -218,13 +218,38 @@ def _just_made(path: Path) -> bool:
         return False
 
 
-def remove_stale_siblings(out: Path, *, writing: bool) -> None:
-    """Delete the temporary and backup directories of writers that died."""
-    for stale in [*siblings(out, "tmp"), *siblings(out, "old")]:
-        if writer_alive(stale, writing=writing):
+def remove_stale_siblings(out: Path, *, writing: bool, backups_free: bool = False) -> None:
+    """Delete the temporary and backup directories of writers that died. ``backups_free``: the
+    caller holds the lock every swap holds across its renames, and ``out`` is whole, so no
+    ``.old`` backup is needed by anyone, whatever process its pid names now (a restarted
+    container's pid 1 is the dead writer's pid too)."""
+    backups = siblings(out, "old")
+    for stale in [*siblings(out, "tmp"), *backups]:
+        if not (backups_free and stale in backups) and writer_alive(stale, writing=writing):
             continue  # another writer is using it right now
         log.info("removing stale %s", stale)
         shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextmanager
+def flocked_if_free(path: Path) -> Iterator[bool]:
+    """An exclusive ``flock`` on ``path`` taken only if free now: True while held; False when
+    another process holds it or the file system cannot lock (nothing is then guarded)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by another process (BlockingIOError), or no flock here
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 def fresh_tmp_dir(out: Path, mode: int = 0o755) -> Path:
@@ -269,7 +294,10 @@ def recover_dir(out: Path) -> Path:
     out = Path(out)
     if out.exists():
         return out
-    dead = [p for p in siblings(out, "old") if not writer_alive(p, writing=False)]
+    # (its own pid's backup too: one process never writes one directory twice at once, so a
+    # backup of this pid with ``out`` missing was left by a dead writer: a restarted container's
+    # pid 1 is that writer's pid)
+    dead = [p for p in siblings(out, "old") if not writer_alive(p, writing=True)]
     if dead:
         backup = max(dead, key=lambda p: p.stat().st_mtime)
         log.warning("restoring %s from %s (a write was interrupted mid-swap)", out, backup)

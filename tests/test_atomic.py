@@ -138,6 +138,15 @@ def test_a_writer_killed_between_the_renames_is_undone_by_the_next_reader(tmp_pa
     live = tmp_path / f".other.old-{os.getppid()}"
     live.mkdir()
     assert not recover_dir(tmp_path / "other").exists() and live.is_dir()
+    # a backup of this very pid with its folder missing: a dead writer's whose pid this
+    # process has now (a restarted container's pid 1); it was called alive, never restored,
+    # then deleted by this process's next write as its own debris
+    own = tmp_path / f".mine.old-{os.getpid()}"
+    own.mkdir()
+    (own / "progress.json").write_text("{}")
+    tmp = fresh_tmp_dir(tmp_path / "mine")
+    assert (tmp_path / "mine" / "progress.json").is_file() and not own.exists()
+    os.rmdir(tmp)
 
 
 def test_a_temporary_directory_is_stale_once_no_writer_holds_it_whatever_its_pid(

@@ -283,10 +283,40 @@ def test_recover_waits_for_a_writer_between_its_renames(built: Path) -> None:
         assert recover_index(built) == built
         assert time.monotonic() - t0 > 0.5  # it waited for the lock
         assert json.loads((built / "manifest.json").read_text())["created"] == "the new one"
-        assert (built.parent / f".idx.old-{holder.pid}").is_dir()  # the live writer's, kept
+        # its swap done and the lock free, the old copy is no one's (its writer's own removal
+        # of it, after the lock, finds it gone)
+        assert not (built.parent / f".idx.old-{holder.pid}").exists()
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_backup_left_after_a_finished_swap_goes_whatever_its_pid(built: Path) -> None:
+    """A writer killed after its swap, before removing its backup, left .idx.old-<pid>: with
+    its pid in use again (a restarted container's pid 1, this process here) it was kept for
+    ever, a whole copy of the old index, and restored over a rebuild if the index went missing.
+    While another process holds the swap lock (mid-swap), backups stay."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from citeqa.retrieval.store import recover_index
+
+    old = built.parent / f".idx.old-{os.getpid()}"
+    shutil.copytree(built, old)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, time\n"
+        f"fd = os.open({str(built.parent)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True); time.sleep(30)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        assert recover_index(built) == built and old.is_dir()  # a swap may be under way
+    finally:
+        holder.kill()
+        holder.wait()
+    assert recover_index(built) == built and not old.exists()
+    assert sorted(p.name for p in built.parent.iterdir()) == ["idx"]
 
 
 def test_recover_restores_a_backup_whatever_its_pid(built: Path) -> None:

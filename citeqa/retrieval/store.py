@@ -54,6 +54,7 @@ import numpy as np
 from citeqa.atomic import (
     discard_tmp_dir,
     flocked,
+    flocked_if_free,
     fsync_path,
     new_tmp_dir,
     release_tmp_dir,
@@ -195,7 +196,9 @@ def recover_index(out: Path, *, writing: bool = False) -> Path:
                     return old
         if not (out / MANIFEST).is_file():  # the writer that held the lock left none
             raise IndexError_(f"index {out} {how_to_build(out)}")
-    remove_stale_siblings(out, writing=writing)
+    # with the swap lock free now, no writer is between its renames: every backup is stale
+    with flocked_if_free(out.parent) as free:
+        remove_stale_siblings(out, writing=writing, backups_free=free)
     return out
 
 
