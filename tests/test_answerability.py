@@ -5,6 +5,7 @@ the scorer (no download)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,10 @@ def test_squad_questions_are_labelled_by_answerability_and_centred_on_their_answ
     assert [(e.label, e.source) for e in out] == [
         (1, "squad2:answerable"), (0, "squad2:unanswerable"), (0, "squad2:unanswerable")]
     assert "Rollo" in out[0].judged.quote and "Charles III" in out[1].judged.quote
+    # the middle, as said: it was the paragraph's start (an empty span fits no quote)
+    middle = CONTEXT.index(out[2].judged.quote)
+    assert middle > 0 and middle <= len(CONTEXT) // 2 < middle + len(out[2].judged.quote)
+    assert out[2].judged.before
     assert out[0].judged.question == "Who swore fealty?" and out[0].judged.title == "Normans"
 
 
@@ -145,6 +150,11 @@ def test_training_learns_saves_resumes_and_reloads(tiny_encoder, tokenizer,
     record = train_answerability(model, tokenizer, examples, cfg, out=tmp_path / "a",
                                  extra={"examples": len(examples)}, progress=False)
     assert record["steps"] == 36 and record["examples"] == 48
+    short = train_answerability(Answerability(tiny_encoder(len(tokenizer))), tokenizer,
+                                examples, replace(cfg, epochs=0.5, max_tokens=96),
+                                out=tmp_path / "short", progress=False)
+    assert short["steps"] == 3  # served at the length it was trained at (it was 224 always)
+    assert json.loads((tmp_path / "short" / "config.json").read_text())["max_tokens"] == 96
     assert config_step(tmp_path / "a") == 36
     loaded, tok, config = load_answerability(tmp_path / "a")
     assert config["kind"] == "answerability" and config["training"]["steps"] == 36

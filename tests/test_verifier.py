@@ -110,6 +110,11 @@ def test_batches_are_padded_to_a_multiple_that_changes_no_score(tiny_encoder, to
 def test_pairs_and_batches_keep_groups_whole() -> None:
     examples = [item(label=1), item("King", 0), item("Paris", 0), item(group="q2", label=0)]
     assert pair_indices(examples) == ([0, 0], [1, 2])
+    # without group ids, pairs stay within a question (they were made across questions)
+    ungrouped = [item(label=1, group=""), item("Paris", 0, group=""),
+                 item(label=1, group="", question="Q2?"), item("King", 0, group="",
+                                                               question="Q2?")]
+    assert pair_indices(ungrouped) == ([0, 2], [1, 3])
     # ten groups of 1-3 examples, each its own id, and one of 6 (cut to the batch size)
     groups = [[item(group=f"g{i}", label=j == 0) for j in range(1 + i % 3)] for i in range(10)]
     groups.append([item(group="big", label=j == 0) for j in range(6)])

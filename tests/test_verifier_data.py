@@ -426,3 +426,15 @@ def test_reward_data_of_held_out_articles_is_refused_for_training_and_calibratio
     (tmp_path / "train.jsonl.stats.json").write_text(json.dumps({"articles": ["Normans"]}))
     r = runner.invoke(app, ["calibrate", "--data", str(train), "--reward", str(tmp_path)])
     assert r.exit_code == 2 and "training or evaluation articles (Normans)" in r.output, r.output
+
+
+def test_train_reward_max_tokens_must_be_a_multiple_of_the_padding() -> None:
+    """Any other --max-tokens (the CLI took 32-512) failed at the first step: the tokenizer
+    refuses a cut that padding to a multiple of 16 would pass."""
+    from typer.testing import CliRunner
+
+    from citeqa.cli import app
+
+    r = CliRunner().invoke(app, ["train", "reward", "--data", "x.jsonl", "--out", "rm",
+                                 "--max-tokens", "200"])
+    assert r.exit_code == 2 and "must be a multiple of 16, not 200 (e.g. 192)" in r.output

@@ -74,9 +74,10 @@ class Answerability(nn.Module):
 
 
 def save_answerability(out: Path, model: Answerability, tokenizer: Any,
-                       extra: dict[str, Any]) -> None:
-    """Write ``model`` into ``out`` atomically (``checkpoint.write_encoder_dir``)."""
-    config = {"format": FORMAT, "kind": KIND, "max_tokens": MAX_TOKENS, **extra}
+                       extra: dict[str, Any], *, max_tokens: int = MAX_TOKENS) -> None:
+    """Write ``model`` into ``out`` atomically (``checkpoint.write_encoder_dir``), to be
+    served at the ``max_tokens`` it was trained at."""
+    config = {"format": FORMAT, "kind": KIND, "max_tokens": max_tokens, **extra}
     write_encoder_dir(out, model.encoder, tokenizer, model.state_dict(), config)
 
 

@@ -63,5 +63,6 @@ def train_answerability(model: Answerability, tokenizer: Any, examples: Sequence
         return F.binary_cross_entropy_with_logits(model(inputs).float(), labels), None
 
     return run_training(model, plan(examples, cfg), loss_of, cfg,
-                        save=lambda d, meta: save_answerability(d, model, tokenizer, meta),
+                        save=lambda d, meta: save_answerability(d, model, tokenizer, meta,
+                                                                max_tokens=cfg.max_tokens),
                         desc="training answerability", out=out, extra=extra, progress=progress)

@@ -45,6 +45,17 @@ SAVED = ("it is saved every --save-every steps: run the same command again to re
          "last save (nothing is saved before the first)")
 
 
+def multiple_of_pad(value: int) -> int:
+    """--max-tokens: a multiple of the padding multiple (the tokenizer refuses to cut at a
+    length it would pad past: any other value failed at the first step)."""
+    from citeqa.compute import PAD_MULTIPLE
+
+    if value % PAD_MULTIPLE:
+        raise typer.BadParameter(f"must be a multiple of {PAD_MULTIPLE}, not {value} (e.g. "
+                                 f"{value - value % PAD_MULTIPLE})")
+    return value
+
+
 @train_app.command("reward")
 @interruptible(SAVED)
 def reward(
@@ -60,7 +71,9 @@ def reward(
     batch: Annotated[int, typer.Option("--batch", min=2, help="Examples per step.")] = 32,
     lr: Annotated[float, typer.Option("--lr", min=0.0)] = 3e-5,
     members: Annotated[int, typer.Option("--members", min=1, max=16)] = 3,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", min=32, max=512)] = 192,
+    max_tokens: Annotated[int, typer.Option(
+        "--max-tokens", min=32, max=512, callback=multiple_of_pad,
+        help="Tokens an example is cut to: a multiple of 16 (batches pad to one).")] = 192,
     limit: Annotated[
         int | None, typer.Option("--limit", min=1, help="At most this many question groups.")
     ] = None,

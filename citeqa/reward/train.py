@@ -84,10 +84,12 @@ def batches(groups: Sequence[Sequence[Example]], size: int, rng: random.Random,
 
 
 def pair_indices(examples: Sequence[Example]) -> tuple[list[int], list[int]]:
-    """(right, wrong) example positions of every pair within the same group."""
+    """(right, wrong) example positions of every pair within the same group (a candidate
+    without one is its question's, as ``VerifierData.groups`` has it: candidates of two
+    ungrouped questions were paired across them)."""
     by_group: dict[str, tuple[list[int], list[int]]] = {}
     for i, ex in enumerate(examples):
-        right, wrong = by_group.setdefault(ex.group, ([], []))
+        right, wrong = by_group.setdefault(ex.group or ex.judged.question, ([], []))
         (right if ex.label else wrong).append(i)
     a, b = [], []
     for right, wrong in by_group.values():

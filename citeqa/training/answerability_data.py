@@ -53,8 +53,12 @@ def _anchor(context: str, answers: Sequence[str]) -> tuple[int, int]:
         i = context.find(a) if a.strip() else -1
         if i >= 0:
             return i, i + len(a)
+    # none: a character at the middle (an empty span fits no quote, and the view fell back to
+    # the paragraph's start, a shortcut its label 0 always had)
     mid = len(context) // 2
-    return mid, mid
+    while mid < len(context) - 1 and context[mid].isspace():
+        mid += 1
+    return mid, mid + 1
 
 
 def squad_examples(items: Iterable[QAItem], plausible: Mapping[str, Sequence[str]]
