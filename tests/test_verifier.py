@@ -650,3 +650,23 @@ def test_a_reward_directory_with_a_damaged_config_is_named_not_a_traceback(tmp_p
     (tmp_path / "rm" / "config.json").write_text('{"format": 2, "ki')  # cut short
     with pytest.raises(ModelError, match=r"config.json is corrupt .*citeqa train reward"):
         load_scorer(str(tmp_path / "rm"))
+
+
+def test_training_a_verifier_further_resumes_with_the_same_command(tiny_encoder, tokenizer,
+                                                                   tmp_path: Path) -> None:
+    """From a verifier --base, the run takes the base's heads (not --members); its rerun did
+    not, and the same command was refused as "other settings"."""
+    from citeqa.reward.cli import train_to_dir
+
+    groups = [[item("Rollo", 1, f"g{i}"), item("France", 0, f"g{i}")] for i in range(4)]
+    base = tmp_path / "base"
+    train_verifier(Verifier(tiny_encoder(len(tokenizer)), members=2, hidden=8), tokenizer,
+                   groups, TrainConfig(epochs=1, batch_examples=4, members=2, hidden=8,
+                                       cpu_dtype="fp32", max_tokens=96),
+                   out=base, extra={"base": "tiny"}, progress=False)
+    data = tmp_path / "more.jsonl"
+    data.write_text("".join(json.dumps(ex.to_json()) + "\n" for g in groups for ex in g))
+    kw = {"epochs": 1, "batch_examples": 4, "cpu_dtype": "fp32", "max_tokens": 96}
+    first = train_to_dir([data], tmp_path / "more", base=base, progress=False, cfg_kw=kw)
+    again = train_to_dir([data], tmp_path / "more", base=base, progress=False, cfg_kw=kw)
+    assert again["steps"] == first["steps"] and again["seconds_this_run"] == 0.0

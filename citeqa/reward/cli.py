@@ -164,6 +164,8 @@ def train_to_dir(data_paths: list[Path], out: Path, *, base: Path | None = None,
         read_config(Path(out))
         model, tokenizer, _ = load_verifier(Path(out))
         log.info("resuming the verifier in %s", out)
+        if (base_dir / HEADS).is_file():  # its heads are the base verifier's, as at its start
+            cfg = replace(cfg, members=model.members, hidden=model.hidden)
     elif (base_dir / HEADS).is_file():  # a verifier directory: train it further, heads included
         model, tokenizer, _ = load_verifier(base_dir)
         log.info("continuing from the verifier in %s", base_dir)
