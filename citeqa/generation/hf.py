@@ -253,7 +253,8 @@ class HFBackend:
         four rows (``CpuLinear``; id ``+bf16-int8w``), "fp16w" stores the decoder's Linear
         weights in fp16 computed in fp32 (id ``+fp16-linear``), "fp32" keeps them as loaded,
         "auto" measures which pays.
-        Log-probabilities are computed in fp32 from an fp32 copy of the LM head either way.
+        On a CPU, log-probabilities are computed in fp32 from an fp32 copy of the LM head
+        whatever the decoder computes in (on a GPU, from the head as loaded).
         """
         if cpu_dtype not in CPU_DTYPES:
             raise ConfigError(f"cpu_dtype must be one of {CPU_DTYPES}: {cpu_dtype!r}")
