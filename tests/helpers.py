@@ -138,3 +138,22 @@ def running_server(app: Any, *, ready_within_s: float = 20, **config: Any) -> It
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@contextmanager
+def flock_held_elsewhere(path: Any) -> Iterator[None]:
+    """Another process holds an exclusive ``flock`` on ``path`` (a folder) for the block, as a
+    writer of another process (or pid namespace) would."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, time\n"
+        f"fd = os.open({str(path)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('held', flush=True); time.sleep(30)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()

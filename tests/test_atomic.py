@@ -156,6 +156,8 @@ def test_a_temporary_directory_is_stale_once_no_writer_holds_it_whatever_its_pid
     import subprocess
     import sys
 
+    from helpers import flock_held_elsewhere
+
     from citeqa.atomic import (
         CLAIM_GRACE_S,
         _claims,
@@ -178,18 +180,10 @@ def test_a_temporary_directory_is_stale_once_no_writer_holds_it_whatever_its_pid
         os.utime(path, (past, past))
     held = tmp_path / ".model.tmp-2"  # a writer of another pid namespace, writing now
     held.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, time\n"
-        f"fd = os.open({str(held)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
-        "print('held', flush=True); time.sleep(30)\n")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    with flock_held_elsewhere(held):
         remove_stale_siblings(out, writing=False)
         assert not left.exists() and not mine.exists() and held.is_dir()
         assert new.is_dir() or not _pid_alive(3)  # unlocked, but only just made
-    finally:
-        holder.kill()
-        holder.wait()
     os.utime(held, (past, past))
     remove_stale_siblings(out, writing=False)  # its writer gone: stale now
     assert not held.exists()

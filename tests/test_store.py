@@ -298,23 +298,15 @@ def test_a_backup_left_after_a_finished_swap_goes_whatever_its_pid(built: Path) 
     While another process holds the swap lock (mid-swap), backups stay."""
     import os
     import shutil
-    import subprocess
-    import sys
+
+    from helpers import flock_held_elsewhere
 
     from citeqa.retrieval.store import recover_index
 
     old = built.parent / f".idx.old-{os.getpid()}"
     shutil.copytree(built, old)
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, time\n"
-        f"fd = os.open({str(built.parent)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
-        "print('locked', flush=True); time.sleep(30)\n")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    with flock_held_elsewhere(built.parent):
         assert recover_index(built) == built and old.is_dir()  # a swap may be under way
-    finally:
-        holder.kill()
-        holder.wait()
     assert recover_index(built) == built and not old.exists()
     assert sorted(p.name for p in built.parent.iterdir()) == ["idx"]
 
