@@ -386,15 +386,21 @@ def test_the_served_model_is_asked_once_and_must_be_unique():
         RemoteBackend("http://gen", client=client).wait_ready(timeout_s=1)
 
 
-def test_waiting_for_an_engine_that_starts_late_and_one_that_never_does():
-    up_at = time.monotonic() + 0.3
+def starting_late(served: str, after_s: float = 0.3):
+    """An engine that refuses connections for ``after_s``, then lists ``served``; and when it
+    came up (a monotonic time)."""
+    up_at = time.monotonic() + after_s
 
     def handler(request):
         if time.monotonic() < up_at:
             raise httpx.ConnectError("refused", request=request)
-        return httpx.Response(200, json={"data": [{"id": "late"}]})
+        return httpx.Response(200, json={"data": [{"id": served}]})
 
-    client, _ = server(handler)
+    return (*server(handler), up_at)
+
+
+def test_waiting_for_an_engine_that_starts_late_and_one_that_never_does():
+    client, _, _ = starting_late("late")
     b = RemoteBackend("http://gen", client=client, backoff=Backoff(retries=0, base_s=0.01))
     b.wait_ready(timeout_s=5, poll_s=0.05)
     assert b.model == "late"
@@ -408,14 +414,7 @@ def test_a_named_model_is_waited_for_and_checked_and_a_bad_model_list_is_an_engi
     """With CITEQA_GENERATOR_MODEL set, start-up asked nothing: ready at once with the engine
     down, and a misspelt name failed every question later. A model list without ids gave a
     model named 'None', and one that is no list a bare TypeError."""
-    up_at = time.monotonic() + 0.3
-
-    def handler(request):
-        if time.monotonic() < up_at:
-            raise httpx.ConnectError("refused", request=request)
-        return httpx.Response(200, json={"data": [{"id": "smol"}]})
-
-    client, seen = server(handler)
+    client, seen, up_at = starting_late("smol")
     b = RemoteBackend("http://gen", "smol", client=client,
                       backoff=Backoff(retries=0, base_s=0.01))
     b.wait_ready(timeout_s=5, poll_s=0.05)
