@@ -243,11 +243,20 @@ def _faster(probe: Callable[[], tuple[float, float]]) -> str:
     return kernel
 
 
-def cuda_half_dtype():  # -> torch.dtype
+def cuda_bf16(device=None) -> bool:  # device: a torch device or its name; None: the current
+    """Whether a CUDA device computes bf16 in hardware (compute capability 8 or above: Ampere
+    on). torch's ``is_bf16_supported()`` also says yes to T4 and V100 cards, which only emulate
+    it (slowly), and looks at the current device only."""
+    import torch
+
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def cuda_half_dtype(device=None):  # -> torch.dtype
     """What models compute in on a CUDA device: bf16 where the GPU has it, else fp16."""
     import torch
 
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cuda_bf16(device) else torch.float16
 
 
 def to_serving_dtype(model, requested: str, *, kernel: str | None = None) -> str:
@@ -296,6 +305,6 @@ def training_autocast(device_type: str, requested: str):  # -> a context manager
 
     if device_type == "cpu" and cpu_dtype(requested) == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
-    if device_type == "cuda" and torch.cuda.is_bf16_supported():
+    if device_type == "cuda" and cuda_bf16():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

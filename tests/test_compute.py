@@ -175,3 +175,52 @@ def test_asking_for_bf16_on_a_cpu_that_emulates_it_warns_once(monkeypatch, caplo
     with caplog.at_level("WARNING"):
         cpu_dtype("bf16")
     assert "no bf16 hardware" not in caplog.text
+
+
+def test_a_gpu_computes_in_bf16_only_where_its_hardware_has_it(monkeypatch) -> None:
+    """torch's is_bf16_supported() says yes to T4 and V100 cards, which only emulate bf16:
+    everything ran emulated there, and the fp16 fallback never did. The device asked about is
+    the one looked at, not the current one."""
+    import torch
+
+    from citeqa.compute import cuda_half_dtype
+
+    asked: list[object] = []
+    for capability, dtype in (((7, 5), torch.float16), ((7, 0), torch.float16),
+                              ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability",
+                            lambda device=None, c=capability: asked.append(device) or c)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+        assert cuda_half_dtype("cuda:1") == dtype, capability
+    assert set(asked) == {"cuda:1"}
+
+
+def test_lora_training_on_a_gpu_without_bf16_loads_fp32(monkeypatch, tmp_path) -> None:
+    """It trained fp16 weights without loss scaling (most gradients lost to underflow), and
+    fingerprinted fp16 weights, which no serving load matches."""
+    from typer.testing import CliRunner
+
+    import citeqa.generation.models as models
+    from citeqa.training.cli import app
+
+    loads: list[str | None] = []
+
+    class Stop(Exception):
+        pass
+
+    def load_model(name, cache_dir, *, device=None):  # type: ignore[no-untyped-def]
+        loads.append(device)
+        raise Stop
+
+    (tmp_path / "demos.jsonl").write_text("")
+    (tmp_path / "model").mkdir()
+    monkeypatch.setattr(models, "load_model", load_model)
+    import citeqa.training.demos as demos
+
+    monkeypatch.setattr(demos, "read_demos", lambda path: [])
+    for fp16_only, loads_on in ((True, "cpu"), (False, "cuda")):
+        monkeypatch.setattr(models, "fp16_only_gpu", lambda device, v=fp16_only: v)
+        r = CliRunner().invoke(app, ["generator", "--data", str(tmp_path / "demos.jsonl"),
+                                     "--out", str(tmp_path / "ad"), "--device", "cuda",
+                                     "--model", str(tmp_path / "model"), "--no-progress"])
+        assert isinstance(r.exception, Stop) and loads.pop() == loads_on, r.output

@@ -353,6 +353,8 @@ class HFBackend:
                  for i in range(len(seqs))],
                 self.model.config,
             )
+        if self.device.type == "cuda":  # its kernels ran asynchronously: their time is here
+            torch.cuda.synchronize(self.device)
         stats.prefill_ms = (time.perf_counter() - t0) * 1000
 
         # One cache row per output row: request i's prefill repeated n_i times.

@@ -135,7 +135,7 @@ def fp16_only_gpu(device: str) -> bool:
 
     from citeqa.compute import cuda_half_dtype
 
-    return bool(cuda_half_dtype() == torch.float16)
+    return bool(cuda_half_dtype(device) == torch.float16)
 
 
 def load_model(name: str, cache_dir: Path, *, device: str | None = None) -> tuple[Any, Any, str]:
@@ -151,7 +151,7 @@ def load_model(name: str, cache_dir: Path, *, device: str | None = None) -> tupl
     from citeqa.compute import cuda_half_dtype
 
     device = pick_device(device)
-    dtype = cuda_half_dtype() if device.startswith("cuda") else torch.float32
+    dtype = cuda_half_dtype(device) if device.startswith("cuda") else torch.float32
 
     def load(path: Path) -> tuple[Any, Any, dict[str, Any]]:
         try:

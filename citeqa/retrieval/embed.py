@@ -99,7 +99,7 @@ class MiniLMEmbedder:
             assert model.config.hidden_size == self.dim, model.config.hidden_size
             model = model.to(self.device).eval()
             if self.device.startswith("cuda"):  # as the generator there: bf16 (or fp16)
-                model = model.to(cuda_half_dtype())
+                model = model.to(cuda_half_dtype(self.device))
                 self.dtype = "bf16" if model.dtype == torch.bfloat16 else "fp16"
             else:
                 self.dtype = to_serving_dtype(model, self.cpu_dtype, kernel=self.fp32_kernel)

@@ -195,7 +195,7 @@ def generator(
     progress = shown_progress(progress)  # default: on a terminal only
     import torch
 
-    from citeqa.generation.models import load_model
+    from citeqa.generation.models import fp16_only_gpu, load_model, pick_device
     from citeqa.training.demos import read_demos
     from citeqa.training.lora import LoRAConfig
     from citeqa.training.sft import TrainConfig, run_sft
@@ -223,7 +223,15 @@ def generator(
         demos = read_demos(data)
         if cache_dir is None:
             cache_dir = Settings().cache_dir  # type: ignore[call-arg]
-        base, tokenizer, model_id = load_model(gen.model, cache_dir, device=device)
+        target = pick_device(device)
+        # a GPU without bf16 trains in fp32: fp16 without loss scaling loses most gradients to
+        # underflow, and fp16 weights fingerprint unlike the fp32 ones serving checks
+        fp32_on_gpu = fp16_only_gpu(target)
+        base, tokenizer, model_id = load_model(gen.model, cache_dir,
+                                               device="cpu" if fp32_on_gpu else target)
+        if fp32_on_gpu:
+            log.warning("%s has no bf16: training in fp32 there", target)
+            base.to(target)
         with run_lock(out, "citeqa train generator"):  # its checkpoint has fixed names
             record = run_sft(
                 base, tokenizer, model_id, demos, out, gen, train, lora,

@@ -397,8 +397,9 @@ def write_log(out: Path, log: TrainLog, meta: dict[str, Any]) -> dict[str, Any]:
         "last_loss": round(log.steps[-1]["loss"], 4) if log.steps else None,
         "history": log.steps,
     }
-    if torch.cuda.is_available():
-        record["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    if str(meta.get("device", "")).startswith("cuda"):  # the training's own device
+        record["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(meta["device"]) / 2**20,
+                                       1)
     Path(out).mkdir(parents=True, exist_ok=True)
     write_text_atomic(Path(out) / LOG_FILE, json.dumps(record, indent=2) + "\n")
     return record
@@ -532,6 +533,8 @@ def run_sft(
             return {**finished, "trained_now": 0}
         raise ValueError(f"{out} holds an adapter trained by another run (other data, settings "
                          "or base model); choose another --out, or delete it to train afresh")
+    if next(model.parameters()).is_cuda:  # this training's peak, not an earlier one's
+        torch.cuda.reset_peak_memory_stats(next(model.parameters()).device)
     wrapped, log = train_lora(model, examples, pad_id, train, lora, progress=progress,
                               checkpoint_dir=out, init=init, base=fingerprint)
     settings = settings_record(train, lora, gen)
@@ -548,7 +551,8 @@ def run_sft(
             **settings,
             "base_model_id": base_model_id,
             "device": device,
-            "compute": cpu_dtype(train.cpu_dtype) if device == "cpu" else "cuda autocast",
+            "compute": (cpu_dtype(train.cpu_dtype) if device == "cpu" else "cuda " + str(
+                next(model.parameters()).dtype).removeprefix("torch.")),
             "torch_threads": torch.get_num_threads(),
             "dropped": dropped,
             "target_tokens": sum(e.target_tokens for e in examples),
