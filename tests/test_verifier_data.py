@@ -428,13 +428,13 @@ def test_reward_data_of_held_out_articles_is_refused_for_training_and_calibratio
     assert r.exit_code == 2 and "training or evaluation articles (Normans)" in r.output, r.output
 
 
-def test_train_reward_max_tokens_must_be_a_multiple_of_the_padding() -> None:
+def test_train_reward_max_tokens_must_be_a_multiple_of_the_padding(tmp_path: Path) -> None:
     """Any other --max-tokens (the CLI took 32-512) failed at the first step: the tokenizer
     refuses a cut that padding to a multiple of 16 would pass."""
     from typer.testing import CliRunner
 
     from citeqa.cli import app
 
-    r = CliRunner().invoke(app, ["train", "reward", "--data", "x.jsonl", "--out", "rm",
-                                 "--max-tokens", "200"])
+    r = CliRunner().invoke(app, ["train", "reward", "--data", str(tmp_path / "x.jsonl"),
+                                 "--out", str(tmp_path / "rm"), "--max-tokens", "200"])
     assert r.exit_code == 2 and "must be a multiple of 16, not 200 (e.g. 192)" in r.output
