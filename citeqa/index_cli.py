@@ -462,7 +462,7 @@ def index_list(index: IndexDir = None, as_json: JsonOpt = False) -> None:
             "index": str(loaded.directory), "version": loaded.version,
             "total": len(loaded.documents),
             "documents": [{"doc_id": d.doc_id, "title": d.title, "source": d.source,
-                           "chars": len(d.text), "passages": passages[d.doc_id]}
+                           "length": len(d.text), "passages": passages[d.doc_id]}
                           for d in loaded.documents.values()],
         }, ensure_ascii=False, indent=2))
         return

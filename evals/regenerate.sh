@@ -8,6 +8,9 @@
 # interrupted regeneration resumes where it stopped; the report, metrics, run.json, figures and
 # the gzipped predictions (when under 2 MB) are then copied into evals/results/squad2-eval/.
 set -euo pipefail
+case "${1:-}" in  # its header is its help (what a run does, and how it resumes)
+  -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+esac
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DATA="${CITEQA_SHARED_DATA:-$ROOT/../shared/data}/squad2"

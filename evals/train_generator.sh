@@ -27,6 +27,9 @@
 #             new one (span mode).
 # Outputs under $OUT (default .cache/generator-sft).
 set -euo pipefail
+case "${1:-}" in  # its header is its help (what a run does, and how it resumes)
+  -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+esac
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SHARED="${CITEQA_SHARED_DATA:-$ROOT/../shared/data}"

@@ -46,6 +46,9 @@
 #               CAL_MIN_COVERAGE (25 %) of the calibration questions, each at delta 0.1/5;
 # 5. publish:   into citeqa/reward/weights (bf16 encoder + heads + calibration.json).
 set -euo pipefail
+case "${1:-}" in  # its header is its help (what a run does, and how it resumes)
+  -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+esac
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SHARED="${CITEQA_SHARED_DATA:-$ROOT/../shared/data}"

@@ -262,3 +262,16 @@ def test_make_rebuilds_the_default_index_when_a_corpus_file_is_removed(tmp_path:
     time.sleep(0.05)
     (corpus / "b.md").unlink()
     assert "citeqa index build index/corpus" in plan()
+
+
+@pytest.mark.parametrize("script", ["regenerate.sh", "train_generator.sh", "train_reward.sh"])
+def test_the_eval_scripts_answer_help_with_their_header_and_start_nothing(script: str) -> None:
+    """`--help` looked for the SQuAD data (regenerate.sh) or started hours of training (the
+    train scripts take no options: it went on to their first stage)."""
+    path = ROOT / "evals" / script
+    result = subprocess.run(["bash", str(path), "--help"], capture_output=True, text=True,
+                            timeout=30, env={**os.environ, "CITEQA_SHARED_DATA": "/nowhere"})
+    header = [line.removeprefix("#").removeprefix(" ")
+              for line in path.read_text().splitlines()[1:] if line.startswith("#")]
+    assert result.returncode == 0 and result.stdout.splitlines()[0] == header[0]
+    assert result.stderr == ""

@@ -366,7 +366,7 @@ def test_split_restricts_squad_articles(index_dir: Path, tmp_path: Path) -> None
     assert [r["id"] for r in rows] == [f"q{i}" for i in range(len(EVAL_ARTICLES))]
     assert [r["article"] for r in rows] == list(EVAL_ARTICLES)
     assert all(r["gold_rank"] == 1 for r in rows)
-    with pytest.raises(SourceError, match="articles not in the file"):
+    with pytest.raises(SourceError, match="lacks articles of the split.*leave --split out"):
         run_eval(_spec(squad, index_dir, split="train"), tmp_path / "run2", progress=False)
 
 
@@ -402,3 +402,13 @@ def test_run_json_never_holds_a_generator_password() -> None:
     assert _without_secrets(config) == {"generation": {"url": "http://gen:8100", "model": "m"},
                                         "x": 1}
     assert _without_secrets({"generation": {"url": None}}) == {"generation": {"url": None}}
+
+
+def test_eval_help_shows_that_a_run_takes_no_command() -> None:
+    """Its usage read "citeqa eval [OPTIONS] COMMAND [ARGS]...": a command seemed required."""
+    from typer.testing import CliRunner
+
+    from citeqa.cli import app
+
+    r = CliRunner().invoke(app, ["eval", "--help"])
+    assert r.exit_code == 0 and "Usage: citeqa eval [OPTIONS] [compare RUN_A RUN_B]" in r.output

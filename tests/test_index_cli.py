@@ -144,6 +144,9 @@ def test_remove_then_list_and_info(tmp_path: Path) -> None:
     assert code == 0, err
     listed = json.loads(out)
     assert listed["total"] == 4 and len(listed["documents"]) == 4
+    # each as GET /v1/documents lists it (its size was "chars" here, "length" there), with
+    # its passages
+    assert set(listed["documents"][0]) == {"doc_id", "title", "source", "length", "passages"}
     ids = {Path(d["source"]).name: d["doc_id"] for d in listed["documents"]}
 
     code, out, err = _cli("index", "remove", ids["moon.txt"], ids["elbe.txt"], "-i", str(index))

@@ -29,6 +29,8 @@ from citeqa.logs import setup_logging
 
 eval_app = command_group(
     help="Evaluate answer/decline accuracy on a question set, or compare two runs.",
+    # a run takes no command ("citeqa eval --dataset F --index D --out R"); compare is one
+    subcommand_metavar="[compare RUN_A RUN_B]",
     pretty_exceptions_enable=False,
     add_completion=False,
 )

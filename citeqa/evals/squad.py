@@ -201,7 +201,9 @@ def _parse_squad(
             "data[].paragraphs[].qas[] with 'id', 'question' and 'answers'"
         ) from exc
     if wanted is not None and (missing := sorted(wanted - seen_titles)):
-        raise SourceError(f"{path}: articles not in the file: {missing}; check the split names")
+        raise SourceError(f"{path} lacks articles of the split asked for: {missing}; --split "
+                          "names the project's SQuAD 2.0 articles (../shared/data/squad2/"
+                          "qa.json holds them all): with another file, leave --split out")
     return items
 
 

@@ -113,7 +113,7 @@ def generator_data(
     summary = {
         "out": str(out),
         "split": split,
-        "articles": sorted({i.article for i in items}),  # for the model card
+        "articles": sorted({i.article for i in items} - {""}),  # for the model card
         "answer_mode": cfg.answer_mode,  # the layout is one; the mode the data was made for
         "questions_seen": stats.questions,
         "written": stats.written,
@@ -352,7 +352,8 @@ def reward_data(
         raise fail(str(e)) from None
     summary["command"] = shlex.join(["citeqa", *sys.argv[1:]])
     # what training and calibration check the data against (reward/cli.py: data_articles)
-    summary["split"], summary["articles"] = split or "all", sorted({q.article for q in items})
+    summary["split"], summary["articles"] = split or "all", sorted({q.article for q in items}
+                                                                   - {""})  # ("": not said)
     out.with_name(out.name + ".stats.json").write_text(json.dumps(summary, indent=2) + "\n")
     typer.echo(json.dumps(summary))
 
