@@ -493,8 +493,12 @@ class Pipeline:
                     result = apply_update(old.index, update, out, embedder=embedder)
                     break
                 except OSError as e:  # the index's file system: full, read-only, ...
+                    as_was = version_on_disk(out) == old.index.version  # (a flush after the
+                    # swap can fail too: the change is then on disk, and reloaded from there)
                     raise IndexWriteError(
-                        f"could not write the index: {e.strerror or e}; it is as it was",
+                        f"could not write the index: {e.strerror or e}; " + (
+                            "it is as it was" if as_was else "the change may be on disk: the "
+                            "service serves the index on disk once it reloads it"),
                         full=e.errno in (errno.ENOSPC, errno.EDQUOT)) from e
                 except IndexChangedError:
                     if attempt or self._reload_or_say_why(out) is None:  # nothing to load

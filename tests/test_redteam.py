@@ -156,6 +156,7 @@ def test_names_and_years_beyond_ascii_and_decimals() -> None:
     names = [n for _, _, n in names_in("How many people did São Paulo and Zürich have?")]
     assert names == ["São Paulo", "Zürich"]
     assert YEAR.findall("pi is 3.1415, 1,500.25 people; in 1066, and 2019.") == ["1066", "2019"]
+    assert YEAR.findall("(1990,1991), 1999.5 and 1990,000") == ["1990", "1991"]
     [seed] = write_questions([("p", "The army of 1200 men marched from the castle to the sea "
                                     "of the north.")], per_passage=1)
     assert "how many men" in seed.question and seed.answer == "1200"

@@ -171,12 +171,15 @@ def load_model(name: str, cache_dir: Path, *, device: str | None = None) -> tupl
     try:
         model, tokenizer, info = load(path)
     except ModelError as e:
-        if name != DEFAULT_MODEL:
-            raise
+        if name != DEFAULT_MODEL or isinstance(e.__cause__, MemoryError):
+            raise  # (a user's directory is theirs; memory is not the files' fault)
         # citeqa's own conversion, damaged since (a disk fault, a file deleted): made again
         logger.warning("the converted generator is damaged (%s); converting it again", e)
         with _CONVERTING:
-            (path / MARKER).unlink(missing_ok=True)
+            try:
+                (path / MARKER).unlink(missing_ok=True)
+            except OSError:  # a read-only cache: say what failed to load
+                raise e from None
             shutil.rmtree(path, ignore_errors=True)
         path = resolve_model_dir(name, cache_dir)
         model, tokenizer, info = load(path)

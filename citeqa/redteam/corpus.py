@@ -41,8 +41,9 @@ NAME = re.compile(
     rf"\b{_WORD}\b"
     rf"(?:\s+(?:(?:of(?:\s+the)?|de|du|da|del|der|von|van|la|le)\s+)?{_WORD}\b)*"
 )
-# a year: not a part of a decimal or of a number with separators (3.1415, 1,500.2)
-YEAR = re.compile(r"(?<![\d.,])\b(1[0-9]{3}|20[0-9]{2})\b(?![.,]\d)")
+# a year: not a part of a decimal (3.1415, 1999.5) or of a number with thousands (1990,000);
+# "1990,1991" holds two (a comma before four digits separates no thousands)
+YEAR = re.compile(r"(?<![\d.])\b(1[0-9]{3}|20[0-9]{2})\b(?!\.\d|,\d{3}\b)")
 NUMBER = re.compile(r"\b\d+(?:,\d{3})*(?:\.\d+)?\b")
 # A sentence or quote start: a name right after it may just be a capitalised first word.
 _SENTENCE_START = re.compile(r"(?:^|[.!?]\s+|[\"“(]\s*)$")
