@@ -191,6 +191,10 @@ def test_a_change_the_disk_cannot_hold_is_507_and_loses_nothing(
     assert set(Index.load(index_dir).documents) == before
     assert client.get("/v1/documents/new").status_code == 404
     assert "eiffel" in search_ids(client, "Eiffel Tower Paris")
+    # a failure after the swap (a flush) leaves the change on disk: not said to be undone
+    monkeypatch.setattr(citeqa.pipeline, "version_on_disk", lambda out: "another")
+    r = client.post("/v1/documents", json={"text": NEW_TEXT, "doc_id": "new"})
+    assert r.status_code == 503 and "the change may be on disk" in r.json()["error"]["message"]
 
 
 def test_delete_is_204_then_404_and_persisted(client: TestClient, index_dir: Path) -> None:
