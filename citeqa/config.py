@@ -357,7 +357,8 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _one_generator(self) -> Settings:
         # a local model and a remote engine: the engine was used and the model ignored, unsaid
-        if self.generator_url and (self.generator or self.adapter):
+        adapter = self.adapter and self.adapter.strip().lower() != "none"  # "none": no adapter
+        if self.generator_url and (self.generator or adapter):
             which = "CITEQA_GENERATOR" if self.generator else "CITEQA_ADAPTER"
             raise ValueError(
                 f"{which} sets up a local generator, CITEQA_GENERATOR_URL a remote one; set "

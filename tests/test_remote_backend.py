@@ -460,9 +460,10 @@ def test_a_local_and_a_remote_generator_together_are_refused_and_the_flag_wins(
     from citeqa.cli_errors import settings_from
 
     monkeypatch.setenv("CITEQA_GENERATOR_URL", "http://127.0.0.1:8100")
-    for name, value in (("generator", "fake"), ("adapter", "none")):
+    for name, value in (("generator", "fake"), ("adapter", "packaged")):
         with pytest.raises(ValueError, match="set one of them"):
             Settings(**{name: value})
+    assert Settings(adapter="none").config().generation.url  # no adapter: nothing local
     flag = settings_from(generator="fake", generator_url="")  # what `ask --generator` passes
     assert flag.config().generation.url is None and flag.config().generation.model == "fake"
     monkeypatch.delenv("CITEQA_GENERATOR_URL")
