@@ -35,6 +35,7 @@ from citeqa.cli_errors import (
 )
 from citeqa.errors import CiteqaError, ConfigError
 from citeqa.journal import file_lock
+from citeqa.training.cards import data_stats
 
 log = logging.getLogger(__name__)
 
@@ -104,27 +105,13 @@ def reward(
     typer.echo(f"wrote {out}")
 
 
-def _stats(path: Path) -> dict[str, Any]:
-    """The ``.stats.json`` `citeqa train reward-data` wrote beside ``path`` (for a red-team
-    ``X.variants.jsonl``, ``X``'s), or {}."""
-    for stats in (path.with_name(path.name + ".stats.json"),
-                  path.with_name(path.name.removesuffix(".variants.jsonl") + ".stats.json")):
-        try:
-            found = json.loads(stats.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(found, dict):
-            return found
-    return {}
-
-
 def data_articles(questions: list[dict[str, Any]], paths: list[Path]) -> list[str]:
     """The articles reward data comes from: its question markers' (generator data) and those
     the ``.stats.json`` that `citeqa train reward-data` writes beside it records (every kind;
     a red-team ``X.variants.jsonl`` has ``X.stats.json``). Hand-made data may record none."""
     found = [str(q.get("article") or "") for q in questions]
     for path in map(Path, paths):
-        recorded = _stats(path).get("articles")
+        recorded = data_stats(path).get("articles")
         if isinstance(recorded, list):
             found += [str(a) for a in recorded]
     return found
@@ -317,7 +304,7 @@ def write_card(out: Path, what: str, record: dict[str, Any]) -> None:
     cfg = record.get("config", {})
     paths = [Path(d) for d in record.get("data", [])]
     articles = sorted(set(filter(None, data_articles([], paths))))
-    made = [c for p in paths if isinstance(c := _stats(p).get("command"), str)]
+    made = [c for p in paths if isinstance(c := data_stats(p).get("command"), str)]
     shown = ", ".join(articles[:20]) + (f" and {len(articles) - 20} more" if len(articles) > 20
                                         else "")
     text = f"""# citeqa {what}

@@ -33,6 +33,7 @@ from citeqa.config import MAX_CANDIDATES, Settings, preset
 from citeqa.errors import CiteqaError, ConfigError
 from citeqa.journal import file_lock, run_lock
 from citeqa.logs import setup_logging
+from citeqa.training.cards import stats_path
 
 app = command_group(help="Train models: the generator's LoRA adapter, and training data.",
                     no_args_is_help=True)
@@ -121,7 +122,7 @@ def generator_data(
         "skipped": stats.skipped,
         "command": shlex.join(["citeqa", *sys.argv[1:]]),
     }
-    out.with_name(out.name + ".stats.json").write_text(json.dumps(summary, indent=2) + "\n")
+    stats_path(out).write_text(json.dumps(summary, indent=2) + "\n")
     typer.echo(json.dumps(summary))
 
 
@@ -354,7 +355,7 @@ def reward_data(
     # what training and calibration check the data against (reward/cli.py: data_articles)
     summary["split"], summary["articles"] = split or "all", sorted({q.article for q in items}
                                                                    - {""})  # ("": not said)
-    out.with_name(out.name + ".stats.json").write_text(json.dumps(summary, indent=2) + "\n")
+    stats_path(out).write_text(json.dumps(summary, indent=2) + "\n")
     typer.echo(json.dumps(summary))
 
 

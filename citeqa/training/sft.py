@@ -38,7 +38,7 @@ from citeqa.generation.adapter import AdapterConfig, base_fingerprint
 from citeqa.generation.adapter import save_adapter as _save_adapter
 from citeqa.generation.chat import end_token_id, prompt_ids
 from citeqa.generation.prompt import prompt_fingerprint
-from citeqa.training.cards import data_licence
+from citeqa.training.cards import data_licence, data_stats
 from citeqa.training.checkpoint import (
     has_checkpoint,
     load_checkpoint,
@@ -405,25 +405,16 @@ def write_log(out: Path, log: TrainLog, meta: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def _data_stats(data: str | None) -> dict[str, Any]:
-    """The data's .stats.json (``generator-data`` writes it), or {}."""
-    try:
-        stats = json.loads(Path(f"{data}.stats.json").read_text()) if data else {}
-    except (OSError, ValueError):
-        return {}
-    return stats if isinstance(stats, dict) else {}
-
-
 def _made_by(data: str | None) -> str:
     """", made by `COMMAND`" from the data's .stats.json, or ""."""
-    command = _data_stats(data).get("command")
+    command = data_stats(data).get("command")
     return f", made by `{command}`" if isinstance(command, str) else ""
 
 
 def _split_line(data: str | None) -> str:
     """What the card says of the data's articles: the split and articles its .stats.json
     records, else a placeholder to fill in."""
-    stats = _data_stats(data)
+    stats = data_stats(data)
     split, articles = stats.get("split"), stats.get("articles")
     if not isinstance(split, str):
         return ("{SPLIT (e.g. SQuAD 2.0 train articles: Normans, Computational_complexity_theory, "
