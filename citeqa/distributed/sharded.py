@@ -126,15 +126,15 @@ def build_index_sharded(
             raise ConfigError(f"--work-dir {work_dir} is inside the source folder {source}; a "
                               "rerun would read its shards as documents: give the shards a "
                               "folder of their own (default: .OUT.build beside OUT)")
-    if work_dir and not (work / MARKER).is_file() and (  # (the default one is citeqa's own)
-            taken := [p.name for p in (work / "shards", work / "staging") if p.exists()]):
-        raise ConfigError(f"--work-dir {work_dir} holds {' and '.join(taken)}, which no citeqa "
-                          "build left there (the build deletes its own when done): give the "
-                          "shards another folder")
     job = ShardJob(cfg=cfg, work=str(work), shard_chars=shard_chars,
                    allow_private_urls=allow_private_urls, token=uuid.uuid4().hex,
                    keep_freed_memory=allocator.wanted(),  # a cluster's nodes lack our env
                    cwd=str(Path.cwd()))  # where relative sources are, for the workers
+    if work_dir and not (work / MARKER).is_file() and (  # (the default one is citeqa's own)
+            taken := [p.name for p in (job.shards, job.staging) if p.exists()]):
+        raise ConfigError(f"--work-dir {work_dir} holds {' and '.join(taken)}, which no citeqa "
+                          "build left there (the build deletes its own when done): give the "
+                          "shards another folder")
     with run_lock(work, "index build", instead="give it another --work-dir"):  # a second
         # build would replace the marker and the shards under the first one
         write_marker(job)
