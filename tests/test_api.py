@@ -895,6 +895,30 @@ def test_read_keys_ask_and_read_but_never_change_the_index() -> None:
                                                                     {"apiKey": []}]
 
 
+def test_a_delete_refused_for_its_body_changes_nothing_even_when_queued() -> None:
+    """A chunked DELETE body over the limit is refused (413) before the delete is queued, and
+    a queued change whose request fails for any reason is dropped, not run after its error."""
+    gate = threading.Event()
+
+    class Slow(ChangingPipeline):
+        def delete_document(self, doc_id: str) -> None:
+            if doc_id == "slow":
+                assert gate.wait(10)
+            super().delete_document(doc_id)
+
+    pipe = Slow()
+    with serve(pipe, max_body_bytes=1024, disconnect_poll_s=0.01) as c:
+        first = threading.Thread(target=lambda: c.delete("/v1/documents/slow"))
+        first.start()  # holds the single update thread
+        wait_until(lambda: c.app.state.citeqa.pending_updates == 1)  # type: ignore[attr-defined]
+        threading.Timer(0.5, gate.set).start()
+        r = c.request("DELETE", "/v1/documents/victim", content=iter([b"x" * 600, b"x" * 600]))
+        assert_uniform_error(r, 413, "payload_too_large")
+        first.join(10)
+        assert c.delete("/v1/documents/after").status_code == 204  # runs after any queued one
+    assert pipe.changes == ["delete slow", "delete after"]
+
+
 def test_read_keys_alone_make_a_service_no_request_can_change() -> None:
     pipe = ChangingPipeline()
     with serve(pipe, read_api_keys="r1") as c:

@@ -239,8 +239,8 @@ async def run_update(state: ServiceState, fn: Callable[..., Any], *args: Any,
                     and await request.is_disconnected() and fut.cancel()):
                 logger.info("client disconnected; its queued document update is dropped")
                 raise ApiError(499, "client_closed_request", "the client closed the connection")
-    except asyncio.CancelledError:
-        fut.cancel()  # this request's own task was cancelled: its update, if not started, too
+    except BaseException:  # cancelled, or its request failed (its body over the limit...):
+        fut.cancel()  # its update too, if not started: no change after an error response
         raise
     finally:
         state.pending_updates -= 1
@@ -377,6 +377,7 @@ def v1_router(require_key: Callable[..., None],
     async def delete_document(doc_id: DocId, request: Request, state: StateDep,
                               pipeline: PipelineDep) -> Response:
         """Remove a document from the index (at once, persisted atomically)."""
+        await request.body()  # a body over the limit is refused (413) before anything queues
         await run_update(state, pipeline.delete_document, doc_id, request=request)
         return Response(status_code=204)
 
