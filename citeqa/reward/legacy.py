@@ -1,6 +1,8 @@
 """The feature-based reward model of earlier releases (format 1; the default until the verifier
-replaced it), kept so that such directories still load (CITEQA_REWARD=DIR) and
-evals/reward_eval.py still runs. Scheduled for removal with them."""
+replaced it), kept so that such directories still load (CITEQA_REWARD=DIR), as
+evals/results/previous_rm/ does. Its training code and evals/reward_eval.py, which trained and
+measured it, were removed with 85b0264 (`git show 85b0264^:evals/reward_eval.py`). Scheduled
+for removal with such directories."""
 
 from __future__ import annotations
 

@@ -1,0 +1,27 @@
+"""The scripts in evals/ import: a script whose imports broke fails here, not in a user's hands."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = sorted(p for p in (Path(__file__).resolve().parents[1] / "evals").glob("*.py")
+                 if p.name != "__init__.py")
+
+
+def test_the_scripts_are_found() -> None:
+    assert len(SCRIPTS) >= 5, SCRIPTS
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_an_eval_script_imports(script: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = importlib.util.spec_from_file_location(f"evals_script_{script.stem}", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # as an import would (dataclasses)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the scripts put the repository first
+    spec.loader.exec_module(module)  # its top level only: main runs under __main__
+    assert callable(getattr(module, "main", None)), f"{script.name} has no main()"
