@@ -48,8 +48,7 @@ def main(run: Path, index_dir: Path, rm_dir: Path) -> None:
         verifier, _ = scorer.predict([item])
         reader = scorer.answerability.logits([item]) if scorer.answerability else None
         x = features(verifier, [Signals.of_candidate(c)], reader)
-        share = ((x[0] - np.array(combiner.mean)) / np.array(combiner.std)) * np.array(
-            combiner.weights)
+        share = combiner.shares(x)[0]  # a NaN input counts as its mean (0), as in the score
         right = f1(c.answer, p["gold_answers"]) >= 0.5
         shares[right].append(share)
         print(f"{'right' if right else 'wrong'} {float(combiner(x)[0]):.3f} "

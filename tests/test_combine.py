@@ -85,6 +85,12 @@ def test_missing_generator_inputs_count_as_their_fitted_mean() -> None:
     at_mean = np.array([[1.0, c.mean[1], c.mean[2], 0.02]])
     assert c(row)[0] == pytest.approx(c(at_mean)[0])
     assert 0 < c(row)[0] < 1
+    # each input's share, as evals/score_components.py prints them: 0 for a missing one, and
+    # their sum plus the bias is the score's logit
+    shares = c.shares(row)
+    assert shares.shape == (1, 4) and shares[0, 1] == 0.0 and shares[0, 2] == 0.0
+    assert np.isfinite(shares).all()
+    assert 1 / (1 + math.exp(-(shares.sum() + c.bias))) == pytest.approx(c(row)[0])
 
 
 def test_a_model_that_failed_gives_no_score_not_a_middling_one() -> None:

@@ -108,12 +108,16 @@ class Combiner:
         answerability reader) is a failure: that row's probability is NaN, not a plausible
         mid-range score (the pipeline scores NaN 0 and logs it)."""
         x = np.asarray(x, dtype=float)
-        z = (x - np.array(self.mean)) / np.array(self.std)
-        z = np.where(np.isnan(z), 0.0, z)
-        p = 1.0 / (1.0 + np.exp(-(z @ np.array(self.weights) + self.bias)))
+        p = 1.0 / (1.0 + np.exp(-(self.shares(x).sum(axis=1) + self.bias)))
         models = [self.inputs.index(n) for n in (INPUTS[0], ANSWERABILITY) if n in self.inputs]
         failed = np.isnan(x[:, models]).any(axis=1) if len(x) else np.zeros(0, bool)
         return np.where(failed, np.nan, p)
+
+    def shares(self, x: np.ndarray) -> np.ndarray:
+        """Each input's share of the logit [N, len(inputs)]: its weight times its standardised
+        value, 0 for a NaN input (counted as its mean). Their sum plus ``bias`` is the logit."""
+        z = (np.asarray(x, dtype=float) - np.array(self.mean)) / np.array(self.std)
+        return np.where(np.isnan(z), 0.0, z) * np.array(self.weights)
 
     def to_json(self) -> dict[str, Any]:
         body = asdict(self)
