@@ -653,6 +653,15 @@ def test_ray_pool_sizes() -> None:
     assert (cpu["actors"], cpu["device"], cpu["threads"], cpu["stage_tasks"]) == (8, "cpu", 2, 2)
     assert plan_pool(RayOptions(), cpus=2, gpus=0, dense=True)["actors"] == 2
     assert plan_pool(RayOptions(embedders=3), cpus=2, gpus=8, dense=False)["device"] == "cpu"
+    # an actor larger than any node: refused (Ray would wait for such a node for ever)
+    with pytest.raises(ConfigError, match="asks for 4 CPUs .* largest node .* has 2"):
+        plan_pool(RayOptions(cpus_per_embedder=4), cpus=2, gpus=0, dense=True)
+    with pytest.raises(ConfigError, match="has 2"):  # 8 CPUs in all, 2 per node
+        plan_pool(RayOptions(cpus_per_embedder=4), cpus=8, gpus=0, dense=True, node_cpus=2)
+    # GPUs spread one per node cannot hold a two-GPU actor: the CPUs embed
+    spread = plan_pool(RayOptions(gpus_per_embedder=2, cpus_per_embedder=1), cpus=8, gpus=4,
+                       dense=True, node_cpus=4, node_gpus=1)
+    assert (spread["device"], spread["actor_gpus"], spread["actors"]) == ("cpu", 0.0, 8)
 
 
 def test_ray_local_never_joins_a_running_cluster(monkeypatch: pytest.MonkeyPatch) -> None:

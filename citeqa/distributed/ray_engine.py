@@ -109,9 +109,16 @@ def check_reachable(address: str, timeout_s: float = CONNECT_S) -> None:
             "ray[client]), or 'local' for this machine") from None
 
 
-def plan_pool(options: RayOptions, cpus: float, gpus: float, dense: bool) -> dict[str, Any]:
-    """Actor pool and task sizes for a cluster with ``cpus`` and ``gpus`` (pure)."""
-    use_gpu = dense and gpus >= options.gpus_per_embedder
+def plan_pool(options: RayOptions, cpus: float, gpus: float, dense: bool, *,
+              node_cpus: float | None = None, node_gpus: float | None = None) -> dict[str, Any]:
+    """Actor pool and task sizes for a cluster with ``cpus`` and ``gpus`` in all, ``node_cpus``
+    and ``node_gpus`` on its largest node (default: the totals, one node) (pure).
+
+    ConfigError when one actor asks for more than any node has: Ray would wait for such a
+    node for ever (it logs "No available node types can fulfill resource request")."""
+    node_cpus = cpus if node_cpus is None else node_cpus
+    node_gpus = gpus if node_gpus is None else node_gpus
+    use_gpu = dense and node_gpus >= options.gpus_per_embedder
     if options.embedders is not None:
         actors = options.embedders
     elif use_gpu:
@@ -119,6 +126,11 @@ def plan_pool(options: RayOptions, cpus: float, gpus: float, dense: bool) -> dic
     else:
         actors = int(cpus // options.cpus_per_embedder)
     actors = max(1, actors)
+    if not use_gpu and options.cpus_per_embedder > node_cpus:
+        raise ConfigError(
+            f"an embedding actor asks for {options.cpus_per_embedder:g} CPUs (cpus_per_embedder)"
+            f" but the largest node of this Ray cluster has {node_cpus:g}; ask for at most "
+            f"{node_cpus:g}")
     stage = options.stage_tasks or max(1, int(cpus // 8))
     return {
         "actors": actors,
@@ -266,8 +278,11 @@ class RayExecutor:
             progress: bool) -> list[ShardResult]:
         with connected(self.options) as ray:
             resources = ray.cluster_resources()
+            nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
             pool = plan_pool(self.options, resources.get("CPU", 1.0), resources.get("GPU", 0.0),
-                             job.cfg.dense)
+                             job.cfg.dense,
+                             node_cpus=max((n.get("CPU", 0.0) for n in nodes), default=None),
+                             node_gpus=max((n.get("GPU", 0.0) for n in nodes), default=None))
             log.info("Ray build: %d embedding actors on %s, %d staging tasks at once",
                      pool["actors"], pool["device"], pool["stage_tasks"])
             ctx = ray.data.DataContext.get_current()
