@@ -47,11 +47,20 @@ def best_holds_gold(record: dict) -> bool:
     )
 
 
+def quality_field(record: dict, field: str) -> object:
+    """A generation-quality record's ``field``; "right" judged by the same rule where a file
+    written before the script recorded it lacks it (its answer, golds and verified quote)."""
+    if field == "right" and field not in record:
+        return M.is_correct(record["answer"], record["golds"], quote_valid=record["verified"])
+    return record[field]
+
+
 def judged(path: Path) -> dict[str, dict[str, float]]:
     """{question id: {measure: value}} for the answerable questions of one run."""
     if path.suffix == ".json":
         records = json.loads(path.read_text(encoding="utf-8"))["modes"]["constrained"]["records"]
-        return {r["id"]: {k: float(r[f]) for k, f in QUALITY_FIELDS.items()} for r in records}
+        return {r["id"]: {k: float(quality_field(r, f)) for k, f in QUALITY_FIELDS.items()}
+                for r in records}
     # the records its metrics cover, a line cut short by a crash left out (the runner's rules)
     records = [r for r in covered_predictions(path).values() if r["answerable"]]
     return {

@@ -85,3 +85,24 @@ def test_cli_reads_generation_quality_runs_and_refuses_mixed_kinds(tmp_path: Pat
     assert "F1: 25.0 % -> 12.5 %" in out.stdout
     mixed = subprocess.run([*run, str(a), str(c)], cwd=ROOT, capture_output=True, text=True)
     assert mixed.returncode != 0 and "same kind" in mixed.stderr
+
+
+def test_quality_records_written_before_right_was_recorded_are_judged_by_the_same_rule() -> None:
+    from evals.eval_paired import quality_field
+
+    old = {"answer": "the Eiffel Tower", "golds": ["Eiffel Tower"], "verified": True}
+    assert quality_field(old, "right") is True
+    assert quality_field({**old, "verified": False}, "right") is False  # no verified quote
+    assert quality_field({**old, "answer": "Paris"}, "right") is False
+    assert quality_field({**old, "right": False}, "right") is False  # recorded: taken as is
+
+
+def test_committed_generation_quality_runs_compare() -> None:
+    """Files of both ages pair: the base run lacks "right", the span run has it."""
+    results = ROOT / "evals" / "results"
+    out = subprocess.run(
+        [sys.executable, "evals/eval_paired.py", str(results / "generation_quality_base.json"),
+         str(results / "generation_quality_span.json")],
+        cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "best candidate right: " in out.stdout and "200 questions" in out.stdout
