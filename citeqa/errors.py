@@ -10,7 +10,8 @@
     │       └── UnreadablePageError  it was fetched, but cannot be used: too large, a type
     │                                    or encoding refused, HTML that cannot be read
     ├── IndexError_          an index directory is missing, corrupt or mismatched
-    │   └── IndexChangedError   another writer changed it since this process loaded it
+    │   ├── IndexChangedError   another writer changed it since this process loaded it
+    │   └── IndexExistsError    a build only where none is found one there at its swap
     ├── EmptyCorpusError     nothing to index
     ├── ModelError           a model could not be found or loaded
     ├── EngineError          a remote generation engine answered with an error
@@ -67,6 +68,11 @@ class IndexError_(CiteqaError):  # noqa: N801 - trailing underscore avoids the b
 
 class IndexChangedError(IndexError_):
     """The index on disk is no longer the one a server loaded (another writer changed it)."""
+
+
+class IndexExistsError(IndexError_):
+    """A build meant only where no index is (``--if-missing``) found one there when it came to
+    swap its own in (another build wrote it meanwhile): that index is left as it is."""
 
 
 class IndexWriteError(CiteqaError):

@@ -34,7 +34,7 @@ from citeqa.cli_errors import (
     squash,
 )
 from citeqa.config import preset
-from citeqa.errors import CiteqaError, IndexChangedError
+from citeqa.errors import CiteqaError, IndexChangedError, IndexExistsError
 
 if TYPE_CHECKING:
     from citeqa.ingest import LoadResult, Skipped
@@ -128,7 +128,8 @@ def index_build(
     if_missing: Annotated[
         bool,
         typer.Option("--if-missing", help="Build only when --out holds no index (one a crash "
-                     "left mid-swap is restored, not rebuilt); for start scripts."),
+                     "left mid-swap is restored, not rebuilt, and one another build swaps in "
+                     "meanwhile is kept); for start scripts."),
     ] = False,
     progress: ProgressOpt = None,
 ) -> None:
@@ -191,10 +192,14 @@ def index_build(
                 sources, out, cfg, executor=_shard_executor(ray, embedders),
                 work_dir=work_dir, shard_chars=shard_chars or SHARD_CHARS, dense_spec=spec,
                 allow_private_urls=allow_private_urls, progress=progress,
+                only_if_missing=if_missing,
             )
         else:
             summary = build_index(sources, out, cfg, allow_private_urls=allow_private_urls,
-                                  progress=progress, dense_spec=spec)
+                                  progress=progress, dense_spec=spec, only_if_missing=if_missing)
+    except IndexExistsError as e:  # --if-missing, and another build won the race: its index
+        typer.echo(f"{e}; not rebuilt (--if-missing)")
+        return
     except CiteqaError as e:
         raise fail(f"{e}{_kept_shards(out, work_dir) if sharded else ''}") from None
     except OSError as e:  # the output's file system: read-only, full, ...

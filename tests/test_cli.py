@@ -410,6 +410,40 @@ def test_if_missing_builds_only_where_no_index_is_not_even_one_a_crash_left(
         assert "format version" not in said.output
 
 
+@pytest.mark.parametrize("resumable", [False, True], ids=["plain", "resumable"])
+def test_if_missing_leaves_an_index_another_build_swapped_in_while_it_ran(
+        corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resumable: bool) -> None:
+    """Two start scripts on one volume: the slower --if-missing build found no index, and the
+    faster one's index (a document added to it since) was there when it came to swap: it swapped
+    its own over it, and the added document was gone without a word."""
+    import citeqa.retrieval.store as store
+
+    out = tmp_path / "index"
+    pause = store.test_pause
+    other: list[str] = []
+
+    def the_other_build_wins(stage: str) -> None:
+        if stage == "before_swap" and not other:
+            other.append(stage)
+            assert build(corpus, out).exit_code == 0  # the faster start script's build
+            (tmp_path / "added.txt").write_text("A document added to the first index.\n")
+            assert run("index", "add", str(tmp_path / "added.txt"), "--index", str(out),
+                       "--no-progress").exit_code == 0
+        pause(stage)
+
+    monkeypatch.setattr(store, "test_pause", the_other_build_wins)
+    slow = run("index", "build", str(corpus), "--out", str(out), "--preset", "tiny",
+               "--no-progress", "--if-missing", *(["--resumable"] if resumable else []))
+    assert other, "the build never came to its swap"
+    assert slow.exit_code == 0, slow.output
+    assert "another build wrote it while this one ran" in slow.output
+    assert "not rebuilt (--if-missing)" in slow.output
+    listed = run("index", "list", "--index", str(out))
+    assert "added" in listed.output  # the index with the added document is the one there
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".index")]
+    assert leftovers == [], leftovers  # its temporary index (and shards) went
+
+
 def test_a_build_the_file_system_refuses_says_so_in_one_line(
         corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import citeqa.retrieval.store as store

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from citeqa import allocator
 from citeqa.config import RetrievalConfig
-from citeqa.errors import ConfigError, EmptyCorpusError, IndexError_
+from citeqa.errors import ConfigError, EmptyCorpusError, IndexError_, IndexExistsError
 from citeqa.ingest import Fetcher, FetchPolicy, expand_sources, load_item
 from citeqa.ingest.sources import is_url
 from citeqa.journal import run_lock
@@ -98,6 +98,7 @@ def build_index_sharded(
     dense_spec: DenseSpec | None = None,
     allow_private_urls: bool = False,
     progress: bool = True,
+    only_if_missing: bool = False,
 ) -> BuildSummary:
     """Build the index of ``sources`` at ``out`` from shards made by ``executor``.
 
@@ -105,6 +106,8 @@ def build_index_sharded(
     vectors up to floating-point noise). Rerun after a failure or a kill, it reuses the shards
     already finished in ``work_dir`` (default ``default_work_dir(out)``; on a cluster, storage
     every node mounts at the same path). ``shard_chars``: characters of documents per shard.
+    ``only_if_missing``: see ``store.publish`` (an index found there at the swap: the shards
+    are removed, as after a build).
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -165,8 +168,8 @@ def build_index_sharded(
             log.debug("skipped %s: %s", s.source, s.reason)
         try:
             write_merged(merged, out, cfg, dense_spec_for(cfg, dense_spec), n_sources=len(sources),
-                         progress=progress)
-        except EmptyCorpusError:
+                         progress=progress, only_if_missing=only_if_missing)
+        except (EmptyCorpusError, IndexExistsError):
             _clean(job)  # nothing worth resuming
             raise
         _clean(job)

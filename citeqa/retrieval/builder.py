@@ -76,12 +76,13 @@ def build_index(
     allow_private_urls: bool = False,
     progress: bool = True,
     dense_spec: DenseSpec | None = None,
+    only_if_missing: bool = False,
 ) -> BuildSummary:
     """Load ``sources`` (files, folders, URLs) and build an index at ``out``.
 
     Sources that cannot be read are skipped and listed in the summary; EmptyCorpusError when
     none yields a document. ``dense_spec``: the dense index's kind and parameters (default:
-    ``cfg.faiss_index``).
+    ``cfg.faiss_index``). ``only_if_missing``: see ``store.publish``.
     """
     from citeqa.ingest import Fetcher, FetchPolicy, load_sources
 
@@ -93,7 +94,7 @@ def build_index(
         raise no_documents(len(sources), loaded.skipped)
     summary = build_index_from_documents(
         loaded.documents, out, cfg, skipped=loaded.skipped, progress=progress,
-        dense_spec=dense_spec,
+        dense_spec=dense_spec, only_if_missing=only_if_missing,
     )
     summary.seconds = time.perf_counter() - t0
     return summary
@@ -108,11 +109,12 @@ def build_index_from_documents(
     progress: bool = True,
     embedder: Embedder | None = None,
     dense_spec: DenseSpec | None = None,
+    only_if_missing: bool = False,
 ) -> BuildSummary:
     """Chunk, index and atomically write ``documents`` to ``out``.
 
     ``embedder`` overrides ``cfg.embedder`` (tests pass fakes); it is unused when
-    ``cfg.dense`` is False.
+    ``cfg.dense`` is False. ``only_if_missing``: see ``store.publish``.
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -161,6 +163,7 @@ def build_index_from_documents(
         dense=dense,
         embedding=embedding,
         cfg=cfg,
+        only_if_missing=only_if_missing,
     )
     return BuildSummary(
         documents=len(docs),

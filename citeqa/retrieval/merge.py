@@ -104,10 +104,11 @@ def _same_embedding(seen: dict[str, Any] | None, shard: Shard) -> dict[str, Any]
 
 
 def write_merged(merged: Merged, out: Path, cfg: RetrievalConfig, spec: DenseSpec, *,
-                 n_sources: int, progress: bool = True) -> dict[str, Any]:
+                 n_sources: int, progress: bool = True,
+                 only_if_missing: bool = False) -> dict[str, Any]:
     """Build BM25 and the dense index from ``merged`` and swap the index in at ``out``
-    (``store.save_index``); EmptyCorpusError, as the local build raises it, when there is
-    nothing to index. Returns the manifest."""
+    (``store.save_index``, with ``only_if_missing``); EmptyCorpusError, as the local build
+    raises it, when there is nothing to index. Returns the manifest."""
     if not merged.documents:
         raise no_documents(n_sources, merged.skipped)
     if not len(merged.spans):
@@ -128,4 +129,5 @@ def write_merged(merged: Merged, out: Path, cfg: RetrievalConfig, spec: DenseSpe
             bar.update()
     return save_index(out, documents=merged.documents, spans=merged.spans,
                       passage_doc=merged.passage_doc, bm25=bm25, dense=dense,
-                      embedding=merged.embedding if dense is not None else None, cfg=cfg)
+                      embedding=merged.embedding if dense is not None else None, cfg=cfg,
+                      only_if_missing=only_if_missing)

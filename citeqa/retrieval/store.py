@@ -62,7 +62,7 @@ from citeqa.atomic import (
     siblings,
 )
 from citeqa.config import RetrievalConfig
-from citeqa.errors import CiteqaError, IndexChangedError, IndexError_
+from citeqa.errors import CiteqaError, IndexChangedError, IndexError_, IndexExistsError
 from citeqa.retrieval.bm25 import BM25Index
 from citeqa.retrieval.dense import DenseIndex, DenseSpec
 from citeqa.types import Document, Passage
@@ -290,14 +290,21 @@ def writer_lock(out: Path) -> Iterator[None]:
         yield
 
 
-def publish(tmp: Path, out: Path, *, expect: dict[str, Any] | None = None) -> None:
+def publish(tmp: Path, out: Path, *, expect: dict[str, Any] | None = None,
+            only_if_missing: bool = False) -> None:
     """Swap the complete ``tmp`` index in at ``out`` (see the module docstring), under the
     writers' lock. ``expect``: the manifest of the index ``tmp`` was made from; IndexError_ (and
     nothing changed) when ``out`` now holds another (another version: a rebuild of the same
-    files writes the same index, only at another time, and undoes nothing)."""
+    files writes the same index, only at another time, and undoes nothing).
+    ``only_if_missing``: IndexExistsError (and nothing changed) when ``out`` holds anything but
+    an empty folder now (an index another build swapped in since this one checked)."""
     out = real_path(out)
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     with writer_lock(out):
+        if only_if_missing and out.exists() and not _is_empty_dir(out):
+            raise IndexExistsError(
+                f"{out} holds an index already (another build wrote it while this one ran); it "
+                "was left as it is")
         if expect is not None and version_on_disk(out) != manifest_version(expect):
             raise IndexChangedError(
                 f"the index at {out} changed on disk since this process loaded it (another "
@@ -334,9 +341,9 @@ def version_on_disk(out: Path) -> str | None:
 
 
 def save_index(out: Path, *, expect: dict[str, Any] | None = None,
-               **parts: Any) -> dict[str, Any]:
+               only_if_missing: bool = False, **parts: Any) -> dict[str, Any]:
     """Write an index (``write_index``'s keyword arguments) beside ``out`` and swap it in
-    (``expect``: see ``publish``).
+    (``expect``, ``only_if_missing``: see ``publish``).
 
     Whatever happens before the swap (an error, Ctrl-C), the index at ``out`` stays the previous
     one and the temporary directory is removed. Returns the manifest.
@@ -345,7 +352,7 @@ def save_index(out: Path, *, expect: dict[str, Any] | None = None,
     try:
         manifest = write_index(tmp, **parts)
         test_pause("before_swap")
-        publish(tmp, out, expect=expect)
+        publish(tmp, out, expect=expect, only_if_missing=only_if_missing)
     except BaseException:
         discard_tmp_dir(tmp)
         raise
