@@ -479,6 +479,9 @@ def index_list(index: IndexDir = None, as_json: JsonOpt = False) -> None:
                f"{plural(len(loaded.passages), 'passage')}", err=True)
 
 
+MEASURE_TRIES = 3  # index info: loads of an index whose files a swap took away while measured
+
+
 def index_facts(loaded: Index) -> dict[str, Any]:
     """What ``citeqa index info`` shows of an index: its identity, size and how it was built."""
     assert loaded.directory is not None, "an index read from disk"
@@ -528,7 +531,15 @@ def _dense_line(spec: dict[str, Any] | None, removed_rows: int | None) -> str:
 def index_info(index: IndexDir = None, as_json: JsonOpt = False) -> None:
     """Describe an index (version, counts, embedder, dense index, size, and what interrupted
     commands keep beside it for their rerun) after checking every file against its manifest."""
-    facts = index_facts(_read_index(index))
+    for attempt in range(1, MEASURE_TRIES + 1):
+        loaded = _read_index(index)
+        try:
+            facts = index_facts(loaded)
+            break
+        except FileNotFoundError as e:  # a writer swapped another index in while its files
+            if attempt == MEASURE_TRIES:  # were measured (after the load): measure that one
+                raise fail(f"the index at {loaded.directory} kept changing while it was "
+                           f"measured ({e.filename} went); run the command again") from None
     if as_json:
         typer.echo(json.dumps(facts, ensure_ascii=False, indent=2))
         return

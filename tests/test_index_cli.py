@@ -321,6 +321,34 @@ def test_info_reports_a_damaged_index(tmp_path: Path) -> None:
     assert code == 2 and "documents.jsonl" in err
 
 
+def test_info_measures_again_an_index_swapped_while_it_was_measured(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer's swap between the load and the size walk took files away: a traceback."""
+    import citeqa.index_cli as index_cli
+
+    index = tmp_path / "idx"
+    _build(index, _files(tmp_path / "docs", FIRST))
+    measure, calls = index_cli.index_facts, []
+
+    def swapped_once(loaded):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 1:
+            raise FileNotFoundError(2, "No such file", str(index / "passages.npy"))
+        return measure(loaded)
+
+    monkeypatch.setattr(index_cli, "index_facts", swapped_once)
+    code, out, _ = _cli("index", "info", "-i", str(index), "--json")
+    assert code == 0 and json.loads(out)["documents"] == 2 and len(calls) == 2
+
+    def always_swapped(loaded):  # type: ignore[no-untyped-def]
+        raise FileNotFoundError(2, "No such file", str(index / "passages.npy"))
+
+    monkeypatch.setattr(index_cli, "index_facts", always_swapped)
+    code, _, err = _cli("index", "info", "-i", str(index))
+    assert code == 2 and "kept changing while it was measured" in err
+    assert "passages.npy went" in err and "Traceback" not in err
+
+
 # -- index build --resumable: shards in this process, kept until the end ------------------------
 
 
