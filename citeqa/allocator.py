@@ -50,11 +50,18 @@ def _glibc() -> Any | None:
     return libc
 
 
+ON, OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def wanted(environ: Mapping[str, str] | None = None) -> bool:
-    """Whether ``environ`` (default ``os.environ``) leaves the settings on: not
-    ``CITEQA_KEEP_FREED_MEMORY=0`` (or false, no, off)."""
+    """Whether ``environ`` (default ``os.environ``) leaves the settings on: unset, empty or
+    ``CITEQA_KEEP_FREED_MEMORY=1`` (or true, yes, on), not ``0`` (or false, no, off);
+    ValueError for another value (a mistyped "of" turned nothing off)."""
     environ = os.environ if environ is None else environ
-    return environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    value = environ.get(ENV, "").strip().lower()
+    if value and value not in ON + OFF:
+        raise ValueError(f"{ENV} must be one of {', '.join(ON + OFF)}, got {environ[ENV]!r}")
+    return value not in OFF
 
 
 def keep_freed_memory(environ: Mapping[str, str] | None = None,

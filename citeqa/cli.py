@@ -14,7 +14,6 @@ from typing import Annotated
 
 import typer
 
-from citeqa.allocator import keep_freed_memory
 from citeqa.cli_errors import (
     IndexDir,
     JsonOpt,
@@ -24,6 +23,7 @@ from citeqa.cli_errors import (
     open_index_dir,
     settings_from,
     squash,
+    start_command,
 )
 from citeqa.config import MAX_CANDIDATES, MAX_PASSAGES, MAX_SEARCH_K
 from citeqa.errors import CiteqaError
@@ -89,7 +89,7 @@ def _main(
         help="Print citeqa's version and exit.")] = False,
 ) -> None:
     setup_logging(verbose)
-    keep_freed_memory()
+    start_command()
 
 
 @app.command()

@@ -56,6 +56,21 @@ def settings_from(**options: Any) -> Settings:
         raise fail(_settings_error(e)) from None
 
 
+def start_command() -> None:
+    """What a command does first: check the CITEQA_* variables read outside Settings
+    (``CITEQA_FP32_KERNEL``, ``CITEQA_KEEP_FREED_MEMORY``), so that a bad value ends it in one
+    line (status 2) and not in a traceback once a model loads, and keep freed memory as the
+    latter says (allocator.py)."""
+    from citeqa.allocator import keep_freed_memory
+    from citeqa.compute import fp32_kernel_setting
+
+    try:
+        fp32_kernel_setting()
+        keep_freed_memory()
+    except ValueError as e:
+        raise fail(str(e)) from None
+
+
 def _settings_error(e: ValidationError) -> str:
     """One line for the first invalid setting: its name and what is wrong with it."""
     first = e.errors()[0]

@@ -200,6 +200,22 @@ def probe_fp32_linear(rounds: int = 30, budget_s: float = 1.0) -> tuple[float, f
 _fp32_kernel: str | None = None
 
 
+def checked_kernel(requested: str, name: str = "the fp32 kernel") -> str:
+    """``requested`` as one of ``FP32_KERNELS`` (any case, spaces around; empty: "auto");
+    ValueError naming ``name`` for anything else."""
+    kernel = requested.strip().lower() or "auto"
+    if kernel not in FP32_KERNELS:
+        raise ValueError(f"{name} must be one of {', '.join(FP32_KERNELS)}, got {requested!r}")
+    return kernel
+
+
+def fp32_kernel_setting(environ: Mapping[str, str] | None = None) -> str:
+    """``CITEQA_FP32_KERNEL`` of ``environ`` (default ``os.environ``; unset: "auto"), checked
+    (``checked_kernel``): commands check it as they start, not when an encoder loads."""
+    value = (os.environ if environ is None else environ).get(FP32_KERNEL_ENV, "auto")
+    return checked_kernel(value, FP32_KERNEL_ENV)
+
+
 def fp32_kernel(requested: str | None = None, *, environ: Mapping[str, str] | None = None,
                 probe: Callable[[], tuple[float, float]] | None = None) -> str:
     """"onednn" or "torch": whose product fp32 encoders use (see the module docstring).
@@ -207,11 +223,7 @@ def fp32_kernel(requested: str | None = None, *, environ: Mapping[str, str] | No
     (default ``os.environ``), else "auto". "auto" asks ``probe`` ((torch, oneDNN) GFLOP/s), by
     default ``probe_fp32_linear`` once per process; a probe that fails means "torch"."""
     global _fp32_kernel
-    if requested is None:
-        requested = (os.environ if environ is None else environ).get(FP32_KERNEL_ENV, "auto")
-    requested = requested.strip().lower() or "auto"
-    if requested not in FP32_KERNELS:
-        raise ValueError(f"{FP32_KERNEL_ENV} must be one of {FP32_KERNELS}, got {requested!r}")
+    requested = fp32_kernel_setting(environ) if requested is None else checked_kernel(requested)
     from citeqa.generation.cpu_linear import onednn_available
 
     if requested == "torch":

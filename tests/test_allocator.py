@@ -40,6 +40,16 @@ def test_the_environment_turns_it_off(off: str) -> None:
     assert libc.calls == []
 
 
+@pytest.mark.parametrize("typo", ["of", "disable", "nein"])
+def test_a_mistyped_value_is_refused_not_read_as_on(typo: str) -> None:
+    libc = FakeLibc()
+    with pytest.raises(ValueError, match=f"CITEQA_KEEP_FREED_MEMORY must be one of .*'{typo}'"):
+        keep_freed_memory({"CITEQA_KEEP_FREED_MEMORY": typo}, libc=lambda: libc)
+    assert libc.calls == []
+    for on in ("", " ", "1", "Yes", "on"):  # unset or empty: on, as by default
+        assert keep_freed_memory({"CITEQA_KEEP_FREED_MEMORY": on}, libc=lambda: libc)
+
+
 def test_another_c_library_or_a_refusal_leaves_it_off(caplog) -> None:
     assert not keep_freed_memory({}, libc=lambda: None)
     refusing = FakeLibc(answer=0)

@@ -613,6 +613,47 @@ def test_an_invalid_setting_is_named_as_its_variable(monkeypatch: pytest.MonkeyP
     assert "invalid max_batch (CITEQA_MAX_BATCH)" in result.output
 
 
+@pytest.mark.parametrize("command", ["eval", "redteam", "reward-data", "export-generator"])
+def test_every_command_that_reads_settings_names_an_invalid_one_in_one_line(
+        command: str, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """eval and reward-data printed pydantic's four-line dump; redteam and export-generator a
+    traceback (status 1)."""
+    index = tmp_path / "index"
+    assert build(corpus, index).exit_code == 0
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"id": "q1", "question": "Where is the Eiffel Tower?",
+                                     "answers": ["Paris"]}) + "\n")
+    args = {
+        "eval": ["eval", "-d", str(questions), "-i", str(index), "-o", str(tmp_path / "run"),
+                 "--preset", "tiny", "--no-progress"],
+        "redteam": ["redteam", "-i", str(index), "-o", str(tmp_path / "rt"), "--preset", "tiny",
+                    "--n", "1", "--no-progress"],
+        "reward-data": ["train", "reward-data", "--dataset", str(questions), "-o",
+                        str(tmp_path / "rd.jsonl"), "-i", str(index), "--preset", "tiny",
+                        "--no-progress"],
+        "export-generator": ["train", "export-generator", "-o", str(tmp_path / "exported")],
+    }[command]
+    monkeypatch.setenv("CITEQA_MAX_BATCH", "abc")
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    assert "error: invalid max_batch (CITEQA_MAX_BATCH):" in result.output
+    assert "validation error" not in result.output and "pydantic" not in result.output
+    assert "Traceback" not in result.output and result.exception is None or isinstance(
+        result.exception, SystemExit)
+
+
+@pytest.mark.parametrize(("name", "value"), [("CITEQA_FP32_KERNEL", "bogus"),
+                                             ("CITEQA_KEEP_FREED_MEMORY", "of")])
+def test_settings_read_outside_settings_are_checked_as_a_command_starts(
+        name: str, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad CITEQA_FP32_KERNEL was a traceback once an encoder loaded; a mistyped
+    CITEQA_KEEP_FREED_MEMORY was read as on."""
+    monkeypatch.setenv(name, value)
+    result = run("search", "q", "--index", "nowhere")
+    assert result.exit_code == 2
+    assert f"error: {name} must be one of" in result.output and repr(value) in result.output
+
+
 def test_a_setting_set_empty_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     """CITEQA_INDEX= served the folder "." and CITEQA_MAX_BATCH= failed to parse (a compose file's
     ${VAR:-} sets them so)."""

@@ -97,6 +97,8 @@ def test_an_explicit_fp32_kernel_is_taken_without_probing_and_a_typo_is_refused(
     assert fp32_kernel(environ={"CITEQA_FP32_KERNEL": " oneDNN "}, probe=never) == want
     with pytest.raises(ValueError, match="CITEQA_FP32_KERNEL"):
         fp32_kernel(environ={"CITEQA_FP32_KERNEL": "mkl"}, probe=never)
+    with pytest.raises(ValueError, match="the fp32 kernel must be one of auto, onednn, torch"):
+        fp32_kernel("mkl", probe=never)
     monkeypatch.setattr("citeqa.generation.cpu_linear.onednn_available", lambda: False)
     with caplog.at_level("WARNING"):
         assert fp32_kernel("onednn", probe=never) == "torch"

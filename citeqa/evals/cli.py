@@ -14,14 +14,15 @@ from typing import Annotated
 
 import typer
 
-from citeqa.allocator import keep_freed_memory
 from citeqa.cli_errors import (
     ProgressOpt,
     check_run_options,
     command_group,
     fail,
     interruptible,
+    settings_from,
     shown_progress,
+    start_command,
 )
 from citeqa.config import MAX_CANDIDATES
 from citeqa.errors import CiteqaError
@@ -98,6 +99,7 @@ def run(
         raise fail(f"missing {', '.join(missing)} (see citeqa eval --help)")
     assert dataset is not None and index is not None and out is not None
     check_run_options(preset=preset_name, out=out, answer_mode=answer_mode)
+    settings_from(preset=preset_name, index=index)  # an invalid setting: one line, before work
     from citeqa.evals.runner import RunSpec, run_eval
 
     spec = RunSpec(
@@ -161,7 +163,10 @@ def main() -> None:
     from citeqa.__main__ import guarded
 
     setup_logging()
-    keep_freed_memory()  # as the citeqa command does
+    try:
+        start_command()  # as the citeqa command does
+    except typer.Exit as e:  # its one line is out
+        raise SystemExit(e.exit_code) from None
     guarded(lambda: eval_app(prog_name="citeqa eval"))  # what the OS refuses: one line
 
 

@@ -21,6 +21,7 @@ from citeqa.cli_errors import (
     check_run_options,
     fail,
     interruptible,
+    settings_from,
     shown_progress,
 )
 from citeqa.errors import CiteqaError
@@ -124,10 +125,9 @@ def redteam(
 
             threshold, service, system = None, url, None
         else:
-            from citeqa.config import Settings
             from citeqa.pipeline import Pipeline
 
-            pipeline = Pipeline.from_settings(Settings(preset=preset_name, index=index))  # type: ignore[arg-type]
+            pipeline = Pipeline.from_settings(settings_from(preset=preset_name, index=index))
             ask, threshold = pipeline.ask_many, pipeline.decline_threshold()
             service = f"in process ({pipeline.generator.backend.model_id})"
             system = describe_pipeline(pipeline, None)  # checked as the eval's (runner.py)

@@ -27,9 +27,10 @@ from citeqa.cli_errors import (
     command_group,
     fail,
     interruptible,
+    settings_from,
     shown_progress,
 )
-from citeqa.config import MAX_CANDIDATES, Settings, preset
+from citeqa.config import MAX_CANDIDATES, preset
 from citeqa.errors import CiteqaError, ConfigError
 from citeqa.journal import file_lock, run_lock
 from citeqa.logs import setup_logging
@@ -223,7 +224,7 @@ def generator(
             raise fail("the fake generator has no weights to train; pass --model")
         demos = read_demos(data)
         if cache_dir is None:
-            cache_dir = Settings().cache_dir  # type: ignore[call-arg]
+            cache_dir = settings_from().cache_dir
         target = pick_device(device)
         # a GPU without bf16 trains in fp32: fp16 without loss scaling loses most gradients to
         # underflow, and fp16 weights fingerprint unlike the fp32 ones serving checks
@@ -282,7 +283,7 @@ def export_generator_cmd(
         if adapter is not None:
             gen = replace(gen, adapter=adapter)
         if cache_dir is None:
-            cache_dir = Settings().cache_dir  # type: ignore[call-arg]
+            cache_dir = settings_from().cache_dir
         record = export_generator(gen, cache_dir, out, dtype=dtype, overwrite=overwrite)
     except CiteqaError as e:
         raise fail(str(e)) from None
@@ -360,11 +361,10 @@ def reward_data(
 
 
 def _generator_data(items, index, out, n, preset_name, progress) -> dict:
-    from citeqa.config import Settings
     from citeqa.pipeline import Pipeline
     from citeqa.training.verifier_data import generator_examples
 
-    pipeline = Pipeline.from_settings(Settings(preset=preset_name, index=index))  # type: ignore[arg-type]
+    pipeline = Pipeline.from_settings(settings_from(preset=preset_name, index=index))
     with file_lock(out, "citeqa train reward-data"):  # two appending would lose lines
         stats = generator_examples(pipeline, items, out, n=n, progress=progress)
     return {"questions": stats.questions, "already_done": stats.skipped,
