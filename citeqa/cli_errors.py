@@ -188,12 +188,16 @@ def check_preset(name: str) -> None:
         raise fail(str(e)) from None
 
 
-def check_run_options(*, preset: str, out: Path, answer_mode: str | None = None) -> None:
+def check_run_options(*, preset: str, out: Path, index: Path,
+                      answer_mode: str | None = None) -> None:
     """Fail (status 2) before any work for what a run command (eval, redteam) would only trip
-    over later: an unknown settings preset, an --out that is a file, an unknown answer mode."""
+    over later: an unknown settings preset, an --out that is a file, an unknown answer mode,
+    an --out that is the --index folder or inside it (the index's next change, a swap of the
+    whole folder, took the run with it)."""
     check_preset(preset)
     if out.exists() and not out.is_dir():
         raise fail(f"--out {out} is a file; give a run directory (created when missing)")
+    check_out(out, folder=True, inputs={"--index": index})
     check_answer_mode(answer_mode)
 
 

@@ -642,6 +642,22 @@ def test_every_command_that_reads_settings_names_an_invalid_one_in_one_line(
         result.exception, SystemExit)
 
 
+@pytest.mark.parametrize("command", ["eval", "redteam"])
+def test_a_run_is_not_written_into_the_index_it_reads(
+        command: str, corpus: Path, tmp_path: Path) -> None:
+    """The index's next change swaps its whole folder: the run (resumable) went with it."""
+    index = tmp_path / "index"
+    assert build(corpus, index).exit_code == 0
+    before = sorted(p.name for p in index.iterdir())
+    for out, said in ((index, "is also the --index"), (index / "run", "is inside the --index")):
+        args = {"eval": ["eval", "-d", str(tmp_path / "q.jsonl")],
+                "redteam": ["redteam", "--n", "1"]}[command]
+        result = run(*args, "-i", str(index), "-o", str(out), "--preset", "tiny",
+                     "--no-progress")
+        assert result.exit_code == 2 and said in result.output, result.output
+    assert sorted(p.name for p in index.iterdir()) == before
+
+
 @pytest.mark.parametrize(("name", "value"), [("CITEQA_FP32_KERNEL", "bogus"),
                                              ("CITEQA_KEEP_FREED_MEMORY", "of")])
 def test_settings_read_outside_settings_are_checked_as_a_command_starts(

@@ -98,7 +98,7 @@ def run(
     if missing:
         raise fail(f"missing {', '.join(missing)} (see citeqa eval --help)")
     assert dataset is not None and index is not None and out is not None
-    check_run_options(preset=preset_name, out=out, answer_mode=answer_mode)
+    check_run_options(preset=preset_name, out=out, index=index, answer_mode=answer_mode)
     settings_from(preset=preset_name, index=index)  # an invalid setting: one line, before work
     from citeqa.evals.runner import RunSpec, run_eval
 

@@ -60,7 +60,7 @@ def redteam(
     them anyway (per kind), with answerable controls; writes report.md, results.jsonl,
     summary.json and a plot into --out."""
     progress = shown_progress(progress)  # default: on a terminal only
-    check_run_options(preset=preset_name, out=out)
+    check_run_options(preset=preset_name, out=out, index=index)
     if url is not None and not url.lower().startswith(("http://", "https://")):
         raise fail(f"--url must be the server's http(s) address, e.g. http://127.0.0.1:8000, "
                    f"not {url!r}")
