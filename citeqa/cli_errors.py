@@ -50,10 +50,15 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tex
 def settings_from(**options: Any) -> Settings:
     """Settings from the options given (None = not given) over the CITEQA_* environment over the
     defaults; an invalid value ends the command (status 2) with a line naming the setting."""
+    given = {k: v for k, v in options.items() if v is not None}
     try:
-        return Settings(**{k: v for k, v in options.items() if v is not None})
+        return Settings(**given)
     except ValidationError as e:
-        raise fail(_settings_error(e)) from None
+        raise fail(_settings_error(e, given)) from None
+
+
+# the settings commands take as options, by their flags: an invalid one given so is named so
+OPTION_FLAGS = {"index": "--index", "preset": "--preset", "generator": "--generator"}
 
 
 def start_command() -> None:
@@ -71,13 +76,19 @@ def start_command() -> None:
         raise fail(str(e)) from None
 
 
-def _settings_error(e: ValidationError) -> str:
-    """One line for the first invalid setting: its name and what is wrong with it."""
+def _settings_error(e: ValidationError, given: dict[str, Any] | None = None) -> str:
+    """One line for the first invalid setting: its name and what is wrong with it, named by
+    its option's flag where ``given`` (the options given) holds it, else by its variable."""
     first = e.errors()[0]
     name = ".".join(str(x) for x in first["loc"]) or "settings"
-    if name in Settings.model_fields:  # given as an option or as its environment variable
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if name in (given or {}) and name in OPTION_FLAGS:
+        flag = OPTION_FLAGS[name]
+        message = message.replace(f"CITEQA_{name.upper()}=", f"{flag} ", 1)
+        name = f"{name} ({flag})"
+    elif name in Settings.model_fields:  # read from its environment variable
         name = f"{name} (CITEQA_{name.upper()})"
-    return f"invalid {name}: {str(first['msg']).removeprefix('Value error, ')}"
+    return f"invalid {name}: {message}"
 
 
 def open_index_dir(index: Path) -> Path:

@@ -670,6 +670,19 @@ def test_settings_read_outside_settings_are_checked_as_a_command_starts(
     assert f"error: {name} must be one of" in result.output and repr(value) in result.output
 
 
+def test_an_invalid_option_is_named_by_its_flag_not_a_variable_never_set(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    result = run("ask", "q", "--index", str(tmp_path), "--preset", "tiny", "--generator",
+                 str(tmp_path / "nope"))
+    assert result.exit_code == 2
+    assert "invalid generator (--generator): --generator '" in result.output, result.output
+    assert "CITEQA_GENERATOR" not in result.output
+    monkeypatch.setenv("CITEQA_GENERATOR", str(tmp_path / "nope"))  # set so: named so
+    result = run("ask", "q", "--index", str(tmp_path), "--preset", "tiny")
+    assert result.exit_code == 2
+    assert "invalid generator (CITEQA_GENERATOR): CITEQA_GENERATOR='" in result.output
+
+
 def test_a_setting_set_empty_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     """CITEQA_INDEX= served the folder "." and CITEQA_MAX_BATCH= failed to parse (a compose file's
     ${VAR:-} sets them so)."""
