@@ -683,6 +683,24 @@ def test_an_invalid_option_is_named_by_its_flag_not_a_variable_never_set(
     assert "invalid generator (CITEQA_GENERATOR): CITEQA_GENERATOR='" in result.output
 
 
+def test_the_defaults_the_readme_states_are_the_settings_defaults() -> None:
+    """docs/deploy.md sends readers to README for every setting's default: each "`CITEQA_X` (N"
+    there is X's default, and the batching and waiting settings state theirs."""
+    from citeqa.config import Settings
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    stated = [(m.group(1).lower(), float(m.group(2).replace(",", "")))
+              for m in re.finditer(r"`CITEQA_([A-Z0-9_]+)` \((?:default )?(\d[\d.,]*\d|\d)",
+                                   readme)]
+    assert len(stated) >= 10, stated
+    for name, value in stated:
+        assert name in Settings.model_fields, name
+        assert Settings.model_fields[name].default == value, (name, value)
+    named = {name for name, _ in stated}
+    assert {"window_ms", "disconnect_poll_s", "max_queue", "request_timeout_s",
+            "retry_after_s", "index_reload_s"} <= named
+
+
 def test_a_setting_set_empty_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     """CITEQA_INDEX= served the folder "." and CITEQA_MAX_BATCH= failed to parse (a compose file's
     ${VAR:-} sets them so)."""
