@@ -516,7 +516,7 @@ def test_a_page_refused_for_what_it_is_past_the_deadline_is_not_called_slow(
     import citeqa.ingest.fetch as fetch_module
     from citeqa.errors import SourceError
 
-    def slow_unreadable(text: str) -> object:
+    def slow_unreadable(text: str, **_: object) -> object:
         time_module.sleep(0.3)  # past the 0.1 s deadline: the watchdog has fired
         raise SourceError("the HTML took over 14 s of CPU to parse")
 
@@ -531,6 +531,11 @@ def test_html_without_title_uses_url_and_xhtml_accepted() -> None:
         200, headers={"Content-Type": "application/xhtml+xml"}, text="<p>body</p>")})  # fmt: skip
     page = fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/x")
     assert (page.text, page.title) == ("body", "http://example.com/x")
+    for media, text in (("application/xhtml+xml", "x\n\nbody"), ("text/html", "body")):
+        rec = Recorder({"example.com/y": lambda m=media: httpx.Response(  # type: ignore[misc]
+            200, headers={"Content-Type": m}, text="<div hidden/>x</div><p>body</p>")})
+        page = fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/y")
+        assert page.text == text, media
 
 
 @pytest.mark.parametrize("status", [404, 500, 204])

@@ -616,6 +616,25 @@ def test_a_hidden_element_ends_where_a_browser_ends_it(html: str, text: str) -> 
     assert extract_html(html).text == text
 
 
+@pytest.mark.parametrize(("html", "text"), [
+    # HTML ignores "/>" on an element that is not void: these open what they name
+    ("<div hidden/>Berlin is the capital of France.</div><p>Paris is.</p>", "Paris is."),
+    ('<span style="display:none"/>secret</span><p>shown</p>', "shown"),
+    ("<p>a</p><script/>var token = 1;</script><style/>p {}</style><p>b</p>", "a\n\nb"),
+    ("<template/>t</template>ok", "ok"),
+    ("<p>a<br/>b</p><hr/><p>c</p>", "a\nb\n\nc"),  # void ones are as before
+    # but SVG and MathML close on "/>": text after them is shown
+    ("<svg/><p>after svg</p><math/><p>after math</p>", "after svg\n\nafter math"),
+    ("<svg><rect/><circle/></svg><p>after</p>", "after"),
+])
+def test_a_self_closed_html_element_is_read_as_a_browser_reads_it(html: str, text: str) -> None:
+    assert extract_html(html).text == text
+
+
+def test_xhtml_served_as_xml_closes_any_element_on_its_slash() -> None:
+    assert extract_html("<div hidden/>x<p>y</p>", xml=True).text == "x\n\ny"
+
+
 def test_extract_html_tolerates_malformed_markup() -> None:
     page = extract_html("<html><head><title>T</title><body><p>unclosed <b>bold<p>next")
     assert page.title == "T"

@@ -521,7 +521,7 @@ class Fetcher:
         final = str(target.url)
         if media in _HTML_TYPES:
             try:
-                extracted = extract_html(text)
+                extracted = extract_html(text, xml=media == "application/xhtml+xml")
             except SourceError as e:
                 raise UnreadablePageError(f"{requested}: {e}") from None
             return None, FetchedPage(

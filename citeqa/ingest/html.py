@@ -76,6 +76,7 @@ _IMPLIED: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "option": (frozenset({"option"}), frozenset({"select", "datalist", "optgroup"})),
     "body": (frozenset({"head"}), frozenset()),  # a missing </head> must not hide the page
 }
+_FOREIGN = frozenset({"svg", "math"})  # inside them, "/>" closes an element, as in XML
 _SCOPE = frozenset({"applet", "button", "caption", "html", "marquee", "object", "table", "td",
                     "th", "template"})
 _SPACE_RE = re.compile(r"\s+")
@@ -105,8 +106,9 @@ class _Extractor(HTMLParser):
     and in its quadratic cases each costs one scan of the rest of the page, so the parse ends
     within one scan of the deadline."""
 
-    def __init__(self, deadline: float) -> None:
+    def __init__(self, deadline: float, *, xml: bool = False) -> None:
         super().__init__(convert_charrefs=True)  # entities arrive unescaped in handle_data
+        self._xml = xml  # XHTML (application/xhtml+xml): "/>" closes any element
         self.pieces: list[str] = []
         self.title_parts: list[str] = []
         # open elements, innermost last: (tag, whether it hides its content, whether it is
@@ -184,8 +186,13 @@ class _Extractor(HTMLParser):
                 self._pre += 1
 
     def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if not (self._xml or tag in _FOREIGN or any(self._count[t] for t in _FOREIGN)):
+            # HTML ignores "/>" but on SVG and MathML: <div hidden/> opens a hidden div, and
+            # <script/> a script, whose content a browser does not show
+            self.handle_starttag(tag, attrs)
+            return
         self._tick()
-        # <br/>, <img/>...: a self-closed element opens nothing, so hides nothing.
+        # a self-closed element opens nothing, so hides nothing
         if not self._hiding and tag == "br":
             self.pieces.append("\n")
         elif not self._hiding and tag in _BLOCK:
@@ -219,12 +226,14 @@ def parse_seconds(html: str) -> float:
     return PARSE_BASE_S + PARSE_S_PER_MB * len(html) / 1e6
 
 
-def extract_html(html: str, *, max_seconds: float | None = None) -> HtmlText:
+def extract_html(html: str, *, max_seconds: float | None = None, xml: bool = False) -> HtmlText:
     """Visible text and title of an HTML document (tolerates malformed markup); SourceError
     where the parser itself gives up (Python 3.11's raises AssertionError on ``<![<![``) or
-    takes over ``max_seconds`` of this thread's CPU time (default ``parse_seconds(html)``)."""
+    takes over ``max_seconds`` of this thread's CPU time (default ``parse_seconds(html)``).
+    ``xml``: the page is XHTML served as XML (``application/xhtml+xml``), where ``<div/>``
+    closes the div; in HTML it opens one."""
     budget = parse_seconds(html) if max_seconds is None else max_seconds
-    parser = _Extractor(deadline=time.thread_time() + budget)
+    parser = _Extractor(deadline=time.thread_time() + budget, xml=xml)
     try:
         parser.feed(html)
         parser.close()
