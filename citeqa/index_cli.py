@@ -60,9 +60,21 @@ def _check_sources_exist(sources: list[str], then: str) -> None:
     skip (files inside a named folder that cannot be read are still skipped)."""
     from citeqa.ingest.sources import is_url
 
-    missing = [s for s in sources if not is_url(s) and not os.path.lexists(s)]
+    missing = [s for s in sources if not is_url(s) and not _there(s)]
     if missing:
         raise fail(f"no such file or folder: {', '.join(map(squash, missing))}; {then}")
+
+
+def _there(path: str) -> bool:
+    """Whether ``path`` names something (a broken link too); one this process may not look at
+    (in a folder without x permission) is there, and is skipped with its reason."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError:  # permission denied, a name too long...: reading it says what
+        return True
+    return True
 
 
 def _echo_skipped(skipped: Sequence[Skipped]) -> None:

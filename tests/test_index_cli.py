@@ -578,3 +578,20 @@ def test_info_names_the_ivf_cells_probed_as_faiss_probes_them() -> None:
         "ivf (1 cell, all probed)")
     assert _dense_line({"kind": "ivf", "nlist": 256, "nprobe": 16}, None) == (
         "ivf (256 cells, 16 probed)")
+
+
+def test_a_source_that_cannot_be_looked_at_is_not_called_missing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file in a folder without x permission was "no such file or folder"."""
+    import os
+
+    from citeqa.index_cli import _there
+
+    inside = tmp_path / "noexec" / "n.txt"
+
+    def refuse(path: object, *args: object, **kwargs: object) -> object:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    assert not _there(str(inside))
+    monkeypatch.setattr(os, "lstat", refuse)
+    assert _there(str(inside))

@@ -220,6 +220,29 @@ def test_symlinked_and_unreadable_folders_are_named_not_silently_left_out(
     assert f"{root / 'locked'}: could not list the folder (Permission denied)" in text
 
 
+def test_a_folder_listed_but_not_entered_is_skipped_not_the_build_stopped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder with read but no x permission: its names list, but nothing in it can be
+    looked at; Path.is_file raised PermissionError out of the build."""
+    root = tmp_path / "corpus"
+    (root / "noexec").mkdir(parents=True)
+    (root / "a.txt").write_text("plain")
+    (root / "noexec" / "n.txt").write_text("cannot be reached")
+    is_file = Path.is_file
+
+    def refuse_inside(self: Path) -> bool:  # chmod does not stop root, who runs CI
+        if root / "noexec" in self.parents:
+            raise PermissionError(13, "Permission denied", str(self))
+        return is_file(self)
+
+    monkeypatch.setattr(Path, "is_file", refuse_inside)
+    result = load(root, root / "noexec" / "n.txt")  # in a folder, and named explicitly
+    assert [d.text for d in result.documents] == ["plain"]
+    text = reasons(result)
+    assert f"{root / 'noexec'}: could not list the folder (Permission denied)" in text
+    assert f"{root / 'noexec' / 'n.txt'}: could not be read (Permission denied)" in text
+
+
 def test_a_pdf_or_an_archive_is_said_to_need_its_text_extracted(tmp_path: Path) -> None:
     root = tmp_path / "corpus"
     root.mkdir()
@@ -353,6 +376,9 @@ def test_squad_paragraph_without_context_is_skipped(tmp_path: Path) -> None:
     result = load(f)
     assert [d.text for d in result.documents] == ["ok"]
     assert result.skipped[0].source == f"{f}#T/0"
+    f.write_text(json.dumps({"data": [{"title": "T", "paragraphs": []}]}))
+    result = load(f)  # was dropped without a word ("skipped 0")
+    assert result.documents == [] and reasons(result) == f"{f}#T: SQuAD article with no paragraphs"
 
 
 def test_real_squad_data_texts_equal_contexts(squad_dir: Path) -> None:

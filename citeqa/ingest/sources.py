@@ -193,13 +193,22 @@ def _expand(source: str, skipped: list[Skipped]) -> list[str | Path]:
         skipped.append(Skipped(source, "only http:// and https:// URLs can be fetched"))
         return []
     path = Path(source)
-    if path.is_file():
-        return [path]
+    try:
+        if path.is_file():
+            return [path]
+    except OSError as e:  # in a folder that can be listed but not entered (no x permission)
+        skipped.append(Skipped(source, _no_access(e)))
+        return []
     if path.is_dir():
         files = sorted(_walk(path, skipped), key=lambda p: p.relative_to(path).parts)
         out: list[str | Path] = []
         for f in files:
-            if not f.is_file():  # a pipe would block the build; a looping or broken link
+            try:
+                regular = f.is_file()
+            except OSError as e:
+                skipped.append(Skipped(str(f), _no_access(e)))
+                continue
+            if not regular:  # a pipe would block the build; a looping or broken link
                 skipped.append(Skipped(str(f), "not a regular file (a pipe, device, or broken "
                                        "or looping symlink)"))
             elif f.suffix.lower() in SUPPORTED_EXTENSIONS:
@@ -230,6 +239,10 @@ def _expand(source: str, skipped: list[Skipped]) -> list[str | Path]:
     return []
 
 
+def _no_access(e: OSError) -> str:
+    return f"could not be read ({e.strerror or e}); check permissions"
+
+
 def _extract_first(suffix: str) -> str:
     return f"{suffix} files are not read; extract their text first (e.g. {EXTRACT_FIRST[suffix]})"
 
@@ -250,7 +263,13 @@ def _walk(root: Path, skipped: list[Skipped]) -> Iterator[Path]:
             if os.path.islink(os.path.join(dirpath, d)):
                 skipped.append(Skipped(os.path.join(dirpath, d), "a symlinked folder is not "
                                        "followed (a link may loop); name it as a source"))
-        if is_index_dir(Path(dirpath)):
+        try:
+            index = is_index_dir(Path(dirpath))
+        except OSError as e:  # listed, but not entered (a folder without x permission)
+            dirnames[:] = []
+            unreadable(OSError(e.errno, e.strerror, dirpath))
+            continue
+        if index:
             dirnames[:] = []
             skipped.append(Skipped(dirpath, "a citeqa index, not a source: left out"))
             continue
@@ -528,6 +547,8 @@ def _squad_documents(source: str, obj: dict[str, Any]) -> Iterator[Document | Sk
         while name in titles:  # an article titled so already ("A", "A#2", then "A" again)
             name, extra = f"{raw_title}#{a}.{extra}", extra + 1
         titles.update((raw_title, name))
+        if not article["paragraphs"]:
+            yield Skipped(f"{source}#{name}", "SQuAD article with no paragraphs")
         for p, paragraph in enumerate(article["paragraphs"]):
             doc_source = f"{source}#{name}/{p}"
             context = paragraph.get("context") if isinstance(paragraph, dict) else None
