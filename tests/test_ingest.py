@@ -82,6 +82,23 @@ def test_md_title_is_first_heading(tmp_path: Path) -> None:
     assert load(f).documents[0].title == "notes.md"
 
 
+@pytest.mark.parametrize(("text", "title"), [
+    ("Install notes for the tool.\n\n```bash\n# remove the cache first\nrm -r c\n```\n\n"
+     "## Usage\n", "Usage"),  # a shell comment in a code block titled the document
+    ("~~~~\n# a\n~~~\n# still code (a shorter fence closes nothing)\n~~~~\n# Real\n", "Real"),
+    ("# Title\n```\n# code\n", "Title"),
+    ("```\n# only code, never closed\n", "notes.md"),  # not "```"
+    ("``` not a fence ``` text\n# Heading\n", "Heading"),
+    ("text\n   ```py\n# in code\n   ```\n", "text"),
+])
+def test_a_markdown_title_is_no_line_of_a_code_block(tmp_path: Path, text: str,
+                                                     title: str) -> None:
+    f = tmp_path / "notes.md"
+    f.write_text(text, encoding="utf-8")
+    (doc,) = load(f).documents
+    assert doc.title == title and doc.text == text
+
+
 def test_txt_title_strips_heading_marker_and_is_capped(tmp_path: Path) -> None:
     f = tmp_path / "a.txt"
     f.write_text("\n\n# " + "x" * 300 + "\nbody", encoding="utf-8")

@@ -270,7 +270,8 @@ def title_from_text(text: str, fallback: str, *, markdown: bool = False) -> str:
     that is the text's first sentence must not become it: its words would match every
     passage."""
     text = text.removeprefix("\ufeff")  # a byte-order mark is no part of the title
-    if markdown:  # the first heading with words ("#  " titled a document "")
+    if markdown:  # the first heading with words ("#  " titled a document ""), not a "# ..."
+        text = _without_fenced_code(text)  # line of a code block, nor a fence itself
         for found in _HEADING_RE.finditer(text):
             if heading := _SPACE_RE.sub(" ", _heading(found)).strip():
                 return cap_title(heading)
@@ -293,6 +294,28 @@ def title_from_text(text: str, fallback: str, *, markdown: bool = False) -> str:
                 return line
             return fallback
     return fallback
+
+
+_FENCE_RE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+
+
+def _without_fenced_code(text: str) -> str:
+    """``text`` with the lines of its fenced code blocks (```/~~~, CommonMark: closed by a
+    fence of the same character at least as long; unclosed, to the end) left empty."""
+    out, fence = [], ""
+    for line in text.split("\n"):
+        m = _FENCE_RE.match(line)
+        if fence:
+            if m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence) and (
+                    not line.strip().strip(fence[0])):
+                fence = ""
+            out.append("")
+        elif m and not (m.group(1)[0] == "`" and "`" in line[m.end():]):
+            fence = m.group(1)  # (a backtick fence's info string holds no backtick)
+            out.append("")
+        else:
+            out.append(line)
+    return "\n".join(out)
 
 
 def _heading(m: re.Match[str]) -> str:
