@@ -747,3 +747,55 @@ def test_a_narrow_screen_stacks_the_layout_without_sideways_scrolling(
         assert errors == []
     finally:
         page.context.close()
+
+
+def test_direction_controls_blank_titles_and_long_notes_keep_to_their_place(
+        browser: Any, base_url: str) -> None:
+    """A title with U+202E reversed the page's own words around it ("Delete “invoice?xedni
+    eht morf”"); a title of a zero-width space was an invisible, unclickable link; a long
+    title's note widened a phone's page."""
+    page, errors = open_page(browser, base_url, {"width": 380, "height": 760})
+    reversing = "invoice\u202etxt.exe"
+    long_title = "Supercalifragilistic" * 12
+    try:
+        page.click("nav >> text=Documents")
+        page.wait_for_selector("#docs-list li.doc a")
+        added = []
+        for title, body in ((reversing, "Ledgers of the Vexmoor invoices."),
+                            ("\u200b", "Wrenfield almanac\nIt lists the tides."),
+                            (long_title, "Notes on the long-titled subject.")):
+            page.fill("#add-title", title)
+            page.fill("#add-source", "https://example.org/\u202eabc")
+            page.fill("#add-body", body)
+            page.click("#add-text button[type=submit]")
+            note = page.wait_for_selector("#add-status .ok")
+            added.append(note.query_selector("bdi").inner_text())
+            assert page.evaluate("document.documentElement.scrollWidth") <= 380, title
+        # the reversing title is set apart in the note, the list, the link and the question
+        assert added == [reversing, "Wrenfield almanac", long_title]  # blank: the default
+        page.click("#docs-next")
+        page.wait_for_selector("#docs-range >> text=Showing 21")
+        for title in (reversing, "Wrenfield almanac", long_title):
+            row = page.locator("#docs-list li.doc", has=page.locator(f"a:text-is('{title}')"))
+            link = row.locator("p.title a")
+            assert link.evaluate("a => getComputedStyle(a).unicodeBidi") == "isolate"
+            assert row.locator(".small bdi").inner_text() == link.get_attribute(
+                "href").split("id=")[1].split("&")[0]  # the doc_id, set apart
+            label = "\u2068" + title + "\u2069" if title == reversing else title
+            assert row.locator("button", has_text="Delete").get_attribute(
+                "aria-label") == "Delete " + label  # isolated where it holds a control
+            row.locator("button", has_text="Delete").click()
+            assert row.locator(".confirm bdi").inner_text() == title
+            page.evaluate("document.getElementById('docs-status').replaceChildren()")
+            row.locator("text=Delete it").click()
+            done = page.wait_for_selector("#docs-status .ok")
+            assert done.query_selector("bdi").inner_text() == title
+            assert page.evaluate("document.documentElement.scrollWidth") <= 380, title
+            if title != long_title:
+                page.wait_for_selector("#docs-list li.doc a")
+                if page.locator("#docs-next").is_enabled():
+                    page.click("#docs-next")
+                    page.wait_for_selector("#docs-range >> text=Showing 21")
+        assert errors == []
+    finally:
+        page.context.close()

@@ -149,6 +149,12 @@ def test_defaults_for_doc_id_and_title(client: TestClient) -> None:
     assert again.status_code == 409 and again.json()["error"]["message"] == (
         "this text (with the same title and source) is already indexed, as document "
         f"{body['doc_id']!r}; nothing was added")  # not "choose another doc_id": none was given
+    # a title no one sees (spaces, a zero-width space) is none: the default's, as a build's
+    for blank in (" ", "\u200b", " \u2060\t"):
+        r = client.post("/v1/documents", json={"text": f"Finches{blank!r}\nThey sing.",
+                                               "title": blank, "source": blank})
+        assert r.status_code == 201, r.text
+        assert r.json()["title"] == f"Finches{blank!r}" and r.json()["source"] in ("", None)
 
 
 @pytest.mark.parametrize("doc_id", ["notes/2024.v2/a:b-c_d...", "a" * 200, "x/y.../z."])

@@ -209,6 +209,8 @@ class TextDocumentIn(_Request):
     @field_validator("title", "source")
     @classmethod
     def _clean(cls, v: str | None) -> str | None:
+        if v is not None and is_blank(v):  # " ", U+200B: a title no one sees (as builds read
+            return None  # one): the default's, as for none
         return None if v is None else check_text(v, "title or source")
 
 
