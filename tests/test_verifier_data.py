@@ -438,3 +438,74 @@ def test_train_reward_max_tokens_must_be_a_multiple_of_the_padding(tmp_path: Pat
     r = CliRunner().invoke(app, ["train", "reward", "--data", str(tmp_path / "x.jsonl"),
                                  "--out", str(tmp_path / "rm"), "--max-tokens", "200"])
     assert r.exit_code == 2 and "must be a multiple of 16, not 200 (e.g. 192)" in r.output
+
+
+def test_reward_data_resumed_records_every_article_its_file_holds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--from generator adds to its --out, but its record named only the last run's articles
+    (written at the end): calibration data with train data added after it passed the held-out
+    checks of `train reward`; a run killed mid-way left rows and no record at all."""
+    from typer.testing import CliRunner
+
+    import citeqa.training.cli as training_cli
+    from citeqa.cli import app
+    from citeqa.training.cards import data_stats
+
+    def article(title: str, n: int) -> dict:
+        return {"title": title, "paragraphs": [{
+            "context": f"{title} text {i}. Rollo led the Normans in {911 + i}.",
+            "qas": [{"id": f"{title}-{i}", "question": f"When did Rollo lead ({i})?",
+                     "answers": [{"text": str(911 + i), "answer_start": 0}],
+                     "is_impossible": False}]} for i in range(n)]}
+
+    squad = tmp_path / "squad.json"
+    from citeqa.evals.squad import CALIBRATION_ARTICLES, TRAIN_ARTICLES
+
+    squad.write_text(json.dumps({"version": "v2.0", "data": [
+        article(title, 1) for title in (*TRAIN_ARTICLES, *CALIBRATION_ARTICLES)]}))
+    index = tmp_path / "index"
+    runner = CliRunner()
+    assert runner.invoke(app, ["index", "build", str(squad), "--out", str(index), "--preset",
+                               "tiny", "--no-progress"]).exit_code == 0
+    out = tmp_path / "rd.jsonl"
+
+    def reward_data(*extra: str):  # type: ignore[no-untyped-def]
+        return runner.invoke(app, ["train", "reward-data", "--dataset", str(squad), "-o",
+                                   str(out), "-i", str(index), "--preset", "tiny", "-n", "1",
+                                   "--no-progress", *extra])
+
+    def killed(*args: object, **kwargs: object) -> dict:
+        raise KeyboardInterrupt  # before its first question: a kill leaves no summary
+
+    with monkeypatch.context() as m:
+        m.setattr(training_cli, "_generator_data", killed)
+        r = reward_data("--split", "train", "--limit", "1")
+        assert r.exit_code == 130, r.output
+    first = data_stats(out)["articles"]
+    assert data_stats(out)["split"] == "train" and len(first) == 1  # recorded before the work
+    r = reward_data("--split", "train", "--limit", "1")
+    assert r.exit_code == 0, r.output
+    r = reward_data("--split", "train")  # resumed: the other train articles added
+    assert r.exit_code == 0, r.output
+    assert data_stats(out)["articles"] == sorted(TRAIN_ARTICLES)
+    r = reward_data("--split", "calibration")  # mixing would hide held-out articles
+    assert r.exit_code == 2 and "holds reward data of --split train" in r.output, r.output
+    assert data_stats(out)["articles"] == sorted(TRAIN_ARTICLES)
+
+
+def test_a_resumed_record_joins_training_splits_and_keeps_held_out_ones_apart(
+        tmp_path: Path) -> None:
+    from citeqa.errors import ConfigError
+    from citeqa.training.cli import _resumed_record
+
+    out = tmp_path / "rd.jsonl"
+    record = {"command": "c", "split": "all", "articles": ["Other"]}
+    assert _resumed_record(out, record) == record  # nothing there yet
+    out.write_text('{"kind": "question"}\n')
+    (tmp_path / "rd.jsonl.stats.json").write_text(json.dumps(
+        {"split": "train", "articles": ["Normans"]}))
+    assert _resumed_record(out, record) == {"command": "c", "split": "all",
+                                            "articles": ["Normans", "Other"]}
+    for held_out in ("calibration", "eval"):
+        with pytest.raises(ConfigError, match="would mix held-out and training articles"):
+            _resumed_record(out, {**record, "split": held_out})

@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from citeqa.atomic import atomic_open
+from citeqa.atomic import atomic_open, write_text_atomic
 from citeqa.cli_errors import (
     ProgressOpt,
     TrainCpuDtypeOpt,
@@ -344,7 +344,11 @@ def reward_data(
             check_not_held_out(items, f"--dataset {dataset} (no --split: every article)")
         random.Random(seed).shuffle(items)  # a limit then samples every article
         items = items[:limit] if limit else items
-        if source == "generator":
+        record = {"command": shlex.join(["citeqa", *sys.argv[1:]]), "split": split or "all",
+                  "articles": sorted({q.article for q in items} - {""})}  # ("": not said)
+        if source == "generator":  # it adds to what --out holds: the record covers both,
+            record = _resumed_record(out, record)  # written before a question is asked
+            write_text_atomic(stats_path(out), json.dumps(record, indent=2) + "\n")
             summary = _generator_data(items, index, out, n_candidates, preset_name, progress)
         elif source == "synthetic":
             summary = _synthetic_data(items, dataset, index, out, seed, progress)
@@ -352,12 +356,30 @@ def reward_data(
             summary = _redteam_data(items, out, seed, progress)
     except (CiteqaError, ValueError) as e:
         raise fail(str(e)) from None
-    summary["command"] = shlex.join(["citeqa", *sys.argv[1:]])
     # what training and calibration check the data against (reward/cli.py: data_articles)
-    summary["split"], summary["articles"] = split or "all", sorted({q.article for q in items}
-                                                                   - {""})  # ("": not said)
-    stats_path(out).write_text(json.dumps(summary, indent=2) + "\n")
+    summary.update(record)
+    write_text_atomic(stats_path(out), json.dumps(summary, indent=2) + "\n")
     typer.echo(json.dumps(summary))
+
+
+def _resumed_record(out: Path, record: dict) -> dict:
+    """``record`` (command, split, articles) for an --out that a run resumes: its articles with
+    those the file holds already (a run killed or finished before), so that the held-out
+    checks see every article in it; ConfigError when one of the file's split and this run's is
+    held out (calibration, eval) and the other is not: that would mix them in one file."""
+    from citeqa.evals.squad import HELD_OUT_SPLITS
+    from citeqa.training.cards import data_stats
+
+    before = data_stats(out) if out.is_file() and out.stat().st_size else {}
+    was, now = before.get("split"), record["split"]
+    if was is not None and was != now:
+        if was in HELD_OUT_SPLITS or now in HELD_OUT_SPLITS:
+            raise ConfigError(
+                f"--out {out} holds reward data of --split {was}; adding --split {now} to it "
+                "would mix held-out and training articles in one file: choose another --out")
+        now = "all"  # train and all: training data of both
+    return {**record, "split": now, "articles": sorted(set(before.get("articles") or [])
+                                                       | set(record["articles"]))}
 
 
 def _generator_data(items, index, out, n, preset_name, progress) -> dict:
