@@ -31,6 +31,8 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from citeqa.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 ENV = "CITEQA_KEEP_FREED_MEMORY"
@@ -56,11 +58,11 @@ ON, OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 def wanted(environ: Mapping[str, str] | None = None) -> bool:
     """Whether ``environ`` (default ``os.environ``) leaves the settings on: unset, empty or
     ``CITEQA_KEEP_FREED_MEMORY=1`` (or true, yes, on), not ``0`` (or false, no, off);
-    ValueError for another value (a mistyped "of" turned nothing off)."""
+    ConfigError for another value (a mistyped "of" turned nothing off)."""
     environ = os.environ if environ is None else environ
     value = environ.get(ENV, "").strip().lower()
     if value and value not in ON + OFF:
-        raise ValueError(f"{ENV} must be one of {', '.join(ON + OFF)}, got {environ[ENV]!r}")
+        raise ConfigError(f"{ENV} must be one of {', '.join(ON + OFF)}, got {environ[ENV]!r}")
     return value not in OFF
 
 

@@ -72,7 +72,7 @@ def start_command() -> None:
     try:
         fp32_kernel_setting()
         keep_freed_memory()
-    except ValueError as e:
+    except CiteqaError as e:
         raise fail(str(e)) from None
 
 

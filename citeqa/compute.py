@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from citeqa.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 CpuDtype = Literal["auto", "bf16", "fp16w", "fp32"]  # CITEQA_CPU_DTYPE's values (config.py)
@@ -202,10 +204,10 @@ _fp32_kernel: str | None = None
 
 def checked_kernel(requested: str, name: str = "the fp32 kernel") -> str:
     """``requested`` as one of ``FP32_KERNELS`` (any case, spaces around; empty: "auto");
-    ValueError naming ``name`` for anything else."""
+    ConfigError naming ``name`` for anything else."""
     kernel = requested.strip().lower() or "auto"
     if kernel not in FP32_KERNELS:
-        raise ValueError(f"{name} must be one of {', '.join(FP32_KERNELS)}, got {requested!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(FP32_KERNELS)}, got {requested!r}")
     return kernel
 
 

@@ -15,6 +15,7 @@ from citeqa.allocator import (
     _glibc,
     keep_freed_memory,
 )
+from citeqa.errors import ConfigError
 
 
 class FakeLibc:
@@ -43,7 +44,7 @@ def test_the_environment_turns_it_off(off: str) -> None:
 @pytest.mark.parametrize("typo", ["of", "disable", "nein"])
 def test_a_mistyped_value_is_refused_not_read_as_on(typo: str) -> None:
     libc = FakeLibc()
-    with pytest.raises(ValueError, match=f"CITEQA_KEEP_FREED_MEMORY must be one of .*'{typo}'"):
+    with pytest.raises(ConfigError, match=f"CITEQA_KEEP_FREED_MEMORY must be one of .*'{typo}'"):
         keep_freed_memory({"CITEQA_KEEP_FREED_MEMORY": typo}, libc=lambda: libc)
     assert libc.calls == []
     for on in ("", " ", "1", "Yes", "on"):  # unset or empty: on, as by default

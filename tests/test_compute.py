@@ -15,6 +15,7 @@ from citeqa.compute import (
     probe_matmul,
     to_serving_dtype,
 )
+from citeqa.errors import ConfigError
 from citeqa.generation.cpu_linear import OnednnLinear, onednn_available
 
 
@@ -95,9 +96,9 @@ def test_an_explicit_fp32_kernel_is_taken_without_probing_and_a_typo_is_refused(
     assert fp32_kernel(environ={"CITEQA_FP32_KERNEL": "torch"}, probe=never) == "torch"
     want = "onednn" if onednn_available() else "torch"  # a build without oneDNN keeps torch's
     assert fp32_kernel(environ={"CITEQA_FP32_KERNEL": " oneDNN "}, probe=never) == want
-    with pytest.raises(ValueError, match="CITEQA_FP32_KERNEL"):
+    with pytest.raises(ConfigError, match="CITEQA_FP32_KERNEL"):
         fp32_kernel(environ={"CITEQA_FP32_KERNEL": "mkl"}, probe=never)
-    with pytest.raises(ValueError, match="the fp32 kernel must be one of auto, onednn, torch"):
+    with pytest.raises(ConfigError, match="the fp32 kernel must be one of auto, onednn, torch"):
         fp32_kernel("mkl", probe=never)
     monkeypatch.setattr("citeqa.generation.cpu_linear.onednn_available", lambda: False)
     with caplog.at_level("WARNING"):

@@ -150,6 +150,9 @@ def test_defaults_for_doc_id_and_title(client: TestClient) -> None:
         "this text (with the same title and source) is already indexed, as document "
         f"{body['doc_id']!r}; nothing was added")  # not "choose another doc_id": none was given
     # a title no one sees (spaces, a zero-width space) is none: the default's, as a build's
+    invisible = client.post("/v1/documents", json={"text": "\u200b\nWrens sing.", "title": " "})
+    assert invisible.status_code == 201 and invisible.json()["title"] == invisible.json()[
+        "doc_id"]  # not the zero-width space the text's first line is
     for blank in (" ", "\u200b", " \u2060\t"):
         r = client.post("/v1/documents", json={"text": f"Finches{blank!r}\nThey sing.",
                                                "title": blank, "source": blank})

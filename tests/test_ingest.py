@@ -90,6 +90,8 @@ def test_md_title_is_first_heading(tmp_path: Path) -> None:
     ("```\n# only code, never closed\n", "notes.md"),  # not "```"
     ("``` not a fence ``` text\n# Heading\n", "Heading"),
     ("text\n   ```py\n# in code\n   ```\n", "text"),
+    ("# \u200b\n\nBody text that goes on.\n\n# Real\n", "Real"),  # a heading no one sees
+    ("\u200b\n\nWren almanac\nIt lists the tides.\n", "Wren almanac"),
 ])
 def test_a_markdown_title_is_no_line_of_a_code_block(tmp_path: Path, text: str,
                                                      title: str) -> None:
@@ -256,7 +258,7 @@ def test_a_folder_listed_but_not_entered_is_skipped_not_the_build_stopped(
     result = load(root, root / "noexec" / "n.txt")  # in a folder, and named explicitly
     assert [d.text for d in result.documents] == ["plain"]
     text = reasons(result)
-    assert f"{root / 'noexec'}: could not list the folder (Permission denied)" in text
+    assert f"{root / 'noexec'}: could not enter the folder (Permission denied)" in text
     assert f"{root / 'noexec' / 'n.txt'}: could not be read (Permission denied)" in text
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 
 from citeqa.errors import SourceError
+from citeqa.text import is_blank
 
 TITLE_MAX_CHARS = 120  # titles longer than this are cut (with an ellipsis)
 # Python's HTMLParser reads some malformed markup in quadratic time ("<a<a<a...": 80 KB took
@@ -273,14 +274,14 @@ def title_from_text(text: str, fallback: str, *, markdown: bool = False) -> str:
     if markdown:  # the first heading with words ("#  " titled a document ""), not a "# ..."
         text = _without_fenced_code(text)  # line of a code block, nor a fence itself
         for found in _HEADING_RE.finditer(text):
-            if heading := _SPACE_RE.sub(" ", _heading(found)).strip():
+            if not is_blank(heading := _SPACE_RE.sub(" ", _heading(found)).strip()):
                 return cap_title(heading)
     lines = text.splitlines()
     for i, line in enumerate(lines):
         line = line.strip()
-        if line.strip("#") == "" and len(line) <= 6:  # an empty heading ("#", "##  ")
+        if is_blank(line.strip("#")) and len(line) <= 6:  # an empty heading ("#", "## \u200b")
             continue
-        if line:
+        if not is_blank(line):  # (a zero-width space alone is no title either)
             m = _HEADING_RE.match(line)
             if m:
                 return cap_title(_SPACE_RE.sub(" ", _heading(m)).strip())

@@ -252,10 +252,11 @@ def _walk(root: Path, skipped: list[Skipped]) -> Iterator[Path]:
     left out (an index built inside its source folder would otherwise be read back in)."""
     from citeqa.retrieval.store import is_index_dir
 
-    def unreadable(e: OSError) -> None:
+    def unreadable(e: OSError, what: str = "list") -> None:
         where = e.filename if e.filename is not None else str(root)
         skipped.append(Skipped(_printable(str(where)),
-                               f"could not list the folder ({e.strerror or e}); check permissions"))
+                               f"could not {what} the folder ({e.strerror or e}); check "
+                               "permissions"))
 
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=unreadable):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -267,7 +268,7 @@ def _walk(root: Path, skipped: list[Skipped]) -> Iterator[Path]:
             index = is_index_dir(Path(dirpath))
         except OSError as e:  # listed, but not entered (a folder without x permission)
             dirnames[:] = []
-            unreadable(OSError(e.errno, e.strerror, dirpath))
+            unreadable(OSError(e.errno, e.strerror, dirpath), "enter")
             continue
         if index:
             dirnames[:] = []

@@ -1,8 +1,8 @@
 """The feature-based reward model of earlier releases (format 1; the default until the verifier
 replaced it), kept so that such directories still load (CITEQA_REWARD=DIR), as
-evals/results/previous_rm/ does. Its training code and evals/reward_eval.py, which trained and
-measured it, were removed with 85b0264 (`git show 85b0264^:evals/reward_eval.py`). Scheduled
-for removal with such directories."""
+evals/results/previous_rm/ does. Its training code went with 85b0264, and evals/reward_eval.py,
+which trained and measured it and no longer ran without that code, with 1362b29 (`git show
+85b0264^:evals/reward_eval.py`). Scheduled for removal with such directories."""
 
 from __future__ import annotations
 
