@@ -82,6 +82,36 @@ def test_tokens_of_a_span_and_cls_when_truncated(tokenizer) -> None:
     assert char_to_tokens([(0, 0), (0, 3)], [None, 1], None) == (0, 0)
 
 
+@pytest.mark.parametrize("question", [
+    ("Please tell me, in the context of a self-hosted service that answers questions with "
+     "verified quotes " * 12)[:994] + " port?",  # 1,000 characters: ~194 tokens
+    "\u8bf7\u95ee" + "\u9ed8\u8ba4\u7684\u751f\u6210\u6a21\u578b\u662f\u4ec0\u4e48" * 19,
+])
+def test_a_question_that_alone_fills_the_budget_is_cut_not_an_error(tokenizer,
+                                                                     question: str) -> None:
+    """The tokenizer raised "Sequence to truncate too short" for a question the service
+    accepts (it truncated only the passage side): no answer at all, a 500 over REST."""
+    from citeqa.reward.answerability import encode as encode_answerability
+    from citeqa.reward.verifier import MIN_SECOND_TOKENS, fitting_firsts
+
+    short = item(question=question).judged
+    long = Judged(question, "Rollo", QUOTE, "Normans", short.before, "Later on. " * 80)
+    batch = encode(tokenizer, [long, item().judged], max_tokens=192)
+    assert batch.input_ids.shape[1] == 192
+    row = batch.input_ids[0][batch.attention_mask[0].bool()].tolist()
+    second = len(row) - 1 - row.index(tokenizer.sep_token_id) - 1  # [SEP] ... [SEP]
+    whole = len(tokenizer(render(long)[1], add_special_tokens=False)["input_ids"])
+    assert second == min(whole, MIN_SECOND_TOKENS) and len(row) - second - 3 == 192 - 3 - 64
+    first, last = batch.answer_tokens[0].tolist()  # the answer is still found in the passage
+    assert first > 0 and "".join(t.lstrip("#") for t in tokenizer.convert_ids_to_tokens(
+        batch.input_ids[0][first:last + 1].tolist())) == "rollo"
+    [cut] = fitting_firsts(tokenizer, [question], 192)
+    assert question.startswith(cut) and len(cut) < len(question)
+    assert fitting_firsts(tokenizer, ["Who led?"], 192) == ["Who led?"]  # as it was
+    assert encode_answerability(tokenizer, [long], 224)["input_ids"].shape[1] == 224
+    assert encode(tokenizer, [short], max_tokens=192).input_ids.shape[1] <= 192  # a short view
+
+
 def test_forward_shapes_and_ensemble_spread(tiny_encoder, tokenizer) -> None:
     model = Verifier(tiny_encoder(len(tokenizer)), members=3, hidden=8).eval()
     batch = encode(tokenizer, [item().judged, item("Paris", 0).judged])

@@ -33,7 +33,7 @@ from citeqa.reward.checkpoint import (
     read_encoder,
     write_encoder_dir,
 )
-from citeqa.reward.verifier import Judged
+from citeqa.reward.verifier import Judged, fitting_firsts
 
 SUBDIR = "answerability"  # where a reward-model directory keeps it
 KIND = "answerability"
@@ -51,9 +51,11 @@ def render(x: Judged) -> tuple[str, str]:
 
 def encode(tokenizer: Any, items: Sequence[Judged], max_tokens: int = MAX_TOKENS
            ) -> dict[str, Tensor]:
-    """Model inputs for ``items`` (the passage side truncated)."""
+    """Model inputs for ``items`` (the passage side truncated, and a question too long to leave
+    it room: ``verifier.fitting_firsts``)."""
     pairs = [render(x) for x in items]
-    enc = tokenizer([a for a, _ in pairs], [b for _, b in pairs], truncation="only_second",
+    firsts = fitting_firsts(tokenizer, [a for a, _ in pairs], max_tokens)
+    enc = tokenizer(firsts, [b for _, b in pairs], truncation="only_second",
                     max_length=max_tokens, padding=True, pad_to_multiple_of=PAD_MULTIPLE,
                     return_tensors="pt")
     return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}

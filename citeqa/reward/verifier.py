@@ -128,12 +128,37 @@ class Batch:
     gold_tokens: Tensor | None = None  # [N, 2] the reader's target; (0, 0) = [CLS]
 
 
+MIN_SECOND_TOKENS = 64  # of a pair's second text (the passage side) a long question leaves
+
+
+def fitting_firsts(tokenizer: Any, texts: Sequence[str], max_tokens: int) -> list[str]:
+    """``texts``, the first texts of pairs (questions), each cut at a token's end where it
+    would leave the second text fewer than ``MIN_SECOND_TOKENS`` of ``max_tokens`` (a third
+    of a smaller budget), special tokens counted; a text that fits is as it was. Truncating
+    only the passage side fails on a question that alone fills the budget, and the service
+    takes questions of 1,000 characters (~190 MiniLM tokens of English, fewer characters of
+    Chinese)."""
+    reserve = min(MIN_SECOND_TOKENS, max_tokens // 3)
+    room = max(1, max_tokens - tokenizer.num_special_tokens_to_add(pair=True) - reserve)
+    out = list(texts)
+    long = [i for i, t in enumerate(out) if len(t) > room]  # a token holds a character at least
+    if long:
+        enc = tokenizer([out[i] for i in long], add_special_tokens=False,
+                        return_offsets_mapping=True)
+        for i, offsets in zip(long, enc["offset_mapping"], strict=True):
+            if len(offsets) > room:
+                out[i] = out[i][:offsets[room - 1][1]]
+    return out
+
+
 def encode(tokenizer: Any, items: Sequence[Judged], *, golds: Sequence[Sequence[str]] | None
            = None, max_tokens: int = MAX_TOKENS) -> Batch:
     """Tokenize candidates as (question, answer + marked passage) pairs, truncating the
-    passage side, and locate each answer (and gold answer, for training) in tokens."""
+    passage side (and a question too long to leave it ``MIN_SECOND_TOKENS``:
+    ``fitting_firsts``), and locate each answer (and gold answer, for training) in tokens."""
     rendered = [render(x) for x in items]
-    enc = tokenizer([a for a, _, _ in rendered], [b for _, b, _ in rendered],
+    firsts = fitting_firsts(tokenizer, [a for a, _, _ in rendered], max_tokens)
+    enc = tokenizer(firsts, [b for _, b, _ in rendered],
                     truncation="only_second", max_length=max_tokens, padding=True,
                     pad_to_multiple_of=PAD_MULTIPLE, return_offsets_mapping=True,
                     return_tensors="pt")
