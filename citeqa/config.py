@@ -24,6 +24,7 @@ from citeqa.atomic import recover_dir
 from citeqa.compute import CpuDtype
 from citeqa.errors import ConfigError
 from citeqa.generation.format import AnswerMode
+from citeqa.text import without_userinfo
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +208,24 @@ def unknown_environment(environ: Mapping[str, str]) -> list[str]:
                   and k.upper() not in fields | OTHER_ENVIRONMENT)
 
 
+def _not_an_http_url(url: str) -> str | None:
+    """Why ``url`` is no http(s) URL with a host (and a port in 1-65535), or None."""
+    import httpx
+
+    try:
+        parsed = httpx.URL(url)
+        port = parsed.port
+    except (httpx.InvalidURL, ValueError) as e:
+        return str(e).replace(url, without_userinfo(url))
+    if parsed.scheme not in ("http", "https"):
+        return f"scheme {parsed.scheme or '(none)'!r}"
+    if not parsed.host:
+        return "no host"
+    if port is not None and not 1 <= port <= 65535:
+        return f"port {port} is outside 1-65535"
+    return None
+
+
 def _keyword_or_dir(v: str | None, keywords: tuple[str, ...], name: str, what: str) -> str | None:
     """``v`` as one of ``keywords`` (any case, spaces around), or an existing directory."""
     if not v:
@@ -308,12 +327,12 @@ class Settings(BaseSettings):
     @field_validator("generator_url")
     @classmethod
     def _url_is_http(cls, v: str | None) -> str | None:
-        if v is not None and not v.strip():
+        if v is None or not v.strip():
             return None
-        if v is not None and not re.match(r"^https?://[^/\s]+", v.strip()):
-            raise ValueError(f"CITEQA_GENERATOR_URL={v!r} is not an http(s) URL (e.g. "
-                             "http://127.0.0.1:8100)")
-        return v.strip() if v else v
+        if why := _not_an_http_url(v.strip()):
+            raise ValueError(f"CITEQA_GENERATOR_URL={without_userinfo(v.strip())!r} is not an "
+                             f"http(s) URL ({why}; e.g. http://127.0.0.1:8100)")
+        return v.strip()
 
     @property
     def batch_size(self) -> int:

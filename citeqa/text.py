@@ -226,6 +226,14 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
     return [(s.start, s.end) for s in sentences(text)]
 
 
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+
+
+def without_userinfo(url: str) -> str:
+    """``url`` without a ``user:password@`` part, for messages and logs."""
+    return _USERINFO.sub(r"\1", url)
+
+
 __all__ = [
     "STOP_WORDS",
     "TOKENIZER",
@@ -241,4 +249,5 @@ __all__ = [
     "term",
     "term_share",
     "tokenize",
+    "without_userinfo",
 ]

@@ -956,6 +956,21 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
             for family in text_string_to_metric_families(text) for smp in family.samples}
 
 
+def test_readme_names_every_metric_the_service_exports() -> None:
+    """README's /metrics row left out citeqa_answers_total and citeqa_cancelled_total."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with serve() as c:
+        text = c.get("/metrics").text
+    names = {f.name for f in text_string_to_metric_families(text)}
+    assert names, text
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    row = next(line for line in readme.splitlines() if line.startswith("| `GET /metrics` |"))
+    exported = {n if n.endswith("_seconds") or n in ("citeqa_batch_size", "citeqa_queue_depth")
+                else n + "_total" for n in names}  # the parser drops a counter's _total
+    assert {n for n in exported if f"`{n}`" not in row} == set(), row
+
+
 def test_metrics_count_requests_by_route_template_and_declines() -> None:
     with serve(max_body_bytes=1024) as c:
         c.post("/v1/answer", json={"question": "fine"})

@@ -217,6 +217,20 @@ def test_blocked_urls_never_connect(url: str) -> None:
         fetcher().fetch(url)
 
 
+def test_a_refused_urls_password_is_not_said_back() -> None:
+    """The 400 body repeated "http://user:PASSWD@...: credentials in URLs are not allowed"."""
+    for url in ("http://user:PASSWD@example.com/x", "http://user:PASSWD@127.0.0.1/"):
+        with pytest.raises(BlockedURLError) as e:
+            fetcher().fetch(url)
+        assert "PASSWD" not in str(e.value) and "http://example.com/x" in str(e.value) or (
+            "http://127.0.0.1/" in str(e.value)), str(e.value)
+    rec = Recorder({"example.com/r": lambda: httpx.Response(  # a redirect to one
+        302, headers={"Location": "http://u:PASSWD@example.com/in"})})
+    with pytest.raises(BlockedURLError) as e:
+        fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/r")
+    assert "PASSWD" not in str(e.value) and "redirected to http://example.com/in" in str(e.value)
+
+
 @pytest.mark.parametrize(
     "url",
     [

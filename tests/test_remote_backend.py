@@ -160,7 +160,7 @@ def test_an_engine_that_stays_down_is_unavailable_with_its_url():
         b.generate([GenerationRequest(messages=MSGS)])
     assert "hunter2" not in str(info.value) and "admin" not in str(info.value)
     assert seen[0].url.userinfo == b"admin:hunter2"
-    from citeqa.generation.remote import without_userinfo
+    from citeqa.text import without_userinfo
 
     assert without_userinfo("http://user:p@ss@gen:9/v1?a=b@c") == "http://gen:9/v1?a=b@c"
     assert without_userinfo("http://gen:9/x@y") == "http://gen:9/x@y"  # no userinfo
@@ -451,6 +451,17 @@ def test_settings_select_a_remote_generator(monkeypatch, tmp_path):
     assert Settings().batch_size == 4 and Settings().config().generation.url is None
     with pytest.raises(ValueError, match="not an http"):
         Settings(generator_url="gen:8000")
+    # a bad one is refused as a setting, its password never said (a start-up log line); a
+    # bad port passed, and failed at the first call as an unexpected error (a traceback)
+    for url, why in (("ftp://u:SECRETPW@127.0.0.1:9", "scheme 'ftp'"),
+                     ("http://u:SECRETPW@127.0.0.1:abc", "Invalid port: 'abc'"),
+                     ("http://127.0.0.1:70000", "port 70000 is outside 1-65535"),
+                     ("http://:80", "no host")):
+        with pytest.raises(ValueError, match="not an http") as e:
+            Settings(generator_url=url)
+        message = e.value.errors()[0]["msg"]  # type: ignore[attr-defined]
+        assert why in message and "SECRETPW" not in message, message
+    assert Settings(generator_url="HTTP://gen:8100").generator_url == "HTTP://gen:8100"
 
 
 def test_a_local_and_a_remote_generator_together_are_refused_and_the_flag_wins(

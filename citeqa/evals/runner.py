@@ -195,7 +195,7 @@ def _config_changes(before: dict[str, Any], after: dict[str, Any], prefix: str =
 def _without_secrets(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` with a remote generator's ``user:password@`` left out of its URL: run.json is
     a file people share."""
-    from citeqa.generation.remote import without_userinfo
+    from citeqa.text import without_userinfo
 
     generation = config.get("generation")
     if isinstance(generation, dict) and isinstance(generation.get("url"), str):

@@ -22,7 +22,6 @@ not be reached), with its message.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +35,7 @@ from citeqa.generation.backend import Completion, GenerationRequest, abandoned_c
 from citeqa.generation.chat import defused_for_any_template
 from citeqa.generation.format import ANSWER_LINE_END
 from citeqa.retry import RETRY_STATUSES, Backoff, request_by
+from citeqa.text import without_userinfo
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +46,6 @@ GATEWAY_ERRORS = frozenset({502, 504})  # a proxy's: the engine behind it is dow
 
 
 # scheme://user:pw@ (greedy to the authority's last "@", where httpx splits it too)
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
-
-
 class _Abandoned(Exception):
     """Nobody waits for this request's answer any more: no further call for it."""
 
@@ -348,7 +345,3 @@ def _server_message(resp: httpx.Response) -> str:
             return str(body["detail"])
     return str(body)[:300]
 
-
-def without_userinfo(url: str) -> str:
-    """``url`` without a ``user:password@`` part, for messages and logs."""
-    return _USERINFO.sub(r"\1", url)

@@ -50,6 +50,7 @@ from citeqa.errors import (
 )
 from citeqa.ingest.encoding import decode_page
 from citeqa.ingest.html import extract_html, title_from_text
+from citeqa.text import without_userinfo
 
 logger = logging.getLogger(__name__)
 
@@ -378,8 +379,8 @@ class Fetcher:
                 if hop == 0:
                     raise
                 # said alone, the refusal named an address the caller never gave
-                raise BlockedURLError(f"{url}: redirected to {current}, which is refused: "
-                                      f"{e}") from None
+                raise BlockedURLError(f"{url}: redirected to {without_userinfo(str(current))}, "
+                                      f"which is refused: {e}") from None
             location, page = self._get(client, target, url, deadline, watchdog)
             if page is not None:
                 return page
@@ -397,7 +398,7 @@ class Fetcher:
         """Check scheme, userinfo and host of one hop; resolve and check its addresses.
         Messages name ``shown`` (what the user wrote) when given: httpx may print a broken
         URL differently (``http://:80/`` as ``http:/``)."""
-        where = shown or str(url)
+        where = without_userinfo(shown or str(url))  # a password is not said back
         if url.scheme not in ("http", "https"):
             raise BlockedURLError(
                 f"{where}: scheme {url.scheme or '(none)'!r} is not allowed; use http or https"
