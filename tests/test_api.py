@@ -956,6 +956,19 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
             for family in text_string_to_metric_families(text) for smp in family.samples}
 
 
+def test_the_schema_declares_the_headers_and_statuses_the_routes_send() -> None:
+    """No response header was in the schema (Location, Retry-After, WWW-Authenticate), and a
+    DELETE whose body stalls answers 408, which its operation did not list."""
+    with serve() as c:
+        paths = c.get("/openapi.json").json()["paths"]
+    post = paths["/v1/documents"]["post"]["responses"]
+    assert "Location" in post["201"]["headers"] and "content" in post["201"]
+    for path, method in (("/v1/answer", "post"), ("/v1/search", "post"), ("/readyz", "get")):
+        assert "Retry-After" in paths[path][method]["responses"]["503"]["headers"], path
+    assert "WWW-Authenticate" in paths["/v1/answer"]["post"]["responses"]["401"]["headers"]
+    assert "408" in paths["/v1/documents/{doc_id}"]["delete"]["responses"]
+
+
 def test_readme_names_every_metric_the_service_exports() -> None:
     """README's /metrics row left out citeqa_answers_total and citeqa_cancelled_total."""
     from prometheus_client.parser import text_string_to_metric_families

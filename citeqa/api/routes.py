@@ -55,10 +55,21 @@ from citeqa.types import Answer, AskArgs, Document
 
 logger = logging.getLogger(__name__)
 
+def _headers(**described: str) -> dict[str, Any]:
+    """OpenAPI response headers (strings) by name (``Retry_After`` for "Retry-After")."""
+    return {"headers": {name.replace("_", "-"): {"description": text, "schema": {"type": "string"}}
+                        for name, text in described.items()}}
+
+
+# the headers of a 503 a client may retry (not_ready, overloaded), and of a 401
+RETRY_AFTER = _headers(Retry_After="seconds to wait before asking again (not_ready, overloaded; "
+                       "absent on load_failed)")
 # 400: a body that is not UTF-8 JSON, or nested too deep to parse; 413: over the body limit;
 # 415: a body in a content coding (on any route, before routing: BodyLimitMiddleware).
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorOut} for s in (400, 401, 404, 413, 415, 422, 500, 503, 504)
+    **{s: {"model": ErrorOut} for s in (400, 404, 413, 415, 422, 500, 504)},
+    401: {"model": ErrorOut, **_headers(WWW_Authenticate="Bearer")},
+    503: {"model": ErrorOut, **RETRY_AFTER},
 }
 # POSTs: a body not JSON (415), one that stopped arriving (408)
 BODY_ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorOut} for s in (408, 415)}
@@ -343,7 +354,9 @@ def v1_router(require_key: Callable[..., None],
                          include_in_schema=False)
 
     @v1.post("/documents", response_model=DocumentAddedOut, status_code=201,
-             dependencies=[*changes, *JsonBody], responses={**DOCUMENT_ERRORS, **BODY_ERRORS})
+             dependencies=[*changes, *JsonBody],
+             responses={**DOCUMENT_ERRORS, **BODY_ERRORS,
+                        201: _headers(Location="/v1/documents/{doc_id}, where it is read")})
     async def add_document(body: DocumentIn, request: Request, state: StateDep,
                            pipeline: PipelineDep, response: Response) -> dict[str, Any]:
         """Index a document (its text, or a public http(s) URL to fetch): searchable on return,
@@ -373,7 +386,7 @@ def v1_router(require_key: Callable[..., None],
                 "passages": counts[doc.doc_id]}
 
     @v1.delete("/documents/{doc_id:any_path}", status_code=204, response_class=Response,
-               dependencies=changes, responses=DOCUMENT_ERRORS)
+               dependencies=changes, responses={**DOCUMENT_ERRORS, 408: {"model": ErrorOut}})
     async def delete_document(doc_id: DocId, request: Request, state: StateDep,
                               pipeline: PipelineDep) -> Response:
         """Remove a document from the index (at once, persisted atomically)."""
@@ -393,7 +406,8 @@ def ops_router(page: str, csp: str) -> APIRouter:
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @ops.get("/readyz", response_model=ReadyOut, responses={503: {"model": ErrorOut}})
+    @ops.get("/readyz", response_model=ReadyOut, responses={503: {"model": ErrorOut,
+                                                                  **RETRY_AFTER}})
     async def readyz(state: StateDep) -> dict[str, Any]:
         """Readiness: 200 once models are loaded and warmed up; 503 while loading, after a
         failed load, and while shutting down."""
