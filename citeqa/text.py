@@ -226,6 +226,7 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
     return [(s.start, s.end) for s in sentences(text)]
 
 
+# scheme://user:pw@ (greedy to the authority's last "@", where httpx splits it too)
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
 
 

@@ -55,6 +55,7 @@ from citeqa.types import Answer, AskArgs, Document
 
 logger = logging.getLogger(__name__)
 
+
 def _headers(**described: str) -> dict[str, Any]:
     """OpenAPI response headers (strings) by name (``Retry_After`` for "Retry-After")."""
     return {"headers": {name.replace("_", "-"): {"description": text, "schema": {"type": "string"}}

@@ -45,7 +45,6 @@ CUT = frozenset({"length", "abort"})
 GATEWAY_ERRORS = frozenset({502, 504})  # a proxy's: the engine behind it is down or starting
 
 
-# scheme://user:pw@ (greedy to the authority's last "@", where httpx splits it too)
 class _Abandoned(Exception):
     """Nobody waits for this request's answer any more: no further call for it."""
 
