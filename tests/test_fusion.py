@@ -75,3 +75,20 @@ def test_weighted_rrf_matches_definition_and_can_reorder() -> None:
 def test_weighted_rrf_needs_one_weight_per_list() -> None:
     with pytest.raises(ValueError, match="weights"):
         rrf([[1], [2]], weights=[1.0])
+
+
+def test_an_exact_tie_is_broken_by_the_documented_rule_not_by_rounding() -> None:
+    """Ranks {1, 2, 3} in three lists are the same sum for every id, but the float sums
+    differed in their last bit (k=74: [1, 0, 2]), so rounding ordered them."""
+    for k in range(100):
+        fused = rrf([[0, 1, 2], [1, 2, 0], [2, 0, 1]], k=k)
+        assert [d for d, _ in fused] == [0, 1, 2], k
+        assert len({s for _, s in fused}) == 1, k
+    # the service's weights: 1.5/(10+1) + 1/(10+23) == 1.5/(10+5) + 1/(10+5) == 1/6 exactly;
+    # the better best rank (1) goes first
+    bm25 = [1000, 7, 8, 9, 1002]
+    dense = [100, 101, 102, 103, 1002, *range(104, 121), 1000]  # 1002 5th, 1000 23rd
+    fused = dict(rrf([bm25, dense], k=10, weights=[1.5, 1.0]))
+    assert fused[1000] == fused[1002] == pytest.approx(1 / 6)
+    order = [d for d, _ in rrf([bm25, dense], k=10, weights=[1.5, 1.0])]
+    assert order.index(1000) < order.index(1002)
