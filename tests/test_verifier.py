@@ -51,8 +51,13 @@ def test_render_marks_the_quote_and_finds_the_answer_in_it() -> None:
     assert b.startswith("Rollo | Normans:") and b[span[0]:span[1]] == "Rollo"
     assert span[0] > b.index("<<")  # inside the quote, not the answer's copy at the start
     assert render(Judged("q", "Paris", QUOTE))[2] is None
-    assert gold_span(b, ["Rollo"]) == (b.index("Rollo", 6), b.index("Rollo", 6) + 5)
-    assert gold_span(b, ["Paris"]) is None
+    assert gold_span(b, ["Rollo"], "Rollo") == (b.index("Rollo", 6), b.index("Rollo", 6) + 5)
+    assert gold_span(b, ["Paris"], "Rollo") is None
+    # an answer holding the separator: the gold is looked for after its whole copy, not in it
+    _, b, _ = render(Judged("q?", "1 | 2", "the score was 2 to 1", "Game"))
+    assert b.startswith("1 | 2 | Game:")
+    start, end = gold_span(b, ["2"], "1 | 2")  # was (4, 5), the answer copy's "2"
+    assert b[start:end] == "2" and start > b.index("<<")
 
 
 def test_the_answer_is_marked_where_it_stands_whatever_case_folding_does() -> None:

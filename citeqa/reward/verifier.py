@@ -84,11 +84,11 @@ def _find(answer: str, quote: str) -> tuple[int, int] | None:
     return None if m is None else m.span()
 
 
-def gold_span(text_b: str, golds: Sequence[str]) -> tuple[int, int] | None:
-    """Where a gold answer stands in the passage part of ``text_b`` (after the answer copy),
-    for the reader's target; None when none does (the reader should point at [CLS])."""
-    start = text_b.find(ANSWER_SEP)
-    start = 0 if start < 0 else start + len(ANSWER_SEP)
+def gold_span(text_b: str, golds: Sequence[str], answer: str) -> tuple[int, int] | None:
+    """Where a gold answer stands in the passage part of ``text_b`` (after the copy of the
+    candidate's ``answer`` ``render`` puts first, which may itself hold the separator), for the
+    reader's target; None when none does (the reader should point at [CLS])."""
+    start = len(answer) + len(ANSWER_SEP) if text_b.startswith(answer + ANSWER_SEP) else 0
     for g in golds:
         g = g.strip()
         if g and normalize_answer(g):
@@ -168,7 +168,8 @@ def encode(tokenizer: Any, items: Sequence[Judged], *, golds: Sequence[Sequence[
         seq = enc.sequence_ids(i)
         answer_tokens.append(char_to_tokens(offsets, seq, span))
         if golds is not None:
-            gold_tokens.append(char_to_tokens(offsets, seq, gold_span(text_b, golds[i])))
+            gold_tokens.append(char_to_tokens(offsets, seq,
+                                              gold_span(text_b, golds[i], items[i].answer)))
     return Batch(
         input_ids=enc["input_ids"],
         attention_mask=enc["attention_mask"],
