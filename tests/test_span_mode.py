@@ -212,7 +212,8 @@ TEXT = st.text(alphabet=st.sampled_from(list('ab c."/%{}:\\[]')), min_size=1, ma
 def test_no_quote_without_its_answer_is_ever_accepted(passage, other, answer, data) -> None:
     """Whatever the passages and the answer hold (grammar syntax, quotes, backslashes), an
     accepted quote is text of its passage that contains the answer. Half the spans drawn hold
-    an occurrence of the answer (random spans alone were accepted in 0-1 of 150 examples)."""
+    an occurrence of the answer (random spans alone were accepted in 0-1 of 150 examples,
+    these in up to 8 at random, 10 or more in CI's derandomized run)."""
     if not (passage.strip() and other.strip() and answer.strip()):
         return
     passages = [passage, other]
@@ -228,7 +229,7 @@ def test_no_quote_without_its_answer_is_ever_accepted(passage, other, answer, da
     k = data.draw(st.sampled_from([1, 2]))
     text = passages[k - 1]
     found = [m.start() for m in re.finditer(f"(?={re.escape(a)})", text)]
-    if found and data.draw(st.booleans()):  # a span around an occurrence: often accepted
+    if found and data.draw(st.booleans()):  # a span around an occurrence: accepted at times
         i = data.draw(st.sampled_from(found))
         start = data.draw(st.integers(0, i))
         quote = text[start : data.draw(st.integers(i + len(a), len(text)))]
