@@ -73,7 +73,7 @@ def _there(path: str) -> bool:
     except FileNotFoundError:
         return False
     except OSError:  # permission denied, a name too long...: reading it says what
-        return True
+        pass
     return True
 
 

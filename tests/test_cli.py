@@ -436,7 +436,7 @@ def test_if_missing_leaves_an_index_another_build_swapped_in_while_it_ran(
                "--no-progress", "--if-missing", *(["--resumable"] if resumable else []))
     assert other, "the build never came to its swap"
     assert slow.exit_code == 0, slow.output
-    assert "another build wrote it while this one ran" in slow.output
+    assert "another build wrote an index there while this one ran" in slow.output
     assert "not rebuilt (--if-missing)" in slow.output
     listed = run("index", "list", "--index", str(out))
     assert "added" in listed.output  # the index with the added document is the one there

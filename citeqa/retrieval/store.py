@@ -303,8 +303,8 @@ def publish(tmp: Path, out: Path, *, expect: dict[str, Any] | None = None,
     with writer_lock(out):
         if only_if_missing and out.exists() and not _is_empty_dir(out):
             raise IndexExistsError(
-                f"{out} holds an index already (another build wrote it while this one ran); it "
-                "was left as it is")
+                f"{out} is not empty any more (another build wrote an index there while this one "
+                "ran); it was left as it is")
         if expect is not None and version_on_disk(out) != manifest_version(expect):
             raise IndexChangedError(
                 f"the index at {out} changed on disk since this process loaded it (another "
