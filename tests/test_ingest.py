@@ -676,6 +676,17 @@ def test_a_self_closed_html_element_is_read_as_a_browser_reads_it(html: str, tex
     assert extract_html(html).text == text
 
 
+@pytest.mark.parametrize(("html", "text"), [
+    ("<p>a <img src=x.png> b</p>", "a b"),  # one space, as a browser shows it
+    ("<p>x <input> y <wbr> z</p>", "x y z"),
+    ("<p>one <b> two</b> <i> three </i> four</p>", "one two three four"),
+    ("<p>a<img>b</p>", "ab"),  # no space is added either
+    ("<pre>a  <b> b</b></pre>", "a   b"),  # but <pre> keeps its own
+])
+def test_white_space_collapses_across_elements(html: str, text: str) -> None:
+    assert extract_html(html).text == text
+
+
 def test_xhtml_served_as_xml_closes_any_element_on_its_slash() -> None:
     assert extract_html("<div hidden/>x<p>y</p>", xml=True).text == "x\n\ny"
 

@@ -218,8 +218,14 @@ class _Extractor(HTMLParser):
         self._tick()
         if self._in_title:
             self.title_parts.append(data)
-        elif not self._hiding:
-            self.pieces.append(data if self._pre else _SPACE_RE.sub(" ", data))
+        elif self._pre and not self._hiding:
+            self.pieces.append(data)
+        elif not self._hiding:  # white space collapses across elements: "a <img> b" is "a b"
+            text = _SPACE_RE.sub(" ", data)
+            if text[:1] == " " and self.pieces and self.pieces[-1][-1:] in (" ", "\n"):
+                text = text[1:]
+            if text:
+                self.pieces.append(text)
 
 
 def parse_seconds(html: str) -> float:
