@@ -16,7 +16,8 @@ from citeqa.reward.provenance import (
 
 GEN = {"model_id": "smollm2+lora-ab12", "prompt_sha256": "cc72", "answer_mode": "span",
        "temperature": 0.7, "top_k_passages": 3, "passage_chars": 600}
-BODY = {"generators": [GEN], "candidates_per_question": 1, "target_accuracy": 0.8}
+BODY = {"generators": [GEN], "candidates_per_question": 1, "target_accuracy": 0.8,
+        "threshold": 1.25}
 
 
 def test_the_same_weights_in_another_number_format_are_the_same_generator() -> None:
@@ -72,6 +73,9 @@ def test_the_warning_says_what_does_not_carry_over() -> None:
     assert line is not None
     assert "(answer_mode 'span' -> 'free'; candidates per question 1 -> 4)" in line
     assert "80% answered accuracy" in line and "docs/calibrate.md" in line
+    # a calibration that found no threshold certified no accuracy: none is named
+    uncertified = mismatch_warning({**BODY, "threshold": None}, {**GEN, "answer_mode": "free"}, 1)
+    assert uncertified is not None and "answered accuracy" not in uncertified
 
 
 def test_candidates_per_question_reads_the_markers() -> None:

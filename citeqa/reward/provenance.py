@@ -79,7 +79,8 @@ def mismatch_warning(body: Mapping[str, Any], serving: Mapping[str, Any],
     if not differ:
         return None
     target = body.get("target_accuracy")
-    certified = f" ({target:.0%} answered accuracy)" if isinstance(target, float) else ""
+    certified = (f" ({target:.0%} answered accuracy)"  # a null threshold certified none
+                 if isinstance(target, float) and body.get("threshold") is not None else "")
     return ("the reward model's decline threshold was calibrated on other answers than this "
             f"service gives ({'; '.join(differ)}): what it certifies{certified} does not carry "
             "over; calibrate it on this generator's answers (docs/calibrate.md)")
