@@ -307,6 +307,14 @@ class Settings(BaseSettings):
     # `citeqa index add/remove`) and then serves the new one; 0 = never (until restarted)
     index_reload_s: float = Field(2.0, ge=0, le=DAY_S, allow_inf_nan=False)
 
+    @field_validator("index", "generator", "adapter", "reward", "cache_dir", mode="before")
+    @classmethod
+    def _home_expanded(cls, v: object) -> object:
+        """``~/x`` as a shell reads it: an env file or a unit file passes it as it is."""
+        if isinstance(v, str | Path) and str(v).startswith("~"):
+            return str(Path(v).expanduser())
+        return v
+
     @field_validator("reward")
     @classmethod
     def _reward_exists(cls, v: str | None) -> str | None:

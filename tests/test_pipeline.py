@@ -624,6 +624,22 @@ def test_settings_choose_adapter_and_reward_model(tmp_path, monkeypatch):
         Settings()
 
 
+def test_paths_in_settings_start_at_home_as_a_shell_reads_them(tmp_path, monkeypatch):
+    """An env file or a unit file passes "~/x" as it is: the settings expand it, as the loaders
+    given it in Python do (a generator there was refused as "not a directory")."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("gen", "rm", "ad", "idx"):
+        (tmp_path / name).mkdir()
+    for var, value in (("CITEQA_GENERATOR", "~/gen"), ("CITEQA_REWARD", "~/rm"),
+                       ("CITEQA_ADAPTER", "~/ad"), ("CITEQA_INDEX", "~/idx"),
+                       ("CITEQA_CACHE_DIR", "~/cache")):
+        monkeypatch.setenv(var, value)
+    s = Settings()
+    assert (s.generator, s.reward, s.adapter) == tuple(
+        str(tmp_path / n) for n in ("gen", "rm", "ad"))
+    assert (s.index, s.cache_dir) == (tmp_path / "idx", tmp_path / "cache")
+
+
 def test_settings_choose_the_cpu_dtype(monkeypatch):
     cfg = Settings().config()
     assert cfg.generation.cpu_dtype == "auto" and cfg.retrieval.cpu_dtype == "auto"
