@@ -25,6 +25,13 @@ MESSAGES = (
     {"role": "user", "content": "Passages:\n[1] " + PASSAGES[0] + "\n[2] " + PASSAGES[1]
                                 + "\n\nQuestion: Who was Rollo?"},
 )
+NO_SYSTEM_TEMPLATE = (  # as Gemma's and Mistral v0.1's templates: no system role
+    "{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
 FORMAT = re.compile(r"Answer: ([^\n]+)\nQuote \[(\d+)\]: (.+)", re.S)
 
 
@@ -90,6 +97,36 @@ def test_a_model_directory_missing_weights_is_a_model_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
     with pytest.raises(ModelError, match=r"lacks weights .*layers\.2\."):
         load_model(str(tmp_path), CACHE)
+
+
+def test_a_generator_that_cannot_read_its_prompts_is_refused_at_load(tmp_path):
+    """Another model's (larger) tokenizer raised IndexError in the embeddings on the first
+    question, and a chat template refusing every prompt a TemplateError: tracebacks, and a
+    service that never became ready. Both are said at load; a template without a system role
+    loads (its system turn goes in the user's)."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    smol = resolve_model_dir("smollm2", CACHE)
+
+    def tiny(vocab: int, template: str | None = None) -> str:
+        folder = tmp_path / f"v{vocab}-{template is not None}"
+        LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                                     num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=1)).save_pretrained(folder)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(smol / name, folder / name)
+        if template is not None:
+            (folder / "chat_template.jinja").write_text(template)
+        return str(folder)
+
+    with pytest.raises(ModelError, match="tokenizer of 49152 tokens but embeddings for 32000"):
+        load_model(tiny(32000), CACHE)
+    load_model(tiny(49152 + 64), CACHE)  # more rows than tokens (as Qwen's): loads
+    load_model(tiny(49152, NO_SYSTEM_TEMPLATE), CACHE)
+    with pytest.raises(ModelError, match="chat template refuses citeqa's prompt"):
+        load_model(tiny(49152, "{{ raise_exception('no chat here') }}"), CACHE)
 
 
 def test_a_damaged_conversion_of_the_packaged_model_is_made_again(tmp_path, monkeypatch):
@@ -642,6 +679,23 @@ def test_a_passage_cannot_open_a_chat_turn_of_its_own(backend):
     plain = backend.prompt_ids(MESSAGES)
     assert (ids.count(start), ids.count(end)) == (plain.count(start), plain.count(end)) == (3, 2)
     assert "im_start" in tok.decode(ids[len(plain) - 8:])  # kept as text the model reads
+
+
+def test_a_chat_template_without_a_system_role_gets_it_in_the_user_turn(backend):
+    """Such a template raised jinja's TemplateError from every question (a traceback from
+    `citeqa ask`, a service that never became ready)."""
+    import copy
+
+    from citeqa.generation.chat import prompt_ids
+
+    tok = copy.deepcopy(backend.tokenizer)
+    tok.chat_template = NO_SYSTEM_TEMPLATE
+    text = tok.decode(prompt_ids(tok, MESSAGES))
+    assert text == (f"<|im_start|>user\n{MESSAGES[0]['content']}\n\n{MESSAGES[1]['content']}"
+                    "<|im_end|>\n<|im_start|>assistant\n")
+    tok.chat_template = "{{ raise_exception('no chat here') }}"  # refuses any prompt: said so
+    with pytest.raises(ModelError, match="chat template refuses citeqa's prompt.*no chat here"):
+        prompt_ids(tok, MESSAGES)
 
 
 def test_a_row_cut_inside_a_character_leaves_that_character_out() -> None:

@@ -79,12 +79,36 @@ def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
     """
     messages = defused(tokenizer, messages)
     if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, return_dict=True
-        )
+        from jinja2 import TemplateError
+
+        try:
+            out = tokenizer.apply_chat_template(
+                list(messages), add_generation_prompt=True, return_dict=True
+            )
+        except TemplateError as e:  # Gemma's, Mistral v0.1's: "System role not supported"
+            merged = system_in_user(messages)
+            if merged == list(messages):
+                raise ModelError(f"the generator's chat template refuses citeqa's prompt: "
+                                 f"{e}") from None
+            try:
+                out = tokenizer.apply_chat_template(merged, add_generation_prompt=True,
+                                                    return_dict=True)
+            except TemplateError as again:
+                raise ModelError(f"the generator's chat template refuses citeqa's prompt "
+                                 f"({e}), with its system turn put in the user's too: "
+                                 f"{again}") from None
         return [int(i) for i in out["input_ids"]]
     text = "\n\n".join(m["content"] for m in messages) + "\n\n"
     return [int(i) for i in tokenizer(text, add_special_tokens=True)["input_ids"]]
+
+
+def system_in_user(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """``messages`` with a leading system turn put at the start of the user turn after it, for
+    chat templates without a system role (as their models' cards advise)."""
+    if len(messages) < 2 or messages[0]["role"] != "system" or messages[1]["role"] != "user":
+        return list(messages)
+    system, user = messages[0], messages[1]
+    return [{**user, "content": f"{system['content']}\n\n{user['content']}"}, *messages[2:]]
 
 
 def turn_ids(tokenizer: Any, message: dict[str, str]) -> list[int] | None:

@@ -192,12 +192,31 @@ def load_model(name: str, cache_dir: Path, *, device: str | None = None) -> tupl
                                           else "")
         raise ModelError(f"the generator in {path} lacks weights its config.json calls for "
                          f"({shown}); check that it is a complete Hugging Face model directory")
+    check_tokenizer_fits(model, tokenizer, path)
     model.to(device)
     model.eval()
     if tokenizer.chat_template is None:
         logger.warning("%s has no chat template; prompts will be plain text", path)
     model_id = SMOLLM2_ID if name == DEFAULT_MODEL else path.resolve().name  # "." has none
     return model, tokenizer, model_id
+
+
+def check_tokenizer_fits(model: Any, tokenizer: Any, path: Path) -> None:
+    """ModelError when the generator in ``path`` cannot read its own prompts: a tokenizer with
+    more tokens than the model has embeddings (another model's: its ids past the table raised
+    IndexError on the first question), or a chat template that refuses citeqa's prompt."""
+    from citeqa.generation.chat import prompt_ids
+
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ModelError(f"the generator in {path} has a tokenizer of {len(tokenizer)} tokens "
+                         f"but embeddings for {rows}: the tokenizer is another model's; save "
+                         "the model's own tokenizer beside it")
+    try:
+        prompt_ids(tokenizer, [{"role": "system", "content": "Answer."},
+                               {"role": "user", "content": "Question?"}])
+    except ModelError as e:
+        raise ModelError(f"the generator in {path}: {e}") from None
 
 
 def store_linear_weights_fp16(model: Any, threads: int | None = None) -> int:
