@@ -283,6 +283,10 @@ def test_from_data_to_a_calibrated_verifier_the_pipeline_loads(tmp_path):
     assert r.exit_code == 2 and "another citeqa train reward-data is writing" in r.output
     r = runner.invoke(app, generate)
     assert r.exit_code == 0, r.output
+    for made in (syn, gen):  # each example names its question's article (the checks read it)
+        rows = [json.loads(line) for line in made.read_text().splitlines()]
+        assert {r.get("article") for r in rows if r.get("kind") != "question"} == {
+            "Eiffel", "Harvard"}, made
     r = runner.invoke(app, ["train", "reward", "--data", str(syn), "--data", str(gen),
                             "--out", str(rm), "--base", str(base), "--epochs", "2",
                             "--batch", "4", "--cpu-dtype", "fp32", "--no-progress"])
@@ -354,6 +358,49 @@ def test_training_data_of_the_eval_articles_is_refused(tmp_path):
     assert not (tmp_path / "rt.jsonl").exists() and not (tmp_path / "ans").exists()
 
 
+def test_a_copy_of_reward_data_without_its_stats_is_still_checked(tmp_path):
+    """Only the .stats.json beside the data named its articles: a copy (cp eval.jsonl x.jsonl)
+    trained a model on the eval articles, and one of the train articles calibrated."""
+    from typer.testing import CliRunner
+
+    from citeqa.cli import app
+    from citeqa.evals.squad import articles_for_split
+
+    runner = CliRunner()
+    squad = tmp_path / "qa.json"
+    for split in ("train", "eval"):
+        squad.write_text(json.dumps({"version": "v2.0", "data": [{"title": article,
+            "paragraphs": [{"context": EIFFEL, "qas": [{"id": f"q{i}", "question": "When was "
+                            "the tower finished?", "is_impossible": False, "answers": [
+                                {"text": "1889", "answer_start": EIFFEL.index("1889")}]}]}]}
+            for i, article in enumerate(articles_for_split(split))]}))
+        articles = set(articles_for_split(split))
+        if split == "train":
+            made_from = tmp_path / "train-squad.json"
+            made_from.write_text(squad.read_text())
+        made = tmp_path / f"{split}.jsonl"
+        r = runner.invoke(app, ["train", "reward-data", "--from", "redteam", "--dataset",
+                                str(squad), "--out", str(made), "--split", split,
+                                "--no-progress"])
+        assert r.exit_code == 0, r.output
+        copy, variants = tmp_path / f"copy-{split}.jsonl", tmp_path / f"copy-{split}.v.jsonl"
+        copy.write_text(made.read_text())
+        variants.write_text((tmp_path / f"{split}.jsonl.variants.jsonl").read_text())
+        assert {json.loads(x)["article"] for x in copy.read_text().splitlines()} == articles
+        if split == "eval":  # (answerability reads the train articles' paragraphs beside)
+            for args in (["train", "reward", "--data", str(copy), "--out", str(tmp_path / "rm")],
+                         ["train", "reward-combine", "--data", str(copy), "--reward",
+                          str(tmp_path)],
+                         ["train", "answerability", "--squad", str(made_from),
+                          "--redteam", str(variants), "--out", str(tmp_path / "ans")]):
+                r = runner.invoke(app, [*args, *(["--no-progress"] if "--out" in args else [])])
+                assert r.exit_code == 2 and "evaluation articles (French" in r.output, (
+                    args, r.output)
+        else:
+            r = runner.invoke(app, ["calibrate", "--data", str(copy), "--reward", str(tmp_path)])
+            assert r.exit_code == 2 and "training or evaluation articles (1973" in r.output
+
+
 def test_redteam_data_without_paragraphs_is_refused_not_an_empty_file(tmp_path):
     """JSONL questions without a 'context' made 0 seeds: exit 0 and an empty data file."""
     from typer.testing import CliRunner
@@ -417,10 +464,11 @@ def test_reward_data_of_held_out_articles_is_refused_for_training_and_calibratio
     variants.write_text("")
     (tmp_path / "rt.jsonl.stats.json").write_text(json.dumps({"articles": ["Imperialism"]}))
     from citeqa.reward.cli import _check_trainable, data_articles
+    from citeqa.reward.data import VerifierData
 
     assert data_articles([], [variants]) == ["Imperialism"]
     with pytest.raises(Exception, match="calibration or evaluation articles"):
-        _check_trainable([], [variants])
+        _check_trainable(VerifierData(), [variants])
     train = tmp_path / "train.jsonl"
     train.write_text(line * 4)
     (tmp_path / "train.jsonl.stats.json").write_text(json.dumps({"articles": ["Normans"]}))

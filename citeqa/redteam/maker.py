@@ -72,6 +72,7 @@ class Variant:
     change: str  # what was changed, e.g. "Normandy -> Brittany"
     seed_id: str = ""
     answers: tuple[str, ...] = ()  # the seed's right answers (a control is graded on them)
+    article: str = ""  # the seed's article, where known (what the held-out checks read)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -36,6 +37,9 @@ from citeqa.cli_errors import (
 from citeqa.errors import CiteqaError, ConfigError
 from citeqa.journal import file_lock
 from citeqa.training.cards import data_stats
+
+if TYPE_CHECKING:
+    from citeqa.reward.data import Example, VerifierData
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +109,14 @@ def reward(
     typer.echo(f"wrote {out}")
 
 
-def data_articles(questions: list[dict[str, Any]], paths: list[Path]) -> list[str]:
-    """The articles reward data comes from: its question markers' (generator data) and those
-    the ``.stats.json`` that `citeqa train reward-data` writes beside it records (every kind;
-    a red-team ``X.variants.jsonl`` has ``X.stats.json``). Hand-made data may record none."""
+def data_articles(questions: list[dict[str, Any]], paths: list[Path],
+                  examples: Sequence[Example] = ()) -> list[str]:
+    """The articles reward data comes from: its question markers' (generator data), its
+    examples' own (every kind `citeqa train reward-data` writes: a copy without its
+    ``.stats.json`` keeps them) and those the ``.stats.json`` beside it records (a red-team
+    ``X.variants.jsonl`` has ``X.stats.json``). Hand-made data may record none."""
     found = [str(q.get("article") or "") for q in questions]
+    found += [ex.article for ex in examples]
     for path in map(Path, paths):
         recorded = data_stats(path).get("articles")
         if isinstance(recorded, list):
@@ -117,11 +124,12 @@ def data_articles(questions: list[dict[str, Any]], paths: list[Path]) -> list[st
     return found
 
 
-def _check_trainable(questions: list[dict[str, Any]], paths: list[Path]) -> None:
+def _check_trainable(data: VerifierData, paths: list[Path]) -> None:
     """ConfigError when reward data to train on comes from held-out articles."""
     from citeqa.evals.squad import check_training_articles
 
-    check_training_articles(data_articles(questions, paths), ", ".join(map(str, paths)))
+    check_training_articles(data_articles(data.questions, paths, data.examples),
+                            ", ".join(map(str, paths)))
 
 
 def train_to_dir(data_paths: list[Path], out: Path, *, base: Path | None = None,
@@ -142,7 +150,7 @@ def train_to_dir(data_paths: list[Path], out: Path, *, base: Path | None = None,
         torch.set_num_threads(threads)
     cfg = TrainConfig(**(cfg_kw or {}))
     data = load_verifier_data(data_paths)
-    _check_trainable(data.questions, data_paths)
+    _check_trainable(data, data_paths)
     groups = data.groups()
     if limit is not None and limit < len(groups):
         groups = random.Random(cfg.seed).sample(groups, limit)
@@ -235,7 +243,11 @@ def answerability_to_dir(squad: list[Path], out: Path, *, redteam: Path | None,
     import torch
 
     from citeqa.errors import SourceError
-    from citeqa.evals.squad import check_not_held_out, load_squad_questions
+    from citeqa.evals.squad import (
+        check_not_held_out,
+        check_training_articles,
+        load_squad_questions,
+    )
     from citeqa.redteam.maker import Variant
     from citeqa.retrieval.embed import minilm_dir
     from citeqa.reward.answerability import Answerability, load_answerability
@@ -258,13 +270,14 @@ def answerability_to_dir(squad: list[Path], out: Path, *, redteam: Path | None,
         check_not_held_out(questions, f"--squad {path}")
         examples += squad_examples(questions, plausible_answers(path))
     if redteam is not None and redteam_variants:
-        _check_trainable([], [redteam])
         try:
             variants = [Variant(**json.loads(line))
                         for line in sample_lines(redteam, redteam_variants, cfg.seed)]
         except (OSError, ValueError, TypeError) as e:
             raise SourceError(f"{redteam} is not a red-team variants file ({e}); make one with "
                               "`citeqa train reward-data --from redteam`") from None
+        check_training_articles([*data_articles([], [redteam]), *(v.article for v in variants)],
+                                str(redteam))
         examples += redteam_examples(variants)
     random.Random(cfg.seed).shuffle(examples)
     if len({ex.label for ex in examples}) < 2:
@@ -379,7 +392,7 @@ def combine_dir(data_paths: list[Path], reward_dir: Path) -> dict[str, Any]:
     from citeqa.reward.scorer import CALIBRATION, VerifierScorer
 
     data = load_verifier_data(data_paths)
-    _check_trainable(data.questions, data_paths)  # fitted on: no held-out article either
+    _check_trainable(data, data_paths)  # fitted on: no held-out article either
     examples = [ex for ex in data.examples if ex.judged.quote]
     names = ", ".join(map(str, data_paths))
     if not any(ex.signals for ex in examples):
@@ -470,7 +483,7 @@ def calibrate_dir(data_paths: list[Path], reward_dir: Path, *, target: float, de
     from citeqa.reward.scorer import VerifierScorer, best_per_question, write_calibration
 
     data = load_verifier_data(data_paths)
-    check_calibration_articles(data_articles(data.questions, data_paths),
+    check_calibration_articles(data_articles(data.questions, data_paths, data.examples),
                                ", ".join(str(p) for p in data_paths))
     groups = data.groups()
     answered_questions = {g[0].group for g in groups}

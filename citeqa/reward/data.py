@@ -4,7 +4,8 @@ One JSON object a line; two kinds (``kind`` may be left out for a candidate):
 
     candidate  {"group", "question", "answer", "quote", "label": 0|1, optional "title",
                 "before", "after" (the passage around the quote), "golds" (gold answers, for
-                the reader; [] = unanswerable), "source" (how it was made), "qid"}
+                the reader; [] = unanswerable), "source" (how it was made), "qid", "article"
+                (the question's: what the held-out checks read)}
     question   {"kind": "question", "qid", ...}  a marker closing one question's candidates
                (written by builders that run the generator; it makes them resumable)
 
@@ -37,6 +38,7 @@ class Example:
     # logprob, mean_logprob, n_tokens, retrieval_score, retrieval_fused (1 or 0; absent: 1),
     # rm_score (the serving reward model's)
     signals: dict[str, float] = field(default_factory=dict)
+    article: str = ""  # the question's article, where known ("": not said)
 
     def to_json(self) -> dict[str, Any]:
         j = self.judged
@@ -45,6 +47,8 @@ class Example:
                "label": self.label, "golds": list(self.golds), "source": self.source}
         if self.signals:
             out["signals"] = dict(self.signals)
+        if self.article:
+            out["article"] = self.article
         return out
 
 
@@ -93,9 +97,12 @@ def parse_record(obj: dict[str, Any]) -> Example | dict[str, Any]:
     if not isinstance(signals, dict) or not all(
             isinstance(v, int | float) and not isinstance(v, bool) for v in signals.values()):
         raise TypeError("'signals' must be an object of numbers")
+    article = obj.get("article", "")
+    if not isinstance(article, str):
+        raise TypeError("'article' must be a string")
     return Example(Judged(question=question, **texts), int(label), tuple(golds),
                    str(obj.get("group") or obj.get("qid") or ""), str(obj.get("source", "")),
-                   {str(k): float(v) for k, v in signals.items()})
+                   {str(k): float(v) for k, v in signals.items()}, article)
 
 
 def load_verifier_data(paths: Path | Sequence[Path]) -> VerifierData:

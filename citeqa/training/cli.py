@@ -410,8 +410,8 @@ def _synthetic_data(items, dataset, index, out, seed, progress) -> dict:
             continue
         start = starts.get(item.id, {}).get(item.answers[0]) if item.answers else None
         hits = retriever.search(item.question, k=4, mode="bm25")
-        made += synthetic_examples(item, start, item.article.replace("_", " "), hits, rng,
-                                   plausible.get(item.id, ()))
+        made += [replace(ex, article=item.article) for ex in synthetic_examples(
+            item, start, item.article.replace("_", " "), hits, rng, plausible.get(item.id, ()))]
     _write_all(out, made)
     return {"questions": len(items), "examples": len(made), "by_source": stats_of(made)}
 
@@ -429,7 +429,9 @@ def _redteam_data(items, out, seed, progress) -> dict:
                           "variants of; give SQuAD JSON, or JSONL records with a 'context'")
     title_of = {q.context: q.article.replace("_", " ") for q in items}
     corpus = Corpus.build(dict.fromkeys(q.context for q in items if q.context.strip()))
-    variants = make_variants(seeds, corpus, seed=seed)
+    article_of = {q.id: q.article for q in items}  # kept in each variant and example
+    variants = [replace(v, article=article_of.get(v.seed_id, ""))
+                for v in make_variants(seeds, corpus, seed=seed)]
     made = list(redteam_examples(variants, title_of.get))
     variants_out = out.with_name(out.name + ".variants.jsonl")
     with atomic_open(variants_out) as f:

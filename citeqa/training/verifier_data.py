@@ -156,7 +156,7 @@ def generator_examples(pipeline: Pipeline, items: Iterable[QAItem], out: Path, *
                     right = label(c.answer, c.quote.text if c.quote else None, item.answers)
                     examples.append(Example(judged(item.question, c, documents), right,
                                             item.answers, item.id, "generator",
-                                            candidate_signals(c)))
+                                            candidate_signals(c), item.article))
                 n_examples += write_examples(f, examples)
                 n_right += sum(e.label for e in examples)
                 f.write(json.dumps({"kind": "question", "qid": item.id,
@@ -331,7 +331,7 @@ def redteam_examples(variants: Iterable[Variant],
         title = (titles(v.passage) or "") if titles else ""
         yield Example(Judged(v.question, v.answer, v.passage[quote[0]:quote[1]], title,
                              before, after), 0, (), f"rt:{v.seed_id}:{v.kind}",
-                      f"redteam:{v.kind}")
+                      f"redteam:{v.kind}", article=v.article)
 
 
 def plausible_answers(path: Path) -> dict[str, list[str]]:
