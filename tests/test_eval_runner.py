@@ -366,7 +366,8 @@ def test_split_restricts_squad_articles(index_dir: Path, tmp_path: Path) -> None
     assert [r["id"] for r in rows] == [f"q{i}" for i in range(len(EVAL_ARTICLES))]
     assert [r["article"] for r in rows] == list(EVAL_ARTICLES)
     assert all(r["gold_rank"] == 1 for r in rows)
-    with pytest.raises(SourceError, match="lacks articles of the split.*leave --split out"):
+    with pytest.raises(SourceError, match="lacks articles of the split.*leave --split out; "
+                       "`citeqa train generator-data`: --split all"):
         run_eval(_spec(squad, index_dir, split="train"), tmp_path / "run2", progress=False)
 
 

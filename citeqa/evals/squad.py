@@ -203,7 +203,8 @@ def _parse_squad(
     if wanted is not None and (missing := sorted(wanted - seen_titles)):
         raise SourceError(f"{path} lacks articles of the split asked for: {missing}; --split "
                           "names the project's SQuAD 2.0 articles (../shared/data/squad2/"
-                          "qa.json holds them all): with another file, leave --split out")
+                          "qa.json holds them all): with another file, take all its articles "
+                          "(leave --split out; `citeqa train generator-data`: --split all)")
     return items
 
 

@@ -60,7 +60,9 @@ def generator_data(
     index: Annotated[Path, typer.Option("--index", "-i", help="Index holding the paragraphs.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Demonstrations file to write.")],
     split: Annotated[
-        str, typer.Option("--split", help="Article split: train | calibration | eval | all.")
+        str, typer.Option("--split", help="train: the project's train articles (of qa.json); "
+                          "all: every article of the file (a file of your own). The "
+                          "calibration and eval articles are never trained on.")
     ] = "train",
     limit: Annotated[
         int | None, typer.Option("--limit", min=1, help="At most this many demonstrations.")
