@@ -384,6 +384,9 @@ def test_a_run_cut_short_by_max_steps_keeps_its_checkpoint_to_go_on(tokenizer,
                                    save_every=1), LoRAConfig(r=4), progress=False)
 
     assert run(2)["steps"] == 2 and (tmp_path / "checkpoint").is_dir()  # 4 steps scheduled
+    log = (tmp_path / "training_log.json").read_bytes()
+    again = run(2)  # the same cut-short run again: nothing trained, its record kept as it was
+    assert again["trained_now"] == 0 and (tmp_path / "training_log.json").read_bytes() == log
     record = run(4)
     assert [h["step"] for h in record["history"]] == [1, 2, 3, 4]
     assert not (tmp_path / "checkpoint").exists()

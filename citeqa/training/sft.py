@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from citeqa.atomic import write_text_atomic
 from citeqa.compute import cpu_dtype, training_autocast
 from citeqa.config import GenerationConfig
-from citeqa.generation.adapter import AdapterConfig, base_fingerprint
+from citeqa.generation.adapter import WEIGHTS, AdapterConfig, base_fingerprint
 from citeqa.generation.adapter import save_adapter as _save_adapter
 from citeqa.generation.chat import end_token_id, prompt_ids
 from citeqa.generation.prompt import prompt_fingerprint
@@ -383,6 +383,21 @@ def finished_run(out: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else {}
 
 
+def _trained_to(out: Path, key: str, steps: int) -> dict[str, Any] | None:
+    """The training log in ``out`` when its adapter is this run's (``key``) trained to
+    ``steps`` steps (a run cut short by --max-steps keeps its checkpoint to go on), else None."""
+    try:
+        record = json.loads((Path(out) / LOG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    history = record.get("history") if isinstance(record, dict) else None
+    if (isinstance(history, list) and history and isinstance(history[-1], dict)
+            and history[-1].get("step") == steps and record.get("run_key") == key
+            and (Path(out) / WEIGHTS).is_file()):
+        return record
+    return None
+
+
 def write_log(out: Path, log: TrainLog, meta: dict[str, Any]) -> dict[str, Any]:
     """Write ``training_log.json``: per-step losses, timings, peak memory, settings."""
     record = {
@@ -524,6 +539,10 @@ def run_sft(
             return {**finished, "trained_now": 0}
         raise ValueError(f"{out} holds an adapter trained by another run (other data, settings "
                          "or base model); choose another --out, or delete it to train afresh")
+    if (done := _trained_to(out, key, total)) is not None:  # cut short by --max-steps, as now
+        logger.info("%s already holds this run's adapter of %d steps: nothing to train", out,
+                    total)  # (rewriting it recorded this process's peak memory and timings)
+        return {**done, "trained_now": 0}
     if next(model.parameters()).is_cuda:  # this training's peak, not an earlier one's
         torch.cuda.reset_peak_memory_stats(next(model.parameters()).device)
     wrapped, log = train_lora(model, examples, pad_id, train, lora, progress=progress,
