@@ -401,6 +401,34 @@ def test_a_copy_of_reward_data_without_its_stats_is_still_checked(tmp_path):
             assert r.exit_code == 2 and "training or evaluation articles (1973" in r.output
 
 
+def test_a_combination_is_not_fitted_on_questions_the_verifier_trained_on(tmp_path):
+    """Its help said so, but nothing checked: the combiner leant on scores that were surer
+    than they are on unseen questions. The verifiers it was trained further from count too."""
+    from citeqa.errors import ConfigError
+    from citeqa.reward.checkpoint import HEADS
+    from citeqa.reward.cli import _check_unseen, trained_questions
+    from citeqa.reward.data import load_verifier_data
+
+    def data(name: str, groups: list[str]) -> Path:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"group": g, "question": "Q?", "answer": "a",
+                                            "quote": "a b", "label": 1}) + "\n" for g in groups))
+        return path
+
+    first, further = tmp_path / "rm-first", tmp_path / "rm-further"
+    for folder, made, base in ((first, data("a.jsonl", ["q1", "rt:q2:negation"]), "encoder"),
+                               (further, data("b.jsonl", ["q3"]), str(first))):
+        folder.mkdir()
+        (folder / HEADS).write_bytes(b"")
+        (folder / "config.json").write_text(json.dumps({"training": {
+            "data": [str(made), str(tmp_path / "gone.jsonl")], "base": base}}))
+    assert trained_questions(further) == ({"q1", "q2", "q3"}, [str(tmp_path / "gone.jsonl")] * 2)
+    for groups in (["q9", "q2"], ["q9", "q1"], ["q3"]):
+        with pytest.raises(ConfigError, match="1 question.* the verifier in .* was trained on"):
+            _check_unseen(load_verifier_data(data("c.jsonl", groups)), further, "c.jsonl")
+    _check_unseen(load_verifier_data(data("d.jsonl", ["q9", "q8"])), further, "d.jsonl")
+
+
 def test_redteam_data_without_paragraphs_is_refused_not_an_empty_file(tmp_path):
     """JSONL questions without a 'context' made 0 seeds: exit 0 and an empty data file."""
     from typer.testing import CliRunner

@@ -132,6 +132,53 @@ def _check_trainable(data: VerifierData, paths: list[Path]) -> None:
                             ", ".join(map(str, paths)))
 
 
+def question_id(ex: Example) -> str:
+    """The question an example is of: its group, a red-team one's seed ("rt:SEED:KIND")."""
+    return ex.group.split(":")[1] if ex.group.startswith("rt:") else ex.group
+
+
+def trained_questions(reward_dir: Path) -> tuple[set[str], list[str]]:
+    """The ids of the questions the verifier in ``reward_dir`` was trained on (and those it was
+    trained further from), read from its recorded training data where those files are here;
+    and the files that are not."""
+    from citeqa.reward.checkpoint import HEADS, read_config_json
+    from citeqa.reward.data import load_verifier_data
+
+    ids: set[str] = set()
+    missing: list[str] = []
+    seen: set[Path] = set()
+    directory: Path | None = Path(reward_dir)
+    while directory is not None and directory.resolve() not in seen:
+        seen.add(directory.resolve())
+        training = read_config_json(directory).get("training")
+        training = training if isinstance(training, dict) else {}
+        for name in training.get("data") or ():
+            if Path(str(name)).is_file():
+                ids |= {question_id(ex) for ex in load_verifier_data(Path(str(name))).examples}
+            else:
+                missing.append(str(name))
+        base = training.get("base")
+        directory = Path(base) if isinstance(base, str) and (Path(base) / HEADS).is_file() \
+            else None
+    return ids - {""}, missing
+
+
+def _check_unseen(data: VerifierData, reward_dir: Path, names: str) -> None:
+    """ConfigError when data to fit the combination on holds questions the verifier was trained
+    on: its scores there are surer than on unseen ones, and the fit would lean on them."""
+    trained, missing = trained_questions(reward_dir)
+    if missing:
+        log.info("not found here, so not checked for questions in --data: the verifier's "
+                 "training data %s", ", ".join(missing))
+    both = sorted({question_id(ex) for ex in data.examples} & trained)
+    if both:
+        raise ConfigError(
+            f"{names} holds {len(both)} question(s) the verifier in {reward_dir} was trained on "
+            f"(e.g. {', '.join(both[:3])}): its scores there are surer than on unseen "
+            "questions, so the combination would lean on them; make the data from other "
+            "questions")
+
+
 def train_to_dir(data_paths: list[Path], out: Path, *, base: Path | None = None,
                  limit: int | None = None, threads: int | None = None, progress: bool = True,
                  cfg_kw: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -363,8 +410,9 @@ def base_encoder(base_dir: Path) -> tuple[Any, Any]:
 @train_app.command("reward-combine")
 def reward_combine(
     data: Annotated[list[Path], typer.Option(
-        "--data", help="Generator reward data (with signals) of articles the verifier never "
-                       "trained on (repeatable).")],
+        "--data", help="Generator reward data (with signals) of questions the verifier never "
+                       "trained on (repeatable); questions of its recorded training data, "
+                       "where those files are here, are refused.")],
     reward_dir: Annotated[Path, typer.Option("--reward", help="Verifier directory.")],
 ) -> None:
     """Fit how the verifier's score combines with the generator's log-probabilities, the
@@ -393,8 +441,9 @@ def combine_dir(data_paths: list[Path], reward_dir: Path) -> dict[str, Any]:
 
     data = load_verifier_data(data_paths)
     _check_trainable(data, data_paths)  # fitted on: no held-out article either
-    examples = [ex for ex in data.examples if ex.judged.quote]
     names = ", ".join(map(str, data_paths))
+    _check_unseen(data, Path(reward_dir), names)
+    examples = [ex for ex in data.examples if ex.judged.quote]
     if not any(ex.signals for ex in examples):
         raise SourceError(f"{names}: no candidate carries generator signals; build the data "
                           "with `citeqa train reward-data --from generator`")

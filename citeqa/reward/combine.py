@@ -9,7 +9,7 @@ over four inputs turns them into one probability:
 and a fifth where the reward-model directory holds an answerability reader
 (``answerability.py``): its logit that the quoted passage answers the question at all.
 
-It is fitted (``fit``) on generator candidates of articles the verifier never trained on, and
+It is fitted (``fit``) on generator candidates of questions the verifier never trained on, and
 stored beside the verifier as ``combine.json``. A candidate without a generator signal (an
 engine that returns no log-probabilities: ``n_tokens == 0``) gets the fitted mean for the
 generator's inputs, so its score stays on the same scale and the calibrated threshold applies.
