@@ -427,6 +427,13 @@ def test_a_combination_is_not_fitted_on_questions_the_verifier_trained_on(tmp_pa
         with pytest.raises(ConfigError, match="1 question.* the verifier in .* was trained on"):
             _check_unseen(load_verifier_data(data("c.jsonl", groups)), further, "c.jsonl")
     _check_unseen(load_verifier_data(data("d.jsonl", ["q9", "q8"])), further, "d.jsonl")
+    from typer.testing import CliRunner
+
+    from citeqa.cli import app
+
+    r = CliRunner().invoke(app, ["train", "reward-combine", "--data", str(data("e.jsonl", ["q1"])),
+                                 "--reward", str(further)])
+    assert r.exit_code == 2 and "was trained on (e.g. q1)" in r.output, r.output
 
 
 def test_redteam_data_without_paragraphs_is_refused_not_an_empty_file(tmp_path):
