@@ -129,6 +129,30 @@ def test_a_generator_that_cannot_read_its_prompts_is_refused_at_load(tmp_path):
         load_model(tiny(49152, "{{ raise_exception('no chat here') }}"), CACHE)
 
 
+def test_models_in_folders_of_one_name_have_ids_of_their_own(tmp_path):
+    """The id was the folder's name alone: two models served from /models/generator (or weights
+    replaced in place) were one generator to the calibration check, which never warned."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    smol = resolve_model_dir("smollm2", CACHE)
+    import torch
+
+    ids = []
+    for seed in (0, 1, 0):
+        torch.manual_seed(seed)
+        folder = tmp_path / f"copy{len(ids)}" / "generator"
+        LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32,
+                                     num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=1)).save_pretrained(folder)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(smol / name, folder / name)
+        ids.append(load_model(str(folder), CACHE)[2])
+    assert ids[0] == ids[2] != ids[1] and all(re.fullmatch(r"generator@[0-9a-f]{8}", i)
+                                              for i in ids)
+
+
 def test_a_damaged_conversion_of_the_packaged_model_is_made_again(tmp_path, monkeypatch):
     """Its marker was all that was checked: a cut model.safetensors failed every start ("check
     that it is a complete Hugging Face model directory", of a folder citeqa made), and a lost

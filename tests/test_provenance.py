@@ -30,6 +30,19 @@ def test_the_same_weights_in_another_number_format_are_the_same_generator() -> N
             {**GEN, "model_id": served}, 1) == []
 
 
+def test_a_local_folders_weights_digest_tells_its_models_apart() -> None:
+    recorded = {**BODY, "generators": [{**GEN, "model_id": "generator@0a1b2c3d+lora-ab12"}]}
+    assert calibration_mismatch(recorded, {**GEN, "model_id": "generator@0a1b2c3d+lora-ab12"},
+                                1) == []
+    assert calibration_mismatch(recorded, {**GEN, "model_id": "generator@99999999+lora-ab12"},
+                                1) == ["model_id 'generator@0a1b2c3d+lora-ab12' -> "
+                                       "'generator@99999999+lora-ab12'"]
+    # a calibration recorded before ids had a digest: compared by the folder's name
+    old = {**BODY, "generators": [{**GEN, "model_id": "generator+lora-ab12"}]}
+    assert calibration_mismatch(old, {**GEN, "model_id": "generator@99999999+lora-ab12"},
+                                1) == []
+
+
 @pytest.mark.parametrize(("field", "value", "phrase"), [
     ("model_id", "smollm2", "model_id 'smollm2+lora-ab12' -> 'smollm2'"),
     ("prompt_sha256", "9f00", "prompt_sha256 'cc72' -> '9f00'"),

@@ -10,6 +10,7 @@ downloads: every ``from_pretrained`` call is ``local_files_only``.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -197,8 +198,28 @@ def load_model(name: str, cache_dir: Path, *, device: str | None = None) -> tupl
     model.eval()
     if tokenizer.chat_template is None:
         logger.warning("%s has no chat template; prompts will be plain text", path)
-    model_id = SMOLLM2_ID if name == DEFAULT_MODEL else path.resolve().name  # "." has none
+    model_id = SMOLLM2_ID if name == DEFAULT_MODEL else (
+        f"{path.resolve().name}@{weights_digest(path)}")  # ("." has no name of its own)
     return model, tokenizer, model_id
+
+
+SAMPLE_BYTES = 1 << 16  # read of each weight file at its start, middle and end
+
+
+def weights_digest(path: Path) -> str:
+    """A short digest of the model in ``path``: its config.json, and each weight file's name,
+    size and bytes at its start, middle and end (a few reads, whatever its size). Two models in
+    folders of one name (/models/generator), or weights replaced in place, get other ids, so a
+    calibration made on one is not taken for the other's."""
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            for at in (0, max(size // 2 - SAMPLE_BYTES // 2, 0), max(size - SAMPLE_BYTES, 0)):
+                fh.seek(at)
+                h.update(fh.read(SAMPLE_BYTES))
+    return h.hexdigest()[:8]
 
 
 def check_tokenizer_fits(model: Any, tokenizer: Any, path: Path) -> None:

@@ -14,6 +14,7 @@ generator's fingerprint, ``generation.prompt.generator_fingerprint``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -23,12 +24,24 @@ from citeqa.compute import MODEL_ID_SUFFIX
 COMPARED = ("model_id", "prompt_sha256", "answer_mode", "top_k_passages", "passage_chars")
 
 
+_DIGEST = re.compile(r"@[0-9a-f]{8}(?=\+|$)")  # a local model folder's weights digest
+
+
 def weights_id(model_id: str) -> str:
     """``model_id`` without its CPU serving format's suffix (the same weights, rounded
     otherwise: not another generator)."""
     for suffix in MODEL_ID_SUFFIX.values():
         model_id = model_id.removesuffix(suffix)
     return model_id
+
+
+def _same_model(was: str, now: str) -> tuple[str, str]:
+    """The two ids as compared: without the weights digest where one of them has none (a
+    calibration recorded before folders' ids had one)."""
+    was, now = weights_id(was), weights_id(now)
+    if bool(_DIGEST.search(was)) != bool(_DIGEST.search(now)):
+        was, now = _DIGEST.sub("", was), _DIGEST.sub("", now)
+    return was, now
 
 
 def candidates_per_question(markers: Iterable[Mapping[str, Any]]) -> int | None:
@@ -47,7 +60,7 @@ def _differences(recorded: Mapping[str, Any], serving: Mapping[str, Any], *,
     for key in (*COMPARED, *(("temperature",) if sampling else ())):
         was, now = recorded.get(key), serving.get(key)
         if key == "model_id" and isinstance(was, str) and isinstance(now, str):
-            was, now = weights_id(was), weights_id(now)
+            was, now = _same_model(was, now)
         if was is not None and was != now:
             out.append(f"{key} {was!r} -> {now!r}")
     return out
