@@ -679,6 +679,9 @@ def test_a_reward_directory_with_a_damaged_config_is_named_not_a_traceback(tmp_p
     from citeqa.errors import ModelError
     from citeqa.reward.scorer import load_scorer
 
+    (tmp_path / "file").write_text("x")  # was "does not exist"
+    with pytest.raises(ModelError, match="file is a file, not a model directory"):
+        load_scorer(str(tmp_path / "file"))
     (tmp_path / "rm").mkdir()
     with pytest.raises(ModelError, match="has no config.json"):
         load_scorer(str(tmp_path / "rm"))

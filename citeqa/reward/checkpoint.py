@@ -85,6 +85,8 @@ def read_config_json(directory: Path, *, retrain: str = RETRAIN,
     (no such directory, no config.json, not a JSON object) and ``retrain``."""
     directory = recover_dir(Path(directory))  # a save killed mid-swap: restored
     path = directory / CONFIG
+    if directory.exists() and not directory.is_dir():
+        raise ModelError(f"{directory} is a file, not a model directory; {retrain}")
     if not directory.is_dir():
         raise ModelError(f"model directory {directory} does not exist; {retrain}")
     if not path.is_file():
