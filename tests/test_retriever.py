@@ -295,3 +295,30 @@ def test_minilm_embeddings_and_semantic_search(tmp_path: Path) -> None:
     hits = r.search("which petroleum exporters restricted shipments", 1, mode="dense")
     assert hits[0].passage.doc_id == "oil"
     assert r.index.manifest["embedding"]["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_concurrent_first_searches_load_the_embedder_once(index_dir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each thread that found it unloaded loaded its own (the memory and seconds of a model
+    per thread), where the service's warm-up had not loaded it first."""
+    import threading
+    import time
+
+    import citeqa.retrieval.retriever as module
+
+    loads = []
+
+    def slow_load(name: str, **kw: object) -> HashEmbedder:
+        loads.append(name)
+        time.sleep(0.2)  # the threads all arrive while it loads
+        return HashEmbedder()
+
+    monkeypatch.setattr(module, "load_embedder", slow_load)
+    fresh = HybridRetriever.open(index_dir)
+    threads = [threading.Thread(target=fresh.search, args=("oil embargo", 2),
+                                kwargs={"mode": "dense"}) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert loads == ["hash"]

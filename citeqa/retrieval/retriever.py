@@ -8,6 +8,7 @@ matches is never a BM25 hit.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ class HybridRetriever:
         self.index = index
         self.cfg = cfg
         self._embedder = embedder
+        self._loading = threading.Lock()  # concurrent first searches load it once
         emb = index.manifest.get("embedding")
         if embedder is not None and index.dense is not None and emb is not None:
             _check_embedder(embedder, emb)
@@ -73,13 +75,14 @@ class HybridRetriever:
 
     @property
     def embedder(self) -> Embedder:
-        if self._embedder is None:
-            emb = self.index.manifest.get("embedding") or {}
-            embedder = load_embedder(emb.get("name", self.cfg.embedder),
-                                     cpu_dtype=self.cfg.cpu_dtype)
-            _check_embedder(embedder, emb)
-            self._embedder = embedder
-        return self._embedder
+        with self._loading:
+            if self._embedder is None:
+                emb = self.index.manifest.get("embedding") or {}
+                embedder = load_embedder(emb.get("name", self.cfg.embedder),
+                                         cpu_dtype=self.cfg.cpu_dtype)
+                _check_embedder(embedder, emb)
+                self._embedder = embedder
+            return self._embedder
 
     def search(self, query: str, k: int = 10, *, mode: str | None = None) -> list[Hit]:
         """Best-first hits for ``query``: ``mode`` "hybrid" | "bm25" | "dense".
