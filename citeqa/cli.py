@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from collections.abc import Callable
 from typing import Annotated
@@ -294,8 +293,6 @@ def serve(
     """Serve the REST API (and the page at /) over an index."""
     import socket
 
-    import uvicorn
-
     if not host.strip():  # e.g. --host "$HOST" with HOST unset: it bound every interface
         raise fail("--host is empty: give the interface to bind (127.0.0.1: this machine only; "
                    "0.0.0.0: every interface)")
@@ -304,7 +301,7 @@ def serve(
     except (OSError, UnicodeError) as e:
         raise fail(f"cannot bind --host {host}: {e}") from None
 
-    from citeqa.api import create_app
+    from citeqa.api import create_app, server
     from citeqa.api.middleware import LOOPBACK_HOSTS
     from citeqa.api.protocol import head_timeout_protocol
 
@@ -320,14 +317,14 @@ def serve(
                     "CITEQA_READ_API_KEYS), or bind 127.0.0.1 (docs/deploy.md)", host)
     # a stop waits for requests in flight at most the grace (uvicorn waited for every one, up to
     # its own timeout: a container's stop period passed and it was killed mid-answer); what is
-    # still queued then is cancelled, and the running batch stops at its next step; a request
-    # head that trickles in is bounded (uvicorn bounded none: api/protocol.py)
+    # still queued then is cancelled, and the running batch stops at its next step, each with a
+    # 503 (api/server.py); a request head that trickles in is bounded (uvicorn bounded none:
+    # api/protocol.py)
     service = create_app(settings)
-    uvicorn.run(service, host=host, port=port, log_level="info",
-                timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_s)),
-                http=head_timeout_protocol(settings.client_timeout_s,
-                                           service.state.citeqa.metrics.observe_closed,
-                                           settings.max_connections_per_client))
+    server.run(service, host=host, port=port,
+               http=head_timeout_protocol(settings.client_timeout_s,
+                                          service.state.citeqa.metrics.observe_closed,
+                                          settings.max_connections_per_client))
 
 
 def _is_loopback(host: str) -> bool:

@@ -263,9 +263,9 @@ def test_shutdown_leaves_the_pipeline_open_under_a_batch_that_outlives_the_grace
         _shutdown(state)  # the batch outlives the 0.1 s grace...
         assert time.monotonic() - t0 < 10 and state.phase == "shutting_down"
         assert closed == []  # ...so the pipeline stays open under it
-        gate.set()  # ...then it finishes, answered
-        asker.join(30)
-        assert answered == [200]
+        asker.join(30)  # its request is answered 503 at once, not left to the server's 500
+        assert answered == [503]
+        gate.set()  # (then the batch ends)
 
 
 # -- the endpoints ----------------------------------------------------------------------------
@@ -785,10 +785,10 @@ def test_a_client_that_disconnects_has_its_queued_work_cancelled() -> None:
         gate.set()
         blocker.join(10)
         wait_until(lambda: not state.batcher.busy and state.batcher.depth == 0)
+        blocker_left = pipe.asked[0].abandoned  # (before the shutdown, which stops all)
+        assert blocker_left is not None and not blocker_left()  # answered: not abandoned
     assert sent[0]["status"] == 499
     assert [a.question for a in pipe.asked] == ["blocker"]
-    blocker_left = pipe.asked[0].abandoned
-    assert blocker_left is not None and not blocker_left()  # it was answered: not abandoned
 
 
 # -- authentication ---------------------------------------------------------------------------
@@ -1277,15 +1277,15 @@ def served_app() -> Any:
 def test_serve_on_loopback_answers_to_localhost_names_only(monkeypatch, tmp_path) -> None:
     """`citeqa serve` fills CITEQA_ALLOWED_HOSTS in when it binds a loopback address and the
     setting is unset; on another address, or with the setting given, it leaves it."""
-    import uvicorn
     from typer.testing import CliRunner
 
     import citeqa.api as api
+    import citeqa.api.server as server
     import citeqa.cli as cli
 
     seen: list[str] = []
     monkeypatch.setattr(api, "create_app", lambda s: seen.append(s.allowed_hosts) or served_app())
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    monkeypatch.setattr(server, "run", lambda *a, **k: None)
     monkeypatch.setattr(cli, "open_index_dir", lambda index: None)
     monkeypatch.delenv("CITEQA_ALLOWED_HOSTS", raising=False)
     for args, env in ((["--host", "127.0.0.1"], {}), (["--host", "::1"], {}),
@@ -1298,20 +1298,57 @@ def test_serve_on_loopback_answers_to_localhost_names_only(monkeypatch, tmp_path
         "localhost,127.0.0.1,[::1],127.0.0.2", "", "docs.lan"]
 
 
-def test_serve_waits_for_requests_in_flight_at_most_the_grace(monkeypatch) -> None:
+def test_serve_waits_for_requests_in_flight_at_most_the_grace() -> None:
     """uvicorn waited for every request in flight (each up to its timeout) before the
-    shutdown grace began: a container's stop period passed and it was killed mid-answer."""
+    shutdown grace began: a container's stop period passed and it was killed mid-answer. Its
+    own timeout now comes a margin after the service's grace (test below)."""
+    from citeqa.api.server import MARGIN_S, uvicorn_grace_s
+
+    assert uvicorn_grace_s(7.5) == 8 + MARGIN_S and uvicorn_grace_s(0) == 1 + MARGIN_S
+
+
+def test_a_stop_past_the_grace_answers_requests_in_flight_503_not_500() -> None:
+    """Past the grace uvicorn cancelled every request in flight with a bare 500 (queued ones
+    too), and only then did the service's own shutdown begin, waiting a second grace while the
+    running batch went on: now the grace begins when the server is told to stop, and what is
+    queued or running then gets the 503 shutting_down, in the service's error format."""
+    import asyncio
+
+    import httpx
     import uvicorn
-    from typer.testing import CliRunner
 
-    import citeqa.api as api
-    import citeqa.cli as cli
+    from citeqa.api.server import _Server, uvicorn_grace_s
 
-    calls: list[dict] = []
-    monkeypatch.setattr(api, "create_app", lambda s: served_app())
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: calls.append(k))
-    monkeypatch.setattr(cli, "open_index_dir", lambda index: None)
-    r = CliRunner().invoke(cli.app, ["serve", "--preset", "tiny"],
-                           env={"CITEQA_SHUTDOWN_GRACE_S": "7.5"})
-    assert r.exit_code == 0, r.output
-    assert calls[0]["timeout_graceful_shutdown"] == 8
+    gate = threading.Event()  # the running batch never finishes by itself
+    pipe = FakePipeline(gate=gate)
+    service = create_app(Settings(window_ms=1, max_batch=1, shutdown_grace_s=0.5),
+                         lambda s: pipe)
+    server = _Server(uvicorn.Config(service, host="127.0.0.1", port=0, log_level="warning",
+                                    timeout_graceful_shutdown=uvicorn_grace_s(0.5)), service)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    thread.start()
+    try:
+        state = service.state.citeqa
+        wait_until(lambda: server.started and state.phase == "ready")
+        port = server.servers[0].sockets[0].getsockname()[1]
+        got: list[httpx.Response] = []
+
+        def ask() -> None:
+            got.append(httpx.post(f"http://127.0.0.1:{port}/v1/answer", json={"question": "q"},
+                                  timeout=30))
+
+        askers = [threading.Thread(target=ask) for _ in range(2)]  # one runs, one is queued
+        for a in askers:
+            a.start()
+        assert pipe.started.wait(5)
+        wait_until(lambda: state.batcher.depth >= 1)
+        t0 = time.monotonic()
+        server.should_exit = True  # as SIGTERM does
+        for a in askers:
+            a.join(20)
+        thread.join(20)
+        assert not thread.is_alive() and time.monotonic() - t0 < 5  # (its margin is 5 s)
+        assert [r.status_code for r in got] == [503, 503]
+        assert all(r.json()["error"]["code"] == "shutting_down" for r in got)
+    finally:
+        gate.set()

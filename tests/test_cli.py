@@ -486,14 +486,14 @@ def test_ask_with_the_default_models(corpus: Path, tmp_path: Path) -> None:
 @pytest.fixture()
 def served(monkeypatch: pytest.MonkeyPatch) -> list:
     """``citeqa serve`` builds its app, but uvicorn does not run: the apps are collected here."""
-    import uvicorn
+    import citeqa.api.server as server
 
     apps: list = []
     def run(app: object, **kw: object) -> None:
         app.state.uvicorn_run = kw  # type: ignore[attr-defined]
         apps.append(app)
 
-    monkeypatch.setattr(uvicorn, "run", run)
+    monkeypatch.setattr(server, "run", run)
     for name in ("CITEQA_PRESET", "CITEQA_INDEX", "CITEQA_API_KEYS"):
         monkeypatch.delenv(name, raising=False)
     return apps

@@ -165,16 +165,39 @@ async def _load_again_if_rewritten(state: ServiceState, factory: PipelineFactory
                      daemon=True).start()
 
 
-def _shutdown(state: ServiceState) -> None:
-    """Mark not-ready first, then let queued and running batches finish, then stop the workers
-    (a document update in progress is finished: it is never abandoned half-way)."""
+def begin_shutdown(state: ServiceState) -> threading.Thread:
+    """Mark not-ready and give queued and running batches ``shutdown_grace_s`` to finish; then
+    cancel what is still queued (answers and document updates not begun: their requests get a
+    503) and stop the running answers at their next step (``state.stopped``). Runs on a thread
+    of its own, returned (and begun once: a second call returns the first's). The server calls
+    it as soon as it is told to stop, so that requests in flight get those 503s within the
+    grace, not the server's own 500s after it."""
     with state.lock:
-        state.phase = "shutting_down"
-        batcher, updater = state.batcher, state.updater
-    idle = batcher is None or batcher.close(timeout=state.settings.shutdown_grace_s)
+        if state.stopping is None:
+            state.phase = "shutting_down"
+            state.stopping = threading.Thread(target=_grace, args=(state,),
+                                              name="citeqa-shutdown", daemon=True)
+            state.stopping.start()
+        return state.stopping
+
+
+def _grace(state: ServiceState) -> None:
+    batcher, updater = state.batcher, state.updater
+    state.batches_done = batcher is None or batcher.close(timeout=state.settings.shutdown_grace_s)
+    state.stopped.set()
+    if updater is not None:  # one running is finished: it is never abandoned half-way
+        updater.shutdown(wait=False, cancel_futures=True)
+
+
+def _shutdown(state: ServiceState) -> None:
+    """Begin the shutdown (if the server has not) and wait for its grace, then stop the
+    workers (a document update in progress is finished: it is never abandoned half-way)."""
+    begin_shutdown(state).join()
+    with state.lock:
+        updater = state.updater
     if updater is not None:
         updater.shutdown(wait=True, cancel_futures=True)
-    if state.pipeline is not None and idle:  # never under a batch still running
+    if state.pipeline is not None and state.batches_done:  # never under a batch still running
         _close(state.pipeline)
     logger.info("service stopped")
 

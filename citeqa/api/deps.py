@@ -89,6 +89,11 @@ class ServiceState:
     # running on a thread of the pool requests share (``admitted``: URL fetches, searches)
     pending_updates: int = 0
     running: Counter[str] = field(default_factory=Counter)
+    # set once a shutdown's grace is over: answers still waiting get a 503 and running ones
+    # stop at their next step (``app.begin_shutdown``)
+    stopped: threading.Event = field(default_factory=threading.Event)
+    stopping: threading.Thread | None = None  # the shutdown's grace, once begun
+    batches_done: bool = True  # whether the batcher stopped within that grace
 
     @contextmanager
     def admitted(self, work: str, limit: int) -> Iterator[None]:

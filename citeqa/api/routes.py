@@ -269,7 +269,8 @@ async def await_answer(request: Request, state: ServiceState, batcher: Batcher[A
     settings = state.settings
     gone = threading.Event()
     try:
-        cfut = batcher.submit(replace(args, abandoned=gone.is_set))
+        cfut = batcher.submit(replace(
+            args, abandoned=lambda: gone.is_set() or state.stopped.is_set()))
     except QueueFullError as exc:
         raise state.overloaded_error(str(exc)) from None
     except BatcherClosedError:
@@ -289,6 +290,8 @@ async def await_answer(request: Request, state: ServiceState, batcher: Batcher[A
                 if afut.cancelled():  # shutdown gave up on queued work
                     raise state.not_ready_error()
                 return afut.result()
+            if state.stopped.is_set():  # shutdown's grace is over: its batch stops too
+                raise state.not_ready_error()
             if await request.is_disconnected():
                 logger.info("client disconnected; cancelling its queued request")
                 raise ApiError(499, "client_closed_request", "the client closed the connection")
