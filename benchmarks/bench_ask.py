@@ -6,8 +6,10 @@ default models, against the prefill time of the question's own prompt; and batch
 Questions: a fixed seeded sample of answerable questions of the EVAL articles, asked one at a
 time through ``Pipeline.ask`` after ``--warmup`` warm-up questions, with the reward model that
 ``citeqa ask`` and the service load (``--reward``; ``none`` leaves scoring out). For each
-question the prompt it was shown is then prefilled alone (no decoding) by the served model
-(``prefill_own``) and by a plain fp32 transformers model (``prefill_plain_fp32``); the target is
+question the prompt it was shown is then prefilled alone (no decoding) by the served model's
+weights through transformers' forward (``prefill_own``: not ``LeanDecoder``, which the service
+runs for Llama-family models in bf16) and by a plain fp32 transformers model
+(``prefill_plain_fp32``); the target is
 a p50 total <= 0.8 x the plain fp32 prefill. Throughput: the same questions generated ``c`` at
 a time with ``CitedGenerator.generate_many`` (one backend batch), in generated tokens per second.
 Reads the SQuAD eval index (``--index``, default ``.cache/squad-eval-index``: see

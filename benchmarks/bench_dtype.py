@@ -15,7 +15,8 @@ whose speed drifts (it does, by ~15 % within an hour) hurts both sides alike. Me
   path the service runs for Llama-family models), prefill too;
 - embedding: MiniLM over eval passages (256 tokens at most), passages/s fp32 vs bf16;
 - training: one optimizer step of LoRA SFT on SmolLM2 (4 examples of ~450 tokens) and one of a
-  MiniLM cross-encoder (32 pairs of 256 tokens), fp32 against bf16 autocast;
+  MiniLM cross-encoder (32 pairs of 256 tokens), fp32 against bf16 autocast (``--rounds`` // 2
+  rounds, at least 2, after a warm-up step of each);
 - bf16 rounding: greedy answers of ``--questions`` eval questions generated alone, 4 at a time,
   and without speculative drafts; how many differ from alone-with-drafts (the default).
 
@@ -43,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 # a scratch file by default: the committed figures in evals/results/ change only when --out
 # names them
 OUT = ROOT / ".cache" / "bench" / "bench_dtype.json"
+from benchmarks._args import at_least  # noqa: E402
 from citeqa.config import Settings  # noqa: E402
 
 CACHE = Settings().cache_dir  # CITEQA_CACHE_DIR, as the service reads it
@@ -229,8 +231,9 @@ def bench_training(rounds: int, formats: tuple[str, ...]) -> dict[str, object]:
         return lambda: timed(step)
 
     kinds = [d for d in ("fp32", "bf16") if d in formats]
-    sft(kinds[-1])()  # warm-up
-    cross(kinds[-1])()
+    for kind in kinds:  # warm-up of each (the fp32 baseline's first step was half its figure)
+        sft(kind)()
+        cross(kind)()
     sft_ms = interleaved({d: sft(d) for d in kinds}, rounds)
     cross_ms = interleaved({d: cross(d) for d in kinds}, rounds)
     bf16 = "bf16" in kinds
@@ -273,9 +276,10 @@ def bench_batch_divergence(questions: int) -> dict[str, object]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (pinned)")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--questions", type=int, default=32,
+    ap.add_argument("--threads", type=at_least(1), default=2, help="torch threads (pinned)")
+    ap.add_argument("--rounds", type=at_least(1), default=5,
+                    help="rounds of each comparison (training steps: half as many, at least 2)")
+    ap.add_argument("--questions", type=at_least(0), default=32,
                     help="bf16 batching check: questions (0 skips it)")
     ap.add_argument("--formats", default="auto",
                     help="comma list of fp32,fp16w,bf16 to time; auto: all three where the probe "

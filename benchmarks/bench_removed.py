@@ -34,6 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's citeqa, not the one installed (a worktree's)
 
+from benchmarks._args import above  # noqa: E402
 from citeqa.retrieval.dense import MAX_REMOVED_FRACTION, DenseIndex, DenseSpec  # noqa: E402
 
 
@@ -75,13 +76,25 @@ def squad_vectors(path: Path, articles: int, per_article: int,
     return x, np.asarray(label), q
 
 
+def removed_share(text: str) -> float:
+    """--shares: a share the graph is kept for (past MAX_REMOVED_FRACTION it is rebuilt)."""
+    share = above(0)(text)
+    if share > MAX_REMOVED_FRACTION:
+        raise argparse.ArgumentTypeError(f"{text}: past {MAX_REMOVED_FRACTION} a removal builds "
+                                         "the graph again, so nothing removed is measured")
+    return share
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vectors", type=int, default=40_000)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--centres", type=int, default=400)
-    parser.add_argument("--shares", type=float, nargs="+", default=[0.1, MAX_REMOVED_FRACTION])
+    parser.add_argument("--shares", type=removed_share, nargs="+",
+                        default=[0.1, MAX_REMOVED_FRACTION],
+                        help=f"shares of the vectors removed, each in (0, {MAX_REMOVED_FRACTION}]"
+                             " (past it a removal builds the graph again)")
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--squad", type=Path, default=None,

@@ -29,6 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._args import at_least  # noqa: E402
 from citeqa.compute import fp32_kernel  # noqa: E402
 from citeqa.config import RetrievalConfig  # noqa: E402
 from citeqa.retrieval import (  # noqa: E402
@@ -94,11 +95,13 @@ def pct(xs: list[float], q: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="citeqa retrieval benchmark")
-    ap.add_argument("--passages", type=int, default=100_000)
-    ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--reference-queries", type=int, default=5, help="rank_bm25 is slow")
-    ap.add_argument("--dense-sample", type=int, default=512, help="passages embedded for real")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--passages", type=at_least(1), default=100_000)
+    ap.add_argument("--queries", type=at_least(1), default=200)
+    ap.add_argument("--reference-queries", type=at_least(1), default=5,
+                    help="rank_bm25 is slow")
+    ap.add_argument("--dense-sample", type=at_least(1), default=512,
+                    help="passages embedded for real")
+    ap.add_argument("--threads", type=at_least(1), default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()

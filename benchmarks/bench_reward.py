@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._args import at_least  # noqa: E402
 from citeqa.reward.scorer import DEFAULT_DIR  # noqa: E402
 from evals.generation_quality import DATA, INDEX, sample_questions  # noqa: E402
 
@@ -38,13 +39,26 @@ from evals.generation_quality import DATA, INDEX, sample_questions  # noqa: E402
 OUT = ROOT / ".cache" / "bench" / "bench_reward.json"
 
 
+def candidate_counts(text: str) -> list[int]:
+    """--candidates: whole numbers >= 1, comma-separated."""
+    try:
+        sizes = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not whole numbers, comma-separated"
+                                         ) from None
+    if min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every count must be at least 1")
+    return sizes
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reward", type=Path, default=DEFAULT_DIR)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--questions", type=int, default=30)
-    ap.add_argument("--candidates", default="1,4,8")
+    ap.add_argument("--threads", type=at_least(1), default=2)
+    ap.add_argument("--questions", type=at_least(1), default=30)
+    ap.add_argument("--candidates", type=candidate_counts, default="1,4,8",
+                    help="candidates per question to time, comma-separated")
     ap.add_argument("--index", type=Path, default=INDEX)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--compile", action="store_true",
@@ -52,10 +66,11 @@ def main() -> None:
                          "alternating with eager")
     ap.add_argument("--no-lean", action="store_true",
                     help="score with transformers' encoder forward, not LeanEncoder")
-    ap.add_argument("--rounds", type=int, default=None,
+    ap.add_argument("--rounds", type=at_least(1), default=None,
                     help="timed passes over the questions (default 1, or 2 with --compile)")
     args = ap.parse_args()
-    args.rounds = args.rounds or (2 if args.compile else 1)
+    if args.rounds is None:
+        args.rounds = 2 if args.compile else 1
 
     import torch
 
@@ -71,6 +86,7 @@ def main() -> None:
     scorer = VerifierScorer(args.reward, lean=not args.no_lean)
     retriever = HybridRetriever.open(args.index, RetrievalConfig())
     questions = sample_questions(DATA / "qa.json", "eval", args.questions)
+    sizes = args.candidates
     work = []
     for q in questions:
         cands = []
@@ -80,8 +96,7 @@ def main() -> None:
                 start, end = hit.passage.start + s, hit.passage.start + e
                 quote = Quote(doc.text[start:end], doc.doc_id, doc.title, doc.source, start, end)
                 cands.append(Candidate(" ".join(quote.text.split()[:3]), quote))
-        work.append((q.question, (cands * 8)[:8]))
-    sizes = [int(c) for c in args.candidates.split(",")]
+        work.append((q.question, (cands * max(sizes))[:max(sizes)]))  # as many as timed
     scorers = {"eager": scorer}
     compile_s = None
     if args.compile:

@@ -2,9 +2,11 @@
 
     python benchmarks/bench_sft_step.py --data .cache/generator-sft/demos-train.jsonl [--steps 4]
 
-The first steps of ``evals/train_generator.sh``'s recipe (LoRA r=16 on all layers, batch 8,
-micro-batch 4, seed-0 order, bf16 autocast where the CPU pays) are trained through
-``train_lora`` on a fresh copy of the base model each way:
+Steps of ``evals/train_generator.sh``'s recipe (LoRA r=16 on all layers, batch 8, micro-batch
+4, bf16 autocast where the CPU pays) are trained through ``train_lora`` on a fresh copy of the
+base model each way, over the first ``8 x --steps`` demonstrations of ``--data`` in the
+recipe's seed-0 order of those (not of the whole file, as the recipe draws: the batches, and so
+their lengths, are not the recipe's first ones):
 
 1. micro-batches in the order drawn (the recipe of the shipped adapter);
 2. micro-batches grouped by length (``sft.micro_batches``, the default now: same gradient,
@@ -32,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import citeqa.training.sft as sft  # noqa: E402
+from benchmarks._args import at_least  # noqa: E402
 from citeqa.config import Settings, preset  # noqa: E402
 from citeqa.generation.models import load_model  # noqa: E402
 from citeqa.training.cli import TARGETS  # noqa: E402
@@ -51,8 +54,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help="demonstrations JSONL")
-    ap.add_argument("--steps", type=int, default=4, help="steps a way, the first a warm-up")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=at_least(2), default=4,
+                    help="steps a way, the first a warm-up (so at least 2)")
+    ap.add_argument("--threads", type=at_least(1), default=2)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -40,6 +41,11 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._args import above, at_least  # noqa: E402
+
+PRESETS = ("default", "tiny")  # citeqa.config's (not imported: the server runs apart)
 QUESTIONS = [
     "What does citeqa return with an answer?",
     "When does citeqa decline to answer?",
@@ -71,11 +77,12 @@ class LevelResult:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in [0, 100]); NaN for no values."""
+    """Nearest-rank percentile (q in [0, 100]): the smallest value with at least q % of the
+    values at or below it; NaN for no values."""
     if not values:
         return float("nan")
     ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
     return ordered[rank - 1]
 
 
@@ -107,7 +114,12 @@ def index_for(index: Path | None, preset: str) -> tuple[Path, Path | None]:
         else:
             scratch = Path(tempfile.mkdtemp(prefix="citeqa-bench-"))
             index = scratch / "index"
-    ensure_index(index, preset)
+    try:
+        ensure_index(index, preset)
+    except BaseException:
+        if scratch is not None:  # (it was left behind)
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
     return index, scratch
 
 
@@ -245,9 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--index", type=Path, help="index directory; default index/default (built "
                     "when missing), or a temporary one for another preset")
-    ap.add_argument("--preset", default="default", help="default (real models) or tiny")
-    ap.add_argument("--seconds", type=float, default=60.0, help="per concurrency level")
-    ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--preset", default="default", choices=PRESETS,
+                    help="default (real models) or tiny")
+    ap.add_argument("--seconds", type=above(0), default=60.0, help="per concurrency level")
+    ap.add_argument("--levels", type=at_least(1), nargs="+", default=[1, 4, 16])
     ap.add_argument("--ready-timeout", type=float, default=600.0)
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--generator-url", help="serve through this remote engine (vLLM)")
@@ -297,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     base = next((r.throughput for r in results if r.clients == 1), float("nan"))
-    top = results[-1]
+    top = max(results, key=lambda r: r.clients)  # the largest level, wherever it was listed
     ratio = top.throughput / base if base else float("nan")
     print(f"RSS start {start_mem['VmRSS'] / 1024:.0f} MiB, end {end_mem['VmRSS'] / 1024:.0f} MiB, "
           f"peak (VmHWM) {end_mem['VmHWM'] / 1024:.0f} MiB")

@@ -8,7 +8,8 @@ Starts the server on 127.0.0.1 over --index (built from index/corpus first when 
 for /readyz, then runs --clients threads asking questions back to back (httpx) for --minutes.
 Every --sample-s seconds (default a minute) it reads the server's RSS (VmRSS in
 /proc/PID/status) and the statuses answered since the last sample. Prints a table, the totals
-by status and the memory verdict, and writes them to --out (evals/results/soak.json).
+by status and the memory verdict, and writes them to --out (default a scratch file,
+.cache/bench/soak.json; the committed run is evals/results/soak.json).
 
 Verdict: memory is flat when no sample after the warm-up (--warmup-s, default the first minute)
 exceeds the first sample at or after it by more than 10 %.
@@ -31,7 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._args import above, at_least  # noqa: E402
 from benchmarks.load_test import (  # noqa: E402
+    PRESETS,
     ask_until,
     free_port,
     index_for,
@@ -126,14 +129,17 @@ def print_row(s: Sample) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--minutes", type=float, default=10.0, help="how long the clients ask")
-    ap.add_argument("--clients", type=int, default=16, help="concurrent clients")
+    ap.add_argument("--minutes", type=above(0), default=10.0, help="how long the clients ask")
+    ap.add_argument("--clients", type=at_least(1), default=16, help="concurrent clients")
     ap.add_argument("--index", type=Path, help="index directory; default index/default (built "
                     "when missing), or a temporary one for another preset")
-    ap.add_argument("--preset", default="default", help="default (real models) or tiny")
+    ap.add_argument("--preset", default="default", choices=PRESETS,
+                    help="default (real models) or tiny")
     ap.add_argument("--port", type=int, default=0, help="server port; 0 = a free one")
-    ap.add_argument("--sample-s", type=float, default=60.0, help="seconds between RSS samples")
-    ap.add_argument("--warmup-s", type=float, default=60.0, help="warm-up before the baseline")
+    ap.add_argument("--sample-s", type=at_least(0.1, float), default=60.0,
+                    help="seconds between RSS samples")
+    ap.add_argument("--warmup-s", type=at_least(0, float), default=60.0,
+                    help="warm-up before the baseline")
     ap.add_argument("--ready-timeout", type=float, default=600.0)
     ap.add_argument("--out", type=Path, default=ROOT / ".cache" / "bench" / "soak.json",
                     help="where to write the figures (default: a scratch file; evals/results/ "

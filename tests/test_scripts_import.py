@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p for folder in ("evals", "benchmarks") for p in (ROOT / folder).glob("*.py")
-                 if p.name != "__init__.py")
+                 if not p.name.startswith("_"))  # (__init__.py, and helpers such as _args.py)
 
 
 def test_the_scripts_are_found() -> None:
