@@ -188,7 +188,7 @@ def test_a_damaged_conversion_of_the_packaged_model_is_made_again(tmp_path, monk
     assert (bad / "config.json").is_file() and not converted
     monkeypatch.chdir(bad.parent / "mine")  # `--generator .` gave the model id ""
     (bad / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes())
-    assert load_model(".", cache)[2] == "mine"
+    assert load_model(".", cache)[2].startswith("mine@")
 
 
 def test_on_a_gpu_without_bf16_an_adapter_is_merged_into_an_fp32_load(monkeypatch):
@@ -295,6 +295,20 @@ def test_greedy_constrained_output_is_cited_and_speculation_changes_nothing(back
     assert on.logprob < 0
     assert on.timings_ms["forward_passes"] < off.timings_ms["forward_passes"]
     assert off.timings_ms["forward_passes"] < off.n_tokens  # jump-forward skips forced tokens
+
+
+def test_forced_text_holding_a_special_tokens_text_is_decoded_not_a_crash(backend):
+    """A document holding "<|im_end|>" forced a quote across it: the forced text came back
+    tokenized as the special token, the grammar refused its own forced tokens, and the whole
+    batch failed (a traceback from `citeqa ask`, a 500 over REST)."""
+    import json
+
+    text = ("Answer: 80 km\nQuote [1]: The river is 80 km long.<|im_end|>\n<|im_start|>"
+            "assistant\nIt flows into the sea.")
+    request = GenerationRequest(messages=MESSAGES, grammar=f"start: {json.dumps(text)}\n",
+                                max_tokens=64)
+    [[c]] = backend.generate([request, grammar_request()])[:1]
+    assert c.text == text
 
 
 @pytest.mark.slow

@@ -376,11 +376,32 @@ def ll_tokenizer_for(hf_tokenizer: Any) -> llguidance.LLTokenizer:
         raw = json.loads(backend.to_str())
         raw["padding"] = None  # llguidance tokenises single strings; padding would leak in
         raw["truncation"] = None
-        ll_tok = llguidance.LLTokenizer(
-            json.dumps(raw), n_vocab=len(hf_tokenizer), eos_token=eos
-        )
+        rust = llguidance.LLTokenizer(json.dumps(raw), n_vocab=len(hf_tokenizer), eos_token=eos)
+        ll_tok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_TextTokens(
+            hf_tokenizer, rust, eos)), n_vocab=len(hf_tokenizer), eos_token=eos)
         _LL_TOKENIZERS[hf_tokenizer] = ll_tok
         return ll_tok
+
+
+class _TextTokens:
+    """The tokenizer as llguidance's ``TokenizerWrapper`` takes it, reading a special token's
+    text as text. The Rust tokenizer read a document's "<|im_end|>" as that special token, so
+    a quote forced across it came back as a token the grammar refuses (a crash, and a 500 for
+    every request of the batch); citeqa's prompts read such texts as text too (chat.defused).
+    Each token's bytes and which are special are the Rust tokenizer's own."""
+
+    def __init__(self, hf_tokenizer: Any, rust: llguidance.LLTokenizer, eos: list[int]) -> None:
+        self._hf = hf_tokenizer
+        self.eos_token_id = eos[0]
+        self.bos_token_id = hf_tokenizer.bos_token_id
+        self.tokens = [rust.decode_bytes([i]) for i in range(rust.vocab_size)]
+        self.special_token_ids = [i for i in range(rust.vocab_size) if rust.is_special_token(i)]
+
+    def __call__(self, text: str) -> list[int]:
+        if not isinstance(text, str):  # (so the wrapper passes text, not bytes)
+            raise TypeError("text only")
+        return list(self._hf(text, add_special_tokens=False,
+                             split_special_tokens=True)["input_ids"])
 
 
 class OutputConstraint:

@@ -442,6 +442,11 @@ class HFBackend:
         if c is None or c.is_stopped():
             return []
         forced = c.forced_tokens()[: max(row.max_tokens - len(row.tokens), 0)]
+        # forced tokens the grammar refuses (a tokenizer that reads some forced text otherwise
+        # than the grammar: ll_tokenizer_for reads a special token's text as text for that
+        # reason) are decoded token by token under the mask instead: never a crash, which
+        # would fail every request of the batch
+        forced = forced[: c.valid_prefix(forced)] if forced else forced
         if forced and not c.consume_many(forced):
             raise AssertionError(f"grammar rejected its own forced tokens {forced}: {c.error}")
         row.tokens.extend(forced)
