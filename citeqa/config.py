@@ -312,7 +312,10 @@ class Settings(BaseSettings):
     def _home_expanded(cls, v: object) -> object:
         """``~/x`` as a shell reads it: an env file or a unit file passes it as it is."""
         if isinstance(v, str | Path) and str(v).startswith("~"):
-            return str(Path(v).expanduser())
+            try:
+                return str(Path(v).expanduser())
+            except RuntimeError:  # "~nosuchuser/x": a shell leaves it as it is
+                return v
         return v
 
     @field_validator("reward")

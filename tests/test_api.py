@@ -1320,7 +1320,16 @@ def test_a_stop_past_the_grace_answers_requests_in_flight_503_not_500() -> None:
     from citeqa.api.server import _Server, uvicorn_grace_s
 
     gate = threading.Event()  # the running batch never finishes by itself
-    pipe = FakePipeline(gate=gate)
+
+    class StopsWhenAbandoned(FakePipeline):  # as the real backend: a stopped row is a decline
+        def answer(self, a: AskArgs) -> Answer:
+            self.asked.append(a)
+            self.started.set()
+            while not (a.abandoned is not None and a.abandoned()) and not gate.is_set():
+                time.sleep(0.01)
+            return Answer(a.question, True, None, None, None, reason="no candidate")
+
+    pipe = StopsWhenAbandoned()
     service = create_app(Settings(window_ms=1, max_batch=1, shutdown_grace_s=0.5),
                          lambda s: pipe)
     server = _Server(uvicorn.Config(service, host="127.0.0.1", port=0, log_level="warning",

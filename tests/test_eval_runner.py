@@ -248,6 +248,13 @@ def test_the_same_system_named_otherwise_resumes(tmp_path: Path, monkeypatch) ->
     with pytest.raises(ConfigError, match=r"model_id: was 'm\+bf16', now 'n\+bf16'") as info:
         check_same_system(tmp_path, desc("packaged"), desc("packaged", model_id="n+bf16"))
     assert "pin it" not in str(info.value)  # another model, not another compute type
+    # a run made before a local folder's id had its weights digest resumes with that folder,
+    # not with another model's
+    check_same_system(tmp_path, desc("packaged", model_id="qwen+bf16"),
+                      desc("packaged", model_id="qwen@1a2b3c4d+bf16"))
+    with pytest.raises(ConfigError, match="model_id"):
+        check_same_system(tmp_path, desc("packaged", model_id="qwen@1a2b3c4d+bf16"),
+                          desc("packaged", model_id="qwen@99999999+bf16"))
 
 
 def test_a_threshold_no_score_reaches_is_recorded_and_resumes(

@@ -638,6 +638,8 @@ def test_paths_in_settings_start_at_home_as_a_shell_reads_them(tmp_path, monkeyp
     assert (s.generator, s.reward, s.adapter) == tuple(
         str(tmp_path / n) for n in ("gen", "rm", "ad"))
     assert (s.index, s.cache_dir) == (tmp_path / "idx", tmp_path / "cache")
+    monkeypatch.setenv("CITEQA_INDEX", "~nosuchuser/idx")  # left as a shell leaves it
+    assert str(Settings().index) == "~nosuchuser/idx"  # (it raised RuntimeError)
 
 
 def test_settings_choose_the_cpu_dtype(monkeypatch):

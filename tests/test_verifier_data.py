@@ -436,6 +436,22 @@ def test_a_combination_is_not_fitted_on_questions_the_verifier_trained_on(tmp_pa
     assert r.exit_code == 2 and "was trained on (e.g. q1)" in r.output, r.output
 
 
+def test_generator_data_made_before_model_id_digests_resumes_with_the_same_folder(tmp_path):
+    """A local folder's model id now carries a digest of its weights: data whose markers name
+    the folder alone was refused as another generator's."""
+    from citeqa.errors import ConfigError
+    from citeqa.training.verifier_data import _done_qids
+
+    out = tmp_path / "gen.jsonl"
+    old = {"model_id": "qwen+lora-ab12", "prompt_sha256": "cc72"}
+    out.write_text(json.dumps({"qid": "a", "kind": "question", "generator": old, "n": 2}) + "\n")
+    assert _done_qids(out, {"generator": {**old, "model_id": "qwen@1a2b3c4d+lora-ab12"},
+                            "n": 2}) == {"a"}
+    for other in ("mistral@1a2b3c4d+lora-ab12", "qwen@1a2b3c4d"):
+        with pytest.raises(ConfigError, match="another generator"):
+            _done_qids(out, {"generator": {**old, "model_id": other}, "n": 2})
+
+
 def test_redteam_data_without_paragraphs_is_refused_not_an_empty_file(tmp_path):
     """JSONL questions without a 'context' made 0 seeds: exit 0 and an empty data file."""
     from typer.testing import CliRunner

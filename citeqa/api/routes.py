@@ -286,12 +286,12 @@ async def await_answer(request: Request, state: ServiceState, batcher: Batcher[A
                                "s; try again later or ask with fewer candidates")
             done, _ = await asyncio.wait({afut},
                                          timeout=min(settings.disconnect_poll_s, remaining))
-            if done:
-                if afut.cancelled():  # shutdown gave up on queued work
-                    raise state.not_ready_error()
-                return afut.result()
-            if state.stopped.is_set():  # shutdown's grace is over: its batch stops too
+            # shutdown gave up on queued work, or its grace is over: the batch stops too, and
+            # what a stopped row gave is no answer (it read as a decline)
+            if (done and afut.cancelled()) or state.stopped.is_set():
                 raise state.not_ready_error()
+            if done:
+                return afut.result()
             if await request.is_disconnected():
                 logger.info("client disconnected; cancelling its queued request")
                 raise ApiError(499, "client_closed_request", "the client closed the connection")

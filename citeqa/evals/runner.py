@@ -45,6 +45,7 @@ from citeqa.journal import (
 )
 from citeqa.pipeline import STAND_IN_NOTE, Pipeline
 from citeqa.retrieval.store import MANIFEST, how_to_build, sha256_file
+from citeqa.reward.provenance import digests_aside
 from citeqa.types import Answer, Document, Hit
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,10 @@ def check_same_system(out: Path, stored: dict[str, Any], now: dict[str, Any], *,
         return {**found, "config": config}
 
     before, after = system(stored), system(now)
+    if isinstance(before["generator_model_id"], str) and isinstance(
+            after["generator_model_id"], str):  # a run made before folders' ids had a digest
+        before["generator_model_id"], after["generator_model_id"] = digests_aside(
+            before["generator_model_id"], after["generator_model_id"])
     diff = [k for k in (*_SYSTEM_KEYS, "config") if before[k] != after[k]]
     if diff:
         what = "; ".join(

@@ -35,13 +35,18 @@ def weights_id(model_id: str) -> str:
     return model_id
 
 
-def _same_model(was: str, now: str) -> tuple[str, str]:
-    """The two ids as compared: without the weights digest where one of them has none (a
-    calibration recorded before folders' ids had one)."""
-    was, now = weights_id(was), weights_id(now)
+def digests_aside(was: str, now: str) -> tuple[str, str]:
+    """Two generator ids as compared: without the weights digest where one of them has none
+    (recorded before a local folder's id had one: calibrations, reward data, eval runs)."""
     if bool(_DIGEST.search(was)) != bool(_DIGEST.search(now)):
-        was, now = _DIGEST.sub("", was), _DIGEST.sub("", now)
+        return _DIGEST.sub("", was), _DIGEST.sub("", now)
     return was, now
+
+
+def _same_model(was: str, now: str) -> tuple[str, str]:
+    """The two ids as a calibration compares them: the same weights in another number format
+    are the same generator (``weights_id``), and ``digests_aside``."""
+    return digests_aside(weights_id(was), weights_id(now))
 
 
 def candidates_per_question(markers: Iterable[Mapping[str, Any]]) -> int | None:
