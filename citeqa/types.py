@@ -114,8 +114,10 @@ class Candidate:
     # spread of the verifier ensemble's probabilities (not of a combined served score)
     uncertainty: float | None = None
     raw: str = ""  # the generator's raw output, for debugging and evaluation
-    # Where the answer stands in the quote's document (inside the quote), when it stands there
-    # verbatim: always in span mode, by construction; sometimes in free mode.
+    # Where the answer stands in the quote's document (inside the quote), when it stands there:
+    # verbatim in span mode, by construction; in free mode as ``cited.answer_span`` finds it,
+    # so the document's text there may differ from ``answer`` in white space, or by
+    # punctuation trimmed from its ends.
     answer_start: int | None = None
     answer_end: int | None = None
     retrieval_fused: bool = True  # retrieval_score is a fused (RRF) score (Hit.fused)

@@ -370,6 +370,20 @@ def test_n_one_is_one_greedy_request_over_every_passage() -> None:
     assert request.quote_stage.passages == tuple(PASSAGES)
 
 
+@pytest.mark.parametrize("passage", [
+    "The lighthouse is 40\u202fm tall and white.",  # a narrow no-break space
+    "The lighthouse stands\tin Brest,  since 1902.",
+])
+def test_the_tiny_generators_span_answer_is_verbatim(passage: str) -> None:
+    """It joined the words it chose with plain spaces: 'The lighthouse is 40 m' stood in no
+    passage, yet its offsets pointed at '40\u202fm' as if it did."""
+    docs = {"d": Document("d", "T", "s", passage)}
+    hits = [Hit(Passage(0, "d", 0, len(passage), passage), "T", "s", 1.0)]
+    gen = CitedGenerator(FakeBackend(extractive_responder), GenerationConfig(answer_mode="span"))
+    [c] = gen.generate("How tall is the lighthouse?", hits, docs.__getitem__).candidates
+    assert c.answer in passage and passage[c.answer_start : c.answer_end] == c.answer
+
+
 def test_words_of_the_answer_are_words_of_the_quote() -> None:
     """An accepted quote holds every word of the answer (the eval's `supported`): every stretch
     of the passage between two spaces is tried, and those the grammar accepts must hold the

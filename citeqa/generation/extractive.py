@@ -33,25 +33,34 @@ _QUOTE_LENGTH = re.compile(r"\(\?s:\.\{(\d+),(\d*)\}\)")  # constraint._length's
 _PUNCT = ".,;:!?\"'()[]"
 
 
-def _runs(sentence: str, question_terms: set[str]) -> list[list[str]]:
+def _runs(sentence: str, question_terms: set[str]) -> list[list[re.Match[str]]]:
     """Maximal runs of words not in the question, without stop words at their ends."""
-    runs: list[list[str]] = [[]]
-    for w in _WORD.findall(sentence):
-        core = w.strip(_PUNCT)
+    runs: list[list[re.Match[str]]] = [[]]
+    for m in _WORD.finditer(sentence):
+        core = m.group().strip(_PUNCT)
         if core and core.lower() not in STOP_WORDS and term(core) in question_terms:
             runs.append([])
         else:
-            runs[-1].append(w)
+            runs[-1].append(m)
     out = []
     for run in runs:
-        while run and run[0].strip(_PUNCT).lower() in STOP_WORDS | {""}:
+        while run and run[0].group().strip(_PUNCT).lower() in STOP_WORDS | {""}:
             run.pop(0)
         del run[ANSWER_WORDS:]
-        while run and run[-1].strip(_PUNCT).lower() in STOP_WORDS | {""}:
+        while run and run[-1].group().strip(_PUNCT).lower() in STOP_WORDS | {""}:
             run.pop()
         if run:
             out.append(run)
     return out
+
+
+_EDGES = re.compile(rf"^[\s{re.escape(_PUNCT)}]+|[\s{re.escape(_PUNCT)}]+$")
+
+
+def _verbatim(text: str, words: list[re.Match[str]]) -> str:
+    """``text`` from the first of ``words`` to the last, as it stands there (its own white
+    space: a span-mode answer is a span of the passage), without punctuation at its ends."""
+    return _EDGES.sub("", text[words[0].start() : words[-1].end()]) if words else ""
 
 
 def _answer(sentence: str, question_terms: set[str]) -> str:
@@ -60,11 +69,13 @@ def _answer(sentence: str, question_terms: set[str]) -> str:
     runs = _runs(sentence, question_terms)
     first = sentence.split(maxsplit=1)[0] if sentence.strip() else ""
 
-    def entity(run: list[str]) -> bool:
-        return any(any(ch.isdigit() for ch in w) or (w[:1].isupper() and w != first) for w in run)
+    def entity(run: list[re.Match[str]]) -> bool:
+        return any(any(ch.isdigit() for ch in w) or (w[:1].isupper() and w != first)
+                   for w in (m.group() for m in run))
 
-    chosen = next((r for r in runs if entity(r)), runs[0] if runs else sentence.split()[:3])
-    return " ".join(chosen).strip(_PUNCT + " ") or sentence[:40]
+    chosen = next((r for r in runs if entity(r)),
+                  runs[0] if runs else list(_WORD.finditer(sentence))[:3])
+    return _verbatim(sentence, chosen) or sentence[:40]
 
 
 def _quote(text: str, spans: list[tuple[int, int]], i: int, bounds: tuple[int, int]) -> str:
@@ -107,7 +118,7 @@ def respond(user_message: str, *, mode: str = "free", allowed: frozenset[int] | 
     answer = _answer(text[s:e], terms)
     quote = _quote(text, spans, i, bounds)
     if mode == "span" and answer not in quote:  # the quote was cut short: answer from it
-        answer = " ".join(quote.split()[:ANSWER_WORDS]).strip(_PUNCT + " ") or quote
+        answer = _verbatim(quote, list(_WORD.finditer(quote))[:ANSWER_WORDS]) or quote
     return f"{ANSWER_PREFIX}{answer}\n{QUOTE_PREFIX}{number}{QUOTE_SEPARATOR}{quote}"
 
 
