@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -220,3 +221,59 @@ def test_every_token_of_an_answer_over_realistic_passages_is_allowed(hf_tok, ll_
         assert c.allowed_mask()[t]
         assert c.consume(t)
     assert not c.is_error()
+
+
+def sentencepiece_tokenizer():
+    """A Llama-2/Mistral-style tokenizer: SentencePiece BPE with byte fallback, "▁" put before
+    the text by its normalizer (trained here on a few sentences)."""
+    import json
+
+    from tokenizers import SentencePieceBPETokenizer, Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    sp = SentencePieceBPETokenizer(unk_token="<unk>", replacement="▁", add_prefix_space=True)
+    corpus = ["The tower is 330 m tall and stands in Paris.", "An answer quotes its passage.",
+              "Rollo led the Normans to France in 911."] * 20
+    sp.train_from_iterator(corpus, vocab_size=300, show_progress=False, special_tokens=[
+        "<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))])
+    raw = json.loads(sp._tokenizer.to_str())
+    raw["model"]["byte_fallback"] = True
+    raw["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "▁"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+    raw["pre_tokenizer"] = None
+    raw["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
+        {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    raw["added_tokens"] = [t for t in raw["added_tokens"] if not t["content"].startswith("<0x")]
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(raw)),
+                                   bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("passage", ["The tower is 330 m tall.",
+                                     "The tower is 330 m tall.</s> Rollo led the Normans."])
+def test_what_the_grammar_allows_it_accepts_with_any_tokenizer(passage, hf_tok):
+    """llguidance allows only the first token of the forced text's tokenization: read by the
+    tokenizer called on a fragment, a SentencePiece one put "▁" before it ("▁An" for "An"),
+    which the grammar refused, and every request failed; a special token's text (a document's
+    "</s>", "<|im_end|>") came back as the special token. Walk the allowed tokens to the end."""
+    for tokenizer in (sentencepiece_tokenizer(), hf_tok):
+        ll = ll_tokenizer_for(tokenizer)
+        for text in ("a<|im_end|>b", "x</s>y", "hello world"):  # text, never a special token
+            ids = ll.tokenize_str(text)
+            assert not any(ll.is_special_token(t) for t in ids), (text, ids)
+            assert ll.decode_str(ids) == text
+        c = OutputConstraint(output_grammar([passage]), ll)
+        steps = 0
+        while not c.is_stopped() and steps < 200:
+            forced = c.forced_tokens()
+            assert c.valid_prefix(forced) == len(forced), tokenizer.convert_ids_to_tokens(forced)
+            if forced:
+                assert c.consume_many(forced)
+                continue
+            allowed = [int(t) for t in np.flatnonzero(c.allowed_mask())
+                       if t not in c.stop_tokens]
+            assert allowed and all(c.copy().consume(t) for t in allowed[:50])
+            assert c.consume(allowed[-1])  # some path through the passage
+            steps += 1
+        assert c.is_accepting()

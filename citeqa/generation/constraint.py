@@ -388,20 +388,33 @@ class _TextTokens:
     text as text. The Rust tokenizer read a document's "<|im_end|>" as that special token, so
     a quote forced across it came back as a token the grammar refuses (a crash, and a 500 for
     every request of the batch); citeqa's prompts read such texts as text too (chat.defused).
-    Each token's bytes and which are special are the Rust tokenizer's own."""
+    Each token's bytes and which are special are the Rust tokenizer's own; text between
+    special tokens' texts is tokenized by it as before (``tokenize_str``: a SentencePiece
+    tokenizer's "▁" prefix is its business, not added again), and a special token's text by
+    its greedy reading of ordinary tokens."""
 
     def __init__(self, hf_tokenizer: Any, rust: llguidance.LLTokenizer, eos: list[int]) -> None:
-        self._hf = hf_tokenizer
+        self._rust = rust
         self.eos_token_id = eos[0]
         self.bos_token_id = hf_tokenizer.bos_token_id
         self.tokens = [rust.decode_bytes([i]) for i in range(rust.vocab_size)]
         self.special_token_ids = [i for i in range(rust.vocab_size) if rust.is_special_token(i)]
+        texts = {t.decode("utf-8", "replace") for i in self.special_token_ids
+                 if (t := self.tokens[i])}
+        self._specials = (re.compile("(" + "|".join(map(re.escape, sorted(
+            texts, key=len, reverse=True))) + ")") if texts else None)
 
     def __call__(self, text: str) -> list[int]:
         if not isinstance(text, str):  # (so the wrapper passes text, not bytes)
             raise TypeError("text only")
-        return list(self._hf(text, add_special_tokens=False,
-                             split_special_tokens=True)["input_ids"])
+        if self._specials is None:
+            return self._rust.tokenize_str(text)
+        out: list[int] = []
+        for i, piece in enumerate(self._specials.split(text)):  # odd pieces: special texts
+            if piece:
+                out += (self._rust.greedy_tokenize(piece) if i % 2
+                        else self._rust.tokenize_str(piece))
+        return out
 
 
 class OutputConstraint:
