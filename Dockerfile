@@ -1,5 +1,6 @@
 # GPU serving image for citeqa. Build: docker build -t citeqa .
-# Run:   docker run --gpus all -p 8000:8000 citeqa
+# Run:   docker run --gpus all -p 8000:8000 --stop-timeout 40 citeqa
+# (--stop-timeout: docker stop waits 10 s by default, less than the 30 s shutdown grace)
 # The index is built from index/corpus at first start when /app/data/default holds none; mount a
 # volume at /app/data (not at the index itself: an index is replaced by renaming its folder,
 # which a mount point refuses) to keep documents added through the API.

@@ -215,7 +215,9 @@ class CiteqaClient:
     ) -> dict[str, Any]:
         """Index a document (its ``text``, or a ``url`` the service fetches); returns
         ``{doc_id, title, source, passages}``. 409 (CiteqaAPIError) when doc_id exists, or
-        (without a doc_id) when the same text or URL is indexed already."""
+        (without a doc_id) when the same URL, or the same text with the same title and source,
+        is indexed already under the id the service makes of them (the same text under another
+        title or doc_id is another document)."""
         if (text is None) == (url is None):
             raise ValueError("give text or url, not both" if text is not None else
                              "give the document's text or a url to fetch")

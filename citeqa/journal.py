@@ -39,7 +39,13 @@ def read_records(path: Path, *, what: str, remedy: str, key: str = "id",
     path = Path(path)
     if not path.is_file():
         return [], 0
-    *lines, tail = path.read_bytes().split(b"\n")  # tail: bytes after the last newline
+    return records_in(path.read_bytes(), path, what=what, remedy=remedy, key=key)
+
+
+def records_in(data: bytes, path: Path, *, what: str, remedy: str, key: str = "id",
+               ) -> tuple[list[dict[str, Any]], int]:
+    """``read_records`` of ``data``, the bytes of ``path`` (which messages name)."""
+    *lines, tail = data.split(b"\n")  # tail: bytes after the last newline
     last = max((i for i, raw in enumerate(lines) if raw.strip()), default=-1)  # blanks skipped
     records: list[dict[str, Any]] = []
     good = 0

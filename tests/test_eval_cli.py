@@ -274,3 +274,41 @@ def test_the_module_entry_point_says_what_the_system_refuses_in_one_line(tmp_pat
                            str(afile)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == f"error: Not a directory: {afile / 'metrics.json'}"
+
+
+def test_compare_refuses_damaged_run_files_in_one_line(setup: tuple[Path, Path],
+                                                       tmp_path: Path) -> None:
+    """metrics.json holding JSON that is not metrics, and a committed predictions.jsonl.gz with
+    a bad line or cut short, were tracebacks (or a bare "Aborted!") rather than errors."""
+    import gzip
+    import shutil
+
+    index, data = setup
+    assert _eval(index, data, tmp_path / "A").exit_code == 0
+    good = (tmp_path / "A" / "predictions.jsonl").read_bytes()
+
+    def compare_with(name: str, metrics: str | None = None, gz: bytes | None = None) -> str:
+        run = tmp_path / name
+        shutil.copytree(tmp_path / "A", run)
+        if metrics is not None:
+            (run / "metrics.json").write_text(metrics)
+        if gz is not None:
+            (run / "predictions.jsonl").unlink()
+            (run / "predictions.jsonl.gz").write_bytes(gz)
+        c = runner.invoke(app, ["eval", "compare", str(tmp_path / "A"), str(run)])
+        assert c.exit_code == 2, c.output
+        return c.stderr
+
+    assert "is not the metrics `citeqa eval` writes" in compare_with("list", metrics="[1, 2]")
+    assert "is not the metrics" in compare_with("sections", metrics='{"selective": []}')
+    bad_line = gzip.compress(good + b"garbage\n" + good.splitlines(keepends=True)[0])
+    assert "predictions.jsonl.gz:" in compare_with("badline", gz=bad_line)
+    assert "is not a whole gzip file" in compare_with("cut", gz=gzip.compress(good)[:60])
+    # the committed copy, whole, is read as the plain file is
+    ok = tmp_path / "gz"
+    shutil.copytree(tmp_path / "A", ok)
+    (ok / "predictions.jsonl").unlink()
+    (ok / "predictions.jsonl.gz").write_bytes(gzip.compress(good))
+    c = runner.invoke(app, ["eval", "compare", str(tmp_path / "A"), str(ok)])
+    assert c.exit_code == 0, c.output
+    assert "of 3 questions in both: given answer changed 0," in c.stdout

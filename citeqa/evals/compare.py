@@ -49,6 +49,11 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         ) from None
     except ValueError as e:
         raise ConfigError(f"{run_dir / METRICS} is not valid JSON ({e}); rerun the eval") from e
+    if not isinstance(metrics, dict) or not all(
+            isinstance(metrics.get(path[0], {}), dict) for _, path, *_ in KEY_METRICS[1:]
+            if len(path) > 1):
+        raise ConfigError(f"{run_dir / METRICS} is not the metrics `citeqa eval` writes (a JSON "
+                          "object of sections); rerun the eval")
     try:
         run = json.loads((run_dir / RUN_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -128,9 +133,17 @@ def covered_predictions(run_dir: Path, metrics: dict[str, Any] | None = None
             path = path.with_suffix(".jsonl.gz")  # the copy evals/regenerate.sh commits
     if path.suffix == ".gz" and path.is_file():
         import gzip
+        import zlib
 
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            records = [json.loads(line) for line in f if line.strip()]
+        from citeqa.journal import records_in
+
+        try:
+            data = gzip.decompress(path.read_bytes())
+        except (OSError, EOFError, zlib.error) as e:  # (BadGzipFile is an OSError)
+            raise ConfigError(f"{path} is not a whole gzip file ({e}); gzip the run's "
+                              f"{PREDICTIONS} again") from e
+        records, _ = records_in(data, path, what="prediction record",
+                                remedy=f"gzip the run's {PREDICTIONS} again")
     elif path.is_file():
         records, _ = read_predictions(path)
     else:
@@ -178,7 +191,8 @@ def compare_runs(run_a: Path, run_b: Path, png: Path | None = None) -> str:
     if png is not None:
         curves = {}
         for name, m in ((name_a, ma), (name_b, mb)):
-            curve = (m.get("selective", {}).get("rm") or {}).get("curve")
+            rm = m.get("selective", {}).get("rm")
+            curve = rm.get("curve") if isinstance(rm, dict) else None
             if curve:
                 curves[f"{name} (RM score)"] = curve
         plots.accuracy_coverage(curves, None, png,
