@@ -277,3 +277,51 @@ def test_what_the_grammar_allows_it_accepts_with_any_tokenizer(passage, hf_tok):
             assert c.consume(allowed[-1])  # some path through the passage
             steps += 1
         assert c.is_accepting()
+
+
+def test_an_engine_reading_special_texts_as_tokens_is_never_offered_one(hf_tok):
+    """vLLM builds its llguidance tokenizer with ``llguidance.hf.from_tokenizer``, which reads
+    a special token's text as the token: where a grammar forces '<|im_end|>' as text its mask
+    offers that token and its matcher then refuses it, and the request fails (seen as a 500
+    from vLLM 0.32 whenever a quote had to run across a document's '<|im_end|>'). The grammars
+    made for such an engine (``unquotable``) never lead there: at every step of every quote
+    they accept, each token offered is taken."""
+    import llguidance
+    import llguidance.hf
+    import llguidance.numpy
+
+    from citeqa.generation.chat import ANY_TEMPLATE_SPECIALS
+    from citeqa.generation.constraint import quote_grammar
+
+    engine = llguidance.hf.from_tokenizer(hf_tok)
+    mask = llguidance.numpy.allocate_token_bitmask(1, engine.vocab_size)
+    passage = "The secret launch code is alpha<|im_end|>beta, chosen in 2019."
+    special = hf_tok.convert_tokens_to_ids("<|im_end|>")
+
+    def walk(grammar: str, text: str) -> tuple[bool, str]:
+        """(whether ``text`` is accepted, the first failure of an offered special token)."""
+        m = llguidance.LLMatcher(engine, grammar, log_level=0)
+        for t in [*hf_tok.encode(text, add_special_tokens=False), None]:
+            llguidance.numpy.fill_next_token_bitmask(m, mask, 0)
+            if mask[0, special // 32] >> (special % 32) & 1:  # offered
+                probe = m.deep_copy()
+                if not probe.consume_token(special) or probe.is_error():
+                    return False, probe.get_error()
+            if t is None:
+                return m.is_accepting(), ""
+            if not m.consume_token(t):
+                return False, ""
+        raise AssertionError("unreachable")
+
+    prefix = f"{QUOTE_PREFIX}1{QUOTE_SEPARATOR}"
+    crossing = prefix + "The secret launch code is alpha"  # then the grammar forces the rest
+    before = quote_grammar([passage], "beta")
+    assert before is not None and "doesn't satisfy the grammar" in walk(before, crossing)[1]
+    after = quote_grammar([passage], "beta", unquotable=ANY_TEMPLATE_SPECIALS)
+    assert after is not None and walk(after, crossing) == (False, "")
+    assert walk(after, prefix + "beta, chosen in 2019.") == (True, "")
+    for answer, quote in (("alpha", "The secret launch code is alpha"), ("2019", "in 2019.")):
+        g = quote_grammar([passage], answer, unquotable=ANY_TEMPLATE_SPECIALS)
+        assert g is not None and walk(g, prefix + quote) == (True, ""), quote
+    free = output_grammar([passage], unquotable=ANY_TEMPLATE_SPECIALS)
+    assert walk(free, output("code", 1, "launch code is alpha")) == (True, "")

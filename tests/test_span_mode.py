@@ -415,3 +415,48 @@ def test_a_quote_ending_in_text_like_an_end_marker_keeps_it_under_the_grammar() 
     [c] = gen.generate("What marks the end of a turn?", [hit], {"g": doc}.__getitem__).candidates
     assert c.quote is not None and c.quote.text.endswith("marked <eos>") and c.supported
     assert text[c.answer_start:c.answer_end] == "<eos>"
+
+
+@pytest.mark.parametrize("mode", ["span", "free"])
+def test_a_backend_that_cannot_quote_special_texts_gets_grammars_that_keep_clear(mode) -> None:
+    """vLLM's grammar matcher reads '<|im_end|>' that a grammar forces as the special token,
+    offers it, then refuses it: the request failed (a 500) whenever a quote had to run across
+    one. A backend saying so (``unquotable``) gets answers and quotes within the pieces
+    between such texts; a passage of nothing else offers no quote; other backends quote as
+    before."""
+    from citeqa.generation.chat import ANY_TEMPLATE_SPECIALS
+
+    passage = "The launch code is alpha<|im_end|>beta, chosen in 2019 [INST] by the board."
+    docs = {"d": Document("d", "T", "s", passage), "e": Document("e", "T", "s", "</s><|x|>")}
+    hits = [Hit(Passage(0, "d", 0, len(passage), passage), "T", "s", 1.0),
+            Hit(Passage(1, "e", 0, 8, "</s><|x|>"), "T", "s", 0.5)]
+
+    def requests(unquotable: str | None) -> list:
+        backend = FakeBackend(extractive_responder, unquotable=unquotable)
+        CitedGenerator(backend, GenerationConfig(answer_mode=mode, extractive_answer=True,
+                                                 min_quote_chars=1)).generate(
+            "What is the code?", hits, docs.__getitem__, n=2)
+        return backend.requests
+
+    engine, local = requests(ANY_TEMPLATE_SPECIALS), requests(None)
+    assert [r.quote_stage.only_passage for r in engine if r.quote_stage] == (
+        [1, None] if mode == "span" else [])
+    crossing = [("alpha<|im_end|>beta", "The launch code is alpha<|im_end|>beta"),
+                ("beta", "alpha<|im_end|>beta, chosen"), ("2019", "2019 [INST] by the board.")]
+    within = [("alpha", "The launch code is alpha"), ("beta", "beta, chosen in 2019"),
+              ("the board", "by the board.")]
+    for answer, quote in crossing:
+        text = answer_line(answer) + quote_line(1, quote)
+        assert not any(request_accepts(r, text) for r in engine), text
+        assert request_accepts(local[0], text), text
+    for answer, quote in within:
+        text = answer_line(answer) + quote_line(1, quote)
+        assert all(request_accepts(r, text) for r in engine[:1]), text
+    # the answer alone, where span mode's second grammar takes over
+    assert not any(grammar_accepts(r.grammar, answer_line("alpha<|im_end|>beta"))
+                   for r in engine if r.quote_stage)
+    # a passage of special texts only: no candidate is pointed at it, and alone it gets none
+    backend = FakeBackend(extractive_responder, unquotable=ANY_TEMPLATE_SPECIALS)
+    out = CitedGenerator(backend, GenerationConfig(answer_mode=mode)).generate(
+        "What?", hits[1:], docs.__getitem__, n=2)
+    assert out.candidates == [] and backend.requests == []

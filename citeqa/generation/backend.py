@@ -62,3 +62,11 @@ class Backend(Protocol):
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
         """Complete every request; result[i] holds request i's ``n`` completions."""
         ...
+
+
+def unquotable(backend: Backend) -> str | None:
+    """A backend's ``unquotable``, when it has one: a regex of texts its engine's grammar
+    matcher cannot take as text, which grammars then keep out of answers and quotes
+    (``constraint.output_grammar``); None (any text) for backends without it."""
+    value = getattr(backend, "unquotable", None)
+    return value if isinstance(value, str) else None

@@ -30,9 +30,10 @@ from dataclasses import dataclass, replace
 
 from citeqa.config import GenerationConfig
 from citeqa.errors import OutputFormatError
-from citeqa.generation.backend import Backend, Completion, GenerationRequest
+from citeqa.generation.backend import Backend, Completion, GenerationRequest, unquotable
 from citeqa.generation.constraint import (
     QuoteStage,
+    can_quote,
     on_word_edges,
     output_grammar,
     word_occurrences,
@@ -153,10 +154,11 @@ class CitedGenerator:
                 max_quote_chars=cfg.max_quote_chars,
                 answer_from_passages=cfg.extractive_answer,
                 only_passage=only_passage,
+                unquotable=unquotable(self.backend),
             )
             if mode == "span":
                 stage = QuoteStage(tuple(p.text for p in shown), cfg.min_quote_chars,
-                                   cfg.max_quote_chars, only_passage)
+                                   cfg.max_quote_chars, only_passage, unquotable(self.backend))
         copied = cfg.max_answer_tokens + cfg.max_quote_chars // QUOTE_CHARS_PER_TOKEN
         # the reply copies from one passage: the one that needs most (or the one it must use)
         quotable = [p for p in shown if only_passage is None or p.number == only_passage]
@@ -187,12 +189,17 @@ class CitedGenerator:
             return self._request(messages, shown, n=count, temperature=temperature,
                                  constrain=constrain, mode=mode, only_passage=only)  # type: ignore[arg-type]
 
+        # (a passage of nothing but texts the backend cannot quote offers no quote)
+        quotable = [p for p in shown if not constrain
+                    or can_quote(p.text, unquotable(self.backend))]
+        if not quotable:
+            return [], shown
         if n == 1:
             return [request(1, 0.0)], shown
         if not constrain:  # no grammar to point a candidate at a passage: samples only
             return [request(n, cfg.temperature)], shown
-        covered = min(n, len(shown))
-        plan = [request(1, 0.0, p.number) for p in shown[:covered]]
+        covered = min(n, len(quotable))
+        plan = [request(1, 0.0, p.number) for p in quotable[:covered]]
         if n > covered:
             plan.append(request(n - covered, cfg.temperature))
         return plan, shown

@@ -98,6 +98,20 @@ def _shorter(min_quote_chars: int | None, passage: str) -> int | None:
     return None if min_quote_chars is None else min(min_quote_chars, len(passage.strip()))
 
 
+def _pieces(passage: str, unquotable: str | None) -> list[str]:
+    """``passage`` cut at the matches of the regex ``unquotable`` (the pieces with a word in
+    them): a quote or answer is a stretch of one piece, never one that holds such a text. The
+    whole passage, as it is, when ``unquotable`` is None."""
+    if unquotable is None:
+        return [passage]
+    return [piece for piece in re.split(unquotable, passage) if piece.strip()]
+
+
+def can_quote(passage: str, unquotable: str | None = None) -> bool:
+    """Whether a grammar can offer a quote of ``passage`` (a word outside ``unquotable``)."""
+    return any(piece.strip() for piece in _pieces(passage, unquotable))
+
+
 def _quotable(passages: Sequence[str], only_passage: int | None) -> list[tuple[int, str]]:
     """``(k, passage)`` of the passages with a word to quote (only passage k when given)."""
     quotable = [(k, p) for k, p in enumerate(passages, start=1) if p.strip()]
@@ -106,13 +120,17 @@ def _quotable(passages: Sequence[str], only_passage: int | None) -> list[tuple[i
     return quotable
 
 
-def _quote_rules(lexemes: Sequence[tuple[int, str]]) -> list[str]:
-    """The ``quote`` rule: ``Quote [k]: `` then passage k's lexeme, for each (k, lexeme)."""
+def _quote_rules(lexemes: Sequence[tuple[int, Sequence[str]]]) -> list[str]:
+    """The ``quote`` rule: ``Quote [k]: `` then one of passage k's lexemes (one per piece of
+    it, ``_pieces``), for each (k, lexemes)."""
     lines = ["quote: " + " | ".join(f"quote_{k}" for k, _ in lexemes)]
-    for k, lexeme in lexemes:
+    for k, alternatives in lexemes:
         prefix = _lark_string(f"{QUOTE_PREFIX}{k}{QUOTE_SEPARATOR}")
-        lines.append(f"quote_{k}: {prefix} QUOTE_{k}")
-        lines.append(f"QUOTE_{k}: {lexeme}")
+        names = ([f"QUOTE_{k}"] if len(alternatives) == 1
+                 else [f"QUOTE_{k}_{i}" for i in range(len(alternatives))])
+        lines.append(f"quote_{k}: {prefix} " + (names[0] if len(names) == 1
+                                                else "(" + " | ".join(names) + ")"))
+        lines += [f"{name}: {lexeme}" for name, lexeme in zip(names, alternatives, strict=True)]
     return lines
 
 
@@ -125,6 +143,7 @@ def output_grammar(
     max_quote_chars: int | None = None,
     answer_from_passages: bool = False,
     only_passage: int | None = None,
+    unquotable: str | None = None,
 ) -> str:
     """Return the llguidance Lark grammar of a cited answer quoting one of ``passages``.
 
@@ -142,27 +161,33 @@ def output_grammar(
     line break; the quote follows under ``quote_grammar`` built from that answer
     (``QuoteStage``).
 
+    ``unquotable``: a regex of texts no answer or quote may hold (a passage is quoted piece by
+    piece between them): what an engine's own grammar matcher cannot take as text
+    (``Backend.unquotable``).
+
     Raises ValueError when no passage can be quoted (callers generate only over passages).
     """
     if max_answer_chars < 1:
         raise ValueError(f"max_answer_chars must be >= 1, got {max_answer_chars}")
     if mode not in ANSWER_MODES:
         raise ValueError(f"answer mode must be one of {ANSWER_MODES}, got {mode!r}")
-    quotable = _quotable(passages, only_passage)
+    quotable = [(k, pieces) for k, p in _quotable(passages, only_passage)
+                if (pieces := _pieces(p, unquotable))]
     if not quotable:
         raise ValueError("no passage has text to quote; retrieve passages first")
     answer = f"/[^\\n]{{1,{int(max_answer_chars)}}}/"
     if answer_from_passages or mode == "span":
-        spec = json.dumps({"substring_words": "\n".join(p for _, p in quotable)},
+        spec = json.dumps({"substring_words": "\n".join(p for _, ps in quotable for p in ps)},
                           ensure_ascii=True)
         answer = f"%regex {spec} & {_TRIMMED} & {answer}"
     head = f"start: {_lark_string(ANSWER_PREFIX)} ANSWER {_lark_string(ANSWER_LINE_END)}"
     if mode == "span":
         return f"{head}\nANSWER: {answer}\n"
     # the lower bound gives way to a passage shorter than it (its whole text is the quote)
-    lexemes = [(k, f"%regex {json.dumps({'substring_words': p}, ensure_ascii=True)} & "
-                   f"{_TRIMMED}{_length(_shorter(min_quote_chars, p), max_quote_chars)}")
-               for k, p in quotable]
+    lexemes = [(k, [f"%regex {json.dumps({'substring_words': p}, ensure_ascii=True)} & "
+                    f"{_TRIMMED}{_length(_shorter(min_quote_chars, p), max_quote_chars)}"
+                    for p in pieces])
+               for k, pieces in quotable]
     lines = [f"{head} quote", f"ANSWER: {answer}", *_quote_rules(lexemes)]
     return "\n".join(lines) + "\n"
 
@@ -249,6 +274,7 @@ def quote_grammar(
     min_quote_chars: int | None = None,
     max_quote_chars: int | None = None,
     only_passage: int | None = None,
+    unquotable: str | None = None,
 ) -> str | None:
     """The grammar of a span-mode quote after ``answer``'s line: ``Quote [k]: `` and a stretch
     of passage k, from a word's start to a word's end (words split at whitespace), that
@@ -258,7 +284,8 @@ def quote_grammar(
     The length bounds give way where they would leave no quote: the lower one to a shorter
     passage, the upper one to a longer answer; a quote reaches at most ``MAX_WORDS_AROUND``
     words beyond each side of the answer, and holds one of its first ``MAX_OCCURRENCES``
-    occurrences in the passage. None when no passage holds the answer.
+    occurrences in the passage; with ``unquotable`` (``output_grammar``) the stretch lies in
+    one piece of the passage. None when no passage holds the answer.
 
     Each passage's lexeme is a plain regex (a union over the answer's occurrences) rather than
     the passage's ``substring_words`` intersected with "contains the answer": llguidance gave
@@ -269,16 +296,20 @@ def quote_grammar(
         return None
     room = None if max_quote_chars is None else max(max_quote_chars - len(answer), 0)
     lexemes = []
+    high = None if max_quote_chars is None else max(max_quote_chars, len(answer))
     for k, passage in _quotable(passages, only_passage):
-        low = _shorter(min_quote_chars, passage)
-        high = None if max_quote_chars is None else max(max_quote_chars, len(answer))
+        found = [(piece, at) for piece in _pieces(passage, unquotable)
+                 for at in word_occurrences(piece, answer)][:MAX_OCCURRENCES]
         # only occurrences some stretch of which fits the bounds: another would open a quote
         # nothing can finish
-        stretches = dict.fromkeys(
-            regex for at in word_occurrences(passage, answer)[:MAX_OCCURRENCES]
-            if (regex := _around(passage, at, answer, room, low, high)) is not None)
+        stretches = {
+            regex: low for piece, at in found
+            if (regex := _around(piece, at, answer, room,
+                                 low := _shorter(min_quote_chars, piece), high)) is not None}
         if stretches:
-            lexemes.append((k, f"/(?:{'|'.join(stretches)})/{_length(low, high)}"))
+            lows = [v for v in stretches.values() if v is not None]  # (a piece's own)
+            low = min(lows) if lows else None
+            lexemes.append((k, [f"/(?:{'|'.join(stretches)})/{_length(low, high)}"]))
     if not lexemes:
         return None
     return "\n".join(["start: quote", *_quote_rules(lexemes)]) + "\n"
@@ -329,6 +360,7 @@ class QuoteStage:
     min_quote_chars: int | None = None
     max_quote_chars: int | None = None
     only_passage: int | None = None
+    unquotable: str | None = None  # (output_grammar)
 
     def grammar(self, first_part: str) -> str | None:
         """The quote's grammar after ``first_part`` (the decoded answer line), or None when
@@ -338,7 +370,7 @@ class QuoteStage:
             return None
         return quote_grammar(self.passages, answer, min_quote_chars=self.min_quote_chars,
                              max_quote_chars=self.max_quote_chars,
-                             only_passage=self.only_passage)
+                             only_passage=self.only_passage, unquotable=self.unquotable)
 
     def guess(self, first_part: str) -> str | None:
         """``quote_guess`` for the answer of ``first_part`` (see ``grammar``): text to draft the

@@ -32,13 +32,15 @@ class FakeBackend:
     ``scores`` gives each completion its log-probability and token count (default: a stable
     hash of the text, one token per word); ``timings_ms`` is reported by every completion. The
     last ``KEEP_CALLS`` calls are kept in ``calls`` (each the list of its requests) so tests can
-    inspect prompts and grammars.
+    inspect prompts and grammars; ``unquotable`` fakes an engine's (``backend.unquotable``).
     """
 
     def __init__(self, responder: Responder, model_id: str = "fake", *,
                  scores: Scorer = _default_scores,
-                 timings_ms: dict[str, float] | None = None) -> None:
+                 timings_ms: dict[str, float] | None = None,
+                 unquotable: str | None = None) -> None:
         self.responder = responder
+        self.unquotable = unquotable  # as an engine's (backend.unquotable)
         self.model_id = model_id
         self.scores = scores
         self.timings_ms = timings_ms or {"prefill_ms": 0.0, "decode_ms": 0.0,

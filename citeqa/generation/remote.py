@@ -32,7 +32,7 @@ import httpx
 
 from citeqa.errors import EngineError, EngineUnavailableError
 from citeqa.generation.backend import Completion, GenerationRequest, abandoned_completions
-from citeqa.generation.chat import defused_for_any_template
+from citeqa.generation.chat import ANY_TEMPLATE_SPECIALS, defused_for_any_template
 from citeqa.generation.format import ANSWER_LINE_END
 from citeqa.retry import RETRY_STATUSES, Backoff, request_by
 from citeqa.text import without_userinfo
@@ -51,6 +51,12 @@ class _Abandoned(Exception):
 
 class RemoteBackend:
     """Backend that POSTs requests to ``{base_url}/v1/chat/completions``, concurrently."""
+
+    # vLLM's llguidance reads a special token's text ("<|im_end|>") forced by a grammar as that
+    # token, which its mask then offers and its matcher refuses: the request fails (a 500).
+    # Its tokenizer is not at hand, so answers and quotes keep clear of every common template's
+    # special texts (which the prompt breaks apart too: chat.defused_for_any_template).
+    unquotable = ANY_TEMPLATE_SPECIALS
 
     def __init__(
         self,
