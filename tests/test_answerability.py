@@ -66,10 +66,14 @@ def test_squad_questions_are_labelled_by_answerability_and_centred_on_their_answ
     items = [QAItem("a", "Who swore fealty?", ("Rollo",), "Normans", CONTEXT),
              QAItem("u", "Who swore fealty to Rollo?", (), "Normans", CONTEXT),
              QAItem("n", "Who?", (), "Normans", CONTEXT),  # no plausible answer: the middle
-             QAItem("x", "No paragraph?", ("x",), "Normans", "")]  # skipped
+             QAItem("x", "No paragraph?", ("x",), "Normans", ""),  # skipped
+             # a gold answer that normalises to nothing still answers ("$" was labelled 0)
+             QAItem("d", "Which symbol?", ("$",), "Normans", CONTEXT + " It cost $5.")]
     out = list(squad_examples(items, {"u": ["Charles III"]}))
     assert [(e.label, e.source) for e in out] == [
-        (1, "squad2:answerable"), (0, "squad2:unanswerable"), (0, "squad2:unanswerable")]
+        (1, "squad2:answerable"), (0, "squad2:unanswerable"), (0, "squad2:unanswerable"),
+        (1, "squad2:answerable")]
+    assert "$5" in out[3].judged.quote
     assert "Rollo" in out[0].judged.quote and "Charles III" in out[1].judged.quote
     # the middle, as said: it was the paragraph's start (an empty span fits no quote)
     middle = CONTEXT.index(out[2].judged.quote)
@@ -252,3 +256,27 @@ def test_the_scorer_uses_the_reader_its_combination_names(tiny_encoder, tokenize
     logits = AnswerabilityReader(rm / SUBDIR, cpu_dtype="fp32").logits(items[:2])
     assert scores[2] == 0.0 and logits[0] != logits[1]
     assert (scores[0] > scores[1]) == (logits[0] > logits[1])  # the reader decides here
+
+
+def test_training_never_writes_over_a_model_it_is_not_resuming(tmp_path: Path) -> None:
+    """`train answerability --out my-rm`, my-rm the copy of the shipped reward model that
+    docs/calibrate.md has users make, trained a reader over its verifier (config.json,
+    encoder/, heads.safetensors replaced; combine.json and calibration.json left beside it)."""
+    import shutil
+
+    from citeqa.errors import ConfigError
+    from citeqa.reward.cli import answerability_to_dir, train_to_dir
+    from citeqa.reward.scorer import DEFAULT_DIR
+
+    shipped = tmp_path / "my-rm"
+    shutil.copytree(DEFAULT_DIR, shipped)
+    before = {p: p.read_bytes() for p in shipped.rglob("*") if p.is_file()}
+    nothing = tmp_path / "never-read.json"  # refused before any data is read
+    for out in (shipped, shipped / "answerability"):
+        with pytest.raises(ConfigError, match="holds a model that is not a training of an "
+                                              "answerability reader to resume"):
+            answerability_to_dir([nothing], out, redteam=None, redteam_variants=0,
+                                 progress=False)
+        with pytest.raises(ConfigError, match="not a training of a verifier"):
+            train_to_dir([nothing], out, progress=False)
+    assert {p: p.read_bytes() for p in shipped.rglob("*") if p.is_file()} == before

@@ -506,6 +506,13 @@ def test_combined_with_generator_signals_fit_served_and_calibrated(tiny_encoder,
     assert figures["weights"]["mean_logprob"] > 0
     assert (tmp_path / "rm" / "combine.json").is_file()
     assert not (tmp_path / "rm" / "calibration.json").exists()  # its scores are stale now
+    # a refit needs nothing of what it replaces: a broken combine.json (or one naming a reader
+    # that is gone) sent users to `reward-combine`, which then failed on it too
+    combined = (tmp_path / "rm" / "combine.json").read_text()
+    (tmp_path / "rm" / "combine.json").write_text('{"format": 1, "inputs": ["verifier_logit"]}')
+    (tmp_path / "rm" / "calibration.json").write_text("{")
+    assert combine_dir([data], tmp_path / "rm") == figures
+    assert (tmp_path / "rm" / "combine.json").read_text() == combined
     scorer = VerifierScorer(tmp_path / "rm", cpu_dtype="fp32")
     assert scorer.combiner is not None and "generator signals" in scorer.name
     doc = Document("d", "Normans", "n.txt", TEXT)

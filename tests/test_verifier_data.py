@@ -401,7 +401,7 @@ def test_a_copy_of_reward_data_without_its_stats_is_still_checked(tmp_path):
             assert r.exit_code == 2 and "training or evaluation articles (1973" in r.output
 
 
-def test_a_combination_is_not_fitted_on_questions_the_verifier_trained_on(tmp_path):
+def test_a_combination_is_not_fitted_on_questions_the_cross_encoders_trained_on(tmp_path):
     """Its help said so, but nothing checked: the combiner leant on scores that were surer
     than they are on unseen questions. The verifiers it was trained further from count too."""
     from citeqa.errors import ConfigError
@@ -423,8 +423,22 @@ def test_a_combination_is_not_fitted_on_questions_the_verifier_trained_on(tmp_pa
         (folder / "config.json").write_text(json.dumps({"training": {
             "data": [str(made), str(tmp_path / "gone.jsonl")], "base": base}}))
     assert trained_questions(further) == ({"q1", "q2", "q3"}, [str(tmp_path / "gone.jsonl")] * 2)
-    for groups in (["q9", "q2"], ["q9", "q1"], ["q3"]):
-        with pytest.raises(ConfigError, match="1 question.* the verifier in .* was trained on"):
+    # and the answerability reader beside it: its SQuAD file's questions, its variants' seeds
+    # (it was not followed: a combination fitted on the reader's own questions was accepted)
+    reader = further / "answerability"
+    reader.mkdir()
+    squad = tmp_path / "squad.json"
+    squad.write_text(json.dumps({"data": [{"title": "T", "paragraphs": [{
+        "context": "a b", "qas": [{"id": "q7", "question": "Q?", "is_impossible": True,
+                                   "answers": []}]}]}]}))
+    variants = tmp_path / "made.variants.jsonl"
+    variants.write_text(json.dumps({"question": "Q?", "kind": "negation", "seed_id": "q6"}) + "\n")
+    (reader / "config.json").write_text(json.dumps({"training": {
+        "data": [str(squad), str(variants)]}}))
+    assert trained_questions(further)[0] == {"q1", "q2", "q3", "q6", "q7"}
+    for groups in (["q9", "q2"], ["q9", "q1"], ["q3"], ["q6"], ["rt:q7:negation"]):
+        with pytest.raises(ConfigError, match="1 question.* the verifier or answerability "
+                                              "reader in .* was trained on"):
             _check_unseen(load_verifier_data(data("c.jsonl", groups)), further, "c.jsonl")
     _check_unseen(load_verifier_data(data("d.jsonl", ["q9", "q8"])), further, "d.jsonl")
     from typer.testing import CliRunner

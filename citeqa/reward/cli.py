@@ -137,46 +137,87 @@ def question_id(ex: Example) -> str:
     return ex.group.split(":")[1] if ex.group.startswith("rt:") else ex.group
 
 
+def _reader_questions(path: Path) -> set[str]:
+    """The ids of the questions an answerability reader's training file holds: a SQuAD file's
+    questions, a red-team variants file's seeds (shown beside their made questions)."""
+    from citeqa.evals.squad import load_squad_questions
+
+    with Path(path).open("rb") as f:
+        first = next((line for line in f if line.strip()), b"")
+    try:
+        row = json.loads(first)
+    except ValueError:
+        row = None
+    if isinstance(row, dict) and "seed_id" in row:  # citeqa.redteam.maker.Variant lines
+        return {str(json.loads(line).get("seed_id", "")) for line in
+                Path(path).read_bytes().splitlines() if line.strip()}
+    return {item.id for item in load_squad_questions(path)}
+
+
 def trained_questions(reward_dir: Path) -> tuple[set[str], list[str]]:
-    """The ids of the questions the verifier in ``reward_dir`` was trained on (and those it was
-    trained further from), read from its recorded training data where those files are here;
-    and the files that are not."""
+    """The ids of the questions the cross-encoders of ``reward_dir`` were trained on: its
+    verifier (and those it was trained further from) and its answerability reader, read from
+    their recorded training data where those files are here; and the files that are not."""
+    from citeqa.reward.answerability import SUBDIR
     from citeqa.reward.checkpoint import HEADS, read_config_json
     from citeqa.reward.data import load_verifier_data
 
     ids: set[str] = set()
     missing: list[str] = []
+
+    def training_of(directory: Path) -> tuple[dict[str, Any], list[Path]]:
+        """(its training record, the files of its training data that are here)"""
+        training = read_config_json(directory).get("training")
+        training = training if isinstance(training, dict) else {}
+        names = [Path(str(n)) for n in training.get("data") or ()]
+        missing.extend(str(n) for n in names if not n.is_file())
+        return training, [n for n in names if n.is_file()]
+
     seen: set[Path] = set()
     directory: Path | None = Path(reward_dir)
     while directory is not None and directory.resolve() not in seen:
         seen.add(directory.resolve())
-        training = read_config_json(directory).get("training")
-        training = training if isinstance(training, dict) else {}
-        for name in training.get("data") or ():
-            if Path(str(name)).is_file():
-                ids |= {question_id(ex) for ex in load_verifier_data(Path(str(name))).examples}
-            else:
-                missing.append(str(name))
+        training, files = training_of(directory)
+        for name in files:
+            ids |= {question_id(ex) for ex in load_verifier_data(name).examples}
         base = training.get("base")
         directory = Path(base) if isinstance(base, str) and (Path(base) / HEADS).is_file() \
             else None
+    if (Path(reward_dir) / SUBDIR / "config.json").is_file():
+        for name in training_of(Path(reward_dir) / SUBDIR)[1]:
+            ids |= _reader_questions(name)
     return ids - {""}, missing
 
 
 def _check_unseen(data: VerifierData, reward_dir: Path, names: str) -> None:
-    """ConfigError when data to fit the combination on holds questions the verifier was trained
-    on: its scores there are surer than on unseen ones, and the fit would lean on them."""
+    """ConfigError when data to fit the combination on holds questions the verifier or the
+    answerability reader was trained on: their scores there are surer than on unseen ones, and
+    the fit would lean on them."""
     trained, missing = trained_questions(reward_dir)
     if missing:
-        log.info("not found here, so not checked for questions in --data: the verifier's "
+        log.info("not found here, so not checked for questions in --data: the cross-encoders' "
                  "training data %s", ", ".join(missing))
     both = sorted({question_id(ex) for ex in data.examples} & trained)
     if both:
         raise ConfigError(
-            f"{names} holds {len(both)} question(s) the verifier in {reward_dir} was trained on "
+            f"{names} holds {len(both)} question(s) the verifier or answerability reader in "
+            f"{reward_dir} was trained on "
             f"(e.g. {', '.join(both[:3])}): its scores there are surer than on unseen "
             "questions, so the combination would lean on them; make the data from other "
             "questions")
+
+
+def _check_no_other_model(out: Path, what: str) -> None:
+    """ConfigError when ``out`` holds a model that is no training of this command to resume
+    (a copy of the shipped reward model, a reader in a verifier's place): training there
+    wrote a fresh model over it."""
+    from citeqa.reward.train import saved_progress
+
+    if (Path(out) / "config.json").is_file() and saved_progress(Path(out)) is None:
+        raise ConfigError(
+            f"--out {out} holds a model that is not a training of {what} to resume (its "
+            "config.json records none); training there would write over it: choose another "
+            "--out (a reward directory's answerability reader goes in REWARD_DIR/answerability)")
 
 
 def train_to_dir(data_paths: list[Path], out: Path, *, base: Path | None = None,
@@ -193,6 +234,7 @@ def train_to_dir(data_paths: list[Path], out: Path, *, base: Path | None = None,
     from citeqa.reward.train import TrainConfig, saved_progress, train_verifier
     from citeqa.reward.verifier import Verifier
 
+    _check_no_other_model(out, "a verifier")
     if threads:
         torch.set_num_threads(threads)
     cfg = TrainConfig(**(cfg_kw or {}))
@@ -308,6 +350,7 @@ def answerability_to_dir(squad: list[Path], out: Path, *, redteam: Path | None,
     )
     from citeqa.training.verifier_data import plausible_answers
 
+    _check_no_other_model(out, "an answerability reader")
     if threads:
         torch.set_num_threads(threads)
     cfg = AnswerabilityConfig(**(cfg_kw or {}))
@@ -410,9 +453,10 @@ def base_encoder(base_dir: Path) -> tuple[Any, Any]:
 @train_app.command("reward-combine")
 def reward_combine(
     data: Annotated[list[Path], typer.Option(
-        "--data", help="Generator reward data (with signals) of questions the verifier never "
-                       "trained on (repeatable); questions of its recorded training data, "
-                       "where those files are here, are refused.")],
+        "--data", help="Generator reward data (with signals) of questions neither the "
+                       "verifier nor the answerability reader trained on (repeatable); "
+                       "questions of their recorded training data, where those files are "
+                       "here, are refused.")],
     reward_dir: Annotated[Path, typer.Option("--reward", help="Verifier directory.")],
 ) -> None:
     """Fit how the verifier's score combines with the generator's log-probabilities, the
@@ -448,7 +492,7 @@ def combine_dir(data_paths: list[Path], reward_dir: Path) -> dict[str, Any]:
         raise SourceError(f"{names}: no candidate carries generator signals; build the data "
                           "with `citeqa train reward-data --from generator`")
     items = [ex.judged for ex in examples]
-    p, _ = VerifierScorer(reward_dir).predict(items)  # verifier alone
+    p, _ = VerifierScorer(reward_dir, combined=False).predict(items)  # verifier alone
     reader = Path(reward_dir) / SUBDIR
     answerability = AnswerabilityReader(reader).logits(items) if reader.is_dir() else None
     x = features(p, [Signals.of(ex.signals) for ex in examples], answerability)

@@ -114,18 +114,21 @@ class Calibrated:
 class VerifierScorer(Calibrated):
     """Scores candidates with a verifier directory (checkpoint.py has its layout)."""
 
-    def __init__(self, directory: Path, *, cpu_dtype: str = "auto", lean: bool = True) -> None:
+    def __init__(self, directory: Path, *, cpu_dtype: str = "auto", lean: bool = True,
+                 combined: bool = True) -> None:
         """``lean``: run the cross-encoders with ``LeanEncoder`` where it supports them (a BERT
         encoder on the CPU, in bf16 or fp32: lean_encoder.py), else with transformers'
-        forward."""
+        forward. ``combined=False``: the verifier alone, its combine.json and calibration.json
+        not read (what `citeqa train reward-combine` refits and removes, however broken or
+        stale they are)."""
         self.directory = Path(directory)
         self.model, self.tokenizer, self.config = load_verifier(self.directory)
         self.max_tokens = int(self.config.get("max_tokens", 192))
         self.dtype = to_serving_dtype(self.model.encoder, cpu_dtype)
         self.model.encoder = use_lean_encoder(self.model.encoder, lean)
         self._lock = threading.Lock()  # torch modules are not promised to be thread-safe
-        self.calibration = read_calibration(self.directory)
-        self.combiner = read_combiner(self.directory)  # combine.json, when fitted
+        self.calibration = read_calibration(self.directory) if combined else None
+        self.combiner = read_combiner(self.directory) if combined else None  # when fitted
         self.answerability = None
         if self.combiner is not None and self.combiner.uses_answerability:
             if not (self.directory / SUBDIR).is_dir():

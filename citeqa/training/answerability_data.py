@@ -67,11 +67,13 @@ def squad_examples(items: Iterable[QAItem], plausible: Mapping[str, Sequence[str
     for item in items:
         if not item.context.strip():
             continue
-        anchors = item.answers if item.answerable else plausible.get(item.id, ())
+        # whether the file gives an answer ("$" normalises to nothing, yet answers the question)
+        answered = bool(item.answers)
+        anchors = item.answers if answered else plausible.get(item.id, ())
         start, end = _anchor(item.context, anchors)
-        kind = "answerable" if item.answerable else "unanswerable"
+        kind = "answerable" if answered else "unanswerable"
         yield Labelled(view(item.question, item.context, item.article.replace("_", " "),
-                            start, end), int(item.answerable), f"squad2:{kind}")
+                            start, end), int(answered), f"squad2:{kind}")
 
 
 def redteam_examples(variants: Iterable[Variant]) -> Iterator[Labelled]:
