@@ -106,6 +106,10 @@ def test_sample_lines_is_seeded_uniform_and_keeps_file_order(tmp_path: Path) -> 
     assert a != sample_lines(path, 50, 2)
     assert len(sample_lines(path, 5000, 0)) == 1000
     assert np.mean([int(x) for x in sample_lines(path, 400, 3)]) == pytest.approx(500, abs=60)
+    # blank lines are no draws: counted, they made later lines less likely
+    path.write_text("".join(f"{i}\n" + "\n" * 20 * (i < 500) for i in range(1000)))
+    drawn = [int(x) for seed in range(5) for x in sample_lines(path, 400, seed)]
+    assert np.mean(drawn) == pytest.approx(500, abs=30)
 
 
 def test_the_reader_never_sees_the_answer() -> None:

@@ -91,6 +91,12 @@ def test_missing_generator_inputs_count_as_their_fitted_mean() -> None:
     assert shares.shape == (1, 4) and shares[0, 1] == 0.0 and shares[0, 2] == 0.0
     assert np.isfinite(shares).all()
     assert 1 / (1 + math.exp(-(shares.sum() + c.bias))) == pytest.approx(c(row)[0])
+    # none of them with log-probabilities: the file is still strict JSON (it held NaN means)
+    x[:, 1:3] = np.nan
+    c = fit(x, y)
+    assert np.isfinite(np.array(c.mean + c.std)).all() and c.weights[1:3] == (0.0, 0.0)
+    json.dumps(c.to_json(), allow_nan=False)
+    assert 0 < c(row)[0] < 1
 
 
 def test_a_model_that_failed_gives_no_score_not_a_middling_one() -> None:

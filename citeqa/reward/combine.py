@@ -133,7 +133,11 @@ def fit(x: np.ndarray, y: Sequence[int] | np.ndarray, *, l2: float = 1e-2, iters
     if len(x) < 10 or labels.min() == labels.max():
         raise ValueError(f"fitting needs >= 10 candidates with both labels, got {len(x)} "
                          f"({int(labels.sum())} right)")
-    mean, std = np.nanmean(x, axis=0), np.nanstd(x, axis=0)
+    said = ~np.isnan(x).all(axis=0)  # an input no candidate gave (a generator without
+    # log-probabilities): mean 0 and std 1, which a NaN input ignores anyway (JSON has no NaN)
+    mean = np.zeros(x.shape[1])
+    std = np.ones(x.shape[1])
+    mean[said], std[said] = np.nanmean(x[:, said], axis=0), np.nanstd(x[:, said], axis=0)
     std = np.where(std > 1e-9, std, 1.0)
     z = np.where(np.isnan(x), 0.0, (x - mean) / std)
     a = np.c_[z, np.ones(len(z))]

@@ -95,9 +95,9 @@ def sample_lines(path: Path, n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     kept: list[tuple[int, str]] = []
     with Path(path).open(encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
+        # i counts the lines that are drawn from (a blank one is none: counted, it made each
+        # later line less likely than an earlier one)
+        for i, line in enumerate(line for line in f if line.strip()):
             if len(kept) < n:
                 kept.append((i, line))
             else:
