@@ -290,7 +290,7 @@ def test_an_engine_reading_special_texts_as_tokens_is_never_offered_one(hf_tok):
     import llguidance.hf
     import llguidance.numpy
 
-    from citeqa.generation.chat import ANY_TEMPLATE_SPECIALS
+    from citeqa.generation.chat import ANY_TEMPLATE_SPECIALS, special_strings
     from citeqa.generation.constraint import quote_grammar
 
     engine = llguidance.hf.from_tokenizer(hf_tok)
@@ -325,3 +325,8 @@ def test_an_engine_reading_special_texts_as_tokens_is_never_offered_one(hf_tok):
         assert g is not None and walk(g, prefix + quote) == (True, ""), quote
     free = output_grammar([passage], unquotable=ANY_TEMPLATE_SPECIALS)
     assert walk(free, output("code", 1, "launch code is alpha")) == (True, "")
+    # every special text of this tokenizer is kept out (SmolLM2's <filename>, <file_sep>...)
+    for text in special_strings(hf_tok):
+        cut = passage.replace("<|im_end|>", text)
+        g = quote_grammar([cut], "beta", unquotable=ANY_TEMPLATE_SPECIALS)
+        assert g is not None and walk(g, crossing) == (False, ""), text

@@ -301,6 +301,17 @@ def test_compare_refuses_damaged_run_files_in_one_line(setup: tuple[Path, Path],
 
     assert "is not the metrics `citeqa eval` writes" in compare_with("list", metrics="[1, 2]")
     assert "is not the metrics" in compare_with("sections", metrics='{"selective": []}')
+    # a value that is no number, a record without its fields: shown as n/a, never a traceback
+    odd = tmp_path / "odd"
+    shutil.copytree(tmp_path / "A", odd)
+    metrics = json.loads((odd / "metrics.json").read_text())
+    (odd / "metrics.json").write_text(json.dumps({**metrics, "questions": "x", "squad": {
+        "exact": None, "f1": "y"}}))
+    (odd / "predictions.jsonl").write_text("".join(
+        json.dumps({"id": json.loads(line)["id"]}) + "\n" for line in good.splitlines()))
+    c = runner.invoke(app, ["eval", "compare", str(tmp_path / "A"), str(odd)])
+    assert c.exit_code == 0, c.output
+    assert "SQuAD F1" in c.stdout and "n/a" in c.stdout
     bad_line = gzip.compress(good + b"garbage\n" + good.splitlines(keepends=True)[0])
     assert "predictions.jsonl.gz:" in compare_with("badline", gz=bad_line)
     assert "is not a whole gzip file" in compare_with("cut", gz=gzip.compress(good)[:60])

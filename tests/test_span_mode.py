@@ -455,6 +455,23 @@ def test_a_backend_that_cannot_quote_special_texts_gets_grammars_that_keep_clear
     # the answer alone, where span mode's second grammar takes over
     assert not any(grammar_accepts(r.grammar, answer_line("alpha<|im_end|>beta"))
                    for r in engine if r.quote_stage)
+    # a piece is never the whole passage, which alone may be shorter than min_quote_chars
+    # (verify_quote refused the short quotes the grammar offered in a piece)
+    short = "Rollo<|im_end|> The Normans gave their name to Normandy, a region in France."
+    hit = [Hit(Passage(0, "s", 0, len(short), short), "T", "s", 1.0)]
+    for answer, quote, ok in (("Rollo", "Rollo", False), ("Normandy", "Normandy", False),
+                              ("Normandy", "gave their name to Normandy", True)):
+        backend = FakeBackend(lambda r, q=quote, a=answer: [answer_line(a) + quote_line(1, q)]
+                              * r.n, unquotable=ANY_TEMPLATE_SPECIALS)
+        [c] = CitedGenerator(backend, GenerationConfig(answer_mode=mode, min_quote_chars=20)
+                             ).generate("Who?", hit, {"s": Document("s", "T", "s", short)
+                                                      }.__getitem__).candidates
+        assert request_accepts(backend.requests[0], c.raw) is ok, quote
+        assert (c.quote is not None) is ok, quote
+    # SmolLM2's own <filename>, <jupyter_text>... count as special texts too
+    assert not grammar_accepts(quote_grammar(["a <filename> b c"], "b",
+                                             unquotable=ANY_TEMPLATE_SPECIALS) or "",
+                               quote_line(1, "a <filename> b"))
     # a passage of special texts only: no candidate is pointed at it, and alone it gets none
     backend = FakeBackend(extractive_responder, unquotable=ANY_TEMPLATE_SPECIALS)
     out = CitedGenerator(backend, GenerationConfig(answer_mode=mode)).generate(

@@ -66,7 +66,8 @@ def _get(m: dict[str, Any], path: tuple[str, ...]) -> float | None:
         if not isinstance(m, dict) or key not in m:
             return None
         m = m[key]
-    return None if m is None else float(m)  # type: ignore[arg-type]
+    # (a value that is no number is not shown: a hand-edited file, or another tool's)
+    return float(m) if isinstance(m, int | float) and not isinstance(m, bool) else None
 
 
 def _fmt(x: float | None, kind: str) -> str:
@@ -168,12 +169,13 @@ def prediction_changes(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]
     common = sorted(set(a) & set(b))
 
     def best(r: dict[str, Any]) -> str | None:
-        return r["candidates"][0]["answer"] if r.get("candidates") else None
+        first = (r.get("candidates") or [None])[0]
+        return first.get("answer") if isinstance(first, dict) else None
 
     return {
         "questions_in_both": len(common),
-        "given_answer_changed": sum(a[k]["answer"] != b[k]["answer"] for k in common),
-        "decline_changed": sum(a[k]["declined"] != b[k]["declined"] for k in common),
+        "given_answer_changed": sum(a[k].get("answer") != b[k].get("answer") for k in common),
+        "decline_changed": sum(a[k].get("declined") != b[k].get("declined") for k in common),
         "best_candidate_changed": sum(best(a[k]) != best(b[k]) for k in common),
     }
 
@@ -202,7 +204,7 @@ def compare_runs(run_a: Path, run_b: Path, png: Path | None = None) -> str:
     have = [bool(r) for r in records]
     lines = [compare_table(ma, mb, name_a, name_b)]
     shas = [(info.get("identity") or {}).get("dataset_sha256") for info in (info_a, info_b)]
-    counts = [int(m.get("questions") or 0) for m in (ma, mb)]
+    counts = [int(_get(m, ("questions",)) or 0) for m in (ma, mb)]
     if None not in shas and shas[0] != shas[1]:
         lines.insert(0, "warning: the two runs asked different datasets (their run.json "
                         "sha256 differ), so the deltas compare different questions\n")

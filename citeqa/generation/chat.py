@@ -42,17 +42,24 @@ COMMON_SPECIALS = ("[/INST]", "[INST]", "<</SYS>>", "<<SYS>>", "</s>", "<s>",  #
                    "[/TOOL_RESULTS]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]")
 
 
-# Any of them, as a regex (the longest first)
-ANY_TEMPLATE_SPECIALS = "|".join([_PIPE_TOKEN.pattern, *map(re.escape, sorted(
-    COMMON_SPECIALS, key=len, reverse=True))])
+# Texts that may be special tokens of a tokenizer not at hand, as a regex: those above, and any
+# word in angle brackets (SmolLM2's <filename>, <jupyter_text>...; Gemma's turn markers).
+# What a remote engine's grammars keep out of answers and quotes (remote.RemoteBackend).
+ANY_TEMPLATE_SPECIALS = "|".join([*map(re.escape, sorted(COMMON_SPECIALS, key=len, reverse=True)),
+                                  _PIPE_TOKEN.pattern, r"</?[A-Za-z][\w.-]{0,47}>"])
 
 
 def defused_for_any_template(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
     """``messages`` with the special-token texts of common chat templates broken (``defused``
     for a tokenizer that is not at hand: a remote engine renders the prompt itself)."""
-    return [{**m, "content": re.sub(ANY_TEMPLATE_SPECIALS,
-                                    lambda t: t.group(0)[0] + WORD_JOINER + t.group(0)[1:],
-                                    m["content"])} for m in messages]
+    out = []
+    for m in messages:
+        content = _PIPE_TOKEN.sub(lambda t: "<" + WORD_JOINER + t.group(0)[1:], m["content"])
+        for s in COMMON_SPECIALS:  # (also inside a pipe token's text: "<|[INST]|>")
+            if s in content:
+                content = content.replace(s, s[0] + WORD_JOINER + s[1:])
+        out.append({**m, "content": content})
+    return out
 
 
 def defused(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:

@@ -191,7 +191,7 @@ class CitedGenerator:
 
         # (a passage of nothing but texts the backend cannot quote offers no quote)
         quotable = [p for p in shown if not constrain
-                    or can_quote(p.text, unquotable(self.backend))]
+                    or can_quote(p.text, unquotable(self.backend), cfg.min_quote_chars)]
         if not quotable:
             return [], shown
         if n == 1:

@@ -98,18 +98,25 @@ def _shorter(min_quote_chars: int | None, passage: str) -> int | None:
     return None if min_quote_chars is None else min(min_quote_chars, len(passage.strip()))
 
 
-def _pieces(passage: str, unquotable: str | None) -> list[str]:
-    """``passage`` cut at the matches of the regex ``unquotable`` (the pieces with a word in
-    them): a quote or answer is a stretch of one piece, never one that holds such a text. The
-    whole passage, as it is, when ``unquotable`` is None."""
+def _pieces(passage: str, unquotable: str | None, min_quote_chars: int | None,
+            ) -> tuple[list[str], int | None]:
+    """``passage`` cut at the matches of the regex ``unquotable``, and the lower bound of a
+    quote's length there: a quote or answer is a stretch of one piece, never one holding such
+    a text. The whole passage, as it is, and ``_shorter``'s bound when nothing is cut (or
+    ``unquotable`` is None); else the pieces that can hold a quote of ``min_quote_chars``
+    (a piece is never the whole passage that verify_quote lets be shorter)."""
     if unquotable is None:
-        return [passage]
-    return [piece for piece in re.split(unquotable, passage) if piece.strip()]
+        return [passage], _shorter(min_quote_chars, passage)
+    pieces = [piece for piece in re.split(unquotable, passage) if piece.strip()]
+    if pieces == [passage]:
+        return pieces, _shorter(min_quote_chars, passage)
+    return [p for p in pieces if len(p.strip()) >= (min_quote_chars or 0)], min_quote_chars
 
 
-def can_quote(passage: str, unquotable: str | None = None) -> bool:
-    """Whether a grammar can offer a quote of ``passage`` (a word outside ``unquotable``)."""
-    return any(piece.strip() for piece in _pieces(passage, unquotable))
+def can_quote(passage: str, unquotable: str | None = None,
+              min_quote_chars: int | None = None) -> bool:
+    """Whether a grammar can offer a quote of ``passage`` (``_pieces``)."""
+    return any(piece.strip() for piece in _pieces(passage, unquotable, min_quote_chars)[0])
 
 
 def _quotable(passages: Sequence[str], only_passage: int | None) -> list[tuple[int, str]]:
@@ -171,23 +178,22 @@ def output_grammar(
         raise ValueError(f"max_answer_chars must be >= 1, got {max_answer_chars}")
     if mode not in ANSWER_MODES:
         raise ValueError(f"answer mode must be one of {ANSWER_MODES}, got {mode!r}")
-    quotable = [(k, pieces) for k, p in _quotable(passages, only_passage)
-                if (pieces := _pieces(p, unquotable))]
+    quotable = [(k, cut) for k, p in _quotable(passages, only_passage)
+                if (cut := _pieces(p, unquotable, min_quote_chars))[0]]
     if not quotable:
         raise ValueError("no passage has text to quote; retrieve passages first")
     answer = f"/[^\\n]{{1,{int(max_answer_chars)}}}/"
     if answer_from_passages or mode == "span":
-        spec = json.dumps({"substring_words": "\n".join(p for _, ps in quotable for p in ps)},
-                          ensure_ascii=True)
+        spec = json.dumps({"substring_words": "\n".join(
+            p for _, (pieces, _) in quotable for p in pieces)}, ensure_ascii=True)
         answer = f"%regex {spec} & {_TRIMMED} & {answer}"
     head = f"start: {_lark_string(ANSWER_PREFIX)} ANSWER {_lark_string(ANSWER_LINE_END)}"
     if mode == "span":
         return f"{head}\nANSWER: {answer}\n"
     # the lower bound gives way to a passage shorter than it (its whole text is the quote)
     lexemes = [(k, [f"%regex {json.dumps({'substring_words': p}, ensure_ascii=True)} & "
-                    f"{_TRIMMED}{_length(_shorter(min_quote_chars, p), max_quote_chars)}"
-                    for p in pieces])
-               for k, pieces in quotable]
+                    f"{_TRIMMED}{_length(low, max_quote_chars)}" for p in pieces])
+               for k, (pieces, low) in quotable]
     lines = [f"{head} quote", f"ANSWER: {answer}", *_quote_rules(lexemes)]
     return "\n".join(lines) + "\n"
 
@@ -298,17 +304,14 @@ def quote_grammar(
     lexemes = []
     high = None if max_quote_chars is None else max(max_quote_chars, len(answer))
     for k, passage in _quotable(passages, only_passage):
-        found = [(piece, at) for piece in _pieces(passage, unquotable)
-                 for at in word_occurrences(piece, answer)][:MAX_OCCURRENCES]
+        pieces, low = _pieces(passage, unquotable, min_quote_chars)
         # only occurrences some stretch of which fits the bounds: another would open a quote
         # nothing can finish
-        stretches = {
-            regex: low for piece, at in found
-            if (regex := _around(piece, at, answer, room,
-                                 low := _shorter(min_quote_chars, piece), high)) is not None}
+        stretches = dict.fromkeys(
+            regex for piece, at in [(piece, at) for piece in pieces
+                                    for at in word_occurrences(piece, answer)][:MAX_OCCURRENCES]
+            if (regex := _around(piece, at, answer, room, low, high)) is not None)
         if stretches:
-            lows = [v for v in stretches.values() if v is not None]  # (a piece's own)
-            low = min(lows) if lows else None
             lexemes.append((k, [f"/(?:{'|'.join(stretches)})/{_length(low, high)}"]))
     if not lexemes:
         return None

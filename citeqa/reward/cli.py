@@ -140,6 +140,7 @@ def question_id(ex: Example) -> str:
 def _reader_questions(path: Path) -> set[str]:
     """The ids of the questions an answerability reader's training file holds: a SQuAD file's
     questions, a red-team variants file's seeds (shown beside their made questions)."""
+    from citeqa.errors import SourceError
     from citeqa.evals.squad import load_squad_questions
 
     with Path(path).open("rb") as f:
@@ -149,8 +150,14 @@ def _reader_questions(path: Path) -> set[str]:
     except ValueError:
         row = None
     if isinstance(row, dict) and "seed_id" in row:  # citeqa.redteam.maker.Variant lines
-        return {str(json.loads(line).get("seed_id", "")) for line in
-                Path(path).read_bytes().splitlines() if line.strip()}
+        rows = []
+        for i, line in enumerate(Path(path).read_bytes().splitlines(), 1):
+            try:
+                rows.append(json.loads(line) if line.strip() else {})
+            except ValueError:
+                raise SourceError(f"{path}:{i} is not a red-team variant; the answerability "
+                                  "reader's training data was changed since") from None
+        return {str(r.get("seed_id", "")) for r in rows if isinstance(r, dict)}
     return {item.id for item in load_squad_questions(path)}
 
 
