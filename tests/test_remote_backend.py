@@ -196,7 +196,44 @@ def test_engine_errors_are_not_retried_and_say_what_the_engine_said(response, ne
     b = RemoteBackend("http://gen", "smol", client=client, backoff=FAST)
     with pytest.raises(EngineError, match=needle) as info:
         b.generate([GenerationRequest(messages=MSGS)])
-    assert not isinstance(info.value, EngineUnavailableError) and len(seen) == 1
+    assert not isinstance(info.value, EngineUnavailableError)
+    assert [r.url.path for r in seen if r.url.path != "/health"] == ["/v1/chat/completions"]
+
+
+@pytest.mark.parametrize("health, unavailable", [
+    (httpx.Response(503), True),  # vLLM's /health once its engine died
+    (httpx.ConnectError("refused"), True),  # already gone
+    (httpx.Response(200), False),  # up: the 500 was this request's
+    (httpx.Response(404), False),  # an engine without /health
+])
+def test_a_500_from_an_engine_that_is_stopping_is_unavailable_not_an_error(health, unavailable):
+    """vLLM answers the requests in flight 500 ('EngineCore encountered an issue') when it is
+    stopped, a plain SIGTERM too: that was a 502 engine_error with nothing to do about it,
+    where an engine killed outright gave the documented 503."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            if isinstance(health, Exception):
+                raise health
+            return health
+        return httpx.Response(500, json={"error": {"message": "EngineCore encountered an "
+                                                   "issue. See stack trace (above)"}})
+
+    client, seen = server(handler)
+    b = RemoteBackend("http://gen", "smol", client=client, backoff=FAST)
+    with pytest.raises(EngineError, match="EngineCore encountered") as info:
+        b.generate([GenerationRequest(messages=MSGS)])
+    assert isinstance(info.value, EngineUnavailableError) is unavailable
+    assert ("stopped while answering" in str(info.value)) is unavailable
+    assert [r.url.path for r in seen] == ["/v1/chat/completions", "/health"]
+
+
+def test_a_prompt_longer_than_the_engines_context_says_what_to_change():
+    said = ("This model's maximum context length is 512 tokens. However, your prompt contains "
+            "at least 513 input tokens. Please reduce the length of the input prompt.")
+    client, _ = server(lambda r: httpx.Response(400, json={"error": {"message": said}}))
+    with pytest.raises(EngineError, match="smaller top_k.*--max-model-len.*at least 513"):
+        RemoteBackend("http://gen", "smol", client=client, backoff=FAST).generate(
+            [GenerationRequest(messages=MSGS)])
 
 
 def test_wrong_choice_count():

@@ -22,6 +22,7 @@ not be reached), with its message.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +44,10 @@ logger = logging.getLogger(__name__)
 # the engine gave up on it ("abort": vLLM, SGLang), its text partial either way
 CUT = frozenset({"length", "abort"})
 GATEWAY_ERRORS = frozenset({502, 504})  # a proxy's: the engine behind it is down or starting
+HEALTH_PROBE_S = 2.0  # after a 5xx: how long /health may take to say whether the engine is up
+# vLLM's (and other OpenAI-compatible engines') 400 for a prompt longer than the model's context
+_CONTEXT_FULL = re.compile(r"context length|context window|max_model_len|prompt is too long",
+                           re.IGNORECASE)
 
 
 class _Abandoned(Exception):
@@ -271,6 +276,18 @@ class RemoteBackend:
                 raise EngineUnavailableError(
                     f"the generator at {self.shown_url} is not reachable behind its gateway "
                     f"({resp.status_code}: {_server_message(resp)})")
+            if resp.status_code >= 500 and self._engine_down(deadline):
+                # (vLLM answers the requests in flight 500 when its engine stops, even on a
+                # plain SIGTERM: a restart, not an error of this request)
+                raise EngineUnavailableError(
+                    f"the generator at {self.shown_url} stopped while answering "
+                    f"({resp.status_code}: {_server_message(resp)}); try again once it is back")
+            if resp.status_code == 400 and _CONTEXT_FULL.search(message := _server_message(resp)):
+                raise EngineError(
+                    f"the prompt (the question and the passages shown with it) does not fit the "
+                    f"generator's context at {self.shown_url}: ask with a smaller top_k, or "
+                    f"start the engine with a longer context (vLLM: --max-model-len; "
+                    f"scripts/vllm_cpu.sh: CITEQA_VLLM_MAX_LEN). It said: {message}")
             if resp.status_code >= 400:
                 raise EngineError(f"the generator at {self.shown_url} answered "
                                   f"{resp.status_code}: {_server_message(resp)}")
@@ -281,6 +298,17 @@ class RemoteBackend:
             if not isinstance(data, dict):
                 raise EngineError("the generator sent an unexpected response (not an object)")
             return data
+
+    def _engine_down(self, deadline: float) -> bool:
+        """Whether the engine is gone or says it is unhealthy now (vLLM's /health: 503 once
+        its engine died); False where it is up or has no /health."""
+        try:
+            health = request_by(self._client, "GET", f"{self.base_url}/health",
+                                min(deadline, time.monotonic() + HEALTH_PROBE_S),
+                                headers=self._headers)
+        except httpx.HTTPError:
+            return True
+        return health.status_code in RETRY_STATUSES | GATEWAY_ERRORS
 
     def _send(self, method: str, url: str, body: dict[str, Any] | None,
               deadline: float) -> httpx.Response:
