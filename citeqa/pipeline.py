@@ -53,7 +53,7 @@ from citeqa.generation.factory import build_backend
 from citeqa.generation.format import ANSWER_MODES, AnswerMode
 from citeqa.retrieval.base import Retriever
 from citeqa.retrieval.retriever import HybridRetriever
-from citeqa.retrieval.store import Index, version_on_disk
+from citeqa.retrieval.store import Index, check_documents, version_on_disk
 from citeqa.retrieval.updates import IndexUpdate, apply_update
 from citeqa.text import is_blank, unsendable
 from citeqa.types import Answer, AskArgs, Candidate, Document, Hit
@@ -89,11 +89,23 @@ class Scorer(Protocol):
         ...
 
 
+def check_count(name: str, value: object, most: int) -> None:
+    """InvalidRequestError unless ``value`` is an int from 1 to ``most`` (a float or "2"
+    passed from Python failed deep inside, True counted as 1)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidRequestError(f"{name} must be a whole number (an int), got {value!r}")
+    if not 1 <= value <= most:
+        raise InvalidRequestError(f"{name} must be between 1 and {most}, got {value}")
+
+
 def asked_text(text: object, what: str = "question") -> str:
     """A question (or search query) with its whitespace collapsed; InvalidRequestError when it
     is empty or, as given, longer than MAX_QUESTION_CHARS (as REST's schema counts). Pure, so
     that callers can refuse bad input before loading any model."""
-    if not isinstance(text, str) or is_blank(text):  # whitespace, or nothing visible
+    if not isinstance(text, str):
+        raise InvalidRequestError(f"the {what} must be text (a str), got a "
+                                  f"{type(text).__name__}")
+    if is_blank(text):  # whitespace, or nothing visible
         raise InvalidRequestError(f"the {what} is empty; " + (
             "ask a question in words" if what == "question" else "search for some words"))
     if len(text) > MAX_QUESTION_CHARS:
@@ -248,12 +260,16 @@ class Pipeline:
         for name, value, most in (("top_k", args.top_k, MAX_PASSAGES),
                                   ("n_candidates", args.n_candidates, MAX_CANDIDATES),
                                   ("search_k", args.search_k, MAX_SEARCH_K)):
-            if value is not None and not 1 <= value <= most:
-                raise InvalidRequestError(f"{name} must be between 1 and {most}, got {value}")
+            if value is not None:
+                check_count(name, value, most)
         if args.answer_mode is not None and args.answer_mode not in ANSWER_MODES:
             raise InvalidRequestError(
                 f"answer_mode must be one of {list(ANSWER_MODES)}, got {args.answer_mode!r}")
         min_score = args.min_score
+        for name, number in (("min_score", min_score), ("target_accuracy", args.target_accuracy)):
+            if number is not None and (not isinstance(number, int | float)
+                                       or isinstance(number, bool)):
+                raise InvalidRequestError(f"{name} must be a number, got {number!r}")
         # between 0 and 1, or inf: a target no threshold certifies (checked args come back
         # here through ask_many); NaN is neither
         if min_score is not None and not (0.0 <= min_score <= 1.0 or min_score == math.inf):
@@ -437,8 +453,7 @@ class Pipeline:
     def search(self, query: str, k: int = 10) -> list[Hit]:
         """Retrieved passages for ``query``, best first (no generation)."""
         query = asked_text(query, "query")
-        if not 1 <= k <= MAX_SEARCH_K:
-            raise InvalidRequestError(f"k must be between 1 and {MAX_SEARCH_K}, got {k}")
+        check_count("k", k, MAX_SEARCH_K)
         return self.retriever.search(query, k=k)
 
     @property
@@ -466,8 +481,11 @@ class Pipeline:
 
     def add_documents(self, documents: Sequence[Document]) -> dict[str, int]:
         """Index ``documents`` now (searchable on return, persisted atomically); returns the
-        passage count of each. InvalidRequestError 409 when a doc_id is already indexed."""
-        return self._update(IndexUpdate(add=tuple(documents)))
+        passage count of each. InvalidRequestError 409 when a doc_id is already indexed, 422
+        for a document no index can hold as given (``store.check_documents``)."""
+        documents = tuple(documents)  # (read twice)
+        check_documents(documents)
+        return self._update(IndexUpdate(add=documents))
 
     def delete_document(self, doc_id: str) -> None:
         """Remove ``doc_id`` from the index now (InvalidRequestError 404 when unknown)."""

@@ -17,6 +17,8 @@ from typing import Any
 # sent) and no empty one. Other ids are replaced by a hash (ingest) or refused (REST).
 MAX_DOC_ID_CHARS = 200
 DOC_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]*(/[A-Za-z0-9][A-Za-z0-9._:-]*)*$"
+DOC_ID_RULE = (f"1-{MAX_DOC_ID_CHARS} characters: letters, digits and . _ : / -, each "
+               "/-separated part starting with a letter or digit")  # (what the pattern says)
 
 
 @dataclass(frozen=True)

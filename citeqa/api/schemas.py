@@ -32,7 +32,7 @@ from citeqa.config import (
 )
 from citeqa.generation.format import AnswerMode
 from citeqa.text import BLANK_CHARS, is_blank, unsendable
-from citeqa.types import DOC_ID_PATTERN, MAX_DOC_ID_CHARS
+from citeqa.types import DOC_ID_PATTERN, DOC_ID_RULE, MAX_DOC_ID_CHARS
 
 # GET /v1/documents pages: at most this many documents per request.
 MAX_DOCUMENTS_PAGE = 100
@@ -56,8 +56,7 @@ PATTERN_HELP = {
     NOT_BLANK: "must contain something other than whitespace and invisible characters, and no "
                "NUL character",
     NO_NUL: "must not contain a NUL character",
-    DOC_ID_PATTERN: f"must be 1-{MAX_DOC_ID_CHARS} characters: letters, digits and . _ : / -, "
-                    "each /-separated part starting with a letter or digit",
+    DOC_ID_PATTERN: f"must be {DOC_ID_RULE}",
     DOC_ID_PATH_PATTERN: "must not contain control characters (no document id has them)",
 }
 

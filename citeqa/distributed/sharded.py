@@ -27,7 +27,7 @@ from citeqa import allocator
 from citeqa.config import RetrievalConfig
 from citeqa.errors import ConfigError, EmptyCorpusError, IndexError_, IndexExistsError
 from citeqa.ingest import Fetcher, FetchPolicy, expand_sources, load_item
-from citeqa.ingest.sources import is_url
+from citeqa.ingest.sources import Sources, as_sources, is_url
 from citeqa.journal import run_lock
 from citeqa.retrieval.builder import BuildSummary, dense_spec_for
 from citeqa.retrieval.dense import DenseSpec
@@ -88,7 +88,7 @@ def default_work_dir(out: Path) -> Path:
 
 
 def build_index_sharded(
-    sources: Sequence[str],
+    sources: Sources,
     out: Path,
     cfg: RetrievalConfig,
     *,
@@ -114,6 +114,7 @@ def build_index_sharded(
     if shard_chars < 1:
         raise ConfigError(f"shard_chars must be at least 1, got {shard_chars}")
     check_replaceable(out)  # before hours of embedding, not at the swap
+    sources = as_sources(sources)
     items, skipped = expand_sources(sources)
     work = (Path(work_dir) if work_dir else default_work_dir(out)).resolve()
     if work in (out.resolve(), out.resolve().parent):  # its lock would be the swap lock

@@ -105,8 +105,20 @@ def is_url(source: str) -> bool:
     return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", source) is not None
 
 
+# Paths and URLs, or one of them alone
+Sources = Sequence[str | os.PathLike[str]] | str | os.PathLike[str]
+
+
+def as_sources(sources: Sources) -> list[str]:
+    """``sources`` as a list: one path or URL given alone is one source (a str is a sequence,
+    and its characters were taken as sources: "/" first, so the whole file system)."""
+    if isinstance(sources, str | os.PathLike):
+        return [os.fspath(sources)]
+    return [os.fspath(s) for s in sources]
+
+
 def load_sources(
-    sources: Sequence[str], *, fetcher: Fetcher | None = None, progress: bool = True
+    sources: Sources, *, fetcher: Fetcher | None = None, progress: bool = True
 ) -> LoadResult:
     """Load documents from files, folders (recursive) and http(s) URLs.
 
@@ -120,7 +132,7 @@ def load_sources(
         sources with reasons. Never raises for a bad source.
     """
     result = LoadResult()
-    items, result.skipped = expand_sources(sources)
+    items, result.skipped = expand_sources(as_sources(sources))
     fetcher = fetcher or Fetcher(FetchPolicy())
     first_seen: dict[str, str] = {}  # doc_id -> source of the document that kept it
     pages: dict[str, str] = {}  # a fetched page (page_key) -> the URL that first reached it
@@ -144,14 +156,14 @@ def load_sources(
     return result
 
 
-def expand_sources(sources: Sequence[str]) -> tuple[list[str | Path], list[Skipped]]:
+def expand_sources(sources: Sources) -> tuple[list[str | Path], list[Skipped]]:
     """The items ``load_sources`` reads, in its order (http(s) URLs as str, files as Path,
     folders walked), and the sources that name nothing readable. A distributed build plans
     with this and hands each item to a worker (``load_item``)."""
     items: list[str | Path] = []
     skipped: list[Skipped] = []
     named: dict[Path, Path] = {}  # the real file -> how a source first named it
-    for source in sources:
+    for source in as_sources(sources):
         for item in _expand(source, skipped):
             if isinstance(item, Path):
                 real = item.resolve()

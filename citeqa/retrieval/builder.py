@@ -23,12 +23,13 @@ from citeqa.retrieval.bm25 import BM25Index
 from citeqa.retrieval.chunk import chunk_document
 from citeqa.retrieval.dense import DenseIndex, DenseSpec
 from citeqa.retrieval.embed import Embedder, load_embedder
-from citeqa.retrieval.store import check_replaceable, save_index
+from citeqa.retrieval.store import check_documents, check_replaceable, save_index
 from citeqa.text import tokenize
 from citeqa.types import Document
 
 if TYPE_CHECKING:
     from citeqa.ingest import Skipped
+    from citeqa.ingest.sources import Sources
 
 # What index build reads, for error messages (see citeqa/ingest/sources.py).
 SUPPORTED = "text, markdown, HTML, JSON/JSONL or SQuAD JSON"
@@ -69,7 +70,7 @@ def indexed_text(title: str, passage: str) -> str:
 
 
 def build_index(
-    sources: Sequence[str],
+    sources: Sources,
     out: Path,
     cfg: RetrievalConfig,
     *,
@@ -85,8 +86,10 @@ def build_index(
     ``cfg.faiss_index``). ``only_if_missing``: see ``store.publish``.
     """
     from citeqa.ingest import Fetcher, FetchPolicy, load_sources
+    from citeqa.ingest.sources import as_sources
 
     t0 = time.perf_counter()
+    sources = as_sources(sources)
     check_replaceable(Path(out))  # before hours of loading and embedding, not at the swap
     fetcher = Fetcher(FetchPolicy(allow_private=allow_private_urls))
     loaded = load_sources(sources, fetcher=fetcher, progress=progress)
@@ -119,6 +122,8 @@ def build_index_from_documents(
     t0 = time.perf_counter()
     out = Path(out)
     check_replaceable(out)
+    documents = list(documents)  # (read twice)
+    check_documents(documents)
     docs = _unique(documents)
     if not docs:
         raise EmptyCorpusError(

@@ -40,6 +40,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -62,10 +63,17 @@ from citeqa.atomic import (
     siblings,
 )
 from citeqa.config import RetrievalConfig
-from citeqa.errors import CiteqaError, IndexChangedError, IndexError_, IndexExistsError
+from citeqa.errors import (
+    CiteqaError,
+    IndexChangedError,
+    IndexError_,
+    IndexExistsError,
+    InvalidRequestError,
+)
 from citeqa.retrieval.bm25 import BM25Index
 from citeqa.retrieval.dense import DenseIndex, DenseSpec
-from citeqa.types import Document, Passage
+from citeqa.text import unsendable
+from citeqa.types import DOC_ID_PATTERN, DOC_ID_RULE, MAX_DOC_ID_CHARS, Document, Passage
 
 log = logging.getLogger(__name__)
 
@@ -557,6 +565,25 @@ def _verify_files(directory: Path, manifest: dict[str, Any]) -> None:
                 f"index {directory}: {name} does not match its checksum (corrupt or edited); "
                 "rebuild it"
             )
+
+
+def check_documents(documents: Sequence[Document]) -> None:
+    """InvalidRequestError naming the first of ``documents`` an index cannot hold as given
+    (what REST's schema refuses, for documents handed over in Python): not a Document, a field
+    that is not text, text that cannot be stored as UTF-8 (a lone surrogate), or a
+    doc_id outside ``DOC_ID_PATTERN`` (one REST could never address)."""
+    for doc in documents:
+        if not isinstance(doc, Document):
+            raise InvalidRequestError(f"not a citeqa.types.Document: {doc!r:.80}")
+        for field in ("doc_id", "title", "source", "text"):
+            value = getattr(doc, field)
+            if not isinstance(value, str):
+                raise InvalidRequestError(f"document {doc.doc_id!r:.80}: its {field} is a "
+                                          f"{type(value).__name__}, not text")
+            if (why := unsendable(value.replace("\x00", ""))) is not None:  # (JSON holds NUL)
+                raise InvalidRequestError(f"document {doc.doc_id!r:.80}: its {field} {why}")
+        if len(doc.doc_id) > MAX_DOC_ID_CHARS or not re.match(DOC_ID_PATTERN, doc.doc_id):
+            raise InvalidRequestError(f"document id {doc.doc_id!r:.80} must be {DOC_ID_RULE}")
 
 
 def write_documents(path: Path, documents: Sequence[Document]) -> None:
