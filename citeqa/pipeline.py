@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import numbers
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -89,13 +90,14 @@ class Scorer(Protocol):
         ...
 
 
-def check_count(name: str, value: object, most: int) -> None:
-    """InvalidRequestError unless ``value`` is an int from 1 to ``most`` (a float or "2"
-    passed from Python failed deep inside, True counted as 1)."""
-    if not isinstance(value, int) or isinstance(value, bool):
+def check_count(name: str, value: object, most: int) -> int:
+    """``value`` as an int, InvalidRequestError unless it is a whole number (numpy's too) from 1
+    to ``most`` (a float or "2" passed from Python failed deep inside, True counted as 1)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise InvalidRequestError(f"{name} must be a whole number (an int), got {value!r}")
-    if not 1 <= value <= most:
+    if not 1 <= int(value) <= most:
         raise InvalidRequestError(f"{name} must be between 1 and {most}, got {value}")
+    return int(value)
 
 
 def asked_text(text: object, what: str = "question") -> str:
@@ -257,19 +259,19 @@ class Pipeline:
         of the request's own that give answers the calibration did not certify:
         ``options_off_calibration``) when it cannot be asked."""
         question = asked_text(args.question)
-        for name, value, most in (("top_k", args.top_k, MAX_PASSAGES),
-                                  ("n_candidates", args.n_candidates, MAX_CANDIDATES),
-                                  ("search_k", args.search_k, MAX_SEARCH_K)):
-            if value is not None:
-                check_count(name, value, most)
+        counts = {name: None if value is None else check_count(name, value, most)
+                  for name, value, most in (("top_k", args.top_k, MAX_PASSAGES),
+                                            ("n_candidates", args.n_candidates, MAX_CANDIDATES),
+                                            ("search_k", args.search_k, MAX_SEARCH_K))}
         if args.answer_mode is not None and args.answer_mode not in ANSWER_MODES:
             raise InvalidRequestError(
                 f"answer_mode must be one of {list(ANSWER_MODES)}, got {args.answer_mode!r}")
-        min_score = args.min_score
-        for name, number in (("min_score", min_score), ("target_accuracy", args.target_accuracy)):
-            if number is not None and (not isinstance(number, int | float)
+        for name, number in (("min_score", args.min_score),
+                             ("target_accuracy", args.target_accuracy)):
+            if number is not None and (not isinstance(number, numbers.Real)
                                        or isinstance(number, bool)):
                 raise InvalidRequestError(f"{name} must be a number, got {number!r}")
+        min_score = None if args.min_score is None else float(args.min_score)
         # between 0 and 1, or inf: a target no threshold certifies (checked args come back
         # here through ask_many); NaN is neither
         if min_score is not None and not (0.0 <= min_score <= 1.0 or min_score == math.inf):
@@ -285,7 +287,9 @@ class Pipeline:
                     f"{'; '.join(differ)}. Leave those options at the service's settings, or "
                     "pass min_score (--min-score) instead", status=422,
                     code="uncertified_options")
-        return replace(args, question=question, min_score=min_score, target_accuracy=None)
+        return replace(args, question=question, min_score=min_score, target_accuracy=None,
+                       top_k=counts["top_k"], n_candidates=counts["n_candidates"],
+                       search_k=counts["search_k"])
 
     def options_off_calibration(self, args: AskArgs) -> list[str]:
         """What a request's own options (``top_k``, ``n_candidates``, ``answer_mode``) change
@@ -453,8 +457,7 @@ class Pipeline:
     def search(self, query: str, k: int = 10) -> list[Hit]:
         """Retrieved passages for ``query``, best first (no generation)."""
         query = asked_text(query, "query")
-        check_count("k", k, MAX_SEARCH_K)
-        return self.retriever.search(query, k=k)
+        return self.retriever.search(query, k=check_count("k", k, MAX_SEARCH_K))
 
     @property
     def index_version(self) -> str | None:

@@ -43,6 +43,11 @@ def test_one_source_given_alone_is_one_source(tmp_path: Path) -> None:
         summary = build_index(source, tmp_path / "idx", preset("tiny").retrieval,  # type: ignore[arg-type]
                               progress=False)
         assert summary.documents == 1 and not summary.skipped
+    # "" names nothing (taken as one source, Path("") walked the current folder)
+    from citeqa.errors import EmptyCorpusError
+
+    with pytest.raises(EmptyCorpusError, match="none of the 0 sources"):
+        build_index("", tmp_path / "idx2", preset("tiny").retrieval, progress=False)  # type: ignore[arg-type]
 
 
 def test_documents_an_index_cannot_hold_are_refused_naming_them(tmp_path: Path) -> None:
@@ -53,6 +58,7 @@ def test_documents_an_index_cannot_hold_are_refused_naming_them(tmp_path: Path) 
            (Document("../x", "T", "s", "text"), "document id '../x' must be 1-200 characters"),
            (Document("a b", "T", "s", "text"), "must be 1-200"),
            (Document("", "T", "s", "text"), "must be 1-200"),
+           (Document("moon2\n", "T", "s", "text"), "must be 1-200"),  # ($ matched before it)
            (Document(7, "T", "s", "text"), "its doc_id is a int"),  # type: ignore[arg-type]
            ("not a document", "not a citeqa.types.Document")]
     for doc, needle in bad:
@@ -95,3 +101,11 @@ def test_arguments_of_the_wrong_type_are_refused_saying_so(tmp_path: Path) -> No
         p.search("Moon", k=2.5)  # type: ignore[arg-type]
     assert p.search("Moon", k=1)[0].passage.doc_id == "moon"
     assert p.ask("How long does the Moon take?", top_k=1, min_score=0.0).question
+    # numpy's numbers are numbers (a sweep over np.arange passes them)
+    import numpy as np
+
+    assert p.search("Moon", k=np.int64(1))[0].passage.doc_id == "moon"
+    checked = p.check(AskArgs("How long?", top_k=np.int64(1), n_candidates=np.int32(2),
+                              min_score=np.float32(0.5)))
+    assert (checked.top_k, checked.n_candidates, checked.min_score) == (1, 2, 0.5)
+    assert type(checked.top_k) is int and type(checked.min_score) is float

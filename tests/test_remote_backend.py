@@ -205,6 +205,7 @@ def test_engine_errors_are_not_retried_and_say_what_the_engine_said(response, ne
     (httpx.ConnectError("refused"), True),  # already gone
     (httpx.Response(200), False),  # up: the 500 was this request's
     (httpx.Response(404), False),  # an engine without /health
+    (httpx.PoolTimeout("busy"), False),  # every connection in use here: no word of the engine
 ])
 def test_a_500_from_an_engine_that_is_stopping_is_unavailable_not_an_error(health, unavailable):
     """vLLM answers the requests in flight 500 ('EngineCore encountered an issue') when it is

@@ -306,6 +306,8 @@ class RemoteBackend:
             health = request_by(self._client, "GET", f"{self.base_url}/health",
                                 min(deadline, time.monotonic() + HEALTH_PROBE_S),
                                 headers=self._headers)
+        except httpx.PoolTimeout:  # (every connection busy: this side's limit, not the engine)
+            return False
         except httpx.HTTPError:
             return True
         return health.status_code in RETRY_STATUSES | GATEWAY_ERRORS

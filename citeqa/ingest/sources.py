@@ -113,7 +113,7 @@ def as_sources(sources: Sources) -> list[str]:
     """``sources`` as a list: one path or URL given alone is one source (a str is a sequence,
     and its characters were taken as sources: "/" first, so the whole file system)."""
     if isinstance(sources, str | os.PathLike):
-        return [os.fspath(sources)]
+        return [os.fspath(sources)] if os.fspath(sources) else []  # ("" names nothing)
     return [os.fspath(s) for s in sources]
 
 

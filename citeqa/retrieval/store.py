@@ -582,7 +582,7 @@ def check_documents(documents: Sequence[Document]) -> None:
                                           f"{type(value).__name__}, not text")
             if (why := unsendable(value.replace("\x00", ""))) is not None:  # (JSON holds NUL)
                 raise InvalidRequestError(f"document {doc.doc_id!r:.80}: its {field} {why}")
-        if len(doc.doc_id) > MAX_DOC_ID_CHARS or not re.match(DOC_ID_PATTERN, doc.doc_id):
+        if len(doc.doc_id) > MAX_DOC_ID_CHARS or not re.fullmatch(DOC_ID_PATTERN, doc.doc_id):
             raise InvalidRequestError(f"document id {doc.doc_id!r:.80} must be {DOC_ID_RULE}")
 
 
