@@ -84,7 +84,7 @@ def test_squad_questions_are_labelled_by_answerability_and_centred_on_their_answ
 
 def variant(kind: str, answerable: bool, answer: str | None = "Rollo") -> Variant:
     return Variant(f"{kind} question", kind, answerable, "Who swore fealty to Charles III?",
-                   answer, CONTEXT, "x -> y", "s1")
+                   answer, CONTEXT, "x -> y", "s1", article="Norman_conquest")
 
 
 def test_red_team_variants_stand_beside_their_originals_on_the_same_view() -> None:
@@ -96,6 +96,9 @@ def test_red_team_variants_stand_beside_their_originals_on_the_same_view() -> No
     assert (made.quote, made.before, made.after) == (original.quote, original.before,
                                                      original.after)
     assert original.question == "Who swore fealty to Charles III?"
+    # titled as its served document is (the reader learnt them untitled, and served passages
+    # always come with their document's title)
+    assert made.title == original.title == "Norman conquest"
 
 
 def test_sample_lines_is_seeded_uniform_and_keeps_file_order(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from citeqa.evals.squad import QAItem
@@ -77,17 +77,18 @@ def squad_examples(items: Iterable[QAItem], plausible: Mapping[str, Sequence[str
 
 
 def redteam_examples(variants: Iterable[Variant]) -> Iterator[Labelled]:
-    """Made questions beside their originals on the same passage view."""
+    """Made questions beside their originals on the same passage view, titled as served (the
+    seed's article, as its document is titled; the reader learnt them untitled, and saw every
+    served passage with its title)."""
     for v in variants:
         start = v.passage.find(v.answer) if v.answer else -1
         if start < 0:
             continue
         end = start + len(v.answer or "")
-        made = view(v.question, v.passage, "", start, end)
+        made = view(v.question, v.passage, v.article.replace("_", " "), start, end)
         yield Labelled(made, int(v.answerable), f"redteam:{v.kind}")
         if not v.answerable:
-            yield Labelled(Judged(v.original, "", made.quote, "", made.before, made.after), 1,
-                           "redteam:original")
+            yield Labelled(replace(made, question=v.original), 1, "redteam:original")
 
 
 def sample_lines(path: Path, n: int, seed: int) -> list[str]:
