@@ -1298,13 +1298,29 @@ def test_serve_on_loopback_answers_to_localhost_names_only(monkeypatch, tmp_path
         "localhost,127.0.0.1,[::1],127.0.0.2", "", "docs.lan"]
 
 
-def test_serve_waits_for_requests_in_flight_at_most_the_grace() -> None:
+def test_serve_waits_for_requests_in_flight_at_most_the_grace(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """uvicorn waited for every request in flight (each up to its timeout) before the
     shutdown grace began: a container's stop period passed and it was killed mid-answer. Its
     own timeout now comes a margin after the service's grace (test below)."""
+    from citeqa.api import server
     from citeqa.api.server import MARGIN_S, uvicorn_grace_s
 
     assert uvicorn_grace_s(7.5) == 8 + MARGIN_S and uvicorn_grace_s(0) == 1 + MARGIN_S
+    # and `citeqa serve` runs the server that begins the grace at the stop, with that timeout
+    built: list = []
+
+    class Recorded(server._Server):
+        def run(self, sockets=None) -> None:  # type: ignore[no-untyped-def]
+            built.append(self)
+            self.started = True
+
+    service = create_app(Settings(shutdown_grace_s=7.5), lambda s: FakePipeline())
+    monkeypatch.setattr(server, "_Server", Recorded)
+    monkeypatch.setattr(server.uvicorn.Server, "run", lambda self, sockets=None: None)  # (never
+    server.run(service, host="127.0.0.1", port=0, http="h11")  # serves: any other server fails)
+    [made] = built
+    assert made.config.timeout_graceful_shutdown == uvicorn_grace_s(7.5)
 
 
 def test_a_stop_past_the_grace_answers_requests_in_flight_503_not_500() -> None:

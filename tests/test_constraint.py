@@ -298,8 +298,9 @@ def test_an_engine_reading_special_texts_as_tokens_is_never_offered_one(hf_tok):
     passage = "The secret launch code is alpha<|im_end|>beta, chosen in 2019."
     special = hf_tok.convert_tokens_to_ids("<|im_end|>")
 
-    def walk(grammar: str, text: str) -> tuple[bool, str]:
-        """(whether ``text`` is accepted, the first failure of an offered special token)."""
+    def walk(grammar: str, text: str, special: int = special) -> tuple[bool, str]:
+        """(whether ``text`` is accepted, the first failure of the special token ``special``
+        where it is offered)."""
         m = llguidance.LLMatcher(engine, grammar, log_level=0)
         for t in [*hf_tok.encode(text, add_special_tokens=False), None]:
             llguidance.numpy.fill_next_token_bitmask(m, mask, 0)
@@ -325,8 +326,13 @@ def test_an_engine_reading_special_texts_as_tokens_is_never_offered_one(hf_tok):
         assert g is not None and walk(g, prefix + quote) == (True, ""), quote
     free = output_grammar([passage], unquotable=ANY_TEMPLATE_SPECIALS)
     assert walk(free, output("code", 1, "launch code is alpha")) == (True, "")
-    # every special text of this tokenizer is kept out (SmolLM2's <filename>, <file_sep>...)
+    # every special text of this tokenizer is kept out (SmolLM2's <filename>, <file_sep>...):
+    # uncut, the engine fails where the grammar forces it; cut, a quote in a piece is taken
     for text in special_strings(hf_tok):
+        own = hf_tok.convert_tokens_to_ids(text)
         cut = passage.replace("<|im_end|>", text)
+        uncut = quote_grammar([cut], "beta")
+        assert uncut is not None and walk(uncut, crossing, own)[1], text
         g = quote_grammar([cut], "beta", unquotable=ANY_TEMPLATE_SPECIALS)
-        assert g is not None and walk(g, crossing) == (False, ""), text
+        assert g is not None and walk(g, crossing, own) == (False, ""), text
+        assert walk(g, prefix + "beta, chosen in 2019.", own) == (True, ""), text

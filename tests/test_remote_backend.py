@@ -88,6 +88,30 @@ def test_special_token_texts_in_messages_reach_the_engine_broken():
     assert sent.replace(WORD_JOINER, "") == forged  # nothing else changed
 
 
+def test_grammars_for_the_engine_keep_clear_of_special_texts():
+    """The engine's matcher reads a forced '<|im_end|>' as the token and fails the request
+    (tests/test_constraint.py walks it): a remote generator's grammars never hold one."""
+    from citeqa.config import GenerationConfig
+    from citeqa.generation.backend import unquotable
+    from citeqa.generation.chat import ANY_TEMPLATE_SPECIALS
+    from citeqa.generation.cited import CitedGenerator
+    from citeqa.types import Document, Hit, Passage
+
+    client, seen = server(lambda r: ok(choice(0, "Answer: alpha\n", [-0.1])))
+    b = RemoteBackend("http://gen", "smol", client=client, backoff=FAST)
+    assert unquotable(b) == ANY_TEMPLATE_SPECIALS
+    text = "The launch code is alpha<|im_end|>beta, chosen in 2019 <filename> by the board."
+    CitedGenerator(b, GenerationConfig(answer_mode="span")).generate(
+        "What is the code?", [Hit(Passage(0, "d", 0, len(text), text), "T", "s", 1.0)],
+        {"d": Document("d", "T", "s", text)}.__getitem__)
+    grammars = [json.loads(r.content)["structured_outputs"]["grammar"] for r in seen]
+    assert len(grammars) == 2  # the answer line, then its quote
+    for grammar in grammars:
+        assert "alpha" in grammar  # (letters are never escaped)
+        for special in ("<|im_end|>", "<filename>", r"\x{3C}\x{7C}im", r"\x{3C}filename"):
+            assert special not in grammar, (special, grammar)
+
+
 def test_no_grammar_no_logprobs():
     client, seen = server(lambda r: ok(choice(0, "hi", None)))
     b = RemoteBackend("http://gen", "smol", client=client)

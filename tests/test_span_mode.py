@@ -472,6 +472,14 @@ def test_a_backend_that_cannot_quote_special_texts_gets_grammars_that_keep_clear
     assert not grammar_accepts(quote_grammar(["a <filename> b c"], "b",
                                              unquotable=ANY_TEMPLATE_SPECIALS) or "",
                                quote_line(1, "a <filename> b"))
+    # a passage whose pieces are all shorter than min_quote_chars offers no quote either
+    # (its requests' grammars were a ValueError: "no passage has text to quote")
+    tiny = "Rollo<|im_end|>Normans<|im_end|>France"
+    backend = FakeBackend(extractive_responder, unquotable=ANY_TEMPLATE_SPECIALS)
+    out = CitedGenerator(backend, GenerationConfig(answer_mode=mode, min_quote_chars=20)).generate(
+        "Who?", [Hit(Passage(0, "t", 0, len(tiny), tiny), "T", "s", 1.0)],
+        {"t": Document("t", "T", "s", tiny)}.__getitem__, n=2)
+    assert out.candidates == [] and backend.requests == []
     # a passage of special texts only: no candidate is pointed at it, and alone it gets none
     backend = FakeBackend(extractive_responder, unquotable=ANY_TEMPLATE_SPECIALS)
     out = CitedGenerator(backend, GenerationConfig(answer_mode=mode)).generate(
