@@ -106,3 +106,22 @@ def test_the_fingerprint_follows_the_settings_that_shape_answers() -> None:
     assert generator_fingerprint("m", GenerationConfig(top_k_passages=7))["top_k_passages"] == 7
     assert calibration_mismatch({"generators": [base]},
                                 generator_fingerprint("m", GenerationConfig()), 1) == []
+
+
+def test_the_shipped_calibration_was_made_on_the_default_services_answers() -> None:
+    """The packaged calibration.json records the answers it certified (the model card: the
+    generator's greedy answer, one per question), and they are those the default settings give:
+    a default service starts without a warning, and a request for more candidates is told."""
+    import json
+
+    from citeqa.config import preset
+    from citeqa.reward.scorer import CALIBRATION, DEFAULT_DIR
+
+    body = json.loads((DEFAULT_DIR / CALIBRATION).read_text())
+    gen = preset("default").generation
+    [recorded] = body["generators"]
+    serving = generator_fingerprint(recorded["model_id"], gen)
+    assert body["candidates_per_question"] == 1 == gen.n_candidates
+    assert calibration_mismatch(body, serving, gen.n_candidates) == []
+    assert mismatch_warning(body, serving, gen.n_candidates) is None
+    assert calibration_mismatch(body, serving, 4) == ["candidates per question 1 -> 4"]
