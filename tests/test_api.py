@@ -38,6 +38,8 @@ from citeqa.errors import (
     CiteqaError,
     ConfigError,
     EmptyCorpusError,
+    EngineError,
+    EngineUnavailableError,
     FetchError,
     IndexError_,
     InvalidRequestError,
@@ -638,6 +640,8 @@ def test_body_limit_from_content_length_and_while_reading_a_chunked_body() -> No
         (IndexError_("index missing; run citeqa index"), 503, "index_unavailable"),
         (EmptyCorpusError("empty"), 503, "index_unavailable"),
         (ModelError("no weights"), 503, "model_unavailable"),
+        (EngineUnavailableError("the generator is busy"), 503, "engine_unavailable"),
+        (EngineError("the generator answered 500"), 502, "engine_error"),
         (OutputFormatError("no QUOTE line"), 500, "generation_failed"),
         (NotSupportedError("cannot change documents"), 501, "not_supported"),
         (ConfigError("bad preset"), 500, "config_error"),
@@ -646,9 +650,12 @@ def test_body_limit_from_content_length_and_while_reading_a_chunked_body() -> No
 )
 def test_pipeline_errors_map_to_http(exc: CiteqaError, status: int, code: str) -> None:
     assert map_citeqa_error(exc) == (status, code)
-    with serve(FakePipeline(fail=exc)) as c:
-        err = assert_uniform_error(c.post("/v1/answer", json={"question": "q"}), status, code)
+    with serve(FakePipeline(fail=exc), retry_after_s=7) as c:
+        r = c.post("/v1/answer", json={"question": "q"})
+    err = assert_uniform_error(r, status, code)
     assert err["message"] == str(exc)
+    # an engine busy or restarting is worth asking again, as the service's own 503s say
+    assert r.headers.get("retry-after") == ("7" if code == "engine_unavailable" else None)
 
 
 def test_unexpected_errors_are_500_without_leaking_details(caplog: pytest.LogCaptureFixture

@@ -258,7 +258,8 @@ def create_app(
         redoc_url=None,
     )
     app.state.citeqa = state
-    install_error_handlers(app, authenticate=require_api_key_on_v1)
+    install_error_handlers(app, authenticate=require_api_key_on_v1,
+                           retry_after_s=settings.retry_after_s)
     # add_middleware puts each new one outermost: unexpected errors, host check, body limit,
     # metrics, headers.
     app.add_middleware(UnexpectedErrorMiddleware)

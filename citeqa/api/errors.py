@@ -238,12 +238,22 @@ async def _api_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
 
 
-async def _citeqa_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, CiteqaError), exc
-    status, code = map_citeqa_error(exc)
-    if status >= 500:
-        logger.error("pipeline error (%s): %s", type(exc).__name__, exc)
-    return error_response(status, code, str(exc))
+def _citeqa_error_handler(retry_after_s: int | None) -> Callable[[Request, Exception], Any]:
+    """The handler of CiteqaError; with ``retry_after_s``, a 503 ``engine_unavailable`` (an
+    engine busy, starting or restarting: worth asking again) carries ``Retry-After`` as the
+    service's own 503s for now do."""
+
+    async def handle(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, CiteqaError), exc
+        status, code = map_citeqa_error(exc)
+        if status >= 500:
+            logger.error("pipeline error (%s): %s", type(exc).__name__, exc)
+        headers = ({"Retry-After": str(retry_after_s)}
+                   if retry_after_s is not None and isinstance(exc, EngineUnavailableError)
+                   else None)
+        return error_response(status, code, str(exc), headers=headers)
+
+    return handle
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
@@ -321,16 +331,18 @@ def _authenticated_first(handler: Callable[[Request, Exception], Any],
     return handle
 
 
-def install_error_handlers(app: FastAPI, authenticate: Authenticate | None = None) -> None:
+def install_error_handlers(app: FastAPI, authenticate: Authenticate | None = None,
+                           retry_after_s: int | None = None) -> None:
     """Register every handler above on ``app``; with ``authenticate``, a request it refuses
-    gets its 401 (or 403) rather than an error about its body."""
+    gets its 401 (or 403) rather than an error about its body; with ``retry_after_s``, a 503
+    ``engine_unavailable`` says when to ask again."""
     validation: Callable[[Request, Exception], Any] = _validation_error
     http: Callable[[Request, Exception], Any] = _http_error
     if authenticate is not None:
         validation = _authenticated_first(validation, authenticate)
         http = _authenticated_first(http, authenticate)
     app.add_exception_handler(ApiError, _api_error)
-    app.add_exception_handler(CiteqaError, _citeqa_error)
+    app.add_exception_handler(CiteqaError, _citeqa_error_handler(retry_after_s))
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(StarletteHTTPException, http)
     app.add_exception_handler(Exception, _unexpected_error)

@@ -62,9 +62,10 @@ def _headers(**described: str) -> dict[str, Any]:
                         for name, text in described.items()}}
 
 
-# the headers of a 503 a client may retry (not_ready, overloaded), and of a 401
-RETRY_AFTER = _headers(Retry_After="seconds to wait before asking again (not_ready, overloaded; "
-                       "absent on load_failed)")
+# the headers of a 503 a client may retry (not_ready, overloaded, engine_unavailable), and of
+# a 401
+RETRY_AFTER = _headers(Retry_After="seconds to wait before asking again (not_ready, overloaded, "
+                       "engine_unavailable; absent on load_failed)")
 # 400: a body that is not UTF-8 JSON, or nested too deep to parse; 413: over the body limit;
 # 415: a body in a content coding (on any route, before routing: BodyLimitMiddleware).
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
