@@ -233,6 +233,12 @@ def quote_in_context(text: str | None, candidate: Candidate, *, chars: int = CON
     return f"{squash(before).lstrip()}\u201c{quote}\u201d{squash(after).rstrip()}"
 
 
+def _place(source: str, start: int, end: int) -> str:
+    """Where a text lies: its document's source (when it has one) and its characters."""
+    where = f"characters {start}-{end}"
+    return f"{squash(source)}, {where}" if source else where
+
+
 def _cited_lines(candidate: Candidate, text: str | None, indent: str,
                  mark: Callable[[str], str]) -> list[str]:
     q = candidate.quote
@@ -240,8 +246,7 @@ def _cited_lines(candidate: Candidate, text: str | None, indent: str,
     score = "n/a" if candidate.score is None else f"{candidate.score:.3f}"
     return [f"{indent}answer: {squash(candidate.answer)}",
             f"{indent}quote:  {quote_in_context(text, candidate, mark=mark)}",
-            f"{indent}source: {squash(q.title)} ({squash(q.source)}, characters "
-            f"{q.start}-{q.end})",
+            f"{indent}source: {squash(q.title)} ({_place(q.source, q.start, q.end)})",
             f"{indent}score:  {score}"]
 
 
@@ -275,8 +280,7 @@ def format_answer(answer: Answer, document: Callable[[str], Document], *,
         snippet = squash(p.text).strip()
         if len(snippet) > PASSAGE_CHARS:
             snippet = snippet[:PASSAGE_CHARS].rsplit(" ", 1)[0] + "\u2026"
-        lines += [f"  {i}. {squash(hit.title)} ({squash(hit.source)}, characters "
-                  f"{p.start}-{p.end})  "
+        lines += [f"  {i}. {squash(hit.title)} ({_place(hit.source, p.start, p.end)})  "
                   f"score {hit.score:.3f}", f"     {snippet}"]
     return "\n".join(lines)
 

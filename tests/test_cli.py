@@ -197,6 +197,12 @@ def test_a_decline_reads_with_its_reason_best_guess_and_passages() -> None:
     assert len(lines) == 7 + 2 * 3  # three passages shown
     bare = Answer("q", True, None, None, None, reason="no passages were retrieved")
     assert format_answer(bare, documents) == "declined: no passages were retrieved"
+    # a document without a source (a library caller's, a REST text) names its characters only
+    nowhere = replace(answer, candidates=[replace(guess, quote=replace(QUOTE, source=""))],
+                      passages=[replace(hits[0], source="")])
+    lines = format_answer(nowhere, documents).splitlines()
+    assert lines[4] == f"  source: Tower (characters {Q_START}-{Q_END})"
+    assert lines[7] == f"  1. Tower (characters 0-{len(Q_TEXT)})  score 0.500"
 
 
 @pytest.mark.parametrize(
