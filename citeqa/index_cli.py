@@ -385,9 +385,16 @@ def _add(directory: Path, documents: list[Document], *, replace: bool, progress:
     plan = plan_additions(retriever.index.documents, documents, replace=replace)
     source = {d.doc_id: d.source for d in documents}
     if plan.conflicts:
-        named = ", ".join(f"{squash(i)} ({squash(source[i])})" for i in plan.conflicts[:5])
+        given = {d.doc_id: d for d in documents}
+        retitled = {i for i in plan.conflicts
+                    if given[i].text == retriever.index.documents[i].text}
+        named = ", ".join(f"{squash(i)} ({squash(source[i])}"
+                          f"{': its title only' if i in retitled else ''})"
+                          for i in plan.conflicts[:5])
+        why = ("; a title alone differs where a text is as indexed (its source retitled, or an "
+               "older citeqa that titled it otherwise)" if retitled else "")
         raise fail(f"the index holds {plural(len(plan.conflicts), 'document')} with other "
-                   f"content: {named}{', ...' if len(plan.conflicts) > 5 else ''}; pass "
+                   f"content: {named}{', ...' if len(plan.conflicts) > 5 else ''}{why}; pass "
                    f"--replace to replace them; {unchanged}")
     warnings = [f"{squash(source[new])} holds the text of indexed document {squash(twin)} "
                 f"({squash(retriever.index.documents[twin].source)}), and is added beside it: "

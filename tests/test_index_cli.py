@@ -124,6 +124,7 @@ def test_adding_again_changes_nothing_and_an_edit_needs_replace(tmp_path: Path) 
     code, out, err = _cli("index", "add", str(docs), "-i", str(index), "--no-progress")
     assert code == 2
     assert "with other content" in err and "basalt.txt" in err and "--replace" in err
+    assert "title only" not in err  # its text changed
     assert _manifest(index) == before  # refused whole: nothing lost, nothing half-added
 
     code, out, err = _cli("index", "add", str(docs), "-i", str(index), "--replace",
@@ -595,3 +596,19 @@ def test_a_source_that_cannot_be_looked_at_is_not_called_missing(
     assert not _there(str(inside))
     monkeypatch.setattr(os, "lstat", refuse)
     assert _there(str(inside))
+
+
+def test_a_document_whose_title_alone_changed_is_named_so(tmp_path: Path) -> None:
+    """Same text, another title (a record retitled, or an index whose older citeqa titled the
+    file otherwise): still refused without --replace, and the message says the text is as
+    indexed."""
+    record = {"id": "granite", "title": "Granite", "text": MORE["granite.txt"]}
+    data = tmp_path / "docs.jsonl"
+    data.write_text(json.dumps(record) + "\n")
+    index = tmp_path / "idx"
+    _build(index, data)
+    data.write_text(json.dumps({**record, "title": "Granite rock"}) + "\n")
+    code, _, err = _cli("index", "add", str(data), "-i", str(index), "--no-progress")
+    assert code == 2
+    assert "granite (" in err and ": its title only)" in err and "--replace" in err
+    assert "a title alone differs where a text is as indexed" in err
