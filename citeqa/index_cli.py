@@ -517,7 +517,9 @@ def index_facts(loaded: Index) -> dict[str, Any]:
         "passages": len(loaded.passages),
         "vocabulary": (m.get("counts") or {}).get("vocabulary"),
         "embedding": m.get("embedding"),  # None: BM25 only
-        "dense_index": m.get("dense_index") if loaded.dense is not None else None,
+        # (a manifest written before it recorded the spec: read from the FAISS index itself)
+        "dense_index": (m.get("dense_index") or loaded.dense.spec.to_json()
+                        if loaded.dense is not None else None),
         # rows of deleted passages an HNSW graph keeps (skipped; built again past a tenth)
         "dense_removed_rows": len(loaded.dense.removed) if loaded.dense is not None else None,
         "chunk": (m.get("settings") or {}).get("chunk"),

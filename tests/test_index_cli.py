@@ -612,3 +612,19 @@ def test_a_document_whose_title_alone_changed_is_named_so(tmp_path: Path) -> Non
     assert code == 2
     assert "granite (" in err and ": its title only)" in err and "--replace" in err
     assert "a title alone differs where a text is as indexed" in err
+
+
+def test_info_reads_the_dense_index_of_a_manifest_that_did_not_record_it(tmp_path: Path
+                                                                          ) -> None:
+    """An index built before manifests recorded ``dense_index`` still has one: info says what
+    FAISS holds, not "none (BM25 only)"."""
+    index = tmp_path / "idx"
+    _build(index, _files(tmp_path / "docs", FIRST))
+    manifest = json.loads((index / "manifest.json").read_text())
+    assert manifest.pop("dense_index")["kind"] == "flat"
+    (index / "manifest.json").write_text(json.dumps(manifest))
+    code, out, err = _cli("index", "info", "-i", str(index), "--json")
+    assert code == 0, err
+    assert json.loads(out)["dense_index"]["kind"] == "flat"
+    code, out, _ = _cli("index", "info", "-i", str(index))
+    assert code == 0 and "dense index  flat" in out and "BM25 only" not in out
