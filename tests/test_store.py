@@ -385,6 +385,24 @@ def test_an_index_behind_a_symbolic_link_is_swapped_where_the_link_points(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "real_v1"]  # no debris
 
 
+def test_a_change_to_an_index_whose_folder_is_gone_says_so(built: Path) -> None:
+    """The folder of a loaded index deleted (or moved) under its process: a change says where
+    it went, not that another writer changed it (which a retry would never get past), and
+    writes nothing there."""
+    import shutil
+
+    from citeqa.errors import IndexChangedError
+    from citeqa.retrieval.embed import HashEmbedder
+    from citeqa.retrieval.updates import add_documents
+
+    loaded = Index.load(built)
+    shutil.rmtree(built)
+    with pytest.raises(IndexChangedError, match=r"is gone from disk .* nothing was changed"):
+        add_documents(loaded, [Document("d4", "Owls", "owls.txt", "Owls hoot.")], built,
+                      embedder=HashEmbedder())
+    assert sorted(p.name for p in built.parent.iterdir()) == []  # no debris, no new index
+
+
 def test_a_change_to_an_index_read_from_its_backup_is_checked_against_the_index(
         built: Path) -> None:
     """Where a backup could not be restored (a read-only file system) it is read where it

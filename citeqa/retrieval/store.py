@@ -313,6 +313,11 @@ def publish(tmp: Path, out: Path, *, expect: dict[str, Any] | None = None,
             raise IndexExistsError(
                 f"{out} is not empty any more (another build wrote an index there while this one "
                 "ran); it was left as it is")
+        if expect is not None and not out.exists():
+            raise IndexChangedError(
+                f"the index at {out} is gone from disk since this process loaded it (deleted or "
+                "moved?), so this change has nowhere to go; nothing was changed: put the index "
+                "back there (or build one with `citeqa index build`), then try again")
         if expect is not None and version_on_disk(out) != manifest_version(expect):
             raise IndexChangedError(
                 f"the index at {out} changed on disk since this process loaded it (another "
