@@ -385,6 +385,34 @@ def test_an_index_behind_a_symbolic_link_is_swapped_where_the_link_points(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "real_v1"]  # no debris
 
 
+def test_a_swap_whose_second_rename_fails_puts_the_previous_index_back(
+        built: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index moved aside, then the new one cannot be moved in (an I/O error): the previous
+    index is back where it was, as the error's "it is as it was" says, not missing until the
+    next command restores it."""
+    import errno
+
+    from citeqa.retrieval.embed import HashEmbedder
+    from citeqa.retrieval.updates import add_documents
+
+    before = Index.load(built)
+    real_rename = Path.rename
+
+    def rename(self: Path, target: object) -> Path:
+        if Path(str(target)) == built and self.name != built.name and ".old-" not in self.name:
+            raise OSError(errno.EIO, "I/O error")  # the new index, moving in
+        return real_rename(self, str(target))
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="I/O error"):
+        add_documents(before, [Document("d4", "Owls", "owls.txt", "Owls hoot.")], built,
+                      embedder=HashEmbedder())
+    monkeypatch.undo()
+    # (looked at before any load, which would restore a backup left aside)
+    assert sorted(p.name for p in built.parent.iterdir()) == [built.name]  # nothing left aside
+    assert Index.load(built).version == before.version
+
+
 def test_a_change_to_an_index_whose_folder_is_gone_says_so(built: Path) -> None:
     """The folder of a loaded index deleted (or moved) under its process: a change says where
     it went, not that another writer changed it (which a retry would never get past), and

@@ -327,7 +327,13 @@ def publish(tmp: Path, out: Path, *, expect: dict[str, Any] | None = None,
         if out.exists():
             out.rename(old)
             test_pause("mid_swap")
-        tmp.rename(out)
+            try:
+                tmp.rename(out)
+            except OSError:  # the previous index back in its place: as it was, as said
+                old.rename(out)
+                raise
+        else:
+            tmp.rename(out)
         release_tmp_dir(tmp)
         fsync_path(out.parent)
     test_pause("after_swap")
