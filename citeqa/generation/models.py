@@ -4,13 +4,18 @@ The default model ships as a pip package holding a Q4_1 GGUF file. Transformers 
 (dequantising to float), which takes tens of seconds, so the first load converts it once to a
 safetensors directory under the cache dir; later loads read that directory. The conversion is
 written to a temporary sibling directory and renamed into place, with a marker file written last,
-so a concurrent or killed conversion never leaves a half-written cache behind. Nothing here ever
-downloads: every ``from_pretrained`` call is ``local_files_only``.
+so a concurrent or killed conversion never leaves a half-written cache behind. The marker
+records what the conversion came from (the package's version, the GGUF's size) and each weight
+file's sha256: a conversion of another release is made again, and weights changed on disk since
+(a disk fault, a stray write) are found at load (~0.4 s for SmolLM2's 0.5 GB) and converted
+again, never served. Nothing here ever downloads: every ``from_pretrained`` call is
+``local_files_only``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -32,6 +37,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR = "smollm2-135m-instruct"  # converted cache dir name, under cache_dir
 SMOLLM2_ID = "smollm2-135m-instruct-q4_1"  # model_id recorded in reports
 MARKER = "citeqa-converted.json"  # written last: its presence means the cache dir is complete
+# 2: the marker records the conversion's origin and its weights' digests (1 recorded neither)
+MARKER_FORMAT = 2
 
 
 def packaged_gguf() -> Path:
@@ -52,6 +59,53 @@ def packaged_gguf() -> Path:
 _CONVERTING = threading.Lock()
 
 
+def _origin(gguf: Path) -> dict[str, Any]:
+    """What a conversion of ``gguf`` came from, as its marker records it."""
+    try:
+        version: str | None = importlib.metadata.version(SMOLLM2_PACKAGE.replace("_", "-"))
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    return {"package_version": version, "gguf_bytes": gguf.stat().st_size}
+
+
+def _marker(target: Path) -> dict[str, Any] | None:
+    """The marker of the conversion at ``target``; None when there is none to read."""
+    try:
+        marker = json.loads((target / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def _is_current(target: Path) -> bool:
+    """Whether ``target`` holds a complete conversion of the packaged GGUF as installed now
+    (one whose package is gone is all there is: it stands, checked at load)."""
+    marker = _marker(target)
+    if marker is None or marker.get("format") != MARKER_FORMAT:
+        return False
+    try:
+        gguf = packaged_gguf()
+    except ModelError:
+        return True
+    return all(marker.get(k) == v for k, v in _origin(gguf).items())
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def check_conversion(target: Path) -> None:
+    """ModelError when a weight file of the conversion at ``target`` is not the one it wrote
+    (its sha256, recorded in the marker, differs; or it is gone)."""
+    recorded = (_marker(target) or {}).get("weights") or {}
+    for name, digest in sorted(recorded.items()):
+        f = target / name
+        if not f.is_file() or _sha256(f) != digest:
+            raise ModelError(f"{f} is not the file its conversion wrote (its sha256 differs, or "
+                             f"it is gone); delete {target} to convert it again")
+
+
 def resolve_model_dir(name: str, cache_dir: Path) -> Path:
     """Return a local Hugging Face model directory for ``name``.
 
@@ -60,9 +114,9 @@ def resolve_model_dir(name: str, cache_dir: Path) -> Path:
     """
     if name == DEFAULT_MODEL:
         target = Path(cache_dir).expanduser() / SMOLLM2_DIR
-        if not (target / MARKER).is_file():
+        if not _is_current(target):
             with _CONVERTING:  # one temporary directory per process (atomic.fresh_tmp_dir)
-                if not (target / MARKER).is_file():
+                if not _is_current(target):
                     _convert_gguf(packaged_gguf(), target)
         return target
     path = Path(name).expanduser()
@@ -80,8 +134,15 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    logger.info("converting %s to %s (once; takes a minute)", gguf.name, target)
-    tmp = fresh_tmp_dir(target)  # a killed conversion's half-written copy (~0.5 GB) is removed
+    again = (" (the one there was made from another release)"
+             if (target / MARKER).is_file() else "")
+    logger.info("converting %s to %s (once; takes a minute)%s", gguf.name, target, again)
+    try:  # a killed conversion's half-written copy (~0.5 GB) is removed
+        tmp = fresh_tmp_dir(target)
+    except OSError as e:  # read-only, a file in the way, ...
+        raise ModelError(f"the model cache {target.parent} cannot be written "
+                         f"({e.strerror or e}); set CITEQA_CACHE_DIR to a writable "
+                         "folder") from e
     try:
         kw: dict[str, Any] = {"gguf_file": gguf.name, "local_files_only": True}
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
@@ -97,17 +158,22 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
             model.hf_quantizer.remove_quantization_config(model)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        for written in tmp.iterdir():  # on disk before the marker says the copy is whole
-            fsync_path(written)
-        (tmp / MARKER).write_text(json.dumps({"source": gguf.name, "model_id": SMOLLM2_ID}))
-        if target.exists():  # a broken leftover (no marker) or a concurrent winner
-            if (target / MARKER).is_file():
+        mode = (tmp / "config.json").stat().st_mode & 0o777  # the umask's (safetensors: 0600,
+        for written in tmp.iterdir():  # which other users of a shared cache cannot read)
+            os.chmod(written, mode)
+            fsync_path(written)  # on disk before the marker says the copy is whole
+        weights = {f.name: _sha256(f) for f in sorted(tmp.glob("*.safetensors"))}
+        (tmp / MARKER).write_text(json.dumps({
+            "format": MARKER_FORMAT, "source": gguf.name, "model_id": SMOLLM2_ID,
+            **_origin(gguf), "weights": weights}))
+        if target.exists():  # a broken leftover, another release's, or a concurrent winner
+            if _is_current(target):
                 return  # someone else finished first; keep theirs
             shutil.rmtree(target, ignore_errors=True)
         try:
             os.rename(tmp, target)
         except OSError:
-            if not (target / MARKER).is_file():  # lost a race to a broken dir: surface it
+            if not _is_current(target):  # lost a race to a broken dir: surface it
                 raise
     except ModelError:
         raise
@@ -155,6 +221,8 @@ def load_model(name: str, cache_dir: Path, *, device: str | None = None) -> tupl
     dtype = cuda_half_dtype(device) if device.startswith("cuda") else torch.float32
 
     def load(path: Path) -> tuple[Any, Any, dict[str, Any]]:
+        if name == DEFAULT_MODEL:  # citeqa's own conversion: the weights it wrote, or none
+            check_conversion(path)
         try:
             with quiet_weight_loading():
                 tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
