@@ -99,6 +99,11 @@ def test_a_questions_timings_count_the_shared_batch_once():
     second = [Completion(t, -1.0, n, {**batch, "tokens": float(n), "prompt_tokens": 120.0})
               for t, n in (("b", 6), ("c", 2))]
     assert _merge_timings([first, second]) == {**batch, "tokens": 13.0, "prompt_tokens": 220.0}
+    # a remote engine's outputs cut short, and failed quote calls, are counted per output (the
+    # cut ones of one request were counted once)
+    cut = [Completion("", 0.0, 0, {"cut": 1.0}), Completion("", 0.0, 0, {"quote_errors": 1.0}),
+           Completion("", 0.0, 0, {"cut": 1.0})]
+    assert _merge_timings([cut]) == {"cut": 2.0, "quote_errors": 1.0}
 
 
 def test_quote_from_the_wrong_passage_is_not_verified():

@@ -315,6 +315,64 @@ def test_span_mode_continues_each_answer_with_its_own_quote_grammar():
     assert len(seen) == 3
 
 
+def test_a_failed_quote_call_fails_its_candidate_only_unless_none_stands():
+    """Each quote call carries its own answer's grammar: an engine error on one (vLLM's
+    grammar matcher, a context one token too short) failed the whole question, 502, throwing
+    away its other candidates' answers and quotes."""
+    stage = QuoteStage(("Rollo led the Normans.", "Paris is in France."), 5, 100)
+    fail_for = {"Paris"}
+
+    def handler(request):
+        if request.url.path == "/health":
+            return httpx.Response(200)
+        body = json.loads(request.content)
+        if not body.get("continue_final_message"):
+            return ok(choice(0, "Answer: Rollo\n", [-0.5] * 3),
+                      choice(1, "Answer: Paris\n", [-0.1] * 3))
+        answer = body["messages"][-1]["content"]
+        if any(word in answer for word in fail_for):
+            return httpx.Response(500, json={"error": {"message": "grammar matcher failed"}})
+        quote = "Quote [2]: Paris is in France." if "Paris" in answer else (
+            "Quote [1]: Rollo led the Normans.")
+        return ok(choice(0, quote, [-0.25]))
+
+    client, _ = server(handler)
+    backend = RemoteBackend("http://gen", "m", client=client, backoff=FAST)
+    req = GenerationRequest(messages=MSGS, grammar="start: q", n=2, temperature=1.0,
+                            max_tokens=40, quote_stage=stage)
+    [[rollo, paris]] = backend.generate([req])
+    assert rollo.text == "Answer: Rollo\nQuote [1]: Rollo led the Normans."
+    assert (paris.text, paris.n_tokens, paris.timings_ms["quote_errors"]) == ("", 0, 1.0)
+    fail_for.add("Rollo")  # every quote call fails: the engine's error is the question's
+    with pytest.raises(EngineError, match="grammar matcher failed"):
+        backend.generate([req])
+
+
+def test_a_failed_request_ends_the_calls_of_its_batch():
+    """Its batch fails, and its results are dropped: the other requests' quote calls were
+    still made (and a server's batch then asked each question again, alone)."""
+    stage = QuoteStage(("Rollo led the Normans.",), 5, 100)
+    answered = threading.Event()
+
+    def handler(request):
+        body = json.loads(request.content)
+        if body["messages"][0]["content"] == "bad":
+            return httpx.Response(400, json={"error": {"message": "bad request"}})
+        time.sleep(0.3)  # the bad request has failed the batch meanwhile
+        answered.set()
+        return ok(choice(0, "Answer: Rollo\n", [-0.5] * 3))
+
+    client, seen = server(handler)
+    backend = RemoteBackend("http://gen", "m", client=client, concurrency=2)
+    reqs = [GenerationRequest(messages=({"role": "user", "content": text},), grammar="start: q",
+                              max_tokens=40, quote_stage=stage) for text in ("good", "bad")]
+    with pytest.raises(EngineError, match="bad request"):
+        backend.generate(reqs)
+    assert answered.wait(5)
+    time.sleep(0.2)  # (where its quote call would have gone out)
+    assert not [r for r in seen if b"continue_final_message" in r.content] and len(seen) == 2
+
+
 def test_an_abandoned_request_is_not_sent_and_gets_no_quote_call():
     stage = QuoteStage(("Rollo led the Normans.",), 5, 100)
     client, seen = server(lambda request: ok(choice(0, "Answer: Rollo\n", [-0.5] * 3)))

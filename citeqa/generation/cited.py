@@ -48,7 +48,9 @@ logger = logging.getLogger(__name__)
 
 CHARS_PER_TOKEN = 4  # rough budget conversion between answer characters and tokens
 QUOTE_CHARS_PER_TOKEN = 3  # quotes copy names and numbers, which split into shorter tokens
-PER_COMPLETION = frozenset({"tokens"})  # backend timing keys counted per completion
+# backend timing keys counted per completion (a remote engine's: outputs cut short, quote
+# calls that failed)
+PER_COMPLETION = frozenset({"tokens", "cut", "quote_errors"})
 # Backend timing keys that describe the whole backend call (the local backend decodes every
 # request in one batch and reports the batch's figures in each completion): counted once
 BATCH_WIDE = frozenset({"prefill_ms", "decode_ms", "forward_passes", "batch_rows"})

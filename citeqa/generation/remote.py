@@ -16,7 +16,9 @@ turns away for now (429, 503), is retried with backoff honouring ``Retry-After``
 ``timeout_s``; a choice cut short by ``max_tokens`` (``finish_reason: "length"``), or one the
 engine aborted, becomes a failed candidate, never a cut quote. Errors surface as
 ``EngineError`` (the engine answered with an error) or ``EngineUnavailableError`` (it could
-not be reached), with its message.
+not be reached), with its message; an error of one candidate's quote call (its grammar is its
+own) fails that candidate only (timing ``quote_errors``), while others of the question stand.
+One request of a batch failing ends the others' calls too: their results would be dropped.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
 import httpx
@@ -159,7 +161,16 @@ class RemoteBackend:
         """Every request, at most ``concurrency`` in flight; result[i] is request i's."""
         if not requests:
             return []
-        futures = [self._pool.submit(self._generate_one, r) for r in requests]
+        failed = threading.Event()  # one request failed: the batch fails, others need no call
+        futures = [self._pool.submit(self._generate_one, r, failed.is_set) for r in requests]
+        wait(futures, return_when=FIRST_EXCEPTION)  # (all done, unless one failed)
+        errors = [e for f in futures
+                  if f.done() and not f.cancelled() and (e := f.exception()) is not None]
+        if errors:
+            failed.set()
+            for f in futures:
+                f.cancel()  # those not started; those running make no further call
+            raise errors[0]
         return [f.result() for f in futures]
 
     def payload(self, req: GenerationRequest, *, grammar: str | None = None,
@@ -188,24 +199,44 @@ class RemoteBackend:
                 body["guided_grammar"] = grammar
         return body
 
-    def _generate_one(self, req: GenerationRequest) -> list[Completion]:
-        if req.is_abandoned():  # waited for a free slot while its asker left
+    def _generate_one(self, req: GenerationRequest,
+                      batch_failed: Callable[[], bool] = lambda: False) -> list[Completion]:
+        def gone() -> bool:  # nobody will read this request's answer
+            return req.is_abandoned() or batch_failed()
+
+        if gone():  # waited for a free slot while its asker left (or its batch failed)
             return abandoned_completions(req)
         deadline = time.monotonic() + self._timeout_s
         t0 = time.perf_counter()
         try:
-            first = self._choices(self.payload(req), req.n, deadline, req.is_abandoned)
+            first = self._choices(self.payload(req), req.n, deadline, gone)
         except _Abandoned:
             return abandoned_completions(req)
         if req.quote_stage is None:
             elapsed = (time.perf_counter() - t0) * 1000
             return [_completion(c, elapsed) for c in first]
-        futures = [self._continue.submit(self._quote, req, choice, deadline, t0)
+        futures = [self._continue.submit(self._quote, req, choice, deadline, t0, gone)
                    for choice in first]  # span mode: each candidate's quote, from its answer
-        return [f.result() for f in futures]
+        out: list[Completion] = []
+        errors: list[EngineError] = []
+        for f in futures:
+            try:
+                out.append(f.result())
+            except EngineUnavailableError:  # the engine is down, busy or out of time: for all
+                raise
+            except EngineError as e:  # this candidate's own call (its grammar is its own)
+                errors.append(e)
+                out.append(Completion("", 0.0, 0, {
+                    "request_ms": (time.perf_counter() - t0) * 1000, "quote_errors": 1.0}))
+        if errors and len(errors) == len(out):
+            raise errors[0]  # none stands: the engine's error is the question's
+        if errors:
+            logger.warning("%d of %d candidates' quote calls failed (first: %s); they are "
+                           "failed candidates, the others stand", len(errors), len(out), errors[0])
+        return out
 
     def _quote(self, req: GenerationRequest, choice: dict[str, Any], deadline: float,
-               t0: float) -> Completion:
+               t0: float, gone: Callable[[], bool]) -> Completion:
         """Span mode's second call: the quote, constrained to passages' stretches that hold
         the choice's answer."""
         assert req.quote_stage is not None
@@ -213,12 +244,12 @@ class RemoteBackend:
         if not text.endswith(ANSWER_LINE_END):  # an engine may trim the line break it wrote
             text += ANSWER_LINE_END
         grammar = None if choice.get("finish_reason") in CUT else req.quote_stage.grammar(text)
-        if grammar is None or req.is_abandoned():  # no quote to write, or nobody to read it
+        if grammar is None or gone():  # no quote to write, or nobody to read it
             return _completion(choice, (time.perf_counter() - t0) * 1000)
         body = self.payload(req, grammar=grammar, continue_with=text, n=1)
         body["max_tokens"] = max(req.max_tokens - _tokens(choice), 8)
         try:
-            [second] = self._choices(body, 1, deadline, req.is_abandoned)
+            [second] = self._choices(body, 1, deadline, gone)
         except _Abandoned:
             return _completion(choice, (time.perf_counter() - t0) * 1000)
         return _joined(text, choice, second, (time.perf_counter() - t0) * 1000)
