@@ -255,19 +255,20 @@ class DenseIndex:
         return np.ascontiguousarray(every, dtype=np.float32)
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Passage ids int64 [Q, k] and cosines float32 [Q, k], best first; id -1 pads
-        missing rows."""
+        """Passage ids int64 [Q, k] and cosines float32 [Q, k], best first, ties by lower id
+        (as BM25's: FAISS's heap gave the higher first, e.g. a passage's duplicate before it);
+        id -1 pads missing rows."""
         vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
         k = max(1, min(k, self.size))
         if self._skip is None:
             scores, ids = self.index.search(vectors, k)
-            return ids, scores
+            return _ties_by_id(ids, scores)
         # parameters replace the index's own: they carry its search breadth as it is now
         params = faiss.SearchParametersHNSW(sel=self._skip[1],
                                             efSearch=int(self.index.hnsw.efSearch))
         scores, rows = self.index.search(vectors, k, params=params)
         ids = np.where(rows >= 0, rows - np.searchsorted(self.removed, rows), -1)
-        return ids.astype(np.int64), scores
+        return _ties_by_id(ids.astype(np.int64), scores)
 
     def save(self, path: Path) -> None:
         """The FAISS index to ``path``; its removed rows, if any, are the caller's to save.
@@ -289,6 +290,14 @@ class DenseIndex:
             return cls(index, spec, removed)
         except IndexError_ as e:
             raise IndexError_(f"the dense index {path}: {e}; rebuild the index") from e
+
+
+def _ties_by_id(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row of a search's ``ids`` and ``scores`` ordered best first and, among equal
+    scores, by lower id (padding, id -1, last)."""
+    padded = np.where(ids < 0, np.iinfo(np.int64).max, ids)
+    order = np.lexsort((padded, -scores.astype(np.float64)), axis=-1)
+    return np.take_along_axis(ids, order, -1), np.take_along_axis(scores, order, -1)
 
 
 def _checked_removed(removed: np.ndarray | None, n_rows: int) -> np.ndarray:
