@@ -44,7 +44,14 @@ def _marks_class() -> str:
 
 # Tokenizer 2: words keep their combining marks, in NFC ("café" typed as c-a-f-e-U+0301 is
 # "café", not "cafe"; "हिन्दी" is one token, not "ह", "न", "द").
-TOKENIZER = 2
+# Tokenizer 3: tokenizer 2's words, case-folded ("Straße" and "STRASSE" are one word), with each
+# run of Han, kana or Hangul (scripts written without spaces between words: a "word" of ``\w``
+# was a whole clause, which no question matched) cut into overlapping pairs of characters, as
+# Lucene's CJK bigrams: "東京タワー" -> 東京 京タ タワ ワー; a lone one stands alone.
+TOKENIZER = 3
+# Han (with its extensions and compatibility forms), hiragana, katakana (half-width too), Hangul
+_CJK = re.compile("[\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
+                  "\uf900-\ufaff\uff66-\uff9f\U00020000-\U0002fa1f]+")
 
 # A small English stop-word list: a quote made only of these (and punctuation) supports nothing,
 # and they never count as question terms.
@@ -60,14 +67,19 @@ STOP_WORDS: frozenset[str] = frozenset(
     """.split()
 )
 
-# Closing quotes and brackets that stay with the sentence they end.
-_CLOSERS = "\"')]\u201d\u2019"
-# A sentence ends after . ! or ? (plus closing quotes/brackets) followed by whitespace, or at a
-# line break; the whitespace between sentences belongs to neither. Two line breaks in that
-# whitespace make a paragraph break. The line-break branch starts only where whitespace starts
-# (the same matches: a greedy one always began there): tried inside a long run of spaces it
-# rescanned the run from every position, quadratic (a 64 KB post held the server for seconds).
-_SENTENCE_BREAK = re.compile(r"(?<=[.!?])[\"')\]\u201d\u2019]*\s+|(?<!\s)\s*\n\s*")
+# Closing quotes and brackets that stay with the sentence they end (CJK's corner brackets too).
+_CLOSERS = "\"')]\u201d\u2019\u300d\u300f\u3011\uff09"
+# A sentence ends after . ! or ? (and the Devanagari danda, the Arabic question mark and full
+# stop, the Ethiopic full stop), plus closing quotes/brackets, followed by whitespace; after a
+# CJK full stop, ! or ? (。！？, written with no space after) whether or not whitespace follows;
+# or at a line break. The whitespace between sentences belongs to neither. Two line breaks in
+# that whitespace make a paragraph break. The line-break branch starts only where whitespace
+# starts (the same matches: a greedy one always began there): tried inside a long run of spaces
+# it rescanned the run from every position, quadratic (a 64 KB post held the server for seconds).
+_SENTENCE_BREAK = re.compile(
+    "(?<=[.!?\u0964\u0965\u061f\u06d4\u1362])[\"')\\]\u201d\u2019]*\\s+"
+    "|(?<=[\u3002\uff01\uff1f])[\u300d\u300f\u3011\uff09]*\\s*"
+    "|(?<!\\s)\\s*\\n\\s*")
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCTUATION = frozenset(string.punctuation)  # ASCII only: "–", "—", "’" are kept
@@ -109,19 +121,40 @@ def tokenize(text: str, version: int = TOKENIZER) -> list[str]:
 
     BM25 indexes and queries with it, and an index records the ``version`` it was built with
     (``BM25Index.tokenizer``; 1 before version 2 existed): a query is tokenized as its index
-    was. Version 1: runs of ``\\w``. Version 2 (``TOKENIZER``): in NFC, runs of ``\\w`` and
-    combining marks; the same tokens for ASCII text. A change here is a new version.
+    was. Version 1: runs of ``\\w``. Version 2: in NFC, runs of ``\\w`` and combining marks.
+    Version 3 (``TOKENIZER``): version 2's, case-folded, with Han, kana and Hangul in
+    overlapping pairs. All three give the same tokens for ASCII text. A change here is a new
+    version.
     """
     if version == 1:
         return WORD.findall(text.lower())
-    if version != 2:
+    if version not in (2, 3):
         raise ValueError(f"unknown tokenizer version {version!r}")
-    text = text.lower()
+    text = text.lower() if version == 2 else text.casefold()
     if text.isascii():  # no marks, already NFC: the quick path
         return WORD.findall(text)
     if not unicodedata.is_normalized("NFC", text):
         text = unicodedata.normalize("NFC", text)
-    return _word_with_marks().findall(text)
+    words = _word_with_marks().findall(text)
+    if version == 2 or not _CJK.search(text):
+        return words
+    return [piece for word in words for piece in _cjk_pairs(word)]
+
+
+def _cjk_pairs(word: str) -> list[str]:
+    """``word`` with each run of Han, kana or Hangul in it as its overlapping character pairs
+    (a run of one as itself); the rest of the word stays whole ("2024年" -> 2024, 年)."""
+    out: list[str] = []
+    pos = 0
+    for m in _CJK.finditer(word):
+        if m.start() > pos:
+            out.append(word[pos:m.start()])
+        run = m.group()
+        out.extend([run] if len(run) == 1 else [run[i:i + 2] for i in range(len(run) - 1)])
+        pos = m.end()
+    if pos < len(word):
+        out.append(word[pos:])
+    return out
 
 
 def normalize_answer(text: str) -> str:

@@ -229,8 +229,32 @@ def test_tokenizer_2_keeps_combining_marks_and_reads_nfd_as_nfc() -> None:
     assert tokenize("שָׁלוֹם עוֹלָם") == ["שָׁלוֹם", "עוֹלָם"]  # Hebrew points
     assert tokenize(nfd, 1) == ["cafe", "nai", "ve"]  # version 1, as old indexes were made
     assert tokenize("हिन्दी", 1) == ["ह", "न", "द"]
+    assert tokenize(nfd, 2) == ["café", "naïve"]  # version 2, as indexes of it were made
     with pytest.raises(ValueError, match="unknown tokenizer version"):
-        tokenize("x", 3)
+        tokenize("x", 4)
+
+
+def test_tokenizer_3_pairs_the_characters_of_scripts_without_spaces_and_case_folds() -> None:
+    """Han, kana and Hangul have no spaces between words: a run of ``\\w`` was a whole clause
+    ("東京都は日本の首都であり"), which no question's words matched (BM25 found nothing for
+    "東京タワー" in a passage holding it)."""
+    assert tokenize("東京タワーは一九五八年に完成") == [
+        "東京", "京タ", "タワ", "ワー", "ーは", "は一", "一九", "九五", "五八", "八年", "年に",
+        "に完", "完成"]
+    question, passage = tokenize("東京タワーはいつ完成しましたか"), tokenize(
+        "東京都は日本の首都であり、東京タワーは一九五八年に完成しました。")
+    assert {"東京", "タワ", "完成"} <= set(question) & set(passage)
+    assert tokenize("2024年、故宫") == ["2024", "年", "故宫"]  # a lone one stands alone
+    assert tokenize("서울은 한국의 수도") == ["서울", "울은", "한국", "국의", "수도"]
+    assert tokenize("Straße STRASSE") == ["strasse", "strasse"]  # case-folded
+    assert tokenize("東京タワー", 2) == ["東京タワー"] and tokenize("Straße", 2) == ["straße"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(st.characters(min_codepoint=0, max_codepoint=127), max_size=60))
+def test_every_tokenizer_reads_ascii_alike(text: str) -> None:
+    """An index of English text holds the same terms whichever version built it."""
+    assert tokenize(text) == tokenize(text, 2) == tokenize(text, 1)
 
 
 @settings(max_examples=200, deadline=None)
@@ -245,7 +269,7 @@ def test_tokenizer_2_is_version_1_wherever_no_combining_mark_is(text: str) -> No
     if any(unicodedata.category(c)[0] == "M" for c in unicodedata.normalize("NFC", text.lower())):
         return  # lowercasing can make one ("İ" -> "i" + U+0307)
     if unicodedata.is_normalized("NFC", text.lower()):
-        assert tokenize(text) == tokenize(text, 1)
+        assert tokenize(text, 2) == tokenize(text, 1)
 
 
 def test_an_index_records_its_tokenizer_and_one_without_the_record_is_version_1(
@@ -253,7 +277,7 @@ def test_an_index_records_its_tokenizer_and_one_without_the_record_is_version_1(
     from citeqa.text import TOKENIZER
 
     built = BM25Index.build(CORPUS)
-    assert built.tokenizer == TOKENIZER == 2 and built.params["tokenizer"] == 2
+    assert built.tokenizer == TOKENIZER == 3 and built.params["tokenizer"] == 3
     built.save(tmp_path / "bm25")
     params = json.loads((tmp_path / "bm25" / "params.json").read_text())
     del params["tokenizer"]  # as an index written before tokenizer versions

@@ -67,6 +67,22 @@ def test_word_longer_than_max_is_cut_mid_word() -> None:
     assert pieces == ["abcd", "efgh", "ij", "xy"]
 
 
+def test_text_without_spaces_is_cut_at_sentences_then_clauses_never_before_a_mark() -> None:
+    """Japanese and Chinese write no space between words or after 。: a paragraph was one
+    "sentence", cut mid-word every max_chars characters."""
+    one, two = "東京は日本の首都です。", "人口は約千四百万人です。"
+    text = one + two + one
+    pieces = [text[s:e] for s, e in chunk_document(text, ChunkConfig(max_chars=24))]
+    assert pieces == [one + two, one]  # at a sentence's end
+    clauses = "東京は首都であり、" * 3 + "人口が多い"
+    pieces = [clauses[s:e] for s, e in chunk_document(clauses, ChunkConfig(max_chars=20))]
+    assert pieces == ["東京は首都であり、東京は首都であり、", "東京は首都であり、人口が多い"]
+    marked = "ka\u0301" * 10  # NFD: a letter and its combining accent
+    spans = chunk_document(marked, ChunkConfig(max_chars=5))
+    assert all(marked[s] != "\u0301" for s, _ in spans), [marked[s:e] for s, e in spans]
+    check_invariants(marked, spans, ChunkConfig(max_chars=5))
+
+
 def test_overlap_repeats_previous_sentences() -> None:
     text = "S one. S two. S three. S four."
     cfg = ChunkConfig(max_chars=16, overlap_sentences=1)

@@ -628,3 +628,20 @@ def test_info_reads_the_dense_index_of_a_manifest_that_did_not_record_it(tmp_pat
     assert json.loads(out)["dense_index"]["kind"] == "flat"
     code, out, _ = _cli("index", "info", "-i", str(index))
     assert code == 0 and "dense index  flat" in out and "BM25 only" not in out
+
+
+def test_bm25_finds_chinese_and_japanese_words(tmp_path: Path) -> None:
+    """Their words have no spaces between them: BM25 read a clause as one word, and found
+    nothing for a question (nor for a word the passage holds)."""
+    docs = _files(tmp_path / "docs", {
+        "tokyo.txt": "東京は日本の首都です。東京タワーは一九五八年に完成しました。",
+        "kyoto.txt": "京都には古い寺が多い。金閣寺は有名な寺である。",
+        "beijing.txt": "故宫位于北京市中心。它是明清两代的皇宫。"})
+    index = tmp_path / "idx"
+    _build(index, docs)
+    for query, holder in (("東京タワーはいつ完成しましたか", "tokyo.txt"),
+                          ("金閣寺", "kyoto.txt"), ("故宫在哪里？", "beijing.txt")):
+        code, out, err = _cli("search", query, "-i", str(index), "--mode", "bm25", "--json")
+        assert code == 0, err
+        hits = json.loads(out)
+        assert hits and Path(hits[0]["source"]).name == holder, (query, hits)

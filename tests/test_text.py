@@ -37,3 +37,19 @@ def test_relevance_weighs_a_rare_shared_term_above_two_common_ones() -> None:
     assert scores[0] > scores[1] == scores[2] == scores[3] == scores[4]
     assert relevance(sentences, "the of") == [0.0] * 5
     assert relevance([], "zebra") == []
+
+
+def test_sentences_end_at_the_stops_of_other_scripts() -> None:
+    """Only . ! ? ended a sentence: a Hindi or Chinese paragraph was one "sentence", so the
+    prompt's window of a long passage was always its start, wherever the answer stood."""
+    from citeqa.text import sentences
+
+    def split(text: str) -> list[str]:
+        return [text[s.start:s.end] for s in sentences(text)]
+
+    assert split("गंगा पवित्र नदी है। यह हिमालय से निकलती है।") == [
+        "गंगा पवित्र नदी है।", "यह हिमालय से निकलती है।"]
+    assert split("هل هذا صحيح؟ نعم.") == ["هل هذا صحيح؟", "نعم."]
+    assert split("他说：「你好。」然后走了。真的吗？是的！") == [
+        "他说：「你好。」", "然后走了。", "真的吗？", "是的！"]
+    assert split("v1.2 is out") == ["v1.2 is out"]  # (a stop needs a space after it, as before)

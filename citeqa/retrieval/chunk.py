@@ -2,13 +2,14 @@
 
 Passages are packed greedily from sentences (``citeqa.text.sentences``; a paragraph break ends a
 passage once it holds at least a quarter of ``max_chars``), so each is at most ``cfg.max_chars``
-characters long; a sentence longer than that is hard-split at whitespace (or mid-word when it has
-none). Every span is trimmed of surrounding whitespace, so ``text[start:end]`` is exactly the
-passage text.
+characters long; a sentence longer than that is hard-split at whitespace (when it has none, as
+CJK text: after a clause's comma, or mid-word, never before a combining mark). Every span is
+trimmed of surrounding whitespace, so ``text[start:end]`` is exactly the passage text.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -24,14 +25,34 @@ class _Unit(NamedTuple):
     paragraph_start: bool  # a paragraph break precedes it
 
 
+# Where a piece without whitespace may end: after a clause's comma or colon (CJK text has no
+# spaces between words: a sentence of it was cut mid-word)
+_CLAUSE_ENDS = frozenset("\u3001\uff0c\uff1b\uff1a,;:")
+
+
+def _no_space_cut(text: str, start: int, max_chars: int) -> int:
+    """Where to end a piece starting at ``start`` whose window holds no whitespace: after the
+    window's last clause comma or colon (in its second half), else at its end, moved back off
+    combining marks (a passage never starts with a mark of the letter before it)."""
+    end = start + max_chars
+    for cut in range(end, start + max_chars // 2, -1):
+        if text[cut - 1] in _CLAUSE_ENDS:
+            return cut
+    cut = end
+    while cut > start + 1 and unicodedata.category(text[cut])[0] == "M":
+        cut -= 1
+    return cut
+
+
 def _hard_split(text: str, start: int, end: int, max_chars: int) -> Iterator[tuple[int, int]]:
-    """Pieces of at most ``max_chars`` of the trimmed span [start, end), cut at whitespace."""
+    """Pieces of at most ``max_chars`` of the trimmed span [start, end), cut at whitespace
+    (with none: ``_no_space_cut``)."""
     while end - start > max_chars:
         cut = start + max_chars  # < end, so text[cut] exists; a cut there keeps the piece full
         while cut > start and not text[cut].isspace():
             cut -= 1
-        if cut == start:  # no whitespace in the window: cut mid-word
-            cut = start + max_chars
+        if cut == start:  # no whitespace in the window: at a clause's end, or mid-word
+            cut = _no_space_cut(text, start, max_chars)
             yield start, cut
         else:
             piece_end = cut
