@@ -420,3 +420,21 @@ def test_eval_help_shows_that_a_run_takes_no_command() -> None:
 
     r = CliRunner().invoke(app, ["eval", "--help"])
     assert r.exit_code == 0 and "Usage: citeqa eval [OPTIONS] [compare RUN_A RUN_B]" in r.output
+
+
+def test_the_revision_is_citeqas_own_checkouts_or_unknown(tmp_path: Path) -> None:
+    """An installed citeqa in a venv inside a user's repository recorded that repository's
+    commit as the revision of the code that made the run."""
+    import subprocess
+
+    from citeqa.evals.runner import git_revision
+
+    repo = tmp_path / "project"
+    (repo / ".venv" / "site-packages").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=u", "-c", "user.email=u@x",
+                    "commit", "-q", "--allow-empty", "-m", "app"], check=True)
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert git_revision(repo) == head
+    assert git_revision(repo / ".venv" / "site-packages") == "unknown"

@@ -107,7 +107,11 @@ def check_resumable(out: Path, ident: dict[str, Any]) -> None:
 
 
 def git_revision(root: Path = _ROOT) -> str:
-    """``git rev-parse HEAD`` of the source tree, or "unknown"."""
+    """``git rev-parse HEAD`` of the source tree, or "unknown": also where ``root`` is no
+    checkout's top (an installed citeqa, in a venv inside a user's own repository, recorded
+    that repository's commit)."""
+    if not (root / ".git").exists():  # (a file in a worktree)
+        return "unknown"
     try:
         done = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
