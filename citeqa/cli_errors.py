@@ -99,7 +99,7 @@ def open_index_dir(index: Path) -> Path:
     try:
         return recover_index(index)
     except CiteqaError as e:
-        raise fail(f"not an index directory: {e}") from None
+        raise fail(str(e)) from None  # ("index X does not exist ...; build one with ...")
 
 
 def plural(n: int, noun: str) -> str:

@@ -224,7 +224,7 @@ def test_a_decline_reads_with_its_reason_best_guess_and_passages() -> None:
         (("serve", "--index", "{index}", "--host", " "), "--host is empty"),
         (("serve", "--index", "{index}", "--host", "no.such.host.invalid"),
          "cannot bind --host no.such.host.invalid"),
-        (("serve", "--index", "{missing}"), "not an index"),
+        (("serve", "--index", "{missing}"), "does not exist; build one with"),
         (("index", "build", "{missing}", "--out", "{new}", "--no-progress"),
          "no such file or folder"),
     ],

@@ -302,7 +302,7 @@ def test_ids_another_writer_removed_meanwhile_count_as_removed(tmp_path: Path,
 def test_add_refuses_missing_sources_and_a_missing_index(tmp_path: Path) -> None:
     index = tmp_path / "idx"
     code, _, err = _cli("index", "add", str(tmp_path), "-i", str(index))
-    assert code == 2 and "not an index directory" in err
+    assert code == 2 and f"error: index {index} does not exist; build one with" in err
     _build(index, _files(tmp_path / "docs", FIRST))
     before = _manifest(index)
     code, _, err = _cli("index", "add", str(tmp_path / "typo.txt"), "-i", str(index))
