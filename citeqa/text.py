@@ -23,14 +23,16 @@ WORD = re.compile(r"\w+")  # a word: a run of unicode word characters (tokenizer
 @functools.cache
 def _word_with_marks() -> re.Pattern[str]:
     """Tokenizer 2's word: a run of ``\\w`` and combining marks (built on first use, ~25 ms)."""
-    return re.compile(rf"[\w{_marks_class()}]+")
+    return re.compile(rf"[\w{marks_class()}]+")
 
 
-def _marks_class() -> str:
-    """A character class of the Basic Multilingual Plane's combining marks (Unicode categories
-    Mn, Mc, Me): the vowel signs of Indic scripts, Hebrew points, Arabic harakat, accents left
-    apart by NFD. ``\\w`` leaves them out, splitting such words. Marks of the other planes
-    (rare scripts) are not in it: a class that holds them is several times slower to match."""
+@functools.cache
+def marks_class() -> str:
+    """A character class's ranges (without brackets) of the Basic Multilingual Plane's
+    combining marks (Unicode categories Mn, Mc, Me; built once): the vowel signs of Indic
+    scripts, Hebrew points, Arabic harakat, accents left apart by NFD. ``\\w`` leaves them
+    out, splitting such words. Marks of the other planes (rare scripts) are not in it: a class
+    that holds them is several times slower to match."""
     ranges: list[list[int]] = []
     for c in range(0x10000):
         if unicodedata.category(chr(c))[0] == "M":
@@ -49,9 +51,23 @@ def _marks_class() -> str:
 # was a whole clause, which no question matched) cut into overlapping pairs of characters, as
 # Lucene's CJK bigrams: "東京タワー" -> 東京 京タ タワ ワー; a lone one stands alone.
 TOKENIZER = 3
-# Han (with its extensions and compatibility forms), hiragana, katakana (half-width too), Hangul
-_CJK = re.compile("[\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
-                  "\uf900-\ufaff\uff66-\uff9f\U00020000-\U0002fa1f]+")
+# Han (with its extensions and compatibility forms), hiragana, katakana (half-width too),
+# Hangul: the characters of scripts written without spaces between words, as a regex class's
+# ranges (BM25 pairs them; an answer or quote may begin and end at any of them)
+CJK_RANGES = ("\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
+              "\uf900-\ufaff\uff66-\uff9f\U00020000-\U0002fa1f")
+_CJK = re.compile(f"[{CJK_RANGES}]+")
+
+
+def has_cjk(text: str) -> bool:
+    """Whether ``text`` holds a character of ``CJK_RANGES``."""
+    return not text.isascii() and _CJK.search(text) is not None
+
+
+def is_cjk(c: str) -> bool:
+    """Whether the character ``c`` is one of ``CJK_RANGES``."""
+    return not c.isascii() and _CJK.match(c) is not None
+
 
 # A small English stop-word list: a quote made only of these (and punctuation) supports nothing,
 # and they never count as question terms.

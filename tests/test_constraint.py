@@ -10,7 +10,12 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from citeqa.generation.constraint import OutputConstraint, ll_tokenizer_for, output_grammar
+from citeqa.generation.constraint import (
+    OutputConstraint,
+    ll_tokenizer_for,
+    output_grammar,
+    quote_grammar,
+)
 from citeqa.generation.format import ANSWER_PREFIX, QUOTE_PREFIX, QUOTE_SEPARATOR
 
 FIXTURE_HC = HealthCheck.function_scoped_fixture  # fixtures are module-scoped, reuse is safe
@@ -336,3 +341,25 @@ def test_an_engine_reading_special_texts_as_tokens_is_never_offered_one(hf_tok):
         g = quote_grammar([cut], "beta", unquotable=ANY_TEMPLATE_SPECIALS)
         assert g is not None and walk(g, crossing, own) == (False, ""), text
         assert walk(g, prefix + "beta, chosen in 2019.", own) == (True, ""), text
+
+
+CJK_PASSAGE = ("東京は日本の首都であり、人口は約千四百万人です。"
+               "東京タワーは一九五八年に完成しました。")
+
+
+def test_chinese_and_japanese_answers_and_quotes_begin_and_end_at_any_character(hf_tok, ll_tok):
+    """No spaces between their words: a run of them was one word, so an answer could only be
+    a whole clause ("千四百万人" inside "人口は約千四百万人です" could not be given), and a
+    quote around it only the answer itself (then under min_quote_chars: no quote at all)."""
+    span = output_grammar([CJK_PASSAGE], mode="span", max_answer_chars=48)
+    for answer in ("千四百万人", "一九五八年", "東京タワー"):
+        assert accepts(span, f"{ANSWER_PREFIX}{answer}\n", hf_tok, ll_tok), answer
+    assert not accepts(span, f"{ANSWER_PREFIX}千四百万人口\n", hf_tok, ll_tok)  # in no passage
+    quote = quote_grammar([CJK_PASSAGE], "千四百万人", min_quote_chars=20, max_quote_chars=300)
+    assert quote is not None
+    head = f"{QUOTE_PREFIX}1{QUOTE_SEPARATOR}東京は日本の首都であり、人口は約"
+    assert accepts(quote, head + "千四百万人です。", hf_tok, ll_tok)
+    assert not accepts(quote, head, hf_tok, ll_tok)  # without the answer
+    free = output_grammar([CJK_PASSAGE])
+    assert accepts(free, output("千四百万人", 1, "人口は約千四百万人"), hf_tok, ll_tok)
+    assert "substring_words" in output_grammar(["one two"])  # text without them: as before

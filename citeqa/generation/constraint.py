@@ -15,8 +15,11 @@ Decisions (see GopherCite, Menick et al. 2022, sec. 2.3 "constrained sampling"):
 - The quote is **word-aligned**: llguidance's ``substring_words`` lexeme splits a passage into
   words, punctuation marks and whitespace runs, and admits any contiguous run of those chunks.
   A quote therefore never starts or stops in the middle of a word ("ris" from "Paris"), and the
-  automaton stays small. We also intersect it with ``\\S(.*\\S)?`` so the quote is non-empty and
-  neither starts nor ends with whitespace. A quote may contain a newline when the passage does.
+  automaton stays small. Chinese, Japanese and Korean have no spaces between words: in text
+  holding them each of their characters is a word (``substring_chunks``), so that an answer
+  may be a name or a number inside a clause. We also intersect it with ``\\S(.*\\S)?`` so
+  the quote is non-empty and neither starts nor ends with whitespace. A quote may contain a
+  newline when the passage does.
 - The quote must come from passage ``k`` itself: every passage has its own lexeme, reached only
   through its own ``Quote [k]: `` prefix, so a span from another passage (or one crossing two
   passages) cannot be emitted after that prefix.
@@ -36,6 +39,7 @@ a Hugging Face tokenizer.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -61,6 +65,7 @@ from citeqa.generation.format import (
     QUOTE_SEPARATOR,
     AnswerMode,
 )
+from citeqa.text import CJK_RANGES, has_cjk, is_cjk, marks_class
 
 # A span-mode quote reaches at most this many words beyond each side of its answer: its regex
 # nests one group per word, and llguidance refuses regexes nested ~100 deep.
@@ -71,6 +76,20 @@ MAX_WORDS_AROUND = 64
 MAX_OCCURRENCES = 8
 _BEFORE = re.compile(r"\S+\s*")  # a word and the space after it
 _AFTER = re.compile(r"\s*\S+")  # a word and the space before it
+
+
+@functools.cache
+def _cjk_patterns() -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]:
+    """For text holding Chinese, Japanese or Korean (``text.CJK_RANGES``: no spaces between
+    words, so a run of them was one word, a whole clause): its chunks for llguidance's
+    ``substring_chunks`` (whitespace runs, each CJK character with its marks, runs of other
+    word characters and marks, each other character), and ``_BEFORE``/``_AFTER`` whose
+    "word" is one CJK character or a run of other non-space characters."""
+    marks = marks_class()
+    cjk = f"[{CJK_RANGES}][{marks}]*"
+    unit = f"(?:{cjk}|(?:(?![{CJK_RANGES}])\\S)+)"
+    chunk = re.compile(f"\\s+|{cjk}|(?:(?![{CJK_RANGES}])[\\w{marks}])+|.", re.DOTALL)
+    return chunk, re.compile(f"{unit}\\s*"), re.compile(f"\\s*{unit}")
 # A quote is non-empty and trimmed: it starts and ends with a non-whitespace character.
 _TRIMMED = r"/\S(?s:.*\S)?/"
 # Where a sentence starts: after a sentence's final mark (and closing quotes or brackets) and
@@ -81,6 +100,17 @@ _SENTENCE_START = re.compile(r"[.!?][\"')\]\u201d\u2019]*\s+")
 def _lark_string(s: str) -> str:
     """A Lark string literal for ``s`` (JSON string syntax is a subset Lark reads)."""
     return json.dumps(s, ensure_ascii=True)
+
+
+def _substring(text: str) -> str:
+    """A regex lexeme of any word-aligned stretch of ``text`` (llguidance's
+    ``substring_words``; in text holding CJK characters, ``substring_chunks`` of
+    ``_cjk_patterns``'s chunks, so that one of them may begin or end a stretch)."""
+    if has_cjk(text):
+        spec: dict[str, Any] = {"substring_chunks": _cjk_patterns()[0].findall(text)}
+    else:
+        spec = {"substring_words": text}
+    return f"%regex {json.dumps(spec, ensure_ascii=True)}"
 
 
 def _length(lo: int | None, hi: int | None) -> str:
@@ -184,15 +214,14 @@ def output_grammar(
         raise ValueError("no passage has text to quote; retrieve passages first")
     answer = f"/[^\\n]{{1,{int(max_answer_chars)}}}/"
     if answer_from_passages or mode == "span":
-        spec = json.dumps({"substring_words": "\n".join(
-            p for _, (pieces, _) in quotable for p in pieces)}, ensure_ascii=True)
-        answer = f"%regex {spec} & {_TRIMMED} & {answer}"
+        joined = "\n".join(p for _, (pieces, _) in quotable for p in pieces)
+        answer = f"{_substring(joined)} & {_TRIMMED} & {answer}"
     head = f"start: {_lark_string(ANSWER_PREFIX)} ANSWER {_lark_string(ANSWER_LINE_END)}"
     if mode == "span":
         return f"{head}\nANSWER: {answer}\n"
     # the lower bound gives way to a passage shorter than it (its whole text is the quote)
-    lexemes = [(k, [f"%regex {json.dumps({'substring_words': p}, ensure_ascii=True)} & "
-                    f"{_TRIMMED}{_length(low, max_quote_chars)}" for p in pieces])
+    lexemes = [(k, [f"{_substring(p)} & {_TRIMMED}{_length(low, max_quote_chars)}"
+                    for p in pieces])
                for k, (pieces, low) in quotable]
     lines = [f"{head} quote", f"ANSWER: {answer}", *_quote_rules(lexemes)]
     return "\n".join(lines) + "\n"
@@ -210,12 +239,19 @@ def _word_char(c: str) -> bool:
     return c.isalnum() or c == "_" or unicodedata.category(c).startswith("M")
 
 
+def _inside_word(before: str, after: str) -> bool:
+    """Whether a cut between the characters ``before`` and ``after`` falls inside a word: both
+    are word characters, and neither is a CJK one (each is a word of its own) unless ``after``
+    is a mark of ``before``."""
+    return _word_char(before) and _word_char(after) and (
+        unicodedata.category(after).startswith("M") or not (is_cjk(before) or is_cjk(after)))
+
+
 def on_word_edges(text: str, start: int, end: int) -> bool:
     """Whether ``text[start:end]`` neither begins nor ends inside a word ("40" in "1940" and
-    "cafe" in "cafe\u0301s" do)."""
-    return not ((0 < start < len(text) and _word_char(text[start - 1])
-                 and _word_char(text[start]))
-                or (0 < end < len(text) and _word_char(text[end - 1]) and _word_char(text[end])))
+    "cafe" in "cafe\u0301s" do; "千四百万人" in "約千四百万人です" does not)."""
+    return not ((0 < start < len(text) and _inside_word(text[start - 1], text[start]))
+                or (0 < end < len(text) and _inside_word(text[end - 1], text[end])))
 
 
 def word_occurrences(passage: str, answer: str) -> list[int]:
@@ -259,8 +295,9 @@ def _around(passage: str, start: int, answer: str, room: int | None, low: int | 
     of them is ``low`` to ``high`` characters long (a quote opened there could not be ended:
     words around it too long, as in text without spaces, or only both sides together long
     enough and then too long)."""
-    before = _BEFORE.findall(passage[:start])
-    after = _AFTER.findall(passage[start + len(answer) :])
+    before_re, after_re = _cjk_patterns()[1:] if has_cjk(passage) else (_BEFORE, _AFTER)
+    before = before_re.findall(passage[:start])
+    after = after_re.findall(passage[start + len(answer) :])
     before = _within(before[::-1], room)[::-1]
     after = _within(after, room)
     # the lengths a stretch can have: some last words before, the answer, some first words after
@@ -283,8 +320,8 @@ def quote_grammar(
     unquotable: str | None = None,
 ) -> str | None:
     """The grammar of a span-mode quote after ``answer``'s line: ``Quote [k]: `` and a stretch
-    of passage k, from a word's start to a word's end (words split at whitespace), that
-    contains ``answer`` as whole words.
+    of passage k, from a word's start to a word's end (words split at whitespace; a CJK
+    character is a word of its own), that contains ``answer`` as whole words.
 
     Only passages holding the answer so are offered (and only ``only_passage`` when given).
     The length bounds give way where they would leave no quote: the lower one to a shorter
