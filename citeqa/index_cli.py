@@ -385,12 +385,12 @@ def _add(directory: Path, documents: list[Document], *, replace: bool, progress:
     plan = plan_additions(retriever.index.documents, documents, replace=replace)
     source = {d.doc_id: d.source for d in documents}
     if plan.conflicts:
-        given = {d.doc_id: d for d in documents}
-        retitled = {i for i in plan.conflicts
-                    if given[i].text == retriever.index.documents[i].text}
+        given, held = {d.doc_id: d for d in documents}, retriever.index.documents
+        shown = plan.conflicts[:5]
+        retitled = {i for i in shown
+                    if (given[i].text, given[i].source) == (held[i].text, held[i].source)}
         named = ", ".join(f"{squash(i)} ({squash(source[i])}"
-                          f"{': its title only' if i in retitled else ''})"
-                          for i in plan.conflicts[:5])
+                          f"{': its title only' if i in retitled else ''})" for i in shown)
         why = ("; a title alone differs where a text is as indexed (its source retitled, or an "
                "older citeqa that titled it otherwise)" if retitled else "")
         raise fail(f"the index holds {plural(len(plan.conflicts), 'document')} with other "

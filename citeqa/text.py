@@ -27,14 +27,15 @@ def _word_with_marks() -> re.Pattern[str]:
 
 
 @functools.cache
-def marks_class() -> str:
+def marks_class(every_plane: bool = False) -> str:
     """A character class's ranges (without brackets) of the Basic Multilingual Plane's
     combining marks (Unicode categories Mn, Mc, Me; built once): the vowel signs of Indic
     scripts, Hebrew points, Arabic harakat, accents left apart by NFD. ``\\w`` leaves them
-    out, splitting such words. Marks of the other planes (rare scripts) are not in it: a class
-    that holds them is several times slower to match."""
+    out, splitting such words. Marks of the other planes (rare scripts, the ideographic
+    variation selectors) only with ``every_plane`` (~0.2 s to build): a class that holds them
+    is several times slower to match."""
     ranges: list[list[int]] = []
-    for c in range(0x10000):
+    for c in range(0x110000 if every_plane else 0x10000):
         if unicodedata.category(chr(c))[0] == "M":
             if ranges and ranges[-1][1] == c - 1:
                 ranges[-1][1] = c
@@ -54,8 +55,10 @@ TOKENIZER = 3
 # Han (with its extensions and compatibility forms), hiragana, katakana (half-width too),
 # Hangul: the characters of scripts written without spaces between words, as a regex class's
 # ranges (BM25 pairs them; an answer or quote may begin and end at any of them)
-CJK_RANGES = ("\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
-              "\uf900-\ufaff\uff66-\uff9f\U00020000-\U0002fa1f")
+# (not the kana voicing marks U+3099-U+309C: combining, or no letters; with the iteration and
+# closing marks 々〆〇 of Han text)
+CJK_RANGES = ("\u3005-\u3007\u3040-\u3098\u309d-\u30ff\u31f0-\u31ff\u3400-\u4dbf"
+              "\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f\U00020000-\U0002fa1f")
 _CJK = re.compile(f"[{CJK_RANGES}]+")
 
 
@@ -94,7 +97,7 @@ _CLOSERS = "\"')]\u201d\u2019\u300d\u300f\u3011\uff09"
 # it rescanned the run from every position, quadratic (a 64 KB post held the server for seconds).
 _SENTENCE_BREAK = re.compile(
     "(?<=[.!?\u0964\u0965\u061f\u06d4\u1362])[\"')\\]\u201d\u2019]*\\s+"
-    "|(?<=[\u3002\uff01\uff1f])[\u300d\u300f\u3011\uff09]*\\s*"
+    "|(?<=[\u3002\uff01\uff1f])[\"')\\]\u201d\u2019\u300d\u300f\u3011\uff09]*\\s*"
     "|(?<!\\s)\\s*\\n\\s*")
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
@@ -202,8 +205,9 @@ def is_contentful(text: str) -> bool:
 
 
 def term(word: str) -> str:
-    """A word as a matching term: lower-cased, with a plural/tense suffix cut (opened -> open)."""
-    word = word.lower()
+    """A word as a matching term: case-folded (as ``tokenize``), with a plural/tense suffix cut
+    (opened -> open)."""
+    word = word.casefold()
     for suffix in ("ing", "ed", "es", "s"):
         if word.endswith(suffix) and len(word) - len(suffix) >= 3:
             return word[: -len(suffix)]

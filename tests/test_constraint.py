@@ -363,3 +363,22 @@ def test_chinese_and_japanese_answers_and_quotes_begin_and_end_at_any_character(
     free = output_grammar([CJK_PASSAGE])
     assert accepts(free, output("千四百万人", 1, "人口は約千四百万人"), hf_tok, ll_tok)
     assert "substring_words" in output_grammar(["one two"])  # text without them: as before
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(st.sampled_from(list("東京人口ハ한국 ab1.、") + ["\ufe00", "\U000e0100", "\u0301",
+                                                          "\u3099"]), max_size=12))
+def test_every_stretch_the_cjk_chunks_admit_stands_on_word_edges(text: str) -> None:
+    """What the grammar lets an answer be (a run of ``substring_chunks``) is a stretch the
+    quote's grammar finds as whole words: else the answer decodes and no quote can follow (a
+    variation selector after a Han character, then a digit; a mark of another plane)."""
+    from itertools import accumulate
+
+    from citeqa.generation.constraint import _cjk_patterns, on_word_edges
+
+    cuts = [0, *accumulate(map(len, _cjk_patterns()[0].findall(text)))]
+    assert cuts[-1] == len(text)
+    for i, start in enumerate(cuts):
+        for end in cuts[i + 1:]:
+            if text[start:end].strip() == text[start:end]:
+                assert on_word_edges(text, start, end), (text, start, end)

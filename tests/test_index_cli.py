@@ -612,6 +612,10 @@ def test_a_document_whose_title_alone_changed_is_named_so(tmp_path: Path) -> Non
     assert code == 2
     assert "granite (" in err and ": its title only)" in err and "--replace" in err
     assert "a title alone differs where a text is as indexed" in err
+    moved = tmp_path / "moved.jsonl"  # the same record from another file: its source differs
+    moved.write_text(json.dumps(record) + "\n")
+    code, _, err = _cli("index", "add", str(moved), "-i", str(index), "--no-progress")
+    assert code == 2 and "granite (" in err and "its title only" not in err
 
 
 def test_info_reads_the_dense_index_of_a_manifest_that_did_not_record_it(tmp_path: Path

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from citeqa.text import content_terms, relevance, term, term_share
 
@@ -53,3 +55,17 @@ def test_sentences_end_at_the_stops_of_other_scripts() -> None:
     assert split("他说：「你好。」然后走了。真的吗？是的！") == [
         "他说：「你好。」", "然后走了。", "真的吗？", "是的！"]
     assert split("v1.2 is out") == ["v1.2 is out"]  # (a stop needs a space after it, as before)
+    # a closing mark after a CJK stop ends that sentence, and is in no other (it was in both)
+    assert split("他说：“好。”然后走了。") == ["他说：“好。”", "然后走了。"]
+    assert split("文。)次の文。") == ["文。)", "次の文。"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(st.sampled_from(list("東京 a.!?。！？”」)\n")), max_size=40))
+def test_sentences_never_overlap_and_are_trimmed(text: str) -> None:
+    from citeqa.text import sentences
+
+    end = 0
+    for s in sentences(text):
+        assert end <= s.start < s.end and text[s.start:s.end] == text[s.start:s.end].strip()
+        end = s.end

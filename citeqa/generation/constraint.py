@@ -85,7 +85,7 @@ def _cjk_patterns() -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]:
     ``substring_chunks`` (whitespace runs, each CJK character with its marks, runs of other
     word characters and marks, each other character), and ``_BEFORE``/``_AFTER`` whose
     "word" is one CJK character or a run of other non-space characters."""
-    marks = marks_class()
+    marks = marks_class(every_plane=True)  # as ``_inside_word`` reads a mark (any plane's)
     cjk = f"[{CJK_RANGES}][{marks}]*"
     unit = f"(?:{cjk}|(?:(?![{CJK_RANGES}])\\S)+)"
     chunk = re.compile(f"\\s+|{cjk}|(?:(?![{CJK_RANGES}])[\\w{marks}])+|.", re.DOTALL)
@@ -100,6 +100,14 @@ _SENTENCE_START = re.compile(r"[.!?][\"')\]\u201d\u2019]*\s+")
 def _lark_string(s: str) -> str:
     """A Lark string literal for ``s`` (JSON string syntax is a subset Lark reads)."""
     return json.dumps(s, ensure_ascii=True)
+
+
+def _words_around(passage: str) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """``_BEFORE`` and ``_AFTER`` for ``passage`` (``_cjk_patterns``'s where it holds CJK)."""
+    if has_cjk(passage):
+        _, before, after = _cjk_patterns()
+        return before, after
+    return _BEFORE, _AFTER
 
 
 def _substring(text: str) -> str:
@@ -239,19 +247,28 @@ def _word_char(c: str) -> bool:
     return c.isalnum() or c == "_" or unicodedata.category(c).startswith("M")
 
 
-def _inside_word(before: str, after: str) -> bool:
-    """Whether a cut between the characters ``before`` and ``after`` falls inside a word: both
-    are word characters, and neither is a CJK one (each is a word of its own) unless ``after``
-    is a mark of ``before``."""
-    return _word_char(before) and _word_char(after) and (
-        unicodedata.category(after).startswith("M") or not (is_cjk(before) or is_cjk(after)))
+def _inside_word(text: str, at: int) -> bool:
+    """Whether a cut of ``text`` at ``at`` falls inside a word: before a combining mark of a
+    word character, or between two word characters of which neither is a CJK one (each is a
+    word of its own; the one before is the letter a run of marks belongs to). The chunks of
+    ``_cjk_patterns`` and llguidance's ``substring_words`` cut so."""
+    if not 0 < at < len(text):
+        return False
+    before, after = text[at - 1], text[at]
+    if not (_word_char(before) and _word_char(after)):
+        return False
+    if unicodedata.category(after).startswith("M"):
+        return True
+    base = at - 1
+    while base > 0 and unicodedata.category(text[base]).startswith("M"):
+        base -= 1
+    return not (is_cjk(text[base]) or is_cjk(after))
 
 
 def on_word_edges(text: str, start: int, end: int) -> bool:
     """Whether ``text[start:end]`` neither begins nor ends inside a word ("40" in "1940" and
     "cafe" in "cafe\u0301s" do; "千四百万人" in "約千四百万人です" does not)."""
-    return not ((0 < start < len(text) and _inside_word(text[start - 1], text[start]))
-                or (0 < end < len(text) and _inside_word(text[end - 1], text[end])))
+    return not (_inside_word(text, start) or _inside_word(text, end))
 
 
 def word_occurrences(passage: str, answer: str) -> list[int]:
@@ -295,7 +312,7 @@ def _around(passage: str, start: int, answer: str, room: int | None, low: int | 
     of them is ``low`` to ``high`` characters long (a quote opened there could not be ended:
     words around it too long, as in text without spaces, or only both sides together long
     enough and then too long)."""
-    before_re, after_re = _cjk_patterns()[1:] if has_cjk(passage) else (_BEFORE, _AFTER)
+    before_re, after_re = _words_around(passage)
     before = before_re.findall(passage[:start])
     after = after_re.findall(passage[start + len(answer) :])
     before = _within(before[::-1], room)[::-1]
@@ -375,8 +392,9 @@ def quote_guess(passages: Sequence[str], answer: str, *, max_quote_chars: int | 
             continue
         at = found[0]
         starts = [0, *(m.end() for m in _SENTENCE_START.finditer(passage, 0, at))]
+        before_re = _words_around(passage)[0]
         fits = [s for s in starts if s <= at and (room is None or at - s <= room)
-                and len(_BEFORE.findall(passage[s:at])) <= MAX_WORDS_AROUND]
+                and len(before_re.findall(passage[s:at])) <= MAX_WORDS_AROUND]
         begin = max(fits) if fits else at
         return f"{QUOTE_PREFIX}{k}{QUOTE_SEPARATOR}{passage[begin:].lstrip()}"
     return None
