@@ -259,13 +259,13 @@ def test_hnsw_without_marks_rows_and_searches_skip_them() -> None:
 def test_equal_scores_rank_the_lower_id_first(kind: str) -> None:
     """As BM25 and the fusion rank ties: FAISS's heap gave the higher id first (a passage's
     duplicate, indexed after it, came before it)."""
-    x = np.zeros((6, 4), dtype=np.float32)
-    x[:5, 0] = 1.0  # five equal vectors
-    x[5, 1] = 1.0
+    x = np.zeros((21, 4), dtype=np.float32)
+    x[:20, 0] = 1.0  # twenty equal vectors (FAISS gave 18, 17, 16, ... first)
+    x[20, 1] = 1.0
     index = DenseIndex.build(x, spec=DenseSpec(kind=kind))
     if kind == "hnsw":
         index = index.without(np.array([1]))  # searched through its skip list, ids moved up
-    ids, scores = index.search(np.array([[1.0, 0, 0, 0]], dtype=np.float32), 6)
+    ids, scores = index.search(np.array([[1.0, 0, 0, 0]], dtype=np.float32), 21)
     n = index.size
     assert ids[0].tolist() == list(range(n)) and scores[0, 0] == scores[0, n - 2]
     assert scores[0, -1] < scores[0, 0]

@@ -224,7 +224,7 @@ def test_a_decline_reads_with_its_reason_best_guess_and_passages() -> None:
         (("serve", "--index", "{index}", "--host", " "), "--host is empty"),
         (("serve", "--index", "{index}", "--host", "no.such.host.invalid"),
          "cannot bind --host no.such.host.invalid"),
-        (("serve", "--index", "{missing}"), "does not exist; build one with"),
+        (("serve", "--index", "{missing}"), "error: index "),  # (not "not an index directory:")
         (("index", "build", "{missing}", "--out", "{new}", "--no-progress"),
          "no such file or folder"),
     ],

@@ -382,3 +382,16 @@ def test_every_stretch_the_cjk_chunks_admit_stands_on_word_edges(text: str) -> N
         for end in cuts[i + 1:]:
             if text[start:end].strip() == text[start:end]:
                 assert on_word_edges(text, start, end), (text, start, end)
+
+
+def test_cjk_word_edges_keep_marks_with_their_character_and_the_guess_counts_characters():
+    from citeqa.generation.constraint import MAX_WORDS_AROUND, on_word_edges, quote_guess
+
+    text = "東\u0301京"  # a mark belongs to the character before it, CJK or not
+    assert not on_word_edges(text, 0, 1) and on_word_edges(text, 0, 2)
+    assert on_word_edges(text, 2, 3) and not on_word_edges("cafe\u0301s", 0, 4)
+    # the guess may start no more CJK characters before the answer than the grammar allows
+    long = "あ" * (MAX_WORDS_AROUND + 10) + "千四百万人です。"
+    assert quote_guess([long], "千四百万人", max_quote_chars=300) == "Quote [1]: 千四百万人です。"
+    short = "人口は約千四百万人です。"
+    assert quote_guess([short], "千四百万人", max_quote_chars=300) == f"Quote [1]: {short}"

@@ -204,7 +204,8 @@ def test_a_conversion_records_its_origin_and_weights_and_another_releases_is_mad
 
     import citeqa.generation.models as models
 
-    good = resolve_model_dir("smollm2", CACHE)
+    good = tmp_path / "fresh" / models.SMOLLM2_DIR  # made here, by this code (~25 s)
+    models._convert_gguf(models.packaged_gguf(), good)
     marker = json.loads((good / models.MARKER).read_text())
     assert marker["format"] == models.MARKER_FORMAT
     assert marker["gguf_bytes"] == models.packaged_gguf().stat().st_size
@@ -213,6 +214,13 @@ def test_a_conversion_records_its_origin_and_weights_and_another_releases_is_mad
     assert ((good / "model.safetensors").stat().st_mode & 0o777
             == (good / "config.json").stat().st_mode & 0o777)  # readable as the rest is
     models.check_conversion(good)
+    with (good / "model.safetensors").open("r+b") as f:  # a byte changed in place
+        f.seek(1 << 20)
+        byte = f.read(1)
+        f.seek(1 << 20)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(ModelError, match="is not the file its conversion wrote"):
+        models.check_conversion(good)
 
     converted: list[Path] = []
     monkeypatch.setattr(models, "_convert_gguf", lambda gguf, target: converted.append(target))

@@ -348,6 +348,29 @@ def test_a_failed_quote_call_fails_its_candidate_only_unless_none_stands():
         backend.generate([req])
 
 
+def test_an_engine_down_at_a_quote_call_fails_the_question_as_unavailable():
+    """Not the candidate's own fault: the question gets the 503 engine_unavailable (worth
+    asking again), not a decline among failed candidates."""
+    stage = QuoteStage(("Rollo led the Normans.", "Paris is in France."), 5, 100)
+
+    def handler(request):
+        body = json.loads(request.content)
+        if not body.get("continue_final_message"):
+            return ok(choice(0, "Answer: Rollo\n", [-0.5] * 3),
+                      choice(1, "Answer: Paris\n", [-0.1] * 3))
+        if "Paris" in body["messages"][-1]["content"]:
+            return httpx.Response(503, json={"error": {"message": "overloaded"}})
+        return ok(choice(0, "Quote [1]: Rollo led the Normans.", [-0.25]))
+
+    client, _ = server(handler)
+    backend = RemoteBackend("http://gen", "m", client=client,
+                            backoff=Backoff(retries=0, base_s=0.01, max_s=0.01))
+    req = GenerationRequest(messages=MSGS, grammar="start: q", n=2, temperature=1.0,
+                            max_tokens=40, quote_stage=stage)
+    with pytest.raises(EngineUnavailableError, match="busy"):
+        backend.generate([req])
+
+
 def test_a_failed_request_ends_the_calls_of_its_batch():
     """Its batch fails, and its results are dropped: the other requests' quote calls were
     still made (and a server's batch then asked each question again, alone)."""

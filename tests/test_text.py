@@ -69,3 +69,11 @@ def test_sentences_never_overlap_and_are_trimmed(text: str) -> None:
     for s in sentences(text):
         assert end <= s.start < s.end and text[s.start:s.end] == text[s.start:s.end].strip()
         end = s.end
+
+
+def test_terms_and_cjk_characters_as_tokenize_reads_them() -> None:
+    from citeqa.text import is_cjk, tokenize
+
+    assert term("Straße") == term("STRASSE") == "strasse"  # case-folded, as tokenize
+    assert tokenize("佐々木〇") == ["佐々", "々木", "木〇"]  # the iteration mark is Han text
+    assert not is_cjk("\u3099") and is_cjk("か") and is_cjk("々")  # a voicing mark is a mark
