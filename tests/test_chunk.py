@@ -78,6 +78,10 @@ def test_text_without_spaces_is_cut_at_sentences_then_clauses_never_before_a_mar
         clauses = f"東京は首都であり{comma}" * 3 + "人口が多い"
         pieces = [clauses[s:e] for s, e in chunk_document(clauses, ChunkConfig(max_chars=20))]
         assert pieces == [f"東京は首都であり{comma}" * 2, f"東京は首都であり{comma}人口が多い"]
+    # a Latin word near its start: cut at the clause's comma, not after "Apple" (a piece of 7)
+    latin = "Apple は会社であり、東京は首都であり、" * 3
+    pieces = [latin[s:e] for s, e in chunk_document(latin, ChunkConfig(max_chars=22))]
+    assert pieces == ["Apple は会社であり、東京は首都であり、"] * 3, pieces
     marked = "ka\u0301" * 10  # NFD: a letter and its combining accent
     spans = chunk_document(marked, ChunkConfig(max_chars=5))
     assert all(marked[s] != "\u0301" for s, _ in spans), [marked[s:e] for s, e in spans]

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from citeqa.errors import OutputFormatError
 from citeqa.generation.constraint import (
     OutputConstraint,
     ll_tokenizer_for,
@@ -395,3 +396,22 @@ def test_cjk_word_edges_keep_marks_with_their_character_and_the_guess_counts_cha
     assert quote_guess([long], "千四百万人", max_quote_chars=300) == "Quote [1]: 千四百万人です。"
     short = "人口は約千四百万人です。"
     assert quote_guess([short], "千四百万人", max_quote_chars=300) == f"Quote [1]: {short}"
+
+
+def test_a_grammar_whose_lexemes_are_too_large_to_precompute_is_compiled_without(
+        hf_tok, ll_tok, monkeypatch):
+    """Free mode's quotes of near-duplicate CJK passages (each character a chunk) ran out of
+    llguidance's lexer fuel while it precomputed them: "invalid output grammar", and the
+    request failed (500). Here the fuel is cut so that a small grammar meets the same limit."""
+    import citeqa.generation.constraint as constraint
+
+    passage = CJK_PASSAGE
+    g = output_grammar([passage, passage[10:] + passage[:10], passage[20:] + passage[:20]],
+                       answer_from_passages=True, max_answer_chars=48, min_quote_chars=20)
+    fuel = {"initial_lexer_fuel": 100_000}
+    monkeypatch.setattr(constraint, "_LIMITS", (fuel,))
+    with pytest.raises(OutputFormatError, match="lexer precomputation failed"):
+        OutputConstraint(g, ll_tok)
+    monkeypatch.setattr(constraint, "_LIMITS", (fuel, {**fuel, "precompute_large_lexemes": False}))
+    assert accepts(g, output("千四百万人", 2, "人口は約千四百万人です。東京タワーは一九五八年"),
+                   hf_tok, ll_tok)

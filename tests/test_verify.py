@@ -262,3 +262,18 @@ def test_a_quote_loses_punctuation_and_any_whitespace_at_its_ends_however_they_a
     assert q is not None and (q.text, q.start, q.end) == ("1", 0, 1)
     assert _trimmed("\u00ab\u2009x\u00a0.\u3000\u00bb", _TRIM) == "x"
     assert _trimmed("x", _TRIM) == "x" and _trimmed(" ;\u00a0", _TRIM) == ""
+
+
+def test_cjk_punctuation_wraps_answers_and_quotes_as_ascii_punctuation_does():
+    """A free-mode answer "一九五八年。" was not found in a quote holding "一九五八年」" (an
+    English "1958." would have been trimmed to "1958")."""
+    from citeqa.generation.cited import answer_span
+
+    quote = "東京タワーは「一九五八年」に完成した"
+    at = quote.index("一九五八年")
+    assert answer_span("一九五八年。", quote) == (at, at + 5)
+    assert answer_span("「一九五八年」", quote) == (at - 1, at + 6)  # in the quote as given
+    text = "前文。" + quote + "。後文。"
+    found = verify_quote("「" + quote + "」", (0, len(text)), Document("d", "東京", "t.txt", text),
+                         GenerationConfig(min_quote_chars=5))
+    assert found is not None and found.text == quote

@@ -507,13 +507,25 @@ class _TextTokens:
         return out
 
 
+# llguidance's limits for a grammar (its defaults), then those tried where they refuse it:
+# precomputing the large lexemes ran out of lexer fuel on free mode's quotes of near-duplicate
+# CJK passages (each character a chunk: the request failed, 500); without it the lexer works
+# them out as decoding reaches them
+_LIMITS: tuple[dict[str, Any] | None, ...] = (None, {"precompute_large_lexemes": False})
+
+
 class OutputConstraint:
     """One row's grammar state: which tokens may come next, and what the grammar forces."""
 
     def __init__(self, grammar: str, ll_tokenizer: llguidance.LLTokenizer) -> None:
         self._tokenizer = ll_tokenizer
-        self._matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
-        if self._matcher.is_error():
+        for limits in _LIMITS:
+            self._matcher = llguidance.LLMatcher(
+                ll_tokenizer, grammar, log_level=0,
+                limits=None if limits is None else llguidance.LLParserLimits(**limits))
+            if not self._matcher.is_error():
+                break
+        else:
             raise OutputFormatError(f"invalid output grammar: {self._matcher.get_error()}")
         self.vocab_size: int = ll_tokenizer.vocab_size
         self.stop_tokens: tuple[int, ...] = tuple(ll_tokenizer.eos_tokens)

@@ -18,12 +18,16 @@ from citeqa.config import GenerationConfig
 from citeqa.text import is_contentful
 from citeqa.types import Document, Quote
 
+# CJK text's full stop, commas, marks, colons, brackets and corner quotes (full width)
+CJK_PUNCTUATION = ("\u3001\u3002\u300c\u300d\u300e\u300f\u3010\u3011"
+                   "\uff01\uff08\uff09\uff0c\uff1a\uff1b\uff1f")
 # Characters trimmed from a quote's ends when the untrimmed quote is not found: whitespace,
 # ASCII punctuation and typographic quotes/dashes/ellipsis a model may wrap a quote in.
 _TRIM = (
     string.whitespace
     + string.punctuation
     + "\u201c\u201d\u2018\u2019\u2026\u2013\u2014\u00ab\u00bb"
+    + CJK_PUNCTUATION
 )
 
 
@@ -70,7 +74,7 @@ MAX_SPANS_OUTSIDE = 1000
 # What an answer may lose from its ends to stand in its quote: what ends a sentence or wraps
 # words, never what changes what it says ("-40", "$40" and "40%" are not "40").
 ANSWER_TRIM = (string.whitespace + ".,;:!?\"'()[]{}*_`"  # and markdown's emphasis marks
-               + "\u201c\u201d\u2018\u2019\u2026\u00ab\u00bb\u2014")
+               + "\u201c\u201d\u2018\u2019\u2026\u00ab\u00bb\u2014" + CJK_PUNCTUATION)
 
 
 def _trimmed(text: str, trim: str) -> str:

@@ -30,29 +30,38 @@ class _Unit(NamedTuple):
 _CLAUSE_ENDS = frozenset("\u3001\uff0c\uff1b\uff1a,;:")
 
 
-def _no_space_cut(text: str, start: int, max_chars: int) -> int:
-    """Where to end a piece starting at ``start`` whose window holds no whitespace: after the
-    window's last clause comma or colon (in its second half), else at its end, moved back off
-    combining marks (a passage never starts with a mark of the letter before it)."""
-    end = start + max_chars
-    for cut in range(end, start + max_chars // 2, -1):
+def _clause_cut(text: str, start: int, max_chars: int) -> int | None:
+    """After the last clause comma or colon in the second half of the window of ``max_chars``
+    from ``start``; None when it has none there."""
+    for cut in range(start + max_chars, start + max_chars // 2, -1):
         if text[cut - 1] in _CLAUSE_ENDS:
             return cut
-    cut = end
+    return None
+
+
+def _mid_word_cut(text: str, start: int, max_chars: int) -> int:
+    """The window's end, moved back off combining marks (a passage never starts with a mark of
+    the letter before it)."""
+    cut = start + max_chars
     while cut > start + 1 and unicodedata.category(text[cut])[0] == "M":
         cut -= 1
     return cut
 
 
 def _hard_split(text: str, start: int, end: int, max_chars: int) -> Iterator[tuple[int, int]]:
-    """Pieces of at most ``max_chars`` of the trimmed span [start, end), cut at whitespace
-    (with none: ``_no_space_cut``)."""
+    """Pieces of at most ``max_chars`` of the trimmed span [start, end), cut at the window's last
+    whitespace; where that lies in its first half (CJK text, with a Latin word or two near its
+    start) or there is none, after a clause's comma in its second half; else at whitespace
+    anyway, or mid-word."""
     while end - start > max_chars:
         cut = start + max_chars  # < end, so text[cut] exists; a cut there keeps the piece full
         while cut > start and not text[cut].isspace():
             cut -= 1
-        if cut == start:  # no whitespace in the window: at a clause's end, or mid-word
-            cut = _no_space_cut(text, start, max_chars)
+        if cut - start <= max_chars // 2 and (clause := _clause_cut(text, start, max_chars)):
+            cut = clause
+            yield start, cut
+        elif cut == start:  # no whitespace in the window, no clause's end: mid-word
+            cut = _mid_word_cut(text, start, max_chars)
             yield start, cut
         else:
             piece_end = cut
