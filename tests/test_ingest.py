@@ -858,3 +858,13 @@ def test_a_named_broken_or_looping_symlink_is_called_one(tmp_path: Path) -> None
     result = load(tmp_path / "a.txt", tmp_path / "gone.txt")
     assert [s.reason for s in result.skipped] == [
         "a broken or looping symlink; check where it points"] * 2
+
+
+def test_a_first_line_ending_as_a_sentence_does_in_other_scripts_is_no_title() -> None:
+    """Sentences end at the danda and the Arabic question mark too (text.sentences): a Hindi
+    first sentence was taken for the document's title."""
+    from citeqa.ingest.html import title_from_text
+
+    for line in ("यह एक वाक्य है।", "هل هذا صحيح؟", "東京は日本の首都です。"):
+        assert title_from_text(f"{line}\n\nmore text", "fallback") == "fallback", line
+    assert title_from_text("गंगा नदी\n\nयह एक वाक्य है।", "fallback") == "गंगा नदी"

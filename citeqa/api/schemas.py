@@ -323,7 +323,8 @@ class AnswerOut(BaseModel):
         "prefill and decode are the shared batch's; a remote engine reports request_ms, its "
         "requests' times summed, which run concurrently), beside a few counts for the same "
         "question (tokens, prompt_tokens, forward_passes, batch_rows, batch_items; cut: "
-        "outputs a remote engine cut at its length limit)")
+        "outputs a remote engine cut at its length limit; quote_errors: span-mode quote "
+        "calls the engine answered with an error, each a failed candidate)")
     passages: list[HitOut] | None = Field(
         default=None, description="the passages retrieval found, best first; present only "
         "when the request set with_passages")

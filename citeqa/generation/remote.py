@@ -16,9 +16,11 @@ turns away for now (429, 503), is retried with backoff honouring ``Retry-After``
 ``timeout_s``; a choice cut short by ``max_tokens`` (``finish_reason: "length"``), or one the
 engine aborted, becomes a failed candidate, never a cut quote. Errors surface as
 ``EngineError`` (the engine answered with an error) or ``EngineUnavailableError`` (it could
-not be reached), with its message; an error of one candidate's quote call (its grammar is its
-own) fails that candidate only (timing ``quote_errors``), while others of the question stand.
-One request of a batch failing ends the others' calls too: their results would be dropped.
+not be reached), with its message; an ``EngineError`` answering one candidate's quote call
+(its grammar is its own) fails that candidate only (timing ``quote_errors``), while others of
+the question stand (all of them failing so, or the engine unavailable, fails the question).
+One request of a batch failing ends the batch's other calls too: their results would be
+dropped (a service then asks each question of the batch again, alone).
 """
 
 from __future__ import annotations

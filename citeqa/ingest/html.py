@@ -257,7 +257,8 @@ def extract_html(html: str, *, max_seconds: float | None = None, xml: bool = Fal
     return HtmlText(text=text, title=cap_title(title))
 
 
-_SENTENCE_ENDS = (".", "!", "?", ";", ",", "。", "！", "？")  # a line ending so is prose
+# a line ending so is prose (the danda, the Arabic question mark and full stop too)
+_SENTENCE_ENDS = (".", "!", "?", ";", ",", "。", "！", "？", "\u0964", "\u0965", "\u061f", "\u06d4")
 WRAPPED_MIN_CHARS = 50  # shorter lines are not cut by wrapping (wrap widths are 60-80)
 _CLOSERS = "\"')]}\u201d\u2019\u00bb"  # closing quotes and brackets after a sentence's end
 
