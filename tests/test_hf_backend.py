@@ -222,6 +222,14 @@ def test_a_conversion_records_its_origin_and_weights_and_another_releases_is_mad
     with pytest.raises(ModelError, match="is not the file its conversion wrote"):
         models.check_conversion(good)
 
+    def gone(path: Path) -> str:  # removed while read: another process converting again
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(models, "_sha256", gone)
+    with pytest.raises(ModelError, match="it is gone"):  # (a bare OSError before)
+        models.check_conversion(good)
+    monkeypatch.undo()
+
     converted: list[Path] = []
     monkeypatch.setattr(models, "_convert_gguf", lambda gguf, target: converted.append(target))
     target = tmp_path / good.name

@@ -101,7 +101,11 @@ def check_conversion(target: Path) -> None:
     recorded = (_marker(target) or {}).get("weights") or {}
     for name, digest in sorted(recorded.items()):
         f = target / name
-        if not f.is_file() or _sha256(f) != digest:
+        try:
+            same = _sha256(f) == digest
+        except OSError:  # gone (another process converting again removed it), unreadable
+            same = False
+        if not same:
             raise ModelError(f"{f} is not the file its conversion wrote (its sha256 differs, or "
                              f"it is gone); delete {target} to convert it again")
 
