@@ -383,21 +383,20 @@ def _add(directory: Path, documents: list[Document], *, replace: bool, progress:
 
     retriever = HybridRetriever.open(directory)
     plan = plan_additions(retriever.index.documents, documents, replace=replace)
-    source = {d.doc_id: d.source for d in documents}
+    given, held = {d.doc_id: d for d in documents}, retriever.index.documents
     if plan.conflicts:
-        given, held = {d.doc_id: d for d in documents}, retriever.index.documents
         shown = plan.conflicts[:5]
         retitled = {i for i in shown
                     if (given[i].text, given[i].source) == (held[i].text, held[i].source)}
-        named = ", ".join(f"{squash(i)} ({squash(source[i])}"
+        named = ", ".join(f"{squash(i)} ({squash(given[i].source)}"
                           f"{': its title only' if i in retitled else ''})" for i in shown)
         why = ("; a title alone differs where a text is as indexed (its source retitled, or an "
                "older citeqa that titled it otherwise)" if retitled else "")
         raise fail(f"the index holds {plural(len(plan.conflicts), 'document')} with other "
                    f"content: {named}{', ...' if len(plan.conflicts) > 5 else ''}{why}; pass "
                    f"--replace to replace them; {unchanged}")
-    warnings = [f"{squash(source[new])} holds the text of indexed document {squash(twin)} "
-                f"({squash(retriever.index.documents[twin].source)}), and is added beside it: "
+    warnings = [f"{squash(given[new].source)} holds the text of indexed document "
+                f"{squash(twin)} ({squash(held[twin].source)}), and is added beside it: "
                 "the same file named by another path? A file's id hashes its path as given: "
                 "name files as when they were indexed" for new, twin in plan.lookalikes]
     if not plan.update.add:  # what an earlier run kept went in (it was killed after its swap)

@@ -76,6 +76,11 @@ MAX_WORDS_AROUND = 64
 MAX_OCCURRENCES = 8
 _BEFORE = re.compile(r"\S+\s*")  # a word and the space after it
 _AFTER = re.compile(r"\s*\S+")  # a word and the space before it
+# A quote is non-empty and trimmed: it starts and ends with a non-whitespace character.
+_TRIMMED = r"/\S(?s:.*\S)?/"
+# Where a sentence starts: after a sentence's final mark (and closing quotes or brackets) and
+# whitespace. Used only to guess where a quote starts (``quote_guess``), never to constrain one.
+_SENTENCE_START = re.compile(r"[.!?][\"')\]\u201d\u2019]*\s+")
 
 
 @functools.cache
@@ -90,11 +95,6 @@ def _cjk_patterns() -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]:
     unit = f"(?:{cjk}|(?:(?![{CJK_RANGES}])\\S)+)"
     chunk = re.compile(f"\\s+|{cjk}|(?:(?![{CJK_RANGES}])[\\w{marks}])+|.", re.DOTALL)
     return chunk, re.compile(f"{unit}\\s*"), re.compile(f"\\s*{unit}")
-# A quote is non-empty and trimmed: it starts and ends with a non-whitespace character.
-_TRIMMED = r"/\S(?s:.*\S)?/"
-# Where a sentence starts: after a sentence's final mark (and closing quotes or brackets) and
-# whitespace. Used only to guess where a quote starts (``quote_guess``), never to constrain one.
-_SENTENCE_START = re.compile(r"[.!?][\"')\]\u201d\u2019]*\s+")
 
 
 def _lark_string(s: str) -> str:
