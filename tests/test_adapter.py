@@ -107,6 +107,14 @@ def test_missing_or_broken_adapter(tmp_path: Path) -> None:
     (tmp_path / CONFIG).write_text(json.dumps(cfg))
     with pytest.raises(ModelError, match="retrain"):
         apply_adapter(tiny_model(), tmp_path)
+    # a rank or scale no training writes: r = 0 was a ZeroDivisionError traceback, a NaN alpha
+    # a generator whose every answer changed, unsaid; a rank the tensors do not have
+    for bad in ({"r": 0}, {"r": 2.5}, {"r": True}, {"alpha": float("nan")}, {"r": 8}):
+        _trained(tmp_path, LoRAConfig(r=4))
+        cfg = json.loads((tmp_path / CONFIG).read_text())
+        (tmp_path / CONFIG).write_text(json.dumps({**cfg, **bad}))
+        with pytest.raises(ModelError, match="retrain"):
+            apply_adapter(tiny_model(), tmp_path)
     _trained(tmp_path, LoRAConfig(r=4))  # a good one again
     weights = tmp_path / "adapter.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # cut short: was a SafetensorError traceback

@@ -123,6 +123,14 @@ def test_round_trip_and_a_corrupt_file_says_what_to_do(tmp_path) -> None:
     (tmp_path / COMBINE).write_text(json.dumps(body))
     with pytest.raises(ModelError, match="reward-combine"):
         read_combiner(tmp_path)
+    # numbers fit() never writes: a NaN weight declined every question, a std of 0 answered
+    # every one (a score of 1.0)
+    good = c.to_json()
+    for bad in ({"weights": [float("nan")] + list(good["weights"][1:])},
+                {"std": [0.0] + list(good["std"][1:])}, {"bias": float("inf")}):
+        (tmp_path / COMBINE).write_text(json.dumps({**good, **bad}))
+        with pytest.raises(ModelError, match="must be finite"):
+            read_combiner(tmp_path)
     (tmp_path / COMBINE).write_text("{not json")
     with pytest.raises(ModelError, match="corrupt"):
         read_combiner(tmp_path)

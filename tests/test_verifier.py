@@ -236,6 +236,31 @@ def test_a_damaged_directory_says_what_to_do(tiny_encoder, tmp_path: Path, token
         load_verifier(tmp_path / "old")
 
 
+def test_a_reward_directory_without_its_vocabulary_or_with_a_bad_length_is_refused(
+        tiny_encoder, tmp_path: Path, tokenizer) -> None:
+    """Without encoder/tokenizer.json, transformers made a tokenizer of 5 special tokens: every
+    word [UNK], every score meaningless, and no word said. A max_tokens past the encoder's
+    positions failed each long question (a 500); one not a multiple of 16, every question."""
+    from citeqa.errors import ModelError
+
+    save_verifier(tmp_path / "rm", Verifier(tiny_encoder(len(tokenizer)), 2, 4), tokenizer, {})
+    config = json.loads((tmp_path / "rm" / "config.json").read_text())
+    VerifierScorer(tmp_path / "rm", cpu_dtype="fp32", combined=False)  # loads
+    limit = load_verifier(tmp_path / "rm")[0].encoder.config.max_position_embeddings
+    for bad in ("lots", None, 200, 0, limit + 16, True):
+        (tmp_path / "rm" / "config.json").write_text(json.dumps({**config, "max_tokens": bad}))
+        with pytest.raises(ModelError, match="max_tokens must be a multiple of 16"):
+            VerifierScorer(tmp_path / "rm", cpu_dtype="fp32", combined=False)
+    (tmp_path / "rm" / "config.json").write_text(json.dumps(config))
+    vocabulary = [p for p in (tmp_path / "rm" / "encoder").iterdir()
+                  if p.name in ("tokenizer.json", "vocab.txt")]
+    assert vocabulary
+    for p in vocabulary:
+        p.unlink()
+    with pytest.raises(ModelError, match="tokens for an encoder of"):
+        load_verifier(tmp_path / "rm")
+
+
 def test_scorer_reads_the_passage_around_each_quote_and_calibrates(tiny_encoder, tokenizer,
                                                                    tmp_path: Path) -> None:
     save_verifier(tmp_path / "rm", Verifier(tiny_encoder(len(tokenizer)), 3, 8), tokenizer, {})
@@ -397,7 +422,11 @@ def test_threshold_for_needs_calibration_and_a_corrupt_one_is_named(tiny_encoder
     (tmp_path / "rm" / "calibration.json").write_text(json.dumps(good))
     VerifierScorer(tmp_path / "rm", cpu_dtype="fp32")  # loads
     # what made every target_accuracy request a 400 blaming the request
-    for bad in ({"scores": [float("nan"), 0.2]}, {"delta": 0}, {"min_answered": 0}):
+    # ... and a threshold that no Learn-then-Test gives, or labels that are not booleans
+    # (a NaN threshold declined everything, -0.5 answered everything, "no" read as right)
+    for bad in ({"scores": [float("nan"), 0.2]}, {"delta": 0}, {"min_answered": 0},
+                {"threshold": float("nan")}, {"threshold": -0.5}, {"threshold": 7.0},
+                {"threshold": float("-inf")}, {"correct": ["no", False]}):
         (tmp_path / "rm" / "calibration.json").write_text(json.dumps({**good, **bad}))
         with pytest.raises(ModelError, match="is corrupt"):
             VerifierScorer(tmp_path / "rm", cpu_dtype="fp32")

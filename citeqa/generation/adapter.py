@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -76,6 +77,11 @@ class AdapterConfig:
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> AdapterConfig:
+        """ValueError for a rank below 1 or an alpha that is not a finite number."""
+        if isinstance(obj["r"], bool) or int(obj["r"]) < 1 or int(obj["r"]) != obj["r"]:
+            raise ValueError(f"r must be a whole number of at least 1, not {obj['r']!r}")
+        if not math.isfinite(float(obj["alpha"])):
+            raise ValueError(f"alpha must be a finite number, not {obj['alpha']!r}")
         return cls(
             r=int(obj["r"]),
             alpha=float(obj["alpha"]),
@@ -208,10 +214,11 @@ def merge_adapter(
         except KeyError as e:
             raise ModelError(f"the adapter lacks {e.args[0]}; retrain it") from None
         w = module.weight  # [out, in]
-        if (b.shape[0], a.shape[1]) != tuple(w.shape) or a.shape[0] != b.shape[1]:
+        if (b.shape[0], a.shape[1]) != tuple(w.shape) or not a.shape[0] == b.shape[1] == cfg.r:
             raise ModelError(
                 f"adapter shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit {name} "
-                f"{tuple(w.shape)}; use the adapter's base model or retrain the adapter"
+                f"{tuple(w.shape)} at rank {cfg.r}; use the adapter's base model or retrain "
+                "the adapter"
             )
         delta = lora_delta(a.to(w.device), b.to(w.device), cfg.scale)
         w.copy_((w.float() + delta).to(w.dtype))

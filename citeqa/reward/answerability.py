@@ -29,6 +29,7 @@ from citeqa.lean_encoder import use_lean_encoder
 from citeqa.reward.checkpoint import (
     ENCODER,
     load_heads,
+    max_tokens_of,
     read_config,
     read_encoder,
     write_encoder_dir,
@@ -101,7 +102,8 @@ class AnswerabilityReader:
     def __init__(self, directory: Path, *, cpu_dtype: str = "auto", lean: bool = True) -> None:
         self.directory = Path(directory)
         self.model, self.tokenizer, self.config = load_answerability(self.directory)
-        self.max_tokens = int(self.config.get("max_tokens", MAX_TOKENS))
+        self.max_tokens = max_tokens_of(self.directory, self.config, self.model.encoder,
+                                        MAX_TOKENS, RETRAIN)
         self.dtype = to_serving_dtype(self.model.encoder, cpu_dtype)
         self.model.encoder = use_lean_encoder(self.model.encoder, lean)  # as the verifier's
         self._lock = threading.Lock()

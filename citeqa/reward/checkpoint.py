@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from citeqa.atomic import discard_tmp_dir, fresh_tmp_dir, recover_dir, replace_dir
+from citeqa.compute import PAD_MULTIPLE
 from citeqa.errors import ModelError
 from citeqa.logs import quiet_weight_loading
 from citeqa.reward.verifier import MAX_TOKENS, Verifier
@@ -133,6 +134,21 @@ def load_verifier(directory: Path) -> tuple[Verifier, Any, dict[str, Any]]:
     return model.eval(), tokenizer, config
 
 
+def max_tokens_of(directory: Path, config: dict[str, Any], encoder: Any, default: int,
+                  retrain: str) -> int:
+    """The ``max_tokens`` of a model directory's config.json (``default`` when absent),
+    checked: a multiple of ``PAD_MULTIPLE`` (the padding tokenizers are asked for) no longer
+    than the encoder's positions; ModelError ending in ``retrain``."""
+    value = config.get("max_tokens", default)
+    limit = int(getattr(encoder.config, "max_position_embeddings", default))
+    if (isinstance(value, bool) or not isinstance(value, int) or value % PAD_MULTIPLE
+            or not PAD_MULTIPLE <= value <= limit):
+        raise ModelError(f"{Path(directory) / CONFIG}: max_tokens must be a multiple of "
+                         f"{PAD_MULTIPLE} from {PAD_MULTIPLE} to {limit} (its encoder's "
+                         f"positions), not {value!r}; {retrain}")
+    return value
+
+
 def read_encoder(path: Path, hint: str) -> tuple[Any, Any]:
     """(fp32 encoder, tokenizer) of the Hugging Face encoder directory ``path`` (a model
     directory's ``encoder/``, or a base to fine-tune); ModelError ending in ``hint``. Never
@@ -146,6 +162,13 @@ def read_encoder(path: Path, hint: str) -> tuple[Any, Any]:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, SafetensorError) as e:
         raise ModelError(f"cannot load the encoder in {path} ({e}); {hint}") from None
+    # (transformers makes a tokenizer of a handful of special tokens from tokenizer_config.json
+    # alone: without its vocabulary every word would be [UNK], every score meaningless)
+    vocabulary = int(getattr(encoder.config, "vocab_size", 0) or 0)
+    if len(tokenizer) < vocabulary // 2:
+        raise ModelError(f"the tokenizer in {path} has {len(tokenizer)} tokens for an encoder of "
+                         f"{vocabulary} (is its tokenizer.json or vocabulary file missing?); "
+                         f"{hint}")
     return encoder, tokenizer
 
 

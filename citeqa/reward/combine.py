@@ -179,6 +179,9 @@ def read_combiner(directory: Path) -> Combiner | None:
                             int(body.get("n", 0)), body.get("extra"), inputs)
         if not len(combiner.mean) == len(combiner.std) == len(combiner.weights) == len(inputs):
             raise ValueError("mean, std and weights need one value per input")
+        numbers = (*combiner.mean, *combiner.std, *combiner.weights, combiner.bias)
+        if not all(map(math.isfinite, numbers)) or min(combiner.std) <= 0:
+            raise ValueError("its numbers must be finite, and every std above 0")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ModelError(f"{path} is corrupt ({e}); refit it with `citeqa train reward-combine "
                          f"--reward {directory} --data FILE` or delete it") from None

@@ -33,9 +33,9 @@ from citeqa.errors import ModelError
 from citeqa.lean_encoder import use_lean_encoder
 from citeqa.reward.answerability import SUBDIR, AnswerabilityReader
 from citeqa.reward.calibrate import METHOD, Calibration, calibrate_threshold
-from citeqa.reward.checkpoint import load_verifier, read_config_json
+from citeqa.reward.checkpoint import RETRAIN, load_verifier, max_tokens_of, read_config_json
 from citeqa.reward.combine import Signals, features, read_combiner
-from citeqa.reward.verifier import Judged, around, encode
+from citeqa.reward.verifier import MAX_TOKENS, Judged, around, encode
 from citeqa.types import Candidate, Document
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,8 @@ class VerifierScorer(Calibrated):
         stale they are)."""
         self.directory = Path(directory)
         self.model, self.tokenizer, self.config = load_verifier(self.directory)
-        self.max_tokens = int(self.config.get("max_tokens", 192))
+        self.max_tokens = max_tokens_of(self.directory, self.config, self.model.encoder,
+                                        MAX_TOKENS, RETRAIN)
         self.dtype = to_serving_dtype(self.model.encoder, cpu_dtype)
         self.model.encoder = use_lean_encoder(self.model.encoder, lean)
         self._lock = threading.Lock()  # torch modules are not promised to be thread-safe
@@ -301,7 +302,9 @@ def read_calibration(directory: Path) -> CalibrationRecord | None:
     try:
         body = json.loads(path.read_text())
         scores = [-math.inf if s is None else float(s) for s in body["scores"]]
-        correct = [bool(c) for c in body["correct"]]
+        if not all(isinstance(c, bool) for c in body["correct"]):
+            raise ValueError("a label in 'correct' is not true or false")
+        correct = list(body["correct"])
         calibration = Calibration.from_json(body)
         min_answered = int(body["min_answered"])
         # what every later threshold search needs, checked here: a bad file is the server's
@@ -312,6 +315,10 @@ def read_calibration(directory: Path) -> CalibrationRecord | None:
             raise ValueError("delta and target_accuracy must be between 0 and 1")
         if min_answered < 1 or not scores:
             raise ValueError("min_answered must be at least 1, and scores not empty")
+        finite = [s for s in scores if s > -math.inf]
+        t = calibration.threshold  # one of the scores, or inf (none certified)
+        if t != math.inf and not (finite and min(finite) <= t <= max(finite)):
+            raise ValueError(f"the threshold {t} is not among the scores' values (or null)")
     except (ValueError, KeyError, TypeError) as e:
         raise ModelError(
             f"{path} is corrupt ({e!r}); rerun `citeqa calibrate --reward {directory} --data FILE`"
