@@ -455,6 +455,44 @@ def test_offsets_count_characters_as_the_api_does_past_an_emoji(page: Page,
     page.wait_for_selector("#ask-view:not([hidden])")
 
 
+def test_line_breaks_css_shows_as_spaces_are_drawn_as_line_breaks(page: Page,
+                                                                  base_url: str) -> None:
+    """A document whose lines end in a lone CR (as old Macs wrote them) or U+2028 showed as
+    one run-on line (CSS reads those as spaces); they are drawn as line breaks, one character
+    for one, so the highlight still covers the offsets' characters."""
+    text = "Tide table\r\rHigh water at noon.\rLow water at six.\u2028Slack between.\r\nEnd."
+    auth = {"Authorization": f"Bearer {KEY}"}
+    added = httpx.post(base_url + "/v1/documents", headers=auth, timeout=30,
+                       json={"doc_id": "tides", "title": "Tides", "text": text})
+    assert added.status_code in (200, 201), added.text
+    try:
+        start, end = text.index("Low"), text.index("Slack") + len("Slack")
+        page.goto(f"{base_url}/document?id=tides&start={start}&end={end}")
+        page.wait_for_selector("#doc-body mark")
+        drawn = page.locator("#doc-body .doctext").evaluate("e => e.textContent")
+        assert drawn == ("Tide table\n\nHigh water at noon.\nLow water at six.\nSlack "
+                         "between.\r\nEnd.")
+        mark = page.locator("#doc-body mark")
+        assert mark.evaluate("e => e.textContent") == "Low water at six.\nSlack"
+        assert mark.evaluate("e => e.getClientRects().length") == 2  # on two lines
+        heights = page.evaluate("""() => {
+          const div = document.createElement("div");
+          div.className = "doctext";
+          document.body.append(div);
+          const h = t => { div.textContent = t; return div.getBoundingClientRect().height; };
+          const out = [h("a"), h("a\\nb")];
+          div.remove();
+          return out;
+        }""")
+        box = page.locator("#doc-body .doctext").evaluate(
+            "e => e.scrollHeight - parseFloat(getComputedStyle(e).paddingTop) "
+            "- parseFloat(getComputedStyle(e).paddingBottom)")
+        line = heights[1] - heights[0]
+        assert box == pytest.approx(6 * line, abs=line / 2)  # six lines, the blank one too
+    finally:
+        httpx.delete(base_url + "/v1/documents/tides", headers=auth, timeout=30)
+
+
 def test_a_link_to_text_the_document_no_longer_holds_highlights_nothing(
         page: Page, base_url: str) -> None:
     """A quote given before its document was replaced (or a hand-made address) highlighted
