@@ -1,6 +1,6 @@
 """When to try an HTTP call again and how long to wait: one policy for every client citeqa has
 (``CiteqaClient`` against the service, the remote generator against its engine); and
-``request_by``, one try that ends by a deadline.
+``request_by``, one try that ends by a deadline (``read_whole`` its reading).
 
 A call is retried on a connection that could not be made, and on 429 and 503 answers, which
 say "not now" and may carry ``Retry-After`` (seconds or an HTTP date, RFC 9110 sec. 10.2.3).
@@ -78,12 +78,18 @@ def request_by(client: httpx.Client, method: str, url: str, deadline: float,
     least). ``httpx.ReadTimeout`` when the answer is still coming at the deadline."""
     timeout = max(deadline - time.monotonic(), 1.0)
     with client.stream(method, url, timeout=timeout, **kwargs) as streamed:
-        if streamed.is_stream_consumed:  # built in memory (a test's MockTransport): read
-            return streamed
-        chunks = []
-        for chunk in streamed.iter_raw():  # as sent: the Response below decodes it once
-            chunks.append(chunk)
-            if time.monotonic() > deadline:
-                raise httpx.ReadTimeout("the answer was still coming at the deadline")
-        return httpx.Response(streamed.status_code, headers=streamed.headers,
-                              content=b"".join(chunks), request=streamed.request)
+        return read_whole(streamed, deadline)
+
+
+def read_whole(streamed: httpx.Response, deadline: float) -> httpx.Response:
+    """A streamed response read whole by ``deadline``, as one that is not streamed
+    (``httpx.ReadTimeout`` when it is still coming at the deadline)."""
+    if streamed.is_stream_consumed:  # built in memory (a test's MockTransport): read
+        return streamed
+    chunks = []
+    for chunk in streamed.iter_raw():  # as sent: the Response below decodes it once
+        chunks.append(chunk)
+        if time.monotonic() > deadline:
+            raise httpx.ReadTimeout("the answer was still coming at the deadline")
+    return httpx.Response(streamed.status_code, headers=streamed.headers,
+                          content=b"".join(chunks), request=streamed.request)

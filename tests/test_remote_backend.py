@@ -224,22 +224,32 @@ def test_engine_errors_are_not_retried_and_say_what_the_engine_said(response, ne
     assert [r.url.path for r in seen if r.url.path != "/health"] == ["/v1/chat/completions"]
 
 
-@pytest.mark.parametrize("health, unavailable", [
-    (httpx.Response(503), True),  # vLLM's /health once its engine died
-    (httpx.ConnectError("refused"), True),  # already gone
-    (httpx.Response(200), False),  # up: the 500 was this request's
-    (httpx.Response(404), False),  # an engine without /health
-    (httpx.PoolTimeout("busy"), False),  # every connection in use here: no word of the engine
+UP, DOWN = httpx.Response(200), httpx.Response(503)
+
+
+@pytest.mark.parametrize("health, unavailable, asked", [
+    ([DOWN], True, 1),  # vLLM's /health once its engine died
+    ([httpx.ConnectError("refused")], True, 1),  # already gone
+    ([UP, DOWN], True, 2),  # a signal to vLLM's process group: its requests fail first
+    ([UP, UP, UP], False, 3),  # up: the 500 was this request's
+    ([httpx.Response(404)] * 3, False, 3),  # an engine without /health
+    ([httpx.PoolTimeout("busy")], False, 1),  # every connection in use here: no word of it
 ])
-def test_a_500_from_an_engine_that_is_stopping_is_unavailable_not_an_error(health, unavailable):
+def test_a_500_from_an_engine_that_is_stopping_is_unavailable_not_an_error(health, unavailable,
+                                                                          asked):
     """vLLM answers the requests in flight 500 ('EngineCore encountered an issue') when it is
     stopped, a plain SIGTERM too: that was a 502 engine_error with nothing to do about it,
-    where an engine killed outright gave the documented 503."""
+    where an engine killed outright gave the documented 503. Its /health may still say 200 for
+    a moment, so it is asked again (twice, within 1.5 s) before the 500 counts as the
+    request's."""
+    answers = iter(health)
+
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/health":
-            if isinstance(health, Exception):
-                raise health
-            return health
+            answer = next(answers)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
         return httpx.Response(500, json={"error": {"message": "EngineCore encountered an "
                                                    "issue. See stack trace (above)"}})
 
@@ -249,7 +259,7 @@ def test_a_500_from_an_engine_that_is_stopping_is_unavailable_not_an_error(healt
         b.generate([GenerationRequest(messages=MSGS)])
     assert isinstance(info.value, EngineUnavailableError) is unavailable
     assert ("stopped while answering" in str(info.value)) is unavailable
-    assert [r.url.path for r in seen] == ["/v1/chat/completions", "/health"]
+    assert [r.url.path for r in seen] == ["/v1/chat/completions"] + ["/health"] * asked
 
 
 def test_a_prompt_longer_than_the_engines_context_says_what_to_change():

@@ -5,7 +5,8 @@ the installer's reason only when it cannot be installed), export the default gen
 adapter merged) as a model directory, start `citeqa serve` pointed at an engine that is not up
 yet (it must not be ready), start the engine (citeqa must become ready). Then: answers whose
 quotes are verbatim in their documents, n > 1, concurrent requests, and the engine killed
-mid-request (a clean 503, then recovery once it is back).
+mid-request (a clean 503, then recovery once it is back) or stopped by a signal to its process
+group (a 503 within seconds, not at the timeout).
 
 Time budget: at most 8 minutes on 2 CPU cores, of which ~80 s the first install, ~30 s each
 engine start; `python benchmarks/load_test.py --generator-url ...` measures throughput.
@@ -71,10 +72,14 @@ class Engine:
                                      f"{self.log.read_text()[-3000:]}")
             time.sleep(1)
 
-    def kill(self) -> None:
+    def kill(self, sig: signal.Signals = signal.SIGKILL) -> None:
         if self.child is not None and self.child.poll() is None:
-            os.killpg(self.child.pid, signal.SIGKILL)
-            self.child.wait(30)
+            os.killpg(self.child.pid, sig)
+            try:
+                self.child.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.child.pid, signal.SIGKILL)
+                self.child.wait(30)
 
 
 @pytest.fixture(scope="module")
@@ -201,5 +206,36 @@ def test_the_engine_killed_mid_request_is_a_clean_503_then_recovery(stack):
     engine.start()
     engine.wait_up()
     stack["timings"]["engine_restart_s"] = time.monotonic() - t0
+    again = _answer(url, QUESTIONS[0])
+    assert again.status_code == 200, again.text
+
+
+def test_the_engine_stopped_by_a_signal_to_its_group_is_a_503_within_seconds(stack):
+    """Ctrl-C in vLLM's terminal (a signal to its whole process group) left its requests open,
+    never answered, until citeqa's timeout (120 s here): streamed, they end once /health is
+    refused."""
+    url, engine = stack["url"], stack["engine"]
+
+    def calls() -> int:  # chat-completion calls the engine took (logged as their answer starts)
+        return engine.log.read_text(errors="replace").count('"POST /v1/chat/completions')
+
+    before = calls()
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(_answer, url, QUESTIONS[0], n_candidates=4)
+        deadline = time.monotonic() + 30
+        while calls() == before and time.monotonic() < deadline:  # a call is in flight
+            time.sleep(0.05)
+        assert engine.child is not None
+        os.killpg(engine.child.pid, signal.SIGTERM)
+        t0 = time.monotonic()
+        r = pending.result()
+        elapsed = time.monotonic() - t0
+    stack["timings"]["sigterm_503_s"] = elapsed
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "engine_unavailable"
+    assert elapsed < 60, r.text
+    engine.kill()  # (what is left of it)
+    engine.start()
+    engine.wait_up()
     again = _answer(url, QUESTIONS[0])
     assert again.status_code == 200, again.text

@@ -20,7 +20,9 @@ not be reached), with its message; an ``EngineError`` answering one candidate's 
 (its grammar is its own) fails that candidate only (timing ``quote_errors``), while others of
 the question stand (all of them failing so, or the engine unavailable, fails the question).
 One request of a batch failing ends the batch's other calls too: their results would be
-dropped (a service then asks each question of the batch again, alone).
+dropped (a service then asks each question of the batch again, alone). Completions are streamed
+(streamed.py): a call whose engine is gone ends within seconds, not at its timeout, and one
+nobody waits for is closed, which makes the engine stop generating it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from citeqa.errors import EngineError, EngineUnavailableError
 from citeqa.generation.backend import Completion, GenerationRequest, abandoned_completions
 from citeqa.generation.chat import ANY_TEMPLATE_SPECIALS, defused_for_any_template
 from citeqa.generation.format import ANSWER_LINE_END
+from citeqa.generation.streamed import ABANDONED, STALL_S, StreamEnded, Watch, post_streamed
 from citeqa.retry import RETRY_STATUSES, Backoff, request_by
 from citeqa.text import without_userinfo
 
@@ -49,6 +52,7 @@ logger = logging.getLogger(__name__)
 CUT = frozenset({"length", "abort"})
 GATEWAY_ERRORS = frozenset({502, 504})  # a proxy's: the engine behind it is down or starting
 HEALTH_PROBE_S = 2.0  # after a 5xx: how long /health may take to say whether the engine is up
+HEALTH_RECHECKS_S = (0.5, 1.0)  # ... and the pauses before asking it again while it says so
 # vLLM's (and other OpenAI-compatible engines') 400 for a prompt longer than the model's context
 _CONTEXT_FULL = re.compile(r"context length|context window|max_model_len|prompt is too long",
                            re.IGNORECASE)
@@ -78,11 +82,14 @@ class RemoteBackend:
         client: httpx.Client | None = None,
         backoff: Backoff | None = None,
         legacy_grammar_key: bool = False,
+        stall_s: float = STALL_S,
     ) -> None:
         """``base_url``: server root (``/v1`` is added); ``model``: the served model name (None:
         the only one ``/v1/models`` lists, asked on first use); ``concurrency``: requests in
         flight at once; ``client``: an httpx client (tests pass a ``MockTransport``);
-        ``legacy_grammar_key``: also send ``guided_grammar``, for vLLM < 0.12."""
+        ``legacy_grammar_key``: also send ``guided_grammar``, for vLLM < 0.12; ``stall_s``: a
+        call streamed that long without a word has the engine's /health asked whether it is
+        gone (``streamed.Watch``)."""
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.shown_url = without_userinfo(self.base_url)  # for messages: never its password
         self._model = model
@@ -99,6 +106,7 @@ class RemoteBackend:
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="citeqa-remote")
         self._continue = ThreadPoolExecutor(self.concurrency, thread_name_prefix="citeqa-quote")
         self._in_flight = threading.BoundedSemaphore(self.concurrency)
+        self._watch = Watch(self._engine_gone, stall_s=stall_s)
 
     # -- the engine ---------------------------------------------------------------------------
 
@@ -284,7 +292,16 @@ class RemoteBackend:
             if attempt and abandoned is not None and abandoned():
                 raise _Abandoned
             try:
-                resp = self._send(method, url, body, deadline)
+                resp = self._send(method, url, body, deadline, abandoned)
+            except StreamEnded as e:
+                if e.reason == ABANDONED:
+                    raise _Abandoned from None
+                raise EngineUnavailableError(
+                    f"the generator at {self.shown_url} stopped while answering (no word for "
+                    f"{self._watch.stall_s:g} s, and it no longer answers /health); try again "
+                    "once it is back") from None
+            except (ValueError, TypeError, AttributeError) as e:  # a stream's chunk
+                raise EngineError(f"the generator sent an unexpected stream event ({e!r})") from e
             except httpx.DecodingError as e:  # e.g. a body that says gzip and is not
                 raise EngineError(f"the generator at {self.shown_url} sent a body that cannot "
                                   f"be decoded ({e})") from e
@@ -333,27 +350,51 @@ class RemoteBackend:
             return data
 
     def _engine_down(self, deadline: float) -> bool:
-        """Whether the engine is gone or says it is unhealthy now (vLLM's /health: 503 once
-        its engine died); False where it is up or has no /health."""
+        """Whether the engine is gone or says it is unhealthy (vLLM's /health: 503 once its
+        engine died), asked again after each of ``HEALTH_RECHECKS_S`` while it says it is up:
+        vLLM fails its requests a moment before its /health says so (a signal to its whole
+        process group); False where it stays up or has no /health."""
+        for pause in (0.0, *HEALTH_RECHECKS_S):
+            if time.monotonic() + pause >= deadline:
+                return False
+            time.sleep(pause)
+            try:
+                health = request_by(self._client, "GET", f"{self.base_url}/health",
+                                    min(deadline, time.monotonic() + HEALTH_PROBE_S),
+                                    headers=self._headers)
+            except httpx.PoolTimeout:  # (every connection busy: this side's limit)
+                return False
+            except httpx.HTTPError:
+                return True
+            if health.status_code in RETRY_STATUSES | GATEWAY_ERRORS:
+                return True
+        return False
+
+    def _engine_gone(self) -> bool:
+        """Whether the engine is gone for sure: its /health refuses the connection or says it
+        is down (502, 503, 504); not when it is merely slow to answer."""
         try:
             health = request_by(self._client, "GET", f"{self.base_url}/health",
-                                min(deadline, time.monotonic() + HEALTH_PROBE_S),
-                                headers=self._headers)
-        except httpx.PoolTimeout:  # (every connection busy: this side's limit, not the engine)
-            return False
-        except httpx.HTTPError:
+                                time.monotonic() + HEALTH_PROBE_S, headers=self._headers)
+        except httpx.ConnectError:
             return True
-        return health.status_code in RETRY_STATUSES | GATEWAY_ERRORS
+        except httpx.HTTPError:
+            return False
+        return health.status_code in GATEWAY_ERRORS | {503}
 
-    def _send(self, method: str, url: str, body: dict[str, Any] | None,
-              deadline: float) -> httpx.Response:
+    def _send(self, method: str, url: str, body: dict[str, Any] | None, deadline: float,
+              abandoned: Callable[[], bool] | None = None) -> httpx.Response:
         """One try, in one of the ``concurrency`` slots for calls in flight; a slot that frees
         only past ``deadline`` is a timeout (the call went out late, with a second's time at
-        least, when it waited for one without limit)."""
+        least, when it waited for one without limit). A POST is streamed (``streamed``):
+        watched, it ends early once abandoned or once its engine is gone."""
         if not self._in_flight.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
             raise httpx.PoolTimeout(f"all {self.concurrency} calls in flight were busy until "
                                     "the deadline")
         try:
+            if method == "POST" and body is not None:
+                return post_streamed(self._client, url, body, deadline, watch=self._watch,
+                                     gone=abandoned or (lambda: False), headers=self._headers)
             return request_by(self._client, method, url, deadline, json=body,
                               headers=self._headers)
         finally:

@@ -1,0 +1,221 @@
+"""A chat-completion call read as a stream (``"stream": true``): its server-sent events put
+together into the one body an unstreamed call gets, while a watch may end the call early.
+
+Streaming is what lets a call end before its engine answers it. An engine's HTTP server can stay
+open while nothing behind it will ever answer: vLLM stopped by a signal to its whole process
+group (Ctrl-C in its terminal) held every request in flight, unanswered, until the caller's
+timeout; and a request nobody waits for any more (its asker left, or its batch failed) kept the
+engine generating to its end. A stream's socket is at hand as soon as its headers arrive, so
+``Watch`` can shut it: for a stream with no event for ``STALL_S`` seconds, once the engine's
+``/health`` says it is gone (the stream then ends as ``ENGINE_GONE``); and, within
+``EVERY_S``, for a stream whose request is abandoned (``ABANDONED``: the engine sees its client
+go and aborts the request). A server that answers with plain JSON instead (one that ignores
+``stream``, or a buffering proxy) is read as before.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+
+from citeqa.retry import read_whole
+
+STALL_S = 5.0  # a stream this long without an event has its engine's /health asked
+EVERY_S = 0.5  # how often the watch looks at the streams in flight
+ABANDONED = "abandoned"
+ENGINE_GONE = "engine gone"
+EVENT_STREAM = "text/event-stream"
+
+
+class StreamEnded(Exception):
+    """The watch ended this call's stream (``reason``: ``ABANDONED`` or ``ENGINE_GONE``)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def events(lines: Iterable[str]) -> Iterator[str]:
+    """The data of each server-sent event in ``lines`` (data lines joined by line breaks; an
+    event ends at a blank line, or where the lines end); comments and other fields skipped."""
+    data: list[str] = []
+    for line in lines:
+        if not line:
+            if data:
+                yield "\n".join(data)
+            data = []
+        elif line.startswith("data:"):
+            value = line[5:]
+            data.append(value[1:] if value.startswith(" ") else value)
+    if data:
+        yield "\n".join(data)
+
+
+def assembled(event_data: Iterable[str]) -> tuple[dict[str, Any], bool]:
+    """The chat-completion body that the streamed chunks ``event_data`` add up to, and whether
+    the stream was complete (``[DONE]``, or every choice given its finish reason); an error
+    event is the body ``{"error": ...}`` at once. ValueError or TypeError for a chunk of
+    another shape."""
+    choices: dict[int, dict[str, Any]] = {}
+    for data in event_data:
+        if data.strip() == "[DONE]":
+            return _body(choices), True
+        chunk = json.loads(data)
+        if not isinstance(chunk, dict):
+            raise TypeError(f"a chunk is {type(chunk).__name__}, not an object")
+        if chunk.get("error") is not None:
+            return {"error": chunk["error"]}, True
+        for c in chunk.get("choices") or []:
+            index = c.get("index", 0)
+            if not isinstance(index, int):
+                raise TypeError(f"a choice's index is {type(index).__name__}")
+            into = choices.setdefault(index, {"index": index, "text": [], "logprobs": None,
+                                              "finish_reason": None})
+            content = (c.get("delta") or {}).get("content")
+            if content is not None and not isinstance(content, str):
+                raise TypeError(f"a delta's content is {type(content).__name__}")
+            if content:
+                into["text"].append(content)
+            items = (c.get("logprobs") or {}).get("content")
+            if items is not None:
+                if not isinstance(items, list):
+                    raise TypeError(f"a chunk's logprobs are {type(items).__name__}")
+                into["logprobs"] = (into["logprobs"] or []) + items
+            if c.get("finish_reason") is not None:
+                into["finish_reason"] = c["finish_reason"]
+    complete = bool(choices) and all(c["finish_reason"] is not None for c in choices.values())
+    return _body(choices), complete
+
+
+def _body(choices: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    return {"choices": [
+        {"index": c["index"], "finish_reason": c["finish_reason"],
+         "message": {"role": "assistant", "content": "".join(c["text"])},
+         "logprobs": None if c["logprobs"] is None else {"content": c["logprobs"]}}
+        for c in sorted(choices.values(), key=lambda c: c["index"])]}
+
+
+class Watched:
+    """One stream in flight: when it last heard from its engine, and why the watch ended it."""
+
+    def __init__(self, sock: socket.socket | None, gone: Callable[[], bool]) -> None:
+        self._socket = sock
+        self.gone = gone
+        self.last = time.monotonic()
+        self.reason: str | None = None
+
+    def heard(self) -> None:
+        self.last = time.monotonic()
+
+    def end(self, reason: str) -> None:
+        """Shut the stream's socket, so that its read ends now (the server sees its client
+        leave)."""
+        self.reason = reason
+        if self._socket is not None:
+            try:
+                self._socket.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed
+                pass
+
+
+class Watch:
+    """The streams in flight, looked at every ``every_s`` from one thread while there are
+    any; ``engine_gone()`` asks the engine (at most once every ``stall_s``)."""
+
+    def __init__(self, engine_gone: Callable[[], bool], *, every_s: float = EVERY_S,
+                 stall_s: float = STALL_S) -> None:
+        self._engine_gone = engine_gone
+        self.every_s, self.stall_s = every_s, stall_s
+        self._lock = threading.Lock()
+        self._streams: set[Watched] = set()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def watching(self, response: httpx.Response, gone: Callable[[], bool]) -> Iterator[Watched]:
+        watched = Watched(_socket_of(response), gone)
+        with self._lock:
+            self._streams.add(watched)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="citeqa-stream-watch",
+                                                daemon=True)
+                self._thread.start()
+        try:
+            yield watched
+        finally:
+            with self._lock:
+                self._streams.discard(watched)
+
+    def _run(self) -> None:
+        asked = 0.0
+        while True:
+            time.sleep(self.every_s)
+            with self._lock:
+                if not self._streams:  # (a stream added from now on starts a new thread)
+                    self._thread = None
+                    return
+                streams = list(self._streams)
+            for w in streams:
+                if w.reason is None and w.gone():
+                    w.end(ABANDONED)
+            now = time.monotonic()
+            stalled = [w for w in streams if w.reason is None and now - w.last >= self.stall_s]
+            if stalled and now - asked >= self.stall_s:
+                asked = now
+                if self._engine_gone():
+                    for w in stalled:
+                        w.end(ENGINE_GONE)
+
+
+def _socket_of(response: httpx.Response) -> socket.socket | None:
+    stream = response.extensions.get("network_stream")
+    if stream is None:  # (a test's MockTransport)
+        return None
+    sock = stream.get_extra_info("socket")
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def post_streamed(client: httpx.Client, url: str, body: dict[str, Any], deadline: float, *,
+                  watch: Watch, gone: Callable[[], bool],
+                  headers: dict[str, str]) -> httpx.Response:
+    """POST ``body`` with ``"stream": true`` and return the response an unstreamed call would
+    have had (the events put together as its JSON body; a non-stream answer, an error's
+    included, read whole as it came), all by ``deadline`` like ``retry.request_by``.
+    StreamEnded when the watch ended it; httpx.RemoteProtocolError for a stream cut before
+    its end; ValueError or TypeError for chunks of another shape."""
+    with client.stream("POST", url, json={**body, "stream": True}, headers=headers,
+                       timeout=max(deadline - time.monotonic(), 1.0)) as resp:
+        if resp.status_code != 200 or EVENT_STREAM not in resp.headers.get("content-type", ""):
+            return read_whole(resp, deadline)
+        with watch.watching(resp, gone) as watched:
+            try:
+                data, complete = assembled(events(_heard(resp.iter_lines(), watched,
+                                                         deadline)))
+            except httpx.TransportError:
+                if watched.reason is not None:
+                    raise StreamEnded(watched.reason) from None
+                raise
+            if watched.reason is not None:  # (a shut socket may read as the stream's end)
+                raise StreamEnded(watched.reason)
+        if "error" in data:  # (an engine failing mid-stream: its error's code, else a 500)
+            code = data["error"].get("code") if isinstance(data["error"], dict) else None
+            status = code if isinstance(code, int) and 400 <= code < 600 else 500
+            return httpx.Response(status, json=data, request=resp.request)
+        if not complete:
+            raise httpx.RemoteProtocolError("the stream ended before its last event")
+        return httpx.Response(200, json=data, request=resp.request)
+
+
+def _heard(lines: Iterator[str], watched: Watched, deadline: float) -> Iterator[str]:
+    for line in lines:
+        if line.startswith("data:"):  # (a comment, a keep-alive, is no word from the model)
+            watched.heard()
+        if time.monotonic() > deadline:
+            raise httpx.ReadTimeout("the answer was still coming at the deadline")
+        yield line

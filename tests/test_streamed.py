@@ -1,0 +1,196 @@
+"""Streamed chat completions (citeqa/generation/streamed.py): server-sent events put together
+as the unstreamed body, and the watch that ends a stream early, against a real socket (a stream
+whose engine is gone, one whose asker left, one merely slow)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from citeqa.errors import EngineError, EngineUnavailableError
+from citeqa.generation.backend import GenerationRequest
+from citeqa.generation.remote import RemoteBackend
+from citeqa.generation.streamed import assembled, events
+from citeqa.retry import Backoff
+
+MSGS = ({"role": "user", "content": "q?"},)
+FAST = Backoff(retries=2, base_s=0.01, max_s=0.05)
+
+
+def chunk(i: int, content: str | None = None, lps: list[float] | None = None,
+          finish: str | None = None) -> str:
+    c: dict = {"index": i, "delta": {} if content is None else {"content": content},
+               "finish_reason": finish}
+    if lps is not None:
+        c["logprobs"] = {"content": [{"token": "t", "logprob": lp} for lp in lps]}
+    return "data: " + json.dumps({"choices": [c]}) + "\n\n"
+
+
+def sse(*parts: str) -> bytes:
+    return "".join(parts).encode()
+
+
+def test_events_follow_the_server_sent_events_rules():
+    lines = [": a comment", "event: message", "data: one", "", "data:two", "data:  three", "",
+             "", "id: 4", "data: a", "data: b"]
+    assert list(events(lines)) == ["one", "two\n three", "a\nb"]
+
+
+def test_chunks_add_up_to_the_unstreamed_body():
+    body, complete = assembled([
+        json.dumps({"choices": [{"index": 1, "delta": {"role": "assistant"}}]}),
+        json.dumps({"choices": [{"index": 0, "delta": {"content": "Ans"},
+                                 "logprobs": {"content": [{"logprob": -1.0}]}},
+                                {"index": 1, "delta": {"content": "Other"},
+                                 "logprobs": {"content": [{"logprob": -2.0}]}}]}),
+        json.dumps({"choices": [{"index": 0, "delta": {"content": "wer"},
+                                 "logprobs": {"content": [{"logprob": -0.5}]},
+                                 "finish_reason": "stop"}]}),
+        json.dumps({"choices": [{"index": 1, "delta": {}, "finish_reason": "length"}]}),
+        "[DONE]", "ignored after the end"])
+    assert complete
+    assert body == {"choices": [
+        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Answer"},
+         "logprobs": {"content": [{"logprob": -1.0}, {"logprob": -0.5}]}},
+        {"index": 1, "finish_reason": "length", "message": {"role": "assistant",
+                                                             "content": "Other"},
+         "logprobs": {"content": [{"logprob": -2.0}]}}]}
+
+
+def test_a_stream_is_complete_at_done_or_once_every_choice_has_finished():
+    no_logprobs = json.dumps({"choices": [{"index": 0, "delta": {"content": "x"}}]})
+    assert assembled([no_logprobs]) == ({"choices": [
+        {"index": 0, "finish_reason": None, "message": {"role": "assistant", "content": "x"},
+         "logprobs": None}]}, False)
+    assert assembled([no_logprobs, "[DONE]"])[1]
+    assert assembled([json.dumps({"choices": [{"index": 0, "delta": {},
+                                               "finish_reason": "stop"}]})])[1]
+    assert assembled([]) == ({"choices": []}, False)
+    err = {"message": "grammar failed", "code": 400}
+    assert assembled([no_logprobs, json.dumps({"error": err}), "[DONE]"]) == ({"error": err}, True)
+
+
+@pytest.mark.parametrize("data", ["{not json", "[1]", '{"choices": [{"index": "0"}]}',
+                                  '{"choices": [{"delta": {"content": 3}}]}',
+                                  '{"choices": [{"logprobs": {"content": 1}}]}'])
+def test_a_chunk_of_another_shape_is_refused(data):
+    with pytest.raises((ValueError, TypeError)):
+        assembled([data])
+
+
+def mocked(content: bytes, status: int = 200) -> RemoteBackend:
+    client = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(
+        status, content=content, headers={"content-type": "text/event-stream"})))
+    return RemoteBackend("http://gen", "m", client=client, backoff=FAST, timeout_s=2)
+
+
+def test_a_streamed_answer_is_the_unstreamed_one():
+    b = mocked(sse(chunk(0, "Answer: a", [-1.0, -0.5]), chunk(0, "\nQuote", [-0.25], "stop"),
+                   "data: [DONE]\n\n"))
+    [[c]] = b.generate([GenerationRequest(messages=MSGS)])
+    assert (c.text, c.logprob, c.n_tokens) == ("Answer: a\nQuote", -1.75, 3)
+
+
+def test_streamed_failures_are_the_engines_errors():
+    error = 'data: {"error": {"message": "the grammar is bad", "code": 400}}\n\n'
+    with pytest.raises(EngineError, match="answered 400: the grammar is bad"):
+        mocked(sse(chunk(0, "a"), error)).generate([GenerationRequest(messages=MSGS)])
+    with pytest.raises(EngineError, match="unexpected stream event"):
+        mocked(b"data: {oops\n\n").generate([GenerationRequest(messages=MSGS)])
+    # a stream cut before its end is a broken connection: tried again, then unavailable
+    with pytest.raises(EngineUnavailableError, match="cannot be reached"):
+        mocked(sse(chunk(0, "a"))).generate([GenerationRequest(messages=MSGS)])
+
+
+class Engine:
+    """A real socket: a stream that sends one chunk, then nothing until ``release``; /health
+    answers ``health``; ``left`` is set once the client went away mid-stream."""
+
+    def __init__(self) -> None:
+        self.health = 200
+        self.release = threading.Event()
+        self.left = threading.Event()
+        engine = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self.send_response(engine.health)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                self.wfile.write(sse(chunk(0, "Answer: a", [-1.0])))
+                self.wfile.flush()
+                while not engine.release.wait(0.05):
+                    try:  # (a client gone shows as a write that fails)
+                        self.wfile.write(b": waiting\n")
+                        self.wfile.flush()
+                    except OSError:
+                        engine.left.set()
+                        return
+                self.wfile.write(sse(chunk(0, "\nQuote", [-1.0], "stop"), "data: [DONE]\n\n"))
+                self.close_connection = True
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+@contextmanager
+def engine() -> Iterator[Engine]:
+    e = Engine()
+    thread = threading.Thread(target=e.server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield e
+    finally:
+        e.release.set()
+        e.server.shutdown()
+        e.server.server_close()
+
+
+def test_a_stream_whose_engine_is_gone_ends_within_seconds_not_at_its_timeout():
+    """vLLM stopped by a signal to its process group held its requests, unanswered, until
+    citeqa's timeout (120 s)."""
+    with engine() as e:
+        b = RemoteBackend(e.url, "m", timeout_s=30, stall_s=0.3, backoff=FAST)
+        e.health = 503
+        t0 = time.monotonic()
+        with pytest.raises(EngineUnavailableError, match="stopped while answering"):
+            b.generate([GenerationRequest(messages=MSGS)])
+        assert time.monotonic() - t0 < 5
+
+
+def test_a_slow_stream_from_a_healthy_engine_is_waited_for():
+    """Comments keep this stream's socket busy but are no word from the model: the watch asks
+    /health, which says the engine is up, so the call goes on to its end."""
+    with engine() as e:
+        b = RemoteBackend(e.url, "m", timeout_s=30, stall_s=0.3, backoff=FAST)
+        threading.Timer(1.5, e.release.set).start()
+        [[c]] = b.generate([GenerationRequest(messages=MSGS)])
+        assert (c.text, c.n_tokens) == ("Answer: a\nQuote", 2)
+
+
+def test_a_stream_nobody_waits_for_is_ended_and_the_engine_sees_its_client_leave():
+    with engine() as e:
+        b = RemoteBackend(e.url, "m", timeout_s=30, backoff=FAST)
+        left = threading.Event()
+        threading.Timer(0.5, left.set).start()
+        t0 = time.monotonic()
+        [[c]] = b.generate([GenerationRequest(messages=MSGS, abandoned=left.is_set)])
+        assert (c.text, c.n_tokens) == ("", 0)
+        assert time.monotonic() - t0 < 3
+        assert e.left.wait(3)
