@@ -5,6 +5,7 @@ whose engine is gone, one whose asker left, one merely slow)."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import pytest
 from citeqa.errors import EngineError, EngineUnavailableError
 from citeqa.generation.backend import GenerationRequest
 from citeqa.generation.remote import RemoteBackend
-from citeqa.generation.streamed import assembled, events
+from citeqa.generation.streamed import ABANDONED, Watch, Watched, assembled, events
 from citeqa.retry import Backoff
 
 MSGS = ({"role": "user", "content": "q?"},)
@@ -194,3 +195,42 @@ def test_a_stream_nobody_waits_for_is_ended_and_the_engine_sees_its_client_leave
         assert (c.text, c.n_tokens) == ("", 0)
         assert time.monotonic() - t0 < 3
         assert e.left.wait(3)
+
+
+def test_a_stream_over_is_never_shut_its_connection_may_carry_another_call():
+    """The watch looks at a list of streams taken a moment before: one read to its end (its
+    connection back in the pool, perhaps already another call's) must not be shut then."""
+    mine, theirs = socket.socketpair()
+    with mine, theirs:
+        watched = Watched(mine, lambda: True)
+        watched.over()
+        watched.end(ABANDONED)
+        assert watched.reason is None
+        theirs.sendall(b"x")
+        assert mine.recv(1) == b"x"  # still open
+        live = Watched(mine, lambda: True)
+        live.end(ABANDONED)
+        assert live.reason == ABANDONED and mine.recv(1) == b""  # shut: the read ends
+
+
+def test_the_watch_outlives_a_callback_that_fails():
+    asked = []
+
+    def engine_gone() -> bool:
+        asked.append(1)
+        raise RuntimeError("a bad probe")
+
+    watch = Watch(engine_gone, every_s=0.02, stall_s=0.05)
+    flaky = iter([RuntimeError("a bad gone()")])
+
+    def gone() -> bool:
+        for e in flaky:
+            raise e
+        return len(asked) >= 2  # the watch went on after both failures
+
+    response = httpx.Response(200)
+    with watch.watching(response, gone) as watched:
+        deadline = time.monotonic() + 3
+        while watched.reason is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert watched.reason == ABANDONED and len(asked) >= 2

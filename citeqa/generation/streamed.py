@@ -16,6 +16,7 @@ go and aborts the request). A server that answers with plain JSON instead (one t
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -26,6 +27,8 @@ from typing import Any
 import httpx
 
 from citeqa.retry import read_whole
+
+logger = logging.getLogger(__name__)
 
 STALL_S = 5.0  # a stream this long without an event has its engine's /health asked
 EVERY_S = 0.5  # how often the watch looks at the streams in flight
@@ -110,19 +113,29 @@ class Watched:
         self.gone = gone
         self.last = time.monotonic()
         self.reason: str | None = None
+        self._lock = threading.Lock()
+        self._over = False
 
     def heard(self) -> None:
         self.last = time.monotonic()
 
     def end(self, reason: str) -> None:
         """Shut the stream's socket, so that its read ends now (the server sees its client
-        leave)."""
-        self.reason = reason
-        if self._socket is not None:
-            try:
-                self._socket.shutdown(socket.SHUT_RDWR)
-            except OSError:  # already closed
-                pass
+        leave); nothing once the stream is over (its connection may carry another call)."""
+        with self._lock:
+            if self._over:
+                return
+            self.reason = reason
+            if self._socket is not None:
+                try:
+                    self._socket.shutdown(socket.SHUT_RDWR)
+                except OSError:  # already closed
+                    pass
+
+    def over(self) -> None:
+        """The stream is read (or failed): ``end`` no longer touches its socket."""
+        with self._lock:
+            self._over = True
 
 
 class Watch:
@@ -149,6 +162,7 @@ class Watch:
         try:
             yield watched
         finally:
+            watched.over()  # (before its connection goes back to the pool)
             with self._lock:
                 self._streams.discard(watched)
 
@@ -161,16 +175,25 @@ class Watch:
                     self._thread = None
                     return
                 streams = list(self._streams)
-            for w in streams:
-                if w.reason is None and w.gone():
-                    w.end(ABANDONED)
-            now = time.monotonic()
-            stalled = [w for w in streams if w.reason is None and now - w.last >= self.stall_s]
-            if stalled and now - asked >= self.stall_s:
-                asked = now
-                if self._engine_gone():
-                    for w in stalled:
-                        w.end(ENGINE_GONE)
+            try:
+                asked = self._look(streams, asked)
+            except Exception:  # (the watch must outlive a bad callback: it is the only one)
+                logger.exception("the stream watch failed this time; it goes on")
+
+    def _look(self, streams: list[Watched], asked: float) -> float:
+        """End the abandoned streams, and the stalled ones of a gone engine; when the engine
+        was last asked."""
+        for w in streams:
+            if w.reason is None and w.gone():
+                w.end(ABANDONED)
+        now = time.monotonic()
+        stalled = [w for w in streams if w.reason is None and now - w.last >= self.stall_s]
+        if stalled and now - asked >= self.stall_s:
+            asked = now
+            if self._engine_gone():
+                for w in stalled:
+                    w.end(ENGINE_GONE)
+        return asked
 
 
 def _socket_of(response: httpx.Response) -> socket.socket | None:
