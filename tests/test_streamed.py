@@ -40,8 +40,11 @@ def sse(*parts: str) -> bytes:
 
 def test_events_follow_the_server_sent_events_rules():
     lines = [": a comment", "event: message", "data: one", "", "data:two", "data:  three", "",
-             "", "id: 4", "data: a", "data: b"]
+             "", "id: 4", "data: a", "data: b", ""]
     assert list(events(lines)) == ["one", "two\n three", "a\nb"]
+    # data the lines end in without a blank line is a stream cut off: dropped, unless [DONE]
+    assert list(events(["data: one", "", 'data: {"choices": [{"delta": {"cont'])) == ["one"]
+    assert list(events(["data: one", "", "data: [DONE]"])) == ["one", "[DONE]"]
 
 
 def test_chunks_add_up_to_the_unstreamed_body():
@@ -106,8 +109,9 @@ def test_streamed_failures_are_the_engines_errors():
     with pytest.raises(EngineError, match="unexpected stream event"):
         mocked(b"data: {oops\n\n").generate([GenerationRequest(messages=MSGS)])
     # a stream cut before its end is a broken connection: tried again, then unavailable
-    with pytest.raises(EngineUnavailableError, match="cannot be reached"):
-        mocked(sse(chunk(0, "a"))).generate([GenerationRequest(messages=MSGS)])
+    for cut in (sse(chunk(0, "a")), sse(chunk(0, "a"), 'data: {"choices": [{"delta": {"co')):
+        with pytest.raises(EngineUnavailableError, match="cannot be reached"):
+            mocked(cut).generate([GenerationRequest(messages=MSGS)])
 
 
 class Engine:
@@ -116,6 +120,8 @@ class Engine:
 
     def __init__(self) -> None:
         self.health = 200
+        self.health_s = 0.0  # how long /health takes to answer
+        self.peers: set[int] = set()  # the client ports calls came from (one per connection)
         self.release = threading.Event()
         self.left = threading.Event()
         engine = self
@@ -125,12 +131,22 @@ class Engine:
                 pass
 
             def do_GET(self) -> None:
+                time.sleep(engine.health_s)
                 self.send_response(engine.health)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
             def do_POST(self) -> None:
-                self.rfile.read(int(self.headers["Content-Length"]))
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                engine.peers.add(self.client_address[1])
+                if body["messages"][0]["content"] == "quick":  # a whole answer, kept alive
+                    sent = sse(chunk(0, "Answer: a", [-1.0], "stop"), "data: [DONE]\n\n")
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Content-Length", str(len(sent)))
+                    self.end_headers()
+                    self.wfile.write(sent)
+                    return
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()
@@ -146,6 +162,7 @@ class Engine:
                 self.wfile.write(sse(chunk(0, "\nQuote", [-1.0], "stop"), "data: [DONE]\n\n"))
                 self.close_connection = True
 
+        Handler.protocol_version = "HTTP/1.1"  # (keep-alive: a connection may carry calls)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
@@ -234,3 +251,33 @@ def test_the_watch_outlives_a_callback_that_fails():
         while watched.reason is None and time.monotonic() < deadline:
             time.sleep(0.01)
     assert watched.reason == ABANDONED and len(asked) >= 2
+
+
+def test_a_connection_carries_call_after_call():
+    """Left unread after [DONE], the body's end kept each connection from the pool: every
+    completion opened a new one (a TLS handshake each, over https)."""
+    with engine() as e:
+        b = RemoteBackend(e.url, "m", timeout_s=30, backoff=FAST)
+        quick = ({"role": "user", "content": "quick"},)
+        for _ in range(3):
+            [[c]] = b.generate([GenerationRequest(messages=quick)])
+            assert c.text == "Answer: a"
+        assert len(e.peers) == 1
+
+
+def test_an_abandoned_stream_does_not_wait_for_a_slow_health_answer():
+    """One thread both asked /health (up to 2 s) and looked for abandoned streams: a call given
+    up on while the engine was being asked ran on until its answer came."""
+    with engine() as e:
+        e.health_s = 2.0
+        b = RemoteBackend(e.url, "m", timeout_s=30, stall_s=0.3, backoff=FAST)
+        stalled = threading.Thread(target=b.generate, args=([GenerationRequest(messages=MSGS)],))
+        stalled.start()
+        time.sleep(0.9)  # the engine is being asked about it now
+        left = threading.Event()
+        threading.Timer(0.3, left.set).start()  # once its call is out (stalled too)
+        t0 = time.monotonic()
+        [[c]] = b.generate([GenerationRequest(messages=MSGS, abandoned=left.is_set)])
+        assert c.text == "" and time.monotonic() - t0 < 0.3 + 0.9
+        e.release.set()
+        stalled.join(10)

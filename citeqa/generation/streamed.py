@@ -7,14 +7,15 @@ group (Ctrl-C in its terminal) held every request in flight, unanswered, until t
 timeout; and a request nobody waits for any more (its asker left, or its batch failed) kept the
 engine generating to its end. A stream's socket is at hand as soon as its headers arrive, so
 ``Watch`` can shut it: for a stream with no event for ``STALL_S`` seconds, once the engine's
-``/health`` says it is gone (the stream then ends as ``ENGINE_GONE``); and, within
-``EVERY_S``, for a stream whose request is abandoned (``ABANDONED``: the engine sees its client
-go and aborts the request). A server that answers with plain JSON instead (one that ignores
-``stream``, or a buffering proxy) is read as before.
+``/health`` says it is gone (the stream then ends as ``ENGINE_GONE``; asked on a thread of its
+own); and, within ``EVERY_S``, for a stream whose request is abandoned (``ABANDONED``: the
+engine sees its client go and aborts the request). A server that answers with plain JSON
+instead (one that ignores ``stream``, or a buffering proxy) is read as before.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import socket
@@ -35,6 +36,7 @@ EVERY_S = 0.5  # how often the watch looks at the streams in flight
 ABANDONED = "abandoned"
 ENGINE_GONE = "engine gone"
 EVENT_STREAM = "text/event-stream"
+DRAINED_LINES = 16  # after [DONE], lines read to the body's end (more: the connection closes)
 
 
 class StreamEnded(Exception):
@@ -47,7 +49,9 @@ class StreamEnded(Exception):
 
 def events(lines: Iterable[str]) -> Iterator[str]:
     """The data of each server-sent event in ``lines`` (data lines joined by line breaks; an
-    event ends at a blank line, or where the lines end); comments and other fields skipped."""
+    event ends at a blank line); comments and other fields skipped. Data the lines end in
+    without a blank line is dropped, as the standard says (a stream cut off there), unless it
+    is ``[DONE]`` (a server that leaves out the last blank line)."""
     data: list[str] = []
     for line in lines:
         if not line:
@@ -57,8 +61,8 @@ def events(lines: Iterable[str]) -> Iterator[str]:
         elif line.startswith("data:"):
             value = line[5:]
             data.append(value[1:] if value.startswith(" ") else value)
-    if data:
-        yield "\n".join(data)
+    if data and "\n".join(data).strip() == "[DONE]":
+        yield "[DONE]"
 
 
 def assembled(event_data: Iterable[str]) -> tuple[dict[str, Any], bool]:
@@ -149,6 +153,7 @@ class Watch:
         self._lock = threading.Lock()
         self._streams: set[Watched] = set()
         self._thread: threading.Thread | None = None
+        self._asking = False  # an engine_gone() call is under way (on a thread of its own)
 
     @contextmanager
     def watching(self, response: httpx.Response, gone: Callable[[], bool]) -> Iterator[Watched]:
@@ -175,25 +180,37 @@ class Watch:
                     self._thread = None
                     return
                 streams = list(self._streams)
-            try:
-                asked = self._look(streams, asked)
-            except Exception:  # (the watch must outlive a bad callback: it is the only one)
-                logger.exception("the stream watch failed this time; it goes on")
+            asked = self._look(streams, asked)
 
     def _look(self, streams: list[Watched], asked: float) -> float:
-        """End the abandoned streams, and the stalled ones of a gone engine; when the engine
-        was last asked."""
+        """End the abandoned streams; have the engine asked about the stalled ones (on a
+        thread of its own: its answer may take seconds, abandoned streams may not wait);
+        when the engine was last asked."""
         for w in streams:
-            if w.reason is None and w.gone():
-                w.end(ABANDONED)
+            try:
+                if w.reason is None and w.gone():
+                    w.end(ABANDONED)
+            except Exception:  # (the watch must outlive a bad callback: it is the only one)
+                logger.exception("the stream watch could not tell whether a call is abandoned")
         now = time.monotonic()
         stalled = [w for w in streams if w.reason is None and now - w.last >= self.stall_s]
-        if stalled and now - asked >= self.stall_s:
-            asked = now
+        if stalled and now - asked >= self.stall_s and not self._asking:
+            self._asking = True
+            threading.Thread(target=self._ask, args=(stalled,), name="citeqa-engine-probe",
+                             daemon=True).start()
+            return now
+        return asked
+
+    def _ask(self, stalled: list[Watched]) -> None:
+        """End the ``stalled`` streams when the engine is gone."""
+        try:
             if self._engine_gone():
                 for w in stalled:
                     w.end(ENGINE_GONE)
-        return asked
+        except Exception:
+            logger.exception("the stream watch could not ask whether the engine is gone")
+        finally:
+            self._asking = False
 
 
 def _socket_of(response: httpx.Response) -> socket.socket | None:
@@ -217,15 +234,20 @@ def post_streamed(client: httpx.Client, url: str, body: dict[str, Any], deadline
         if resp.status_code != 200 or EVENT_STREAM not in resp.headers.get("content-type", ""):
             return read_whole(resp, deadline)
         with watch.watching(resp, gone) as watched:
+            lines = _heard(resp.iter_lines(), watched, deadline)
             try:
-                data, complete = assembled(events(_heard(resp.iter_lines(), watched,
-                                                         deadline)))
+                data, complete = assembled(events(lines))
             except httpx.TransportError:
                 if watched.reason is not None:
                     raise StreamEnded(watched.reason) from None
                 raise
             if watched.reason is not None:  # (a shut socket may read as the stream's end)
                 raise StreamEnded(watched.reason)
+            try:  # what follows [DONE], the body's end: read, so the connection is reused
+                for _ in itertools.islice(lines, DRAINED_LINES):
+                    pass
+            except httpx.HTTPError:  # (the answer is whole; the connection is not reused)
+                pass
         if "error" in data:  # (an engine failing mid-stream: its error's code, else a 500)
             code = data["error"].get("code") if isinstance(data["error"], dict) else None
             status = code if isinstance(code, int) and 400 <= code < 600 else 500
