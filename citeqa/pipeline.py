@@ -224,15 +224,15 @@ class Pipeline:
             _close_backend(backend)
             raise
         logger.info("loaded in %.1f s", time.perf_counter() - started)
-        record = getattr(scorer, "calibration", None)  # its calibration.json, parsed
-        if record is not None:
-            from citeqa.generation.prompt import generator_fingerprint
-            from citeqa.reward.provenance import mismatch_warning
-
-            serving = generator_fingerprint(backend.model_id, cfg.generation)
-            warning = mismatch_warning(record.body, serving, cfg.generation.n_candidates)
-            if warning:
-                logger.warning("%s", warning)
+        pipeline = cls(
+            retriever,
+            CitedGenerator(backend, cfg.generation),
+            cfg,
+            scorer,
+            index_dir=Path(settings.index),
+        )
+        if warning := pipeline.calibration_warning():
+            logger.warning("%s", warning)
         threshold = scorer.threshold if scorer is not None else None
         uncertified = threshold is None or math.isinf(threshold)
         if (scorer is not None and cfg.reward.threshold is None and uncertified
@@ -242,13 +242,25 @@ class Pipeline:
                 "per request to decline, or set CITEQA_DECLINE_UNCERTIFIED=1)",
                 "the reward model has no calibration" if threshold is None else
                 "the reward model's calibration certified no accuracy target")
-        return cls(
-            retriever,
-            CitedGenerator(backend, cfg.generation),
-            cfg,
-            scorer,
-            index_dir=Path(settings.index),
-        )
+        return pipeline
+
+    def calibration_warning(self, *, n_candidates: int | None = None,
+                            answer_mode: str | None = None) -> str | None:
+        """The line saying the reward model's decline threshold was calibrated on other answers
+        than this pipeline gives (asked with these options), which a service logs when it
+        starts and an evaluation's report shows; None when none differs or nothing recorded."""
+        record = getattr(self.scorer, "calibration", None)  # its calibration.json, parsed
+        body = getattr(record, "body", None)
+        if not isinstance(body, dict):
+            return None
+        from citeqa.generation.prompt import generator_fingerprint
+        from citeqa.reward.provenance import mismatch_warning
+
+        gen = self.cfg.generation
+        asked = replace(gen, answer_mode=cast(AnswerMode, answer_mode or gen.answer_mode))
+        return mismatch_warning(body, generator_fingerprint(self.generator.backend.model_id,
+                                                            asked),
+                                n_candidates or gen.n_candidates)
 
     # -- questions ---------------------------------------------------------------------------
 

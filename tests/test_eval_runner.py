@@ -28,7 +28,7 @@ from citeqa.evals.runner import (
 from citeqa.evals.squad import EVAL_ARTICLES, QAItem
 from citeqa.pipeline import Pipeline
 from citeqa.retrieval import build_index_from_documents
-from citeqa.types import Document, Hit, Passage
+from citeqa.types import Answer, Document, Hit, Passage
 
 DOCS = THREE_DOCS
 QUESTIONS = [
@@ -338,6 +338,67 @@ def test_refused_question_is_recorded_as_decline(index_dir: Path, tmp_path: Path
     assert first["declined"] and first["reason"].startswith("refused:")
     assert first["candidates"] == []
     assert result.metrics["questions"] == 2
+
+
+def test_a_generator_gone_mid_run_stops_it_and_the_rerun_asks_the_rest(
+        dataset: Path, index_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """Recorded as refusals, the questions asked while a remote engine was down became
+    declines for good (a rerun resumed them), and the run ended 'successfully' with F1 0."""
+    from citeqa.errors import EngineUnavailableError
+
+    real = Pipeline.ask
+    calls = {"n": 0}
+
+    def down_after_two(self, question, **kw):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise EngineUnavailableError("the generator at http://gen cannot be reached")
+        return real(self, question, **kw)
+
+    monkeypatch.setattr(Pipeline, "ask", down_after_two)
+    out = tmp_path / "run"
+    with pytest.raises(EngineUnavailableError, match=r"cannot be reached. The run stopped: the "
+                                                     r"2 questions answered so far are kept"):
+        run_eval(_spec(dataset, index_dir), out, progress=False)
+    assert [r["id"] for r in _lines(out)] == ["q1", "q2"]
+    assert not (out / "metrics.json").exists()
+    monkeypatch.setattr(Pipeline, "ask", real)  # the engine is back
+    again = run_eval(_spec(dataset, index_dir), out, progress=False)
+    assert (again.resumed, again.answered_now) == (2, 3)
+    assert not any(r["reason"] and r["reason"].startswith("refused:") for r in _lines(out))
+
+
+def test_a_calibration_made_on_other_answers_is_said_in_the_report(
+        dataset: Path, index_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """The service logs it when it starts; an evaluation said it on stderr only, and its
+    report gave the threshold in effect as if it certified what it did for other answers."""
+    from types import SimpleNamespace
+
+    from citeqa.generation.prompt import generator_fingerprint
+
+    loaded = Pipeline.from_settings
+
+    def with_calibration(settings):
+        pipeline = loaded(settings)
+        gen = pipeline.cfg.generation
+        made_on = generator_fingerprint(pipeline.generator.backend.model_id, gen)
+        body = {"generators": [{**made_on, "top_k_passages": gen.top_k_passages + 2}],
+                "candidates_per_question": gen.n_candidates, "threshold": 0.5,
+                "target_accuracy": 0.8}
+        pipeline.scorer = SimpleNamespace(calibration=SimpleNamespace(body=body))
+        return pipeline
+
+    monkeypatch.setattr(Pipeline, "from_settings", staticmethod(with_calibration))
+    monkeypatch.setattr("citeqa.evals.runner.scorer_name", lambda pipeline: "a stand-in")
+    monkeypatch.setattr(Pipeline, "decline_threshold", lambda self, min_score: 0.5)
+    monkeypatch.setattr(Pipeline, "ask_many", lambda self, args: [
+        Answer(question=a.question, declined=True, answer=None, quote=None, score=None,
+               reason="below") for a in args])
+    out = tmp_path / "run"
+    run_eval(_spec(dataset, index_dir), out, limit=1, progress=False)
+    note = json.loads((out / RUN_JSON).read_text())["pipeline"]["calibration_note"]
+    assert "top_k_passages" in note and "calibrated on other answers" in note
+    assert f"threshold in effect: 0.500 ({note})" in (out / "report.md").read_text()
 
 
 def test_split_restricts_squad_articles(index_dir: Path, tmp_path: Path) -> None:

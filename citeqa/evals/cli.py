@@ -128,7 +128,8 @@ def run(
     )
     if m.get("refused"):
         typer.echo(f"warning: {m['refused']} question{'' if m['refused'] == 1 else 's'} "
-                   "refused by citeqa (empty or too long), counted as declines; see "
+                   "refused by citeqa (empty or too long) or failed by its generator, counted "
+                   "as declines; see "
                    "predictions.jsonl ('reason')", err=True)
     typer.echo(f"report: {result.out / 'report.md'}")
 

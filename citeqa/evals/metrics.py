@@ -49,7 +49,8 @@ def f1(pred: str | None, golds: Sequence[str]) -> float:
     return max(answer_f1(pred, g) for g in _scorable_golds(golds))
 
 
-# A prediction's decline ``reason`` when citeqa refused to ask its question (empty, too long).
+# A prediction's decline ``reason`` when citeqa refused to ask its question (empty, too long),
+# or its generator failed on it (an engine error).
 REFUSED = "refused: "
 
 

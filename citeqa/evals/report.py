@@ -56,7 +56,7 @@ class Judged:
     gold_rank: int | None  # rank of the gold paragraph in retrieval, None = not in the top
     has_context: bool  # the gold paragraph is known (gold_rank is meaningful)
     latency_ms: float | None
-    refused: bool = False  # the pipeline refused the question (empty, too long): a decline
+    refused: bool = False  # refused (empty, too long) or its generator failed: a decline
 
 
 # --- judging ----------------------------------------------------------------------------------
@@ -318,10 +318,12 @@ def render_markdown(m: dict[str, Any], run: dict[str, Any]) -> str:
         f"- dataset: `{run['dataset']}` (sha256 `{ident['dataset_sha256']}`), split: "
         f"{ident['split'] or 'all'}; {m['questions']} questions ({m['answerable']} answerable, "
         f"{m['unanswerable']} unanswerable)"
-        + (f"; **{m['refused']} refused** by citeqa (empty or too long: counted as declines)"
+        + (f"; **{m['refused']} refused** by citeqa (empty or too long) or failed by its "
+           "generator: counted as declines"
            if m.get("refused") else ""),
         f"- preset: `{ident['preset']}`, n_candidates: {ident['n_candidates'] or 'preset'}, "
-        f"min_score: {_num(ident['min_score'])}, threshold in effect: {_num(m['threshold'])}",
+        f"min_score: {_num(ident['min_score'])}, threshold in effect: {_num(m['threshold'])}"
+        + (f" ({pipe['calibration_note']})" if pipe.get("calibration_note") else ""),
         f"- generator: `{pipe['generator_model_id']}`",
         f"- score (`Answer.score`) produced by: **{scorer}**"
         + (f" — {pipe['scorer_note']}" if pipe.get("scorer_note") else ""),

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from citeqa.atomic import write_text_atomic
 from citeqa.config import MAX_PASSAGES
-from citeqa.errors import CiteqaError, ConfigError
+from citeqa.errors import CiteqaError, ConfigError, EngineUnavailableError
 from citeqa.evals.metrics import REFUSED, threshold_json
 from citeqa.evals.squad import QAItem, articles_for_split, load_questions, split_warning
 from citeqa.journal import (
@@ -129,8 +129,11 @@ def scorer_name(pipeline: Pipeline) -> str:
     return str(getattr(pipeline.scorer, "name", None) or type(pipeline.scorer).__name__)
 
 
-def describe_pipeline(pipeline: Pipeline, min_score: float | None) -> dict[str, Any]:
-    """Models, scorer and threshold of a pipeline, for run.json and the report."""
+def describe_pipeline(pipeline: Pipeline, min_score: float | None,
+                      n_candidates: int | None = None,
+                      answer_mode: str | None = None) -> dict[str, Any]:
+    """Models, scorer and threshold of a pipeline asked with these options, for run.json and
+    the report."""
     scorer = scorer_name(pipeline)
     return {
         "generator_model_id": pipeline.generator.backend.model_id,
@@ -138,6 +141,8 @@ def describe_pipeline(pipeline: Pipeline, min_score: float | None) -> dict[str, 
         "scorer_note": STAND_IN_NOTE if pipeline.scorer is None else None,
         # the pipeline's own rule, not a copy
         "threshold": threshold_json(pipeline.decline_threshold(min_score)),
+        "calibration_note": pipeline.calibration_warning(n_candidates=n_candidates,
+                                                         answer_mode=answer_mode),
         "config": _without_secrets(_resolved_paths(_finite_json(asdict(pipeline.cfg)))),
     }
 
@@ -296,10 +301,14 @@ def prediction_record(item: QAItem, answer: Answer, rank: int | None) -> dict[st
 
 def ask_one(pipeline: Pipeline, item: QAItem, n_candidates: int | None, min_score: float | None,
             answer_mode: str | None = None) -> dict[str, Any]:
-    """Ask one question; a question the pipeline refuses becomes a recorded decline."""
+    """Ask one question; a question the pipeline refuses (or its generator fails) becomes a
+    recorded decline. A generator that cannot be reached now stops the run
+    (EngineUnavailableError): recorded so, every later question would be a decline for good."""
     try:
         answer = pipeline.ask(item.question, n_candidates=n_candidates, min_score=min_score,
                               search_k=RETRIEVAL_DEPTH, answer_mode=answer_mode)
+    except EngineUnavailableError:
+        raise
     except CiteqaError as e:  # e.g. an over-long question: record it, keep going
         answer = Answer(
             question=item.question,
@@ -406,7 +415,8 @@ def _run_eval(spec: RunSpec, out: Path, items: list[QAItem], ident: dict[str, An
         "dataset": str(spec.dataset),
         "index": str(spec.index),
         "index_manifest": manifest_summary(index_manifest),
-        "pipeline": describe_pipeline(pipeline, spec.min_score),
+        "pipeline": describe_pipeline(pipeline, spec.min_score, spec.n_candidates,
+                                      spec.answer_mode),
         "git_revision": git_revision(),
         "started": _now(),
     }
@@ -431,7 +441,14 @@ def _run_eval(spec: RunSpec, out: Path, items: list[QAItem], ident: dict[str, An
             total=len(items), initial=resumed, desc="questions", unit="q", disable=not progress
         )
         for item in todo:
-            row = ask_one(pipeline, item, spec.n_candidates, spec.min_score, spec.answer_mode)
+            try:
+                row = ask_one(pipeline, item, spec.n_candidates, spec.min_score,
+                              spec.answer_mode)
+            except EngineUnavailableError as e:
+                raise EngineUnavailableError(
+                    f"{e}. The run stopped: the {len(records)} questions answered so far are "
+                    f"kept in {pred_path}; run the same command again once the generator is "
+                    "back, and it goes on from there") from e
             append_record(f, row)
             records.append(row)
             bar.update(1)

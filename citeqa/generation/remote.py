@@ -107,6 +107,7 @@ class RemoteBackend:
         self._continue = ThreadPoolExecutor(self.concurrency, thread_name_prefix="citeqa-quote")
         self._in_flight = threading.BoundedSemaphore(self.concurrency)
         self._watch = Watch(self._engine_gone, stall_s=stall_s)
+        self._roots: dict[str, str] = {}  # served name -> where the engine loaded it from
 
     # -- the engine ---------------------------------------------------------------------------
 
@@ -119,7 +120,11 @@ class RemoteBackend:
 
     @property
     def model_id(self) -> str:
-        return f"remote:{self.model}"
+        """``remote:NAME``, and where the engine says the model comes from (vLLM's ``root``,
+        the directory it loaded) once /v1/models was asked: a served name alone is the same
+        for every model scripts/vllm_cpu.sh serves."""
+        root = self._roots.get(self.model)
+        return f"remote:{self.model}" + (f" ({root})" if root and root != self.model else "")
 
     def served_models(self, deadline: float | None = None) -> list[str]:
         """The names of the models the engine serves (``GET /v1/models``, within ``deadline``,
@@ -134,6 +139,9 @@ class RemoteBackend:
             raise EngineError(f"the generator at {self.shown_url} sent an unexpected "
                               f"/v1/models response (no list of models with ids): "
                               f"{str(data)[:200]}")
+        assert isinstance(listed, list)
+        self._roots = {m["id"]: m["root"] for m in listed
+                       if isinstance(m.get("root"), str) and m["root"]}
         return [str(n) for n in names]
 
     def served_model(self, deadline: float | None = None) -> str:
