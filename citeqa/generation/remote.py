@@ -41,7 +41,14 @@ from citeqa.errors import EngineError, EngineUnavailableError
 from citeqa.generation.backend import Completion, GenerationRequest, abandoned_completions
 from citeqa.generation.chat import ANY_TEMPLATE_SPECIALS, defused_for_any_template
 from citeqa.generation.format import ANSWER_LINE_END
-from citeqa.generation.streamed import ABANDONED, STALL_S, StreamEnded, Watch, post_streamed
+from citeqa.generation.streamed import (
+    ABANDONED,
+    STALL_S,
+    BadEvent,
+    StreamEnded,
+    Watch,
+    post_streamed,
+)
 from citeqa.retry import RETRY_STATUSES, Backoff, request_by
 from citeqa.text import without_userinfo
 
@@ -308,8 +315,8 @@ class RemoteBackend:
                     f"the generator at {self.shown_url} stopped while answering (no word for "
                     f"{self._watch.stall_s:g} s, and it no longer answers /health); try again "
                     "once it is back") from None
-            except (ValueError, TypeError, AttributeError) as e:  # a stream's chunk
-                raise EngineError(f"the generator sent an unexpected stream event ({e!r})") from e
+            except BadEvent as e:
+                raise EngineError(f"the generator sent an unexpected stream event ({e})") from e
             except httpx.DecodingError as e:  # e.g. a body that says gzip and is not
                 raise EngineError(f"the generator at {self.shown_url} sent a body that cannot "
                                   f"be decoded ({e})") from e

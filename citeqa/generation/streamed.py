@@ -39,6 +39,10 @@ EVENT_STREAM = "text/event-stream"
 DRAINED_LINES = 16  # after [DONE], lines read to the body's end (more: the connection closes)
 
 
+class BadEvent(Exception):
+    """A streamed chunk of another shape than a chat completion's (its error in words)."""
+
+
 class StreamEnded(Exception):
     """The watch ended this call's stream (``reason``: ``ABANDONED`` or ``ENGINE_GONE``)."""
 
@@ -144,7 +148,8 @@ class Watched:
 
 class Watch:
     """The streams in flight, looked at every ``every_s`` from one thread while there are
-    any; ``engine_gone()`` asks the engine (at most once every ``stall_s``)."""
+    any; ``engine_gone()`` asks the engine (at most once every ``stall_s``, on a thread of
+    its own)."""
 
     def __init__(self, engine_gone: Callable[[], bool], *, every_s: float = EVERY_S,
                  stall_s: float = STALL_S) -> None:
@@ -228,7 +233,7 @@ def post_streamed(client: httpx.Client, url: str, body: dict[str, Any], deadline
     have had (the events put together as its JSON body; a non-stream answer, an error's
     included, read whole as it came), all by ``deadline`` like ``retry.request_by``.
     StreamEnded when the watch ended it; httpx.RemoteProtocolError for a stream cut before
-    its end; ValueError or TypeError for chunks of another shape."""
+    its end; BadEvent for chunks of another shape."""
     with client.stream("POST", url, json={**body, "stream": True}, headers=headers,
                        timeout=max(deadline - time.monotonic(), 1.0)) as resp:
         if resp.status_code != 200 or EVENT_STREAM not in resp.headers.get("content-type", ""):
@@ -241,6 +246,8 @@ def post_streamed(client: httpx.Client, url: str, body: dict[str, Any], deadline
                 if watched.reason is not None:
                     raise StreamEnded(watched.reason) from None
                 raise
+            except (ValueError, TypeError, AttributeError) as e:
+                raise BadEvent(repr(e)) from e
             if watched.reason is not None:  # (a shut socket may read as the stream's end)
                 raise StreamEnded(watched.reason)
             try:  # what follows [DONE], the body's end: read, so the connection is reused
