@@ -273,6 +273,16 @@ def test_sharded_build_equals_local_build(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["local", "sharded", "src"]  # no work
 
 
+def test_a_sharded_build_shows_each_shards_embedding(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A --resumable build showed a count of shards and nothing while one embedded: minutes
+    without a word for a default shard on a CPU."""
+    build_index_sharded(write_corpus(tmp_path / "src"), tmp_path / "idx", CFG, progress=True,
+                        executor=InProcessExecutor(HashEmbedder(dim=16)), shard_chars=2_000)
+    err = capsys.readouterr().err
+    assert err.count("embedding: 100%") >= 2 and "shards:" in err, err
+
+
 def test_sharded_build_leaves_other_things_in_a_given_work_dir(tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()

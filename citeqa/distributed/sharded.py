@@ -74,7 +74,7 @@ class InProcessExecutor:
         with tqdm(desc="shards", unit="shard", disable=not progress) as bar:
             for i, item in enumerate(items):
                 for staged in stage_item(i, load_item(item, fetcher), str(item), job):
-                    results.append(finish_shard(staged, job, embedder))
+                    results.append(finish_shard(staged, job, embedder, progress=progress))
                     bar.update()
                     bar.set_postfix(passages=sum(r.passages for r in results))
         return results

@@ -240,9 +240,11 @@ def _write_staged(directory: Path, block: Block, spans: np.ndarray, rows: np.nda
     (directory / "skipped.json").write_text(json.dumps(block.skipped, ensure_ascii=False))
 
 
-def finish_shard(staged: Staged, job: ShardJob, embedder: Embedder | None) -> ShardResult:
+def finish_shard(staged: Staged, job: ShardJob, embedder: Embedder | None, *,
+                 progress: bool = False) -> ShardResult:
     """Embed a staged block's passages and move it into ``shards/`` (a finished shard is
-    passed through). ``embedder`` may be None when the build has no dense part."""
+    passed through). ``embedder`` may be None when the build has no dense part;
+    ``progress``: a bar of the passages embedded (a default shard takes minutes on a CPU)."""
     final = job.shards / staged.key
     if not staged.staging:
         meta = json.loads((final / SHARD_JSON).read_text())
@@ -255,7 +257,8 @@ def finish_shard(staged: Staged, job: ShardJob, embedder: Embedder | None) -> Sh
         if embedder is None:
             raise ConfigError("this build has a dense part: finishing a shard needs an embedder")
         texts = passage_texts(documents, spans, rows)
-        vectors = embedder.embed(texts, batch_size=job.cfg.embed_batch_size)  # [n, dim]
+        vectors = embedder.embed(texts, batch_size=job.cfg.embed_batch_size,
+                                 progress=progress)  # [n, dim]
         vectors = np.asarray(vectors, dtype=np.float32).reshape(len(texts), embedder.dim)
         np.save(directory / "vectors.npy", vectors)
         embedding = embedding_record(embedder, job.cfg)
