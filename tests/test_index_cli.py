@@ -414,10 +414,10 @@ def test_a_resumable_build_cut_short_embeds_only_the_rest(tmp_path: Path,
     docs = _files(tmp_path / "docs", BOOKS)
     finish, made = sharded.finish_shard, []
 
-    def cut_short(staged, job, embedder):  # type: ignore[no-untyped-def]
+    def cut_short(staged, job, embedder, **kw):  # type: ignore[no-untyped-def]
         if len(made) == 3:
             raise KeyboardInterrupt
-        result = finish(staged, job, embedder)
+        result = finish(staged, job, embedder, **kw)
         made.append(result.embedded)
         return result
 
@@ -449,11 +449,11 @@ def test_a_plain_rebuild_forgets_an_interrupted_builds_shards(
 
     finish, made = sharded.finish_shard, []
 
-    def at_third(staged, job, embedder):  # type: ignore[no-untyped-def]
+    def at_third(staged, job, embedder, **kw):  # type: ignore[no-untyped-def]
         if len(made) == 3:
             raise KeyboardInterrupt
         made.append(1)
-        return finish(staged, job, embedder)
+        return finish(staged, job, embedder, **kw)
 
     monkeypatch.setattr(sharded, "finish_shard", at_third)
     code, _, err = _cli("index", "build", "--preset", "tiny", str(_files(tmp_path / "b", BOOKS)),

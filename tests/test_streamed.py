@@ -68,15 +68,17 @@ def test_chunks_add_up_to_the_unstreamed_body():
          "logprobs": {"content": [{"logprob": -2.0}]}}]}
 
 
-def test_a_stream_is_complete_at_done_or_once_every_choice_has_finished():
+def test_a_stream_is_complete_once_every_choice_has_finished():
+    """vLLM stopping (SIGTERM) ended its streams with [DONE] and no finish reason: taken as
+    complete, each candidate was an empty answer, and the question a 200 decline, not a 503."""
     no_logprobs = json.dumps({"choices": [{"index": 0, "delta": {"content": "x"}}]})
     assert assembled([no_logprobs]) == ({"choices": [
         {"index": 0, "finish_reason": None, "message": {"role": "assistant", "content": "x"},
          "logprobs": None}]}, False)
-    assert assembled([no_logprobs, "[DONE]"])[1]
-    assert assembled([json.dumps({"choices": [{"index": 0, "delta": {},
-                                               "finish_reason": "stop"}]})])[1]
-    assert assembled([]) == ({"choices": []}, False)
+    assert assembled([no_logprobs, "[DONE]"]) == assembled([no_logprobs])  # cut, not finished
+    finished = json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    assert assembled([finished])[1] and assembled([no_logprobs, finished, "[DONE]"])[1]
+    assert assembled([]) == ({"choices": []}, False) == assembled(["[DONE]"])
     err = {"message": "grammar failed", "code": 400}
     assert assembled([no_logprobs, json.dumps({"error": err}), "[DONE]"]) == ({"error": err}, True)
 
@@ -109,7 +111,8 @@ def test_streamed_failures_are_the_engines_errors():
     with pytest.raises(EngineError, match="unexpected stream event"):
         mocked(b"data: {oops\n\n").generate([GenerationRequest(messages=MSGS)])
     # a stream cut before its end is a broken connection: tried again, then unavailable
-    for cut in (sse(chunk(0, "a")), sse(chunk(0, "a"), 'data: {"choices": [{"delta": {"co')):
+    for cut in (sse(chunk(0, "a")), sse(chunk(0, "a"), 'data: {"choices": [{"delta": {"co'),
+                sse(chunk(0, ""), "data: [DONE]\n\n")):
         with pytest.raises(EngineUnavailableError, match="cannot be reached"):
             mocked(cut).generate([GenerationRequest(messages=MSGS)])
 

@@ -70,14 +70,15 @@ def events(lines: Iterable[str]) -> Iterator[str]:
 
 
 def assembled(event_data: Iterable[str]) -> tuple[dict[str, Any], bool]:
-    """The chat-completion body that the streamed chunks ``event_data`` add up to, and whether
-    the stream was complete (``[DONE]``, or every choice given its finish reason); an error
-    event is the body ``{"error": ...}`` at once. ValueError or TypeError for a chunk of
+    """The chat-completion body that the streamed chunks ``event_data`` add up to (read up to
+    ``[DONE]``), and whether the stream was complete: every choice given its finish reason
+    (vLLM stopping ends its streams with ``[DONE]`` and no reason: cut, not finished); an
+    error event is the body ``{"error": ...}`` at once. ValueError or TypeError for a chunk of
     another shape."""
     choices: dict[int, dict[str, Any]] = {}
     for data in event_data:
         if data.strip() == "[DONE]":
-            return _body(choices), True
+            break
         chunk = json.loads(data)
         if not isinstance(chunk, dict):
             raise TypeError(f"a chunk is {type(chunk).__name__}, not an object")
