@@ -430,6 +430,10 @@ def test_threshold_for_needs_calibration_and_a_corrupt_one_is_named(tiny_encoder
         (tmp_path / "rm" / "calibration.json").write_text(json.dumps({**good, **bad}))
         with pytest.raises(ModelError, match="is corrupt"):
             VerifierScorer(tmp_path / "rm", cpu_dtype="fp32")
+    # (the check is a range: the message said "not among the scores' values")
+    (tmp_path / "rm" / "calibration.json").write_text(json.dumps({**good, "threshold": 7.0}))
+    with pytest.raises(ModelError, match="7.0 lies outside the scores' range"):
+        VerifierScorer(tmp_path / "rm", cpu_dtype="fp32")
 
 
 def test_groups_larger_than_a_batch_are_said_to_be_cut(tiny_encoder, tokenizer,

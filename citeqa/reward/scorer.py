@@ -318,7 +318,8 @@ def read_calibration(directory: Path) -> CalibrationRecord | None:
         finite = [s for s in scores if s > -math.inf]
         t = calibration.threshold  # one of the scores, or inf (none certified)
         if t != math.inf and not (finite and min(finite) <= t <= max(finite)):
-            raise ValueError(f"the threshold {t} is not among the scores' values (or null)")
+            raise ValueError(f"the threshold {t} lies outside the scores' range "
+                             f"(null would mean none certified)")
     except (ValueError, KeyError, TypeError) as e:
         raise ModelError(
             f"{path} is corrupt ({e!r}); rerun `citeqa calibrate --reward {directory} --data FILE`"
