@@ -7,7 +7,10 @@ Responses come back as ``citeqa.types`` objects (a page of documents as ``Docume
 added document as the service's JSON). A call the service turns away for now (503
 overloaded or still loading, 429) or that cannot connect is retried with backoff, honouring
 ``Retry-After`` (``citeqa.retry``); a 503 ``load_failed`` (a service that failed to load, which
-waiting will not change) is not. Every failure raises ``CiteqaAPIError``:
+waiting will not change) is not. A call that changes the index (add, delete) is sent again
+only after the service's own "nothing done, not now" codes (``NOTHING_DONE_CODES``), not after
+another 503 or 429 (a proxy's may come after the change was made). Every failure raises
+``CiteqaAPIError``:
 an error response carries the service's uniform ``{"error": {code, message, details}}``; a
 response that is not JSON, or no response at all (status 0), gets a code of its own.
 """
@@ -31,6 +34,10 @@ T = TypeVar("T")
 
 # 503 codes that say "not ever", not "not now": raised at once, not retried.
 FINAL_CODES = frozenset({"load_failed"})
+# The service's codes for a call it turned away before doing anything: the only 503s and 429s
+# after which a call that changes the index is sent again (a proxy's 503 may come after the
+# service made the change: sent again, an add would be a 409 and a delete a 404).
+NOTHING_DONE_CODES = frozenset({"not_ready", "overloaded", "shutting_down"})
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,8 @@ def _parsed(parse: Callable[[dict[str, Any]], T], data: dict[str, Any]) -> T:
 class CiteqaClient:
     """Talks to one citeqa service.
 
-    base_url: where the service is, e.g. ``http://127.0.0.1:8000``.
+    base_url: where the service is, e.g. ``http://127.0.0.1:8000`` (ValueError without an
+        http or https scheme and a host).
     api_key: sent as ``Authorization: Bearer <key>`` when given.
     transport: an httpx transport (``httpx.MockTransport`` in tests); default: the network.
     timeout: seconds a call may take, its retries included; answers on CPU can take a while.
@@ -141,6 +149,10 @@ class CiteqaClient:
         timeout: float = 120.0,
         backoff: Backoff | None = None,
     ) -> None:
+        url = httpx.URL(base_url)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"base_url {base_url!r} is not an http:// or https:// URL with a "
+                             "host (e.g. http://127.0.0.1:8000)")
         self.backoff = backoff or Backoff()
         self.timeout = timeout
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -225,12 +237,12 @@ class CiteqaClient:
         for name, value in (("title", title), ("doc_id", doc_id), ("source", source)):
             if value is not None:
                 body[name] = value
-        return self._json("POST", "/v1/documents", json=body)
+        return self._json("POST", "/v1/documents", json=body, resend_codes=NOTHING_DONE_CODES)
 
     def delete_document(self, doc_id: str) -> None:
         """Remove a document from the index (CiteqaAPIError: 404 when unknown; 409 for the
         last document, or when another writer changed the index since the service loaded it)."""
-        resp = self._send("DELETE", _document_path(doc_id))
+        resp = self._send("DELETE", _document_path(doc_id), resend_codes=NOTHING_DONE_CODES)
         if not resp.is_success:
             raise self._error(resp)
 
@@ -284,10 +296,10 @@ class CiteqaClient:
                                  ) from exc
 
     def _send(self, method: str, path: str, *, retry_statuses: frozenset[int] = RETRY_STATUSES,
-              **kwargs: Any) -> httpx.Response:
+              resend_codes: frozenset[str] | None = None, **kwargs: Any) -> httpx.Response:
         """One call, retried (``self.backoff``) while it cannot connect or the answer's status
-        is in ``retry_statuses`` (and its code not in ``FINAL_CODES``), within ``self.timeout``
-        in all."""
+        is in ``retry_statuses`` (and its code not in ``FINAL_CODES``; with ``resend_codes``,
+        among them), within ``self.timeout`` in all."""
         deadline = time.monotonic() + self.timeout
         attempt = 0
         while True:
@@ -304,11 +316,15 @@ class CiteqaClient:
                                      f"cannot reach the service: {exc}") from exc
             except httpx.TimeoutException as exc:
                 raise CiteqaAPIError(0, "timeout", f"no response in time: {exc}") from exc
-            except httpx.TransportError as exc:
+            except httpx.TransportError as exc:  # sent, and the connection broke
                 raise CiteqaAPIError(0, "connection_error",
-                                     f"cannot reach the service: {exc}") from exc
+                                     f"the connection broke before the service answered "
+                                     f"(what the call asked may or may not be done): {exc}"
+                                     ) from exc
+            code = self._error(resp).code if resp.status_code in retry_statuses else ""
             if (resp.status_code not in retry_statuses
-                    or self._error(resp).code in FINAL_CODES
+                    or code in FINAL_CODES
+                    or (resend_codes is not None and code not in resend_codes)
                     or not self.backoff.wait(attempt, resp.headers.get("retry-after"), deadline)):
                 return resp
             attempt += 1

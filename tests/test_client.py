@@ -369,3 +369,66 @@ def test_a_service_that_failed_to_load_is_not_retried(monkeypatch: pytest.Monkey
     with pytest.raises(CiteqaAPIError) as err:
         client.search("q")
     assert err.value.code == "load_failed" and len(calls) == 1 and slept == []
+
+
+@pytest.mark.parametrize("method", ["add", "delete"])
+def test_a_change_is_sent_again_only_after_the_services_nothing_done_codes(
+        monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """A proxy's 503 may come after the service made the change: sent again, the add was a 409
+    "exists" and the delete a 404, the opposite of what happened."""
+    monkeypatch.setattr("citeqa.retry.time.sleep", lambda s: None)
+    answers: list[httpx.Response] = []
+    calls: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return answers.pop(0)
+
+    client = CiteqaClient("http://svc", transport=httpx.MockTransport(handler),
+                          backoff=Backoff(retries=3))
+
+    def change() -> None:
+        if method == "add":
+            client.add_document("text", doc_id="x")
+        else:
+            client.delete_document("x")
+
+    done = httpx.Response(201, json={"doc_id": "x", "title": "", "source": "", "passages": 1}
+                          ) if method == "add" else httpx.Response(204)
+    for code in ("not_ready", "overloaded", "shutting_down"):  # turned away before any work
+        calls.clear()
+        answers[:] = [httpx.Response(503, json={"error": {"code": code, "message": "m"}}), done]
+        change()
+        assert len(calls) == 2
+    for proxy in (httpx.Response(503, text="<html>Service Unavailable</html>"),
+                  httpx.Response(429, text="slow down"),
+                  httpx.Response(503, json={"error": {"code": "engine_unavailable",
+                                                      "message": "m"}})):
+        calls.clear()
+        answers[:] = [proxy, done]
+        with pytest.raises(CiteqaAPIError) as err:
+            change()
+        assert len(calls) == 1 and err.value.status == proxy.status_code
+    # a question changes nothing: it is asked again after any 503
+    calls.clear()
+    answers[:] = [httpx.Response(503, text="<html>Service Unavailable</html>"),
+                  httpx.Response(200, json={"hits": []})]
+    assert client.search("q") == [] and len(calls) == 2
+
+
+@pytest.mark.parametrize("url", ["localhost:8000", "127.0.0.1:8000", "ftp://127.0.0.1:8000",
+                                 "http://", " http://127.0.0.1:8000"])
+def test_a_base_url_without_scheme_or_host_is_refused_at_once(url: str) -> None:
+    """It read as a service still starting: readiness() said unreachable, forever."""
+    with pytest.raises(ValueError, match="not an http:// or https:// URL with a host"):
+        CiteqaClient(url)
+
+
+def test_a_connection_broken_after_sending_says_the_call_may_be_done() -> None:
+    def broken(request: httpx.Request) -> httpx.Response:
+        raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+
+    client = CiteqaClient("http://svc", transport=httpx.MockTransport(broken))
+    with pytest.raises(CiteqaAPIError, match="may or may not be done") as err:
+        client.add_document("text")
+    assert err.value.status == 0 and err.value.code == "connection_error"
