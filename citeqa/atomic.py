@@ -14,6 +14,7 @@ its mode (a new one gets the umask's, as any write would); a symbolic link is wr
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -152,6 +153,31 @@ def _claimed(sibling: Path) -> bool | None:
     finally:
         os.close(fd)  # releases the lock if it was taken
     return False
+
+
+# Room left on a file system that a write without an errno failed on, under which it failed for
+# want of room: numpy's "N requested and M written" and FAISS's write error carry no ENOSPC.
+FULL_BELOW_BYTES = 1 << 20
+
+
+@contextmanager
+def full_disk_named(where: Path) -> Iterator[None]:
+    """Writes to ``where``'s file system: an OSError without an errno raised while that file
+    system has almost no room left (``FULL_BELOW_BYTES``) becomes ENOSPC, so that callers tell
+    a full disk (REST: 507) from a read-only or broken one. Use it inside the block that cleans
+    up after a failed write: once the partial files are gone, the room is back."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno is not None:
+            raise
+        try:
+            free = shutil.disk_usage(where).free
+        except OSError:
+            raise e from None
+        if free >= FULL_BELOW_BYTES:
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from e
 
 
 def fsync_path(path: Path) -> None:

@@ -10,6 +10,7 @@ serving that index serves the changed one within ``CITEQA_INDEX_RELOAD_S``
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -215,8 +216,9 @@ def index_build(
     except CiteqaError as e:
         raise fail(f"{e}{_kept_shards(out, work_dir) if sharded else ''}") from None
     except OSError as e:  # the output's file system: read-only, full, ...
+        kept = _kept_shards(out, work_dir, full=_full(e)) if sharded else ""
         raise fail(f"could not build the index into {out}: {e}; the index there, if any, is "
-                   f"as it was{_kept_shards(out, work_dir) if sharded else ''}") from None
+                   f"as it was{kept}") from None
     except KeyboardInterrupt:
         if folder_id(real_path(out)) not in (before, None):  # cut short after its swap
             _forget_replaced(out)
@@ -264,14 +266,51 @@ def _finished_shards(work: Path) -> int:
         return 0
 
 
-def _kept_shards(out: Path, work_dir: Path | None) -> str:
-    """What a sharded build that stopped keeps for the next run ("" when nothing)."""
+def _kept_shards(out: Path, work_dir: Path | None, *, full: bool = False) -> str:
+    """What a sharded build that stopped keeps for the next run ("" when nothing); ``full``:
+    it stopped on a full disk, where what it keeps takes room the finished index needs."""
     from citeqa.distributed.sharded import default_work_dir
 
     work = Path(work_dir) if work_dir else default_work_dir(out)
     finished = _finished_shards(work)
+    if not finished:
+        return ""
+    if full:
+        return (f"; the {plural(finished, 'shard')} finished so far are kept in {work} "
+                f"({_megabytes(work)}): the finished index needs about as much room again "
+                "beside them, so free that much and run the same command again to reuse them "
+                "(or delete that folder to start over)")
     return (f"; the {plural(finished, 'shard')} finished so far are kept in {work}: run the "
-            "same command again to reuse them (or delete it to start over)" if finished else "")
+            "same command again to reuse them (or delete it to start over)")
+
+
+def _full(e: OSError) -> bool:
+    return e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _megabytes(folder: Path) -> str:
+    """The size of the files under ``folder``, as "12.3 MB"."""
+    total = 0
+    for path in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            if path.is_file():
+                total += path.stat().st_size
+    return f"{total / 1e6:.1f} MB"
+
+
+def _room_for_a_change(directory: Path) -> str:
+    """What a change of the index at ``directory`` needs room for, said when the disk is full:
+    the index written anew beside itself, and what an interrupted add kept there for a rerun
+    (room the write needs: kept, a rerun on the same disk fails the same way)."""
+    from citeqa.retrieval.kept import kept_dir
+
+    said = (f" (the disk is full: a change writes the index ({_megabytes(directory)}) anew "
+            "beside the old one")
+    kept = kept_dir(directory)
+    if kept.is_dir() and any(kept.iterdir()):
+        said += (f"; the embeddings an add kept for its rerun take {_megabytes(kept)} of that "
+                 f"disk in {kept}: delete that folder to free them, and a rerun embeds again")
+    return said + ")"
 
 
 def _shard_executor(ray: str | None, embedders: int | None) -> Any:
@@ -311,7 +350,9 @@ def _changing(directory: Path, rerun: str = "run the same command again to finis
     except CiteqaError as e:
         raise fail(str(e)) from None
     except OSError as e:  # the index's file system: read-only, full, ...
-        raise fail(f"could not write the index at {directory}: {e}; it is as it was") from None
+        room = _room_for_a_change(directory) if _full(e) else ""
+        raise fail(f"could not write the index at {directory}: {e}; it is as it was{room}"
+                   ) from None
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted: the index at {directory} holds all of this change or none "
                    f"of it; {rerun}", err=True)

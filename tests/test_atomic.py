@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from citeqa.atomic import atomic_open, atomic_path, write_text_atomic
+from citeqa.atomic import atomic_open, atomic_path, full_disk_named, write_text_atomic
 
 
 def test_a_finished_write_replaces_the_file(tmp_path: Path) -> None:
@@ -222,3 +224,30 @@ def test_a_reward_training_killed_mid_save_resumes_from_what_it_saved(tmp_path: 
     (backup / "config.json").write_text(json.dumps({"progress": {"step": 200, "key": {}}}))
     assert saved_progress(tmp_path / "rm") == {"step": 200, "key": {}}
     assert (tmp_path / "rm" / "config.json").is_file() and not backup.exists()
+
+
+def test_a_write_error_without_errno_on_a_full_disk_is_enospc(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """numpy's "N requested and M written" and FAISS's write error carry no errno: a full disk
+    read as a read-only one (REST 503 index_not_writable, not 507)."""
+    import numpy as np
+
+    def disk(free: int):  # type: ignore[no-untyped-def]
+        return lambda path: shutil._ntuple_diskusage(10 << 20, (10 << 20) - free, free)
+
+    def cut_save(path, array):  # type: ignore[no-untyped-def]
+        raise OSError("12235 requested and 5088 written")  # as np.save says it
+
+    monkeypatch.setattr(np, "save", cut_save)
+    monkeypatch.setattr("citeqa.atomic.shutil.disk_usage", disk(4096))
+    with pytest.raises(OSError) as err, full_disk_named(tmp_path):
+        np.save(tmp_path / "a.npy", np.zeros(3))
+    assert err.value.errno == errno.ENOSPC and str(err.value.strerror) == "No space left on device"
+    assert "requested and" in str(err.value.__cause__)
+    monkeypatch.setattr("citeqa.atomic.shutil.disk_usage", disk(5 << 20))  # room: not full
+    with pytest.raises(OSError) as err, full_disk_named(tmp_path):
+        np.save(tmp_path / "a.npy", np.zeros(3))
+    assert err.value.errno is None
+    monkeypatch.setattr("citeqa.atomic.shutil.disk_usage", disk(0))  # an errno is kept
+    with pytest.raises(PermissionError), full_disk_named(tmp_path):
+        raise PermissionError(errno.EACCES, "Permission denied")

@@ -206,6 +206,27 @@ def test_a_change_the_disk_cannot_hold_is_507_and_loses_nothing(
     assert r.status_code == 503 and "the change may be on disk" in r.json()["error"]["message"]
 
 
+def test_a_write_error_without_errno_on_a_full_disk_is_507(
+        client: TestClient, index_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """numpy says "N requested and M written" and FAISS names its file, neither with ENOSPC: a
+    full disk was a 503 index_not_writable that showed the server's own paths."""
+    import shutil
+
+    import citeqa.retrieval.store
+
+    def cut(directory, **parts):  # type: ignore[no-untyped-def]
+        raise OSError(f"could not write the dense index {directory}/dense.faiss: write error")
+
+    monkeypatch.setattr(citeqa.retrieval.store, "write_index", cut)
+    monkeypatch.setattr("citeqa.atomic.shutil.disk_usage",
+                        lambda path: shutil._ntuple_diskusage(1 << 30, (1 << 30) - 10, 10))
+    r = client.post("/v1/documents", json={"text": NEW_TEXT, "doc_id": "new"})
+    assert r.status_code == 507 and r.json()["error"]["code"] == "insufficient_storage", r.text
+    assert r.json()["error"]["message"] == (
+        "could not write the index: No space left on device; it is as it was")
+    assert client.get("/v1/documents/new").status_code == 404
+
+
 def test_delete_is_204_then_404_and_persisted(client: TestClient, index_dir: Path) -> None:
     assert "eiffel" in search_ids(client, "Eiffel Tower Paris")
     assert client.delete("/v1/documents/eiffel").status_code == 204

@@ -407,6 +407,44 @@ def test_a_full_disk_writing_the_dense_index_is_one_line_and_the_index_is_as_it_
     assert (tmp_path / "idx" / "manifest.json").read_text() == before
 
 
+def test_a_full_disk_says_what_room_a_rerun_needs_and_what_kept_parts_take(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What an add (or a resumable build) kept for its rerun takes room the index write needs:
+    on a full disk a rerun failed the same way for ever, and the message said only "N requested
+    and M written; it is as it was" (FAISS's error and numpy's carry no ENOSPC)."""
+    import shutil
+
+    import faiss
+
+    from citeqa.retrieval.kept import kept_dir
+
+    docs = _files(tmp_path / "docs", BOOKS)
+    _build(tmp_path / "idx", docs)
+    kept = kept_dir(tmp_path / "idx")
+    kept.mkdir()
+    (kept / "part.npz").write_bytes(b"x" * 300_000)
+
+    def full(index, path):  # type: ignore[no-untyped-def]
+        raise RuntimeError(f"Error in faiss::write_index: write error in {path}")
+
+    monkeypatch.setattr(faiss, "write_index", full)
+    monkeypatch.setattr("citeqa.atomic.shutil.disk_usage",
+                        lambda path: shutil._ntuple_diskusage(1 << 30, (1 << 30) - 100, 100))
+    more = _files(tmp_path / "more", {"extra.txt": "An extra book about the river delta."})
+    code, _, err = _cli("index", "add", str(more), "--index", str(tmp_path / "idx"),
+                        "--no-progress")
+    assert code == 2 and "[Errno 28] No space left on device; it is as it was" in err, err
+    assert "the disk is full: a change writes the index (" in err
+    assert f"take 0.3 MB of that disk in {kept}: delete that folder to free them" in err
+    # a resumable build stopped there says what its finished shards take
+    code, _, err = _cli("index", "build", "--preset", "tiny", str(docs), "--out",
+                        str(tmp_path / "res"), "--resumable", "--work-dir", str(tmp_path / "w"),
+                        "--shard-chars", "100", "--no-progress")
+    assert code == 2 and "[Errno 28] No space left on device" in err, err
+    assert f"finished so far are kept in {tmp_path / 'w'} (" in err
+    assert "needs about as much room again beside them" in err
+
+
 def test_a_resumable_build_cut_short_embeds_only_the_rest(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import citeqa.distributed.sharded as sharded

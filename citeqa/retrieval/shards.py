@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from citeqa.atomic import fsync_path
+from citeqa.atomic import fsync_path, full_disk_named
 from citeqa.config import RetrievalConfig
 from citeqa.errors import ConfigError, IndexError_
 from citeqa.retrieval.bm25 import TermCounts, count_terms
@@ -224,7 +224,8 @@ def stage_item(item_index: int, entries: Iterable[Any], item_source: str,
         staging.mkdir(parents=True)
         spans, rows = chunk_block(block.documents, job.cfg)
         counts = count_terms(tokenize(t) for t in passage_texts(block.documents, spans, rows))
-        _write_staged(staging, block, spans, rows, counts)
+        with full_disk_named(staging):
+            _write_staged(staging, block, spans, rows, counts)
         yield Staged(item_index, b, key, str(staging))
 
 
@@ -260,7 +261,8 @@ def finish_shard(staged: Staged, job: ShardJob, embedder: Embedder | None, *,
         vectors = embedder.embed(texts, batch_size=job.cfg.embed_batch_size,
                                  progress=progress)  # [n, dim]
         vectors = np.asarray(vectors, dtype=np.float32).reshape(len(texts), embedder.dim)
-        np.save(directory / "vectors.npy", vectors)
+        with full_disk_named(directory):
+            np.save(directory / "vectors.npy", vectors)
         embedding = embedding_record(embedder, job.cfg)
     meta = {"format": SHARD_FORMAT, "key": staged.key, "documents": len(documents),
             "passages": int(len(spans)), "embedding": embedding}

@@ -57,6 +57,7 @@ from citeqa.atomic import (
     flocked,
     flocked_if_free,
     fsync_path,
+    full_disk_named,
     new_tmp_dir,
     release_tmp_dir,
     remove_stale_siblings,
@@ -369,7 +370,8 @@ def save_index(out: Path, *, expect: dict[str, Any] | None = None,
     """
     tmp = prepare(out)
     try:
-        manifest = write_index(tmp, **parts)
+        with full_disk_named(tmp):
+            manifest = write_index(tmp, **parts)
         test_pause("before_swap")
         publish(tmp, out, expect=expect, only_if_missing=only_if_missing)
     except BaseException:
