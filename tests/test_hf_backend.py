@@ -157,6 +157,7 @@ def test_a_damaged_conversion_of_the_packaged_model_is_made_again(tmp_path, monk
     """Its marker was all that was checked: a cut model.safetensors failed every start ("check
     that it is a complete Hugging Face model directory", of a folder citeqa made), and a lost
     chat template gave plain-text prompts SmolLM2 was never trained on."""
+    import json
     import shutil
 
     import citeqa.generation.models as models
@@ -166,15 +167,24 @@ def test_a_damaged_conversion_of_the_packaged_model_is_made_again(tmp_path, monk
 
     def convert(gguf, target):  # type: ignore[no-untyped-def]
         converted.append(target)  # (a copy of a good conversion: the real one takes ~25 s)
+        shutil.rmtree(target, ignore_errors=True)  # (as the real one replaces what is there)
         shutil.copytree(good, target)
 
     monkeypatch.setattr(models, "_convert_gguf", convert)
     cache = tmp_path / "cache"
-    for damage in ("model.safetensors", "chat_template.jinja", "weights changed in place"):
+    for damage in ("model.safetensors", "chat_template.jinja", "weights changed in place",
+                   "config.json changed", "a marker of another shape"):
         shutil.rmtree(cache, ignore_errors=True)
         shutil.copytree(good, cache / good.name)
         target = cache / good.name
-        if damage == "model.safetensors":
+        if damage == "config.json changed":  # it parsed: a missing layer's error, every start
+            config = json.loads((target / "config.json").read_text())
+            config["num_hidden_layers"] += 1
+            (target / "config.json").write_text(json.dumps(config))
+        elif damage == "a marker of another shape":  # an AttributeError's traceback
+            marker = json.loads((target / models.MARKER).read_text())
+            (target / models.MARKER).write_text(json.dumps({**marker, "files": ["x"]}))
+        elif damage == "model.safetensors":
             (target / damage).write_bytes((target / damage).read_bytes()[:100])
         elif damage == "weights changed in place":  # same size, a layer's bytes zeroed: it
             with (target / "model.safetensors").open("r+b") as f:  # loaded, and answered worse
@@ -184,6 +194,22 @@ def test_a_damaged_conversion_of_the_packaged_model_is_made_again(tmp_path, monk
             (target / damage).unlink()
         model, tokenizer, _ = load_model("smollm2", cache)
         assert tokenizer.chat_template is not None and converted.pop() == target, damage
+    # out of memory with the files as written: its mmap's RuntimeError was read as damage, the
+    # good conversion deleted and made again, and the load failed again ("check that it is a
+    # complete Hugging Face model directory"), or the conversion too, the cache gone
+    import transformers
+
+    def short(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("unable to mmap 538090408 bytes from file <model.safetensors>: "
+                           "Cannot allocate memory (12)")
+
+    with monkeypatch.context() as m:
+        m.setattr(transformers.AutoModelForCausalLM, "from_pretrained", short)
+        with pytest.raises(ModelError, match="there is not enough memory to load it"):
+            load_model("smollm2", cache)
+    assert not converted and (cache / good.name / models.MARKER).is_file()
+    load_model("smollm2", cache)  # as it was
+    assert not converted
     bad = tmp_path / "mine"  # a user's model directory is theirs: reported, never deleted
     shutil.copytree(good, bad)
     (bad / "model.safetensors").write_bytes(b"cut")
@@ -205,12 +231,15 @@ def test_a_conversion_records_its_origin_and_weights_and_another_releases_is_mad
     import citeqa.generation.models as models
 
     good = tmp_path / "fresh" / models.SMOLLM2_DIR  # made here, by this code (~25 s)
+    good.parent.mkdir()
+    good.write_text("a file where the folder goes")  # (it stayed: the conversion failed last)
     models._convert_gguf(models.packaged_gguf(), good)
     marker = json.loads((good / models.MARKER).read_text())
     assert marker["format"] == models.MARKER_FORMAT
     assert marker["gguf_bytes"] == models.packaged_gguf().stat().st_size
-    assert marker["package_version"]
-    assert set(marker["weights"]) == {"model.safetensors"}
+    assert marker["package_version"] and marker["transformers_version"]
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(marker["files"])
+    assert set(marker["files"]) == {p.name for p in good.iterdir()} - {models.MARKER}
     assert ((good / "model.safetensors").stat().st_mode & 0o777
             == (good / "config.json").stat().st_mode & 0o777)  # readable as the rest is
     models.check_conversion(good)
@@ -236,7 +265,9 @@ def test_a_conversion_records_its_origin_and_weights_and_another_releases_is_mad
     shutil.copytree(good, target)
     assert resolve_model_dir("smollm2", tmp_path) == target and not converted
     for older in ({"source": marker["source"], "model_id": marker["model_id"]},  # format 1
-                  {**marker, "package_version": "0.0.1"}, {**marker, "gguf_bytes": 1}):
+                  {**marker, "package_version": "0.0.1"}, {**marker, "gguf_bytes": 1},
+                  {**marker, "transformers_version": "4.0.0"},
+                  {**marker, "files": {}}, {**marker, "files": ["model.safetensors"]}):
         (target / models.MARKER).write_text(json.dumps(older))
         resolve_model_dir("smollm2", tmp_path)
         assert converted.pop() == target, older

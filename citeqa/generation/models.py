@@ -5,15 +5,18 @@ The default model ships as a pip package holding a Q4_1 GGUF file. Transformers 
 safetensors directory under the cache dir; later loads read that directory. The conversion is
 written to a temporary sibling directory and renamed into place, with a marker file written last,
 so a concurrent or killed conversion never leaves a half-written cache behind. The marker
-records what the conversion came from (the package's version, the GGUF's size) and each weight
-file's sha256: a conversion of another release is made again, and weights changed on disk since
-(a disk fault, a stray write) are found at load (~0.4 s for SmolLM2's 0.5 GB) and converted
-again, never served. Nothing here ever downloads: every ``from_pretrained`` call is
-``local_files_only``.
+records what the conversion came from (the package's version, the GGUF's size, the transformers
+release that wrote it) and each file's sha256: a conversion of another release is made again,
+and files changed on disk since (a disk fault, a stray write) are found at load (~0.4 s for
+SmolLM2's 0.5 GB) and converted again, never served. A load that fails with the files as they
+were written (short of memory) deletes nothing. Nothing here ever downloads: every
+``from_pretrained`` call is ``local_files_only``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -37,8 +40,13 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR = "smollm2-135m-instruct"  # converted cache dir name, under cache_dir
 SMOLLM2_ID = "smollm2-135m-instruct-q4_1"  # model_id recorded in reports
 MARKER = "citeqa-converted.json"  # written last: its presence means the cache dir is complete
-# 2: the marker records the conversion's origin and its weights' digests (1 recorded neither)
-MARKER_FORMAT = 2
+# 2: the marker records the conversion's origin and its weights' digests (1 recorded neither);
+# 3: every file's digest (a config.json changed since was never found) and transformers' release
+MARKER_FORMAT = 3
+
+
+class DamagedConversion(ModelError):
+    """citeqa's conversion of the packaged model is not as it wrote it: made again at load."""
 
 
 def packaged_gguf() -> Path:
@@ -65,7 +73,8 @@ def _origin(gguf: Path) -> dict[str, Any]:
         version: str | None = importlib.metadata.version(SMOLLM2_PACKAGE.replace("_", "-"))
     except importlib.metadata.PackageNotFoundError:
         version = None
-    return {"package_version": version, "gguf_bytes": gguf.stat().st_size}
+    return {"package_version": version, "gguf_bytes": gguf.stat().st_size,
+            "transformers_version": importlib.metadata.version("transformers")}
 
 
 def _marker(target: Path) -> dict[str, Any] | None:
@@ -77,11 +86,21 @@ def _marker(target: Path) -> dict[str, Any] | None:
     return marker if isinstance(marker, dict) else None
 
 
+def _recorded(marker: dict[str, Any]) -> dict[str, str] | None:
+    """The files a marker records, name -> sha256; None when it records none in that shape
+    (a marker of another shape: a traceback at load, or nothing checked)."""
+    files = marker.get("files")
+    if (not isinstance(files, dict) or not any(str(k).endswith(".safetensors") for k in files)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items())):
+        return None
+    return files
+
+
 def _is_current(target: Path) -> bool:
     """Whether ``target`` holds a complete conversion of the packaged GGUF as installed now
     (one whose package is gone is all there is: it stands, checked at load)."""
     marker = _marker(target)
-    if marker is None or marker.get("format") != MARKER_FORMAT:
+    if marker is None or marker.get("format") != MARKER_FORMAT or _recorded(marker) is None:
         return False
     try:
         gguf = packaged_gguf()
@@ -96,9 +115,12 @@ def _sha256(path: Path) -> str:
 
 
 def check_conversion(target: Path) -> None:
-    """ModelError when a weight file of the conversion at ``target`` is not the one it wrote
-    (its sha256, recorded in the marker, differs; or it is gone)."""
-    recorded = (_marker(target) or {}).get("weights") or {}
+    """DamagedConversion when a file of the conversion at ``target`` is not the one it wrote
+    (its sha256, recorded in the marker, differs; or it is gone), or its marker is unreadable."""
+    recorded = _recorded(_marker(target) or {})
+    if recorded is None:
+        raise DamagedConversion(f"{target / MARKER} is missing or unreadable; delete {target} "
+                                "to convert it again")
     for name, digest in sorted(recorded.items()):
         f = target / name
         try:
@@ -106,8 +128,9 @@ def check_conversion(target: Path) -> None:
         except OSError:  # gone (another process converting again removed it), unreadable
             same = False
         if not same:
-            raise ModelError(f"{f} is not the file its conversion wrote (its sha256 differs, or "
-                             f"it is gone); delete {target} to convert it again")
+            raise DamagedConversion(f"{f} is not the file its conversion wrote (its sha256 "
+                                    f"differs, or it is gone); delete {target} to convert it "
+                                    "again")
 
 
 def resolve_model_dir(name: str, cache_dir: Path) -> Path:
@@ -138,8 +161,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    again = (" (the one there was made from another release)"
-             if (target / MARKER).is_file() else "")
+    again = (" (the one there was made by another release of citeqa, its model package or "
+             "transformers)" if _marker(target) is not None else
+             " (the one there is incomplete or damaged)" if target.exists() else "")
     logger.info("converting %s to %s (once; takes a minute)%s", gguf.name, target, again)
     try:  # a killed conversion's half-written copy (~0.5 GB) is removed
         tmp = fresh_tmp_dir(target)
@@ -166,14 +190,14 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         for written in tmp.iterdir():  # which other users of a shared cache cannot read)
             os.chmod(written, mode)
             fsync_path(written)  # on disk before the marker says the copy is whole
-        weights = {f.name: _sha256(f) for f in sorted(tmp.glob("*.safetensors"))}
+        files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
         (tmp / MARKER).write_text(json.dumps({
             "format": MARKER_FORMAT, "source": gguf.name, "model_id": SMOLLM2_ID,
-            **_origin(gguf), "weights": weights}))
-        if target.exists():  # a broken leftover, another release's, or a concurrent winner
-            if _is_current(target):
+            **_origin(gguf), "files": files}))
+        if target.exists() or target.is_symlink():  # a broken leftover, another release's,
+            if _is_current(target):  # or a concurrent winner
                 return  # someone else finished first; keep theirs
-            shutil.rmtree(target, ignore_errors=True)
+            _remove(target)
         try:
             os.rename(tmp, target)
         except OSError:
@@ -187,6 +211,28 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         ) from e
     finally:
         discard_tmp_dir(tmp)
+
+
+def _remove(target: Path) -> None:
+    """Remove what stands at ``target`` (a folder, or a file or link in its place), as far as
+    it can: what stays makes the rename after it fail, which says so."""
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            target.unlink()
+
+
+def _short_of_memory(e: BaseException | None) -> bool:
+    """Whether ``e`` (or what caused it) says memory ran out: a MemoryError, ENOMEM, or the
+    text of one (safetensors' failed mmap is a RuntimeError saying "Cannot allocate memory")."""
+    seen = 0
+    while e is not None and seen < 8:
+        if (isinstance(e, MemoryError) or getattr(e, "errno", None) == errno.ENOMEM
+                or "Cannot allocate memory" in str(e) or "os error 12" in str(e)):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def pick_device(device: str | None) -> str:
@@ -234,8 +280,9 @@ def load_model(name: str, cache_dir: Path, *, device: str | None = None) -> tupl
                     path, dtype=dtype, local_files_only=True, output_loading_info=True)
         except Exception as e:
             raise ModelError(
-                f"could not load the generator from {path}: {e}; "
-                "check that it is a complete Hugging Face model directory"
+                f"could not load the generator from {path}: {e}; " + (
+                    "there is not enough memory to load it" if _short_of_memory(e) else
+                    "check that it is a complete Hugging Face model directory")
             ) from e
         if name == DEFAULT_MODEL and tokenizer.chat_template is None:
             raise ModelError(f"{path} lost its chat template")
@@ -243,17 +290,16 @@ def load_model(name: str, cache_dir: Path, *, device: str | None = None) -> tupl
 
     try:
         model, tokenizer, info = load(path)
-    except ModelError as e:
-        if name != DEFAULT_MODEL or isinstance(e.__cause__, MemoryError):
-            raise  # (a user's directory is theirs; memory is not the files' fault)
-        # citeqa's own conversion, damaged since (a disk fault, a file deleted): made again
-        logger.warning("the converted generator is damaged (%s); converting it again", e)
+    except DamagedConversion as e:  # citeqa's own conversion, damaged since (a disk fault, a
+        # file deleted): made again (a user's directory is theirs, and a load that fails with
+        # the files as written, short of memory, is not the files' fault: nothing is deleted)
         with _CONVERTING:
             try:
                 (path / MARKER).unlink(missing_ok=True)
             except OSError:  # a read-only cache: say what failed to load
                 raise e from None
-            shutil.rmtree(path, ignore_errors=True)
+            logger.warning("the converted generator is damaged (%s); converting it again", e)
+            _remove(path)
         path = resolve_model_dir(name, cache_dir)
         model, tokenizer, info = load(path)
     # transformers fills weights its files lack with random ones and only reports it: a
