@@ -253,8 +253,11 @@ def remove_stale_siblings(out: Path, *, writing: bool, backups_free: bool = Fals
     for stale in [*siblings(out, "tmp"), *backups]:
         if not (backups_free and stale in backups) and writer_alive(stale, writing=writing):
             continue  # another writer is using it right now
-        log.info("removing stale %s", stale)
         shutil.rmtree(stale, ignore_errors=True)
+        if stale.exists():  # (a read-only file system: said at every command, and not done)
+            log.debug("could not remove stale %s", stale)
+        else:
+            log.info("removed stale %s", stale)
 
 
 @contextmanager

@@ -350,4 +350,7 @@ class CiteqaClient:
             )
         except (ValueError, KeyError, TypeError):
             text = resp.text[:200].strip() or resp.reason_phrase
+            if resp.is_redirect:  # (followed, a redirected POST turns into a GET)
+                text += (f" (to {resp.headers['location']}: the client follows no redirects; "
+                         "give that address as base_url)")
             return CiteqaAPIError(resp.status_code, "http_error", text)

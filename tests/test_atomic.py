@@ -251,3 +251,24 @@ def test_a_write_error_without_errno_on_a_full_disk_is_enospc(
     monkeypatch.setattr("citeqa.atomic.shutil.disk_usage", disk(0))  # an errno is kept
     with pytest.raises(PermissionError), full_disk_named(tmp_path):
         raise PermissionError(errno.EACCES, "Permission denied")
+
+
+def test_a_stale_sibling_that_cannot_be_removed_is_not_said_removed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """On a read-only file system every command logged "removing stale ..." and removed
+    nothing."""
+    import logging
+
+    from citeqa.atomic import remove_stale_siblings
+
+    out = tmp_path / "idx"
+    out.mkdir()
+    stale = tmp_path / ".idx.old-999999999"  # no such process
+    stale.mkdir()
+    caplog.set_level(logging.INFO, logger="citeqa.atomic")
+    monkeypatch.setattr("citeqa.atomic.shutil.rmtree", lambda path, ignore_errors: None)
+    remove_stale_siblings(out, writing=False)
+    assert stale.is_dir() and "stale" not in caplog.text
+    monkeypatch.undo()
+    remove_stale_siblings(out, writing=False)
+    assert not stale.exists() and f"removed stale {stale}" in caplog.text

@@ -432,3 +432,13 @@ def test_a_connection_broken_after_sending_says_the_call_may_be_done() -> None:
     with pytest.raises(CiteqaAPIError, match="may or may not be done") as err:
         client.add_document("text")
     assert err.value.status == 0 and err.value.code == "connection_error"
+
+
+def test_a_redirect_says_where_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It said "307 http_error: Temporary Redirect" and not where (an http:// base URL in front
+    of an https:// service, a path moved behind a proxy)."""
+    moved = httpx.Response(307, headers={"Location": "https://svc/v1/answer"})
+    client = CiteqaClient("http://svc", transport=httpx.MockTransport(lambda r: moved))
+    with pytest.raises(CiteqaAPIError, match=r"Temporary Redirect \(to https://svc/v1/answer: "
+                                             "the client follows no redirects"):
+        client.answer("q")

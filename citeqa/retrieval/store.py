@@ -575,8 +575,8 @@ def _verify_files(directory: Path, manifest: dict[str, Any]) -> None:
             raise IndexError_(f"index {directory} is missing {name}; rebuild it")
         if sha256_file(path) != digest:
             raise IndexError_(
-                f"index {directory}: {name} does not match its checksum (corrupt or edited); "
-                "rebuild it"
+                f"index {directory}: {name} does not match its checksum (corrupt or edited; "
+                "a copy taken while a change was being written: copy it again); rebuild it"
             )
 
 
