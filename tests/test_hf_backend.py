@@ -845,3 +845,35 @@ def test_a_row_cut_inside_a_character_leaves_that_character_out() -> None:
     for missing in (1, 2):  # the last character's last byte(s) never came
         assert decoded(Bytes(), whole[:-missing], cut=True) == "Quote [1]: 東京"
     assert decoded(Bytes(), whole[:-1], cut=False).endswith("\ufffd")  # only a cut row
+
+
+def test_a_second_process_waits_for_the_conversion_under_way_and_takes_its_copy(
+        tmp_path, monkeypatch, caplog):
+    """Two processes starting on an empty cache (two replicas on one volume, `make serve` and
+    a test run) each converted the model, ~25 s and ~1 GB each, and one copy was thrown away."""
+    import logging
+    import os
+    import shutil
+    import threading
+
+    import citeqa.generation.models as models
+    from citeqa.atomic import flocked
+
+    good = resolve_model_dir("smollm2", CACHE)
+    converted: list[Path] = []
+    monkeypatch.setattr(models, "_convert_gguf",
+                        lambda gguf, target: converted.append(target))
+    target = tmp_path / "cache" / models.SMOLLM2_DIR
+    target.parent.mkdir()
+    caplog.set_level(logging.INFO, logger="citeqa.generation.models")
+    done = threading.Event()
+    # the lock as another process holds it (an open file of its own: flock tells them apart)
+    with flocked(target.parent / f".{target.name}.lock", flags=os.O_RDWR | os.O_CREAT):
+        waiter = threading.Thread(
+            target=lambda: (resolve_model_dir("smollm2", tmp_path / "cache"), done.set()))
+        waiter.start()
+        assert not done.wait(1.0)  # it waits for the conversion under way
+        shutil.copytree(good, target)  # which finishes
+    waiter.join(10)
+    assert done.is_set() and not converted  # and it took that copy
+    assert "another process is converting the generator" in caplog.text

@@ -25,10 +25,11 @@ import logging
 import os
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from citeqa.atomic import discard_tmp_dir, fresh_tmp_dir, fsync_path
+from citeqa.atomic import discard_tmp_dir, flocked, fresh_tmp_dir, fsync_path
 from citeqa.errors import ModelError
 from citeqa.logs import quiet_weight_loading
 
@@ -142,7 +143,9 @@ def resolve_model_dir(name: str, cache_dir: Path) -> Path:
     if name == DEFAULT_MODEL:
         target = Path(cache_dir).expanduser() / SMOLLM2_DIR
         if not _is_current(target):
-            with _CONVERTING:  # one temporary directory per process (atomic.fresh_tmp_dir)
+            # one temporary directory per process (atomic.fresh_tmp_dir), one conversion at a
+            # time per cache
+            with _CONVERTING, _converting_alone(target):
                 if not _is_current(target):
                     _convert_gguf(packaged_gguf(), target)
         return target
@@ -154,6 +157,32 @@ def resolve_model_dir(name: str, cache_dir: Path) -> Path:
             "model.save_pretrained(dir) and tokenizer.save_pretrained(dir)"
         )
     return path
+
+
+class _Busy(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _converting_alone(target: Path) -> Iterator[None]:
+    """The block alone among the processes converting into ``target``: a second one waits for
+    the first and then finds its copy (each converted on its own, ~25 s and ~1 GB, and one copy
+    was thrown away). Unguarded where no lock file can be made (a read-only cache: converting
+    there says so)."""
+    lock = target.parent / f".{target.name}.lock"
+    flags = os.O_RDWR | os.O_CREAT
+    with contextlib.ExitStack() as stack:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                stack.enter_context(flocked(lock, flags=flags, busy=_Busy))
+            except _Busy:
+                logger.info("another process is converting the generator into %s; waiting for "
+                            "it", target)
+                stack.enter_context(flocked(lock, flags=flags))
+        except OSError:
+            pass
+        yield
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
