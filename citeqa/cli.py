@@ -5,7 +5,6 @@ Every user mistake ends in a one-line message on stderr and exit status 2, never
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from citeqa.cli_errors import (
     check_answer_mode,
     command_group,
     fail,
+    json_text,
     open_index_dir,
     settings_from,
     squash,
@@ -115,7 +115,7 @@ def search(
     except CiteqaError as e:
         raise fail(str(e)) from None
     if as_json:
-        typer.echo(json.dumps([h.to_json() for h in hits], ensure_ascii=False, indent=2))
+        typer.echo(json_text([h.to_json() for h in hits]))
         return
     if not hits:
         typer.echo("no hits")
@@ -194,8 +194,7 @@ def ask(
     except ValueError as e:  # an option value the pipeline refuses
         raise fail(str(e)) from None
     if as_json:
-        typer.echo(json.dumps(answer.to_json(with_passages=with_passages),
-                              ensure_ascii=False, indent=2))
+        typer.echo(json_text(answer.to_json(with_passages=with_passages)))
         return
     # Bold and underlined on a terminal; typer.echo drops the styling when piped.
     typer.echo(format_answer(answer, pipeline.document,

@@ -5,6 +5,7 @@ text on one line."""
 from __future__ import annotations
 
 import functools
+import json
 import re
 import sys
 from collections.abc import Callable
@@ -111,6 +112,14 @@ def squash(text: str) -> str:
     """``text`` on one line, with control characters shown as U+FFFD: documents are untrusted,
     and an escape sequence in one must not drive the reader's terminal."""
     return re.sub(r"[\x00-\x1f\x7f-\x9f]", "\ufffd", re.sub(r"\s+", " ", text))
+
+
+def json_text(data: Any) -> str:
+    """``data`` as indented JSON for stdout: text as itself where stdout is UTF-8, else in
+    ``\\u`` escapes (on a Latin-1 stream a CJK title would be escaped as Python escapes it,
+    which JSON does not read for characters past U+FFFF)."""
+    encoding = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "")
+    return json.dumps(data, ensure_ascii=encoding != "utf8", indent=2)
 
 
 def shown_progress(progress: bool | None) -> bool:

@@ -81,7 +81,7 @@ def bf16_hardware(cpuinfo: str | None = None, machine: str | None = None) -> boo
         return True
     if cpuinfo is None:
         try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8")
         except OSError:
             return True
     flags = set()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +27,7 @@ from citeqa.cli_errors import (
     ProgressOpt,
     command_group,
     fail,
+    json_text,
     open_index_dir,
     plural,
     settings_from,
@@ -522,13 +522,13 @@ def index_list(index: IndexDir = None, as_json: JsonOpt = False) -> None:
     for p in loaded.passages:
         passages[p.doc_id] += 1
     if as_json:
-        typer.echo(json.dumps({
+        typer.echo(json_text({
             "index": str(loaded.directory), "version": loaded.version,
             "total": len(loaded.documents),
             "documents": [{"doc_id": d.doc_id, "title": d.title, "source": d.source,
                            "length": len(d.text), "passages": passages[d.doc_id]}
                           for d in loaded.documents.values()],
-        }, ensure_ascii=False, indent=2))
+        }))
         return
     typer.echo("doc_id\tpassages\ttitle\tsource")
     for d in loaded.documents.values():  # untrusted text: one line each, no control characters
@@ -602,7 +602,7 @@ def index_info(index: IndexDir = None, as_json: JsonOpt = False) -> None:
                 raise fail(f"the index at {loaded.directory} kept changing while it was "
                            f"measured ({e.filename} went); run the command again") from None
     if as_json:
-        typer.echo(json.dumps(facts, ensure_ascii=False, indent=2))
+        typer.echo(json_text(facts))
         return
     emb = facts["embedding"]
     chunk = facts["chunk"] or {}

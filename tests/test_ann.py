@@ -419,3 +419,24 @@ def test_bench_removed_on_a_squad_file_removes_whole_articles(
     assert all(0 <= row[f"{w}_{g}_r{k}"] <= 1 for w in ("near_removed", "near_kept")
                for g in ("marked", "fresh") for k in (10, 100))
     assert "removed (whole articles)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["ïdx é", "idx\udce9"])  # the second: a byte no UTF-8 holds
+def test_a_dense_index_saves_and_loads_at_any_path_the_file_system_takes(
+        tmp_path: Path, name: str) -> None:
+    """FAISS opened a path by its UTF-8 bytes: a name with a byte that is no UTF-8 was a
+    TypeError's traceback, and under a Latin-1 locale every accented folder name failed."""
+    import os
+
+    x = clustered(30, dim=8)
+    index = DenseIndex.build(x)
+    folder = tmp_path / name
+    folder.mkdir()
+    index.save(folder / "dense.faiss")
+    assert os.fsencode(folder).endswith(os.fsencode(name))
+    np.testing.assert_array_equal(DenseIndex.load(folder / "dense.faiss").vectors(), x)
+    (folder / "cut.faiss").write_bytes((folder / "dense.faiss").read_bytes()[:100])
+    with pytest.raises(IndexError_, match="cannot read the dense index"):
+        DenseIndex.load(folder / "cut.faiss")
+    with pytest.raises(IndexError_, match="cannot read the dense index"):
+        DenseIndex.load(folder / "gone.faiss")

@@ -326,6 +326,60 @@ def test_what_the_system_refuses_is_one_line_and_a_traceback_with_verbose(
         assert loud.returncode == 1 and "Traceback" in loud.stderr, loud_args
 
 
+def test_closed_streams_and_a_locale_without_utf8_neither_stop_a_command(
+        tmp_path: Path) -> None:
+    """In an ASCII (C) locale without Python's UTF-8 mode the index's vocabulary was written in
+    the locale's encoding (a UnicodeEncodeError after all the work; in Latin-1, a vocabulary
+    other locales could not read, or read as mojibake: BM25 found no accented word); with its
+    stderr closed (``2>&-``) a build ended silently with status 1 (a progress bar asked
+    stderr.isatty()), and with stdout closed serve never started (uvicorn's formatter did)."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "cafe.md").write_text("The café in 東京 is run by Zoë since 1999.\n",
+                                               encoding="utf-8")
+    for name in ("rail", "sea", "hill"):  # (with two documents every BM25 score is 0)
+        (tmp_path / "docs" / f"{name}.md").write_text(f"Trains stop at the {name} station.\n",
+                                                      encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LC_") and k != "LANG"}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), LC_ALL="C",
+               PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    cmd = (f"'{sys.executable}' -m citeqa index build docs --out idx --preset tiny "
+           "--no-progress")
+    done = subprocess.run(["bash", "-c", cmd + " 2>&-"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "indexed 4 documents" in done.stdout, done
+    from citeqa.retrieval import HybridRetriever
+
+    hits = HybridRetriever.open(tmp_path / "idx").search("Zoë café", 1, mode="bm25")
+    assert hits and hits[0].title == "cafe.md" and hits[0].bm25 > 0
+    # stdout closed: the next file opened took its number, and what was printed went there
+    probe = ("import os, sys\n"
+             "from citeqa.__main__ import usable_streams\n"
+             "usable_streams()\n"
+             "print('\\u6771\\u4eac', flush=True)\n"
+             "sys.stderr.write(str(sys.stdout.isatty()) + ' ' + str(os.open(os.devnull, 0)))\n")
+    done = subprocess.run(["bash", "-c", f"'{sys.executable}' -c \"{probe}\" >&-"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr.split()[0] == "False", done
+    assert int(done.stderr.split()[1]) > 2
+
+
+def test_json_output_escapes_what_stdout_cannot_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import sys
+
+    from citeqa.cli_errors import json_text
+
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO(), encoding="latin-1"))
+    assert json_text({"t": "東京 😀"}) == '{\n  "t": "\\u6771\\u4eac \\ud83d\\ude00"\n}'
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO(), encoding="utf-8"))
+    assert json.loads(json_text({"t": "東京 😀"})) == {"t": "東京 😀"}
+    assert "東京" in json_text({"t": "東京"})
+
+
 def test_verbose_is_taken_after_the_subcommand_too() -> None:
     from citeqa.__main__ import verbose_first
 

@@ -179,7 +179,7 @@ def load_adapter(directory: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor
             "train one with `citeqa train generator --data FILE --out DIR`"
         )
     try:
-        cfg = AdapterConfig.from_json(json.loads((directory / CONFIG).read_text()))
+        cfg = AdapterConfig.from_json(json.loads((directory / CONFIG).read_text(encoding="utf-8")))
         tensors = load_file(str(directory / WEIGHTS))
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise ModelError(f"cannot read the adapter in {directory}: {e}; retrain it") from e

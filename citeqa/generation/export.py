@@ -48,7 +48,7 @@ def export_generator(gen: GenerationConfig, cache_dir: Path, out: Path, *,
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / EXPORT_MARKER).write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / EXPORT_MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         replace_dir(tmp, out)  # a kill never leaves a half-deleted export at out
     finally:
         discard_tmp_dir(tmp)

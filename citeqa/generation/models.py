@@ -81,7 +81,7 @@ def _origin(gguf: Path) -> dict[str, Any]:
 def _marker(target: Path) -> dict[str, Any] | None:
     """The marker of the conversion at ``target``; None when there is none to read."""
     try:
-        marker = json.loads((target / MARKER).read_text())
+        marker = json.loads((target / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return marker if isinstance(marker, dict) else None
@@ -222,7 +222,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
         (tmp / MARKER).write_text(json.dumps({
             "format": MARKER_FORMAT, "source": gguf.name, "model_id": SMOLLM2_ID,
-            **_origin(gguf), "files": files}))
+            **_origin(gguf), "files": files}), encoding="utf-8")
         if target.exists() or target.is_symlink():  # a broken leftover, another release's,
             if _is_current(target):  # or a concurrent winner
                 return  # someone else finished first; keep theirs

@@ -172,8 +172,9 @@ class BM25Index:
             np.save(directory / f"{name}.npy", np.ascontiguousarray(getattr(self, name)))
         if self.counts is not None:
             np.save(directory / f"{COUNTS}.npy", np.ascontiguousarray(self.counts))
-        (directory / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False))
-        (directory / "params.json").write_text(json.dumps(self.params, indent=2))
+        (directory / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False),
+                                              encoding="utf-8")
+        (directory / "params.json").write_text(json.dumps(self.params, indent=2), encoding="utf-8")
 
     @classmethod
     def load(cls, directory: Path, *, mmap: bool = True) -> BM25Index:
@@ -186,8 +187,8 @@ class BM25Index:
             counts_path = directory / f"{COUNTS}.npy"
             counts = (np.load(counts_path, mmap_mode="r" if mmap else None)
                       if counts_path.is_file() else None)
-            vocab = json.loads((directory / "vocab.json").read_text())
-            params = json.loads((directory / "params.json").read_text())
+            vocab = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
+            params = json.loads((directory / "params.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise IndexError_(
                 f"cannot read the BM25 index in {directory}: {e}; rebuild the index"

@@ -28,7 +28,9 @@ surviving vectors (cheap: flat copies, IVF keeps its centroids).
 resolved spec (concrete kind and parameters) is recorded in the index manifest under
 ``dense_index`` and applied at load (``efSearch`` and ``nprobe`` are query-time settings); an
 index without it (built before specs existed) is described from its FAISS type. Saved with
-``faiss.write_index`` (FAISS's own binary format, no pickle).
+``faiss.write_index`` (FAISS's own binary format, no pickle), through a Python file: FAISS opens
+a path by its UTF-8 bytes, whatever the file system's encoding (a folder named in Latin-1, or
+with bytes that are no UTF-8, could not be written or read).
 """
 
 from __future__ import annotations
@@ -275,7 +277,8 @@ class DenseIndex:
         OSError when it cannot be written (FAISS says so with a RuntimeError, which every
         caller's "could not write" handling missed: a full disk ended in a traceback)."""
         try:
-            faiss.write_index(self.index, str(path))
+            with open(path, "wb") as f:
+                faiss.write_index(self.index, faiss.PyCallbackIOWriter(f.write))
         except RuntimeError as e:
             raise OSError(f"could not write the dense index {path}: {e}") from e
 
@@ -283,8 +286,9 @@ class DenseIndex:
     def load(cls, path: Path, spec: DenseSpec | None = None,
              removed: np.ndarray | None = None) -> DenseIndex:
         try:
-            index = faiss.read_index(str(path))
-        except RuntimeError as e:
+            with open(path, "rb") as f:
+                index = faiss.read_index(faiss.PyCallbackIOReader(f.read))
+        except (RuntimeError, OSError) as e:
             raise IndexError_(f"cannot read the dense index {path}: {e}; rebuild the index") from e
         try:
             return cls(index, spec, removed)

@@ -188,14 +188,14 @@ def passage_texts(documents: list[Document], spans: np.ndarray, rows: np.ndarray
 def write_marker(job: ShardJob) -> None:
     """Create the work directory and its marker (the build's token)."""
     Path(job.work).mkdir(parents=True, exist_ok=True)
-    (Path(job.work) / MARKER).write_text(json.dumps({"token": job.token}))
+    (Path(job.work) / MARKER).write_text(json.dumps({"token": job.token}), encoding="utf-8")
 
 
 def check_marker(job: ShardJob) -> None:
     """Fail clearly when a worker does not see the driver's work directory (a cluster whose
     nodes do not share the storage it is on)."""
     try:
-        token = json.loads((Path(job.work) / MARKER).read_text()).get("token")
+        token = json.loads((Path(job.work) / MARKER).read_text(encoding="utf-8")).get("token")
     except (OSError, ValueError):
         token = None
     if token != job.token:
@@ -234,11 +234,13 @@ def _write_staged(directory: Path, block: Block, spans: np.ndarray, rows: np.nda
     write_documents(directory / "documents.jsonl", block.documents)
     np.save(directory / "passages.npy", spans)
     np.save(directory / "passage_doc.npy", rows)
-    (directory / "terms.json").write_text(json.dumps(counts.vocab, ensure_ascii=False))
+    (directory / "terms.json").write_text(json.dumps(counts.vocab, ensure_ascii=False),
+                                          encoding="utf-8")
     for name, array in zip(_COUNT_ARRAYS, (counts.indptr, counts.terms, counts.counts,
                                            counts.doc_len), strict=True):
         np.save(directory / f"{name}.npy", array)
-    (directory / "skipped.json").write_text(json.dumps(block.skipped, ensure_ascii=False))
+    (directory / "skipped.json").write_text(json.dumps(block.skipped, ensure_ascii=False),
+                                            encoding="utf-8")
 
 
 def finish_shard(staged: Staged, job: ShardJob, embedder: Embedder | None, *,
@@ -248,7 +250,7 @@ def finish_shard(staged: Staged, job: ShardJob, embedder: Embedder | None, *,
     ``progress``: a bar of the passages embedded (a default shard takes minutes on a CPU)."""
     final = job.shards / staged.key
     if not staged.staging:
-        meta = json.loads((final / SHARD_JSON).read_text())
+        meta = json.loads((final / SHARD_JSON).read_text(encoding="utf-8"))
         return ShardResult(staged.item, staged.block, staged.key, meta["passages"], False)
     directory = Path(staged.staging)
     documents = read_documents(directory / "documents.jsonl")
@@ -266,7 +268,7 @@ def finish_shard(staged: Staged, job: ShardJob, embedder: Embedder | None, *,
         embedding = embedding_record(embedder, job.cfg)
     meta = {"format": SHARD_FORMAT, "key": staged.key, "documents": len(documents),
             "passages": int(len(spans)), "embedding": embedding}
-    (directory / SHARD_JSON).write_text(json.dumps(meta, indent=2))
+    (directory / SHARD_JSON).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     for path in [*directory.iterdir(), directory]:  # on disk before it is called finished:
         fsync_path(path)  # a power cut must not leave a finished name on truncated files
     job.shards.mkdir(parents=True, exist_ok=True)
@@ -284,19 +286,19 @@ def finish_shard(staged: Staged, job: ShardJob, embedder: Embedder | None, *,
 def read_shard(directory: Path) -> Shard:
     """Read a finished shard; IndexError_ (saying to delete it) when it is damaged."""
     try:
-        meta = json.loads((directory / SHARD_JSON).read_text())
+        meta = json.loads((directory / SHARD_JSON).read_text(encoding="utf-8"))
         if meta.get("format") != SHARD_FORMAT:
             raise ValueError(f"shard format {meta.get('format')!r}, expected {SHARD_FORMAT}")
         documents = read_documents(directory / "documents.jsonl")
         spans = np.load(directory / "passages.npy")
         rows = np.load(directory / "passage_doc.npy")
         arrays = {name: np.load(directory / f"{name}.npy") for name in _COUNT_ARRAYS}
-        counts = TermCounts(json.loads((directory / "terms.json").read_text()),
+        counts = TermCounts(json.loads((directory / "terms.json").read_text(encoding="utf-8")),
                             arrays["doc_len"], arrays["term_indptr"], arrays["term_ids"],
                             arrays["term_counts"])
         vectors = (np.load(directory / "vectors.npy") if (directory / "vectors.npy").is_file()
                    else None)
-        skipped = json.loads((directory / "skipped.json").read_text())
+        skipped = json.loads((directory / "skipped.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, KeyError) as e:
         raise IndexError_(f"shard {directory} is damaged ({e})") from e
     n = len(spans)

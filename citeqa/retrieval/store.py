@@ -152,7 +152,7 @@ def write_index(
         "dense_index": dense.spec.to_json() if dense is not None else None,
         "files": {p.relative_to(directory).as_posix(): sha256_file(p) for p in files},
     }
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     for p in [*files, directory / MANIFEST]:
         fsync_path(p)
     fsync_path(directory / BM25_DIR)
@@ -281,7 +281,7 @@ def is_index_dir(path: Path) -> bool:
     if not (path.is_dir() and manifest.is_file()):
         return False
     try:
-        parsed = json.loads(manifest.read_text())
+        parsed = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return (path / DOCUMENTS).is_file()
     return isinstance(parsed, dict) and "format_version" in parsed
@@ -348,7 +348,7 @@ def publish(tmp: Path, out: Path, *, expect: dict[str, Any] | None = None,
 
 def _manifest_or_none(out: Path) -> Any:
     try:
-        return json.loads((out / MANIFEST).read_text())
+        return json.loads((out / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
@@ -518,7 +518,7 @@ def folder_id(directory: Path) -> tuple[int, int] | None:
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
     try:
-        manifest = json.loads((directory / MANIFEST).read_text())
+        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         if not is_index_dir(directory):
             raise IndexError_(f"index {directory} {how_to_build(directory)}") from e

@@ -65,7 +65,7 @@ def write_encoder_dir(out: Path, encoder: torch.nn.Module, tokenizer: Any,
         heads = {k: v.detach().float().contiguous().cpu() for k, v in state.items()
                  if not k.startswith("encoder.")}
         save_file(heads, str(tmp / HEADS))
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         if out.exists():
             for keep in out.iterdir():
                 if keep.name not in (CONFIG, HEADS, ENCODER) and not (tmp / keep.name).exists():
@@ -93,7 +93,7 @@ def read_config_json(directory: Path, *, retrain: str = RETRAIN,
     if not path.is_file():
         raise ModelError(f"{directory} has no {CONFIG}, so it is not {what}; {retrain}")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
     except (ValueError, OSError) as e:

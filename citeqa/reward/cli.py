@@ -618,5 +618,5 @@ def calibrate_dir(data_paths: list[Path], reward_dir: Path, *, target: float, de
         extra["family_delta"] = delta  # the chosen target's guarantee; `delta` is per target
     path = write_calibration(reward_dir, best_scores, correct, cal, min_answered=min_answered,
                              extra=extra)
-    body = json.loads(path.read_text())
+    body = json.loads(path.read_text(encoding="utf-8"))
     return {k: v for k, v in body.items() if k not in ("scores", "correct")}

@@ -169,7 +169,7 @@ def read_combiner(directory: Path) -> Combiner | None:
     if not path.is_file():
         return None
     try:
-        body = json.loads(path.read_text())
+        body = json.loads(path.read_text(encoding="utf-8"))
         inputs = tuple(body.get("inputs") or ())
         if inputs not in (INPUTS, WITH_ANSWERABILITY):
             raise ValueError(f"inputs {list(inputs)} are neither {list(INPUTS)} nor "

@@ -300,7 +300,7 @@ def read_calibration(directory: Path) -> CalibrationRecord | None:
                        CALIBRATION)
         return None
     try:
-        body = json.loads(path.read_text())
+        body = json.loads(path.read_text(encoding="utf-8"))
         scores = [-math.inf if s is None else float(s) for s in body["scores"]]
         if not all(isinstance(c, bool) for c in body["correct"]):
             raise ValueError("a label in 'correct' is not true or false")

@@ -250,7 +250,8 @@ def _saved(out: Path | None, key: str) -> dict[str, Any] | None:
     if out is None:
         return None
     try:
-        value = json.loads((recover_dir(Path(out)) / "config.json").read_text()).get(key)
+        config = recover_dir(Path(out)) / "config.json"
+        value = json.loads(config.read_text(encoding="utf-8")).get(key)
     except (OSError, ValueError, AttributeError):
         return None
     return value if isinstance(value, dict) else None
@@ -279,7 +280,8 @@ def saved_progress(out: Path | None) -> dict[str, Any] | None:
     if progress is not None:
         return progress
     try:
-        return {"step": int(json.loads((recover_dir(Path(out)) / PROGRESS).read_text())["step"])}
+        path = recover_dir(Path(out)) / PROGRESS
+        return {"step": int(json.loads(path.read_text(encoding="utf-8"))["step"])}
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

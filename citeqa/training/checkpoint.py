@@ -65,7 +65,8 @@ def save_checkpoint(out: Path, wrapped: dict[str, LoRALinear], optimizer: torch.
                for i, s in optimizer.state_dict()["state"].items()
                for m, t in s.items() if m in MOMENTS}
     save_file(moments, str(tmp / OPTIMIZER))
-    (tmp / STATE).write_text(json.dumps({"step": step, "key": key, "history": history}))
+    (tmp / STATE).write_text(json.dumps({"step": step, "key": key, "history": history}),
+                             encoding="utf-8")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -81,7 +82,7 @@ def load_checkpoint(out: Path, wrapped: dict[str, LoRALinear], optimizer: torch.
     if directory is None:
         return 0, []
     try:
-        state = json.loads((directory / STATE).read_text())
+        state = json.loads((directory / STATE).read_text(encoding="utf-8"))
         tensors = load_file(str(directory / LORA))
         saved = load_file(str(directory / OPTIMIZER))
         saved_key = state["key"]

@@ -377,7 +377,7 @@ def finished_run(out: Path) -> dict[str, Any] | None:
     if not (out / LOG_FILE).is_file() or has_checkpoint(out):
         return None
     try:
-        record = json.loads((out / LOG_FILE).read_text())
+        record = json.loads((out / LOG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}  # unreadable: another run's for all we can tell
     return record if isinstance(record, dict) else {}
@@ -387,7 +387,7 @@ def _trained_to(out: Path, key: str, steps: int) -> dict[str, Any] | None:
     """The training log in ``out`` when its adapter is this run's (``key``) trained to
     ``steps`` steps (a run cut short by --max-steps keeps its checkpoint to go on), else None."""
     try:
-        record = json.loads((Path(out) / LOG_FILE).read_text())
+        record = json.loads((Path(out) / LOG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     history = record.get("history") if isinstance(record, dict) else None
