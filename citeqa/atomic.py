@@ -15,6 +15,7 @@ its mode (a new one gets the umask's, as any write would); a symbolic link is wr
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import secrets
@@ -244,6 +245,10 @@ def _just_made(path: Path) -> bool:
         return False
 
 
+def _note_error(errors: list[BaseException], fn: Any, path: Any, exc: Any) -> None:
+    errors.append(exc[1])
+
+
 def remove_stale_siblings(out: Path, *, writing: bool, backups_free: bool = False) -> None:
     """Delete the temporary and backup directories of writers that died. ``backups_free``: the
     caller holds the lock every swap holds across its renames, and ``out`` is whole, so no
@@ -253,11 +258,14 @@ def remove_stale_siblings(out: Path, *, writing: bool, backups_free: bool = Fals
     for stale in [*siblings(out, "tmp"), *backups]:
         if not (backups_free and stale in backups) and writer_alive(stale, writing=writing):
             continue  # another writer is using it right now
-        shutil.rmtree(stale, ignore_errors=True)
-        if stale.exists():  # (a read-only file system: said at every command, and not done)
-            log.debug("could not remove stale %s", stale)
-        else:
+        errors: list[BaseException] = []
+        shutil.rmtree(stale, onerror=functools.partial(_note_error, errors))
+        if not stale.exists():
             log.info("removed stale %s", stale)
+        elif not (errors and getattr(errors[0], "errno", None) == errno.EROFS):
+            # (on a read-only file system nothing is to be done: not said at every command)
+            log.warning("could not remove %s, a copy an interrupted writer left (%s); remove "
+                        "it by hand", stale, errors[0] if errors else "it stays")
 
 
 @contextmanager
@@ -302,6 +310,28 @@ def new_tmp_dir(out: Path, mode: int | None = None) -> Path:
         os.chmod(tmp, mode)  # mkdir's mode passes through the umask
     claim_tmp_dir(tmp)
     return tmp
+
+
+def owner_and_mode(folder: Path) -> tuple[int, int, int] | None:
+    """(uid, gid, mode) of the folder at ``folder``; None where there is none."""
+    try:
+        st = folder.stat()
+    except OSError:
+        return None
+    return (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) if stat.S_ISDIR(st.st_mode) else None
+
+
+def give_owner_and_mode(tmp: Path, owner_mode: tuple[int, int, int]) -> None:
+    """Give the folder ``tmp`` and everything in it the owner and mode of the folder it
+    replaces (``owner_and_mode``): its folders that mode, its files that mode without execute
+    bits; the owner where this process may (root). A change made under another umask, or by
+    root, to a service's folder otherwise left files that service could not read or replace."""
+    uid, gid, mode = owner_mode
+    for path in [tmp, *tmp.rglob("*")]:
+        os.chmod(path, mode if path.is_dir() else mode & 0o666)
+        if os.geteuid() == 0 and (uid, gid) != (0, 0):
+            with suppress(OSError):
+                os.chown(path, uid, gid)
 
 
 def replace_dir(tmp: Path, out: Path) -> None:

@@ -266,9 +266,19 @@ def test_a_stale_sibling_that_cannot_be_removed_is_not_said_removed(
     stale = tmp_path / ".idx.old-999999999"  # no such process
     stale.mkdir()
     caplog.set_level(logging.INFO, logger="citeqa.atomic")
-    monkeypatch.setattr("citeqa.atomic.shutil.rmtree", lambda path, ignore_errors: None)
+
+    def refused(code: int):  # type: ignore[no-untyped-def]
+        def rmtree(path, onerror):  # type: ignore[no-untyped-def]
+            onerror(os.rmdir, str(path), (OSError, OSError(code, os.strerror(code)), None))
+        return rmtree
+
+    monkeypatch.setattr("citeqa.atomic.shutil.rmtree", refused(errno.EROFS))
     remove_stale_siblings(out, writing=False)
-    assert stale.is_dir() and "stale" not in caplog.text
+    assert stale.is_dir() and "stale" not in caplog.text and "remove" not in caplog.text
+    monkeypatch.setattr("citeqa.atomic.shutil.rmtree", refused(errno.EACCES))  # root's copy
+    remove_stale_siblings(out, writing=False)
+    assert f"could not remove {stale}, a copy an interrupted writer left" in caplog.text
+    assert "Permission denied" in caplog.text and "removed stale" not in caplog.text
     monkeypatch.undo()
     remove_stale_siblings(out, writing=False)
     assert not stale.exists() and f"removed stale {stale}" in caplog.text

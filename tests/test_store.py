@@ -452,3 +452,40 @@ def test_a_change_to_an_index_read_from_its_backup_is_checked_against_the_index(
         add_documents(stale, [Document("d4", "Owls", "owls.txt", "Owls hoot.")], built,
                       embedder=HashEmbedder())
     assert set(Index.load(built).documents) == {"d2", "d3"}
+
+
+def test_a_change_keeps_the_owner_and_mode_of_the_index_it_replaces(
+        built: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An `index add` under umask 077 (or by root) left a service's index 700/600 (or root's):
+    the service could no longer read it, and polled it in silence, serving the old version."""
+    import logging
+    import os
+    import stat
+
+    from citeqa.retrieval import HashEmbedder
+    from citeqa.retrieval.store import version_on_disk
+    from citeqa.retrieval.updates import add_documents
+
+    os.chmod(built, 0o750)
+    as_root = os.geteuid() == 0
+    if as_root:  # the service's own user
+        for path in [built, *built.rglob("*")]:
+            os.chown(path, 65534, 65534)
+    old = os.umask(0o077)
+    try:
+        add_documents(Index.load(built), [Document("d4", "Birds", "b.txt", "Birds sing.")],
+                      built, embedder=HashEmbedder())
+    finally:
+        os.umask(old)
+    for path in [built, *built.rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o750 if path.is_dir() else 0o640), (path, oct(mode))
+        if as_root:
+            assert (path.stat().st_uid, path.stat().st_gid) == (65534, 65534), path
+    assert "d4" in Index.load(built).documents
+    # a manifest this process may not read is said once, not taken for a writer mid-swap
+    monkeypatch.setattr(Path, "read_text", lambda self, encoding=None: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied")))
+    caplog.set_level(logging.WARNING, logger="citeqa.retrieval.store")
+    assert version_on_disk(built) is None and version_on_disk(built) is None
+    assert caplog.text.count("cannot read") == 1 and "Permission denied" in caplog.text

@@ -58,7 +58,9 @@ from citeqa.atomic import (
     flocked_if_free,
     fsync_path,
     full_disk_named,
+    give_owner_and_mode,
     new_tmp_dir,
+    owner_and_mode,
     release_tmp_dir,
     remove_stale_siblings,
     siblings,
@@ -346,9 +348,18 @@ def publish(tmp: Path, out: Path, *, expect: dict[str, Any] | None = None,
         log.warning("could not remove the previous index %s (%s)", old, e)
 
 
+_UNREADABLE_SAID: set[str] = set()  # manifests said to be unreadable (once each, not each poll)
+
+
 def _manifest_or_none(out: Path) -> Any:
     try:
         return json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except PermissionError as e:  # not a writer mid-swap: said, as a server polls in silence
+        if str(out) not in _UNREADABLE_SAID:
+            _UNREADABLE_SAID.add(str(out))
+            log.warning("cannot read %s (%s): this process cannot see the index there "
+                        "change", out / MANIFEST, e.strerror)
+        return None
     except (OSError, ValueError):
         return None
 
@@ -366,12 +377,16 @@ def save_index(out: Path, *, expect: dict[str, Any] | None = None,
     (``expect``, ``only_if_missing``: see ``publish``).
 
     Whatever happens before the swap (an error, Ctrl-C), the index at ``out`` stays the previous
-    one and the temporary directory is removed. Returns the manifest.
+    one and the temporary directory is removed. The new index takes the owner and mode of the
+    folder it replaces. Returns the manifest.
     """
+    was = owner_and_mode(real_path(out))
     tmp = prepare(out)
     try:
         with full_disk_named(tmp):
             manifest = write_index(tmp, **parts)
+        if was is not None:
+            give_owner_and_mode(tmp, was)
         test_pause("before_swap")
         publish(tmp, out, expect=expect, only_if_missing=only_if_missing)
     except BaseException:
