@@ -186,6 +186,9 @@ def ask(
     try:
         asked_text(question)  # refused before any model loads
         pipeline = Pipeline.from_settings(settings)
+    except (CiteqaError, ValueError) as e:
+        raise fail(str(e)) from None
+    try:  # (a remote engine's call in flight ends with it: Ctrl-C waited out its timeout)
         answer = pipeline.ask(question, top_k=top_k, n_candidates=n_candidates,
                               min_score=min_score, target_accuracy=target_accuracy,
                               answer_mode=answer_mode)
@@ -193,6 +196,8 @@ def ask(
         raise fail(str(e)) from None
     except ValueError as e:  # an option value the pipeline refuses
         raise fail(str(e)) from None
+    finally:
+        pipeline.close()
     if as_json:
         typer.echo(json_text(answer.to_json(with_passages=with_passages)))
         return

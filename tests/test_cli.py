@@ -102,6 +102,28 @@ def test_ask_with_the_tiny_preset_returns_a_verified_quote(
     assert plain.exit_code == 0 and "quote:" in plain.output and "source:" in plain.output
 
 
+def test_ask_closes_its_pipeline_however_it_ends(corpus: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing was closed: on Ctrl-C a remote engine's calls in flight held the process until
+    their timeout (~2 min)."""
+    from citeqa.pipeline import Pipeline
+
+    out = tmp_path / "index"
+    assert build(corpus, out).exit_code == 0
+    closed: list[bool] = []
+    monkeypatch.setattr(Pipeline, "close", lambda self: closed.append(True))
+    assert run("ask", "When did it open?", "--index", str(out), "--preset", "tiny").exit_code == 0
+    assert closed == [True]
+
+    def interrupted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Pipeline, "ask", interrupted)
+    assert run("ask", "When did it open?", "--index", str(out), "--preset",
+               "tiny").exit_code != 0
+    assert closed == [True, True]
+
+
 def test_ask_generator_beats_a_remote_generator_in_the_environment(
         corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--generator lost to CITEQA_GENERATOR_URL: the engine there was asked (refused: nothing

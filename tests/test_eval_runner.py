@@ -255,6 +255,19 @@ def test_the_same_system_named_otherwise_resumes(tmp_path: Path, monkeypatch) ->
     with pytest.raises(ConfigError, match="model_id"):
         check_same_system(tmp_path, desc("packaged", model_id="qwen@1a2b3c4d+bf16"),
                           desc("packaged", model_id="qwen@99999999+bf16"))
+    # a remote engine restarted on another port, or its one model named: the generator's id
+    # (the name and where the engine loaded it) is the same, and so is the system
+    def remote(url: str, served: str | None, model_id: str) -> dict:
+        d = desc("packaged", model_id=model_id)
+        d["config"]["generation"].update(url=url, served_model=served)
+        return d
+
+    same = "remote:gen (/models/a)"
+    check_same_system(tmp_path, remote("http://127.0.0.1:8100", None, same),
+                      remote("http://localhost:8200", "gen", same))
+    with pytest.raises(ConfigError, match="model_id"):
+        check_same_system(tmp_path, remote("http://127.0.0.1:8100", None, same),
+                          remote("http://127.0.0.1:8100", None, "remote:gen (/models/b)"))
 
 
 def test_a_threshold_no_score_reaches_is_recorded_and_resumes(

@@ -243,6 +243,26 @@ def test_redteam_command_on_the_tiny_preset(tmp_path: Path, monkeypatch) -> None
     assert CliRunner().invoke(app, args).exit_code == 0
     assert sorted(asked) == sorted(json.loads(line)["question"] for line in lines[-2:])
     assert len((tmp_path / "rt" / "results.jsonl").read_text().splitlines()) == len(lines)
+    # an engine gone mid-run stops it saying what is kept and what goes on from there (it said
+    # only that the engine could not be reached), and the pipeline is closed (a remote
+    # engine's calls in flight end with it: Ctrl-C waited out their timeout)
+    from citeqa.errors import EngineUnavailableError
+
+    closed: list[bool] = []
+    monkeypatch.setattr(Pipeline, "close", lambda self: closed.append(True))
+
+    def engine_gone(self, items):  # type: ignore[no-untyped-def]
+        raise EngineUnavailableError("the generator at http://e cannot be reached")
+
+    monkeypatch.setattr(Pipeline, "ask_many", engine_gone)
+    (tmp_path / "rt" / "results.jsonl").write_text("\n".join(lines[:-2]) + "\n")
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and closed, r.output
+    assert (f"cannot be reached. The run stopped: the {len(lines) - 2} questions answered so "
+            "far are kept in") in " ".join(r.output.split())
+    monkeypatch.setattr(Pipeline, "ask_many", ask_many)
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert len((tmp_path / "rt" / "results.jsonl").read_text().splitlines()) == len(lines)
     # resuming with other seeds (or another index, model, threshold) would mix two runs
     other = CliRunner().invoke(app, [*args, "--seed", "1"])
     assert other.exit_code == 2 and "seed: was 0, now 1" in other.output, other.output

@@ -200,6 +200,9 @@ def test_an_engine_that_stays_down_is_unavailable_with_its_url():
         (httpx.Response(400, json={"error": {"message": "bad grammar"}}), "400: bad grammar"),
         (httpx.Response(422, json={"detail": "bad field"}), "bad field"),
         (httpx.Response(500, text="boom"), "boom"),
+        # another server's page, on one line (it was ten lines of HTML)
+        (httpx.Response(404, text="<!DOCTYPE HTML>\n<html>\n  <title>Not Found</title>\n"),
+         r"404: <!DOCTYPE HTML> <html> <title>Not Found</title>$"),
         (httpx.Response(200, json={"nope": 1}), "unexpected response"),
         (httpx.Response(200, json=[1, 2]), "unexpected response"),
         (httpx.Response(200, text="not json"), "no JSON"),

@@ -217,6 +217,25 @@ def test_a_stream_nobody_waits_for_is_ended_and_the_engine_sees_its_client_leave
         assert e.left.wait(3)
 
 
+def test_a_closed_backend_ends_its_calls_in_flight_and_their_threads():
+    """Ctrl-C (`ask`, `eval`, `redteam`) closed nothing: the pools' threads, each in a call to
+    an engine that did not answer, held the process until the request timeout (~2 min)."""
+    with engine() as e:
+        b = RemoteBackend(e.url, "m", timeout_s=60, stall_s=30, backoff=FAST)
+        done = threading.Event()
+        caller = threading.Thread(target=lambda: (b.generate([GenerationRequest(messages=MSGS)]),
+                                                  done.set()), daemon=True)
+        caller.start()
+        time.sleep(0.5)  # the call is in flight
+        t0 = time.monotonic()
+        b.close()
+        assert done.wait(5) and time.monotonic() - t0 < 3
+        assert e.left.wait(3)  # the engine saw its client leave (it stops generating)
+        b._pool.shutdown(wait=True)  # no thread is left in a call
+        b._continue.shutdown(wait=True)
+        assert time.monotonic() - t0 < 5
+
+
 def test_a_stream_over_is_never_shut_its_connection_may_carry_another_call():
     """The watch looks at a list of streams taken a moment before: one read to its end (its
     connection back in the pool, perhaps already another call's) must not be shut then."""

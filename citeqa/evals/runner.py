@@ -150,9 +150,12 @@ def describe_pipeline(pipeline: Pipeline, min_score: float | None,
 # What must match between a run's invocations besides its identity: the models and the
 # decline rule, which come from CITEQA_* settings (adapter, reward model, generator) as well as
 # from options. Settings of speed alone change no output, and a model directory may be named by
-# other paths (the model id holds the adapter's hash).
+# other paths (the model id holds the adapter's hash). A remote engine's address and the name
+# it serves the model under are in the generator's id as what they resolve to (the name, and
+# where the engine loaded it): an engine restarted on another port, or its one model named,
+# serves the same system.
 _SYSTEM_KEYS = ("generator_model_id", "scorer", "threshold")
-_SPEED_ONLY = frozenset({"threads", "concurrency", "compile"})
+_NOT_COMPARED = frozenset({"threads", "concurrency", "compile", "url", "served_model"})
 _PATHS = frozenset({"model", "adapter"})  # recorded resolved: one directory, one name
 _COMPILED = ", compiled"  # a compiled scorer's name ends so (reward/scorer.py)
 _DTYPES = re.compile(r"bf16-int8w|fp16-linear|fp16w|bf16|fp32")  # in model ids and scorer names
@@ -167,7 +170,7 @@ def check_same_system(out: Path, stored: dict[str, Any], now: dict[str, Any], *,
         config: dict[str, Any] = {}
         for name, part in (desc.get("config") or {}).items():
             if isinstance(part, dict):  # a copy: ``desc`` is written to run.json as it is
-                part = {k: v for k, v in part.items() if k not in _SPEED_ONLY}
+                part = {k: v for k, v in part.items() if k not in _NOT_COMPARED}
             config[name] = part
         found = {k: desc.get(k) for k in _SYSTEM_KEYS}
         found["scorer"] = str(found["scorer"]).removesuffix(_COMPILED)  # speed alone
@@ -399,9 +402,6 @@ def run_eval(
 def _run_eval(spec: RunSpec, out: Path, items: list[QAItem], ident: dict[str, Any], *,
               force: bool, progress: bool, pipeline: Pipeline | None) -> RunResult:
     """``run_eval``'s work, with ``out`` held."""
-    from citeqa.evals.report import write_outputs
-
-    manifest_path = Path(spec.index) / MANIFEST
     prepare_out(out, ident, force=force)
 
     if pipeline is None:
@@ -409,6 +409,19 @@ def _run_eval(spec: RunSpec, out: Path, items: list[QAItem], ident: dict[str, An
 
         settings = Settings(preset=spec.preset, index=spec.index)  # type: ignore[arg-type,call-arg]
         pipeline = Pipeline.from_settings(settings)
+        try:  # a remote engine's calls in flight end with it (Ctrl-C waited out their timeout)
+            return _ask_all(spec, out, items, ident, pipeline, progress=progress)
+        finally:
+            pipeline.close()
+    return _ask_all(spec, out, items, ident, pipeline, progress=progress)
+
+
+def _ask_all(spec: RunSpec, out: Path, items: list[QAItem], ident: dict[str, Any],
+             pipeline: Pipeline, *, progress: bool) -> RunResult:
+    """``_run_eval``'s questions, asked of ``pipeline`` (the run's files prepared)."""
+    from citeqa.evals.report import write_outputs
+
+    manifest_path = Path(spec.index) / MANIFEST
     index_manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     run_info: dict[str, Any] = {
         "identity": ident,

@@ -115,6 +115,7 @@ class RemoteBackend:
         self._in_flight = threading.BoundedSemaphore(self.concurrency)
         self._watch = Watch(self._engine_gone, stall_s=stall_s)
         self._roots: dict[str, str] = {}  # served name -> where the engine loaded it from
+        self._closed = threading.Event()  # set by close(): every call in flight is abandoned
 
     # -- the engine ---------------------------------------------------------------------------
 
@@ -227,7 +228,7 @@ class RemoteBackend:
     def _generate_one(self, req: GenerationRequest,
                       batch_failed: Callable[[], bool] = lambda: False) -> list[Completion]:
         def gone() -> bool:  # nobody will read this request's answer
-            return req.is_abandoned() or batch_failed()
+            return req.is_abandoned() or batch_failed() or self._closed.is_set()
 
         if gone():  # waited for a free slot while its asker left (or its batch failed)
             return abandoned_completions(req)
@@ -416,6 +417,10 @@ class RemoteBackend:
             self._in_flight.release()
 
     def close(self) -> None:
+        """Stop: calls not started are dropped, and those in flight are abandoned (their
+        streams shut within the watch's beat, so the engine stops them and their threads end:
+        Ctrl-C waited for them, up to the request timeout, before the process could exit)."""
+        self._closed.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._continue.shutdown(wait=False, cancel_futures=True)
         self._client.close()
@@ -454,11 +459,16 @@ def _joined(answer_line: str, first: dict[str, Any], second: dict[str, Any],
 
 
 def _server_message(resp: httpx.Response) -> str:
-    """The error message in an OpenAI-style error body, else the start of the body."""
+    """The error message in an OpenAI-style error body, else the start of the body, on one
+    line (another server's HTML page was ten lines of an error that says it is one)."""
+    return " ".join(_server_text(resp).split())[:300] or resp.reason_phrase
+
+
+def _server_text(resp: httpx.Response) -> str:
     try:
         body = resp.json()
     except ValueError:
-        return resp.text[:300] or resp.reason_phrase
+        return resp.text[:2000]
     if isinstance(body, dict):
         err = body.get("error", body)
         if isinstance(err, dict) and "message" in err:

@@ -24,7 +24,7 @@ from citeqa.cli_errors import (
     settings_from,
     shown_progress,
 )
-from citeqa.errors import CiteqaError
+from citeqa.errors import CiteqaError, EngineUnavailableError
 
 
 @interruptible()
@@ -75,7 +75,9 @@ def redteam(
     from citeqa.redteam.corpus import Corpus
     from citeqa.redteam.maker import Seed, make_variants
     from citeqa.redteam.run import (
+        RESULTS,
         ask_all,
+        done_ids,
         probes,
         sample_seeds,
         start_run,
@@ -128,6 +130,7 @@ def redteam(
             from citeqa.pipeline import Pipeline
 
             pipeline = Pipeline.from_settings(settings_from(preset=preset_name, index=index))
+            stack.callback(pipeline.close)  # (a remote engine's calls in flight end with it)
             ask, threshold = pipeline.ask_many, pipeline.decline_threshold()
             service = f"in process ({pipeline.generator.backend.model_id})"
             system = describe_pipeline(pipeline, None)  # checked as the eval's (runner.py)
@@ -138,7 +141,13 @@ def redteam(
                 "split": split, "n": n if sampled else None, "seed": seed,
                 "per_passage": None if questions is not None else per_passage,
                 "url": url, "threshold": threshold_json(threshold)}, system)
-            records = ask_all(asks, ask, out, batch=batch, progress=progress)
+            try:
+                records = ask_all(asks, ask, out, batch=batch, progress=progress)
+            except EngineUnavailableError as e:
+                raise EngineUnavailableError(
+                    f"{e}. The run stopped: the {len(done_ids(out / RESULTS))} questions "
+                    f"answered so far are kept in {out / RESULTS}; run the same command again "
+                    "once the generator is back, and it goes on from there") from e
             summary = summarize(records, threshold)
             if url:  # not "no threshold" (every question answered): the server's, unknown here
                 summary["threshold"] = "the server's own (not known to the client)"
