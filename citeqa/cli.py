@@ -6,6 +6,7 @@ Every user mistake ends in a one-line message on stderr and exit status 2, never
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable
 from typing import Annotated
@@ -201,9 +202,11 @@ def ask(
     if as_json:
         typer.echo(json_text(answer.to_json(with_passages=with_passages)))
         return
-    # Bold and underlined on a terminal; typer.echo drops the styling when piped.
-    typer.echo(format_answer(answer, pipeline.document,
-                             mark=lambda s: typer.style(s, bold=True, underline=True)))
+    # Bold and underlined on a terminal; typer.echo drops the styling when piped, and none is
+    # asked where NO_COLOR is set or the terminal is dumb (https://no-color.org)
+    plain = bool(os.environ.get("NO_COLOR")) or os.environ.get("TERM") == "dumb"
+    typer.echo(format_answer(answer, pipeline.document, mark=str if plain else
+                             lambda s: typer.style(s, bold=True, underline=True)))
 
 
 # -- ask's text output ------------------------------------------------------------------------

@@ -239,12 +239,19 @@ def _keyword_or_dir(v: str | None, keywords: tuple[str, ...], name: str, what: s
 
 
 def default_cache_dir() -> Path:
-    """``~/.cache/citeqa``; where there is no home (no HOME, and a user id without a passwd
-    entry: a container run as an arbitrary uid) ``$TMPDIR/citeqa-cache-UID``."""
+    """``~/.cache/citeqa``; where there is no home folder to write in (no HOME, and a user id
+    without a passwd entry: a container run as an arbitrary uid; one named that does not
+    exist, as nobody's /nonexistent, or is relative; or one this user may not write, as the
+    / a container gives an arbitrary uid) ``$TMPDIR/citeqa-cache-UID``."""
     try:
-        return Path.home() / ".cache" / "citeqa"
+        home: Path | None = Path.home()
     except RuntimeError:
-        return Path(tempfile.gettempdir()) / f"citeqa-cache-{os.getuid()}"
+        home = None
+    if home is not None and home.is_absolute():
+        cache = home / ".cache" / "citeqa"
+        if cache.is_dir() or (home.is_dir() and os.access(home, os.W_OK)):
+            return cache
+    return Path(tempfile.gettempdir()) / f"citeqa-cache-{os.getuid()}"
 
 
 DAY_S = 86_400.0  # the longest wait a setting may name (inf overflowed the timers it sets)

@@ -102,6 +102,20 @@ def test_ask_with_the_tiny_preset_returns_a_verified_quote(
     assert plain.exit_code == 0 and "quote:" in plain.output and "source:" in plain.output
 
 
+def test_ask_marks_its_answer_on_a_terminal_unless_no_color(corpus: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    out = tmp_path / "index"
+    assert build(corpus, out).exit_code == 0
+    args = ["ask", "When did the Eiffel Tower open?", "--index", str(out), "--preset", "tiny"]
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    assert "\x1b[1m" in CliRunner().invoke(app, args, color=True).output  # as on a terminal
+    for env in ({"NO_COLOR": "1"}, {"TERM": "dumb"}):
+        shown = CliRunner().invoke(app, args, color=True, env=env)
+        assert shown.exit_code == 0 and "\x1b[" not in shown.output, env
+
+
 def test_ask_closes_its_pipeline_however_it_ends(corpus: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing was closed: on Ctrl-C a remote engine's calls in flight held the process until

@@ -642,7 +642,8 @@ def test_paths_in_settings_start_at_home_as_a_shell_reads_them(tmp_path, monkeyp
     assert str(Settings().index) == "~nosuchuser/idx"  # (it raised RuntimeError)
 
 
-def test_without_a_home_the_model_cache_is_a_temporary_folder_of_the_user(monkeypatch):
+def test_without_a_home_the_model_cache_is_a_temporary_folder_of_the_user(monkeypatch,
+                                                                         tmp_path):
     """No HOME and a user id without a passwd entry (a container run as an arbitrary uid):
     Path.home() raised RuntimeError when the settings were made, a traceback for every command
     (the tiny preset's too, which needs no cache)."""
@@ -654,7 +655,19 @@ def test_without_a_home_the_model_cache_is_a_temporary_folder_of_the_user(monkey
     monkeypatch.delenv("HOME", raising=False)
     monkeypatch.delenv("CITEQA_CACHE_DIR", raising=False)
     monkeypatch.setattr(pwd, "getpwuid", lambda uid: (_ for _ in ()).throw(KeyError(uid)))
-    assert Settings().cache_dir == Path(tempfile.gettempdir()) / f"citeqa-cache-{os.getuid()}"
+    fallback = Path(tempfile.gettempdir()) / f"citeqa-cache-{os.getuid()}"
+    assert Settings().cache_dir == fallback
+    # a home named that does not exist (nobody's /nonexistent), or a relative one: the README
+    # promised the fallback "with no home folder", and the cache was said not writable
+    for home in ("/nonexistent-home-of-nobody", "relative/home"):
+        monkeypatch.setenv("HOME", home)
+        assert Settings().cache_dir == fallback, home
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert Settings().cache_dir == tmp_path / ".cache" / "citeqa"
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a home it may not write
+    assert Settings().cache_dir == fallback
+    (tmp_path / ".cache" / "citeqa").mkdir(parents=True)  # ... with a cache made in it
+    assert Settings().cache_dir == tmp_path / ".cache" / "citeqa"
 
 
 def test_settings_choose_the_cpu_dtype(monkeypatch):
