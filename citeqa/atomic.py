@@ -324,14 +324,21 @@ def owner_and_mode(folder: Path) -> tuple[int, int, int] | None:
 def give_owner_and_mode(tmp: Path, owner_mode: tuple[int, int, int]) -> None:
     """Give the folder ``tmp`` and everything in it the owner and mode of the folder it
     replaces (``owner_and_mode``): its folders that mode, its files that mode without execute
-    bits; the owner where this process may (root). A change made under another umask, or by
-    root, to a service's folder otherwise left files that service could not read or replace."""
+    bits; its owner as far as this process may (root: both; another user: the group, where it
+    is one of that group's). Where the group cannot be given, the mode is widened, never
+    narrowed below what the umask gave (a group's members would lose what they could read).
+    A change made under another umask, or by root, to a service's folder otherwise left files
+    that service could not read or replace."""
     uid, gid, mode = owner_mode
+    root = getattr(os, "geteuid", lambda: -1)() == 0
     for path in [tmp, *tmp.rglob("*")]:
-        os.chmod(path, mode if path.is_dir() else mode & 0o666)
-        if os.geteuid() == 0 and (uid, gid) != (0, 0):
-            with suppress(OSError):
-                os.chown(path, uid, gid)
+        wanted = mode if path.is_dir() else mode & 0o666
+        try:
+            os.chown(path, uid if root else -1, gid)
+            owned = True
+        except (OSError, AttributeError):  # (AttributeError: no chown off POSIX)
+            owned = False
+        os.chmod(path, wanted if owned else wanted | stat.S_IMODE(path.stat().st_mode))
 
 
 def replace_dir(tmp: Path, out: Path) -> None:

@@ -316,6 +316,9 @@ class CiteqaClient:
                                      f"cannot reach the service: {exc}") from exc
             except httpx.TimeoutException as exc:
                 raise CiteqaAPIError(0, "timeout", f"no response in time: {exc}") from exc
+            except (httpx.LocalProtocolError, httpx.UnsupportedProtocol) as exc:  # not sent
+                raise CiteqaAPIError(0, "request_error", f"the call could not be sent "
+                                     f"(nothing was): {exc}") from exc
             except httpx.TransportError as exc:  # sent, and the connection broke
                 raise CiteqaAPIError(0, "connection_error",
                                      f"the connection broke before the service answered "

@@ -241,17 +241,23 @@ def _keyword_or_dir(v: str | None, keywords: tuple[str, ...], name: str, what: s
 def default_cache_dir() -> Path:
     """``~/.cache/citeqa``; where there is no home folder to write in (no HOME, and a user id
     without a passwd entry: a container run as an arbitrary uid; one named that does not
-    exist, as nobody's /nonexistent, or is relative; or one this user may not write, as the
-    / a container gives an arbitrary uid) ``$TMPDIR/citeqa-cache-UID``."""
+    exist, as nobody's /nonexistent, or is relative; or where the nearest folder of the cache
+    that exists may not be written, as the / a container gives an arbitrary uid)
+    ``$TMPDIR/citeqa-cache-UID``. A cache folder that exists is used as it is (one made
+    read-only for the users of a machine is read)."""
     try:
         home: Path | None = Path.home()
     except RuntimeError:
         home = None
     if home is not None and home.is_absolute():
         cache = home / ".cache" / "citeqa"
-        if cache.is_dir() or (home.is_dir() and os.access(home, os.W_OK)):
-            return cache
-    return Path(tempfile.gettempdir()) / f"citeqa-cache-{os.getuid()}"
+        for folder in (cache, cache.parent, home):  # (os.path.isdir: False where a folder
+            if os.path.isdir(folder):  # cannot be looked into, never PermissionError)
+                if folder == cache or os.access(folder, os.W_OK):
+                    return cache
+                break
+    user = os.getuid() if hasattr(os, "getuid") else os.getlogin()
+    return Path(tempfile.gettempdir()) / f"citeqa-cache-{user}"
 
 
 DAY_S = 86_400.0  # the longest wait a setting may name (inf overflowed the timers it sets)

@@ -442,3 +442,15 @@ def test_a_redirect_says_where_to(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(CiteqaAPIError, match=r"Temporary Redirect \(to https://svc/v1/answer: "
                                              "the client follows no redirects"):
         client.answer("q")
+
+
+def test_a_call_that_could_not_be_sent_says_nothing_was() -> None:
+    """An API key with a line break is refused by httpx before sending: it was said to be a
+    connection broken after sending, the call perhaps done."""
+    def never(request: httpx.Request) -> httpx.Response:
+        raise httpx.LocalProtocolError("Illegal header value b'abc\\ndef'")
+
+    client = CiteqaClient("http://svc", transport=httpx.MockTransport(never))
+    with pytest.raises(CiteqaAPIError, match=r"could not be sent \(nothing was\)") as err:
+        client.add_document("text")
+    assert err.value.status == 0 and err.value.code == "request_error"

@@ -210,6 +210,27 @@ def test_a_damaged_conversion_of_the_packaged_model_is_made_again(tmp_path, monk
     assert not converted and (cache / good.name / models.MARKER).is_file()
     load_model("smollm2", cache)  # as it was
     assert not converted
+    # files as written that this transformers cannot load: made again where another release
+    # wrote them, else said (a conversion it wrote itself would fail the same way again)
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    fails = iter([True, False])
+
+    def once(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if next(fails):
+            raise ValueError("unknown model type in config.json")
+        return real(*args, **kwargs)
+
+    marker_path = cache / good.name / models.MARKER
+    marker = json.loads(marker_path.read_text())
+    with monkeypatch.context() as m:
+        m.setattr(transformers.AutoModelForCausalLM, "from_pretrained", once)
+        with pytest.raises(ModelError, match="complete Hugging Face model directory"):
+            load_model("smollm2", cache)
+        assert not converted
+        fails = iter([True, False])
+        marker_path.write_text(json.dumps({**marker, "transformers_version": "4.0"}))
+        load_model("smollm2", cache)
+    assert converted.pop() == cache / good.name
     bad = tmp_path / "mine"  # a user's model directory is theirs: reported, never deleted
     shutil.copytree(good, bad)
     (bad / "model.safetensors").write_bytes(b"cut")
@@ -266,11 +287,14 @@ def test_a_conversion_records_its_origin_and_weights_and_another_releases_is_mad
     assert resolve_model_dir("smollm2", tmp_path) == target and not converted
     for older in ({"source": marker["source"], "model_id": marker["model_id"]},  # format 1
                   {**marker, "package_version": "0.0.1"}, {**marker, "gguf_bytes": 1},
-                  {**marker, "transformers_version": "4.0.0"},
                   {**marker, "files": {}}, {**marker, "files": ["model.safetensors"]}):
         (target / models.MARKER).write_text(json.dumps(older))
         resolve_model_dir("smollm2", tmp_path)
         assert converted.pop() == target, older
+    # another transformers release's conversion is shared (two environments flipped it back
+    # and forth, each converting again), and made again only where this one cannot load it
+    (target / models.MARKER).write_text(json.dumps({**marker, "transformers_version": "4.0"}))
+    assert resolve_model_dir("smollm2", tmp_path) == target and not converted
 
 
 def test_a_model_cache_that_cannot_be_written_says_where_and_what_to_do(tmp_path, monkeypatch):

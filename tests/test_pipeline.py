@@ -666,8 +666,22 @@ def test_without_a_home_the_model_cache_is_a_temporary_folder_of_the_user(monkey
     assert Settings().cache_dir == tmp_path / ".cache" / "citeqa"
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # a home it may not write
     assert Settings().cache_dir == fallback
-    (tmp_path / ".cache" / "citeqa").mkdir(parents=True)  # ... with a cache made in it
+    (tmp_path / ".cache").mkdir()  # ... with a ~/.cache it may (a container's usual layout)
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path).endswith(".cache"))
     assert Settings().cache_dir == tmp_path / ".cache" / "citeqa"
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    (tmp_path / ".cache" / "citeqa").mkdir()  # a cache made there is read as it is
+    assert Settings().cache_dir == tmp_path / ".cache" / "citeqa"
+    # a home it may not even look into: a PermissionError ended every command
+    stat = os.stat
+
+    def refused(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(path).startswith(f"{tmp_path}/"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", refused)
+    assert Settings().cache_dir == fallback
 
 
 def test_settings_choose_the_cpu_dtype(monkeypatch):

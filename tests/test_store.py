@@ -489,3 +489,30 @@ def test_a_change_keeps_the_owner_and_mode_of_the_index_it_replaces(
     caplog.set_level(logging.WARNING, logger="citeqa.retrieval.store")
     assert version_on_disk(built) is None and version_on_disk(built) is None
     assert caplog.text.count("cannot read") == 1 and "Permission denied" in caplog.text
+
+
+def test_a_change_by_another_user_never_narrows_what_the_index_group_could_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Copied without its group (only root may give an owner), a 0750 index written by a
+    member of its group became 0640 files of that member's own group: the service lost it."""
+    import os
+    import stat
+
+    from citeqa.atomic import give_owner_and_mode
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    (tmp / "f").write_text("x")
+    os.chmod(tmp / "f", 0o644)  # as the umask gave it
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+
+    def refused(path, uid, gid):  # type: ignore[no-untyped-def]
+        raise PermissionError(1, "Operation not permitted")  # not one of that group
+
+    monkeypatch.setattr(os, "chown", refused)
+    give_owner_and_mode(tmp, (1234, 1234, 0o750))
+    assert stat.S_IMODE((tmp / "f").stat().st_mode) == 0o644  # widened to 0o640 | 0o644
+    given: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "chown", lambda path, uid, gid: given.append((uid, gid)))
+    give_owner_and_mode(tmp, (1234, 1234, 0o750))  # one of the group: exactly its mode
+    assert stat.S_IMODE((tmp / "f").stat().st_mode) == 0o640 and given[0] == (-1, 1234)

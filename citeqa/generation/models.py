@@ -5,11 +5,13 @@ The default model ships as a pip package holding a Q4_1 GGUF file. Transformers 
 safetensors directory under the cache dir; later loads read that directory. The conversion is
 written to a temporary sibling directory and renamed into place, with a marker file written last,
 so a concurrent or killed conversion never leaves a half-written cache behind. The marker
-records what the conversion came from (the package's version, the GGUF's size, the transformers
-release that wrote it) and each file's sha256: a conversion of another release is made again,
-and files changed on disk since (a disk fault, a stray write) are found at load (~0.4 s for
-SmolLM2's 0.5 GB) and converted again, never served. A load that fails with the files as they
-were written (short of memory) deletes nothing. Nothing here ever downloads: every
+records what the conversion came from (the package's version, the GGUF's size), the
+transformers release that wrote it and each file's sha256: a conversion of another release of
+the package is made again, and files changed on disk since (a disk fault, a stray write) are
+found at load (~0.4 s for SmolLM2's 0.5 GB) and converted again, never served. A load that
+fails with the files as they were written deletes nothing (short of memory, say), unless
+another transformers release wrote them (made again by this one: two environments with other
+releases share one conversion as long as both can read it). Nothing here ever downloads: every
 ``from_pretrained`` call is ``local_files_only``.
 """
 
@@ -44,6 +46,7 @@ MARKER = "citeqa-converted.json"  # written last: its presence means the cache d
 # 2: the marker records the conversion's origin and its weights' digests (1 recorded neither);
 # 3: every file's digest (a config.json changed since was never found) and transformers' release
 MARKER_FORMAT = 3
+WRITTEN_BY = "transformers_version"  # the marker's record of the release that converted
 
 
 class DamagedConversion(ModelError):
@@ -74,8 +77,7 @@ def _origin(gguf: Path) -> dict[str, Any]:
         version: str | None = importlib.metadata.version(SMOLLM2_PACKAGE.replace("_", "-"))
     except importlib.metadata.PackageNotFoundError:
         version = None
-    return {"package_version": version, "gguf_bytes": gguf.stat().st_size,
-            "transformers_version": importlib.metadata.version("transformers")}
+    return {"package_version": version, "gguf_bytes": gguf.stat().st_size}
 
 
 def _marker(target: Path) -> dict[str, Any] | None:
@@ -170,7 +172,8 @@ def _converting_alone(target: Path) -> Iterator[None]:
     was thrown away). Unguarded where no lock file can be made (a read-only cache: converting
     there says so)."""
     lock = target.parent / f".{target.name}.lock"
-    flags = os.O_RDWR | os.O_CREAT
+    # (a lock file another user made may be read only: flock takes a read-only descriptor)
+    flags = os.O_RDONLY if lock.exists() else os.O_RDWR | os.O_CREAT
     with contextlib.ExitStack() as stack:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -222,7 +225,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
         (tmp / MARKER).write_text(json.dumps({
             "format": MARKER_FORMAT, "source": gguf.name, "model_id": SMOLLM2_ID,
-            **_origin(gguf), "files": files}), encoding="utf-8")
+            **_origin(gguf), WRITTEN_BY: importlib.metadata.version("transformers"),
+            "files": files}), encoding="utf-8")
         if target.exists() or target.is_symlink():  # a broken leftover, another release's,
             if _is_current(target):  # or a concurrent winner
                 return  # someone else finished first; keep theirs
@@ -308,6 +312,12 @@ def load_model(name: str, cache_dir: Path, *, device: str | None = None) -> tupl
                 model, info = AutoModelForCausalLM.from_pretrained(
                     path, dtype=dtype, local_files_only=True, output_loading_info=True)
         except Exception as e:
+            written_by = (_marker(path) or {}).get(WRITTEN_BY)
+            running = importlib.metadata.version("transformers")
+            if name == DEFAULT_MODEL and written_by != running and not _short_of_memory(e):
+                raise DamagedConversion(
+                    f"could not load the generator from {path}, converted by transformers "
+                    f"{written_by}, with transformers {running}: {e}") from e
             raise ModelError(
                 f"could not load the generator from {path}: {e}; " + (
                     "there is not enough memory to load it" if _short_of_memory(e) else
@@ -322,7 +332,7 @@ def load_model(name: str, cache_dir: Path, *, device: str | None = None) -> tupl
     except DamagedConversion as e:  # citeqa's own conversion, damaged since (a disk fault, a
         # file deleted): made again (a user's directory is theirs, and a load that fails with
         # the files as written, short of memory, is not the files' fault: nothing is deleted)
-        with _CONVERTING:
+        with _CONVERTING, _converting_alone(path):  # (not while another process converts)
             try:
                 (path / MARKER).unlink(missing_ok=True)
             except OSError:  # a read-only cache: say what failed to load

@@ -357,8 +357,8 @@ def _manifest_or_none(out: Path) -> Any:
     except PermissionError as e:  # not a writer mid-swap: said, as a server polls in silence
         if str(out) not in _UNREADABLE_SAID:
             _UNREADABLE_SAID.add(str(out))
-            log.warning("cannot read %s (%s): this process cannot see the index there "
-                        "change", out / MANIFEST, e.strerror)
+            log.warning("cannot read %s (%s): this process cannot see changes to the index "
+                        "there", out / MANIFEST, e.strerror)
         return None
     except (OSError, ValueError):
         return None
