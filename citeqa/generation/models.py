@@ -22,10 +22,12 @@ import errno
 import hashlib
 import importlib.metadata
 import importlib.util
+import io
 import json
 import logging
 import os
 import shutil
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -205,19 +207,22 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
                          "folder") from e
     try:
         kw: dict[str, Any] = {"gguf_file": gguf.name, "local_files_only": True}
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
-        # Unpack every Q4_1 block into a plain float32 model, then drop the GGUF quantizer so
-        # that save_pretrained writes an ordinary (serialisable) safetensors checkpoint.
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent,
-            quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True),
-            dtype=torch.float32,
-            **kw,
-        )
-        if getattr(model, "hf_quantizer", None) is not None:
-            model.hf_quantizer.remove_quantization_config(model)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        # (transformers draws its bars on stderr: where stderr cannot be written, on a full
+        # disk or a closed pipe, the conversion failed with that write)
+        with contextlib.redirect_stderr(_Unfailing(sys.stderr)):
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+            # Unpack every Q4_1 block into a plain float32 model, then drop the GGUF quantizer
+            # so that save_pretrained writes an ordinary (serialisable) safetensors checkpoint.
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent,
+                quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True),
+                dtype=torch.float32,
+                **kw,
+            )
+            if getattr(model, "hf_quantizer", None) is not None:
+                model.hf_quantizer.remove_quantization_config(model)
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
         mode = (tmp / "config.json").stat().st_mode & 0o777  # the umask's (safetensors: 0600,
         for written in tmp.iterdir():  # which other users of a shared cache cannot read)
             os.chmod(written, mode)
@@ -244,6 +249,28 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         ) from e
     finally:
         discard_tmp_dir(tmp)
+
+
+class _Unfailing(io.TextIOBase):
+    """``stream`` (stderr) for progress bars, whose writes never fail."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            self._stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            self._stream.flush()
+
+    def isatty(self) -> bool:
+        try:
+            return bool(self._stream.isatty())
+        except (OSError, ValueError, AttributeError):
+            return False
 
 
 def _remove(target: Path) -> None:
