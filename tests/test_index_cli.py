@@ -687,3 +687,20 @@ def test_bm25_finds_chinese_and_japanese_words(tmp_path: Path) -> None:
         assert code == 0, err
         hits = json.loads(out)
         assert hits and Path(hits[0]["source"]).name == holder, (query, hits)
+
+
+def test_an_out_name_too_long_for_its_temporary_sibling_is_refused_before_any_work(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A legal 245-character --out failed with "File name too long: '.iii....tmp-PID'" at the
+    swap, after all the loading and embedding."""
+    import citeqa.retrieval.builder as builder
+
+    docs = _files(tmp_path / "docs", BOOKS)
+    loaded: list[int] = []
+    monkeypatch.setattr(builder, "build_index_from_documents",
+                        lambda *a, **kw: loaded.append(1))
+    for resumable in ([], ["--resumable"]):
+        code, _, err = _cli("index", "build", "--preset", "tiny", str(docs), "--out",
+                            str(tmp_path / ("i" * 245)), "--no-progress", *resumable)
+        assert code == 2 and "is too long for an index folder" in err, err
+    assert not loaded and not (tmp_path / ("i" * 245)).exists()

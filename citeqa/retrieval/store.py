@@ -272,6 +272,17 @@ def check_replaceable(out: Path) -> None:
             f"refusing to replace {out}: it exists and is not a citeqa index directory; "
             "choose another output path or remove it"
         )
+    sibling = os.fsencode(f".{out.name}.tmp-{'9' * 10}")  # (and .old-PID: as long)
+    try:
+        limit = os.pathconf(next(p for p in out.parents if p.is_dir()), "PC_NAME_MAX")
+    except (OSError, ValueError, StopIteration):
+        limit = 255
+    if len(sibling) > limit:  # it failed at the swap, after all the embedding
+        raise IndexError_(
+            f"the name {out.name!r} is too long for an index folder: a write makes "
+            f".NAME.tmp-PID beside it, over the file system's {limit} bytes a name; choose "
+            "a shorter one"
+        )
 
 
 def is_index_dir(path: Path) -> bool:
