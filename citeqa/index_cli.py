@@ -284,6 +284,17 @@ def _kept_shards(out: Path, work_dir: Path | None, *, full: bool = False) -> str
             "same command again to reuse them (or delete it to start over)")
 
 
+def _name_fits(directory: Path) -> None:
+    """A change of the index at ``directory`` refused before any work where its name leaves
+    no room for the siblings a write makes (an add failed there after all its embedding)."""
+    from citeqa.retrieval.store import check_name_fits
+
+    try:
+        check_name_fits(directory)
+    except CiteqaError as e:
+        raise fail(f"{e}; the index is as it was") from None
+
+
 def _full(e: OSError) -> bool:
     return e.errno in (errno.ENOSPC, errno.EDQUOT)
 
@@ -383,6 +394,7 @@ def index_add(
     same command can run again."""
     progress = shown_progress(progress)
     directory = open_index_dir(index)
+    _name_fits(directory)
     unchanged_index = f"the index at {directory} is as it was"
     _check_sources_exist(sources, unchanged_index)
     from citeqa.retrieval.builder import no_documents
@@ -465,6 +477,7 @@ def index_remove(
 ) -> None:
     """Remove documents from the index at --index, in place (atomically)."""
     directory = open_index_dir(index)
+    _name_fits(directory)
     held: set[str] = set()  # the ids an earlier attempt found: gone since is not "missing"
     # a rerun of a removal that went in finds the ids gone: without --missing-ok, an error
     rerun = ("run the same command again to finish it" if missing_ok else

@@ -270,6 +270,7 @@ def test_a_conversion_records_its_origin_and_weights_and_another_releases_is_mad
     assert marker["package_version"] and marker["transformers_version"]
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(marker["files"])
     assert set(marker["files"]) == {p.name for p in good.iterdir()} - {models.MARKER}
+    assert marker["weights"] == {"model.safetensors": marker["files"]["model.safetensors"]}
     assert ((good / "model.safetensors").stat().st_mode & 0o777
             == (good / "config.json").stat().st_mode & 0o777)  # readable as the rest is
     models.check_conversion(good)
@@ -296,7 +297,10 @@ def test_a_conversion_records_its_origin_and_weights_and_another_releases_is_mad
     assert resolve_model_dir("smollm2", tmp_path) == target and not converted
     for older in ({"source": marker["source"], "model_id": marker["model_id"]},  # format 1
                   {**marker, "package_version": "0.0.1"}, {**marker, "gguf_bytes": 1},
-                  {**marker, "files": {}}, {**marker, "files": ["model.safetensors"]}):
+                  {**marker, "files": {}}, {**marker, "files": ["model.safetensors"]},
+                  # the release before wrote no "files" (once, not at every switch: it reads
+                  # this one's "weights" and takes it)
+                  {k: v for k, v in marker.items() if k not in ("files", "transformers_version")}):
         (target / models.MARKER).write_text(json.dumps(older))
         resolve_model_dir("smollm2", tmp_path)
         assert converted.pop() == target, older

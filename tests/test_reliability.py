@@ -379,3 +379,43 @@ def test_a_body_whose_last_part_crosses_the_limit_gets_its_413_at_once() -> None
     scope = {"type": "http", "method": "POST", "path": "/v1/answer", "headers": []}
     asyncio.run(asyncio.wait_for(BodyLimitMiddleware(app, 2048)(scope, receive, send), 2))
     assert sent[0]["status"] == 413 and asked_after_end == [False]
+
+
+def _exchange(address: tuple[str, int], request: bytes) -> bytes:
+    with socket.create_connection(address, timeout=20) as conn:
+        conn.sendall(request)
+        return _raw_response(conn)
+
+
+def test_http_framing_edges_are_answered_as_the_rfc_says() -> None:
+    """Found with raw sockets: a request framed both by Content-Length and Transfer-Encoding
+    was served and its connection kept (a smuggling risk behind a proxy reading the other
+    framing); an absolute-form target (``GET http://host/healthz``) was a 404; a second
+    Content-Encoding header hid the first (a gzip body: a 400 blaming UTF-8); HEAD /healthz
+    said another Content-Length than GET."""
+    with echo_server(head_timeout_protocol(5.0), allowed_hosts="localhost") as (_, address):
+        body = b'{"query":"bm25","k":1}'
+        both = _exchange(address, b"POST /v1/search HTTP/1.1\r\nHost: localhost\r\n"
+                         b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+                         b"Content-Length: 5\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                         b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n" % (len(body), body))
+        assert both.startswith(b"HTTP/1.1 400 ") and both.count(b"HTTP/1.1 ") == 1, both[:300]
+        assert b"both Content-Length and Transfer-Encoding" in both
+        absolute = _exchange(address, b"GET http://localhost:1/v1/documents?limit=1 HTTP/1.1"
+                             b"\r\nHost: elsewhere\r\nConnection: close\r\n\r\n")
+        assert absolute.startswith(b"HTTP/1.1 200 "), absolute[:300]
+        assert json.loads(absolute.split(b"\r\n\r\n", 1)[1])["limit"] == 1
+        foreign = _exchange(address, b"GET http://evil.example/v1/documents HTTP/1.1\r\n"
+                            b"Host: localhost\r\nConnection: close\r\n\r\n")
+        assert foreign.startswith(b"HTTP/1.1 400 ") and b"bad_host" in foreign  # its authority
+        gzip_twice = _exchange(address, b"POST /v1/search HTTP/1.1\r\nHost: localhost\r\n"
+                               b"Content-Type: application/json\r\nContent-Encoding: gzip\r\n"
+                               b"Content-Encoding: identity\r\nConnection: close\r\n"
+                               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert gzip_twice.startswith(b"HTTP/1.1 415 "), gzip_twice[:300]
+        heads = [_exchange(address, b"%s /healthz HTTP/1.1\r\nHost: localhost\r\n"
+                           b"Connection: close\r\n\r\n" % method).split(b"\r\n\r\n")[0].lower()
+                 for method in (b"GET", b"HEAD")]
+        lengths = [next(line for line in h.split(b"\r\n") if line.startswith(b"content-length"))
+                   for h in heads]
+        assert lengths[0] == lengths[1], lengths

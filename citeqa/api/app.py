@@ -45,6 +45,7 @@ from citeqa.api.deps import (
 from citeqa.api.errors import install_error_handlers
 from citeqa.api.metrics import MetricsMiddleware
 from citeqa.api.middleware import (
+    AbsoluteFormMiddleware,
     BodyLimitMiddleware,
     HostCheckMiddleware,
     SecurityHeadersMiddleware,
@@ -261,7 +262,7 @@ def create_app(
     install_error_handlers(app, authenticate=require_api_key_on_v1,
                            retry_after_s=settings.retry_after_s)
     # add_middleware puts each new one outermost: unexpected errors, host check, body limit,
-    # metrics, headers.
+    # metrics, headers, absolute-form targets.
     app.add_middleware(UnexpectedErrorMiddleware)
     hosts = frozenset(host_name(h) for h in settings.allowed_hosts.split(",") if h.strip())
     if hosts and "*" not in hosts:
@@ -272,6 +273,7 @@ def create_app(
     app.add_middleware(MetricsMiddleware, metrics=state.metrics,
                        routes=[r for router in routers for r in router.routes])
     app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(AbsoluteFormMiddleware)
     for router in routers:
         app.include_router(router)
     if state.api_keys or state.read_keys:

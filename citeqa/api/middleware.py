@@ -10,6 +10,7 @@ import asyncio
 import base64
 import hashlib
 import re
+from urllib.parse import unquote
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -93,15 +94,24 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
+        if b"transfer-encoding" in headers and b"content-length" in headers:
+            # RFC 9112 sec. 6.3: a message framed both ways is an error or a smuggling attempt
+            # (a proxy in front may read the other framing): refused, and the connection closed
+            await error_response(400, "bad_request", "a request may not have both "
+                                 "Content-Length and Transfer-Encoding",
+                                 headers={"Connection": "close"})(scope, receive, send)
+            return
         declared = headers.get(b"content-length")
         size = int(declared) if declared is not None and declared.isdigit() else None
         # A client waiting for "100 Continue" has not sent its body, and one declaring more than
         # DRAIN_MAX_BYTES will not be read whole: a refusal leaves their body unread.
         drained = (headers.get(b"expect", b"").lower() != b"100-continue"
                    and (size is None or size <= DRAIN_MAX_BYTES))
-        coding = headers.get(b"content-encoding", b"").strip().lower()
+        coding = b", ".join(v.strip().lower() for k, v in scope["headers"]  # (every such
+                            if k == b"content-encoding" and v.strip())  # header: dict kept one)
+        encoded = {c.strip() for c in coding.split(b",")} - {b"", b"identity"}
         has_body = b"transfer-encoding" in headers or declared not in (None, b"0")
-        if has_body and coding not in (b"", b"identity"):  # FastAPI read a gzip body as broken
+        if has_body and encoded:  # FastAPI read a gzip body as broken
             # UTF-8 (400) and a "br" one that was plain text as if it were (200)
             if drained:
                 await drain(receive)
@@ -244,6 +254,31 @@ class SecurityHeadersMiddleware:
 
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # what `citeqa serve` on loopback answers
+
+
+_ABSOLUTE_FORM = re.compile(rb"(?i)https?://([^/?#]*)(.*)")
+
+
+class AbsoluteFormMiddleware:
+    """A request whose target is in absolute form (``GET http://host:8000/healthz``, which
+    RFC 9112 sec. 3.2.2 says a server must accept) is served as its path, with its authority
+    as the Host: uvicorn passed the whole URL on as the path (404)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            raw = scope.get("raw_path") or scope.get("path", "").encode("latin-1")
+            found = _ABSOLUTE_FORM.fullmatch(raw)
+            if found is not None:
+                path = found.group(2) or b"/"
+                authority = found.group(1).rpartition(b"@")[2]  # (no user info)
+                headers = [(k, v) for k, v in scope["headers"] if k != b"host"]
+                scope = {**scope, "raw_path": path,
+                         "path": unquote(path.decode("latin-1")),
+                         "headers": [(b"host", authority), *headers]}
+        await self.app(scope, receive, send)
 
 
 def host_name(host_header: str) -> str:

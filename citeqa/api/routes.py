@@ -422,8 +422,10 @@ def ops_router(page: str, csp: str) -> APIRouter:
         return {"status": "ready",
                 "index_version": getattr(state.pipeline, "index_version", None)}
 
-    for path, probe in (("/healthz", healthz), ("/readyz", readyz)):  # uptime monitors use HEAD
-        ops.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
+    for path, probe, shape in (("/healthz", healthz, StatusOut), ("/readyz", readyz, ReadyOut)):
+        # uptime monitors use HEAD; its Content-Length is GET's (the model shapes the body)
+        ops.add_api_route(path, probe, methods=["HEAD"], response_model=shape,
+                          include_in_schema=False)
 
     @ops.get("/metrics", response_class=PlainTextResponse)
     async def metrics(state: StateDep) -> PlainTextResponse:

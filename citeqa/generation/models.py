@@ -46,8 +46,11 @@ SMOLLM2_DIR = "smollm2-135m-instruct"  # converted cache dir name, under cache_d
 SMOLLM2_ID = "smollm2-135m-instruct-q4_1"  # model_id recorded in reports
 MARKER = "citeqa-converted.json"  # written last: its presence means the cache dir is complete
 # 2: the marker records the conversion's origin and its weights' digests (1 recorded neither);
-# 3: every file's digest (a config.json changed since was never found) and transformers' release
-MARKER_FORMAT = 3
+# since, also every file's digest under "files" (a config.json changed since was never found)
+# and transformers' release, in the same format: the releases before read "weights" and take
+# it, so that switching between them and this one converts again once (a marker without
+# "files"), not at every switch
+MARKER_FORMAT = 2
 WRITTEN_BY = "transformers_version"  # the marker's record of the release that converted
 
 
@@ -228,10 +231,12 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
             os.chmod(written, mode)
             fsync_path(written)  # on disk before the marker says the copy is whole
         files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+        weights = {name: digest for name, digest in files.items()
+                   if name.endswith(".safetensors")}  # (what the releases before check)
         (tmp / MARKER).write_text(json.dumps({
             "format": MARKER_FORMAT, "source": gguf.name, "model_id": SMOLLM2_ID,
             **_origin(gguf), WRITTEN_BY: importlib.metadata.version("transformers"),
-            "files": files}), encoding="utf-8")
+            "weights": weights, "files": files}), encoding="utf-8")
         if target.exists() or target.is_symlink():  # a broken leftover, another release's,
             if _is_current(target):  # or a concurrent winner
                 return  # someone else finished first; keep theirs

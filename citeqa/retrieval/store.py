@@ -272,16 +272,31 @@ def check_replaceable(out: Path) -> None:
             f"refusing to replace {out}: it exists and is not a citeqa index directory; "
             "choose another output path or remove it"
         )
-    sibling = os.fsencode(f".{out.name}.tmp-{'9' * 10}")  # (and .old-PID: as long)
+    check_name_fits(out)
+
+
+def _pid_digits() -> int:
+    """How many digits a process id may have here (kernel.pid_max's; 7 where unknown)."""
+    try:
+        with open("/proc/sys/kernel/pid_max", encoding="ascii") as f:
+            return len(str(int(f.read()) - 1))
+    except (OSError, ValueError):
+        return 7
+
+
+def check_name_fits(out: Path) -> None:
+    """IndexError_ when ``out``'s name leaves no room for the siblings a write makes beside it
+    (``.NAME.tmp-PID``, ``.NAME.old-PID``): that failed at the swap, after all the work."""
+    sibling = os.fsencode(f".{out.name}.tmp-{'9' * _pid_digits()}")
     try:
         limit = os.pathconf(next(p for p in out.parents if p.is_dir()), "PC_NAME_MAX")
     except (OSError, ValueError, StopIteration):
         limit = 255
-    if len(sibling) > limit:  # it failed at the swap, after all the embedding
+    if len(sibling) > limit:
         raise IndexError_(
             f"the name {out.name!r} is too long for an index folder: a write makes "
             f".NAME.tmp-PID beside it, over the file system's {limit} bytes a name; choose "
-            "a shorter one"
+            "a shorter one (or rename it)"
         )
 
 
