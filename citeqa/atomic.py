@@ -161,6 +161,11 @@ def _claimed(sibling: Path) -> bool | None:
 FULL_BELOW_BYTES = 1 << 20
 
 
+def disk_full(e: OSError) -> bool:
+    """Whether ``e`` says the file system is out of room (full, or over a quota)."""
+    return e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 @contextmanager
 def full_disk_named(where: Path) -> Iterator[None]:
     """Writes to ``where``'s file system: an OSError without an errno raised while that file

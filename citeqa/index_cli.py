@@ -10,7 +10,6 @@ serving that index serves the changed one within ``CITEQA_INDEX_RELOAD_S``
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
+from citeqa.atomic import disk_full
 from citeqa.cli_errors import (
     IndexDir,
     JsonOpt,
@@ -216,7 +216,7 @@ def index_build(
     except CiteqaError as e:
         raise fail(f"{e}{_kept_shards(out, work_dir) if sharded else ''}") from None
     except OSError as e:  # the output's file system: read-only, full, ...
-        kept = _kept_shards(out, work_dir, full=_full(e)) if sharded else ""
+        kept = _kept_shards(out, work_dir, full=disk_full(e)) if sharded else ""
         raise fail(f"could not build the index into {out}: {e}; the index there, if any, is "
                    f"as it was{kept}") from None
     except KeyboardInterrupt:
@@ -295,10 +295,6 @@ def _name_fits(directory: Path) -> None:
         raise fail(f"{e}; the index is as it was") from None
 
 
-def _full(e: OSError) -> bool:
-    return e.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
 def _megabytes(folder: Path) -> str:
     """The size of the files under ``folder``, as "12.3 MB"."""
     total = 0
@@ -361,7 +357,7 @@ def _changing(directory: Path, rerun: str = "run the same command again to finis
     except CiteqaError as e:
         raise fail(str(e)) from None
     except OSError as e:  # the index's file system: read-only, full, ...
-        room = _room_for_a_change(directory) if _full(e) else ""
+        room = _room_for_a_change(directory) if disk_full(e) else ""
         raise fail(f"could not write the index at {directory}: {e}; it is as it was{room}"
                    ) from None
     except KeyboardInterrupt:

@@ -20,7 +20,6 @@ applied to it rather than undoing it.
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import numbers
@@ -31,7 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-from citeqa.atomic import files_stamp
+from citeqa.atomic import disk_full, files_stamp
 from citeqa.config import (
     MAX_CANDIDATES,
     MAX_PASSAGES,
@@ -532,7 +531,7 @@ class Pipeline:
                         f"could not write the index: {e.strerror or e}; " + (
                             "it is as it was" if as_was else "the change may be on disk: the "
                             "service serves the index on disk once it reloads it"),
-                        full=e.errno in (errno.ENOSPC, errno.EDQUOT)) from e
+                        full=disk_full(e)) from e
                 except IndexChangedError:
                     if attempt or self._reload_or_say_why(out) is None:  # nothing to load
                         raise
