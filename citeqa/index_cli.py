@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from citeqa.ingest import LoadResult, Skipped
     from citeqa.retrieval.store import Index
     from citeqa.retrieval.updates import AddPlan
-    from citeqa.types import Document
 
 log = logging.getLogger(__name__)
 
@@ -402,8 +401,9 @@ def index_add(
             raise no_documents(len(sources), loaded.skipped)
         written: list[str] = []  # the kept parts this command's attempts wrote
         plan, version, passages, reused, warnings = _retried(lambda: _add(
-            directory, loaded.documents, replace=replace_changed, progress=progress,
+            directory, loaded, replace=replace_changed, progress=progress,
             unchanged=unchanged_index, written=written))
+    _echo_skipped(_pages_held(loaded, plan.same_page))
     for line in warnings:  # of the attempt that was made, once
         typer.echo(f"warning: {line}", err=True)
     kept = (f"; {plural(len(plan.unchanged), 'document')} already indexed as given"
@@ -419,19 +419,32 @@ def index_add(
                f"(index version {version}){again}")
 
 
-def _add(directory: Path, documents: list[Document], *, replace: bool, progress: bool,
+def _pages_held(loaded: LoadResult, same_page: Sequence[tuple[str, str]]) -> list[Skipped]:
+    """The URLs ``index add`` left out as pages the index holds under another URL's id."""
+    from citeqa.ingest import Skipped, page_key
+
+    source = {d.doc_id: d.source for d in loaded.documents}
+    return [Skipped(loaded.fetched[new], f"its page ({page_key(source[new])}) is indexed, as "
+                    f"document {holder}; a page's id hashes its URL as given: add it by the URL "
+                    "it was indexed with (with --replace to take its text of today)")
+            for new, holder in same_page]
+
+
+def _add(directory: Path, loaded: LoadResult, *, replace: bool, progress: bool,
          unchanged: str, written: list[str]) -> tuple[AddPlan, str, int, int, list[str]]:
-    """Plan and apply one ``index add`` on the index at ``directory`` as it is now: the plan,
-    the index's version after it, the passages added, those of them whose embeddings an earlier
-    run had kept (``kept.kept_dir``), and what to warn about (IndexChangedError: another writer
-    changed the index between the two; what was embedded stays kept for the next attempt, and
-    ``written`` names the parts the attempts wrote)."""
+    """Plan and apply one ``index add`` of ``loaded`` on the index at ``directory`` as it is
+    now: the plan, the index's version after it, the passages added, those of them whose
+    embeddings an earlier run had kept (``kept.kept_dir``), and what to warn about
+    (IndexChangedError: another writer changed the index between the two; what was embedded
+    stays kept for the next attempt, and ``written`` names the parts the attempts wrote)."""
     from citeqa.retrieval import HybridRetriever
     from citeqa.retrieval.kept import KeptEmbedder, discard, kept_dir
     from citeqa.retrieval.updates import apply_update, plan_additions
 
     retriever = HybridRetriever.open(directory)
-    plan = plan_additions(retriever.index.documents, documents, replace=replace)
+    documents = loaded.documents
+    plan = plan_additions(retriever.index.documents, documents, replace=replace,
+                          fetched=loaded.fetched)
     given, held = {d.doc_id: d for d in documents}, retriever.index.documents
     if plan.conflicts:
         shown = plan.conflicts[:5]
@@ -445,9 +458,12 @@ def _add(directory: Path, documents: list[Document], *, replace: bool, progress:
                    f"content: {named}{', ...' if len(plan.conflicts) > 5 else ''}{why}; pass "
                    f"--replace to replace them; {unchanged}")
     warnings = [f"{squash(given[new].source)} holds the text of indexed document "
-                f"{squash(twin)} ({squash(held[twin].source)}), and is added beside it: "
-                "the same file named by another path? A file's id hashes its path as given: "
-                "name files as when they were indexed" for new, twin in plan.lookalikes]
+                 f"{squash(twin)} ({squash(held[twin].source)}), and is added beside it: "
+                 + (f"the same page by another URL? A page's id hashes its URL as given "
+                    f"({squash(loaded.fetched[new])}): name pages as when they were indexed"
+                    if new in loaded.fetched else
+                    "the same file named by another path? A file's id hashes its path as given: "
+                    "name files as when they were indexed") for new, twin in plan.lookalikes]
     if not plan.update.add:  # what an earlier run kept went in (it was killed after its swap)
         discard(kept_dir(directory))
         return plan, retriever.index.version, 0, 0, warnings

@@ -48,6 +48,18 @@ def test_a_new_document_with_an_indexed_ones_text_is_a_lookalike() -> None:
     assert plan.lookalikes == (("b", "a"),) and plan.new == ("b", "c")
 
 
+def test_a_fetched_page_an_indexed_source_names_is_left_out() -> None:
+    indexed = {"a": _doc("a", source="https://example.org/p"), "f": _doc("f", source="notes.md")}
+    given = [_doc("b", source="HTTPS://Example.org:443/p#top", text="new text"),  # its page
+             _doc("c", source="https://example.org/p?x=1"),  # another page
+             _doc("d", source="https://example.org/p")]  # not fetched: a record naming it
+    plan = plan_additions(indexed, given, fetched={"b", "c"})
+    assert plan.same_page == (("b", "a"),) and plan.new == ("c", "d")
+    assert [d.doc_id for d in plan.update.add] == ["c", "d"]
+    assert plan_additions(indexed, given, replace=True, fetched={"b"}).same_page == (("b", "a"),)
+    assert plan_additions(indexed, given).same_page == ()
+
+
 def test_a_plan_with_nothing_new_is_empty() -> None:
     indexed = {"a": _doc("a")}
     plan = plan_additions(indexed, [_doc("a")], replace=True)
@@ -715,3 +727,50 @@ def test_an_out_name_too_long_for_its_temporary_sibling_is_refused_before_any_wo
                         "--no-progress")
     assert code == 2 and "is too long for an index folder" in err and "as it was" in err
     assert not list(tmp_path.glob(".j*"))  # nothing kept for a rerun that cannot succeed
+
+
+def test_index_add_leaves_out_a_url_whose_page_the_index_holds(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    import httpx
+
+    import citeqa.ingest as ingest
+
+    pages = {"/plain": "Plain Title\nThe river Elbe flows to the North Sea.",
+             "/other": "Other Title\nBasalt is an igneous rock."}
+
+    real = ingest.Fetcher
+
+    def fetcher(policy):
+        def handler(request: httpx.Request) -> httpx.Response:
+            if request.url.path == "/moved":
+                return httpx.Response(301, headers={"Location": "/plain#top"})
+            return httpx.Response(200, headers={"Content-Type": "text/plain"},
+                                  text=pages[request.url.path])
+        return real(policy, transport=httpx.MockTransport(handler),
+                              resolver=lambda host, port: ["93.184.216.34"])
+
+    monkeypatch.setattr(ingest, "Fetcher", fetcher)
+    index = tmp_path / "idx"
+    code, _, err = _cli("index", "build", "--preset", "tiny", "https://example.org/plain",
+                        "--out", str(index), "--no-progress")
+    assert code == 0, err
+    code, out, err = _cli("index", "add", "HTTPS://example.org/plain", "https://example.org/moved",
+                          "https://example.org/other", "-i", str(index), "--no-progress")
+    assert code == 0, err
+    assert "added 1 document (1 passage)" in out
+    held = json.loads(_cli("index", "list", "-i", str(index), "--json")[1])["documents"]
+    assert sorted(d["source"] for d in held) == ["https://example.org/other",
+                                                 "https://example.org/plain"]
+    page = "its page (https://example.org/plain) is indexed, as document"
+    assert f"skipped HTTPS://example.org/plain: {page}" in err
+    assert "skipped https://example.org/moved: the same page as HTTPS" in err  # (in one run)
+    assert "warning" not in err
+    code, out, err = _cli("index", "add", "https://example.org/moved", "-i", str(index),
+                          "--no-progress")
+    assert code == 0 and "nothing to add" in out, err
+    assert f"skipped https://example.org/moved: {page}" in err
+    pages["/mirror"] = pages["/other"]  # another page with the same text
+    code, out, err = _cli("index", "add", "https://example.org/mirror", "-i", str(index),
+                          "--no-progress")
+    assert code == 0 and "added 1 document" in out, err
+    assert "the same page by another URL? A page's id hashes its URL as given" in err

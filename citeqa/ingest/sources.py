@@ -81,6 +81,7 @@ class LoadResult:
 
     documents: list[Document] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    fetched: dict[str, str] = field(default_factory=dict)  # a fetched page's doc id -> its URL
 
 
 class _SkipError(Exception):
@@ -148,6 +149,7 @@ def load_sources(
             else:
                 if isinstance(item, str):
                     pages[page] = item  # (its key, computed just above)
+                    result.fetched[entry.doc_id] = item
                 first_seen[entry.doc_id] = entry.source
                 result.documents.append(entry)
     for s in result.skipped:  # the caller reports them (`citeqa index build` prints each once)

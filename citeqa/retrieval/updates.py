@@ -21,7 +21,7 @@ runs them on one thread).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ import numpy as np
 
 from citeqa.config import RetrievalConfig
 from citeqa.errors import IndexError_, InvalidRequestError
+from citeqa.ingest import page_key
 from citeqa.retrieval.bm25 import BM25Index, concat_counts, count_terms
 from citeqa.retrieval.builder import indexed_text
 from citeqa.retrieval.chunk import chunk_document
@@ -70,19 +71,35 @@ class AddPlan:
     # (new doc id, indexed doc id) of a new document whose title and text an indexed one has
     # under another id: the same file named by another path (a file's id hashes its path)?
     lookalikes: tuple[tuple[str, str], ...] = ()
+    # (new doc id, indexed doc id) of a fetched page an indexed document's source names under
+    # another id (another spelling of its URL, a fragment, a redirect): left out, as a build
+    # and the service leave a page's second URL out
+    same_page: tuple[tuple[str, str], ...] = ()
 
 
 def plan_additions(indexed: Mapping[str, Document], documents: Sequence[Document], *,
-                   replace: bool = False) -> AddPlan:
+                   replace: bool = False, fetched: Collection[str] = ()) -> AddPlan:
     """How to add ``documents`` to an index holding ``indexed`` (doc id -> document): a
     document the index holds exactly as given is left alone (so adding the same sources again,
     as after a crash, changes nothing); one it holds with other content (an edited file) is
-    replaced when ``replace``, else a conflict and nothing is planned for it."""
+    replaced when ``replace``, else a conflict and nothing is planned for it. A new document
+    whose id is in ``fetched`` (a page fetched from a URL) is left out where an indexed
+    document's source is the same page (``page_key``)."""
     new, replaced, unchanged, conflicts, add = [], [], [], [], []
     lookalikes: list[tuple[str, str]] = []
+    same_page: list[tuple[str, str]] = []
     by_content: dict[tuple[str, str], str] | None = None  # built at the first new document
+    by_page: dict[str, str] | None = None  # ... at the first new fetched page
     for doc in documents:
         old = indexed.get(doc.doc_id)
+        if old is None and doc.doc_id in fetched:
+            if by_page is None:  # (the first document from a page, as the service finds)
+                by_page = {}
+                for d in indexed.values():
+                    by_page.setdefault(page_key(d.source), d.doc_id)
+            if (holder := by_page.get(page_key(doc.source))) is not None:
+                same_page.append((doc.doc_id, holder))
+                continue
         if old is None:
             new.append(doc.doc_id)
             if by_content is None:
@@ -99,7 +116,8 @@ def plan_additions(indexed: Mapping[str, Document], documents: Sequence[Document
             continue
         add.append(doc)
     return AddPlan(IndexUpdate(add=tuple(add), remove=tuple(replaced)), tuple(new),
-                   tuple(replaced), tuple(unchanged), tuple(conflicts), tuple(lookalikes))
+                   tuple(replaced), tuple(unchanged), tuple(conflicts), tuple(lookalikes),
+                   tuple(same_page))
 
 
 def check_update(index: Index, update: IndexUpdate) -> None:
