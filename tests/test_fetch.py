@@ -662,7 +662,8 @@ def test_real_local_server_by_name_sends_original_host(local_server: str) -> Non
         Fetcher(FetchPolicy(timeout_s=5), resolver=dns).fetch(f"http://docs.internal:{port}/")
 
 
-@pytest.mark.parametrize("location", ["http://a..b/", f"http://{PUBLIC}:99999999999999999999/"])
+@pytest.mark.parametrize("location", ["http://a..b/", f"http://{PUBLIC}:99999999999999999999/",
+                                      "http://[::1/x"])
 def test_a_redirect_to_a_malformed_url_is_the_sites_fault(location: str) -> None:
     rec = Recorder({"example.com/": lambda: httpx.Response(302, headers={"Location": location})})
     with pytest.raises(FetchError, match="redirected to a bad URL") as info:

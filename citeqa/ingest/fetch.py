@@ -489,8 +489,10 @@ class Fetcher:
             response = client.send(request, stream=True)
         except httpx.TimeoutException:
             raise FetchError(f"{requested}: timed out after {self.policy.timeout_s}s") from None
-        except httpx.HTTPError as e:
-            raise FetchError(f"{requested}: could not connect to {target.url.host}: {e}") from None
+        except httpx.HTTPError as e:  # (httpx reads a redirect's Location as it sends)
+            bad = str(e).startswith("Invalid URL in location header")
+            raise FetchError(f"{requested}: redirected to a bad URL: {e}" if bad else
+                             f"{requested}: could not connect to {target.url.host}: {e}") from None
         except httpx.InvalidURL as e:  # a redirect httpx parsed but will not send
             raise FetchError(f"{requested}: redirected to a bad URL: {e}") from None
         try:
