@@ -827,6 +827,13 @@ def test_api_keys_guard_v1_only() -> None:
         for other in ("", "wrong"):  # an empty or stale X-API-Key hid a right bearer key
             both = {"X-API-Key": other, "Authorization": "Bearer k2"}
             assert c.post("/v1/answer", headers=both, **ok).is_success
+        for name, good, bad in (("Authorization", "Bearer k1", "Bearer nope"),
+                                ("X-API-Key", "k1", "nope")):  # which would count?
+            for twice in ([(name, good), (name, bad)], [(name, bad), (name, good)],
+                          [(name, good), (name, good)]):
+                r = c.post("/v1/answer", headers=twice, **ok)
+                assert_uniform_error(r, 401, "unauthorized")
+                assert "each header once" in r.json()["error"]["message"]
         for path in ("/", "/documents", "/document?id=d1", "/healthz", "/readyz",
                      "/openapi.json", "/metrics"):
             assert c.get(path).status_code == 200, path

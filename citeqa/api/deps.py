@@ -149,7 +149,10 @@ Access = Literal["change", "read"]
 def presented_access(request: Request, state: ServiceState) -> Access | None:
     """What the request's key may do: ``change`` (a key of ``api_keys``), ``read`` (of
     ``read_keys``) or None (no key, or a wrong one). ``Authorization: Bearer <key>`` or
-    ``X-API-Key: <key>``: either header may hold it (a proxy may add an empty other)."""
+    ``X-API-Key: <key>``: either header may hold it (a proxy may add an empty other); one
+    sent twice names no key (which would count?)."""
+    if any(len(request.headers.getlist(h)) > 1 for h in ("authorization", API_KEY_HEADER)):
+        return None
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     given = [g for g in (request.headers.get(API_KEY_HEADER),
                          token.strip() if scheme.lower() == "bearer" else None) if g is not None]
@@ -170,7 +173,7 @@ def require_api_key(request: Request, state: StateDep) -> None:
             401,
             "unauthorized",
             "missing or wrong API key; send 'Authorization: Bearer <key>' or "
-            f"'{API_KEY_HEADER}: <key>'",
+            f"'{API_KEY_HEADER}: <key>', each header once",
             headers={"WWW-Authenticate": "Bearer"},
         )
 
