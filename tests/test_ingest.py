@@ -239,6 +239,28 @@ def test_symlinked_and_unreadable_folders_are_named_not_silently_left_out(
     assert f"{root / 'locked'}: could not list the folder (Permission denied)" in text
 
 
+def test_a_folder_deeper_than_pythons_recursion_limit_is_read(tmp_path: Path) -> None:
+    """os.walk of Python 3.11 calls itself per level: 1,200 levels ended the whole build in a
+    RecursionError (a path of ~2,400 characters, well inside Linux's 4,096)."""
+    import sys
+
+    deep = tmp_path
+    for _ in range(sys.getrecursionlimit() + 200):  # (mkdir(parents=True) recurses too)
+        deep = deep / "d"
+        deep.mkdir()
+    (deep / "x.txt").write_text("at the bottom")
+    (tmp_path / "top.txt").write_text("at the top")
+    try:
+        result = load(tmp_path)
+        assert [d.text for d in result.documents] == ["at the bottom", "at the top"]
+        assert result.skipped == []
+    finally:  # (shutil.rmtree of Python 3.11 recurses too: pytest could not remove it)
+        (deep / "x.txt").unlink()
+        while deep != tmp_path:
+            deep.rmdir()
+            deep = deep.parent
+
+
 def test_a_folder_listed_but_not_entered_is_skipped_not_the_build_stopped(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A folder with read but no x permission: its names list, but nothing in it can be

@@ -30,7 +30,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,7 +272,7 @@ def _walk(root: Path, skipped: list[Skipped]) -> Iterator[Path]:
                                f"could not {what} the folder ({e.strerror or e}); check "
                                "permissions"))
 
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=unreadable):
+    for dirpath, dirnames, filenames in _os_walk(str(root), unreadable):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for d in dirnames:  # (os.walk lists a symlinked folder among the folders, not entered)
             if os.path.islink(os.path.join(dirpath, d)):
@@ -291,6 +291,35 @@ def _walk(root: Path, skipped: list[Skipped]) -> Iterator[Path]:
         for name in filenames:
             if not name.startswith("."):
                 yield Path(dirpath) / name
+
+
+def _os_walk(top: str, onerror: Callable[[OSError], None]
+             ) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk(top, onerror=onerror)`` (top down, symlinked folders listed among the folders
+    but not entered), without recursion: Python 3.11's calls itself per level, and a folder
+    ~1,000 levels deep ended the whole build in a RecursionError."""
+    stack = [top]
+    while stack:
+        where = stack.pop()
+        try:
+            with os.scandir(where) as found:
+                entries = list(found)
+        except OSError as e:
+            onerror(e)
+            continue
+        dirnames: list[str] = []
+        filenames: list[str] = []
+        for entry in entries:
+            try:
+                folder = entry.is_dir()
+            except OSError:
+                folder = False
+            (dirnames if folder else filenames).append(entry.name)
+        yield where, dirnames, filenames  # (the caller may prune dirnames)
+        for name in reversed(dirnames):
+            path = os.path.join(where, name)
+            if not os.path.islink(path):
+                stack.append(path)
 
 
 def _load_item(item: str | Path, fetcher: Fetcher) -> Iterator[Document | Skipped]:
