@@ -91,14 +91,22 @@ _CLOSERS = "\"')]\u201d\u2019\u300d\u300f\u3011\uff09"
 # A sentence ends after . ! or ? (and the Devanagari danda, the Arabic question mark and full
 # stop, the Ethiopic full stop), plus closing quotes/brackets, followed by whitespace; after a
 # CJK full stop, ! or ? (。！？, written with no space after) whether or not whitespace follows;
-# or at a line break. The whitespace between sentences belongs to neither. Two line breaks in
-# that whitespace make a paragraph break. The line-break branch starts only where whitespace
-# starts (the same matches: a greedy one always began there): tried inside a long run of spaces
-# it rescanned the run from every position, quadratic (a 64 KB post held the server for seconds).
+# or at a line break (LF, CR, CRLF, NEL, U+2028, U+2029: old Mac files end lines in CR alone,
+# word processors' exports in U+2028/9). The whitespace between sentences belongs to neither.
+# Two line breaks in that whitespace make a paragraph break, and so does one U+2029 (a paragraph
+# separator). The line-break branch starts only where whitespace starts (the same matches: a
+# greedy one always began there): tried inside a long run of spaces it rescanned the run from
+# every position, quadratic (a 64 KB post held the server for seconds).
 _SENTENCE_BREAK = re.compile(
     "(?<=[.!?\u0964\u0965\u061f\u06d4\u1362])[\"')\\]\u201d\u2019]*\\s+"
     "|(?<=[\u3002\uff01\uff1f])[\"')\\]\u201d\u2019\u300d\u300f\u3011\uff09]*\\s*"
-    "|(?<!\\s)\\s*\\n\\s*")
+    "|(?<!\\s)\\s*[\n\r\x85\u2028\u2029]\\s*")
+
+
+def _line_breaks(whitespace: str) -> int:
+    """How many line breaks ``whitespace`` holds (CRLF is one; U+2029, a paragraph's end, two)."""
+    return (sum(whitespace.count(c) for c in "\n\r\x85\u2028") - whitespace.count("\r\n")
+            + 2 * whitespace.count("\u2029"))
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCTUATION = frozenset(string.punctuation)  # ASCII only: "–", "—", "’" are kept
@@ -256,7 +264,7 @@ def sentences(text: str) -> list[Sentence]:
         if m.start() > pos:
             raw.append((pos, m.start(), para))
         if m.end() > pos:
-            para = m.group().count("\n") >= 2
+            para = _line_breaks(m.group()) >= 2
         pos = max(pos, m.end())
     if pos < len(text):
         raw.append((pos, len(text), para))

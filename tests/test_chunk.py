@@ -138,11 +138,12 @@ def test_invariants_on_arbitrary_unicode(text: str, max_chars: int) -> None:
 
 
 # The sentence-break pattern before it was made linear: the same matches on any text.
-_QUADRATIC_BREAK = r"(?<=[.!?])[\"')\]\u201d\u2019]*\s+|\s*\n\s*"
+_QUADRATIC_BREAK = r"(?<=[.!?])[\"')\]\u201d\u2019]*\s+|\s*[\n\r\x85\u2028\u2029]\s*"
 
 
 @settings(max_examples=300)
-@given(st.text(alphabet=st.sampled_from(list("ab .!?\"')\n\t\r\x0b\u2028\u201d")), max_size=60))
+@given(st.text(alphabet=st.sampled_from(list("ab .!?\"')\n\t\r\x0b\x85\u2028\u2029\u201d")),
+               max_size=60))
 def test_sentence_breaks_are_those_of_the_quadratic_pattern(text: str) -> None:
     import re
 
@@ -150,6 +151,21 @@ def test_sentence_breaks_are_those_of_the_quadratic_pattern(text: str) -> None:
 
     old = [m.span() for m in re.finditer(_QUADRATIC_BREAK, text)]
     assert [m.span() for m in _SENTENCE_BREAK.finditer(text)] == old
+
+
+@pytest.mark.parametrize(("gap", "paragraph"), [
+    ("\n", False), ("\r", False), ("\r\n", False), ("\u2028", False), ("\x85", False),
+    ("\n\n", True), ("\r\r", True), ("\r\n\r\n", True), ("\u2028\u2028", True),
+    ("\x85 \x85", True), ("\u2029", True), ("\r\n \t", False)])
+def test_every_line_break_ends_a_sentence_and_two_a_paragraph(gap: str, paragraph: bool) -> None:
+    """A heading without a full stop on a line of its own is a sentence, whatever ends its line
+    (a CR alone, as old Mac files, or U+2028/U+2029, as word processors write): it was joined to
+    the next sentence and quoted with it."""
+    from citeqa.text import sentences
+
+    text = "Chapter One" + gap + "The ferry leaves at dawn."
+    assert [(text[s.start:s.end], s.paragraph_start) for s in sentences(text)] == [
+        ("Chapter One", False), ("The ferry leaves at dawn.", paragraph)]
 
 
 def test_a_long_run_of_spaces_is_one_sentence_gap() -> None:
