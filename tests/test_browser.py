@@ -404,7 +404,15 @@ def test_a_quote_opens_its_document_highlighted_and_scrolled_into_view(
         page: Page, base_url: str, shoot: Callable) -> None:
     ask(page, "Who first lit the harbour lighthouse?")
     out = page.locator("#out")
-    assert "Trelawny" in out.locator("blockquote mark").inner_text()
+    quote = out.locator("blockquote mark").inner_text()
+    assert "Trelawny" in quote
+    # its context: the document's characters before it (cut, so marked "…"), read from the
+    # document without making all of it an array
+    shown = out.locator("blockquote").inner_text()
+    assert shown.startswith("\u2026") and not shown.endswith("\u2026")
+    before = shown[1:shown.index(quote)]
+    assert len(before) == 300 and HARBOUR_TEXT.index(quote) >= 300
+    assert HARBOUR_TEXT[:HARBOUR_TEXT.index(quote)].endswith(before)
     answer = out.locator("p.answer").inner_text()
     out.locator("a[data-internal]", has_text="Harbour log").first.click()
     page.wait_for_selector("#doc-body .doctext mark")
