@@ -530,6 +530,30 @@ def test_an_abandoned_request_stops_at_its_next_step_and_costs_no_prefill(backen
 
 
 @pytest.mark.slow
+def test_a_request_abandoned_while_its_batch_is_prefilled_one_by_one_costs_no_prefill(
+        backend, monkeypatch):
+    """On a CPU the prompts of a batch are prefilled one at a time (seconds each on 2 cores): one
+    whose client left meanwhile was prefilled all the same, and the batch decoded with it."""
+    checks = {"n": 0}
+
+    def left_after_the_batch_began() -> bool:
+        checks["n"] += 1
+        return checks["n"] > 1
+
+    monkeypatch.setattr(backend, "batch_prefill", False)
+    [[whole]] = backend.generate([grammar_request()])
+    prefilled, real = [], backend._prefill
+    monkeypatch.setattr(backend, "_prefill", lambda reqs, *a, **k: (
+        prefilled.append(len(reqs)), real(reqs, *a, **k))[1])
+    [[first], [left], [last]] = backend.generate([
+        grammar_request(), grammar_request(abandoned=left_after_the_batch_began),
+        grammar_request()])
+    assert prefilled == [1, 1] and (left.text, left.n_tokens) == ("", 0)
+    assert first.text == last.text == whole.text
+    assert first.timings_ms["batch_rows"] == 2
+
+
+@pytest.mark.slow
 def test_unconstrained_and_several_requests(backend):
     free = GenerationRequest(messages=({"role": "user", "content": "Say hi."},), max_tokens=5)
     res = backend.generate([free, grammar_request()])

@@ -348,11 +348,30 @@ class HFBackend:
                 prefix = self.prefix_cache.batch_prefix(requests[members[0]].messages,
                                                         [seqs[i] for i in members])
                 shared.update((i, prefix) for i in members)
-            cache, mask, hidden = stack_prefills(
-                [self._prefill(requests[i : i + 1], seqs[i : i + 1], stats, shared[i])
-                 for i in range(len(seqs))],
-                self.model.config,
-            )
+            parts = {}
+            for i in range(len(seqs)):  # one whose client left meanwhile costs no prefill
+                if not requests[i].is_abandoned():  # (each took seconds on 2 cores)
+                    parts[i] = self._prefill(requests[i : i + 1], seqs[i : i + 1], stats,
+                                             shared[i])
+            if not parts:
+                return [abandoned_completions(r) for r in requests]
+            live = sorted(parts)
+            done = iter(self._decode_batch(
+                [requests[i] for i in live], [prompts[i] for i in live],
+                [per_request[i] for i in live], [seqs[i] for i in live],
+                stack_prefills([parts[i] for i in live], self.model.config), stats, t0))
+            return [next(done) if i in parts else abandoned_completions(r)
+                    for i, r in enumerate(requests)]
+        return self._decode_batch(requests, prompts, per_request, seqs, (cache, mask, hidden),
+                                  stats, t0)
+
+    def _decode_batch(self, requests: list[GenerationRequest], prompts: list[list[int]],
+                      per_request: list[list[_Row]], seqs: list[list[int]],
+                      prefilled: tuple[DynamicCache, torch.Tensor, torch.Tensor], stats: _Stats,
+                      t0: float) -> list[list[Completion]]:
+        """Decode the rows of a prefilled batch (``prefilled``: its cache, mask and last hidden
+        states, one row per request); ``t0``: when its prefill began."""
+        cache, mask, hidden = prefilled
         if self.device.type == "cuda":  # its kernels ran asynchronously: their time is here
             torch.cuda.synchronize(self.device)
         stats.prefill_ms = (time.perf_counter() - t0) * 1000
