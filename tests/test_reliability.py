@@ -262,6 +262,28 @@ def test_one_client_address_holds_at_most_its_cap_of_connections() -> None:
     assert closures == ["too_many_connections"]
 
 
+def test_a_client_that_stops_reading_its_responses_is_disconnected() -> None:
+    """A client that sends requests and reads none of the responses: once they backed up,
+    uvicorn waited for it to read for ever, holding the connection (60 such held 75 file
+    descriptors past the client timeout)."""
+    closures: list[str] = []
+    with echo_server(head_timeout_protocol(0.6, closures.append)) as (_, address):
+        with socket.socket() as conn:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            conn.settimeout(20)
+            conn.connect(address)
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 100)  # the page: ~37 KB each
+            started = time.monotonic()
+            while not closures and time.monotonic() < started + 15:
+                time.sleep(0.05)
+            assert closures == ["unread_response"] and 0.5 < time.monotonic() - started < 10
+            try:  # the server's side is gone: what it had sent, then the end
+                while conn.recv(65536):
+                    pass
+            except ConnectionResetError:
+                pass
+
+
 def test_a_request_head_that_trickles_in_or_never_comes_is_bounded() -> None:
     """uvicorn bounded no wait before a request's head was complete: a connection sending its
     headers a byte at a time (or nothing) held its place for ever."""

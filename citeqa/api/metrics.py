@@ -49,7 +49,8 @@ class Metrics:
         self.closed = Counter("citeqa_connections_closed_total",
                               "Connections closed by the HTTP protocol: head_timeout (a "
                               "partial head, answered 408), silent (nothing sent), unread_body "
-                              "(a body answered unread kept coming), too_many_connections (its "
+                              "(a body answered unread kept coming), unread_response (the client "
+                              "stopped reading its response), too_many_connections (its "
                               "address held CITEQA_MAX_CONNECTIONS_PER_CLIENT, answered 503).",
                               ("reason",), registry=r)
         self._queue_depth = Gauge("citeqa_queue_depth",

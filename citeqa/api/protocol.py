@@ -11,6 +11,10 @@ same setting, ``CITEQA_CLIENT_TIMEOUT_S``, as time without a byte); the rest of 
 answered without reading (a probe, a 404) must end within the same time of the answer, or the
 connection is closed (uvicorn's keep-alive bound stopped at its first byte).
 
+A response the client stops reading (its data backed up past the transport's high-water mark
+and not drained below the low one for ``timeout_s``) ends the connection: uvicorn waits on
+such a client for ever, holding the connection and its file descriptor.
+
 It also caps the connections one client address holds open at once (``max_per_client``;
 uvicorn caps none): past it a new connection is answered 503 and closed, so that one client
 cannot hold every file descriptor the process has.
@@ -70,8 +74,8 @@ class HeadTimeoutProtocol(H11Protocol):
     module docstring); ``head_timeout_protocol`` makes one with its bound."""
 
     timeout_s = 30.0
-    # told why each connection it closes was closed: head_timeout, silent, unread_body or
-    # too_many_connections
+    # told why each connection it closes was closed: head_timeout, silent, unread_body,
+    # unread_response or too_many_connections
     on_close: Callable[[str], None] | None = None
     max_per_client = 0  # connections one client address may hold open at once; 0 = no cap
     open_by_client: Counter[str] = Counter()  # a server's own (head_timeout_protocol)
@@ -81,6 +85,7 @@ class HeadTimeoutProtocol(H11Protocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_started = False  # some bytes of the awaited head arrived
         self._counted: str | None = None  # the client address this connection counts for
+        self._write_timer: asyncio.TimerHandle | None = None  # while writing is paused
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -100,6 +105,7 @@ class HeadTimeoutProtocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._drained()
         if self._counted is not None:
             self.open_by_client[self._counted] -= 1
             if not self.open_by_client[self._counted]:
@@ -145,6 +151,30 @@ class HeadTimeoutProtocol(H11Protocol):
         super().on_response_complete()  # bound until the next head's first byte
         if self._awaited() == "leftover":
             self._arm()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.timeout_s, self._response_unread)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._drained()
+
+    def _drained(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _response_unread(self) -> None:
+        self._write_timer = None
+        if self.transport.is_closing():
+            return
+        self.logger.info("closing a connection whose client read none of its response for %g s",
+                         self.timeout_s)
+        self.transport.abort()  # (close() would wait for the backed-up data to go)
+        if self.on_close is not None:
+            self.on_close("unread_response")
 
     def _arm(self) -> None:
         if self._head_timer is None:
