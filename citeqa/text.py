@@ -92,21 +92,39 @@ _CLOSERS = "\"')]\u201d\u2019\u300d\u300f\u3011\uff09"
 # stop, the Ethiopic full stop), plus closing quotes/brackets, followed by whitespace; after a
 # CJK full stop, ! or ? (。！？, written with no space after) whether or not whitespace follows;
 # or at a line break (LF, CR, CRLF, NEL, U+2028, U+2029: old Mac files end lines in CR alone,
-# word processors' exports in U+2028/9). The whitespace between sentences belongs to neither.
-# Two line breaks in that whitespace make a paragraph break, and so does one U+2029 (a paragraph
-# separator). The line-break branch starts only where whitespace starts (the same matches: a
-# greedy one always began there): tried inside a long run of spaces it rescanned the run from
-# every position, quadratic (a 64 KB post held the server for seconds).
+# word processors' exports in U+2028/9), but for a hard-wrapped line (``_wrapped``). The
+# whitespace between sentences belongs to neither. Two line breaks in that whitespace make a
+# paragraph break, and so does one U+2029 (a paragraph separator). The line-break branch starts
+# only where whitespace starts (the same matches: a greedy one always began there): tried
+# inside a long run of spaces it rescanned the run from every position, quadratic (a 64 KB post
+# held the server for seconds).
 _SENTENCE_BREAK = re.compile(
     "(?<=[.!?\u0964\u0965\u061f\u06d4\u1362])[\"')\\]\u201d\u2019]*\\s+"
     "|(?<=[\u3002\uff01\uff1f])[\"')\\]\u201d\u2019\u300d\u300f\u3011\uff09]*\\s*"
-    "|(?<!\\s)\\s*[\n\r\x85\u2028\u2029]\\s*")
+    "|(?P<line>(?<!\\s)\\s*[\n\r\x85\u2028\u2029]\\s*)")
+_LINE_BREAK = re.compile("\r\n|[\n\r\x85\u2028\u2029]")
+WRAPPED_MIN_CHARS = 50  # shorter lines are not cut by wrapping (wrap widths are 60-80)
+# what starts a line of its own: a list item, a heading, a quotation, a table row, a fence
+_LINE_START = re.compile(r"(?:[-*+\u2022>#|]|\d{1,3}[.)]|`{3}|~{3})(?:\s|$)|[#|>`]")
 
 
 def _line_breaks(whitespace: str) -> int:
     """How many line breaks ``whitespace`` holds (CRLF is one; U+2029, a paragraph's end, two)."""
     return (sum(whitespace.count(c) for c in "\n\r\x85\u2028") - whitespace.count("\r\n")
             + 2 * whitespace.count("\u2029"))
+
+
+def _wrapped(text: str, line_start: int, m: re.Match[str]) -> bool:
+    """Whether the one line break of ``m`` (a line-break match) only wraps prose: the line it
+    ends (from ``line_start``) is of a wrapping width and the next goes on in lower case or
+    with a number, not as a list item or other line of its own. Text wrapped at 72-80 columns
+    otherwise became a sentence per line ("The" one of them): passages, prompt windows and
+    extractive quotes began and ended mid-sentence."""
+    if m.start() - line_start < WRAPPED_MIN_CHARS or _line_breaks(m.group()) != 1:
+        return False
+    first = text[m.end():m.end() + 1]
+    return ((first.islower() or first.isdigit())
+            and _LINE_START.match(text, m.end()) is None)
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCTUATION = frozenset(string.punctuation)  # ASCII only: "–", "—", "’" are kept
@@ -260,7 +278,16 @@ def sentences(text: str) -> list[Sentence]:
     passages and the prompt picks windows of them."""
     raw: list[tuple[int, int, bool]] = []
     pos, para = 0, False
+    breaks = _LINE_BREAK.finditer(text)  # read up to each line-break match's first
+    line_start = last_break = 0  # where the line that match ends starts; where that break ends
     for m in _SENTENCE_BREAK.finditer(text):
+        if m.group("line") is not None:
+            for b in breaks:
+                line_start, last_break = last_break, b.end()
+                if last_break > m.start():
+                    break
+            if _wrapped(text, line_start, m):
+                continue
         if m.start() > pos:
             raw.append((pos, m.start(), para))
         if m.end() > pos:

@@ -168,6 +168,33 @@ def test_every_line_break_ends_a_sentence_and_two_a_paragraph(gap: str, paragrap
         ("Chapter One", False), ("The ferry leaves at dawn.", paragraph)]
 
 
+LONG = "The generator writes its output in two lines: an answer line and a"  # 67 characters
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    # hard-wrapped prose: one sentence across its lines (it was "The" and the rest, per line)
+    (f"{LONG}\nquote line, wrapped at seventy-two columns or so. The\nconstraint is compiled.",
+     [f"{LONG}\nquote line, wrapped at seventy-two columns or so.",
+      "The\nconstraint is compiled."]),
+    (f"{LONG}\r\nquote line.", [f"{LONG}\r\nquote line."]),
+    (f"{LONG}\n1889 was the year.", [f"{LONG}\n1889 was the year."]),
+    # a line of its own: after a short line, before a capital, a list item, a heading, a
+    # quotation, a table row or a fence; or a blank line between
+    ("Chapter one\nthe ferry leaves at dawn.", ["Chapter one", "the ferry leaves at dawn."]),
+    (f"{LONG}\nQuote line.", [LONG, "Quote line."]),
+    *((f"{LONG}\n{start}next line.", [LONG, f"{start}next line."])
+      for start in ("- ", "* ", "+ ", "\u2022 ", "12) ", "# ", "> ", "| ")),
+    (f"{LONG}\n1. next line.", [LONG, "1.", "next line."]),  # (its "1." a sentence, as before)
+    (f"{LONG}\n```\nnext line.", [LONG, "```", "next line."]),
+    (f"{LONG}\n\nquote line.", [LONG, "quote line."]),
+])
+def test_a_line_break_that_only_wraps_prose_ends_no_sentence(text: str,
+                                                             expected: list[str]) -> None:
+    from citeqa.text import sentences
+
+    assert [text[s.start:s.end] for s in sentences(text)] == expected
+
+
 def test_a_long_run_of_spaces_is_one_sentence_gap() -> None:
     """64 K spaces without a line break: each start inside the run once rescanned the whole run
     (~6 s here for one document); now one pass."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 
 from citeqa.errors import SourceError
-from citeqa.text import is_blank
+from citeqa.text import WRAPPED_MIN_CHARS, is_blank
 
 TITLE_MAX_CHARS = 120  # titles longer than this are cut (with an ellipsis)
 # Python's HTMLParser reads some malformed markup in quadratic time ("<a<a<a...": 80 KB took
@@ -259,7 +259,6 @@ def extract_html(html: str, *, max_seconds: float | None = None, xml: bool = Fal
 
 # a line ending so is prose (the danda, the Arabic question mark and full stop too)
 _SENTENCE_ENDS = (".", "!", "?", ";", ",", "。", "！", "？", "\u0964", "\u0965", "\u061f", "\u06d4")
-WRAPPED_MIN_CHARS = 50  # shorter lines are not cut by wrapping (wrap widths are 60-80)
 _CLOSERS = "\"')]}\u201d\u2019\u00bb"  # closing quotes and brackets after a sentence's end
 
 
