@@ -672,7 +672,7 @@ def test_text_a_browser_hides_is_not_indexed() -> None:
     ("<ul><li hidden>secret<li>visible1<li>visible2</ul>", "visible1\n\nvisible2"),
     ("<div><span hidden>secret</div><p>visible after</p><p>more</p>",
      "visible after\n\nmore"),
-    ("<table><tr><td hidden>s<td>v1<tr><td>v2</table>", "v1\n\nv2"),
+    ("<table><tr><td hidden>s<td>v1<tr><td>v2</table>", "v1\nv2"),
     ("<dl><dt hidden>t<dd>d</dl>", "d"),
     ("<p hidden>x<div>shown</div>", "shown"),  # a block start closes an open <p>
     ("<table><tr><td><p hidden>x<table><tr><td>in</table></td></tr></table>", "in"),
@@ -680,6 +680,31 @@ def test_text_a_browser_hides_is_not_indexed() -> None:
     ("<ul><li>a<ul><li hidden>b</ul>c</ul>", "a\n\nc"),  # not past its own list
 ])
 def test_a_hidden_element_ends_where_a_browser_ends_it(html: str, text: str) -> None:
+    assert extract_html(html).text == text
+
+
+@pytest.mark.parametrize(("html", "text"), [
+    # a page's chrome was indexed as content: every passage of a page began with its cookie
+    # notice and menu, and its last was "Privacy policy"
+    ("<header>Site name Main page</header><nav><a>Contents</a></nav><main><p>The zebra."
+     "</p><aside>Ads</aside></main><aside>Sidebar</aside><footer>Privacy policy</footer>",
+     "The zebra.\n\nAds"),
+    ("<nav>Menu</nav><article><header><h1>Zebra</h1></header><p>Striped.</p><footer>By Ann"
+     "</footer></article><footer>Privacy</footer>", "Zebra\n\nStriped.\n\nBy Ann"),
+    ('<div role="navigation">Home</div><p>Text.</p>', "Home\n\nText."),  # (only <nav>)
+    # a table's cells were each a paragraph: a row (an infobox's label and value) was cut
+    # between passages, and rows could not be told from cells
+    ("<table><tr><th>Kingdom:</th><td>Animalia</td></tr>\n<tr><th>Phylum:</th>"
+     "<td>Chordata</td></tr></table><p>After.</p>",
+     "Kingdom: | Animalia\nPhylum: | Chordata\n\nAfter."),
+    ("<table><tr><td>a<td>b<tr><td>c</table>", "a | b\nc"),  # (end tags implied)
+    ("<dl><dt>Stripes</dt><dd>black and white</dd><dt>Mane</dt><dd>erect</dd></dl>",
+     "Stripes\nblack and white\nMane\nerect"),
+    # soft hyphens and zero-width spaces split words: "encyclopedia" matched nothing
+    ("<p>An encyclo&shy;pedia is a refer&#8203;ence work.</p>",
+     "An encyclopedia is a reference work."),
+])
+def test_a_pages_text_is_its_content_with_rows_and_words_whole(html: str, text: str) -> None:
     assert extract_html(html).text == text
 
 

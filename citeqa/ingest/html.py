@@ -1,9 +1,12 @@
 """Visible text and a title from an HTML page (stdlib ``html.parser``), and a title from plain text.
 
 HTML is turned into readable text: script/style/head contents and other non-visible parts are
-dropped, entities are unescaped, runs of whitespace collapse to one space, block elements
-(paragraphs, headings, list items, table rows...) become paragraph breaks (a blank line) and
-``<br>`` a line break. Indentation inside ``<pre>`` is not kept (lines are stripped).
+dropped, and so are a page's navigation (``<nav>``) and, outside ``<main>`` and ``<article>``,
+its ``<header>``, ``<footer>`` and ``<aside>``; entities are unescaped, soft hyphens and
+zero-width spaces dropped, runs of whitespace collapse to one space, block elements
+(paragraphs, headings, list items, tables...) become paragraph breaks (a blank line), ``<br>``,
+a table's rows and a definition list's terms and descriptions a line break, and a row's cells
+are joined by " | ". Indentation inside ``<pre>`` is not kept (lines are stripped).
 """
 
 from __future__ import annotations
@@ -44,15 +47,24 @@ def _hidden(attrs: list[tuple[str, str | None]]) -> bool:
         if name == "style" and value and _HIDING_STYLE.search(value):
             return True
     return False
+# A page's chrome, not its content: navigation always; a header, footer or aside outside the
+# page's main content (<main>, <article>), where it is the site's (menus, cookie notices,
+# "Privacy policy"), not the article's byline.
+_NAVIGATION = frozenset({"nav"})
+_CHROME = frozenset({"header", "footer", "aside"})
+_CONTENT = frozenset({"main", "article"})
 # Elements that end a paragraph of text before and after them.
 _BLOCK = frozenset(
     {
-        "address", "article", "aside", "blockquote", "body", "caption", "dd", "details", "div",
-        "dl", "dt", "fieldset", "figcaption", "figure", "footer", "form", "h1", "h2", "h3", "h4",
+        "address", "article", "aside", "blockquote", "body", "caption", "details", "div",
+        "dl", "fieldset", "figcaption", "figure", "footer", "form", "h1", "h2", "h3", "h4",
         "h5", "h6", "header", "hr", "html", "legend", "li", "main", "nav", "ol", "p", "pre",
-        "section", "summary", "table", "tbody", "td", "tfoot", "th", "thead", "tr", "ul",
+        "section", "summary", "table", "tbody", "tfoot", "thead", "ul",
     }
 )  # fmt: skip
+_LINE = frozenset({"tr", "dt", "dd"})  # ... a line before and after them
+_CELL = frozenset({"td", "th"})  # a row's cells: " | " between them
+_INVISIBLE = str.maketrans("", "", "\xad\u200b")  # soft hyphens, zero-width spaces: no text
 _VOID = frozenset(
     {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
 )
@@ -120,6 +132,7 @@ class _Extractor(HTMLParser):
         self._hiding = 0  # open elements that hide their content
         self._in_title = False
         self._pre = 0  # open <pre> elements that are shown
+        self._cells = 0  # cells begun in the row being read
         self._deadline = deadline
 
     def _tick(self) -> None:
@@ -171,7 +184,8 @@ class _Extractor(HTMLParser):
         for closes, stops in implied:
             if (i := self._innermost(closes, stops)) is not None:
                 self._close_from(i)
-        hides = tag in _SKIP or _hidden(attrs)
+        hides = (tag in _SKIP or tag in _NAVIGATION or _hidden(attrs)
+                 or (tag in _CHROME and not any(self._count[t] for t in _CONTENT)))
         shown = not self._hiding and not hides
         if tag not in _VOID:
             self._open.append((tag, hides, shown))
@@ -185,6 +199,13 @@ class _Extractor(HTMLParser):
             self.pieces.append("\n\n")
             if tag == "pre":
                 self._pre += 1
+        elif tag in _LINE:
+            self._line()
+            self._cells = 0
+        elif tag in _CELL:
+            if self._cells:
+                self.pieces.append(" | ")
+            self._cells += 1
 
     def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if not (self._xml or tag in _FOREIGN or any(self._count[t] for t in _FOREIGN)):
@@ -196,6 +217,8 @@ class _Extractor(HTMLParser):
         # a self-closed element opens nothing, so hides nothing
         if not self._hiding and tag == "br":
             self.pieces.append("\n")
+        elif not self._hiding and tag in _LINE:
+            self._line()
         elif not self._hiding and tag in _BLOCK:
             self.pieces.append("\n\n")
 
@@ -213,15 +236,22 @@ class _Extractor(HTMLParser):
         self._close_from(i)  # it, and anything left open inside it
         if shown and tag in _BLOCK:
             self.pieces.append("\n\n")
+        elif shown and tag in _LINE:
+            self._line()
+
+    def _line(self) -> None:
+        """End the line (a row, a term) unless it has just ended: rows end and begin at once."""
+        if not (self.pieces and self.pieces[-1].endswith("\n")):
+            self.pieces.append("\n")
 
     def handle_data(self, data: str) -> None:
         self._tick()
         if self._in_title:
             self.title_parts.append(data)
         elif self._pre and not self._hiding:
-            self.pieces.append(data)
+            self.pieces.append(data.translate(_INVISIBLE))
         elif not self._hiding:  # white space collapses across elements: "a <img> b" is "a b"
-            text = _SPACE_RE.sub(" ", data)
+            text = _SPACE_RE.sub(" ", data.translate(_INVISIBLE))
             if text[:1] == " " and self.pieces and self.pieces[-1][-1:] in (" ", "\n"):
                 text = text[1:]
             if text:
