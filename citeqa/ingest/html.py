@@ -307,15 +307,19 @@ def title_from_text(text: str, fallback: str, *, markdown: bool = False) -> str:
     that is the text's first sentence must not become it: its words would match every
     passage."""
     text = text.removeprefix("\ufeff")  # a byte-order mark is no part of the title
-    if markdown:  # the first heading with words ("#  " titled a document ""), not a "# ..."
-        text = _without_fenced_code(text)  # line of a code block, nor a fence itself
-        for found in _HEADING_RE.finditer(text):
-            if not is_blank(heading := _SPACE_RE.sub(" ", _heading(found)).strip()):
-                return cap_title(heading)
+    if markdown:
+        named, text = _front_matter(text)  # (its lines left empty)
+        if named:
+            return cap_title(named)
+        text = _without_fenced_code(text)  # no line of a code block, nor a fence itself
+        if (heading := _first_heading(text)) is not None:
+            return cap_title(heading)
     lines = text.splitlines()
     for i, line in enumerate(lines):
         line = line.strip()
         if is_blank(line.strip("#")) and len(line) <= 6:  # an empty heading ("#", "## \u200b")
+            continue
+        if line and not any(c.isalnum() for c in line[:200]):  # a rule: "---", "====", "***"
             continue
         if not is_blank(line):  # (a zero-width space alone is no title either)
             m = _HEADING_RE.match(line)
@@ -334,6 +338,56 @@ def title_from_text(text: str, fallback: str, *, markdown: bool = False) -> str:
 
 
 _FENCE_RE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+# YAML front matter (--- ... --- or ...), or TOML (+++ ... +++), at a Markdown file's start
+_FRONT_MATTER_RE = re.compile(r"\A(---|\+\+\+)[ \t]*\r?\n(.*?)^(?:\1|\.\.\.)[ \t]*$",
+                              re.DOTALL | re.MULTILINE)
+_FRONT_TITLE_RE = re.compile(r"""^title[ \t]*[:=][ \t]*(["']?)(.*?)\1[ \t]*$""",
+                             re.MULTILINE)
+# a setext heading: a line of text underlined by =s (level 1) or -s (level 2)
+_SETEXT_RE = re.compile(r"^ {0,3}(\S[^\n]*)\n {0,3}(?:=+|-+)[ \t]*$", re.MULTILINE)
+# (bounded: a lazy scan for the end tag from every "<h1>" of a page without one is quadratic)
+_HTML_HEADING_RE = re.compile(r"^[ \t]*<h[1-6]\b[^>\n]{0,300}>(.{0,300}?)</h[1-6]\s*>",
+                              re.IGNORECASE | re.DOTALL | re.MULTILINE)
+_LINK_RE = re.compile(r"!?\[([^\]]*)\]\([^)]*\)|!?\[([^\]]*)\]\[[^\]]*\]")
+_TAG_RE = re.compile(r"<[^>]*>")
+_EMPHASIS_RE = re.compile(r"(\*{1,3}|_{1,3}|`+|~~)(?=\S)(.+?)(?<=\S)\1")
+
+
+def _front_matter(text: str) -> tuple[str, str]:
+    """The ``title`` a Markdown file's front matter names ("" for none), and the text with the
+    front matter's lines left empty (its "---" read as the title, or as a setext heading's
+    underline)."""
+    m = _FRONT_MATTER_RE.match(text)
+    if m is None:
+        return "", text
+    title = _FRONT_TITLE_RE.search(m.group(2))
+    named = _SPACE_RE.sub(" ", title.group(2)).strip() if title else ""
+    return named, "\n" * m.group(0).count("\n") + text[m.end():]
+
+
+def _first_heading(text: str) -> str | None:
+    """The text of a Markdown document's first heading that holds words: a ``#`` heading, a
+    setext one (underlined by = or -) or an HTML ``<h1>``-``<h6>``, whichever comes first, its
+    links, images, emphasis and tags reduced to their text; None where there is none."""
+    found = [(m.start(), _heading(m)) for m in _HEADING_RE.finditer(text)]
+    found += [(m.start(), m.group(1)) for m in _SETEXT_RE.finditer(text)
+              if not _HEADING_RE.match(m.group(1)) and not _FENCE_RE.match(m.group(1))]
+    found += [(m.start(), m.group(1)) for m in _HTML_HEADING_RE.finditer(text)]
+    for _, heading in sorted(found):  # (a title is 120 characters at most: cap_title)
+        if not is_blank(words := _SPACE_RE.sub(" ", _markup_text(heading[:1000])).strip()):
+            return words
+    return None
+
+
+def _markup_text(heading: str) -> str:
+    """A heading's text without Markdown's link, image and emphasis markup or HTML tags (a
+    title has no offsets to keep)."""
+    heading = _LINK_RE.sub(lambda m: m.group(1) if m.group(1) is not None else m.group(2),
+                           heading)
+    heading = _TAG_RE.sub("", heading)
+    for _ in range(3):  # (nested: ***a*** and **_a_**)
+        heading = _EMPHASIS_RE.sub(r"\2", heading)
+    return heading
 
 
 def _without_fenced_code(text: str) -> str:
