@@ -195,6 +195,21 @@ def test_a_line_break_that_only_wraps_prose_ends_no_sentence(text: str,
     assert [text[s.start:s.end] for s in sentences(text)] == expected
 
 
+@pytest.mark.parametrize("max_chars", [300, 600, 1000])
+def test_a_heading_goes_with_the_section_it_names(max_chars: int) -> None:
+    """A paragraph break may end a passage once it holds a quarter of max_chars: a heading
+    just past that point ended one ("...coats.\\n\\n## Plains zebra"), cut off from its
+    section, which the next passage held without the heading that names its subject."""
+    intro = ("Zebras are African equines with black-and-white striped coats. " * 4)[:236]
+    facts = " ".join(f"Fact {i} about this species is noted here." for i in range(20))
+    text = f"# Zebra\n\n{intro}.\n\n## Plains zebra\n\n{facts}\n\n## Grevy's zebra\n\n{facts}"
+    spans = chunk_document(text, ChunkConfig(max_chars=max_chars))
+    check_invariants(text, spans, ChunkConfig(max_chars=max_chars))
+    for heading in ("## Plains zebra", "## Grevy's zebra"):
+        [held] = [text[s:e] for s, e in spans if heading in text[s:e]]
+        assert f"{heading}\n\nFact 0 " in held, (heading, held)
+
+
 def test_a_long_run_of_spaces_is_one_sentence_gap() -> None:
     """64 K spaces without a line break: each start inside the run once rescanned the whole run
     (~6 s here for one document); now one pass."""

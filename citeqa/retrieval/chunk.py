@@ -1,7 +1,9 @@
 """Chunking: split a document's text into passages given as ``(start, end)`` character spans.
 
 Passages are packed greedily from sentences (``citeqa.text.sentences``; a paragraph break ends a
-passage once it holds at least a quarter of ``max_chars``), so each is at most ``cfg.max_chars``
+passage once it holds at least a quarter of ``max_chars``, but not right after a heading: a
+paragraph of one short line not ending as a sentence does goes with the section it names),
+so each is at most ``cfg.max_chars``
 characters long; a sentence longer than that is hard-split at whitespace (when it has none, as
 CJK text: after a clause's comma, or mid-word, never before a combining mark). Every span is
 trimmed of surrounding whitespace, so ``text[start:end]`` is exactly the passage text.
@@ -82,6 +84,21 @@ def _units(text: str, max_chars: int) -> list[_Unit]:
     return units
 
 
+HEADING_MAX_CHARS = 120  # a heading-like paragraph is no longer (as a title: html.py)
+_ENDS_SENTENCE = tuple(".!?;,\u3002\uff01\uff1f\u0964\u0965\u061f\u06d4\"')\u201d\u2019")
+
+
+def _heading(text: str, units: list[_Unit], k: int) -> bool:
+    """Whether ``units[k]`` is a paragraph of its own that reads as a heading: one line of at
+    most ``HEADING_MAX_CHARS`` characters that does not end as a sentence does."""
+    unit = units[k]
+    return ((k == 0 or unit.paragraph_start) and (k + 1 == len(units)
+                                                  or units[k + 1].paragraph_start)
+            and unit.end - unit.start <= HEADING_MAX_CHARS
+            and "\n" not in text[unit.start:unit.end]
+            and not text[unit.start:unit.end].endswith(_ENDS_SENTENCE))
+
+
 def chunk_document(text: str, cfg: ChunkConfig) -> list[tuple[int, int]]:
     """Passage spans ``(start, end)`` covering ``text`` in order (see the module docstring).
 
@@ -97,10 +114,14 @@ def chunk_document(text: str, cfg: ChunkConfig) -> list[tuple[int, int]]:
         start = units[i].start
         j = i + 1
         while j < len(units) and units[j].end - start <= cfg.max_chars:
-            # a paragraph break may end the passage only once it holds a fresh sentence
-            if j > fresh and units[j].paragraph_start and units[j - 1].end - start >= min_chars:
+            # a paragraph break may end the passage only once it holds a fresh sentence, and
+            # not after a heading (it names what follows)
+            if (j > fresh and units[j].paragraph_start and units[j - 1].end - start >= min_chars
+                    and not _heading(text, units, j - 1)):
                 break
             j += 1
+        if j < len(units) and j - 1 > max(i, fresh) and _heading(text, units, j - 1):
+            j -= 1  # full: its last unit a heading, which begins the next passage instead
         spans.append((start, units[j - 1].end))
         if j >= len(units):
             break
