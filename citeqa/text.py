@@ -104,6 +104,7 @@ _SENTENCE_BREAK = re.compile(
     "|(?P<line>(?<!\\s)\\s*[\n\r\x85\u2028\u2029]\\s*)")
 _LINE_BREAK = re.compile("\r\n|[\n\r\x85\u2028\u2029]")
 WRAPPED_MIN_CHARS = 50  # shorter lines are not cut by wrapping (wrap widths are 60-80)
+_ROW_OR_HEADING = re.compile(r"[ \t]*[#|]")  # a line that wraps nothing: a heading, a table row
 # what starts a line of its own: a list item, a heading, a quotation, a table row, a fence
 _LINE_START = re.compile(r"(?:[-*+\u2022>#|]|\d{1,3}[.)]|`{3}|~{3})(?:\s|$)|[#|>`]")
 
@@ -116,11 +117,12 @@ def _line_breaks(whitespace: str) -> int:
 
 def _wrapped(text: str, line_start: int, m: re.Match[str]) -> bool:
     """Whether the one line break of ``m`` (a line-break match) only wraps prose: the line it
-    ends (from ``line_start``) is of a wrapping width and the next goes on in lower case or
-    with a number, not as a list item or other line of its own. Text wrapped at 72-80 columns
-    otherwise became a sentence per line ("The" one of them): passages, prompt windows and
-    extractive quotes began and ended mid-sentence."""
-    if m.start() - line_start < WRAPPED_MIN_CHARS or _line_breaks(m.group()) != 1:
+    ends (from ``line_start``) is of a wrapping width, not a heading or table row, and the next
+    goes on in lower case or with a number, not as a list item or other line of its own. Text
+    wrapped at 72-80 columns otherwise became a sentence per line ("The" one of them): passages,
+    prompt windows and extractive quotes began and ended mid-sentence."""
+    if (m.start() - line_start < WRAPPED_MIN_CHARS or _line_breaks(m.group()) != 1
+            or _ROW_OR_HEADING.match(text, line_start)):
         return False
     first = text[m.end():m.end() + 1]
     return ((first.islower() or first.isdigit())

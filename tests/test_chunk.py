@@ -187,6 +187,9 @@ LONG = "The generator writes its output in two lines: an answer line and a"  # 6
     (f"{LONG}\n1. next line.", [LONG, "1.", "next line."]),  # (its "1." a sentence, as before)
     (f"{LONG}\n```\nnext line.", [LONG, "```", "next line."]),
     (f"{LONG}\n\nquote line.", [LONG, "quote line."]),
+    # a heading or table row wraps nothing, however long
+    (f"## {LONG}\nquote line.", [f"## {LONG}", "quote line."]),
+    (f"| {LONG} |\n| 2 |", [f"| {LONG} |", "| 2 |"]),
 ])
 def test_a_line_break_that_only_wraps_prose_ends_no_sentence(text: str,
                                                              expected: list[str]) -> None:

@@ -116,6 +116,9 @@ def test_a_markdown_title_is_no_line_of_a_code_block(tmp_path: Path, text: str,
      "After the badge"),
     ("# [citeqa](https://github.com/x/citeqa) - cited QA\n", "citeqa - cited QA"),
     ("# **Bold** _title_ with `code` and ![logo](l.png)\n", "Bold title with code and logo"),
+    ("# Proj [![PyPI](https://img.shields.io/x.svg)](https://pypi.org/x)\n", "Proj PyPI"),
+    ("---\r\ntitle: 'My Doc'\r\n---\r\n\r\n# Heading\r\n", "My Doc"),  # (CRLF)
+    ("# ---\n\n***\n---\n\n# Real\n", "Real"),  # punctuation is no heading's words
     # a rule is no title: a thematic break after a paragraph, a banner of =s
     ("Intro paragraph.\n\n---\n\nMore text.\n", "notes.md"),
     ("=====\nBanner title\n=====\n", "Banner title"),
@@ -699,7 +702,7 @@ def test_text_a_browser_hides_is_not_indexed() -> None:
     ("<ul><li hidden>secret<li>visible1<li>visible2</ul>", "visible1\n\nvisible2"),
     ("<div><span hidden>secret</div><p>visible after</p><p>more</p>",
      "visible after\n\nmore"),
-    ("<table><tr><td hidden>s<td>v1<tr><td>v2</table>", "v1\nv2"),
+    ("<table><tr><td hidden>s<td>v1<tr><td>v2</table>", "v1\n\nv2"),
     ("<dl><dt hidden>t<dd>d</dl>", "d"),
     ("<p hidden>x<div>shown</div>", "shown"),  # a block start closes an open <p>
     ("<table><tr><td><p hidden>x<table><tr><td>in</table></td></tr></table>", "in"),
@@ -720,11 +723,16 @@ def test_a_hidden_element_ends_where_a_browser_ends_it(html: str, text: str) -> 
      "</footer></article><footer>Privacy</footer>", "Zebra\n\nStriped.\n\nBy Ann"),
     ('<div role="navigation">Home</div><p>Text.</p>', "Home\n\nText."),  # (only <nav>)
     # a table's cells were each a paragraph: a row (an infobox's label and value) was cut
-    # between passages, and rows could not be told from cells
+    # between passages, and rows could not be told from cells; a row is a paragraph (as lines,
+    # a long row going on with a number read as wrapped prose, one sentence of 40 rows)
     ("<table><tr><th>Kingdom:</th><td>Animalia</td></tr>\n<tr><th>Phylum:</th>"
      "<td>Chordata</td></tr></table><p>After.</p>",
-     "Kingdom: | Animalia\nPhylum: | Chordata\n\nAfter."),
-    ("<table><tr><td>a<td>b<tr><td>c</table>", "a | b\nc"),  # (end tags implied)
+     "Kingdom: | Animalia\n\nPhylum: | Chordata\n\nAfter."),
+    ("<table><tr><td>a<td>b<tr><td>c</table>", "a | b\n\nc"),  # (end tags implied)
+    ("<table><tr><td><p>Label</p></td><td> <div>Value</div></td></tr></table>",
+     "Label | Value"),  # (a cell's paragraphs stay in its row)
+    # an unclosed header held the whole page: its chrome is kept rather than no text
+    ("<header><h1>Site</h1><p>All the text.</p></body>", "Site\n\nAll the text."),
     ("<dl><dt>Stripes</dt><dd>black and white</dd><dt>Mane</dt><dd>erect</dd></dl>",
      "Stripes\nblack and white\nMane\nerect"),
     # soft hyphens and zero-width spaces split words: "encyclopedia" matched nothing

@@ -4,9 +4,11 @@ HTML is turned into readable text: script/style/head contents and other non-visi
 dropped, and so are a page's navigation (``<nav>``) and, outside ``<main>`` and ``<article>``,
 its ``<header>``, ``<footer>`` and ``<aside>``; entities are unescaped, soft hyphens and
 zero-width spaces dropped, runs of whitespace collapse to one space, block elements
-(paragraphs, headings, list items, tables...) become paragraph breaks (a blank line), ``<br>``,
-a table's rows and a definition list's terms and descriptions a line break, and a row's cells
-are joined by " | ". Indentation inside ``<pre>`` is not kept (lines are stripped).
+(paragraphs, headings, list items, table rows...) become paragraph breaks (a blank line), but
+a space inside a table's cell; ``<br>`` and a definition list's terms and descriptions a line
+break, and a row's cells are joined by " | ". A page with no text but in its chrome (a
+``<header>`` never closed) keeps its chrome. Indentation inside ``<pre>`` is not kept (lines
+are stripped).
 """
 
 from __future__ import annotations
@@ -59,10 +61,10 @@ _BLOCK = frozenset(
         "address", "article", "aside", "blockquote", "body", "caption", "details", "div",
         "dl", "fieldset", "figcaption", "figure", "footer", "form", "h1", "h2", "h3", "h4",
         "h5", "h6", "header", "hr", "html", "legend", "li", "main", "nav", "ol", "p", "pre",
-        "section", "summary", "table", "tbody", "tfoot", "thead", "ul",
+        "section", "summary", "table", "tbody", "tfoot", "thead", "tr", "ul",
     }
 )  # fmt: skip
-_LINE = frozenset({"tr", "dt", "dd"})  # ... a line before and after them
+_LINE = frozenset({"dt", "dd"})  # ... a line before and after them
 _CELL = frozenset({"td", "th"})  # a row's cells: " | " between them
 _INVISIBLE = str.maketrans("", "", "\xad\u200b")  # soft hyphens, zero-width spaces: no text
 _VOID = frozenset(
@@ -119,9 +121,10 @@ class _Extractor(HTMLParser):
     and in its quadratic cases each costs one scan of the rest of the page, so the parse ends
     within one scan of the deadline."""
 
-    def __init__(self, deadline: float, *, xml: bool = False) -> None:
+    def __init__(self, deadline: float, *, xml: bool = False, chrome: bool = False) -> None:
         super().__init__(convert_charrefs=True)  # entities arrive unescaped in handle_data
         self._xml = xml  # XHTML (application/xhtml+xml): "/>" closes any element
+        self._chrome = chrome  # keep the page's navigation, header, footer and asides
         self.pieces: list[str] = []
         self.title_parts: list[str] = []
         # open elements, innermost last: (tag, whether it hides its content, whether it is
@@ -184,8 +187,9 @@ class _Extractor(HTMLParser):
         for closes, stops in implied:
             if (i := self._innermost(closes, stops)) is not None:
                 self._close_from(i)
-        hides = (tag in _SKIP or tag in _NAVIGATION or _hidden(attrs)
-                 or (tag in _CHROME and not any(self._count[t] for t in _CONTENT)))
+        chrome = not self._chrome and (tag in _NAVIGATION or (
+            tag in _CHROME and not any(self._count[t] for t in _CONTENT)))
+        hides = tag in _SKIP or chrome or _hidden(attrs)
         shown = not self._hiding and not hides
         if tag not in _VOID:
             self._open.append((tag, hides, shown))
@@ -195,16 +199,18 @@ class _Extractor(HTMLParser):
             return
         if tag == "br":
             self.pieces.append("\n")
-        elif tag in _BLOCK:
+        elif tag == "tr":
             self.pieces.append("\n\n")
+            self._cells = 0
+        elif tag in _BLOCK:
+            self.pieces.append(self._block())
             if tag == "pre":
                 self._pre += 1
         elif tag in _LINE:
             self._line()
-            self._cells = 0
         elif tag in _CELL:
             if self._cells:
-                self.pieces.append(" | ")
+                self._cell_separator()
             self._cells += 1
 
     def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
@@ -220,7 +226,7 @@ class _Extractor(HTMLParser):
         elif not self._hiding and tag in _LINE:
             self._line()
         elif not self._hiding and tag in _BLOCK:
-            self.pieces.append("\n\n")
+            self.pieces.append(self._block())
 
     def handle_endtag(self, tag: str) -> None:
         self._tick()
@@ -235,9 +241,21 @@ class _Extractor(HTMLParser):
         shown = self._open[i][2]
         self._close_from(i)  # it, and anything left open inside it
         if shown and tag in _BLOCK:
-            self.pieces.append("\n\n")
+            self.pieces.append("\n\n" if tag == "tr" else self._block())
         elif shown and tag in _LINE:
             self._line()
+
+    def _block(self) -> str:
+        """What a block element's edge adds: a paragraph break, but a space inside a table's
+        cell (a cell's paragraphs stay in its row)."""
+        if not (self._count["td"] or self._count["th"]):
+            return "\n\n"
+        return "" if not self.pieces or self.pieces[-1][-1:] in (" ", "\n") else " "
+
+    def _cell_separator(self) -> None:
+        if self.pieces and self.pieces[-1].endswith(" "):
+            self.pieces[-1] = self.pieces[-1].rstrip(" ")
+        self.pieces.append(" | ")
 
     def _line(self) -> None:
         """End the line (a row, a term) unless it has just ended: rows end and begin at once."""
@@ -258,6 +276,14 @@ class _Extractor(HTMLParser):
                 self.pieces.append(text)
 
 
+def _parsed(html: str, deadline: float, *, xml: bool, chrome: bool) -> _Extractor:
+    """``html`` read by an ``_Extractor`` (``chrome``: keeping the page's chrome)."""
+    parser = _Extractor(deadline=deadline, xml=xml, chrome=chrome)
+    parser.feed(html)
+    parser.close()
+    return parser
+
+
 def parse_seconds(html: str) -> float:
     """How long ``extract_html`` may parse ``html`` (see ``PARSE_BASE_S``)."""
     return PARSE_BASE_S + PARSE_S_PER_MB * len(html) / 1e6
@@ -270,10 +296,11 @@ def extract_html(html: str, *, max_seconds: float | None = None, xml: bool = Fal
     ``xml``: the page is XHTML served as XML (``application/xhtml+xml``), where ``<div/>``
     closes the div; in HTML it opens one."""
     budget = parse_seconds(html) if max_seconds is None else max_seconds
-    parser = _Extractor(deadline=time.thread_time() + budget, xml=xml)
+    deadline = time.thread_time() + budget
     try:
-        parser.feed(html)
-        parser.close()
+        parser = _parsed(html, deadline, xml=xml, chrome=False)
+        if is_blank("".join(parser.pieces)):  # all in a header never closed, say: keep it
+            parser = _parsed(html, deadline, xml=xml, chrome=True)
     except _TooSlowError:
         raise SourceError(f"the HTML took over {budget:.3g} s of CPU to parse: markup that "
                           "Python's parser reads in quadratic time (unclosed tags)") from None
@@ -339,16 +366,17 @@ def title_from_text(text: str, fallback: str, *, markdown: bool = False) -> str:
 
 _FENCE_RE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 # YAML front matter (--- ... --- or ...), or TOML (+++ ... +++), at a Markdown file's start
-_FRONT_MATTER_RE = re.compile(r"\A(---|\+\+\+)[ \t]*\r?\n(.*?)^(?:\1|\.\.\.)[ \t]*$",
+_FRONT_MATTER_RE = re.compile(r"\A(---|\+\+\+)[ \t]*\r?\n(.*?)^(?:\1|\.\.\.)[ \t]*\r?$",
                               re.DOTALL | re.MULTILINE)
-_FRONT_TITLE_RE = re.compile(r"""^title[ \t]*[:=][ \t]*(["']?)(.*?)\1[ \t]*$""",
+_FRONT_TITLE_RE = re.compile(r"""^title[ \t]*[:=][ \t]*(["']?)(.*?)\1[ \t]*\r?$""",
                              re.MULTILINE)
 # a setext heading: a line of text underlined by =s (level 1) or -s (level 2)
 _SETEXT_RE = re.compile(r"^ {0,3}(\S[^\n]*)\n {0,3}(?:=+|-+)[ \t]*$", re.MULTILINE)
 # (bounded: a lazy scan for the end tag from every "<h1>" of a page without one is quadratic)
 _HTML_HEADING_RE = re.compile(r"^[ \t]*<h[1-6]\b[^>\n]{0,300}>(.{0,300}?)</h[1-6]\s*>",
                               re.IGNORECASE | re.DOTALL | re.MULTILINE)
-_LINK_RE = re.compile(r"!?\[([^\]]*)\]\([^)]*\)|!?\[([^\]]*)\]\[[^\]]*\]")
+_IMAGE_RE = re.compile(r"!\[([^\]]*)\]\([^)]*\)|!\[([^\]]*)\]\[[^\]]*\]")  # (its alt text)
+_LINK_RE = re.compile(r"\[([^\]]*)\]\([^)]*\)|\[([^\]]*)\]\[[^\]]*\]")
 _TAG_RE = re.compile(r"<[^>]*>")
 _EMPHASIS_RE = re.compile(r"(\*{1,3}|_{1,3}|`+|~~)(?=\S)(.+?)(?<=\S)\1")
 
@@ -374,7 +402,8 @@ def _first_heading(text: str) -> str | None:
               if not _HEADING_RE.match(m.group(1)) and not _FENCE_RE.match(m.group(1))]
     found += [(m.start(), m.group(1)) for m in _HTML_HEADING_RE.finditer(text)]
     for _, heading in sorted(found):  # (a title is 120 characters at most: cap_title)
-        if not is_blank(words := _SPACE_RE.sub(" ", _markup_text(heading[:1000])).strip()):
+        words = _SPACE_RE.sub(" ", _markup_text(heading[:1000])).strip()
+        if any(c.isalnum() for c in words):  # not "# ---", nor a rule underlined
             return words
     return None
 
@@ -382,8 +411,10 @@ def _first_heading(text: str) -> str | None:
 def _markup_text(heading: str) -> str:
     """A heading's text without Markdown's link, image and emphasis markup or HTML tags (a
     title has no offsets to keep)."""
-    heading = _LINK_RE.sub(lambda m: m.group(1) if m.group(1) is not None else m.group(2),
-                           heading)
+    def text_of(m: re.Match[str]) -> str:
+        return m.group(1) if m.group(1) is not None else m.group(2)
+
+    heading = _LINK_RE.sub(text_of, _IMAGE_RE.sub(text_of, heading))  # ([![badge](..)](..))
     heading = _TAG_RE.sub("", heading)
     for _ in range(3):  # (nested: ***a*** and **_a_**)
         heading = _EMPHASIS_RE.sub(r"\2", heading)
