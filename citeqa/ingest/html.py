@@ -258,7 +258,8 @@ class _Extractor(HTMLParser):
         self.pieces.append(" | ")
 
     def _line(self) -> None:
-        """End the line (a row, a term) unless it has just ended: rows end and begin at once."""
+        """End the line (a term, a description) unless it has just ended: one ends where the
+        next begins."""
         if not (self.pieces and self.pieces[-1].endswith("\n")):
             self.pieces.append("\n")
 
