@@ -1,14 +1,15 @@
 """Visible text and a title from an HTML page (stdlib ``html.parser``), and a title from plain text.
 
 HTML is turned into readable text: script/style/head contents and other non-visible parts are
-dropped, and so are a page's navigation (``<nav>``) and, outside ``<main>`` and ``<article>``,
-its ``<header>``, ``<footer>`` and ``<aside>``; entities are unescaped, soft hyphens and
-zero-width spaces dropped, runs of whitespace collapse to one space, block elements
-(paragraphs, headings, list items, table rows...) become paragraph breaks (a blank line), but
-a space inside a table's cell; ``<br>`` and a definition list's terms and descriptions a line
-break, and a row's cells are joined by " | ". A page with no text but in its chrome (a
-``<header>`` never closed) keeps its chrome. Indentation inside ``<pre>`` is not kept (lines
-are stripped).
+dropped, and so is a page's navigation (``<nav>``: menus, breadcrumbs, a docs site's contents;
+a page with no text outside it keeps it); entities are unescaped, soft hyphens and zero-width
+spaces dropped, runs of whitespace collapse to one space, block elements (paragraphs, headings,
+list items, table rows...) become paragraph breaks (a blank line), ``<br>`` a line break, and
+cells of text side by side in a row are joined by " | " (a cell holding blocks, or none, adds
+none). Indentation inside ``<pre>`` is not kept (lines are stripped).
+
+Headers, footers and asides are kept: docutils writes footnotes, topics and sidebars as
+``<aside>`` outside any ``<main>``, and blogs their post's title in a ``<header>``.
 """
 
 from __future__ import annotations
@@ -49,23 +50,17 @@ def _hidden(attrs: list[tuple[str, str | None]]) -> bool:
         if name == "style" and value and _HIDING_STYLE.search(value):
             return True
     return False
-# A page's chrome, not its content: navigation always; a header, footer or aside outside the
-# page's main content (<main>, <article>), where it is the site's (menus, cookie notices,
-# "Privacy policy"), not the article's byline.
-_NAVIGATION = frozenset({"nav"})
-_CHROME = frozenset({"header", "footer", "aside"})
-_CONTENT = frozenset({"main", "article"})
+_NAVIGATION = frozenset({"nav"})  # a page's navigation, not its content
 # Elements that end a paragraph of text before and after them.
 _BLOCK = frozenset(
     {
-        "address", "article", "aside", "blockquote", "body", "caption", "details", "div",
-        "dl", "fieldset", "figcaption", "figure", "footer", "form", "h1", "h2", "h3", "h4",
+        "address", "article", "aside", "blockquote", "body", "caption", "dd", "details", "div",
+        "dl", "dt", "fieldset", "figcaption", "figure", "footer", "form", "h1", "h2", "h3", "h4",
         "h5", "h6", "header", "hr", "html", "legend", "li", "main", "nav", "ol", "p", "pre",
         "section", "summary", "table", "tbody", "tfoot", "thead", "tr", "ul",
     }
 )  # fmt: skip
-_LINE = frozenset({"dt", "dd"})  # ... a line before and after them
-_CELL = frozenset({"td", "th"})  # a row's cells: " | " between them
+_CELL = frozenset({"td", "th"})  # a row's cells: " | " between cells of text side by side
 _INVISIBLE = str.maketrans("", "", "\xad\u200b")  # soft hyphens, zero-width spaces: no text
 _VOID = frozenset(
     {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
@@ -136,6 +131,7 @@ class _Extractor(HTMLParser):
         self._in_title = False
         self._pre = 0  # open <pre> elements that are shown
         self._cells = 0  # cells begun in the row being read
+        self._separate = False  # a cell after another began: " | " before its text, if inline
         self._deadline = deadline
 
     def _tick(self) -> None:
@@ -187,9 +183,8 @@ class _Extractor(HTMLParser):
         for closes, stops in implied:
             if (i := self._innermost(closes, stops)) is not None:
                 self._close_from(i)
-        chrome = not self._chrome and (tag in _NAVIGATION or (
-            tag in _CHROME and not any(self._count[t] for t in _CONTENT)))
-        hides = tag in _SKIP or chrome or _hidden(attrs)
+        hides = (tag in _SKIP or (tag in _NAVIGATION and not self._chrome)
+                 or _hidden(attrs))
         shown = not self._hiding and not hides
         if tag not in _VOID:
             self._open.append((tag, hides, shown))
@@ -199,18 +194,14 @@ class _Extractor(HTMLParser):
             return
         if tag == "br":
             self.pieces.append("\n")
-        elif tag == "tr":
-            self.pieces.append("\n\n")
-            self._cells = 0
         elif tag in _BLOCK:
-            self.pieces.append(self._block())
+            self.pieces.append("\n\n")
             if tag == "pre":
                 self._pre += 1
-        elif tag in _LINE:
-            self._line()
+            if tag == "tr":
+                self._cells = 0
         elif tag in _CELL:
-            if self._cells:
-                self._cell_separator()
+            self._separate = self._cells > 0
             self._cells += 1
 
     def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
@@ -223,10 +214,8 @@ class _Extractor(HTMLParser):
         # a self-closed element opens nothing, so hides nothing
         if not self._hiding and tag == "br":
             self.pieces.append("\n")
-        elif not self._hiding and tag in _LINE:
-            self._line()
         elif not self._hiding and tag in _BLOCK:
-            self.pieces.append(self._block())
+            self.pieces.append("\n\n")
 
     def handle_endtag(self, tag: str) -> None:
         self._tick()
@@ -241,39 +230,31 @@ class _Extractor(HTMLParser):
         shown = self._open[i][2]
         self._close_from(i)  # it, and anything left open inside it
         if shown and tag in _BLOCK:
-            self.pieces.append("\n\n" if tag == "tr" else self._block())
-        elif shown and tag in _LINE:
-            self._line()
+            self.pieces.append("\n\n")
 
-    def _block(self) -> str:
-        """What a block element's edge adds: a paragraph break, but a space inside a table's
-        cell (a cell's paragraphs stay in its row)."""
-        if not (self._count["td"] or self._count["th"]):
-            return "\n\n"
-        return "" if not self.pieces or self.pieces[-1][-1:] in (" ", "\n") else " "
-
-    def _cell_separator(self) -> None:
-        if self.pieces and self.pieces[-1].endswith(" "):
-            self.pieces[-1] = self.pieces[-1].rstrip(" ")
-        self.pieces.append(" | ")
-
-    def _line(self) -> None:
-        """End the line (a term, a description) unless it has just ended: one ends where the
-        next begins."""
-        if not (self.pieces and self.pieces[-1].endswith("\n")):
-            self.pieces.append("\n")
+    def _text(self, text: str) -> None:
+        """Add ``text``, after the " | " its cell owes the one before it in the same line (none
+        where a block came between: a cell of paragraphs, a line-number column)."""
+        if self._separate:
+            self._separate = False
+            if self.pieces and not self.pieces[-1].endswith("\n"):
+                self.pieces[-1] = self.pieces[-1].rstrip(" ")
+                text = " | " + text.lstrip(" ")
+        self.pieces.append(text)
 
     def handle_data(self, data: str) -> None:
         self._tick()
         if self._in_title:
             self.title_parts.append(data)
         elif self._pre and not self._hiding:
-            self.pieces.append(data.translate(_INVISIBLE))
+            self._text(data.translate(_INVISIBLE))
         elif not self._hiding:  # white space collapses across elements: "a <img> b" is "a b"
             text = _SPACE_RE.sub(" ", data.translate(_INVISIBLE))
             if text[:1] == " " and self.pieces and self.pieces[-1][-1:] in (" ", "\n"):
                 text = text[1:]
-            if text:
+            if text.strip(" "):
+                self._text(text)
+            elif text:
                 self.pieces.append(text)
 
 
@@ -369,8 +350,10 @@ _FENCE_RE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 # YAML front matter (--- ... --- or ...), or TOML (+++ ... +++), at a Markdown file's start
 _FRONT_MATTER_RE = re.compile(r"\A(---|\+\+\+)[ \t]*\r?\n(.*?)^(?:\1|\.\.\.)[ \t]*\r?$",
                               re.DOTALL | re.MULTILINE)
-_FRONT_TITLE_RE = re.compile(r"""^title[ \t]*[:=][ \t]*(["']?)(.*?)\1[ \t]*\r?$""",
-                             re.MULTILINE)
+_FRONT_TITLE_RE = re.compile(r"^title[ \t]*[:=][ \t]*([^\r\n]*)\r?$", re.MULTILINE)
+_QUOTED_RE = re.compile(r"""\"((?:[^"\\]|\\.)*)\"|'((?:[^']|'')*)'""")
+_BLOCK_SCALAR_RE = re.compile(r"[|>][-+]?\d?[ \t]*(?:#.*)?")  # YAML's | and > (folded)
+_LIST_ITEM_RE = re.compile(r"(?:[-*+]|\d{1,9}[.)])(?:\s|$)")
 # a setext heading: a line of text underlined by =s (level 1) or -s (level 2)
 _SETEXT_RE = re.compile(r"^ {0,3}(\S[^\n]*)\n {0,3}(?:=+|-+)[ \t]*$", re.MULTILINE)
 # (bounded: a lazy scan for the end tag from every "<h1>" of a page without one is quadratic)
@@ -390,8 +373,27 @@ def _front_matter(text: str) -> tuple[str, str]:
     if m is None:
         return "", text
     title = _FRONT_TITLE_RE.search(m.group(2))
-    named = _SPACE_RE.sub(" ", title.group(2)).strip() if title else ""
+    named = _SPACE_RE.sub(" ", _front_value(m.group(2), title)).strip() if title else ""
     return named, "\n" * m.group(0).count("\n") + text[m.end():]
+
+
+def _front_value(front: str, title: re.Match[str]) -> str:
+    """The value of front matter's ``title`` line (``title``): a quoted string's text (YAML's
+    ``''`` and ``\\"`` escapes read), a block scalar's (``>-``, ``|``) indented lines that
+    follow, or the plain value less a ``# comment``."""
+    value = title.group(1).strip()
+    if (quoted := _QUOTED_RE.match(value)) is not None:
+        if quoted.group(1) is not None:
+            return re.sub(r"\\(.)", r"\1", quoted.group(1))
+        return quoted.group(2).replace("''", "'")
+    if _BLOCK_SCALAR_RE.fullmatch(value):
+        lines = []
+        for line in front[title.end():].lstrip("\r\n").splitlines():
+            if line.strip() and not line[:1].isspace():
+                break
+            lines.append(line.strip())
+        return " ".join(lines)
+    return re.sub(r"\s+#.*$", "", value)
 
 
 def _first_heading(text: str) -> str | None:
@@ -400,7 +402,8 @@ def _first_heading(text: str) -> str | None:
     links, images, emphasis and tags reduced to their text; None where there is none."""
     found = [(m.start(), _heading(m)) for m in _HEADING_RE.finditer(text)]
     found += [(m.start(), m.group(1)) for m in _SETEXT_RE.finditer(text)
-              if not _HEADING_RE.match(m.group(1)) and not _FENCE_RE.match(m.group(1))]
+              if not _HEADING_RE.match(m.group(1)) and not _FENCE_RE.match(m.group(1))
+              and not _LIST_ITEM_RE.match(m.group(1))]  # ("- item\n---": a list, then a rule)
     found += [(m.start(), m.group(1)) for m in _HTML_HEADING_RE.finditer(text)]
     for _, heading in sorted(found):  # (a title is 120 characters at most: cap_title)
         words = _SPACE_RE.sub(" ", _markup_text(heading[:1000])).strip()
