@@ -213,6 +213,19 @@ def test_a_heading_goes_with_the_section_it_names(max_chars: int) -> None:
         assert f"{heading}\n\nFact 0 " in held, (heading, held)
 
 
+@pytest.mark.parametrize("between", ["\n", "\n\n"])
+def test_headings_stacked_or_on_the_line_above_their_text_go_with_it(between: str) -> None:
+    """A full passage gave its last heading to the next one, not a heading above that (# Setup
+    over ## Installation), nor a "# " heading with its text on the next line."""
+    sentence = "Run the installer " + "and then wait for it to finish " * 11 + "now."
+    for headings in ("## Installation", "# Setup\n\n## Installation"):
+        text = f"The tool has two parts. Both are needed for it to work.\n\n{headings}{between}" \
+               f"{sentence} Then reboot."
+        spans = chunk_document(text, ChunkConfig(max_chars=400))
+        assert text[spans[0][0]:spans[0][1]].endswith("to work."), spans
+        assert text[spans[1][0]:spans[1][1]].startswith(headings.split("\n")[0]), spans
+
+
 def test_a_long_run_of_spaces_is_one_sentence_gap() -> None:
     """64 K spaces without a line break: each start inside the run once rescanned the whole run
     (~6 s here for one document); now one pass."""

@@ -2,11 +2,11 @@
 
 HTML is turned into readable text: script/style/head contents and other non-visible parts are
 dropped, and so is a page's navigation (``<nav>``: menus, breadcrumbs, a docs site's contents;
-a page with no text outside it keeps it); entities are unescaped, soft hyphens and zero-width
-spaces dropped, runs of whitespace collapse to one space, block elements (paragraphs, headings,
-list items, table rows...) become paragraph breaks (a blank line), ``<br>`` a line break, and
-cells of text side by side in a row are joined by " | " (a cell holding blocks, or none, adds
-none). Indentation inside ``<pre>`` is not kept (lines are stripped).
+a page with no text outside it keeps it); entities are unescaped, soft hyphens dropped, runs
+of whitespace collapse to one space, block elements (paragraphs, headings, list items, table
+rows...) become paragraph breaks (a blank line), ``<br>`` a line break, and cells of text side
+by side in a row are joined by " | " (a cell holding blocks, or none, adds none). Indentation
+inside ``<pre>`` is not kept (lines are stripped).
 
 Headers, footers and asides are kept: docutils writes footnotes, topics and sidebars as
 ``<aside>`` outside any ``<main>``, and blogs their post's title in a ``<header>``.
@@ -18,6 +18,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass
+from html import unescape
 from html.parser import HTMLParser
 
 from citeqa.errors import SourceError
@@ -61,7 +62,8 @@ _BLOCK = frozenset(
     }
 )  # fmt: skip
 _CELL = frozenset({"td", "th"})  # a row's cells: " | " between cells of text side by side
-_INVISIBLE = str.maketrans("", "", "\xad\u200b")  # soft hyphens, zero-width spaces: no text
+# soft hyphens: no text (a zero-width space stays: Thai, Khmer, Lao and Burmese part words so)
+_INVISIBLE = str.maketrans("", "", "\xad")
 _VOID = frozenset(
     {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
 )
@@ -245,7 +247,7 @@ class _Extractor(HTMLParser):
     def handle_data(self, data: str) -> None:
         self._tick()
         if self._in_title:
-            self.title_parts.append(data)
+            self.title_parts.append(data.translate(_INVISIBLE))
         elif self._pre and not self._hiding:
             self._text(data.translate(_INVISIBLE))
         elif not self._hiding:  # white space collapses across elements: "a <img> b" is "a b"
@@ -355,14 +357,15 @@ _QUOTED_RE = re.compile(r"""\"((?:[^"\\]|\\.)*)\"|'((?:[^']|'')*)'""")
 _BLOCK_SCALAR_RE = re.compile(r"[|>][-+]?\d?[ \t]*(?:#.*)?")  # YAML's | and > (folded)
 _LIST_ITEM_RE = re.compile(r"(?:[-*+]|\d{1,9}[.)])(?:\s|$)")
 # a setext heading: a line of text underlined by =s (level 1) or -s (level 2)
-_SETEXT_RE = re.compile(r"^ {0,3}(\S[^\n]*)\n {0,3}(?:=+|-+)[ \t]*$", re.MULTILINE)
+_SETEXT_RE = re.compile(r"^ {0,3}(\S[^\r\n]*)\r?\n {0,3}(?:=+|-+)[ \t]*\r?$", re.MULTILINE)
 # (bounded: a lazy scan for the end tag from every "<h1>" of a page without one is quadratic)
 _HTML_HEADING_RE = re.compile(r"^[ \t]*<h[1-6]\b[^>\n]{0,300}>(.{0,300}?)</h[1-6]\s*>",
                               re.IGNORECASE | re.DOTALL | re.MULTILINE)
 _IMAGE_RE = re.compile(r"!\[([^\]]*)\]\([^)]*\)|!\[([^\]]*)\]\[[^\]]*\]")  # (its alt text)
 _LINK_RE = re.compile(r"\[([^\]]*)\]\([^)]*\)|\[([^\]]*)\]\[[^\]]*\]")
 _TAG_RE = re.compile(r"<[^>]*>")
-_EMPHASIS_RE = re.compile(r"(\*{1,3}|_{1,3}|`+|~~)(?=\S)(.+?)(?<=\S)\1")
+_EMPHASIS_RE = re.compile(r"(\*{1,3}|`+|~~)(?=\S)(.+?)(?<=\S)\1"
+                          r"|(?<!\w)(_{1,3})(?=\S)(.+?)(?<=\S)\3(?!\w)")  # (my_name: no)
 
 
 def _front_matter(text: str) -> tuple[str, str]:
@@ -384,7 +387,7 @@ def _front_value(front: str, title: re.Match[str]) -> str:
     value = title.group(1).strip()
     if (quoted := _QUOTED_RE.match(value)) is not None:
         if quoted.group(1) is not None:
-            return re.sub(r"\\(.)", r"\1", quoted.group(1))
+            return _YAML_ESCAPE_RE.sub(_yaml_escape, quoted.group(1))
         return quoted.group(2).replace("''", "'")
     if _BLOCK_SCALAR_RE.fullmatch(value):
         lines = []
@@ -393,7 +396,22 @@ def _front_value(front: str, title: re.Match[str]) -> str:
                 break
             lines.append(line.strip())
         return " ".join(lines)
-    return re.sub(r"\s+#.*$", "", value)
+    cuts = [i for i in (value.find(" #"), value.find("\t#")) if i >= 0]  # (a regex's run of
+    return value[:min(cuts)] if cuts else value  # spaces before "#" was quadratic)
+
+
+_YAML_ESCAPE_RE = re.compile(r"\\(x[0-9A-Fa-f]{2}|u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8}|.)")
+
+
+def _yaml_escape(m: re.Match[str]) -> str:
+    """One escape of a YAML double-quoted string, as a title reads it (a line break a space)."""
+    code = m.group(1)
+    if len(code) > 1:
+        try:
+            return chr(int(code[1:], 16))
+        except ValueError:  # past U+10FFFF
+            return ""
+    return " " if code in "nrtbfv0" else code
 
 
 def _first_heading(text: str) -> str | None:
@@ -421,8 +439,8 @@ def _markup_text(heading: str) -> str:
     heading = _LINK_RE.sub(text_of, _IMAGE_RE.sub(text_of, heading))  # ([![badge](..)](..))
     heading = _TAG_RE.sub("", heading)
     for _ in range(3):  # (nested: ***a*** and **_a_**)
-        heading = _EMPHASIS_RE.sub(r"\2", heading)
-    return heading
+        heading = _EMPHASIS_RE.sub(lambda m: m.group(2) if m.group(1) else m.group(4), heading)
+    return unescape(heading)  # (A &amp; B)
 
 
 def _without_fenced_code(text: str) -> str:

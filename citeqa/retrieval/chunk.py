@@ -92,11 +92,11 @@ def _heading(text: str, units: list[_Unit], k: int) -> bool:
     """Whether ``units[k]`` is a paragraph of its own that reads as a heading: one line of at
     most ``HEADING_MAX_CHARS`` characters that does not end as a sentence does."""
     unit = units[k]
-    return ((k == 0 or unit.paragraph_start) and (k + 1 == len(units)
-                                                  or units[k + 1].paragraph_start)
+    line = text[unit.start:unit.end]
+    return ((k == 0 or unit.paragraph_start)  # a "# " heading may have its text on the next line
+            and (k + 1 == len(units) or units[k + 1].paragraph_start or line.startswith("#"))
             and unit.end - unit.start <= HEADING_MAX_CHARS
-            and "\n" not in text[unit.start:unit.end]
-            and not text[unit.start:unit.end].endswith(_ENDS_SENTENCE))
+            and "\n" not in line and not line.endswith(_ENDS_SENTENCE))
 
 
 def chunk_document(text: str, cfg: ChunkConfig) -> list[tuple[int, int]]:
@@ -120,8 +120,8 @@ def chunk_document(text: str, cfg: ChunkConfig) -> list[tuple[int, int]]:
                     and not _heading(text, units, j - 1)):
                 break
             j += 1
-        if j < len(units) and j - 1 > max(i, fresh) and _heading(text, units, j - 1):
-            j -= 1  # full: its last unit a heading, which begins the next passage instead
+        while j < len(units) and j - 1 > max(i, fresh) and _heading(text, units, j - 1):
+            j -= 1  # full: its last units headings, which begin the next passage instead
         spans.append((start, units[j - 1].end))
         if j >= len(units):
             break
