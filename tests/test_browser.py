@@ -144,8 +144,9 @@ def page(browser: Any, base_url: str) -> Iterator[Page]:
     page.context.close()
     assert pwned is None, pwned
     # no script errors and no CSP violations; the only failed loads are the errors the tests
-    # provoke (401 without the key, 404 for an unknown document, 409 for a duplicate, 503 busy)
-    expected = re.compile(r"^Failed to load resource: .* status of (401|404|409|503) ")
+    # provoke (401 without the key, 404 for an unknown document, 409 for a duplicate, 422 for
+    # a blank question, 502 for a page that could not be fetched, 503 busy)
+    expected = re.compile(r"^Failed to load resource: .* status of (401|404|409|422|502|503) ")
     assert [e for e in errors if not expected.match(e)] == [], errors
 
 
@@ -240,6 +241,35 @@ def test_an_answer_shows_its_quote_in_context_with_the_answer_marked(page: Page,
                         r"\d+-\d+ \(document normans\)", lines[2])
 
 
+def contrast(a: str, b: str) -> float:
+    """WCAG's contrast ratio of two CSS colours given as ``rgb(r, g, b)``."""
+    def luminance(css: str) -> float:
+        channels = [int(c) / 255 for c in re.findall(r"\d+", css)[:3]]
+        r, g, b = (c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels)
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+    hi, lo = sorted((luminance(a), luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_fields_focus_and_quotes_are_drawn_by_more_than_faint_colour(page: Page) -> None:
+    """WCAG 1.4.11 and 1.4.1: the focus ring (#7aa7ff) and the fields' borders (#a9abb3) stood
+    at 2.4:1 and 2.3:1 against the page, under the 3:1 asked of them; a quote in its context
+    was marked by a pale yellow alone (1.14:1)."""
+    white = "rgb(255, 255, 255)"
+    assert contrast("rgb(0, 0, 0)", white) == pytest.approx(21)
+    page.click("nav >> text=Ask")
+    assert contrast(page.eval_on_selector("#q", "e => getComputedStyle(e).borderTopColor"),
+                    white) >= 3
+    page.focus("#q")
+    page.keyboard.press("Tab")  # (a keyboard focus: :focus-visible)
+    ring = page.eval_on_selector("#ask-button", "e => getComputedStyle(e).outlineColor")
+    for background in (white, "rgb(253, 236, 238)", "rgb(255, 248, 232)"):  # page, error, warning
+        assert contrast(ring, background) >= 3, (ring, background)
+    ask(page, "Who did Rollo swear fealty to?")
+    mark = page.eval_on_selector("#out blockquote mark", "e => getComputedStyle(e).outlineStyle")
+    assert mark != "none"
+
+
 def test_the_page_is_usable_from_the_keyboard(page: Page, base_url: str) -> None:
     assert page.get_by_label("Question", exact=True).get_attribute("id") == "q"
     assert page.get_by_label("API key", exact=True).get_attribute("id") == "key"
@@ -260,13 +290,24 @@ def test_the_page_is_usable_from_the_keyboard(page: Page, base_url: str) -> None
         page.keyboard.press("Enter")  # the button, from the keyboard
         page.wait_for_selector("#out .spinner")
         assert page.is_disabled("#ask-button")
-        assert page.get_attribute("#out", "aria-busy") == "true"
+        # a status line tells a screen reader (the result region is no live region: it read
+        # all of a result, context and passages too; and one marked busy held its news back)
+        assert page.text_content("#ask-status") == "Looking for an answer\u2026"
+        assert page.get_attribute("#ask-status", "role") == "status"
         wait_until_held(page, held, "the question never left the page")
         held[0].continue_()
         page.wait_for_selector("#out article")
     finally:
         page.unroute("**/v1/answer")
-    assert page.is_enabled("#ask-button") and page.get_attribute("#out", "aria-busy") is None
+    assert page.is_enabled("#ask-button")
+    assert page.text_content("#ask-status") == (
+        "Answer: " + page.inner_text("#out p.answer") + ". Quoted from Eiffel Tower.")
+    assert page.evaluate("[...document.querySelectorAll('[aria-live], [aria-busy]')]"
+                         ".map(e => e.id)") == ["docs-range"]
+    # the result is a region named by its heading, which a screen reader can go to
+    heading = page.locator("#out article h3#result-title")
+    assert heading.inner_text() == "Answer to \u201cWhen did the Eiffel Tower open?\u201d"
+    assert page.get_attribute("#out article", "aria-labelledby") == "result-title"
     # disabling the button dropped the focus to <body>: it comes back when the answer does
     assert page.evaluate("document.activeElement.id") == "ask-button"
 
@@ -291,6 +332,7 @@ def test_a_decline_says_why_and_shows_the_best_guess_and_the_passages(page: Page
     assert guess.locator("p.answer").inner_text()
     assert guess.locator("blockquote mark").inner_text() in DOCS[1].text
     assert re.fullmatch(r"score \d\.\d{3}", guess.locator(".score").inner_text())
+    assert page.text_content("#ask-status") == "Declined to answer: " + why[len("Why: "):] + "."
     hits = out.locator("details[open] ol.hits li")
     assert hits.count() >= 1 and "Eiffel" in out.locator("details").inner_text()
     assert out.locator("text=Copy citation").count() == 0  # a guess is not a citation
@@ -311,11 +353,26 @@ def test_an_error_is_shown_in_words(page: Page, shoot: Callable) -> None:
         assert text.startswith("Could not answer: This service needs an API key: type it in")
         assert "Bearer" not in text  # the API's advice is for programs, not for this page
         shoot(page, "error")
+        # the field the error is about says so, and is described by it, until the next try
+        assert page.get_attribute("#key", "aria-invalid") == "true"
+        assert page.get_attribute("#key", "aria-describedby") == "key-error"
+        assert page.get_attribute("#out .error", "id") == "key-error"
+        assert page.text_content("#ask-status") == ""  # (the alert speaks for itself)
         page.fill("#key", "not-the-key")
         page.press("#q", "Enter")
         page.wait_for_selector("#out .error >> text=did not accept this API key")
     finally:
         page.fill("#key", KEY)
+    page.fill("#q", "   ")  # the API's 422: about the question
+    page.press("#q", "Enter")
+    page.wait_for_selector("#out .error >> text=whitespace")
+    assert page.get_attribute("#key", "aria-invalid") is None
+    assert page.get_attribute("#key", "aria-describedby") is None
+    assert page.get_attribute("#q", "aria-invalid") == "true"
+    assert page.get_attribute("#q", "aria-describedby") == "q-hint q-error"
+    ask(page, "Who did Rollo swear fealty to?")
+    assert page.get_attribute("#q", "aria-invalid") is None
+    assert page.get_attribute("#q", "aria-describedby") == "q-hint"
 
 
 def test_a_busy_service_is_asked_again_after_the_wait_it_names(page: Page) -> None:
@@ -534,6 +591,7 @@ def test_an_unknown_document_is_a_message_not_a_blank_page(page: Page, base_url:
     page.wait_for_selector("#doc-body .error >> text=no document with id", timeout=5000)
     assert page.locator("#doc-body .error").inner_text() == "no document with id 'no-such-doc'"
     assert page.locator("#doc-title").inner_text() == "Document not shown"
+    assert page.title() == "Document not shown \u2014 citeqa"
 
 
 # -- the document list, add, delete -----------------------------------------------------------
@@ -600,12 +658,23 @@ def test_adding_documents_by_text_and_by_url(page: Page, shoot: Callable) -> Non
     error = page.wait_for_selector("#add-status .error")
     assert "is already indexed, as document" in error.inner_text()
 
+    page.fill("#url", "https://example.org/missing")  # a 404: about the address
+    page.click("#add-url button[type=submit]")
+    page.wait_for_selector("#add-status .error >> text=HTTP 404")  # (a 502: fetch_failed)
+    assert page.get_attribute("#url", "aria-invalid") == "true"
+    assert page.get_attribute("#url", "aria-describedby") == "url-error"
+    assert page.get_attribute("#add-body", "aria-invalid") is None
     page.fill("#url", "https://example.org/moths")
     page.click("#add-url button[type=submit]")
     status = page.wait_for_selector("#add-status .ok")
+    assert page.get_attribute("#url", "aria-invalid") is None
     assert "Glimmer moths" in status.inner_text()
     page.click("#add-status >> text=Open it")
     page.wait_for_selector("#doc-body .doctext")
+    # the document's text scrolls: a named region the keyboard can reach
+    text = page.locator("#doc-body .doctext")
+    assert (text.get_attribute("role"), text.get_attribute("aria-label"),
+            text.get_attribute("tabindex")) == ("region", "Document text", "0")
     assert "<polarised> moonlight" in page.locator("#doc-body").inner_text()
     ask(page, "Where do quokkas live?")
     assert page.locator("#out a[data-internal]").first.inner_text() == "Quokka facts"
