@@ -109,6 +109,95 @@ _ROW_OR_HEADING = re.compile(r"[ \t]*[#|]")  # a line that wraps nothing: a head
 _LINE_START = re.compile(r"(?:[-*+\u2022>#|]|\d{1,3}[.)]|`{3}|~{3})(?:\s|$)|[#|>`]")
 
 
+# Words shortened before what they qualify ("Dr. Smith", "vs. Spain"): a stop after one ends no
+# sentence unless a new one plainly starts (below).
+_TITLES = frozenset("""
+    Mr Mrs Ms Messrs Dr Prof St Mt Ft Gen Col Maj Lt Sgt Capt Cmdr Adm Rev Fr Gov Sen Rep Pres
+    Hon vs cf viz approx ca
+    """.split())
+_BEFORE_NUMBERS = frozenset("No Nos no p pp Vol Vols vol Fig Figs fig Ch Sec Eq Art".split())
+# Words shortened where a sentence may end, but does not where it goes on in lower case.
+_BEFORE_LOWER = frozenset("etc al Inc Ltd Co Corp Bros Jr Sr incl esp resp est dept ed eds".split())
+# The word a stop ends, read back to whitespace or an opening bracket or quote.
+_STOPPED_WORD = re.compile(r"(?:^|(?<=[\s(\[\"'\u201c\u2018]))(\w+(?:\.\w+)*)\.\Z")
+_INITIALS = re.compile(r"[^\W\d_](?:\.[^\W\d_])+\Z")  # "U.S", "e.g", "i.e", "a.m"
+# Lower-case letters parted by stops that shorten words ("a.x" is more likely code's name).
+_DOTTED_LOWER = frozenset("e.g i.e a.m p.m a.k.a c.f n.b v.s".split())
+_NEXT_WORD = re.compile(r"\w+")
+_INITIAL = re.compile(r"[^\W\d_]\.\s")  # "O. " in "E. O. Wilson"
+_NUMBERED = re.compile(r"[ \t]*\d{1,3}[.)]\s")  # a numbered list item's start
+
+
+def _abbreviated(text: str, m: re.Match[str]) -> bool:
+    """Whether the stop before ``m`` (a break after ``.`` within a line) ends an abbreviation
+    rather than a sentence. Each such split cut a name or phrase in two, so an extractive quote
+    or a prompt's window began or ended mid-sentence:
+    - a title ("Dr. Watson", "St. Augustine") or ``vs.``, ``cf.``, ``approx.``;
+    - ``No.``, ``p.``, ``Fig.`` before a number ("No. 5", "pp. 4-9");
+    - letters parted by stops ("the U.S. Army", "e.g. customs");
+    - ``etc.``, ``et al.``, ``Inc.`` with the sentence going on in lower case;
+    - one capital, an initial, between capitalised words of a name ("Charles H. Smith") or
+      before another initial ("E. O. Wilson");
+    - a numbered list item's number at a line's start, where a list can start ("1. Install").
+    A stop inside quotes or brackets ('"No." He') ends the sentence, and so does one before a
+    capitalised stop word ("in the U.S. The", "World War I. It"): a new sentence starts."""
+    if text[m.start() - 1] != "." or not text[m.start()].isspace() or _line_breaks(m.group()):
+        return False
+    word = _STOPPED_WORD.search(text, max(0, m.start() - 24), m.start())
+    if word is None:
+        return False
+    token = word.group(1)
+    nxt = _NEXT_WORD.match(text, m.end())
+    following = nxt.group() if nxt else text[m.end():m.end() + 1]
+    if following[:1].isupper() and following.lower() in STOP_WORDS:
+        return False
+    if token in _BEFORE_NUMBERS:
+        return following[:1].isdigit()
+    if token in _TITLES or (_INITIALS.match(token) and (token in _DOTTED_LOWER
+                                                        or not token.islower())):
+        return True
+    if token.isdigit() and len(token) <= 3:
+        return _list_can_start(text, word.start())
+    if following[:1].islower():
+        return token in _BEFORE_LOWER
+    if not (len(token) == 1 and token.isupper() and following[:1].isupper()):
+        return False
+    # One capital: an initial where a name goes on ("Charles H. Smith", "E. O. Wilson"), not a
+    # letter that ends a sentence ("reduced to X. Thus", "in class C. This").
+    return (_INITIAL.match(text, m.end()) is not None
+            or _word_before(text, word.start())[:1].isupper())
+
+
+def _word_before(text: str, i: int) -> str:
+    """The word before position ``i`` (past the whitespace there), less an opening bracket or
+    quote; up to 40 characters back."""
+    j = i
+    while j > max(0, i - 40) and text[j - 1].isspace():
+        j -= 1
+    k = j
+    while k > max(0, j - 40) and not text[k - 1].isspace():
+        k -= 1
+    return text[k:j].lstrip("([\"'\u201c\u2018")
+
+
+def _list_can_start(text: str, i: int) -> bool:
+    """Whether the number at ``i`` starts a line where a numbered list can: the text's or a
+    paragraph's first line, or one after a line ending in ":" or another numbered item (not
+    a number a page's markup left on a line of its own: "the formula O\\n2. Diatomic")."""
+    line = i
+    while line > 0 and text[line - 1] in " \t":
+        line -= 1
+    if line == 0:
+        return True
+    if text[line - 1] not in "\n\r\x85\u2028\u2029":
+        return False
+    before = text[max(0, line - 400):line].rstrip(" \t")
+    prev = _LINE_BREAK.split(before.rstrip("\r\n\x85\u2028\u2029"))[-1] if before else ""
+    crossed = before[len(before.rstrip("\r\n\x85\u2028\u2029")):]
+    return (not prev.strip() or _line_breaks(crossed) >= 2 or prev.rstrip().endswith(":")
+            or _NUMBERED.match(prev) is not None)
+
+
 def _line_breaks(whitespace: str) -> int:
     """How many line breaks ``whitespace`` holds (CRLF is one; U+2029, a paragraph's end, two)."""
     return (sum(whitespace.count(c) for c in "\n\r\x85\u2028") - whitespace.count("\r\n")
@@ -290,6 +379,8 @@ def sentences(text: str) -> list[Sentence]:
                     break
             if _wrapped(text, line_start, m):
                 continue
+        elif _abbreviated(text, m):
+            continue
         if m.start() > pos:
             raw.append((pos, m.start(), para))
         if m.end() > pos:

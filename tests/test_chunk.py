@@ -184,7 +184,8 @@ LONG = "The generator writes its output in two lines: an answer line and a"  # 6
     (f"{LONG}\nQuote line.", [LONG, "Quote line."]),
     *((f"{LONG}\n{start}next line.", [LONG, f"{start}next line."])
       for start in ("- ", "* ", "+ ", "\u2022 ", "12) ", "# ", "> ", "| ")),
-    (f"{LONG}\n1. next line.", [LONG, "1.", "next line."]),  # (its "1." a sentence, as before)
+    (f"{LONG}\n1. next line.", [LONG, "1.", "next line."]),  # (no list starts after prose)
+    (f"{LONG}:\n  12. Next line.\n3. last", [f"{LONG}:", "12. Next line.", "3. last"]),
     (f"{LONG}\n```\nnext line.", [LONG, "```", "next line."]),
     (f"{LONG}\n\nquote line.", [LONG, "quote line."]),
     # a heading or table row wraps nothing, however long
@@ -224,6 +225,20 @@ def test_headings_stacked_or_on_the_line_above_their_text_go_with_it(between: st
         spans = chunk_document(text, ChunkConfig(max_chars=400))
         assert text[spans[0][0]:spans[0][1]].endswith("to work."), spans
         assert text[spans[1][0]:spans[1][1]].startswith(headings.split("\n")[0]), spans
+
+
+def test_a_list_of_short_lines_is_not_cut_a_line_a_passage() -> None:
+    """A full passage left all its last heading-like paragraphs to the next: in a release
+    note's list of API names, one per line, that was every line, so 1 KB became 16 passages of
+    one name each (found on Rust's releases.html)."""
+    items = "\n\n".join(f"std::ffi::OsStr::method_number_{i:02d}" for i in range(24))
+    text = ("These APIs are now stable:\n\n" + items + "\n\nAllow version-prefixes in pkgid's "
+            "(e.g. --package flags) to resolve ambiguities\n\nThe compiler now "
+            + "checks more things " * 30 + "than before.")
+    cfg = ChunkConfig(max_chars=1000)
+    spans = chunk_document(text, cfg)
+    check_invariants(text, spans, cfg)
+    assert len(spans) == 2, [text[s:e] for s, e in spans]
 
 
 def test_a_long_run_of_spaces_is_one_sentence_gap() -> None:

@@ -60,6 +60,54 @@ def test_sentences_end_at_the_stops_of_other_scripts() -> None:
     assert split("文。)次の文。") == ["文。)", "次の文。"]
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    # initials where a name goes on, and letters parted by stops
+    ("Charles H. Smith was born. He died.", ["Charles H. Smith was born.", "He died."]),
+    ("biologist E. O. Wilson and T. S. Eliot met. Yes.",
+     ["biologist E. O. Wilson and T. S. Eliot met.", "Yes."]),
+    ("The U.S. Army fought. It won.", ["The U.S. Army fought.", "It won."]),
+    ("barriers (e.g. customs) and i.e. this. Next.", ["barriers (e.g. customs) and i.e. this.",
+                                                      "Next."]),
+    # titles, words before a number, and words that end a sentence unless it goes on
+    ("He met Dr. Watson at St. Augustine. They talked.",
+     ["He met Dr. Watson at St. Augustine.", "They talked."]),
+    ("No. 5 was sold, see pp. 4-9. Fine.", ["No. 5 was sold, see pp. 4-9.", "Fine."]),
+    ("It cost approx. five, etc. and more. Smith et al. found it. Then",
+     ["It cost approx. five, etc. and more.", "Smith et al. found it.", "Then"]),
+    ("Martin Luther King Jr. He preached. Apple Inc. It grew.",
+     ["Martin Luther King Jr.", "He preached.", "Apple Inc.", "It grew."]),
+    # a numbered list item where a list can start: the text's first line, after a ":" line or
+    # another item, or after a blank line; not a number left on a line of its own
+    ("1. Install it.\n2. Run it. Done.", ["1. Install it.", "2. Run it.", "Done."]),
+    ("Steps:\n1. Install it.\n\n3. Run it.", ["Steps:", "1. Install it.", "3. Run it."]),
+    ("the formula O\n2. Diatomic oxygen.", ["the formula O", "2.", "Diatomic oxygen."]),
+    # a new sentence plainly starts: a capitalised stop word, a capital letter ending a
+    # sentence, lower-case text, a stop inside quotes or brackets, a word not shortened
+    ("He moved to the U.S. The next year he wed. At 5 p.m. Then he left.",
+     ["He moved to the U.S.", "The next year he wed.", "At 5 p.m.", "Then he left."]),
+    ("He fought in World War I. The war ended. Did he go? No. He stayed on Main St. His house.",
+     ["He fought in World War I.", "The war ended.", "Did he go?", "No.", "He stayed on Main St.",
+      "His house."]),
+    ("X is reduced to X. Thus it is in C. This holds.",
+     ["X is reduced to X.", "Thus it is in C.", "This holds."]),
+    ("the cat sat. the dog ran. He bought a phone. iPhone sales rose.",
+     ["the cat sat.", "the dog ran.", "He bought a phone.", "iPhone sales rose."]),
+    ('"No." He turned away (see Fig.) Then left.',
+     ['"No."', "He turned away (see Fig.)", "Then left."]),
+    ("not just a.x. Capturing a. See e.g. this.",  # (lower-case letters: code's names)
+     ["not just a.x.", "Capturing a.", "See e.g. this."]),
+    ("Ask Dr.\nSmith", ["Ask Dr.", "Smith"]),  # a line break still ends it
+    ("Go! then? no.", ["Go!", "then?", "no."]),  # only a full stop can abbreviate
+    (("x" * 30) + "H. Smith", [("x" * 30) + "H.", "Smith"]),  # a long word is no initial
+])
+def test_an_abbreviation_ends_no_sentence(text: str, expected: list[str]) -> None:
+    """A stop after an initial ("Charles H. Smith"), "U.S.", "e.g." or "Dr." ended a sentence:
+    extractive quotes and prompt windows of SQuAD's articles began or ended mid-name."""
+    from citeqa.text import sentences
+
+    assert [text[s.start:s.end] for s in sentences(text)] == expected
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.text(st.sampled_from(list("東京 a.!?。！？”」)\n")), max_size=40))
 def test_sentences_never_overlap_and_are_trimmed(text: str) -> None:

@@ -85,6 +85,7 @@ def _units(text: str, max_chars: int) -> list[_Unit]:
 
 
 HEADING_MAX_CHARS = 120  # a heading-like paragraph is no longer (as a title: html.py)
+HEADINGS_STACKED = 3  # a full passage leaves at most this many last headings to the next
 _ENDS_SENTENCE = tuple(".!?;,\u3002\uff01\uff1f\u0964\u0965\u061f\u06d4\"')\u201d\u2019")
 
 
@@ -120,8 +121,13 @@ def chunk_document(text: str, cfg: ChunkConfig) -> list[tuple[int, int]]:
                     and not _heading(text, units, j - 1)):
                 break
             j += 1
-        while j < len(units) and j - 1 > max(i, fresh) and _heading(text, units, j - 1):
-            j -= 1  # full: its last units headings, which begin the next passage instead
+        # full: its last units headings, which begin the next passage instead; a few at most
+        # (a list of short lines, API names one per line, reads as headings all: backing off
+        # over all of it cut 1 KB into 16 passages of one line)
+        for _ in range(HEADINGS_STACKED):
+            if not (j < len(units) and j - 1 > max(i, fresh) and _heading(text, units, j - 1)):
+                break
+            j -= 1
         spans.append((start, units[j - 1].end))
         if j >= len(units):
             break
