@@ -286,7 +286,7 @@ def test_scorer_reads_the_passage_around_each_quote_and_calibrates(tiny_encoder,
                 for e in examples]
     with data.open("w") as f:
         write_examples(f, examples)
-    summary = calibrate_dir([data], tmp_path / "rm", target=0.55, delta=0.2)
+    summary = calibrate_dir([data], tmp_path / "rm", target=0.55, delta=0.2, cpu_dtype="fp32")
     assert summary["n"] == 40 and (tmp_path / "rm" / "calibration.json").is_file()
     assert VerifierScorer(tmp_path / "rm", cpu_dtype="fp32").calibration is not None
     direct = calibrate_threshold(
@@ -331,9 +331,32 @@ def calibrated(tiny_encoder, tokenizer, tmp_path: Path) -> Path:
         write_examples(f, examples)
     from citeqa.reward.cli import calibrate_dir
 
-    summary = calibrate_dir([tmp_path / "cal.jsonl"], tmp_path / "rm", target=0.55, delta=0.1)
+    summary = calibrate_dir([tmp_path / "cal.jsonl"], tmp_path / "rm", target=0.55, delta=0.1,
+                            cpu_dtype="fp32")
     assert summary["n"] == 60
     return tmp_path / "rm"
+
+
+def test_two_files_answering_the_same_questions_are_two_sets_of_questions(
+        calibrated: Path) -> None:
+    """Questions were grouped by id across the --data files: two generators' answers to the
+    same questions were scored as one question each, the best of both, certified for neither;
+    a file given twice counted its candidate-less questions twice, the others once."""
+    from citeqa.reward.cli import calibrate_dir
+
+    cal = calibrated.parent / "cal.jsonl"
+    other = calibrated.parent / "other.jsonl"  # the same questions, every answer wrong
+    examples = load_verifier_data(cal).examples
+    with other.open("w") as f:
+        write_examples(f, [Example(e.judged, 0, e.golds, e.group, "") for e in examples])
+        f.write(json.dumps({"kind": "question", "qid": "none-1", "answerable": True}) + "\n")
+    alone = calibrate_dir([cal], calibrated, target=0.55, delta=0.1)
+    both = calibrate_dir([cal, other], calibrated, target=0.55, delta=0.1)
+    assert both["n"] == 60 + 60 + 1  # the question without a candidate: a decline, counted
+    assert both["oracle_accuracy"] == pytest.approx(alone["oracle_accuracy"] * 60 / 121)
+    with pytest.raises(ConfigError, match="given twice"):
+        calibrate_dir([cal, calibrated.parent / "." / "cal.jsonl"], calibrated, target=0.55,
+                      delta=0.1)
 
 
 def test_calibration_round_trip_and_monotone_threshold_for(calibrated: Path) -> None:
@@ -360,8 +383,8 @@ def test_calibration_round_trip_and_monotone_threshold_for(calibrated: Path) -> 
 def test_a_target_that_fails_at_its_start_does_not_decline_the_targets_above_it() -> None:
     """A walk starts at the fewest answers that can pass its target: here 0.63's walk fails at
     its start (5 answered, 2 wrong) while 0.64's, which must start later, reaches the 50-answer
-    block and certifies it. The running maximum carried 0.63's inf up to 0.64 and beyond; now
-    0.63 and below take 0.64's threshold (certified for 0.64, so for them), monotone."""
+    block and certifies it. A running maximum carried 0.63's inf up to 0.64 and beyond; now
+    0.63 takes 0.64's threshold (certified for 0.64, so for it), monotone."""
     from citeqa.reward.calibrate import calibrate_threshold
     from citeqa.reward.scorer import TARGET_GRID, _grid_thresholds
 
@@ -374,7 +397,26 @@ def test_a_target_that_fails_at_its_start_does_not_decline_the_targets_above_it(
     assert grid[63] == 0.8 and grid[79] == 0.8
     assert grid[49:64] == (0.8,) * 15  # 0.50 ... 0.64: certified by 0.64's test
     assert list(grid[49:]) == sorted(grid[49:])  # monotone, inf at the top
-    assert all(grid[k] >= own[k] for k in range(49, len(grid)) if math.isfinite(own[k]))
+    assert all(grid[k] == min(own[k:]) for k in range(49, len(grid)))
+
+
+def test_no_target_is_handed_a_threshold_certified_only_for_a_lower_one() -> None:
+    """0.50's walk ends after 4 answers (the 5th is wrong), above a block of 100 tied right
+    answers; 0.64's and up start below the block and certify all of it. A running maximum
+    gave 0.64-0.96 0.50's threshold: 4 answers, p = 0.41 at 0.80 and 0.66 at 0.90."""
+    from citeqa.reward.calibrate import calibrate_threshold
+    from citeqa.reward.scorer import TARGET_GRID, _grid_thresholds
+
+    scores = (0.9, 0.89, 0.88, 0.87, 0.86) + (0.5,) * 100
+    correct = (True,) * 4 + (False,) + (True,) * 100
+    grid = _grid_thresholds(scores, correct, 0.1, 1)
+    own = [calibrate_threshold(scores, correct, target_accuracy=round(k * TARGET_GRID, 6),
+                               delta=0.1, min_answered=1).threshold
+           for k in range(1, len(grid) + 1)]
+    assert own[49] == 0.87 and own[79] == own[89] == 0.5  # the walks of 0.50, 0.80, 0.90
+    assert grid[49] == grid[79] == grid[89] == 0.5  # 104 of 105 right: certified for all
+    assert list(grid[49:]) == sorted(grid[49:])
+    assert all(grid[k] in own[k:] for k in range(49, len(grid)))  # each certified for k or above
 
 
 def test_thresholds_are_searched_once_per_calibration_and_then_looked_up(

@@ -220,29 +220,23 @@ def _grid_thresholds(
     each, ~0.9 s in all for the shipped 794 answers on 2 cores): from 0.50 up, monotone, so
     that asking for more accuracy never answers more questions; below 0.50, each target's own.
 
-    The monotone envelope: the running maximum of the finite thresholds, then each target
-    that certifies nothing alone (inf) takes the threshold of the nearest higher target that
-    does (certified for that higher accuracy, so for its own). A walk starts at the fewest
-    answers that can pass its target, so a target can fail at its start where a higher one,
-    starting further down the ranking, passes; carried up, its inf declined every question
-    those higher targets certified."""
+    The monotone envelope: each target from 0.50 up takes the lowest threshold certified for it
+    or for any higher target (one certified for a higher accuracy certifies its own too), inf
+    where none is. Every value is so certified for its target; a running maximum of the
+    targets' own thresholds was monotone too but could hand a target a threshold certified only
+    for a lower one (a walk ending early above a block of tied scores: 4 answers, "certified"
+    for 0.9 with p = 0.66); and a walk that fails at its start (it starts at the fewest
+    answers that can pass) leaves its target the threshold of a higher one."""
     out: list[float] = []
-    running = -math.inf
     for k in range(1, GRID_POINTS + 1):
         target = round(k * TARGET_GRID, 6)
-        threshold = calibrate_threshold(scores, correct, target_accuracy=target, delta=delta,
-                                        min_answered=min_answered).threshold
-        if target >= 0.5 and math.isfinite(threshold):
-            running = threshold = max(running, threshold)
-        out.append(threshold)
-    above = math.inf  # the threshold of the nearest higher target that certifies one
+        out.append(calibrate_threshold(scores, correct, target_accuracy=target, delta=delta,
+                                       min_answered=min_answered).threshold)
+    lowest = math.inf  # the lowest threshold certified for this target or a higher one
     for i in range(len(out) - 1, -1, -1):
         if round((i + 1) * TARGET_GRID, 6) < 0.5:
             break
-        if math.isinf(out[i]):
-            out[i] = above
-        else:
-            above = out[i]
+        lowest = out[i] = min(lowest, out[i])
     return tuple(out)
 
 
