@@ -466,6 +466,23 @@ def test_generator_data_made_before_model_id_digests_resumes_with_the_same_folde
             _done_qids(out, {"generator": {**old, "model_id": other}, "n": 2})
 
 
+def test_generator_data_resumes_in_another_cpu_number_format(tmp_path):
+    """``auto`` picks bf16 or fp16w by a timed probe, which a busy machine sways: data begun in
+    one format was refused as another generator's when resumed in the other (the docs say the
+    format of the same weights is not another generator)."""
+    from citeqa.errors import ConfigError
+    from citeqa.training.verifier_data import _done_qids
+
+    out = tmp_path / "gen.jsonl"
+    made = {"model_id": "smollm2+lora-ab12+fp16-linear", "prompt_sha256": "cc72"}
+    out.write_text(json.dumps({"qid": "a", "kind": "question", "generator": made, "n": 1}) + "\n")
+    for now in ("smollm2+lora-ab12+bf16-int8w", "smollm2+lora-ab12"):
+        assert _done_qids(out, {"generator": {**made, "model_id": now}, "n": 1}) == {"a"}
+    with pytest.raises(ConfigError, match="another generator"):
+        _done_qids(out, {"generator": {**made, "model_id": "smollm2+lora-ffff+bf16-int8w"},
+                         "n": 1})
+
+
 def test_redteam_data_without_paragraphs_is_refused_not_an_empty_file(tmp_path):
     """JSONL questions without a 'context' made 0 seeds: exit 0 and an empty data file."""
     from typer.testing import CliRunner

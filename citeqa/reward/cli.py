@@ -32,6 +32,7 @@ from citeqa.cli_errors import (
     command_group,
     fail,
     interruptible,
+    settings_from,
     shown_progress,
 )
 from citeqa.errors import CiteqaError, ConfigError
@@ -549,10 +550,13 @@ def calibrate(
     calibration.json into the reward-model directory."""
     if target is not None and targets is not None:
         raise fail("give --target or --targets, not both")
+    # scored in the format the service scores in: CITEQA_CPU_DTYPE (was always "auto")
+    cpu_dtype = settings_from().cpu_dtype or "auto"
     try:
         chosen = parse_targets(targets) if targets is not None else None
         summary = calibrate_dir(data, reward_dir, target=0.8 if target is None else target,
-                                delta=delta, targets=chosen, min_coverage=min_coverage)
+                                delta=delta, targets=chosen, min_coverage=min_coverage,
+                                cpu_dtype=cpu_dtype)
     except CiteqaError as e:
         raise fail(str(e)) from None
     typer.echo(json.dumps(summary, indent=2))
@@ -570,11 +574,12 @@ def parse_targets(text: str) -> list[float]:
 
 
 def calibrate_dir(data_paths: list[Path], reward_dir: Path, *, target: float, delta: float,
-                  targets: list[float] | None = None,
-                  min_coverage: float = 0.25) -> dict[str, object]:
-    """Score the calibration candidates, run Learn-then-Test on each question's best one (at
-    ``target``, or choosing among ``targets``: see ``calibrate.choose_target``), write
-    calibration.json; return it without the per-question lists."""
+                  targets: list[float] | None = None, min_coverage: float = 0.25,
+                  cpu_dtype: str = "auto") -> dict[str, object]:
+    """Score the calibration candidates (in ``cpu_dtype``, as the service will), run
+    Learn-then-Test on each question's best one (at ``target``, or choosing among ``targets``:
+    see ``calibrate.choose_target``), write calibration.json; return it without the
+    per-question lists."""
     from citeqa.evals.squad import check_calibration_articles
     from citeqa.reward.calibrate import calibrate_threshold, choose_target
     from citeqa.reward.combine import Signals
@@ -582,14 +587,19 @@ def calibrate_dir(data_paths: list[Path], reward_dir: Path, *, target: float, de
     from citeqa.reward.provenance import candidates_per_question
     from citeqa.reward.scorer import VerifierScorer, best_per_question, write_calibration
 
+    given = [p.resolve() for p in data_paths]
+    if len(set(given)) < len(given):  # each question would count twice
+        twice = next(p for p in data_paths if given.count(p.resolve()) > 1)
+        raise ConfigError(f"--data {twice} is given twice; give each file once")
     data = load_verifier_data(data_paths)
     check_calibration_articles(data_articles(data.questions, data_paths, data.examples),
                                ", ".join(str(p) for p in data_paths))
-    groups = data.groups()
-    answered_questions = {g[0].group for g in groups}
+    # a question in two files (two generators' answers, or two sets reusing ids) is two
+    # questions: merged, it was scored as the best of both, certified for neither
+    groups = data.groups(per_file=True)
     # questions whose generation gave no candidate at all are declines: keep them in n
-    empty = [q for q in data.questions if q.get("qid") not in answered_questions]
-    scorer = VerifierScorer(reward_dir)
+    empty = data.unanswered(per_file=True)
+    scorer = VerifierScorer(reward_dir, cpu_dtype=cpu_dtype)
     flat = [ex for g in groups for ex in g]
     scores, _ = scorer.judge([ex.judged for ex in flat], [Signals.of(ex.signals) for ex in flat])
     it = iter(scores.tolist())

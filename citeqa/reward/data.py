@@ -58,13 +58,29 @@ class VerifierData:
 
     examples: list[Example] = field(default_factory=list)
     questions: list[dict[str, Any]] = field(default_factory=list)  # builder markers
+    # which of the files read each example and each marker came from (0 for the first)
+    example_files: list[int] = field(default_factory=list)
+    question_files: list[int] = field(default_factory=list)
 
-    def groups(self) -> list[list[Example]]:
-        """Examples grouped by question, in first-seen order."""
-        out: dict[str, list[Example]] = {}
-        for ex in self.examples:
-            out.setdefault(ex.group or ex.judged.question, []).append(ex)
+    def groups(self, *, per_file: bool = False) -> list[list[Example]]:
+        """Examples grouped by question, in first-seen order; with ``per_file``, a question
+        in two files is two groups (two generators' answers to it, say)."""
+        out: dict[tuple[int, str], list[Example]] = {}
+        for i, ex in enumerate(self.examples):
+            file = self.example_files[i] if per_file and self.example_files else 0
+            out.setdefault((file, ex.group or ex.judged.question), []).append(ex)
         return list(out.values())
+
+    def unanswered(self, *, per_file: bool = False) -> list[dict[str, Any]]:
+        """The markers of questions with no candidate (their generation gave none): declines,
+        which count among the questions. With ``per_file``, as ``groups`` reads them."""
+        def file_of(files: list[int], i: int) -> int:
+            return files[i] if per_file and files else 0
+
+        answered = {(file_of(self.example_files, i), ex.group or ex.judged.question)
+                    for i, ex in enumerate(self.examples)}
+        return [q for i, q in enumerate(self.questions)
+                if (file_of(self.question_files, i), q.get("qid")) not in answered]
 
     @property
     def generators(self) -> list[dict[str, Any]]:
@@ -108,7 +124,7 @@ def parse_record(obj: dict[str, Any]) -> Example | dict[str, Any]:
 def load_verifier_data(paths: Path | Sequence[Path]) -> VerifierData:
     """Read one or more JSONL files; SourceError naming the file and line when one is bad."""
     data = VerifierData()
-    for path in [paths] if isinstance(paths, Path | str) else paths:
+    for file, path in enumerate([paths] if isinstance(paths, Path | str) else paths):
         path = Path(path)
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
@@ -133,8 +149,10 @@ def load_verifier_data(paths: Path | Sequence[Path]) -> VerifierData:
                                   f"{e}); see citeqa/reward/data.py for the format") from None
             if isinstance(parsed, Example):
                 data.examples.append(parsed)
+                data.example_files.append(file)
             else:
                 data.questions.append(parsed)
+                data.question_files.append(file)
     if not data.examples:
         names = ", ".join(str(p) for p in ([paths] if isinstance(paths, Path | str) else paths))
         raise SourceError(f"{names}: no candidates in the reward data; build it with "

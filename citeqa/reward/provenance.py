@@ -43,9 +43,10 @@ def digests_aside(was: str, now: str) -> tuple[str, str]:
     return was, now
 
 
-def _same_model(was: str, now: str) -> tuple[str, str]:
-    """The two ids as a calibration compares them: the same weights in another number format
-    are the same generator (``weights_id``), and ``digests_aside``."""
+def same_model(was: str, now: str) -> tuple[str, str]:
+    """The two ids as a calibration, or reward data being resumed, compares them: the same
+    weights in another number format are the same generator (``weights_id``), and
+    ``digests_aside``."""
     return digests_aside(weights_id(was), weights_id(now))
 
 
@@ -65,7 +66,7 @@ def _differences(recorded: Mapping[str, Any], serving: Mapping[str, Any], *,
     for key in (*COMPARED, *(("temperature",) if sampling else ())):
         was, now = recorded.get(key), serving.get(key)
         if key == "model_id" and isinstance(was, str) and isinstance(now, str):
-            was, now = _same_model(was, now)
+            was, now = same_model(was, now)
         if was is not None and was != now:
             out.append(f"{key} {was!r} -> {now!r}")
     return out

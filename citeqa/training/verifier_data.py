@@ -41,7 +41,7 @@ from citeqa.pipeline import Pipeline
 from citeqa.redteam.corpus import NUMBER, names_in
 from citeqa.redteam.maker import Variant
 from citeqa.reward.data import Example, write_examples
-from citeqa.reward.provenance import digests_aside
+from citeqa.reward.provenance import same_model
 from citeqa.reward.scorer import judged
 from citeqa.reward.verifier import Judged, around
 from citeqa.text import relevance, sentence_spans
@@ -62,14 +62,16 @@ def label(answer: str, quote: str | None, golds: Sequence[str]) -> int:
 # --- generator candidates --------------------------------------------------------------------
 
 
-def _digest_as_now(was: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
-    """``was`` (a question marker's) with its generator's model id compared as ``now``'s is:
-    data made before local folders' ids had a weights digest resumes with the same folder."""
+def _generator_as_now(was: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """``was`` (a question marker's) with its generator's model id compared as ``now``'s is
+    (``same_model``): data made before local folders' ids had a weights digest, or in another
+    CPU number format (``auto`` picks it by a timed probe, which a busy machine sways), resumes
+    with the same weights."""
     old, new = (was.get("generator") or {}), (now.get("generator") or {})
     if isinstance(old, dict) and isinstance(new, dict) and isinstance(
             old.get("model_id"), str) and isinstance(new.get("model_id"), str):
-        a, b = digests_aside(old["model_id"], new["model_id"])
-        if a == b:  # the same folder (one id recorded before digests): the same generator
+        a, b = same_model(old["model_id"], new["model_id"])
+        if a == b:  # the same weights: the same generator
             return {**was, "generator": {**old, "model_id": new["model_id"]}}
     return was
 
@@ -106,7 +108,7 @@ def _done_qids(out: Path, made_by: dict[str, Any] | None = None) -> set[str]:
     if made_by is not None:
         for marker in markers:
             was = {k: marker.get(k) for k in made_by if k in marker}  # older files lack "n"
-            was = _digest_as_now(was, made_by)
+            was = _generator_as_now(was, made_by)
             if was != {k: made_by[k] for k in was}:
                 diff = "; ".join(f"{k}: was {was[k]!r}, now {made_by[k]!r}" for k in was
                                  if was[k] != made_by[k])
