@@ -308,6 +308,10 @@ def test_from_data_to_a_calibrated_verifier_the_pipeline_loads(tmp_path):
                             "--target", "0.5"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout[r.stdout.index("{"):])["n"] == 3
+    assert "scoring" not in r.output  # no bar off a terminal, unless asked for
+    r = runner.invoke(app, ["calibrate", "--data", str(gen), "--reward", str(rm),
+                            "--target", "0.5", "--progress"])
+    assert r.exit_code == 0 and "scoring: 100%" in r.output, r.output
     for bad in (["--target", "0.5", "--targets", "0.4,0.5"], ["--targets", "0.4,x"],
                 ["--targets", "0.4,1.5"]):
         r = runner.invoke(app, ["calibrate", "--data", str(gen), "--reward", str(rm), *bad])
