@@ -47,6 +47,7 @@ BF16_MIN_SPEEDUP = 1.5  # bf16 must beat fp32 by this factor on the probe to be 
 PROBE_SHAPE = (256, 576, 1536)  # M x K x N: a slice of a small model's prefill
 ONEDNN_MIN_SPEEDUP = 1.1  # oneDNN's fp32 product must beat torch's by this factor to be chosen
 FP32_KERNEL_ENV = "CITEQA_FP32_KERNEL"
+CPU_DTYPE_ENV = "CITEQA_CPU_DTYPE"  # (a service setting: config.py reads it for the others)
 FP32_KERNELS = ("auto", "onednn", "torch")
 # Encoder batches (embedding, the reward model's cross-encoders) are padded to a multiple of
 # this many tokens. In bf16, oneDNN builds a kernel for each new matrix shape it meets (on the
@@ -209,6 +210,17 @@ def checked_kernel(requested: str, name: str = "the fp32 kernel") -> str:
     if kernel not in FP32_KERNELS:
         raise ConfigError(f"{name} must be one of {', '.join(FP32_KERNELS)}, got {requested!r}")
     return kernel
+
+
+def cpu_dtype_setting(environ: Mapping[str, str] | None = None) -> str:
+    """``CITEQA_CPU_DTYPE`` of ``environ`` (default ``os.environ``; unset or empty: "auto"),
+    checked: for the commands that score as the service will but read no other setting
+    (``calibrate``, ``train reward-combine``: a bad setting of the server's stopped them)."""
+    value = (os.environ if environ is None else environ).get(CPU_DTYPE_ENV) or "auto"
+    if value not in CPU_DTYPES:
+        raise ConfigError(f"{CPU_DTYPE_ENV} must be one of {', '.join(CPU_DTYPES)}, "
+                          f"got {value!r}")
+    return value
 
 
 def fp32_kernel_setting(environ: Mapping[str, str] | None = None) -> str:

@@ -375,6 +375,48 @@ def test_an_error_is_shown_in_words(page: Page, shoot: Callable) -> None:
     assert page.get_attribute("#q", "aria-describedby") == "q-hint"
 
 
+def test_an_error_marks_its_own_field_and_no_other(page: Page) -> None:
+    """Sending one form unmarked every field (an add cleared the question's mark while its
+    error stood), and an old error kept its id: two elements were "key-error", and the key
+    field was described by the stale one."""
+    refused = json.dumps({"error": {"code": "unauthorized", "message": "bad key",
+                                    "details": None}})
+
+    def refuse(route: Any) -> None:
+        if route.request.method == "POST":
+            route.fulfill(status=401, body=refused, content_type="application/json")
+        else:
+            route.continue_()
+
+    page.click("nav >> text=Ask")
+    page.fill("#q", "   ")
+    page.press("#q", "Enter")
+    page.wait_for_selector("#out .error >> text=whitespace")
+    page.click("nav >> text=Documents")
+    page.wait_for_selector("#docs-list li.doc a")
+    page.route("**/v1/documents", refuse)
+    page.route("**/v1/answer", refuse)
+    try:
+        page.fill("#add-body", "Barn owls hunt by sound alone.")
+        page.click("#add-text button[type=submit]")
+        page.wait_for_selector("#add-status .error >> text=did not accept this API key")
+        assert page.locator("[id=key-error]").count() == 1
+        assert page.get_attribute("#key", "aria-describedby") == "key-error"
+        assert page.inner_text("#key-error").startswith("Could not add the document")
+        assert page.get_attribute("#q", "aria-invalid") == "true"  # the ask view's error stands
+        page.click("nav >> text=Ask")
+        page.fill("#q", "Who did Rollo swear fealty to?")
+        page.press("#q", "Enter")
+        page.wait_for_selector("#out .error >> text=did not accept this API key")
+        assert page.locator("[id=key-error]").count() == 1
+        assert page.inner_text("#key-error").startswith("Could not answer")
+        assert page.get_attribute("#q", "aria-invalid") is None
+        assert page.get_attribute("#q", "aria-describedby") == "q-hint"
+    finally:
+        page.unroute("**/v1/documents")
+        page.unroute("**/v1/answer")
+
+
 def test_a_busy_service_is_asked_again_after_the_wait_it_names(page: Page) -> None:
     busy = json.dumps({"error": {"code": "overloaded", "message": "too many questions queued",
                                  "details": None}})

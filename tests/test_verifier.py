@@ -354,9 +354,11 @@ def test_two_files_answering_the_same_questions_are_two_sets_of_questions(
     both = calibrate_dir([cal, other], calibrated, target=0.55, delta=0.1)
     assert both["n"] == 60 + 60 + 1  # the question without a candidate: a decline, counted
     assert both["oracle_accuracy"] == pytest.approx(alone["oracle_accuracy"] * 60 / 121)
-    with pytest.raises(ConfigError, match="given twice"):
-        calibrate_dir([cal, calibrated.parent / "." / "cal.jsonl"], calibrated, target=0.55,
-                      delta=0.1)
+    (calibrated.parent / "hard.jsonl").hardlink_to(cal)
+    (calibrated.parent / "soft.jsonl").symlink_to(cal)
+    for again in ("./cal.jsonl", "hard.jsonl", "soft.jsonl"):
+        with pytest.raises(ConfigError, match="a file given before"):
+            calibrate_dir([cal, calibrated.parent / again], calibrated, target=0.55, delta=0.1)
 
 
 def test_calibration_round_trip_and_monotone_threshold_for(calibrated: Path) -> None:

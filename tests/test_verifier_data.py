@@ -312,6 +312,14 @@ def test_from_data_to_a_calibrated_verifier_the_pipeline_loads(tmp_path):
     r = runner.invoke(app, ["calibrate", "--data", str(gen), "--reward", str(rm),
                             "--target", "0.5", "--progress"])
     assert r.exit_code == 0 and "scoring: 100%" in r.output, r.output
+    # a bad setting of the server's it does not use stops it no more (it read them all), and
+    # a bad CITEQA_CPU_DTYPE, which it uses, is said in one line
+    r = runner.invoke(app, ["calibrate", "--data", str(gen), "--reward", str(rm), "--target",
+                            "0.5"], env={"CITEQA_MAX_QUEUE": "0", "CITEQA_CPU_DTYPE": "fp32"})
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["calibrate", "--data", str(gen), "--reward", str(rm), "--target",
+                            "0.5"], env={"CITEQA_CPU_DTYPE": "int8"})
+    assert r.exit_code == 2 and "CITEQA_CPU_DTYPE must be one of auto" in r.output, r.output
     for bad in (["--target", "0.5", "--targets", "0.4,0.5"], ["--targets", "0.4,x"],
                 ["--targets", "0.4,1.5"]):
         r = runner.invoke(app, ["calibrate", "--data", str(gen), "--reward", str(rm), *bad])

@@ -32,9 +32,9 @@ from citeqa.cli_errors import (
     command_group,
     fail,
     interruptible,
-    settings_from,
     shown_progress,
 )
+from citeqa.compute import cpu_dtype_setting
 from citeqa.errors import CiteqaError, ConfigError
 from citeqa.journal import file_lock
 from citeqa.training.cards import data_stats
@@ -471,17 +471,19 @@ def reward_combine(
     retrieval score and, where the reward directory holds answerability/, the answerability
     reader (combine.json); the old calibration is removed: recalibrate after."""
     try:
-        summary = combine_dir(data, reward_dir)
+        summary = combine_dir(data, reward_dir, cpu_dtype=cpu_dtype_setting())
     except CiteqaError as e:
         raise fail(str(e)) from None
     typer.echo(json.dumps(summary, indent=2))
     typer.echo(f"now recalibrate: citeqa calibrate --reward {reward_dir} --data CAL.jsonl")
 
 
-def combine_dir(data_paths: list[Path], reward_dir: Path) -> dict[str, Any]:
-    """Score the candidates with the verifier alone (and the answerability reader, where the
-    directory holds one), fit the combiner, write combine.json (removing calibration.json,
-    whose scores it changes); return the fit's figures."""
+def combine_dir(data_paths: list[Path], reward_dir: Path, *,
+                cpu_dtype: str = "auto") -> dict[str, Any]:
+    """Score the candidates with the verifier alone (in ``cpu_dtype``, as the service will;
+    and the answerability reader, where the directory holds one), fit the combiner, write
+    combine.json (removing calibration.json, whose scores it changes); return the fit's
+    figures."""
     import numpy as np
 
     from citeqa.errors import SourceError
@@ -500,7 +502,7 @@ def combine_dir(data_paths: list[Path], reward_dir: Path) -> dict[str, Any]:
         raise SourceError(f"{names}: no candidate carries generator signals; build the data "
                           "with `citeqa train reward-data --from generator`")
     items = [ex.judged for ex in examples]
-    p, _ = VerifierScorer(reward_dir, combined=False).predict(items)  # verifier alone
+    p, _ = VerifierScorer(reward_dir, combined=False, cpu_dtype=cpu_dtype).predict(items)
     reader = Path(reward_dir) / SUBDIR
     answerability = AnswerabilityReader(reader).logits(items) if reader.is_dir() else None
     x = features(p, [Signals.of(ex.signals) for ex in examples], answerability)
@@ -551,9 +553,9 @@ def calibrate(
     calibration.json into the reward-model directory."""
     if target is not None and targets is not None:
         raise fail("give --target or --targets, not both")
-    # scored in the format the service scores in: CITEQA_CPU_DTYPE (was always "auto")
-    cpu_dtype = settings_from().cpu_dtype or "auto"
     try:
+        # scored in the format the service scores in: CITEQA_CPU_DTYPE (was always "auto")
+        cpu_dtype = cpu_dtype_setting()
         chosen = parse_targets(targets) if targets is not None else None
         summary = calibrate_dir(data, reward_dir, target=0.8 if target is None else target,
                                 delta=delta, targets=chosen, min_coverage=min_coverage,
@@ -593,10 +595,16 @@ def calibrate_dir(data_paths: list[Path], reward_dir: Path, *, target: float, de
     from citeqa.reward.provenance import candidates_per_question
     from citeqa.reward.scorer import VerifierScorer, best_per_question, write_calibration
 
-    given = [p.resolve() for p in data_paths]
-    if len(set(given)) < len(given):  # each question would count twice
-        twice = next(p for p in data_paths if given.count(p.resolve()) > 1)
-        raise ConfigError(f"--data {twice} is given twice; give each file once")
+    seen: set[object] = set()
+    for path in data_paths:  # the same file twice (a link too): each question would count twice
+        try:
+            stat = path.stat()
+            same: object = (stat.st_dev, stat.st_ino)
+        except OSError:  # (missing: loading says so)
+            same = path.resolve()
+        if same in seen:
+            raise ConfigError(f"--data {path} is a file given before; give each file once")
+        seen.add(same)
     data = load_verifier_data(data_paths)
     check_calibration_articles(data_articles(data.questions, data_paths, data.examples),
                                ", ".join(str(p) for p in data_paths))
