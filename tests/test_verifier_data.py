@@ -321,7 +321,8 @@ def test_from_data_to_a_calibrated_verifier_the_pipeline_loads(tmp_path):
                             "0.5"], env={"CITEQA_CPU_DTYPE": "int8"})
     assert r.exit_code == 2 and "CITEQA_CPU_DTYPE must be one of auto" in r.output, r.output
     for bad in (["--target", "0.5", "--targets", "0.4,0.5"], ["--targets", "0.4,x"],
-                ["--targets", "0.4,1.5"]):
+                ["--targets", "0.4,1.5"], ["--targets", "0.6,0.995"], ["--targets", "nan"],
+                ["--target", "0.5", "--min-coverage", "0.3"]):
         r = runner.invoke(app, ["calibrate", "--data", str(gen), "--reward", str(rm), *bad])
         assert r.exit_code != 0 and "--target" in r.output, r.output
     pipeline = Pipeline.from_settings(Settings(preset="tiny", index=index, reward=str(rm)))

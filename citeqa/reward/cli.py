@@ -541,9 +541,10 @@ def calibrate(
                           "delta / (their number), so the choice keeps --delta."),
     ] = None,
     min_coverage: Annotated[
-        float, typer.Option("--min-coverage", min=0.0, max=1.0,
-                            help="With --targets: the share of questions to answer.")
-    ] = 0.25,
+        float | None, typer.Option("--min-coverage", min=0.0, max=1.0,
+                                   help="With --targets: the share of questions to answer. "
+                                        "[default: 0.25]")
+    ] = None,
     delta: Annotated[
         float, typer.Option("--delta", min=0.001, max=0.5, help="Allowed failure probability.")
     ] = 0.1,
@@ -553,12 +554,15 @@ def calibrate(
     calibration.json into the reward-model directory."""
     if target is not None and targets is not None:
         raise fail("give --target or --targets, not both")
+    if min_coverage is not None and targets is None:  # (it was ignored)
+        raise fail("--min-coverage goes with --targets (the highest of them that answers it)")
     try:
         # scored in the format the service scores in: CITEQA_CPU_DTYPE (was always "auto")
         cpu_dtype = cpu_dtype_setting()
         chosen = parse_targets(targets) if targets is not None else None
         summary = calibrate_dir(data, reward_dir, target=0.8 if target is None else target,
-                                delta=delta, targets=chosen, min_coverage=min_coverage,
+                                delta=delta, targets=chosen,
+                                min_coverage=0.25 if min_coverage is None else min_coverage,
                                 cpu_dtype=cpu_dtype, progress=shown_progress(progress))
     except CiteqaError as e:
         raise fail(str(e)) from None
@@ -566,13 +570,14 @@ def calibrate(
 
 
 def parse_targets(text: str) -> list[float]:
-    """Parse "0.40,0.45" into [0.4, 0.45]; each must lie in (0, 1)."""
+    """Parse "0.40,0.45" into [0.4, 0.45]; each must lie in [0.01, 0.99], as --target."""
     try:
         values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise ConfigError(f"--targets {text!r}: give numbers separated by commas") from None
-    if not values or not all(0.0 < v < 1.0 for v in values):
-        raise ConfigError(f"--targets {text!r}: give answered accuracies in (0, 1)")
+    if not values or not all(0.01 <= v <= 0.99 for v in values):  # (NaN fails too)
+        raise ConfigError(f"--targets {text!r}: give answered accuracies from 0.01 to 0.99 "
+                          "(above 0.99 a request's target_accuracy declines every question)")
     return values
 
 
