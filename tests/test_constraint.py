@@ -366,9 +366,24 @@ def test_chinese_and_japanese_answers_and_quotes_begin_and_end_at_any_character(
     assert "substring_words" in output_grammar(["one two"])  # text without them: as before
 
 
+def test_a_number_keeps_the_magnitude_written_after_it(hf_tok, ll_tok):
+    """Digits were a chunk apart from a CJK character after them: "940" could be answered
+    from "940만 명" (9.4 million people), "1400" from "1400万人", another number each."""
+    from citeqa.generation.cited import answer_span
+
+    passages = ["서울의 인구는 약 940만 명이다.", "人口は約1400万人である。"]
+    span = output_grammar(passages, mode="span", max_answer_chars=48)
+    for answer in ("940만 명", "940만", "1400万人"):
+        assert accepts(span, f"{ANSWER_PREFIX}{answer}\n", hf_tok, ll_tok), answer
+    for cut in ("940", "1400"):
+        assert not accepts(span, f"{ANSWER_PREFIX}{cut}\n", hf_tok, ll_tok), cut
+    assert answer_span("940", passages[0]) is None and answer_span("1400", passages[1]) is None
+    assert answer_span("940만 명", passages[0]) == (10, 16)
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.text(st.sampled_from(list("東京人口ハ한국 ab1.、") + ["\ufe00", "\U000e0100", "\u0301",
-                                                          "\u3099"]), max_size=12))
+@given(st.text(st.sampled_from(list("東京人口ハ한국万만 ab1.、")
+                               + ["\ufe00", "\U000e0100", "\u0301", "\u3099"]), max_size=12))
 def test_every_stretch_the_cjk_chunks_admit_stands_on_word_edges(text: str) -> None:
     """What the grammar lets an answer be (a run of ``substring_chunks``) is a stretch the
     quote's grammar finds as whole words: else the answer decodes and no quote can follow (a

@@ -93,7 +93,10 @@ def _cjk_patterns() -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]:
     marks = marks_class(every_plane=True)  # as ``_inside_word`` reads a mark (any plane's)
     cjk = f"[{CJK_RANGES}][{marks}]*"
     unit = f"(?:{cjk}|(?:(?![{CJK_RANGES}])\\S)+)"
-    chunk = re.compile(f"\\s+|{cjk}|(?:(?![{CJK_RANGES}])[\\w{marks}])+|.", re.DOTALL)
+    run = f"(?:(?![{CJK_RANGES}])[\\w{marks}])"
+    # a number with the magnitude after it ("940만", "1400万"): one chunk, never "940" alone
+    number = f"{run}*\\d[{MAGNITUDES}][{marks}]*"
+    chunk = re.compile(f"\\s+|{number}|{cjk}|{run}+|.", re.DOTALL)
     return chunk, re.compile(f"{unit}\\s*"), re.compile(f"\\s*{unit}")
 
 
@@ -247,9 +250,15 @@ def _word_char(c: str) -> bool:
     return c.isalnum() or c == "_" or unicodedata.category(c).startswith("M")
 
 
+# CJK numerals of magnitude written after digits: 万 (10^4), 億 (10^8), 兆, 千; Korean's 만, 억,
+# 조, 천. Cut off, the digits say another number ("940" of "940만 명", 9.4 million people).
+MAGNITUDES = "\u4e07\u842c\u5104\u4ebf\u5146\u5343\ub9cc\uc5b5\uc870\ucc9c"
+
+
 def _inside_word(text: str, at: int) -> bool:
     """Whether a cut of ``text`` at ``at`` falls inside a word: before a combining mark of a
-    word character, or between two word characters of which neither is a CJK one (each is a
+    word character, between digits and a magnitude after them (``MAGNITUDES``), or between
+    two word characters of which neither is a CJK one (each is a
     word of its own; the one before is the letter a run of marks belongs to). The chunks of
     ``_cjk_patterns`` and llguidance's ``substring_words`` cut so."""
     if not 0 < at < len(text):
@@ -258,6 +267,8 @@ def _inside_word(text: str, at: int) -> bool:
     if not (_word_char(before) and _word_char(after)):
         return False
     if unicodedata.category(after).startswith("M"):
+        return True
+    if before.isdigit() and after in MAGNITUDES:  # "940" of "940만" is another number
         return True
     base = at - 1
     while base > 0 and unicodedata.category(text[base]).startswith("M"):

@@ -20,7 +20,7 @@ from citeqa.types import Document, Quote
 
 # CJK text's full stop, commas, marks, colons, brackets and corner quotes (full width)
 CJK_PUNCTUATION = ("\u3001\u3002\u300c\u300d\u300e\u300f\u3010\u3011"
-                   "\uff01\uff08\uff09\uff0c\uff1a\uff1b\uff1f")
+                   "\uff01\uff08\uff09\uff0c\uff0e\uff1a\uff1b\uff1f\uff61")
 # Characters trimmed from a quote's ends when the untrimmed quote is not found: whitespace,
 # ASCII punctuation and typographic quotes/dashes/ellipsis a model may wrap a quote in.
 _TRIM = (

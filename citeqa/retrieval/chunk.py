@@ -86,7 +86,8 @@ def _units(text: str, max_chars: int) -> list[_Unit]:
 
 HEADING_MAX_CHARS = 120  # a heading-like paragraph is no longer (as a title: html.py)
 HEADINGS_STACKED = 3  # a full passage leaves at most this many last headings to the next
-_ENDS_SENTENCE = tuple(".!?;,\u3002\uff01\uff1f\u0964\u0965\u061f\u06d4\"')\u201d\u2019")
+_ENDS_SENTENCE = tuple(".!?;,\u3002\uff01\uff1f\uff0e\uff61\u0964\u0965\u061f\u06d4"
+                       "\"')\u201d\u2019")
 
 
 def _heading(text: str, units: list[_Unit], k: int) -> bool:
