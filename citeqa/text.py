@@ -60,6 +60,7 @@ TOKENIZER = 3
 CJK_RANGES = ("\u3005-\u3007\u3040-\u3098\u309d-\u30ff\u31f0-\u31ff\u3400-\u4dbf"
               "\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f\U00020000-\U0002fa1f")
 _CJK = re.compile(f"[{CJK_RANGES}]+")
+_CJK_OR_NOT = re.compile(f"[{CJK_RANGES}]|[^{CJK_RANGES}]+")  # a CJK character, or a run of others
 
 
 def has_cjk(text: str) -> bool:
@@ -90,7 +91,8 @@ STOP_WORDS: frozenset[str] = frozenset(
 _CLOSERS = "\"')]\u201d\u2019\u300d\u300f\u3011\uff09"
 # A sentence ends after . ! or ? (and the Devanagari danda, the Arabic question mark and full
 # stop, the Ethiopic full stop), plus closing quotes/brackets, followed by whitespace; after a
-# CJK full stop, ! or ? (。！？, written with no space after) whether or not whitespace follows;
+# CJK full stop, ! or ? (。！？, and the full-width and half-width stops ．｡, the first not
+# between digits: "３．５"; written with no space after) whether or not whitespace follows;
 # or at a line break (LF, CR, CRLF, NEL, U+2028, U+2029: old Mac files end lines in CR alone,
 # word processors' exports in U+2028/9), but for a hard-wrapped line (``_wrapped``). The
 # whitespace between sentences belongs to neither. Two line breaks in that whitespace make a
@@ -100,7 +102,9 @@ _CLOSERS = "\"')]\u201d\u2019\u300d\u300f\u3011\uff09"
 # held the server for seconds).
 _SENTENCE_BREAK = re.compile(
     "(?<=[.!?\u0964\u0965\u061f\u06d4\u1362])[\"')\\]\u201d\u2019]*\\s+"
-    "|(?<=[\u3002\uff01\uff1f])[\"')\\]\u201d\u2019\u300d\u300f\u3011\uff09]*\\s*"
+    "|(?<=[\u3002\uff01\uff1f\uff61])[\"')\\]\u201d\u2019\u300d\u300f\u3011\uff09]*\\s*"
+    "|(?<=[^0-9\uff10-\uff19]\uff0e)(?![0-9\uff10-\uff19])"
+    "[\"')\\]\u201d\u2019\u300d\u300f\u3011\uff09]*\\s*"
     "|(?P<line>(?<!\\s)\\s*[\n\r\x85\u2028\u2029]\\s*)")
 _LINE_BREAK = re.compile("\r\n|[\n\r\x85\u2028\u2029]")
 WRAPPED_MIN_CHARS = 50  # shorter lines are not cut by wrapping (wrap widths are 60-80)
@@ -293,19 +297,40 @@ def _cjk_pairs(word: str) -> list[str]:
     return out
 
 
+def _cjk_punctuation(ch: str) -> bool:
+    """A punctuation mark of CJK text: of the CJK symbols block (、。「」) or a full- or
+    half-width form (！，．｡)."""
+    return ("\u3000" <= ch <= "\u303f" or "\uff00" <= ch <= "\uff65") and (
+        unicodedata.category(ch).startswith("P"))
+
+
 def normalize_answer(text: str) -> str:
-    """SQuAD's answer normalisation: lowercase, drop ASCII punctuation, drop a/an/the, collapse
-    whitespace (in the official script's order). Metrics and the reward model use it."""
+    """SQuAD's answer normalisation: lowercase, drop ASCII punctuation (and CJK text's, which
+    SQuAD never met: "「東京タワー」" is "東京タワー"), drop a/an/the, collapse whitespace (in the
+    official script's order). Metrics and the reward model use it."""
     text = text.lower()
-    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION and not _cjk_punctuation(ch))
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
 
 
+def answer_tokens(text: str) -> list[str]:
+    """The tokens F1 counts in a normalized answer: its words, with each CJK character a token
+    of its own (MLQA's mixed segmentation: a Chinese or Japanese answer, written without
+    spaces, was one token, so its F1 was its exact match: "1420年建成" scored 0 against
+    "1420年")."""
+    out: list[str] = []
+    for word in text.split():
+        out += _CJK_OR_NOT.findall(word) if has_cjk(word) else [word]
+    return out
+
+
 def answer_f1(pred: str, gold: str) -> float:
-    """SQuAD's token F1 of two answers after ``normalize_answer`` (bag-of-words overlap); 1 when
-    both are empty, 0 when only one is (the official no-answer convention)."""
-    gold_toks, pred_toks = normalize_answer(gold).split(), normalize_answer(pred).split()
+    """SQuAD's token F1 of two answers after ``normalize_answer`` (bag-of-words overlap of
+    ``answer_tokens``); 1 when both are empty, 0 when only one is (the official no-answer
+    convention)."""
+    gold_toks = answer_tokens(normalize_answer(gold))
+    pred_toks = answer_tokens(normalize_answer(pred))
     if not gold_toks or not pred_toks:
         return float(gold_toks == pred_toks)
     num_same = sum((Counter(gold_toks) & Counter(pred_toks)).values())

@@ -158,7 +158,28 @@ def test_matches_official_script(pred: str, golds: list[str]) -> None:
 @settings(max_examples=200, deadline=None)
 @given(text=st.text(max_size=30))
 def test_normalize_matches_official_on_any_text(text: str) -> None:
-    assert normalize_answer(text) == ref_normalize_answer(text)
+    """The official normalisation, less CJK text's punctuation (which SQuAD never met)."""
+    from citeqa.text import _cjk_punctuation
+
+    assert normalize_answer(text) == ref_normalize_answer(
+        "".join(c for c in text if not _cjk_punctuation(c)))
+
+
+def test_chinese_japanese_and_korean_answers_count_by_the_character() -> None:
+    """A CJK answer, written without spaces, was one token: its F1 was its exact match
+    ("1420年建成" scored 0 against "1420年", as "in 1889" does not against "1889"), its corner
+    brackets and full stop counted, and a gold was looked for between spaces in its quote."""
+    from citeqa.evals.report import contains_gold
+
+    assert f1("1420年建成", ["1420年"]) == pytest.approx(2 / 3)  # as f1("in 1889", ["1889"])
+    assert f1("1395년에", ["1395년"]) == pytest.approx(0.8)
+    assert exact_match("「東京タワー」。", ["東京タワー"]) == 1.0
+    assert f1("東京タワー", ["大阪城"]) == 0.0
+    assert contains_gold("北京大学创办于1898年，是中国", ["1898年"])
+    assert contains_gold("경복궁은 1395년에 완공되었다", ["1395년"])
+    assert contains_gold("The tower opened in 1889.", ["1889"])
+    assert not contains_gold("The tower opened in 18890.", ["1889"])  # whole words still
+    assert not contains_gold("创办于1898年", ["1899年"])
 
 
 def test_is_correct_rule() -> None:

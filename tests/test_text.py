@@ -58,6 +58,10 @@ def test_sentences_end_at_the_stops_of_other_scripts() -> None:
     # a closing mark after a CJK stop ends that sentence, and is in no other (it was in both)
     assert split("他说：“好。”然后走了。") == ["他说：“好。”", "然后走了。"]
     assert split("文。)次の文。") == ["文。)", "次の文。"]
+    # the full-width stop of technical Japanese (not inside a number) and the half-width one
+    assert split("これはペンである．値は３．５である．") == [
+        "これはペンである．", "値は３．５である．"]
+    assert split("ｶﾀｶﾅ｡ﾃｽﾄ｡") == ["ｶﾀｶﾅ｡", "ﾃｽﾄ｡"]
 
 
 @pytest.mark.parametrize(("text", "expected"), [

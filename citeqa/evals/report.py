@@ -17,6 +17,7 @@ from typing import Any
 
 from citeqa.atomic import write_text_atomic
 from citeqa.evals import metrics as M
+from citeqa.text import answer_tokens
 from citeqa.types import Document
 
 COVERAGES = (1.0, 0.8, 0.67, 0.5)  # fixed coverages for answered accuracy
@@ -74,9 +75,15 @@ def quote_is_valid(quote: dict[str, Any] | None, document: Callable[[str], Docum
 
 
 def contains_gold(quote_text: str, golds: Sequence[str]) -> bool:
-    """Whether a normalized gold answer occurs as whole words in the normalized quote."""
-    q = f" {M.normalize_answer(quote_text)} "
-    return any((g := M.normalize_answer(gold)) and f" {g} " in q for gold in golds)
+    """Whether a normalized gold answer occurs as whole tokens in the normalized quote
+    (``answer_tokens``: words, and each CJK character; a gold was looked for between spaces,
+    so never found in Chinese or Japanese text)."""
+    q = answer_tokens(M.normalize_answer(quote_text))
+    for gold in golds:
+        g = answer_tokens(M.normalize_answer(gold))
+        if g and any(q[i:i + len(g)] == g for i in range(len(q) - len(g) + 1)):
+            return True
+    return False
 
 
 def judge(record: dict[str, Any], document: Callable[[str], Document]) -> Judged:
