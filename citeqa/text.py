@@ -51,7 +51,8 @@ def marks_class(every_plane: bool = False) -> str:
 # run of Han, kana or Hangul (scripts written without spaces between words: a "word" of ``\w``
 # was a whole clause, which no question matched) cut into overlapping pairs of characters, as
 # Lucene's CJK bigrams: "東京タワー" -> 東京 京タ タワ ワー; a lone one stands alone.
-TOKENIZER = 3
+# Tokenizer 4: tokenizer 3's in NFKC (full-width "１９２７" is 1927; see ``tokenize``).
+TOKENIZER = 4
 # Han (with its extensions and compatibility forms), hiragana, katakana (half-width too),
 # Hangul: the characters of scripts written without spaces between words, as a regex class's
 # ranges (BM25 pairs them; an answer or quote may begin and end at any of them)
@@ -262,17 +263,22 @@ def tokenize(text: str, version: int = TOKENIZER) -> list[str]:
     BM25 indexes and queries with it, and an index records the ``version`` it was built with
     (``BM25Index.tokenizer``; 1 before version 2 existed): a query is tokenized as its index
     was. Version 1: runs of ``\\w``. Version 2: in NFC, runs of ``\\w`` and combining marks.
-    Version 3 (``TOKENIZER``): version 2's, case-folded, with Han, kana and Hangul in
-    overlapping pairs. All three give the same tokens for ASCII text. A change here is a new
-    version.
+    Version 3: version 2's, case-folded, with Han, kana and Hangul in overlapping pairs.
+    Version 4 (``TOKENIZER``): version 3's in NFKC, so that full-width and half-width forms
+    are the ones they stand for ("１９２７" is 1927, "ｶﾀｶﾅ" カタカナ, "ＰＡＲＩＳ" paris; Japanese
+    text writes digits full-width: a search for 1927 found none of them), and ligatures,
+    circled and superscript digits too ("ﬁle" is file, "①" 1). All four give the same tokens
+    for ASCII text. A change here is a new version.
     """
     if version == 1:
         return WORD.findall(text.lower())
-    if version not in (2, 3):
+    if version not in (2, 3, 4):
         raise ValueError(f"unknown tokenizer version {version!r}")
     text = text.lower() if version == 2 else text.casefold()
-    if text.isascii():  # no marks, already NFC: the quick path
+    if text.isascii():  # no marks, already NFC and NFKC: the quick path
         return WORD.findall(text)
+    if version == 4 and not unicodedata.is_normalized("NFKC", text):
+        text = unicodedata.normalize("NFKC", text).casefold()  # (casefold after: "Ｓ" is "s")
     if not unicodedata.is_normalized("NFC", text):
         text = unicodedata.normalize("NFC", text)
     words = _word_with_marks().findall(text)
