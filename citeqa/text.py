@@ -93,7 +93,8 @@ _CLOSERS = "\"')]\u201d\u2019\u300d\u300f\u3011\uff09"
 # A sentence ends after . ! or ? (and the Devanagari danda, the Arabic question mark and full
 # stop, the Ethiopic full stop), plus closing quotes/brackets, followed by whitespace; after a
 # CJK full stop, ! or ? (。！？, and the full-width and half-width stops ．｡, the first not
-# between digits: "３．５"; written with no space after) whether or not whitespace follows;
+# next to a digit: "３．５", a list's "１．"; written with no space after) whether or not
+# whitespace follows;
 # or at a line break (LF, CR, CRLF, NEL, U+2028, U+2029: old Mac files end lines in CR alone,
 # word processors' exports in U+2028/9), but for a hard-wrapped line (``_wrapped``). The
 # whitespace between sentences belongs to neither. Two line breaks in that whitespace make a

@@ -1,7 +1,9 @@
 """Evaluation metrics as pure functions: SQuAD answer scoring, selective prediction, calibration,
 retrieval recall and latency percentiles.
 
-Answer scoring follows the official SQuAD v2.0 evaluation script (``evaluate-v2.0.py``) exactly: the
+Answer scoring follows the official SQuAD v2.0 evaluation script (``evaluate-v2.0.py``) exactly
+for text without CJK characters or CJK punctuation (which SQuAD's data holds in none of its gold
+answers here; for those, MLQA's mixed segmentation: ``citeqa.text.answer_tokens``): the
 same normalization (``citeqa.text.normalize_answer``), exact match, token F1 with ``Counter``
 overlap, the maximum over gold answers, and its no-answer convention (golds that normalize to
 nothing are dropped; a question left with no gold answer is scored against ``""``, so only an empty

@@ -94,8 +94,9 @@ def _cjk_patterns() -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]:
     cjk = f"[{CJK_RANGES}][{marks}]*"
     unit = f"(?:{cjk}|(?:(?![{CJK_RANGES}])\\S)+)"
     run = f"(?:(?![{CJK_RANGES}])[\\w{marks}])"
-    # a number with the magnitude after it ("940만", "1400万"): one chunk, never "940" alone
-    number = f"{run}*\\d[{MAGNITUDES}][{marks}]*"
+    # a number with the magnitudes written in it ("940만", "1千万", "1億2000万"): one chunk,
+    # never "940" or "1千" alone (as ``_inside_word`` reads a cut inside ``_NUMBER``)
+    number = f"{run}*{_NUMBER.pattern}"
     chunk = re.compile(f"\\s+|{number}|{cjk}|{run}+|.", re.DOTALL)
     return chunk, re.compile(f"{unit}\\s*"), re.compile(f"\\s*{unit}")
 
@@ -250,9 +251,16 @@ def _word_char(c: str) -> bool:
     return c.isalnum() or c == "_" or unicodedata.category(c).startswith("M")
 
 
-# CJK numerals of magnitude written after digits: 万 (10^4), 億 (10^8), 兆, 千; Korean's 만, 억,
-# 조, 천. Cut off, the digits say another number ("940" of "940만 명", 9.4 million people).
-MAGNITUDES = "\u4e07\u842c\u5104\u4ebf\u5146\u5343\ub9cc\uc5b5\uc870\ucc9c"
+# CJK numerals of magnitude written after digits: 万 (10^4), 億 (10^8), 兆, 千, 百; Korean's 만,
+# 억, 조, 천, 백. Cut off, the digits say another number ("940" of "940만 명", 9.4 million people).
+MAGNITUDES = ("\u4e07\u842c\u5104\u4ebf\u5146\u5343\u767e\u4f70"
+              "\ub9cc\uc5b5\uc870\ucc9c\ubc31")
+# digits with magnitudes in them, and the digits between ("1億2000万", "1万5千"): the marks a
+# character may carry (a variation selector) go with it, and so does a word going on after a
+# magnitude (a cut there is inside a word, as between any two characters of it)
+_MARKS = marks_class(every_plane=True)
+_NUMBER = re.compile(f"\\d[{_MARKS}]*"
+                     f"(?:[{MAGNITUDES}][{_MARKS}]*(?:(?![{CJK_RANGES}])[\\w{_MARKS}])*)+")
 
 
 def _inside_word(text: str, at: int) -> bool:
@@ -268,7 +276,8 @@ def _inside_word(text: str, at: int) -> bool:
         return False
     if unicodedata.category(after).startswith("M"):
         return True
-    if before.isdigit() and after in MAGNITUDES:  # "940" of "940만" is another number
+    if any(m.start() < at < m.end()  # "940" of "940만" is another number, "1千" of "1千万" too
+           for m in _NUMBER.finditer(text, max(0, at - 64), min(len(text), at + 64))):
         return True
     base = at - 1
     while base > 0 and unicodedata.category(text[base]).startswith("M"):
