@@ -265,7 +265,7 @@ _NUMBER = re.compile(f"\\d[{_MARKS}]*"
 
 def _inside_word(text: str, at: int) -> bool:
     """Whether a cut of ``text`` at ``at`` falls inside a word: before a combining mark of a
-    word character, between digits and a magnitude after them (``MAGNITUDES``), or between
+    word character, inside a number written with magnitudes (``_NUMBER``: "1千|万"), or between
     two word characters of which neither is a CJK one (each is a
     word of its own; the one before is the letter a run of marks belongs to). The chunks of
     ``_cjk_patterns`` and llguidance's ``substring_words`` cut so."""
