@@ -94,7 +94,7 @@ _CLOSERS = "\"')]\u201d\u2019\u300d\u300f\u3011\uff09"
 # stop, the Ethiopic full stop), plus closing quotes/brackets, followed by whitespace; after a
 # CJK full stop, ! or ? (。！？, and the full-width and half-width stops ．｡, the first not
 # next to a digit: "３．５", a list's "１．"; written with no space after) whether or not
-# whitespace follows;
+# whitespace follows, but for a quotation the sentence goes on after ("「行く。」と言った");
 # or at a line break (LF, CR, CRLF, NEL, U+2028, U+2029: old Mac files end lines in CR alone,
 # word processors' exports in U+2028/9), but for a hard-wrapped line (``_wrapped``). The
 # whitespace between sentences belongs to neither. Two line breaks in that whitespace make a
@@ -104,7 +104,8 @@ _CLOSERS = "\"')]\u201d\u2019\u300d\u300f\u3011\uff09"
 # held the server for seconds).
 _SENTENCE_BREAK = re.compile(
     "(?<=[.!?\u0964\u0965\u061f\u06d4\u1362])[\"')\\]\u201d\u2019]*\\s+"
-    "|(?<=[\u3002\uff01\uff1f\uff61])[\"')\\]\u201d\u2019\u300d\u300f\u3011\uff09]*\\s*"
+    "|(?<=[\u3002\uff01\uff1f\uff61])(?![\u300d\u300f]+\u3068)"
+    "[\"')\\]\u201d\u2019\u300d\u300f\u3011\uff09]*\\s*"
     "|(?<=[^0-9\uff10-\uff19]\uff0e)(?![0-9\uff10-\uff19])"
     "[\"')\\]\u201d\u2019\u300d\u300f\u3011\uff09]*\\s*"
     "|(?P<line>(?<!\\s)\\s*[\n\r\x85\u2028\u2029]\\s*)")

@@ -379,6 +379,8 @@ def test_a_number_keeps_the_magnitude_written_after_it(hf_tok, ll_tok):
         assert not accepts(span, f"{ANSWER_PREFIX}{cut}\n", hf_tok, ll_tok), cut
     assert answer_span("940", passages[0]) is None and answer_span("1400", passages[1]) is None
     assert answer_span("940만 명", passages[0]) == (10, 16)
+    # a half-width voicing mark belongs to its kana ("ｶﾞ" is ガ; "ｶ" alone is another letter)
+    assert answer_span("ｶ", "ｶﾞｽ管") is None and answer_span("ｶﾞｽ", "ｶﾞｽ管") == (0, 3)
     # magnitudes stacked or with digits between, and hundreds: one number each
     for cut, whole, text in (("1千", "1千万円", "予算は1千万円だった。"),
                              ("1億", "1億2000万人", "人口は1億2000万人。"),
@@ -389,7 +391,7 @@ def test_a_number_keeps_the_magnitude_written_after_it(hf_tok, ll_tok):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(st.sampled_from(list("東京人口ハ한국万千만 ab12.、")
+@given(st.text(st.sampled_from(list("東京人口ハ한국万千만ｶﾞﾟ ab12.、")
                                + ["\ufe00", "\U000e0100", "\u0301", "\u3099"]), max_size=12))
 def test_every_stretch_the_cjk_chunks_admit_stands_on_word_edges(text: str) -> None:
     """What the grammar lets an answer be (a run of ``substring_chunks``) is a stretch the

@@ -62,6 +62,9 @@ def test_sentences_end_at_the_stops_of_other_scripts() -> None:
     assert split("これはペンである．値は３．５である．") == [
         "これはペンである．", "値は３．５である．"]
     assert split("ｶﾀｶﾅ｡ﾃｽﾄ｡") == ["ｶﾀｶﾅ｡", "ﾃｽﾄ｡"]
+    # a quotation's stop ends no sentence that goes on after it ("...」と言った")
+    assert split("彼は「行く。」と言った。次だ。") == ["彼は「行く。」と言った。", "次だ。"]
+    assert split("「行く。」「来る。」") == ["「行く。」", "「来る。」"]
 
 
 @pytest.mark.parametrize(("text", "expected"), [

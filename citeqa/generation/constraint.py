@@ -91,7 +91,7 @@ def _cjk_patterns() -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]:
     word characters and marks, each other character), and ``_BEFORE``/``_AFTER`` whose
     "word" is one CJK character or a run of other non-space characters."""
     marks = marks_class(every_plane=True)  # as ``_inside_word`` reads a mark (any plane's)
-    cjk = f"[{CJK_RANGES}][{marks}]*"
+    cjk = f"[{CJK_RANGES}][{marks}{_HALF_WIDTH_VOICING}]*"
     unit = f"(?:{cjk}|(?:(?![{CJK_RANGES}])\\S)+)"
     run = f"(?:(?![{CJK_RANGES}])[\\w{marks}])"
     # a number with the magnitudes written in it ("940만", "1千万", "1億2000万"): one chunk,
@@ -251,6 +251,9 @@ def _word_char(c: str) -> bool:
     return c.isalnum() or c == "_" or unicodedata.category(c).startswith("M")
 
 
+# Half-width katakana's voicing marks (ﾞ ﾟ): letters, not combining marks, yet each belongs
+# to the kana before it, as a combining mark does ("ｶﾞ" is one letter, ガ).
+_HALF_WIDTH_VOICING = "\uff9e\uff9f"
 # CJK numerals of magnitude written after digits: 万 (10^4), 億 (10^8), 兆, 千, 百; Korean's 만,
 # 억, 조, 천, 백. Cut off, the digits say another number ("940" of "940만 명", 9.4 million people).
 MAGNITUDES = ("\u4e07\u842c\u5104\u4ebf\u5146\u5343\u767e\u4f70"
@@ -259,16 +262,16 @@ MAGNITUDES = ("\u4e07\u842c\u5104\u4ebf\u5146\u5343\u767e\u4f70"
 # character may carry (a variation selector) go with it, and so does a word going on after a
 # magnitude (a cut there is inside a word, as between any two characters of it)
 _MARKS = marks_class(every_plane=True)
-_NUMBER = re.compile(f"\\d[{_MARKS}]*"
-                     f"(?:[{MAGNITUDES}][{_MARKS}]*(?:(?![{CJK_RANGES}])[\\w{_MARKS}])*)+")
+_NUMBER = re.compile(f"\\d[{_MARKS}]*(?:[{MAGNITUDES}][{_MARKS}{_HALF_WIDTH_VOICING}]*"
+                     f"(?:(?![{CJK_RANGES}])[\\w{_MARKS}])*)+")
 
 
 def _inside_word(text: str, at: int) -> bool:
     """Whether a cut of ``text`` at ``at`` falls inside a word: before a combining mark of a
-    word character, inside a number written with magnitudes (``_NUMBER``: "1千|万"), or between
-    two word characters of which neither is a CJK one (each is a
-    word of its own; the one before is the letter a run of marks belongs to). The chunks of
-    ``_cjk_patterns`` and llguidance's ``substring_words`` cut so."""
+    word character (or a half-width voicing mark of a CJK one: "ｶ|ﾞ"), inside a number written
+    with magnitudes (``_NUMBER``: "1千|万"), or between two word characters of which neither is
+    a CJK one (each is a word of its own; the one before is the letter a run of marks belongs
+    to). The chunks of ``_cjk_patterns`` and llguidance's ``substring_words`` cut so."""
     if not 0 < at < len(text):
         return False
     before, after = text[at - 1], text[at]
@@ -282,6 +285,8 @@ def _inside_word(text: str, at: int) -> bool:
     base = at - 1
     while base > 0 and unicodedata.category(text[base]).startswith("M"):
         base -= 1
+    if after in _HALF_WIDTH_VOICING and is_cjk(text[base]):  # ("1ﾞ": a chunk of its own)
+        return True
     return not (is_cjk(text[base]) or is_cjk(after))
 
 
