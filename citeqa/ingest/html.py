@@ -463,6 +463,11 @@ def _without_fenced_code(text: str) -> str:
 
 
 def _heading(m: re.Match[str]) -> str:
-    """A heading match's text: without its closing spaces and #s, but at least one character
-    (``# #`` is titled "#")."""
-    return m.group(1).rstrip(" \t#") or m.group(1)[0]
+    """A heading match's text without its closing sequence: the #s at its end where a space
+    comes before them (CommonMark's rule: "# Learn C#" keeps its "#", "# Title ##" is "Title")
+    and the spaces around them, but at least one character (``# ###`` is titled "###")."""
+    text = m.group(1).rstrip(" \t")
+    body = text.rstrip("#")
+    if body != text and (not body or body[-1] in " \t"):
+        return body.rstrip(" \t") or text
+    return text or m.group(1)[0]  # ("#  ": a space)
