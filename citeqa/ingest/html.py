@@ -93,7 +93,7 @@ _SCOPE = frozenset({"applet", "button", "caption", "html", "marquee", "object", 
                     "th", "template"})
 _SPACE_RE = re.compile(r"\s+")
 _BREAKS_RE = re.compile(r"\n{3,}")
-# A markdown heading line; its text is group 1 less a closing run of spaces and #s (_heading).
+# A markdown heading line; its text is group 1 less a closing sequence of #s (_heading).
 # Not stripped in the pattern: a lazy text before "[ \t#]*$" rescanned a long run of #s from
 # every position, quadratic (a 64 KB post held the server for 25 s).
 _HEADING_RE = re.compile(r"^ {0,3}#{1,6}[ \t]+([^\n]+)$", re.MULTILINE)
