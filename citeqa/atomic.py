@@ -15,12 +15,12 @@ its mode (a new one gets the umask's, as any write would); a symbolic link is wr
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import secrets
 import shutil
 import stat
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -250,8 +250,13 @@ def _just_made(path: Path) -> bool:
         return False
 
 
-def _note_error(errors: list[BaseException], fn: Any, path: Any, exc: Any) -> None:
-    errors.append(exc[1])
+def _rmtree(path: Path, errors: list[BaseException]) -> None:
+    """``shutil.rmtree(path)``, going on past what it cannot remove, with the errors in
+    ``errors`` (``onexc`` from Python 3.12: ``onerror`` is deprecated there)."""
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=lambda fn, p, exc: errors.append(exc))
+    else:
+        shutil.rmtree(path, onerror=lambda fn, p, info: errors.append(info[1]))
 
 
 def remove_stale_siblings(out: Path, *, writing: bool, backups_free: bool = False) -> None:
@@ -264,7 +269,7 @@ def remove_stale_siblings(out: Path, *, writing: bool, backups_free: bool = Fals
         if not (backups_free and stale in backups) and writer_alive(stale, writing=writing):
             continue  # another writer is using it right now
         errors: list[BaseException] = []
-        shutil.rmtree(stale, onerror=functools.partial(_note_error, errors))
+        _rmtree(stale, errors)
         if not stale.exists():
             log.info("removed stale %s", stale)
         elif not (errors and getattr(errors[0], "errno", None) == errno.EROFS):
