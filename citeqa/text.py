@@ -52,7 +52,8 @@ def marks_class(every_plane: bool = False) -> str:
 # was a whole clause, which no question matched) cut into overlapping pairs of characters, as
 # Lucene's CJK bigrams: "東京タワー" -> 東京 京タ タワ ワー; a lone one stands alone.
 # Tokenizer 4: tokenizer 3's in NFKC (full-width "１９２７" is 1927; see ``tokenize``).
-TOKENIZER = 4
+# Tokenizer 5: tokenizer 4's with a symbol that NFKC writes in letters a word of its own.
+TOKENIZER = 5
 # Han (with its extensions and compatibility forms), hiragana, katakana (half-width too),
 # Hangul: the characters of scripts written without spaces between words, as a regex class's
 # ranges (BM25 pairs them; an answer or quote may begin and end at any of them)
@@ -269,17 +270,22 @@ def tokenize(text: str, version: int = TOKENIZER) -> list[str]:
     Version 4 (``TOKENIZER``): version 3's in NFKC, so that full-width and half-width forms
     are the ones they stand for ("１９２７" is 1927, "ｶﾀｶﾅ" カタカナ, "ＰＡＲＩＳ" paris; Japanese
     text writes digits full-width: a search for 1927 found none of them), and ligatures,
-    circled and superscript digits too ("ﬁle" is file, "①" 1). All four give the same tokens
-    for ASCII text. A change here is a new version.
+    circled and superscript digits too ("ﬁle" is file, "①" 1).
+    Version 5 (``TOKENIZER``): version 4's, but a symbol that NFKC writes in letters or digits
+    is a word of its own: "Acme™" is acme and tm (version 4: "acmetm", which a search for Acme
+    missed; "Core™", "5㎏" too). All five give the same tokens for ASCII text. A change here is
+    a new version.
     """
     if version == 1:
         return WORD.findall(text.lower())
-    if version not in (2, 3, 4):
+    if version not in (2, 3, 4, 5):
         raise ValueError(f"unknown tokenizer version {version!r}")
     text = text.lower() if version == 2 else text.casefold()
     if text.isascii():  # no marks, already NFC and NFKC: the quick path
         return WORD.findall(text)
-    if version == 4 and not unicodedata.is_normalized("NFKC", text):
+    if version >= 4 and not unicodedata.is_normalized("NFKC", text):
+        if version >= 5:
+            text = _SYMBOL.sub(_apart, text)
         text = unicodedata.normalize("NFKC", text).casefold()  # (casefold after: "Ｓ" is "s")
     if not unicodedata.is_normalized("NFC", text):
         text = unicodedata.normalize("NFC", text)
@@ -287,6 +293,18 @@ def tokenize(text: str, version: int = TOKENIZER) -> list[str]:
     if version == 2 or not _CJK.search(text):
         return words
     return [piece for word in words for piece in _cjk_pairs(word)]
+
+
+_SYMBOL = re.compile(r"[^\w\s]")  # (tokenizer 5: a mark, no word character either, stays)
+
+
+def _apart(m: re.Match[str]) -> str:
+    """A symbol that NFKC writes with letters or digits (™ -> TM, ㎏ -> kg, ℡ -> TEL) set
+    apart from the word it is written against; anything else as it is."""
+    c = m.group()
+    if c.isascii() or unicodedata.category(c)[0] == "M":
+        return c
+    return f" {c} " if any(ch.isalnum() for ch in unicodedata.normalize("NFKC", c)) else c
 
 
 def _cjk_pairs(word: str) -> list[str]:
