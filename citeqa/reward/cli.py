@@ -526,7 +526,9 @@ def combine_dir(data_paths: list[Path], reward_dir: Path, *,
 
 @interruptible("nothing was changed (calibration.json is replaced whole); run it again")
 def calibrate(
-    data: Annotated[list[Path], typer.Option("--data", help="Calibration-split reward data.")],
+    data: Annotated[list[Path], typer.Option(
+        "--data", help="Calibration-split reward data (repeatable: each file's questions are "
+                       "its own, never merged with another's of the same id).")],
     reward_dir: Annotated[Path, typer.Option("--reward", help="Reward-model directory.")],
     target: Annotated[
         float | None,
