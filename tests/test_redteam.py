@@ -374,3 +374,71 @@ def test_redteam_against_a_server_sends_batch_requests_at_once_and_closes_its_cl
     assert summary["questions"] == len(asked) >= 3 and most[0] == 3
     assert closed == [True]
     assert summary["threshold"].startswith("the server's own")  # not None: "answers all"
+
+
+def test_ctrl_c_of_a_redteam_against_a_server_waits_for_no_answer_in_flight(
+        tmp_path: Path) -> None:
+    """Ctrl-C ended the run only once the server had answered every question in flight: the
+    pool's threads were joined at exit (55 s against a slow server)."""
+    import http.server
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from citeqa.config import preset
+    from citeqa.retrieval import build_index_from_documents
+    from citeqa.types import Document
+
+    docs = [Document(f"d{i}", f"T{i}", f"s{i}", p) for i, p in enumerate(PASSAGES)]
+    build_index_from_documents(docs, tmp_path / "idx", preset("tiny").retrieval, progress=False)
+    asked, release = threading.Event(), threading.Event()
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # a server that takes its time to answer
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            asked.set()
+            release.wait(60)
+            self.send_response(503)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "citeqa", "redteam", "--index", str(tmp_path / "idx"),
+         "--out", str(tmp_path / "rt"), "--no-progress", "--per-passage", "1", "--n", "2",
+         "--url", f"http://127.0.0.1:{server.server_port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert asked.wait(60), proc.communicate(timeout=10)
+        start = time.perf_counter()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        took = time.perf_counter() - start
+    finally:
+        release.set()
+        proc.kill()
+        server.shutdown()
+    assert proc.returncode == 130 and "interrupted" in err, err
+    assert took < 10, took
+
+
+def test_at_once_keeps_the_order_and_raises_the_first_items_error() -> None:
+    import time
+
+    from citeqa.redteam.cli import at_once
+
+    def call(x: int) -> int:
+        time.sleep(0.05 * (3 - x))  # the last ends first
+        if x in (1, 2):
+            raise ValueError(f"item {x}")
+        return x * 10
+
+    assert at_once(call, [0, 3]) == [0, 30] and at_once(call, []) == []
+    with pytest.raises(ValueError, match="item 1"):
+        at_once(call, [0, 1, 2, 3])

@@ -10,9 +10,11 @@ stderr and exit status 2.
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
@@ -25,6 +27,34 @@ from citeqa.cli_errors import (
     shown_progress,
 )
 from citeqa.errors import CiteqaError, EngineUnavailableError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def at_once(call: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``[call(x) for x in items]``, each in a thread of its own, all at once; the first
+    item's error (in order) is raised after all have ended. Daemon threads: a Ctrl-C, or the
+    run ending otherwise, waits for no call in flight (a pool's threads are joined at exit,
+    and a server's answer took a minute and more to come)."""
+    results: list[R | None] = [None] * len(items)
+    errors: dict[int, BaseException] = {}
+
+    def run(i: int, item: T) -> None:
+        try:
+            results[i] = call(item)
+        except BaseException as e:  # (raised in the caller's thread, below)
+            errors[i] = e
+
+    threads = [threading.Thread(target=run, args=(i, x), name=f"citeqa-redteam-{i}",
+                                daemon=True) for i, x in enumerate(items)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[min(errors)]
+    return results  # type: ignore[return-value]  # (each set: no error)
 
 
 @interruptible()
@@ -87,7 +117,7 @@ def redteam(
     from citeqa.redteam.writer import write_questions
     from citeqa.retrieval.store import MANIFEST, Index, sha256_file
 
-    stack = ExitStack()  # with --url: the client and its threads, closed however the run ends
+    stack = ExitStack()  # with --url: the client, closed however the run ends
     try:
         idx = Index.load(index)
         texts = [p.text for p in idx.passages]
@@ -115,15 +145,12 @@ def redteam(
         variants = make_variants(seeds, corpus, seed=seed)
         asks = probes(seeds, variants)
         if url:
-            from concurrent.futures import ThreadPoolExecutor
-
             from citeqa.client import CiteqaClient
 
             client = stack.enter_context(CiteqaClient(url, api_key=api_key))
-            pool = stack.enter_context(ThreadPoolExecutor(batch, "citeqa-redteam"))
 
             def ask(items):  # --batch requests at once: the server batches them itself
-                return list(pool.map(lambda a: client.answer(a.question), items))
+                return at_once(lambda a: client.answer(a.question), items)
 
             threshold, service, system = None, url, None
         else:
