@@ -25,6 +25,7 @@ from citeqa.atomic import recover_dir
 from citeqa.compute import CpuDtype
 from citeqa.errors import ConfigError
 from citeqa.generation.format import AnswerMode
+from citeqa.generation.models import DEFAULT_MODEL
 from citeqa.text import without_userinfo
 
 logger = logging.getLogger(__name__)
@@ -354,7 +355,7 @@ class Settings(BaseSettings):
     @field_validator("generator")
     @classmethod
     def _generator_exists(cls, v: str | None) -> str | None:
-        if v and v not in ("smollm2", "fake") and not Path(v).is_dir():
+        if v and v not in (DEFAULT_MODEL, "fake") and not Path(v).is_dir():
             raise ValueError(f"CITEQA_GENERATOR={v!r} is not a directory with a Hugging Face model")
         return v
 

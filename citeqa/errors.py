@@ -12,6 +12,7 @@
     ├── IndexError_          an index directory is missing, corrupt or mismatched
     │   ├── IndexChangedError   another writer changed it since this process loaded it
     │   └── IndexExistsError    a build only where none is found one there at its swap
+    ├── IndexWriteError      a change to the index could not be written (a full disk: .full)
     ├── EmptyCorpusError     nothing to index
     ├── ModelError           a model could not be found or loaded
     ├── EngineError          a remote generation engine answered with an error

@@ -1,7 +1,13 @@
-"""ASGI middleware of the service (request body limit, security headers) and the page's CSP.
+"""ASGI middleware of the service, and the page's CSP.
 
-Both middlewares are plain ASGI: they see every response, including the error bodies the
-routes never produce (a 413 sent before the body was read).
+- ``BodyLimitMiddleware``: a request body's size limit (413), coding (415) and slowest rate (408);
+- ``UnexpectedErrorMiddleware``: an error no route expected is the service's JSON 500;
+- ``SecurityHeadersMiddleware``: the security headers of every response (``SECURITY_HEADERS``);
+- ``AbsoluteFormMiddleware``: a request target in absolute form served as its path;
+- ``HostCheckMiddleware``: 400 for a Host the service does not answer (DNS rebinding).
+
+All are plain ASGI: they see every response, including the error bodies the routes never
+produce (a 413 sent before the body was read).
 """
 
 from __future__ import annotations

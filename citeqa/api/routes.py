@@ -62,8 +62,7 @@ def _headers(**described: str) -> dict[str, Any]:
                         for name, text in described.items()}}
 
 
-# the headers of a 503 a client may retry (not_ready, overloaded, engine_unavailable), and of
-# a 401
+# the headers of a 503 a client may retry (not_ready, overloaded, engine_unavailable)
 RETRY_AFTER = _headers(Retry_After="seconds to wait before asking again (not_ready, overloaded, "
                        "engine_unavailable; absent on load_failed)")
 # 400: a body that is not UTF-8 JSON, or nested too deep to parse; 413: over the body limit;
@@ -82,7 +81,6 @@ ANSWER_ERRORS: dict[int | str, dict[str, Any]] = {**BODY_ERRORS, 502: {"model": 
 DOCUMENT_ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorOut} for s in (400, 403, 409, 501, 502, 507)
 }
-LIST_PAGE = 1000  # documents read at a time when looking for a page's (page_holder)
 # Any route, before routing: a Host the server does not accept (400), a body over the limit
 # (413) or in a content coding (415).
 REFUSED_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -187,6 +185,9 @@ def url_document(body: UrlDocumentIn, fetcher: Fetcher) -> Document:
             "texts, or index it with `citeqa index build`")
     return Document(doc_id=body.doc_id or doc_id_for(body.url), title=page.title,
                     source=page.final_url, text=page.text)
+
+
+LIST_PAGE = 1000  # documents read at a time when looking for a page's (page_holder)
 
 
 def page_holder(pipeline: PipelineLike, source: str) -> str | None:

@@ -7,6 +7,10 @@ as the server is told to stop: after ``shutdown_grace_s`` what is still queued i
 the running answers stop at their next step, each request answered with the service's 503
 ``shutting_down``; uvicorn's own timeout comes ``MARGIN_S`` later, for those responses to go
 out.
+
+Also the accept loop's faults, when file descriptors run out: ``EventLoop`` (one retry a
+second, not a busy core), ``AcceptErrors`` (one report every ``REPORT_EVERY_S``), and the open
+files' soft limit raised at start (``raise_open_files_limit``).
 """
 
 from __future__ import annotations

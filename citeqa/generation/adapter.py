@@ -33,6 +33,7 @@ from torch import nn
 
 from citeqa.atomic import atomic_path, write_text_atomic
 from citeqa.errors import ModelError
+from citeqa.generation.models import DEFAULT_MODEL
 from citeqa.generation.prompt import prompt_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ def resolve_adapter(adapter: str | None, model: str) -> Path | None:
         return None
     if adapter != PACKAGED:
         return Path(adapter)
-    if model != "smollm2":  # trained on SmolLM2's weights; another generator has its own
+    if model != DEFAULT_MODEL:  # trained on SmolLM2's weights; another generator has its own
         logger.info("the packaged adapter is trained for smollm2, not %s: none applied (set "
                     "CITEQA_ADAPTER to one trained for it)", model)
         return None

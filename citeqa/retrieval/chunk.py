@@ -13,19 +13,9 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Iterator
-from typing import NamedTuple
 
 from citeqa.config import ChunkConfig
-from citeqa.text import sentences
-
-
-class _Unit(NamedTuple):
-    """A sentence (or a piece of an over-long one): a trimmed, non-empty span."""
-
-    start: int
-    end: int
-    paragraph_start: bool  # a paragraph break precedes it
-
+from citeqa.text import Sentence, sentences
 
 # Where a piece without whitespace may end: after a clause's comma or colon (CJK text has no
 # spaces between words: a sentence of it was cut mid-word)
@@ -76,11 +66,12 @@ def _hard_split(text: str, start: int, end: int, max_chars: int) -> Iterator[tup
     yield start, end
 
 
-def _units(text: str, max_chars: int) -> list[_Unit]:
-    units: list[_Unit] = []
+def _units(text: str, max_chars: int) -> list[Sentence]:
+    """The sentences of ``text``, an over-long one in pieces (``_hard_split``)."""
+    units: list[Sentence] = []
     for start, end, para in sentences(text):
         for i, (s, e) in enumerate(_hard_split(text, start, end, max_chars)):
-            units.append(_Unit(s, e, para and i == 0))
+            units.append(Sentence(s, e, para and i == 0))
     return units
 
 
@@ -90,7 +81,7 @@ _ENDS_SENTENCE = tuple(".!?;,\u3002\uff01\uff1f\uff0e\uff61\u0964\u0965\u061f\u0
                        "\"')\u201d\u2019")
 
 
-def _heading(text: str, units: list[_Unit], k: int) -> bool:
+def _heading(text: str, units: list[Sentence], k: int) -> bool:
     """Whether ``units[k]`` is a paragraph of its own that reads as a heading: one line of at
     most ``HEADING_MAX_CHARS`` characters that does not end as a sentence does."""
     unit = units[k]

@@ -12,7 +12,7 @@ import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -35,6 +35,9 @@ from citeqa.errors import CiteqaError, ConfigError
 from citeqa.journal import file_lock, run_lock
 from citeqa.logs import setup_logging
 from citeqa.training.cards import stats_path
+
+if TYPE_CHECKING:
+    from citeqa.evals.squad import QAItem
 
 app = command_group(help="Train models: the generator's LoRA adapter, and training data.",
                     no_args_is_help=True)
@@ -355,7 +358,7 @@ def reward_data(
         elif source == "synthetic":
             summary = _synthetic_data(items, dataset, index, out, seed, progress)
         else:
-            summary = _redteam_data(items, out, seed, progress)
+            summary = _redteam_data(items, out, seed)
     except (CiteqaError, ValueError) as e:
         raise fail(str(e)) from None
     # what training and calibration check the data against (reward/cli.py: data_articles)
@@ -418,7 +421,9 @@ def _synthetic_data(items, dataset, index, out, seed, progress) -> dict:
     return {"questions": len(items), "examples": len(made), "by_source": stats_of(made)}
 
 
-def _redteam_data(items, out, seed, progress) -> dict:
+def _redteam_data(items: list[QAItem], out: Path, seed: int) -> dict[str, Any]:
+    """Red-team variants of ``items``' answerable questions, and the verifier examples they
+    make, into ``out`` (the variants beside it); their counts."""
     from collections import Counter
 
     from citeqa.redteam import Corpus, Seed, make_variants
