@@ -91,6 +91,19 @@ STOP_WORDS: frozenset[str] = frozenset(
 
 # Closing quotes and brackets that stay with the sentence they end (CJK's corner brackets too).
 _CLOSERS = "\"')]\u201d\u2019\u300d\u300f\u3011\uff09"
+# A line that reads as a heading (chunking keeps it with its section) or a title is no longer.
+HEADING_MAX_CHARS = 120
+# The marks a line of prose ends with: a sentence's (those ``_SENTENCE_BREAK`` reads) or a
+# clause's.
+_PROSE_ENDS = (".", "!", "?", ";", ",", "\u0964", "\u0965", "\u061f", "\u06d4", "\u1362",
+               "\u3002", "\uff01", "\uff1f", "\uff0e", "\uff61")
+
+
+def ends_as_prose(line: str) -> bool:
+    """Whether ``line`` ends as a sentence or a clause does, closing quotes and brackets after
+    its mark aside ('He left.)' does; "Installation (Linux)" does not): a heading or a title
+    does not. The one rule of chunking's headings and of plain text's titles."""
+    return line.rstrip().rstrip(_CLOSERS + "}\u00bb").endswith(_PROSE_ENDS)
 # A sentence ends after . ! or ? (and the Devanagari danda, the Arabic question mark and full
 # stop, the Ethiopic full stop), plus closing quotes/brackets, followed by whitespace; after a
 # CJK full stop, ! or ? (。！？, and the full-width and half-width stops ．｡, the first not

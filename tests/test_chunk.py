@@ -227,6 +227,25 @@ def test_headings_stacked_or_on_the_line_above_their_text_go_with_it(between: st
         assert text[spans[1][0]:spans[1][1]].startswith(headings.split("\n")[0]), spans
 
 
+@pytest.mark.parametrize(("line", "heading"), [
+    ("Installation (Linux)", True), ("Why \u201cquotes\u201d", True), ("Setup [beta]", True),
+    ("He left.)", False), ("R\u00e9sum\u00e9 \uff0e", False), ("It is done;", False),
+    ('She said "go."', False), ("\u5b8c\u6210\u3002\u300d", False),
+])
+def test_a_heading_and_a_title_are_one_rule(line: str, heading: bool) -> None:
+    """Chunking read a line ending in a bracket or a quote as a sentence (a section's
+    "Installation (Linux)" was cut off from it) while the title rule read it as a heading;
+    the title rule missed the full-width stops chunking knew."""
+    from citeqa.ingest.html import title_from_text
+
+    sentence = "Run the installer " + "and then wait for it to finish " * 11 + "now."
+    text = f"The tool has two parts. Both are needed for it to work.\n\n{line}\n\n" \
+           f"{sentence} Then reboot."
+    spans = chunk_document(text, ChunkConfig(max_chars=400))
+    assert text[spans[1][0]:spans[1][1]].startswith(line) is heading, spans
+    assert (title_from_text(f"{line}\n\nBody.", "fallback") == line) is heading
+
+
 def test_a_list_of_short_lines_is_not_cut_a_line_a_passage() -> None:
     """A full passage left all its last heading-like paragraphs to the next: in a release
     note's list of API names, one per line, that was every line, so 1 KB became 16 passages of

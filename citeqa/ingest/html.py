@@ -22,9 +22,9 @@ from html import unescape
 from html.parser import HTMLParser
 
 from citeqa.errors import SourceError
-from citeqa.text import WRAPPED_MIN_CHARS, is_blank
+from citeqa.text import HEADING_MAX_CHARS, WRAPPED_MIN_CHARS, ends_as_prose, is_blank
 
-TITLE_MAX_CHARS = 120  # titles longer than this are cut (with an ellipsis)
+TITLE_MAX_CHARS = HEADING_MAX_CHARS  # titles longer than this are cut (with an ellipsis)
 # Python's HTMLParser reads some malformed markup in quadratic time ("<a<a<a...": 80 KB took
 # 10 s, so a 5 MB page would take a day); well-formed pages parse at >1 MB/s. A page may take
 # PARSE_BASE_S plus PARSE_S_PER_MB per MB of its text before it is refused, in the parsing
@@ -298,11 +298,6 @@ def extract_html(html: str, *, max_seconds: float | None = None, xml: bool = Fal
     return HtmlText(text=text, title=cap_title(title))
 
 
-# a line ending so is prose (the danda, the Arabic question mark and full stop too)
-_SENTENCE_ENDS = (".", "!", "?", ";", ",", "。", "！", "？", "\u0964", "\u0965", "\u061f", "\u06d4")
-_CLOSERS = "\"')]}\u201d\u2019\u00bb"  # closing quotes and brackets after a sentence's end
-
-
 def cap_title(title: str, max_chars: int = TITLE_MAX_CHARS) -> str:
     """``title`` cut to ``max_chars`` characters (ending in an ellipsis when cut)."""
     return title if len(title) <= max_chars else title[: max_chars - 1].rstrip() + "…"
@@ -342,7 +337,7 @@ def title_from_text(text: str, fallback: str, *, markdown: bool = False) -> str:
             wrapped = (len(line) >= WRAPPED_MIN_CHARS and i + 1 < len(lines)
                        and lines[i + 1].lstrip()[:1].islower())
             if (not wrapped and len(line) <= TITLE_MAX_CHARS
-                    and not line.rstrip(_CLOSERS).endswith(_SENTENCE_ENDS)):
+                    and not ends_as_prose(line)):
                 return line
             return fallback
     return fallback

@@ -15,7 +15,7 @@ import unicodedata
 from collections.abc import Iterator
 
 from citeqa.config import ChunkConfig
-from citeqa.text import Sentence, sentences
+from citeqa.text import HEADING_MAX_CHARS, Sentence, ends_as_prose, sentences
 
 # Where a piece without whitespace may end: after a clause's comma or colon (CJK text has no
 # spaces between words: a sentence of it was cut mid-word)
@@ -75,21 +75,19 @@ def _units(text: str, max_chars: int) -> list[Sentence]:
     return units
 
 
-HEADING_MAX_CHARS = 120  # a heading-like paragraph is no longer (as a title: html.py)
 HEADINGS_STACKED = 3  # a full passage leaves at most this many last headings to the next
-_ENDS_SENTENCE = tuple(".!?;,\u3002\uff01\uff1f\uff0e\uff61\u0964\u0965\u061f\u06d4"
-                       "\"')\u201d\u2019")
 
 
 def _heading(text: str, units: list[Sentence], k: int) -> bool:
     """Whether ``units[k]`` is a paragraph of its own that reads as a heading: one line of at
-    most ``HEADING_MAX_CHARS`` characters that does not end as a sentence does."""
+    most ``HEADING_MAX_CHARS`` characters that does not end as prose does (``text.ends_as_prose``,
+    as a title)."""
     unit = units[k]
     line = text[unit.start:unit.end]
     return ((k == 0 or unit.paragraph_start)  # a "# " heading may have its text on the next line
             and (k + 1 == len(units) or units[k + 1].paragraph_start or line.startswith("#"))
             and unit.end - unit.start <= HEADING_MAX_CHARS
-            and "\n" not in line and not line.endswith(_ENDS_SENTENCE))
+            and "\n" not in line and not ends_as_prose(line))
 
 
 def chunk_document(text: str, cfg: ChunkConfig) -> list[tuple[int, int]]:
