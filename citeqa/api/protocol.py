@@ -82,7 +82,7 @@ class HeadTimeoutProtocol(H11Protocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._wait_timer: asyncio.TimerHandle | None = None
         self._head_started = False  # some bytes of the awaited head arrived
         self._counted: str | None = None  # the client address this connection counts for
         self._write_timer: asyncio.TimerHandle | None = None  # while writing is paused
@@ -96,16 +96,15 @@ class HeadTimeoutProtocol(H11Protocol):
                                  self.max_per_client)
                 transport.write(too_many_connections_response(self.max_per_client))
                 transport.close()
-                if self.on_close is not None:
-                    self.on_close("too_many_connections")
+                self._closed("too_many_connections")
                 return
             self.open_by_client[address] += 1
             self._counted = address
-        self._arm()  # a connection that never sends anything is bounded too
+        self._arm_wait()  # a connection that never sends anything is bounded too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        self._drained()
+        self._disarm_wait()
+        self._disarm_write()
         if self._counted is not None:
             self.open_by_client[self._counted] -= 1
             if not self.open_by_client[self._counted]:
@@ -142,15 +141,15 @@ class HeadTimeoutProtocol(H11Protocol):
         if awaited == "head":
             self._head_started = True  # part of a head: no request yet
         if awaited is None:
-            self._disarm()
+            self._disarm_wait()
         else:
-            self._arm()
+            self._arm_wait()
 
     def on_response_complete(self) -> None:
         self._head_started = False  # a kept-alive connection waits under uvicorn's keep-alive
         super().on_response_complete()  # bound until the next head's first byte
         if self._awaited() == "leftover":
-            self._arm()
+            self._arm_wait()
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -159,12 +158,7 @@ class HeadTimeoutProtocol(H11Protocol):
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        self._drained()
-
-    def _drained(self) -> None:
-        if self._write_timer is not None:
-            self._write_timer.cancel()
-            self._write_timer = None
+        self._disarm_write()
 
     def _response_unread(self) -> None:
         self._write_timer = None
@@ -173,20 +167,23 @@ class HeadTimeoutProtocol(H11Protocol):
         self.logger.info("closing a connection whose client read none of its response for %g s",
                          self.timeout_s)
         self.transport.abort()  # (close() would wait for the backed-up data to go)
-        if self.on_close is not None:
-            self.on_close("unread_response")
+        self._closed("unread_response")
 
-    def _arm(self) -> None:
-        if self._head_timer is None:
-            self._head_timer = self.loop.call_later(self.timeout_s, self._head_too_slow)
+    def _arm_wait(self) -> None:
+        """Bound the wait for what ``_awaited`` says the client owes, unless already bound."""
+        if self._wait_timer is None:
+            self._wait_timer = self.loop.call_later(self.timeout_s, self._client_too_slow)
 
-    def _disarm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+    def _disarm_wait(self) -> None:
+        _cancel(self._wait_timer)
+        self._wait_timer = None
 
-    def _head_too_slow(self) -> None:
-        self._head_timer = None
+    def _disarm_write(self) -> None:
+        _cancel(self._write_timer)
+        self._write_timer = None
+
+    def _client_too_slow(self) -> None:
+        self._wait_timer = None
         awaited = self._awaited()
         if awaited is None:
             return
@@ -198,8 +195,18 @@ class HeadTimeoutProtocol(H11Protocol):
         else:
             reason = "silent" if awaited == "head" else "unread_body"
         self.transport.close()
+        self._closed(reason)
+
+    def _closed(self, reason: str) -> None:
+        """Tell ``on_close`` (the service's metrics) of a connection closed for ``reason``."""
         if self.on_close is not None:
             self.on_close(reason)
+
+
+def _cancel(timer: asyncio.TimerHandle | None) -> None:
+    """Cancel ``timer`` (None: none is set)."""
+    if timer is not None:
+        timer.cancel()
 
 
 def head_timeout_protocol(timeout_s: float, on_close: Callable[[str], None] | None = None,
