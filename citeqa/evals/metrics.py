@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
+from citeqa.reward.calibrate import scores_and_correct, tie_block_ends
 from citeqa.text import answer_f1, normalize_answer
 
 # --- SQuAD answer scoring ----------------------------------------------------------------
@@ -89,18 +90,6 @@ def is_correct(
 # --- selective prediction -----------------------------------------------------------------
 
 
-def _as_scores_correct(scores: ArrayLike, correct: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    s = np.asarray(scores, dtype=float).reshape(-1)
-    c = np.asarray(correct, dtype=bool).reshape(-1)
-    if s.shape != c.shape:
-        raise ValueError(f"scores and correct differ in length: {s.size} vs {c.size}")
-    if s.size == 0:
-        raise ValueError("no questions: scores and correct are empty")
-    if np.isnan(s).any():
-        raise ValueError("scores contain NaN; give every question a finite or infinite score")
-    return s, c
-
-
 def risk_coverage_curve(
     scores: ArrayLike, correct: ArrayLike
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -110,12 +99,11 @@ def risk_coverage_curve(
     decreasing order (so coverage strictly increases and ends at 1.0). Tied scores form one
     block: they are answered together, so the curve has no point inside a tie.
     """
-    s, c = _as_scores_correct(scores, correct)
+    s, c = scores_and_correct(scores, correct)
     order = np.argsort(-s, kind="stable")
     s_sorted, c_sorted = s[order], c[order]
     cum_correct = np.cumsum(c_sorted)
-    # The last index of each tie block: where the next score differs (or the end).
-    block_end = np.flatnonzero(np.append(s_sorted[1:] != s_sorted[:-1], True))
+    block_end = tie_block_ends(s_sorted)
     answered = block_end + 1
     coverage = answered / s.size
     accuracy = cum_correct[block_end] / answered
@@ -133,7 +121,7 @@ def aurc(scores: ArrayLike, correct: ArrayLike) -> float:
     of wrong answers, e.g. every -inf: no verified quote), and a perfect ranking with such
     ties has the oracle's AURC (``oracle_scores``), so an excess over it is the ranking's own.
     """
-    s, c = _as_scores_correct(scores, correct)
+    s, c = scores_and_correct(scores, correct)
     order = np.argsort(-s, kind="stable")
     s_sorted, c_sorted = s[order], c[order].astype(float)
     starts = np.flatnonzero(np.append(True, s_sorted[1:] != s_sorted[:-1]))  # each tie block's
@@ -161,8 +149,8 @@ def paired_bootstrap_aurc(
     """AURC(a) - AURC(b) of two decline signals on the same questions (negative: a is better),
     with a 95 % percentile interval from ``n`` resamples of the questions (paired: both signals
     see the same resample)."""
-    a, ok = _as_scores_correct(scores_a, correct)
-    b, _ = _as_scores_correct(scores_b, correct)
+    a, ok = scores_and_correct(scores_a, correct)
+    b, _ = scores_and_correct(scores_b, correct)
     if a.shape != b.shape:
         raise ValueError(f"scores_a {a.shape} and scores_b {b.shape} differ")
     rng = np.random.default_rng(seed)
@@ -189,7 +177,7 @@ def auroc(scores: ArrayLike, correct: ArrayLike) -> float | None:
     """Area under the ROC curve of ``scores`` separating correct from incorrect answers: the
     probability that a random correct one outscores a random incorrect one (ties count half;
     Mann-Whitney). None when either class is empty."""
-    s, ok = _as_scores_correct(scores, correct)
+    s, ok = scores_and_correct(scores, correct)
     pos, neg = s[ok], s[~ok]
     if not pos.size or not neg.size:
         return None
@@ -233,7 +221,7 @@ def answered_accuracy_and_coverage(
 
     Accuracy is NaN when nothing is answered (coverage 0.0).
     """
-    s, c = _as_scores_correct(scores, correct)
+    s, c = scores_and_correct(scores, correct)
     answered = s >= threshold
     n_answered = int(answered.sum())
     accuracy = float(c[answered].mean()) if n_answered else float("nan")
@@ -264,7 +252,7 @@ def _as_probs_correct(
 ) -> tuple[np.ndarray, np.ndarray]:
     if n_bins < 1:
         raise ValueError(f"n_bins must be at least 1, got {n_bins}")
-    p, c = _as_scores_correct(probs, correct)
+    p, c = scores_and_correct(probs, correct)
     if (p < 0).any() or (p > 1).any():
         raise ValueError("probs must lie in [0, 1]; pass probabilities, not raw scores or logits")
     return p, c

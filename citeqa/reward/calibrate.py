@@ -71,6 +71,29 @@ class Calibration:
         return cls(**values, method=data.get("method", METHOD))
 
 
+def scores_and_correct(scores: ArrayLike, correct: ArrayLike, what: str = "questions"
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """``scores`` as floats and ``correct`` as booleans, flat; ValueError where they differ in
+    length, are empty (no ``what``), or a score is NaN. Shared with the eval's metrics: the
+    threshold certified here and the curves reported there read scores alike."""
+    s = np.asarray(scores, dtype=float).reshape(-1)
+    c = np.asarray(correct, dtype=bool).reshape(-1)
+    if s.shape != c.shape:
+        raise ValueError(f"scores and correct differ in length: {s.size} vs {c.size}")
+    if s.size == 0:
+        raise ValueError(f"no {what}: scores and correct are empty")
+    if np.isnan(s).any():
+        raise ValueError(f"scores contain NaN; give every one of the {what} a finite or "
+                         "infinite score")
+    return s, c
+
+
+def tie_block_ends(sorted_scores: np.ndarray) -> np.ndarray:
+    """The last index of each block of tied scores in ``sorted_scores`` (decreasing): where
+    the next score differs, or the end. "Answer iff score >= t" answers a block as a whole."""
+    return np.flatnonzero(np.append(sorted_scores[1:] != sorted_scores[:-1], True))
+
+
 def binomial_cdf(k: ArrayLike, n: ArrayLike, p: float) -> np.ndarray:
     """P(Binomial(n, p) <= k), elementwise over broadcast ``k`` and ``n``, exact to rounding.
 
@@ -162,21 +185,14 @@ def calibrate_threshold(
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     if min_answered < 1:
         raise ValueError(f"min_answered must be at least 1, got {min_answered}")
-    s = np.asarray(scores, dtype=float).reshape(-1)
-    c = np.asarray(correct, dtype=bool).reshape(-1)
-    if s.shape != c.shape:
-        raise ValueError(f"scores and correct differ in length: {s.size} vs {c.size}")
-    if s.size == 0:
-        raise ValueError("no calibration questions: scores and correct are empty")
-    if np.isnan(s).any():
-        raise ValueError("scores contain NaN; score every calibration question")
+    s, c = scores_and_correct(scores, correct, "calibration questions")
     if np.isposinf(s).any():  # "answer iff score >= inf" would be stored as "certifies nothing"
         raise ValueError("scores contain +inf; scores are finite (or -inf: never answered)")
 
     alpha = 1.0 - target_accuracy
     order = np.argsort(-s, kind="stable")
     s_sorted, errors = s[order], np.cumsum(~c[order])
-    block_end = np.flatnonzero(np.append(s_sorted[1:] != s_sorted[:-1], True))  # [T]
+    block_end = tie_block_ends(s_sorted)  # [T]
     # -inf (a question with no verified quote, declined whatever the threshold) is no
     # threshold to test: "answer iff score >= -inf" would read as "certifies nothing" (inf)
     # once stored, as both are infinite
