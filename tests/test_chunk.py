@@ -236,7 +236,7 @@ def test_a_heading_and_a_title_are_one_rule(line: str, heading: bool) -> None:
     """Chunking read a line ending in a bracket or a quote as a sentence (a section's
     "Installation (Linux)" was cut off from it) while the title rule read it as a heading;
     the title rule missed the full-width stops chunking knew."""
-    from citeqa.ingest.html import title_from_text
+    from citeqa.ingest.title import title_from_text
 
     sentence = "Run the installer " + "and then wait for it to finish " * 11 + "now."
     text = f"The tool has two parts. Both are needed for it to work.\n\n{line}\n\n" \

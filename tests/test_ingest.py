@@ -1,4 +1,4 @@
-"""Tests for citeqa.ingest.sources and citeqa.ingest.html: formats, folders, skipping, ids."""
+"""Tests for citeqa.ingest.sources, .html and .title: formats, folders, skipping, ids, titles."""
 
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def test_a_front_matter_title_with_a_long_run_of_spaces_is_read_in_linear_time()
     spaces took 10 s (a fetched Markdown page may hold 5 MB)."""
     import time
 
-    from citeqa.ingest.html import title_from_text
+    from citeqa.ingest.title import title_from_text
 
     start = time.perf_counter()
     title = title_from_text("---\ntitle: a" + " " * 200_000 + "b\n---\n", "F", markdown=True)
@@ -892,7 +892,7 @@ _QUADRATIC_HEADING = r"^ {0,3}#{1,6}[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$"
 def test_titles_are_those_of_the_quadratic_heading_pattern(text: str) -> None:
     import re
 
-    from citeqa.ingest.html import _HEADING_RE, _heading
+    from citeqa.ingest.title import _HEADING_RE, _heading
 
     old = re.compile(_QUADRATIC_HEADING, re.MULTILINE)
     for search in ("search", "match"):
@@ -903,7 +903,7 @@ def test_titles_are_those_of_the_quadratic_heading_pattern(text: str) -> None:
 def test_a_long_run_of_hashes_after_a_heading_is_read_once() -> None:
     """``# a###...x``: the lazy heading text once rescanned the run from every position (25 s
     here for a 64 KB post, the server's event loop held throughout)."""
-    from citeqa.ingest.html import title_from_text
+    from citeqa.ingest.title import title_from_text
 
     title = title_from_text("# a" + "#" * 65_400 + "x", "fallback", markdown=True)
     assert title.startswith("a####") and len(title) <= 200
@@ -972,7 +972,7 @@ def test_a_named_broken_or_looping_symlink_is_called_one(tmp_path: Path) -> None
 def test_a_first_line_ending_as_a_sentence_does_in_other_scripts_is_no_title() -> None:
     """Sentences end at the danda and the Arabic question mark too (text.sentences): a Hindi
     first sentence was taken for the document's title."""
-    from citeqa.ingest.html import title_from_text
+    from citeqa.ingest.title import title_from_text
 
     for line in ("यह एक वाक्य है।", "هل هذا صحيح؟", "東京は日本の首都です。"):
         assert title_from_text(f"{line}\n\nmore text", "fallback") == "fallback", line

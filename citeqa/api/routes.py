@@ -49,7 +49,7 @@ from citeqa.api.schemas import (
 from citeqa.config import MAX_DOCUMENT_CHARS
 from citeqa.errors import InvalidRequestError, NotSupportedError
 from citeqa.ingest import Fetcher, doc_id_for, is_made_id, page_key
-from citeqa.ingest.html import title_from_text
+from citeqa.ingest.title import title_from_text
 from citeqa.text import is_blank
 from citeqa.types import Answer, AskArgs, Document
 

@@ -1,8 +1,9 @@
 """Document ingestion: files, folders and URLs -> Documents (``load_sources``), and the
 SSRF-safe URL fetcher (``Fetcher``) they use.
 
-Modules: ``sources`` (formats, folders, skipping), ``html`` (HTML -> visible text),
-``fetch`` (URL and address rules, redirects, size/time caps).
+Modules: ``sources`` (formats, folders, skipping), ``html`` (HTML -> visible text), ``title``
+(a title from plain text or Markdown), ``fetch`` (URL and address rules, redirects, size/time
+caps).
 """
 
 from citeqa.ingest.fetch import FetchedPage, Fetcher, FetchPolicy, check_ip, page_key

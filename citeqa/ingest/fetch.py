@@ -49,7 +49,8 @@ from citeqa.errors import (
     UnreadablePageError,
 )
 from citeqa.ingest.encoding import decode_page
-from citeqa.ingest.html import extract_html, title_from_text
+from citeqa.ingest.html import extract_html
+from citeqa.ingest.title import title_from_text
 from citeqa.text import without_userinfo
 
 logger = logging.getLogger(__name__)

@@ -40,7 +40,8 @@ from tqdm import tqdm
 from citeqa.errors import FetchError, SourceError
 from citeqa.ingest.encoding import bom_codec, decode, meta_declared
 from citeqa.ingest.fetch import Fetcher, FetchPolicy, page_key
-from citeqa.ingest.html import cap_title, extract_html, title_from_text
+from citeqa.ingest.html import extract_html
+from citeqa.ingest.title import cap_title, title_from_text
 from citeqa.text import is_blank
 from citeqa.types import DOC_ID_PATTERN, MAX_DOC_ID_CHARS, Document
 

@@ -1,0 +1,188 @@
+"""A document's title from its text: a Markdown file's front matter or first heading, or a
+plain text's first line where it reads as a title (``title_from_text``); and a title's cap
+(``cap_title``). HTML's title is its ``<title>`` (``html.py``).
+"""
+
+from __future__ import annotations
+
+import re
+from html import unescape
+
+from citeqa.text import HEADING_MAX_CHARS, WRAPPED_MIN_CHARS, ends_as_prose, is_blank
+
+TITLE_MAX_CHARS = HEADING_MAX_CHARS  # titles longer than this are cut (with an ellipsis)
+_SPACE_RE = re.compile(r"\s+")
+# A markdown heading line; its text is group 1 less a closing sequence of #s (_heading).
+# Not stripped in the pattern: a lazy text before "[ \t#]*$" rescanned a long run of #s from
+# every position, quadratic (a 64 KB post held the server for 25 s).
+_HEADING_RE = re.compile(r"^ {0,3}#{1,6}[ \t]+([^\n]+)$", re.MULTILINE)
+
+
+def cap_title(title: str, max_chars: int = TITLE_MAX_CHARS) -> str:
+    """``title`` cut to ``max_chars`` characters (ending in an ellipsis when cut)."""
+    return title if len(title) <= max_chars else title[: max_chars - 1].rstrip() + "…"
+
+
+def title_from_text(text: str, fallback: str, *, markdown: bool = False) -> str:
+    """A title for plain text: the first markdown heading (when ``markdown``), else the first
+    non-empty line when it is a ``#`` heading (the marker removed) or reads as one (at most
+    ``TITLE_MAX_CHARS`` characters, not ending as a sentence does, and not a line of wrapped
+    prose going on in lower case on the next line), else ``fallback``.
+
+    A title is indexed with every passage of its document (``indexed_text``), so a first line
+    that is the text's first sentence must not become it: its words would match every
+    passage."""
+    text = text.removeprefix("\ufeff")  # a byte-order mark is no part of the title
+    if markdown:
+        named, text = _front_matter(text)  # (its lines left empty)
+        if named:
+            return cap_title(named)
+        text = _without_fenced_code(text)  # no line of a code block, nor a fence itself
+        if (heading := _first_heading(text)) is not None:
+            return cap_title(heading)
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        line = line.strip()
+        if is_blank(line.strip("#")) and len(line) <= 6:  # an empty heading ("#", "## \u200b")
+            continue
+        if line and not any(c.isalnum() for c in line[:200]):  # a rule: "---", "====", "***"
+            continue
+        if not is_blank(line):  # (a zero-width space alone is no title either)
+            m = _HEADING_RE.match(line)
+            if m:
+                return cap_title(_SPACE_RE.sub(" ", _heading(m)).strip())
+            line = _SPACE_RE.sub(" ", line)
+            # hard-wrapped prose: a line of a wrapping width that goes on in lower case on the
+            # next line ("...black-and-white striped\ncoats.")
+            wrapped = (len(line) >= WRAPPED_MIN_CHARS and i + 1 < len(lines)
+                       and lines[i + 1].lstrip()[:1].islower())
+            if (not wrapped and len(line) <= TITLE_MAX_CHARS
+                    and not ends_as_prose(line)):
+                return line
+            return fallback
+    return fallback
+
+
+_FENCE_RE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+# YAML front matter (--- ... --- or ...), or TOML (+++ ... +++), at a Markdown file's start
+_FRONT_MATTER_RE = re.compile(r"\A(---|\+\+\+)[ \t]*\r?\n(.*?)^(?:\1|\.\.\.)[ \t]*\r?$",
+                              re.DOTALL | re.MULTILINE)
+_FRONT_TITLE_RE = re.compile(r"^title[ \t]*[:=][ \t]*([^\r\n]*)\r?$", re.MULTILINE)
+_QUOTED_RE = re.compile(r"""\"((?:[^"\\]|\\.)*)\"|'((?:[^']|'')*)'""")
+_BLOCK_SCALAR_RE = re.compile(r"[|>][-+]?\d?[ \t]*(?:#.*)?")  # YAML's | and > (folded)
+_LIST_ITEM_RE = re.compile(r"(?:[-*+]|\d{1,9}[.)])(?:\s|$)")
+# a setext heading: a line of text underlined by =s (level 1) or -s (level 2)
+_SETEXT_RE = re.compile(r"^ {0,3}(\S[^\r\n]*)\r?\n {0,3}(?:=+|-+)[ \t]*\r?$", re.MULTILINE)
+# (bounded: a lazy scan for the end tag from every "<h1>" of a page without one is quadratic)
+_HTML_HEADING_RE = re.compile(r"^[ \t]*<h[1-6]\b[^>\n]{0,300}>(.{0,300}?)</h[1-6]\s*>",
+                              re.IGNORECASE | re.DOTALL | re.MULTILINE)
+_IMAGE_RE = re.compile(r"!\[([^\]]*)\]\([^)]*\)|!\[([^\]]*)\]\[[^\]]*\]")  # (its alt text)
+_LINK_RE = re.compile(r"\[([^\]]*)\]\([^)]*\)|\[([^\]]*)\]\[[^\]]*\]")
+_TAG_RE = re.compile(r"<[^>]*>")
+_EMPHASIS_RE = re.compile(r"(\*{1,3}|`+|~~)(?=\S)(.+?)(?<=\S)\1"
+                          r"|(?<!\w)(_{1,3})(?=\S)(.+?)(?<=\S)\3(?!\w)")  # (my_name: no)
+
+
+def _front_matter(text: str) -> tuple[str, str]:
+    """The ``title`` a Markdown file's front matter names ("" for none), and the text with the
+    front matter's lines left empty (its "---" read as the title, or as a setext heading's
+    underline)."""
+    m = _FRONT_MATTER_RE.match(text)
+    if m is None:
+        return "", text
+    title = _FRONT_TITLE_RE.search(m.group(2))
+    named = _SPACE_RE.sub(" ", _front_value(m.group(2), title)).strip() if title else ""
+    return named, "\n" * m.group(0).count("\n") + text[m.end():]
+
+
+def _front_value(front: str, title: re.Match[str]) -> str:
+    """The value of front matter's ``title`` line (``title``): a quoted string's text (YAML's
+    ``''`` and ``\\"`` escapes read), a block scalar's (``>-``, ``|``) indented lines that
+    follow, or the plain value less a ``# comment``."""
+    value = title.group(1).strip()
+    if (quoted := _QUOTED_RE.match(value)) is not None:
+        if quoted.group(1) is not None:
+            return _YAML_ESCAPE_RE.sub(_yaml_escape, quoted.group(1))
+        return quoted.group(2).replace("''", "'")
+    if _BLOCK_SCALAR_RE.fullmatch(value):
+        lines = []
+        for line in front[title.end():].lstrip("\r\n").splitlines():
+            if line.strip() and not line[:1].isspace():
+                break
+            lines.append(line.strip())
+        return " ".join(lines)
+    cuts = [i for i in (value.find(" #"), value.find("\t#")) if i >= 0]  # (a regex's run of
+    return value[:min(cuts)] if cuts else value  # spaces before "#" was quadratic)
+
+
+_YAML_ESCAPE_RE = re.compile(r"\\(x[0-9A-Fa-f]{2}|u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8}|.)")
+
+
+def _yaml_escape(m: re.Match[str]) -> str:
+    """One escape of a YAML double-quoted string, as a title reads it (a line break a space)."""
+    code = m.group(1)
+    if len(code) > 1:
+        try:
+            return chr(int(code[1:], 16))
+        except ValueError:  # past U+10FFFF
+            return ""
+    return " " if code in "nrtbfv0" else code
+
+
+def _first_heading(text: str) -> str | None:
+    """The text of a Markdown document's first heading that holds words: a ``#`` heading, a
+    setext one (underlined by = or -) or an HTML ``<h1>``-``<h6>``, whichever comes first, its
+    links, images, emphasis and tags reduced to their text; None where there is none."""
+    found = [(m.start(), _heading(m)) for m in _HEADING_RE.finditer(text)]
+    found += [(m.start(), m.group(1)) for m in _SETEXT_RE.finditer(text)
+              if not _HEADING_RE.match(m.group(1)) and not _FENCE_RE.match(m.group(1))
+              and not _LIST_ITEM_RE.match(m.group(1))]  # ("- item\n---": a list, then a rule)
+    found += [(m.start(), m.group(1)) for m in _HTML_HEADING_RE.finditer(text)]
+    for _, heading in sorted(found):  # (a title is 120 characters at most: cap_title)
+        words = _SPACE_RE.sub(" ", _markup_text(heading[:1000])).strip()
+        if any(c.isalnum() for c in words):  # not "# ---", nor a rule underlined
+            return words
+    return None
+
+
+def _markup_text(heading: str) -> str:
+    """A heading's text without Markdown's link, image and emphasis markup or HTML tags (a
+    title has no offsets to keep)."""
+    def text_of(m: re.Match[str]) -> str:
+        return m.group(1) if m.group(1) is not None else m.group(2)
+
+    heading = _LINK_RE.sub(text_of, _IMAGE_RE.sub(text_of, heading))  # ([![badge](..)](..))
+    heading = _TAG_RE.sub("", heading)
+    for _ in range(3):  # (nested: ***a*** and **_a_**)
+        heading = _EMPHASIS_RE.sub(lambda m: m.group(2) if m.group(1) else m.group(4), heading)
+    return unescape(heading)  # (A &amp; B)
+
+
+def _without_fenced_code(text: str) -> str:
+    """``text`` with the lines of its fenced code blocks (```/~~~, CommonMark: closed by a
+    fence of the same character at least as long; unclosed, to the end) left empty."""
+    out, fence = [], ""
+    for line in text.split("\n"):
+        m = _FENCE_RE.match(line)
+        if fence:
+            if m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence) and (
+                    not line.strip().strip(fence[0])):
+                fence = ""
+            out.append("")
+        elif m and not (m.group(1)[0] == "`" and "`" in line[m.end():]):
+            fence = m.group(1)  # (a backtick fence's info string holds no backtick)
+            out.append("")
+        else:
+            out.append(line)
+    return "\n".join(out)
+
+
+def _heading(m: re.Match[str]) -> str:
+    """A heading match's text without its closing sequence: the #s at its end where a space
+    comes before them (CommonMark's rule: "# Learn C#" keeps its "#", "# Title ##" is "Title")
+    and the spaces around them, but at least one character (``# ###`` is titled "###")."""
+    text = m.group(1).rstrip(" \t")
+    body = text.rstrip("#")
+    if body != text and (not body or body[-1] in " \t"):
+        return body.rstrip(" \t") or text
+    return text or m.group(1)[0]  # ("#  ": a space)
