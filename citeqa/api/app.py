@@ -276,7 +276,7 @@ def create_app(
     app.add_middleware(AbsoluteFormMiddleware)
     for router in routers:
         app.include_router(router)
-    if state.api_keys or state.read_keys:
+    if state.keys_required:
         plain = app.openapi
 
         def openapi() -> dict[str, Any]:

@@ -95,6 +95,11 @@ class ServiceState:
     stopping: threading.Thread | None = None  # the shutdown's grace, once begun
     batches_done: bool = True  # whether the batcher stopped within that grace
 
+    @property
+    def keys_required(self) -> bool:
+        """Whether API keys are configured (then every /v1 request shows one)."""
+        return bool(self.api_keys or self.read_keys)
+
     @contextmanager
     def admitted(self, work: str, limit: int) -> Iterator[None]:
         """Hold one of ``limit`` places for ``work`` while the block runs; when all are held,
@@ -119,7 +124,7 @@ class ServiceState:
         engine addresses) is left to the server log."""
         headers = {"Retry-After": str(self.settings.retry_after_s)}
         if self.phase == "failed":
-            cause = ("see the server log" if open_route and (self.api_keys or self.read_keys)
+            cause = ("see the server log" if open_route and self.keys_required
                      else self.load_error)
             return ApiError(503, "load_failed", f"the service failed to load: {cause}")
         if self.phase == "shutting_down":
@@ -166,7 +171,7 @@ def presented_access(request: Request, state: ServiceState) -> Access | None:
 def require_api_key(request: Request, state: StateDep) -> None:
     """When API keys are configured: one of them (a read key or one that may change the index),
     as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``."""
-    if not (state.api_keys or state.read_keys):
+    if not state.keys_required:
         return
     if presented_access(request, state) is None:
         raise ApiError(
@@ -181,7 +186,7 @@ def require_api_key(request: Request, state: StateDep) -> None:
 def may_change(request: Request, state: ServiceState) -> bool:
     """Whether the request may change the index: any request where no keys are configured, else
     one with a key of ``api_keys``."""
-    return not (state.api_keys or state.read_keys) or presented_access(request, state) == "change"
+    return not state.keys_required or presented_access(request, state) == "change"
 
 
 def require_change_key(request: Request, state: StateDep) -> None:
