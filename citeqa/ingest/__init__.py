@@ -9,6 +9,7 @@ caps).
 from citeqa.ingest.fetch import FetchedPage, Fetcher, FetchPolicy, check_ip, page_key
 from citeqa.ingest.html import HtmlText, extract_html
 from citeqa.ingest.sources import (
+    Kept,
     LoadResult,
     Skipped,
     doc_id_for,
@@ -26,6 +27,7 @@ __all__ = [
     "Fetcher",
     "page_key",
     "HtmlText",
+    "Kept",
     "LoadResult",
     "Skipped",
     "check_ip",

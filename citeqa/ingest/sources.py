@@ -136,22 +136,18 @@ def load_sources(
     result = LoadResult()
     items, result.skipped = expand_sources(as_sources(sources))
     fetcher = fetcher or Fetcher(FetchPolicy())
-    first_seen: dict[str, str] = {}  # doc_id -> source of the document that kept it
-    pages: dict[str, str] = {}  # a fetched page (page_key) -> the URL that first reached it
+    kept = Kept()
     bar = tqdm(items, desc="loading sources", unit="src", disable=not progress, file=sys.stderr)
     for item in bar:
+        url = item if isinstance(item, str) else None
         for entry in load_item(item, fetcher):
             if isinstance(entry, Skipped):
                 result.skipped.append(entry)
-            elif entry.doc_id in first_seen:
-                result.skipped.append(duplicate(entry, first_seen[entry.doc_id]))
-            elif isinstance(item, str) and (page := page_key(entry.source)) in pages:
-                result.skipped.append(same_page(item, pages[page], entry.source))  # one page
+            elif (skip := kept.skip(entry, url)) is not None:
+                result.skipped.append(skip)
             else:
-                if isinstance(item, str):
-                    pages[page] = item  # (its key, computed just above)
-                    result.fetched[entry.doc_id] = item
-                first_seen[entry.doc_id] = entry.source
+                if url is not None:
+                    result.fetched[entry.doc_id] = url
                 result.documents.append(entry)
     for s in result.skipped:  # the caller reports them (`citeqa index build` prints each once)
         logger.debug("skipped %s: %s", s.source, s.reason)
@@ -182,6 +178,29 @@ def load_item(item: str | Path, fetcher: Fetcher) -> Iterator[Document | Skipped
     """The documents of one item of ``expand_sources`` and its unreadable parts, in order;
     never raises for a bad source. Duplicate ids across items are the caller's to drop."""
     return _load_item(item, fetcher)
+
+
+class Kept:
+    """The documents a build keeps, in order: the first of each id, and of each fetched page
+    (``page_key`` of its final URL) the first URL that reached it. One home for the loaders of a
+    local build (``load_sources``) and of a sharded one (``merge.merge_shards``)."""
+
+    def __init__(self) -> None:
+        self.first_seen: dict[str, str] = {}  # doc_id -> the source of the document kept
+        self.pages: dict[str, str] = {}  # a fetched page -> the URL that first reached it
+
+    def skip(self, doc: Document, url: str | None) -> Skipped | None:
+        """Why ``doc`` (fetched from ``url``; None: read from a file) is not kept, or None,
+        and then it is."""
+        if doc.doc_id in self.first_seen:
+            return duplicate(doc, self.first_seen[doc.doc_id])
+        if url is not None:
+            page = page_key(doc.source)
+            if page in self.pages:
+                return same_page(url, self.pages[page], doc.source)  # one page, one document
+            self.pages[page] = url
+        self.first_seen[doc.doc_id] = doc.source
+        return None
 
 
 def same_page(url: str, first_url: str, page: str) -> Skipped:

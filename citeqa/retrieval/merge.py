@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from citeqa.config import RetrievalConfig
 from citeqa.errors import EmptyCorpusError, IndexError_
-from citeqa.ingest import Skipped, duplicate, page_key, same_page
+from citeqa.ingest import Kept, Skipped
 from citeqa.retrieval.bm25 import BM25Index, TermCounts, concat_counts
 from citeqa.retrieval.builder import no_documents
 from citeqa.retrieval.dense import DenseIndex, DenseSpec
@@ -53,22 +53,15 @@ def merge_shards(shards: Iterable[Shard], *, dense: bool,
     fetched from (None: a file), so that two URLs leading to one page give one document, as
     ``load_sources`` keeps it."""
     merged = Merged()
-    first_seen: dict[str, str] = {}  # doc_id -> the source of the document that kept it
-    pages: dict[str, str] = {}  # a fetched page (page_key) -> the URL that first reached it
+    kept = Kept()  # as load_sources keeps them
     spans, rows, counts, vectors = [], [], [], []
     for shard, url in zip(shards, urls if urls is not None else repeat(None), strict=False):
         merged.skipped.extend(Skipped(s["source"], s["reason"]) for s in shard.skipped)
         new_row = np.full(len(shard.documents), -1, dtype=np.int64)
         for r, doc in enumerate(shard.documents):
-            if doc.doc_id in first_seen:
-                merged.skipped.append(duplicate(doc, first_seen[doc.doc_id]))
+            if (skip := kept.skip(doc, url)) is not None:
+                merged.skipped.append(skip)
                 continue
-            if url is not None and page_key(doc.source) in pages:
-                merged.skipped.append(same_page(url, pages[page_key(doc.source)], doc.source))
-                continue
-            if url is not None:
-                pages[page_key(doc.source)] = url
-            first_seen[doc.doc_id] = doc.source
             new_row[r] = len(merged.documents)
             merged.documents.append(doc)
         global_rows = new_row[shard.passage_doc]
