@@ -276,20 +276,6 @@ def load_squad_questions(path: Path, articles: Collection[str] | None = None) ->
     return items
 
 
-def load_jsonl_questions(path: Path) -> list[QAItem]:
-    """Questions of a JSONL file, one ``{"id", "question", "answers": [...]}`` object a line.
-
-    ``answers: []`` marks an unanswerable question; optional ``article`` and ``context`` keys
-    are kept. Blank lines are skipped. Raises SourceError naming the bad line.
-    """
-    path = Path(path)
-    items = _parse_jsonl(_read(path), path)
-    if not items:
-        raise SourceError(f"{path}: no questions in the file")
-    _check_unique_ids(items, path)
-    return items
-
-
 def load_questions(path: Path, articles: Collection[str] | None = None) -> list[QAItem]:
     """Load a SQuAD JSON or a JSONL question file, telling them apart by content.
 
