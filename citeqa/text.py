@@ -280,14 +280,18 @@ def tokenize(text: str, version: int = TOKENIZER) -> list[str]:
     (``BM25Index.tokenizer``; 1 before version 2 existed): a query is tokenized as its index
     was. Version 1: runs of ``\\w``. Version 2: in NFC, runs of ``\\w`` and combining marks.
     Version 3: version 2's, case-folded, with Han, kana and Hangul in overlapping pairs.
-    Version 4 (``TOKENIZER``): version 3's in NFKC, so that full-width and half-width forms
+    Version 4: version 3's in NFKC, so that full-width and half-width forms
     are the ones they stand for ("１９２７" is 1927, "ｶﾀｶﾅ" カタカナ, "ＰＡＲＩＳ" paris; Japanese
     text writes digits full-width: a search for 1927 found none of them), and ligatures,
     circled and superscript digits too ("ﬁle" is file, "①" 1).
-    Version 5 (``TOKENIZER``): version 4's, but a symbol that NFKC writes in letters or digits
-    is a word of its own: "Acme™" is acme and tm (version 4: "acmetm", which a search for Acme
-    missed; "Core™", "5㎏" too). All five give the same tokens for ASCII text. A change here is
-    a new version.
+    Version 5 (``TOKENIZER``): version 4's, but a symbol that NFKC writes as letters or digits,
+    two or more, is a word of its own with the marks after it: "Acme™" is acme and tm
+    (version 4: "acmetm", which a search for Acme missed; "Core™", "5㎏" too), while a symbol
+    standing for one letter stays in its word (a Kangxi radical "⼤" of PDF text is 大, "ⓉⒺⓈⓉ"
+    test), variation selectors are dropped ("™" with U+FE0F is ™, an ideograph with its
+    variant's selector the ideograph); and a dotted capital I is i ("İstanbul" is istanbul:
+    case folding wrote i and a combining dot, which "Istanbul" never matched). All five give
+    the same tokens for ASCII text. A change here is a new version.
     """
     if version == 1:
         return WORD.findall(text.lower())
@@ -296,10 +300,14 @@ def tokenize(text: str, version: int = TOKENIZER) -> list[str]:
     text = text.lower() if version == 2 else text.casefold()
     if text.isascii():  # no marks, already NFC and NFKC: the quick path
         return WORD.findall(text)
+    if version >= 5:
+        text = text.translate(_VARIATION_SELECTORS)
     if version >= 4 and not unicodedata.is_normalized("NFKC", text):
         if version >= 5:
-            text = _SYMBOL.sub(_apart, text)
+            text = _symbol().sub(_apart, text)
         text = unicodedata.normalize("NFKC", text).casefold()  # (casefold after: "Ｓ" is "s")
+    if version >= 5 and "i\u0307" in text:  # (NFC has no dotted i to compose it into)
+        text = text.replace("i\u0307", "i")
     if not unicodedata.is_normalized("NFC", text):
         text = unicodedata.normalize("NFC", text)
     words = _word_with_marks().findall(text)
@@ -308,16 +316,27 @@ def tokenize(text: str, version: int = TOKENIZER) -> list[str]:
     return [piece for word in words for piece in _cjk_pairs(word)]
 
 
-_SYMBOL = re.compile(r"[^\w\s]")  # (tokenizer 5: a mark, no word character either, stays)
+# (tokenizer 5) how a character is drawn, not which it is: an emoji's, an ideograph's variant
+_VARIATION_SELECTORS = dict.fromkeys([*range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0)])
+
+
+@functools.cache
+def _symbol() -> re.Pattern[str]:
+    """Tokenizer 5's symbol: a character neither a word's nor a space, with the combining marks
+    after it ("™️": its variation selector is no word of its own)."""
+    return re.compile(rf"[^\w\s][{marks_class()}]*")
 
 
 def _apart(m: re.Match[str]) -> str:
-    """A symbol that NFKC writes with letters or digits (™ -> TM, ㎏ -> kg, ℡ -> TEL) set
-    apart from the word it is written against; anything else as it is."""
-    c = m.group()
+    """A symbol that NFKC writes as two or more letters or digits (™ -> TM, ㎏ -> kg, ℡ -> TEL,
+    ㍿ -> 株式会社), with its marks, set apart from the word it is written against; anything
+    else as it is (a mark; a stand-in for one letter: ⼤ -> 大, Ⓣ -> T)."""
+    c = m.group()[0]
     if c.isascii() or unicodedata.category(c)[0] == "M":
-        return c
-    return f" {c} " if any(ch.isalnum() for ch in unicodedata.normalize("NFKC", c)) else c
+        return m.group()
+    folded = unicodedata.normalize("NFKC", c)
+    return f" {m.group()} " if len(folded) > 1 and any(ch.isalnum() for ch in folded) \
+        else m.group()
 
 
 def _cjk_pairs(word: str) -> list[str]:

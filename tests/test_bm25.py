@@ -273,6 +273,17 @@ def test_tokenizer_5_reads_a_symbol_written_in_letters_as_a_word_of_its_own() ->
     for text in ("cafe\u0301 x\u0308", "ＰＡＲＩＳ ① x² ½", "a（b）c、d。", "東京タワー㍿"):
         assert tokenize(text) == tokenize(text, 4) or text == "東京タワー㍿", text
     assert tokenize("トヨタ㍿") == ["トヨ", "ヨタ", "株式", "式会", "会社"]  # (4: "タ株" too)
+    # a stand-in for one letter stays in its word, as in version 4: Kangxi radicals of PDF
+    # text (⼤ for 大) kept their pairs, circled letters their word
+    for text in ("東京⼤学の⼊学試験", "ⓉⒺⓈⓉ", "\U0001f143\U0001f134\U0001f142\U0001f143"):
+        assert tokenize(text) == tokenize(text, 4), text
+    assert tokenize("東京⼤学") == ["東京", "京大", "大学"] and tokenize("ⓉⒺⓈⓉ") == ["test"]
+    # variation selectors are no words, nor do they part one: "™️", an ideograph's variant
+    assert tokenize("Acme\u2122\ufe0f rockets \u2764\ufe0f") == ["acme", "tm", "rockets"]
+    assert tokenize("\u845b\U000e0100\u98fe\u533a") == tokenize("\u845b\u98fe\u533a")
+    assert tokenize("x\u2122\u0303") == ["x", "tm\u0303"]  # a symbol's marks go with it
+    # a dotted capital I: case folding wrote i and a combining dot
+    assert tokenize("\u0130stanbul") == tokenize("Istanbul") == ["istanbul"]
 
 
 @settings(max_examples=200, deadline=None)
