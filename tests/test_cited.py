@@ -245,6 +245,23 @@ def test_extractive_output_satisfies_the_request_grammar(question):
         assert out.candidates[0].quote is not None, (mode, raw)
 
 
+@pytest.mark.parametrize(("sentence", "question", "answer"), [
+    ("Rockets from Acme\u2122 Corp are sold in Texas.", "Where are Acme\u2122 rockets sold?",
+     "Corp"),
+    ("\uff30\uff21\uff32\uff29\uff33 is in France.", "Where is \uff30\uff21\uff32\uff29\uff33?",
+     "France"),
+])
+def test_the_extractive_stand_in_reads_question_words_as_the_question_was_read(
+        sentence: str, question: str, answer: str) -> None:
+    """A sentence's word was compared as it is with the question's terms, which tokenize reads
+    in NFKC: "Acme\u2122" and a full-width "PARIS" were new words, and the answer repeated the
+    question's."""
+    from citeqa.generation.extractive import _answer
+    from citeqa.text import content_terms
+
+    assert _answer(sentence, content_terms(question)) == answer
+
+
 def test_extractive_without_passages_is_empty():
     request = GenerationRequest(messages=({"role": "user", "content": "hi"},), n=2)
     assert extractive_responder(request) == ["", ""]

@@ -17,7 +17,7 @@ from citeqa.config import GenerationConfig
 from citeqa.generation.backend import GenerationRequest
 from citeqa.generation.format import ANSWER_PREFIX, QUOTE_PREFIX, QUOTE_SEPARATOR
 from citeqa.generation.prompt import parse_user_message
-from citeqa.text import STOP_WORDS, content_terms, relevance, sentence_spans, term
+from citeqa.text import STOP_WORDS, content_terms, relevance, sentence_spans
 
 ANSWER_WORDS = 5  # at most this many words in an answer
 # A quote's bounds when the request sets none (no grammar): GenerationConfig's, which verify.py
@@ -38,7 +38,9 @@ def _runs(sentence: str, question_terms: set[str]) -> list[list[re.Match[str]]]:
     runs: list[list[re.Match[str]]] = [[]]
     for m in _WORD.finditer(sentence):
         core = m.group().strip(_PUNCT)
-        if core and core.lower() not in STOP_WORDS and term(core) in question_terms:
+        # (its terms as the question's were made: "Acme™" is acme and tm, "ＰＡＲＩＳ" paris)
+        if core and core.lower() not in STOP_WORDS and not content_terms(core).isdisjoint(
+                question_terms):
             runs.append([])
         else:
             runs[-1].append(m)
