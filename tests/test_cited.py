@@ -250,6 +250,11 @@ def test_extractive_output_satisfies_the_request_grammar(question):
      "Corp"),
     ("\uff30\uff21\uff32\uff29\uff33 is in France.", "Where is \uff30\uff21\uff32\uff29\uff33?",
      "France"),
+    # a word is the question's when all its terms are, not one ("s" of "What's")
+    ("In 2001, Apple's iPod was released by Steve Jobs.", "What's released in 2001?",
+     "Apple's iPod"),
+    ("Its state-of-the-art factory opened in Ohio.", "Where is the art museum?",
+     "state-of-the-art factory opened in Ohio"),
 ])
 def test_the_extractive_stand_in_reads_question_words_as_the_question_was_read(
         sentence: str, question: str, answer: str) -> None:

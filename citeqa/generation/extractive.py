@@ -38,9 +38,10 @@ def _runs(sentence: str, question_terms: set[str]) -> list[list[re.Match[str]]]:
     runs: list[list[re.Match[str]]] = [[]]
     for m in _WORD.finditer(sentence):
         core = m.group().strip(_PUNCT)
-        # (its terms as the question's were made: "Acme™" is acme and tm, "ＰＡＲＩＳ" paris)
-        if core and core.lower() not in STOP_WORDS and not content_terms(core).isdisjoint(
-                question_terms):
+        # its terms as the question's were made ("Acme™" is acme and tm, "ＰＡＲＩＳ" paris), all
+        # of them the question's ("Apple's" is not the question's for its "s")
+        if (core and core.lower() not in STOP_WORDS
+                and (terms := content_terms(core)) and terms <= question_terms):
             runs.append([])
         else:
             runs[-1].append(m)
