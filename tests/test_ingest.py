@@ -251,7 +251,7 @@ def test_folder_recursion_sorted_hidden_and_unsupported(tmp_path: Path) -> None:
         "page.html": "<title>Page</title><p>html body</p>",
         ".hidden.txt": "hidden",
         ".git/config.txt": "hidden too",
-        "notes.rst": "unsupported",
+        "notes.adoc": "unsupported",
     }
     for rel, text in files.items():
         p = root / rel
@@ -264,9 +264,24 @@ def test_folder_recursion_sorted_hidden_and_unsupported(tmp_path: Path) -> None:
     assert result.documents[2].title == "Zed"
     assert result.documents[4].title == "Page" and result.documents[4].text == "html body"
     assert len(result.skipped) == 1
-    assert result.skipped[0].source.endswith("notes.rst")
+    assert result.skipped[0].source.endswith("notes.adoc")
     assert "unsupported" in result.skipped[0].reason
     assert not any("hidden" in d.text for d in result.documents)
+
+
+def test_a_folders_restructuredtext_and_markdown_by_other_names_are_read(tmp_path: Path) -> None:
+    """A Sphinx project's .rst sources (and Markdown named .mdx, .mkd...) were skipped in a
+    folder as an unsupported file type."""
+    root = tmp_path / "docs"
+    root.mkdir()
+    (root / "index.rst").write_text("=======\nMy Tool\n=======\n\nIt indexes things.\n")
+    (root / "guide.mdx").write_text("import X from './x'\n\n# The Guide\n\nRead it.\n")
+    (root / "notes.text").write_text("Notes\n\nPlain notes.\n")
+    result = load(root)
+    assert not result.skipped
+    assert {d.title for d in result.documents} == {"My Tool", "The Guide", "Notes"}
+    assert {Path(d.source).name: d.text for d in result.documents}["index.rst"] == (
+        root / "index.rst").read_text()  # kept byte-for-byte, as .txt
 
 
 def test_symlinked_and_unreadable_folders_are_named_not_silently_left_out(

@@ -6,8 +6,9 @@ what to do. It does not raise on an empty result either: a caller that needs doc
 ``result.documents`` and raises :class:`~citeqa.errors.EmptyCorpusError` itself.
 
 Formats (by extension):
-- ``.txt`` / ``.md``: the file's bytes decoded as UTF-8, otherwise UNCHANGED (no newline
-  translation), so character offsets into ``Document.text`` are offsets into the file.
+- ``.txt`` / ``.md`` (and ``.text``, ``.rst``; ``.markdown``, ``.mdown``, ``.mkd``, ``.mdx``):
+  the file's bytes decoded as UTF-8, otherwise UNCHANGED (no newline translation), so
+  character offsets into ``Document.text`` are offsets into the file.
 - ``.html`` / ``.htm``: visible text and <title> (see :mod:`citeqa.ingest.html`).
 - ``.json`` / ``.jsonl``: SQuAD v1/v2 (one document per paragraph, ``text == context``,
   ``source == f"{path}#{article_title}/{paragraph_index}"``), else one document per JSON-lines
@@ -47,7 +48,10 @@ from citeqa.types import DOC_ID_PATTERN, MAX_DOC_ID_CHARS, Document
 
 logger = logging.getLogger(__name__)
 
-TEXT_EXTENSIONS = frozenset({".txt", ".md", ".markdown"})
+# Markdown's (titled by front matter or first heading), then other plain text's (reStructuredText
+# too: its title is its first line, under or between rules of = or -, as plain text's reads it)
+MARKDOWN_EXTENSIONS = frozenset({".md", ".markdown", ".mdown", ".mkd", ".mdx"})
+TEXT_EXTENSIONS = MARKDOWN_EXTENSIONS | {".txt", ".text", ".rst"}
 HTML_EXTENSIONS = frozenset({".html", ".htm"})
 JSON_EXTENSIONS = frozenset({".json", ".jsonl"})
 SUPPORTED_EXTENSIONS = TEXT_EXTENSIONS | HTML_EXTENSIONS | JSON_EXTENSIONS
@@ -405,7 +409,7 @@ def _load_file(path: Path) -> Iterator[Document | Skipped]:
         yield from _load_json(path, _decode_text(data))
     else:  # .txt, .md, or a file named explicitly
         text = _decode_text(data)
-        markdown = suffix in (".md", ".markdown")
+        markdown = suffix in MARKDOWN_EXTENSIONS
         title = title_from_text(text, _printable(path.name), markdown=markdown)
         yield _single(source, title, text)
 
