@@ -439,6 +439,32 @@ def relevance(sentences: Sequence[str], question: str) -> list[float]:
     return [math.fsum(math.log1p(n / df[t]) for t in bag) for bag in bags]
 
 
+# A Markdown code fence (CommonMark: ``` or ~~~, three or more, indented at most 3 spaces)
+FENCE_RE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+
+
+def fenced_code(text: str) -> list[tuple[int, int]]:
+    """The spans of ``text``'s fenced code blocks, their fence lines included (CommonMark:
+    closed by a fence of the same character at least as long; unclosed, to the end). A title
+    is never one of their lines; chunking never ends a passage at a blank line in one."""
+    spans: list[tuple[int, int]] = []
+    fence, opened, pos = "", 0, 0
+    for line in text.split("\n"):
+        end = pos + len(line)
+        m = FENCE_RE.match(line)
+        if fence:
+            if m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence) and (
+                    not line.strip().strip(fence[0])):
+                spans.append((opened, end))
+                fence = ""
+        elif m and not (m.group(1)[0] == "`" and "`" in line[m.end():]):
+            fence, opened = m.group(1), pos  # (a backtick fence's info string holds no backtick)
+        pos = end + 1
+    if fence:
+        spans.append((opened, len(text)))
+    return spans
+
+
 class Sentence(NamedTuple):
     """A sentence of a text: ``text[start:end]``, trimmed and non-empty."""
 

@@ -246,6 +246,43 @@ def test_a_heading_and_a_title_are_one_rule(line: str, heading: bool) -> None:
     assert (title_from_text(f"{line}\n\nBody.", "fallback") == line) is heading
 
 
+@pytest.mark.parametrize("heading", [
+    "Usage\n-----", "Usage\n^^^^^", "Usage\n=====", "=====\nUsage\n=====", "## Usage"])
+def test_an_underlined_heading_goes_with_its_section_as_a_hashed_one_does(heading: str) -> None:
+    """A setext or reStructuredText heading (its text, then a rule under it, over it too) read as
+    two sentences, neither a heading: a full passage ended with it, cut off from its section
+    (a docs review: 14 of CMake's command pages' passages, and the orphan ranked first)."""
+    fox = "The quick brown fox jumps over the lazy dog near the river bank today. "
+    text = ("Guide\n=====\n\nRun the installer with the --prefix option to choose a target "
+            f"folder on this disk. {fox * 2}\n\n{heading}\n\nCall the tool with a file name. "
+            + " ".join(f"Sentence {i} explains one more detail here." for i in range(20)))
+    cfg = ChunkConfig(max_chars=1000)  # (the intro is under a quarter of it: no break after it)
+    spans = chunk_document(text, cfg)
+    check_invariants(text, spans, cfg)
+    [held] = [text[s:e] for s, e in spans if "Usage" in text[s:e]]
+    assert f"{heading}\n\nCall the tool" in held, spans
+
+
+def test_a_blank_line_in_fenced_code_ends_no_passage() -> None:
+    """A paragraph break inside a fenced code block ended a passage: half a 300-character
+    example in one passage, its rest in the next (90 such blocks in Node's API docs)."""
+    intro = "The storage keeps a value for the duration of an asynchronous operation. " * 2
+    code = ("```js\nconst store = new AsyncLocalStorage();\n\n"
+            "store.run(42, () => {\n  console.log(store.getStore());\n});\n\n"
+            "// prints 42 from inside the callback\n```")
+    text = f"{intro}\n\n{code}\n\n" + "Other text follows here after the code. " * 12
+    cfg = ChunkConfig(max_chars=400)
+    spans = chunk_document(text, cfg)
+    check_invariants(text, spans, cfg)
+    assert any(code in text[s:e] for s, e in spans), [text[s:e] for s, e in spans]
+    # an unclosed fence runs to the end; a rule after a paragraph is no underline
+    unclosed = "A.\n\n```\nx\n\ny"
+    assert chunk_document(unclosed, cfg) == [(0, len(unclosed))]
+    rule = "First part of the text, long enough to matter here. " * 3 + "\n\n---\n\nNext."
+    assert not any(text.endswith("---") for text in
+                   [rule[s:e] for s, e in chunk_document(rule, ChunkConfig(max_chars=150))])
+
+
 def test_a_list_of_short_lines_is_not_cut_a_line_a_passage() -> None:
     """A full passage left all its last heading-like paragraphs to the next: in a release
     note's list of API names, one per line, that was every line, so 1 KB became 16 passages of

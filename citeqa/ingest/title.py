@@ -8,7 +8,14 @@ from __future__ import annotations
 import re
 from html import unescape
 
-from citeqa.text import HEADING_MAX_CHARS, WRAPPED_MIN_CHARS, ends_as_prose, is_blank
+from citeqa.text import (
+    FENCE_RE,
+    HEADING_MAX_CHARS,
+    WRAPPED_MIN_CHARS,
+    ends_as_prose,
+    fenced_code,
+    is_blank,
+)
 
 TITLE_MAX_CHARS = HEADING_MAX_CHARS  # titles longer than this are cut (with an ellipsis)
 _SPACE_RE = re.compile(r"\s+")
@@ -63,7 +70,6 @@ def title_from_text(text: str, fallback: str, *, markdown: bool = False) -> str:
     return fallback
 
 
-_FENCE_RE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 # YAML front matter (--- ... --- or ...), or TOML (+++ ... +++), at a Markdown file's start
 _FRONT_MATTER_RE = re.compile(r"\A(---|\+\+\+)[ \t]*\r?\n(.*?)^(?:\1|\.\.\.)[ \t]*\r?$",
                               re.DOTALL | re.MULTILINE)
@@ -135,7 +141,7 @@ def _first_heading(text: str) -> str | None:
     links, images, emphasis and tags reduced to their text; None where there is none."""
     found = [(m.start(), _heading(m)) for m in _HEADING_RE.finditer(text)]
     found += [(m.start(), m.group(1)) for m in _SETEXT_RE.finditer(text)
-              if not _HEADING_RE.match(m.group(1)) and not _FENCE_RE.match(m.group(1))
+              if not _HEADING_RE.match(m.group(1)) and not FENCE_RE.match(m.group(1))
               and not _LIST_ITEM_RE.match(m.group(1))]  # ("- item\n---": a list, then a rule)
     found += [(m.start(), m.group(1)) for m in _HTML_HEADING_RE.finditer(text)]
     for _, heading in sorted(found):  # (a title is 120 characters at most: cap_title)
@@ -159,22 +165,12 @@ def _markup_text(heading: str) -> str:
 
 
 def _without_fenced_code(text: str) -> str:
-    """``text`` with the lines of its fenced code blocks (```/~~~, CommonMark: closed by a
-    fence of the same character at least as long; unclosed, to the end) left empty."""
-    out, fence = [], ""
-    for line in text.split("\n"):
-        m = _FENCE_RE.match(line)
-        if fence:
-            if m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence) and (
-                    not line.strip().strip(fence[0])):
-                fence = ""
-            out.append("")
-        elif m and not (m.group(1)[0] == "`" and "`" in line[m.end():]):
-            fence = m.group(1)  # (a backtick fence's info string holds no backtick)
-            out.append("")
-        else:
-            out.append(line)
-    return "\n".join(out)
+    """``text`` with the lines of its fenced code blocks (``text.fenced_code``) left empty."""
+    out, pos = [], 0
+    for start, end in fenced_code(text):
+        out += [text[pos:start], "\n" * text.count("\n", start, end)]
+        pos = end
+    return "".join([*out, text[pos:]])
 
 
 def _heading(m: re.Match[str]) -> str:

@@ -15,7 +15,7 @@ import unicodedata
 from collections.abc import Iterator
 
 from citeqa.config import ChunkConfig
-from citeqa.text import HEADING_MAX_CHARS, Sentence, ends_as_prose, sentences
+from citeqa.text import HEADING_MAX_CHARS, Sentence, ends_as_prose, fenced_code, sentences
 
 # Where a piece without whitespace may end: after a clause's comma or colon (CJK text has no
 # spaces between words: a sentence of it was cut mid-word)
@@ -67,27 +67,62 @@ def _hard_split(text: str, start: int, end: int, max_chars: int) -> Iterator[tup
 
 
 def _units(text: str, max_chars: int) -> list[Sentence]:
-    """The sentences of ``text``, an over-long one in pieces (``_hard_split``)."""
+    """The sentences of ``text``, an over-long one in pieces (``_hard_split``); a blank line
+    inside a fenced code block starts no paragraph (a passage ended there, mid-code)."""
     units: list[Sentence] = []
     for start, end, para in sentences(text):
         for i, (s, e) in enumerate(_hard_split(text, start, end, max_chars)):
             units.append(Sentence(s, e, para and i == 0))
+    if "```" in text or "~~~" in text:
+        for a, b in fenced_code(text):
+            units = [u._replace(paragraph_start=False) if a < u.start < b else u for u in units]
     return units
 
 
 HEADINGS_STACKED = 3  # a full passage leaves at most this many last headings to the next
 
 
+# A setext or reStructuredText heading's underline (or overline): one mark, repeated
+_RULE_MARKS = frozenset("=-~^\"'`#*+_")
+
+
+def _rule(text: str, unit: Sentence) -> bool:
+    line = text[unit.start:unit.end]
+    return len(line) >= 3 and line[0] in _RULE_MARKS and line == line[0] * len(line)
+
+
+def _title_line(text: str, unit: Sentence) -> bool:
+    """One line of at most ``HEADING_MAX_CHARS`` characters that does not end as prose does
+    (``text.ends_as_prose``, as a title) and is no rule."""
+    line = text[unit.start:unit.end]
+    return (unit.end - unit.start <= HEADING_MAX_CHARS and "\n" not in line
+            and not ends_as_prose(line) and not _rule(text, unit))
+
+
+def _underlined(text: str, units: list[Sentence], k: int) -> bool:
+    """Whether ``units[k]`` is a heading's text with a rule right under it (a setext or
+    reStructuredText heading: "Usage\n-----"), starting a paragraph or right under a rule that
+    does (reStructuredText's overline)."""
+    if not (k + 1 < len(units) and _rule(text, units[k + 1])
+            and not units[k + 1].paragraph_start and _title_line(text, units[k])):
+        return False
+    overlined = k > 0 and _rule(text, units[k - 1]) and (k == 1 or units[k - 1].paragraph_start)
+    return k == 0 or units[k].paragraph_start or overlined
+
+
 def _heading(text: str, units: list[Sentence], k: int) -> bool:
-    """Whether ``units[k]`` is a paragraph of its own that reads as a heading: one line of at
-    most ``HEADING_MAX_CHARS`` characters that does not end as prose does (``text.ends_as_prose``,
-    as a title)."""
+    """Whether ``units[k]`` is a paragraph of its own that reads as a heading (``_title_line``),
+    or a part of an underlined one (``_underlined``: its text, its underline or overline)."""
     unit = units[k]
     line = text[unit.start:unit.end]
-    return ((k == 0 or unit.paragraph_start)  # a "# " heading may have its text on the next line
-            and (k + 1 == len(units) or units[k + 1].paragraph_start or line.startswith("#"))
-            and unit.end - unit.start <= HEADING_MAX_CHARS
-            and "\n" not in line and not ends_as_prose(line))
+    if _rule(text, unit):
+        return ((k > 0 and not unit.paragraph_start and _underlined(text, units, k - 1))
+                or (k + 1 < len(units) and not units[k + 1].paragraph_start
+                    and _underlined(text, units, k + 1)))
+    return (((k == 0 or unit.paragraph_start)  # a "# " heading may have its text on the next line
+             and (k + 1 == len(units) or units[k + 1].paragraph_start or line.startswith("#"))
+             and _title_line(text, unit))
+            or _underlined(text, units, k))
 
 
 def chunk_document(text: str, cfg: ChunkConfig) -> list[tuple[int, int]]:
@@ -114,9 +149,12 @@ def chunk_document(text: str, cfg: ChunkConfig) -> list[tuple[int, int]]:
         # full: its last units headings, which begin the next passage instead; a few at most
         # (a list of short lines, API names one per line, reads as headings all: backing off
         # over all of it cut 1 KB into 16 passages of one line)
-        for _ in range(HEADINGS_STACKED):
-            if not (j < len(units) and j - 1 > max(i, fresh) and _heading(text, units, j - 1)):
-                break
+        stacked = 0  # (a heading's underline or overline is no heading of its own)
+        while j < len(units) and j - 1 > max(i, fresh) and _heading(text, units, j - 1):
+            if not _rule(text, units[j - 1]):
+                stacked += 1
+                if stacked > HEADINGS_STACKED:
+                    break
             j -= 1
         spans.append((start, units[j - 1].end))
         if j >= len(units):
