@@ -761,7 +761,15 @@ def test_a_hidden_element_ends_where_a_browser_ends_it(html: str, text: str) -> 
      "Reads frob.toml[1].</p><aside class=footnote><p>Or the directory.</p></aside></div>"
      "<footer>Privacy policy</footer>",
      "Why we moved\n\nReads frob.toml[1].\n\nOr the directory.\n\nPrivacy policy"),
-    ('<div role="navigation">Home</div><p>Text.</p>', "Home\n\nText."),  # (only <nav>)
+    # an element marked as navigation too: Sphinx's bars, DocBook's header and footer tables
+    # (a docs review: 9 passages of the Valgrind manual were "Home" alone), Bootstrap's navbar
+    ('<div role="navigation">Home</div><p>Text.</p>', "Text."),
+    ('<div class="navheader"><table summary="Navigation header"><tr><td><a>Prev</a></td>'
+     '</tr></table></div><p>Text.</p><div class="navfooter"><a>Home</a></div>', "Text."),
+    ('<table class="nav" summary="Navigation footer"><tr><td>&lt;&lt; 11. Lackey</td>'
+     '<td>Home</td></tr></table><p>Text.</p>', "Text."),
+    ('<ul class="navbar-nav nav"><li>Docs</li></ul><p>Text.</p>', "Text."),
+    ('<div class="navigation-guide"><p>Text.</p></div>', "Text."),  # (a class token, whole)
     ("<nav><p>A page all navigation.</p></nav>", "A page all navigation."),  # (kept, not none)
     # a table's cells were each a paragraph: a row (an infobox's label and value) was cut
     # between passages, and rows could not be told from cells; cells of text side by side

@@ -2,8 +2,9 @@
 ``title.py``'s.
 
 HTML is turned into readable text: script/style/head contents and other non-visible parts are
-dropped, and so is a page's navigation (``<nav>``: menus, breadcrumbs, a docs site's contents;
-a page with no text outside it keeps it); entities are unescaped, soft hyphens dropped, runs
+dropped, and so is a page's navigation (``<nav>``, or an element marked as one: menus,
+breadcrumbs, a docs site's contents, DocBook's header and footer bars; a page with no text
+outside it keeps it); entities are unescaped, soft hyphens dropped, runs
 of whitespace collapse to one space, block elements (paragraphs, headings, list items, table
 rows...) become paragraph breaks (a blank line), ``<br>`` a line break, and cells of text side
 by side in a row are joined by " | " (a cell holding blocks, or none, adds none). Indentation
@@ -51,7 +52,25 @@ def _hidden(attrs: list[tuple[str, str | None]]) -> bool:
         if name == "style" and value and _HIDING_STYLE.search(value):
             return True
     return False
-_NAVIGATION = frozenset({"nav"})  # a page's navigation, not its content
+# Class names of a page's navigation, not its content: DocBook's header and footer bars,
+# Bootstrap's nav and navbar, breadcrumbs
+_NAVIGATION_CLASSES = frozenset({"nav", "navbar", "navheader", "navfooter", "navigation",
+                                 "breadcrumb", "breadcrumbs"})
+
+
+def _navigation(tag: str, attrs: list[tuple[str, str | None]]) -> bool:
+    """Whether an element is a page's navigation: a ``<nav>``, or an element that says it is
+    one (``role="navigation"``, as Sphinx's bars and sidebar; a navigation class name; a
+    table summarised "Navigation header", as DocBook's)."""
+    if tag == "nav":
+        return True
+    for name, value in attrs:
+        value = (value or "").strip().lower()
+        if ((name == "role" and value == "navigation")
+                or (name == "class" and not _NAVIGATION_CLASSES.isdisjoint(value.split()))
+                or (name == "summary" and value.startswith("navigation"))):
+            return True
+    return False
 # Elements that end a paragraph of text before and after them.
 _BLOCK = frozenset(
     {
@@ -181,7 +200,7 @@ class _Extractor(HTMLParser):
         for closes, stops in implied:
             if (i := self._innermost(closes, stops)) is not None:
                 self._close_from(i)
-        hides = (tag in _SKIP or (tag in _NAVIGATION and not self._chrome)
+        hides = (tag in _SKIP or (not self._chrome and _navigation(tag, attrs))
                  or _hidden(attrs))
         shown = not self._hiding and not hides
         if tag not in _VOID:
