@@ -284,6 +284,22 @@ def test_a_folders_restructuredtext_and_markdown_by_other_names_are_read(tmp_pat
         root / "index.rst").read_text()  # kept byte-for-byte, as .txt
 
 
+def test_a_folders_conventional_text_files_are_read_without_an_extension(tmp_path: Path) -> None:
+    """README, NEWS, COPYING, README.Debian... were skipped as an unsupported file type: of a
+    Debian /usr/share/doc, bash, coreutils, curl and apt gave no document."""
+    root = tmp_path / "doc"
+    root.mkdir()
+    for name in ("README", "NEWS", "README.Debian", "copyright", "AUTHORS"):
+        (root / name).write_text(f"{name} says this.\n")
+    (root / "README.gz").write_bytes(b"\x1f\x8b")
+    (root / "Makefile").write_text("all:\n")
+    result = load(root)
+    assert sorted(Path(d.source).name for d in result.documents) == [
+        "AUTHORS", "NEWS", "README", "README.Debian", "copyright"]
+    assert [(Path(s.source).name, "gunzip" in s.reason) for s in result.skipped] == [
+        ("Makefile", False), ("README.gz", True)]
+
+
 def test_symlinked_and_unreadable_folders_are_named_not_silently_left_out(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = tmp_path / "real"

@@ -15,7 +15,9 @@ Formats (by extension):
   line / array element with a ``text`` field (optional ``title``, ``id``/``doc_id``,
   ``source``/``url``).
 A file named explicitly with another extension is read as plain text; inside a folder, such
-files are skipped (hidden files and folders silently).
+files are skipped (hidden files and folders silently), but for those a project names by
+convention (``TEXT_NAMES``: README, NEWS, INSTALL, COPYING, ..., with no extension or one that
+is no format: README.Debian).
 
 ``doc_id``: a record's own ``id``/``doc_id`` when REST would accept it as a doc_id
 (``types.DOC_ID_PATTERN``, at most ``MAX_DOC_ID_CHARS``), else the first 16 hex digits of
@@ -249,7 +251,7 @@ def _expand(source: str, skipped: list[Skipped]) -> list[str | Path]:
             if not regular:  # a pipe would block the build; a looping or broken link
                 skipped.append(Skipped(str(f), "not a regular file (a pipe, device, or broken "
                                        "or looping symlink)"))
-            elif f.suffix.lower() in SUPPORTED_EXTENSIONS:
+            elif f.suffix.lower() in SUPPORTED_EXTENSIONS or _text_by_name(f):
                 out.append(f)
             elif f.suffix.lower() in EXTRACT_FIRST:
                 skipped.append(Skipped(str(f), _extract_first(f.suffix.lower())))
@@ -279,6 +281,20 @@ def _expand(source: str, skipped: list[Skipped]) -> list[str | Path]:
 
 def _no_access(e: OSError) -> str:
     return f"could not be read ({e.strerror or e}); check permissions"
+
+
+# The plain-text files a project or package names by convention, without an extension or with
+# one that is no format (README.Debian, NEWS.old): read in a folder as plain text
+TEXT_NAMES = frozenset({"README", "NEWS", "INSTALL", "AUTHORS", "COPYING", "CHANGES", "CHANGELOG",
+                        "HISTORY", "TODO", "HACKING", "THANKS", "CONTRIBUTING", "LICENSE",
+                        "NOTICE", "COPYRIGHT", "FAQ", "BUGS"})
+
+
+def _text_by_name(path: Path) -> bool:
+    """Whether ``path`` is a conventional plain-text file of ``TEXT_NAMES`` (any case), not
+    compressed nor of another format (README.gz, LICENSE.pdf)."""
+    return (path.name.partition(".")[0].upper() in TEXT_NAMES
+            and path.suffix.lower() not in EXTRACT_FIRST)
 
 
 def _extract_first(suffix: str) -> str:
