@@ -45,9 +45,16 @@ def test_short_text_is_one_trimmed_passage() -> None:
 
 
 def test_paragraph_break_ends_a_substantial_passage() -> None:
-    text = "First paragraph has some words.\n\nSecond paragraph here."
+    text = "First paragraph has some words.\n\nSecond paragraph here, a little longer."
     pieces = [text[s:e] for s, e in chunk_document(text, ChunkConfig(max_chars=100))]
-    assert pieces == ["First paragraph has some words.", "Second paragraph here."]
+    assert pieces == ["First paragraph has some words.", "Second paragraph here, a little longer."]
+    # but not before a short rest of the text that fits: a last line alone ("Home", "See also
+    # X.") was a passage of its own (a docs review: 9 of the Valgrind manual's)
+    for rest in ("See also X.", "Home"):
+        text = f"First paragraph has some words.\n\n{rest}"
+        assert chunk_document(text, ChunkConfig(max_chars=100)) == [(0, len(text))]
+    text = "First paragraph has some words.\n\nSecond one.\n\nThird one, a bit longer too."
+    assert len(chunk_document(text, ChunkConfig(max_chars=100))) == 2  # (a rest of 41)
     # a tiny heading stays with the paragraph that follows
     text = "Intro\n\nThe body of the section follows the heading."
     pieces = [text[s:e] for s, e in chunk_document(text, ChunkConfig(max_chars=100))]

@@ -140,10 +140,13 @@ def chunk_document(text: str, cfg: ChunkConfig) -> list[tuple[int, int]]:
         start = units[i].start
         j = i + 1
         while j < len(units) and units[j].end - start <= cfg.max_chars:
-            # a paragraph break may end the passage only once it holds a fresh sentence, and
-            # not after a heading (it names what follows)
+            # a paragraph break may end the passage only once it holds a fresh sentence, not
+            # after a heading (it names what follows), and not before a short rest of the text
+            # that fits (a last line alone, "See also X.", was a passage of its own)
             if (j > fresh and units[j].paragraph_start and units[j - 1].end - start >= min_chars
-                    and not _heading(text, units, j - 1)):
+                    and not _heading(text, units, j - 1)
+                    and not (units[-1].end - start <= cfg.max_chars
+                             and units[-1].end - units[j].start < min_chars)):
                 break
             j += 1
         # full: its last units headings, which begin the next passage instead; a few at most
