@@ -47,8 +47,10 @@ log = logging.getLogger(__name__)
 index_app = command_group(help="Build document indexes, and add, remove and list documents.",
                           no_args_is_help=True)
 
-SourcesArg = Annotated[list[str], typer.Argument(help="Files, folders (recursive) and http(s) "
-                                                 "URLs.")]
+SourcesArg = Annotated[list[str], typer.Argument(help=(
+    "Files, folders (recursive) and http(s) URLs. Of a folder, its text, Markdown, "
+    "reStructuredText, HTML, JSON and JSONL files are read (by extension), and README, NEWS, "
+    "COPYING... without one; a file named here is read as plain text whatever its name."))]
 PrivateUrlsOpt = Annotated[bool, typer.Option(
     "--allow-private-urls", help="Allow fetching private/intranet addresses.")]
 ChangedIndexOpt = Annotated[Path, typer.Option(

@@ -259,9 +259,9 @@ def _expand(source: str, skipped: list[Skipped]) -> list[str | Path]:
                 skipped.append(
                     Skipped(
                         str(f),
-                        f"unsupported file type {f.suffix or '(no extension)'!r} in a folder; "
-                        f"supported: {', '.join(sorted(SUPPORTED_EXTENSIONS))} "
-                        "(name the file explicitly to read it as plain text)",
+                        f"unsupported file type {f.suffix or '(no extension)'!r} in a folder "
+                        "(name the file explicitly to read it as plain text; `citeqa index "
+                        "build --help` lists the types a folder's files are read by)",
                     )
                 )
         if not out:
