@@ -74,8 +74,12 @@ def _units(text: str, max_chars: int) -> list[Sentence]:
         for i, (s, e) in enumerate(_hard_split(text, start, end, max_chars)):
             units.append(Sentence(s, e, para and i == 0))
     if "```" in text or "~~~" in text:
-        for a, b in fenced_code(text):
-            units = [u._replace(paragraph_start=False) if a < u.start < b else u for u in units]
+        fences, f = fenced_code(text), 0  # in order, as the units: one pass over both
+        for k, u in enumerate(units):
+            while f < len(fences) and fences[f][1] <= u.start:
+                f += 1
+            if f < len(fences) and fences[f][0] < u.start and u.paragraph_start:
+                units[k] = u._replace(paragraph_start=False)
     return units
 
 
