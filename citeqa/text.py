@@ -443,12 +443,14 @@ def relevance(sentences: Sequence[str], question: str) -> list[float]:
 FENCE_RE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 
 
-def fenced_code(text: str) -> list[tuple[int, int]]:
+def fenced_code(text: str, *, tilde_underlines: bool = False) -> list[tuple[int, int]]:
     """The spans of ``text``'s fenced code blocks, their fence lines included (CommonMark:
     closed by a fence of the same character at least as long; unclosed, to the end). A title
-    is never one of their lines; chunking never ends a passage at a blank line in one."""
+    is never one of their lines; chunking never ends a passage at a blank line in one.
+    ``tilde_underlines``: a line of ~ right under a line of text opens none (it underlines a
+    reStructuredText heading: read as a fence, it ran to the next such line, or the end)."""
     spans: list[tuple[int, int]] = []
-    fence, opened, pos = "", 0, 0
+    fence, opened, pos, above = "", 0, 0, ""
     for line in text.split("\n"):
         end = pos + len(line)
         m = FENCE_RE.match(line)
@@ -457,9 +459,10 @@ def fenced_code(text: str) -> list[tuple[int, int]]:
                     not line.strip().strip(fence[0])):
                 spans.append((opened, end))
                 fence = ""
-        elif m and not (m.group(1)[0] == "`" and "`" in line[m.end():]):
+        elif m and not (m.group(1)[0] == "`" and "`" in line[m.end():]) and not (
+                tilde_underlines and m.group(1)[0] == "~" and above.strip()):
             fence, opened = m.group(1), pos  # (a backtick fence's info string holds no backtick)
-        pos = end + 1
+        pos, above = end + 1, line
     if fence:
         spans.append((opened, len(text)))
     return spans

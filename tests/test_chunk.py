@@ -270,6 +270,39 @@ def test_an_underlined_heading_goes_with_its_section_as_a_hashed_one_does(headin
     assert f"{heading}\n\nCall the tool" in held, spans
 
 
+def test_an_underlined_heading_is_never_cut_between_its_text_and_its_rule() -> None:
+    """The back-off over a full passage's last headings could stop inside an underlined one:
+    'CPack Bundle Generator' ended a passage, its underline began the next (13 times in
+    CMake's docs at 300 characters)."""
+    para = ("The bundle generator builds a disk image holding one application, its "
+            "resources and a launcher, for systems of that kind. ")
+    for heading in ("CPack Bundle Generator\n----------------------",
+                    "======================\nCPack Bundle Generator\n======================"):
+        text = f"{para}\n\n{heading}\n\n{para * 3}"
+        for max_chars in range(150, 420, 10):
+            cfg = ChunkConfig(max_chars=max_chars)
+            spans = chunk_document(text, cfg)
+            check_invariants(text, spans, cfg)
+            assert any(heading in text[s:e] for s, e in spans), (max_chars, spans)
+
+
+def test_code_fences_are_no_heading_rules_and_rst_tildes_no_fences() -> None:
+    """A one-line code block between bare fences read as an overlined heading (its fences the
+    rules), and a reStructuredText underline of ~ opened a code fence that ran to the next one
+    (37-87 % of such files' text, read as one code block, paragraphs joined across)."""
+    sentence = "Configuration is read from the file " + "and more words here " * 12 + "end."
+    text = f"To install it, run:\n\n```\npip install citeqa\n```\n\n{sentence}"
+    pieces = [text[s:e] for s, e in chunk_document(text, ChunkConfig(max_chars=300))]
+    assert pieces[0] == "To install it, run:\n\n```\npip install citeqa\n```", pieces
+    para = ("Some paragraph text that is about a hundred and sixty characters long, written "
+            "here to fill the space of one paragraph for this test.")
+    text = (f"Title\n=====\n\nSection A\n~~~~~~~~~\n\n{para}\n\n{para}\n\n"
+            f"Section B\n~~~~~~~~~\n\n{para}\n\n{para}")
+    pieces = [text[s:e] for s, e in chunk_document(text, ChunkConfig(max_chars=400))]
+    assert all(p.endswith("test.") and p.count(para) == 1 for p in pieces), pieces
+    assert pieces[2].startswith("Section B\n~~~~~~~~~\n\n"), pieces
+
+
 def test_a_blank_line_in_fenced_code_ends_no_passage() -> None:
     """A paragraph break inside a fenced code block ended a passage: half a 300-character
     example in one passage, its rest in the next (90 such blocks in Node's API docs)."""

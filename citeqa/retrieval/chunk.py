@@ -66,67 +66,85 @@ def _hard_split(text: str, start: int, end: int, max_chars: int) -> Iterator[tup
     yield start, end
 
 
-def _units(text: str, max_chars: int) -> list[Sentence]:
-    """The sentences of ``text``, an over-long one in pieces (``_hard_split``); a blank line
-    inside a fenced code block starts no paragraph (a passage ended there, mid-code)."""
+def _units(text: str, max_chars: int) -> tuple[list[Sentence], list[bool]]:
+    """The sentences of ``text``, an over-long one in pieces (``_hard_split``), and whether each
+    is code (a line of a fenced block, its fences included: never a heading or a rule); a blank
+    line inside a fenced code block starts no paragraph (a passage ended there, mid-code)."""
     units: list[Sentence] = []
     for start, end, para in sentences(text):
         for i, (s, e) in enumerate(_hard_split(text, start, end, max_chars)):
             units.append(Sentence(s, e, para and i == 0))
+    code = [False] * len(units)
     if "```" in text or "~~~" in text:
-        fences, f = fenced_code(text), 0  # in order, as the units: one pass over both
+        fences, f = fenced_code(text, tilde_underlines=True), 0  # in order: one pass over both
         for k, u in enumerate(units):
             while f < len(fences) and fences[f][1] <= u.start:
                 f += 1
-            if f < len(fences) and fences[f][0] < u.start and u.paragraph_start:
-                units[k] = u._replace(paragraph_start=False)
-    return units
+            if f < len(fences) and fences[f][0] <= u.start:
+                code[k] = True
+                if fences[f][0] < u.start and u.paragraph_start:
+                    units[k] = u._replace(paragraph_start=False)
+    return units, code
 
 
 HEADINGS_STACKED = 3  # a full passage leaves at most this many last headings to the next
-
-
 # A setext or reStructuredText heading's underline (or overline): one mark, repeated
-_RULE_MARKS = frozenset("=-~^\"'`#*+_")
+_RULE_MARKS = frozenset("=-~^\"'#*+_")
 
 
-def _rule(text: str, unit: Sentence) -> bool:
-    line = text[unit.start:unit.end]
-    return len(line) >= 3 and line[0] in _RULE_MARKS and line == line[0] * len(line)
+class _Headings:
+    """Which units of a text read as headings (or parts of one)."""
 
+    def __init__(self, text: str, units: list[Sentence], code: list[bool]) -> None:
+        self.text, self.units, self.code = text, units, code
 
-def _title_line(text: str, unit: Sentence) -> bool:
-    """One line of at most ``HEADING_MAX_CHARS`` characters that does not end as prose does
-    (``text.ends_as_prose``, as a title) and is no rule."""
-    line = text[unit.start:unit.end]
-    return (unit.end - unit.start <= HEADING_MAX_CHARS and "\n" not in line
-            and not ends_as_prose(line) and not _rule(text, unit))
+    def rule(self, k: int) -> bool:
+        """A line of one mark, repeated (not code)."""
+        line = self.text[self.units[k].start:self.units[k].end]
+        return (not self.code[k] and len(line) >= 3 and line[0] in _RULE_MARKS
+                and line == line[0] * len(line))
 
+    def title_line(self, k: int) -> bool:
+        """One line of at most ``HEADING_MAX_CHARS`` characters that does not end as prose does
+        (``text.ends_as_prose``, as a title), no rule and no code."""
+        unit = self.units[k]
+        line = self.text[unit.start:unit.end]
+        return (unit.end - unit.start <= HEADING_MAX_CHARS and "\n" not in line
+                and not ends_as_prose(line) and not self.rule(k) and not self.code[k])
 
-def _underlined(text: str, units: list[Sentence], k: int) -> bool:
-    """Whether ``units[k]`` is a heading's text with a rule right under it (a setext or
-    reStructuredText heading: "Usage\n-----"), starting a paragraph or right under a rule that
-    does (reStructuredText's overline)."""
-    if not (k + 1 < len(units) and _rule(text, units[k + 1])
-            and not units[k + 1].paragraph_start and _title_line(text, units[k])):
-        return False
-    overlined = k > 0 and _rule(text, units[k - 1]) and (k == 1 or units[k - 1].paragraph_start)
-    return k == 0 or units[k].paragraph_start or overlined
+    def underlined(self, k: int) -> bool:
+        """Whether ``units[k]`` is a heading's text with a rule right under it (a setext or
+        reStructuredText heading: "Usage\n-----"), starting a paragraph or right under a rule
+        that does (reStructuredText's overline)."""
+        units = self.units
+        if not (k + 1 < len(units) and self.rule(k + 1) and not units[k + 1].paragraph_start
+                and self.title_line(k)):
+            return False
+        overlined = k > 0 and self.rule(k - 1) and (k == 1 or units[k - 1].paragraph_start)
+        return k == 0 or units[k].paragraph_start or overlined
 
+    def heading(self, k: int) -> bool:
+        """Whether ``units[k]`` is a paragraph of its own that reads as a heading
+        (``title_line``), or a part of an underlined one (its text, its underline or
+        overline)."""
+        units, unit = self.units, self.units[k]
+        if self.rule(k):
+            return ((k > 0 and not unit.paragraph_start and self.underlined(k - 1))
+                    or (k + 1 < len(units) and not units[k + 1].paragraph_start
+                        and self.underlined(k + 1)))
+        line = self.text[unit.start:unit.end]
+        return (((k == 0 or unit.paragraph_start)  # a "# " heading may have its text below
+                 and (k + 1 == len(units) or units[k + 1].paragraph_start
+                      or line.startswith("#"))
+                 and self.title_line(k))
+                or self.underlined(k))
 
-def _heading(text: str, units: list[Sentence], k: int) -> bool:
-    """Whether ``units[k]`` is a paragraph of its own that reads as a heading (``_title_line``),
-    or a part of an underlined one (``_underlined``: its text, its underline or overline)."""
-    unit = units[k]
-    line = text[unit.start:unit.end]
-    if _rule(text, unit):
-        return ((k > 0 and not unit.paragraph_start and _underlined(text, units, k - 1))
-                or (k + 1 < len(units) and not units[k + 1].paragraph_start
-                    and _underlined(text, units, k + 1)))
-    return (((k == 0 or unit.paragraph_start)  # a "# " heading may have its text on the next line
-             and (k + 1 == len(units) or units[k + 1].paragraph_start or line.startswith("#"))
-             and _title_line(text, unit))
-            or _underlined(text, units, k))
+    def splits(self, j: int) -> bool:
+        """Whether a passage ending before ``units[j]`` cuts an underlined heading in two."""
+        units = self.units
+        return 0 < j < len(units) and not units[j].paragraph_start and (
+            (self.rule(j) and self.underlined(j - 1))  # its text | its underline
+            or (self.rule(j - 1) and self.underlined(j)))  # its overline | its text
 
 
 def chunk_document(text: str, cfg: ChunkConfig) -> list[tuple[int, int]]:
@@ -136,7 +154,8 @@ def chunk_document(text: str, cfg: ChunkConfig) -> list[tuple[int, int]]:
     previous one (fewer when they would not fit with the next new sentence).
     """
     assert cfg.max_chars >= 1, cfg  # ChunkConfig refuses less
-    units = _units(text, cfg.max_chars)
+    units, code = _units(text, cfg.max_chars)
+    headings = _Headings(text, units, code)
     min_chars = cfg.max_chars // 4  # a paragraph break ends a passage at least this long
     spans: list[tuple[int, int]] = []
     i = fresh = 0  # units[i:] are next; units[fresh] is the first not yet in any passage
@@ -148,7 +167,7 @@ def chunk_document(text: str, cfg: ChunkConfig) -> list[tuple[int, int]]:
             # after a heading (it names what follows), and not before a short rest of the text
             # that fits (a last line alone, "See also X.", was a passage of its own)
             if (j > fresh and units[j].paragraph_start and units[j - 1].end - start >= min_chars
-                    and not _heading(text, units, j - 1)
+                    and not headings.heading(j - 1)
                     and not (units[-1].end - start <= cfg.max_chars
                              and units[-1].end - units[j].start < min_chars)):
                 break
@@ -157,12 +176,18 @@ def chunk_document(text: str, cfg: ChunkConfig) -> list[tuple[int, int]]:
         # (a list of short lines, API names one per line, reads as headings all: backing off
         # over all of it cut 1 KB into 16 passages of one line)
         stacked = 0  # (a heading's underline or overline is no heading of its own)
-        while j < len(units) and j - 1 > max(i, fresh) and _heading(text, units, j - 1):
-            if not _rule(text, units[j - 1]):
+        while j < len(units) and j - 1 > max(i, fresh) and headings.heading(j - 1):
+            if not headings.rule(j - 1):
                 stacked += 1
                 if stacked > HEADINGS_STACKED:
                     break
             j -= 1
+        # an underlined heading stays whole where the passage would end inside it: with its
+        # section in the next passage, else (no room to back off) in this one, if it fits
+        while headings.splits(j) and j - 1 > max(i, fresh):
+            j -= 1
+        while headings.splits(j) and units[j].end - start <= cfg.max_chars:
+            j += 1
         spans.append((start, units[j - 1].end))
         if j >= len(units):
             break
