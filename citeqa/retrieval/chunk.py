@@ -2,11 +2,13 @@
 
 Passages are packed greedily from sentences (``citeqa.text.sentences``; a paragraph break ends a
 passage once it holds at least a quarter of ``max_chars``, but not right after a heading: a
-paragraph of one short line not ending as a sentence does goes with the section it names),
-so each is at most ``cfg.max_chars``
-characters long; a sentence longer than that is hard-split at whitespace (when it has none, as
-CJK text: after a clause's comma, or mid-word, never before a combining mark). Every span is
-trimmed of surrounding whitespace, so ``text[start:end]`` is exactly the passage text.
+paragraph of one short line not ending as a sentence does, or such a line with a rule under
+it, and over it too (setext, reStructuredText), goes with the section it names; nor inside
+fenced code, nor before a rest of the text under a quarter of ``max_chars`` that fits), so
+each is at most ``cfg.max_chars`` characters long; a sentence longer than that is hard-split
+at whitespace (when it has none, as CJK text: after a clause's comma, or mid-word, never before
+a combining mark). Every span is trimmed of surrounding whitespace, so ``text[start:end]`` is
+exactly the passage text.
 """
 
 from __future__ import annotations
