@@ -460,7 +460,8 @@ def fenced_code(text: str, *, tilde_underlines: bool = False) -> list[tuple[int,
                 spans.append((opened, end))
                 fence = ""
         elif m and not (m.group(1)[0] == "`" and "`" in line[m.end():]) and not (
-                tilde_underlines and m.group(1)[0] == "~" and above.strip()):
+                tilde_underlines and m.group(1)[0] == "~" and above.strip()
+                and not line.strip().strip("~")):  # ("~~~python" under text: a fence)
             fence, opened = m.group(1), pos  # (a backtick fence's info string holds no backtick)
         pos, above = end + 1, line
     if fence:

@@ -301,6 +301,10 @@ def test_code_fences_are_no_heading_rules_and_rst_tildes_no_fences() -> None:
     pieces = [text[s:e] for s, e in chunk_document(text, ChunkConfig(max_chars=400))]
     assert all(p.endswith("test.") and p.count(para) == 1 for p in pieces), pieces
     assert pieces[2].startswith("Section B\n~~~~~~~~~\n\n"), pieces
+    # a fence with its language right under text is still a fence (CommonMark)
+    md = "Run this:\n~~~python\nx = 1\n\ny = 2\n~~~\n\nThen read the output."
+    pieces = [md[s:e] for s, e in chunk_document(md, ChunkConfig(max_chars=40))]
+    assert pieces == ["Run this:\n~~~python\nx = 1\n\ny = 2\n~~~", "Then read the output."]
 
 
 def test_a_blank_line_in_fenced_code_ends_no_passage() -> None:

@@ -289,17 +289,19 @@ def test_a_folders_conventional_text_files_are_read_without_an_extension(tmp_pat
     Debian /usr/share/doc, bash, coreutils, curl and apt gave no document."""
     root = tmp_path / "doc"
     root.mkdir()
-    for name in ("README", "NEWS", "README.Debian", "copyright", "AUTHORS"):
+    for name in ("README", "NEWS", "README.Debian", "copyright", "AUTHORS", "ChangeLog"):
         (root / name).write_text(f"{name} says this.\n")
     (root / "README.gz").write_bytes(b"\x1f\x8b")
-    for code in ("Makefile", "install.sh", "history.py", "LICENSE.svg", "todo.js"):
+    for code in ("Makefile", "install.sh", "history.py", "LICENSE.svg", "todo.js", "README.go",
+                 "INSTALL.cmake"):
         (root / code).write_text("all:\n")  # (code, named so or not: the review's)
     result = load(root)
     assert sorted(Path(d.source).name for d in result.documents) == [
-        "AUTHORS", "NEWS", "README", "README.Debian", "copyright"]
+        "AUTHORS", "ChangeLog", "NEWS", "README", "README.Debian", "copyright"]
     assert sorted((Path(s.source).name, "gunzip" in s.reason) for s in result.skipped) == [
-        ("LICENSE.svg", False), ("Makefile", False), ("README.gz", True),
-        ("history.py", False), ("install.sh", False), ("todo.js", False)]
+        ("INSTALL.cmake", False), ("LICENSE.svg", False), ("Makefile", False),
+        ("README.go", False), ("README.gz", True), ("history.py", False), ("install.sh", False),
+        ("todo.js", False)]
 
 
 def test_symlinked_and_unreadable_folders_are_named_not_silently_left_out(

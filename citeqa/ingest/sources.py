@@ -283,23 +283,20 @@ def _no_access(e: OSError) -> str:
     return f"could not be read ({e.strerror or e}); check permissions"
 
 
-# The plain-text files a project or package names by convention, spelled so (Debian's in lower
-# case), without an extension or with one that is no format (README.Debian, NEWS.old): read in
-# a folder as plain text (install.sh, history.py are code)
+# The plain-text files a project or package names by convention (in any case: ChangeLog,
+# Readme, Debian's copyright), without an extension or with one of ``TEXT_NAME_TAGS``
+# (README.Debian, NEWS.old): read in a folder as plain text (install.sh, history.py are code)
 TEXT_NAMES = frozenset({"README", "NEWS", "INSTALL", "AUTHORS", "COPYING", "CHANGES", "CHANGELOG",
                         "HISTORY", "TODO", "HACKING", "THANKS", "CONTRIBUTING", "LICENSE",
-                        "NOTICE", "COPYRIGHT", "FAQ", "BUGS", "copyright", "changelog"})
-_NOT_TEXT = frozenset({".py", ".pyc", ".pyi", ".sh", ".js", ".ts", ".css", ".svg", ".png",
-                       ".jpg", ".gif", ".yml", ".yaml", ".toml", ".cfg", ".ini", ".xml", ".c",
-                       ".h", ".in", ".am", ".bat", ".exe", ".so", ".o"})
+                        "LICENCE", "NOTICE", "COPYRIGHT", "FAQ", "BUGS"})
+TEXT_NAME_TAGS = frozenset({"", ".debian", ".source", ".old"})
 
 
 def _text_by_name(path: Path) -> bool:
-    """Whether ``path`` is a conventional plain-text file of ``TEXT_NAMES``, not compressed,
-    code, nor of another format (README.gz, LICENSE.svg, INSTALL.sh)."""
-    suffix = path.suffix.lower()
-    return (path.name.partition(".")[0] in TEXT_NAMES and suffix not in EXTRACT_FIRST
-            and suffix not in _NOT_TEXT)
+    """Whether ``path`` is a conventional plain-text file of ``TEXT_NAMES`` (not README.gz,
+    LICENSE.svg, INSTALL.sh: another format, or code)."""
+    stem, _, tag = path.name.partition(".")
+    return stem.upper() in TEXT_NAMES and f".{tag}".lower().rstrip(".") in TEXT_NAME_TAGS
 
 
 def _extract_first(suffix: str) -> str:
