@@ -52,6 +52,8 @@ def _hidden(attrs: list[tuple[str, str | None]]) -> bool:
         if name == "style" and value and _HIDING_STYLE.search(value):
             return True
     return False
+
+
 # Class names of a page's navigation, not its content: DocBook's header and footer bars,
 # Bootstrap's nav and navbar, breadcrumbs
 _NAVIGATION_CLASSES = frozenset({"nav", "navbar", "navheader", "navfooter", "navigation",
@@ -71,6 +73,8 @@ def _navigation(tag: str, attrs: list[tuple[str, str | None]]) -> bool:
                 or (name == "summary" and value.startswith("navigation"))):
             return True
     return False
+
+
 # Elements that end a paragraph of text before and after them.
 _BLOCK = frozenset(
     {
