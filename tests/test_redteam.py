@@ -409,11 +409,16 @@ def test_ctrl_c_of_a_redteam_against_a_server_waits_for_no_answer_in_flight(
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "citeqa", "redteam", "--index", str(tmp_path / "idx"),
-         "--out", str(tmp_path / "rt"), "--no-progress", "--per-passage", "1", "--n", "2",
-         "--url", f"http://127.0.0.1:{server.server_port}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = ["redteam", "--index", str(tmp_path / "idx"), "--out", str(tmp_path / "rt"),
+            "--no-progress", "--per-passage", "1", "--n", "2",
+            "--url", f"http://127.0.0.1:{server.server_port}"]
+    # Ctrl-C as a terminal sends it, whatever this run inherited (a job started in the
+    # background of a script ignores SIGINT, and so would the command)
+    child = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)"
+             "; sys.argv = ['citeqa', *sys.argv[1:]]; runpy.run_module('citeqa', "
+             "run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", child, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert asked.wait(60), proc.communicate(timeout=10)
         start = time.perf_counter()
