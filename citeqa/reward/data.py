@@ -52,6 +52,12 @@ class Example:
         return out
 
 
+def _file_of(files: list[int], i: int, per_file: bool) -> int:
+    """Which file item ``i`` came from (``VerifierData.example_files`` or ``question_files``),
+    or 0 for all when files are not told apart."""
+    return files[i] if per_file and files else 0
+
+
 @dataclass
 class VerifierData:
     """What one or more JSONL files hold."""
@@ -67,20 +73,17 @@ class VerifierData:
         in two files is two groups (two generators' answers to it, say)."""
         out: dict[tuple[int, str], list[Example]] = {}
         for i, ex in enumerate(self.examples):
-            file = self.example_files[i] if per_file and self.example_files else 0
-            out.setdefault((file, ex.group or ex.judged.question), []).append(ex)
+            key = (_file_of(self.example_files, i, per_file), ex.group or ex.judged.question)
+            out.setdefault(key, []).append(ex)
         return list(out.values())
 
     def unanswered(self, *, per_file: bool = False) -> list[dict[str, Any]]:
         """The markers of questions with no candidate (their generation gave none): declines,
         which count among the questions. With ``per_file``, as ``groups`` reads them."""
-        def file_of(files: list[int], i: int) -> int:
-            return files[i] if per_file and files else 0
-
-        answered = {(file_of(self.example_files, i), ex.group or ex.judged.question)
+        answered = {(_file_of(self.example_files, i, per_file), ex.group or ex.judged.question)
                     for i, ex in enumerate(self.examples)}
         return [q for i, q in enumerate(self.questions)
-                if (file_of(self.question_files, i), q.get("qid")) not in answered]
+                if (_file_of(self.question_files, i, per_file), q.get("qid")) not in answered]
 
     @property
     def generators(self) -> list[dict[str, Any]]:
