@@ -447,11 +447,13 @@ def fenced_code(text: str, *, tilde_underlines: bool = False) -> list[tuple[int,
     """The spans of ``text``'s fenced code blocks, their fence lines included (CommonMark:
     closed by a fence of the same character at least as long; unclosed, to the end). A title
     is never one of their lines; chunking never ends a passage at a blank line in one.
-    ``tilde_underlines``: a line of ~ right under a line of text opens none (it underlines a
-    reStructuredText heading: read as a fence, it ran to the next such line, or the end)."""
+    ``tilde_underlines``: a line of ~ alone opens none right under a line of text (it underlines
+    a reStructuredText heading: read as a fence, it ran to the next such line, or the end), nor
+    between blank lines (a reStructuredText transition; code after a fence starts with a line)."""
     spans: list[tuple[int, int]] = []
-    fence, opened, pos, above = "", 0, 0, ""
-    for line in text.split("\n"):
+    fence, opened, pos = "", 0, 0
+    lines = text.split("\n")
+    for k, line in enumerate(lines):
         end = pos + len(line)
         m = FENCE_RE.match(line)
         if fence:
@@ -460,10 +462,11 @@ def fenced_code(text: str, *, tilde_underlines: bool = False) -> list[tuple[int,
                 spans.append((opened, end))
                 fence = ""
         elif m and not (m.group(1)[0] == "`" and "`" in line[m.end():]) and not (
-                tilde_underlines and m.group(1)[0] == "~" and above.strip()
-                and not line.strip().strip("~")):  # ("~~~python" under text: a fence)
+                tilde_underlines and m.group(1)[0] == "~" and not line.strip().strip("~")
+                and (k > 0 and lines[k - 1].strip()  # ("~~~python" under text: a fence)
+                     or k + 1 == len(lines) or not lines[k + 1].strip())):
             fence, opened = m.group(1), pos  # (a backtick fence's info string holds no backtick)
-        pos, above = end + 1, line
+        pos = end + 1
     if fence:
         spans.append((opened, len(text)))
     return spans

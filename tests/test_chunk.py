@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from citeqa.config import ChunkConfig
 from citeqa.retrieval import chunk_document, tokenize
+from citeqa.text import fenced_code
 
 
 def check_invariants(text: str, spans: list[tuple[int, int]], cfg: ChunkConfig) -> None:
@@ -305,6 +306,13 @@ def test_code_fences_are_no_heading_rules_and_rst_tildes_no_fences() -> None:
     md = "Run this:\n~~~python\nx = 1\n\ny = 2\n~~~\n\nThen read the output."
     pieces = [md[s:e] for s, e in chunk_document(md, ChunkConfig(max_chars=40))]
     assert pieces == ["Run this:\n~~~python\nx = 1\n\ny = 2\n~~~", "Then read the output."]
+    # a line of ~ between blank lines is a reStructuredText transition: no fence either
+    text = f"{para}\n\n~~~~~~~~\n\n{para}\n\n{para}\n\n{para}"
+    pieces = [text[s:e] for s, e in chunk_document(text, ChunkConfig(max_chars=400))]
+    assert all(p.count(para) == 1 for p in pieces), pieces
+    assert fenced_code(text, tilde_underlines=True) == []
+    bare = "Run this:\n\n~~~\nx = 1\n\ny = 2\n~~~\n\nThen read the output."
+    assert fenced_code(bare, tilde_underlines=True) == [(11, 31)]
 
 
 def test_a_blank_line_in_fenced_code_ends_no_passage() -> None:
