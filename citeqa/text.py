@@ -102,8 +102,15 @@ _PROSE_ENDS = (".", "!", "?", ";", ",", "\u0964", "\u0965", "\u061f", "\u06d4", 
 def ends_as_prose(line: str) -> bool:
     """Whether ``line`` ends as a sentence or a clause does, closing quotes and brackets after
     its mark aside ('He left.)' does; "Installation (Linux)" does not): a heading or a title
-    does not. The one rule of chunking's headings and of plain text's titles."""
+    does not. The one rule of chunking's headings (which also take a line that ``asks``) and of
+    plain text's titles."""
     return line.rstrip().rstrip(_CLOSERS + "}\u00bb").endswith(_PROSE_ENDS)
+
+
+def asks(line: str) -> bool:
+    """Whether ``line`` ends as a question does (closing quotes and brackets after its mark
+    aside): a line of its own that asks names what follows, as a FAQ's question does."""
+    return line.rstrip().rstrip(_CLOSERS + "}\u00bb").endswith(("?", "\uff1f", "\u061f"))
 # A sentence ends after . ! or ? (and the Devanagari danda, the Arabic question mark and full
 # stop, the Ethiopic full stop), plus closing quotes/brackets, followed by whitespace; after a
 # CJK full stop, ! or ? (。！？, and the full-width and half-width stops ．｡, the first not
@@ -439,6 +446,9 @@ def relevance(sentences: Sequence[str], question: str) -> list[float]:
     return [math.fsum(math.log1p(n / df[t]) for t in bag) for bag in bags]
 
 
+# A Markdown ATX heading's marker at a line's start (CommonMark: 1-6 #s, indented at most 3
+# spaces, then a space or tab); the line is a heading whatever precedes or ends it
+ATX_HEADING = r" {0,3}#{1,6}[ \t]"
 # A Markdown code fence (CommonMark: ``` or ~~~, three or more, indented at most 3 spaces)
 FENCE_RE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 

@@ -357,3 +357,31 @@ def test_a_long_run_of_spaces_is_one_sentence_gap() -> None:
     text = "a" + " " * 64_000 + "b.\n\nc"
     spans = [(s.start, s.end) for s in sentences(text)]
     assert spans == [(0, 64_003), (64_005, 64_006)]
+
+
+def test_marked_headings_stay_with_their_sections_however_they_end() -> None:
+    """Found on real documentation folders: a heading that asks ("## How do I ...?", a FAQ's
+    underlined "Q: Does ...?"), one with a stop inside ("## Step 2. Install it": two sentences,
+    neither read as a heading) and a changelog's "## 1.2.1" right under a list (CommonMark: a
+    block of its own) each ended a passage, its section in the next; asked the question, the
+    generator quoted it back from there, and was answered."""
+    intro = "Log in first; the token is kept in your home folder for later runs."
+    body = "Set HTTPS_PROXY in the environment before running the tool; it is read at start. "
+    cfg = ChunkConfig(max_chars=300)
+    for heading in ("## How do I configure the proxy?", "## Step 2. Configure the proxy",
+                    "Q: Does the tool read a proxy?\n------------------------------",
+                    "Step 2. Configure the proxy.\n============================",
+                    "Configure the proxy (see \"Setup\")?"):
+        for text in (f"{intro}\n\n{heading}\n\n{body}", f"{intro}\n\n{heading}\n\n{body * 3}"):
+            spans = chunk_document(text, cfg)
+            check_invariants(text, spans, cfg)
+            pieces = [text[s:e] for s, e in spans]
+            assert any(f"{heading}\n\n{body.strip()}" in p for p in pieces), pieces
+    items = "* item added here for the release notes of this product\n" * 5
+    text = items + "## 1.2.1\n\n* python-build: Add CPython 3.6.4\n* python-build: Add PyPy 5.10\n"
+    spans = chunk_document(text, cfg)
+    check_invariants(text, spans, cfg)
+    assert [text[s:e] for s, e in spans][1].startswith("## 1.2.1\n\n* python-build"), spans
+    # a "#" heading's line is one unit only while short: a long one is still packed and cut
+    long = "## " + "Step. " * 100 + "\n\n" + body * 2
+    check_invariants(long, chunk_document(long, cfg), cfg)

@@ -9,6 +9,7 @@ import re
 from html import unescape
 
 from citeqa.text import (
+    ATX_HEADING,
     FENCE_RE,
     HEADING_MAX_CHARS,
     WRAPPED_MIN_CHARS,
@@ -22,7 +23,7 @@ _SPACE_RE = re.compile(r"\s+")
 # A markdown heading line; its text is group 1 less a closing sequence of #s (_heading).
 # Not stripped in the pattern: a lazy text before "[ \t#]*$" rescanned a long run of #s from
 # every position, quadratic (a 64 KB post held the server for 25 s).
-_HEADING_RE = re.compile(r"^ {0,3}#{1,6}[ \t]+([^\n]+)$", re.MULTILINE)
+_HEADING_RE = re.compile(rf"^{ATX_HEADING}[ \t]*([^\n]+)$", re.MULTILINE)
 
 
 def cap_title(title: str, max_chars: int = TITLE_MAX_CHARS) -> str:

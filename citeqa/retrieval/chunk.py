@@ -2,8 +2,10 @@
 
 Passages are packed greedily from sentences (``citeqa.text.sentences``; a paragraph break ends a
 passage once it holds at least a quarter of ``max_chars``, but not right after a heading: a
-paragraph of one short line not ending as a sentence does, or such a line with a rule under
-it, and over it too (setext, reStructuredText), goes with the section it names; nor inside
+paragraph of one short line not ending as a sentence does (or asking, as a FAQ's question), a
+``#`` line (Markdown's ATX heading, a block of its own: blank line before it or not), or a short
+line with a rule under it, and over it too (setext, reStructuredText), however each ends, goes
+with the section it names, its line one unit even with a stop inside ("Step 2. Install"); nor inside
 fenced code, nor before a rest of the text under a quarter of ``max_chars`` that fits), so
 each is at most ``cfg.max_chars`` characters long; a sentence longer than that is hard-split
 at whitespace (when it has none, as CJK text: after a clause's comma, or mid-word, never before
@@ -13,11 +15,20 @@ exactly the passage text.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Iterator
 
 from citeqa.config import ChunkConfig
-from citeqa.text import HEADING_MAX_CHARS, Sentence, ends_as_prose, fenced_code, sentences
+from citeqa.text import (
+    ATX_HEADING,
+    HEADING_MAX_CHARS,
+    Sentence,
+    asks,
+    ends_as_prose,
+    fenced_code,
+    sentences,
+)
 
 # Where a piece without whitespace may end: after a clause's comma or colon (CJK text has no
 # spaces between words: a sentence of it was cut mid-word)
@@ -68,14 +79,61 @@ def _hard_split(text: str, start: int, end: int, max_chars: int) -> Iterator[tup
     yield start, end
 
 
+_ATX_RE = re.compile(ATX_HEADING)
+# A setext or reStructuredText heading's underline (or overline): one mark, repeated
+_RULE_MARKS = frozenset("=-~^\"'#*+_")
+
+
+def _is_rule(line: str) -> bool:
+    """A line of one mark of ``_RULE_MARKS``, three or more times (surrounding spaces aside)."""
+    line = line.strip()
+    return len(line) >= 3 and line[0] in _RULE_MARKS and line == line[0] * len(line)
+
+
+def _line_after(text: str, i: int) -> str:
+    """The line after the one that holds position ``i`` ("" where that is the last)."""
+    end = text.find("\n", i)
+    if end < 0:
+        return ""
+    below = text.find("\n", end + 1)
+    return text[end + 1:below if below >= 0 else len(text)]
+
+
+def _marked_headings(text: str, units: list[Sentence], max_chars: int) -> list[Sentence]:
+    """``units`` with a marked heading's line whole, as one unit, and a ``#`` heading's line a
+    paragraph's start. A heading's line is marked by #s (Markdown's ATX heading) or by a rule
+    right under it (setext, reStructuredText). "## Step 2. Install it" was two sentences, neither
+    read as a heading; a changelog's "## 1.2.1" right under a list (CommonMark: a block of its
+    own, blank line before it or not) ended a passage, its entries in the next."""
+    out: list[Sentence] = []
+    prev, marked = 0, False  # where ``out[-1]`` starts; whether its line is a marked heading's
+    for u in units:
+        on_line = out and text.rfind("\n", prev, u.start) < 0  # (from the last unit: linear)
+        prev = u.start
+        if on_line:  # joins a marked line's unit, while that stays short
+            if marked and u.end - out[-1].start <= min(HEADING_MAX_CHARS, max_chars):
+                out[-1] = out[-1]._replace(end=u.end)
+            else:
+                marked = False
+                out.append(u)
+            continue
+        line_start = text.rfind("\n", 0, u.start) + 1  # (once a line: at its first unit)
+        atx = not text[line_start:u.start].strip() and _ATX_RE.match(text, line_start)
+        marked = bool(atx) or _is_rule(_line_after(text, u.start))
+        out.append(u._replace(paragraph_start=True) if atx else u)
+    return out
+
+
 def _units(text: str, max_chars: int) -> tuple[list[Sentence], list[bool]]:
-    """The sentences of ``text``, an over-long one in pieces (``_hard_split``), and whether each
-    is code (a line of a fenced block, its fences included: never a heading or a rule); a blank
-    line inside a fenced code block starts no paragraph (a passage ended there, mid-code)."""
+    """The sentences of ``text``, an over-long one in pieces (``_hard_split``), a marked heading's
+    line whole (``_marked_headings``), and whether each is code (a line of a fenced block, its
+    fences included: never a heading or a rule); a blank line inside a fenced code block starts
+    no paragraph (a passage ended there, mid-code)."""
     units: list[Sentence] = []
     for start, end, para in sentences(text):
         for i, (s, e) in enumerate(_hard_split(text, start, end, max_chars)):
             units.append(Sentence(s, e, para and i == 0))
+    units = _marked_headings(text, units, max_chars)
     code = [False] * len(units)
     if "```" in text or "~~~" in text:
         fences, f = fenced_code(text, tilde_underlines=True), 0  # in order: one pass over both
@@ -90,8 +148,6 @@ def _units(text: str, max_chars: int) -> tuple[list[Sentence], list[bool]]:
 
 
 HEADINGS_STACKED = 3  # a full passage leaves at most this many last headings to the next
-# A setext or reStructuredText heading's underline (or overline): one mark, repeated
-_RULE_MARKS = frozenset("=-~^\"'#*+_")
 
 
 class _Headings:
@@ -102,25 +158,29 @@ class _Headings:
 
     def rule(self, k: int) -> bool:
         """A line of one mark, repeated (not code)."""
-        line = self.text[self.units[k].start:self.units[k].end]
-        return (not self.code[k] and len(line) >= 3 and line[0] in _RULE_MARKS
-                and line == line[0] * len(line))
+        return not self.code[k] and _is_rule(self.text[self.units[k].start:self.units[k].end])
+
+    def line(self, k: int) -> bool:
+        """One line of at most ``HEADING_MAX_CHARS`` characters, no rule and no code."""
+        unit = self.units[k]
+        return (unit.end - unit.start <= HEADING_MAX_CHARS
+                and "\n" not in self.text[unit.start:unit.end]
+                and not self.rule(k) and not self.code[k])
 
     def title_line(self, k: int) -> bool:
-        """One line of at most ``HEADING_MAX_CHARS`` characters that does not end as prose does
-        (``text.ends_as_prose``, as a title), no rule and no code."""
-        unit = self.units[k]
-        line = self.text[unit.start:unit.end]
-        return (unit.end - unit.start <= HEADING_MAX_CHARS and "\n" not in line
-                and not ends_as_prose(line) and not self.rule(k) and not self.code[k])
+        """A ``line`` that does not end as prose does (``text.ends_as_prose``, as a title), or
+        that asks (``text.asks``: a FAQ's question), or a ``#`` heading's (however it ends)."""
+        line = self.text[self.units[k].start:self.units[k].end]
+        return self.line(k) and (not ends_as_prose(line) or asks(line)
+                                 or _ATX_RE.match(line) is not None)
 
     def underlined(self, k: int) -> bool:
         """Whether ``units[k]`` is a heading's text with a rule right under it (a setext or
         reStructuredText heading: "Usage\n-----"), starting a paragraph or right under a rule
         that does (reStructuredText's overline)."""
-        units = self.units
+        units = self.units  # (the rule marks it: its text may end as prose does)
         if not (k + 1 < len(units) and self.rule(k + 1) and not units[k + 1].paragraph_start
-                and self.title_line(k)):
+                and self.line(k)):
             return False
         overlined = k > 0 and self.rule(k - 1) and (k == 1 or units[k - 1].paragraph_start)
         return k == 0 or units[k].paragraph_start or overlined
