@@ -8,6 +8,9 @@ per ``citeqa ask`` (generator, embedder, verifier, answerability reader), each d
 under a second. Neither says anything a user can act on, so both show only with ``--verbose``:
 model loads from local files run inside ``quiet_weight_loading()``. Long work keeps its bars
 (the one-time GGUF conversion, index builds, training).
+
+No log line holds a URL's password: httpx logs every request's URL at INFO, and a
+``CITEQA_GENERATOR_URL`` may carry ``user:password@`` (every question's engine calls logged it).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from citeqa.text import without_userinfo
 
 QUIET_UNLESS_VERBOSE = ("faiss.loader",)
 
@@ -37,6 +42,19 @@ def setup_logging(verbose: bool = False) -> None:
     )
     for name in QUIET_UNLESS_VERBOSE:
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, NoPasswords) for f in handler.filters):
+            handler.addFilter(NoPasswords())
+
+
+class NoPasswords(logging.Filter):
+    """A record's message with each URL's ``user:password@`` part left out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "@" in message and (shown := without_userinfo(message)) != message:
+            record.msg, record.args = shown, ()
+        return True
 
 
 def verbose() -> bool:

@@ -534,11 +534,13 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
 
 
 # scheme://user:pw@ (greedy to the authority's last "@", where httpx splits it too)
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+# A URL's scheme and user:password@ part, wherever a URL starts in a text
+_USERINFO = re.compile(r"(?<![A-Za-z0-9+.-])([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
 
 
 def without_userinfo(url: str) -> str:
-    """``url`` without a ``user:password@`` part, for messages and logs."""
+    """``url`` without a ``user:password@`` part, for messages and logs (a text's URLs, each
+    without it)."""
     return _USERINFO.sub(r"\1", url)
 
 

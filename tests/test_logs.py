@@ -90,3 +90,27 @@ def test_reading_an_encoder_draws_no_bar(tiny_encoder, tokenizer, tmp_path: Path
     assert "Loading weights" in capfd.readouterr().err
     read_encoder(tmp_path, "hint")
     assert "Loading weights" not in capfd.readouterr().err
+
+
+def test_no_log_line_holds_a_urls_password() -> None:
+    """httpx logs each request's URL at INFO: a CITEQA_GENERATOR_URL's user:password@ was in
+    the log of every engine call (three a question)."""
+    code = ("from citeqa.logs import setup_logging; setup_logging(); import httpx; "
+            "c = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(200))); "
+            "c.get('http://user:s3cret@engine.example:8401/v1/models'); "
+            "import logging; logging.getLogger('x').info('at %s', 'https://u:p%40w@h.example/')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "GET http://engine.example:8401/v1/models" in r.stderr, r.stderr
+    assert "at https://h.example/" in r.stderr, r.stderr
+    assert "s3cret" not in r.stderr and "p%40w" not in r.stderr, r.stderr
+
+
+def test_without_userinfo_reads_urls_inside_text() -> None:
+    from citeqa.text import without_userinfo
+
+    assert without_userinfo("http://a:b@h/x") == "http://h/x"
+    assert without_userinfo('GET "ftp://a@h" and (https://x:y@z:1/p?q=a@b)') == (
+        'GET "ftp://h" and (https://z:1/p?q=a@b)')
+    assert without_userinfo("mail me at a@b.org; see http://h/p@x") == (
+        "mail me at a@b.org; see http://h/p@x")
