@@ -428,6 +428,14 @@ class Pipeline:
         reason = None
         if not hits:
             reason = "no passages were retrieved; add documents to the index or rephrase"
+        elif (best is None or best.quote is None) and generation.timings_ms.get("cut"):
+            cut = int(generation.timings_ms["cut"])
+            reason = (
+                f"the generator ran out of its token budget before ending a quote ({cut} "
+                f"output{'s' if cut != 1 else ''} cut short), so no quote could be verified: a "
+                "model that does not keep to the answer and quote format, or an engine that "
+                "does not enforce its grammar, runs on so; rephrasing will not help"
+            )
         elif best is None or best.quote is None:
             reason = (
                 "no candidate had a quote that could be verified in the sources; rephrase the "

@@ -145,6 +145,18 @@ def test_declines_when_no_quote_verifies():
     assert ans.score is None and ans.uncertainty is None and ans.candidates[0].score > 0.5
 
 
+def test_a_decline_of_outputs_cut_at_the_token_limit_says_so() -> None:
+    """An engine that cut every output at its token limit was declined with "rephrase the
+    question", which cannot help."""
+    backend = FakeBackend(lambda r: [""] * r.n, "test", scores=lambda text, i: (-1.0, 10),
+                          timings_ms={"cut": 1.0})
+    p = Pipeline(MemoryRetriever(DOCS), CitedGenerator(backend, CFG.generation), CFG, None)
+    ans = p.ask("When did it open?")
+    assert ans.declined and ans.reason.startswith(
+        "the generator ran out of its token budget before ending a quote (1 output cut short)"
+    ), ans.reason
+
+
 def test_declines_on_unparseable_output():
     ans = pipeline(lambda r: ["I think 1889."] * r.n).ask("When did it open?")
     assert ans.declined and ans.candidates[0].answer == ""
