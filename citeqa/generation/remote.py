@@ -325,12 +325,18 @@ class RemoteBackend:
                 if self._backoff.wait(attempt, None, deadline):
                     attempt += 1
                     continue
-                raise EngineUnavailableError(
-                    f"the generator at {self.shown_url} cannot be reached ({e}); is it running?"
-                ) from e
+                if isinstance(e, httpx.ConnectError):
+                    raise EngineUnavailableError(f"the generator at {self.shown_url} cannot be "
+                                                 f"reached ({e}); is it running?") from e
+                raise EngineUnavailableError(  # it took the call, and broke off its answer
+                    f"the generator at {self.shown_url} broke off its answer ({e}), each time "
+                    "it was asked; is it restarting, or does a proxy in front of it cut "
+                    "answers short?") from e
             except httpx.TimeoutException as e:
                 raise EngineUnavailableError(
-                    f"the generator at {self.shown_url} did not answer in time ({e})") from e
+                    f"the generator at {self.shown_url} did not answer in time ({e}; a "
+                    f"question may take {self._timeout_s:g} s: CITEQA_REQUEST_TIMEOUT_S)"
+                ) from e
             if resp.status_code in RETRY_STATUSES and self._backoff.wait(
                     attempt, resp.headers.get("retry-after"), deadline):
                 attempt += 1
