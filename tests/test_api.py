@@ -200,6 +200,17 @@ def test_a_load_that_exits_is_a_failed_load_not_a_load_forever() -> None:
         assert "SystemExit" in err["message"]  # it said "models are still loading" for ever
 
 
+def test_not_ready_says_a_remote_engine_is_waited_for() -> None:
+    """A service waiting for its engine said only "models are still loading"."""
+    from citeqa.api.deps import ServiceState
+
+    remote = ServiceState(Settings(generator_url="http://user:pw@engine:8100"))
+    message = remote.not_ready_error().message
+    assert "generator engine, CITEQA_GENERATOR_URL" in message and "engine:8100" not in message
+    assert ServiceState(Settings()).not_ready_error().message == (
+        "models are still loading; retry")
+
+
 def test_shutdown_marks_not_ready_then_lets_the_running_batch_finish() -> None:
     gate = threading.Event()
     pipe = FakePipeline(gate=gate)

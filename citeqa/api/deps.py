@@ -129,7 +129,10 @@ class ServiceState:
             return ApiError(503, "load_failed", f"the service failed to load: {cause}")
         if self.phase == "shutting_down":
             return ApiError(503, "shutting_down", "the service is shutting down", headers=headers)
-        return ApiError(503, "not_ready", "models are still loading; retry", headers=headers)
+        waits = (" (and for the generator engine, CITEQA_GENERATOR_URL, to answer)"
+                 if self.settings.generator_url else "")
+        return ApiError(503, "not_ready", f"models are still loading{waits}; retry",
+                        headers=headers)
 
 
 def get_state(request: Request) -> ServiceState:
