@@ -311,6 +311,7 @@ def test_code_fences_are_no_heading_rules_and_rst_tildes_no_fences() -> None:
     pieces = [text[s:e] for s, e in chunk_document(text, ChunkConfig(max_chars=400))]
     assert all(p.count(para) == 1 for p in pieces), pieces
     assert fenced_code(text, tilde_underlines=True) == []
+    assert fenced_code("``` not a fence ``` text\n# Heading\n") == []  # (backticks after it)
     bare = "Run this:\n\n~~~\nx = 1\n\ny = 2\n~~~\n\nThen read the output."
     assert fenced_code(bare, tilde_underlines=True) == [(11, 31)]
 

@@ -487,6 +487,20 @@ def test_plain_text_charset_and_title() -> None:
     assert page.content_type == "text/plain"
 
 
+@pytest.mark.parametrize(("path", "title"), [
+    ("/r/README.md", "Proj"), ("/docs/guide.rst?raw=1", "Guide"), ("/notes", "[![ci](b.svg)](x)")])
+def test_a_raw_markdown_or_rst_file_served_as_plain_text_is_titled_as_such(path: str,
+                                                                           title: str) -> None:
+    """A raw file's host serves .md and .rst as text/plain: their titles were plain text's."""
+    text = {"/r/README.md": "[![ci](b.svg)](x)\n\n# Proj\n",
+            "/docs/guide.rst": ":orphan:\n\nGuide\n=====\n",
+            "/notes": "[![ci](b.svg)](x)\n\n# Proj\n"}[path.split("?")[0]]
+    rec = Recorder({f"example.com{path.split('?')[0]}": lambda: httpx.Response(
+        200, headers={"Content-Type": "text/plain"}, content=text.encode())})
+    page = fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch(f"http://example.com{path}")
+    assert page.title == title and page.text == text
+
+
 @pytest.mark.parametrize(("ctype", "body", "want"), [
     # no charset in the header: the page's <meta> says latin-1
     ("text/html", '<meta charset="iso-8859-1"><p>Crème brûlée</p>'.encode("latin-1"),

@@ -72,25 +72,26 @@ def test_a_first_line_is_a_title_only_when_it_reads_as_one(tmp_path: Path, first
 
 def test_md_title_is_first_heading(tmp_path: Path) -> None:
     f = tmp_path / "notes.md"
-    f.write_text("some preface\n\n## The Real Title ##\n\nbody\n", encoding="utf-8")
+    f.write_text("<!-- generated -->\n[![ci](b.svg)](x)\n\n## The Real Title ##\n\nbody\n",
+                 encoding="utf-8")
     (doc,) = load(f).documents
     assert doc.title == "The Real Title"
     assert doc.text == f.read_bytes().decode()
-    f.write_text("#  \n\nHello world. This is text.\n\n# Next\n", encoding="utf-8")
+    f.write_text("#  \n\n# Next\n\nHello world. This is text.\n", encoding="utf-8")
     assert load(f).documents[0].title == "Next"  # a heading of spaces only titled it ""
     f.write_text("#  \n\nHello world. This is text.\n", encoding="utf-8")
     assert load(f).documents[0].title == "notes.md"
 
 
 @pytest.mark.parametrize(("text", "title"), [
-    ("Install notes for the tool.\n\n```bash\n# remove the cache first\nrm -r c\n```\n\n"
+    ("```bash\n# remove the cache first\nrm -r c\n```\n\n"
      "## Usage\n", "Usage"),  # a shell comment in a code block titled the document
     ("~~~~\n# a\n~~~\n# still code (a shorter fence closes nothing)\n~~~~\n# Real\n", "Real"),
     ("# Title\n```\n# code\n", "Title"),
     ("```\n# only code, never closed\n", "notes.md"),  # not "```"
-    ("``` not a fence ``` text\n# Heading\n", "Heading"),
+    ("# Heading\n``` not a fence ``` text\n", "Heading"),
     ("text\n   ```py\n# in code\n   ```\n", "text"),
-    ("# \u200b\n\nBody text that goes on.\n\n# Real\n", "Real"),  # a heading no one sees
+    ("# \u200b\n\n# Real\n\nBody text that goes on.\n", "Real"),  # a heading no one sees
     ("\u200b\n\nWren almanac\nIt lists the tides.\n", "Wren almanac"),
 ])
 def test_a_markdown_title_is_no_line_of_a_code_block(tmp_path: Path, text: str,
@@ -116,7 +117,8 @@ def test_a_markdown_title_is_no_line_of_a_code_block(tmp_path: Path, text: str,
      "After the badge"),
     ("# [citeqa](https://github.com/x/citeqa) - cited QA\n", "citeqa - cited QA"),
     ("# **Bold** _title_ with `code` and ![logo](l.png)\n", "Bold title with code and logo"),
-    ("# Proj [![PyPI](https://img.shields.io/x.svg)](https://pypi.org/x)\n", "Proj PyPI"),
+    ("# Proj [![PyPI](https://img.shields.io/x.svg)](https://pypi.org/x)\n", "Proj"),  # badges
+    ("# [![Proj](logo.svg)](https://x.org)\n", "Proj"),  # (a logo alone: its alt text)
     ("---\r\ntitle: 'My Doc'\r\n---\r\n\r\n# Heading\r\n", "My Doc"),  # (CRLF)
     ("# ---\n\n***\n---\n\n# Real\n", "Real"),  # punctuation is no heading's words
     ("- item two\n---\n\n# Real Title\n", "Real Title"),  # a list, then a rule
@@ -139,6 +141,42 @@ def test_a_markdown_title_is_no_line_of_a_code_block(tmp_path: Path, text: str,
 def test_a_markdown_title_is_its_front_matters_or_first_headings_words(
         tmp_path: Path, text: str, title: str) -> None:
     f = tmp_path / "notes.md"
+    f.write_text(text, encoding="utf-8")
+    (doc,) = load(f).documents
+    assert doc.title == title and doc.text == text
+
+
+@pytest.mark.parametrize(("name", "text", "title"), [
+    # a README's first heading after its HTML banner and prose named a section: every passage
+    # of FastAPI's README was indexed with "Sponsors", httpx's with "Features"
+    ("r.md", '<p align="center"><img src="logo.png" alt="Proj"></p>\n\n<p><em>Proj: a fast '
+     "web framework</em></p>\n\nProj is a framework. It is fast.\n\n## Sponsors\n",
+     "Proj: a fast web framework"),
+    ("r.md", "<!-- banner -->\n[![ci](b.svg)](\nhttps://ci.org)\n\nNumPy is a package.\n\n"
+     "## Code of Conduct\n", "r.md"),
+    ("r.md", "[Website][Rust] | [Learn]\n\nThe main repository.\n\n## Why Rust?\n", "r.md"),
+    ("r.md", "(configuration)=\n\n# Configuration\n\nText.\n", "Configuration"),  # (MyST)
+    ("r.md", "# rustfmt [![linux](l.svg)](https://ci) [![mac](m.svg)](https://ci)\n",
+     "rustfmt"),
+    # reStructuredText: fields, comments and directives before the title; inline markup
+    ("d.rst", ":orphan:\n\nPython 2 Sunset\n===============\n\nText.\n", "Python 2 Sunset"),
+    ("d.rst", ":title: AWS CLI Return Codes\n:category: General\n\nThese are the codes.\n",
+     "AWS CLI Return Codes"),
+    ("d.rst", ".. image:: banner.svg\n   :align: center\n\nDocumentation\n=============\n",
+     "Documentation"),
+    ("d.rst", ":mod:`email` Package Architecture\n=================================\n",
+     "email Package Architecture"),
+    ("d.rst", "**To create a custom vocabulary**\n\nThe following example creates one.\n",
+     "To create a custom vocabulary"),
+    ("d.rst", "=====\nGuide\n=====\n\nSee `PyPI <https://pypi.org>`_.\n", "Guide"),
+    ("d.rst", "Some prose comes first.\n\nLater\n=====\n", "d.rst"),
+    ("d.rst", ".. note:: only a directive\n", "d.rst"),
+])
+def test_a_title_is_the_documents_not_a_sections_nor_markup(tmp_path: Path, name: str,
+                                                            text: str, title: str) -> None:
+    """Found on real documentation folders: titles that were a section's heading, badges' alt
+    texts, or reStructuredText's fields, directives and roles (14 of 17 .rst files)."""
+    f = tmp_path / name
     f.write_text(text, encoding="utf-8")
     (doc,) = load(f).documents
     assert doc.title == title and doc.text == text

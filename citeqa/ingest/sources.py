@@ -44,16 +44,14 @@ from citeqa.errors import FetchError, SourceError
 from citeqa.ingest.encoding import bom_codec, decode, meta_declared
 from citeqa.ingest.fetch import Fetcher, FetchPolicy, page_key
 from citeqa.ingest.html import extract_html
-from citeqa.ingest.title import cap_title, title_from_text
+from citeqa.ingest.title import MARKDOWN_EXTENSIONS, RST_EXTENSION, cap_title, title_from_text
 from citeqa.text import is_blank
 from citeqa.types import DOC_ID_PATTERN, MAX_DOC_ID_CHARS, Document
 
 logger = logging.getLogger(__name__)
 
-# Markdown's (titled by front matter or first heading), then other plain text's (reStructuredText
-# too: its title is its first line, under or between rules of = or -, as plain text's reads it)
-MARKDOWN_EXTENSIONS = frozenset({".md", ".markdown", ".mdown", ".mkd", ".mdx"})
-TEXT_EXTENSIONS = MARKDOWN_EXTENSIONS | {".txt", ".text", ".rst"}
+# Markdown's and reStructuredText's (titled as such: ingest/title.py), then other plain text's
+TEXT_EXTENSIONS = MARKDOWN_EXTENSIONS | {".txt", ".text", RST_EXTENSION}
 HTML_EXTENSIONS = frozenset({".html", ".htm"})
 JSON_EXTENSIONS = frozenset({".json", ".jsonl"})
 SUPPORTED_EXTENSIONS = TEXT_EXTENSIONS | HTML_EXTENSIONS | JSON_EXTENSIONS
@@ -427,8 +425,8 @@ def _load_file(path: Path) -> Iterator[Document | Skipped]:
         yield from _load_json(path, _decode_text(data))
     else:  # .txt, .md, or a file named explicitly
         text = _decode_text(data)
-        markdown = suffix in MARKDOWN_EXTENSIONS
-        title = title_from_text(text, _printable(path.name), markdown=markdown)
+        title = title_from_text(text, _printable(path.name), markdown=suffix in MARKDOWN_EXTENSIONS,
+                                rst=suffix == RST_EXTENSION)
         yield _single(source, title, text)
 
 

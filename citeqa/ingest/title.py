@@ -19,6 +19,9 @@ from citeqa.text import (
 )
 
 TITLE_MAX_CHARS = HEADING_MAX_CHARS  # titles longer than this are cut (with an ellipsis)
+# the names of Markdown files and reStructuredText files (a folder's, or a URL's path's)
+MARKDOWN_EXTENSIONS = frozenset({".md", ".markdown", ".mdown", ".mkd", ".mdx"})
+RST_EXTENSION = ".rst"
 _SPACE_RE = re.compile(r"\s+")
 # A markdown heading line; its text is group 1 less a closing sequence of #s (_heading).
 # Not stripped in the pattern: a lazy text before "[ \t#]*$" rescanned a long run of #s from
@@ -31,26 +34,43 @@ def cap_title(title: str, max_chars: int = TITLE_MAX_CHARS) -> str:
     return title if len(title) <= max_chars else title[: max_chars - 1].rstrip() + "…"
 
 
-def title_from_text(text: str, fallback: str, *, markdown: bool = False) -> str:
-    """A title for plain text: the first markdown heading (when ``markdown``), else the first
-    non-empty line when it is a ``#`` heading (the marker removed) or reads as one (at most
-    ``TITLE_MAX_CHARS`` characters, not ending as a sentence does, and not a line of wrapped
-    prose going on in lower case on the next line), else ``fallback``.
+def title_from_text(text: str, fallback: str, *, markdown: bool = False,
+                    rst: bool = False) -> str:
+    """A title for plain text: a Markdown file's (``markdown``) front matter's, or its first
+    heading's where no prose stands before it; a reStructuredText file's (``rst``) first
+    section title where no prose stands before it, or its ``:title:`` field; else the first line
+    with words (Markdown's and reStructuredText's reduced to their text) when it is a ``#``
+    heading (the marker removed) or reads as one (at most ``TITLE_MAX_CHARS`` characters, not
+    ending as a sentence does, and not a line of wrapped prose going on in lower case on the
+    next line), else ``fallback``.
 
     A title is indexed with every passage of its document (``indexed_text``), so a first line
     that is the text's first sentence must not become it: its words would match every
-    passage."""
+    passage; nor may a section's heading further down ("Sponsors", "Features" of a README that
+    opens with HTML and prose)."""
     text = text.removeprefix("\ufeff")  # a byte-order mark is no part of the title
     if markdown:
         named, text = _front_matter(text)  # (its lines left empty)
         if named:
             return cap_title(named)
         text = _without_fenced_code(text)  # no line of a code block, nor a fence itself
-        if (heading := _first_heading(text)) is not None:
-            return cap_title(heading)
+        heading = _first_heading(text)
+        if heading is not None and not _prose_before(text, heading[0]):
+            return cap_title(heading[1])
+        text = _unread_out(text[:PROSE_BEFORE_MAX_CHARS])
+    elif rst:
+        named, text = _rst_head(text)
+        if named:
+            return cap_title(named)
     lines = text.splitlines()
     for i, line in enumerate(lines):
         line = line.strip()
+        if markdown and (_links_only(line[:1000]) or _LIST_ITEM_RE.match(line)):
+            continue  # (a bar of links, a list's item)
+        if markdown or rst:  # (its markup's text: "**To create a vocabulary**", "<p>")
+            line = (_markup_text if markdown else _rst_text)(line[:1000]).strip()
+            if line.startswith("<"):  # a tag over lines ("<img src=x\n alt=y>")
+                continue
         if is_blank(line.strip("#")) and len(line) <= 6:  # an empty heading ("#", "## \u200b")
             continue
         if line and not any(c.isalnum() for c in line[:200]):  # a rule: "---", "====", "***"
@@ -84,6 +104,7 @@ _SETEXT_RE = re.compile(r"^ {0,3}(\S[^\r\n]*)\r?\n {0,3}(?:=+|-+)[ \t]*\r?$", re
 _HTML_HEADING_RE = re.compile(r"^[ \t]*<h[1-6]\b[^>\n]{0,300}>(.{0,300}?)</h[1-6]\s*>",
                               re.IGNORECASE | re.DOTALL | re.MULTILINE)
 _IMAGE_RE = re.compile(r"!\[([^\]]*)\]\([^)]*\)|!\[([^\]]*)\]\[[^\]]*\]")  # (its alt text)
+_LINKED_IMAGE_RE = re.compile(r"\[!\[[^\]]*\](?:\([^)]*\)|\[[^\]]*\])\](?:\([^)]*\)|\[[^\]]*\])")
 _LINK_RE = re.compile(r"\[([^\]]*)\]\([^)]*\)|\[([^\]]*)\]\[[^\]]*\]")
 _TAG_RE = re.compile(r"<[^>]*>")
 _EMPHASIS_RE = re.compile(r"(\*{1,3}|`+|~~)(?=\S)(.+?)(?<=\S)\1"
@@ -136,25 +157,68 @@ def _yaml_escape(m: re.Match[str]) -> str:
     return " " if code in "nrtbfv0" else code
 
 
-def _first_heading(text: str) -> str | None:
-    """The text of a Markdown document's first heading that holds words: a ``#`` heading, a
-    setext one (underlined by = or -) or an HTML ``<h1>``-``<h6>``, whichever comes first, its
-    links, images, emphasis and tags reduced to their text; None where there is none."""
+def _first_heading(text: str) -> tuple[int, str] | None:
+    """Where a Markdown document's first heading that holds words starts, and its text: a ``#``
+    heading, a setext one (underlined by = or -) or an HTML ``<h1>``-``<h6>``, whichever comes
+    first, its links, images, emphasis and tags reduced to their text; None where there is
+    none."""
     found = [(m.start(), _heading(m)) for m in _HEADING_RE.finditer(text)]
     found += [(m.start(), m.group(1)) for m in _SETEXT_RE.finditer(text)
               if not _HEADING_RE.match(m.group(1)) and not FENCE_RE.match(m.group(1))
               and not _LIST_ITEM_RE.match(m.group(1))]  # ("- item\n---": a list, then a rule)
     found += [(m.start(), m.group(1)) for m in _HTML_HEADING_RE.finditer(text)]
-    for _, heading in sorted(found):  # (a title is 120 characters at most: cap_title)
+    for at, heading in sorted(found):  # (a title is 120 characters at most: cap_title)
         words = _SPACE_RE.sub(" ", _markup_text(heading[:1000])).strip()
         if any(c.isalnum() for c in words):  # not "# ---", nor a rule underlined
-            return words
+            return at, words
     return None
+
+
+PROSE_BEFORE_MAX_CHARS = 20_000  # a heading further in than this never names the document
+# What a Markdown text holds that a reader does not read: HTML comments and tags, images
+# (badges), reference definitions ("[1]: https://..."), MyST's targets ("(label)="), MDX's
+# imports and exports; each
+# bounded, so that a long run of "<" or "![" is not rescanned from every position
+_UNREAD_RE = re.compile(r"<!--.{0,2000}?-->|<[^<>]{0,1000}>"
+                        r"|\[!\[[^\[\]]{0,500}\]\([^()]{0,1000}\)\]\([^()]{0,1000}\)"
+                        r"|!\[[^\[\]]{0,500}\]"
+                        r"(?:\([^()]{0,1000}\)|\[[^\[\]]{0,500}\])"
+                        r"|^ {0,3}\[[^\]\n]{1,500}\]:.*$|^\([^()\n]{1,200}\)=[ \t]*$"
+                        r"|^(?:import|export)[ \t][^\n]{0,1000}$",  # (MDX's)
+                        re.DOTALL | re.MULTILINE)
+# a link: [words](address), [words][reference], [reference] (a shortcut reference)
+_ANY_LINK_RE = re.compile(r"\[([^\[\]]{0,500})\](?:\([^()]{0,1000}\)|\[[^\[\]]{0,500}\])?")
+
+
+def _unread_out(text: str) -> str:
+    """``text`` without ``_UNREAD_RE``'s markup, each piece's line breaks kept."""
+    return _UNREAD_RE.sub(lambda m: "\n" * m.group().count("\n"), text)
+
+
+def _prose_before(text: str, at: int) -> bool:
+    """Whether words a reader reads (its links' included) stand in ``text`` before position
+    ``at``, ``_UNREAD_RE``'s markup aside: then a heading there names a section, not the
+    document."""
+    if at > PROSE_BEFORE_MAX_CHARS:
+        return True
+    return any(c.isalnum() for c in _ANY_LINK_RE.sub(r"\1", _unread_out(text[:at])))
+
+
+def _links_only(line: str) -> bool:
+    """Whether ``line`` has no words but its links' (a bar of links: "[Website] | [Learn]")."""
+    return not any(c.isalnum() for c in _ANY_LINK_RE.sub("", line))
 
 
 def _markup_text(heading: str) -> str:
     """A heading's text without Markdown's link, image and emphasis markup or HTML tags (a
-    title has no offsets to keep)."""
+    title has no offsets to keep); linked images (badges: "# Proj [![PyPI](..)](..)" is "Proj")
+    left out, unless they are all it has (a logo's alt text)."""
+    words = _reduced(_LINKED_IMAGE_RE.sub("", heading))
+    return words if any(c.isalnum() for c in words) else _reduced(heading)
+
+
+def _reduced(heading: str) -> str:
+    """``heading``'s links and images as their text, emphasis as its text, tags left out."""
     def text_of(m: re.Match[str]) -> str:
         return m.group(1) if m.group(1) is not None else m.group(2)
 
@@ -163,6 +227,62 @@ def _markup_text(heading: str) -> str:
     for _ in range(3):  # (nested: ***a*** and **_a_**)
         heading = _EMPHASIS_RE.sub(lambda m: m.group(2) if m.group(1) else m.group(4), heading)
     return unescape(heading)  # (A &amp; B)
+
+
+# reStructuredText: a section title's adornment (one punctuation mark repeated), a field
+# (":title: Guide", Sphinx's ":orphan:"), a directive or comment (".. image:: x", ".. note")
+_RST_ADORNMENT_RE = re.compile(r"""([!-/:-@\[-`{-~])\1{2,}[ \t]*""")
+_RST_FIELD_RE = re.compile(r":([^:`\s][^:`]*):(?:\s+(.*)|$)")
+# inline markup, read as its text: a role (":mod:`email`"), a literal, a reference or
+# interpreted text ("`PyPI <http://pypi.org>`_"), emphasis, a substitution ("|name|")
+_RST_ROLE_RE = re.compile(r":[\w.+:-]+:`([^`]*)`")
+_RST_LITERAL_RE = re.compile(r"``([^`]+)``")
+_RST_REFERENCE_RE = re.compile(r"`([^`]*)`_{0,2}")
+_RST_EMPHASIS_RE = re.compile(r"\*\*([^*]+)\*\*|\*([^*\s][^*]*)\*|\|([^|\s][^|]*)\|")
+_RST_TARGET_RE = re.compile(r"\s*<[^<>]*>\s*$")  # "PyPI <http://pypi.org>": its target
+
+
+def _rst_head(text: str) -> tuple[str, str]:
+    """A reStructuredText document's title, and its text with its head's lines left empty: the
+    ``:title:`` field, else its first section title (a line over a line of one mark repeated,
+    an overline or not) where nothing but fields, comments and directives (".. image::" and the
+    indented lines under it) stands before it; "" for neither."""
+    lines = text.split("\n")
+    named, directive = "", False
+    for k, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or (directive and line[:1].isspace()):
+            continue
+        directive = stripped.startswith("..")
+        field = None if directive else _RST_FIELD_RE.fullmatch(stripped)
+        if directive or field:
+            if field and field.group(1).strip().lower() == "title" and not named:
+                named = _SPACE_RE.sub(" ", _rst_text(field.group(2) or "")).strip()
+            continue
+        below = lines[k + 1].strip() if k + 1 < len(lines) else ""
+        if _RST_ADORNMENT_RE.fullmatch(stripped):  # an overline, or a transition
+            if k + 2 < len(lines) and lines[k + 2].strip() == stripped and lines[k + 1].strip():
+                below, line = stripped, lines[k + 1]
+            else:
+                continue
+        if _RST_ADORNMENT_RE.fullmatch(below) and not line[:1].isspace():
+            words = _SPACE_RE.sub(" ", _rst_text(line.strip()[:1000])).strip()
+            if any(c.isalnum() for c in words):
+                return named or words, text
+        # prose: no section title names the document; the first line may (title_from_text)
+        return named, "\n" * k + "\n".join(lines[k:])
+    return named, ""  # (fields, comments and directives only)
+
+
+def _rst_text(line: str) -> str:
+    """A line of reStructuredText as its text, inline markup reduced (``_RST_ROLE_RE`` ...)."""
+    def target_off(m: re.Match[str]) -> str:
+        return _RST_TARGET_RE.sub("", m.group(1)) or m.group(1)
+
+    line = _RST_ROLE_RE.sub(target_off, line)
+    line = _RST_LITERAL_RE.sub(r"\1", line)
+    line = _RST_REFERENCE_RE.sub(target_off, line)
+    return _RST_EMPHASIS_RE.sub(lambda m: next(g for g in m.groups() if g is not None), line)
 
 
 def _without_fenced_code(text: str) -> str:
