@@ -232,7 +232,9 @@ def write_corpus(directory: Path, seed: int = 0) -> list[str]:
         lines.insert(3, "{not json")
         (directory / name).write_text("\n".join(lines) + "\n")
     (directory / "notes.txt").write_text("Telescope notes.\n\nThe comet passed the planet. " * 4)
-    (directory / "guide.md").write_text("# Baking\n\nKnead the dough, then bake the loaf.\n")
+    (directory / "guide.md").write_text(  # its badge, a passage of markup alone: not indexed
+        "[![ci](https://ci.example/b.svg)](https://ci.example)\n\n"
+        "# Baking\n\nKnead the dough, then bake the loaf.\n")
     (directory / "image.bin").write_bytes(b"\x00\x01")
     return [str(directory), str(directory / "missing.txt")]
 
@@ -271,6 +273,10 @@ def test_sharded_build_equals_local_build(tmp_path: Path) -> None:
     assert any("duplicate doc_id" in s.reason for s in sharded.skipped)
     assert_same_index(tmp_path / "local", tmp_path / "sharded")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["local", "sharded", "src"]  # no work
+    index = Index.load(tmp_path / "local")
+    [guide] = [d.doc_id for d in index.documents.values() if d.source.endswith("guide.md")]
+    assert [p.text for p in index.passages if p.doc_id == guide] == [
+        "# Baking\n\nKnead the dough, then bake the loaf."]
 
 
 def test_a_sharded_build_shows_each_shards_embedding(tmp_path: Path,

@@ -81,7 +81,7 @@ def test_bm25_mode_equals_bm25_scores(retriever: HybridRetriever, index_dir: Pat
     assert all(h.dense is None for h in hits)
     matched = [i for i, p in enumerate(index.passages)
                if set(tokenize(query))
-               & set(tokenize(indexed_text(index.documents[p.doc_id].title, p.text)))]
+               & set(tokenize(indexed_text(index.documents[p.doc_id], p.start, p.end)))]
     np.testing.assert_allclose([h.score for h in hits], sorted(expected[matched])[::-1])
 
 
@@ -98,7 +98,7 @@ def test_a_query_is_tokenized_as_its_index_was(tmp_path: Path) -> None:
     assert [h.passage.doc_id for h in new.search("café", 1)] == ["fr"]
     assert [h.passage.doc_id for h in new.search("हिन्दी", 1)] == ["hi"]
     index = Index.load(tmp_path / "idx")
-    texts = [indexed_text(index.documents[p.doc_id].title, p.text) for p in index.passages]
+    texts = [indexed_text(index.documents[p.doc_id], p.start, p.end) for p in index.passages]
     old = BM25Index.build([tokenize(t, 1) for t in texts])
     del old.params["tokenizer"]  # as written before tokenizer versions
     index.bm25 = BM25Index(vocab=old.vocab, indptr=old.indptr, doc_ids=old.doc_ids, tf=old.tf,
@@ -270,8 +270,22 @@ def test_the_minilm_embedder_runs_lean_with_the_vectors_of_transformers_forward(
 
 
 def test_indexed_text_includes_title() -> None:
-    assert tokenize(indexed_text("Normans", "Rollo")) == ["normans", "rollo"]
-    assert BM25Index.build([tokenize(indexed_text("", "x"))]).vocab == ["x"]
+    assert tokenize(indexed_text(Document("n", "Normans", "n.txt", "Rollo"), 0, 5)) == [
+        "normans", "rollo"]
+    assert BM25Index.build([tokenize(indexed_text(Document("x", "", "x.txt", "x"), 0, 1))]
+                           ).vocab == ["x"]
+
+
+def test_a_markdown_passage_is_indexed_as_a_reader_reads_it() -> None:
+    """A badge's or a link's address held "pillow" five times over: BM25 and the embedder saw
+    it, and search ranked a README's badges first for the project's name."""
+    text = ('Install [Pillow](https://pypi.org/project/pillow) with pip. '
+            '[![pillow](https://img.shields.io/pypi/v/pillow.svg)](https://pypi.org/pillow) '
+            '<a href="https://tidelift.com/pillow">Tidelift</a> <!-- pillow -->')
+    md = indexed_text(Document("r", "Pillow", "docs/README.md", text), 0, len(text))
+    assert tokenize(md) == tokenize("Pillow\nInstall Pillow with pip. Tidelift")
+    txt = indexed_text(Document("r", "Pillow", "docs/README.txt", text), 0, len(text))
+    assert txt == f"Pillow\n{text}"  # plain text: as it is ("a < b > c" is no tag there)
 
 
 @pytest.mark.slow

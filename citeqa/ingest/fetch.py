@@ -52,7 +52,8 @@ from citeqa.errors import (
 )
 from citeqa.ingest.encoding import decode_page
 from citeqa.ingest.html import extract_html
-from citeqa.ingest.title import MARKDOWN_EXTENSIONS, RST_EXTENSION, title_from_text
+from citeqa.ingest.title import RST_EXTENSION, title_from_text
+from citeqa.markdown import MARKDOWN_EXTENSIONS
 from citeqa.text import without_userinfo
 
 logger = logging.getLogger(__name__)

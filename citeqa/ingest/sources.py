@@ -44,7 +44,8 @@ from citeqa.errors import FetchError, SourceError
 from citeqa.ingest.encoding import bom_codec, decode, meta_declared
 from citeqa.ingest.fetch import Fetcher, FetchPolicy, page_key
 from citeqa.ingest.html import extract_html
-from citeqa.ingest.title import MARKDOWN_EXTENSIONS, RST_EXTENSION, cap_title, title_from_text
+from citeqa.ingest.title import RST_EXTENSION, cap_title, title_from_text
+from citeqa.markdown import MARKDOWN_EXTENSIONS
 from citeqa.text import is_blank
 from citeqa.types import DOC_ID_PATTERN, MAX_DOC_ID_CHARS, Document
 

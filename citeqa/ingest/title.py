@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from html import unescape
 
+from citeqa.markdown import links_only, read_words, unread_out
 from citeqa.text import (
     ATX_HEADING,
     FENCE_RE,
@@ -19,9 +20,7 @@ from citeqa.text import (
 )
 
 TITLE_MAX_CHARS = HEADING_MAX_CHARS  # titles longer than this are cut (with an ellipsis)
-# the names of Markdown files and reStructuredText files (a folder's, or a URL's path's)
-MARKDOWN_EXTENSIONS = frozenset({".md", ".markdown", ".mdown", ".mkd", ".mdx"})
-RST_EXTENSION = ".rst"
+RST_EXTENSION = ".rst"  # the name of reStructuredText files (a folder's, or a URL's path's)
 _SPACE_RE = re.compile(r"\s+")
 # A markdown heading line; its text is group 1 less a closing sequence of #s (_heading).
 # Not stripped in the pattern: a lazy text before "[ \t#]*$" rescanned a long run of #s from
@@ -57,7 +56,7 @@ def title_from_text(text: str, fallback: str, *, markdown: bool = False,
         heading = _first_heading(text)
         if heading is not None and not _prose_before(text, heading[0]):
             return cap_title(heading[1])
-        text = _unread_out(text[:PROSE_BEFORE_MAX_CHARS])
+        text = unread_out(text[:PROSE_BEFORE_MAX_CHARS])
     elif rst:
         named, text = _rst_head(text)
         if named:
@@ -65,7 +64,7 @@ def title_from_text(text: str, fallback: str, *, markdown: bool = False,
     lines = text.splitlines()
     for i, line in enumerate(lines):
         line = line.strip()
-        if markdown and (_links_only(line[:1000]) or _LIST_ITEM_RE.match(line)):
+        if markdown and (links_only(line[:1000]) or _LIST_ITEM_RE.match(line)):
             continue  # (a bar of links, a list's item)
         if markdown or rst:  # (its markup's text: "**To create a vocabulary**", "<p>")
             line = (_markup_text if markdown else _rst_text)(line[:1000]).strip()
@@ -175,38 +174,12 @@ def _first_heading(text: str) -> tuple[int, str] | None:
 
 
 PROSE_BEFORE_MAX_CHARS = 20_000  # a heading further in than this never names the document
-# What a Markdown text holds that a reader does not read: HTML comments and tags, images
-# (badges), reference definitions ("[1]: https://..."), MyST's targets ("(label)="), MDX's
-# imports and exports; each
-# bounded, so that a long run of "<" or "![" is not rescanned from every position
-_UNREAD_RE = re.compile(r"<!--.{0,2000}?-->|<[^<>]{0,1000}>"
-                        r"|\[!\[[^\[\]]{0,500}\]\([^()]{0,1000}\)\]\([^()]{0,1000}\)"
-                        r"|!\[[^\[\]]{0,500}\]"
-                        r"(?:\([^()]{0,1000}\)|\[[^\[\]]{0,500}\])"
-                        r"|^ {0,3}\[[^\]\n]{1,500}\]:.*$|^\([^()\n]{1,200}\)=[ \t]*$"
-                        r"|^(?:import|export)[ \t][^\n]{0,1000}$",  # (MDX's)
-                        re.DOTALL | re.MULTILINE)
-# a link: [words](address), [words][reference], [reference] (a shortcut reference)
-_ANY_LINK_RE = re.compile(r"\[([^\[\]]{0,500})\](?:\([^()]{0,1000}\)|\[[^\[\]]{0,500}\])?")
-
-
-def _unread_out(text: str) -> str:
-    """``text`` without ``_UNREAD_RE``'s markup, each piece's line breaks kept."""
-    return _UNREAD_RE.sub(lambda m: "\n" * m.group().count("\n"), text)
 
 
 def _prose_before(text: str, at: int) -> bool:
-    """Whether words a reader reads (its links' included) stand in ``text`` before position
-    ``at``, ``_UNREAD_RE``'s markup aside: then a heading there names a section, not the
-    document."""
-    if at > PROSE_BEFORE_MAX_CHARS:
-        return True
-    return any(c.isalnum() for c in _ANY_LINK_RE.sub(r"\1", _unread_out(text[:at])))
-
-
-def _links_only(line: str) -> bool:
-    """Whether ``line`` has no words but its links' (a bar of links: "[Website] | [Learn]")."""
-    return not any(c.isalnum() for c in _ANY_LINK_RE.sub("", line))
+    """Whether words a reader reads (``markdown.read_words``) stand in ``text`` before position
+    ``at``: then a heading there names a section, not the document."""
+    return at > PROSE_BEFORE_MAX_CHARS or read_words(text[:at])
 
 
 def _markup_text(heading: str) -> str:

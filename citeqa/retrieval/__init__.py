@@ -1,6 +1,7 @@
 """citeqa.retrieval: chunking, BM25, dense embeddings, fusion, the index directory and search.
 
-    documents -> chunk_document -> passages -> BM25Index + DenseIndex -> index directory
+    documents -> passage_spans (chunk_document) -> passages -> BM25Index + DenseIndex -> index
+    directory
     query -> HybridRetriever.search -> BM25 / dense rankings -> rrf -> hits
 """
 

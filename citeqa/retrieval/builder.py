@@ -19,8 +19,9 @@ from tqdm import tqdm
 
 from citeqa.config import RetrievalConfig
 from citeqa.errors import EmptyCorpusError
+from citeqa.markdown import is_markdown, read_text
 from citeqa.retrieval.bm25 import BM25Index
-from citeqa.retrieval.chunk import chunk_document
+from citeqa.retrieval.chunk import passage_spans
 from citeqa.retrieval.dense import DenseIndex, DenseSpec
 from citeqa.retrieval.embed import Embedder, load_embedder
 from citeqa.retrieval.store import check_documents, check_replaceable, save_index
@@ -64,9 +65,14 @@ def dense_spec_for(cfg: RetrievalConfig, spec: DenseSpec | None = None) -> Dense
     return spec if spec is not None else DenseSpec(kind=cfg.faiss_index, hnsw_m=cfg.hnsw_m)
 
 
-def indexed_text(title: str, passage: str) -> str:
-    """What BM25 and the embedder see for a passage: its document title, then its text."""
-    return f"{title}\n{passage}" if title else passage
+def indexed_text(doc: Document, start: int, end: int) -> str:
+    """What BM25 and the embedder see for the passage ``doc.text[start:end]``: its document's
+    title, then its text; a Markdown file's as a reader reads it (``markdown.read_text``: a
+    badge's or a link's address held "pillow" five times, and ranked badges first for it)."""
+    passage = doc.text[start:end]
+    if is_markdown(doc.source):
+        passage = read_text(passage)
+    return f"{doc.title}\n{passage}" if doc.title else passage
 
 
 def build_index(
@@ -132,7 +138,7 @@ def build_index_from_documents(
     spans, passage_doc = [], []
     chunking = tqdm(docs, desc="chunking", unit="doc", disable=not progress, file=sys.stderr)
     for row, doc in enumerate(chunking):
-        for span in chunk_document(doc.text, cfg.chunk):
+        for span in passage_spans(doc, cfg.chunk):
             spans.append(span)
             passage_doc.append(row)
     if not spans:
@@ -141,7 +147,7 @@ def build_index_from_documents(
             "empty or whitespace only"
         )
     texts = [
-        indexed_text(docs[row].title, docs[row].text[s:e])
+        indexed_text(docs[row], s, e)
         for (s, e), row in zip(spans, passage_doc, strict=True)
     ]
     log.info("indexing %d documents as %d passages", len(docs), len(spans))

@@ -20,6 +20,7 @@ import unicodedata
 from collections.abc import Iterator
 
 from citeqa.config import ChunkConfig
+from citeqa.markdown import is_markdown, read_words
 from citeqa.text import (
     ATX_HEADING,
     HEADING_MAX_CHARS,
@@ -29,6 +30,7 @@ from citeqa.text import (
     fenced_code,
     sentences,
 )
+from citeqa.types import Document
 
 # Where a piece without whitespace may end: after a clause's comma or colon (CJK text has no
 # spaces between words: a sentence of it was cut mid-word)
@@ -259,3 +261,15 @@ def chunk_document(text: str, cfg: ChunkConfig) -> list[tuple[int, int]]:
             nxt += 1  # drop overlap that would leave no room for the next new sentence
         i = nxt
     return spans
+
+
+def passage_spans(doc: Document, cfg: ChunkConfig) -> list[tuple[int, int]]:
+    """A document's passages: ``chunk_document``'s spans of its text, less, for a Markdown file
+    (``citeqa.markdown``), those of markup alone that no one reads (badges, logos, link
+    definitions: search ranked a README's badge block first for its project's name; a quote
+    of it says nothing), unless all of them are."""
+    spans = chunk_document(doc.text, cfg)
+    if not is_markdown(doc.source):
+        return spans
+    read = [span for span in spans if read_words(doc.text[span[0]:span[1]])]
+    return read or spans

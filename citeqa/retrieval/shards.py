@@ -46,7 +46,7 @@ from citeqa.config import RetrievalConfig
 from citeqa.errors import ConfigError, IndexError_
 from citeqa.retrieval.bm25 import TermCounts, count_terms
 from citeqa.retrieval.builder import embedding_record, indexed_text
-from citeqa.retrieval.chunk import chunk_document
+from citeqa.retrieval.chunk import passage_spans
 from citeqa.retrieval.embed import Embedder
 from citeqa.retrieval.store import read_documents, test_pause, write_documents
 from citeqa.text import TOKENIZER, tokenize
@@ -170,7 +170,7 @@ def chunk_block(documents: list[Document], cfg: RetrievalConfig) -> tuple[np.nda
     spans: list[tuple[int, int]] = []
     rows: list[int] = []
     for row, doc in enumerate(documents):
-        for span in chunk_document(doc.text, cfg.chunk):
+        for span in passage_spans(doc, cfg.chunk):
             spans.append(span)
             rows.append(row)
     return (np.asarray(spans, dtype=np.int64).reshape(-1, 2), np.asarray(rows, dtype=np.int64))
@@ -178,7 +178,7 @@ def chunk_block(documents: list[Document], cfg: RetrievalConfig) -> tuple[np.nda
 
 def passage_texts(documents: list[Document], spans: np.ndarray, rows: np.ndarray) -> list[str]:
     """What BM25 and the embedder see for each passage (``builder.indexed_text``)."""
-    return [indexed_text(documents[r].title, documents[r].text[s:e])
+    return [indexed_text(documents[r], s, e)
             for (s, e), r in zip(spans.tolist(), rows.tolist(), strict=True)]
 
 
