@@ -16,18 +16,26 @@ from urllib.parse import urlsplit
 # the names of Markdown files (a folder's, or a URL's path's)
 MARKDOWN_EXTENSIONS = frozenset({".md", ".markdown", ".mdown", ".mkd", ".mdx"})
 
+# A link's or an image's address in parentheses (a title in quotes too), one level of them
+# inside ("Logo_(2019).svg", "(logo)")
+_ADDRESS = r"\((?:[^()]|\([^()]{0,500}\)){0,1000}\)"
 # What a Markdown text holds that a reader does not read: HTML comments and tags, linked images
 # (badges) and images, reference definitions ("[1]: https://..."), MyST's targets
-# ("(label)="), MDX's imports and exports; each bounded, so that a long run of "<" or "![" is
-# not rescanned from every position
-_UNREAD_RE = re.compile(r"<!--.{0,2000}?-->|<[^<>]{0,1000}>"
-                        r"|\[!\[[^\[\]]{0,500}\]\([^()]{0,1000}\)\]\([^()]{0,1000}\)"
-                        r"|!\[[^\[\]]{0,500}\](?:\([^()]{0,1000}\)|\[[^\[\]]{0,500}\])"
+# ("(label)="), MDX's imports and exports, a URL alone on its line, Liquid's tags ("{% include
+# toc %}", "{{ page.title }}"); each bounded, so that a long run of "<" or "![" is not rescanned
+# from every position
+_UNREAD_RE = re.compile(rf"<!--.{{0,2000}}?-->|<[^<>]{{0,1000}}>"
+                        rf"|\[!\[[^\[\]]{{0,500}}\]{_ADDRESS}\]{_ADDRESS}"
+                        rf"|!\[[^\[\]]{{0,500}}\](?:{_ADDRESS}|\[[^\[\]]{{0,500}}\])"
                         r"|^ {0,3}\[[^\]\n]{1,500}\]:.*$|^\([^()\n]{1,200}\)=[ \t]*$"
-                        r"|^(?:import|export)[ \t][^\n]{0,1000}$",
+                        r"|^(?:import|export)[ \t][^\n]{0,1000}$"
+                        r"|^[ \t]*(?:https?|ftp)://[^\s<>]{1,2000}[ \t]*$"
+                        r"|\{%.{0,500}?%\}|\{\{.{0,500}?\}\}",
                         re.DOTALL | re.MULTILINE)
 # a link: [words](address), [words][reference], [reference] (a shortcut reference)
-_ANY_LINK_RE = re.compile(r"\[([^\[\]]{0,500})\](?:\([^()]{0,1000}\)|\[[^\[\]]{0,500}\])?")
+_ANY_LINK_RE = re.compile(rf"\[([^\[\]]{{0,500}})\](?:{_ADDRESS}|\[[^\[\]]{{0,500}}\])?")
+# a block quote's line (a notice before a README's title: "> [!IMPORTANT]")
+_QUOTED_LINE_RE = re.compile(r"^ {0,3}>.*$", re.MULTILINE)
 
 
 def is_markdown(source: str) -> bool:
@@ -47,8 +55,11 @@ def read_text(text: str) -> str:
     return _ANY_LINK_RE.sub(r"\1", unread_out(text))
 
 
-def read_words(text: str) -> bool:
-    """Whether ``text`` holds words a reader reads (``read_text``)."""
+def read_words(text: str, *, quotes: bool = True) -> bool:
+    """Whether ``text`` holds words a reader reads (``read_text``); with ``quotes=False``, its
+    block quotes' aside."""
+    if not quotes:
+        text = _QUOTED_LINE_RE.sub("", text)
     return any(c.isalnum() for c in read_text(text))
 
 

@@ -369,23 +369,41 @@ def test_marked_headings_stay_with_their_sections_however_they_end() -> None:
     intro = "Log in first; the token is kept in your home folder for later runs."
     body = "Set HTTPS_PROXY in the environment before running the tool; it is read at start. "
     cfg = ChunkConfig(max_chars=300)
-    for heading in ("## How do I configure the proxy?", "## Step 2. Configure the proxy",
-                    "Q: Does the tool read a proxy?\n------------------------------",
-                    "Step 2. Configure the proxy.\n============================",
-                    "Configure the proxy (see \"Setup\")?"):
-        for text in (f"{intro}\n\n{heading}\n\n{body}", f"{intro}\n\n{heading}\n\n{body * 3}"):
-            spans = chunk_document(text, cfg)
+    for heading, markdown in (("## How do I configure the proxy?", True),
+                              ("## Step 2. Configure the proxy", True),
+                              ("# Step 2. Configure the proxy.", True),
+                              ("Q: Does the tool read a proxy?\n" + "-" * 30, False),
+                              ("Step 2. Configure the proxy\n" + "=" * 27, False),
+                              ("Configure the proxy (see \"Setup\")?", False)):
+        for text in (f"{intro}\n\n{heading}\n\n{body}", f"{intro}\n\n{heading}\n\n{body * 3}",
+                     f"{intro}\r\r{heading}\r\r{body}".replace("\n", "\r")):  # (old Mac)
+            spans = chunk_document(text, cfg, markdown=markdown)
             check_invariants(text, spans, cfg)
             pieces = [text[s:e] for s, e in spans]
-            assert any(f"{heading}\n\n{body.strip()}" in p for p in pieces), pieces
+            sep = "\r\r" if "\r" in text else "\n\n"
+            assert any(f"{heading}{sep}{body.strip()}".replace("\n", sep[0]) in p
+                       for p in pieces), pieces
     items = "* item added here for the release notes of this product\n" * 5
     text = items + "## 1.2.1\n\n* python-build: Add CPython 3.6.4\n* python-build: Add PyPy 5.10\n"
-    spans = chunk_document(text, cfg)
+    spans = chunk_document(text, cfg, markdown=True)
     check_invariants(text, spans, cfg)
     assert [text[s:e] for s, e in spans][1].startswith("## 1.2.1\n\n* python-build"), spans
     # a "#" heading's line is one unit only while short: a long one is still packed and cut
     long = "## " + "Step. " * 100 + "\n\n" + body * 2
-    check_invariants(long, chunk_document(long, cfg), cfg)
+    check_invariants(long, chunk_document(long, cfg, markdown=True), cfg)
+    # outside Markdown, a "#" line is a comment: a config file's block of them is not cut a
+    # line a passage (gnupg's trustlist.txt: 13 passages were 18, most of one line)
+    comments = "\n".join(f"# comment line {i}: this option sets the port the daemon listens on"
+                          for i in range(8))
+    assert len(chunk_document(comments, cfg)) == 2
+    comments = "\n\n".join(f"# Option {i} sets the port the daemon listens on." for i in range(8))
+    assert [e - s for s, e in chunk_document(comments, cfg)] == [96] * 4  # (as prose is)
+    # a line between two rules ending as prose does is no heading (git-jump's example)
+    intro = "Running it in this repository, the command would return:"
+    example = (f"{intro}\n\n-----\nfoo.c:2:9: printf(\"%s\", x);\n-----\n\n"
+               + "More text follows here after the example. " * 6)
+    pieces = [example[s:e] for s, e in chunk_document(example, ChunkConfig(max_chars=120))]
+    assert pieces[0].startswith(f"{intro}\n\n-----\nfoo.c"), pieces
 
 
 def test_a_markdown_files_passages_of_markup_alone_are_left_out() -> None:

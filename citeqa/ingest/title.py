@@ -64,12 +64,15 @@ def title_from_text(text: str, fallback: str, *, markdown: bool = False,
     lines = text.splitlines()
     for i, line in enumerate(lines):
         line = line.strip()
-        if markdown and (links_only(line[:1000]) or _LIST_ITEM_RE.match(line)):
-            continue  # (a bar of links, a list's item)
+        if markdown and (links_only(line[:1000]) or _LIST_ITEM_RE.match(line)
+                         or line.startswith(">")):
+            continue  # (a bar of links, a list's item, a block quote)
         if markdown or rst:  # (its markup's text: "**To create a vocabulary**", "<p>")
             line = (_markup_text if markdown else _rst_text)(line[:1000]).strip()
             if line.startswith("<"):  # a tag over lines ("<img src=x\n alt=y>")
                 continue
+            if "**" in line or "__" in line:  # emphasis that goes on below: prose
+                return fallback
         if is_blank(line.strip("#")) and len(line) <= 6:  # an empty heading ("#", "## \u200b")
             continue
         if line and not any(c.isalnum() for c in line[:200]):  # a rule: "---", "====", "***"
@@ -177,9 +180,10 @@ PROSE_BEFORE_MAX_CHARS = 20_000  # a heading further in than this never names th
 
 
 def _prose_before(text: str, at: int) -> bool:
-    """Whether words a reader reads (``markdown.read_words``) stand in ``text`` before position
-    ``at``: then a heading there names a section, not the document."""
-    return at > PROSE_BEFORE_MAX_CHARS or read_words(text[:at])
+    """Whether words a reader reads (``markdown.read_words``; a block quote's aside: a notice)
+    stand in ``text`` before position ``at``: then a heading there names a section, not the
+    document."""
+    return at > PROSE_BEFORE_MAX_CHARS or read_words(text[:at], quotes=False)
 
 
 def _markup_text(heading: str) -> str:
@@ -212,6 +216,7 @@ _RST_ROLE_RE = re.compile(r":[\w.+:-]+:`([^`]*)`")
 _RST_LITERAL_RE = re.compile(r"``([^`]+)``")
 _RST_REFERENCE_RE = re.compile(r"`([^`]*)`_{0,2}")
 _RST_EMPHASIS_RE = re.compile(r"\*\*([^*]+)\*\*|\*([^*\s][^*]*)\*|\|([^|\s][^|]*)\|")
+_RST_SUBSTITUTIONS_RE = re.compile(r"(?:\|[^|\s][^|]*\|_{0,2}[ \t]*)+")  # "|PyPI| |Build|"
 _RST_TARGET_RE = re.compile(r"\s*<[^<>]*>\s*$")  # "PyPI <http://pypi.org>": its target
 
 
@@ -226,11 +231,12 @@ def _rst_head(text: str) -> tuple[str, str]:
         stripped = line.strip()
         if not stripped or (directive and line[:1].isspace()):
             continue
-        directive = stripped.startswith("..")
-        field = None if directive else _RST_FIELD_RE.fullmatch(stripped)
-        if directive or field:
+        directive = stripped.startswith("..")  # (or a field: its value may go on indented)
+        field = None if directive else _RST_FIELD_RE.fullmatch(stripped[:1000])
+        if directive or field or _RST_SUBSTITUTIONS_RE.fullmatch(stripped[:1000]):
             if field and field.group(1).strip().lower() == "title" and not named:
                 named = _SPACE_RE.sub(" ", _rst_text(field.group(2) or "")).strip()
+            directive = directive or field is not None
             continue
         below = lines[k + 1].strip() if k + 1 < len(lines) else ""
         if _RST_ADORNMENT_RE.fullmatch(stripped):  # an overline, or a transition

@@ -2,15 +2,16 @@
 
 Passages are packed greedily from sentences (``citeqa.text.sentences``; a paragraph break ends a
 passage once it holds at least a quarter of ``max_chars``, but not right after a heading: a
-paragraph of one short line not ending as a sentence does (or asking, as a FAQ's question), a
-``#`` line (Markdown's ATX heading, a block of its own: blank line before it or not), or a short
-line with a rule under it, and over it too (setext, reStructuredText), however each ends, goes
-with the section it names, its line one unit even with a stop inside ("Step 2. Install"); nor inside
-fenced code, nor before a rest of the text under a quarter of ``max_chars`` that fits), so
-each is at most ``cfg.max_chars`` characters long; a sentence longer than that is hard-split
-at whitespace (when it has none, as CJK text: after a clause's comma, or mid-word, never before
-a combining mark). Every span is trimmed of surrounding whitespace, so ``text[start:end]`` is
-exactly the passage text.
+paragraph of one short line not ending as a sentence does (or asking, as a FAQ's question), or
+such a line with a rule under it, and over it too (setext, reStructuredText), or in Markdown a
+``#`` line however it ends (an ATX heading, a block of its own: blank line before it or not),
+goes with the section it names, its line one unit even with a stop inside ("Step 2. Install");
+nor inside fenced code, nor before a rest of the text under a quarter of ``max_chars`` that
+fits), so each is at most ``cfg.max_chars`` characters long; a sentence longer than that is
+hard-split at whitespace (when it has none, as CJK text: after a clause's comma, or mid-word,
+never before a combining mark). Every span is trimmed of surrounding whitespace, so
+``text[start:end]`` is exactly the passage text. ``passage_spans`` chunks a document so, as
+Markdown where it is a Markdown file, less its passages of markup alone.
 """
 
 from __future__ import annotations
@@ -92,41 +93,61 @@ def _is_rule(line: str) -> bool:
     return len(line) >= 3 and line[0] in _RULE_MARKS and line == line[0] * len(line)
 
 
+# A line break, as ``text.sentences`` reads them (old Mac files end lines in CR alone, word
+# processors' exports in U+2028/9)
+_LINE_BREAKS = frozenset("\n\r\x85\u2028\u2029")
+_BREAK_RE = re.compile("[\n\r\x85\u2028\u2029]")
+
+
+def _line_start(text: str, i: int, floor: int) -> int | None:
+    """Where the line holding position ``i`` starts, when a line break stands in
+    ``text[floor:i]``; None when none does."""
+    for k in range(i - 1, floor - 1, -1):
+        if text[k] in _LINE_BREAKS:
+            return k + 1
+    return None
+
+
 def _line_after(text: str, i: int) -> str:
-    """The line after the one that holds position ``i`` ("" where that is the last)."""
-    end = text.find("\n", i)
-    if end < 0:
+    """The line after the one that holds position ``i`` ("" where that is the last; a CRLF's LF
+    is no line of its own)."""
+    end = _BREAK_RE.search(text, i)
+    if end is None:
         return ""
-    below = text.find("\n", end + 1)
-    return text[end + 1:below if below >= 0 else len(text)]
+    start = end.end() + (text.startswith("\r\n", end.start()))
+    below = _BREAK_RE.search(text, start)
+    return text[start:below.start() if below else len(text)]
 
 
-def _marked_headings(text: str, units: list[Sentence], max_chars: int) -> list[Sentence]:
-    """``units`` with a marked heading's line whole, as one unit, and a ``#`` heading's line a
-    paragraph's start. A heading's line is marked by #s (Markdown's ATX heading) or by a rule
-    right under it (setext, reStructuredText). "## Step 2. Install it" was two sentences, neither
+def _marked_headings(text: str, units: list[Sentence], max_chars: int,
+                     markdown: bool) -> list[Sentence]:
+    """``units`` with a marked heading's line whole, as one unit, and, in Markdown
+    (``markdown``), a ``#`` heading's line a paragraph's start. A heading's line is marked by a
+    rule right under it (setext, reStructuredText) or, in Markdown, by #s (an ATX heading; in
+    other text a "# comment" line is none). "## Step 2. Install it" was two sentences, neither
     read as a heading; a changelog's "## 1.2.1" right under a list (CommonMark: a block of its
     own, blank line before it or not) ended a passage, its entries in the next."""
     out: list[Sentence] = []
     prev, marked = 0, False  # where ``out[-1]`` starts; whether its line is a marked heading's
     for u in units:
-        on_line = out and text.rfind("\n", prev, u.start) < 0  # (from the last unit: linear)
+        line_start = _line_start(text, u.start, prev if out else 0)  # (linear: back to prev)
         prev = u.start
-        if on_line:  # joins a marked line's unit, while that stays short
+        if out and line_start is None:  # on the line of ``out[-1]``: joins a marked one's,
             if marked and u.end - out[-1].start <= min(HEADING_MAX_CHARS, max_chars):
-                out[-1] = out[-1]._replace(end=u.end)
+                out[-1] = out[-1]._replace(end=u.end)  # while that stays short
             else:
                 marked = False
                 out.append(u)
             continue
-        line_start = text.rfind("\n", 0, u.start) + 1  # (once a line: at its first unit)
-        atx = not text[line_start:u.start].strip() and _ATX_RE.match(text, line_start)
+        start = line_start or 0
+        atx = markdown and not text[start:u.start].strip() and _ATX_RE.match(text, start)
         marked = bool(atx) or _is_rule(_line_after(text, u.start))
         out.append(u._replace(paragraph_start=True) if atx else u)
     return out
 
 
-def _units(text: str, max_chars: int) -> tuple[list[Sentence], list[bool]]:
+def _units(text: str, max_chars: int,
+           markdown: bool = False) -> tuple[list[Sentence], list[bool]]:
     """The sentences of ``text``, an over-long one in pieces (``_hard_split``), a marked heading's
     line whole (``_marked_headings``), and whether each is code (a line of a fenced block, its
     fences included: never a heading or a rule); a blank line inside a fenced code block starts
@@ -135,7 +156,7 @@ def _units(text: str, max_chars: int) -> tuple[list[Sentence], list[bool]]:
     for start, end, para in sentences(text):
         for i, (s, e) in enumerate(_hard_split(text, start, end, max_chars)):
             units.append(Sentence(s, e, para and i == 0))
-    units = _marked_headings(text, units, max_chars)
+    units = _marked_headings(text, units, max_chars, markdown)
     code = [False] * len(units)
     if "```" in text or "~~~" in text:
         fences, f = fenced_code(text, tilde_underlines=True), 0  # in order: one pass over both
@@ -155,34 +176,32 @@ HEADINGS_STACKED = 3  # a full passage leaves at most this many last headings to
 class _Headings:
     """Which units of a text read as headings (or parts of one)."""
 
-    def __init__(self, text: str, units: list[Sentence], code: list[bool]) -> None:
-        self.text, self.units, self.code = text, units, code
+    def __init__(self, text: str, units: list[Sentence], code: list[bool],
+                 markdown: bool) -> None:
+        self.text, self.units, self.code, self.markdown = text, units, code, markdown
 
     def rule(self, k: int) -> bool:
         """A line of one mark, repeated (not code)."""
         return not self.code[k] and _is_rule(self.text[self.units[k].start:self.units[k].end])
 
-    def line(self, k: int) -> bool:
-        """One line of at most ``HEADING_MAX_CHARS`` characters, no rule and no code."""
-        unit = self.units[k]
-        return (unit.end - unit.start <= HEADING_MAX_CHARS
-                and "\n" not in self.text[unit.start:unit.end]
-                and not self.rule(k) and not self.code[k])
-
     def title_line(self, k: int) -> bool:
-        """A ``line`` that does not end as prose does (``text.ends_as_prose``, as a title), or
-        that asks (``text.asks``: a FAQ's question), or a ``#`` heading's (however it ends)."""
-        line = self.text[self.units[k].start:self.units[k].end]
-        return self.line(k) and (not ends_as_prose(line) or asks(line)
-                                 or _ATX_RE.match(line) is not None)
+        """One line of at most ``HEADING_MAX_CHARS`` characters, no rule and no code, that does
+        not end as prose does (``text.ends_as_prose``, as a title), or that asks (``text.asks``:
+        a FAQ's question), or, in Markdown, a ``#`` heading's (however it ends)."""
+        unit = self.units[k]
+        line = self.text[unit.start:unit.end]
+        return (unit.end - unit.start <= HEADING_MAX_CHARS and not _BREAK_RE.search(line)
+                and not self.rule(k) and not self.code[k]
+                and (not ends_as_prose(line) or asks(line)
+                     or (self.markdown and _ATX_RE.match(line) is not None)))
 
     def underlined(self, k: int) -> bool:
         """Whether ``units[k]`` is a heading's text with a rule right under it (a setext or
         reStructuredText heading: "Usage\n-----"), starting a paragraph or right under a rule
         that does (reStructuredText's overline)."""
-        units = self.units  # (the rule marks it: its text may end as prose does)
+        units = self.units
         if not (k + 1 < len(units) and self.rule(k + 1) and not units[k + 1].paragraph_start
-                and self.line(k)):
+                and self.title_line(k)):
             return False
         overlined = k > 0 and self.rule(k - 1) and (k == 1 or units[k - 1].paragraph_start)
         return k == 0 or units[k].paragraph_start or overlined
@@ -211,15 +230,17 @@ class _Headings:
             or (self.rule(j - 1) and self.underlined(j)))  # its overline | its text
 
 
-def chunk_document(text: str, cfg: ChunkConfig) -> list[tuple[int, int]]:
-    """Passage spans ``(start, end)`` covering ``text`` in order (see the module docstring).
+def chunk_document(text: str, cfg: ChunkConfig, *,
+                   markdown: bool = False) -> list[tuple[int, int]]:
+    """Passage spans ``(start, end)`` covering ``text`` in order (see the module docstring);
+    ``markdown``: the text is Markdown's (a ``#`` line is a heading, not a comment).
 
     With ``cfg.overlap_sentences > 0`` each passage starts with up to that many sentences of the
     previous one (fewer when they would not fit with the next new sentence).
     """
     assert cfg.max_chars >= 1, cfg  # ChunkConfig refuses less
-    units, code = _units(text, cfg.max_chars)
-    headings = _Headings(text, units, code)
+    units, code = _units(text, cfg.max_chars, markdown)
+    headings = _Headings(text, units, code, markdown)
     min_chars = cfg.max_chars // 4  # a paragraph break ends a passage at least this long
     spans: list[tuple[int, int]] = []
     i = fresh = 0  # units[i:] are next; units[fresh] is the first not yet in any passage
@@ -268,8 +289,8 @@ def passage_spans(doc: Document, cfg: ChunkConfig) -> list[tuple[int, int]]:
     (``citeqa.markdown``), those of markup alone that no one reads (badges, logos, link
     definitions: search ranked a README's badge block first for its project's name; a quote
     of it says nothing), unless all of them are."""
-    spans = chunk_document(doc.text, cfg)
     if not is_markdown(doc.source):
-        return spans
+        return chunk_document(doc.text, cfg)
+    spans = chunk_document(doc.text, cfg, markdown=True)
     read = [span for span in spans if read_words(doc.text[span[0]:span[1]])]
     return read or spans
