@@ -38,10 +38,16 @@ _ANY_LINK_RE = re.compile(rf"\[([^\[\]]{{0,500}})\](?:{_ADDRESS}|\[[^\[\]]{{0,50
 _QUOTED_LINE_RE = re.compile(r"^ {0,3}>.*$", re.MULTILINE)
 
 
+def source_suffix(source: str) -> str:
+    """The extension, lower case, of the file a document's ``source`` (a path, or a URL's path)
+    names ("" for none)."""
+    path = urlsplit(source).path if "://" in source else source
+    return PurePosixPath(path.replace("\\", "/")).suffix.lower()
+
+
 def is_markdown(source: str) -> bool:
     """Whether a document's ``source`` (a path, or a URL) names a Markdown file."""
-    path = urlsplit(source).path if "://" in source else source
-    return PurePosixPath(path.replace("\\", "/")).suffix.lower() in MARKDOWN_EXTENSIONS
+    return source_suffix(source) in MARKDOWN_EXTENSIONS
 
 
 def unread_out(text: str) -> str:

@@ -134,6 +134,20 @@ def test_answers_name_the_index_version_they_came_from(index_dir: Path, tmp_path
         assert c.get("/readyz").json()["index_version"] == after
 
 
+def test_a_posted_markdown_or_rst_text_is_titled_as_its_source_names(
+        client: TestClient) -> None:
+    """A posted text named as a Markdown or reStructuredText file was titled as plain text,
+    while a build of that file titles it by its format."""
+    md = "[![ci](https://ci.example/b.svg)](https://ci.example)\n\n# Wren notes\n\nWrens sing."
+    r = client.post("/v1/documents", json={"text": md, "source": "notes/wrens.md"})
+    assert r.status_code == 201 and r.json()["title"] == "Wren notes", r.text
+    rst = ":orphan:\n\nFinch notes\n===========\n\nFinches sing."
+    r = client.post("/v1/documents", json={"text": rst, "source": "https://x.org/finch.rst"})
+    assert r.status_code == 201 and r.json()["title"] == "Finch notes", r.text
+    r = client.post("/v1/documents", json={"text": md})  # no source: plain text's rules
+    assert r.status_code == 201 and r.json()["title"] != "Wren notes", r.text
+
+
 def test_defaults_for_doc_id_and_title(client: TestClient) -> None:
     r = client.post("/v1/documents", json={"text": "Quarrel birds nest in old chimneys.\nMore."})
     assert r.status_code == 201, r.text

@@ -49,7 +49,7 @@ from citeqa.api.schemas import (
 from citeqa.config import MAX_DOCUMENT_CHARS
 from citeqa.errors import InvalidRequestError, NotSupportedError
 from citeqa.ingest import Fetcher, doc_id_for, is_made_id, page_key
-from citeqa.ingest.title import title_from_text
+from citeqa.ingest.title import title_of_source
 from citeqa.text import is_blank
 from citeqa.types import Answer, AskArgs, Document
 
@@ -154,11 +154,11 @@ def make_run_batch(pipeline: PipelineLike) -> Callable[[list[AskArgs]], list[Ans
 
 def text_document(body: TextDocumentIn) -> Document:
     """The Document for a posted text; doc_id and title default to a hash and a title from the
-    text (``title_from_text``)."""
+    text, by the rules of the format its ``source`` names (``title_of_source``)."""
     _check_chosen_id(body.doc_id)
     source = body.source or ""
     doc_id = body.doc_id or doc_id_for(f"{source}\n{body.title or ''}\n{body.text}")
-    title = body.title if body.title is not None else title_from_text(body.text, doc_id)
+    title = body.title if body.title is not None else title_of_source(body.text, doc_id, source)
     return Document(doc_id=doc_id, title=title, source=source, text=body.text)
 
 

@@ -37,9 +37,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -52,8 +50,7 @@ from citeqa.errors import (
 )
 from citeqa.ingest.encoding import decode_page
 from citeqa.ingest.html import extract_html
-from citeqa.ingest.title import RST_EXTENSION, title_from_text
-from citeqa.markdown import MARKDOWN_EXTENSIONS
+from citeqa.ingest.title import title_of_source
 from citeqa.text import without_userinfo
 
 logger = logging.getLogger(__name__)
@@ -538,9 +535,7 @@ class Fetcher:
                 text=extracted.text,
                 title=extracted.title or final,
             )
-        suffix = PurePosixPath(urlsplit(final).path).suffix.lower()  # (raw files: text/plain)
-        title = title_from_text(text, final, rst=suffix == RST_EXTENSION, markdown=(
-            media == "text/markdown" or suffix in MARKDOWN_EXTENSIONS))
+        title = title_of_source(text, final, final, markdown=media == "text/markdown")
         return None, FetchedPage(requested, final, media, text, title)
 
     def _read(self, response: httpx.Response, requested: str, deadline: float) -> bytes:

@@ -44,7 +44,7 @@ from citeqa.errors import FetchError, SourceError
 from citeqa.ingest.encoding import bom_codec, decode, meta_declared
 from citeqa.ingest.fetch import Fetcher, FetchPolicy, page_key
 from citeqa.ingest.html import extract_html
-from citeqa.ingest.title import RST_EXTENSION, cap_title, title_from_text
+from citeqa.ingest.title import RST_EXTENSION, cap_title, title_from_text, title_of_source
 from citeqa.markdown import MARKDOWN_EXTENSIONS
 from citeqa.text import is_blank
 from citeqa.types import DOC_ID_PATTERN, MAX_DOC_ID_CHARS, Document
@@ -426,8 +426,7 @@ def _load_file(path: Path) -> Iterator[Document | Skipped]:
         yield from _load_json(path, _decode_text(data))
     else:  # .txt, .md, or a file named explicitly
         text = _decode_text(data)
-        title = title_from_text(text, _printable(path.name), markdown=suffix in MARKDOWN_EXTENSIONS,
-                                rst=suffix == RST_EXTENSION)
+        title = title_of_source(text, _printable(path.name), path.name)
         yield _single(source, title, text)
 
 

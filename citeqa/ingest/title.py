@@ -8,7 +8,13 @@ from __future__ import annotations
 import re
 from html import unescape
 
-from citeqa.markdown import links_only, read_words, unread_out
+from citeqa.markdown import (
+    MARKDOWN_EXTENSIONS,
+    links_only,
+    read_words,
+    source_suffix,
+    unread_out,
+)
 from citeqa.text import (
     ATX_HEADING,
     FENCE_RE,
@@ -31,6 +37,15 @@ _HEADING_RE = re.compile(rf"^{ATX_HEADING}[ \t]*([^\n]+)$", re.MULTILINE)
 def cap_title(title: str, max_chars: int = TITLE_MAX_CHARS) -> str:
     """``title`` cut to ``max_chars`` characters (ending in an ellipsis when cut)."""
     return title if len(title) <= max_chars else title[: max_chars - 1].rstrip() + "…"
+
+
+def title_of_source(text: str, fallback: str, source: str, *, markdown: bool = False) -> str:
+    """``title_from_text`` by the rules of the format ``source`` names: a Markdown or a
+    reStructuredText file, by its path's or URL's extension (``markdown``: Markdown whatever
+    its name, as a page served as text/markdown)."""
+    suffix = source_suffix(source)
+    return title_from_text(text, fallback, markdown=markdown or suffix in MARKDOWN_EXTENSIONS,
+                           rst=suffix == RST_EXTENSION)
 
 
 def title_from_text(text: str, fallback: str, *, markdown: bool = False,
