@@ -1,10 +1,10 @@
 """Markdown as a reader reads it: the markup no one reads (``unread_out``: HTML comments and
 tags, images, reference definitions, MyST's targets, MDX's imports), links read as their words
-(``read_text``), and which sources are Markdown (``is_markdown``). Titles (``title.py``),
-chunking (a passage of markup alone is not indexed: ``retrieval.chunk.passage_spans``) and what
-BM25 and the embedder see of a passage (``retrieval.builder.indexed_text``: no link's address,
-no tag's attributes) read Markdown so; a document's text, and so its passages and quotes, stay
-the file's, unchanged.
+(``read_text``, ``read_words``), and which sources are Markdown (``is_markdown``). Titles
+(``title.py``) and chunking (a passage of markup alone is not indexed:
+``retrieval.chunk.passage_spans``) read Markdown so. What BM25 and the embedder see of a passage
+stays its text as it is (a reading that drops markup also drops "a < b", "Vec<u8>", code), and
+so do a document's text, its passages and quotes.
 """
 
 from __future__ import annotations
@@ -19,19 +19,23 @@ MARKDOWN_EXTENSIONS = frozenset({".md", ".markdown", ".mdown", ".mkd", ".mdx"})
 # A link's or an image's address in parentheses (a title in quotes too), one level of them
 # inside ("Logo_(2019).svg", "(logo)")
 _ADDRESS = r"\((?:[^()]|\([^()]{0,500}\)){0,1000}\)"
-# What a Markdown text holds that a reader does not read: HTML comments and tags, linked images
-# (badges) and images, reference definitions ("[1]: https://..."), MyST's targets
-# ("(label)="), MDX's imports and exports, a URL alone on its line, Liquid's tags ("{% include
-# toc %}", "{{ page.title }}"); each bounded, so that a long run of "<" or "![" is not rescanned
-# from every position
-_UNREAD_RE = re.compile(rf"<!--.{{0,2000}}?-->|<[^<>]{{0,1000}}>"
+# What a Markdown text holds that a reader does not read: HTML comments and tags (a name right
+# after "<": "a < b" is none), linked images (badges) and images, link reference definitions
+# ("[1]: https://..."; a footnote's "[^1]:" is read), MyST's targets ("(label)="), MDX's
+# imports and exports, a URL alone on its line, Liquid's tags ("{% include toc %}"); each
+# bounded, and a comment or a Liquid tag never runs past the next one's start, so a long run
+# of "<!--" or "{{" is read in linear time
+_UNREAD_RE = re.compile(rf"<!--(?:(?!<!--|-->)[\s\S]){{0,2000}}-->"
+                        rf"|</?[A-Za-z][A-Za-z0-9:-]{{0,50}}(?:[\s/][^<>]{{0,1000}})?>"
                         rf"|\[!\[[^\[\]]{{0,500}}\]{_ADDRESS}\]{_ADDRESS}"
                         rf"|!\[[^\[\]]{{0,500}}\](?:{_ADDRESS}|\[[^\[\]]{{0,500}}\])"
-                        r"|^ {0,3}\[[^\]\n]{1,500}\]:.*$|^\([^()\n]{1,200}\)=[ \t]*$"
-                        r"|^(?:import|export)[ \t][^\n]{0,1000}$"
+                        r"|^ {0,3}\[(?!\^)[^\]\n]{1,500}\]:[^\n]*$|^\([^()\n]{1,200}\)=[ \t]*$"
+                        r"|^import[ \t][^\n]{0,1000}\bfrom[ \t]*['\"][^\n]{0,500}$"
+                        r"|^import[ \t]+['\"][^\n]{0,500}$"
+                        r"|^export[ \t]+(?:const|default|function|let|var|class)\b[^\n]{0,1000}$"
                         r"|^[ \t]*(?:https?|ftp)://[^\s<>]{1,2000}[ \t]*$"
-                        r"|\{%.{0,500}?%\}|\{\{.{0,500}?\}\}",
-                        re.DOTALL | re.MULTILINE)
+                        r"|\{%[^\n{}%]{0,200}%\}|\{\{[^\n{}]{0,200}\}\}",
+                        re.MULTILINE)
 # a link: [words](address), [words][reference], [reference] (a shortcut reference)
 _ANY_LINK_RE = re.compile(rf"\[([^\[\]]{{0,500}})\](?:{_ADDRESS}|\[[^\[\]]{{0,500}}\])?")
 # a block quote's line (a notice before a README's title: "> [!IMPORTANT]")
@@ -61,11 +65,18 @@ def read_text(text: str) -> str:
     return _ANY_LINK_RE.sub(r"\1", unread_out(text))
 
 
+_MARKUP_STARTS = frozenset("<[{(")  # what each markup ``_UNREAD_RE`` reads starts with or holds
+
+
 def read_words(text: str, *, quotes: bool = True) -> bool:
     """Whether ``text`` holds words a reader reads (``read_text``); with ``quotes=False``, its
-    block quotes' aside."""
+    block quotes' aside. (A line with words and nothing markup starts with says so at once.)"""
     if not quotes:
         text = _QUOTED_LINE_RE.sub("", text)
+    for line in text.splitlines():
+        if (any(c.isalnum() for c in line) and _MARKUP_STARTS.isdisjoint(line)
+                and not line.lstrip().startswith(("http", "ftp", "import", "export"))):
+            return True
     return any(c.isalnum() for c in read_text(text))
 
 

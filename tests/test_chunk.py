@@ -427,3 +427,25 @@ def test_a_markdown_files_passages_of_markup_alone_are_left_out() -> None:
         assert passage_spans(Document("d", "t", source, text), cfg) == spans
     only = Document("d", "t", "a.md", f"{badges}\n\n{defs}")  # markup alone: all of it kept
     assert passage_spans(only, cfg) == chunk_document(only.text, cfg)
+
+
+def test_a_markdown_passage_with_code_a_link_definition_or_angle_brackets_is_kept() -> None:
+    """The review's: a link definition's rule ran to the text's end (a passage after one was
+    no one's read words: left out, and unsearchable), a footnote was read as a link definition,
+    a code block of HTML was markup no one reads, "i < n. ... i > n." a tag over paragraphs, an
+    "export" line of prose MDX's markup."""
+    from citeqa.retrieval.chunk import passage_spans
+    from citeqa.types import Document
+
+    prose = "Zebra quartz settings are read from the file at start, then kept for the run. "
+    cfg = ChunkConfig(max_chars=200)
+    for middle in ("[inst]: https://example.com/installer\n\n" + prose,
+                   "```\n" + '<div class="zebra">\n  <img src="quartz.png">\n</div>\n' * 3
+                   + "```",
+                   "[^1]: The zebra quartz standard, ISO 1234, says so."):
+        text = f"# Guide\n\n{prose * 2}\n\n{middle}\n\n{prose * 2}"
+        doc = Document("d", "t", "guide.md", text)
+        assert passage_spans(doc, cfg) == chunk_document(text, cfg, markdown=True), middle
+    from citeqa.markdown import unread_out
+    for prose_ in ("i < n.\n\nZebra quartz is read.\n\ni > n.", "export ZEBRA=1 to read it"):
+        assert unread_out(prose_) == prose_

@@ -180,6 +180,7 @@ def test_a_markdown_title_is_its_front_matters_or_first_headings_words(
     ("r.md", "{% include toc %}\n\n# Real Title\n", "Real Title"),
     ("r.md", "https://github.com/g/dc\n\nIt holds routines.\n\n# Sub\n", "r.md"),
     ("r.md", "**This software is dual-licensed under the\nNCSA license.**\n\n# NCSA\n", "r.md"),
+    ("r.md", "[logo]: https://e.com/l.png\n\nFoo is a library.\n\n## Sponsors\n", "r.md"),
 ])
 def test_a_title_is_the_documents_not_a_sections_nor_markup(tmp_path: Path, name: str,
                                                             text: str, title: str) -> None:
@@ -189,6 +190,17 @@ def test_a_title_is_the_documents_not_a_sections_nor_markup(tmp_path: Path, name
     f.write_text(text, encoding="utf-8")
     (doc,) = load(f).documents
     assert doc.title == title and doc.text == text
+
+
+def test_a_json_records_text_is_titled_by_the_rules_of_the_source_it_names(
+        tmp_path: Path) -> None:
+    """A record with a Markdown source was chunked as Markdown and titled as plain text: its
+    badge's addresses were its title, indexed with every passage."""
+    f = tmp_path / "docs.jsonl"
+    text = "[![PyPI](https://img.shields.io/pypi/v/foo.svg)](https://pypi.org)\n\n# Foo\n\nIt is."
+    f.write_text(json.dumps({"text": text, "source": "README.md"}) + "\n")
+    (doc,) = load(f).documents
+    assert doc.title == "Foo" and doc.source == "README.md"
 
 
 def test_a_restructuredtext_title_field_of_colons_is_read_in_linear_time() -> None:

