@@ -51,7 +51,10 @@ class NoPasswords(logging.Filter):
     """A record's message with each URL's ``user:password@`` part left out."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - args that do not fit: the handler reports it
+            return True
         if "@" in message and (shown := without_userinfo(message)) != message:
             record.msg, record.args = shown, ()
         return True

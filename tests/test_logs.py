@@ -98,12 +98,14 @@ def test_no_log_line_holds_a_urls_password() -> None:
     code = ("from citeqa.logs import setup_logging; setup_logging(); import httpx; "
             "c = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(200))); "
             "c.get('http://user:s3cret@engine.example:8401/v1/models'); "
-            "import logging; logging.getLogger('x').info('at %s', 'https://u:p%40w@h.example/')")
+            "import logging; logging.getLogger('x').info('at %s', 'https://u:p%40w@h.example/'); "
+            "logging.getLogger('x').info('%d args', 'not a number'); print('still running')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "GET http://engine.example:8401/v1/models" in r.stderr, r.stderr
     assert "at https://h.example/" in r.stderr, r.stderr
     assert "s3cret" not in r.stderr and "p%40w" not in r.stderr, r.stderr
+    assert "still running" in r.stdout  # a record whose args do not fit: reported, not raised
 
 
 def test_without_userinfo_reads_urls_inside_text() -> None:
