@@ -17,27 +17,32 @@ from urllib.parse import urlsplit
 MARKDOWN_EXTENSIONS = frozenset({".md", ".markdown", ".mdown", ".mkd", ".mdx"})
 
 # A link's or an image's address in parentheses (a title in quotes too), one level of them
-# inside ("Logo_(2019).svg", "(logo)")
-_ADDRESS = r"\((?:[^()]|\([^()]{0,500}\)){0,1000}\)"
-# What a Markdown text holds that a reader does not read: HTML comments and tags (a name right
-# after "<": "a < b" is none), linked images (badges) and images, link reference definitions
-# ("[1]: https://..."; a footnote's "[^1]:" is read), MyST's targets ("(label)="), MDX's
-# imports and exports, a URL alone on its line, Liquid's tags ("{% include toc %}"); each
-# bounded, and a comment or a Liquid tag never runs past the next one's start, so a long run
-# of "<!--" or "{{" is read in linear time
-_UNREAD_RE = re.compile(rf"<!--(?:(?!<!--|-->)[\s\S]){{0,2000}}-->"
-                        rf"|</?[A-Za-z][A-Za-z0-9:-]{{0,50}}(?:[\s/][^<>]{{0,1000}})?>"
-                        rf"|\[!\[[^\[\]]{{0,500}}\]{_ADDRESS}\]{_ADDRESS}"
-                        rf"|!\[[^\[\]]{{0,500}}\](?:{_ADDRESS}|\[[^\[\]]{{0,500}}\])"
-                        r"|^ {0,3}\[(?!\^)[^\]\n]{1,500}\]:[^\n]*$|^\([^()\n]{1,200}\)=[ \t]*$"
-                        r"|^import[ \t][^\n]{0,1000}\bfrom[ \t]*['\"][^\n]{0,500}$"
-                        r"|^import[ \t]+['\"][^\n]{0,500}$"
+# inside ("Logo_(2019).svg", "(logo)"); an HTML tag (a name right after "<": "a < b" is none)
+ADDRESS = r"\((?:[^()]|\([^()]{0,500}\)){0,1000}\)"
+TAG = r"</?[A-Za-z][A-Za-z0-9:-]{0,50}(?:[\s/][^<>]{0,1000})?>"
+# What a Markdown text holds that a reader does not read: HTML comments and tags, linked images
+# (badges) and images, link reference definitions ("[1]: https://x 'title'": an address, then
+# a title at most; "[^1]:" is a footnote, "[Breaking]: words" prose), MyST's targets
+# ("(label)="), MDX's imports ("import X from 'y'") and exports, a URL alone on its line,
+# Liquid's tags ("{% include toc %}"); each bounded, and a comment or a Liquid tag never runs
+# past the next one's start, so a long run of "<!--" or "{{" is read in linear time
+_IMPORTED = r"(?:\w+|\*[ \t]+as[ \t]+\w+|\{[^}\n]{0,500}\})"
+_UNREAD_RE = re.compile(rf"<!--(?:(?!<!--|-->)[\s\S]){{0,2000}}-->|{TAG}"
+                        rf"|\[!\[[^\[\]]{{0,500}}\]{ADDRESS}\]{ADDRESS}"
+                        rf"|!\[[^\[\]]{{0,500}}\](?:{ADDRESS}|\[[^\[\]]{{0,500}}\])"
+                        r"|^ {0,3}\[(?!\^)[^\]\n]{1,500}\]:[ \t]*<?[^\s<>]{1,2000}>?"
+                        r"(?:[ \t]+(?:\"[^\"\n]{0,500}\"|'[^'\n]{0,500}'"
+                        r"|\([^()\n]{0,500}\)))?[ \t]*$"
+                        r"|^\([^()\n]{1,200}\)=[ \t]*$"
+                        rf"|^import[ \t]+{_IMPORTED}(?:[ \t]*,[ \t]*{_IMPORTED})?[ \t]+from[ \t]+"
+                        r"['\"][^'\"\n]{1,500}['\"];?[ \t]*$"
+                        r"|^import[ \t]+['\"][^'\"\n]{1,500}['\"];?[ \t]*$"
                         r"|^export[ \t]+(?:const|default|function|let|var|class)\b[^\n]{0,1000}$"
                         r"|^[ \t]*(?:https?|ftp)://[^\s<>]{1,2000}[ \t]*$"
                         r"|\{%[^\n{}%]{0,200}%\}|\{\{[^\n{}]{0,200}\}\}",
                         re.MULTILINE)
 # a link: [words](address), [words][reference], [reference] (a shortcut reference)
-_ANY_LINK_RE = re.compile(rf"\[([^\[\]]{{0,500}})\](?:{_ADDRESS}|\[[^\[\]]{{0,500}}\])?")
+_ANY_LINK_RE = re.compile(rf"\[([^\[\]]{{0,500}})\](?:{ADDRESS}|\[[^\[\]]{{0,500}}\])?")
 # a block quote's line (a notice before a README's title: "> [!IMPORTANT]")
 _QUOTED_LINE_RE = re.compile(r"^ {0,3}>.*$", re.MULTILINE)
 
@@ -65,18 +70,20 @@ def read_text(text: str) -> str:
     return _ANY_LINK_RE.sub(r"\1", unread_out(text))
 
 
-_MARKUP_STARTS = frozenset("<[{(")  # what each markup ``_UNREAD_RE`` reads starts with or holds
+_MARKUP_STARTS = frozenset("<[{(")  # what each markup ``_UNREAD_RE`` reads starts with
 
 
 def read_words(text: str, *, quotes: bool = True) -> bool:
     """Whether ``text`` holds words a reader reads (``read_text``); with ``quotes=False``, its
-    block quotes' aside. (A line with words and nothing markup starts with says so at once.)"""
+    block quotes' aside. (Without a "<" or "](" in it, nothing that ``_UNREAD_RE`` reads runs
+    over lines: a line with words and none of what markup starts with says so at once.)"""
     if not quotes:
         text = _QUOTED_LINE_RE.sub("", text)
-    for line in text.splitlines():
-        if (any(c.isalnum() for c in line) and _MARKUP_STARTS.isdisjoint(line)
-                and not line.lstrip().startswith(("http", "ftp", "import", "export"))):
-            return True
+    if "<" not in text and "](" not in text:
+        for line in text.splitlines():
+            if (any(c.isalnum() for c in line) and _MARKUP_STARTS.isdisjoint(line)
+                    and not line.lstrip().startswith(("http", "ftp", "import", "export"))):
+                return True
     return any(c.isalnum() for c in read_text(text))
 
 

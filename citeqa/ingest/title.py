@@ -9,7 +9,9 @@ import re
 from html import unescape
 
 from citeqa.markdown import (
+    ADDRESS,
     MARKDOWN_EXTENSIONS,
+    TAG,
     links_only,
     read_words,
     source_suffix,
@@ -120,10 +122,10 @@ _SETEXT_RE = re.compile(r"^ {0,3}(\S[^\r\n]*)\r?\n {0,3}(?:=+|-+)[ \t]*\r?$", re
 # (bounded: a lazy scan for the end tag from every "<h1>" of a page without one is quadratic)
 _HTML_HEADING_RE = re.compile(r"^[ \t]*<h[1-6]\b[^>\n]{0,300}>(.{0,300}?)</h[1-6]\s*>",
                               re.IGNORECASE | re.DOTALL | re.MULTILINE)
-_IMAGE_RE = re.compile(r"!\[([^\]]*)\]\([^)]*\)|!\[([^\]]*)\]\[[^\]]*\]")  # (its alt text)
-_LINKED_IMAGE_RE = re.compile(r"\[!\[[^\]]*\](?:\([^)]*\)|\[[^\]]*\])\](?:\([^)]*\)|\[[^\]]*\])")
-_LINK_RE = re.compile(r"\[([^\]]*)\]\([^)]*\)|\[([^\]]*)\]\[[^\]]*\]")
-_TAG_RE = re.compile(r"<[^>]*>")
+_IMAGE_RE = re.compile(rf"!\[([^\]]*)\]{ADDRESS}|!\[([^\]]*)\]\[[^\]]*\]")  # (its alt text)
+_LINKED_IMAGE_RE = re.compile(rf"\[!\[[^\]]*\](?:{ADDRESS}|\[[^\]]*\])\](?:{ADDRESS}|\[[^\]]*\])")
+_LINK_RE = re.compile(rf"\[([^\]]*)\]{ADDRESS}|\[([^\]]*)\]\[[^\]]*\]")
+_TAG_RE = re.compile(TAG)
 _EMPHASIS_RE = re.compile(r"(\*{1,3}|`+|~~)(?=\S)(.+?)(?<=\S)\1"
                           r"|(?<!\w)(_{1,3})(?=\S)(.+?)(?<=\S)\3(?!\w)")  # (my_name: no)
 

@@ -64,11 +64,9 @@ def dense_spec_for(cfg: RetrievalConfig, spec: DenseSpec | None = None) -> Dense
     return spec if spec is not None else DenseSpec(kind=cfg.faiss_index, hnsw_m=cfg.hnsw_m)
 
 
-def indexed_text(doc: Document, start: int, end: int) -> str:
-    """What BM25 and the embedder see for the passage ``doc.text[start:end]``: its document's
-    title, then its text."""
-    passage = doc.text[start:end]
-    return f"{doc.title}\n{passage}" if doc.title else passage
+def indexed_text(title: str, passage: str) -> str:
+    """What BM25 and the embedder see for a passage: its document title, then its text."""
+    return f"{title}\n{passage}" if title else passage
 
 
 def build_index(
@@ -143,7 +141,7 @@ def build_index_from_documents(
             "empty or whitespace only"
         )
     texts = [
-        indexed_text(docs[row], s, e)
+        indexed_text(docs[row].title, docs[row].text[s:e])
         for (s, e), row in zip(spans, passage_doc, strict=True)
     ]
     log.info("indexing %d documents as %d passages", len(docs), len(spans))

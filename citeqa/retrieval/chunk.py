@@ -25,6 +25,8 @@ from citeqa.markdown import is_markdown, read_words
 from citeqa.text import (
     ATX_HEADING,
     HEADING_MAX_CHARS,
+    LINE_BREAK,
+    LINE_BREAK_CHARS,
     Sentence,
     asks,
     ends_as_prose,
@@ -93,17 +95,11 @@ def _is_rule(line: str) -> bool:
     return len(line) >= 3 and line[0] in _RULE_MARKS and line == line[0] * len(line)
 
 
-# A line break, as ``text.sentences`` reads them (old Mac files end lines in CR alone, word
-# processors' exports in U+2028/9)
-_LINE_BREAKS = frozenset("\n\r\x85\u2028\u2029")
-_BREAK_RE = re.compile("[\n\r\x85\u2028\u2029]")
-
-
 def _line_start(text: str, i: int, floor: int) -> int | None:
     """Where the line holding position ``i`` starts, when a line break stands in
     ``text[floor:i]``; None when none does."""
     for k in range(i - 1, floor - 1, -1):
-        if text[k] in _LINE_BREAKS:
+        if text[k] in LINE_BREAK_CHARS:
             return k + 1
     return None
 
@@ -111,12 +107,11 @@ def _line_start(text: str, i: int, floor: int) -> int | None:
 def _line_after(text: str, i: int) -> str:
     """The line after the one that holds position ``i`` ("" where that is the last; a CRLF's LF
     is no line of its own)."""
-    end = _BREAK_RE.search(text, i)
+    end = LINE_BREAK.search(text, i)
     if end is None:
         return ""
-    start = end.end() + (text.startswith("\r\n", end.start()))
-    below = _BREAK_RE.search(text, start)
-    return text[start:below.start() if below else len(text)]
+    below = LINE_BREAK.search(text, end.end())
+    return text[end.end():below.start() if below else len(text)]
 
 
 def _marked_headings(text: str, units: list[Sentence], max_chars: int,
@@ -159,7 +154,8 @@ def _units(text: str, max_chars: int,
     units = _marked_headings(text, units, max_chars, markdown)
     code = [False] * len(units)
     if "```" in text or "~~~" in text:
-        fences, f = fenced_code(text, tilde_underlines=True), 0  # in order: one pass over both
+        # (in Markdown, a line of ~ under text opens a fence: it underlines no heading there)
+        fences, f = fenced_code(text, tilde_underlines=not markdown), 0  # (in order: one pass)
         for k, u in enumerate(units):
             while f < len(fences) and fences[f][1] <= u.start:
                 f += 1
@@ -190,7 +186,7 @@ class _Headings:
         a FAQ's question), or, in Markdown, a ``#`` heading's (however it ends)."""
         unit = self.units[k]
         line = self.text[unit.start:unit.end]
-        return (unit.end - unit.start <= HEADING_MAX_CHARS and not _BREAK_RE.search(line)
+        return (unit.end - unit.start <= HEADING_MAX_CHARS and not LINE_BREAK.search(line)
                 and not self.rule(k) and not self.code[k]
                 and (not ends_as_prose(line) or asks(line)
                      or (self.markdown and _ATX_RE.match(line) is not None)))
@@ -292,7 +288,7 @@ def passage_spans(doc: Document, cfg: ChunkConfig) -> list[tuple[int, int]]:
     if not is_markdown(doc.source):
         return chunk_document(doc.text, cfg)
     spans = chunk_document(doc.text, cfg, markdown=True)
-    code = fenced_code(doc.text, tilde_underlines=True)  # (code is read: "export X=1", "<b>")
+    code = fenced_code(doc.text)  # (code is read: "export X=1", "<b>")
     read, f = [], 0
     for start, end in spans:
         while f < len(code) and code[f][1] <= start:

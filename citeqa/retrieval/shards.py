@@ -179,7 +179,7 @@ def chunk_block(documents: list[Document], cfg: RetrievalConfig) -> tuple[np.nda
 
 def passage_texts(documents: list[Document], spans: np.ndarray, rows: np.ndarray) -> list[str]:
     """What BM25 and the embedder see for each passage (``builder.indexed_text``)."""
-    return [indexed_text(documents[r], s, e)
+    return [indexed_text(documents[r].title, documents[r].text[s:e])
             for (s, e), r in zip(spans.tolist(), rows.tolist(), strict=True)]
 
 

@@ -164,7 +164,7 @@ def _updated_bm25(old: BM25Index, keep_ids: np.ndarray, new_texts: Sequence[str]
     if old.counts is not None and old.tokenizer == TOKENIZER:
         added = count_terms(tokenize(t) for t in new_texts)
         return BM25Index.from_counts(concat_counts([old.counts_of(keep_ids), added]), **params)
-    texts = (indexed_text(docs[row], s, e)
+    texts = (indexed_text(docs[row].title, docs[row].text[s:e])
              for (s, e), row in zip(spans, passage_doc, strict=True))
     return BM25Index.build((tokenize(t) for t in texts), **params)
 
@@ -207,7 +207,7 @@ def apply_update(
         added_passages[doc.doc_id] = len(doc_spans)
         spans.extend(doc_spans)
         passage_doc.extend([row_of[doc.doc_id]] * len(doc_spans))
-        new_texts.extend(indexed_text(doc, s, e) for s, e in doc_spans)
+        new_texts.extend(indexed_text(doc.title, doc.text[s:e]) for s, e in doc_spans)
 
     bm25 = _updated_bm25(index.bm25, keep_ids, new_texts, docs, spans, passage_doc, cfg)
     dense, embedding = None, index.manifest.get("embedding")
