@@ -24,21 +24,22 @@ TAG = r"</?[A-Za-z][A-Za-z0-9:-]{0,50}(?:[\s/][^<>]{0,1000})?>"
 # (badges) and images, link reference definitions ("[1]: https://x 'title'": an address, then
 # a title at most; "[^1]:" is a footnote, "[Breaking]: words" prose), MyST's targets
 # ("(label)="), MDX's imports ("import X from 'y'") and exports, a URL alone on its line,
-# Liquid's tags ("{% include toc %}"); each bounded, and a comment or a Liquid tag never runs
-# past the next one's start, so a long run of "<!--" or "{{" is read in linear time
+# Liquid's tags ("{% include toc %}"); a line may end in CRLF; each bounded, and a comment or a
+# Liquid tag never runs past the next one's start, so a long run of "<!--" or "{{" is read in
+# linear time
 _IMPORTED = r"(?:\w+|\*[ \t]+as[ \t]+\w+|\{[^}\n]{0,500}\})"
 _UNREAD_RE = re.compile(rf"<!--(?:(?!<!--|-->)[\s\S]){{0,2000}}-->|{TAG}"
                         rf"|\[!\[[^\[\]]{{0,500}}\]{ADDRESS}\]{ADDRESS}"
                         rf"|!\[[^\[\]]{{0,500}}\](?:{ADDRESS}|\[[^\[\]]{{0,500}}\])"
                         r"|^ {0,3}\[(?!\^)[^\]\n]{1,500}\]:[ \t]*<?[^\s<>]{1,2000}>?"
                         r"(?:[ \t]+(?:\"[^\"\n]{0,500}\"|'[^'\n]{0,500}'"
-                        r"|\([^()\n]{0,500}\)))?[ \t]*$"
-                        r"|^\([^()\n]{1,200}\)=[ \t]*$"
+                        r"|\([^()\n]{0,500}\)))?[ \t]*\r?$"
+                        r"|^\([^()\n]{1,200}\)=[ \t]*\r?$"
                         rf"|^import[ \t]+{_IMPORTED}(?:[ \t]*,[ \t]*{_IMPORTED})?[ \t]+from[ \t]+"
-                        r"['\"][^'\"\n]{1,500}['\"];?[ \t]*$"
-                        r"|^import[ \t]+['\"][^'\"\n]{1,500}['\"];?[ \t]*$"
+                        r"['\"][^'\"\n]{1,500}['\"];?[ \t]*\r?$"
+                        r"|^import[ \t]+['\"][^'\"\n]{1,500}['\"];?[ \t]*\r?$"
                         r"|^export[ \t]+(?:const|default|function|let|var|class)\b[^\n]{0,1000}$"
-                        r"|^[ \t]*(?:https?|ftp)://[^\s<>]{1,2000}[ \t]*$"
+                        r"|^[ \t]*(?:https?|ftp)://[^\s<>]{1,2000}[ \t]*\r?$"
                         r"|\{%[^\n{}%]{0,200}%\}|\{\{[^\n{}]{0,200}\}\}",
                         re.MULTILINE)
 # a link: [words](address), [words][reference], [reference] (a shortcut reference)

@@ -457,6 +457,7 @@ def test_a_markdown_passage_with_code_a_link_definition_or_angle_brackets_is_kep
                    '![logo](https://x.org/a.png\n  "Project logo")', "[1]: https://x.org 'One'",
                    "import X from './x'\nimport { a, b } from 'c';\nimport './s.css'"):
         assert not read_words(markup), markup
+        assert not read_words(markup.replace("\n", "\r\n") + "\r\n"), markup  # (CRLF's too)
     # in Markdown, "~~~" right under a line of text opens a fence (no heading is underlined so)
     md = ("Edit the zebra configuration file:\n~~~\n# the port\nport = 8080\n\n# the host\n"
           "host = example.org\n~~~\n\n" + "Then start it and watch it run. " * 6)
