@@ -218,11 +218,11 @@ def _list_can_start(text: str, i: int) -> bool:
         line -= 1
     if line == 0:
         return True
-    if text[line - 1] not in "\n\r\x85\u2028\u2029":
+    if text[line - 1] not in LINE_BREAK_CHARS:
         return False
     before = text[max(0, line - 400):line].rstrip(" \t")
     prev = LINE_BREAK.split(before.rstrip(LINE_BREAK_CHARS))[-1] if before else ""
-    crossed = before[len(before.rstrip("\r\n\x85\u2028\u2029")):]
+    crossed = before[len(before.rstrip(LINE_BREAK_CHARS)):]
     return (not prev.strip() or _line_breaks(crossed) >= 2 or prev.rstrip().endswith(":")
             or _NUMBERED.match(prev) is not None)
 

@@ -53,8 +53,8 @@ def title_of_source(text: str, fallback: str, source: str, *, markdown: bool = F
 def title_from_text(text: str, fallback: str, *, markdown: bool = False,
                     rst: bool = False) -> str:
     """A title for plain text: a Markdown file's (``markdown``) front matter's, or its first
-    heading's where no prose stands before it; a reStructuredText file's (``rst``) first
-    section title where no prose stands before it, or its ``:title:`` field; else the first line
+    heading's where no prose stands before it; a reStructuredText file's (``rst``) ``:title:``
+    field, or its first section title where no prose stands before it; else the first line
     with words (Markdown's and reStructuredText's reduced to their text) when it is a ``#``
     heading (the marker removed) or reads as one (at most ``TITLE_MAX_CHARS`` characters, not
     ending as a sentence does, and not a line of wrapped prose going on in lower case on the
