@@ -42,6 +42,10 @@ _UNREAD_RE = re.compile(rf"<!--(?:(?!<!--|-->)[\s\S]){{0,2000}}-->|{TAG}"
                         r"|^[ \t]*(?:https?|ftp)://[^\s<>]{1,2000}[ \t]*\r?$"
                         r"|\{%[^\n{}%]{0,200}%\}|\{\{[^\n{}]{0,200}\}\}",
                         re.MULTILINE)
+# YAML front matter (--- ... --- or ...), or TOML (+++ ... +++), at a Markdown file's start:
+# metadata (layout, date, tags), read for its title (``ingest/title.py``), never as a passage
+FRONT_MATTER_RE = re.compile(r"\A(---|\+\+\+)[ \t]*\r?\n(.*?)^(?:\1|\.\.\.)[ \t]*\r?$",
+                             re.DOTALL | re.MULTILINE)
 # a link: [words](address), [words][reference], [reference] (a shortcut reference)
 _ANY_LINK_RE = re.compile(rf"\[([^\[\]]{{0,500}})\](?:{ADDRESS}|\[[^\[\]]{{0,500}}\])?")
 # a block quote's line (a notice before a README's title: "> [!IMPORTANT]")
@@ -53,6 +57,15 @@ def source_suffix(source: str) -> str:
     names ("" for none)."""
     path = urlsplit(source).path if "://" in source else source
     return PurePosixPath(path.replace("\\", "/")).suffix.lower()
+
+
+def without_front_matter(text: str) -> str:
+    """``text`` with its front matter (``FRONT_MATTER_RE``), if it has one, blanked: each of its
+    characters but line breaks made a space, so offsets and lines stay those of ``text``."""
+    m = FRONT_MATTER_RE.match(text)
+    if m is None:
+        return text
+    return re.sub(r"[^\r\n]", " ", m.group(0)) + text[m.end():]
 
 
 def is_markdown(source: str) -> bool:

@@ -463,3 +463,24 @@ def test_a_markdown_passage_with_code_a_link_definition_or_angle_brackets_is_kep
           "host = example.org\n~~~\n\n" + "Then start it and watch it run. " * 6)
     pieces = [md[s:e] for s, e in passage_spans(Document("d", "t", "a.md", md), cfg)]
     assert any("port = 8080\n\n# the host\nhost = example.org\n~~~" in p for p in pieces), pieces
+
+
+def test_a_markdown_files_front_matter_is_in_no_passage() -> None:
+    """A Jekyll or Hugo page's front matter ("layout: post", "date:", "tags:") was indexed with
+    its first passage, and could be quoted: it names the title (``ingest/title.py``), no more."""
+    from citeqa.retrieval.chunk import passage_spans
+    from citeqa.types import Document
+
+    prose = "The proxy reads its settings from proxy.toml at start."
+    cfg = ChunkConfig(max_chars=400)
+    for front in ('---\nlayout: post\ntitle: "Tuning"\ntags: [net]\n---',
+                  "---\r\nlayout: post\r\n...", '+++\ntitle = "Tuning"\ndate = 2024-03-01\n+++'):
+        text = f"{front}\n\n{prose}\n\n## Limits\n\nBodies over 10 MB are refused."
+        pieces = [text[s:e] for s, e in passage_spans(Document("d", "t", "p.md", text), cfg)]
+        assert pieces == [f"{prose}\n\n## Limits\n\nBodies over 10 MB are refused."], pieces
+        plain = passage_spans(Document("d", "t", "p.txt", text), cfg)  # (not Markdown: as is)
+        assert text[plain[0][0]:].startswith(front[:3]), plain
+    alone = "---\ntitle: Empty page\n---\n"  # front matter alone: the page is itself
+    assert passage_spans(Document("d", "t", "p.md", alone), cfg) == [(0, len(alone) - 1)]
+    rule = f"{prose}\n\n---\n\nlayout: kept\n\n---"  # "---" past the start: a rule, and read
+    assert len(passage_spans(Document("d", "t", "p.md", rule), cfg)) == 1

@@ -10,12 +10,14 @@ from html import unescape
 
 from citeqa.markdown import (
     ADDRESS,
+    FRONT_MATTER_RE,
     MARKDOWN_EXTENSIONS,
     TAG,
     links_only,
     read_words,
     source_suffix,
     unread_out,
+    without_front_matter,
 )
 from citeqa.text import (
     ATX_HEADING,
@@ -110,9 +112,6 @@ def title_from_text(text: str, fallback: str, *, markdown: bool = False,
     return fallback
 
 
-# YAML front matter (--- ... --- or ...), or TOML (+++ ... +++), at a Markdown file's start
-_FRONT_MATTER_RE = re.compile(r"\A(---|\+\+\+)[ \t]*\r?\n(.*?)^(?:\1|\.\.\.)[ \t]*\r?$",
-                              re.DOTALL | re.MULTILINE)
 _FRONT_TITLE_RE = re.compile(r"^title[ \t]*[:=][ \t]*([^\r\n]*)\r?$", re.MULTILINE)
 _QUOTED_RE = re.compile(r"""\"((?:[^"\\]|\\.)*)\"|'((?:[^']|'')*)'""")
 _BLOCK_SCALAR_RE = re.compile(r"[|>][-+]?\d?[ \t]*(?:#.*)?")  # YAML's | and > (folded)
@@ -132,14 +131,13 @@ _EMPHASIS_RE = re.compile(r"(\*{1,3}|`+|~~)(?=\S)(.+?)(?<=\S)\1"
 
 def _front_matter(text: str) -> tuple[str, str]:
     """The ``title`` a Markdown file's front matter names ("" for none), and the text with the
-    front matter's lines left empty (its "---" read as the title, or as a setext heading's
-    underline)."""
-    m = _FRONT_MATTER_RE.match(text)
+    front matter blanked (its "---" read as the title, or as a setext heading's underline)."""
+    m = FRONT_MATTER_RE.match(text)
     if m is None:
         return "", text
     title = _FRONT_TITLE_RE.search(m.group(2))
     named = _SPACE_RE.sub(" ", _front_value(m.group(2), title)).strip() if title else ""
-    return named, "\n" * m.group(0).count("\n") + text[m.end():]
+    return named, without_front_matter(text)
 
 
 def _front_value(front: str, title: re.Match[str]) -> str:

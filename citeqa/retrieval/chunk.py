@@ -21,7 +21,7 @@ import unicodedata
 from collections.abc import Iterator
 
 from citeqa.config import ChunkConfig
-from citeqa.markdown import is_markdown, read_words
+from citeqa.markdown import is_markdown, read_words, without_front_matter
 from citeqa.text import (
     ATX_HEADING,
     HEADING_MAX_CHARS,
@@ -282,12 +282,14 @@ def chunk_document(text: str, cfg: ChunkConfig, *,
 
 def passage_spans(doc: Document, cfg: ChunkConfig) -> list[tuple[int, int]]:
     """A document's passages: ``chunk_document``'s spans of its text, less, for a Markdown file
-    (``citeqa.markdown``), those of markup alone that no one reads (badges, logos, link
-    definitions: search ranked a README's badge block first for its project's name; a quote
-    of it says nothing; code is read), unless all of them are."""
+    (``citeqa.markdown``), its front matter (metadata: "layout: post", tags; a quote of it
+    says nothing), and those of markup alone that no one reads (badges, logos, link
+    definitions: search ranked a README's badge block first for its project's name; code is
+    read), unless all of them are."""
     if not is_markdown(doc.source):
         return chunk_document(doc.text, cfg)
-    spans = chunk_document(doc.text, cfg, markdown=True)
+    spans = (chunk_document(without_front_matter(doc.text), cfg, markdown=True)
+             or chunk_document(doc.text, cfg, markdown=True))  # (front matter alone: itself)
     code = fenced_code(doc.text)  # (code is read: "export X=1", "<b>")
     read, f = [], 0
     for start, end in spans:
