@@ -42,12 +42,13 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     # A new file gets the umask's mode, as a plain write would; a replacement stays private
     # until it takes the old file's mode, so its content is never more readable than that.
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 if mode is None else 0o600))
+    if mode is None:  # (a writer that puts its own file there, as safetensors' does, 0600,
+        mode = stat.S_IMODE(tmp.stat().st_mode)  # does not narrow it: adapters were unreadable)
     try:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -287,3 +287,24 @@ def test_training_never_writes_over_a_model_it_is_not_resuming(tmp_path: Path) -
         with pytest.raises(ConfigError, match="not a training of a verifier"):
             train_to_dir([nothing], out, progress=False)
     assert {p: p.read_bytes() for p in shipped.rglob("*") if p.is_file()} == before
+
+
+def test_a_model_whose_training_stopped_short_is_not_served(tiny_encoder, tokenizer,
+                                                              tmp_path: Path) -> None:
+    """A `train reward` killed after a save left a verifier trained 3 steps of 33 where the
+    finished one goes, and `ask` served it without a word (the answerability reader's run,
+    trained into a live reward directory as the README says, saves so too)."""
+    rm = tmp_path / "rm"
+    stopped = {"training": {"steps": 3, "total_steps": 33}}
+    save_verifier(rm, Verifier(tiny_encoder(len(tokenizer)), 2, 4), tokenizer, stopped)
+    with pytest.raises(ModelError, match=r"stopped at step 3 of 33 .*`citeqa train reward`"):
+        VerifierScorer(rm, cpu_dtype="fp32", combined=False)
+    save_verifier(rm, Verifier(tiny_encoder(len(tokenizer)), 2, 4), tokenizer,
+                  {"training": {"steps": 33, "total_steps": 33}})
+    VerifierScorer(rm, cpu_dtype="fp32", combined=False)  # finished: served
+    reader = rm / SUBDIR
+    save_answerability(reader, Answerability(tiny_encoder(len(tokenizer))), tokenizer, stopped)
+    with pytest.raises(ModelError, match=r"answerability reader .* step 3 of 33 .*answerab"):
+        AnswerabilityReader(reader, cpu_dtype="fp32")
+    save_answerability(reader, Answerability(tiny_encoder(len(tokenizer))), tokenizer, {})
+    AnswerabilityReader(reader, cpu_dtype="fp32")  # no record (an older citeqa's): served

@@ -30,6 +30,22 @@ def test_a_finished_write_replaces_the_file(tmp_path: Path) -> None:
     assert os.stat(fresh).st_mode & 0o777 == 0o640  # as any write under that umask
 
 
+def test_a_writer_that_replaces_the_temporary_file_keeps_the_umasks_mode(tmp_path: Path) -> None:
+    """safetensors' save_file writes a file of its own (0600) and renames it over the path it
+    is given: adapters and exported generators came out owner-only whatever the umask, and the
+    Docker image's user could not read them."""
+    import torch
+    from safetensors.torch import save_file
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "adapter.safetensors") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp))
+    finally:
+        os.umask(umask)
+    assert os.stat(tmp_path / "adapter.safetensors").st_mode & 0o777 == 0o644
+
+
 def test_a_private_file_stays_private_and_a_missing_folder_is_named(tmp_path: Path) -> None:
     path = tmp_path / "keys.json"
     path.write_text("{}")

@@ -28,6 +28,7 @@ from citeqa.compute import PAD_MULTIPLE, to_serving_dtype
 from citeqa.lean_encoder import use_lean_encoder
 from citeqa.reward.checkpoint import (
     ENCODER,
+    check_finished,
     load_heads,
     max_tokens_of,
     read_config,
@@ -102,6 +103,8 @@ class AnswerabilityReader:
     def __init__(self, directory: Path, *, cpu_dtype: str = "auto", lean: bool = True) -> None:
         self.directory = Path(directory)
         self.model, self.tokenizer, self.config = load_answerability(self.directory)
+        check_finished(self.directory, self.config, command="citeqa train answerability",
+                       what="an answerability reader")
         self.max_tokens = max_tokens_of(self.directory, self.config, self.model.encoder,
                                         MAX_TOKENS, RETRAIN)
         self.dtype = to_serving_dtype(self.model.encoder, cpu_dtype)

@@ -118,6 +118,22 @@ def read_config(directory: Path, *, fmt: int = FORMAT, kind: str | None = KIND,
     return config
 
 
+def check_finished(directory: Path, config: dict[str, Any], *, command: str,
+                   what: str = "a reward model") -> None:
+    """ModelError when ``config``'s training record says its training stopped short (a run
+    killed after a save leaves a model trained part of the way, saved where the finished one
+    goes): serving one would answer and decline by a model half-trained. ``command`` is the
+    training's (``citeqa train reward``), run again to finish it."""
+    training = config.get("training")
+    steps = training.get("steps") if isinstance(training, dict) else None
+    total = training.get("total_steps") if isinstance(training, dict) else None
+    if (isinstance(steps, int) and isinstance(total, int) and not isinstance(steps, bool)
+            and steps < total):
+        raise ModelError(f"{directory} holds {what} whose training stopped at step {steps} of "
+                         f"{total} (interrupted): run the same `{command}` command again to "
+                         f"finish it (it resumes from step {steps})")
+
+
 def load_verifier(directory: Path) -> tuple[Verifier, Any, dict[str, Any]]:
     """(verifier in eval mode, its tokenizer, config) from a directory ``save_verifier`` wrote.
     Never downloads."""

@@ -33,7 +33,13 @@ from citeqa.errors import ModelError
 from citeqa.lean_encoder import use_lean_encoder
 from citeqa.reward.answerability import SUBDIR, AnswerabilityReader
 from citeqa.reward.calibrate import METHOD, Calibration, calibrate_threshold
-from citeqa.reward.checkpoint import RETRAIN, load_verifier, max_tokens_of, read_config_json
+from citeqa.reward.checkpoint import (
+    RETRAIN,
+    check_finished,
+    load_verifier,
+    max_tokens_of,
+    read_config_json,
+)
 from citeqa.reward.combine import Signals, features, read_combiner
 from citeqa.reward.verifier import MAX_TOKENS, Judged, around, encode
 from citeqa.types import Candidate, Document
@@ -123,6 +129,7 @@ class VerifierScorer(Calibrated):
         stale they are)."""
         self.directory = Path(directory)
         self.model, self.tokenizer, self.config = load_verifier(self.directory)
+        check_finished(self.directory, self.config, command="citeqa train reward")
         self.max_tokens = max_tokens_of(self.directory, self.config, self.model.encoder,
                                         MAX_TOKENS, RETRAIN)
         self.dtype = to_serving_dtype(self.model.encoder, cpu_dtype)
