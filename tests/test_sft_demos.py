@@ -351,3 +351,53 @@ def test_cli_generator_data_answer_mode(tmp_path: Path, corpus: tuple[Path, Path
                                    "--out", str(tmp_path / "bad.jsonl")])
     assert bad.exit_code == 2 and "--answer-mode must be one of ['span', 'free']" in bad.output
     assert not (tmp_path / "bad.jsonl").exists()
+
+
+def test_a_demonstration_whose_parts_do_not_fit_is_a_named_bad_line(
+        tmp_path: Path, corpus: tuple[Path, Path]) -> None:
+    """A gold no passage has was an IndexError at training; an answer outside its quote
+    trained without a word (span mode's grammar never lets the model answer so); a file that
+    is not UTF-8 did not name itself."""
+    (demos, _), _ = _build(corpus)
+    good = demos[0].to_json()
+    bad = [{**good, "gold": len(good["passages"])}, {**good, "gold": -1},
+           {**good, "passages": [], "gold": 0}, {**good, "answer": "Zanzibar"},
+           {**good, "quote": "not in any passage"}, {**good, "quote": " "}]
+    for n, obj in enumerate(bad):
+        path = tmp_path / f"bad{n}.jsonl"
+        path.write_text(json.dumps(good) + "\n" + json.dumps(obj) + "\n")
+        with pytest.raises(SourceError, match=rf"bad{n}.jsonl:2: bad demonstration"):
+            read_demos(path)
+    spaced = {**good, "answer": good["answer"].replace(" ", "  ")}  # (spacing is not read)
+    (tmp_path / "ok.jsonl").write_text(json.dumps(spaced) + "\n")
+    assert len(read_demos(tmp_path / "ok.jsonl")) == 1
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps(good).replace("?", "\xe9?").encode(
+        "latin-1") + b"\n")
+    with pytest.raises(SourceError, match=r"latin1.jsonl: it is not UTF-8"):
+        read_demos(tmp_path / "latin1.jsonl")
+
+
+def test_an_answer_start_missing_wrong_or_off_falls_back_to_the_first_occurrence(
+        tmp_path: Path) -> None:
+    """A SQuAD file whose answer had no answer_start (or "x") was a KeyError's traceback in
+    `train generator-data` and `train reward-data`; one pointing off the answer skipped the
+    question as "gold paragraph not in the index"."""
+    squad = json.loads(json.dumps(SQUAD))
+    answers = [qa["answers"] for a in squad["data"] for p in a["paragraphs"] for qa in p["qas"]]
+    answers[0][0].pop("answer_start")
+    answers[1][0]["answer_start"] = "x"
+    answers[3][0]["answer_start"] = 999
+    squad["data"][0]["paragraphs"][0]["qas"][0]["plausible_answers"] = [{"start": 1}]
+    path = tmp_path / "qa.json"
+    path.write_text(json.dumps(squad))
+    starts = squad_answer_starts(path)
+    assert starts["q1"] == {} and starts["q2"] == {} and starts["q4"] == {"James Watt": 999}
+    from citeqa.training.verifier_data import plausible_answers
+    assert plausible_answers(path) == {}
+    from citeqa.ingest import load_sources
+
+    docs = load_sources([str(path)], progress=False).documents
+    cfg = RetrievalConfig(embedder="hash", chunk=ChunkConfig(max_chars=1000))
+    build_index_from_documents(docs, tmp_path / "idx", cfg, progress=False)
+    (demos, stats), _ = _build((path, tmp_path / "idx"))
+    assert {d.id for d in demos} == {"q1", "q2", "q4", "q5"}, stats.skipped

@@ -238,6 +238,14 @@ def _parse_jsonl(text: str, path: Path) -> list[QAItem]:
     return items
 
 
+def squad_objects(parent: object, key: str) -> list[dict[str, Any]]:
+    """The objects of a SQuAD file's object's list ``key`` (``data``, ``paragraphs``, ``qas``,
+    ``answers``...), [] where it has none: for readers of fields the question loader does not
+    check (``answer_start``, ``plausible_answers``)."""
+    items = parent.get(key) if isinstance(parent, dict) else None
+    return [x for x in items if isinstance(x, dict)] if isinstance(items, list) else []
+
+
 def read_question_file(path: Path) -> str:
     """The text of a question file (SQuAD JSON or JSONL), gzipped or not (told by its first
     bytes: the shared SQuAD 1.1 training file is .json.gz); OSError, UnicodeDecodeError."""

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from citeqa.atomic import atomic_open
 from citeqa.config import GenerationConfig
 from citeqa.errors import SourceError
-from citeqa.evals.squad import QAItem, read_question_file
+from citeqa.evals.squad import QAItem, read_question_file, squad_objects
 from citeqa.generation.cited import CHARS_PER_TOKEN
 from citeqa.generation.format import ANSWER_PREFIX, QUOTE_PREFIX, QUOTE_SEPARATOR
 from citeqa.generation.prompt import build_messages
@@ -84,7 +84,10 @@ class Demo:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Demo:
-        return cls(
+        """A demonstration from its JSON; ValueError when its parts do not fit together (a
+        ``gold`` no passage has, a quote not in the gold passage, an answer not in its quote:
+        span mode's grammar never lets the model answer so)."""
+        demo = cls(
             id=str(obj["id"]),
             question=str(obj["question"]),
             passages=tuple(
@@ -95,6 +98,15 @@ class Demo:
             answer=str(obj["answer"]),
             quote=str(obj["quote"]),
         )
+        if not 0 <= demo.gold < len(demo.passages):
+            raise ValueError(f"gold is {demo.gold}, not the index of one of its "
+                             f"{len(demo.passages)} passages")
+        if not demo.quote.strip() or demo.quote not in demo.passages[demo.gold].text:
+            raise ValueError(f"its quote is not a span of passage {demo.gold}'s text")
+        if not demo.answer.strip() or " ".join(demo.answer.split()) not in " ".join(
+                demo.quote.split()):
+            raise ValueError("its answer is not in its quote")
+        return demo
 
     def hits(self) -> list[Hit]:
         """The passages as retrieval hits, the form ``build_messages`` takes."""
@@ -259,22 +271,27 @@ def make_demo(
 
 
 def squad_answer_starts(path: Path) -> dict[str, dict[str, int]]:
-    """question id -> {answer text: first answer_start} of a SQuAD JSON file ({} for JSONL)."""
+    """question id -> {answer text: first answer_start} of a SQuAD JSON file ({} for JSONL);
+    an answer without an integer ``answer_start`` has no entry (its first occurrence is used:
+    the question loader checked the file's shape, not this field)."""
     try:
         obj = json.loads(read_question_file(path))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return {}
-    if not isinstance(obj, dict) or "data" not in obj:
+    if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
         return {}
     out: dict[str, dict[str, int]] = {}
     for article in obj["data"]:
-        for paragraph in article["paragraphs"]:
-            for qa in paragraph["qas"]:
+        for paragraph in squad_objects(article, "paragraphs"):
+            for qa in squad_objects(paragraph, "qas"):
                 starts: dict[str, int] = {}
-                for a in qa.get("answers", []):
-                    starts.setdefault(a["text"], int(a["answer_start"]))
-                out[str(qa["id"])] = starts
+                for a in squad_objects(qa, "answers"):
+                    start = a.get("answer_start")
+                    if isinstance(a.get("text"), str) and type(start) is int:
+                        starts.setdefault(a["text"], start)
+                out[str(qa.get("id"))] = starts
     return out
+
 
 
 def build_demos(
@@ -307,7 +324,9 @@ def build_demos(
             stats.skip("unanswerable")
             continue
         answer = item.answers[0]
-        start = answer_starts.get(item.id, {}).get(answer, item.context.find(answer))
+        start = answer_starts.get(item.id, {}).get(answer, -1)
+        if not (0 <= start and item.context.startswith(answer, start)):  # (none, or off)
+            start = item.context.find(answer)
         if start < 0:
             stats.skip("answer not in its paragraph")
             continue
@@ -369,9 +388,10 @@ def read_demos(path: Path) -> list[Demo]:
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
+        why = "it is not UTF-8 text" if isinstance(e, UnicodeDecodeError) else str(e)
         raise SourceError(
-            f"cannot read demonstrations {path}: {e}; build them with "
+            f"cannot read demonstrations {path}: {why}; build them with "
             "`citeqa train generator-data`"
         ) from e
     demos = []

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from citeqa.atomic import write_text_atomic
 from citeqa.errors import ConfigError, InvalidRequestError, OutputFormatError
 from citeqa.evals.metrics import is_correct
-from citeqa.evals.squad import QAItem, read_question_file
+from citeqa.evals.squad import QAItem, read_question_file, squad_objects
 from citeqa.generation.cited import answer_span
 from citeqa.generation.prompt import generator_fingerprint
 from citeqa.pipeline import Pipeline
@@ -359,9 +359,11 @@ def plausible_answers(path: Path) -> dict[str, list[str]]:
         return {}
     if not isinstance(obj, dict):
         return {}
-    return {str(q["id"]): [a["text"] for a in q.get("plausible_answers", [])]
-            for article in obj.get("data", []) for p in article["paragraphs"]
-            for q in p["qas"] if q.get("plausible_answers")}
+    out = {str(q.get("id")): [a["text"] for a in squad_objects(q, "plausible_answers")
+                               if isinstance(a.get("text"), str)]
+           for article in squad_objects(obj, "data") for p in squad_objects(article, "paragraphs")
+           for q in squad_objects(p, "qas")}
+    return {qid: answers for qid, answers in out.items() if answers}
 
 
 def stats_of(examples: Sequence[Example]) -> dict[str, Any]:
