@@ -171,6 +171,17 @@ def test_load_questions_dispatches_on_content(squad_file: Path, tmp_path: Path) 
          '"question": null, "answers": []}]}]}]}', "malformed.*a question is NoneType"),
         ('{"data": [{"title": "T", "paragraphs": [{"context": "c", "qas": [{"id": "1", '
          '"question": "Q?", "answers": [{"text": 7}]}]}]}]}', "an answer's text is int"),
+        # the review's: no answers read as unanswerable (a decline scored right), "false" as
+        # true, a null id as the id "None", 1 and "1" twice without a word why
+        ('{"data": [{"title": "T", "paragraphs": [{"context": "c", "qas": [{"id": "1", '
+         '"question": "Q?"}]}]}]}', r"malformed.*'answers' \(a question the documents"),
+        ('{"data": [{"title": "T", "paragraphs": [{"context": "c", "qas": [{"id": "1", '
+         '"question": "Q?", "answers": [], "is_impossible": "false"}]}]}]}',
+         "is_impossible is 'false', not true or false"),
+        ('{"id": null, "question": "Q?", "answers": []}\n', ":1: .*an id is NoneType"),
+        ('{"id": true, "question": "Q?", "answers": []}\n', ":1: .*an id is bool"),
+        ('{"id": 1, "question": "Q?", "answers": []}\n{"id": "1", "question": "Q?", '
+         '"answers": []}\n', r"twice.*1 and \"1\" are one id"),
     ],
 )
 def test_bad_files_raise_source_error(tmp_path: Path, content: str, match: str) -> None:
@@ -180,6 +191,20 @@ def test_bad_files_raise_source_error(tmp_path: Path, content: str, match: str) 
         load_questions(path)
     assert isinstance(info.value, CiteqaError)
     assert not isinstance(info.value, InvalidRequestError)
+
+
+def test_a_byte_order_mark_is_read_past_and_unanswerable_forms_load(tmp_path: Path) -> None:
+    """A Windows editor's BOM was "bad question line 1" (a SQuAD file's too: told a JSONL
+    line); is_impossible true needs no answers, and an integer id is its digits."""
+    (tmp_path / "q.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(
+        {"id": 7, "question": "Q?", "answers": ["x"]}).encode() + b"\r\n")
+    assert [(q.id, q.answers) for q in load_questions(tmp_path / "q.jsonl")] == [("7", ("x",))]
+    (tmp_path / "qa.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(SQUAD).encode())
+    assert len(load_questions(tmp_path / "qa.json")) == 3
+    impossible = {"data": [{"title": "T", "paragraphs": [{"context": "c", "qas": [
+        {"id": "1", "question": "Q?", "is_impossible": True}]}]}]}
+    (tmp_path / "v2.json").write_text(json.dumps(impossible))
+    assert load_questions(tmp_path / "v2.json")[0].answers == ()
 
 
 def test_missing_and_binary_files(tmp_path: Path) -> None:

@@ -156,11 +156,20 @@ def _text(value: Any, what: str, *, absent_ok: bool = False) -> str:
     return value
 
 
+def _id(value: Any) -> str:
+    """A question's id as text: a string's, or an integer's digits; TypeError for another
+    value (null was the id "None")."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise TypeError(f"an id is {type(value).__name__}, not a string or an integer")
+    return str(value)
+
+
 def _check_unique_ids(items: list[QAItem], path: Path) -> None:
     seen: set[str] = set()
     for item in items:
         if item.id in seen:
-            raise SourceError(f"{path}: question id {item.id!r} occurs twice; ids must be unique")
+            raise SourceError(f"{path}: question id {item.id!r} occurs twice; ids must be unique "
+                              "(compared as text: 1 and \"1\" are one id)")
         seen.add(item.id)
 
 
@@ -183,12 +192,18 @@ def _parse_squad(
                 context = _text(paragraph.get("context"), "a context", absent_ok=True)
                 for qa in paragraph["qas"]:
                     answers: tuple[str, ...] = ()
-                    if not qa.get("is_impossible", False):
+                    impossible = qa.get("is_impossible", False)
+                    if not isinstance(impossible, bool):  # ("false" was true)
+                        raise TypeError(f"is_impossible is {impossible!r}, not true or false")
+                    if not impossible:
+                        if "answers" not in qa:  # not silently unanswerable (as in JSONL)
+                            raise KeyError("'answers' (a question the documents cannot answer "
+                                           "has [] or is_impossible true)")
                         answers = _dedupe(_text(a["text"], "an answer's text")
-                                          for a in qa.get("answers", []))
+                                          for a in qa["answers"])
                     items.append(
                         QAItem(
-                            id=str(qa["id"]),
+                            id=_id(qa["id"]),
                             question=_text(qa["question"], "a question"),
                             answers=answers,
                             article=title,
@@ -223,7 +238,7 @@ def _parse_jsonl(text: str, path: Path) -> list[QAItem]:
                 raise TypeError("'answers' must be a list of strings")
             items.append(
                 QAItem(
-                    id=str(row["id"]),
+                    id=_id(row["id"]),
                     question=_text(row["question"], "'question'"),
                     answers=_dedupe(answers),
                     article=str(row.get("article", "")),
@@ -248,11 +263,12 @@ def squad_objects(parent: object, key: str) -> list[dict[str, Any]]:
 
 def read_question_file(path: Path) -> str:
     """The text of a question file (SQuAD JSON or JSONL), gzipped or not (told by its first
-    bytes: the shared SQuAD 1.1 training file is .json.gz); OSError, UnicodeDecodeError."""
+    bytes: the shared SQuAD 1.1 training file is .json.gz), less a UTF-8 byte order mark
+    (Windows editors write one: it was "bad question line 1"); OSError, UnicodeDecodeError."""
     data = Path(path).read_bytes()
     if data[:2] == b"\x1f\x8b":
         data = gzip.decompress(data)
-    return data.decode("utf-8")
+    return data.decode("utf-8-sig")
 
 
 def _read(path: Path) -> str:
