@@ -303,6 +303,30 @@ def test_predictions_without_run_json_refuse(
         run_eval(_spec(dataset, index_dir), out, progress=False)
 
 
+def test_a_folder_of_the_users_is_not_written_over_and_force_removes_the_runs_files_only(
+    dataset: Path, index_dir: Path, tmp_path: Path
+) -> None:
+    """The review's: --force deleted every *.png of --out (a holiday.png), and a folder that
+    held no run had its report.md written over without a word."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "report.md").write_text("my notes\n")
+    (out / ".hidden").write_text("")
+    with pytest.raises(ConfigError, match=r"holds files but no run \(report.md; no run.json\)"):
+        run_eval(_spec(dataset, index_dir), out, progress=False)
+    assert (out / "report.md").read_text() == "my notes\n"
+    (out / "report.md").unlink()
+    (out / "holiday.png").write_bytes(b"png")
+    run_eval(_spec(dataset, index_dir), tmp_path / "run", limit=2, progress=False)
+    run = tmp_path / "run"
+    figures = sorted(p.name for p in run.glob("*.png"))
+    assert figures, "the run drew no figures"
+    (run / "holiday.png").write_bytes(b"png")
+    run_eval(_spec(dataset, index_dir), run, limit=2, force=True, progress=False)
+    assert (run / "holiday.png").read_bytes() == b"png"
+    assert sorted(p.name for p in run.glob("*.png")) == sorted([*figures, "holiday.png"])
+
+
 def test_bad_input(dataset: Path, index_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="not found"):
         run_eval(_spec(tmp_path / "nope.jsonl", index_dir), tmp_path / "a", progress=False)

@@ -113,6 +113,14 @@ def test_identity_is_checked_once_records_exist(tmp_path: Path) -> None:
     # a run that recorded no complete record may start again with another identity
     records.write_bytes(b'{"id": 1')
     check_identity(run_json, records, {"model": "m2"}, remedy="start over")
+    # a folder of other files, no run.json: a run would write over them
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    check_identity(mine / "run.json", mine / "r.jsonl", ident, remedy="x")  # empty: fine
+    for n in range(5):
+        (mine / f"f{n}.txt").write_text("")
+    with pytest.raises(ConfigError, match=r"\(f0.txt, f1.txt, f2.txt and 2 more; no run.json\)"):
+        check_identity(mine / "run.json", mine / "r.jsonl", ident, remedy="x")
 
 
 def test_one_process_writes_a_run_directory_at_a_time(tmp_path: Path) -> None:

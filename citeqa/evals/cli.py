@@ -82,7 +82,8 @@ def run(
                                  "$CITEQA_ANSWER_MODE, else the preset's).")
     ] = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Discard a previous run in --out and start over.")
+        bool, typer.Option("--force", help="Discard a previous run in --out (its own files) "
+                           "and start over.")
     ] = False,
     progress: ProgressOpt = None,
 ) -> None:

@@ -342,10 +342,10 @@ def prepare_out(out: Path, ident: dict[str, Any], *, force: bool) -> None:
     """Create ``out``, wiping a previous run when ``force``, else checking it is resumable."""
     out = Path(out)
     if force:
-        for name in (RUN_JSON, PREDICTIONS, METRICS, REPORT):
-            (out / name).unlink(missing_ok=True)
-        for png in out.glob("*.png") if out.is_dir() else []:
-            png.unlink()
+        from citeqa.evals.report import FIGURES
+
+        for name in (RUN_JSON, PREDICTIONS, METRICS, REPORT, *FIGURES.values()):
+            (out / name).unlink(missing_ok=True)  # (the run's own: a holiday.png is kept)
     else:
         check_resumable(out, ident)
     out.mkdir(parents=True, exist_ok=True)
