@@ -550,6 +550,10 @@ def calibrate(
     delta: Annotated[
         float, typer.Option("--delta", min=0.001, max=0.5, help="Allowed failure probability.")
     ] = 0.1,
+    replace: Annotated[
+        bool, typer.Option("--replace", help="Write a calibration that certifies no threshold "
+                           "over one that certifies one (refused without it).")
+    ] = False,
     progress: ProgressOpt = None,
 ) -> None:
     """Choose the decline threshold on calibration data (Learn-then-Test); write
@@ -565,10 +569,22 @@ def calibrate(
         summary = calibrate_dir(data, reward_dir, target=0.8 if target is None else target,
                                 delta=delta, targets=chosen,
                                 min_coverage=0.25 if min_coverage is None else min_coverage,
-                                cpu_dtype=cpu_dtype, progress=shown_progress(progress))
+                                cpu_dtype=cpu_dtype, progress=shown_progress(progress),
+                                replace=replace)
     except CiteqaError as e:
         raise fail(str(e)) from None
     typer.echo(json.dumps(summary, indent=2))
+    if summary.get("threshold") is None:
+        typer.echo(f"warning: {uncertified(summary)}; a server declines every question with "
+                   "CITEQA_DECLINE_UNCERTIFIED=1, and without it answers every one",
+                   err=True)
+
+
+def uncertified(summary: dict[str, object]) -> str:
+    """Why a calibration certified no threshold, from its summary."""
+    return (f"no threshold is certified at target {summary.get('target_accuracy')} on these "
+            f"{summary.get('n')} questions: write more of them (docs/calibrate.md: how many), or "
+            "lower the target")
 
 
 def parse_targets(text: str) -> list[float]:
@@ -583,16 +599,29 @@ def parse_targets(text: str) -> list[float]:
     return values
 
 
+def certified_threshold(reward_dir: Path) -> float | None:
+    """The threshold ``reward_dir``'s calibration.json certifies (None: none, or no file)."""
+    try:
+        value = json.loads((Path(reward_dir) / "calibration.json").read_text(
+            encoding="utf-8")).get("threshold")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
 CALIBRATE_CHUNK = 128  # candidates scored between two steps of calibrate's progress bar (8 batches)
 
 
 def calibrate_dir(data_paths: list[Path], reward_dir: Path, *, target: float, delta: float,
                   targets: list[float] | None = None, min_coverage: float = 0.25,
-                  cpu_dtype: str = "auto", progress: bool = False) -> dict[str, object]:
+                  cpu_dtype: str = "auto", progress: bool = False,
+                  replace: bool = False) -> dict[str, object]:
     """Score the calibration candidates (in ``cpu_dtype``, as the service will), run
     Learn-then-Test on each question's best one (at ``target``, or choosing among ``targets``:
     see ``calibrate.choose_target``), write calibration.json; return it without the
-    per-question lists."""
+    per-question lists. A result that certifies no threshold is not written over a
+    calibration.json that certifies one unless ``replace`` (ConfigError: a run on a set too
+    small had turned a working threshold into none)."""
     from tqdm.auto import tqdm
 
     from citeqa.evals.squad import check_calibration_articles
@@ -601,6 +630,7 @@ def calibrate_dir(data_paths: list[Path], reward_dir: Path, *, target: float, de
     from citeqa.reward.data import load_verifier_data
     from citeqa.reward.provenance import candidates_per_question
     from citeqa.reward.scorer import VerifierScorer, best_per_question, write_calibration
+    from citeqa.text import normalize_answer
 
     seen: set[object] = set()
     for path in data_paths:  # the same file twice (a link too): each question would count twice
@@ -641,7 +671,13 @@ def calibrate_dir(data_paths: list[Path], reward_dir: Path, *, target: float, de
     else:
         cal = calibrate_threshold(best_scores, correct, target_accuracy=target, delta=delta,
                                   min_answered=min_answered)
-    answerable = [bool(g[0].golds) for g in groups] + [bool(q.get("answerable")) for q in empty]
+    if math.isinf(cal.threshold) and not replace and (
+            before := certified_threshold(reward_dir)) is not None:
+        raise ConfigError(f"{uncertified({**cal.to_json()})}. {reward_dir / 'calibration.json'} "
+                          f"certifies threshold {before:.4g}, and is kept; pass --replace to "
+                          "write this calibration over it")
+    answerable = ([any(normalize_answer(a) for a in g[0].golds) for g in groups]  # (QAItem's)
+                  + [bool(q.get("answerable")) for q in empty])
     extra = {
         "data": [str(p) for p in data_paths],
         "answerable_share": sum(answerable) / max(len(answerable), 1),
