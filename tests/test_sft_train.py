@@ -215,6 +215,14 @@ def test_cli_trains_a_local_model_whose_adapter_loads(tokenizer, tmp_path: Path)
     assert f"made by `{made}`" in card and "SQuAD 2.0 development set" not in card
     # the split the data says, not a placeholder whose example named the train articles
     assert "split: the train articles: Normans, Huguenot" in card and "{SPLIT" not in card
+    assert f"CITEQA_ADAPTER={tmp_path / 'ad'}" in card  # (how the README serves one)
+    assert oct((tmp_path / "ad" / "adapter.safetensors").stat().st_mode & 0o044) == oct(
+        (tmp_path / "ad" / "adapter.json").stat().st_mode & 0o044)  # (it was owner-only)
+    from citeqa.training.sft import _split_line
+
+    (tmp_path / "demos.jsonl.stats.json").write_text(json.dumps(
+        {"split": "all", "articles": ["Honey_bee"]}))  # (it read "the all articles")
+    assert _split_line(str(tmp_path / "demos.jsonl")) == "every article of the data file: Honey_bee"
 
     served = HFBackend.load(str(base_dir), tmp_path, device="cpu", adapter=tmp_path / "ad",
                             cpu_dtype="fp32")  # exactly the merged weights

@@ -828,3 +828,24 @@ def test_training_a_verifier_further_resumes_with_the_same_command(tiny_encoder,
     first = train_to_dir([data], tmp_path / "more", base=base, progress=False, cfg_kw=kw)
     again = train_to_dir([data], tmp_path / "more", base=base, progress=False, cfg_kw=kw)
     assert again["steps"] == first["steps"] and again["seconds_this_run"] == 0.0
+
+
+def test_reward_data_of_one_label_is_refused_and_the_card_names_only_data_used(
+        tmp_path: Path) -> None:
+    """The training review's: `train reward` on right answers alone trained without a word;
+    every card said the data of more-train.json had been seen, used or not."""
+    from citeqa.reward.cli import train_to_dir, write_card
+
+    data = tmp_path / "right.jsonl"
+    with data.open("w") as f:
+        write_examples(f, [item("Rollo", 1, f"g{i}") for i in range(4)])
+    with pytest.raises(ConfigError, match=r"right.jsonl: only label 1 \(4 examples\); training "
+                       r"needs right answers \(label 1\) and wrong ones"):
+        train_to_dir([data], tmp_path / "rm", progress=False, cfg_kw={"cpu_dtype": "fp32"})
+    assert not (tmp_path / "rm").exists()
+    for name, named in (("mine.jsonl", False), ("more-train.json.rm.jsonl", True)):
+        (tmp_path / name).with_suffix(".d").mkdir()
+        write_card((tmp_path / name).with_suffix(".d"), "verifier",
+                   {"data": [str(tmp_path / name)]})
+        card = ((tmp_path / name).with_suffix(".d") / "MODEL_CARD.md").read_text()
+        assert ("distractor paragraphs" in card) is named, card

@@ -133,6 +133,17 @@ def _check_trainable(data: VerifierData, paths: list[Path]) -> None:
                             ", ".join(map(str, paths)))
 
 
+def _check_both_labels(data: VerifierData, names: str) -> None:
+    """ConfigError when reward data to train on holds answers of one label only (a verifier
+    trained on right answers alone learns nothing to tell them from wrong ones: it trained
+    without a word)."""
+    labels = {ex.label for ex in data.examples}
+    if len(labels) < 2:
+        held = f"only label {labels.pop()}" if labels else "no example"
+        raise ConfigError(f"{names}: {held} ({len(data.examples)} examples); training needs "
+                          "right answers (label 1) and wrong ones (label 0)")
+
+
 def question_id(ex: Example) -> str:
     """The question an example is of: its group, a red-team one's seed ("rt:SEED:KIND")."""
     return ex.group.split(":")[1] if ex.group.startswith("rt:") else ex.group
@@ -248,6 +259,7 @@ def train_to_dir(data_paths: list[Path], out: Path, *, base: Path | None = None,
     cfg = TrainConfig(**(cfg_kw or {}))
     data = load_verifier_data(data_paths)
     _check_trainable(data, data_paths)
+    _check_both_labels(data, ", ".join(map(str, data_paths)))
     groups = data.groups()
     if limit is not None and limit < len(groups):
         groups = random.Random(cfg.seed).sample(groups, limit)
@@ -418,6 +430,10 @@ def write_card(out: Path, what: str, record: dict[str, Any]) -> None:
     made = [c for p in paths if isinstance(c := data_stats(p).get("command"), str)]
     shown = ", ".join(articles[:20]) + (f" and {len(articles) - 20} more" if len(articles) > 20
                                         else "")
+    distractors = ("" if not any(MORE_TRAIN in str(x) for x in [*paths, *made]) else
+                   f"\n  Data from `squad2/{MORE_TRAIN}` holds the questions of the distractor "
+                   "articles: a model\n  trained on it has seen the distractor paragraphs of "
+                   "the evaluation indexes.")
     text = f"""# citeqa {what}
 
 Trained with citeqa {citeqa.__version__} from `{record.get("base", "?")}`.
@@ -426,9 +442,7 @@ Trained with citeqa {citeqa.__version__} from `{record.get("base", "?")}`.
 - Data: {", ".join(f"`{d}`" for d in record.get("data", []))} (sha256
   {", ".join(record.get("data_sha256", []))}); {record.get("examples", "?")} examples
 - Articles (as the data's .stats.json records them): {shown or "{ARTICLES: not recorded}"};
-  made by {"; ".join(f"`{c}`" for c in made) or "{COMMANDS: not recorded}"}. Data from
-  `squad2/more-train.json` holds the questions of the distractor articles: a model trained on
-  it has seen the distractor paragraphs of the evaluation indexes.
+  made by {"; ".join(f"`{c}`" for c in made) or "{COMMANDS: not recorded}"}.{distractors}
 - Steps: {record.get("steps")} of {record.get("total_steps")}, batch
   {cfg.get("batch_examples", cfg.get("batch"))}, lr {cfg.get("lr")}, seed {cfg.get("seed")},
   compute {record.get("compute")}; loss {record.get("loss_first")} -> {record.get("loss_last50")}
@@ -497,6 +511,7 @@ def combine_dir(data_paths: list[Path], reward_dir: Path, *,
     _check_trainable(data, data_paths)  # fitted on: no held-out article either
     names = ", ".join(map(str, data_paths))
     _check_unseen(data, Path(reward_dir), names)
+    _check_both_labels(data, names)
     examples = [ex for ex in data.examples if ex.judged.quote]
     if not any(ex.signals for ex in examples):
         raise SourceError(f"{names}: no candidate carries generator signals; build the data "
@@ -609,6 +624,7 @@ def certified_threshold(reward_dir: Path) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
+MORE_TRAIN = "more-train.json"  # the distractor articles' questions (../shared/data/squad2)
 CALIBRATE_CHUNK = 128  # candidates scored between two steps of calibrate's progress bar (8 batches)
 
 

@@ -128,7 +128,7 @@ def generator_data(
         "skipped": stats.skipped,
         "command": shlex.join(["citeqa", *sys.argv[1:]]),
     }
-    stats_path(out).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(stats_path(out), json.dumps(summary, indent=2) + "\n")
     typer.echo(json.dumps(summary))
 
 

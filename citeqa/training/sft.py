@@ -436,6 +436,8 @@ def _split_line(data: str | None) -> str:
                 "Huguenot, Steam_engine, 1973_oil_crisis)}")
     named = (f": {', '.join(map(str, articles))}" if isinstance(articles, list) and articles
              else "")
+    if split == "all":
+        return f"every article of the data file{named}"
     return f"the {split} articles{named}"
 
 
@@ -446,9 +448,10 @@ def write_model_card(out: Path, record: dict[str, Any]) -> None:
     text = f"""# citeqa generator adapter (LoRA on {record.get("base_model_id", "?")})
 
 A LoRA adapter teaching the base generator to answer in citeqa's cited format
-(`Answer: ...` / `Quote [k]: ...`, a verbatim quote of a shown passage). Load it with
-`GenerationConfig(adapter="{out}")`; it is merged into the weights at load time (no extra
-decoding cost) and refuses any other base model (weights fingerprint).
+(`Answer: ...` / `Quote [k]: ...`, a verbatim quote of a shown passage). Serve it with
+`CITEQA_ADAPTER={out}` (from Python: `GenerationConfig(adapter="{out}")`); it is merged into
+the weights at load time (no extra decoding cost) and refuses any other base model (weights
+fingerprint).
 
 ## Training
 - Data: `{record.get("data", "?")}` ({record.get("examples", "?")} examples rendered,
