@@ -13,6 +13,8 @@ import re
 from pathlib import PurePosixPath
 from urllib.parse import urlsplit
 
+from citeqa.text import ATX_HEADING
+
 # the names of Markdown files (a folder's, or a URL's path's)
 MARKDOWN_EXTENSIONS = frozenset({".md", ".markdown", ".mdown", ".mkd", ".mdx"})
 
@@ -46,6 +48,12 @@ _UNREAD_RE = re.compile(rf"<!--(?:(?!<!--|-->)[\s\S]){{0,2000}}-->|{TAG}"
 # metadata (layout, date, tags), read for its title (``ingest/title.py``), never as a passage
 FRONT_MATTER_RE = re.compile(r"\A(---|\+\+\+)[ \t]*\r?\n(.*?)^(?:\1|\.\.\.)[ \t]*\r?$",
                              re.DOTALL | re.MULTILINE)
+# a heading: a line of text underlined by =s (level 1) or -s (level 2: not under a list item,
+# "- item\n---" is a list, then a rule); a list item's start
+SETEXT_RE = re.compile(r"^ {0,3}(\S[^\r\n]*)\r?\n {0,3}(?:=+|-+)[ \t]*\r?$", re.MULTILINE)
+LIST_ITEM_RE = re.compile(r"(?:[-*+]|\d{1,9}[.)])(?:\s|$)")
+# a "#" heading's line (text.ATX_HEADING's, or "#" alone)
+_ATX_LINE_RE = re.compile(rf"^{ATX_HEADING}[^\n]*$|^ {{0,3}}#{{1,6}}\r?$", re.MULTILINE)
 # a link: [words](address), [words][reference], [reference] (a shortcut reference)
 _ANY_LINK_RE = re.compile(rf"\[([^\[\]]{{0,500}})\](?:{ADDRESS}|\[[^\[\]]{{0,500}}\])?")
 # a block quote's line (a notice before a README's title: "> [!IMPORTANT]")
@@ -99,6 +107,14 @@ def read_words(text: str, *, quotes: bool = True) -> bool:
                     and not line.lstrip().startswith(("http", "ftp", "import", "export"))):
                 return True
     return any(c.isalnum() for c in read_text(text))
+
+
+def headings_out(text: str) -> str:
+    """``text`` less its headings' lines (``#`` and underlined ones): what a passage says
+    beyond them (a README's "# Name" over its badges says nothing a quote could support, and
+    its name is the document's title, indexed with every passage)."""
+    text = SETEXT_RE.sub(lambda m: m.group(0) if LIST_ITEM_RE.match(m.group(1)) else "", text)
+    return _ATX_LINE_RE.sub("", text)
 
 
 def links_only(line: str) -> bool:

@@ -11,7 +11,9 @@ from html import unescape
 from citeqa.markdown import (
     ADDRESS,
     FRONT_MATTER_RE,
+    LIST_ITEM_RE,
     MARKDOWN_EXTENSIONS,
+    SETEXT_RE,
     TAG,
     links_only,
     read_words,
@@ -83,7 +85,7 @@ def title_from_text(text: str, fallback: str, *, markdown: bool = False,
     lines = text.splitlines()
     for i, line in enumerate(lines):
         line = line.strip()
-        if markdown and (links_only(line[:1000]) or _LIST_ITEM_RE.match(line)
+        if markdown and (links_only(line[:1000]) or LIST_ITEM_RE.match(line)
                          or line.startswith(">")):
             continue  # (a bar of links, a list's item, a block quote)
         if markdown or rst:  # (its markup's text: "**To create a vocabulary**", "<p>")
@@ -115,9 +117,6 @@ def title_from_text(text: str, fallback: str, *, markdown: bool = False,
 _FRONT_TITLE_RE = re.compile(r"^title[ \t]*[:=][ \t]*([^\r\n]*)\r?$", re.MULTILINE)
 _QUOTED_RE = re.compile(r"""\"((?:[^"\\]|\\.)*)\"|'((?:[^']|'')*)'""")
 _BLOCK_SCALAR_RE = re.compile(r"[|>][-+]?\d?[ \t]*(?:#.*)?")  # YAML's | and > (folded)
-_LIST_ITEM_RE = re.compile(r"(?:[-*+]|\d{1,9}[.)])(?:\s|$)")
-# a setext heading: a line of text underlined by =s (level 1) or -s (level 2)
-_SETEXT_RE = re.compile(r"^ {0,3}(\S[^\r\n]*)\r?\n {0,3}(?:=+|-+)[ \t]*\r?$", re.MULTILINE)
 # (bounded: a lazy scan for the end tag from every "<h1>" of a page without one is quadratic)
 _HTML_HEADING_RE = re.compile(r"^[ \t]*<h[1-6]\b[^>\n]{0,300}>(.{0,300}?)</h[1-6]\s*>",
                               re.IGNORECASE | re.DOTALL | re.MULTILINE)
@@ -180,9 +179,9 @@ def _first_heading(text: str) -> tuple[int, str] | None:
     first, its links, images, emphasis and tags reduced to their text; None where there is
     none."""
     found = [(m.start(), _heading(m)) for m in _HEADING_RE.finditer(text)]
-    found += [(m.start(), m.group(1)) for m in _SETEXT_RE.finditer(text)
+    found += [(m.start(), m.group(1)) for m in SETEXT_RE.finditer(text)
               if not _HEADING_RE.match(m.group(1)) and not FENCE_RE.match(m.group(1))
-              and not _LIST_ITEM_RE.match(m.group(1))]  # ("- item\n---": a list, then a rule)
+              and not LIST_ITEM_RE.match(m.group(1))]  # ("- item\n---": a list, then a rule)
     found += [(m.start(), m.group(1)) for m in _HTML_HEADING_RE.finditer(text)]
     for at, heading in sorted(found):  # (a title is 120 characters at most: cap_title)
         words = _SPACE_RE.sub(" ", _markup_text(heading[:1000])).strip()

@@ -21,7 +21,7 @@ import unicodedata
 from collections.abc import Iterator
 
 from citeqa.config import ChunkConfig
-from citeqa.markdown import is_markdown, read_words, without_front_matter
+from citeqa.markdown import headings_out, is_markdown, read_words, without_front_matter
 from citeqa.text import (
     ATX_HEADING,
     HEADING_MAX_CHARS,
@@ -283,9 +283,9 @@ def chunk_document(text: str, cfg: ChunkConfig, *,
 def passage_spans(doc: Document, cfg: ChunkConfig) -> list[tuple[int, int]]:
     """A document's passages: ``chunk_document``'s spans of its text, less, for a Markdown file
     (``citeqa.markdown``), its front matter (metadata: "layout: post", tags; a quote of it
-    says nothing), and those of markup alone that no one reads (badges, logos, link
-    definitions: search ranked a README's badge block first for its project's name; code is
-    read), unless all of them are."""
+    says nothing), and those of markup and headings alone that no one reads (badges, logos,
+    link definitions: search ranked a README's "# Name" over its badges first for its name;
+    code is read), unless all of them are."""
     if not is_markdown(doc.source):
         return chunk_document(doc.text, cfg)
     spans = (chunk_document(without_front_matter(doc.text), cfg, markdown=True)
@@ -295,6 +295,6 @@ def passage_spans(doc: Document, cfg: ChunkConfig) -> list[tuple[int, int]]:
     for start, end in spans:
         while f < len(code) and code[f][1] <= start:
             f += 1
-        if (f < len(code) and code[f][0] < end) or read_words(doc.text[start:end]):
+        if (f < len(code) and code[f][0] < end) or read_words(headings_out(doc.text[start:end])):
             read.append((start, end))
     return read or spans

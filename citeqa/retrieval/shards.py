@@ -55,7 +55,8 @@ from citeqa.types import Document
 log = logging.getLogger(__name__)
 
 SHARD_FORMAT = 3  # bump when the files or their meaning change: old shards are then re-made
-# (2: Markdown chunked as such, less its passages of markup alone; 3: and of its front matter)
+# (2: Markdown chunked as such, less its passages of markup alone; 3: of markup and headings
+# alone, and its front matter)
 SHARD_CHARS = 2_000_000  # ~2,500 passages: a minute of CPU embedding, a second on a GPU
 SHARD_JSON = "shard.json"
 MARKER = "citeqa-build.json"  # in the work directory: proves workers see the same directory
