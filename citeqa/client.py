@@ -12,11 +12,14 @@ only after the service's own "nothing done, not now" codes (``NOTHING_DONE_CODES
 another 503 or 429 (a proxy's may come after the change was made). Every failure raises
 ``CiteqaAPIError``:
 an error response carries the service's uniform ``{"error": {code, message, details}}``; a
-response that is not JSON, or no response at all (status 0), gets a code of its own.
+response that is not JSON, or no response at all (status 0), gets a code of its own. An
+argument no call could send (text with a lone surrogate, a NaN score, a url with a title)
+raises ValueError, naming it, before anything is sent.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +61,11 @@ class CiteqaAPIError(CiteqaError):
         self.code = code
         self.message = message
         self.details = details
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Rebuilt from its four fields when pickled (a process pool's worker raised one, and
+        the pool broke: rebuilt from its text alone, it could not be made)."""
+        return type(self), (self.status, self.code, self.message, self.details)
 
 
 @dataclass(frozen=True)
@@ -117,7 +125,22 @@ def _document_path(doc_id: str) -> str:
     read them as a path (the list of documents, or the routes above it)."""
     if doc_id in ("", ".", ".."):
         raise ValueError(f"{doc_id!r} is not a document id")
-    return "/v1/documents/" + quote(doc_id, safe="")
+    return "/v1/documents/" + quote(_sendable("doc_id", doc_id), safe="")
+
+
+def _sendable(name: str, value: T) -> T:
+    """``value``, checked that JSON and UTF-8 can carry it: ValueError naming ``name`` for a
+    string with a lone surrogate (half of a UTF-16 pair: UnicodeEncodeError's traceback) or a
+    number that is NaN or infinite (json's "Out of range float values")."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{name} holds a lone surrogate (U+{ord(value[e.start]):04X} at "
+                             f"{e.start}), which UTF-8 cannot carry") from None
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} is {value}; give a finite number")
+    return value
 
 
 def _parsed(parse: Callable[[dict[str, Any]], T], data: dict[str, Any]) -> T:
@@ -189,7 +212,7 @@ class CiteqaClient:
     ) -> Answer:
         """Ask a question; the answer may be a decline (``answer.declined``). With
         ``with_passages``, ``answer.passages`` holds what retrieval found (else it is empty)."""
-        body: dict[str, Any] = {"question": question}
+        body: dict[str, Any] = {"question": _sendable("question", question)}
         if with_passages:
             body["with_passages"] = True
         for name, value in (
@@ -200,11 +223,11 @@ class CiteqaClient:
             ("answer_mode", answer_mode),
         ):
             if value is not None:
-                body[name] = value
+                body[name] = _sendable(name, value)
         return _parsed(answer_from_json, self._json("POST", "/v1/answer", json=body))
 
     def search(self, query: str, k: int = 10) -> list[Hit]:
-        data = self._json("POST", "/v1/search", json={"query": query, "k": k})
+        data = self._json("POST", "/v1/search", json={"query": _sendable("query", query), "k": k})
         return _parsed(lambda d: [hit_from_json(h) for h in d["hits"]], data)
 
     def document(self, doc_id: str) -> Document:
@@ -233,10 +256,14 @@ class CiteqaClient:
         if (text is None) == (url is None):
             raise ValueError("give text or url, not both" if text is not None else
                              "give the document's text or a url to fetch")
-        body: dict[str, Any] = {"text": text} if text is not None else {"url": url}
+        if url is not None and (title is not None or source is not None):  # (the service's 422)
+            raise ValueError("title and source go with text; a fetched page's are its own "
+                             "(its title, and the url)")
+        body: dict[str, Any] = ({"text": _sendable("text", text)} if text is not None
+                                else {"url": _sendable("url", url)})
         for name, value in (("title", title), ("doc_id", doc_id), ("source", source)):
             if value is not None:
-                body[name] = value
+                body[name] = _sendable(name, value)
         return self._json("POST", "/v1/documents", json=body, resend_codes=NOTHING_DONE_CODES)
 
     def delete_document(self, doc_id: str) -> None:

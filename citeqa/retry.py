@@ -74,9 +74,10 @@ def request_by(client: httpx.Client, method: str, url: str, deadline: float,
                **kwargs: Any) -> httpx.Response:
     """One request, its answer read whole by ``deadline`` (a ``time.monotonic()`` value),
     checked as it arrives: httpx's timeout bounds each read, so a server sending a byte at a
-    time held a call for ever; one read may still take up to the time that was left (1 s at
-    least). ``httpx.ReadTimeout`` when the answer is still coming at the deadline."""
-    timeout = max(deadline - time.monotonic(), 1.0)
+    time held a call for ever; one read may still take up to the time that was left (a client
+    timeout of 0.3 s took 1 s: a floor meant for calls retried near their deadline).
+    ``httpx.ReadTimeout`` when the answer is still coming at the deadline."""
+    timeout = max(deadline - time.monotonic(), 0.01)
     with client.stream(method, url, timeout=timeout, **kwargs) as streamed:
         return read_whole(streamed, deadline)
 

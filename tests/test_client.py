@@ -236,6 +236,56 @@ def test_ids_a_url_reads_as_a_path_are_refused_before_sending() -> None:
     assert sent[0].url.raw_path == b"/v1/documents/a%2F.."
 
 
+def test_arguments_no_call_could_send_are_value_errors_naming_them_before_sending() -> None:
+    """The client review's: a lone surrogate was UnicodeEncodeError's traceback, a NaN score
+    json's "Out of range float values", a url with a title the service's 422."""
+    sent: list[httpx.Request] = []
+    client = CiteqaClient("http://svc", transport=httpx.MockTransport(
+        lambda r: sent.append(r) or httpx.Response(404)))  # type: ignore[func-returns-value]
+    for call, name in ((lambda: client.answer("bad \ud800"), "question"),
+                       (lambda: client.search("x\udc80"), "query"),
+                       (lambda: client.add_document("t \ud83d"), "text"),
+                       (lambda: client.add_document("t", title="\udfff"), "title"),
+                       (lambda: client.document("a\ud800"), "doc_id"),
+                       (lambda: client.delete_document("a\ud800"), "doc_id")):
+        with pytest.raises(ValueError, match=rf"^{name} holds a lone surrogate \(U\+D"):
+            call()
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=rf"min_score is {value}; give a finite number"):
+            client.answer("q", min_score=value)
+    for kw in ({"title": "Ex"}, {"source": "s"}):
+        with pytest.raises(ValueError, match="title and source go with text"):
+            client.add_document(url="https://example.com/", **kw)
+    assert sent == []
+
+
+def test_an_api_error_survives_pickling() -> None:
+    """Rebuilt from its text alone it could not be made: a worker of a process pool that
+    raised one broke the pool (BrokenProcessPool, not the 401)."""
+    import copy
+    import pickle
+
+    err = CiteqaAPIError(401, "unauthorized", "no key", {"hint": "send one"})
+    for back in (pickle.loads(pickle.dumps(err)), copy.copy(err)):
+        assert (back.status, back.code, back.message, back.details, str(back)) == (
+            401, "unauthorized", "no key", {"hint": "send one"}, str(err))
+
+
+def test_a_timeout_under_a_second_is_kept() -> None:
+    """A 0.3 s client timeout took 1 s (a floor of 1 s under each try)."""
+    import socket
+
+    with socket.socket() as silent:  # accepts (the backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        client = CiteqaClient(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=0.3,
+                              backoff=Backoff(retries=0))
+        t0 = time.monotonic()
+        with pytest.raises(CiteqaAPIError) as err:
+            client.search("q")
+        assert err.value.code == "timeout" and time.monotonic() - t0 < 0.8
+
+
 def test_a_call_turned_away_for_now_is_retried_honouring_retry_after(
         monkeypatch: pytest.MonkeyPatch) -> None:
     slept: list[float] = []
