@@ -22,7 +22,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -79,23 +79,22 @@ def resume(path: Path, *, what: str, remedy: str, key: str = "id") -> list[dict[
 
 
 def check_identity(run_json: Path, records: Path, ident: dict[str, Any], *, remedy: str,
-                   ) -> None:
+                   outputs: Collection[str] = ()) -> None:
     """Raise ConfigError when ``run_json`` records another ``identity`` than ``ident`` (the keys
     of ``ident`` are compared: one the stored identity lacks counts as None there), when
     ``records`` exists without it (nothing says what made them), or when the run's folder holds
-    other files but no ``run_json`` (a folder of the user's: the run would write over its
-    report.md). A run that recorded no complete record yet has nothing to mix: it may start
-    again with another identity."""
+    a file of the run's ``outputs`` but no ``run_json`` (a folder of the user's: the run would
+    write over its report.md; a log or anything else beside a run is left alone). A run that
+    recorded no complete record yet has nothing to mix: it may start again with another
+    identity."""
     out = run_json.parent
     if not run_json.is_file():
         if has_records(records):
             raise ConfigError(f"{out} has {records.name} but no {run_json.name}, so it cannot "
                               f"be resumed safely; {remedy}")
-        if others := sorted(p.name for p in _entries(out) if not p.name.startswith(".")):
-            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more"
-                                             if len(others) > 3 else "")
-            raise ConfigError(f"{out} holds files but no run ({shown}; no {run_json.name}): a "
-                              "run would write over them; choose a new or empty folder")
+        if mine := sorted(name for name in outputs if (out / name).exists()):
+            raise ConfigError(f"{out} holds {', '.join(mine)} but no {run_json.name}: this run "
+                              "would write over them; choose another folder (or move them)")
         return
     if not has_records(records):
         return
@@ -110,14 +109,6 @@ def check_identity(run_json: Path, records: Path, ident: dict[str, Any], *, reme
         what = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
         raise ConfigError(f"{out} holds a run made with other settings or data ({what}); "
                           f"{remedy}")
-
-
-def _entries(folder: Path) -> list[Path]:
-    """What ``folder`` holds ([] where it is none)."""
-    try:
-        return list(folder.iterdir())
-    except (FileNotFoundError, NotADirectoryError):
-        return []
 
 
 def has_records(records: Path) -> bool:

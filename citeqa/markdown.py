@@ -45,9 +45,13 @@ _UNREAD_RE = re.compile(rf"<!--(?:(?!<!--|-->)[\s\S]){{0,2000}}-->|{TAG}"
                         r"|\{%[^\n{}%]{0,200}%\}|\{\{[^\n{}]{0,200}\}\}",
                         re.MULTILINE)
 # YAML front matter (--- ... --- or ...), or TOML (+++ ... +++), at a Markdown file's start:
-# metadata (layout, date, tags), read for its title (``ingest/title.py``), never as a passage
-FRONT_MATTER_RE = re.compile(r"\A(---|\+\+\+)[ \t]*\r?\n(.*?)^(?:\1|\.\.\.)[ \t]*\r?$",
-                             re.DOTALL | re.MULTILINE)
+# metadata (layout, date, tags), read for its title (``ingest/title.py``), never as a passage;
+# each of its lines a key's ("title: x", "date = 2024"), a table's ("[extra]"), a list item's,
+# a comment's, an indented one or blank (a "---" rule over prose and another is no front matter)
+_FRONT_MATTER_RE = re.compile(r"\A(?:(---)|\+\+\+)[ \t]*\r?\n(.*?)^(?(1)(?:---|\.\.\.)|\+\+\+)"
+                              r"[ \t]*\r?$", re.DOTALL | re.MULTILINE)
+_METADATA_LINE_RE = re.compile(r"[ \t]|#|-(?:[ \t]|$)|[\w\"'][^:=\n]{0,200}?[ \t]*[:=](?:[ \t]|$)"
+                               r"|\[[^\]\n]{1,200}\][ \t]*$|\r?$")
 # a heading: a line of text underlined by =s (level 1) or -s (level 2: not under a list item,
 # "- item\n---" is a list, then a rule); a list item's start
 SETEXT_RE = re.compile(r"^ {0,3}(\S[^\r\n]*)\r?\n {0,3}(?:=+|-+)[ \t]*\r?$", re.MULTILINE)
@@ -67,10 +71,19 @@ def source_suffix(source: str) -> str:
     return PurePosixPath(path.replace("\\", "/")).suffix.lower()
 
 
+def front_matter(text: str) -> re.Match[str] | None:
+    """A Markdown text's front matter (``_FRONT_MATTER_RE``: its body is group 2), or None."""
+    m = _FRONT_MATTER_RE.match(text)
+    if m is None or not all(_METADATA_LINE_RE.match(line)
+                            for line in m.group(2).split("\n")):
+        return None
+    return m
+
+
 def without_front_matter(text: str) -> str:
-    """``text`` with its front matter (``FRONT_MATTER_RE``), if it has one, blanked: each of its
+    """``text`` with its front matter (``front_matter``), if it has one, blanked: each of its
     characters but line breaks made a space, so offsets and lines stay those of ``text``."""
-    m = FRONT_MATTER_RE.match(text)
+    m = front_matter(text)
     if m is None:
         return text
     return re.sub(r"[^\r\n]", " ", m.group(0)) + text[m.end():]

@@ -484,6 +484,18 @@ def test_a_markdown_files_front_matter_is_in_no_passage() -> None:
     assert passage_spans(Document("d", "t", "p.md", alone), cfg) == [(0, len(alone) - 1)]
     rule = f"{prose}\n\n---\n\nlayout: kept\n\n---"  # "---" past the start: a rule, and read
     assert len(passage_spans(Document("d", "t", "p.md", rule), cfg)) == 1
+    # the fix review's: a rule over prose, then another, is no front matter (the intro was
+    # left out); nor is TOML's +++ closed by YAML's "..."
+    for text in ("---\nIntro paragraph about the widget.\n\n---\n\nSecond section here.\n",
+                 "---\nIntro paragraph.\n...\n\nMore.", "+++\ntitle = 'x'\n...\n\nMore."):
+        spans = passage_spans(Document("d", "t", "p.md", text), cfg)
+        assert text[spans[0][0]:].startswith(text[:3]), (text, spans)
+    meta = ('---\ntitle: "A: B"\ntags:\n  - net\n- top\n# note\n\nlist: [a]\n---\n'
+            '+++\n[extra]\nkey = 1\n+++\n')  # each line metadata's: blanked
+    text = meta + prose
+    pieces = [text[s:e] for s, e in passage_spans(Document("d", "t", "p.md", text), cfg)]
+    assert not any("title:" in p or "- top" in p for p in pieces), pieces
+    assert "[extra]" in pieces[0] and prose in pieces[-1], pieces  # (only the first block is)
 
 
 def test_a_markdown_passage_of_headings_and_markup_alone_is_left_out() -> None:

@@ -113,14 +113,17 @@ def test_identity_is_checked_once_records_exist(tmp_path: Path) -> None:
     # a run that recorded no complete record may start again with another identity
     records.write_bytes(b'{"id": 1')
     check_identity(run_json, records, {"model": "m2"}, remedy="start over")
-    # a folder of other files, no run.json: a run would write over them
+    # a folder that holds the run's own outputs but no run.json: the run would write over them
     mine = tmp_path / "mine"
     mine.mkdir()
-    check_identity(mine / "run.json", mine / "r.jsonl", ident, remedy="x")  # empty: fine
-    for n in range(5):
-        (mine / f"f{n}.txt").write_text("")
-    with pytest.raises(ConfigError, match=r"\(f0.txt, f1.txt, f2.txt and 2 more; no run.json\)"):
-        check_identity(mine / "run.json", mine / "r.jsonl", ident, remedy="x")
+    (mine / "eval.log").write_text("")  # (a shell's redirection made it: left alone)
+    check_identity(mine / "run.json", mine / "r.jsonl", ident, remedy="x",
+                   outputs=("report.md", "a.png"))
+    (mine / "report.md").write_text("")
+    (mine / "a.png").write_text("")
+    with pytest.raises(ConfigError, match=r"mine holds a.png, report.md but no run.json"):
+        check_identity(mine / "run.json", mine / "r.jsonl", ident, remedy="x",
+                       outputs=("report.md", "a.png"))
 
 
 def test_one_process_writes_a_run_directory_at_a_time(tmp_path: Path) -> None:

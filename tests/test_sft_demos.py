@@ -362,7 +362,9 @@ def test_a_demonstration_whose_parts_do_not_fit_is_a_named_bad_line(
     good = demos[0].to_json()
     bad = [{**good, "gold": len(good["passages"])}, {**good, "gold": -1},
            {**good, "passages": [], "gold": 0}, {**good, "answer": "Zanzibar"},
-           {**good, "quote": "not in any passage"}, {**good, "quote": " "}]
+           {**good, "quote": "not in any passage"}, {**good, "quote": " "},
+           {**good, "gold": 0.9}, {**good, "gold": "0"}, {**good, "gold": True},
+           {**good, "answer": good["quote"].split()[0][1:]}]  # (part of a word: never placed)
     for n, obj in enumerate(bad):
         path = tmp_path / f"bad{n}.jsonl"
         path.write_text(json.dumps(good) + "\n" + json.dumps(obj) + "\n")
@@ -401,3 +403,23 @@ def test_an_answer_start_missing_wrong_or_off_falls_back_to_the_first_occurrence
     build_index_from_documents(docs, tmp_path / "idx", cfg, progress=False)
     (demos, stats), _ = _build((path, tmp_path / "idx"))
     assert {d.id for d in demos} == {"q1", "q2", "q4", "q5"}, stats.skipped
+
+
+def test_an_answer_that_is_part_of_a_word_makes_no_demonstration(tmp_path: Path) -> None:
+    """read_demos refuses a demonstration span mode could never place ("Norman" in "The
+    Normans"): the builder must not write one, or training would stop at its own data."""
+    squad = json.loads(json.dumps(SQUAD))
+    qa = squad["data"][2]["paragraphs"][0]["qas"][0]
+    qa["answers"] = [{"text": "Norman", "answer_start": P_NORMANS.index("Norman")}]
+    path = tmp_path / "qa.json"
+    path.write_text(json.dumps(squad))
+    from citeqa.ingest import load_sources
+
+    docs = load_sources([str(path)], progress=False).documents
+    cfg = RetrievalConfig(embedder="hash", chunk=ChunkConfig(max_chars=1000))
+    build_index_from_documents(docs, tmp_path / "idx", cfg, progress=False)
+    (demos, stats), _ = _build((path, tmp_path / "idx"))
+    assert "q5" not in {d.id for d in demos}
+    assert stats.skipped.get("answer is part of a word in its quote") == 1, stats.skipped
+    write_demos(tmp_path / "d.jsonl", demos)
+    assert read_demos(tmp_path / "d.jsonl") == demos

@@ -102,8 +102,11 @@ def identity(spec: RunSpec, dataset_sha256: str, manifest_sha256: str) -> dict[s
 
 def check_resumable(out: Path, ident: dict[str, Any]) -> None:
     """Raise ConfigError when ``out`` holds a run made with another identity."""
+    from citeqa.evals.report import FIGURES
+
     check_identity(Path(out) / RUN_JSON, Path(out) / PREDICTIONS, ident,
-                   remedy="pass --force to start over there, or choose another --out")
+                   remedy="pass --force to start over there, or choose another --out",
+                   outputs=(METRICS, REPORT, *FIGURES.values()))
 
 
 def git_revision(root: Path = _ROOT) -> str:

@@ -54,9 +54,14 @@ class QAItem:
 
     @property
     def answerable(self) -> bool:
-        """Some gold answer holds a word after SQuAD's normalisation (a gold answer of "" or
-        "the" alone cannot be matched: the report counts such a question unanswerable too)."""
-        return any(normalize_answer(a) for a in self.answers)
+        """``answerable(self.answers)``."""
+        return answerable(self.answers)
+
+
+def answerable(golds: Iterable[str]) -> bool:
+    """Some gold answer holds a word after SQuAD's normalisation (a gold answer of "" or "the"
+    alone cannot be matched: the report counts such a question unanswerable too)."""
+    return any(normalize_answer(a) for a in golds)
 
 
 def articles_for_split(split: str, *, also: tuple[str, ...] = ()) -> tuple[str, ...]:

@@ -10,11 +10,11 @@ from html import unescape
 
 from citeqa.markdown import (
     ADDRESS,
-    FRONT_MATTER_RE,
     LIST_ITEM_RE,
     MARKDOWN_EXTENSIONS,
     SETEXT_RE,
     TAG,
+    front_matter,
     links_only,
     read_words,
     source_suffix,
@@ -131,7 +131,7 @@ _EMPHASIS_RE = re.compile(r"(\*{1,3}|`+|~~)(?=\S)(.+?)(?<=\S)\1"
 def _front_matter(text: str) -> tuple[str, str]:
     """The ``title`` a Markdown file's front matter names ("" for none), and the text with the
     front matter blanked (its "---" read as the title, or as a setext heading's underline)."""
-    m = FRONT_MATTER_RE.match(text)
+    m = front_matter(text)
     if m is None:
         return "", text
     title = _FRONT_TITLE_RE.search(m.group(2))

@@ -126,7 +126,8 @@ def start_run(out: Path, ident: dict[str, Any], system: dict[str, Any] | None) -
 
     out.mkdir(parents=True, exist_ok=True)
     remedy = "delete that run's files or choose another --out"
-    check_identity(out / RUN, out / RESULTS, ident, remedy=remedy)
+    check_identity(out / RUN, out / RESULTS, ident, remedy=remedy,
+                   outputs=(SUMMARY, REPORT, PLOT))
     if system is not None and has_records(out / RESULTS):
         stored = json.loads((out / RUN).read_text(encoding="utf-8")).get("pipeline")
         check_same_system(out, stored if isinstance(stored, dict) else {}, system,

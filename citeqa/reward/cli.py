@@ -511,7 +511,6 @@ def combine_dir(data_paths: list[Path], reward_dir: Path, *,
     _check_trainable(data, data_paths)  # fitted on: no held-out article either
     names = ", ".join(map(str, data_paths))
     _check_unseen(data, Path(reward_dir), names)
-    _check_both_labels(data, names)
     examples = [ex for ex in data.examples if ex.judged.quote]
     if not any(ex.signals for ex in examples):
         raise SourceError(f"{names}: no candidate carries generator signals; build the data "
@@ -565,10 +564,6 @@ def calibrate(
     delta: Annotated[
         float, typer.Option("--delta", min=0.001, max=0.5, help="Allowed failure probability.")
     ] = 0.1,
-    replace: Annotated[
-        bool, typer.Option("--replace", help="Write a calibration that certifies no threshold "
-                           "over one that certifies one (refused without it).")
-    ] = False,
     progress: ProgressOpt = None,
 ) -> None:
     """Choose the decline threshold on calibration data (Learn-then-Test); write
@@ -584,22 +579,10 @@ def calibrate(
         summary = calibrate_dir(data, reward_dir, target=0.8 if target is None else target,
                                 delta=delta, targets=chosen,
                                 min_coverage=0.25 if min_coverage is None else min_coverage,
-                                cpu_dtype=cpu_dtype, progress=shown_progress(progress),
-                                replace=replace)
+                                cpu_dtype=cpu_dtype, progress=shown_progress(progress))
     except CiteqaError as e:
         raise fail(str(e)) from None
     typer.echo(json.dumps(summary, indent=2))
-    if summary.get("threshold") is None:
-        typer.echo(f"warning: {uncertified(summary)}; a server declines every question with "
-                   "CITEQA_DECLINE_UNCERTIFIED=1, and without it answers every one",
-                   err=True)
-
-
-def uncertified(summary: dict[str, object]) -> str:
-    """Why a calibration certified no threshold, from its summary."""
-    return (f"no threshold is certified at target {summary.get('target_accuracy')} on these "
-            f"{summary.get('n')} questions: write more of them (docs/calibrate.md: how many), or "
-            "lower the target")
 
 
 def parse_targets(text: str) -> list[float]:
@@ -630,23 +613,21 @@ CALIBRATE_CHUNK = 128  # candidates scored between two steps of calibrate's prog
 
 def calibrate_dir(data_paths: list[Path], reward_dir: Path, *, target: float, delta: float,
                   targets: list[float] | None = None, min_coverage: float = 0.25,
-                  cpu_dtype: str = "auto", progress: bool = False,
-                  replace: bool = False) -> dict[str, object]:
+                  cpu_dtype: str = "auto", progress: bool = False) -> dict[str, object]:
     """Score the calibration candidates (in ``cpu_dtype``, as the service will), run
     Learn-then-Test on each question's best one (at ``target``, or choosing among ``targets``:
     see ``calibrate.choose_target``), write calibration.json; return it without the
-    per-question lists. A result that certifies no threshold is not written over a
-    calibration.json that certifies one unless ``replace`` (ConfigError: a run on a set too
-    small had turned a working threshold into none)."""
+    per-question lists. A result that certifies no threshold is written too (it is what this
+    data says), with a warning saying so and what it replaced (one question had turned a
+    working threshold into none, nothing said)."""
     from tqdm.auto import tqdm
 
-    from citeqa.evals.squad import check_calibration_articles
+    from citeqa.evals.squad import answerable, check_calibration_articles
     from citeqa.reward.calibrate import calibrate_threshold, choose_target
     from citeqa.reward.combine import Signals
     from citeqa.reward.data import load_verifier_data
     from citeqa.reward.provenance import candidates_per_question
     from citeqa.reward.scorer import VerifierScorer, best_per_question, write_calibration
-    from citeqa.text import normalize_answer
 
     seen: set[object] = set()
     for path in data_paths:  # the same file twice (a link too): each question would count twice
@@ -687,16 +668,19 @@ def calibrate_dir(data_paths: list[Path], reward_dir: Path, *, target: float, de
     else:
         cal = calibrate_threshold(best_scores, correct, target_accuracy=target, delta=delta,
                                   min_answered=min_answered)
-    if math.isinf(cal.threshold) and not replace and (
-            before := certified_threshold(reward_dir)) is not None:
-        raise ConfigError(f"{uncertified({**cal.to_json()})}. {reward_dir / 'calibration.json'} "
-                          f"certifies threshold {before:.4g}, and is kept; pass --replace to "
-                          "write this calibration over it")
-    answerable = ([any(normalize_answer(a) for a in g[0].golds) for g in groups]  # (QAItem's)
-                  + [bool(q.get("answerable")) for q in empty])
+    if math.isinf(cal.threshold):
+        before = certified_threshold(reward_dir)
+        log.warning("no threshold is certified at target %s on these %d questions: write more "
+                    "of them (docs/calibrate.md: how many), or lower the target; a server "
+                    "declines every question with CITEQA_DECLINE_UNCERTIFIED=1, and without it "
+                    "answers every one%s", cal.target_accuracy, cal.n,
+                    "" if before is None else f" (this replaces {reward_dir / 'calibration.json'}"
+                    f", which certified threshold {before:.4g})")
+    answered = [answerable(g[0].golds) for g in groups] + [bool(q.get("answerable"))
+                                                            for q in empty]
     extra = {
         "data": [str(p) for p in data_paths],
-        "answerable_share": sum(answerable) / max(len(answerable), 1),
+        "answerable_share": sum(answered) / max(len(answered), 1),
         "oracle_accuracy": float(correct.mean()),  # answered accuracy at full coverage
         # the answers certified: a service that differs is warned (provenance.py)
         "generators": data.generators,

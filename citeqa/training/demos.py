@@ -41,7 +41,7 @@ from citeqa.atomic import atomic_open
 from citeqa.config import GenerationConfig
 from citeqa.errors import SourceError
 from citeqa.evals.squad import QAItem, read_question_file, squad_objects
-from citeqa.generation.cited import CHARS_PER_TOKEN
+from citeqa.generation.cited import CHARS_PER_TOKEN, answer_span
 from citeqa.generation.format import ANSWER_PREFIX, QUOTE_PREFIX, QUOTE_SEPARATOR
 from citeqa.generation.prompt import build_messages
 from citeqa.retrieval.base import Retriever
@@ -94,7 +94,7 @@ class Demo:
                 DemoPassage(str(p["title"]), str(p["text"]), str(p["doc_id"]), int(p["start"]))
                 for p in obj["passages"]
             ),
-            gold=int(obj["gold"]),
+            gold=_index(obj["gold"]),
             answer=str(obj["answer"]),
             quote=str(obj["quote"]),
         )
@@ -103,9 +103,8 @@ class Demo:
                              f"{len(demo.passages)} passages")
         if not demo.quote.strip() or demo.quote not in demo.passages[demo.gold].text:
             raise ValueError(f"its quote is not a span of passage {demo.gold}'s text")
-        if not demo.answer.strip() or " ".join(demo.answer.split()) not in " ".join(
-                demo.quote.split()):
-            raise ValueError("its answer is not in its quote")
+        if answer_span(demo.answer, demo.quote) is None:  # (the grammar's rule, as served)
+            raise ValueError("its answer does not stand in its quote as span mode places one")
         return demo
 
     def hits(self) -> list[Hit]:
@@ -114,6 +113,13 @@ class Demo:
             Hit(Passage(i, p.doc_id, p.start, p.start + len(p.text), p.text), p.title, "", 0.0)
             for i, p in enumerate(self.passages)
         ]
+
+
+def _index(value: Any) -> int:
+    """A JSON integer (0.9 and "0" were read as 0); TypeError else."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"gold is {value!r}, not an integer")
+    return value
 
 
 @dataclass
@@ -240,6 +246,8 @@ def make_demo(
         return None, "no quote within the length limits"
     quote = p.text[span[0] : span[1]]
     assert answer in quote and quote in p.text, (answer, quote)
+    if answer_span(answer, quote) is None:  # ("Norman" in "Normans": read_demos refuses it)
+        return None, "answer is part of a word in its quote"
 
     key = (p.doc_id, p.start)
     chosen = list(hits[: passage_count(item.id, top_k)])
