@@ -103,7 +103,8 @@ class HybridRetriever:
             )
         if mode == "hybrid" and not has_dense:
             mode = "bm25"
-        depth = k if mode != "hybrid" else max(k, self.cfg.candidates_per_retriever)
+        # (twice k: a copy of a better hit is passed over, and the next one takes its place)
+        depth = 2 * k if mode != "hybrid" else max(2 * k, self.cfg.candidates_per_retriever)
         bm25 = self._bm25(query, depth) if mode in ("bm25", "hybrid") else {}
         dense = self._dense(query, depth) if mode in ("dense", "hybrid") else {}
         if mode == "bm25":
@@ -115,7 +116,22 @@ class HybridRetriever:
                 [list(bm25), list(dense)], k=self.cfg.rrf_k, weights=[self.cfg.rrf_bm25_weight, 1.0]
             )
         return [self._hit(pid, score, bm25.get(pid), dense.get(pid), fused=mode == "hybrid")
-                for pid, score in ranked[:k]]
+                for pid, score in self._distinct(ranked, k)]
+
+    def _distinct(self, ranked: list[tuple[int, float]], k: int) -> list[tuple[int, float]]:
+        """The first ``k`` of ``ranked`` whose passage's text (its words, spacing aside) is no
+        better one's: a book's print.html repeats every chapter, and its copies took half the
+        hits, and of the passages a question's generator was shown."""
+        seen: set[str] = set()
+        out = []
+        for pid, score in ranked:
+            words = " ".join(self.index.passages[pid].text.split())
+            if words not in seen:
+                seen.add(words)
+                out.append((pid, score))
+                if len(out) == k:
+                    break
+        return out
 
     def document(self, doc_id: str) -> Document:
         """The full document ``doc_id``; KeyError when the index does not hold it."""
