@@ -865,6 +865,18 @@ def test_a_hidden_element_ends_where_a_browser_ends_it(html: str, text: str) -> 
     ('<ul class="navbar-nav nav"><li>Docs</li></ul><p>Text.</p>', "Text."),
     ('<div class="navigation-guide"><p>Text.</p></div>', "Text."),  # (a class token, whole)
     ("<nav><p>A page all navigation.</p></nav>", "A page all navigation."),  # (kept, not none)
+    # mdBook's (the HTML docs review: 377 of a book's 470 pages began with its keyboard help,
+    # theme picker and menu title): menu bars, menus and toolbars, popups and modals, a
+    # <dialog> not open; a class or id naming one by a word of it, not by a part of a word
+    ('<div class="menu-bar sticky"><h1 class="menu-title">Book</h1></div><p>Text.</p>', "Text."),
+    ('<ul role="menu"><li><button role="menuitem">Auto</button></li></ul><p>Text.</p>', "Text."),
+    ('<div role="toolbar"><button>Bold</button></div><p>Text.</p>', "Text."),
+    ('<div id="mdbook-help-container"><div id="mdbook-help-popup"><p>Press S to search</p>'
+     '</div></div><p>Text.</p>', "Text."),
+    ('<div class="modal fade"><p>Accept cookies?</p></div><p>Text.</p>', "Text."),
+    ("<dialog><p>Sign up!</p></dialog><p>Text.</p>", "Text."),
+    ("<dialog open><p>Shown.</p></dialog>", "Shown."),
+    ('<div class="popupsy modalities"><p>Text.</p></div>', "Text."),
     # a table's cells were each a paragraph: a row (an infobox's label and value) was cut
     # between passages, and rows could not be told from cells; cells of text side by side
     # are joined, and a cell of blocks or of nothing adds no " | "
@@ -907,6 +919,11 @@ def test_a_self_closed_html_element_is_read_as_a_browser_reads_it(html: str, tex
     ("<p>one <b> two</b> <i> three </i> four</p>", "one two three four"),
     ("<p>a<img>b</p>", "ab"),  # no space is added either
     ("<pre>a  <b> b</b></pre>", "a   b"),  # but <pre> keeps its own
+    # and its lines' indentation (nested code arrived flat), across elements; a line of
+    # white space alone is an empty line
+    ('<pre><code><span class="kw">fn</span> main() {\n    let x = 1;\n    <span>if</span> x '
+     '{\n\tgo();\n  \n    }\n}</code></pre><p>  After.</p>',
+     "fn main() {\n    let x = 1;\n    if x {\n\tgo();\n\n    }\n}\n\nAfter."),
 ])
 def test_white_space_collapses_across_elements(html: str, text: str) -> None:
     assert extract_html(html).text == text

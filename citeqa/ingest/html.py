@@ -3,12 +3,13 @@
 
 HTML is turned into readable text: script/style/head contents and other non-visible parts are
 dropped, and so is a page's navigation (``<nav>``, or an element marked as one: menus,
-breadcrumbs, a docs site's contents, DocBook's header and footer bars; a page with no text
-outside it keeps it); entities are unescaped, soft hyphens dropped, runs
-of whitespace collapse to one space, block elements (paragraphs, headings, list items, table
-rows...) become paragraph breaks (a blank line), ``<br>`` a line break, and cells of text side
-by side in a row are joined by " | " (a cell holding blocks, or none, adds none). Indentation
-inside ``<pre>`` is not kept (lines are stripped).
+breadcrumbs, a docs site's contents, DocBook's header and footer bars, menu bars, toolbars,
+popups and modal dialogs; a page with no text outside it keeps it); entities are unescaped,
+soft hyphens dropped, runs of whitespace collapse to one space, block elements (paragraphs,
+headings, list items, table rows...) become paragraph breaks (a blank line), ``<br>`` a line
+break, and cells of text side by side in a row are joined by " | " (a cell holding blocks, or
+none, adds none). Lines are stripped, but inside ``<pre>`` their indentation is kept (nested
+code arrived flat).
 
 Headers, footers and asides are kept: docutils writes footnotes, topics and sidebars as
 ``<aside>`` outside any ``<main>``, and blogs their post's title in a ``<header>``.
@@ -54,22 +55,32 @@ def _hidden(attrs: list[tuple[str, str | None]]) -> bool:
     return False
 
 
-# Class names of a page's navigation, not its content: DocBook's header and footer bars,
-# Bootstrap's nav and navbar, breadcrumbs
+# Class names of a page's navigation and controls, not its content: DocBook's header and
+# footer bars, Bootstrap's nav and navbar, breadcrumbs, menu bars and toolbars (mdBook's)
 _NAVIGATION_CLASSES = frozenset({"nav", "navbar", "navheader", "navfooter", "navigation",
-                                 "breadcrumb", "breadcrumbs"})
+                                 "breadcrumb", "breadcrumbs", "menu-bar", "menubar", "toolbar"})
+# ARIA roles of the same
+_NAVIGATION_ROLES = frozenset({"navigation", "menu", "menubar", "toolbar"})
+# Words of a class or id naming UI hidden until it is opened: a popup, a modal dialog (mdBook's
+# "mdbook-help-popup", the keyboard help: "Press ← or → to navigate between chapters" began
+# every page of a book)
+_CLOSED_UI_WORDS = frozenset({"popup", "modal"})
+_NAME_WORDS_RE = re.compile(r"[^a-z0-9]+")
 
 
 def _navigation(tag: str, attrs: list[tuple[str, str | None]]) -> bool:
-    """Whether an element is a page's navigation: a ``<nav>``, or an element that says it is
-    one (``role="navigation"``, as Sphinx's bars and sidebar; a navigation class name; a
-    table summarised "Navigation header", as DocBook's)."""
-    if tag == "nav":
+    """Whether an element is a page's navigation or controls: a ``<nav>``, a ``<dialog>`` not
+    open, or an element that says it is one (``role="navigation"``, as Sphinx's bars and
+    sidebar, a menu, menu bar or toolbar; a class name of one; a class or id naming a popup or
+    a modal; a table summarised "Navigation header", as DocBook's)."""
+    if tag == "nav" or (tag == "dialog" and all(name != "open" for name, _ in attrs)):
         return True
     for name, value in attrs:
         value = (value or "").strip().lower()
-        if ((name == "role" and value == "navigation")
+        if ((name == "role" and value in _NAVIGATION_ROLES)
                 or (name == "class" and not _NAVIGATION_CLASSES.isdisjoint(value.split()))
+                or (name in ("class", "id")
+                    and not _CLOSED_UI_WORDS.isdisjoint(_NAME_WORDS_RE.split(value)))
                 or (name == "summary" and value.startswith("navigation"))):
             return True
     return False
@@ -115,7 +126,12 @@ _FOREIGN = frozenset({"svg", "math"})  # inside them, "/>" closes an element, as
 _SCOPE = frozenset({"applet", "button", "caption", "html", "marquee", "object", "table", "td",
                     "th", "template"})
 _SPACE_RE = re.compile(r"\s+")
+# Indentation in <pre>, marked (private-use characters) while lines are stripped, then restored
+_INDENT_MARKS = ("\ue000", "\ue001")
+_INDENT = str.maketrans(" \t", "".join(_INDENT_MARKS))
+_UNMARKED = str.maketrans("\ue000\ue001", " \t")
 _BREAKS_RE = re.compile(r"\n{3,}")
+_BLANK_LINE_RE = re.compile(r"^[ \t]+$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -263,12 +279,24 @@ class _Extractor(HTMLParser):
                 text = " | " + text.lstrip(" ")
         self.pieces.append(text)
 
+    def _indent_kept(self, data: str) -> str:
+        """Preformatted ``data`` with the indentation of each line it starts marked (``_INDENT``),
+        so that stripping lines leaves it (a line of white space alone is not marked, but for
+        the last, whose code may come in the next element: "    <span>if</span>")."""
+        lines = data.split("\n")
+        start = 0 if not self.pieces or self.pieces[-1].endswith(("\n", *_INDENT_MARKS)) else 1
+        for i in range(start, len(lines)):
+            code = lines[i].lstrip(" \t")
+            if code or i == len(lines) - 1:
+                lines[i] = lines[i][:len(lines[i]) - len(code)].translate(_INDENT) + code
+        return "\n".join(lines)
+
     def handle_data(self, data: str) -> None:
         self._tick()
         if self._in_title:
             self.title_parts.append(data.translate(_INVISIBLE))
         elif self._pre and not self._hiding:
-            self._text(data.translate(_INVISIBLE))
+            self._text(self._indent_kept(data.translate(_INVISIBLE)))
         elif not self._hiding:  # white space collapses across elements: "a <img> b" is "a b"
             text = _SPACE_RE.sub(" ", data.translate(_INVISIBLE))
             if text[:1] == " " and self.pieces and self.pieces[-1][-1:] in (" ", "\n"):
@@ -312,6 +340,7 @@ def extract_html(html: str, *, max_seconds: float | None = None, xml: bool = Fal
                           ) from None
     raw = "".join(parser.pieces).replace("\r\n", "\n").replace("\r", "\n")
     lines = [line.strip() for line in raw.split("\n")]
-    text = _BREAKS_RE.sub("\n\n", "\n".join(lines)).strip()
+    text = _BREAKS_RE.sub("\n\n", "\n".join(lines)).strip().translate(_UNMARKED)
+    text = _BREAKS_RE.sub("\n\n", _BLANK_LINE_RE.sub("", text))  # (indentation alone: none)
     title = _SPACE_RE.sub(" ", "".join(parser.title_parts)).strip()
     return HtmlText(text=text, title=cap_title(title))
