@@ -271,6 +271,23 @@ def test_binary_non_utf8_and_empty_files_are_skipped(tmp_path: Path) -> None:
     assert "no text" in by_name["empty.txt"]
 
 
+def test_a_page_that_only_redirects_is_skipped_naming_where_it_sends(tmp_path: Path) -> None:
+    """A book's moved chapters ("Redirecting... to ch18-00-oop.html", a meta refresh) were 22
+    of its documents; a page that refreshes and has text of its own is a page."""
+    stub = ('<html><head><title>Redirecting...</title><meta http-equiv="refresh" '
+            'content="0; URL=\'ch18-00-oop.html\'"></head><body><p>Redirecting to... '
+            '<a href="ch18-00-oop.html">ch18-00-oop.html</a>.</p></body></html>')
+    (tmp_path / "old.html").write_text(stub, encoding="utf-8")
+    news = ('<meta http-equiv="Refresh" content="300;url=/news"><p>'
+            + "Today's prices rose again across the board. " * 10 + "</p>")
+    (tmp_path / "news.html").write_text(news, encoding="utf-8")
+    result = load(tmp_path)
+    assert [Path(d.source).name for d in result.documents] == ["news.html"]
+    [skipped] = result.skipped
+    assert skipped.reason == ("a page that only redirects to 'ch18-00-oop.html' (a meta "
+                              "refresh): index the page it names")
+
+
 def test_missing_path_is_skipped_and_does_not_abort(tmp_path: Path) -> None:
     good = tmp_path / "good.txt"
     good.write_text("still loaded", encoding="utf-8")

@@ -32,6 +32,8 @@ from citeqa.text import is_blank
 # PARSE_BASE_S plus PARSE_S_PER_MB per MB of its text before it is refused, in the parsing
 # thread's CPU time (a busy process or machine does not eat into it).
 PARSE_BASE_S = 10.0
+REDIRECT_MAX_CHARS = 300  # a page that refreshes to another with no more text is a redirect
+_REFRESH_URL_RE = re.compile(r"""url\s*=\s*['"]?([^'"\s]+)""", re.IGNORECASE)
 PARSE_S_PER_MB = 4.0
 
 # Elements whose whole content is not visible text.
@@ -140,6 +142,14 @@ class HtmlText:
 
     text: str  # visible text, paragraphs separated by a blank line
     title: str  # the <title> (whitespace collapsed), "" when the page has none
+    refresh_to: str = ""  # where a <meta http-equiv="refresh"> sends the reader ("": nowhere)
+
+    def redirect(self) -> str | None:
+        """Where the page sends its reader, when it is a redirect page: a meta refresh, and at
+        most ``REDIRECT_MAX_CHARS`` of text ("Redirecting to... ch18-00-oop.html"); else
+        None. Such a page says nothing of its own (a book's moved chapters were 22 of its
+        documents)."""
+        return self.refresh_to if self.refresh_to and len(self.text) <= REDIRECT_MAX_CHARS else None
 
 
 class _TooSlowError(Exception):
@@ -159,6 +169,7 @@ class _Extractor(HTMLParser):
         self._chrome = chrome  # keep the page's navigation, header, footer and asides
         self.pieces: list[str] = []
         self.title_parts: list[str] = []
+        self.refresh_to = ""
         # open elements, innermost last: (tag, whether it hides its content, whether it is
         # shown); every one, so that a hidden element ends at its own end tag, not at a nested
         # one of the same name
@@ -210,6 +221,11 @@ class _Extractor(HTMLParser):
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self._tick()
+        if tag == "meta" and not self.refresh_to:
+            named = dict(attrs)
+            if (named.get("http-equiv") or "").strip().lower() == "refresh":
+                url = _REFRESH_URL_RE.search(named.get("content") or "")
+                self.refresh_to = url.group(1)[:500] if url else ""
         if tag == "title":  # only the page's first <title>, not an <svg><title>
             self._in_title = not self.title_parts and all(
                 t == "head" for t, hides, _ in self._open if hides)
@@ -343,4 +359,4 @@ def extract_html(html: str, *, max_seconds: float | None = None, xml: bool = Fal
     text = _BREAKS_RE.sub("\n\n", "\n".join(lines)).strip().translate(_UNMARKED)
     text = _BREAKS_RE.sub("\n\n", _BLANK_LINE_RE.sub("", text))  # (indentation alone: none)
     title = _SPACE_RE.sub(" ", "".join(parser.title_parts)).strip()
-    return HtmlText(text=text, title=cap_title(title))
+    return HtmlText(text=text, title=cap_title(title), refresh_to=parser.refresh_to)

@@ -421,6 +421,9 @@ def _load_file(path: Path) -> Iterator[Document | Skipped]:
     source = _printable(str(path))  # a name that is not UTF-8 (surrogates) written as escapes
     if suffix in HTML_EXTENSIONS:
         page = extract_html(_decode_html(data))
+        if (target := page.redirect()) is not None:
+            raise _SkipError(f"a page that only redirects to {target!r} (a meta "
+                             "refresh): index the page it names")
         yield _single(source, page.title or _printable(path.name), page.text)
     elif suffix in JSON_EXTENSIONS:
         yield from _load_json(path, _decode_text(data))
