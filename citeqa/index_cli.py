@@ -80,8 +80,23 @@ def _there(path: str) -> bool:
 
 
 def _echo_skipped(skipped: Sequence[Skipped]) -> None:
+    """Each skipped source and why; a folder's files of types no reader takes in one line, by
+    type (``citeqa -v`` logs each as it is skipped)."""
+    from collections import Counter
+
+    from citeqa.ingest.sources import UNSUPPORTED_HELP, unsupported_type
+
+    types: Counter[str] = Counter()
     for s in skipped:
-        typer.echo(f"skipped {squash(s.source)}: {squash(s.reason)}", err=True)
+        if (kind := unsupported_type(s)) is not None:
+            types[kind] += 1
+        else:
+            typer.echo(f"skipped {squash(s.source)}: {squash(s.reason)}", err=True)
+    if types:
+        shown = ", ".join(f"{n} {kind}" for kind, n in types.most_common())
+        typer.echo(f"skipped {plural(types.total(), 'file')} in folders, of types citeqa does "
+                   f"not read ({shown}) {UNSUPPORTED_HELP[:-1]}; `citeqa -v` lists each)",
+                   err=True)
 
 
 @index_app.command("build")

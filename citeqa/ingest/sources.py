@@ -69,6 +69,20 @@ EXTRACT_FIRST = {
 }
 
 
+# A folder's file of a type no reader takes: its reason, and what to do
+_UNSUPPORTED, _NO_SUFFIX = "unsupported file type", "(no extension)"
+UNSUPPORTED_HELP = ("(name the file explicitly to read it as plain text; `citeqa index build "
+                    "--help` lists the types a folder's files are read by)")
+_UNSUPPORTED_RE = re.compile(rf"{_UNSUPPORTED} '([^']*)' in a folder ")
+
+
+def unsupported_type(skipped: Skipped) -> str | None:
+    """The extension of a folder's file skipped for its type (".woff2", "(no extension)"),
+    else None: a generated site's fonts, styles and scripts were 185 lines alike."""
+    m = _UNSUPPORTED_RE.match(skipped.reason)
+    return m.group(1) if m else None
+
+
 @dataclass(frozen=True)
 class Skipped:
     """A source (or part of one) that produced no document, and why."""
@@ -255,14 +269,8 @@ def _expand(source: str, skipped: list[Skipped]) -> list[str | Path]:
             elif f.suffix.lower() in EXTRACT_FIRST:
                 skipped.append(Skipped(str(f), _extract_first(f.suffix.lower())))
             else:
-                skipped.append(
-                    Skipped(
-                        str(f),
-                        f"unsupported file type {f.suffix or '(no extension)'!r} in a folder "
-                        "(name the file explicitly to read it as plain text; `citeqa index "
-                        "build --help` lists the types a folder's files are read by)",
-                    )
-                )
+                skipped.append(Skipped(str(f), f"{_UNSUPPORTED} {f.suffix or _NO_SUFFIX!r} in a "
+                                       f"folder {UNSUPPORTED_HELP}"))
         if not out:
             skipped.append(Skipped(source, "folder has no supported files"))
         return out
