@@ -116,3 +116,24 @@ def test_without_userinfo_reads_urls_inside_text() -> None:
         'GET "ftp://h" and (https://z:1/p?q=a@b)')
     assert without_userinfo("mail me at a@b.org; see http://h/p@x") == (
         "mail me at a@b.org; see http://h/p@x")
+
+
+def test_a_heartbeat_says_how_far_long_work_is_at_most_every_period(monkeypatch, caplog) -> None:
+    """A book's build, logged to a file, said nothing for 4.5 minutes of embedding."""
+    import logging
+
+    from citeqa import logs
+
+    now = [100.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: now[0])
+    logger = logging.getLogger("citeqa.test.heartbeat")
+    beat = logs.Heartbeat(logger, "embedding", 100, "passages", every_s=30.0)
+    quiet = logs.Heartbeat(logger, "embedding", 100, "passages", on=False, every_s=30.0)
+    with caplog.at_level(logging.INFO, logger="citeqa.test.heartbeat"):
+        for _ in range(10):
+            now[0] += 10.0
+            beat.update(10)
+            quiet.update(10)
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["embedding: 30 of 100 passages (1/s)", "embedding: 60 of 100 passages (1/s)",
+                    "embedding: 90 of 100 passages (1/s)"], said  # (none at the end: done)

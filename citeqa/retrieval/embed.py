@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from citeqa.compute import PAD_MULTIPLE, cuda_half_dtype, to_serving_dtype
 from citeqa.errors import ConfigError, ModelError
-from citeqa.logs import quiet_weight_loading
+from citeqa.logs import Heartbeat, quiet_weight_loading
 from citeqa.text import tokenize
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ class MiniLMEmbedder:
         # longest first: batches of similar length waste little padding
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         bar = tqdm(total=len(texts), desc="embedding", unit="passage", disable=not progress)
+        beat = Heartbeat(log, "embedding", len(texts), "passages", on=not progress)
         with torch.inference_mode(), bar:
             for lo in range(0, len(order), batch_size):
                 rows = order[lo : lo + batch_size]
@@ -134,6 +135,7 @@ class MiniLMEmbedder:
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
                 out[rows] = pooled.float().cpu().numpy()
                 bar.update(len(rows))
+                beat.update(len(rows))
         return out
 
 
