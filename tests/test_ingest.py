@@ -894,6 +894,8 @@ def test_a_hidden_element_ends_where_a_browser_ends_it(html: str, text: str) -> 
     ("<dialog><p>Sign up!</p></dialog><p>Text.</p>", "Text."),
     ("<dialog open><p>Shown.</p></dialog>", "Shown."),
     ('<div class="popupsy modalities"><p>Text.</p></div>', "Text."),
+    ('<body class="modal-open"><div id="popup-content"><p>Text.</p></div></body>', "Text."),
+    ('<div class="x theme_popup"><p>Auto</p></div><p>Text.</p>', "Text."),
     # a table's cells were each a paragraph: a row (an infobox's label and value) was cut
     # between passages, and rows could not be told from cells; cells of text side by side
     # are joined, and a cell of blocks or of nothing adds no " | "

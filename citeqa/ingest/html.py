@@ -63,11 +63,10 @@ _NAVIGATION_CLASSES = frozenset({"nav", "navbar", "navheader", "navfooter", "nav
                                  "breadcrumb", "breadcrumbs", "menu-bar", "menubar", "toolbar"})
 # ARIA roles of the same
 _NAVIGATION_ROLES = frozenset({"navigation", "menu", "menubar", "toolbar"})
-# Words of a class or id naming UI hidden until it is opened: a popup, a modal dialog (mdBook's
-# "mdbook-help-popup", the keyboard help: "Press ← or → to navigate between chapters" began
-# every page of a book)
-_CLOSED_UI_WORDS = frozenset({"popup", "modal"})
-_NAME_WORDS_RE = re.compile(r"[^a-z0-9]+")
+# A class or id naming UI hidden until it is opened: a popup, a modal dialog, by its last word
+# (mdBook's "mdbook-help-popup", the keyboard help: "Press ← or → to navigate between chapters"
+# began every page of a book; not Bootstrap's "modal-open" on a page's body while one shows)
+_CLOSED_UI_RE = re.compile(r"(?:^|[-_])(?:popup|modal)$")
 
 
 def _navigation(tag: str, attrs: list[tuple[str, str | None]]) -> bool:
@@ -82,7 +81,7 @@ def _navigation(tag: str, attrs: list[tuple[str, str | None]]) -> bool:
         if ((name == "role" and value in _NAVIGATION_ROLES)
                 or (name == "class" and not _NAVIGATION_CLASSES.isdisjoint(value.split()))
                 or (name in ("class", "id")
-                    and not _CLOSED_UI_WORDS.isdisjoint(_NAME_WORDS_RE.split(value)))
+                    and any(_CLOSED_UI_RE.search(word) for word in value.split()))
                 or (name == "summary" and value.startswith("navigation"))):
             return True
     return False
