@@ -43,6 +43,9 @@ def mock_fetcher(policy: FetchPolicy = FetchPolicy(), ip: str = "93.184.216.34")
         if request.url.path == "/moths":
             return httpx.Response(200, headers={"Content-Type": "text/html; charset=utf-8"},
                                   text=PAGE_HTML)
+        if request.url.path == "/moved":
+            return httpx.Response(200, headers={"Content-Type": "text/html"}, text=(
+                '<meta http-equiv="refresh" content="0;URL=/moths"><p>Moved.</p>'))
         return httpx.Response(404, text="no")
 
     return Fetcher(policy, transport=httpx.MockTransport(handler), resolver=lambda h, p: [ip])
@@ -357,6 +360,9 @@ def test_url_is_fetched_and_indexed(client: TestClient) -> None:
     assert search_ids(client, "glimmer moths plateau")[0] == body["doc_id"]
     assert client.post("/v1/documents", json={"url": "https://moths.example/none"}
                        ).json()["error"]["code"] == "fetch_failed"
+    err = assert_error(client.post("/v1/documents", json={"url": "https://moths.example/moved"}),
+                       422)  # (a page that only redirects: its target is said)
+    assert "only redirects to https://moths.example/moths (a meta refresh)" in err["message"]
 
 
 def test_a_page_is_indexed_once_whatever_spelling_of_its_url(client: TestClient) -> None:

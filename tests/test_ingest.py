@@ -1003,6 +1003,20 @@ def test_urls_via_injected_fetcher_blocked_becomes_skipped(tmp_path: Path) -> No
     assert "private" in result.skipped[0].reason
 
 
+def test_a_fetched_page_that_only_redirects_is_skipped_naming_where_it_sends() -> None:
+    """As a folder's file: a meta refresh and little text is no document (REST: a 422)."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"Content-Type": "text/html"}, text=(
+            '<meta http-equiv="refresh" content="0; url=../new/page.html"><p>Moved.</p>'))
+
+    fetcher = Fetcher(FetchPolicy(), transport=httpx.MockTransport(handler),
+                      resolver=lambda host, port: ["93.184.216.34"])
+    result = load("https://example.com/docs/old.html", fetcher=fetcher)
+    assert result.documents == []
+    assert result.skipped[0].reason == ("the page only redirects to https://example.com/new/"
+                                        "page.html (a meta refresh): index that URL")
+
+
 def test_two_urls_that_lead_to_one_page_are_one_document() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/old":

@@ -178,6 +178,8 @@ def url_document(body: UrlDocumentIn, fetcher: Fetcher) -> Document:
     page = fetcher.fetch(body.url)
     if is_blank(page.text):
         raise InvalidRequestError(f"{body.url} has no text to index; send its text instead")
+    if (why := page.only_redirects()) is not None:
+        raise InvalidRequestError(f"{body.url}: {why}")
     if len(page.text) > MAX_DOCUMENT_CHARS:  # as a posted text's: one document, one answer path
         raise InvalidRequestError(
             f"{body.url} has {len(page.text):,} characters of text, over the "

@@ -38,6 +38,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urljoin
 
 import httpx
 
@@ -120,6 +121,15 @@ class FetchedPage:
     content_type: str  # media type without parameters, e.g. "text/html"
     text: str  # extracted text (HTML -> visible text; plain text unchanged)
     title: str  # <title>, a title from plain text (title_from_text), or the URL
+    redirect: str | None = None  # an HTML page that only redirects (a meta refresh): where to
+
+    def only_redirects(self) -> str | None:
+        """Why the page is not worth indexing when it only redirects (``HtmlText.redirect``),
+        else None: said as a skip (a build) or a 422 (REST)."""
+        if self.redirect is None:
+            return None
+        return (f"the page only redirects to {self.redirect} (a meta refresh): index that "
+                "URL")
 
 
 _PERCENT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
@@ -534,6 +544,8 @@ class Fetcher:
                 content_type=media,
                 text=extracted.text,
                 title=extracted.title or final,
+                redirect=(None if (to := extracted.redirect()) is None
+                          else without_userinfo(urljoin(final, to))),
             )
         title = title_of_source(text, final, final, markdown=media == "text/markdown")
         return None, FetchedPage(requested, final, media, text, title)

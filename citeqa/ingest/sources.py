@@ -417,6 +417,8 @@ def _load_url(url: str, fetcher: Fetcher) -> Document | Skipped:
         return Skipped(url, str(e))
     if is_blank(page.text):
         return Skipped(url, "the page has no text")
+    if (why := page.only_redirects()) is not None:
+        return Skipped(url, why)
     return Document(doc_id=doc_id_for(url), title=page.title, source=page.final_url, text=page.text)
 
 
