@@ -121,17 +121,24 @@ class HybridRetriever:
     def _distinct(self, ranked: list[tuple[int, float]], k: int) -> list[tuple[int, float]]:
         """The first ``k`` of ``ranked`` whose passage's text (its words, spacing aside) is no
         better one's: a book's print.html repeats every chapter, and its copies took half the
-        hits, and of the passages a question's generator was shown."""
-        seen: set[str] = set()
-        out = []
+        hits, and of the passages a question's generator was shown. Of copies, the one in the
+        shortest document takes the best one's place (a chapter, not the whole book: the more
+        exact citation, and its title names the chapter)."""
+        at: dict[str, int] = {}  # a passage's words -> its place in out
+        out: list[tuple[int, float]] = []
         for pid, score in ranked:
             words = " ".join(self.index.passages[pid].text.split())
-            if words not in seen:
-                seen.add(words)
-                out.append((pid, score))
+            if (i := at.get(words)) is None:
                 if len(out) == k:
                     break
+                at[words] = len(out)
+                out.append((pid, score))
+            elif self._doc_chars(pid) < self._doc_chars(out[i][0]):
+                out[i] = (pid, out[i][1])
         return out
+
+    def _doc_chars(self, pid: int) -> int:
+        return len(self.index.documents[self.index.passages[pid].doc_id].text)
 
     def document(self, doc_id: str) -> Document:
         """The full document ``doc_id``; KeyError when the index does not hold it."""
