@@ -640,3 +640,20 @@ def test_a_local_and_a_remote_generator_together_are_refused_and_the_flag_wins(
     with caplog.at_level("WARNING", logger="citeqa.config"):
         Settings()
     assert any("CITEQA_GENERATOR_MODEL is ignored" in m for m in caplog.messages)
+
+
+def test_a_health_probe_out_of_time_is_not_an_engine_down():
+    """Near the deadline the probe has milliseconds (its 1 s floor is gone): timed out, it said
+    "down", and an engine's own 500 read as the engine stopping (the question failed whole)."""
+    def handler(request):
+        if request.url.path.endswith("/health"):
+            raise httpx.ReadTimeout("slow", request=request)
+        return httpx.Response(500, json={"error": {"message": "grammar refused"}})
+
+    client, _ = server(handler)
+    b = RemoteBackend("http://gen", "smol", client=client)
+    assert b._engine_down(time.monotonic() + 5) is False
+    refused = httpx.Client(transport=httpx.MockTransport(
+        lambda r: (_ for _ in ()).throw(httpx.ConnectError("refused", request=r))))
+    assert RemoteBackend("http://gen", "smol", client=refused)._engine_down(
+        time.monotonic() + 5) is True  # (nothing there: down)

@@ -386,6 +386,8 @@ class RemoteBackend:
                                     headers=self._headers)
             except httpx.PoolTimeout:  # (every connection busy: this side's limit)
                 return False
+            except httpx.TimeoutException:  # slow, or out of time (the deadline's near): not
+                return False  # known down (an engine's own 500 was said to be it stopping)
             except httpx.HTTPError:
                 return True
             if health.status_code in RETRY_STATUSES | GATEWAY_ERRORS:
