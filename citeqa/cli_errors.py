@@ -32,8 +32,7 @@ def command_group(**kwargs: Any) -> typer.Typer:
 # --progress / --no-progress; unset: bars only when stderr is a terminal (a log file got every
 # redraw of every bar)
 ProgressOpt = Annotated[bool | None, typer.Option(
-    "--progress/--no-progress", help="Show progress bars (default: when stderr is a terminal; "
-    "without them, a build logs how far its embedding is every 30 s).")]
+    "--progress/--no-progress", help="Show progress bars (default: when stderr is a terminal).")]
 
 
 # Options that are also service settings default to None: an explicit flag beats the CITEQA_*

@@ -65,7 +65,7 @@ class CiteqaAPIError(CiteqaError):
     def __reduce__(self) -> tuple[Any, ...]:
         """Rebuilt from its four fields when pickled (a process pool's worker raised one, and
         the pool broke: rebuilt from its text alone, it could not be made)."""
-        return type(self), (self.status, self.code, self.message, self.details)
+        return type(self), (self.status, self.code, self.message, self.details), self.__dict__
 
 
 @dataclass(frozen=True)

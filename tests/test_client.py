@@ -266,9 +266,11 @@ def test_an_api_error_survives_pickling() -> None:
     import pickle
 
     err = CiteqaAPIError(401, "unauthorized", "no key", {"hint": "send one"})
+    err.add_note("asked by worker 3")  # (state set on it after: kept too)
     for back in (pickle.loads(pickle.dumps(err)), copy.copy(err)):
         assert (back.status, back.code, back.message, back.details, str(back)) == (
             401, "unauthorized", "no key", {"hint": "send one"}, str(err))
+        assert back.__notes__ == ["asked by worker 3"]
 
 
 def test_a_timeout_under_a_second_is_kept() -> None:

@@ -280,6 +280,11 @@ def test_a_page_that_only_redirects_is_skipped_naming_where_it_sends(tmp_path: P
     (tmp_path / "old.html").write_text(stub, encoding="utf-8")
     news = ('<meta http-equiv="Refresh" content="300;url=/news"><p>'
             + "Today's prices rose again across the board. " * 10 + "</p>")
+    for content, to in (("0; URL=ch18.html", "ch18.html"), ("0; url='new page.html'",
+                         "new page.html"), ("0; https://example.com/new", "https://example.com/new"),
+                        ("3, url = x.html", "x.html"), ("5", ""), ("5;", "")):
+        page = extract_html(f'<meta http-equiv="refresh" content="{content}"><p>x</p>')
+        assert page.refresh_to == to, content
     (tmp_path / "news.html").write_text(news, encoding="utf-8")
     result = load(tmp_path)
     assert [Path(d.source).name for d in result.documents] == ["news.html"]
@@ -895,6 +900,10 @@ def test_a_hidden_element_ends_where_a_browser_ends_it(html: str, text: str) -> 
     ("<dialog open><p>Shown.</p></dialog>", "Shown."),
     ('<div class="popupsy modalities"><p>Text.</p></div>', "Text."),
     ('<body class="modal-open"><div id="popup-content"><p>Text.</p></div></body>', "Text."),
+    # (WordPress's default theme: "enable-search-modal" on <body>, the page's own element)
+    ('<body class="home enable-search-modal"><nav>Home</nav><main><p>Text.</p></main>'
+     '<div class="search-modal cover-modal"><p>Search for:</p></div></body>', "Text."),
+    ('<main role="menu"><p>Text.</p></main>', "Text."),
     ('<div class="x theme_popup"><p>Auto</p></div><p>Text.</p>', "Text."),
     # a table's cells were each a paragraph: a row (an infobox's label and value) was cut
     # between passages, and rows could not be told from cells; cells of text side by side
@@ -943,6 +952,11 @@ def test_a_self_closed_html_element_is_read_as_a_browser_reads_it(html: str, tex
     ('<pre><code><span class="kw">fn</span> main() {\n    let x = 1;\n    <span>if</span> x '
      '{\n\tgo();\n  \n    }\n}</code></pre><p>  After.</p>',
      "fn main() {\n    let x = 1;\n    if x {\n\tgo();\n\n    }\n}\n\nAfter."),
+    # the marks of indentation are no page's characters (a private-use icon glyph was made a
+    # space and a tab), and a <pre> ending in an indented blank line ends the text
+    ("<p>Icon \ue000\ue001 here</p><p>a\ufdd0b</p>", "Icon \ue000\ue001 here\n\nab"),
+    ("<p>Text.</p><pre>x = 1\n    </pre>", "Text.\n\nx = 1"),
+    ("<pre>    a\n  b</pre>", "    a\n  b"),
 ])
 def test_white_space_collapses_across_elements(html: str, text: str) -> None:
     assert extract_html(html).text == text

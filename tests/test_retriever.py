@@ -341,3 +341,22 @@ def test_a_copy_of_a_better_hit_is_passed_over(tmp_path: Path, mode: str) -> Non
     assert ids[0] == "ch1" and "ch2" in ids, ids  # the copy in the shorter document: ch1
     assert len(ids) == (2 if mode == "bm25" else 3), ids  # (BM25: ch3 holds no query word)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+@pytest.mark.parametrize("mode", ["bm25", "hybrid"])
+def test_copies_that_fill_the_depth_read_are_read_past_to_k_hits(tmp_path: Path, mode: str) -> None:
+    """The review's: a footer on 30 pages filled the 2k read, and a search for 5 gave 1 hit
+    though 30 pages matched."""
+    footer = "Copyright 2024 Example Corp. All rights reserved."
+    docs = [Document(f"p{i}", f"Page {i}", f"p{i}.html",
+                     f"Section {i} talks about licensing of the zebra product.\n\n{footer}")
+            for i in range(30)]
+    docs += [Document(f"f{i}", "Filler", f"f{i}.txt", f"Unrelated filler text number {i}.")
+             for i in range(40)]
+    build_index_from_documents(docs, tmp_path / "idx", replace(CFG, chunk=ChunkConfig(
+        max_chars=60)), progress=False)
+    r = HybridRetriever.open(tmp_path / "idx")
+    for k in (3, 5, 10):
+        hits = r.search("copyright reserved section", k, mode=mode)
+        texts = [" ".join(h.passage.text.split()) for h in hits]
+        assert len(hits) == k and len(set(texts)) == k, texts

@@ -32,9 +32,13 @@ from citeqa.text import is_blank
 # PARSE_BASE_S plus PARSE_S_PER_MB per MB of its text before it is refused, in the parsing
 # thread's CPU time (a busy process or machine does not eat into it).
 PARSE_BASE_S = 10.0
-REDIRECT_MAX_CHARS = 300  # a page that refreshes to another with no more text is a redirect
-_REFRESH_URL_RE = re.compile(r"""url\s*=\s*['"]?([^'"\s]+)""", re.IGNORECASE)
 PARSE_S_PER_MB = 4.0
+
+REDIRECT_MAX_CHARS = 300  # a page that refreshes to another with no more text is a redirect
+# a meta refresh's content: a delay, then (after ";" or ",") an address, "URL=" before it or
+# not, quoted or not ("0; URL='new page.html'", "0; https://example.org/new")
+_REFRESH_RE = re.compile(r"""\s*[\d.]+(?:\s*[;,]\s*|\s+)(?:url\s*=\s*)?"""
+                         r"""(?:(['"])(.*?)\1|(\S.*?))\s*$""", re.IGNORECASE | re.DOTALL)
 
 # Elements whose whole content is not visible text.
 _SKIP = frozenset(
@@ -67,6 +71,8 @@ _NAVIGATION_ROLES = frozenset({"navigation", "menu", "menubar", "toolbar"})
 # (mdBook's "mdbook-help-popup", the keyboard help: "Press ← or → to navigate between chapters"
 # began every page of a book; not Bootstrap's "modal-open" on a page's body while one shows)
 _CLOSED_UI_RE = re.compile(r"(?:^|[-_])(?:popup|modal)$")
+# Elements that hold a page's content, whatever their class, id or role say
+_PAGE_TAGS = frozenset({"html", "body", "main", "article"})
 
 
 def _navigation(tag: str, attrs: list[tuple[str, str | None]]) -> bool:
@@ -76,6 +82,8 @@ def _navigation(tag: str, attrs: list[tuple[str, str | None]]) -> bool:
     a modal; a table summarised "Navigation header", as DocBook's)."""
     if tag == "nav" or (tag == "dialog" and all(name != "open" for name, _ in attrs)):
         return True
+    if tag in _PAGE_TAGS:  # (WordPress's "enable-search-modal" on <body> named the page)
+        return False
     for name, value in attrs:
         value = (value or "").strip().lower()
         if ((name == "role" and value in _NAVIGATION_ROLES)
@@ -98,7 +106,7 @@ _BLOCK = frozenset(
 )  # fmt: skip
 _CELL = frozenset({"td", "th"})  # a row's cells: " | " between cells of text side by side
 # soft hyphens: no text (a zero-width space stays: Thai, Khmer, Lao and Burmese part words so)
-_INVISIBLE = str.maketrans("", "", "\xad")
+_INVISIBLE = str.maketrans("", "", "\xad\ufdd0\ufdd1")  # (and the marks of indentation below)
 _VOID = frozenset(
     {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
 )
@@ -128,9 +136,10 @@ _SCOPE = frozenset({"applet", "button", "caption", "html", "marquee", "object", 
                     "th", "template"})
 _SPACE_RE = re.compile(r"\s+")
 # Indentation in <pre>, marked (private-use characters) while lines are stripped, then restored
-_INDENT_MARKS = ("\ue000", "\ue001")
+# (Unicode's noncharacters U+FDD0 and U+FDD1, for a program's own use: a page's are dropped)
+_INDENT_MARKS = ("\ufdd0", "\ufdd1")
 _INDENT = str.maketrans(" \t", "".join(_INDENT_MARKS))
-_UNMARKED = str.maketrans("\ue000\ue001", " \t")
+_UNMARKED = str.maketrans("".join(_INDENT_MARKS), " \t")
 _BREAKS_RE = re.compile(r"\n{3,}")
 _BLANK_LINE_RE = re.compile(r"^[ \t]+$", re.MULTILINE)
 
@@ -223,8 +232,8 @@ class _Extractor(HTMLParser):
         if tag == "meta" and not self.refresh_to:
             named = dict(attrs)
             if (named.get("http-equiv") or "").strip().lower() == "refresh":
-                url = _REFRESH_URL_RE.search(named.get("content") or "")
-                self.refresh_to = url.group(1)[:500] if url else ""
+                m = _REFRESH_RE.match((named.get("content") or "")[:2000])
+                self.refresh_to = (m.group(2) or m.group(3) or "").strip()[:500] if m else ""
         if tag == "title":  # only the page's first <title>, not an <svg><title>
             self._in_title = not self.title_parts and all(
                 t == "head" for t, hides, _ in self._open if hides)
@@ -355,7 +364,7 @@ def extract_html(html: str, *, max_seconds: float | None = None, xml: bool = Fal
                           ) from None
     raw = "".join(parser.pieces).replace("\r\n", "\n").replace("\r", "\n")
     lines = [line.strip() for line in raw.split("\n")]
-    text = _BREAKS_RE.sub("\n\n", "\n".join(lines)).strip().translate(_UNMARKED)
-    text = _BREAKS_RE.sub("\n\n", _BLANK_LINE_RE.sub("", text))  # (indentation alone: none)
+    text = _BLANK_LINE_RE.sub("", "\n".join(lines).translate(_UNMARKED))  # (indentation alone)
+    text = _BREAKS_RE.sub("\n\n", text).strip("\n")  # (a first line's indentation is code's)
     title = _SPACE_RE.sub(" ", "".join(parser.title_parts)).strip()
     return HtmlText(text=text, title=cap_title(title), refresh_to=parser.refresh_to)

@@ -103,20 +103,25 @@ class HybridRetriever:
             )
         if mode == "hybrid" and not has_dense:
             mode = "bm25"
-        # (twice k: a copy of a better hit is passed over, and the next one takes its place)
+        # (twice k: a copy of a better hit is passed over, and the next one takes its place;
+        # read deeper while copies leave fewer than k and more is there: a footer on every page)
         depth = 2 * k if mode != "hybrid" else max(2 * k, self.cfg.candidates_per_retriever)
-        bm25 = self._bm25(query, depth) if mode in ("bm25", "hybrid") else {}
-        dense = self._dense(query, depth) if mode in ("dense", "hybrid") else {}
-        if mode == "bm25":
-            ranked = list(bm25.items())
-        elif mode == "dense":
-            ranked = list(dense.items())
-        else:
-            ranked = rrf(
-                [list(bm25), list(dense)], k=self.cfg.rrf_k, weights=[self.cfg.rrf_bm25_weight, 1.0]
-            )
+        while True:
+            bm25 = self._bm25(query, depth) if mode in ("bm25", "hybrid") else {}
+            dense = self._dense(query, depth) if mode in ("dense", "hybrid") else {}
+            if mode == "bm25":
+                ranked = list(bm25.items())
+            elif mode == "dense":
+                ranked = list(dense.items())
+            else:
+                ranked = rrf([list(bm25), list(dense)], k=self.cfg.rrf_k,
+                             weights=[self.cfg.rrf_bm25_weight, 1.0])
+            chosen = self._distinct(ranked, k)
+            if len(chosen) == k or (len(bm25) < depth and len(dense) < depth):
+                break
+            depth *= 4
         return [self._hit(pid, score, bm25.get(pid), dense.get(pid), fused=mode == "hybrid")
-                for pid, score in self._distinct(ranked, k)]
+                for pid, score in chosen]
 
     def _distinct(self, ranked: list[tuple[int, float]], k: int) -> list[tuple[int, float]]:
         """The first ``k`` of ``ranked`` whose passage's text (its words, spacing aside) is no
