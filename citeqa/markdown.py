@@ -1,10 +1,11 @@
 """Markdown as a reader reads it: the markup no one reads (``unread_out``: HTML comments and
 tags, images, reference definitions, MyST's targets, MDX's imports), links read as their words
-(``read_text``, ``read_words``), and which sources are Markdown (``is_markdown``). Titles
-(``title.py``) and chunking (a passage of markup alone is not indexed:
-``retrieval.chunk.passage_spans``) read Markdown so. What BM25 and the embedder see of a passage
-stays its text as it is (a reading that drops markup also drops "a < b", "Vec<u8>", code), and
-so do a document's text, its passages and quotes.
+(``read_text``, ``read_words``), front matter (``front_matter``: metadata, not prose), headings'
+lines (``headings_out``), and which sources are Markdown (``is_markdown``). Titles
+(``title.py``) and chunking (front matter, and a passage of markup and headings alone, are not
+indexed: ``retrieval.chunk.passage_spans``) read Markdown so. What BM25 and the embedder see of
+a passage stays its text as it is (a reading that drops markup also drops "a < b", "Vec<u8>",
+code), and so do a document's text, its passages and quotes.
 """
 
 from __future__ import annotations

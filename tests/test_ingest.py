@@ -957,6 +957,7 @@ def test_a_self_closed_html_element_is_read_as_a_browser_reads_it(html: str, tex
     ("<p>Icon \ue000\ue001 here</p><p>a\ufdd0b</p>", "Icon \ue000\ue001 here\n\nab"),
     ("<p>Text.</p><pre>x = 1\n    </pre>", "Text.\n\nx = 1"),
     ("<pre>    a\n  b</pre>", "    a\n  b"),
+    ("<pre>a\r    b\r\n  c</pre>", "a\n    b\n  c"),  # (CR line breaks too)
 ])
 def test_white_space_collapses_across_elements(html: str, text: str) -> None:
     assert extract_html(html).text == text

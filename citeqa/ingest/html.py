@@ -135,8 +135,8 @@ _FOREIGN = frozenset({"svg", "math"})  # inside them, "/>" closes an element, as
 _SCOPE = frozenset({"applet", "button", "caption", "html", "marquee", "object", "table", "td",
                     "th", "template"})
 _SPACE_RE = re.compile(r"\s+")
-# Indentation in <pre>, marked (private-use characters) while lines are stripped, then restored
-# (Unicode's noncharacters U+FDD0 and U+FDD1, for a program's own use: a page's are dropped)
+# Indentation in <pre>, marked while lines are stripped, then restored (by Unicode's
+# noncharacters U+FDD0 and U+FDD1, for a program's own use: a page's own are dropped)
 _INDENT_MARKS = ("\ufdd0", "\ufdd1")
 _INDENT = str.maketrans(" \t", "".join(_INDENT_MARKS))
 _UNMARKED = str.maketrans("".join(_INDENT_MARKS), " \t")
@@ -307,7 +307,7 @@ class _Extractor(HTMLParser):
         """Preformatted ``data`` with the indentation of each line it starts marked (``_INDENT``),
         so that stripping lines leaves it (a line of white space alone is not marked, but for
         the last, whose code may come in the next element: "    <span>if</span>")."""
-        lines = data.split("\n")
+        lines = data.replace("\r\n", "\n").replace("\r", "\n").split("\n")
         start = 0 if not self.pieces or self.pieces[-1].endswith(("\n", *_INDENT_MARKS)) else 1
         for i in range(start, len(lines)):
             code = lines[i].lstrip(" \t")
