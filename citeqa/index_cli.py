@@ -81,17 +81,25 @@ def _there(path: str) -> bool:
 
 def _echo_skipped(skipped: Sequence[Skipped]) -> None:
     """Each skipped source and why; a folder's files of types no reader takes in one line, by
-    type (``citeqa -v`` logs each as it is skipped)."""
+    type, and its pages that only redirect in another (``citeqa -v`` logs each as it is
+    skipped)."""
     from collections import Counter
 
-    from citeqa.ingest.sources import UNSUPPORTED_HELP, unsupported_type
+    from citeqa.ingest.sources import UNSUPPORTED_HELP, redirects_only, unsupported_type
 
     types: Counter[str] = Counter()
+    redirects = 0
     for s in skipped:
         if (kind := unsupported_type(s)) is not None:
             types[kind] += 1
+        elif redirects_only(s):
+            redirects += 1
         else:
             typer.echo(f"skipped {squash(s.source)}: {squash(s.reason)}", err=True)
+    if redirects:
+        typer.echo(f"skipped {plural(redirects, 'page')} that only redirect to another (a meta "
+                   "refresh): the pages they name are indexed where they are among the "
+                   "sources; `citeqa -v` lists each", err=True)
     if types:
         shown = ", ".join(f"{n} {kind}" for kind, n in types.most_common())
         typer.echo(f"skipped {plural(types.total(), 'file')} in folders, of types citeqa does "

@@ -782,6 +782,8 @@ def test_a_folders_files_of_types_not_read_are_one_line_by_type(tmp_path: Path) 
     site = _files(tmp_path / "site", {**FIRST, "a.css": "", "b.css": "", "c.woff2": "",
                                       "LICENSE2": "x"})
     (site / "nul.txt").write_bytes(b"a\x00b")
+    for n in range(3):
+        (site / f"moved{n}.html").write_text('<meta http-equiv="refresh" content="0; url=a.html">')
     code, _, err = _cli("index", "build", "--preset", "tiny", str(site), "--out",
                         str(tmp_path / "idx"), "--no-progress")
     assert code == 0, err
@@ -789,6 +791,8 @@ def test_a_folders_files_of_types_not_read_are_one_line_by_type(tmp_path: Path) 
     assert lines == [
         f"skipped {site / 'nul.txt'}: binary file (contains NUL bytes); give text, Markdown, "
         "HTML or JSON",
+        "skipped 3 pages that only redirect to another (a meta refresh): the pages they name "
+        "are indexed where they are among the sources; `citeqa -v` lists each",
         "skipped 4 files in folders, of types citeqa does not read (2 .css, 1 (no extension), "
         "1 .woff2) (name the file explicitly to read it as plain text; `citeqa index build "
         "--help` lists the types a folder's files are read by; `citeqa -v` lists each)"], err

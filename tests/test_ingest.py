@@ -904,6 +904,24 @@ def test_a_hidden_element_ends_where_a_browser_ends_it(html: str, text: str) -> 
     ('<body class="home enable-search-modal"><nav>Home</nav><main><p>Text.</p></main>'
      '<div class="search-modal cover-modal"><p>Search for:</p></div></body>', "Text."),
     ('<main role="menu"><p>Text.</p></main>', "Text."),
+    # the second HTML review's (rustdoc, Texinfo, Sphinx, Node.js): a bar of rel="next" /
+    # "prev" / "up" / "contents" / "index" links and their labels (Texinfo's began every page
+    # and was quoted), a table of contents, a heading's permalink, a skip link, a copy
+    # button, data-nosnippet; a link to the next part inside prose stays
+    ('<div class="header"><p>Next: <a rel="next" href="s.html">Size</a>, Previous: <a '
+     'rel="prev" href="p.html">Types</a>, Up: <a rel="up" href="t.html">All</a> &nbsp; [<a '
+     'rel="contents" href="i.html">Contents</a>][<a rel="index" href="x.html">Index</a>]</p>'
+     '</div><p>Text.</p>', "Text."),
+    ('<p>See the <a rel="next" href="n.html">next part</a> for more.</p>',
+     "See the next part for more."),
+    ('<ul class="section-toc"><li><a href="#a">Alpha</a></li></ul><p>Text.</p>', "Text."),
+    ('<h2>Abstract<a class="headerlink" href="#abstract">¶</a></h2><h3>Impl<a href="#i" '
+     'class="anchor">§</a></h3><p><a href="#top">#</a> Text. <a href="#n">1</a></p>',
+     "Abstract\n\nImpl\n\nText. 1"),
+    ('<a class="skip-main-content" href="#main">Skip to main content</a><p>Text.</p>', "Text."),
+    ('<button id="copy-path">Copy item path</button><p>Text.</p><button>Show FAQ</button>',
+     "Text.\n\nShow FAQ"),
+    ('<pre><span data-nosnippet>1</span>fn a() {}<button>copy</button></pre>', "fn a() {}"),
     ('<div class="x theme_popup"><p>Auto</p></div><p>Text.</p>', "Text."),
     # a table's cells were each a paragraph: a row (an infobox's label and value) was cut
     # between passages, and rows could not be told from cells; cells of text side by side
@@ -958,6 +976,9 @@ def test_a_self_closed_html_element_is_read_as_a_browser_reads_it(html: str, tex
     ("<p>Text.</p><pre>x = 1\n    </pre>", "Text.\n\nx = 1"),
     ("<pre>    a\n  b</pre>", "    a\n  b"),
     ("<pre>a\r    b\r\n  c</pre>", "a\n    b\n  c"),  # (CR line breaks too)
+    # a block inside <pre> begins a line, not a paragraph (rustdoc's "where" clauses)
+    ('<pre>pub struct Heap<div class="where">where A: Alloc,</div>{ }</pre><p>x</p>',
+     "pub struct Heap\nwhere A: Alloc,\n{ }\n\nx"),
 ])
 def test_white_space_collapses_across_elements(html: str, text: str) -> None:
     assert extract_html(html).text == text

@@ -4,12 +4,14 @@
 HTML is turned into readable text: script/style/head contents and other non-visible parts are
 dropped, and so is a page's navigation (``<nav>``, or an element marked as one: menus,
 breadcrumbs, a docs site's contents, DocBook's header and footer bars, menu bars, toolbars,
-popups and modal dialogs; a page with no text outside it keeps it); entities are unescaped,
-soft hyphens dropped, runs of whitespace collapse to one space, block elements (paragraphs,
-headings, list items, table rows...) become paragraph breaks (a blank line), ``<br>`` a line
-break, and cells of text side by side in a row are joined by " | " (a cell holding blocks, or
-none, adds none). Lines are stripped, but inside ``<pre>`` their indentation is kept (nested
-code arrived flat).
+popups and modal dialogs, skip links, copy buttons, a block of ``rel="next"``/``"prev"``/
+``"up"`` links and their labels; a page with no text outside it keeps it) and a heading's
+permalink ("¶"); entities are unescaped, soft hyphens dropped, runs of whitespace collapse to
+one space, block elements (paragraphs, headings, list items, table rows...) become paragraph
+breaks (a blank line; inside ``<pre>``, a line break), ``<br>`` a line break, and cells of
+text side by side in a row are joined by " | " (a cell holding blocks, or none, adds none).
+Lines are stripped, but inside ``<pre>`` their indentation is kept (nested code arrived
+flat).
 
 Headers, footers and asides are kept: docutils writes footnotes, topics and sidebars as
 ``<aside>`` outside any ``<main>``, and blogs their post's title in a ``<header>``.
@@ -20,7 +22,7 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from html.parser import HTMLParser
 
 from citeqa.errors import SourceError
@@ -52,9 +54,11 @@ _HIDING_STYLE = re.compile(r"display\s*:\s*none|visibility\s*:\s*hidden", re.I)
 
 def _hidden(attrs: list[tuple[str, str | None]]) -> bool:
     """Whether an element's attributes hide it from a reader (``hidden``,
-    ``aria-hidden="true"``, an inline style of ``display: none`` or ``visibility: hidden``)."""
+    ``aria-hidden="true"``, an inline style of ``display: none`` or ``visibility: hidden``), or
+    say it is not the page's text (``data-nosnippet``: rustdoc's line numbers of source)."""
     for name, value in attrs:
-        if name == "hidden" or (name == "aria-hidden" and (value or "").strip() == "true"):
+        if name in ("hidden", "data-nosnippet") or (
+                name == "aria-hidden" and (value or "").strip() == "true"):
             return True
         if name == "style" and value and _HIDING_STYLE.search(value):
             return True
@@ -70,20 +74,31 @@ _NAVIGATION_ROLES = frozenset({"navigation", "menu", "menubar", "toolbar"})
 # A class or id naming UI hidden until it is opened: a popup, a modal dialog, by its last word
 # (mdBook's "mdbook-help-popup", the keyboard help: "Press ← or → to navigate between chapters"
 # began every page of a book; not Bootstrap's "modal-open" on a page's body while one shows)
-_CLOSED_UI_RE = re.compile(r"(?:^|[-_])(?:popup|modal)$")
+_CLOSED_UI_RE = re.compile(r"(?:^|[-_])(?:popup|modal|dropdown|picker|toc)$")
+# a link that skips to the content ("skip-link", "skip-to-content"), a control that copies code
+_SKIP_LINK_RE = re.compile(r"(?:^|\s)skip")
+_COPY_CONTROL_RE = re.compile(r"(?:^|[-_])(?:copy|clipboard)(?:$|[-_])")
 # Elements that hold a page's content, whatever their class, id or role say
 _PAGE_TAGS = frozenset({"html", "body", "main", "article"})
 
 
 def _navigation(tag: str, attrs: list[tuple[str, str | None]]) -> bool:
     """Whether an element is a page's navigation or controls: a ``<nav>``, a ``<dialog>`` not
-    open, or an element that says it is one (``role="navigation"``, as Sphinx's bars and
-    sidebar, a menu, menu bar or toolbar; a class name of one; a class or id naming a popup or
-    a modal; a table summarised "Navigation header", as DocBook's)."""
+    open, a link skipping to the content, a button copying code, or an element that says it is
+    one (``role="navigation"``, as Sphinx's bars and sidebar, a menu, menu bar or toolbar; a
+    class name of one; a class or id naming a popup, a modal, a dropdown, a picker or a table
+    of contents; a table summarised "Navigation header", as DocBook's)."""
     if tag == "nav" or (tag == "dialog" and all(name != "open" for name, _ in attrs)):
         return True
     if tag in _PAGE_TAGS:  # (WordPress's "enable-search-modal" on <body> named the page)
         return False
+    named = {name: (value or "").strip().lower() for name, value in attrs}
+    if tag == "a" and named.get("href", "").startswith("#") and _SKIP_LINK_RE.search(
+            named.get("class", "")):
+        return True  # ("Skip to main content")
+    if tag == "button" and any(_COPY_CONTROL_RE.search(word) for name in ("class", "id")
+                               for word in named.get(name, "").split()):
+        return True  # ("Copy item path", a code block's "copy")
     for name, value in attrs:
         value = (value or "").strip().lower()
         if ((name == "role" and value in _NAVIGATION_ROLES)
@@ -160,6 +175,33 @@ class HtmlText:
         return self.refresh_to if self.refresh_to and len(self.text) <= REDIRECT_MAX_CHARS else None
 
 
+# A link to the next, previous or enclosing part, or to the contents or index (HTML's rel
+# values): a block of such links and their labels alone is a navigation bar (Texinfo's "Next:
+# Size and Alignment, Previous: Primitive Types, Up: Types [Index]", DocBook's, Sphinx's)
+_NAV_RELS = frozenset({"next", "prev", "previous", "up", "index", "contents", "toc", "start",
+                       "first", "last", "top"})
+_NAV_LABELS_RE = re.compile(r"\b(?:next|prev|previous|up|top|contents|index|start|first|last|"
+                            r"home|table of contents|toc)\b|[\W_]", re.IGNORECASE)
+# A fragment link's text that is a heading's permalink, not words: Sphinx's ¶, rustdoc's §,
+# Node.js's #
+_PERMALINK_TEXTS = frozenset({"¶", "§", "#", "🔗", "⚓"})
+
+
+@dataclass
+class _Frame:
+    """A shown block, or link, being read: where it is in the open elements and where its text
+    starts in the pieces; a block counts the navigation links (and their texts) and the other
+    links inside it."""
+
+    at: int
+    start: int
+    link: bool = False
+    href: str = ""
+    rel: frozenset[str] = frozenset()
+    nav_texts: list[str] = field(default_factory=list)
+    other_links: int = 0
+
+
 class _TooSlowError(Exception):
     """The parse ran past its deadline."""
 
@@ -188,6 +230,7 @@ class _Extractor(HTMLParser):
         self._pre = 0  # open <pre> elements that are shown
         self._cells = 0  # cells begun in the row being read
         self._separate = False  # a cell after another began: " | " before its text, if inline
+        self._frames: list[_Frame] = []  # the shown blocks and links being read, innermost last
         self._deadline = deadline
 
     def _tick(self) -> None:
@@ -208,6 +251,8 @@ class _Extractor(HTMLParser):
 
     def _close_from(self, i: int) -> None:
         """Close the open element at position ``i`` and every one inside it."""
+        while self._frames and self._frames[-1].at >= i:
+            self._frames.pop()
         for tag, hides, shown in self._open[i:]:
             self._count[tag] -= 1
             self._hiding -= hides
@@ -245,7 +290,7 @@ class _Extractor(HTMLParser):
             if (i := self._innermost(closes, stops)) is not None:
                 self._close_from(i)
         hides = (tag in _SKIP or (not self._chrome and _navigation(tag, attrs))
-                 or _hidden(attrs))
+                 or _hidden(attrs) or (tag == "button" and self._pre > 0))  # (a code's "copy")
         shown = not self._hiding and not hides
         if tag not in _VOID:
             self._open.append((tag, hides, shown))
@@ -253,10 +298,17 @@ class _Extractor(HTMLParser):
             self._hiding += hides
         if not shown:
             return
+        if tag == "a" and not self._chrome:
+            named = dict(attrs)
+            self._frames.append(_Frame(len(self._open) - 1, len(self.pieces), link=True,
+                                       href=(named.get("href") or "").strip(),
+                                       rel=frozenset((named.get("rel") or "").lower().split())))
         if tag == "br":
             self.pieces.append("\n")
         elif tag in _BLOCK:
-            self.pieces.append("\n\n")
+            self.pieces.append("\n" if self._pre else "\n\n")  # (in code: a line, no more)
+            if not self._chrome:
+                self._frames.append(_Frame(len(self._open) - 1, len(self.pieces)))
             if tag == "pre":
                 self._pre += 1
             if tag == "tr":
@@ -289,9 +341,35 @@ class _Extractor(HTMLParser):
         while self._open[i][0] != tag:
             i -= 1
         shown = self._open[i][2]
+        while self._frames and self._frames[-1].at > i:  # (left open inside it)
+            self._frames.pop()
+        if self._frames and self._frames[-1].at == i:
+            self._ended(self._frames.pop())
         self._close_from(i)  # it, and anything left open inside it
         if shown and tag in _BLOCK:
-            self.pieces.append("\n\n")
+            self.pieces.append("\n" if self._pre else "\n\n")
+
+    def _ended(self, frame: _Frame) -> None:
+        """A shown link or block's end: a heading's permalink ("¶") is no text; a block of
+        navigation links and their labels alone ("Next: X, Previous: Y, Up: Z") is no text."""
+        if frame.link:
+            text = "".join(self.pieces[frame.start:]).strip()
+            if frame.href.startswith("#") and text in _PERMALINK_TEXTS:
+                del self.pieces[frame.start:]
+                return
+            for outer in self._frames:
+                if outer.link:
+                    continue
+                if frame.rel & _NAV_RELS:
+                    outer.nav_texts.append(text)
+                else:
+                    outer.other_links += 1
+        elif frame.nav_texts and not frame.other_links:
+            rest = "".join(self.pieces[frame.start:])
+            for text in frame.nav_texts:
+                rest = rest.replace(text, " ", 1)
+            if not _NAV_LABELS_RE.sub("", rest).strip():
+                del self.pieces[frame.start:]
 
     def _text(self, text: str) -> None:
         """Add ``text``, after the " | " its cell owes the one before it in the same line (none

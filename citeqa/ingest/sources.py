@@ -76,6 +76,14 @@ UNSUPPORTED_HELP = ("(name the file explicitly to read it as plain text; `citeqa
 _UNSUPPORTED_RE = re.compile(rf"{_UNSUPPORTED} '([^']*)' in a folder ")
 
 
+_REDIRECT_ONLY = "a page that only redirects to"
+
+
+def redirects_only(skipped: Skipped) -> bool:
+    """Whether a folder's HTML file was skipped for only redirecting (rustdoc's std has 259)."""
+    return skipped.reason.startswith(_REDIRECT_ONLY)
+
+
 def unsupported_type(skipped: Skipped) -> str | None:
     """The extension of a folder's file skipped for its type (".woff2", "(no extension)"),
     else None: a generated site's fonts, styles and scripts were 185 lines alike."""
@@ -432,8 +440,8 @@ def _load_file(path: Path) -> Iterator[Document | Skipped]:
     if suffix in HTML_EXTENSIONS:
         page = extract_html(_decode_html(data))
         if (target := page.redirect()) is not None:
-            raise _SkipError(f"a page that only redirects to {target!r} (a meta "
-                             "refresh): index the page it names")
+            raise _SkipError(f"{_REDIRECT_ONLY} {target!r} (a meta refresh): index the page "
+                             "it names")
         yield _single(source, page.title or _printable(path.name), page.text)
     elif suffix in JSON_EXTENSIONS:
         yield from _load_json(path, _decode_text(data))
