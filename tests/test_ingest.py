@@ -282,7 +282,8 @@ def test_a_page_that_only_redirects_is_skipped_naming_where_it_sends(tmp_path: P
             + "Today's prices rose again across the board. " * 10 + "</p>")
     for content, to in (("0; URL=ch18.html", "ch18.html"), ("0; url='new page.html'",
                          "new page.html"), ("0; https://example.com/new", "https://example.com/new"),
-                        ("3, url = x.html", "x.html"), ("5", ""), ("5;", "")):
+                        ("3, url = x.html", "x.html"), ("5", ""), ("5;", ""),
+                        ("0; url=", ""), ("300; url=scores.html", "")):  # (a live page's reload)
         page = extract_html(f'<meta http-equiv="refresh" content="{content}"><p>x</p>')
         assert page.refresh_to == to, content
     (tmp_path / "news.html").write_text(news, encoding="utf-8")
@@ -922,6 +923,18 @@ def test_a_hidden_element_ends_where_a_browser_ends_it(html: str, text: str) -> 
     ('<button id="copy-path">Copy item path</button><p>Text.</p><button>Show FAQ</button>',
      "Text.\n\nShow FAQ"),
     ('<pre><span data-nosnippet>1</span>fn a() {}<button>copy</button></pre>', "fn a() {}"),
+    # the third fix review's: content named so is content (sphinx-design's dropdown, Jupyter
+    # Book's, Jekyll's "no_toc" heading, an article that "has-toc"), a class "skipped" is no
+    # skip link, and a permalink in a later cell goes with its " | "
+    ('<p>Intro.</p><details class="sd-dropdown sd-card"><summary>Show</summary><p>42.</p>'
+     '</details>', "Intro.\n\nShow\n\n42."),
+    ('<div class="admonition dropdown"><p>Solution</p></div>', "Solution"),
+    ('<h1 class="no_toc">Install</h1><div class="content has-toc"><p>Body.</p></div>'
+     '<div id="toc"><a href="#a">A</a></div>', "Install\n\nBody."),
+    ('<p>Results: <a class="skipped" href="#t3">test_three</a> was not run.</p>',
+     "Results: test_three was not run."),
+    ('<table><tr><td>Name</td><td><a href="#n">¶</a></td><td>Value</td></tr></table>',
+     "Name | Value"),
     ('<div class="x theme_popup"><p>Auto</p></div><p>Text.</p>', "Text."),
     # a table's cells were each a paragraph: a row (an infobox's label and value) was cut
     # between passages, and rows could not be told from cells; cells of text side by side
@@ -979,9 +992,23 @@ def test_a_self_closed_html_element_is_read_as_a_browser_reads_it(html: str, tex
     # a block inside <pre> begins a line, not a paragraph (rustdoc's "where" clauses)
     ('<pre>pub struct Heap<div class="where">where A: Alloc,</div>{ }</pre><p>x</p>',
      "pub struct Heap\nwhere A: Alloc,\n{ }\n\nx"),
+    ("<pre><div>line1</div><div>line2</div></pre>", "line1\nline2"),  # (no blank between)
+    ('<pre>code line 1\n<div><a rel="next" href="n">Next</a></div>code line 2</pre>',
+     "code line 1\ncode line 2"),
 ])
 def test_white_space_collapses_across_elements(html: str, text: str) -> None:
     assert extract_html(html).text == text
+
+
+def test_navigation_bars_deep_in_a_page_are_read_in_linear_time() -> None:
+    """Each link's end walked every open block, and each block's end replaced each link's text
+    in it: 2,000 nested blocks of words and rel="next" links (120 KB) took 56 s of CPU, over
+    the page's parsing budget (refused), where a first version took 0.09 s."""
+    nested = "".join(f'<div>word{i} <a rel="next" href="n{i}">Next {i}</a>' for i in range(2000))
+    bars = "".join(f'<div><p>Next: <a rel="next" href="n{i}">Part {i}</a></p>' for i in range(2000))
+    for html in (nested, bars + "<p>Body.</p>"):
+        extract_html(html, max_seconds=5.0)  # (SourceError past it; ~0.1 s here)
+    assert extract_html(bars + "<p>Body.</p>").text == "Body."
 
 
 def test_xhtml_served_as_xml_closes_any_element_on_its_slash() -> None:

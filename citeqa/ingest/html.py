@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from html.parser import HTMLParser
 
 from citeqa.errors import SourceError
@@ -39,8 +39,9 @@ PARSE_S_PER_MB = 4.0
 REDIRECT_MAX_CHARS = 300  # a page that refreshes to another with no more text is a redirect
 # a meta refresh's content: a delay, then (after ";" or ",") an address, "URL=" before it or
 # not, quoted or not ("0; URL='new page.html'", "0; https://example.org/new")
-_REFRESH_RE = re.compile(r"""\s*[\d.]+(?:\s*[;,]\s*|\s+)(?:url\s*=\s*)?"""
-                         r"""(?:(['"])(.*?)\1|(\S.*?))\s*$""", re.IGNORECASE | re.DOTALL)
+_REFRESH_RE = re.compile(r"""\s*([\d.]+)(?:\s*[;,]\s*|\s+)(?:url\s*=\s*)?"""
+                         r"""(?:(['"])(.*?)\2|([^\s'"].*?))?\s*$""", re.IGNORECASE | re.DOTALL)
+REDIRECT_MAX_DELAY_S = 5.0  # a later refresh reloads a live page ("300; url=scores.html")
 
 # Elements whose whole content is not visible text.
 _SKIP = frozenset(
@@ -74,9 +75,14 @@ _NAVIGATION_ROLES = frozenset({"navigation", "menu", "menubar", "toolbar"})
 # A class or id naming UI hidden until it is opened: a popup, a modal dialog, by its last word
 # (mdBook's "mdbook-help-popup", the keyboard help: "Press ← or → to navigate between chapters"
 # began every page of a book; not Bootstrap's "modal-open" on a page's body while one shows)
-_CLOSED_UI_RE = re.compile(r"(?:^|[-_])(?:popup|modal|dropdown|picker|toc)$")
-# a link that skips to the content ("skip-link", "skip-to-content"), a control that copies code
-_SKIP_LINK_RE = re.compile(r"(?:^|\s)skip")
+_CLOSED_UI_RE = re.compile(r"(?:^|[-_])(?:popup|modal|picker)$")
+# a table of contents: a class or id "toc" or "table-of-contents", or a list's ending in "toc"
+# (Texinfo's "ul.section-toc"; not a heading's "no_toc", nor an article's "has-toc")
+_TOC_NAMES = frozenset({"toc", "table-of-contents"})
+_TOC_LIST_RE = re.compile(r"[-_]toc$")
+# a link that skips to the content ("skip-link", "skip-to-content", "skipnav"; not "skipped"),
+# a control that copies code
+_SKIP_LINK_RE = re.compile(r"^skip(?:$|[-_]|nav|link)")
 _COPY_CONTROL_RE = re.compile(r"(?:^|[-_])(?:copy|clipboard)(?:$|[-_])")
 # Elements that hold a page's content, whatever their class, id or role say
 _PAGE_TAGS = frozenset({"html", "body", "main", "article"})
@@ -86,16 +92,19 @@ def _navigation(tag: str, attrs: list[tuple[str, str | None]]) -> bool:
     """Whether an element is a page's navigation or controls: a ``<nav>``, a ``<dialog>`` not
     open, a link skipping to the content, a button copying code, or an element that says it is
     one (``role="navigation"``, as Sphinx's bars and sidebar, a menu, menu bar or toolbar; a
-    class name of one; a class or id naming a popup, a modal, a dropdown, a picker or a table
-    of contents; a table summarised "Navigation header", as DocBook's)."""
+    class name of one; a class or id naming a popup, a modal, a picker or a table of
+    contents; a table summarised "Navigation header", as DocBook's)."""
     if tag == "nav" or (tag == "dialog" and all(name != "open" for name, _ in attrs)):
         return True
     if tag in _PAGE_TAGS:  # (WordPress's "enable-search-modal" on <body> named the page)
         return False
     named = {name: (value or "").strip().lower() for name, value in attrs}
-    if tag == "a" and named.get("href", "").startswith("#") and _SKIP_LINK_RE.search(
-            named.get("class", "")):
+    if tag == "a" and named.get("href", "").startswith("#") and any(
+            _SKIP_LINK_RE.match(word) for word in named.get("class", "").split()):
         return True  # ("Skip to main content")
+    if any(word in _TOC_NAMES or (tag in ("ul", "ol") and _TOC_LIST_RE.search(word))
+           for name in ("class", "id") for word in named.get(name, "").split()):
+        return True
     if tag == "button" and any(_COPY_CONTROL_RE.search(word) for name in ("class", "id")
                                for word in named.get(name, "").split()):
         return True  # ("Copy item path", a code block's "copy")
@@ -190,16 +199,26 @@ _PERMALINK_TEXTS = frozenset({"¶", "§", "#", "🔗", "⚓"})
 @dataclass
 class _Frame:
     """A shown block, or link, being read: where it is in the open elements and where its text
-    starts in the pieces; a block counts the navigation links (and their texts) and the other
-    links inside it."""
+    starts in the pieces; a link whether it goes to another part (``nav``: its rel says so);
+    a block how many such links and other links it holds, and whether it has words of its own
+    (out of those links, but their labels: "Next:", "[Index]")."""
 
     at: int
     start: int
     link: bool = False
     href: str = ""
-    rel: frozenset[str] = frozenset()
-    nav_texts: list[str] = field(default_factory=list)
+    nav: bool = False
+    nav_links: int = 0
     other_links: int = 0
+    words: bool = False
+
+
+def _delay(text: str) -> float:
+    """A meta refresh's delay in seconds (inf where it is no number: "1.2.3")."""
+    try:
+        return float(text)
+    except ValueError:
+        return float("inf")
 
 
 class _TooSlowError(Exception):
@@ -230,7 +249,11 @@ class _Extractor(HTMLParser):
         self._pre = 0  # open <pre> elements that are shown
         self._cells = 0  # cells begun in the row being read
         self._separate = False  # a cell after another began: " | " before its text, if inline
-        self._frames: list[_Frame] = []  # the shown blocks and links being read, innermost last
+        # the shown blocks and links being read, innermost last (two stacks: the innermost
+        # block is at hand, however many links are left open inside it)
+        self._blocks: list[_Frame] = []
+        self._links: list[_Frame] = []
+        self._in_nav = 0  # navigation links being read
         self._deadline = deadline
 
     def _tick(self) -> None:
@@ -251,8 +274,7 @@ class _Extractor(HTMLParser):
 
     def _close_from(self, i: int) -> None:
         """Close the open element at position ``i`` and every one inside it."""
-        while self._frames and self._frames[-1].at >= i:
-            self._frames.pop()
+        self._frames_done(i)
         for tag, hides, shown in self._open[i:]:
             self._count[tag] -= 1
             self._hiding -= hides
@@ -278,7 +300,8 @@ class _Extractor(HTMLParser):
             named = dict(attrs)
             if (named.get("http-equiv") or "").strip().lower() == "refresh":
                 m = _REFRESH_RE.match((named.get("content") or "")[:2000])
-                self.refresh_to = (m.group(2) or m.group(3) or "").strip()[:500] if m else ""
+                if m and _delay(m.group(1)) <= REDIRECT_MAX_DELAY_S:
+                    self.refresh_to = (m.group(3) or m.group(4) or "").strip()[:500]
         if tag == "title":  # only the page's first <title>, not an <svg><title>
             self._in_title = not self.title_parts and all(
                 t == "head" for t, hides, _ in self._open if hides)
@@ -300,15 +323,16 @@ class _Extractor(HTMLParser):
             return
         if tag == "a" and not self._chrome:
             named = dict(attrs)
-            self._frames.append(_Frame(len(self._open) - 1, len(self.pieces), link=True,
-                                       href=(named.get("href") or "").strip(),
-                                       rel=frozenset((named.get("rel") or "").lower().split())))
+            nav = not _NAV_RELS.isdisjoint((named.get("rel") or "").lower().split())
+            self._links.append(_Frame(len(self._open) - 1, len(self.pieces), link=True,
+                                      href=(named.get("href") or "").strip(), nav=nav))
+            self._in_nav += nav
         if tag == "br":
             self.pieces.append("\n")
         elif tag in _BLOCK:
-            self.pieces.append("\n" if self._pre else "\n\n")  # (in code: a line, no more)
+            self._block_break()
             if not self._chrome:
-                self._frames.append(_Frame(len(self._open) - 1, len(self.pieces)))
+                self._blocks.append(_Frame(len(self._open) - 1, len(self.pieces)))
             if tag == "pre":
                 self._pre += 1
             if tag == "tr":
@@ -341,39 +365,66 @@ class _Extractor(HTMLParser):
         while self._open[i][0] != tag:
             i -= 1
         shown = self._open[i][2]
-        while self._frames and self._frames[-1].at > i:  # (left open inside it)
-            self._frames.pop()
-        if self._frames and self._frames[-1].at == i:
-            self._ended(self._frames.pop())
+        self._frames_done(i, ended=True)  # its, and those left open inside it
         self._close_from(i)  # it, and anything left open inside it
         if shown and tag in _BLOCK:
-            self.pieces.append("\n" if self._pre else "\n\n")
+            self._block_break()
 
-    def _ended(self, frame: _Frame) -> None:
-        """A shown link or block's end: a heading's permalink ("¶") is no text; a block of
-        navigation links and their labels alone ("Next: X, Previous: Y, Up: Z") is no text."""
-        if frame.link:
-            text = "".join(self.pieces[frame.start:]).strip()
-            if frame.href.startswith("#") and text in _PERMALINK_TEXTS:
-                del self.pieces[frame.start:]
+    def _block_break(self) -> None:
+        """A block's start or end: a paragraph break; in code, a line break (one, between two
+        blocks side by side)."""
+        if not self._pre:
+            self.pieces.append("\n\n")
+        elif self.pieces and not self.pieces[-1].endswith("\n"):
+            self.pieces.append("\n")
+
+    def _block(self) -> _Frame | None:
+        """The innermost block being read (None: none, or the page's chrome is kept)."""
+        return self._blocks[-1] if self._blocks else None
+
+    def _frames_done(self, i: int, *, ended: bool = False) -> None:
+        """The frames of the open elements from position ``i`` in are done, innermost first
+        (``ended``: the one at ``i`` by its own end tag)."""
+        while True:
+            link = self._links[-1].at if self._links else -1
+            block = self._blocks[-1].at if self._blocks else -1
+            if max(link, block) < i:
                 return
-            for outer in self._frames:
-                if outer.link:
-                    continue
-                if frame.rel & _NAV_RELS:
-                    outer.nav_texts.append(text)
-                else:
-                    outer.other_links += 1
-        elif frame.nav_texts and not frame.other_links:
-            rest = "".join(self.pieces[frame.start:])
-            for text in frame.nav_texts:
-                rest = rest.replace(text, " ", 1)
-            if not _NAV_LABELS_RE.sub("", rest).strip():
-                del self.pieces[frame.start:]
+            stack = self._links if link > block else self._blocks
+            frame = stack.pop()
+            self._left(frame, ended=ended and frame.at == i)
+
+    def _left(self, frame: _Frame, *, ended: bool = False) -> None:
+        """A frame is done (``ended``: by its own end tag, not closed by another's). A heading's
+        permalink ("¶") is no text; a block of navigation links and their labels alone ("Next:
+        X, Previous: Y, Up: Z [Index]") is no text; what a block holds counts in the block
+        around it. Each in constant time, but for a short link's text."""
+        if frame.link:
+            self._in_nav -= frame.nav
+            if ended and frame.href.startswith("#") and len(self.pieces) - frame.start <= 3:
+                text = "".join(self.pieces[frame.start:]).strip(" |\n")  # (a cell's " | ")
+                if text in _PERMALINK_TEXTS:
+                    del self.pieces[frame.start:]
+                    return
+            if (outer := self._block()) is not None:
+                outer.nav_links += frame.nav
+                outer.other_links += not frame.nav
+            return
+        if ended and frame.nav_links and not frame.other_links and not frame.words:
+            del self.pieces[frame.start:]
+            return
+        if (outer := self._block()) is not None:
+            outer.nav_links += frame.nav_links
+            outer.other_links += frame.other_links
+            outer.words |= frame.words
 
     def _text(self, text: str) -> None:
         """Add ``text``, after the " | " its cell owes the one before it in the same line (none
-        where a block came between: a cell of paragraphs, a line-number column)."""
+        where a block came between: a cell of paragraphs, a line-number column); out of a
+        navigation link, words but labels make its block more than a navigation bar."""
+        if not self._in_nav and (block := self._block()) is not None and not block.words \
+                and _NAV_LABELS_RE.sub("", text).strip():
+            block.words = True
         if self._separate:
             self._separate = False
             if self.pieces and not self.pieces[-1].endswith("\n"):

@@ -13,6 +13,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from citeqa.config import ChunkConfig, RetrievalConfig
 from citeqa.errors import ConfigError, IndexError_, InvalidRequestError
 from citeqa.retrieval.embed import Embedder, load_embedder
@@ -106,9 +108,10 @@ class HybridRetriever:
         # (twice k: a copy of a better hit is passed over, and the next one takes its place;
         # read deeper while copies leave fewer than k and more is there: a footer on every page)
         depth = 2 * k if mode != "hybrid" else max(2 * k, self.cfg.candidates_per_retriever)
+        vector = self.embedder.embed([query]) if mode in ("dense", "hybrid") else None
         while True:
             bm25 = self._bm25(query, depth) if mode in ("bm25", "hybrid") else {}
-            dense = self._dense(query, depth) if mode in ("dense", "hybrid") else {}
+            dense = self._dense(vector, depth) if vector is not None else {}
             if mode == "bm25":
                 ranked = list(bm25.items())
             elif mode == "dense":
@@ -163,10 +166,9 @@ class HybridRetriever:
         ids, scores = bm25.search(tokenize(query, bm25.tokenizer), depth)
         return dict(zip(ids.tolist(), scores.tolist(), strict=True))
 
-    def _dense(self, query: str, depth: int) -> dict[int, float]:
-        """passage id -> cosine similarity, best first."""
+    def _dense(self, vector: np.ndarray, depth: int) -> dict[int, float]:
+        """passage id -> cosine similarity to the query's ``vector`` ([1, dim]), best first."""
         assert self.index.dense is not None
-        vector = self.embedder.embed([query])  # [1, dim]
         ids, scores = self.index.dense.search(vector, depth)
         return {i: s for i, s in zip(ids[0].tolist(), scores[0].tolist(), strict=True) if i >= 0}
 
