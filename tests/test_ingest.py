@@ -935,6 +935,13 @@ def test_a_hidden_element_ends_where_a_browser_ends_it(html: str, text: str) -> 
      "Results: test_three was not run."),
     ('<table><tr><td>Name</td><td><a href="#n">¶</a></td><td>Value</td></tr></table>',
      "Name | Value"),
+    ('<table><tr><td>a</td><td><a href="#x">¶</a> b</td></tr></table>', "a | b"),
+    # a navigation link never closed holds no navigation bar: the paragraphs after it are text
+    ('<h1>Ch 3</h1><article><a rel="prev" href="2.html">Previous chapter<p>Borrows are '
+     'checked.</p></article><footer><p>(c) 2024</p></footer>',
+     "Ch 3\n\nPrevious chapter\n\nBorrows are checked.\n\n(c) 2024"),
+    ('<div><a rel="next" href="b.html">Next<p>Real paragraph one.</p></div>',
+     "Next\n\nReal paragraph one."),
     ('<div class="x theme_popup"><p>Auto</p></div><p>Text.</p>', "Text."),
     # a table's cells were each a paragraph: a row (an infobox's label and value) was cut
     # between passages, and rows could not be told from cells; cells of text side by side

@@ -253,7 +253,7 @@ class _Extractor(HTMLParser):
         # block is at hand, however many links are left open inside it)
         self._blocks: list[_Frame] = []
         self._links: list[_Frame] = []
-        self._in_nav = 0  # navigation links being read
+        self._nav_at: list[int] = []  # where the navigation links being read are open
         self._deadline = deadline
 
     def _tick(self) -> None:
@@ -326,7 +326,8 @@ class _Extractor(HTMLParser):
             nav = not _NAV_RELS.isdisjoint((named.get("rel") or "").lower().split())
             self._links.append(_Frame(len(self._open) - 1, len(self.pieces), link=True,
                                       href=(named.get("href") or "").strip(), nav=nav))
-            self._in_nav += nav
+            if nav:
+                self._nav_at.append(len(self._open) - 1)
         if tag == "br":
             self.pieces.append("\n")
         elif tag in _BLOCK:
@@ -400,13 +401,15 @@ class _Extractor(HTMLParser):
         X, Previous: Y, Up: Z [Index]") is no text; what a block holds counts in the block
         around it. Each in constant time, but for a short link's text."""
         if frame.link:
-            self._in_nav -= frame.nav
+            if frame.nav:  # (frames end innermost first: it is the last)
+                self._nav_at.pop()
             if ended and frame.href.startswith("#") and len(self.pieces) - frame.start <= 3:
-                text = "".join(self.pieces[frame.start:]).strip(" |\n")  # (a cell's " | ")
-                if text in _PERMALINK_TEXTS:
+                text = "".join(self.pieces[frame.start:])
+                if text.strip(" |\n") in _PERMALINK_TEXTS:
                     del self.pieces[frame.start:]
+                    self._separate |= text.lstrip(" ").startswith("|")  # (the cell's, kept)
                     return
-            if (outer := self._block()) is not None:
+            if ended and (outer := self._block()) is not None:  # (one never closed: no link)
                 outer.nav_links += frame.nav
                 outer.other_links += not frame.nav
             return
@@ -422,8 +425,10 @@ class _Extractor(HTMLParser):
         """Add ``text``, after the " | " its cell owes the one before it in the same line (none
         where a block came between: a cell of paragraphs, a line-number column); out of a
         navigation link, words but labels make its block more than a navigation bar."""
-        if not self._in_nav and (block := self._block()) is not None and not block.words \
-                and _NAV_LABELS_RE.sub("", text).strip():
+        block = self._block()
+        if (block is not None and not block.words
+                and (not self._nav_at or self._nav_at[-1] < block.at)  # (a block in a link's)
+                and _NAV_LABELS_RE.sub("", text).strip()):
             block.words = True
         if self._separate:
             self._separate = False
