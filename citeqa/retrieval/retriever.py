@@ -105,9 +105,10 @@ class HybridRetriever:
             )
         if mode == "hybrid" and not has_dense:
             mode = "bm25"
-        # (twice k: a copy of a better hit is passed over, and the next one takes its place;
-        # read deeper while copies leave fewer than k and more is there: a footer on every page)
-        depth = 2 * k if mode != "hybrid" else max(2 * k, self.cfg.candidates_per_retriever)
+        # (a copy of a better hit is passed over, and the next one takes its place: one
+        # retriever reads twice k, the fusion each one's candidates_per_retriever as before;
+        # deeper while copies leave fewer than k and more is there: a footer on every page)
+        depth = 2 * k if mode != "hybrid" else max(k, self.cfg.candidates_per_retriever)
         vector = self.embedder.embed([query]) if mode in ("dense", "hybrid") else None
         while True:
             bm25 = self._bm25(query, depth) if mode in ("bm25", "hybrid") else {}
