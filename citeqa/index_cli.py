@@ -79,20 +79,26 @@ def _there(path: str) -> bool:
     return True
 
 
+SKIPS_NAMED = 5  # at most this many files skipped for their type or for redirecting: each said
+
+
 def _echo_skipped(skipped: Sequence[Skipped]) -> None:
-    """Each skipped source and why; a folder's files of types no reader takes in one line, by
-    type, and its pages that only redirect in another (``citeqa -v`` logs each as it is
-    skipped)."""
+    """Each skipped source and why; where more than ``SKIPS_NAMED`` of a folder's files are
+    of types no reader takes or pages that only redirect, those in a line each, by type
+    (``citeqa -v`` logs each as it is skipped)."""
     from collections import Counter
 
     from citeqa.ingest.sources import UNSUPPORTED_HELP, redirects_only, unsupported_type
 
+    typed = [s for s in skipped if unsupported_type(s) is not None]
+    moved = [s for s in skipped if redirects_only(s)]
+    few = len(typed) + len(moved) <= SKIPS_NAMED  # (a few are named, each)
     types: Counter[str] = Counter()
     redirects = 0
     for s in skipped:
-        if (kind := unsupported_type(s)) is not None:
+        if not few and (kind := unsupported_type(s)) is not None:
             types[kind] += 1
-        elif redirects_only(s):
+        elif not few and redirects_only(s):
             redirects += 1
         else:
             typer.echo(f"skipped {squash(s.source)}: {squash(s.reason)}", err=True)

@@ -781,6 +781,9 @@ def test_a_folders_files_of_types_not_read_are_one_line_by_type(tmp_path: Path) 
     skips that matter were hard to find; they are counted by type, the others listed."""
     site = _files(tmp_path / "site", {**FIRST, "a.css": "", "b.css": "", "c.woff2": "",
                                       "LICENSE2": "x"})
+    code, _, err = _cli("index", "build", "--preset", "tiny", str(site), "--out",
+                        str(tmp_path / "few"), "--no-progress")  # (a few: each named)
+    assert code == 0 and f"skipped {site / 'c.woff2'}: unsupported file type" in err, err
     (site / "nul.txt").write_bytes(b"a\x00b")
     for n in range(3):
         (site / f"moved{n}.html").write_text('<meta http-equiv="refresh" content="0; url=a.html">')
