@@ -90,18 +90,17 @@ def _echo_skipped(skipped: Sequence[Skipped]) -> None:
 
     from citeqa.ingest.sources import UNSUPPORTED_HELP, redirects_only, unsupported_type
 
-    typed = [s for s in skipped if unsupported_type(s) is not None]
-    moved = [s for s in skipped if redirects_only(s)]
-    few = len(typed) + len(moved) <= SKIPS_NAMED  # (a few are named, each)
+    kinds = [unsupported_type(s) or ("" if redirects_only(s) else None) for s in skipped]
+    few = sum(kind is not None for kind in kinds) <= SKIPS_NAMED  # (a few are named, each)
     types: Counter[str] = Counter()
     redirects = 0
-    for s in skipped:
-        if not few and (kind := unsupported_type(s)) is not None:
-            types[kind] += 1
-        elif not few and redirects_only(s):
-            redirects += 1
-        else:
+    for s, kind in zip(skipped, kinds, strict=True):
+        if few or kind is None:
             typer.echo(f"skipped {squash(s.source)}: {squash(s.reason)}", err=True)
+        elif kind:
+            types[kind] += 1
+        else:
+            redirects += 1
     if redirects:
         typer.echo(f"skipped {plural(redirects, 'page')} that only redirect to another (a meta "
                    "refresh): the pages they name are indexed where they are among the "
