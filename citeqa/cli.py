@@ -335,7 +335,8 @@ def serve(
     server.run(service, host=host, port=port,
                http=head_timeout_protocol(settings.client_timeout_s,
                                           service.state.citeqa.metrics.observe_closed,
-                                          settings.max_connections_per_client))
+                                          settings.max_connections_per_client,
+                                          settings.retry_after_s))
 
 
 def _is_loopback(host: str) -> bool:

@@ -598,7 +598,7 @@ def served(monkeypatch: pytest.MonkeyPatch) -> list:
 def test_serve_takes_preset_and_index_from_the_environment(corpus, tmp_path, served) -> None:
     index, other = tmp_path / "index", tmp_path / "other"
     assert build(corpus, index).exit_code == 0 and build(corpus, other).exit_code == 0
-    env = {"CITEQA_PRESET": "tiny", "CITEQA_INDEX": str(index)}
+    env = {"CITEQA_PRESET": "tiny", "CITEQA_INDEX": str(index), "CITEQA_RETRY_AFTER_S": "5"}
     cases = [
         ([], env, ("tiny", index)),  # the environment beats the defaults
         (["--preset", "default", "--index", str(other)], env, ("default", other)),  # flags win
@@ -615,6 +615,8 @@ def test_serve_takes_preset_and_index_from_the_environment(corpus, tmp_path, ser
         assert protocol.timeout_s == settings.client_timeout_s
         assert protocol.on_close == served_app.state.citeqa.metrics.observe_closed  # counted
         assert protocol.max_per_client == settings.max_connections_per_client == 64
+        # its 503 past that cap asks for the service's Retry-After (it was always 1 s)
+        assert protocol.retry_after_s == settings.retry_after_s == (5 if environ else 2)
 
 
 def test_ask_and_search_take_preset_and_index_from_the_environment(

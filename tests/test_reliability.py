@@ -236,14 +236,14 @@ def test_one_client_address_holds_at_most_its_cap_of_connections() -> None:
     """uvicorn capped nothing: one client could open connections until the process had no file
     descriptor left for anyone (each held for the head bound, then opened again)."""
     closures: list[str] = []
-    protocol = head_timeout_protocol(5.0, closures.append, max_per_client=2)
+    protocol = head_timeout_protocol(5.0, closures.append, max_per_client=2, retry_after_s=7)
     with echo_server(protocol) as (url, address):
         held = [socket.create_connection(address, timeout=20) for _ in range(2)]
         try:
             with socket.create_connection(address, timeout=20) as third:
                 got = _raw_response(third)
             head, raw = got.split(b"\r\n\r\n", 1)
-            assert head.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in head.lower()
+            assert head.startswith(b"HTTP/1.1 503 ") and b"retry-after: 7" in head.lower()
             body = json.loads(raw)
             assert body["error"]["code"] == "overloaded"
             assert "CITEQA_MAX_CONNECTIONS_PER_CLIENT" in body["error"]["message"]

@@ -61,12 +61,13 @@ def head_too_slow_response(timeout_s: float) -> bytes:
                       f"within {timeout_s:g} s (CITEQA_CLIENT_TIMEOUT_S)")
 
 
-def too_many_connections_response(limit: int) -> bytes:
-    """The raw 503 sent to a connection over its client address's cap."""
+def too_many_connections_response(limit: int, retry_after_s: int) -> bytes:
+    """The raw 503 sent to a connection over its client address's cap, asking for a retry
+    after ``retry_after_s`` as the service's other 503s do (CITEQA_RETRY_AFTER_S)."""
     return _raw_error(b"503 Service Unavailable", "overloaded",
                       f"this address holds {limit} connections to the service already "
                       "(CITEQA_MAX_CONNECTIONS_PER_CLIENT); reuse or close one, then retry",
-                      ((b"retry-after", b"1"),))
+                      ((b"retry-after", b"%d" % retry_after_s),))
 
 
 class HeadTimeoutProtocol(H11Protocol):
@@ -78,6 +79,7 @@ class HeadTimeoutProtocol(H11Protocol):
     # unread_response or too_many_connections
     on_close: Callable[[str], None] | None = None
     max_per_client = 0  # connections one client address may hold open at once; 0 = no cap
+    retry_after_s = 2  # the Retry-After of the 503 past that cap (CITEQA_RETRY_AFTER_S)
     open_by_client: Counter[str] = Counter()  # a server's own (head_timeout_protocol)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -94,7 +96,8 @@ class HeadTimeoutProtocol(H11Protocol):
             if self.open_by_client[address] >= self.max_per_client:
                 self.logger.info("refusing a connection from %s: it holds %d already", address,
                                  self.max_per_client)
-                transport.write(too_many_connections_response(self.max_per_client))
+                transport.write(too_many_connections_response(self.max_per_client,
+                                                            self.retry_after_s))
                 transport.close()
                 self._closed("too_many_connections")
                 return
@@ -210,13 +213,16 @@ def _cancel(timer: asyncio.TimerHandle | None) -> None:
 
 
 def head_timeout_protocol(timeout_s: float, on_close: Callable[[str], None] | None = None,
-                          max_per_client: int = 0) -> type[HeadTimeoutProtocol]:
+                          max_per_client: int = 0,
+                          retry_after_s: int = 2) -> type[HeadTimeoutProtocol]:
     """``HeadTimeoutProtocol`` bounding each head's wait at ``timeout_s`` (uvicorn's ``http``)
-    and each client address's open connections at ``max_per_client`` (0: no cap);
+    and each client address's open connections at ``max_per_client`` (0: no cap; the 503
+    past it asks for a retry after ``retry_after_s``);
     ``on_close(reason)`` hears of each connection it closes (the service's metrics)."""
     return type("HeadTimeoutProtocol", (HeadTimeoutProtocol,),
                 {"timeout_s": timeout_s, "on_close": staticmethod(on_close) if on_close else None,
-                 "max_per_client": max_per_client, "open_by_client": Counter()})
+                 "max_per_client": max_per_client, "retry_after_s": retry_after_s,
+                 "open_by_client": Counter()})
 
 
 __all__ = ["HeadTimeoutProtocol", "head_timeout_protocol", "head_too_slow_response",
