@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from citeqa.config import ChunkConfig
 from citeqa.retrieval import chunk_document, tokenize
+from citeqa.retrieval.chunk import _hard_split
 from citeqa.text import fenced_code
 
 
@@ -94,6 +95,17 @@ def test_text_without_spaces_is_cut_at_sentences_then_clauses_never_before_a_mar
     spans = chunk_document(marked, ChunkConfig(max_chars=5))
     assert all(marked[s] != "\u0301" for s, _ in spans), [marked[s:e] for s, e in spans]
     check_invariants(marked, spans, ChunkConfig(max_chars=5))
+    # a run of marks longer than half a window is cut at the window's end: pieces stay full
+    # (it was cut one character a piece, each rescanning its window: quadratic, though the
+    # passages, pieces joined again, came out the same)
+    zalgo = "a" + "\u0301" * 9_999
+    assert [e - s for s, e in _hard_split(zalgo, 0, len(zalgo), 100)] == [100] * 100
+    spans = chunk_document(zalgo, ChunkConfig(max_chars=100))
+    assert [e - s for s, e in spans] == [100] * 100
+    check_invariants(zalgo, spans, ChunkConfig(max_chars=100))
+    mixed = ("x" + "\u0301" * 30) * 10  # shorter runs: cut before their letter, as before
+    spans = chunk_document(mixed, ChunkConfig(max_chars=100))
+    assert all(mixed[s] == "x" for s, _ in spans) and len(spans) == 4, spans
 
 
 def test_overlap_repeats_previous_sentences() -> None:
