@@ -158,6 +158,53 @@ def test_a_load_that_meets_another_process_swapping_reads_the_new_index(
     assert swapped and sorted(index.documents) == ["d2"]  # the new one, whole
 
 
+def test_a_load_that_a_swap_of_the_same_shape_meets_mid_read_reads_the_new_index_whole(
+        built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A swap between reading the manifest (and checking the files' sums) and parsing the files,
+    of an index with the same counts (an edit kept to its length), failed no check: the load
+    returned the new documents under the old manifest and version."""
+    import os
+    import shutil
+
+    import citeqa.retrieval.store as store
+
+    newer = tmp_path / "newer"
+    edited = [Document(d.doc_id, d.title, d.source, d.text.replace("purr", "hiss"))
+              for d in DOCS]
+    build_index_from_documents(edited, newer, CFG, progress=False)
+    manifests = {"old": json.loads((built / "manifest.json").read_text()),
+                 "new": json.loads((newer / "manifest.json").read_text())}
+    assert manifests["old"]["counts"] == manifests["new"]["counts"]
+    real_read = store.read_documents
+    swapped: list[bool] = []
+
+    def read_during_a_swap(path):  # type: ignore[no-untyped-def]
+        if not swapped:  # another process publishes now, after this one read the manifest
+            swapped.append(True)
+            os.rename(built, built.with_name(".idx.old-1"))
+            os.rename(newer, built)
+            shutil.rmtree(built.with_name(".idx.old-1"))
+        return real_read(path)
+
+    monkeypatch.setattr(store, "read_documents", read_during_a_swap)
+    index = Index.load(built)
+    assert swapped and "hiss" in index.documents["d1"].text
+    assert index.manifest == manifests["new"]  # documents and manifest of one version
+
+    def always_swapped(path):  # type: ignore[no-untyped-def]
+        other = built.with_name(".idx.new")
+        shutil.copytree(built, other)
+        os.rename(built, built.with_name(".idx.old-1"))
+        os.rename(other, built)
+        shutil.rmtree(built.with_name(".idx.old-1"))
+        return real_read(path)
+
+    monkeypatch.setattr(store, "read_documents", always_swapped)
+    tries = store.LOAD_TRIES
+    with pytest.raises(IndexError_, match=f"changed {tries} times while it was read.*try again"):
+        Index.load(built)
+
+
 def test_count_mismatch(built: Path) -> None:
     m = json.loads((built / "manifest.json").read_text())
     m["counts"]["passages"] += 1

@@ -450,27 +450,37 @@ class Index:
         """Load and check an index directory (format version, checksums, counts).
 
         Raises IndexError_ saying what is wrong and to rebuild. A rebuild that was interrupted
-        mid-swap is recovered first (``recover_index``). A load that fails while another
-        process swaps a new index in (the folder is another one by the end, or a swap's backup
-        stands beside it) is tried again (``LOAD_TRIES``): it read parts of two indexes, or
-        files taken away under it, and the index is not corrupt.
+        mid-swap is recovered first (``recover_index``). A load while another process swaps a
+        new index in is tried again (``LOAD_TRIES``): one that fails (the folder is another one
+        by the end, or a swap's backup stands beside it) read parts of two indexes, or files
+        taken away under it, and the index is not corrupt; one that succeeds with another
+        folder there by its end may hold parts of two indexes that passed every check.
         """
         directory = Path(directory)
         for attempt in range(1, LOAD_TRIES + 1):
-            before = folder_id(directory)
-            try:
-                return cls._load_once(directory, verify=verify)
-            except (IndexError_, OSError) as e:
-                swapped = folder_id(directory) != before or bool(siblings(directory, "old"))
-                if attempt < LOAD_TRIES and swapped:
-                    log.info("index %s changed while it was read; reading it again", directory)
-                    time.sleep(0.05 * attempt)
-                    continue
-                if isinstance(e, OSError):
-                    raise IndexError_(f"index {directory} is unreadable ({e!r}); rebuild it"
-                                      ) from e
-                raise
-        raise AssertionError("unreachable")
+            with _held_open(directory) as before:
+                try:
+                    loaded = cls._load_once(directory, verify=verify)
+                except (IndexError_, OSError) as e:
+                    swapped = folder_id(directory) != before or bool(siblings(directory, "old"))
+                    if attempt < LOAD_TRIES and swapped:
+                        log.info("index %s changed while it was read; reading it again",
+                                 directory)
+                        time.sleep(0.05 * attempt)
+                        continue
+                    if isinstance(e, OSError):
+                        raise IndexError_(f"index {directory} is unreadable ({e!r}); rebuild "
+                                          "it") from e
+                    raise
+                # a swap between reading the manifest (and checking the files' sums) and parsing
+                # the files passed every check where the counts agreed: the documents of one
+                # version under another's manifest and version
+                if folder_id(directory) == before:
+                    return loaded
+            log.info("index %s changed while it was read; reading it again", directory)
+            time.sleep(0.05 * attempt)
+        raise IndexError_(f"index {directory} changed {LOAD_TRIES} times while it was read "
+                          "(another process is changing it); try again")
 
     @classmethod
     def _load_once(cls, directory: Path, *, verify: bool) -> Index:
@@ -546,6 +556,22 @@ def manifest_version(manifest: dict[str, Any]) -> str:
 
 
 LOAD_TRIES = 5  # reads of an index another process keeps swapping (see Index.load)
+
+
+@contextlib.contextmanager
+def _held_open(directory: Path) -> Iterator[tuple[int, int] | None]:
+    """``folder_id(directory)``, the folder kept open meanwhile: its inode number is not given to
+    a folder made after it is deleted, so the same id at the end means the same folder."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # not there (a crash mid-swap: the load restores it), or not a folder
+        yield folder_id(directory)
+        return
+    try:
+        st = os.fstat(fd)
+        yield st.st_dev, st.st_ino
+    finally:
+        os.close(fd)
 
 
 def folder_id(directory: Path) -> tuple[int, int] | None:
