@@ -283,9 +283,14 @@ def test_a_page_that_only_redirects_is_skipped_naming_where_it_sends(tmp_path: P
     for content, to in (("0; URL=ch18.html", "ch18.html"), ("0; url='new page.html'",
                          "new page.html"), ("0; https://example.com/new", "https://example.com/new"),
                         ("3, url = x.html", "x.html"), ("5", ""), ("5;", ""),
-                        ("0; url=", ""), ("300; url=scores.html", "")):  # (a live page's reload)
+                        ("0; url=", ""), ("300; url=scores.html", ""),  # (a live page's reload)
+                        ("  0 ;  url = ' a.html '  ", "a.html"), ("0 'a' b", "")):
         page = extract_html(f'<meta http-equiv="refresh" content="{content}"><p>x</p>')
         assert page.refresh_to == to, content
+    # a content with a run of spaces inside was matched in quadratic time (14 ms a tag: 400
+    # tags of a page that kept the delay over 5 s, 6 s of CPU; 5 MB, refused at its deadline)
+    spaced = '<meta http-equiv="refresh" content="9 x' + " " * 1996 + 'y">'
+    assert extract_html(spaced * 2000 + "<p>x</p>", max_seconds=4).text == "x"
     (tmp_path / "news.html").write_text(news, encoding="utf-8")
     result = load(tmp_path)
     assert [Path(d.source).name for d in result.documents] == ["news.html"]
@@ -1039,6 +1044,18 @@ def test_markup_the_parser_reads_in_quadratic_time_is_refused_at_its_deadline(
         extract_html(hostile, max_seconds=0.05)
     assert parse_seconds("x" * 5_000_000) == PARSE_BASE_S + 5 * PARSE_S_PER_MB
     assert extract_html("<p>ok</p>", max_seconds=0.05).text == "ok"
+
+
+def test_blocks_opened_inside_a_paragraphs_button_are_read_in_linear_time() -> None:
+    """Each <div> closes an open <p>, but not past a <button>: finding that walked down every
+    open element, quadratic (160 KB: over 10 s of CPU, refused at its deadline)."""
+    page = "<p><button>x" + "<div>y" * 27_000
+    assert extract_html(page, max_seconds=5).text.split() == ["x"] + ["y"] * 27_000
+    # the rule itself: a <div> closes the <p> it is in, not one outside a <button> or a table
+    assert extract_html("<p>a<div>b</div>c</p>").text == "a\n\nb\n\nc"
+    assert extract_html("<p>a<button>b<div>c</div>d</button>e").text == "ab\n\nc\n\nde"
+    assert extract_html("<p>a<table><tr><td>b<div>c</div>d</table>e").text == (
+        "a\n\nb\n\nc\n\nd\n\ne")
 
 
 def test_html_file_title_fallback_and_meta_charset(tmp_path: Path) -> None:

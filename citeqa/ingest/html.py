@@ -19,9 +19,10 @@ Headers, footers and asides are kept: docutils writes footnotes, topics and side
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
-from collections import Counter
+from collections import defaultdict
 from dataclasses import dataclass
 from html.parser import HTMLParser
 
@@ -39,8 +40,10 @@ PARSE_S_PER_MB = 4.0
 REDIRECT_MAX_CHARS = 300  # a page that refreshes to another with no more text is a redirect
 # a meta refresh's content: a delay, then (after ";" or ",") an address, "URL=" before it or
 # not, quoted or not ("0; URL='new page.html'", "0; https://example.org/new")
-_REFRESH_RE = re.compile(r"""\s*([\d.]+)(?:\s*[;,]\s*|\s+)(?:url\s*=\s*)?"""
-                         r"""(?:(['"])(.*?)\2|([^\s'"].*?))?\s*$""", re.IGNORECASE | re.DOTALL)
+# (matched against the stripped content: greedy to the end, as a lazy group before "\s*$" read a
+# content with a run of spaces inside in quadratic time)
+_REFRESH_RE = re.compile(r"""([\d.]+)(?:\s*[;,]\s*|\s+)(?:url\s*=\s*)?"""
+                         r"""(?:(['"])(.*)\2|([^\s'"].*))?$""", re.IGNORECASE | re.DOTALL)
 REDIRECT_MAX_DELAY_S = 5.0  # a later refresh reloads a live page ("300; url=scores.html")
 
 # Elements whose whole content is not visible text.
@@ -243,7 +246,8 @@ class _Extractor(HTMLParser):
         # shown); every one, so that a hidden element ends at its own end tag, not at a nested
         # one of the same name
         self._open: list[tuple[str, bool, bool]] = []
-        self._count: Counter[str] = Counter()  # open elements by tag
+        # where the open elements of each tag are, innermost last
+        self._at: defaultdict[str, list[int]] = defaultdict(list)
         self._hiding = 0  # open elements that hide their content
         self._in_title = False
         self._pre = 0  # open <pre> elements that are shown
@@ -276,30 +280,27 @@ class _Extractor(HTMLParser):
         """Close the open element at position ``i`` and every one inside it."""
         self._frames_done(i)
         for tag, hides, shown in self._open[i:]:
-            self._count[tag] -= 1
+            self._at[tag].pop()
             self._hiding -= hides
             self._pre -= tag == "pre" and shown
         del self._open[i:]
 
     def _innermost(self, tags: frozenset[str], stops: frozenset[str]) -> int | None:
         """Position of the innermost open element of ``tags``, unless one of ``stops`` (or
-        of ``_SCOPE``) is open inside it; None when there is none."""
-        if not any(self._count[t] for t in tags):
+        of ``_SCOPE``) is open inside it; None when there is none. In constant time: a walk
+        down the open elements made ``<p><button>`` and thousands of ``<div>`` quadratic."""
+        inner = max((self._at[t][-1] for t in tags if self._at[t]), default=None)
+        if inner is None or any(self._at[t] and self._at[t][-1] > inner
+                                for t in itertools.chain(stops, _SCOPE)):
             return None
-        for i in range(len(self._open) - 1, -1, -1):
-            tag = self._open[i][0]
-            if tag in tags:
-                return i
-            if tag in stops or tag in _SCOPE:
-                return None
-        return None
+        return inner
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self._tick()
         if tag == "meta" and not self.refresh_to:
             named = dict(attrs)
             if (named.get("http-equiv") or "").strip().lower() == "refresh":
-                m = _REFRESH_RE.match((named.get("content") or "")[:2000])
+                m = _REFRESH_RE.match((named.get("content") or "")[:2000].strip())
                 if m and _delay(m.group(1)) <= REDIRECT_MAX_DELAY_S:
                     self.refresh_to = (m.group(3) or m.group(4) or "").strip()[:500]
         if tag == "title":  # only the page's first <title>, not an <svg><title>
@@ -317,7 +318,7 @@ class _Extractor(HTMLParser):
         shown = not self._hiding and not hides
         if tag not in _VOID:
             self._open.append((tag, hides, shown))
-            self._count[tag] += 1
+            self._at[tag].append(len(self._open) - 1)
             self._hiding += hides
         if not shown:
             return
@@ -343,7 +344,7 @@ class _Extractor(HTMLParser):
             self._cells += 1
 
     def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if not (self._xml or tag in _FOREIGN or any(self._count[t] for t in _FOREIGN)):
+        if not (self._xml or tag in _FOREIGN or any(self._at[t] for t in _FOREIGN)):
             # HTML ignores "/>" but on SVG and MathML: <div hidden/> opens a hidden div, and
             # <script/> a script, whose content a browser does not show
             self.handle_starttag(tag, attrs)
@@ -360,11 +361,9 @@ class _Extractor(HTMLParser):
         if tag == "title":
             self._in_title = False
             return
-        if not self._count[tag]:  # nothing of that name is open: ignored, as browsers do
+        if not self._at[tag]:  # nothing of that name is open: ignored, as browsers do
             return
-        i = len(self._open) - 1
-        while self._open[i][0] != tag:
-            i -= 1
+        i = self._at[tag][-1]
         shown = self._open[i][2]
         self._frames_done(i, ended=True)  # its, and those left open inside it
         self._close_from(i)  # it, and anything left open inside it
