@@ -48,9 +48,10 @@ _UNREAD_RE = re.compile(rf"<!--(?:(?!<!--|-->)[\s\S]){{0,2000}}-->|{TAG}"
 # YAML front matter (--- ... --- or ...), or TOML (+++ ... +++), at a Markdown file's start:
 # metadata (layout, date, tags), read for its title (``ingest/title.py``), never as a passage;
 # each of its lines a key's ("title: x", "date = 2024"), a table's ("[extra]"), a list item's,
-# a comment's, an indented one or blank (a "---" rule over prose and another is no front matter)
-_FRONT_MATTER_RE = re.compile(r"\A(?:(---)|\+\+\+)[ \t]*\r?\n(.*?)^(?(1)(?:---|\.\.\.)|\+\+\+)"
-                              r"[ \t]*\r?$", re.DOTALL | re.MULTILINE)
+# a comment's, an indented one or blank (a "---" rule over prose and another is no front matter);
+# after a byte-order mark too (Windows editors write one: its front matter was a passage)
+_FRONT_MATTER_RE = re.compile(r"\A\ufeff?(?:(---)|\+\+\+)[ \t]*\r?\n(.*?)"
+                              r"^(?(1)(?:---|\.\.\.)|\+\+\+)[ \t]*\r?$", re.DOTALL | re.MULTILINE)
 _METADATA_LINE_RE = re.compile(r"[ \t]|#|-(?:[ \t]|$)|[\w\"'][^:=\n]{0,200}?[ \t]*[:=](?:[ \t]|$)"
                                r"|\[[^\]\n]{1,200}\][ \t]*$|\r?$")
 # a heading: a line of text underlined by =s (level 1) or -s (level 2: not under a list item,

@@ -134,6 +134,10 @@ def test_a_markdown_title_is_no_line_of_a_code_block(tmp_path: Path, text: str,
     ("# A &amp; B\n", "A & B"),
     # a closing sequence of #s follows a space: "C#" keeps its "#" (it was "Learn C")
     ("# Learn C#\n", "Learn C#"), ("## Title ##  \n", "Title"), ("# F# and C# #\n", "F# and C#"),
+    # a heading ends at a carriage return too (CRLF kept the #s; an old Mac file's heading ran
+    # into its text: "Mac H Body para.")
+    ("# My Title ##\r\n\r\nBody para.\r\n", "My Title"), ("# Mac H\rBody para.\r", "Mac H"),
+    ("\ufeff---\ntitle: After a BOM\n---\n", "After a BOM"),
     # a rule is no title: a thematic break after a paragraph, a banner of =s
     ("Intro paragraph.\n\n---\n\nMore text.\n", "notes.md"),
     ("=====\nBanner title\n=====\n", "Banner title"),
@@ -1137,8 +1141,9 @@ def test_progress_bar_goes_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 # The heading pattern before it was made linear, with its text stripped in the pattern: a
-# closing sequence of #s after a space (CommonMark's; it once took "# Learn C#"'s "#" too).
-_QUADRATIC_HEADING = r"^ {0,3}#{1,6}[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$"
+# closing sequence of #s after a space (CommonMark's; it once took "# Learn C#"'s "#" too); a
+# line ends at a carriage return too.
+_QUADRATIC_HEADING = r"^ {0,3}#{1,6}[ \t]+([^\r\n]+?)(?:[ \t]+#+)?[ \t]*(?=[\r\n]|\Z)"
 
 
 @settings(max_examples=300)

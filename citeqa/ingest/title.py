@@ -36,8 +36,9 @@ RST_EXTENSION = ".rst"  # the name of reStructuredText files (a folder's, or a U
 _SPACE_RE = re.compile(r"\s+")
 # A markdown heading line; its text is group 1 less a closing sequence of #s (_heading).
 # Not stripped in the pattern: a lazy text before "[ \t#]*$" rescanned a long run of #s from
-# every position, quadratic (a 64 KB post held the server for 25 s).
-_HEADING_RE = re.compile(rf"^{ATX_HEADING}[ \t]*([^\n]+)$", re.MULTILINE)
+# every position, quadratic (a 64 KB post held the server for 25 s). It ends at a carriage
+# return too: a CRLF file's "# Title ##" kept its #s, an old Mac file's ran into its text.
+_HEADING_RE = re.compile(rf"^{ATX_HEADING}[ \t]*([^\r\n]+)", re.MULTILINE)
 
 
 def cap_title(title: str, max_chars: int = TITLE_MAX_CHARS) -> str:

@@ -284,16 +284,22 @@ def chunk_document(text: str, cfg: ChunkConfig, *,
     return spans
 
 
+def _without_bom(text: str) -> str:
+    """``text`` with a byte-order mark at its start made a space (offsets stay ``text``'s)."""
+    return " " + text[1:] if text.startswith("\ufeff") else text
+
+
 def passage_spans(doc: Document, cfg: ChunkConfig) -> list[tuple[int, int]]:
     """A document's passages: ``chunk_document``'s spans of its text, less, for a Markdown file
     (``citeqa.markdown``), its front matter (metadata: "layout: post", tags; a quote of it
     says nothing), and those of markup and headings alone that no one reads (badges, logos,
     link definitions: search ranked a README's "# Name" over its badges first for its name;
-    code is read), unless all of them are."""
+    code is read), unless all of them are. A byte-order mark a file's text starts with (kept:
+    offsets are the file's) starts no passage."""
     if not is_markdown(doc.source):
-        return chunk_document(doc.text, cfg)
-    spans = (chunk_document(without_front_matter(doc.text), cfg, markdown=True)
-             or chunk_document(doc.text, cfg, markdown=True))  # (front matter alone: itself)
+        return chunk_document(_without_bom(doc.text), cfg)
+    spans = (chunk_document(_without_bom(without_front_matter(doc.text)), cfg, markdown=True)
+             or chunk_document(_without_bom(doc.text), cfg, markdown=True))  # (front matter alone)
     code = fenced_code(doc.text)  # (code is read: "export X=1", "<b>")
     read, f = [], 0
     for start, end in spans:

@@ -54,7 +54,7 @@ from citeqa.types import Document
 
 log = logging.getLogger(__name__)
 
-SHARD_FORMAT = 3  # bump when the files or their meaning change: old shards are then re-made
+SHARD_FORMAT = 4  # bump when the files or their meaning change: old shards are then re-made
 # (2: Markdown chunked as such, less its passages of markup alone; 3: of markup and headings
 # alone, and its front matter)
 SHARD_CHARS = 2_000_000  # ~2,500 passages: a minute of CPU embedding, a second on a GPU
