@@ -490,7 +490,7 @@ def test_a_pdf_or_an_archive_is_said_to_need_its_text_extracted(tmp_path: Path) 
     assert [d.text for d in result.documents] == ["plain"]
     text = reasons(result)
     assert text.count("paper.pdf: .pdf files are not read; extract their text first "
-                      "(e.g. pdftotext FILE)") == 2
+                      "(e.g. pdftotext FILE)") == 1  # (once: the named file's)
     assert "notes.txt.gz: .gz files are not read; extract their text first (e.g. gunzip" in text
 
 
@@ -502,6 +502,26 @@ def test_same_file_twice_is_one_document_however_it_is_named(tmp_path: Path) -> 
         result = load(f, again)
         assert [d.source for d in result.documents] == [str(f)], again
         assert [s.reason for s in result.skipped] == [f"the same file as {f}"], again
+
+
+def test_a_folders_file_of_another_type_named_too_is_read_and_not_said_skipped(
+        tmp_path: Path) -> None:
+    """`index build proj/NOTES proj`: NOTES was indexed, yet reported skipped for its type, and
+    the user told to name it, as they had."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "NOTES").write_text("notes without extension", encoding="utf-8")
+    (proj / "a.txt").write_text("a text", encoding="utf-8")
+    (proj / "paper.pdf").write_bytes(b"%PDF-1.4")
+    for sources in ((proj / "NOTES", proj), (proj, proj / "NOTES")):
+        result = load(*sources)
+        assert sorted(Path(d.source).name for d in result.documents) == ["NOTES", "a.txt"]
+        assert [Path(s.source).name for s in result.skipped] == ["paper.pdf"], sources
+    result = load(proj / "paper.pdf", proj)  # named or in the folder: one skip, the named one's
+    assert [(s.source, s.reason.split(";")[0]) for s in result.skipped
+            if s.source.endswith(".pdf")] == [(str(proj / "paper.pdf"), ".pdf files are not read")]
+    result = load(proj)  # the folder alone: as before
+    assert sorted(Path(s.source).name for s in result.skipped) == ["NOTES", "paper.pdf"]
 
 
 def test_a_pipe_in_a_folder_is_skipped_not_read(tmp_path: Path) -> None:

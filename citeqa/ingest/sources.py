@@ -198,7 +198,18 @@ def expand_sources(sources: Sources) -> tuple[list[str | Path], list[Skipped]]:
                     continue
                 named[real] = item
             items.append(item)
-    return items, skipped
+    # a folder's file left out for its type, but named too (`proj/NOTES proj`): read as named,
+    # so not skipped (it was reported skipped, and told to name the file, as it was)
+    return items, [s for s in skipped if not (_left_out_by_type(s)
+                                                 and Path(s.source).resolve() in named)]
+
+
+def _left_out_by_type(skipped: Skipped) -> bool:
+    """Whether ``skipped`` is a folder's file left out for its type (unsupported, or a format
+    whose text is to be extracted first)."""
+    suffix = Path(skipped.source).suffix.lower()
+    return (unsupported_type(skipped) is not None
+            or (suffix in EXTRACT_FIRST and skipped.reason == _extract_first(suffix)))
 
 
 def load_item(item: str | Path, fetcher: Fetcher) -> Iterator[Document | Skipped]:
