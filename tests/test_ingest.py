@@ -569,6 +569,22 @@ def test_utf16_text_is_named_as_such(tmp_path: Path) -> None:
                       + "Some notes.".encode(codec))
         reason = load(f).skipped[0].reason
         assert reason == "UTF-32 text; convert it to UTF-8 (e.g. iconv -f UTF-32 -t UTF-8)"
+    # without a byte-order mark (PowerShell's Out-File): it was "binary file (contains NUL
+    # bytes)"; a file of NULs, or with a few among its bytes, is binary still
+    text = "Résumé title\n\nSome notes, written wide.\n"
+    for codec, name in (("utf-16-le", "UTF-16LE"), ("utf-16-be", "UTF-16BE"),
+                        ("utf-32-le", "UTF-32LE"), ("utf-32-be", "UTF-32BE")):
+        f.write_bytes(text.encode(codec))
+        assert load(f).skipped[0].reason == (
+            f"{name} text without a byte-order mark; convert it to UTF-8 (e.g. iconv -f {name} "
+            "-t UTF-8)")
+    for binary in (b"\x00" * 64, b"MZ\x90\x00\x03\x00\x00\x00\x04\x00" + bytes(range(256))):
+        f.write_bytes(binary)
+        assert load(f).skipped[0].reason.startswith("binary file (contains NUL bytes)")
+    f.write_bytes("caf\xe9 \u20ac".encode("cp1252"))  # iconv without -f fails on it
+    assert load(f).skipped[0].reason == (
+        "not UTF-8 text (bad byte at offset 3); convert it to UTF-8 from its encoding (e.g. "
+        "iconv -f WINDOWS-1252 -t UTF-8)")
 
 
 def test_a_byte_order_mark_is_no_part_of_a_title_or_json(tmp_path: Path) -> None:

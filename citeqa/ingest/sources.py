@@ -475,14 +475,39 @@ def _decode_text(data: bytes) -> str:
         wide = bom[0][:6].upper()  # "UTF-16", "UTF-32"
         raise _SkipError(f"{wide} text; convert it to UTF-8 (e.g. iconv -f {wide} -t UTF-8)")
     if b"\x00" in data:
+        if (wide := _wide_without_bom(data)) is not None:  # PowerShell's Out-File writes so
+            raise _SkipError(f"{wide} text without a byte-order mark; convert it to UTF-8 "
+                             f"(e.g. iconv -f {wide} -t UTF-8)")
         raise _SkipError("binary file (contains NUL bytes); give text, Markdown, HTML or JSON")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise _SkipError(
-            f"not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8 "
-            "(e.g. iconv -t UTF-8)"
+        raise _SkipError(  # (iconv without -f reads the locale's encoding: UTF-8, and fails)
+            f"not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8 from its "
+            "encoding (e.g. iconv -f WINDOWS-1252 -t UTF-8)"
         ) from None
+
+
+# Text in UTF-32 or UTF-16 without a byte-order mark: (iconv's name, bytes a character, where
+# in them the high bytes are: NUL for text of the first 256 code points, as English is)
+_WIDE_LAYOUTS = (("UTF-32LE", 4, (1, 2, 3)), ("UTF-32BE", 4, (0, 1, 2)),
+                 ("UTF-16LE", 2, (1,)), ("UTF-16BE", 2, (0,)))
+
+
+def _wide_without_bom(data: bytes) -> str | None:
+    """The encoding (``_WIDE_LAYOUTS``) of ``data`` when its first 4 KB read as UTF-32 or UTF-16
+    text without a byte-order mark: nine in ten of its high bytes NUL, of its low bytes not;
+    else None (a binary file)."""
+    sample = data[:4096]
+    for name, width, high in _WIDE_LAYOUTS:
+        n = len(sample) // width * width
+        if n < 2 * width:
+            continue
+        highs = bytes(sample[i] for i in range(n) if i % width in high)
+        lows = bytes(sample[i] for i in range(n) if i % width not in high)
+        if highs.count(0) >= 0.9 * len(highs) and lows.count(0) <= 0.1 * len(lows):
+            return name
+    return None
 
 
 def _decode_html(data: bytes) -> str:
