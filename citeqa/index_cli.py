@@ -84,18 +84,35 @@ SKIPS_NAMED = 5  # at most this many files skipped for their type or for redirec
 
 def _echo_skipped(skipped: Sequence[Skipped]) -> None:
     """Each skipped source and why; where more than ``SKIPS_NAMED`` of a folder's files are
-    of types no reader takes or pages that only redirect, those in a line each, by type
-    (``citeqa -v`` logs each as it is skipped)."""
+    of types no reader takes or pages that only redirect, those in a line each, by type, and
+    where more than ``SKIPS_NAMED`` records of one file are skipped for one reason, those in
+    one line (``citeqa -v`` logs each as it is skipped)."""
     from collections import Counter
 
-    from citeqa.ingest.sources import UNSUPPORTED_HELP, redirects_only, unsupported_type
+    from citeqa.ingest.sources import (
+        UNSUPPORTED_HELP,
+        bad_record,
+        redirects_only,
+        unsupported_type,
+    )
 
     kinds = [unsupported_type(s) or ("" if redirects_only(s) else None) for s in skipped]
     few = sum(kind is not None for kind in kinds) <= SKIPS_NAMED  # (a few are named, each)
+    records = [bad_record(s) for s in skipped]
+    alike: dict[tuple[str, str, str], list[int]] = {}  # (file, "line", why) -> the numbers
+    for s, record in zip(skipped, records, strict=True):
+        if record is not None:
+            alike.setdefault((s.source, record[0], record[2]), []).append(record[1])
     types: Counter[str] = Counter()
     redirects = 0
-    for s, kind in zip(skipped, kinds, strict=True):
-        if few or kind is None:
+    for s, kind, record in zip(skipped, kinds, records, strict=True):
+        numbers = alike.get((s.source, record[0], record[2]), []) if record else []
+        if len(numbers) > SKIPS_NAMED:
+            if record is not None and numbers[0] == record[1]:  # said once, at the first
+                shown = ", ".join(map(str, numbers[:3]))
+                typer.echo(f"skipped {squash(s.source)}: {len(numbers):,} {record[0]}s ({shown}, "
+                           f"…): {squash(record[2])}", err=True)
+        elif few or kind is None:
             typer.echo(f"skipped {squash(s.source)}: {squash(s.reason)}", err=True)
         elif kind:
             types[kind] += 1

@@ -776,6 +776,26 @@ def test_index_add_leaves_out_a_url_whose_page_the_index_holds(tmp_path: Path,
     assert "the same page by another URL? A page's id hashes its URL as given" in err
 
 
+def test_a_record_files_lines_skipped_alike_are_one_line(tmp_path: Path) -> None:
+    """2,000 records naming their text "content" were 2,000 lines alike; a few are each said."""
+    many = tmp_path / "many.jsonl"
+    many.write_text("".join(json.dumps({"content": f"c{i}"}) + "\n" for i in range(2000))
+                    + '{"text": "kept"}\nnot json\n')
+    few = tmp_path / "few.jsonl"
+    few.write_text('{"body": "b"}\n' * 2 + '{"text": "also kept"}\n')
+    code, out, err = _cli("index", "build", "--preset", "tiny", str(many), str(few), "--out",
+                          str(tmp_path / "idx"), "--no-progress")
+    assert code == 0 and "indexed 2 documents" in out, err
+    why = ("no non-empty string 'text' field (its fields: {}); add one (or name the field that "
+           "holds the text 'text')")
+    lines = [line for line in err.splitlines() if line.startswith("skipped")]
+    assert lines == [
+        f"skipped {many}: 2,000 lines (1, 2, 3, …): {why.format('content')}",
+        f"skipped {many}: line 2002: invalid JSON (Expecting value); fix or remove the line",
+        f"skipped {few}: line 1: {why.format('body')}",
+        f"skipped {few}: line 2: {why.format('body')}"], err
+
+
 def test_a_folders_files_of_types_not_read_are_one_line_by_type(tmp_path: Path) -> None:
     """A generated site's 185 fonts, styles and scripts were 185 lines alike, after which the
     skips that matter were hard to find; they are counted by type, the others listed."""

@@ -1218,6 +1218,35 @@ def test_a_json_document_with_something_after_it_is_not_read_as_json_lines(
     assert skipped.reason == "invalid JSON at line 5 column 1: Extra data; fix the file"
 
 
+def test_a_pretty_printed_json_document_named_jsonl_is_read_as_json(tmp_path: Path) -> None:
+    """Each of its lines was "invalid JSON" (9 lines for 2 records), its records lost; a file
+    of JSON lines whose first line is bad is read line by line, as before."""
+    array = tmp_path / "array.jsonl"
+    array.write_text(json.dumps([{"text": "one", "id": "a"}, {"text": "two"}], indent=2))
+    single = tmp_path / "single.jsonl"
+    single.write_text(json.dumps({"text": "alone", "title": "T"}, indent=2))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": \n{"text": "kept"}\n')
+    result = load(array, single, broken)
+    assert [d.text for d in result.documents] == ["one", "two", "alone", "kept"]
+    assert result.documents[0].doc_id == "a" and result.documents[2].title == "T"
+    assert [s.reason.split(" (")[0] for s in result.skipped] == ["line 1: invalid JSON"]
+
+
+def test_a_record_without_text_names_the_fields_it_has(tmp_path: Path) -> None:
+    f = tmp_path / "content.jsonl"
+    f.write_text('{"content": "x", "title": "T"}\n{}\n[1]\n'
+                 + json.dumps({f"f{i}": 1 for i in range(7)}) + "\n")
+    assert [s.reason for s in load(f).skipped] == [
+        "line 1: no non-empty string 'text' field (its fields: content, title); add one (or "
+        "name the field that holds the text 'text')",
+        "line 2: no non-empty string 'text' field (it has no fields); add one (or name the "
+        "field that holds the text 'text')",
+        "line 3: expected a JSON object with a 'text' field",
+        "line 4: no non-empty string 'text' field (its fields: f0, f1, f2, f3, f4, …); add one "
+        "(or name the field that holds the text 'text')"]
+
+
 def test_an_html_files_byte_order_mark_is_no_part_of_its_text(tmp_path: Path) -> None:
     page = tmp_path / "bom.html"
     page.write_bytes(b"\xef\xbb\xbf<p>hi there</p>")

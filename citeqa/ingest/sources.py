@@ -28,6 +28,7 @@ with a given id wins; later ones are skipped.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -89,6 +90,16 @@ def unsupported_type(skipped: Skipped) -> str | None:
     else None: a generated site's fonts, styles and scripts were 185 lines alike."""
     m = _UNSUPPORTED_RE.match(skipped.reason)
     return m.group(1) if m else None
+
+
+_BAD_RECORD_RE = re.compile(r"(line|element) (\d+): (.*)", re.DOTALL)
+
+
+def bad_record(skipped: Skipped) -> tuple[str, int, str] | None:
+    """``("line", 12, why)`` for a record file's line (or a JSON list's element) skipped, else
+    None: a file of 2,000 records in the wrong shape was 2,000 lines alike."""
+    m = _BAD_RECORD_RE.fullmatch(skipped.reason)
+    return (m.group(1), int(m.group(2)), m.group(3)) if m else None
 
 
 @dataclass(frozen=True)
@@ -475,9 +486,9 @@ def _decode_text(data: bytes) -> str:
         wide = bom[0][:6].upper()  # "UTF-16", "UTF-32"
         raise _SkipError(f"{wide} text; convert it to UTF-8 (e.g. iconv -f {wide} -t UTF-8)")
     if b"\x00" in data:
-        if (wide := _wide_without_bom(data)) is not None:  # PowerShell's Out-File writes so
-            raise _SkipError(f"{wide} text without a byte-order mark; convert it to UTF-8 "
-                             f"(e.g. iconv -f {wide} -t UTF-8)")
+        if (layout := _wide_without_bom(data)) is not None:  # PowerShell's Out-File writes so
+            raise _SkipError(f"{layout} text without a byte-order mark; convert it to UTF-8 "
+                             f"(e.g. iconv -f {layout} -t UTF-8)")
         raise _SkipError("binary file (contains NUL bytes); give text, Markdown, HTML or JSON")
     try:
         return data.decode("utf-8")
@@ -581,20 +592,17 @@ def _json_documents(path: Path, text: str, hashed: list[str]) -> Iterator[Docume
         except (ValueError, RecursionError) as e:  # too deep, or an integer too long
             raise _SkipError(f"JSON that cannot be read ({_json_limit(e)}); fix the file") from None
         else:
-            if _is_squad(obj):
-                yield from _squad_documents(source, obj)
-            elif isinstance(obj, list):
-                if not obj:
-                    raise _SkipError("the file has no records (an empty JSON list)")
-                for i, element in enumerate(obj):
-                    yield _record_document(source, element, i, f"element {i}", hashed)
-            elif isinstance(obj, dict) and "text" in obj:
-                yield _record_document(source, obj, 0, "the object", hashed)
-            else:
-                raise _SkipError(
-                    "JSON is neither SQuAD ({'data': [{'title', 'paragraphs': [{'context'}]}]}) "
-                    "nor a list of {'text': ...} records"
-                )
+            yield from _json_value_documents(source, obj, hashed)
+            return
+    elif not _first_line_is_json(text):
+        # JSON Lines whose first line is no JSON: one pretty-printed document, read as a .json
+        # file's (each of its lines was "invalid JSON", the file's records lost)
+        try:
+            obj = json.loads(text)
+        except (ValueError, RecursionError):
+            pass  # no JSON document either: its lines are bad lines
+        else:
+            yield from _json_value_documents(source, obj, hashed)
             return
     n_lines = 0
     # lines end at "\n" only: JSON strings may hold U+2028, U+2029 and U+0085 as they are,
@@ -618,6 +626,26 @@ def _json_documents(path: Path, text: str, hashed: list[str]) -> Iterator[Docume
         raise _SkipError("the file has no records")
 
 
+def _json_value_documents(source: str, obj: Any, hashed: list[str]
+                          ) -> Iterator[Document | Skipped]:
+    """The documents of a JSON document (a .json file's): SQuAD's paragraphs, a list's
+    records, or one ``{"text": ...}`` object."""
+    if _is_squad(obj):
+        yield from _squad_documents(source, obj)
+    elif isinstance(obj, list):
+        if not obj:
+            raise _SkipError("the file has no records (an empty JSON list)")
+        for i, element in enumerate(obj):
+            yield _record_document(source, element, i, f"element {i}", hashed)
+    elif isinstance(obj, dict) and "text" in obj:
+        yield _record_document(source, obj, 0, "the object", hashed)
+    else:
+        raise _SkipError(
+            "JSON is neither SQuAD ({'data': [{'title', 'paragraphs': [{'context'}]}]}) "
+            "nor a list of {'text': ...} records"
+        )
+
+
 def _json_limit(e: ValueError | RecursionError) -> str:
     """What about a well-formed-looking JSON text Python's parser refused."""
     if isinstance(e, RecursionError):
@@ -633,7 +661,8 @@ def _record_document(source: str, record: Any, position: int, where: str,
         return Skipped(source, f"{where}: expected a JSON object with a 'text' field")
     text = record.get("text")
     if not isinstance(text, str) or is_blank(text):
-        return Skipped(source, f"{where}: no non-empty string 'text' field; add one")
+        return Skipped(source, f"{where}: no non-empty string 'text' field{_fields_of(record)}; "
+                               "add one (or name the field that holds the text 'text')")
     nul = [k for k in ("text", "title", "source", "url")
            if isinstance(record.get(k), str) and "\x00" in record[k]]
     if nul:  # as POST /v1/documents refuses it, and a text file holding one (binary)
@@ -655,6 +684,14 @@ def _record_document(source: str, record: Any, position: int, where: str,
     if not isinstance(title, str) or is_blank(title):
         title = title_of_source(text, f"{Path(source).name} #{position}", doc_source)
     return Document(doc_id=doc_id, title=cap_title(title.strip()), source=doc_source, text=text)
+
+
+def _fields_of(record: dict[str, Any]) -> str:
+    """" (its fields: a, b)": what a record without a text has ("content", "body"?)."""
+    if not record:
+        return " (it has no fields)"
+    names = [_printable(str(k))[:40] for k in itertools.islice(record, 6)]
+    return f" (its fields: {', '.join(names[:5])}{', …' if len(names) > 5 else ''})"
 
 
 def _is_squad(obj: Any) -> bool:
