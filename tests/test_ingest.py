@@ -760,6 +760,15 @@ def test_record_ids_follow_the_rule_rest_applies(tmp_path: Path,
         if not accepted:
             assert kept == doc_id_for(f"{f}#{n + 1}")
     assert got[:3] == ids[:3] and got[9] == ids[9]
+    caplog.clear()  # an id of another JSON type (3.0, true) is replaced so too: said as well
+    f.write_text("".join(json.dumps({"id": i, "text": f"t {i}"}) + "\n"
+                         for i in (3.0, True, [1], None, 4)), encoding="utf-8")
+    with caplog.at_level("WARNING", logger="citeqa.ingest.sources"):
+        got = [d.doc_id for d in load(f).documents]
+    [warning] = caplog.messages
+    assert warning.startswith(f"{f}: 3 record ids replaced") and warning.endswith(
+        "'3.0', 'true', '[1]'")
+    assert got[3:] == [doc_id_for(f"{f}#4"), "4"]
 
 
 def test_a_record_id_of_citeqas_own_form_is_kept(tmp_path: Path) -> None:

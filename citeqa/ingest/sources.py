@@ -670,7 +670,8 @@ def _record_document(source: str, record: Any, position: int, where: str,
     own_id = record.get("doc_id")
     if own_id is None:
         own_id = record.get("id")
-    if isinstance(own_id, bool) or not isinstance(own_id, str | int):
+    if own_id is not None and (isinstance(own_id, bool) or not isinstance(own_id, str | int)):
+        hashed.append(_printable(json.dumps(own_id)[:100]))  # 3.0, true, [1]: said, as "-5" is
         own_id = None
     doc_id = str(own_id) if own_id is not None else ""
     if len(doc_id) > MAX_DOC_ID_CHARS or not _ID_RE.fullmatch(doc_id):
