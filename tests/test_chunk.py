@@ -103,6 +103,9 @@ def test_text_without_spaces_is_cut_at_sentences_then_clauses_never_before_a_mar
     spans = chunk_document(zalgo, ChunkConfig(max_chars=100))
     assert [e - s for s, e in spans] == [100] * 100
     check_invariants(zalgo, spans, ChunkConfig(max_chars=100))
+    for text, size in (("xyza\u0301\u0301bcde\u0301\u0301f", 4), ("ab\u0301cd\u0301ef", 2)):
+        pieces = [text[s:e] for s, e in _hard_split(text, 0, len(text), size)]  # (a run of
+        assert not any(p[0] == "\u0301" for p in pieces), pieces  # half a window: as before)
     mixed = ("x" + "\u0301" * 30) * 10  # shorter runs: cut before their letter, as before
     spans = chunk_document(mixed, ChunkConfig(max_chars=100))
     assert all(mixed[s] == "x" for s, _ in spans) and len(spans) == 4, spans

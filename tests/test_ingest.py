@@ -578,7 +578,9 @@ def test_utf16_text_is_named_as_such(tmp_path: Path) -> None:
         assert load(f).skipped[0].reason == (
             f"{name} text without a byte-order mark; convert it to UTF-8 (e.g. iconv -f {name} "
             "-t UTF-8)")
-    for binary in (b"\x00" * 64, b"MZ\x90\x00\x03\x00\x00\x00\x04\x00" + bytes(range(256))):
+    small_numbers = b"".join(n.to_bytes(4, "little") for n in range(1, 200))  # (no UTF-32)
+    for binary in (b"\x00" * 64, b"MZ\x90\x00\x03\x00\x00\x00\x04\x00" + bytes(range(256)),
+                   small_numbers):
         f.write_bytes(binary)
         assert load(f).skipped[0].reason.startswith("binary file (contains NUL bytes)")
     f.write_bytes("caf\xe9 \u20ac".encode("cp1252"))  # iconv without -f fails on it
@@ -760,14 +762,16 @@ def test_record_ids_follow_the_rule_rest_applies(tmp_path: Path,
         if not accepted:
             assert kept == doc_id_for(f"{f}#{n + 1}")
     assert got[:3] == ids[:3] and got[9] == ids[9]
-    caplog.clear()  # an id of another JSON type (3.0, true) is replaced so too: said as well
+    caplog.clear()  # an id of another JSON type (3.0, true) is replaced so too: said as well (a
+    # list by its type: json.dumps of one nested as deep as json.loads allows could recurse past
+    # Python's limit, a crash, at a depth that depends on the caller's stack)
     f.write_text("".join(json.dumps({"id": i, "text": f"t {i}"}) + "\n"
                          for i in (3.0, True, [1], None, 4)), encoding="utf-8")
     with caplog.at_level("WARNING", logger="citeqa.ingest.sources"):
         got = [d.doc_id for d in load(f).documents]
     [warning] = caplog.messages
     assert warning.startswith(f"{f}: 3 record ids replaced") and warning.endswith(
-        "'3.0', 'true', '[1]'")
+        "'3.0', 'true', 'list'")
     assert got[3:] == [doc_id_for(f"{f}#4"), "4"]
 
 
@@ -1095,11 +1099,14 @@ def test_markup_the_parser_reads_in_quadratic_time_is_refused_at_its_deadline(
     assert extract_html("<p>ok</p>", max_seconds=0.05).text == "ok"
 
 
-def test_blocks_opened_inside_a_paragraphs_button_are_read_in_linear_time() -> None:
+def test_blocks_opened_inside_a_paragraphs_button_and_titles_are_read_in_linear_time() -> None:
     """Each <div> closes an open <p>, but not past a <button>: finding that walked down every
     open element, quadratic (160 KB: over 10 s of CPU, refused at its deadline)."""
     page = "<p><button>x" + "<div>y" * 27_000
     assert extract_html(page, max_seconds=5).text.split() == ["x"] + ["y"] * 27_000
+    # so is each <title> before one with words (whether one counts walked every open element)
+    page = "<div>" * 30_000 + "<title></title>" * 15_000 + "<title>T</title><p>x"
+    assert extract_html(page, max_seconds=5).title == "T"
     # the rule itself: a <div> closes the <p> it is in, not one outside a <button> or a table
     assert extract_html("<p>a<div>b</div>c</p>").text == "a\n\nb\n\nc"
     assert extract_html("<p>a<button>b<div>c</div>d</button>e").text == "ab\n\nc\n\nde"
@@ -1240,6 +1247,17 @@ def test_a_pretty_printed_json_document_named_jsonl_is_read_as_json(tmp_path: Pa
     assert [d.text for d in result.documents] == ["one", "two", "alone", "kept"]
     assert result.documents[0].doc_id == "a" and result.documents[2].title == "T"
     assert [s.reason.split(" (")[0] for s in result.skipped] == ["line 1: invalid JSON"]
+    # on one line, a list or SQuAD is read so too (it was "expected a JSON object"); a record
+    # on its one line is a record, as before (its id hashes its line's number)
+    array.write_text(json.dumps([{"text": "one"}, {"text": "two"}]) + "\n")
+    squad = tmp_path / "squad.jsonl"
+    squad.write_text(json.dumps(_squad("v2.0")))
+    single.write_text(json.dumps({"text": "alone"}))
+    result = load(array, squad, single)
+    assert [d.text for d in result.documents][:2] == ["one", "two"] and not result.skipped
+    assert result.documents[-1].doc_id == doc_id_for(f"{single}#1")
+    assert len(result.documents) == 2 + len(load(squad.rename(squad.with_suffix(".json")))
+                                            .documents) + 1
 
 
 def test_a_record_without_text_names_the_fields_it_has(tmp_path: Path) -> None:

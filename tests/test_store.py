@@ -268,6 +268,29 @@ def test_recover_restores_a_backup_left_by_a_dead_writer(built: Path) -> None:
     assert Index.load(built).directory == built
 
 
+def test_a_load_that_restores_a_backup_reads_the_index_once(
+        built: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restored inside the read, the folder was another by its end: every file was read and its
+    sums checked twice, and "changed while it was read" logged."""
+    import citeqa.retrieval.store as store
+
+    reads: list[Path] = []
+    real = store.Index._load_once.__func__  # type: ignore[attr-defined]
+
+    def counted(cls, directory: Path, *, verify: bool) -> Index:  # type: ignore[no-untyped-def]
+        reads.append(directory)
+        return real(cls, directory, verify=verify)
+
+    monkeypatch.setattr(store.Index, "_load_once", classmethod(counted))
+    for leave_empty in (False, True):  # the folder gone, or left empty
+        _crash_mid_swap(built)
+        if leave_empty:
+            built.mkdir()
+        reads.clear()
+        assert sorted(Index.load(built).documents) == ["d1", "d2", "d3"]
+        assert reads == [built]
+
+
 def test_an_index_write_holds_its_temporary_directory_only_while_it_writes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Held (flock) while written, so that no other process takes it for a dead writer's, and

@@ -304,8 +304,9 @@ class _Extractor(HTMLParser):
                 if m and _delay(m.group(1)) <= REDIRECT_MAX_DELAY_S:
                     self.refresh_to = (m.group(3) or m.group(4) or "").strip()[:500]
         if tag == "title":  # only the page's first <title>, not an <svg><title>
-            self._in_title = not self.title_parts and all(
-                t == "head" for t, hides, _ in self._open if hides)
+            # (in constant time: every open element hiding its content is a <head>, which
+            # always hides; a walk down the open elements at each <title> was quadratic)
+            self._in_title = not self.title_parts and self._hiding == len(self._at["head"])
             return
         implied = [_IMPLIED[tag]] if tag in _IMPLIED else []
         if tag in _CLOSES_P:

@@ -505,9 +505,12 @@ _WIDE_LAYOUTS = (("UTF-32LE", 4, (1, 2, 3)), ("UTF-32BE", 4, (0, 1, 2)),
                  ("UTF-16LE", 2, (1,)), ("UTF-16BE", 2, (0,)))
 
 
+_TEXT_BYTES = frozenset(b"\t\n\r" + bytes(range(0x20, 0x7F)) + bytes(range(0xA0, 0x100)))
+
+
 def _wide_without_bom(data: bytes) -> str | None:
     """The encoding (``_WIDE_LAYOUTS``) of ``data`` when its first 4 KB read as UTF-32 or UTF-16
-    text without a byte-order mark: nine in ten of its high bytes NUL, of its low bytes not;
+    text without a byte-order mark: nine in ten of its high bytes NUL, of its low bytes text's;
     else None (a binary file)."""
     sample = data[:4096]
     for name, width, high in _WIDE_LAYOUTS:
@@ -516,7 +519,9 @@ def _wide_without_bom(data: bytes) -> str | None:
             continue
         highs = bytes(sample[i] for i in range(n) if i % width in high)
         lows = bytes(sample[i] for i in range(n) if i % width not in high)
-        if highs.count(0) >= 0.9 * len(highs) and lows.count(0) <= 0.1 * len(lows):
+        # (the low bytes of text: letters, not a binary file's small numbers, "05 00 00 00")
+        if (highs.count(0) >= 0.9 * len(highs)
+                and sum(b in _TEXT_BYTES for b in lows) >= 0.9 * len(lows)):
             return name
     return None
 
@@ -594,16 +599,11 @@ def _json_documents(path: Path, text: str, hashed: list[str]) -> Iterator[Docume
         else:
             yield from _json_value_documents(source, obj, hashed)
             return
-    elif not _first_line_is_json(text):
-        # JSON Lines whose first line is no JSON: one pretty-printed document, read as a .json
-        # file's (each of its lines was "invalid JSON", the file's records lost)
-        try:
-            obj = json.loads(text)
-        except (ValueError, RecursionError):
-            pass  # no JSON document either: its lines are bad lines
-        else:
-            yield from _json_value_documents(source, obj, hashed)
-            return
+    elif (obj := _one_json_document(text)) is not _NOT_ONE:
+        # a .json file's content: read so (each line of a pretty-printed one was "invalid
+        # JSON", and a list on one line "expected a JSON object": the file's records lost)
+        yield from _json_value_documents(source, obj, hashed)
+        return
     n_lines = 0
     # lines end at "\n" only: JSON strings may hold U+2028, U+2029 and U+0085 as they are,
     # which str.splitlines would take for line ends
@@ -624,6 +624,24 @@ def _json_documents(path: Path, text: str, hashed: list[str]) -> Iterator[Docume
         yield _record_document(source, record, lineno, f"line {lineno}", hashed)
     if n_lines == 0:
         raise _SkipError("the file has no records")
+
+
+_NOT_ONE = object()  # (JSON's null is None)
+
+
+def _one_json_document(text: str) -> Any:
+    """The JSON document a JSON Lines file holds instead of records a line, else ``_NOT_ONE``:
+    one pretty-printed (its first line is no JSON value alone), or, on its one line, a list
+    or SQuAD (one record on its one line is a record: its id stays as it was)."""
+    if _first_line_is_json(text):
+        if _line_end(text) in text.strip():
+            return _NOT_ONE  # lines of JSON values: records
+        obj = json.loads(text)
+        return obj if isinstance(obj, list) or _is_squad(obj) else _NOT_ONE
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return _NOT_ONE  # no JSON document either: its lines are bad lines
 
 
 def _json_value_documents(source: str, obj: Any, hashed: list[str]
@@ -671,7 +689,9 @@ def _record_document(source: str, record: Any, position: int, where: str,
     if own_id is None:
         own_id = record.get("id")
     if own_id is not None and (isinstance(own_id, bool) or not isinstance(own_id, str | int)):
-        hashed.append(_printable(json.dumps(own_id)[:100]))  # 3.0, true, [1]: said, as "-5" is
+        said = type(own_id).__name__ if isinstance(own_id, list | dict) else json.dumps(own_id)
+        hashed.append(said)  # 3.0, true, a list: said, as "-5" is (a list nested 1,000 deep
+        # made json.dumps recurse past Python's limit)
         own_id = None
     doc_id = str(own_id) if own_id is not None else ""
     if len(doc_id) > MAX_DOC_ID_CHARS or not _ID_RE.fullmatch(doc_id):

@@ -57,7 +57,7 @@ def _mid_word_cut(text: str, start: int, max_chars: int) -> int:
     end = cut = start + max_chars
     while unicodedata.category(text[cut])[0] == "M":
         cut -= 1
-        if cut <= start + max_chars // 2:
+        if cut <= start or cut < start + max_chars // 2:
             return end
     return cut
 

@@ -56,7 +56,8 @@ log = logging.getLogger(__name__)
 
 SHARD_FORMAT = 4  # bump when the files or their meaning change: old shards are then re-made
 # (2: Markdown chunked as such, less its passages of markup alone; 3: of markup and headings
-# alone, and its front matter)
+# alone, and its front matter; 4: a byte-order mark starts no passage, and front matter after
+# one is in none)
 SHARD_CHARS = 2_000_000  # ~2,500 passages: a minute of CPU embedding, a second on a GPU
 SHARD_JSON = "shard.json"
 MARKER = "citeqa-build.json"  # in the work directory: proves workers see the same directory

@@ -458,25 +458,23 @@ class Index:
         """
         directory = Path(directory)
         for attempt in range(1, LOAD_TRIES + 1):
-            with _held_open(directory) as before:
-                try:
-                    loaded = cls._load_once(directory, verify=verify)
-                except (IndexError_, OSError) as e:
-                    swapped = folder_id(directory) != before or bool(siblings(directory, "old"))
-                    if attempt < LOAD_TRIES and swapped:
-                        log.info("index %s changed while it was read; reading it again",
-                                 directory)
-                        time.sleep(0.05 * attempt)
-                        continue
+            before = folder_id(directory)
+            try:
+                at = recover_index(directory)  # (restored first: then held, and read once)
+                with _held_open(at) as held:
+                    loaded = cls._load_once(at, verify=verify)
+                    # a swap between reading the manifest (and checking the files' sums) and
+                    # parsing the files passed every check where the counts agreed: the
+                    # documents of one version under another's manifest and version
+                    if folder_id(at) == held:
+                        return loaded
+            except (IndexError_, OSError) as e:
+                swapped = folder_id(directory) != before or bool(siblings(directory, "old"))
+                if attempt == LOAD_TRIES or not swapped:
                     if isinstance(e, OSError):
                         raise IndexError_(f"index {directory} is unreadable ({e!r}); rebuild "
                                           "it") from e
                     raise
-                # a swap between reading the manifest (and checking the files' sums) and parsing
-                # the files passed every check where the counts agreed: the documents of one
-                # version under another's manifest and version
-                if folder_id(directory) == before:
-                    return loaded
             log.info("index %s changed while it was read; reading it again", directory)
             time.sleep(0.05 * attempt)
         raise IndexError_(f"index {directory} changed {LOAD_TRIES} times while it was read "
@@ -484,7 +482,7 @@ class Index:
 
     @classmethod
     def _load_once(cls, directory: Path, *, verify: bool) -> Index:
-        directory = recover_index(directory)
+        """The index at ``directory`` (recovered already: ``load``), read once."""
         manifest = _read_manifest(directory)
         if verify:
             _verify_files(directory, manifest)
