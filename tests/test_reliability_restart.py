@@ -211,3 +211,15 @@ def test_add_starts_and_works(crashed: tuple[Path, bool], tmp_path: Path) -> Non
     assert texts.count("Glimmer moths migrate across the Vessik plateau.") == 1
     assert len(texts) == held + 1
     _assert_recovered(index, new)
+
+
+def test_a_server_stopped_by_sigterm_exits_0_once_drained(tmp_path: Path) -> None:
+    """uvicorn sends the SIGTERM it drained for to the process again: a clean stop ended by the
+    signal, status 143 to a shell or a supervisor (Ctrl-C exits 0)."""
+    index = tmp_path / "idx"
+    build_index_from_documents(THREE_DOCS, index, preset("tiny").retrieval, progress=False)
+    with _serving(index) as (url, child):
+        assert httpx.post(url + "/v1/search", json={"query": "telescope"}).status_code == 200
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=60) == 0
+        assert child.stderr is not None and "Finished server process" in child.stderr.read()

@@ -16,13 +16,15 @@ files' soft limit raised at start (``raise_open_files_limit``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import math
+import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import uvicorn
@@ -156,6 +158,19 @@ class _Server(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         begin_shutdown(self.service.state.citeqa)  # the grace starts now, not after uvicorn's
         await super().shutdown(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's, but a SIGTERM the drain answered is not sent again once it is done (for a
+        program that embeds uvicorn's own handler): the process ended by it, status 143 to a
+        shell or a supervisor, after a clean stop; it exits 0, as after Ctrl-C."""
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                captured = getattr(self, "_captured_signals", None)
+                if isinstance(captured, list):
+                    captured[:] = [sig for sig in captured if sig != signal.SIGTERM]
 
 
 def run(service: FastAPI, *, host: str, port: int, http: Any) -> None:
