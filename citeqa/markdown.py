@@ -69,7 +69,10 @@ _QUOTED_LINE_RE = re.compile(r"^ {0,3}>.*$", re.MULTILINE)
 def source_suffix(source: str) -> str:
     """The extension, lower case, of the file a document's ``source`` (a path, or a URL's path)
     names ("" for none)."""
-    path = urlsplit(source).path if "://" in source else source
+    try:
+        path = urlsplit(source).path if "://" in source else source
+    except ValueError:  # an address urlsplit refuses ("http://[oops/a.md": a record's source)
+        path = source
     return PurePosixPath(path.replace("\\", "/")).suffix.lower()
 
 

@@ -801,6 +801,32 @@ def test_a_redirect_httpx_will_not_send_is_a_fetch_error() -> None:
         fetcher(rec, Dns({"example.com": [PUBLIC]})).fetch("http://example.com/")
 
 
+def test_a_redirect_or_refresh_to_an_address_that_cannot_be_parsed_is_no_crash() -> None:
+    """A Location whose host IDNA refuses (httpx reads it as it sends: a UnicodeError), and a
+    meta refresh urljoin refuses (a ValueError), escaped the fetch: a 500 over REST, and an
+    index build cut short with a traceback."""
+    rec = Recorder({
+        "example.com/idna": redirect("http://xn--a.example/"),
+        "example.com/refresh": lambda: html_response(
+            '<meta http-equiv="refresh" content="0; url=http://[oops/"><p>moved</p>')})
+    f = fetcher(rec, Dns({"example.com": [PUBLIC]}))
+    with pytest.raises(FetchError, match="redirected to a bad URL"):
+        f.fetch("http://example.com/idna")
+    page = f.fetch("http://example.com/refresh")
+    assert page.redirect == "http://[oops/"  # as written: shown, never fetched
+
+
+def test_endless_empty_gzip_members_are_cut_at_the_cap_of_bytes_received() -> None:
+    """They decode to nothing: only the deadline ended the fetch, its pieces piling up."""
+    rec = Recorder({"example.com/e": encoded(gzipped(b"") * 200, "gzip", split=20)})
+    with pytest.raises(UnreadablePageError, match="over the 1000-byte cap"):
+        fetcher(rec, Dns({"example.com": [PUBLIC]}), max_bytes=1000).fetch(
+            "http://example.com/e")
+    rec = Recorder({"example.com/t": encoded(gzipped(b"ab" * 400), "gzip", split=2)})
+    assert fetcher(rec, Dns({"example.com": [PUBLIC]}), max_bytes=1000).fetch(
+        "http://example.com/t").text == "ab" * 400  # (a body in 2-byte pieces: one buffer)
+
+
 def test_html_the_parser_gives_up_on_is_an_unreadable_page() -> None:
     rec = Recorder({"example.com/": lambda: html_response("<p>x</p><![<![ y")})
     with pytest.raises(UnreadablePageError, match="HTML could not be parsed"):

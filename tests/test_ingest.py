@@ -1260,6 +1260,21 @@ def test_a_pretty_printed_json_document_named_jsonl_is_read_as_json(tmp_path: Pa
                                             .documents) + 1
 
 
+def test_a_record_whose_source_is_an_address_that_cannot_be_parsed_is_read(
+        tmp_path: Path) -> None:
+    """Whether it names a Markdown file asked urlsplit, which raised: a traceback at chunking
+    (a 500 for the same source over REST)."""
+    from citeqa.config import ChunkConfig
+    from citeqa.markdown import source_suffix
+    from citeqa.retrieval.chunk import passage_spans
+
+    f = tmp_path / "odd.jsonl"
+    f.write_text(json.dumps({"text": "# T\n\nBody text.", "source": "http://[oops/a.md"}))
+    [doc] = load(f).documents
+    assert source_suffix(doc.source) == ".md"
+    assert passage_spans(doc, ChunkConfig()) == [(0, len(doc.text))]
+
+
 def test_a_record_without_text_names_the_fields_it_has(tmp_path: Path) -> None:
     f = tmp_path / "content.jsonl"
     f.write_text('{"content": "x", "title": "T"}\n{}\n[1]\n'
