@@ -825,6 +825,22 @@ def test_endless_empty_gzip_members_are_cut_at_the_cap_of_bytes_received() -> No
     rec = Recorder({"example.com/t": encoded(gzipped(b"ab" * 400), "gzip", split=2)})
     assert fetcher(rec, Dns({"example.com": [PUBLIC]}), max_bytes=1000).fetch(
         "http://example.com/t").text == "ab" * 400  # (a body in 2-byte pieces: one buffer)
+    # a compressed body that does not shrink, decoded to the cap: its declared length is
+    # held to the cap of bytes received, as the bytes counted are (it was refused, declared)
+    import gzip
+    import os
+
+    data = os.urandom(500).hex().encode()[:1000]  # (hex: text, and gzip shrinks it little)
+    body = gzip.compress(data, compresslevel=0)  # stored: longer than the data
+    assert 1000 < len(body) <= 1125
+    for declared in (True, False):
+        headers = {"Content-Type": "text/plain", "Content-Encoding": "gzip",
+                   **({"Content-Length": str(len(body))} if declared else {})}
+        rec = Recorder({"example.com/s": lambda h=headers: httpx.Response(  # type: ignore[misc]
+            200, headers=h, stream=Chunks(body))})
+        page = fetcher(rec, Dns({"example.com": [PUBLIC]}), max_bytes=1000).fetch(
+            "http://example.com/s")
+        assert page.text == data.decode()
 
 
 def test_html_the_parser_gives_up_on_is_an_unreadable_page() -> None:

@@ -771,7 +771,7 @@ def test_record_ids_follow_the_rule_rest_applies(tmp_path: Path,
         got = [d.doc_id for d in load(f).documents]
     [warning] = caplog.messages
     assert warning.startswith(f"{f}: 3 record ids replaced") and warning.endswith(
-        "'3.0', 'true', 'list'")
+        "'3.0', 'true', '<a list>'")
     assert got[3:] == [doc_id_for(f"{f}#4"), "4"]
 
 
@@ -1258,6 +1258,12 @@ def test_a_pretty_printed_json_document_named_jsonl_is_read_as_json(tmp_path: Pa
     assert result.documents[-1].doc_id == doc_id_for(f"{single}#1")
     assert len(result.documents) == 2 + len(load(squad.rename(squad.with_suffix(".json")))
                                             .documents) + 1
+    # a record and a line of white space JSON does not take for it (a form feed, NBSP): read
+    # as a record, as before (json.loads of the whole text raised: a build's traceback)
+    for text in ('{"text": "a"}\n\x0c\n', '\x0c\n{"text": "a"}\n', '{"text": "a"}\n\xa0',
+                 '[{"text": "a"}]\n\u2028'):
+        single.write_text(text, encoding="utf-8")
+        assert [d.text for d in load(single).documents] in (["a"], []), repr(text)
 
 
 def test_a_record_whose_source_is_an_address_that_cannot_be_parsed_is_read(

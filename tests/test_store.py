@@ -291,6 +291,48 @@ def test_a_load_that_restores_a_backup_reads_the_index_once(
         assert reads == [built]
 
 
+def test_a_load_failed_by_a_swap_after_another_swap_reads_again(
+        built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two swaps in a row (a REST change is a swap): the folder read (B) replaced the one first
+    looked at (A, deleted), then was replaced itself (C) mid-read. C may take A's freed inode
+    number (ext4 gives it at once): compared with A's id, not the held B's, the failed read was
+    taken for damage, "rebuild it"."""
+    import os
+    import shutil
+
+    import citeqa.retrieval.store as store
+
+    b, c = tmp_path / "b", tmp_path / "c"
+    shutil.copytree(built, b)
+
+    def swap_in(new: Path) -> None:
+        os.rename(built, built.with_name(".idx.old-1"))
+        os.rename(new, built)
+        shutil.rmtree(built.with_name(".idx.old-1"))
+
+    real_recover, real_read = store.recover_index, store.Index._load_once.__func__  # type: ignore[attr-defined]
+    steps: list[str] = []
+
+    def recover(directory: Path, **kw):  # type: ignore[no-untyped-def]
+        if not steps:
+            steps.append("b")
+            swap_in(b)  # A -> B, A deleted
+        return real_recover(directory, **kw)
+
+    def read(cls, directory: Path, *, verify: bool) -> Index:  # type: ignore[no-untyped-def]
+        if steps == ["b"]:
+            steps.append("c")
+            shutil.copytree(directory, c)  # made after A was deleted
+            swap_in(c)  # B -> C mid-read
+            raise IndexError_(f"index {directory}: checksum mismatch; rebuild it")
+        return real_read(cls, directory, verify=verify)
+
+    monkeypatch.setattr(store, "recover_index", recover)
+    monkeypatch.setattr(store.Index, "_load_once", classmethod(read))
+    assert sorted(Index.load(built).documents) == ["d1", "d2", "d3"]
+    assert steps == ["b", "c"]
+
+
 def test_an_index_write_holds_its_temporary_directory_only_while_it_writes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Held (flock) while written, so that no other process takes it for a dead writer's, and

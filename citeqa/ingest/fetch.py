@@ -556,11 +556,14 @@ class Fetcher:
         """The (decompressed) body, refusing more than max_bytes (decoded, or received: endless
         empty gzip members decode to nothing) or reading past the deadline."""
         limit = self.policy.max_bytes
+        coding = response.headers.get("Content-Encoding", "")
+        # bytes received: a compressed body's may pass its decoded cap by gzip's overhead on
+        # what does not shrink (the declared length and the bytes counted, the same cap)
+        received_cap = limit + limit // 8 if coding.strip() else limit
         declared = response.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > limit:
+        if declared.isdigit() and int(declared) > received_cap:
             raise UnreadablePageError(
                 f"{requested}: body of {declared} bytes is over the {limit}-byte cap")
-        coding = response.headers.get("Content-Encoding", "")
         raw_chunks: Callable[[], Iterator[bytes]] = response.iter_raw
         if response.is_stream_consumed:  # built in memory (a test's httpx.MockTransport):
             coding, raw_chunks = "", lambda: iter([response.content])  # read, decoded by httpx
@@ -576,7 +579,7 @@ class Fetcher:
         try:
             for raw in _then_end(raw_chunks()):
                 received += len(raw)
-                if received > limit + limit // 8:  # (gzip's overhead on what does not shrink)
+                if received > received_cap:
                     raise UnreadablePageError(f"{requested}: body is over the {limit}-byte cap")
                 for chunk in decoder.decode(raw, limit - len(body)):
                     body += chunk

@@ -633,15 +633,14 @@ def _one_json_document(text: str) -> Any:
     """The JSON document a JSON Lines file holds instead of records a line, else ``_NOT_ONE``:
     one pretty-printed (its first line is no JSON value alone), or, on its one line, a list
     or SQuAD (one record on its one line is a record: its id stays as it was)."""
-    if _first_line_is_json(text):
-        if _line_end(text) in text.strip():
-            return _NOT_ONE  # lines of JSON values: records
-        obj = json.loads(text)
-        return obj if isinstance(obj, list) or _is_squad(obj) else _NOT_ONE
+    one_line = _first_line_is_json(text)
+    if one_line and _line_end(text) in text.strip(" \t\r\n"):  # (JSON's white space alone)
+        return _NOT_ONE  # lines of JSON values: records
     try:
-        return json.loads(text)
+        obj = json.loads(text)
     except (ValueError, RecursionError):
-        return _NOT_ONE  # no JSON document either: its lines are bad lines
+        return _NOT_ONE  # no JSON document: its lines are records, or bad lines
+    return obj if not one_line or isinstance(obj, list) or _is_squad(obj) else _NOT_ONE
 
 
 def _json_value_documents(source: str, obj: Any, hashed: list[str]
@@ -689,7 +688,8 @@ def _record_document(source: str, record: Any, position: int, where: str,
     if own_id is None:
         own_id = record.get("id")
     if own_id is not None and (isinstance(own_id, bool) or not isinstance(own_id, str | int)):
-        said = type(own_id).__name__ if isinstance(own_id, list | dict) else json.dumps(own_id)
+        said = (f"<a {'list' if isinstance(own_id, list) else 'object'}>"
+                if isinstance(own_id, list | dict) else json.dumps(own_id))
         hashed.append(said)  # 3.0, true, a list: said, as "-5" is (a list nested 1,000 deep
         # made json.dumps recurse past Python's limit)
         own_id = None

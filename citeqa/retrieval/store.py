@@ -459,17 +459,24 @@ class Index:
         directory = Path(directory)
         for attempt in range(1, LOAD_TRIES + 1):
             before = folder_id(directory)
-            try:
+            swapped: bool | None = None  # decided while the folder read is held: its id then
+            try:  # is no other folder's (one made after it is deleted may take its number)
                 at = recover_index(directory)  # (restored first: then held, and read once)
                 with _held_open(at) as held:
-                    loaded = cls._load_once(at, verify=verify)
+                    try:
+                        loaded = cls._load_once(at, verify=verify)
+                    except (IndexError_, OSError):
+                        swapped = folder_id(at) != held or bool(siblings(directory, "old"))
+                        raise
                     # a swap between reading the manifest (and checking the files' sums) and
                     # parsing the files passed every check where the counts agreed: the
                     # documents of one version under another's manifest and version
                     if folder_id(at) == held:
                         return loaded
+                    swapped = True
             except (IndexError_, OSError) as e:
-                swapped = folder_id(directory) != before or bool(siblings(directory, "old"))
+                if swapped is None:  # recovering it failed
+                    swapped = folder_id(directory) != before or bool(siblings(directory, "old"))
                 if attempt == LOAD_TRIES or not swapped:
                     if isinstance(e, OSError):
                         raise IndexError_(f"index {directory} is unreadable ({e!r}); rebuild "
