@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -94,9 +95,10 @@ def flocked(path: Path, *, flags: int = os.O_RDONLY,
 
 
 # --- directories ------------------------------------------------------------------------------
-# A directory is written whole into ``.<name>.tmp-<pid>`` beside it, then swapped in: ``out``
-# renamed to ``.<name>.old-<pid>``, the temporary directory to ``out``, the backup removed. The
-# pid in the names says whether their writer still runs, so what a killed writer left (hundreds
+# A directory is written whole into ``.<name>.tmp-<pid>-<token>`` beside it, then swapped in:
+# ``out`` renamed to ``.<name>.old-<pid>`` (an index's: ``-<token>`` too), the temporary
+# directory to ``out``, the backup removed. The pid in the names says whether their writer
+# still runs, so what a killed writer left (hundreds
 # of MB of weights, or the only copy of ``out`` between the two renames) is removed or restored
 # by the next writer or reader. A temporary directory is also held under a ``flock`` by its
 # writer while it writes (``claim_tmp_dir``): no lock held means no writer, whatever its pid says
@@ -196,13 +198,27 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+# A writer's part of its siblings' names: its pid, then a token of its own. Two containers
+# sharing a volume (replicas) both write as pid 1: each took the other's temporary directory,
+# being written right then, for debris of its own and deleted it (201s lost, once the index).
+_WRITER_TOKEN = secrets.token_hex(4)
+WRITER_TOKEN_CHARS = 8
+_SIBLING_RE = re.compile(r"\.(tmp|old)-(\d+)(?:-([0-9a-f]{8}))?$")  # (older names: the pid alone)
+
+
+def writer_name() -> str:
+    """``PID-TOKEN``: this process's part of the sibling directories it writes."""
+    return f"{os.getpid()}-{_WRITER_TOKEN}"
+
+
 def tmp_dir_for(out: Path) -> Path:
     """This process's temporary sibling of ``out`` (not created)."""
-    return out.parent / f".{out.name}.tmp-{os.getpid()}"
+    return out.parent / f".{out.name}.tmp-{writer_name()}"
 
 
 def siblings(out: Path, kind: str) -> list[Path]:
-    """``out``'s ``.tmp-<pid>`` (``kind`` "tmp") or ``.old-<pid>`` ("old") siblings."""
+    """``out``'s ``.tmp-<pid>-<token>`` (``kind`` "tmp") or ``.old-<pid>[-<token>]`` ("old")
+    siblings."""
     return sorted(out.parent.glob(f".{out.name}.{kind}-*")) if out.parent.is_dir() else []
 
 
@@ -226,19 +242,22 @@ def writer_alive(sibling: Path, *, writing: bool) -> bool:
     its writer's ``flock`` is held (``claim_tmp_dir``), and dead once none is and it is older
     than ``CLAIM_GRACE_S`` (its writer takes the lock just after making it), whatever process its
     pid now names; where the lock cannot be told, it is alive while a process of that pid runs."""
-    pid = sibling.name.rsplit("-", 1)[-1]
-    if not pid.isdigit():
+    m = _SIBLING_RE.search(sibling.name)
+    if m is None:
         return False
-    own = int(pid) == os.getpid()
+    kind, pid, token = m.group(1), int(m.group(2)), m.group(3)
+    # this process's own: its pid, and its token (another process of that pid number, in
+    # another pid namespace, has another); a name of the pid alone, an older citeqa's
+    own = pid == os.getpid() and token in (None, _WRITER_TOKEN)
     if own and writing:
         return False
-    if sibling.name.rsplit("-", 1)[0].endswith(".tmp"):
+    if kind == "tmp":
         held = _claimed(sibling)
         if held:
             return True
         if held is False and not _just_made(sibling):
             return False
-    return own or _pid_alive(int(pid))
+    return own or _pid_alive(pid)
 
 
 CLAIM_GRACE_S = 10.0  # a new temporary directory's writer has surely locked it by then

@@ -516,7 +516,8 @@ class Pipeline:
     def _update(self, update: IndexUpdate) -> dict[str, int]:
         """Apply ``update`` to disk, then swap the retriever (one update at a time). When
         another writer changed the index since it was loaded, the index is loaded as it is now
-        and the update applied to that (once): nobody's change is undone, and none refused."""
+        and the update applied to that (once): nobody's change is undone, and none refused
+        (nor one the index loaded would refuse: an id unknown or taken there)."""
         with self._update_lock:
             old = self.retriever
             if not isinstance(old, HybridRetriever):
@@ -542,6 +543,16 @@ class Pipeline:
                         full=disk_full(e)) from e
                 except IndexChangedError:
                     if attempt or self._reload_or_say_why(out) is None:  # nothing to load
+                        raise
+                    assert isinstance(self.retriever, HybridRetriever), self.retriever
+                    old = self.retriever
+                except InvalidRequestError as e:
+                    # an unknown or a taken id, by the index loaded: another writer (a replica)
+                    # may have added or deleted it since (a delete of what it added was a 404,
+                    # nothing deleted): judged again on the index as it is now
+                    if (attempt or e.status not in (404, 409)
+                            or version_on_disk(out) in (None, old.index.version)
+                            or self._reload_or_say_why(out) is None):
                         raise
                     assert isinstance(self.retriever, HybridRetriever), self.retriever
                     old = self.retriever

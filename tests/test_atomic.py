@@ -298,3 +298,29 @@ def test_a_stale_sibling_that_cannot_be_removed_is_not_said_removed(
     monkeypatch.undo()
     remove_stale_siblings(out, writing=False)
     assert not stale.exists() and f"removed stale {stale}" in caplog.text
+
+
+def test_a_writer_of_the_same_pid_in_another_container_keeps_its_temporary_directory(
+        tmp_path: Path) -> None:
+    """Replicas in two containers over one volume both write as pid 1: each took the other's
+    temporary directory, being written right then, for its own debris (``.idx.tmp-1``), and
+    deleted it; the other then swapped in what was left there (201s lost, once the whole
+    index). A writer's names carry a token of its own beside its pid."""
+    from helpers import flock_held_elsewhere
+
+    from citeqa.atomic import fresh_tmp_dir, tmp_dir_for, writer_alive, writer_name
+
+    out = tmp_path / "idx"
+    pid = os.getpid()
+    assert writer_name().startswith(f"{pid}-") and tmp_dir_for(out).name.endswith(writer_name())
+    other = tmp_path / f".idx.tmp-{pid}-0123abcd"  # the other container's writer, writing
+    other.mkdir()
+    (other / "documents.jsonl").write_text("its work")
+    with flock_held_elsewhere(other):
+        assert writer_alive(other, writing=True)
+        mine = fresh_tmp_dir(out)  # this writer's own: another name, and the other's kept
+        assert mine != other and (other / "documents.jsonl").is_file()
+    os.rmdir(mine)
+    legacy = tmp_path / f".idx.tmp-{pid}"  # an older citeqa's name: this pid's, unlocked
+    legacy.mkdir()
+    assert not writer_alive(legacy, writing=True)

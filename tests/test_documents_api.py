@@ -869,6 +869,25 @@ def test_two_servers_on_one_index_never_undo_each_others_changes(index_dir: Path
     assert set(Index.load(index_dir).documents) == {DOCS[0].doc_id, "c1"}
 
 
+def test_a_change_the_loaded_index_refuses_is_judged_again_on_the_index_on_disk(
+        index_dir: Path, tmp_path: Path) -> None:
+    """Replicas: a delete of what the other added was a 404, and an add of what the other
+    deleted a 409, by a server's stale copy, though the change was right: nothing changed (the
+    servers here never look by themselves: CITEQA_INDEX_RELOAD_S 0)."""
+    with serve(index_dir, tmp_path / "a") as a, serve(index_dir, tmp_path / "b") as b:
+        assert a.post("/v1/documents", json={"text": NEW_TEXT, "doc_id": "x"}).status_code == 201
+        assert b.delete("/v1/documents/x").status_code == 204  # (b had not loaded it)
+        assert "x" not in Index.load(index_dir).documents
+        assert a.post("/v1/documents", json={"text": NEW_TEXT, "doc_id": "x"}).status_code == 201
+        assert b.delete("/v1/documents/x").status_code == 204
+        r = a.post("/v1/documents", json={"text": NEW_TEXT, "doc_id": "x"})  # (a held it)
+        assert r.status_code == 201, r.text
+        assert "x" in Index.load(index_dir).documents
+        # still refused where the index on disk refuses it too
+        assert_error(b.delete("/v1/documents/nowhere"), 404)
+        assert_error(b.post("/v1/documents", json={"text": "Other.", "doc_id": "x"}), 409)
+
+
 def test_a_server_serves_the_index_another_writer_changed(index_dir: Path,
                                                           tmp_path: Path) -> None:
     """``citeqa index add`` (or a rebuild) beside a running server: it answers from the new

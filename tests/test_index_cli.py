@@ -716,12 +716,12 @@ def test_an_out_name_too_long_for_its_temporary_sibling_is_refused_before_any_wo
                             str(tmp_path / ("i" * 245)), "--no-progress", *resumable)
         assert code == 2 and "is too long for an index folder" in err, err
     assert not loaded and not (tmp_path / ("i" * 245)).exists()
-    # a name whose sibling fits is taken (pids have 7 digits at most), and a change of an index
-    # whose name does not fit is refused before its embedding, not after it
+    # a name whose sibling fits is taken (pids have 7 digits at most, then a token of 8), and
+    # a change of an index whose name does not fit is refused before its embedding, not after
     monkeypatch.undo()
     assert _cli("index", "build", "--preset", "tiny", str(docs), "--out",
-                str(tmp_path / ("j" * 240)), "--no-progress")[0] == 0
-    (tmp_path / ("j" * 240)).rename(tmp_path / ("j" * 250))
+                str(tmp_path / ("j" * 231)), "--no-progress")[0] == 0
+    (tmp_path / ("j" * 231)).rename(tmp_path / ("j" * 250))
     more = _files(tmp_path / "more", {"extra.txt": "An extra book about the river delta."})
     code, _, err = _cli("index", "add", str(more), "--index", str(tmp_path / ("j" * 250)),
                         "--no-progress")

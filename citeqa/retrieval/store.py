@@ -17,9 +17,10 @@ Layout (plain data only, never pickle)::
       dense_removed.npy  int64 [R], sorted: rows of dense.faiss that are removed passages (an
                          HNSW index after deletions, see dense.py; absent when there are none)
 
-Atomic rebuild: everything is written to ``.<name>.tmp-<pid>`` beside ``out`` and fsynced; then
-``out`` (if any) is renamed to ``.<name>.old-<pid>``, the temporary directory to ``out``, and the
-old one deleted. At every instant a complete index sits at ``out`` or, between the two renames,
+Atomic rebuild: everything is written to ``.<name>.tmp-<pid>-<token>`` beside ``out`` and
+fsynced; then ``out`` (if any) is renamed to ``.<name>.old-<pid>-<token>``, the temporary
+directory to ``out``, and the old one deleted (the token: replicas in two containers are both
+pid 1). At every instant a complete index sits at ``out`` or, between the two renames,
 at the ``.old`` sibling. After a crash, ``recover_index`` (run by ``Index.load``, so by every
 command that opens an index, and by ``prepare`` before a build) renames that sibling back to
 ``out`` once no writer holds the swap lock (a writer mid-swap holds it; a pid in a name
@@ -53,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from citeqa.atomic import (
+    WRITER_TOKEN_CHARS,
     discard_tmp_dir,
     flocked,
     flocked_if_free,
@@ -64,6 +66,7 @@ from citeqa.atomic import (
     release_tmp_dir,
     remove_stale_siblings,
     siblings,
+    writer_name,
 )
 from citeqa.config import RetrievalConfig
 from citeqa.errors import (
@@ -286,8 +289,9 @@ def _pid_digits() -> int:
 
 def check_name_fits(out: Path) -> None:
     """IndexError_ when ``out``'s name leaves no room for the siblings a write makes beside it
-    (``.NAME.tmp-PID``, ``.NAME.old-PID``): that failed at the swap, after all the work."""
-    sibling = os.fsencode(f".{out.name}.tmp-{'9' * _pid_digits()}")
+    (``.NAME.tmp-PID-TOKEN``, ``.NAME.old-PID-TOKEN``): that failed at the swap, after all the
+    work."""
+    sibling = os.fsencode(f".{out.name}.tmp-{'9' * _pid_digits()}-{'f' * WRITER_TOKEN_CHARS}")
     try:
         limit = os.pathconf(next(p for p in out.parents if p.is_dir()), "PC_NAME_MAX")
     except (OSError, ValueError, StopIteration):
@@ -295,7 +299,7 @@ def check_name_fits(out: Path) -> None:
     if len(sibling) > limit:
         raise IndexError_(
             f"the name {out.name!r} is too long for an index folder: a write makes "
-            f".NAME.tmp-PID beside it, over the file system's {limit} bytes a name; choose "
+            f".NAME.tmp-PID-TOKEN beside it, over the file system's {limit} bytes a name; choose "
             "a shorter one (or rename it)"
         )
 
@@ -336,8 +340,8 @@ def publish(tmp: Path, out: Path, *, expect: dict[str, Any] | None = None,
     ``only_if_missing``: IndexExistsError (and nothing changed) when ``out`` holds anything but
     an empty folder now (an index another build swapped in since this one checked)."""
     out = real_path(out)
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    with writer_lock(out):
+    old = out.parent / f".{out.name}.old-{writer_name()}"  # (another container's pid 1 swaps
+    with writer_lock(out):  # too: its backup is its own, removed outside the lock)
         if only_if_missing and out.exists() and not _is_empty_dir(out):
             raise IndexExistsError(
                 f"{out} is not empty any more (another build wrote an index there while this one "
