@@ -247,8 +247,10 @@ def writer_alive(sibling: Path, *, writing: bool) -> bool:
         return False
     kind, pid, token = m.group(1), int(m.group(2)), m.group(3)
     # this process's own: its pid, and its token (another process of that pid number, in
-    # another pid namespace, has another); a name of the pid alone, an older citeqa's
-    own = pid == os.getpid() and token in (None, _WRITER_TOKEN)
+    # another pid namespace, has another); a backup of the pid alone (``replace_dir``'s). A
+    # temporary directory of the pid alone is an older citeqa's, never this process's: whether
+    # its writer runs is its lock's to say (an older replica's, writing now, was deleted)
+    own = pid == os.getpid() and (token == _WRITER_TOKEN or (token is None and kind == "old"))
     if own and writing:
         return False
     if kind == "tmp":

@@ -308,7 +308,13 @@ def test_a_writer_of_the_same_pid_in_another_container_keeps_its_temporary_direc
     index). A writer's names carry a token of its own beside its pid."""
     from helpers import flock_held_elsewhere
 
-    from citeqa.atomic import fresh_tmp_dir, tmp_dir_for, writer_alive, writer_name
+    from citeqa.atomic import (
+        CLAIM_GRACE_S,
+        fresh_tmp_dir,
+        tmp_dir_for,
+        writer_alive,
+        writer_name,
+    )
 
     out = tmp_path / "idx"
     pid = os.getpid()
@@ -321,6 +327,29 @@ def test_a_writer_of_the_same_pid_in_another_container_keeps_its_temporary_direc
         mine = fresh_tmp_dir(out)  # this writer's own: another name, and the other's kept
         assert mine != other and (other / "documents.jsonl").is_file()
     os.rmdir(mine)
-    legacy = tmp_path / f".idx.tmp-{pid}"  # an older citeqa's name: this pid's, unlocked
+    # an older citeqa's name (the pid alone) is never this process's: its lock says (an older
+    # replica's of the same pid, writing, was deleted as this one's own debris)
+    legacy = tmp_path / f".idx.tmp-{pid}"
     legacy.mkdir()
-    assert not writer_alive(legacy, writing=True)
+    with flock_held_elsewhere(legacy):
+        assert writer_alive(legacy, writing=True)
+    past = time.time() - CLAIM_GRACE_S - 5
+    os.utime(legacy, (past, past))
+    assert not writer_alive(legacy, writing=True)  # unlocked, and not just made: dead
+
+
+def test_a_build_removes_a_backup_a_dead_writer_of_its_pid_left(tmp_path: Path) -> None:
+    """A restarted container's pid 1 with another token: the dead writer's backup, a whole
+    index copy, was kept by every build (only a load removed it)."""
+    from citeqa.config import preset
+    from citeqa.retrieval import build_index_from_documents
+    from citeqa.retrieval.store import prepare
+    from citeqa.types import Document
+
+    out = tmp_path / "idx"
+    build_index_from_documents([Document("d", "t", "s", "Some text here.")], out,
+                               preset("tiny").retrieval, progress=False)
+    backup = tmp_path / f".idx.old-{os.getpid()}-aaaaaaaa"
+    shutil.copytree(out, backup)
+    tmp = prepare(out)
+    assert not backup.exists() and tmp.is_dir()

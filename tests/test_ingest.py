@@ -1261,9 +1261,12 @@ def test_a_pretty_printed_json_document_named_jsonl_is_read_as_json(tmp_path: Pa
     # a record and a line of white space JSON does not take for it (a form feed, NBSP): read
     # as a record, as before (json.loads of the whole text raised: a build's traceback)
     for text in ('{"text": "a"}\n\x0c\n', '\x0c\n{"text": "a"}\n', '{"text": "a"}\n\xa0',
-                 '[{"text": "a"}]\n\u2028'):
+                 '[{"text": "a"}]\n\u2028', '[{"text": "a"}]\n\x0c\n'):
         single.write_text(text, encoding="utf-8")
-        assert [d.text for d in load(single).documents] in (["a"], []), repr(text)
+        assert [d.text for d in load(single).documents] == ["a"], repr(text)
+    squad.with_suffix(".json").rename(squad)  # (SQuAD on its one line, then such a line)
+    squad.write_text(json.dumps(_squad("v2.0")) + "\n\x0c\n")
+    assert load(squad).documents and not load(squad).skipped
 
 
 def test_a_record_whose_source_is_an_address_that_cannot_be_parsed_is_read(

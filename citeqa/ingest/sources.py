@@ -567,18 +567,30 @@ def _line_end(text: str) -> str:
     return "\n" if "\n" in text or "\r" not in text else "\r"
 
 
-def _first_line_is_json(text: str) -> bool:
-    """Whether the first non-blank line of ``text`` is a JSON value on its own (lines as
-    ``_json_documents`` reads them)."""
+_NOT_ONE = object()  # no JSON value (JSON's null is None)
+
+
+def _first_line(text: str) -> tuple[str, int]:
+    """The first non-blank line of ``text`` as ``_json_documents`` reads lines, and where the
+    text after it starts (``len(text)`` where none does)."""
     end, start = _line_end(text), 0
     while (stop := text.find(end, start)) >= 0 and not text[start:stop].strip():
         start = stop + 1  # (not text.split: the file may be large, one line is wanted)
-    first = text[start:stop] if stop >= 0 else text[start:]
+    return (text[start:stop], stop + 1) if stop >= 0 else (text[start:], len(text))
+
+
+def _json_line(line: str) -> Any:
+    """``line``'s JSON value, or ``_NOT_ONE`` where it holds none (on its own)."""
     try:
-        json.loads(first)
+        return json.loads(line.removesuffix("\r"))
     except (ValueError, RecursionError):
-        return False
-    return True
+        return _NOT_ONE
+
+
+def _first_line_is_json(text: str) -> bool:
+    """Whether the first non-blank line of ``text`` is a JSON value on its own (lines as
+    ``_json_documents`` reads them)."""
+    return _json_line(_first_line(text)[0]) is not _NOT_ONE
 
 
 def _json_documents(path: Path, text: str, hashed: list[str]) -> Iterator[Document | Skipped]:
@@ -626,21 +638,22 @@ def _json_documents(path: Path, text: str, hashed: list[str]) -> Iterator[Docume
         raise _SkipError("the file has no records")
 
 
-_NOT_ONE = object()  # (JSON's null is None)
-
-
 def _one_json_document(text: str) -> Any:
     """The JSON document a JSON Lines file holds instead of records a line, else ``_NOT_ONE``:
-    one pretty-printed (its first line is no JSON value alone), or, on its one line, a list
-    or SQuAD (one record on its one line is a record: its id stays as it was)."""
-    one_line = _first_line_is_json(text)
-    if one_line and _line_end(text) in text.strip(" \t\r\n"):  # (JSON's white space alone)
+    one pretty-printed (its first line is no JSON value alone), or, its one line that is not
+    blank (as the records' loop reads blank lines), a list or SQuAD (one record on its one
+    line is a record: its id stays as it was)."""
+    first, after = _first_line(text)
+    value = _json_line(first)
+    if value is _NOT_ONE:
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError):
+            return _NOT_ONE  # no JSON document: its lines are bad lines
+    rest = text[after:]  # (isspace: no copy of a large file's text)
+    if rest and not rest.isspace():
         return _NOT_ONE  # lines of JSON values: records
-    try:
-        obj = json.loads(text)
-    except (ValueError, RecursionError):
-        return _NOT_ONE  # no JSON document: its lines are records, or bad lines
-    return obj if not one_line or isinstance(obj, list) or _is_squad(obj) else _NOT_ONE
+    return value if isinstance(value, list) or _is_squad(value) else _NOT_ONE
 
 
 def _json_value_documents(source: str, obj: Any, hashed: list[str]

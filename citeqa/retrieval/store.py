@@ -247,7 +247,10 @@ def prepare(out: Path) -> Path:
         with contextlib.suppress(IndexError_):  # nothing to restore: a first build
             recover_index(out, writing=True)
     check_replaceable(out)
-    remove_stale_siblings(out, writing=True)
+    # with the swap lock free, no writer is between its renames: every backup is stale (one a
+    # dead writer whose pid this process has now left, a restarted container's pid 1, too)
+    with flocked_if_free(out.parent) as free:
+        remove_stale_siblings(out, writing=True, backups_free=free)
     return new_tmp_dir(out)
 
 
