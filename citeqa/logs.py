@@ -54,7 +54,16 @@ class NoPasswords(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
-        except Exception:  # noqa: BLE001 - args that do not fit: the handler reports it
+        except Exception:  # noqa: BLE001 - args that do not fit: the handler reports it,
+            # with the message and args as they are: each URL in them without its password
+            if isinstance(record.msg, str):
+                record.msg = without_userinfo(record.msg)
+            if isinstance(record.args, tuple):
+                record.args = tuple(without_userinfo(a) if isinstance(a, str) else a
+                                    for a in record.args)
+            elif isinstance(record.args, dict):
+                record.args = {k: without_userinfo(a) if isinstance(a, str) else a
+                               for k, a in record.args.items()}
             return True
         if "@" in message and (shown := without_userinfo(message)) != message:
             record.msg, record.args = shown, ()

@@ -284,8 +284,12 @@ def test_a_stale_sibling_that_cannot_be_removed_is_not_said_removed(
     caplog.set_level(logging.INFO, logger="citeqa.atomic")
 
     def refused(code: int):  # type: ignore[no-untyped-def]
-        def rmtree(path, onerror):  # type: ignore[no-untyped-def]
-            onerror(os.rmdir, str(path), (OSError, OSError(code, os.strerror(code)), None))
+        def rmtree(path, onerror=None, onexc=None):  # type: ignore[no-untyped-def]
+            error = OSError(code, os.strerror(code))  # (onexc from Python 3.12 on)
+            if onexc is not None:
+                onexc(os.rmdir, str(path), error)
+            else:
+                onerror(os.rmdir, str(path), (OSError, error, None))
         return rmtree
 
     monkeypatch.setattr("citeqa.atomic.shutil.rmtree", refused(errno.EROFS))

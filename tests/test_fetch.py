@@ -131,6 +131,22 @@ PUBLIC_IPS = [PUBLIC, "8.8.8.8", "1.1.1.1", PUBLIC6, "2002:808:808::1", "64:ff9b
               "192.0.0.9", "192.0.0.10"]  # global anycast inside 192.0.0.0/24
 
 
+def test_a_6to4_address_is_judged_by_its_ipv4_whatever_pythons_table_says(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python 3.11.10, 3.12.4 and 3.13 call all of 2002::/16 private: a public host's 6to4
+    address was refused there ("a private address"), allowed on older patch releases."""
+    import ipaddress
+
+    sixtofour = ipaddress.ip_network("2002::/16")
+    private = ipaddress.IPv6Address.is_private.fget  # type: ignore[attr-defined]
+    monkeypatch.setattr(ipaddress.IPv6Address, "is_private", property(
+        lambda self: self in sixtofour or private(self)))
+    check_ip("2002:808:808::1")  # 8.8.8.8 inside
+    for ip in ("2002:7f00:1::1", "2002:c0a8:101::"):  # 127.0.0.1, 192.168.1.1 inside
+        with pytest.raises(BlockedURLError):
+            check_ip(ip)
+
+
 @pytest.mark.parametrize("ip", ALWAYS_BLOCKED)
 def test_check_ip_always_blocked(ip: str) -> None:
     with pytest.raises(BlockedURLError):
