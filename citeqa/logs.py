@@ -55,19 +55,29 @@ class NoPasswords(logging.Filter):
         try:
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - args that do not fit: the handler reports it,
-            # with the message and args as they are: each URL in them without its password
-            if isinstance(record.msg, str):
-                record.msg = without_userinfo(record.msg)
+            # with the message and args as they are (their reprs): each URL in them without
+            # its password, in a list or an exception too
+            record.msg = _scrubbed(record.msg)
             if isinstance(record.args, tuple):
-                record.args = tuple(without_userinfo(a) if isinstance(a, str) else a
-                                    for a in record.args)
+                record.args = tuple(_scrubbed(a) for a in record.args)
             elif isinstance(record.args, dict):
-                record.args = {k: without_userinfo(a) if isinstance(a, str) else a
-                               for k, a in record.args.items()}
+                record.args = {k: _scrubbed(a) for k, a in record.args.items()}
             return True
         if "@" in message and (shown := without_userinfo(message)) != message:
             record.msg, record.args = shown, ()
         return True
+
+
+def _scrubbed(value: object) -> object:
+    """``value``, or, where it or its repr holds a URL's password, the text without it."""
+    if isinstance(value, str):
+        return without_userinfo(value)
+    try:
+        shown = repr(value)
+    except Exception:  # noqa: BLE001 - a repr that fails: the handler reports that too
+        return value
+    return value if "@" not in shown or without_userinfo(shown) == shown else (
+        without_userinfo(shown))
 
 
 def verbose() -> bool:

@@ -102,6 +102,8 @@ def test_no_log_line_holds_a_urls_password() -> None:
             "c.get('http://user:' + 's3' + 'cret@engine.example:8401/v1/models'); "
             "import logging; logging.getLogger('x').info('at %s', 'https://u:p%' + '40w@h.ex/'); "
             "logging.getLogger('x').info('%d args', 'http://u:hid' + 'den@h.ex/');"
+            "logging.getLogger('x').info('%d args', ['http://u:hid' + 'den@h.ex/']);"
+            "logging.getLogger('x').info(ValueError('http://u:hid' + 'den@h.ex/'), 1);"
             "print('still running')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

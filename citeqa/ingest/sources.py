@@ -568,6 +568,7 @@ def _line_end(text: str) -> str:
 
 
 _NOT_ONE = object()  # no JSON value (JSON's null is None)
+_NOT_SPACE = re.compile(r"\S")  # (what str.strip and str.isspace take for white space, less)
 
 
 def _first_line(text: str) -> tuple[str, int]:
@@ -650,8 +651,7 @@ def _one_json_document(text: str) -> Any:
             return json.loads(text)
         except (ValueError, RecursionError):
             return _NOT_ONE  # no JSON document: its lines are bad lines
-    rest = text[after:]  # (isspace: no copy of a large file's text)
-    if rest and not rest.isspace():
+    if _NOT_SPACE.search(text, after):  # (no copy of a large file's text)
         return _NOT_ONE  # lines of JSON values: records
     return value if isinstance(value, list) or _is_squad(value) else _NOT_ONE
 
