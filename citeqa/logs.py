@@ -54,30 +54,19 @@ class NoPasswords(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
-        except Exception:  # noqa: BLE001 - args that do not fit: the handler reports it,
-            # with the message and args as they are (their reprs): each URL in them without
-            # its password, in a list or an exception too
-            record.msg = _scrubbed(record.msg)
-            if isinstance(record.args, tuple):
-                record.args = tuple(_scrubbed(a) for a in record.args)
-            elif isinstance(record.args, dict):
-                record.args = {k: _scrubbed(a) for k, a in record.args.items()}
+        except Exception as e:  # noqa: BLE001 - args that do not fit: said in its place,
+            # without a URL's password (logging's own report printed message and args as
+            # they were: in a list, a mapping's keys, an exception's repr)
+            try:
+                shown = (f"a log record that cannot be formatted ({type(e).__name__}: {e}): "
+                         f"message {record.msg!r}, args {record.args!r}")
+            except Exception:  # noqa: BLE001 - a repr that fails
+                shown = f"a log record that cannot be formatted ({type(e).__name__})"
+            record.msg, record.args = without_userinfo(shown), ()
             return True
         if "@" in message and (shown := without_userinfo(message)) != message:
             record.msg, record.args = shown, ()
         return True
-
-
-def _scrubbed(value: object) -> object:
-    """``value``, or, where it or its repr holds a URL's password, the text without it."""
-    if isinstance(value, str):
-        return without_userinfo(value)
-    try:
-        shown = repr(value)
-    except Exception:  # noqa: BLE001 - a repr that fails: the handler reports that too
-        return value
-    return value if "@" not in shown or without_userinfo(shown) == shown else (
-        without_userinfo(shown))
 
 
 def verbose() -> bool:

@@ -104,14 +104,16 @@ def test_no_log_line_holds_a_urls_password() -> None:
             "logging.getLogger('x').info('%d args', 'http://u:hid' + 'den@h.ex/');"
             "logging.getLogger('x').info('%d args', ['http://u:hid' + 'den@h.ex/']);"
             "logging.getLogger('x').info(ValueError('http://u:hid' + 'den@h.ex/'), 1);"
+            "logging.getLogger('x').info('%(a)d', {'http://u:hid' + 'den@h.ex/': 1, 'a': 's'});"
             "print('still running')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "GET http://engine.example:8401/v1/models" in r.stderr, r.stderr
     assert "at https://h.ex/" in r.stderr, r.stderr
     assert "s3cret" not in r.stderr and "p%40w" not in r.stderr, r.stderr
-    # a record whose args do not fit is reported with them: each URL without its password
+    # a record whose args do not fit is said, with them: each URL without its password
     assert "hidden" not in r.stderr and "'http://h.ex/'" in r.stderr, r.stderr
+    assert r.stderr.count("a log record that cannot be formatted (TypeError") == 4, r.stderr
     assert "still running" in r.stdout  # a record whose args do not fit: reported, not raised
 
 
