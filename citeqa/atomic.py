@@ -98,12 +98,12 @@ def flocked(path: Path, *, flags: int = os.O_RDONLY,
 # A directory is written whole into ``.<name>.tmp-<pid>-<token>`` beside it, then swapped in:
 # ``out`` renamed to ``.<name>.old-<pid>`` (an index's: ``-<token>`` too), the temporary
 # directory to ``out``, the backup removed. The pid in the names says whether their writer
-# still runs, so what a killed writer left (hundreds
-# of MB of weights, or the only copy of ``out`` between the two renames) is removed or restored
-# by the next writer or reader. A temporary directory is also held under a ``flock`` by its
-# writer while it writes (``claim_tmp_dir``): no lock held means no writer, whatever its pid says
-# (after a container's restart a pid names another process, or the reader itself). The index
-# (retrieval/store.py) adds a lock and its own recovery.
+# still runs, so what a killed writer left (hundreds of MB of weights, or the only copy of
+# ``out`` between the two renames) is removed or restored by the next writer or reader. A
+# temporary directory is also held under a ``flock`` by its writer while it writes
+# (``claim_tmp_dir``): no lock held means no writer, whatever its pid says (after a container's
+# restart a pid names another process, or the reader itself). The index (retrieval/store.py)
+# adds a lock and its own recovery.
 
 _claims: dict[str, int] = {}  # temporary directory -> the descriptor holding its flock
 
@@ -201,9 +201,10 @@ def fsync_path(path: Path) -> None:
 # A writer's part of its siblings' names: its pid, then a token of its own. Two containers
 # sharing a volume (replicas) both write as pid 1: each took the other's temporary directory,
 # being written right then, for debris of its own and deleted it (201s lost, once the index).
-_WRITER_TOKEN = secrets.token_hex(4)
 WRITER_TOKEN_CHARS = 8
-_SIBLING_RE = re.compile(r"\.(tmp|old)-(\d+)(?:-([0-9a-f]{8}))?$")  # (older names: the pid alone)
+_WRITER_TOKEN = secrets.token_hex(WRITER_TOKEN_CHARS // 2)
+# (older names: the pid alone)
+_SIBLING_RE = re.compile(rf"\.(tmp|old)-(\d+)(?:-([0-9a-f]{{{WRITER_TOKEN_CHARS}}}))?$")
 
 
 def writer_name() -> str:
