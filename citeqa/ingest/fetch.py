@@ -506,9 +506,8 @@ class Fetcher:
             bad = str(e).startswith("Invalid URL in location header")
             raise FetchError(f"{requested}: redirected to a bad URL: {e}" if bad else
                              f"{requested}: could not connect to {target.url.host}: {e}") from None
-        except httpx.InvalidURL as e:  # a redirect httpx parsed but will not send
-            raise FetchError(f"{requested}: redirected to a bad URL: {e}") from None
-        except (UnicodeError, ValueError) as e:  # a redirect to a host IDNA refuses (xn--a)
+        # a redirect httpx parsed but will not send, or to a host IDNA refuses (xn--a)
+        except (httpx.InvalidURL, UnicodeError, ValueError) as e:
             raise FetchError(f"{requested}: redirected to a bad URL: {e}") from None
         try:
             if response.status_code in _REDIRECTS:
