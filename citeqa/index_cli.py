@@ -278,6 +278,7 @@ def index_build(
                    f"index in whole){kept or again}", err=True)
         raise typer.Exit(130) from None
     _echo_skipped(summary.skipped)
+    _echo_twins(summary.twins)
     _forget_replaced(out)
     reused = (f", {summary.shards_reused} reused from an interrupted run"
               if summary.shards_reused else "")
@@ -287,6 +288,18 @@ def index_build(
         f"{plural(summary.passages, 'passage')} into {summary.out} in {summary.seconds:.1f} s "
         f"({len(summary.skipped)} skipped{shards})"  # files, pages, or a JSONL's lines
     )
+
+
+def _echo_twins(twins: Sequence[tuple[str, str]]) -> None:
+    """A warning for each document indexed with the text of another (at most
+    ``SKIPS_NAMED``, then how many more): its passages take two places in every result."""
+    for source, twin in twins[:SKIPS_NAMED]:
+        typer.echo(f"warning: {squash(source)} has the text of {squash(twin)}; both "
+                   "are indexed, so their passages take two places in every result they are "
+                   "in (leave one out and build again)", err=True)
+    if (more := len(twins) - SKIPS_NAMED) > 0:
+        typer.echo(f"warning: {plural(more, 'more document')} {'has' if more == 1 else 'have'} "
+                   "the text of another, and each is indexed beside it", err=True)
 
 
 def _forget_replaced(out: Path) -> None:

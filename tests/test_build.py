@@ -729,3 +729,37 @@ def test_a_cluster_address_that_never_answers_is_given_up_after_the_timeout(
     with pytest.raises(ConfigError, match=r"nothing answers at 10\.0\.0\.9:6379 \(timed out\)"):
         check_reachable("10.0.0.9:6379")
     assert waited == [CONNECT_S] and CONNECT_S <= 10
+
+
+def test_a_document_with_the_text_of_another_is_indexed_and_said(tmp_path: Path) -> None:
+    """A copied file (a text file's title is its name, so titles differ) filled two places of
+    every result it was found in, and no build said so."""
+    from typer.testing import CliRunner
+
+    from citeqa.cli import app
+    from citeqa.retrieval.builder import twins
+
+    same = "The comet passed the planet at dawn."
+    docs = [Document("a", "a.txt", "d/a.txt", same), Document("b", "Other", "d/b.txt", "Else."),
+            Document("c", "c.txt", "d/c.txt", same), Document("e", "E", "d/e.txt", " "),
+            Document("f", "F", "d/f.txt", " "), Document("g", "G", "d/g.txt", same + " ")]
+    assert twins(docs) == [("d/c.txt", "d/a.txt")]  # blank documents hold no passage
+    summary = build_index_from_documents(docs, tmp_path / "idx", CFG, progress=False)
+    assert summary.twins == [("d/c.txt", "d/a.txt")] and summary.documents == 6
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(8):
+        (src / f"copy{i}.txt").write_text(same)
+    for extra in ([], ["--resumable"]):  # a sharded build says the same
+        result = CliRunner().invoke(app, ["index", "build", str(src), "--out",
+                                          str(tmp_path / "cli"), "--bm25-only", "--no-progress",
+                                          *extra])
+        assert result.exit_code == 0, result.output
+        said = [line for line in result.output.splitlines() if line.startswith("warning:")]
+        assert said[:5] == [f"warning: {src / f'copy{i}.txt'} has the text of "
+                            f"{src / 'copy0.txt'}; both are indexed, so their passages take two "
+                            "places in every result they are in (leave one out and build again)"
+                            for i in range(1, 6)]
+        assert said[5:] == ["warning: 2 more documents have the text of another, and each is "
+                            "indexed beside it"]
+        assert "indexed 8 documents" in result.output

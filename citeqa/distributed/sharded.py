@@ -29,7 +29,7 @@ from citeqa.errors import ConfigError, EmptyCorpusError, IndexError_, IndexExist
 from citeqa.ingest import Fetcher, FetchPolicy, expand_sources, load_item
 from citeqa.ingest.sources import Sources, as_sources, is_url
 from citeqa.journal import run_lock
-from citeqa.retrieval.builder import BuildSummary, dense_spec_for
+from citeqa.retrieval.builder import BuildSummary, dense_spec_for, twins
 from citeqa.retrieval.dense import DenseSpec
 from citeqa.retrieval.embed import Embedder, load_embedder
 from citeqa.retrieval.merge import merge_shards, write_merged
@@ -182,6 +182,7 @@ def build_index_sharded(
             out=out,
             shards=len(results),
             shards_reused=reused,
+            twins=twins(merged.documents),
         )
 
 

@@ -57,6 +57,8 @@ class BuildSummary:
     out: Path = Path()
     shards: int = 0  # sharded builds (citeqa.distributed): shards merged
     shards_reused: int = 0  # ... of which a previous, interrupted run had finished
+    # (source, source) of each document indexed with the text of an earlier one
+    twins: list[tuple[str, str]] = field(default_factory=list)
 
 
 def dense_spec_for(cfg: RetrievalConfig, spec: DenseSpec | None = None) -> DenseSpec:
@@ -176,6 +178,7 @@ def build_index_from_documents(
         skipped=list(skipped),
         seconds=time.perf_counter() - t0,
         out=out,
+        twins=twins(docs),
     )
 
 
@@ -183,6 +186,18 @@ def embedding_record(embedder: Embedder, cfg: RetrievalConfig) -> dict[str, Any]
     """The manifest's ``embedding``: what a query embedder must match."""
     return {"model_id": embedder.model_id, "dim": embedder.dim, "name": cfg.embedder,
             "dtype": getattr(embedder, "dtype", "fp32")}
+
+
+def twins(documents: Sequence[Document]) -> list[tuple[str, str]]:
+    """The source of each document whose text an earlier one of ``documents`` has, with that
+    one's source: a file copied, or a page under two URLs. Both are indexed, and their passages
+    then fill two places of every result they are found in."""
+    first: dict[str, Document] = {}
+    found = []
+    for d in documents:
+        if (twin := first.setdefault(d.text, d)) is not d and d.text.strip():
+            found.append((d.source, twin.source))
+    return found
 
 
 def _unique(documents: Sequence[Document]) -> list[Document]:
