@@ -60,6 +60,9 @@ from citeqa.types import Answer, AskArgs, Candidate, Document, Hit
 
 logger = logging.getLogger(__name__)
 
+# looks of ``reload_index`` in a row that find no index before it warns (a swap empties the
+# index directory for an instant only; the service looks every CITEQA_INDEX_RELOAD_S)
+ABSENT_LOOKS = 3
 WARM_UP_QUESTION = "What is this collection about?"  # asked by ``warm_up``, answer discarded
 
 STAND_IN_NOTE = (
@@ -196,6 +199,7 @@ class Pipeline:
         # (files_stamp, why) of an index on disk that failed to load: said once, not at
         # every look
         self._refused: tuple[tuple[Any, ...], str] | None = None
+        self._absent = 0  # looks in a row that found no index in the index directory
         self._highest_certified: tuple[float | None] | None = None  # None: not computed yet
 
     @classmethod
@@ -568,7 +572,30 @@ class Pipeline:
         cannot be loaded (damaged, another embedder) and then, until it changes again, None:
         the index served stays as it is."""
         with self._update_lock:
-            return self._reload_locked()
+            version = self._reload_locked()
+            self._say_if_absent()
+            return version
+
+    def _say_if_absent(self) -> None:
+        """Warn once when the index directory has held no index for ``ABSENT_LOOKS`` looks in a
+        row (deleted or moved: a writer's swap leaves it empty for an instant only), and say
+        when it holds one again. The index loaded is served meanwhile."""
+        old = self.retriever
+        out = self.index_dir or (old.index.directory if isinstance(old, HybridRetriever)
+                                 else None)
+        if out is None:
+            return
+        if version_on_disk(out) is not None:
+            if self._absent >= ABSENT_LOOKS:
+                logger.info("the index directory %s holds an index again", out)
+            self._absent = 0
+            return
+        self._absent += 1
+        if self._absent == ABSENT_LOOKS:
+            logger.warning(
+                "the index directory %s holds no index (deleted or moved?): the one loaded is "
+                "still served, but a restart would find none, and document changes are "
+                "refused until one is there again (build or copy one there)", out)
 
     def _reload_or_say_why(self, out: Path) -> str | None:
         """``_reload_locked`` for an update that met another writer's index: one that cannot

@@ -4,6 +4,7 @@ SIGKILL. No weights; URLs go to an httpx.MockTransport or to 127.0.0.1, never th
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -1038,3 +1039,25 @@ def test_swaps_of_one_folder_take_turns(tmp_path: Path) -> None:
         assert not done.wait(0.3) and not out.exists()  # waits for the lock
     thread.join(5)
     assert done.is_set() and (out / "manifest.json").is_file()
+
+
+def test_an_index_directory_left_without_an_index_is_said_once(
+        index_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A deleted or moved index was served on in silence: nothing said that a restart would
+    find none, nor why every document change was refused."""
+    from citeqa.pipeline import ABSENT_LOOKS, Pipeline
+
+    pipeline = Pipeline.from_settings(Settings(preset="tiny", index=index_dir))
+    served = pipeline.index_version
+    index_dir.rename(tmp_path / "moved")
+    with caplog.at_level(logging.INFO, logger="citeqa.pipeline"):
+        for look in range(ABSENT_LOOKS + 3):  # not at the first look: a swap's instant
+            assert pipeline.reload_index() is None and pipeline.index_version == served
+            said = [r for r in caplog.records if "holds no index" in r.getMessage()]
+            assert len(said) == (look + 1 >= ABSENT_LOOKS), look
+        assert said[0].levelno == logging.WARNING
+        assert pipeline.search("Zorblax", k=1)  # still served
+        (tmp_path / "moved").rename(index_dir)
+        assert pipeline.reload_index() is None  # the same index: nothing to load
+        assert [r.getMessage() for r in caplog.records if "an index again" in r.getMessage()] == [
+            f"the index directory {index_dir} holds an index again"]
