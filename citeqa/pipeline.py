@@ -53,7 +53,7 @@ from citeqa.generation.factory import build_backend
 from citeqa.generation.format import ANSWER_MODES, AnswerMode
 from citeqa.retrieval.base import Retriever
 from citeqa.retrieval.retriever import HybridRetriever
-from citeqa.retrieval.store import Index, check_documents, version_on_disk
+from citeqa.retrieval.store import Index, check_documents, settled_version, version_on_disk
 from citeqa.retrieval.updates import IndexUpdate, apply_update
 from citeqa.text import is_blank, unsendable
 from citeqa.types import Answer, AskArgs, Candidate, Document, Hit
@@ -555,7 +555,7 @@ class Pipeline:
                     # may have added or deleted it since (a delete of what it added was a 404,
                     # nothing deleted): judged again on the index as it is now
                     if (attempt or e.status not in (404, 409)
-                            or version_on_disk(out) in (None, old.index.version)
+                            or settled_version(out) in (None, old.index.version)
                             or self._reload_or_say_why(out) is None):
                         raise
                     assert isinstance(self.retriever, HybridRetriever), self.retriever
@@ -615,7 +615,9 @@ class Pipeline:
         if not isinstance(old, HybridRetriever):
             return None
         out = self.index_dir or old.index.directory
-        version = version_on_disk(out) if out is not None else None
+        # (an update that met another writer's index may meet its swap: looked at again)
+        version = (None if out is None else settled_version(out) if again
+                   else version_on_disk(out))
         if out is None or version in (None, old.index.version):
             return None
         stamp = files_stamp(out)  # a refused index copied in again, or repaired, is retried

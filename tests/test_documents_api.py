@@ -1061,3 +1061,22 @@ def test_an_index_directory_left_without_an_index_is_said_once(
         assert pipeline.reload_index() is None  # the same index: nothing to load
         assert [r.getMessage() for r in caplog.records if "an index again" in r.getMessage()] == [
             f"the index directory {index_dir} holds an index again"]
+
+
+def test_a_stale_404_met_mid_swap_is_judged_again_once_the_swap_is_done(
+        index_dir: Path, tmp_path: Path) -> None:
+    """A delete of what another writer added was a 404 when the stale copy's refusal met that
+    writer's next swap between its two renames (no index on disk for an instant)."""
+    from citeqa.pipeline import Pipeline
+
+    a = Pipeline.from_settings(Settings(preset="tiny", index=index_dir))
+    b = Pipeline.from_settings(Settings(preset="tiny", index=index_dir))
+    b.add_documents([Document("x", "X", "x.txt", NEW_TEXT)])
+    aside = tmp_path / "mid-swap"
+    index_dir.rename(aside)  # the other writer's first rename ...
+    threading.Timer(0.03, lambda: aside.rename(index_dir)).start()  # ... and its second
+    a.delete_document("x")  # its copy has no "x": refused, then judged on the index on disk
+    assert "x" not in Index.load(index_dir).documents
+    with pytest.raises(InvalidRequestError) as gone:  # not there, on disk either: a 404
+        a.delete_document("x")
+    assert gone.value.status == 404

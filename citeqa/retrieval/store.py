@@ -404,6 +404,17 @@ def version_on_disk(out: Path) -> str | None:
     return manifest_version(manifest) if isinstance(manifest, dict) else None
 
 
+def settled_version(out: Path, *, looks: int = 10, wait_s: float = 0.01) -> str | None:
+    """``version_on_disk``, looked at again (``looks`` times in all, ``wait_s`` apart) while it
+    is None: a writer's swap leaves ``out`` without an index for an instant, between its two
+    renames. None: none there (deleted, moved, never built)."""
+    for look in range(looks):
+        if (version := version_on_disk(out)) is not None or look == looks - 1:
+            return version
+        time.sleep(wait_s)
+    return None
+
+
 def save_index(out: Path, *, expect: dict[str, Any] | None = None,
                only_if_missing: bool = False, **parts: Any) -> dict[str, Any]:
     """Write an index (``write_index``'s keyword arguments) beside ``out`` and swap it in
