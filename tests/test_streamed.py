@@ -18,7 +18,14 @@ import pytest
 from citeqa.errors import EngineError, EngineUnavailableError
 from citeqa.generation.backend import GenerationRequest
 from citeqa.generation.remote import RemoteBackend
-from citeqa.generation.streamed import ABANDONED, Watch, Watched, assembled, events
+from citeqa.generation.streamed import (
+    ABANDONED,
+    Watch,
+    Watched,
+    assembled,
+    events,
+    sse_lines,
+)
 from citeqa.retry import Backoff
 
 MSGS = ({"role": "user", "content": "q?"},)
@@ -26,12 +33,12 @@ FAST = Backoff(retries=2, base_s=0.01, max_s=0.05)
 
 
 def chunk(i: int, content: str | None = None, lps: list[float] | None = None,
-          finish: str | None = None) -> str:
+          finish: str | None = None, *, ascii: bool = True) -> str:
     c: dict = {"index": i, "delta": {} if content is None else {"content": content},
                "finish_reason": finish}
     if lps is not None:
         c["logprobs"] = {"content": [{"token": "t", "logprob": lp} for lp in lps]}
-    return "data: " + json.dumps({"choices": [c]}) + "\n\n"
+    return "data: " + json.dumps({"choices": [c]}, ensure_ascii=ascii) + "\n\n"
 
 
 def sse(*parts: str) -> bytes:
@@ -102,6 +109,22 @@ def test_a_streamed_answer_is_the_unstreamed_one():
                    "data: [DONE]\n\n"))
     [[c]] = b.generate([GenerationRequest(messages=MSGS)])
     assert (c.text, c.logprob, c.n_tokens) == ("Answer: a\nQuote", -1.75, 3)
+
+
+def test_event_stream_lines_break_where_the_standard_says_only():
+    """vLLM sends U+2028, U+2029 and U+0085 raw in its JSON data lines; httpx's iter_lines
+    broke lines there too (as str.splitlines does): a quote across one was a 502."""
+    assert list(sse_lines(["a\nb\n\n"])) == ["a", "b", ""]
+    assert list(sse_lines(["a\r", "\nb\r\n", "\r\n"])) == ["a", "b", ""]  # a CRLF split
+    assert list(sse_lines(["x\ry\rz"])) == ["x", "y", "z"]
+    assert list(sse_lines(["", "a\u2028b\x85", "c\u2029d\x0b\x1ce\n", "tail"])) == [
+        "a\u2028b\x85c\u2029d\x0b\x1ce", "tail"]
+    assert list(sse_lines(["x\r"])) == ["x"] and list(sse_lines([])) == []
+    text = "The quux value is 17.\u2028 line sep \x85 next.\u2029 end"
+    b = mocked(sse(chunk(0, text[:30], [-1.0], ascii=False),  # (raw, as vLLM sends them)
+                   chunk(0, text[30:], [-0.5], "stop", ascii=False), "data: [DONE]\n\n"))
+    [[c]] = b.generate([GenerationRequest(messages=MSGS)])
+    assert (c.text, c.logprob) == (text, -1.5)
 
 
 def test_streamed_failures_are_the_engines_errors():

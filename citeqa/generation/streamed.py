@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -49,6 +50,26 @@ class StreamEnded(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def sse_lines(chunks: Iterable[str]) -> Iterator[str]:
+    """The lines of an event stream's text ``chunks``, broken where the standard breaks them:
+    at CRLF, CR or LF alone (httpx's ``iter_lines`` breaks at U+2028, U+2029, U+0085 ... too,
+    as ``str.splitlines`` does, and vLLM sends those raw inside its JSON data lines: a quote
+    across one failed as a bad event)."""
+    buffer = ""
+    for chunk in chunks:
+        buffer += chunk
+        end = len(buffer) - buffer.endswith("\r")  # (a CR may be the first half of a CRLF)
+        *lines, rest = _LINE_BREAK.split(buffer[:end])
+        yield from lines
+        buffer = rest + buffer[end:]
+    if buffer:
+        *lines, last = _LINE_BREAK.split(buffer)
+        yield from lines if last == "" else [*lines, last]
 
 
 def events(lines: Iterable[str]) -> Iterator[str]:
@@ -240,7 +261,7 @@ def post_streamed(client: httpx.Client, url: str, body: dict[str, Any], deadline
         if resp.status_code != 200 or EVENT_STREAM not in resp.headers.get("content-type", ""):
             return read_whole(resp, deadline)
         with watch.watching(resp, gone) as watched:
-            lines = _heard(resp.iter_lines(), watched, deadline)
+            lines = _heard(sse_lines(resp.iter_text()), watched, deadline)
             try:
                 data, complete = assembled(events(lines))
             except httpx.TransportError:
