@@ -568,6 +568,38 @@ def test_waiting_for_an_engine_that_starts_late_and_one_that_never_does():
         never.wait_ready(timeout_s=0.2, poll_s=0.05)
 
 
+def test_a_wait_of_nothing_looks_once() -> None:
+    """CITEQA_GENERATOR_WAIT_S=0 failed every start, the engine up: its one look had 0 s."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Models(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            time.sleep(0.05)  # a real engine's answer takes a moment
+            body = json.dumps({"data": [{"id": "up"}]}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Models)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        b = RemoteBackend(f"http://127.0.0.1:{httpd.server_address[1]}",
+                          backoff=Backoff(retries=0, base_s=0.01))
+        b.wait_ready(timeout_s=0)
+        assert b.model == "up"
+        b.close()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def test_a_named_model_is_waited_for_and_checked_and_a_bad_model_list_is_an_engine_error():
     """With CITEQA_GENERATOR_MODEL set, start-up asked nothing: ready at once with the engine
     down, and a misspelt name failed every question later. A model list without ids gave a

@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 # the engine gave up on it ("abort": vLLM, SGLang), its text partial either way
 CUT = frozenset({"length", "abort"})
 GATEWAY_ERRORS = frozenset({502, 504})  # a proxy's: the engine behind it is down or starting
+LOOK_S = 10.0  # at start-up: how long one look for the engine's models may take at least
 HEALTH_PROBE_S = 2.0  # after a 5xx: how long /health may take to say whether the engine is up
 HEALTH_RECHECKS_S = (0.5, 1.0)  # ... and the pauses before asking it again while it says so
 # vLLM's (and other OpenAI-compatible engines') 400 for a prompt longer than the model's context
@@ -167,10 +168,12 @@ class RemoteBackend:
         another model than the one named (or, none named, several)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            try:  # no call outlives the wait
+            # no call outlives the wait, but each has ``LOOK_S`` at least (a wait of 0: one look)
+            by = max(deadline, time.monotonic() + LOOK_S)
+            try:
                 if self._model is None:
-                    self._model = self.served_model(deadline)
-                elif self._model not in (names := self.served_models(deadline)):
+                    self._model = self.served_model(by)
+                elif self._model not in (names := self.served_models(by)):
                     raise EngineError(f"the generator at {self.shown_url} serves "
                                       f"{names or 'no model'}, not {self._model!r}; fix "
                                       "CITEQA_GENERATOR_MODEL")
