@@ -19,6 +19,8 @@ from citeqa.cli_errors import (
     check_answer_mode,
     command_group,
     fail,
+    float_option,
+    interruptible,
     json_text,
     open_index_dir,
     settings_from,
@@ -93,6 +95,7 @@ def _main(
 
 
 @app.command()
+@interruptible("nothing was changed")
 def search(
     query: Annotated[str, typer.Argument(help="What to look for.")],
     index: IndexDir = None,
@@ -126,10 +129,11 @@ def search(
         # documents are untrusted: no escape sequence of theirs reaches the terminal
         typer.echo(f"{rank}. {squash(h.title)}  [{squash(where)} {p.start}:{p.end}]  "
                    f"score={h.score:.4f}")
-        typer.echo("   " + squash(" ".join(p.text.split()))[:300])
+        typer.echo("   " + snippet(p.text, HIT_CHARS))
 
 
 @app.command()
+@interruptible("nothing was changed")
 def ask(
     question: Annotated[str, typer.Argument(help="The question to answer.")],
     index: IndexDir = None,
@@ -148,11 +152,11 @@ def ask(
     ] = None,
     min_score: Annotated[
         float | None,
-        typer.Option("--min-score", min=0.0, max=1.0, help="Decline below this score."),
+        float_option("--min-score", min=0.0, max=1.0, help="Decline below this score."),
     ] = None,
     target_accuracy: Annotated[
         float | None,
-        typer.Option(
+        float_option(
             "--target-accuracy",
             help="Decline below the calibrated threshold for this answered accuracy, between 0 "
             "and 1 (a target "
@@ -214,6 +218,14 @@ def ask(
 CONTEXT_CHARS = 80  # characters of the document shown either side of a quote
 PASSAGES_SHOWN = 3  # passages listed under a decline
 PASSAGE_CHARS = 160  # characters of each listed passage
+HIT_CHARS = 300  # ... of each hit `citeqa search` lists
+
+
+def snippet(text: str, chars: int) -> str:
+    """``text`` on one line, cut at a word boundary before ``chars`` characters with an
+    ellipsis where it is longer."""
+    line = squash(text).strip()
+    return line if len(line) <= chars else line[:chars].rsplit(" ", 1)[0] + "\u2026"
 
 
 def quote_in_context(text: str | None, candidate: Candidate, *, chars: int = CONTEXT_CHARS,
@@ -284,11 +296,8 @@ def format_answer(answer: Answer, document: Callable[[str], Document], *,
         lines.append("passages retrieval found:")
     for i, hit in enumerate(answer.passages[:PASSAGES_SHOWN], 1):
         p = hit.passage
-        snippet = squash(p.text).strip()
-        if len(snippet) > PASSAGE_CHARS:
-            snippet = snippet[:PASSAGE_CHARS].rsplit(" ", 1)[0] + "\u2026"
         lines += [f"  {i}. {squash(hit.title)} ({_place(hit.source, p.start, p.end)})  "
-                  f"score {hit.score:.3f}", f"     {snippet}"]
+                  f"score {hit.score:.3f}", f"     {snippet(p.text, PASSAGE_CHARS)}"]
     return "\n".join(lines)
 
 
@@ -302,15 +311,26 @@ def serve(
     preset_name: SettingsPresetOpt = None,
 ) -> None:
     """Serve the REST API (and the page at /) over an index."""
+    import errno
     import socket
 
     if not host.strip():  # e.g. --host "$HOST" with HOST unset: it bound every interface
         raise fail("--host is empty: give the interface to bind (127.0.0.1: this machine only; "
                    "0.0.0.0: every interface)")
     try:  # a name that does not resolve failed only after the models loaded
-        socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+        family, *_, address = socket.getaddrinfo(host.strip("[]"), port,
+                                                 type=socket.SOCK_STREAM)[0]
     except (OSError, UnicodeError) as e:
         raise fail(f"cannot bind --host {host}: {e}") from None
+    try:  # ... and a port in use, after the whole start, in uvicorn's log lines (status 3)
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+            probe.bind(address)
+    except OSError as e:
+        in_use = e.errno == errno.EADDRINUSE
+        raise fail(f"cannot listen on {host} port {port}: " + (
+            "another process listens there; give another --port, or stop that one"
+            if in_use else str(e.strerror or e))) from None
 
     from citeqa.api import create_app, server
     from citeqa.api.middleware import LOOPBACK_HOSTS

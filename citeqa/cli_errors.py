@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -35,12 +36,43 @@ ProgressOpt = Annotated[bool | None, typer.Option(
     "--progress/--no-progress", help="Show progress bars (default: when stderr is a terminal).")]
 
 
+def a_path(value: str) -> Path:
+    """An option ``parser`` refusing an empty path (``--index "$DIR"`` with DIR unset read as
+    ``.``, the current folder: an index there was used without a word)."""
+    if not value.strip():
+        raise typer.BadParameter("is empty: give a folder (. for the current one)")
+    return Path(value)
+
+
+def path_option(*names: str, **kwargs: Any) -> Any:
+    """``typer.Option`` for a path: an empty one refused (``a_path``)."""
+    return typer.Option(*names, parser=a_path, **kwargs)
+
+
+def path_argument(**kwargs: Any) -> Any:
+    """``typer.Argument`` for a path: an empty one refused (``a_path``)."""
+    return typer.Argument(parser=a_path, **kwargs)
+
+
+def finite(value: float | None) -> float | None:
+    """An option ``callback`` refusing nan and inf (click's range checks let nan by, and it
+    failed only after minutes of loading, or in a traceback)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a number")
+    return value
+
+
+def float_option(*names: str, **kwargs: Any) -> Any:
+    """``typer.Option`` for a number: nan and inf refused (``finite``)."""
+    return typer.Option(*names, callback=finite, **kwargs)
+
+
 # Options that are also service settings default to None: an explicit flag beats the CITEQA_*
 # environment, which beats the Settings default (see settings_from).
 IndexDir = Annotated[
     Path | None,
-    typer.Option("--index", "-i", help="Index directory (built by `citeqa index build`); "
-                 "default $CITEQA_INDEX, else index/default."),
+    path_option("--index", "-i", help="Index directory (built by `citeqa index build`); "
+                "default $CITEQA_INDEX, else index/default."),
 ]
 PresetOpt = Annotated[
     str, typer.Option("--preset", help="Named settings preset: default | tiny (fakes, no weights).")

@@ -29,6 +29,7 @@ from citeqa.cli_errors import (
     fail,
     json_text,
     open_index_dir,
+    path_option,
     plural,
     settings_from,
     shown_progress,
@@ -53,7 +54,7 @@ SourcesArg = Annotated[list[str], typer.Argument(help=(
     "COPYING... without one; a file named here is read as plain text whatever its name."))]
 PrivateUrlsOpt = Annotated[bool, typer.Option(
     "--allow-private-urls", help="Allow fetching private/intranet addresses.")]
-ChangedIndexOpt = Annotated[Path, typer.Option(
+ChangedIndexOpt = Annotated[Path, path_option(
     "--index", "-i", help="Index directory to change (built by `citeqa index build`).")]
 
 
@@ -132,7 +133,7 @@ def _echo_skipped(skipped: Sequence[Skipped]) -> None:
 @index_app.command("build")
 def index_build(
     sources: SourcesArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Index directory to (re)write.")],
+    out: Annotated[Path, path_option("--out", "-o", help="Index directory to (re)write.")],
     preset_name: PresetOpt = "default",
     bm25_only: Annotated[bool, typer.Option("--bm25-only", help="Skip the dense index.")] = False,
     hnsw: Annotated[
@@ -166,8 +167,8 @@ def index_build(
     ] = False,
     work_dir: Annotated[
         Path | None,
-        typer.Option("--work-dir", help="--ray or --resumable: where shards wait for the merge "
-                     "(default .OUT.build beside OUT); on a cluster, storage every node mounts."),
+        path_option("--work-dir", help="--ray or --resumable: where shards wait for the merge "
+                    "(default .OUT.build beside OUT); on a cluster, storage every node mounts."),
     ] = None,
     embedders: Annotated[
         int | None,
@@ -285,7 +286,8 @@ def index_build(
     shards = f"; {plural(summary.shards, 'shard')}{reused}" if sharded else ""
     typer.echo(
         f"indexed {plural(summary.documents, 'document')} as "
-        f"{plural(summary.passages, 'passage')} into {summary.out} in {summary.seconds:.1f} s "
+        f"{plural(summary.passages, 'passage')} into {squash(str(summary.out))} in "
+        f"{summary.seconds:.1f} s "
         f"({len(summary.skipped)} skipped{shards})"  # files, pages, or a JSONL's lines
     )
 

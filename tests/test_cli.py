@@ -263,6 +263,23 @@ def test_a_decline_reads_with_its_reason_best_guess_and_passages() -> None:
         (("serve", "--index", "{missing}"), "error: index "),  # (not "not an index directory:")
         (("index", "build", "{missing}", "--out", "{new}", "--no-progress"),
          "no such file or folder"),
+        # nan passed click's range checks: refused after the models loaded, or a traceback
+        (("ask", "tower?", "--index", "{index}", "--min-score", "nan"), "nan is not a number"),
+        (("eval", "-d", "{missing}", "-i", "{index}", "-o", "{new}", "--min-score", "nan"),
+         "nan is not a number"),
+        (("calibrate", "--data", "{missing}", "--reward", "{new}", "--delta", "nan"),
+         "nan is not a number"),
+        (("calibrate", "--data", "{missing}", "--reward", "{new}", "--target", "nan"),
+         "nan is not a number"),
+        (("train", "generator", "--data", "{missing}", "--out", "{new}", "--lr", "inf"),
+         "inf is not a number"),
+        # an empty path ("$DIR" unset) was the current folder
+        (("search", "tower", "--index", ""), "--index' / '-i': is empty"),
+        (("index", "build", "{index}", "--out", " "), "--out' / '-o': is empty"),
+        (("eval", "-d", "{missing}", "-i", "{index}", "-o", ""), "--out' / '-o': is empty"),
+        # an --out under a file failed after all the reading, in the OS's words
+        (("index", "build", "{index}", "--out", "{index}/manifest.json/x", "--bm25-only"),
+         "manifest.json is a file, not a folder"),
     ],
 )
 def test_user_mistakes_exit_2_with_a_message(corpus, tmp_path, args, message) -> None:
@@ -968,3 +985,53 @@ def test_version_is_the_installed_packages() -> None:
 
     result = run("--version")
     assert result.exit_code == 0 and result.output.strip() == f"citeqa {version('citeqa')}"
+
+
+def test_serve_on_a_port_in_use_says_so_before_anything_loads(corpus, tmp_path, served) -> None:
+    """It started whole (models loaded), then ended with uvicorn's log lines and status 3."""
+    import socket
+
+    index = tmp_path / "index"
+    assert build(corpus, index).exit_code == 0
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = run("serve", "--index", str(index), "--preset", "tiny", "--port", port)
+    assert result.exit_code == 2 and served == [], result.output
+    assert (f"error: cannot listen on 127.0.0.1 port {port}: another process listens there; "
+            "give another --port, or stop that one") in result.output
+    assert run("serve", "--index", str(index), "--preset", "tiny", "--port",
+               port).exit_code == 0 and len(served) == 1  # free again
+
+
+def test_search_and_ask_interrupted_say_so(corpus, tmp_path, monkeypatch) -> None:
+    """Both ended with status 130 and no word, unlike every other command."""
+    from citeqa.pipeline import Pipeline
+    from citeqa.retrieval import HybridRetriever
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    assert build(corpus, tmp_path / "index").exit_code == 0
+    monkeypatch.setattr(Pipeline, "ask", interrupted)
+    monkeypatch.setattr(HybridRetriever, "search", interrupted)
+    for command in ("search", "ask"):
+        result = run(command, "tower?", "--index", str(tmp_path / "index"), *(
+            ["--preset", "tiny"] if command == "ask" else []))
+        assert result.exit_code == 130, result.output
+        assert result.output.endswith("\ninterrupted: nothing was changed\n"), result.output
+
+
+def test_search_cuts_a_long_passage_at_a_word_with_an_ellipsis(tmp_path: Path) -> None:
+    from citeqa.config import ChunkConfig, RetrievalConfig
+    from citeqa.retrieval import build_index_from_documents
+
+    text = "Kestrels hover over the old mill at dawn. " * 12  # 504 characters, one passage
+    build_index_from_documents([Document("k", "Birds", "birds.txt", text)], tmp_path / "idx",
+                               RetrievalConfig(embedder="hash", chunk=ChunkConfig(max_chars=600)),
+                               progress=False)
+    result = run("search", "kestrels", "--index", str(tmp_path / "idx"))
+    shown = result.output.splitlines()[1]
+    # 7 sentences are 293 characters with their spaces; the 8th's first word is cut at 300
+    assert shown == "   " + ("Kestrels hover over the old mill at dawn. " * 7).strip() + "\u2026"

@@ -19,7 +19,10 @@ from citeqa.cli_errors import (
     check_run_options,
     command_group,
     fail,
+    float_option,
     interruptible,
+    path_argument,
+    path_option,
     settings_from,
     shown_progress,
     start_command,
@@ -43,15 +46,15 @@ def run(
     ctx: typer.Context,
     dataset: Annotated[
         Path | None,
-        typer.Option("--dataset", "-d",
-                     help="SQuAD v1/v2 JSON or JSONL {id, question, answers} (required)."),
+        path_option("--dataset", "-d",
+                    help="SQuAD v1/v2 JSON or JSONL {id, question, answers} (required)."),
     ] = None,
     index: Annotated[
-        Path | None, typer.Option("--index", "-i", help="Index directory to search (required).")
+        Path | None, path_option("--index", "-i", help="Index directory to search (required).")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o",
-                                  help="Run directory (created; resumed) (required).")
+        Path | None, path_option("--out", "-o",
+                                 help="Run directory (created; resumed) (required).")
     ] = None,
     limit: Annotated[
         int | None, typer.Option("--limit", min=1, help="Only the first N questions.")
@@ -71,7 +74,7 @@ def run(
     ] = "default",
     min_score: Annotated[
         float | None,
-        typer.Option("--min-score", min=0.0, max=1.0, help="Decline below this score."),
+        float_option("--min-score", min=0.0, max=1.0, help="Decline below this score."),
     ] = None,
     n_candidates: Annotated[
         int | None, typer.Option("--n-candidates", min=1, max=MAX_CANDIDATES,
@@ -137,12 +140,12 @@ def run(
 
 @eval_app.command("compare")
 def compare(
-    run_a: Annotated[Path, typer.Argument(help="Baseline run directory (A).")],
-    run_b: Annotated[Path, typer.Argument(help="Run directory to compare with it (B).")],
+    run_a: Annotated[Path, path_argument(help="Baseline run directory (A).")],
+    run_b: Annotated[Path, path_argument(help="Run directory to compare with it (B).")],
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Also write an overlay PNG of both accuracy–coverage "
-                                         "curves to this path (none without it)."),
+        path_option("--out", "-o", help="Also write an overlay PNG of both accuracy–coverage "
+                                        "curves to this path (none without it)."),
     ] = None,
 ) -> None:
     """Print key metrics of two runs side by side (B - A deltas); --out overlays their curves."""

@@ -23,6 +23,7 @@ from citeqa.cli_errors import (
     check_run_options,
     fail,
     interruptible,
+    path_option,
     settings_from,
     shown_progress,
 )
@@ -59,13 +60,13 @@ def at_once(call: Callable[[T], R], items: Sequence[T]) -> list[R]:
 
 @interruptible()
 def redteam(
-    index: Annotated[Path, typer.Option("--index", "-i", help="The index to probe.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (created; resumed).")],
+    index: Annotated[Path, path_option("--index", "-i", help="The index to probe.")],
+    out: Annotated[Path, path_option("--out", "-o", help="Run directory (created; resumed).")],
     questions: Annotated[
         Path | None,
-        typer.Option("--questions", help="Answerable seed questions with their passages: SQuAD "
-                     "JSON, or JSONL {id, question, answers, context}. Default: template "
-                     "questions written from the indexed passages."),
+        path_option("--questions", help="Answerable seed questions with their passages: SQuAD "
+                    "JSON, or JSONL {id, question, answers, context}. Default: template "
+                    "questions written from the indexed passages."),
     ] = None,
     split: Annotated[
         str | None, typer.Option("--split", help="With --questions: only these articles "

@@ -273,6 +273,8 @@ def check_replaceable(out: Path) -> None:
     """Refuse (IndexError_) when ``out`` exists and is not an index a build may replace: a long
     build checks this before it starts, not only when it is about to swap."""
     out = real_path(out)
+    if blocker := next((p for p in out.parents if p.exists() and not p.is_dir()), None):
+        raise IndexError_(f"cannot write an index at {out}: {blocker} is a file, not a folder")
     if out.exists() and not (is_index_dir(out) or _is_empty_dir(out)):
         raise IndexError_(
             f"refusing to replace {out}: it exists and is not a citeqa index directory; "

@@ -31,7 +31,9 @@ from citeqa.cli_errors import (
     check_out,
     command_group,
     fail,
+    float_option,
     interruptible,
+    path_option,
     shown_progress,
 )
 from citeqa.compute import cpu_dtype_setting
@@ -65,17 +67,17 @@ def multiple_of_pad(value: int) -> int:
 @train_app.command("reward")
 @interruptible(SAVED)
 def reward(
-    data: Annotated[list[Path], typer.Option("--data", help="Reward-data JSONL (repeatable).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Verifier directory (resumed).")],
+    data: Annotated[list[Path], path_option("--data", help="Reward-data JSONL (repeatable).")],
+    out: Annotated[Path, path_option("--out", "-o", help="Verifier directory (resumed).")],
     base: Annotated[
         Path | None,
-        typer.Option("--base", help="Encoder to start from: any local Hugging Face encoder "
-                     "directory (default: the packaged all-MiniLM-L6-v2), or a verifier "
-                     "directory to train further (e.g. on another generator's candidates)."),
+        path_option("--base", help="Encoder to start from: any local Hugging Face encoder "
+                    "directory (default: the packaged all-MiniLM-L6-v2), or a verifier "
+                    "directory to train further (e.g. on another generator's candidates)."),
     ] = None,
-    epochs: Annotated[float, typer.Option("--epochs", min=0.01)] = 1.0,
+    epochs: Annotated[float, float_option("--epochs", min=0.01)] = 1.0,
     batch: Annotated[int, typer.Option("--batch", min=2, help="Examples per step.")] = 32,
-    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 3e-5,
+    lr: Annotated[float, float_option("--lr", min=0.0)] = 3e-5,
     members: Annotated[int, typer.Option("--members", min=1, max=16)] = 3,
     max_tokens: Annotated[int, typer.Option(
         "--max-tokens", min=32, max=512, callback=multiple_of_pad,
@@ -297,24 +299,24 @@ def train_to_dir(data_paths: list[Path], out: Path, *, base: Path | None = None,
 @train_app.command("answerability")
 @interruptible(SAVED)
 def answerability(
-    squad: Annotated[list[Path], typer.Option(
+    squad: Annotated[list[Path], path_option(
         "--squad", help="SQuAD 2.0 JSON whose questions (answerable and not) are shown with "
                         "their own paragraphs (repeatable); never calibration or evaluation "
                         "articles.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Reader directory (resumed); put it "
-                                      "at REWARD_DIR/answerability to use it.")],
-    redteam: Annotated[Path | None, typer.Option(
+    out: Annotated[Path, path_option("--out", "-o", help="Reader directory (resumed); put it "
+                                     "at REWARD_DIR/answerability to use it.")],
+    redteam: Annotated[Path | None, path_option(
         "--redteam", help="Red-team variants JSONL (`citeqa train reward-data --from redteam` "
                           "writes OUT.variants.jsonl): each made question beside its original "
                           "on the same passage.")] = None,
     redteam_variants: Annotated[int, typer.Option(
         "--redteam-variants", min=0, help="Variants drawn from --redteam.")] = 2000,
-    base: Annotated[Path | None, typer.Option(
+    base: Annotated[Path | None, path_option(
         "--base", help="Local Hugging Face encoder directory (default: the packaged "
                        "all-MiniLM-L6-v2).")] = None,
-    epochs: Annotated[float, typer.Option("--epochs", min=0.01)] = 1.0,
+    epochs: Annotated[float, float_option("--epochs", min=0.01)] = 1.0,
     batch: Annotated[int, typer.Option("--batch", min=2, help="Examples per step.")] = 32,
-    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 5e-5,
+    lr: Annotated[float, float_option("--lr", min=0.0)] = 5e-5,
     threads: Annotated[int | None, typer.Option("--threads", min=1)] = None,
     cpu_dtype: TrainCpuDtypeOpt = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -474,12 +476,12 @@ def base_encoder(base_dir: Path) -> tuple[Any, Any]:
 
 @train_app.command("reward-combine")
 def reward_combine(
-    data: Annotated[list[Path], typer.Option(
+    data: Annotated[list[Path], path_option(
         "--data", help="Generator reward data (with signals) of questions neither the "
                        "verifier nor the answerability reader trained on (repeatable); "
                        "questions of their recorded training data, where those files are "
                        "here, are refused.")],
-    reward_dir: Annotated[Path, typer.Option("--reward", help="Verifier directory.")],
+    reward_dir: Annotated[Path, path_option("--reward", help="Verifier directory.")],
 ) -> None:
     """Fit how the verifier's score combines with the generator's log-probabilities, the
     retrieval score and, where the reward directory holds answerability/, the answerability
@@ -540,14 +542,14 @@ def combine_dir(data_paths: list[Path], reward_dir: Path, *,
 
 @interruptible("nothing was changed (calibration.json is replaced whole); run it again")
 def calibrate(
-    data: Annotated[list[Path], typer.Option(
+    data: Annotated[list[Path], path_option(
         "--data", help="Calibration-split reward data (repeatable: each file's questions are "
                        "its own, never merged with another's of the same id).")],
-    reward_dir: Annotated[Path, typer.Option("--reward", help="Reward-model directory.")],
+    reward_dir: Annotated[Path, path_option("--reward", help="Reward-model directory.")],
     target: Annotated[
         float | None,
-        typer.Option("--target", min=0.01, max=0.99,
-                     help="Answered accuracy to guarantee. [default: 0.8]"),
+        float_option("--target", min=0.01, max=0.99,
+                    help="Answered accuracy to guarantee. [default: 0.8]"),
     ] = None,
     targets: Annotated[
         str | None,
@@ -557,12 +559,12 @@ def calibrate(
                           "delta / (their number), so the choice keeps --delta."),
     ] = None,
     min_coverage: Annotated[
-        float | None, typer.Option("--min-coverage", min=0.0, max=1.0,
-                                   help="With --targets: the share of questions to answer. "
-                                        "[default: 0.25]")
+        float | None, float_option("--min-coverage", min=0.0, max=1.0,
+                                  help="With --targets: the share of questions to answer. "
+                                       "[default: 0.25]")
     ] = None,
     delta: Annotated[
-        float, typer.Option("--delta", min=0.001, max=0.5, help="Allowed failure probability.")
+        float, float_option("--delta", min=0.001, max=0.5, help="Allowed failure probability.")
     ] = 0.1,
     progress: ProgressOpt = None,
 ) -> None:

@@ -26,7 +26,9 @@ from citeqa.cli_errors import (
     check_preset,
     command_group,
     fail,
+    float_option,
     interruptible,
+    path_option,
     settings_from,
     shown_progress,
 )
@@ -59,9 +61,9 @@ AnswerModeOpt = Annotated[
 
 @app.command("generator-data")
 def generator_data(
-    dataset: Annotated[Path, typer.Option("--dataset", help="SQuAD JSON or JSONL questions.")],
-    index: Annotated[Path, typer.Option("--index", "-i", help="Index holding the paragraphs.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Demonstrations file to write.")],
+    dataset: Annotated[Path, path_option("--dataset", help="SQuAD JSON or JSONL questions.")],
+    index: Annotated[Path, path_option("--index", "-i", help="Index holding the paragraphs.")],
+    out: Annotated[Path, path_option("--out", "-o", help="Demonstrations file to write.")],
     split: Annotated[
         str, typer.Option("--split", help="train: the project's train articles (of qa.json); "
                           "all: every article of the file (a file of your own). The "
@@ -135,28 +137,28 @@ def generator_data(
 @app.command("generator")
 @interruptible()
 def generator(
-    data: Annotated[Path, typer.Option("--data", help="Demonstrations (generator-data output).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter directory to write (resumed).")],
+    data: Annotated[Path, path_option("--data", help="Demonstrations (generator-data output).")],
+    out: Annotated[Path, path_option("--out", "-o", help="Adapter directory to write (resumed).")],
     model: Annotated[
         str | None, typer.Option("--model", help="Base generator (default: the preset's).")
     ] = None,
     cache_dir: Annotated[
         Path | None,
-        typer.Option("--cache-dir", help="Converted base model cache (default: CITEQA_CACHE_DIR)."),
+        path_option("--cache-dir", help="Converted base model cache (default: CITEQA_CACHE_DIR)."),
     ] = None,
     device: Annotated[
         str | None, typer.Option("--device", callback=a_torch_device,
                                  help="cpu | cuda (default: cuda if available).")
     ] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 1,
-    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 2e-4,
+    lr: Annotated[float, float_option("--lr", min=0.0)] = 2e-4,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
     micro_batch_size: Annotated[
         int, typer.Option("--micro-batch-size", min=1,
                           help="Examples per forward pass; a resumed run may change it."),
     ] = 1,
     rank: Annotated[int, typer.Option("--rank", min=1, help="LoRA rank r.")] = 8,
-    alpha: Annotated[float, typer.Option("--alpha", min=0.0, help="LoRA alpha.")] = 16.0,
+    alpha: Annotated[float, float_option("--alpha", min=0.0, help="LoRA alpha.")] = 16.0,
     targets: Annotated[
         str, typer.Option("--targets", help="attention | all | comma-separated layer names.")
     ] = "attention",
@@ -174,9 +176,9 @@ def generator(
     ] = 25,
     init_adapter: Annotated[
         Path | None,
-        typer.Option("--init-adapter",
-                     help="Train this adapter further (same base model, --rank, --alpha and "
-                          "layers), with fresh optimizer moments; e.g. citeqa/generation/weights."),
+        path_option("--init-adapter",
+                    help="Train this adapter further (same base model, --rank, --alpha and "
+                         "layers), with fresh optimizer moments; e.g. citeqa/generation/weights."),
     ] = None,
     start_step: Annotated[
         int, typer.Option("--start-step", min=0,
@@ -259,7 +261,7 @@ def generator(
 
 @app.command("export-generator")
 def export_generator_cmd(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write.")],
+    out: Annotated[Path, path_option("--out", "-o", help="Model directory to write.")],
     model: Annotated[
         str | None, typer.Option("--model", help="Base generator (default: the preset's).")
     ] = None,
@@ -271,7 +273,7 @@ def export_generator_cmd(
                      ] = "bfloat16",
     cache_dir: Annotated[
         Path | None,
-        typer.Option("--cache-dir", help="Converted base model cache (default: CITEQA_CACHE_DIR)."),
+        path_option("--cache-dir", help="Converted base model cache (default: CITEQA_CACHE_DIR)."),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     preset_name: PresetOpt = "default",
@@ -301,16 +303,16 @@ def export_generator_cmd(
 @interruptible("--from generator keeps the questions it finished and resumes them; the other "
                "sources write their file whole at the end: run the same command again")
 def reward_data(
-    dataset: Annotated[Path, typer.Option("--dataset", help="SQuAD JSON or JSONL questions.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="JSONL to write (generator: resumed).")],
+    dataset: Annotated[Path, path_option("--dataset", help="SQuAD JSON or JSONL questions.")],
+    out: Annotated[Path, path_option("--out", "-o", help="JSONL to write (generator: resumed).")],
     source: Annotated[
         str, typer.Option("--from", help="generator: the served generator's candidates; "
                           "synthetic: gold answers against made negatives; redteam: made "
                           "unanswerable questions with the original answer.")
     ] = "generator",
     index: Annotated[
-        Path | None, typer.Option("--index", "-i", help="Index over the dataset's text "
-                                  "(generator, synthetic).")
+        Path | None, path_option("--index", "-i", help="Index over the dataset's text "
+                                 "(generator, synthetic).")
     ] = None,
     split: Annotated[
         str | None, typer.Option("--split", help="train | calibration | eval articles (default: "
