@@ -331,3 +331,17 @@ def test_choose_target_keeps_the_guarantee_over_the_choice() -> None:
         if cal.n_answered:
             violations += (1 + cal.threshold) / 2 < cal.target_accuracy
     assert violations / TRIALS <= delta + _mc_slack(delta)
+
+
+def test_a_p_value_equal_to_delta_rejects_and_a_coverage_equal_to_the_minimum_is_enough() -> None:
+    """Learn-then-Test rejects while p <= delta: 2 right of 2 at target 0.5 is p = 0.25."""
+    c = calibrate_threshold([0.9, 0.8], [True, True], target_accuracy=0.5, delta=0.25)
+    assert c.threshold == 0.8 and c.n_answered == 2
+    assert math.isinf(calibrate_threshold([0.9, 0.8], [True, True], target_accuracy=0.5,
+                                          delta=0.24).threshold)
+    scores, right = np.linspace(1, 0, 200), [True] * 100 + [False] * 100
+    high = calibrate_threshold(scores, right, target_accuracy=0.9, delta=0.05)
+    assert 0 < high.coverage < 1
+    chosen = choose_target(scores, right, targets=[0.5, 0.9], min_coverage=high.coverage,
+                           delta=0.1)  # (each target at 0.1 / 2)
+    assert chosen.target_accuracy == 0.9

@@ -254,6 +254,7 @@ def test_headings_stacked_or_on_the_line_above_their_text_go_with_it(between: st
     ("Installation (Linux)", True), ("Why \u201cquotes\u201d", True), ("Setup [beta]", True),
     ("He left.)", False), ("R\u00e9sum\u00e9 \uff0e", False), ("It is done;", False),
     ('She said "go."', False), ("\u5b8c\u6210\u3002\u300d", False),
+    ("Dear customer,", False),
 ])
 def test_a_heading_and_a_title_are_one_rule(line: str, heading: bool) -> None:
     """Chunking read a line ending in a bracket or a quote as a sentence (a section's

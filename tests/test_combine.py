@@ -134,3 +134,14 @@ def test_round_trip_and_a_corrupt_file_says_what_to_do(tmp_path) -> None:
     (tmp_path / COMBINE).write_text("{not json")
     with pytest.raises(ModelError, match="corrupt"):
         read_combiner(tmp_path)
+
+
+def test_the_bias_is_not_pulled_toward_one_half() -> None:
+    """Only the weights are penalised: with an intercept free, a logistic fit's mean
+    probability is the share of right labels, whatever the penalty."""
+    rng = np.random.default_rng(3)
+    x = np.c_[rng.normal(0, 1, 400), rng.normal(0, 1, 400), rng.normal(0, 1, 400),
+              rng.normal(0, 1, 400)]
+    y = (rng.random(400) < 0.9).astype(int)  # noise: nothing but the base rate to learn
+    for l2 in (1e-2, 1.0, 100.0):
+        assert fit(x, y, l2=l2)(x).mean() == pytest.approx(y.mean(), abs=1e-3)

@@ -485,3 +485,21 @@ def test_a_backend_that_cannot_quote_special_texts_gets_grammars_that_keep_clear
     out = CitedGenerator(backend, GenerationConfig(answer_mode=mode)).generate(
         "What?", hits[1:], docs.__getitem__, n=2)
     assert out.candidates == [] and backend.requests == []
+
+
+def test_a_quote_may_be_exactly_as_long_as_allowed_and_reach_64_words_each_side() -> None:
+    """The bounds at their edges: verify_quote takes a quote of max_quote_chars, so the
+    grammar must too; and MAX_WORDS_AROUND words on a side, not one more (llguidance's
+    nesting limit)."""
+    from citeqa.generation.constraint import MAX_WORDS_AROUND
+
+    passage = "Rollo swore fealty to Charles"  # 29 characters
+    assert grammar_accepts(quote_grammar([passage], "Charles", max_quote_chars=29),
+                           f"Quote [1]: {passage}")
+    assert not grammar_accepts(quote_grammar([passage], "Charles", max_quote_chars=28),
+                               f"Quote [1]: {passage}")
+    words = [f"w{i}" for i in range(MAX_WORDS_AROUND + 1)]
+    passage = " ".join(words) + " Paris."
+    grammar = quote_grammar([passage], "Paris.")
+    assert grammar_accepts(grammar, "Quote [1]: " + " ".join(words[1:]) + " Paris.")
+    assert not grammar_accepts(grammar, f"Quote [1]: {passage}")

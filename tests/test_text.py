@@ -132,3 +132,11 @@ def test_terms_and_cjk_characters_as_tokenize_reads_them() -> None:
     assert term("Straße") == term("STRASSE") == "strasse"  # case-folded, as tokenize
     assert tokenize("佐々木〇") == ["佐々", "々木", "木〇"]  # the iteration mark is Han text
     assert not is_cjk("\u3099") and is_cjk("か") and is_cjk("々")  # a voicing mark is a mark
+
+
+def test_a_list_item_numbered_up_to_three_digits_stays_one_sentence() -> None:
+    from citeqa.text import sentence_spans
+
+    text = "Steps:\n100. Install the package now.\n1000. Then this."
+    assert [text[a:b] for a, b in sentence_spans(text)] == [
+        "Steps:", "100. Install the package now.", "1000.", "Then this."]

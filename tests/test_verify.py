@@ -277,3 +277,9 @@ def test_cjk_punctuation_wraps_answers_and_quotes_as_ascii_punctuation_does():
     found = verify_quote("「" + quote + "」", (0, len(text)), Document("d", "東京", "t.txt", text),
                          GenerationConfig(min_quote_chars=5))
     assert found is not None and found.text == quote
+
+
+def test_outside_the_window_overlapping_places_are_each_a_place() -> None:
+    """"go on go on" stands at 0 and, overlapping, at 6 of this text: the nearest to the
+    window (19-31) is the one at 6."""
+    assert locate("go on go on", "go on go on go on. Window text.", (19, 31)) == (6, 17)
