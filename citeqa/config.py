@@ -387,6 +387,16 @@ class Settings(BaseSettings):
                            f" (did you mean CITEQA_{close[0]}?)" if close else "")
         return self
 
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts_listed(cls, v: str) -> str:
+        # "," or " , " answered every Host on a loopback address (the default list was taken
+        # as given, the check as off): DNS rebinding open by a typo
+        if v.strip() and not any(h.strip() for h in v.split(",")):
+            raise ValueError(f"CITEQA_ALLOWED_HOSTS={v!r} lists no name; give comma-separated "
+                             "names (* for any), or leave it empty for the default")
+        return v
+
     @field_validator("api_keys", "read_api_keys")
     @classmethod
     def _keys_listed(cls, v: str, info: ValidationInfo) -> str:

@@ -24,6 +24,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from helpers import CannedPipeline
+from pydantic import ValidationError
 
 from citeqa.api.app import STATIC_DIR, create_app
 from citeqa.api.deps import key_matches, parse_api_keys
@@ -189,6 +190,15 @@ def test_a_failed_load_is_reported_by_readyz(caplog: pytest.LogCaptureFixture) -
             err = assert_uniform_error(c.post("/v1/answer", json={"question": "q"},
                                               headers={"X-API-Key": "k1"}), 503, "load_failed")
             assert "citeqa download" in err["message"]
+    # without keys, to a Host the service does not answer to (a page that rebound its name to
+    # 127.0.0.1) neither: it read the index's path there; its own names still get the cause
+    with serve(factory=broken, allowed_hosts="localhost") as c:
+        err = assert_uniform_error(c.get("/readyz", headers={"Host": "attacker.example"}), 503,
+                                   "load_failed")
+        assert "/x" not in err["message"] and "see the server log" in err["message"]
+        err = assert_uniform_error(c.get("/readyz", headers={"Host": "localhost:8000"}), 503,
+                                   "load_failed")
+        assert "citeqa download" in err["message"]
 
 
 def test_a_load_that_exits_is_a_failed_load_not_a_load_forever() -> None:
@@ -1289,6 +1299,10 @@ def test_allowed_hosts_refuse_other_host_headers() -> None:
         assert c.get("/metrics", headers={"Host": "127.0.0.1"}).status_code == 400
     with serve(allowed_hosts="*") as c:
         assert c.get("/healthz", headers={"Host": "attacker.example"}).status_code == 200
+    # a list of no names is refused: "," answered every Host on a loopback address
+    for empty in (",", " , "):
+        with pytest.raises(ValidationError, match="lists no name"):
+            Settings(allowed_hosts=empty)
 
 
 def served_app() -> Any:

@@ -118,13 +118,14 @@ class ServiceState:
         return ApiError(503, "overloaded", message,
                         headers={"Retry-After": str(self.settings.retry_after_s)})
 
-    def not_ready_error(self, *, open_route: bool = False) -> ApiError:
+    def not_ready_error(self, *, open_route: bool = False, foreign: bool = False) -> ApiError:
         """The 503 for a service not (or no longer) ready. On a route that needs no key
-        (``open_route``: /readyz) of a service that has keys, a failed load's cause (index paths,
-        engine addresses) is left to the server log."""
+        (``open_route``: /readyz) of a service that has keys, or asked by a Host the service
+        does not answer to (``foreign``), a failed load's cause (index paths, engine addresses)
+        is left to the server log."""
         headers = {"Retry-After": str(self.settings.retry_after_s)}
         if self.phase == "failed":
-            cause = ("see the server log" if open_route and self.keys_required
+            cause = ("see the server log" if open_route and (self.keys_required or foreign)
                      else self.load_error)
             return ApiError(503, "load_failed", f"the service failed to load: {cause}")
         if self.phase == "shutting_down":

@@ -297,6 +297,9 @@ def host_name(host_header: str) -> str:
 
 
 PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+# set in a probe's scope when its Host is none the service answers to (what /readyz then
+# leaves out: a failed load's cause, with the index's path, to a page rebinding its name)
+FOREIGN_HOST = "citeqa.foreign_host"
 
 
 class HostCheckMiddleware:
@@ -304,18 +307,23 @@ class HostCheckMiddleware:
     web page whose name an attacker re-points at 127.0.0.1 would otherwise reach a service on
     the reader's machine (its documents included) from the reader's own browser. The probes
     (``PROBE_PATHS``) answer whatever the Host: a container's health check asks 127.0.0.1, and
-    they tell a page nothing but whether the service runs."""
+    they tell a page nothing but whether the service runs (``FOREIGN_HOST`` marks such a probe:
+    /readyz leaves a failed load's cause out of its answer)."""
 
     def __init__(self, app: ASGIApp, allowed: frozenset[str]) -> None:
         self.app = app
         self.allowed = allowed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope.get("path") not in PROBE_PATHS:
+        if scope["type"] == "http":
             raw = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
             if host_name(raw) not in self.allowed:
-                await error_response(
-                    400, "bad_host", f"this service does not answer to the host {raw[:100]!r}; "
-                    "its operator can allow it with CITEQA_ALLOWED_HOSTS")(scope, receive, send)
-                return
+                if scope.get("path") in PROBE_PATHS:
+                    scope[FOREIGN_HOST] = True
+                else:
+                    await error_response(
+                        400, "bad_host", f"this service does not answer to the host "
+                        f"{raw[:100]!r}; its operator can allow it with CITEQA_ALLOWED_HOSTS"
+                    )(scope, receive, send)
+                    return
         await self.app(scope, receive, send)

@@ -29,6 +29,7 @@ from citeqa.api.deps import (
 )
 from citeqa.api.errors import ApiError
 from citeqa.api.metrics import CONTENT_TYPE
+from citeqa.api.middleware import FOREIGN_HOST
 from citeqa.api.schemas import (
     DOC_ID_PATH_PATTERN,
     MAX_DOCUMENTS_PAGE,
@@ -416,11 +417,12 @@ def ops_router(page: str, csp: str) -> APIRouter:
 
     @ops.get("/readyz", response_model=ReadyOut, responses={503: {"model": ErrorOut,
                                                                   **RETRY_AFTER}})
-    async def readyz(state: StateDep) -> dict[str, Any]:
+    async def readyz(state: StateDep, request: Request) -> dict[str, Any]:
         """Readiness: 200 once models are loaded and warmed up; 503 while loading, after a
         failed load, and while shutting down."""
         if state.phase != "ready":
-            raise state.not_ready_error(open_route=True)
+            raise state.not_ready_error(open_route=True,
+                                        foreign=request.scope.get(FOREIGN_HOST, False))
         # a pipeline written before index_version existed has none
         return {"status": "ready",
                 "index_version": getattr(state.pipeline, "index_version", None)}
