@@ -41,6 +41,11 @@ class NotSupportedError(ConfigError):
     retriever that is not an index directory): the server's limit, not the request's fault."""
 
 
+class BusyError(ConfigError):
+    """Another process holds the run directory (or the file) a command would write: nothing
+    of it was touched, and it is that process's."""
+
+
 class SourceError(CiteqaError):
     """A document source could not be read."""
 

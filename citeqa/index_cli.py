@@ -36,7 +36,7 @@ from citeqa.cli_errors import (
     squash,
 )
 from citeqa.config import preset
-from citeqa.errors import CiteqaError, IndexChangedError, IndexExistsError
+from citeqa.errors import BusyError, CiteqaError, IndexChangedError, IndexExistsError
 
 if TYPE_CHECKING:
     from citeqa.ingest import LoadResult, Skipped
@@ -260,15 +260,16 @@ def index_build(
     except IndexExistsError as e:  # --if-missing, and another build won the race: its index
         typer.echo(f"{e}; not rebuilt (--if-missing)")
         return
-    except CiteqaError as e:
-        raise fail(f"{e}{_kept_shards(out, work_dir) if sharded else ''}") from None
+    except CiteqaError as e:  # (shards another build is writing are that build's to keep)
+        kept = _kept_shards(out, work_dir) if sharded and not isinstance(e, BusyError) else ""
+        raise fail(f"{e}{kept}") from None
     except OSError as e:  # the output's file system: read-only, full, ...
         kept = _kept_shards(out, work_dir, full=disk_full(e)) if sharded else ""
         raise fail(f"could not build the index into {out}: {e}; the index there, if any, is "
                    f"as it was{kept}") from None
     except KeyboardInterrupt:
         if folder_id(real_path(out)) not in (before, None):  # cut short after its swap
-            _forget_replaced(out)
+            _forget_replaced(out, work_dir)
             typer.echo(f"\ninterrupted once the new index was in: {out} holds it (what is "
                        "left of the old one goes at the next command)", err=True)
             raise typer.Exit(130) from None
@@ -304,14 +305,16 @@ def _echo_twins(twins: Sequence[tuple[str, str]]) -> None:
                    "the text of another, and each is indexed beside it", err=True)
 
 
-def _forget_replaced(out: Path) -> None:
+def _forget_replaced(out: Path, work_dir: Path | None = None) -> None:
     """Remove what interrupted commands kept for the index a build has replaced at ``out``
-    (a rerun of them would undo the build): an add's embeddings, a sharded build's shards."""
+    (a rerun of them would undo the build): an add's embeddings, a sharded build's shards
+    (in ``work_dir`` too, a build's own --work-dir, cut short after its swap)."""
     from citeqa.distributed.sharded import default_work_dir, discard_work
     from citeqa.retrieval.kept import discard, kept_dir
 
     discard(kept_dir(out))
-    discard_work(default_work_dir(out))
+    for work in dict.fromkeys([default_work_dir(out), *([Path(work_dir)] if work_dir else [])]):
+        discard_work(work)
 
 
 def _finished_shards(work: Path) -> int:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from citeqa.atomic import flocked
-from citeqa.errors import ConfigError
+from citeqa.errors import BusyError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +159,9 @@ def file_lock(out: Path, command: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _exclusive(path: Path, flags: int, out: Path, command: str, instead: str) -> Iterator[None]:
-    def busy() -> ConfigError:
-        return ConfigError(f"another {command} is writing to {out} right now; wait for it to "
-                           f"finish, or {instead}")
+    def busy() -> BusyError:
+        return BusyError(f"another {command} is writing to {out} right now; wait for it to "
+                         f"finish, or {instead}")
 
     with flocked(path, flags=flags, busy=busy):
         yield

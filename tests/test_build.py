@@ -324,6 +324,15 @@ def test_a_work_dir_inside_a_source_folder_is_refused(tmp_path: Path) -> None:
             build_index_sharded(sources, tmp_path / "idx", CFG, progress=False,
                                 executor=InProcessExecutor(embedder), work_dir=work)
     assert embedder.embedded == 0 and not (tmp_path / "src" / "build").exists()
+    # a hidden one is never read as documents (a walk leaves hidden folders out): the default
+    # .OUT.build of an --out inside the source folder was refused, as "--work-dir None"
+    summary = build_index_sharded(sources, tmp_path / "src" / "idx", CFG, progress=False,
+                                  executor=InProcessExecutor(embedder))
+    assert summary.documents == build_index(sources, tmp_path / "plain", CFG,
+                                            progress=False).documents
+    with pytest.raises(ConfigError, match=f"--work-dir {tmp_path / 'src' / 'build'} is inside"):
+        build_index_sharded(sources, tmp_path / "idx", CFG, progress=False,
+                            executor=InProcessExecutor(), work_dir=tmp_path / "src" / "build")
 
 
 def test_a_work_dir_that_is_the_index_or_its_folder_is_refused(tmp_path: Path) -> None:
@@ -696,6 +705,25 @@ def test_ray_local_never_joins_a_running_cluster(monkeypatch: pytest.MonkeyPatch
     assert calls == [{"address": "local", "num_cpus": 2, "include_dashboard": False}]
 
 
+def test_ctrl_c_while_ray_starts_stops_what_it_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its dashboard and runtime-env agents outlived a Ctrl-C during ray.init."""
+    import types
+
+    from citeqa.distributed.ray_engine import RayOptions, connected
+
+    shut: list[bool] = []
+
+    def init(**_kw: object) -> None:
+        raise KeyboardInterrupt
+
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=init,
+                                 shutdown=lambda: shut.append(True))
+    monkeypatch.setattr("citeqa.distributed.ray_engine.require_ray", lambda: fake)
+    with pytest.raises(KeyboardInterrupt), connected(RayOptions("local", num_cpus=2)):
+        pass
+    assert shut == [True]
+
+
 def test_a_cluster_address_where_nothing_answers_fails_at_once() -> None:
     """Ray retried a wrong HOST:PORT for many minutes before giving up."""
     import socket
@@ -763,3 +791,53 @@ def test_a_document_with_the_text_of_another_is_indexed_and_said(tmp_path: Path)
         assert said[5:] == ["warning: 2 more documents have the text of another, and each is "
                             "indexed beside it"]
         assert "indexed 8 documents" in result.output
+
+
+def test_a_sharded_build_cut_short_after_its_swap_removes_its_own_work_dir(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C once the new index was in left a --work-dir full of finished shards (only the
+    default one was removed), and nothing said so."""
+    from typer.testing import CliRunner
+
+    import citeqa.distributed
+    from citeqa.cli import app
+    from citeqa.retrieval.shards import MARKER
+
+    sources = write_corpus(tmp_path / "src")
+    work = tmp_path / "work"
+
+    def swapped_then_interrupted(srcs, out, cfg, **_kw):
+        (work / "shards" / "0-0").mkdir(parents=True)  # what the build had finished
+        (work / MARKER).write_text("{}")
+        build_index(srcs, out, cfg, progress=False)  # its swap
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(citeqa.distributed, "build_index_sharded", swapped_then_interrupted)
+    result = CliRunner().invoke(app, ["index", "build", sources[0], "--out",
+                                      str(tmp_path / "idx"), "--bm25-only", "--resumable",
+                                      "--work-dir", str(work)])
+    assert result.exit_code == 130 and "interrupted once the new index was in" in result.output
+    assert not work.exists() and Index.load(tmp_path / "idx").documents
+
+
+def test_a_build_refused_for_another_running_never_says_to_delete_its_shards(
+        tmp_path: Path) -> None:
+    """The lock's refusal went on: "the 17 shards finished so far are kept in ...: run the
+    same command again to reuse them (or delete it to start over)", under a running build."""
+    from typer.testing import CliRunner
+
+    from citeqa.cli import app
+    from citeqa.distributed.sharded import default_work_dir
+    from citeqa.journal import run_lock
+    from citeqa.retrieval.shards import MARKER
+
+    sources = write_corpus(tmp_path / "src")
+    work = default_work_dir(tmp_path / "idx")
+    (work / "shards" / "0-0").mkdir(parents=True)
+    (work / MARKER).write_text("{}")
+    with run_lock(work, "index build"):  # another build, running
+        result = CliRunner().invoke(app, ["index", "build", sources[0], "--out",
+                                          str(tmp_path / "idx"), "--bm25-only", "--resumable"])
+    assert result.exit_code == 2 and "another index build is writing to" in result.output
+    assert "delete" not in result.output and "shards finished" not in result.output
+    assert (work / "shards" / "0-0").is_dir()

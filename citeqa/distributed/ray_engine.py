@@ -84,6 +84,9 @@ def connected(options: RayOptions) -> Iterator[Any]:
             "the address `ray start --head` printed (HEAD:6379 or ray://HEAD:10001), or "
             "'local' for this machine"
         ) from None
+    except BaseException:  # Ctrl-C while it starts: what it started so far is stopped too
+        ray.shutdown()  # (its dashboard and runtime-env agents outlived the command)
+        raise
     try:
         yield ray
     finally:

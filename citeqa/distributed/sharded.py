@@ -124,10 +124,13 @@ def build_index_sharded(
     if out.resolve() in work.parents:  # the swap would refuse an --out holding it, at the end
         raise ConfigError(f"--work-dir {work_dir} is inside --out; give the shards a folder "
                           "of their own (default: .OUT.build beside OUT)")
-    for source in sources:  # a rerun would read the shards back in as documents
+    for source in sources:  # a rerun would read the shards back in as documents, unless a
+        # hidden folder holds them (a walk leaves those out: the default .OUT.build is one)
         folder = Path(source).resolve() if not is_url(source) else None
-        if folder is not None and folder.is_dir() and (folder == work or folder in work.parents):
-            raise ConfigError(f"--work-dir {work_dir} is inside the source folder {source}; a "
+        if (folder is not None and folder.is_dir()
+                and (folder == work or folder in work.parents)
+                and not any(part.startswith(".") for part in work.relative_to(folder).parts)):
+            raise ConfigError(f"--work-dir {work} is inside the source folder {source}; a "
                               "rerun would read its shards as documents: give the shards a "
                               "folder of their own (default: .OUT.build beside OUT)")
     job = ShardJob(cfg=cfg, work=str(work), shard_chars=shard_chars,
