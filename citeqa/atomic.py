@@ -96,7 +96,7 @@ def flocked(path: Path, *, flags: int = os.O_RDONLY,
 
 # --- directories ------------------------------------------------------------------------------
 # A directory is written whole into ``.<name>.tmp-<pid>-<token>`` beside it, then swapped in:
-# ``out`` renamed to ``.<name>.old-<pid>-<token>``, the temporary
+# ``out`` renamed to ``.<name>.old-<pid>`` (an index's: ``-<token>`` too), the temporary
 # directory to ``out``, the backup removed. The pid in the names says whether their writer
 # still runs, so what a killed writer left (hundreds of MB of weights, or the only copy of
 # ``out`` between the two renames) is removed or restored by the next writer or reader. A
