@@ -248,7 +248,7 @@ def writer_alive(sibling: Path, *, writing: bool) -> bool:
         return False
     kind, pid, token = m.group(1), int(m.group(2)), m.group(3)
     # this process's own: its pid, and its token (another process of that pid number, in
-    # another pid namespace, has another); a backup of the pid alone (an older citeqa's). A
+    # another pid namespace, has another); a backup of the pid alone (``replace_dir``'s). A
     # temporary directory of the pid alone is an older citeqa's, never this process's: whether
     # its writer runs is its lock's to say (an older replica's, writing now, was deleted)
     own = pid == os.getpid() and (token == _WRITER_TOKEN or (token is None and kind == "old"))
@@ -377,7 +377,7 @@ def give_owner_and_mode(tmp: Path, owner_mode: tuple[int, int, int]) -> None:
 def replace_dir(tmp: Path, out: Path) -> None:
     """Swap the complete directory ``tmp`` in at ``out`` (see above); ``recover_dir`` undoes a
     crash between the two renames."""
-    old = out.parent / f".{out.name}.old-{writer_name()}"  # (another container's pid 1's too)
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
         os.rename(out, old)

@@ -135,21 +135,6 @@ def test_replace_dir_swaps_a_whole_directory_in(tmp_path: Path) -> None:
         assert (out / "weights").read_text() == version
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no debris
 
-def test_replace_dir_names_its_backup_as_no_other_container_does(tmp_path: Path,
-                                                                 monkeypatch) -> None:
-    """Two containers' writers (replicas: both pid 1) named their backups alike, and each
-    deleted the other's, the only copy between its two renames, as its own."""
-    from citeqa import atomic
-
-    out = tmp_path / "model"
-    out.mkdir()
-    renames: list[tuple[str, str]] = []
-    real = os.rename
-    monkeypatch.setattr(atomic.os, "rename", lambda a, b: (
-        renames.append((Path(a).name, Path(b).name)), real(a, b))[-1])
-    atomic.replace_dir(atomic.fresh_tmp_dir(out), out)
-    assert renames[0] == ("model", f".model.old-{os.getpid()}-{atomic._WRITER_TOKEN}")
-
 
 def test_a_writer_killed_between_the_renames_is_undone_by_the_next_reader(tmp_path: Path) -> None:
     """The only copy of ``out`` sat in ``.out.old`` and every reader called it missing (a reward
