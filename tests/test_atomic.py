@@ -368,3 +368,32 @@ def test_of_two_backups_dead_writers_left_the_newest_is_restored(tmp_path: Path)
         (backup / "weights").write_text(content)
         os.utime(backup, (mtime, mtime))
     assert (recover_dir(tmp_path / "rm") / "weights").read_text() == "new"
+
+
+def test_a_swap_killed_between_its_renames_is_undone_after_a_restart_of_the_same_pid(
+        tmp_path: Path, monkeypatch) -> None:
+    """A container's pid 1 killed between replace_dir's renames, restarted as pid 1 again (a
+    writer token of its own): its backup must read as dead and be restored (named by pid and
+    token, it read as a live writer's of pid 1, and ``out`` stayed missing)."""
+    from citeqa import atomic
+
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "weights").write_text("saved")
+    renames = 0
+    real = os.rename
+
+    def killed_at_the_second(a: object, b: object) -> None:
+        nonlocal renames
+        renames += 1
+        if renames == 2:
+            raise KeyboardInterrupt  # the process dies here
+        real(a, b)
+
+    monkeypatch.setattr(atomic.os, "rename", killed_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.replace_dir(atomic.fresh_tmp_dir(out), out)
+    monkeypatch.setattr(atomic.os, "rename", real)
+    assert not out.exists()
+    monkeypatch.setattr(atomic, "_WRITER_TOKEN", "0123abcd")  # the restarted process
+    assert (atomic.recover_dir(out) / "weights").read_text() == "saved"
