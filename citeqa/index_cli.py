@@ -197,7 +197,7 @@ def index_build(
     progress = shown_progress(progress)  # default: on a terminal only
     from citeqa.retrieval import build_index
     from citeqa.retrieval.dense import KINDS, DenseSpec
-    from citeqa.retrieval.store import check_index, folder_id, real_path, recover_index
+    from citeqa.retrieval.store import check_index, recover_index, swaps_into
 
     if hnsw and dense_index not in ("auto", "hnsw"):
         raise fail(f"--hnsw contradicts --dense-index {dense_index}; give one of them")
@@ -231,7 +231,7 @@ def index_build(
     # a rebuild would swap in an index without the documents of a mistyped path
     _check_sources_exist(sources, f"nothing was built (an index at {out}, if any, is as it was)")
     sharded = ray is not None or resumable  # resumable: its shards outlive a stop
-    before = folder_id(real_path(out))  # a swap puts another folder there
+    swaps = swaps_into(out)  # (a folder changed there may be another writer's swap)
     try:
         if bm25_only:
             cfg = replace(cfg, dense=False)
@@ -268,7 +268,7 @@ def index_build(
         raise fail(f"could not build the index into {out}: {e}; the index there, if any, is "
                    f"as it was{kept}") from None
     except KeyboardInterrupt:
-        if folder_id(real_path(out)) not in (before, None):  # cut short after its swap
+        if swaps_into(out) > swaps:  # cut short after its own swap
             _forget_replaced(out, work_dir)
             typer.echo(f"\ninterrupted once the new index was in: {out} holds it (what is "
                        "left of the old one goes at the next command)", err=True)
@@ -339,12 +339,13 @@ def _kept_shards(out: Path, work_dir: Path | None, *, full: bool = False) -> str
     finished = _finished_shards(work)
     if not finished:
         return ""
+    are = "is" if finished == 1 else "are"
     if full:
-        return (f"; the {plural(finished, 'shard')} finished so far are kept in {work} "
+        return (f"; the {plural(finished, 'shard')} finished so far {are} kept in {work} "
                 f"({_megabytes(work)}): the finished index needs about as much room again "
                 "beside them, so free that much and run the same command again to reuse them "
                 "(or delete that folder to start over)")
-    return (f"; the {plural(finished, 'shard')} finished so far are kept in {work}: run the "
+    return (f"; the {plural(finished, 'shard')} finished so far {are} kept in {work}: run the "
             "same command again to reuse them (or delete it to start over)")
 
 

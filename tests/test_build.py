@@ -841,3 +841,35 @@ def test_a_build_refused_for_another_running_never_says_to_delete_its_shards(
     assert result.exit_code == 2 and "another index build is writing to" in result.output
     assert "delete" not in result.output and "shards finished" not in result.output
     assert (work / "shards" / "0-0").is_dir()
+
+
+def test_a_build_cut_short_after_another_writers_swap_keeps_its_shards(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An `index add` (or a server's change) swapped in during a sharded build, then Ctrl-C:
+    the build said its own new index was in, and deleted its finished shards."""
+    from typer.testing import CliRunner
+
+    import citeqa.distributed
+    from citeqa.cli import app
+    from citeqa.retrieval.shards import MARKER
+
+    sources = write_corpus(tmp_path / "src")
+    out, work = tmp_path / "idx", tmp_path / "work"
+    build_index(sources, out, CFG, progress=False)
+    build_index(sources, tmp_path / "theirs", CFG, progress=False)
+
+    def interrupted_after_another_swap(*_a, **_kw):
+        (work / "shards" / "0-0").mkdir(parents=True)  # what the build had finished
+        (work / MARKER).write_text("{}")
+        os.rename(out, tmp_path / "gone")  # another process's swap, with its own index
+        os.rename(tmp_path / "theirs", out)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(citeqa.distributed, "build_index_sharded",
+                        interrupted_after_another_swap)
+    result = CliRunner().invoke(app, ["index", "build", sources[0], "--out", str(out),
+                                      "--bm25-only", "--resumable", "--work-dir", str(work)])
+    assert result.exit_code == 130, result.output
+    assert "once the new index was in" not in result.output
+    assert f"the 1 shard finished so far is kept in {work}" in result.output
+    assert (work / "shards" / "0-0").is_dir()

@@ -35,6 +35,7 @@ refused when the index on disk is no longer that one: it would silently undo the
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import itertools
@@ -336,6 +337,16 @@ def writer_lock(out: Path) -> Iterator[None]:
         yield
 
 
+# how many indexes this process swapped in at each (real) path: a command cut short tells by
+# it whether its own swap was done (a folder changed there may be another writer's)
+_SWAPS: collections.Counter[str] = collections.Counter()
+
+
+def swaps_into(out: Path) -> int:
+    """How many indexes this process has swapped in at ``out`` (``publish``)."""
+    return _SWAPS[str(real_path(out))]
+
+
 def publish(tmp: Path, out: Path, *, expect: dict[str, Any] | None = None,
             only_if_missing: bool = False) -> None:
     """Swap the complete ``tmp`` index in at ``out`` (see the module docstring), under the
@@ -372,6 +383,7 @@ def publish(tmp: Path, out: Path, *, expect: dict[str, Any] | None = None,
                 raise
         else:
             tmp.rename(out)
+        _SWAPS[str(out)] += 1
         release_tmp_dir(tmp)
         fsync_path(out.parent)
     test_pause("after_swap")
