@@ -5,11 +5,12 @@ Every user mistake ends in a one-line message on stderr and exit status 2, never
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -318,14 +319,11 @@ def serve(
         raise fail("--host is empty: give the interface to bind (127.0.0.1: this machine only; "
                    "0.0.0.0: every interface)")
     try:  # a name that does not resolve failed only after the models loaded
-        family, *_, address = socket.getaddrinfo(host.strip("[]"), port,
-                                                 type=socket.SOCK_STREAM)[0]
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as e:
         raise fail(f"cannot bind --host {host}: {e}") from None
     try:  # ... and a port in use, after the whole start, in uvicorn's log lines (status 3)
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
-            probe.bind(address)
+        _probe_bind(addresses)
     except OSError as e:
         in_use = e.errno == errno.EADDRINUSE
         raise fail(f"cannot listen on {host} port {port}: " + (
@@ -357,6 +355,22 @@ def serve(
                                           service.state.citeqa.metrics.observe_closed,
                                           settings.max_connections_per_client,
                                           settings.retry_after_s))
+
+
+def _probe_bind(addresses: list[Any]) -> None:
+    """Bind every address ``getaddrinfo`` gave, as the server will (each socket with
+    SO_REUSEADDR, an IPv6 one for IPv6 alone: asyncio's ``create_server``), all at once, and
+    let go; OSError where one cannot be bound."""
+    import socket
+
+    with contextlib.ExitStack() as held:
+        for family, kind, proto, _, address in dict.fromkeys(
+                (a[0], a[1], a[2], None, a[4]) for a in addresses):
+            probe = held.enter_context(socket.socket(family, kind, proto))
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            probe.bind(address)
 
 
 def _is_loopback(host: str) -> bool:

@@ -1035,3 +1035,28 @@ def test_search_cuts_a_long_passage_at_a_word_with_an_ellipsis(tmp_path: Path) -
     shown = result.output.splitlines()[1]
     # 7 sentences are 293 characters with their spaces; the 8th's first word is cut at 300
     assert shown == "   " + ("Kestrels hover over the old mill at dawn. " * 7).strip() + "\u2026"
+
+
+def test_the_port_probe_binds_as_the_server_does() -> None:
+    """Every address a name gives, IPv6 for IPv6 alone (as asyncio's create_server): `--host
+    ::` was refused where another process held the port on IPv4 only."""
+    import socket
+
+    from citeqa.cli import _probe_bind
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError):
+            _probe_bind(socket.getaddrinfo("127.0.0.1", port, type=socket.SOCK_STREAM))
+        both = socket.getaddrinfo("localhost", port, type=socket.SOCK_STREAM)
+        if any(a[0] == socket.AF_INET for a in both):
+            with pytest.raises(OSError):  # its IPv4 address is taken
+                _probe_bind(both)
+        if socket.has_ipv6:
+            try:
+                v6 = socket.getaddrinfo("::", port, type=socket.SOCK_STREAM)
+            except OSError:
+                return
+            _probe_bind(v6)
