@@ -20,6 +20,7 @@ applied to it rather than undoing it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
@@ -40,6 +41,7 @@ from citeqa.config import (
     Settings,
 )
 from citeqa.errors import (
+    CiteqaError,
     ConfigError,
     IndexChangedError,
     IndexError_,
@@ -53,7 +55,14 @@ from citeqa.generation.factory import build_backend
 from citeqa.generation.format import ANSWER_MODES, AnswerMode
 from citeqa.retrieval.base import Retriever
 from citeqa.retrieval.retriever import HybridRetriever
-from citeqa.retrieval.store import Index, check_documents, settled_version, version_on_disk
+from citeqa.retrieval.store import (
+    MANIFEST,
+    Index,
+    check_documents,
+    recover_index,
+    settled_version,
+    version_on_disk,
+)
 from citeqa.retrieval.updates import IndexUpdate, apply_update
 from citeqa.text import is_blank, unsendable
 from citeqa.types import Answer, AskArgs, Candidate, Document, Hit
@@ -591,7 +600,16 @@ class Pipeline:
             self._absent = 0
             return
         self._absent += 1
-        if self._absent == ABSENT_LOOKS:
+        if self._absent != ABSENT_LOOKS:
+            return
+        with contextlib.suppress(CiteqaError, OSError):  # a writer killed mid-swap: its
+            recover_index(out)  # backup back in place, as a restart would have it
+        if version_on_disk(out) is not None:
+            self._absent = 0
+        elif (Path(out) / MANIFEST).exists():
+            logger.warning("the index directory %s holds an index whose manifest cannot be "
+                           "read (its permissions?); the one loaded is still served", out)
+        else:
             logger.warning(
                 "the index directory %s holds no index (deleted or moved?): the one loaded is "
                 "still served, but a restart would find none, and document changes are "

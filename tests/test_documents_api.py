@@ -1061,6 +1061,14 @@ def test_an_index_directory_left_without_an_index_is_said_once(
         assert pipeline.reload_index() is None  # the same index: nothing to load
         assert [r.getMessage() for r in caplog.records if "an index again" in r.getMessage()] == [
             f"the index directory {index_dir} holds an index again"]
+        # a writer killed between its two renames: its backup is put back (as a restart
+        # would), not called missing
+        caplog.clear()
+        index_dir.rename(index_dir.parent / f".{index_dir.name}.old-999999-0badcafe")
+        for _ in range(ABSENT_LOOKS + 1):
+            assert pipeline.reload_index() is None
+        assert Index.load(index_dir).version == served
+        assert not [r for r in caplog.records if "holds no index" in r.getMessage()]
 
 
 def test_a_stale_404_met_mid_swap_is_judged_again_once_the_swap_is_done(
