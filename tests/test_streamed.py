@@ -14,6 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from citeqa.errors import EngineError, EngineUnavailableError
 from citeqa.generation.backend import GenerationRequest
@@ -125,6 +127,21 @@ def test_event_stream_lines_break_where_the_standard_says_only():
                    chunk(0, text[30:], [-0.5], "stop", ascii=False), "data: [DONE]\n\n"))
     [[c]] = b.generate([GenerationRequest(messages=MSGS)])
     assert (c.text, c.logprob) == (text, -1.5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=["a", "\u00e9", "\r", "\n", "\u2028", "\x85", " "], max_size=40),
+       st.lists(st.integers(0, 40), max_size=8))
+def test_event_stream_lines_are_the_same_however_the_text_is_cut(text: str,
+                                                                 cuts: list[int]) -> None:
+    """Cut anywhere (a CRLF across two chunks, empty chunks), the lines are the whole text's:
+    split at CRLF, CR or LF, a last line ended or not."""
+    import re
+
+    bounds = sorted(min(c, len(text)) for c in cuts)
+    chunks = [text[a:b] for a, b in zip([0, *bounds], [*bounds, len(text)], strict=True)]
+    whole = re.split(r"\r\n|\r|\n", text)
+    assert list(sse_lines(chunks)) == (whole[:-1] if whole[-1] == "" else whole)
 
 
 def test_streamed_failures_are_the_engines_errors():

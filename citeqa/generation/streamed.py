@@ -59,17 +59,25 @@ def sse_lines(chunks: Iterable[str]) -> Iterator[str]:
     """The lines of an event stream's text ``chunks``, broken where the standard breaks them:
     at CRLF, CR or LF alone (httpx's ``iter_lines`` breaks at U+2028, U+2029, U+0085 ... too,
     as ``str.splitlines`` does, and vLLM sends those raw inside its JSON data lines: a quote
-    across one failed as a bad event)."""
-    buffer = ""
+    across one failed as a bad event). Each chunk is searched once (a line in many chunks
+    costs its length)."""
+    pending: list[str] = []  # the line so far, not yet ended
+    after_cr = False  # the last chunk ended in a CR: an LF starting this one is its CRLF's
     for chunk in chunks:
-        buffer += chunk
-        end = len(buffer) - buffer.endswith("\r")  # (a CR may be the first half of a CRLF)
-        *lines, rest = _LINE_BREAK.split(buffer[:end])
-        yield from lines
-        buffer = rest + buffer[end:]
-    if buffer:
-        *lines, last = _LINE_BREAK.split(buffer)
-        yield from lines if last == "" else [*lines, last]
+        if after_cr and chunk.startswith("\n"):
+            chunk, after_cr = chunk[1:], False
+        if not chunk:
+            continue
+        *ended, rest = _LINE_BREAK.split(chunk)
+        if ended:
+            yield "".join([*pending, ended[0]])
+            yield from ended[1:]
+            pending = []
+        if rest:
+            pending.append(rest)
+        after_cr = chunk.endswith("\r")
+    if pending:
+        yield "".join(pending)
 
 
 def events(lines: Iterable[str]) -> Iterator[str]:
