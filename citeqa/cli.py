@@ -223,10 +223,15 @@ HIT_CHARS = 300  # ... of each hit `citeqa search` lists
 
 
 def snippet(text: str, chars: int) -> str:
-    """``text`` on one line, cut at a word boundary before ``chars`` characters with an
-    ellipsis where it is longer."""
+    """``text`` on one line, cut before ``chars`` characters with an ellipsis where it is
+    longer: at a space in the last half, else where it reaches (Chinese or Japanese text has
+    no spaces, nor does a long URL)."""
     line = squash(text).strip()
-    return line if len(line) <= chars else line[:chars].rsplit(" ", 1)[0] + "\u2026"
+    if len(line) <= chars:
+        return line
+    cut = line[:chars]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > chars // 2 else cut).rstrip() + "\u2026"
 
 
 def quote_in_context(text: str | None, candidate: Candidate, *, chars: int = CONTEXT_CHARS,

@@ -15,7 +15,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from citeqa.cli import app, format_answer, quote_in_context
+from citeqa.cli import app, format_answer, quote_in_context, snippet
 from citeqa.retrieval import Index
 from citeqa.types import Answer, Candidate, Document, Hit, Passage, Quote
 
@@ -1035,6 +1035,12 @@ def test_search_cuts_a_long_passage_at_a_word_with_an_ellipsis(tmp_path: Path) -
     shown = result.output.splitlines()[1]
     # 7 sentences are 293 characters with their spaces; the 8th's first word is cut at 300
     assert shown == "   " + ("Kestrels hover over the old mill at dawn. " * 7).strip() + "\u2026"
+    # text without a space in the last half of the limit is cut where it reaches (a Japanese
+    # passage under a two-word heading showed the heading alone)
+    assert snippet("\u6982\u8981 " + "\u6587" * 400, 30) == (
+        "\u6982\u8981 " + "\u6587" * 27 + "\u2026")
+    assert snippet("a " + "x" * 400, 20) == "a " + "x" * 18 + "\u2026"
+    assert snippet("short text", 20) == "short text"
 
 
 def test_the_port_probe_binds_as_the_server_does() -> None:
