@@ -40,13 +40,13 @@ def a_path(value: str) -> Path:
     """An option ``parser`` refusing an empty path (``--index "$DIR"`` with DIR unset read as
     ``.``, the current folder: an index there was used without a word)."""
     if not value.strip():
-        raise typer.BadParameter("is empty: give a folder (. for the current one)")
+        raise typer.BadParameter("is empty: give a path (. for the current folder)")
     return Path(value)
 
 
 def path_option(*names: str, **kwargs: Any) -> Any:
-    """``typer.Option`` for a path: an empty one refused (``a_path``)."""
-    return typer.Option(*names, parser=a_path, **kwargs)
+    """``typer.Option`` for a path: an empty one refused (``a_path``); shown as PATH."""
+    return typer.Option(*names, parser=a_path, **{"metavar": "PATH", **kwargs})
 
 
 def path_argument(**kwargs: Any) -> Any:

@@ -297,9 +297,10 @@ def _echo_twins(twins: Sequence[tuple[str, str]]) -> None:
     """A warning for each document indexed with the text of another (at most
     ``SKIPS_NAMED``, then how many more): its passages take two places in every result."""
     for source, twin in twins[:SKIPS_NAMED]:
-        typer.echo(f"warning: {squash(source)} has the text of {squash(twin)}; both "
-                   "are indexed, so their passages take two places in every result they are "
-                   "in (leave one out and build again)", err=True)
+        which = (f"two documents of {squash(source)} have one text" if source == twin else
+                 f"{squash(source)} has the text of {squash(twin)}")  # (a JSONL's records)
+        typer.echo(f"warning: {which}; both are indexed, so their passages take two places "
+                   "in every result they are in (leave one out and build again)", err=True)
     if (more := len(twins) - SKIPS_NAMED) > 0:
         typer.echo(f"warning: {plural(more, 'more document')} {'has' if more == 1 else 'have'} "
                    "the text of another, and each is indexed beside it", err=True)

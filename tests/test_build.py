@@ -723,6 +723,15 @@ def test_ctrl_c_while_ray_starts_stops_what_it_started(monkeypatch: pytest.Monke
         pass
     assert shut == [True]
 
+    def timed_out(**_kw: object) -> None:  # a start that fails part way
+        raise Exception("a node timed out starting")  # (Ray raises bare Exceptions)
+
+    fake.init = timed_out
+    with pytest.raises(ConfigError, match="could not start or join Ray"), connected(
+            RayOptions("local", num_cpus=2)):
+        pass
+    assert shut == [True, True]
+
 
 def test_a_cluster_address_where_nothing_answers_fails_at_once() -> None:
     """Ray retried a wrong HOST:PORT for many minutes before giving up."""
@@ -791,6 +800,14 @@ def test_a_document_with_the_text_of_another_is_indexed_and_said(tmp_path: Path)
         assert said[5:] == ["warning: 2 more documents have the text of another, and each is "
                             "indexed beside it"]
         assert "indexed 8 documents" in result.output
+    # records that name one source (said "notes.txt has the text of notes.txt")
+    records = tmp_path / "records.jsonl"
+    records.write_text("".join(json.dumps({"id": i, "text": same, "source": "notes.txt"}) + "\n"
+                               for i in ("r1", "r2")))
+    result = CliRunner().invoke(app, ["index", "build", str(records), "--out",
+                                      str(tmp_path / "jsonl"), "--bm25-only", "--no-progress"])
+    assert "warning: two documents of notes.txt have one text; both are indexed" in (
+        result.output), result.output
 
 
 def test_a_sharded_build_cut_short_after_its_swap_removes_its_own_work_dir(

@@ -1005,6 +1005,11 @@ def test_serve_on_a_port_in_use_says_so_before_anything_loads(corpus, tmp_path, 
                port).exit_code == 0 and len(served) == 1  # free again
 
 
+def test_path_options_show_as_paths_in_help() -> None:
+    help_text = run("index", "build", "--help").output
+    assert "-o, --out PATH" in help_text and "A_PATH" not in help_text
+
+
 def test_search_and_ask_interrupted_say_so(corpus, tmp_path, monkeypatch) -> None:
     """Both ended with status 130 and no word, unlike every other command."""
     from citeqa.pipeline import Pipeline

@@ -79,13 +79,14 @@ def connected(options: RayOptions) -> Iterator[Any]:
         else:
             ray.init(address=options.address)
     except Exception as e:  # Ray raises bare Exceptions too (a node that timed out starting)
+        ray.shutdown()  # (what it started, if anything, goes too)
         raise ConfigError(
             f"could not start or join Ray at {options.address!r} ({e}); for a cluster, give "
             "the address `ray start --head` printed (HEAD:6379 or ray://HEAD:10001), or "
             "'local' for this machine"
         ) from None
-    except BaseException:  # Ctrl-C while it starts: what it started so far is stopped too
-        ray.shutdown()  # (its dashboard and runtime-env agents outlived the command)
+    except BaseException:  # Ctrl-C while it starts: what it started so far goes too (its
+        ray.shutdown()  # dashboard and runtime-env agents outlived the command)
         raise
     try:
         yield ray

@@ -168,7 +168,8 @@ class RemoteBackend:
         another model than the one named (or, none named, several)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            # no call outlives the wait, but each has ``LOOK_S`` at least (a wait of 0: one look)
+            # no call outlives the wait, but each has ``LOOK_S`` at least (a wait of 0: one
+            # look; a wait shorter than LOOK_S may take up to LOOK_S)
             by = max(deadline, time.monotonic() + LOOK_S)
             try:
                 if self._model is None:
