@@ -50,9 +50,9 @@ def _register_subcommands() -> None:
     from citeqa.evals.cli import eval_app
     from citeqa.index_cli import index_app
     from citeqa.redteam.cli import redteam
-    from citeqa.reward.cli import calibrate
-    from citeqa.reward.cli import train_app as reward_train_app
     from citeqa.training.cli import app as generator_train_app
+    from citeqa.training.reward_cli import calibrate
+    from citeqa.training.reward_cli import train_app as reward_train_app
 
     app.add_typer(index_app, name="index")
     app.add_typer(eval_app, name="eval")

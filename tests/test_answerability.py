@@ -272,8 +272,8 @@ def test_training_never_writes_over_a_model_it_is_not_resuming(tmp_path: Path) -
     import shutil
 
     from citeqa.errors import ConfigError
-    from citeqa.reward.cli import answerability_to_dir, train_to_dir
     from citeqa.reward.scorer import DEFAULT_DIR
+    from citeqa.training.reward_cli import answerability_to_dir, train_to_dir
 
     shipped = tmp_path / "my-rm"
     shutil.copytree(DEFAULT_DIR, shipped)

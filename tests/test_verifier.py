@@ -274,7 +274,7 @@ def test_scorer_reads_the_passage_around_each_quote_and_calibrates(tiny_encoder,
     j = judged("Who led?", cands[0], {"d": doc}.__getitem__)
     assert j.before and TEXT.startswith(j.before) and j.after.startswith(" The Norman")
     # calibration with the verifier's scores
-    from citeqa.reward.cli import calibrate_dir
+    from citeqa.training.reward_cli import calibrate_dir
 
     data = tmp_path / "cal.jsonl"
     rng = np.random.default_rng(0)
@@ -329,7 +329,7 @@ def calibrated(tiny_encoder, tokenizer, tmp_path: Path) -> Path:
                         f"c{i}", "") for i in range(60)]
     with (tmp_path / "cal.jsonl").open("w") as f:
         write_examples(f, examples)
-    from citeqa.reward.cli import calibrate_dir
+    from citeqa.training.reward_cli import calibrate_dir
 
     summary = calibrate_dir([tmp_path / "cal.jsonl"], tmp_path / "rm", target=0.55, delta=0.1,
                             cpu_dtype="fp32")
@@ -342,7 +342,7 @@ def test_two_files_answering_the_same_questions_are_two_sets_of_questions(
     """Questions were grouped by id across the --data files: two generators' answers to the
     same questions were scored as one question each, the best of both, certified for neither;
     a file given twice counted its candidate-less questions twice, the others once."""
-    from citeqa.reward.cli import calibrate_dir
+    from citeqa.training.reward_cli import calibrate_dir
 
     cal = calibrated.parent / "cal.jsonl"
     other = calibrated.parent / "other.jsonl"  # the same questions, every answer wrong
@@ -366,7 +366,7 @@ def test_a_calibration_certifying_nothing_says_so_and_what_it_replaced(
     """The review's: `citeqa calibrate` on one question printed "threshold": null and wrote it
     over a calibration that certified 0.0564 without a word (a server then answered every
     question); its answerable_share counted golds of no word ("", "the") answerable."""
-    from citeqa.reward.cli import calibrate_dir
+    from citeqa.training.reward_cli import calibrate_dir
 
     right = calibrated.parent / "right.jsonl"
     with right.open("w") as f:  # 40 questions answered right: certified at 0.8
@@ -591,7 +591,7 @@ def test_data_lines_groups_and_errors(tmp_path: Path) -> None:
 
 def test_combined_with_generator_signals_fit_served_and_calibrated(tiny_encoder, tokenizer,
                                                                    tmp_path: Path) -> None:
-    from citeqa.reward.cli import calibrate_dir, combine_dir
+    from citeqa.training.reward_cli import calibrate_dir, combine_dir
 
     save_verifier(tmp_path / "rm", Verifier(tiny_encoder(len(tokenizer)), 3, 8), tokenizer, {})
     rng = np.random.default_rng(3)
@@ -806,7 +806,7 @@ def test_training_a_verifier_further_resumes_with_the_same_command(tiny_encoder,
                                                                    tmp_path: Path) -> None:
     """From a verifier --base, the run takes the base's heads (not --members); its rerun did
     not, and the same command was refused as "other settings"."""
-    from citeqa.reward.cli import train_to_dir
+    from citeqa.training.reward_cli import train_to_dir
 
     groups = [[item("Rollo", 1, f"g{i}"), item("France", 0, f"g{i}")] for i in range(4)]
     base = tmp_path / "base"
@@ -826,7 +826,7 @@ def test_reward_data_of_one_label_is_refused_and_the_card_names_only_data_used(
         tmp_path: Path) -> None:
     """The training review's: `train reward` on right answers alone trained without a word;
     every card said the data of more-train.json had been seen, used or not."""
-    from citeqa.reward.cli import train_to_dir, write_card
+    from citeqa.training.reward_cli import train_to_dir, write_card
 
     data = tmp_path / "right.jsonl"
     with data.open("w") as f:
@@ -841,3 +841,22 @@ def test_reward_data_of_one_label_is_refused_and_the_card_names_only_data_used(
                    {"data": [str(tmp_path / name)]})
         card = ((tmp_path / name).with_suffix(".d") / "MODEL_CARD.md").read_text()
         assert ("distractor paragraphs" in card) is named, card
+
+
+def test_the_reward_package_imports_no_eval_or_prompt_code() -> None:
+    """Issue #14's layout: the reward model must not lean on the evaluation (its correctness
+    rule, its data) nor on the prompt's heuristics; the commands that read datasets live in
+    citeqa/training/ (reward/cli.py imported citeqa.evals while README said it did not)."""
+    import ast
+    from pathlib import Path
+
+    import citeqa.reward
+
+    banned = ("citeqa.evals", "citeqa.generation.prompt", "citeqa.redteam")
+    found = []
+    for path in sorted(Path(citeqa.reward.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.name}: {n}" for n in names if n.startswith(banned)]
+    assert found == []

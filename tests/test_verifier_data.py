@@ -419,8 +419,8 @@ def test_a_combination_is_not_fitted_on_questions_the_cross_encoders_trained_on(
     than they are on unseen questions. The verifiers it was trained further from count too."""
     from citeqa.errors import ConfigError
     from citeqa.reward.checkpoint import HEADS
-    from citeqa.reward.cli import _check_unseen, trained_questions
     from citeqa.reward.data import load_verifier_data
+    from citeqa.training.reward_cli import _check_unseen, trained_questions
 
     def data(name: str, groups: list[str]) -> Path:
         path = tmp_path / name
@@ -558,8 +558,8 @@ def test_reward_data_of_held_out_articles_is_refused_for_training_and_calibratio
     variants = tmp_path / "rt.jsonl.variants.jsonl"
     variants.write_text("")
     (tmp_path / "rt.jsonl.stats.json").write_text(json.dumps({"articles": ["Imperialism"]}))
-    from citeqa.reward.cli import _check_trainable, data_articles
     from citeqa.reward.data import VerifierData
+    from citeqa.training.reward_cli import _check_trainable, data_articles
 
     assert data_articles([], [variants]) == ["Imperialism"]
     with pytest.raises(Exception, match="calibration or evaluation articles"):

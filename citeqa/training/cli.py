@@ -363,7 +363,7 @@ def reward_data(
             summary = _redteam_data(items, out, seed)
     except (CiteqaError, ValueError) as e:
         raise fail(str(e)) from None
-    # what training and calibration check the data against (reward/cli.py: data_articles)
+    # what training and calibration check the data against (training/reward_cli.py: data_articles)
     summary.update(record)
     write_text_atomic(stats_path(out), json.dumps(summary, indent=2) + "\n")
     typer.echo(json.dumps(summary))

@@ -473,7 +473,10 @@ supported rate, with the command that produced them}}
 ## Limitations
 {{LIMITATIONS: e.g. trained on 11 Wikipedia articles' style of question; English only}}
 
-## Data licence
+## Licences
+The base model, {record.get("base_model_id", "?")}, keeps its own licence (SmolLM2-135M-Instruct,
+citeqa's default: Apache-2.0); the adapter holds none of its weights.
+
 Trained on the demonstrations in `{record.get("data", "?")}`{_made_by(record.get("data"))}.
 {data_licence("Demonstrations")}
 """
