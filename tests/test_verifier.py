@@ -846,17 +846,40 @@ def test_reward_data_of_one_label_is_refused_and_the_card_names_only_data_used(
 def test_the_reward_package_imports_no_eval_or_prompt_code() -> None:
     """Issue #14's layout: the reward model must not lean on the evaluation (its correctness
     rule, its data) nor on the prompt's heuristics; the commands that read datasets live in
-    citeqa/training/ (reward/cli.py imported citeqa.evals while README said it did not)."""
-    import ast
-    from pathlib import Path
+    citeqa/training/ (reward/cli.py imported citeqa.evals while README said it did not, and
+    answerability_train.py pulled evals, red-team and prompt code in through a data type)."""
+    import subprocess
+    import sys
 
-    import citeqa.reward
+    probe = ("import importlib, pkgutil, sys, citeqa.reward\n"
+             "for m in pkgutil.iter_modules(citeqa.reward.__path__):\n"
+             "    importlib.import_module('citeqa.reward.' + m.name)\n"
+             "print(sorted(n for n in sys.modules if n.startswith(('citeqa.evals', "
+             "'citeqa.redteam', 'citeqa.generation.prompt', 'citeqa.training'))))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
-    banned = ("citeqa.evals", "citeqa.generation.prompt", "citeqa.redteam")
-    found = []
-    for path in sorted(Path(citeqa.reward.__file__).parent.glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            found += [f"{path.name}: {n}" for n in names if n.startswith(banned)]
-    assert found == []
+
+def test_a_target_between_grid_points_takes_the_next_ones_threshold_up_to_099() -> None:
+    """A target off the 0.01 grid must take the threshold of the grid point above it (one
+    below certifies less than was asked), and 0.99, the last point, its own (not inf)."""
+    import types
+
+    from citeqa.reward.scorer import Calibrated
+
+    rng = np.random.default_rng(0)
+    scores = rng.random(5000)
+    right = rng.random(5000) < np.minimum(1.0, 1.6 * scores)  # surer the higher the score
+    calibrated = Calibrated()
+    calibrated.directory = Path("synthetic")
+    calibrated.calibration = types.SimpleNamespace(  # type: ignore[assignment]
+        scores=tuple(scores.tolist()), correct=tuple(right.tolist()), min_answered=1,
+        calibration=types.SimpleNamespace(delta=0.1, threshold=None))
+    below, above = calibrated.threshold_for(0.81), calibrated.threshold_for(0.82)
+    assert below < above  # (distinct here, so the test can tell them apart)
+    assert calibrated.threshold_for(0.8123) == above
+    assert math.isfinite(calibrated.threshold_for(0.99))
+    assert calibrated.threshold_for(0.985) == calibrated.threshold_for(0.99)
+    assert calibrated.threshold_for(0.991) == math.inf

@@ -15,14 +15,16 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from citeqa.reward.answerability import MAX_TOKENS, Answerability, encode, save_answerability
 from citeqa.reward.train import run_training
-from citeqa.training.answerability_data import Labelled
+
+if TYPE_CHECKING:  # (a type only: the data builder reads datasets, evals and red-team code)
+    from citeqa.training.answerability_data import Labelled
 
 
 @dataclass(frozen=True)
