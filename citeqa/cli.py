@@ -230,7 +230,7 @@ def snippet(text: str, chars: int) -> str:
     if len(line) <= chars:
         return line
     cut = line[:chars]
-    space = cut.rfind(" ")
+    space = line[:chars + 1].rfind(" ")  # (a word ending at the limit is whole)
     return (cut[:space] if space > chars // 2 else cut).rstrip() + "\u2026"
 
 
@@ -355,7 +355,7 @@ def serve(
     # 503 (api/server.py); a request head that trickles in is bounded (uvicorn bounded none:
     # api/protocol.py)
     service = create_app(settings)
-    server.run(service, host=host, port=port,
+    server.run(service, host=host.strip("[]"), port=port,  # uvicorn takes ::1, not [::1]
                http=head_timeout_protocol(settings.client_timeout_s,
                                           service.state.citeqa.metrics.observe_closed,
                                           settings.max_connections_per_client,
@@ -364,18 +364,28 @@ def serve(
 
 def _probe_bind(addresses: list[Any]) -> None:
     """Bind every address ``getaddrinfo`` gave, as the server will (each socket with
-    SO_REUSEADDR, an IPv6 one for IPv6 alone: asyncio's ``create_server``), all at once, and
-    let go; OSError where one cannot be bound."""
+    SO_REUSEADDR, an IPv6 one for IPv6 alone, an address whose family this machine lacks passed
+    over: asyncio's ``create_server``), all at once, and let go; OSError where one cannot be
+    bound, or none could be made."""
     import socket
 
+    unmade: OSError | None = None
+    bound = 0
     with contextlib.ExitStack() as held:
         for family, kind, proto, _, address in dict.fromkeys(
                 (a[0], a[1], a[2], None, a[4]) for a in addresses):
-            probe = held.enter_context(socket.socket(family, kind, proto))
+            try:  # a family this machine lacks (IPv6 disabled) is passed over, as asyncio does
+                probe = held.enter_context(socket.socket(family, kind, proto))
+            except OSError as e:
+                unmade = e
+                continue
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             probe.bind(address)
+            bound += 1
+    if not bound and unmade is not None:
+        raise unmade
 
 
 def _is_loopback(host: str) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -296,12 +297,18 @@ def index_build(
 def _echo_twins(twins: Sequence[tuple[str, str]]) -> None:
     """A warning for each document indexed with the text of another (at most
     ``SKIPS_NAMED``, then how many more): its passages take two places in every result."""
-    for source, twin in twins[:SKIPS_NAMED]:
-        which = (f"two documents of {squash(source)} have one text" if source == twin else
-                 f"{squash(source)} has the text of {squash(twin)}")  # (a JSONL's records)
-        typer.echo(f"warning: {which}; both are indexed, so their passages take two places "
-                   "in every result they are in (leave one out and build again)", err=True)
-    if (more := len(twins) - SKIPS_NAMED) > 0:
+    pairs = Counter(twins)  # (records naming one source give one pair again and again)
+    for (source, twin), n in list(pairs.items())[:SKIPS_NAMED]:
+        if source == twin:
+            said = (f"{n + 1} documents of {squash(source)} have one text; all are indexed, so "
+                    f"their passages take {n + 1} places in every result they are in (leave one "
+                    "in and build again)")
+        else:
+            said = (f"{squash(source)} has the text of {squash(twin)}; both are indexed, so "
+                    "their passages take two places in every result they are in (leave one "
+                    "out and build again)")
+        typer.echo(f"warning: {said}", err=True)
+    if (more := sum(list(pairs.values())[SKIPS_NAMED:])) > 0:  # (documents, not lines)
         typer.echo(f"warning: {plural(more, 'more document')} {'has' if more == 1 else 'have'} "
                    "the text of another, and each is indexed beside it", err=True)
 

@@ -607,8 +607,9 @@ class Pipeline:
         if version_on_disk(out) is not None:
             self._absent = 0
         elif (Path(out) / MANIFEST).exists():
-            logger.warning("the index directory %s holds an index whose manifest cannot be "
-                           "read (its permissions?); the one loaded is still served", out)
+            logger.warning("the index directory %s holds a manifest that cannot be read as "
+                           "an index's (its permissions, a copy not finished, another "
+                           "program's file?); the one loaded is still served", out)
         else:
             logger.warning(
                 "the index directory %s holds no index (deleted or moved?): the one loaded is "

@@ -803,11 +803,13 @@ def test_a_document_with_the_text_of_another_is_indexed_and_said(tmp_path: Path)
     # records that name one source (said "notes.txt has the text of notes.txt")
     records = tmp_path / "records.jsonl"
     records.write_text("".join(json.dumps({"id": i, "text": same, "source": "notes.txt"}) + "\n"
-                               for i in ("r1", "r2")))
+                               for i in ("r1", "r2", "r3")))
     result = CliRunner().invoke(app, ["index", "build", str(records), "--out",
                                       str(tmp_path / "jsonl"), "--bm25-only", "--no-progress"])
-    assert "warning: two documents of notes.txt have one text; both are indexed" in (
-        result.output), result.output
+    said = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert said == ["warning: 3 documents of notes.txt have one text; all are indexed, so their "
+                    "passages take 3 places in every result they are in (leave one in and "
+                    "build again)"], result.output
 
 
 def test_a_sharded_build_cut_short_after_its_swap_removes_its_own_work_dir(
@@ -890,3 +892,29 @@ def test_a_build_cut_short_after_another_writers_swap_keeps_its_shards(
     assert "once the new index was in" not in result.output
     assert f"the 1 shard finished so far is kept in {work}" in result.output
     assert (work / "shards" / "0-0").is_dir()
+
+
+def test_a_ctrl_c_just_after_the_swap_is_told_as_after_it(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C between the rename that swapped the index in and the count of swaps read as
+    before it: 'run the same command again to build it', the new index already in."""
+    from pathlib import Path as RealPath
+
+    from typer.testing import CliRunner
+
+    from citeqa.cli import app
+
+    sources = write_corpus(tmp_path / "src")
+    real = RealPath.rename
+
+    def then_interrupted(self: RealPath, target: object) -> RealPath:
+        done = real(self, target)
+        if ".tmp-" in self.name:
+            raise KeyboardInterrupt
+        return done
+
+    monkeypatch.setattr(RealPath, "rename", then_interrupted)
+    result = CliRunner().invoke(app, ["index", "build", sources[0], "--out",
+                                      str(tmp_path / "idx"), "--bm25-only"])
+    assert result.exit_code == 130 and "once the new index was in" in result.output, (
+        result.output)

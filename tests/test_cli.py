@@ -1046,6 +1046,7 @@ def test_search_cuts_a_long_passage_at_a_word_with_an_ellipsis(tmp_path: Path) -
         "\u6982\u8981 " + "\u6587" * 27 + "\u2026")
     assert snippet("a " + "x" * 400, 20) == "a " + "x" * 18 + "\u2026"
     assert snippet("short text", 20) == "short text"
+    assert snippet("The quick brown fox jumps", 19) == "The quick brown fox\u2026"  # whole
 
 
 def test_the_port_probe_binds_as_the_server_does() -> None:
@@ -1069,5 +1070,46 @@ def test_the_port_probe_binds_as_the_server_does() -> None:
             try:
                 v6 = socket.getaddrinfo("::", port, type=socket.SOCK_STREAM)
             except OSError:
-                return
-            _probe_bind(v6)
+                v6 = []
+            if v6:
+                _probe_bind(v6)
+
+
+def test_the_port_probe_passes_over_a_family_the_machine_lacks(monkeypatch) -> None:
+    """With IPv6 disabled, `localhost` (::1 and 127.0.0.1) was refused, though the server
+    serves on 127.0.0.1 (asyncio passes over a socket it cannot make)."""
+    import errno
+    import socket
+
+    from citeqa.cli import _probe_bind
+
+    real = socket.socket
+
+    def no_ipv6(family: int = socket.AF_INET, *args: object, **kwargs: object) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real(family, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "socket", no_ipv6)
+    v6 = (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 0, 0, 0))
+    v4 = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))
+    _probe_bind([v6, v4])
+    with pytest.raises(OSError, match="not supported"):  # nothing could be made at all
+        _probe_bind([v6])
+
+
+def test_serve_hands_an_ipv6_host_to_the_server_without_brackets(corpus, tmp_path,
+                                                                  served) -> None:
+    """--host [::1] passed the checks, then the server could not resolve "[::1]" (status 3)."""
+    import socket
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    index = tmp_path / "index"
+    assert build(corpus, index).exit_code == 0
+    result = run("serve", "--index", str(index), "--preset", "tiny", "--host", "[::1]",
+                 "--port", "8781")
+    if result.exit_code == 2 and "::1" in result.output:  # no IPv6 loopback in this sandbox
+        pytest.skip(result.output)
+    assert result.exit_code == 0, result.output
+    assert served[0].state.uvicorn_run["host"] == "::1"

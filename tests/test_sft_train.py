@@ -170,7 +170,9 @@ def test_run_sft_writes_adapter_log_and_card(tokenizer, tmp_path: Path) -> None:
     assert {"adapter.safetensors", "adapter.json", "training_log.json", "MODEL_CARD.md"} <= files
     log = json.loads((tmp_path / "training_log.json").read_text())
     assert len(log["history"]) == 2 and log["prompt"]["passage_chars"] == GEN.passage_chars
-    assert "EVAL_METRICS" in (tmp_path / "MODEL_CARD.md").read_text()
+    card = (tmp_path / "MODEL_CARD.md").read_text()
+    assert "EVAL_METRICS" in card
+    assert "keeps its own licence (SmolLM2-135M-Instruct" in card  # as NOTICE says cards do
     assert not any(p.suffix in {".pt", ".pkl", ".bin"} for p in tmp_path.iterdir())
 
 

@@ -841,6 +841,7 @@ def test_reward_data_of_one_label_is_refused_and_the_card_names_only_data_used(
                    {"data": [str(tmp_path / name)]})
         card = ((tmp_path / name).with_suffix(".d") / "MODEL_CARD.md").read_text()
         assert ("distractor paragraphs" in card) is named, card
+        assert "keeps its own licence (all-MiniLM-L6-v2" in card  # as NOTICE says cards do
 
 
 def test_the_reward_package_imports_no_eval_or_prompt_code() -> None:

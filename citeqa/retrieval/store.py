@@ -373,17 +373,21 @@ def publish(tmp: Path, out: Path, *, expect: dict[str, Any] | None = None,
                 "server, a rebuild or `citeqa index add/remove` wrote it), so this change would "
                 "undo that one; nothing was changed: load the index as it is now, then try "
                 "again")
-        if out.exists():
-            out.rename(old)
-            test_pause("mid_swap")
-            try:
+        new = folder_id(tmp)
+        try:
+            if out.exists():
+                out.rename(old)
+                test_pause("mid_swap")
+                try:
+                    tmp.rename(out)
+                except OSError:  # the previous index back in its place: as it was, as said
+                    old.rename(out)
+                    raise
+            else:
                 tmp.rename(out)
-            except OSError:  # the previous index back in its place: as it was, as said
-                old.rename(out)
-                raise
-        else:
-            tmp.rename(out)
-        _SWAPS[str(out)] += 1
+        finally:  # (counted when done, also where a Ctrl-C came just after the rename)
+            if new is not None and folder_id(out) == new:
+                _SWAPS[str(out)] += 1
         release_tmp_dir(tmp)
         fsync_path(out.parent)
     test_pause("after_swap")

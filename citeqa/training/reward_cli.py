@@ -454,7 +454,10 @@ Trained with citeqa {citeqa.__version__} from `{record.get("base", "?")}`.
 {{EVAL: `citeqa calibrate` and `citeqa eval` figures on held-out questions, with their
 commands}}
 
-## Data licence
+## Licences
+The base encoder, `{record.get("base", "?")}`, keeps its own licence (all-MiniLM-L6-v2,
+citeqa's default: Apache-2.0); this directory holds a fine-tuned copy of its weights.
+
 {data_licence("Examples")}
 """
     write_text_atomic(path, text)
