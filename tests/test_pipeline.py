@@ -207,6 +207,8 @@ def test_repeats_of_one_answer_and_quote_are_scored_once() -> None:
     unverified = Candidate("a", None)
     got = distinct([a, b, a_surer, other_place, unverified, unverified])
     assert got == [a_surer, b, other_place, unverified, unverified]
+    shorter = Candidate("a", Quote("x" * 12, "d", "t", "s", 0, 12), logprob=-9.0, n_tokens=2)
+    assert distinct([a, shorter]) == [a, shorter]  # one start, another end: another quote
 
 
 class ReverseScorer:
@@ -245,7 +247,8 @@ class FixedScorer:
 
 
 @pytest.mark.parametrize(("value", "threshold", "declined"),
-                         [(0.4, 0.5, True), (0.6, 0.5, False), (0.4, 0.3, False)])
+                         [(0.4, 0.5, True), (0.6, 0.5, False), (0.4, 0.3, False),
+                          (0.5, 0.5, False)])  # a score at the threshold answers
 def test_the_scorers_calibrated_threshold_decides(value, threshold, declined):
     text = "Answer: 1889\nQuote [1]: It opened in 1889 as the entrance to the World's Fair."
     p = pipeline(lambda r: [text] * r.n, cfg=UNCONSTRAINED, scorer=FixedScorer(value, threshold))

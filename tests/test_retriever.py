@@ -341,6 +341,8 @@ def test_a_copy_of_a_better_hit_is_passed_over(tmp_path: Path, mode: str) -> Non
     assert ids[0] == "ch1" and "ch2" in ids, ids  # the copy in the shorter document: ch1
     assert len(ids) == (2 if mode == "bm25" else 3), ids  # (BM25: ch3 holds no query word)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    if mode == "bm25":  # ch1 stands in the place, and with the score, of the better copy
+        assert hits[0].bm25 is not None and hits[0].score > hits[0].bm25
 
 
 @pytest.mark.parametrize("mode", ["bm25", "hybrid"])

@@ -272,6 +272,7 @@ def test_answer_span_finds_the_answer_in_the_quote() -> None:
     # as whole words first, where the grammar put it (it was marked inside "1940", "Kingston")
     assert answer_span("40", "The war began in 1940 and lasted until 40 years later.") == (39, 41)
     assert answer_span("King", "from Kingston, the King rode") == (19, 23)
+    assert answer_span("40", "40 men left in 1940 and 40 came back") == (0, 2)  # the first
     # nowhere as whole words: not there ("40" in "1940", "ris" in "Paris", "cafe" before a
     # combining accent: it was marked there, and called supported)
     assert answer_span("40", "in 1940") is None
