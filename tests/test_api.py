@@ -455,7 +455,7 @@ BAD_ANSWER_BODIES: list[Any] = [
     {"question": {"a": 1}},
     {"question": "a\x00b"},
     {"question": "q", "top_k": 0},
-    {"question": "q", "top_k": 51},
+    {"question": "q", "top_k": 21},  # MAX_PASSAGES + 1 (51 passed any limit up to 50)
     {"question": "q", "top_k": "5"},
     {"question": "q", "top_k": 2.5},
     {"question": "q", "top_k": True},

@@ -536,3 +536,25 @@ def test_the_revision_is_citeqas_own_checkouts_or_unknown(tmp_path: Path) -> Non
                           text=True, check=True).stdout.strip()
     assert git_revision(repo) == head
     assert git_revision(repo / ".venv" / "site-packages") == "unknown"
+
+
+def test_each_question_retrieves_as_deep_as_its_gold_rank_is_read() -> None:
+    """The gold paragraph's rank (recall@k, MRR) is read over RETRIEVAL_DEPTH passages; asked
+    without it, the pipeline retrieves top_k (3) and every rank past that reads as missed."""
+    from citeqa.errors import InvalidRequestError
+    from citeqa.evals.runner import RETRIEVAL_DEPTH, ask_one
+    from citeqa.evals.squad import QAItem
+
+    asked: dict = {}
+
+    class Recording:
+        def ask(self, question: str, **kwargs: object) -> None:
+            asked.update(kwargs)
+            raise InvalidRequestError("recorded as a decline")
+
+        def document(self, doc_id: str) -> None:
+            raise KeyError(doc_id)
+
+    row = ask_one(Recording(), QAItem("q1", "Which port?", ("4242",), "A", ""),  # type: ignore[arg-type]
+                  None, None)
+    assert row["declined"] and asked["search_k"] == RETRIEVAL_DEPTH == 20

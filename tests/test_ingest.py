@@ -291,6 +291,12 @@ def test_a_page_that_only_redirects_is_skipped_naming_where_it_sends(tmp_path: P
                         ("  0 ;  url = ' a.html '  ", "a.html"), ("0 'a' b", "")):
         page = extract_html(f'<meta http-equiv="refresh" content="{content}"><p>x</p>')
         assert page.refresh_to == to, content
+    # the bounds themselves: a refresh after exactly 5 s, a page of exactly 300 characters
+    assert extract_html('<meta http-equiv="refresh" content="5; url=n.html"><p>x</p>'
+                        ).redirect() == "n.html"
+    for text, to in (("x" * 300, "n.html"), ("x" * 301, None)):
+        page = extract_html(f'<meta http-equiv="refresh" content="0; url=n.html"><p>{text}</p>')
+        assert page.redirect() == to, len(text)
     # a content with a run of spaces inside was matched in quadratic time (14 ms a tag: 400
     # tags of a page that kept the delay over 5 s, 6 s of CPU; 5 MB, refused at its deadline)
     spaced = '<meta http-equiv="refresh" content="9 x' + " " * 1996 + 'y">'
@@ -1352,3 +1358,26 @@ def test_a_first_line_ending_as_a_sentence_does_in_other_scripts_is_no_title() -
     for line in ("यह एक वाक्य है।", "هل هذا صحيح؟", "東京は日本の首都です。"):
         assert title_from_text(f"{line}\n\nmore text", "fallback") == "fallback", line
     assert title_from_text("गंगा नदी\n\nयह एक वाक्य है।", "fallback") == "गंगा नदी"
+
+
+def test_a_links_hash_text_is_kept_unless_it_is_a_headings_own_permalink() -> None:
+    """A permalink ("#" or "\u00a7" linking to its own heading) is markup; a link to another
+    page whose text is "#" is words ("Issue #12")."""
+    assert extract_html('<p>Issue <a href="https://github.com/x/y/issues/12">#</a>12 is '
+                        "fixed.</p>").text == "Issue #12 is fixed."
+    assert extract_html('<h2 id="a">Setup<a href="#a">#</a></h2><p>Body.</p>').text == (
+        "Setup\n\nBody.")
+
+
+def test_only_the_first_title_of_a_head_is_the_title() -> None:
+    page = extract_html("<html><head><title>Guide</title><title>Other</title></head>"
+                        "<body><p>x</p></body></html>")
+    assert page.title == "Guide"
+
+
+def test_a_markdown_title_of_digits_is_a_title() -> None:
+    """A line of digits is words (a year, "1984"), not markup such as a badge or a link."""
+    from citeqa.ingest.title import title_from_text
+
+    assert title_from_text("1984\n\nA novel by George Orwell.", "fallback",
+                           markdown=True) == "1984"
