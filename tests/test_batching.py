@@ -164,6 +164,21 @@ def test_cancelled_work_is_skipped_not_run() -> None:
     assert sum(s.skipped for s in stats) == 1
 
 
+def test_cancelled_work_alone_in_the_queue_is_counted_too() -> None:
+    """Requests cancelled behind a running batch, with none live beside them, made no batch:
+    their skips went unreported (citeqa_cancelled_total undercounted)."""
+    fn = GatedDoubler(gated=True)
+    stats: list[BatchStats] = []
+    b = Batcher(fn, max_batch=4, window_ms=0, on_batch=stats.append)
+    running = b.submit(0)
+    assert fn.started.wait(5)
+    assert all(f.cancel() for f in (b.submit(1), b.submit(2)))
+    fn.gate.set()
+    assert running.result(5) == 0
+    b.close()
+    assert sum(s.skipped for s in stats) == 2
+
+
 def test_cancelled_work_frees_its_place_in_the_queue_and_in_the_next_batch() -> None:
     """Cancelled requests (clients gone, timed out) counted as waiting until the worker
     reached them: behind a long batch, live requests were refused 503 "already waiting" and

@@ -1088,3 +1088,19 @@ def test_a_stale_404_met_mid_swap_is_judged_again_once_the_swap_is_done(
     with pytest.raises(InvalidRequestError) as gone:  # not there, on disk either: a 404
         a.delete_document("x")
     assert gone.value.status == 404
+
+
+def test_a_page_is_found_indexed_past_the_first_page_of_the_listing() -> None:
+    """Past LIST_PAGE (1,000) documents a page fetched under another spelling of its URL was
+    not found, and was indexed twice."""
+    from citeqa.api.routes import LIST_PAGE, page_holder
+
+    docs = [Document(f"d{i}", "T", f"https://example.org/p{i}", "x") for i in range(1500)]
+
+    class Listing:
+        def list_documents(self, offset: int, limit: int) -> tuple[list[Document], int]:
+            return docs[offset:offset + limit], len(docs)
+
+    assert LIST_PAGE < 1200
+    assert page_holder(Listing(), "https://EXAMPLE.org/p1200#frag") == "d1200"  # type: ignore[arg-type]
+    assert page_holder(Listing(), "https://example.org/p9999") is None  # type: ignore[arg-type]
