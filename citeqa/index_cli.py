@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -294,21 +293,25 @@ def index_build(
     )
 
 
-def _echo_twins(twins: Sequence[tuple[str, str]]) -> None:
-    """A warning for each document indexed with the text of another (at most
-    ``SKIPS_NAMED``, then how many more): its passages take two places in every result."""
-    pairs = Counter(twins)  # (records naming one source give one pair again and again)
-    for (source, twin), n in list(pairs.items())[:SKIPS_NAMED]:
-        if source == twin:
-            said = (f"{n + 1} documents of {squash(source)} have one text; all are indexed, so "
-                    f"their passages take {n + 1} places in every result they are in (leave one "
-                    "in and build again)")
+def _echo_twins(groups: Sequence[tuple[str, ...]]) -> None:
+    """A warning for each group of documents indexed with one text (at most ``SKIPS_NAMED``
+    groups, then how many documents more): their passages take as many places in every
+    result they are in."""
+    for sources in groups[:SKIPS_NAMED]:
+        n = len(sources)
+        if len(set(sources)) == 1:  # records of one file, or naming one source
+            which = f"{n} documents of {squash(sources[0])} have one text"
+        elif n == 2:
+            which = f"{squash(sources[1])} has the text of {squash(sources[0])}"
         else:
-            said = (f"{squash(source)} has the text of {squash(twin)}; both are indexed, so "
-                    "their passages take two places in every result they are in (leave one "
-                    "out and build again)")
-        typer.echo(f"warning: {said}", err=True)
-    if (more := sum(list(pairs.values())[SKIPS_NAMED:])) > 0:  # (documents, not lines)
+            shown = ", ".join(squash(s) for s in sources[:3])
+            which = (f"{n} documents have one text ({shown}"
+                     + (f" and {n - 3} more" if n > 3 else "") + ")")
+        places = "both are indexed, so their passages take two places" if n == 2 else (
+            f"all are indexed, so their passages take {n} places")
+        typer.echo(f"warning: {which}; {places} in every result they are in (leave "
+                   f"{'one out' if n == 2 else 'one in'} and build again)", err=True)
+    if (more := sum(len(g) - 1 for g in groups[SKIPS_NAMED:])) > 0:
         typer.echo(f"warning: {plural(more, 'more document')} {'has' if more == 1 else 'have'} "
                    "the text of another, and each is indexed beside it", err=True)
 

@@ -780,36 +780,44 @@ def test_a_document_with_the_text_of_another_is_indexed_and_said(tmp_path: Path)
     docs = [Document("a", "a.txt", "d/a.txt", same), Document("b", "Other", "d/b.txt", "Else."),
             Document("c", "c.txt", "d/c.txt", same), Document("e", "E", "d/e.txt", " "),
             Document("f", "F", "d/f.txt", " "), Document("g", "G", "d/g.txt", same + " ")]
-    assert twins(docs) == [("d/c.txt", "d/a.txt")]  # blank documents hold no passage
+    assert twins(docs) == [("d/a.txt", "d/c.txt")]  # blank documents hold no passage
     summary = build_index_from_documents(docs, tmp_path / "idx", CFG, progress=False)
-    assert summary.twins == [("d/c.txt", "d/a.txt")] and summary.documents == 6
+    assert summary.twins == [("d/a.txt", "d/c.txt")] and summary.documents == 6
+
+    def said(source: Path, extra: list[str]) -> list[str]:
+        out = tmp_path / f"idx-{len(list(tmp_path.iterdir()))}"
+        result = CliRunner().invoke(app, ["index", "build", str(source), "--out", str(out),
+                                          "--bm25-only", "--no-progress", *extra])
+        assert result.exit_code == 0, result.output
+        return [line for line in result.output.splitlines() if line.startswith("warning:")]
+
     src = tmp_path / "src"
     src.mkdir()
     for i in range(8):
         (src / f"copy{i}.txt").write_text(same)
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    for i in range(7):  # seven texts, each in two files
+        for copy in "ab":
+            (pairs / f"{i}{copy}.txt").write_text(f"Text number {i} of the pairs.")
+    records = tmp_path / "records.jsonl"  # records naming one source: two texts, twice each
+    records.write_text("".join(json.dumps({"id": i, "text": text, "source": "notes.txt"}) + "\n"
+                               for i, text in (("r1", "A."), ("r2", "A."), ("r3", "B."),
+                                               ("r4", "B."))))
     for extra in ([], ["--resumable"]):  # a sharded build says the same
-        result = CliRunner().invoke(app, ["index", "build", str(src), "--out",
-                                          str(tmp_path / "cli"), "--bm25-only", "--no-progress",
-                                          *extra])
-        assert result.exit_code == 0, result.output
-        said = [line for line in result.output.splitlines() if line.startswith("warning:")]
-        assert said[:5] == [f"warning: {src / f'copy{i}.txt'} has the text of "
-                            f"{src / 'copy0.txt'}; both are indexed, so their passages take two "
-                            "places in every result they are in (leave one out and build again)"
-                            for i in range(1, 6)]
-        assert said[5:] == ["warning: 2 more documents have the text of another, and each is "
-                            "indexed beside it"]
-        assert "indexed 8 documents" in result.output
-    # records that name one source (said "notes.txt has the text of notes.txt")
-    records = tmp_path / "records.jsonl"
-    records.write_text("".join(json.dumps({"id": i, "text": same, "source": "notes.txt"}) + "\n"
-                               for i in ("r1", "r2", "r3")))
-    result = CliRunner().invoke(app, ["index", "build", str(records), "--out",
-                                      str(tmp_path / "jsonl"), "--bm25-only", "--no-progress"])
-    said = [line for line in result.output.splitlines() if line.startswith("warning:")]
-    assert said == ["warning: 3 documents of notes.txt have one text; all are indexed, so their "
-                    "passages take 3 places in every result they are in (leave one in and "
-                    "build again)"], result.output
+        assert said(src, extra) == [
+            f"warning: 8 documents have one text ({src / 'copy0.txt'}, {src / 'copy1.txt'}, "
+            f"{src / 'copy2.txt'} and 5 more); all are indexed, so their passages take 8 places "
+            "in every result they are in (leave one in and build again)"]
+        assert said(pairs, extra) == [
+            f"warning: {pairs / f'{i}b.txt'} has the text of {pairs / f'{i}a.txt'}; both are "
+            "indexed, so their passages take two places in every result they are in (leave "
+            "one out and build again)" for i in range(5)] + [
+            "warning: 2 more documents have the text of another, and each is indexed beside it"]
+        assert said(records, extra) == [
+            "warning: 2 documents of notes.txt have one text; both are indexed, so their "
+            "passages take two places in every result they are in (leave one out and build "
+            "again)"] * 2
 
 
 def test_a_sharded_build_cut_short_after_its_swap_removes_its_own_work_dir(

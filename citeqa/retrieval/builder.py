@@ -57,8 +57,8 @@ class BuildSummary:
     out: Path = Path()
     shards: int = 0  # sharded builds (citeqa.distributed): shards merged
     shards_reused: int = 0  # ... of which a previous, interrupted run had finished
-    # (source, source) of each document indexed with the text of an earlier one
-    twins: list[tuple[str, str]] = field(default_factory=list)
+    # the sources of each group of documents indexed with one text (``twins``)
+    twins: list[tuple[str, ...]] = field(default_factory=list)
 
 
 def dense_spec_for(cfg: RetrievalConfig, spec: DenseSpec | None = None) -> DenseSpec:
@@ -188,16 +188,15 @@ def embedding_record(embedder: Embedder, cfg: RetrievalConfig) -> dict[str, Any]
             "dtype": getattr(embedder, "dtype", "fp32")}
 
 
-def twins(documents: Sequence[Document]) -> list[tuple[str, str]]:
-    """The source of each document whose text an earlier one of ``documents`` has, with that
-    one's source: a file copied, or a page under two URLs. Both are indexed, and their passages
-    then fill two places of every result they are found in."""
-    first: dict[str, Document] = {}
-    found = []
+def twins(documents: Sequence[Document]) -> list[tuple[str, ...]]:
+    """The sources of each group of ``documents`` that share one text (the first one's first),
+    in the order their first ones come: a file copied, a page under two URLs, records repeated.
+    All are indexed, and their passages then fill as many places of every result they are in."""
+    groups: dict[str, list[str]] = {}
     for d in documents:
-        if (twin := first.setdefault(d.text, d)) is not d and d.text.strip():
-            found.append((d.source, twin.source))
-    return found
+        if d.text.strip():
+            groups.setdefault(d.text, []).append(d.source)
+    return [tuple(sources) for sources in groups.values() if len(sources) > 1]
 
 
 def _unique(documents: Sequence[Document]) -> list[Document]:
