@@ -364,9 +364,10 @@ def serve(
 
 def _probe_bind(addresses: list[Any]) -> None:
     """Bind every address ``getaddrinfo`` gave, as the server will (each socket with
-    SO_REUSEADDR, an IPv6 one for IPv6 alone, an address whose family this machine lacks passed
-    over: asyncio's ``create_server``), all at once, and let go; OSError where one cannot be
-    bound, or none could be made."""
+    SO_REUSEADDR, an IPv6 one for IPv6 alone, an address whose family this machine lacks or
+    that is not on it passed over: asyncio's ``create_server``), all at once, and let go;
+    OSError where one cannot be bound (in use, say), or none could be."""
+    import errno
     import socket
 
     unmade: OSError | None = None
@@ -382,7 +383,13 @@ def _probe_bind(addresses: list[Any]) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            probe.bind(address)
+            try:
+                probe.bind(address)
+            except OSError as e:  # an address not on this machine (::1 with IPv6 off by
+                if e.errno != errno.EADDRNOTAVAIL:  # sysctl): asyncio passes it over from 3.13
+                    raise
+                unmade = e
+                continue
             bound += 1
     if not bound and unmade is not None:
         raise unmade

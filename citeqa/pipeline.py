@@ -24,6 +24,7 @@ import contextlib
 import logging
 import math
 import numbers
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -606,7 +607,7 @@ class Pipeline:
             recover_index(out)  # backup back in place, as a restart would have it
         if version_on_disk(out) is not None:
             self._absent = 0
-        elif (Path(out) / MANIFEST).exists():
+        elif os.path.exists(Path(out) / MANIFEST):  # (never raises: a folder it may not search)
             logger.warning("the index directory %s holds a manifest that cannot be read as "
                            "an index's (its permissions, a copy not finished, another "
                            "program's file?); the one loaded is still served", out)

@@ -926,3 +926,33 @@ def test_a_ctrl_c_just_after_the_swap_is_told_as_after_it(tmp_path: Path,
                                       str(tmp_path / "idx"), "--bm25-only"])
     assert result.exit_code == 130 and "once the new index was in" in result.output, (
         result.output)
+
+
+def test_a_ctrl_c_between_the_two_renames_puts_the_old_index_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C after the old index was moved aside, before the new one came in, left no
+    index at --out while the command said it was 'not left half-written' (the next command
+    restored it)."""
+    from pathlib import Path as RealPath
+
+    from typer.testing import CliRunner
+
+    from citeqa.cli import app
+
+    sources = write_corpus(tmp_path / "src")
+    out = tmp_path / "idx"
+    build_index(sources, out, CFG, progress=False)
+    before = Index.load(out).version
+    real = RealPath.rename
+
+    def interrupted_first(self: RealPath, target: object) -> RealPath:
+        if ".tmp-" in self.name:
+            raise KeyboardInterrupt  # before this rename: the old index is aside
+        return real(self, target)
+
+    monkeypatch.setattr(RealPath, "rename", interrupted_first)
+    result = CliRunner().invoke(app, ["index", "build", sources[0], "--out", str(out),
+                                      "--bm25-only"])
+    monkeypatch.setattr(RealPath, "rename", real)
+    assert result.exit_code == 130 and "is not left half-written" in result.output
+    assert (out / "manifest.json").is_file() and Index.load(out).version == before

@@ -1066,13 +1066,12 @@ def test_the_port_probe_binds_as_the_server_does() -> None:
         if any(a[0] == socket.AF_INET for a in both):
             with pytest.raises(OSError):  # its IPv4 address is taken
                 _probe_bind(both)
-        if socket.has_ipv6:
-            try:
-                v6 = socket.getaddrinfo("::", port, type=socket.SOCK_STREAM)
-            except OSError:
-                v6 = []
-            if v6:
-                _probe_bind(v6)
+        try:  # (has_ipv6 says how Python was built, not whether the kernel has IPv6)
+            with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as v6_socket:
+                v6_socket.bind(("::", 0))
+        except OSError:
+            return
+        _probe_bind(socket.getaddrinfo("::", port, type=socket.SOCK_STREAM))
 
 
 def test_the_port_probe_passes_over_a_family_the_machine_lacks(monkeypatch) -> None:
@@ -1090,9 +1089,13 @@ def test_the_port_probe_passes_over_a_family_the_machine_lacks(monkeypatch) -> N
             raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
         return real(family, *args, **kwargs)
 
-    monkeypatch.setattr(socket, "socket", no_ipv6)
     v6 = (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 0, 0, 0))
     v4 = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))
+    elsewhere = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", 0))  # not ours
+    _probe_bind([elsewhere, v4])  # an address not on this machine: passed over too
+    with pytest.raises(OSError):
+        _probe_bind([elsewhere])
+    monkeypatch.setattr(socket, "socket", no_ipv6)
     _probe_bind([v6, v4])
     with pytest.raises(OSError, match="not supported"):  # nothing could be made at all
         _probe_bind([v6])

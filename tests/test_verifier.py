@@ -841,7 +841,13 @@ def test_reward_data_of_one_label_is_refused_and_the_card_names_only_data_used(
                    {"data": [str(tmp_path / name)]})
         card = ((tmp_path / name).with_suffix(".d") / "MODEL_CARD.md").read_text()
         assert ("distractor paragraphs" in card) is named, card
-        assert "keeps its own licence (all-MiniLM-L6-v2" in card  # as NOTICE says cards do
+        # as NOTICE says every card does: the packaged base's, or a place to write another's
+        assert "keeps its own licence: {LICENCE: name the base encoder's licence" in card
+    (tmp_path / "packaged.d").mkdir()
+    write_card(tmp_path / "packaged.d", "verifier", {
+        "data": [], "base": "sentence-transformers/all-MiniLM-L6-v2 (packaged)"})
+    assert "keeps its own licence: Apache-2.0 (all-MiniLM-L6-v2)" in (
+        tmp_path / "packaged.d" / "MODEL_CARD.md").read_text()
 
 
 def test_the_reward_package_imports_no_eval_or_prompt_code() -> None:
@@ -861,6 +867,20 @@ def test_the_reward_package_imports_no_eval_or_prompt_code() -> None:
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+    # ... nor inside a function, where importing the module does not reach
+    import ast
+    from pathlib import Path
+
+    import citeqa.reward
+
+    found = []
+    for path in sorted(Path(citeqa.reward.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.name}: {n}" for n in names if n.startswith(
+                ("citeqa.evals", "citeqa.redteam", "citeqa.generation.prompt"))]
+    assert found == []
 
 
 def test_a_target_between_grid_points_takes_the_next_ones_threshold_up_to_099() -> None:

@@ -380,8 +380,9 @@ def publish(tmp: Path, out: Path, *, expect: dict[str, Any] | None = None,
                 test_pause("mid_swap")
                 try:
                     tmp.rename(out)
-                except OSError:  # the previous index back in its place: as it was, as said
-                    old.rename(out)
+                except BaseException:  # the previous index back in its place: as it was, as
+                    if not out.exists():  # said (a Ctrl-C here too, the new one not yet in)
+                        old.rename(out)
                     raise
             else:
                 tmp.rename(out)

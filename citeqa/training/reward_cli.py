@@ -436,6 +436,8 @@ def write_card(out: Path, what: str, record: dict[str, Any]) -> None:
                    f"\n  Data from `squad2/{MORE_TRAIN}` holds the questions of the distractor "
                    "articles: a model\n  trained on it has seen the distractor paragraphs of "
                    "the evaluation indexes.")
+    licence = ("Apache-2.0 (all-MiniLM-L6-v2)" if "(packaged)" in str(record.get("base"))
+               else "{LICENCE: name the base encoder's licence here}")
     text = f"""# citeqa {what}
 
 Trained with citeqa {citeqa.__version__} from `{record.get("base", "?")}`.
@@ -455,8 +457,8 @@ Trained with citeqa {citeqa.__version__} from `{record.get("base", "?")}`.
 commands}}
 
 ## Licences
-The base encoder, `{record.get("base", "?")}`, keeps its own licence (all-MiniLM-L6-v2,
-citeqa's default: Apache-2.0); this directory holds a fine-tuned copy of its weights.
+The base encoder, `{record.get("base", "?")}`, keeps its own licence: {licence}; this directory
+holds a fine-tuned copy of its weights.
 
 {data_licence("Examples")}
 """

@@ -445,6 +445,8 @@ def write_model_card(out: Path, record: dict[str, Any]) -> None:
     """Write ``MODEL_CARD.md``: what is known now, with placeholders for evaluation results."""
     train = record.get("train", {})
     lora = record.get("lora", {})
+    licence = ("Apache-2.0" if "smollm2" in str(record.get("base_model_id", "")).lower()
+               else "{LICENCE: name the base model's licence here}")
     text = f"""# citeqa generator adapter (LoRA on {record.get("base_model_id", "?")})
 
 A LoRA adapter teaching the base generator to answer in citeqa's cited format
@@ -474,8 +476,8 @@ supported rate, with the command that produced them}}
 {{LIMITATIONS: e.g. trained on 11 Wikipedia articles' style of question; English only}}
 
 ## Licences
-The base model, {record.get("base_model_id", "?")}, keeps its own licence (SmolLM2-135M-Instruct,
-citeqa's default: Apache-2.0); the adapter holds none of its weights.
+The base model, {record.get("base_model_id", "?")}, keeps its own licence: {licence}; the adapter
+holds none of its weights.
 
 Trained on the demonstrations in `{record.get("data", "?")}`{_made_by(record.get("data"))}.
 {data_licence("Demonstrations")}
