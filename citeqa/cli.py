@@ -364,11 +364,12 @@ def serve(
 
 def _probe_bind(addresses: list[Any]) -> None:
     """Bind every address ``getaddrinfo`` gave, as the server will (each socket with
-    SO_REUSEADDR, an IPv6 one for IPv6 alone, an address whose family this machine lacks or
-    that is not on it passed over: asyncio's ``create_server``), all at once, and let go;
-    OSError where one cannot be bound (in use, say), or none could be."""
+    SO_REUSEADDR, an IPv6 one for IPv6 alone, an address whose family this machine lacks
+    passed over, from Python 3.13 one not on it too: asyncio's ``create_server``), all at
+    once, and let go; OSError where one cannot be bound (in use, say), or none could be."""
     import errno
     import socket
+    import sys
 
     unmade: OSError | None = None
     bound = 0
@@ -386,7 +387,8 @@ def _probe_bind(addresses: list[Any]) -> None:
             try:
                 probe.bind(address)
             except OSError as e:  # an address not on this machine (::1 with IPv6 off by
-                if e.errno != errno.EADDRNOTAVAIL:  # sysctl): asyncio passes it over from 3.13
+                # sysctl): asyncio passes it over from Python 3.13, and fails on it before
+                if e.errno != errno.EADDRNOTAVAIL or sys.version_info < (3, 13):
                     raise
                 unmade = e
                 continue

@@ -928,29 +928,40 @@ def test_a_ctrl_c_just_after_the_swap_is_told_as_after_it(tmp_path: Path,
         result.output)
 
 
+@pytest.mark.parametrize("at", ["before_the_second", "mid_swap", "after_the_first"])
 def test_a_ctrl_c_between_the_two_renames_puts_the_old_index_back(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at: str) -> None:
     """A Ctrl-C after the old index was moved aside, before the new one came in, left no
     index at --out while the command said it was 'not left half-written' (the next command
-    restored it)."""
+    restored it; meanwhile an --if-missing build could write over it)."""
     from pathlib import Path as RealPath
 
     from typer.testing import CliRunner
 
+    import citeqa.retrieval.store as store
     from citeqa.cli import app
 
     sources = write_corpus(tmp_path / "src")
     out = tmp_path / "idx"
     build_index(sources, out, CFG, progress=False)
     before = Index.load(out).version
-    real = RealPath.rename
+    real, pause = RealPath.rename, store.test_pause
 
-    def interrupted_first(self: RealPath, target: object) -> RealPath:
-        if ".tmp-" in self.name:
+    def rename(self: RealPath, target: object) -> RealPath:
+        if at == "before_the_second" and ".tmp-" in self.name:
             raise KeyboardInterrupt  # before this rename: the old index is aside
-        return real(self, target)
+        done = real(self, target)
+        if at == "after_the_first" and self.name == "idx":
+            raise KeyboardInterrupt  # the old index just moved aside
+        return done
 
-    monkeypatch.setattr(RealPath, "rename", interrupted_first)
+    def paused(name: str) -> None:
+        if at == "mid_swap" and name == "mid_swap":
+            raise KeyboardInterrupt  # (where the test pause waits for a signal)
+        pause(name)
+
+    monkeypatch.setattr(RealPath, "rename", rename)
+    monkeypatch.setattr(store, "test_pause", paused)
     result = CliRunner().invoke(app, ["index", "build", sources[0], "--out", str(out),
                                       "--bm25-only"])
     monkeypatch.setattr(RealPath, "rename", real)

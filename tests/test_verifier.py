@@ -873,13 +873,20 @@ def test_the_reward_package_imports_no_eval_or_prompt_code() -> None:
 
     import citeqa.reward
 
+    banned = ("citeqa.evals", "citeqa.redteam", "citeqa.generation.prompt")
     found = []
     for path in sorted(Path(citeqa.reward.__file__).parent.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            found += [f"{path.name}: {n}" for n in names if n.startswith(
-                ("citeqa.evals", "citeqa.redteam", "citeqa.generation.prompt"))]
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):  # relative ones read from citeqa.reward
+                package = "citeqa.reward".split(".")[:3 - node.level] if node.level else []
+                module = ".".join([*package, *([node.module] if node.module else [])])
+                names = [module, *(f"{module}.{a.name}" for a in node.names)]
+            else:
+                continue
+            found += [f"{path.name}: {n}" for n in names
+                      if any(n == b or n.startswith(b + ".") for b in banned)]
     assert found == []
 
 

@@ -374,18 +374,19 @@ def publish(tmp: Path, out: Path, *, expect: dict[str, Any] | None = None,
                 "undo that one; nothing was changed: load the index as it is now, then try "
                 "again")
         new = folder_id(tmp)
+        aside = False  # the previous index is moved aside (or being moved)
         try:
             if out.exists():
+                aside = True
                 out.rename(old)
                 test_pause("mid_swap")
-                try:
-                    tmp.rename(out)
-                except BaseException:  # the previous index back in its place: as it was, as
-                    if not out.exists():  # said (a Ctrl-C here too, the new one not yet in)
-                        old.rename(out)
-                    raise
-            else:
-                tmp.rename(out)
+            tmp.rename(out)
+        except BaseException:  # the previous index back in its place, as it was, as said (a
+            # Ctrl-C anywhere between the renames too, the new one not in: the lock is let go
+            # next, and a missing index would let an --if-missing build write over it)
+            if aside and not out.exists() and old.exists():
+                old.rename(out)
+            raise
         finally:  # (counted when done, also where a Ctrl-C came just after the rename)
             if new is not None and folder_id(out) == new:
                 _SWAPS[str(out)] += 1
