@@ -103,7 +103,13 @@ class EngineError(CiteqaError):
 
 
 class EngineUnavailableError(EngineError):
-    """A remote generation engine could not be reached, timed out, or is busy or starting."""
+    """A remote generation engine could not be reached, timed out, or is busy or starting;
+    ``retry_after_s``: how long the engine itself asked to be left alone (its Retry-After),
+    where it said."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class OutputFormatError(CiteqaError):

@@ -679,6 +679,17 @@ def test_pipeline_errors_map_to_http(exc: CiteqaError, status: int, code: str) -
     assert r.headers.get("retry-after") == ("7" if code == "engine_unavailable" else None)
 
 
+@pytest.mark.parametrize(("asked", "said"), [(100.0, "100"), (2.5, "7"), (0.2, "7"),
+                                              (1e9, "3600")])
+def test_an_engines_own_retry_after_is_passed_on(asked: float, said: str) -> None:
+    """An engine that asked to be left alone for 100 s: the service's 503 said 7 s."""
+    busy = EngineUnavailableError("the generator is busy", retry_after_s=asked)
+    with serve(FakePipeline(fail=busy), retry_after_s=7) as c:
+        r = c.post("/v1/answer", json={"question": "q"})
+    assert_uniform_error(r, 503, "engine_unavailable")
+    assert r.headers["retry-after"] == said
+
+
 def test_unexpected_errors_are_500_without_leaking_details(caplog: pytest.LogCaptureFixture
                                                             ) -> None:
     secret = RuntimeError("secret at /home/me/.cache/weights")

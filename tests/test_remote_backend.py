@@ -168,6 +168,15 @@ def test_busy_and_unreachable_engines_are_retried_honouring_retry_after():
     assert c.text == "fine" and calls["n"] == 4
 
 
+def test_an_engine_busy_for_longer_than_a_wait_says_how_long_it_asked_for():
+    client, _ = server(lambda r: httpx.Response(429, headers={"Retry-After": "100"},
+                                                json={"error": {"message": "slow down"}}))
+    with pytest.raises(EngineUnavailableError, match="busy") as busy:
+        RemoteBackend("http://gen", "m", client=client, backoff=FAST).generate(
+            [GenerationRequest(messages=MSGS)])
+    assert busy.value.retry_after_s == 100.0
+
+
 def test_an_engine_that_stays_down_is_unavailable_with_its_url():
     def refuse(request):
         raise httpx.ConnectError("connection refused", request=request)

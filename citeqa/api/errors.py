@@ -49,6 +49,7 @@ Messages of unexpected exceptions are never returned: they are logged with their
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
@@ -238,19 +239,24 @@ async def _api_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
 
 
+ENGINE_RETRY_AFTER_MAX_S = 3600  # an engine's Retry-After passed on is capped here
+
+
 def _citeqa_error_handler(retry_after_s: int | None) -> Callable[[Request, Exception], Any]:
     """The handler of CiteqaError; with ``retry_after_s``, a 503 ``engine_unavailable`` (an
     engine busy, starting or restarting: worth asking again) carries ``Retry-After`` as the
-    service's own 503s for now do."""
+    service's own 503s for now do, or the longer wait the engine itself asked for (at most
+    ``ENGINE_RETRY_AFTER_MAX_S``)."""
 
     async def handle(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, CiteqaError), exc
         status, code = map_citeqa_error(exc)
         if status >= 500:
             logger.error("pipeline error (%s): %s", type(exc).__name__, exc)
-        headers = ({"Retry-After": str(retry_after_s)}
-                   if retry_after_s is not None and isinstance(exc, EngineUnavailableError)
-                   else None)
+        headers = None
+        if retry_after_s is not None and isinstance(exc, EngineUnavailableError):
+            asked = min(exc.retry_after_s or 0.0, ENGINE_RETRY_AFTER_MAX_S)
+            headers = {"Retry-After": str(max(retry_after_s, math.ceil(asked)))}
         return error_response(status, code, str(exc), headers=headers)
 
     return handle

@@ -49,7 +49,7 @@ from citeqa.generation.streamed import (
     Watch,
     post_streamed,
 )
-from citeqa.retry import RETRY_STATUSES, Backoff, request_by
+from citeqa.retry import RETRY_STATUSES, Backoff, parse_retry_after, request_by
 from citeqa.text import without_userinfo
 
 logger = logging.getLogger(__name__)
@@ -346,8 +346,10 @@ class RemoteBackend:
                 attempt += 1
                 continue
             if resp.status_code in RETRY_STATUSES:
-                raise EngineUnavailableError(f"the generator at {self.shown_url} is busy "
-                                             f"({resp.status_code}: {_server_message(resp)})")
+                raise EngineUnavailableError(
+                    f"the generator at {self.shown_url} is busy ({resp.status_code}: "
+                    f"{_server_message(resp)})",
+                    retry_after_s=parse_retry_after(resp.headers.get("retry-after")))
             if resp.status_code in GATEWAY_ERRORS:  # a proxy in front of an engine that is down
                 raise EngineUnavailableError(
                     f"the generator at {self.shown_url} is not reachable behind its gateway "
