@@ -195,9 +195,10 @@ def index_build(
 ) -> None:
     """Build (or atomically rebuild) an index from SOURCES into --out."""
     progress = shown_progress(progress)  # default: on a terminal only
+    from citeqa.atomic import siblings
     from citeqa.retrieval import build_index
     from citeqa.retrieval.dense import KINDS, DenseSpec
-    from citeqa.retrieval.store import check_index, recover_index, swaps_into
+    from citeqa.retrieval.store import check_index, real_path, recover_index, swaps_into
 
     if hnsw and dense_index not in ("auto", "hnsw"):
         raise fail(f"--hnsw contradicts --dense-index {dense_index}; give one of them")
@@ -270,8 +271,10 @@ def index_build(
     except KeyboardInterrupt:
         if swaps_into(out) > swaps:  # cut short after its own swap
             _forget_replaced(out, work_dir)
-            typer.echo(f"\ninterrupted once the new index was in: {out} holds it (what is "
-                       "left of the old one goes at the next command)", err=True)
+            left = (" (what is left of the old one goes at the next command)"
+                    if siblings(real_path(out), "old") else "")
+            typer.echo(f"\ninterrupted once the new index was in: {out} holds it{left}",
+                       err=True)
             raise typer.Exit(130) from None
         again = ("; run the same command again to build it" + (
             "" if sharded else " (with --resumable, a build cut short keeps what it finished)"))

@@ -926,6 +926,7 @@ def test_a_ctrl_c_just_after_the_swap_is_told_as_after_it(tmp_path: Path,
                                       str(tmp_path / "idx"), "--bm25-only"])
     assert result.exit_code == 130 and "once the new index was in" in result.output, (
         result.output)
+    assert "the old one" not in result.output  # there was none
 
 
 @pytest.mark.parametrize("at", ["before_the_second", "mid_swap", "after_the_first"])
