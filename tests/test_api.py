@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import shutil
 import subprocess
@@ -680,8 +681,9 @@ def test_pipeline_errors_map_to_http(exc: CiteqaError, status: int, code: str) -
 
 
 @pytest.mark.parametrize(("asked", "said"), [(100.0, "100"), (2.5, "7"), (0.2, "7"),
-                                              (1e9, "3600")])
-def test_an_engines_own_retry_after_is_passed_on(asked: float, said: str) -> None:
+                                              (1e9, "3600"), (math.inf, "3600"),
+                                              (math.nan, "7"), (None, "7")])
+def test_an_engines_own_retry_after_is_passed_on(asked: float | None, said: str) -> None:
     """An engine that asked to be left alone for 100 s: the service's 503 said 7 s."""
     busy = EngineUnavailableError("the generator is busy", retry_after_s=asked)
     with serve(FakePipeline(fail=busy), retry_after_s=7) as c:
@@ -715,6 +717,20 @@ def test_one_failing_request_in_an_ask_many_batch_does_not_fail_the_others() -> 
 
     outcomes = make_run_batch(Picky())([AskArgs("good"), AskArgs("bad")])
     assert isinstance(outcomes[0], Answer) and isinstance(outcomes[1], InvalidRequestError)
+
+
+def test_a_batch_an_engine_cannot_take_now_is_not_asked_again_one_by_one() -> None:
+    """An engine that answered 429 "for 100 s" was sent each request of the batch at once."""
+    calls: list[int] = []
+    busy = EngineUnavailableError("the generator is busy", retry_after_s=100.0)
+
+    class Busy(FakePipeline):
+        def ask_many(self, items: Sequence[AskArgs]) -> list[Answer]:
+            calls.append(len(items))
+            raise busy
+
+    outcomes = make_run_batch(Busy())([AskArgs("a"), AskArgs("b"), AskArgs("c")])
+    assert calls == [3] and outcomes == [busy] * 3
 
 
 # -- batching, backpressure, timeouts, cancellation -------------------------------------------

@@ -927,6 +927,11 @@ def test_a_ctrl_c_just_after_the_swap_is_told_as_after_it(tmp_path: Path,
     assert result.exit_code == 130 and "once the new index was in" in result.output, (
         result.output)
     assert "the old one" not in result.output  # there was none
+    again = CliRunner().invoke(app, ["index", "build", sources[0], "--out",
+                                     str(tmp_path / "idx"), "--bm25-only"])  # over one now
+    assert again.exit_code == 130 and (
+        "holds it (what is left of the old one goes at the next command)" in again.output), (
+        again.output)
 
 
 @pytest.mark.parametrize("at", ["before_the_second", "mid_swap", "after_the_first"])

@@ -255,7 +255,8 @@ def _citeqa_error_handler(retry_after_s: int | None) -> Callable[[Request, Excep
             logger.error("pipeline error (%s): %s", type(exc).__name__, exc)
         headers = None
         if retry_after_s is not None and isinstance(exc, EngineUnavailableError):
-            asked = min(exc.retry_after_s or 0.0, ENGINE_RETRY_AFTER_MAX_S)
+            asked = exc.retry_after_s or 0.0
+            asked = min(asked, ENGINE_RETRY_AFTER_MAX_S) if not math.isnan(asked) else 0.0
             headers = {"Retry-After": str(max(retry_after_s, math.ceil(asked)))}
         return error_response(status, code, str(exc), headers=headers)
 

@@ -48,7 +48,7 @@ from citeqa.api.schemas import (
     UrlDocumentIn,
 )
 from citeqa.config import MAX_DOCUMENT_CHARS
-from citeqa.errors import InvalidRequestError, NotSupportedError
+from citeqa.errors import EngineUnavailableError, InvalidRequestError, NotSupportedError
 from citeqa.ingest import Fetcher, doc_id_for, is_made_id, page_key
 from citeqa.ingest.title import title_of_source
 from citeqa.text import is_blank
@@ -133,11 +133,17 @@ JsonBody = [Depends(require_json)]
 
 def make_run_batch(pipeline: PipelineLike) -> Callable[[list[AskArgs]], list[Answer | Exception]]:
     """The worker's batch function: ``ask_many`` over the batch; if that fails on a batch of
-    several, each item is retried alone so that one bad request does not fail the others."""
+    several, each item is retried alone so that one bad request does not fail the others, but
+    for an engine that cannot take them now (EngineUnavailableError: every item gets its error,
+    not another call each to an engine that asked to be left alone)."""
 
     def run(items: list[AskArgs]) -> list[Answer | Exception]:
         try:
             return list(pipeline.ask_many(items))
+        except EngineUnavailableError as exc:
+            if len(items) == 1:
+                raise
+            return [exc] * len(items)
         except Exception:
             if len(items) == 1:
                 raise
