@@ -255,9 +255,10 @@ def _citeqa_error_handler(retry_after_s: int | None) -> Callable[[Request, Excep
             logger.error("pipeline error (%s): %s", type(exc).__name__, exc)
         headers = None
         if retry_after_s is not None and isinstance(exc, EngineUnavailableError):
-            asked = exc.retry_after_s or 0.0
-            asked = min(asked, ENGINE_RETRY_AFTER_MAX_S) if not math.isnan(asked) else 0.0
-            headers = {"Retry-After": str(max(retry_after_s, math.ceil(asked)))}
+            asked = exc.retry_after_s
+            wait = retry_after_s if asked is None or math.isnan(asked) else max(
+                retry_after_s, math.ceil(min(asked, ENGINE_RETRY_AFTER_MAX_S)))
+            headers = {"Retry-After": str(wait)}
         return error_response(status, code, str(exc), headers=headers)
 
     return handle

@@ -428,11 +428,11 @@ def settled_version(out: Path, *, looks: int = 10, wait_s: float = 0.01) -> str 
     """``version_on_disk``, looked at again (``looks`` times in all, ``wait_s`` apart) while it
     is None: a writer's swap leaves ``out`` without an index for an instant, between its two
     renames. None: none there (deleted, moved, never built)."""
-    for look in range(looks):
-        if (version := version_on_disk(out)) is not None or look == looks - 1:
+    for _ in range(looks - 1):
+        if (version := version_on_disk(out)) is not None:
             return version
         time.sleep(wait_s)
-    return None
+    return version_on_disk(out)
 
 
 def save_index(out: Path, *, expect: dict[str, Any] | None = None,
