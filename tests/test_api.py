@@ -641,11 +641,18 @@ def test_body_limit_from_content_length_and_while_reading_a_chunked_body() -> No
         r = c.post("/v1/answer", content=chunks, headers={"content-type": "application/json"})
         assert "content-length" not in r.request.headers
         assert_uniform_error(r, 413, "payload_too_large")
+        # one byte over, chunked: refused; at the limit: read
+        assert_uniform_error(c.post("/v1/answer", content=iter([b" " * 1000, b"x" * 25]),
+                                    headers={"content-type": "application/json"}),
+                             413, "payload_too_large")
+        at_limit = json.dumps({"question": "q"}).encode().ljust(1024)  # (JSON allows the spaces)
+        assert c.post("/v1/answer", content=iter([at_limit[:500], at_limit[500:]]),
+                      headers={"content-type": "application/json"}).status_code == 200
         # Under the limit, chunked or not, is fine.
         ok = json.dumps({"question": "small"}).encode()
         assert c.post("/v1/answer", content=iter([ok[:5], ok[5:]]),
                       headers={"content-type": "application/json"}).status_code == 200
-    assert [a.question for a in pipe.asked] == ["small"]
+    assert [a.question for a in pipe.asked] == ["q", "small"]
 
 
 # -- error mapping ----------------------------------------------------------------------------
@@ -1121,7 +1128,10 @@ def test_index_page_is_self_contained_and_has_a_strict_csp() -> None:
         assert sink not in page, sink
     assert "<mark>" not in page and '"mark"' in page  # the quote is marked via DOM nodes
     assert api.headers["content-security-policy"] == "default-src 'none'; frame-ancestors 'none'"
-    assert api.headers["x-content-type-options"] == "nosniff"
+    for answer in (r, api):  # no frame, no referrer, no sniffing, page or API
+        assert answer.headers["x-content-type-options"] == "nosniff"
+        assert answer.headers["x-frame-options"] == "DENY"
+        assert answer.headers["referrer-policy"] == "no-referrer"
     assert "cache-control" not in api.headers
 
 
@@ -1324,6 +1334,8 @@ def test_allowed_hosts_refuse_other_host_headers() -> None:
         for probe in ("/healthz", "/readyz"):
             assert c.get(probe, headers={"Host": "127.0.0.1:8000"}).status_code == 200, probe
         assert c.get("/metrics", headers={"Host": "127.0.0.1"}).status_code == 400
+        for near in ("/healthzx", "/readyz/", "/v1/healthz", "/docz"):  # the probes exactly
+            assert c.get(near, headers={"Host": "127.0.0.1"}).status_code == 400, near
     with serve(allowed_hosts="*") as c:
         assert c.get("/healthz", headers={"Host": "attacker.example"}).status_code == 200
     # a list of no names is refused: "," answered every Host on a loopback address

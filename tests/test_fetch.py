@@ -934,3 +934,32 @@ def test_page_key_names_a_page_whatever_the_url_spelling() -> None:
     assert page_key("https://example.com/%7ea%2fb?x=%7e") == "https://example.com/~a%2Fb?x=~"
     assert page_key("http://[::1]:80/a") == "http://[::1]/a"
     assert page_key("http://[::1/") == "http://[::1/"  # does not parse: itself
+
+
+def test_embedded_metadata_and_local_nat64_stay_refused_with_private_urls_allowed() -> None:
+    """--allow-private-urls opens private addresses, never cloud metadata (here inside a Teredo
+    address) nor the local-use NAT64 range; no test held either."""
+    for ip in ("2001:0:a9fe:a9fe::1", "64:ff9b:1::1"):
+        with pytest.raises(BlockedURLError):
+            check_ip(ip, allow_private=True)
+
+
+@pytest.mark.parametrize("host", ["1.256.0.1", "1.1.1.256", "1.16777216", "256.1.1.1"])
+def test_a_numeric_host_with_a_part_too_large_is_a_bad_url(host: str) -> None:
+    """Each part at its bound: one past it read as another address, not refused."""
+    from citeqa.errors import BadURLError
+    from citeqa.ingest.fetch import _numeric_ipv4
+
+    with pytest.raises(BadURLError):
+        _numeric_ipv4(host)
+    assert _numeric_ipv4("1.255.0.255") == "1.255.0.255" and _numeric_ipv4("1.16777215") == (
+        "1.255.255.255")
+
+
+def test_a_page_exactly_as_long_as_the_cap_is_read() -> None:
+    body = b"y" * 10
+    page = Fetcher(FetchPolicy(max_bytes=10), transport=httpx.MockTransport(
+        lambda r: httpx.Response(200, headers={"content-type": "text/plain",
+                                               "content-length": "10"}, content=body)),
+        resolver=lambda host, port: ["93.184.216.34"]).fetch("http://example.com/")
+    assert page.text == "y" * 10
