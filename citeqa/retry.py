@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -36,6 +37,8 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         return None
     if when is None:
         return None
+    if when.tzinfo is None:  # "-0000" (RFC 5322: zone not known) or none: HTTP dates are GMT
+        when = when.replace(tzinfo=UTC)
     return max(when.timestamp() - (time.time() if now is None else now), 0.0)
 
 

@@ -20,6 +20,20 @@ def test_retry_after_in_seconds_and_as_an_http_date() -> None:
         assert parse_retry_after(bad) is None
 
 
+def test_an_http_date_without_a_known_zone_is_read_as_gmt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """"-0000" (zone not known, RFC 5322) or no zone at all: not the server's local time."""
+    monkeypatch.setenv("TZ", "XST+5")  # local time five hours behind GMT (POSIX form: no tzdata)
+    time.tzset()
+    try:
+        now = time.time()
+        for zone in ("-0000", ""):
+            told = formatdate(now + 30, usegmt=True).replace("GMT", zone).strip()
+            assert parse_retry_after(told, now=now) == pytest.approx(30, abs=1), told
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 def test_backoff_doubles_its_bound_and_caps_every_wait() -> None:
     b = Backoff(retries=5, base_s=1.0, max_s=5.0)
     rng = random.Random(0)
