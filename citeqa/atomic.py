@@ -189,6 +189,12 @@ def full_disk_named(where: Path) -> Iterator[None]:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from e
 
 
+def file_above(path: Path) -> Path | None:
+    """The nearest of ``path``'s parents that exists and is not a folder (so ``path`` cannot be
+    made), or None."""
+    return next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+
+
 def fsync_path(path: Path) -> None:
     """Flush a directory's entries (or a file) to disk."""
     fd = os.open(path, os.O_RDONLY)

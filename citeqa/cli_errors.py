@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from pydantic import ValidationError
 
+from citeqa.atomic import file_above
 from citeqa.config import Settings
 from citeqa.errors import CiteqaError
 
@@ -175,7 +176,7 @@ def check_out(out: Path, *, folder: bool, inputs: dict[str, Any] | None = None) 
         raise fail(f"--out {out} is a file; name a folder to write")
     if not folder and out.is_dir():
         raise fail(f"--out {out} is a folder; name a file to write")
-    if blocker := next((p for p in out.parents if p.exists() and not p.is_dir()), None):
+    if blocker := file_above(out):
         raise fail(f"--out {out} cannot be made: {blocker} is a file, not a folder")
     for option, given in (inputs or {}).items():
         paths = given if isinstance(given, list | tuple) else [given]

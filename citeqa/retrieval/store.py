@@ -57,6 +57,7 @@ import numpy as np
 from citeqa.atomic import (
     WRITER_TOKEN_CHARS,
     discard_tmp_dir,
+    file_above,
     flocked,
     flocked_if_free,
     fsync_path,
@@ -274,7 +275,7 @@ def check_replaceable(out: Path) -> None:
     """Refuse (IndexError_) when ``out`` exists and is not an index a build may replace: a long
     build checks this before it starts, not only when it is about to swap."""
     out = real_path(out)
-    if blocker := next((p for p in out.parents if p.exists() and not p.is_dir()), None):
+    if blocker := file_above(out):
         raise IndexError_(f"cannot write an index at {out}: {blocker} is a file, not a folder")
     if out.exists() and not (is_index_dir(out) or _is_empty_dir(out)):
         raise IndexError_(
