@@ -298,8 +298,8 @@ def index_build(
 
 def _echo_twins(groups: Sequence[tuple[str, ...]]) -> None:
     """A warning for each group of documents indexed with one text (at most ``SKIPS_NAMED``
-    groups, then how many documents more): their passages take as many places in every
-    result they are in."""
+    groups, then how many documents more): all are indexed; a search shows one copy of a
+    passage (``HybridRetriever``), but the copies take room and skew BM25's word counts."""
     for sources in groups[:SKIPS_NAMED]:
         n = len(sources)
         if len(set(sources)) == 1:  # records of one file, or naming one source
@@ -310,10 +310,10 @@ def _echo_twins(groups: Sequence[tuple[str, ...]]) -> None:
             shown = ", ".join(squash(s) for s in sources[:3])
             which = (f"{n} documents have one text ({shown}"
                      + (f" and {n - 3} more" if n > 3 else "") + ")")
-        places = "both are indexed, so their passages take two places" if n == 2 else (
-            f"all are indexed, so their passages take {n} places")
-        typer.echo(f"warning: {which}; {places} in every result they are in (leave "
-                   f"{'one out' if n == 2 else 'one in'} and build again)", err=True)
+        typer.echo(f"warning: {which}; {'both' if n == 2 else 'all'} are indexed, and a search "
+                   "shows one of each of their passages, but copies take room and skew BM25's "
+                   f"word counts (leave {'one out' if n == 2 else 'one in'} and build again)",
+                   err=True)
     if (more := sum(len(g) - 1 for g in groups[SKIPS_NAMED:])) > 0:
         typer.echo(f"warning: {plural(more, 'more document')} {'has' if more == 1 else 'have'} "
                    "the text of another, and each is indexed beside it", err=True)

@@ -807,17 +807,18 @@ def test_a_document_with_the_text_of_another_is_indexed_and_said(tmp_path: Path)
     for extra in ([], ["--resumable"]):  # a sharded build says the same
         assert said(src, extra) == [
             f"warning: 8 documents have one text ({src / 'copy0.txt'}, {src / 'copy1.txt'}, "
-            f"{src / 'copy2.txt'} and 5 more); all are indexed, so their passages take 8 places "
-            "in every result they are in (leave one in and build again)"]
+            f"{src / 'copy2.txt'} and 5 more); all are indexed, and a search shows one of each of "
+            "their passages, but copies take room and skew BM25's word counts (leave one in "
+            "and build again)"]
         assert said(pairs, extra) == [
             f"warning: {pairs / f'{i}b.txt'} has the text of {pairs / f'{i}a.txt'}; both are "
-            "indexed, so their passages take two places in every result they are in (leave "
-            "one out and build again)" for i in range(5)] + [
+            "indexed, and a search shows one of each of their passages, but copies take room "
+            "and skew BM25's word counts (leave one out and build again)" for i in range(5)] + [
             "warning: 2 more documents have the text of another, and each is indexed beside it"]
         assert said(records, extra) == [
-            "warning: 2 documents of notes.txt have one text; both are indexed, so their "
-            "passages take two places in every result they are in (leave one out and build "
-            "again)"] * 2
+            "warning: 2 documents of notes.txt have one text; both are indexed, and a search "
+            "shows one of each of their passages, but copies take room and skew BM25's word "
+            "counts (leave one out and build again)"] * 2
 
 
 def test_a_sharded_build_cut_short_after_its_swap_removes_its_own_work_dir(

@@ -345,6 +345,36 @@ def test_a_copy_of_a_better_hit_is_passed_over(tmp_path: Path, mode: str) -> Non
         assert hits[0].bm25 is not None and hits[0].score > hits[0].bm25
 
 
+@pytest.mark.parametrize("mode", ["bm25", "dense", "hybrid"])
+def test_the_copy_shown_does_not_depend_on_k(tmp_path: Path, mode: str) -> None:
+    """The review's: the shorter document's copy came after the k-th hit when k was 1, so a
+    search for one hit cited the whole book and a search for two the chapter."""
+    docs = [Document("book", "Manual", "print.html", "Alpha beta gamma delta epsilon.\n\nZeta "
+                     "eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau upsilon."),
+            Document("other", "Notes", "notes.md", "Alpha beta gamma omega."),
+            Document("chapter", "Chapter one", "ch1.html", "Alpha beta gamma delta epsilon.")]
+    build_index_from_documents(docs, tmp_path / "idx", replace(CFG, chunk=ChunkConfig(
+        max_chars=60)), progress=False)
+    r = HybridRetriever.open(tmp_path / "idx")
+    firsts = {k: r.search("manual alpha beta gamma", k, mode=mode)[0] for k in (1, 2, 3)}
+    assert {k: h.passage.doc_id for k, h in firsts.items()} == dict.fromkeys(firsts, "chapter")
+    assert len({h.score for h in firsts.values()}) == 1  # at the best copy's rank and score
+
+
+def test_a_copy_is_found_among_passages_whose_terms_are_all_common(tmp_path: Path) -> None:
+    """Each of the copy's words is in more than 64 passages: the copy is found where the
+    postings of its words meet, not in the first one's alone."""
+    docs = [Document("book", "Manual", "print.html", "Beta gamma delta.\n\n" + "Filler. " * 9),
+            Document("chapter", "Chapter", "ch.html", "Beta gamma delta.")]
+    docs += [Document(f"f{i}{w}", "Other", f"f{i}{w}.txt", f"{w} word{i}{w} thing{i}{w}.")
+             for i in range(70) for w in ("Beta", "Gamma", "Delta")]
+    build_index_from_documents(docs, tmp_path / "idx", replace(CFG, chunk=ChunkConfig(
+        max_chars=60)), progress=False)
+    r = HybridRetriever.open(tmp_path / "idx")
+    for k in (1, 5):
+        assert r.search("manual beta gamma delta", k, mode="bm25")[0].passage.doc_id == "chapter"
+
+
 @pytest.mark.parametrize("mode", ["bm25", "hybrid"])
 def test_copies_that_fill_the_depth_read_are_read_past_to_k_hits(tmp_path: Path, mode: str) -> None:
     """The review's: a footer on 30 pages filled the 2k read, and a search for 5 gave 1 hit

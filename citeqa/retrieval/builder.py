@@ -191,7 +191,7 @@ def embedding_record(embedder: Embedder, cfg: RetrievalConfig) -> dict[str, Any]
 def twins(documents: Sequence[Document]) -> list[tuple[str, ...]]:
     """The sources of each group of ``documents`` that share one text (the first one's first),
     in the order their first ones come: a file copied, a page under two URLs, records repeated.
-    All are indexed, and their passages then fill as many places of every result they are in."""
+    All are indexed (a search shows one copy of a passage: ``HybridRetriever``)."""
     groups: dict[str, list[str]] = {}
     for d in documents:
         if d.text.strip():

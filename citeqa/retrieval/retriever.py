@@ -131,20 +131,47 @@ class HybridRetriever:
         """The first ``k`` of ``ranked`` whose passage's text (its words, spacing aside) is no
         better one's: a book's print.html repeats every chapter, and its copies took half the
         hits, and of the passages a question's generator was shown. Of copies, the one in the
-        shortest document takes the best one's place (a chapter, not the whole book: the more
-        exact citation, and its title names the chapter)."""
-        at: dict[str, int] = {}  # a passage's words -> its place in out
+        shortest document of the index takes the best one's place (a chapter, not the whole
+        book: the more exact citation, and its title names the chapter), whatever ``k``."""
+        seen: set[str] = set()
         out: list[tuple[int, float]] = []
         for pid, score in ranked:
             words = " ".join(self.index.passages[pid].text.split())
-            if (i := at.get(words)) is None:
-                if len(out) == k:
-                    break
-                at[words] = len(out)
-                out.append((pid, score))
-            elif self._doc_chars(pid) < self._doc_chars(out[i][0]):
-                out[i] = (pid, out[i][1])
+            if words in seen:
+                continue
+            if len(out) == k:
+                break
+            seen.add(words)
+            shown = min(self._copies(pid, words),
+                        key=lambda p: (self._doc_chars(p), p != pid, p))
+            out.append((shown, score))
         return out
+
+    def _copies(self, pid: int, words: str) -> list[int]:
+        """The passages of the index whose words are ``words`` (``pid``'s), ``pid`` among them:
+        those of the passages holding all of its terms (BM25's postings, rarest first) whose
+        text has those words. A copy's title may differ, and with it its rank: a copy ranked
+        past the k-th hit, or past what was read, is found all the same."""
+        bm25 = self.index.bm25
+        terms = np.fromiter({i for t in tokenize(words, bm25.tokenizer)
+                             if (i := bm25.term_ids.get(t)) is not None}, dtype=np.int64)
+        if not len(terms):  # no term to look it up by: punctuation alone
+            return [pid]
+        starts, ends = bm25.indptr[terms], bm25.indptr[terms + 1]
+        rows: np.ndarray | None = None
+        for t in np.argsort(ends - starts, kind="stable"):  # rarest first
+            postings = bm25.doc_ids[starts[t]:ends[t]]  # ascending, as every posting list
+            if rows is None:
+                rows = postings
+            else:
+                at = np.minimum(np.searchsorted(postings, rows), len(postings) - 1)
+                rows = rows[postings[at] == rows]
+            if len(rows) <= 64:  # few enough to read their words
+                break
+        assert rows is not None
+        found = [int(r) for r in rows
+                 if " ".join(self.index.passages[int(r)].text.split()) == words]
+        return found if pid in found else [pid, *found]
 
     def _doc_chars(self, pid: int) -> int:
         return len(self.index.documents[self.index.passages[pid].doc_id].text)
