@@ -55,6 +55,8 @@ class Hit:
     # False when one retriever alone ordered the list (a BM25-only index, or search mode "bm25"
     # or "dense"): ``score`` is then that retriever's raw score, on another scale than RRF's
     fused: bool = True
+    # (a passage shown in the place of a better-ranked copy of it, from a shorter document:
+    # ``score`` is that copy's; ``bm25`` and ``dense`` its own, None when not among the hits)
 
     def to_json(self) -> dict[str, Any]:
         p = self.passage
