@@ -64,10 +64,18 @@ def test_resolved_spec() -> None:
 
 
 @pytest.mark.parametrize("bad", [{"kind": "annoy"}, {"nprobe": 0}, {"nlist": 0},
-                                 {"hnsw_m": 0}])
+                                 {"hnsw_m": 0}, {"ef_search": 2**31 - 1}, {"hnsw_m": 1025},
+                                 {"nlist": 2**24 + 1}, {"ef_construction": 1.5},
+                                 {"nprobe": True}, {"train_per_list": "64"}])
 def test_bad_spec_says_what(bad: dict) -> None:
-    with pytest.raises(ConfigError, match="kind|at least 1"):
+    """A manifest's search breadth of 2**31 failed every search on a bad_alloc."""
+    with pytest.raises(ConfigError, match="kind|must be a whole number from 1 to"):
         DenseSpec(**bad)
+
+
+def test_the_largest_spec_numbers_are_taken() -> None:
+    assert DenseSpec(kind="hnsw", hnsw_m=1024, ef_search=2**16, ef_construction=2**16,
+                     nprobe=2**24, nlist=2**24, train_per_list=2**16).ef_search == 2**16
 
 
 # -- the IVF index ------------------------------------------------------------------------------

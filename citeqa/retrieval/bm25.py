@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 import numpy as np
 
@@ -31,6 +32,7 @@ from citeqa.text import TOKENIZER
 
 _ARRAYS = ("indptr", "doc_ids", "tf", "idf", "doc_len")
 COUNTS = "counts"  # optional array (indexes written before it lack it)
+FILES = (*(f"{name}.npy" for name in (*_ARRAYS, COUNTS)), "vocab.json", "params.json")  # read
 
 
 class BM25Index:
@@ -193,9 +195,9 @@ class BM25Index:
             raise IndexError_(
                 f"cannot read the BM25 index in {directory}: {e}; rebuild the index"
             ) from e
-        if (len(vocab) + 1 != len(arrays["indptr"]) or len(arrays["doc_len"]) != params["n_docs"]
-                or (counts is not None and counts.shape != arrays["doc_ids"].shape)):
-            raise IndexError_(f"the BM25 index in {directory} is inconsistent; rebuild the index")
+        if (why := _inconsistent(arrays, counts, vocab, params)) is not None:
+            raise IndexError_(f"the BM25 index in {directory} is inconsistent ({why}); rebuild "
+                              "the index")
         return cls(vocab=vocab, params=params, counts=counts, **arrays)
 
     def counts_of(self, rows: np.ndarray) -> TermCounts:
@@ -220,6 +222,53 @@ class BM25Index:
         return TermCounts(list(self.vocab), np.asarray(self.doc_len, np.int32)[rows], indptr,
                           post_terms[order].astype(np.int32),
                           np.asarray(self.counts)[live][order].astype(np.int32))
+
+
+def _inconsistent(arrays: dict[str, np.ndarray], counts: np.ndarray | None, vocab: object,
+                  params: object) -> str | None:
+    """What in a saved index's parts does not hold together, or None: shapes, kinds and the
+    ranges scoring and updates rely on. Files whose checksums match may still be edited and
+    summed again, or taken from two indexes: a posting of passage -1 sent an update's counts
+    to the last passage, and a NaN tf ranked by nothing, silently."""
+    if not isinstance(vocab, list) or not all(isinstance(t, str) for t in vocab):
+        return "vocab.json is not a list of terms"
+    if not isinstance(params, dict):
+        return "params.json is not an object"
+    n_docs, tokenizer = params.get("n_docs"), params.get("tokenizer", 1)
+    if not _whole(n_docs) or n_docs < 0:
+        return f"n_docs is {n_docs!r}"
+    if not _whole(tokenizer) or not 1 <= tokenizer <= TOKENIZER:
+        return f"tokenizer version {tokenizer!r}; this citeqa knows 1 to {TOKENIZER}"
+    for key in ("k1", "b", "epsilon"):
+        value = params.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                math.isfinite(value) and value >= 0):
+            return f"{key} is {value!r}"
+    kinds = {"indptr": "iu", "doc_ids": "iu", "tf": "f", "idf": "f", "doc_len": "iu", COUNTS: "iu"}
+    parts = {**arrays, **({COUNTS: counts} if counts is not None else {})}
+    for name, a in parts.items():
+        if a.ndim != 1 or a.dtype.kind not in kinds[name]:
+            return f"{name} holds {a.dtype} of shape {a.shape}"
+    indptr, doc_ids = arrays["indptr"], arrays["doc_ids"]
+    sizes = {"indptr": (len(indptr), len(vocab) + 1), "idf": (len(arrays["idf"]), len(vocab)),
+             "doc_len": (len(arrays["doc_len"]), n_docs), "tf": (len(arrays["tf"]), len(doc_ids)),
+             **({COUNTS: (len(counts), len(doc_ids))} if counts is not None else {})}
+    if bad := [f"{name} has {n} entries, not {want}" for name, (n, want) in sizes.items()
+               if n != want]:
+        return "; ".join(bad)
+    if indptr[0] != 0 or indptr[-1] != len(doc_ids) or np.any(np.diff(indptr) < 0):
+        return "indptr does not delimit the postings"
+    if len(doc_ids) and (doc_ids.min() < 0 or doc_ids.max() >= n_docs):
+        return f"a posting names a passage outside 0..{n_docs - 1}"
+    if not (np.isfinite(arrays["tf"]).all() and np.isfinite(arrays["idf"]).all()):
+        return "a score part is not a finite number"
+    if counts is not None and len(counts) and counts.min() < 1:
+        return "a term count is below 1"
+    return None
+
+
+def _whole(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def top_k_of(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -67,6 +67,12 @@ AUTO_ANN_MIN_PASSAGES = 100_000
 MAX_REMOVED_FRACTION = 0.1
 
 
+# the most each DenseSpec number may be (a search breadth of 2**31 failed every search on a
+# bad_alloc, 2**26 took 600 MB for one search of 30 passages)
+_MOST = {"nlist": 1 << 24, "nprobe": 1 << 24, "train_per_list": 1 << 16, "hnsw_m": 1024,
+         "ef_construction": 1 << 16, "ef_search": 1 << 16}
+
+
 @dataclass(frozen=True)
 class DenseSpec:
     """How the dense index is organised; stored in the manifest (``dense_index``)."""
@@ -84,12 +90,13 @@ class DenseSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"unknown dense index kind {self.kind!r}; use one of {KINDS}")
-        for name in ("nprobe", "train_per_list", "hnsw_m", "ef_construction", "ef_search"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"dense index {name} must be at least 1, got "
-                                  f"{getattr(self, name)}")
-        if self.nlist is not None and self.nlist < 1:
-            raise ConfigError(f"dense index nlist must be at least 1, got {self.nlist}")
+        for name, most in _MOST.items():
+            value = getattr(self, name)
+            if value is None and name == "nlist":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+                raise ConfigError(f"dense index {name} must be a whole number from 1 to "
+                                  f"{most}, got {value!r}")
 
     def resolved(self, n_vectors: int) -> DenseSpec:
         """This spec for ``n_vectors`` vectors: ``auto`` made concrete, IVF's nlist chosen and
@@ -288,12 +295,34 @@ class DenseIndex:
         try:
             with open(path, "rb") as f:
                 index = faiss.read_index(faiss.PyCallbackIOReader(f.read))
-        except (RuntimeError, OSError) as e:
-            raise IndexError_(f"cannot read the dense index {path}: {e}; rebuild the index") from e
+        except (RuntimeError, OSError, MemoryError) as e:  # (bad_alloc: sizes it read)
+            raise IndexError_(f"cannot read the dense index {path}: {e!r}; rebuild the "
+                              "index") from e
+        if (why := _unlike_ours(index)) is not None:
+            raise IndexError_(f"the dense index {path} is {why}, not one citeqa writes (flat, "
+                              "HNSW or IVF, by inner product); rebuild the index")
         try:
             return cls(index, spec, removed)
         except IndexError_ as e:
             raise IndexError_(f"the dense index {path}: {e}; rebuild the index") from e
+
+
+def _unlike_ours(index: faiss.Index) -> str | None:
+    """What makes a FAISS index read from a file other than the kinds ``_empty`` makes (flat,
+    HNSW over flat vectors, IVF over flat cells, each by inner product), or None. Another kind
+    (one that maps ids, measures L2, or keeps no vectors to rebuild from) ranked the wrong
+    passages, or aborted an update, and an update wrote it into the new index."""
+    kinds = {faiss.IndexFlatIP: None, faiss.IndexHNSWFlat: "storage",
+             faiss.IndexIVFFlat: "quantizer"}
+    if type(index) not in kinds:
+        return f"a FAISS {type(index).__name__}"
+    parts = [index] + ([faiss.downcast_index(getattr(index, part))]
+                       if (part := kinds[type(index)]) else [])
+    if any(p.metric_type != faiss.METRIC_INNER_PRODUCT for p in parts):
+        return "measured by another metric than inner product"
+    if part and not isinstance(parts[1], faiss.IndexFlat) or any(p.d != index.d for p in parts):
+        return f"a FAISS {type(index).__name__} over a {type(parts[-1]).__name__}"
+    return None
 
 
 def _ties_by_id(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -78,6 +78,7 @@ from citeqa.errors import (
     IndexExistsError,
     InvalidRequestError,
 )
+from citeqa.retrieval.bm25 import FILES as BM25_FILES
 from citeqa.retrieval.bm25 import BM25Index
 from citeqa.retrieval.dense import DenseIndex, DenseSpec
 from citeqa.text import unsendable
@@ -97,6 +98,8 @@ PASSAGE_DOC = "passage_doc.npy"
 BM25_DIR = "bm25"
 DENSE = "dense.faiss"
 DENSE_REMOVED = "dense_removed.npy"
+# every file a load reads when it is there (DENSE_REMOVED only when the manifest lists it)
+READ_FILES = (DOCUMENTS, PASSAGES, PASSAGE_DOC, *(f"{BM25_DIR}/{n}" for n in BM25_FILES), DENSE)
 
 # Test-only hook: when CITEQA_TEST_PAUSE_AT names a stage ("before_swap", "mid_swap" or
 # "after_swap": the three states a swap passes through), the build writes
@@ -532,10 +535,10 @@ class Index:
         manifest = _read_manifest(directory)
         if verify:
             _verify_files(directory, manifest)
-        try:
+        try:  # (mapped: a header's shape is not allocated before the file is seen to hold it)
             documents = read_documents(directory / DOCUMENTS)
-            spans = np.load(directory / PASSAGES)
-            passage_doc = np.load(directory / PASSAGE_DOC)
+            spans = np.load(directory / PASSAGES, mmap_mode="r")
+            passage_doc = np.load(directory / PASSAGE_DOC, mmap_mode="r")
         except (OSError, ValueError, KeyError, TypeError) as e:  # UnicodeError is a ValueError
             raise IndexError_(f"index {directory} is unreadable ({e!r}); rebuild it") from e
         bm25 = BM25Index.load(directory / BM25_DIR)
@@ -543,6 +546,8 @@ class Index:
         if (directory / DENSE).is_file():
             dense = DenseIndex.load(directory / DENSE, _dense_spec(directory, manifest),
                                     _removed_rows(directory, manifest))
+        if (why := _misplaced(documents, spans, passage_doc)) is not None:
+            raise IndexError_(f"index {directory} is inconsistent ({why}); rebuild it")
         counts = manifest["counts"]
         found = {
             "documents": len(documents),
@@ -556,7 +561,7 @@ class Index:
             for name, n in found.items()
             if n != counts["documents" if name == "documents" else "passages"]
         }
-        if bad or spans.ndim != 2 or (len(passage_doc) and passage_doc.max() >= len(documents)):
+        if bad:
             raise IndexError_(
                 f"index {directory} is inconsistent (manifest counts {counts}, found {found}); "
                 "rebuild it"
@@ -588,6 +593,25 @@ class Index:
         start = min(offset, total)  # islice refuses offsets past sys.maxsize
         page = itertools.islice(self.documents.values(), start, min(start + limit, total))
         return list(page), total
+
+
+def _misplaced(documents: Sequence[Document], spans: np.ndarray,
+               passage_doc: np.ndarray) -> str | None:
+    """What puts a passage outside its document, or None: each row of ``spans`` a (start,
+    end) with ``0 <= start <= end <=`` the length of the text of the document ``passage_doc``
+    names. A -1 there took the last document, and an update wrote it as that one's row."""
+    if spans.ndim != 2 or spans.shape[1:] != (2,) or spans.dtype.kind not in "iu":
+        return f"passage spans hold {spans.dtype} of shape {spans.shape}"
+    if passage_doc.ndim != 1 or passage_doc.dtype.kind not in "iu":
+        return f"passage documents hold {passage_doc.dtype} of shape {passage_doc.shape}"
+    if len(spans) != len(passage_doc) or not len(spans):
+        return None  # (the counts' check says how many of each there are)
+    if passage_doc.min() < 0 or passage_doc.max() >= len(documents):
+        return f"a passage names a document outside 0..{len(documents) - 1}"
+    ends = np.fromiter((len(d.text) for d in documents), np.int64, len(documents))[passage_doc]
+    if np.any(spans[:, 0] < 0) or np.any(spans[:, 1] < spans[:, 0]) or np.any(spans[:, 1] > ends):
+        return "a passage's span lies outside its document's text"
+    return None
 
 
 def manifest_version(manifest: dict[str, Any]) -> str:
@@ -636,8 +660,10 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         raise IndexError_(f"index {directory}: unreadable manifest.json ({e}); rebuild it") from e
     if not is_index_dir(directory):  # another program's manifest.json: rebuilding is refused
         raise IndexError_(f"index {directory} {how_to_build(directory)}")
+    if not isinstance(manifest, dict):
+        raise IndexError_(f"index {directory}: manifest.json is not an object; rebuild it")
     version = manifest.get("format_version")
-    if version not in READABLE_FORMATS:
+    if isinstance(version, bool) or version not in READABLE_FORMATS:  # (True == 1)
         raise IndexError_(
             f"index {directory} has format version {version!r}, this citeqa reads versions "
             f"{' and '.join(map(str, READABLE_FORMATS))}; rebuild it with `citeqa index build`"
@@ -645,7 +671,25 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     for key in ("counts", "settings", "files"):
         if key not in manifest:
             raise IndexError_(f"index {directory}: manifest.json lacks {key!r}; rebuild it")
+    if why := _malformed(manifest):
+        raise IndexError_(f"index {directory}: manifest.json's {why}; rebuild it")
     return manifest
+
+
+def _malformed(manifest: dict[str, Any]) -> str | None:
+    """Which of a manifest's parts is not of the kind a load reads (a traceback followed)."""
+    files, counts = manifest["files"], manifest["counts"]
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        return "files is not an object of checksums"
+    if not isinstance(counts, dict) or not all(
+            isinstance(counts.get(k), int) and not isinstance(counts.get(k), bool)
+            and counts[k] >= 0 for k in ("documents", "passages")):
+        return "counts does not give whole numbers of documents and passages"
+    for key in ("settings", "embedding", "dense_index"):
+        if not isinstance(manifest.get(key), dict) and (key == "settings"
+                                                         or manifest.get(key) is not None):
+            return f"{key} is not an object"
+    return None
 
 
 def _removed_rows(directory: Path, manifest: dict[str, Any]) -> np.ndarray | None:
@@ -680,6 +724,13 @@ def check_index(out: Path) -> None:
 
 
 def _verify_files(directory: Path, manifest: dict[str, Any]) -> None:
+    """IndexError_ unless every file the manifest lists is there and matches its checksum,
+    and every file a load reads is listed (one that is not was read unchecked: another index's
+    vectors searched as this one's)."""
+    for name in READ_FILES:
+        if name not in manifest["files"] and (directory / name).exists():
+            raise IndexError_(f"index {directory} holds {name}, which its manifest does not list "
+                              "(added by hand, or from another index); rebuild it")
     for name, digest in manifest["files"].items():
         path = directory / name
         if not path.is_file():
