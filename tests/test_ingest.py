@@ -337,6 +337,17 @@ def test_unsupported_url_scheme_is_skipped() -> None:
     assert "http" in result.skipped[0].reason
 
 
+def test_an_empty_source_names_nothing_alone_or_in_a_list(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mutation review's: ``[""]`` is ``Path("")``, the working directory, and a Python
+    caller's build indexed every file under it."""
+    (tmp_path / "a.txt").write_text("Something to index.")
+    monkeypatch.chdir(tmp_path)
+    for given in ("", [""], ["", ""]):
+        assert load_sources(given, progress=False).documents == [], given
+    assert len(load_sources([".", ""], progress=False).documents) == 1
+
+
 def test_empty_corpus_returns_no_documents_caller_raises(tmp_path: Path) -> None:
     # load_sources never raises for an empty corpus; the caller (index build) raises
     # EmptyCorpusError when result.documents is empty.

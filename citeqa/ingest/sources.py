@@ -151,10 +151,12 @@ Sources = Sequence[str | os.PathLike[str]] | str | os.PathLike[str]
 
 def as_sources(sources: Sources) -> list[str]:
     """``sources`` as a list: one path or URL given alone is one source (a str is a sequence,
-    and its characters were taken as sources: "/" first, so the whole file system)."""
+    and its characters were taken as sources: "/" first, so the whole file system). An empty
+    string names nothing, alone or in a list (``Path("")`` is the working directory: a list
+    holding one loaded every file under it)."""
     if isinstance(sources, str | os.PathLike):
-        return [os.fspath(sources)] if os.fspath(sources) else []  # ("" names nothing)
-    return [os.fspath(s) for s in sources]
+        sources = [sources]
+    return [os.fspath(s) for s in sources if os.fspath(s)]
 
 
 def load_sources(
