@@ -116,6 +116,19 @@ def test_load_jsonl(tmp_path: Path) -> None:
     assert [i.answerable for i in items] == [True, False]
 
 
+def test_an_article_filter_compares_titles_as_the_split_does(squad_file: Path,
+                                                            tmp_path: Path) -> None:
+    """The mutation review's: a JSONL eval file spelling "Packet switching" was dropped from
+    its split's questions in silence (SQuAD files were refused as lacking the article)."""
+    assert [i.id for i in load_questions(squad_file, ["packet switching "])] == ["q3"]
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"id": "a", "question": "Q?", "answers": ["x"], "article": '
+                    '"Packet switching"}\n', encoding="utf-8")
+    assert [i.id for i in load_questions(path, ["Packet_switching"])] == ["a"]
+    with pytest.raises(SourceError, match=r"\['Atlantis'\]"):  # named as asked
+        load_squad_questions(squad_file, ["Packet_switching", "Atlantis"])
+
+
 def test_a_question_whose_golds_hold_no_word_is_unanswerable_as_the_report_counts_it() -> None:
     """predictions.jsonl said answerable (a gold of "" or "the"), metrics.json unanswerable."""
     from citeqa.evals.report import judge

@@ -184,14 +184,14 @@ def _parse_squad(
     data = obj.get("data")
     if not isinstance(data, list):
         raise SourceError(f"{path}: not a SQuAD file (no 'data' list at the top level)")
-    wanted = None if articles is None else set(articles)
+    wanted = None if articles is None else {article_key(a): a for a in articles}
     items: list[QAItem] = []
-    seen_titles: set[str] = set()
+    seen_titles: set[str] = set()  # (by article_key)
     try:
         for article in data:
             title = str(article.get("title", ""))
-            seen_titles.add(title)
-            if wanted is not None and title not in wanted:
+            seen_titles.add(article_key(title))
+            if wanted is not None and article_key(title) not in wanted:
                 continue
             for paragraph in article["paragraphs"]:
                 context = _text(paragraph.get("context"), "a context", absent_ok=True)
@@ -220,7 +220,8 @@ def _parse_squad(
             f"{path}: malformed SQuAD file ({type(exc).__name__}: {exc}); expected "
             "data[].paragraphs[].qas[] with 'id', 'question' and 'answers'"
         ) from exc
-    if wanted is not None and (missing := sorted(wanted - seen_titles)):
+    if wanted is not None and (missing := sorted(a for k, a in wanted.items()
+                                                 if k not in seen_titles)):
         raise SourceError(f"{path} lacks articles of the split asked for: {missing}; --split "
                           "names the project's SQuAD 2.0 articles (../shared/data/squad2/"
                           "qa.json holds them all): with another file, take all its articles "
@@ -308,7 +309,8 @@ def load_squad_questions(path: Path, articles: Collection[str] | None = None) ->
 def load_questions(path: Path, articles: Collection[str] | None = None) -> list[QAItem]:
     """Load a SQuAD JSON or a JSONL question file, telling them apart by content.
 
-    ``articles`` filters SQuAD files by article title and JSONL files by their ``article`` key.
+    ``articles`` filters SQuAD files by article title and JSONL files by their ``article`` key,
+    each compared by ``article_key`` ("Harvard University" is Harvard_University).
     """
     path = Path(path)
     text = _read(path)
@@ -320,9 +322,9 @@ def load_questions(path: Path, articles: Collection[str] | None = None) -> list[
         items = _parse_squad(obj, path, articles)
     elif obj is None or isinstance(obj, dict):
         items = _parse_jsonl(text, path)
-        if articles is not None:
-            wanted = set(articles)
-            items = [item for item in items if item.article in wanted]
+        if articles is not None:  # (titles compared as the split compares them)
+            keys = {article_key(a) for a in articles}
+            items = [item for item in items if article_key(item.article) in keys]
     else:
         raise SourceError(
             f"{path}: neither a SQuAD file nor JSONL questions; see citeqa/evals/squad.py"
