@@ -80,6 +80,13 @@ def _l2(vectors: np.ndarray) -> faiss.Index:
     return other
 
 
+def _nan_row(vectors: np.ndarray) -> faiss.Index:
+    other = faiss.IndexFlatIP(vectors.shape[1])
+    vectors[1] = np.nan
+    other.add(vectors)
+    return other
+
+
 def _id_map(vectors: np.ndarray) -> faiss.Index:
     other = faiss.IndexIDMap(faiss.IndexFlatIP(vectors.shape[1]))
     other.add_with_ids(vectors, np.arange(len(vectors))[::-1].copy())
@@ -132,6 +139,7 @@ DAMAGES: dict[str, Callable[[Path], None]] = {
     "vocab of numbers": _json("bm25/vocab.json", lambda v: list(range(len(v)))),
     "an L2 dense index": _faiss(_l2),
     "a dense index that maps ids": _faiss(_id_map),
+    "a vector of NaN": _faiss(_nan_row),
     "counts a string": _edit_manifest(lambda m: m.update(counts="3")),
     "counts without passages": _edit_manifest(lambda m: m["counts"].pop("passages")),
     "embedding a string": _edit_manifest(lambda m: m.update(embedding="minilm")),

@@ -299,8 +299,8 @@ class DenseIndex:
             raise IndexError_(f"cannot read the dense index {path}: {e!r}; rebuild the "
                               "index") from e
         if (why := _unlike_ours(index)) is not None:
-            raise IndexError_(f"the dense index {path} is {why}, not one citeqa writes (flat, "
-                              "HNSW or IVF, by inner product); rebuild the index")
+            raise IndexError_(f"the dense index {path} cannot be searched as citeqa's: {why}; "
+                              "rebuild the index")
         try:
             return cls(index, spec, removed)
         except IndexError_ as e:
@@ -309,19 +309,25 @@ class DenseIndex:
 
 def _unlike_ours(index: faiss.Index) -> str | None:
     """What makes a FAISS index read from a file other than the kinds ``_empty`` makes (flat,
-    HNSW over flat vectors, IVF over flat cells, each by inner product), or None. Another kind
-    (one that maps ids, measures L2, or keeps no vectors to rebuild from) ranked the wrong
-    passages, or aborted an update, and an update wrote it into the new index."""
+    HNSW over flat vectors, IVF over flat cells, each by inner product, vectors of finite
+    numbers: those of flat and HNSW indexes are read), or None. Another kind (one that maps
+    ids, measures L2, or keeps no vectors to rebuild from) ranked the wrong passages, or aborted
+    an update, and an update wrote it into the new index."""
     kinds = {faiss.IndexFlatIP: None, faiss.IndexHNSWFlat: "storage",
              faiss.IndexIVFFlat: "quantizer"}
     if type(index) not in kinds:
-        return f"a FAISS {type(index).__name__}"
+        return (f"it is a FAISS {type(index).__name__} (citeqa writes flat, HNSW and IVF "
+                "indexes)")
     parts = [index] + ([faiss.downcast_index(getattr(index, part))]
                        if (part := kinds[type(index)]) else [])
     if any(p.metric_type != faiss.METRIC_INNER_PRODUCT for p in parts):
-        return "measured by another metric than inner product"
+        return "it measures by another metric than inner product"
     if part and not isinstance(parts[1], faiss.IndexFlat) or any(p.d != index.d for p in parts):
-        return f"a FAISS {type(index).__name__} over a {type(parts[-1]).__name__}"
+        return f"it is a FAISS {type(index).__name__} over a {type(parts[-1]).__name__}"
+    flat = parts[0] if part is None else parts[1] if part == "storage" else None
+    if flat is not None and flat.ntotal and not np.isfinite(  # (IVF's cells: not read here)
+            faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d)).all():
+        return "a vector in it is not all finite numbers"
     return None
 
 
