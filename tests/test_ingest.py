@@ -343,8 +343,8 @@ def test_an_empty_source_names_nothing_alone_or_in_a_list(tmp_path: Path,
     caller's build indexed every file under it."""
     (tmp_path / "a.txt").write_text("Something to index.")
     monkeypatch.chdir(tmp_path)
-    for given in ("", [""], ["", ""]):
-        assert load_sources(given, progress=False).documents == [], given
+    for named in ("", [""], ["", ""]):
+        assert load_sources(named, progress=False).documents == [], named
     assert len(load_sources([".", ""], progress=False).documents) == 1
 
 

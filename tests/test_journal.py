@@ -45,7 +45,8 @@ def test_a_last_line_without_its_newline_is_dropped_and_cut_off(tmp_path: Path, 
 
 
 @pytest.mark.parametrize("damaged", [b'{"id": 3, "x"\n', b'{"other": 3}\n', b"[1, 2]\n",
-                                     b'{"id": 3}\x00\n'])
+                                     b'{"id": 3}\x00\n',
+                                     b'{"id": "caf\xc3\n'])  # (a character cut in two)
 def test_a_damaged_last_line_with_its_newline_is_dropped_too(tmp_path: Path, caplog,
                                                               damaged: bytes) -> None:
     path = tmp_path / "r.jsonl"
@@ -60,6 +61,18 @@ def test_a_damaged_last_line_with_its_newline_is_dropped_too(tmp_path: Path, cap
 def test_a_damaged_line_before_the_last_stops_the_run(tmp_path: Path) -> None:
     path = tmp_path / "r.jsonl"
     before = lines({"id": 1}) + b"not json\n" + lines({"id": 3})
+    path.write_bytes(before)
+    for read in (read_records, resume):
+        with pytest.raises(ConfigError, match=r"r\.jsonl:2 is not a test record .*start over"):
+            read(path, **WHAT)
+    assert path.read_bytes() == before  # nothing is dropped
+
+
+def test_a_damaged_line_followed_by_a_cut_off_one_stops_the_run(tmp_path: Path) -> None:
+    """A crash cuts the last line only: a damaged line with one after it, however short, is
+    not the crash's, and was dropped with the lines after it."""
+    path = tmp_path / "r.jsonl"
+    before = lines({"id": 1}) + b'{"id": 2, "x"\n' + b'{"id": 3'
     path.write_bytes(before)
     for read in (read_records, resume):
         with pytest.raises(ConfigError, match=r"r\.jsonl:2 is not a test record .*start over"):
@@ -124,6 +137,17 @@ def test_identity_is_checked_once_records_exist(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"mine holds a.png, report.md but no run.json"):
         check_identity(mine / "run.json", mine / "r.jsonl", ident, remedy="x",
                        outputs=("report.md", "a.png"))
+
+
+@pytest.mark.parametrize("stored", ['{"seed": 0}', '{"identity": ["m1", 0]}'])
+def test_a_run_json_without_an_identity_object_is_unreadable(tmp_path: Path, stored: str) -> None:
+    """No "identity", or one that is not an object: a ConfigError naming the remedy, not a
+    KeyError or AttributeError from deep inside the run."""
+    run_json, records = tmp_path / "run.json", tmp_path / "r.jsonl"
+    run_json.write_text(stored)
+    records.write_bytes(lines({"id": 1}))
+    with pytest.raises(ConfigError, match=r"run\.json is unreadable .*; start over"):
+        check_identity(run_json, records, {"model": "m1"}, remedy="start over")
 
 
 def test_one_process_writes_a_run_directory_at_a_time(tmp_path: Path) -> None:
