@@ -117,7 +117,15 @@ def _unlisted(name: str) -> Callable[[Path], None]:
     return _edit_manifest(lambda m: m["files"].pop(name))
 
 
+def _text_null(index: Path) -> None:
+    rows = [json.loads(line) for line in (index / "documents.jsonl").read_text().splitlines()]
+    rows[1]["text"] = None
+    (index / "documents.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _sealed(index)
+
+
 DAMAGES: dict[str, Callable[[Path], None]] = {
+    "a document's text null": _text_null,
     "a passage of document -1": _array("passage_doc.npy", lambda a: np.where(a == 0, -1, a)),
     "a passage past its text": _array("passages.npy", lambda a: a + [[0, 10**6]]),
     "a passage that starts before its text": _array("passages.npy", lambda a: a - [[50, 0]]),

@@ -324,11 +324,16 @@ def test_concurrent_first_searches_load_the_embedder_once(index_dir: Path,
     assert loads == ["hash"]
 
 
+@pytest.mark.parametrize("looked_up", [True, False])
 @pytest.mark.parametrize("mode", ["bm25", "dense", "hybrid"])
-def test_a_copy_of_a_better_hit_is_passed_over(tmp_path: Path, mode: str) -> None:
+def test_a_copy_of_a_better_hit_is_passed_over(tmp_path: Path, mode: str, looked_up: bool,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A book's print.html repeats every chapter: of 80 hits for 8 questions, 29 were copies of
     another hit, and a question's generator was shown one passage twice. A copy (its words
-    alike, spacing aside) gives its place to the next passage."""
+    alike, spacing aside) gives its place to the next passage; one whose words are too common
+    to look up across the index (``looked_up`` False) among those ranked."""
+    if not looked_up:
+        monkeypatch.setattr("citeqa.retrieval.retriever.COPIES_POSTINGS", 0)
     docs = [Document("ch1", "Chapter 1", "ch1.html", "Use let mut to declare a mutable variable."),
             Document("print", "Book", "print.html",
                      "Use let  mut to declare\na mutable variable.\n\n" + "Chapter two. " * 12),
@@ -343,6 +348,8 @@ def test_a_copy_of_a_better_hit_is_passed_over(tmp_path: Path, mode: str) -> Non
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     if mode == "bm25":  # ch1 stands in the place, and with the score, of the better copy
         assert hits[0].bm25 is not None and hits[0].score > hits[0].bm25
+    first = hits[0].passage.passage_id
+    assert (r._copies(first, " ".join(hits[0].passage.text.split())) is None) == (not looked_up)
 
 
 @pytest.mark.parametrize("mode", ["bm25", "dense", "hybrid"])

@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 MODES = ("hybrid", "bm25", "dense")
 _FUSION_MODE = {"rrf": "hybrid", "bm25": "bm25", "dense": "dense"}
+# a passage's copies are looked up across the index (``_copies``) where its rarest term is in
+# at most COPIES_POSTINGS passages and at most COPIES_READ hold all its terms
+COPIES_POSTINGS = 1 << 14
+COPIES_READ = 256
 
 
 def config_from_manifest(settings: dict[str, Any]) -> RetrievalConfig:
@@ -132,45 +136,54 @@ class HybridRetriever:
         better one's: a book's print.html repeats every chapter, and its copies took half the
         hits, and of the passages a question's generator was shown. Of copies, the one in the
         shortest document of the index takes the best one's place (a chapter, not the whole
-        book: the more exact citation, and its title names the chapter), whatever ``k``."""
+        book: the more exact citation, and its title names the chapter), whatever ``k``; of a
+        passage whose words are too common to look up (``_copies``), of those ranked."""
         seen: set[str] = set()
         out: list[tuple[int, float]] = []
         for pid, score in ranked:
-            words = " ".join(self.index.passages[pid].text.split())
+            words = self._words(pid)
             if words in seen:
                 continue
             if len(out) == k:
                 break
             seen.add(words)
-            shown = min(self._copies(pid, words),
-                        key=lambda p: (self._doc_chars(p), p != pid, p))
+            copies = self._copies(pid, words)
+            if copies is None:
+                copies = [p for p, _ in ranked if self._words(p) == words]
+            shown = min(copies, key=lambda p: (self._doc_chars(p), p != pid, p))
             out.append((shown, score))
         return out
 
-    def _copies(self, pid: int, words: str) -> list[int]:
+    def _words(self, pid: int) -> str:
+        return " ".join(self.index.passages[pid].text.split())
+
+    def _copies(self, pid: int, words: str) -> list[int] | None:
         """The passages of the index whose words are ``words`` (``pid``'s), ``pid`` among them:
         those of the passages holding all of its terms (BM25's postings, rarest first) whose
         text has those words. A copy's title may differ, and with it its rank: a copy ranked
-        past the k-th hit, or past what was read, is found all the same."""
+        past the k-th hit, or past what was read, is found all the same. None when its rarest
+        term is in more than ``COPIES_POSTINGS`` passages, or more than ``COPIES_READ`` hold
+        all its terms: reading them cost seconds a search at a million passages ("The cat
+        sat.")."""
         bm25 = self.index.bm25
         terms = np.fromiter({i for t in tokenize(words, bm25.tokenizer)
                              if (i := bm25.term_ids.get(t)) is not None}, dtype=np.int64)
         if not len(terms):  # no term to look it up by: punctuation alone
             return [pid]
         starts, ends = bm25.indptr[terms], bm25.indptr[terms + 1]
-        rows: np.ndarray | None = None
-        for t in np.argsort(ends - starts, kind="stable"):  # rarest first
-            postings = bm25.doc_ids[starts[t]:ends[t]]  # ascending, as every posting list
-            if rows is None:
-                rows = postings
-            else:
-                at = np.minimum(np.searchsorted(postings, rows), len(postings) - 1)
-                rows = rows[postings[at] == rows]
+        order = np.argsort(ends - starts, kind="stable")  # rarest first
+        if ends[order[0]] - starts[order[0]] > COPIES_POSTINGS:
+            return None
+        rows = bm25.doc_ids[starts[order[0]]:ends[order[0]]]  # ascending, as every posting
+        for t in order[1:]:
             if len(rows) <= 64:  # few enough to read their words
                 break
-        assert rows is not None
-        found = [int(r) for r in rows
-                 if " ".join(self.index.passages[int(r)].text.split()) == words]
+            postings = bm25.doc_ids[starts[t]:ends[t]]
+            at = np.minimum(np.searchsorted(postings, rows), len(postings) - 1)
+            rows = rows[postings[at] == rows]
+        if len(rows) > COPIES_READ:
+            return None
+        found = [int(r) for r in rows if self._words(int(r)) == words]
         return found if pid in found else [pid, *found]
 
     def _doc_chars(self, pid: int) -> int:

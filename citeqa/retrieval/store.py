@@ -600,6 +600,8 @@ def _misplaced(documents: Sequence[Document], spans: np.ndarray,
     """What puts a passage outside its document, or None: each row of ``spans`` a (start,
     end) with ``0 <= start <= end <=`` the length of the text of the document ``passage_doc``
     names. A -1 there took the last document, and an update wrote it as that one's row."""
+    if not all(isinstance(d.text, str) for d in documents):
+        return "a document's text is not a string"
     if spans.ndim != 2 or spans.shape[1:] != (2,) or spans.dtype.kind not in "iu":
         return f"passage spans hold {spans.dtype} of shape {spans.shape}"
     if passage_doc.ndim != 1 or passage_doc.dtype.kind not in "iu":
