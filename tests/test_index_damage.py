@@ -135,6 +135,7 @@ DAMAGES: dict[str, Callable[[Path], None]] = {
     "spans declared 2**40 rows": _huge_header,
     "a posting of passage -1": _array("bm25/doc_ids.npy", lambda a: np.where(a == 0, -1, a)),
     "a posting past the passages": _array("bm25/doc_ids.npy", lambda a: a + 1000),
+    "postings out of passage order": _array("bm25/doc_ids.npy", lambda a: a[::-1].copy()),
     "postings not delimited": _array("bm25/indptr.npy", lambda a: a[::-1].copy()),
     "idf shorter than the vocabulary": _array("bm25/idf.npy", lambda a: a[:-3]),
     "tf not a number": _array("bm25/tf.npy", lambda a: np.full_like(a, np.nan)),
@@ -193,3 +194,23 @@ def test_every_index_citeqa_writes_still_loads_and_searches(pristine: Path,
             embedder="hash", chunk=ChunkConfig(max_chars=80), faiss_index=kind), progress=False)
         hits = HybridRetriever.open(out).search("dogs bark", 2)
         assert hits[0].passage.doc_id == "d2", kind
+
+
+def test_postings_are_checked_in_order_within_each_term_block_by_block() -> None:
+    """Against a brute-force reading, with blocks as short as one posting (a term's first
+    posting may be below the one before it; within a term each must rise)."""
+    from citeqa.retrieval.bm25 import _ascending_within
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        lens = rng.integers(0, 6, rng.integers(1, 12))
+        indptr = np.concatenate([[0], np.cumsum(lens)])
+        ids = np.concatenate([np.sort(rng.choice(20, n, replace=False)) for n in lens] +
+                             [np.zeros(0, int)]).astype(np.int32)
+        if len(ids) > 1 and rng.random() < 0.5:
+            i, j = rng.integers(0, len(ids), 2)
+            ids[i], ids[j] = ids[j], ids[i]
+        truth = all(np.all(np.diff(ids[a:b]) > 0)
+                    for a, b in zip(indptr[:-1], indptr[1:], strict=True))
+        for block in (1, 2, 3, 1 << 22):
+            assert _ascending_within(indptr, ids, block) == truth, (indptr, ids, block)

@@ -260,11 +260,27 @@ def _inconsistent(arrays: dict[str, np.ndarray], counts: np.ndarray | None, voca
         return "indptr does not delimit the postings"
     if len(doc_ids) and (doc_ids.min() < 0 or doc_ids.max() >= n_docs):
         return f"a posting names a passage outside 0..{n_docs - 1}"
+    if not _ascending_within(indptr, doc_ids):
+        return "a term's postings are not in passage order"
     if not (np.isfinite(arrays["tf"]).all() and np.isfinite(arrays["idf"]).all()):
         return "a score part is not a finite number"
     if counts is not None and len(counts) and counts.min() < 1:
         return "a term count is below 1"
     return None
+
+
+def _ascending_within(indptr: np.ndarray, doc_ids: np.ndarray, block: int = 1 << 22) -> bool:
+    """Whether each term's postings name distinct passages in ascending order (looking a
+    passage's copies up intersects them by binary search), read ``block`` at a time."""
+    starts = indptr[1:-1]  # where each term's postings after the first term's begin
+    for lo in range(0, max(len(doc_ids) - 1, 0), block):
+        hi = min(lo + block, len(doc_ids) - 1)
+        rises = np.diff(doc_ids[lo:hi + 1]) > 0  # rises[j]: from posting lo+j to lo+j+1
+        first = starts[np.searchsorted(starts, lo, "right"):np.searchsorted(starts, hi, "right")]
+        rises[first - lo - 1] = True  # a term's first posting may be below the last one's
+        if not rises.all():
+            return False
+    return True
 
 
 def _whole(value: object) -> TypeGuard[int]:
