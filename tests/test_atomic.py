@@ -190,17 +190,22 @@ def test_a_temporary_directory_is_stale_once_no_writer_holds_it_whatever_its_pid
     (left / "weights").write_text("half")
     mine = tmp_path / f".model.tmp-{os.getpid()}"  # this pid's, from before a restart
     mine.mkdir()
-    new = tmp_path / f".model.tmp-{os.getppid()}"  # just made: its writer (a live pid,
-    new.mkdir()  # perhaps in another namespace) is about to lock it
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    new = tmp_path / f".model.tmp-{alive.pid}"  # just made: its writer (a live pid, perhaps
+    new.mkdir()  # in another namespace) is about to lock it (the parent's pid was 1 under nohup)
     past = time.time() - CLAIM_GRACE_S - 5
     for path in (left, mine):
         os.utime(path, (past, past))
     held = tmp_path / ".model.tmp-2"  # a writer of another pid namespace, writing now
     held.mkdir()
-    with flock_held_elsewhere(held):
-        remove_stale_siblings(out, writing=False)
-        assert not left.exists() and not mine.exists() and held.is_dir()
-        assert new.is_dir()  # unlocked, but only just made
+    try:
+        with flock_held_elsewhere(held):
+            remove_stale_siblings(out, writing=False)
+            assert not left.exists() and not mine.exists() and held.is_dir()
+            assert new.is_dir()  # unlocked, but only just made
+    finally:
+        alive.kill()
+        alive.wait()
     os.utime(held, (past, past))
     remove_stale_siblings(out, writing=False)  # its writer gone: stale now
     assert not held.exists()
