@@ -36,5 +36,6 @@ __all__ = [  # a literal list: type checkers read no other (checked: tests/test_
     "Answer", "AskArgs", "Candidate", "CiteqaAPIError", "CiteqaClient", "CiteqaError", "Config",
     "Document", "Hit", "Passage", "Pipeline", "Quote", "Settings", "__version__", "preset",
 ]
-__getattr__ = lazy_exports(__name__, _HOMES)
+if not TYPE_CHECKING:  # (seen by type checkers, it made every misspelt name an Any)
+    __getattr__ = lazy_exports(__name__, _HOMES)
 __dir__ = lazy_dir(__name__, _HOMES)

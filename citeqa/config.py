@@ -291,9 +291,9 @@ class Settings(BaseSettings):
     generator_url: str | None = None  # its root URL, e.g. http://127.0.0.1:8100
     generator_model: str | None = None  # the served model name; None = the only one it lists
     generator_api_key: str = ""  # sent as a bearer token; empty = none
-    generator_concurrency: int = Field(8, ge=1, le=256)  # requests in flight to it at once
+    generator_concurrency: int = Field(default=8, ge=1, le=256)  # requests in flight to it at once
     # at start-up, wait this long for it to answer
-    generator_wait_s: float = Field(600.0, ge=0, le=DAY_S, allow_inf_nan=False)
+    generator_wait_s: float = Field(default=600.0, ge=0, le=DAY_S, allow_inf_nan=False)
     cache_dir: Path = Field(default_factory=default_cache_dir)
     allow_private_urls: bool = False  # let the fetcher reach private/intranet addresses
     api_keys: str = ""  # comma-separated; empty = no authentication
@@ -304,32 +304,35 @@ class Settings(BaseSettings):
     allowed_hosts: str = ""
     # requests generated together in one batch; None = 4 with a local generator (more only adds
     # padding on a CPU), generator_concurrency with a remote one (the engine batches them)
-    max_batch: int | None = Field(None, ge=1, le=256)
+    max_batch: int | None = Field(default=None, ge=1, le=256)
     # wait after a batch's first request for more
-    window_ms: float = Field(10.0, ge=0, le=10_000, allow_inf_nan=False)
-    max_queue: int = Field(32, ge=1)  # waiting requests; more -> 503 with Retry-After
+    window_ms: float = Field(default=10.0, ge=0, le=10_000, allow_inf_nan=False)
+    max_queue: int = Field(default=32, ge=1)  # waiting requests; more -> 503 with Retry-After
     # document adds/deletes waiting or running (each may rebuild a large index); more -> 503
-    max_pending_updates: int = Field(8, ge=1)
-    max_fetches: int = Field(4, ge=1)  # URLs fetched at once for POST /v1/documents; more -> 503
-    max_searches: int = Field(8, ge=1)  # POST /v1/search requests running at once; more -> 503
-    request_timeout_s: float = Field(120.0, gt=0, le=DAY_S, allow_inf_nan=False)  # longer -> 504
-    max_body_bytes: int = Field(65536, ge=1024)  # larger request bodies -> 413
+    max_pending_updates: int = Field(default=8, ge=1)
+    # URLs fetched at once for POST /v1/documents; more -> 503
+    max_fetches: int = Field(default=4, ge=1)
+    # POST /v1/search requests running at once; more -> 503
+    max_searches: int = Field(default=8, ge=1)
+    # longer -> 504
+    request_timeout_s: float = Field(default=120.0, gt=0, le=DAY_S, allow_inf_nan=False)
+    max_body_bytes: int = Field(default=65536, ge=1024)  # larger request bodies -> 413
     # a request whose head (request line and headers) takes longer than this to arrive, or
     # whose body stops arriving for this long (or, past it, arrives at under 500 bytes/s in
     # all) -> 408 and the connection closed (a stalled or trickling client held its
     # connection, and a place in the server, for ever)
-    client_timeout_s: float = Field(30.0, gt=0, le=3600, allow_inf_nan=False)
+    client_timeout_s: float = Field(default=30.0, gt=0, le=3600, allow_inf_nan=False)
     # connections one client address may hold open at once; more -> 503 and closed; 0 = no
     # cap (behind a reverse proxy every connection comes from the proxy: raise it, or 0)
-    max_connections_per_client: int = Field(64, ge=0)
-    retry_after_s: int = Field(2, ge=0)  # Retry-After sent with 503s
+    max_connections_per_client: int = Field(default=64, ge=0)
+    retry_after_s: int = Field(default=2, ge=0)  # Retry-After sent with 503s
     # time to finish queued work at shutdown
-    shutdown_grace_s: float = Field(30.0, ge=0, le=DAY_S, allow_inf_nan=False)
+    shutdown_grace_s: float = Field(default=30.0, ge=0, le=DAY_S, allow_inf_nan=False)
     # how often a waiting request checks its client
-    disconnect_poll_s: float = Field(0.05, gt=0, le=60, allow_inf_nan=False)
+    disconnect_poll_s: float = Field(default=0.05, gt=0, le=60, allow_inf_nan=False)
     # how often the service looks whether another writer changed its index on disk (a rebuild,
     # `citeqa index add/remove`) and then serves the new one; 0 = never (until restarted)
-    index_reload_s: float = Field(2.0, ge=0, le=DAY_S, allow_inf_nan=False)
+    index_reload_s: float = Field(default=2.0, ge=0, le=DAY_S, allow_inf_nan=False)
 
     @field_validator("index", "generator", "adapter", "reward", "cache_dir", mode="before")
     @classmethod

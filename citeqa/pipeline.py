@@ -360,6 +360,12 @@ class Pipeline:
         """Release the generator's backend (a remote engine's connections and threads)."""
         _close_backend(self.generator.backend)
 
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def warm_up(self) -> float:
         """Ask ``WARM_UP_QUESTION``, discard the answer and return the seconds it took.
 
@@ -379,6 +385,8 @@ class Pipeline:
         The batch goes to the backend in one call per distinct ``top_k`` (usually one), so the
         local backend decodes the questions together.
         """
+        if not isinstance(items, Sequence) or not all(isinstance(a, AskArgs) for a in items):
+            raise InvalidRequestError("ask_many takes a list of citeqa.AskArgs")
         checked = [self.check(a) for a in items]
         retriever = self.retriever  # one snapshot for the whole batch
         t0 = time.perf_counter()
@@ -506,9 +514,11 @@ class Pipeline:
     def list_documents(self, offset: int = 0, limit: int = 20) -> tuple[list[Document], int]:
         """Up to ``limit`` indexed documents from position ``offset`` (in index order), and
         how many there are in all, so that people can see what answers can come from."""
-        if offset < 0 or limit < 1:
-            raise InvalidRequestError(
-                f"offset must be at least 0 and limit at least 1, got {offset} and {limit}")
+        if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool)
+                   for n in (offset, limit)) or offset < 0 or limit < 1:
+            raise InvalidRequestError(f"offset must be a whole number from 0 and limit one from "
+                                      f"1, got {offset!r} and {limit!r}")
+        offset, limit = int(offset), int(limit)
         retriever = self.retriever  # one snapshot, as for questions
         if not isinstance(retriever, HybridRetriever):
             raise NotSupportedError(f"a {type(retriever).__name__} cannot list its documents; "

@@ -335,9 +335,14 @@ def test_the_pipeline_lists_documents_of_an_index_only(index_dir: Path, tmp_path
     pipeline = Pipeline.from_settings(Settings(preset="tiny", index=index_dir,
                                                cache_dir=tmp_path / "cache"))
     assert pipeline.list_documents(1, 5) == ([DOCS[1]], 2)
-    for offset, limit in ((-1, 5), (0, 0)):
-        with pytest.raises(InvalidRequestError, match="offset must be at least 0"):
-            pipeline.list_documents(offset, limit)
+    for offset, limit in ((-1, 5), (0, 0), (1.5, 2), ("0", 5), (None, None), (0, True)):
+        with pytest.raises(InvalidRequestError, match="offset must be a whole number from 0"):
+            pipeline.list_documents(offset, limit)  # type: ignore[arg-type]
+    assert pipeline.list_documents(np.int64(1), np.int32(5)) == ([DOCS[1]], 2)
+    with pytest.raises(InvalidRequestError, match="a list of citeqa.AskArgs"):
+        pipeline.ask_many(["When?"])  # type: ignore[list-item]
+    with pipeline as same:  # a context manager, closing on the way out
+        assert same is pipeline
 
     bare = Pipeline(ListlessRetriever(), pipeline.generator, pipeline.cfg)
     with pytest.raises(ConfigError, match="cannot list its documents"):
