@@ -71,6 +71,9 @@ def _check_fields(config: object, **ok: bool) -> None:
         raise ConfigError(f"{type(config).__name__}: invalid {', '.join(bad)}")
 
 
+MAX_HNSW_M = 1024  # the most links an HNSW node may keep (DenseSpec's bound too)
+
+
 @dataclass(frozen=True)
 class RetrievalConfig:
     chunk: ChunkConfig = field(default_factory=ChunkConfig)
@@ -97,7 +100,7 @@ class RetrievalConfig:
     def __post_init__(self) -> None:
         _check_fields(
             self, faiss_index=self.faiss_index in ("flat", "hnsw", "ivf"),
-            fusion=self.fusion in ("rrf", "bm25", "dense"), hnsw_m=self.hnsw_m >= 2,
+            fusion=self.fusion in ("rrf", "bm25", "dense"), hnsw_m=2 <= self.hnsw_m <= MAX_HNSW_M,
             bm25_k1=0 <= self.bm25_k1 < math.inf, bm25_b=0 <= self.bm25_b <= 1,
             bm25_epsilon=0 <= self.bm25_epsilon < math.inf, rrf_k=self.rrf_k >= 0,
             rrf_bm25_weight=0 < self.rrf_bm25_weight < math.inf,

@@ -78,6 +78,16 @@ def test_the_largest_spec_numbers_are_taken() -> None:
                      nprobe=2**24, nlist=2**24, train_per_list=2**16).ef_search == 2**16
 
 
+def test_the_settings_bound_hnsw_m_as_the_dense_index_does() -> None:
+    """An hnsw_m over the dense index's bound passed the settings and failed the build, even
+    a flat or BM25-only one."""
+    from citeqa.config import RetrievalConfig
+
+    assert RetrievalConfig(hnsw_m=1024).hnsw_m == 1024
+    with pytest.raises(ConfigError, match="hnsw_m=1025"):
+        RetrievalConfig(hnsw_m=1025)
+
+
 # -- the IVF index ------------------------------------------------------------------------------
 
 

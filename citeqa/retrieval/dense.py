@@ -44,6 +44,7 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
+from citeqa.config import MAX_HNSW_M
 from citeqa.errors import ConfigError, IndexError_
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ MAX_REMOVED_FRACTION = 0.1
 
 # the most each DenseSpec number may be (a search breadth of 2**31 failed every search on a
 # bad_alloc, 2**26 took 600 MB for one search of 30 passages)
-_MOST = {"nlist": 1 << 24, "nprobe": 1 << 24, "train_per_list": 1 << 16, "hnsw_m": 1024,
+_MOST = {"nlist": 1 << 24, "nprobe": 1 << 24, "train_per_list": 1 << 16, "hnsw_m": MAX_HNSW_M,
          "ef_construction": 1 << 16, "ef_search": 1 << 16}
 
 
