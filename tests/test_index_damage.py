@@ -113,6 +113,16 @@ def _huge_header(index: Path) -> None:
     _sealed(index)
 
 
+def _unsigned_falling(index: Path) -> None:
+    """Each term's postings falling, stored unsigned (their differences wrap to rises)."""
+    indptr = np.load(index / "bm25/indptr.npy")
+    ids = np.load(index / "bm25/doc_ids.npy")
+    for a, b in zip(indptr[:-1], indptr[1:], strict=True):
+        ids[a:b] = ids[a:b][::-1].copy()
+    np.save(index / "bm25/doc_ids.npy", ids.astype(np.uint32))
+    _sealed(index)
+
+
 def _unlisted(name: str) -> Callable[[Path], None]:
     return _edit_manifest(lambda m: m["files"].pop(name))
 
@@ -136,6 +146,7 @@ DAMAGES: dict[str, Callable[[Path], None]] = {
     "a posting of passage -1": _array("bm25/doc_ids.npy", lambda a: np.where(a == 0, -1, a)),
     "a posting past the passages": _array("bm25/doc_ids.npy", lambda a: a + 1000),
     "postings out of passage order": _array("bm25/doc_ids.npy", lambda a: a[::-1].copy()),
+    "unsigned postings out of order": _unsigned_falling,
     "postings not delimited": _array("bm25/indptr.npy", lambda a: a[::-1].copy()),
     "idf shorter than the vocabulary": _array("bm25/idf.npy", lambda a: a[:-3]),
     "tf not a number": _array("bm25/tf.npy", lambda a: np.full_like(a, np.nan)),

@@ -244,7 +244,8 @@ def _inconsistent(arrays: dict[str, np.ndarray], counts: np.ndarray | None, voca
         if isinstance(value, bool) or not isinstance(value, int | float) or not (
                 math.isfinite(value) and value >= 0):
             return f"{key} is {value!r}"
-    kinds = {"indptr": "iu", "doc_ids": "iu", "tf": "f", "idf": "f", "doc_len": "iu", COUNTS: "iu"}
+    # (signed: a difference of unsigned ones wraps, and a fall reads as a rise)
+    kinds = {"indptr": "i", "doc_ids": "i", "tf": "f", "idf": "f", "doc_len": "i", COUNTS: "i"}
     parts = {**arrays, **({COUNTS: counts} if counts is not None else {})}
     for name, a in parts.items():
         if a.ndim != 1 or a.dtype.kind not in kinds[name]:
