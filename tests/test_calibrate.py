@@ -345,3 +345,25 @@ def test_a_p_value_equal_to_delta_rejects_and_a_coverage_equal_to_the_minimum_is
     chosen = choose_target(scores, right, targets=[0.5, 0.9], min_coverage=high.coverage,
                            delta=0.1)  # (each target at 0.1 / 2)
     assert chosen.target_accuracy == 0.9
+
+
+def test_min_testable_answered_is_exact_when_delta_is_a_power_of_one_minus_alpha() -> None:
+    """With delta exactly (1 - alpha)^k, one more answered question than needed was demanded
+    (e.g. 2 instead of 1 for alpha=0.01, delta=0.99)."""
+    assert min_testable_answered(0.01, 0.99) == 1
+    assert min_testable_answered(0.5, 0.25) == 2
+    bad = [(a / 100, k) for a in range(1, 100) for k in range(1, 40)
+           if 0 < (1 - a / 100) ** k < 1
+           and min_testable_answered(a / 100, (1 - a / 100) ** k) != k]
+    assert bad == []
+
+
+def test_choose_target_with_no_coverage_floor_skips_targets_that_answer_nothing() -> None:
+    """With min_coverage 0, an unreachable target (threshold inf, nothing answered) was
+    chosen over a lower target that answers questions."""
+    rng = np.random.default_rng(0)
+    s = rng.random(200)
+    ok = rng.random(200) < s
+    c = choose_target(s, ok, targets=[0.6, 0.999], min_coverage=0.0)
+    assert c.target_accuracy == 0.6
+    assert c.n_answered > 0 and math.isfinite(c.threshold)

@@ -543,3 +543,46 @@ def test_a_markdown_passage_of_headings_and_markup_alone_is_left_out() -> None:
     for kept in ("- Zebraquartz\n---", "#zebraquartz rocks", "Zebraquartz\nreads configs"):
         assert headings_out(kept).strip(), kept
     assert headings_out("# A\nB\n=====\nC\n---\n## D ##\n").split() == []
+
+
+def _spans(text: str, max_chars: int) -> list[tuple[int, int]]:
+    return chunk_document(text, ChunkConfig(max_chars=max_chars, overlap_sentences=0))
+
+
+def test_a_clause_comma_in_the_windows_first_half_is_no_cut() -> None:
+    """Unspaced (CJK) text with a comma near its start was cut into a 4-character passage
+    instead of at the window's end."""
+    assert _spans("あいう、" + "か" * 100, 40)[:2] == [(0, 40), (40, 80)]
+
+
+def test_a_run_of_marks_past_the_windows_half_is_cut_at_the_windows_end() -> None:
+    """A letter carrying a long run of combining marks past the window's half made the
+    passage back off to 15 characters instead of filling its 40."""
+    text = "x" * 15 + "e" + "\u0301" * 30 + "y" * 20
+    assert _spans(text, 40)[:2] == [(0, 40), (40, 66)]
+
+
+def test_a_comma_cuts_when_the_last_space_is_exactly_at_the_windows_half() -> None:
+    """With the window's last space exactly at its half, the passage was cut at that space
+    (10 characters) instead of after the comma in the second half (18)."""
+    assert _spans("abcdefghij klmnop," + "q" * 30 + ".", 20)[:2] == [(0, 18), (18, 38)]
+
+
+def test_a_paragraph_of_exactly_a_quarter_of_max_chars_is_a_passage_of_its_own() -> None:
+    """A paragraph exactly max_chars // 4 long was merged into the next paragraph's passage."""
+    text = "Abcdefghi.\n\nShort one. " + "Another sentence here. " * 5
+    assert _spans(text, 40)[:2] == [(0, 10), (12, 45)]
+
+
+def test_a_last_paragraph_of_exactly_a_quarter_of_max_chars_is_a_passage_of_its_own() -> None:
+    """A rest of the text exactly max_chars // 4 long after a paragraph break was merged
+    into the passage before it (only a shorter rest is)."""
+    assert _spans("First sentence here.\n\nAbcdefghi.", 40) == [(0, 20), (22, 32)]
+
+
+def test_an_underlined_heading_exactly_max_chars_long_stays_whole() -> None:
+    """A heading with its underline exactly max_chars long was cut in two: the title in one
+    passage, its "=====" alone in the next."""
+    text = "Intro\n=====\n\nThe body text of it."
+    assert _spans(text, 11)[0] == (0, 11)
+    assert _spans("Some text.\n\nIntro\n=====\n\nThe body.", 11) == [(0, 10), (12, 23), (25, 34)]

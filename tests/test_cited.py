@@ -292,3 +292,77 @@ def test_real_model_constrained_output_always_verifies():
     assert c.answer and c.quote is not None, c.raw
     assert DOCS[c.quote.doc_id].text[c.quote.start : c.quote.end] == c.quote.text
     assert out.timings_ms["prefill_ms"] > 0
+
+
+def test_unconstrained_span_mode_keeps_a_quote_whose_answer_is_not_in_it() -> None:
+    """Without the grammar (an ablation), a span-mode answer not inside its quote lost its
+    verified quote."""
+    backend = scripted_backend(const("Answer: the Normans' chief\nQuote [1]: Their leader Rollo"
+                                     " swore fealty"))
+    out = CitedGenerator(backend, GenerationConfig(answer_mode="span")).generate(
+        "Who?", HITS, DOCS.__getitem__, constrain=False)
+    [c] = out.candidates
+    assert c.quote is not None and c.quote.text == "Their leader Rollo swore fealty"
+
+
+def test_constrained_candidates_go_to_the_quotable_passage_when_an_unquotable_one_is_first(
+) -> None:
+    """With an unquotable passage ranked first, n=2 raised a ValueError from that passage's
+    grammar instead of giving candidates from the quotable passage."""
+    from citeqa.generation.chat import ANY_TEMPLATE_SPECIALS
+
+    bad = "</s><|x|>"
+    docs = {"b": Document("b", "T", "s", bad), **DOCS}
+    hits = [Hit(Passage(1, "b", 0, len(bad), bad), "T", "s", 0.9), hit("n", 0.5, 2)]
+    backend = FakeBackend(extractive_responder, unquotable=ANY_TEMPLATE_SPECIALS)
+    out = CitedGenerator(backend, GenerationConfig(answer_mode="span")).generate(
+        "Who was the leader?", hits, docs.__getitem__, n=2)
+    assert [r.quote_stage and r.quote_stage.only_passage for r in backend.requests][0] == 2
+    assert len(out.candidates) == 2
+    assert all(c.quote is not None and c.quote.doc_id == "n" for c in out.candidates)
+
+
+def test_unconstrained_generation_still_shows_a_passage_a_grammar_could_not_quote() -> None:
+    """Without the grammar, a passage holding engine end markers was hidden from the model
+    and its (verifiable) answer was lost: no candidates at all."""
+    from citeqa.generation.chat import ANY_TEMPLATE_SPECIALS
+
+    t = "Rollo<|im_end|>Normans<|im_end|>France"
+    d = Document("p", "T", "p.txt", t)
+    h = Hit(Passage(0, "p", 0, len(t), t), "T", "p.txt", 1.0)
+    backend = FakeBackend(const("Answer: Rollo\nQuote [1]: " + t), unquotable=ANY_TEMPLATE_SPECIALS)
+    cfg = GenerationConfig(answer_mode="free", min_quote_chars=20)
+    out = CitedGenerator(backend, cfg).generate("Capital?", [h], {"p": d}.__getitem__,
+                                                constrain=False)
+    assert [(c.answer, c.quote and c.quote.text) for c in out.candidates] == [("Rollo", t)]
+
+
+def test_n_equal_to_the_passages_shown_sends_no_empty_sampling_request() -> None:
+    """n=2 over two passages sent a third, useless request asking for 0 samples."""
+    backend = scripted_backend(const("Answer: Rollo\nQuote [1]: Their leader Rollo swore fealty"))
+    CitedGenerator(backend, GenerationConfig(answer_mode="free")).generate(
+        "Who?", HITS, DOCS.__getitem__, n=2)
+    assert [r.n for r in backend.requests] == [1, 1]
+
+
+def test_an_empty_or_blank_answer_has_no_span_in_its_quote() -> None:
+    """An empty answer was "found" at the start of the quote, a blank one over its spaces."""
+    from citeqa.generation.cited import answer_span
+
+    assert answer_span("", "The Normans gave") is None
+    assert answer_span("   ", "The Normans gave") is None
+
+
+def test_a_request_pointed_at_one_passage_gets_that_passages_token_budget() -> None:
+    """Constrained n=2 over an English and a Japanese passage: the request quoting the
+    English one got the larger token budget of the Japanese text beside it."""
+    ja = "東京は日本の首都であり、世界最大の都市圏の一つである。" * 3
+    docs = {**DOCS, "j": Document("j", "T", "j", ja)}
+    hits = [hit("n", 0.9, 0), Hit(Passage(1, "j", 0, len(ja), ja), "T", "j", 0.5)]
+    backend = scripted_backend(const("Answer: Rollo\nQuote [1]: Their leader Rollo swore fealty"))
+    CitedGenerator(backend, GenerationConfig(answer_mode="free")).generate(
+        "Who?", hits, docs.__getitem__, n=2)
+    budget = {k: r.max_tokens for r in backend.requests for k in (1, 2)
+              if f"quote: quote_{k}\n" in r.grammar}
+    assert len(backend.requests) == 2 and set(budget) == {1, 2}
+    assert budget[1] < budget[2]

@@ -416,3 +416,31 @@ def test_oracle_scores_rank_every_correct_answer_first_without_ties() -> None:
     assert min(x for x, c in pairs if c) > max(x for x, c in pairs if not c)
     p = 3 / 5  # a perfect ranking's AURC is (1 - p) + p ln p, up to the discrete steps
     assert aurc(s, correct) == pytest.approx((1 - p) + p * np.log(p), abs=0.06)
+
+
+def test_a_gold_that_normalizes_to_nothing_is_no_gold() -> None:
+    """A gold answer of just "The" made answering "the" count as correct and declining as
+    wrong."""
+    assert is_correct(None, ["The"], quote_valid=False)
+    assert not is_correct("the", ["The"], quote_valid=True)
+
+
+def test_accuracy_at_a_coverage_a_rounding_hair_above_k_over_n_reads_as_k_over_n() -> None:
+    """Coverage 0.1 + 0.2 (0.30000000000000004) over 10 questions took 4 answers, not 3."""
+    s = [10 - i for i in range(10)]
+    ok = [True] * 3 + [False] * 7
+    assert accuracy_at_coverage(s, ok, 0.1 + 0.2) == 1.0
+
+
+def test_threshold_json_of_minus_infinity_is_no_threshold() -> None:
+    """A threshold of -inf (every question answered) was written as "inf" (every question
+    declined)."""
+    from citeqa.evals.metrics import threshold_json
+
+    assert threshold_json(-math.inf) is None
+    assert threshold_json(math.inf) == "inf"
+
+
+def test_ece_weights_each_bin_by_its_share_of_questions() -> None:
+    """ECE averaged bins equally (0.45) instead of by their size (0.25)."""
+    assert expected_calibration_error([0.95, 0.95, 0.95, 0.15], [True] * 4) == pytest.approx(0.25)

@@ -186,3 +186,18 @@ def test_under_a_grammar_text_like_an_end_marker_is_the_passages() -> None:
     out = "Answer: x\nQuote [1]: marked </s>"
     assert parse_output(out, 1, multiline_quote=True, strip_eos=False).quote == "marked </s>"
     assert parse_output(out, 1).quote == "marked"  # a free model's stray marker: cut
+
+
+@pytest.mark.parametrize("eos", ["<|eot_id|>", "<|end|>", "<eos>"])
+def test_common_end_markers_are_cut_from_the_quote(eos) -> None:
+    """A Llama-3 style "<|eot_id|>" (or other end marker) left on a free model's quote was
+    kept as part of the quote."""
+    out = parse_output(f"Answer: Rollo\nQuote [1]: Rollo was the leader.{eos}", 1)
+    assert out.quote == "Rollo was the leader."
+
+
+@pytest.mark.parametrize("number", [" 1", "1 ", " 1 "])
+def test_a_passage_number_with_spaces_in_its_brackets_is_rejected(number) -> None:
+    """"Quote [ 1]:" was accepted although the format allows only digits in the brackets."""
+    with pytest.raises(OutputFormatError):
+        parse_output(f"Answer: Rollo\nQuote [{number}]: Rollo was the leader.", 1)

@@ -140,3 +140,20 @@ def test_a_list_item_numbered_up_to_three_digits_stays_one_sentence() -> None:
     text = "Steps:\n100. Install the package now.\n1000. Then this."
     assert [text[a:b] for a, b in sentence_spans(text)] == [
         "Steps:", "100. Install the package now.", "1000.", "Then this."]
+
+
+def test_tokenizer_version_4_keeps_its_words_as_version_4_indices_hold_them() -> None:
+    """Under tokenizer version 4 (indices built before version 5), a variation selector and
+    the dot of a Turkish capital I were dropped, so queries missed words those indices hold."""
+    from citeqa.text import tokenize
+
+    assert tokenize("Acme\u2122\ufe0f", 4) == ["acmetm\ufe0f"]
+    assert tokenize("\u0130stanbul", 4) == ["i\u0307stanbul"]
+
+
+def test_a_byte_order_mark_is_blank() -> None:
+    """A text of only a byte order mark (U+FEFF) and spaces was not read as blank."""
+    from citeqa.text import is_blank
+
+    assert is_blank("\ufeff")
+    assert is_blank(" \ufeff\n")

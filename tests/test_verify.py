@@ -283,3 +283,18 @@ def test_outside_the_window_overlapping_places_are_each_a_place() -> None:
     """"go on go on" stands at 0 and, overlapping, at 6 of this text: the nearest to the
     window (19-31) is the one at 6."""
     assert locate("go on go on", "go on go on go on. Window text.", (19, 31)) == (6, 17)
+
+
+def test_a_quote_in_quotation_marks_is_found_inside_its_window_before_outside() -> None:
+    """A quote wrapped in '"' was pinned to an earlier place outside the passage shown
+    rather than to the same words inside it."""
+    doc = ("Rollo swore fealty to Charles. " + "x" * 10 + " " + "y " * 40
+           + "Then Rollo swore fealty to Charles again. " + "z " * 40)
+    at = doc.index("Then Rollo") + len("Then ")
+    assert locate('"Rollo swore fealty to Charles"', doc, (42, len(doc))) == (at, at + 29)
+
+
+def test_a_quote_repeated_hundreds_of_times_outside_its_window_is_still_located() -> None:
+    """A quote standing 500 times alike outside its window was refused as too ambiguous."""
+    doc = "Intro text here. " + "Rollo swore fealty. " * 500
+    assert locate("Rollo swore fealty.", doc, (0, 16)) == (17, 36)
