@@ -602,9 +602,9 @@ def _misplaced(documents: Sequence[Document], spans: np.ndarray,
     names. A -1 there took the last document, and an update wrote it as that one's row."""
     if not all(isinstance(d.text, str) for d in documents):
         return "a document's text is not a string"
-    if spans.ndim != 2 or spans.shape[1:] != (2,) or spans.dtype.kind not in "i":
+    if spans.ndim != 2 or spans.shape[1:] != (2,) or spans.dtype.kind != "i":
         return f"passage spans hold {spans.dtype} of shape {spans.shape}"
-    if passage_doc.ndim != 1 or passage_doc.dtype.kind not in "i":
+    if passage_doc.ndim != 1 or passage_doc.dtype.kind != "i":
         return f"passage documents hold {passage_doc.dtype} of shape {passage_doc.shape}"
     if len(spans) != len(passage_doc) or not len(spans):
         return None  # (the counts' check says how many of each there are)
