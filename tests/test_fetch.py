@@ -634,6 +634,28 @@ def test_slow_dns_is_bounded_by_the_deadline() -> None:
     assert time.monotonic() - start < 1.0
 
 
+def test_a_slow_lookup_is_said_as_such_when_the_watchdog_fires_as_it_ends(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CI run's race: the watchdog fired as the lookup's own deadline passed, and the error
+    was said again without "resolving"."""
+    from citeqa.ingest import fetch as module
+
+    enter = module._Watchdog.__enter__
+
+    def fired_at_once(self: module._Watchdog) -> module._Watchdog:
+        enter(self)
+        self.fired = True
+        return self
+
+    def slow(host: str, port: int) -> list[str]:
+        time.sleep(1)
+        return [PUBLIC]
+
+    monkeypatch.setattr(module._Watchdog, "__enter__", fired_at_once)
+    with pytest.raises(FetchError, match="resolving 'example.com' took longer than 0.2s"):
+        fetcher(dns=slow, timeout_s=0.2).fetch("http://example.com/")
+
+
 # --------------------------------------------------------------------------- a real server
 
 

@@ -102,6 +102,11 @@ _LABEL = re.compile(r"[a-z0-9_-]{1,63}")  # one label of a (lower-case, IDNA-enc
 _NO_SUCH_HOST = frozenset({socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)})
 
 
+class _TookTooLongError(FetchError):
+    """A fetch ran past its deadline, and says where (resolving, say): kept as it is when the
+    watchdog fires meanwhile (it was then said again without the where)."""
+
+
 @dataclass(frozen=True)
 class FetchPolicy:
     """What the fetcher may do. The defaults are safe for a public service."""
@@ -372,8 +377,9 @@ class Fetcher:
         except FetchError as e:
             # what failed on the network did so because the deadline cut its connection; a page
             # refused for what it is (unreadable HTML, too large) stays refused for that
-            if watchdog.fired and not isinstance(e, UnreadablePageError):
-                raise FetchError(f"{url}: took longer than {self.policy.timeout_s}s") from None
+            if watchdog.fired and not isinstance(e, UnreadablePageError | _TookTooLongError):
+                raise _TookTooLongError(f"{url}: took longer than {self.policy.timeout_s}s"
+                                        ) from None
             raise
 
     def _follow(self, client: httpx.Client, url: str, current: httpx.URL, deadline: float,
@@ -474,7 +480,7 @@ class Fetcher:
         thread.start()
         thread.join(max(deadline - time.monotonic(), 0.0))
         if thread.is_alive():
-            raise FetchError(f"resolving {host!r} took longer than {self.policy.timeout_s}s")
+            raise _TookTooLongError(f"resolving {host!r} took longer than {self.policy.timeout_s}s")
         if error:
             raise _resolve_error(host, error[0])
         addresses = sorted(set(result[0]), key=result[0].index)
@@ -489,7 +495,7 @@ class Fetcher:
         """One GET: (redirect location, None) or (None, page)."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise FetchError(f"{requested}: took longer than {self.policy.timeout_s}s")
+            raise _TookTooLongError(f"{requested}: took longer than {self.policy.timeout_s}s")
         request = client.build_request(
             "GET",
             target.connect_url,
@@ -587,7 +593,8 @@ class Fetcher:
                     if len(body) > limit:
                         raise UnreadablePageError(f"{requested}: body is over the {limit}-byte cap")
                 if time.monotonic() > deadline:
-                    raise FetchError(f"{requested}: took longer than {self.policy.timeout_s}s")
+                    raise _TookTooLongError(
+                        f"{requested}: took longer than {self.policy.timeout_s}s")
         except httpx.TimeoutException:
             raise FetchError(f"{requested}: timed out after {self.policy.timeout_s}s") from None
         except httpx.HTTPError as e:
