@@ -82,11 +82,17 @@ def test_a_retry_after_of_max_s_itself_is_waited_for(monkeypatch: pytest.MonkeyP
 
 def test_the_default_backoff_waits_up_to_30_s_as_the_readme_says(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """README: a server asking for more than the backoff's max_s, 30 s, is not asked again."""
+    """README: up to 3 more tries, random waits up to 0.5 s, then 1 s, 2 s (at most 30 s); a
+    server asking for more than the backoff's max_s, 30 s, is not asked again."""
     slept: list[float] = []
     monkeypatch.setattr("citeqa.retry.time.sleep", slept.append)
     assert Backoff().wait(0, "30", None) and not Backoff().wait(0, "31", None)
     assert slept == [30.0]
+    assert [Backoff().wait(attempt, None, None) for attempt in range(4)] == [True] * 3 + [False]
+    waits = slept[1:]
+    assert len(waits) == 3 and all(w <= bound for w, bound in zip(waits, (0.5, 1, 2), strict=True))
+    rng = random.Random(0)
+    assert max(Backoff().delay(0, None, rng) for _ in range(200)) > 0.4  # (up to 0.5 s)
 
 
 def test_a_call_past_its_deadline_fails_as_a_transport_error_not_a_value_error() -> None:
