@@ -93,6 +93,27 @@ def _id_map(vectors: np.ndarray) -> faiss.Index:
     return other
 
 
+def _ivf(change: Callable[[np.ndarray, np.ndarray], None]) -> Callable[[np.ndarray], faiss.Index]:
+    """An IVF index of two cells over the vectors, each row under its own id unless ``change``
+    (given the vectors and ids, in place) says otherwise."""
+    def make(vectors: np.ndarray) -> faiss.Index:
+        other = faiss.IndexIVFFlat(faiss.IndexFlatIP(vectors.shape[1]), vectors.shape[1], 2,
+                                   faiss.METRIC_INNER_PRODUCT)
+        other.cp.min_points_per_centroid = 1
+        other.train(vectors)
+        ids = np.arange(len(vectors), dtype=np.int64)
+        change(vectors, ids)
+        other.add_with_ids(vectors, ids)
+        return other
+    return make
+
+
+def _set(what: str, row: int, value: float) -> Callable[[np.ndarray, np.ndarray], None]:
+    def change(vectors: np.ndarray, ids: np.ndarray) -> None:
+        (vectors if what == "vector" else ids)[row] = value
+    return change
+
+
 def _with(values: dict[str, object]) -> Callable[[object], object]:
     def change(params: object) -> object:
         assert isinstance(params, dict)
@@ -127,15 +148,18 @@ def _unlisted(name: str) -> Callable[[Path], None]:
     return _edit_manifest(lambda m: m["files"].pop(name))
 
 
-def _text_null(index: Path) -> None:
-    rows = [json.loads(line) for line in (index / "documents.jsonl").read_text().splitlines()]
-    rows[1]["text"] = None
-    (index / "documents.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    _sealed(index)
+def _documents(change: Callable[[list[dict]], None]) -> Callable[[Path], None]:
+    def edit(index: Path) -> None:
+        path = index / "documents.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        change(rows)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        _sealed(index)
+    return edit
 
 
 DAMAGES: dict[str, Callable[[Path], None]] = {
-    "a document's text null": _text_null,
+    "a document's text null": _documents(lambda rows: rows[1].update(text=None)),
     "a passage of document -1": _array("passage_doc.npy", lambda a: np.where(a == 0, -1, a)),
     "a passage past its text": _array("passages.npy", lambda a: a + [[0, 10**6]]),
     "a passage that starts before its text": _array("passages.npy", lambda a: a - [[50, 0]]),
@@ -160,6 +184,12 @@ DAMAGES: dict[str, Callable[[Path], None]] = {
     "an L2 dense index": _faiss(_l2),
     "a dense index that maps ids": _faiss(_id_map),
     "a vector of NaN": _faiss(_nan_row),
+    "an IVF vector of NaN": _faiss(_ivf(_set("vector", 1, np.nan))),
+    "an IVF row under id 1000": _faiss(_ivf(_set("id", 1, 1000))),
+    "an IVF row under id -1": _faiss(_ivf(_set("id", 0, -1))),
+    "two IVF rows under one id": _faiss(_ivf(_set("id", 1, 0))),
+    "two documents of one id": _documents(lambda rows: rows[1].update(doc_id=rows[0]["doc_id"])),
+    "a document's title a number": _documents(lambda rows: rows[2].update(title=7)),
     "counts a string": _edit_manifest(lambda m: m.update(counts="3")),
     "counts without passages": _edit_manifest(lambda m: m["counts"].pop("passages")),
     "embedding a string": _edit_manifest(lambda m: m.update(embedding="minilm")),
@@ -205,6 +235,16 @@ def test_every_index_citeqa_writes_still_loads_and_searches(pristine: Path,
             embedder="hash", chunk=ChunkConfig(max_chars=80), faiss_index=kind), progress=False)
         hits = HybridRetriever.open(out).search("dogs bark", 2)
         assert hits[0].passage.doc_id == "d2", kind
+
+
+def test_an_ivf_index_of_each_row_once_in_finite_numbers_still_loads(pristine: Path,
+                                                                    tmp_path: Path) -> None:
+    """The IVF damages above are refused for what they change, not for being IVF."""
+    index = tmp_path / "idx"
+    shutil.copytree(pristine, index)
+    _faiss(_ivf(lambda vectors, ids: None))(index)
+    hits = HybridRetriever.open(index).search("dogs bark", 2)
+    assert hits[0].passage.doc_id == "d2"
 
 
 def test_postings_are_checked_in_order_within_each_term_block_by_block() -> None:

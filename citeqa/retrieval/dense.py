@@ -311,9 +311,9 @@ class DenseIndex:
 def _unlike_ours(index: faiss.Index) -> str | None:
     """What makes a FAISS index read from a file other than the kinds ``_empty`` makes (flat,
     HNSW over flat vectors, IVF over flat cells, each by inner product, vectors of finite
-    numbers: those of flat and HNSW indexes are read), or None. Another kind (one that maps
-    ids, measures L2, or keeps no vectors to rebuild from) ranked the wrong passages, or aborted
-    an update, and an update wrote it into the new index."""
+    numbers), or None. Another kind (one that maps ids, measures L2, or keeps no vectors to
+    rebuild from) ranked the wrong passages, or aborted an update, and an update wrote it into
+    the new index."""
     kinds = {faiss.IndexFlatIP: None, faiss.IndexHNSWFlat: "storage",
              faiss.IndexIVFFlat: "quantizer"}
     if type(index) not in kinds:
@@ -326,10 +326,29 @@ def _unlike_ours(index: faiss.Index) -> str | None:
     if part and not isinstance(parts[1], faiss.IndexFlat) or any(p.d != index.d for p in parts):
         return f"it is a FAISS {type(index).__name__} over a {type(parts[-1]).__name__}"
     flat = parts[0] if part is None else parts[1] if part == "storage" else None
-    if flat is not None and flat.ntotal and not np.isfinite(  # (IVF's cells: not read here)
+    if flat is not None and flat.ntotal and not np.isfinite(
             faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d)).all():
         return "a vector in it is not all finite numbers"
-    return None
+    return _unlike_our_cells(index) if part == "quantizer" else None
+
+
+def _unlike_our_cells(index: faiss.IndexIVFFlat) -> str | None:
+    """What makes an IVF index's cells other than citeqa's, or None: each row 0..ntotal-1
+    in exactly one cell (rows are passage numbers: another id cited another passage, or none),
+    every vector finite numbers."""
+    cells = index.invlists
+    ids, finite = [], True
+    for cell in range(cells.nlist):
+        if n := cells.list_size(cell):
+            ids.append(faiss.rev_swig_ptr(cells.get_ids(cell), n).copy())
+            codes = faiss.rev_swig_ptr(cells.get_codes(cell), n * cells.code_size)
+            finite = finite and bool(np.isfinite(np.frombuffer(codes, np.float32)).all())
+    rows = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    if len(rows) != index.ntotal or len(rows) and (
+            rows.min() < 0 or rows.max() >= len(rows)
+            or not (np.bincount(rows, minlength=len(rows)) == 1).all()):
+        return "its cells do not hold each row once"
+    return None if finite else "a vector in it is not all finite numbers"
 
 
 def _ties_by_id(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

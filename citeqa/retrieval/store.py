@@ -599,9 +599,16 @@ def _misplaced(documents: Sequence[Document], spans: np.ndarray,
                passage_doc: np.ndarray) -> str | None:
     """What puts a passage outside its document, or None: each row of ``spans`` a (start,
     end) with ``0 <= start <= end <=`` the length of the text of the document ``passage_doc``
-    names. A -1 there took the last document, and an update wrote it as that one's row."""
-    if not all(isinstance(d.text, str) for d in documents):
-        return "a document's text is not a string"
+    names. A -1 there took the last document, and an update wrote it as that one's row. Each
+    document's fields are strings and no two share a doc_id (the second hid the first, whose
+    passages then cited it)."""
+    fields = ("doc_id", "title", "source", "text")
+    if not all(isinstance(getattr(d, f), str) for d in documents for f in fields):
+        return "a document's doc_id, title, source or text is not a string"
+    if len({d.doc_id for d in documents}) != len(documents):
+        seen = collections.Counter(d.doc_id for d in documents)
+        twice = next(doc_id for doc_id, n in seen.items() if n > 1)
+        return f"two documents share the id {twice!r:.80}"
     if spans.ndim != 2 or spans.shape[1:] != (2,) or spans.dtype.kind != "i":
         return f"passage spans hold {spans.dtype} of shape {spans.shape}"
     if passage_doc.ndim != 1 or passage_doc.dtype.kind != "i":
