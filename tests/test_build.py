@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -43,10 +44,23 @@ def test_every_step_of_a_build_shows_its_progress(tmp_path: Path,
 def test_empty_corpus_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(EmptyCorpusError, match="no documents to index; pass"):
         build_index_from_documents([], tmp_path / "idx", CFG, progress=False)
-    blank = [Document("b", "B", "b.txt", " \n\n ")]
-    with pytest.raises(EmptyCorpusError, match="hold no text"):
+    blank = [Document("b", "B", "b.txt", " \n\n "), Document("z", "Z", "z.txt", "\u200b\u00ad")]
+    with pytest.raises(EmptyCorpusError, match="the 2 documents hold no text"):
         build_index_from_documents(blank, tmp_path / "idx", CFG, progress=False)
     assert not (tmp_path / "idx").exists()
+
+
+def test_a_blank_document_is_skipped_as_index_add_refuses_one(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A document of invisible characters took a passage of them (and a blank one was listed
+    with none), where a file of them is skipped and ``index add`` refuses one."""
+    docs = [Document("z", "Z", "z.txt", "\u200b\u200b \n"), Document("w", "W", "w.txt", "\t "),
+            Document("a", "A", "a.txt", "Alpacas hum.")]
+    with caplog.at_level(logging.WARNING):
+        summary = build_index_from_documents(docs, tmp_path / "idx", CFG, progress=False)
+    assert (summary.documents, summary.passages) == (1, 1)
+    assert list(Index.load(tmp_path / "idx").documents) == ["a"]
+    assert "skipping document z (z.txt): it has no text" in caplog.text
 
 
 def test_a_merged_build_of_nothing_fails_as_a_local_one(tmp_path: Path) -> None:
@@ -782,7 +796,7 @@ def test_a_document_with_the_text_of_another_is_indexed_and_said(tmp_path: Path)
             Document("f", "F", "d/f.txt", " "), Document("g", "G", "d/g.txt", same + " ")]
     assert twins(docs) == [("d/a.txt", "d/c.txt")]  # blank documents hold no passage
     summary = build_index_from_documents(docs, tmp_path / "idx", CFG, progress=False)
-    assert summary.twins == [("d/a.txt", "d/c.txt")] and summary.documents == 6
+    assert summary.twins == [("d/a.txt", "d/c.txt")] and summary.documents == 4  # (less blanks)
 
     def said(source: Path, extra: list[str]) -> list[str]:
         out = tmp_path / f"idx-{len(list(tmp_path.iterdir()))}"

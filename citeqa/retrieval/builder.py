@@ -24,7 +24,7 @@ from citeqa.retrieval.chunk import passage_spans
 from citeqa.retrieval.dense import DenseIndex, DenseSpec
 from citeqa.retrieval.embed import Embedder, load_embedder
 from citeqa.retrieval.store import check_documents, check_replaceable, save_index
-from citeqa.text import tokenize
+from citeqa.text import is_blank, tokenize
 from citeqa.types import Document
 
 if TYPE_CHECKING:
@@ -116,7 +116,8 @@ def build_index_from_documents(
     dense_spec: DenseSpec | None = None,
     only_if_missing: bool = False,
 ) -> BuildSummary:
-    """Chunk, index and atomically write ``documents`` to ``out``.
+    """Chunk, index and atomically write ``documents`` to ``out`` (less blank ones and second
+    ones of an id, each skipped with a warning).
 
     ``embedder`` overrides ``cfg.embedder`` (tests pass fakes); it is unused when
     ``cfg.dense`` is False. ``only_if_missing``: see ``store.publish``.
@@ -126,11 +127,11 @@ def build_index_from_documents(
     check_replaceable(out)
     documents = list(documents)  # (read twice)
     check_documents(documents)
-    docs = _unique(documents)
-    if not docs:
+    if not documents:
         raise EmptyCorpusError(
             f"no documents to index; pass {SUPPORTED} files, folders holding them, or http(s) URLs"
         )
+    docs = _indexable(documents)
     spans, passage_doc = [], []
     chunking = tqdm(docs, desc="chunking", unit="doc", disable=not progress, file=sys.stderr)
     for row, doc in enumerate(chunking):
@@ -139,8 +140,8 @@ def build_index_from_documents(
             passage_doc.append(row)
     if not spans:
         raise EmptyCorpusError(
-            f"the {len(docs)} documents hold no text to index; check that the sources are not "
-            "empty or whitespace only"
+            f"the {len(documents)} documents hold no text to index; check that the sources are "
+            "not empty or whitespace only"
         )
     texts = [
         indexed_text(docs[row].title, docs[row].text[s:e])
@@ -199,12 +200,18 @@ def twins(documents: Sequence[Document]) -> list[tuple[str, ...]]:
     return [tuple(sources) for sources in groups.values() if len(sources) > 1]
 
 
-def _unique(documents: Sequence[Document]) -> list[Document]:
+def _indexable(documents: Sequence[Document]) -> list[Document]:
+    """``documents`` less blank ones (whitespace or invisible characters only, as a file of
+    them is skipped when sources are read and ``index add`` refuses one) and second ones of
+    an id, each skipped with a warning."""
     seen: set[str] = set()
     out = []
     for d in documents:
         if d.doc_id in seen:
             log.warning("skipping a second document with id %s (%s)", d.doc_id, d.source)
+            continue
+        if is_blank(d.text):
+            log.warning("skipping document %s (%s): it has no text", d.doc_id, d.source)
             continue
         seen.add(d.doc_id)
         out.append(d)
