@@ -34,6 +34,10 @@ def test_features_mark_a_generator_without_log_probabilities_as_missing() -> Non
     assert Signals.of({"n_tokens": 3.0}).n_tokens == 3
     nothing = Signals.of({})  # a synthetic or red-team record: no generator, no retrieval
     assert nothing.n_tokens == 0 and math.isnan(nothing.retrieval_score)
+    # a record older than ``retrieval_fused`` came from a fused search: its score counts
+    assert Signals.of({"retrieval_score": 0.03}).retrieval_score == 0.03
+    assert math.isnan(Signals.of({"retrieval_score": 2.7, "retrieval_fused": False})
+                      .retrieval_score)
 
 
 def test_a_retrieval_score_not_on_the_fused_scale_counts_as_unknown() -> None:
@@ -81,6 +85,9 @@ def test_missing_generator_inputs_count_as_their_fitted_mean() -> None:
     x[::4, 1:3] = np.nan  # a quarter of the candidates came from an engine without logprobs
     c = fit(x, y)
     assert np.isfinite(np.array(c.mean)).all()
+    # standardised by the candidates that gave them (not taken as not given at all)
+    assert c.mean[1:3] == pytest.approx(tuple(np.nanmean(x[:, 1:3], axis=0)))
+    assert c.std[1:3] == pytest.approx(tuple(np.nanstd(x[:, 1:3], axis=0)))
     row = np.array([[1.0, math.nan, math.nan, 0.02]])
     at_mean = np.array([[1.0, c.mean[1], c.mean[2], 0.02]])
     assert c(row)[0] == pytest.approx(c(at_mean)[0])
@@ -131,9 +138,23 @@ def test_round_trip_and_a_corrupt_file_says_what_to_do(tmp_path) -> None:
         (tmp_path / COMBINE).write_text(json.dumps({**good, **bad}))
         with pytest.raises(ModelError, match="must be finite"):
             read_combiner(tmp_path)
+    for short in (["mean"], ["std"], ["weights"], ["mean", "std", "weights"]):  # one fewer
+        (tmp_path / COMBINE).write_text(json.dumps({**good, **{k: good[k][:-1] for k in short}}))
+        with pytest.raises(ModelError, match="one value per input"):
+            read_combiner(tmp_path)
     (tmp_path / COMBINE).write_text("{not json")
     with pytest.raises(ModelError, match="corrupt"):
         read_combiner(tmp_path)
+
+
+def test_fit_needs_ten_candidates_of_both_labels() -> None:
+    x, y = synthetic(200)
+    both = np.r_[np.flatnonzero(y == 1)[:5], np.flatnonzero(y == 0)[:5]]
+    assert fit(x[both], y[both]).n == 10
+    with pytest.raises(ValueError, match="got 9"):
+        fit(x[both[1:]], y[both[1:]])
+    with pytest.raises(ValueError, match="both labels"):
+        fit(x[y == 1][:20], y[y == 1][:20])
 
 
 def test_the_bias_is_not_pulled_toward_one_half() -> None:
