@@ -439,3 +439,28 @@ def test_a_grammar_whose_lexemes_are_too_large_to_precompute_is_compiled_without
     monkeypatch.setattr(constraint, "_LIMITS", (fuel, {**fuel, "precompute_large_lexemes": False}))
     assert accepts(g, output("千四百万人", 2, "人口は約千四百万人です。東京タワーは一九五八年"),
                    hf_tok, ll_tok)
+
+
+@pytest.mark.parametrize("passage, cut, whole", [
+    ("He drank cafe\u0301 au lait in Bogota\u0301 every morning.", "Bogota", "Bogota\u0301"),
+    ("\u0930\u093e\u091c\u0927\u093e\u0928\u0940 \u0928\u0908 \u0926\u093f\u0932\u094d\u0932"
+     "\u0940 \u0939\u0948\u0964", "\u0926\u093f\u0932", "\u0926\u093f\u0932\u094d\u0932\u0940"),
+    ("\u0e44\u0e21\u0e48 \u0e21\u0e35 \u0e04\u0e19", "\u0e44\u0e21", "\u0e44\u0e21\u0e48"),
+])
+def test_a_combining_mark_stays_with_its_letter_in_quote_and_answer(
+        passage: str, cut: str, whole: str) -> None:
+    """llguidance's ``substring_words`` cut a word before a mark that is not a letter (an
+    accent left apart, a virama, a Thai tone mark): a free-mode quote ended mid-letter, and a
+    span-mode answer decoded that no quote grammar could follow (the candidate was lost)."""
+    from helpers import grammar_accepts
+
+    from citeqa.generation.constraint import QuoteStage, output_grammar
+
+    start = passage.index(whole)
+    free = output_grammar([passage], mode="free", min_quote_chars=1, max_quote_chars=200)
+    assert not grammar_accepts(free, f"Answer: x\nQuote [1]: {passage[:start]}{cut}")
+    assert grammar_accepts(free, f"Answer: x\nQuote [1]: {passage[:start]}{whole}")
+    span = output_grammar([passage], mode="span")
+    assert not grammar_accepts(span, f"Answer: {cut}\n")
+    assert grammar_accepts(span, f"Answer: {whole}\n")
+    assert QuoteStage((passage,)).grammar(f"Answer: {whole}\n") is not None

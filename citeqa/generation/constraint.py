@@ -116,13 +116,25 @@ def _words_around(passage: str) -> tuple[re.Pattern[str], re.Pattern[str]]:
 
 def _substring(text: str) -> str:
     """A regex lexeme of any word-aligned stretch of ``text`` (llguidance's
-    ``substring_words``; in text holding CJK characters, ``substring_chunks`` of
-    ``_cjk_patterns``'s chunks, so that one of them may begin or end a stretch)."""
-    if has_cjk(text):
+    ``substring_words``; in text holding CJK characters or combining marks, ``substring_chunks``
+    of ``_cjk_patterns``'s chunks, so that one CJK character may begin or end a stretch and a
+    mark stays with its letter: ``substring_words`` cuts before a mark that is not a letter,
+    "Bogota" of "Bogota\u0301", "दिल" of "दिल्ली", which ``on_word_edges`` refuses)."""
+    if has_cjk(text) or _has_marks(text):
         spec: dict[str, Any] = {"substring_chunks": _cjk_patterns()[0].findall(text)}
     else:
         spec = {"substring_words": text}
     return f"%regex {json.dumps(spec, ensure_ascii=True)}"
+
+
+def _has_marks(text: str) -> bool:
+    """Whether ``text`` holds a combining mark (of any plane)."""
+    return not text.isascii() and _marked().search(text) is not None
+
+
+@functools.cache
+def _marked() -> re.Pattern[str]:
+    return re.compile(f"[{_MARKS}]")
 
 
 def _length(lo: int | None, hi: int | None) -> str:
