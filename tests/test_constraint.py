@@ -177,6 +177,9 @@ def test_extractive_answer_is_a_span_of_some_passage(hf_tok, ll_tok):
     assert not accepts(g, output("swor", 1, "Rollo"), hf_tok, ll_tok)  # not word-aligned
     free = output_grammar(passages)
     assert accepts(free, output("1066", 1, "Rollo swore fealty"), hf_tok, ll_tok)
+    # a free answer is trimmed as a parse reads it: spaces alone failed that parse
+    assert not accepts(free, output("  ", 1, "Rollo swore fealty"), hf_tok, ll_tok)
+    assert not accepts(free, output("1066 ", 1, "Rollo swore fealty"), hf_tok, ll_tok)
 
 
 def test_quote_must_be_trimmed_and_non_empty(hf_tok, ll_tok):

@@ -236,10 +236,11 @@ def output_grammar(
                 if (cut := _pieces(p, unquotable, min_quote_chars))[0]]
     if not quotable:
         raise ValueError("no passage has text to quote; retrieve passages first")
-    answer = f"/[^\\n]{{1,{int(max_answer_chars)}}}/"
+    # trimmed, as a parse reads it (an answer of spaces alone is none: a failed candidate)
+    answer = f"{_TRIMMED} & /[^\\n]{{1,{int(max_answer_chars)}}}/"
     if answer_from_passages or mode == "span":
         joined = "\n".join(p for _, (pieces, _) in quotable for p in pieces)
-        answer = f"{_substring(joined)} & {_TRIMMED} & {answer}"
+        answer = f"{_substring(joined)} & {answer}"
     head = f"start: {_lark_string(ANSWER_PREFIX)} ANSWER {_lark_string(ANSWER_LINE_END)}"
     if mode == "span":
         return f"{head}\nANSWER: {answer}\n"
