@@ -12,8 +12,9 @@ questions with ONE backend call (cross-request batching). The candidates of one 
 Answer modes (``format.py``): ``span`` (the default) writes an answer that is a span of a shown
 passage and then a quote that contains it, both enforced while decoding, so every answer stands
 in its quote; ``free`` writes a free-text answer and any quote (large generators writing
-sentences) and leaves support to the reward model. A quote cut short by ``max_tokens`` is
-still a verbatim span, so the budget only bounds latency.
+sentences) and leaves support to the reward model. A quote the local backend's ``max_tokens``
+cut short is still a verbatim span, ending before a word the budget cut into, so the budget
+only bounds latency (a remote engine's cut choice is a failed candidate: ``remote.py``).
 
 Every completion becomes a Candidate; one whose output does not parse keeps ``answer == ""``
 and ``quote is None`` for evaluation, but is never presented as a quote.

@@ -62,6 +62,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -131,16 +132,22 @@ class _Row:
         )
 
 
-def decoded(tokenizer: Any, tokens: Sequence[int], *, cut: bool) -> str:
+def decoded(tokenizer: Any, tokens: Sequence[int], *, cut: bool,
+            mid_word: bool = False) -> str:
     """A row's text. A row ``cut`` by its token budget may end inside a character whose last
     bytes never came (byte-level tokens): that character is left out, not decoded as U+FFFD,
-    which no passage holds there (the quote, verbatim up to it, was lost)."""
+    which no passage holds there (the quote, verbatim up to it, was lost). One cut where its
+    grammar could not end it (``mid_word``: inside a quote's word, "2236067977, 26457") ends
+    before that word and the spaces before it: where the grammar could have."""
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     drop = 0
     while cut and text.endswith("\ufffd") and drop < min(3, len(tokens)):  # a UTF-8 tail
         drop += 1
         text = tokenizer.decode(tokens[:-drop], skip_special_tokens=True)
-    return text
+    return _PARTIAL_WORD.sub("", text) if cut and mid_word else text
+
+
+_PARTIAL_WORD = re.compile(r"\s*\S+\Z")
 
 
 @dataclass
@@ -405,7 +412,9 @@ class HFBackend:
                     "prompt_tokens": float(len(prompt)),
                     "batch_rows": float(len(rows)),
                 }
-                text = decoded(self.tokenizer, row.tokens, cut=len(row.tokens) >= row.max_tokens)
+                c = row.constraint
+                text = decoded(self.tokenizer, row.tokens, cut=len(row.tokens) >= row.max_tokens,
+                               mid_word=c is not None and not c.is_accepting())
                 completions.append(Completion(text, row.logprob, len(row.tokens), timings))
             out.append(completions)
         return out
