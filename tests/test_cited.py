@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -142,13 +143,19 @@ def test_the_token_budget_grows_with_text_in_other_scripts():
     japanese = "北海道は日本の最北の島で、冬には雪が多く、農業が盛んです。"
     assert budget_scale([japanese]) >= 200 / 0.6 / (200 / 3)  # ~0.6 characters a token
     assert 1.5 < budget_scale(["Москва — столица России."]) < budget_scale([japanese])
+    # a digit a token: a quote of numbers ran out of its budget mid-number
+    numbers = "Readings of 3141592653, 2718281828 and 1414213562."  # 30 digits of 50
+    assert len(numbers) == 50 and budget_scale([numbers]) == pytest.approx((20 / 3 + 30) * 3 / 50)
     _, english = generate(["Answer: Rollo\nQuote [1]: Their leader Rollo swore fealty"])
     doc = Document("j", "北海道", "j.txt", japanese)
     backend = scripted_backend(const("Answer: 北海道\nQuote [1]: " + japanese))
     CitedGenerator(backend, FREE).generate(
         "北海道は?", [Hit(Passage(0, "j", 0, len(japanese), japanese), "北海道", "j.txt", 1.0)],
         {"j": doc}.__getitem__)
-    assert english.calls[0][0].max_tokens == 12 + 200 // 3 + 16  # as before for ASCII text
+    # as before for ASCII text, with the digits of "1889" a token each
+    assert budget_scale([DOCS["n"].text]) == 1.0
+    assert english.calls[0][0].max_tokens == math.ceil(
+        (12 + 200 // 3) * budget_scale([DOCS["e"].text])) + 16 == 100
     assert backend.calls[0][0].max_tokens >= 200 / 0.6 + 12
     # beside English passages too: the quote comes from one passage, not their average
     mixed = scripted_backend(const("Answer: 北海道\nQuote [3]: " + japanese))

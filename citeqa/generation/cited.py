@@ -63,18 +63,22 @@ _NOT_ASCII = re.compile(r"[^\x00-\x7f]")
 _CJK = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
 TOKENS_PER_CHAR_OTHER = 1.0  # a letter of another alphabet
 TOKENS_PER_CHAR_CJK = 2.0  # a CJK character (conservatively)
+TOKENS_PER_DIGIT = 1.0  # SmolLM2's, Llama's and Qwen's tokenizers write a digit a token
+_DIGIT = re.compile(r"[0-9]")
 
 
 def budget_scale(texts: Sequence[str]) -> float:
     """How many times the ASCII-based token budgets a reply copying from ``texts`` needs: 1
-    for ASCII text, more the more of it is in other scripts (``TOKENS_PER_CHAR_*``)."""
+    for ASCII text of words, more the more of it is digits or in other scripts
+    (``TOKENS_PER_*``: a quote of numbers ran out of tokens mid-quote)."""
     total = sum(len(t) for t in texts)
     if not total:
         return 1.0
     other = sum(len(_NOT_ASCII.findall(t)) for t in texts)
     cjk = sum(len(_CJK.findall(t)) for t in texts)
-    tokens = ((total - other) / QUOTE_CHARS_PER_TOKEN + (other - cjk) * TOKENS_PER_CHAR_OTHER
-              + cjk * TOKENS_PER_CHAR_CJK)
+    digits = sum(len(_DIGIT.findall(t)) for t in texts)
+    tokens = ((total - other - digits) / QUOTE_CHARS_PER_TOKEN + digits * TOKENS_PER_DIGIT
+              + (other - cjk) * TOKENS_PER_CHAR_OTHER + cjk * TOKENS_PER_CHAR_CJK)
     return max(1.0, tokens * QUOTE_CHARS_PER_TOKEN / total)
 
 
