@@ -696,6 +696,9 @@ class Pipeline:
                     else "the reward model has no calibration (docs/calibrate.md)")
             return (f"{what}, and this service declines without one "
                     f"(CITEQA_DECLINE_UNCERTIFIED; best score {best:.3f})")
+        if self.scorer is None:  # (no target is asked without one: a min_score of inf)
+            return (f"the threshold asked for (min_score) is infinite, so every question is "
+                    f"declined (best score {best:.3f})")
         highest = self.highest_certified_accuracy()
         return (f"no decline threshold is certified for the target accuracy asked for, so every "
                 f"question is declined (best score {best:.3f}); " + (

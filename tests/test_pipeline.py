@@ -597,6 +597,14 @@ def test_an_answer_carries_the_passages_retrieval_found():
     assert len(deep.to_json(with_passages=True)["passages"]) == 3
 
 
+def test_an_infinite_min_score_without_a_reward_model_is_not_said_to_be_a_target() -> None:
+    """Declined, the reason spoke of a target accuracy and a calibration neither of which
+    there was."""
+    ans = pipeline().ask("When did the Eiffel Tower open?", min_score=math.inf)
+    assert ans.declined and ans.reason.startswith(
+        "the threshold asked for (min_score) is infinite, so every question is declined")
+
+
 def test_threshold_for_asks_the_reward_model_and_needs_one():
     p = pipeline(scorer=UncertifiedScorer())
     assert p.threshold_for(0.5) == 0.9 and p.threshold_for(0.8) == math.inf
