@@ -35,6 +35,13 @@ def test_no_occurrence_no_draft():
     assert list(prompt_lookup_drafts(PROMPT, [], 4)) == []
 
 
+def test_a_prompt_no_longer_than_the_suffix_and_a_match_at_its_end_draft_nothing() -> None:
+    """(a window as long as the prompt less its last token raised; a match ending the prompt
+    has no token after it: an empty draft, first of all, crowded out the real ones)"""
+    assert list(prompt_lookup_drafts(np.array([5, 6]), [5, 6], 4)) == []
+    assert list(prompt_lookup_drafts(np.array([1, 2, 3, 1, 2]), [1, 2], 3)) == [[3, 1, 2]]
+
+
 def test_at_most_max_drafts_candidates():
     prompt = np.array([1, 2] * (MAX_DRAFTS + 5) + [3])
     assert len(list(prompt_lookup_drafts(prompt, [1], 2))) == MAX_DRAFTS
@@ -58,6 +65,8 @@ def test_best_draft_takes_the_candidate_the_grammar_accepts_furthest():
         9, 8, 7, 6,
     ]
     assert best_draft(iter([[1], [2]]), 4, valid_prefix) == []
+    # of drafts the grammar accepts as far, the first (the better-ranked) is kept
+    assert best_draft(iter([[1, 2], [3, 4], [5]]), 4, len) == [1, 2]
 
 
 def test_best_draft_stops_looking_once_a_draft_fills_the_room():
