@@ -48,7 +48,7 @@ def rrf(
 
     start = 0  # runs of scores rounding may have ordered are ordered again, exactly
     for end in range(1, len(fused) + 1):
-        if end == len(fused) or fused[end - 1][1] - fused[end][1] > CLOSE * fused[end - 1][1]:
+        if end == len(fused) or fused[end - 1][1] - fused[end][1] > CLOSE * abs(fused[end - 1][1]):
             if end - start > 1:  # (each given its exact sum's float: tied ones read as equal)
                 run = sorted(((doc, exact(doc)) for doc, _ in fused[start:end]),
                              key=lambda item: (-item[1], best_rank[item[0]], item[0]))
