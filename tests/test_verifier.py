@@ -27,6 +27,7 @@ from citeqa.reward.verifier import (
     char_to_tokens,
     encode,
     gold_span,
+    quotes_in_view,
     render,
 )
 from citeqa.types import Candidate, Document, Quote
@@ -91,6 +92,10 @@ def test_tokens_of_a_span_and_cls_when_truncated(tokenizer) -> None:
     ("Please tell me, in the context of a self-hosted service that answers questions with "
      "verified quotes " * 12)[:994] + " port?",  # 1,000 characters: ~194 tokens
     "\u8bf7\u95ee" + "\u9ed8\u8ba4\u7684\u751f\u6210\u6a21\u578b\u662f\u4ec0\u4e48" * 19,
+    # 125 Hangul characters, 366 tokens (a syllable is up to three jamo tokens): under the
+    # character count that was taken for a bound on tokens, so never cut, and the tokenizer
+    # raised on it
+    " ".join(["\ud55c\uad6d" * 16] * 4)[:125],
 ])
 def test_a_question_that_alone_fills_the_budget_is_cut_not_an_error(tokenizer,
                                                                      question: str) -> None:
@@ -106,7 +111,9 @@ def test_a_question_that_alone_fills_the_budget_is_cut_not_an_error(tokenizer,
     row = batch.input_ids[0][batch.attention_mask[0].bool()].tolist()
     second = len(row) - 1 - row.index(tokenizer.sep_token_id) - 1  # [SEP] ... [SEP]
     whole = len(tokenizer(render(long)[1], add_special_tokens=False)["input_ids"])
-    assert second == min(whole, MIN_SECOND_TOKENS) and len(row) - second - 3 == 192 - 3 - 64
+    # (a cut between the jamo tokens of one Hangul syllable backs off to the one before)
+    assert len(row) == 192 and second >= min(whole, MIN_SECOND_TOKENS)
+    assert 192 - 3 - 64 - 2 <= len(row) - second - 3 <= 192 - 3 - 64
     first, last = batch.answer_tokens[0].tolist()  # the answer is still found in the passage
     assert first > 0 and "".join(t.lstrip("#") for t in tokenizer.convert_ids_to_tokens(
         batch.input_ids[0][first:last + 1].tolist())) == "rollo"
@@ -115,6 +122,35 @@ def test_a_question_that_alone_fills_the_budget_is_cut_not_an_error(tokenizer,
     assert fitting_firsts(tokenizer, ["Who led?"], 192) == ["Who led?"]  # as it was
     assert encode_answerability(tokenizer, [long], 224)["input_ids"].shape[1] == 224
     assert encode(tokenizer, [short], max_tokens=192).input_ids.shape[1] <= 192  # a short view
+
+
+@pytest.mark.parametrize("title, question", [
+    (("Regulation (EU) 2019/1020, Art. 4(2)(a)-(c), 5.1; Annex II 3.4-3.9; " * 8)[:500],
+     "Who led?"),
+    ("Normans", ("In the long history of the duchy and of the raids along the Seine, " * 15)
+     [:981] + " who?"),
+])
+def test_the_quote_stays_in_view_after_a_long_title_or_question(tokenizer, title: str,
+                                                                question: str) -> None:
+    """Cut from the end, the passage side lost the quote after a 500-character title or a
+    981-character question: a right and a wrong quote read the same, and scored the same."""
+    from citeqa.reward.answerability import encode as encode_answerability
+
+    before = "The Normans gave their name to Normandy, a region in France. " * 4
+    right = Judged(question, "Rollo", QUOTE, title, before, "Later on. " * 40)
+    wrong = Judged(question, "Rollo", QUOTE.replace("swore fealty to", "was killed by"), title,
+                   before, "Later on. " * 40)
+    batch = encode(tokenizer, [right, wrong], max_tokens=192)
+    rows = [tokenizer.decode(ids[mask.bool()]) for ids, mask in
+            zip(batch.input_ids, batch.attention_mask, strict=True)]
+    assert "swore fealty to king charles iii" in rows[0] and "was killed by" in rows[1]
+    assert all("< < their leader rollo" in r and "> >" in r for r in rows)
+    assert all(first > 0 for first, _ in batch.answer_tokens.tolist())
+    inputs = encode_answerability(tokenizer, [right], 224)
+    seen = tokenizer.decode(inputs["input_ids"][0][inputs["attention_mask"][0].bool()])
+    assert "swore fealty to king charles iii" in seen
+    short = Judged("Who led?", "Rollo", QUOTE, "Normans", "Before. ", "After.")
+    assert render(quotes_in_view(tokenizer, [short], ["Who led?"], 192)[0]) == render(short)
 
 
 def test_forward_shapes_and_ensemble_spread(tiny_encoder, tokenizer) -> None:

@@ -35,7 +35,7 @@ from citeqa.reward.checkpoint import (
     read_encoder,
     write_encoder_dir,
 )
-from citeqa.reward.verifier import Judged, fitting_firsts
+from citeqa.reward.verifier import Judged, fitting_firsts, quotes_in_view
 
 SUBDIR = "answerability"  # where a reward-model directory keeps it
 KIND = "answerability"
@@ -54,9 +54,10 @@ def render(x: Judged) -> tuple[str, str]:
 def encode(tokenizer: Any, items: Sequence[Judged], max_tokens: int = MAX_TOKENS
            ) -> dict[str, Tensor]:
     """Model inputs for ``items`` (the passage side truncated, and a question too long to leave
-    it room: ``verifier.fitting_firsts``)."""
-    pairs = [render(x) for x in items]
-    firsts = fitting_firsts(tokenizer, [a for a, _ in pairs], max_tokens)
+    it room: ``verifier.fitting_firsts``; the quote kept in view: ``verifier.quotes_in_view``)."""
+    firsts = fitting_firsts(tokenizer, [x.question for x in items], max_tokens)
+    pairs = [render(x) for x in quotes_in_view(tokenizer, items, firsts, max_tokens,
+                                               with_answer=False)]
     enc = tokenizer(firsts, [b for _, b in pairs], truncation="only_second",
                     max_length=max_tokens, padding=True, pad_to_multiple_of=PAD_MULTIPLE,
                     return_tensors="pt")

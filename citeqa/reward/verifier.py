@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -140,14 +140,58 @@ def fitting_firsts(tokenizer: Any, texts: Sequence[str], max_tokens: int) -> lis
     Chinese)."""
     reserve = min(MIN_SECOND_TOKENS, max_tokens // 3)
     room = max(1, max_tokens - tokenizer.num_special_tokens_to_add(pair=True) - reserve)
-    out = list(texts)
-    long = [i for i, t in enumerate(out) if len(t) > room]  # a token holds a character at least
-    if long:
-        enc = tokenizer([out[i] for i in long], add_special_tokens=False,
-                        return_offsets_mapping=True)
-        for i, offsets in zip(long, enc["offset_mapping"], strict=True):
+    out = list(texts)  # (measured in tokens: a Hangul syllable is up to three of MiniLM's)
+    if out:
+        enc = tokenizer(out, add_special_tokens=False, return_offsets_mapping=True)
+        for i, offsets in enumerate(enc["offset_mapping"]):
             if len(offsets) > room:
-                out[i] = out[i][:offsets[room - 1][1]]
+                out[i] = out[i][:offsets[_whole_characters(offsets, room) - 1][1]]
+    return out
+
+
+def _whole_characters(offsets: Sequence[tuple[int, int]], n: int) -> int:
+    """The most of the first ``n`` tokens (their character ``offsets``; 1 at least) that end
+    where a character ends: the jamo tokens of one Hangul syllable share its offsets, and a cut
+    after the first kept all of them."""
+    while n > 1 and offsets[n][0] < offsets[n - 1][1]:
+        n -= 1
+    return n
+
+
+TITLE_TOKENS = 16  # of a title, what is kept where the whole would push the quote out of view
+
+
+def quotes_in_view(tokenizer: Any, items: Sequence[Judged], firsts: Sequence[str],
+                   max_tokens: int, *, with_answer: bool = True) -> list[Judged]:
+    """``items`` with what comes before the quote cut where, beside its question (``firsts``),
+    it would push the quote past ``max_tokens``: the title to ``TITLE_TOKENS`` tokens, then
+    the passage before the quote from its start (truncating the second text from its end, as
+    the encoding does, dropped the quote itself after a long title or question: a wrong quote
+    then scored as the right one). An item that fits is as it was."""
+    out = list(items)
+    whole = tokenizer(list(firsts), [render(x)[1] for x in items])["input_ids"] if out else []
+    over = [i for i, ids in enumerate(whole) if len(ids) > max_tokens]  # (most fit: as they were)
+    if not over:
+        return out
+    counted = {name: tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+               ["offset_mapping"] for name, texts in (
+                   ("first", [firsts[i] for i in over]), ("title", [out[i].title for i in over]),
+                   ("before", [out[i].before for i in over]),
+                   ("rest", [(f"{out[i].answer}{ANSWER_SEP}" if with_answer else "")
+                             + f"{QUOTE_OPEN}{out[i].quote}{QUOTE_CLOSE}" for i in over]))}
+    specials = tokenizer.num_special_tokens_to_add(pair=True)
+    for at, i in enumerate(over):
+        x = out[i]
+        title, before = counted["title"][at], counted["before"][at]
+        # (a margin of 2: the ":" after the title, a piece that tokenizes apart otherwise)
+        room = (max_tokens - specials - len(counted["first"][at]) - len(counted["rest"][at]) - 2)
+        if len(title) + len(before) > room and len(title) > TITLE_TOKENS:
+            x = replace(x, title=x.title[:title[TITLE_TOKENS - 1][1]])
+            title = title[:TITLE_TOKENS]
+        keep = max(0, room - len(title))
+        if len(before) > keep:
+            x = replace(x, before=x.before[before[-keep][0]:] if keep else "")
+        out[i] = x
     return out
 
 
@@ -156,8 +200,9 @@ def encode(tokenizer: Any, items: Sequence[Judged], *, golds: Sequence[Sequence[
     """Tokenize candidates as (question, answer + marked passage) pairs, truncating the
     passage side (and a question too long to leave it ``MIN_SECOND_TOKENS``:
     ``fitting_firsts``), and locate each answer (and gold answer, for training) in tokens."""
+    firsts = fitting_firsts(tokenizer, [x.question for x in items], max_tokens)
+    items = quotes_in_view(tokenizer, items, firsts, max_tokens)
     rendered = [render(x) for x in items]
-    firsts = fitting_firsts(tokenizer, [a for a, _, _ in rendered], max_tokens)
     enc = tokenizer(firsts, [b for _, b, _ in rendered],
                     truncation="only_second", max_length=max_tokens, padding=True,
                     pad_to_multiple_of=PAD_MULTIPLE, return_offsets_mapping=True,
