@@ -142,6 +142,9 @@ def test_round_trip_and_a_corrupt_file_says_what_to_do(tmp_path) -> None:
         (tmp_path / COMBINE).write_text(json.dumps({**good, **{k: good[k][:-1] for k in short}}))
         with pytest.raises(ModelError, match="one value per input"):
             read_combiner(tmp_path)
+    (tmp_path / COMBINE).write_text(json.dumps({**good, "n": 1}).replace('"n": 1', '"n": 1e400'))
+    with pytest.raises(ModelError, match="corrupt"):  # (an OverflowError)
+        read_combiner(tmp_path)
     (tmp_path / COMBINE).write_text("{not json")
     with pytest.raises(ModelError, match="corrupt"):
         read_combiner(tmp_path)

@@ -333,6 +333,13 @@ def test_scorer_reads_the_passage_around_each_quote_and_calibrates(tiny_encoder,
     assert direct.threshold is not None and 0 < direct.coverage < 1
     assert summary["threshold"] == pytest.approx(direct.threshold)
     assert summary["coverage"] == pytest.approx(direct.coverage)
+    # a calibration.json cut short is what calibrate replaces, not what stops it (its error
+    # said to run calibrate, which then failed on it)
+    cal = tmp_path / "rm" / "calibration.json"
+    cal.write_text(cal.read_text()[:100])
+    again = calibrate_dir([data], tmp_path / "rm", target=0.55, delta=0.2, cpu_dtype="fp32")
+    assert again["threshold"] == summary["threshold"]
+    assert VerifierScorer(tmp_path / "rm", cpu_dtype="fp32").calibration is not None
     chosen = calibrate_dir([data], tmp_path / "rm", target=0.8, delta=0.2,
                            targets=[0.5, 0.55], min_coverage=0.0)
     assert chosen["family_delta"] == 0.2 and chosen["delta"] == pytest.approx(0.1)
@@ -533,6 +540,7 @@ def test_threshold_for_needs_calibration_and_a_corrupt_one_is_named(tiny_encoder
     # ... and a threshold that no Learn-then-Test gives, or labels that are not booleans
     # (a NaN threshold declined everything, -0.5 answered everything, "no" read as right)
     for bad in ({"scores": [float("nan"), 0.2]}, {"delta": 0}, {"min_answered": 0},
+                {"min_answered": float("inf")},  # (1e400 in the file: an OverflowError)
                 {"threshold": float("nan")}, {"threshold": -0.5}, {"threshold": 7.0},
                 {"threshold": float("-inf")}, {"correct": ["no", False]}):
         (tmp_path / "rm" / "calibration.json").write_text(json.dumps({**good, **bad}))
@@ -556,7 +564,9 @@ def test_groups_larger_than_a_batch_are_said_to_be_cut(tiny_encoder, tokenizer,
 
 
 @pytest.mark.parametrize("damage", ["members", "no_members", "truncated_encoder",
-                                    "pickled_encoder"])
+                                    "pickled_encoder", "members_0", "hidden_-1",
+                                    "members_1e400", "encoder_wider", "encoder_deeper",
+                                    "encoder_layer_missing", "encoder_of_another_model"])
 def test_a_damaged_model_directory_is_a_model_error(tiny_encoder, tokenizer, tmp_path: Path,
                                                     damage: str) -> None:
     """Each was a raw RuntimeError / KeyError / SafetensorError ("RuntimeError; see the server
@@ -574,6 +584,24 @@ def test_a_damaged_model_directory_is_a_model_error(tiny_encoder, tokenizer, tmp
         (rm / "config.json").write_text(json.dumps(config))
     elif damage == "truncated_encoder":
         weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage in ("members_0", "hidden_-1", "members_1e400"):  # (a ValueError, a RuntimeError,
+        key, value = damage.split("_")  # an OverflowError)
+        (rm / "config.json").write_text(json.dumps(config).replace(
+            f'"{key}": {config[key]}', f'"{key}": {value}'))
+    elif damage.startswith("encoder_"):  # loaded with random weights where they were missing
+        from safetensors.torch import load_file, save_file
+
+        encoder_config = json.loads((rm / "encoder" / "config.json").read_text())
+        if damage == "encoder_layer_missing":
+            tensors = load_file(str(weights))
+            save_file({k: v for k, v in tensors.items() if not k.startswith("encoder.layer.0.")},
+                      str(weights))
+        else:
+            change = {"encoder_wider": {"hidden_size": 2 * encoder_config["hidden_size"]},
+                      "encoder_deeper": {"num_hidden_layers": 9},
+                      "encoder_of_another_model": {"model_type": "gpt2"}}[damage]
+            (rm / "encoder" / "config.json").write_text(json.dumps({**encoder_config,
+                                                                    **change}))
     else:  # only a pytorch_model.bin (a pickle) where the weights should be
         torch.save(torch.nn.Linear(1, 1).state_dict(), rm / "encoder" / "pytorch_model.bin")
         weights.unlink()
@@ -836,6 +864,15 @@ def test_a_reward_directory_with_a_damaged_config_is_named_not_a_traceback(tmp_p
     (tmp_path / "rm" / "config.json").write_text('{"format": 2, "ki')  # cut short
     with pytest.raises(ModelError, match=r"config.json is corrupt .*citeqa train reward"):
         load_scorer(str(tmp_path / "rm"))
+    # a legacy (feature) model naming a feature no code computes: it loaded, and every
+    # request then failed
+    from citeqa.reward.features import FeatureSpec
+    from citeqa.reward.model import RewardEnsemble, save_model
+
+    spec = FeatureSpec(embeddings=False, scalars=("mean_logprob", "answer_lenght"))
+    save_model(tmp_path / "legacy", RewardEnsemble(spec.dim, 3, 0), spec, {})
+    with pytest.raises(ModelError, match=r"unknown scalar features \['answer_lenght'\]"):
+        load_scorer(str(tmp_path / "legacy"))
 
 
 def test_training_a_verifier_further_resumes_with_the_same_command(tiny_encoder, tokenizer,

@@ -142,7 +142,9 @@ def load_verifier(directory: Path) -> tuple[Verifier, Any, dict[str, Any]]:
     encoder, tokenizer = read_encoder(directory / ENCODER, RETRAIN)
     try:
         members, hidden = int(config["members"]), int(config["hidden"])
-    except (KeyError, TypeError, ValueError) as e:
+        if members < 1 or hidden < 1:
+            raise ValueError(f"members {members} and hidden {hidden} must be 1 or more")
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise ModelError(f"{directory / CONFIG} lacks a valid 'members' or 'hidden' ({e!r}); "
                          f"{RETRAIN}") from None
     model = Verifier(encoder, members=members, hidden=hidden)
@@ -165,19 +167,33 @@ def max_tokens_of(directory: Path, config: dict[str, Any], encoder: Any, default
     return value
 
 
-def read_encoder(path: Path, hint: str) -> tuple[Any, Any]:
+def read_encoder(path: Path, hint: str, *, base: bool = False) -> tuple[Any, Any]:
     """(fp32 encoder, tokenizer) of the Hugging Face encoder directory ``path`` (a model
-    directory's ``encoder/``, or a base to fine-tune); ModelError ending in ``hint``. Never
-    downloads."""
+    directory's ``encoder/``, or with ``base`` a base to fine-tune); ModelError ending in
+    ``hint``. Never downloads. Every weight the encoder has must be in the files (of a base,
+    all but its pooler's), and a model directory's must hold no other: transformers fills a
+    missing one with random numbers, and scores were then noise without a word."""
     from transformers import AutoModel, AutoTokenizer
 
     try:
         with quiet_weight_loading():  # safetensors only: never a pickled .bin
-            encoder = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32,
-                                                use_safetensors=True)
+            encoder, info = AutoModel.from_pretrained(
+                path, local_files_only=True, dtype=torch.float32, use_safetensors=True,
+                output_loading_info=True)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, SafetensorError) as e:
+    except (OSError, ValueError, SafetensorError, RuntimeError) as e:  # (a size mismatch)
         raise ModelError(f"cannot load the encoder in {path} ({e}); {hint}") from None
+    wrong = {"missing": sorted(k for k in info.get("missing_keys", ())
+                               if not (base and k.startswith("pooler."))),
+             "unexpected": [] if base else sorted(info.get("unexpected_keys", ())),
+             "of another shape": sorted(str(k[0]) if isinstance(k, tuple) else str(k)
+                                        for k in info.get("mismatched_keys", ()))}
+    if any(wrong.values()):
+        said = "; ".join(f"{len(keys)} {kind} ({', '.join(keys[:3])}"
+                         f"{', ...' if len(keys) > 3 else ''})"
+                         for kind, keys in wrong.items() if keys)
+        raise ModelError(f"the encoder in {path} does not match its config.json: weights {said} "
+                         f"(an incomplete or edited copy); {hint}")
     # (transformers makes a tokenizer of a handful of special tokens from tokenizer_config.json
     # alone: without its vocabulary every word would be [UNK], every score meaningless)
     vocabulary = int(getattr(encoder.config, "vocab_size", 0) or 0)

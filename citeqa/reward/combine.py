@@ -182,7 +182,7 @@ def read_combiner(directory: Path) -> Combiner | None:
         numbers = (*combiner.mean, *combiner.std, *combiner.weights, combiner.bias)
         if not all(map(math.isfinite, numbers)) or min(combiner.std) <= 0:
             raise ValueError("its numbers must be finite, and every std above 0")
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
         raise ModelError(f"{path} is corrupt ({e}); refit it with `citeqa train reward-combine "
                          f"--reward {directory} --data FILE` or delete it") from None
     return combiner

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from citeqa.atomic import atomic_path, write_text_atomic
 from citeqa.errors import ModelError
 from citeqa.reward.checkpoint import read_config
-from citeqa.reward.features import FeatureSpec
+from citeqa.reward.features import SCALARS, FeatureSpec
 
 FORMAT = 1  # bump when the directory layout changes
 WEIGHTS = "model.safetensors"
@@ -95,8 +95,10 @@ def load_model(directory: Path) -> tuple[RewardEnsemble, FeatureSpec, dict[str, 
     try:
         f = dict(config["features"])
         spec = FeatureSpec(**{**f, "scalars": tuple(f["scalars"])})
+        if unknown := [n for n in spec.scalars if n not in SCALARS]:
+            raise ValueError(f"unknown scalar features {unknown}")
         model = RewardEnsemble(int(config["dim"]), int(config["members"]), int(config["hidden"]))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError, RuntimeError) as e:
         raise ModelError(f"{directory / CONFIG} is incomplete ({e!r}); {RETRAIN}") from None
     if spec.dim != model.dim:
         raise ModelError(

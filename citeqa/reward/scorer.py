@@ -121,12 +121,13 @@ class VerifierScorer(Calibrated):
     """Scores candidates with a verifier directory (checkpoint.py has its layout)."""
 
     def __init__(self, directory: Path, *, cpu_dtype: str = "auto", lean: bool = True,
-                 combined: bool = True) -> None:
+                 combined: bool = True, calibrated: bool = True) -> None:
         """``lean``: run the cross-encoders with ``LeanEncoder`` where it supports them (a BERT
         encoder on the CPU, in bf16 or fp32: lean_encoder.py), else with transformers'
         forward. ``combined=False``: the verifier alone, its combine.json and calibration.json
         not read (what `citeqa train reward-combine` refits and removes, however broken or
-        stale they are)."""
+        stale they are). ``calibrated=False``: calibration.json not read (what `citeqa
+        calibrate` writes anew, however broken it is)."""
         self.directory = Path(directory)
         self.model, self.tokenizer, self.config = load_verifier(self.directory)
         check_finished(self.directory, self.config, command="citeqa train reward")
@@ -135,7 +136,7 @@ class VerifierScorer(Calibrated):
         self.dtype = to_serving_dtype(self.model.encoder, cpu_dtype)
         self.model.encoder = use_lean_encoder(self.model.encoder, lean)
         self._lock = threading.Lock()  # torch modules are not promised to be thread-safe
-        self.calibration = read_calibration(self.directory) if combined else None
+        self.calibration = read_calibration(self.directory) if combined and calibrated else None
         self.combiner = read_combiner(self.directory) if combined else None  # when fitted
         self.answerability = None
         if self.combiner is not None and self.combiner.uses_answerability:
@@ -321,7 +322,7 @@ def read_calibration(directory: Path) -> CalibrationRecord | None:
         if t != math.inf and not (finite and min(finite) <= t <= max(finite)):
             raise ValueError(f"the threshold {t} lies outside the scores' range "
                              f"(null would mean none certified)")
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, OverflowError) as e:  # (int(1e400))
         raise ModelError(
             f"{path} is corrupt ({e!r}); rerun `citeqa calibrate --reward {directory} --data FILE`"
         ) from None

@@ -476,7 +476,8 @@ def base_encoder(base_dir: Path) -> tuple[Any, Any]:
     """(fp32 encoder, tokenizer) of a local Hugging Face encoder directory to fine-tune."""
     from citeqa.reward.checkpoint import read_encoder
 
-    return read_encoder(base_dir, "pass --base with a local Hugging Face encoder directory")
+    return read_encoder(base_dir, "pass --base with a local Hugging Face encoder directory",
+                        base=True)
 
 
 @train_app.command("reward-combine")
@@ -525,7 +526,8 @@ def combine_dir(data_paths: list[Path], reward_dir: Path, *,
     items = [ex.judged for ex in examples]
     p, _ = VerifierScorer(reward_dir, combined=False, cpu_dtype=cpu_dtype).predict(items)
     reader = Path(reward_dir) / SUBDIR
-    answerability = AnswerabilityReader(reader).logits(items) if reader.is_dir() else None
+    answerability = (AnswerabilityReader(reader, cpu_dtype=cpu_dtype).logits(items)
+                     if reader.is_dir() else None)
     x = features(p, [Signals.of(ex.signals) for ex in examples], answerability)
     y = np.array([ex.label for ex in examples])
     try:
@@ -654,7 +656,7 @@ def calibrate_dir(data_paths: list[Path], reward_dir: Path, *, target: float, de
     groups = data.groups(per_file=True)
     # questions whose generation gave no candidate at all are declines: keep them in n
     empty = data.unanswered(per_file=True)
-    scorer = VerifierScorer(reward_dir, cpu_dtype=cpu_dtype)
+    scorer = VerifierScorer(reward_dir, cpu_dtype=cpu_dtype, calibrated=False)  # (replaced)
     flat = [ex for g in groups for ex in g]
     scores: list[float] = []
     with tqdm(total=len(flat), desc="scoring", unit="candidate", disable=not progress) as bar:
