@@ -152,22 +152,57 @@ def _cached_probe() -> ProbeResult:
 
 
 def cpu_dtype(requested: str, *, for_generator: bool = False,
-              probe: Callable[[], ProbeResult] = _cached_probe) -> str:
+              probe: Callable[[], ProbeResult] = _cached_probe,
+              fp16_products: Callable[[], bool] | None = None) -> str:
     """The format to compute in on this CPU: "bf16", "fp16w" or "fp32".
 
-    ``requested`` is a ``CPU_DTYPES`` value; "auto" asks ``probe``. ``fp16w`` only means
-    something for a generator's decoding; elsewhere it computes as fp32.
+    ``requested`` is a ``CPU_DTYPES`` value; "auto" asks ``probe``, and takes fp16w only where
+    this torch computes its products (``fp16_products``, default ``fp16_linear_available``),
+    else fp32. ``fp16w`` only means something for a generator's decoding; elsewhere it
+    computes as fp32. ConfigError for fp16w asked of a generator where it cannot run.
     """
     if requested not in CPU_DTYPES:
         raise ValueError(f"cpu dtype must be one of {CPU_DTYPES}, got {requested!r}")
     if requested == "auto":
         result = probe()
         requested = "bf16" if result.bf16_speedup >= BF16_MIN_SPEEDUP else "fp16w"
+        if requested == "fp16w" and for_generator and not (fp16_products
+                                                            or fp16_linear_available)():
+            return "fp32"
     elif requested == "bf16":
         _warn_if_emulated()
     if requested == "fp16w" and not for_generator:
         return "fp32"
+    if requested == "fp16w" and not (fp16_products or fp16_linear_available)():
+        raise ConfigError("CITEQA_CPU_DTYPE=fp16w needs fbgemm's fp16 products, which this "
+                          f"torch's quantized engine ({_quantized_engine()}) lacks (an ARM "
+                          "build, say); use fp32, or auto")
     return requested
+
+
+def _quantized_engine() -> str:
+    import torch
+
+    return str(torch.backends.quantized.engine)
+
+
+def fp16_linear_available() -> bool:
+    """Whether this torch computes fp16w's products: fbgemm's prepacked fp16 linear, which the
+    x86 builds' engines have and ARM's (QNNPACK, oneDNN) lack (loading a generator in fp16w
+    failed there). Tried once per quantized engine."""
+    return _fp16_linear_on(_quantized_engine())
+
+
+@functools.cache
+def _fp16_linear_on(engine: str) -> bool:
+    import torch
+
+    try:
+        torch.ops.quantized.linear_prepack_fp16(torch.ones(1, 1), None)
+    except (RuntimeError, NotImplementedError, AttributeError):
+        logger.info("the quantized engine %s computes no fp16 products: fp16w is off", engine)
+        return False
+    return True
 
 
 _warned_emulated = False

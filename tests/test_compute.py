@@ -36,6 +36,29 @@ def test_auto_takes_bf16_only_where_the_probe_says_it_pays() -> None:
     assert cpu_dtype("auto", probe=lambda: barely) == "fp32"
 
 
+def test_without_fp16_products_auto_takes_fp32_and_fp16w_is_refused_with_what_to_do() -> None:
+    """An ARM torch (QNNPACK, oneDNN) has no fbgemm fp16 products: `auto` picked fp16w where
+    bf16 did not pay, and the generator failed to load."""
+    import torch
+
+    def none() -> bool:
+        return False
+
+    assert cpu_dtype("auto", for_generator=True, probe=slow_bf16, fp16_products=none) == "fp32"
+    assert cpu_dtype("auto", for_generator=True, probe=fast_bf16, fp16_products=none) == "bf16"
+    assert cpu_dtype("fp16w", probe=slow_bf16, fp16_products=none) == "fp32"  # not a generator
+    with pytest.raises(ConfigError, match="fp16w needs fbgemm's fp16 products.*use fp32"):
+        cpu_dtype("fp16w", for_generator=True, fp16_products=none)
+    engine = torch.backends.quantized.engine
+    try:  # the real check, per engine
+        for other, has in (("qnnpack", False), ("x86", True)):
+            if other in torch.backends.quantized.supported_engines:
+                torch.backends.quantized.engine = other
+                assert compute.fp16_linear_available() is has, other
+    finally:
+        torch.backends.quantized.engine = engine
+
+
 def test_an_explicit_format_is_taken_without_probing() -> None:
     def never() -> ProbeResult:
         raise AssertionError("probed")

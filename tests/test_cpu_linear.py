@@ -54,6 +54,23 @@ def test_both_kernels_approximate_the_fp32_layer(bias: bool) -> None:
         assert not torch.equal(fast(rows[:INT8_ROWS]), fast(rows)[:INT8_ROWS])
 
 
+@pytest.mark.parametrize("width", [24, 40, 100])
+def test_a_layer_whose_input_width_torchs_int8_product_misreads_keeps_the_bf16_gemm(
+        width: int) -> None:
+    """torch's int8 product read past rows of in_features not a multiple of 16: a decoding
+    step's 1-4 rows came out garbage, NaN, or the process died (widths 7, 24, 40, 50, 100)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(width, 64)
+    fast = CpuLinear(lin)
+    assert fast.qweight is None and "int8_decode=False" in fast.extra_repr()
+    x = torch.randn(1, width)
+    with torch.no_grad():
+        ref, got = lin(x), fast(x)
+    assert torch.isfinite(got.float()).all()
+    assert (got.float() - ref).abs().max() < 0.03 * ref.abs().max()
+    assert CpuLinear(nn.Linear(64, 64)).qweight is not None  # (a multiple of 32: int8)
+
+
 def test_within_a_kernel_a_row_does_not_depend_on_the_other_rows() -> None:
     fast = CpuLinear(layer())
     x = torch.randn(INT8_ROWS, 64)

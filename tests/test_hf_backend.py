@@ -346,6 +346,23 @@ def test_on_a_gpu_without_bf16_an_adapter_is_merged_into_an_fp32_load(monkeypatc
         assert asked.pop() == loads_on
 
 
+def test_merged_in_fp32_and_moved_to_fp16_the_rotary_frequencies_stay_fp32(monkeypatch):
+    """``model.to(float16)`` rounded the rotary frequencies too (a model loaded in fp16 keeps
+    them in fp32): answers differed by whether an adapter was set (the device stays the CPU
+    here; the path is the one a T4 or V100 takes)."""
+    import torch
+
+    import citeqa.generation.hf as hf
+    from citeqa.generation.adapter import PACKAGED_DIR
+
+    monkeypatch.setattr(hf, "fp16_only_gpu", lambda device: True)
+    backend = hf.HFBackend.load("smollm2", CACHE, device="cpu", adapter=PACKAGED_DIR,
+                                cpu_dtype="fp32", threads=1)
+    model = backend.model
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    assert {b.dtype for b in model.buffers() if b.is_floating_point()} == {torch.float32}
+
+
 @pytest.mark.parametrize("kind", ["mistral", "qwen2"])
 def test_a_model_with_sliding_window_attention_is_refused_with_what_to_do(kind):
     """A Mistral-style model (sliding_window set) crashed once a rejected draft was cut from

@@ -490,6 +490,9 @@ def test_base_bf16_keeps_the_base_in_bf16_and_lora_in_fp32(tokenizer, monkeypatc
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     trained = {p.dtype for w in wrapped.values() for p in (w.lora_A, w.lora_B)}
     assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    # its buffers stay as served: rotary frequencies rounded to bf16 turned positions ~1,000
+    # by more than a radian from the base the adapter then serves on
+    assert {b.dtype for b in model.buffers() if b.is_floating_point()} == {torch.float32}
     losses = [s["loss"] for s in log.steps]
     assert losses[-1] < 0.8 * losses[0], losses
     # off (the default), the base stays float32 whatever the compute format

@@ -41,6 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 INT8_ROWS = 4  # at most this many rows read the int8 weights; more use the bf16 GEMM
+# torch's int8 product reads past rows of in_features not a multiple of 16 (garbage, NaN, or a
+# segfault, measured at 7, 24, 40, 50, 100); such a layer keeps the bf16 GEMM (margin: 32)
+INT8_IN_MULTIPLE = 32
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +70,7 @@ class CpuLinear(nn.Module):
         bias = linear.bias
         self.bias = None if bias is None else nn.Parameter(
             bias.detach().to(torch.bfloat16), requires_grad=False)
+        int8_decode = int8_decode and linear.in_features % INT8_IN_MULTIPLE == 0
         q, scale = quantize_per_channel(linear.weight) if int8_decode else (None, None)
         self.register_buffer("qweight", q, persistent=False)  # [out, in] int8, or None
         self.register_buffer("scales", None if scale is None else scale.to(torch.bfloat16),
@@ -123,8 +127,8 @@ def fused_linear(parts: list[CpuLinear]) -> CpuLinear:
     return fused
 
 
-def parameters_to_bf16(module: nn.Module) -> None:
-    """Cast ``module``'s parameters (not its buffers) to bf16, in place.
+def parameters_to_bf16(module: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Cast ``module``'s parameters (not its buffers) to bf16 (or ``dtype``), in place.
 
     ``module.to(torch.bfloat16)`` would also round the float buffers, among them a rotary
     embedding's ``inv_freq``: its frequencies would be off by up to 0.4 %, which at position
@@ -133,7 +137,7 @@ def parameters_to_bf16(module: nn.Module) -> None:
     with torch.no_grad():
         for param in module.parameters():
             if param.is_floating_point():
-                param.data = param.data.to(torch.bfloat16)
+                param.data = param.data.to(dtype)
 
 
 def install_cpu_linears(module: nn.Module, *, int8_decode: bool = True) -> int:

@@ -276,8 +276,9 @@ class HFBackend:
 
             apply_adapter(model, Path(adapter))
             model_id = f"{model_id}+{adapter_id(Path(adapter))}"
-        if merge_first:
-            model.to(device=target, dtype=torch.float16)
+        if merge_first:  # (parameters only: the rotary frequencies stay fp32, as they do
+            model.to(device=target)  # in a model loaded in fp16 without an adapter)
+            parameters_to_bf16(model, torch.float16)
         head = LMHead(model)  # before any conversion: fp32 logits from fp32 weights on a CPU
         if next(model.parameters()).device.type == "cpu":
             share_kv_heads_in_cpu_attention()
