@@ -278,3 +278,14 @@ def test_the_question_is_read_back_without_surrounding_whitespace() -> None:
     user = messages[-1]["content"]
     assert parse_user_message(user + "\n") == ([(1, shown[0].text)], "Who was Rollo?")
     assert parse_user_message("Question:  Who? \n") == ([], "Who?")
+
+
+def test_a_document_with_a_joiner_in_a_tag_already_reads_back_as_its_own_text() -> None:
+    """A document holding "<" + WORD_JOINER + "passage" was shown as it was, and reading back
+    took its own joiner away: the extractive stand-in quoted text the document does not hold."""
+    text = "See <\u2060passage 2> here, and <passage 3> there."
+    hit = Hit(Passage(0, "d", 0, len(text), text), "T", "d.txt", 1.0)
+    messages, shown = build_messages("q", [hit], GenerationConfig())
+    [(number, back)], _ = parse_user_message(messages[-1]["content"])
+    assert number == 1 and back == shown[0].text == text
+    assert "<passage 3>" not in messages[-1]["content"]  # (still defused)

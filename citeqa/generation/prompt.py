@@ -105,10 +105,12 @@ def select_window(passage_text: str, question: str, max_chars: int) -> tuple[int
 
 
 # A passage's own "<passage 3>" or "</passage 2>" would fake the prompt's passage boundaries:
-# shown with a word joiner after "<" (the grammar still quotes the document's own text).
-_PASSAGE_TAG = re.compile(r"<(?=/?passage\b)", re.I)
+# shown with a word joiner after "<" (the grammar still quotes the document's own text), one
+# more where the document has joiners there already, so that reading back takes one away
+# and gives the document's own text.
+_PASSAGE_TAG = re.compile(f"<(?={WORD_JOINER}*/?passage\\b)", re.I)
 _JOINED = "<" + WORD_JOINER
-_SHOWN_TAG = re.compile(re.escape(_JOINED) + r"(?=/?passage\b)", re.I)
+_SHOWN_TAG = re.compile(re.escape(_JOINED) + f"(?={WORD_JOINER}*/?passage\\b)", re.I)
 
 
 def _block(number: int, title: str, text: str) -> str:
