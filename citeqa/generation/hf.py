@@ -62,7 +62,6 @@ import itertools
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -119,6 +118,7 @@ class _Row:
     # (``QuoteStage.guess``), drafted while the row's tokens since ``guess_from`` agree with it
     guess: list[int] | None = None
     guess_from: int = 0
+    accepted: int = 0  # tokens up to where the grammar last could end the output
     request: GenerationRequest | None = None  # whose row it is (asked whether it is abandoned)
 
     @property
@@ -132,22 +132,26 @@ class _Row:
         )
 
 
-def decoded(tokenizer: Any, tokens: Sequence[int], *, cut: bool,
-            mid_word: bool = False) -> str:
+def decoded(tokenizer: Any, tokens: Sequence[int], *, cut: bool) -> str:
     """A row's text. A row ``cut`` by its token budget may end inside a character whose last
     bytes never came (byte-level tokens): that character is left out, not decoded as U+FFFD,
-    which no passage holds there (the quote, verbatim up to it, was lost). One cut where its
-    grammar could not end it (``mid_word``: inside a quote's word, "2236067977, 26457") ends
-    before that word and the spaces before it: where the grammar could have."""
+    which no passage holds there (the quote, verbatim up to it, was lost)."""
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     drop = 0
     while cut and text.endswith("\ufffd") and drop < min(3, len(tokens)):  # a UTF-8 tail
         drop += 1
         text = tokenizer.decode(tokens[:-drop], skip_special_tokens=True)
-    return _PARTIAL_WORD.sub("", text) if cut and mid_word else text
+    return text
 
 
-_PARTIAL_WORD = re.compile(r"\s*\S+\Z")
+def kept_tokens(row: _Row) -> list[int]:
+    """The tokens of a finished row that its text is made of: all of them, but of a row its
+    budget cut where its grammar could not end (inside a quote's word: "2236067977, 26457",
+    or a character's bytes), those up to where it last could (``_Row.accepted``)."""
+    c = row.constraint
+    if len(row.tokens) < row.max_tokens or c is None or c.is_accepting():
+        return row.tokens
+    return row.tokens[:row.accepted]
 
 
 @dataclass
@@ -276,9 +280,11 @@ class HFBackend:
 
             apply_adapter(model, Path(adapter))
             model_id = f"{model_id}+{adapter_id(Path(adapter))}"
-        if merge_first:  # (parameters only: the rotary frequencies stay fp32, as they do
-            model.to(device=target)  # in a model loaded in fp16 without an adapter)
+        if merge_first:  # parameters only (the rotary frequencies stay fp32, as they do in a
+            # model loaded in fp16 without an adapter), cast on the CPU: the GPU never holds
+            # the fp32 model
             parameters_to_bf16(model, torch.float16)
+            model.to(device=target)
         head = LMHead(model)  # before any conversion: fp32 logits from fp32 weights on a CPU
         if next(model.parameters()).device.type == "cpu":
             share_kv_heads_in_cpu_attention()
@@ -334,7 +340,7 @@ class HFBackend:
         for row in rows[1:]:
             if row.constraint is not None:
                 row.constraint.consume_many(forced)
-            row.tokens = list(forced)
+            row.tokens, row.accepted = list(forced), rows[0].accepted
         return rows
 
     def _generate_batch(self, requests: list[GenerationRequest]) -> list[list[Completion]]:
@@ -413,9 +419,8 @@ class HFBackend:
                     "prompt_tokens": float(len(prompt)),
                     "batch_rows": float(len(rows)),
                 }
-                c = row.constraint
-                text = decoded(self.tokenizer, row.tokens, cut=len(row.tokens) >= row.max_tokens,
-                               mid_word=c is not None and not c.is_accepting())
+                text = decoded(self.tokenizer, kept_tokens(row),
+                               cut=len(row.tokens) >= row.max_tokens)
                 completions.append(Completion(text, row.logprob, len(row.tokens), timings))
             out.append(completions)
         return out
@@ -479,6 +484,8 @@ class HFBackend:
         if forced and not c.consume_many(forced):
             raise AssertionError(f"grammar rejected its own forced tokens {forced}: {c.error}")
         row.tokens.extend(forced)
+        if forced and c.is_accepting():
+            row.accepted = len(row.tokens)
         if forced and c.is_stopped() and self._next_stage(row):
             forced = forced + self._jump_forward(row)
         return forced
@@ -514,6 +521,8 @@ class HFBackend:
         if c is not None:
             if not c.consume(tok):
                 raise AssertionError(f"grammar rejected allowed token {tok}: {c.error}")
+            if c.is_accepting():
+                row.accepted = len(row.tokens)
             if c.is_stopped() and not self._next_stage(row):
                 row.done = True
         if len(row.tokens) >= row.max_tokens:
