@@ -153,6 +153,39 @@ def test_the_quote_stays_in_view_after_a_long_title_or_question(tokenizer, title
     assert render(quotes_in_view(tokenizer, [short], ["Who led?"], 192)[0]) == render(short)
 
 
+def test_the_quote_stays_in_view_when_the_rest_leaves_less_than_a_title_or_cuts_syllables(
+        tokenizer) -> None:
+    """Its 16 tokens were kept of a title even where question, answer and quote left fewer (a
+    long free-mode answer); a Hangul title or passage cut where a syllable's jamo tokens share
+    its offsets kept up to two tokens more than counted: the quote's end was cut off."""
+    from citeqa.reward.verifier import MAX_TOKENS, fitting_firsts
+
+    def seen(x: Judged) -> str:
+        batch = encode(tokenizer, [x], max_tokens=MAX_TOKENS)
+        return tokenizer.decode(batch.input_ids[0][batch.attention_mask[0].bool()])
+
+    question = ("Which of the districts administered by the metropolitan government of the "
+                "capital city lies " * 12)[:1000]
+    quote = ("Gangnam District was the richest of the twenty five districts administered by the "
+             "metropolitan government of Seoul along the southern bank of the Han River in the "
+             "year 2019, ahead of Seocho.")
+    title = ("List of districts of Seoul Special City by population, area, and gross regional "
+             "domestic product (2019 estimates)")
+    x = Judged(question, "Gangnam District, the richest of the twenty five districts", quote,
+               title, "In the statistics office's report, ", "Further districts follow.")
+    assert "ahead of seocho. > >" in seen(x)
+    ko = "서울특별시는 대한민국의 수도이자 최대 도시이며 한강을 끼고 있는 역사적인 도시로 " * 5
+    ko_before = "한강 남쪽 강남구 서초구 송파구 강동구 관악구 동작구 영등포구 금천구 " * 5
+    ko_quote = "강남구는 서울에서 가장 부유한 구이다"
+    for start in range(0, 40, 3):
+        for at in range(0, 40, 3):
+            x = Judged("강남구는?", "강남구", ko_quote, ko[start:start + 60],
+                       ko_before[at:at + 200], "")
+            [first] = fitting_firsts(tokenizer, [x.question], MAX_TOKENS)
+            [y] = quotes_in_view(tokenizer, [x], [first], MAX_TOKENS)
+            assert len(tokenizer(first, render(y)[1])["input_ids"]) <= MAX_TOKENS, (start, at)
+
+
 def test_forward_shapes_and_ensemble_spread(tiny_encoder, tokenizer) -> None:
     model = Verifier(tiny_encoder(len(tokenizer)), members=3, hidden=8).eval()
     batch = encode(tokenizer, [item().judged, item("Paris", 0).judged])

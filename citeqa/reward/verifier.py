@@ -150,9 +150,9 @@ def fitting_firsts(tokenizer: Any, texts: Sequence[str], max_tokens: int) -> lis
 
 
 def _whole_characters(offsets: Sequence[tuple[int, int]], n: int) -> int:
-    """The most of the first ``n`` tokens (their character ``offsets``; 1 at least) that end
-    where a character ends: the jamo tokens of one Hangul syllable share its offsets, and a cut
-    after the first kept all of them."""
+    """The most of the first ``n`` tokens (their character ``offsets``; 1 at least; ``n``
+    below their number) that end where a character ends: the jamo tokens of one Hangul
+    syllable share its offsets, and a cut after the first kept all of them."""
     while n > 1 and offsets[n][0] < offsets[n - 1][1]:
         n -= 1
     return n
@@ -185,12 +185,20 @@ def quotes_in_view(tokenizer: Any, items: Sequence[Judged], firsts: Sequence[str
         title, before = counted["title"][at], counted["before"][at]
         # (a margin of 2: the ":" after the title, a piece that tokenizes apart otherwise)
         room = (max_tokens - specials - len(counted["first"][at]) - len(counted["rest"][at]) - 2)
-        if len(title) + len(before) > room and len(title) > TITLE_TOKENS:
-            x = replace(x, title=x.title[:title[TITLE_TOKENS - 1][1]])
-            title = title[:TITLE_TOKENS]
+        if len(title) + len(before) > room:  # the title first: to TITLE_TOKENS, or less
+            most = max(0, min(TITLE_TOKENS, room))  # where the rest leaves less than that
+            if len(title) > most:
+                n = _whole_characters(title, most) if most else 0
+                if n == 1 and title[1][0] < title[0][1]:  # its first character alone is more
+                    n = 0
+                x = replace(x, title=x.title[:title[n - 1][1]] if n else "")
+                title = title[:n]
         keep = max(0, room - len(title))
         if len(before) > keep:
-            x = replace(x, before=x.before[before[-keep][0]:] if keep else "")
+            first = len(before) - keep  # its first token kept, moved on to start a character
+            while 0 < first < len(before) and before[first][0] < before[first - 1][1]:
+                first += 1
+            x = replace(x, before=x.before[before[first][0]:] if first < len(before) else "")
         out[i] = x
     return out
 
