@@ -146,6 +146,11 @@ def test_the_token_budget_grows_with_text_in_other_scripts():
     # a digit a token: a quote of numbers ran out of its budget mid-number
     numbers = "Readings of 3141592653, 2718281828 and 1414213562."  # 30 digits of 50
     assert len(numbers) == 50 and budget_scale([numbers]) == pytest.approx((20 / 3 + 30) * 3 / 50)
+    # as its densest quote needs: a sentence of numbers amid prose is quoted alone
+    prose = "The station stands on a hill above the town. " * 18
+    assert budget_scale([prose + numbers + prose], 50) == pytest.approx(budget_scale([numbers]))
+    assert budget_scale([prose + numbers + prose]) < 1.2  # (over the whole: averaged away)
+    assert budget_scale([prose, numbers], 50) == budget_scale([numbers])  # the neediest text
     _, english = generate(["Answer: Rollo\nQuote [1]: Their leader Rollo swore fealty"])
     doc = Document("j", "北海道", "j.txt", japanese)
     backend = scripted_backend(const("Answer: 北海道\nQuote [1]: " + japanese))

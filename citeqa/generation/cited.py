@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from citeqa.config import GenerationConfig
 from citeqa.errors import OutputFormatError
 from citeqa.generation.backend import Backend, Completion, GenerationRequest, unquotable
@@ -67,19 +69,25 @@ TOKENS_PER_DIGIT = 1.0  # SmolLM2's, Llama's and Qwen's tokenizers write a digit
 _DIGIT = re.compile(r"[0-9]")
 
 
-def budget_scale(texts: Sequence[str]) -> float:
+def budget_scale(texts: Sequence[str], window: int | None = None) -> float:
     """How many times the ASCII-based token budgets a reply copying from ``texts`` needs: 1
     for ASCII text of words, more the more of it is digits or in other scripts
-    (``TOKENS_PER_*``: a quote of numbers ran out of tokens mid-quote)."""
-    total = sum(len(t) for t in texts)
-    if not total:
-        return 1.0
-    other = sum(len(_NOT_ASCII.findall(t)) for t in texts)
-    cjk = sum(len(_CJK.findall(t)) for t in texts)
-    digits = sum(len(_DIGIT.findall(t)) for t in texts)
-    tokens = ((total - other - digits) / QUOTE_CHARS_PER_TOKEN + digits * TOKENS_PER_DIGIT
-              + (other - cjk) * TOKENS_PER_CHAR_OTHER + cjk * TOKENS_PER_CHAR_CJK)
-    return max(1.0, tokens * QUOTE_CHARS_PER_TOKEN / total)
+    (``TOKENS_PER_*``: a quote of numbers ran out of tokens mid-quote). With ``window`` (a
+    quote's most characters), as its densest stretch of that many characters needs: a
+    sentence of numbers in a page of prose is quoted alone."""
+    scale = 1.0
+    for text in texts:
+        if not text:
+            continue
+        cost = np.ones(len(text))  # each character's tokens, over an ASCII letter's
+        for pattern, tokens in ((_NOT_ASCII, TOKENS_PER_CHAR_OTHER), (_CJK, TOKENS_PER_CHAR_CJK),
+                                (_DIGIT, TOKENS_PER_DIGIT)):
+            at = np.array([m.start() for m in pattern.finditer(text)], np.int64)
+            cost[at] = tokens * QUOTE_CHARS_PER_TOKEN
+        width = len(text) if window is None else max(1, min(window, len(text)))
+        sums = np.concatenate([[0.0], np.cumsum(cost)])
+        scale = max(scale, float((sums[width:] - sums[:-width]).max()) / width)
+    return scale
 
 
 @dataclass(frozen=True)
@@ -169,7 +177,7 @@ class CitedGenerator:
         copied = cfg.max_answer_tokens + cfg.max_quote_chars // QUOTE_CHARS_PER_TOKEN
         # the reply copies from one passage: the one that needs most (or the one it must use)
         quotable = [p for p in shown if only_passage is None or p.number == only_passage]
-        scale = max((budget_scale([p.text]) for p in quotable), default=1.0)
+        scale = budget_scale([p.text for p in quotable], cfg.max_quote_chars)
         max_tokens = math.ceil(copied * scale) + FORMAT_TOKENS
         return GenerationRequest(
             messages=messages, grammar=grammar, n=n, temperature=temperature,
