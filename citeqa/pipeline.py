@@ -279,10 +279,11 @@ class Pipeline:
 
     def check(self, args: AskArgs) -> AskArgs:
         """``args`` validated, its question's whitespace collapsed and a ``target_accuracy``
-        turned into ``min_score``; InvalidRequestError (422 ``needs_calibration`` for a target
-        without a calibrated reward model, 422 ``uncertified_options`` for a target with options
-        of the request's own that give answers the calibration did not certify:
-        ``options_off_calibration``) when it cannot be asked."""
+        turned into ``min_score`` (the target kept: checked args check again);
+        InvalidRequestError (422 ``needs_calibration`` for a target without a calibrated reward
+        model, 422 ``uncertified_options`` for a target with options of the request's own that
+        give answers the calibration did not certify: ``options_off_calibration``) when it
+        cannot be asked."""
         question = asked_text(args.question)
         counts = {name: None if value is None else check_count(name, value, most)
                   for name, value, most in (("top_k", args.top_k, MAX_PASSAGES),
@@ -297,14 +298,17 @@ class Pipeline:
                                        or isinstance(number, bool)):
                 raise InvalidRequestError(f"{name} must be a number, got {number!r}")
         min_score = None if args.min_score is None else float(args.min_score)
-        # between 0 and 1, or inf: a target no threshold certifies (checked args come back
-        # here through ask_many); NaN is neither
+        # between 0 and 1, or inf: what threshold_for gives a target no threshold certifies;
+        # NaN is neither
         if min_score is not None and not (0.0 <= min_score <= 1.0 or min_score == math.inf):
             raise InvalidRequestError(f"min_score must be between 0 and 1, got {min_score}")
         if args.target_accuracy is not None:
-            if min_score is not None:
+            threshold = self.threshold_for(args.target_accuracy)
+            # (checked args come back here through ask_many with both: the target kept, for
+            # the reason a decline gives, and the threshold made of it)
+            if min_score is not None and min_score != threshold:
                 raise InvalidRequestError("give min_score or target_accuracy, not both")
-            min_score = self.threshold_for(args.target_accuracy)
+            min_score = threshold
             if differ := self.options_off_calibration(args):
                 raise InvalidRequestError(
                     "target_accuracy is certified only for answers like those the reward model "
@@ -312,7 +316,7 @@ class Pipeline:
                     f"{'; '.join(differ)}. Leave those options at the service's settings, or "
                     "pass min_score (--min-score) instead", status=422,
                     code="uncertified_options")
-        return replace(args, question=question, min_score=min_score, target_accuracy=None,
+        return replace(args, question=question, min_score=min_score,
                        top_k=counts["top_k"], n_candidates=counts["n_candidates"],
                        search_k=counts["search_k"])
 
@@ -470,7 +474,8 @@ class Pipeline:
             reason = (f"{who} every candidate with a verified quote (see the server log); "
                       "nothing is answered unscored")
         elif threshold is not None and math.isinf(threshold):
-            reason = self._uncertified_reason(best.score or 0.0, asked=args.min_score is not None)
+            reason = self._uncertified_reason(best.score or 0.0, asked=args.min_score is not None,
+                                              target=args.target_accuracy is not None)
         elif threshold is not None and not (best.score is not None and best.score >= threshold):
             shown, limit = _digits_apart(best.score or 0.0, threshold)
             reason = f"best score {shown} is below the threshold {limit}"
@@ -686,17 +691,18 @@ class Pipeline:
         except ValueError as exc:  # a target outside (0, 1)
             raise InvalidRequestError(str(exc)) from exc
 
-    def _uncertified_reason(self, best: float, *, asked: bool) -> str:
-        """Why every question is declined at an infinite threshold: ``asked``, a target
-        accuracy that no threshold certifies; else the stored calibration certified none and
-        the settings decline without one."""
+    def _uncertified_reason(self, best: float, *, asked: bool, target: bool) -> str:
+        """Why every question is declined at an infinite threshold: ``asked`` with a
+        ``target``, a target accuracy that no threshold certifies; asked without, a min_score
+        of inf; else the stored calibration certified none and the settings decline without
+        one."""
         if not asked:
             calibrated = self.scorer is not None and self.scorer.threshold is not None
             what = ("the reward model's calibration certified no accuracy target" if calibrated
                     else "the reward model has no calibration (docs/calibrate.md)")
             return (f"{what}, and this service declines without one "
                     f"(CITEQA_DECLINE_UNCERTIFIED; best score {best:.3f})")
-        if self.scorer is None:  # (no target is asked without one: a min_score of inf)
+        if not target:
             return (f"the threshold asked for (min_score) is infinite, so every question is "
                     f"declined (best score {best:.3f})")
         highest = self.highest_certified_accuracy()

@@ -536,7 +536,8 @@ def test_warm_up_finds_the_highest_certified_target_so_no_request_waits_for_it(m
 def test_check_resolves_a_target_accuracy_and_refuses_bad_requests():
     p = pipeline(scorer=UncertifiedScorer())
     args = p.check(AskArgs("  When   did it open? ", target_accuracy=0.5))
-    assert args == AskArgs("When did it open?", min_score=0.9)
+    assert args == AskArgs("When did it open?", min_score=0.9, target_accuracy=0.5)
+    assert p.check(args) == args  # (checked again by ask_many: as it was)
     assert p.ask("When did the Eiffel Tower open?", target_accuracy=0.8).declined
     for bad in (AskArgs("q", min_score=0.5, target_accuracy=0.5), AskArgs("q", top_k=0),
                 AskArgs("q", n_candidates=MAX_CANDIDATES + 1), AskArgs("q", search_k=99),
@@ -597,12 +598,19 @@ def test_an_answer_carries_the_passages_retrieval_found():
     assert len(deep.to_json(with_passages=True)["passages"]) == 3
 
 
-def test_an_infinite_min_score_without_a_reward_model_is_not_said_to_be_a_target() -> None:
-    """Declined, the reason spoke of a target accuracy and a calibration neither of which
-    there was."""
-    ans = pipeline().ask("When did the Eiffel Tower open?", min_score=math.inf)
+@pytest.mark.parametrize("scorer", [None, "uncertified"])
+def test_an_infinite_min_score_is_not_said_to_be_a_target(scorer: str | None) -> None:
+    """Declined, the reason spoke of a target accuracy (and a calibration) that no one asked
+    for; asked for, a target still is (and REST's check, then ask_many's, say so alike)."""
+    p = pipeline(scorer=UncertifiedScorer() if scorer else None)
+    ans = p.ask("When did the Eiffel Tower open?", min_score=math.inf)
     assert ans.declined and ans.reason.startswith(
         "the threshold asked for (min_score) is infinite, so every question is declined")
+    if scorer:
+        [ans] = p.ask_many([p.check(AskArgs("When did the Eiffel Tower open?",
+                                            target_accuracy=0.8))])
+        assert ans.declined and ans.reason.startswith(
+            "no decline threshold is certified for the target accuracy asked for")
 
 
 def test_threshold_for_asks_the_reward_model_and_needs_one():
