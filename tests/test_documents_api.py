@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -921,10 +922,16 @@ def test_a_server_serves_the_index_another_writer_changed(index_dir: Path,
         assert any("Zorblax" in h["text"] for h in client.post(
             "/v1/search", json={"query": "Zorblax telescope", "k": 3}).json()["hits"])
 
-        # a damaged index on disk: not served, the one loaded answers on
-        build_index_from_documents(DOCS[:1], index_dir, CFG, progress=False)
-        with (index_dir / "documents.jsonl").open("a") as f:
+        # a damaged index on disk: not served, the one loaded answers on (damaged before it
+        # is swapped in: damaged in place, the whole one was there to load a moment first)
+        from citeqa.retrieval.store import prepare, publish
+
+        build_index_from_documents(DOCS[:1], tmp_path / "damaged", CFG, progress=False)
+        with (tmp_path / "damaged" / "documents.jsonl").open("a") as f:
             f.write("\n")
+        staged = prepare(index_dir)
+        shutil.copytree(tmp_path / "damaged", staged, dirs_exist_ok=True)
+        publish(staged, index_dir)
         time.sleep(0.5)  # ten looks
         assert client.get("/readyz").json()["index_version"] == second
         assert client.post("/v1/search", json={"query": "Zorblax", "k": 1}).status_code == 200
