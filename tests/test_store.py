@@ -44,22 +44,22 @@ def test_layout_and_manifest(built: Path) -> None:
     assert m["format_version"] == FORMAT_VERSION
     assert m["embedding"] == {"model_id": "hash-bow-256", "dim": 256, "name": "hash",
                               "dtype": "fp32"}
-    assert m["counts"]["documents"] == 3
+    assert m["counts"]["documents"] == 2  # d3, whitespace only, skipped
     assert m["settings"]["chunk"] == {"max_chars": 80, "overlap_sentences": 0}
     assert set(m["files"]) == set(names) - {"manifest.json"}
     rows = [json.loads(line) for line in (built / "documents.jsonl").read_text().splitlines()]
-    assert [r["doc_id"] for r in rows] == ["d1", "d2", "d3"]
+    assert [r["doc_id"] for r in rows] == ["d1", "d2"]
     assert np.load(built / "passages.npy").dtype == np.int64
 
 
 def test_loaded_passages_reproduce_document_text(built: Path) -> None:
     index = Index.load(built)
-    assert set(index.documents) == {"d1", "d2", "d3"}
+    assert set(index.documents) == {"d1", "d2"}
     assert [p.passage_id for p in index.passages] == list(range(len(index.passages)))
     for p in index.passages:
         assert p.text == index.documents[p.doc_id].text[p.start : p.end]
         assert 0 < len(p.text) <= 80
-    assert {p.doc_id for p in index.passages} == {"d1", "d2"}  # d3 is whitespace only
+    assert {p.doc_id for p in index.passages} == {"d1", "d2"}
     assert index.dense is not None and index.dense.size == len(index.passages)
 
 
@@ -287,7 +287,7 @@ def test_a_load_that_restores_a_backup_reads_the_index_once(
         if leave_empty:
             built.mkdir()
         reads.clear()
-        assert sorted(Index.load(built).documents) == ["d1", "d2", "d3"]
+        assert sorted(Index.load(built).documents) == ["d1", "d2"]
         assert reads == [built]
 
 
@@ -329,7 +329,7 @@ def test_a_load_failed_by_a_swap_after_another_swap_reads_again(
 
     monkeypatch.setattr(store, "recover_index", recover)
     monkeypatch.setattr(store.Index, "_load_once", classmethod(read))
-    assert sorted(Index.load(built).documents) == ["d1", "d2", "d3"]
+    assert sorted(Index.load(built).documents) == ["d1", "d2"]
     assert steps == ["b", "c"]
 
 
@@ -490,10 +490,10 @@ def test_an_index_behind_a_symbolic_link_is_swapped_where_the_link_points(tmp_pa
     link.symlink_to(real)
     build_index_from_documents(DOCS, link, CFG, progress=False)  # a rebuild through the link
     assert link.is_symlink() and link.resolve() == real
-    assert set(Index.load(link).documents) == {"d1", "d2", "d3"}
+    assert set(Index.load(link).documents) == {"d1", "d2"}
     add_documents(Index.load(link), [Document("d4", "Owls", "owls.txt", "Owls hoot at night.")],
                   link, embedder=HashEmbedder())
-    assert link.is_symlink() and set(Index.load(real).documents) == {"d1", "d2", "d3", "d4"}
+    assert link.is_symlink() and set(Index.load(real).documents) == {"d1", "d2", "d4"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "real_v1"]  # no debris
 
 
@@ -563,7 +563,7 @@ def test_a_change_to_an_index_read_from_its_backup_is_checked_against_the_index(
     with pytest.raises(IndexChangedError):
         add_documents(stale, [Document("d4", "Owls", "owls.txt", "Owls hoot.")], built,
                       embedder=HashEmbedder())
-    assert set(Index.load(built).documents) == {"d2", "d3"}
+    assert set(Index.load(built).documents) == {"d2"}
 
 
 def test_a_change_keeps_the_owner_and_mode_of_the_index_it_replaces(

@@ -83,7 +83,10 @@ def test_tokens_of_a_span_and_cls_when_truncated(tokenizer) -> None:
     tokens = tokenizer.convert_ids_to_tokens(batch.input_ids[0][first:last + 1].tolist())
     assert "".join(t.lstrip("#") for t in tokens) == "rollo"
     assert batch.gold_tokens is not None and batch.gold_tokens[0].tolist() == [first, last]
-    short = encode(tokenizer, [item().judged], max_tokens=16)  # the passage is cut away
+    # (what comes before the quote goes first: the quote's start stays in view, its end not)
+    short = encode(tokenizer, [item().judged], max_tokens=16)
+    assert short.answer_tokens[0].tolist() != [0, 0]
+    short = encode(tokenizer, [item("Francia").judged], max_tokens=16)  # the quote's last word
     assert short.answer_tokens[0].tolist() == [0, 0]
     assert char_to_tokens([(0, 0), (0, 3)], [None, 1], None) == (0, 0)
 
