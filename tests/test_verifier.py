@@ -575,7 +575,14 @@ def test_threshold_for_needs_calibration_and_a_corrupt_one_is_named(tiny_encoder
     # what made every target_accuracy request a 400 blaming the request
     # ... and a threshold that no Learn-then-Test gives, or labels that are not booleans
     # (a NaN threshold declined everything, -0.5 answered everything, "no" read as right)
+    # a question no candidate answered is a null score (declined at any threshold): it loads
+    (tmp_path / "rm" / "calibration.json").write_text(json.dumps(
+        {**good, "scores": [0.9, None, 0.2], "correct": [True, False, False]}))
+    record = VerifierScorer(tmp_path / "rm", cpu_dtype="fp32").calibration
+    assert record is not None and record.scores == (0.9, -math.inf, 0.2)
     for bad in ({"scores": [float("nan"), 0.2]}, {"delta": 0}, {"min_answered": 0},
+                {"scores": [float("inf"), 0.2]}, {"delta": 1}, {"target_accuracy": 1},
+                {"target_accuracy": 0}, {"scores": [], "correct": []},
                 {"min_answered": float("inf")},  # (1e400 in the file: an OverflowError)
                 {"threshold": float("nan")}, {"threshold": -0.5}, {"threshold": 7.0},
                 {"threshold": float("-inf")}, {"correct": ["no", False]}):
