@@ -333,9 +333,11 @@ def to_serving_dtype(model, requested: str, *, kernel: str | None = None) -> str
 
             install_onednn_linears(model)
         return "fp32"
-    from citeqa.generation.cpu_linear import install_cpu_linears, parameters_to_bf16
+    import torch
 
-    parameters_to_bf16(model)
+    from citeqa.generation.cpu_linear import cast_parameters, install_cpu_linears
+
+    cast_parameters(model, torch.bfloat16)
     install_cpu_linears(model, int8_decode=False)
     return "bf16"
 

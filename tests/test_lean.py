@@ -19,8 +19,8 @@ from transformers import (
 from citeqa.generation.cpu_linear import (
     INT8_ROWS,
     CpuLinear,
+    cast_parameters,
     install_cpu_linears,
-    parameters_to_bf16,
 )
 from citeqa.generation.kv import with_cache_keyword
 from citeqa.generation.lean import LeanDecoder, fused_linear, sdpa_mask
@@ -39,7 +39,7 @@ def tiny(kind: str = "llama", *, bf16: bool = True, **kw) -> nn.Module:
         model = MistralForCausalLM(MistralConfig(**SIZES, **kw))
     model.eval()
     if bf16:
-        parameters_to_bf16(model)
+        cast_parameters(model, torch.bfloat16)
         install_cpu_linears(model.get_decoder())
     return model
 

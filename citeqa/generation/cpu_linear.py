@@ -127,8 +127,9 @@ def fused_linear(parts: list[CpuLinear]) -> CpuLinear:
     return fused
 
 
-def parameters_to_bf16(module: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
-    """Cast ``module``'s parameters (not its buffers) to bf16 (or ``dtype``), in place.
+def cast_parameters(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``module``'s floating parameters (not its buffers) to ``dtype`` (bf16 or fp16),
+    in place.
 
     ``module.to(torch.bfloat16)`` would also round the float buffers, among them a rotary
     embedding's ``inv_freq``: its frequencies would be off by up to 0.4 %, which at position

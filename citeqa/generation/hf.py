@@ -78,7 +78,7 @@ from citeqa.errors import ConfigError, ModelError
 from citeqa.generation.backend import Completion, GenerationRequest, abandoned_completions
 from citeqa.generation.chat import prompt_ids, stop_token_ids, turn_ids
 from citeqa.generation.constraint import OutputConstraint, QuoteStage, ll_tokenizer_for
-from citeqa.generation.cpu_linear import install_cpu_linears, parameters_to_bf16
+from citeqa.generation.cpu_linear import cast_parameters, install_cpu_linears
 from citeqa.generation.drafts import best_draft, prompt_lookup_drafts
 from citeqa.generation.kv import (
     Prefix,
@@ -283,14 +283,14 @@ class HFBackend:
         if merge_first:  # parameters only (the rotary frequencies stay fp32, as they do in a
             # model loaded in fp16 without an adapter), cast on the CPU: the GPU never holds
             # the fp32 model
-            parameters_to_bf16(model, torch.float16)
+            cast_parameters(model, torch.float16)
             model.to(device=target)
         head = LMHead(model)  # before any conversion: fp32 logits from fp32 weights on a CPU
         if next(model.parameters()).device.type == "cpu":
             share_kv_heads_in_cpu_attention()
             resolved = cpu_dtype_for(cpu_dtype, for_generator=True)
             if resolved == "bf16":
-                parameters_to_bf16(model)
+                cast_parameters(model, torch.bfloat16)
                 install_cpu_linears(model.get_decoder())
                 model_id += MODEL_ID_SUFFIX["bf16"]  # outputs differ (slightly): reports say so
             elif resolved == "fp16w" and store_linear_weights_fp16(model, kw.get("threads")):

@@ -37,7 +37,7 @@ from citeqa.config import GenerationConfig
 from citeqa.generation.adapter import WEIGHTS, AdapterConfig, base_fingerprint
 from citeqa.generation.adapter import save_adapter as _save_adapter
 from citeqa.generation.chat import end_token_id, prompt_ids
-from citeqa.generation.cpu_linear import parameters_to_bf16
+from citeqa.generation.cpu_linear import cast_parameters
 from citeqa.generation.prompt import prompt_fingerprint
 from citeqa.training.cards import data_licence, data_stats
 from citeqa.training.checkpoint import (
@@ -230,8 +230,9 @@ def train_lora(
     torch.manual_seed(cfg.seed)
     device_type = next(model.parameters()).device.type
     if cfg.base_bf16 and device_type == "cpu" and cpu_dtype(cfg.cpu_dtype) == "bf16":
-        parameters_to_bf16(model)  # before the LoRA layers, which stay float32 (and the
-        # rotary frequencies, as served: a model's .to(bf16) rounded them too)
+        # before the LoRA layers, which stay float32 (and the rotary frequencies, as served: a
+        # model's .to(bf16) rounded them too)
+        cast_parameters(model, torch.bfloat16)
     wrapped = inject_lora(model, lora)
     if init is not None:
         load_lora_tensors(wrapped, init)
