@@ -98,6 +98,37 @@ def quiet_weight_loading() -> Iterator[None]:
                 hf_logging.enable_progress_bar()
 
 
+LOAD_REPORT_LOGGER = "transformers.modeling_utils"
+
+
+class _NoLoadReport(logging.Filter):
+    """Drops transformers' weight-load report logged by one thread."""
+
+    def __init__(self, thread: int) -> None:
+        super().__init__()
+        self.thread = thread
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread != self.thread or "LOAD REPORT" not in str(record.msg)
+
+
+@contextmanager
+def without_load_report() -> Iterator[None]:
+    """transformers' table of missing, unexpected and mismatched weights not logged by this
+    thread inside the block (unless ``--verbose``): for a caller that checks them itself and
+    says what is wrong in its own error (the table printed first, then the error)."""
+    if _verbose:
+        yield
+        return
+    logger = logging.getLogger(LOAD_REPORT_LOGGER)
+    dropped = _NoLoadReport(threading.get_ident())
+    logger.addFilter(dropped)
+    try:
+        yield
+    finally:
+        logger.removeFilter(dropped)
+
+
 class Heartbeat:
     """For long work with no progress bar (stderr is no terminal: a log file, a container), a
     line at INFO at most every ``every_s`` seconds: "embedding: 640 of 6602 passages (21/s)"

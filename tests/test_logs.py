@@ -92,6 +92,41 @@ def test_reading_an_encoder_draws_no_bar(tiny_encoder, tokenizer, tmp_path: Path
     assert "Loading weights" not in capfd.readouterr().err
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_an_incomplete_encoder_is_refused_without_transformers_load_report(
+        tiny_encoder, tokenizer, tmp_path: Path, capfd, caplog, verbose: bool) -> None:
+    """The table of missing weights was printed first, then citeqa's own error saying the
+    same; it shows with --verbose still, and only for this thread's load."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel
+
+    from citeqa.errors import ModelError
+    from citeqa.logs import LOAD_REPORT_LOGGER
+    from citeqa.reward.checkpoint import read_encoder
+
+    tiny_encoder(tokenizer.vocab_size).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: v for k, v in tensors.items() if not k.startswith("encoder.layer.0.")},
+              str(weights))
+    caplog.set_level(logging.WARNING, logger=LOAD_REPORT_LOGGER)
+    AutoModel.from_pretrained(tmp_path, local_files_only=True)  # as transformers reports it
+    assert "LOAD REPORT" in caplog.text + capfd.readouterr().err
+    caplog.clear()
+    setup_logging(verbose=verbose)
+    try:
+        with pytest.raises(ModelError, match="missing"):
+            read_encoder(tmp_path, "hint")
+    finally:
+        setup_logging()
+    shown = caplog.text + capfd.readouterr().err
+    assert ("LOAD REPORT" in shown) == verbose
+    assert not logging.getLogger(LOAD_REPORT_LOGGER).filters
+    AutoModel.from_pretrained(tmp_path, local_files_only=True)  # the filter is gone
+    assert "LOAD REPORT" in caplog.text + capfd.readouterr().err
+
+
 def test_no_log_line_holds_a_urls_password() -> None:
     """httpx logs each request's URL at INFO: a CITEQA_GENERATOR_URL's user:password@ was in
     the log of every engine call (three a question)."""

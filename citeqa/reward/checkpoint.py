@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from citeqa.atomic import discard_tmp_dir, fresh_tmp_dir, recover_dir, replace_dir
 from citeqa.compute import PAD_MULTIPLE
 from citeqa.errors import ModelError
-from citeqa.logs import quiet_weight_loading
+from citeqa.logs import quiet_weight_loading, without_load_report
 from citeqa.reward.verifier import MAX_TOKENS, Verifier
 
 FORMAT = 2  # format 1 was the feature-based ensemble of earlier releases
@@ -176,7 +176,8 @@ def read_encoder(path: Path, hint: str, *, base: bool = False) -> tuple[Any, Any
     from transformers import AutoModel, AutoTokenizer
 
     try:
-        with quiet_weight_loading():  # safetensors only: never a pickled .bin
+        # safetensors only: never a pickled .bin; the weights are checked below
+        with quiet_weight_loading(), without_load_report():
             encoder, info = AutoModel.from_pretrained(
                 path, local_files_only=True, dtype=torch.float32, use_safetensors=True,
                 output_loading_info=True)
