@@ -205,3 +205,31 @@ def test_a_served_score_is_the_verifiers_own_reading_of_the_passage_around_the_q
     assert all(u < s for u, s in zip(spread, mean, strict=True))  # (not swapped: a seeded net)
     bare = scorer.predict([judged("Who led the Normans?", c, None) for c in candidates])[0]
     assert not np.allclose(bare, mean)  # without the passage, other scores
+
+
+def test_a_batch_of_many_candidates_scores_each_as_alone(tiny_encoder, tokenizer,
+                                                         tmp_path) -> None:
+    """Candidates are encoded SCORE_BATCH at a time: a chunk boundary that skipped or repeated
+    one (every 16th left at 0, or scored with its neighbour's input) went untested. Each of 35
+    candidates (three chunks, some without a quote) scores as it does alone."""
+    import numpy as np
+
+    from citeqa.reward.checkpoint import save_verifier
+    from citeqa.reward.scorer import SCORE_BATCH, VerifierScorer
+    from citeqa.reward.verifier import Verifier
+
+    save_verifier(tmp_path / "rm", Verifier(tiny_encoder(len(tokenizer)), 2, 8), tokenizer, {})
+    scorer = VerifierScorer(tmp_path / "rm", cpu_dtype="fp32", combined=False)
+    text = " ".join(f"Word{i} stands at place {i} of this passage." for i in range(40))
+    items = []
+    for i in range(2 * SCORE_BATCH + 3):
+        start = text.index(f"Word{i} ")
+        end = start + len(f"Word{i} stands at place {i}")
+        quote = Quote(text[start:end], "d", "T", "t.txt", start, end) if i % 7 != 3 else None
+        items.append(judged(f"What stands at place {i}?", Candidate(f"Word{i}", quote), None))
+    together, spread = scorer.predict(items)
+    alone = [scorer.predict([x]) for x in items]
+    assert np.allclose(together, [s[0] for s, _ in alone], atol=1e-5)
+    assert np.allclose(spread, [u[0] for _, u in alone], atol=1e-5)
+    assert all((s > 0) == bool(x.quote) for s, x in zip(together, items, strict=True))
+    assert len(set(np.round(together[[i for i, x in enumerate(items) if x.quote]], 6))) > 20
