@@ -42,6 +42,15 @@ def test_a_prompt_no_longer_than_the_suffix_and_a_match_at_its_end_draft_nothing
     assert list(prompt_lookup_drafts(np.array([1, 2, 3, 1, 2]), [1, 2], 3)) == [[3, 1, 2]]
 
 
+def test_suffixes_up_to_three_tokens_are_looked_up() -> None:
+    """MAX_NGRAM is 3: a three-token match earlier in the prompt outranks a later two-token
+    one, and a four-token match ranks no higher than a later three-token one."""
+    prompt = np.array([1, 2, 3, 40, 9, 2, 3, 50, 0])  # [1, 2, 3] at 0; [2, 3] again at 5
+    assert next(prompt_lookup_drafts(prompt, [1, 2, 3], 1)) == [40]
+    prompt = np.array([7, 1, 2, 3, 40, 9, 1, 2, 3, 50, 0])  # [7, 1, 2, 3] at 0; [1, 2, 3] at 6
+    assert next(prompt_lookup_drafts(prompt, [7, 1, 2, 3], 1)) == [50]
+
+
 def test_at_most_max_drafts_candidates():
     prompt = np.array([1, 2] * (MAX_DRAFTS + 5) + [3])
     assert len(list(prompt_lookup_drafts(prompt, [1], 2))) == MAX_DRAFTS
