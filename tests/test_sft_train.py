@@ -500,3 +500,28 @@ def test_base_bf16_keeps_the_base_in_bf16_and_lora_in_fp32(tokenizer, monkeypatc
     train_lora(model, examples, 2, replace(cfg, base_bf16=False, max_steps=1),
                LoRAConfig(r=8, alpha=16), progress=False)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("stats", [{"split": "eval"}, {"split": "calibration"},
+                                   {"split": "all", "articles": ["Normans", "harvard university"]}])
+def test_train_generator_refuses_demonstrations_of_held_out_articles(tmp_path: Path,
+                                                                     stats: dict) -> None:
+    """As `train reward` does: the .stats.json beside the demonstrations (their records name
+    no article) saying the calibration or eval articles is refused before any model loads (the
+    adapter was trained, its card naming the eval articles)."""
+    from typer.testing import CliRunner
+
+    from citeqa.evals.squad import split_of_article
+    from citeqa.training.cli import app
+    from citeqa.training.demos import write_demos
+
+    assert split_of_article("Harvard_University") == "eval"
+    write_demos(tmp_path / "demos.jsonl", DEMOS)
+    (tmp_path / "demos.jsonl.stats.json").write_text(json.dumps(stats))
+    result = CliRunner().invoke(app, [
+        "generator", "--data", str(tmp_path / "demos.jsonl"), "--out", str(tmp_path / "ad"),
+        "--model", str(tmp_path / "no-model"), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert ("held out" in said if "articles" not in stats else "(harvard university)" in said), said
+    assert not (tmp_path / "ad").exists()

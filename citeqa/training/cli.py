@@ -229,6 +229,7 @@ def generator(
             gen = replace(gen, model=model)
         if gen.model == "fake":
             raise fail("the fake generator has no weights to train; pass --model")
+        _check_demos_trainable(data)
         demos = read_demos(data)
         if cache_dir is None:
             cache_dir = settings_from().cache_dir
@@ -450,6 +451,23 @@ def _redteam_data(items: list[QAItem], out: Path, seed: int) -> dict[str, Any]:
     kinds = Counter(v.kind for v in variants)
     return {"seeds": len(seeds), "variants": len(variants), "by_kind": dict(sorted(kinds.items())),
             "unanswerable": sum(not v.answerable for v in variants), "examples": len(made)}
+
+
+def _check_demos_trainable(data: Path) -> None:
+    """ConfigError when the ``.stats.json`` beside demonstrations says they were made from
+    the calibration or eval articles (their records do not name an article)."""
+    from citeqa.evals.squad import HELD_OUT_SPLITS, check_training_articles
+    from citeqa.training.cards import data_stats
+
+    stats = data_stats(data)
+    split = stats.get("split")
+    if split in HELD_OUT_SPLITS:
+        raise ConfigError(f"--data {data} was made from --split {split} (its .stats.json): "
+                          f"the {split} articles are held out, never trained on; make the "
+                          "demonstrations with --split train")
+    articles = stats.get("articles")
+    check_training_articles([a for a in articles if isinstance(a, str)]
+                            if isinstance(articles, list) else [], f"--data {data}")
 
 
 def _with_mode(gen, answer_mode: str | None):
