@@ -82,6 +82,63 @@ def test_squad_questions_are_labelled_by_answerability_and_centred_on_their_answ
     assert out[0].judged.question == "Who swore fealty?" and out[0].judged.title == "Normans"
 
 
+# "Dublin" twice, far apart: the question is about the second mention
+TWICE = ("Dublin was home to many refugees, and their churches stood in Dublin, Cork and "
+         "Youghal in the 17th century. " + "Trade grew along the rivers and the coast. " * 12
+         + "Today D'Olier Street in Dublin recalls a Huguenot family of goldsmiths.")
+SECOND = TWICE.index("in Dublin recalls") + 3
+
+
+def test_a_squad_question_is_centred_where_the_file_puts_its_answer() -> None:
+    """The answer's first occurrence was taken: 55 of qa.json's answerable questions were
+    shown around another mention, 17 of them on a view that cannot answer them, labelled 1."""
+    items = [QAItem("a", "Where is D'Olier Street?", ("Dublin",), "Huguenot", TWICE),
+             QAItem("u", "Where is D'Olier Lane?", (), "Huguenot", TWICE),
+             QAItem("w", "Where is D'Olier Street?", ("Dublin",), "Huguenot", TWICE)]
+    starts = {"a": {"Dublin": SECOND}, "u": {"Dublin": SECOND},
+              "w": {"Dublin": SECOND + 1}}  # not where the file says: its first occurrence
+    answered, unanswered, wrong = squad_examples(items, {"u": ["Dublin"]}, starts)
+    for ex in (answered, unanswered):
+        assert "D'Olier Street" in ex.judged.quote, ex.judged.quote
+    assert "D'Olier" not in wrong.judged.quote + wrong.judged.after
+    assert [ex.label for ex in (answered, unanswered, wrong)] == [1, 0, 1]
+    first = list(squad_examples(items[:1], {}))[0]  # without starts: the first occurrence
+    assert "D'Olier" not in first.judged.quote
+
+
+def test_answerability_examples_read_each_answers_start_from_the_file(tmp_path: Path) -> None:
+    from citeqa.training.reward_cli import answerability_examples
+
+    qas = [{"id": "a", "question": "Where is D'Olier Street?", "is_impossible": False,
+            "answers": [{"text": "Dublin", "answer_start": SECOND}]},
+           {"id": "u", "question": "Where is D'Olier Lane?", "is_impossible": True, "answers": [],
+            "plausible_answers": [{"text": "Dublin", "answer_start": SECOND}]}]
+    squad = tmp_path / "squad.json"
+    squad.write_text(json.dumps({"version": "v2.0", "data": [
+        {"title": "Dublin_streets", "paragraphs": [{"context": TWICE, "qas": qas}]}]}))
+    examples = answerability_examples([squad], None, 0, seed=0)
+    assert sorted(ex.label for ex in examples) == [0, 1]
+    assert all("D'Olier Street" in ex.judged.quote for ex in examples)
+
+
+@pytest.mark.parametrize("field, value", [("article", None), ("passage", None),
+                                          ("question", 3), ("answerable", "no"),
+                                          ("answers", [None]), ("answer", 1.5)])
+def test_a_variants_file_with_a_wrongly_typed_field_is_a_source_error(
+        tmp_path: Path, field: str, value: object) -> None:
+    """A null article or passage was a TypeError / AttributeError traceback."""
+    from citeqa.errors import SourceError
+    from citeqa.training.reward_cli import answerability_examples
+
+    record = {**variant("negation", False).to_json(), field: value}
+    (tmp_path / "v.variants.jsonl").write_text(json.dumps(record) + "\n")
+    with pytest.raises(SourceError, match=f"not a red-team variants file .*'{field}' is "):
+        answerability_examples([], tmp_path / "v.variants.jsonl", 5, seed=0)
+    assert Variant.from_json(variant("negation", False).to_json()) == variant("negation", False)
+    with pytest.raises(ValueError, match="not an object"):
+        Variant.from_json([1])
+
+
 def variant(kind: str, answerable: bool, answer: str | None = "Rollo") -> Variant:
     return Variant(f"{kind} question", kind, answerable, "Who swore fealty to Charles III?",
                    answer, CONTEXT, "x -> y", "s1", article="Norman_conquest")

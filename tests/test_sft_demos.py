@@ -393,7 +393,7 @@ def test_an_answer_start_missing_wrong_or_off_falls_back_to_the_first_occurrence
     path = tmp_path / "qa.json"
     path.write_text(json.dumps(squad))
     starts = squad_answer_starts(path)
-    assert starts["q1"] == {} and starts["q2"] == {} and starts["q4"] == {"James Watt": 999}
+    assert "q1" not in starts and "q2" not in starts and starts["q4"] == {"James Watt": 999}
     from citeqa.training.verifier_data import plausible_answers
     assert plausible_answers(path) == {}
     from citeqa.ingest import load_sources

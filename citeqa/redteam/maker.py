@@ -27,10 +27,11 @@ give the same variants.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from citeqa.redteam.corpus import NUMBER, YEAR, Corpus, names_in
@@ -76,6 +77,30 @@ class Variant:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Variant:
+        """A variant as ``to_json`` wrote it; ValueError saying which field is wrong (a null
+        or a number where text belongs failed later, in a traceback)."""
+        if not isinstance(obj, dict):
+            raise ValueError(f"a record is {json.dumps(obj)[:60]}, not an object")
+        try:
+            made = cls(**obj)
+        except TypeError as e:  # a field missing or unknown
+            raise ValueError(str(e)) from None
+        for f in fields(cls):
+            value = getattr(made, f.name)
+            if f.name == "answerable":
+                right = isinstance(value, bool)
+            elif f.name == "answer":
+                right = value is None or isinstance(value, str)
+            elif f.name == "answers":
+                right = isinstance(value, list | tuple) and all(isinstance(a, str) for a in value)
+            else:
+                right = isinstance(value, str)
+            if not right:
+                raise ValueError(f"a record's {f.name!r} is {json.dumps(value)[:60]}")
+        return replace(made, answers=tuple(made.answers))
 
 
 MONTHS = ("January February March April May June July August September October November "

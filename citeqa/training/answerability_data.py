@@ -9,7 +9,7 @@ the passage alone never gives the label away.
 
 - ``squad_examples``: every question of a SQuAD 2.0 file with its own paragraph, centred on a
   gold answer (answerable) or on a plausible answer (unanswerable; the paragraph's middle when
-  it has none).
+  it has none), where the file's ``answer_start`` puts it.
 - ``redteam_examples``: per unanswerable variant, the variant (0) and its original question (1)
   on the same view; a paraphrase control (1) alone.
 - ``sample_lines``: a seeded uniform sample of a large JSONL file's lines in one pass.
@@ -48,9 +48,17 @@ def view(question: str, text: str, title: str, start: int, end: int) -> Judged:
     return Judged(question, "", text[quote[0]:quote[1]], title, before, after)
 
 
-def _anchor(context: str, answers: Sequence[str]) -> tuple[int, int]:
+def _anchor(context: str, answers: Sequence[str], starts: Mapping[str, int]
+            ) -> tuple[int, int]:
+    """The first answer's place in ``context``: where the file says it is (``starts``), else
+    its first occurrence (the same words earlier in a paragraph are often another mention, a
+    view around which may not answer the question at all)."""
     for a in answers:
-        i = context.find(a) if a.strip() else -1
+        if not a.strip():
+            continue
+        i = starts.get(a, -1)
+        if i < 0 or not context.startswith(a, i):
+            i = context.find(a)
         if i >= 0:
             return i, i + len(a)
     # none: a character at the middle (an empty span fits no quote, and the view fell back to
@@ -61,16 +69,19 @@ def _anchor(context: str, answers: Sequence[str]) -> tuple[int, int]:
     return mid, mid + 1
 
 
-def squad_examples(items: Iterable[QAItem], plausible: Mapping[str, Sequence[str]]
+def squad_examples(items: Iterable[QAItem], plausible: Mapping[str, Sequence[str]],
+                   starts: Mapping[str, Mapping[str, int]] | None = None
                    ) -> Iterator[Labelled]:
-    """Every question that names its paragraph, shown with it (see the module docstring)."""
+    """Every question that names its paragraph, shown with it (see the module docstring);
+    ``starts``: question id -> {answer or plausible answer: its ``answer_start``}
+    (``squad_answer_starts``)."""
     for item in items:
         if not item.context.strip():
             continue
         # whether the file gives an answer ("$" normalises to nothing, yet answers the question)
         answered = bool(item.answers)
         anchors = item.answers if answered else plausible.get(item.id, ())
-        start, end = _anchor(item.context, anchors)
+        start, end = _anchor(item.context, anchors, (starts or {}).get(item.id, {}))
         kind = "answerable" if answered else "unanswerable"
         yield Labelled(view(item.question, item.context, item.article.replace("_", " "),
                             start, end), int(answered), f"squad2:{kind}")

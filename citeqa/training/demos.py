@@ -278,10 +278,11 @@ def make_demo(
 # -- I/O -----------------------------------------------------------------------------------------
 
 
-def squad_answer_starts(path: Path) -> dict[str, dict[str, int]]:
-    """question id -> {answer text: first answer_start} of a SQuAD JSON file ({} for JSONL);
-    an answer without an integer ``answer_start`` has no entry (its first occurrence is used:
-    the question loader checked the file's shape, not this field)."""
+def squad_answer_starts(path: Path, field: str = "answers") -> dict[str, dict[str, int]]:
+    """question id -> {answer text: first answer_start} of a SQuAD JSON file ({} for JSONL),
+    of its ``field`` ("plausible_answers": an unanswerable's), for the questions that have
+    one; an answer without an integer ``answer_start`` has no entry (its first occurrence is
+    used: the question loader checked the file's shape, not this field)."""
     try:
         obj = json.loads(read_question_file(path))
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -293,11 +294,12 @@ def squad_answer_starts(path: Path) -> dict[str, dict[str, int]]:
         for paragraph in squad_objects(article, "paragraphs"):
             for qa in squad_objects(paragraph, "qas"):
                 starts: dict[str, int] = {}
-                for a in squad_objects(qa, "answers"):
+                for a in squad_objects(qa, field):
                     start = a.get("answer_start")
                     if isinstance(a.get("text"), str) and type(start) is int:
                         starts.setdefault(a["text"], start)
-                out[str(qa.get("id"))] = starts
+                if starts:
+                    out[str(qa.get("id"))] = starts
     return out
 
 

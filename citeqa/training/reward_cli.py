@@ -43,6 +43,7 @@ from citeqa.training.cards import data_stats
 
 if TYPE_CHECKING:
     from citeqa.reward.data import Example, VerifierData
+    from citeqa.training.answerability_data import Labelled
 
 log = logging.getLogger(__name__)
 
@@ -348,53 +349,20 @@ def answerability_to_dir(squad: list[Path], out: Path, *, redteam: Path | None,
                          threads: int | None = None, progress: bool = True,
                          cfg_kw: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build the examples, build (or resume) the reader in ``out``, train it; its record."""
-    import random
     from collections import Counter
 
     import torch
 
-    from citeqa.errors import SourceError
-    from citeqa.evals.squad import (
-        check_not_held_out,
-        check_training_articles,
-        load_squad_questions,
-    )
-    from citeqa.redteam.maker import Variant
     from citeqa.retrieval.embed import minilm_dir
     from citeqa.reward.answerability import Answerability, load_answerability
     from citeqa.reward.answerability_train import AnswerabilityConfig, train_answerability
     from citeqa.reward.train import saved_progress
-    from citeqa.training.answerability_data import (
-        Labelled,
-        redteam_examples,
-        sample_lines,
-        squad_examples,
-    )
-    from citeqa.training.verifier_data import plausible_answers
 
     _check_no_other_model(out, "an answerability reader")
     if threads:
         torch.set_num_threads(threads)
     cfg = AnswerabilityConfig(**(cfg_kw or {}))
-    examples: list[Labelled] = []
-    for path in squad:
-        questions = load_squad_questions(path)
-        check_not_held_out(questions, f"--squad {path}")
-        examples += squad_examples(questions, plausible_answers(path))
-    if redteam is not None and redteam_variants:
-        try:
-            variants = [Variant(**json.loads(line))
-                        for line in sample_lines(redteam, redteam_variants, cfg.seed)]
-        except (OSError, ValueError, TypeError) as e:
-            raise SourceError(f"{redteam} is not a red-team variants file ({e}); make one with "
-                              "`citeqa train reward-data --from redteam`") from None
-        check_training_articles([*data_articles([], [redteam]), *(v.article for v in variants)],
-                                str(redteam))
-        examples += redteam_examples(variants)
-    random.Random(cfg.seed).shuffle(examples)
-    if len({ex.label for ex in examples}) < 2:
-        raise SourceError(f"{[str(p) for p in squad]}: the reader needs answerable and "
-                          f"unanswerable questions, got {len(examples)} examples")
+    examples = answerability_examples(squad, redteam, redteam_variants, cfg.seed)
     base_dir = Path(base) if base else minilm_dir()
     if saved_progress(Path(out)) is not None:
         model, tokenizer, _ = load_answerability(Path(out))
@@ -413,6 +381,53 @@ def answerability_to_dir(squad: list[Path], out: Path, *, redteam: Path | None,
     }
     return train_answerability(model, tokenizer, examples, cfg, out=out, extra=extra,
                                progress=progress)
+
+
+def answerability_examples(squad: list[Path], redteam: Path | None, redteam_variants: int,
+                           seed: int) -> list[Labelled]:
+    """The reader's examples, shuffled: each question of the ``squad`` files on its own
+    paragraph, and ``redteam_variants`` variants of ``redteam`` drawn with ``seed`` beside
+    their originals (answerability_data.py). ConfigError for held-out articles, SourceError
+    for a file that is no variants file or data of one label."""
+    import random
+
+    from citeqa.errors import SourceError
+    from citeqa.evals.squad import (
+        check_not_held_out,
+        check_training_articles,
+        load_squad_questions,
+    )
+    from citeqa.redteam.maker import Variant
+    from citeqa.training.answerability_data import (
+        redteam_examples,
+        sample_lines,
+        squad_examples,
+    )
+    from citeqa.training.demos import squad_answer_starts
+    from citeqa.training.verifier_data import plausible_answers
+
+    examples: list[Labelled] = []
+    for path in squad:
+        questions = load_squad_questions(path)
+        check_not_held_out(questions, f"--squad {path}")
+        # (a question has answers or plausible answers: SQuAD 2.0's unanswerables the second)
+        starts = {**squad_answer_starts(path, "plausible_answers"), **squad_answer_starts(path)}
+        examples += squad_examples(questions, plausible_answers(path), starts)
+    if redteam is not None and redteam_variants:
+        try:
+            variants = [Variant.from_json(json.loads(line))
+                        for line in sample_lines(redteam, redteam_variants, seed)]
+        except (OSError, ValueError, TypeError) as e:
+            raise SourceError(f"{redteam} is not a red-team variants file ({e}); make one with "
+                              "`citeqa train reward-data --from redteam`") from None
+        check_training_articles([*data_articles([], [redteam]), *(v.article for v in variants)],
+                                str(redteam))
+        examples += redteam_examples(variants)
+    random.Random(seed).shuffle(examples)
+    if len({ex.label for ex in examples}) < 2:
+        raise SourceError(f"{[str(p) for p in squad]}: the reader needs answerable and "
+                          f"unanswerable questions, got {len(examples)} examples")
+    return examples
 
 
 CARD = "MODEL_CARD.md"
