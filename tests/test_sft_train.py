@@ -377,6 +377,34 @@ def test_a_finished_adapter_is_neither_retrained_nor_replaced_by_another_run(
     assert (tmp_path / "adapter.safetensors").read_bytes() == weights
 
 
+def test_a_rerun_after_a_crash_before_the_adapter_writes_it_and_says_so(
+        tokenizer, tmp_path: Path, monkeypatch) -> None:
+    """Killed after its last checkpoint but before the adapter was saved, a rerun trains no
+    step and writes the adapter: it was reported "already trained (nothing to do)"."""
+    import citeqa.training.sft as sft
+
+    def run() -> dict:
+        return run_sft(tiny_model(len(tokenizer)), tokenizer, "tiny", DEMOS, tmp_path, GEN,
+                       TrainConfig(lr=1e-2, batch_size=2, max_steps=3, save_every=1),
+                       LoRAConfig(r=4), progress=False)
+
+    saving = sft.save_adapter
+
+    def killed(*args, **kwargs) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sft, "save_adapter", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    assert not (tmp_path / "adapter.safetensors").exists()
+    monkeypatch.setattr(sft, "save_adapter", saving)
+    record = run()
+    assert record["trained_now"] == 0 and not record.get("nothing_to_do")
+    assert (tmp_path / "adapter.safetensors").is_file() and record["steps"] == len(
+        record["history"]) > 0
+    assert run()["nothing_to_do"]
+
+
 def test_run_sft_removes_its_checkpoint_when_done(tokenizer, tmp_path: Path) -> None:
     model = tiny_model(len(tokenizer))
     run_sft(model, tokenizer, "tiny", DEMOS, tmp_path, GEN,

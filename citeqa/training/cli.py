@@ -250,7 +250,9 @@ def generator(
             )
     except (CiteqaError, ValueError) as e:
         raise fail(str(e)) from None
-    done = "already trained (nothing to do): " if record.get("trained_now") == 0 else ""
+    # (a rerun after a crash between the last checkpoint and the adapter trains no step, yet
+    # writes the adapter)
+    done = "already trained (nothing to do): " if record.get("nothing_to_do") else ""
     typer.echo(
         f"{done}trained {record['steps']} steps on {record['examples']} examples in "
         f"{record['seconds']:.1f} s ({record['seconds_per_step']:.2f} s/step, peak RSS "

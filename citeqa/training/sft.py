@@ -547,13 +547,13 @@ def run_sft(
     if finished is not None:  # no checkpoint left: the adapter there is done
         if finished.get("run_key") == key:  # (the key holds the base model's fingerprint)
             logger.info("%s already holds this run's adapter: nothing to train", out)
-            return {**finished, "trained_now": 0}
+            return {**finished, "trained_now": 0, "nothing_to_do": True}
         raise ValueError(f"{out} holds an adapter trained by another run (other data, settings "
                          "or base model); choose another --out, or delete it to train afresh")
     if (done := _trained_to(out, key, total)) is not None:  # cut short by --max-steps, as now
         logger.info("%s already holds this run's adapter of %d steps: nothing to train", out,
                     total)  # (rewriting it recorded this process's peak memory and timings)
-        return {**done, "trained_now": 0}
+        return {**done, "trained_now": 0, "nothing_to_do": True}
     if next(model.parameters()).is_cuda:  # this training's peak, not an earlier one's
         torch.cuda.reset_peak_memory_stats(next(model.parameters()).device)
     wrapped, log = train_lora(model, examples, pad_id, train, lora, progress=progress,
