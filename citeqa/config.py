@@ -16,13 +16,13 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from citeqa.atomic import recover_dir
-from citeqa.compute import CpuDtype
+from citeqa.compute import CPU_DTYPES, CpuDtype
 from citeqa.errors import ConfigError
 from citeqa.generation.format import AnswerMode
 from citeqa.generation.models import DEFAULT_MODEL
@@ -156,6 +156,21 @@ class GenerationConfig:
     url: str | None = None
     served_model: str | None = None
     concurrency: int = 8
+
+    def __post_init__(self) -> None:
+        # (a minimum quote length above the maximum refused every quote: each question
+        # declined, without a word)
+        _check_fields(
+            self, top_k_passages=self.top_k_passages >= 1, passage_chars=self.passage_chars >= 1,
+            n_candidates=self.n_candidates >= 1,
+            temperature=0 <= self.temperature < math.inf,
+            max_answer_tokens=self.max_answer_tokens >= 1,
+            min_quote_chars=0 <= self.min_quote_chars <= self.max_quote_chars,
+            max_quote_chars=self.max_quote_chars >= 1,
+            answer_mode=self.answer_mode in get_args(AnswerMode),
+            speculative_quote_tokens=self.speculative_quote_tokens >= 0,
+            threads=self.threads is None or self.threads >= 1,
+            cpu_dtype=self.cpu_dtype in CPU_DTYPES, concurrency=self.concurrency >= 1)
 
 
 @dataclass(frozen=True)

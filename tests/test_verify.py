@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -298,3 +299,20 @@ def test_a_quote_repeated_hundreds_of_times_outside_its_window_is_still_located(
     """A quote standing 500 times alike outside its window was refused as too ambiguous."""
     doc = "Intro text here. " + "Rollo swore fealty. " * 500
     assert locate("Rollo swore fealty.", doc, (0, 16)) == (17, 36)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("min_quote_chars", 201), ("min_quote_chars", -1), ("max_quote_chars", 0),
+    ("top_k_passages", 0), ("passage_chars", 0), ("n_candidates", 0), ("temperature", -0.1),
+    ("temperature", float("nan")), ("max_answer_tokens", 0), ("answer_mode", "spans"),
+    ("speculative_quote_tokens", -1), ("threads", 0), ("cpu_dtype", "bf32"),
+    ("concurrency", 0)])
+def test_a_generation_config_no_question_could_be_answered_with_is_refused(
+        field: str, value: object) -> None:
+    """A minimum quote length above the maximum refused every quote (each question declined,
+    without a word); the other fields alike failed later, or at every question."""
+    from citeqa.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"GenerationConfig: invalid .*\\b{field}="):
+        GenerationConfig(**{field: value})
+    GenerationConfig(min_quote_chars=200, max_quote_chars=200, temperature=0, threads=None)
