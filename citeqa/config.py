@@ -186,6 +186,10 @@ class RewardConfig:
     # scoring for a longer start-up, where a C++ compiler is installed (else it scores eagerly)
     compile: bool = False
 
+    def __post_init__(self) -> None:
+        # (no score is below NaN: every answer was given, whatever its score)
+        _check_fields(self, threshold=self.threshold is None or not math.isnan(self.threshold))
+
 
 @dataclass(frozen=True)
 class Config:

@@ -316,3 +316,13 @@ def test_a_generation_config_no_question_could_be_answered_with_is_refused(
     with pytest.raises(ConfigError, match=f"GenerationConfig: invalid .*\\b{field}="):
         GenerationConfig(**{field: value})
     GenerationConfig(min_quote_chars=200, max_quote_chars=200, temperature=0, threads=None)
+
+
+def test_a_reward_threshold_of_nan_is_refused() -> None:
+    """No score is below NaN: every answer was given, whatever its score."""
+    from citeqa.config import RewardConfig
+    from citeqa.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="RewardConfig: invalid threshold=nan"):
+        RewardConfig(threshold=float("nan"))
+    assert RewardConfig(threshold=0.9).threshold == 0.9
