@@ -1,5 +1,5 @@
-"""Helpers shared by several test modules: the one small test corpus, and the real app on a real
-loopback socket (uvicorn in a thread)."""
+"""Helpers shared by several test modules: the one small test corpus, the real app on a real
+loopback socket (uvicorn in a thread), and a tiny random Llama."""
 
 from __future__ import annotations
 
@@ -157,3 +157,20 @@ def flock_held_elsewhere(path: Any) -> Iterator[None]:
     finally:
         holder.kill()
         holder.wait()
+
+
+def tiny_llama(vocab: int, seed: int = 0) -> Any:
+    """A randomly initialised 2-layer Llama (hidden 32): SmolLM2's shape, minus the size."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        # Wide enough embeddings that a unit-RMS hidden state can reach confident logits (and
+        # greedy choices are not near ties).
+        initializer_range=0.3,
+    )
+    return LlamaForCausalLM(cfg).eval()

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama
+from transformers import AutoTokenizer
 
 from citeqa.config import GenerationConfig
 from citeqa.generation.adapter import adapter_id
@@ -39,17 +40,7 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def tiny_model(vocab: int, seed: int = 0) -> LlamaForCausalLM:
-    """A randomly initialised 2-layer Llama (hidden 32): SmolLM2's shape, minus the size."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        # Wide enough embeddings that a unit-RMS hidden state can reach confident logits.
-        initializer_range=0.3,
-    )
-    return LlamaForCausalLM(cfg).eval()
+tiny_model = tiny_llama
 
 
 def _demo(i: int) -> Demo:
