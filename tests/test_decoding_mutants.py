@@ -223,3 +223,132 @@ def test_a_budget_an_accepted_draft_fills_ends_the_row(smollm2):
         [[c]] = smollm2.generate([GenerationRequest(messages=MESSAGES, grammar=grammar,
                                                     max_tokens=budget)])
         assert c.n_tokens <= budget, (budget, c.text)
+
+
+# -- second part: cut rows, stop tokens, samples' forced text, the cached system turn ----------
+
+SHORT_MESSAGES = (
+    {"role": "system", "content": "Reply in a few words."},
+    {"role": "user", "content": "Where is the Imperial Palace?"},
+)
+
+
+def scripted(monkeypatch, tokens: list[int]) -> None:
+    """Make the backend choose ``tokens`` in turn, whatever the model says (log-prob 0)."""
+    from citeqa.generation import hf
+
+    left = iter(tokens)
+    monkeypatch.setattr(hf, "choose", lambda scores, temperature, generator: (next(left), 0.0))
+
+
+def test_a_row_without_a_grammar_cut_by_its_budget_inside_a_character_leaves_it_out(
+        tokenizer, monkeypatch):
+    """An unconstrained row (no grammar truncates it to where it could end) whose budget ran
+    out inside a character's bytes is decoded as cut: the character is left out, not written
+    as U+FFFD. (Killed: ``cut`` only for a row past its budget, which none is.)"""
+    from citeqa.generation.hf import HFBackend
+
+    whole = tokenizer.encode("Tokyo 東京", add_special_tokens=False)
+    assert tokenizer.decode(whole[:6]).endswith("\ufffd")  # SmolLM2 splits 京 in two tokens
+    backend = HFBackend(tiny_llama(len(tokenizer)), tokenizer, "tiny", speculative_tokens=0)
+    for budget, text in ((6, "Tokyo 東"), (len(whole), "Tokyo 東京")):
+        scripted(monkeypatch, whole)
+        [[c]] = backend.generate([GenerationRequest(messages=SHORT_MESSAGES, max_tokens=budget)])
+        assert (c.text, c.n_tokens) == (text, budget)
+
+
+def preferring(monkeypatch, tokens: list[int]) -> None:
+    """Make the backend choose, of the tokens the grammar allows, the first of ``tokens``."""
+    from citeqa.generation import hf
+
+    def choose(scores, temperature, generator):  # type: ignore[no-untyped-def]
+        ids, logits = scores
+        allowed = (set(ids.tolist()) if ids is not None
+                   else set(torch.isfinite(logits).nonzero()[:, 0].tolist()))
+        return next(t for t in tokens if t in allowed), -1.0
+
+    monkeypatch.setattr(hf, "choose", choose)
+
+
+def test_every_sample_of_a_request_keeps_the_forced_text_that_could_end_it(
+        tokenizer, monkeypatch):
+    """The grammar forces "Answer: yes." (a whole output), then a row may go on; a row its
+    budget cuts before it could end again keeps that text, in each of the ``n`` samples, not
+    only the first. (Killed: the other rows' last accepting point reset to 0, and forced
+    tokens not marking where the output could end: the rows came out empty.)"""
+    from citeqa.generation.hf import HFBackend
+
+    grammar = 'start: "Answer: yes." tail?\ntail: "\\nMore: " /[a-z]+/ "!"\n'
+    preferring(monkeypatch, [198, *tokenizer.encode(" abc", add_special_tokens=False),
+                             *tokenizer.encode("abc", add_special_tokens=False)])
+    backend = HFBackend(tiny_llama(len(tokenizer)), tokenizer, "tiny", speculative_tokens=0)
+    for budget in (9, 11):  # cut inside "\nMore: abcabc...", which never ends
+        outs = backend.generate([GenerationRequest(messages=SHORT_MESSAGES, max_tokens=budget,
+                                                   grammar=grammar, n=3, temperature=1.0,
+                                                   seed=1)])
+        assert [(c.text, c.n_tokens) for c in outs[0]] == [("Answer: yes.", budget)] * 3
+
+
+def test_a_new_system_text_replaces_the_cached_system_turn(tokenizer, monkeypatch):
+    """The system turn's keys and values are cached for the last system text seen: a request
+    with another system text computes and caches its own, and the next request with that text
+    prefills only what follows it. (Killed: the first system text's cache kept for every
+    other text, which then shares next to nothing of it and is prefilled whole, always.)"""
+    from citeqa.generation.hf import HFBackend
+    from citeqa.generation.kv import MIN_PREFIX
+
+    backend = HFBackend(tiny_llama(len(tokenizer)), tokenizer, "tiny", speculative_tokens=0)
+    widths = []
+    real = backend._forward
+
+    def spy(ids, cache, mask, positions, *, keep, stats):  # type: ignore[no-untyped-def]
+        widths.append(ids.shape[1])
+        return real(ids, cache, mask, positions, keep=keep, stats=stats)
+
+    monkeypatch.setattr(backend, "_forward", spy)
+    other = ({"role": "system", "content": "Quote a passage word for word, then stop."},
+             SHORT_MESSAGES[1])
+    for messages in (SHORT_MESSAGES, other, other):
+        widths.clear()
+        [[c]] = backend.generate([GenerationRequest(messages=messages, max_tokens=1)])
+        text, prefix = backend.prefix_cache.last
+        assert text == messages[0]["content"] and len(prefix.tokens) >= MIN_PREFIX
+        prompt = backend.prompt_ids(messages)
+        assert prompt[: len(prefix.tokens)] == prefix.tokens
+        assert widths[0] == len(prompt) - len(prefix.tokens)
+
+
+def test_a_stop_token_ends_a_row_and_is_not_one_of_its_tokens(tokenizer, monkeypatch):
+    """A row that chooses a stop token ends there: the stop token is not counted in its
+    ``n_tokens`` (nor in its budget), and an output of one stop token is empty. (Killed: the
+    stop token appended to the row before the check.)"""
+    from citeqa.generation.hf import HFBackend
+
+    backend = HFBackend(tiny_llama(len(tokenizer)), tokenizer, "tiny", speculative_tokens=0)
+    stop = min(backend._stop)
+    words = tokenizer.encode("Tokyo 東京", add_special_tokens=False)
+    for tokens, text in ((words, "Tokyo 東京"), ([], "")):
+        scripted(monkeypatch, [*tokens, stop])
+        [[c]] = backend.generate([GenerationRequest(messages=SHORT_MESSAGES, max_tokens=16)])
+        assert (c.text, c.n_tokens) == (text, len(tokens))
+    scripted(monkeypatch, [*words, stop])  # a budget the text fills exactly: no stop needed
+    [[c]] = backend.generate([GenerationRequest(messages=SHORT_MESSAGES, max_tokens=len(words))])
+    assert (c.text, c.n_tokens) == ("Tokyo 東京", len(words))
+
+
+def test_a_row_cut_by_its_budget_keeps_what_it_chose_up_to_where_it_could_end(
+        tokenizer, monkeypatch):
+    """The row chooses "yes." (the output could end there), then goes on into a part its
+    budget cuts before it could end again: it keeps "Answer: yes.", where its own chosen
+    token last let it end. (Killed: only forced tokens marking that point: empty.)"""
+    from citeqa.generation.hf import HFBackend
+
+    grammar = 'start: "Answer: " /[a-z]+/ "." tail?\ntail: "\\nMore: " /[a-z]+/ "!"\n'
+    enc = [tokenizer.encode(s, add_special_tokens=False) for s in (".", "\n", " yes", "yes")]
+    assert all(len(e) == 1 for e in enc)
+    preferring(monkeypatch, [e[0] for e in enc])
+    backend = HFBackend(tiny_llama(len(tokenizer)), tokenizer, "tiny", speculative_tokens=0)
+    for budget in (10, 12):
+        [[c]] = backend.generate([GenerationRequest(messages=SHORT_MESSAGES, max_tokens=budget,
+                                                    grammar=grammar)])
+        assert (c.text, c.n_tokens) == ("Answer: yes.", budget)
