@@ -68,8 +68,9 @@ def timed(fn: Callable[[], object]) -> float:
 def generator_models(formats: tuple[str, ...]):
     """Plain fp32 transformers, citeqa fp16w and citeqa bf16 models of the packaged SmolLM2
     (those of ``formats``)."""
+    import torch
 
-    from citeqa.generation.cpu_linear import install_cpu_linears, parameters_to_bf16
+    from citeqa.generation.cpu_linear import cast_parameters, install_cpu_linears
     from citeqa.generation.models import load_model, store_linear_weights_fp16
 
     plain, tokenizer, _ = load_model("smollm2", CACHE, device="cpu")
@@ -79,7 +80,7 @@ def generator_models(formats: tuple[str, ...]):
         store_linear_weights_fp16(models["fp16w"])
     if "bf16" in formats:
         models["bf16"] = copy.deepcopy(plain)
-        parameters_to_bf16(models["bf16"])
+        cast_parameters(models["bf16"], torch.bfloat16)
         install_cpu_linears(models["bf16"].get_decoder())
     return models, tokenizer
 

@@ -16,11 +16,11 @@ from citeqa.generation.cpu_linear import (
     CpuLinear,
     Fp16Linear,
     OnednnLinear,
+    cast_parameters,
     install_cpu_linears,
     install_fp16_linears,
     install_onednn_linears,
     onednn_available,
-    parameters_to_bf16,
     quantize_per_channel,
 )
 
@@ -101,7 +101,7 @@ def test_parameters_go_to_bf16_and_float_buffers_stay_fp32() -> None:
 
     m = Rotary()
     exact = m.inv_freq.clone()
-    parameters_to_bf16(m)
+    cast_parameters(m, torch.bfloat16)
     assert m.proj.weight.dtype == torch.bfloat16 and m.proj.bias.dtype == torch.bfloat16
     assert m.inv_freq.dtype == torch.float32 and torch.equal(m.inv_freq, exact)
 

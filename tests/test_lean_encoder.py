@@ -14,10 +14,10 @@ from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 from citeqa import lean_encoder
 from citeqa.generation.cpu_linear import (
     OnednnLinear,
+    cast_parameters,
     install_cpu_linears,
     install_onednn_linears,
     onednn_available,
-    parameters_to_bf16,
 )
 from citeqa.lean_encoder import ROWS_MULTIPLE, LeanEncoder, use_lean_encoder
 
@@ -30,7 +30,7 @@ def tiny(*, bf16: bool = True, kind=BertModel, config=BertConfig, **kw) -> nn.Mo
     torch.manual_seed(0)
     model = kind(config(**SIZES, **kw)).eval()
     if bf16:
-        parameters_to_bf16(model)
+        cast_parameters(model, torch.bfloat16)
         install_cpu_linears(model, int8_decode=False)
     return model
 
