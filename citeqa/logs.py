@@ -102,31 +102,42 @@ LOAD_REPORT_LOGGER = "transformers.modeling_utils"
 
 
 class _NoLoadReport(logging.Filter):
-    """Drops transformers' weight-load report logged by one thread."""
+    """Holds back transformers' weight-load report logged by one thread."""
 
     def __init__(self, thread: int) -> None:
         super().__init__()
         self.thread = thread
+        self.held: list[logging.LogRecord] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.thread != self.thread or "LOAD REPORT" not in str(record.msg)
+        if record.thread != self.thread or "LOAD REPORT" not in str(record.msg):
+            return True
+        self.held.append(record)
+        return False
 
 
 @contextmanager
 def without_load_report() -> Iterator[None]:
     """transformers' table of missing, unexpected and mismatched weights not logged by this
     thread inside the block (unless ``--verbose``): for a caller that checks them itself and
-    says what is wrong in its own error (the table printed first, then the error)."""
+    says what is wrong in its own error (the table printed first, then the error). Where the
+    block raises, the table is logged after all: transformers' own errors (weights it could
+    not convert) say only "see the report above"."""
     if _verbose:
         yield
         return
     logger = logging.getLogger(LOAD_REPORT_LOGGER)
-    dropped = _NoLoadReport(threading.get_ident())
-    logger.addFilter(dropped)
+    held = _NoLoadReport(threading.get_ident())
+    logger.addFilter(held)
     try:
         yield
+    except BaseException:
+        logger.removeFilter(held)
+        for record in held.held:
+            logger.handle(record)
+        raise
     finally:
-        logger.removeFilter(dropped)
+        logger.removeFilter(held)
 
 
 class Heartbeat:

@@ -127,6 +127,35 @@ def test_an_incomplete_encoder_is_refused_without_transformers_load_report(
     assert "LOAD REPORT" in caplog.text + capfd.readouterr().err
 
 
+def test_a_reshaped_encoder_weight_is_named_and_a_failed_load_shows_the_report(
+        tiny_encoder, tokenizer, tmp_path: Path, capfd, caplog) -> None:
+    """A weight of another shape: transformers raised, its error saying only "see the report
+    above", which was held back. citeqa's error names the weight now; and a block that
+    raises logs the report it held."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel
+
+    from citeqa.errors import ModelError
+    from citeqa.logs import LOAD_REPORT_LOGGER, without_load_report
+    from citeqa.reward.checkpoint import read_encoder
+
+    tiny_encoder(tokenizer.vocab_size).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = "encoder.layer.0.intermediate.dense.weight"
+    tensors[name] = tensors[name][:, :-1].contiguous()
+    save_file(tensors, str(weights))
+    caplog.set_level(logging.WARNING, logger=LOAD_REPORT_LOGGER)
+    with pytest.raises(ModelError, match=f"1 of another shape \\({name}\\)"):
+        read_encoder(tmp_path, "hint")
+    assert "LOAD REPORT" not in caplog.text + capfd.readouterr().err
+    with pytest.raises(RuntimeError), without_load_report():
+        AutoModel.from_pretrained(tmp_path, local_files_only=True)  # raises after its report
+    assert "LOAD REPORT" in caplog.text + capfd.readouterr().err
+    assert not logging.getLogger(LOAD_REPORT_LOGGER).filters
+
+
 def test_no_log_line_holds_a_urls_password() -> None:
     """httpx logs each request's URL at INFO: a CITEQA_GENERATOR_URL's user:password@ was in
     the log of every engine call (three a question)."""

@@ -178,9 +178,10 @@ def read_encoder(path: Path, hint: str, *, base: bool = False) -> tuple[Any, Any
     try:
         # safetensors only: never a pickled .bin; the weights are checked below
         with quiet_weight_loading(), without_load_report():
+            # (mismatched shapes then reach ``info``, named in citeqa's error below)
             encoder, info = AutoModel.from_pretrained(
                 path, local_files_only=True, dtype=torch.float32, use_safetensors=True,
-                output_loading_info=True)
+                output_loading_info=True, ignore_mismatched_sizes=True)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, SafetensorError, RuntimeError) as e:  # (a size mismatch)
         raise ModelError(f"cannot load the encoder in {path} ({e}); {hint}") from None
