@@ -189,6 +189,9 @@ def test_without_userinfo_reads_urls_inside_text() -> None:
         'GET "ftp://h" and (https://z:1/p?q=a@b)')
     assert without_userinfo("mail me at a@b.org; see http://h/p@x") == (
         "mail me at a@b.org; see http://h/p@x")
+    # a URL's authority ends at whitespace: a later address in the text is not its userinfo
+    assert without_userinfo("fetched http://h.org for me@x.org") == (
+        "fetched http://h.org for me@x.org")
 
 
 def test_a_heartbeat_says_how_far_long_work_is_at_most_every_period(monkeypatch, caplog) -> None:

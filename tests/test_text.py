@@ -137,9 +137,27 @@ def test_terms_and_cjk_characters_as_tokenize_reads_them() -> None:
 def test_a_list_item_numbered_up_to_three_digits_stays_one_sentence() -> None:
     from citeqa.text import sentence_spans
 
-    text = "Steps:\n100. Install the package now.\n1000. Then this."
+    # ("Run", not a capitalised stop word as "Then": that ends a sentence whatever the number)
+    text = "Steps:\n100. Install the package now.\n1000. Run this."
     assert [text[a:b] for a, b in sentence_spans(text)] == [
-        "Steps:", "100. Install the package now.", "1000.", "Then this."]
+        "Steps:", "100. Install the package now.", "1000.", "Run this."]
+
+
+def test_a_word_shortened_before_numbers_ends_a_sentence_before_a_word() -> None:
+    """"no" and "Fig" are shortened only before a number ("No. 5", "Fig. 3"): "He said no."
+    before a capitalised word that is no stop word still ends its sentence."""
+    from citeqa.text import sentence_spans
+
+    text = "He said no. Nothing changed. See Fig. 3 for it."
+    assert [text[a:b] for a, b in sentence_spans(text)] == [
+        "He said no.", "Nothing changed.", "See Fig. 3 for it."]
+
+
+def test_a_line_ending_in_a_closing_guillemet_or_brace_after_its_stop_ends_as_prose() -> None:
+    from citeqa.text import ends_as_prose
+
+    assert ends_as_prose("Il a dit «Partez.»") and ends_as_prose("{Then it stops.}")
+    assert not ends_as_prose("Installation «Linux»")
 
 
 def test_tokenizer_version_4_keeps_its_words_as_version_4_indices_hold_them() -> None:
