@@ -402,3 +402,50 @@ def test_a_swap_killed_between_its_renames_is_undone_after_a_restart_of_the_same
     assert not out.exists()
     monkeypatch.setattr(atomic, "_WRITER_TOKEN", "0123abcd")  # the restarted process
     assert (atomic.recover_dir(out) / "weights").read_text() == "saved"
+
+
+def test_a_file_and_a_swapped_directory_are_flushed_to_disk_before_they_count(
+        tmp_path: Path, monkeypatch) -> None:
+    """Durability, not just atomicity: the new file's bytes are fsynced before the rename
+    puts them in place, and a swapped-in directory's parent entry after it (a power cut could
+    otherwise leave an empty file, or the old directory, under the new name)."""
+    import citeqa.atomic as atomic
+
+    events: list[str] = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (events.append("fsync"), fsync(fd))[1])
+    monkeypatch.setattr(atomic.os, "replace",
+                        lambda a, b: (events.append("replace"), replace(a, b))[1])
+    write_text_atomic(tmp_path / "f.txt", "x")
+    assert events == ["fsync", "replace"]
+
+    events.clear()
+    out = tmp_path / "out"
+    tmp = atomic.fresh_tmp_dir(out)
+    (tmp / "a").write_text("a")
+    atomic.replace_dir(tmp, out)
+    assert events == ["fsync"] and (out / "a").read_text() == "a"
+
+
+def test_a_quota_exceeded_is_a_full_disk() -> None:
+    from citeqa.atomic import disk_full
+
+    assert disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert not disk_full(OSError(errno.EROFS, "Read-only file system"))
+
+
+def test_a_temporary_directory_gets_exactly_the_mode_asked_whatever_the_umask(
+        tmp_path: Path) -> None:
+    from citeqa.atomic import discard_tmp_dir, new_tmp_dir
+
+    umask = os.umask(0o077)
+    try:
+        tmp = new_tmp_dir(tmp_path / "out", 0o775)
+    finally:
+        os.umask(umask)
+    try:
+        assert os.stat(tmp).st_mode & 0o777 == 0o775
+    finally:
+        discard_tmp_dir(tmp)
+
