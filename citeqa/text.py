@@ -414,12 +414,15 @@ def is_contentful(text: str) -> bool:
 
 def term(word: str) -> str:
     """A word as a matching term: case-folded (as ``tokenize``), with a plural/tense suffix cut
-    (opened -> open)."""
+    (opened -> open), then a final "e" (as Porter's last step): a word ending in "e" meets its
+    own plural and tenses (castle, castles -> castl; state, stated -> stat; make, making -> mak),
+    which cutting "es" or "ed" alone never matched."""
     word = word.casefold()
     for suffix in ("ing", "ed", "es", "s"):
         if word.endswith(suffix) and len(word) - len(suffix) >= 3:
-            return word[: -len(suffix)]
-    return word
+            word = word[: -len(suffix)]
+            break
+    return word[:-1] if word.endswith("e") and len(word) >= 4 else word
 
 
 def content_terms(text: str) -> set[str]:

@@ -157,6 +157,17 @@ def test_absent_subject_replaces_the_rarest_noun_with_another_word_not_its_plura
     assert term("towers") == term("tower") and "towers" in corpus.nouns
 
 
+def test_absent_subject_never_puts_a_word_ending_in_e_for_its_own_plural() -> None:
+    """term("castles") was "castl", term("castle") "castle": the plural guard let "castle ->
+    castles" through, a variant labelled unanswerable that asks the same thing."""
+    corpus = Corpus.build(["The castle of the town was old.",
+                           "The castles of the region were old."])
+    seed = Seed("Who built the castle of the town?", "The castle of the town was old.")
+    for i in range(20):
+        v = absent_subject(seed, corpus, random.Random(i))
+        assert v is None or v.change != "castle -> castles", v.change
+
+
 def test_make_variants_follows_its_seed_and_gives_controls_the_seeds_answer() -> None:
     seeds = [Seed("Who built the castle of Rouen?", PASSAGES[0], "the duke"),
              Seed("When was Harvard University founded?", PASSAGES[1], "1636")]
