@@ -163,7 +163,8 @@ def _replace(question: str, start: int, end: int, value: str) -> str:
 
 
 def _number_like(value: str, rng: random.Random) -> str:
-    """Another number of the same size and form as ``value`` (no separators kept)."""
+    """Another number of the same size and form as ``value``: an integer keeps its thousands
+    commas (8,180 -> 12,345), a decimal its number of fraction digits (written without commas)."""
     digits = value.replace(",", "")
     if "." in digits:
         whole, frac = digits.split(".", 1)
