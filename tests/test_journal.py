@@ -195,3 +195,18 @@ def test_a_file_replaced_while_written_is_locked_beside_it(tmp_path: Path) -> No
         pass
     assert sorted(p.name for p in out.parent.iterdir()) == [".other.jsonl.lock", ".rm.jsonl.lock",
                                                              "rm.jsonl"]
+
+
+def test_an_appended_record_is_flushed_to_disk_and_kept_readable(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """Each record is fsynced before the run moves on (a power cut loses at most the question
+    being asked), and written as UTF-8 text, not \\u escapes (a person reads the journal)."""
+    import citeqa.journal as journal
+
+    synced: list[int] = []
+    monkeypatch.setattr(journal.os, "fsync", synced.append)
+    path = tmp_path / "r.jsonl"
+    with path.open("a", encoding="utf-8") as f:
+        append_record(f, {"id": 1, "answer": "Zürich"})
+        assert synced == [f.fileno()]
+    assert path.read_text(encoding="utf-8") == '{"id": 1, "answer": "Zürich"}\n'
