@@ -189,7 +189,7 @@ def _parse_squad(
     seen_titles: set[str] = set()  # (by article_key)
     try:
         for article in data:
-            title = str(article.get("title", ""))
+            title = _text(article.get("title"), "an article's 'title'", absent_ok=True)
             seen_titles.add(article_key(title))
             if wanted is not None and article_key(title) not in wanted:
                 continue
@@ -247,7 +247,7 @@ def _parse_jsonl(text: str, path: Path) -> list[QAItem]:
                     id=_id(row["id"]),
                     question=_text(row["question"], "'question'"),
                     answers=_dedupe(answers),
-                    article=str(row.get("article", "")),
+                    article=_text(row.get("article"), "'article'", absent_ok=True),
                     context=_text(row.get("context"), "'context'", absent_ok=True),
                 )
             )
