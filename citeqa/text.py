@@ -412,17 +412,21 @@ def is_contentful(text: str) -> bool:
     return any(w not in STOP_WORDS for w in tokenize(text))
 
 
+_TAKES_ES = ("ss", "x", "z", "ch", "sh", "o")  # endings whose plural adds "es" (term)
+
+
 def term(word: str) -> str:
     """A word as a matching term: case-folded (as ``tokenize``), with a plural/tense suffix cut
-    (opened -> open), then a final "e" (as Porter's last step): a word ending in "e" meets its
-    own plural and tenses (castle, castles -> castl; state, stated -> stat; make, making -> mak),
-    which cutting "es" or "ed" alone never matched."""
+    (opened -> open). A plural's "es" goes whole only after what takes it (ss, x, z, ch, sh, o:
+    boxes -> box, heroes -> hero); else only its "s", so that a word ending in "e" meets its
+    plural (castles -> castle, not castl; houses -> house)."""
     word = word.casefold()
     for suffix in ("ing", "ed", "es", "s"):
         if word.endswith(suffix) and len(word) - len(suffix) >= 3:
-            word = word[: -len(suffix)]
-            break
-    return word[:-1] if word.endswith("e") and len(word) >= 4 else word
+            if suffix == "es" and not word[:-2].endswith(_TAKES_ES):
+                return word[:-1]
+            return word[: -len(suffix)]
+    return word
 
 
 def content_terms(text: str) -> set[str]:
