@@ -364,7 +364,11 @@ def test_a_demonstration_whose_parts_do_not_fit_is_a_named_bad_line(
            {**good, "passages": [], "gold": 0}, {**good, "answer": "Zanzibar"},
            {**good, "quote": "not in any passage"}, {**good, "quote": " "},
            {**good, "gold": 0.9}, {**good, "gold": "0"}, {**good, "gold": True},
-           {**good, "answer": good["quote"].split()[0][1:]}]  # (part of a word: never placed)
+           {**good, "answer": good["quote"].split()[0][1:]},  # (part of a word: never placed)
+           # a null where text belongs was the text "None" (a title or question trained on)
+           {**good, "question": None}, {**good, "id": None},
+           {**good, "passages": [{**good["passages"][0], "title": None}, *good["passages"][1:]]},
+           {**good, "passages": [{**good["passages"][0], "doc_id": 7}, *good["passages"][1:]]}]
     for n, obj in enumerate(bad):
         path = tmp_path / f"bad{n}.jsonl"
         path.write_text(json.dumps(good) + "\n" + json.dumps(obj) + "\n")

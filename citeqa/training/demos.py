@@ -88,15 +88,18 @@ class Demo:
         ``gold`` no passage has, a quote not in the gold passage, an answer not in its quote:
         span mode's grammar never lets the model answer so)."""
         demo = cls(
-            id=str(obj["id"]),
-            question=str(obj["question"]),
+            id=str(_json(obj["id"], "id", str, int)),
+            question=_json(obj["question"], "question", str),
             passages=tuple(
-                DemoPassage(str(p["title"]), str(p["text"]), str(p["doc_id"]), int(p["start"]))
+                DemoPassage(_json(p["title"], "a passage's title", str),
+                            _json(p["text"], "a passage's text", str),
+                            _json(p["doc_id"], "a passage's doc_id", str),
+                            _json(p["start"], "a passage's start", int))
                 for p in obj["passages"]
             ),
             gold=_index(obj["gold"]),
-            answer=str(obj["answer"]),
-            quote=str(obj["quote"]),
+            answer=_json(obj["answer"], "answer", str),
+            quote=_json(obj["quote"], "quote", str),
         )
         if not 0 <= demo.gold < len(demo.passages):
             raise ValueError(f"gold is {demo.gold}, not the index of one of its "
@@ -113,6 +116,15 @@ class Demo:
             Hit(Passage(i, p.doc_id, p.start, p.start + len(p.text), p.text), p.title, "", 0.0)
             for i, p in enumerate(self.passages)
         ]
+
+
+def _json(value: Any, what: str, *kinds: type) -> Any:
+    """``value`` when it is of one of ``kinds`` (a bool is no int); TypeError naming ``what``
+    else (str() made a null the title or question "None", trained on as such)."""
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise TypeError(f"{what} is {json.dumps(value)[:40]}, not "
+                        f"{' or '.join(k.__name__ for k in kinds)}")
+    return value
 
 
 def _index(value: Any) -> int:
