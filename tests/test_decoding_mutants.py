@@ -3,17 +3,14 @@ tests that kill mutants the suite let through. Each names what it pins down."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from helpers import packaged_generator, tiny_llama
+from helpers import packaged_generator, packaged_tokenizer, tiny_llama
 from torch import nn
 
 from citeqa.generation.backend import GenerationRequest
 
-CACHE = Path.home() / ".cache" / "citeqa"
 MESSAGES = (
     {"role": "system", "content": "Reply as:\nAnswer: <short answer>\nQuote [k]: <exact words "
                                   "from passage k>"},
@@ -25,15 +22,7 @@ OTHER = (MESSAGES[0], {"role": "user", "content": "Say something about Rollo, pl
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from transformers import AutoTokenizer
-
-    from citeqa.generation.models import resolve_model_dir
-
-    try:
-        path = resolve_model_dir("smollm2", CACHE)
-    except Exception as e:  # noqa: BLE001 - the packaged model is a test requirement
-        pytest.skip(f"the SmolLM2 tokenizer is not available: {e}")
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return packaged_tokenizer()
 
 
 tiny_model = tiny_llama

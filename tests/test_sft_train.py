@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_llama
-from transformers import AutoTokenizer
+from helpers import packaged_tokenizer, tiny_llama
 
 from citeqa.config import GenerationConfig
 from citeqa.generation.adapter import adapter_id
 from citeqa.generation.hf import HFBackend
-from citeqa.generation.models import resolve_model_dir
 from citeqa.training.demos import Demo, DemoPassage, render_target
 from citeqa.training.lora import LoRAConfig, inject_lora, lora_tensors
 from citeqa.training.sft import (
@@ -35,9 +33,8 @@ GEN = GenerationConfig(answer_mode="span")  # the format evals/train_generator.s
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """The real SmolLM2 tokenizer (converted once from the packaged GGUF)."""
-    path = resolve_model_dir("smollm2", Path.home() / ".cache" / "citeqa")
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    """The real SmolLM2 tokenizer (converted once from the packaged GGUF: its tests are slow)."""
+    return packaged_tokenizer()
 
 
 tiny_model = tiny_llama
@@ -66,6 +63,7 @@ def _demo(i: int) -> Demo:
 DEMOS = [_demo(i) for i in range(4)]
 
 
+@pytest.mark.slow
 def test_only_target_tokens_carry_labels(tokenizer) -> None:
     messages, target = render_target(DEMOS[0], GEN)
     ex = encode_example(tokenizer, messages, target)
@@ -84,6 +82,7 @@ def test_only_target_tokens_carry_labels(tokenizer) -> None:
     assert tokenizer.decode(ex.input_ids[:start]).endswith("<|im_start|>assistant\n")
 
 
+@pytest.mark.slow
 def test_a_special_tokens_text_in_a_reply_is_learnt_as_text(tokenizer) -> None:
     """A quote holding '<|im_end|>' was tokenized as the end token mid-reply: it taught the
     model to stop inside quotes (the grammar makes it write that text as plain tokens)."""
@@ -106,6 +105,7 @@ def test_collate_pads_without_labels() -> None:
     assert labels.tolist() == [[IGNORE, 6, 7], [5, IGNORE, IGNORE]]
 
 
+@pytest.mark.slow
 def test_target_loss_matches_transformers_loss(tokenizer) -> None:
     model = tiny_model(len(tokenizer))
     examples, _ = render_examples(DEMOS[:2], tokenizer, GEN, max_tokens=4096)
@@ -118,6 +118,7 @@ def test_target_loss_matches_transformers_loss(tokenizer) -> None:
         torch.testing.assert_close(total / n, reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_padding_does_not_change_the_loss(tokenizer) -> None:
     model = tiny_model(len(tokenizer))
     examples, _ = render_examples(DEMOS[:2], tokenizer, GEN, max_tokens=4096)
@@ -127,6 +128,7 @@ def test_padding_does_not_change_the_loss(tokenizer) -> None:
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_fresh_lora_is_the_base_model(tokenizer) -> None:
     model = tiny_model(len(tokenizer))
     ids = torch.arange(1, 40).unsqueeze(0)
@@ -139,6 +141,7 @@ def test_fresh_lora_is_the_base_model(tokenizer) -> None:
     assert trainable and all("lora_" in n for n in trainable)
 
 
+@pytest.mark.slow
 def test_tiny_training_lowers_the_loss(tokenizer) -> None:
     torch.set_num_threads(1)
     model = tiny_model(len(tokenizer))
@@ -151,6 +154,7 @@ def test_tiny_training_lowers_the_loss(tokenizer) -> None:
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_run_sft_writes_adapter_log_and_card(tokenizer, tmp_path: Path) -> None:
     model = tiny_model(len(tokenizer))
     cfg = TrainConfig(lr=1e-2, batch_size=2, max_steps=2)
@@ -167,6 +171,7 @@ def test_run_sft_writes_adapter_log_and_card(tokenizer, tmp_path: Path) -> None:
     assert not any(p.suffix in {".pt", ".pkl", ".bin"} for p in tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_cli_trains_a_local_model_whose_adapter_loads(tokenizer, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
@@ -281,6 +286,7 @@ def _trained(tokenizer, checkpoint_dir=None, max_steps=5, init_tensors=None, **k
     return {n: t.clone() for n, t in lora_tensors(wrapped).items()}, log
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_to_the_same_adapter(tokenizer, tmp_path: Path,
                                                         monkeypatch) -> None:
     from citeqa.training import sft
@@ -315,6 +321,7 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(tokenizer, tmp_path: Pat
             progress=False, checkpoint_dir=tmp_path, base="another-base")
 
 
+@pytest.mark.slow
 def test_a_run_resumes_with_another_micro_batch_size(tokenizer, tmp_path: Path) -> None:
     # micro-batches only regroup a step's examples (padding changes float rounding, which
     # Adam's first steps amplify on this tiny model): a resumed run may change them
@@ -327,6 +334,7 @@ def test_a_run_resumes_with_another_micro_batch_size(tokenizer, tmp_path: Path) 
         [s["loss"] for s in straight.steps], rel=1e-2)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_cut_mid_swap_is_still_read(tokenizer, tmp_path: Path) -> None:
     _trained(tokenizer, tmp_path, max_steps=2)
     (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")  # killed between renames
@@ -334,6 +342,7 @@ def test_a_checkpoint_cut_mid_swap_is_still_read(tokenizer, tmp_path: Path) -> N
     assert [s["step"] for s in log.steps] == [1, 2, 3] and log.steps[0]["seconds"] <= 60
 
 
+@pytest.mark.slow
 def test_a_max_steps_below_the_saved_step_is_refused(tokenizer, tmp_path: Path) -> None:
     """It trained 0 steps and wrote the checkpoint's adapter as one of 3 steps."""
     _trained(tokenizer, tmp_path, max_steps=4)  # cut short: its checkpoint (step 4) is kept
@@ -341,6 +350,7 @@ def test_a_max_steps_below_the_saved_step_is_refused(tokenizer, tmp_path: Path) 
         _trained(tokenizer, tmp_path, max_steps=3)
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_said_to_be_so(tokenizer, tmp_path: Path) -> None:
     _trained(tokenizer, tmp_path, max_steps=2)
     lora = tmp_path / "checkpoint" / "lora.safetensors"
@@ -349,6 +359,7 @@ def test_a_damaged_checkpoint_is_said_to_be_so(tokenizer, tmp_path: Path) -> Non
         _trained(tokenizer, tmp_path, max_steps=3)
 
 
+@pytest.mark.slow
 def test_a_finished_adapter_is_neither_retrained_nor_replaced_by_another_run(
         tokenizer, tmp_path: Path) -> None:
     """The checkpoint is gone once a run is done: a later run into the same --out trained from
@@ -368,6 +379,7 @@ def test_a_finished_adapter_is_neither_retrained_nor_replaced_by_another_run(
     assert (tmp_path / "adapter.safetensors").read_bytes() == weights
 
 
+@pytest.mark.slow
 def test_a_rerun_after_a_crash_before_the_adapter_writes_it_and_says_so(
         tokenizer, tmp_path: Path, monkeypatch) -> None:
     """Killed after its last checkpoint but before the adapter was saved, a rerun trains no
@@ -396,6 +408,7 @@ def test_a_rerun_after_a_crash_before_the_adapter_writes_it_and_says_so(
     assert run()["nothing_to_do"]
 
 
+@pytest.mark.slow
 def test_run_sft_removes_its_checkpoint_when_done(tokenizer, tmp_path: Path) -> None:
     model = tiny_model(len(tokenizer))
     run_sft(model, tokenizer, "tiny", DEMOS, tmp_path, GEN,
@@ -405,6 +418,7 @@ def test_run_sft_removes_its_checkpoint_when_done(tokenizer, tmp_path: Path) -> 
     assert not any(p.name.startswith("checkpoint") for p in tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_a_run_cut_short_by_max_steps_keeps_its_checkpoint_to_go_on(tokenizer,
                                                                       tmp_path: Path) -> None:
     def run(max_steps: int) -> dict:
@@ -421,6 +435,7 @@ def test_a_run_cut_short_by_max_steps_keeps_its_checkpoint_to_go_on(tokenizer,
     assert not (tmp_path / "checkpoint").exists()
 
 
+@pytest.mark.slow
 def test_an_adapter_trained_further_starts_where_it_stopped(tokenizer, tmp_path: Path) -> None:
     straight, straight_log = _trained(tokenizer, max_steps=5)
     first, _ = _trained(tokenizer, max_steps=2)
@@ -439,6 +454,7 @@ def test_an_adapter_trained_further_starts_where_it_stopped(tokenizer, tmp_path:
                                           for k, v in first.items()})
 
 
+@pytest.mark.slow
 def test_run_sft_from_an_adapter_checks_it_and_records_it(tokenizer, tmp_path: Path) -> None:
     def run(out: Path, lora: LoRAConfig, max_steps: int, init: Path | None = None,
             start_step: int = 0) -> dict:
@@ -474,6 +490,7 @@ def test_micro_batches_group_similar_lengths_and_keep_every_example() -> None:
     assert sorted(map(id, sum(parts, []))) == sorted(map(id, batch))
 
 
+@pytest.mark.slow
 def test_grouping_by_length_leaves_the_batch_gradient_alone(tokenizer) -> None:
     torch.manual_seed(0)
     model = tiny_model(len(tokenizer))
@@ -495,6 +512,7 @@ def test_grouping_by_length_leaves_the_batch_gradient_alone(tokenizer) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_base_bf16_keeps_the_base_in_bf16_and_lora_in_fp32(tokenizer, monkeypatch) -> None:
     import citeqa.training.sft as sft
 

@@ -759,6 +759,7 @@ def test_combining_needs_generator_candidates_with_signals(tiny_encoder, tokeniz
     assert not (tmp_path / "rm" / "combine.json").exists()
 
 
+@pytest.mark.slow
 def test_the_shipped_reward_model_is_a_calibrated_combined_verifier_with_a_card() -> None:
     from citeqa.reward.scorer import DEFAULT_DIR
 
@@ -777,6 +778,7 @@ def test_the_shipped_reward_model_is_a_calibrated_combined_verifier_with_a_card(
     assert 0 < out[0].score < 1 and out[0].uncertainty is not None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("dtype", "tolerance", "kernel"),
                          [("bf16", 2e-3, None), ("fp32", 1e-5, "torch"), ("fp32", 1e-5, "onednn")])
 def test_the_shipped_scorer_runs_lean_and_scores_as_transformers_forward(
@@ -820,6 +822,7 @@ def test_the_shipped_scorer_runs_lean_and_scores_as_transformers_forward(
     assert len(set(np.round(got, 3))) == 3  # three different candidates, three scores
 
 
+@pytest.mark.slow
 def test_compiling_a_lean_scorer_compiles_transformers_forward_and_falls_back_to_lean(
         monkeypatch, caplog) -> None:
     from citeqa.lean_encoder import LeanEncoder
