@@ -308,6 +308,25 @@ def test_a_call_turned_away_for_now_is_retried_honouring_retry_after(
     assert len(seen) == 3 and slept[0] == 3.0 and 0 <= slept[1] <= 0.5
 
 
+@pytest.mark.parametrize("status", [500, 502, 504])
+def test_an_error_that_is_not_a_not_now_is_not_retried(status: int,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only 429 and 503 say "not now": a server's failure or a gateway's is said at once (a
+    retry would ask a failing server again, and a 504's question may still be running)."""
+    monkeypatch.setattr("citeqa.retry.time.sleep", lambda s: None)
+    calls: list[int] = []
+
+    def failing(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(status, json={"error": {"code": "x", "message": "m"}})
+
+    client = CiteqaClient("http://svc", transport=httpx.MockTransport(failing),
+                          backoff=Backoff(retries=3))
+    with pytest.raises(CiteqaAPIError):
+        client.search("q")
+    assert len(calls) == 1
+
+
 def test_retries_stop_after_the_budget_and_at_the_deadline(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("citeqa.retry.time.sleep", lambda s: None)
