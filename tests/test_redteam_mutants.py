@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+from test_redteam import PASSAGES as REDTEAM_PASSAGES
 from typer.testing import CliRunner
 
 from citeqa.redteam.corpus import Corpus, name_kind
@@ -29,17 +30,7 @@ from citeqa.redteam.writer import write_questions
 from citeqa.text import term
 from citeqa.types import Answer, Candidate, Quote
 
-PASSAGES = [
-    "The Normans gave their name to Normandy, a region in France. Their leader Rollo swore "
-    "fealty to King Charles III of West Francia in 911. The castle of Rouen was built by the "
-    "duke in 1066, and the largest army of the region marched from it.",
-    "Harvard University was founded in 1636 in Cambridge. The library of Harvard University "
-    "holds 18 million volumes, and the first president of the college was Henry Dunster.",
-    "The Eiffel Tower in Paris opened in 1889 as the entrance to the fair. The tower of Paris "
-    "was built by the company of Gustave Eiffel, and the height of the tower is 330 metres.",
-    "Stanford University was founded in 1885 in California. Leland Stanford gave the land. "
-    "The campus of Stanford University covers 8,180 acres; the first president was David Jordan.",
-]
+PASSAGES = REDTEAM_PASSAGES[:4]  # (test_redteam's, without Yale)
 CORPUS = Corpus.build(PASSAGES)
 QUOTE = Quote(text="the duke", doc_id="d", title="T", source="s", start=0, end=8)
 
