@@ -34,6 +34,8 @@ def test_auto_takes_bf16_only_where_the_probe_says_it_pays() -> None:
     assert cpu_dtype("auto", for_generator=True, probe=slow_bf16) == "fp16w"  # today's path
     barely = ProbeResult(100.0, 100.0 * BF16_MIN_SPEEDUP * 0.99)
     assert cpu_dtype("auto", probe=lambda: barely) == "fp32"
+    exactly = ProbeResult(100.0, 100.0 * BF16_MIN_SPEEDUP)  # "at least" the factor
+    assert cpu_dtype("auto", probe=lambda: exactly) == "bf16"
 
 
 def test_without_fp16_products_auto_takes_fp32_and_fp16w_is_refused_with_what_to_do() -> None:
@@ -162,6 +164,7 @@ def test_bf16_is_known_absent_only_from_x86_flags_without_it() -> None:
     from citeqa.compute import bf16_hardware
 
     assert not bf16_hardware(AVX2_ONLY, "x86_64")  # an AVX2-only EPYC: emulated bf16
+    assert not bf16_hardware(AVX2_ONLY, "AMD64")  # (Windows' name for x86_64)
     assert bf16_hardware(AVX2_ONLY.replace("fma", "fma avx512_bf16"), "x86_64")  # Zen 4
     assert bf16_hardware(AVX2_ONLY.replace("fma", "fma amx_bf16 amx_tile"), "AMD64")  # AMX
     assert bf16_hardware(AVX2_ONLY, "aarch64")  # other flags there: the probe decides
@@ -250,3 +253,52 @@ def test_lora_training_on_a_gpu_without_bf16_loads_fp32(monkeypatch, tmp_path) -
                                      "--out", str(tmp_path / "ad"), "--device", "cuda",
                                      "--model", str(tmp_path / "model"), "--no-progress"])
         assert isinstance(r.exception, Stop) and loads.pop() == loads_on, r.output
+
+
+def test_an_empty_cpu_dtype_setting_is_auto() -> None:
+    from citeqa.compute import CPU_DTYPE_ENV, cpu_dtype_setting
+
+    assert cpu_dtype_setting({CPU_DTYPE_ENV: ""}) == "auto"  # (a compose file's "X=" line)
+    assert cpu_dtype_setting({}) == "auto"
+
+
+def test_a_model_off_the_cpu_is_left_as_it_is(monkeypatch) -> None:
+    """to_serving_dtype converts CPU models only: a model on another device keeps its weights
+    (here the meta device, with bf16 said to pay)."""
+    import torch
+
+    monkeypatch.setattr(compute, "cpu_dtype", lambda requested: "bf16")
+    model = torch.nn.Linear(4, 4, device="meta")
+    assert to_serving_dtype(model, "auto") == "fp32"
+    assert model.weight.dtype == torch.float32 and type(model) is torch.nn.Linear
+
+
+def test_training_autocasts_on_the_cpu_only_in_bf16() -> None:
+    import torch
+
+    from citeqa.compute import training_autocast
+
+    with training_autocast("cpu", "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
+    with training_autocast("cpu", "bf16"):
+        assert torch.is_autocast_enabled("cpu")
+
+
+def test_the_probe_keeps_each_runs_fastest_round_within_its_budget() -> None:
+    """Best of the rounds (one quiet moment suffices), and no round past the budget."""
+    import time
+
+    from citeqa.compute import _best_seconds
+
+    calls: list[int] = []
+
+    def fast_then_slow() -> None:
+        calls.append(1)
+        time.sleep(0.05 if len(calls) == 4 else 0.0)  # (call 1 is the warm-up; 4 the last)
+
+    best = _best_seconds({"x": fast_then_slow}, rounds=3, budget_s=10.0)
+    assert len(calls) == 4 and best["x"] < 0.04
+    calls.clear()
+    _best_seconds({"x": fast_then_slow}, rounds=5, budget_s=0.0)
+    assert len(calls) == 2  # the warm-up and one round
+
