@@ -32,6 +32,8 @@ def test_it_sets_the_mmap_and_trim_thresholds() -> None:
     libc = FakeLibc()
     assert keep_freed_memory({}, libc=lambda: libc)
     assert libc.calls == [(M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD)]
+    # glibc's own numbers (malloc.h) and its largest mmap threshold on 64-bit systems
+    assert libc.calls == [(-3, 32 * 1024 * 1024), (-1, 1024 * 1024 * 1024)]
 
 
 @pytest.mark.parametrize("off", ["0", "false", "off", " NO "])
