@@ -74,6 +74,8 @@ def features(verifier_p: Sequence[float] | np.ndarray, signals: Sequence[Signals
     generator inputs are NaN where the generator said nothing, the retrieval input where the
     score is not a fused one (``Signals``): the combination counts a NaN as its fitted mean."""
     p = np.clip(np.asarray(verifier_p, dtype=float), LOGIT_CLIP, 1 - LOGIT_CLIP)
+    if len(signals) != len(p):  # (np.empty's rows past the signals held whatever was there)
+        raise ValueError(f"{len(p)} verifier probabilities but {len(signals)} signals")
     out = np.empty((len(p), len(INPUTS) + (answerability is not None)))
     out[:, 0] = np.log(p / (1 - p))
     for i, s in enumerate(signals):
