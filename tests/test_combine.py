@@ -143,10 +143,10 @@ def test_round_trip_and_a_corrupt_file_says_what_to_do(tmp_path) -> None:
         with pytest.raises(ModelError, match="one value per input"):
             read_combiner(tmp_path)
     (tmp_path / COMBINE).write_text(json.dumps({**good, "n": 1}).replace('"n": 1', '"n": 1e400'))
-    with pytest.raises(ModelError, match="corrupt"):  # (an OverflowError)
+    with pytest.raises(ModelError, match="combine.json is corrupt"):  # (an OverflowError)
         read_combiner(tmp_path)
     (tmp_path / COMBINE).write_text("{not json")
-    with pytest.raises(ModelError, match="corrupt"):
+    with pytest.raises(ModelError, match="combine.json is corrupt"):
         read_combiner(tmp_path)
 
 

@@ -404,7 +404,7 @@ def test_unknown_cpu_dtype_fails_before_loading(tmp_path):
     from citeqa.errors import ConfigError
     from citeqa.generation.hf import HFBackend
 
-    with pytest.raises(ConfigError, match="cpu_dtype"):
+    with pytest.raises(ConfigError, match="cpu_dtype must be one of"):
         HFBackend.load(str(tmp_path / "nowhere"), tmp_path, cpu_dtype="int4")
 
 
