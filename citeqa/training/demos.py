@@ -97,7 +97,7 @@ class Demo:
                             _json(p["start"], "a passage's start", int))
                 for p in obj["passages"]
             ),
-            gold=_index(obj["gold"]),
+            gold=_json(obj["gold"], "gold", int),
             answer=_json(obj["answer"], "answer", str),
             quote=_json(obj["quote"], "quote", str),
         )
@@ -120,17 +120,11 @@ class Demo:
 
 def _json(value: Any, what: str, *kinds: type) -> Any:
     """``value`` when it is of one of ``kinds`` (a bool is no int); TypeError naming ``what``
-    else (str() made a null the title or question "None", trained on as such)."""
+    else (str() made a null the title or question "None", trained on as such; int() read a
+    gold of 0.9 or "0" as 0)."""
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise TypeError(f"{what} is {json.dumps(value)[:40]}, not "
                         f"{' or '.join(k.__name__ for k in kinds)}")
-    return value
-
-
-def _index(value: Any) -> int:
-    """A JSON integer (0.9 and "0" were read as 0); TypeError else."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"gold is {value!r}, not an integer")
     return value
 
 
