@@ -419,14 +419,27 @@ def term(word: str) -> str:
     """A word as a matching term: case-folded (as ``tokenize``), with a plural/tense suffix cut
     (opened -> open). A plural's "es" goes whole only after what takes it (ss, x, z, ch, sh, o:
     boxes -> box, heroes -> hero); else only its "s", so that a word ending in "e" meets its
-    plural (castles -> castle, not castl; houses -> house)."""
+    plural (castles -> castle, not castl; houses -> house). A final "y" after a consonant, and
+    a final "ie", end in "i", as do "-ies" and "-ied", so that city, cities and studied meet
+    (city -> citi, cities -> citi, studying -> studi; movie and movies -> movi; sky and skies
+    -> ski); a "y" after a vowel stays (days -> day)."""
     word = word.casefold()
-    for suffix in ("ing", "ed", "es", "s"):
-        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
-            if suffix == "es" and not word[:-2].endswith(_TAKES_ES):
-                return word[:-1]
-            return word[: -len(suffix)]
-    return word
+    stem = word
+    for suffix in ("ies", "ied", "ing", "ed", "es", "s"):
+        shortest = 2 if suffix in ("ies", "ied") else 3  # the stem's letters ("ties" -> tie)
+        if word.endswith(suffix) and len(word) - len(suffix) >= shortest:
+            if suffix in ("ies", "ied"):
+                stem = word[:-3] + "i"
+            elif suffix == "es" and not word[:-2].endswith(_TAKES_ES):
+                stem = word[:-1]
+            else:
+                stem = word[: -len(suffix)]
+            break
+    if len(stem) >= 3 and stem.endswith("y") and stem[-2] not in "aeiouy":
+        return stem[:-1] + "i"
+    if len(stem) >= 5 and stem.endswith("ie"):
+        return stem[:-1]
+    return stem
 
 
 def content_terms(text: str) -> set[str]:

@@ -20,6 +20,14 @@ from citeqa.text import content_terms, relevance, term, term_share
     ("castles", "castle"), ("houses", "house"), ("times", "time"), ("classes", "class"),
     ("churches", "church"), ("wishes", "wish"), ("heroes", "hero"),
     ("time", "time"), ("tim", "tim"), ("plane", "plane"), ("plan", "plan"),  # kept apart
+    # a final "y" after a consonant, a final "ie", "-ies" and "-ied" end in "i" (cities was
+    # "citie", city "city"; studied "studi", study "study")
+    ("city", "citi"), ("cities", "citi"), ("study", "studi"), ("studied", "studi"),
+    ("studying", "studi"), ("studies", "studi"), ("movie", "movi"), ("movies", "movi"),
+    ("sky", "ski"), ("skies", "ski"), ("countries", "countri"),
+    ("days", "day"), ("day", "day"), ("played", "play"), ("keys", "key"),  # "y" after a vowel
+    ("ties", "tie"), ("tie", "tie"), ("dies", "die"),  # "-ies" leaving one letter: its "s"
+    ("my", "my"),  # two letters: kept whole
 ])
 def test_a_term_is_the_lower_cased_word_less_one_suffix(word: str, expected: str) -> None:
     assert term(word) == expected
@@ -179,3 +187,11 @@ def test_a_byte_order_mark_is_blank() -> None:
 
     assert is_blank("\ufeff")
     assert is_blank(" \ufeff\n")
+
+
+def test_relevance_meets_a_y_plural_and_its_singular() -> None:
+    """Asked about a "city", the sentence naming "cities" is the more relevant (term cut
+    "cities" to "citie", which met no "city": both sentences scored the river alone)."""
+    sentences = ["The river floods each spring.", "Three cities border the river."]
+    scores = relevance(sentences, "Which city is on the river?")
+    assert scores[1] > scores[0]
