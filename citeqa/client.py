@@ -128,6 +128,15 @@ def _document_path(doc_id: str) -> str:
     return "/v1/documents/" + quote(_sendable("doc_id", doc_id), safe="")
 
 
+# What httpx refuses to send (a header with a line break, a URL of another scheme): nothing
+# was sent, and sending it again cannot help
+NOT_SENT = (httpx.LocalProtocolError, httpx.UnsupportedProtocol)
+
+
+def _not_sent(exc: Exception) -> CiteqaAPIError:
+    return CiteqaAPIError(0, "request_error", f"the call could not be sent (nothing was): {exc}")
+
+
 def _sendable(name: str, value: T) -> T:
     """``value``, checked that JSON and UTF-8 can carry it: ValueError naming ``name`` for a
     string with a lone surrogate (half of a UTF-16 pair: UnicodeEncodeError's traceback) or a
@@ -274,7 +283,8 @@ class CiteqaClient:
             raise self._error(resp)
 
     def health(self) -> bool:
-        """True when the process answers /healthz; False when nothing answers (one try)."""
+        """True when the process answers /healthz; False when nothing answers (one try).
+        A probe that cannot be sent (a header with a line break) is a ``request_error``."""
         try:
             resp = self._probe("/healthz")
         except httpx.TransportError:
@@ -288,7 +298,7 @@ class CiteqaClient:
         answers come from now (an answer's ``index_version``); or not yet, with why (loading,
         shutting down, or ``unreachable``: no connection, as while the server starts or stops).
         A service that failed to load raises ``CiteqaAPIError`` (``load_failed``: waiting will
-        not change it)."""
+        not change it), as does a probe that cannot be sent (``request_error``)."""
         try:
             resp = self._probe("/readyz")
         except httpx.TransportError:
@@ -321,6 +331,8 @@ class CiteqaClient:
         except httpx.DecodingError as exc:
             raise CiteqaAPIError(0, "bad_response", f"a body that cannot be decoded: {exc}"
                                  ) from exc
+        except NOT_SENT as exc:  # no answer will ever come: not "unreachable" (a poll's end)
+            raise _not_sent(exc) from exc
 
     def _send(self, method: str, path: str, *, retry_statuses: frozenset[int] = RETRY_STATUSES,
               resend_codes: frozenset[str] | None = None, **kwargs: Any) -> httpx.Response:
@@ -343,9 +355,8 @@ class CiteqaClient:
                                      f"cannot reach the service: {exc}") from exc
             except httpx.TimeoutException as exc:
                 raise CiteqaAPIError(0, "timeout", f"no response in time: {exc}") from exc
-            except (httpx.LocalProtocolError, httpx.UnsupportedProtocol) as exc:  # not sent
-                raise CiteqaAPIError(0, "request_error", f"the call could not be sent "
-                                     f"(nothing was): {exc}") from exc
+            except NOT_SENT as exc:
+                raise _not_sent(exc) from exc
             except httpx.TransportError as exc:  # sent, and the connection broke
                 raise CiteqaAPIError(0, "connection_error",
                                      f"the connection broke before the service answered "
