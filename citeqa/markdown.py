@@ -115,11 +115,12 @@ _MARKUP_STARTS = frozenset("<[{(")  # what each markup ``_UNREAD_RE`` reads star
 
 def read_words(text: str, *, quotes: bool = True) -> bool:
     """Whether ``text`` holds words a reader reads (``read_text``); with ``quotes=False``, its
-    block quotes' aside. (Without a "<" or "](" in it, nothing that ``_UNREAD_RE`` reads runs
-    over lines: a line with words and none of what markup starts with says so at once.)"""
+    block quotes' aside. (Without a "<", "](" or "][" in it, nothing that ``_UNREAD_RE`` reads
+    runs over lines: a line with words and none of what markup starts with says so at once. An
+    image's alt text may run over lines, before "](" or, a reference image's, "][".)"""
     if not quotes:
         text = _QUOTED_LINE_RE.sub("", text)
-    if "<" not in text and "](" not in text:
+    if "<" not in text and "](" not in text and "][" not in text:
         for line in text.splitlines():
             if (any(c.isalnum() for c in line) and _MARKUP_STARTS.isdisjoint(line)
                     and not line.lstrip().startswith(("http", "ftp", "import", "export"))):

@@ -26,9 +26,16 @@ META_SNIFF_BYTES = 4096  # where a <meta> charset is looked for
 _NOT_DECODING = frozenset({"idna", "punycode", "undefined"})
 
 
-# What browsers read these labels as (the WHATWG Encoding standard): pages labelled latin-1 or
-# ASCII are windows-1252 in practice (their curly quotes, 0x91-0x94, are no C1 controls).
-_AS_BROWSERS_READ = {"latin-1": "cp1252", "iso8859-1": "cp1252", "ascii": "cp1252"}
+# What browsers read these labels as (the WHATWG Encoding standard), by Python's codec name:
+# pages labelled latin-1 or ASCII are windows-1252 in practice (their curly quotes, 0x91-0x94,
+# are no C1 controls); a label of a legacy standard means the vendor's superset that wrote it
+# (gb2312 and GBK pages decode as gb18030, EUC-KR as windows-949, ISO-8859-9 as windows-1254,
+# TIS-620 and ISO-8859-11 as windows-874, Shift_JIS as windows-31J, Big5 as Big5-HKSCS).
+_AS_BROWSERS_READ = {
+    "latin-1": "cp1252", "iso8859-1": "cp1252", "ascii": "cp1252",
+    "gb2312": "gb18030", "gbk": "gb18030", "euc_kr": "cp949", "iso8859-9": "cp1254",
+    "tis-620": "cp874", "iso8859-11": "cp874", "shift_jis": "cp932", "big5": "big5hkscs",
+}
 _WIDE = ("utf-16", "utf-32")  # a <meta> naming these is wrong by definition: it is ASCII text
 
 
