@@ -57,12 +57,13 @@ _HIDING_STYLE = re.compile(r"display\s*:\s*none|visibility\s*:\s*hidden", re.I)
 
 
 def _hidden(attrs: list[tuple[str, str | None]]) -> bool:
-    """Whether an element's attributes hide it from a reader (``hidden``,
-    ``aria-hidden="true"``, an inline style of ``display: none`` or ``visibility: hidden``), or
-    say it is not the page's text (``data-nosnippet``: rustdoc's line numbers of source)."""
+    """Whether an element's attributes hide it from a reader (``hidden``, ``aria-hidden="true"``
+    in any case, as browsers read it, an inline style of ``display: none`` or ``visibility:
+    hidden``), or say it is not the page's text (``data-nosnippet``: rustdoc's line numbers of
+    source)."""
     for name, value in attrs:
         if name in ("hidden", "data-nosnippet") or (
-                name == "aria-hidden" and (value or "").strip() == "true"):
+                name == "aria-hidden" and (value or "").strip().lower() == "true"):
             return True
         if name == "style" and value and _HIDING_STYLE.search(value):
             return True
