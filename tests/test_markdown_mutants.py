@@ -270,3 +270,18 @@ def test_a_legacy_label_is_decoded_as_browsers_decode_it(text: str, codec: str,
     """Only latin-1 and ASCII labels were read as browsers read them (WHATWG): a gb2312 page
     lost what GBK adds ("镕"), an EUC-KR page windows-949's syllables, and so on."""
     assert decode_page(text.encode(codec), label, html=False) == text
+
+
+@pytest.mark.parametrize(("text", "codec", "label"), [
+    ("ภาษาไทย €", "cp874", "windows-874"),
+    ("① 日本語", "cp932", "x-sjis"),
+    ("朱镕基", "gbk", "X-GBK"),
+    ("עברית", "iso8859-8", "iso-8859-8-i"),
+    ("Привет", "cp1251", "x-cp1251"),
+    ("café", "mac-roman", "x-mac-roman"),
+])
+def test_a_whatwg_label_python_lacks_still_names_its_encoding(text: str, codec: str,
+                                                              label: str) -> None:
+    """Labels browsers know and Python's codecs do not (a Thai page's windows-874) named no
+    encoding: the page was read as UTF-8, every letter of it a U+FFFD."""
+    assert decode_page(text.encode(codec), label, html=False) == text

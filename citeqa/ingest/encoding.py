@@ -36,6 +36,23 @@ _AS_BROWSERS_READ = {
     "gb2312": "gb18030", "gbk": "gb18030", "euc_kr": "cp949", "iso8859-9": "cp1254",
     "tis-620": "cp874", "iso8859-11": "cp874", "shift_jis": "cp932", "big5": "big5hkscs",
 }
+# WHATWG labels Python's codecs do not know (pages in the wild carry them: Thai ones say
+# windows-874, old Japanese ones x-sjis), as the Python codec browsers' reading matches
+_LABELS_PYTHON_LACKS = {
+    "windows-874": "cp874", "dos-874": "cp874",
+    "x-gbk": "gb18030", "csgb2312": "gb18030", "gb_2312-80": "gb18030",
+    "csiso58gb231280": "gb18030",
+    "x-sjis": "cp932", "windows-31j": "cp932", "windows-949": "cp949",
+    "x-euc-jp": "euc_jp", "cseucpkdfmtjapanese": "euc_jp",
+    "x-x-big5": "big5hkscs", "cn-big5": "big5hkscs",
+    "iso-8859-8-i": "iso8859-8", "csiso88598i": "iso8859-8", "logical": "iso8859-8",
+    "visual": "iso8859-8", "koi8-ru": "koi8-u",
+    "x-mac-roman": "mac-roman", "csmacintosh": "mac-roman", "mac": "mac-roman",
+    "x-mac-cyrillic": "mac-cyrillic", "x-mac-ukrainian": "mac-cyrillic",
+    "unicode-1-1-utf-8": "utf-8", "unicode11utf8": "utf-8", "unicode20utf8": "utf-8",
+    "x-unicode20utf8": "utf-8",
+    **{f"x-cp125{i}": f"cp125{i}" for i in range(9)},
+}
 _WIDE = ("utf-16", "utf-32")  # a <meta> naming these is wrong by definition: it is ASCII text
 
 
@@ -46,8 +63,9 @@ def text_codec(name: str | bytes | None) -> str | None:
         name = name.decode("ascii", "replace")
     if not name:
         return None
+    name = name.strip()
     try:
-        info = codecs.lookup(name.strip())
+        info = codecs.lookup(_LABELS_PYTHON_LACKS.get(name.lower(), name))
     except LookupError:
         return None
     if not getattr(info, "_is_text_encoding", True) or info.name in _NOT_DECODING:
