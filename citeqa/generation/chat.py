@@ -134,8 +134,13 @@ def turn_ids(tokenizer: Any, message: dict[str, str]) -> list[int] | None:
 
 
 def _token_id(tokenizer: Any, token: str) -> int | None:
+    """``token``'s id, None where the vocabulary lacks it (it maps to the unknown token's id,
+    which the unknown token itself has: SmolLM2's ``<|endoftext|>`` is its unk_token)."""
     tid = tokenizer.convert_tokens_to_ids(token)
-    return tid if isinstance(tid, int) and tid != tokenizer.unk_token_id else None
+    if not isinstance(tid, int):
+        return None
+    unknown = tid == tokenizer.unk_token_id and token != getattr(tokenizer, "unk_token", None)
+    return None if unknown else tid
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:

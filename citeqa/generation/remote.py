@@ -142,7 +142,7 @@ class RemoteBackend:
         data = self._call("GET", "/v1/models", None,
                           deadline=limit if deadline is None else min(deadline, limit))
         listed = data.get("data")
-        names = ([m.get("id") for m in listed if isinstance(m, dict)]
+        names = ([m.get("id") if isinstance(m, dict) else None for m in listed]  # each an object
                  if isinstance(listed, list) else None)
         if names is None or not all(isinstance(n, str) and n for n in names):
             raise EngineError(f"the generator at {self.shown_url} sent an unexpected "
