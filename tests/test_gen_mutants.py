@@ -151,6 +151,15 @@ def test_a_pipe_token_of_one_character_is_broken_for_an_engines_template() -> No
     assert m["content"] == f"a <{WORD_JOINER}|x|> b"
 
 
+def test_a_word_in_angle_brackets_is_broken_for_an_engines_template() -> None:
+    """SmolLM2's "<filename>" and Qwen3's "</think>" are special tokens there: a passage's
+    reached a remote engine whole (its grammars kept them out of quotes, its prompt did not)."""
+    [m] = defused_for_any_template([{"role": "user",
+                                     "content": "a <filename> b </think> 1 < 2 > 0 <|x|>"}])
+    assert m["content"] == (f"a <{WORD_JOINER}filename> b <{WORD_JOINER}/think> 1 < 2 > 0 "
+                            f"<{WORD_JOINER}|x|>")
+
+
 # --- prompt --------------------------------------------------------------------------------------
 
 

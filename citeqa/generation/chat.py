@@ -42,19 +42,26 @@ COMMON_SPECIALS = ("[/INST]", "[INST]", "<</SYS>>", "<<SYS>>", "</s>", "<s>",  #
                    "[/TOOL_RESULTS]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]")
 
 
+# Any word in angle brackets: a special token's text in many vocabularies (SmolLM2's
+# <filename>, <jupyter_text>...; Qwen3's <think>, </think>; Gemma's turn markers)
+_ANGLE_WORD = re.compile(r"</?[A-Za-z][\w.-]{0,47}>")
 # Texts that may be special tokens of a tokenizer not at hand, as a regex: those above, and any
-# word in angle brackets (SmolLM2's <filename>, <jupyter_text>...; Gemma's turn markers).
-# What a remote engine's grammars keep out of answers and quotes (remote.RemoteBackend).
+# word in angle brackets. What a remote engine's grammars keep out of answers and quotes
+# (remote.RemoteBackend), and what its prompt breaks (defused_for_any_template).
 ANY_TEMPLATE_SPECIALS = "|".join([*map(re.escape, sorted(COMMON_SPECIALS, key=len, reverse=True)),
-                                  _PIPE_TOKEN.pattern, r"</?[A-Za-z][\w.-]{0,47}>"])
+                                  _PIPE_TOKEN.pattern, _ANGLE_WORD.pattern])
 
 
 def defused_for_any_template(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
-    """``messages`` with the special-token texts of common chat templates broken (``defused``
-    for a tokenizer that is not at hand: a remote engine renders the prompt itself)."""
+    """``messages`` with the texts that may be special tokens of a template not at hand broken
+    (``defused`` for a remote engine, which renders the prompt itself): common templates'
+    tokens, pipe tokens and any word in angle brackets ("<filename>" was sent whole, which
+    SmolLM2's tokenizer reads as its special token)."""
     out = []
     for m in messages:
-        content = _PIPE_TOKEN.sub(lambda t: "<" + WORD_JOINER + t.group(0)[1:], m["content"])
+        content = m["content"]
+        for pattern in (_PIPE_TOKEN, _ANGLE_WORD):
+            content = pattern.sub(lambda t: "<" + WORD_JOINER + t.group(0)[1:], content)
         for s in COMMON_SPECIALS:  # (also inside a pipe token's text: "<|[INST]|>")
             if s in content:
                 content = content.replace(s, s[0] + WORD_JOINER + s[1:])

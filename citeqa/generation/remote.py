@@ -76,7 +76,7 @@ class RemoteBackend:
     # vLLM's llguidance reads a special token's text ("<|im_end|>") forced by a grammar as that
     # token, which its mask then offers and its matcher refuses: the request fails (a 500).
     # Its tokenizer is not at hand, so answers and quotes keep clear of every common template's
-    # special texts (which the prompt breaks apart too: chat.defused_for_any_template).
+    # special texts (which its prompt breaks apart too: chat.defused_for_any_template).
     unquotable = ANY_TEMPLATE_SPECIALS
 
     def __init__(
