@@ -437,7 +437,7 @@ def term(word: str) -> str:
             break
     if len(stem) >= 3 and stem.endswith("y") and stem[-2] not in "aeiouy":
         return stem[:-1] + "i"
-    if len(stem) >= 5 and stem.endswith("ie"):
+    if len(stem) >= 4 and stem.endswith("ie"):  # (brie -> bri, as bries; not tie, pie)
         return stem[:-1]
     return stem
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from citeqa.ingest.encoding import decode_page, meta_declared, text_codec
+from citeqa.ingest.encoding import decode, decode_page, meta_declared, text_codec
 from citeqa.ingest.html import REDIRECT_MAX_CHARS, extract_html
 from citeqa.ingest.title import TITLE_MAX_CHARS, cap_title, title_from_text, title_of_source
 from citeqa.markdown import (
@@ -263,7 +263,6 @@ def test_an_images_alt_text_over_lines_is_no_words_a_reader_reads() -> None:
     ("ğ €", "cp1254", "iso-8859-9"),
     ("€ ไทย", "cp874", "tis-620"),
     ("① 日本", "cp932", "shift_jis"),
-    ("嘅 中文", "big5hkscs", "big5"),
 ])
 def test_a_legacy_label_is_decoded_as_browsers_decode_it(text: str, codec: str,
                                                          label: str) -> None:
@@ -285,3 +284,57 @@ def test_a_whatwg_label_python_lacks_still_names_its_encoding(text: str, codec: 
     """Labels browsers know and Python's codecs do not (a Thai page's windows-874) named no
     encoding: the page was read as UTF-8, every letter of it a U+FFFD."""
     assert decode_page(text.encode(codec), label, html=False) == text
+
+
+# The WHATWG Encoding Standard's labels, but for its "replacement" ones (ISO-2022-KR/CN, HZ),
+# UTF-16's and x-user-defined: each names an encoding citeqa reads
+WHATWG_LABELS = """unicode-1-1-utf-8 unicode11utf8 unicode20utf8 utf-8 utf8 x-unicode20utf8
+866 cp866 csibm866 ibm866 csisolatin2 iso-8859-2 iso-ir-101 iso8859-2 iso88592 iso_8859-2
+iso_8859-2:1987 l2 latin2 csisolatin3 iso-8859-3 iso-ir-109 iso8859-3 iso88593 iso_8859-3
+iso_8859-3:1988 l3 latin3 csisolatin4 iso-8859-4 iso-ir-110 iso8859-4 iso88594 iso_8859-4
+iso_8859-4:1988 l4 latin4 csisolatincyrillic cyrillic iso-8859-5 iso-ir-144 iso8859-5 iso88595
+iso_8859-5 iso_8859-5:1988 arabic asmo-708 csiso88596e csiso88596i csisolatinarabic ecma-114
+iso-8859-6 iso-8859-6-e iso-8859-6-i iso-ir-127 iso8859-6 iso88596 iso_8859-6 iso_8859-6:1987
+csisolatingreek ecma-118 elot_928 greek greek8 iso-8859-7 iso-ir-126 iso8859-7 iso88597
+iso_8859-7 iso_8859-7:1987 sun_eu_greek csiso88598e csisolatinhebrew hebrew iso-8859-8
+iso-8859-8-e iso-ir-138 iso8859-8 iso88598 iso_8859-8 iso_8859-8:1988 visual csiso88598i
+iso-8859-8-i logical csisolatin6 iso-8859-10 iso-ir-157 iso8859-10 iso885910 l6 latin6
+iso-8859-13 iso8859-13 iso885913 iso-8859-14 iso8859-14 iso885914 csisolatin9 iso-8859-15
+iso8859-15 iso885915 iso_8859-15 l9 iso-8859-16 cskoi8r koi koi8 koi8-r koi8_r koi8-ru koi8-u
+csmacintosh mac macintosh x-mac-roman dos-874 iso-8859-11 iso8859-11 iso885911 tis-620
+windows-874 cp1250 windows-1250 x-cp1250 cp1251 windows-1251 x-cp1251 ansi_x3.4-1968 ascii
+cp1252 cp819 csisolatin1 ibm819 iso-8859-1 iso-ir-100 iso8859-1 iso88591 iso_8859-1
+iso_8859-1:1987 l1 latin1 us-ascii windows-1252 x-cp1252 cp1253 windows-1253 x-cp1253 cp1254
+csisolatin5 iso-8859-9 iso-ir-148 iso8859-9 iso88599 iso_8859-9 iso_8859-9:1989 l5 latin5
+windows-1254 x-cp1254 cp1255 windows-1255 x-cp1255 cp1256 windows-1256 x-cp1256 cp1257
+windows-1257 x-cp1257 cp1258 windows-1258 x-cp1258 x-mac-cyrillic x-mac-ukrainian chinese
+csgb2312 csiso58gb231280 gb2312 gb_2312 gb_2312-80 gbk iso-ir-58 x-gbk gb18030 big5
+big5-hkscs cn-big5 csbig5 x-x-big5 cseucpkdfmtjapanese euc-jp x-euc-jp csiso2022jp iso-2022-jp
+csshiftjis ms932 ms_kanji shift-jis shift_jis sjis windows-31j x-sjis cseuckr csksc56011987
+euc-kr iso-ir-149 korean ks_c_5601-1987 ks_c_5601-1989 ksc5601 ksc_5601 windows-949""".split()
+
+
+def test_every_whatwg_label_names_an_encoding() -> None:
+    """A label Python's codecs lack (iso88599, cseuckr, koi8, ...) named none: the page was
+    read as UTF-8."""
+    assert [label for label in WHATWG_LABELS if text_codec(label) is None] == []
+
+
+@pytest.mark.parametrize(("data", "label", "text"), [
+    (b"T\xfcrk\x8e", "iso-8859-9", "Türk\x8e"),  # windows-1254 leaves 0x8E undefined
+    (b"\xa1\x81", "tis-620", "ก\x81"),  # windows-874 leaves 0x81 undefined
+    (b"\x81\x91", "latin1", "\x81\u2018"),
+])
+def test_an_undefined_byte_of_0x80_to_0x9f_is_its_c1_control(data: bytes, label: str,
+                                                             text: str) -> None:
+    """As WHATWG's decoders (and Python's ISO-8859 codecs) read it, in a page and in a local
+    file (read strictly): mapping ISO-8859-9 to windows-1254 turned it into U+FFFD, and a local
+    HTML file holding one was refused."""
+    assert decode_page(data, label, html=False) == text
+    assert decode(data, text_codec(label) or "") == text
+
+
+def test_another_undefined_byte_of_a_windows_code_page_is_no_c1_control() -> None:
+    with pytest.raises(UnicodeDecodeError):
+        decode(b"\xdb", "cp874")  # (undefined in windows-874; not 0x80-0x9F)
+    assert decode(b"\xdb", "cp874", errors="replace") == "\ufffd"

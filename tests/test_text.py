@@ -27,6 +27,7 @@ from citeqa.text import content_terms, relevance, term, term_share
     ("sky", "ski"), ("skies", "ski"), ("countries", "countri"),
     ("days", "day"), ("day", "day"), ("played", "play"), ("keys", "key"),  # "y" after a vowel
     ("ties", "tie"), ("tie", "tie"), ("dies", "die"),  # "-ies" leaving one letter: its "s"
+    ("brie", "bri"), ("bries", "bri"),  # a 4-letter "-ie" word meets its plural
     ("my", "my"),  # two letters: kept whole
 ])
 def test_a_term_is_the_lower_cased_word_less_one_suffix(word: str, expected: str) -> None:

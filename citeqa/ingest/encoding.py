@@ -30,28 +30,36 @@ _NOT_DECODING = frozenset({"idna", "punycode", "undefined"})
 # pages labelled latin-1 or ASCII are windows-1252 in practice (their curly quotes, 0x91-0x94,
 # are no C1 controls); a label of a legacy standard means the vendor's superset that wrote it
 # (gb2312 and GBK pages decode as gb18030, EUC-KR as windows-949, ISO-8859-9 as windows-1254,
-# TIS-620 and ISO-8859-11 as windows-874, Shift_JIS as windows-31J, Big5 as Big5-HKSCS).
+# TIS-620 and ISO-8859-11 as windows-874, Shift_JIS as windows-31J). Big5 stays Python's big5:
+# its big5hkscs refuses six pairs big5 reads (C6CF: に).
 _AS_BROWSERS_READ = {
     "latin-1": "cp1252", "iso8859-1": "cp1252", "ascii": "cp1252",
     "gb2312": "gb18030", "gbk": "gb18030", "euc_kr": "cp949", "iso8859-9": "cp1254",
-    "tis-620": "cp874", "iso8859-11": "cp874", "shift_jis": "cp932", "big5": "big5hkscs",
+    "tis-620": "cp874", "iso8859-11": "cp874", "shift_jis": "cp932",
 }
 # WHATWG labels Python's codecs do not know (pages in the wild carry them: Thai ones say
-# windows-874, old Japanese ones x-sjis), as the Python codec browsers' reading matches
+# windows-874, old Japanese ones x-sjis), as the Python codec browsers' reading matches (the
+# "replacement" labels, ISO-2022-KR/CN and HZ, and UTF-16's unicodefeff/unicodefffe are left out)
 _LABELS_PYTHON_LACKS = {
     "windows-874": "cp874", "dos-874": "cp874",
-    "x-gbk": "gb18030", "csgb2312": "gb18030", "gb_2312-80": "gb18030",
+    "x-gbk": "gb18030", "csgb2312": "gb18030", "gb_2312-80": "gb18030", "gb_2312": "gb18030",
     "csiso58gb231280": "gb18030",
-    "x-sjis": "cp932", "windows-31j": "cp932", "windows-949": "cp949",
+    "x-sjis": "cp932", "windows-31j": "cp932",
+    "windows-949": "cp949", "cseuckr": "cp949", "csksc56011987": "cp949", "iso-ir-149": "cp949",
+    "ks_c_5601-1989": "cp949", "ksc_5601": "cp949",
     "x-euc-jp": "euc_jp", "cseucpkdfmtjapanese": "euc_jp",
-    "x-x-big5": "big5hkscs", "cn-big5": "big5hkscs",
+    "x-x-big5": "big5", "cn-big5": "big5",
     "iso-8859-8-i": "iso8859-8", "csiso88598i": "iso8859-8", "logical": "iso8859-8",
-    "visual": "iso8859-8", "koi8-ru": "koi8-u",
+    "iso-8859-8-e": "iso8859-8", "csiso88598e": "iso8859-8", "visual": "iso8859-8",
+    "iso-8859-6-e": "iso8859-6", "iso-8859-6-i": "iso8859-6", "csiso88596e": "iso8859-6",
+    "csiso88596i": "iso8859-6", "sun_eu_greek": "iso8859-7", "csisolatin9": "iso8859-15",
+    "koi": "koi8-r", "koi8": "koi8-r", "koi8-ru": "koi8-u",
     "x-mac-roman": "mac-roman", "csmacintosh": "mac-roman", "mac": "mac-roman",
     "x-mac-cyrillic": "mac-cyrillic", "x-mac-ukrainian": "mac-cyrillic",
     "unicode-1-1-utf-8": "utf-8", "unicode11utf8": "utf-8", "unicode20utf8": "utf-8",
     "x-unicode20utf8": "utf-8",
     **{f"x-cp125{i}": f"cp125{i}" for i in range(9)},
+    **{f"iso8859{n}": f"iso8859-{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15)},
 }
 _WIDE = ("utf-16", "utf-32")  # a <meta> naming these is wrong by definition: it is ASCII text
 
@@ -73,21 +81,30 @@ def text_codec(name: str | bytes | None) -> str | None:
     return _AS_BROWSERS_READ.get(info.name, info.name)
 
 
-def _c1_control(error: UnicodeError) -> tuple[str, int]:
-    """The five bytes Python's cp1252 leaves undefined (0x81, 0x8D, 0x8F, 0x90, 0x9D) read as
-    the WHATWG windows-1252 decoder reads them: the C1 controls of the same numbers."""
+def _c1_control(error: UnicodeError, undefined: str | None = None) -> tuple[str, int]:
+    """A byte 0x80-0x9F that Python's windows code pages leave undefined (cp1252's 0x81, 0x8D,
+    0x8F, 0x90, 0x9D; cp1254's 0x8E ...) read as WHATWG's decoders read it: the C1 control of
+    the same number (ISO-8859-9 read so, so its windows-1254 reading must too). Another
+    undefined byte is ``undefined``, or the error when None."""
     assert isinstance(error, UnicodeDecodeError), error
-    return error.object[error.start:error.end].decode("latin-1"), error.end
+    byte = error.object[error.start]
+    if 0x80 <= byte <= 0x9F:
+        return chr(byte), error.start + 1
+    if undefined is None:
+        raise error
+    return undefined, error.start + 1
 
 
-codecs.register_error("citeqa-windows-1252", _c1_control)
+codecs.register_error("citeqa-c1", _c1_control)
+codecs.register_error("citeqa-c1-replace", lambda error: _c1_control(error, "\ufffd"))
+_C1_CODECS = frozenset({"cp874", *(f"cp125{i}" for i in range(9))})  # windows code pages
 
 
 def decode(data: bytes, codec: str, *, errors: str = "strict") -> str:
-    """``data`` in ``codec``; windows-1252 as browsers decode it (an undefined byte there made
-    the whole page Latin-1 or U+FFFD)."""
-    if codec == "cp1252":
-        return data.decode("cp1252", errors="citeqa-windows-1252")
+    """``data`` in ``codec``; a windows code page as browsers decode it (an undefined byte of
+    0x80-0x9F made a windows-1252 page Latin-1 or U+FFFD); ``errors`` "strict" or "replace"."""
+    if codec in _C1_CODECS:
+        return data.decode(codec, errors="citeqa-c1" if errors == "strict" else "citeqa-c1-replace")
     return data.decode(codec, errors=errors)
 
 
