@@ -105,7 +105,7 @@ class RetrievalConfig:
             bm25_epsilon=0 <= self.bm25_epsilon < math.inf, rrf_k=self.rrf_k >= 0,
             rrf_bm25_weight=0 < self.rrf_bm25_weight < math.inf,
             candidates_per_retriever=self.candidates_per_retriever >= 1,
-            embed_batch_size=self.embed_batch_size >= 1)
+            embed_batch_size=self.embed_batch_size >= 1, cpu_dtype=self.cpu_dtype in CPU_DTYPES)
 
 
 @dataclass(frozen=True)
