@@ -42,7 +42,8 @@ class Embedder(Protocol):
     def embed(
         self, texts: Sequence[str], *, batch_size: int = 32, progress: bool = False
     ) -> np.ndarray:
-        """float32 [N, dim], each row L2-normalised (an all-zero row for an empty text)."""
+        """float32 [N, dim], each row L2-normalised (an empty text: HashEmbedder's row is all
+        zeros, a model's the unit vector it embeds the empty input as)."""
         ...
 
 
